@@ -1,0 +1,89 @@
+"""Random inputs for ``select_tokens`` tests: odd sizes, clusters, duplicates, padding, masks."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclasses.dataclass
+class Case:
+    visual: torch.Tensor
+    prompt: torch.Tensor
+    k: int
+    core_ratio: float
+    lengths: Optional[torch.Tensor]
+    prompt_mask: Optional[torch.Tensor]
+    relevance: str
+
+    def args(self):
+        return (self.visual, self.prompt, self.k, self.core_ratio, self.lengths, self.prompt_mask, self.relevance)
+
+    def describe(self) -> str:
+        B, N, D = self.visual.shape
+        return (f"B={B} N={N} D={D} k={self.k} alpha={self.core_ratio} relevance={self.relevance} "
+                f"dtype={self.visual.dtype} prompt={tuple(self.prompt.shape)} "
+                f"lengths={None if self.lengths is None else self.lengths.tolist()}")
+
+
+def _tokens(g: torch.Generator, B: int, N: int, D: int, kind: str) -> torch.Tensor:
+    if kind == "clustered":
+        centers = torch.randn(B, 4, D, generator=g)
+        which = torch.randint(0, 4, (B, N), generator=g)
+        return centers[torch.arange(B)[:, None], which] + 0.05 * torch.randn(B, N, D, generator=g)
+    x = torch.randn(B, N, D, generator=g) * torch.rand(B, N, 1, generator=g).add(0.1)
+    if kind == "duplicates" and N > 1:
+        src = torch.randint(0, N, (N // 2,), generator=g)
+        dst = torch.randint(0, N, (N // 2,), generator=g)
+        x[:, dst] = x[:, src]
+    if kind == "special" and N > 2:
+        x[:, torch.randint(0, N, (1,), generator=g)] = 0.0
+        x[0, torch.randint(0, N, (1,), generator=g), 0] = float("nan")
+        x[-1, torch.randint(0, N, (1,), generator=g), -1] = float("inf")
+    return x
+
+
+def random_case(seed: int, dtype: torch.dtype = torch.float32, max_n: int = 70, max_d: int = 48) -> Case:
+    """One random case; the seed picks sizes, token structure, padding, prompt form and alpha."""
+    g = torch.Generator().manual_seed(seed)
+
+    def pick(options):
+        return options[int(torch.randint(0, len(options), (1,), generator=g))]
+
+    B = pick([1, 2, 3, 5])
+    N = pick([1, 2, 3, 7, 16, 33, max_n])
+    D = pick([1, 3, 8, 17, max_d])
+    kind = pick(["gaussian", "clustered", "duplicates", "special"])
+    visual = _tokens(g, B, N, D, kind)
+    lengths = None
+    if pick([False, True]):
+        lengths = torch.randint(1, N + 1, (B,), generator=g)
+        lengths = lengths.to(pick([torch.int32, torch.int64]))
+    k = pick([1, 2, max(1, N // 3), N, N + 3])
+    core_ratio = pick([0.0, 1.0, 0.5, 0.25, float(torch.rand((), generator=g))])
+    relevance = pick(["mean", "max"])
+    prompt_mask = None
+    if pick(["pooled", "tokens"]) == "pooled":
+        prompt = torch.randn(B, D, generator=g)
+    else:
+        T = pick([1, 4, 7])
+        prompt = torch.randn(B, T, D, generator=g)
+        if pick([False, True]):
+            prompt_mask = torch.rand(B, T, generator=g) < 0.7
+            prompt_mask[:, 0] = True
+    return Case(visual.to(dtype), prompt.to(dtype), k, core_ratio, lengths, prompt_mask, relevance)
+
+
+def exact_tie_case(seed: int, dtype: torch.dtype = torch.float32) -> Case:
+    """Tokens of +-1 entries in D=16: every cosine is a multiple of 1/16, exact in any dtype,
+    so ties are exact everywhere and the lower index must win them."""
+    g = torch.Generator().manual_seed(seed)
+    B, N, D = 2, 24, 16
+    patterns = torch.randint(0, 2, (6, D), generator=g).float() * 2 - 1
+    visual = patterns[torch.randint(0, 6, (B, N), generator=g)]
+    prompt = patterns[torch.randint(0, 6, (B,), generator=g)]
+    core_ratio = [0.0, 0.5, 1.0][seed % 3]
+    return Case(visual.to(dtype), prompt.to(dtype), 9, core_ratio, None, None, "mean")

@@ -1,0 +1,107 @@
+"""Every row of the README's bad-input table gets its error, naming the argument."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import zspa_kernels
+
+B, N, D, T = 2, 6, 4, 3
+
+
+def _good():
+    return dict(visual=torch.randn(B, N, D), prompt=torch.randn(B, D), k=3, core_ratio=0.5,
+                lengths=None, prompt_mask=None, relevance="mean", backend="auto")
+
+
+BAD_INPUTS = [
+    # (change to the good arguments, exception, words the message must contain)
+    (dict(visual=torch.randn(N, D)), ValueError, "visual: expected 3 dims"),
+    (dict(visual=torch.randn(B, 0, D)), ValueError, "visual: expected non-empty"),
+    (dict(visual=torch.ones(B, N, D, dtype=torch.int64)), TypeError, "visual: expected float32, float16 or bfloat16"),
+    (dict(visual=torch.randn(B, N, D, dtype=torch.float64)), TypeError, "visual: expected float32"),
+    (dict(prompt=torch.randn(B, T, D, 1)), ValueError, "prompt: expected 2 dims"),
+    (dict(prompt=torch.randn(B, D).half()), TypeError, "prompt: expected the dtype of visual"),
+    (dict(prompt=torch.randn(B + 1, D)), ValueError, "prompt: expected batch size 2"),
+    (dict(prompt=torch.randn(B, D + 1)), ValueError, "prompt: expected feature size D=4"),
+    (dict(prompt=torch.randn(B, 0, D)), ValueError, "prompt: expected at least one text token"),
+    (dict(prompt=torch.randn(B, D, device="meta")), ValueError, "prompt: expected a tensor on cpu"),
+    (dict(k=0), ValueError, "k: expected an int >= 1, got 0"),
+    (dict(core_ratio=1.5), ValueError, "core_ratio: expected a float in [0, 1], got 1.5"),
+    (dict(core_ratio=-0.1), ValueError, "core_ratio: expected a float in [0, 1]"),
+    (dict(core_ratio=float("nan")), ValueError, "core_ratio: expected a float in [0, 1], got nan"),
+    (dict(lengths=torch.tensor([3.0, 2.0])), TypeError, "lengths: expected dtype int32 or int64"),
+    (dict(lengths=torch.tensor([3, 2, 1])), ValueError, "lengths: expected shape (2,)"),
+    (dict(lengths=torch.tensor([[3, 2]])), ValueError, "lengths: expected shape (2,)"),
+    (dict(lengths=torch.tensor([3, 0])), ValueError, "lengths: expected values in [1, 6], got 0 at row 1"),
+    (dict(lengths=torch.tensor([7, 1])), ValueError, "lengths: expected values in [1, 6], got 7 at row 0"),
+    (dict(lengths=torch.tensor([3, 2], device="meta")), ValueError, "lengths: expected a tensor on cpu"),
+    (dict(prompt_mask=torch.ones(B, T, dtype=torch.bool)), ValueError, "prompt_mask: only valid with a per-token prompt"),
+    (dict(prompt=torch.randn(B, T, D), prompt_mask=torch.ones(B, T)), TypeError, "prompt_mask: expected dtype bool"),
+    (dict(prompt=torch.randn(B, T, D), prompt_mask=torch.ones(B, T + 1, dtype=torch.bool)), ValueError,
+     "prompt_mask: expected shape (2, 3)"),
+    (dict(relevance="cosine"), ValueError, "relevance: expected one of ('mean', 'max'), got 'cosine'"),
+    (dict(backend="cudnn"), ValueError, "backend: expected one of"),
+    (dict(backend="cuda"), ValueError, "backend: 'cuda' needs CUDA tensors"),
+]
+
+
+@pytest.mark.parametrize("change, error, message", BAD_INPUTS, ids=[m for _, _, m in BAD_INPUTS])
+@pytest.mark.parametrize("entry", ["api", "op"])
+def test_bad_input_gets_a_clear_error(entry, change, error, message):
+    args = {**_good(), **change}
+    call = zspa_kernels.select_tokens if entry == "api" else torch.ops.zspa.select_tokens
+    with pytest.raises(error) as info:
+        call(**args)
+    assert message in str(info.value)
+
+
+# Python types the op schema itself rejects: the Python API names the argument in a TypeError;
+# torch.ops.zspa.select_tokens raises the dispatcher's RuntimeError, which names it too.
+SCHEMA_TYPES = [
+    (dict(visual=[[0.0]]), "visual: expected a torch.Tensor"),
+    (dict(prompt="a cat"), "prompt: expected a torch.Tensor"),
+    (dict(k=2.0), "k: expected an int >= 1, got float"),
+]
+
+
+@pytest.mark.parametrize("change, message", SCHEMA_TYPES, ids=[m for _, m in SCHEMA_TYPES])
+def test_wrong_python_types(change, message):
+    args = {**_good(), **change}
+    with pytest.raises(TypeError) as info:
+        zspa_kernels.select_tokens(**args)
+    assert message in str(info.value)
+    name = message.split(":")[0]
+    with pytest.raises(RuntimeError, match=f"argument '{name}'"):
+        torch.ops.zspa.select_tokens(**args)
+
+
+def test_environment_override_is_checked(monkeypatch):
+    monkeypatch.setenv("ZSPA_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="ZSPA_BACKEND: expected one of"):
+        zspa_kernels.select_tokens(**_good())
+
+
+STRICT_ONLY = [
+    (dict(prompt=torch.tensor([[1.0, float("nan"), 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])),
+     "prompt: row 0 holds a non-finite value"),
+    (dict(prompt=torch.randn(B, T, D), prompt_mask=torch.tensor([[True, True, True], [False, False, False]])),
+     "prompt_mask: row 1 has no valid prompt token"),
+]
+
+
+@pytest.mark.parametrize("change, message", STRICT_ONLY, ids=[m for _, m in STRICT_ONLY])
+def test_strict_mode_rejects_bad_prompt_values(change, message):
+    args = {**_good(), **change}
+    zspa_kernels.select_tokens(**args)  # not strict: defined behaviour (acts as a zero prompt)
+    with pytest.raises(ValueError) as info:
+        zspa_kernels.select_tokens(**args, strict=True)
+    assert message in str(info.value)
+
+
+def test_nonfinite_prompt_acts_as_zero_prompt():
+    args = _good()
+    args["prompt"] = torch.full((B, D), float("nan"))
+    nan_prompt = zspa_kernels.select_tokens(**args, pick_order=True)
+    args["prompt"] = torch.zeros(B, D)
+    assert torch.equal(nan_prompt, zspa_kernels.select_tokens(**args, pick_order=True))

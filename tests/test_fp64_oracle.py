@@ -1,0 +1,39 @@
+"""The oracle itself: a hand-checked example, and proof that replay can fail."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fp64_oracle import Row, oracle_order, replay
+
+
+def _row(core_ratio, k=3):
+    # Four 2-D tokens: 0 and 1 nearly parallel to the prompt, 2 orthogonal, 3 opposite.
+    visual = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [-1.0, 0.05]])
+    return Row(visual, np.array([1.0, 0.0]), None, 4, k, core_ratio, "mean")
+
+
+def test_hand_checked_orders():
+    assert oracle_order(_row(1.0)) == [0, 1, 2]          # top-3 relevance
+    assert oracle_order(_row(0.34)) == [0, 3, 2]         # k_core = 1, then farthest points
+    # seed: token 3 is most isolated (its nearest neighbour, token 2, has cos 0.05 < 0.11)
+    assert oracle_order(_row(0.0)) == [3, 0, 2]
+
+
+def test_replay_accepts_the_oracle_and_rejects_a_clear_mistake():
+    row = _row(0.34)
+    assert replay(row, [0, 3, 2], tol=1e-9) == 0
+    with pytest.raises(AssertionError, match="step 1"):
+        replay(row, [0, 1, 2], tol=1e-3)
+    with pytest.raises(AssertionError, match="padding"):
+        replay(row, [0, 3, 2, 1], tol=1e-3)  # k_b = 3 picks, so the fourth slot must be -1
+    with pytest.raises(AssertionError, match="twice"):
+        replay(row, [0, 3, 3], tol=1e-3)
+
+
+def test_replay_enforces_lower_index_on_exact_ties():
+    visual = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    row = Row(visual, np.array([1.0, 0.0]), None, 3, 2, 0.5, "mean")
+    assert oracle_order(row) == [0, 1]
+    with pytest.raises(AssertionError, match="lower index"):
+        replay(row, [0, 2], tol=1e-3)

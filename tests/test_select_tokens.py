@@ -1,0 +1,93 @@
+"""``select_tokens`` on every available backend against the independent fp64 oracle."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import zspa_kernels
+from cases import DTYPES, exact_tie_case, random_case
+from conftest import TOLERANCE, device_for
+from fp64_oracle import Row, oracle_order, replay
+
+N_RANDOM = 120  # per dtype and backend: 360 random cases per backend
+
+
+def _rows(case):
+    B, N, _ = case.visual.shape
+    lengths = [N] * B if case.lengths is None else case.lengths.tolist()
+    for b in range(B):
+        prompt = case.prompt[b].float().numpy()
+        mask = None if case.prompt_mask is None else case.prompt_mask[b].numpy()
+        yield b, Row(case.visual[b].float().numpy(), prompt, mask, lengths[b], case.k,
+                     case.core_ratio, case.relevance)
+
+
+def _run(case, backend, pick_order):
+    device = device_for(backend)
+    args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in case.args()]
+    return zspa_kernels.select_tokens(*args, backend=backend, pick_order=pick_order).cpu()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("seed", range(N_RANDOM))
+def test_random_cases_replay_against_fp64(backend, dtype, seed):
+    case = random_case(seed, dtype)
+    order = _run(case, backend, pick_order=True)
+    kept = _run(case, backend, pick_order=False)
+    assert order.shape == kept.shape == (case.visual.shape[0], case.k) and order.dtype == torch.int64
+    for b, row in _rows(case):
+        replay(row, order[b].tolist(), TOLERANCE[backend][dtype])
+        expected_kept = sorted(order[b, : row.k_b].tolist()) + [-1] * (case.k - row.k_b)
+        assert kept[b].tolist() == expected_kept, case.describe()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("seed", range(6))
+def test_exact_ties_go_to_lower_index(backend, dtype, seed):
+    case = exact_tie_case(seed, dtype)
+    order = _run(case, backend, pick_order=True)
+    for b, row in _rows(case):
+        assert order[b].tolist() == oracle_order(row), case.describe()
+
+
+def test_rows_are_independent_of_their_batch(backend):
+    case = random_case(7, torch.float32, max_n=40)
+    case.lengths = torch.tensor([40, 3, 17, 1, 25])[: case.visual.shape[0]].clamp(max=case.visual.shape[1])
+    batched = _run(case, backend, pick_order=True)
+    for b in range(case.visual.shape[0]):
+        alone = zspa_kernels.select_tokens(
+            case.visual[b : b + 1].to(device_for(backend)), case.prompt[b : b + 1].to(device_for(backend)),
+            case.k, case.core_ratio, case.lengths[b : b + 1].to(device_for(backend)),
+            None if case.prompt_mask is None else case.prompt_mask[b : b + 1].to(device_for(backend)),
+            case.relevance, backend=backend, pick_order=True).cpu()
+        assert alone[0].tolist() == batched[b].tolist()
+
+
+def test_budget_larger_than_row_keeps_every_token_and_pads(backend):
+    visual = torch.randn(2, 5, 8)
+    kept = _run_simple(visual, torch.randn(2, 8), 9, backend, lengths=torch.tensor([5, 2]))
+    assert kept.tolist() == [[0, 1, 2, 3, 4, -1, -1, -1, -1], [0, 1, -1, -1, -1, -1, -1, -1, -1]]
+
+
+def test_core_ratio_one_is_top_k_relevance(backend):
+    g = torch.Generator().manual_seed(3)
+    visual, prompt = torch.randn(1, 50, 16, generator=g), torch.randn(1, 16, generator=g)
+    order = _run_simple(visual, prompt, 10, backend, core_ratio=1.0, pick_order=True)
+    cos = torch.nn.functional.cosine_similarity(visual[0].double(), prompt.double(), dim=-1)
+    # Check the VALUES chosen: ties cannot fail this falsely.
+    assert torch.allclose(cos[order[0]], cos.sort(descending=True).values[:10], atol=1e-5)
+
+
+def test_nonfinite_tokens_are_picked_last(backend):
+    visual = torch.randn(1, 6, 4)
+    visual[0, 1, 2] = float("nan")
+    visual[0, 4, 0] = float("-inf")
+    order = _run_simple(visual, torch.randn(1, 4), 6, backend, pick_order=True)
+    assert order[0, -2:].tolist() == [1, 4]
+
+
+def _run_simple(visual, prompt, k, backend, core_ratio=0.5, lengths=None, pick_order=False):
+    device = device_for(backend)
+    return zspa_kernels.select_tokens(
+        visual.to(device), prompt.to(device), k, core_ratio,
+        None if lengths is None else lengths.to(device), backend=backend, pick_order=pick_order).cpu()

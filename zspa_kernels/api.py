@@ -1,0 +1,54 @@
+"""The Python API: ``zspa_kernels.select_tokens``, a thin layer over the op."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .checks import check_args, check_types, check_values
+
+
+def select_tokens(
+    visual: torch.Tensor,
+    prompt: torch.Tensor,
+    k: int,
+    core_ratio: float = 0.5,
+    lengths: Optional[torch.Tensor] = None,
+    prompt_mask: Optional[torch.Tensor] = None,
+    relevance: str = "mean",
+    backend: str = "auto",
+    pick_order: bool = False,
+    strict: bool = False,
+) -> torch.Tensor:
+    """Choose ``k`` visual tokens per row by ZSPAPrune (prompt relevance + max-min diversity).
+
+    Args:
+        visual: ``(B, N, D)`` visual tokens in the language model's embedding space
+            (fp32, fp16 or bf16). Row ``b`` uses its first ``lengths[b]`` tokens.
+        prompt: the prompt, pooled ``(B, D)`` or per text token ``(B, T, D)``; same dtype
+            and device as ``visual``.
+        k: token budget per row (``>= 1``). Rows with fewer valid tokens keep them all.
+        core_ratio: share ``alpha`` of the budget taken by relevance alone
+            (``k_core = floor(alpha * min(k, n) + 0.5)``); the rest is filled by greedy
+            max-min diversity seeded with the core. ``0`` is pure diversity (DivPrune).
+        lengths: optional int32/int64 ``(B,)`` valid token counts in ``[1, N]``.
+        prompt_mask: optional bool ``(B, T)`` marking valid rows of a per-token prompt.
+        relevance: ``"mean"`` (cosine to the mean-pooled prompt, the paper's rule) or
+            ``"max"`` (best cosine over the prompt tokens).
+        backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``; ``auto`` may be
+            overridden by the ``ZSPA_BACKEND`` environment variable.
+        pick_order: return indices in pick order (core by falling relevance, then
+            diversity picks) instead of ascending order.
+        strict: also check values that need a device-to-host sync: ``lengths`` range on
+            accelerators, non-finite prompts, rows without a valid prompt token.
+
+    Returns:
+        ``(B, k)`` int64 kept indices, ascending (or in pick order), padded with ``-1``.
+    """
+    check_types(visual, prompt, k)
+    if strict:
+        check_args(visual, prompt, k, core_ratio, lengths, prompt_mask, relevance, backend)
+        check_values(visual, prompt, lengths, prompt_mask, strict=True)
+    return torch.ops.zspa.select_tokens(
+        visual, prompt, k, core_ratio, lengths, prompt_mask, relevance, backend, pick_order
+    )

@@ -1,0 +1,60 @@
+"""The ``zspa`` console command."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import sys
+
+
+def _version(module: str) -> str:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "installed")
+    except Exception:  # noqa: BLE001 - any import failure means "not usable here"
+        return "not installed"
+
+
+def cmd_info(_args: argparse.Namespace) -> int:
+    import torch
+
+    import zspa_kernels
+    from zspa_kernels.dispatch import resolve_backend, triton_interpreter
+
+    print(f"zspa-kernels  {zspa_kernels.__version__}")
+    print(f"python        {platform.python_version()}")
+    print(f"torch         {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
+    print(f"triton        {_version('triton')}")
+    print(f"transformers  {_version('transformers')}")
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+        cap = torch.cuda.get_device_capability()
+        print(f"device        {torch.cuda.get_device_name()} (sm_{cap[0]}{cap[1]})")
+    else:
+        device = torch.device("cpu")
+        print("device        cpu (no CUDA device visible)")
+    triton_ok = _version("triton") != "not installed" and (device.type == "cuda" or triton_interpreter())
+    print("backends:")
+    print("  reference   available")
+    print(f"  triton      {'available' if triton_ok else 'needs a CUDA device (or TRITON_INTERPRET=1)'}")
+    print(f"  auto        -> {resolve_backend('auto', device)} on {device.type}")
+    return 0
+
+
+def cmd_demo(_args: argparse.Namespace) -> int:
+    print("zspa demo: not yet available")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="zspa", description="ZSPAPrune visual-token pruning kernels")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, device and available backends").set_defaults(func=cmd_info)
+    demo = sub.add_parser("demo", help="prune a small VLM on a sample photo (no downloads)")
+    demo.add_argument("--out", default="zspa-demo", help="output folder")
+    demo.set_defaults(func=cmd_demo)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
