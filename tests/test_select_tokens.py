@@ -86,6 +86,21 @@ def test_nonfinite_tokens_are_picked_last(backend):
     assert order[0, -2:].tolist() == [1, 4]
 
 
+def test_masked_out_prompt_rows_are_ignored_whatever_they_hold(backend):
+    g = torch.Generator().manual_seed(5)
+    visual, prompt = torch.randn(1, 30, 8, generator=g), torch.randn(1, 4, 8, generator=g)
+    mask = torch.tensor([[True, False, True, False]])
+    poisoned = prompt.clone()
+    poisoned[0, 1] = float("nan")
+    poisoned[0, 3] = float("inf")
+    device = device_for(backend)
+    for relevance in ("mean", "max"):
+        runs = [zspa_kernels.select_tokens(visual.to(device), p.to(device), 6, 1.0, prompt_mask=mask.to(device),
+                                           relevance=relevance, backend=backend, pick_order=True).cpu()
+                for p in (prompt, poisoned)]
+        assert runs[0].tolist() == runs[1].tolist()
+
+
 def _run_simple(visual, prompt, k, backend, core_ratio=0.5, lengths=None, pick_order=False):
     device = device_for(backend)
     return zspa_kernels.select_tokens(

@@ -64,7 +64,8 @@ def relevance_scores(
     if mode == "mean":
         # Mean-pool the valid rows, then normalise (the paper's rule).
         count = valid.sum(-1, keepdim=True).clamp_min(1).float()
-        pooled = (p * valid.unsqueeze(-1)).sum(1) / count
+        # where, not a product: a masked-out row must not leak NaN into the pool.
+        pooled = torch.where(valid.unsqueeze(-1), p, torch.zeros((), device=p.device)).sum(1) / count
         p_hat, _ = normalize_rows(pooled)
         return torch.einsum("bnd,bd->bn", v_hat, p_hat)
     p_hat, _ = normalize_rows(p)
