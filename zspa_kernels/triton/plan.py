@@ -1,0 +1,90 @@
+"""Launch plan of the Triton backend: path, block sizes, warps and scratch, from shapes only.
+
+Two paths of the same two launches (:mod:`.token_stats`, then :mod:`.gram_select`):
+
+* ``gram``: the ``(B, N, N)`` fp32 similarity matrix is kept in scratch, so a greedy
+  step is one row read. Chosen while ``4·B·N²`` bytes fit the Gram budget.
+* ``stream``: no ``N × N`` scratch; every greedy step recomputes ``V v_jᵀ`` from the
+  input. Chosen above the budget (video batches): O(B·N) memory, slower steps.
+
+The budget is ``ZSPA_TRITON_GRAM_BUDGET`` bytes (default 4 GiB: one N=16384 video row
+needs 1 GiB, a LLaVA-1.5 batch of 64 needs 85 MB). Set it to 0 to force streaming.
+
+Everything here depends on shapes, dtype and Python scalars only, so a plan never
+syncs the device and the scratch of a call is the same at every CUDA-graph replay.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import triton
+
+from ..dispatch import triton_interpreter
+
+GRAM_BUDGET_ENV = "ZSPA_TRITON_GRAM_BUDGET"
+DEFAULT_GRAM_BUDGET = 4 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchPlan:
+    path: str             # "gram" or "stream"
+    need_isolation: bool  # some row may have k_core = 0: compute the most-isolated seed
+    tiles: int            # Gram tiles per side; the selection grid is (tiles², B)
+    block_tile: int       # Gram tile edge (rows = columns)
+    block_d: int          # feature chunk of every D loop
+    block_select: int     # chunk of the row walked by the selecting CTA
+    block_rows: int       # tokens per CTA of the statistics launch
+    block_prompt: int     # prompt rows per dot in the statistics launch
+    num_warps_tile: int
+    num_warps_stats: int
+    dot_precision: str
+    dot_upcast: bool      # bf16 under TRITON_INTERPRET: see primitives.dot_operand
+    scratch_bytes: int
+
+
+def gram_budget() -> int:
+    """Bytes the ``(B, N, N)`` similarity scratch may take (``ZSPA_TRITON_GRAM_BUDGET``)."""
+    raw = os.environ.get(GRAM_BUDGET_ENV)
+    if raw is None:
+        return DEFAULT_GRAM_BUDGET
+    try:
+        budget = int(raw)
+    except ValueError:
+        budget = -1
+    if budget < 0:
+        raise ValueError(f"{GRAM_BUDGET_ENV}: expected a byte count >= 0, got {raw!r}")
+    return budget
+
+
+def _pow2(x: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(x)))
+
+
+def launch_plan(B: int, N: int, D: int, dtype: torch.dtype, k: int, core_ratio: float,
+                has_lengths: bool) -> LaunchPlan:
+    """The plan for ``visual`` of shape ``(B, N, D)`` and ``dtype``, budget ``k``, ratio ``core_ratio``."""
+    # k_core = floor(alpha·k_b + 0.5) is 0 iff alpha·k_b < 0.5; k_b >= 1 with lengths, min(k, N) without.
+    need_isolation = core_ratio * min(k, 1 if has_lengths else N) < 0.5
+    gram_bytes = 4 * B * N * N
+    path = "gram" if gram_bytes <= gram_budget() else "stream"
+    # tl.dot needs every dim >= 16; 128-wide tiles (8 warps) once N is large enough to fill the GPU.
+    block_tile = _pow2(N, 16, 64) if N <= 1024 else 128
+    tiles = triton.cdiv(N, block_tile)
+    # fp32 chunks are half as wide, so a tile pair takes the same shared memory per stage.
+    block_d = _pow2(D, 16, 32 if dtype == torch.float32 else 64)
+    # The streaming step holds a (block_select × block_d) tile in registers: keep it small.
+    block_select = _pow2(N, 16, 2048 if path == "gram" else 128)
+    scratch = (13 * B * N + 4 * B            # inv_norm, finite, key; counters
+               + 4 * B * tiles * N           # rank partials
+               + 4 * B * N                   # greedy state
+               + (4 * B * tiles * N if need_isolation else 0)
+               + (gram_bytes if path == "gram" else 0))
+    return LaunchPlan(
+        path=path, need_isolation=need_isolation, tiles=tiles, block_tile=block_tile, block_d=block_d,
+        block_select=block_select, block_rows=32, block_prompt=16,
+        num_warps_tile=4 if block_tile <= 64 else 8, num_warps_stats=4,
+        dot_precision="ieee", dot_upcast=dtype == torch.bfloat16 and triton_interpreter(),
+        scratch_bytes=scratch,
+    )

@@ -1,0 +1,50 @@
+"""``select_tokens_triton``: the backend entry point (scratch allocation and the two launches).
+
+Callable directly, for benchmarks: same arguments as every backend of the op,
+``(visual, prompt, k, core_ratio, lengths, prompt_mask, relevance, pick_order)``,
+no argument checks (the op does them). Scratch is ``torch.empty`` from the caching
+allocator, sized from shapes only; nothing reads a value back to the host, so a call
+can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .gram_select import launch_gram_select
+from .plan import launch_plan
+from .token_stats import launch_token_stats
+
+
+def select_tokens_triton(
+    visual: torch.Tensor,
+    prompt: torch.Tensor,
+    k: int,
+    core_ratio: float,
+    lengths: Optional[torch.Tensor],
+    prompt_mask: Optional[torch.Tensor],
+    relevance: str,
+    pick_order: bool,
+) -> torch.Tensor:
+    """``(B, k)`` int64: the pick order, or the ascending kept indices; ``-1`` padded."""
+    B, N, D = visual.shape
+    plan = launch_plan(B, N, D, visual.dtype, k, core_ratio, lengths is not None)
+
+    def scratch(*shape, dtype=torch.float32):
+        return torch.empty(shape, dtype=dtype, device=visual.device)
+
+    stats = (scratch(B, N), scratch(B, N, dtype=torch.int8), scratch(B, N, dtype=torch.int64),
+             scratch(B, dtype=torch.int32))
+    unused = stats[0]  # pointer argument of a disabled path: never dereferenced
+    gram = scratch(B, N, N) if plan.path == "gram" else unused
+    iso = scratch(B, plan.tiles, N) if plan.need_isolation else unused
+    rank = scratch(B, plan.tiles, N, dtype=torch.int32)
+    state = scratch(B, N)
+    out = scratch(B, k, dtype=torch.int64)
+    order = out if pick_order else scratch(B, k, dtype=torch.int64)
+
+    launch_token_stats(visual, prompt, prompt_mask, lengths, *stats, relevance, plan)
+    launch_gram_select(visual, lengths, stats, (gram, iso, rank, state), order, out, k, core_ratio,
+                       pick_order, plan)
+    return out
