@@ -58,28 +58,34 @@ def _row_bounds(lengths_ptr, b, N, k, alpha, HAS_LENGTHS: tl.constexpr):
 
 
 @triton.jit
-def _similarity_row(j, idx, in_n, b, N, D, gram_ptr, visual_ptr, norm_ptr, finite_ptr,
-                    stride_vb, stride_vn, stride_vd,
-                    STORE_GRAM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Similarity of tokens ``idx`` to the pick ``j``, with the non-finite conventions."""
+def _similarity_rows(js, js_ok, idx, in_n, b, N, D, gram_ptr, visual_ptr, norm_ptr, finite_ptr,
+                     stride_vb, stride_vn, stride_vd,
+                     STORE_GRAM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``(len(js), BLOCK_S)``: similarity of tokens ``idx`` to each pick ``js`` (SPEC
+    conventions for non-finite tokens); ``-inf`` on rows where ``js_ok`` is false."""
     if STORE_GRAM:
-        row = tl.load(gram_ptr + (b * N + j) * N + idx, mask=in_n, other=0.0, cache_modifier=".cg")
+        rows = tl.load(gram_ptr + (b * N + js.to(tl.int64))[:, None] * N + idx[None, :],
+                       mask=js_ok[:, None] & in_n[None, :], other=float("-inf"), cache_modifier=".cg")
     else:
-        d_offs = tl.arange(0, BLOCK_D)
-        acc = tl.zeros([BLOCK_S], tl.float32)
         v_b = visual_ptr + b * stride_vb
+        d_offs = tl.arange(0, BLOCK_D)
+        acc = tl.zeros([js.shape[0], idx.shape[0]], tl.float32)
         for d0 in range(0, D, BLOCK_D):
             d = d0 + d_offs
-            vj = tl.load(v_b + j.to(tl.int64) * stride_vn + d * stride_vd, mask=d < D, other=0.0).to(tl.float32)
+            d_ok = (d < D)[None, :]
+            vj = tl.load(v_b + js.to(tl.int64)[:, None] * stride_vn + d[None, :] * stride_vd,
+                         mask=js_ok[:, None] & d_ok, other=0.0).to(tl.float32)
             vc = tl.load(v_b + idx.to(tl.int64)[:, None] * stride_vn + d[None, :] * stride_vd,
-                         mask=in_n[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(vc * vj[None, :], 1)
+                         mask=in_n[:, None] & d_ok, other=0.0).to(tl.float32)
+            acc += tl.sum(vj[:, None, :] * vc[None, :, :], 2)
         norm_c = tl.load(norm_ptr + b * N + idx, mask=in_n, other=1.0, cache_modifier=".cg")
         fin_c = tl.load(finite_ptr + b * N + idx, mask=in_n, other=1, cache_modifier=".cg") != 0
-        norm_j = tl.load(norm_ptr + b * N + j, cache_modifier=".cg")
-        fin_j = tl.load(finite_ptr + b * N + j, cache_modifier=".cg") != 0
-        row = tl.where(fin_c, tl.where(fin_j, tl.div_rn(acc, norm_c * norm_j), 0.0), 2.0)
-    return row
+        norm_j = tl.load(norm_ptr + b * N + js, mask=js_ok, other=1.0, cache_modifier=".cg")
+        fin_j = tl.load(finite_ptr + b * N + js, mask=js_ok, other=1, cache_modifier=".cg") != 0
+        rows = tl.div_rn(acc, norm_j[:, None] * norm_c[None, :])
+        rows = tl.where(fin_c[None, :], tl.where(fin_j[:, None], rows, 0.0), 2.0)
+        rows = tl.where(js_ok[:, None], rows, float("-inf"))
+    return rows
 
 
 @triton.jit
@@ -88,7 +94,7 @@ def _select_row(
     visual_ptr, norm_ptr, finite_ptr, gram_ptr, iso_ptr, rank_ptr, state_ptr, order_ptr, out_ptr,
     stride_vb, stride_vn, stride_vd,
     STORE_GRAM: tl.constexpr, NEED_ISO: tl.constexpr, PICK_ORDER: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, CORE_BLOCK: tl.constexpr,
 ):
     """Core by rank, then the greedy chain, then the output, for row ``b`` (one CTA)."""
     INF = float("inf")
@@ -117,35 +123,35 @@ def _select_row(
         tl.store(row_state + idx, s, mask=in_n)
     tl.debug_barrier()  # core picks and state written by other threads of this CTA
 
-    # Similarity to the core (independent row reads: they overlap, no chain).
-    for t in range(0, k_core):
-        c = tl.load(row_order + t)
-        for c0 in range(0, N, BLOCK_S):
-            idx = c0 + offs
-            in_n = idx < N
-            s = tl.load(row_state + idx, mask=in_n, other=INF)
-            row = _similarity_row(c, idx, in_n, b, N, D, gram_ptr, visual_ptr, norm_ptr, finite_ptr,
-                                  stride_vb, stride_vn, stride_vd, STORE_GRAM, BLOCK_S, BLOCK_D)
-            tl.store(row_state + idx, tl.where(s == INF, INF, tl.maximum(s, row)), mask=in_n)
-
+    # Similarity to the core, CORE_BLOCK rows per gather (independent reads, no chain),
+    # and the first pick's key.
     best = tl.full([], INT64_MAX, tl.int64)
+    core_offs = tl.arange(0, CORE_BLOCK)
     for c0 in range(0, N, BLOCK_S):
         idx = c0 + offs
         in_n = idx < N
         s = tl.load(row_state + idx, mask=in_n, other=INF)
+        for t0 in range(0, k_core, CORE_BLOCK):
+            cs_ok = t0 + core_offs < k_core
+            cs = tl.load(row_order + t0 + core_offs, mask=cs_ok, other=0).to(tl.int32)
+            rows = _similarity_rows(cs, cs_ok, idx, in_n, b, N, D, gram_ptr, visual_ptr, norm_ptr, finite_ptr,
+                                    stride_vb, stride_vn, stride_vd, STORE_GRAM, BLOCK_D)
+            s = tl.where(s == INF, INF, tl.maximum(s, tl.max(rows, 0)))
+        tl.store(row_state + idx, s, mask=in_n)
         best = tl.minimum(best, tl.min(tl.where(in_n, min_key(s, idx), INT64_MAX), 0))
 
     # The chain: pick the least similar free token, fold its row into the state.
     for t in range(k_core, k_b):
         j = key_index(best)
         tl.store(row_order + t, j.to(tl.int64))
+        js = tl.zeros([1], tl.int32) + j
         best = tl.full([], INT64_MAX, tl.int64)
         for c0 in range(0, N, BLOCK_S):
             idx = c0 + offs
             in_n = idx < N
             s = tl.load(row_state + idx, mask=in_n, other=INF)
-            row = _similarity_row(j, idx, in_n, b, N, D, gram_ptr, visual_ptr, norm_ptr, finite_ptr,
-                                  stride_vb, stride_vn, stride_vd, STORE_GRAM, BLOCK_S, BLOCK_D)
+            row = tl.max(_similarity_rows(js, js >= 0, idx, in_n, b, N, D, gram_ptr, visual_ptr, norm_ptr,
+                                          finite_ptr, stride_vb, stride_vn, stride_vd, STORE_GRAM, BLOCK_D), 0)
             # t == 0 only with an empty core: the isolation scores are replaced, not maxed.
             s = tl.where((s == INF) | (idx == j), INF, tl.where(t == 0, row, tl.maximum(s, row)))
             tl.store(row_state + idx, s, mask=in_n)
@@ -175,7 +181,7 @@ def _gram_select_kernel(
     stride_vb, stride_vn, stride_vd,
     STORE_GRAM: tl.constexpr, NEED_ISO: tl.constexpr, PICK_ORDER: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, CORE_BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -227,7 +233,7 @@ def _gram_select_kernel(
         _select_row(b, n, k_b, k_core, N, D, k, n_tiles,
                     visual_ptr, norm_ptr, finite_ptr, gram_ptr, iso_ptr, rank_ptr, state_ptr, order_ptr, out_ptr,
                     stride_vb, stride_vn, stride_vd,
-                    STORE_GRAM, NEED_ISO, PICK_ORDER, BLOCK_S, BLOCK_D)
+                    STORE_GRAM, NEED_ISO, PICK_ORDER, BLOCK_S, BLOCK_D, CORE_BLOCK)
 
 
 def launch_gram_select(visual, lengths, stats, scratch, order, out, k, core_ratio, pick_order, plan):
@@ -243,6 +249,6 @@ def launch_gram_select(visual, lengths, stats, scratch, order, out, k, core_rati
         *visual.stride(),
         STORE_GRAM=plan.path == "gram", NEED_ISO=plan.need_isolation, PICK_ORDER=pick_order,
         HAS_LENGTHS=lengths is not None, DOT_PRECISION=plan.dot_precision, DOT_UPCAST=plan.dot_upcast,
-        BLOCK_G=plan.block_tile, BLOCK_D=plan.block_d, BLOCK_S=plan.block_select,
+        BLOCK_G=plan.block_tile, BLOCK_D=plan.block_d, BLOCK_S=plan.block_select, CORE_BLOCK=plan.core_block,
         num_warps=plan.num_warps_tile,
     )

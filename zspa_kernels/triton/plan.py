@@ -35,6 +35,7 @@ class LaunchPlan:
     block_tile: int       # Gram tile edge (rows = columns)
     block_d: int          # feature chunk of every D loop
     block_select: int     # chunk of the row walked by the selecting CTA
+    core_block: int       # core picks whose similarity rows are gathered at once (power of 2)
     block_rows: int       # tokens per CTA of the statistics launch
     block_prompt: int     # prompt rows per dot in the statistics launch
     num_warps_tile: int
@@ -76,6 +77,9 @@ def launch_plan(B: int, N: int, D: int, dtype: torch.dtype, k: int, core_ratio: 
     block_d = _pow2(D, 16, 32 if dtype == torch.float32 else 64)
     # The streaming step holds a (block_select × block_d) tile in registers: keep it small.
     block_select = _pow2(N, 16, 2048 if path == "gram" else 128)
+    # Gathering several core rows at once overlaps their L2 latency (a ~8K-element tile);
+    # streamed rows are long D loops anyway, one at a time keeps registers low.
+    core_block = max(1, min(16, 8192 // block_select)) if path == "gram" else 1
     scratch = (13 * B * N + 4 * B            # inv_norm, finite, key; counters
                + 4 * B * tiles * N           # rank partials
                + 4 * B * N                   # greedy state
@@ -83,7 +87,7 @@ def launch_plan(B: int, N: int, D: int, dtype: torch.dtype, k: int, core_ratio: 
                + (gram_bytes if path == "gram" else 0))
     return LaunchPlan(
         path=path, need_isolation=need_isolation, tiles=tiles, block_tile=block_tile, block_d=block_d,
-        block_select=block_select, block_rows=32, block_prompt=16,
+        block_select=block_select, core_block=core_block, block_rows=32, block_prompt=16,
         num_warps_tile=4 if block_tile <= 64 else 8, num_warps_stats=4,
         dot_precision="ieee", dot_upcast=dtype == torch.bfloat16 and triton_interpreter(),
         scratch_bytes=scratch,

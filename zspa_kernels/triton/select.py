@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from .gram_select import launch_gram_select
-from .plan import launch_plan
+from .plan import LaunchPlan, launch_plan
 from .token_stats import launch_token_stats
 
 
@@ -26,10 +26,16 @@ def select_tokens_triton(
     prompt_mask: Optional[torch.Tensor],
     relevance: str,
     pick_order: bool,
+    plan: Optional[LaunchPlan] = None,
 ) -> torch.Tensor:
-    """``(B, k)`` int64: the pick order, or the ascending kept indices; ``-1`` padded."""
+    """``(B, k)`` int64: the pick order, or the ascending kept indices; ``-1`` padded.
+
+    ``plan`` overrides :func:`.plan.launch_plan` (tests and benchmarks force paths and
+    block sizes with ``dataclasses.replace(launch_plan(...), ...)``).
+    """
     B, N, D = visual.shape
-    plan = launch_plan(B, N, D, visual.dtype, k, core_ratio, lengths is not None)
+    if plan is None:
+        plan = launch_plan(B, N, D, visual.dtype, k, core_ratio, lengths is not None)
 
     def scratch(*shape, dtype=torch.float32):
         return torch.empty(shape, dtype=dtype, device=visual.device)

@@ -1,0 +1,184 @@
+"""Triton backend specifics: launch plans, the streaming path, multi-tile/multi-chunk walks,
+odd shapes and large batches, each replayed against the fp64 oracle.
+
+Without a GPU these run under ``TRITON_INTERPRET=1`` (set by conftest), small shapes only.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import zspa_kernels
+from cases import Case
+from conftest import TOLERANCE, available_backends, device_for
+from test_select_tokens import _rows
+from fp64_oracle import replay
+
+pytestmark = pytest.mark.skipif("triton" not in available_backends(), reason="no GPU and no TRITON_INTERPRET")
+
+if "triton" in available_backends():
+    from zspa_kernels.triton import GRAM_BUDGET_ENV, launch_plan, select_tokens_triton
+
+DEVICE = device_for("triton")
+
+
+def _case(B, N, D, k, alpha, dtype, relevance="mean", T=None, lengths=None, masked=False, seed=0, clustered=False):
+    g = torch.Generator().manual_seed(seed)
+    if clustered:  # many near-duplicates: the greedy chain runs through near-ties
+        centers = torch.randn(B, 5, D, generator=g)
+        visual = centers[torch.arange(B)[:, None], torch.randint(0, 5, (B, N), generator=g)]
+        visual = visual + 0.1 * torch.randn(B, N, D, generator=g)
+    else:
+        visual = torch.randn(B, N, D, generator=g) * torch.rand(B, N, 1, generator=g).add(0.1)
+    prompt = torch.randn(B, D, generator=g) if T is None else torch.randn(B, T, D, generator=g)
+    mask = None
+    if masked:
+        mask = torch.rand(B, T, generator=g) < 0.6
+        mask[:, 0] = True
+    lengths = None if lengths is None else torch.tensor(lengths)
+    return Case(visual.to(dtype), prompt.to(dtype), k, alpha, lengths, mask, relevance)
+
+
+def _check(case, plan=None):
+    """Run the kernels directly (optionally with a forced plan) and replay every row."""
+    args = [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in case.args()]
+    order = select_tokens_triton(*args, True, plan=plan).cpu()
+    kept = select_tokens_triton(*args, False, plan=plan).cpu()
+    for b, row in _rows(case):
+        replay(row, order[b].tolist(), TOLERANCE["triton"][case.visual.dtype])
+        assert kept[b].tolist() == sorted(order[b, : row.k_b].tolist()) + [-1] * (case.k - row.k_b)
+    return order
+
+
+def _plan(case, **overrides):
+    B, N, D = case.visual.shape
+    plan = launch_plan(B, N, D, case.visual.dtype, case.k, case.core_ratio, case.lengths is not None)
+    return dataclasses.replace(plan, **overrides)
+
+
+# ---- launch plan: shapes of SPEC §7 and the budget switch --------------------------------------
+
+def test_plan_llava_is_one_gram_launch_without_isolation():
+    plan = launch_plan(1, 576, 4096, torch.bfloat16, 64, 0.5, has_lengths=False)
+    assert (plan.path, plan.tiles, plan.block_tile, plan.num_warps_tile) == ("gram", 9, 64, 4)
+    assert (plan.block_d, plan.block_select, plan.core_block) == (64, 1024, 8)
+    assert not plan.need_isolation  # k_core = 32 > 0: no N x N isolation pass
+    assert 4 * 576 * 576 <= plan.scratch_bytes < 2 * 4 * 576 * 576
+
+
+def test_plan_needs_isolation_exactly_when_some_row_can_have_an_empty_core():
+    assert launch_plan(1, 576, 4096, torch.bfloat16, 64, 0.0, False).need_isolation
+    assert not launch_plan(1, 576, 4096, torch.bfloat16, 64, 1 / 128, False).need_isolation  # 64/128 = 0.5
+    assert launch_plan(1, 576, 4096, torch.bfloat16, 64, 1 / 129, False).need_isolation
+    # With lengths a row may hold a single token: k_core = floor(alpha + 0.5) = 0 for alpha < 0.5.
+    assert launch_plan(1, 576, 4096, torch.bfloat16, 64, 0.49, True).need_isolation
+    assert not launch_plan(1, 576, 4096, torch.bfloat16, 64, 0.5, True).need_isolation
+
+
+def test_plan_video_row_fits_the_default_budget_and_a_batch_streams():
+    one = launch_plan(1, 16384, 3584, torch.bfloat16, 1638, 0.5, False)
+    assert (one.path, one.block_tile, one.tiles, one.num_warps_tile) == ("gram", 128, 128, 8)
+    assert one.scratch_bytes >= 4 * 16384**2
+    batch = launch_plan(8, 16384, 3584, torch.bfloat16, 1638, 0.5, False)
+    assert (batch.path, batch.block_select, batch.core_block) == ("stream", 128, 1)
+    assert batch.scratch_bytes < 8 * 4 * 16384**2 // 100  # O(B·N·tiles): no N x N matrix
+
+
+def test_plan_fp32_uses_narrower_feature_chunks_and_ieee_dots():
+    plan = launch_plan(32, 576, 4096, torch.float32, 64, 0.5, False)
+    assert (plan.block_d, plan.dot_precision, plan.path) == (32, "ieee", "gram")
+
+
+def test_gram_budget_env_switches_path_and_rejects_garbage(monkeypatch):
+    monkeypatch.setenv(GRAM_BUDGET_ENV, str(4 * 576 * 576 - 1))
+    assert launch_plan(1, 576, 4096, torch.bfloat16, 64, 0.5, False).path == "stream"
+    monkeypatch.setenv(GRAM_BUDGET_ENV, str(4 * 576 * 576))
+    assert launch_plan(1, 576, 4096, torch.bfloat16, 64, 0.5, False).path == "gram"
+    monkeypatch.setenv(GRAM_BUDGET_ENV, "lots")
+    with pytest.raises(ValueError, match=GRAM_BUDGET_ENV):
+        launch_plan(1, 576, 4096, torch.bfloat16, 64, 0.5, False)
+
+
+# ---- both paths against fp64 ---------------------------------------------------------------------
+
+STREAM_CASES = [
+    dict(B=2, N=37, D=20, k=9, alpha=0.5, dtype=torch.float32, T=5, masked=True, relevance="max"),
+    dict(B=3, N=29, D=33, k=12, alpha=0.0, dtype=torch.bfloat16, lengths=[29, 1, 17], clustered=True),
+    dict(B=1, N=40, D=7, k=45, alpha=0.3, dtype=torch.float16, relevance="max"),
+]
+
+
+@pytest.mark.parametrize("spec", STREAM_CASES, ids=lambda s: f"{s['dtype']}-a{s['alpha']}")
+def test_streaming_path_below_budget_replays_and_matches_gram(monkeypatch, spec):
+    case = _case(**spec)
+    gram_order = _check(case)
+    monkeypatch.setenv(GRAM_BUDGET_ENV, "0")
+    assert _plan(case).path == "stream"
+    stream_order = _check(case)
+    # Different arithmetic may only split near-ties; these inputs have none at fp32 level.
+    assert torch.equal(stream_order, gram_order)
+
+
+@pytest.mark.parametrize("path", ["gram", "stream"])
+def test_many_tiles_chunks_and_core_blocks(path):
+    # N=70 with 16-wide tiles and chunks: 5 tiles per side, 5 chunks, core gathered 4 rows at once
+    # (k_core = 17: a partial last block), lengths cutting through a chunk.
+    case = _case(B=2, N=70, D=24, k=29, alpha=0.6, dtype=torch.bfloat16, T=4, relevance="max",
+                 lengths=[70, 43], clustered=True, seed=3)
+    _check(case, _plan(case, path=path, block_tile=16, tiles=5, block_select=16,
+                       core_block=4 if path == "gram" else 1))
+
+
+def test_many_chunks_with_the_isolation_seed():
+    case = _case(B=2, N=50, D=9, k=20, alpha=0.0, dtype=torch.float32, lengths=[50, 33], seed=4)
+    _check(case, _plan(case, block_tile=16, tiles=4, block_select=16))
+
+
+# ---- odd shapes and batch sizes ------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_large_odd_shape(dtype):
+    case = _case(B=2, N=203, D=130, k=41, alpha=0.3, dtype=dtype, T=19, masked=True, relevance="max",
+                 lengths=[203, 150], seed=5)
+    _check(case)
+
+
+def test_batch_of_65_rows_matches_row_by_row():
+    case = _case(B=65, N=24, D=16, k=7, alpha=0.5, dtype=torch.float16, T=3,
+                 lengths=torch.randint(1, 25, (65,), generator=torch.Generator().manual_seed(6)).tolist(), seed=6)
+    order = _check(case)
+    for b in (0, 31, 64):
+        alone = zspa_kernels.select_tokens(
+            case.visual[b:b + 1].to(DEVICE), case.prompt[b:b + 1].to(DEVICE), case.k, case.core_ratio,
+            case.lengths[b:b + 1].to(DEVICE), backend="triton", pick_order=True).cpu()
+        assert alone[0].tolist() == order[b].tolist()
+
+
+def test_non_contiguous_visual():
+    case = _case(B=2, N=30, D=40, k=8, alpha=0.5, dtype=torch.bfloat16, seed=7)
+    case.visual = case.visual.transpose(1, 2).contiguous().transpose(1, 2)  # stride (N·D, 1, N)
+    assert not case.visual.is_contiguous()
+    _check(case)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a GPU")
+def test_cuda_graph_capture_and_replay():
+    case = _case(B=4, N=300, D=256, k=32, alpha=0.5, dtype=torch.bfloat16, T=6, lengths=[300, 7, 150, 299])
+    args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in case.args()]
+    eager = select_tokens_triton(*args, True)
+    static = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    select_tokens_triton(*static, True)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = select_tokens_triton(*static, True)
+    for _ in range(3):  # counters must reset themselves between replays
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, eager)
+    fresh = _case(B=4, N=300, D=256, k=32, alpha=0.5, dtype=torch.bfloat16, T=6, lengths=[300, 7, 150, 299], seed=9)
+    static[0].copy_(fresh.visual)
+    static[1].copy_(fresh.prompt)
+    graph.replay()
+    assert torch.equal(captured, select_tokens_triton(fresh.visual.cuda(), fresh.prompt.cuda(), *args[2:], True))
