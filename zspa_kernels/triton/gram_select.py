@@ -5,8 +5,8 @@ Grid ``(tiles², B)``; CTA ``(rt, ct, b)`` owns the ``BLOCK_G × BLOCK_G`` tile 
 1. ``G = V_r V_cᵀ`` with ``tl.dot`` on the RAW inputs (for fp16/bf16 every product is
    exact in fp32, accumulation is fp32; fp32 inputs use ``input_precision="ieee"``, since
    tf32 rounds cosines by ~1e-3 and flips near-ties), then divided by the two norms
-   (IEEE ``div_rn``: exact cosines stay exact, see :mod:`.token_stats`). Gram path: stored as ``M[r, c]`` = similarity of token ``c`` to a pick
-   ``r`` (2.0 for a non-finite ``c``, 0.0 for a non-finite ``r``: SPEC conventions).
+   (IEEE ``div_rn``: exact cosines stay exact, see :mod:`.token_stats`). Gram path:
+   stored as ``M[r, c]`` = similarity of token ``c`` to a pick ``r`` (2.0 for a non-finite ``c``, 0.0 for a non-finite ``r``: SPEC conventions).
    ``NEED_ISO`` (some row may have ``k_core = 0``): row maxima of ``G`` off the diagonal
    over usable columns, the most-isolated seed's scores, one partial per column tile.
 2. Core ranks: ``#{c in tile: key_c > key_r}`` per ``r``, one partial per column tile;
@@ -21,7 +21,8 @@ Grid ``(tiles², B)``; CTA ``(rt, ct, b)`` owns the ``BLOCK_G × BLOCK_G`` tile 
 The selecting CTA keeps the state ``s`` (similarity to the selected set; +inf once a
 token is taken or beyond the row) in a global ``(B, N)`` buffer walked in
 ``BLOCK_S`` chunks, so any ``N`` fits; for ``N <= BLOCK_S`` that is one chunk whose
-store/load pairs stay in the same thread and hit L1. Each greedy step is one pass:
+store/load pairs stay in the same thread and hit L1. The core's rows are gathered
+``CORE_BLOCK`` at a time (independent loads). Each greedy step is one pass:
 load ``s`` and the pick's row of ``M``, take the max, store, and reduce the packed
 ``(s, index)`` keys to the next pick. Streaming path (``STORE_GRAM=False``, when ``M``
 would exceed the scratch budget): the row is recomputed as ``V v_jᵀ`` from ``visual``.
@@ -30,11 +31,13 @@ Floor (H100 SXM: 3.35 TB/s HBM, ~50 MB L2, ~800 dense bf16 TFLOP/s, ~1 µs per d
 L2 row read + block reduction in one CTA):
   * LLaVA-1.5, B=1 N=576 D=4096 bf16 k=64 α=0.5: read 4.7 MB once (1.4 µs); Gram
     2·N²·D = 2.7 GFLOP (≈3.5 µs over all SMs) and 1.3 MB written to L2; core = 32
-    ranks in parallel; chain = 32 dependent steps ≈ 32 µs. Floor ≈ 37 µs, the chain.
+    ranks in parallel; chain = 32 dependent steps ≈ 32 µs; plus the statistics launch
+    (one more read of the input, ≈2 µs). Floor ≈ 40 µs, the chain. B=32: 87 GFLOP of
+    Gram (≈110 µs) while the 32 rows' chains run in 32 CTAs side by side: ≈ 150 µs.
   * video, N=16384 D=3584 k=1638 α=0.5: Gram 1.9 TFLOP (≈2.4 ms), 1 GiB written
     (0.3 ms); chain = 819 steps, each a 64 KB row + 128 KB of state through one SM
     (≈1.5 µs) ≈ 1.2 ms. Floor ≈ 4 ms.
-Measured: nothing yet - no GPU was available to this work; see the package README.
+Measured: nothing - no GPU was lent to this work, so the targets of issue 3 are unverified.
 Known gaps to the floor: the full square of tiles is computed (the upper triangle
 would halve step 1), and the streaming path re-reads ``N·D`` per step through one CTA.
 """

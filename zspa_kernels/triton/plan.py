@@ -5,7 +5,8 @@ Two paths of the same two launches (:mod:`.token_stats`, then :mod:`.gram_select
 * ``gram``: the ``(B, N, N)`` fp32 similarity matrix is kept in scratch, so a greedy
   step is one row read. Chosen while ``4·B·N²`` bytes fit the Gram budget.
 * ``stream``: no ``N × N`` scratch; every greedy step recomputes ``V v_jᵀ`` from the
-  input. Chosen above the budget (video batches): O(B·N) memory, slower steps.
+  input. Chosen above the budget (video batches): O(B·N²/64) scratch (per-tile rank
+  partials), slower steps.
 
 The budget is ``ZSPA_TRITON_GRAM_BUDGET`` bytes (default 4 GiB: one N=16384 video row
 needs 1 GiB, a LLaVA-1.5 batch of 64 needs 85 MB). Set it to 0 to force streaming.
@@ -70,11 +71,12 @@ def launch_plan(B: int, N: int, D: int, dtype: torch.dtype, k: int, core_ratio: 
     need_isolation = core_ratio * min(k, 1 if has_lengths else N) < 0.5
     gram_bytes = 4 * B * N * N
     path = "gram" if gram_bytes <= gram_budget() else "stream"
-    # tl.dot needs every dim >= 16; 128-wide tiles (8 warps) once N is large enough to fill the GPU.
-    block_tile = _pow2(N, 16, 64) if N <= 1024 else 128
+    # tl.dot needs every dim >= 16. 64-wide tiles, 8 warps and 32-wide (fp32: 16) feature chunks
+    # compile for sm_90 without spills (~130-180 registers); 128-wide tiles spilled ~600 B/thread
+    # in the fused epilogue (cosines, isolation maxima, rank compares), and 4 warps spilled too.
+    block_tile = _pow2(N, 16, 64)
     tiles = triton.cdiv(N, block_tile)
-    # fp32 chunks are half as wide, so a tile pair takes the same shared memory per stage.
-    block_d = _pow2(D, 16, 32 if dtype == torch.float32 else 64)
+    block_d = _pow2(D, 16, 16 if dtype == torch.float32 else 32)
     # The streaming step holds a (block_select × block_d) tile in registers: keep it small.
     block_select = _pow2(N, 16, 2048 if path == "gram" else 128)
     # Gathering several core rows at once overlaps their L2 latency (a ~8K-element tile);
@@ -88,7 +90,7 @@ def launch_plan(B: int, N: int, D: int, dtype: torch.dtype, k: int, core_ratio: 
     return LaunchPlan(
         path=path, need_isolation=need_isolation, tiles=tiles, block_tile=block_tile, block_d=block_d,
         block_select=block_select, core_block=core_block, block_rows=32, block_prompt=16,
-        num_warps_tile=4 if block_tile <= 64 else 8, num_warps_stats=4,
+        num_warps_tile=8, num_warps_stats=4,
         dot_precision="ieee", dot_upcast=dtype == torch.bfloat16 and triton_interpreter(),
         scratch_bytes=scratch,
     )

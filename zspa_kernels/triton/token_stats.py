@@ -26,8 +26,8 @@ import triton.language as tl
 
 from .primitives import dot_operand, max_key, nonfinite
 
-NORM_EPS = 1e-6
-NONFINITE_RELEVANCE = -2.0
+NORM_EPS = tl.constexpr(1e-6)  # as in the reference
+NONFINITE_RELEVANCE = tl.constexpr(-2.0)  # below every cosine, as in the reference
 
 
 @triton.jit
