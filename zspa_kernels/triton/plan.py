@@ -90,7 +90,7 @@ def launch_plan(B: int, N: int, D: int, dtype: torch.dtype, k: int, core_ratio: 
     return LaunchPlan(
         path=path, need_isolation=need_isolation, tiles=tiles, block_tile=block_tile, block_d=block_d,
         block_select=block_select, core_block=core_block, block_rows=32, block_prompt=16,
-        num_warps_tile=8, num_warps_stats=4,
+        num_warps_tile=8, num_warps_stats=8,
         dot_precision="ieee", dot_upcast=dtype == torch.bfloat16 and triton_interpreter(),
         scratch_bytes=scratch,
     )
