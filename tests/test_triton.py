@@ -141,6 +141,16 @@ def test_many_chunks_with_the_isolation_seed():
     _check(case, _plan(case, block_tile=16, tiles=4, block_select=16))
 
 
+def test_core_size_rounds_like_the_reference():
+    # In fp64, alpha·k_b = 0.49999999999999994 and adding 0.5 rounds up to 1.0: k_core = 1.
+    # A fused multiply-add rounds once, to 0.99999999999999994: k_core = 0, the isolation seed.
+    alpha = 0.04545454545454545
+    case = _case(B=1, N=11, D=8, k=11, alpha=alpha, dtype=torch.float32, seed=8)
+    order = _check(case)
+    relevance = torch.nn.functional.cosine_similarity(case.visual[0].double(), case.prompt.double(), dim=-1)
+    assert order[0, 0] == relevance.argmax()
+
+
 # ---- odd shapes and batch sizes ------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)

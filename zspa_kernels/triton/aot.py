@@ -24,7 +24,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from ..dispatch import triton_interpreter
-from .gram_select import _gram_select_kernel
+from .gram_select import FP_FUSION, _gram_select_kernel
 from .plan import launch_plan
 from .token_stats import _token_stats_kernel
 
@@ -81,14 +81,15 @@ def compile_variant(B, N, D, dtype, k, alpha, has_lengths, relevance, pick_order
                        counter_ptr="*i32", gram_ptr="*fp32", iso_ptr="*fp32", rank_ptr="*i32", state_ptr="*fp32",
                        order_ptr="*i64", out_ptr="*i64")
     records = []
-    for name, fn, ptrs, consts, warps in (
-        ("token_stats", _token_stats_kernel, stats_ptrs, stats_consts, plan.num_warps_stats),
-        ("gram_select", _gram_select_kernel, select_ptrs, select_consts, plan.num_warps_tile),
+    for name, fn, ptrs, consts, options in (
+        ("token_stats", _token_stats_kernel, stats_ptrs, stats_consts, dict(num_warps=plan.num_warps_stats)),
+        ("gram_select", _gram_select_kernel, select_ptrs, select_consts,
+         dict(num_warps=plan.num_warps_tile, enable_fp_fusion=FP_FUSION)),
     ):
         source = ASTSource(fn, _signature(fn, ptrs, consts, {"alpha": "fp64"}), consts)
-        kernel = triton.compile(source, target=target, options=dict(num_warps=warps))
+        kernel = triton.compile(source, target=target, options=options)
         records.append(dict(kernel=name, arch=f"sm_{arch}", shape=[B, N, D], dtype=t, path=plan.path,
-                            relevance=relevance, num_warps=warps, shared_bytes=kernel.metadata.shared,
+                            relevance=relevance, num_warps=options["num_warps"], shared_bytes=kernel.metadata.shared,
                             **_ptxas_report(kernel.asm["ptx"], arch)))
     return records
 

@@ -47,6 +47,9 @@ import triton.language as tl
 from .primitives import dot_operand, key_index, min_key
 
 INT64_MAX = tl.constexpr(0x7FFFFFFFFFFFFFFF)
+# No multiply-add here is worth fusing (the Gram is tl.dot, cosines are IEEE divisions), and
+# fusing alpha·k_b + 0.5 into one fma would round k_core differently from the reference.
+FP_FUSION = False
 
 
 @triton.jit
@@ -56,6 +59,7 @@ def _row_bounds(lengths_ptr, b, N, k, alpha, HAS_LENGTHS: tl.constexpr):
     if HAS_LENGTHS:
         n = tl.minimum(tl.maximum(tl.load(lengths_ptr + b).to(tl.int32), 1), N)
     k_b = tl.minimum(n, k)
+    # Two roundings, as in the reference: the launch disables fp fusion, else this is one fma.
     k_core = tl.floor(alpha * k_b.to(tl.float64) + 0.5).to(tl.int32)
     return n, k_b, tl.minimum(tl.maximum(k_core, 0), k_b)
 
@@ -254,4 +258,5 @@ def launch_gram_select(visual, lengths, stats, scratch, order, out, k, core_rati
         HAS_LENGTHS=lengths is not None, DOT_PRECISION=plan.dot_precision, DOT_UPCAST=plan.dot_upcast,
         BLOCK_G=plan.block_tile, BLOCK_D=plan.block_d, BLOCK_S=plan.block_select, CORE_BLOCK=plan.core_block,
         num_warps=plan.num_warps_tile,
+        enable_fp_fusion=FP_FUSION,
     )

@@ -1,15 +1,13 @@
 """Small ``@triton.jit`` helpers shared by the kernels.
 
-Keys: ``(score, index)`` packed into one 64-bit integer. A float's bits, remapped so that signed-integer order equals float order, fill
-the high 32 bits; the index fills the low 32. One integer min/max reduction then
+Keys: ``(score, index)`` packed into one 64-bit integer. A float's bits, remapped so
+that signed-integer order equals float order, fill the high 32 bits; the index (< 2**31)
+fills the low 32. One integer min/max reduction then
 returns the best score and, among equal scores, the lower index - in any
 reduction order, so the result cannot depend on thread scheduling or tiling.
 """
 import triton
 import triton.language as tl
-
-INDEX_BITS = 0x7FFFFFFF  # indices are < 2**31; the key's bit 31 stays clear
-
 
 @triton.jit
 def orderable(x):

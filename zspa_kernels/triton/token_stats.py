@@ -1,4 +1,4 @@
-"""Per-token statistics: inverse norm, finiteness and the packed relevance key.
+"""Per-token statistics: norm, finiteness and the packed relevance key.
 
 For each token ``i`` of row ``b`` (grid: ``(cdiv(N, BLOCK_R), B)``):
 
@@ -9,8 +9,8 @@ For each token ``i`` of row ``b`` (grid: ``(cdiv(N, BLOCK_R), B)``):
 
 Cosines are ``dot / (norm_i · norm_p)`` with IEEE division and square root, so a cosine
 that is exactly ±1 or a multiple of a power of two in fp64 (D = 1, ±1 patterns) comes
-out exact here too, and exact ties stay ties. ``mean``: ``r_i = v_i · p / (norm_i norm_p)`` with ``p`` the mean of
-the valid prompt rows; a non-finite ``p`` acts as zero. ``max``: the best cosine over
+out exact here too, and exact ties stay ties. ``mean``: ``r_i = v_i · p / (norm_i norm_p)``
+with ``p`` the mean of the valid prompt rows; a non-finite ``p`` acts as zero. ``max``: the best cosine over
 valid prompt rows (a non-finite row scores 0), 0 when no row is valid.
 
 Why a launch of its own: every Gram tile ranks its tokens by these keys, so each key must
