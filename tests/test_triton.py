@@ -82,13 +82,16 @@ def test_plan_needs_isolation_exactly_when_some_row_can_have_an_empty_core():
     assert not launch_plan(1, 576, 4096, torch.bfloat16, 64, 0.5, True).need_isolation
 
 
-def test_plan_video_row_fits_the_default_budget_and_a_batch_streams():
+def test_plan_video_batch_runs_in_groups_that_fit_the_budget():
     one = launch_plan(1, 16384, 3584, torch.bfloat16, 1638, 0.5, False)
-    assert (one.path, one.block_tile, one.tiles, one.block_select) == ("gram", 64, 256, 2048)
+    assert (one.path, one.rows_per_launch, one.tiles, one.block_select) == ("gram", 1, 256, 2048)
     assert one.scratch_bytes >= 4 * 16384**2
     batch = launch_plan(8, 16384, 3584, torch.bfloat16, 1638, 0.5, False)
-    assert (batch.path, batch.block_select, batch.core_block) == ("stream", 128, 1)
-    assert batch.scratch_bytes < 8 * 4 * 16384**2 // 32  # rank partials O(B·N²/64): no N x N matrix
+    assert (batch.path, batch.rows_per_launch) == ("gram", 4)  # 4 x 1 GiB per launch pair
+    assert batch.scratch_bytes < 4 * 4 * 16384**2 * 1.1
+    huge = launch_plan(2, 40000, 1024, torch.bfloat16, 4000, 0.5, False)  # one row: 6.4 GB
+    assert (huge.path, huge.rows_per_launch, huge.block_select, huge.core_block) == ("stream", 2, 128, 1)
+    assert huge.scratch_bytes < 2 * 4 * 40000**2 // 32  # rank partials O(B·N²/64): no N x N matrix
 
 
 def test_plan_fp32_uses_narrower_feature_chunks_and_ieee_dots():
@@ -101,6 +104,7 @@ def test_gram_budget_env_switches_path_and_rejects_garbage(monkeypatch):
     assert launch_plan(1, 576, 4096, torch.bfloat16, 64, 0.5, False).path == "stream"
     monkeypatch.setenv(GRAM_BUDGET_ENV, str(4 * 576 * 576))
     assert launch_plan(1, 576, 4096, torch.bfloat16, 64, 0.5, False).path == "gram"
+    assert launch_plan(32, 576, 4096, torch.bfloat16, 64, 0.5, False).rows_per_launch == 1
     monkeypatch.setenv(GRAM_BUDGET_ENV, "lots")
     with pytest.raises(ValueError, match=GRAM_BUDGET_ENV):
         launch_plan(1, 576, 4096, torch.bfloat16, 64, 0.5, False)
@@ -124,6 +128,15 @@ def test_streaming_path_below_budget_replays_and_matches_gram(monkeypatch, spec)
     stream_order = _check(case)
     # Different arithmetic may only split near-ties; these inputs have none at fp32 level.
     assert torch.equal(stream_order, gram_order)
+
+
+def test_batch_groups_under_a_small_budget_match_one_launch(monkeypatch):
+    case = _case(B=5, N=20, D=12, k=8, alpha=0.25, dtype=torch.float16, T=3, masked=True, relevance="max",
+                 lengths=[20, 3, 11, 20, 1], seed=10)
+    whole = _check(case)
+    monkeypatch.setenv(GRAM_BUDGET_ENV, str(2 * 4 * 20 * 20))
+    assert (_plan(case).path, _plan(case).rows_per_launch) == ("gram", 2)  # groups of 2, 2, 1
+    assert torch.equal(_check(case), whole)
 
 
 @pytest.mark.parametrize("path", ["gram", "stream"])

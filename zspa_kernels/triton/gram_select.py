@@ -24,8 +24,8 @@ token is taken or beyond the row) in a global ``(B, N)`` buffer walked in
 store/load pairs stay in the same thread and hit L1. The core's rows are gathered
 ``CORE_BLOCK`` at a time (independent loads). Each greedy step is one pass:
 load ``s`` and the pick's row of ``M``, take the max, store, and reduce the packed
-``(s, index)`` keys to the next pick. Streaming path (``STORE_GRAM=False``, when ``M``
-would exceed the scratch budget): the row is recomputed as ``V v_jᵀ`` from ``visual``.
+``(s, index)`` keys to the next pick. Streaming path (``STORE_GRAM=False``, when one
+row's ``M`` exceeds the scratch budget): the row is recomputed as ``V v_jᵀ`` from ``visual``.
 
 Floor (H100 SXM: 3.35 TB/s HBM, ~50 MB L2, ~800 dense bf16 TFLOP/s, ~1 µs per dependent
 L2 row read + block reduction in one CTA):
@@ -39,7 +39,9 @@ L2 row read + block reduction in one CTA):
     (≈1.5 µs) ≈ 1.2 ms. Floor ≈ 4 ms.
 Measured: nothing - no GPU was lent to this work, so the targets of issue 3 are unverified.
 Known gaps to the floor: the full square of tiles is computed (the upper triangle
-would halve step 1), and the streaming path re-reads ``N·D`` per step through one CTA.
+would halve step 1). The streaming path re-reads ``N·D`` per step through one CTA: at
+N=40000, D=1024 bf16 that is 82 MB, tens of µs per step at best - a fallback for rows
+whose matrix does not fit, not a fast path (a multi-CTA step needs a grid barrier).
 """
 import triton
 import triton.language as tl

@@ -2,14 +2,17 @@
 
 Two paths of the same two launches (:mod:`.token_stats`, then :mod:`.gram_select`):
 
-* ``gram``: the ``(B, N, N)`` fp32 similarity matrix is kept in scratch, so a greedy
-  step is one row read. Chosen while ``4·B·N²`` bytes fit the Gram budget.
-* ``stream``: no ``N × N`` scratch; every greedy step recomputes ``V v_jᵀ`` from the
-  input. Chosen above the budget (video batches): O(B·N²/64) scratch (per-tile rank
-  partials), slower steps.
+* ``gram``: each row's ``N × N`` fp32 similarity matrix is kept in scratch, so a greedy
+  step is one row read. Rows are independent, so a batch whose matrices exceed the Gram
+  budget runs as several launch pairs of ``rows_per_launch`` rows each, reusing one
+  scratch (a host loop over batch groups, never over greedy steps).
+* ``stream``: only when ONE row's matrix (``4·N²`` bytes) exceeds the budget: every
+  greedy step recomputes ``V v_jᵀ`` from the input, ``N·D`` elements through the
+  selecting CTA per step - correct at any ``N``, but slow (see :mod:`.gram_select`).
+  Scratch is then O(B·N²/64) (per-tile rank partials).
 
-The budget is ``ZSPA_TRITON_GRAM_BUDGET`` bytes (default 4 GiB: one N=16384 video row
-needs 1 GiB, a LLaVA-1.5 batch of 64 needs 85 MB). Set it to 0 to force streaming.
+The budget is ``ZSPA_TRITON_GRAM_BUDGET`` bytes (default 4 GiB: four N=16384 video rows
+per launch, any LLaVA-size batch in one). ``0`` forces streaming.
 
 Everything here depends on shapes, dtype and Python scalars only, so a plan never
 syncs the device and the scratch of a call is the same at every CUDA-graph replay.
@@ -31,6 +34,7 @@ DEFAULT_GRAM_BUDGET = 4 << 30
 @dataclasses.dataclass(frozen=True)
 class LaunchPlan:
     path: str             # "gram" or "stream"
+    rows_per_launch: int  # batch rows per launch pair (the Gram budget's share)
     need_isolation: bool  # some row may have k_core = 0: compute the most-isolated seed
     tiles: int            # Gram tiles per side; the selection grid is (tiles², B)
     block_tile: int       # Gram tile edge (rows = columns)
@@ -69,8 +73,10 @@ def launch_plan(B: int, N: int, D: int, dtype: torch.dtype, k: int, core_ratio: 
     """The plan for ``visual`` of shape ``(B, N, D)`` and ``dtype``, budget ``k``, ratio ``core_ratio``."""
     # k_core = floor(alpha·k_b + 0.5) is 0 iff alpha·k_b < 0.5; k_b >= 1 with lengths, min(k, N) without.
     need_isolation = core_ratio * min(k, 1 if has_lengths else N) < 0.5
-    gram_bytes = 4 * B * N * N
-    path = "gram" if gram_bytes <= gram_budget() else "stream"
+    row_gram = 4 * N * N
+    budget = gram_budget()
+    path = "gram" if row_gram <= budget else "stream"
+    rows = min(B, budget // row_gram) if path == "gram" else B
     # tl.dot needs every dim >= 16. 64-wide tiles, 8 warps and 32-wide (fp32: 16) feature chunks
     # compile for sm_90 without spills (~130-180 registers); 128-wide tiles spilled ~600 B/thread
     # in the fused epilogue (cosines, isolation maxima, rank compares), and 4 warps spilled too.
@@ -82,13 +88,13 @@ def launch_plan(B: int, N: int, D: int, dtype: torch.dtype, k: int, core_ratio: 
     # Gathering several core rows at once overlaps their L2 latency (a ~8K-element tile);
     # streamed rows are long D loops anyway, one at a time keeps registers low.
     core_block = max(1, min(16, 8192 // block_select)) if path == "gram" else 1
-    scratch = (13 * B * N + 4 * B            # inv_norm, finite, key; counters
-               + 4 * B * tiles * N           # rank partials
-               + 4 * B * N                   # greedy state
-               + (4 * B * tiles * N if need_isolation else 0)
-               + (gram_bytes if path == "gram" else 0))
+    scratch = rows * (13 * N + 4                # norm, finite, key; counter
+                      + 4 * tiles * N           # rank partials
+                      + 4 * N                   # greedy state
+                      + (4 * tiles * N if need_isolation else 0)
+                      + (row_gram if path == "gram" else 0))
     return LaunchPlan(
-        path=path, need_isolation=need_isolation, tiles=tiles, block_tile=block_tile, block_d=block_d,
+        path=path, rows_per_launch=rows, need_isolation=need_isolation, tiles=tiles, block_tile=block_tile, block_d=block_d,
         block_select=block_select, core_block=core_block, block_rows=32, block_prompt=16,
         num_warps_tile=8, num_warps_stats=8,
         dot_precision="ieee", dot_upcast=dtype == torch.bfloat16 and triton_interpreter(),

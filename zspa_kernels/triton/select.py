@@ -1,4 +1,4 @@
-"""``select_tokens_triton``: the backend entry point (scratch allocation and the two launches).
+"""``select_tokens_triton``: the backend entry point (scratch allocation and the launches).
 
 Callable directly, for benchmarks: same arguments as every backend of the op,
 ``(visual, prompt, k, core_ratio, lengths, prompt_mask, relevance, pick_order)``,
@@ -37,20 +37,27 @@ def select_tokens_triton(
     if plan is None:
         plan = launch_plan(B, N, D, visual.dtype, k, core_ratio, lengths is not None)
 
+    rows = plan.rows_per_launch
+
     def scratch(*shape, dtype=torch.float32):
         return torch.empty(shape, dtype=dtype, device=visual.device)
 
-    stats = (scratch(B, N), scratch(B, N, dtype=torch.int8), scratch(B, N, dtype=torch.int64),
-             scratch(B, dtype=torch.int32))
+    stats = (scratch(rows, N), scratch(rows, N, dtype=torch.int8), scratch(rows, N, dtype=torch.int64),
+             scratch(rows, dtype=torch.int32))
     unused = stats[0]  # pointer argument of a disabled path: never dereferenced
-    gram = scratch(B, N, N) if plan.path == "gram" else unused
-    iso = scratch(B, plan.tiles, N) if plan.need_isolation else unused
-    rank = scratch(B, plan.tiles, N, dtype=torch.int32)
-    state = scratch(B, N)
+    gram = scratch(rows, N, N) if plan.path == "gram" else unused
+    iso = scratch(rows, plan.tiles, N) if plan.need_isolation else unused
+    work = (gram, iso, scratch(rows, plan.tiles, N, dtype=torch.int32), scratch(rows, N))
     out = scratch(B, k, dtype=torch.int64)
     order = out if pick_order else scratch(B, k, dtype=torch.int64)
 
-    launch_token_stats(visual, prompt, prompt_mask, lengths, *stats, relevance, plan)
-    launch_gram_select(visual, lengths, stats, (gram, iso, rank, state), order, out, k, core_ratio,
-                       pick_order, plan)
+    def part(t, group):
+        return None if t is None else t[group]
+
+    # Batch groups reuse the scratch: launches on one stream run in order.
+    for b0 in range(0, B, rows):
+        group = slice(b0, min(B, b0 + rows))
+        launch_token_stats(visual[group], prompt[group], part(prompt_mask, group), part(lengths, group), *stats, relevance, plan)
+        launch_gram_select(visual[group], part(lengths, group), stats, work, order[group], out[group], k, core_ratio,
+                           pick_order, plan)
     return out
