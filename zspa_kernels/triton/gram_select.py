@@ -148,6 +148,7 @@ def _select_row(
             s = tl.where(s == INF, INF, tl.maximum(s, tl.max(rows, 0)))
         tl.store(row_state + idx, s, mask=in_n)
         best = tl.minimum(best, tl.min(tl.where(in_n, min_key(s, idx), INT64_MAX), 0))
+    tl.debug_barrier()  # likewise: the state may be stored and loaded under different mappings
 
     # The chain: pick the least similar free token, fold its row into the state.
     for t in range(k_core, k_b):
@@ -165,7 +166,9 @@ def _select_row(
             s = tl.where((s == INF) | (idx == j), INF, tl.where(t == 0, row, tl.maximum(s, row)))
             tl.store(row_state + idx, s, mask=in_n)
             best = tl.minimum(best, tl.min(tl.where(in_n, min_key(s, idx), INT64_MAX), 0))
-    tl.debug_barrier()
+        # The compiler may store the state under another thread mapping than it loads it:
+        # order this step's stores before the next step's (and the output pass's) loads.
+        tl.debug_barrier()
 
     row_out = out_ptr + b * k
     if not PICK_ORDER:
