@@ -8,6 +8,7 @@ can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -54,10 +55,13 @@ def select_tokens_triton(
     def part(t, group):
         return None if t is None else t[group]
 
-    # Batch groups reuse the scratch: launches on one stream run in order.
-    for b0 in range(0, B, rows):
-        group = slice(b0, min(B, b0 + rows))
-        launch_token_stats(visual[group], prompt[group], part(prompt_mask, group), part(lengths, group), *stats, relevance, plan)
-        launch_gram_select(visual[group], part(lengths, group), stats, work, order[group], out[group], k, core_ratio,
-                           pick_order, plan)
+    # Triton launches on the current device: make it the tensors' one (cuda:1 inputs, say).
+    with torch.cuda.device(visual.device) if visual.is_cuda else contextlib.nullcontext():
+        # Batch groups reuse the scratch: launches on one stream run in order.
+        for b0 in range(0, B, rows):
+            group = slice(b0, min(B, b0 + rows))
+            launch_token_stats(visual[group], prompt[group], part(prompt_mask, group), part(lengths, group),
+                               *stats, relevance, plan)
+            launch_gram_select(visual[group], part(lengths, group), stats, work, order[group], out[group],
+                               k, core_ratio, pick_order, plan)
     return out
