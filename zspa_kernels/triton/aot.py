@@ -2,9 +2,9 @@
 
 ``python -m zspa_kernels.triton.aot [--arch 90]`` builds both launches of every plan
 variant below down to a cubin (Triton's bundled ``ptxas``) and prints each kernel's
-registers and spill bytes (``ptxas -v``) and shared memory. This is what the CPU interpreter cannot check: that the kernels
-type-check and lower for real hardware, and that the block sizes of
-:func:`.plan.launch_plan` do not spill. ``--json`` prints one JSON record per kernel.
+registers and spill bytes (``ptxas -v``) and shared memory. This is what the CPU
+interpreter cannot check: that the kernels type-check and lower for real hardware, and
+that the block sizes of :func:`.plan.launch_plan` do not spill. ``--json`` prints one JSON record per kernel.
 
 Needs real compilation, so ``TRITON_INTERPRET`` must be unset (or 0).
 """

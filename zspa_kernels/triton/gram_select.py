@@ -6,7 +6,8 @@ Grid ``(tiles², B)``; CTA ``(rt, ct, b)`` owns the ``BLOCK_G × BLOCK_G`` tile 
    exact in fp32, accumulation is fp32; fp32 inputs use ``input_precision="ieee"``, since
    tf32 rounds cosines by ~1e-3 and flips near-ties), then divided by the two norms
    (IEEE ``div_rn``: exact cosines stay exact, see :mod:`.token_stats`). Gram path:
-   stored as ``M[r, c]`` = similarity of token ``c`` to a pick ``r`` (2.0 for a non-finite ``c``, 0.0 for a non-finite ``r``: SPEC conventions).
+   stored as ``M[r, c]`` = similarity of token ``c`` to a pick ``r`` (2.0 for a non-finite
+   ``c``, 0.0 for a non-finite ``r``: SPEC conventions).
    ``NEED_ISO`` (some row may have ``k_core = 0``): row maxima of ``G`` off the diagonal
    over usable columns, the most-isolated seed's scores, one partial per column tile.
 2. Core ranks: ``#{c in tile: key_c > key_r}`` per ``r``, one partial per column tile;

@@ -94,7 +94,8 @@ def launch_plan(B: int, N: int, D: int, dtype: torch.dtype, k: int, core_ratio: 
                       + (4 * tiles * N if need_isolation else 0)
                       + (row_gram if path == "gram" else 0))
     return LaunchPlan(
-        path=path, rows_per_launch=rows, need_isolation=need_isolation, tiles=tiles, block_tile=block_tile, block_d=block_d,
+        path=path, rows_per_launch=rows, need_isolation=need_isolation, tiles=tiles, block_tile=block_tile,
+        block_d=block_d,
         block_select=block_select, core_block=core_block, block_rows=32, block_prompt=16,
         num_warps_tile=8, num_warps_stats=8,
         dot_precision="ieee", dot_upcast=dtype == torch.bfloat16 and triton_interpreter(),
