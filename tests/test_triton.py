@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -20,11 +21,13 @@ from cases import Case
 from conftest import TOLERANCE, available_backends, device_for
 from test_select_tokens import _rows
 from fp64_oracle import replay
+from zspa_kernels.reference import select_tokens_reference
 
 pytestmark = pytest.mark.skipif("triton" not in available_backends(), reason="no GPU and no TRITON_INTERPRET")
 
 if "triton" in available_backends():
     from zspa_kernels.triton import GRAM_BUDGET_ENV, launch_plan, select_tokens_triton
+    from zspa_kernels.triton.gram_select import split_fp64
 
 DEVICE = device_for("triton")
 
@@ -154,14 +157,28 @@ def test_many_chunks_with_the_isolation_seed():
     _check(case, _plan(case, block_tile=16, tiles=4, block_select=16))
 
 
-def test_core_size_rounds_like_the_reference():
-    # In fp64, alpha·k_b = 0.49999999999999994 and adding 0.5 rounds up to 1.0: k_core = 1.
-    # A fused multiply-add rounds once, to 0.99999999999999994: k_core = 0, the isolation seed.
-    alpha = 0.04545454545454545
+# alpha·k_b in fp64 is 0.49999999999999994 (+0.5 rounds up to 1.0: k_core = 1; one fma would give 0),
+# then two ulps lower, 0.4999999999999999 (k_core = 0, while alpha rounded to fp32 would give 1).
+ALPHA_NEAR_HALF = [0.04545454545454545, math.nextafter(math.nextafter(0.04545454545454545, 0), 0)]
+
+
+@pytest.mark.parametrize("alpha", ALPHA_NEAR_HALF)
+def test_core_size_rounds_like_the_reference(alpha):
     case = _case(B=1, N=11, D=8, k=11, alpha=alpha, dtype=torch.float32, seed=8)
     order = _check(case)
-    relevance = torch.nn.functional.cosine_similarity(case.visual[0].double(), case.prompt.double(), dim=-1)
-    assert order[0, 0] == relevance.argmax()
+    assert order.tolist() == select_tokens_reference(*case.args()).tolist()
+    top_relevance, most_isolated = (select_tokens_reference(case.visual, case.prompt, 11, a, None, None, "mean")[0, 0]
+                                    for a in (1.0, 0.0))
+    assert top_relevance != most_isolated  # so the first pick tells k_core = 1 from k_core = 0
+    assert order[0, 0] == (top_relevance if math.floor(alpha * 11 + 0.5) == 1 else most_isolated)
+
+
+def test_alpha_travels_as_three_fp32_that_sum_exactly():
+    g = torch.Generator().manual_seed(11)
+    for x in torch.rand(1000, generator=g, dtype=torch.float64).tolist() + ALPHA_NEAR_HALF + [0.0, 1.0, 1 / 3]:
+        hi, mid, lo = split_fp64(x)
+        assert all(v == float(torch.tensor(v, dtype=torch.float32)) for v in (hi, mid, lo))
+        assert (hi + mid) + lo == x
 
 
 # ---- odd shapes and batch sizes ------------------------------------------------------------------

@@ -86,7 +86,7 @@ def compile_variant(B, N, D, dtype, k, alpha, has_lengths, relevance, pick_order
         ("gram_select", _gram_select_kernel, select_ptrs, select_consts,
          dict(num_warps=plan.num_warps_tile, enable_fp_fusion=FP_FUSION)),
     ):
-        source = ASTSource(fn, _signature(fn, ptrs, consts, {"alpha": "fp64"}), consts)
+        source = ASTSource(fn, _signature(fn, ptrs, consts, dict.fromkeys(("alpha_hi", "alpha_mid", "alpha_lo"), "fp32")), consts)
         kernel = triton.compile(source, target=target, options=options)
         records.append(dict(kernel=name, arch=f"sm_{arch}", shape=[B, N, D], dtype=t, path=plan.path,
                             relevance=relevance, num_warps=options["num_warps"], shared_bytes=kernel.metadata.shared,

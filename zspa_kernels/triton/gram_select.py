@@ -44,6 +44,7 @@ would halve step 1). The streaming path re-reads ``N·D`` per step through one C
 N=40000, D=1024 bf16 that is 82 MB, ≈0.5 ms per step at one SM's ~150 GB/s - a fallback
 for rows whose matrix does not fit, not a fast path (a multi-CTA step needs a grid barrier).
 """
+import numpy as np
 import triton
 import triton.language as tl
 
@@ -55,14 +56,25 @@ INT64_MAX = tl.constexpr(0x7FFFFFFFFFFFFFFF)
 FP_FUSION = False
 
 
+def split_fp64(x: float) -> tuple[float, float, float]:
+    """Three fp32 values whose fp64 sum is exactly ``x`` (24 + 24 + 5 of its 53 bits; a
+    remainder below fp32's range only occurs for |x| < 1e-29, where k_core is 0 anyway)."""
+    hi = float(np.float32(x))
+    mid = float(np.float32(x - hi))
+    return hi, mid, float(np.float32(x - hi - mid))
+
+
 @triton.jit
-def _row_bounds(lengths_ptr, b, N, k, alpha, HAS_LENGTHS: tl.constexpr):
-    """``n``, ``k_b = min(k, n)`` and ``k_core = clamp(floor(alpha·k_b + 0.5), 0, k_b)`` (fp64, as the reference)."""
+def _row_bounds(lengths_ptr, b, N, k, alpha_hi, alpha_mid, alpha_lo, HAS_LENGTHS: tl.constexpr):
+    """``n``, ``k_b = min(k, n)`` and ``k_core = clamp(floor(alpha·k_b + 0.5), 0, k_b)`` in fp64,
+    as the reference. ``alpha`` arrives as three fp32 scalars whose fp64 sum is exact (see
+    :func:`split_fp64`): Triton versions differ in whether an fp64 argument can be declared."""
     n = N
     if HAS_LENGTHS:
         n = tl.minimum(tl.maximum(tl.load(lengths_ptr + b).to(tl.int32), 1), N)
     k_b = tl.minimum(n, k)
     # Two roundings, as in the reference: the launch disables fp fusion, else this is one fma.
+    alpha = (tl.cast(alpha_hi, tl.float64) + tl.cast(alpha_mid, tl.float64)) + tl.cast(alpha_lo, tl.float64)
     k_core = tl.floor(alpha * k_b.to(tl.float64) + 0.5).to(tl.int32)
     return n, k_b, tl.minimum(tl.maximum(k_core, 0), k_b)
 
@@ -190,7 +202,7 @@ def _select_row(
 def _gram_select_kernel(
     visual_ptr, lengths_ptr, norm_ptr, finite_ptr, key_ptr, counter_ptr,
     gram_ptr, iso_ptr, rank_ptr, state_ptr, order_ptr, out_ptr,
-    N, D, k, alpha: tl.float64, n_tiles,
+    N, D, k, alpha_hi, alpha_mid, alpha_lo, n_tiles,
     stride_vb, stride_vn, stride_vd,
     STORE_GRAM: tl.constexpr, NEED_ISO: tl.constexpr, PICK_ORDER: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
@@ -204,7 +216,7 @@ def _gram_select_kernel(
     cols = ct * BLOCK_G + tl.arange(0, BLOCK_G)
     r_ok = rows < N
     c_ok = cols < N
-    n, k_b, k_core = _row_bounds(lengths_ptr, b, N, k, alpha, HAS_LENGTHS)
+    n, k_b, k_core = _row_bounds(lengths_ptr, b, N, k, alpha_hi, alpha_mid, alpha_lo, HAS_LENGTHS)
     stats_r = b * N + rows
     stats_c = b * N + cols
     partial = (b * n_tiles + ct) * N + rows
@@ -258,7 +270,7 @@ def launch_gram_select(visual, lengths, stats, scratch, order, out, k, core_rati
     _gram_select_kernel[grid](
         visual, visual if lengths is None else lengths, norm, finite, key, counter,
         gram, iso, rank, state, order, out,
-        N, D, k, core_ratio, plan.tiles,
+        N, D, k, *split_fp64(core_ratio), plan.tiles,
         *visual.stride(),
         STORE_GRAM=plan.path == "gram", NEED_ISO=plan.need_isolation, PICK_ORDER=pick_order,
         HAS_LENGTHS=lengths is not None, DOT_PRECISION=plan.dot_precision, DOT_UPCAST=plan.dot_upcast,
