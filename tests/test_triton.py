@@ -1,0 +1,248 @@
+"""Triton backend specifics: launch plans, the streaming path, multi-tile/multi-chunk walks,
+odd shapes and large batches, each replayed against the fp64 oracle.
+
+Without a GPU these run under ``TRITON_INTERPRET=1`` (set by conftest), small shapes only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import zspa_kernels
+from cases import Case
+from conftest import TOLERANCE, available_backends, device_for
+from test_select_tokens import _rows
+from fp64_oracle import replay
+from zspa_kernels.reference import select_tokens_reference
+
+pytestmark = pytest.mark.skipif("triton" not in available_backends(), reason="no GPU and no TRITON_INTERPRET")
+
+if "triton" in available_backends():
+    from zspa_kernels.triton import GRAM_BUDGET_ENV, launch_plan, select_tokens_triton
+    from zspa_kernels.triton.gram_select import split_fp64
+
+DEVICE = device_for("triton")
+
+
+def _case(B, N, D, k, alpha, dtype, relevance="mean", T=None, lengths=None, masked=False, seed=0, clustered=False):
+    g = torch.Generator().manual_seed(seed)
+    if clustered:  # many near-duplicates: the greedy chain runs through near-ties
+        centers = torch.randn(B, 5, D, generator=g)
+        visual = centers[torch.arange(B)[:, None], torch.randint(0, 5, (B, N), generator=g)]
+        visual = visual + 0.1 * torch.randn(B, N, D, generator=g)
+    else:
+        visual = torch.randn(B, N, D, generator=g) * torch.rand(B, N, 1, generator=g).add(0.1)
+    prompt = torch.randn(B, D, generator=g) if T is None else torch.randn(B, T, D, generator=g)
+    mask = None
+    if masked:
+        mask = torch.rand(B, T, generator=g) < 0.6
+        mask[:, 0] = True
+    lengths = None if lengths is None else torch.tensor(lengths)
+    return Case(visual.to(dtype), prompt.to(dtype), k, alpha, lengths, mask, relevance)
+
+
+def _check(case, plan=None):
+    """Run the kernels directly (optionally with a forced plan) and replay every row."""
+    args = [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in case.args()]
+    order = select_tokens_triton(*args, True, plan=plan).cpu()
+    kept = select_tokens_triton(*args, False, plan=plan).cpu()
+    for b, row in _rows(case):
+        replay(row, order[b].tolist(), TOLERANCE["triton"][case.visual.dtype])
+        assert kept[b].tolist() == sorted(order[b, : row.k_b].tolist()) + [-1] * (case.k - row.k_b)
+    return order
+
+
+def _plan(case, **overrides):
+    B, N, D = case.visual.shape
+    plan = launch_plan(B, N, D, case.visual.dtype, case.k, case.core_ratio, case.lengths is not None)
+    return dataclasses.replace(plan, **overrides)
+
+
+# ---- launch plan: shapes of SPEC §7 and the budget switch --------------------------------------
+
+def test_plan_llava_is_one_gram_launch_without_isolation():
+    plan = launch_plan(1, 576, 4096, torch.bfloat16, 64, 0.5, has_lengths=False)
+    assert (plan.path, plan.tiles, plan.block_tile, plan.num_warps_tile) == ("gram", 9, 64, 8)
+    assert (plan.block_d, plan.block_select, plan.core_block) == (32, 1024, 8)
+    assert not plan.need_isolation  # k_core = 32 > 0: no N x N isolation pass
+    assert 4 * 576 * 576 <= plan.scratch_bytes < 2 * 4 * 576 * 576
+
+
+def test_plan_needs_isolation_exactly_when_some_row_can_have_an_empty_core():
+    assert launch_plan(1, 576, 4096, torch.bfloat16, 64, 0.0, False).need_isolation
+    assert not launch_plan(1, 576, 4096, torch.bfloat16, 64, 1 / 128, False).need_isolation  # 64/128 = 0.5
+    assert launch_plan(1, 576, 4096, torch.bfloat16, 64, 1 / 129, False).need_isolation
+    # With lengths a row may hold a single token: k_core = floor(alpha + 0.5) = 0 for alpha < 0.5.
+    assert launch_plan(1, 576, 4096, torch.bfloat16, 64, 0.49, True).need_isolation
+    assert not launch_plan(1, 576, 4096, torch.bfloat16, 64, 0.5, True).need_isolation
+
+
+def test_plan_video_batch_runs_in_groups_that_fit_the_budget():
+    one = launch_plan(1, 16384, 3584, torch.bfloat16, 1638, 0.5, False)
+    assert (one.path, one.rows_per_launch, one.tiles, one.block_select) == ("gram", 1, 256, 2048)
+    assert one.scratch_bytes >= 4 * 16384**2
+    batch = launch_plan(8, 16384, 3584, torch.bfloat16, 1638, 0.5, False)
+    assert (batch.path, batch.rows_per_launch) == ("gram", 4)  # 4 x 1 GiB per launch pair
+    assert batch.scratch_bytes < 4 * 4 * 16384**2 * 1.1
+    huge = launch_plan(2, 40000, 1024, torch.bfloat16, 4000, 0.5, False)  # one row: 6.4 GB
+    assert (huge.path, huge.rows_per_launch, huge.block_select, huge.core_block) == ("stream", 2, 128, 1)
+    assert huge.scratch_bytes < 2 * 4 * 40000**2 // 32  # rank partials O(B·N²/64): no N x N matrix
+
+
+def test_plan_fp32_uses_narrower_feature_chunks_and_ieee_dots():
+    plan = launch_plan(32, 576, 4096, torch.float32, 64, 0.5, False)
+    assert (plan.block_d, plan.dot_precision, plan.path) == (16, "ieee", "gram")
+
+
+def test_gram_budget_env_switches_path_and_rejects_garbage(monkeypatch):
+    monkeypatch.setenv(GRAM_BUDGET_ENV, str(4 * 576 * 576 - 1))
+    assert launch_plan(1, 576, 4096, torch.bfloat16, 64, 0.5, False).path == "stream"
+    monkeypatch.setenv(GRAM_BUDGET_ENV, str(4 * 576 * 576))
+    assert launch_plan(1, 576, 4096, torch.bfloat16, 64, 0.5, False).path == "gram"
+    assert launch_plan(32, 576, 4096, torch.bfloat16, 64, 0.5, False).rows_per_launch == 1
+    monkeypatch.setenv(GRAM_BUDGET_ENV, "lots")
+    with pytest.raises(ValueError, match=GRAM_BUDGET_ENV):
+        launch_plan(1, 576, 4096, torch.bfloat16, 64, 0.5, False)
+
+
+# ---- both paths against fp64 ---------------------------------------------------------------------
+
+STREAM_CASES = [
+    dict(B=2, N=37, D=20, k=9, alpha=0.5, dtype=torch.float32, T=5, masked=True, relevance="max"),
+    dict(B=3, N=29, D=33, k=12, alpha=0.0, dtype=torch.bfloat16, lengths=[29, 1, 17], clustered=True),
+    dict(B=1, N=40, D=7, k=45, alpha=0.3, dtype=torch.float16, relevance="max"),
+]
+
+
+@pytest.mark.parametrize("spec", STREAM_CASES, ids=lambda s: f"{s['dtype']}-a{s['alpha']}")
+def test_streaming_path_below_budget_replays_and_matches_gram(monkeypatch, spec):
+    case = _case(**spec)
+    gram_order = _check(case)
+    monkeypatch.setenv(GRAM_BUDGET_ENV, "0")
+    assert _plan(case).path == "stream"
+    stream_order = _check(case)
+    # Different arithmetic may only split near-ties; these inputs have none at fp32 level.
+    assert torch.equal(stream_order, gram_order)
+
+
+def test_batch_groups_under_a_small_budget_match_one_launch(monkeypatch):
+    case = _case(B=5, N=20, D=12, k=8, alpha=0.25, dtype=torch.float16, T=3, masked=True, relevance="max",
+                 lengths=[20, 3, 11, 20, 1], seed=10)
+    whole = _check(case)
+    monkeypatch.setenv(GRAM_BUDGET_ENV, str(2 * 4 * 20 * 20))
+    assert (_plan(case).path, _plan(case).rows_per_launch) == ("gram", 2)  # groups of 2, 2, 1
+    assert torch.equal(_check(case), whole)
+
+
+@pytest.mark.parametrize("path", ["gram", "stream"])
+def test_many_tiles_chunks_and_core_blocks(path):
+    # N=70 with 16-wide tiles and chunks: 5 tiles per side, 5 chunks, core gathered 4 rows at once
+    # (k_core = 17: a partial last block), lengths cutting through a chunk.
+    case = _case(B=2, N=70, D=24, k=29, alpha=0.6, dtype=torch.bfloat16, T=4, relevance="max",
+                 lengths=[70, 43], clustered=True, seed=3)
+    _check(case, _plan(case, path=path, block_tile=16, tiles=5, block_select=16,
+                       core_block=4 if path == "gram" else 1))
+
+
+def test_many_chunks_with_the_isolation_seed():
+    case = _case(B=2, N=50, D=9, k=20, alpha=0.0, dtype=torch.float32, lengths=[50, 33], seed=4)
+    _check(case, _plan(case, block_tile=16, tiles=4, block_select=16))
+
+
+# alpha·k_b in fp64 is 0.49999999999999994 (+0.5 rounds up to 1.0: k_core = 1; one fma would give 0),
+# then two ulps lower, 0.4999999999999999 (k_core = 0, while alpha rounded to fp32 would give 1).
+ALPHA_NEAR_HALF = [0.04545454545454545, math.nextafter(math.nextafter(0.04545454545454545, 0), 0)]
+
+
+@pytest.mark.parametrize("alpha", ALPHA_NEAR_HALF)
+def test_core_size_rounds_like_the_reference(alpha):
+    case = _case(B=1, N=11, D=8, k=11, alpha=alpha, dtype=torch.float32, seed=8)
+    order = _check(case)
+    assert order.tolist() == select_tokens_reference(*case.args()).tolist()
+    top_relevance, most_isolated = (select_tokens_reference(case.visual, case.prompt, 11, a, None, None, "mean")[0, 0]
+                                    for a in (1.0, 0.0))
+    assert top_relevance != most_isolated  # so the first pick tells k_core = 1 from k_core = 0
+    assert order[0, 0] == (top_relevance if math.floor(alpha * 11 + 0.5) == 1 else most_isolated)
+
+
+def test_alpha_travels_as_three_fp32_that_sum_exactly():
+    g = torch.Generator().manual_seed(11)
+    for x in torch.rand(1000, generator=g, dtype=torch.float64).tolist() + ALPHA_NEAR_HALF + [0.0, 1.0, 1 / 3]:
+        hi, mid, lo = split_fp64(x)
+        assert all(v == float(torch.tensor(v, dtype=torch.float32)) for v in (hi, mid, lo))
+        assert (hi + mid) + lo == x
+
+
+# ---- odd shapes and batch sizes ------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_large_odd_shape(dtype):
+    case = _case(B=2, N=203, D=130, k=41, alpha=0.3, dtype=dtype, T=19, masked=True, relevance="max",
+                 lengths=[203, 150], seed=5)
+    _check(case)
+
+
+def test_batch_of_65_rows_matches_row_by_row():
+    case = _case(B=65, N=24, D=16, k=7, alpha=0.5, dtype=torch.float16, T=3,
+                 lengths=torch.randint(1, 25, (65,), generator=torch.Generator().manual_seed(6)).tolist(), seed=6)
+    order = _check(case)
+    for b in (0, 31, 64):
+        alone = zspa_kernels.select_tokens(
+            case.visual[b:b + 1].to(DEVICE), case.prompt[b:b + 1].to(DEVICE), case.k, case.core_ratio,
+            case.lengths[b:b + 1].to(DEVICE), backend="triton", pick_order=True).cpu()
+        assert alone[0].tolist() == order[b].tolist()
+
+
+def test_non_contiguous_visual():
+    case = _case(B=2, N=30, D=40, k=8, alpha=0.5, dtype=torch.bfloat16, seed=7)
+    case.visual = case.visual.transpose(1, 2).contiguous().transpose(1, 2)  # stride (N·D, 1, N)
+    assert not case.visual.is_contiguous()
+    _check(case)
+
+
+def test_kernels_compile_for_sm90_without_spilling(tmp_path):
+    """Real compilation (Triton's bundled ptxas, no GPU needed) of every SPEC §7 plan variant:
+    catches what the interpreter accepts but the compiler rejects, and register spills."""
+    from zspa_kernels.triton.aot import VARIANTS
+
+    root = pathlib.Path(zspa_kernels.__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path),
+               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-m", "zspa_kernels.triton.aot", "--arch", "90", "--json"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(records) == 2 * len(VARIANTS)
+    for record in records:
+        # A word of spill is tolerated: token_stats' max-relevance loop shows 4 bytes at 80
+        # registers (not register pressure); the 128-wide tiles this guards against spilled ~600.
+        assert record["registers"] <= 255 and record["spill_stores"] <= 8, record
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a GPU")
+def test_cuda_graph_capture_and_replay():
+    case = _case(B=4, N=300, D=256, k=32, alpha=0.5, dtype=torch.bfloat16, T=6, lengths=[300, 7, 150, 299])
+    args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in case.args()]
+    eager = select_tokens_triton(*args, True)
+    static = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    select_tokens_triton(*static, True)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = select_tokens_triton(*static, True)
+    for _ in range(3):  # counters must reset themselves between replays
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, eager)
+    fresh = _case(B=4, N=300, D=256, k=32, alpha=0.5, dtype=torch.bfloat16, T=6, lengths=[300, 7, 150, 299], seed=9)
+    static[0].copy_(fresh.visual)
+    static[1].copy_(fresh.prompt)
+    graph.replay()
+    assert torch.equal(captured, select_tokens_triton(fresh.visual.cuda(), fresh.prompt.cuda(), *args[2:], True))

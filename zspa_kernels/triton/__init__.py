@@ -1,0 +1,11 @@
+"""Triton backend of ``zspa::select_tokens``.
+
+Two launches per call (per batch group beyond the Gram budget): :mod:`.token_stats`, then
+:mod:`.gram_select`, whose docstring states the design and its floor; :mod:`.plan` picks
+paths and block sizes; ``python -m zspa_kernels.triton.aot`` compiles them for a GPU
+architecture without one.
+"""
+from .plan import GRAM_BUDGET_ENV, LaunchPlan, launch_plan
+from .select import select_tokens_triton
+
+__all__ = ["select_tokens_triton", "launch_plan", "LaunchPlan", "GRAM_BUDGET_ENV"]

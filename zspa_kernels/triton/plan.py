@@ -1,0 +1,103 @@
+"""Launch plan of the Triton backend: path, block sizes, warps and scratch, from shapes only.
+
+Two paths of the same two launches (:mod:`.token_stats`, then :mod:`.gram_select`):
+
+* ``gram``: each row's ``N × N`` fp32 similarity matrix is kept in scratch, so a greedy
+  step is one row read. Rows are independent, so a batch whose matrices exceed the Gram
+  budget runs as several launch pairs of ``rows_per_launch`` rows each, reusing one
+  scratch (a host loop over batch groups, never over greedy steps).
+* ``stream``: only when ONE row's matrix (``4·N²`` bytes) exceeds the budget: every
+  greedy step recomputes ``V v_jᵀ`` from the input, ``N·D`` elements through the
+  selecting CTA per step - correct at any ``N``, but slow (see :mod:`.gram_select`).
+  Scratch is then O(B·N²/64) (per-tile rank partials).
+
+The budget is ``ZSPA_TRITON_GRAM_BUDGET`` bytes (default 4 GiB: four N=16384 video rows
+per launch, any LLaVA-size batch in one). ``0`` forces streaming.
+
+Everything here depends on shapes, dtype and Python scalars only, so a plan never
+syncs the device and the scratch of a call is the same at every CUDA-graph replay.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import triton
+
+from ..dispatch import triton_interpreter
+
+GRAM_BUDGET_ENV = "ZSPA_TRITON_GRAM_BUDGET"
+DEFAULT_GRAM_BUDGET = 4 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchPlan:
+    path: str             # "gram" or "stream"
+    rows_per_launch: int  # batch rows per launch pair (the Gram budget's share)
+    need_isolation: bool  # some row may have k_core = 0: compute the most-isolated seed
+    tiles: int            # Gram tiles per side; the selection grid is (tiles², B)
+    block_tile: int       # Gram tile edge (rows = columns)
+    block_d: int          # feature chunk of every D loop
+    block_select: int     # chunk of the row walked by the selecting CTA
+    core_block: int       # core picks whose similarity rows are gathered at once (power of 2)
+    block_rows: int       # tokens per CTA of the statistics launch
+    block_prompt: int     # prompt rows per dot in the statistics launch
+    num_warps_tile: int
+    num_warps_stats: int
+    dot_precision: str
+    dot_upcast: bool      # bf16 under TRITON_INTERPRET: see primitives.dot_operand
+    scratch_bytes: int
+
+
+def gram_budget() -> int:
+    """Bytes the ``(B, N, N)`` similarity scratch may take (``ZSPA_TRITON_GRAM_BUDGET``)."""
+    raw = os.environ.get(GRAM_BUDGET_ENV)
+    if raw is None:
+        return DEFAULT_GRAM_BUDGET
+    try:
+        budget = int(raw)
+    except ValueError:
+        budget = -1
+    if budget < 0:
+        raise ValueError(f"{GRAM_BUDGET_ENV}: expected a byte count >= 0, got {raw!r}")
+    return budget
+
+
+def _pow2(x: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(x)))
+
+
+def launch_plan(B: int, N: int, D: int, dtype: torch.dtype, k: int, core_ratio: float,
+                has_lengths: bool) -> LaunchPlan:
+    """The plan for ``visual`` of shape ``(B, N, D)`` and ``dtype``, budget ``k``, ratio ``core_ratio``."""
+    # k_core = floor(alpha·k_b + 0.5) is 0 iff alpha·k_b < 0.5; k_b >= 1 with lengths, min(k, N) without.
+    need_isolation = core_ratio * min(k, 1 if has_lengths else N) < 0.5
+    row_gram = 4 * N * N
+    budget = gram_budget()
+    path = "gram" if row_gram <= budget else "stream"
+    rows = min(B, budget // row_gram) if path == "gram" else B
+    # tl.dot needs every dim >= 16. 64-wide tiles, 8 warps and 32-wide (fp32: 16) feature chunks
+    # compile for sm_90 without spills (~130-180 registers); 128-wide tiles spilled ~600 B/thread
+    # in the fused epilogue (cosines, isolation maxima, rank compares), and 4 warps spilled too.
+    block_tile = _pow2(N, 16, 64)
+    tiles = triton.cdiv(N, block_tile)
+    block_d = _pow2(D, 16, 16 if dtype == torch.float32 else 32)
+    # The streaming step holds a (block_select × block_d) tile in registers: keep it small.
+    block_select = _pow2(N, 16, 2048 if path == "gram" else 128)
+    # Gathering several core rows at once overlaps their L2 latency (a ~8K-element tile);
+    # streamed rows are long D loops anyway, one at a time keeps registers low.
+    core_block = max(1, min(16, 8192 // block_select)) if path == "gram" else 1
+    scratch = rows * (13 * N + 4                # norm, finite, key; counter
+                      + 4 * tiles * N           # rank partials
+                      + 4 * N                   # greedy state
+                      + (4 * tiles * N if need_isolation else 0)
+                      + (row_gram if path == "gram" else 0))
+    return LaunchPlan(
+        path=path, rows_per_launch=rows, need_isolation=need_isolation, tiles=tiles, block_tile=block_tile,
+        block_d=block_d,
+        block_select=block_select, core_block=core_block, block_rows=32, block_prompt=16,
+        num_warps_tile=8, num_warps_stats=8,
+        dot_precision="ieee", dot_upcast=dtype == torch.bfloat16 and triton_interpreter(),
+        scratch_bytes=scratch,
+    )

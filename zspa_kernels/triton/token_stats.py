@@ -1,0 +1,149 @@
+"""Per-token statistics: norm, finiteness and the packed relevance key.
+
+For each token ``i`` of row ``b`` (grid: ``(cdiv(N, BLOCK_R), B)``):
+
+    norm[b, i]     = max(||v_i||, 1e-6)               (fp32, from exactly upcast inputs)
+    finite[b, i]   = no NaN/Inf in v_i
+    key[b, i]      = max_key(r_i, i), r_i the cosine relevance (SPEC §1 step 2);
+                     -2.0 for a non-finite token; INT64_MIN beyond the row's length
+
+Cosines are ``dot / (norm_i · norm_p)`` with IEEE division and square root, so a cosine
+that is exactly ±1 or a multiple of a power of two in fp64 (D = 1, ±1 patterns) comes
+out exact here too, and exact ties stay ties. ``mean``: ``r_i = v_i · p / (norm_i norm_p)``
+with ``p`` the mean of the valid prompt rows; a non-finite ``p`` acts as zero. ``max``: the best cosine over
+valid prompt rows (a non-finite row scores 0), 0 when no row is valid.
+
+Why a launch of its own: every Gram tile ranks its tokens by these keys, so each key must
+be computed exactly once (bit-identical wherever it is compared), and the O(N·D·T) work
+must not be repeated per tile. Traffic: one read of ``visual`` (twice for ``max``, the
+second pass hitting L2), ``T·D`` prompt reads per CTA, ``13·N`` bytes written.
+The first CTA of each row also zeroes the row's arrival counter for the Gram kernel,
+so the counter needs no memset launch and no state survives between calls.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .primitives import dot_operand, max_key, nonfinite
+
+NORM_EPS = tl.constexpr(1e-6)  # as in the reference
+NONFINITE_RELEVANCE = tl.constexpr(-2.0)  # below every cosine, as in the reference
+
+
+@triton.jit
+def _prompt_row_mask(mask_ptr, b, t, T, stride_mb, stride_mt, HAS_MASK: tl.constexpr):
+    ok = t < T
+    if HAS_MASK:
+        ok = ok & (tl.load(mask_ptr + b * stride_mb + t * stride_mt, mask=ok, other=0) != 0)
+    return ok
+
+
+@triton.jit
+def _token_stats_kernel(
+    visual_ptr, prompt_ptr, mask_ptr, lengths_ptr,
+    norm_ptr, finite_ptr, key_ptr, counter_ptr,
+    N, D, T,
+    stride_vb, stride_vn, stride_vd,
+    stride_pb, stride_pt, stride_pd,
+    stride_mb, stride_mt,
+    MAX_RELEVANCE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < N
+    n = N
+    if HAS_LENGTHS:
+        n = tl.minimum(tl.maximum(tl.load(lengths_ptr + b).to(tl.int32), 1), N)
+    if pid == 0:
+        tl.store(counter_ptr + b, 0)
+    v_rows = visual_ptr + b * stride_vb + rows.to(tl.int64)[:, None] * stride_vn
+    p_row = prompt_ptr + b * stride_pb
+    t_offs = tl.arange(0, BLOCK_T)
+    d_offs = tl.arange(0, BLOCK_D)
+
+    count = 0.0  # valid prompt rows
+    for t0 in range(0, T, BLOCK_T):
+        count += tl.sum(_prompt_row_mask(mask_ptr, b, t0 + t_offs, T, stride_mb, stride_mt, HAS_MASK).to(tl.float32))
+
+    # Pass 1: norms and finiteness; for "mean" also the dot with the pooled prompt.
+    sumsq = tl.zeros([BLOCK_R], tl.float32)
+    bad = tl.zeros([BLOCK_R], tl.int32)
+    dot = tl.zeros([BLOCK_R], tl.float32)
+    p_sumsq = 0.0
+    p_bad = 0
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + d_offs
+        v = tl.load(v_rows + d[None, :] * stride_vd, mask=row_ok[:, None] & (d < D)[None, :], other=0.0)
+        v = v.to(tl.float32)
+        sumsq += tl.sum(v * v, 1)
+        bad += tl.sum(nonfinite(v).to(tl.int32), 1)
+        if not MAX_RELEVANCE:
+            pooled = tl.zeros([BLOCK_D], tl.float32)
+            for t0 in range(0, T, BLOCK_T):
+                t = t0 + t_offs
+                t_ok = _prompt_row_mask(mask_ptr, b, t, T, stride_mb, stride_mt, HAS_MASK)
+                p = tl.load(p_row + t[:, None] * stride_pt + d[None, :] * stride_pd,
+                            mask=(t < T)[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
+                pooled += tl.sum(tl.where(t_ok[:, None], p, 0.0), 0)  # where, not *: masked rows may be NaN
+            pooled = pooled / tl.maximum(count, 1.0)
+            p_sumsq += tl.sum(pooled * pooled)
+            p_bad += tl.sum(nonfinite(pooled).to(tl.int32))
+            dot += tl.sum(v * pooled[None, :], 1)
+    norm = tl.maximum(tl.sqrt_rn(sumsq), NORM_EPS)
+    finite = bad == 0
+
+    if MAX_RELEVANCE:
+        # Pass 2: cosine to every prompt row on tensor cores (raw inputs, fp32 accumulation).
+        rel = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            t = t0 + t_offs
+            t_ok = _prompt_row_mask(mask_ptr, b, t, T, stride_mb, stride_mt, HAS_MASK)
+            acc = tl.zeros([BLOCK_R, BLOCK_T], tl.float32)
+            t_sumsq = tl.zeros([BLOCK_T], tl.float32)
+            t_bad = tl.zeros([BLOCK_T], tl.int32)
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + d_offs
+                v = tl.load(v_rows + d[None, :] * stride_vd, mask=row_ok[:, None] & (d < D)[None, :], other=0.0)
+                p = tl.load(p_row + t[:, None] * stride_pt + d[None, :] * stride_pd,
+                            mask=(t < T)[:, None] & (d < D)[None, :], other=0.0)
+                acc = tl.dot(dot_operand(v, DOT_UPCAST), tl.trans(dot_operand(p, DOT_UPCAST)), acc,
+                             input_precision=DOT_PRECISION)
+                p32 = p.to(tl.float32)
+                t_sumsq += tl.sum(p32 * p32, 1)
+                t_bad += tl.sum(nonfinite(p32).to(tl.int32), 1)
+            cos = tl.div_rn(acc, norm[:, None] * tl.maximum(tl.sqrt_rn(t_sumsq), NORM_EPS)[None, :])
+            cos = tl.where((t_bad == 0)[None, :], cos, 0.0)  # a non-finite prompt row acts as zero
+            rel = tl.maximum(rel, tl.max(tl.where(t_ok[None, :], cos, float("-inf")), 1))
+        rel = tl.where(count > 0, rel, 0.0)
+    else:
+        rel = tl.div_rn(dot, norm * tl.maximum(tl.sqrt_rn(p_sumsq), NORM_EPS))
+        rel = tl.where(p_bad == 0, rel, 0.0)  # a non-finite pooled prompt acts as zero
+
+    rel = tl.where(finite, rel, NONFINITE_RELEVANCE)
+    key = tl.where(rows < n, max_key(rel, rows), -0x7FFFFFFFFFFFFFFF - 1)
+    out = b * N + rows
+    tl.store(norm_ptr + out, norm, mask=row_ok)
+    tl.store(finite_ptr + out, finite.to(tl.int8), mask=row_ok)
+    tl.store(key_ptr + out, key, mask=row_ok)
+
+
+def launch_token_stats(visual, prompt, prompt_mask, lengths, norm, finite, key, counter, relevance, plan):
+    """Fill ``norm``, ``finite``, ``key`` ``(B, N)`` and zero ``counter`` ``(B,)``."""
+    B, N, D = visual.shape
+    prompt3 = prompt if prompt.dim() == 3 else prompt.unsqueeze(1)
+    mask = prompt3 if prompt_mask is None else prompt_mask.view(torch.uint8)
+    grid = (triton.cdiv(N, plan.block_rows), B)
+    _token_stats_kernel[grid](
+        visual, prompt3, mask, visual if lengths is None else lengths,
+        norm, finite, key, counter,
+        N, D, prompt3.shape[1],
+        *visual.stride(), *prompt3.stride(),
+        *(mask.stride() if prompt_mask is not None else (0, 0)),
+        MAX_RELEVANCE=relevance == "max", HAS_MASK=prompt_mask is not None, HAS_LENGTHS=lengths is not None,
+        DOT_PRECISION=plan.dot_precision, DOT_UPCAST=plan.dot_upcast,
+        BLOCK_R=plan.block_rows, BLOCK_T=plan.block_prompt, BLOCK_D=plan.block_d,
+        num_warps=plan.num_warps_stats,
+    )
