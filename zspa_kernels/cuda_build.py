@@ -126,11 +126,43 @@ def nvidia_wheel_include_dirs() -> list[str]:
     except ImportError:
         return []
     major = (torch.version.cuda or "").split(".")[0]
-    found = []
+    roots = [Path(p) for p in getattr(nvidia, "__path__", [])]
+    bundled = [str(r / f"cu{major}" / "include") for r in roots if (r / f"cu{major}" / "include").is_dir()]
+    if bundled:
+        return bundled
+    return [str(p) for r in roots for p in sorted(r.glob("cu*/include")) + sorted(r.glob("cusparse/include"))
+            + sorted(r.glob("cublas/include")) if p.is_dir()]
+
+
+def _wheel_library(pattern: str) -> Optional[str]:
+    try:
+        import nvidia
+    except ImportError:
+        return None
     for root in map(Path, getattr(nvidia, "__path__", [])):
-        found += [str(p) for p in sorted(root.glob(f"cu{major}/include")) if p.is_dir()]
-        found += [str(p) for p in sorted(root.glob("*/include")) if p.is_dir() and str(p) not in found]
-    return found
+        for lib in sorted(root.glob(f"*/lib/{pattern}")):
+            return str(lib)
+    return None
+
+
+def cmake_args() -> list[str]:
+    """``-D`` options for ``CMakeLists.txt``: torch's CMake config, the toolkit, and the CUDA
+    headers and ``libnvrtc`` that pip CUDA wheels keep outside the toolkit."""
+    home = find_cuda_home()
+    if home is None:
+        raise CudaToolkitMissing("no CUDA toolkit found (no nvcc with include/ next to it); set CUDA_HOME")
+    from torch.utils import cmake_prefix_path
+
+    args = [f"-DCMAKE_PREFIX_PATH={cmake_prefix_path}", f"-DCUDA_TOOLKIT_ROOT_DIR={home}",
+            f"-DCMAKE_CUDA_COMPILER={home / 'bin' / 'nvcc'}"]
+    includes = nvidia_wheel_include_dirs()
+    if includes:
+        args.append("-DZSPA_EXTRA_INCLUDE_DIRS=" + ";".join(includes))
+    if not list((home / "lib64").glob("libnvrtc.so*")):
+        nvrtc = _wheel_library("libnvrtc.so*")
+        if nvrtc:
+            args.append(f"-DCUDA_nvrtc_LIBRARY={nvrtc}")
+    return args
 
 
 def arch_list() -> list[str]:
