@@ -8,7 +8,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
-#include <ATen/Dispatch.h>
+#include <ATen/Dispatch_v2.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -81,11 +81,11 @@ at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor dots = fp32_bmm(V, P.transpose(1, 2));  // (B, N, T)
   at::Tensor weight = at::empty({B, T}, V.options().dtype(at::kFloat));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, V.scalar_type(), "zspa_prompt_weights", [&] {
+  AT_DISPATCH_V2(V.scalar_type(), "zspa_prompt_weights", AT_WRAP([&] {
     prompt_weights_kernel<scalar_t><<<B, threads_for(std::max(D, T * 32), 256), 0, stream>>>(
         P.data_ptr<scalar_t>(), mask.defined() ? mask.data_ptr<bool>() : nullptr, weight.data_ptr<float>(),
         static_cast<int>(T), static_cast<int>(D), max_relevance);
-  });
+  }), at::kFloat, at::kHalf, at::kBFloat16);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   at::Tensor out = at::empty({B, k}, V.options().dtype(at::kLong));

@@ -330,6 +330,19 @@ def build(force: bool = False) -> Path:
     return library_path(directory)
 
 
+def status() -> str:
+    """One line for ``zspa info``: is the extension compiled, and where (never builds)."""
+    prebuilt = prebuilt_library()
+    if prebuilt:
+        return f"compiled ahead of time ({prebuilt})"
+    if not torch.version.cuda or find_cuda_home() is None:
+        return "no CUDA toolkit found (falls back to triton)"
+    directory = build_dir()
+    if is_up_to_date(directory):
+        return f"compiled ({library_path(directory)})"
+    return "not compiled yet (`zspa build`, or the first call, compiles it)"
+
+
 def load() -> Path:
     """Build if needed and load the library once; registers ``zspa::select_tokens_cuda``."""
     if is_loaded():
