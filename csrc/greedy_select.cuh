@@ -111,7 +111,8 @@ __global__ void greedy_select_kernel(GreedyParams p) {
   int64_t len = p.lengths ? p.lengths[b] : N;
   const int n = static_cast<int>(len < 1 ? 1 : (len > N ? N : len));  // clamp to [1, N]
   const int k_b = p.k < n ? p.k : n;
-  const double rounded = floor(p.core_ratio * k_b + 0.5);
+  // Round like the host (two roundings, no FMA contraction) so k_core matches at .5 edges.
+  const double rounded = floor(__dadd_rn(__dmul_rn(p.core_ratio, static_cast<double>(k_b)), 0.5));
   const int k_core = rounded < 0.0 ? 0 : (rounded > k_b ? k_b : static_cast<int>(rounded));
 
   // Step 1-2: norms from the Gram diagonal, relevance from the prompt dots.
