@@ -119,6 +119,15 @@ def test_info_reports_the_compiled_extension(built, tmp_path):
     assert "cuda        not compiled yet" in fresh
 
 
+@needs_toolkit
+def test_read_only_cache_holding_the_library_is_used_as_is(built, monkeypatch, capsys):
+    monkeypatch.setenv("ZSPA_CACHE_DIR", built["env"]["ZSPA_CACHE_DIR"])
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", TEST_ARCH)
+    monkeypatch.setattr(cuda_build, "_writable_dir", lambda path: False)  # as if mounted read-only
+    assert cuda_build.build() == cuda_build.library_path(built["dir"])
+    assert capsys.readouterr().err == ""
+
+
 def test_lock_left_by_a_killed_build_is_free(tmp_path):
     env = _env(tmp_path)
     _leave_stale_locks(tmp_path, env)

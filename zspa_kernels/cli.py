@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import platform
-import shlex
 import sys
 
 
@@ -50,7 +49,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     try:
         if args.cmake_args:
-            print(" ".join(shlex.quote(arg) for arg in cuda_build.cmake_args()))
+            print(" ".join(cuda_build.cmake_args()))  # unquoted: meant for $(zspa build --cmake-args)
             return 0
         path = cuda_build.build(force=args.force)
         torch.ops.load_library(str(path))

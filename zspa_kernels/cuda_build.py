@@ -130,8 +130,7 @@ def nvidia_wheel_include_dirs() -> list[str]:
     bundled = [str(r / f"cu{major}" / "include") for r in roots if (r / f"cu{major}" / "include").is_dir()]
     if bundled:
         return bundled
-    return [str(p) for r in roots for p in sorted(r.glob("cu*/include")) + sorted(r.glob("cusparse/include"))
-            + sorted(r.glob("cublas/include")) if p.is_dir()]
+    return [str(p) for r in roots for p in sorted(r.glob("*/include")) if p.is_dir()]  # one per library
 
 
 def _wheel_library(pattern: str) -> Optional[str]:
@@ -212,25 +211,37 @@ def _writable_dir(path: Path) -> bool:
         return False
 
 
-def cache_root() -> Path:
-    """The cache root; a per-user temp folder when the configured one cannot be written."""
+def configured_root() -> Path:
+    """``ZSPA_CACHE_DIR``, else the user's cache folder (it may not exist or be writable)."""
     configured = os.environ.get("ZSPA_CACHE_DIR")
     if configured:
-        root = Path(configured)
-    else:
-        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-        root = Path(base) / "zspa_kernels"
+        return Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "zspa_kernels"
+
+
+def fallback_root() -> Path:
+    return Path(tempfile.gettempdir()) / f"zspa_kernels-{os.getuid()}"
+
+
+def cache_root() -> Path:
+    """The root to build in: the configured one, or a per-user temp folder when that cannot be written."""
+    root = configured_root()
     if _writable_dir(root):
         return root
-    fallback = Path(tempfile.gettempdir()) / f"zspa_kernels-{os.getuid()}"
+    fallback = fallback_root()
     if _writable_dir(fallback):
         print(f"zspa: cache folder {root} is not writable, building in {fallback}", file=sys.stderr)
         return fallback
     raise BuildFailed(f"no writable cache folder: tried {root} and {fallback} (set ZSPA_CACHE_DIR)")
 
 
-def build_dir(archs: Optional[list[str]] = None) -> Path:
-    return cache_root() / cache_key(archs or arch_list())
+def built_library(archs: list[str]) -> Optional[Path]:
+    """An up-to-date library in the configured root (read-only is fine) or the fallback root."""
+    for root in (configured_root(), fallback_root()):
+        if is_up_to_date(root / cache_key(archs)):
+            return library_path(root / cache_key(archs))
+    return None
 
 
 def library_path(directory: Path) -> Path:
@@ -313,9 +324,9 @@ def build(force: bool = False) -> Path:
     if cuda_home is None:
         raise CudaToolkitMissing("no CUDA toolkit found (no nvcc with include/ next to it); set CUDA_HOME")
     archs = arch_list()
-    directory = build_dir(archs)
-    if not force and is_up_to_date(directory):
-        return library_path(directory)
+    if not force and built_library(archs):
+        return built_library(archs)
+    directory = cache_root() / cache_key(archs)
     with build_lock(directory):
         if force or not is_up_to_date(directory):  # another process may have built it meanwhile
             start = time.perf_counter()
@@ -337,9 +348,9 @@ def status() -> str:
         return f"compiled ahead of time ({prebuilt})"
     if not torch.version.cuda or find_cuda_home() is None:
         return "no CUDA toolkit found (falls back to triton)"
-    directory = build_dir()
-    if is_up_to_date(directory):
-        return f"compiled ({library_path(directory)})"
+    built = built_library(arch_list())
+    if built:
+        return f"compiled ({built})"
     return "not compiled yet (`zspa build`, or the first call, compiles it)"
 
 
