@@ -233,12 +233,13 @@ def test_wheel_ships_the_sources(tmp_path):
 
 
 @needs_toolkit
-@pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("ninja") is None, reason="needs cmake and ninja")
+@pytest.mark.skipif(shutil.which("cmake") is None or cuda_build.ninja_path() is None, reason="needs cmake and ninja")
 def test_cmake_builds_the_same_sources(tmp_path):
     build = tmp_path / "build"
     env = dict(os.environ, TORCH_CUDA_ARCH_LIST=TEST_ARCH)
     configure = subprocess.run(["cmake", "-S", str(REPO), "-B", str(build), "-G", "Ninja",
-                                *cuda_build.cmake_args()], env=env, capture_output=True, text=True, timeout=600)
+                                f"-DCMAKE_MAKE_PROGRAM={cuda_build.ninja_path()}", *cuda_build.cmake_args()],
+                               env=env, capture_output=True, text=True, timeout=600)
     assert configure.returncode == 0, configure.stdout + configure.stderr
     compiled = subprocess.run(["cmake", "--build", str(build), "-j", os.environ.get("MAX_JOBS", "2")],
                               env=env, capture_output=True, text=True, timeout=1200)

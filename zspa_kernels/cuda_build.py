@@ -287,8 +287,27 @@ def prebuilt_library() -> Optional[Path]:
     return found[0] if found else None
 
 
+def ninja_path() -> Optional[str]:
+    """The ninja on PATH, else the one of the pip ``ninja`` package (in a venv's bin/, which
+    is not on PATH when the venv's python is run without activating it)."""
+    found = shutil.which("ninja")
+    if found:
+        return found
+    try:
+        import ninja
+    except ImportError:
+        return None
+    return shutil.which("ninja", path=ninja.BIN_DIR)
+
+
 def _compile(directory: Path, archs: list[str], cuda_home: Path) -> None:
     from torch.utils import cpp_extension
+
+    ninja = ninja_path()
+    if ninja is None:
+        raise BuildFailed("ninja not found: pip install ninja")
+    if shutil.which("ninja") is None:  # torch runs plain `ninja`
+        os.environ["PATH"] = os.pathsep.join([os.path.dirname(ninja), os.environ.get("PATH", "")])
 
     # torch picks CUDA_HOME once at import, from the nvcc on PATH, which can be a
     # wrapper outside the toolkit: point it at the toolkit found here.
