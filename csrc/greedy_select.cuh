@@ -1,17 +1,18 @@
-// Kernel 2 of 2: ZSPAPrune selection of one batch row per CTA (SPEC §1 steps 1, 3-7).
+// Kernel 3 of 3: ZSPAPrune selection of one batch row per CTA (SPEC §1 steps 1, 3-7).
 //
-// Inputs, all fp32 and computed from the RAW tokens by the launcher's GEMMs:
-//   G[i, j] = v_i . v_j   (the row's N x N Gram; its diagonal gives the norms),
-//   R[i, t] = v_i . p_t   and the prompt weights w_t of prompt_weights.cuh.
-// Cosines are G[j, i] * inv_j * inv_i with inv = 1 / max(||v||, 1e-6): normalising
-// after the product keeps fp32 accuracy for bf16/fp16 inputs (their products are
-// exact in fp32) and never writes a normalised copy of the tokens.
+// Inputs, all fp32 and computed from the RAW tokens:
+//   G[i, j] = v_i . v_j   (the row's N x N Gram, cuBLAS; its diagonal gives the norms),
+//   relevance dots: v_i . pooled ("mean", pooled_dots.cuh) or v_i . p_t ("max", cuBLAS),
+//   and the prompt norms of prompt_stats.cuh.
+// Cosines are G[j, i] / (max(||v_i||, 1e-6) * max(||v_j||, 1e-6)): normalising after the
+// product keeps fp32 accuracy for bf16/fp16 inputs (their products are exact in fp32)
+// and never writes a normalised copy of the tokens.
 //
 // State lives in shared memory, 12 bytes per token, each token owned by one thread
 // (i = threadIdx.x + m * blockDim.x), so only the argmins need barriers:
 //   score[i]  relevance r_i during the core phase, then the similarity s_i to the
 //             selected set; +inf (s) / -inf (r) marks taken and padded tokens;
-//   inv[i]    1 / max(||v_i||, 1e-6), or -1 for a token with a non-finite feature;
+//   norm[i]   max(||v_i||, 1e-6), or -1 for a token with a non-finite feature;
 //   picks[t]  the pick order.
 // Phases:
 //   1. core: k_core argmax steps on r, all on chip (no global reads);
@@ -44,7 +45,7 @@
 #include <cstdint>
 
 #include "packed_key.cuh"
-#include "prompt_weights.cuh"
+#include "prompt_stats.cuh"
 
 namespace zspa {
 
@@ -54,8 +55,8 @@ constexpr float kTaken = INFINITY;            // score of a taken or padded toke
 
 struct GreedyParams {
   const float* gram;          // (rows, N, N), rows of this launch only
-  const float* dots;          // (B, N, T)
-  const float* weight;        // (B, T)
+  const float* dots;          // (B, N) for "mean", (B, N, T) for "max"
+  const float* prompt_norm;   // (B, T); for "mean" only [b, 0], the pooled norm
   const bool* prompt_mask;    // (B, T) or null
   const int64_t* lengths;     // (B,) or null
   int64_t* out;               // (B, k)
@@ -66,45 +67,46 @@ struct GreedyParams {
   bool pick_order;
 };
 
-__device__ __forceinline__ float relevance(const GreedyParams& p, const float* dots_i, const float* w,
-                                           const bool* valid, float inv_i) {
+// r_i = cos(v_i, prompt); norm_i = max(||v_i||, 1e-6) of a finite token.
+__device__ __forceinline__ float relevance(const GreedyParams& p, int b, int i, float norm_i, const bool* valid) {
+  const float* prompt_norm = p.prompt_norm + static_cast<int64_t>(b) * p.T;
   if (!p.max_relevance) {
-    float acc = 0.0f;
-    for (int t = 0; t < p.T; ++t)
-      if (w[t] != 0.0f) acc += dots_i[t] * w[t];
-    return acc * inv_i;
+    const float norm_q = prompt_norm[0];
+    return norm_q == 0.0f ? 0.0f : p.dots[static_cast<int64_t>(b) * p.N + i] / (norm_i * norm_q);
   }
+  const float* dots_i = p.dots + (static_cast<int64_t>(b) * p.N + i) * p.T;
   bool any = false;
   float best = -INFINITY;
   for (int t = 0; t < p.T; ++t) {
     if (valid && !valid[t]) continue;
     any = true;
-    best = fmaxf(best, w[t] != 0.0f ? dots_i[t] * w[t] : 0.0f);
+    best = fmaxf(best, prompt_norm[t] == 0.0f ? 0.0f : dots_i[t] / (norm_i * prompt_norm[t]));
   }
-  return any ? best * inv_i : 0.0f;
+  return any ? best : 0.0f;  // no valid prompt row: a zero prompt
 }
 
-// cos(i, j) read from row j of the Gram. Always this expression, so that duplicated
-// tokens get bit-identical scores and exact ties resolve by index.
-__device__ __forceinline__ float cosine(const float* gram_row_j, int i, float inv_i, float inv_j) {
-  if (inv_i < 0.0f) return kNonFiniteSimilarity;
-  if (inv_j < 0.0f) return 0.0f;  // a non-finite token normalises to zero
-  return gram_row_j[i] * inv_j * inv_i;
+// cos(i, j) read from row j of the Gram. Always this expression, so that exact ties stay
+// exact and resolve by index: duplicated tokens get bit-identical scores, and
+// cos(i, j) == cos(j, i) bit for bit (the norm product commutes, and the Gram of V V^T
+// is symmetric: both entries sum the same exact products in the same order), which the
+// isolation seed needs for mutual nearest neighbours.
+__device__ __forceinline__ float cosine(const float* gram_row_j, int i, float norm_i, float norm_j) {
+  if (norm_i < 0.0f) return kNonFiniteSimilarity;
+  if (norm_j < 0.0f) return 0.0f;  // a non-finite token normalises to zero
+  return gram_row_j[i] / (norm_i * norm_j);
 }
 
-// Dynamic shared memory: 3 * N 32-bit words. blockDim.x: a multiple of 32, <= 1024.
-__global__ void greedy_select_kernel(GreedyParams p) {
-  extern __shared__ float smem[];
+// The body of one CTA, given its shared memory: `smem` holds 3 * N 32-bit words,
+// `slots` 2 * kMaxWarps keys, `warp_counts` kMaxWarps ints. blockDim.x: a multiple
+// of 32, at most 1024 (any such size is correct; more threads, fewer tokens each).
+__device__ void greedy_select_row(const GreedyParams& p, float* smem, uint64_t* slots, int* warp_counts) {
   float* score = smem;
-  float* inv = smem + p.N;
+  float* norm = smem + p.N;
   int* picks = reinterpret_cast<int*>(smem + 2 * p.N);
-  __shared__ uint64_t slots[2 * kMaxWarps];
-  __shared__ int warp_counts[kMaxWarps];
 
   const int b = p.row0 + blockIdx.x;
   const int N = p.N, tid = threadIdx.x, threads = blockDim.x;
   const float* G = p.gram + static_cast<int64_t>(blockIdx.x) * N * N;
-  const float* w = p.weight + static_cast<int64_t>(b) * p.T;
   const bool* valid = p.prompt_mask ? p.prompt_mask + static_cast<int64_t>(b) * p.T : nullptr;
   int64_t* out = p.out + static_cast<int64_t>(b) * p.k;
 
@@ -117,12 +119,10 @@ __global__ void greedy_select_kernel(GreedyParams p) {
 
   // Step 1-2: norms from the Gram diagonal, relevance from the prompt dots.
   for (int i = tid; i < N; i += threads) {
-    if (i >= n) { score[i] = -INFINITY; inv[i] = 0.0f; continue; }
-    const float sumsq = G[static_cast<int64_t>(i) * N + i];
-    const bool finite = isfinite(sumsq);
-    inv[i] = finite ? inv_norm_from_sumsq(sumsq) : -1.0f;
-    score[i] = finite ? relevance(p, p.dots + (static_cast<int64_t>(b) * N + i) * p.T, w, valid, inv[i])
-                      : kNonFiniteRelevance;
+    if (i >= n) { score[i] = -INFINITY; norm[i] = 0.0f; continue; }
+    const float norm_i = clamped_norm(G[static_cast<int64_t>(i) * N + i]);
+    norm[i] = norm_i > 0.0f ? norm_i : -1.0f;
+    score[i] = norm_i > 0.0f ? relevance(p, b, i, norm_i, valid) : kNonFiniteRelevance;
   }
 
   // Phase 1: core = the k_core largest r, by falling relevance, lower index first.
@@ -135,24 +135,24 @@ __global__ void greedy_select_kernel(GreedyParams p) {
     if (j % threads == tid) score[j] = -INFINITY;  // the owner marks it taken
     if (tid == 0) picks[t] = j;
   }
-  __syncthreads();  // picks[] and inv[] of every token are read below
+  __syncthreads();  // picks[] and norm[] of every token are read below
 
   // Phase 2: similarity to the core, or isolation when the core is empty.
   for (int i = tid; i < N; i += threads) {
     if (i >= n || score[i] == -INFINITY) { score[i] = kTaken; continue; }
-    const float inv_i = inv[i];
+    const float norm_i = norm[i];
     float s = -INFINITY;
     if (k_core > 0) {
 #pragma unroll 4
       for (int c = 0; c < k_core; ++c) {
         const int j = picks[c];
-        s = fmaxf(s, cosine(G + static_cast<int64_t>(j) * N, i, inv_i, inv[j]));
+        s = fmaxf(s, cosine(G + static_cast<int64_t>(j) * N, i, norm_i, norm[j]));
       }
-    } else if (inv_i < 0.0f) {
+    } else if (norm_i < 0.0f) {
       s = kNonFiniteSimilarity;
     } else {
       for (int j = 0; j < n; ++j)  // rows j read in lockstep: coalesced over i
-        if (j != i && inv[j] >= 0.0f) s = fmaxf(s, cosine(G + static_cast<int64_t>(j) * N, i, inv_i, inv[j]));
+        if (j != i && norm[j] >= 0.0f) s = fmaxf(s, cosine(G + static_cast<int64_t>(j) * N, i, norm_i, norm[j]));
     }
     score[i] = s;
   }
@@ -164,12 +164,12 @@ __global__ void greedy_select_kernel(GreedyParams p) {
       if (score[i] != kTaken) key = min(key, pack_key(score[i], i));
     const int j = key_index(block_min(key, slots, t & 1));
     if (tid == 0) picks[t] = j;
-    const float inv_j = inv[j];
+    const float norm_j = norm[j];
     const float* row = G + static_cast<int64_t>(j) * N;
     for (int i = tid; i < n; i += threads) {
       if (score[i] == kTaken) continue;
       if (i == j) { score[i] = kTaken; continue; }
-      const float c = cosine(row, i, inv[i], inv_j);
+      const float c = cosine(row, i, norm[i], norm_j);
       score[i] = t == 0 ? c : fmaxf(score[i], c);  // t == 0: drop the isolation seed score
     }
   }
@@ -199,6 +199,13 @@ __global__ void greedy_select_kernel(GreedyParams p) {
     base += total;
     __syncthreads();  // warp_counts is rewritten by the next round
   }
+}
+
+__global__ void greedy_select_kernel(GreedyParams p) {
+  extern __shared__ float smem[];
+  __shared__ uint64_t slots[2 * kMaxWarps];
+  __shared__ int warp_counts[kMaxWarps];
+  greedy_select_row(p, smem, slots, warp_counts);
 }
 
 }  // namespace zspa

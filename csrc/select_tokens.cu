@@ -1,4 +1,4 @@
-// Launcher: two fp32-accumulating GEMMs (cuBLAS through ATen) and the two kernels.
+// Launcher: fp32-accumulating GEMMs (cuBLAS through ATen) and the three kernels.
 // Everything is enqueued on the current stream without reading any device value,
 // so the op can be captured in a CUDA graph.
 #include "select_tokens.h"
@@ -13,7 +13,8 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "greedy_select.cuh"
-#include "prompt_weights.cuh"
+#include "pooled_dots.cuh"
+#include "prompt_stats.cuh"
 
 namespace zspa {
 namespace {
@@ -22,15 +23,15 @@ namespace {
 // below it (at least one row per chunk: one row of N = 16384 needs 1 GiB).
 constexpr int64_t kGramBudgetBytes = int64_t{1} << 30;
 
-// a @ b with fp32 accumulation and an fp32 result. 16-bit inputs use aten::bmm.dtype
+// a @ b with fp32 accumulation and an fp32, contiguous result. 16-bit inputs use aten::bmm.dtype
 // (products of 16-bit floats are exact in fp32); fp32 inputs refuse TF32, whose 10-bit
 // mantissa would blur near-ties far beyond the fp32 tolerance.
 at::Tensor fp32_bmm(const at::Tensor& a, const at::Tensor& b) {
   if (a.scalar_type() == at::kFloat) {
     at::NoTF32Guard no_tf32;
-    return at::bmm(a, b);
+    return at::bmm(a, b).contiguous();
   }
-  return at::bmm(a, b, at::kFloat);
+  return at::bmm(a, b, at::kFloat).contiguous();  // the kernels index densely (free if already so)
 }
 
 int threads_for(int64_t n, int64_t cap) {
@@ -56,7 +57,9 @@ at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt
   const at::Tensor P = (prompt.dim() == 2 ? prompt.unsqueeze(1) : prompt).contiguous();
   const int64_t B = V.size(0), N = V.size(1), D = V.size(2), T = P.size(1);
   TORCH_CHECK(P.size(0) == B && P.size(2) == D, "prompt: expected batch size and feature size of visual");
-  TORCH_CHECK(N <= INT_MAX / 2 && D <= INT_MAX && T <= INT_MAX, "visual: too large for the cuda backend");
+  TORCH_CHECK(B >= 1 && N >= 1 && D >= 1 && T >= 1, "visual, prompt: expected non-empty tensors");
+  TORCH_CHECK(B <= 65535 && N <= INT_MAX / 2 && D <= INT_MAX && T <= INT_MAX,
+              "visual: too large for the cuda backend");
   const bool max_relevance = relevance == "max";
 
   at::Tensor mask;
@@ -79,14 +82,27 @@ at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt
               device_smem, "; use backend='triton'");
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const at::Tensor dots = fp32_bmm(V, P.transpose(1, 2));  // (B, N, T)
-  at::Tensor weight = at::empty({B, T}, V.options().dtype(at::kFloat));
-  AT_DISPATCH_V2(V.scalar_type(), "zspa_prompt_weights", AT_WRAP([&] {
-    prompt_weights_kernel<scalar_t><<<B, threads_for(std::max(D, T * 32), 256), 0, stream>>>(
-        P.data_ptr<scalar_t>(), mask.defined() ? mask.data_ptr<bool>() : nullptr, weight.data_ptr<float>(),
-        static_cast<int>(T), static_cast<int>(D), max_relevance);
+  const auto f32 = V.options().dtype(at::kFloat);
+  at::Tensor prompt_norm = at::empty({B, T}, f32);
+  at::Tensor pooled = max_relevance ? at::Tensor() : at::empty({B, D}, f32);
+  at::Tensor dots;  // relevance numerators: (B, N) for "mean", (B, N, T) for "max"
+  AT_DISPATCH_V2(V.scalar_type(), "zspa_relevance", AT_WRAP([&] {
+    prompt_stats_kernel<scalar_t><<<B, threads_for(std::max(D, T * 32), 256), 0, stream>>>(
+        P.data_ptr<scalar_t>(), mask.defined() ? mask.data_ptr<bool>() : nullptr,
+        max_relevance ? nullptr : pooled.data_ptr<float>(), prompt_norm.data_ptr<float>(), static_cast<int>(T),
+        static_cast<int>(D), max_relevance);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (!max_relevance) {
+      constexpr int kWarpsPerBlock = 8;
+      dots = at::empty({B, N}, f32);
+      const dim3 grid(static_cast<unsigned>((N + kWarpsPerBlock - 1) / kWarpsPerBlock), static_cast<unsigned>(B));
+      pooled_dots_kernel<scalar_t><<<grid, 32 * kWarpsPerBlock, 0, stream>>>(
+          V.data_ptr<scalar_t>(), pooled.data_ptr<float>(), dots.data_ptr<float>(), static_cast<int>(N),
+          static_cast<int>(D));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   }), at::kFloat, at::kHalf, at::kBFloat16);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (max_relevance) dots = fp32_bmm(V, P.transpose(1, 2));  // (B, N, T) on cuBLAS
 
   at::Tensor out = at::empty({B, k}, V.options().dtype(at::kLong));
   if (smem_bytes > 48 * 1024) {
@@ -95,7 +111,7 @@ at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt
   }
   GreedyParams params{};
   params.dots = dots.data_ptr<float>();
-  params.weight = weight.data_ptr<float>();
+  params.prompt_norm = prompt_norm.data_ptr<float>();
   params.prompt_mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
   params.lengths = lens.defined() ? lens.data_ptr<int64_t>() : nullptr;
   params.out = out.data_ptr<int64_t>();

@@ -1,0 +1,51 @@
+// C entry points that run csrc/'s kernels on the CPU (see simt.h), for ctypes, one block
+// after the other with the launcher's grid shapes. The GEMM outputs the launcher gets
+// from cuBLAS (Gram rows, "max" dot products) are inputs here; tokens and prompts are
+// fp32 (the dtype only changes the loads).
+#include "simt.h"
+
+#include "greedy_select.cuh"
+#include "pooled_dots.cuh"
+#include "prompt_stats.cuh"
+
+extern "C" void emulate_prompt_stats(const float* prompt, const bool* mask, float* pooled, float* norm, int B,
+                                     int T, int D, bool max_relevance, int threads) {
+  for (int b = 0; b < B; ++b) {
+    float scratch[32];
+    simt::run_block(b, 0, threads, [&] {
+      zspa::prompt_stats_row<float>(prompt, mask, pooled, norm, T, D, max_relevance, scratch);
+    });
+  }
+}
+
+extern "C" void emulate_pooled_dots(const float* visual, const float* pooled, float* dots, int B, int N, int D,
+                                    int warps_per_block) {
+  for (int b = 0; b < B; ++b)
+    for (int x = 0; x * warps_per_block < N; ++x)
+      simt::run_block(x, b, 32 * warps_per_block, [&] { zspa::pooled_dots_block<float>(visual, pooled, dots, N, D); });
+}
+
+extern "C" void emulate_greedy_select(const float* gram, const float* dots, const float* prompt_norm,
+                                      const bool* mask, const int64_t* lengths, int64_t* out, int B, int N, int T,
+                                      int k, double core_ratio, bool max_relevance, bool pick_order, int threads) {
+  zspa::GreedyParams p{};
+  p.gram = gram;  // all B rows: one chunk
+  p.dots = dots;
+  p.prompt_norm = prompt_norm;
+  p.prompt_mask = mask;
+  p.lengths = lengths;
+  p.out = out;
+  p.row0 = 0;
+  p.N = N;
+  p.T = T;
+  p.k = k;
+  p.core_ratio = core_ratio;
+  p.max_relevance = max_relevance;
+  p.pick_order = pick_order;
+  for (int b = 0; b < B; ++b) {
+    std::vector<float> smem(3 * static_cast<size_t>(N));
+    uint64_t slots[2 * zspa::kMaxWarps];
+    int warp_counts[zspa::kMaxWarps];
+    simt::run_block(b, 0, threads, [&] { zspa::greedy_select_row(p, smem.data(), slots, warp_counts); });
+  }
+}
