@@ -33,8 +33,9 @@
 //   The floor is ~6 us (on-chip reductions only, rows already on chip); this design
 //   should land near 25-40 us: the cuBLAS Gram at this small size (~5-10 us, few
 //   output tiles), 32 core steps at ~0.1 us, 32 diversity steps at ~0.6 us, and
-//   three launches. Closing the gap needs the Gram rows on chip: a Hopper cluster
-//   holding the 1.3 MB Gram in distributed shared memory (not implemented).
+//   four launches (prompt stats, relevance dots, Gram, this kernel). Closing the gap
+//   needs the Gram rows on chip: a Hopper cluster holding the 1.3 MB Gram in
+//   distributed shared memory (not implemented).
 //   For B=32 the Gram is 87 GFLOP (~0.1 ms) and the 32 CTAs run side by side.
 // Large N: the Gram is B*N^2*4 bytes (the launcher processes rows in chunks) and one
 // CTA per row streams N-float rows from HBM, so at video scale (N=16K) the per-step

@@ -78,8 +78,8 @@ def test_concurrent_builds_compile_once_and_both_load(built):
     stderr = [err for _, err, _ in built["results"]]
     assert sum("compiling the CUDA kernels" in err for err in stderr) == 1, stderr
     assert sum("waiting for another process" in err for err in stderr) == 1, stderr
-    compiled = next(err for err in stderr if "compiling" in err)
-    assert " done in " in compiled  # the one-line message reports its duration
+    message = next(line for err in stderr for line in err.splitlines() if "compiling the CUDA kernels" in line)
+    assert " ... done in " in message, message  # one line, with its duration
     assert cuda_build.library_path(built["dir"]).is_file()
 
 

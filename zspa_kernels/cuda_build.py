@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import re
 import shutil
@@ -300,9 +301,21 @@ def ninja_path() -> Optional[str]:
     return shutil.which("ninja", path=ninja.BIN_DIR)
 
 
-def _compile(directory: Path, archs: list[str], cuda_home: Path) -> None:
-    from torch.utils import cpp_extension
+def _cpp_extension():
+    """``torch.utils.cpp_extension``, imported without the warning about its own CUDA_HOME
+    guess (made at import; :func:`_compile` replaces it with :func:`find_cuda_home`'s)."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
 
+
+def _compile(directory: Path, archs: list[str], cuda_home: Path) -> None:
+    cpp_extension = _cpp_extension()
     ninja = ninja_path()
     if ninja is None:
         raise BuildFailed("ninja not found: pip install ninja")
@@ -348,6 +361,7 @@ def build(force: bool = False) -> Path:
     directory = cache_root() / cache_key(archs)
     with build_lock(directory):
         if force or not is_up_to_date(directory):  # another process may have built it meanwhile
+            _cpp_extension()  # import first: nothing may print inside the one-line message
             start = time.perf_counter()
             print(f"zspa: compiling the CUDA kernels for {', '.join(archs)} into {directory} ...",
                   end="", file=sys.stderr, flush=True)
