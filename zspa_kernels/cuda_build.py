@@ -381,7 +381,10 @@ def status() -> str:
         return f"compiled ahead of time ({prebuilt})"
     if not torch.version.cuda or find_cuda_home() is None:
         return "no CUDA toolkit found (falls back to triton)"
-    built = built_library(arch_list())
+    try:
+        built = built_library(arch_list())
+    except BuildFailed as exc:  # e.g. a malformed TORCH_CUDA_ARCH_LIST
+        return f"cannot build: {exc}"
     if built:
         return f"compiled ({built})"
     return "not compiled yet (`zspa build`, or the first call, compiles it)"
