@@ -8,6 +8,7 @@ launcher would get from cuBLAS are built here as fp64 products rounded to fp32
 symmetric as cuBLAS's is (its (i, j) and (j, i) entries sum the same exact
 products in the same order). Blocks of 32 threads give each thread several
 tokens and the ascending scan several rounds; 128 threads leave threads idle.
+Rows go through the greedy kernel in chunks of two, like the launcher's Gram chunks.
 """
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def emulated_select(emulator, case, pick_order, threads):
     out = np.full((B, case.k), -7, dtype=np.int64)
     emulator.emulate_greedy_select(_ptr(gram), _ptr(dots), _ptr(prompt_norm), _ptr(mask), _ptr(lengths), _ptr(out),
                                    B, N, T, case.k, ctypes.c_double(case.core_ratio), max_relevance,
-                                   ctypes.c_bool(pick_order), threads)
+                                   ctypes.c_bool(pick_order), threads, 2)  # Gram chunks of 2 rows
     return out
 
 

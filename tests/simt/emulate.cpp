@@ -27,25 +27,29 @@ extern "C" void emulate_pooled_dots(const float* visual, const float* pooled, fl
 
 extern "C" void emulate_greedy_select(const float* gram, const float* dots, const float* prompt_norm,
                                       const bool* mask, const int64_t* lengths, int64_t* out, int B, int N, int T,
-                                      int k, double core_ratio, bool max_relevance, bool pick_order, int threads) {
+                                      int k, double core_ratio, bool max_relevance, bool pick_order, int threads,
+                                      int rows_per_chunk) {
   zspa::GreedyParams p{};
-  p.gram = gram;  // all B rows: one chunk
   p.dots = dots;
   p.prompt_norm = prompt_norm;
   p.prompt_mask = mask;
   p.lengths = lengths;
   p.out = out;
-  p.row0 = 0;
   p.N = N;
   p.T = T;
   p.k = k;
   p.core_ratio = core_ratio;
   p.max_relevance = max_relevance;
   p.pick_order = pick_order;
-  for (int b = 0; b < B; ++b) {
-    std::vector<float> smem(3 * static_cast<size_t>(N));
-    uint64_t slots[2 * zspa::kMaxWarps];
-    int warp_counts[zspa::kMaxWarps];
-    simt::run_block(b, 0, threads, [&] { zspa::greedy_select_row(p, smem.data(), slots, warp_counts); });
+  // Launches over chunks of `rows_per_chunk` rows, as the launcher bounds its Gram workspace.
+  for (int row0 = 0; row0 < B; row0 += rows_per_chunk) {
+    p.gram = gram + static_cast<int64_t>(row0) * N * N;
+    p.row0 = row0;
+    for (int block = 0; block < rows_per_chunk && row0 + block < B; ++block) {
+      std::vector<float> smem(3 * static_cast<size_t>(N));
+      uint64_t slots[2 * zspa::kMaxWarps];
+      int warp_counts[zspa::kMaxWarps];
+      simt::run_block(block, 0, threads, [&] { zspa::greedy_select_row(p, smem.data(), slots, warp_counts); });
+    }
   }
 }
