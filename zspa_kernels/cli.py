@@ -18,6 +18,7 @@ def cmd_info(_args: argparse.Namespace) -> int:
     import torch
 
     import zspa_kernels
+    from zspa_kernels import cuda_build
     from zspa_kernels.dispatch import resolve_backend, triton_interpreter
 
     print(f"zspa-kernels  {zspa_kernels.__version__}")
@@ -36,7 +37,30 @@ def cmd_info(_args: argparse.Namespace) -> int:
     print("backends:")
     print("  reference   available")
     print(f"  triton      {'available' if triton_ok else 'needs a CUDA device (or TRITON_INTERPRET=1)'}")
+    print(f"  cuda        {cuda_build.status()}")
     print(f"  auto        -> {resolve_backend('auto', device)} on {device.type}")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    import torch
+
+    from zspa_kernels import cuda_build
+
+    try:
+        if args.cmake_args:
+            print(" ".join(cuda_build.cmake_args()))  # unquoted: meant for $(zspa build --cmake-args)
+            return 0
+        path = cuda_build.build(force=args.force)
+        torch.ops.load_library(str(path))
+    except (cuda_build.CudaToolkitMissing, cuda_build.BuildFailed, OSError) as exc:
+        print(f"zspa build: cannot build the CUDA extension: {exc}", file=sys.stderr)
+        return 1
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("zspa::select_tokens_cuda", "CUDA"):
+        print(f"zspa build: {path} loaded but registered no CUDA kernel for zspa::select_tokens_cuda",
+              file=sys.stderr)
+        return 1
+    print(f"zspa build: zspa::select_tokens_cuda ready ({path})")
     return 0
 
 
@@ -49,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="zspa", description="ZSPAPrune visual-token pruning kernels")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device and available backends").set_defaults(func=cmd_info)
+    build = sub.add_parser("build", help="compile the CUDA extension ahead of first use")
+    build.add_argument("--force", action="store_true", help="recompile even if the cache is up to date")
+    build.add_argument("--cmake-args", action="store_true",
+                       help="print the -D options for a CMake build of csrc/ instead")
+    build.set_defaults(func=cmd_build)
     demo = sub.add_parser("demo", help="prune a small VLM on a sample photo (no downloads)")
     demo.add_argument("--out", default="zspa-demo", help="output folder")
     demo.set_defaults(func=cmd_demo)

@@ -1,0 +1,212 @@
+// Kernel 3 of 3: ZSPAPrune selection of one batch row per CTA (SPEC §1 steps 1, 3-7).
+//
+// Inputs, all fp32 and computed from the RAW tokens:
+//   G[i, j] = v_i . v_j   (the row's N x N Gram, cuBLAS; its diagonal gives the norms),
+//   relevance dots: v_i . pooled ("mean", pooled_dots.cuh) or v_i . p_t ("max", cuBLAS),
+//   and the prompt norms of prompt_stats.cuh.
+// Cosines are G[j, i] / (max(||v_i||, 1e-6) * max(||v_j||, 1e-6)): normalising after the
+// product keeps fp32 accuracy for bf16/fp16 inputs (their products are exact in fp32)
+// and never writes a normalised copy of the tokens.
+//
+// State lives in shared memory, 12 bytes per token, each token owned by one thread
+// (i = threadIdx.x + m * blockDim.x), so only the argmins need barriers:
+//   score[i]  relevance r_i during the core phase, then the similarity s_i to the
+//             selected set; +inf (s) / -inf (r) marks taken and padded tokens;
+//   norm[i]   max(||v_i||, 1e-6), or -1 for a token with a non-finite feature;
+//   picks[t]  the pick order.
+// Phases:
+//   1. core: k_core argmax steps on r, all on chip (no global reads);
+//   2. s_i = max over the core of cos(i, c): k_core INDEPENDENT row reads, so they
+//      pipeline; with an empty core, s_i is the isolation max_{j != i} cos(i, j) and
+//      the first diversity pick is the most isolated token;
+//   3. diversity: k_b - k_core dependent steps, each one argmin plus one Gram row read.
+// Non-finite tokens: relevance -2 and similarity 2 (beyond every finite cosine), so
+// they are picked only when nothing finite is left, lowest index first. Zero vectors
+// have G = 0, hence cosine 0 to everything.
+//
+// Floor and expected distance (H100 SXM, LLaVA-1.5: B=1, N=576, D=4096, k=64,
+// alpha=0.5; UNMEASURED, no GPU was available when this was written):
+//   bytes: the N*D bf16 tokens once, 4.7 MB -> 1.4 us at 3.35 TB/s;
+//   FLOPs: Gram 2*N^2*D = 2.7 GFLOP -> 2.7 us at ~1 PFLOP/s dense bf16;
+//   dependent steps: 64 argmins; 32 of them also need a Gram row picked by the
+//   previous step, so each costs one L2 round trip (~0.3-0.5 us) plus one barrier.
+//   The floor is ~6 us (on-chip reductions only, rows already on chip); this design
+//   should land near 25-40 us: the cuBLAS Gram at this small size (~5-10 us, few
+//   output tiles), 32 core steps at ~0.1 us, 32 diversity steps at ~0.6 us, and
+//   four launches (prompt stats, relevance dots, Gram, this kernel). Closing the gap
+//   needs the Gram rows on chip: a Hopper cluster holding the 1.3 MB Gram in
+//   distributed shared memory (not implemented).
+//   For B=32 the Gram is 87 GFLOP (~0.1 ms) and the 32 CTAs run side by side.
+// Large N: the Gram is B*N^2*4 bytes (the launcher processes rows in chunks) and one
+// CTA per row streams N-float rows from HBM, so at video scale (N=16K) the per-step
+// cost grows with N; a multi-CTA split per row would be the next step there.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "packed_key.cuh"
+#include "prompt_stats.cuh"
+
+namespace zspa {
+
+constexpr float kNonFiniteRelevance = -2.0f;  // below every finite cosine
+constexpr float kNonFiniteSimilarity = 2.0f;  // above every finite cosine
+constexpr float kTaken = INFINITY;            // score of a taken or padded token (phase 2-3)
+
+struct GreedyParams {
+  const float* gram;          // (rows, N, N), rows of this launch only
+  const float* dots;          // (B, N) for "mean", (B, N, T) for "max"
+  const float* prompt_norm;   // (B, T); for "mean" only [b, 0], the pooled norm
+  const bool* prompt_mask;    // (B, T) or null
+  const int64_t* lengths;     // (B,) or null
+  int64_t* out;               // (B, k)
+  int row0;                   // batch row of blockIdx.x == 0
+  int N, T, k;
+  double core_ratio;
+  bool max_relevance;
+  bool pick_order;
+};
+
+// r_i = cos(v_i, prompt); norm_i = max(||v_i||, 1e-6) of a finite token.
+__device__ __forceinline__ float relevance(const GreedyParams& p, int b, int i, float norm_i, const bool* valid) {
+  const float* prompt_norm = p.prompt_norm + static_cast<int64_t>(b) * p.T;
+  if (!p.max_relevance) {
+    const float norm_q = prompt_norm[0];
+    return norm_q == 0.0f ? 0.0f : p.dots[static_cast<int64_t>(b) * p.N + i] / (norm_i * norm_q);
+  }
+  const float* dots_i = p.dots + (static_cast<int64_t>(b) * p.N + i) * p.T;
+  bool any = false;
+  float best = -INFINITY;
+  for (int t = 0; t < p.T; ++t) {
+    if (valid && !valid[t]) continue;
+    any = true;
+    best = fmaxf(best, prompt_norm[t] == 0.0f ? 0.0f : dots_i[t] / (norm_i * prompt_norm[t]));
+  }
+  return any ? best : 0.0f;  // no valid prompt row: a zero prompt
+}
+
+// cos(i, j) read from row j of the Gram. Always this expression, so that exact ties stay
+// exact and resolve by index: duplicated tokens get bit-identical scores, and
+// cos(i, j) == cos(j, i) bit for bit (the norm product commutes, and the Gram of V V^T
+// is symmetric: both entries sum the same exact products in the same order), which the
+// isolation seed needs for mutual nearest neighbours.
+__device__ __forceinline__ float cosine(const float* gram_row_j, int i, float norm_i, float norm_j) {
+  if (norm_i < 0.0f) return kNonFiniteSimilarity;
+  if (norm_j < 0.0f) return 0.0f;  // a non-finite token normalises to zero
+  return gram_row_j[i] / (norm_i * norm_j);
+}
+
+// The body of one CTA, given its shared memory: `smem` holds 3 * N 32-bit words,
+// `slots` 2 * kMaxWarps keys, `warp_counts` kMaxWarps ints. blockDim.x: a multiple
+// of 32, at most 1024 (any such size is correct; more threads, fewer tokens each).
+__device__ void greedy_select_row(const GreedyParams& p, float* smem, uint64_t* slots, int* warp_counts) {
+  float* score = smem;
+  float* norm = smem + p.N;
+  int* picks = reinterpret_cast<int*>(smem + 2 * p.N);
+
+  const int b = p.row0 + blockIdx.x;
+  const int N = p.N, tid = threadIdx.x, threads = blockDim.x;
+  const float* G = p.gram + static_cast<int64_t>(blockIdx.x) * N * N;
+  const bool* valid = p.prompt_mask ? p.prompt_mask + static_cast<int64_t>(b) * p.T : nullptr;
+  int64_t* out = p.out + static_cast<int64_t>(b) * p.k;
+
+  int64_t len = p.lengths ? p.lengths[b] : N;
+  const int n = static_cast<int>(len < 1 ? 1 : (len > N ? N : len));  // clamp to [1, N]
+  const int k_b = p.k < n ? p.k : n;
+  // Round like the host (two roundings, no FMA contraction) so k_core matches at .5 edges.
+  const double rounded = floor(__dadd_rn(__dmul_rn(p.core_ratio, static_cast<double>(k_b)), 0.5));
+  const int k_core = rounded < 0.0 ? 0 : (rounded > k_b ? k_b : static_cast<int>(rounded));
+
+  // Step 1-2: norms from the Gram diagonal, relevance from the prompt dots.
+  for (int i = tid; i < N; i += threads) {
+    if (i >= n) { score[i] = -INFINITY; norm[i] = 0.0f; continue; }
+    const float norm_i = clamped_norm(G[static_cast<int64_t>(i) * N + i]);
+    norm[i] = norm_i > 0.0f ? norm_i : -1.0f;
+    score[i] = norm_i > 0.0f ? relevance(p, b, i, norm_i, valid) : kNonFiniteRelevance;
+  }
+
+  // Phase 1: core = the k_core largest r, by falling relevance, lower index first.
+  // Argmax of r is argmin of -r; -inf marks taken and padded tokens.
+  for (int t = 0; t < k_core; ++t) {
+    uint64_t key = kNoKey;
+    for (int i = tid; i < n; i += threads)
+      if (score[i] != -INFINITY) key = min(key, pack_key(-score[i], i));
+    const int j = key_index(block_min(key, slots, t & 1));
+    if (j % threads == tid) score[j] = -INFINITY;  // the owner marks it taken
+    if (tid == 0) picks[t] = j;
+  }
+  __syncthreads();  // picks[] and norm[] of every token are read below
+
+  // Phase 2: similarity to the core, or isolation when the core is empty.
+  for (int i = tid; i < N; i += threads) {
+    if (i >= n || score[i] == -INFINITY) { score[i] = kTaken; continue; }
+    const float norm_i = norm[i];
+    float s = -INFINITY;
+    if (k_core > 0) {
+#pragma unroll 4
+      for (int c = 0; c < k_core; ++c) {
+        const int j = picks[c];
+        s = fmaxf(s, cosine(G + static_cast<int64_t>(j) * N, i, norm_i, norm[j]));
+      }
+    } else if (norm_i < 0.0f) {
+      s = kNonFiniteSimilarity;
+    } else {
+      for (int j = 0; j < n; ++j)  // rows j read in lockstep: coalesced over i
+        if (j != i && norm[j] >= 0.0f) s = fmaxf(s, cosine(G + static_cast<int64_t>(j) * N, i, norm_i, norm[j]));
+    }
+    score[i] = s;
+  }
+
+  // Phase 3: greedy max-min diversity, argmin of s, lower index first.
+  for (int t = k_core; t < k_b; ++t) {
+    uint64_t key = kNoKey;
+    for (int i = tid; i < n; i += threads)
+      if (score[i] != kTaken) key = min(key, pack_key(score[i], i));
+    const int j = key_index(block_min(key, slots, t & 1));
+    if (tid == 0) picks[t] = j;
+    const float norm_j = norm[j];
+    const float* row = G + static_cast<int64_t>(j) * N;
+    for (int i = tid; i < n; i += threads) {
+      if (score[i] == kTaken) continue;
+      if (i == j) { score[i] = kTaken; continue; }
+      const float c = cosine(row, i, norm[i], norm_j);
+      score[i] = t == 0 ? c : fmaxf(score[i], c);  // t == 0: drop the isolation seed score
+    }
+  }
+  __syncthreads();  // picks[] complete
+
+  // Step 7: pick order, or the taken tokens in ascending order (a block-wide
+  // ballot scan over the owned tokens); -1 after the k_b kept tokens.
+  for (int t = k_b + tid; t < p.k; t += threads) out[t] = -1;
+  if (p.pick_order) {
+    for (int t = tid; t < k_b; t += threads) out[t] = picks[t];
+    return;
+  }
+  const int lane = tid & 31, warp = tid >> 5, warps = threads >> 5;
+  int base = 0;
+  for (int start = 0; start < n; start += threads) {
+    const int i = start + tid;
+    const bool kept = i < n && score[i] == kTaken;
+    const unsigned ballot = __ballot_sync(kFullWarp, kept);
+    if (lane == 0) warp_counts[warp] = __popc(ballot);
+    __syncthreads();
+    int before = 0, total = 0;
+    for (int w2 = 0; w2 < warps; ++w2) {
+      before += w2 < warp ? warp_counts[w2] : 0;
+      total += warp_counts[w2];
+    }
+    if (kept) out[base + before + __popc(ballot & ((1u << lane) - 1u))] = i;
+    base += total;
+    __syncthreads();  // warp_counts is rewritten by the next round
+  }
+}
+
+__global__ void greedy_select_kernel(GreedyParams p) {
+  extern __shared__ float smem[];
+  __shared__ uint64_t slots[2 * kMaxWarps];
+  __shared__ int warp_counts[kMaxWarps];
+  greedy_select_row(p, smem, slots, warp_counts);
+}
+
+}  // namespace zspa

@@ -1,0 +1,98 @@
+// Kernel 1 of 3: prompt norms, and the pooled prompt for relevance "mean".
+//
+// Cosines are formed as (raw dot product) / (max(||a||, 1e-6) * max(||b||, 1e-6)):
+// a division, not a multiplication by reciprocals, so that tokens that are exactly
+// parallel get a cosine of exactly +-1, as v / ||v|| gives in the reference (for D = 1
+// every token is; sqrt(fl(x*x)) == |x| in IEEE arithmetic). This kernel writes, per
+// batch row b (one CTA each):
+//   "mean": pooled[b] = the mean of the valid prompt rows in fp32 (the paper's rule:
+//           pool, then cosine), and norm[b, 0] = max(||pooled||, 1e-6);
+//   "max":  norm[b, t] = max(||p_t||, 1e-6) for every prompt row.
+// norm = 0 marks a prompt that acts as a zero vector (SPEC conventions): a pooled
+// vector with a non-finite value, or no valid row ("mean"); a non-finite row ("max").
+// Masked-out rows never contribute, whatever they hold. "Non-finite" is read off the
+// fp32 sum of squares, which is NaN or inf exactly when an element is (or when
+// ||p||^2 overflows fp32, norms beyond ~1.8e19).
+//
+// Cost: one read of the B*T*D prompt; negligible beside the visual tokens.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+namespace zspa {
+
+constexpr float kNormEps = 1e-6f;  // SPEC §1: v / max(||v||, 1e-6)
+
+// max(||x||, 1e-6) from ||x||^2, or 0 when x holds a non-finite value.
+__device__ __forceinline__ float clamped_norm(float sumsq) {
+  return isfinite(sumsq) ? fmaxf(sqrtf(sumsq), kNormEps) : 0.0f;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+__device__ __forceinline__ float block_sum(float x, float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  x = warp_sum(x);
+  if (lane == 0) scratch[warp] = x;
+  __syncthreads();
+  return warp_sum(lane < warps ? scratch[lane] : 0.0f);
+}
+
+// The body of the CTA of batch row blockIdx.x; `scratch` is 32 floats of shared memory.
+// blockDim.x: a multiple of 32, at most 1024.
+template <typename scalar_t>
+__device__ void prompt_stats_row(const scalar_t* __restrict__ prompt,  // (B, T, D)
+                                 const bool* __restrict__ mask,        // (B, T) or null
+                                 float* __restrict__ pooled,           // (B, D), "mean" only
+                                 float* __restrict__ norm,             // (B, T)
+                                 int T, int D, bool max_relevance, float* scratch) {
+  const int b = blockIdx.x;
+  const scalar_t* p = prompt + static_cast<int64_t>(b) * T * D;
+  const bool* valid = mask ? mask + static_cast<int64_t>(b) * T : nullptr;
+  float* out_norm = norm + static_cast<int64_t>(b) * T;
+
+  if (max_relevance) {
+    // One warp per prompt row.
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (int t = warp; t < T; t += warps) {
+      float sumsq = 0.0f;
+      for (int d = lane; d < D; d += 32) {
+        const float x = static_cast<float>(p[static_cast<int64_t>(t) * D + d]);
+        sumsq += x * x;
+      }
+      sumsq = warp_sum(sumsq);
+      if (lane == 0) out_norm[t] = clamped_norm(sumsq);
+    }
+    return;
+  }
+
+  int count = 0;
+  for (int t = 0; t < T; ++t) count += (!valid || valid[t]) ? 1 : 0;
+  float* q = pooled + static_cast<int64_t>(b) * D;
+  float sumsq = 0.0f;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float acc = 0.0f;
+    for (int t = 0; t < T; ++t)
+      if (!valid || valid[t]) acc += static_cast<float>(p[static_cast<int64_t>(t) * D + d]);
+    const float mean = acc / static_cast<float>(count > 0 ? count : 1);
+    q[d] = mean;
+    sumsq += mean * mean;
+  }
+  sumsq = block_sum(sumsq, scratch);
+  if (threadIdx.x == 0) out_norm[0] = count > 0 ? clamped_norm(sumsq) : 0.0f;
+}
+
+template <typename scalar_t>
+__global__ void prompt_stats_kernel(const scalar_t* __restrict__ prompt, const bool* __restrict__ mask,
+                                    float* __restrict__ pooled, float* __restrict__ norm, int T, int D,
+                                    bool max_relevance) {
+  __shared__ float scratch[32];
+  prompt_stats_row(prompt, mask, pooled, norm, T, D, max_relevance, scratch);
+}
+
+}  // namespace zspa

@@ -1,0 +1,138 @@
+// Launcher: fp32-accumulating GEMMs (cuBLAS through ATen) and the three kernels.
+// Everything is enqueued on the current stream without reading any device value,
+// so the op can be captured in a CUDA graph.
+#include "select_tokens.h"
+
+#include <algorithm>
+#include <climits>
+
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/Dispatch_v2.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "greedy_select.cuh"
+#include "pooled_dots.cuh"
+#include "prompt_stats.cuh"
+
+namespace zspa {
+namespace {
+
+// Upper bound on the Gram workspace of one launch; rows are processed in chunks
+// below it (at least one row per chunk: one row of N = 16384 needs 1 GiB).
+constexpr int64_t kGramBudgetBytes = int64_t{1} << 30;
+
+// a @ b with fp32 accumulation and an fp32, contiguous result. 16-bit inputs use aten::bmm.dtype
+// (products of 16-bit floats are exact in fp32); fp32 inputs refuse TF32, whose 10-bit
+// mantissa would blur near-ties far beyond the fp32 tolerance.
+at::Tensor fp32_bmm(const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == at::kFloat) {
+    at::NoTF32Guard no_tf32;
+    return at::bmm(a, b).contiguous();
+  }
+  return at::bmm(a, b, at::kFloat).contiguous();  // the kernels index densely (free if already so)
+}
+
+int threads_for(int64_t n, int64_t cap) {
+  return static_cast<int>(std::min<int64_t>(cap, (n + 31) / 32 * 32));
+}
+
+}  // namespace
+
+at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt, int64_t k,
+                              double core_ratio, const std::optional<at::Tensor>& lengths,
+                              const std::optional<at::Tensor>& prompt_mask, c10::string_view relevance,
+                              bool pick_order) {
+  // The Python op validates every argument with clear messages; these guard direct callers.
+  TORCH_CHECK(visual.is_cuda() && visual.dim() == 3, "visual: expected a CUDA tensor (B, N, D)");
+  TORCH_CHECK(prompt.device() == visual.device() && (prompt.dim() == 2 || prompt.dim() == 3),
+              "prompt: expected (B, D) or (B, T, D) on the device of visual");
+  TORCH_CHECK(prompt.scalar_type() == visual.scalar_type(), "prompt: expected the dtype of visual");
+  TORCH_CHECK(k >= 1 && k <= INT_MAX, "k: expected an int >= 1");
+  TORCH_CHECK(relevance == "mean" || relevance == "max", "relevance: expected 'mean' or 'max'");
+  c10::cuda::CUDAGuard device_guard(visual.device());
+
+  const at::Tensor V = visual.contiguous();
+  const at::Tensor P = (prompt.dim() == 2 ? prompt.unsqueeze(1) : prompt).contiguous();
+  const int64_t B = V.size(0), N = V.size(1), D = V.size(2), T = P.size(1);
+  TORCH_CHECK(P.size(0) == B && P.size(2) == D, "prompt: expected batch size and feature size of visual");
+  TORCH_CHECK(B >= 1 && N >= 1 && D >= 1 && T >= 1, "visual, prompt: expected non-empty tensors");
+  TORCH_CHECK(B <= 65535 && N <= INT_MAX / 2 && D <= INT_MAX && T <= INT_MAX,
+              "visual: too large for the cuda backend");
+  const bool max_relevance = relevance == "max";
+
+  at::Tensor mask;
+  if (prompt_mask.has_value()) {
+    TORCH_CHECK(prompt.dim() == 3 && prompt_mask->scalar_type() == at::kBool &&
+                    prompt_mask->sizes() == at::IntArrayRef({B, T}),
+                "prompt_mask: expected a bool (B, T) tensor with a per-token prompt");
+    mask = prompt_mask->to(visual.device()).contiguous();
+  }
+  at::Tensor lens;
+  if (lengths.has_value()) {
+    TORCH_CHECK(lengths->dim() == 1 && lengths->size(0) == B, "lengths: expected shape (B,)");
+    lens = lengths->to(visual.device(), at::kLong).contiguous();  // clamped to [1, N] in the kernel
+  }
+
+  const size_t smem_bytes = 3 * sizeof(float) * static_cast<size_t>(N);
+  const int device_smem = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  TORCH_CHECK(smem_bytes + 1024 <= static_cast<size_t>(device_smem), "visual: N=", N,
+              " tokens need ", smem_bytes, " bytes of shared memory per row, more than this GPU's ",
+              device_smem, "; use backend='triton'");
+
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto f32 = V.options().dtype(at::kFloat);
+  at::Tensor prompt_norm = at::empty({B, T}, f32);
+  at::Tensor pooled = max_relevance ? at::Tensor() : at::empty({B, D}, f32);
+  at::Tensor dots;  // relevance numerators: (B, N) for "mean", (B, N, T) for "max"
+  AT_DISPATCH_V2(V.scalar_type(), "zspa_relevance", AT_WRAP([&] {
+    prompt_stats_kernel<scalar_t><<<B, threads_for(std::max(D, T * 32), 256), 0, stream>>>(
+        P.data_ptr<scalar_t>(), mask.defined() ? mask.data_ptr<bool>() : nullptr,
+        max_relevance ? nullptr : pooled.data_ptr<float>(), prompt_norm.data_ptr<float>(), static_cast<int>(T),
+        static_cast<int>(D), max_relevance);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (!max_relevance) {
+      constexpr int kWarpsPerBlock = 8;
+      dots = at::empty({B, N}, f32);
+      const dim3 grid(static_cast<unsigned>((N + kWarpsPerBlock - 1) / kWarpsPerBlock), static_cast<unsigned>(B));
+      pooled_dots_kernel<scalar_t><<<grid, 32 * kWarpsPerBlock, 0, stream>>>(
+          V.data_ptr<scalar_t>(), pooled.data_ptr<float>(), dots.data_ptr<float>(), static_cast<int>(N),
+          static_cast<int>(D));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }), at::kFloat, at::kHalf, at::kBFloat16);
+  if (max_relevance) dots = fp32_bmm(V, P.transpose(1, 2));  // (B, N, T) on cuBLAS
+
+  at::Tensor out = at::empty({B, k}, V.options().dtype(at::kLong));
+  if (smem_bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(greedy_select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem_bytes)));
+  }
+  GreedyParams params{};
+  params.dots = dots.data_ptr<float>();
+  params.prompt_norm = prompt_norm.data_ptr<float>();
+  params.prompt_mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  params.lengths = lens.defined() ? lens.data_ptr<int64_t>() : nullptr;
+  params.out = out.data_ptr<int64_t>();
+  params.N = static_cast<int>(N);
+  params.T = static_cast<int>(T);
+  params.k = static_cast<int>(k);
+  params.core_ratio = core_ratio;
+  params.max_relevance = max_relevance;
+  params.pick_order = pick_order;
+
+  const int64_t rows_per_chunk = std::max<int64_t>(1, kGramBudgetBytes / (N * N * int64_t{4}));
+  for (int64_t row0 = 0; row0 < B; row0 += rows_per_chunk) {
+    const int64_t rows = std::min(rows_per_chunk, B - row0);
+    const at::Tensor chunk = V.narrow(0, row0, rows);
+    const at::Tensor gram = fp32_bmm(chunk, chunk.transpose(1, 2));  // (rows, N, N)
+    params.gram = gram.data_ptr<float>();
+    params.row0 = static_cast<int>(row0);
+    greedy_select_kernel<<<static_cast<unsigned>(rows), threads_for(N, 1024), smem_bytes, stream>>>(params);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return out;
+}
+
+}  // namespace zspa

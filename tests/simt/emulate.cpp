@@ -1,0 +1,55 @@
+// C entry points that run csrc/'s kernels on the CPU (see simt.h), for ctypes, one block
+// after the other with the launcher's grid shapes. The GEMM outputs the launcher gets
+// from cuBLAS (Gram rows, "max" dot products) are inputs here; tokens and prompts are
+// fp32 (the dtype only changes the loads).
+#include "simt.h"
+
+#include "greedy_select.cuh"
+#include "pooled_dots.cuh"
+#include "prompt_stats.cuh"
+
+extern "C" void emulate_prompt_stats(const float* prompt, const bool* mask, float* pooled, float* norm, int B,
+                                     int T, int D, bool max_relevance, int threads) {
+  for (int b = 0; b < B; ++b) {
+    float scratch[32];
+    simt::run_block(b, 0, threads, [&] {
+      zspa::prompt_stats_row<float>(prompt, mask, pooled, norm, T, D, max_relevance, scratch);
+    });
+  }
+}
+
+extern "C" void emulate_pooled_dots(const float* visual, const float* pooled, float* dots, int B, int N, int D,
+                                    int warps_per_block) {
+  for (int b = 0; b < B; ++b)
+    for (int x = 0; x * warps_per_block < N; ++x)
+      simt::run_block(x, b, 32 * warps_per_block, [&] { zspa::pooled_dots_block<float>(visual, pooled, dots, N, D); });
+}
+
+extern "C" void emulate_greedy_select(const float* gram, const float* dots, const float* prompt_norm,
+                                      const bool* mask, const int64_t* lengths, int64_t* out, int B, int N, int T,
+                                      int k, double core_ratio, bool max_relevance, bool pick_order, int threads,
+                                      int rows_per_chunk) {
+  zspa::GreedyParams p{};
+  p.dots = dots;
+  p.prompt_norm = prompt_norm;
+  p.prompt_mask = mask;
+  p.lengths = lengths;
+  p.out = out;
+  p.N = N;
+  p.T = T;
+  p.k = k;
+  p.core_ratio = core_ratio;
+  p.max_relevance = max_relevance;
+  p.pick_order = pick_order;
+  // Launches over chunks of `rows_per_chunk` rows, as the launcher bounds its Gram workspace.
+  for (int row0 = 0; row0 < B; row0 += rows_per_chunk) {
+    p.gram = gram + static_cast<int64_t>(row0) * N * N;
+    p.row0 = row0;
+    for (int block = 0; block < rows_per_chunk && row0 + block < B; ++block) {
+      std::vector<float> smem(3 * static_cast<size_t>(N));
+      uint64_t slots[2 * zspa::kMaxWarps];
+      int warp_counts[zspa::kMaxWarps];
+      simt::run_block(block, 0, threads, [&] { zspa::greedy_select_row(p, smem.data(), slots, warp_counts); });
+    }
+  }
+}

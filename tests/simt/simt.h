@@ -1,0 +1,107 @@
+// CPU execution of the csrc/ device code for tests on machines without a GPU.
+//
+// One std::thread per CUDA thread; __syncthreads is a barrier over the block, and
+// warp shuffles and ballots exchange values through per-thread slots between two
+// warp-wide barriers. This runs the kernels' own source (thread ownership, barrier
+// placement, shuffle trees, ballot scans) against the fp64 oracle; it does not model
+// the GPU memory system, so races that only a weak memory model exposes are out of
+// its reach (every shared access in csrc/ is ordered by a barrier or owned by one thread).
+#pragma once
+
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <math.h>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#define __device__
+#define __global__ static inline  // the launch wrappers are never called here
+#define __shared__
+#define __forceinline__ inline
+#define __restrict__ __restrict
+
+struct SimtDim {
+  unsigned x = 0, y = 0;
+};
+
+namespace simt {
+
+struct Block {
+  explicit Block(int threads) : barrier(threads), exchange(threads) {
+    for (int w = 0; w < threads / 32; ++w) warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
+  }
+  std::barrier<> barrier;
+  std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
+  std::vector<uint64_t> exchange;  // one slot per thread
+};
+
+inline thread_local SimtDim thread_idx, block_idx, block_dim;
+inline thread_local Block* block = nullptr;
+
+// Every lane publishes `mine`; returns the value published by `src_lane` of the same warp.
+inline uint64_t warp_exchange(uint64_t mine, int src_lane) {
+  const int tid = static_cast<int>(thread_idx.x);
+  std::barrier<>& warp = *block->warp_barriers[tid / 32];
+  block->exchange[tid] = mine;
+  warp.arrive_and_wait();
+  const uint64_t theirs = block->exchange[(tid & ~31) + src_lane];
+  warp.arrive_and_wait();  // no lane overwrites its slot before all have read
+  return theirs;
+}
+
+// Runs body() on the `threads` threads of block (x, y); the caller owns the block's
+// shared memory (it outlives the threads).
+template <typename Body>
+void run_block(unsigned x, unsigned y, int threads, Body body) {
+  Block shared_block(threads);
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      thread_idx.x = t;
+      block_idx.x = x;
+      block_idx.y = y;
+      block_dim.x = threads;
+      block = &shared_block;
+      body();
+    });
+  }
+  for (std::thread& thread : pool) thread.join();
+}
+
+}  // namespace simt
+
+#define threadIdx (simt::thread_idx)
+#define blockIdx (simt::block_idx)
+#define blockDim (simt::block_dim)
+
+inline void __syncthreads() { simt::block->barrier.arrive_and_wait(); }
+
+template <typename T>
+T __shfl_xor_sync(unsigned /*mask*/, T value, int lane_mask) {
+  static_assert(sizeof(T) <= sizeof(uint64_t));
+  uint64_t bits = 0;
+  std::memcpy(&bits, &value, sizeof(T));
+  bits = simt::warp_exchange(bits, static_cast<int>(simt::thread_idx.x & 31) ^ lane_mask);
+  std::memcpy(&value, &bits, sizeof(T));
+  return value;
+}
+
+inline unsigned __ballot_sync(unsigned /*mask*/, bool predicate) {
+  unsigned ballot = 0;
+  for (int lane = 0; lane < 32; ++lane)
+    if (simt::warp_exchange(predicate, lane)) ballot |= 1u << lane;
+  return ballot;
+}
+
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline uint32_t __float_as_uint(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  return u;
+}
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline uint64_t min(uint64_t a, uint64_t b) { return a < b ? a : b; }

@@ -1,0 +1,41 @@
+"""The ``cuda`` backend: ``csrc/`` kernels, built on first use (see :mod:`.cuda_build`).
+
+When no CUDA toolkit is installed the backend warns once and runs the Triton
+backend instead, so ``backend="cuda"`` never fails for want of nvcc. A toolkit
+that is present but fails to compile ``csrc/`` is a bug and raises.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from . import cuda_build
+
+_fallback_reason: list[str] = []
+
+
+def extension_available() -> bool:
+    """Load (building if needed) the extension; False, with one warning, when no toolkit exists."""
+    if cuda_build.is_loaded():
+        return True
+    if _fallback_reason:
+        return False
+    try:
+        cuda_build.load()
+        return True
+    except cuda_build.CudaToolkitMissing as exc:
+        _fallback_reason.append(str(exc))
+        warnings.warn(f"zspa: backend 'cuda' unavailable ({exc}); using backend 'triton' instead",
+                      RuntimeWarning, stacklevel=3)
+        return False
+
+
+def select_tokens_cuda(visual, prompt, k, core_ratio, lengths, prompt_mask, relevance, pick_order):
+    """Backend entry point: ``torch.ops.zspa.select_tokens_cuda``, or Triton without a toolkit."""
+    if not extension_available():
+        from .triton import select_tokens_triton
+
+        return select_tokens_triton(visual, prompt, k, core_ratio, lengths, prompt_mask, relevance, pick_order)
+    return torch.ops.zspa.select_tokens_cuda(visual, prompt, k, core_ratio, lengths, prompt_mask, relevance,
+                                             pick_order)
