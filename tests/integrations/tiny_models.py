@@ -6,6 +6,9 @@ keyword arguments of ``model(...)``/``model.generate(...)`` with left padding.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
 VOCAB = 128
@@ -15,6 +18,13 @@ TEXT_IDS = (1, 90)  # ordinary text tokens are drawn from this range
 
 def _text(n: int, gen: torch.Generator) -> list[int]:
     return torch.randint(*TEXT_IDS, (n,), generator=gen).tolist()
+
+
+def _generators(rows, seeds) -> list[torch.Generator]:
+    """One generator per row, so a row's content depends only on its own seed: the
+    same row built alone (``seeds=[r]``) equals row ``r`` of the batch."""
+    seeds = range(len(rows)) if seeds is None else seeds
+    return [torch.Generator().manual_seed(1000 + s) for s in seeds]
 
 
 def _left_pad(rows: list[list[int]]) -> dict:
@@ -27,15 +37,23 @@ def _left_pad(rows: list[list[int]]) -> dict:
     return {"input_ids": ids, "attention_mask": mask}
 
 
+@dataclass
+class TinyVLM:
+    model: torch.nn.Module
+    make_inputs: Callable[..., dict]  # (rows, seeds=None) -> model kwargs
+    single: list  # one row: text, image, text
+    batch: list  # rows of different lengths and image counts/sizes
+
+
 def _finish(model: torch.nn.Module, attn: str) -> torch.nn.Module:
-    model.config._attn_implementation = attn
-    for sub in model.modules():
-        if hasattr(sub, "config") and hasattr(sub.config, "_attn_implementation"):
-            sub.config._attn_implementation = attn
+    model.set_attn_implementation(attn)
+    # Decode until max_new_tokens: an early eos would make step-by-step comparisons ragged.
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = PAD
     return model.eval()
 
 
-def llava(attn: str = "sdpa", seed: int = 0):
+def llava(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -52,20 +70,24 @@ def llava(attn: str = "sdpa", seed: int = 0):
     model = _finish(LlavaForConditionalGeneration(config), attn)
     tokens = 16  # (16 / 4) ** 2 patches, CLS dropped
 
-    def make_inputs(rows, seed: int = 0) -> dict:
-        gen = torch.Generator().manual_seed(seed)
-        ids, n_images = [], 0
-        for segments in rows:
+    def make_inputs(rows, seeds=None) -> dict:
+        ids, pixels = [], []
+        for segments, gen in zip(rows, _generators(rows, seeds)):
             row = []
             for kind, n in segments:
                 if kind == "text":
                     row += _text(n, gen)
                 else:
                     row += [image_token] * tokens
-                    n_images += 1
+                    pixels.append(torch.randn(3, 16, 16, generator=gen))
             ids.append(row)
-        out = _left_pad(ids)
-        out["pixel_values"] = torch.randn(n_images, 3, 16, 16, generator=gen)
-        return out
+        return dict(_left_pad(ids), pixel_values=torch.stack(pixels))
 
-    return model, make_inputs
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 5), ("image", 0), ("text", 7)]],
+                   batch=[[("text", 5), ("image", 0), ("text", 7)],
+                          [("text", 3), ("image", 0), ("text", 1), ("image", 0), ("text", 4)],
+                          [("image", 0), ("text", 9)]])
+
+
+BUILDERS = {"llava": llava}

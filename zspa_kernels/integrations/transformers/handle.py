@@ -62,10 +62,13 @@ class _CacheState:
     original_len: int  # L
     pruned_len: int  # L'
     next_position: torch.Tensor  # (..., B, 1) original position of the first new token
+    # Tokens appended since the prefill. Counted here: the static cache of transformers 4.x
+    # measures its length by non-zero keys of row 0, which miscounts left-padded rows.
+    grown: int = 0
 
 
-def _seq_len(cache) -> int:
-    return cache.get_seq_length() if cache is not None else 0
+def _is_empty(cache) -> bool:
+    return cache is None or cache.get_seq_length() == 0
 
 
 def _mask_2d(mask, batch: int, length: int, device) -> torch.Tensor:
@@ -130,7 +133,7 @@ class PruneHandle:
         self._input_ids = input_ids
         cache = kwargs.get("past_key_values")
         state = self._caches.get(cache) if cache is not None else None
-        if state is None or _seq_len(cache) == 0:
+        if state is None or _is_empty(cache):
             return None
         step = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         q = step.shape[1]
@@ -138,17 +141,16 @@ class PruneHandle:
             raise RuntimeError(REUSE_ERROR)
         if kwargs.get("position_ids") is None:
             # Continue the original numbering; the model would count cache slots instead.
-            kwargs["position_ids"] = state.next_position + (_seq_len(cache) - state.pruned_len)
+            kwargs["position_ids"] = state.next_position + state.grown
             return args, kwargs
         return None
 
     def _lm_pre_hook(self, module, args, kwargs):
         cache = kwargs.get("past_key_values")
-        past = _seq_len(cache)
-        if past > 0:
+        if not _is_empty(cache):
             state = self._caches.get(cache)
             if state is not None:
-                self._decode_step(state, past, kwargs)
+                self._decode_step(state, kwargs)
                 return args, kwargs
             return None
         embeds = kwargs.get("inputs_embeds")
@@ -257,12 +259,13 @@ class PruneHandle:
             self._caches[cache] = _CacheState(new_mask, L, new_len, last + 1)
 
     # -- decode ----------------------------------------------------------------------------
-    def _decode_step(self, state: _CacheState, past: int, kwargs) -> None:
+    def _decode_step(self, state: _CacheState, kwargs) -> None:
         embeds = kwargs.get("inputs_embeds")
         q = embeds.shape[1]
         if q != 1:
             raise RuntimeError(REUSE_ERROR)
-        grown = past - state.pruned_len  # tokens appended since the prefill
+        grown, past = state.grown, state.pruned_len + state.grown
+        state.grown += q
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             if mask.shape[1] != state.original_len + grown + q:
