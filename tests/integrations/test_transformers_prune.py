@@ -76,7 +76,7 @@ def test_keep_all_reproduces_unpatched_logits_exactly(tiny):
     expected = tiny.model(**inputs).logits
     with zspa_kernels.prune(tiny.model, keep=1.0) as handle:
         got = tiny.model(**inputs).logits
-    assert len(handle.last_selection) == sum(seg[0] == "image" for r in tiny.batch for seg in r)
+    assert len(handle.last_selection) == sum(seg[0] != "text" for r in tiny.batch for seg in r)
     assert all(s.order.shape[0] == s.n_tokens for s in handle.last_selection)
     assert torch.equal(got, expected)
 
@@ -181,6 +181,8 @@ def test_second_generate_on_a_pruned_cache_is_refused(tiny):
                                   return_dict_in_generate=True)
         follow_up = dict(inputs, input_ids=out.sequences,
                          attention_mask=torch.ones_like(out.sequences))
+        if "mm_token_type_ids" in inputs:  # the new tokens are text
+            follow_up["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, 2))
         with pytest.raises(RuntimeError, match="pruned prefill"):
             tiny.model.generate(**follow_up, past_key_values=out.past_key_values, max_new_tokens=2)
 
@@ -208,3 +210,23 @@ def test_remove_restores_the_unpatched_model():
         assert tiny.model(**inputs).logits.shape[1] < expected.shape[1]
         handle.remove()
         assert torch.equal(tiny.model(**inputs).logits, expected)
+
+
+@pytest.mark.parametrize("with_mask", [True, False])
+@torch.no_grad()
+def test_hand_written_decode_loop_matches_generate(tiny, with_mask):
+    """A loop that passes neither positions nor (optionally) a mask still decodes at the
+    original positions: the hooks supply them for a pruned cache."""
+    inputs = tiny.make_inputs(tiny.single)
+    with zspa_kernels.prune(tiny.model, keep=KEEP):
+        expected = tiny.model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+        out = tiny.model(**inputs, use_cache=True)
+        tokens, mask = [out.logits[:, -1].argmax(-1, keepdim=True)], inputs["attention_mask"]
+        for _ in range(NEW_TOKENS - 1):
+            mask = torch.cat([mask, mask.new_ones(1, 1)], 1)
+            step = dict(attention_mask=mask) if with_mask else {}
+            out = tiny.model(input_ids=tokens[-1], past_key_values=out.past_key_values,
+                             use_cache=True, **step)
+            tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+    assert torch.equal(torch.cat(tokens, 1), expected[:, -NEW_TOKENS:])
+

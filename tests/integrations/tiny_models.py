@@ -6,6 +6,7 @@ keyword arguments of ``model(...)``/``model.generate(...)`` with left padding.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -90,4 +91,71 @@ def llava(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                           [("image", 0), ("text", 9)]])
 
 
-BUILDERS = {"llava": llava}
+QWEN_IMAGE, QWEN_VIDEO, QWEN_START, QWEN_END = 120, 121, 122, 123
+QWEN_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512,
+                 rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]},
+                 pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+QWEN_PATCH = dict(patch_size=2, spatial_merge_size=2, temporal_patch_size=2)
+
+
+def _qwen(config_cls, model_cls, vision: dict, attn: str, seed: int) -> TinyVLM:
+    """Qwen2/2.5/3-VL: each image or video is wrapped in vision start/end markers and
+    takes ``t*h*w / 4`` tokens for a ``(t, h, w)`` patch grid (2x2 merge)."""
+    torch.manual_seed(seed)
+    config = config_cls(text_config=QWEN_TEXT, vision_config=dict(vision, **QWEN_PATCH),
+                        image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO,
+                        vision_start_token_id=QWEN_START, vision_end_token_id=QWEN_END)
+    model = _finish(model_cls(config), attn)
+    patch_dim = 3 * 2 * 2 * 2
+    takes_types = "mm_token_type_ids" in inspect.signature(model.model.forward).parameters
+
+    def make_inputs(rows, seeds=None) -> dict:
+        ids, media = [], {"image": ([], []), "video": ([], [])}
+        for segments, gen in zip(rows, _generators(rows, seeds)):
+            row = []
+            for kind, grid in segments:
+                if kind == "text":
+                    row += _text(grid, gen)
+                    continue
+                t, h, w = grid if kind == "video" else (1, *grid)
+                token = QWEN_VIDEO if kind == "video" else QWEN_IMAGE
+                row += [QWEN_START] + [token] * (t * h * w // 4) + [QWEN_END]
+                pixels, grids = media[kind]
+                pixels.append(torch.randn(t * h * w, patch_dim, generator=gen))
+                grids.append([t if kind == "video" else 1, h, w])
+            ids.append(row)
+        out = _left_pad(ids)
+        for kind, (pixels, grids) in media.items():
+            if pixels:
+                prefix = "" if kind == "image" else "_videos"
+                out[f"pixel_values{prefix}"] = torch.cat(pixels)
+                out[f"{kind}_grid_thw"] = torch.tensor(grids)
+        if takes_types:  # transformers 5.x: M-RoPE reads the modality of every token
+            out["mm_token_type_ids"] = ((out["input_ids"] == QWEN_IMAGE).int()
+                                        + 2 * (out["input_ids"] == QWEN_VIDEO).int())
+        return out
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 4), ("image", (8, 8)), ("text", 6)]],
+                   batch=[[("text", 4), ("image", (8, 8)), ("text", 6)],
+                          [("text", 2), ("image", (4, 8)), ("text", 1), ("image", (6, 8)), ("text", 3)],
+                          [("video", (2, 4, 8)), ("text", 5)]])
+
+
+def qwen2_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    vision = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2)
+    return _qwen(Qwen2VLConfig, Qwen2VLForConditionalGeneration, vision, attn, seed)
+
+
+def qwen2_5_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                  window_size=8, fullatt_block_indexes=[1])
+    return _qwen(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, vision, attn, seed)
+
+
+BUILDERS = {"llava": llava, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl}

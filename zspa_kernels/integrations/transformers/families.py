@@ -37,21 +37,12 @@ def _llava_tokens_per_image(config) -> int:
     return n + 1 if config.vision_feature_select_strategy == "full" else n
 
 
-def _shift_rope_deltas(prefill) -> None:
-    """Qwen2/2.5-VL keep ``rope_deltas`` (M-RoPE position minus cache slot) on the base
-    model for decode steps without explicit positions: a row that dropped ``d`` tokens
-    has its cache slots ``d`` behind its positions."""
-    deltas = getattr(prefill.base, "rope_deltas", None)
-    if deltas is not None and deltas.shape[0] == prefill.dropped.shape[0]:
-        prefill.base.rope_deltas = deltas + prefill.dropped.to(deltas)[:, None]
-
-
 FAMILIES: tuple[Family, ...] = (
     Family("LLaVA-1.5", ("llava",), tokens_per_image=_llava_tokens_per_image),
-    Family("Qwen2-VL", ("qwen2_vl",), visual_token_attrs=("image_token_id", "video_token_id"),
-           on_prefill=_shift_rope_deltas),
-    Family("Qwen2.5-VL", ("qwen2_5_vl",), visual_token_attrs=("image_token_id", "video_token_id"),
-           on_prefill=_shift_rope_deltas),
+    # Qwen's rope_deltas stay as computed: decode positions come from generate() (original
+    # numbering), or from the hooks when a caller passes none, never from cache slots.
+    Family("Qwen2-VL", ("qwen2_vl",), visual_token_attrs=("image_token_id", "video_token_id")),
+    Family("Qwen2.5-VL", ("qwen2_5_vl",), visual_token_attrs=("image_token_id", "video_token_id")),
 )
 
 
@@ -71,7 +62,9 @@ def split_model(model: torch.nn.Module, family: Family) -> tuple[torch.nn.Module
     """``(base, language_model)``: the module that merges visual features into the
     embeddings, and the text decoder it calls. Accepts the ``...ForConditionalGeneration``
     wrapper or the base model itself."""
-    base = model if hasattr(model, family.lm_attr) else getattr(model, "model", None)
+    # The wrapper first: in transformers 4.x it also exposes .language_model, as a property.
+    inner = getattr(model, "model", None)
+    base = inner if isinstance(inner, torch.nn.Module) and hasattr(inner, family.lm_attr) else model
     lm = getattr(base, family.lm_attr, None)
     if not isinstance(lm, torch.nn.Module):
         raise ValueError(f"model: expected a {family.name} model with .{family.lm_attr} "
