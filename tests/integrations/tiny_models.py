@@ -91,6 +91,59 @@ def llava(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                           [("image", 0), ("text", 9)]])
 
 
+def llava_next(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """Any-resolution LLaVA: an image of size (H, W) takes a base 4x4 view plus the
+    unpadded tiles of its best grid, with a newline feature per row: counts differ."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig,
+                              LlavaNextForConditionalGeneration)
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    torch.manual_seed(seed)
+    image_token = 127
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=16, patch_size=4),
+        text_config=LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                max_position_embeddings=512, pad_token_id=PAD, bos_token_id=1,
+                                eos_token_id=2),
+        image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]], image_token_id=image_token,
+        pad_token_id=PAD,
+    )
+    model = _finish(LlavaNextForConditionalGeneration(config), attn)
+
+    def n_tokens(pixels: torch.Tensor, size: tuple) -> int:
+        with torch.no_grad():
+            out = model.model.get_image_features(pixel_values=pixels[None],
+                                                 image_sizes=torch.tensor([size]))
+        return getattr(out, "pooler_output", out)[0].shape[0]
+
+    def make_inputs(rows, seeds=None) -> dict:
+        ids, pixels, sizes = [], [], []
+        for segments, gen in zip(rows, _generators(rows, seeds)):
+            row = []
+            for kind, size in segments:
+                if kind == "text":
+                    row += _text(size, gen)
+                    continue
+                tiles = image_size_to_num_patches(size, config.image_grid_pinpoints, 16)
+                pixels.append(torch.randn(tiles, 3, 16, 16, generator=gen))
+                sizes.append(size)
+                row += [image_token] * n_tokens(pixels[-1], size)
+            ids.append(row)
+        most = max(p.shape[0] for p in pixels)
+        padded = torch.stack([torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[0]))
+                              for p in pixels])
+        return dict(_left_pad(ids), pixel_values=padded, image_sizes=torch.tensor(sizes))
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 5), ("image", (16, 32)), ("text", 7)]],
+                   batch=[[("text", 5), ("image", (32, 32)), ("text", 7)],
+                          [("text", 3), ("image", (16, 32)), ("text", 1), ("image", (32, 16)),
+                           ("text", 4)],
+                          [("image", (16, 16)), ("text", 9)]])
+
+
 QWEN_IMAGE, QWEN_VIDEO, QWEN_START, QWEN_END = 120, 121, 122, 123
 QWEN_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512,
@@ -158,4 +211,4 @@ def qwen2_5_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     return _qwen(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, vision, attn, seed)
 
 
-BUILDERS = {"llava": llava, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl}
+BUILDERS = {"llava": llava, "llava_next": llava_next, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl}

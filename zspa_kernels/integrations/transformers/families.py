@@ -39,6 +39,8 @@ def _llava_tokens_per_image(config) -> int:
 
 FAMILIES: tuple[Family, ...] = (
     Family("LLaVA-1.5", ("llava",), tokens_per_image=_llava_tokens_per_image),
+    # Any-resolution: counts differ per image; each run of image tokens is one image.
+    Family("LLaVA-NeXT", ("llava_next",)),
     # Qwen's rope_deltas stay as computed: decode positions come from generate() (original
     # numbering), or from the hooks when a caller passes none, never from cache slots.
     Family("Qwen2-VL", ("qwen2_vl",), visual_token_attrs=("image_token_id", "video_token_id")),
