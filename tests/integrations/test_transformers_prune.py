@@ -57,8 +57,15 @@ def no_cache_logits(model, prefill: dict, decode_positions: list, tokens: torch.
     mask = torch.cat([mask, mask.new_ones(len(rows), tokens.shape[1])], 1)
     positions = torch.cat([prefill["position_ids"][..., rows, :]]
                           + [p[..., rows, :] for p in decode_positions], -1)
+    extra = {}
+    if prefill.get("visual_pos_masks") is not None:  # Qwen3-VL deepstack features
+        visual = prefill["visual_pos_masks"]
+        owner = visual.nonzero()[:, 0]  # batch row of each deepstack feature row
+        chosen = torch.isin(owner, torch.tensor(rows))
+        extra["visual_pos_masks"] = torch.nn.functional.pad(visual[rows], (0, tokens.shape[1]))
+        extra["deepstack_visual_embeds"] = [e[chosen] for e in prefill["deepstack_visual_embeds"]]
     hidden = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                use_cache=False).last_hidden_state
+                use_cache=False, **extra).last_hidden_state
     return model.get_output_embeddings()(hidden)
 
 
@@ -76,7 +83,7 @@ def test_keep_all_reproduces_unpatched_logits_exactly(tiny):
     expected = tiny.model(**inputs).logits
     with zspa_kernels.prune(tiny.model, keep=1.0) as handle:
         got = tiny.model(**inputs).logits
-    assert len(handle.last_selection) == sum(seg[0] != "text" for r in tiny.batch for seg in r)
+    assert len(handle.last_selection) == tiny.n_images(tiny.batch)
     assert all(s.order.shape[0] == s.n_tokens for s in handle.last_selection)
     assert torch.equal(got, expected)
 
@@ -141,14 +148,14 @@ def test_cached_generation_equals_no_cache_reference(tiny, mode):
 
 @torch.no_grad()
 def test_beam_search_scores_equal_no_cache_reference(tiny):
-    inputs = tiny.make_inputs(tiny.batch)
+    inputs = tiny.make_inputs(tiny.beam_batch)
     beams = 3
     gen = dict(num_beams=beams, do_sample=False, length_penalty=0.0)
     positions = unpruned_decode_positions(tiny.model, inputs, **gen)
     with zspa_kernels.prune(tiny.model, keep=KEEP), capture_lm_calls(tiny.model) as calls:
         out = tiny.model.generate(**inputs, max_new_tokens=NEW_TOKENS, output_scores=True,
                                   return_dict_in_generate=True, **gen)
-    rows = [b * beams for b in range(len(tiny.batch))]  # beams of a row share its prefill
+    rows = [b * beams for b in range(len(tiny.beam_batch))]  # beams of a row share its prefill
     tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
     ref = no_cache_logits(tiny.model, calls[0], positions, tokens, rows).log_softmax(-1)
     start = calls[0]["inputs_embeds"].shape[1] - 1
@@ -230,3 +237,25 @@ def test_hand_written_decode_loop_matches_generate(tiny, with_mask):
             tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
     assert torch.equal(torch.cat(tokens, 1), expected[:, -NEW_TOKENS:])
 
+
+
+@torch.no_grad()
+def test_qwen3_deepstack_rows_follow_their_tokens():
+    """Each kept visual token keeps its own deepstack features (matched by its embedding)."""
+    tiny = BUILDERS["qwen3_vl"]()
+    inputs = tiny.make_inputs(tiny.batch)
+    with capture_lm_calls(tiny.model) as full:
+        tiny.model(**inputs)
+    with zspa_kernels.prune(tiny.model, keep=KEEP), capture_lm_calls(tiny.model) as pruned:
+        tiny.model(**inputs)
+    (full,), (pruned,) = full, pruned
+
+    def visual_rows(kw):
+        return kw["inputs_embeds"][kw["visual_pos_masks"]], kw["deepstack_visual_embeds"]
+
+    (embeds, stacks), (kept_embeds, kept_stacks) = visual_rows(full), visual_rows(pruned)
+    assert kept_embeds.shape[0] < embeds.shape[0]
+    source = (kept_embeds[:, None] == embeds[None]).all(-1).float().argmax(1)
+    assert torch.equal(embeds[source], kept_embeds)
+    for layer, kept_layer in zip(stacks, kept_stacks):
+        assert torch.equal(layer[source], kept_layer)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import transformers
 
 VOCAB = 128
 PAD = 0
@@ -44,6 +45,18 @@ class TinyVLM:
     make_inputs: Callable[..., dict]  # (rows, seeds=None) -> model kwargs
     single: list  # one row: text, image, text
     batch: list  # rows of different lengths and image counts/sizes
+    frames_are_images: bool = False  # each video frame is its own run of tokens (Qwen3-VL)
+    beam_video: bool = True  # False where the unpatched model cannot beam-search a video
+
+    @property
+    def beam_batch(self) -> list:
+        return self.batch if self.beam_video else [r for r in self.batch
+                                                    if all(s[0] != "video" for s in r)]
+
+    def n_images(self, rows) -> int:
+        """How many separately budgeted images (or frames) ``rows`` hold."""
+        return sum(seg[1][0] if seg[0] == "video" and self.frames_are_images else 1
+                   for row in rows for seg in row if seg[0] != "text")
 
 
 def _finish(model: torch.nn.Module, attn: str) -> torch.nn.Module:
@@ -152,11 +165,12 @@ QWEN_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_
 QWEN_PATCH = dict(patch_size=2, spatial_merge_size=2, temporal_patch_size=2)
 
 
-def _qwen(config_cls, model_cls, vision: dict, attn: str, seed: int) -> TinyVLM:
+def _qwen(config_cls, model_cls, vision: dict, attn: str, seed: int, text=QWEN_TEXT,
+          per_frame: bool = False) -> TinyVLM:
     """Qwen2/2.5/3-VL: each image or video is wrapped in vision start/end markers and
     takes ``t*h*w / 4`` tokens for a ``(t, h, w)`` patch grid (2x2 merge)."""
     torch.manual_seed(seed)
-    config = config_cls(text_config=QWEN_TEXT, vision_config=dict(vision, **QWEN_PATCH),
+    config = config_cls(text_config=text, vision_config=dict(vision, **QWEN_PATCH),
                         image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO,
                         vision_start_token_id=QWEN_START, vision_end_token_id=QWEN_END)
     model = _finish(model_cls(config), attn)
@@ -173,7 +187,11 @@ def _qwen(config_cls, model_cls, vision: dict, attn: str, seed: int) -> TinyVLM:
                     continue
                 t, h, w = grid if kind == "video" else (1, *grid)
                 token = QWEN_VIDEO if kind == "video" else QWEN_IMAGE
-                row += [QWEN_START] + [token] * (t * h * w // 4) + [QWEN_END]
+                # Qwen3-VL wraps every video frame in its own markers (after a timestamp).
+                for _ in range(t if kind == "video" and per_frame else 1):
+                    n = h * w // 4 * (1 if kind == "image" or per_frame else t)
+                    row += ([QWEN_START] + [token] * n + [QWEN_END]
+                            + (_text(1, gen) if kind == "video" and per_frame else []))
                 pixels, grids = media[kind]
                 pixels.append(torch.randn(t * h * w, patch_dim, generator=gen))
                 grids.append([t if kind == "video" else 1, h, w])
@@ -193,7 +211,11 @@ def _qwen(config_cls, model_cls, vision: dict, attn: str, seed: int) -> TinyVLM:
                    single=[[("text", 4), ("image", (8, 8)), ("text", 6)]],
                    batch=[[("text", 4), ("image", (8, 8)), ("text", 6)],
                           [("text", 2), ("image", (4, 8)), ("text", 1), ("image", (6, 8)), ("text", 3)],
-                          [("video", (2, 4, 8)), ("text", 5)]])
+                          [("video", (2, 4, 8)), ("text", 5)]],
+                   frames_are_images=per_frame,
+                   # transformers 4.57's Qwen3-VL counts frames as videos when it expands
+                   # the inputs for beam search, and fails before any hook runs.
+                   beam_video=not (per_frame and transformers.__version__.startswith("4.")))
 
 
 def qwen2_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
@@ -211,4 +233,15 @@ def qwen2_5_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     return _qwen(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, vision, attn, seed)
 
 
-BUILDERS = {"llava": llava, "llava_next": llava_next, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl}
+def qwen3_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                  num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
+    text = dict(QWEN_TEXT, head_dim=8, rope_scaling={"rope_type": "default", "mrope_section": [2, 1, 1],
+                                                     "mrope_interleaved": True})
+    return _qwen(Qwen3VLConfig, Qwen3VLForConditionalGeneration, vision, attn, seed, text=text,
+                 per_frame=True)
+
+
+BUILDERS = {"llava": llava, "llava_next": llava_next, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl}

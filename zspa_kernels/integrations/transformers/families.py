@@ -37,6 +37,24 @@ def _llava_tokens_per_image(config) -> int:
     return n + 1 if config.vision_feature_select_strategy == "full" else n
 
 
+def _gather_deepstack(prefill) -> None:
+    """Qwen3-VL adds ``deepstack_visual_embeds[l]`` (one row per visual token, row-major)
+    to the hidden states at ``visual_pos_masks`` in its first layers: keep the rows and
+    mask entries of the kept visual tokens, in the new layout's row-major order."""
+    kwargs = prefill.kwargs
+    positions = kwargs.get("visual_pos_masks")
+    if positions is None:
+        return
+    rank = (positions.flatten().long().cumsum(0) - 1).view_as(positions)  # row of each token
+    kept = positions.gather(1, prefill.index) & prefill.valid
+    # Row-major order of the kept visual slots, without a sync: their count is known.
+    flat = torch.arange(kept.numel(), device=kept.device).view_as(kept)
+    order = torch.where(kept, flat, flat + kept.numel()).flatten().argsort()[: prefill.n_visual_kept]
+    rows = rank.gather(1, prefill.index).flatten()[order]
+    kwargs["visual_pos_masks"] = kept
+    kwargs["deepstack_visual_embeds"] = [e[rows] for e in kwargs["deepstack_visual_embeds"]]
+
+
 FAMILIES: tuple[Family, ...] = (
     Family("LLaVA-1.5", ("llava",), tokens_per_image=_llava_tokens_per_image),
     # Any-resolution: counts differ per image; each run of image tokens is one image.
@@ -45,6 +63,8 @@ FAMILIES: tuple[Family, ...] = (
     # numbering), or from the hooks when a caller passes none, never from cache slots.
     Family("Qwen2-VL", ("qwen2_vl",), visual_token_attrs=("image_token_id", "video_token_id")),
     Family("Qwen2.5-VL", ("qwen2_5_vl",), visual_token_attrs=("image_token_id", "video_token_id")),
+    Family("Qwen3-VL", ("qwen3_vl",), visual_token_attrs=("image_token_id", "video_token_id"),
+           on_prefill=_gather_deepstack),
 )
 
 

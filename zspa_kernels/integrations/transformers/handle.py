@@ -52,6 +52,7 @@ class Prefill:
     valid: torch.Tensor  # (B, L') False on slots added by left re-padding
     visual: torch.Tensor  # (B, L) original positions holding visual tokens
     dropped: torch.Tensor  # (B,) visual tokens dropped per row
+    n_visual_kept: int  # visual tokens kept in the whole batch
 
 
 @dataclass
@@ -253,7 +254,7 @@ class PruneHandle:
             cache = kwargs["past_key_values"] = DynamicCache(config=self.lm.config)
         if self.family.on_prefill is not None:
             self.family.on_prefill(Prefill(self.base, kwargs, index, valid, visual,
-                                           dropped_h.to(device)))
+                                           dropped_h.to(device), int(pick_rows.shape[0])))
         if cache is not None:
             last = positions.masked_fill(new_mask == 0, -1).amax(-1, keepdim=True)
             self._caches[cache] = _CacheState(new_mask, L, new_len, last + 1)
