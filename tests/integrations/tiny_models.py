@@ -157,6 +157,60 @@ def llava_next(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                           [("image", (16, 16)), ("text", 9)]])
 
 
+def _idefics(config_cls, model_cls, attn: str, seed: int) -> TinyVLM:
+    """Idefics3/SmolVLM: a 32x32 image gives (32/4)^2 patches, pixel-shuffled 2x2 into
+    16 tokens, wrapped in <fake_token_around_image> markers."""
+    torch.manual_seed(seed)
+    image_token, around = 127, 126
+    config = config_cls(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=32, patch_size=4),
+        text_config=dict(model_type="llama", hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         vocab_size=VOCAB, max_position_embeddings=512, pad_token_id=PAD,
+                         bos_token_id=1, eos_token_id=2),
+        scale_factor=2, image_token_id=image_token, pad_token_id=PAD,
+    )
+    model = _finish(model_cls(config), attn)
+
+    def make_inputs(rows, seeds=None) -> dict:
+        ids, pixels = [], []
+        for segments, gen in zip(rows, _generators(rows, seeds)):
+            row, images = [], []
+            for kind, n in segments:
+                if kind == "text":
+                    row += _text(n, gen)
+                else:
+                    row += [around] + [image_token] * 16 + [around]
+                    images.append(torch.randn(3, 32, 32, generator=gen))
+            ids.append(row)
+            pixels.append(images)
+        most = max(len(p) for p in pixels)  # all-zero images are padding to the model
+        stacked = torch.zeros(len(rows), most, 3, 32, 32)
+        for r, images in enumerate(pixels):
+            if images:
+                stacked[r, : len(images)] = torch.stack(images)
+        return dict(_left_pad(ids), pixel_values=stacked)
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 5), ("image", 0), ("text", 7)]],
+                   batch=[[("text", 5), ("image", 0), ("text", 7)],
+                          [("text", 3), ("image", 0), ("image", 0), ("text", 4)],
+                          [("image", 0), ("text", 9)]])
+
+
+def idefics3(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+
+    return _idefics(Idefics3Config, Idefics3ForConditionalGeneration, attn, seed)
+
+
+def smolvlm(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    return _idefics(SmolVLMConfig, SmolVLMForConditionalGeneration, attn, seed)
+
+
 QWEN_IMAGE, QWEN_VIDEO, QWEN_START, QWEN_END = 120, 121, 122, 123
 QWEN_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512,
@@ -244,4 +298,4 @@ def qwen3_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                  per_frame=True)
 
 
-BUILDERS = {"llava": llava, "llava_next": llava_next, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl}
+BUILDERS = {"llava": llava, "idefics3": idefics3, "smolvlm": smolvlm, "llava_next": llava_next, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl}

@@ -55,6 +55,11 @@ def _gather_deepstack(prefill) -> None:
     kwargs["deepstack_visual_embeds"] = [e[rows] for e in kwargs["deepstack_visual_embeds"]]
 
 
+def _idefics3_tokens_per_image(config) -> int:
+    vision = config.vision_config
+    return (vision.image_size // vision.patch_size) ** 2 // config.scale_factor ** 2
+
+
 FAMILIES: tuple[Family, ...] = (
     Family("LLaVA-1.5", ("llava",), tokens_per_image=_llava_tokens_per_image),
     # Any-resolution: counts differ per image; each run of image tokens is one image.
@@ -65,6 +70,9 @@ FAMILIES: tuple[Family, ...] = (
     Family("Qwen2.5-VL", ("qwen2_5_vl",), visual_token_attrs=("image_token_id", "video_token_id")),
     Family("Qwen3-VL", ("qwen3_vl",), visual_token_attrs=("image_token_id", "video_token_id"),
            on_prefill=_gather_deepstack),
+    # Each tile of a split image (and its global view) is its own run and budget.
+    Family("Idefics3/SmolVLM", ("idefics3", "smolvlm"), lm_attr="text_model",
+           tokens_per_image=_idefics3_tokens_per_image),
 )
 
 
