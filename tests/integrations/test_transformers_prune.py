@@ -47,13 +47,26 @@ def capture_lm_calls(model):
         hook.remove()
 
 
-def no_cache_logits(model, prefill: dict, decode_positions: list, tokens: torch.Tensor, rows):
-    """Logits of the bare language model over ``prefill``'s (pruned) inputs plus all but
-    the last of ``tokens``, without a cache; ``decode_positions`` are their positions."""
-    lm = lm_of(model)
+def padding_mask(mask) -> torch.Tensor:
+    """The 2-D mask behind a captured mask argument (Gemma3 gets a dict of 4-D masks:
+    the last query row of a prefill attends to every non-padding key)."""
+    if isinstance(mask, dict):
+        full = mask["full_attention"]
+        row = full[:, 0, -1]
+        return (row if row.dtype == torch.bool else row == 0).long()
+    return mask
+
+
+def no_cache_logits(model, prefill: dict, decode_positions: list, tokens: torch.Tensor, rows,
+                    image_features=None):
+    """Logits over ``prefill``'s (pruned) inputs plus all but the last of ``tokens``,
+    without a cache; ``decode_positions`` are their positions. With ``image_features``
+    (Gemma3: masks depend on which slots hold image tokens) the base model builds the
+    masks itself from token types found by matching the prefix embeddings to them."""
     tokens = tokens[:, :-1]
-    embeds = torch.cat([prefill["inputs_embeds"][rows], model.get_input_embeddings()(tokens)], 1)
-    mask = prefill["attention_mask"][rows]
+    prefix = prefill["inputs_embeds"][rows]
+    embeds = torch.cat([prefix, model.get_input_embeddings()(tokens)], 1)
+    mask = padding_mask(prefill["attention_mask"])[rows][:, : prefix.shape[1]]
     mask = torch.cat([mask, mask.new_ones(len(rows), tokens.shape[1])], 1)
     positions = torch.cat([prefill["position_ids"][..., rows, :]]
                           + [p[..., rows, :] for p in decode_positions], -1)
@@ -64,9 +77,23 @@ def no_cache_logits(model, prefill: dict, decode_positions: list, tokens: torch.
         chosen = torch.isin(owner, torch.tensor(rows))
         extra["visual_pos_masks"] = torch.nn.functional.pad(visual[rows], (0, tokens.shape[1]))
         extra["deepstack_visual_embeds"] = [e[chosen] for e in prefill["deepstack_visual_embeds"]]
-    hidden = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                use_cache=False, **extra).last_hidden_state
+    decoder = lm_of(model)
+    if image_features is not None:
+        is_image = (embeds[:, :, None] == image_features[None, None]).all(-1).any(-1)
+        extra["token_type_ids"] = is_image.long()
+        decoder = model.model
+    hidden = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                     use_cache=False, **extra).last_hidden_state
     return model.get_output_embeddings()(hidden)
+
+
+def image_features_of(model, inputs):
+    """The visual feature rows the unpatched model merges in, where masks depend on them."""
+    if "token_type_ids" not in inputs:
+        return None
+    with capture_lm_calls(model) as calls, torch.no_grad():
+        model(**inputs)
+    return calls[0]["inputs_embeds"][inputs["token_type_ids"].bool()]
 
 
 def unpruned_decode_positions(model, inputs, **gen):
@@ -138,7 +165,8 @@ def test_cached_generation_equals_no_cache_reference(tiny, mode):
     prefill = calls[0]
     tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
     rows = list(range(len(tiny.batch)))
-    ref = no_cache_logits(tiny.model, prefill, positions, tokens, rows)
+    ref = no_cache_logits(tiny.model, prefill, positions, tokens, rows,
+                          image_features_of(tiny.model, inputs))
     start = prefill["inputs_embeds"].shape[1] - 1
     for t, logits in enumerate(out.logits):
         torch.testing.assert_close(logits, ref[:, start + t], atol=ATOL, rtol=0)
@@ -157,7 +185,8 @@ def test_beam_search_scores_equal_no_cache_reference(tiny):
                                   return_dict_in_generate=True, **gen)
     rows = [b * beams for b in range(len(tiny.beam_batch))]  # beams of a row share its prefill
     tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
-    ref = no_cache_logits(tiny.model, calls[0], positions, tokens, rows).log_softmax(-1)
+    ref = no_cache_logits(tiny.model, calls[0], positions, tokens, rows,
+                          image_features_of(tiny.model, inputs)).log_softmax(-1)
     start = calls[0]["inputs_embeds"].shape[1] - 1
     steps = ref[:, start:start + NEW_TOKENS].gather(-1, tokens[..., None])[..., 0]
     torch.testing.assert_close(out.sequences_scores, steps.sum(-1), atol=1e-4, rtol=0)

@@ -211,6 +211,48 @@ def smolvlm(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     return _idefics(SmolVLMConfig, SmolVLMForConditionalGeneration, attn, seed)
 
 
+def gemma3(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """Gemma3: 16 soft tokens per 16x16 image between begin/end-of-image markers; image
+    blocks attend bidirectionally; one sliding-window layer (window 16)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    image_token, boi, eoi = 127, 125, 126
+    config = Gemma3Config(
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         query_pre_attn_scalar=8, vocab_size=VOCAB, max_position_embeddings=512,
+                         sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                         pad_token_id=PAD, bos_token_id=1, eos_token_id=2),
+        mm_tokens_per_image=16, image_token_id=image_token, boi_token_id=boi, eoi_token_id=eoi,
+        pad_token_id=PAD,
+    )
+    model = _finish(Gemma3ForConditionalGeneration(config), attn)
+
+    def make_inputs(rows, seeds=None) -> dict:
+        ids, pixels = [], []
+        for segments, gen in zip(rows, _generators(rows, seeds)):
+            row = []
+            for kind, n in segments:
+                if kind == "text":
+                    row += _text(n, gen)
+                else:
+                    row += [boi] + [image_token] * 16 + [eoi]
+                    pixels.append(torch.randn(3, 16, 16, generator=gen))
+            ids.append(row)
+        out = _left_pad(ids)
+        out["token_type_ids"] = (out["input_ids"] == image_token).long()
+        return dict(out, pixel_values=torch.stack(pixels))
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 5), ("image", 0), ("text", 7)]],
+                   batch=[[("text", 5), ("image", 0), ("text", 7)],
+                          [("text", 3), ("image", 0), ("text", 1), ("image", 0), ("text", 4)],
+                          [("image", 0), ("text", 9)]])
+
+
 QWEN_IMAGE, QWEN_VIDEO, QWEN_START, QWEN_END = 120, 121, 122, 123
 QWEN_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512,
@@ -298,4 +340,4 @@ def qwen3_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                  per_frame=True)
 
 
-BUILDERS = {"llava": llava, "idefics3": idefics3, "smolvlm": smolvlm, "llava_next": llava_next, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl}
+BUILDERS = {"llava": llava, "gemma3": gemma3, "idefics3": idefics3, "smolvlm": smolvlm, "llava_next": llava_next, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl}

@@ -8,6 +8,7 @@ more than embeddings, mask and positions).
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -25,6 +26,9 @@ class Family:
     tokens_per_image: Callable[[Any], Optional[int]] = lambda config: None
     # Called after the prefill gather with the Prefill record (see handle.py).
     on_prefill: Optional[Callable[..., None]] = None
+    # For language models that take prebuilt masks: (config, embeds, 2-D mask, cache,
+    # position_ids, token_type_ids or None at decode, cache slots) -> the mask argument.
+    build_mask: Optional[Callable[..., Any]] = None
 
     def visual_token_ids(self, config) -> list[int]:
         ids = [getattr(config, attr, None) for attr in self.visual_token_attrs]
@@ -60,6 +64,22 @@ def _idefics3_tokens_per_image(config) -> int:
     return (vision.image_size // vision.patch_size) ** 2 // config.scale_factor ** 2
 
 
+def _gemma3_masks(config, embeds, mask, cache, positions, token_types, slots):
+    """Gemma3's base model hands its language model a dict of 4-D masks in which each
+    image block attends to itself bidirectionally; rebuild it for the pruned layout with
+    the model's own builder (its signature differs between transformers 4.x and 5.x)."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3ForConditionalGeneration
+
+    build = Gemma3ForConditionalGeneration.create_masks_for_generate
+    params = inspect.signature(build).parameters
+    kwargs = dict(config=config, attention_mask=mask, past_key_values=cache,
+                  position_ids=positions, token_type_ids=token_types)
+    kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = embeds
+    if "cache_position" in params:
+        kwargs["cache_position"] = slots
+    return build(**kwargs)
+
+
 FAMILIES: tuple[Family, ...] = (
     Family("LLaVA-1.5", ("llava",), tokens_per_image=_llava_tokens_per_image),
     # Any-resolution: counts differ per image; each run of image tokens is one image.
@@ -73,6 +93,8 @@ FAMILIES: tuple[Family, ...] = (
     # Each tile of a split image (and its global view) is its own run and budget.
     Family("Idefics3/SmolVLM", ("idefics3", "smolvlm"), lm_attr="text_model",
            tokens_per_image=_idefics3_tokens_per_image),
+    Family("Gemma3", ("gemma3",), tokens_per_image=lambda config: config.mm_tokens_per_image,
+           build_mask=_gemma3_masks),
 )
 
 

@@ -100,6 +100,7 @@ class PruneHandle:
         self.keep, self.core_ratio, self.relevance, self.prompt, self.backend = (
             keep, float(core_ratio), relevance, prompt, backend)
         self.base, self.lm = split_model(model, family)
+        self.config = model.config
         self.visual_ids = family.visual_token_ids(model.config)
         special = special_token_ids(model.config)
         if tokenizer is not None:
@@ -237,21 +238,26 @@ class PruneHandle:
         valid = src >= 0
         index = ranked.gather(1, src.clamp_min(0))
 
+        if cache is None and kwargs.get("use_cache", getattr(self.lm.config, "use_cache", False)):
+            from transformers import DynamicCache
+
+            cache = kwargs["past_key_values"] = DynamicCache(config=self.lm.config)
         kwargs["inputs_embeds"] = embeds.gather(1, index[..., None].expand(-1, -1, D))
         new_mask = mask.gather(1, index) * valid
-        kwargs["attention_mask"] = new_mask
         positions = kwargs.get("position_ids")
         if positions is None:
             positions = pos[None].expand(B, L)
         positions = positions.expand(*positions.shape[:-2], B, L)
         positions = positions.gather(-1, index.expand(*positions.shape[:-2], B, new_len))
         kwargs["position_ids"] = positions
+        slots = torch.arange(new_len, device=device)
         if kwargs.get("cache_position") is not None:  # transformers 4.x: cache slots
-            kwargs["cache_position"] = torch.arange(new_len, device=device)
-        if cache is None and kwargs.get("use_cache", getattr(self.lm.config, "use_cache", False)):
-            from transformers import DynamicCache
-
-            cache = kwargs["past_key_values"] = DynamicCache(config=self.lm.config)
+            kwargs["cache_position"] = slots
+        kwargs["attention_mask"] = new_mask
+        if self.family.build_mask is not None:
+            token_types = (visual.gather(1, index) & valid).long()
+            kwargs["attention_mask"] = self.family.build_mask(
+                self.config, kwargs["inputs_embeds"], new_mask, cache, positions, token_types, slots)
         if self.family.on_prefill is not None:
             self.family.on_prefill(Prefill(self.base, kwargs, index, valid, visual,
                                            dropped_h.to(device), int(pick_rows.shape[0])))
@@ -274,6 +280,11 @@ class PruneHandle:
             tail = mask[:, state.original_len:].to(state.mask.dtype)
         else:  # None, or the 4-D masks of a static cache: new tokens are all attended
             tail = state.mask.new_ones(state.mask.shape[0], grown + q)
-        kwargs["attention_mask"] = torch.cat([state.mask, tail], dim=1)
+        mask = torch.cat([state.mask, tail], dim=1)
+        slots = torch.arange(past, past + q, device=embeds.device)
         if kwargs.get("cache_position") is not None:
-            kwargs["cache_position"] = torch.arange(past, past + q, device=embeds.device)
+            kwargs["cache_position"] = slots
+        if self.family.build_mask is not None:  # decode tokens are text: no image blocks
+            mask = self.family.build_mask(self.config, embeds, mask, kwargs.get("past_key_values"),
+                                          kwargs.get("position_ids"), None, slots)
+        kwargs["attention_mask"] = mask
