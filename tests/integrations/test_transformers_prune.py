@@ -8,6 +8,7 @@ positions the UNPRUNED model uses (cached generation).
 from __future__ import annotations
 
 import contextlib
+import math
 
 import pytest
 import torch
@@ -288,3 +289,68 @@ def test_qwen3_deepstack_rows_follow_their_tokens():
     assert torch.equal(embeds[source], kept_embeds)
     for layer, kept_layer in zip(stacks, kept_stacks):
         assert torch.equal(layer[source], kept_layer)
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+@torch.no_grad()
+def test_eager_attention_generation_equals_no_cache_reference(name):
+    tiny = BUILDERS[name](attn="eager")
+    inputs = tiny.make_inputs(tiny.batch)
+    positions = unpruned_decode_positions(tiny.model, inputs, do_sample=False)
+    with zspa_kernels.prune(tiny.model, keep=KEEP), capture_lm_calls(tiny.model) as calls:
+        out = tiny.model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                  output_logits=True, return_dict_in_generate=True)
+    tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
+    ref = no_cache_logits(tiny.model, calls[0], positions, tokens, list(range(len(tiny.batch))),
+                          image_features_of(tiny.model, inputs))
+    start = calls[0]["inputs_embeds"].shape[1] - 1
+    torch.testing.assert_close(torch.stack(out.logits, 1), ref[:, start:start + NEW_TOKENS],
+                               atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_pruned_inputs_hold_exactly_the_selected_tokens(tiny):
+    """last_selection describes the gather: each row keeps its text and, of each image,
+    the tokens at ``kept``, in their original order (left-padded to the longest row)."""
+    inputs = tiny.make_inputs(tiny.batch)
+    with capture_lm_calls(tiny.model) as full:
+        tiny.model(**inputs)
+    with zspa_kernels.prune(tiny.model, keep=0.3) as handle, capture_lm_calls(tiny.model) as cut:
+        tiny.model(**inputs)
+    embeds, kept_embeds = full[0]["inputs_embeds"], cut[0]["inputs_embeds"]
+    mask = padding_mask(cut[0]["attention_mask"])[:, : kept_embeds.shape[1]]
+    visual = torch.isin(inputs["input_ids"], torch.tensor(handle.visual_ids))
+    length = visual.shape[1]
+    for r in range(len(tiny.batch)):
+        row = visual[r]
+        runs = iter(torch.nonzero(row & ~torch.nn.functional.pad(row, (1, 0))[:-1])[:, 0].tolist())
+        keep, at = ~row, length
+        for sel in (s for s in handle.last_selection if s.batch_row == r):
+            if at >= length or not row[at]:  # a run may hold several images back to back
+                at = next(runs)
+            assert sel.order.shape[0] == math.ceil(round(0.3 * sel.n_tokens, 9)) <= sel.n_tokens
+            assert torch.equal(sel.kept, sel.order.sort().values)
+            keep[at + sel.kept] = True
+            at += sel.n_tokens
+        assert next(runs, None) is None
+        n = int(keep.sum())
+        assert torch.equal(kept_embeds[r, -n:], embeds[r, keep])
+        assert mask[r, : kept_embeds.shape[1] - n].sum() == 0  # re-padding is masked out
+    assert len(handle.last_selection) == tiny.n_images(tiny.batch)
+
+
+@pytest.mark.parametrize("prompt, follows_preamble", [("question", False), ("all_text", True)])
+@torch.no_grad()
+def test_question_prompt_ignores_text_before_the_image(prompt, follows_preamble):
+    """With ``prompt="question"`` only text after the first image (minus special tokens)
+    forms the prompt vector, so a different system preamble leaves the selection alone."""
+    tiny = BUILDERS["llava"]()
+    inputs = tiny.make_inputs(tiny.single)
+    other = dict(inputs, input_ids=inputs["input_ids"].clone())
+    other["input_ids"][0, :5] = torch.arange(60, 65)  # the 5 text tokens before the image
+    orders = []
+    for case in (inputs, other):
+        with zspa_kernels.prune(tiny.model, keep=8, core_ratio=1.0, prompt=prompt) as handle:
+            tiny.model(**case)
+        orders.append(handle.last_selection[0].order)
+    assert torch.equal(orders[0], orders[1]) != follows_preamble
