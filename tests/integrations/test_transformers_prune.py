@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 import zspa_kernels  # noqa: E402
 from zspa_kernels.integrations.transformers.families import split_model  # noqa: E402
 
-from .tiny_models import BUILDERS  # noqa: E402
+from zspa_kernels.integrations.transformers.tiny import BUILDERS  # noqa: E402
 
 NEW_TOKENS = 4
 KEEP = 5  # of 16+ tokens per image

@@ -1,8 +1,10 @@
-"""Tiny randomly initialised VLMs built from configs (no downloads), with matching inputs.
+"""Tiny randomly initialised VLMs of every supported family, built from configs (no
+downloads), with matching inputs: for the tests, the examples and offline demos.
 
-Each builder returns ``(model, make_inputs)``; ``make_inputs(rows)`` turns a list of
-rows, each a list of segments (``("text", n)`` or ``("image", size)``), into the
-keyword arguments of ``model(...)``/``model.generate(...)`` with left padding.
+Each builder returns a :class:`TinyVLM`; its ``make_inputs(rows)`` turns a list of rows,
+each a list of segments (``("text", n)``, ``("image", size)``, ``("video", size)``; the
+size's meaning is the family's), into the keyword arguments of ``model(...)`` and
+``model.generate(...)``, left-padded. Token ids are random, so prompts mean nothing.
 """
 from __future__ import annotations
 
