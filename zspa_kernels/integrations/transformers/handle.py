@@ -220,16 +220,17 @@ class PruneHandle:
                                   self.core_ratio, self.relevance, self.backend)
         self.last_selection = selection
 
-        # Keep every non-visual position plus the picks of every image.
+        # Keep every attended non-visual position plus the picks of every image; the old
+        # left padding goes too, so a short row does not hold the batch at its full width.
         visual = visual_h.to(device)
-        keep = ~visual
+        keep = ~visual & (mask != 0)
         pick_rows = torch.cat([torch.full_like(s.order, s.batch_row) for s in selection])
         pick_cols = torch.cat([s.order + start for s, start in zip(selection, starts)])
         keep[pick_rows, pick_cols] = True
         dropped_h = torch.zeros(B, dtype=torch.long)
         for s in selection:
             dropped_h[s.batch_row] += s.n_tokens - s.order.shape[0]
-        kept_len = L - dropped_h
+        kept_len = (mask_h != 0).sum(1) - dropped_h
         new_len = int(kept_len.max())
         # Kept positions first, ascending (keys are unique), then right-align each row.
         pos = torch.arange(L, device=device)
