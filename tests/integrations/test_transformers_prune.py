@@ -234,11 +234,21 @@ def test_unsupported_model_names_the_supported_families():
         zspa_kernels.prune(transformers.LlamaForCausalLM(config))
 
 
-@pytest.mark.parametrize("keep, message", [(0, "keep"), (1.5, "keep"), ("all", "keep"), (True, "keep")])
-def test_bad_keep_is_rejected(keep, message):
+@pytest.mark.parametrize("arg, value", [("keep", 0), ("keep", 1.5), ("keep", "all"), ("keep", True),
+                                        ("core_ratio", 1.5), ("relevance", "min"),
+                                        ("prompt", "system"), ("backend", "gpu")])
+def test_bad_arguments_are_rejected_at_prune_time(arg, value):
     tiny = BUILDERS["llava"]()
-    with pytest.raises((ValueError, TypeError), match=message):
-        zspa_kernels.prune(tiny.model, keep=keep)
+    with pytest.raises((ValueError, TypeError), match=f"^{arg}: expected"):
+        zspa_kernels.prune(tiny.model, **{arg: value})
+
+
+def test_a_model_is_pruned_by_one_handle_at_a_time():
+    tiny = BUILDERS["llava"]()
+    with zspa_kernels.prune(tiny.model):
+        with pytest.raises(ValueError, match="already pruned"):
+            zspa_kernels.prune(tiny.model)
+    zspa_kernels.prune(tiny.model).remove()  # free again once removed
 
 
 def test_remove_restores_the_unpatched_model():

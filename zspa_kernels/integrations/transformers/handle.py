@@ -29,6 +29,7 @@ from typing import Optional, Union
 
 import torch
 
+from ...checks import BACKENDS, RELEVANCE_MODES
 from .families import Family, special_token_ids, split_model
 from .selection import ImageSelection, check_keep, select_images
 
@@ -96,10 +97,17 @@ class PruneHandle:
             raise ValueError(f"prompt: expected one of {PROMPTS}, got {prompt!r}")
         if not 0.0 <= core_ratio <= 1.0:
             raise ValueError(f"core_ratio: expected a float in [0, 1], got {core_ratio}")
+        if relevance not in RELEVANCE_MODES:
+            raise ValueError(f"relevance: expected one of {RELEVANCE_MODES}, got {relevance!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         self.family = family
         self.keep, self.core_ratio, self.relevance, self.prompt, self.backend = (
             keep, float(core_ratio), relevance, prompt, backend)
         self.base, self.lm = split_model(model, family)
+        if getattr(self.lm, "_zspa_pruned", False):
+            raise ValueError("model: already pruned by zspa_kernels.prune; remove() that handle first")
+        self.lm._zspa_pruned = True
         self.config = model.config
         self.visual_ids = family.visual_token_ids(model.config)
         special = special_token_ids(model.config)
@@ -119,6 +127,8 @@ class PruneHandle:
     def remove(self) -> None:
         for hook in self._hooks:
             hook.remove()
+        if self._hooks:
+            self.lm._zspa_pruned = False
         self._hooks = []
         self._caches = weakref.WeakKeyDictionary()
         self._input_ids = None
