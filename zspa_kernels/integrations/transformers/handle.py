@@ -174,23 +174,17 @@ class PruneHandle:
         return args, kwargs
 
     # -- prefill ---------------------------------------------------------------------------
-    def _find_images(self, ids: torch.Tensor, visual: torch.Tensor):
+    def _find_images(self, visual: torch.Tensor):
         """Host lists ``(rows, starts, sizes)`` of every image: each run of visual tokens,
         cut every ``tokens_per_image`` tokens when the family fixes that count."""
+        edges = torch.nn.functional.pad(visual.int(), (1, 1)).diff(dim=1)
+        run_rows, run_starts = (edges == 1).nonzero(as_tuple=True)
+        run_ends = (edges == -1).nonzero(as_tuple=True)[1]  # same row-major order
         rows, starts, sizes = [], [], []
-        for r, row in enumerate(visual.tolist()):
-            c, n = 0, len(row)
-            while c < n:
-                if not row[c]:
-                    c += 1
-                    continue
-                end = c
-                while end < n and row[end]:
-                    end += 1
-                step = self.tokens_per_image or end - c
-                for s in range(c, end, step):
-                    rows.append(r), starts.append(s), sizes.append(min(step, end - s))
-                c = end
+        for r, start, end in zip(run_rows.tolist(), run_starts.tolist(), run_ends.tolist()):
+            step = self.tokens_per_image or end - start
+            for s in range(start, end, step):
+                rows.append(r), starts.append(s), sizes.append(min(step, end - s))
         return rows, starts, sizes
 
     def _prompt_tokens(self, ids_h: torch.Tensor, visual_h: torch.Tensor, mask_h: torch.Tensor):
@@ -214,7 +208,7 @@ class PruneHandle:
         host = torch.stack([ids.to(device), mask]).cpu()
         ids_h, mask_h = host[0], host[1]
         visual_h = torch.isin(ids_h, torch.tensor(self.visual_ids, dtype=ids_h.dtype))
-        rows, starts, sizes = self._find_images(ids_h, visual_h)
+        rows, starts, sizes = self._find_images(visual_h)
         if not rows:
             return
         prompt_h = self._prompt_tokens(ids_h, visual_h, mask_h)
