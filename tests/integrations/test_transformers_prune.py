@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -367,3 +369,9 @@ def test_question_prompt_ignores_text_before_the_image(prompt, follows_preamble)
             tiny.model(**case)
         orders.append(handle.last_selection[0].order)
     assert torch.equal(orders[0], orders[1]) != follows_preamble
+
+
+def test_package_import_does_not_import_transformers():
+    code = ("import sys, zspa_kernels; assert 'transformers' not in sys.modules; "
+            "assert callable(zspa_kernels.prune)")
+    subprocess.run([sys.executable, "-c", code], check=True)
