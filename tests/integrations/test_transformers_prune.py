@@ -375,3 +375,34 @@ def test_package_import_does_not_import_transformers():
     code = ("import sys, zspa_kernels; assert 'transformers' not in sys.modules; "
             "assert callable(zspa_kernels.prune)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("keep, calls", [(KEEP, 1), (0.5, 3)])
+@torch.no_grad()
+def test_one_selection_call_per_distinct_budget(keep, calls):
+    """Images of every row and size go through the op together; a fractional keep gives
+    16-, 8-, 12- and 16-token images budgets of 8, 4, 6 and 8: three calls."""
+    tiny = BUILDERS["qwen2_vl"]()
+    inputs = tiny.make_inputs(tiny.batch)
+    with zspa_kernels.prune(tiny.model, keep=keep) as handle, torch.profiler.profile() as prof:
+        tiny.model(**inputs)
+    assert sorted(s.n_tokens for s in handle.last_selection) == [8, 12, 16, 16]
+    names = [e.name for e in prof.events()]
+    assert names.count("zspa::select_tokens") == calls
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_5_vl"])
+@torch.no_grad()
+def test_bfloat16_model_keep_all_is_exact_and_pruning_shortens(name):
+    tiny = BUILDERS[name]()
+    model = tiny.model.to(torch.bfloat16)
+    inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+              for k, v in tiny.make_inputs(tiny.single).items()}
+    expected = model(**inputs).logits
+    with zspa_kernels.prune(model, keep=1.0):
+        assert torch.equal(model(**inputs).logits, expected)
+    with zspa_kernels.prune(model, keep=KEEP) as handle:
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False,
+                             return_dict_in_generate=True)
+    dropped = handle.last_selection[0].n_tokens - KEEP
+    assert out.past_key_values.get_seq_length() == inputs["input_ids"].shape[1] - dropped + 1
