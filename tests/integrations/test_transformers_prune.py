@@ -198,10 +198,10 @@ def test_beam_search_scores_equal_no_cache_reference(tiny):
     torch.testing.assert_close(out.sequences_scores, steps.sum(-1), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("name, attn", [(n, "sdpa") for n in sorted(BUILDERS)] + [("llava", "eager")])
 @torch.no_grad()
-def test_each_batch_row_equals_that_row_alone(attn):
-    tiny = BUILDERS["llava"](attn=attn)
+def test_each_batch_row_equals_that_row_alone(name, attn):
+    tiny = BUILDERS[name](attn=attn)
     batch = tiny.make_inputs(tiny.batch)
     with zspa_kernels.prune(tiny.model, keep=KEEP):
         together = tiny.model.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False,
