@@ -331,3 +331,13 @@ def test_bfloat16_model_keep_all_is_exact_and_pruning_shortens(name):
                              return_dict_in_generate=True)
     dropped = handle.last_selection[0].n_tokens - KEEP
     assert out.past_key_values.get_seq_length() == inputs["input_ids"].shape[1] - dropped + 1
+
+
+@torch.no_grad()
+def test_the_base_model_can_be_pruned_directly():
+    tiny = BUILDERS["llava"]()
+    inputs = tiny.make_inputs(tiny.single)
+    with zspa_kernels.prune(tiny.model.model, keep=KEEP) as handle:
+        hidden = tiny.model.model(**inputs).last_hidden_state
+    dropped = handle.last_selection[0].n_tokens - KEEP
+    assert hidden.shape[1] == inputs["input_ids"].shape[1] - dropped
