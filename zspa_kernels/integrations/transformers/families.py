@@ -1,0 +1,150 @@
+"""The supported model families: what differs between them, as one table.
+
+A family says where the language model sits, which token ids hold visual
+features, how a run of visual tokens splits into images, what extra per-position
+inputs its language model takes (``on_prefill`` gathers them) and whether it takes
+prebuilt masks (``build_mask``). Adding a family is one :class:`Family` entry; the
+two callbacks only when its language model reads more than embeddings, a 2-D mask
+and positions.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]
+    lm_attr: str = "language_model"
+    visual_token_attrs: tuple[str, ...] = ("image_token_id",)
+    # Visual tokens per image when every image has the same count, so that adjacent
+    # images (no text between them) are still split; None: each contiguous run is one image.
+    tokens_per_image: Callable[[Any], Optional[int]] = lambda config: None
+    # Called after the prefill gather with the Prefill record (see handle.py).
+    on_prefill: Optional[Callable[..., None]] = None
+    # For language models that take prebuilt masks: (config, embeds, 2-D mask, cache,
+    # position_ids, token_type_ids or None at decode, cache slots) -> the mask argument.
+    build_mask: Optional[Callable[..., Any]] = None
+
+    def visual_token_ids(self, config) -> list[int]:
+        ids = [getattr(config, attr, None) for attr in self.visual_token_attrs]
+        return [i for i in ids if i is not None]
+
+
+def _llava_tokens_per_image(config) -> int:
+    vision = config.vision_config
+    n = (vision.image_size // vision.patch_size) ** 2
+    return n + 1 if config.vision_feature_select_strategy == "full" else n
+
+
+def _gather_deepstack(prefill) -> None:
+    """Qwen3-VL adds ``deepstack_visual_embeds[l]`` (one row per visual token, row-major)
+    to the hidden states at ``visual_pos_masks`` in its first layers: keep the rows and
+    mask entries of the kept visual tokens, in the new layout's row-major order."""
+    kwargs = prefill.kwargs
+    positions = kwargs.get("visual_pos_masks")
+    if positions is None:
+        return
+    rank = (positions.flatten().long().cumsum(0) - 1).view_as(positions)  # row of each token
+    kept = positions.gather(1, prefill.index) & prefill.valid
+    # Row-major order of the kept visual slots, without a sync: their count is known.
+    flat = torch.arange(kept.numel(), device=kept.device).view_as(kept)
+    order = torch.where(kept, flat, flat + kept.numel()).flatten().argsort()[: prefill.n_visual_kept]
+    rows = rank.gather(1, prefill.index).flatten()[order]
+    kwargs["visual_pos_masks"] = kept
+    kwargs["deepstack_visual_embeds"] = [e[rows] for e in kwargs["deepstack_visual_embeds"]]
+
+
+def _idefics3_tokens_per_image(config) -> int:
+    vision = config.vision_config
+    return (vision.image_size // vision.patch_size) ** 2 // config.scale_factor ** 2
+
+
+def _gemma3_masks(config, embeds, mask, cache, positions, token_types, slots):
+    """Gemma3's base model hands its language model a dict of 4-D masks in which each
+    image block attends to itself bidirectionally; rebuild it for the pruned layout with
+    the model's own builder (its signature differs between transformers 4.x and 5.x)."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3ForConditionalGeneration
+
+    build = Gemma3ForConditionalGeneration.create_masks_for_generate
+    params = inspect.signature(build).parameters
+    kwargs = dict(config=config, attention_mask=mask, past_key_values=cache,
+                  position_ids=positions, token_type_ids=token_types)
+    kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = embeds
+    if "cache_position" in params:
+        kwargs["cache_position"] = slots
+    return build(**kwargs)
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("LLaVA-1.5", ("llava",), tokens_per_image=_llava_tokens_per_image),
+    # Any-resolution: counts differ per image; each run of image tokens is one image.
+    Family("LLaVA-NeXT", ("llava_next",)),
+    # Qwen's rope_deltas stay as computed: decode positions come from generate() (original
+    # numbering), or from the hooks when a caller passes none, never from cache slots.
+    Family("Qwen2-VL", ("qwen2_vl",), visual_token_attrs=("image_token_id", "video_token_id")),
+    Family("Qwen2.5-VL", ("qwen2_5_vl",), visual_token_attrs=("image_token_id", "video_token_id")),
+    Family("Qwen3-VL", ("qwen3_vl",), visual_token_attrs=("image_token_id", "video_token_id"),
+           on_prefill=_gather_deepstack),
+    # Each tile of a split image (and its global view) is its own run and budget.
+    Family("Idefics3/SmolVLM", ("idefics3", "smolvlm"), lm_attr="text_model",
+           tokens_per_image=_idefics3_tokens_per_image),
+    Family("Gemma3", ("gemma3",), tokens_per_image=lambda config: config.mm_tokens_per_image,
+           build_mask=_gemma3_masks),
+)
+
+
+def find_family(model: torch.nn.Module) -> Family:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    names = ", ".join(f.name for f in FAMILIES)
+    raise ValueError(
+        f"model: zspa_kernels.prune supports {names}; got model_type={model_type!r} "
+        f"({type(model).__name__})"
+    )
+
+
+def split_model(model: torch.nn.Module, family: Family) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """``(base, language_model)``: the module that merges visual features into the
+    embeddings, and the text decoder it calls. Accepts the ``...ForConditionalGeneration``
+    wrapper or the base model itself."""
+    # The wrapper first: in transformers 4.x it also exposes .language_model, as a property.
+    inner = getattr(model, "model", None)
+    base = inner if isinstance(inner, torch.nn.Module) and hasattr(inner, family.lm_attr) else model
+    lm = getattr(base, family.lm_attr, None)
+    if not isinstance(lm, torch.nn.Module):
+        raise ValueError(f"model: expected a {family.name} model with .{family.lm_attr} "
+                         f"(or .model.{family.lm_attr}), got {type(model).__name__}")
+    return base, lm
+
+
+def special_token_ids(config) -> set[int]:
+    """Every ``*_token_id`` / ``*_token_index`` (and lists of them) in the config tree:
+    bos/eos/pad, image/video placeholders, vision start/end markers, image boundaries."""
+    found: set[int] = set()
+    seen: set[int] = set()
+
+    def visit(cfg) -> None:
+        if id(cfg) in seen:
+            return
+        seen.add(id(cfg))
+        for key, value in vars(cfg).items():
+            if key.endswith(("token_id", "token_index", "token_ids")):
+                values = value if isinstance(value, (list, tuple)) else [value]
+                found.update(v for v in values if isinstance(v, int) and not isinstance(v, bool))
+            elif hasattr(value, "to_dict") and hasattr(value, "model_type"):
+                visit(value)
+        for attr in ("image_token_id", "video_token_id"):  # attribute_map aliases
+            value = getattr(cfg, attr, None)
+            if isinstance(value, int):
+                found.add(value)
+
+    visit(config)
+    return found
