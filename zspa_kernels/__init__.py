@@ -6,4 +6,13 @@ from . import op as _op  # noqa: F401  (registers the custom op)
 from .api import select_tokens
 
 __version__ = "0.1.0"
-__all__ = ["select_tokens", "__version__"]
+__all__ = ["select_tokens", "prune", "__version__"]
+
+
+def __getattr__(name):
+    # prune needs transformers; import it on first use so the package import stays light.
+    if name == "prune":
+        from .integrations.transformers import prune
+
+        return prune
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,48 @@
+"""ZSPAPrune for Hugging Face transformers VLMs: ``zspa_kernels.prune(model, ...)``."""
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+from .families import FAMILIES, find_family
+from .handle import PruneHandle
+from .selection import ImageSelection
+
+
+def prune(
+    model: torch.nn.Module,
+    keep: Union[int, float] = 64,
+    core_ratio: float = 0.5,
+    relevance: str = "mean",
+    prompt: str = "question",
+    backend: str = "auto",
+    tokenizer=None,
+) -> PruneHandle:
+    """Run ``model``'s language model on ZSPAPrune-selected visual tokens only.
+
+    Installs two forward pre-hooks (nothing is patched); ``generate()`` and ``forward()``
+    then prefill with ``keep`` tokens per image and decode from the shorter KV cache.
+
+    Args:
+        model: a supported VLM (``...ForConditionalGeneration`` or its base model).
+        keep: visual tokens kept per image: an int count, or a float fraction in (0, 1]
+            of each image's tokens (``ceil(keep * n)``, at least 1).
+        core_ratio: share of the budget chosen by prompt relevance alone (the rest:
+            greedy max-min diversity seeded by that core).
+        relevance: ``"mean"`` (cosine to the mean-pooled prompt) or ``"max"``.
+        prompt: ``"question"`` (text after the first image, special tokens removed) or
+            ``"all_text"`` (every attended non-visual token).
+        backend: ``zspa::select_tokens`` backend (``"auto"``, ``"reference"``, ...).
+        tokenizer: optional; its special tokens are also left out of ``"question"``.
+
+    Returns:
+        A :class:`PruneHandle`: a context manager with ``.remove()``; after each pruned
+        prefill ``handle.last_selection`` lists an :class:`ImageSelection` per image
+        (batch-row order, then image order).
+    """
+    return PruneHandle(model, find_family(model), keep, core_ratio, relevance, prompt,
+                       backend, tokenizer)
+
+
+__all__ = ["prune", "PruneHandle", "ImageSelection", "FAMILIES"]

@@ -1,0 +1,275 @@
+"""Forward hooks that run a VLM's language model on the selected visual tokens only.
+
+Two ``register_forward_pre_hook(with_kwargs=True)`` hooks, no model code patched:
+
+* on the base model (``model.model``): remembers the ``input_ids`` of the call,
+  which say where image/video tokens sit; on decode steps over a pruned cache it
+  supplies the original position numbering when the caller gave none;
+* on the language model: at prefill (empty cache) it selects tokens per image
+  with one ``zspa::select_tokens`` call, then gathers ``inputs_embeds``, the
+  ORIGINAL ``position_ids`` (every row of an M-RoPE tensor) and an explicit 2-D
+  attention mask (a missing mask with gaps in the positions would be read as
+  packed sequences), left-padding rows that kept different counts. At decode it
+  replaces the mask, which ``generate()`` keeps at the original length, by the
+  pruned one plus the new tokens, and remaps ``cache_position`` (transformers
+  4.x) to cache slots.
+
+Host syncs: one copy of ``input_ids`` and the 2-D mask to the host per prefill,
+to find the images and size the gathered sequence (its length is a shape).
+Decode steps add no sync.
+
+The language model returns ``L'`` (pruned) positions at prefill, so logits of a
+pruned forward are shorter than ``input_ids``; the last position is unchanged.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from .families import Family, special_token_ids, split_model
+from .selection import ImageSelection, check_keep, select_images
+
+PROMPTS = ("question", "all_text")
+
+REUSE_ERROR = (
+    "zspa_kernels.prune: this KV cache holds a pruned prefill; it can only be extended "
+    "one token at a time by the generation that built it. Reusing it for a new prompt "
+    "(e.g. a second generate() call with past_key_values) would misplace tokens: run "
+    "the whole prompt again without the cache."
+)
+
+
+@dataclass
+class Prefill:
+    """What a family's ``on_prefill`` may need: the gather, per row."""
+
+    base: torch.nn.Module
+    kwargs: dict
+    index: torch.Tensor  # (B, L') original position of each kept slot
+    valid: torch.Tensor  # (B, L') False on slots added by left re-padding
+    visual: torch.Tensor  # (B, L) original positions holding visual tokens
+    dropped: torch.Tensor  # (B,) visual tokens dropped per row
+
+
+@dataclass
+class _CacheState:
+    """The pruned layout of a cache built by a hooked prefill."""
+
+    mask: torch.Tensor  # (B, L') pruned 2-D attention mask
+    original_len: int  # L
+    pruned_len: int  # L'
+    next_position: torch.Tensor  # (..., B, 1) original position of the first new token
+
+
+def _seq_len(cache) -> int:
+    return cache.get_seq_length() if cache is not None else 0
+
+
+def _mask_2d(mask, batch: int, length: int, device) -> torch.Tensor:
+    """The 2-D padding mask of a prefill, as long; recovered from the 4-D mask (or the
+    dict of them) that generate() builds ahead of the forward for static caches."""
+    if isinstance(mask, dict):
+        mask = mask.get("full_attention", next(iter(mask.values())))
+    if mask is None:
+        return torch.ones(batch, length, dtype=torch.long, device=device)
+    if mask.dim() == 4:  # the last query row attends to every non-padding key
+        row = mask[:, 0, -1, :length]
+        return (row if row.dtype == torch.bool else row == 0).long()
+    return mask.long()
+
+
+class PruneHandle:
+    """Hooks installed by :func:`zspa_kernels.prune`; ``remove()`` or leave the ``with`` block."""
+
+    def __init__(self, model: torch.nn.Module, family: Family, keep: Union[int, float],
+                 core_ratio: float, relevance: str, prompt: str, backend: str,
+                 tokenizer=None):
+        check_keep(keep)
+        if prompt not in PROMPTS:
+            raise ValueError(f"prompt: expected one of {PROMPTS}, got {prompt!r}")
+        if not 0.0 <= core_ratio <= 1.0:
+            raise ValueError(f"core_ratio: expected a float in [0, 1], got {core_ratio}")
+        self.family = family
+        self.keep, self.core_ratio, self.relevance, self.prompt, self.backend = (
+            keep, float(core_ratio), relevance, prompt, backend)
+        self.base, self.lm = split_model(model, family)
+        self.visual_ids = family.visual_token_ids(model.config)
+        special = special_token_ids(model.config)
+        if tokenizer is not None:
+            special.update(tokenizer.all_special_ids)
+        self.special_ids = torch.tensor(sorted(special), dtype=torch.long)
+        self.tokens_per_image = family.tokens_per_image(model.config)
+        self.last_selection: list[ImageSelection] = []
+        self._input_ids: Optional[torch.Tensor] = None
+        self._caches: "weakref.WeakKeyDictionary[object, _CacheState]" = weakref.WeakKeyDictionary()
+        self._hooks = [
+            self.base.register_forward_pre_hook(self._base_pre_hook, with_kwargs=True),
+            self.lm.register_forward_pre_hook(self._lm_pre_hook, with_kwargs=True),
+        ]
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self._caches = weakref.WeakKeyDictionary()
+        self._input_ids = None
+
+    def __enter__(self) -> "PruneHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    # -- hooks -----------------------------------------------------------------------------
+    def _base_pre_hook(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        self._input_ids = input_ids
+        cache = kwargs.get("past_key_values")
+        state = self._caches.get(cache) if cache is not None else None
+        if state is None or _seq_len(cache) == 0:
+            return None
+        step = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        q = step.shape[1]
+        if q != 1 or any(k.startswith("pixel_values") and v is not None for k, v in kwargs.items()):
+            raise RuntimeError(REUSE_ERROR)
+        if kwargs.get("position_ids") is None:
+            # Continue the original numbering; the model would count cache slots instead.
+            kwargs["position_ids"] = state.next_position + (_seq_len(cache) - state.pruned_len)
+            return args, kwargs
+        return None
+
+    def _lm_pre_hook(self, module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        past = _seq_len(cache)
+        if past > 0:
+            state = self._caches.get(cache)
+            if state is not None:
+                self._decode_step(state, past, kwargs)
+                return args, kwargs
+            return None
+        embeds = kwargs.get("inputs_embeds")
+        ids, self._input_ids = self._input_ids, None
+        self.last_selection = []
+        if embeds is None or ids is None or ids.shape != embeds.shape[:2]:
+            return None  # no token ids to find the images in: run unpruned
+        self._prefill(ids, embeds, cache, kwargs)
+        return args, kwargs
+
+    # -- prefill ---------------------------------------------------------------------------
+    def _find_images(self, ids: torch.Tensor, visual: torch.Tensor):
+        """Host lists ``(rows, starts, sizes)`` of every image: each run of visual tokens,
+        cut every ``tokens_per_image`` tokens when the family fixes that count."""
+        rows, starts, sizes = [], [], []
+        for r, row in enumerate(visual.tolist()):
+            c, n = 0, len(row)
+            while c < n:
+                if not row[c]:
+                    c += 1
+                    continue
+                end = c
+                while end < n and row[end]:
+                    end += 1
+                step = self.tokens_per_image or end - c
+                for s in range(c, end, step):
+                    rows.append(r), starts.append(s), sizes.append(min(step, end - s))
+                c = end
+        return rows, starts, sizes
+
+    def _prompt_tokens(self, ids_h: torch.Tensor, visual_h: torch.Tensor, mask_h: torch.Tensor):
+        """Which positions form the prompt vector (host bool ``(B, L)``).
+
+        ``all_text``: every attended non-visual token. ``question``: also drop every
+        special token id named in the config (bos/eos/pad, visual markers; plus the
+        tokenizer's special tokens when one was given) and everything before the
+        row's first visual token (system prompt, chat-template preamble)."""
+        text = ~visual_h & mask_h.bool()
+        if self.prompt == "all_text":
+            return text
+        after_image = visual_h.long().cumsum(1) > 0
+        return text & after_image & ~torch.isin(ids_h, self.special_ids)
+
+    def _prefill(self, ids, embeds, cache, kwargs) -> None:
+        B, L, D = embeds.shape
+        device = embeds.device
+        mask = _mask_2d(kwargs.get("attention_mask"), B, L, device)
+        # The one host sync: where the images are, and which tokens form the prompt.
+        host = torch.stack([ids.to(device), mask]).cpu()
+        ids_h, mask_h = host[0], host[1]
+        visual_h = torch.isin(ids_h, torch.tensor(self.visual_ids, dtype=ids_h.dtype))
+        rows, starts, sizes = self._find_images(ids_h, visual_h)
+        if not rows:
+            return
+        prompt_h = self._prompt_tokens(ids_h, visual_h, mask_h)
+        counts = prompt_h.sum(1)
+        t_max = max(1, int(counts.max()))
+        prompt_pos = torch.zeros(B, t_max, dtype=torch.long)
+        prompt_valid = torch.arange(t_max)[None] < counts[:, None]
+        prompt_pos[prompt_valid] = prompt_h.nonzero()[:, 1]
+        prompt_pos, prompt_valid = prompt_pos.to(device), prompt_valid.to(device)
+        prompt = embeds.gather(1, prompt_pos[..., None].expand(-1, -1, D))
+
+        selection = select_images(embeds, rows, starts, sizes, prompt, prompt_valid, self.keep,
+                                  self.core_ratio, self.relevance, self.backend)
+        self.last_selection = selection
+
+        # Keep every non-visual position plus the picks of every image.
+        visual = visual_h.to(device)
+        keep = ~visual
+        pick_rows = torch.cat([torch.full_like(s.order, s.batch_row) for s in selection])
+        pick_cols = torch.cat([s.order + start for s, start in zip(selection, starts)])
+        keep[pick_rows, pick_cols] = True
+        dropped_h = torch.zeros(B, dtype=torch.long)
+        for s in selection:
+            dropped_h[s.batch_row] += s.n_tokens - s.order.shape[0]
+        kept_len = L - dropped_h
+        new_len = int(kept_len.max())
+        # Kept positions first, ascending (keys are unique), then right-align each row.
+        pos = torch.arange(L, device=device)
+        ranked = torch.where(keep, pos, pos + L).argsort(dim=1)
+        src = torch.arange(new_len, device=device)[None] - (new_len - kept_len).to(device)[:, None]
+        valid = src >= 0
+        index = ranked.gather(1, src.clamp_min(0))
+
+        kwargs["inputs_embeds"] = embeds.gather(1, index[..., None].expand(-1, -1, D))
+        new_mask = mask.gather(1, index) * valid
+        kwargs["attention_mask"] = new_mask
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            positions = pos[None].expand(B, L)
+        positions = positions.expand(*positions.shape[:-2], B, L)
+        positions = positions.gather(-1, index.expand(*positions.shape[:-2], B, new_len))
+        kwargs["position_ids"] = positions
+        if kwargs.get("cache_position") is not None:  # transformers 4.x: cache slots
+            kwargs["cache_position"] = torch.arange(new_len, device=device)
+        if cache is None and kwargs.get("use_cache", getattr(self.lm.config, "use_cache", False)):
+            from transformers import DynamicCache
+
+            cache = kwargs["past_key_values"] = DynamicCache(config=self.lm.config)
+        if self.family.on_prefill is not None:
+            self.family.on_prefill(Prefill(self.base, kwargs, index, valid, visual,
+                                           dropped_h.to(device)))
+        if cache is not None:
+            last = positions.masked_fill(new_mask == 0, -1).amax(-1, keepdim=True)
+            self._caches[cache] = _CacheState(new_mask, L, new_len, last + 1)
+
+    # -- decode ----------------------------------------------------------------------------
+    def _decode_step(self, state: _CacheState, past: int, kwargs) -> None:
+        embeds = kwargs.get("inputs_embeds")
+        q = embeds.shape[1]
+        if q != 1:
+            raise RuntimeError(REUSE_ERROR)
+        grown = past - state.pruned_len  # tokens appended since the prefill
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            if mask.shape[1] != state.original_len + grown + q:
+                raise RuntimeError(REUSE_ERROR)
+            tail = mask[:, state.original_len:].to(state.mask.dtype)
+        else:  # None, or the 4-D masks of a static cache: new tokens are all attended
+            tail = state.mask.new_ones(state.mask.shape[0], grown + q)
+        kwargs["attention_mask"] = torch.cat([state.mask, tail], dim=1)
+        if kwargs.get("cache_position") is not None:
+            kwargs["cache_position"] = torch.arange(past, past + q, device=embeds.device)

@@ -1,0 +1,108 @@
+"""Per-image budgets and the batched selection call.
+
+Every image of a prefill (any row, any size) becomes one row of a padded
+``(I, N_max, D)`` tensor with ``lengths``, so one ``zspa::select_tokens`` call
+selects for all of them. The op takes one scalar ``k``; a fractional ``keep``
+gives different budgets to images of different sizes, so those are grouped by
+budget (one call per distinct budget; a count ``keep`` is always one call).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+
+from ... import op as _op  # noqa: F401  (registers torch.ops.zspa.select_tokens)
+
+
+@dataclass
+class ImageSelection:
+    """What was kept of one image (or video) of one prefill row.
+
+    ``order`` holds indices into that image's ``n_tokens`` tokens in pick order:
+    the ``n_core`` most prompt-relevant first (falling relevance), then the greedy
+    max-min diversity picks. It lives on the model's device.
+    """
+
+    batch_row: int
+    image_index: int
+    n_tokens: int
+    order: torch.LongTensor
+    n_core: int
+
+    @property
+    def kept(self) -> torch.LongTensor:
+        """The kept token indices in ascending (spatial) order."""
+        return self.order.sort().values
+
+
+def check_keep(keep: Union[int, float]) -> None:
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise TypeError(f"keep: expected an int count >= 1 or a float fraction in (0, 1], got {keep!r}")
+    if isinstance(keep, int) and keep < 1:
+        raise ValueError(f"keep: expected an int count >= 1, got {keep}")
+    if isinstance(keep, float) and not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep: expected a float fraction in (0, 1], got {keep}")
+
+
+def image_budget(keep: Union[int, float], n_tokens: int) -> int:
+    """Tokens kept of an image of ``n_tokens``: the count, or ``ceil(keep * n)`` (at least 1)."""
+    if isinstance(keep, float):
+        return max(1, math.ceil(keep * n_tokens - 1e-9))
+    return min(keep, n_tokens)
+
+
+def select_images(
+    embeds: torch.Tensor,
+    rows: list[int],
+    starts: list[int],
+    sizes: list[int],
+    prompt: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    keep: Union[int, float],
+    core_ratio: float,
+    relevance: str,
+    backend: str,
+) -> list[ImageSelection]:
+    """Select tokens of every image ``i`` = ``embeds[rows[i], starts[i]:starts[i]+sizes[i]]``.
+
+    ``prompt`` is ``(B, T, D)`` with ``prompt_mask`` ``(B, T)``, one per batch row.
+    Returns one :class:`ImageSelection` per image, in the order given.
+    """
+    device = embeds.device
+    n_max = max(sizes)
+    row_t = torch.tensor(rows, device=device)
+    start_t = torch.tensor(starts, device=device)
+    size_t = torch.tensor(sizes, device=device)
+    # Padded (I, N_max) gather of each image's tokens; the tail past its size is never read.
+    cols = (start_t[:, None] + torch.arange(n_max, device=device)).clamp_max(embeds.shape[1] - 1)
+    visual = embeds[row_t[:, None], cols]
+    budgets_i = [image_budget(keep, n) for n in sizes]
+    orders: list[torch.Tensor] = [None] * len(sizes)
+    for k in sorted(set(budgets_i)):
+        members = [i for i, b in enumerate(budgets_i) if b == k]
+        idx = torch.tensor(members, device=device)
+        whole = len(members) == len(sizes)
+        picked = torch.ops.zspa.select_tokens(
+            visual if whole else visual[idx],
+            prompt[row_t if whole else row_t[idx]],
+            k,
+            core_ratio,
+            size_t if whole else size_t[idx],
+            prompt_mask[row_t if whole else row_t[idx]],
+            relevance,
+            backend,
+            True,
+        )
+        for j, i in enumerate(members):
+            orders[i] = picked[j, : min(k, sizes[i])]
+    out = []
+    image_of_row: dict[int, int] = {}
+    for i, (r, n) in enumerate(zip(rows, sizes)):
+        k_b = min(budgets_i[i], n)
+        core = min(max(math.floor(core_ratio * k_b + 0.5), 0), k_b)  # SPEC §1 step 3
+        out.append(ImageSelection(r, image_of_row.get(r, 0), n, orders[i], core))
+        image_of_row[r] = image_of_row.get(r, 0) + 1
+    return out
