@@ -7,7 +7,8 @@ Per model, batch size and budget (all visual tokens, 64 of 576, 10%): prefill la
 (``generate`` of one token), decode throughput (the extra time of ``NEW_TOKENS``
 more tokens), peak device memory and KV-cache bytes, and the selection's share of
 the pruned prefill (``select_tokens`` alone on the same shapes, over the prefill).
-Models come from :mod:`zspa_kernels.models` with random weights, in bf16. Times are
+Models come from :mod:`zspa_kernels.models` with random weights, in bf16 on GPUs
+(fp32 on CPUs, which mostly emulate bf16 and would time the emulation). Times are
 medians of a synchronised host clock: each call is milliseconds long, far above
 the clock's resolution.
 """
@@ -57,8 +58,9 @@ def measure(model, inputs: dict, device, new_tokens: int, repeats: int) -> dict:
     B = inputs["input_ids"].shape[0]
     generate = dict(do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        prefill = _median_ms(lambda: model(**inputs, use_cache=True), device, repeats)
-        kv = models.cache_bytes(model(**inputs, use_cache=True).past_key_values)
+        # logits_to_keep=1: the prefill that generate() runs (no logits for the prompt's tokens).
+        prefill = _median_ms(lambda: model(**inputs, use_cache=True, logits_to_keep=1), device, repeats)
+        kv = models.cache_bytes(model(**inputs, use_cache=True, logits_to_keep=1).past_key_values)
         ttft = _median_ms(lambda: model.generate(**inputs, max_new_tokens=1, **generate), device, repeats)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -71,7 +73,7 @@ def measure(model, inputs: dict, device, new_tokens: int, repeats: int) -> dict:
 
 
 def run(names, batches, device, backend: str, new_tokens: int, repeats: int, progress=print) -> list[dict]:
-    dtype = torch.bfloat16
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     records = []
     for name in names:
         progress(f"building {name} with random weights on {device} ...")
@@ -87,7 +89,8 @@ def run(names, batches, device, backend: str, new_tokens: int, repeats: int, pro
                 with pruning:
                     stats = measure(model, inputs, device, new_tokens, repeats)
                 record = {"name": "e2e", "model": name, "impl": "unpruned" if keep is None else backend,
-                          "B": B, "N": N, "D": D, "k": k, "kept": k, "dtype": "bfloat16",
+                          "B": B, "N": N, "D": D, "k": k, "kept": k, "dtype": str(dtype).replace("torch.", ""),
+                          "tokens": inputs["input_ids"].shape[1],
                           "median_us": 1e3 * stats["prefill_ms"], **stats, "selection_share": None}
                 if keep is not None:
                     record["selection_us"] = selection_us(B, D, k, backend, device, dtype)
