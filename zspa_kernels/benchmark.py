@@ -183,3 +183,27 @@ def environment(device: torch.device) -> dict:
         name = f"cpu {_cpu_model()} x{torch.get_num_threads()} threads"
     return {"device": name, "torch": torch.__version__, "triton": triton.__version__,
             "cuda": torch.version.cuda or "none"}
+
+
+def quick(shape_label: str = "llava-1.5", keep: Union[int, float] = 64, dtype: torch.dtype = torch.bfloat16) -> int:
+    """``zspa bench``: one SPEC shape, every implementation available here, a table on stdout."""
+    import zspa_kernels  # noqa: F401  (registers the op)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shape = next(s for s in SPEC_SHAPES if s.label == shape_label)
+    k = keep_count(keep, shape.N)
+    bandwidth = copy_bandwidth(device)
+    floor = floor_us(shape, k, dtype, bandwidth)
+    print(f"select_tokens on {environment(device)['device']}: {shape.label} B={shape.B} N={shape.N} D={shape.D}, "
+          f"keep {keep_label(keep)} (k={k}), {str(dtype).replace('torch.', '')}, core ratio {CORE_RATIO}")
+    print(f"floor: one read of the tokens at the measured {bandwidth / 1e9:.0f} GB/s = {floor:.1f} µs\n")
+    print(f"{'implementation':<18}{'median':>12}{'x floor':>10}")
+    visual, prompt = make_inputs(shape, dtype, device)
+    for impl in implementations(device):
+        reason = skip_reason(impl, shape, k, device)
+        if reason:
+            print(f"{impl:<18}{'skipped':>12}  ({reason})")
+            continue
+        us = median_us(runner(impl, visual, prompt, k), device)
+        print(f"{impl:<18}{us:>9.0f} µs{us / floor:>10.0f}")
+    return 0

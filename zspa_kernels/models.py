@@ -41,13 +41,13 @@ VISUAL_TOKENS = 576
 MODELS = ("llava-1.5-7b", "qwen2.5-vl-7b", "llava-1.5-tiny", "qwen2.5-vl-tiny")
 
 
-def llava_config(size: str = "7b", vocab_size: int = 32064):
+def llava_config(size: str = "7b", vocab_size: int = 32064, image_token_index: int = LLAVA_IMAGE_TOKEN):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     sizes = _LLAVA_SIZES[size]
     vision = CLIPVisionConfig(image_size=336, patch_size=14, projection_dim=768, **sizes["vision"])
     text = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=4096, rms_norm_eps=1e-5, **sizes["text"])
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=LLAVA_IMAGE_TOKEN,
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_index,
                        vision_feature_layer=-2, vision_feature_select_strategy="default",
                        projector_hidden_act="gelu", pad_token_id=32001)
 
