@@ -21,10 +21,12 @@ ENV_KEYS = ("device", "torch", "triton", "cuda")
 
 
 def micro_records(raw: dict) -> tuple[dict, list[dict]]:
-    env, records = {}, []
+    env, records, loads = {}, [], []
     for bench in raw["benchmarks"]:
         info = dict(bench["extra_info"])
         env = {key: info.pop(key) for key in ENV_KEYS}
+        if "load_average_1min" in info:
+            loads.append(info.pop("load_average_1min"))
         event = info.pop("cuda_event_median_us", None)
         info.update(
             median_us=event if event is not None else bench["stats"]["median"] * 1e6,
@@ -33,6 +35,8 @@ def micro_records(raw: dict) -> tuple[dict, list[dict]]:
             rounds=bench["stats"]["rounds"],
         )
         records.append(info)
+    if loads:
+        env["load_average_1min"] = [min(loads), max(loads)]
     return env, records
 
 
@@ -129,11 +133,17 @@ def main(argv=None) -> int:
     lines = [f"# select_tokens benchmarks: {env['device']}", "",
              f"{title}. bf16 inputs, core ratio 0.5, median latency of one call (pick order out); "
              "floor = reading the tokens once at the measured copy bandwidth. "
-             f"Timer: {', '.join(sorted({r['timer'] for r in records}))}.", ""]
+             f"Timer: {', '.join(sorted({r['timer'] for r in records}))}."]
+    if "load_average_1min" in env:
+        low, high = env["load_average_1min"]
+        lines += ["", f"**A shared CPU**: its 1-minute load average was {low:.1f} to {high:.1f} during the run "
+                  f"({env['device'].split(' x')[-1]}); other jobs' work inflates and scatters these timings."]
+    lines += [""]
     lines += micro_table(records)
-    skipped = {r["impl"] for r in records}
-    lines += ["", "`skipped`: the case would move too many bytes per call for this device, or the "
-              f"implementation is not available here (timed here: {', '.join(i for i in IMPL_ORDER if i in skipped)})."]
+    timed = [i for i in IMPL_ORDER if any(r["impl"] == i for r in records)]
+    lines += ["", f"Implementations timed on this device: {', '.join(timed)}. `skipped`: the case would move "
+              "too many bytes per call to finish in seconds here (see `traffic_bytes` in "
+              "`zspa_kernels/benchmark.py`); a shape missing from the table had every case skipped."]
     if e2e:
         lines += ["", "## End to end (random weights, bf16)", ""] + e2e_table(e2e)
     lines += ["", f"![latency against N]({stem.name}.png)", ""]

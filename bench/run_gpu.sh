@@ -35,8 +35,9 @@ for stage in "${STAGES[@]}"; do
         --benchmark-json="$DEST/$(stem).micro-raw.json" --benchmark-columns=median,iqr,rounds \
         2>&1 | tail -25 ;;
     e2e)
-      if has_gpu; then models=(llava-1.5-7b qwen2.5-vl-7b); else models=(llava-1.5-tiny qwen2.5-vl-tiny); fi
-      "$PY" -m bench.e2e --models "${models[@]}" --batch 1 8 --out "$DEST/$(stem).e2e-raw.json" ;;
+      if has_gpu; then args=(--models llava-1.5-7b qwen2.5-vl-7b)
+      else args=(--models llava-1.5-tiny qwen2.5-vl-tiny --repeats 3 --new-tokens 16); fi
+      "$PY" -m bench.e2e "${args[@]}" --batch 1 8 --out "$DEST/$(stem).e2e-raw.json" ;;
     report)
       s=$(stem)
       e2e=()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import platform
 import statistics
 import time
@@ -82,16 +83,15 @@ def backend_available(name: str, device: torch.device) -> bool:
     return True
 
 
-def implementations(device: torch.device, include_interpreter: bool = False) -> list[str]:
-    """Names of what can be timed on ``device``: backends of the op first, then the baselines.
+def backends_here(device: torch.device) -> list[str]:
+    """Backends worth timing on ``device``: available, and compiled (Triton under the CPU
+    interpreter is correct but thousands of times slower, so it is left out)."""
+    return [b for b in BACKENDS if backend_available(b, device) and (b != "triton" or device.type == "cuda")]
 
-    Triton under the CPU interpreter is correct but thousands of times slower than
-    compiled code; it is left out unless ``include_interpreter``.
-    """
-    names = [b for b in BACKENDS if backend_available(b, device)
-             and (b != "triton" or device.type == "cuda" or include_interpreter)]
-    names += [b for b in BASELINES if b != "torch_loop_graph" or device.type == "cuda"]
-    return names
+
+def implementations(device: torch.device) -> list[str]:
+    """Names of what is timed on ``device``: backends of the op first, then the baselines."""
+    return backends_here(device) + [b for b in BASELINES if b != "torch_loop_graph" or device.type == "cuda"]
 
 
 def runner(impl: str, visual: torch.Tensor, prompt: torch.Tensor, k: int,
@@ -181,8 +181,11 @@ def environment(device: torch.device) -> dict:
         name = torch.cuda.get_device_name(device)
     else:
         name = f"cpu {_cpu_model()} x{torch.get_num_threads()} threads"
-    return {"device": name, "torch": torch.__version__, "triton": triton.__version__,
-            "cuda": torch.version.cuda or "none"}
+    env = {"device": name, "torch": torch.__version__, "triton": triton.__version__,
+           "cuda": torch.version.cuda or "none"}
+    if device.type == "cpu":  # CPU timings swing with whatever else the machine runs
+        env["load_average_1min"] = os.getloadavg()[0]
+    return env
 
 
 def quick(shape_label: str = "llava-1.5", keep: Union[int, float] = 64, dtype: torch.dtype = torch.bfloat16) -> int:

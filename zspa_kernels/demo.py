@@ -159,8 +159,7 @@ def run(out: str, model_path=None, keep: int = 64, core_ratio: float = 0.5) -> i
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     out_dir = pathlib.Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    backends = [b for b in hb.BACKENDS if hb.backend_available(b, device)
-                and (b != "triton" or device.type == "cuda")]  # the CPU interpreter would take minutes
+    backends = hb.backends_here(device)
     print(f"zspa demo on {hb.environment(device)['device']}, {str(dtype).replace('torch.', '')}")
     if model_path is None:
         print("  model: a small LLaVA-1.5 architecture built from a config with RANDOM weights (no download):")
