@@ -3,10 +3,9 @@
     python -m bench.e2e --models llava-1.5-7b qwen2.5-vl-7b --batch 1 8 --out e2e.json
 
 Per model, batch size and budget (all visual tokens, 64 of 576, 10%): prefill latency
-(one forward over the prompt, vision tower included), time to first token
-(``generate`` of one token), decode throughput (the extra time of ``NEW_TOKENS``
-more tokens), peak device memory and KV-cache bytes, and the selection's share of
-the pruned prefill (``select_tokens`` alone on the same shapes, over the prefill).
+(one forward over the prompt, vision tower included), time to first token and
+decode throughput (from per-token timestamps inside ``generate``), peak device
+memory and KV-cache bytes, and the selection's share of the pruned prefill (``select_tokens`` alone on the same shapes, over the prefill).
 Models come from :mod:`zspa_kernels.models` with random weights, in bf16 on GPUs
 (fp32 on CPUs, which mostly emulate bf16 and would time the emulation). Times are
 medians of a synchronised host clock: each call is milliseconds long, far above
@@ -53,22 +52,47 @@ def selection_us(B: int, D: int, k: int, backend: str, device, dtype) -> float:
                         device)
 
 
+class _StepClock:
+    """A stopping criterion that never stops: it timestamps every generated token, so one
+    ``generate()`` call yields both the time to the first token and the decode rate."""
+
+    def __init__(self, device):
+        self.device, self.times = device, []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        hb.synchronize(self.device)
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def _generate_timed(model, inputs, device, n: int) -> tuple[float, float]:
+    """(TTFT in ms, decode seconds per step) of one ``generate()`` of ``n`` tokens."""
+    from transformers import StoppingCriteriaList
+
+    clock = _StepClock(device)
+    hb.synchronize(device)
+    t0 = time.perf_counter()
+    # min_new_tokens: random weights must not stop early at an EOS.
+    model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                   stopping_criteria=StoppingCriteriaList([clock]))
+    return 1e3 * (clock.times[0] - t0), (clock.times[-1] - clock.times[0]) / (len(clock.times) - 1)
+
+
 def measure(model, inputs: dict, device, new_tokens: int, repeats: int) -> dict:
     """Prefill, TTFT, decode throughput, peak memory and KV bytes of one configuration."""
     B = inputs["input_ids"].shape[0]
-    generate = dict(do_sample=False, pad_token_id=0)
     with torch.no_grad():
         # logits_to_keep=1: the prefill that generate() runs (no logits for the prompt's tokens).
         prefill = _median_ms(lambda: model(**inputs, use_cache=True, logits_to_keep=1), device, repeats)
         kv = models.cache_bytes(model(**inputs, use_cache=True, logits_to_keep=1).past_key_values)
-        ttft = _median_ms(lambda: model.generate(**inputs, max_new_tokens=1, **generate), device, repeats)
+        _generate_timed(model, inputs, device, 2)  # warm-up of the decode path
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        n = new_tokens + 1  # min_new_tokens: random weights must not stop early at an EOS
-        full = _median_ms(lambda: model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, **generate),
-                          device, max(1, repeats // 2))
+        runs = [_generate_timed(model, inputs, device, new_tokens + 1) for _ in range(repeats)]
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"prefill_ms": prefill, "ttft_ms": ttft, "decode_tokens_per_s": B * new_tokens / ((full - ttft) * 1e-3),
+    ttft = statistics.median(r[0] for r in runs)
+    step = statistics.median(r[1] for r in runs)
+    return {"prefill_ms": prefill, "ttft_ms": ttft, "decode_tokens_per_s": B / step,
             "peak_memory_gib": peak, "kv_cache_bytes": kv}
 
 
