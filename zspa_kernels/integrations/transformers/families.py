@@ -8,6 +8,7 @@ more than embeddings, mask and positions).
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -25,6 +26,9 @@ class Family:
     tokens_per_image: Callable[[Any], Optional[int]] = lambda config: None
     # Called after the prefill gather with the Prefill record (see handle.py).
     on_prefill: Optional[Callable[..., None]] = None
+    # For language models that take prebuilt masks: (config, embeds, 2-D mask, cache,
+    # position_ids, token_type_ids or None at decode, cache slots) -> the mask argument.
+    build_mask: Optional[Callable[..., Any]] = None
 
     def visual_token_ids(self, config) -> list[int]:
         ids = [getattr(config, attr, None) for attr in self.visual_token_attrs]
@@ -37,21 +41,60 @@ def _llava_tokens_per_image(config) -> int:
     return n + 1 if config.vision_feature_select_strategy == "full" else n
 
 
-def _shift_rope_deltas(prefill) -> None:
-    """Qwen2/2.5-VL keep ``rope_deltas`` (M-RoPE position minus cache slot) on the base
-    model for decode steps without explicit positions: a row that dropped ``d`` tokens
-    has its cache slots ``d`` behind its positions."""
-    deltas = getattr(prefill.base, "rope_deltas", None)
-    if deltas is not None and deltas.shape[0] == prefill.dropped.shape[0]:
-        prefill.base.rope_deltas = deltas + prefill.dropped.to(deltas)[:, None]
+def _gather_deepstack(prefill) -> None:
+    """Qwen3-VL adds ``deepstack_visual_embeds[l]`` (one row per visual token, row-major)
+    to the hidden states at ``visual_pos_masks`` in its first layers: keep the rows and
+    mask entries of the kept visual tokens, in the new layout's row-major order."""
+    kwargs = prefill.kwargs
+    positions = kwargs.get("visual_pos_masks")
+    if positions is None:
+        return
+    rank = (positions.flatten().long().cumsum(0) - 1).view_as(positions)  # row of each token
+    kept = positions.gather(1, prefill.index) & prefill.valid
+    # Row-major order of the kept visual slots, without a sync: their count is known.
+    flat = torch.arange(kept.numel(), device=kept.device).view_as(kept)
+    order = torch.where(kept, flat, flat + kept.numel()).flatten().argsort()[: prefill.n_visual_kept]
+    rows = rank.gather(1, prefill.index).flatten()[order]
+    kwargs["visual_pos_masks"] = kept
+    kwargs["deepstack_visual_embeds"] = [e[rows] for e in kwargs["deepstack_visual_embeds"]]
+
+
+def _idefics3_tokens_per_image(config) -> int:
+    vision = config.vision_config
+    return (vision.image_size // vision.patch_size) ** 2 // config.scale_factor ** 2
+
+
+def _gemma3_masks(config, embeds, mask, cache, positions, token_types, slots):
+    """Gemma3's base model hands its language model a dict of 4-D masks in which each
+    image block attends to itself bidirectionally; rebuild it for the pruned layout with
+    the model's own builder (its signature differs between transformers 4.x and 5.x)."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3ForConditionalGeneration
+
+    build = Gemma3ForConditionalGeneration.create_masks_for_generate
+    params = inspect.signature(build).parameters
+    kwargs = dict(config=config, attention_mask=mask, past_key_values=cache,
+                  position_ids=positions, token_type_ids=token_types)
+    kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = embeds
+    if "cache_position" in params:
+        kwargs["cache_position"] = slots
+    return build(**kwargs)
 
 
 FAMILIES: tuple[Family, ...] = (
     Family("LLaVA-1.5", ("llava",), tokens_per_image=_llava_tokens_per_image),
-    Family("Qwen2-VL", ("qwen2_vl",), visual_token_attrs=("image_token_id", "video_token_id"),
-           on_prefill=_shift_rope_deltas),
-    Family("Qwen2.5-VL", ("qwen2_5_vl",), visual_token_attrs=("image_token_id", "video_token_id"),
-           on_prefill=_shift_rope_deltas),
+    # Any-resolution: counts differ per image; each run of image tokens is one image.
+    Family("LLaVA-NeXT", ("llava_next",)),
+    # Qwen's rope_deltas stay as computed: decode positions come from generate() (original
+    # numbering), or from the hooks when a caller passes none, never from cache slots.
+    Family("Qwen2-VL", ("qwen2_vl",), visual_token_attrs=("image_token_id", "video_token_id")),
+    Family("Qwen2.5-VL", ("qwen2_5_vl",), visual_token_attrs=("image_token_id", "video_token_id")),
+    Family("Qwen3-VL", ("qwen3_vl",), visual_token_attrs=("image_token_id", "video_token_id"),
+           on_prefill=_gather_deepstack),
+    # Each tile of a split image (and its global view) is its own run and budget.
+    Family("Idefics3/SmolVLM", ("idefics3", "smolvlm"), lm_attr="text_model",
+           tokens_per_image=_idefics3_tokens_per_image),
+    Family("Gemma3", ("gemma3",), tokens_per_image=lambda config: config.mm_tokens_per_image,
+           build_mask=_gemma3_masks),
 )
 
 
@@ -71,7 +114,9 @@ def split_model(model: torch.nn.Module, family: Family) -> tuple[torch.nn.Module
     """``(base, language_model)``: the module that merges visual features into the
     embeddings, and the text decoder it calls. Accepts the ``...ForConditionalGeneration``
     wrapper or the base model itself."""
-    base = model if hasattr(model, family.lm_attr) else getattr(model, "model", None)
+    # The wrapper first: in transformers 4.x it also exposes .language_model, as a property.
+    inner = getattr(model, "model", None)
+    base = inner if isinstance(inner, torch.nn.Module) and hasattr(inner, family.lm_attr) else model
     lm = getattr(base, family.lm_attr, None)
     if not isinstance(lm, torch.nn.Module):
         raise ValueError(f"model: expected a {family.name} model with .{family.lm_attr} "

@@ -52,6 +52,7 @@ class Prefill:
     valid: torch.Tensor  # (B, L') False on slots added by left re-padding
     visual: torch.Tensor  # (B, L) original positions holding visual tokens
     dropped: torch.Tensor  # (B,) visual tokens dropped per row
+    n_visual_kept: int  # visual tokens kept in the whole batch
 
 
 @dataclass
@@ -62,10 +63,13 @@ class _CacheState:
     original_len: int  # L
     pruned_len: int  # L'
     next_position: torch.Tensor  # (..., B, 1) original position of the first new token
+    # Tokens appended since the prefill. Counted here: the static cache of transformers 4.x
+    # measures its length by non-zero keys of row 0, which miscounts left-padded rows.
+    grown: int = 0
 
 
-def _seq_len(cache) -> int:
-    return cache.get_seq_length() if cache is not None else 0
+def _is_empty(cache) -> bool:
+    return cache is None or cache.get_seq_length() == 0
 
 
 def _mask_2d(mask, batch: int, length: int, device) -> torch.Tensor:
@@ -96,6 +100,7 @@ class PruneHandle:
         self.keep, self.core_ratio, self.relevance, self.prompt, self.backend = (
             keep, float(core_ratio), relevance, prompt, backend)
         self.base, self.lm = split_model(model, family)
+        self.config = model.config
         self.visual_ids = family.visual_token_ids(model.config)
         special = special_token_ids(model.config)
         if tokenizer is not None:
@@ -130,7 +135,7 @@ class PruneHandle:
         self._input_ids = input_ids
         cache = kwargs.get("past_key_values")
         state = self._caches.get(cache) if cache is not None else None
-        if state is None or _seq_len(cache) == 0:
+        if state is None or _is_empty(cache):
             return None
         step = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         q = step.shape[1]
@@ -138,17 +143,16 @@ class PruneHandle:
             raise RuntimeError(REUSE_ERROR)
         if kwargs.get("position_ids") is None:
             # Continue the original numbering; the model would count cache slots instead.
-            kwargs["position_ids"] = state.next_position + (_seq_len(cache) - state.pruned_len)
+            kwargs["position_ids"] = state.next_position + state.grown
             return args, kwargs
         return None
 
     def _lm_pre_hook(self, module, args, kwargs):
         cache = kwargs.get("past_key_values")
-        past = _seq_len(cache)
-        if past > 0:
+        if not _is_empty(cache):
             state = self._caches.get(cache)
             if state is not None:
-                self._decode_step(state, past, kwargs)
+                self._decode_step(state, kwargs)
                 return args, kwargs
             return None
         embeds = kwargs.get("inputs_embeds")
@@ -234,35 +238,41 @@ class PruneHandle:
         valid = src >= 0
         index = ranked.gather(1, src.clamp_min(0))
 
+        if cache is None and kwargs.get("use_cache", getattr(self.lm.config, "use_cache", False)):
+            from transformers import DynamicCache
+
+            cache = kwargs["past_key_values"] = DynamicCache(config=self.lm.config)
         kwargs["inputs_embeds"] = embeds.gather(1, index[..., None].expand(-1, -1, D))
         new_mask = mask.gather(1, index) * valid
-        kwargs["attention_mask"] = new_mask
         positions = kwargs.get("position_ids")
         if positions is None:
             positions = pos[None].expand(B, L)
         positions = positions.expand(*positions.shape[:-2], B, L)
         positions = positions.gather(-1, index.expand(*positions.shape[:-2], B, new_len))
         kwargs["position_ids"] = positions
+        slots = torch.arange(new_len, device=device)
         if kwargs.get("cache_position") is not None:  # transformers 4.x: cache slots
-            kwargs["cache_position"] = torch.arange(new_len, device=device)
-        if cache is None and kwargs.get("use_cache", getattr(self.lm.config, "use_cache", False)):
-            from transformers import DynamicCache
-
-            cache = kwargs["past_key_values"] = DynamicCache(config=self.lm.config)
+            kwargs["cache_position"] = slots
+        kwargs["attention_mask"] = new_mask
+        if self.family.build_mask is not None:
+            token_types = (visual.gather(1, index) & valid).long()
+            kwargs["attention_mask"] = self.family.build_mask(
+                self.config, kwargs["inputs_embeds"], new_mask, cache, positions, token_types, slots)
         if self.family.on_prefill is not None:
             self.family.on_prefill(Prefill(self.base, kwargs, index, valid, visual,
-                                           dropped_h.to(device)))
+                                           dropped_h.to(device), int(pick_rows.shape[0])))
         if cache is not None:
             last = positions.masked_fill(new_mask == 0, -1).amax(-1, keepdim=True)
             self._caches[cache] = _CacheState(new_mask, L, new_len, last + 1)
 
     # -- decode ----------------------------------------------------------------------------
-    def _decode_step(self, state: _CacheState, past: int, kwargs) -> None:
+    def _decode_step(self, state: _CacheState, kwargs) -> None:
         embeds = kwargs.get("inputs_embeds")
         q = embeds.shape[1]
         if q != 1:
             raise RuntimeError(REUSE_ERROR)
-        grown = past - state.pruned_len  # tokens appended since the prefill
+        grown, past = state.grown, state.pruned_len + state.grown
+        state.grown += q
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             if mask.shape[1] != state.original_len + grown + q:
@@ -270,6 +280,11 @@ class PruneHandle:
             tail = mask[:, state.original_len:].to(state.mask.dtype)
         else:  # None, or the 4-D masks of a static cache: new tokens are all attended
             tail = state.mask.new_ones(state.mask.shape[0], grown + q)
-        kwargs["attention_mask"] = torch.cat([state.mask, tail], dim=1)
+        mask = torch.cat([state.mask, tail], dim=1)
+        slots = torch.arange(past, past + q, device=embeds.device)
         if kwargs.get("cache_position") is not None:
-            kwargs["cache_position"] = torch.arange(past, past + q, device=embeds.device)
+            kwargs["cache_position"] = slots
+        if self.family.build_mask is not None:  # decode tokens are text: no image blocks
+            mask = self.family.build_mask(self.config, embeds, mask, kwargs.get("past_key_values"),
+                                          kwargs.get("position_ids"), None, slots)
+        kwargs["attention_mask"] = mask

@@ -48,9 +48,10 @@ def check_keep(keep: Union[int, float]) -> None:
 
 
 def image_budget(keep: Union[int, float], n_tokens: int) -> int:
-    """Tokens kept of an image of ``n_tokens``: the count, or ``ceil(keep * n)`` (at least 1)."""
+    """Tokens kept of an image of ``n_tokens``: the count, or ``ceil(keep * n)`` (at least 1;
+    rounded to 9 decimals first so that 0.3 * 20 keeps 6, not 7)."""
     if isinstance(keep, float):
-        return max(1, math.ceil(keep * n_tokens - 1e-9))
+        return max(1, math.ceil(round(keep * n_tokens, 9)))
     return min(keep, n_tokens)
 
 

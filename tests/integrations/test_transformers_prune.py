@@ -1,0 +1,356 @@
+"""zspa_kernels.prune on tiny random VLMs of every supported family (CPU, no downloads).
+
+The references are independent of the hooks' bookkeeping: the unpatched model
+(keep-all), each row run alone (batching), and one no-cache forward of the bare
+language model over the pruned prefix plus the generated tokens, at the decode
+positions the UNPRUNED model uses (cached generation).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import zspa_kernels  # noqa: E402
+from zspa_kernels.integrations.transformers.families import split_model  # noqa: E402
+
+from zspa_kernels.integrations.transformers.tiny import BUILDERS  # noqa: E402
+
+NEW_TOKENS = 4
+KEEP = 5  # of 16+ tokens per image
+ATOL = 1e-5  # cached vs no-cache fp32 logits: same math, different summation order
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def tiny(request):
+    return BUILDERS[request.param]()
+
+
+def lm_of(model):
+    from zspa_kernels.integrations.transformers.families import find_family
+
+    return split_model(model, find_family(model))[1]
+
+
+@contextlib.contextmanager
+def capture_lm_calls(model):
+    """Record the keyword arguments the language model receives (after any other hook)."""
+    calls = []
+    hook = lm_of(model).register_forward_pre_hook(
+        lambda m, a, kw: calls.append(dict(kw)), with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        hook.remove()
+
+
+def padding_mask(mask) -> torch.Tensor:
+    """The 2-D mask behind a captured mask argument (Gemma3 gets a dict of 4-D masks:
+    the last query row of a prefill attends to every non-padding key)."""
+    if isinstance(mask, dict):
+        full = mask["full_attention"]
+        row = full[:, 0, -1]
+        return (row if row.dtype == torch.bool else row == 0).long()
+    return mask
+
+
+def no_cache_logits(model, prefill: dict, decode_positions: list, tokens: torch.Tensor, rows,
+                    image_features=None):
+    """Logits over ``prefill``'s (pruned) inputs plus all but the last of ``tokens``,
+    without a cache; ``decode_positions`` are their positions. With ``image_features``
+    (Gemma3: masks depend on which slots hold image tokens) the base model builds the
+    masks itself from token types found by matching the prefix embeddings to them."""
+    tokens = tokens[:, :-1]
+    prefix = prefill["inputs_embeds"][rows]
+    embeds = torch.cat([prefix, model.get_input_embeddings()(tokens)], 1)
+    mask = padding_mask(prefill["attention_mask"])[rows][:, : prefix.shape[1]]
+    mask = torch.cat([mask, mask.new_ones(len(rows), tokens.shape[1])], 1)
+    positions = torch.cat([prefill["position_ids"][..., rows, :]]
+                          + [p[..., rows, :] for p in decode_positions], -1)
+    extra = {}
+    if prefill.get("visual_pos_masks") is not None:  # Qwen3-VL deepstack features
+        visual = prefill["visual_pos_masks"]
+        owner = visual.nonzero()[:, 0]  # batch row of each deepstack feature row
+        chosen = torch.isin(owner, torch.tensor(rows))
+        extra["visual_pos_masks"] = torch.nn.functional.pad(visual[rows], (0, tokens.shape[1]))
+        extra["deepstack_visual_embeds"] = [e[chosen] for e in prefill["deepstack_visual_embeds"]]
+    decoder = lm_of(model)
+    if image_features is not None:
+        is_image = (embeds[:, :, None] == image_features[None, None]).all(-1).any(-1)
+        extra["token_type_ids"] = is_image.long()
+        decoder = model.model
+    hidden = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                     use_cache=False, **extra).last_hidden_state
+    return model.get_output_embeddings()(hidden)
+
+
+def image_features_of(model, inputs):
+    """The visual feature rows the unpatched model merges in, where masks depend on them."""
+    if "token_type_ids" not in inputs:
+        return None
+    with capture_lm_calls(model) as calls, torch.no_grad():
+        model(**inputs)
+    return calls[0]["inputs_embeds"][inputs["token_type_ids"].bool()]
+
+
+def unpruned_decode_positions(model, inputs, **gen):
+    """Positions the unpatched model gives each generated token (they do not depend on
+    the tokens' values)."""
+    with capture_lm_calls(model) as calls, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=NEW_TOKENS, **gen)
+    return [c["position_ids"] for c in calls[1:]]
+
+
+@torch.no_grad()
+def test_keep_all_reproduces_unpatched_logits_exactly(tiny):
+    inputs = tiny.make_inputs(tiny.batch)
+    expected = tiny.model(**inputs).logits
+    with zspa_kernels.prune(tiny.model, keep=1.0) as handle:
+        got = tiny.model(**inputs).logits
+    assert len(handle.last_selection) == tiny.n_images(tiny.batch)
+    assert all(s.order.shape[0] == s.n_tokens for s in handle.last_selection)
+    assert torch.equal(got, expected)
+
+
+@torch.no_grad()
+def test_keep_all_generate_matches_unpatched(tiny):
+    inputs = tiny.make_inputs(tiny.batch)
+    expected = tiny.model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    with zspa_kernels.prune(tiny.model, keep=1.0):
+        got = tiny.model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert torch.equal(got, expected)
+
+
+@torch.no_grad()
+def test_cache_is_shorter_by_the_dropped_count(tiny):
+    inputs = tiny.make_inputs(tiny.single)
+    length = inputs["input_ids"].shape[1]
+    with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
+        out = tiny.model(**inputs, use_cache=True)
+    (sel,) = handle.last_selection
+    dropped = sel.n_tokens - KEEP
+    assert dropped > 0 and sel.kept.shape == (KEEP,)
+    assert out.past_key_values.get_seq_length() == length - dropped
+    assert out.logits.shape[1] == length - dropped
+
+
+@torch.no_grad()
+def test_batch_cache_length_is_the_longest_kept_row(tiny):
+    inputs = tiny.make_inputs(tiny.batch)
+    with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
+        out = tiny.model(**inputs, use_cache=True)
+    dropped = torch.zeros(len(tiny.batch), dtype=torch.long)
+    for s in handle.last_selection:
+        dropped[s.batch_row] += s.n_tokens - s.order.shape[0]
+    kept = inputs["attention_mask"].shape[1] - dropped
+    assert out.past_key_values.get_seq_length() == int(kept.max())
+    image_rows = [s.batch_row for s in handle.last_selection]
+    assert image_rows == sorted(image_rows)  # batch-row order, then image order
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sample", "static"])
+@torch.no_grad()
+def test_cached_generation_equals_no_cache_reference(tiny, mode):
+    inputs = tiny.make_inputs(tiny.batch)
+    gen = {"greedy": dict(do_sample=False), "sample": dict(do_sample=True, top_k=0),
+           "static": dict(do_sample=False, cache_implementation="static")}[mode]
+    positions = unpruned_decode_positions(tiny.model, inputs, **gen)
+    torch.manual_seed(0)
+    with zspa_kernels.prune(tiny.model, keep=KEEP), capture_lm_calls(tiny.model) as calls:
+        out = tiny.model.generate(**inputs, max_new_tokens=NEW_TOKENS, output_logits=True,
+                                  return_dict_in_generate=True, **gen)
+    prefill = calls[0]
+    tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
+    rows = list(range(len(tiny.batch)))
+    ref = no_cache_logits(tiny.model, prefill, positions, tokens, rows,
+                          image_features_of(tiny.model, inputs))
+    start = prefill["inputs_embeds"].shape[1] - 1
+    for t, logits in enumerate(out.logits):
+        torch.testing.assert_close(logits, ref[:, start + t], atol=ATOL, rtol=0)
+    if mode != "sample":
+        assert torch.equal(tokens, ref[:, start:start + NEW_TOKENS].argmax(-1))
+
+
+@torch.no_grad()
+def test_beam_search_scores_equal_no_cache_reference(tiny):
+    inputs = tiny.make_inputs(tiny.beam_batch)
+    beams = 3
+    gen = dict(num_beams=beams, do_sample=False, length_penalty=0.0)
+    positions = unpruned_decode_positions(tiny.model, inputs, **gen)
+    with zspa_kernels.prune(tiny.model, keep=KEEP), capture_lm_calls(tiny.model) as calls:
+        out = tiny.model.generate(**inputs, max_new_tokens=NEW_TOKENS, output_scores=True,
+                                  return_dict_in_generate=True, **gen)
+    rows = [b * beams for b in range(len(tiny.beam_batch))]  # beams of a row share its prefill
+    tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
+    ref = no_cache_logits(tiny.model, calls[0], positions, tokens, rows,
+                          image_features_of(tiny.model, inputs)).log_softmax(-1)
+    start = calls[0]["inputs_embeds"].shape[1] - 1
+    steps = ref[:, start:start + NEW_TOKENS].gather(-1, tokens[..., None])[..., 0]
+    torch.testing.assert_close(out.sequences_scores, steps.sum(-1), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@torch.no_grad()
+def test_each_batch_row_equals_that_row_alone(attn):
+    tiny = BUILDERS["llava"](attn=attn)
+    batch = tiny.make_inputs(tiny.batch)
+    with zspa_kernels.prune(tiny.model, keep=KEEP):
+        together = tiny.model.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                       output_logits=True, return_dict_in_generate=True)
+        for r, row in enumerate(tiny.batch):
+            alone = tiny.model.generate(**tiny.make_inputs([row], seeds=[r]), max_new_tokens=NEW_TOKENS,
+                                        do_sample=False, output_logits=True,
+                                        return_dict_in_generate=True)
+            assert torch.equal(together.sequences[r, -NEW_TOKENS:], alone.sequences[0, -NEW_TOKENS:])
+            for a, b in zip(together.logits, alone.logits):
+                torch.testing.assert_close(a[r], b[0], atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_second_generate_on_a_pruned_cache_is_refused(tiny):
+    inputs = tiny.make_inputs(tiny.single)
+    with zspa_kernels.prune(tiny.model, keep=KEEP):
+        out = tiny.model.generate(**inputs, max_new_tokens=2, do_sample=False,
+                                  return_dict_in_generate=True)
+        follow_up = dict(inputs, input_ids=out.sequences,
+                         attention_mask=torch.ones_like(out.sequences))
+        if "mm_token_type_ids" in inputs:  # the new tokens are text
+            follow_up["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, 2))
+        with pytest.raises(RuntimeError, match="pruned prefill"):
+            tiny.model.generate(**follow_up, past_key_values=out.past_key_values, max_new_tokens=2)
+
+
+def test_unsupported_model_names_the_supported_families():
+    config = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, vocab_size=32)
+    with pytest.raises(ValueError, match="LLaVA-1.5.*Qwen2-VL"):
+        zspa_kernels.prune(transformers.LlamaForCausalLM(config))
+
+
+@pytest.mark.parametrize("keep, message", [(0, "keep"), (1.5, "keep"), ("all", "keep"), (True, "keep")])
+def test_bad_keep_is_rejected(keep, message):
+    tiny = BUILDERS["llava"]()
+    with pytest.raises((ValueError, TypeError), match=message):
+        zspa_kernels.prune(tiny.model, keep=keep)
+
+
+def test_remove_restores_the_unpatched_model():
+    tiny = BUILDERS["llava"]()
+    inputs = tiny.make_inputs(tiny.single)
+    with torch.no_grad():
+        expected = tiny.model(**inputs).logits
+        handle = zspa_kernels.prune(tiny.model, keep=KEEP)
+        assert tiny.model(**inputs).logits.shape[1] < expected.shape[1]
+        handle.remove()
+        assert torch.equal(tiny.model(**inputs).logits, expected)
+
+
+@pytest.mark.parametrize("with_mask", [True, False])
+@torch.no_grad()
+def test_hand_written_decode_loop_matches_generate(tiny, with_mask):
+    """A loop that passes neither positions nor (optionally) a mask still decodes at the
+    original positions: the hooks supply them for a pruned cache."""
+    inputs = tiny.make_inputs(tiny.single)
+    with zspa_kernels.prune(tiny.model, keep=KEEP):
+        expected = tiny.model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+        out = tiny.model(**inputs, use_cache=True)
+        tokens, mask = [out.logits[:, -1].argmax(-1, keepdim=True)], inputs["attention_mask"]
+        for _ in range(NEW_TOKENS - 1):
+            mask = torch.cat([mask, mask.new_ones(1, 1)], 1)
+            step = dict(attention_mask=mask) if with_mask else {}
+            out = tiny.model(input_ids=tokens[-1], past_key_values=out.past_key_values,
+                             use_cache=True, **step)
+            tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+    assert torch.equal(torch.cat(tokens, 1), expected[:, -NEW_TOKENS:])
+
+
+
+@torch.no_grad()
+def test_qwen3_deepstack_rows_follow_their_tokens():
+    """Each kept visual token keeps its own deepstack features (matched by its embedding)."""
+    tiny = BUILDERS["qwen3_vl"]()
+    inputs = tiny.make_inputs(tiny.batch)
+    with capture_lm_calls(tiny.model) as full:
+        tiny.model(**inputs)
+    with zspa_kernels.prune(tiny.model, keep=KEEP), capture_lm_calls(tiny.model) as pruned:
+        tiny.model(**inputs)
+    (full,), (pruned,) = full, pruned
+
+    def visual_rows(kw):
+        return kw["inputs_embeds"][kw["visual_pos_masks"]], kw["deepstack_visual_embeds"]
+
+    (embeds, stacks), (kept_embeds, kept_stacks) = visual_rows(full), visual_rows(pruned)
+    assert kept_embeds.shape[0] < embeds.shape[0]
+    source = (kept_embeds[:, None] == embeds[None]).all(-1).float().argmax(1)
+    assert torch.equal(embeds[source], kept_embeds)
+    for layer, kept_layer in zip(stacks, kept_stacks):
+        assert torch.equal(layer[source], kept_layer)
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+@torch.no_grad()
+def test_eager_attention_generation_equals_no_cache_reference(name):
+    tiny = BUILDERS[name](attn="eager")
+    inputs = tiny.make_inputs(tiny.batch)
+    positions = unpruned_decode_positions(tiny.model, inputs, do_sample=False)
+    with zspa_kernels.prune(tiny.model, keep=KEEP), capture_lm_calls(tiny.model) as calls:
+        out = tiny.model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                  output_logits=True, return_dict_in_generate=True)
+    tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
+    ref = no_cache_logits(tiny.model, calls[0], positions, tokens, list(range(len(tiny.batch))),
+                          image_features_of(tiny.model, inputs))
+    start = calls[0]["inputs_embeds"].shape[1] - 1
+    torch.testing.assert_close(torch.stack(out.logits, 1), ref[:, start:start + NEW_TOKENS],
+                               atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_pruned_inputs_hold_exactly_the_selected_tokens(tiny):
+    """last_selection describes the gather: each row keeps its text and, of each image,
+    the tokens at ``kept``, in their original order (left-padded to the longest row)."""
+    inputs = tiny.make_inputs(tiny.batch)
+    with capture_lm_calls(tiny.model) as full:
+        tiny.model(**inputs)
+    with zspa_kernels.prune(tiny.model, keep=0.3) as handle, capture_lm_calls(tiny.model) as cut:
+        tiny.model(**inputs)
+    embeds, kept_embeds = full[0]["inputs_embeds"], cut[0]["inputs_embeds"]
+    mask = padding_mask(cut[0]["attention_mask"])[:, : kept_embeds.shape[1]]
+    visual = torch.isin(inputs["input_ids"], torch.tensor(handle.visual_ids))
+    length = visual.shape[1]
+    for r in range(len(tiny.batch)):
+        row = visual[r]
+        runs = iter(torch.nonzero(row & ~torch.nn.functional.pad(row, (1, 0))[:-1])[:, 0].tolist())
+        keep, at = ~row, length
+        for sel in (s for s in handle.last_selection if s.batch_row == r):
+            if at >= length or not row[at]:  # a run may hold several images back to back
+                at = next(runs)
+            assert sel.order.shape[0] == math.ceil(round(0.3 * sel.n_tokens, 9)) <= sel.n_tokens
+            assert torch.equal(sel.kept, sel.order.sort().values)
+            keep[at + sel.kept] = True
+            at += sel.n_tokens
+        assert next(runs, None) is None
+        n = int(keep.sum())
+        assert torch.equal(kept_embeds[r, -n:], embeds[r, keep])
+        assert mask[r, : kept_embeds.shape[1] - n].sum() == 0  # re-padding is masked out
+    assert len(handle.last_selection) == tiny.n_images(tiny.batch)
+
+
+@pytest.mark.parametrize("prompt, follows_preamble", [("question", False), ("all_text", True)])
+@torch.no_grad()
+def test_question_prompt_ignores_text_before_the_image(prompt, follows_preamble):
+    """With ``prompt="question"`` only text after the first image (minus special tokens)
+    forms the prompt vector, so a different system preamble leaves the selection alone."""
+    tiny = BUILDERS["llava"]()
+    inputs = tiny.make_inputs(tiny.single)
+    other = dict(inputs, input_ids=inputs["input_ids"].clone())
+    other["input_ids"][0, :5] = torch.arange(60, 65)  # the 5 text tokens before the image
+    orders = []
+    for case in (inputs, other):
+        with zspa_kernels.prune(tiny.model, keep=8, core_ratio=1.0, prompt=prompt) as handle:
+            tiny.model(**case)
+        orders.append(handle.last_selection[0].order)
+    assert torch.equal(orders[0], orders[1]) != follows_preamble

@@ -1,0 +1,345 @@
+"""Tiny randomly initialised VLMs of every supported family, built from configs (no
+downloads), with matching inputs: for the tests, the examples and offline demos.
+
+Each builder returns a :class:`TinyVLM`; its ``make_inputs(rows)`` turns a list of rows,
+each a list of segments (``("text", n)``, ``("image", size)``, ``("video", size)``; the
+size's meaning is the family's), into the keyword arguments of ``model(...)`` and
+``model.generate(...)``, left-padded. Token ids are random, so prompts mean nothing.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import transformers
+
+VOCAB = 128
+PAD = 0
+TEXT_IDS = (1, 90)  # ordinary text tokens are drawn from this range
+
+
+def _text(n: int, gen: torch.Generator) -> list[int]:
+    return torch.randint(*TEXT_IDS, (n,), generator=gen).tolist()
+
+
+def _generators(rows, seeds) -> list[torch.Generator]:
+    """One generator per row, so a row's content depends only on its own seed: the
+    same row built alone (``seeds=[r]``) equals row ``r`` of the batch."""
+    seeds = range(len(rows)) if seeds is None else seeds
+    return [torch.Generator().manual_seed(1000 + s) for s in seeds]
+
+
+def _left_pad(rows: list[list[int]]) -> dict:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), PAD, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@dataclass
+class TinyVLM:
+    model: torch.nn.Module
+    make_inputs: Callable[..., dict]  # (rows, seeds=None) -> model kwargs
+    single: list  # one row: text, image, text
+    batch: list  # rows of different lengths and image counts/sizes
+    frames_are_images: bool = False  # each video frame is its own run of tokens (Qwen3-VL)
+    beam_video: bool = True  # False where the unpatched model cannot beam-search a video
+
+    @property
+    def beam_batch(self) -> list:
+        return self.batch if self.beam_video else [r for r in self.batch
+                                                    if all(s[0] != "video" for s in r)]
+
+    def n_images(self, rows) -> int:
+        """How many separately budgeted images (or frames) ``rows`` hold."""
+        return sum(seg[1][0] if seg[0] == "video" and self.frames_are_images else 1
+                   for row in rows for seg in row if seg[0] != "text")
+
+
+def _finish(model: torch.nn.Module, attn: str) -> torch.nn.Module:
+    model.set_attn_implementation(attn)
+    # Decode until max_new_tokens: an early eos would make step-by-step comparisons ragged.
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = PAD
+    return model.eval()
+
+
+def llava(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    image_token = 127
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=16, patch_size=4),
+        text_config=LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                max_position_embeddings=512, pad_token_id=PAD, bos_token_id=1,
+                                eos_token_id=2),
+        image_token_id=image_token, image_seq_length=16, pad_token_id=PAD,
+    )
+    model = _finish(LlavaForConditionalGeneration(config), attn)
+    tokens = 16  # (16 / 4) ** 2 patches, CLS dropped
+
+    def make_inputs(rows, seeds=None) -> dict:
+        ids, pixels = [], []
+        for segments, gen in zip(rows, _generators(rows, seeds)):
+            row = []
+            for kind, n in segments:
+                if kind == "text":
+                    row += _text(n, gen)
+                else:
+                    row += [image_token] * tokens
+                    pixels.append(torch.randn(3, 16, 16, generator=gen))
+            ids.append(row)
+        return dict(_left_pad(ids), pixel_values=torch.stack(pixels))
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 5), ("image", 0), ("text", 7)]],
+                   batch=[[("text", 5), ("image", 0), ("text", 7)],
+                          [("text", 3), ("image", 0), ("text", 1), ("image", 0), ("text", 4)],
+                          [("image", 0), ("text", 9)]])
+
+
+def llava_next(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """Any-resolution LLaVA: an image of size (H, W) takes a base 4x4 view plus the
+    unpadded tiles of its best grid, with a newline feature per row: counts differ."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig,
+                              LlavaNextForConditionalGeneration)
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    torch.manual_seed(seed)
+    image_token = 127
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=16, patch_size=4),
+        text_config=LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                max_position_embeddings=512, pad_token_id=PAD, bos_token_id=1,
+                                eos_token_id=2),
+        image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]], image_token_id=image_token,
+        pad_token_id=PAD,
+    )
+    model = _finish(LlavaNextForConditionalGeneration(config), attn)
+
+    def n_tokens(pixels: torch.Tensor, size: tuple) -> int:
+        with torch.no_grad():
+            out = model.model.get_image_features(pixel_values=pixels[None],
+                                                 image_sizes=torch.tensor([size]))
+        return getattr(out, "pooler_output", out)[0].shape[0]
+
+    def make_inputs(rows, seeds=None) -> dict:
+        ids, pixels, sizes = [], [], []
+        for segments, gen in zip(rows, _generators(rows, seeds)):
+            row = []
+            for kind, size in segments:
+                if kind == "text":
+                    row += _text(size, gen)
+                    continue
+                tiles = image_size_to_num_patches(size, config.image_grid_pinpoints, 16)
+                pixels.append(torch.randn(tiles, 3, 16, 16, generator=gen))
+                sizes.append(size)
+                row += [image_token] * n_tokens(pixels[-1], size)
+            ids.append(row)
+        most = max(p.shape[0] for p in pixels)
+        padded = torch.stack([torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[0]))
+                              for p in pixels])
+        return dict(_left_pad(ids), pixel_values=padded, image_sizes=torch.tensor(sizes))
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 5), ("image", (16, 32)), ("text", 7)]],
+                   batch=[[("text", 5), ("image", (32, 32)), ("text", 7)],
+                          [("text", 3), ("image", (16, 32)), ("text", 1), ("image", (32, 16)),
+                           ("text", 4)],
+                          [("image", (16, 16)), ("text", 9)]])
+
+
+def _idefics(config_cls, model_cls, attn: str, seed: int) -> TinyVLM:
+    """Idefics3/SmolVLM: a 32x32 image gives (32/4)^2 patches, pixel-shuffled 2x2 into
+    16 tokens, wrapped in <fake_token_around_image> markers."""
+    torch.manual_seed(seed)
+    image_token, around = 127, 126
+    config = config_cls(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=32, patch_size=4),
+        text_config=dict(model_type="llama", hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         vocab_size=VOCAB, max_position_embeddings=512, pad_token_id=PAD,
+                         bos_token_id=1, eos_token_id=2),
+        scale_factor=2, image_token_id=image_token, pad_token_id=PAD,
+    )
+    model = _finish(model_cls(config), attn)
+
+    def make_inputs(rows, seeds=None) -> dict:
+        ids, pixels = [], []
+        for segments, gen in zip(rows, _generators(rows, seeds)):
+            row, images = [], []
+            for kind, n in segments:
+                if kind == "text":
+                    row += _text(n, gen)
+                else:
+                    row += [around] + [image_token] * 16 + [around]
+                    images.append(torch.randn(3, 32, 32, generator=gen))
+            ids.append(row)
+            pixels.append(images)
+        most = max(len(p) for p in pixels)  # all-zero images are padding to the model
+        stacked = torch.zeros(len(rows), most, 3, 32, 32)
+        for r, images in enumerate(pixels):
+            if images:
+                stacked[r, : len(images)] = torch.stack(images)
+        return dict(_left_pad(ids), pixel_values=stacked)
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 5), ("image", 0), ("text", 7)]],
+                   batch=[[("text", 5), ("image", 0), ("text", 7)],
+                          [("text", 3), ("image", 0), ("image", 0), ("text", 4)],
+                          [("image", 0), ("text", 9)]])
+
+
+def idefics3(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+
+    return _idefics(Idefics3Config, Idefics3ForConditionalGeneration, attn, seed)
+
+
+def smolvlm(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    return _idefics(SmolVLMConfig, SmolVLMForConditionalGeneration, attn, seed)
+
+
+def gemma3(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """Gemma3: 16 soft tokens per 16x16 image between begin/end-of-image markers; image
+    blocks attend bidirectionally; one sliding-window layer (window 16)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    image_token, boi, eoi = 127, 125, 126
+    config = Gemma3Config(
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         query_pre_attn_scalar=8, vocab_size=VOCAB, max_position_embeddings=512,
+                         sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                         pad_token_id=PAD, bos_token_id=1, eos_token_id=2),
+        mm_tokens_per_image=16, image_token_id=image_token, boi_token_id=boi, eoi_token_id=eoi,
+        pad_token_id=PAD,
+    )
+    model = _finish(Gemma3ForConditionalGeneration(config), attn)
+
+    def make_inputs(rows, seeds=None) -> dict:
+        ids, pixels = [], []
+        for segments, gen in zip(rows, _generators(rows, seeds)):
+            row = []
+            for kind, n in segments:
+                if kind == "text":
+                    row += _text(n, gen)
+                else:
+                    row += [boi] + [image_token] * 16 + [eoi]
+                    pixels.append(torch.randn(3, 16, 16, generator=gen))
+            ids.append(row)
+        out = _left_pad(ids)
+        out["token_type_ids"] = (out["input_ids"] == image_token).long()
+        return dict(out, pixel_values=torch.stack(pixels))
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 5), ("image", 0), ("text", 7)]],
+                   batch=[[("text", 5), ("image", 0), ("text", 7)],
+                          [("text", 3), ("image", 0), ("text", 1), ("image", 0), ("text", 4)],
+                          [("image", 0), ("text", 9)]])
+
+
+QWEN_IMAGE, QWEN_VIDEO, QWEN_START, QWEN_END = 120, 121, 122, 123
+QWEN_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512,
+                 rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]},
+                 pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+QWEN_PATCH = dict(patch_size=2, spatial_merge_size=2, temporal_patch_size=2)
+
+
+def _qwen(config_cls, model_cls, vision: dict, attn: str, seed: int, text=QWEN_TEXT,
+          per_frame: bool = False) -> TinyVLM:
+    """Qwen2/2.5/3-VL: each image or video is wrapped in vision start/end markers and
+    takes ``t*h*w / 4`` tokens for a ``(t, h, w)`` patch grid (2x2 merge)."""
+    torch.manual_seed(seed)
+    config = config_cls(text_config=text, vision_config=dict(vision, **QWEN_PATCH),
+                        image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO,
+                        vision_start_token_id=QWEN_START, vision_end_token_id=QWEN_END)
+    model = _finish(model_cls(config), attn)
+    patch_dim = 3 * 2 * 2 * 2
+    takes_types = "mm_token_type_ids" in inspect.signature(model.model.forward).parameters
+
+    def make_inputs(rows, seeds=None) -> dict:
+        ids, media = [], {"image": ([], []), "video": ([], [])}
+        for segments, gen in zip(rows, _generators(rows, seeds)):
+            row = []
+            for kind, grid in segments:
+                if kind == "text":
+                    row += _text(grid, gen)
+                    continue
+                t, h, w = grid if kind == "video" else (1, *grid)
+                token = QWEN_VIDEO if kind == "video" else QWEN_IMAGE
+                # Qwen3-VL wraps every video frame in its own markers (after a timestamp).
+                for _ in range(t if kind == "video" and per_frame else 1):
+                    n = h * w // 4 * (1 if kind == "image" or per_frame else t)
+                    row += ([QWEN_START] + [token] * n + [QWEN_END]
+                            + (_text(1, gen) if kind == "video" and per_frame else []))
+                pixels, grids = media[kind]
+                pixels.append(torch.randn(t * h * w, patch_dim, generator=gen))
+                grids.append([t if kind == "video" else 1, h, w])
+            ids.append(row)
+        out = _left_pad(ids)
+        for kind, (pixels, grids) in media.items():
+            if pixels:
+                prefix = "" if kind == "image" else "_videos"
+                out[f"pixel_values{prefix}"] = torch.cat(pixels)
+                out[f"{kind}_grid_thw"] = torch.tensor(grids)
+        if takes_types:  # transformers 5.x: M-RoPE reads the modality of every token
+            out["mm_token_type_ids"] = ((out["input_ids"] == QWEN_IMAGE).int()
+                                        + 2 * (out["input_ids"] == QWEN_VIDEO).int())
+        return out
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 4), ("image", (8, 8)), ("text", 6)]],
+                   batch=[[("text", 4), ("image", (8, 8)), ("text", 6)],
+                          [("text", 2), ("image", (4, 8)), ("text", 1), ("image", (6, 8)), ("text", 3)],
+                          [("video", (2, 4, 8)), ("text", 5)]],
+                   frames_are_images=per_frame,
+                   # transformers 4.57's Qwen3-VL counts frames as videos when it expands
+                   # the inputs for beam search, and fails before any hook runs.
+                   beam_video=not (per_frame and transformers.__version__.startswith("4.")))
+
+
+def qwen2_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    vision = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2)
+    return _qwen(Qwen2VLConfig, Qwen2VLForConditionalGeneration, vision, attn, seed)
+
+
+def qwen2_5_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                  window_size=8, fullatt_block_indexes=[1])
+    return _qwen(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, vision, attn, seed)
+
+
+def qwen3_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                  num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
+    text = dict(QWEN_TEXT, head_dim=8, rope_scaling={"rope_type": "default", "mrope_section": [2, 1, 1],
+                                                     "mrope_interleaved": True})
+    return _qwen(Qwen3VLConfig, Qwen3VLForConditionalGeneration, vision, attn, seed, text=text,
+                 per_frame=True)
+
+
+BUILDERS = {"llava": llava, "gemma3": gemma3, "idefics3": idefics3, "smolvlm": smolvlm, "llava_next": llava_next, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl}
