@@ -175,13 +175,17 @@ def _cpu_model() -> str:
 
 def environment(device: torch.device) -> dict:
     """Device and versions, stored with every record."""
-    import triton
+    try:
+        import triton
 
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
         name = f"cpu {_cpu_model()} x{torch.get_num_threads()} threads"
-    env = {"device": name, "torch": torch.__version__, "triton": triton.__version__,
+    env = {"device": name, "torch": torch.__version__, "triton": triton_version,
            "cuda": torch.version.cuda or "none"}
     if device.type == "cpu":  # CPU timings swing with whatever else the machine runs
         env["load_average_1min"] = os.getloadavg()[0]
