@@ -197,7 +197,10 @@ def quick(shape_label: str = "llava-1.5", keep: Union[int, float] = 64, dtype: t
     import zspa_kernels  # noqa: F401  (registers the op)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    shape = next(s for s in SPEC_SHAPES if s.label == shape_label)
+    labels = [s.label for s in SPEC_SHAPES]
+    if shape_label not in labels:
+        raise SystemExit(f"zspa bench: --shape expected one of {', '.join(labels)}, got {shape_label!r}")
+    shape = SPEC_SHAPES[labels.index(shape_label)]
     k = keep_count(keep, shape.N)
     bandwidth = copy_bandwidth(device)
     floor = floor_us(shape, k, dtype, bandwidth)
