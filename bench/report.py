@@ -60,12 +60,14 @@ def micro_table(records: list[dict]) -> list[str]:
 
 
 def e2e_table(records: list[dict]) -> list[str]:
-    lines = ["| model | B | visual tokens | kept | prefill | TTFT | decode tok/s | peak memory | selection share |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | dtype | B | visual tokens kept | prefill | TTFT | decode tok/s | peak memory | KV cache | "
+             "selection share |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         share = "—" if r.get("selection_share") is None else f"{100 * r['selection_share']:.2f}%"
-        lines.append(f"| {r['model']} | {r['B']} | {r['N']} | {r['kept']} | {r['prefill_ms']:.1f} ms | "
-                     f"{r['ttft_ms']:.1f} ms | {r['decode_tokens_per_s']:.0f} | {r['peak_memory_gib']:.2f} GiB | {share} |")
+        peak = "—" if r.get("peak_memory_gib") is None else f"{r['peak_memory_gib']:.2f} GiB"
+        lines.append(f"| {r['model']} | {r['dtype']} | {r['B']} | {r['kept']} of {r['N']} | {r['prefill_ms']:.1f} ms | "
+                     f"{r['ttft_ms']:.1f} ms | {r['decode_tokens_per_s']:.0f} | {peak} | "
+                     f"{r['kv_cache_bytes'] / 2**20:.1f} MiB | {share} |")
     return lines
 
 
@@ -145,7 +147,7 @@ def main(argv=None) -> int:
               "too many bytes per call to finish in seconds here (see `traffic_bytes` in "
               "`zspa_kernels/benchmark.py`); a shape missing from the table had every case skipped."]
     if e2e:
-        lines += ["", "## End to end (random weights, bf16)", ""] + e2e_table(e2e)
+        lines += ["", "## End to end (random weights; peak memory is tracked on GPUs only)", ""] + e2e_table(e2e)
     lines += ["", f"![latency against N]({stem.name}.png)", ""]
     stem.with_suffix(".md").write_text("\n".join(lines))
     plot(records, stem.with_suffix(".png"), title)
