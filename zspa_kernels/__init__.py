@@ -10,7 +10,7 @@ __all__ = ["select_tokens", "prune", "__version__"]
 
 
 def __getattr__(name):
-    # prune needs transformers; import it on first use so the package import stays light.
+    # The transformers integration loads on first use: importing the package stays light.
     if name == "prune":
         from .integrations.transformers import prune
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -113,7 +115,10 @@ def test_keep_all_reproduces_unpatched_logits_exactly(tiny):
         got = tiny.model(**inputs).logits
     assert len(handle.last_selection) == tiny.n_images(tiny.batch)
     assert all(s.order.shape[0] == s.n_tokens for s in handle.last_selection)
-    assert torch.equal(got, expected)
+    # The batch has an unpadded row, so the layout is the original one; padding slots are
+    # refilled (their logits are meaningless), attended ones must match bit for bit.
+    attended = inputs["attention_mask"].bool()
+    assert got.shape == expected.shape and torch.equal(got[attended], expected[attended])
 
 
 @torch.no_grad()
@@ -146,7 +151,7 @@ def test_batch_cache_length_is_the_longest_kept_row(tiny):
     dropped = torch.zeros(len(tiny.batch), dtype=torch.long)
     for s in handle.last_selection:
         dropped[s.batch_row] += s.n_tokens - s.order.shape[0]
-    kept = inputs["attention_mask"].shape[1] - dropped
+    kept = inputs["attention_mask"].sum(1) - dropped  # old padding is dropped as well
     assert out.past_key_values.get_seq_length() == int(kept.max())
     image_rows = [s.batch_row for s in handle.last_selection]
     assert image_rows == sorted(image_rows)  # batch-row order, then image order
@@ -231,11 +236,21 @@ def test_unsupported_model_names_the_supported_families():
         zspa_kernels.prune(transformers.LlamaForCausalLM(config))
 
 
-@pytest.mark.parametrize("keep, message", [(0, "keep"), (1.5, "keep"), ("all", "keep"), (True, "keep")])
-def test_bad_keep_is_rejected(keep, message):
+@pytest.mark.parametrize("arg, value", [("keep", 0), ("keep", 1.5), ("keep", "all"), ("keep", True),
+                                        ("core_ratio", 1.5), ("relevance", "min"),
+                                        ("prompt", "system"), ("backend", "gpu")])
+def test_bad_arguments_are_rejected_at_prune_time(arg, value):
     tiny = BUILDERS["llava"]()
-    with pytest.raises((ValueError, TypeError), match=message):
-        zspa_kernels.prune(tiny.model, keep=keep)
+    with pytest.raises((ValueError, TypeError), match=f"^{arg}: expected"):
+        zspa_kernels.prune(tiny.model, **{arg: value})
+
+
+def test_a_model_is_pruned_by_one_handle_at_a_time():
+    tiny = BUILDERS["llava"]()
+    with zspa_kernels.prune(tiny.model):
+        with pytest.raises(ValueError, match="already pruned"):
+            zspa_kernels.prune(tiny.model)
+    zspa_kernels.prune(tiny.model).remove()  # free again once removed
 
 
 def test_remove_restores_the_unpatched_model():
@@ -324,7 +339,7 @@ def test_pruned_inputs_hold_exactly_the_selected_tokens(tiny):
     for r in range(len(tiny.batch)):
         row = visual[r]
         runs = iter(torch.nonzero(row & ~torch.nn.functional.pad(row, (1, 0))[:-1])[:, 0].tolist())
-        keep, at = ~row, length
+        keep, at = ~row & inputs["attention_mask"][r].bool(), length
         for sel in (s for s in handle.last_selection if s.batch_row == r):
             if at >= length or not row[at]:  # a run may hold several images back to back
                 at = next(runs)
@@ -354,3 +369,9 @@ def test_question_prompt_ignores_text_before_the_image(prompt, follows_preamble)
             tiny.model(**case)
         orders.append(handle.last_selection[0].order)
     assert torch.equal(orders[0], orders[1]) != follows_preamble
+
+
+def test_package_import_does_not_import_transformers():
+    code = ("import sys, zspa_kernels; assert 'transformers' not in sys.modules; "
+            "assert callable(zspa_kernels.prune)")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -29,6 +29,7 @@ from typing import Optional, Union
 
 import torch
 
+from ...checks import BACKENDS, RELEVANCE_MODES
 from .families import Family, special_token_ids, split_model
 from .selection import ImageSelection, check_keep, select_images
 
@@ -96,10 +97,17 @@ class PruneHandle:
             raise ValueError(f"prompt: expected one of {PROMPTS}, got {prompt!r}")
         if not 0.0 <= core_ratio <= 1.0:
             raise ValueError(f"core_ratio: expected a float in [0, 1], got {core_ratio}")
+        if relevance not in RELEVANCE_MODES:
+            raise ValueError(f"relevance: expected one of {RELEVANCE_MODES}, got {relevance!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         self.family = family
         self.keep, self.core_ratio, self.relevance, self.prompt, self.backend = (
             keep, float(core_ratio), relevance, prompt, backend)
         self.base, self.lm = split_model(model, family)
+        if getattr(self.lm, "_zspa_pruned", False):
+            raise ValueError("model: already pruned by zspa_kernels.prune; remove() that handle first")
+        self.lm._zspa_pruned = True
         self.config = model.config
         self.visual_ids = family.visual_token_ids(model.config)
         special = special_token_ids(model.config)
@@ -119,6 +127,8 @@ class PruneHandle:
     def remove(self) -> None:
         for hook in self._hooks:
             hook.remove()
+        if self._hooks:
+            self.lm._zspa_pruned = False
         self._hooks = []
         self._caches = weakref.WeakKeyDictionary()
         self._input_ids = None
@@ -164,23 +174,17 @@ class PruneHandle:
         return args, kwargs
 
     # -- prefill ---------------------------------------------------------------------------
-    def _find_images(self, ids: torch.Tensor, visual: torch.Tensor):
+    def _find_images(self, visual: torch.Tensor):
         """Host lists ``(rows, starts, sizes)`` of every image: each run of visual tokens,
         cut every ``tokens_per_image`` tokens when the family fixes that count."""
+        edges = torch.nn.functional.pad(visual.int(), (1, 1)).diff(dim=1)
+        run_rows, run_starts = (edges == 1).nonzero(as_tuple=True)
+        run_ends = (edges == -1).nonzero(as_tuple=True)[1]  # same row-major order
         rows, starts, sizes = [], [], []
-        for r, row in enumerate(visual.tolist()):
-            c, n = 0, len(row)
-            while c < n:
-                if not row[c]:
-                    c += 1
-                    continue
-                end = c
-                while end < n and row[end]:
-                    end += 1
-                step = self.tokens_per_image or end - c
-                for s in range(c, end, step):
-                    rows.append(r), starts.append(s), sizes.append(min(step, end - s))
-                c = end
+        for r, start, end in zip(run_rows.tolist(), run_starts.tolist(), run_ends.tolist()):
+            step = self.tokens_per_image or end - start
+            for s in range(start, end, step):
+                rows.append(r), starts.append(s), sizes.append(min(step, end - s))
         return rows, starts, sizes
 
     def _prompt_tokens(self, ids_h: torch.Tensor, visual_h: torch.Tensor, mask_h: torch.Tensor):
@@ -204,7 +208,7 @@ class PruneHandle:
         host = torch.stack([ids.to(device), mask]).cpu()
         ids_h, mask_h = host[0], host[1]
         visual_h = torch.isin(ids_h, torch.tensor(self.visual_ids, dtype=ids_h.dtype))
-        rows, starts, sizes = self._find_images(ids_h, visual_h)
+        rows, starts, sizes = self._find_images(visual_h)
         if not rows:
             return
         prompt_h = self._prompt_tokens(ids_h, visual_h, mask_h)
@@ -220,16 +224,17 @@ class PruneHandle:
                                   self.core_ratio, self.relevance, self.backend)
         self.last_selection = selection
 
-        # Keep every non-visual position plus the picks of every image.
+        # Keep every attended non-visual position plus the picks of every image; the old
+        # left padding goes too, so a short row does not hold the batch at its full width.
         visual = visual_h.to(device)
-        keep = ~visual
+        keep = ~visual & (mask != 0)
         pick_rows = torch.cat([torch.full_like(s.order, s.batch_row) for s in selection])
         pick_cols = torch.cat([s.order + start for s, start in zip(selection, starts)])
         keep[pick_rows, pick_cols] = True
         dropped_h = torch.zeros(B, dtype=torch.long)
         for s in selection:
             dropped_h[s.batch_row] += s.n_tokens - s.order.shape[0]
-        kept_len = L - dropped_h
+        kept_len = (mask_h != 0).sum(1) - dropped_h
         new_len = int(kept_len.max())
         # Kept positions first, ascending (keys are unique), then right-align each row.
         pos = torch.arange(L, device=device)

@@ -1,0 +1,68 @@
+"""Model and inputs for the examples: a tiny random model (default, no downloads) or a
+local checkpoint with its processor and an image (``--model PATH --image FILE``)."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+QUESTION = "What is shown in this picture?"
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc)
+    p.add_argument("--model", help="local checkpoint folder (default: a tiny random model)")
+    p.add_argument("--image", action="append", help="image file (repeat for more; default: a gradient)")
+    p.add_argument("--keep", type=float, default=0.25, help="token count (>= 1) or fraction per image")
+    p.add_argument("--new-tokens", type=int, default=16)
+    return p
+
+
+def keep_arg(value: float):
+    return int(value) if value >= 1 else value
+
+
+def load_checkpoint(path: str):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = "left"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForImageTextToText.from_pretrained(path, torch_dtype="auto").to(device).eval()
+    return model, processor
+
+
+def checkpoint_inputs(processor, model, images_per_row: list[list], question: str = QUESTION) -> dict:
+    """Chat-template prompts, one per row, each with its images before the question."""
+    texts = []
+    for images in images_per_row:
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
+        texts.append(processor.apply_chat_template([{"role": "user", "content": content}],
+                                                   add_generation_prompt=True))
+    inputs = processor(images=images_per_row, text=texts, padding=True, return_tensors="pt")
+    return inputs.to(model.device)
+
+
+def load_images(paths, count: int) -> list:
+    from PIL import Image
+
+    if paths:
+        return [Image.open(p).convert("RGB") for p in paths]
+    ramp = torch.linspace(0, 255, 336).to(torch.uint8)
+    pixels = torch.stack([ramp[None].expand(336, -1), ramp[:, None].expand(-1, 336),
+                          ramp.flip(0)[None].expand(336, -1)], -1)
+    return [Image.fromarray(pixels.roll(i * 40, 0).numpy()) for i in range(count)]
+
+
+def report(handle, out, inputs: dict, new_tokens: int, unpruned_len: int, processor=None) -> None:
+    """What was kept per image, the KV cache saving, and the answers."""
+    for sel in handle.last_selection:
+        print(f"row {sel.batch_row} image {sel.image_index}: kept {len(sel.kept)} of "
+              f"{sel.n_tokens} tokens ({sel.n_core} by relevance), first: {sel.kept[:8].tolist()}")
+    # generate() feeds every new token but the last through the model.
+    pruned_len = out.past_key_values.get_seq_length() - (new_tokens - 1)
+    print(f"KV cache after prefill: {unpruned_len} tokens unpruned, {pruned_len} pruned")
+    new = out.sequences[:, inputs["input_ids"].shape[1]:]
+    for r, tokens in enumerate(new):
+        text = processor.decode(tokens, skip_special_tokens=True) if processor else tokens.tolist()
+        print(f"row {r} answer: {text}")

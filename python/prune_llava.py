@@ -1,0 +1,35 @@
+"""LLaVA-1.5 with ZSPAPrune: one call, then generate() runs on the kept visual tokens.
+
+    python python/prune_llava.py                       # tiny random LLaVA, no downloads
+    python python/prune_llava.py --model PATH --image cat.jpg --keep 64
+"""
+import torch
+
+import zspa_kernels
+from example_inputs import (checkpoint_inputs, keep_arg, load_checkpoint, load_images, parser,
+                            report)
+
+
+def main() -> None:
+    args = parser(__doc__).parse_args()
+    if args.model:
+        model, processor = load_checkpoint(args.model)
+        inputs = checkpoint_inputs(processor, model, [load_images(args.image, 1)])
+        tokenizer = processor.tokenizer
+    else:
+        from zspa_kernels.integrations.transformers.tiny import llava
+
+        tiny = llava()
+        model, inputs, tokenizer, processor = tiny.model, tiny.make_inputs(tiny.single), None, None
+
+    with torch.no_grad():
+        full = model(**inputs, use_cache=True).past_key_values.get_seq_length()
+        # The one line: hooks on the language model; leave the block to remove them.
+        with zspa_kernels.prune(model, keep=keep_arg(args.keep), tokenizer=tokenizer) as handle:
+            out = model.generate(**inputs, max_new_tokens=args.new_tokens, do_sample=False,
+                                 return_dict_in_generate=True)
+    report(handle, out, inputs, args.new_tokens, full, processor)
+
+
+if __name__ == "__main__":
+    main()
