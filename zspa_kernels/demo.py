@@ -167,7 +167,8 @@ def run(out: str, model_path=None, keep: int = 64, core_ratio: float = 0.5) -> i
     else:
         print(f"  model: {model_path}")
 
-    with _step("[1/4] loading the photo (scikit-image astronaut) and building the model"):
+    with _step(f"[1/4] loading the photo (scikit-image astronaut) and {'building' if model_path is None else 'loading'} "
+               "the model"):
         from PIL import Image
 
         photo = Image.fromarray(data.astronaut())
