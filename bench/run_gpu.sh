@@ -29,7 +29,13 @@ for stage in "${STAGES[@]}"; do
       "$PY" -m pip install --quiet --no-build-isolation --no-deps -e . ;;
     tests)
       "$PY" -m zspa_kernels.cli info | tee "$DEST/$(stem).tests.log"
-      "$PY" -m pytest tests -q -p no:cacheprovider 2>&1 | tail -40 | tee -a "$DEST/$(stem).tests.log" ;;
+      # A failing test is recorded in the log, not fatal: the benchmarks still run and say
+      # how fast; the log says whether what they timed is right.
+      rc=0
+      "$PY" -m pytest tests -q -p no:cacheprovider > "$DEST/tests.tmp" 2>&1 || rc=$?
+      tail -60 "$DEST/tests.tmp" >> "$DEST/$(stem).tests.log" && rm "$DEST/tests.tmp"
+      echo "pytest exit status: $rc" | tee -a "$DEST/$(stem).tests.log"
+      tail -5 "$DEST/$(stem).tests.log" ;;
     micro)
       ZSPA_BENCH=spec "$PY" -m pytest bench/test_bench_select_tokens.py -q -p no:cacheprovider \
         --benchmark-json="$DEST/$(stem).micro-raw.json" --benchmark-columns=median,iqr,rounds \
