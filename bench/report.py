@@ -49,13 +49,14 @@ def _fmt(us) -> str:
 def micro_table(records: list[dict]) -> list[str]:
     impls = [i for i in IMPL_ORDER if any(r["impl"] == i for r in records)]
     cases = sorted({(r["N"], r["B"], r["k"], r["shape"], r["keep"], r["D"]) for r in records})
-    lines = ["| shape | B | N | D | keep (k) | floor | " + " | ".join(impls) + " |",
-             "|---|---|---|---|---|---|" + "---|" * len(impls)]
+    lines = ["| shape | B | N | D | keep (k) | greedy steps | floor | " + " | ".join(impls) + " |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(impls)]
     for N, B, k, shape, keep, D in cases:
         here = {r["impl"]: r for r in records if (r["shape"], r["k"]) == (shape, k)}
-        floor = next(iter(here.values()))["floor_us"]
+        first = next(iter(here.values()))
         cells = [_fmt(here[i]["median_us"]) if i in here else "skipped" for i in impls]
-        lines.append(f"| {shape} | {B} | {N} | {D} | {keep} ({k}) | {_fmt(floor)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {shape} | {B} | {N} | {D} | {keep} ({k}) | {k - first['k_core']} | "
+                     f"{_fmt(first['floor_us'])} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -6,7 +6,8 @@ and the console command measure the same things.
 
 The floor of one selection is the time to read the tokens once at the device's
 measured copy bandwidth; the greedy chain adds ``k - k_core`` dependent steps on
-top of it, which is why the summary also reports the time per greedy step.
+top of it (each needs the previous pick), so the summary lists that step count
+beside the floor: at LLaVA sizes the steps' latency, not bandwidth, is the limit.
 """
 from __future__ import annotations
 
