@@ -7,7 +7,6 @@ positions the UNPRUNED model uses (cached generation).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import subprocess
 import sys
@@ -18,9 +17,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import zspa_kernels  # noqa: E402
-from zspa_kernels.integrations.transformers.families import split_model  # noqa: E402
-
 from zspa_kernels.integrations.transformers.tiny import BUILDERS  # noqa: E402
+
+from .reference import (capture_lm_calls, image_features_of, no_cache_logits,  # noqa: E402
+                        padding_mask, unpruned_decode_positions)
 
 NEW_TOKENS = 4
 KEEP = 5  # of 16+ tokens per image
@@ -30,81 +30,6 @@ ATOL = 1e-5  # cached vs no-cache fp32 logits: same math, different summation or
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
 def tiny(request):
     return BUILDERS[request.param]()
-
-
-def lm_of(model):
-    from zspa_kernels.integrations.transformers.families import find_family
-
-    return split_model(model, find_family(model))[1]
-
-
-@contextlib.contextmanager
-def capture_lm_calls(model):
-    """Record the keyword arguments the language model receives (after any other hook)."""
-    calls = []
-    hook = lm_of(model).register_forward_pre_hook(
-        lambda m, a, kw: calls.append(dict(kw)), with_kwargs=True)
-    try:
-        yield calls
-    finally:
-        hook.remove()
-
-
-def padding_mask(mask) -> torch.Tensor:
-    """The 2-D mask behind a captured mask argument (Gemma3 gets a dict of 4-D masks:
-    the last query row of a prefill attends to every non-padding key)."""
-    if isinstance(mask, dict):
-        full = mask["full_attention"]
-        row = full[:, 0, -1]
-        return (row if row.dtype == torch.bool else row == 0).long()
-    return mask
-
-
-def no_cache_logits(model, prefill: dict, decode_positions: list, tokens: torch.Tensor, rows,
-                    image_features=None):
-    """Logits over ``prefill``'s (pruned) inputs plus all but the last of ``tokens``,
-    without a cache; ``decode_positions`` are their positions. With ``image_features``
-    (Gemma3: masks depend on which slots hold image tokens) the base model builds the
-    masks itself from token types found by matching the prefix embeddings to them."""
-    tokens = tokens[:, :-1]
-    prefix = prefill["inputs_embeds"][rows]
-    embeds = torch.cat([prefix, model.get_input_embeddings()(tokens)], 1)
-    mask = padding_mask(prefill["attention_mask"])[rows][:, : prefix.shape[1]]
-    mask = torch.cat([mask, mask.new_ones(len(rows), tokens.shape[1])], 1)
-    positions = torch.cat([prefill["position_ids"][..., rows, :]]
-                          + [p[..., rows, :] for p in decode_positions], -1)
-    extra = {}
-    if prefill.get("visual_pos_masks") is not None:  # Qwen3-VL deepstack features
-        visual = prefill["visual_pos_masks"]
-        owner = visual.nonzero()[:, 0]  # batch row of each deepstack feature row
-        chosen = torch.isin(owner, torch.tensor(rows))
-        extra["visual_pos_masks"] = torch.nn.functional.pad(visual[rows], (0, tokens.shape[1]))
-        extra["deepstack_visual_embeds"] = [e[chosen] for e in prefill["deepstack_visual_embeds"]]
-    decoder = lm_of(model)
-    if image_features is not None:
-        is_image = (embeds[:, :, None] == image_features[None, None]).all(-1).any(-1)
-        extra["token_type_ids"] = is_image.long()
-        decoder = model.model
-    hidden = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                     use_cache=False, **extra).last_hidden_state
-    return model.get_output_embeddings()(hidden)
-
-
-def image_features_of(model, inputs):
-    """The visual feature rows the unpatched model merges in, where masks depend on them."""
-    if "token_type_ids" not in inputs:
-        return None
-    with capture_lm_calls(model) as calls, torch.no_grad():
-        model(**inputs)
-    return calls[0]["inputs_embeds"][inputs["token_type_ids"].bool()]
-
-
-def unpruned_decode_positions(model, inputs, **gen):
-    """Positions the unpatched model gives each generated token (they do not depend on
-    the tokens' values)."""
-    with capture_lm_calls(model) as calls, torch.no_grad():
-        model.generate(**inputs, max_new_tokens=NEW_TOKENS, **gen)
-    return [c["position_ids"] for c in calls[1:]]
 
 
 @torch.no_grad()
@@ -163,7 +88,7 @@ def test_cached_generation_equals_no_cache_reference(tiny, mode):
     inputs = tiny.make_inputs(tiny.batch)
     gen = {"greedy": dict(do_sample=False), "sample": dict(do_sample=True, top_k=0),
            "static": dict(do_sample=False, cache_implementation="static")}[mode]
-    positions = unpruned_decode_positions(tiny.model, inputs, **gen)
+    positions = unpruned_decode_positions(tiny.model, inputs, NEW_TOKENS, **gen)
     torch.manual_seed(0)
     with zspa_kernels.prune(tiny.model, keep=KEEP), capture_lm_calls(tiny.model) as calls:
         out = tiny.model.generate(**inputs, max_new_tokens=NEW_TOKENS, output_logits=True,
@@ -185,7 +110,7 @@ def test_beam_search_scores_equal_no_cache_reference(tiny):
     inputs = tiny.make_inputs(tiny.beam_batch)
     beams = 3
     gen = dict(num_beams=beams, do_sample=False, length_penalty=0.0)
-    positions = unpruned_decode_positions(tiny.model, inputs, **gen)
+    positions = unpruned_decode_positions(tiny.model, inputs, NEW_TOKENS, **gen)
     with zspa_kernels.prune(tiny.model, keep=KEEP), capture_lm_calls(tiny.model) as calls:
         out = tiny.model.generate(**inputs, max_new_tokens=NEW_TOKENS, output_scores=True,
                                   return_dict_in_generate=True, **gen)
@@ -198,10 +123,10 @@ def test_beam_search_scores_equal_no_cache_reference(tiny):
     torch.testing.assert_close(out.sequences_scores, steps.sum(-1), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("name, attn", [(n, "sdpa") for n in sorted(BUILDERS)] + [("llava", "eager")])
 @torch.no_grad()
-def test_each_batch_row_equals_that_row_alone(attn):
-    tiny = BUILDERS["llava"](attn=attn)
+def test_each_batch_row_equals_that_row_alone(name, attn):
+    tiny = BUILDERS[name](attn=attn)
     batch = tiny.make_inputs(tiny.batch)
     with zspa_kernels.prune(tiny.model, keep=KEEP):
         together = tiny.model.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False,
@@ -311,7 +236,7 @@ def test_qwen3_deepstack_rows_follow_their_tokens():
 def test_eager_attention_generation_equals_no_cache_reference(name):
     tiny = BUILDERS[name](attn="eager")
     inputs = tiny.make_inputs(tiny.batch)
-    positions = unpruned_decode_positions(tiny.model, inputs, do_sample=False)
+    positions = unpruned_decode_positions(tiny.model, inputs, NEW_TOKENS, do_sample=False)
     with zspa_kernels.prune(tiny.model, keep=KEEP), capture_lm_calls(tiny.model) as calls:
         out = tiny.model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False,
                                   output_logits=True, return_dict_in_generate=True)
@@ -375,3 +300,34 @@ def test_package_import_does_not_import_transformers():
     code = ("import sys, zspa_kernels; assert 'transformers' not in sys.modules; "
             "assert callable(zspa_kernels.prune)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("keep, calls", [(KEEP, 1), (0.5, 3)])
+@torch.no_grad()
+def test_one_selection_call_per_distinct_budget(keep, calls):
+    """Images of every row and size go through the op together; a fractional keep gives
+    16-, 8-, 12- and 16-token images budgets of 8, 4, 6 and 8: three calls."""
+    tiny = BUILDERS["qwen2_vl"]()
+    inputs = tiny.make_inputs(tiny.batch)
+    with zspa_kernels.prune(tiny.model, keep=keep) as handle, torch.profiler.profile() as prof:
+        tiny.model(**inputs)
+    assert sorted(s.n_tokens for s in handle.last_selection) == [8, 12, 16, 16]
+    names = [e.name for e in prof.events()]
+    assert names.count("zspa::select_tokens") == calls
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_5_vl"])
+@torch.no_grad()
+def test_bfloat16_model_keep_all_is_exact_and_pruning_shortens(name):
+    tiny = BUILDERS[name]()
+    model = tiny.model.to(torch.bfloat16)
+    inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+              for k, v in tiny.make_inputs(tiny.single).items()}
+    expected = model(**inputs).logits
+    with zspa_kernels.prune(model, keep=1.0):
+        assert torch.equal(model(**inputs).logits, expected)
+    with zspa_kernels.prune(model, keep=KEEP) as handle:
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False,
+                             return_dict_in_generate=True)
+    dropped = handle.last_selection[0].n_tokens - KEEP
+    assert out.past_key_values.get_seq_length() == inputs["input_ids"].shape[1] - dropped + 1

@@ -1,10 +1,11 @@
 """The supported model families: what differs between them, as one table.
 
 A family says where the language model sits, which token ids hold visual
-features, how a run of visual tokens splits into images, and what extra
-per-position state its language model takes (``on_prefill``). Adding a family is
-one :class:`Family` entry (plus an ``on_prefill`` when its language model reads
-more than embeddings, mask and positions).
+features, how a run of visual tokens splits into images, what extra per-position
+inputs its language model takes (``on_prefill`` gathers them) and whether it takes
+prebuilt masks (``build_mask``). Adding a family is one :class:`Family` entry; the
+two callbacks only when its language model reads more than embeddings, a 2-D mask
+and positions.
 """
 from __future__ import annotations
 

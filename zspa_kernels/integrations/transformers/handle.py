@@ -45,14 +45,11 @@ REUSE_ERROR = (
 
 @dataclass
 class Prefill:
-    """What a family's ``on_prefill`` may need: the gather, per row."""
+    """What a family's ``on_prefill`` gets: the gather it must apply to its own inputs."""
 
-    base: torch.nn.Module
-    kwargs: dict
+    kwargs: dict  # the language model's keyword arguments, already gathered
     index: torch.Tensor  # (B, L') original position of each kept slot
     valid: torch.Tensor  # (B, L') False on slots added by left re-padding
-    visual: torch.Tensor  # (B, L) original positions holding visual tokens
-    dropped: torch.Tensor  # (B,) visual tokens dropped per row
     n_visual_kept: int  # visual tokens kept in the whole batch
 
 
@@ -264,8 +261,7 @@ class PruneHandle:
             kwargs["attention_mask"] = self.family.build_mask(
                 self.config, kwargs["inputs_embeds"], new_mask, cache, positions, token_types, slots)
         if self.family.on_prefill is not None:
-            self.family.on_prefill(Prefill(self.base, kwargs, index, valid, visual,
-                                           dropped_h.to(device), int(pick_rows.shape[0])))
+            self.family.on_prefill(Prefill(kwargs, index, valid, int(pick_rows.shape[0])))
         if cache is not None:
             last = positions.masked_fill(new_mask == 0, -1).amax(-1, keepdim=True)
             self._caches[cache] = _CacheState(new_mask, L, new_len, last + 1)

@@ -1,0 +1,82 @@
+"""Independent references for the prune tests: what the language model receives, and
+what it computes without a cache over a given (pruned) prefix."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from zspa_kernels.integrations.transformers.families import find_family, split_model
+
+
+def lm_of(model):
+    return split_model(model, find_family(model))[1]
+
+
+@contextlib.contextmanager
+def capture_lm_calls(model):
+    """Record the keyword arguments the language model receives (after any other hook)."""
+    calls = []
+    hook = lm_of(model).register_forward_pre_hook(
+        lambda m, a, kw: calls.append(dict(kw)), with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        hook.remove()
+
+
+def padding_mask(mask) -> torch.Tensor:
+    """The 2-D mask behind a captured mask argument (Gemma3 gets a dict of 4-D masks:
+    the last query row of a prefill attends to every non-padding key)."""
+    if isinstance(mask, dict):
+        full = mask["full_attention"]
+        row = full[:, 0, -1]
+        return (row if row.dtype == torch.bool else row == 0).long()
+    return mask
+
+
+def no_cache_logits(model, prefill: dict, decode_positions: list, tokens: torch.Tensor, rows,
+                    image_features=None):
+    """Logits over ``prefill``'s (pruned) inputs plus all but the last of ``tokens``,
+    without a cache; ``decode_positions`` are their positions. With ``image_features``
+    (Gemma3: masks depend on which slots hold image tokens) the base model builds the
+    masks itself from token types found by matching the prefix embeddings to them."""
+    tokens = tokens[:, :-1]
+    prefix = prefill["inputs_embeds"][rows]
+    embeds = torch.cat([prefix, model.get_input_embeddings()(tokens)], 1)
+    mask = padding_mask(prefill["attention_mask"])[rows][:, : prefix.shape[1]]
+    mask = torch.cat([mask, mask.new_ones(len(rows), tokens.shape[1])], 1)
+    positions = torch.cat([prefill["position_ids"][..., rows, :]]
+                          + [p[..., rows, :] for p in decode_positions], -1)
+    extra = {}
+    if prefill.get("visual_pos_masks") is not None:  # Qwen3-VL deepstack features
+        visual = prefill["visual_pos_masks"]
+        owner = visual.nonzero()[:, 0]  # batch row of each deepstack feature row
+        chosen = torch.isin(owner, torch.tensor(rows))
+        extra["visual_pos_masks"] = torch.nn.functional.pad(visual[rows], (0, tokens.shape[1]))
+        extra["deepstack_visual_embeds"] = [e[chosen] for e in prefill["deepstack_visual_embeds"]]
+    decoder = lm_of(model)
+    if image_features is not None:
+        is_image = (embeds[:, :, None] == image_features[None, None]).all(-1).any(-1)
+        extra["token_type_ids"] = is_image.long()
+        decoder = model.model
+    hidden = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                     use_cache=False, **extra).last_hidden_state
+    return model.get_output_embeddings()(hidden)
+
+
+def image_features_of(model, inputs):
+    """The visual feature rows the unpatched model merges in, where masks depend on them."""
+    if "token_type_ids" not in inputs:
+        return None
+    with capture_lm_calls(model) as calls, torch.no_grad():
+        model(**inputs)
+    return calls[0]["inputs_embeds"][inputs["token_type_ids"].bool()]
+
+
+def unpruned_decode_positions(model, inputs, new_tokens: int, **gen):
+    """Positions the unpatched model gives each generated token (they do not depend on
+    the tokens' values)."""
+    with capture_lm_calls(model) as calls, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=new_tokens, **gen)
+    return [c["position_ids"] for c in calls[1:]]
