@@ -64,9 +64,16 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(_args: argparse.Namespace) -> int:
-    print("zspa demo: not yet available")
-    return 0
+def cmd_demo(args: argparse.Namespace) -> int:
+    from zspa_kernels.demo import run
+
+    return run(args.out, model_path=args.model, keep=args.keep)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from zspa_kernels.benchmark import quick
+
+    return quick(args.shape, float(args.keep) if "." in args.keep else int(args.keep))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     build.set_defaults(func=cmd_build)
     demo = sub.add_parser("demo", help="prune a small VLM on a sample photo (no downloads)")
     demo.add_argument("--out", default="zspa-demo", help="output folder")
+    demo.add_argument("--model", default=None, help="a local LLaVA-1.5-style checkpoint folder instead")
+    demo.add_argument("--keep", type=int, default=64, help="visual tokens kept of each image")
     demo.set_defaults(func=cmd_demo)
+    bench = sub.add_parser("bench", help="time select_tokens and the baselines on this device")
+    bench.add_argument("--shape", default="llava-1.5",
+                       help="a SPEC shape: llava-1.5, llava-1.5-b32, llava-next, qwen2.5-vl-hr or video")
+    bench.add_argument("--keep", default="64", help="tokens kept (an int) or a share (e.g. 0.1)")
+    bench.set_defaults(func=cmd_bench)
     args = parser.parse_args(argv)
     return args.func(args)
 

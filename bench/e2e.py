@@ -1,0 +1,149 @@
+"""End-to-end speed and memory of real-size VLMs, unpruned against pruned (SPEC §7).
+
+    python -m bench.e2e --models llava-1.5-7b qwen2.5-vl-7b --batch 1 8 --out e2e.json
+
+Per model, batch size and budget (all visual tokens, 64 of 576, 10%): prefill latency
+(one forward over the prompt, vision tower included), time to first token and
+decode throughput (from per-token timestamps inside ``generate``), peak device
+memory and KV-cache bytes, and the selection's share of the pruned prefill (``select_tokens`` alone on the same shapes, over the prefill).
+Models come from :mod:`zspa_kernels.models` with random weights, in bf16 on GPUs
+(fp32 on CPUs, which mostly emulate bf16 and would time the emulation). Times are
+medians of a synchronised host clock: each call is milliseconds long, far above
+the clock's resolution.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import time
+
+import torch
+
+import zspa_kernels
+from zspa_kernels import benchmark as hb
+from zspa_kernels import models
+from zspa_kernels.dispatch import resolve_backend
+
+KEEPS = (None, 64, 0.10)  # None: the unpruned model
+TEXT_TOKENS = 32
+
+
+def _median_ms(fn, device, repeats: int) -> float:
+    fn()  # warm-up: kernels, allocator, autotuning
+    times = []
+    for _ in range(repeats):
+        hb.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        hb.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def selection_us(B: int, D: int, k: int, backend: str, device, dtype) -> float:
+    """``select_tokens`` alone on the shapes the hook sees: B rows of 576 tokens, a per-token prompt."""
+    shape = hb.Shape("e2e", B, models.VISUAL_TOKENS, D)
+    visual, _ = hb.make_inputs(shape, dtype, device)
+    prompt = torch.randn(B, TEXT_TOKENS, D, device=device, dtype=dtype)
+    mask = torch.ones(B, TEXT_TOKENS, dtype=torch.bool, device=device)
+    return hb.median_us(lambda: zspa_kernels.select_tokens(visual, prompt, k, prompt_mask=mask, backend=backend),
+                        device)
+
+
+class _StepClock:
+    """A stopping criterion that never stops: it timestamps every generated token, so one
+    ``generate()`` call yields both the time to the first token and the decode rate."""
+
+    def __init__(self, device):
+        self.device, self.times = device, []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        hb.synchronize(self.device)
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def _generate_timed(model, inputs, device, n: int) -> tuple[float, float]:
+    """(TTFT in ms, decode seconds per step) of one ``generate()`` of ``n`` tokens."""
+    from transformers import StoppingCriteriaList
+
+    clock = _StepClock(device)
+    hb.synchronize(device)
+    t0 = time.perf_counter()
+    # min_new_tokens: random weights must not stop early at an EOS.
+    model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                   stopping_criteria=StoppingCriteriaList([clock]))
+    return 1e3 * (clock.times[0] - t0), (clock.times[-1] - clock.times[0]) / (len(clock.times) - 1)
+
+
+def measure(model, inputs: dict, device, new_tokens: int, repeats: int) -> dict:
+    """Prefill, TTFT, decode throughput, peak memory and KV bytes of one configuration."""
+    B = inputs["input_ids"].shape[0]
+    with torch.no_grad():
+        # logits_to_keep=1: the prefill that generate() runs (no logits for the prompt's tokens).
+        prefill = _median_ms(lambda: model(**inputs, use_cache=True, logits_to_keep=1), device, repeats)
+        kv = models.cache_bytes(model(**inputs, use_cache=True, logits_to_keep=1).past_key_values)
+        _generate_timed(model, inputs, device, 2)  # warm-up of the decode path
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        runs = [_generate_timed(model, inputs, device, new_tokens + 1) for _ in range(repeats)]
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    ttft = statistics.median(r[0] for r in runs)
+    step = statistics.median(r[1] for r in runs)
+    return {"prefill_ms": prefill, "ttft_ms": ttft, "decode_tokens_per_s": B / step,
+            "peak_memory_gib": peak, "kv_cache_bytes": kv}
+
+
+def run(names, batches, device, backend: str, new_tokens: int, repeats: int, progress=print) -> list[dict]:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    records = []
+    for name in names:
+        progress(f"building {name} with random weights on {device} ...")
+        model = models.build(name, dtype=dtype, device=device)
+        D = model.config.text_config.hidden_size
+        N = models.VISUAL_TOKENS
+        for B in batches:
+            inputs = models.dummy_inputs(name, B, TEXT_TOKENS, device=device, dtype=dtype)
+            for keep in KEEPS:
+                k = N if keep is None else hb.keep_count(keep, N)
+                pruning = (contextlib.nullcontext() if keep is None
+                           else zspa_kernels.prune(model, keep=k, backend=backend))
+                with pruning:
+                    stats = measure(model, inputs, device, new_tokens, repeats)
+                record = {"name": "e2e", "model": name, "impl": "unpruned" if keep is None else backend,
+                          "B": B, "N": N, "D": D, "k": k, "kept": k, "dtype": str(dtype).replace("torch.", ""),
+                          "tokens": inputs["input_ids"].shape[1],
+                          "median_us": 1e3 * stats["prefill_ms"], **stats, "selection_share": None}
+                if keep is not None:
+                    record["selection_us"] = selection_us(B, D, k, backend, device, dtype)
+                    record["selection_share"] = record["selection_us"] * 1e-3 / stats["prefill_ms"]
+                progress(f"  B={B} kept {k:>3}/{N}: prefill {stats['prefill_ms']:.1f} ms, "
+                         f"TTFT {stats['ttft_ms']:.1f} ms, {stats['decode_tokens_per_s']:.0f} tok/s")
+                records.append(record)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return records
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["llava-1.5-7b", "qwen2.5-vl-7b"], choices=models.MODELS)
+    parser.add_argument("--batch", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backend = resolve_backend(args.backend, device)
+    records = run(args.models, args.batch, device, backend, args.new_tokens, args.repeats)
+    with open(args.out, "w") as f:
+        json.dump({**hb.environment(device), "records": records}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,160 @@
+"""Turn raw benchmark output into the committed results: JSON records, a markdown summary, a plot.
+
+    python -m bench.report --micro micro.json [--e2e e2e.json] --out bench/results
+
+``--micro`` is pytest-benchmark's ``--benchmark-json`` of ``bench/test_bench_select_tokens.py``;
+``--e2e`` is the output of ``python -m bench.e2e``. Writes ``<date>-<device>.json``
+(``{"device", "date", "torch", "triton", "cuda", "records": [...]}``), ``.md`` and ``.png``.
+A record's ``median_us`` is the CUDA-event median where one was taken, else the
+median of pytest-benchmark's synchronised host-clock rounds (``timer`` says which).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import re
+
+IMPL_ORDER = ("cuda", "triton", "reference", "torch_loop_graph", "torch_loop", "divprune_loop")
+ENV_KEYS = ("device", "torch", "triton", "cuda")
+
+
+def micro_records(raw: dict) -> tuple[dict, list[dict]]:
+    env, records, loads = {}, [], []
+    for bench in raw["benchmarks"]:
+        info = dict(bench["extra_info"])
+        env = {key: info.pop(key) for key in ENV_KEYS}
+        if "load_average_1min" in info:
+            loads.append(info.pop("load_average_1min"))
+        event = info.pop("cuda_event_median_us", None)
+        info.update(
+            median_us=event if event is not None else bench["stats"]["median"] * 1e6,
+            timer="cuda_events" if event is not None else "host_clock",
+            host_median_us=bench["stats"]["median"] * 1e6,
+            rounds=bench["stats"]["rounds"],
+        )
+        records.append(info)
+    if loads:
+        env["load_average_1min"] = [min(loads), max(loads)]
+    return env, records
+
+
+def _fmt(us) -> str:
+    if us is None:
+        return "—"
+    return f"{us / 1e3:.2f} ms" if us >= 1e4 else f"{us:.1f} µs"
+
+
+def micro_table(records: list[dict]) -> list[str]:
+    impls = [i for i in IMPL_ORDER if any(r["impl"] == i for r in records)]
+    cases = sorted({(r["N"], r["B"], r["k"], r["shape"], r["keep"], r["D"]) for r in records})
+    lines = ["| shape | B | N | D | keep (k) | greedy steps | floor | " + " | ".join(impls) + " |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(impls)]
+    for N, B, k, shape, keep, D in cases:
+        here = {r["impl"]: r for r in records if (r["shape"], r["k"]) == (shape, k)}
+        first = next(iter(here.values()))
+        cells = [_fmt(here[i]["median_us"]) if i in here else "skipped" for i in impls]
+        lines.append(f"| {shape} | {B} | {N} | {D} | {keep} ({k}) | {k - first['k_core']} | "
+                     f"{_fmt(first['floor_us'])} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def e2e_table(records: list[dict]) -> list[str]:
+    lines = ["| model | dtype | B | visual tokens kept | prefill | TTFT | decode tok/s | peak memory | KV cache | "
+             "selection share |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        share = "—" if r.get("selection_share") is None else f"{100 * r['selection_share']:.2f}%"
+        peak = "—" if r.get("peak_memory_gib") is None else f"{r['peak_memory_gib']:.2f} GiB"
+        lines.append(f"| {r['model']} | {r['dtype']} | {r['B']} | {r['kept']} of {r['N']} | {r['prefill_ms']:.1f} ms | "
+                     f"{r['ttft_ms']:.1f} ms | {r['decode_tokens_per_s']:.0f} | {peak} | "
+                     f"{r['kv_cache_bytes'] / 2**20:.1f} MiB | {share} |")
+    return lines
+
+
+def plot(records: list[dict], path: pathlib.Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keeps = sorted({r["keep"] for r in records}, key=lambda s: (s.endswith("%"), s))
+    fig, axes = plt.subplots(1, len(keeps), figsize=(5 * len(keeps), 4), squeeze=False)
+    for ax, keep in zip(axes[0], keeps):
+        for impl in IMPL_ORDER:
+            points = sorted((r["N"], r["median_us"]) for r in records
+                            if r["impl"] == impl and r["keep"] == keep and r["B"] == 1)
+            if points:
+                ax.plot(*zip(*points), marker="o", label=impl)
+        floor = sorted({(r["N"], r["floor_us"]) for r in records if r["keep"] == keep and r["B"] == 1})
+        if floor:
+            ax.plot(*zip(*floor), linestyle=":", color="grey", label="floor (one read)")
+        ax.set(xscale="log", yscale="log", xlabel="visual tokens N (B=1)", ylabel="median latency (µs)",
+               title=f"keep {keep}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def this_device() -> str:
+    import torch
+
+    from zspa_kernels.benchmark import environment
+
+    return environment(torch.device("cuda" if torch.cuda.is_available() else "cpu"))["device"]
+
+
+def slug(device: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--micro", type=pathlib.Path, help="pytest-benchmark JSON")
+    parser.add_argument("--e2e", type=pathlib.Path, help="end-to-end JSON from bench.e2e")
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench/results"))
+    parser.add_argument("--date", default=datetime.date.today().isoformat())
+    parser.add_argument("--print-stem", action="store_true", help="print <date>-<device> of this machine and exit")
+    args = parser.parse_args(argv)
+    if args.print_stem:
+        print(f"{args.date}-{slug(this_device())}")
+        return 0
+    if args.micro is None:
+        parser.error("--micro is required")
+
+    env, records = micro_records(json.loads(args.micro.read_text()))
+    e2e = json.loads(args.e2e.read_text())["records"] if args.e2e else []
+    result = {**env, "date": args.date, "records": records + e2e}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"{args.date}-{slug(env['device'])}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+
+    title = f"{env['device']} · torch {env['torch']} · triton {env['triton']} · CUDA {env['cuda']} · {args.date}"
+    lines = [f"# select_tokens benchmarks: {env['device']}", "",
+             f"{title}. bf16 inputs, core ratio 0.5, median latency of one call (pick order out); "
+             "floor = reading the tokens once at the measured copy bandwidth. "
+             f"Timer: {', '.join(sorted({r['timer'] for r in records}))}."]
+    if "load_average_1min" in env:
+        low, high = env["load_average_1min"]
+        lines += ["", f"**A shared CPU**: its 1-minute load average was {low:.1f} to {high:.1f} during the run "
+                  f"({env['device'].split(' x')[-1]}); other jobs' work inflates and scatters these timings."]
+    lines += [""]
+    lines += micro_table(records)
+    timed = [i for i in IMPL_ORDER if any(r["impl"] == i for r in records)]
+    lines += ["", f"Implementations timed on this device: {', '.join(timed)}. `skipped`: the case would move "
+              "too many bytes per call to finish in seconds here (see `traffic_bytes` in "
+              "`zspa_kernels/benchmark.py`); a shape missing from the table had every case skipped."]
+    if e2e:
+        lines += ["", "## End to end (random weights; peak memory is tracked on GPUs only)", ""] + e2e_table(e2e)
+    lines += ["", f"![latency against N]({stem.name}.png)", ""]
+    stem.with_suffix(".md").write_text("\n".join(lines))
+    plot(records, stem.with_suffix(".png"), title)
+    print(f"wrote {stem}.json, .md, .png ({len(records)} microbenchmark and {len(e2e)} end-to-end records)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

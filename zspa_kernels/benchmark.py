@@ -1,0 +1,220 @@
+"""Shared harness of the microbenchmarks (``bench/``) and of ``zspa bench``.
+
+One place defines the shapes (SPEC §7), the inputs, the implementations that are
+timed side by side, the timer and the floor, so that the pytest-benchmark suite
+and the console command measure the same things.
+
+The floor of one selection is the time to read the tokens once at the device's
+measured copy bandwidth; the greedy chain adds ``k - k_core`` dependent steps on
+top of it (each needs the previous pick), so the summary lists that step count
+beside the floor: at LLaVA sizes the steps' latency, not bandwidth, is the limit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Optional, Union
+
+import torch
+
+from . import baselines
+from .dispatch import backend_impl, triton_interpreter
+
+CORE_RATIO = 0.5
+KEEPS: tuple[Union[int, float], ...] = (64, 0.10, 0.25)
+BACKENDS = ("cuda", "triton", "reference")
+BASELINES = ("torch_loop", "torch_loop_graph", "divprune_loop")
+# A case is skipped (and reported as skipped) when its estimated memory traffic would
+# keep one call running for many seconds: ~10 s at a 2-core CPU's few GB/s, ~1 s on a GPU.
+MAX_BYTES_PER_CALL = {"cpu": 1e10, "cuda": 2e12}
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    label: str
+    B: int
+    N: int
+    D: int
+
+
+SPEC_SHAPES = (
+    Shape("llava-1.5", 1, 576, 4096),
+    Shape("llava-1.5-b32", 32, 576, 4096),
+    Shape("llava-next", 1, 2880, 4096),
+    Shape("qwen2.5-vl-hr", 1, 4096, 3584),
+    Shape("video", 1, 16384, 3584),
+)
+SMOKE_SHAPES = (Shape("smoke", 1, 96, 64), Shape("smoke-b4", 4, 160, 96))
+
+
+def keep_count(keep: Union[int, float], n: int) -> int:
+    """A budget of ``keep`` tokens (int) or of that share of ``n`` tokens (float)."""
+    if isinstance(keep, float):
+        return max(1, min(n, int(math.floor(keep * n + 0.5))))
+    return min(keep, n)
+
+
+def keep_label(keep: Union[int, float]) -> str:
+    return f"{round(keep * 100)}%" if isinstance(keep, float) else str(keep)
+
+
+def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """Random tokens with a spread of norms (like real projector outputs) and a pooled prompt."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    visual = torch.randn(shape.B, shape.N, shape.D, device=device, generator=g)
+    visual *= torch.rand(shape.B, shape.N, 1, device=device, generator=g) + 0.5
+    prompt = torch.randn(shape.B, shape.D, device=device, generator=g)
+    return visual.to(dtype), prompt.to(dtype)
+
+
+def backend_available(name: str, device: torch.device) -> bool:
+    """Whether backend ``name`` runs on ``device`` here (it must also import: it may be unbuilt)."""
+    if name == "triton" and device.type != "cuda" and not triton_interpreter():
+        return False
+    if name == "cuda" and device.type != "cuda":
+        return False
+    try:
+        backend_impl(name)
+    except ImportError:
+        return False
+    return True
+
+
+def backends_here(device: torch.device) -> list[str]:
+    """Backends worth timing on ``device``: available, and compiled (Triton under the CPU
+    interpreter is correct but thousands of times slower, so it is left out)."""
+    return [b for b in BACKENDS if backend_available(b, device) and (b != "triton" or device.type == "cuda")]
+
+
+def implementations(device: torch.device) -> list[str]:
+    """Names of what is timed on ``device``: backends of the op first, then the baselines."""
+    return backends_here(device) + [b for b in BASELINES if b != "torch_loop_graph" or device.type == "cuda"]
+
+
+def runner(impl: str, visual: torch.Tensor, prompt: torch.Tensor, k: int,
+           core_ratio: float = CORE_RATIO) -> Callable[[], torch.Tensor]:
+    """A zero-argument callable that runs one selection (pick order out), set up outside the timing."""
+    if impl in BACKENDS:
+        op = torch.ops.zspa.select_tokens
+        return lambda: op(visual, prompt, k, core_ratio, None, None, "mean", impl, True)
+    if impl == "torch_loop_graph":
+        graph = baselines.TorchLoopGraph(visual, prompt, k, core_ratio)
+        return lambda: graph(visual, prompt)
+    fn = getattr(baselines, impl)
+    return lambda: fn(visual, prompt, k, core_ratio)
+
+
+def traffic_bytes(impl: str, shape: Shape, k: int, core_ratio: float = CORE_RATIO) -> float:
+    """Rough device-memory traffic of one call, to keep impossible cases out of a run."""
+    k_core = math.floor(core_ratio * k + 0.5)
+    if impl == "divprune_loop":  # the N x N matrix, then O(k^2 N) re-reads of its selected rows
+        return shape.B * 4 * shape.N * (2 * shape.N + (k * k - k_core * k_core) / 2)
+    # The reference and the PyTorch loops read the fp32 tokens once per greedy step.
+    return shape.B * 4 * shape.N * shape.D * (k - k_core + 2)
+
+
+def skip_reason(impl: str, shape: Shape, k: int, device: torch.device) -> Optional[str]:
+    """Why a case is not timed on ``device``, or None. The fused backends are always timed."""
+    if impl in ("cuda", "triton"):
+        return None
+    moved = traffic_bytes(impl, shape, k)
+    limit = MAX_BYTES_PER_CALL.get(device.type, MAX_BYTES_PER_CALL["cpu"])
+    if moved > limit:
+        return f"{impl} would move ~{moved / 1e9:.0f} GB per call (limit {limit / 1e9:.0f} GB on {device.type})"
+    return None
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_us(fn: Callable[[], object], device: torch.device, min_seconds: float = 0.2) -> float:
+    """Median wall time of ``fn`` in microseconds: CUDA events (``do_bench``, L2 flushed) on GPUs,
+    a synchronised host clock elsewhere."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return 1e3 * triton.testing.do_bench(fn, warmup=25, rep=max(100, int(min_seconds * 1e3)),
+                                             return_mode="median")
+    fn()  # warm-up
+    times = []
+    start = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start < min_seconds and len(times) < 1000):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e6 * statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Measured device-memory bandwidth in bytes/s (bytes read + written by a large copy)."""
+    n = (1 << 28) if device.type == "cuda" else (1 << 24)
+    src = torch.randn(n // 4, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / (median_us(lambda: dst.copy_(src), device) * 1e-6)
+
+
+def floor_us(shape: Shape, k: int, dtype: torch.dtype, bandwidth: float) -> float:
+    """Bytes that must move (tokens and prompt read once, ``k`` indices written) over the bandwidth."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    moved = shape.B * (shape.N * shape.D * elem + shape.D * elem + k * 8)
+    return 1e6 * moved / bandwidth
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
+def environment(device: torch.device) -> dict:
+    """Device and versions, stored with every record."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"cpu {_cpu_model()} x{torch.get_num_threads()} threads"
+    env = {"device": name, "torch": torch.__version__, "triton": triton_version,
+           "cuda": torch.version.cuda or "none"}
+    if device.type == "cpu":  # CPU timings swing with whatever else the machine runs
+        env["load_average_1min"] = os.getloadavg()[0]
+    return env
+
+
+def quick(shape_label: str = "llava-1.5", keep: Union[int, float] = 64, dtype: torch.dtype = torch.bfloat16) -> int:
+    """``zspa bench``: one SPEC shape, every implementation available here, a table on stdout."""
+    import zspa_kernels  # noqa: F401  (registers the op)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    labels = [s.label for s in SPEC_SHAPES]
+    if shape_label not in labels:
+        raise SystemExit(f"zspa bench: --shape expected one of {', '.join(labels)}, got {shape_label!r}")
+    shape = SPEC_SHAPES[labels.index(shape_label)]
+    k = keep_count(keep, shape.N)
+    bandwidth = copy_bandwidth(device)
+    floor = floor_us(shape, k, dtype, bandwidth)
+    print(f"select_tokens on {environment(device)['device']}: {shape.label} B={shape.B} N={shape.N} D={shape.D}, "
+          f"keep {keep_label(keep)} (k={k}), {str(dtype).replace('torch.', '')}, core ratio {CORE_RATIO}")
+    print(f"floor: one read of the tokens at the measured {bandwidth / 1e9:.0f} GB/s = {floor:.1f} µs\n")
+    print(f"{'implementation':<18}{'median':>12}{'x floor':>10}")
+    visual, prompt = make_inputs(shape, dtype, device)
+    for impl in implementations(device):
+        reason = skip_reason(impl, shape, k, device)
+        if reason:
+            print(f"{impl:<18}{'skipped':>12}  ({reason})")
+            continue
+        us = median_us(runner(impl, visual, prompt, k), device)
+        print(f"{impl:<18}{us:>9.0f} µs{us / floor:>10.0f}")
+    return 0

@@ -1,0 +1,114 @@
+"""Vision-language models built from configs with random weights, and inputs that fit them.
+
+Weights do not change speed, and none can be downloaded here, so the end-to-end
+benchmarks and the demo build the published architectures from their configs:
+
+* ``llava-1.5-7b``: CLIP ViT-L/14 at 336 px (576 visual tokens) + Llama-2-7B
+  (values of ``llava-hf/llava-1.5-7b-hf``);
+* ``qwen2.5-vl-7b``: the Qwen2.5-VL vision tower (window attention, 2x2 patch
+  merge) + the 7B Qwen2 language model (values of ``Qwen/Qwen2.5-VL-7B-Instruct``);
+* ``*-tiny``: the same architectures a few hundred times smaller, for CPU smoke
+  tests and the demo.
+"""
+from __future__ import annotations
+
+import torch
+
+LLAVA_IMAGE_TOKEN = 32000
+QWEN_IMAGE_TOKEN, QWEN_VISION_START, QWEN_VISION_END = 151655, 151652, 151653
+
+_LLAVA_SIZES = {
+    "7b": dict(vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
+               text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=32)),
+    "tiny": dict(vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2),
+                 text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=4)),
+}
+_QWEN_SIZES = {
+    "7b": dict(vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                           fullatt_block_indexes=[7, 15, 23, 31]),
+               text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                         num_key_value_heads=4)),
+    "tiny": dict(vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
+                             fullatt_block_indexes=[1]),
+                 text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2)),
+}
+# Visual tokens of one 336 x 336 image in both families: 24 x 24 CLIP patches for LLaVA,
+# 48 x 48 patches merged 2 x 2 for Qwen2.5-VL.
+VISUAL_TOKENS = 576
+MODELS = ("llava-1.5-7b", "qwen2.5-vl-7b", "llava-1.5-tiny", "qwen2.5-vl-tiny")
+
+
+def llava_config(size: str = "7b", vocab_size: int = 32064, image_token_index: int = LLAVA_IMAGE_TOKEN):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    sizes = _LLAVA_SIZES[size]
+    vision = CLIPVisionConfig(image_size=336, patch_size=14, projection_dim=768, **sizes["vision"])
+    text = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=4096, rms_norm_eps=1e-5, **sizes["text"])
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_index,
+                       vision_feature_layer=-2, vision_feature_select_strategy="default",
+                       projector_hidden_act="gelu", pad_token_id=32001)
+
+
+def qwen25_vl_config(size: str = "7b"):
+    from transformers import Qwen2_5_VLConfig
+
+    sizes = _QWEN_SIZES[size]
+    vision = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                  tokens_per_second=2, **sizes["vision"])
+    text = dict(vocab_size=152064, max_position_embeddings=128000, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+                **sizes["text"])
+    if size == "tiny":  # head_dim 32: the three M-RoPE sections must add up to head_dim / 2
+        text["rope_parameters"]["mrope_section"] = [4, 6, 6]
+    return Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=QWEN_IMAGE_TOKEN,
+                            vision_start_token_id=QWEN_VISION_START, vision_end_token_id=QWEN_VISION_END)
+
+
+def config_for(name: str):
+    family, size = name.rsplit("-", 1)
+    return llava_config(size) if family == "llava-1.5" else qwen25_vl_config(size)
+
+
+def build(name: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", seed: int = 0):
+    """The model ``name`` (one of ``MODELS``) with random weights, in eval mode."""
+    from transformers import LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
+
+    config = config_for(name)
+    cls = LlavaForConditionalGeneration if name.startswith("llava") else Qwen2_5_VLForConditionalGeneration
+    torch.manual_seed(seed)
+    with torch.device(device):  # initialise on the device: a 7B model never touches host memory
+        model = cls._from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def dummy_inputs(name: str, batch: int, text_tokens: int = 32, device="cpu", dtype=torch.bfloat16, seed: int = 0):
+    """Model inputs for ``batch`` prompts of one 336 x 336 image followed by ``text_tokens`` question tokens."""
+    g = torch.Generator().manual_seed(seed)
+    n = VISUAL_TOKENS
+    question = torch.randint(100, 30000, (batch, text_tokens), generator=g)
+    if name.startswith("llava"):
+        image = torch.full((batch, n), LLAVA_IMAGE_TOKEN)
+        input_ids = torch.cat([torch.ones(batch, 1, dtype=torch.long), image, question], 1)
+        extra = {"pixel_values": torch.randn(batch, 3, 336, 336, generator=g)}
+    else:
+        image = torch.cat([torch.full((batch, 1), QWEN_VISION_START), torch.full((batch, n), QWEN_IMAGE_TOKEN),
+                           torch.full((batch, 1), QWEN_VISION_END)], 1)
+        input_ids = torch.cat([image, question], 1)
+        # 48 x 48 patches of 14 px (x2 frames, x3 channels) per image, merged 2 x 2 into 576 tokens.
+        extra = {"pixel_values": torch.randn(batch * 48 * 48, 3 * 2 * 14 * 14, generator=g),
+                 "image_grid_thw": torch.tensor([[1, 48, 48]] * batch)}
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **extra}
+    return {key: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for key, v in inputs.items()}
+
+
+def cache_bytes(past_key_values) -> int:
+    """Bytes held by a transformers KV cache (keys and values of every layer)."""
+    total = 0
+    for layer in getattr(past_key_values, "layers", []):
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
