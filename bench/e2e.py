@@ -30,18 +30,6 @@ KEEPS = (None, 64, 0.10)  # None: the unpruned model
 TEXT_TOKENS = 32
 
 
-def _median_ms(fn, device, repeats: int) -> float:
-    fn()  # warm-up: kernels, allocator, autotuning
-    times = []
-    for _ in range(repeats):
-        hb.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        hb.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
 def selection_us(B: int, D: int, k: int, backend: str, device, dtype) -> float:
     """``select_tokens`` alone on the shapes the hook sees: B rows of 576 tokens, a per-token prompt."""
     shape = hb.Shape("e2e", B, models.VISUAL_TOKENS, D)
@@ -83,7 +71,7 @@ def measure(model, inputs: dict, device, new_tokens: int, repeats: int) -> dict:
     B = inputs["input_ids"].shape[0]
     with torch.no_grad():
         # logits_to_keep=1: the prefill that generate() runs (no logits for the prompt's tokens).
-        prefill = _median_ms(lambda: model(**inputs, use_cache=True, logits_to_keep=1), device, repeats)
+        prefill = hb.wall_median_ms(lambda: model(**inputs, use_cache=True, logits_to_keep=1), device, repeats)
         kv = models.cache_bytes(model(**inputs, use_cache=True, logits_to_keep=1).past_key_values)
         _generate_timed(model, inputs, device, 2)  # warm-up of the decode path
         if device.type == "cuda":

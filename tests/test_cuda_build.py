@@ -95,7 +95,7 @@ def test_second_build_is_a_cache_hit(built):
 
 @needs_toolkit
 def test_library_registers_cuda_and_meta_kernels(built):
-    code = f"""
+    code = """
 import torch, zspa_kernels
 from zspa_kernels import cuda_build
 cuda_build.load()

@@ -151,6 +151,20 @@ def median_us(fn: Callable[[], object], device: torch.device, min_seconds: float
     return 1e6 * statistics.median(times)
 
 
+def wall_median_ms(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> float:
+    """Median synchronised wall time of ``fn`` in milliseconds, after one warm-up call: for whole
+    model calls (prefill), where CUDA-event timing of one kernel stream is not the question."""
+    fn()  # warm-up: kernels, allocator, autotuning
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
 def copy_bandwidth(device: torch.device) -> float:
     """Measured device-memory bandwidth in bytes/s (bytes read + written by a large copy)."""
     n = (1 << 28) if device.type == "cuda" else (1 << 24)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import pathlib
-import statistics
 import time
 
 import torch
@@ -80,18 +79,6 @@ def load(model_path, device, dtype):
     processor = AutoProcessor.from_pretrained(model_path)
     model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=dtype).to(device)
     return model.eval(), processor
-
-
-def _median_ms(fn, device, repeats=3) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        hb.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        hb.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def _prefill(model, inputs):
@@ -184,7 +171,7 @@ def run(out: str, model_path=None, keep: int = 64, core_ratio: float = 0.5) -> i
         handle, seen = _capture_lm_inputs(model)
         kv_full = models.cache_bytes(_prefill(model, inputs).past_key_values)
         handle.remove()
-        full_ms = _median_ms(lambda: _prefill(model, inputs), device)
+        full_ms = hb.wall_median_ms(lambda: _prefill(model, inputs), device)
     rows = [("unpruned", n_visual, full_ms, kv_full, None, "")]
     selections = {}
     for i, backend in enumerate(backends, 1):
@@ -192,7 +179,7 @@ def run(out: str, model_path=None, keep: int = 64, core_ratio: float = 0.5) -> i
             with zspa_kernels.prune(model, keep=keep, core_ratio=core_ratio, backend=backend) as pruning:
                 kv = models.cache_bytes(_prefill(model, inputs).past_key_values)
                 selections[backend] = pruning.last_selection[0]
-                ms = _median_ms(lambda: _prefill(model, inputs), device)
+                ms = hb.wall_median_ms(lambda: _prefill(model, inputs), device)
             sel_ms = selection_ms(seen["embeds"], inputs["input_ids"], image_token, keep, backend, device)
         same = torch.equal(selections[backend].kept.cpu(), selections[backends[0]].kept.cpu())
         rows.append((backend, len(selections[backend].order), ms, kv, sel_ms,

@@ -69,18 +69,27 @@ def _finish(model: torch.nn.Module, attn: str) -> torch.nn.Module:
     return model.eval()
 
 
-def llava(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+def _clip_llama_configs() -> dict:
+    """The tiny CLIP tower (16 px images, 4 px patches) and Llama of both LLaVA families."""
+    from transformers import CLIPVisionConfig, LlamaConfig
 
-    torch.manual_seed(seed)
-    image_token = 127
-    config = LlavaConfig(
+    return dict(
         vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                        num_attention_heads=2, image_size=16, patch_size=4),
         text_config=LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
                                 max_position_embeddings=512, pad_token_id=PAD, bos_token_id=1,
                                 eos_token_id=2),
+    )
+
+
+def llava(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    image_token = 127
+    config = LlavaConfig(
+        **_clip_llama_configs(),
         image_token_id=image_token, image_seq_length=16, pad_token_id=PAD,
     )
     model = _finish(LlavaForConditionalGeneration(config), attn)
@@ -109,19 +118,13 @@ def llava(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
 def llava_next(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     """Any-resolution LLaVA: an image of size (H, W) takes a base 4x4 view plus the
     unpadded tiles of its best grid, with a newline feature per row: counts differ."""
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig,
-                              LlavaNextForConditionalGeneration)
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
     torch.manual_seed(seed)
     image_token = 127
     config = LlavaNextConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=2, image_size=16, patch_size=4),
-        text_config=LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-                                max_position_embeddings=512, pad_token_id=PAD, bos_token_id=1,
-                                eos_token_id=2),
+        **_clip_llama_configs(),
         image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]], image_token_id=image_token,
         pad_token_id=PAD,
     )
