@@ -95,7 +95,7 @@ def run(names, batches, device, backend: str, new_tokens: int, repeats: int, pro
         for B in batches:
             inputs = models.dummy_inputs(name, B, TEXT_TOKENS, device=device, dtype=dtype)
             for keep in KEEPS:
-                k = N if keep is None else hb.keep_count(keep, N)
+                k = N if keep is None else hb.keep_budget(keep, N)
                 pruning = (contextlib.nullcontext() if keep is None
                            else zspa_kernels.prune(model, keep=k, backend=backend))
                 with pruning:

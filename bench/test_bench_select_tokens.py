@@ -39,7 +39,7 @@ def _rounds(timed) -> int:
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.label)
 @pytest.mark.parametrize("impl", hb.implementations(DEVICE))
 def test_select_tokens(benchmark, bandwidth, impl, shape, keep):
-    k = hb.keep_count(keep, shape.N)
+    k = hb.keep_budget(keep, shape.N)
     reason = hb.skip_reason(impl, shape, k, DEVICE)
     if reason:
         pytest.skip(reason)

@@ -12,7 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from zspa_kernels.dispatch import triton_interpreter  # noqa: E402
+from zspa_kernels.spec import triton_interpreter  # noqa: E402
 
 # Largest fp64 score gap a backend may leave at one pick (a near-tie), per input dtype.
 # The reference computes in fp32 from the exactly upcast inputs, whatever their dtype.

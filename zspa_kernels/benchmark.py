@@ -22,7 +22,8 @@ from typing import Callable, Optional, Union
 import torch
 
 from . import baselines
-from .dispatch import backend_impl, triton_interpreter
+from .dispatch import backend_impl
+from .spec import keep_budget, keep_label, triton_interpreter
 
 CORE_RATIO = 0.5
 KEEPS: tuple[Union[int, float], ...] = (64, 0.10, 0.25)
@@ -49,17 +50,6 @@ SPEC_SHAPES = (
     Shape("video", 1, 16384, 3584),
 )
 SMOKE_SHAPES = (Shape("smoke", 1, 96, 64), Shape("smoke-b4", 4, 160, 96))
-
-
-def keep_count(keep: Union[int, float], n: int) -> int:
-    """A budget of ``keep`` tokens (int) or of that share of ``n`` tokens (float)."""
-    if isinstance(keep, float):
-        return max(1, min(n, int(math.floor(keep * n + 0.5))))
-    return min(keep, n)
-
-
-def keep_label(keep: Union[int, float]) -> str:
-    return f"{round(keep * 100)}%" if isinstance(keep, float) else str(keep)
 
 
 def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int = 0):
@@ -216,7 +206,7 @@ def quick(shape_label: str = "llava-1.5", keep: Union[int, float] = 64, dtype: t
     if shape_label not in labels:
         raise SystemExit(f"zspa bench: --shape expected one of {', '.join(labels)}, got {shape_label!r}")
     shape = SPEC_SHAPES[labels.index(shape_label)]
-    k = keep_count(keep, shape.N)
+    k = keep_budget(keep, shape.N)
     bandwidth = copy_bandwidth(device)
     floor = floor_us(shape, k, dtype, bandwidth)
     print(f"select_tokens on {environment(device)['device']}: {shape.label} B={shape.B} N={shape.N} D={shape.D}, "

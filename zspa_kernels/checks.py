@@ -13,9 +13,9 @@ from typing import Optional
 
 import torch
 
+from .spec import BACKEND_CHOICES, RELEVANCE_MODES
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-RELEVANCE_MODES = ("mean", "max")
-BACKENDS = ("auto", "reference", "triton", "cuda")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -99,8 +99,8 @@ def check_args(
 
     if relevance not in RELEVANCE_MODES:
         raise ValueError(f"relevance: expected one of {RELEVANCE_MODES}, got {relevance!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"backend: expected one of {BACKEND_CHOICES}, got {backend!r}")
 
 
 def check_values(

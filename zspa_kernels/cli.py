@@ -19,7 +19,8 @@ def cmd_info(_args: argparse.Namespace) -> int:
 
     import zspa_kernels
     from zspa_kernels import cuda_build
-    from zspa_kernels.dispatch import resolve_backend, triton_interpreter
+    from zspa_kernels.dispatch import resolve_backend
+    from zspa_kernels.spec import triton_interpreter
 
     print(f"zspa-kernels  {zspa_kernels.__version__}")
     print(f"python        {platform.python_version()}")

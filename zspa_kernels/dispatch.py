@@ -1,7 +1,7 @@
 """Backend choice for ``zspa::select_tokens``.
 
-Precedence: an explicit ``backend=`` keyword, else the ``ZSPA_BACKEND``
-environment variable, else the ``auto`` rule below. Every backend returns the
+Precedence: an explicit ``backend=`` keyword, else the ``ZSPA_BACKEND`` environment
+variable (empty means unset), else the ``auto`` rule below. Every backend returns the
 pick order (or the ascending kept indices when ``pick_order`` is false) as a
 ``(B, k)`` int64 tensor padded with ``-1``.
 
@@ -17,27 +17,18 @@ so that ``auto`` never triggers a compile in the hot path.
 """
 from __future__ import annotations
 
-import os
+import importlib.util
 from typing import Callable
 
 import torch
 
-from .checks import BACKENDS
-
-ENV_VAR = "ZSPA_BACKEND"
-
-
-def triton_interpreter() -> bool:
-    """True when Triton kernels run on the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .spec import BACKENDS, backend_from_env, triton_interpreter
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The backend that will run for ``backend`` on tensors living on ``device``."""
     if backend == "auto":
-        backend = os.environ.get(ENV_VAR, "auto")
-        if backend not in BACKENDS:
-            raise ValueError(f"{ENV_VAR}: expected one of {BACKENDS}, got {backend!r}")
+        backend = backend_from_env()
     if backend == "auto":
         return "triton" if device.type == "cuda" else "reference"
     if backend == "triton" and device.type != "cuda" and not triton_interpreter():
@@ -45,6 +36,22 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "cuda" and device.type != "cuda":
         raise ValueError(f"backend: 'cuda' needs CUDA tensors, got {device.type}")
     return backend
+
+
+def available_backends(device: torch.device) -> list[str]:
+    """The backends that can run on ``device`` in this process (the one answer to that
+    question: tests, benchmarks and ``zspa info`` all ask here). Triton counts on a CPU only
+    under its interpreter; ``cuda`` counts wherever CUDA does (it falls back to Triton, with a
+    warning, when no toolkit can build it)."""
+    names = []
+    for name in BACKENDS:
+        if name == "triton" and (importlib.util.find_spec("triton") is None
+                                 or (device.type != "cuda" and not triton_interpreter())):
+            continue
+        if name == "cuda" and device.type != "cuda":
+            continue
+        names.append(name)
+    return names
 
 
 def backend_impl(name: str) -> Callable[..., torch.Tensor]:

@@ -23,7 +23,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ..dispatch import triton_interpreter
+from ..spec import triton_interpreter
 from .gram_select import FP_FUSION, _gram_select_kernel
 from .plan import launch_plan
 from .token_stats import _token_stats_kernel

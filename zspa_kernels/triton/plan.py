@@ -25,7 +25,7 @@ import os
 import torch
 import triton
 
-from ..dispatch import triton_interpreter
+from ..spec import triton_interpreter
 
 GRAM_BUDGET_ENV = "ZSPA_TRITON_GRAM_BUDGET"
 DEFAULT_GRAM_BUDGET = 4 << 30

@@ -27,7 +27,7 @@ def prune(
     Args:
         model: a supported VLM (``...ForConditionalGeneration`` or its base model).
         keep: visual tokens kept per image: an int count, or a float fraction in (0, 1]
-            of each image's tokens (``ceil(keep * n)``, at least 1).
+            of each image's tokens (rounded half up, at least 1: ``spec.keep_budget``).
         core_ratio: share of the budget chosen by prompt relevance alone (the rest:
             greedy max-min diversity seeded by that core).
         relevance: ``"mean"`` (cosine to the mean-pooled prompt) or ``"max"``.

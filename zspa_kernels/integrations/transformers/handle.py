@@ -29,9 +29,9 @@ from typing import Optional, Union
 
 import torch
 
-from ...checks import BACKENDS, RELEVANCE_MODES
+from ...spec import BACKEND_CHOICES, RELEVANCE_MODES, check_keep
 from .families import Family, special_token_ids, split_model
-from .selection import ImageSelection, check_keep, select_images
+from .selection import ImageSelection, select_images
 
 PROMPTS = ("question", "all_text")
 
@@ -96,8 +96,8 @@ class PruneHandle:
             raise ValueError(f"core_ratio: expected a float in [0, 1], got {core_ratio}")
         if relevance not in RELEVANCE_MODES:
             raise ValueError(f"relevance: expected one of {RELEVANCE_MODES}, got {relevance!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        if backend not in BACKEND_CHOICES:
+            raise ValueError(f"backend: expected one of {BACKEND_CHOICES}, got {backend!r}")
         self.family = family
         self.keep, self.core_ratio, self.relevance, self.prompt, self.backend = (
             keep, float(core_ratio), relevance, prompt, backend)

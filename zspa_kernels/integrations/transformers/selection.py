@@ -8,13 +8,13 @@ budget (one call per distinct budget; a count ``keep`` is always one call).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Union
 
 import torch
 
 from ... import op as _op  # noqa: F401  (registers torch.ops.zspa.select_tokens)
+from ...spec import core_count, keep_budget
 
 
 @dataclass
@@ -36,23 +36,6 @@ class ImageSelection:
     def kept(self) -> torch.LongTensor:
         """The kept token indices in ascending (spatial) order."""
         return self.order.sort().values
-
-
-def check_keep(keep: Union[int, float]) -> None:
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        raise TypeError(f"keep: expected an int count >= 1 or a float fraction in (0, 1], got {keep!r}")
-    if isinstance(keep, int) and keep < 1:
-        raise ValueError(f"keep: expected an int count >= 1, got {keep}")
-    if isinstance(keep, float) and not 0.0 < keep <= 1.0:
-        raise ValueError(f"keep: expected a float fraction in (0, 1], got {keep}")
-
-
-def image_budget(keep: Union[int, float], n_tokens: int) -> int:
-    """Tokens kept of an image of ``n_tokens``: the count, or ``ceil(keep * n)`` (at least 1;
-    rounded to 9 decimals first so that 0.3 * 20 keeps 6, not 7)."""
-    if isinstance(keep, float):
-        return max(1, math.ceil(round(keep * n_tokens, 9)))
-    return min(keep, n_tokens)
 
 
 def select_images(
@@ -80,7 +63,7 @@ def select_images(
     # Padded (I, N_max) gather of each image's tokens; the tail past its size is never read.
     cols = (start_t[:, None] + torch.arange(n_max, device=device)).clamp_max(embeds.shape[1] - 1)
     visual = embeds[row_t[:, None], cols]
-    budgets_i = [image_budget(keep, n) for n in sizes]
+    budgets_i = [keep_budget(keep, n) for n in sizes]
     orders: list[torch.Tensor] = [None] * len(sizes)
     for k in sorted(set(budgets_i)):
         members = [i for i, b in enumerate(budgets_i) if b == k]
@@ -102,8 +85,7 @@ def select_images(
     out = []
     image_of_row: dict[int, int] = {}
     for i, (r, n) in enumerate(zip(rows, sizes)):
-        k_b = min(budgets_i[i], n)
-        core = min(max(math.floor(core_ratio * k_b + 0.5), 0), k_b)  # SPEC §1 step 3
+        core = core_count(core_ratio, min(budgets_i[i], n))
         out.append(ImageSelection(r, image_of_row.get(r, 0), n, orders[i], core))
         image_of_row[r] = image_of_row.get(r, 0) + 1
     return out

@@ -1,0 +1,87 @@
+"""Every rule of the ZSPAPrune selection that more than one module needs, in one place.
+
+SPEC §1 is the contract; this module is its vocabulary. Backends, the transformers hooks,
+the benchmarks and the tests import the budgets, the core size, the isolation condition,
+the fractional-keep rounding, the numeric constants and the names from here, and nowhere
+restate them. It imports nothing of the package (no import circle can pass through it).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Union
+
+# Numeric constants of §1 (every backend uses exactly these values).
+NORM_EPS = 1e-6               # v / max(‖v‖, NORM_EPS)
+NONFINITE_RELEVANCE = -2.0    # below every finite cosine: a non-finite token is least relevant
+NONFINITE_SIMILARITY = 2.0    # above every finite cosine: ... and most redundant
+
+DEFAULT_CORE_RATIO = 0.5      # the paper tunes alpha per dataset; 0.5 is this package's choice
+RELEVANCE_MODES = ("mean", "max")
+# Implementations of the op; "auto" picks one of them per device (see dispatch.py).
+BACKENDS = ("reference", "triton", "cuda")
+BACKEND_CHOICES = ("auto",) + BACKENDS
+BACKEND_ENV = "ZSPA_BACKEND"
+
+
+def core_count(core_ratio: float, k_b: int) -> int:
+    """``k_core = floor(alpha·k_b + 0.5)`` clamped to ``[0, k_b]`` (SPEC §1 step 3), in fp64."""
+    return min(max(math.floor(core_ratio * k_b + 0.5), 0), k_b)
+
+
+def row_budgets(k: int, core_ratio: float, n: int) -> tuple[int, int]:
+    """``(k_b, k_core)`` of a row with ``n`` valid tokens: ``k_b = min(k, n)``."""
+    k_b = min(k, n)
+    return k_b, core_count(core_ratio, k_b)
+
+
+def may_need_isolation(k: int, core_ratio: float, n_max: int, has_lengths: bool) -> bool:
+    """Whether some row of a call MAY have ``k_core = 0`` (then the most isolated token seeds
+    the greedy loop, which costs a full ``N × N`` pass). Decided from shapes and scalars only:
+    with ``lengths`` a row may hold a single token (``k_b = 1``), else every ``k_b = min(k, N)``.
+    ``k_core`` is non-decreasing in ``k_b``, so the smallest possible ``k_b`` decides."""
+    smallest_k_b = 1 if has_lengths else min(k, n_max)
+    return core_count(core_ratio, smallest_k_b) == 0
+
+
+def keep_budget(keep: Union[int, float], n_tokens: int) -> int:
+    """Tokens kept of an image (or row) of ``n_tokens``: an int ``keep`` is a count (at most
+    ``n_tokens``); a float is a fraction in (0, 1], rounded half up like ``k_core`` and at least
+    1 (``0.1 × 576 → 58``, ``0.1 × 16384 → 1638``). The product is rounded to 9 decimals first
+    so that binary fractions cannot flip it (``0.3 × 20`` keeps 6)."""
+    if isinstance(keep, float):
+        return max(1, min(n_tokens, math.floor(round(keep * n_tokens, 9) + 0.5)))
+    return min(keep, n_tokens)
+
+
+def check_keep(keep: Union[int, float]) -> None:
+    """``keep`` must be an int count >= 1 or a float fraction in (0, 1]."""
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise TypeError(f"keep: expected an int count >= 1 or a float fraction in (0, 1], got {keep!r}")
+    if isinstance(keep, int) and keep < 1:
+        raise ValueError(f"keep: expected an int count >= 1, got {keep}")
+    if isinstance(keep, float) and not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep: expected a float fraction in (0, 1], got {keep}")
+
+
+def keep_label(keep: Union[int, float]) -> str:
+    return f"{round(keep * 100)}%" if isinstance(keep, float) else str(keep)
+
+
+_TRUE = ("1", "true", "yes", "on", "y")
+
+
+def triton_interpreter() -> bool:
+    """True when Triton kernels run on the CPU interpreter. ``TRITON_INTERPRET`` is read the
+    way Triton reads it (``1``, ``true``, ``yes``, ``on``, any case), so both always agree."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
+
+
+def backend_from_env() -> str:
+    """``ZSPA_BACKEND``, or ``"auto"`` when unset or empty; anything else raises naming it."""
+    raw = os.environ.get(BACKEND_ENV, "").strip()
+    if not raw:
+        return "auto"
+    if raw not in BACKEND_CHOICES:
+        raise ValueError(f"{BACKEND_ENV}: expected one of {BACKEND_CHOICES} or unset, got {raw!r}")
+    return raw
