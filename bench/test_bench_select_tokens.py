@@ -16,6 +16,7 @@ import torch
 
 import zspa_kernels  # noqa: F401  (registers the op)
 from zspa_kernels import benchmark as hb
+from zspa_kernels.spec import core_count
 
 SPEC = os.environ.get("ZSPA_BENCH", "smoke") == "spec"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -59,7 +60,7 @@ def test_select_tokens(benchmark, bandwidth, impl, shape, keep):
     benchmark.extra_info.update(hb.environment(DEVICE))
     benchmark.extra_info.update(
         name="select_tokens", impl=impl, shape=shape.label, B=shape.B, N=shape.N, D=shape.D, k=k,
-        keep=hb.keep_label(keep), k_core=int(hb.CORE_RATIO * k + 0.5), dtype=str(DTYPE).replace("torch.", ""),
+        keep=hb.keep_label(keep), k_core=core_count(hb.CORE_RATIO, k), dtype=str(DTYPE).replace("torch.", ""),
         floor_us=hb.floor_us(shape, k, DTYPE, bandwidth), bandwidth_gbps=bandwidth / 1e9)
     if DEVICE.type == "cuda":
         benchmark.extra_info["cuda_event_median_us"] = hb.median_us(run, DEVICE)

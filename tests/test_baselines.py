@@ -4,8 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cases import DTYPES, exact_tie_case, random_case
-from conftest import TOLERANCE
+from helpers import DTYPES, TOLERANCE, exact_tie_case, random_case
 from fp64_oracle import Row, oracle_order, replay
 from zspa_kernels.baselines import TorchLoopGraph, divprune_loop, torch_loop
 

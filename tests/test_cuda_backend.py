@@ -1,7 +1,7 @@
 """The ``cuda`` backend on a GPU, beyond the shared suite: graphs, compile, chunking, layouts.
 
 Correctness against the fp64 oracle is the shared suite (``test_select_tokens.py``,
-which runs every backend listed in ``conftest.TOLERANCE``); these tests cover what
+which runs every backend listed in ``helpers.TOLERANCE``); these tests cover what
 is specific to ``csrc/``. All of them need a GPU and compile the extension on first use.
 """
 from __future__ import annotations
@@ -68,8 +68,8 @@ def test_gram_chunks_keep_rows_independent():
 def test_wide_rows_replay_against_fp64():
     # Wider than the shared suite's random cases: over 1024 tokens (two per thread), D >> 32,
     # and the isolation seed (alpha = 0) over hundreds of tokens.
-    from conftest import TOLERANCE
     from fp64_oracle import Row, replay
+    from helpers import TOLERANCE
 
     for n_tokens, alpha in ((1100, 0.5), (600, 0.0)):
         visual, prompt = _inputs(1, n_tokens, 96, T=7)

@@ -21,9 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from cases import DTYPES, exact_tie_case, random_case
-from conftest import TOLERANCE
-from fp64_oracle import Row, oracle_order, replay
+from helpers import DTYPES, TOLERANCE, exact_tie_case, oracle_rows, random_case
+from fp64_oracle import oracle_order, replay
 
 from zspa_kernels import cuda_build
 
@@ -76,15 +75,6 @@ def emulated_select(emulator, case, pick_order, threads):
     return out
 
 
-def _rows(case):
-    B, N, _ = case.visual.shape
-    lengths = [N] * B if case.lengths is None else case.lengths.tolist()
-    for b in range(B):
-        mask = None if case.prompt_mask is None else case.prompt_mask[b].numpy()
-        yield b, Row(case.visual[b].float().numpy(), case.prompt[b].float().numpy(), mask, lengths[b], case.k,
-                     case.core_ratio, case.relevance)
-
-
 @pytest.mark.parametrize("seed", range(48))
 def test_random_cases_replay_against_fp64(emulator, seed):
     # Each seed also picks the dtype and the block size (CPU threads are slow to sync).
@@ -92,7 +82,7 @@ def test_random_cases_replay_against_fp64(emulator, seed):
     case = random_case(seed, dtype)
     order = emulated_select(emulator, case, pick_order=True, threads=threads)
     kept = emulated_select(emulator, case, pick_order=False, threads=threads)
-    for b, row in _rows(case):
+    for b, row in oracle_rows(case):
         replay(row, order[b].tolist(), TOLERANCE["cuda"][dtype])
         assert kept[b].tolist() == sorted(order[b, : row.k_b].tolist()) + [-1] * (case.k - row.k_b), case.describe()
 
@@ -102,7 +92,7 @@ def test_random_cases_replay_against_fp64(emulator, seed):
 def test_exact_ties_go_to_lower_index(emulator, seed, threads):
     case = exact_tie_case(seed, torch.bfloat16)
     order = emulated_select(emulator, case, pick_order=True, threads=threads)
-    for b, row in _rows(case):
+    for b, row in oracle_rows(case):
         assert order[b].tolist() == oracle_order(row), case.describe()
 
 
@@ -120,5 +110,5 @@ def test_nonfinite_prompt_rows(emulator, relevance):
     base.prompt_mask = torch.tensor([[True, True, False, True], [True, True, True, False]])
     base.k, base.core_ratio, base.lengths, base.relevance = 12, 0.5, None, relevance
     order = emulated_select(emulator, base, pick_order=True, threads=32)
-    for b, row in _rows(base):
+    for b, row in oracle_rows(base):
         replay(row, order[b].tolist(), TOLERANCE["cuda"][torch.float32])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import zspa_kernels  # noqa: F401  (registers the op)
-from cases import random_case
+from helpers import random_case
 
 
 def test_schema():

@@ -5,19 +5,9 @@ import pytest
 import torch
 
 import zspa_kernels
-from cases import DTYPES, exact_tie_case, random_case
-from conftest import TOLERANCE, available_backends, device_for, random_case_count
-from fp64_oracle import Row, oracle_order, replay
-
-
-def _rows(case):
-    B, N, _ = case.visual.shape
-    lengths = [N] * B if case.lengths is None else case.lengths.tolist()
-    for b in range(B):
-        prompt = case.prompt[b].float().numpy()
-        mask = None if case.prompt_mask is None else case.prompt_mask[b].numpy()
-        yield b, Row(case.visual[b].float().numpy(), prompt, mask, lengths[b], case.k,
-                     case.core_ratio, case.relevance)
+from helpers import (DTYPES, TOLERANCE, backends_here, device_for, exact_tie_case, oracle_rows, random_case,
+                     random_case_count)
+from fp64_oracle import oracle_order, replay
 
 
 def _run(case, backend, pick_order):
@@ -27,14 +17,14 @@ def _run(case, backend, pick_order):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend, seed", [(name, seed) for name in available_backends()
+@pytest.mark.parametrize("backend, seed", [(name, seed) for name in backends_here()
                                            for seed in range(random_case_count(name))])
 def test_random_cases_replay_against_fp64(backend, dtype, seed):
     case = random_case(seed, dtype)
     order = _run(case, backend, pick_order=True)
     kept = _run(case, backend, pick_order=False)
     assert order.shape == kept.shape == (case.visual.shape[0], case.k) and order.dtype == torch.int64
-    for b, row in _rows(case):
+    for b, row in oracle_rows(case):
         replay(row, order[b].tolist(), TOLERANCE[backend][dtype])
         expected_kept = sorted(order[b, : row.k_b].tolist()) + [-1] * (case.k - row.k_b)
         assert kept[b].tolist() == expected_kept, case.describe()
@@ -45,7 +35,7 @@ def test_random_cases_replay_against_fp64(backend, dtype, seed):
 def test_exact_ties_go_to_lower_index(backend, dtype, seed):
     case = exact_tie_case(seed, dtype)
     order = _run(case, backend, pick_order=True)
-    for b, row in _rows(case):
+    for b, row in oracle_rows(case):
         assert order[b].tolist() == oracle_order(row), case.describe()
 
 

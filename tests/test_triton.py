@@ -17,16 +17,15 @@ import pytest
 import torch
 
 import zspa_kernels
-from cases import Case
-from conftest import TOLERANCE, available_backends, device_for
-from test_select_tokens import _rows
+from helpers import Case, TOLERANCE, backends_here, device_for, oracle_rows
 from fp64_oracle import replay
 from zspa_kernels.reference import select_tokens_reference
+from zspa_kernels.spec import GRAM_BUDGET_ENV
 
-pytestmark = pytest.mark.skipif("triton" not in available_backends(), reason="no GPU and no TRITON_INTERPRET")
+pytestmark = pytest.mark.skipif("triton" not in backends_here(), reason="no GPU and no TRITON_INTERPRET")
 
-if "triton" in available_backends():
-    from zspa_kernels.triton import GRAM_BUDGET_ENV, launch_plan, select_tokens_triton
+if "triton" in backends_here():
+    from zspa_kernels.triton import launch_plan, select_tokens_triton
     from zspa_kernels.triton.gram_select import split_fp64
 
 DEVICE = device_for("triton")
@@ -54,7 +53,7 @@ def _check(case, plan=None):
     args = [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in case.args()]
     order = select_tokens_triton(*args, True, plan=plan).cpu()
     kept = select_tokens_triton(*args, False, plan=plan).cpu()
-    for b, row in _rows(case):
+    for b, row in oracle_rows(case):
         replay(row, order[b].tolist(), TOLERANCE["triton"][case.visual.dtype])
         assert kept[b].tolist() == sorted(order[b, : row.k_b].tolist()) + [-1] * (case.k - row.k_b)
     return order

@@ -4,8 +4,8 @@
 """
 from . import op as _op  # noqa: F401  (registers the custom op)
 from .api import select_tokens
+from .version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["select_tokens", "prune", "__version__"]
 
 

@@ -21,15 +21,12 @@ import math
 
 import torch
 
-
-def _budgets(k: int, core_ratio: float, n: int) -> tuple[int, int]:
-    k_b = min(k, n)
-    return k_b, min(max(int(math.floor(core_ratio * k_b + 0.5)), 0), k_b)
+from .spec import NORM_EPS, row_budgets
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
     x = x.float()
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
 
 
 def _core(v_hat: torch.Tensor, prompt: torch.Tensor, k_core: int) -> torch.Tensor:
@@ -41,7 +38,7 @@ def _core(v_hat: torch.Tensor, prompt: torch.Tensor, k_core: int) -> torch.Tenso
 def divprune_loop(visual: torch.Tensor, prompt: torch.Tensor, k: int, core_ratio: float = 0.5) -> torch.Tensor:
     """DivPrune-style selection: per row, a full distance matrix and a re-indexing loop."""
     B, N, _ = visual.shape
-    k_b, k_core = _budgets(k, core_ratio, N)
+    k_b, k_core = row_budgets(k, core_ratio, N)
     v_hat = _unit(visual)
     core = _core(v_hat, prompt, k_core)
     order = torch.full((B, k), -1, dtype=torch.long, device=visual.device)
@@ -64,7 +61,7 @@ def divprune_loop(visual: torch.Tensor, prompt: torch.Tensor, k: int, core_ratio
 def torch_loop(visual: torch.Tensor, prompt: torch.Tensor, k: int, core_ratio: float = 0.5) -> torch.Tensor:
     """Running-min selection in batched PyTorch: one ``(B, N, D) x (B, D)`` pass per pick."""
     B, N, _ = visual.shape
-    k_b, k_core = _budgets(k, core_ratio, N)
+    k_b, k_core = row_budgets(k, core_ratio, N)
     v_hat = _unit(visual)
     order = torch.full((B, k), -1, dtype=torch.long, device=visual.device)
     if k_core > 0:

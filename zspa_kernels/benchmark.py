@@ -12,7 +12,6 @@ beside the floor: at LLaVA sizes the steps' latency, not bandwidth, is the limit
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import platform
 import statistics
@@ -22,12 +21,11 @@ from typing import Callable, Optional, Union
 import torch
 
 from . import baselines
-from .dispatch import backend_impl
-from .spec import keep_budget, keep_label, triton_interpreter
+from .dispatch import available_backends
+from .spec import BACKENDS, DEFAULT_CORE_RATIO, core_count, keep_budget, keep_label
 
-CORE_RATIO = 0.5
+CORE_RATIO = DEFAULT_CORE_RATIO
 KEEPS: tuple[Union[int, float], ...] = (64, 0.10, 0.25)
-BACKENDS = ("cuda", "triton", "reference")
 BASELINES = ("torch_loop", "torch_loop_graph", "divprune_loop")
 # A case is skipped (and reported as skipped) when its estimated memory traffic would
 # keep one call running for many seconds: ~10 s at a 2-core CPU's few GB/s, ~1 s on a GPU.
@@ -61,23 +59,10 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
     return visual.to(dtype), prompt.to(dtype)
 
 
-def backend_available(name: str, device: torch.device) -> bool:
-    """Whether backend ``name`` runs on ``device`` here (it must also import: it may be unbuilt)."""
-    if name == "triton" and device.type != "cuda" and not triton_interpreter():
-        return False
-    if name == "cuda" and device.type != "cuda":
-        return False
-    try:
-        backend_impl(name)
-    except ImportError:
-        return False
-    return True
-
-
 def backends_here(device: torch.device) -> list[str]:
-    """Backends worth timing on ``device``: available, and compiled (Triton under the CPU
-    interpreter is correct but thousands of times slower, so it is left out)."""
-    return [b for b in BACKENDS if backend_available(b, device) and (b != "triton" or device.type == "cuda")]
+    """Backends worth timing on ``device``: available (:func:`dispatch.available_backends`), and
+    compiled (Triton under the CPU interpreter is correct but thousands of times slower)."""
+    return [b for b in available_backends(device) if b != "triton" or device.type == "cuda"]
 
 
 def implementations(device: torch.device) -> list[str]:
@@ -100,7 +85,7 @@ def runner(impl: str, visual: torch.Tensor, prompt: torch.Tensor, k: int,
 
 def traffic_bytes(impl: str, shape: Shape, k: int, core_ratio: float = CORE_RATIO) -> float:
     """Rough device-memory traffic of one call, to keep impossible cases out of a run."""
-    k_core = math.floor(core_ratio * k + 0.5)
+    k_core = core_count(core_ratio, k)
     if impl == "divprune_loop":  # the N x N matrix, then O(k^2 N) re-reads of its selected rows
         return shape.B * 4 * shape.N * (2 * shape.N + (k * k - k_core * k_core) / 2)
     # The reference and the PyTorch loops read the fp32 tokens once per greedy step.

@@ -19,8 +19,7 @@ def cmd_info(_args: argparse.Namespace) -> int:
 
     import zspa_kernels
     from zspa_kernels import cuda_build
-    from zspa_kernels.dispatch import resolve_backend
-    from zspa_kernels.spec import triton_interpreter
+    from zspa_kernels.dispatch import available_backends, resolve_backend
 
     print(f"zspa-kernels  {zspa_kernels.__version__}")
     print(f"python        {platform.python_version()}")
@@ -34,11 +33,12 @@ def cmd_info(_args: argparse.Namespace) -> int:
     else:
         device = torch.device("cpu")
         print("device        cpu (no CUDA device visible)")
-    triton_ok = _version("triton") != "not installed" and (device.type == "cuda" or triton_interpreter())
+    available = available_backends(device)
+    triton_ok = "triton" in available
     print("backends:")
     print("  reference   available")
-    print(f"  triton      {'available' if triton_ok else 'needs a CUDA device (or TRITON_INTERPRET=1)'}")
-    print(f"  cuda        {cuda_build.status()}")
+    print(f"  triton      {'available' if triton_ok else 'needs triton and a CUDA device (or TRITON_INTERPRET=1)'}")
+    print(f"  cuda        {'' if 'cuda' in available else 'needs a CUDA device; '}{cuda_build.status()}")
     print(f"  auto        -> {resolve_backend('auto', device)} on {device.type}")
     return 0
 

@@ -36,7 +36,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from . import __version__
+from .version import __version__
 
 EXTENSION_NAME = "zspa_cuda"
 DEFAULT_ARCHS = "8.0;9.0"  # A100 and H100 class GPUs, used when no GPU is visible

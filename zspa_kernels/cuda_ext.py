@@ -1,8 +1,9 @@
 """The ``cuda`` backend: ``csrc/`` kernels, built on first use (see :mod:`.cuda_build`).
 
-When no CUDA toolkit is installed the backend warns once and runs the Triton
-backend instead, so ``backend="cuda"`` never fails for want of nvcc. A toolkit
-that is present but fails to compile ``csrc/`` is a bug and raises.
+When no CUDA toolkit is installed :func:`extension_available` warns once and says
+so; :mod:`.dispatch` then runs the Triton backend instead, so ``backend="cuda"``
+never fails for want of nvcc. A toolkit that is present but fails to compile
+``csrc/`` is a bug and raises.
 """
 from __future__ import annotations
 
@@ -32,10 +33,6 @@ def extension_available() -> bool:
 
 
 def select_tokens_cuda(visual, prompt, k, core_ratio, lengths, prompt_mask, relevance, pick_order):
-    """Backend entry point: ``torch.ops.zspa.select_tokens_cuda``, or Triton without a toolkit."""
-    if not extension_available():
-        from .triton import select_tokens_triton
-
-        return select_tokens_triton(visual, prompt, k, core_ratio, lengths, prompt_mask, relevance, pick_order)
+    """Backend entry point: ``torch.ops.zspa.select_tokens_cuda`` (the extension is loaded)."""
     return torch.ops.zspa.select_tokens_cuda(visual, prompt, k, core_ratio, lengths, prompt_mask, relevance,
                                              pick_order)

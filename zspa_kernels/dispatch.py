@@ -55,7 +55,8 @@ def available_backends(device: torch.device) -> list[str]:
 
 
 def backend_impl(name: str) -> Callable[..., torch.Tensor]:
-    """Import a backend on first use, so that importing the package stays light."""
+    """Import a backend on first use, so that importing the package stays light. ``cuda``
+    without a CUDA toolkit to build its extension falls back to ``triton``."""
     if name == "reference":
         from .reference import select_tokens_reference_op
 
@@ -64,6 +65,8 @@ def backend_impl(name: str) -> Callable[..., torch.Tensor]:
         from .triton import select_tokens_triton
 
         return select_tokens_triton
-    from .cuda_ext import select_tokens_cuda
+    from .cuda_ext import extension_available, select_tokens_cuda
 
+    if not extension_available():  # no toolkit: warned once, Triton runs instead
+        return backend_impl("triton")
     return select_tokens_cuda

@@ -6,13 +6,15 @@ mat-vec ``(B, N, D) x (B, D)`` against the token picked at that step, so the
 ``N x N`` Gram matrix is never materialised (except in row chunks for the
 alpha = 0 seed).
 
-Cost, with ``B`` rows of ``N`` tokens of width ``D`` and budget ``k``:
-  * memory: one fp32 copy of the normalised tokens, ``4·B·N·D`` bytes, plus O(B·N);
-  * work: ``2·B·N·D`` FLOPs for relevance, ``2·B·k·N·D`` for the greedy loop,
-    plus ``2·B·N²·D`` for the most-isolated seed when ``k_core = 0``;
-  * traffic: the loop re-reads the ``B·N·D`` fp32 tokens once per pick, which is
-    what makes it slow on GPUs (the fused kernels keep state on chip instead).
-On a 2-core CPU, B=1, N=576, D=4096, k=64 takes a few tens of milliseconds.
+Cost, with ``B`` rows of ``N`` tokens of width ``D`` and budget ``k``: one fp32 copy of
+the tokens (``4·B·N·D`` bytes); ``2·B·N·D`` FLOPs of relevance, ``2·B·k·N·D`` for the greedy
+loop (the tokens are re-read once per pick, which is what makes it slow on GPUs), plus
+``2·B·N²·D`` for the most-isolated seed when some ``k_core`` may be 0.
+
+Norms are overflow-safe and cosines are formed as in the kernels (see ``spec``): tokens
+scaled by a power of two, ``cos(i, j) = (y_i·y_j) / (n_i·n_j)`` with clamped norms ``n``.
+Dividing the dot product (not each element) keeps an exact tie exact, also for tokens
+whose norm is below ``NORM_EPS``.
 
 Conventions for special values (no host synchronisation anywhere):
   * a token with any non-finite feature gets relevance ``NONFINITE_RELEVANCE``
@@ -24,37 +26,52 @@ Conventions for special values (no host synchronisation anywhere):
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 
-NORM_EPS = 1e-6
-NONFINITE_RELEVANCE = -2.0
-NONFINITE_SIMILARITY = 2.0
+from .spec import (NONFINITE_RELEVANCE, NONFINITE_SIMILARITY, NORM_EPS, SCALE_EXP_MAX, SCALE_EXP_MIN,
+                   core_count, may_need_isolation)
+
 SEED_CHUNK_ROWS = 1024
 
 
-def normalize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 unit rows ``x / max(||x||, 1e-6)``; non-finite rows become zero.
+@dataclasses.dataclass
+class Scaled:
+    """Rows ``y = x·2**-e`` (exact) and their clamped norms ``max(‖y‖, NORM_EPS·2**-e)``, ``(..., 1)``:
+    ``cos(i, j) = (y_i·y_j) / (norm_i·norm_j)`` without overflow. Non-finite rows become zero."""
+    rows: torch.Tensor
+    norm: torch.Tensor
+    finite: torch.Tensor
 
-    Returns ``(unit_rows, finite)`` where ``finite`` flags rows without NaN/Inf.
-    """
+
+def scaled_rows(x: torch.Tensor) -> Scaled:
     x = x.float()
     finite = torch.isfinite(x).all(-1)
     x = torch.where(finite.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS), finite
+    exponent = torch.frexp(x.abs().amax(-1, keepdim=True)).exponent.clamp(SCALE_EXP_MIN, SCALE_EXP_MAX)
+    scale = torch.exp2(-exponent.float())  # a normal power of two: the products below are exact
+    y = x * scale
+    norm = torch.maximum(torch.linalg.vector_norm(y, dim=-1, keepdim=True), NORM_EPS * scale)
+    return Scaled(y, norm, finite)
 
 
-def budgets(k: int, core_ratio: float, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``k_b = min(k, n)`` and ``k_core = clamp(floor(alpha·k_b + 0.5), 0, k_b)``, per row."""
+def row_budgets(k: int, core_ratio: float, n: torch.Tensor, N: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(k_b, k_core)`` per row of ``n <= N`` tokens, looked up in a table of
+    :func:`spec.core_count` over the ``min(k, N) + 1`` possible ``k_b`` (no restated rule)."""
     k_b = n.clamp(max=k)
-    k_core = torch.floor(core_ratio * k_b.double() + 0.5).long()
-    return k_b, torch.minimum(k_core.clamp_min(0), k_b)
+    table = [core_count(core_ratio, kb) for kb in range(min(k, N) + 1)]
+    return k_b, torch.tensor(table, dtype=torch.long, device=n.device)[k_b]
 
 
-def relevance_scores(
-    v_hat: torch.Tensor, prompt: torch.Tensor, prompt_mask: Optional[torch.Tensor], mode: str
-) -> torch.Tensor:
+def cosines(a: Scaled, b: Scaled, equation: str) -> torch.Tensor:
+    """``einsum(equation)`` of the rows over the matching product of norms."""
+    return torch.einsum(equation, a.rows, b.rows) / torch.einsum(equation, a.norm, b.norm)
+
+
+def relevance_scores(tokens: Scaled, prompt: torch.Tensor, prompt_mask: Optional[torch.Tensor],
+                     mode: str) -> torch.Tensor:
     """Cosine relevance ``r`` of every token to the prompt, ``(B, N)`` fp32."""
     if prompt.dim() == 2:
         prompt = prompt.unsqueeze(1)
@@ -66,22 +83,21 @@ def relevance_scores(
         count = valid.sum(-1, keepdim=True).clamp_min(1).float()
         # where, not a product: a masked-out row must not leak NaN into the pool.
         pooled = torch.where(valid.unsqueeze(-1), p, torch.zeros((), device=p.device)).sum(1) / count
-        p_hat, _ = normalize_rows(pooled)
-        return torch.einsum("bnd,bd->bn", v_hat, p_hat)
-    p_hat, _ = normalize_rows(p)
-    sims = torch.einsum("bnd,btd->bnt", v_hat, p_hat)
+        return cosines(tokens, scaled_rows(pooled), "bnd,bd->bn")
+    sims = cosines(tokens, scaled_rows(p), "bnd,btd->bnt")
     sims = sims.masked_fill(~valid.unsqueeze(1), float("-inf")).amax(-1)
     return torch.where(valid.any(-1, keepdim=True), sims, torch.zeros_like(sims))
 
 
-def isolation_scores(v_hat: torch.Tensor, usable: torch.Tensor) -> torch.Tensor:
-    """``max_{j != i, j usable} v̂_i · v̂_j`` per token (``-inf`` when no such j), in row chunks."""
-    B, N, _ = v_hat.shape
-    out = torch.empty(B, N, dtype=torch.float32, device=v_hat.device)
-    cols = torch.arange(N, device=v_hat.device)
+def isolation_scores(tokens: Scaled, usable: torch.Tensor) -> torch.Tensor:
+    """``max_{j != i, j usable} cos(i, j)`` per token (``-inf`` when no such j), in row chunks."""
+    B, N, _ = tokens.rows.shape
+    out = torch.empty(B, N, dtype=torch.float32, device=tokens.rows.device)
+    cols = torch.arange(N, device=tokens.rows.device)
     for start in range(0, N, SEED_CHUNK_ROWS):
         stop = min(start + SEED_CHUNK_ROWS, N)
-        sims = torch.einsum("bid,bjd->bij", v_hat[:, start:stop], v_hat)
+        chunk = Scaled(tokens.rows[:, start:stop], tokens.norm[:, start:stop], tokens.finite[:, start:stop])
+        sims = cosines(chunk, tokens, "bid,bjd->bij")
         exclude = ~usable.unsqueeze(1) | (cols[start:stop, None] == cols[None, :]).unsqueeze(0)
         out[:, start:stop] = sims.masked_fill(exclude, float("-inf")).amax(-1)
     return out
@@ -102,21 +118,22 @@ def select_tokens_reference(
     idx = torch.arange(N, device=device)
     n = torch.full((B,), N, dtype=torch.long, device=device) if lengths is None else lengths.long().clamp(1, N)
     in_row = idx.unsqueeze(0) < n.unsqueeze(1)  # (B, N) valid prefix
-    v_hat, finite = normalize_rows(visual)
+    tokens = scaled_rows(visual)
+    finite = tokens.finite
     usable = in_row & finite
-    k_b, k_core = budgets(k, core_ratio, n)
+    k_b, k_core = row_budgets(k, core_ratio, n, N)
 
     # Core: stable descending sort, so equal relevance keeps the lower index first.
-    r = relevance_scores(v_hat, prompt, prompt_mask, relevance)
+    r = relevance_scores(tokens, prompt, prompt_mask, relevance)
     r = torch.where(finite, r, torch.full_like(r, NONFINITE_RELEVANCE))
     r = r.masked_fill(~in_row, float("-inf"))
     core_order = torch.sort(r, dim=1, descending=True, stable=True).indices[:, : min(k, N)]
 
     # s: similarity to the selected set. Before the first pick it holds the isolation
     # score, so that for k_core = 0 the first argmin is the most isolated token. Whether
-    # some row can have k_core = 0 is decided on the host from a lower bound on n.
-    if core_ratio * min(k, N if lengths is None else 1) < 0.5:
-        s = isolation_scores(v_hat, usable)
+    # some row can have k_core = 0 is decided on the host, from shapes only.
+    if may_need_isolation(k, core_ratio, N, lengths is not None):
+        s = isolation_scores(tokens, usable)
         s = torch.where(finite, s, torch.full_like(s, NONFINITE_SIMILARITY))
     else:
         s = torch.zeros(B, N, device=device)
@@ -129,7 +146,8 @@ def select_tokens_reference(
         active = t < k_b
         order[:, t] = torch.where(active, pick, torch.full_like(pick, -1))
         taken = taken | ((idx.unsqueeze(0) == pick.unsqueeze(1)) & active.unsqueeze(1))
-        sim = torch.einsum("bnd,bd->bn", v_hat, v_hat[rows, pick])
+        picked = Scaled(tokens.rows[rows, pick], tokens.norm[rows, pick], finite[rows, pick])
+        sim = cosines(tokens, picked, "bnd,bd->bn")
         sim = torch.where(finite, sim, torch.full_like(sim, NONFINITE_SIMILARITY))
         s = sim if t == 0 else torch.maximum(s, sim)
     return order

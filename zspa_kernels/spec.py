@@ -15,6 +15,12 @@ from typing import Union
 NORM_EPS = 1e-6               # v / max(‖v‖, NORM_EPS)
 NONFINITE_RELEVANCE = -2.0    # below every finite cosine: a non-finite token is least relevant
 NONFINITE_SIMILARITY = 2.0    # above every finite cosine: ... and most redundant
+# Overflow-safe norms (every backend alike): a token x is scaled by 2**-e, e the exponent of
+# max|x| (max|x| = m·2**e, m in [0.5, 1); 0 for a zero vector), clamped to this range so
+# that 2**-e is a normal fp32 number. Scaling by a power of two is exact, so
+# cos(i, j) = (y_i·y_j) / (max(‖y_i‖, NORM_EPS·2**-e_i) · max(‖y_j‖, NORM_EPS·2**-e_j))
+# equals the unscaled formula bit for bit wherever that one does not overflow.
+SCALE_EXP_MIN, SCALE_EXP_MAX = -126, 126
 
 DEFAULT_CORE_RATIO = 0.5      # the paper tunes alpha per dataset; 0.5 is this package's choice
 RELEVANCE_MODES = ("mean", "max")
@@ -22,6 +28,11 @@ RELEVANCE_MODES = ("mean", "max")
 BACKENDS = ("reference", "triton", "cuda")
 BACKEND_CHOICES = ("auto",) + BACKENDS
 BACKEND_ENV = "ZSPA_BACKEND"
+# Kernels index picks with 32-bit integers; a larger k could never be filled anyway.
+MAX_K = 2**31 - 1
+# Bytes the (rows, N, N) fp32 similarity scratch of the triton and cuda backends may take.
+GRAM_BUDGET_ENV = "ZSPA_GRAM_BUDGET"
+DEFAULT_GRAM_BUDGET = 4 << 30  # four N=16384 video rows per launch, any LLaVA-size batch in one
 
 
 def core_count(core_ratio: float, k_b: int) -> int:
@@ -85,3 +96,18 @@ def backend_from_env() -> str:
     if raw not in BACKEND_CHOICES:
         raise ValueError(f"{BACKEND_ENV}: expected one of {BACKEND_CHOICES} or unset, got {raw!r}")
     return raw
+
+
+def gram_budget() -> int:
+    """``ZSPA_GRAM_BUDGET`` bytes for the ``(rows, N, N)`` Gram scratch, the same for every
+    backend that keeps one (triton: ``0`` forces its streaming path; cuda: at least one row)."""
+    raw = os.environ.get(GRAM_BUDGET_ENV, "").strip()
+    if not raw:
+        return DEFAULT_GRAM_BUDGET
+    try:
+        budget = int(raw)
+    except ValueError:
+        budget = -1
+    if budget < 0:
+        raise ValueError(f"{GRAM_BUDGET_ENV}: expected a byte count >= 0, got {raw!r}")
+    return budget

@@ -5,7 +5,7 @@ Two launches per call (per batch group beyond the Gram budget): :mod:`.token_sta
 paths and block sizes; ``python -m zspa_kernels.triton.aot`` compiles them for a GPU
 architecture without one.
 """
-from .plan import GRAM_BUDGET_ENV, LaunchPlan, launch_plan
+from .plan import LaunchPlan, launch_plan
 from .select import select_tokens_triton
 
-__all__ = ["select_tokens_triton", "launch_plan", "LaunchPlan", "GRAM_BUDGET_ENV"]
+__all__ = ["select_tokens_triton", "launch_plan", "LaunchPlan"]

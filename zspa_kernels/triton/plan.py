@@ -11,8 +11,8 @@ Two paths of the same two launches (:mod:`.token_stats`, then :mod:`.gram_select
   selecting CTA per step - correct at any ``N``, but slow (see :mod:`.gram_select`).
   Scratch is then O(B·N²/64) (per-tile rank partials).
 
-The budget is ``ZSPA_TRITON_GRAM_BUDGET`` bytes (default 4 GiB: four N=16384 video rows
-per launch, any LLaVA-size batch in one). ``0`` forces streaming.
+The budget is :func:`spec.gram_budget` (``ZSPA_GRAM_BUDGET``, shared with the cuda
+backend); ``0`` forces streaming.
 
 Everything here depends on shapes, dtype and Python scalars only, so a plan never
 syncs the device and the scratch of a call is the same at every CUDA-graph replay.
@@ -20,15 +20,11 @@ syncs the device and the scratch of a call is the same at every CUDA-graph repla
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 import triton
 
-from ..spec import triton_interpreter
-
-GRAM_BUDGET_ENV = "ZSPA_TRITON_GRAM_BUDGET"
-DEFAULT_GRAM_BUDGET = 4 << 30
+from ..spec import gram_budget, may_need_isolation, triton_interpreter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,20 +46,6 @@ class LaunchPlan:
     scratch_bytes: int
 
 
-def gram_budget() -> int:
-    """Bytes the ``(B, N, N)`` similarity scratch may take (``ZSPA_TRITON_GRAM_BUDGET``)."""
-    raw = os.environ.get(GRAM_BUDGET_ENV)
-    if raw is None:
-        return DEFAULT_GRAM_BUDGET
-    try:
-        budget = int(raw)
-    except ValueError:
-        budget = -1
-    if budget < 0:
-        raise ValueError(f"{GRAM_BUDGET_ENV}: expected a byte count >= 0, got {raw!r}")
-    return budget
-
-
 def _pow2(x: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(x)))
 
@@ -71,8 +53,7 @@ def _pow2(x: int, lo: int, hi: int) -> int:
 def launch_plan(B: int, N: int, D: int, dtype: torch.dtype, k: int, core_ratio: float,
                 has_lengths: bool) -> LaunchPlan:
     """The plan for ``visual`` of shape ``(B, N, D)`` and ``dtype``, budget ``k``, ratio ``core_ratio``."""
-    # k_core = floor(alpha·k_b + 0.5) is 0 iff alpha·k_b < 0.5; k_b >= 1 with lengths, min(k, N) without.
-    need_isolation = core_ratio * min(k, 1 if has_lengths else N) < 0.5
+    need_isolation = may_need_isolation(k, core_ratio, N, has_lengths)
     row_gram = 4 * N * N
     budget = gram_budget()
     path = "gram" if row_gram <= budget else "stream"

@@ -1,10 +1,60 @@
-"""Random inputs for ``select_tokens`` tests: odd sizes, clusters, duplicates, padding, masks."""
+"""Shared test helpers: which backends run here and their replay tolerances, random inputs
+(odd sizes, clusters, duplicates, padding, masks), and the fp64 rows of a case.
+
+Every test module imports from here (never from conftest or from another test module).
+"""
 from __future__ import annotations
 
 import dataclasses
 from typing import Optional
 
 import torch
+
+from fp64_oracle import Row
+from zspa_kernels.dispatch import available_backends
+from zspa_kernels.spec import triton_interpreter
+
+# Largest fp64 score gap a backend may leave at one pick (a near-tie), per input dtype.
+# The reference computes in fp32 from the exactly upcast inputs, whatever their dtype.
+TOLERANCE = {
+    "reference": {torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5},
+    # Same fp32 math as the reference (raw Gram products are exact, sums in fp32), only in
+    # another order: cosine errors stay ~sqrt(D)·2^-24, far below 2e-5 at test sizes.
+    "triton": {torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5},
+    # cuda: fp32-accumulated GEMMs of the raw inputs (16-bit products are exact in fp32;
+    # TF32 is refused), normalised afterwards: fp32 rounding only, like the reference.
+    "cuda": {torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5},
+}
+
+# Random cases per dtype; the interpreted Triton backend runs a third of them to keep CI short.
+RANDOM_CASES = 120
+INTERPRETED_RANDOM_CASES = 40
+
+MACHINE_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def backends_here() -> list[str]:
+    """The backends this machine runs (:func:`zspa_kernels.dispatch.available_backends`)."""
+    return available_backends(MACHINE_DEVICE)
+
+
+def random_case_count(backend: str) -> int:
+    return INTERPRETED_RANDOM_CASES if backend == "triton" and triton_interpreter() else RANDOM_CASES
+
+
+def device_for(backend: str) -> torch.device:
+    return MACHINE_DEVICE if backend != "reference" else torch.device("cpu")
+
+
+def oracle_rows(case):
+    """``(b, fp64 Row)`` for every batch row of ``case``."""
+    B, N, _ = case.visual.shape
+    lengths = [N] * B if case.lengths is None else case.lengths.tolist()
+    for b in range(B):
+        mask = None if case.prompt_mask is None else case.prompt_mask[b].numpy()
+        yield b, Row(case.visual[b].float().numpy(), case.prompt[b].float().numpy(), mask, lengths[b], case.k,
+                     case.core_ratio, case.relevance)
+
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
