@@ -26,7 +26,8 @@ BAD_INPUTS = [
     (dict(prompt=torch.randn(B, D + 1)), ValueError, "prompt: expected feature size D=4"),
     (dict(prompt=torch.randn(B, 0, D)), ValueError, "prompt: expected at least one text token"),
     (dict(prompt=torch.randn(B, D, device="meta")), ValueError, "prompt: expected a tensor on cpu"),
-    (dict(k=0), ValueError, "k: expected an int >= 1, got 0"),
+    (dict(k=0), ValueError, "k: expected an int in [1, 2**31 - 1], got 0"),
+    (dict(k=2**40), ValueError, "k: expected an int in [1, 2**31 - 1], got 1099511627776"),
     (dict(core_ratio=1.5), ValueError, "core_ratio: expected a float in [0, 1], got 1.5"),
     (dict(core_ratio=-0.1), ValueError, "core_ratio: expected a float in [0, 1]"),
     (dict(core_ratio=float("nan")), ValueError, "core_ratio: expected a float in [0, 1], got nan"),
@@ -62,6 +63,10 @@ SCHEMA_TYPES = [
     (dict(visual=[[0.0]]), "visual: expected a torch.Tensor"),
     (dict(prompt="a cat"), "prompt: expected a torch.Tensor"),
     (dict(k=2.0), "k: expected an int >= 1, got float"),
+    (dict(core_ratio=None), "core_ratio: expected a float in [0, 1], got NoneType"),
+    (dict(relevance=None), "relevance: expected one of ('mean', 'max'), got NoneType"),
+    (dict(backend=None), "backend: expected one of"),
+    (dict(lengths=[3, 2]), "lengths: expected None or an int32/int64 tensor"),
 ]
 
 
@@ -74,6 +79,39 @@ def test_wrong_python_types(change, message):
     name = message.split(":")[0]
     with pytest.raises(RuntimeError, match=f"argument '{name}'"):
         torch.ops.zspa.select_tokens(**args)
+
+
+# Types the schema converts silently (the raw op cannot see them): the Python API rejects them.
+CONVERTED_TYPES = [
+    (dict(k=True), "k: expected an int >= 1, got bool"),
+    (dict(core_ratio=True), "core_ratio: expected a float in [0, 1], got bool"),
+    (dict(pick_order=None), "pick_order: expected a bool, got NoneType"),
+    (dict(strict=1), "strict: expected a bool, got int"),
+]
+
+
+@pytest.mark.parametrize("change, message", CONVERTED_TYPES, ids=[m for _, m in CONVERTED_TYPES])
+def test_api_rejects_types_the_schema_would_convert(change, message):
+    with pytest.raises(TypeError) as info:
+        zspa_kernels.select_tokens(**{**_good(), **change})
+    assert message in str(info.value)
+
+
+def test_each_check_runs_once_per_call(monkeypatch):
+    from zspa_kernels import api, op
+
+    calls = []
+    for module, name in ((api, "check_python_types"), (op, "check_args"), (api, "check_lengths_range"),
+                         (op, "check_lengths_range"), (api, "check_prompt_values")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _o=original, _n=name, **kw: calls.append(_n) or _o(*a, **kw))
+    zspa_kernels.select_tokens(**_good(), strict=True)
+    assert sorted(calls) == ["check_args", "check_lengths_range", "check_prompt_values", "check_python_types"]
+
+
+def test_empty_backend_environment_means_unset(monkeypatch):
+    monkeypatch.setenv("ZSPA_BACKEND", "")
+    assert zspa_kernels.select_tokens(**_good()).shape == (B, 3)
 
 
 def test_environment_override_is_checked(monkeypatch):

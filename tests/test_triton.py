@@ -245,3 +245,60 @@ def test_cuda_graph_capture_and_replay():
     static[1].copy_(fresh.prompt)
     graph.replay()
     assert torch.equal(captured, select_tokens_triton(fresh.visual.cuda(), fresh.prompt.cuda(), *args[2:], True))
+
+
+# ---- edge cases of the adversarial run (issue 11) ----------------------------------------------
+
+@pytest.mark.parametrize("make_lengths", [
+    lambda: torch.tensor([7, 0, 2, 0, 13, 0])[::2],  # strided: the kernels must use its stride
+    lambda: torch.tensor([9]).expand(3),             # expanded: stride 0, one element of storage
+], ids=["strided", "expanded"])
+def test_lengths_of_any_stride(make_lengths):
+    lengths = make_lengths()
+    assert not lengths.is_contiguous()
+    case = _case(B=3, N=13, D=8, k=5, alpha=0.5, dtype=torch.float32, lengths=lengths.tolist(), seed=12)
+    case.lengths = lengths
+    order = _check(case)
+    assert order.tolist() == select_tokens_reference(*case.args()).tolist()
+
+
+@pytest.mark.parametrize("seed, D, dtype", [(149, 33, torch.bfloat16), (204, 3, torch.float32),
+                                            pytest.param(264, 17, torch.float32, marks=pytest.mark.xfail(
+                                                strict=True, reason="known gap: the interpreter's matmul rounds a "
+                                                "dot product differently by its position in the tile"))])
+def test_gram_is_symmetric_so_duplicates_tie_to_the_lower_index(seed, D, dtype):
+    """Token 22 is a copy of token 0, in another Gram tile: the similarity of either to a pick
+    must be one number, else an exact tie goes to the higher index (these seeds did, under
+    the interpreter, while tile (0, 1) and tile (1, 0) computed their dot products apart)."""
+    g = torch.Generator().manual_seed(seed)
+    visual = torch.randn(1, 23, D, generator=g)
+    visual[0, 22] = visual[0, 0]
+    case = Case(visual.to(dtype), torch.randn(1, D, generator=g).to(dtype), 12, 0.0, None, None, "mean")
+    _check(case)
+
+
+def test_padding_costs_nothing_per_padded_slot():
+    """k far beyond N: the -1 padding is one fill, not a loop over k in the kernel (a walk over
+    k = 100000 in blocks of 16 took 17 s under the interpreter; this bound is 100 times that pace)."""
+    import time
+
+    case = _case(B=1, N=5, D=4, k=100_000, alpha=0.5, dtype=torch.float32, seed=13)
+    start = time.perf_counter()
+    order = _check(case)
+    assert time.perf_counter() - start < 2 * 17 / 10
+    assert order[0, 5:].eq(-1).all()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU interpreter is what is switched here")
+def test_interpreter_switched_after_loading_is_a_clear_error():
+    root = pathlib.Path(zspa_kernels.__file__).resolve().parents[1]
+    script = ("import os, torch, zspa_kernels, zspa_kernels.triton\n"
+              "os.environ['TRITON_INTERPRET'] = '1'\n"
+              "try:\n"
+              "    zspa_kernels.select_tokens(torch.randn(1, 5, 4), torch.randn(1, 4), 2, backend='triton')\n"
+              "except RuntimeError as exc:\n"
+              "    print(exc)\n")
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("TRITON_INTERPRET: the Triton kernels were loaded with the interpreter off")

@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from .checks import check_args, check_types, check_values
+from .checks import check_lengths_range, check_prompt_values, check_python_types
 
 
 def select_tokens(
@@ -40,15 +40,19 @@ def select_tokens(
         pick_order: return indices in pick order (core by falling relevance, then
             diversity picks) instead of ascending order.
         strict: also check values that need a device-to-host sync: ``lengths`` range on
-            accelerators, non-finite prompts, rows without a valid prompt token.
+            accelerators, non-finite prompts, rows without a valid prompt token (checked
+            after the op, which has validated everything else; their selection is
+            well defined, so nothing is returned unchecked).
 
     Returns:
         ``(B, k)`` int64 kept indices, ascending (or in pick order), padded with ``-1``.
     """
-    check_types(visual, prompt, k)
-    if strict:
-        check_args(visual, prompt, k, core_ratio, lengths, prompt_mask, relevance, backend)
-        check_values(visual, prompt, lengths, prompt_mask, strict=True)
-    return torch.ops.zspa.select_tokens(
+    check_python_types(visual, prompt, k, core_ratio, lengths, prompt_mask, relevance, backend, pick_order, strict)
+    kept = torch.ops.zspa.select_tokens(
         visual, prompt, k, core_ratio, lengths, prompt_mask, relevance, backend, pick_order
     )
+    if strict:
+        if visual.device.type != "cpu":  # the op checks lengths on the CPU (no sync there)
+            check_lengths_range(visual, lengths)
+        check_prompt_values(prompt, prompt_mask)
+    return kept

@@ -1,10 +1,12 @@
-"""Argument validation for ``zspa::select_tokens``.
+"""Argument validation for ``zspa::select_tokens``, each check once per call.
 
-Every check here reads only shapes, dtypes, devices and Python scalars, so it
-costs no host synchronisation and runs on fake tensors under ``torch.compile``.
-Checks that must read tensor *values* (``lengths`` range on an accelerator,
-non-finite prompts) live in :func:`check_values`, which the strict mode of the
-Python API calls (and the CPU path always calls: there it is free).
+* :func:`check_python_types` (the Python API only): Python types that the op's schema
+  would answer with the dispatcher's generic ``RuntimeError``, or silently convert
+  (``k=True`` arrives at the op as ``1``; the op itself cannot tell them apart).
+* :func:`check_args` (the op's kernel): shapes, dtypes, devices and scalar ranges. It
+  reads no tensor value, so it costs no host sync and runs on fake tensors too.
+* :func:`check_lengths_range` (the op on CPU, where it is free; the strict mode of the
+  API elsewhere) and :func:`check_prompt_values` (strict mode): they read tensor values.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .spec import BACKEND_CHOICES, RELEVANCE_MODES
+from .spec import BACKEND_CHOICES, MAX_K, RELEVANCE_MODES
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -22,14 +24,33 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def check_types(visual: torch.Tensor, prompt: torch.Tensor, k: int) -> None:
-    """Python-type checks that the op schema would otherwise answer with a generic RuntimeError."""
+def _type_error(name: str, expected: str, value) -> TypeError:
+    return TypeError(f"{name}: expected {expected}, got {type(value).__name__}")
+
+
+def check_python_types(visual, prompt, k, core_ratio, lengths, prompt_mask, relevance, backend,
+                       pick_order, strict) -> None:
+    """``TypeError`` naming the first argument of a Python type the op cannot take as meant."""
     if not isinstance(visual, torch.Tensor):
-        raise TypeError(f"visual: expected a torch.Tensor of shape (B, N, D), got {type(visual).__name__}")
+        raise _type_error("visual", "a torch.Tensor of shape (B, N, D)", visual)
     if not isinstance(prompt, torch.Tensor):
-        raise TypeError(f"prompt: expected a torch.Tensor of shape (B, D) or (B, T, D), got {type(prompt).__name__}")
+        raise _type_error("prompt", "a torch.Tensor of shape (B, D) or (B, T, D)", prompt)
     if isinstance(k, bool) or not isinstance(k, (int, torch.SymInt)):
-        raise TypeError(f"k: expected an int >= 1, got {type(k).__name__}")
+        raise _type_error("k", "an int >= 1", k)
+    if isinstance(core_ratio, bool) or not isinstance(core_ratio, (int, float)):
+        raise _type_error("core_ratio", "a float in [0, 1]", core_ratio)
+    if lengths is not None and not isinstance(lengths, torch.Tensor):
+        raise _type_error("lengths", "None or an int32/int64 tensor of shape (B,)", lengths)
+    if prompt_mask is not None and not isinstance(prompt_mask, torch.Tensor):
+        raise _type_error("prompt_mask", "None or a bool tensor of shape (B, T)", prompt_mask)
+    if not isinstance(relevance, str):
+        raise _type_error("relevance", f"one of {RELEVANCE_MODES}", relevance)
+    if not isinstance(backend, str):
+        raise _type_error("backend", f"one of {BACKEND_CHOICES}", backend)
+    if not isinstance(pick_order, bool):
+        raise _type_error("pick_order", "a bool", pick_order)
+    if not isinstance(strict, bool):
+        raise _type_error("strict", "a bool", strict)
 
 
 def check_args(
@@ -42,8 +63,8 @@ def check_args(
     relevance: str,
     backend: str,
 ) -> None:
-    """Raise ``TypeError``/``ValueError`` naming the first bad argument."""
-    check_types(visual, prompt, k)
+    """Raise ``TypeError``/``ValueError`` naming the first bad argument (the schema has
+    already checked the Python types)."""
     if visual.dim() != 3:
         raise ValueError(f"visual: expected 3 dims (B, N, D), got shape {tuple(visual.shape)}")
     B, N, D = visual.shape
@@ -66,16 +87,12 @@ def check_args(
     if prompt.dim() == 3 and prompt.shape[1] < 1:
         raise ValueError(f"prompt: expected at least one text token, got shape {tuple(prompt.shape)}")
 
-    if k < 1:
-        raise ValueError(f"k: expected an int >= 1, got {k}")
-    if isinstance(core_ratio, bool) or not isinstance(core_ratio, (int, float)):
-        raise TypeError(f"core_ratio: expected a float in [0, 1], got {type(core_ratio).__name__}")
+    if not 1 <= k <= MAX_K:
+        raise ValueError(f"k: expected an int in [1, 2**31 - 1], got {k}")
     if math.isnan(core_ratio) or not 0.0 <= core_ratio <= 1.0:
         raise ValueError(f"core_ratio: expected a float in [0, 1], got {core_ratio}")
 
     if lengths is not None:
-        if not isinstance(lengths, torch.Tensor):
-            raise TypeError(f"lengths: expected an int32/int64 tensor of shape ({B},), got {type(lengths).__name__}")
         if lengths.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"lengths: expected dtype int32 or int64, got {_dtype_name(lengths.dtype)}")
         if tuple(lengths.shape) != (B,):
@@ -84,8 +101,6 @@ def check_args(
             raise ValueError(f"lengths: expected a tensor on {visual.device} (the device of visual), got {lengths.device}")
 
     if prompt_mask is not None:
-        if not isinstance(prompt_mask, torch.Tensor):
-            raise TypeError(f"prompt_mask: expected a bool tensor of shape (B, T), got {type(prompt_mask).__name__}")
         if prompt.dim() != 3:
             raise ValueError("prompt_mask: only valid with a per-token prompt (B, T, D); prompt is pooled (B, D)")
         if prompt_mask.dtype != torch.bool:
@@ -103,27 +118,19 @@ def check_args(
         raise ValueError(f"backend: expected one of {BACKEND_CHOICES}, got {backend!r}")
 
 
-def check_values(
-    visual: torch.Tensor,
-    prompt: torch.Tensor,
-    lengths: Optional[torch.Tensor],
-    prompt_mask: Optional[torch.Tensor],
-    strict: bool,
-) -> None:
-    """Checks that read tensor values (a host sync on accelerators).
-
-    ``lengths`` must lie in ``[1, N]``. In strict mode, additionally every
-    batch row must have a finite prompt and at least one valid prompt token.
-    """
+def check_lengths_range(visual: torch.Tensor, lengths: Optional[torch.Tensor]) -> None:
+    """``lengths`` must lie in ``[1, N]`` (reads values: a host sync on accelerators)."""
     N = visual.shape[1]
     if lengths is not None:
         bad = (lengths < 1) | (lengths > N)
         if bool(bad.any()):
             row = int(bad.nonzero()[0, 0])
             raise ValueError(f"lengths: expected values in [1, {N}], got {int(lengths[row])} at row {row}")
-    if not strict:
-        return
-    valid = prompt_mask if prompt_mask is not None else None
+
+
+def check_prompt_values(prompt: torch.Tensor, prompt_mask: Optional[torch.Tensor]) -> None:
+    """Strict mode: every batch row has a finite prompt and at least one valid prompt token."""
+    valid = prompt_mask
     finite = torch.isfinite(prompt)
     if prompt.dim() == 3:
         token_ok = finite.all(-1)

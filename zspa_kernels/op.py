@@ -3,7 +3,8 @@
 One op, registered with ``torch.library`` so that it works under
 ``torch.compile(fullgraph=True)`` and inside CUDA-graph capture. Its kernel
 validates the arguments (shapes, dtypes, devices, scalars: no host sync), then
-hands over to the backend chosen in :mod:`zspa_kernels.dispatch`.
+hands over to the backend chosen in :mod:`zspa_kernels.dispatch`. The Python API
+has checked the Python types; the schema checks them for direct callers.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .checks import check_args, check_values
+from .checks import check_args, check_lengths_range
 from .dispatch import backend_impl, resolve_backend
 
 
@@ -29,7 +30,7 @@ def select_tokens_op(
 ) -> torch.Tensor:
     check_args(visual, prompt, k, core_ratio, lengths, prompt_mask, relevance, backend)
     if visual.device.type == "cpu":
-        check_values(visual, prompt, lengths, prompt_mask, strict=False)  # free on the CPU
+        check_lengths_range(visual, lengths)  # free on the CPU
     impl = backend_impl(resolve_backend(backend, visual.device))
     return impl(visual, prompt, k, float(core_ratio), lengths, prompt_mask, relevance, pick_order)
 

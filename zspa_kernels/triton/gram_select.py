@@ -65,13 +65,13 @@ def split_fp64(x: float) -> tuple[float, float, float]:
 
 
 @triton.jit
-def _row_bounds(lengths_ptr, b, N, k, alpha_hi, alpha_mid, alpha_lo, HAS_LENGTHS: tl.constexpr):
+def _row_bounds(lengths_ptr, stride_l, b, N, k, alpha_hi, alpha_mid, alpha_lo, HAS_LENGTHS: tl.constexpr):
     """``n``, ``k_b = min(k, n)`` and ``k_core = clamp(floor(alpha·k_b + 0.5), 0, k_b)`` in fp64,
     as the reference. ``alpha`` arrives as three fp32 scalars whose fp64 sum is exact (see
     :func:`split_fp64`): Triton versions differ in whether an fp64 argument can be declared."""
     n = N
     if HAS_LENGTHS:
-        n = tl.minimum(tl.maximum(tl.load(lengths_ptr + b).to(tl.int32), 1), N)
+        n = tl.minimum(tl.maximum(tl.load(lengths_ptr + b * stride_l).to(tl.int32), 1), N)
     k_b = tl.minimum(n, k)
     # Two roundings, as in the reference: the launch disables fp fusion, else this is one fma.
     alpha = (tl.cast(alpha_hi, tl.float64) + tl.cast(alpha_mid, tl.float64)) + tl.cast(alpha_lo, tl.float64)
@@ -112,7 +112,7 @@ def _similarity_rows(js, js_ok, idx, in_n, b, N, D, gram_ptr, visual_ptr, norm_p
 
 @triton.jit
 def _select_row(
-    b, n, k_b, k_core, N, D, k, n_tiles,
+    b, n, k_b, k_core, N, D, k, stride_order, n_tiles,
     visual_ptr, norm_ptr, finite_ptr, gram_ptr, iso_ptr, rank_ptr, state_ptr, order_ptr, out_ptr,
     stride_vb, stride_vn, stride_vd,
     STORE_GRAM: tl.constexpr, NEED_ISO: tl.constexpr, PICK_ORDER: tl.constexpr,
@@ -122,7 +122,7 @@ def _select_row(
     INF = float("inf")
     offs = tl.arange(0, BLOCK_S)
     row_state = state_ptr + b * N
-    row_order = order_ptr + b * k
+    row_order = order_ptr + b * stride_order
 
     # Initial state; core tokens land at their rank in the pick order.
     for c0 in range(0, N, BLOCK_S):
@@ -183,9 +183,10 @@ def _select_row(
         # order this step's stores before the next step's (and the output pass's) loads.
         tl.debug_barrier()
 
-    row_out = out_ptr + b * k
     if not PICK_ORDER:
-        # Ascending kept indices: compact the taken tokens (state +inf inside the row).
+        # Ascending kept indices: compact the taken tokens (state +inf inside the row). The
+        # -1 padding after them is the launcher's fill: a loop over k here would cost O(k).
+        row_out = out_ptr + b * k
         base = 0
         for c0 in range(0, N, BLOCK_S):
             idx = c0 + offs
@@ -193,9 +194,6 @@ def _select_row(
             flags = taken.to(tl.int32)
             tl.store(row_out + base + tl.cumsum(flags, 0) - 1, idx.to(tl.int64), mask=taken)
             base += tl.sum(flags, 0)
-    for p0 in range(0, k, BLOCK_S):
-        p = p0 + offs
-        tl.store(row_out + p, tl.full([BLOCK_S], -1, tl.int64), mask=(p >= k_b) & (p < k))
 
 
 @triton.jit
@@ -203,7 +201,7 @@ def _gram_select_kernel(
     visual_ptr, lengths_ptr, norm_ptr, finite_ptr, key_ptr, counter_ptr,
     gram_ptr, iso_ptr, rank_ptr, state_ptr, order_ptr, out_ptr,
     N, D, k, alpha_hi, alpha_mid, alpha_lo, n_tiles,
-    stride_vb, stride_vn, stride_vd,
+    stride_vb, stride_vn, stride_vd, stride_l, stride_order,
     STORE_GRAM: tl.constexpr, NEED_ISO: tl.constexpr, PICK_ORDER: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, CORE_BLOCK: tl.constexpr,
@@ -216,24 +214,32 @@ def _gram_select_kernel(
     cols = ct * BLOCK_G + tl.arange(0, BLOCK_G)
     r_ok = rows < N
     c_ok = cols < N
-    n, k_b, k_core = _row_bounds(lengths_ptr, b, N, k, alpha_hi, alpha_mid, alpha_lo, HAS_LENGTHS)
+    n, k_b, k_core = _row_bounds(lengths_ptr, stride_l, b, N, k, alpha_hi, alpha_mid, alpha_lo, HAS_LENGTHS)
     stats_r = b * N + rows
     stats_c = b * N + cols
     partial = (b * n_tiles + ct) * N + rows
 
     if STORE_GRAM or NEED_ISO:
+        # Symmetric by construction: tiles (rt, ct) and (ct, rt) both compute V_lo V_hiᵀ (the
+        # same dot, bit for bit) and the lower one reads it transposed; a diagonal tile takes
+        # its lower triangle from its upper one. Exact ties between duplicates then stay ties.
+        lo_rows = tl.minimum(rt, ct) * BLOCK_G + tl.arange(0, BLOCK_G)
+        hi_rows = tl.maximum(rt, ct) * BLOCK_G + tl.arange(0, BLOCK_G)
         v_b = visual_ptr + b * stride_vb
         d_offs = tl.arange(0, BLOCK_D)
         acc = tl.zeros([BLOCK_G, BLOCK_G], tl.float32)
         for d0 in range(0, D, BLOCK_D):
             d = d0 + d_offs
             d_ok = (d < D)[None, :]
-            a = tl.load(v_b + rows.to(tl.int64)[:, None] * stride_vn + d[None, :] * stride_vd,
-                        mask=r_ok[:, None] & d_ok, other=0.0)
-            c = tl.load(v_b + cols.to(tl.int64)[:, None] * stride_vn + d[None, :] * stride_vd,
-                        mask=c_ok[:, None] & d_ok, other=0.0)
+            a = tl.load(v_b + lo_rows.to(tl.int64)[:, None] * stride_vn + d[None, :] * stride_vd,
+                        mask=(lo_rows < N)[:, None] & d_ok, other=0.0)
+            c = tl.load(v_b + hi_rows.to(tl.int64)[:, None] * stride_vn + d[None, :] * stride_vd,
+                        mask=(hi_rows < N)[:, None] & d_ok, other=0.0)
             acc = tl.dot(dot_operand(a, DOT_UPCAST), tl.trans(dot_operand(c, DOT_UPCAST)), acc,
                          input_precision=DOT_PRECISION)
+        local = tl.arange(0, BLOCK_G)
+        upper = (rt < ct) | ((rt == ct) & (local[:, None] <= local[None, :]))
+        acc = tl.where(upper, acc, tl.trans(acc))
         norm_r = tl.load(norm_ptr + stats_r, mask=r_ok, other=1.0)
         norm_c = tl.load(norm_ptr + stats_c, mask=c_ok, other=1.0)
         fin_r = tl.load(finite_ptr + stats_r, mask=r_ok, other=1) != 0
@@ -255,7 +261,7 @@ def _gram_select_kernel(
     tl.debug_barrier()  # every thread's stores precede the release below
     arrived = tl.atomic_add(counter_ptr + b, 1, sem="acq_rel", scope="gpu")
     if arrived == n_tiles * n_tiles - 1:
-        _select_row(b, n, k_b, k_core, N, D, k, n_tiles,
+        _select_row(b, n, k_b, k_core, N, D, k, stride_order, n_tiles,
                     visual_ptr, norm_ptr, finite_ptr, gram_ptr, iso_ptr, rank_ptr, state_ptr, order_ptr, out_ptr,
                     stride_vb, stride_vn, stride_vd,
                     STORE_GRAM, NEED_ISO, PICK_ORDER, BLOCK_S, BLOCK_D, CORE_BLOCK)
@@ -271,7 +277,7 @@ def launch_gram_select(visual, lengths, stats, scratch, order, out, k, core_rati
         visual, visual if lengths is None else lengths, norm, finite, key, counter,
         gram, iso, rank, state, order, out,
         N, D, k, *split_fp64(core_ratio), plan.tiles,
-        *visual.stride(),
+        *visual.stride(), 0 if lengths is None else lengths.stride(0), order.stride(0),
         STORE_GRAM=plan.path == "gram", NEED_ISO=plan.need_isolation, PICK_ORDER=pick_order,
         HAS_LENGTHS=lengths is not None, DOT_PRECISION=plan.dot_precision, DOT_UPCAST=plan.dot_upcast,
         BLOCK_G=plan.block_tile, BLOCK_D=plan.block_d, BLOCK_S=plan.block_select, CORE_BLOCK=plan.core_block,

@@ -13,9 +13,14 @@ from typing import Optional
 
 import torch
 
+from ..spec import triton_interpreter
 from .gram_select import launch_gram_select
 from .plan import LaunchPlan, launch_plan
 from .token_stats import launch_token_stats
+
+# Triton decides between compiling and interpreting a kernel when it is decorated, i.e. when
+# this package is imported; a later change of TRITON_INTERPRET would crash deep inside Triton.
+KERNELS_INTERPRETED = triton_interpreter()
 
 
 def select_tokens_triton(
@@ -34,6 +39,10 @@ def select_tokens_triton(
     ``plan`` overrides :func:`.plan.launch_plan` (tests and benchmarks force paths and
     block sizes with ``dataclasses.replace(launch_plan(...), ...)``).
     """
+    if triton_interpreter() != KERNELS_INTERPRETED:
+        state = "on" if KERNELS_INTERPRETED else "off"
+        raise RuntimeError(f"TRITON_INTERPRET: the Triton kernels were loaded with the interpreter {state}; "
+                           "set TRITON_INTERPRET before the first Triton call (or import of zspa_kernels.triton)")
     B, N, D = visual.shape
     if plan is None:
         plan = launch_plan(B, N, D, visual.dtype, k, core_ratio, lengths is not None)
@@ -49,8 +58,8 @@ def select_tokens_triton(
     gram = scratch(rows, N, N) if plan.path == "gram" else unused
     iso = scratch(rows, plan.tiles, N) if plan.need_isolation else unused
     work = (gram, iso, scratch(rows, plan.tiles, N, dtype=torch.int32), scratch(rows, N))
-    out = scratch(B, k, dtype=torch.int64)
-    order = out if pick_order else scratch(B, k, dtype=torch.int64)
+    out = torch.full((B, k), -1, dtype=torch.int64, device=visual.device)  # the -1 padding
+    order = out if pick_order else scratch(B, min(k, N), dtype=torch.int64)
 
     def part(t, group):
         return None if t is None else t[group]

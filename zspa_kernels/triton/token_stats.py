@@ -43,7 +43,7 @@ def _token_stats_kernel(
     visual_ptr, prompt_ptr, mask_ptr, lengths_ptr,
     norm_ptr, finite_ptr, key_ptr, counter_ptr,
     N, D, T,
-    stride_vb, stride_vn, stride_vd,
+    stride_vb, stride_vn, stride_vd, stride_l,
     stride_pb, stride_pt, stride_pd,
     stride_mb, stride_mt,
     MAX_RELEVANCE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr,
@@ -56,7 +56,7 @@ def _token_stats_kernel(
     row_ok = rows < N
     n = N
     if HAS_LENGTHS:
-        n = tl.minimum(tl.maximum(tl.load(lengths_ptr + b).to(tl.int32), 1), N)
+        n = tl.minimum(tl.maximum(tl.load(lengths_ptr + b * stride_l).to(tl.int32), 1), N)
     if pid == 0:
         tl.store(counter_ptr + b, 0)
     v_rows = visual_ptr + b * stride_vb + rows.to(tl.int64)[:, None] * stride_vn
@@ -140,7 +140,7 @@ def launch_token_stats(visual, prompt, prompt_mask, lengths, norm, finite, key, 
         visual, prompt3, mask, visual if lengths is None else lengths,
         norm, finite, key, counter,
         N, D, prompt3.shape[1],
-        *visual.stride(), *prompt3.stride(),
+        *visual.stride(), 0 if lengths is None else lengths.stride(0), *prompt3.stride(),
         *(mask.stride() if prompt_mask is not None else (0, 0)),
         MAX_RELEVANCE=relevance == "max", HAS_MASK=prompt_mask is not None, HAS_LENGTHS=lengths is not None,
         DOT_PRECISION=plan.dot_precision, DOT_UPCAST=plan.dot_upcast,
