@@ -20,13 +20,23 @@ import zspa_kernels
 from helpers import Case, TOLERANCE, backends_here, device_for, oracle_rows
 from fp64_oracle import replay
 from zspa_kernels.reference import select_tokens_reference
-from zspa_kernels.spec import GRAM_BUDGET_ENV
+from zspa_kernels.spec import GRAM_BUDGET_ENV, core_count
 
 pytestmark = pytest.mark.skipif("triton" not in backends_here(), reason="no GPU and no TRITON_INTERPRET")
 
 if "triton" in backends_here():
     from zspa_kernels.triton import launch_plan, select_tokens_triton
-    from zspa_kernels.triton.gram_select import split_fp64
+    import triton
+    import triton.language as tl
+
+    from zspa_kernels.triton.gram_select import _row_bounds, split_fp64
+
+    @triton.jit
+    def row_bounds_kernel(lengths_ptr, out_ptr, N, k, alpha_hi, alpha_mid, alpha_lo):
+        b = tl.program_id(0)
+        _, k_b, k_core = _row_bounds(lengths_ptr, 1, b, N, k, alpha_hi, alpha_mid, alpha_lo, True)
+        tl.store(out_ptr + 2 * b, k_b)
+        tl.store(out_ptr + 2 * b + 1, k_core)
 
 DEVICE = device_for("triton")
 
@@ -180,6 +190,18 @@ def test_alpha_travels_as_three_fp32_that_sum_exactly():
         assert (hi + mid) + lo == x
 
 
+def test_row_bounds_match_spec_core_count_on_every_budget():
+    """The kernels' own k_core (fp64 on the device) against spec.core_count, for every k_b up to
+    300 and alphas on and around the .5 boundaries."""
+    budgets = torch.arange(1, 301, device=DEVICE)
+    for alpha in ALPHA_NEAR_HALF + [0.0, 1.0, 0.5, 0.1, 0.3, 1 / 3, 0.49999999999999994, 0.5000000000000001,
+                                    (2 * 7 + 1) / 2 / 97, 1 / 129]:
+        out = torch.empty(300, 2, dtype=torch.int32, device=DEVICE)
+        row_bounds_kernel[(300,)](budgets, out, 300, 1000, *split_fp64(alpha))
+        expected = [[kb, core_count(alpha, kb)] for kb in range(1, 301)]
+        assert out.cpu().tolist() == expected, alpha
+
+
 # ---- odd shapes and batch sizes ------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
@@ -221,9 +243,10 @@ def test_kernels_compile_for_sm90_without_spilling(tmp_path):
     records = [json.loads(line) for line in done.stdout.splitlines()]
     assert len(records) == 2 * len(VARIANTS)
     for record in records:
-        # A word of spill is tolerated: token_stats' max-relevance loop shows 4 bytes at 80
-        # registers (not register pressure); the 128-wide tiles this guards against spilled ~600.
-        assert record["registers"] <= 255 and record["spill_stores"] <= 8, record
+        # A few words of spill are tolerated: token_stats' fp32 max-relevance loop (with the
+        # prompt rows' scale pass) shows 20 bytes at 80 registers, not register pressure; the
+        # 128-wide tiles this guards against spilled ~600.
+        assert record["registers"] <= 255 and record["spill_stores"] <= 32, record
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a GPU")
@@ -302,3 +325,20 @@ def test_interpreter_switched_after_loading_is_a_clear_error():
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("TRITON_INTERPRET: the Triton kernels were loaded with the interpreter off")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("relevance", ["mean", "max"])
+@pytest.mark.parametrize("path", ["gram", "stream"])
+def test_finite_tokens_of_any_magnitude_are_normalised_without_overflow(dtype, relevance, path):
+    """Every third token (and the prompt) at 1e20 (fp16: its largest values): fp32 squares of
+    those overflow; the kernels scale each token by a power of two first, like the reference."""
+    magnitude = 6e4 if dtype == torch.float16 else 1e20
+    case = _case(B=2, N=23, D=12, k=9, alpha=[0.0, 0.5][relevance == "max"], dtype=torch.float32, T=3,
+                 relevance=relevance, seed=14)
+    visual = case.visual.clone()
+    visual[:, ::3] = visual[:, ::3] / visual[:, ::3].abs().amax(-1, keepdim=True) * magnitude
+    visual[:, 1] = visual[:, 1] * 1e-9  # and a tiny one (norm < 1e-6)
+    prompt = case.prompt / case.prompt.abs().amax(-1, keepdim=True) * magnitude
+    case.visual, case.prompt = visual.to(dtype), prompt.to(dtype)
+    _check(case, _plan(case, path=path, block_tile=16, tiles=2, block_select=16, core_block=1))

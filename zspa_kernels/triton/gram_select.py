@@ -2,12 +2,13 @@
 
 Grid ``(tiles², B)``; CTA ``(rt, ct, b)`` owns the ``BLOCK_G × BLOCK_G`` tile of row ``b``:
 
-1. ``G = V_r V_cᵀ`` with ``tl.dot`` on the RAW inputs (for fp16/bf16 every product is
-   exact in fp32, accumulation is fp32; fp32 inputs use ``input_precision="ieee"``, since
-   tf32 rounds cosines by ~1e-3 and flips near-ties), then divided by the two norms
-   (IEEE ``div_rn``: exact cosines stay exact, see :mod:`.token_stats`). Gram path:
-   stored as ``M[r, c]`` = similarity of token ``c`` to a pick ``r`` (2.0 for a non-finite
-   ``c``, 0.0 for a non-finite ``r``: SPEC conventions).
+1. ``G = (S V)_r (S V)_cᵀ`` with ``tl.dot`` on the tokens scaled by their power-of-two
+   ``scale`` (exact; fp16 products cannot overflow, so fp16 scales the fp32 result instead);
+   16-bit products are exact in fp32, fp32 inputs use ``input_precision="ieee"`` (tf32 would
+   flip near-ties). Symmetric by construction (tiles ``(r, c)`` and ``(c, r)`` share one dot).
+   Divided by the two scaled norms (IEEE ``div_rn``). Gram path: stored as ``M[r, c]`` =
+   similarity of token ``c`` to a pick ``r`` (2.0 for a non-finite ``c``, 0.0 for a
+   non-finite ``r``: SPEC conventions).
    ``NEED_ISO`` (some row may have ``k_core = 0``): row maxima of ``G`` off the diagonal
    over usable columns, the most-isolated seed's scores, one partial per column tile.
 2. Core ranks: ``#{c in tile: key_c > key_r}`` per ``r``, one partial per column tile;
@@ -28,27 +29,17 @@ load ``s`` and the pick's row of ``M``, take the max, store, and reduce the pack
 ``(s, index)`` keys to the next pick. Streaming path (``STORE_GRAM=False``, when one
 row's ``M`` exceeds the scratch budget): the row is recomputed as ``V v_jᵀ`` from ``visual``.
 
-Floor (H100 SXM: 3.35 TB/s HBM, ~50 MB L2, ~800 dense bf16 TFLOP/s, ~1 µs per dependent
-L2 row read + block reduction in one CTA):
-  * LLaVA-1.5, B=1 N=576 D=4096 bf16 k=64 α=0.5: read 4.7 MB once (1.4 µs); Gram
-    2·N²·D = 2.7 GFLOP (≈3.5 µs over all SMs) and 1.3 MB written to L2; core = 32
-    ranks in parallel; chain = 32 dependent steps ≈ 32 µs; plus the statistics launch
-    (one more read of the input, ≈2 µs). Floor ≈ 40 µs, the chain. B=32: 87 GFLOP of
-    Gram (≈110 µs) while the 32 rows' chains run in 32 CTAs side by side: ≈ 150 µs.
-  * video, N=16384 D=3584 k=1638 α=0.5: Gram 1.9 TFLOP (≈2.4 ms), 1 GiB written
-    (0.3 ms); chain = 819 steps, each a 64 KB row + 128 KB of state through one SM
-    (≈1.5 µs) ≈ 1.2 ms. Floor ≈ 4 ms.
-Measured: nothing - no GPU was lent to this work, so the targets of issue 3 are unverified.
-Known gaps to the floor: the full square of tiles is computed (the upper triangle
-would halve step 1). The streaming path re-reads ``N·D`` per step through one CTA: at
-N=40000, D=1024 bf16 that is 82 MB, ≈0.5 ms per step at one SM's ~150 GB/s - a fallback
-for rows whose matrix does not fit, not a fast path (a multi-CTA step needs a grid barrier).
+Memory traffic per row: ``N·D`` inputs read by every tile row and column (L2), ``4·N²``
+bytes of Gram written once, then per greedy step one ``4·N``-byte Gram row and the
+``4·N``-byte state through the selecting CTA; the chain of ``k_b - k_core`` dependent steps,
+not bandwidth, bounds LLaVA sizes. Streaming path: ``N·D`` inputs per step through one CTA
+(a fallback for rows whose matrix does not fit). Measured times: ``bench/results``.
 """
 import numpy as np
 import triton
 import triton.language as tl
 
-from .primitives import dot_operand, key_index, min_key
+from .primitives import key_index, min_key, scaled_operand
 
 INT64_MAX = tl.constexpr(0x7FFFFFFFFFFFFFFF)
 # No multiply-add here is worth fusing (the Gram is tl.dot, cosines are IEEE divisions), and
@@ -80,7 +71,7 @@ def _row_bounds(lengths_ptr, stride_l, b, N, k, alpha_hi, alpha_mid, alpha_lo, H
 
 
 @triton.jit
-def _similarity_rows(js, js_ok, idx, in_n, b, N, D, gram_ptr, visual_ptr, norm_ptr, finite_ptr,
+def _similarity_rows(js, js_ok, idx, in_n, b, N, D, gram_ptr, visual_ptr, norm_ptr, scale_ptr, finite_ptr,
                      stride_vb, stride_vn, stride_vd,
                      STORE_GRAM: tl.constexpr, BLOCK_D: tl.constexpr):
     """``(len(js), BLOCK_S)``: similarity of tokens ``idx`` to each pick ``js`` (SPEC
@@ -91,14 +82,16 @@ def _similarity_rows(js, js_ok, idx, in_n, b, N, D, gram_ptr, visual_ptr, norm_p
     else:
         v_b = visual_ptr + b * stride_vb
         d_offs = tl.arange(0, BLOCK_D)
+        scale_j = tl.load(scale_ptr + b * N + js, mask=js_ok, other=1.0, cache_modifier=".cg")
+        scale_c = tl.load(scale_ptr + b * N + idx, mask=in_n, other=1.0, cache_modifier=".cg")
         acc = tl.zeros([js.shape[0], idx.shape[0]], tl.float32)
         for d0 in range(0, D, BLOCK_D):
             d = d0 + d_offs
             d_ok = (d < D)[None, :]
             vj = tl.load(v_b + js.to(tl.int64)[:, None] * stride_vn + d[None, :] * stride_vd,
-                         mask=js_ok[:, None] & d_ok, other=0.0).to(tl.float32)
+                         mask=js_ok[:, None] & d_ok, other=0.0).to(tl.float32) * scale_j[:, None]
             vc = tl.load(v_b + idx.to(tl.int64)[:, None] * stride_vn + d[None, :] * stride_vd,
-                         mask=in_n[:, None] & d_ok, other=0.0).to(tl.float32)
+                         mask=in_n[:, None] & d_ok, other=0.0).to(tl.float32) * scale_c[:, None]
             acc += tl.sum(vj[:, None, :] * vc[None, :, :], 2)
         norm_c = tl.load(norm_ptr + b * N + idx, mask=in_n, other=1.0, cache_modifier=".cg")
         fin_c = tl.load(finite_ptr + b * N + idx, mask=in_n, other=1, cache_modifier=".cg") != 0
@@ -113,7 +106,7 @@ def _similarity_rows(js, js_ok, idx, in_n, b, N, D, gram_ptr, visual_ptr, norm_p
 @triton.jit
 def _select_row(
     b, n, k_b, k_core, N, D, k, stride_order, n_tiles,
-    visual_ptr, norm_ptr, finite_ptr, gram_ptr, iso_ptr, rank_ptr, state_ptr, order_ptr, out_ptr,
+    visual_ptr, norm_ptr, scale_ptr, finite_ptr, gram_ptr, iso_ptr, rank_ptr, state_ptr, order_ptr, out_ptr,
     stride_vb, stride_vn, stride_vd,
     STORE_GRAM: tl.constexpr, NEED_ISO: tl.constexpr, PICK_ORDER: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, CORE_BLOCK: tl.constexpr,
@@ -156,7 +149,8 @@ def _select_row(
         for t0 in range(0, k_core, CORE_BLOCK):
             cs_ok = t0 + core_offs < k_core
             cs = tl.load(row_order + t0 + core_offs, mask=cs_ok, other=0).to(tl.int32)
-            rows = _similarity_rows(cs, cs_ok, idx, in_n, b, N, D, gram_ptr, visual_ptr, norm_ptr, finite_ptr,
+            rows = _similarity_rows(cs, cs_ok, idx, in_n, b, N, D, gram_ptr, visual_ptr, norm_ptr, scale_ptr,
+                                    finite_ptr,
                                     stride_vb, stride_vn, stride_vd, STORE_GRAM, BLOCK_D)
             s = tl.where(s == INF, INF, tl.maximum(s, tl.max(rows, 0)))
         tl.store(row_state + idx, s, mask=in_n)
@@ -174,7 +168,7 @@ def _select_row(
             in_n = idx < N
             s = tl.load(row_state + idx, mask=in_n, other=INF)
             row = tl.max(_similarity_rows(js, js >= 0, idx, in_n, b, N, D, gram_ptr, visual_ptr, norm_ptr,
-                                          finite_ptr, stride_vb, stride_vn, stride_vd, STORE_GRAM, BLOCK_D), 0)
+                                          scale_ptr, finite_ptr, stride_vb, stride_vn, stride_vd, STORE_GRAM, BLOCK_D), 0)
             # t == 0 only with an empty core: the isolation scores are replaced, not maxed.
             s = tl.where((s == INF) | (idx == j), INF, tl.where(t == 0, row, tl.maximum(s, row)))
             tl.store(row_state + idx, s, mask=in_n)
@@ -198,12 +192,12 @@ def _select_row(
 
 @triton.jit
 def _gram_select_kernel(
-    visual_ptr, lengths_ptr, norm_ptr, finite_ptr, key_ptr, counter_ptr,
+    visual_ptr, lengths_ptr, norm_ptr, scale_ptr, finite_ptr, key_ptr, counter_ptr,
     gram_ptr, iso_ptr, rank_ptr, state_ptr, order_ptr, out_ptr,
     N, D, k, alpha_hi, alpha_mid, alpha_lo, n_tiles,
     stride_vb, stride_vn, stride_vd, stride_l, stride_order,
     STORE_GRAM: tl.constexpr, NEED_ISO: tl.constexpr, PICK_ORDER: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, SCALE_OPERANDS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, CORE_BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -227,6 +221,8 @@ def _gram_select_kernel(
         hi_rows = tl.maximum(rt, ct) * BLOCK_G + tl.arange(0, BLOCK_G)
         v_b = visual_ptr + b * stride_vb
         d_offs = tl.arange(0, BLOCK_D)
+        scale_lo = tl.load(scale_ptr + b * N + lo_rows, mask=lo_rows < N, other=1.0)
+        scale_hi = tl.load(scale_ptr + b * N + hi_rows, mask=hi_rows < N, other=1.0)
         acc = tl.zeros([BLOCK_G, BLOCK_G], tl.float32)
         for d0 in range(0, D, BLOCK_D):
             d = d0 + d_offs
@@ -235,8 +231,11 @@ def _gram_select_kernel(
                         mask=(lo_rows < N)[:, None] & d_ok, other=0.0)
             c = tl.load(v_b + hi_rows.to(tl.int64)[:, None] * stride_vn + d[None, :] * stride_vd,
                         mask=(hi_rows < N)[:, None] & d_ok, other=0.0)
-            acc = tl.dot(dot_operand(a, DOT_UPCAST), tl.trans(dot_operand(c, DOT_UPCAST)), acc,
+            acc = tl.dot(scaled_operand(a, scale_lo, SCALE_OPERANDS, DOT_UPCAST),
+                         tl.trans(scaled_operand(c, scale_hi, SCALE_OPERANDS, DOT_UPCAST)), acc,
                          input_precision=DOT_PRECISION)
+        if not SCALE_OPERANDS:
+            acc = acc * scale_lo[:, None] * scale_hi[None, :]
         local = tl.arange(0, BLOCK_G)
         upper = (rt < ct) | ((rt == ct) & (local[:, None] <= local[None, :]))
         acc = tl.where(upper, acc, tl.trans(acc))
@@ -262,7 +261,8 @@ def _gram_select_kernel(
     arrived = tl.atomic_add(counter_ptr + b, 1, sem="acq_rel", scope="gpu")
     if arrived == n_tiles * n_tiles - 1:
         _select_row(b, n, k_b, k_core, N, D, k, stride_order, n_tiles,
-                    visual_ptr, norm_ptr, finite_ptr, gram_ptr, iso_ptr, rank_ptr, state_ptr, order_ptr, out_ptr,
+                    visual_ptr, norm_ptr, scale_ptr, finite_ptr, gram_ptr, iso_ptr, rank_ptr, state_ptr, order_ptr,
+                    out_ptr,
                     stride_vb, stride_vn, stride_vd,
                     STORE_GRAM, NEED_ISO, PICK_ORDER, BLOCK_S, BLOCK_D, CORE_BLOCK)
 
@@ -270,17 +270,17 @@ def _gram_select_kernel(
 def launch_gram_select(visual, lengths, stats, scratch, order, out, k, core_ratio, pick_order, plan):
     """The single selection launch; ``stats`` and ``scratch`` come from :mod:`.select`."""
     B, N, D = visual.shape
-    norm, finite, key, counter = stats
+    norm, scale, finite, key, counter = stats
     gram, iso, rank, state = scratch
     grid = (plan.tiles * plan.tiles, B)
     _gram_select_kernel[grid](
-        visual, visual if lengths is None else lengths, norm, finite, key, counter,
+        visual, visual if lengths is None else lengths, norm, scale, finite, key, counter,
         gram, iso, rank, state, order, out,
         N, D, k, *split_fp64(core_ratio), plan.tiles,
         *visual.stride(), 0 if lengths is None else lengths.stride(0), order.stride(0),
         STORE_GRAM=plan.path == "gram", NEED_ISO=plan.need_isolation, PICK_ORDER=pick_order,
         HAS_LENGTHS=lengths is not None, DOT_PRECISION=plan.dot_precision, DOT_UPCAST=plan.dot_upcast,
-        BLOCK_G=plan.block_tile, BLOCK_D=plan.block_d, BLOCK_S=plan.block_select, CORE_BLOCK=plan.core_block,
+        SCALE_OPERANDS=plan.scale_operands, BLOCK_G=plan.block_tile, BLOCK_D=plan.block_d, BLOCK_S=plan.block_select, CORE_BLOCK=plan.core_block,
         num_warps=plan.num_warps_tile,
         enable_fp_fusion=FP_FUSION,
     )

@@ -43,6 +43,7 @@ class LaunchPlan:
     num_warps_stats: int
     dot_precision: str
     dot_upcast: bool      # bf16 under TRITON_INTERPRET: see primitives.dot_operand
+    scale_operands: bool  # bf16/fp32: scale dot operands by powers of two (products could overflow)
     scratch_bytes: int
 
 
@@ -69,7 +70,7 @@ def launch_plan(B: int, N: int, D: int, dtype: torch.dtype, k: int, core_ratio: 
     # Gathering several core rows at once overlaps their L2 latency (a ~8K-element tile);
     # streamed rows are long D loops anyway, one at a time keeps registers low.
     core_block = max(1, min(16, 8192 // block_select)) if path == "gram" else 1
-    scratch = rows * (13 * N + 4                # norm, finite, key; counter
+    scratch = rows * (17 * N + 4                # norm, scale, finite, key; counter
                       + 4 * tiles * N           # rank partials
                       + 4 * N                   # greedy state
                       + (4 * tiles * N if need_isolation else 0)
@@ -80,5 +81,6 @@ def launch_plan(B: int, N: int, D: int, dtype: torch.dtype, k: int, core_ratio: 
         block_select=block_select, core_block=core_block, block_rows=32, block_prompt=16,
         num_warps_tile=8, num_warps_stats=8,
         dot_precision="ieee", dot_upcast=dtype == torch.bfloat16 and triton_interpreter(),
+        scale_operands=dtype != torch.float16,
         scratch_bytes=scratch,
     )

@@ -9,6 +9,11 @@ reduction order, so the result cannot depend on thread scheduling or tiling.
 import triton
 import triton.language as tl
 
+from ..spec import SCALE_EXP_MAX, SCALE_EXP_MIN
+
+EXP_MIN = tl.constexpr(SCALE_EXP_MIN)
+EXP_MAX = tl.constexpr(SCALE_EXP_MAX)
+
 @triton.jit
 def orderable(x):
     """fp32 -> int32 with the same order (no NaN here). -0.0 and +0.0 map to one value,
@@ -49,3 +54,27 @@ def dot_operand(x, UPCAST: tl.constexpr):
     if UPCAST:
         x = x.to(tl.float32)
     return x
+
+
+@triton.jit
+def abs_max(x, axis):
+    """Largest finite ``|x|`` along ``axis`` (non-finite values count as 0)."""
+    return tl.max(tl.where(nonfinite(x), 0.0, tl.abs(x)), axis)
+
+
+@triton.jit
+def pow2_scale(amax):
+    """``2**-e`` with ``amax = m·2**e``, ``m`` in [0.5, 1) (``e`` = 0 for 0, clamped to the spec's
+    range): read off the fp32 exponent bits, so multiplying by it is exact (see ``spec``)."""
+    e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126
+    e = tl.where(amax == 0.0, 0, tl.minimum(tl.maximum(e, EXP_MIN), EXP_MAX))
+    return ((127 - e) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def scaled_operand(x, scale, SCALE: tl.constexpr, UPCAST: tl.constexpr):
+    """``x`` times its rows' ``scale`` (exact) in ``x``'s dtype, as a ``tl.dot`` operand.
+    Without ``SCALE`` (fp16: its products cannot overflow fp32) the caller scales the result."""
+    if SCALE:
+        x = (x.to(tl.float32) * scale[:, None]).to(x.dtype)
+    return dot_operand(x, UPCAST)

@@ -52,8 +52,8 @@ def select_tokens_triton(
     def scratch(*shape, dtype=torch.float32):
         return torch.empty(shape, dtype=dtype, device=visual.device)
 
-    stats = (scratch(rows, N), scratch(rows, N, dtype=torch.int8), scratch(rows, N, dtype=torch.int64),
-             scratch(rows, dtype=torch.int32))
+    stats = (scratch(rows, N), scratch(rows, N), scratch(rows, N, dtype=torch.int8),
+             scratch(rows, N, dtype=torch.int64), scratch(rows, dtype=torch.int32))
     unused = stats[0]  # pointer argument of a disabled path: never dereferenced
     gram = scratch(rows, N, N) if plan.path == "gram" else unused
     iso = scratch(rows, plan.tiles, N) if plan.need_isolation else unused

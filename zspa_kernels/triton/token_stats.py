@@ -1,33 +1,33 @@
-"""Per-token statistics: norm, finiteness and the packed relevance key.
+"""Per-token statistics: scale, norm, finiteness and the packed relevance key.
 
-For each token ``i`` of row ``b`` (grid: ``(cdiv(N, BLOCK_R), B)``):
+For each token ``i`` of row ``b`` (grid: ``(cdiv(N, BLOCK_R), B)``), with ``s_i = 2**-e_i``
+the power-of-two scale of ``spec`` (exact; it keeps squares of any finite token in range):
 
-    norm[b, i]     = max(||v_i||, 1e-6)               (fp32, from exactly upcast inputs)
+    scale[b, i]    = s_i
+    norm[b, i]     = max(||s_i v_i||, 1e-6 · s_i)           (fp32, the norm in the token's scale)
     finite[b, i]   = no NaN/Inf in v_i
     key[b, i]      = max_key(r_i, i), r_i the cosine relevance (SPEC §1 step 2);
                      -2.0 for a non-finite token; INT64_MIN beyond the row's length
 
-Cosines are ``dot / (norm_i · norm_p)`` with IEEE division and square root, so a cosine
-that is exactly ±1 or a multiple of a power of two in fp64 (D = 1, ±1 patterns) comes
-out exact here too, and exact ties stay ties. ``mean``: ``r_i = v_i · p / (norm_i norm_p)``
-with ``p`` the mean of the valid prompt rows; a non-finite ``p`` acts as zero. ``max``: the best cosine over
-valid prompt rows (a non-finite row scores 0), 0 when no row is valid.
+Cosines are ``(s_i v_i · s_p p) / (norm_i · norm_p)`` with IEEE division and square root:
+the scales cancel exactly, and exact ties stay ties. ``mean``: ``p`` is the mean of the valid
+prompt rows (a non-finite ``p`` acts as zero); ``max``: the best cosine over valid prompt rows
+(a non-finite row scores 0), 0 when no row is valid.
 
-Why a launch of its own: every Gram tile ranks its tokens by these keys, so each key must
-be computed exactly once (bit-identical wherever it is compared), and the O(N·D·T) work
-must not be repeated per tile. Traffic: one read of ``visual`` (twice for ``max``, the
-second pass hitting L2), ``T·D`` prompt reads per CTA, ``13·N`` bytes written.
-The first CTA of each row also zeroes the row's arrival counter for the Gram kernel,
-so the counter needs no memset launch and no state survives between calls.
+A launch of its own, because every Gram tile ranks its tokens by these keys: each key is
+computed once. Traffic: ``visual`` read twice (three times for ``max``; the repeats hit L2),
+``T·D`` prompt reads per CTA, ``17·N`` bytes written. The first CTA of each row also zeroes
+the row's arrival counter for the Gram kernel (no memset launch, no state between calls).
 """
 import torch
 import triton
 import triton.language as tl
 
-from .primitives import dot_operand, max_key, nonfinite
+from .. import spec
+from .primitives import abs_max, max_key, nonfinite, pow2_scale, scaled_operand
 
-NORM_EPS = tl.constexpr(1e-6)  # as in the reference
-NONFINITE_RELEVANCE = tl.constexpr(-2.0)  # below every cosine, as in the reference
+NORM_EPS = tl.constexpr(spec.NORM_EPS)
+NONFINITE_RELEVANCE = tl.constexpr(spec.NONFINITE_RELEVANCE)
 
 
 @triton.jit
@@ -39,15 +39,30 @@ def _prompt_row_mask(mask_ptr, b, t, T, stride_mb, stride_mt, HAS_MASK: tl.const
 
 
 @triton.jit
+def _pooled_chunk(p_row, mask_ptr, b, d, D, T, count, stride_pt, stride_pd, stride_mb, stride_mt,
+                  HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Features ``d`` of the mean of the valid prompt rows (fp32)."""
+    t_offs = tl.arange(0, BLOCK_T)
+    pooled = tl.zeros(d.shape, tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + t_offs
+        t_ok = _prompt_row_mask(mask_ptr, b, t, T, stride_mb, stride_mt, HAS_MASK)
+        p = tl.load(p_row + t[:, None] * stride_pt + d[None, :] * stride_pd,
+                    mask=(t < T)[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
+        pooled += tl.sum(tl.where(t_ok[:, None], p, 0.0), 0)  # where, not *: masked rows may be NaN
+    return pooled / tl.maximum(count, 1.0)
+
+
+@triton.jit
 def _token_stats_kernel(
     visual_ptr, prompt_ptr, mask_ptr, lengths_ptr,
-    norm_ptr, finite_ptr, key_ptr, counter_ptr,
+    norm_ptr, scale_ptr, finite_ptr, key_ptr, counter_ptr,
     N, D, T,
     stride_vb, stride_vn, stride_vd, stride_l,
     stride_pb, stride_pt, stride_pd,
     stride_mb, stride_mt,
     MAX_RELEVANCE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, SCALE_OPERANDS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -68,6 +83,20 @@ def _token_stats_kernel(
     for t0 in range(0, T, BLOCK_T):
         count += tl.sum(_prompt_row_mask(mask_ptr, b, t0 + t_offs, T, stride_mb, stride_mt, HAS_MASK).to(tl.float32))
 
+    # Pass 0: each token's (and the pooled prompt's) power-of-two scale, for overflow-safe norms.
+    amax = tl.zeros([BLOCK_R], tl.float32)
+    p_amax = 0.0
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + d_offs
+        v = tl.load(v_rows + d[None, :] * stride_vd, mask=row_ok[:, None] & (d < D)[None, :], other=0.0)
+        amax = tl.maximum(amax, abs_max(v.to(tl.float32), 1))
+        if not MAX_RELEVANCE:
+            pooled = _pooled_chunk(p_row, mask_ptr, b, d, D, T, count, stride_pt, stride_pd, stride_mb, stride_mt,
+                                   HAS_MASK, BLOCK_T)
+            p_amax = tl.maximum(p_amax, abs_max(pooled, 0))
+    scale = pow2_scale(amax)
+    p_scale = pow2_scale(p_amax)
+
     # Pass 1: norms and finiteness; for "mean" also the dot with the pooled prompt.
     sumsq = tl.zeros([BLOCK_R], tl.float32)
     bad = tl.zeros([BLOCK_R], tl.int32)
@@ -78,29 +107,32 @@ def _token_stats_kernel(
         d = d0 + d_offs
         v = tl.load(v_rows + d[None, :] * stride_vd, mask=row_ok[:, None] & (d < D)[None, :], other=0.0)
         v = v.to(tl.float32)
-        sumsq += tl.sum(v * v, 1)
         bad += tl.sum(nonfinite(v).to(tl.int32), 1)
+        y = v * scale[:, None]
+        sumsq += tl.sum(y * y, 1)
         if not MAX_RELEVANCE:
-            pooled = tl.zeros([BLOCK_D], tl.float32)
-            for t0 in range(0, T, BLOCK_T):
-                t = t0 + t_offs
-                t_ok = _prompt_row_mask(mask_ptr, b, t, T, stride_mb, stride_mt, HAS_MASK)
-                p = tl.load(p_row + t[:, None] * stride_pt + d[None, :] * stride_pd,
-                            mask=(t < T)[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
-                pooled += tl.sum(tl.where(t_ok[:, None], p, 0.0), 0)  # where, not *: masked rows may be NaN
-            pooled = pooled / tl.maximum(count, 1.0)
-            p_sumsq += tl.sum(pooled * pooled)
+            pooled = _pooled_chunk(p_row, mask_ptr, b, d, D, T, count, stride_pt, stride_pd, stride_mb, stride_mt,
+                                   HAS_MASK, BLOCK_T)
             p_bad += tl.sum(nonfinite(pooled).to(tl.int32))
-            dot += tl.sum(v * pooled[None, :], 1)
-    norm = tl.maximum(tl.sqrt_rn(sumsq), NORM_EPS)
+            pooled = pooled * p_scale
+            p_sumsq += tl.sum(pooled * pooled)
+            dot += tl.sum(y * pooled[None, :], 1)
+    norm = tl.maximum(tl.sqrt_rn(sumsq), scale * NORM_EPS)
     finite = bad == 0
 
     if MAX_RELEVANCE:
-        # Pass 2: cosine to every prompt row on tensor cores (raw inputs, fp32 accumulation).
+        # Pass 2: cosine to every prompt row on tensor cores (scaled inputs, fp32 accumulation).
         rel = tl.full([BLOCK_R], float("-inf"), tl.float32)
         for t0 in range(0, T, BLOCK_T):
             t = t0 + t_offs
             t_ok = _prompt_row_mask(mask_ptr, b, t, T, stride_mb, stride_mt, HAS_MASK)
+            t_amax = tl.zeros([BLOCK_T], tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + d_offs
+                p = tl.load(p_row + t[:, None] * stride_pt + d[None, :] * stride_pd,
+                            mask=(t < T)[:, None] & (d < D)[None, :], other=0.0)
+                t_amax = tl.maximum(t_amax, abs_max(p.to(tl.float32), 1))
+            t_scale = pow2_scale(t_amax)
             acc = tl.zeros([BLOCK_R, BLOCK_T], tl.float32)
             t_sumsq = tl.zeros([BLOCK_T], tl.float32)
             t_bad = tl.zeros([BLOCK_T], tl.int32)
@@ -109,41 +141,46 @@ def _token_stats_kernel(
                 v = tl.load(v_rows + d[None, :] * stride_vd, mask=row_ok[:, None] & (d < D)[None, :], other=0.0)
                 p = tl.load(p_row + t[:, None] * stride_pt + d[None, :] * stride_pd,
                             mask=(t < T)[:, None] & (d < D)[None, :], other=0.0)
-                acc = tl.dot(dot_operand(v, DOT_UPCAST), tl.trans(dot_operand(p, DOT_UPCAST)), acc,
+                acc = tl.dot(scaled_operand(v, scale, SCALE_OPERANDS, DOT_UPCAST),
+                             tl.trans(scaled_operand(p, t_scale, SCALE_OPERANDS, DOT_UPCAST)), acc,
                              input_precision=DOT_PRECISION)
                 p32 = p.to(tl.float32)
-                t_sumsq += tl.sum(p32 * p32, 1)
                 t_bad += tl.sum(nonfinite(p32).to(tl.int32), 1)
-            cos = tl.div_rn(acc, norm[:, None] * tl.maximum(tl.sqrt_rn(t_sumsq), NORM_EPS)[None, :])
+                p32 = p32 * t_scale[:, None]
+                t_sumsq += tl.sum(p32 * p32, 1)
+            if not SCALE_OPERANDS:
+                acc = acc * scale[:, None] * t_scale[None, :]
+            cos = tl.div_rn(acc, norm[:, None] * tl.maximum(tl.sqrt_rn(t_sumsq), t_scale * NORM_EPS)[None, :])
             cos = tl.where((t_bad == 0)[None, :], cos, 0.0)  # a non-finite prompt row acts as zero
             rel = tl.maximum(rel, tl.max(tl.where(t_ok[None, :], cos, float("-inf")), 1))
         rel = tl.where(count > 0, rel, 0.0)
     else:
-        rel = tl.div_rn(dot, norm * tl.maximum(tl.sqrt_rn(p_sumsq), NORM_EPS))
+        rel = tl.div_rn(dot, norm * tl.maximum(tl.sqrt_rn(p_sumsq), p_scale * NORM_EPS))
         rel = tl.where(p_bad == 0, rel, 0.0)  # a non-finite pooled prompt acts as zero
 
     rel = tl.where(finite, rel, NONFINITE_RELEVANCE)
     key = tl.where(rows < n, max_key(rel, rows), -0x7FFFFFFFFFFFFFFF - 1)
     out = b * N + rows
     tl.store(norm_ptr + out, norm, mask=row_ok)
+    tl.store(scale_ptr + out, scale, mask=row_ok)
     tl.store(finite_ptr + out, finite.to(tl.int8), mask=row_ok)
     tl.store(key_ptr + out, key, mask=row_ok)
 
 
-def launch_token_stats(visual, prompt, prompt_mask, lengths, norm, finite, key, counter, relevance, plan):
-    """Fill ``norm``, ``finite``, ``key`` ``(B, N)`` and zero ``counter`` ``(B,)``."""
+def launch_token_stats(visual, prompt, prompt_mask, lengths, norm, scale, finite, key, counter, relevance, plan):
+    """Fill ``norm``, ``scale``, ``finite``, ``key`` ``(B, N)`` and zero ``counter`` ``(B,)``."""
     B, N, D = visual.shape
     prompt3 = prompt if prompt.dim() == 3 else prompt.unsqueeze(1)
     mask = prompt3 if prompt_mask is None else prompt_mask.view(torch.uint8)
     grid = (triton.cdiv(N, plan.block_rows), B)
     _token_stats_kernel[grid](
         visual, prompt3, mask, visual if lengths is None else lengths,
-        norm, finite, key, counter,
+        norm, scale, finite, key, counter,
         N, D, prompt3.shape[1],
         *visual.stride(), 0 if lengths is None else lengths.stride(0), *prompt3.stride(),
         *(mask.stride() if prompt_mask is not None else (0, 0)),
         MAX_RELEVANCE=relevance == "max", HAS_MASK=prompt_mask is not None, HAS_LENGTHS=lengths is not None,
-        DOT_PRECISION=plan.dot_precision, DOT_UPCAST=plan.dot_upcast,
+        DOT_PRECISION=plan.dot_precision, DOT_UPCAST=plan.dot_upcast, SCALE_OPERANDS=plan.scale_operands,
         BLOCK_R=plan.block_rows, BLOCK_T=plan.block_prompt, BLOCK_D=plan.block_d,
         num_warps=plan.num_warps_stats,
     )
