@@ -1,45 +1,26 @@
 // Kernel 3 of 3: ZSPAPrune selection of one batch row per CTA (SPEC §1 steps 1, 3-7).
 //
-// Inputs, all fp32 and computed from the RAW tokens:
+// Inputs, all fp32, computed by the launcher from the tokens scaled by their power-of-two
+// token_scale (spec.cuh; exact, so that no square overflows; null for fp16, which cannot):
 //   G[i, j] = v_i . v_j   (the row's N x N Gram, cuBLAS; its diagonal gives the norms),
 //   relevance dots: v_i . pooled ("mean", pooled_dots.cuh) or v_i . p_t ("max", cuBLAS),
 //   and the prompt norms of prompt_stats.cuh.
-// Cosines are G[j, i] / (max(||v_i||, 1e-6) * max(||v_j||, 1e-6)): normalising after the
-// product keeps fp32 accuracy for bf16/fp16 inputs (their products are exact in fp32)
-// and never writes a normalised copy of the tokens.
+// Cosines are G[j, i] / (norm_i * norm_j), norm_i = max(||v_i||, 1e-6 * scale_i): the
+// product is normalised afterwards, so no normalised copy of the tokens is written.
 //
 // State lives in shared memory, 12 bytes per token, each token owned by one thread
 // (i = threadIdx.x + m * blockDim.x), so only the argmins need barriers:
 //   score[i]  relevance r_i during the core phase, then the similarity s_i to the
 //             selected set; +inf (s) / -inf (r) marks taken and padded tokens;
-//   norm[i]   max(||v_i||, 1e-6), or -1 for a token with a non-finite feature;
+//   norm[i]   the clamped norm, or -1 for a token with a non-finite feature;
 //   picks[t]  the pick order.
-// Phases:
-//   1. core: k_core argmax steps on r, all on chip (no global reads);
-//   2. s_i = max over the core of cos(i, c): k_core INDEPENDENT row reads, so they
-//      pipeline; with an empty core, s_i is the isolation max_{j != i} cos(i, j) and
-//      the first diversity pick is the most isolated token;
-//   3. diversity: k_b - k_core dependent steps, each one argmin plus one Gram row read.
+// Phases: 1. core: k_core argmax steps on r, on chip; 2. s_i = max over the core of
+// cos(i, c) (k_core independent Gram row reads), or with an empty core the isolation
+// max_{j != i} cos(i, j); 3. diversity: k_b - k_core dependent steps, each one argmin and
+// one Gram row read (4 N bytes, from L2 while the Gram fits there).
 // Non-finite tokens: relevance -2 and similarity 2 (beyond every finite cosine), so
 // they are picked only when nothing finite is left, lowest index first. Zero vectors
-// have G = 0, hence cosine 0 to everything.
-//
-// Floor and expected distance (H100 SXM, LLaVA-1.5: B=1, N=576, D=4096, k=64,
-// alpha=0.5; UNMEASURED, no GPU was available when this was written):
-//   bytes: the N*D bf16 tokens once, 4.7 MB -> 1.4 us at 3.35 TB/s;
-//   FLOPs: Gram 2*N^2*D = 2.7 GFLOP -> 2.7 us at ~1 PFLOP/s dense bf16;
-//   dependent steps: 64 argmins; 32 of them also need a Gram row picked by the
-//   previous step, so each costs one L2 round trip (~0.3-0.5 us) plus one barrier.
-//   The floor is ~6 us (on-chip reductions only, rows already on chip); this design
-//   should land near 25-40 us: the cuBLAS Gram at this small size (~5-10 us, few
-//   output tiles), 32 core steps at ~0.1 us, 32 diversity steps at ~0.6 us, and
-//   four launches (prompt stats, relevance dots, Gram, this kernel). Closing the gap
-//   needs the Gram rows on chip: a Hopper cluster holding the 1.3 MB Gram in
-//   distributed shared memory (not implemented).
-//   For B=32 the Gram is 87 GFLOP (~0.1 ms) and the 32 CTAs run side by side.
-// Large N: the Gram is B*N^2*4 bytes (the launcher processes rows in chunks) and one
-// CTA per row streams N-float rows from HBM, so at video scale (N=16K) the per-step
-// cost grows with N; a multi-CTA split per row would be the next step there.
+// have G = 0, hence cosine 0 to everything. Measured times: bench/results.
 #pragma once
 
 #include <cmath>
@@ -47,11 +28,10 @@
 
 #include "packed_key.cuh"
 #include "prompt_stats.cuh"
+#include "spec.cuh"
 
 namespace zspa {
 
-constexpr float kNonFiniteRelevance = -2.0f;  // below every finite cosine
-constexpr float kNonFiniteSimilarity = 2.0f;  // above every finite cosine
 constexpr float kTaken = INFINITY;            // score of a taken or padded token (phase 2-3)
 
 struct GreedyParams {
@@ -60,6 +40,7 @@ struct GreedyParams {
   const float* prompt_norm;   // (B, T); for "mean" only [b, 0], the pooled norm
   const bool* prompt_mask;    // (B, T) or null
   const int64_t* lengths;     // (B,) or null
+  const float* token_scale;   // (B, N) powers of two the tokens were scaled by, or null (1)
   int64_t* out;               // (B, k)
   int row0;                   // batch row of blockIdx.x == 0
   int N, T, k;
@@ -114,14 +95,13 @@ __device__ void greedy_select_row(const GreedyParams& p, float* smem, uint64_t* 
   int64_t len = p.lengths ? p.lengths[b] : N;
   const int n = static_cast<int>(len < 1 ? 1 : (len > N ? N : len));  // clamp to [1, N]
   const int k_b = p.k < n ? p.k : n;
-  // Round like the host (two roundings, no FMA contraction) so k_core matches at .5 edges.
-  const double rounded = floor(__dadd_rn(__dmul_rn(p.core_ratio, static_cast<double>(k_b)), 0.5));
-  const int k_core = rounded < 0.0 ? 0 : (rounded > k_b ? k_b : static_cast<int>(rounded));
+  const int k_core = core_count(p.core_ratio, k_b);
+  const float* token_scale = p.token_scale ? p.token_scale + static_cast<int64_t>(b) * N : nullptr;
 
   // Step 1-2: norms from the Gram diagonal, relevance from the prompt dots.
   for (int i = tid; i < N; i += threads) {
     if (i >= n) { score[i] = -INFINITY; norm[i] = 0.0f; continue; }
-    const float norm_i = clamped_norm(G[static_cast<int64_t>(i) * N + i]);
+    const float norm_i = clamped_norm(G[static_cast<int64_t>(i) * N + i], token_scale ? token_scale[i] : 1.0f);
     norm[i] = norm_i > 0.0f ? norm_i : -1.0f;
     score[i] = norm_i > 0.0f ? relevance(p, b, i, norm_i, valid) : kNonFiniteRelevance;
   }

@@ -1,6 +1,6 @@
-// Launcher: fp32-accumulating GEMMs (cuBLAS through ATen) and the three kernels.
-// Everything is enqueued on the current stream without reading any device value,
-// so the op can be captured in a CUDA graph.
+// Launcher: power-of-two scaling of the tokens (ATen; bf16/fp32 only), fp32-accumulating
+// GEMMs (cuBLAS through ATen) and the three kernels. Everything is enqueued on the current
+// stream without reading any device value, so the op can be captured in a CUDA graph.
 #include "select_tokens.h"
 
 #include <algorithm>
@@ -15,13 +15,10 @@
 #include "greedy_select.cuh"
 #include "pooled_dots.cuh"
 #include "prompt_stats.cuh"
+#include "spec.cuh"
 
 namespace zspa {
 namespace {
-
-// Upper bound on the Gram workspace of one launch; rows are processed in chunks
-// below it (at least one row per chunk: one row of N = 16384 needs 1 GiB).
-constexpr int64_t kGramBudgetBytes = int64_t{1} << 30;
 
 // a @ b with fp32 accumulation and an fp32, contiguous result. 16-bit inputs use aten::bmm.dtype
 // (products of 16-bit floats are exact in fp32); fp32 inputs refuse TF32, whose 10-bit
@@ -38,12 +35,26 @@ int threads_for(int64_t n, int64_t cap) {
   return static_cast<int>(std::min<int64_t>(cap, (n + 31) / 32 * 32));
 }
 
+// (rows, L) fp32: each row's pow2_scale (spec.cuh) of its largest finite |x|, from the
+// exponent bits, so the products below are exact. fp16 is never scaled: its squares
+// cannot overflow fp32, and scaling fp16 values down could round the small ones.
+at::Tensor pow2_scales(const at::Tensor& x) {
+  const at::Tensor amax = at::nan_to_num(x.abs(), 0.0, 0.0, 0.0).amax(-1).to(at::kFloat);
+  const at::Tensor exponent = std::get<1>(at::frexp(amax)).clamp(kScaleExpMin, kScaleExpMax);
+  return at::bitwise_left_shift(127 - exponent, 23).to(at::kInt).view(at::kFloat);
+}
+
+// x (rows, L, D) times its rows' scales, in x's dtype (exact).
+at::Tensor scaled(const at::Tensor& x, const at::Tensor& scales) {
+  return (x.to(at::kFloat) * scales.unsqueeze(-1)).to(x.scalar_type()).contiguous();
+}
+
 }  // namespace
 
 at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt, int64_t k,
                               double core_ratio, const std::optional<at::Tensor>& lengths,
                               const std::optional<at::Tensor>& prompt_mask, c10::string_view relevance,
-                              bool pick_order) {
+                              bool pick_order, int64_t gram_budget) {
   // The Python op validates every argument with clear messages; these guard direct callers.
   TORCH_CHECK(visual.is_cuda() && visual.dim() == 3, "visual: expected a CUDA tensor (B, N, D)");
   TORCH_CHECK(prompt.device() == visual.device() && (prompt.dim() == 2 || prompt.dim() == 3),
@@ -51,16 +62,26 @@ at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt
   TORCH_CHECK(prompt.scalar_type() == visual.scalar_type(), "prompt: expected the dtype of visual");
   TORCH_CHECK(k >= 1 && k <= INT_MAX, "k: expected an int >= 1");
   TORCH_CHECK(relevance == "mean" || relevance == "max", "relevance: expected 'mean' or 'max'");
+  TORCH_CHECK(gram_budget >= 0, "gram_budget: expected a byte count >= 0");
   c10::cuda::CUDAGuard device_guard(visual.device());
 
-  const at::Tensor V = visual.contiguous();
-  const at::Tensor P = (prompt.dim() == 2 ? prompt.unsqueeze(1) : prompt).contiguous();
+  at::Tensor V = visual.contiguous();
+  at::Tensor P = (prompt.dim() == 2 ? prompt.unsqueeze(1) : prompt).contiguous();
   const int64_t B = V.size(0), N = V.size(1), D = V.size(2), T = P.size(1);
   TORCH_CHECK(P.size(0) == B && P.size(2) == D, "prompt: expected batch size and feature size of visual");
   TORCH_CHECK(B >= 1 && N >= 1 && D >= 1 && T >= 1, "visual, prompt: expected non-empty tensors");
   TORCH_CHECK(B <= 65535 && N <= INT_MAX / 2 && D <= INT_MAX && T <= INT_MAX,
               "visual: too large for the cuda backend");
   const bool max_relevance = relevance == "max";
+  at::Tensor token_scale, prompt_scale;  // undefined: unscaled (fp16)
+  if (V.scalar_type() != at::kHalf) {
+    token_scale = pow2_scales(V);
+    V = scaled(V, token_scale);
+    if (max_relevance) {  // "mean" scales the pooled vector in prompt_stats instead
+      prompt_scale = pow2_scales(P);
+      P = scaled(P, prompt_scale);
+    }
+  }
 
   at::Tensor mask;
   if (prompt_mask.has_value()) {
@@ -89,7 +110,8 @@ at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt
   AT_DISPATCH_V2(V.scalar_type(), "zspa_relevance", AT_WRAP([&] {
     prompt_stats_kernel<scalar_t><<<B, threads_for(std::max(D, T * 32), 256), 0, stream>>>(
         P.data_ptr<scalar_t>(), mask.defined() ? mask.data_ptr<bool>() : nullptr,
-        max_relevance ? nullptr : pooled.data_ptr<float>(), prompt_norm.data_ptr<float>(), static_cast<int>(T),
+        max_relevance ? nullptr : pooled.data_ptr<float>(), prompt_norm.data_ptr<float>(),
+        prompt_scale.defined() ? prompt_scale.data_ptr<float>() : nullptr, static_cast<int>(T),
         static_cast<int>(D), max_relevance);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (!max_relevance) {
@@ -114,6 +136,7 @@ at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt
   params.prompt_norm = prompt_norm.data_ptr<float>();
   params.prompt_mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
   params.lengths = lens.defined() ? lens.data_ptr<int64_t>() : nullptr;
+  params.token_scale = token_scale.defined() ? token_scale.data_ptr<float>() : nullptr;
   params.out = out.data_ptr<int64_t>();
   params.N = static_cast<int>(N);
   params.T = static_cast<int>(T);
@@ -122,7 +145,9 @@ at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt
   params.max_relevance = max_relevance;
   params.pick_order = pick_order;
 
-  const int64_t rows_per_chunk = std::max<int64_t>(1, kGramBudgetBytes / (N * N * int64_t{4}));
+  // The Gram workspace of one launch stays within gram_budget (spec.gram_budget(), shared
+  // with the triton backend), at least one row per chunk.
+  const int64_t rows_per_chunk = std::max<int64_t>(1, gram_budget / (N * N * int64_t{4}));
   for (int64_t row0 = 0; row0 < B; row0 += rows_per_chunk) {
     const int64_t rows = std::min(rows_per_chunk, B - row0);
     const at::Tensor chunk = V.narrow(0, row0, rows);

@@ -13,6 +13,6 @@ namespace zspa {
 at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt, int64_t k,
                               double core_ratio, const std::optional<at::Tensor>& lengths,
                               const std::optional<at::Tensor>& prompt_mask, c10::string_view relevance,
-                              bool pick_order);
+                              bool pick_order, int64_t gram_budget);
 
 }  // namespace zspa

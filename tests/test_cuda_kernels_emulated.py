@@ -24,7 +24,8 @@ import torch
 from helpers import DTYPES, TOLERANCE, exact_tie_case, oracle_rows, random_case
 from fp64_oracle import oracle_order, replay
 
-from zspa_kernels import cuda_build
+from zspa_kernels import cuda_build, spec
+from zspa_kernels.spec import SCALE_EXP_MAX, SCALE_EXP_MIN
 
 HERE = Path(__file__).parent
 THREADS = (32, 128)
@@ -46,10 +47,24 @@ def _ptr(array):
     return None if array is None else array.ctypes.data_as(ctypes.c_void_p)
 
 
+def launcher_scales(x):
+    """What select_tokens.cu's pow2_scales computes (ATen ops, so the same ops here)."""
+    amax = torch.nan_to_num(x.abs(), 0.0, 0.0, 0.0).amax(-1).float()
+    exponent = torch.frexp(amax).exponent.clamp(SCALE_EXP_MIN, SCALE_EXP_MAX)
+    return ((127 - exponent.int()) << 23).view(torch.float32)
+
+
 def emulated_select(emulator, case, pick_order, threads):
     """What the launcher does, with the GEMMs done here in fp64 and rounded to fp32."""
-    visual = case.visual.double()
-    prompt = case.prompt.double() if case.prompt.dim() == 3 else case.prompt.double().unsqueeze(1)
+    visual, prompt = case.visual, case.prompt if case.prompt.dim() == 3 else case.prompt.unsqueeze(1)
+    token_scale = prompt_scale = None
+    if visual.dtype != torch.float16:  # the launcher scales bf16/fp32 tokens (and "max" prompts)
+        token_scale = launcher_scales(visual)
+        visual = (visual.float() * token_scale.unsqueeze(-1)).to(visual.dtype)
+        if case.relevance == "max":
+            prompt_scale = launcher_scales(prompt)
+            prompt = (prompt.float() * prompt_scale.unsqueeze(-1)).to(prompt.dtype)
+    visual, prompt = visual.double(), prompt.double()
     B, N, D = visual.shape
     T = prompt.shape[1]
     gram = visual @ visual.transpose(1, 2)
@@ -58,20 +73,21 @@ def emulated_select(emulator, case, pick_order, threads):
     raw_prompt = np.ascontiguousarray(prompt.float().numpy())
     mask = None if case.prompt_mask is None else np.ascontiguousarray(case.prompt_mask.numpy())
     lengths = None if case.lengths is None else np.ascontiguousarray(case.lengths.long().numpy())
+    scales = [None if x is None else np.ascontiguousarray(x.numpy()) for x in (token_scale, prompt_scale)]
     max_relevance = ctypes.c_bool(case.relevance == "max")
     pooled = np.zeros((B, D), dtype=np.float32)
     prompt_norm = np.zeros((B, T), dtype=np.float32)
-    emulator.emulate_prompt_stats(_ptr(raw_prompt), _ptr(mask), _ptr(pooled), _ptr(prompt_norm), B, T, D,
-                                  max_relevance, threads)
+    emulator.emulate_prompt_stats(_ptr(raw_prompt), _ptr(mask), _ptr(pooled), _ptr(prompt_norm), _ptr(scales[1]),
+                                  B, T, D, max_relevance, threads)
     if case.relevance == "max":
         dots = np.ascontiguousarray((visual @ prompt.transpose(1, 2)).float().numpy())
     else:
         dots = np.zeros((B, N), dtype=np.float32)
         emulator.emulate_pooled_dots(_ptr(tokens), _ptr(pooled), _ptr(dots), B, N, D, 2)
     out = np.full((B, case.k), -7, dtype=np.int64)
-    emulator.emulate_greedy_select(_ptr(gram), _ptr(dots), _ptr(prompt_norm), _ptr(mask), _ptr(lengths), _ptr(out),
-                                   B, N, T, case.k, ctypes.c_double(case.core_ratio), max_relevance,
-                                   ctypes.c_bool(pick_order), threads, 2)  # Gram chunks of 2 rows
+    emulator.emulate_greedy_select(_ptr(gram), _ptr(dots), _ptr(prompt_norm), _ptr(mask), _ptr(lengths),
+                                   _ptr(scales[0]), _ptr(out), B, N, T, case.k, ctypes.c_double(case.core_ratio),
+                                   max_relevance, ctypes.c_bool(pick_order), threads, 2)  # Gram chunks of 2 rows
     return out
 
 
@@ -112,3 +128,42 @@ def test_nonfinite_prompt_rows(emulator, relevance):
     order = emulated_select(emulator, base, pick_order=True, threads=32)
     for b, row in oracle_rows(base):
         replay(row, order[b].tolist(), TOLERANCE["cuda"][torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("relevance", ["mean", "max"])
+def test_finite_tokens_of_any_magnitude_are_normalised_without_overflow(emulator, dtype, relevance):
+    """Every third token and the prompt at 1e20 (fp16: 6e4), one token of norm < 1e-6."""
+    magnitude = 6e4 if dtype == torch.float16 else 1e20
+    case = random_case(21, torch.float32)
+    g = torch.Generator().manual_seed(21)
+    visual = torch.randn(2, 23, 12, generator=g)
+    visual[:, ::3] = visual[:, ::3] / visual[:, ::3].abs().amax(-1, keepdim=True) * magnitude
+    visual[:, 1] *= 1e-9
+    prompt = torch.randn(2, 3, 12, generator=g)
+    prompt = prompt / prompt.abs().amax(-1, keepdim=True) * magnitude
+    case.visual, case.prompt, case.prompt_mask, case.lengths = visual.to(dtype), prompt.to(dtype), None, None
+    case.k, case.core_ratio, case.relevance = 9, [0.0, 0.5][relevance == "max"], relevance
+    order = emulated_select(emulator, case, pick_order=True, threads=32)
+    for b, row in oracle_rows(case):
+        replay(row, order[b].tolist(), TOLERANCE["cuda"][dtype])
+
+
+def test_spec_rules_match_zspa_kernels_spec(emulator):
+    """csrc/spec.cuh against zspa_kernels/spec.py: k_core on every budget up to 300 for alphas
+    on and around the .5 boundaries, the power-of-two scale, the constants."""
+    emulator.emulate_core_count.restype = ctypes.c_int
+    emulator.emulate_pow2_scale.restype = ctypes.c_float
+    emulator.emulate_constant.restype = ctypes.c_float
+    alphas = [0.0, 1.0, 0.5, 0.1, 0.3, 1 / 3, 0.49999999999999994, 0.5000000000000001, 0.04545454545454545,
+              15 / 194, 1 / 128, 1 / 129]
+    for alpha in alphas:
+        got = [emulator.emulate_core_count(ctypes.c_double(alpha), k_b) for k_b in range(301)]
+        assert got == [spec.core_count(alpha, k_b) for k_b in range(301)], alpha
+    for amax in [0.0, 1e-45, 1e-40, 2.0**-126, 1e-6, 0.5, 1.0, 3.0, 1e20, 2.0**126, 3.4e38]:
+        x = torch.tensor([amax], dtype=torch.float32)
+        expected = float(torch.exp2(-torch.frexp(x).exponent.clamp(SCALE_EXP_MIN, SCALE_EXP_MAX).float()))
+        assert emulator.emulate_pow2_scale(ctypes.c_float(float(x))) == expected == float(launcher_scales(x)), amax
+    constants = [spec.NORM_EPS, spec.NONFINITE_RELEVANCE, spec.NONFINITE_SIMILARITY, SCALE_EXP_MIN, SCALE_EXP_MAX]
+    assert [emulator.emulate_constant(i) for i in range(5)] == [float(torch.tensor(c, dtype=torch.float32))
+                                                                 for c in constants]

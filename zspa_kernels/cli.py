@@ -38,7 +38,7 @@ def cmd_info(_args: argparse.Namespace) -> int:
     print("backends:")
     print("  reference   available")
     print(f"  triton      {'available' if triton_ok else 'needs triton and a CUDA device (or TRITON_INTERPRET=1)'}")
-    print(f"  cuda        {'' if 'cuda' in available else 'needs a CUDA device; '}{cuda_build.status()}")
+    print(f"  cuda        {cuda_build.status()}{'' if 'cuda' in available else '; runs on CUDA devices only'}")
     print(f"  auto        -> {resolve_backend('auto', device)} on {device.type}")
     return 0
 

@@ -12,6 +12,7 @@ import warnings
 import torch
 
 from . import cuda_build
+from .spec import gram_budget
 
 _fallback_reason: list[str] = []
 
@@ -35,4 +36,4 @@ def extension_available() -> bool:
 def select_tokens_cuda(visual, prompt, k, core_ratio, lengths, prompt_mask, relevance, pick_order):
     """Backend entry point: ``torch.ops.zspa.select_tokens_cuda`` (the extension is loaded)."""
     return torch.ops.zspa.select_tokens_cuda(visual, prompt, k, core_ratio, lengths, prompt_mask, relevance,
-                                             pick_order)
+                                             pick_order, gram_budget())

@@ -8,14 +8,23 @@
 #include "pooled_dots.cuh"
 #include "prompt_stats.cuh"
 
-extern "C" void emulate_prompt_stats(const float* prompt, const bool* mask, float* pooled, float* norm, int B,
-                                     int T, int D, bool max_relevance, int threads) {
+extern "C" void emulate_prompt_stats(const float* prompt, const bool* mask, float* pooled, float* norm,
+                                     const float* scale, int B, int T, int D, bool max_relevance, int threads) {
   for (int b = 0; b < B; ++b) {
     float scratch[32];
     simt::run_block(b, 0, threads, [&] {
-      zspa::prompt_stats_row<float>(prompt, mask, pooled, norm, T, D, max_relevance, scratch);
+      zspa::prompt_stats_row<float>(prompt, mask, pooled, norm, scale, T, D, max_relevance, scratch);
     });
   }
+}
+
+// The rules of spec.cuh, for the test that checks them against zspa_kernels/spec.py.
+extern "C" int emulate_core_count(double core_ratio, int k_b) { return zspa::core_count(core_ratio, k_b); }
+extern "C" float emulate_pow2_scale(float amax) { return zspa::pow2_scale(amax); }
+extern "C" float emulate_constant(int which) {
+  const float values[] = {zspa::kNormEps, zspa::kNonFiniteRelevance, zspa::kNonFiniteSimilarity,
+                          static_cast<float>(zspa::kScaleExpMin), static_cast<float>(zspa::kScaleExpMax)};
+  return values[which];
 }
 
 extern "C" void emulate_pooled_dots(const float* visual, const float* pooled, float* dots, int B, int N, int D,
@@ -26,7 +35,8 @@ extern "C" void emulate_pooled_dots(const float* visual, const float* pooled, fl
 }
 
 extern "C" void emulate_greedy_select(const float* gram, const float* dots, const float* prompt_norm,
-                                      const bool* mask, const int64_t* lengths, int64_t* out, int B, int N, int T,
+                                      const bool* mask, const int64_t* lengths, const float* token_scale,
+                                      int64_t* out, int B, int N, int T,
                                       int k, double core_ratio, bool max_relevance, bool pick_order, int threads,
                                       int rows_per_chunk) {
   zspa::GreedyParams p{};
@@ -34,6 +44,7 @@ extern "C" void emulate_greedy_select(const float* gram, const float* dots, cons
   p.prompt_norm = prompt_norm;
   p.prompt_mask = mask;
   p.lengths = lengths;
+  p.token_scale = token_scale;
   p.out = out;
   p.N = N;
   p.T = T;

@@ -18,6 +18,7 @@
 #include <vector>
 
 #define __device__
+#define __host__
 #define __global__ static inline  // the launch wrappers are never called here
 #define __shared__
 #define __forceinline__ inline

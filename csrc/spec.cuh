@@ -1,0 +1,37 @@
+// The rules of the selection that csrc/ needs, in one place: the C++ side of
+// zspa_kernels/spec.py (tests/test_cuda_kernels_emulated.py checks them against it).
+#pragma once
+
+#include <cmath>
+
+namespace zspa {
+
+constexpr float kNormEps = 1e-6f;              // v / max(||v||, 1e-6)
+constexpr float kNonFiniteRelevance = -2.0f;   // below every finite cosine
+constexpr float kNonFiniteSimilarity = 2.0f;   // above every finite cosine
+constexpr int kScaleExpMin = -126, kScaleExpMax = 126;
+
+// k_core = floor(alpha * k_b + 0.5) clamped to [0, k_b], two fp64 roundings (no contraction
+// into an fma, which would round differently at .5 edges).
+__host__ __device__ inline int core_count(double core_ratio, int k_b) {
+#ifdef __CUDA_ARCH__
+  const double rounded = floor(__dadd_rn(__dmul_rn(core_ratio, static_cast<double>(k_b)), 0.5));
+#else
+  volatile double product = core_ratio * static_cast<double>(k_b);  // volatile: no fma on the host
+  const double rounded = std::floor(product + 0.5);
+#endif
+  return rounded < 0.0 ? 0 : (rounded > k_b ? k_b : static_cast<int>(rounded));
+}
+
+// 2^-e with amax = m * 2^e, m in [0.5, 1) (e = 0 for 0; clamped to the spec's range): a
+// normal power of two, so multiplying a token by it is exact and squares cannot overflow.
+// `amax` is the largest finite |x| of the token.
+__host__ __device__ inline float pow2_scale(float amax) {
+  if (!(amax > 0.0f)) return 1.0f;
+  int e = 0;
+  frexpf(amax, &e);
+  e = e < kScaleExpMin ? kScaleExpMin : (e > kScaleExpMax ? kScaleExpMax : e);
+  return ldexpf(1.0f, -e);
+}
+
+}  // namespace zspa
