@@ -15,20 +15,18 @@ def cuda_extension() -> dict:
     sys.path.insert(0, HERE)
     from torch.utils import cpp_extension
 
-    from zspa_kernels import cuda_build
+    from zspa_kernels.builder import CUDA_EXTENSION as CUDA, find_cuda_home, gencode_flags
+    from zspa_kernels.builder.toolkit import nvidia_wheel_include_dirs
 
-    cuda_home = cuda_build.find_cuda_home()
+    cuda_home = find_cuda_home()
     if cuda_home is None:
         raise SystemExit("ZSPA_BUILD_EXT=1: no CUDA toolkit found (set CUDA_HOME)")
-    cpp_extension.CUDA_HOME = str(cuda_home)  # torch's guess can be a wrapper nvcc's folder
+    cpp_extension.CUDA_HOME = str(cuda_home)  # torch's guess can be a wrapper nvcc's folder (this process only)
     ext = cpp_extension.CUDAExtension(
-        name=f"zspa_kernels._{cuda_build.EXTENSION_NAME}",
-        sources=[os.path.relpath(path, HERE) for path in cuda_build.source_files()],
-        include_dirs=[str(cuda_build.source_dir()), *cuda_build.nvidia_wheel_include_dirs()],
-        extra_compile_args={
-            "cxx": ["-O3"],
-            "nvcc": ["-O3", "-lineinfo", *cuda_build.gencode_flags(cuda_build.arch_list())],
-        },
+        name=f"zspa_kernels._{CUDA.name}",
+        sources=[os.path.relpath(path, HERE) for path in CUDA.source_files()],
+        include_dirs=[str(CUDA.source_dir()), *nvidia_wheel_include_dirs()],
+        extra_compile_args={"cxx": list(CUDA.cflags), "nvcc": [*CUDA.cuda_cflags, *gencode_flags(CUDA.targets())]},
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": cpp_extension.BuildExtension}}
 

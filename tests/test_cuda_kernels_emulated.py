@@ -24,7 +24,8 @@ import torch
 from helpers import DTYPES, TOLERANCE, exact_tie_case, oracle_rows, random_case
 from fp64_oracle import oracle_order, replay
 
-from zspa_kernels import cuda_build, spec
+from zspa_kernels import spec
+from zspa_kernels.builder import CUDA_EXTENSION
 from zspa_kernels.spec import SCALE_EXP_MAX, SCALE_EXP_MIN
 
 HERE = Path(__file__).parent
@@ -38,7 +39,7 @@ def emulator(tmp_path_factory):
         pytest.skip("needs a C++20 compiler")
     lib = tmp_path_factory.mktemp("simt") / "libzspa_simt.so"
     subprocess.run([compiler, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas",
-                    f"-I{cuda_build.source_dir()}", "-o", str(lib), str(HERE / "simt" / "emulate.cpp")],
+                    f"-I{CUDA_EXTENSION.source_dir()}", "-o", str(lib), str(HERE / "simt" / "emulate.cpp")],
                    check=True, capture_output=True, text=True)
     return ctypes.CDLL(str(lib))
 

@@ -18,7 +18,7 @@ def cmd_info(_args: argparse.Namespace) -> int:
     import torch
 
     import zspa_kernels
-    from zspa_kernels import cuda_build
+    from zspa_kernels import builder
     from zspa_kernels.dispatch import available_backends, resolve_backend
 
     print(f"zspa-kernels  {zspa_kernels.__version__}")
@@ -38,7 +38,7 @@ def cmd_info(_args: argparse.Namespace) -> int:
     print("backends:")
     print("  reference   available")
     print(f"  triton      {'available' if triton_ok else 'needs triton and a CUDA device (or TRITON_INTERPRET=1)'}")
-    print(f"  cuda        {cuda_build.status()}{'' if 'cuda' in available else '; runs on CUDA devices only'}")
+    print(f"  cuda        {builder.status(builder.CUDA_EXTENSION)}{'' if 'cuda' in available else '; runs on CUDA devices only'}")
     print(f"  auto        -> {resolve_backend('auto', device)} on {device.type}")
     return 0
 
@@ -46,15 +46,15 @@ def cmd_info(_args: argparse.Namespace) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     import torch
 
-    from zspa_kernels import cuda_build
+    from zspa_kernels import builder
 
     try:
         if args.cmake_args:
-            print(" ".join(cuda_build.cmake_args()))  # unquoted: meant for $(zspa build --cmake-args)
+            print(" ".join(builder.cmake_args()))  # unquoted: meant for $(zspa build --cmake-args)
             return 0
-        path = cuda_build.build(force=args.force)
+        path = builder.build(builder.CUDA_EXTENSION, force=args.force)
         torch.ops.load_library(str(path))
-    except (cuda_build.CudaToolkitMissing, cuda_build.BuildFailed, OSError) as exc:
+    except (builder.CudaToolkitMissing, builder.BuildFailed, OSError) as exc:
         print(f"zspa build: cannot build the CUDA extension: {exc}", file=sys.stderr)
         return 1
     if not torch._C._dispatch_has_kernel_for_dispatch_key("zspa::select_tokens_cuda", "CUDA"):

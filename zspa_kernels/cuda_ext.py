@@ -1,4 +1,4 @@
-"""The ``cuda`` backend: ``csrc/`` kernels, built on first use (see :mod:`.cuda_build`).
+"""The ``cuda`` backend: ``csrc/`` kernels, built on first use (see :mod:`.builder`).
 
 When no CUDA toolkit is installed :func:`extension_available` warns once and says
 so; :mod:`.dispatch` then runs the Triton backend instead, so ``backend="cuda"``
@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from . import cuda_build
+from . import builder
 from .spec import gram_budget
 
 _fallback_reason: list[str] = []
@@ -19,14 +19,14 @@ _fallback_reason: list[str] = []
 
 def extension_available() -> bool:
     """Load (building if needed) the extension; False, with one warning, when no toolkit exists."""
-    if cuda_build.is_loaded():
+    if builder.is_loaded(builder.CUDA_EXTENSION):
         return True
     if _fallback_reason:
         return False
     try:
-        cuda_build.load()
+        builder.load(builder.CUDA_EXTENSION)
         return True
-    except cuda_build.CudaToolkitMissing as exc:
+    except builder.CudaToolkitMissing as exc:
         _fallback_reason.append(str(exc))
         warnings.warn(f"zspa: backend 'cuda' unavailable ({exc}); using backend 'triton' instead",
                       RuntimeWarning, stacklevel=3)

@@ -12,7 +12,7 @@ first use (minutes) and nobody has timed it on a GPU yet. Rule to apply once
 ``bench/`` has both backends on one GPU: per shape class ``(N bucket, k bucket,
 B bucket)`` take the backend with the lower median CUDA-event time, and keep
 ``triton`` unless ``cuda`` wins by more than the run-to-run spread; prefer ``cuda``
-only where its extension is already built (``zspa_kernels.cuda_build.status()``),
+only where its extension is already built (``zspa_kernels.builder.status()``),
 so that ``auto`` never triggers a compile in the hot path.
 """
 from __future__ import annotations
