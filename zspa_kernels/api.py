@@ -6,13 +6,14 @@ from typing import Optional
 import torch
 
 from .checks import check_lengths_range, check_prompt_values, check_python_types
+from .spec import DEFAULT_CORE_RATIO
 
 
 def select_tokens(
     visual: torch.Tensor,
     prompt: torch.Tensor,
     k: int,
-    core_ratio: float = 0.5,
+    core_ratio: float = DEFAULT_CORE_RATIO,
     lengths: Optional[torch.Tensor] = None,
     prompt_mask: Optional[torch.Tensor] = None,
     relevance: str = "mean",

@@ -28,6 +28,31 @@ def _type_error(name: str, expected: str, value) -> TypeError:
     return TypeError(f"{name}: expected {expected}, got {type(value).__name__}")
 
 
+def _check_option_types(core_ratio, relevance, backend) -> None:
+    if isinstance(core_ratio, bool) or not isinstance(core_ratio, (int, float)):
+        raise _type_error("core_ratio", "a float in [0, 1]", core_ratio)
+    if not isinstance(relevance, str):
+        raise _type_error("relevance", f"one of {RELEVANCE_MODES}", relevance)
+    if not isinstance(backend, str):
+        raise _type_error("backend", f"one of {BACKEND_CHOICES}", backend)
+
+
+def _check_option_values(core_ratio: float, relevance: str, backend: str) -> None:
+    if math.isnan(core_ratio) or not 0.0 <= core_ratio <= 1.0:
+        raise ValueError(f"core_ratio: expected a float in [0, 1], got {core_ratio}")
+    if relevance not in RELEVANCE_MODES:
+        raise ValueError(f"relevance: expected one of {RELEVANCE_MODES}, got {relevance!r}")
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"backend: expected one of {BACKEND_CHOICES}, got {backend!r}")
+
+
+def check_options(core_ratio, relevance, backend) -> None:
+    """Types and values of the selection's options, for callers that take them long before
+    the op runs (``prune()``), so that a bad option fails at once with the op's message."""
+    _check_option_types(core_ratio, relevance, backend)
+    _check_option_values(core_ratio, relevance, backend)
+
+
 def check_python_types(visual, prompt, k, core_ratio, lengths, prompt_mask, relevance, backend,
                        pick_order, strict) -> None:
     """``TypeError`` naming the first argument of a Python type the op cannot take as meant."""
@@ -37,16 +62,11 @@ def check_python_types(visual, prompt, k, core_ratio, lengths, prompt_mask, rele
         raise _type_error("prompt", "a torch.Tensor of shape (B, D) or (B, T, D)", prompt)
     if isinstance(k, bool) or not isinstance(k, (int, torch.SymInt)):
         raise _type_error("k", "an int >= 1", k)
-    if isinstance(core_ratio, bool) or not isinstance(core_ratio, (int, float)):
-        raise _type_error("core_ratio", "a float in [0, 1]", core_ratio)
+    _check_option_types(core_ratio, relevance, backend)
     if lengths is not None and not isinstance(lengths, torch.Tensor):
         raise _type_error("lengths", "None or an int32/int64 tensor of shape (B,)", lengths)
     if prompt_mask is not None and not isinstance(prompt_mask, torch.Tensor):
         raise _type_error("prompt_mask", "None or a bool tensor of shape (B, T)", prompt_mask)
-    if not isinstance(relevance, str):
-        raise _type_error("relevance", f"one of {RELEVANCE_MODES}", relevance)
-    if not isinstance(backend, str):
-        raise _type_error("backend", f"one of {BACKEND_CHOICES}", backend)
     if not isinstance(pick_order, bool):
         raise _type_error("pick_order", "a bool", pick_order)
     if not isinstance(strict, bool):
@@ -89,8 +109,7 @@ def check_args(
 
     if not 1 <= k <= MAX_K:
         raise ValueError(f"k: expected an int in [1, 2**31 - 1], got {k}")
-    if math.isnan(core_ratio) or not 0.0 <= core_ratio <= 1.0:
-        raise ValueError(f"core_ratio: expected a float in [0, 1], got {core_ratio}")
+    _check_option_values(core_ratio, relevance, backend)
 
     if lengths is not None:
         if lengths.dtype not in (torch.int32, torch.int64):
@@ -111,11 +130,6 @@ def check_args(
             raise ValueError(
                 f"prompt_mask: expected a tensor on {visual.device} (the device of visual), got {prompt_mask.device}"
             )
-
-    if relevance not in RELEVANCE_MODES:
-        raise ValueError(f"relevance: expected one of {RELEVANCE_MODES}, got {relevance!r}")
-    if backend not in BACKEND_CHOICES:
-        raise ValueError(f"backend: expected one of {BACKEND_CHOICES}, got {backend!r}")
 
 
 def check_lengths_range(visual: torch.Tensor, lengths: Optional[torch.Tensor]) -> None:

@@ -14,6 +14,7 @@ import torch
 
 from .checks import check_args, check_lengths_range
 from .dispatch import backend_impl, resolve_backend
+from .spec import DEFAULT_CORE_RATIO
 
 
 @torch.library.custom_op("zspa::select_tokens", mutates_args=())
@@ -21,7 +22,7 @@ def select_tokens_op(
     visual: torch.Tensor,
     prompt: torch.Tensor,
     k: int,
-    core_ratio: float = 0.5,
+    core_ratio: float = DEFAULT_CORE_RATIO,
     lengths: Optional[torch.Tensor] = None,
     prompt_mask: Optional[torch.Tensor] = None,
     relevance: str = "mean",
@@ -36,7 +37,7 @@ def select_tokens_op(
 
 
 @select_tokens_op.register_fake
-def _select_tokens_fake(visual, prompt, k, core_ratio=0.5, lengths=None, prompt_mask=None,
+def _select_tokens_fake(visual, prompt, k, core_ratio=DEFAULT_CORE_RATIO, lengths=None, prompt_mask=None,
                         relevance="mean", backend="auto", pick_order=False):
     check_args(visual, prompt, k, core_ratio, lengths, prompt_mask, relevance, backend)
     return visual.new_empty((visual.shape[0], k), dtype=torch.int64)

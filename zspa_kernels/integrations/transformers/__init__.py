@@ -5,6 +5,7 @@ from typing import Union
 
 import torch
 
+from ...spec import DEFAULT_CORE_RATIO
 from .families import FAMILIES, find_family
 from .handle import PruneHandle
 from .selection import ImageSelection
@@ -13,7 +14,7 @@ from .selection import ImageSelection
 def prune(
     model: torch.nn.Module,
     keep: Union[int, float] = 64,
-    core_ratio: float = 0.5,
+    core_ratio: float = DEFAULT_CORE_RATIO,
     relevance: str = "mean",
     prompt: str = "question",
     backend: str = "auto",

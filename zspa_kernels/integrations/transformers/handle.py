@@ -29,7 +29,8 @@ from typing import Optional, Union
 
 import torch
 
-from ...spec import BACKEND_CHOICES, RELEVANCE_MODES, check_keep
+from ...checks import check_options
+from ...spec import check_keep
 from .families import Family, special_token_ids, split_model
 from .selection import ImageSelection, select_images
 
@@ -92,12 +93,7 @@ class PruneHandle:
         check_keep(keep)
         if prompt not in PROMPTS:
             raise ValueError(f"prompt: expected one of {PROMPTS}, got {prompt!r}")
-        if not 0.0 <= core_ratio <= 1.0:
-            raise ValueError(f"core_ratio: expected a float in [0, 1], got {core_ratio}")
-        if relevance not in RELEVANCE_MODES:
-            raise ValueError(f"relevance: expected one of {RELEVANCE_MODES}, got {relevance!r}")
-        if backend not in BACKEND_CHOICES:
-            raise ValueError(f"backend: expected one of {BACKEND_CHOICES}, got {backend!r}")
+        check_options(core_ratio, relevance, backend)  # the op's own checks, at prune() time
         self.family = family
         self.keep, self.core_ratio, self.relevance, self.prompt, self.backend = (
             keep, float(core_ratio), relevance, prompt, backend)

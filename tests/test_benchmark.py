@@ -1,0 +1,46 @@
+"""benchmark.py: the harness the microbenchmarks and ``zspa bench`` share (no timings asserted)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fp64_oracle import Row, replay
+from helpers import TOLERANCE
+from zspa_kernels import benchmark as hb
+from zspa_kernels.dispatch import available_backends
+from zspa_kernels.spec import core_count
+
+CPU = torch.device("cpu")
+
+
+def test_backends_timed_are_the_available_compiled_ones(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "triton" in available_backends(CPU) and hb.backends_here(CPU) == ["reference"]
+    assert hb.implementations(CPU) == ["reference", "torch_loop", "divprune_loop"]
+
+
+def test_traffic_counts_the_greedy_steps_after_the_core():
+    shape = hb.Shape("t", 2, 100, 8)
+    steps = 10 - core_count(hb.CORE_RATIO, 10)
+    assert hb.traffic_bytes("torch_loop", shape, 10) == 2 * 4 * 100 * 8 * (steps + 2)
+    assert hb.skip_reason("triton", hb.SPEC_SHAPES[-1], 1638, CPU) is None
+    assert "divprune_loop would move" in hb.skip_reason("divprune_loop", hb.SPEC_SHAPES[-1], 1638, CPU)
+
+
+@pytest.mark.parametrize("impl", ["reference", "torch_loop", "divprune_loop"])
+def test_every_runner_selects_what_the_oracle_accepts(impl):
+    shape = hb.SMOKE_SHAPES[1]
+    visual, prompt = hb.make_inputs(shape, torch.float32, CPU, seed=2)
+    order = hb.runner(impl, visual, prompt, 12)()
+    for b in range(shape.B):
+        row = Row(visual[b].numpy(), prompt[b].numpy(), None, shape.N, 12, hb.CORE_RATIO, "mean")
+        replay(row, order[b].tolist(), TOLERANCE["reference"][torch.float32])
+
+
+def test_inputs_are_reproducible_and_the_floor_counts_the_bytes():
+    shape = hb.SMOKE_SHAPES[0]
+    a, b = hb.make_inputs(shape, torch.bfloat16, CPU), hb.make_inputs(shape, torch.bfloat16, CPU)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    moved = shape.B * (shape.N * shape.D * 2 + shape.D * 2 + 64 * 8)
+    assert hb.floor_us(shape, 64, torch.bfloat16, 1e9) == pytest.approx(1e6 * moved / 1e9)
+    assert {"device", "torch", "triton", "cuda"} <= set(hb.environment(CPU))

@@ -1,0 +1,60 @@
+"""dispatch.py: which backend runs (keyword > ZSPA_BACKEND > auto) and which can run here."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from zspa_kernels import cuda_ext, dispatch
+from zspa_kernels.spec import BACKENDS
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("env, keyword, expected", [
+    (None, "auto", "reference"),          # auto on CPU
+    ("", "auto", "reference"),            # empty ZSPA_BACKEND means unset
+    ("reference", "auto", "reference"),
+    ("triton", "reference", "reference"),  # the keyword wins over the environment
+])
+def test_precedence_on_cpu(monkeypatch, env, keyword, expected):
+    if env is None:
+        monkeypatch.delenv("ZSPA_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("ZSPA_BACKEND", env)
+    assert dispatch.resolve_backend(keyword, CPU) == expected
+
+
+def test_auto_on_cuda_tensors_is_triton(monkeypatch):
+    monkeypatch.delenv("ZSPA_BACKEND", raising=False)
+    assert dispatch.resolve_backend("auto", torch.device("cuda")) == "triton"
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="backend: 'triton' needs CUDA tensors"):
+        dispatch.resolve_backend("triton", CPU)
+    monkeypatch.setenv("TRITON_INTERPRET", "true")  # read the way Triton reads it
+    assert dispatch.resolve_backend("triton", CPU) == "triton"
+
+
+def test_available_backends_follow_the_device_and_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert dispatch.available_backends(CPU) == ["reference"]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dispatch.available_backends(CPU) == ["reference", "triton"]
+    assert dispatch.available_backends(torch.device("cuda")) == list(BACKENDS)
+
+
+def test_every_backend_has_an_entry_point():
+    assert [callable(dispatch.backend_impl(name)) for name in ("reference", "triton")] == [True, True]
+
+
+def test_cuda_without_a_toolkit_runs_triton(monkeypatch):
+    monkeypatch.setattr(cuda_ext, "extension_available", lambda: False)
+    assert dispatch.backend_impl("cuda") is dispatch.backend_impl("triton")
+    monkeypatch.setattr(cuda_ext, "extension_available", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dispatch.backend_impl("cuda") is cuda_ext.select_tokens_cuda
