@@ -7,7 +7,7 @@ import torch
 import zspa_kernels
 from helpers import (DTYPES, TOLERANCE, backends_here, device_for, exact_tie_case, oracle_rows, random_case,
                      random_case_count)
-from fp64_oracle import oracle_order, replay
+from fp64_oracle import Row, oracle_order, replay
 
 
 def _run(case, backend, pick_order):
@@ -88,6 +88,37 @@ def test_masked_out_prompt_rows_are_ignored_whatever_they_hold(backend):
                                            relevance=relevance, backend=backend, pick_order=True).cpu()
                 for p in (prompt, poisoned)]
         assert runs[0].tolist() == runs[1].tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("magnitude", [1e20, 1e30, 3e38])
+def test_finite_tokens_of_huge_magnitude_are_normalised_without_overflow(backend, dtype, magnitude):
+    g = torch.Generator().manual_seed(3)
+    visual = torch.randn(2, 30, 16, generator=g)
+    visual[:, ::3] = visual[:, ::3] / visual[:, ::3].abs().amax(-1, keepdim=True) * magnitude
+    prompt = torch.randn(2, 16, generator=g) * magnitude
+    for alpha in (0.0, 0.5):
+        order = _run_simple(visual.to(dtype), prompt.to(dtype), 12, backend, core_ratio=alpha, pick_order=True)
+        for b in range(2):
+            row = Row(visual[b].to(dtype).float().numpy(), prompt[b].to(dtype).float().numpy(), None, 30, 12, alpha,
+                      "mean")
+            replay(row, order[b].tolist(), TOLERANCE[backend][dtype])
+
+
+@pytest.mark.parametrize("seed", [72, 76, 81, 126, 128, 133])
+def test_tiny_norm_fp16_tokens_keep_exact_ties(backend, seed):
+    """fp16 tokens of norm < 1e-6 are small multiples of 2**-24: their dot products are exact,
+    and so are the fp64 ties between distinct tokens; dividing each element by 1e-6 rounded
+    them apart (these seeds), dividing the dot product keeps them (lower index wins)."""
+    g = torch.Generator().manual_seed(seed)
+    D = [2, 3, 4][seed % 3]
+    patterns = torch.randint(-4, 5, (6, D), generator=g).float() * 2.0**-24
+    visual = patterns[torch.randint(0, 6, (1, 16), generator=g)].half()
+    assert float(visual.float().norm(dim=-1).max()) < 1e-6
+    prompt, alpha = patterns[:1].half(), [0.0, 0.5][seed % 2]
+    order = _run_simple(visual, prompt, 7, backend, core_ratio=alpha, pick_order=True)
+    row = Row(visual[0].float().numpy(), prompt[0].float().numpy(), None, 16, 7, alpha, "mean")
+    assert order[0].tolist() == oracle_order(row)
 
 
 def _run_simple(visual, prompt, k, backend, core_ratio=0.5, lengths=None, pick_order=False):
