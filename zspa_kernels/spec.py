@@ -28,7 +28,7 @@ RELEVANCE_MODES = ("mean", "max")
 BACKENDS = ("reference", "triton", "cuda")
 BACKEND_CHOICES = ("auto",) + BACKENDS
 BACKEND_ENV = "ZSPA_BACKEND"
-# Kernels index picks with 32-bit integers; a larger k could never be filled anyway.
+# The kernels index the (B, k) output and the picks with 32-bit integers.
 MAX_K = 2**31 - 1
 # Bytes the (rows, N, N) fp32 similarity scratch of the triton and cuda backends may take.
 GRAM_BUDGET_ENV = "ZSPA_GRAM_BUDGET"
