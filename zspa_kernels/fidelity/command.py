@@ -58,8 +58,10 @@ def run(out: str, model_path: Optional[str] = None, data: Optional[str] = None, 
     print(f"  grid: keep {keeps} x core ratio {core_ratios} = {len(points)} points, greedy answers of "
           f"{new_tokens} tokens; journal {out_dir / JOURNAL}")
     try:
+        import transformers
+
         journal = run_grid(model, samples, prompts, points, out_dir, new_tokens, batch_size, backend,
-                           run_info={"model": label}, progress=progress)
+                           run_info={"model": label, "transformers": transformers.__version__}, progress=progress)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished grid points are kept in {out_dir / JOURNAL}; "
               "run the same command again to resume.", file=sys.stderr)

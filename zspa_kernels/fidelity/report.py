@@ -78,7 +78,11 @@ def markdown(summary: dict) -> str:
         f"# zspa fidelity: {run.get('model', 'model')}",
         "",
         f"{n} samples, greedy answers of {run['new_tokens']} tokens, batches of {run['batch_size']}, "
-        f"{run['dtype']} on {run['environment']['device']}, backend {run['backend']}, started {run['started']}.",
+        f"{run['dtype']} on {run['environment']['device']}, torch {run['environment']['torch']}"
+        + (f", transformers {run['transformers']}" if "transformers" in run else "")
+        + f", backend {run['backend']}, started {run['started']}"
+        + (f" (load average {run['environment']['load_average_1min']:.1f})"
+           if "load_average_1min" in run["environment"] else "") + ".",
         f"Unpruned: prefill {base['prefill_ms']:.1f} ms for all samples, KV cache "
         f"{_bytes(base['kv_cache_bytes_per_sample'])} per sample.",
         "",
@@ -112,7 +116,7 @@ def heatmap(summary: dict, path: pathlib.Path) -> None:
     for p in points:
         r, c = keeps.index(p["keep"]), ratios.index(p["core_ratio"])
         grid[r][c] = p["answer_agreement"]
-        ax.text(c, r, f"{p['answer_agreement']:.2f}\n{p['prefill_speedup']:.2f}x", ha="center", va="center",
+        ax.text(c, r, f"{p['answer_agreement']:.2f}\nprefill {p['prefill_speedup']:.2f}x", ha="center", va="center",
                 fontsize=9, color="black" if p["answer_agreement"] > 0.5 else "white")
     image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(ratios)), [str(r) for r in ratios])
@@ -121,7 +125,8 @@ def heatmap(summary: dict, path: pathlib.Path) -> None:
     ax.set_ylabel("keep (visual tokens per image)")
     run = summary["run"]
     ax.set_title(f"{run.get('model', 'model')}: {len(run['samples'])} samples\n"
-                 "answer agreement with unpruned; prefill speed-up", fontsize=9)
+                 "colour: greedy answers equal to the unpruned ones; text: that share and the prefill speed-up",
+                 fontsize=9)
     fig.colorbar(image, ax=ax, label="greedy answer agreement")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
