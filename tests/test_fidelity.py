@@ -236,5 +236,22 @@ def test_command_offline_default_says_its_numbers_mean_nothing(tmp_path, capsys)
     out = capsys.readouterr().out
     assert "RANDOM weights" in out and "samples: 12" in out
     assert "zspa_kernels.prune(model, keep=16, core_ratio=0.5)" in out
-    assert main(["fidelity", "--keep", "x", "--out", str(tmp_path)]) == 2
-    assert "--keep" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, name", [
+    (["--keep", "x"], "--keep"), (["--core-ratio", "2"], "--core-ratio"), (["--new-tokens", "0"], "--new-tokens"),
+    (["--batch-size", "0"], "--batch-size"), (["--backend", "fast"], "--backend"), (["--model", "nowhere"], "--model"),
+    (["--data", "nowhere.jsonl"], "--data"), (["--question", "Why?"], "--question"),
+])
+def test_command_refuses_bad_options_naming_them(args, name, tmp_path, capsys):
+    assert main(["fidelity", "--out", str(tmp_path), *args]) == 2
+    assert capsys.readouterr().err.startswith(f"zspa fidelity: {name}:")
+
+
+def test_command_stops_cleanly_when_every_sample_is_bad(tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"image": "missing.png", "question": "Anything?"}) + "\n")
+    assert main(["fidelity", "--data", str(data), "--out", str(tmp_path / "out")]) == 2
+    captured = capsys.readouterr()
+    assert "skipped data.jsonl line 1: image not found" in captured.out
+    assert "no usable sample" in captured.err and not (tmp_path / "out").exists()

@@ -7,8 +7,9 @@ from typing import Optional
 
 import torch
 
+from ..spec import BACKEND_CHOICES
 from . import offline, report
-from .grid import JOURNAL, GridPoint, parse_core_ratios, parse_keeps, run_grid
+from .grid import JOURNAL, GridPoint, JournalMismatch, parse_core_ratios, parse_keeps, run_grid
 from .samples import Prompts, read_samples
 
 
@@ -28,12 +29,21 @@ def _load(model_path: Optional[str], device: torch.device, dtype: torch.dtype):
 def run(out: str, model_path: Optional[str] = None, data: Optional[str] = None, question: Optional[str] = None,
         keeps: str = "32,64,128", core_ratios: str = "0,0.25,0.5,0.75,1", new_tokens: int = 16,
         batch_size: int = 4, backend: str = "auto", progress: bool = True) -> int:
+    import transformers
+
     from .. import benchmark as hb
 
     try:
         points = [GridPoint(k, c) for k in parse_keeps(keeps) for c in parse_core_ratios(core_ratios)]
         if data is None and question is not None:
             raise ValueError("--question: only with --data pointing to a folder of images")
+        if model_path is not None and not pathlib.Path(model_path).is_dir():
+            raise ValueError(f"--model: expected a local checkpoint folder, got {model_path!r}")
+        for name, value in (("--new-tokens", new_tokens), ("--batch-size", batch_size)):
+            if value < 1:
+                raise ValueError(f"{name}: expected a positive count, got {value}")
+        if backend not in BACKEND_CHOICES:
+            raise ValueError(f"--backend: expected one of {', '.join(BACKEND_CHOICES)}, got {backend!r}")
         samples, bad = offline.samples(), []
         if data is not None:
             samples, bad = read_samples(data, question)
@@ -55,18 +65,19 @@ def run(out: str, model_path: Optional[str] = None, data: Optional[str] = None, 
     print(f"  samples: {len(samples)}" + (f", {len(bad)} skipped:" if bad else ""))
     for message in bad:
         print(f"    skipped {message}")
+    if not samples:
+        print("zspa fidelity: no usable sample left to measure", file=sys.stderr)
+        return 2
     print(f"  grid: keep {keeps} x core ratio {core_ratios} = {len(points)} points, greedy answers of "
           f"{new_tokens} tokens; journal {out_dir / JOURNAL}")
     try:
-        import transformers
-
         journal = run_grid(model, samples, prompts, points, out_dir, new_tokens, batch_size, backend,
                            run_info={"model": label, "transformers": transformers.__version__}, progress=progress)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished grid points are kept in {out_dir / JOURNAL}; "
               "run the same command again to resume.", file=sys.stderr)
         return 130
-    except ValueError as exc:
+    except JournalMismatch as exc:
         print(f"zspa fidelity: {exc}", file=sys.stderr)
         return 2
     summary = report.summarise(journal)

@@ -16,6 +16,7 @@ warm-up (``benchmark.wall_median_ms``), summed over batches.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import pathlib
@@ -71,6 +72,10 @@ def parse_core_ratios(text: str) -> list[float]:
     return ratios
 
 
+class JournalMismatch(ValueError):
+    """The output folder holds the journal of a run with other settings or samples."""
+
+
 class Journal:
     """The JSON-lines record of a run in ``out_dir``: appended and flushed pass by pass."""
 
@@ -84,7 +89,7 @@ class Journal:
         new = {k: v for k, v in run.items() if k not in UNCHECKED}
         if old != new:
             differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-            raise ValueError(f"--out: {self.path} holds measurements of another run (it differs in "
+            raise JournalMismatch(f"--out: {self.path} holds measurements of another run (it differs in "
                              f"{', '.join(differ)}); choose another --out, or delete it to start again")
 
     def _read(self) -> list[dict]:
@@ -200,6 +205,8 @@ def run_grid(model, samples: Sequence, encode: Callable[[list], dict], points: S
     out_dir.mkdir(parents=True, exist_ok=True)
     param = next(model.parameters())
     run = {"kind": "run", **(run_info or {}), "samples": [s.label for s in samples],
+           # Catches a sample edited in place (same label, other image or question) on resume.
+           "samples_digest": hashlib.sha256("\n".join(map(repr, samples)).encode()).hexdigest(),
            "new_tokens": new_tokens, "batch_size": batch_size, "backend": backend,
            "dtype": str(param.dtype).replace("torch.", ""), "device": param.device.type,
            "environment": hb.environment(param.device),
