@@ -211,17 +211,24 @@ def test_a_folder_of_images_takes_one_question(tmp_path):
         read_samples(str(tmp_path))
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n"
+                 "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
+                 "{% if add_generation_prompt %} ASSISTANT:{% endif %}")
+
+
 def test_command_on_a_local_checkpoint_skips_bad_samples_and_prints_the_call(tmp_path, capsys):
     from zspa_kernels.fidelity import offline
 
     model, processor, _ = offline.build(torch.device("cpu"), torch.float32)
+    processor.chat_template = CHAT_TEMPLATE  # as real checkpoints ship one
     model.save_pretrained(tmp_path / "ckpt")
     processor.save_pretrained(tmp_path / "ckpt")
     args = ["fidelity", "--model", str(tmp_path / "ckpt"), "--data", str(_data_file(tmp_path)),
             "--keep", "8,576", "--core-ratio", "0.5", "--new-tokens", "2", "--out", str(tmp_path / "out")]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "RANDOM weights" not in out and "samples: 2, 5 skipped" in out
+    assert "RANDOM weights" not in out and "prompt: the processor chat template" in out
+    assert "samples: 2, 5 skipped" in out
     assert "skipped data.jsonl line 3: unreadable image" in out
     assert "keep 8: `zspa_kernels.prune(model, keep=8, core_ratio=0.5)`" in out
     summary = json.loads((tmp_path / "out" / "fidelity.json").read_text())

@@ -59,7 +59,8 @@ def run(out: str, model_path: Optional[str] = None, data: Optional[str] = None, 
         print(f"  model: {offline.LABEL}, RANDOM weights (no download): the timings, cache sizes and the")
         print("  tool are real; agreement and KL mean nothing for quality. Use --model PATH for that.")
     else:
-        print(f"  model: {model_path}; prompt: {'the processor chat template' if template is None else template!r}")
+        prompt = "the processor chat template" if template is None else repr(template)
+        print(f"  model: {model_path}; prompt: {prompt}")
     prompts = Prompts(processor, model, template)
     samples = prompts.usable(samples, bad)
     print(f"  samples: {len(samples)}" + (f", {len(bad)} skipped:" if bad else ""))
