@@ -262,3 +262,14 @@ def test_command_stops_cleanly_when_every_sample_is_bad(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "skipped data.jsonl line 1: image not found" in captured.out
     assert "no usable sample" in captured.err and not (tmp_path / "out").exists()
+
+
+def test_command_interrupted_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    from zspa_kernels.fidelity import command
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(command, "run_grid", interrupted)
+    assert main(["fidelity", "--keep", "16", "--core-ratio", "0.5", "--out", str(tmp_path)]) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
