@@ -56,7 +56,7 @@ def without_timings(obj):
     return obj
 
 
-@pytest.mark.parametrize("name", ["llava", "qwen2_5_vl", "idefics3"])
+@pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_keep_all_agrees_exactly_and_every_field_is_finite(name, tmp_path):
     model, samples, encode = tiny_run(name)
     journal = run_grid(model, samples, encode, GRID, tmp_path, new_tokens=NEW_TOKENS, batch_size=3,
