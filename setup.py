@@ -42,9 +42,9 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "transformers", "scikit-image", "matplotlib", "ninja"],
+        "test": ["pytest", "pytest-benchmark", "transformers", "scikit-image", "matplotlib", "tqdm", "ninja"],
         "hf": ["transformers"],
-        "demo": ["transformers", "scikit-image", "matplotlib"],
+        "demo": ["transformers", "scikit-image", "matplotlib", "tqdm"],
         "bench": ["pytest-benchmark", "matplotlib"],
         "cuda": ["ninja"],
     },

@@ -71,6 +71,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run(args.out, model_path=args.model, keep=args.keep)
 
 
+def cmd_fidelity(args: argparse.Namespace) -> int:
+    from zspa_kernels.fidelity.command import run
+
+    return run(args.out, model_path=args.model, data=args.data, question=args.question, keeps=args.keep,
+               core_ratios=args.core_ratio, new_tokens=args.new_tokens, batch_size=args.batch_size,
+               backend=args.backend)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from zspa_kernels.benchmark import quick
 
@@ -91,6 +99,24 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--model", default=None, help="a local LLaVA-1.5-style checkpoint folder instead")
     demo.add_argument("--keep", type=int, default=64, help="visual tokens kept of each image")
     demo.set_defaults(func=cmd_demo)
+    fidelity = sub.add_parser("fidelity", help="measure what pruning changes on a model and data; "
+                              "recommend keep and core ratio")
+    fidelity.add_argument("--model", default=None,
+                          help="a local checkpoint folder (any supported family); default: a small "
+                               "random-weight LLaVA (no download, numbers meaningless for quality)")
+    fidelity.add_argument("--data", default=None,
+                          help='a JSON-lines file of {"image": PATH, "question": TEXT}, or a folder of '
+                               "images (with --question); default: scikit-image photos")
+    fidelity.add_argument("--question", default=None, help="the question asked of every image of a folder")
+    fidelity.add_argument("--keep", default="32,64,128",
+                          help="visual tokens kept per image: counts or fractions, comma-separated")
+    fidelity.add_argument("--core-ratio", default="0,0.25,0.5,0.75,1", help="core ratios, comma-separated")
+    fidelity.add_argument("--new-tokens", type=int, default=16, help="length of the greedy answers compared")
+    fidelity.add_argument("--batch-size", type=int, default=4, help="samples per batch")
+    fidelity.add_argument("--backend", default="auto", help="select_tokens backend")
+    fidelity.add_argument("--out", default="zspa-fidelity",
+                          help="output folder; a run found there is resumed")
+    fidelity.set_defaults(func=cmd_fidelity)
     bench = sub.add_parser("bench", help="time select_tokens and the baselines on this device")
     bench.add_argument("--shape", default="llava-1.5",
                        help="a SPEC shape: llava-1.5, llava-1.5-b32, llava-next, qwen2.5-vl-hr or video")

@@ -1,0 +1,275 @@
+"""``zspa_kernels.fidelity`` and ``zspa fidelity`` on tiny random models (CPU, no downloads).
+
+Random weights make agreement and KL meaningless for quality, so nothing here asserts
+how pruning ranks; what is asserted is exact: keep-all changes nothing (KL exactly 0),
+every measurement is present and finite, an interrupted run resumes to the same report
+without measuring a finished grid point again, and bad samples are skipped, not fatal.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from zspa_kernels.cli import main  # noqa: E402
+from zspa_kernels.fidelity import GridPoint, Journal, read_samples, run_grid, summarise, write  # noqa: E402
+from zspa_kernels.fidelity.grid import JOURNAL, kl_divergence, parse_core_ratios, parse_keeps  # noqa: E402
+from zspa_kernels.integrations.transformers.tiny import BUILDERS  # noqa: E402
+
+NEW_TOKENS = 3
+TIMINGS = ("prefill_ms", "prefill_speedup", "environment", "started")
+
+
+@dataclass(frozen=True)
+class TinySample:
+    label: str
+    row: tuple  # segments of a tiny model's make_inputs
+    seed: int
+
+
+def tiny_run(name: str, n_samples: int = 5):
+    """A tiny model of family ``name``, samples cycling through its mixed rows (different
+    lengths and image counts, so batches are left-padded), and their encoder."""
+    tiny = BUILDERS[name]()
+    samples = [TinySample(f"row {i}", tiny.batch[i % len(tiny.batch)], i) for i in range(n_samples)]
+
+    def encode(batch):
+        return tiny.make_inputs([s.row for s in batch], seeds=[s.seed for s in batch])
+
+    return tiny.model, samples, encode
+
+
+GRID = [GridPoint(keep, ratio) for keep in (1.0, 3) for ratio in (0.0, 0.5, 1.0)]
+
+
+def without_timings(obj):
+    """The report with what is measured by a clock (or records the machine) left out."""
+    if isinstance(obj, dict):
+        return {k: without_timings(v) for k, v in obj.items() if k not in TIMINGS}
+    if isinstance(obj, list):
+        return [without_timings(v) for v in obj]
+    return obj
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_keep_all_agrees_exactly_and_every_field_is_finite(name, tmp_path):
+    model, samples, encode = tiny_run(name)
+    journal = run_grid(model, samples, encode, GRID, tmp_path, new_tokens=NEW_TOKENS, batch_size=3,
+                       progress=False)
+    summary = summarise(journal)
+    assert len(summary["points"]) == len(GRID)
+    for point in summary["points"]:
+        for key in ("first_token_agreement", "answer_agreement", "kl_mean", "kl_max", "prefill_ms",
+                    "prefill_speedup", "kv_cache_bytes_per_sample", "kv_cache_ratio",
+                    "visual_tokens_per_sample", "visual_tokens_kept_per_sample"):
+            assert math.isfinite(point[key]) and point[key] >= 0, (key, point)
+        assert len(point["per_sample"]) == len(samples)
+        assert all(math.isfinite(s["kl"]) and len(s["answer"]) == NEW_TOKENS for s in point["per_sample"])
+        if point["keep"] == 1.0:  # every visual token kept: the hooks reproduce unpruned logits exactly
+            assert point["visual_tokens_kept_per_sample"] == point["visual_tokens_per_sample"]
+            assert point["first_token_agreement"] == 1.0 and point["answer_agreement"] == 1.0
+            assert point["kl_max"] == 0.0 and point["kv_cache_ratio"] == 1.0
+        else:
+            assert point["visual_tokens_kept_per_sample"] < point["visual_tokens_per_sample"]
+            assert point["kv_cache_ratio"] > 1.0
+    recommended = {r["keep"]: r for r in summary["recommendations"]}
+    assert set(recommended) == {1.0, 3}
+    assert recommended[3]["call"].startswith("zspa_kernels.prune(model, keep=3, core_ratio=")
+    paths = write(summary, tmp_path)
+    assert json.loads(paths[0].read_text())["points"][0]["keep"] == summary["points"][0]["keep"]
+    assert paths[1].read_text().count("\n| ") == len(GRID) + 1  # header and one row per point
+    assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_kl_is_zero_for_equal_distributions_and_positive_otherwise():
+    logp = torch.log_softmax(torch.randn(3, 50), -1)
+    logq = torch.log_softmax(torch.randn(3, 50), -1)
+    assert torch.equal(kl_divergence(logp, logp), torch.zeros(3, dtype=torch.float64))
+    p = logp.double().exp()
+    expected = (p * (logp.double() - logq.double())).sum(-1)
+    torch.testing.assert_close(kl_divergence(logp, logq), expected)
+    assert (expected > 0).all()
+
+
+class Interrupt:
+    """Counts the model's forward calls; raises KeyboardInterrupt at call ``at`` (like Ctrl-C)."""
+
+    def __init__(self, model, at=None):
+        self.calls, self.at = 0, at
+        self.handle = model.register_forward_pre_hook(self)
+
+    def __call__(self, *_):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+
+
+def test_resume_after_an_interruption_reproduces_the_report(tmp_path):
+    model, samples, encode = tiny_run("llava", n_samples=3)
+    grid = [GridPoint(3, 0.0), GridPoint(3, 1.0), GridPoint(1.0, 0.5)]
+    run = dict(new_tokens=NEW_TOKENS, batch_size=2, progress=False)
+    counter = Interrupt(model)
+    whole = summarise(run_grid(model, samples, encode, grid, tmp_path / "whole", **run))
+    counter.handle.remove()
+    passes = 1 + len(grid)
+    per_pass = counter.calls // passes
+    assert per_pass * passes == counter.calls
+
+    # Interrupted in the middle of the third pass (the unpruned one, then two grid points).
+    stop = Interrupt(model, at=2 * per_pass + per_pass // 2)
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(model, samples, encode, grid, tmp_path / "resumed", **run)
+    stop.handle.remove()
+    before = (tmp_path / "resumed" / JOURNAL).read_text().splitlines()
+    assert [json.loads(line)["kind"] for line in before] == ["run", "unpruned", "pruned"]
+
+    counter = Interrupt(model)
+    resumed = run_grid(model, samples, encode, grid, tmp_path / "resumed", **run)
+    counter.handle.remove()
+    assert counter.calls == (passes - 2) * per_pass  # finished passes were not measured again
+    after = (tmp_path / "resumed" / JOURNAL).read_text().splitlines()
+    assert after[:len(before)] == before  # and what they measured (their timings too) is kept
+    assert without_timings(summarise(resumed)) == without_timings(whole)
+    assert summarise(resumed) == summarise(Journal(tmp_path / "resumed", resumed.run))  # rebuilt from the file
+
+
+def test_a_journal_of_another_run_is_refused(tmp_path):
+    model, samples, encode = tiny_run("llava", n_samples=2)
+    run_grid(model, samples, encode, GRID[:1], tmp_path, new_tokens=NEW_TOKENS, progress=False)
+    with pytest.raises(ValueError, match="--out: .* another run .*new_tokens"):
+        run_grid(model, samples, encode, GRID[:1], tmp_path, new_tokens=NEW_TOKENS + 1, progress=False)
+
+
+def test_a_line_cut_short_by_an_interruption_is_dropped(tmp_path):
+    model, samples, encode = tiny_run("llava", n_samples=2)
+    run_grid(model, samples, encode, GRID[:1], tmp_path, new_tokens=NEW_TOKENS, progress=False)
+    journal = tmp_path / JOURNAL
+    lines = journal.read_text().splitlines(keepends=True)
+    journal.write_text("".join(lines) + lines[-1][:40])
+    resumed = run_grid(model, samples, encode, GRID[:1], tmp_path, new_tokens=NEW_TOKENS, progress=False)
+    assert journal.read_text() == "".join(lines) and len(resumed.records) == 3
+
+
+@pytest.mark.parametrize("text, name", [("32,x", "--keep"), ("0", "--keep"), ("1.5", "--keep")])
+def test_bad_keep_lists_name_the_option(text, name):
+    with pytest.raises(ValueError, match=name):
+        parse_keeps(text)
+
+
+@pytest.mark.parametrize("text", ["0.5,2", "a", ""])
+def test_bad_core_ratio_lists_name_the_option(text):
+    with pytest.raises(ValueError, match="--core-ratio"):
+        parse_core_ratios(text)
+
+
+def test_parsed_grid_keeps_counts_and_fractions_apart():
+    assert parse_keeps("32,0.25,1.0") == [32, 0.25, 1.0]
+    assert [type(k) for k in parse_keeps("1,1.0")] == [int, float]
+    assert parse_core_ratios("0,0.25,1") == [0.0, 0.25, 1.0]
+
+
+def _data_file(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "red.png")
+    Image.new("RGB", (30, 40), "blue").save(tmp_path / "blue.png")
+    (tmp_path / "broken.png").write_text("not an image")
+    lines = [
+        json.dumps({"image": "red.png", "question": "What colour is it?"}),    # 1: good
+        json.dumps({"image": "missing.png", "question": "Anything?"}),         # 2: missing image
+        json.dumps({"image": "broken.png", "question": "Anything?"}),          # 3: unreadable
+        json.dumps({"image": "blue.png", "question": "  "}),                   # 4: empty question
+        "{not json",                                                           # 5
+        json.dumps({"question": "no image"}),                                  # 6
+        "",                                                                    # 7: blank, ignored
+        json.dumps({"image": str(tmp_path / "blue.png"), "question": "And this one?"}),  # 8: good
+    ]
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_bad_samples_are_reported_with_their_line_and_skipped(tmp_path):
+    samples, bad = read_samples(str(_data_file(tmp_path)))
+    assert [s.label for s in samples] == ["data.jsonl line 1", "data.jsonl line 8"]
+    assert samples[0].image == str(tmp_path / "red.png")
+    assert [m.split(":")[0] for m in bad] == [f"data.jsonl line {n}" for n in (2, 3, 4, 5, 6)]
+    assert "image not found" in bad[0] and "unreadable image" in bad[1] and "empty question" in bad[2]
+
+
+def test_a_folder_of_images_takes_one_question(tmp_path):
+    _data_file(tmp_path)
+    samples, bad = read_samples(str(tmp_path), "What is it?")
+    assert [s.label for s in samples] == ["blue.png", "red.png"]
+    assert [m.split(":")[0] for m in bad] == ["broken.png", "data.jsonl"]
+    with pytest.raises(ValueError, match="--question"):
+        read_samples(str(tmp_path))
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n"
+                 "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
+                 "{% if add_generation_prompt %} ASSISTANT:{% endif %}")
+
+
+def test_command_on_a_local_checkpoint_skips_bad_samples_and_prints_the_call(tmp_path, capsys):
+    from zspa_kernels.fidelity import offline
+
+    model, processor, _ = offline.build(torch.device("cpu"), torch.float32)
+    processor.chat_template = CHAT_TEMPLATE  # as real checkpoints ship one
+    model.save_pretrained(tmp_path / "ckpt")
+    processor.save_pretrained(tmp_path / "ckpt")
+    args = ["fidelity", "--model", str(tmp_path / "ckpt"), "--data", str(_data_file(tmp_path)),
+            "--keep", "8,576", "--core-ratio", "0.5", "--new-tokens", "2", "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "RANDOM weights" not in out and "prompt: the processor chat template" in out
+    assert "samples: 2, 5 skipped" in out
+    assert "skipped data.jsonl line 3: unreadable image" in out
+    assert "keep 8: `zspa_kernels.prune(model, keep=8, core_ratio=0.5)`" in out
+    summary = json.loads((tmp_path / "out" / "fidelity.json").read_text())
+    keep_all = next(p for p in summary["points"] if p["keep"] == 576)
+    assert keep_all["kl_max"] == 0.0 and keep_all["answer_agreement"] == 1.0
+    assert (tmp_path / "out" / "fidelity.png").exists() and (tmp_path / "out" / "fidelity.md").exists()
+
+
+def test_command_offline_default_says_its_numbers_mean_nothing(tmp_path, capsys):
+    assert main(["fidelity", "--keep", "16", "--core-ratio", "0.5", "--new-tokens", "2", "--batch-size", "6",
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "RANDOM weights" in out and "samples: 12" in out
+    assert "zspa_kernels.prune(model, keep=16, core_ratio=0.5)" in out
+
+
+@pytest.mark.parametrize("args, name", [
+    (["--keep", "x"], "--keep"), (["--core-ratio", "2"], "--core-ratio"), (["--new-tokens", "0"], "--new-tokens"),
+    (["--batch-size", "0"], "--batch-size"), (["--backend", "fast"], "--backend"), (["--model", "nowhere"], "--model"),
+    (["--data", "nowhere.jsonl"], "--data"), (["--question", "Why?"], "--question"),
+])
+def test_command_refuses_bad_options_naming_them(args, name, tmp_path, capsys):
+    assert main(["fidelity", "--out", str(tmp_path), *args]) == 2
+    assert capsys.readouterr().err.startswith(f"zspa fidelity: {name}:")
+
+
+def test_command_stops_cleanly_when_every_sample_is_bad(tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"image": "missing.png", "question": "Anything?"}) + "\n")
+    assert main(["fidelity", "--data", str(data), "--out", str(tmp_path / "out")]) == 2
+    captured = capsys.readouterr()
+    assert "skipped data.jsonl line 1: image not found" in captured.out
+    assert "no usable sample" in captured.err and not (tmp_path / "out").exists()
+
+
+def test_command_interrupted_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    from zspa_kernels.fidelity import command
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(command, "run_grid", interrupted)
+    assert main(["fidelity", "--keep", "16", "--core-ratio", "0.5", "--out", str(tmp_path)]) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err

@@ -1,0 +1,233 @@
+"""The measurement: the unpruned model once per sample, then the pruned model at every
+(keep, core ratio) grid point, on the same batches.
+
+Every finished pass is appended to a journal (``measurements.jsonl``: a run record,
+then one record per pass) and the unpruned next-token log-probabilities are saved
+beside it, so an interrupted run resumes where it stopped: finished grid points are
+neither measured again nor lost. A partial pass leaves no record.
+
+Per sample and pass: the argmax of the next-token logits at the first answer position,
+the greedy answer (``generate()``, ``new_tokens`` tokens, cut after an end-of-sequence
+token), and KL(unpruned || pruned) of the next-token distributions in fp64. Per pass: prefill
+time and the bytes of the KV caches the prefills build (left padding included, as allocated).
+Prefill time: per batch the median of three synchronised wall-clock prefills after a
+warm-up (``benchmark.wall_median_ms``), summed over batches.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import pathlib
+from dataclasses import dataclass
+from typing import Callable, Sequence, Union
+
+import torch
+
+from .. import benchmark as hb
+from ..models import cache_bytes
+from ..spec import check_keep
+
+JOURNAL = "measurements.jsonl"
+UNPRUNED_LOGPROBS = "unpruned-logprobs.pt"
+# Run-record fields that may differ when a run is resumed (the rest must match).
+UNCHECKED = ("environment", "started")
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    keep: Union[int, float]
+    core_ratio: float
+
+    def matches(self, record: dict) -> bool:
+        return record["keep"] == self.keep and type(record["keep"]) is type(self.keep) \
+            and record["core_ratio"] == self.core_ratio
+
+
+def parse_keeps(text: str) -> list[Union[int, float]]:
+    """``"32,64,0.25"``: token counts (ints) or fractions of each image's tokens."""
+    keeps = []
+    for item in text.split(","):
+        try:
+            keep = float(item) if "." in item else int(item)
+            check_keep(keep)
+        except ValueError as exc:
+            raise ValueError(f"--keep: expected comma-separated counts or fractions in (0, 1], "
+                             f"got {item!r} ({exc})") from None
+        keeps.append(keep)
+    return keeps
+
+
+def parse_core_ratios(text: str) -> list[float]:
+    ratios = []
+    for item in text.split(","):
+        try:
+            ratio = float(item)
+        except ValueError:
+            ratio = -1.0
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"--core-ratio: expected comma-separated numbers in [0, 1], got {item!r}")
+        ratios.append(ratio)
+    return ratios
+
+
+class JournalMismatch(ValueError):
+    """The output folder holds the journal of a run with other settings or samples."""
+
+
+class Journal:
+    """The JSON-lines record of a run in ``out_dir``: appended and flushed pass by pass."""
+
+    def __init__(self, out_dir: pathlib.Path, run: dict):
+        self.path = out_dir / JOURNAL
+        self.records = self._read()
+        if not self.records:
+            self.append(run)
+            return
+        old = {k: v for k, v in self.records[0].items() if k not in UNCHECKED}
+        new = {k: v for k, v in run.items() if k not in UNCHECKED}
+        if old != new:
+            differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+            raise JournalMismatch(f"--out: {self.path} holds measurements of another run (it differs in "
+                             f"{', '.join(differ)}); choose another --out, or delete it to start again")
+
+    def _read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        records = []
+        for number, line in enumerate(lines, 1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number < len(lines):
+                    raise ValueError(f"--out: {self.path} line {number} is not JSON; delete the file "
+                                     "to start again") from None
+                # The last line was cut short by an interruption: drop it.
+                self.path.write_text("".join(lines[:-1]), encoding="utf-8")
+        return records
+
+    @property
+    def run(self) -> dict:
+        return self.records[0]
+
+    def unpruned(self):
+        return next((r for r in self.records if r["kind"] == "unpruned"), None)
+
+    def point(self, point: GridPoint):
+        return next((r for r in self.records if r["kind"] == "pruned" and point.matches(r)), None)
+
+    def append(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.records.append(record)
+
+
+def kl_divergence(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row in fp64 from log-probabilities; exactly 0 where they are equal."""
+    logp, logq = logp.double(), logq.double()
+    p = logp.exp()
+    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+
+
+def _eos_ids(model) -> set[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    return set() if eos is None else set([eos] if isinstance(eos, int) else eos)
+
+
+def _answers(new_ids: torch.Tensor, eos: set[int]) -> list[list[int]]:
+    """Generated ids of each row, up to and including its first end-of-sequence token."""
+    out = []
+    for row in new_ids.tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        out.append(row[:end])
+    return out
+
+
+@torch.no_grad()
+def _prefill(model, inputs: dict):
+    return model(**inputs, use_cache=True, logits_to_keep=1)
+
+
+@torch.no_grad()
+def measure_pass(model, batches: Sequence[list], encode: Callable[[list], dict], new_tokens: int,
+                 on_batch: Callable[[int], None], handle=None) -> tuple[dict, torch.Tensor]:
+    """One pass over all batches: ``(record, next-token log-probs (samples, vocab))``.
+    ``handle``: the active ``prune()`` handle of a pruned pass (its selections are counted)."""
+    param = next(model.parameters())
+    device = param.device
+    eos = _eos_ids(model)
+    prefill_ms, kv, kept, visual = 0.0, 0, 0, 0
+    first, answers, logprobs = [], [], []
+    for batch in batches:
+        inputs = {k: v.to(device, param.dtype) if v.is_floating_point() else v.to(device)
+                  for k, v in encode(batch).items()}
+        last = {}
+
+        def prefill():
+            last["out"] = _prefill(model, inputs)
+
+        prefill_ms += hb.wall_median_ms(prefill, device)
+        out = last.pop("out")
+        kv += cache_bytes(out.past_key_values)
+        if handle is not None:
+            kept += sum(s.order.shape[0] for s in handle.last_selection)
+            visual += sum(s.n_tokens for s in handle.last_selection)
+        step = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        logprobs.append(step.cpu())
+        first += step.argmax(-1).tolist()
+        del out
+        generated = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, num_beams=1)
+        answers += _answers(generated[:, inputs["input_ids"].shape[1]:], eos)
+        on_batch(len(batch))
+    record = {"prefill_ms": prefill_ms, "kv_cache_bytes": kv,
+              "first_tokens": first, "answers": answers}
+    if handle is not None:
+        record.update(visual_tokens=visual, visual_tokens_kept=kept)
+    return record, torch.cat(logprobs)
+
+
+def run_grid(model, samples: Sequence, encode: Callable[[list], dict], points: Sequence[GridPoint],
+             out_dir: pathlib.Path, new_tokens: int = 16, batch_size: int = 4, backend: str = "auto",
+             run_info: dict = None, progress: bool = True) -> Journal:
+    """Measure ``samples`` (objects with a ``label``; ``encode(list_of_samples)`` gives the
+    model's keyword arguments) unpruned and at every grid point; resume from ``out_dir``."""
+    import zspa_kernels
+    from tqdm.auto import tqdm
+
+    if new_tokens < 1 or batch_size < 1:
+        raise ValueError(f"new_tokens, batch_size: expected >= 1, got {new_tokens}, {batch_size}")
+    if not samples:
+        raise ValueError("samples: nothing to measure (every sample was skipped?)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    param = next(model.parameters())
+    run = {"kind": "run", **(run_info or {}), "samples": [s.label for s in samples],
+           # Catches a sample edited in place (same label, other image or question) on resume.
+           "samples_digest": hashlib.sha256("\n".join(map(repr, samples)).encode()).hexdigest(),
+           "new_tokens": new_tokens, "batch_size": batch_size, "backend": backend,
+           "dtype": str(param.dtype).replace("torch.", ""), "device": param.device.type,
+           "environment": hb.environment(param.device),
+           "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    journal = Journal(out_dir, run)
+    logprobs_path = out_dir / UNPRUNED_LOGPROBS
+    batches = [list(samples[i:i + batch_size]) for i in range(0, len(samples), batch_size)]
+    todo = [p for p in dict.fromkeys(points) if journal.point(p) is None]
+    passes = len(todo) + (journal.unpruned() is None)
+    with tqdm(total=passes * len(samples), unit="sample", disable=not progress, dynamic_ncols=True) as bar:
+        if journal.unpruned() is None:
+            bar.set_description("unpruned")
+            record, logprobs = measure_pass(model, batches, encode, new_tokens, bar.update)
+            torch.save(logprobs, logprobs_path)  # before the record: a record means the file exists
+            journal.append({"kind": "unpruned", **record})
+        reference = torch.load(logprobs_path)
+        for point in todo:
+            bar.set_description(f"keep {point.keep}, core ratio {point.core_ratio}")
+            with zspa_kernels.prune(model, keep=point.keep, core_ratio=point.core_ratio,
+                                    backend=backend) as handle:
+                record, logprobs = measure_pass(model, batches, encode, new_tokens, bar.update, handle)
+            journal.append({"kind": "pruned", "keep": point.keep, "core_ratio": point.core_ratio,
+                            **record, "kl": kl_divergence(reference, logprobs).tolist()})
+    return journal

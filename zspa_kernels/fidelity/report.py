@@ -1,0 +1,141 @@
+"""What a fidelity run found, rebuilt from its journal alone (so a resumed run writes the
+same report): the summary JSON, a markdown table, a heatmap, and the ``prune(...)`` call
+recommended for each budget."""
+from __future__ import annotations
+
+import json
+import pathlib
+import statistics
+
+from .grid import Journal
+
+FILES = ("fidelity.json", "fidelity.md", "fidelity.png")
+
+
+def _point_summary(record: dict, unpruned: dict) -> dict:
+    n = len(unpruned["first_tokens"])
+    first = [a == b for a, b in zip(record["first_tokens"], unpruned["first_tokens"])]
+    answer = [a == b for a, b in zip(record["answers"], unpruned["answers"])]
+    return {
+        "keep": record["keep"], "core_ratio": record["core_ratio"],
+        "first_token_agreement": sum(first) / n,
+        "answer_agreement": sum(answer) / n,
+        "kl_mean": statistics.fmean(record["kl"]), "kl_max": max(record["kl"]),
+        "prefill_ms": record["prefill_ms"],
+        "prefill_speedup": unpruned["prefill_ms"] / record["prefill_ms"],
+        "kv_cache_bytes_per_sample": record["kv_cache_bytes"] / n,
+        "kv_cache_ratio": unpruned["kv_cache_bytes"] / record["kv_cache_bytes"],
+        "visual_tokens_per_sample": record["visual_tokens"] / n,
+        "visual_tokens_kept_per_sample": record["visual_tokens_kept"] / n,
+        "per_sample": [{"first_token": t, "answer": a, "kl": k, "first_token_agrees": f, "answer_agrees": m}
+                       for t, a, k, f, m in zip(record["first_tokens"], record["answers"], record["kl"],
+                                                first, answer)],
+    }
+
+
+def prune_call(keep, core_ratio: float) -> str:
+    return f"zspa_kernels.prune(model, keep={keep}, core_ratio={core_ratio})"
+
+
+def recommend(points: list[dict]) -> list[dict]:
+    """Per budget, the core ratio whose greedy answers agree most with the unpruned ones;
+    ties go to first-token agreement, then to the lower mean KL."""
+    best = {}
+    for p in points:
+        rank = (p["answer_agreement"], p["first_token_agreement"], -p["kl_mean"])
+        key = (type(p["keep"]).__name__, p["keep"])
+        if key not in best or rank > best[key][0]:
+            best[key] = (rank, p)
+    return [{"keep": p["keep"], "core_ratio": p["core_ratio"], "call": prune_call(p["keep"], p["core_ratio"]),
+             "answer_agreement": p["answer_agreement"], "first_token_agreement": p["first_token_agreement"],
+             "kl_mean": p["kl_mean"], "prefill_speedup": p["prefill_speedup"]}
+            for _, p in best.values()]
+
+
+def summarise(journal: Journal) -> dict:
+    """Everything measured, with agreements, KL and ratios worked out per grid point."""
+    unpruned = journal.unpruned()
+    points = [_point_summary(r, unpruned) for r in journal.records if r["kind"] == "pruned"]
+    # Grid order whatever order the passes ran in: counts before fractions, then by value.
+    points.sort(key=lambda p: (isinstance(p["keep"], float), p["keep"], p["core_ratio"]))
+    run = {k: v for k, v in journal.run.items() if k != "kind"}
+    n = len(unpruned["first_tokens"])
+    return {"run": run,
+            "unpruned": {"prefill_ms": unpruned["prefill_ms"],
+                         "kv_cache_bytes_per_sample": unpruned["kv_cache_bytes"] / n,
+                         "first_tokens": unpruned["first_tokens"], "answers": unpruned["answers"]},
+            "points": points, "recommendations": recommend(points)}
+
+
+def _bytes(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+def markdown(summary: dict) -> str:
+    run, base = summary["run"], summary["unpruned"]
+    n = len(run["samples"])
+    lines = [
+        f"# zspa fidelity: {run.get('model', 'model')}",
+        "",
+        f"{n} samples, greedy answers of {run['new_tokens']} tokens, batches of {run['batch_size']}, "
+        f"{run['dtype']} on {run['environment']['device']}, torch {run['environment']['torch']}"
+        + (f", transformers {run['transformers']}" if "transformers" in run else "")
+        + f", backend {run['backend']}, started {run['started']}"
+        + (f" (load average {run['environment']['load_average_1min']:.1f})"
+           if "load_average_1min" in run["environment"] else "") + ".",
+        f"Unpruned: prefill {base['prefill_ms']:.1f} ms for all samples, KV cache "
+        f"{_bytes(base['kv_cache_bytes_per_sample'])} per sample.",
+        "",
+        "| keep | core ratio | visual tokens kept | first token agrees | answer agrees | KL mean | KL max "
+        "| prefill | speed-up | KV cache / sample | smaller |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in summary["points"]:
+        lines.append(
+            f"| {p['keep']} | {p['core_ratio']} | {p['visual_tokens_kept_per_sample']:.0f} of "
+            f"{p['visual_tokens_per_sample']:.0f} | {p['first_token_agreement']:.2f} | {p['answer_agreement']:.2f} "
+            f"| {p['kl_mean']:.3g} | {p['kl_max']:.3g} | {p['prefill_ms']:.1f} ms | {p['prefill_speedup']:.2f}x "
+            f"| {_bytes(p['kv_cache_bytes_per_sample'])} | {p['kv_cache_ratio']:.1f}x |")
+    lines += ["", "Recommended per budget (best answer agreement, then first token, then lowest KL):", ""]
+    lines += [f"- keep {r['keep']}: `{r['call']}`" for r in summary["recommendations"]]
+    return "\n".join(lines) + "\n"
+
+
+def heatmap(summary: dict, path: pathlib.Path) -> None:
+    """Keep x core ratio; colour: greedy-answer agreement; text: agreement and prefill speed-up."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = summary["points"]
+    keeps = list(dict.fromkeys(p["keep"] for p in points))
+    ratios = sorted({p["core_ratio"] for p in points})
+    grid = [[float("nan")] * len(ratios) for _ in keeps]
+    fig, ax = plt.subplots(figsize=(1.3 * len(ratios) + 2.5, 0.8 * len(keeps) + 1.8))
+    for p in points:
+        r, c = keeps.index(p["keep"]), ratios.index(p["core_ratio"])
+        grid[r][c] = p["answer_agreement"]
+        ax.text(c, r, f"{p['answer_agreement']:.2f}\nprefill {p['prefill_speedup']:.2f}x", ha="center", va="center",
+                fontsize=9, color="black" if p["answer_agreement"] > 0.5 else "white")
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(ratios)), [str(r) for r in ratios])
+    ax.set_yticks(range(len(keeps)), [str(k) for k in keeps])
+    ax.set_xlabel("core ratio")
+    ax.set_ylabel("keep (visual tokens per image)")
+    run = summary["run"]
+    ax.set_title(f"{run.get('model', 'model')}: {len(run['samples'])} samples\n"
+                 "colour: greedy answers equal to the unpruned ones; text: that share and the prefill speed-up",
+                 fontsize=9)
+    fig.colorbar(image, ax=ax, label="greedy answer agreement")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write(summary: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
+    paths = [out_dir / name for name in FILES]
+    paths[0].write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    paths[1].write_text(markdown(summary), encoding="utf-8")
+    heatmap(summary, paths[2])
+    return paths
