@@ -6,7 +6,7 @@ from typing import Union
 import torch
 
 from .families import FAMILIES, find_family
-from .handle import PruneHandle
+from .handle import PruneHandle, kv_cache
 from .selection import ImageSelection
 
 
@@ -45,4 +45,4 @@ def prune(
                        backend, tokenizer)
 
 
-__all__ = ["prune", "PruneHandle", "ImageSelection", "FAMILIES"]
+__all__ = ["prune", "PruneHandle", "ImageSelection", "FAMILIES", "kv_cache"]

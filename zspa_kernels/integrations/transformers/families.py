@@ -73,8 +73,9 @@ def _gemma3_masks(config, embeds, mask, cache, positions, token_types, slots):
 
     build = Gemma3ForConditionalGeneration.create_masks_for_generate
     params = inspect.signature(build).parameters
-    kwargs = dict(config=config, attention_mask=mask, past_key_values=cache,
-                  position_ids=positions, token_type_ids=token_types)
+    kwargs = dict(config=config, attention_mask=mask, position_ids=positions,
+                  token_type_ids=token_types)
+    kwargs["cache" if "cache" in params else "past_key_values"] = cache
     kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = embeds
     if "cache_position" in params:
         kwargs["cache_position"] = slots

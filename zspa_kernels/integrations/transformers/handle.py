@@ -23,6 +23,7 @@ pruned forward are shorter than ``input_ids``; the last position is unchanged.
 """
 from __future__ import annotations
 
+import inspect
 import weakref
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -64,6 +65,20 @@ class _CacheState:
     # Tokens appended since the prefill. Counted here: the static cache of transformers 4.x
     # measures its length by non-zero keys of row 0, which miscounts left-padded rows.
     grown: int = 0
+
+
+# transformers 5.24 renamed the cache argument ``past_key_values`` to ``cache``.
+CACHE_ARGS = ("cache", "past_key_values")
+
+
+def _cache_of(kwargs: dict):
+    return next((kwargs[k] for k in CACHE_ARGS if kwargs.get(k) is not None), None)
+
+
+def kv_cache(output):
+    """The KV cache of a model or ``generate()`` output, under either name."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
 def _is_empty(cache) -> bool:
@@ -112,6 +127,8 @@ class PruneHandle:
             special.update(tokenizer.all_special_ids)
         self.special_ids = torch.tensor(sorted(special), dtype=torch.long)
         self.tokens_per_image = family.tokens_per_image(model.config)
+        params = inspect.signature(self.lm.forward).parameters
+        self._cache_arg = next((k for k in CACHE_ARGS if k in params), CACHE_ARGS[-1])
         self.last_selection: list[ImageSelection] = []
         self._input_ids: Optional[torch.Tensor] = None
         self._caches: "weakref.WeakKeyDictionary[object, _CacheState]" = weakref.WeakKeyDictionary()
@@ -140,7 +157,7 @@ class PruneHandle:
     def _base_pre_hook(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         self._input_ids = input_ids
-        cache = kwargs.get("past_key_values")
+        cache = _cache_of(kwargs)
         state = self._caches.get(cache) if cache is not None else None
         if state is None or _is_empty(cache):
             return None
@@ -155,7 +172,7 @@ class PruneHandle:
         return None
 
     def _lm_pre_hook(self, module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = _cache_of(kwargs)
         if not _is_empty(cache):
             state = self._caches.get(cache)
             if state is not None:
@@ -243,7 +260,7 @@ class PruneHandle:
         if cache is None and kwargs.get("use_cache", getattr(self.lm.config, "use_cache", False)):
             from transformers import DynamicCache
 
-            cache = kwargs["past_key_values"] = DynamicCache(config=self.lm.config)
+            cache = kwargs[self._cache_arg] = DynamicCache(config=self.lm.config)
         kwargs["inputs_embeds"] = embeds.gather(1, index[..., None].expand(-1, -1, D))
         new_mask = mask.gather(1, index) * valid
         positions = kwargs.get("position_ids")
@@ -286,6 +303,6 @@ class PruneHandle:
         if kwargs.get("cache_position") is not None:
             kwargs["cache_position"] = slots
         if self.family.build_mask is not None:  # decode tokens are text: no image blocks
-            mask = self.family.build_mask(self.config, embeds, mask, kwargs.get("past_key_values"),
+            mask = self.family.build_mask(self.config, embeds, mask, _cache_of(kwargs),
                                           kwargs.get("position_ids"), None, slots)
         kwargs["attention_mask"] = mask
