@@ -261,19 +261,17 @@ def test_pruned_inputs_hold_exactly_the_selected_tokens(tiny):
     embeds, kept_embeds = full[0]["inputs_embeds"], cut[0]["inputs_embeds"]
     mask = padding_mask(cut[0]["attention_mask"])[:, : kept_embeds.shape[1]]
     visual = torch.isin(inputs["input_ids"], torch.tensor(handle.visual_ids))
-    length = visual.shape[1]
     for r in range(len(tiny.batch)):
-        row = visual[r]
-        runs = iter(torch.nonzero(row & ~torch.nn.functional.pad(row, (1, 0))[:-1])[:, 0].tolist())
-        keep, at = ~row & inputs["attention_mask"][r].bool(), length
+        # The row's visual tokens in order; each image takes the next n_tokens of them
+        # (an image may span several runs, a run may hold several images).
+        spots, at = visual[r].nonzero()[:, 0], 0
+        keep = ~visual[r] & inputs["attention_mask"][r].bool()
         for sel in (s for s in handle.last_selection if s.batch_row == r):
-            if at >= length or not row[at]:  # a run may hold several images back to back
-                at = next(runs)
             assert sel.order.shape[0] == keep_budget(0.3, sel.n_tokens) <= sel.n_tokens
             assert torch.equal(sel.kept, sel.order.sort().values)
-            keep[at + sel.kept] = True
+            keep[spots[at + sel.kept]] = True
             at += sel.n_tokens
-        assert next(runs, None) is None
+        assert at == spots.shape[0]
         n = int(keep.sum())
         assert torch.equal(kept_embeds[r, -n:], embeds[r, keep])
         assert mask[r, : kept_embeds.shape[1] - n].sum() == 0  # re-padding is masked out

@@ -22,9 +22,10 @@ class Family:
     model_types: tuple[str, ...]
     lm_attr: str = "language_model"
     visual_token_attrs: tuple[str, ...] = ("image_token_id",)
-    # Visual tokens per image when every image has the same count, so that adjacent
-    # images (no text between them) are still split; None: each contiguous run is one image.
-    tokens_per_image: Callable[[Any], Optional[int]] = lambda config: None
+    # (config, the base model's keyword arguments, the call's visual token count) -> the
+    # visual token count of each image in order, where runs of visual tokens do not say it
+    # (adjacent images; row-break tokens inside an image); None: each run is one image.
+    image_token_counts: Callable[[Any, dict, int], Optional[list[int]]] = lambda c, i, n: None
     # Called after the prefill gather with the Prefill record (see handle.py).
     on_prefill: Optional[Callable[..., None]] = None
     # For language models that take prebuilt masks: (config, embeds, 2-D mask, cache,
@@ -36,10 +37,57 @@ class Family:
         return [i for i in ids if i is not None]
 
 
-def _llava_tokens_per_image(config) -> int:
-    vision = config.vision_config
-    n = (vision.image_size // vision.patch_size) ** 2
-    return n + 1 if config.vision_feature_select_strategy == "full" else n
+def _split_evenly(n_visual: int, n_images: int, why: str) -> list[int]:
+    if n_images < 1 or n_visual % n_images:
+        raise ValueError(f"model: {n_visual} image tokens do not split evenly into {why}; "
+                         "cannot tell where each image's tokens are")
+    return [n_visual // n_images] * n_images
+
+
+def _counts_from_image_sizes(inputs: dict, step: int) -> list[int]:
+    """Pixtral towers: ``(h // step) * (w // step)`` tokens per image, rows of them
+    separated by row-break tokens."""
+    sizes = inputs.get("image_sizes")
+    if sizes is None:
+        raise ValueError("image_sizes: required to tell where each image's tokens are "
+                         "(Pixtral vision tower), got None")
+    return (torch.as_tensor(sizes) // step).prod(-1).tolist()
+
+
+def _encoded_counts(inputs: dict) -> Optional[list[int]]:
+    """Token count of each image already encoded by ``generate()`` (transformers 5.24+
+    runs the vision tower ahead of the prefill and passes ``mm_encoder_outputs``)."""
+    encoded = (inputs.get("mm_encoder_outputs") or {}).get("image")
+    features = getattr(encoded, "pooler_output", None)
+    if isinstance(features, (list, tuple)):
+        return [f.shape[0] for f in features]
+    return None
+
+
+def _llava_counts(config, inputs: dict, n_visual: int) -> list[int]:
+    """The encoded images' feature counts when generate() passes them; else one image per
+    ``pixel_values`` entry: fixed-size towers (CLIP with a class token, SigLIP without;
+    the "default" strategy drops the first token either way) give every image the same
+    count, the tokens present shared out; Pixtral towers: from the image sizes (Mistral3
+    merges ``spatial_merge_size``^2 patches into a token)."""
+    encoded = _encoded_counts(inputs)
+    if encoded is not None:
+        return encoded
+    if config.vision_config.model_type == "pixtral":
+        step = config.vision_config.patch_size * getattr(config, "spatial_merge_size", 1)
+        return _counts_from_image_sizes(inputs, step)
+    pixels = inputs.get("pixel_values")
+    if pixels is None:
+        raise ValueError("pixel_values: required to tell where each LLaVA image's tokens are, got None")
+    return _split_evenly(n_visual, pixels.shape[0], f"{pixels.shape[0]} images (pixel_values)")
+
+
+def _fixed_counts(per_image: Callable[[Any], int]):
+    def counts(config, inputs: dict, n_visual: int) -> list[int]:
+        n = per_image(config)
+        return _split_evenly(n_visual, n_visual // n if n_visual % n == 0 else 0,
+                             f"images of {n} tokens")
+    return counts
 
 
 def _gather_deepstack(prefill) -> None:
@@ -60,7 +108,7 @@ def _gather_deepstack(prefill) -> None:
     kwargs["deepstack_visual_embeds"] = [e[rows] for e in kwargs["deepstack_visual_embeds"]]
 
 
-def _idefics3_tokens_per_image(config) -> int:
+def _idefics3_tile_tokens(config) -> int:
     vision = config.vision_config
     return (vision.image_size // vision.patch_size) ** 2 // config.scale_factor ** 2
 
@@ -83,7 +131,8 @@ def _gemma3_masks(config, embeds, mask, cache, positions, token_types, slots):
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("LLaVA-1.5", ("llava",), tokens_per_image=_llava_tokens_per_image),
+    Family("LLaVA-1.5", ("llava",), image_token_counts=_llava_counts),
+    Family("Mistral3", ("mistral3",), image_token_counts=_llava_counts),
     # Any-resolution: counts differ per image; each run of image tokens is one image.
     Family("LLaVA-NeXT", ("llava_next",)),
     # Qwen's rope_deltas stay as computed: decode positions come from generate() (original
@@ -94,8 +143,9 @@ FAMILIES: tuple[Family, ...] = (
            on_prefill=_gather_deepstack),
     # Each tile of a split image (and its global view) is its own run and budget.
     Family("Idefics3/SmolVLM", ("idefics3", "smolvlm"), lm_attr="text_model",
-           tokens_per_image=_idefics3_tokens_per_image),
-    Family("Gemma3", ("gemma3",), tokens_per_image=lambda config: config.mm_tokens_per_image,
+           image_token_counts=_fixed_counts(_idefics3_tile_tokens)),
+    Family("Gemma3", ("gemma3",),
+           image_token_counts=_fixed_counts(lambda config: config.mm_tokens_per_image),
            build_mask=_gemma3_masks),
 )
 

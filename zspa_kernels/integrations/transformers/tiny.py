@@ -49,11 +49,13 @@ class TinyVLM:
     batch: list  # rows of different lengths and image counts/sizes
     frames_are_images: bool = False  # each video frame is its own run of tokens (Qwen3-VL)
     beam_video: bool = True  # False where the unpatched model cannot beam-search a video
+    beam_multi_image: bool = True  # False where it cannot beam-search rows of several images
 
     @property
     def beam_batch(self) -> list:
-        return self.batch if self.beam_video else [r for r in self.batch
-                                                    if all(s[0] != "video" for s in r)]
+        return [r for r in self.batch
+                if (self.beam_video or all(s[0] != "video" for s in r))
+                and (self.beam_multi_image or sum(s[0] != "text" for s in r) == 1)]
 
     def n_images(self, rows) -> int:
         """How many separately budgeted images (or frames) ``rows`` hold."""
@@ -69,31 +71,98 @@ def _finish(model: torch.nn.Module, attn: str) -> torch.nn.Module:
     return model.eval()
 
 
+TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+
+
+def _tiny_llama(model_type: str = "llama"):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(model_type, hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                vocab_size=VOCAB, max_position_embeddings=512, pad_token_id=PAD,
+                                bos_token_id=1, eos_token_id=2)
+
+
 def _clip_llama_configs() -> dict:
     """The tiny CLIP tower (16 px images, 4 px patches) and Llama of both LLaVA families."""
-    from transformers import CLIPVisionConfig, LlamaConfig
+    from transformers import CLIPVisionConfig
 
-    return dict(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=2, image_size=16, patch_size=4),
-        text_config=LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-                                max_position_embeddings=512, pad_token_id=PAD, bos_token_id=1,
-                                eos_token_id=2),
-    )
+    return dict(vision_config=CLIPVisionConfig(**TOWER, image_size=16, patch_size=4),
+                text_config=_tiny_llama())
 
 
-def llava(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+def _n_features(model, **image) -> int:
+    """Feature rows one image becomes (whatever the tower and feature strategy)."""
+    with torch.no_grad():
+        out = model.model.get_image_features(**image)
+    return getattr(out, "pooler_output", out)[0].shape[0]
+
+
+def _pixtral_tokens(h: int, w: int, step: int, image: int, row_break: int, end: int) -> list[int]:
+    """Pixtral's layout: a row of ``w // step`` image tokens per ``step`` pixels of height,
+    a row-break token after each row but the last, which ends with an end-of-image token."""
+    rows = [[image] * (w // step) + [row_break] for _ in range(h // step)]
+    rows[-1][-1] = end
+    return sum(rows, [])
+
+
+def _pixtral_inputs(rows, seeds, image_token: int, step: int, size: int) -> dict:
+    """Inputs of a Pixtral-tower model: images of (h, w) pixels, zero-padded to size x size."""
+    ids, pixels, sizes = [], [], []
+    for segments, gen in zip(rows, _generators(rows, seeds)):
+        row = []
+        for kind, hw in segments:
+            if kind == "text":
+                row += _text(hw, gen)
+                continue
+            row += _pixtral_tokens(*hw, step, image_token, PIXTRAL_BREAK, PIXTRAL_END)
+            image = torch.zeros(3, size, size)
+            image[:, : hw[0], : hw[1]] = torch.randn(3, *hw, generator=gen)
+            pixels.append(image), sizes.append(hw)
+        ids.append(row)
+    return dict(_left_pad(ids), pixel_values=torch.stack(pixels), image_sizes=torch.tensor(sizes))
+
+
+PIXTRAL_BREAK, PIXTRAL_END = 125, 126
+PIXTRAL_ROWS = dict(
+    # Before 5.24 generate() expands image_sizes image by image, not row by row, for beam
+    # search: a row of several images gets other beams' sizes (the model itself misplaces
+    # their features; prune refuses).
+    beam_multi_image=hasattr(transformers.GenerationMixin, "_expand_multimodal_outputs"),
+    single=[[("text", 5), ("image", (16, 12)), ("text", 7)]],
+    batch=[[("text", 5), ("image", (16, 16)), ("text", 7)],
+           [("text", 3), ("image", (8, 16)), ("image", (12, 8)), ("text", 4)],
+           [("image", (16, 8)), ("text", 9)]])
+# Two images back to back (no text between them) in the middle row: only the per-image
+# counts can tell where one ends.
+ADJACENT_ROWS = dict(single=[[("text", 5), ("image", 0), ("text", 7)]],
+                     batch=[[("text", 5), ("image", 0), ("text", 7)],
+                            [("text", 3), ("image", 0), ("image", 0), ("text", 4)],
+                            [("image", 0), ("text", 9)]])
+
+
+def llava(attn: str = "sdpa", seed: int = 0, tower: str = "clip",
+          strategy: str = "default") -> TinyVLM:
+    """LLaVA with a CLIP (class token), SigLIP (none) or Pixtral (any size, row breaks)
+    vision tower: the layouts of llava-1.5, of SigLIP-tower LLaVAs and of Pixtral-12B."""
+    from transformers import (AutoConfig, LlavaConfig, LlavaForConditionalGeneration)
 
     torch.manual_seed(seed)
     image_token = 127
-    config = LlavaConfig(
-        **_clip_llama_configs(),
-        image_token_id=image_token, image_seq_length=16, pad_token_id=PAD,
-    )
+    if tower == "clip":
+        configs = _clip_llama_configs()
+    else:
+        vision = AutoConfig.for_model(
+            "siglip_vision_model" if tower == "siglip" else "pixtral", **TOWER, image_size=16,
+            patch_size=4)
+        configs = dict(vision_config=vision, text_config=_tiny_llama())
+    config = LlavaConfig(**configs, image_token_id=image_token, image_seq_length=16,
+                         vision_feature_select_strategy=strategy, pad_token_id=PAD)
     model = _finish(LlavaForConditionalGeneration(config), attn)
-    tokens = 16  # (16 / 4) ** 2 patches, CLS dropped
+    if tower == "pixtral":
+        return TinyVLM(model, lambda rows, seeds=None: _pixtral_inputs(rows, seeds, image_token, 4, 16),
+                       **PIXTRAL_ROWS)
+    tokens = _n_features(model, pixel_values=torch.zeros(1, 3, 16, 16))
 
     def make_inputs(rows, seeds=None) -> dict:
         ids, pixels = [], []
@@ -108,11 +177,29 @@ def llava(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
             ids.append(row)
         return dict(_left_pad(ids), pixel_values=torch.stack(pixels))
 
-    return TinyVLM(model, make_inputs,
-                   single=[[("text", 5), ("image", 0), ("text", 7)]],
-                   batch=[[("text", 5), ("image", 0), ("text", 7)],
-                          [("text", 3), ("image", 0), ("text", 1), ("image", 0), ("text", 4)],
-                          [("image", 0), ("text", 9)]])
+    if tower == "clip":
+        return TinyVLM(model, make_inputs,
+                       single=[[("text", 5), ("image", 0), ("text", 7)]],
+                       batch=[[("text", 5), ("image", 0), ("text", 7)],
+                              [("text", 3), ("image", 0), ("text", 1), ("image", 0), ("text", 4)],
+                              [("image", 0), ("text", 9)]])
+    return TinyVLM(model, make_inputs, **ADJACENT_ROWS)
+
+
+def mistral3(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """Mistral3 (Mistral-Small-3.1): a Pixtral tower (2 px patches) whose 2x2 patch merger
+    makes a token per 4x4 pixels, row-break tokens between rows of them."""
+    from transformers import AutoConfig, Mistral3Config, Mistral3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    image_token = 127
+    config = Mistral3Config(
+        vision_config=AutoConfig.for_model("pixtral", **TOWER, image_size=16, patch_size=2),
+        text_config=_tiny_llama("mistral"), image_token_index=image_token, spatial_merge_size=2,
+        pad_token_id=PAD)
+    model = _finish(Mistral3ForConditionalGeneration(config), attn)
+    return TinyVLM(model, lambda rows, seeds=None: _pixtral_inputs(rows, seeds, image_token, 4, 16),
+                   **PIXTRAL_ROWS)
 
 
 def llava_next(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
@@ -235,6 +322,10 @@ def gemma3(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
         pad_token_id=PAD,
     )
     model = _finish(Gemma3ForConditionalGeneration(config), attn)
+    # The projector's weight starts at zero (checkpoints overwrite it): every image token
+    # would be the same zero vector and there would be nothing to select between.
+    with torch.no_grad():
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=32 ** -0.5)
 
     def make_inputs(rows, seeds=None) -> dict:
         ids, pixels = [], []
@@ -345,4 +436,6 @@ def qwen3_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                  per_frame=True)
 
 
-BUILDERS = {"llava": llava, "gemma3": gemma3, "idefics3": idefics3, "smolvlm": smolvlm, "llava_next": llava_next, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl}
+BUILDERS = {"llava": llava, "llava_siglip": lambda **kw: llava(tower="siglip", **kw),
+            "llava_pixtral": lambda **kw: llava(tower="pixtral", strategy="full", **kw),
+            "mistral3": mistral3, "gemma3": gemma3, "idefics3": idefics3, "smolvlm": smolvlm, "llava_next": llava_next, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl}
