@@ -141,6 +141,10 @@ FAMILIES: tuple[Family, ...] = (
     Family("Qwen2.5-VL", ("qwen2_5_vl",), visual_token_attrs=("image_token_id", "video_token_id")),
     Family("Qwen3-VL", ("qwen3_vl",), visual_token_attrs=("image_token_id", "video_token_id"),
            on_prefill=_gather_deepstack),
+    Family("Qwen3-VL-MoE", ("qwen3_vl_moe",), visual_token_attrs=("image_token_id", "video_token_id"),
+           on_prefill=_gather_deepstack),
+    # <img> ... </img> around each image (all its tiles: one budget); video frames are images.
+    Family("InternVL", ("internvl",)),
     # Each tile of a split image (and its global view) is its own run and budget.
     Family("Idefics3/SmolVLM", ("idefics3", "smolvlm"), lm_attr="text_model",
            image_token_counts=_fixed_counts(_idefics3_tile_tokens)),

@@ -425,17 +425,61 @@ def qwen2_5_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     return _qwen(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, vision, attn, seed)
 
 
+QWEN3_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                    num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
+QWEN3_TEXT = dict(QWEN_TEXT, head_dim=8, rope_scaling={"rope_type": "default", "mrope_section": [2, 1, 1],
+                                                       "mrope_interleaved": True})
+
+
 def qwen3_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
-                  num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
-    text = dict(QWEN_TEXT, head_dim=8, rope_scaling={"rope_type": "default", "mrope_section": [2, 1, 1],
-                                                     "mrope_interleaved": True})
-    return _qwen(Qwen3VLConfig, Qwen3VLForConditionalGeneration, vision, attn, seed, text=text,
-                 per_frame=True)
+    return _qwen(Qwen3VLConfig, Qwen3VLForConditionalGeneration, QWEN3_VISION, attn, seed,
+                 text=QWEN3_TEXT, per_frame=True)
+
+
+def qwen3_vl_moe(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    text = dict(QWEN3_TEXT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                decoder_sparse_step=1)
+    return _qwen(Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration, QWEN3_VISION, attn, seed,
+                 text=text, per_frame=True)
+
+
+def internvl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """InternVL3: a 32x32 tile gives (32/4)^2 patches, pixel-shuffled 2x2 into 16 tokens;
+    an image of ``n`` tiles is ``<img>`` + 16n image tokens + ``</img>``."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    image_token, start, end = 127, 125, 126
+    config = InternVLConfig(vision_config=dict(**TOWER, image_size=32, patch_size=4),
+                            text_config=_tiny_llama("qwen2"), image_token_id=image_token,
+                            image_seq_length=16, downsample_ratio=0.5, pad_token_id=PAD)
+    model = _finish(InternVLForConditionalGeneration(config), attn)
+
+    def make_inputs(rows, seeds=None) -> dict:
+        ids, pixels = [], []
+        for segments, gen in zip(rows, _generators(rows, seeds)):
+            row = []
+            for kind, tiles in segments:
+                if kind == "text":
+                    row += _text(tiles, gen)
+                    continue
+                row += [start] + [image_token] * 16 * tiles + [end]
+                pixels.append(torch.randn(tiles, 3, 32, 32, generator=gen))
+            ids.append(row)
+        return dict(_left_pad(ids), pixel_values=torch.cat(pixels))
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 5), ("image", 2), ("text", 7)]],
+                   batch=[[("text", 5), ("image", 1), ("text", 7)],
+                          [("text", 3), ("image", 2), ("image", 1), ("text", 4)],
+                          [("image", 1), ("text", 9)]])
 
 
 BUILDERS = {"llava": llava, "llava_siglip": lambda **kw: llava(tower="siglip", **kw),
             "llava_pixtral": lambda **kw: llava(tower="pixtral", strategy="full", **kw),
-            "mistral3": mistral3, "gemma3": gemma3, "idefics3": idefics3, "smolvlm": smolvlm, "llava_next": llava_next, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl}
+            "mistral3": mistral3, "gemma3": gemma3, "idefics3": idefics3, "smolvlm": smolvlm, "llava_next": llava_next, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl,
+            "qwen3_vl_moe": qwen3_vl_moe, "internvl": internvl}
