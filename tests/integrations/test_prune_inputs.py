@@ -73,6 +73,17 @@ def test_pixtral_layout_without_image_sizes_is_refused():
                          inputs_embeds=None, pixel_values=None)
 
 
+@pytest.mark.parametrize("name", ["llava_next", "llava_onevision"])
+@torch.no_grad()
+def test_any_resolution_images_back_to_back_are_refused(name):
+    """Their counts differ per image and cannot be told apart without text between them."""
+    tiny = BUILDERS[name]()
+    image = tiny.single[0][1]
+    inputs = tiny.make_inputs([[("text", 3), image, image, ("text", 4)]])
+    with zspa_kernels.prune(tiny.model, keep=KEEP), pytest.raises(ValueError, match="back to back"):
+        tiny.model(**inputs)
+
+
 # -- finding 2: a question that stands before the image ---------------------------------
 @torch.no_grad()
 def test_question_before_the_image_forms_the_prompt():

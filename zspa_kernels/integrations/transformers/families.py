@@ -22,10 +22,10 @@ class Family:
     model_types: tuple[str, ...]
     lm_attr: str = "language_model"
     visual_token_attrs: tuple[str, ...] = ("image_token_id",)
-    # (config, the base model's keyword arguments, the call's visual token count) -> the
-    # visual token count of each image in order, where runs of visual tokens do not say it
-    # (adjacent images; row-break tokens inside an image); None: each run is one image.
-    image_token_counts: Callable[[Any, dict, int], Optional[list[int]]] = lambda c, i, n: None
+    # (config, the base model's keyword arguments, the lengths of the runs of visual tokens
+    # in row-major order) -> the token count of each image in order. Default: each run is
+    # one image (families that always put text or markers between images).
+    image_token_counts: Callable[[Any, dict, list[int]], list[int]] = lambda c, i, runs: runs
     # Called after the prefill gather with the Prefill record (see handle.py).
     on_prefill: Optional[Callable[..., None]] = None
     # For language models that take prebuilt masks: (config, embeds, 2-D mask, cache,
@@ -64,7 +64,7 @@ def _encoded_counts(inputs: dict) -> Optional[list[int]]:
     return None
 
 
-def _llava_counts(config, inputs: dict, n_visual: int) -> list[int]:
+def _llava_counts(config, inputs: dict, runs: list[int]) -> list[int]:
     """The encoded images' feature counts when generate() passes them; else one image per
     ``pixel_values`` entry: fixed-size towers (CLIP with a class token, SigLIP without;
     the "default" strategy drops the first token either way) give every image the same
@@ -79,15 +79,29 @@ def _llava_counts(config, inputs: dict, n_visual: int) -> list[int]:
     pixels = inputs.get("pixel_values")
     if pixels is None:
         raise ValueError("pixel_values: required to tell where each LLaVA image's tokens are, got None")
-    return _split_evenly(n_visual, pixels.shape[0], f"{pixels.shape[0]} images (pixel_values)")
+    return _split_evenly(sum(runs), pixels.shape[0], f"{pixels.shape[0]} images (pixel_values)")
 
 
 def _fixed_counts(per_image: Callable[[Any], int]):
-    def counts(config, inputs: dict, n_visual: int) -> list[int]:
-        n = per_image(config)
-        return _split_evenly(n_visual, n_visual // n if n_visual % n == 0 else 0,
-                             f"images of {n} tokens")
+    def counts(config, inputs: dict, runs: list[int]) -> list[int]:
+        n, total = per_image(config), sum(runs)
+        return _split_evenly(total, total // n if total % n == 0 else 0, f"images of {n} tokens")
     return counts
+
+
+def _one_run_per_image(config, inputs: dict, runs: list[int]) -> list[int]:
+    """Any-resolution images differ in count; text usually stands between them. Refuse
+    when the runs are fewer than the images and videos given (some stand back to back)."""
+    encoded = inputs.get("mm_encoder_outputs") or {}
+    given = 0
+    for modality, key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+        features = getattr(encoded.get(modality), "pooler_output", None)
+        pixels = inputs.get(key)
+        given += len(features if features is not None else [] if pixels is None else pixels)
+    if given != len(runs):
+        raise ValueError(f"model: {given} images/videos given but {len(runs)} runs of their tokens; "
+                         "images back to back (no text between them) cannot be told apart")
+    return runs
 
 
 def _gather_deepstack(prefill) -> None:
@@ -134,7 +148,9 @@ FAMILIES: tuple[Family, ...] = (
     Family("LLaVA-1.5", ("llava",), image_token_counts=_llava_counts),
     Family("Mistral3", ("mistral3",), image_token_counts=_llava_counts),
     # Any-resolution: counts differ per image; each run of image tokens is one image.
-    Family("LLaVA-NeXT", ("llava_next",)),
+    Family("LLaVA-NeXT", ("llava_next",), image_token_counts=_one_run_per_image),
+    Family("LLaVA-OneVision", ("llava_onevision",), visual_token_attrs=("image_token_id", "video_token_id"),
+           image_token_counts=_one_run_per_image),
     # Qwen's rope_deltas stay as computed: decode positions come from generate() (original
     # numbering), or from the hooks when a caller passes none, never from cache slots.
     Family("Qwen2-VL", ("qwen2_vl",), visual_token_attrs=("image_token_id", "video_token_id")),

@@ -224,18 +224,20 @@ class PruneHandle:
         return args, kwargs
 
     # -- prefill ---------------------------------------------------------------------------
-    def _find_images(self, visual: torch.Tensor, inputs: dict):
+    def _find_images(self, ids: torch.Tensor, visual: torch.Tensor, inputs: dict):
         """Host ``(rows, cols)`` of every image: its batch row and a ``(n_i,)`` tensor of
-        its token positions. The family's per-image counts, when it gives them, cut the
-        row-major sequence of visual tokens (images with row-break tokens inside, or
-        adjacent images); else each contiguous run of visual tokens is one image."""
+        its token positions. Runs of visual tokens (of one id: an image next to a video is
+        two runs) go to the family, which returns each image's token count: the runs
+        themselves, or counts that cut the row-major sequence of visual tokens otherwise
+        (adjacent images; row-break tokens inside an image)."""
         tok_rows, tok_cols = visual.nonzero(as_tuple=True)
-        counts = self.family.image_token_counts(self.config, inputs, tok_rows.numel())
-        if counts is None:
-            new_run = torch.ones_like(tok_cols, dtype=torch.bool)
-            new_run[1:] = (tok_rows[1:] != tok_rows[:-1]) | (tok_cols[1:] != tok_cols[:-1] + 1)
-            counts = new_run.nonzero()[:, 0].diff(append=torch.tensor([tok_cols.numel()])).tolist()
-        elif sum(counts) != tok_cols.numel() or min(counts, default=1) < 1:
+        tok_ids = ids[tok_rows, tok_cols]
+        new_run = torch.ones_like(tok_cols, dtype=torch.bool)
+        new_run[1:] = ((tok_rows[1:] != tok_rows[:-1]) | (tok_cols[1:] != tok_cols[:-1] + 1)
+                       | (tok_ids[1:] != tok_ids[:-1]))
+        runs = new_run.nonzero()[:, 0].diff(append=torch.tensor([tok_cols.numel()])).tolist()
+        counts = self.family.image_token_counts(self.config, inputs, runs)
+        if sum(counts) != tok_cols.numel() or min(counts, default=1) < 1:
             raise ValueError(
                 f"model: the inputs hold {tok_cols.numel()} {self.family.name} image tokens, "
                 f"but the images given imply {sum(counts)} ({counts}); cannot tell where each "
@@ -275,7 +277,7 @@ class PruneHandle:
         host = torch.stack([ids.to(device), mask]).cpu()
         ids_h, mask_h = host[0], host[1]
         visual_h = torch.isin(ids_h, torch.tensor(self.visual_ids, dtype=ids_h.dtype))
-        rows, cols = self._find_images(visual_h, inputs)
+        rows, cols = self._find_images(ids_h, visual_h, inputs)
         if not rows:
             return
         prompt_h = self._prompt_tokens(ids_h, visual_h, mask_h, rows, cols)

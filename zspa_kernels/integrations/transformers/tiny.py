@@ -249,6 +249,61 @@ def llava_next(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                           [("image", (16, 16)), ("text", 9)]])
 
 
+def llava_onevision(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """LLaVA-OneVision: a SigLIP tower (16 px, 4 px patches); a row's only image takes the
+    any-resolution layout of LLaVA-NeXT, each image of a multi-image row its base view;
+    a video of ``t`` frames takes 2x2-pooled frames (4 tokens each) plus one newline."""
+    from transformers import AutoConfig, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    torch.manual_seed(seed)
+    image_token, video_token = 127, 126
+    config = LlavaOnevisionConfig(
+        vision_config=AutoConfig.for_model("siglip_vision_model", **TOWER, image_size=16,
+                                           patch_size=4),
+        text_config=_tiny_llama("qwen2"), image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]],
+        image_token_index=image_token, video_token_index=video_token, pad_token_id=PAD)
+    model = _finish(LlavaOnevisionForConditionalGeneration(config), attn)
+
+    def make_inputs(rows, seeds=None) -> dict:
+        ids, pixels, sizes, videos, per_row = [], [], [], [], []
+        for segments, gen in zip(rows, _generators(rows, seeds)):
+            row, n_images = [], sum(kind == "image" for kind, _ in segments)
+            per_row.append(n_images)
+            for kind, size in segments:
+                if kind == "text":
+                    row += _text(size, gen)
+                elif kind == "video":
+                    videos.append(torch.randn(size, 3, 16, 16, generator=gen))
+                    row += [video_token] * (4 * size + 1)
+                else:
+                    tiles = image_size_to_num_patches(size, config.image_grid_pinpoints, 16)
+                    pixels.append(torch.randn(tiles, 3, 16, 16, generator=gen))
+                    sizes.append(size)
+                    with torch.no_grad():
+                        out = model.model.get_image_features(
+                            pixel_values=pixels[-1][None], image_sizes=torch.tensor([size]),
+                            batch_num_images=torch.tensor([n_images]) if n_images > 1 else None)
+                    row += [image_token] * getattr(out, "pooler_output", out)[0].shape[0]
+            ids.append(row)
+        out = _left_pad(ids)
+        if pixels:
+            most = max(p.shape[0] for p in pixels)
+            out.update(pixel_values=torch.stack([torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[0]))
+                                                 for p in pixels]),
+                       image_sizes=torch.tensor(sizes), batch_num_images=torch.tensor(per_row))
+        if videos:
+            out["pixel_values_videos"] = torch.stack(videos)
+        return out
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 5), ("image", (16, 32)), ("text", 7)]],
+                   batch=[[("text", 5), ("image", (32, 32)), ("text", 7)],
+                          [("text", 3), ("image", (16, 32)), ("text", 1), ("image", (32, 16)),
+                           ("text", 4)],
+                          [("video", 3), ("text", 9)]])
+
+
 def _idefics(config_cls, model_cls, attn: str, seed: int) -> TinyVLM:
     """Idefics3/SmolVLM: a 32x32 image gives (32/4)^2 patches, pixel-shuffled 2x2 into
     16 tokens, wrapped in <fake_token_around_image> markers."""
@@ -482,4 +537,5 @@ def internvl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
 BUILDERS = {"llava": llava, "llava_siglip": lambda **kw: llava(tower="siglip", **kw),
             "llava_pixtral": lambda **kw: llava(tower="pixtral", strategy="full", **kw),
             "mistral3": mistral3, "gemma3": gemma3, "idefics3": idefics3, "smolvlm": smolvlm, "llava_next": llava_next, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl,
-            "qwen3_vl_moe": qwen3_vl_moe, "internvl": internvl}
+            "qwen3_vl_moe": qwen3_vl_moe, "internvl": internvl,
+            "llava_onevision": llava_onevision}
