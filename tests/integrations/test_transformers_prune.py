@@ -108,6 +108,8 @@ def test_cached_generation_equals_no_cache_reference(tiny, mode):
 
 @torch.no_grad()
 def test_beam_search_scores_equal_no_cache_reference(tiny):
+    if not tiny.beam_batch:
+        pytest.skip("the unpatched model cannot beam-search this family's video on this transformers")
     inputs = tiny.make_inputs(tiny.beam_batch)
     beams = 3
     gen = dict(num_beams=beams, do_sample=False, length_penalty=0.0)

@@ -159,6 +159,8 @@ FAMILIES: tuple[Family, ...] = (
            on_prefill=_gather_deepstack),
     Family("Qwen3-VL-MoE", ("qwen3_vl_moe",), visual_token_attrs=("image_token_id", "video_token_id"),
            on_prefill=_gather_deepstack),
+    # Video frames are images (image token id, own markers): one budget per frame.
+    Family("GLM-4V", ("glm4v",)),
     # <img> ... </img> around each image (all its tiles: one budget); video frames are images.
     Family("InternVL", ("internvl",)),
     # Each tile of a split image (and its global view) is its own run and budget.

@@ -480,6 +480,78 @@ def qwen2_5_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     return _qwen(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, vision, attn, seed)
 
 
+def glm4v(attn: str = "sdpa", seed: int = 0, videos: bool = False) -> TinyVLM:
+    """GLM-4.1V: Qwen-like patches (2x2 merge); an image is begin/end-of-image markers around
+    ``h*w/4`` image tokens; a video is begin/end-of-video markers around its frames, each an
+    image of the same image token (the modality is in ``mm_token_type_ids``, 5.x) and a
+    timestamp. The model cannot take images and videos in one call (it places both by the
+    image token), so ``videos=True`` gives rows of videos only."""
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
+
+    torch.manual_seed(seed)
+    video_start, video_end = 118, 119
+    text = dict(QWEN_TEXT, num_attention_heads=2, num_key_value_heads=2,
+                rope_scaling={"rope_type": "default", "mrope_section": [4, 2, 2]})
+    config = Glm4vConfig(
+        text_config=text,
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                           out_hidden_size=32, image_size=16, **QWEN_PATCH),
+        image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO, image_start_token_id=QWEN_START,
+        image_end_token_id=QWEN_END, video_start_token_id=video_start, video_end_token_id=video_end)
+    model = _finish(Glm4vForConditionalGeneration(config), attn)
+    takes_types = "mm_token_type_ids" in inspect.signature(model.model.forward).parameters
+
+    def make_inputs(rows, seeds=None) -> dict:
+        ids, types, media = [], [], {"image": ([], []), "video": ([], [])}
+        for segments, gen in zip(rows, _generators(rows, seeds)):
+            row, kinds = [], []
+            for kind, grid in segments:
+                if kind == "text":
+                    row += _text(grid, gen)
+                    kinds += [0] * grid
+                    continue
+                t, h, w = grid if kind == "video" else (1, *grid)
+                frame = [QWEN_START] + [QWEN_IMAGE] * (h * w // 4) + [QWEN_END]
+                if kind == "image":
+                    row += frame
+                else:
+                    row += [video_start] + sum((frame + _text(1, gen) for _ in range(t)), []) + [video_end]
+                kinds += [0] * (len(row) - len(kinds))
+                pixels, grids = media[kind]
+                pixels.append(torch.randn(t * h * w, 24, generator=gen))
+                grids.append([t, h, w])
+            ids.append(row)
+            types.append(kinds)
+        out = _left_pad(ids)
+        for kind, (pixels, grids) in media.items():
+            if pixels:
+                prefix = "" if kind == "image" else "_videos"
+                out[f"pixel_values{prefix}"] = torch.cat(pixels)
+                out[f"{kind}_grid_thw"] = torch.tensor(grids)
+        if takes_types:
+            image = out["input_ids"] == QWEN_IMAGE
+            in_video = ((out["input_ids"] == video_start).long().cumsum(1)
+                        > (out["input_ids"] == video_end).long().cumsum(1))
+            out["mm_token_type_ids"] = (image & ~in_video).int() + 2 * (image & in_video).int()
+        return out
+
+    if videos:
+        return TinyVLM(model, make_inputs,
+                       single=[[("text", 4), ("video", (1, 4, 8)), ("text", 6)]],  # one frame: one budget
+                       batch=[[("text", 4), ("video", (2, 8, 8)), ("text", 6)],
+                              [("text", 2), ("video", (1, 4, 8)), ("text", 1), ("video", (2, 6, 8)),
+                               ("text", 3)],
+                              [("video", (2, 4, 8)), ("text", 5)]],
+                       frames_are_images=True,
+                       # 5.24's generate() fails to beam-search a GLM-4V video before any hook runs.
+                       beam_video=not hasattr(transformers.GenerationMixin, "_expand_multimodal_outputs"))
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 4), ("image", (8, 8)), ("text", 6)]],
+                   batch=[[("text", 4), ("image", (8, 8)), ("text", 6)],
+                          [("text", 2), ("image", (4, 8)), ("text", 1), ("image", (6, 8)), ("text", 3)],
+                          [("image", (4, 4)), ("text", 5)]])
+
+
 QWEN3_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
                     num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
 QWEN3_TEXT = dict(QWEN_TEXT, head_dim=8, rope_scaling={"rope_type": "default", "mrope_section": [2, 1, 1],
@@ -538,4 +610,5 @@ BUILDERS = {"llava": llava, "llava_siglip": lambda **kw: llava(tower="siglip", *
             "llava_pixtral": lambda **kw: llava(tower="pixtral", strategy="full", **kw),
             "mistral3": mistral3, "gemma3": gemma3, "idefics3": idefics3, "smolvlm": smolvlm, "llava_next": llava_next, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl,
             "qwen3_vl_moe": qwen3_vl_moe, "internvl": internvl,
-            "llava_onevision": llava_onevision}
+            "llava_onevision": llava_onevision, "glm4v": glm4v,
+            "glm4v_video": lambda **kw: glm4v(videos=True, **kw)}
