@@ -61,10 +61,12 @@ def _encoded_counts(inputs: dict) -> Optional[list[int]]:
     features = getattr(encoded, "pooler_output", None)
     if isinstance(features, (list, tuple)):
         return [f.shape[0] for f in features]
+    if isinstance(features, torch.Tensor) and features.dim() == 3:  # (images, tokens, D)
+        return [features.shape[1]] * features.shape[0]
     return None
 
 
-def _llava_counts(config, inputs: dict, runs: list[int]) -> list[int]:
+def _tower_counts(config, inputs: dict, runs: list[int]) -> list[int]:
     """The encoded images' feature counts when generate() passes them; else one image per
     ``pixel_values`` entry: fixed-size towers (CLIP with a class token, SigLIP without;
     the "default" strategy drops the first token either way) give every image the same
@@ -145,8 +147,8 @@ def _gemma3_masks(config, embeds, mask, cache, positions, token_types, slots):
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("LLaVA-1.5", ("llava",), image_token_counts=_llava_counts),
-    Family("Mistral3", ("mistral3",), image_token_counts=_llava_counts),
+    Family("LLaVA-1.5", ("llava",), image_token_counts=_tower_counts),
+    Family("Mistral3", ("mistral3",), image_token_counts=_tower_counts),
     # Any-resolution: counts differ per image; each run of image tokens is one image.
     Family("LLaVA-NeXT", ("llava_next",), image_token_counts=_one_run_per_image),
     Family("LLaVA-OneVision", ("llava_onevision",), visual_token_attrs=("image_token_id", "video_token_id"),
@@ -161,6 +163,9 @@ FAMILIES: tuple[Family, ...] = (
            on_prefill=_gather_deepstack),
     # Video frames are images (image token id, own markers): one budget per frame.
     Family("GLM-4V", ("glm4v",)),
+    # Each tile is a run between tile markers, and its own budget (like Idefics3).
+    Family("Aya Vision", ("aya_vision",), image_token_counts=_tower_counts),
+    Family("Cohere2 Vision", ("cohere2_vision",), image_token_counts=_tower_counts),
     # <img> ... </img> around each image (all its tiles: one budget); video frames are images.
     Family("InternVL", ("internvl",)),
     # Each tile of a split image (and its global view) is its own run and budget.

@@ -48,6 +48,7 @@ class TinyVLM:
     single: list  # one row: text, image, text
     batch: list  # rows of different lengths and image counts/sizes
     frames_are_images: bool = False  # each video frame is its own run of tokens (Qwen3-VL)
+    tiles_are_images: bool = False  # an ("image", n) segment is n separately budgeted tiles
     beam_video: bool = True  # False where the unpatched model cannot beam-search a video
     beam_multi_image: bool = True  # False where it cannot beam-search rows of several images
 
@@ -59,7 +60,8 @@ class TinyVLM:
 
     def n_images(self, rows) -> int:
         """How many separately budgeted images (or frames) ``rows`` hold."""
-        return sum(seg[1][0] if seg[0] == "video" and self.frames_are_images else 1
+        return sum(seg[1][0] if seg[0] == "video" and self.frames_are_images
+                   else seg[1] if seg[0] == "image" and self.tiles_are_images else 1
                    for row in rows for seg in row if seg[0] != "text")
 
 
@@ -95,7 +97,8 @@ def _n_features(model, **image) -> int:
     """Feature rows one image becomes (whatever the tower and feature strategy)."""
     with torch.no_grad():
         out = model.model.get_image_features(**image)
-    return getattr(out, "pooler_output", out)[0].shape[0]
+    first = getattr(out, "pooler_output", out)[0]  # (tokens, D), or (h, w, D) in Aya Vision 4.57
+    return first.numel() // first.shape[-1]
 
 
 def _pixtral_tokens(h: int, w: int, step: int, image: int, row_break: int, end: int) -> list[int]:
@@ -302,6 +305,53 @@ def llava_onevision(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                           [("text", 3), ("image", (16, 32)), ("text", 1), ("image", (32, 16)),
                            ("text", 4)],
                           [("video", 3), ("text", 9)]])
+
+
+def _cohere_tiles(config_cls, model_cls, attn: str, seed: int, **extra) -> TinyVLM:
+    """Aya Vision / Cohere2 Vision: a SigLIP tower (32 px tiles, 4 px patches), pixel-shuffled
+    2x2 into 16 tokens per tile; an image of ``n`` tiles is a start marker, then for each
+    tile a tile marker and its 16 tokens, then an end marker."""
+    torch.manual_seed(seed)
+    image_token, start, end, tile = 127, 124, 125, 126
+    config = config_cls(
+        vision_config=dict(model_type="siglip_vision_model", **TOWER, image_size=32, patch_size=4),
+        text_config=_tiny_llama("cohere2"), downsample_factor=2, image_token_id=image_token,
+        pad_token_id=PAD, **extra)
+    model = _finish(model_cls(config), attn)
+    tokens = _n_features(model, pixel_values=torch.zeros(1, 3, 32, 32))
+
+    def make_inputs(rows, seeds=None) -> dict:
+        ids, pixels = [], []
+        for segments, gen in zip(rows, _generators(rows, seeds)):
+            row = []
+            for kind, tiles in segments:
+                if kind == "text":
+                    row += _text(tiles, gen)
+                    continue
+                row += [start] + ([tile] + [image_token] * tokens) * tiles + [end]
+                pixels.append(torch.randn(tiles, 3, 32, 32, generator=gen))
+            ids.append(row)
+        return dict(_left_pad(ids), pixel_values=torch.cat(pixels))
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 5), ("image", 1), ("text", 7)]],
+                   batch=[[("text", 5), ("image", 2), ("text", 7)],
+                          [("text", 3), ("image", 1), ("image", 1), ("text", 4)],
+                          [("image", 1), ("text", 9)]],
+                   tiles_are_images=True)
+
+
+def aya_vision(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    from transformers import AyaVisionConfig, AyaVisionForConditionalGeneration
+
+    return _cohere_tiles(AyaVisionConfig, AyaVisionForConditionalGeneration, attn, seed)
+
+
+def cohere2_vision(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    from transformers import Cohere2VisionConfig, Cohere2VisionForConditionalGeneration
+
+    return _cohere_tiles(Cohere2VisionConfig, Cohere2VisionForConditionalGeneration, attn, seed,
+                         alignment_intermediate_size=64)
 
 
 def _idefics(config_cls, model_cls, attn: str, seed: int) -> TinyVLM:
@@ -611,4 +661,5 @@ BUILDERS = {"llava": llava, "llava_siglip": lambda **kw: llava(tower="siglip", *
             "mistral3": mistral3, "gemma3": gemma3, "idefics3": idefics3, "smolvlm": smolvlm, "llava_next": llava_next, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl,
             "qwen3_vl_moe": qwen3_vl_moe, "internvl": internvl,
             "llava_onevision": llava_onevision, "glm4v": glm4v,
-            "glm4v_video": lambda **kw: glm4v(videos=True, **kw)}
+            "glm4v_video": lambda **kw: glm4v(videos=True, **kw), "aya_vision": aya_vision,
+            "cohere2_vision": cohere2_vision}
