@@ -2,12 +2,15 @@
 image's tokens are, which text forms the prompt, labels, left padding, bad arguments."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
 import zspa_kernels  # noqa: E402
+from zspa_kernels.integrations.transformers import kv_cache  # noqa: E402
 from zspa_kernels.integrations.transformers.tiny import BUILDERS, llava, mistral3  # noqa: E402
 
 from .reference import capture_lm_calls  # noqa: E402
@@ -31,6 +34,23 @@ def _kept_positions(inputs, handle, row: int) -> torch.Tensor:
         at += sel.n_tokens
     assert at == spots.shape[0]
     return keep.nonzero()[:, 0]
+
+
+# -- transformers 5.24 renamed the cache argument ----------------------------------------
+@torch.no_grad()
+def test_hooks_pass_the_cache_under_the_name_the_model_takes():
+    """On 5.24 (``cache=``) a hook that passed ``past_key_values`` got a FutureWarning and,
+    reading the old name, took every decode step for a prefill."""
+    tiny = llava()
+    inputs = tiny.make_inputs(tiny.single)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
+            out = tiny.model.generate(**inputs, max_new_tokens=3, do_sample=False,
+                                      return_dict_in_generate=True)
+    assert handle.last_selection and handle.last_selection[0].kept.shape == (KEEP,)
+    dropped = handle.last_selection[0].n_tokens - KEEP
+    assert kv_cache(out).get_seq_length() == inputs["input_ids"].shape[1] - dropped + 2
 
 
 # -- finding 1: images are found from the vision tower's own counts ----------------------
