@@ -178,6 +178,20 @@ def test_a_refused_prune_leaves_the_model_unpruned(arg, value):
     assert not tiny.model._forward_pre_hooks and not tiny.model.model._forward_pre_hooks
 
 
+def test_a_family_not_in_the_table_is_refused_before_any_hook():
+    """PaliGemma (bidirectional prefix masks) is an image-text model prune does not support."""
+    config = transformers.PaliGemmaConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=16, patch_size=4),
+        text_config=dict(model_type="gemma", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, vocab_size=128),
+        image_token_index=127, projection_dim=32)
+    model = transformers.PaliGemmaForConditionalGeneration(config)
+    with pytest.raises(ValueError, match="^model: zspa_kernels.prune supports .*Gemma3.*'paligemma'"):
+        zspa_kernels.prune(model)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
 # -- finding 5: every tiny builder gives something to select between ---------------------
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 @torch.no_grad()
