@@ -1,9 +1,10 @@
 """Forward hooks that run a VLM's language model on the selected visual tokens only.
 
-Two ``register_forward_pre_hook(with_kwargs=True)`` hooks, no model code patched:
+``register_forward_pre_hook(with_kwargs=True)`` hooks, no model code patched:
 
-* on the base model (``model.model``): remembers the ``input_ids`` of the call,
-  which say where image/video tokens sit; on decode steps over a pruned cache it
+* on the base model (``model.model``): remembers the keyword arguments of the call
+  (``input_ids`` say where image/video tokens sit; pixel inputs or already encoded
+  images say how many tokens each image has); on decode steps over a pruned cache it
   supplies the original position numbering when the caller gave none;
 * on the language model: at prefill (empty cache) it selects tokens per image
   with one ``zspa::select_tokens`` call, then gathers ``inputs_embeds``, the
@@ -12,7 +13,9 @@ Two ``register_forward_pre_hook(with_kwargs=True)`` hooks, no model code patched
   packed sequences), left-padding rows that kept different counts. At decode it
   replaces the mask, which ``generate()`` keeps at the original length, by the
   pruned one plus the new tokens, and remaps ``cache_position`` (transformers
-  4.x) to cache slots.
+  4.x) to cache slots;
+* on the ``...ForConditionalGeneration`` wrapper (a pre- and a post-hook): takes
+  ``labels`` away and computes the loss from the labels of the kept positions.
 
 Host syncs: one copy of ``input_ids`` and the 2-D mask to the host per prefill,
 to find the images and size the gathered sequence (its length is a shape).
@@ -137,6 +140,7 @@ class PruneHandle:
         self._inputs: Optional[dict] = None  # the base model's keyword arguments of this call
         self._gather: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (index, valid)
         self._labels: Optional[torch.Tensor] = None
+        self._loss_kwargs: dict = {}
         self._caches: "weakref.WeakKeyDictionary[object, _CacheState]" = weakref.WeakKeyDictionary()
         lm._zspa_pruned = True
         self._hooks = [
