@@ -101,6 +101,13 @@ def _n_features(model, **image) -> int:
     return first.numel() // first.shape[-1]
 
 
+def _stack_tiles(pixels: list) -> torch.Tensor:
+    """Per-image ``(tiles, 3, H, W)`` tensors as one batch, zero-padded to the most tiles."""
+    most = max(p.shape[0] for p in pixels)
+    return torch.stack([torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[0]))
+                        for p in pixels])
+
+
 def _pixtral_tokens(h: int, w: int, step: int, image: int, row_break: int, end: int) -> list[int]:
     """Pixtral's layout: a row of ``w // step`` image tokens per ``step`` pixels of height,
     a row-break token after each row but the last, which ends with an end-of-image token."""
@@ -220,12 +227,6 @@ def llava_next(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     )
     model = _finish(LlavaNextForConditionalGeneration(config), attn)
 
-    def n_tokens(pixels: torch.Tensor, size: tuple) -> int:
-        with torch.no_grad():
-            out = model.model.get_image_features(pixel_values=pixels[None],
-                                                 image_sizes=torch.tensor([size]))
-        return getattr(out, "pooler_output", out)[0].shape[0]
-
     def make_inputs(rows, seeds=None) -> dict:
         ids, pixels, sizes = [], [], []
         for segments, gen in zip(rows, _generators(rows, seeds)):
@@ -237,12 +238,10 @@ def llava_next(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                 tiles = image_size_to_num_patches(size, config.image_grid_pinpoints, 16)
                 pixels.append(torch.randn(tiles, 3, 16, 16, generator=gen))
                 sizes.append(size)
-                row += [image_token] * n_tokens(pixels[-1], size)
+                row += [image_token] * _n_features(model, pixel_values=pixels[-1][None],
+                                                   image_sizes=torch.tensor([size]))
             ids.append(row)
-        most = max(p.shape[0] for p in pixels)
-        padded = torch.stack([torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[0]))
-                              for p in pixels])
-        return dict(_left_pad(ids), pixel_values=padded, image_sizes=torch.tensor(sizes))
+        return dict(_left_pad(ids), pixel_values=_stack_tiles(pixels), image_sizes=torch.tensor(sizes))
 
     return TinyVLM(model, make_inputs,
                    single=[[("text", 5), ("image", (16, 32)), ("text", 7)]],
@@ -283,18 +282,14 @@ def llava_onevision(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                     tiles = image_size_to_num_patches(size, config.image_grid_pinpoints, 16)
                     pixels.append(torch.randn(tiles, 3, 16, 16, generator=gen))
                     sizes.append(size)
-                    with torch.no_grad():
-                        out = model.model.get_image_features(
-                            pixel_values=pixels[-1][None], image_sizes=torch.tensor([size]),
-                            batch_num_images=torch.tensor([n_images]) if n_images > 1 else None)
-                    row += [image_token] * getattr(out, "pooler_output", out)[0].shape[0]
+                    row += [image_token] * _n_features(
+                        model, pixel_values=pixels[-1][None], image_sizes=torch.tensor([size]),
+                        batch_num_images=torch.tensor([n_images]) if n_images > 1 else None)
             ids.append(row)
         out = _left_pad(ids)
         if pixels:
-            most = max(p.shape[0] for p in pixels)
-            out.update(pixel_values=torch.stack([torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[0]))
-                                                 for p in pixels]),
-                       image_sizes=torch.tensor(sizes), batch_num_images=torch.tensor(per_row))
+            out.update(pixel_values=_stack_tiles(pixels), image_sizes=torch.tensor(sizes),
+                       batch_num_images=torch.tensor(per_row))
         if videos:
             out["pixel_values_videos"] = torch.stack(videos)
         return out
@@ -462,6 +457,17 @@ QWEN_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_
 QWEN_PATCH = dict(patch_size=2, spatial_merge_size=2, temporal_patch_size=2)
 
 
+def _patch_inputs(media: dict) -> dict:
+    """Qwen-style pixel inputs: every image's (video's) patches in one tensor, plus grids."""
+    out = {}
+    for kind, (pixels, grids) in media.items():
+        if pixels:
+            prefix = "" if kind == "image" else "_videos"
+            out[f"pixel_values{prefix}"] = torch.cat(pixels)
+            out[f"{kind}_grid_thw"] = torch.tensor(grids)
+    return out
+
+
 def _qwen(config_cls, model_cls, vision: dict, attn: str, seed: int, text=QWEN_TEXT,
           per_frame: bool = False) -> TinyVLM:
     """Qwen2/2.5/3-VL: each image or video is wrapped in vision start/end markers and
@@ -494,11 +500,7 @@ def _qwen(config_cls, model_cls, vision: dict, attn: str, seed: int, text=QWEN_T
                 grids.append([t if kind == "video" else 1, h, w])
             ids.append(row)
         out = _left_pad(ids)
-        for kind, (pixels, grids) in media.items():
-            if pixels:
-                prefix = "" if kind == "image" else "_videos"
-                out[f"pixel_values{prefix}"] = torch.cat(pixels)
-                out[f"{kind}_grid_thw"] = torch.tensor(grids)
+        out.update(_patch_inputs(media))
         if takes_types:  # transformers 5.x: M-RoPE reads the modality of every token
             out["mm_token_type_ids"] = ((out["input_ids"] == QWEN_IMAGE).int()
                                         + 2 * (out["input_ids"] == QWEN_VIDEO).int())
@@ -573,11 +575,7 @@ def glm4v(attn: str = "sdpa", seed: int = 0, videos: bool = False) -> TinyVLM:
             ids.append(row)
             types.append(kinds)
         out = _left_pad(ids)
-        for kind, (pixels, grids) in media.items():
-            if pixels:
-                prefix = "" if kind == "image" else "_videos"
-                out[f"pixel_values{prefix}"] = torch.cat(pixels)
-                out[f"{kind}_grid_thw"] = torch.tensor(grids)
+        out.update(_patch_inputs(media))
         if takes_types:
             image = out["input_ids"] == QWEN_IMAGE
             in_video = ((out["input_ids"] == video_start).long().cumsum(1)
@@ -656,10 +654,23 @@ def internvl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                           [("image", 1), ("text", 9)]])
 
 
-BUILDERS = {"llava": llava, "llava_siglip": lambda **kw: llava(tower="siglip", **kw),
-            "llava_pixtral": lambda **kw: llava(tower="pixtral", strategy="full", **kw),
-            "mistral3": mistral3, "gemma3": gemma3, "idefics3": idefics3, "smolvlm": smolvlm, "llava_next": llava_next, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl,
-            "qwen3_vl_moe": qwen3_vl_moe, "internvl": internvl,
-            "llava_onevision": llava_onevision, "glm4v": glm4v,
-            "glm4v_video": lambda **kw: glm4v(videos=True, **kw), "aya_vision": aya_vision,
-            "cohere2_vision": cohere2_vision}
+BUILDERS = {
+    "llava": llava,
+    "llava_siglip": lambda **kw: llava(tower="siglip", **kw),  # images back to back
+    "llava_pixtral": lambda **kw: llava(tower="pixtral", strategy="full", **kw),  # Pixtral-12B
+    "mistral3": mistral3,
+    "llava_next": llava_next,
+    "llava_onevision": llava_onevision,
+    "qwen2_vl": qwen2_vl,
+    "qwen2_5_vl": qwen2_5_vl,
+    "qwen3_vl": qwen3_vl,
+    "qwen3_vl_moe": qwen3_vl_moe,
+    "glm4v": glm4v,
+    "glm4v_video": lambda **kw: glm4v(videos=True, **kw),
+    "internvl": internvl,
+    "idefics3": idefics3,
+    "smolvlm": smolvlm,
+    "gemma3": gemma3,
+    "aya_vision": aya_vision,
+    "cohere2_vision": cohere2_vision,
+}
