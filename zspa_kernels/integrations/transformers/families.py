@@ -168,7 +168,9 @@ FAMILIES: tuple[Family, ...] = (
     Family("Cohere2 Vision", ("cohere2_vision",), image_token_counts=_tower_counts),
     # <img> ... </img> around each image (all its tiles: one budget); video frames are images.
     Family("InternVL", ("internvl",)),
-    # Each tile of a split image (and its global view) is its own run and budget.
+    # Each crop of a split image (and its global view) is its own run and budget.
+    Family("Idefics2", ("idefics2",), lm_attr="text_model",
+           image_token_counts=_fixed_counts(lambda config: config.perceiver_config.resampler_n_latents)),
     Family("Idefics3/SmolVLM", ("idefics3", "smolvlm"), lm_attr="text_model",
            image_token_counts=_fixed_counts(_idefics3_tile_tokens)),
     Family("Gemma3", ("gemma3",),

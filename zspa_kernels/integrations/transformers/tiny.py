@@ -349,9 +349,10 @@ def cohere2_vision(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                          alignment_intermediate_size=64)
 
 
-def _idefics(config_cls, model_cls, attn: str, seed: int) -> TinyVLM:
-    """Idefics3/SmolVLM: a 32x32 image gives (32/4)^2 patches, pixel-shuffled 2x2 into
-    16 tokens, wrapped in <fake_token_around_image> markers."""
+def _idefics(config_cls, model_cls, attn: str, seed: int, **reduce) -> TinyVLM:
+    """Idefics2/3, SmolVLM: a 32x32 image gives (32/4)^2 patches, reduced to 16 tokens
+    (``reduce``: pixel-shuffled 2x2, or a perceiver of 16 latents), wrapped in
+    <fake_token_around_image> markers."""
     torch.manual_seed(seed)
     image_token, around = 127, 126
     config = config_cls(
@@ -361,7 +362,7 @@ def _idefics(config_cls, model_cls, attn: str, seed: int) -> TinyVLM:
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          vocab_size=VOCAB, max_position_embeddings=512, pad_token_id=PAD,
                          bos_token_id=1, eos_token_id=2),
-        scale_factor=2, image_token_id=image_token, pad_token_id=PAD,
+        image_token_id=image_token, pad_token_id=PAD, **reduce,
     )
     model = _finish(model_cls(config), attn)
 
@@ -394,13 +395,27 @@ def _idefics(config_cls, model_cls, attn: str, seed: int) -> TinyVLM:
 def idefics3(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration
 
-    return _idefics(Idefics3Config, Idefics3ForConditionalGeneration, attn, seed)
+    return _idefics(Idefics3Config, Idefics3ForConditionalGeneration, attn, seed, scale_factor=2)
+
+
+def idefics2(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    from transformers import Idefics2Config, Idefics2ForConditionalGeneration
+
+    perceiver = dict(resampler_n_latents=16, resampler_depth=1, resampler_n_heads=2,
+                     resampler_head_dim=16, num_key_value_heads=1, hidden_size=32)
+    tiny = _idefics(Idefics2Config, Idefics2ForConditionalGeneration, attn, seed,
+                    perceiver_config=perceiver)
+    # The perceiver's latents start as ones (checkpoints overwrite them): every query would
+    # be the same and so would every output token.
+    with torch.no_grad():
+        tiny.model.model.connector.perceiver_resampler.latents.normal_()
+    return tiny
 
 
 def smolvlm(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
 
-    return _idefics(SmolVLMConfig, SmolVLMForConditionalGeneration, attn, seed)
+    return _idefics(SmolVLMConfig, SmolVLMForConditionalGeneration, attn, seed, scale_factor=2)
 
 
 def gemma3(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
@@ -668,6 +683,7 @@ BUILDERS = {
     "glm4v": glm4v,
     "glm4v_video": lambda **kw: glm4v(videos=True, **kw),
     "internvl": internvl,
+    "idefics2": idefics2,
     "idefics3": idefics3,
     "smolvlm": smolvlm,
     "gemma3": gemma3,
