@@ -25,6 +25,7 @@ import zspa_kernels
 from zspa_kernels import benchmark as hb
 from zspa_kernels import models
 from zspa_kernels.dispatch import resolve_backend
+from zspa_kernels.integrations.transformers import kv_cache
 
 KEEPS = (None, 64, 0.10)  # None: the unpruned model
 TEXT_TOKENS = 32
@@ -72,7 +73,7 @@ def measure(model, inputs: dict, device, new_tokens: int, repeats: int) -> dict:
     with torch.no_grad():
         # logits_to_keep=1: the prefill that generate() runs (no logits for the prompt's tokens).
         prefill = hb.wall_median_ms(lambda: model(**inputs, use_cache=True, logits_to_keep=1), device, repeats)
-        kv = models.cache_bytes(model(**inputs, use_cache=True, logits_to_keep=1).past_key_values)
+        kv = models.cache_bytes(kv_cache(model(**inputs, use_cache=True, logits_to_keep=1)))
         _generate_timed(model, inputs, device, 2)  # warm-up of the decode path
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

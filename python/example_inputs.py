@@ -6,6 +6,8 @@ import argparse
 
 import torch
 
+from zspa_kernels.integrations.transformers import kv_cache
+
 QUESTION = "What is shown in this picture?"
 
 
@@ -60,7 +62,7 @@ def report(handle, out, inputs: dict, new_tokens: int, unpruned_len: int, proces
         print(f"row {sel.batch_row} image {sel.image_index}: kept {len(sel.kept)} of "
               f"{sel.n_tokens} tokens ({sel.n_core} by relevance), first: {sel.kept[:8].tolist()}")
     # generate() feeds every new token but the last through the model.
-    pruned_len = out.past_key_values.get_seq_length() - (new_tokens - 1)
+    pruned_len = kv_cache(out).get_seq_length() - (new_tokens - 1)
     print(f"KV cache after prefill: {unpruned_len} tokens unpruned, {pruned_len} pruned")
     new = out.sequences[:, inputs["input_ids"].shape[1]:]
     for r, tokens in enumerate(new):

@@ -8,6 +8,7 @@ re-padded on the left to the longest kept row. Beam search works on the pruned c
 import torch
 
 import zspa_kernels
+from zspa_kernels.integrations.transformers import kv_cache
 from example_inputs import (checkpoint_inputs, keep_arg, load_checkpoint, load_images, parser,
                             report)
 
@@ -26,7 +27,7 @@ def main() -> None:
         model, inputs, tokenizer, processor = tiny.model, tiny.make_inputs(tiny.batch), None, None
 
     with torch.no_grad():
-        full = model(**inputs, use_cache=True).past_key_values.get_seq_length()
+        full = kv_cache(model(**inputs, use_cache=True)).get_seq_length()
         with zspa_kernels.prune(model, keep=keep_arg(args.keep), tokenizer=tokenizer) as handle:
             out = model.generate(**inputs, max_new_tokens=args.new_tokens, num_beams=2,
                                  do_sample=False, return_dict_in_generate=True)

@@ -6,6 +6,7 @@
 import torch
 
 import zspa_kernels
+from zspa_kernels.integrations.transformers import kv_cache
 from example_inputs import (checkpoint_inputs, keep_arg, load_checkpoint, load_images, parser,
                             report)
 
@@ -23,7 +24,7 @@ def main() -> None:
         model, inputs, tokenizer, processor = tiny.model, tiny.make_inputs(tiny.single), None, None
 
     with torch.no_grad():
-        full = model(**inputs, use_cache=True).past_key_values.get_seq_length()
+        full = kv_cache(model(**inputs, use_cache=True)).get_seq_length()
         # The one line: hooks on the language model; leave the block to remove them.
         with zspa_kernels.prune(model, keep=keep_arg(args.keep), tokenizer=tokenizer) as handle:
             out = model.generate(**inputs, max_new_tokens=args.new_tokens, do_sample=False,

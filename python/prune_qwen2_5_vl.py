@@ -9,6 +9,7 @@ the language model sees the same geometry minus the dropped tokens.
 import torch
 
 import zspa_kernels
+from zspa_kernels.integrations.transformers import kv_cache
 from example_inputs import (checkpoint_inputs, keep_arg, load_checkpoint, load_images, parser,
                             report)
 
@@ -28,7 +29,7 @@ def main() -> None:
         model, inputs, tokenizer, processor = tiny.model, tiny.make_inputs(rows), None, None
 
     with torch.no_grad():
-        full = model(**inputs, use_cache=True).past_key_values.get_seq_length()
+        full = kv_cache(model(**inputs, use_cache=True)).get_seq_length()
         # relevance="max": each token's best match over the question's tokens, not the mean.
         with zspa_kernels.prune(model, keep=keep_arg(args.keep), relevance="max",
                                 tokenizer=tokenizer) as handle:

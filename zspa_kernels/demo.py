@@ -19,6 +19,7 @@ import torch
 import zspa_kernels
 from zspa_kernels import benchmark as hb
 from zspa_kernels import models
+from zspa_kernels.integrations.transformers import kv_cache
 
 QUESTION = "What is the astronaut holding in her hands, and what is behind her?"
 TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
@@ -169,7 +170,7 @@ def run(out: str, model_path=None, keep: int = 64, core_ratio: float = 0.5) -> i
 
     with _step("[2/4] unpruned prefill"):
         handle, seen = _capture_lm_inputs(model)
-        kv_full = models.cache_bytes(_prefill(model, inputs).past_key_values)
+        kv_full = models.cache_bytes(kv_cache(_prefill(model, inputs)))
         handle.remove()
         full_ms = hb.wall_median_ms(lambda: _prefill(model, inputs), device)
     rows = [("unpruned", n_visual, full_ms, kv_full, None, "")]
@@ -177,7 +178,7 @@ def run(out: str, model_path=None, keep: int = 64, core_ratio: float = 0.5) -> i
     for i, backend in enumerate(backends, 1):
         with _step(f"[3/4] pruned prefill, backend {backend} ({i}/{len(backends)})"):
             with zspa_kernels.prune(model, keep=keep, core_ratio=core_ratio, backend=backend) as pruning:
-                kv = models.cache_bytes(_prefill(model, inputs).past_key_values)
+                kv = models.cache_bytes(kv_cache(_prefill(model, inputs)))
                 selections[backend] = pruning.last_selection[0]
                 ms = hb.wall_median_ms(lambda: _prefill(model, inputs), device)
             sel_ms = selection_ms(seen["embeds"], inputs["input_ids"], image_token, keep, backend, device)

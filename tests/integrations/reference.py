@@ -3,10 +3,17 @@ what it computes without a cache over a given (pruned) prefix."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 
 from zspa_kernels.integrations.transformers.families import find_family, split_model
+
+
+def cache_arg(model, cache) -> dict:
+    """``cache`` as the keyword this transformers version takes (5.24 renamed it)."""
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters
+            else "past_key_values": cache}
 
 
 def lm_of(model):

@@ -7,7 +7,7 @@ import torch
 
 from ...spec import DEFAULT_CORE_RATIO
 from .families import FAMILIES, find_family
-from .handle import PruneHandle
+from .handle import PruneHandle, kv_cache
 from .selection import ImageSelection
 
 
@@ -22,8 +22,10 @@ def prune(
 ) -> PruneHandle:
     """Run ``model``'s language model on ZSPAPrune-selected visual tokens only.
 
-    Installs two forward pre-hooks (nothing is patched); ``generate()`` and ``forward()``
-    then prefill with ``keep`` tokens per image and decode from the shorter KV cache.
+    Installs forward hooks (nothing is patched); ``generate()`` and ``forward()`` then
+    prefill with ``keep`` tokens per image and decode from the shorter KV cache; ``labels``
+    are gathered with the kept positions. Every argument is checked before any hook is
+    installed; a model type outside ``FAMILIES`` raises ``ValueError``.
 
     Args:
         model: a supported VLM (``...ForConditionalGeneration`` or its base model).
@@ -32,8 +34,9 @@ def prune(
         core_ratio: share of the budget chosen by prompt relevance alone (the rest:
             greedy max-min diversity seeded by that core).
         relevance: ``"mean"`` (cosine to the mean-pooled prompt) or ``"max"``.
-        prompt: ``"question"`` (text after the first image, special tokens removed) or
-            ``"all_text"`` (every attended non-visual token).
+        prompt: ``"question"`` (text after the first image, or before it when none
+            follows; special tokens removed) or ``"all_text"`` (every attended non-visual
+            token). ``ImageSelection.prompt_tokens`` records the positions used.
         backend: ``zspa::select_tokens`` backend (``"auto"``, ``"reference"``, ...).
         tokenizer: optional; its special tokens are also left out of ``"question"``.
 
@@ -46,4 +49,4 @@ def prune(
                        backend, tokenizer)
 
 
-__all__ = ["prune", "PruneHandle", "ImageSelection", "FAMILIES"]
+__all__ = ["prune", "PruneHandle", "ImageSelection", "FAMILIES", "kv_cache"]

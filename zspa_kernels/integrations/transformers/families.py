@@ -22,9 +22,10 @@ class Family:
     model_types: tuple[str, ...]
     lm_attr: str = "language_model"
     visual_token_attrs: tuple[str, ...] = ("image_token_id",)
-    # Visual tokens per image when every image has the same count, so that adjacent
-    # images (no text between them) are still split; None: each contiguous run is one image.
-    tokens_per_image: Callable[[Any], Optional[int]] = lambda config: None
+    # (config, the base model's keyword arguments, the lengths of the runs of visual tokens
+    # in row-major order) -> the token count of each image in order. Default: each run is
+    # one image (families that always put text or markers between images).
+    image_token_counts: Callable[[Any, dict, list[int]], list[int]] = lambda c, i, runs: runs
     # Called after the prefill gather with the Prefill record (see handle.py).
     on_prefill: Optional[Callable[..., None]] = None
     # For language models that take prebuilt masks: (config, embeds, 2-D mask, cache,
@@ -36,10 +37,73 @@ class Family:
         return [i for i in ids if i is not None]
 
 
-def _llava_tokens_per_image(config) -> int:
-    vision = config.vision_config
-    n = (vision.image_size // vision.patch_size) ** 2
-    return n + 1 if config.vision_feature_select_strategy == "full" else n
+def _split_evenly(n_visual: int, n_images: int, why: str) -> list[int]:
+    if n_images < 1 or n_visual % n_images:
+        raise ValueError(f"model: {n_visual} image tokens do not split evenly into {why}; "
+                         "cannot tell where each image's tokens are")
+    return [n_visual // n_images] * n_images
+
+
+def _counts_from_image_sizes(inputs: dict, step: int) -> list[int]:
+    """Pixtral towers: ``(h // step) * (w // step)`` tokens per image, rows of them
+    separated by row-break tokens."""
+    sizes = inputs.get("image_sizes")
+    if sizes is None:
+        raise ValueError("image_sizes: required to tell where each image's tokens are "
+                         "(Pixtral vision tower), got None")
+    return (torch.as_tensor(sizes) // step).prod(-1).tolist()
+
+
+def _encoded_counts(inputs: dict) -> Optional[list[int]]:
+    """Token count of each image already encoded by ``generate()`` (transformers 5.24+
+    runs the vision tower ahead of the prefill and passes ``mm_encoder_outputs``)."""
+    encoded = (inputs.get("mm_encoder_outputs") or {}).get("image")
+    features = getattr(encoded, "pooler_output", None)
+    if isinstance(features, (list, tuple)):
+        return [f.shape[0] for f in features]
+    if isinstance(features, torch.Tensor) and features.dim() == 3:  # (images, tokens, D)
+        return [features.shape[1]] * features.shape[0]
+    return None
+
+
+def _tower_counts(config, inputs: dict, runs: list[int]) -> list[int]:
+    """The encoded images' feature counts when generate() passes them; else one image per
+    ``pixel_values`` entry: fixed-size towers (CLIP with a class token, SigLIP without;
+    the "default" strategy drops the first token either way) give every image the same
+    count, the tokens present shared out; Pixtral towers: from the image sizes (Mistral3
+    merges ``spatial_merge_size``^2 patches into a token)."""
+    encoded = _encoded_counts(inputs)
+    if encoded is not None:
+        return encoded
+    if config.vision_config.model_type == "pixtral":
+        step = config.vision_config.patch_size * getattr(config, "spatial_merge_size", 1)
+        return _counts_from_image_sizes(inputs, step)
+    pixels = inputs.get("pixel_values")
+    if pixels is None:
+        raise ValueError("pixel_values: required to tell where each LLaVA image's tokens are, got None")
+    return _split_evenly(sum(runs), pixels.shape[0], f"{pixels.shape[0]} images (pixel_values)")
+
+
+def _fixed_counts(per_image: Callable[[Any], int]):
+    def counts(config, inputs: dict, runs: list[int]) -> list[int]:
+        n, total = per_image(config), sum(runs)
+        return _split_evenly(total, total // n if total % n == 0 else 0, f"images of {n} tokens")
+    return counts
+
+
+def _one_run_per_image(config, inputs: dict, runs: list[int]) -> list[int]:
+    """Any-resolution images differ in count; text usually stands between them. Refuse
+    when the runs are fewer than the images and videos given (some stand back to back)."""
+    encoded = inputs.get("mm_encoder_outputs") or {}
+    given = 0
+    for modality, key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+        features = getattr(encoded.get(modality), "pooler_output", None)
+        pixels = inputs.get(key)
+        given += len(features if features is not None else [] if pixels is None else pixels)
+    if given != len(runs):
+        raise ValueError(f"model: {given} images/videos given but {len(runs)} runs of their tokens; "
+                         "images back to back (no text between them) cannot be told apart")
+    return runs
 
 
 def _gather_deepstack(prefill) -> None:
@@ -60,7 +124,7 @@ def _gather_deepstack(prefill) -> None:
     kwargs["deepstack_visual_embeds"] = [e[rows] for e in kwargs["deepstack_visual_embeds"]]
 
 
-def _idefics3_tokens_per_image(config) -> int:
+def _idefics3_tile_tokens(config) -> int:
     vision = config.vision_config
     return (vision.image_size // vision.patch_size) ** 2 // config.scale_factor ** 2
 
@@ -73,8 +137,9 @@ def _gemma3_masks(config, embeds, mask, cache, positions, token_types, slots):
 
     build = Gemma3ForConditionalGeneration.create_masks_for_generate
     params = inspect.signature(build).parameters
-    kwargs = dict(config=config, attention_mask=mask, past_key_values=cache,
-                  position_ids=positions, token_type_ids=token_types)
+    kwargs = dict(config=config, attention_mask=mask, position_ids=positions,
+                  token_type_ids=token_types)
+    kwargs["cache" if "cache" in params else "past_key_values"] = cache
     kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = embeds
     if "cache_position" in params:
         kwargs["cache_position"] = slots
@@ -82,19 +147,34 @@ def _gemma3_masks(config, embeds, mask, cache, positions, token_types, slots):
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("LLaVA-1.5", ("llava",), tokens_per_image=_llava_tokens_per_image),
+    Family("LLaVA-1.5", ("llava",), image_token_counts=_tower_counts),
+    Family("Mistral3", ("mistral3",), image_token_counts=_tower_counts),
     # Any-resolution: counts differ per image; each run of image tokens is one image.
-    Family("LLaVA-NeXT", ("llava_next",)),
+    Family("LLaVA-NeXT", ("llava_next",), image_token_counts=_one_run_per_image),
+    Family("LLaVA-OneVision", ("llava_onevision",), visual_token_attrs=("image_token_id", "video_token_id"),
+           image_token_counts=_one_run_per_image),
     # Qwen's rope_deltas stay as computed: decode positions come from generate() (original
     # numbering), or from the hooks when a caller passes none, never from cache slots.
     Family("Qwen2-VL", ("qwen2_vl",), visual_token_attrs=("image_token_id", "video_token_id")),
     Family("Qwen2.5-VL", ("qwen2_5_vl",), visual_token_attrs=("image_token_id", "video_token_id")),
     Family("Qwen3-VL", ("qwen3_vl",), visual_token_attrs=("image_token_id", "video_token_id"),
            on_prefill=_gather_deepstack),
-    # Each tile of a split image (and its global view) is its own run and budget.
+    Family("Qwen3-VL-MoE", ("qwen3_vl_moe",), visual_token_attrs=("image_token_id", "video_token_id"),
+           on_prefill=_gather_deepstack),
+    # Video frames are images (image token id, own markers): one budget per frame.
+    Family("GLM-4V", ("glm4v",)),
+    # Each tile is a run between tile markers, and its own budget (like Idefics3).
+    Family("Aya Vision", ("aya_vision",), image_token_counts=_tower_counts),
+    Family("Cohere2 Vision", ("cohere2_vision",), image_token_counts=_tower_counts),
+    # <img> ... </img> around each image (all its tiles: one budget); video frames are images.
+    Family("InternVL", ("internvl",)),
+    # Each crop of a split image (and its global view) is its own run and budget.
+    Family("Idefics2", ("idefics2",), lm_attr="text_model",
+           image_token_counts=_fixed_counts(lambda config: config.perceiver_config.resampler_n_latents)),
     Family("Idefics3/SmolVLM", ("idefics3", "smolvlm"), lm_attr="text_model",
-           tokens_per_image=_idefics3_tokens_per_image),
-    Family("Gemma3", ("gemma3",), tokens_per_image=lambda config: config.mm_tokens_per_image,
+           image_token_counts=_fixed_counts(_idefics3_tile_tokens)),
+    Family("Gemma3", ("gemma3",),
+           image_token_counts=_fixed_counts(lambda config: config.mm_tokens_per_image),
            build_mask=_gemma3_masks),
 )
 

@@ -1,9 +1,10 @@
 """Forward hooks that run a VLM's language model on the selected visual tokens only.
 
-Two ``register_forward_pre_hook(with_kwargs=True)`` hooks, no model code patched:
+``register_forward_pre_hook(with_kwargs=True)`` hooks, no model code patched:
 
-* on the base model (``model.model``): remembers the ``input_ids`` of the call,
-  which say where image/video tokens sit; on decode steps over a pruned cache it
+* on the base model (``model.model``): remembers the keyword arguments of the call
+  (``input_ids`` say where image/video tokens sit; pixel inputs or already encoded
+  images say how many tokens each image has); on decode steps over a pruned cache it
   supplies the original position numbering when the caller gave none;
 * on the language model: at prefill (empty cache) it selects tokens per image
   with one ``zspa::select_tokens`` call, then gathers ``inputs_embeds``, the
@@ -12,7 +13,9 @@ Two ``register_forward_pre_hook(with_kwargs=True)`` hooks, no model code patched
   packed sequences), left-padding rows that kept different counts. At decode it
   replaces the mask, which ``generate()`` keeps at the original length, by the
   pruned one plus the new tokens, and remaps ``cache_position`` (transformers
-  4.x) to cache slots.
+  4.x) to cache slots;
+* on the ``...ForConditionalGeneration`` wrapper (a pre- and a post-hook): takes
+  ``labels`` away and computes the loss from the labels of the kept positions.
 
 Host syncs: one copy of ``input_ids`` and the 2-D mask to the host per prefill,
 to find the images and size the gathered sequence (its length is a shape).
@@ -23,6 +26,7 @@ pruned forward are shorter than ``input_ids``; the last position is unchanged.
 """
 from __future__ import annotations
 
+import inspect
 import weakref
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -67,6 +71,20 @@ class _CacheState:
     grown: int = 0
 
 
+# transformers 5.24 renamed the cache argument ``past_key_values`` to ``cache``.
+CACHE_ARGS = ("cache", "past_key_values")
+
+
+def _cache_of(kwargs: dict):
+    return next((kwargs[k] for k in CACHE_ARGS if kwargs.get(k) is not None), None)
+
+
+def kv_cache(output):
+    """The KV cache of a model or ``generate()`` output, under either name."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
 def _is_empty(cache) -> bool:
     return cache is None or cache.get_seq_length() == 0
 
@@ -90,31 +108,46 @@ class PruneHandle:
     def __init__(self, model: torch.nn.Module, family: Family, keep: Union[int, float],
                  core_ratio: float, relevance: str, prompt: str, backend: str,
                  tokenizer=None):
+        # Everything is checked before the model is touched: a refused call leaves it as it was.
         check_keep(keep)
         if prompt not in PROMPTS:
             raise ValueError(f"prompt: expected one of {PROMPTS}, got {prompt!r}")
         check_options(core_ratio, relevance, backend)  # the op's own checks, at prune() time
+        special = special_token_ids(model.config)
+        if tokenizer is not None:
+            tokenizer_ids = getattr(tokenizer, "all_special_ids", None)
+            if not isinstance(tokenizer_ids, (list, tuple, set)):
+                raise TypeError("tokenizer: expected a transformers tokenizer (with .all_special_ids), "
+                                f"got {type(tokenizer).__name__}")
+            special.update(tokenizer_ids)
+        base, lm = split_model(model, family)
+        if getattr(lm, "_zspa_pruned", False):
+            raise ValueError("model: already pruned by zspa_kernels.prune; remove() that handle first")
+
         self.family = family
         self.keep, self.core_ratio, self.relevance, self.prompt, self.backend = (
             keep, float(core_ratio), relevance, prompt, backend)
-        self.base, self.lm = split_model(model, family)
-        if getattr(self.lm, "_zspa_pruned", False):
-            raise ValueError("model: already pruned by zspa_kernels.prune; remove() that handle first")
-        self.lm._zspa_pruned = True
-        self.config = model.config
+        self.base, self.lm, self.config = base, lm, model.config
         self.visual_ids = family.visual_token_ids(model.config)
-        special = special_token_ids(model.config)
-        if tokenizer is not None:
-            special.update(tokenizer.all_special_ids)
         self.special_ids = torch.tensor(sorted(special), dtype=torch.long)
-        self.tokens_per_image = family.tokens_per_image(model.config)
+        params = inspect.signature(lm.forward).parameters
+        self._cache_arg = next((k for k in CACHE_ARGS if k in params), CACHE_ARGS[-1])
         self.last_selection: list[ImageSelection] = []
-        self._input_ids: Optional[torch.Tensor] = None
+        self._inputs: Optional[dict] = None  # the base model's keyword arguments of this call
+        self._gather: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (index, valid)
+        self._labels: Optional[torch.Tensor] = None
+        self._loss_kwargs: dict = {}
         self._caches: "weakref.WeakKeyDictionary[object, _CacheState]" = weakref.WeakKeyDictionary()
+        lm._zspa_pruned = True
         self._hooks = [
-            self.base.register_forward_pre_hook(self._base_pre_hook, with_kwargs=True),
-            self.lm.register_forward_pre_hook(self._lm_pre_hook, with_kwargs=True),
+            base.register_forward_pre_hook(self._base_pre_hook, with_kwargs=True),
+            lm.register_forward_pre_hook(self._lm_pre_hook, with_kwargs=True),
         ]
+        if model is not base:  # the wrapper with the LM head computes the loss from labels
+            self._hooks += [
+                model.register_forward_pre_hook(self._top_pre_hook, with_kwargs=True),
+                model.register_forward_hook(self._top_post_hook, with_kwargs=True),
+            ]
 
     # -- lifecycle -------------------------------------------------------------------------
     def remove(self) -> None:
@@ -124,7 +157,7 @@ class PruneHandle:
             self.lm._zspa_pruned = False
         self._hooks = []
         self._caches = weakref.WeakKeyDictionary()
-        self._input_ids = None
+        self._inputs = self._gather = self._labels = None
 
     def __enter__(self) -> "PruneHandle":
         return self
@@ -133,10 +166,33 @@ class PruneHandle:
         self.remove()
 
     # -- hooks -----------------------------------------------------------------------------
+    def _top_pre_hook(self, module, args, kwargs):
+        """Take ``labels`` away from the wrapper: its logits will cover the kept positions
+        only, so the loss is computed after the forward from the gathered labels."""
+        self._gather = None
+        self._labels = kwargs.pop("labels", None)
+        self._loss_kwargs = {k: kwargs[k] for k in ("num_items_in_batch",) if k in kwargs}
+        return args, kwargs
+
+    def _top_post_hook(self, module, args, kwargs, output):
+        labels, self._labels = self._labels, None
+        if labels is None:
+            return None
+        if self._gather is not None:
+            # Labels follow their tokens (dropped image placeholders lose theirs); a row's
+            # first token is predicted by no position, not by the re-padding before it.
+            index, valid = self._gather
+            first = valid & ~torch.nn.functional.pad(valid, (1, 0))[:, :-1]
+            labels = labels.to(index.device).gather(1, index).masked_fill(~valid | first, -100)
+        output.loss = module.loss_function(output.logits, labels,
+                                           vocab_size=self.config.get_text_config().vocab_size,
+                                           **self._loss_kwargs)
+        return output
+
     def _base_pre_hook(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        self._input_ids = input_ids
-        cache = kwargs.get("past_key_values")
+        self._inputs = dict(kwargs, input_ids=input_ids)
+        cache = _cache_of(kwargs)
         state = self._caches.get(cache) if cache is not None else None
         if state is None or _is_empty(cache):
             return None
@@ -151,7 +207,7 @@ class PruneHandle:
         return None
 
     def _lm_pre_hook(self, module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = _cache_of(kwargs)
         if not _is_empty(cache):
             state = self._caches.get(cache)
             if state is not None:
@@ -159,41 +215,61 @@ class PruneHandle:
                 return args, kwargs
             return None
         embeds = kwargs.get("inputs_embeds")
-        ids, self._input_ids = self._input_ids, None
+        inputs, self._inputs = self._inputs or {}, None
+        ids = inputs.get("input_ids")
         self.last_selection = []
         if embeds is None or ids is None or ids.shape != embeds.shape[:2]:
             return None  # no token ids to find the images in: run unpruned
-        self._prefill(ids, embeds, cache, kwargs)
+        self._prefill(ids, embeds, cache, inputs, kwargs)
         return args, kwargs
 
     # -- prefill ---------------------------------------------------------------------------
-    def _find_images(self, visual: torch.Tensor):
-        """Host lists ``(rows, starts, sizes)`` of every image: each run of visual tokens,
-        cut every ``tokens_per_image`` tokens when the family fixes that count."""
-        edges = torch.nn.functional.pad(visual.int(), (1, 1)).diff(dim=1)
-        run_rows, run_starts = (edges == 1).nonzero(as_tuple=True)
-        run_ends = (edges == -1).nonzero(as_tuple=True)[1]  # same row-major order
-        rows, starts, sizes = [], [], []
-        for r, start, end in zip(run_rows.tolist(), run_starts.tolist(), run_ends.tolist()):
-            step = self.tokens_per_image or end - start
-            for s in range(start, end, step):
-                rows.append(r), starts.append(s), sizes.append(min(step, end - s))
-        return rows, starts, sizes
+    def _find_images(self, ids: torch.Tensor, visual: torch.Tensor, inputs: dict):
+        """Host ``(rows, cols)`` of every image: its batch row and a ``(n_i,)`` tensor of
+        its token positions. Runs of visual tokens (of one id: an image next to a video is
+        two runs) go to the family, which returns each image's token count: the runs
+        themselves, or counts that cut the row-major sequence of visual tokens otherwise
+        (adjacent images; row-break tokens inside an image)."""
+        tok_rows, tok_cols = visual.nonzero(as_tuple=True)
+        tok_ids = ids[tok_rows, tok_cols]
+        new_run = torch.ones_like(tok_cols, dtype=torch.bool)
+        new_run[1:] = ((tok_rows[1:] != tok_rows[:-1]) | (tok_cols[1:] != tok_cols[:-1] + 1)
+                       | (tok_ids[1:] != tok_ids[:-1]))
+        runs = new_run.nonzero()[:, 0].diff(append=torch.tensor([tok_cols.numel()])).tolist()
+        counts = self.family.image_token_counts(self.config, inputs, runs)
+        if sum(counts) != tok_cols.numel() or min(counts, default=1) < 1:
+            raise ValueError(
+                f"model: the inputs hold {tok_cols.numel()} {self.family.name} image tokens, "
+                f"but the images given imply {sum(counts)} ({counts}); cannot tell where each "
+                "image's tokens are")
+        rows, cols = [], []
+        for r, c in zip(tok_rows.split(counts), tok_cols.split(counts)):
+            if r[0] != r[-1]:
+                raise ValueError(f"model: a {self.family.name} image's tokens span two batch rows; "
+                                 "cannot tell where each image's tokens are")
+            rows.append(int(r[0])), cols.append(c)
+        return rows, cols
 
-    def _prompt_tokens(self, ids_h: torch.Tensor, visual_h: torch.Tensor, mask_h: torch.Tensor):
+    def _prompt_tokens(self, ids_h, visual_h, mask_h, rows, cols):
         """Which positions form the prompt vector (host bool ``(B, L)``).
 
-        ``all_text``: every attended non-visual token. ``question``: also drop every
+        ``all_text``: every attended token that is neither visual nor inside an image
+        (row breaks, tile markers between its tokens). ``question``: of those, drop every
         special token id named in the config (bos/eos/pad, visual markers; plus the
-        tokenizer's special tokens when one was given) and everything before the
-        row's first visual token (system prompt, chat-template preamble)."""
-        text = ~visual_h & mask_h.bool()
+        tokenizer's special tokens when one was given), and keep the text after the
+        row's first image; a row whose question stands wholly before its first image
+        (nothing left after it) uses the text before it instead."""
+        inside = torch.zeros_like(visual_h)
+        for r, c in zip(rows, cols):
+            inside[r, int(c[0]):int(c[-1]) + 1] = True
+        text = ~visual_h & ~inside & mask_h.bool()
         if self.prompt == "all_text":
             return text
-        after_image = visual_h.long().cumsum(1) > 0
-        return text & after_image & ~torch.isin(ids_h, self.special_ids)
+        question = text & ~torch.isin(ids_h, self.special_ids)
+        after = question & (visual_h.long().cumsum(1) > 0)
+        return torch.where(after.any(1, keepdim=True), after, question)
 
-    def _prefill(self, ids, embeds, cache, kwargs) -> None:
+    def _prefill(self, ids, embeds, cache, inputs, kwargs) -> None:
         B, L, D = embeds.shape
         device = embeds.device
         mask = _mask_2d(kwargs.get("attention_mask"), B, L, device)
@@ -201,50 +277,62 @@ class PruneHandle:
         host = torch.stack([ids.to(device), mask]).cpu()
         ids_h, mask_h = host[0], host[1]
         visual_h = torch.isin(ids_h, torch.tensor(self.visual_ids, dtype=ids_h.dtype))
-        rows, starts, sizes = self._find_images(visual_h)
+        rows, cols = self._find_images(ids_h, visual_h, inputs)
         if not rows:
             return
-        prompt_h = self._prompt_tokens(ids_h, visual_h, mask_h)
+        prompt_h = self._prompt_tokens(ids_h, visual_h, mask_h, rows, cols)
         counts = prompt_h.sum(1)
+        if self.core_ratio > 0 and bool((counts[sorted(set(rows))] == 0).any()):
+            raise ValueError(f"prompt: a row with images has no {self.prompt!r} text to rank its "
+                             "visual tokens by; add text, or prune with core_ratio=0 (diversity only)")
         t_max = max(1, int(counts.max()))
         prompt_pos = torch.zeros(B, t_max, dtype=torch.long)
         prompt_valid = torch.arange(t_max)[None] < counts[:, None]
         prompt_pos[prompt_valid] = prompt_h.nonzero()[:, 1]
+        prompt_tokens = [p[v] for p, v in zip(prompt_pos, prompt_valid)]
         prompt_pos, prompt_valid = prompt_pos.to(device), prompt_valid.to(device)
         prompt = embeds.gather(1, prompt_pos[..., None].expand(-1, -1, D))
 
-        selection = select_images(embeds, rows, starts, sizes, prompt, prompt_valid, self.keep,
-                                  self.core_ratio, self.relevance, self.backend)
+        sizes = [c.numel() for c in cols]
+        cols_d = torch.nn.utils.rnn.pad_sequence(cols, batch_first=True).to(device)
+        selection = select_images(embeds, rows, cols_d, sizes, prompt, prompt_valid, self.keep,
+                                  self.core_ratio, self.relevance, self.backend, prompt_tokens)
         self.last_selection = selection
 
-        # Keep every attended non-visual position plus the picks of every image; the old
-        # left padding goes too, so a short row does not hold the batch at its full width.
-        visual = visual_h.to(device)
-        keep = ~visual & (mask != 0)
-        pick_rows = torch.cat([torch.full_like(s.order, s.batch_row) for s in selection])
-        pick_cols = torch.cat([s.order + start for s, start in zip(selection, starts)])
-        keep[pick_rows, pick_cols] = True
         dropped_h = torch.zeros(B, dtype=torch.long)
         for s in selection:
             dropped_h[s.batch_row] += s.n_tokens - s.order.shape[0]
-        kept_len = (mask_h != 0).sum(1) - dropped_h
-        new_len = int(kept_len.max())
-        # Kept positions first, ascending (keys are unique), then right-align each row.
-        pos = torch.arange(L, device=device)
-        ranked = torch.where(keep, pos, pos + L).argsort(dim=1)
-        src = torch.arange(new_len, device=device)[None] - (new_len - kept_len).to(device)[:, None]
-        valid = src >= 0
-        index = ranked.gather(1, src.clamp_min(0))
+        if not dropped_h.any():
+            # Nothing dropped (keep-all): the original layout, padding included, so logits
+            # (and a loss from labels, left as given) are the unpatched model's bit for bit.
+            index = torch.arange(L, device=device)[None].expand(B, L)
+            valid, new_len = torch.ones(B, L, dtype=torch.bool, device=device), L
+        else:
+            # Keep every attended non-visual position plus the picks of every image; the old
+            # left padding goes too, so a short row does not hold the batch at its full width.
+            keep = ~visual_h.to(device) & (mask != 0)
+            pick_rows = torch.cat([torch.full_like(s.order, s.batch_row) for s in selection])
+            pick_cols = torch.cat([cols_d[i, s.order] for i, s in enumerate(selection)])
+            keep[pick_rows, pick_cols] = True
+            kept_len = (mask_h != 0).sum(1) - dropped_h
+            new_len = int(kept_len.max())
+            # Kept positions first, ascending (keys are unique), then right-align each row.
+            pos = torch.arange(L, device=device)
+            ranked = torch.where(keep, pos, pos + L).argsort(dim=1)
+            src = torch.arange(new_len, device=device)[None] - (new_len - kept_len).to(device)[:, None]
+            valid = src >= 0
+            index = ranked.gather(1, src.clamp_min(0))
+            self._gather = (index, valid)
 
         if cache is None and kwargs.get("use_cache", getattr(self.lm.config, "use_cache", False)):
             from transformers import DynamicCache
 
-            cache = kwargs["past_key_values"] = DynamicCache(config=self.lm.config)
+            cache = kwargs[self._cache_arg] = DynamicCache(config=self.lm.config)
         kwargs["inputs_embeds"] = embeds.gather(1, index[..., None].expand(-1, -1, D))
         new_mask = mask.gather(1, index) * valid
         positions = kwargs.get("position_ids")
         if positions is None:
-            positions = pos[None].expand(B, L)
+            positions = torch.arange(L, device=device)[None].expand(B, L)
         positions = positions.expand(*positions.shape[:-2], B, L)
         positions = positions.gather(-1, index.expand(*positions.shape[:-2], B, new_len))
         kwargs["position_ids"] = positions
@@ -253,11 +341,12 @@ class PruneHandle:
             kwargs["cache_position"] = slots
         kwargs["attention_mask"] = new_mask
         if self.family.build_mask is not None:
-            token_types = (visual.gather(1, index) & valid).long()
+            token_types = (visual_h.to(device).gather(1, index) & valid).long()
             kwargs["attention_mask"] = self.family.build_mask(
                 self.config, kwargs["inputs_embeds"], new_mask, cache, positions, token_types, slots)
         if self.family.on_prefill is not None:
-            self.family.on_prefill(Prefill(kwargs, index, valid, int(pick_rows.shape[0])))
+            n_kept = sum(s.order.shape[0] for s in selection)
+            self.family.on_prefill(Prefill(kwargs, index, valid, n_kept))
         if cache is not None:
             last = positions.masked_fill(new_mask == 0, -1).amax(-1, keepdim=True)
             self._caches[cache] = _CacheState(new_mask, L, new_len, last + 1)
@@ -282,6 +371,6 @@ class PruneHandle:
         if kwargs.get("cache_position") is not None:
             kwargs["cache_position"] = slots
         if self.family.build_mask is not None:  # decode tokens are text: no image blocks
-            mask = self.family.build_mask(self.config, embeds, mask, kwargs.get("past_key_values"),
+            mask = self.family.build_mask(self.config, embeds, mask, _cache_of(kwargs),
                                           kwargs.get("position_ids"), None, slots)
         kwargs["attention_mask"] = mask

@@ -23,7 +23,9 @@ class ImageSelection:
 
     ``order`` holds indices into that image's ``n_tokens`` tokens in pick order:
     the ``n_core`` most prompt-relevant first (falling relevance), then the greedy
-    max-min diversity picks. It lives on the model's device.
+    max-min diversity picks. It lives on the model's device. ``prompt_tokens``
+    (host) are the positions in the row's ``input_ids`` whose embeddings formed the
+    prompt the relevance was measured against.
     """
 
     batch_row: int
@@ -31,6 +33,7 @@ class ImageSelection:
     n_tokens: int
     order: torch.LongTensor
     n_core: int
+    prompt_tokens: torch.LongTensor
 
     @property
     def kept(self) -> torch.LongTensor:
@@ -41,7 +44,7 @@ class ImageSelection:
 def select_images(
     embeds: torch.Tensor,
     rows: list[int],
-    starts: list[int],
+    cols: torch.Tensor,
     sizes: list[int],
     prompt: torch.Tensor,
     prompt_mask: torch.Tensor,
@@ -49,19 +52,18 @@ def select_images(
     core_ratio: float,
     relevance: str,
     backend: str,
+    prompt_tokens: list[torch.Tensor],
 ) -> list[ImageSelection]:
-    """Select tokens of every image ``i`` = ``embeds[rows[i], starts[i]:starts[i]+sizes[i]]``.
+    """Select tokens of every image ``i`` = ``embeds[rows[i], cols[i, :sizes[i]]]``.
 
-    ``prompt`` is ``(B, T, D)`` with ``prompt_mask`` ``(B, T)``, one per batch row.
+    ``cols`` is ``(I, N_max)`` on ``embeds``' device (the tail past each size is never
+    read). ``prompt`` is ``(B, T, D)`` with ``prompt_mask`` ``(B, T)``, one per batch row,
+    and ``prompt_tokens[b]`` the positions it was gathered from (recorded only).
     Returns one :class:`ImageSelection` per image, in the order given.
     """
     device = embeds.device
-    n_max = max(sizes)
     row_t = torch.tensor(rows, device=device)
-    start_t = torch.tensor(starts, device=device)
     size_t = torch.tensor(sizes, device=device)
-    # Padded (I, N_max) gather of each image's tokens; the tail past its size is never read.
-    cols = (start_t[:, None] + torch.arange(n_max, device=device)).clamp_max(embeds.shape[1] - 1)
     visual = embeds[row_t[:, None], cols]
     budgets_i = [keep_budget(keep, n) for n in sizes]
     orders: list[torch.Tensor] = [None] * len(sizes)
@@ -86,6 +88,6 @@ def select_images(
     image_of_row: dict[int, int] = {}
     for i, (r, n) in enumerate(zip(rows, sizes)):
         core = core_count(core_ratio, min(budgets_i[i], n))
-        out.append(ImageSelection(r, image_of_row.get(r, 0), n, orders[i], core))
+        out.append(ImageSelection(r, image_of_row.get(r, 0), n, orders[i], core, prompt_tokens[r]))
         image_of_row[r] = image_of_row.get(r, 0) + 1
     return out

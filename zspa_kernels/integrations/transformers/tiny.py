@@ -48,16 +48,20 @@ class TinyVLM:
     single: list  # one row: text, image, text
     batch: list  # rows of different lengths and image counts/sizes
     frames_are_images: bool = False  # each video frame is its own run of tokens (Qwen3-VL)
+    tiles_are_images: bool = False  # an ("image", n) segment is n separately budgeted tiles
     beam_video: bool = True  # False where the unpatched model cannot beam-search a video
+    beam_multi_image: bool = True  # False where it cannot beam-search rows of several images
 
     @property
     def beam_batch(self) -> list:
-        return self.batch if self.beam_video else [r for r in self.batch
-                                                    if all(s[0] != "video" for s in r)]
+        return [r for r in self.batch
+                if (self.beam_video or all(s[0] != "video" for s in r))
+                and (self.beam_multi_image or sum(s[0] != "text" for s in r) == 1)]
 
     def n_images(self, rows) -> int:
         """How many separately budgeted images (or frames) ``rows`` hold."""
-        return sum(seg[1][0] if seg[0] == "video" and self.frames_are_images else 1
+        return sum(seg[1][0] if seg[0] == "video" and self.frames_are_images
+                   else seg[1] if seg[0] == "image" and self.tiles_are_images else 1
                    for row in rows for seg in row if seg[0] != "text")
 
 
@@ -69,31 +73,106 @@ def _finish(model: torch.nn.Module, attn: str) -> torch.nn.Module:
     return model.eval()
 
 
+TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+
+
+def _tiny_llama(model_type: str = "llama"):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(model_type, hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                vocab_size=VOCAB, max_position_embeddings=512, pad_token_id=PAD,
+                                bos_token_id=1, eos_token_id=2)
+
+
 def _clip_llama_configs() -> dict:
     """The tiny CLIP tower (16 px images, 4 px patches) and Llama of both LLaVA families."""
-    from transformers import CLIPVisionConfig, LlamaConfig
+    from transformers import CLIPVisionConfig
 
-    return dict(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=2, image_size=16, patch_size=4),
-        text_config=LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-                                max_position_embeddings=512, pad_token_id=PAD, bos_token_id=1,
-                                eos_token_id=2),
-    )
+    return dict(vision_config=CLIPVisionConfig(**TOWER, image_size=16, patch_size=4),
+                text_config=_tiny_llama())
 
 
-def llava(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+def _n_features(model, **image) -> int:
+    """Feature rows one image becomes (whatever the tower and feature strategy)."""
+    with torch.no_grad():
+        out = model.model.get_image_features(**image)
+    first = getattr(out, "pooler_output", out)[0]  # (tokens, D), or (h, w, D) in Aya Vision 4.57
+    return first.numel() // first.shape[-1]
+
+
+def _stack_tiles(pixels: list) -> torch.Tensor:
+    """Per-image ``(tiles, 3, H, W)`` tensors as one batch, zero-padded to the most tiles."""
+    most = max(p.shape[0] for p in pixels)
+    return torch.stack([torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[0]))
+                        for p in pixels])
+
+
+def _pixtral_tokens(h: int, w: int, step: int, image: int, row_break: int, end: int) -> list[int]:
+    """Pixtral's layout: a row of ``w // step`` image tokens per ``step`` pixels of height,
+    a row-break token after each row but the last, which ends with an end-of-image token."""
+    rows = [[image] * (w // step) + [row_break] for _ in range(h // step)]
+    rows[-1][-1] = end
+    return sum(rows, [])
+
+
+def _pixtral_inputs(rows, seeds, image_token: int, step: int, size: int) -> dict:
+    """Inputs of a Pixtral-tower model: images of (h, w) pixels, zero-padded to size x size."""
+    ids, pixels, sizes = [], [], []
+    for segments, gen in zip(rows, _generators(rows, seeds)):
+        row = []
+        for kind, hw in segments:
+            if kind == "text":
+                row += _text(hw, gen)
+                continue
+            row += _pixtral_tokens(*hw, step, image_token, PIXTRAL_BREAK, PIXTRAL_END)
+            image = torch.zeros(3, size, size)
+            image[:, : hw[0], : hw[1]] = torch.randn(3, *hw, generator=gen)
+            pixels.append(image), sizes.append(hw)
+        ids.append(row)
+    return dict(_left_pad(ids), pixel_values=torch.stack(pixels), image_sizes=torch.tensor(sizes))
+
+
+PIXTRAL_BREAK, PIXTRAL_END = 125, 126
+PIXTRAL_ROWS = dict(
+    # Before 5.24 generate() expands image_sizes image by image, not row by row, for beam
+    # search: a row of several images gets other beams' sizes (the model itself misplaces
+    # their features; prune refuses).
+    beam_multi_image=hasattr(transformers.GenerationMixin, "_expand_multimodal_outputs"),
+    single=[[("text", 5), ("image", (16, 12)), ("text", 7)]],
+    batch=[[("text", 5), ("image", (16, 16)), ("text", 7)],
+           [("text", 3), ("image", (8, 16)), ("image", (12, 8)), ("text", 4)],
+           [("image", (16, 8)), ("text", 9)]])
+# Two images back to back (no text between them) in the middle row: only the per-image
+# counts can tell where one ends.
+ADJACENT_ROWS = dict(single=[[("text", 5), ("image", 0), ("text", 7)]],
+                     batch=[[("text", 5), ("image", 0), ("text", 7)],
+                            [("text", 3), ("image", 0), ("image", 0), ("text", 4)],
+                            [("image", 0), ("text", 9)]])
+
+
+def llava(attn: str = "sdpa", seed: int = 0, tower: str = "clip",
+          strategy: str = "default") -> TinyVLM:
+    """LLaVA with a CLIP (class token), SigLIP (none) or Pixtral (any size, row breaks)
+    vision tower: the layouts of llava-1.5, of SigLIP-tower LLaVAs and of Pixtral-12B."""
+    from transformers import (AutoConfig, LlavaConfig, LlavaForConditionalGeneration)
 
     torch.manual_seed(seed)
     image_token = 127
-    config = LlavaConfig(
-        **_clip_llama_configs(),
-        image_token_id=image_token, image_seq_length=16, pad_token_id=PAD,
-    )
+    if tower == "clip":
+        configs = _clip_llama_configs()
+    else:
+        vision = AutoConfig.for_model(
+            "siglip_vision_model" if tower == "siglip" else "pixtral", **TOWER, image_size=16,
+            patch_size=4)
+        configs = dict(vision_config=vision, text_config=_tiny_llama())
+    config = LlavaConfig(**configs, image_token_id=image_token, image_seq_length=16,
+                         vision_feature_select_strategy=strategy, pad_token_id=PAD)
     model = _finish(LlavaForConditionalGeneration(config), attn)
-    tokens = 16  # (16 / 4) ** 2 patches, CLS dropped
+    if tower == "pixtral":
+        return TinyVLM(model, lambda rows, seeds=None: _pixtral_inputs(rows, seeds, image_token, 4, 16),
+                       **PIXTRAL_ROWS)
+    tokens = _n_features(model, pixel_values=torch.zeros(1, 3, 16, 16))
 
     def make_inputs(rows, seeds=None) -> dict:
         ids, pixels = [], []
@@ -108,11 +187,29 @@ def llava(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
             ids.append(row)
         return dict(_left_pad(ids), pixel_values=torch.stack(pixels))
 
-    return TinyVLM(model, make_inputs,
-                   single=[[("text", 5), ("image", 0), ("text", 7)]],
-                   batch=[[("text", 5), ("image", 0), ("text", 7)],
-                          [("text", 3), ("image", 0), ("text", 1), ("image", 0), ("text", 4)],
-                          [("image", 0), ("text", 9)]])
+    if tower == "clip":
+        return TinyVLM(model, make_inputs,
+                       single=[[("text", 5), ("image", 0), ("text", 7)]],
+                       batch=[[("text", 5), ("image", 0), ("text", 7)],
+                              [("text", 3), ("image", 0), ("text", 1), ("image", 0), ("text", 4)],
+                              [("image", 0), ("text", 9)]])
+    return TinyVLM(model, make_inputs, **ADJACENT_ROWS)
+
+
+def mistral3(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """Mistral3 (Mistral-Small-3.1): a Pixtral tower (2 px patches) whose 2x2 patch merger
+    makes a token per 4x4 pixels, row-break tokens between rows of them."""
+    from transformers import AutoConfig, Mistral3Config, Mistral3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    image_token = 127
+    config = Mistral3Config(
+        vision_config=AutoConfig.for_model("pixtral", **TOWER, image_size=16, patch_size=2),
+        text_config=_tiny_llama("mistral"), image_token_index=image_token, spatial_merge_size=2,
+        pad_token_id=PAD)
+    model = _finish(Mistral3ForConditionalGeneration(config), attn)
+    return TinyVLM(model, lambda rows, seeds=None: _pixtral_inputs(rows, seeds, image_token, 4, 16),
+                   **PIXTRAL_ROWS)
 
 
 def llava_next(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
@@ -130,12 +227,6 @@ def llava_next(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     )
     model = _finish(LlavaNextForConditionalGeneration(config), attn)
 
-    def n_tokens(pixels: torch.Tensor, size: tuple) -> int:
-        with torch.no_grad():
-            out = model.model.get_image_features(pixel_values=pixels[None],
-                                                 image_sizes=torch.tensor([size]))
-        return getattr(out, "pooler_output", out)[0].shape[0]
-
     def make_inputs(rows, seeds=None) -> dict:
         ids, pixels, sizes = [], [], []
         for segments, gen in zip(rows, _generators(rows, seeds)):
@@ -147,12 +238,10 @@ def llava_next(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                 tiles = image_size_to_num_patches(size, config.image_grid_pinpoints, 16)
                 pixels.append(torch.randn(tiles, 3, 16, 16, generator=gen))
                 sizes.append(size)
-                row += [image_token] * n_tokens(pixels[-1], size)
+                row += [image_token] * _n_features(model, pixel_values=pixels[-1][None],
+                                                   image_sizes=torch.tensor([size]))
             ids.append(row)
-        most = max(p.shape[0] for p in pixels)
-        padded = torch.stack([torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[0]))
-                              for p in pixels])
-        return dict(_left_pad(ids), pixel_values=padded, image_sizes=torch.tensor(sizes))
+        return dict(_left_pad(ids), pixel_values=_stack_tiles(pixels), image_sizes=torch.tensor(sizes))
 
     return TinyVLM(model, make_inputs,
                    single=[[("text", 5), ("image", (16, 32)), ("text", 7)]],
@@ -162,9 +251,108 @@ def llava_next(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                           [("image", (16, 16)), ("text", 9)]])
 
 
-def _idefics(config_cls, model_cls, attn: str, seed: int) -> TinyVLM:
-    """Idefics3/SmolVLM: a 32x32 image gives (32/4)^2 patches, pixel-shuffled 2x2 into
-    16 tokens, wrapped in <fake_token_around_image> markers."""
+def llava_onevision(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """LLaVA-OneVision: a SigLIP tower (16 px, 4 px patches); a row's only image takes the
+    any-resolution layout of LLaVA-NeXT, each image of a multi-image row its base view;
+    a video of ``t`` frames takes 2x2-pooled frames (4 tokens each) plus one newline."""
+    from transformers import AutoConfig, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    torch.manual_seed(seed)
+    image_token, video_token = 127, 126
+    config = LlavaOnevisionConfig(
+        vision_config=AutoConfig.for_model("siglip_vision_model", **TOWER, image_size=16,
+                                           patch_size=4),
+        text_config=_tiny_llama("qwen2"), image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]],
+        image_token_index=image_token, video_token_index=video_token, pad_token_id=PAD)
+    model = _finish(LlavaOnevisionForConditionalGeneration(config), attn)
+
+    def make_inputs(rows, seeds=None) -> dict:
+        ids, pixels, sizes, videos, per_row = [], [], [], [], []
+        for segments, gen in zip(rows, _generators(rows, seeds)):
+            row, n_images = [], sum(kind == "image" for kind, _ in segments)
+            per_row.append(n_images)
+            for kind, size in segments:
+                if kind == "text":
+                    row += _text(size, gen)
+                elif kind == "video":
+                    videos.append(torch.randn(size, 3, 16, 16, generator=gen))
+                    row += [video_token] * (4 * size + 1)
+                else:
+                    tiles = image_size_to_num_patches(size, config.image_grid_pinpoints, 16)
+                    pixels.append(torch.randn(tiles, 3, 16, 16, generator=gen))
+                    sizes.append(size)
+                    row += [image_token] * _n_features(
+                        model, pixel_values=pixels[-1][None], image_sizes=torch.tensor([size]),
+                        batch_num_images=torch.tensor([n_images]) if n_images > 1 else None)
+            ids.append(row)
+        out = _left_pad(ids)
+        if pixels:
+            out.update(pixel_values=_stack_tiles(pixels), image_sizes=torch.tensor(sizes),
+                       batch_num_images=torch.tensor(per_row))
+        if videos:
+            out["pixel_values_videos"] = torch.stack(videos)
+        return out
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 5), ("image", (16, 32)), ("text", 7)]],
+                   batch=[[("text", 5), ("image", (32, 32)), ("text", 7)],
+                          [("text", 3), ("image", (16, 32)), ("text", 1), ("image", (32, 16)),
+                           ("text", 4)],
+                          [("video", 3), ("text", 9)]])
+
+
+def _cohere_tiles(config_cls, model_cls, attn: str, seed: int, **extra) -> TinyVLM:
+    """Aya Vision / Cohere2 Vision: a SigLIP tower (32 px tiles, 4 px patches), pixel-shuffled
+    2x2 into 16 tokens per tile; an image of ``n`` tiles is a start marker, then for each
+    tile a tile marker and its 16 tokens, then an end marker."""
+    torch.manual_seed(seed)
+    image_token, start, end, tile = 127, 124, 125, 126
+    config = config_cls(
+        vision_config=dict(model_type="siglip_vision_model", **TOWER, image_size=32, patch_size=4),
+        text_config=_tiny_llama("cohere2"), downsample_factor=2, image_token_id=image_token,
+        pad_token_id=PAD, **extra)
+    model = _finish(model_cls(config), attn)
+    tokens = _n_features(model, pixel_values=torch.zeros(1, 3, 32, 32))
+
+    def make_inputs(rows, seeds=None) -> dict:
+        ids, pixels = [], []
+        for segments, gen in zip(rows, _generators(rows, seeds)):
+            row = []
+            for kind, tiles in segments:
+                if kind == "text":
+                    row += _text(tiles, gen)
+                    continue
+                row += [start] + ([tile] + [image_token] * tokens) * tiles + [end]
+                pixels.append(torch.randn(tiles, 3, 32, 32, generator=gen))
+            ids.append(row)
+        return dict(_left_pad(ids), pixel_values=torch.cat(pixels))
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 5), ("image", 1), ("text", 7)]],
+                   batch=[[("text", 5), ("image", 2), ("text", 7)],
+                          [("text", 3), ("image", 1), ("image", 1), ("text", 4)],
+                          [("image", 1), ("text", 9)]],
+                   tiles_are_images=True)
+
+
+def aya_vision(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    from transformers import AyaVisionConfig, AyaVisionForConditionalGeneration
+
+    return _cohere_tiles(AyaVisionConfig, AyaVisionForConditionalGeneration, attn, seed)
+
+
+def cohere2_vision(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    from transformers import Cohere2VisionConfig, Cohere2VisionForConditionalGeneration
+
+    return _cohere_tiles(Cohere2VisionConfig, Cohere2VisionForConditionalGeneration, attn, seed,
+                         alignment_intermediate_size=64)
+
+
+def _idefics(config_cls, model_cls, attn: str, seed: int, **reduce) -> TinyVLM:
+    """Idefics2/3, SmolVLM: a 32x32 image gives (32/4)^2 patches, reduced to 16 tokens
+    (``reduce``: pixel-shuffled 2x2, or a perceiver of 16 latents), wrapped in
+    <fake_token_around_image> markers."""
     torch.manual_seed(seed)
     image_token, around = 127, 126
     config = config_cls(
@@ -174,7 +362,7 @@ def _idefics(config_cls, model_cls, attn: str, seed: int) -> TinyVLM:
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          vocab_size=VOCAB, max_position_embeddings=512, pad_token_id=PAD,
                          bos_token_id=1, eos_token_id=2),
-        scale_factor=2, image_token_id=image_token, pad_token_id=PAD,
+        image_token_id=image_token, pad_token_id=PAD, **reduce,
     )
     model = _finish(model_cls(config), attn)
 
@@ -207,13 +395,27 @@ def _idefics(config_cls, model_cls, attn: str, seed: int) -> TinyVLM:
 def idefics3(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration
 
-    return _idefics(Idefics3Config, Idefics3ForConditionalGeneration, attn, seed)
+    return _idefics(Idefics3Config, Idefics3ForConditionalGeneration, attn, seed, scale_factor=2)
+
+
+def idefics2(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    from transformers import Idefics2Config, Idefics2ForConditionalGeneration
+
+    perceiver = dict(resampler_n_latents=16, resampler_depth=1, resampler_n_heads=2,
+                     resampler_head_dim=16, num_key_value_heads=1, hidden_size=32)
+    tiny = _idefics(Idefics2Config, Idefics2ForConditionalGeneration, attn, seed,
+                    perceiver_config=perceiver)
+    # The perceiver's latents start as ones (checkpoints overwrite them): every query would
+    # be the same and so would every output token.
+    with torch.no_grad():
+        tiny.model.model.connector.perceiver_resampler.latents.normal_()
+    return tiny
 
 
 def smolvlm(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
 
-    return _idefics(SmolVLMConfig, SmolVLMForConditionalGeneration, attn, seed)
+    return _idefics(SmolVLMConfig, SmolVLMForConditionalGeneration, attn, seed, scale_factor=2)
 
 
 def gemma3(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
@@ -235,6 +437,10 @@ def gemma3(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
         pad_token_id=PAD,
     )
     model = _finish(Gemma3ForConditionalGeneration(config), attn)
+    # The projector's weight starts at zero (checkpoints overwrite it): every image token
+    # would be the same zero vector and there would be nothing to select between.
+    with torch.no_grad():
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=32 ** -0.5)
 
     def make_inputs(rows, seeds=None) -> dict:
         ids, pixels = [], []
@@ -264,6 +470,17 @@ QWEN_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_
                  rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]},
                  pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
 QWEN_PATCH = dict(patch_size=2, spatial_merge_size=2, temporal_patch_size=2)
+
+
+def _patch_inputs(media: dict) -> dict:
+    """Qwen-style pixel inputs: every image's (video's) patches in one tensor, plus grids."""
+    out = {}
+    for kind, (pixels, grids) in media.items():
+        if pixels:
+            prefix = "" if kind == "image" else "_videos"
+            out[f"pixel_values{prefix}"] = torch.cat(pixels)
+            out[f"{kind}_grid_thw"] = torch.tensor(grids)
+    return out
 
 
 def _qwen(config_cls, model_cls, vision: dict, attn: str, seed: int, text=QWEN_TEXT,
@@ -298,11 +515,7 @@ def _qwen(config_cls, model_cls, vision: dict, attn: str, seed: int, text=QWEN_T
                 grids.append([t if kind == "video" else 1, h, w])
             ids.append(row)
         out = _left_pad(ids)
-        for kind, (pixels, grids) in media.items():
-            if pixels:
-                prefix = "" if kind == "image" else "_videos"
-                out[f"pixel_values{prefix}"] = torch.cat(pixels)
-                out[f"{kind}_grid_thw"] = torch.tensor(grids)
+        out.update(_patch_inputs(media))
         if takes_types:  # transformers 5.x: M-RoPE reads the modality of every token
             out["mm_token_type_ids"] = ((out["input_ids"] == QWEN_IMAGE).int()
                                         + 2 * (out["input_ids"] == QWEN_VIDEO).int())
@@ -334,15 +547,146 @@ def qwen2_5_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     return _qwen(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, vision, attn, seed)
 
 
+def glm4v(attn: str = "sdpa", seed: int = 0, videos: bool = False) -> TinyVLM:
+    """GLM-4.1V: Qwen-like patches (2x2 merge); an image is begin/end-of-image markers around
+    ``h*w/4`` image tokens; a video is begin/end-of-video markers around its frames, each an
+    image of the same image token (the modality is in ``mm_token_type_ids``, 5.x) and a
+    timestamp. The model cannot take images and videos in one call (it places both by the
+    image token), so ``videos=True`` gives rows of videos only."""
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
+
+    torch.manual_seed(seed)
+    video_start, video_end = 118, 119
+    text = dict(QWEN_TEXT, num_attention_heads=2, num_key_value_heads=2,
+                rope_scaling={"rope_type": "default", "mrope_section": [4, 2, 2]})
+    config = Glm4vConfig(
+        text_config=text,
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                           out_hidden_size=32, image_size=16, **QWEN_PATCH),
+        image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO, image_start_token_id=QWEN_START,
+        image_end_token_id=QWEN_END, video_start_token_id=video_start, video_end_token_id=video_end)
+    model = _finish(Glm4vForConditionalGeneration(config), attn)
+    takes_types = "mm_token_type_ids" in inspect.signature(model.model.forward).parameters
+
+    def make_inputs(rows, seeds=None) -> dict:
+        ids, types, media = [], [], {"image": ([], []), "video": ([], [])}
+        for segments, gen in zip(rows, _generators(rows, seeds)):
+            row, kinds = [], []
+            for kind, grid in segments:
+                if kind == "text":
+                    row += _text(grid, gen)
+                    kinds += [0] * grid
+                    continue
+                t, h, w = grid if kind == "video" else (1, *grid)
+                frame = [QWEN_START] + [QWEN_IMAGE] * (h * w // 4) + [QWEN_END]
+                if kind == "image":
+                    row += frame
+                else:
+                    row += [video_start] + sum((frame + _text(1, gen) for _ in range(t)), []) + [video_end]
+                kinds += [0] * (len(row) - len(kinds))
+                pixels, grids = media[kind]
+                pixels.append(torch.randn(t * h * w, 24, generator=gen))
+                grids.append([t, h, w])
+            ids.append(row)
+            types.append(kinds)
+        out = _left_pad(ids)
+        out.update(_patch_inputs(media))
+        if takes_types:
+            image = out["input_ids"] == QWEN_IMAGE
+            in_video = ((out["input_ids"] == video_start).long().cumsum(1)
+                        > (out["input_ids"] == video_end).long().cumsum(1))
+            out["mm_token_type_ids"] = (image & ~in_video).int() + 2 * (image & in_video).int()
+        return out
+
+    if videos:
+        return TinyVLM(model, make_inputs,
+                       single=[[("text", 4), ("video", (1, 4, 8)), ("text", 6)]],  # one frame: one budget
+                       batch=[[("text", 4), ("video", (2, 8, 8)), ("text", 6)],
+                              [("text", 2), ("video", (1, 4, 8)), ("text", 1), ("video", (2, 6, 8)),
+                               ("text", 3)],
+                              [("video", (2, 4, 8)), ("text", 5)]],
+                       frames_are_images=True,
+                       # 5.24's generate() fails to beam-search a GLM-4V video before any hook runs.
+                       beam_video=not hasattr(transformers.GenerationMixin, "_expand_multimodal_outputs"))
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 4), ("image", (8, 8)), ("text", 6)]],
+                   batch=[[("text", 4), ("image", (8, 8)), ("text", 6)],
+                          [("text", 2), ("image", (4, 8)), ("text", 1), ("image", (6, 8)), ("text", 3)],
+                          [("image", (4, 4)), ("text", 5)]])
+
+
+QWEN3_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                    num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
+QWEN3_TEXT = dict(QWEN_TEXT, head_dim=8, rope_scaling={"rope_type": "default", "mrope_section": [2, 1, 1],
+                                                       "mrope_interleaved": True})
+
+
 def qwen3_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
-                  num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
-    text = dict(QWEN_TEXT, head_dim=8, rope_scaling={"rope_type": "default", "mrope_section": [2, 1, 1],
-                                                     "mrope_interleaved": True})
-    return _qwen(Qwen3VLConfig, Qwen3VLForConditionalGeneration, vision, attn, seed, text=text,
-                 per_frame=True)
+    return _qwen(Qwen3VLConfig, Qwen3VLForConditionalGeneration, QWEN3_VISION, attn, seed,
+                 text=QWEN3_TEXT, per_frame=True)
 
 
-BUILDERS = {"llava": llava, "gemma3": gemma3, "idefics3": idefics3, "smolvlm": smolvlm, "llava_next": llava_next, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl}
+def qwen3_vl_moe(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    text = dict(QWEN3_TEXT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                decoder_sparse_step=1)
+    return _qwen(Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration, QWEN3_VISION, attn, seed,
+                 text=text, per_frame=True)
+
+
+def internvl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """InternVL3: a 32x32 tile gives (32/4)^2 patches, pixel-shuffled 2x2 into 16 tokens;
+    an image of ``n`` tiles is ``<img>`` + 16n image tokens + ``</img>``."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    image_token, start, end = 127, 125, 126
+    config = InternVLConfig(vision_config=dict(**TOWER, image_size=32, patch_size=4),
+                            text_config=_tiny_llama("qwen2"), image_token_id=image_token,
+                            image_seq_length=16, downsample_ratio=0.5, pad_token_id=PAD)
+    model = _finish(InternVLForConditionalGeneration(config), attn)
+
+    def make_inputs(rows, seeds=None) -> dict:
+        ids, pixels = [], []
+        for segments, gen in zip(rows, _generators(rows, seeds)):
+            row = []
+            for kind, tiles in segments:
+                if kind == "text":
+                    row += _text(tiles, gen)
+                    continue
+                row += [start] + [image_token] * 16 * tiles + [end]
+                pixels.append(torch.randn(tiles, 3, 32, 32, generator=gen))
+            ids.append(row)
+        return dict(_left_pad(ids), pixel_values=torch.cat(pixels))
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 5), ("image", 2), ("text", 7)]],
+                   batch=[[("text", 5), ("image", 1), ("text", 7)],
+                          [("text", 3), ("image", 2), ("image", 1), ("text", 4)],
+                          [("image", 1), ("text", 9)]])
+
+
+BUILDERS = {
+    "llava": llava,
+    "llava_siglip": lambda **kw: llava(tower="siglip", **kw),  # images back to back
+    "llava_pixtral": lambda **kw: llava(tower="pixtral", strategy="full", **kw),  # Pixtral-12B
+    "mistral3": mistral3,
+    "llava_next": llava_next,
+    "llava_onevision": llava_onevision,
+    "qwen2_vl": qwen2_vl,
+    "qwen2_5_vl": qwen2_5_vl,
+    "qwen3_vl": qwen3_vl,
+    "qwen3_vl_moe": qwen3_vl_moe,
+    "glm4v": glm4v,
+    "glm4v_video": lambda **kw: glm4v(videos=True, **kw),
+    "internvl": internvl,
+    "idefics2": idefics2,
+    "idefics3": idefics3,
+    "smolvlm": smolvlm,
+    "gemma3": gemma3,
+    "aya_vision": aya_vision,
+    "cohere2_vision": cohere2_vision,
+}

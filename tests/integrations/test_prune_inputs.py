@@ -1,0 +1,253 @@
+"""zspa_kernels.prune on the inputs real checkpoints and real callers give: where each
+image's tokens are, which text forms the prompt, labels, left padding, bad arguments."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import zspa_kernels  # noqa: E402
+from zspa_kernels.integrations.transformers import kv_cache  # noqa: E402
+from zspa_kernels.integrations.transformers.tiny import BUILDERS, llava, mistral3  # noqa: E402
+
+from .reference import capture_lm_calls  # noqa: E402
+
+KEEP = 3
+PAD_ATOL = 1e-6  # a batch row vs the row alone: the unpatched model's own summation-order noise
+
+
+def _visual(inputs, handle) -> torch.Tensor:
+    return torch.isin(inputs["input_ids"], torch.tensor(handle.visual_ids))
+
+
+def _kept_positions(inputs, handle, row: int) -> torch.Tensor:
+    """Positions of ``row`` that a pruned prefill keeps: its attended text, and of each
+    image (the next ``n_tokens`` visual tokens of the row, in order) the ``kept`` ones."""
+    visual = _visual(inputs, handle)[row]
+    spots, at = visual.nonzero()[:, 0], 0
+    keep = ~visual & inputs["attention_mask"][row].bool()
+    for sel in (s for s in handle.last_selection if s.batch_row == row):
+        keep[spots[at + sel.kept]] = True
+        at += sel.n_tokens
+    assert at == spots.shape[0]
+    return keep.nonzero()[:, 0]
+
+
+# -- transformers 5.24 renamed the cache argument ----------------------------------------
+@torch.no_grad()
+def test_hooks_pass_the_cache_under_the_name_the_model_takes():
+    """On 5.24 (``cache=``) a hook that passed ``past_key_values`` got a FutureWarning and,
+    reading the old name, took every decode step for a prefill."""
+    tiny = llava()
+    inputs = tiny.make_inputs(tiny.single)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
+            out = tiny.model.generate(**inputs, max_new_tokens=3, do_sample=False,
+                                      return_dict_in_generate=True)
+    assert handle.last_selection and handle.last_selection[0].kept.shape == (KEEP,)
+    dropped = handle.last_selection[0].n_tokens - KEEP
+    assert kv_cache(out).get_seq_length() == inputs["input_ids"].shape[1] - dropped + 2
+
+
+# -- finding 1: images are found from the vision tower's own counts ----------------------
+LAYOUTS = {
+    "clip-default": lambda: llava(tower="clip", strategy="default"),
+    "clip-full": lambda: llava(tower="clip", strategy="full"),
+    "siglip-default": lambda: llava(tower="siglip", strategy="default"),
+    "siglip-full": lambda: llava(tower="siglip", strategy="full"),
+    "pixtral": lambda: llava(tower="pixtral", strategy="full"),
+    "mistral3": mistral3,
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@torch.no_grad()
+def test_each_image_is_budgeted_with_its_own_feature_count(layout):
+    """Adjacent images (no text between them) and Pixtral's row-break tokens inside an
+    image: each image is one selection of exactly the features the tower made of it."""
+    tiny = LAYOUTS[layout]()
+    inputs = tiny.make_inputs(tiny.batch)
+    image = {k: inputs[k] for k in ("pixel_values", "image_sizes") if k in inputs}
+    features = tiny.model.model.get_image_features(**image)
+    expected = [f.shape[0] for f in getattr(features, "pooler_output", features)]
+    for call in ("forward", "generate"):
+        with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
+            if call == "forward":
+                tiny.model(**inputs)
+            else:
+                tiny.model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        assert [s.n_tokens for s in handle.last_selection] == expected
+        assert all(s.kept.shape == (KEEP,) for s in handle.last_selection)
+
+
+@torch.no_grad()
+def test_pixtral_layout_without_image_sizes_is_refused():
+    tiny = llava(tower="pixtral", strategy="full")
+    inputs = tiny.make_inputs(tiny.single)
+    with zspa_kernels.prune(tiny.model, keep=KEEP), pytest.raises(ValueError, match="image_sizes"):
+        tiny.model.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                         inputs_embeds=None, pixel_values=None)
+
+
+@pytest.mark.parametrize("name", ["llava_next", "llava_onevision"])
+@torch.no_grad()
+def test_any_resolution_images_back_to_back_are_refused(name):
+    """Their counts differ per image and cannot be told apart without text between them."""
+    tiny = BUILDERS[name]()
+    image = tiny.single[0][1]
+    inputs = tiny.make_inputs([[("text", 3), image, image, ("text", 4)]])
+    with zspa_kernels.prune(tiny.model, keep=KEEP), pytest.raises(ValueError, match="back to back"):
+        tiny.model(**inputs)
+
+
+# -- finding 2: a question that stands before the image ---------------------------------
+@torch.no_grad()
+def test_question_before_the_image_forms_the_prompt():
+    """Nothing but the image after the question: the question (special tokens left out)
+    is the prompt, recorded in ``prompt_tokens``; the core is its top-relevance tokens."""
+    tiny = llava()
+    inputs = tiny.make_inputs([[("text", 9), ("image", 0)]])
+    with zspa_kernels.prune(tiny.model, keep=KEEP, core_ratio=1.0) as handle:
+        tiny.model(**inputs)
+    with capture_lm_calls(tiny.model) as full:
+        tiny.model(**inputs)
+    (sel,) = handle.last_selection
+    ids = inputs["input_ids"][0]
+    visual = _visual(inputs, handle)[0]
+    question = (~visual & ~torch.isin(ids, handle.special_ids)).nonzero()[:, 0]
+    assert question.numel() > 0 and torch.equal(sel.prompt_tokens, question)
+    embeds = full[0]["inputs_embeds"][0].double()
+    prompt = embeds[question].mean(0)  # mean-pooled question (SPEC §1, relevance="mean")
+    relevance = torch.nn.functional.normalize(embeds[visual], dim=-1) @ prompt
+    assert torch.equal(sel.kept, relevance.topk(KEEP).indices.sort().values)
+
+
+@torch.no_grad()
+def test_a_row_without_text_is_refused_unless_diversity_only():
+    tiny = llava()
+    inputs = tiny.make_inputs([[("image", 0)]])
+    inputs["input_ids"][0, :] = tiny.model.config.image_token_id  # not even a bos token
+    with zspa_kernels.prune(tiny.model, keep=KEEP), pytest.raises(ValueError, match="^prompt:"):
+        tiny.model(**inputs)
+    with zspa_kernels.prune(tiny.model, keep=KEEP, core_ratio=0.0) as handle:
+        tiny.model(**inputs)
+    assert handle.last_selection[0].kept.shape == (KEEP,)
+
+
+# -- finding 3: labels -------------------------------------------------------------------
+def _labels(inputs, handle) -> torch.Tensor:
+    labels = inputs["input_ids"].masked_fill(_visual(inputs, handle), -100)
+    return labels.masked_fill(inputs["attention_mask"] == 0, -100)
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_5_vl"])
+@torch.no_grad()
+def test_labels_give_the_loss_over_the_kept_positions(name):
+    """Each kept label is predicted by the kept position before it in its row (a row's
+    first token by none); keep-all is the unpatched model's loss exactly."""
+    tiny = BUILDERS[name]()
+    inputs = tiny.make_inputs(tiny.batch)
+    with zspa_kernels.prune(tiny.model, keep=1.0) as handle:
+        labels = _labels(inputs, handle)
+        kept_all = tiny.model(**inputs, labels=labels)
+    assert torch.equal(kept_all.loss, tiny.model(**inputs, labels=labels).loss)
+
+    with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
+        out = tiny.model(**inputs, labels=labels)
+    logits, targets = [], []
+    for r in range(len(tiny.batch)):  # the loss of each row's kept positions, no padding
+        kept = _kept_positions(inputs, handle, r)
+        logits.append(out.logits[r, -kept.numel():-1])
+        targets.append(labels[r, kept][1:])
+    expected = torch.nn.functional.cross_entropy(torch.cat(logits).float(), torch.cat(targets),
+                                                 ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected, atol=1e-6, rtol=0)
+
+
+# -- finding 4: a refused call leaves the model untouched -------------------------------
+@pytest.mark.parametrize("arg, value", [("tokenizer", object()), ("keep", 0), ("backend", "gpu")])
+def test_a_refused_prune_leaves_the_model_unpruned(arg, value):
+    tiny = llava()
+    with pytest.raises((ValueError, TypeError), match=f"^{arg}: expected"):
+        zspa_kernels.prune(tiny.model, **{arg: value})
+    zspa_kernels.prune(tiny.model).remove()  # not "already pruned"
+    assert not tiny.model._forward_pre_hooks and not tiny.model.model._forward_pre_hooks
+
+
+def test_a_family_not_in_the_table_is_refused_before_any_hook():
+    """PaliGemma (bidirectional prefix masks) is an image-text model prune does not support."""
+    config = transformers.PaliGemmaConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=16, patch_size=4),
+        text_config=dict(model_type="gemma", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, vocab_size=128),
+        image_token_index=127, projection_dim=32)
+    model = transformers.PaliGemmaForConditionalGeneration(config)
+    with pytest.raises(ValueError, match="^model: zspa_kernels.prune supports .*Gemma3.*'paligemma'"):
+        zspa_kernels.prune(model)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
+# -- finding 5: every tiny builder gives something to select between ---------------------
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+@torch.no_grad()
+def test_tiny_builders_make_distinct_visual_tokens(name):
+    tiny = BUILDERS[name]()
+    inputs = tiny.make_inputs(tiny.batch)
+    with capture_lm_calls(tiny.model) as calls:
+        tiny.model(**inputs)
+    with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:  # only to learn the visual ids
+        pass
+    tokens = calls[0]["inputs_embeds"][_visual(inputs, handle)]
+    assert tokens.shape[0] > 0
+    assert bool((tokens.norm(dim=-1) > 1e-3).all())
+    # Distinct, but for LLaVA-NeXT-style models' one learned newline feature per row of patches.
+    newline = getattr(tiny.model.model, "image_newline", None)
+    repeats = 0 if newline is None else int((tokens == newline).all(-1).sum())
+    assert torch.unique(tokens, dim=0).shape[0] == tokens.shape[0] - max(repeats - 1, 0)
+
+
+# -- finding 6: left padding -------------------------------------------------------------
+def _pad_left(inputs: dict, extra: int) -> dict:
+    """Every row padded by ``extra`` more columns (no row is unpadded any more)."""
+    out = dict(inputs)
+    for key in ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids"):
+        if key in inputs:
+            out[key] = torch.nn.functional.pad(inputs[key], (extra, 0))
+    return out
+
+
+@pytest.mark.parametrize("name", ["llava", "gemma3", "qwen2_vl"])
+@torch.no_grad()
+def test_keep_all_with_every_row_padded_is_bit_exact(name):
+    tiny = BUILDERS[name]()
+    inputs = _pad_left(tiny.make_inputs(tiny.batch), 3)
+    expected = tiny.model(**inputs).logits
+    with zspa_kernels.prune(tiny.model, keep=1.0):
+        got = tiny.model(**inputs).logits
+    attended = inputs["attention_mask"].bool()
+    assert got.shape == expected.shape and torch.equal(got[attended], expected[attended])
+
+
+@pytest.mark.parametrize("name", ["llava", "gemma3", "qwen2_vl"])
+@torch.no_grad()
+def test_padded_rows_match_the_row_alone_as_closely_as_the_unpatched_model(name):
+    """Not bit-exact: a padded row in a batch and the row alone are different shapes, so
+    the kernels sum in different orders; the unpatched model itself differs by ~1e-7."""
+    tiny = BUILDERS[name]()
+    batch = _pad_left(tiny.make_inputs(tiny.batch), 3)
+    gen = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    for keep in (None, KEEP):
+        handle = zspa_kernels.prune(tiny.model, keep=keep) if keep else None
+        together = tiny.model.generate(**batch, **gen)
+        for r, row in enumerate(tiny.batch):
+            alone = tiny.model.generate(**tiny.make_inputs([row], seeds=[r]), **gen)
+            assert torch.equal(together.sequences[r, -3:], alone.sequences[0, -3:])
+            for a, b in zip(together.logits, alone.logits):
+                torch.testing.assert_close(a[r], b[0], atol=PAD_ATOL, rtol=0)
+        if handle:
+            handle.remove()
