@@ -16,7 +16,7 @@ import json
 import pathlib
 import re
 
-IMPL_ORDER = ("cuda", "triton", "reference", "torch_loop_graph", "torch_loop", "divprune_loop")
+IMPL_ORDER = ("cuda", "triton", "cpu", "reference", "torch_loop_graph", "torch_loop", "divprune_loop")
 ENV_KEYS = ("device", "torch", "triton", "cuda")
 
 

@@ -12,6 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from zspa_kernels.cpu import GREEDY_TOLERANCE  # noqa: E402
 from zspa_kernels.spec import triton_interpreter  # noqa: E402
 
 # Largest fp64 score gap a backend may leave at one pick (a near-tie), per input dtype.
@@ -24,6 +25,9 @@ TOLERANCE = {
     # cuda: fp32-accumulated GEMMs of the raw inputs (16-bit products are exact in fp32;
     # TF32 is refused), normalised afterwards: fp32 rounding only, like the reference.
     "cuda": {torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5},
+    # cpu: greedy similarities from fp16-rounded unit vectors (zspa_kernels/cpu.py derives the
+    # bound 2^-10); relevance and core are fp32 like the reference.
+    "cpu": {dtype: GREEDY_TOLERANCE for dtype in (torch.float32, torch.float16, torch.bfloat16)},
 }
 
 # Random cases per dtype; the interpreted Triton backend runs a third of them to keep CI short.
@@ -36,7 +40,7 @@ def random_case_count(backend: str) -> int:
 
 
 def available_backends() -> list[str]:
-    names = ["reference"]
+    names = ["reference", "cpu"]
     has_triton = importlib.util.find_spec("triton") is not None  # absent next to CPU-only torch wheels
     if "triton" in TOLERANCE and has_triton and (torch.cuda.is_available() or triton_interpreter()):
         names.append("triton")
@@ -46,7 +50,7 @@ def available_backends() -> list[str]:
 
 
 def device_for(backend: str) -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() and backend != "reference" else "cpu")
+    return torch.device("cuda" if torch.cuda.is_available() and backend not in ("reference", "cpu") else "cpu")
 
 
 @pytest.fixture(params=available_backends())

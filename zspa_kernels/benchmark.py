@@ -27,7 +27,7 @@ from .spec import keep_budget, keep_label, triton_interpreter
 
 CORE_RATIO = 0.5
 KEEPS: tuple[Union[int, float], ...] = (64, 0.10, 0.25)
-BACKENDS = ("cuda", "triton", "reference")
+BACKENDS = ("cuda", "triton", "cpu", "reference")
 BASELINES = ("torch_loop", "torch_loop_graph", "divprune_loop")
 # A case is skipped (and reported as skipped) when its estimated memory traffic would
 # keep one call running for many seconds: ~10 s at a 2-core CPU's few GB/s, ~1 s on a GPU.
@@ -103,13 +103,18 @@ def traffic_bytes(impl: str, shape: Shape, k: int, core_ratio: float = CORE_RATI
     k_core = math.floor(core_ratio * k + 0.5)
     if impl == "divprune_loop":  # the N x N matrix, then O(k^2 N) re-reads of its selected rows
         return shape.B * 4 * shape.N * (2 * shape.N + (k * k - k_core * k_core) / 2)
+    if impl == "cpu":  # fp32 unit copy written and read twice, then fp16 unit tokens once per step
+        return shape.B * shape.N * shape.D * (12 + 2 * (k - k_core))
     # The reference and the PyTorch loops read the fp32 tokens once per greedy step.
     return shape.B * 4 * shape.N * shape.D * (k - k_core + 2)
 
 
 def skip_reason(impl: str, shape: Shape, k: int, device: torch.device) -> Optional[str]:
-    """Why a case is not timed on ``device``, or None. The fused backends are always timed."""
+    """Why a case is not timed on ``device``, or None. The fused backends are always timed, and
+    so is ``cpu`` where a baseline is (it must be compared wherever one can be)."""
     if impl in ("cuda", "triton"):
+        return None
+    if impl == "cpu" and any(skip_reason(b, shape, k, device) is None for b in BASELINES):
         return None
     moved = traffic_bytes(impl, shape, k)
     limit = MAX_BYTES_PER_CALL.get(device.type, MAX_BYTES_PER_CALL["cpu"])

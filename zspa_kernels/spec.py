@@ -19,7 +19,7 @@ NONFINITE_SIMILARITY = 2.0    # above every finite cosine: ... and most redundan
 DEFAULT_CORE_RATIO = 0.5      # the paper tunes alpha per dataset; 0.5 is this package's choice
 RELEVANCE_MODES = ("mean", "max")
 # Implementations of the op; "auto" picks one of them per device (see dispatch.py).
-BACKENDS = ("reference", "triton", "cuda")
+BACKENDS = ("reference", "cpu", "triton", "cuda")
 BACKEND_CHOICES = ("auto",) + BACKENDS
 BACKEND_ENV = "ZSPA_BACKEND"
 
