@@ -92,6 +92,30 @@ float dot(const Half* a, const float* b, int64_t D) {
   return tail;
 }
 
+// max(init, a . q_0, ..., a . q_3) for four consecutive fp32 rows q: one conversion of `a` serves
+// four products (the core's similarities are a small GEMM, so they are compute-bound).
+float max_dot4(const Half* a, const float* q, int64_t D, float init) {
+#if defined(__AVX512F__)
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    const __m512 x = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + d)));
+    for (int r = 0; r < 4; ++r) acc[r] = _mm512_fmadd_ps(x, _mm512_loadu_ps(q + r * D + d), acc[r]);
+  }
+  float out = init;
+  for (int r = 0; r < 4; ++r) {
+    float sum = _mm512_reduce_add_ps(acc[r]);
+    for (int64_t t = d; t < D; ++t) sum += static_cast<float>(a[t]) * q[r * D + t];
+    out = std::max(out, sum);
+  }
+  return out;
+#else
+  float out = init;
+  for (int r = 0; r < 4; ++r) out = std::max(out, dot(a, q + r * D, D));
+  return out;
+#endif
+}
+
 // ---- pass 1: unit tokens, relevance, finiteness ---------------------------------------------
 
 template <typename scalar_t>
@@ -177,7 +201,9 @@ Best update_range(const Half* u, const bool* finite, float* s, const float* quer
   for (int64_t i = begin; i < end; ++i) {
     if (s[i] != kInf && finite[i]) {
       float sim = s[i];
-      for (int64_t q = 0; q < n_queries; ++q) sim = std::max(sim, dot(u + i * D, queries + q * D, D));
+      int64_t q = 0;
+      for (; q + 4 <= n_queries; q += 4) sim = max_dot4(u + i * D, queries + q * D, D, sim);
+      for (; q < n_queries; ++q) sim = std::max(sim, dot(u + i * D, queries + q * D, D));
       s[i] = sim;
     }
     if (s[i] < best.score || best.index < 0) best = {s[i], i};
