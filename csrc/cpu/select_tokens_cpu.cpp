@@ -92,27 +92,35 @@ float dot(const Half* a, const float* b, int64_t D) {
   return tail;
 }
 
-// max(init, a . q_0, ..., a . q_3) for four consecutive fp32 rows q: one conversion of `a` serves
-// four products (the core's similarities are a small GEMM, so they are compute-bound).
-float max_dot4(const Half* a, const float* q, int64_t D, float init) {
+// sims[t] = max(sims[t], a_t . q_0, ..., a_t . q_3) for `tokens` (1 or 4) consecutive fp16 rows a_t
+// and four consecutive fp32 rows q: the core's similarities are a small GEMM, compute-bound, so
+// each loaded vector feeds several FMAs. Every (token, query) pair runs the same sequence of
+// operations whatever the tile, so equal tokens keep bit-identical similarities.
+void max_dots_4q(const Half* a, const float* q, int64_t D, int tokens, float* sims) {
 #if defined(__AVX512F__)
-  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  constexpr int kT = 4;
+  __m512 acc[kT][4];
+  for (int t = 0; t < kT; ++t)
+    for (int r = 0; r < 4; ++r) acc[t][r] = _mm512_setzero_ps();
   int64_t d = 0;
   for (; d + 16 <= D; d += 16) {
-    const __m512 x = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + d)));
-    for (int r = 0; r < 4; ++r) acc[r] = _mm512_fmadd_ps(x, _mm512_loadu_ps(q + r * D + d), acc[r]);
+    __m512 x[kT];
+    for (int t = 0; t < tokens; ++t)
+      x[t] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + t * D + d)));
+    for (int r = 0; r < 4; ++r) {
+      const __m512 y = _mm512_loadu_ps(q + r * D + d);
+      for (int t = 0; t < tokens; ++t) acc[t][r] = _mm512_fmadd_ps(x[t], y, acc[t][r]);
+    }
   }
-  float out = init;
-  for (int r = 0; r < 4; ++r) {
-    float sum = _mm512_reduce_add_ps(acc[r]);
-    for (int64_t t = d; t < D; ++t) sum += static_cast<float>(a[t]) * q[r * D + t];
-    out = std::max(out, sum);
-  }
-  return out;
+  for (int t = 0; t < tokens; ++t)
+    for (int r = 0; r < 4; ++r) {
+      float sum = _mm512_reduce_add_ps(acc[t][r]);
+      for (int64_t e = d; e < D; ++e) sum += static_cast<float>(a[t * D + e]) * q[r * D + e];
+      sims[t] = std::max(sims[t], sum);
+    }
 #else
-  float out = init;
-  for (int r = 0; r < 4; ++r) out = std::max(out, dot(a, q + r * D, D));
-  return out;
+  for (int t = 0; t < tokens; ++t)
+    for (int r = 0; r < 4; ++r) sims[t] = std::max(sims[t], dot(a + t * D, q + r * D, D));
 #endif
 }
 
@@ -198,15 +206,19 @@ struct Best {
 Best update_range(const Half* u, const bool* finite, float* s, const float* queries, int64_t n_queries, int64_t D,
                   int64_t begin, int64_t end) {
   Best best{kInf, -1};
-  for (int64_t i = begin; i < end; ++i) {
-    if (s[i] != kInf && finite[i]) {
-      float sim = s[i];
-      int64_t q = 0;
-      for (; q + 4 <= n_queries; q += 4) sim = max_dot4(u + i * D, queries + q * D, D, sim);
-      for (; q < n_queries; ++q) sim = std::max(sim, dot(u + i * D, queries + q * D, D));
-      s[i] = sim;
+  const int64_t q4 = n_queries / 4 * 4;
+  for (int64_t i = begin; i < end;) {
+    const int tokens = (q4 > 0 && i + 4 <= end) ? 4 : 1;  // 4-token tiles for the core's many queries
+    float sims[4] = {-kInf, -kInf, -kInf, -kInf};
+    for (int64_t q = 0; q < q4; q += 4) max_dots_4q(u + i * D, queries + q * D, D, tokens, sims);
+    for (int t = 0; t < tokens; ++t, ++i) {
+      if (s[i] != kInf && finite[i]) {
+        float sim = std::max(s[i], sims[t]);
+        for (int64_t q = q4; q < n_queries; ++q) sim = std::max(sim, dot(u + i * D, queries + q * D, D));
+        s[i] = sim;
+      }
+      if (s[i] < best.score || best.index < 0) best = {s[i], i};
     }
-    if (s[i] < best.score || best.index < 0) best = {s[i], i};
   }
   return best;
 }
