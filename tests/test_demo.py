@@ -36,5 +36,5 @@ def test_demo_runs_a_local_checkpoint(tmp_path, capsys):
 def test_bench_times_every_implementation_available_here(capsys):
     assert main(["bench", "--shape", "llava-1.5", "--keep", "0.05"]) == 0
     out = capsys.readouterr().out
-    for impl in ("reference", "torch_loop", "divprune_loop"):
+    for impl in ("cpu", "reference", "torch_loop", "divprune_loop"):
         assert any(line.startswith(impl) and "µs" in line for line in out.splitlines()), out

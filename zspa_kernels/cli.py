@@ -18,7 +18,7 @@ def cmd_info(_args: argparse.Namespace) -> int:
     import torch
 
     import zspa_kernels
-    from zspa_kernels import cuda_build
+    from zspa_kernels import cpu_build, cuda_build
     from zspa_kernels.dispatch import resolve_backend
     from zspa_kernels.spec import triton_interpreter
 
@@ -37,7 +37,7 @@ def cmd_info(_args: argparse.Namespace) -> int:
     triton_ok = _version("triton") != "not installed" and (device.type == "cuda" or triton_interpreter())
     print("backends:")
     print("  reference   available")
-    print(f"  cpu         {'available' if device.type == 'cpu' else 'CPU tensors only'}")
+    print(f"  cpu         {cpu_build.status()}")
     print(f"  triton      {'available' if triton_ok else 'needs a CUDA device (or TRITON_INTERPRET=1)'}")
     print(f"  cuda        {cuda_build.status()}")
     print(f"  auto        -> {resolve_backend('auto', device)} on {device.type}")

@@ -36,12 +36,25 @@ def _cpu_tag() -> str:
     return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
 
 
+def _folder_name() -> str:
+    return f"{EXTENSION_NAME}-{__version__}-torch{torch.__version__}-{_cpu_tag()}"
+
+
+def status() -> str:
+    """One line for ``zspa info`` (never builds)."""
+    for root in (cuda_build.configured_root(), cuda_build.fallback_root()):
+        library = root / _folder_name() / f"{EXTENSION_NAME}.so"
+        if library.is_file() and library.stat().st_mtime >= max(s.stat().st_mtime for s in _sources()):
+            return f"compiled ({library})"
+    return "not compiled yet (the first call compiles it, about 20 s)"
+
+
 def load_cpu_extension() -> None:
     """Build if needed, then load: the one function that knows how the CPU kernels are built.
     Raises :class:`cuda_build.BuildFailed` when no compiler or ninja can build them."""
     if hasattr(torch.ops.zspa, "cpu_greedy"):
         return
-    directory = cuda_build.cache_root() / f"{EXTENSION_NAME}-{__version__}-torch{torch.__version__}-{_cpu_tag()}"
+    directory = cuda_build.cache_root() / _folder_name()
     library = directory / f"{EXTENSION_NAME}.so"
     sources = _sources()
     if not library.is_file() or library.stat().st_mtime < max(s.stat().st_mtime for s in sources):

@@ -5,8 +5,9 @@ variable (empty means unset), else the ``auto`` rule below. Every backend return
 pick order (or the ascending kept indices when ``pick_order`` is false) as a
 ``(B, k)`` int64 tensor padded with ``-1``.
 
-``auto`` rule: CPU tensors use ``cpu`` (pure PyTorch, nothing to build; measured against
-the baselines in ``bench/results``); CUDA tensors use ``triton``.
+``auto`` rule: CPU tensors use ``cpu`` (the ``csrc/cpu`` kernels: the first call compiles them,
+saying so in one line, and runs ``reference`` with one warning where they cannot be built;
+``bench/results`` times them beside the baselines); CUDA tensors use ``triton``.
 
 The ``cuda`` backend is never chosen by ``auto`` until measured: it compiles on
 first use (minutes) and nobody has timed it on a GPU yet. Rule to apply once
