@@ -103,8 +103,8 @@ def traffic_bytes(impl: str, shape: Shape, k: int, core_ratio: float = CORE_RATI
     k_core = math.floor(core_ratio * k + 0.5)
     if impl == "divprune_loop":  # the N x N matrix, then O(k^2 N) re-reads of its selected rows
         return shape.B * 4 * shape.N * (2 * shape.N + (k * k - k_core * k_core) / 2)
-    if impl == "cpu":  # fp32 unit copy written and read twice, then fp16 unit tokens once per step
-        return shape.B * shape.N * shape.D * (12 + 2 * (k - k_core))
+    if impl == "cpu":  # bf16 tokens read, fp16 unit tokens written, then read by the core pass and each step
+        return shape.B * shape.N * shape.D * 2 * (3 + k - k_core)
     # The reference and the PyTorch loops read the fp32 tokens once per greedy step.
     return shape.B * 4 * shape.N * shape.D * (k - k_core + 2)
 
