@@ -49,7 +49,8 @@ for stage in "${STAGES[@]}"; do
     demo)
       s=$(stem)
       start=$SECONDS
-      "$PY" -m zspa_kernels.cli demo --out "$DEST/$s.demo" 2>&1 | tee "$DEST/$s.demo.txt"
+      # stdout only: library warnings on stderr would carry this machine's paths into the results
+      "$PY" -m zspa_kernels.cli demo --out "$DEST/$s.demo" | tee "$DEST/$s.demo.txt"
       echo "zspa demo: $((SECONDS - start)) s in all" | tee -a "$DEST/$s.demo.txt"
       mv "$DEST/$s.demo/kept_patches.png" "$DEST/$s.demo.png" && rmdir "$DEST/$s.demo" ;;
     report)
