@@ -30,7 +30,7 @@ from zspa_kernels import benchmark as hb
 from zspa_kernels import models
 
 SIZES = ("3b", "tiny")
-REPEATS = {"3b": 1, "tiny": 3}  # timed prefills after the warm-up (a 3b prefill takes seconds)
+REPEATS = 3  # timed rounds after the warm-up, median: a CPU's prefill time swings with the machine's load
 QUESTION = "What is the astronaut holding in her hands, and what is behind her?"
 TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -110,16 +110,14 @@ class _PrefillClock:
         hb.synchronize(self.device)
         self.lm_start = time.perf_counter()
 
-    def __call__(self, inputs, repeats: int) -> tuple[float, float]:
-        """Median ``(prefill ms, language-model ms)`` of ``repeats`` prefills."""
-        runs = []
-        for _ in range(repeats):
-            hb.synchronize(self.device)
-            t0 = time.perf_counter()
-            _prefill(self.model, inputs)
-            hb.synchronize(self.device)
-            runs.append((time.perf_counter() - t0, time.perf_counter() - self.lm_start))
-        return 1e3 * statistics.median(r[0] for r in runs), 1e3 * statistics.median(r[1] for r in runs)
+    def __call__(self, inputs) -> tuple[float, float]:
+        """``(prefill ms, language-model ms)`` of one prefill."""
+        hb.synchronize(self.device)
+        t0 = time.perf_counter()
+        _prefill(self.model, inputs)
+        hb.synchronize(self.device)
+        end = time.perf_counter()
+        return 1e3 * (end - t0), 1e3 * (end - self.lm_start)
 
     def remove(self):
         self._hook.remove()
@@ -192,7 +190,6 @@ def run(out: str, model_path=None, keep: int = 64, core_ratio: float = 0.5, size
     out_dir = pathlib.Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     backends = hb.backends_here(device)
-    repeats = REPEATS["3b" if model_path is not None else size]
     print(f"zspa demo on {hb.environment(device)['device']}, {str(dtype).replace('torch.', '')}")
     if model_path is None:
         what = ("LLaVA-1.5 architecture: CLIP ViT-L/14-336 + a Llama-3.2-3B-sized language model" if size == "3b"
@@ -223,22 +220,33 @@ def run(out: str, model_path=None, keep: int = 64, core_ratio: float = 0.5, size
     print(f'  question: "{QUESTION}"  ({inputs["input_ids"].shape[1]} prompt tokens, {n_visual} of them visual)')
 
     clock = _PrefillClock(model, device)
-    with _step(f"[{next(step)}/{steps}] unpruned prefill, {1 + repeats} calls"):
-        kv_full = models.cache_bytes(_prefill(model, inputs).past_key_values)  # also the warm-up
-        full_ms, full_lm_ms = clock(inputs, repeats)
-    rows = [("unpruned", n_visual, full_ms, full_lm_ms, kv_full, None, "")]
-    selections = {}
+    pruning = {backend: lambda backend=backend: zspa_kernels.prune(model, keep=keep, core_ratio=core_ratio,
+                                                                    backend=backend) for backend in backends}
+    selections, kv_bytes, sel_ms = {}, {}, {}
+    with _step(f"[{next(step)}/{steps}] warm-up: one prefill unpruned, one per backend ({', '.join(backends)})"):
+        kv_bytes["unpruned"] = models.cache_bytes(_prefill(model, inputs).past_key_values)
+        for backend in backends:
+            with pruning[backend]() as handle:
+                kv_bytes[backend], sel_ms[backend] = _timed_selection_prefill(model, inputs, device)
+                selections[backend] = handle.last_selection[0]
+    # Interleaved rounds: a change in the machine's load hits every configuration alike.
+    runs = {name: [] for name in ["unpruned", *backends]}
     n_step = next(step)
-    for i, backend in enumerate(backends, 1):
-        with _step(f"[{n_step}/{steps}] pruned prefill, backend {backend} ({i}/{len(backends)}), {1 + repeats} calls"):
-            with zspa_kernels.prune(model, keep=keep, core_ratio=core_ratio, backend=backend) as pruning:
-                kv, sel_ms = _timed_selection_prefill(model, inputs, device)  # also the warm-up
-                selections[backend] = pruning.last_selection[0]
-                ms, lm_ms = clock(inputs, repeats)
-        same = torch.equal(selections[backend].kept.cpu(), selections[backends[0]].kept.cpu())
-        rows.append((backend, len(selections[backend].order), ms, lm_ms, kv, sel_ms,
-                     "" if i == 1 else ("same tokens as " + backends[0] if same else "DIFFERENT tokens")))
+    for r in range(1, REPEATS + 1):
+        with _step(f"[{n_step}/{steps}] timed round {r}/{REPEATS}: unpruned, then each backend"):
+            runs["unpruned"].append(clock(inputs))
+            for backend in backends:
+                with pruning[backend]():
+                    runs[backend].append(clock(inputs))
     clock.remove()
+    median = {name: (statistics.median(t[0] for t in times), statistics.median(t[1] for t in times))
+              for name, times in runs.items()}
+    full_ms, full_lm_ms = median["unpruned"]
+    rows = [("unpruned", n_visual, full_ms, full_lm_ms, kv_bytes["unpruned"], None, "")]
+    for i, backend in enumerate(backends):
+        same = torch.equal(selections[backend].kept.cpu(), selections[backends[0]].kept.cpu())
+        rows.append((backend, len(selections[backend].order), *median[backend], kv_bytes[backend], sel_ms[backend],
+                     "" if i == 0 else ("same tokens as " + backends[0] if same else "DIFFERENT tokens")))
 
     print()
     print(f"{'backend':<11}{'visual tokens':>15}{'prefill':>12}{'of it LM':>12}{'KV cache':>12}{'selection':>12}")
@@ -248,7 +256,7 @@ def run(out: str, model_path=None, keep: int = 64, core_ratio: float = 0.5, size
     main = rows[1]
     speedup, lm_speedup = full_ms / main[2], full_lm_ms / main[3]
     prefill = f"prefill {speedup:.1f}x faster" if speedup >= 1 else f"prefill {1 / speedup:.1f}x slower"
-    print(f"\nKV cache {kv_full / main[4]:.1f}x smaller, {prefill} (language model {lm_speedup:.1f}x; the vision "
+    print(f"\nKV cache {kv_bytes['unpruned'] / main[4]:.1f}x smaller, {prefill} (language model {lm_speedup:.1f}x; the vision "
           f"tower runs either way), selection {100 * main[5] / main[2]:.2f}% of the pruned prefill "
           f"(backend {main[0]}, keep {keep} of {n_visual}, core ratio {core_ratio}).")
     if speedup < 1:
