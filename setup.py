@@ -38,7 +38,7 @@ setup(
     # csrc/ is installed as zspa_kernels/csrc so that installed copies can compile on demand.
     packages=find_packages(include=["zspa_kernels", "zspa_kernels.*"]) + ["zspa_kernels.csrc"],
     package_dir={"zspa_kernels.csrc": "csrc"},
-    package_data={"zspa_kernels.csrc": ["*.cu", "*.cuh", "*.h", "*.cpp", "sources.txt"]},
+    package_data={"zspa_kernels.csrc": ["*.cu", "*.cuh", "*.h", "*.cpp", "sources.txt", "cpu/*.cpp", "cpu/sources.txt"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
     extras_require={

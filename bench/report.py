@@ -16,8 +16,9 @@ import json
 import pathlib
 import re
 
-IMPL_ORDER = ("cuda", "triton", "reference", "torch_loop_graph", "torch_loop", "divprune_loop")
+IMPL_ORDER = ("cuda", "triton", "cpu", "reference", "torch_loop_graph", "torch_loop", "divprune_loop")
 ENV_KEYS = ("device", "torch", "triton", "cuda")
+BASELINES = ("torch_loop_graph", "torch_loop", "divprune_loop")
 
 
 def micro_records(raw: dict) -> tuple[dict, list[dict]]:
@@ -49,12 +50,18 @@ def _fmt(us) -> str:
 def micro_table(records: list[dict]) -> list[str]:
     impls = [i for i in IMPL_ORDER if any(r["impl"] == i for r in records)]
     cases = sorted({(r["N"], r["B"], r["k"], r["shape"], r["keep"], r["D"]) for r in records})
-    lines = ["| shape | B | N | D | keep (k) | greedy steps | floor | " + " | ".join(impls) + " |",
-             "|---|---|---|---|---|---|---|" + "---|" * len(impls)]
+    loops = [i for i in impls if i in BASELINES]
+    ratio = "cpu" in impls and bool(loops)  # the CPU backend against the best loop it replaces
+    lines = ["| shape | B | N | D | keep (k) | greedy steps | floor | " + " | ".join(impls)
+             + (" | best loop / cpu |" if ratio else " |"),
+             "|---|---|---|---|---|---|---|" + "---|" * (len(impls) + ratio)]
     for N, B, k, shape, keep, D in cases:
         here = {r["impl"]: r for r in records if (r["shape"], r["k"]) == (shape, k)}
         first = next(iter(here.values()))
         cells = [_fmt(here[i]["median_us"]) if i in here else "skipped" for i in impls]
+        if ratio:
+            best = min((here[i]["median_us"] for i in loops if i in here), default=None)
+            cells.append("—" if best is None or "cpu" not in here else f"{best / here['cpu']['median_us']:.1f}x")
         lines.append(f"| {shape} | {B} | {N} | {D} | {keep} ({k}) | {k - first['k_core']} | "
                      f"{_fmt(first['floor_us'])} | " + " | ".join(cells) + " |")
     return lines
@@ -115,6 +122,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--micro", type=pathlib.Path, help="pytest-benchmark JSON")
     parser.add_argument("--e2e", type=pathlib.Path, help="end-to-end JSON from bench.e2e")
+    parser.add_argument("--demo", type=pathlib.Path, help="saved output of `zspa demo` (a .demo.png beside it)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench/results"))
     parser.add_argument("--date", default=datetime.date.today().isoformat())
     parser.add_argument("--print-stem", action="store_true", help="print <date>-<device> of this machine and exit")
@@ -149,6 +157,11 @@ def main(argv=None) -> int:
               "`zspa_kernels/benchmark.py`); a shape missing from the table had every case skipped."]
     if e2e:
         lines += ["", "## End to end (random weights; peak memory is tracked on GPUs only)", ""] + e2e_table(e2e)
+    if args.demo:
+        lines += ["", "## `zspa demo`", "", "```text", args.demo.read_text().rstrip(), "```"]
+        picture = args.demo.with_suffix(".png")
+        if picture.is_file():
+            lines += ["", f"![kept patches]({picture.name})"]
     lines += ["", f"![latency against N]({stem.name}.png)", ""]
     stem.with_suffix(".md").write_text("\n".join(lines))
     plot(records, stem.with_suffix(".png"), title)

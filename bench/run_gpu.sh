@@ -2,14 +2,16 @@
 # The GPU run: the test suite on the GPU, the microbenchmarks at the SPEC shapes, the
 # end-to-end benchmarks, then the committed results (JSON records, markdown summary, plot).
 #
-#   bench/run_gpu.sh [all|install|tests|micro|e2e|report]...     (default: all)
+#   bench/run_gpu.sh [all|install|tests|micro|e2e|demo|report]...     (default: all)
 #
 # Results go to $OUT/results when $OUT is set (the lent GPU machine hands back only
 # $OUT), else to bench/results. Stages can run in separate calls (one call is capped
 # at ten minutes there): each writes raw files beside the results, and `report`
 # merges whatever raw files of this device and date exist. On a machine without a
 # GPU the same script runs the CPU-available implementations, and the end-to-end
-# stage uses the tiny models (a 7B prefill takes minutes on a CPU).
+# stage uses the tiny models (a 7B prefill takes minutes on a CPU). `demo` saves the output of
+# `zspa demo` (the README's first command) and its picture beside the results.
+# bench/run_cpu.sh is the CPU run: micro e2e demo report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -17,7 +19,7 @@ DEST=${OUT:+$OUT/results}
 DEST=${DEST:-bench/results}
 mkdir -p "$DEST"
 STAGES=("${@:-all}")
-[ "${STAGES[0]}" = all ] && STAGES=(install tests micro e2e report)
+[ "${STAGES[0]}" = all ] && STAGES=(install tests micro e2e demo report)
 
 stem() { "$PY" -m bench.report --print-stem; }  # <date>-<device>: every file of this run starts with it
 has_gpu() { "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; }
@@ -44,12 +46,20 @@ for stage in "${STAGES[@]}"; do
       if has_gpu; then args=(--models llava-1.5-7b qwen2.5-vl-7b)
       else args=(--models llava-1.5-tiny qwen2.5-vl-tiny --repeats 3 --new-tokens 16); fi
       "$PY" -m bench.e2e "${args[@]}" --batch 1 8 --out "$DEST/$(stem).e2e-raw.json" ;;
+    demo)
+      s=$(stem)
+      start=$SECONDS
+      # stdout only: library warnings on stderr would carry this machine's paths into the results
+      "$PY" -m zspa_kernels.cli demo --out "$DEST/$s.demo" | tee "$DEST/$s.demo.txt"
+      echo "zspa demo: $((SECONDS - start)) s in all" | tee -a "$DEST/$s.demo.txt"
+      mv "$DEST/$s.demo/kept_patches.png" "$DEST/$s.demo.png" && rmdir "$DEST/$s.demo" ;;
     report)
       s=$(stem)
-      e2e=()
-      [ -f "$DEST/$s.e2e-raw.json" ] && e2e=(--e2e "$DEST/$s.e2e-raw.json")
-      "$PY" -m bench.report --micro "$DEST/$s.micro-raw.json" "${e2e[@]}" --out "$DEST"
+      extra=()
+      [ -f "$DEST/$s.e2e-raw.json" ] && extra=(--e2e "$DEST/$s.e2e-raw.json")
+      [ -f "$DEST/$s.demo.txt" ] && extra+=(--demo "$DEST/$s.demo.txt")
+      "$PY" -m bench.report --micro "$DEST/$s.micro-raw.json" "${extra[@]}" --out "$DEST"
       cat "$DEST/$s.md" ;;
-    *) echo "unknown stage '$stage' (all|install|tests|micro|e2e|report)" >&2; exit 2 ;;
+    *) echo "unknown stage '$stage' (all|install|tests|micro|e2e|demo|report)" >&2; exit 2 ;;
   esac
 done

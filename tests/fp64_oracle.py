@@ -22,6 +22,7 @@ class Row:
     def __init__(self, visual, prompt, prompt_mask, n, k, core_ratio, relevance):
         V = np.asarray(visual, dtype=np.float64)[:n]
         self.n = n
+        self.tokens = V
         self.finite = np.array([bool(np.all(np.isfinite(v))) for v in V])
         self.unit = np.zeros_like(V)
         for i, v in enumerate(V):
@@ -88,8 +89,13 @@ def oracle_order(row: Row) -> list[int]:
     return selected
 
 
-def replay(row: Row, order, tol: float) -> int:
-    """Check a backend's pick order; return how many picks were near-ties (not the exact best)."""
+def replay(row: Row, order, tol: float, exact_ties: str = "scores") -> int:
+    """Check a backend's pick order; return how many picks were near-ties (not the exact best).
+
+    ``exact_ties``: which exact fp64 ties must go to the lower index. ``"scores"``: every tie of
+    scores (backends that keep exact ties exact). ``"tokens"``: ties between identical tokens only,
+    for a backend that rounds each unit vector (distinct tokens whose fp64 scores tie exactly may
+    then differ by up to ``tol``, which the gap check already bounds)."""
     order = [int(x) for x in order]
     assert all(x == -1 for x in order[row.k_b:]), f"expected -1 padding after {row.k_b} picks, got {order}"
     picks = order[: row.k_b]
@@ -106,7 +112,8 @@ def replay(row: Row, order, tol: float) -> int:
         else:
             gap = sign * (target - scores[j])  # >= 0: how much worse the pick is than the best
             assert gap <= tol, f"step {t}: picked {j} with score {scores[j]:.8f}, best {target:.8f} (gap {gap:.2e} > tol {tol:.0e})"
-        exact_twins = [i for i in free if scores[i] == scores[j]]
+        exact_twins = [i for i in free if scores[i] == scores[j]
+                       and (exact_ties == "scores" or np.array_equal(row.tokens[i], row.tokens[j]))]
         assert j == min(exact_twins), f"step {t}: exact tie {exact_twins} must go to the lower index, got {j}"
         near_ties += scores[j] != target
     return near_ties

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from fp64_oracle import Row
+from zspa_kernels.cpu import GREEDY_TOLERANCE
 from zspa_kernels.dispatch import available_backends
 from zspa_kernels.spec import triton_interpreter
 
@@ -24,6 +25,9 @@ TOLERANCE = {
     # cuda: fp32-accumulated GEMMs of the raw inputs (16-bit products are exact in fp32;
     # TF32 is refused), normalised afterwards: fp32 rounding only, like the reference.
     "cuda": {torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5},
+    # cpu: greedy similarities from fp16-rounded unit vectors (zspa_kernels/cpu.py derives the
+    # bound 2^-10); relevance and core are fp32 like the reference.
+    "cpu": {dtype: GREEDY_TOLERANCE for dtype in (torch.float32, torch.float16, torch.bfloat16)},
 }
 
 # Random cases per dtype; the interpreted Triton backend runs a third of them to keep CI short.
@@ -43,7 +47,7 @@ def random_case_count(backend: str) -> int:
 
 
 def device_for(backend: str) -> torch.device:
-    return MACHINE_DEVICE if backend != "reference" else torch.device("cpu")
+    return MACHINE_DEVICE if backend not in ("reference", "cpu") else torch.device("cpu")
 
 
 def oracle_rows(case):

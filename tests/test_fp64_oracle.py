@@ -37,3 +37,16 @@ def test_replay_enforces_lower_index_on_exact_ties():
     assert oracle_order(row) == [0, 1]
     with pytest.raises(AssertionError, match="lower index"):
         replay(row, [0, 2], tol=1e-3)
+
+
+def test_replay_with_token_ties_still_enforces_lower_index_between_identical_tokens():
+    # Tokens 1 and 2 are identical; token 3 differs from them but ties them exactly in fp64
+    # (all three are orthogonal to the prompt and to token 0).
+    visual = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    row = Row(visual, np.array([1.0, 0.0, 0.0]), None, 4, 2, 0.5, "mean")
+    assert oracle_order(row) == [0, 1]
+    assert replay(row, [0, 3], tol=1e-3, exact_ties="tokens") == 0  # a distinct token: a tie in score only
+    with pytest.raises(AssertionError, match="lower index"):
+        replay(row, [0, 3], tol=1e-3)
+    with pytest.raises(AssertionError, match="lower index"):
+        replay(row, [0, 2], tol=1e-3, exact_ties="tokens")

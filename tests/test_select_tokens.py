@@ -118,7 +118,10 @@ def test_tiny_norm_fp16_tokens_keep_exact_ties(backend, seed):
     prompt, alpha = patterns[:1].half(), [0.0, 0.5][seed % 2]
     order = _run_simple(visual, prompt, 7, backend, core_ratio=alpha, pick_order=True)
     row = Row(visual[0].float().numpy(), prompt[0].float().numpy(), None, 16, 7, alpha, "mean")
-    assert order[0].tolist() == oracle_order(row)
+    if backend == "cpu":  # its greedy steps read fp16 unit vectors: exact only to its stated tolerance
+        replay(row, order[0].tolist(), TOLERANCE[backend][torch.float16], exact_ties="tokens")
+    else:
+        assert order[0].tolist() == oracle_order(row)
 
 
 def _run_simple(visual, prompt, k, backend, core_ratio=0.5, lengths=None, pick_order=False):

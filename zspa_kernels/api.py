@@ -36,7 +36,7 @@ def select_tokens(
         prompt_mask: optional bool ``(B, T)`` marking valid rows of a per-token prompt.
         relevance: ``"mean"`` (cosine to the mean-pooled prompt, the paper's rule) or
             ``"max"`` (best cosine over the prompt tokens).
-        backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``; ``auto`` may be
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``; ``auto`` may be
             overridden by the ``ZSPA_BACKEND`` environment variable.
         pick_order: return indices in pick order (core by falling relevance, then
             diversity picks) instead of ascending order.

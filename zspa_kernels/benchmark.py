@@ -88,13 +88,18 @@ def traffic_bytes(impl: str, shape: Shape, k: int, core_ratio: float = CORE_RATI
     k_core = core_count(core_ratio, k)
     if impl == "divprune_loop":  # the N x N matrix, then O(k^2 N) re-reads of its selected rows
         return shape.B * 4 * shape.N * (2 * shape.N + (k * k - k_core * k_core) / 2)
+    if impl == "cpu":  # bf16 tokens read, fp16 unit tokens written, then read by the core pass and each step
+        return shape.B * shape.N * shape.D * 2 * (3 + k - k_core)
     # The reference and the PyTorch loops read the fp32 tokens once per greedy step.
     return shape.B * 4 * shape.N * shape.D * (k - k_core + 2)
 
 
 def skip_reason(impl: str, shape: Shape, k: int, device: torch.device) -> Optional[str]:
-    """Why a case is not timed on ``device``, or None. The fused backends are always timed."""
+    """Why a case is not timed on ``device``, or None. The fused backends are always timed, and
+    so is ``cpu`` where a baseline is (it must be compared wherever one can be)."""
     if impl in ("cuda", "triton"):
+        return None
+    if impl == "cpu" and any(skip_reason(b, shape, k, device) is None for b in BASELINES):
         return None
     moved = traffic_bytes(impl, shape, k)
     limit = MAX_BYTES_PER_CALL.get(device.type, MAX_BYTES_PER_CALL["cpu"])

@@ -37,6 +37,7 @@ def cmd_info(_args: argparse.Namespace) -> int:
     triton_ok = "triton" in available
     print("backends:")
     print("  reference   available")
+    print(f"  cpu         {builder.status(builder.CPU_EXTENSION)}{'' if 'cpu' in available else '; runs on CPU tensors only'}")
     print(f"  triton      {'available' if triton_ok else 'needs triton and a CUDA device (or TRITON_INTERPRET=1)'}")
     print(f"  cuda        {builder.status(builder.CUDA_EXTENSION)}{'' if 'cuda' in available else '; runs on CUDA devices only'}")
     print(f"  auto        -> {resolve_backend('auto', device)} on {device.type}")
@@ -68,7 +69,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from zspa_kernels.demo import run
 
-    return run(args.out, model_path=args.model, keep=args.keep)
+    return run(args.out, model_path=args.model, keep=args.keep, size=args.size)
 
 
 def cmd_fidelity(args: argparse.Namespace) -> int:
@@ -94,10 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--cmake-args", action="store_true",
                        help="print the -D options for a CMake build of csrc/ instead")
     build.set_defaults(func=cmd_build)
-    demo = sub.add_parser("demo", help="prune a small VLM on a sample photo (no downloads)")
+    demo = sub.add_parser("demo", help="prune a LLaVA-architecture VLM on a sample photo (no downloads)")
     demo.add_argument("--out", default="zspa-demo", help="output folder")
     demo.add_argument("--model", default=None, help="a local LLaVA-1.5-style checkpoint folder instead")
     demo.add_argument("--keep", type=int, default=64, help="visual tokens kept of each image")
+    demo.add_argument("--size", choices=("3b", "tiny"), default="3b",
+                      help="3b: CLIP ViT-L/14-336 + a Llama-3.2-3B-sized LM (real proportions, about a minute "
+                           "on 2 CPU cores); tiny: a toy of the same architecture (seconds, for tests)")
     demo.set_defaults(func=cmd_demo)
     fidelity = sub.add_parser("fidelity", help="measure what pruning changes on a model and data; "
                               "recommend keep and core ratio")

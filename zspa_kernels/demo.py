@@ -1,17 +1,26 @@
 """``zspa demo``: prune a LLaVA-architecture VLM on a real photo, with every available backend.
 
 Nothing is downloaded. The photo is scikit-image's astronaut (NASA, public domain);
-the model is a small LLaVA-1.5 architecture (CLIP ViT at 336 px: 576 visual tokens,
-Llama language model) built from a config with RANDOM weights, with an image
-processor built from CLIP's published preprocessing values and a word-level
-tokenizer built in code. Random weights make the kept tokens meaningless for the
-question, but the pipeline, the shapes, the KV-cache savings and the timings are
-the real ones; ``--model PATH`` runs a local LLaVA-1.5-style checkpoint instead.
+the model is a LLaVA-1.5 architecture built from a config with RANDOM weights, with an
+image processor built from CLIP's published preprocessing values and a word-level
+tokenizer built in code. ``--size 3b`` (the default) has real proportions: CLIP
+ViT-L/14 at 336 px (576 visual tokens) and a Llama-3.2-3B-sized language model, whose
+prefill dominates as in LLaVA, in bf16; ``--size tiny`` is a toy of the same shape for
+tests. Random weights make the kept tokens meaningless for the question, but the
+pipeline, the shapes, the KV-cache savings and the timings are the real ones;
+``--model PATH`` runs a local LLaVA-1.5-style checkpoint instead.
+
+The selection time shown is the one of the ``zspa::select_tokens`` call that the pruning
+hooks made inside a pruned prefill (caught at the dispatcher): the same prompt, the same
+budget and the same tokens as the prefill it pruned. It comes from the warm-up prefill,
+so it includes a backend's first-call costs (an upper bound).
 """
 from __future__ import annotations
 
 import contextlib
 import pathlib
+import resource
+import statistics
 import time
 
 import torch
@@ -21,6 +30,8 @@ from zspa_kernels import benchmark as hb
 from zspa_kernels import models
 from zspa_kernels.integrations.transformers import kv_cache
 
+SIZES = ("3b", "tiny")
+REPEATS = 3  # timed rounds after the warm-up, median: a CPU's prefill time swings with the machine's load
 QUESTION = "What is the astronaut holding in her hands, and what is behind her?"
 TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -64,17 +75,15 @@ def build_processor():
                           vision_feature_select_strategy="default", num_additional_image_tokens=1)
 
 
-def load(model_path, device, dtype):
+def load(model_path, device, dtype, size: str = "tiny"):
     if model_path is None:
-        processor = build_processor()
-        config = models.llava_config("tiny", vocab_size=len(processor.tokenizer),
-                                     image_token_index=processor.tokenizer.convert_tokens_to_ids("<image>"))
         from transformers import LlavaForConditionalGeneration
 
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
-        return model.eval(), processor
+        processor = build_processor()
+        config = models.llava_config(size, vocab_size=len(processor.tokenizer),
+                                     image_token_index=processor.tokenizer.convert_tokens_to_ids("<image>"))
+        model = models.build_from_config(LlavaForConditionalGeneration, config, dtype, device, fast_init=size != "tiny")
+        return model, processor
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model_path)
@@ -87,25 +96,54 @@ def _prefill(model, inputs):
         return model(**inputs, use_cache=True, logits_to_keep=1)
 
 
-def _capture_lm_inputs(model):
-    """The language model's ``inputs_embeds`` of the next call (to time the selection alone)."""
-    from zspa_kernels.integrations.transformers.families import find_family, split_model
+class _PrefillClock:
+    """Times whole prefills and, inside them, the language model's share (from its pre-hook,
+    installed before any pruning hook so that the pruned share includes the selection)."""
 
-    _, lm = split_model(model, find_family(model))
-    seen = {}
+    def __init__(self, model, device):
+        from zspa_kernels.integrations.transformers.families import find_family, split_model
 
-    def hook(_module, _args, kwargs):
-        seen.setdefault("embeds", kwargs["inputs_embeds"].detach())
+        _, lm = split_model(model, find_family(model))
+        self.model, self.device, self.lm_start = model, device, 0.0
+        self._hook = lm.register_forward_pre_hook(self._mark)
 
-    return lm.register_forward_pre_hook(hook, with_kwargs=True), seen
+    def _mark(self, *_):
+        hb.synchronize(self.device)
+        self.lm_start = time.perf_counter()
+
+    def __call__(self, inputs) -> tuple[float, float]:
+        """``(prefill ms, language-model ms)`` of one prefill."""
+        hb.synchronize(self.device)
+        t0 = time.perf_counter()
+        _prefill(self.model, inputs)
+        hb.synchronize(self.device)
+        end = time.perf_counter()
+        return 1e3 * (end - t0), 1e3 * (end - self.lm_start)
+
+    def remove(self):
+        self._hook.remove()
 
 
-def selection_ms(embeds, input_ids, image_token, k, backend, device) -> float:
-    """``select_tokens`` alone on this prompt's visual tokens and the text after the image."""
-    is_image = input_ids[0] == image_token
-    after = torch.arange(len(is_image), device=is_image.device) > is_image.nonzero().max()
-    visual, prompt = embeds[:, is_image], embeds[:, after]
-    return hb.median_us(lambda: zspa_kernels.select_tokens(visual, prompt, k, backend=backend), device) / 1e3
+def _timed_selection_prefill(model, inputs, device) -> tuple[int, float]:
+    """One prefill: ``(KV-cache bytes, ms spent in the zspa::select_tokens calls the hooks made)``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class SelectionClock(TorchDispatchMode):
+        ms = 0.0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is not torch.ops.zspa.select_tokens.default:
+                return func(*args, **(kwargs or {}))
+            hb.synchronize(device)
+            t0 = time.perf_counter()
+            out = func(*args, **(kwargs or {}))
+            hb.synchronize(device)
+            self.ms += 1e3 * (time.perf_counter() - t0)
+            return out
+
+    with SelectionClock() as clock:
+        kv = models.cache_bytes(kv_cache(_prefill(model, inputs)))
+    return kv, clock.ms
 
 
 def draw(pixel_values, selection, path: pathlib.Path, title: str, mean=CLIP_MEAN, std=CLIP_STD) -> None:
@@ -136,31 +174,45 @@ def draw(pixel_values, selection, path: pathlib.Path, title: str, mean=CLIP_MEAN
     canvas.save(path, optimize=True)
 
 
+def _ms(ms: float) -> str:
+    return f"{ms / 1e3:.2f} s" if ms >= 1e4 else f"{ms:.1f} ms"
+
+
 def _bytes(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
-def run(out: str, model_path=None, keep: int = 64, core_ratio: float = 0.5) -> int:
+def run(out: str, model_path=None, keep: int = 64, core_ratio: float = 0.5, size: str = "3b") -> int:
     from skimage import data
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # bf16 for the 3b model (half the memory; native on CPUs with AVX-512 BF16 or AMX), fp32 for the toy.
+    dtype = torch.bfloat16 if device.type == "cuda" or (model_path is None and size != "tiny") else torch.float32
     out_dir = pathlib.Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     backends = hb.backends_here(device)
     print(f"zspa demo on {hb.environment(device)['device']}, {str(dtype).replace('torch.', '')}")
     if model_path is None:
-        print("  model: a small LLaVA-1.5 architecture built from a config with RANDOM weights (no download):")
+        what = ("LLaVA-1.5 architecture: CLIP ViT-L/14-336 + a Llama-3.2-3B-sized language model" if size == "3b"
+                else "toy LLaVA-1.5 architecture")
+        print(f"  model: a {what}, built from a config with RANDOM weights (no download):")
         print("  the pipeline, shapes, memory and timings are real; which patches win is not meaningful.")
     else:
         print(f"  model: {model_path}")
 
-    with _step(f"[1/4] loading the photo (scikit-image astronaut) and {'building' if model_path is None else 'loading'} "
-               "the model"):
+    steps = 5 if "cpu" in backends else 4
+    step = iter(range(1, steps + 1))
+    if "cpu" in backends:
+        with _step(f"[{next(step)}/{steps}] the cpu backend's kernels (compiled once per machine)"):
+            from zspa_kernels.cpu import kernels_available
+
+            kernels_available()
+    with _step(f"[{next(step)}/{steps}] loading the photo (scikit-image astronaut) and "
+               f"{'building' if model_path is None else 'loading'} the model"):
         from PIL import Image
 
         photo = Image.fromarray(data.astronaut())
-        model, processor = load(model_path, device, dtype)
+        model, processor = load(model_path, device, dtype, size)
         image_token = model.config.image_token_index
         prompt = TEMPLATE.format(question=QUESTION)
         inputs = processor(images=photo, text=prompt, return_tensors="pt")
@@ -168,42 +220,57 @@ def run(out: str, model_path=None, keep: int = 64, core_ratio: float = 0.5) -> i
     n_visual = int((inputs["input_ids"][0] == image_token).sum())
     print(f'  question: "{QUESTION}"  ({inputs["input_ids"].shape[1]} prompt tokens, {n_visual} of them visual)')
 
-    with _step("[2/4] unpruned prefill"):
-        handle, seen = _capture_lm_inputs(model)
-        kv_full = models.cache_bytes(kv_cache(_prefill(model, inputs)))
-        handle.remove()
-        full_ms = hb.wall_median_ms(lambda: _prefill(model, inputs), device)
-    rows = [("unpruned", n_visual, full_ms, kv_full, None, "")]
-    selections = {}
-    for i, backend in enumerate(backends, 1):
-        with _step(f"[3/4] pruned prefill, backend {backend} ({i}/{len(backends)})"):
-            with zspa_kernels.prune(model, keep=keep, core_ratio=core_ratio, backend=backend) as pruning:
-                kv = models.cache_bytes(kv_cache(_prefill(model, inputs)))
-                selections[backend] = pruning.last_selection[0]
-                ms = hb.wall_median_ms(lambda: _prefill(model, inputs), device)
-            sel_ms = selection_ms(seen["embeds"], inputs["input_ids"], image_token, keep, backend, device)
+    clock = _PrefillClock(model, device)
+    pruning = {backend: lambda backend=backend: zspa_kernels.prune(model, keep=keep, core_ratio=core_ratio,
+                                                                    backend=backend) for backend in backends}
+    selections, kv_bytes, sel_ms = {}, {}, {}
+    with _step(f"[{next(step)}/{steps}] warm-up: one prefill unpruned, one per backend ({', '.join(backends)})"):
+        kv_bytes["unpruned"] = models.cache_bytes(kv_cache(_prefill(model, inputs)))
+        for backend in backends:
+            with pruning[backend]() as handle:
+                kv_bytes[backend], sel_ms[backend] = _timed_selection_prefill(model, inputs, device)
+                selections[backend] = handle.last_selection[0]
+    # Interleaved rounds: a change in the machine's load hits every configuration alike.
+    runs = {name: [] for name in ["unpruned", *backends]}
+    n_step = next(step)
+    for r in range(1, REPEATS + 1):
+        with _step(f"[{n_step}/{steps}] timed round {r}/{REPEATS}: unpruned, then each backend"):
+            runs["unpruned"].append(clock(inputs))
+            for backend in backends:
+                with pruning[backend]():
+                    runs[backend].append(clock(inputs))
+    clock.remove()
+    median = {name: (statistics.median(t[0] for t in times), statistics.median(t[1] for t in times))
+              for name, times in runs.items()}
+    full_ms, full_lm_ms = median["unpruned"]
+    rows = [("unpruned", n_visual, full_ms, full_lm_ms, kv_bytes["unpruned"], None, "")]
+    for i, backend in enumerate(backends):
         same = torch.equal(selections[backend].kept.cpu(), selections[backends[0]].kept.cpu())
-        rows.append((backend, len(selections[backend].order), ms, kv, sel_ms,
-                     "" if i == 1 else ("same tokens as " + backends[0] if same else "DIFFERENT tokens")))
+        rows.append((backend, len(selections[backend].order), *median[backend], kv_bytes[backend], sel_ms[backend],
+                     "" if i == 0 else ("same tokens as " + backends[0] if same else "DIFFERENT tokens")))
 
     print()
-    print(f"{'backend':<11}{'visual tokens':>15}{'prefill':>12}{'KV cache':>12}{'selection':>12}")
-    for name, n, ms, kv, sel, note in rows:
+    print(f"{'backend':<11}{'visual tokens':>15}{'prefill':>12}{'of it LM':>12}{'KV cache':>12}{'selection':>12}")
+    for name, n, ms, lm_ms, kv, sel, note in rows:
         sel_text = "—" if sel is None else f"{sel:.2f} ms"
-        print(f"{name:<11}{f'{n_visual} -> {n}':>15}{ms:>9.1f} ms{_bytes(kv):>12}{sel_text:>12}  {note}")
-    speedup = full_ms / rows[1][2]
-    prefill = (f"prefill {speedup:.1f}x faster" if speedup >= 1 else
-               f"prefill {1 / speedup:.1f}x slower: at this small model size the selection outweighs the "
-               "language-model work it saves (real-size models: bench/e2e.py)")
-    print(f"\nKV cache {kv_full / rows[1][3]:.1f}x smaller, {prefill} (keep {keep} of {n_visual}, "
-          f"core ratio {core_ratio}).")
+        print(f"{name:<11}{f'{n_visual} -> {n}':>15}{_ms(ms):>12}{_ms(lm_ms):>12}{_bytes(kv):>12}{sel_text:>12}  {note}")
+    main = rows[1]
+    speedup, lm_speedup = full_ms / main[2], full_lm_ms / main[3]
+    prefill = f"prefill {speedup:.1f}x faster" if speedup >= 1 else f"prefill {1 / speedup:.1f}x slower"
+    print(f"\nKV cache {kv_bytes['unpruned'] / main[4]:.1f}x smaller, {prefill} (language model {lm_speedup:.1f}x; the vision "
+          f"tower runs either way), selection {100 * main[5] / main[2]:.2f}% of the pruned prefill "
+          f"(backend {main[0]}, keep {keep} of {n_visual}, core ratio {core_ratio}).")
+    if speedup < 1:
+        print("At this toy size the selection outweighs the language-model work it saves: run without --size tiny.")
 
-    with _step("[4/4] drawing the kept patches"):
+    n_step = next(step)
+    with _step(f"[{n_step}/{steps}] drawing the kept patches"):
         path = out_dir / "kept_patches.png"
         label = "random-weight LLaVA-1.5 architecture" if model_path is None else str(model_path)
         mean = getattr(processor.image_processor, "image_mean", CLIP_MEAN)
         std = getattr(processor.image_processor, "image_std", CLIP_STD)
         draw(inputs["pixel_values"], selections[backends[0]], path,
              f"ZSPAPrune, {label}, backend {backends[0]}: \"{QUESTION}\"", mean, std)
-    print(f"wrote {path}")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    print(f"wrote {path}  (peak host memory {peak:.1f} GiB)")
     return 0

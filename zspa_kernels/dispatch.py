@@ -5,7 +5,9 @@ variable (empty means unset), else the ``auto`` rule below. Every backend return
 pick order (or the ascending kept indices when ``pick_order`` is false) as a
 ``(B, k)`` int64 tensor padded with ``-1``.
 
-``auto`` rule: CPU tensors use ``reference``; CUDA tensors use ``triton``.
+``auto`` rule: CPU tensors use ``cpu`` (the ``csrc/cpu`` kernels: the first call compiles them,
+saying so in one line, and runs ``reference`` with one warning where they cannot be built;
+``bench/results`` times them beside the baselines); CUDA tensors use ``triton``.
 
 The ``cuda`` backend is never chosen by ``auto`` until measured: it compiles on
 first use (minutes) and nobody has timed it on a GPU yet. Rule to apply once
@@ -30,11 +32,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         backend = backend_from_env()
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "reference"
+        return "triton" if device.type == "cuda" else "cpu"
     if backend == "triton" and device.type != "cuda" and not triton_interpreter():
         raise ValueError(f"backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {device.type}")
     if backend == "cuda" and device.type != "cuda":
         raise ValueError(f"backend: 'cuda' needs CUDA tensors, got {device.type}")
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend: 'cpu' needs CPU tensors, got {device.type}")
     return backend
 
 
@@ -50,6 +54,8 @@ def available_backends(device: torch.device) -> list[str]:
             continue
         if name == "cuda" and device.type != "cuda":
             continue
+        if name == "cpu" and device.type != "cpu":
+            continue
         names.append(name)
     return names
 
@@ -61,6 +67,10 @@ def backend_impl(name: str) -> Callable[..., torch.Tensor]:
         from .reference import select_tokens_reference_op
 
         return select_tokens_reference_op
+    if name == "cpu":
+        from .cpu import select_tokens_cpu
+
+        return select_tokens_cpu
     if name == "triton":
         from .triton import select_tokens_triton
 

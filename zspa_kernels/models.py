@@ -7,8 +7,13 @@ benchmarks and the demo build the published architectures from their configs:
   (values of ``llava-hf/llava-1.5-7b-hf``);
 * ``qwen2.5-vl-7b``: the Qwen2.5-VL vision tower (window attention, 2x2 patch
   merge) + the 7B Qwen2 language model (values of ``Qwen/Qwen2.5-VL-7B-Instruct``);
-* ``*-tiny``: the same architectures a few hundred times smaller, for CPU smoke
-  tests and the demo.
+* ``llava-3b``: the LLaVA-1.5 vision side (CLIP ViT-L/14 at 336 px) with a language model
+  of Llama-3.2-3B's size, the proportions of a real VLM on a budget a CPU can run: the
+  language model is most of the unpruned prefill, as in LLaVA (``zspa demo``);
+* ``*-tiny``: the same architectures a few hundred times smaller, for CPU smoke tests.
+
+:func:`build` can skip transformers' initialisation (:func:`fill_random_`): drawing
+billions of normal samples takes a CPU longer than the rest of the demo.
 """
 from __future__ import annotations
 
@@ -21,6 +26,9 @@ _LLAVA_SIZES = {
     "7b": dict(vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
                text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=32)),
+    "3b": dict(vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
+               text=dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                         num_key_value_heads=8)),  # values of meta-llama/Llama-3.2-3B
     "tiny": dict(vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2),
                  text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=4)),
@@ -39,6 +47,7 @@ _QWEN_SIZES = {
 # 48 x 48 patches merged 2 x 2 for Qwen2.5-VL.
 VISUAL_TOKENS = 576
 MODELS = ("llava-1.5-7b", "qwen2.5-vl-7b", "llava-1.5-tiny", "qwen2.5-vl-tiny")
+RANDOM_BLOCK = 1_000_003  # a prime: windows of it never line up with a weight's rows
 
 
 def llava_config(size: str = "7b", vocab_size: int = 32064, image_token_index: int = LLAVA_IMAGE_TOKEN):
@@ -78,10 +87,45 @@ def build(name: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.de
 
     config = config_for(name)
     cls = LlavaForConditionalGeneration if name.startswith("llava") else Qwen2_5_VLForConditionalGeneration
+    return build_from_config(cls, config, dtype, device, seed, fast_init=False)
+
+
+def build_from_config(cls, config, dtype: torch.dtype, device, seed: int = 0, fast_init: bool = False):
+    """``cls`` built from ``config`` with random weights on ``device``, in eval mode. ``fast_init``
+    skips transformers' initialisation and fills the weights with :func:`fill_random_` instead."""
     torch.manual_seed(seed)
-    with torch.device(device):  # initialise on the device: a 7B model never touches host memory
+    if not fast_init:
+        with torch.device(device):  # initialise on the device: a 7B model never touches host memory
+            return cls._from_config(config, dtype=dtype).eval()
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights(), torch.device(device):  # parameters allocated, not drawn; buffers computed
         model = cls._from_config(config, dtype=dtype)
-    return model.eval()
+    return fill_random_(model, seed).eval()
+
+
+@torch.no_grad()
+def fill_random_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights at the cost of a copy: every matrix (and 1-D embedding) is a window of one
+    block of ``RANDOM_BLOCK`` normal samples at a random offset, scaled by ``1/sqrt(fan_in)`` so
+    activations keep their size through the layers; norm weights are 1 and biases 0. Different
+    inputs give different, non-degenerate outputs, which is all a timing or a demo needs."""
+    g = torch.Generator().manual_seed(seed)
+    normal = torch.randn(RANDOM_BLOCK, generator=g)
+    blocks = {}  # the block in each parameter dtype, converted once
+    for name, p in model.named_parameters():
+        if p.dim() == 1 and "embed" not in name:
+            p.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
+            continue
+        block = blocks.setdefault(p.dtype, normal.to(p.dtype))
+        n = p.numel()
+        offset = int(torch.randint(0, RANDOM_BLOCK, (), generator=g))
+        p.copy_(block.repeat(-(-(n + offset) // RANDOM_BLOCK))[offset: offset + n].view(p.shape))
+        if p.dim() > 1:
+            p.mul_(p[0].numel() ** -0.5)
+    return model
 
 
 def dummy_inputs(name: str, batch: int, text_tokens: int = 32, device="cpu", dtype=torch.bfloat16, seed: int = 0):

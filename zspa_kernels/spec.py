@@ -25,7 +25,7 @@ SCALE_EXP_MIN, SCALE_EXP_MAX = -126, 126
 DEFAULT_CORE_RATIO = 0.5      # the paper tunes alpha per dataset; 0.5 is this package's choice
 RELEVANCE_MODES = ("mean", "max")
 # Implementations of the op; "auto" picks one of them per device (see dispatch.py).
-BACKENDS = ("reference", "triton", "cuda")
+BACKENDS = ("reference", "cpu", "triton", "cuda")
 BACKEND_CHOICES = ("auto",) + BACKENDS
 BACKEND_ENV = "ZSPA_BACKEND"
 # The kernels index the (B, k) output and the picks with 32-bit integers.

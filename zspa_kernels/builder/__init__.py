@@ -5,8 +5,8 @@ their flags; ``cache`` the cache folders and the lock; ``extension`` compiles an
 """
 from .arch import arch_list, gencode_flags
 from .errors import BuildFailed, CudaToolkitMissing
-from .extension import CUDA_EXTENSION, Extension, build, is_loaded, load, status
+from .extension import CPU_EXTENSION, CUDA_EXTENSION, Extension, build, is_loaded, load, status
 from .toolkit import cmake_args, find_cuda_home
 
-__all__ = ["Extension", "CUDA_EXTENSION", "build", "load", "is_loaded", "status", "cmake_args",
+__all__ = ["Extension", "CUDA_EXTENSION", "CPU_EXTENSION", "build", "load", "is_loaded", "status", "cmake_args",
            "find_cuda_home", "arch_list", "gencode_flags", "BuildFailed", "CudaToolkitMissing"]

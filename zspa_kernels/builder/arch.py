@@ -1,7 +1,9 @@
 """Target GPU architectures and the nvcc flags for them."""
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 import re
 
 import torch
@@ -43,3 +45,14 @@ def gencode_flags(archs: list[str]) -> list[str]:
 def arch_tag(archs: list[str]) -> str:
     """``sm80-sm90a-sm90ptx``: the architectures in a folder name."""
     return "-".join("sm" + a.replace(".", "").replace("+PTX", "ptx") for a in archs)
+
+
+def cpu_tag() -> str:
+    """A hash of this CPU's architecture and feature flags: a library compiled with
+    ``-march=native`` is only loaded on a CPU with the same features."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]

@@ -27,7 +27,7 @@ from typing import Iterator, Optional
 import torch
 
 from ..version import __version__
-from .arch import arch_list, arch_tag, gencode_flags
+from .arch import arch_list, arch_tag, cpu_tag, gencode_flags
 from .cache import build_lock, cache_root, configured_root, fallback_root, is_up_to_date
 from .errors import BuildFailed
 from .toolkit import ninja_path, nvidia_wheel_include_dirs, require_cuda_home
@@ -41,6 +41,7 @@ class Extension:
     source_list: str              # relative to csrc/: "sources.txt", "cpu/sources.txt"
     cuda: bool                    # nvcc and CUDA flags, per-architecture binaries
     cflags: tuple[str, ...] = ("-O3",)
+    ldflags: tuple[str, ...] = ()
     cuda_cflags: tuple[str, ...] = ("-O3", "-lineinfo")
     csrc: Optional[Path] = None   # where the source lists live; default the package's csrc/
 
@@ -64,11 +65,16 @@ class Extension:
 
 
 CUDA_EXTENSION = Extension("zspa_cuda", "sources.txt", cuda=True)
+# The CPU backend's kernels: tuned for the CPU they are built on (AVX-512 or AVX2+F16C dot
+# products), at::parallel_for over OpenMP threads.
+CPU_EXTENSION = Extension("zspa_cpu", "cpu/sources.txt", cuda=False, cflags=("-O3", "-march=native", "-fopenmp"),
+                          ldflags=("-fopenmp",))
 
 
 def cache_key(ext: Extension, archs: list[str]) -> str:
     """Folder name that changes with every input that changes the binary."""
-    device = f"cuda{torch.version.cuda}-{arch_tag(archs)}" if ext.cuda else "cpu"
+    native = "-march=native" in ext.cflags
+    device = f"cuda{torch.version.cuda}-{arch_tag(archs)}" if ext.cuda else ("cpu-" + cpu_tag() if native else "cpu")
     return re.sub(r"[^A-Za-z0-9._+-]", "_", f"{ext.name}-{__version__}-torch{torch.__version__}-{device}")
 
 
@@ -138,6 +144,7 @@ def _compile(ext: Extension, directory: Path, archs: list[str], cuda_home: Optio
                 name=ext.name,
                 sources=[str(s) for s in ext.source_files()],
                 extra_cflags=list(ext.cflags),
+                extra_ldflags=list(ext.ldflags),
                 extra_include_paths=[str(ext.source_dir()), *(nvidia_wheel_include_dirs() if ext.cuda else [])],
                 build_directory=str(directory),
                 with_cuda=ext.cuda,
@@ -193,7 +200,9 @@ def status(ext: Extension = CUDA_EXTENSION) -> str:
         return f"cannot build: {exc}"
     if built:
         return f"compiled ({built})"
-    return "not compiled yet (`zspa build`, or the first call, compiles it)"
+    if ext.cuda:
+        return "not compiled yet (`zspa build`, or the first call, compiles it)"
+    return "not compiled yet (the first call compiles it, about 20 s)"
 
 
 _loaded: dict[str, Path] = {}  # extension name -> library loaded into this process

@@ -1,0 +1,331 @@
+// CPU kernels of the ZSPAPrune selection (SPEC §1), driven by zspa_kernels/cpu.py.
+//
+//   zspa::cpu_unit_tokens(visual, prompt_units, prompt_valid, ...) -> (unit16, relevance, finite)
+//       one pass over the tokens: fp32 norm (scaled by max|v|, so no finite token overflows),
+//       the relevance dots against the prompt's unit vectors in fp32, and the unit token
+//       stored in fp16 for the greedy steps.
+//   zspa::cpu_greedy(unit16, relevance, finite, k_b, k_core, seed, k, ...) -> order
+//       per row: core = top k_core relevance (ties: lower index), similarity to the core,
+//       then k_b - k_core dependent steps, each ONE pass over the row's fp16 tokens that
+//       updates the running max similarity and finds the next argmin in the same sweep.
+//
+// Threads: rows in parallel when there are at least as many rows as threads; otherwise a row
+// larger than kSplitBytes has each pass split over token chunks, the chunk minima reduced in
+// chunk order, so the first minimum (lower index) wins exactly as in a serial scan.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__F16C__) && defined(__FMA__))
+#include <immintrin.h>
+#endif
+
+namespace {
+
+using at::Half;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr int64_t kSplitBytes = 8 << 20;  // fp16 tokens of one row above which a sweep is split
+
+// ---- fp16 <-> fp32 and the fp16 x fp32 dot product (fp32 accumulation) ----------------------
+
+void to_half(const float* src, Half* dst, int64_t D) {
+  int64_t d = 0;
+#if defined(__AVX512F__)
+  for (; d + 16 <= D; d += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d),
+                        _mm512_cvtps_ph(_mm512_loadu_ps(src + d), _MM_FROUND_TO_NEAREST_INT));
+#elif defined(__F16C__)
+  for (; d + 8 <= D; d += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + d),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + d), _MM_FROUND_TO_NEAREST_INT));
+#endif
+  for (; d < D; ++d) dst[d] = Half(src[d]);
+}
+
+void to_float(const Half* src, float* dst, int64_t D) {
+  int64_t d = 0;
+#if defined(__AVX512F__)
+  for (; d + 16 <= D; d += 16)
+    _mm512_storeu_ps(dst + d, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + d))));
+#elif defined(__F16C__)
+  for (; d + 8 <= D; d += 8)
+    _mm256_storeu_ps(dst + d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d))));
+#endif
+  for (; d < D; ++d) dst[d] = static_cast<float>(src[d]);
+}
+
+// The same arithmetic for every token (fixed lane split, fixed reduction order), so equal
+// tokens get bit-identical similarities and exact ties stay exact.
+float dot(const Half* a, const float* b, int64_t D) {
+  int64_t d = 0;
+  float tail = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  for (; d + 32 <= D; d += 32) {
+    acc0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + d))),
+                           _mm512_loadu_ps(b + d), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + d + 16))),
+                           _mm512_loadu_ps(b + d + 16), acc1);
+  }
+  for (; d + 16 <= D; d += 16)
+    acc0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + d))),
+                           _mm512_loadu_ps(b + d), acc0);
+  tail = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; d + 16 <= D; d += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + d))),
+                           _mm256_loadu_ps(b + d), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + d + 8))),
+                           _mm256_loadu_ps(b + d + 8), acc1);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_add_ps(acc0, acc1));
+  for (float lane : lanes) tail += lane;
+#endif
+  for (; d < D; ++d) tail += static_cast<float>(a[d]) * b[d];
+  return tail;
+}
+
+// sims[t] = max(sims[t], a_t . q_0, ..., a_t . q_3) for `tokens` (1 or 4) consecutive fp16 rows a_t
+// and four consecutive fp32 rows q: the core's similarities are a small GEMM, compute-bound, so
+// each loaded vector feeds several FMAs. Every (token, query) pair runs the same sequence of
+// operations whatever the tile, so equal tokens keep bit-identical similarities.
+void max_dots_4q(const Half* a, const float* q, int64_t D, int tokens, float* sims) {
+#if defined(__AVX512F__)
+  constexpr int kT = 4;
+  __m512 acc[kT][4];
+  for (int t = 0; t < kT; ++t)
+    for (int r = 0; r < 4; ++r) acc[t][r] = _mm512_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    __m512 x[kT];
+    for (int t = 0; t < tokens; ++t)
+      x[t] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + t * D + d)));
+    for (int r = 0; r < 4; ++r) {
+      const __m512 y = _mm512_loadu_ps(q + r * D + d);
+      for (int t = 0; t < tokens; ++t) acc[t][r] = _mm512_fmadd_ps(x[t], y, acc[t][r]);
+    }
+  }
+  for (int t = 0; t < tokens; ++t)
+    for (int r = 0; r < 4; ++r) {
+      float sum = _mm512_reduce_add_ps(acc[t][r]);
+      for (int64_t e = d; e < D; ++e) sum += static_cast<float>(a[t * D + e]) * q[r * D + e];
+      sims[t] = std::max(sims[t], sum);
+    }
+#else
+  for (int t = 0; t < tokens; ++t)
+    for (int r = 0; r < 4; ++r) sims[t] = std::max(sims[t], dot(a + t * D, q + r * D, D));
+#endif
+}
+
+// ---- pass 1: unit tokens, relevance, finiteness ---------------------------------------------
+
+template <typename scalar_t>
+void unit_tokens_kernel(const at::Tensor& visual, const at::Tensor& prompt_units, const at::Tensor& prompt_valid,
+                        at::Tensor& unit16, at::Tensor& relevance, at::Tensor& finite, double norm_eps,
+                        double nonfinite_relevance, int64_t scale_exp_min, int64_t scale_exp_max) {
+  const int64_t B = visual.size(0), N = visual.size(1), D = visual.size(2), T = prompt_units.size(1);
+  const scalar_t* x = visual.data_ptr<scalar_t>();
+  const float* p = prompt_units.data_ptr<float>();
+  const bool* valid = prompt_valid.data_ptr<bool>();
+  Half* u = unit16.data_ptr<Half>();
+  float* r = relevance.data_ptr<float>();
+  bool* ok = finite.data_ptr<bool>();
+  at::parallel_for(0, B * N, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(D);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / N;
+      float scale = 0.f, poison = 0.f;  // poison: 0 unless some feature is NaN or +-inf (x * 0)
+      for (int64_t d = 0; d < D; ++d) row[d] = static_cast<float>(x[i * D + d]);
+#pragma omp simd reduction(max : scale) reduction(+ : poison)
+      for (int64_t d = 0; d < D; ++d) {
+        poison += row[d] * 0.f;
+        scale = std::max(scale, std::fabs(row[d]));
+      }
+      const bool is_finite = poison == 0.f;
+      ok[i] = is_finite;
+      // As the reference (spec.py): y = x * 2^-e with max|x| = m * 2^e (exact, e clamped to the
+      // spec's range), unit = y / max(||y||, eps * 2^-e). Neither the squares nor the norm can
+      // overflow, whatever the token's magnitude; the clamp is the spec's 1e-6 in x's units.
+      float norm = 0.f, pow2 = 1.f;  // a non-finite token becomes a zero vector; so does a zero vector
+      if (is_finite && scale > 0.f) {
+        int e = 0;
+        std::frexp(scale, &e);
+        pow2 = std::ldexp(1.f, -static_cast<int>(std::min<int64_t>(std::max<int64_t>(e, scale_exp_min), scale_exp_max)));
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t d = 0; d < D; ++d) sum += (row[d] * pow2) * (row[d] * pow2);
+        norm = std::max(std::sqrt(sum), float(norm_eps) * pow2);
+      }
+      for (int64_t d = 0; d < D; ++d) row[d] = norm > 0.f ? (row[d] * pow2) / norm : 0.f;
+      to_half(row.data(), u + i * D, D);
+      float best = -kInf;
+      bool any = false;
+      for (int64_t t = 0; t < T; ++t) {
+        if (!valid[b * T + t]) continue;
+        any = true;
+        const float* pt = p + (b * T + t) * D;
+        float s = 0.f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t d = 0; d < D; ++d) s += row[d] * pt[d];
+        best = std::max(best, s);
+      }
+      r[i] = !is_finite ? float(nonfinite_relevance) : (any ? best : 0.f);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_unit_tokens(const at::Tensor& visual, const at::Tensor& prompt_units,
+                                                               const at::Tensor& prompt_valid, double norm_eps,
+                                                               double nonfinite_relevance, int64_t scale_exp_min,
+                                                               int64_t scale_exp_max) {
+  TORCH_CHECK(visual.dim() == 3 && visual.is_contiguous(), "visual: expected a contiguous (B, N, D) tensor");
+  TORCH_CHECK(prompt_units.scalar_type() == at::kFloat && prompt_units.is_contiguous() &&
+                  prompt_units.size(0) == visual.size(0) && prompt_units.size(2) == visual.size(2),
+              "prompt_units: expected contiguous fp32 (B, T, D)");
+  TORCH_CHECK(prompt_valid.scalar_type() == at::kBool && prompt_valid.is_contiguous(),
+              "prompt_valid: expected contiguous bool (B, T)");
+  auto unit16 = at::empty(visual.sizes(), visual.options().dtype(at::kHalf));
+  auto relevance = at::empty({visual.size(0), visual.size(1)}, visual.options().dtype(at::kFloat));
+  auto finite = at::empty({visual.size(0), visual.size(1)}, visual.options().dtype(at::kBool));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, visual.scalar_type(), "cpu_unit_tokens", [&] {
+    unit_tokens_kernel<scalar_t>(visual, prompt_units, prompt_valid, unit16, relevance, finite, norm_eps,
+                                 nonfinite_relevance, scale_exp_min, scale_exp_max);
+  });
+  return {unit16, relevance, finite};
+}
+
+// ---- pass 2: core, then the greedy chain ------------------------------------------------------
+
+struct Best {
+  float score;
+  int64_t index;
+};
+
+// s[i] <- max(s[i], max_q u_i . q) over the untaken finite tokens of [begin, end); returns their
+// first minimum. Taken tokens hold +inf and non-finite ones the fixed "most redundant" score.
+Best update_range(const Half* u, const bool* finite, float* s, const float* queries, int64_t n_queries, int64_t D,
+                  int64_t begin, int64_t end) {
+  Best best{kInf, -1};
+  const int64_t q4 = n_queries / 4 * 4;
+  for (int64_t i = begin; i < end;) {
+    const int tokens = (q4 > 0 && i + 4 <= end) ? 4 : 1;  // 4-token tiles for the core's many queries
+    float sims[4] = {-kInf, -kInf, -kInf, -kInf};
+    for (int64_t q = 0; q < q4; q += 4) max_dots_4q(u + i * D, queries + q * D, D, tokens, sims);
+    for (int t = 0; t < tokens; ++t, ++i) {
+      if (s[i] != kInf && finite[i]) {
+        float sim = std::max(s[i], sims[t]);
+        for (int64_t q = q4; q < n_queries; ++q) sim = std::max(sim, dot(u + i * D, queries + q * D, D));
+        s[i] = sim;
+      }
+      if (s[i] < best.score || best.index < 0) best = {s[i], i};
+    }
+  }
+  return best;
+}
+
+// One pass over a row, split over token chunks when `split` (the chunks' minima reduced in
+// order: the first minimum wins, as in one serial scan).
+int64_t update(const Half* u, const bool* finite, float* s, const float* queries, int64_t n_queries, int64_t n,
+               int64_t D, bool split) {
+  if (!split) return update_range(u, finite, s, queries, n_queries, D, 0, n).index;
+  const int64_t chunks = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, n / 64));
+  std::vector<Best> partial(chunks);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c)
+      partial[c] = update_range(u, finite, s, queries, n_queries, D, n * c / chunks, n * (c + 1) / chunks);
+  });
+  Best best = partial[0];
+  for (const Best& p : partial)
+    if (p.score < best.score) best = p;
+  return best.index;
+}
+
+void greedy_row(const Half* u, const float* r, const bool* finite, const float* seed, int64_t n, int64_t D,
+                int64_t k_b, int64_t k_core, float nonfinite_similarity, int64_t* order, bool split) {
+  std::vector<float> s(n);
+  std::vector<float> queries;
+  int64_t next;
+  if (k_core > 0) {
+    std::vector<int64_t> idx(n);
+    std::iota(idx.begin(), idx.end(), 0);
+    std::partial_sort(idx.begin(), idx.begin() + k_core, idx.end(),
+                      [&](int64_t a, int64_t b) { return r[a] > r[b] || (r[a] == r[b] && a < b); });
+    queries.resize(k_core * D);
+    for (int64_t c = 0; c < k_core; ++c) {
+      order[c] = idx[c];
+      to_float(u + idx[c] * D, queries.data() + c * D, D);
+    }
+    for (int64_t i = 0; i < n; ++i) s[i] = finite[i] ? -kInf : nonfinite_similarity;
+    for (int64_t c = 0; c < k_core; ++c) s[idx[c]] = kInf;
+    if (k_core == k_b) return;
+    next = update(u, finite, s.data(), queries.data(), k_core, n, D, split);
+  } else {  // no core: the most isolated token (its score computed by the caller) seeds the chain
+    next = 0;
+    for (int64_t i = 1; i < n; ++i)
+      if (seed[i] < seed[next]) next = i;
+    for (int64_t i = 0; i < n; ++i) s[i] = finite[i] ? -kInf : nonfinite_similarity;
+  }
+  queries.resize(D);
+  for (int64_t t = k_core; t < k_b; ++t) {
+    order[t] = next;
+    s[next] = kInf;
+    if (t + 1 == k_b) break;
+    to_float(u + next * D, queries.data(), D);
+    next = update(u, finite, s.data(), queries.data(), 1, n, D, split);
+  }
+}
+
+at::Tensor cpu_greedy(const at::Tensor& unit16, const at::Tensor& relevance, const at::Tensor& finite,
+                      const at::Tensor& n_valid, const at::Tensor& k_b, const at::Tensor& k_core,
+                      const c10::optional<at::Tensor>& seed, int64_t k, double nonfinite_similarity) {
+  TORCH_CHECK(unit16.scalar_type() == at::kHalf && unit16.dim() == 3 && unit16.is_contiguous(),
+              "unit16: expected contiguous fp16 (B, N, D)");
+  const int64_t B = unit16.size(0), N = unit16.size(1), D = unit16.size(2);
+  for (const auto* t : {&n_valid, &k_b, &k_core})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->numel() == B, "row sizes: expected int64 (B,)");
+  auto order = at::full({B, k}, -1, unit16.options().dtype(at::kLong));
+  const Half* u = unit16.data_ptr<Half>();
+  const float* r = relevance.data_ptr<float>();
+  const bool* ok = finite.data_ptr<bool>();
+  const float* seeds = seed.has_value() ? seed->data_ptr<float>() : nullptr;
+  const int64_t *n = n_valid.data_ptr<int64_t>(), *kb = k_b.data_ptr<int64_t>(), *kc = k_core.data_ptr<int64_t>();
+  int64_t* out = order.data_ptr<int64_t>();
+  auto row = [&](int64_t b, bool split) {
+    TORCH_CHECK(kc[b] > 0 || seeds != nullptr, "seed: needed by a row without a core");
+    greedy_row(u + b * N * D, r + b * N, ok + b * N, seeds ? seeds + b * N : nullptr, n[b], D, kb[b], kc[b],
+               float(nonfinite_similarity), out + b * k, split);
+  };
+  if (B >= at::get_num_threads()) {
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) row(b, false);
+    });
+  } else {
+    // Split a sweep over threads only when it streams from beyond the caches: a thread handoff
+    // per dependent step costs little on idle cores but can wait a whole scheduler time slice on
+    // busy ones, and a cache-resident sweep (4.7 MB at N=576, D=4096) is fast on one core.
+    for (int64_t b = 0; b < B; ++b) row(b, n[b] * D * int64_t(sizeof(Half)) > kSplitBytes);
+  }
+  return order;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(zspa, m) {
+  m.def("cpu_unit_tokens(Tensor visual, Tensor prompt_units, Tensor prompt_valid, float norm_eps, "
+        "float nonfinite_relevance, int scale_exp_min, int scale_exp_max) -> (Tensor, Tensor, Tensor)");
+  m.def("cpu_greedy(Tensor unit16, Tensor relevance, Tensor finite, Tensor n_valid, Tensor k_b, Tensor k_core, "
+        "Tensor? seed, int k, float nonfinite_similarity) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(zspa, CPU, m) {
+  m.impl("cpu_unit_tokens", &cpu_unit_tokens);
+  m.impl("cpu_greedy", &cpu_greedy);
+}

@@ -1,0 +1,101 @@
+"""CPU backend (``backend="cpu"``, what ``auto`` runs on CPU tensors): ``csrc/cpu/`` kernels.
+
+What must move, per row of ``n`` tokens of width ``D``, budget ``k_b`` of which ``k_core``
+by relevance, ``g = k_b - k_core`` greedy steps:
+  * one read of the input tokens, in which each token is normalised, dotted with the
+    prompt's unit vector(s) (relevance) and written back as an fp16 unit vector (``2·n·D``
+    bytes: 4.7 MB at N=576, D=4096, which stays in L3);
+  * the core's similarities: ``n x k_core`` dots, the fp16 tokens read once more;
+  * then ``g`` DEPENDENT steps (each needs the previous argmin): one sweep over the fp16
+    tokens that raises each running max similarity and finds the next argmin.
+Floor: ``(g + 2)`` reads of ``2·n·D`` bytes at the bandwidth of the cache level that holds
+them; the steps dominate (31 at LLaVA-1.5 with k=64), so the per-step latency does. The
+PyTorch loops it replaces read fp32 tokens (twice the bytes) through several kernels per step.
+
+Precision: relevance, core order and the isolation seed are fp32 like the reference; the
+greedy similarities are fp32-accumulated dots of fp16-rounded unit vectors. Each unit
+component is off by at most 2^-11 relative, so a cosine is off by at most
+``2·2^-11·Σ|a_i b_i| <= 2^-10``: a pick may differ from fp64 only between candidates whose
+scores are within :data:`GREEDY_TOLERANCE` (the tests replay every pick against fp64).
+
+Threads: rows in parallel when ``B`` is at least the thread count, else each sweep is split
+over token chunks (``at::parallel_for``). The kernels compile on first use, with one line on
+stderr (:mod:`.builder`, ``CPU_EXTENSION``); without a compiler the backend warns once and runs ``reference``.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+
+from .reference import Scaled, ascending_from_order, isolation_scores, scaled_rows, select_tokens_reference_op
+from .spec import (NONFINITE_RELEVANCE, NONFINITE_SIMILARITY, NORM_EPS, SCALE_EXP_MAX, SCALE_EXP_MIN,
+                   may_need_isolation, row_budgets)
+
+GREEDY_TOLERANCE = 2.0**-10
+_unavailable: list[str] = []
+
+
+def kernels_available() -> bool:
+    """Load (building if needed) the CPU kernels; False, with one warning, when they cannot be built."""
+    if _unavailable:
+        return False
+    from . import builder
+
+    try:
+        builder.load(builder.CPU_EXTENSION)
+        return True
+    except (builder.BuildFailed, OSError) as exc:
+        _unavailable.append(str(exc))
+        warnings.warn(f"zspa: backend 'cpu' unavailable ({exc}); using backend 'reference' instead",
+                      RuntimeWarning, stacklevel=3)
+        return False
+
+
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """fp32 ``x / max(‖x‖, NORM_EPS)``, overflow-safe (the reference's scaling); non-finite rows are zero."""
+    scaled = scaled_rows(x)
+    return scaled.rows / scaled.norm
+
+
+def prompt_units(prompt: torch.Tensor, prompt_mask: Optional[torch.Tensor], relevance: str):
+    """fp32 unit prompt vectors ``(B, T', D)`` and which count ``(B, T')``: the mean-pooled valid
+    rows (``T' = 1``) for ``"mean"``, every row under its mask for ``"max"`` (as the reference)."""
+    p = prompt.float() if prompt.dim() == 3 else prompt.float().unsqueeze(1)
+    valid = torch.ones(p.shape[:2], dtype=torch.bool) if prompt_mask is None else prompt_mask
+    if relevance == "mean":
+        count = valid.sum(-1, keepdim=True).clamp_min(1).float()
+        pooled = torch.where(valid.unsqueeze(-1), p, torch.zeros(())).sum(1) / count
+        return unit_rows(pooled).unsqueeze(1).contiguous(), torch.ones(p.shape[0], 1, dtype=torch.bool)
+    return unit_rows(p).contiguous(), valid.contiguous()
+
+
+def select_tokens_cpu(
+    visual: torch.Tensor,
+    prompt: torch.Tensor,
+    k: int,
+    core_ratio: float,
+    lengths: Optional[torch.Tensor],
+    prompt_mask: Optional[torch.Tensor],
+    relevance: str,
+    pick_order: bool,
+) -> torch.Tensor:
+    """Backend entry point of the op: pick order, or ascending kept indices; ``-1`` padded."""
+    if not kernels_available():
+        return select_tokens_reference_op(visual, prompt, k, core_ratio, lengths, prompt_mask, relevance, pick_order)
+    B, N, _ = visual.shape
+    p_hat, p_valid = prompt_units(prompt, prompt_mask, relevance)
+    unit16, scores, finite = torch.ops.zspa.cpu_unit_tokens(visual.contiguous(), p_hat, p_valid, NORM_EPS,
+                                                            NONFINITE_RELEVANCE, SCALE_EXP_MIN, SCALE_EXP_MAX)
+    n = [N] * B if lengths is None else lengths.clamp(1, N).tolist()
+    budgets = [row_budgets(k, core_ratio, n_b) for n_b in n]
+    seed = None
+    if may_need_isolation(k, core_ratio, N, lengths is not None):  # a row may start from its most isolated token
+        usable = finite & (torch.arange(N) < torch.tensor(n).unsqueeze(1))
+        units = unit16.float()  # already unit rows: norms of one
+        seed = isolation_scores(Scaled(units, torch.ones_like(units[..., :1]), finite), usable)
+        seed.masked_fill_(~finite, NONFINITE_SIMILARITY)
+    order = torch.ops.zspa.cpu_greedy(unit16, scores, finite, torch.tensor(n), torch.tensor([b[0] for b in budgets]),
+                                      torch.tensor([b[1] for b in budgets]), seed, k, NONFINITE_SIMILARITY)
+    return order if pick_order else ascending_from_order(order, N)
