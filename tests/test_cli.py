@@ -17,7 +17,7 @@ def test_info_lists_the_backends_dispatch_says_are_available(capsys, monkeypatch
         backends = out.split("backends:\n", 1)[1]
         triton_state = next(line for line in backends.splitlines() if line.startswith("  triton ")).split()[1]
         assert (triton_state == "available") == ("triton" in available_backends(device)), out
-        assert f"auto        -> {'triton' if device.type == 'cuda' else 'reference'}" in out
+        assert f"auto        -> {'triton' if device.type == 'cuda' else 'cpu'}" in out
 
 
 def test_bench_rejects_an_unknown_shape():

@@ -13,8 +13,8 @@ CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("env, keyword, expected", [
-    (None, "auto", "reference"),          # auto on CPU
-    ("", "auto", "reference"),            # empty ZSPA_BACKEND means unset
+    (None, "auto", "cpu"),                # auto on CPU
+    ("", "auto", "cpu"),                  # empty ZSPA_BACKEND means unset
     ("reference", "auto", "reference"),
     ("triton", "reference", "reference"),  # the keyword wins over the environment
 ])
@@ -41,10 +41,10 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
 
 def test_available_backends_follow_the_device_and_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert dispatch.available_backends(CPU) == ["reference"]
+    assert dispatch.available_backends(CPU) == ["reference", "cpu"]
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert dispatch.available_backends(CPU) == ["reference", "triton"]
-    assert dispatch.available_backends(torch.device("cuda")) == list(BACKENDS)
+    assert dispatch.available_backends(CPU) == ["reference", "cpu", "triton"]
+    assert dispatch.available_backends(torch.device("cuda")) == [b for b in BACKENDS if b != "cpu"]
 
 
 def test_every_backend_has_an_entry_point():

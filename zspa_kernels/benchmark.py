@@ -21,7 +21,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from . import baselines
-from .dispatch import available_backends
+from .dispatch import available_backends, resolve_backend
 from .spec import BACKENDS, DEFAULT_CORE_RATIO, core_count, keep_budget, keep_label
 
 CORE_RATIO = DEFAULT_CORE_RATIO
@@ -61,8 +61,11 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
 
 def backends_here(device: torch.device) -> list[str]:
     """Backends worth timing on ``device``: available (:func:`dispatch.available_backends`), and
-    compiled (Triton under the CPU interpreter is correct but thousands of times slower)."""
-    return [b for b in available_backends(device) if b != "triton" or device.type == "cuda"]
+    compiled (Triton under the CPU interpreter is correct but thousands of times slower); the one
+    ``auto`` runs there comes first."""
+    names = [b for b in available_backends(device) if b != "triton" or device.type == "cuda"]
+    auto = resolve_backend("auto", device)
+    return sorted(names, key=lambda name: name != auto)
 
 
 def implementations(device: torch.device) -> list[str]:
