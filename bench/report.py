@@ -147,8 +147,10 @@ def main(argv=None) -> int:
              f"Timer: {', '.join(sorted({r['timer'] for r in records}))}."]
     if "load_average_1min" in env:
         low, high = env["load_average_1min"]
-        lines += ["", f"**A shared CPU**: its 1-minute load average was {low:.1f} to {high:.1f} during the run "
-                  f"({env['device'].split(' x')[-1]}); other jobs' work inflates and scatters these timings."]
+        threads = env["device"].split(" x")[-1]  # "2 threads"
+        lines += ["", f"**CPU load**: the 1-minute load average was {low:.1f} to {high:.1f} during the run "
+                  f"({threads}; the benchmark's own threads count, so up to that many means an otherwise idle "
+                  "machine; above it, other jobs' work inflates and scatters these timings)."]
     lines += [""]
     lines += micro_table(records)
     timed = [i for i in IMPL_ORDER if any(r["impl"] == i for r in records)]
