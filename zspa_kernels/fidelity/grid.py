@@ -26,6 +26,7 @@ from typing import Callable, Sequence, Union
 import torch
 
 from .. import benchmark as hb
+from ..integrations.transformers import kv_cache
 from ..models import cache_bytes
 from ..spec import check_keep
 
@@ -172,7 +173,7 @@ def measure_pass(model, batches: Sequence[list], encode: Callable[[list], dict],
 
         prefill_ms += hb.wall_median_ms(prefill, device)
         out = last.pop("out")
-        kv += cache_bytes(out.past_key_values)
+        kv += cache_bytes(kv_cache(out))
         if handle is not None:
             kept += sum(s.order.shape[0] for s in handle.last_selection)
             visual += sum(s.n_tokens for s in handle.last_selection)
