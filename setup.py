@@ -40,13 +40,13 @@ setup(
     package_dir={"zspa_kernels.csrc": "csrc"},
     package_data={"zspa_kernels.csrc": ["*.cu", "*.cuh", "*.h", "*.cpp", "sources.txt", "cpu/*.cpp", "cpu/sources.txt"]},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
+    # ninja: the C++ kernels (csrc/cpu, what auto runs on CPU tensors; csrc/ for CUDA) build on first use.
+    install_requires=["torch>=2.4", "numpy", "ninja"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "transformers", "scikit-image", "matplotlib", "tqdm", "ninja"],
+        "test": ["pytest", "pytest-benchmark", "transformers", "scikit-image", "matplotlib", "tqdm"],
         "hf": ["transformers"],
         "demo": ["transformers", "scikit-image", "matplotlib", "tqdm"],
         "bench": ["pytest-benchmark", "matplotlib"],
-        "cuda": ["ninja"],
     },
     entry_points={"console_scripts": ["zspa=zspa_kernels.cli:main"]},
     **cuda_extension(),
