@@ -71,9 +71,8 @@ def measure(model, inputs: dict, device, new_tokens: int, repeats: int) -> dict:
     """Prefill, TTFT, decode throughput, peak memory and KV bytes of one configuration."""
     B = inputs["input_ids"].shape[0]
     with torch.no_grad():
-        # logits_to_keep=1: the prefill that generate() runs (no logits for the prompt's tokens).
-        prefill = hb.wall_median_ms(lambda: model(**inputs, use_cache=True, logits_to_keep=1), device, repeats)
-        kv = models.cache_bytes(kv_cache(model(**inputs, use_cache=True, logits_to_keep=1)))
+        prefill = hb.wall_median_ms(lambda: models.prefill(model, inputs), device, repeats)
+        kv = models.cache_bytes(kv_cache(models.prefill(model, inputs)))
         _generate_timed(model, inputs, device, 2)  # warm-up of the decode path
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

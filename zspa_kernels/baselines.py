@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from .spec import NORM_EPS, row_budgets
+from .spec import DEFAULT_CORE_RATIO, NORM_EPS, row_budgets
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -35,7 +35,7 @@ def _core(v_hat: torch.Tensor, prompt: torch.Tensor, k_core: int) -> torch.Tenso
     return torch.sort(relevance, dim=1, descending=True, stable=True).indices[:, :k_core]
 
 
-def divprune_loop(visual: torch.Tensor, prompt: torch.Tensor, k: int, core_ratio: float = 0.5) -> torch.Tensor:
+def divprune_loop(visual: torch.Tensor, prompt: torch.Tensor, k: int, core_ratio: float = DEFAULT_CORE_RATIO) -> torch.Tensor:
     """DivPrune-style selection: per row, a full distance matrix and a re-indexing loop."""
     B, N, _ = visual.shape
     k_b, k_core = row_budgets(k, core_ratio, N)
@@ -58,7 +58,7 @@ def divprune_loop(visual: torch.Tensor, prompt: torch.Tensor, k: int, core_ratio
     return order
 
 
-def torch_loop(visual: torch.Tensor, prompt: torch.Tensor, k: int, core_ratio: float = 0.5) -> torch.Tensor:
+def torch_loop(visual: torch.Tensor, prompt: torch.Tensor, k: int, core_ratio: float = DEFAULT_CORE_RATIO) -> torch.Tensor:
     """Running-min selection in batched PyTorch: one ``(B, N, D) x (B, D)`` pass per pick."""
     B, N, _ = visual.shape
     k_b, k_core = row_budgets(k, core_ratio, N)
@@ -95,7 +95,7 @@ class TorchLoopGraph:
     by the next call): clone it to keep it.
     """
 
-    def __init__(self, visual: torch.Tensor, prompt: torch.Tensor, k: int, core_ratio: float = 0.5):
+    def __init__(self, visual: torch.Tensor, prompt: torch.Tensor, k: int, core_ratio: float = DEFAULT_CORE_RATIO):
         if visual.device.type != "cuda":
             raise ValueError(f"visual: CUDA graphs need CUDA tensors, got {visual.device}")
         self.visual, self.prompt = visual.clone(), prompt.clone()

@@ -29,9 +29,9 @@ from typing import Optional
 
 import torch
 
-from .reference import Scaled, ascending_from_order, isolation_scores, scaled_rows, select_tokens_reference_op
-from .spec import (NONFINITE_RELEVANCE, NONFINITE_SIMILARITY, NORM_EPS, SCALE_EXP_MAX, SCALE_EXP_MIN,
-                   may_need_isolation, row_budgets)
+from .reference import (Scaled, ascending_from_order, isolation_scores, mean_pool, row_budgets, scaled_rows,
+                        select_tokens_reference_op)
+from .spec import NONFINITE_RELEVANCE, NONFINITE_SIMILARITY, NORM_EPS, SCALE_EXP_MAX, SCALE_EXP_MIN, may_need_isolation
 
 GREEDY_TOLERANCE = 2.0**-10
 _unavailable: list[str] = []
@@ -65,9 +65,7 @@ def prompt_units(prompt: torch.Tensor, prompt_mask: Optional[torch.Tensor], rele
     p = prompt.float() if prompt.dim() == 3 else prompt.float().unsqueeze(1)
     valid = torch.ones(p.shape[:2], dtype=torch.bool) if prompt_mask is None else prompt_mask
     if relevance == "mean":
-        count = valid.sum(-1, keepdim=True).clamp_min(1).float()
-        pooled = torch.where(valid.unsqueeze(-1), p, torch.zeros(())).sum(1) / count
-        return unit_rows(pooled).unsqueeze(1).contiguous(), torch.ones(p.shape[0], 1, dtype=torch.bool)
+        return unit_rows(mean_pool(p, valid)).unsqueeze(1).contiguous(), torch.ones(p.shape[0], 1, dtype=torch.bool)
     return unit_rows(p).contiguous(), valid.contiguous()
 
 
@@ -88,14 +86,13 @@ def select_tokens_cpu(
     p_hat, p_valid = prompt_units(prompt, prompt_mask, relevance)
     unit16, scores, finite = torch.ops.zspa.cpu_unit_tokens(visual.contiguous(), p_hat, p_valid, NORM_EPS,
                                                             NONFINITE_RELEVANCE, SCALE_EXP_MIN, SCALE_EXP_MAX)
-    n = [N] * B if lengths is None else lengths.clamp(1, N).tolist()
-    budgets = [row_budgets(k, core_ratio, n_b) for n_b in n]
+    n = torch.full((B,), N, dtype=torch.long) if lengths is None else lengths.long().clamp(1, N)
+    k_b, k_core = row_budgets(k, core_ratio, n, N)
     seed = None
     if may_need_isolation(k, core_ratio, N, lengths is not None):  # a row may start from its most isolated token
-        usable = finite & (torch.arange(N) < torch.tensor(n).unsqueeze(1))
         units = unit16.float()  # already unit rows: norms of one
-        seed = isolation_scores(Scaled(units, torch.ones_like(units[..., :1]), finite), usable)
+        seed = isolation_scores(Scaled(units, torch.ones_like(units[..., :1]), finite),
+                                finite & (torch.arange(N) < n.unsqueeze(1)))
         seed.masked_fill_(~finite, NONFINITE_SIMILARITY)
-    order = torch.ops.zspa.cpu_greedy(unit16, scores, finite, torch.tensor(n), torch.tensor([b[0] for b in budgets]),
-                                      torch.tensor([b[1] for b in budgets]), seed, k, NONFINITE_SIMILARITY)
+    order = torch.ops.zspa.cpu_greedy(unit16, scores, finite, n, k_b, k_core, seed, k, NONFINITE_SIMILARITY)
     return order if pick_order else ascending_from_order(order, N)

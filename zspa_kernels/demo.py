@@ -29,6 +29,7 @@ import zspa_kernels
 from zspa_kernels import benchmark as hb
 from zspa_kernels import models
 from zspa_kernels.integrations.transformers import kv_cache
+from zspa_kernels.spec import DEFAULT_CORE_RATIO
 
 SIZES = ("3b", "tiny")
 REPEATS = 3  # timed rounds after the warm-up, median: a CPU's prefill time swings with the machine's load
@@ -91,11 +92,6 @@ def load(model_path, device, dtype, size: str = "tiny"):
     return model.eval(), processor
 
 
-def _prefill(model, inputs):
-    with torch.no_grad():
-        return model(**inputs, use_cache=True, logits_to_keep=1)
-
-
 class _PrefillClock:
     """Times whole prefills and, inside them, the language model's share (from its pre-hook,
     installed before any pruning hook so that the pruned share includes the selection)."""
@@ -115,7 +111,7 @@ class _PrefillClock:
         """``(prefill ms, language-model ms)`` of one prefill."""
         hb.synchronize(self.device)
         t0 = time.perf_counter()
-        _prefill(self.model, inputs)
+        models.prefill(self.model, inputs)
         hb.synchronize(self.device)
         end = time.perf_counter()
         return 1e3 * (end - t0), 1e3 * (end - self.lm_start)
@@ -142,7 +138,7 @@ def _timed_selection_prefill(model, inputs, device) -> tuple[int, float]:
             return out
 
     with SelectionClock() as clock:
-        kv = models.cache_bytes(kv_cache(_prefill(model, inputs)))
+        kv = models.cache_bytes(kv_cache(models.prefill(model, inputs)))
     return kv, clock.ms
 
 
@@ -182,7 +178,7 @@ def _bytes(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
-def run(out: str, model_path=None, keep: int = 64, core_ratio: float = 0.5, size: str = "3b") -> int:
+def run(out: str, model_path=None, keep: int = 64, core_ratio: float = DEFAULT_CORE_RATIO, size: str = "3b") -> int:
     from skimage import data
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -225,7 +221,7 @@ def run(out: str, model_path=None, keep: int = 64, core_ratio: float = 0.5, size
                                                                     backend=backend) for backend in backends}
     selections, kv_bytes, sel_ms = {}, {}, {}
     with _step(f"[{next(step)}/{steps}] warm-up: one prefill unpruned, one per backend ({', '.join(backends)})"):
-        kv_bytes["unpruned"] = models.cache_bytes(kv_cache(_prefill(model, inputs)))
+        kv_bytes["unpruned"] = models.cache_bytes(kv_cache(models.prefill(model, inputs)))
         for backend in backends:
             with pruning[backend]() as handle:
                 kv_bytes[backend], sel_ms[backend] = _timed_selection_prefill(model, inputs, device)

@@ -148,6 +148,13 @@ def dummy_inputs(name: str, batch: int, text_tokens: int = 32, device="cpu", dty
     return {key: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for key, v in inputs.items()}
 
 
+@torch.no_grad()
+def prefill(model, inputs: dict):
+    """The prefill that ``generate()`` runs: the prompt into a fresh KV cache, logits for its last
+    position only. The demo, ``zspa fidelity`` and the e2e benchmark all time this call."""
+    return model(**inputs, use_cache=True, logits_to_keep=1)
+
+
 def cache_bytes(past_key_values) -> int:
     """Bytes held by a transformers KV cache (keys and values of every layer)."""
     total = 0

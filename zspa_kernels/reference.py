@@ -70,6 +70,13 @@ def cosines(a: Scaled, b: Scaled, equation: str) -> torch.Tensor:
     return torch.einsum(equation, a.rows, b.rows) / torch.einsum(equation, a.norm, b.norm)
 
 
+def mean_pool(prompt: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """fp32 mean of the valid rows of ``prompt`` ``(B, T, D)`` (the paper's pooling), ``(B, D)``;
+    zero for a row without any. ``where``, not a product: a masked-out row must not leak NaN."""
+    count = valid.sum(-1, keepdim=True).clamp_min(1).float()
+    return torch.where(valid.unsqueeze(-1), prompt.float(), torch.zeros((), device=prompt.device)).sum(1) / count
+
+
 def relevance_scores(tokens: Scaled, prompt: torch.Tensor, prompt_mask: Optional[torch.Tensor],
                      mode: str) -> torch.Tensor:
     """Cosine relevance ``r`` of every token to the prompt, ``(B, N)`` fp32."""
@@ -78,12 +85,8 @@ def relevance_scores(tokens: Scaled, prompt: torch.Tensor, prompt_mask: Optional
     p = prompt.float()
     B, T, _ = p.shape
     valid = torch.ones(B, T, dtype=torch.bool, device=p.device) if prompt_mask is None else prompt_mask
-    if mode == "mean":
-        # Mean-pool the valid rows, then normalise (the paper's rule).
-        count = valid.sum(-1, keepdim=True).clamp_min(1).float()
-        # where, not a product: a masked-out row must not leak NaN into the pool.
-        pooled = torch.where(valid.unsqueeze(-1), p, torch.zeros((), device=p.device)).sum(1) / count
-        return cosines(tokens, scaled_rows(pooled), "bnd,bd->bn")
+    if mode == "mean":  # mean-pool the valid rows, then normalise (the paper's rule)
+        return cosines(tokens, scaled_rows(mean_pool(p, valid)), "bnd,bd->bn")
     sims = cosines(tokens, scaled_rows(p), "bnd,btd->bnt")
     sims = sims.masked_fill(~valid.unsqueeze(1), float("-inf")).amax(-1)
     return torch.where(valid.any(-1, keepdim=True), sims, torch.zeros_like(sims))

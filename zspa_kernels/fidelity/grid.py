@@ -27,7 +27,7 @@ import torch
 
 from .. import benchmark as hb
 from ..integrations.transformers import kv_cache
-from ..models import cache_bytes
+from ..models import cache_bytes, prefill
 from ..spec import check_keep
 
 JOURNAL = "measurements.jsonl"
@@ -149,11 +149,6 @@ def _answers(new_ids: torch.Tensor, eos: set[int]) -> list[list[int]]:
 
 
 @torch.no_grad()
-def _prefill(model, inputs: dict):
-    return model(**inputs, use_cache=True, logits_to_keep=1)
-
-
-@torch.no_grad()
 def measure_pass(model, batches: Sequence[list], encode: Callable[[list], dict], new_tokens: int,
                  on_batch: Callable[[int], None], handle=None) -> tuple[dict, torch.Tensor]:
     """One pass over all batches: ``(record, next-token log-probs (samples, vocab))``.
@@ -168,10 +163,10 @@ def measure_pass(model, batches: Sequence[list], encode: Callable[[list], dict],
                   for k, v in encode(batch).items()}
         last = {}
 
-        def prefill():
-            last["out"] = _prefill(model, inputs)
+        def timed():
+            last["out"] = prefill(model, inputs)
 
-        prefill_ms += hb.wall_median_ms(prefill, device)
+        prefill_ms += hb.wall_median_ms(timed, device)
         out = last.pop("out")
         kv += cache_bytes(kv_cache(out))
         if handle is not None:
