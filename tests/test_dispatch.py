@@ -32,6 +32,7 @@ def test_auto_on_cuda_tensors_is_triton(monkeypatch):
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setattr(dispatch, "interpreter_problem", lambda: None)  # versions: tested below
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="backend: 'triton' needs CUDA tensors"):
         dispatch.resolve_backend("triton", CPU)
@@ -40,6 +41,7 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
 
 
 def test_available_backends_follow_the_device_and_the_interpreter(monkeypatch):
+    monkeypatch.setattr(dispatch, "interpreter_problem", lambda: None)  # versions: tested below
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert dispatch.available_backends(CPU) == ["reference", "cpu"]
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -58,3 +60,27 @@ def test_cuda_without_a_toolkit_runs_triton(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert dispatch.backend_impl("cuda") is cuda_ext.select_tokens_cuda
+
+
+@pytest.mark.parametrize("triton, numpy, runs", [
+    ((3, 6), (2, 4), False),  # the interpreter's int() of a one-element array: an error since NumPy 2.4
+    ((3, 6), (2, 3), True),
+    ((3, 7), (2, 5), True),   # Triton 3.7 squeezes the array first
+])
+def test_triton_interpreter_counts_only_where_it_can_run(monkeypatch, triton, numpy, runs):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(dispatch, "_release", lambda package: {"triton": triton, "numpy": numpy}[package])
+    assert ("triton" in dispatch.available_backends(CPU)) == runs
+    if runs:
+        assert dispatch.interpreter_problem() is None
+        assert dispatch.resolve_backend("triton", CPU) == "triton"
+    else:
+        with pytest.raises(RuntimeError, match=r"backend: 'triton' on cpu tensors: .*triton 3\.6 .*NumPy 2\.4"):
+            dispatch.resolve_backend("triton", CPU)
+    # GPUs never use the interpreter
+    assert "triton" in dispatch.available_backends(torch.device("cuda"))
+
+
+def test_release_reads_installed_versions():
+    assert dispatch._release("torch") >= (2, 4)
+    assert dispatch._release("no-such-package-zspa") == (0, 0)

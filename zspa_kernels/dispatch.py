@@ -19,8 +19,10 @@ so that ``auto`` never triggers a compile in the hot path.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
-from typing import Callable
+import re
+from typing import Callable, Optional
 
 import torch
 
@@ -33,8 +35,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         backend = backend_from_env()
     if backend == "auto":
         return "triton" if device.type == "cuda" else "cpu"
-    if backend == "triton" and device.type != "cuda" and not triton_interpreter():
-        raise ValueError(f"backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {device.type}")
+    if backend == "triton" and device.type != "cuda":
+        if not triton_interpreter():
+            raise ValueError(f"backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {device.type}")
+        problem = interpreter_problem()
+        if problem:
+            raise RuntimeError(f"backend: 'triton' on {device.type} tensors: {problem}")
     if backend == "cuda" and device.type != "cuda":
         raise ValueError(f"backend: 'cuda' needs CUDA tensors, got {device.type}")
     if backend == "cpu" and device.type != "cpu":
@@ -45,12 +51,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 def available_backends(device: torch.device) -> list[str]:
     """The backends that can run on ``device`` in this process (the one answer to that
     question: tests, benchmarks and ``zspa info`` all ask here). Triton counts on a CPU only
-    under its interpreter; ``cuda`` counts wherever CUDA does (it falls back to Triton, with a
+    under its interpreter, and only where that interpreter can run (:func:`interpreter_problem`); ``cuda`` counts wherever CUDA does (it falls back to Triton, with a
     warning, when no toolkit can build it)."""
     names = []
     for name in BACKENDS:
         if name == "triton" and (importlib.util.find_spec("triton") is None
-                                 or (device.type != "cuda" and not triton_interpreter())):
+                                 or (device.type != "cuda" and (not triton_interpreter() or interpreter_problem()))):
             continue
         if name == "cuda" and device.type != "cuda":
             continue
@@ -58,6 +64,26 @@ def available_backends(device: torch.device) -> list[str]:
             continue
         names.append(name)
     return names
+
+
+def _release(package: str) -> tuple[int, int]:
+    """(major, minor) of an installed package, (0, 0) when absent or unreadable."""
+    try:
+        found = re.match(r"(\d+)\.(\d+)", importlib.metadata.version(package))
+    except importlib.metadata.PackageNotFoundError:
+        return (0, 0)
+    return (int(found[1]), int(found[2])) if found else (0, 0)
+
+
+def interpreter_problem() -> Optional[str]:
+    """Why Triton's CPU interpreter cannot run the kernels here, or None. Triton before 3.7
+    turns a scalar kernel argument into a one-element array and reads it with ``int()``
+    (``range(0, T, BLOCK)``), which NumPy 2.4 made an error; Triton 3.7 squeezes it first."""
+    triton, numpy = _release("triton"), _release("numpy")
+    if triton < (3, 7) and numpy >= (2, 4):
+        return (f"the Triton interpreter (TRITON_INTERPRET=1) of triton {triton[0]}.{triton[1]} cannot run under "
+                f"NumPy {numpy[0]}.{numpy[1]} (it needs triton>=3.7, or numpy<2.4); on GPUs this does not matter")
+    return None
 
 
 def backend_impl(name: str) -> Callable[..., torch.Tensor]:
