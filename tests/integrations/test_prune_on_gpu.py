@@ -1,0 +1,87 @@
+"""zspa_kernels.prune with the model, its inputs and the selection on a GPU: every tiny family,
+both fused backends. The CPU suite (test_transformers_prune.py) proves the hooks' bookkeeping;
+this proves that nothing in them assumes host tensors (devices of indices, lengths, masks) and
+that the fused backends drive them like the reference: every selection call the hooks make is
+recorded and its picks replayed against the fp64 oracle, and where the picks equal the
+reference backend's, so must the logits, bit for bit. Runs where a GPU is (bench/run_gpu.sh's
+checks); skipped elsewhere.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import zspa_kernels  # noqa: E402
+from fp64_oracle import Row, replay  # noqa: E402
+from helpers import TOLERANCE  # noqa: E402
+from zspa_kernels.integrations.transformers import kv_cache  # noqa: E402
+from zspa_kernels.integrations.transformers.tiny import BUILDERS  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+DEVICE = torch.device("cuda")
+KEEP = 5  # of 16+ tokens per image
+
+
+def _on(inputs: dict, device: torch.device) -> dict:
+    return {key: v.to(device) if isinstance(v, torch.Tensor) else v for key, v in inputs.items()}
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def tiny(request):
+    built = BUILDERS[request.param]()
+    built.model.to(DEVICE)
+    return built
+
+
+@torch.no_grad()
+def test_keep_all_reproduces_unpatched_logits_on_the_gpu(tiny):
+    inputs = _on(tiny.make_inputs(tiny.batch), DEVICE)
+    expected = tiny.model(**inputs).logits
+    with zspa_kernels.prune(tiny.model, keep=1.0, backend="triton"):
+        got = tiny.model(**inputs).logits
+    attended = inputs["attention_mask"].bool()
+    assert got.shape == expected.shape and torch.equal(got[attended], expected[attended])
+
+
+def _recorded_calls(monkeypatch) -> list:
+    """Every ``zspa::select_tokens`` call made from here on: ``(args, picks)``."""
+    calls, op = [], torch.ops.zspa.select_tokens
+
+    def recording(*args):
+        picks = op(*args)
+        calls.append((args, picks))
+        return picks
+
+    monkeypatch.setattr(torch.ops.zspa, "select_tokens", recording)
+    return calls
+
+
+def _replay(args, picks) -> None:
+    visual, prompt, k, core_ratio, lengths, mask, relevance, backend, pick_order = args
+    assert pick_order and picks.device.type == "cuda"
+    for b in range(visual.shape[0]):
+        row = Row(visual[b].double().cpu().numpy(), prompt[b].double().cpu().numpy(),
+                  None if mask is None else mask[b].cpu().numpy(),
+                  visual.shape[1] if lengths is None else int(lengths[b]), k, core_ratio, relevance)
+        replay(row, picks[b].tolist(), TOLERANCE[backend][visual.dtype])
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@torch.no_grad()
+def test_fused_backends_prune_like_the_reference_on_the_gpu(tiny, backend, monkeypatch):
+    inputs = _on(tiny.make_inputs(tiny.batch), DEVICE)
+    with zspa_kernels.prune(tiny.model, keep=KEEP, backend="reference") as ref:
+        expected = tiny.model(**inputs, use_cache=True)
+    calls = _recorded_calls(monkeypatch)
+    with zspa_kernels.prune(tiny.model, keep=KEEP, backend=backend) as handle:
+        got = tiny.model(**inputs, use_cache=True)
+    assert calls and all(args[7] == backend for args, _ in calls)
+    for args, picks in calls:
+        _replay(args, picks)
+    assert len(handle.last_selection) == len(ref.last_selection) == tiny.n_images(tiny.batch)
+    assert kv_cache(got).get_seq_length() == kv_cache(expected).get_seq_length()
+    if all(torch.equal(a.order, b.order) for a, b in zip(handle.last_selection, ref.last_selection)):
+        assert torch.equal(got.logits, expected.logits)  # same picks: the very same computation
