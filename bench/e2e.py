@@ -127,9 +127,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backend = resolve_backend(args.backend, device)
-    records = run(args.models, args.batch, device, backend, args.new_tokens, args.repeats)
-    with open(args.out, "w") as f:
-        json.dump({**hb.environment(device), "records": records}, f, indent=1)
+    records = []
+    for name in args.models:  # written after each model: a run cut short keeps what finished
+        records += run([name], args.batch, device, backend, args.new_tokens, args.repeats)
+        with open(args.out, "w") as f:
+            json.dump({**hb.environment(device), "records": records}, f, indent=1)
     return 0
 
 

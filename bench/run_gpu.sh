@@ -1,65 +1,153 @@
 #!/usr/bin/env bash
-# The GPU run: the test suite on the GPU, the microbenchmarks at the SPEC shapes, the
-# end-to-end benchmarks, then the committed results (JSON records, markdown summary, plot).
+# The GPU run: every check and measurement of the fused backends, made to fit ONE call of the
+# device tool (a session has 15 minutes of device time, the machine's start included, and a
+# command at most 10):   device run, timeout_s=600:  bash bench/run_gpu.sh
 #
-#   bench/run_gpu.sh [all|install|tests|micro|e2e|demo|report]...     (default: all)
+#   bench/run_gpu.sh [STAGE...]     (default: all = install checks micro e2e profile demo report)
 #
-# Results go to $OUT/results when $OUT is set (the lent GPU machine hands back only
-# $OUT), else to bench/results. Stages can run in separate calls (one call is capped
-# at ten minutes there): each writes raw files beside the results, and `report`
-# merges whatever raw files of this device and date exist. On a machine without a
-# GPU the same script runs the CPU-available implementations, and the end-to-end
-# stage uses the tiny models (a 7B prefill takes minutes on a CPU). `demo` saves the output of
-# `zspa demo` (the README's first command) and its picture beside the results.
-# bench/run_cpu.sh is the CPU run: micro e2e demo report.
-set -euo pipefail
+# Stages, in the order of what matters if time runs out:
+#   install  the package into the machine's Python (it has no network: no dependencies)
+#   checks   correctness, all at once (nothing is timed): `zspa build` compiles csrc/, the whole
+#            test suite runs on the GPU (pytest-xdist where installed), and compute-sanitizer
+#            memcheck, racecheck and synccheck run bench/sanitize.py on triton (at once) and on
+#            cuda (once built). Logs: <stem>.tests.log (with the build's), <stem>.sanitize.log.
+#   micro    microbenchmarks at the SPEC shapes (from here on the GPU is the run's alone)
+#   e2e      LLaVA-1.5-7B and Qwen2.5-VL-7B from configs, bf16, batch 1 and 8
+#   profile  bench/profile.py's time split (GPU time, graph replay, eager host cost, fixed cost
+#            and cost per greedy step), then Nsight Compute of one call per fused backend
+#   demo     `zspa demo` (the README's first command) and its picture
+#   report   <stem>.{json,md,png} from whatever raw files this run left
+#
+# Time: ZSPA_RUN_SECONDS (default 500) bounds the whole run. Each stage runs under `timeout`
+# with the smaller of its own cap and what is left (30 s kept for the report), and a stage with
+# less than its floor left is skipped, saying so. The stamps in the log give each stage's time.
+# A follow-up on a fresh machine after a fix names its stages, e.g.
+# `ZSPA_RUN_SECONDS=240 bash bench/run_gpu.sh install micro report` (always `install` first).
+#
+# Output: on the device machine ($OUT set) results are written to a work folder and packed into
+# $OUT/results.tar.gz after every stage, so a run cut short still brings back what finished
+# (the tool returns at most 8 files; a full run writes about a dozen), and the whole log is
+# $OUT/run.log; `tar -xzf results.tar.gz -C bench/results` puts them where they are committed.
+# Without $OUT they go to bench/results directly. bench/run_cpu.sh is the CPU run.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
-DEST=${OUT:+$OUT/results}
-DEST=${DEST:-bench/results}
+PY=${PYTHON:-python3}
+BUDGET=${ZSPA_RUN_SECONDS:-500}
+DEST=bench/results
+[ -n "${OUT:-}" ] && DEST=$(mktemp -d)
 mkdir -p "$DEST"
-STAGES=("${@:-all}")
-[ "${STAGES[0]}" = all ] && STAGES=(install tests micro e2e demo report)
+export PYTHONUNBUFFERED=1
 
-stem() { "$PY" -m bench.report --print-stem; }  # <date>-<device>: every file of this run starts with it
+STEM=  # <date>-<device>: every file of this run starts with it (bench.report --print-stem)
 has_gpu() { "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; }
+has_module() { "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('$1') else 1)"; }
+pack() { [ -n "${OUT:-}" ] && tar -czf "$OUT/results.tar.gz" -C "$DEST" . ; return 0; }
 
-for stage in "${STAGES[@]}"; do
-  echo "== $stage ($(date -u +%H:%M:%S) UTC)"
-  case $stage in
-    install)  # the device machine has no network: the package only, dependencies are there
-      "$PY" -m pip install --quiet --no-build-isolation --no-deps -e . ;;
-    tests)
-      "$PY" -m zspa_kernels.cli info | tee "$DEST/$(stem).tests.log"
-      # A failing test is recorded in the log, not fatal: the benchmarks still run and say
-      # how fast; the log says whether what they timed is right.
-      rc=0
-      "$PY" -m pytest tests -q -p no:cacheprovider > "$DEST/tests.tmp" 2>&1 || rc=$?
-      tail -60 "$DEST/tests.tmp" >> "$DEST/$(stem).tests.log" && rm "$DEST/tests.tmp"
-      echo "pytest exit status: $rc" | tee -a "$DEST/$(stem).tests.log"
-      tail -5 "$DEST/$(stem).tests.log" ;;
-    micro)
-      ZSPA_BENCH=spec "$PY" -m pytest bench/test_bench_select_tokens.py -q -p no:cacheprovider \
-        --benchmark-json="$DEST/$(stem).micro-raw.json" --benchmark-columns=median,iqr,rounds \
-        2>&1 | tail -25 ;;
-    e2e)
-      if has_gpu; then args=(--models llava-1.5-7b qwen2.5-vl-7b)
-      else args=(--models llava-1.5-tiny qwen2.5-vl-tiny --repeats 3 --new-tokens 16); fi
-      "$PY" -m bench.e2e "${args[@]}" --batch 1 8 --out "$DEST/$(stem).e2e-raw.json" ;;
-    demo)
-      s=$(stem)
-      start=$SECONDS
-      # stdout only: library warnings on stderr would carry this machine's paths into the results
-      "$PY" -m zspa_kernels.cli demo --out "$DEST/$s.demo" | tee "$DEST/$s.demo.txt"
-      echo "zspa demo: $((SECONDS - start)) s in all" | tee -a "$DEST/$s.demo.txt"
-      mv "$DEST/$s.demo/kept_patches.png" "$DEST/$s.demo.png" && rmdir "$DEST/$s.demo" ;;
-    report)
-      s=$(stem)
-      extra=()
-      [ -f "$DEST/$s.e2e-raw.json" ] && extra=(--e2e "$DEST/$s.e2e-raw.json")
-      [ -f "$DEST/$s.demo.txt" ] && extra+=(--demo "$DEST/$s.demo.txt")
-      "$PY" -m bench.report --micro "$DEST/$s.micro-raw.json" "${extra[@]}" --out "$DEST"
-      cat "$DEST/$s.md" ;;
-    *) echo "unknown stage '$stage' (all|install|tests|micro|e2e|demo|report)" >&2; exit 2 ;;
-  esac
-done
+# seconds a stage may take: min(cap, what is left less 30 s for the report); 0 if under its floor
+allowance() {
+  local cap=$1 floor=$2 left=$((BUDGET - SECONDS - 30))
+  [ "$STAGE" = report ] && left=$((BUDGET - SECONDS))
+  if [ "$left" -lt "$floor" ]; then echo 0; elif [ "$left" -lt "$cap" ]; then echo "$left"; else echo "$cap"; fi
+}
+
+sanitize() {  # $1: backend, $2: the stage's end (in $SECONDS); the three tools in turn, log on stdout
+  local tool
+  for tool in memcheck racecheck synccheck; do
+    if [ $(($2 - SECONDS)) -lt 10 ]; then echo "== $tool on $1: skipped, the stage's time is up"; continue; fi
+    echo "== compute-sanitizer --tool $tool: bench.sanitize --backend $1"
+    # Every caching-allocator block its own cudaMalloc, so that memcheck sees each tensor's
+    # bounds; API errors surface as exceptions in our launches (each one is checked).
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout $(($2 - SECONDS)) compute-sanitizer --tool "$tool" \
+      --error-exitcode 99 --report-api-errors no --print-limit 50 --target-processes all \
+      "$PY" -m bench.sanitize --backend "$1" 2>&1
+    echo "== exit status: $?"
+  done
+}
+
+stage_checks() {  # $1: seconds allowed
+  local log="$DEST/$STEM.tests.log" slog="$DEST/$STEM.sanitize.log" rc=0 xdist=() pids=()
+  local end=$((SECONDS + $1)) sanitizer=true
+  command -v compute-sanitizer > /dev/null || sanitizer=false
+  "$PY" -m zspa_kernels.cli info > "$log" 2>&1
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv >> "$log" 2>&1
+  # Everything here runs at once (16 cores, one GPU; nothing is timed): the csrc/ build, the
+  # test suite, and the sanitizers (triton's at once, cuda's once the build is done).
+  timeout "$1" "$PY" -m zspa_kernels.cli build > "$DEST/build.tmp" 2>&1 &
+  local build_pid=$!
+  has_module xdist && xdist=(-n 8)
+  # A failing test is recorded, not fatal: the benchmarks still run and say how fast; the
+  # logs say whether what they timed is right.
+  timeout "$1" "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" > "$DEST/tests.tmp" 2>&1 &
+  local tests_pid=$!
+  $sanitizer && { sanitize triton "$end" > "$DEST/sanitize-triton.tmp" & pids+=($!); }
+  wait "$build_pid" || rc=$?
+  { echo "== zspa build (exit $rc)"; cat "$DEST/build.tmp"; } >> "$log"; rm -f "$DEST/build.tmp"
+  $sanitizer && { sanitize cuda "$end" > "$DEST/sanitize-cuda.tmp" & pids+=($!); }
+  rc=0; wait "$tests_pid" || rc=$?
+  tail -150 "$DEST/tests.tmp" >> "$log"; rm -f "$DEST/tests.tmp"
+  echo "pytest exit status: $rc" >> "$log"
+  [ ${#pids[@]} -gt 0 ] && wait "${pids[@]}"
+  if $sanitizer; then cat "$DEST"/sanitize-*.tmp > "$slog"; rm -f "$DEST"/sanitize-*.tmp
+  else echo "compute-sanitizer: not on PATH" > "$slog"; fi
+  tail -4 "$log"; grep -E "^== (compute|exit|.*skipped)|ERROR SUMMARY|RACECHECK SUMMARY|every selection valid" "$slog"
+}
+
+main() {
+  local STAGES=("${@:-all}") STAGE cap floor allowed end args extra kind f s
+  [ "${STAGES[0]}" = all ] && STAGES=(install checks micro e2e profile demo report)
+  STEM=$("$PY" -m bench.report --print-stem) || exit 1
+  s=$STEM
+  for STAGE in "${STAGES[@]}"; do
+    case $STAGE in  # cap and floor (seconds) of each stage
+      install) cap=60; floor=5 ;;   checks) cap=210; floor=60 ;;  micro) cap=150; floor=60 ;;
+      e2e) cap=120; floor=60 ;;     profile) cap=60; floor=20 ;;  demo) cap=60; floor=30 ;;
+      report) cap=30; floor=5 ;;
+      *) echo "unknown stage '$STAGE' (all|install|checks|micro|e2e|profile|demo|report)" >&2; exit 2 ;;
+    esac
+    allowed=$(allowance $cap $floor)
+    echo "== $STAGE at ${SECONDS}s of ${BUDGET}s ($(date -u +%H:%M:%S) UTC), allowed ${allowed}s"
+    if [ "$allowed" -eq 0 ]; then echo "   skipped: under ${floor}s left"; continue; fi
+    case $STAGE in
+      install)
+        timeout "$allowed" "$PY" -m pip install --quiet --no-build-isolation --no-deps -e . ;;
+      checks)
+        stage_checks "$allowed" ;;
+      micro)
+        # SIGINT: pytest ends the session cleanly and pytest-benchmark still writes what was timed
+        ZSPA_BENCH=spec timeout -s INT -k 15 "$allowed" "$PY" -m pytest bench/test_bench_select_tokens.py -q -p no:cacheprovider \
+          --benchmark-json="$DEST/$s.micro-raw.json" --benchmark-columns=median,iqr,rounds 2>&1 | tail -25 ;;
+      e2e)
+        if has_gpu; then args=(--models llava-1.5-7b qwen2.5-vl-7b --repeats 3 --new-tokens 16)
+        else args=(--models llava-1.5-tiny qwen2.5-vl-tiny --repeats 3 --new-tokens 16); fi
+        timeout "$allowed" "$PY" -m bench.e2e "${args[@]}" --batch 1 8 --out "$DEST/$s.e2e-raw.json" ;;
+      profile)
+        end=$((SECONDS + allowed))
+        timeout "$allowed" "$PY" -m bench.profile --out "$DEST/$s.profile-raw.json"
+        if command -v ncu > /dev/null && [ $((end - SECONDS)) -gt 10 ]; then
+          # --clock-control none: the card's clocks are left as found
+          timeout $((end - SECONDS)) ncu --clock-control none --profile-from-start off --target-processes all \
+            --set detailed "$PY" -m bench.profile --ncu > "$DEST/$s.ncu.txt" 2>&1
+          echo "ncu exit status: $? ($(grep -c 'Section: GPU Speed Of Light' "$DEST/$s.ncu.txt") kernels profiled)"
+        fi ;;
+      demo)
+        # stdout only: library warnings on stderr would carry this machine's paths into the results
+        timeout "$allowed" "$PY" -m zspa_kernels.cli demo --out "$DEST/$s.demo" > "$DEST/$s.demo.txt"
+        echo "demo exit status: $?"; cat "$DEST/$s.demo.txt"
+        [ -f "$DEST/$s.demo/kept_patches.png" ] && mv "$DEST/$s.demo/kept_patches.png" "$DEST/$s.demo.png"
+        rm -rf "$DEST/$s.demo" ;;
+      report)
+        if [ ! -f "$DEST/$s.micro-raw.json" ]; then echo "   no microbenchmark results: nothing to report"; continue; fi
+        extra=()
+        for kind in e2e demo profile; do
+          f="$DEST/$s.$kind-raw.json"; [ "$kind" = demo ] && f="$DEST/$s.demo.txt"
+          [ -f "$f" ] && extra+=("--$kind" "$f")
+        done
+        timeout "$allowed" "$PY" -m bench.report --micro "$DEST/$s.micro-raw.json" "${extra[@]}" --out "$DEST" \
+          && cat "$DEST/$s.md" ;;
+    esac
+    pack
+  done
+  echo "== done at ${SECONDS}s: $(ls "$DEST" | tr '\n' ' ')"
+}
+
+if [ -n "${OUT:-}" ]; then main "$@" 2>&1 | tee "$OUT/run.log"; else main "$@"; fi

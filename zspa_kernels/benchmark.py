@@ -69,8 +69,11 @@ def backends_here(device: torch.device) -> list[str]:
 
 
 def implementations(device: torch.device) -> list[str]:
-    """Names of what is timed on ``device``: backends of the op first, then the baselines."""
-    return backends_here(device) + [b for b in BASELINES if b != "torch_loop_graph" or device.type == "cuda"]
+    """Names of what is timed on ``device``, in the order they run: the op's fast backends, the
+    baselines, then ``reference`` (the slowest and least needed where a run is cut short)."""
+    fast = [b for b in backends_here(device) if b != "reference"]
+    loops = [b for b in BASELINES if b != "torch_loop_graph" or device.type == "cuda"]
+    return fast + loops + ["reference"]
 
 
 def runner(impl: str, visual: torch.Tensor, prompt: torch.Tensor, k: int,

@@ -1,0 +1,161 @@
+"""Where the time of one fused selection goes, at the LLaVA-1.5 shapes (issue: GPU targets).
+
+    python -m bench.profile --out split.json          # the time split, on a GPU
+    ncu --profile-from-start off ... python -m bench.profile --ncu   # one profiled call per backend
+
+Per fused backend and shape (bf16, keep 64, core ratio 0.5):
+
+* ``gpu_us``: CUDA-event median of one call (``triton.testing.do_bench``), launch gaps included;
+* ``graph_us``: one call replayed from a CUDA graph (20 calls captured back to back, events over
+  the replay): the GPU time without the host, the figure the GPU-time target is about;
+* ``eager_us``: wall clock per call of 200 eager calls issued back to back from Python, one
+  synchronisation at the end: what a model's forward pays per call when the GPU keeps up;
+* ``fixed_us`` and ``step_us``: graph-replay time against the number of greedy steps at a fixed
+  core (32 tokens; 0, 32, 96 and 224 steps), fitted by least squares: the intercept is the work
+  every call does once (token statistics, Gram, core), the slope one dependent greedy step;
+* ``gram_us`` (``cuda`` only): the cuBLAS Gram of the row(s) alone, the bulk of ``fixed_us``.
+
+``--ncu`` skips the timing: it warms every backend up, then brackets exactly one call per
+backend with ``torch.cuda.profiler.start``/``stop``, so ``ncu --profile-from-start off`` sees only those.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+import zspa_kernels  # noqa: F401  (registers the op)
+from zspa_kernels import benchmark as hb
+from zspa_kernels.dispatch import available_backends
+from zspa_kernels.spec import core_count
+
+SHAPES = ("llava-1.5", "llava-1.5-b32")
+KEEP, CORE = 64, 32
+STEPS = (0, 32, 96, 224)
+GRAPH_CALLS, EAGER_CALLS = 20, 200
+
+
+def fused_backends(device: torch.device) -> list[str]:
+    return [b for b in ("triton", "cuda") if b in available_backends(device)]
+
+
+def selection(backend: str, visual, prompt, k: int, core_ratio: float):
+    op = torch.ops.zspa.select_tokens
+    return lambda: op(visual, prompt, k, core_ratio, None, None, "mean", backend, True)
+
+
+def graph_us(fn) -> float:
+    """Per-call GPU time of ``fn`` replayed from a CUDA graph of ``GRAPH_CALLS`` calls (median of 10 replays)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # warm-up on the capture stream
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(GRAPH_CALLS):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(1e3 * start.elapsed_time(end) / GRAPH_CALLS)
+    return statistics.median(times)
+
+
+def eager_us(fn) -> float:
+    """Wall clock per call of ``EAGER_CALLS`` back-to-back eager calls (median of 5 runs)."""
+    fn()
+    times = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(EAGER_CALLS):
+            fn()
+        torch.cuda.synchronize()
+        times.append(1e6 * (time.perf_counter() - t0) / EAGER_CALLS)
+    return statistics.median(times)
+
+
+def fit_line(xs, ys) -> tuple[float, float]:
+    """Least-squares ``(intercept, slope)`` of ys against xs."""
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - slope * mx, slope
+
+
+def split(backend: str, shape: hb.Shape, device: torch.device) -> dict:
+    visual, prompt = hb.make_inputs(shape, torch.bfloat16, device)
+    run = selection(backend, visual, prompt, KEEP, hb.CORE_RATIO)
+    record = {"backend": backend, "shape": shape.label, "B": shape.B, "N": shape.N, "D": shape.D, "k": KEEP,
+              "k_core": core_count(hb.CORE_RATIO, KEEP), "gpu_us": hb.median_us(run, device),
+              "graph_us": graph_us(run), "eager_us": eager_us(run)}
+    per_steps = []
+    for steps in STEPS:
+        k = CORE + steps
+        ratio = CORE / k
+        assert core_count(ratio, k) == CORE, (ratio, k)
+        per_steps.append(graph_us(selection(backend, visual, prompt, k, ratio)))
+    record["fixed_us"], record["step_us"] = fit_line(STEPS, per_steps)
+    record["steps_graph_us"] = dict(zip(map(str, STEPS), per_steps))
+    if backend == "cuda":
+        record["gram_us"] = graph_us(lambda: torch.bmm(visual, visual.transpose(1, 2), out_dtype=torch.float32))
+    return record
+
+
+def profiled_calls(device: torch.device) -> None:
+    """One call per backend and shape between the profiler's start and stop, after a warm-up."""
+    runs = []
+    for label in SHAPES:
+        shape = next(s for s in hb.SPEC_SHAPES if s.label == label)
+        visual, prompt = hb.make_inputs(shape, torch.bfloat16, device)
+        for backend in fused_backends(device):
+            run = selection(backend, visual, prompt, KEEP, hb.CORE_RATIO)
+            run()
+            runs.append(run)
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    for run in runs:
+        run()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ncu", action="store_true", help="only the bracketed calls, for ncu")
+    parser.add_argument("--out", help="write the records as JSON here")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench.profile: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    if args.ncu:
+        profiled_calls(device)
+        return 0
+    records = []
+    print(f"{'backend':<8}{'shape':<15}{'gpu':>10}{'graph':>10}{'eager':>10}{'fixed':>10}{'per step':>10}{'gram':>10}")
+    for label in SHAPES:
+        shape = next(s for s in hb.SPEC_SHAPES if s.label == label)
+        for backend in fused_backends(device):
+            r = split(backend, shape, device)
+            records.append(r)
+            gram = f"{r['gram_us']:.1f}" if "gram_us" in r else "—"
+            print(f"{backend:<8}{label:<15}{r['gpu_us']:>10.1f}{r['graph_us']:>10.1f}{r['eager_us']:>10.1f}"
+                  f"{r['fixed_us']:>10.1f}{r['step_us']:>10.2f}{gram:>10}   (µs)", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({**hb.environment(device), "records": records}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,120 @@
+"""The cases ``bench/run_gpu.sh`` runs under compute-sanitizer (memcheck, racecheck, synccheck).
+
+    compute-sanitizer --tool memcheck python -m bench.sanitize --backend triton
+
+Small shapes that still take every path of the fused backends: several Gram tiles and
+selection chunks, the streaming path (``ZSPA_GRAM_BUDGET=0``), batch groups, the isolation
+seed (core ratio 0), lengths, prompt masks, ``max`` relevance, both output forms, fp32, fp16
+and bf16; for ``cuda`` also a row whose state needs more than 48 KB of shared memory. Each
+result is checked for what any valid selection satisfies (indices in the row, no repeats,
+``-1`` only after the row's budget), so a launch that silently wrote nothing fails here too;
+agreement with the fp64 oracle is the test suite's job. Run without a sanitizer it is a
+quick smoke test of the same launches; ``bench/test_sanitize.py`` runs the cases through the
+CPU backends in CI, so the cases and the check are known good before a GPU sees them.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+import torch
+
+import zspa_kernels  # noqa: F401  (registers the op)
+from zspa_kernels.spec import GRAM_BUDGET_ENV
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    B: int
+    N: int
+    D: int
+    k: int
+    core_ratio: float = 0.5
+    dtype: torch.dtype = torch.bfloat16
+    T: int = 0                # 0: a pooled (B, D) prompt
+    masked: bool = False
+    lengths: bool = False
+    relevance: str = "mean"
+    pick_order: bool = True
+    gram_budget: str = ""     # ZSPA_GRAM_BUDGET for this case ("" = default)
+
+
+CASES = (
+    Case(1, 200, 96, 40),                                            # several tiles and chunks
+    Case(3, 131, 40, 17, core_ratio=0.0, lengths=True),             # isolation seed, ragged rows
+    Case(2, 150, 64, 30, T=5, masked=True, relevance="max"),         # per-token prompt on tensor cores
+    Case(2, 97, 33, 20, dtype=torch.float32, pick_order=False),      # fp32 (IEEE dots), ascending output
+    Case(2, 120, 48, 24, dtype=torch.float16, T=3, lengths=True),
+    Case(3, 160, 64, 32, gram_budget="0"),                           # streaming path
+    Case(4, 96, 32, 16, gram_budget=str(4 * 96 * 96)),               # one row per launch group
+)
+CUDA_CASES = (
+    Case(1, 1500, 32, 50),                      # 1024 threads, some own two tokens
+    Case(1, 4500, 16, 24, core_ratio=0.25),     # 54 KB of shared state: the opt-in limit
+)
+
+
+def make(case: Case, device: torch.device, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    visual = torch.randn(case.B, case.N, case.D, generator=g) * torch.rand(case.B, case.N, 1, generator=g).add(0.1)
+    prompt = torch.randn(case.B, case.D, generator=g) if case.T == 0 else torch.randn(case.B, case.T, case.D,
+                                                                                      generator=g)
+    mask = None
+    if case.masked:
+        mask = torch.rand(case.B, case.T, generator=g) < 0.6
+        mask[:, 0] = True
+    lengths = torch.randint(1, case.N + 1, (case.B,), generator=g) if case.lengths else None
+    return (visual.to(device, case.dtype), prompt.to(device, case.dtype),
+            None if lengths is None else lengths.to(device), None if mask is None else mask.to(device))
+
+
+def check(case: Case, out: torch.Tensor, lengths) -> None:
+    """Raise unless ``out`` is a valid selection of every row."""
+    assert out.shape == (case.B, case.k) and out.dtype == torch.int64, (tuple(out.shape), out.dtype)
+    for b, row in enumerate(out.cpu().tolist()):
+        n = case.N if lengths is None else int(lengths[b])
+        k_b = min(case.k, n)
+        picked = row[:k_b]
+        assert all(0 <= i < n for i in picked) and len(set(picked)) == k_b, f"row {b}: {picked}"
+        assert row[k_b:] == [-1] * (case.k - k_b), f"row {b}: padding {row[k_b:]}"
+        if not case.pick_order:
+            assert picked == sorted(picked), f"row {b}: not ascending"
+
+
+def run(backend: str, device: torch.device, cases=None, progress=print) -> int:
+    """Run and check every case (``CASES``, plus ``CUDA_CASES`` for ``cuda``); the count run."""
+    if cases is None:
+        cases = CASES + (CUDA_CASES if backend == "cuda" else ())
+    saved = os.environ.get(GRAM_BUDGET_ENV)
+    try:
+        for seed, case in enumerate(cases):
+            os.environ[GRAM_BUDGET_ENV] = case.gram_budget
+            visual, prompt, lengths, mask = make(case, device, seed)
+            out = torch.ops.zspa.select_tokens(visual, prompt, case.k, case.core_ratio, lengths, mask,
+                                               case.relevance, backend, case.pick_order)
+            check(case, out, None if lengths is None else lengths.cpu())
+            progress(f"{backend}: {case} ok")
+    finally:
+        if saved is None:
+            os.environ.pop(GRAM_BUDGET_ENV, None)
+        else:
+            os.environ[GRAM_BUDGET_ENV] = saved
+    return len(cases)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=("triton", "cuda"), required=True)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench.sanitize: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    count = run(args.backend, torch.device("cuda"), progress=lambda line: print(line, flush=True))
+    print(f"bench.sanitize: {count} cases on {args.backend}, every selection valid")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

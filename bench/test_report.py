@@ -1,0 +1,84 @@
+"""bench/report.py and bench/profile.py's arithmetic, on synthetic raw results (no GPU, no timing):
+the GPU targets are judged from the right records, and a missing measurement says so."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import profile, report
+
+ENV = {"device": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0"}
+
+
+def _bench(impl, shape, B, N, D, k, us, event=True):
+    info = {**ENV, "name": "select_tokens", "impl": impl, "shape": shape, "B": B, "N": N, "D": D, "k": k,
+            "keep": str(k), "k_core": k // 2, "dtype": "bfloat16", "floor_us": 1.0, "bandwidth_gbps": 4000.0}
+    if event:
+        info["cuda_event_median_us"] = us
+    return {"extra_info": info, "stats": {"median": 2 * us * 1e-6, "rounds": 10}}
+
+
+def _split(backend, graph, eager):
+    return {"backend": backend, "shape": "llava-1.5", "B": 1, "N": 576, "D": 4096, "k": 64, "k_core": 32,
+            "gpu_us": graph + 5, "graph_us": graph, "eager_us": eager, "fixed_us": 10.0, "step_us": 0.5}
+
+
+def _e2e(impl, kept, prefill, share=None):
+    return {"name": "e2e", "model": "llava-1.5-7b", "impl": impl, "B": 8, "N": 576, "D": 4096, "k": kept,
+            "kept": kept, "dtype": "bfloat16", "tokens": 609, "median_us": 1e3 * prefill, "prefill_ms": prefill,
+            "ttft_ms": prefill, "decode_tokens_per_s": 100.0, "peak_memory_gib": 14.0, "kv_cache_bytes": 2**20,
+            "selection_share": share}
+
+
+def _write(tmp_path, benchmarks, split=None, e2e=None):
+    (tmp_path / "micro.json").write_text(json.dumps({"benchmarks": benchmarks}))
+    argv = ["--micro", str(tmp_path / "micro.json"), "--out", str(tmp_path), "--date", "2026-01-01"]
+    if split is not None:
+        (tmp_path / "split.json").write_text(json.dumps({**ENV, "records": split}))
+        argv += ["--profile", str(tmp_path / "split.json")]
+    if e2e is not None:
+        (tmp_path / "e2e.json").write_text(json.dumps({**ENV, "records": e2e}))
+        argv += ["--e2e", str(tmp_path / "e2e.json")]
+    assert report.main(argv) == 0
+    return (tmp_path / "2026-01-01-nvidia-h200.md").read_text()
+
+
+def _target(md: str, start: str) -> str:
+    return next(line for line in md.splitlines() if line.startswith(f"| {start}"))
+
+
+def test_targets_are_judged_from_the_best_fused_backend(tmp_path):
+    micro = [_bench("triton", "llava-1.5", 1, 576, 4096, 64, 30.0), _bench("cuda", "llava-1.5", 1, 576, 4096, 64, 50.0),
+             _bench("torch_loop", "llava-1.5", 1, 576, 4096, 64, 450.0),
+             _bench("divprune_loop", "llava-1.5", 1, 576, 4096, 64, 3000.0),
+             _bench("cuda", "llava-1.5-b32", 32, 576, 4096, 64, 400.0),
+             _bench("triton", "video", 1, 16384, 3584, 1638, 9000.0)]
+    split = [_split("triton", 25.0, 70.0), _split("cuda", 18.0, 90.0)]
+    e2e = [_e2e("unpruned", 576, 800.0), _e2e("triton", 64, 160.0, share=0.004), _e2e("triton", 58, 150.0, 0.004)]
+    md = _write(tmp_path, micro, split, e2e)
+    assert "18.0 µs (cuda) | met" in _target(md, "LLaVA-1.5 B=1, k=64: GPU time")  # graph replay, best backend
+    assert "70.0 µs (triton) | missed, 1.2x off" in _target(md, "LLaVA-1.5 B=1, k=64: wall clock")
+    assert "15.0x (triton) | missed, 1.3x off" in _target(md, "LLaVA-1.5 B=1, k=64: ≥ 20x torch_loop")
+    assert "100.0x (triton) | met" in _target(md, "LLaVA-1.5 B=1, k=64: ≥ 50x divprune_loop")
+    assert "400.0 µs (cuda) | missed, 2.0x off" in _target(md, "LLaVA-1.5 B=32")
+    assert "9000.0 µs (triton) | met" in _target(md, "video")
+    assert "5.0x (triton) | met" in _target(md, "LLaVA-1.5-7B B=8")
+    assert "0.40% (triton) | met" in _target(md, "the same: selection")
+    assert "| cuda | llava-1.5 | 1 | 64 (32) |" in md  # the time split table
+    saved = json.loads((tmp_path / "2026-01-01-nvidia-h200.json").read_text())
+    assert len(saved["records"]) == len(micro) + len(e2e) and saved["profile"] == split
+
+
+def test_unmeasured_targets_say_so_and_host_clock_runs_have_none(tmp_path):
+    md = _write(tmp_path, [_bench("triton", "llava-1.5", 1, 576, 4096, 64, 30.0)])
+    assert "30.0 µs (triton) | met" in _target(md, "LLaVA-1.5 B=1, k=64: GPU time")  # event median, no profile
+    assert "not measured" in _target(md, "LLaVA-1.5 B=1, k=64: wall clock")
+    assert "not measured" in _target(md, "LLaVA-1.5-7B B=8")
+    cpu = _write(tmp_path, [_bench("cpu", "llava-1.5", 1, 576, 4096, 64, 2000.0, event=False)])
+    assert "## Targets" not in cpu
+
+
+def test_time_split_is_a_least_squares_line():
+    intercept, slope = profile.fit_line(profile.STEPS, [12.0 + 0.75 * s for s in profile.STEPS])
+    assert intercept == pytest.approx(12.0) and slope == pytest.approx(0.75)
