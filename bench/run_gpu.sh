@@ -21,6 +21,7 @@
 # Time: ZSPA_RUN_SECONDS (default 500) bounds the whole run. Each stage runs under `timeout`
 # with the smaller of its own cap and what is left (30 s kept for the report), and a stage with
 # less than its floor left is skipped, saying so. The stamps in the log give each stage's time.
+# The caps are sized for the GPU; ZSPA_STAGE_CAPS=0 lifts them (the CPU run, bound by the budget alone).
 # A follow-up on a fresh machine after a fix names its stages, e.g.
 # `ZSPA_RUN_SECONDS=240 bash bench/run_gpu.sh install micro report` (always `install` first).
 #
@@ -46,6 +47,7 @@ pack() { [ -n "${OUT:-}" ] && tar -czf "$OUT/results.tar.gz" -C "$DEST" . ; retu
 # seconds a stage may take: min(cap, what is left less 30 s for the report); 0 if under its floor
 allowance() {
   local cap=$1 floor=$2 left=$((BUDGET - SECONDS - 30))
+  [ "${ZSPA_STAGE_CAPS:-1}" = 0 ] && cap=$BUDGET
   [ "$STAGE" = report ] && left=$((BUDGET - SECONDS))
   if [ "$left" -lt "$floor" ]; then echo 0; elif [ "$left" -lt "$cap" ]; then echo "$left"; else echo "$cap"; fi
 }
