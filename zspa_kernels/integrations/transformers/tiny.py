@@ -31,6 +31,19 @@ def _generators(rows, seeds) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(1000 + s) for s in seeds]
 
 
+def _token_rows(rows, seeds, media: Callable[[str, object, torch.Generator, int], list[int]]) -> dict:
+    """``input_ids`` and ``attention_mask`` of ``rows``, left-padded. Text segments are drawn
+    from the row's generator; every other segment's ids come from ``media(kind, size, gen, r)``
+    (``r``: the row), which draws that segment's pixels from the same generator and keeps them."""
+    ids = []
+    for r, (segments, gen) in enumerate(zip(rows, _generators(rows, seeds))):
+        row = []
+        for kind, size in segments:
+            row += _text(size, gen) if kind == "text" else media(kind, size, gen, r)
+        ids.append(row)
+    return _left_pad(ids)
+
+
 def _left_pad(rows: list[list[int]]) -> dict:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), PAD, dtype=torch.long)
@@ -118,19 +131,16 @@ def _pixtral_tokens(h: int, w: int, step: int, image: int, row_break: int, end: 
 
 def _pixtral_inputs(rows, seeds, image_token: int, step: int, size: int) -> dict:
     """Inputs of a Pixtral-tower model: images of (h, w) pixels, zero-padded to size x size."""
-    ids, pixels, sizes = [], [], []
-    for segments, gen in zip(rows, _generators(rows, seeds)):
-        row = []
-        for kind, hw in segments:
-            if kind == "text":
-                row += _text(hw, gen)
-                continue
-            row += _pixtral_tokens(*hw, step, image_token, PIXTRAL_BREAK, PIXTRAL_END)
-            image = torch.zeros(3, size, size)
-            image[:, : hw[0], : hw[1]] = torch.randn(3, *hw, generator=gen)
-            pixels.append(image), sizes.append(hw)
-        ids.append(row)
-    return dict(_left_pad(ids), pixel_values=torch.stack(pixels), image_sizes=torch.tensor(sizes))
+    pixels, sizes = [], []
+
+    def image(kind, hw, gen, r):
+        pixels.append(torch.zeros(3, size, size))
+        pixels[-1][:, : hw[0], : hw[1]] = torch.randn(3, *hw, generator=gen)
+        sizes.append(hw)
+        return _pixtral_tokens(*hw, step, image_token, PIXTRAL_BREAK, PIXTRAL_END)
+
+    ids = _token_rows(rows, seeds, image)
+    return dict(ids, pixel_values=torch.stack(pixels), image_sizes=torch.tensor(sizes))
 
 
 PIXTRAL_BREAK, PIXTRAL_END = 125, 126
@@ -175,17 +185,14 @@ def llava(attn: str = "sdpa", seed: int = 0, tower: str = "clip",
     tokens = _n_features(model, pixel_values=torch.zeros(1, 3, 16, 16))
 
     def make_inputs(rows, seeds=None) -> dict:
-        ids, pixels = [], []
-        for segments, gen in zip(rows, _generators(rows, seeds)):
-            row = []
-            for kind, n in segments:
-                if kind == "text":
-                    row += _text(n, gen)
-                else:
-                    row += [image_token] * tokens
-                    pixels.append(torch.randn(3, 16, 16, generator=gen))
-            ids.append(row)
-        return dict(_left_pad(ids), pixel_values=torch.stack(pixels))
+        pixels = []
+
+        def image(kind, _, gen, r):
+            pixels.append(torch.randn(3, 16, 16, generator=gen))
+            return [image_token] * tokens
+
+        ids = _token_rows(rows, seeds, image)
+        return dict(ids, pixel_values=torch.stack(pixels))
 
     if tower == "clip":
         return TinyVLM(model, make_inputs,
@@ -228,20 +235,16 @@ def llava_next(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     model = _finish(LlavaNextForConditionalGeneration(config), attn)
 
     def make_inputs(rows, seeds=None) -> dict:
-        ids, pixels, sizes = [], [], []
-        for segments, gen in zip(rows, _generators(rows, seeds)):
-            row = []
-            for kind, size in segments:
-                if kind == "text":
-                    row += _text(size, gen)
-                    continue
-                tiles = image_size_to_num_patches(size, config.image_grid_pinpoints, 16)
-                pixels.append(torch.randn(tiles, 3, 16, 16, generator=gen))
-                sizes.append(size)
-                row += [image_token] * _n_features(model, pixel_values=pixels[-1][None],
-                                                   image_sizes=torch.tensor([size]))
-            ids.append(row)
-        return dict(_left_pad(ids), pixel_values=_stack_tiles(pixels), image_sizes=torch.tensor(sizes))
+        pixels, sizes = [], []
+
+        def image(kind, size, gen, r):
+            tiles = image_size_to_num_patches(size, config.image_grid_pinpoints, 16)
+            pixels.append(torch.randn(tiles, 3, 16, 16, generator=gen))
+            sizes.append(size)
+            return [image_token] * _n_features(model, pixel_values=pixels[-1][None], image_sizes=torch.tensor([size]))
+
+        ids = _token_rows(rows, seeds, image)
+        return dict(ids, pixel_values=_stack_tiles(pixels), image_sizes=torch.tensor(sizes))
 
     return TinyVLM(model, make_inputs,
                    single=[[("text", 5), ("image", (16, 32)), ("text", 7)]],
@@ -268,25 +271,21 @@ def llava_onevision(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     model = _finish(LlavaOnevisionForConditionalGeneration(config), attn)
 
     def make_inputs(rows, seeds=None) -> dict:
-        ids, pixels, sizes, videos, per_row = [], [], [], [], []
-        for segments, gen in zip(rows, _generators(rows, seeds)):
-            row, n_images = [], sum(kind == "image" for kind, _ in segments)
-            per_row.append(n_images)
-            for kind, size in segments:
-                if kind == "text":
-                    row += _text(size, gen)
-                elif kind == "video":
-                    videos.append(torch.randn(size, 3, 16, 16, generator=gen))
-                    row += [video_token] * (4 * size + 1)
-                else:
-                    tiles = image_size_to_num_patches(size, config.image_grid_pinpoints, 16)
-                    pixels.append(torch.randn(tiles, 3, 16, 16, generator=gen))
-                    sizes.append(size)
-                    row += [image_token] * _n_features(
-                        model, pixel_values=pixels[-1][None], image_sizes=torch.tensor([size]),
-                        batch_num_images=torch.tensor([n_images]) if n_images > 1 else None)
-            ids.append(row)
-        out = _left_pad(ids)
+        pixels, sizes, videos = [], [], []
+        per_row = [sum(kind == "image" for kind, _ in segments) for segments in rows]
+
+        def media(kind, size, gen, r):
+            if kind == "video":
+                videos.append(torch.randn(size, 3, 16, 16, generator=gen))
+                return [video_token] * (4 * size + 1)
+            tiles = image_size_to_num_patches(size, config.image_grid_pinpoints, 16)
+            pixels.append(torch.randn(tiles, 3, 16, 16, generator=gen))
+            sizes.append(size)
+            return [image_token] * _n_features(
+                model, pixel_values=pixels[-1][None], image_sizes=torch.tensor([size]),
+                batch_num_images=torch.tensor([per_row[r]]) if per_row[r] > 1 else None)
+
+        out = _token_rows(rows, seeds, media)
         if pixels:
             out.update(pixel_values=_stack_tiles(pixels), image_sizes=torch.tensor(sizes),
                        batch_num_images=torch.tensor(per_row))
@@ -316,17 +315,14 @@ def _cohere_tiles(config_cls, model_cls, attn: str, seed: int, **extra) -> TinyV
     tokens = _n_features(model, pixel_values=torch.zeros(1, 3, 32, 32))
 
     def make_inputs(rows, seeds=None) -> dict:
-        ids, pixels = [], []
-        for segments, gen in zip(rows, _generators(rows, seeds)):
-            row = []
-            for kind, tiles in segments:
-                if kind == "text":
-                    row += _text(tiles, gen)
-                    continue
-                row += [start] + ([tile] + [image_token] * tokens) * tiles + [end]
-                pixels.append(torch.randn(tiles, 3, 32, 32, generator=gen))
-            ids.append(row)
-        return dict(_left_pad(ids), pixel_values=torch.cat(pixels))
+        pixels = []
+
+        def image(kind, tiles, gen, r):
+            pixels.append(torch.randn(tiles, 3, 32, 32, generator=gen))
+            return [start] + ([tile] + [image_token] * tokens) * tiles + [end]
+
+        ids = _token_rows(rows, seeds, image)
+        return dict(ids, pixel_values=torch.cat(pixels))
 
     return TinyVLM(model, make_inputs,
                    single=[[("text", 5), ("image", 1), ("text", 7)]],
@@ -367,23 +363,19 @@ def _idefics(config_cls, model_cls, attn: str, seed: int, **reduce) -> TinyVLM:
     model = _finish(model_cls(config), attn)
 
     def make_inputs(rows, seeds=None) -> dict:
-        ids, pixels = [], []
-        for segments, gen in zip(rows, _generators(rows, seeds)):
-            row, images = [], []
-            for kind, n in segments:
-                if kind == "text":
-                    row += _text(n, gen)
-                else:
-                    row += [around] + [image_token] * 16 + [around]
-                    images.append(torch.randn(3, 32, 32, generator=gen))
-            ids.append(row)
-            pixels.append(images)
+        pixels = [[] for _ in rows]  # per row
+
+        def image(kind, _, gen, r):
+            pixels[r].append(torch.randn(3, 32, 32, generator=gen))
+            return [around] + [image_token] * 16 + [around]
+
+        ids = _token_rows(rows, seeds, image)
         most = max(len(p) for p in pixels)  # all-zero images are padding to the model
         stacked = torch.zeros(len(rows), most, 3, 32, 32)
         for r, images in enumerate(pixels):
             if images:
                 stacked[r, : len(images)] = torch.stack(images)
-        return dict(_left_pad(ids), pixel_values=stacked)
+        return dict(ids, pixel_values=stacked)
 
     return TinyVLM(model, make_inputs,
                    single=[[("text", 5), ("image", 0), ("text", 7)]],
@@ -443,17 +435,13 @@ def gemma3(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
         model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=32 ** -0.5)
 
     def make_inputs(rows, seeds=None) -> dict:
-        ids, pixels = [], []
-        for segments, gen in zip(rows, _generators(rows, seeds)):
-            row = []
-            for kind, n in segments:
-                if kind == "text":
-                    row += _text(n, gen)
-                else:
-                    row += [boi] + [image_token] * 16 + [eoi]
-                    pixels.append(torch.randn(3, 16, 16, generator=gen))
-            ids.append(row)
-        out = _left_pad(ids)
+        pixels = []
+
+        def image(kind, _, gen, r):
+            pixels.append(torch.randn(3, 16, 16, generator=gen))
+            return [boi] + [image_token] * 16 + [eoi]
+
+        out = _token_rows(rows, seeds, image)
         out["token_type_ids"] = (out["input_ids"] == image_token).long()
         return dict(out, pixel_values=torch.stack(pixels))
 
@@ -496,25 +484,23 @@ def _qwen(config_cls, model_cls, vision: dict, attn: str, seed: int, text=QWEN_T
     takes_types = "mm_token_type_ids" in inspect.signature(model.model.forward).parameters
 
     def make_inputs(rows, seeds=None) -> dict:
-        ids, media = [], {"image": ([], []), "video": ([], [])}
-        for segments, gen in zip(rows, _generators(rows, seeds)):
-            row = []
-            for kind, grid in segments:
-                if kind == "text":
-                    row += _text(grid, gen)
-                    continue
-                t, h, w = grid if kind == "video" else (1, *grid)
-                token = QWEN_VIDEO if kind == "video" else QWEN_IMAGE
-                # Qwen3-VL wraps every video frame in its own markers (after a timestamp).
-                for _ in range(t if kind == "video" and per_frame else 1):
-                    n = h * w // 4 * (1 if kind == "image" or per_frame else t)
-                    row += ([QWEN_START] + [token] * n + [QWEN_END]
-                            + (_text(1, gen) if kind == "video" and per_frame else []))
-                pixels, grids = media[kind]
-                pixels.append(torch.randn(t * h * w, patch_dim, generator=gen))
-                grids.append([t if kind == "video" else 1, h, w])
-            ids.append(row)
-        out = _left_pad(ids)
+        media = {"image": ([], []), "video": ([], [])}
+
+        def segment(kind, grid, gen, r):
+            t, h, w = grid if kind == "video" else (1, *grid)
+            token = QWEN_VIDEO if kind == "video" else QWEN_IMAGE
+            ids = []
+            # Qwen3-VL wraps every video frame in its own markers (after a timestamp).
+            for _ in range(t if kind == "video" and per_frame else 1):
+                n = h * w // 4 * (1 if kind == "image" or per_frame else t)
+                ids += ([QWEN_START] + [token] * n + [QWEN_END]
+                        + (_text(1, gen) if kind == "video" and per_frame else []))
+            pixels, grids = media[kind]
+            pixels.append(torch.randn(t * h * w, patch_dim, generator=gen))
+            grids.append([t if kind == "video" else 1, h, w])
+            return ids
+
+        out = _token_rows(rows, seeds, segment)
         out.update(_patch_inputs(media))
         if takes_types:  # transformers 5.x: M-RoPE reads the modality of every token
             out["mm_token_type_ids"] = ((out["input_ids"] == QWEN_IMAGE).int()
@@ -569,27 +555,19 @@ def glm4v(attn: str = "sdpa", seed: int = 0, videos: bool = False) -> TinyVLM:
     takes_types = "mm_token_type_ids" in inspect.signature(model.model.forward).parameters
 
     def make_inputs(rows, seeds=None) -> dict:
-        ids, types, media = [], [], {"image": ([], []), "video": ([], [])}
-        for segments, gen in zip(rows, _generators(rows, seeds)):
-            row, kinds = [], []
-            for kind, grid in segments:
-                if kind == "text":
-                    row += _text(grid, gen)
-                    kinds += [0] * grid
-                    continue
-                t, h, w = grid if kind == "video" else (1, *grid)
-                frame = [QWEN_START] + [QWEN_IMAGE] * (h * w // 4) + [QWEN_END]
-                if kind == "image":
-                    row += frame
-                else:
-                    row += [video_start] + sum((frame + _text(1, gen) for _ in range(t)), []) + [video_end]
-                kinds += [0] * (len(row) - len(kinds))
-                pixels, grids = media[kind]
-                pixels.append(torch.randn(t * h * w, 24, generator=gen))
-                grids.append([t, h, w])
-            ids.append(row)
-            types.append(kinds)
-        out = _left_pad(ids)
+        media = {"image": ([], []), "video": ([], [])}
+
+        def segment(kind, grid, gen, r):
+            t, h, w = grid if kind == "video" else (1, *grid)
+            frame = [QWEN_START] + [QWEN_IMAGE] * (h * w // 4) + [QWEN_END]
+            ids = frame if kind == "image" else (
+                [video_start] + sum((frame + _text(1, gen) for _ in range(t)), []) + [video_end])
+            pixels, grids = media[kind]
+            pixels.append(torch.randn(t * h * w, 24, generator=gen))
+            grids.append([t, h, w])
+            return ids
+
+        out = _token_rows(rows, seeds, segment)
         out.update(_patch_inputs(media))
         if takes_types:
             image = out["input_ids"] == QWEN_IMAGE
@@ -650,17 +628,14 @@ def internvl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     model = _finish(InternVLForConditionalGeneration(config), attn)
 
     def make_inputs(rows, seeds=None) -> dict:
-        ids, pixels = [], []
-        for segments, gen in zip(rows, _generators(rows, seeds)):
-            row = []
-            for kind, tiles in segments:
-                if kind == "text":
-                    row += _text(tiles, gen)
-                    continue
-                row += [start] + [image_token] * 16 * tiles + [end]
-                pixels.append(torch.randn(tiles, 3, 32, 32, generator=gen))
-            ids.append(row)
-        return dict(_left_pad(ids), pixel_values=torch.cat(pixels))
+        pixels = []
+
+        def image(kind, tiles, gen, r):
+            pixels.append(torch.randn(tiles, 3, 32, 32, generator=gen))
+            return [start] + [image_token] * 16 * tiles + [end]
+
+        ids = _token_rows(rows, seeds, image)
+        return dict(ids, pixel_values=torch.cat(pixels))
 
     return TinyVLM(model, make_inputs,
                    single=[[("text", 5), ("image", 2), ("text", 7)]],
