@@ -106,6 +106,14 @@ def test_plan_video_batch_runs_in_groups_that_fit_the_budget():
     assert huge.scratch_bytes < 2 * 4 * 40000**2 // 32  # rank partials O(B·N²/64): no N x N matrix
 
 
+def test_plan_is_memoised_and_follows_the_environment(monkeypatch):
+    monkeypatch.delenv(GRAM_BUDGET_ENV, raising=False)
+    plan = launch_plan(2, 300, 64, torch.bfloat16, 30, 0.5, True)
+    assert launch_plan(2, 300, 64, torch.bfloat16, 30, 0.5, True) is plan  # no Python work per call
+    monkeypatch.setenv(GRAM_BUDGET_ENV, "0")
+    assert launch_plan(2, 300, 64, torch.bfloat16, 30, 0.5, True).path == "stream" != plan.path
+
+
 def test_plan_fp32_uses_narrower_feature_chunks_and_ieee_dots():
     plan = launch_plan(32, 576, 4096, torch.float32, 64, 0.5, False)
     assert (plan.block_d, plan.dot_precision, plan.path) == (16, "ieee", "gram")

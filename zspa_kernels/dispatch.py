@@ -19,6 +19,7 @@ so that ``auto`` never triggers a compile in the hot path.
 """
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import re
@@ -75,6 +76,7 @@ def _release(package: str) -> tuple[int, int]:
     return (int(found[1]), int(found[2])) if found else (0, 0)
 
 
+@functools.lru_cache(maxsize=None)  # installed versions do not change under a running process
 def interpreter_problem() -> Optional[str]:
     """Why Triton's CPU interpreter cannot run the kernels here, or None. Triton before 3.7
     turns a scalar kernel argument into a one-element array and reads it with ``int()``

@@ -20,6 +20,7 @@ syncs the device and the scratch of a call is the same at every CUDA-graph repla
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import triton
@@ -53,10 +54,17 @@ def _pow2(x: int, lo: int, hi: int) -> int:
 
 def launch_plan(B: int, N: int, D: int, dtype: torch.dtype, k: int, core_ratio: float,
                 has_lengths: bool) -> LaunchPlan:
-    """The plan for ``visual`` of shape ``(B, N, D)`` and ``dtype``, budget ``k``, ratio ``core_ratio``."""
+    """The plan for ``visual`` of shape ``(B, N, D)`` and ``dtype``, budget ``k``, ratio ``core_ratio``.
+    Memoised on everything it depends on (the environment's budget and interpreter switch too):
+    computing one costs ~10 µs of Python, a large share of the op's host time per call."""
+    return _plan(B, N, D, dtype, k, core_ratio, has_lengths, gram_budget(), triton_interpreter())
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(B: int, N: int, D: int, dtype: torch.dtype, k: int, core_ratio: float, has_lengths: bool,
+          budget: int, interpreted: bool) -> LaunchPlan:
     need_isolation = may_need_isolation(k, core_ratio, N, has_lengths)
     row_gram = 4 * N * N
-    budget = gram_budget()
     path = "gram" if row_gram <= budget else "stream"
     rows = min(B, budget // row_gram) if path == "gram" else B
     # tl.dot needs every dim >= 16. 64-wide tiles, 8 warps and 32-wide (fp32: 16) feature chunks
@@ -80,7 +88,7 @@ def launch_plan(B: int, N: int, D: int, dtype: torch.dtype, k: int, core_ratio: 
         block_d=block_d,
         block_select=block_select, core_block=core_block, block_rows=32, block_prompt=16,
         num_warps_tile=8, num_warps_stats=8,
-        dot_precision="ieee", dot_upcast=dtype == torch.bfloat16 and triton_interpreter(),
+        dot_precision="ieee", dot_upcast=dtype == torch.bfloat16 and interpreted,
         scale_operands=dtype != torch.float16,
         scratch_bytes=scratch,
     )

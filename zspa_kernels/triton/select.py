@@ -61,16 +61,16 @@ def select_tokens_triton(
     out = torch.full((B, k), -1, dtype=torch.int64, device=visual.device)  # the -1 padding
     order = out if pick_order else scratch(B, min(k, N), dtype=torch.int64)
 
-    def part(t, group):
-        return None if t is None else t[group]
+    def part(t, group):  # one group (the usual case): the tensor itself, no view to build
+        return t if t is None or rows >= B else t[group]
 
     # Triton launches on the current device: make it the tensors' one (cuda:1 inputs, say).
     with torch.cuda.device(visual.device) if visual.is_cuda else contextlib.nullcontext():
         # Batch groups reuse the scratch: launches on one stream run in order.
         for b0 in range(0, B, rows):
             group = slice(b0, min(B, b0 + rows))
-            launch_token_stats(visual[group], prompt[group], part(prompt_mask, group), part(lengths, group),
-                               *stats, relevance, plan)
-            launch_gram_select(visual[group], part(lengths, group), stats, work, order[group], out[group],
-                               k, core_ratio, pick_order, plan)
+            launch_token_stats(part(visual, group), part(prompt, group), part(prompt_mask, group),
+                               part(lengths, group), *stats, relevance, plan)
+            launch_gram_select(part(visual, group), part(lengths, group), stats, work, part(order, group),
+                               part(out, group), k, core_ratio, pick_order, plan)
     return out
