@@ -1,4 +1,4 @@
-// Kernel 3 of 3: ZSPAPrune selection of one batch row per CTA (SPEC §1 steps 1, 3-7).
+// Kernel 4 of 4: ZSPAPrune selection of one batch row per CTA (SPEC §1 steps 1, 3-7).
 //
 // Inputs, all fp32, computed by the launcher from the tokens scaled by their power-of-two
 // token_scale (spec.cuh; exact, so that no square overflows; null for fp16, which cannot):

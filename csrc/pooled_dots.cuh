@@ -1,4 +1,4 @@
-// Kernel 2 of 3 (relevance "mean" only): dots[b, i] = v_i . pooled_b in fp32.
+// Kernel 3 of 4 (relevance "mean" only): dots[b, i] = v_i . pooled_b in fp32.
 //
 // The pooled prompt is an fp32 vector (prompt_stats.cuh), so this is a mixed-precision
 // mat-vec rather than a cuBLAS GEMM: one warp per token reads the token's D values

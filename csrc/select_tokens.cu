@@ -1,10 +1,14 @@
-// Launcher: power-of-two scaling of the tokens (ATen; bf16/fp32 only), fp32-accumulating
-// GEMMs (cuBLAS through ATen) and the three kernels. Everything is enqueued on the current
-// stream without reading any device value, so the op can be captured in a CUDA graph.
+// Launcher: the power-of-two scaling of the tokens (scale_rows.cuh; bf16/fp32 only), the
+// fp32-accumulating GEMMs (cuBLAS through ATen) and the three selection kernels. Everything is
+// enqueued on the current stream without reading any device value, so the op can be captured
+// in a CUDA graph. Launches per call: scale, prompt stats, pooled dots ("mean"; "max": scale
+// of the prompt and its dots GEMM), the Gram GEMM and the greedy kernel per Gram chunk.
 #include "select_tokens.h"
 
 #include <algorithm>
 #include <climits>
+#include <tuple>
+#include <utility>
 
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
@@ -15,6 +19,7 @@
 #include "greedy_select.cuh"
 #include "pooled_dots.cuh"
 #include "prompt_stats.cuh"
+#include "scale_rows.cuh"
 #include "spec.cuh"
 
 namespace zspa {
@@ -35,18 +40,23 @@ int threads_for(int64_t n, int64_t cap) {
   return static_cast<int>(std::min<int64_t>(cap, (n + 31) / 32 * 32));
 }
 
-// (rows, L) fp32: each row's pow2_scale (spec.cuh) of its largest finite |x|, from the
-// exponent bits, so the products below are exact. fp16 is never scaled: its squares
-// cannot overflow fp32, and scaling fp16 values down could round the small ones.
-at::Tensor pow2_scales(const at::Tensor& x) {
-  const at::Tensor amax = at::nan_to_num(x.abs(), 0.0, 0.0, 0.0).amax(-1).to(at::kFloat);
-  const at::Tensor exponent = std::get<1>(at::frexp(amax)).clamp(kScaleExpMin, kScaleExpMax);
-  return at::bitwise_left_shift(127 - exponent, 23).to(at::kInt).view(at::kFloat);
-}
-
-// x (rows, L, D) times its rows' scales, in x's dtype (exact).
-at::Tensor scaled(const at::Tensor& x, const at::Tensor& scales) {
-  return (x.to(at::kFloat) * scales.unsqueeze(-1)).to(x.scalar_type()).contiguous();
+// x (B, L, D) contiguous, bf16 or fp32: {x scaled row by row, (B, L) fp32 scales}, one launch
+// (scale_rows.cuh). fp16 is never scaled: its squares cannot overflow fp32, and scaling fp16
+// values down could round the small ones.
+std::pair<at::Tensor, at::Tensor> scale_rows(const at::Tensor& x, cudaStream_t stream) {
+  constexpr int kWarpsPerBlock = 8;
+  const int64_t rows = x.size(0) * x.size(1);
+  TORCH_CHECK(rows <= int64_t{INT_MAX} * kWarpsPerBlock, "visual: too many rows for one scaling launch");
+  at::Tensor scaled = at::empty_like(x);
+  at::Tensor scales = at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kFloat));
+  const unsigned blocks = static_cast<unsigned>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  AT_DISPATCH_V2(x.scalar_type(), "zspa_scale_rows", AT_WRAP([&] {
+    scale_rows_kernel<scalar_t><<<blocks, 32 * kWarpsPerBlock, 0, stream>>>(
+        x.data_ptr<scalar_t>(), scaled.data_ptr<scalar_t>(), scales.data_ptr<float>(), rows,
+        static_cast<int>(x.size(2)));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }), at::kFloat, at::kBFloat16);
+  return {scaled, scales};
 }
 
 }  // namespace
@@ -73,14 +83,11 @@ at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt
   TORCH_CHECK(B <= 65535 && N <= INT_MAX / 2 && D <= INT_MAX && T <= INT_MAX,
               "visual: too large for the cuda backend");
   const bool max_relevance = relevance == "max";
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   at::Tensor token_scale, prompt_scale;  // undefined: unscaled (fp16)
   if (V.scalar_type() != at::kHalf) {
-    token_scale = pow2_scales(V);
-    V = scaled(V, token_scale);
-    if (max_relevance) {  // "mean" scales the pooled vector in prompt_stats instead
-      prompt_scale = pow2_scales(P);
-      P = scaled(P, prompt_scale);
-    }
+    std::tie(V, token_scale) = scale_rows(V, stream);
+    if (max_relevance) std::tie(P, prompt_scale) = scale_rows(P, stream);  // "mean": prompt_stats scales the pooled vector
   }
 
   at::Tensor mask;
@@ -102,7 +109,6 @@ at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt
               " tokens need ", smem_bytes, " bytes of shared memory per row, more than this GPU's ",
               device_smem, "; use backend='triton'");
 
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const auto f32 = V.options().dtype(at::kFloat);
   at::Tensor prompt_norm = at::empty({B, T}, f32);
   at::Tensor pooled = max_relevance ? at::Tensor() : at::empty({B, D}, f32);

@@ -2,7 +2,8 @@
 
 CI has no GPU, so this is where the block logic of ``prompt_stats.cuh``,
 ``pooled_dots.cuh`` and ``greedy_select.cuh`` meets the oracle: each CUDA thread
-is a CPU thread, with real barriers, shuffles and ballots. The GEMM outputs the
+is a CPU thread, with real barriers, shuffles and ballots; ``scale_rows.cuh`` scales the tokens
+as the launcher has it do. The GEMM outputs the
 launcher would get from cuBLAS are built here as fp64 products rounded to fp32
 (fp32 accuracy, like cuBLAS with fp32 accumulation), the Gram made exactly
 symmetric as cuBLAS's is (its (i, j) and (j, i) entries sum the same exact
@@ -48,11 +49,18 @@ def _ptr(array):
     return None if array is None else array.ctypes.data_as(ctypes.c_void_p)
 
 
-def launcher_scales(x):
-    """What select_tokens.cu's pow2_scales computes (ATen ops, so the same ops here)."""
+def expected_scales(x):
+    """spec's power-of-two scale of each row's largest finite |x| (torch ops, independent of csrc/)."""
     amax = torch.nan_to_num(x.abs(), 0.0, 0.0, 0.0).amax(-1).float()
-    exponent = torch.frexp(amax).exponent.clamp(SCALE_EXP_MIN, SCALE_EXP_MAX)
-    return ((127 - exponent.int()) << 23).view(torch.float32)
+    return torch.exp2(-torch.frexp(amax).exponent.clamp(SCALE_EXP_MIN, SCALE_EXP_MAX).float())
+
+
+def emulated_scale_rows(emulator, x):
+    """scale_rows.cuh on ``x`` (..., D) as fp32 values: (scaled copy, scales)."""
+    flat = np.ascontiguousarray(x.float().reshape(-1, x.shape[-1]).numpy())
+    scaled, scale = np.empty_like(flat), np.empty(flat.shape[0], dtype=np.float32)
+    emulator.emulate_scale_rows(_ptr(flat), _ptr(scaled), _ptr(scale), ctypes.c_int64(flat.shape[0]), flat.shape[1], 2)
+    return torch.from_numpy(scaled).reshape(x.shape), torch.from_numpy(scale).reshape(x.shape[:-1])
 
 
 def emulated_select(emulator, case, pick_order, threads):
@@ -60,11 +68,11 @@ def emulated_select(emulator, case, pick_order, threads):
     visual, prompt = case.visual, case.prompt if case.prompt.dim() == 3 else case.prompt.unsqueeze(1)
     token_scale = prompt_scale = None
     if visual.dtype != torch.float16:  # the launcher scales bf16/fp32 tokens (and "max" prompts)
-        token_scale = launcher_scales(visual)
-        visual = (visual.float() * token_scale.unsqueeze(-1)).to(visual.dtype)
+        scaled, token_scale = emulated_scale_rows(emulator, visual)
+        visual = scaled.to(visual.dtype)  # exact: bf16 values times powers of two
         if case.relevance == "max":
-            prompt_scale = launcher_scales(prompt)
-            prompt = (prompt.float() * prompt_scale.unsqueeze(-1)).to(prompt.dtype)
+            scaled, prompt_scale = emulated_scale_rows(emulator, prompt)
+            prompt = scaled.to(prompt.dtype)
     visual, prompt = visual.double(), prompt.double()
     B, N, D = visual.shape
     T = prompt.shape[1]
@@ -164,7 +172,25 @@ def test_spec_rules_match_zspa_kernels_spec(emulator):
     for amax in [0.0, 1e-45, 1e-40, 2.0**-126, 1e-6, 0.5, 1.0, 3.0, 1e20, 2.0**126, 3.4e38]:
         x = torch.tensor([amax], dtype=torch.float32)
         expected = float(torch.exp2(-torch.frexp(x).exponent.clamp(SCALE_EXP_MIN, SCALE_EXP_MAX).float()))
-        assert emulator.emulate_pow2_scale(ctypes.c_float(float(x))) == expected == float(launcher_scales(x)), amax
+        assert emulator.emulate_pow2_scale(ctypes.c_float(float(x))) == expected == float(expected_scales(x)), amax
     constants = [spec.NORM_EPS, spec.NONFINITE_RELEVANCE, spec.NONFINITE_SIMILARITY, SCALE_EXP_MIN, SCALE_EXP_MAX]
     assert [emulator.emulate_constant(i) for i in range(5)] == [float(torch.tensor(c, dtype=torch.float32))
                                                                  for c in constants]
+
+
+def test_scale_rows_scales_every_row_by_the_power_of_two_of_its_largest_finite_value(emulator):
+    """scale_rows.cuh against spec's rule: rows of any magnitude (1e-40 to 3e38), zeros, NaN and
+    inf (which count as 0 for the scale and stay NaN/inf), D not a multiple of 32, and more rows
+    than one block's warps."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 7, 45, generator=g) * torch.logspace(-40, 38, 35).reshape(5, 7, 1)
+    x[0, 0] = 0.0
+    x[1, 2, 3], x[2, 4, 44], x[3, 1, 0] = float("nan"), float("inf"), float("-inf")
+    x[4, 6] = float("nan")
+    scaled, scale = emulated_scale_rows(emulator, x)
+    assert torch.equal(scale, expected_scales(x))
+    torch.testing.assert_close(scaled, x * scale.unsqueeze(-1), rtol=0, atol=0, equal_nan=True)
+    amax = torch.nan_to_num(x.abs(), 0.0, 0.0, 0.0).amax(-1)
+    unclamped = (amax >= 2.0**SCALE_EXP_MIN) & (amax < 2.0**SCALE_EXP_MAX)
+    top = torch.nan_to_num(scaled.abs(), 0.0, 0.0, 0.0).amax(-1)[unclamped]
+    assert unclamped.sum() > 20 and bool(((top >= 0.5) & (top < 1.0)).all())  # such rows land in [0.5, 1)

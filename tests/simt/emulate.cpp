@@ -7,6 +7,7 @@
 #include "greedy_select.cuh"
 #include "pooled_dots.cuh"
 #include "prompt_stats.cuh"
+#include "scale_rows.cuh"
 
 extern "C" void emulate_prompt_stats(const float* prompt, const bool* mask, float* pooled, float* norm,
                                      const float* scale, int B, int T, int D, bool max_relevance, int threads) {
@@ -16,6 +17,13 @@ extern "C" void emulate_prompt_stats(const float* prompt, const bool* mask, floa
       zspa::prompt_stats_row<float>(prompt, mask, pooled, norm, scale, T, D, max_relevance, scratch);
     });
   }
+}
+
+extern "C" void emulate_scale_rows(const float* x, float* scaled, float* scale, int64_t rows, int D,
+                                   int warps_per_block) {
+  for (int64_t x0 = 0; x0 * warps_per_block < rows; ++x0)
+    simt::run_block(static_cast<int>(x0), 0, 32 * warps_per_block,
+                    [&] { zspa::scale_rows_block<float>(x, scaled, scale, rows, D); });
 }
 
 // The rules of spec.cuh, for the test that checks them against zspa_kernels/spec.py.
