@@ -150,6 +150,17 @@ main() {
     pack
   done
   echo "== done at ${SECONDS}s: $(ls "$DEST" | tr '\n' ' ')"
+  summary
+}
+
+# Last, so that the tail of the output (all a device call returns inline) holds the verdicts.
+summary() {
+  local f
+  echo "== summary"
+  f="$DEST/$STEM.tests.log"; [ -f "$f" ] && grep -E "passed|failed|error|exit status" "$f" | tail -3
+  f="$DEST/$STEM.sanitize.log"; [ -f "$f" ] && grep -E "^== |ERROR SUMMARY|RACECHECK SUMMARY|not on PATH" "$f"
+  f="$DEST/$STEM.md"; [ -f "$f" ] && sed -n '/^## Targets/,/^## Micro/p' "$f" | grep '^|'
+  return 0
 }
 
 if [ -n "${OUT:-}" ]; then main "$@" 2>&1 | tee "$OUT/run.log"; else main "$@"; fi
