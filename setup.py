@@ -38,7 +38,8 @@ setup(
     # csrc/ is installed as zspa_kernels/csrc so that installed copies can compile on demand.
     packages=find_packages(include=["zspa_kernels", "zspa_kernels.*"]) + ["zspa_kernels.csrc"],
     package_dir={"zspa_kernels.csrc": "csrc"},
-    package_data={"zspa_kernels.csrc": ["*.cu", "*.cuh", "*.h", "*.cpp", "sources.txt", "cpu/*.cpp", "cpu/sources.txt"]},
+    package_data={"zspa_kernels.csrc": ["*.cu", "*.cuh", "*.h", "*.cpp", "sources.txt", "cpu/*.cpp", "cpu/sources.txt"],
+                  "zspa_kernels": ["auto_cuda.json"]},  # the measured auto table, once a GPU run wrote it
     python_requires=">=3.10",
     # ninja: the C++ kernels (csrc/cpu, what auto runs on CPU tensors; csrc/ for CUDA) build on first use.
     install_requires=["torch>=2.4", "numpy", "ninja"],

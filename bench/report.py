@@ -80,6 +80,24 @@ def e2e_table(records: list[dict]) -> list[str]:
 
 
 FUSED = ("cuda", "triton")
+# auto picks cuda for a shape only where its CUDA-event median beats triton's by more than this
+# (run-to-run medians of one kernel on one GPU move by a few percent).
+AUTO_MARGIN = 0.10
+
+
+def auto_table(records: list[dict], source: str, device: str) -> dict:
+    """The table ``zspa_kernels/auto_cuda.json`` that ``dispatch`` reads: every case timed on
+    both fused backends with CUDA events, and the one ``auto`` should run there."""
+    cases = []
+    for key in sorted({(r["B"], r["N"], r["k"]) for r in records if r["impl"] in FUSED}):
+        times = {r["impl"]: r["median_us"] for r in records
+                 if (r["B"], r["N"], r["k"]) == key and r["impl"] in FUSED and r["timer"] == "cuda_events"}
+        if len(times) == 2:
+            backend = "cuda" if times["cuda"] < (1 - AUTO_MARGIN) * times["triton"] else "triton"
+            cases.append(dict(zip(("B", "N", "k"), key), triton_us=times["triton"], cuda_us=times["cuda"],
+                              backend=backend))
+    return {"source": source, "device": device, "margin": AUTO_MARGIN,
+            "rule": f"cuda where its CUDA-event median is more than {AUTO_MARGIN:.0%} below triton's", "cases": cases}
 
 
 def _best_fused(records: list[dict], shape: str, k: int, key: str = "median_us"):
@@ -190,6 +208,8 @@ def main(argv=None) -> int:
     parser.add_argument("--demo", type=pathlib.Path, help="saved output of `zspa demo` (a .demo.png beside it)")
     parser.add_argument("--profile", type=pathlib.Path, help="time split JSON from bench.profile")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench/results"))
+    parser.add_argument("--auto-table", type=pathlib.Path,
+                        help="also write auto's table here (zspa_kernels/auto_cuda.json) from a GPU run")
     parser.add_argument("--date", default=datetime.date.today().isoformat())
     parser.add_argument("--print-stem", action="store_true", help="print <date>-<device> of this machine and exit")
     args = parser.parse_args(argv)
@@ -206,6 +226,12 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"{args.date}-{slug(env['device'])}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    if args.auto_table:
+        table = auto_table(records, f"bench/results/{stem.name}.json", env["device"])
+        if table["cases"]:
+            args.auto_table.write_text(json.dumps(table, indent=1) + "\n")
+        else:
+            print("--auto-table: no case was timed on both fused backends with CUDA events: no table written")
 
     title = f"{env['device']} · torch {env['torch']} · triton {env['triton']} · CUDA {env['cuda']} · {args.date}"
     lines = [f"# select_tokens benchmarks: {env['device']}", "",

@@ -16,7 +16,8 @@
 #   profile  bench/profile.py's time split (GPU time, graph replay, eager host cost, fixed cost
 #            and cost per greedy step), then Nsight Compute of one call per fused backend
 #   demo     `zspa demo` (the README's first command) and its picture
-#   report   <stem>.{json,md,png} from whatever raw files this run left
+#   report   <stem>.{json,md,png} from whatever raw files this run left, and on a GPU
+#            <stem>.auto_cuda.json: auto's per-shape table (commit it as zspa_kernels/auto_cuda.json)
 #
 # Time: ZSPA_RUN_SECONDS (default 500) bounds the whole run. Each stage runs under `timeout`
 # with the smaller of its own cap and what is left (30 s kept for the report), and a stage with
@@ -144,6 +145,7 @@ main() {
           f="$DEST/$s.$kind-raw.json"; [ "$kind" = demo ] && f="$DEST/$s.demo.txt"
           [ -f "$f" ] && extra+=("--$kind" "$f")
         done
+        has_gpu && extra+=(--auto-table "$DEST/$s.auto_cuda.json")  # auto's table, to review and commit
         timeout "$allowed" "$PY" -m bench.report --micro "$DEST/$s.micro-raw.json" "${extra[@]}" --out "$DEST" \
           && cat "$DEST/$s.md" ;;
     esac

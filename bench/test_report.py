@@ -82,3 +82,17 @@ def test_unmeasured_targets_say_so_and_host_clock_runs_have_none(tmp_path):
 def test_time_split_is_a_least_squares_line():
     intercept, slope = profile.fit_line(profile.STEPS, [12.0 + 0.75 * s for s in profile.STEPS])
     assert intercept == pytest.approx(12.0) and slope == pytest.approx(0.75)
+
+
+def test_auto_table_picks_cuda_only_beyond_the_margin(tmp_path):
+    micro = [_bench("triton", "llava-1.5", 1, 576, 4096, 64, 30.0), _bench("cuda", "llava-1.5", 1, 576, 4096, 64, 20.0),
+             _bench("triton", "llava-1.5-b32", 32, 576, 4096, 64, 100.0),
+             _bench("cuda", "llava-1.5-b32", 32, 576, 4096, 64, 95.0),
+             _bench("triton", "video", 1, 16384, 3584, 1638, 9000.0)]  # cuda not timed there
+    (tmp_path / "micro.json").write_text(json.dumps({"benchmarks": micro}))
+    table_path = tmp_path / "auto_cuda.json"
+    assert report.main(["--micro", str(tmp_path / "micro.json"), "--out", str(tmp_path), "--date", "2026-01-01",
+                        "--auto-table", str(table_path)]) == 0
+    table = json.loads(table_path.read_text())
+    assert table["source"] == "bench/results/2026-01-01-nvidia-h200.json" and table["device"] == "NVIDIA H200"
+    assert [(c["B"], c["backend"]) for c in table["cases"]] == [(1, "cuda"), (32, "triton")]  # 5% is noise

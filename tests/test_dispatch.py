@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import warnings
 
 import pytest
@@ -86,3 +87,47 @@ def test_triton_interpreter_counts_only_where_it_can_run(monkeypatch, triton, nu
 def test_release_reads_installed_versions():
     assert dispatch._release("torch") >= (2, 4)
     assert dispatch._release("no-such-package-zspa") == (0, 0)
+
+
+def _table(monkeypatch, tmp_path, cases, ready=True):
+    path = tmp_path / "auto_cuda.json"
+    if cases is not None:
+        path.write_text(json.dumps({"source": "bench/results/x.json", "device": "GPU", "cases": cases}))
+    monkeypatch.setattr(dispatch, "AUTO_TABLE", path)
+    monkeypatch.setattr(dispatch, "auto_table", functools.lru_cache(dispatch.auto_table.__wrapped__))
+    monkeypatch.setattr(dispatch, "auto_cuda_backend", functools.lru_cache(dispatch.auto_cuda_backend.__wrapped__))
+    monkeypatch.setattr(dispatch, "_cuda_extension_ready", lambda: ready)
+    monkeypatch.delenv("ZSPA_BACKEND", raising=False)
+
+
+def test_auto_on_cuda_follows_the_nearest_measured_case(monkeypatch, tmp_path):
+    _table(monkeypatch, tmp_path, [{"B": 1, "N": 576, "k": 64, "backend": "cuda"},
+                                   {"B": 32, "N": 576, "k": 64, "backend": "triton"},
+                                   {"B": 1, "N": 16384, "k": 1638, "backend": "triton"}])
+    cuda = torch.device("cuda")
+    assert dispatch.resolve_backend("auto", cuda, (1, 576, 64)) == "cuda"
+    assert dispatch.resolve_backend("auto", cuda, (2, 600, 58)) == "cuda"       # nearest: LLaVA B=1
+    assert dispatch.resolve_backend("auto", cuda, (16, 576, 64)) == "triton"    # nearest: B=32
+    assert dispatch.resolve_backend("auto", cuda, (1, 8192, 1000)) == "triton"  # nearest: video
+    assert dispatch.resolve_backend("auto", cuda) == "triton"                   # no shape given
+    assert dispatch.resolve_backend("triton", cuda, (1, 576, 64)) == "triton"   # the keyword wins
+    assert dispatch.resolve_backend("auto", CPU, (1, 576, 64)) == "cpu"
+
+
+def test_auto_never_picks_an_unbuilt_cuda_extension_or_guesses_without_a_table(monkeypatch, tmp_path):
+    _table(monkeypatch, tmp_path, [{"B": 1, "N": 576, "k": 64, "backend": "cuda"}], ready=False)
+    assert dispatch.resolve_backend("auto", torch.device("cuda"), (1, 576, 64)) == "triton"
+    _table(monkeypatch, tmp_path / "none", None)
+    assert dispatch.auto_table() is None
+    assert dispatch.resolve_backend("auto", torch.device("cuda"), (1, 576, 64)) == "triton"
+
+
+def test_a_malformed_table_is_a_clear_error(monkeypatch, tmp_path):
+    _table(monkeypatch, tmp_path, [{"B": 1, "N": 576, "backend": "cuda"}])
+    with pytest.raises(ValueError, match="auto_cuda.json: expected 'source' and 'cases' of B, N, k and backend"):
+        dispatch.resolve_backend("auto", torch.device("cuda"), (1, 576, 64))
+
+
+def test_no_table_is_committed_before_a_gpu_run_measured_one():
+    table = dispatch.auto_table()
+    assert table is None or table["source"].startswith("bench/results/")

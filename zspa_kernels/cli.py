@@ -19,7 +19,7 @@ def cmd_info(_args: argparse.Namespace) -> int:
 
     import zspa_kernels
     from zspa_kernels import builder
-    from zspa_kernels.dispatch import available_backends, resolve_backend
+    from zspa_kernels.dispatch import auto_table, available_backends, resolve_backend
 
     print(f"zspa-kernels  {zspa_kernels.__version__}")
     print(f"python        {platform.python_version()}")
@@ -41,6 +41,8 @@ def cmd_info(_args: argparse.Namespace) -> int:
     print(f"  triton      {'available' if triton_ok else 'needs triton and a CUDA device (or TRITON_INTERPRET=1)'}")
     print(f"  cuda        {builder.status(builder.CUDA_EXTENSION)}{'' if 'cuda' in available else '; runs on CUDA devices only'}")
     print(f"  auto        -> {resolve_backend('auto', device)} on {device.type}")
+    table = auto_table()
+    print(f"  auto table  {'none: triton on every CUDA shape' if table is None else 'per shape on CUDA, measured by ' + table['source']}")
     return 0
 
 

@@ -7,21 +7,22 @@ pick order (or the ascending kept indices when ``pick_order`` is false) as a
 
 ``auto`` rule: CPU tensors use ``cpu`` (the ``csrc/cpu`` kernels: the first call compiles them,
 saying so in one line, and runs ``reference`` with one warning where they cannot be built;
-``bench/results`` times them beside the baselines); CUDA tensors use ``triton``.
-
-The ``cuda`` backend is never chosen by ``auto`` until measured: it compiles on
-first use (minutes) and nobody has timed it on a GPU yet. Rule to apply once
-``bench/`` has both backends on one GPU: per shape class ``(N bucket, k bucket,
-B bucket)`` take the backend with the lower median CUDA-event time, and keep
-``triton`` unless ``cuda`` wins by more than the run-to-run spread; prefer ``cuda``
-only where its extension is already built (``zspa_kernels.builder.status()``),
-so that ``auto`` never triggers a compile in the hot path.
+``bench/results`` times them beside the baselines). CUDA tensors use ``triton``, except where
+the measured table ``auto_cuda.json`` (beside this file; ``python -m bench.report --auto-table``
+writes it from a GPU run's microbenchmarks, and it names that run) says ``cuda`` for the
+measured case nearest the call's ``(B, N, k)`` (log scale): there ``cuda`` won by more than
+the table's margin. ``cuda`` is chosen only where its extension is already built or loaded
+(checked once per process), so ``auto`` never compiles in the hot path. Without the table
+(no GPU run has produced one yet) CUDA tensors always use ``triton``.
 """
 from __future__ import annotations
 
 import functools
 import importlib.metadata
 import importlib.util
+import json
+import math
+import pathlib
 import re
 from typing import Callable, Optional
 
@@ -30,12 +31,18 @@ import torch
 from .spec import BACKENDS, backend_from_env, triton_interpreter
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend that will run for ``backend`` on tensors living on ``device``."""
+AUTO_TABLE = pathlib.Path(__file__).with_name("auto_cuda.json")
+
+
+def resolve_backend(backend: str, device: torch.device, shape: Optional[tuple[int, int, int]] = None) -> str:
+    """The backend that will run for ``backend`` on tensors living on ``device``; ``shape`` is
+    the call's ``(B, N, k)``, which ``auto`` on CUDA looks up in the measured table."""
     if backend == "auto":
         backend = backend_from_env()
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "cpu"
+        if device.type != "cuda":
+            return "cpu"
+        return "triton" if shape is None else auto_cuda_backend(*shape)
     if backend == "triton" and device.type != "cuda":
         if not triton_interpreter():
             raise ValueError(f"backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {device.type}")
@@ -65,6 +72,49 @@ def available_backends(device: torch.device) -> list[str]:
             continue
         names.append(name)
     return names
+
+
+@functools.lru_cache(maxsize=None)
+def auto_table() -> Optional[dict]:
+    """The committed table (``AUTO_TABLE``): ``source`` (the GPU run it comes from), ``device``,
+    ``margin`` and ``cases``, each ``{"B", "N", "k", "backend"}`` (plus the timings); None if absent."""
+    if not AUTO_TABLE.is_file():
+        return None
+    table = json.loads(AUTO_TABLE.read_text())
+    cases = table.get("cases") or []
+    if not table.get("source") or not cases or any(
+            not {"B", "N", "k", "backend"} <= set(c) or c["backend"] not in ("triton", "cuda") for c in cases):
+        raise ValueError(f"{AUTO_TABLE.name}: expected 'source' and 'cases' of B, N, k and backend "
+                         "('triton' or 'cuda'), as bench/report.py --auto-table writes it")
+    return table
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_extension_ready() -> bool:
+    """The cuda extension is loaded or built for this GPU (never builds; asked once per process)."""
+    from . import builder
+
+    ext = builder.CUDA_EXTENSION
+    try:
+        return (builder.is_loaded(ext) or builder.prebuilt_library(ext) is not None
+                or builder.built_library(ext, ext.targets()) is not None)
+    except Exception:  # noqa: BLE001 - no toolkit, no sources, odd arch list: not ready
+        return False
+
+
+@functools.lru_cache(maxsize=4096)
+def auto_cuda_backend(B: int, N: int, k: int) -> str:
+    """``auto`` on CUDA for a call of shape ``(B, N, k)``: the backend of the nearest measured
+    case (log distance), ``cuda`` only where its extension is ready; ``triton`` without a table."""
+    table = auto_table()
+    if table is None:
+        return "triton"
+
+    def distance(case) -> float:
+        return sum(math.log2(max(x, 1) / max(case[key], 1)) ** 2 for key, x in (("B", B), ("N", N), ("k", k)))
+
+    nearest = min(table["cases"], key=distance)
+    return "cuda" if nearest["backend"] == "cuda" and _cuda_extension_ready() else "triton"
 
 
 def _release(package: str) -> tuple[int, int]:

@@ -32,7 +32,7 @@ def select_tokens_op(
     check_args(visual, prompt, k, core_ratio, lengths, prompt_mask, relevance, backend)
     if visual.device.type == "cpu":
         check_lengths_range(visual, lengths)  # free on the CPU
-    impl = backend_impl(resolve_backend(backend, visual.device))
+    impl = backend_impl(resolve_backend(backend, visual.device, (visual.shape[0], visual.shape[1], k)))
     return impl(visual, prompt, k, float(core_ratio), lengths, prompt_mask, relevance, pick_order)
 
 
