@@ -5,7 +5,8 @@ Grid ``(tiles², B)``; CTA ``(rt, ct, b)`` owns the ``BLOCK_G × BLOCK_G`` tile 
 1. ``G = (S V)_r (S V)_cᵀ`` with ``tl.dot`` on the tokens scaled by their power-of-two
    ``scale`` (exact; fp16 products cannot overflow, so fp16 scales the fp32 result instead);
    16-bit products are exact in fp32, fp32 inputs use ``input_precision="ieee"`` (tf32 would
-   flip near-ties). Symmetric by construction (tiles ``(r, c)`` and ``(c, r)`` share one dot).
+   flip near-ties). Only tiles with ``r <= c`` compute it and fill both ``(r, c)`` and
+   ``(c, r)``: half the FLOPs, and symmetric bit for bit by construction.
    Divided by the two scaled norms (IEEE ``div_rn``). Gram path: stored as ``M[r, c]`` =
    similarity of token ``c`` to a pick ``r`` (2.0 for a non-finite ``c``, 0.0 for a
    non-finite ``r``: SPEC conventions).
@@ -29,7 +30,7 @@ load ``s`` and the pick's row of ``M``, take the max, store, and reduce the pack
 ``(s, index)`` keys to the next pick. Streaming path (``STORE_GRAM=False``, when one
 row's ``M`` exceeds the scratch budget): the row is recomputed as ``V v_jᵀ`` from ``visual``.
 
-Memory traffic per row: ``N·D`` inputs read by every tile row and column (L2), ``4·N²``
+Memory traffic per row: ``N·D`` inputs read by every upper tile's rows and columns (L2), ``4·N²``
 bytes of Gram written once, then per greedy step one ``4·N``-byte Gram row and the
 ``4·N``-byte state through the selecting CTA; the chain of ``k_b - k_core`` dependent steps,
 not bandwidth, bounds LLaVA sizes. Streaming path: ``N·D`` inputs per step through one CTA
@@ -214,44 +215,52 @@ def _gram_select_kernel(
     partial = (b * n_tiles + ct) * N + rows
 
     if STORE_GRAM or NEED_ISO:
-        # Symmetric by construction: tiles (rt, ct) and (ct, rt) both compute V_lo V_hiᵀ (the
-        # same dot, bit for bit) and the lower one reads it transposed; a diagonal tile takes
-        # its lower triangle from its upper one. Exact ties between duplicates then stay ties.
-        lo_rows = tl.minimum(rt, ct) * BLOCK_G + tl.arange(0, BLOCK_G)
-        hi_rows = tl.maximum(rt, ct) * BLOCK_G + tl.arange(0, BLOCK_G)
-        v_b = visual_ptr + b * stride_vb
-        d_offs = tl.arange(0, BLOCK_D)
-        scale_lo = tl.load(scale_ptr + b * N + lo_rows, mask=lo_rows < N, other=1.0)
-        scale_hi = tl.load(scale_ptr + b * N + hi_rows, mask=hi_rows < N, other=1.0)
-        acc = tl.zeros([BLOCK_G, BLOCK_G], tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + d_offs
-            d_ok = (d < D)[None, :]
-            a = tl.load(v_b + lo_rows.to(tl.int64)[:, None] * stride_vn + d[None, :] * stride_vd,
-                        mask=(lo_rows < N)[:, None] & d_ok, other=0.0)
-            c = tl.load(v_b + hi_rows.to(tl.int64)[:, None] * stride_vn + d[None, :] * stride_vd,
-                        mask=(hi_rows < N)[:, None] & d_ok, other=0.0)
-            acc = tl.dot(scaled_operand(a, scale_lo, SCALE_OPERANDS, DOT_UPCAST),
-                         tl.trans(scaled_operand(c, scale_hi, SCALE_OPERANDS, DOT_UPCAST)), acc,
-                         input_precision=DOT_PRECISION)
-        if not SCALE_OPERANDS:
-            acc = acc * scale_lo[:, None] * scale_hi[None, :]
-        local = tl.arange(0, BLOCK_G)
-        upper = (rt < ct) | ((rt == ct) & (local[:, None] <= local[None, :]))
-        acc = tl.where(upper, acc, tl.trans(acc))
-        norm_r = tl.load(norm_ptr + stats_r, mask=r_ok, other=1.0)
-        norm_c = tl.load(norm_ptr + stats_c, mask=c_ok, other=1.0)
-        fin_r = tl.load(finite_ptr + stats_r, mask=r_ok, other=1) != 0
-        fin_c = tl.load(finite_ptr + stats_c, mask=c_ok, other=1) != 0
-        cos = tl.div_rn(acc, norm_r[:, None] * norm_c[None, :])
-        if STORE_GRAM:
-            m = tl.where(fin_c[None, :], tl.where(fin_r[:, None], cos, 0.0), 2.0)
-            tl.store(gram_ptr + (b * N + rows.to(tl.int64))[:, None] * N + cols[None, :], m,
-                     mask=r_ok[:, None] & c_ok[None, :])
-        if NEED_ISO:
-            usable = (cols < n) & fin_c
-            others = usable[None, :] & (rows[:, None] != cols[None, :])
-            tl.store(iso_ptr + partial, tl.max(tl.where(others, cos, float("-inf")), 1), mask=r_ok)
+        if rt <= ct:
+            # Half the tiles do the dot: (rt, ct) with rt <= ct computes V_r V_cᵀ once and fills its
+            # mirror (ct, rt) too, so the Gram is symmetric bit for bit (cos(i, j) and cos(j, i) are
+            # the same division) and exact ties between duplicates stay ties; a diagonal tile takes
+            # its lower triangle from its upper one (the dot need not be symmetric itself).
+            v_b = visual_ptr + b * stride_vb
+            d_offs = tl.arange(0, BLOCK_D)
+            scale_r = tl.load(scale_ptr + stats_r, mask=r_ok, other=1.0)
+            scale_c = tl.load(scale_ptr + stats_c, mask=c_ok, other=1.0)
+            acc = tl.zeros([BLOCK_G, BLOCK_G], tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + d_offs
+                d_ok = (d < D)[None, :]
+                a = tl.load(v_b + rows.to(tl.int64)[:, None] * stride_vn + d[None, :] * stride_vd,
+                            mask=r_ok[:, None] & d_ok, other=0.0)
+                c = tl.load(v_b + cols.to(tl.int64)[:, None] * stride_vn + d[None, :] * stride_vd,
+                            mask=c_ok[:, None] & d_ok, other=0.0)
+                acc = tl.dot(scaled_operand(a, scale_r, SCALE_OPERANDS, DOT_UPCAST),
+                             tl.trans(scaled_operand(c, scale_c, SCALE_OPERANDS, DOT_UPCAST)), acc,
+                             input_precision=DOT_PRECISION)
+            if not SCALE_OPERANDS:
+                acc = acc * scale_r[:, None] * scale_c[None, :]
+            local = tl.arange(0, BLOCK_G)
+            acc = tl.where((rt < ct) | (local[:, None] <= local[None, :]), acc, tl.trans(acc))
+            norm_r = tl.load(norm_ptr + stats_r, mask=r_ok, other=1.0)
+            norm_c = tl.load(norm_ptr + stats_c, mask=c_ok, other=1.0)
+            fin_r = tl.load(finite_ptr + stats_r, mask=r_ok, other=1) != 0
+            fin_c = tl.load(finite_ptr + stats_c, mask=c_ok, other=1) != 0
+            cos = tl.div_rn(acc, norm_r[:, None] * norm_c[None, :])
+            mirror = rt < ct
+            if STORE_GRAM:
+                both_ok = r_ok[:, None] & c_ok[None, :]
+                m = tl.where(fin_c[None, :], tl.where(fin_r[:, None], cos, 0.0), 2.0)
+                tl.store(gram_ptr + (b * N + rows.to(tl.int64))[:, None] * N + cols[None, :], m, mask=both_ok)
+                if mirror:  # M[c, r]: token r's similarity to pick c, stored along r
+                    m_t = tl.trans(tl.where(fin_r[:, None], tl.where(fin_c[None, :], cos, 0.0), 2.0))
+                    tl.store(gram_ptr + (b * N + cols.to(tl.int64))[:, None] * N + rows[None, :], m_t,
+                             mask=c_ok[:, None] & r_ok[None, :])
+            if NEED_ISO:
+                usable_c = (cols < n) & fin_c
+                others = usable_c[None, :] & (rows[:, None] != cols[None, :])
+                tl.store(iso_ptr + partial, tl.max(tl.where(others, cos, float("-inf")), 1), mask=r_ok)
+                if mirror:  # the mirror tile's partial: columns' maxima over usable rows
+                    usable_r = (rows < n) & fin_r
+                    tl.store(iso_ptr + (b * n_tiles + rt) * N + cols,
+                             tl.max(tl.where(usable_r[:, None], cos, float("-inf")), 0), mask=c_ok)
 
     key_r = tl.load(key_ptr + stats_r, mask=r_ok, other=0)
     key_c = tl.load(key_ptr + stats_c, mask=c_ok, other=-INT64_MAX - 1)

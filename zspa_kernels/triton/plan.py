@@ -67,10 +67,12 @@ def _plan(B: int, N: int, D: int, dtype: torch.dtype, k: int, core_ratio: float,
     row_gram = 4 * N * N
     path = "gram" if row_gram <= budget else "stream"
     rows = min(B, budget // row_gram) if path == "gram" else B
-    # tl.dot needs every dim >= 16. 64-wide tiles, 8 warps and 32-wide (fp32: 16) feature chunks
-    # compile for sm_90 without spills (~130-180 registers); 128-wide tiles spilled ~600 B/thread
-    # in the fused epilogue (cosines, isolation maxima, rank compares), and 4 warps spilled too.
-    block_tile = _pow2(N, 16, 64)
+    # tl.dot needs every dim >= 16. 64-wide tiles, 8 warps and 32-wide feature chunks compile for
+    # sm_90 without spills (~210-250 registers with the mirror tile's epilogue); 128-wide tiles
+    # spilled ~600 B/thread in the fused epilogue (cosines, isolation maxima, rank compares), and
+    # 4 warps spilled too. fp32 (IEEE dots on FMA units, not tensor cores) takes 32-wide tiles and
+    # 16-wide chunks: Triton 3.6's ptxas holds it to 128 registers and spilled ~150 B at 64.
+    block_tile = _pow2(N, 16, 32 if dtype == torch.float32 else 64)
     tiles = triton.cdiv(N, block_tile)
     block_d = _pow2(D, 16, 16 if dtype == torch.float32 else 32)
     # The streaming step holds a (block_select × block_d) tile in registers: keep it small.
