@@ -43,7 +43,16 @@ export PYTHONUNBUFFERED=1
 STEM=  # <date>-<device>: every file of this run starts with it (bench.report --print-stem)
 has_gpu() { "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; }
 has_module() { "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('$1') else 1)"; }
-pack() { [ -n "${OUT:-}" ] && tar -czf "$OUT/results.tar.gz" -C "$DEST" . ; return 0; }
+# The logs are committed: this machine's folders (the checkout, site-packages, home) become names.
+SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/dev/null || echo /nonexistent)
+scrub() {
+  local f
+  for f in "$DEST"/*.log "$DEST"/*.txt; do
+    [ -f "$f" ] && sed -i -e "s#$SITE#<site-packages>#g" -e "s#$PWD#<repo>#g" -e "s#$HOME#~#g" "$f"
+  done
+  return 0
+}
+pack() { scrub; [ -n "${OUT:-}" ] && tar -czf "$OUT/results.tar.gz" -C "$DEST" . ; return 0; }
 
 # seconds a stage may take: min(cap, what is left less 30 s for the report); 0 if under its floor
 allowance() {
