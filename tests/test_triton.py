@@ -19,10 +19,12 @@ import torch
 import zspa_kernels
 from helpers import Case, TOLERANCE, backends_here, device_for, oracle_rows
 from fp64_oracle import replay
+from zspa_kernels.dispatch import interpreter_problem
 from zspa_kernels.reference import select_tokens_reference
 from zspa_kernels.spec import GRAM_BUDGET_ENV, core_count
 
-pytestmark = pytest.mark.skipif("triton" not in backends_here(), reason="no GPU and no TRITON_INTERPRET")
+pytestmark = pytest.mark.skipif("triton" not in backends_here(),
+                                reason=interpreter_problem() or "no GPU and no TRITON_INTERPRET")
 
 if "triton" in backends_here():
     from zspa_kernels.triton import launch_plan, select_tokens_triton
