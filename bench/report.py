@@ -21,10 +21,22 @@ ENV_KEYS = ("device", "torch", "triton", "cuda")
 BASELINES = ("torch_loop_graph", "torch_loop", "divprune_loop")
 
 
+def _complete(info: dict) -> bool:
+    """False for a case that a time limit interrupted (run_gpu.sh stops pytest with SIGINT, and
+    pytest-benchmark still saves it): it lacks what the test records after timing."""
+    if not {*ENV_KEYS, "impl"} <= set(info):
+        return False
+    return info["device"].startswith("cpu ") or "cuda_event_median_us" in info
+
+
 def micro_records(raw: dict) -> tuple[dict, list[dict]]:
     env, records, loads = {}, [], []
+    interrupted = 0
     for bench in raw["benchmarks"]:
         info = dict(bench["extra_info"])
+        if not _complete(info):
+            interrupted += 1
+            continue
         env = {key: info.pop(key) for key in ENV_KEYS}
         if "load_average_1min" in info:
             loads.append(info.pop("load_average_1min"))
@@ -38,6 +50,8 @@ def micro_records(raw: dict) -> tuple[dict, list[dict]]:
         records.append(info)
     if loads:
         env["load_average_1min"] = [min(loads), max(loads)]
+    if interrupted:
+        env["interrupted_cases"] = interrupted
     return env, records
 
 
@@ -238,6 +252,9 @@ def main(argv=None) -> int:
              f"{title}. bf16 inputs, core ratio 0.5, median latency of one call (pick order out); "
              "floor = reading the tokens once at the measured copy bandwidth. "
              f"Timer: {', '.join(sorted({r['timer'] for r in records}))}."]
+    if "interrupted_cases" in env:
+        lines += ["", f"**Cut short**: the run's time limit interrupted {env['interrupted_cases']} case(s); "
+                  "they are left out, and cases after them were not run."]
     if "load_average_1min" in env:
         low, high = env["load_average_1min"]
         threads = env["device"].split(" x")[-1]  # "2 threads"

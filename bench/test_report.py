@@ -11,8 +11,8 @@ from bench import profile, report
 ENV = {"device": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0"}
 
 
-def _bench(impl, shape, B, N, D, k, us, event=True):
-    info = {**ENV, "name": "select_tokens", "impl": impl, "shape": shape, "B": B, "N": N, "D": D, "k": k,
+def _bench(impl, shape, B, N, D, k, us, event=True, device=ENV["device"]):
+    info = {**ENV, "device": device, "name": "select_tokens", "impl": impl, "shape": shape, "B": B, "N": N, "D": D, "k": k,
             "keep": str(k), "k_core": k // 2, "dtype": "bfloat16", "floor_us": 1.0, "bandwidth_gbps": 4000.0}
     if event:
         info["cuda_event_median_us"] = us
@@ -31,7 +31,7 @@ def _e2e(impl, kept, prefill, share=None):
             "selection_share": share}
 
 
-def _write(tmp_path, benchmarks, split=None, e2e=None):
+def _write(tmp_path, benchmarks, split=None, e2e=None, stem="2026-01-01-nvidia-h200"):
     (tmp_path / "micro.json").write_text(json.dumps({"benchmarks": benchmarks}))
     argv = ["--micro", str(tmp_path / "micro.json"), "--out", str(tmp_path), "--date", "2026-01-01"]
     if split is not None:
@@ -41,7 +41,7 @@ def _write(tmp_path, benchmarks, split=None, e2e=None):
         (tmp_path / "e2e.json").write_text(json.dumps({**ENV, "records": e2e}))
         argv += ["--e2e", str(tmp_path / "e2e.json")]
     assert report.main(argv) == 0
-    return (tmp_path / "2026-01-01-nvidia-h200.md").read_text()
+    return (tmp_path / f"{stem}.md").read_text()
 
 
 def _target(md: str, start: str) -> str:
@@ -75,8 +75,9 @@ def test_unmeasured_targets_say_so_and_host_clock_runs_have_none(tmp_path):
     assert "30.0 µs (triton) | met" in _target(md, "LLaVA-1.5 B=1, k=64: GPU time")  # event median, no profile
     assert "not measured" in _target(md, "LLaVA-1.5 B=1, k=64: wall clock")
     assert "not measured" in _target(md, "LLaVA-1.5-7B B=8")
-    cpu = _write(tmp_path, [_bench("cpu", "llava-1.5", 1, 576, 4096, 64, 2000.0, event=False)])
-    assert "## Targets" not in cpu
+    cpu = _write(tmp_path, [_bench("cpu", "llava-1.5", 1, 576, 4096, 64, 2000.0, event=False,
+                                   device="cpu test x2 threads")], stem="2026-01-01-cpu-test-x2-threads")
+    assert "## Targets" not in cpu and "Cut short" not in cpu
 
 
 def test_time_split_is_a_least_squares_line():
@@ -96,3 +97,13 @@ def test_auto_table_picks_cuda_only_beyond_the_margin(tmp_path):
     table = json.loads(table_path.read_text())
     assert table["source"] == "bench/results/2026-01-01-nvidia-h200.json" and table["device"] == "NVIDIA H200"
     assert [(c["B"], c["backend"]) for c in table["cases"]] == [(1, "cuda"), (32, "triton")]  # 5% is noise
+
+
+def test_cases_a_time_limit_interrupted_are_left_out_and_said(tmp_path):
+    done = _bench("triton", "llava-1.5", 1, 576, 4096, 64, 30.0)
+    cut = _bench("cuda", "llava-1.5", 1, 576, 4096, 64, 20.0, event=False)  # no CUDA-event median yet
+    bare = {"extra_info": {}, "stats": {"median": 1e-3, "rounds": 1}}  # interrupted while timing
+    md = _write(tmp_path, [done, cut, bare])
+    assert "interrupted 2 case(s)" in md and "30.0 µs (triton)" in _target(md, "LLaVA-1.5 B=1, k=64: GPU time")
+    saved = json.loads((tmp_path / "2026-01-01-nvidia-h200.json").read_text())
+    assert [r["impl"] for r in saved["records"]] == ["triton"]
