@@ -3,7 +3,7 @@
 # device tool (a session has 15 minutes of device time, the machine's start included, and a
 # command at most 10):   device run, timeout_s=600:  bash bench/run_gpu.sh
 #
-#   bench/run_gpu.sh [STAGE...]     (default: all = install checks micro e2e profile demo report)
+#   bench/run_gpu.sh [STAGE...]     (default: all = install checks micro e2e profile demo tune report)
 #
 # Stages, in the order of what matters if time runs out:
 #   install  the package into the machine's Python (it has no network: no dependencies)
@@ -16,6 +16,7 @@
 #   profile  bench/profile.py's time split (GPU time, graph replay, eager host cost, fixed cost
 #            and cost per greedy step), then Nsight Compute of one call per fused backend
 #   demo     `zspa demo` (the README's first command) and its picture
+#   tune     bench/tune.py: Triton plan variants (the Gram tiles' feature chunk) at the LLaVA shapes
 #   report   <stem>.{json,md,png} from whatever raw files this run left, and on a GPU
 #            <stem>.auto_cuda.json: auto's per-shape table (commit it as zspa_kernels/auto_cuda.json)
 #
@@ -106,15 +107,15 @@ stage_checks() {  # $1: seconds allowed
 
 main() {
   local STAGES=("${@:-all}") STAGE cap floor allowed end args extra kind f s
-  [ "${STAGES[0]}" = all ] && STAGES=(install checks micro e2e profile demo report)
+  [ "${STAGES[0]}" = all ] && STAGES=(install checks micro e2e profile demo tune report)
   STEM=$("$PY" -m bench.report --print-stem) || exit 1
   s=$STEM
   for STAGE in "${STAGES[@]}"; do
     case $STAGE in  # cap and floor (seconds) of each stage
       install) cap=60; floor=5 ;;   checks) cap=210; floor=60 ;;  micro) cap=150; floor=60 ;;
       e2e) cap=120; floor=60 ;;     profile) cap=60; floor=20 ;;  demo) cap=60; floor=30 ;;
-      report) cap=30; floor=5 ;;
-      *) echo "unknown stage '$STAGE' (all|install|checks|micro|e2e|profile|demo|report)" >&2; exit 2 ;;
+      tune) cap=60; floor=30 ;;     report) cap=30; floor=5 ;;
+      *) echo "unknown stage '$STAGE' (all|install|checks|micro|e2e|profile|demo|tune|report)" >&2; exit 2 ;;
     esac
     allowed=$(allowance $cap $floor)
     echo "== $STAGE at ${SECONDS}s of ${BUDGET}s ($(date -u +%H:%M:%S) UTC), allowed ${allowed}s"
@@ -147,6 +148,8 @@ main() {
         echo "demo exit status: $?"; cat "$DEST/$s.demo.txt"
         [ -f "$DEST/$s.demo/kept_patches.png" ] && mv "$DEST/$s.demo/kept_patches.png" "$DEST/$s.demo.png"
         rm -rf "$DEST/$s.demo" ;;
+      tune)
+        timeout "$allowed" "$PY" -m bench.tune --out "$DEST/$s.tune-raw.json" | tee "$DEST/$s.tune.txt" ;;
       report)
         if [ ! -f "$DEST/$s.micro-raw.json" ]; then echo "   no microbenchmark results: nothing to report"; continue; fi
         extra=()
@@ -171,6 +174,7 @@ summary() {
   f="$DEST/$STEM.tests.log"; [ -f "$f" ] && grep -E "passed|failed|error|exit status" "$f" | tail -3
   f="$DEST/$STEM.sanitize.log"; [ -f "$f" ] && grep -E "^== |ERROR SUMMARY|RACECHECK SUMMARY|not on PATH" "$f"
   f="$DEST/$STEM.md"; [ -f "$f" ] && sed -n '/^## Targets/,/^## Micro/p' "$f" | grep '^|'
+  f="$DEST/$STEM.tune.txt"; [ -f "$f" ] && cat "$f"
   return 0
 }
 

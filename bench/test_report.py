@@ -1,12 +1,18 @@
 """bench/report.py and bench/profile.py's arithmetic, on synthetic raw results (no GPU, no timing):
-the GPU targets are judged from the right records, and a missing measurement says so."""
+the GPU targets are judged from the right records, and a missing measurement says so; and
+bench/tune.py's variants on a tiny shape (no timing asserted)."""
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
 from bench import profile, report
+from zspa_kernels import benchmark
+from zspa_kernels.dispatch import available_backends
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 ENV = {"device": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0"}
 
@@ -107,3 +113,12 @@ def test_cases_a_time_limit_interrupted_are_left_out_and_said(tmp_path):
     assert "interrupted 2 case(s)" in md and "30.0 µs (triton)" in _target(md, "LLaVA-1.5 B=1, k=64: GPU time")
     saved = json.loads((tmp_path / "2026-01-01-nvidia-h200.json").read_text())
     assert [r["impl"] for r in saved["records"]] == ["triton"]
+
+
+@pytest.mark.skipif("triton" not in available_backends(DEVICE), reason="needs triton (a GPU, or its interpreter)")
+def test_tune_times_every_variant_and_compares_its_picks_with_the_default():
+    from bench import tune
+
+    records = tune.run(DEVICE, [benchmark.Shape("tiny", 2, 80, 48)], progress=lambda _: None)
+    assert [r["variant"] for r in records] == ["default", {"block_d": 64}, {"block_d": 128}]
+    assert all(r["median_us"] > 0 and r["rows_with_default_picks"] == 2 for r in records)

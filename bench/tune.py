@@ -1,0 +1,75 @@
+"""Triton plan variants at the LLaVA-1.5 shapes: what the next tuning step would change, timed.
+
+    python -m bench.tune --out tune.json       # on a GPU; the last stage of bench/run_gpu.sh
+
+The Gram tiles' feature chunk (``block_d``: the K step of every tile's dot) sets how many MMA
+steps a 64×64×4096 tile takes and how much of each operand load is reused; it is the first knob
+if the Gram-bound batched shape misses its target (bench/GPU-NOTES.md). Each variant is
+``dataclasses.replace`` of the default plan, timed with CUDA events, and checked against the
+default's picks: a different chunk sums each dot in another order, so picks may differ only
+where two candidates tie to within fp32 rounding (reported, never silently accepted).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+import torch
+
+from zspa_kernels import benchmark as hb
+
+SHAPES = ("llava-1.5", "llava-1.5-b32")
+KEEP = 64
+VARIANTS = ({}, {"block_d": 64}, {"block_d": 128})
+
+
+def run(device: torch.device, shapes=None, progress=print) -> list[dict]:
+    """One record per shape and variant (``shapes``: ``benchmark.Shape`` objects, default the
+    LLaVA-1.5 ones)."""
+    from zspa_kernels.triton import launch_plan, select_tokens_triton
+
+    if shapes is None:
+        shapes = [s for s in hb.SPEC_SHAPES if s.label in SHAPES]
+    records = []
+    for shape in shapes:
+        label = shape.label
+        visual, prompt = hb.make_inputs(shape, torch.bfloat16, device)
+        default = launch_plan(shape.B, shape.N, shape.D, torch.bfloat16, KEEP, hb.CORE_RATIO, False)
+        expected = None
+        for overrides in VARIANTS:
+            plan = dataclasses.replace(default, **overrides)
+
+            def call(plan=plan):
+                return select_tokens_triton(visual, prompt, KEEP, hb.CORE_RATIO, None, None, "mean", True, plan=plan)
+
+            order = call()
+            expected = order if expected is None else expected
+            same_rows = int((order == expected).all(1).sum())
+            record = {"shape": label, "B": shape.B, "N": shape.N, "D": shape.D, "k": KEEP,
+                      "variant": overrides or "default", "median_us": hb.median_us(call, device),
+                      "rows_with_default_picks": same_rows}
+            records.append(record)
+            progress(f"{label:<15}{json.dumps(record['variant']):<20}{record['median_us']:>10.1f} µs"
+                     f"   picks as default in {same_rows}/{shape.B} rows")
+    return records
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="write the records as JSON here")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench.tune: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    records = run(device, progress=lambda line: print(line, flush=True))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({**hb.environment(device), "records": records}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
