@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import time
 
@@ -130,8 +129,7 @@ def main(argv=None) -> int:
     records = []
     for name in args.models:  # written after each model: a run cut short keeps what finished
         records += run([name], args.batch, device, backend, args.new_tokens, args.repeats)
-        with open(args.out, "w") as f:
-            json.dump({**hb.environment(device), "records": records}, f, indent=1)
+        hb.save_records(args.out, device, records)
     return 0
 
 

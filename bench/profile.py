@@ -21,7 +21,6 @@ backend with ``torch.cuda.profiler.start``/``stop``, so ``ncu --profile-from-sta
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -152,8 +151,7 @@ def main(argv=None) -> int:
             print(f"{backend:<8}{label:<15}{r['gpu_us']:>10.1f}{r['graph_us']:>10.1f}{r['eager_us']:>10.1f}"
                   f"{r['fixed_us']:>10.1f}{r['step_us']:>10.2f}{gram:>10}   (µs)", flush=True)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({**hb.environment(device), "records": records}, f, indent=1)
+        hb.save_records(args.out, device, records)
     return 0
 
 

@@ -66,8 +66,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     records = run(device, progress=lambda line: print(line, flush=True))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({**hb.environment(device), "records": records}, f, indent=1)
+        hb.save_records(args.out, device, records)
     return 0
 
 

@@ -193,6 +193,14 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def save_records(path, device: torch.device, records: list[dict]) -> None:
+    """Raw results of a bench script: the device and versions (:func:`environment`), then the records."""
+    import json
+
+    with open(path, "w") as f:
+        json.dump({**environment(device), "records": records}, f, indent=1)
+
+
 def quick(shape_label: str = "llava-1.5", keep: Union[int, float] = 64, dtype: torch.dtype = torch.bfloat16) -> int:
     """``zspa bench``: one SPEC shape, every implementation available here, a table on stdout."""
     import zspa_kernels  # noqa: F401  (registers the op)
