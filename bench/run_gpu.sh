@@ -8,7 +8,8 @@
 # Stages, in the order of what matters if time runs out:
 #   install  the package into the machine's Python (it has no network: no dependencies)
 #   checks   correctness, all at once (nothing is timed): `zspa build` compiles csrc/, the whole
-#            test suite runs on the GPU (pytest-xdist where installed), and compute-sanitizer
+#            test suite runs on the GPU (the GPU tests and the rest side by side, pytest-xdist
+#            where installed), and compute-sanitizer
 #            memcheck, racecheck and synccheck run bench/sanitize.py on triton (at once) and on
 #            cuda (once built). Logs: <stem>.tests.log (with the build's), <stem>.sanitize.log.
 #   micro    microbenchmarks at the SPEC shapes (from here on the GPU is the run's alone)
@@ -78,7 +79,7 @@ sanitize() {  # $1: backend, $2: the stage's end (in $SECONDS); the three tools 
 }
 
 stage_checks() {  # $1: seconds allowed
-  local log="$DEST/$STEM.tests.log" slog="$DEST/$STEM.sanitize.log" rc=0 xdist=() pids=()
+  local log="$DEST/$STEM.tests.log" slog="$DEST/$STEM.sanitize.log" rc=0 xdist=() pids=() part
   local end=$((SECONDS + $1)) sanitizer=true
   command -v compute-sanitizer > /dev/null || sanitizer=false
   "$PY" -m zspa_kernels.cli info > "$log" 2>&1
@@ -87,18 +88,27 @@ stage_checks() {  # $1: seconds allowed
   # test suite, and the sanitizers (triton's at once, cuda's once the build is done).
   timeout "$1" "$PY" -m zspa_kernels.cli build > "$DEST/build.tmp" 2>&1 &
   local build_pid=$!
-  has_module xdist && xdist=(-n 8)
-  # A failing test is recorded, not fatal: the benchmarks still run and say how fast; the
-  # logs say whether what they timed is right.
-  timeout "$1" "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" > "$DEST/tests.tmp" 2>&1 &
-  local tests_pid=$!
+  has_module xdist && xdist=(-n 6)
+  # Two runs side by side: the tests that exercise the GPU, and the rest of the suite (what CI
+  # also runs on CPUs), so that a time limit cuts the second, never the first. A failing test
+  # is recorded, not fatal: the benchmarks still run and say how fast; the logs say whether
+  # what they timed is right.
+  local gpu_tests=(tests/test_select_tokens.py tests/test_triton.py tests/test_cuda_backend.py tests/test_op.py
+                   tests/integrations/test_prune_on_gpu.py bench/test_sanitize.py bench/test_report.py)
+  timeout "$1" "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" "${gpu_tests[@]}" > "$DEST/tests-GPU.tmp" 2>&1 &
+  local gpu_pid=$!
+  timeout "$1" "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" "${gpu_tests[@]/#/--ignore=}" \
+    > "$DEST/tests-other.tmp" 2>&1 &
+  local rest_pid=$!
   $sanitizer && { sanitize triton "$end" > "$DEST/sanitize-triton.tmp" & pids+=($!); }
   wait "$build_pid" || rc=$?
   { echo "== zspa build (exit $rc)"; cat "$DEST/build.tmp"; } >> "$log"; rm -f "$DEST/build.tmp"
   $sanitizer && { sanitize cuda "$end" > "$DEST/sanitize-cuda.tmp" & pids+=($!); }
-  rc=0; wait "$tests_pid" || rc=$?
-  tail -150 "$DEST/tests.tmp" >> "$log"; rm -f "$DEST/tests.tmp"
-  echo "pytest exit status: $rc" >> "$log"
+  for part in GPU other; do
+    rc=0; if [ $part = GPU ]; then wait "$gpu_pid" || rc=$?; else wait "$rest_pid" || rc=$?; fi
+    { echo "== pytest: the $part tests"; tail -120 "$DEST/tests-$part.tmp"; echo; echo "pytest exit status ($part): $rc"; } >> "$log"
+    rm -f "$DEST/tests-$part.tmp"
+  done
   [ ${#pids[@]} -gt 0 ] && wait "${pids[@]}"
   if $sanitizer; then cat "$DEST"/sanitize-*.tmp > "$slog"; rm -f "$DEST"/sanitize-*.tmp
   else echo "compute-sanitizer: not on PATH" > "$slog"; fi
@@ -171,7 +181,7 @@ main() {
 summary() {
   local f
   echo "== summary"
-  f="$DEST/$STEM.tests.log"; [ -f "$f" ] && grep -E "passed|failed|error|exit status" "$f" | tail -3
+  f="$DEST/$STEM.tests.log"; [ -f "$f" ] && grep -E "^== pytest|passed|failed|exit status" "$f" | tail -8
   f="$DEST/$STEM.sanitize.log"; [ -f "$f" ] && grep -E "^== |ERROR SUMMARY|RACECHECK SUMMARY|not on PATH" "$f"
   f="$DEST/$STEM.md"; [ -f "$f" ] && sed -n '/^## Targets/,/^## Micro/p' "$f" | grep '^|'
   f="$DEST/$STEM.tune.txt"; [ -f "$f" ] && cat "$f"
