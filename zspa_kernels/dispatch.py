@@ -59,8 +59,9 @@ def resolve_backend(backend: str, device: torch.device, shape: Optional[tuple[in
 def available_backends(device: torch.device) -> list[str]:
     """The backends that can run on ``device`` in this process (the one answer to that
     question: tests, benchmarks and ``zspa info`` all ask here). Triton counts on a CPU only
-    under its interpreter, and only where that interpreter can run (:func:`interpreter_problem`); ``cuda`` counts wherever CUDA does (it falls back to Triton, with a
-    warning, when no toolkit can build it)."""
+    under its interpreter, and only where that interpreter can run (:func:`interpreter_problem`);
+    ``cuda`` counts wherever CUDA does (it falls back to Triton, with a warning, when no toolkit
+    can build it)."""
     names = []
     for name in BACKENDS:
         if name == "triton" and (importlib.util.find_spec("triton") is None
