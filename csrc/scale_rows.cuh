@@ -5,7 +5,7 @@
 //   scaled[r, :] = x[r, :] * scale[r], rounded to x's dtype    (exact: a power of two)
 //
 // so that no product of the Gram or of the "max" dots overflows fp32, whatever the tokens'
-// magnitude. One warp per row: D values read twice (the second read hits L1/L2), D written.
+// magnitude. One CTA per row: D values read twice (the second read hits L1), D written.
 // This replaces a chain of ~14 small ATen launches (abs, nan_to_num, amax, frexp, clamp,
 // shifts, casts, multiply) whose launch latency dominated the op at LLaVA sizes.
 #pragma once
@@ -18,31 +18,33 @@
 
 namespace zspa {
 
-// Rows [x * warps, (x + 1) * warps) of `rows`, one warp each; blockDim.x a multiple of 32.
+// The CTA of row blockIdx.x; blockDim.x a multiple of 32, at most 1024; `scratch`: 32 floats of
+// shared memory. A CTA per row, not a warp: with a few hundred rows a warp per row leaves an SM
+// a handful of warps, each walking D/32 dependent-latency loads; a CTA takes D/blockDim.x.
 template <typename scalar_t>
-__device__ void scale_rows_block(const scalar_t* __restrict__ x,  // (rows, D)
-                                 scalar_t* __restrict__ scaled,   // (rows, D)
-                                 float* __restrict__ scale,       // (rows,)
-                                 int64_t rows, int D) {
-  const int lane = threadIdx.x & 31;
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (r >= rows) return;  // whole warps leave together: the shuffles below see full warps
+__device__ void scale_row(const scalar_t* __restrict__ x,  // (rows, D)
+                          scalar_t* __restrict__ scaled,   // (rows, D)
+                          float* __restrict__ scale,       // (rows,)
+                          int D, float* scratch) {
+  const int64_t r = blockIdx.x;
   const scalar_t* src = x + r * D;
   float amax = 0.0f;
-  for (int d = lane; d < D; d += 32) {
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
     const float v = fabsf(static_cast<float>(src[d]));
     if (isfinite(v)) amax = fmaxf(amax, v);  // NaN and inf count as 0, like nan_to_num
   }
-  const float s = pow2_scale(warp_max(amax));
-  if (lane == 0) scale[r] = s;
+  const float s = pow2_scale(block_max(amax, scratch));
+  if (threadIdx.x == 0) scale[r] = s;
   scalar_t* dst = scaled + r * D;
-  for (int d = lane; d < D; d += 32) dst[d] = static_cast<scalar_t>(static_cast<float>(src[d]) * s);
+  for (int d = threadIdx.x; d < D; d += blockDim.x)  // the row again: from L1, this CTA just read it
+    dst[d] = static_cast<scalar_t>(static_cast<float>(src[d]) * s);
 }
 
 template <typename scalar_t>
 __global__ void scale_rows_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ scaled,
-                                  float* __restrict__ scale, int64_t rows, int D) {
-  scale_rows_block(x, scaled, scale, rows, D);
+                                  float* __restrict__ scale, int D) {
+  __shared__ float scratch[32];
+  scale_row(x, scaled, scale, D, scratch);
 }
 
 }  // namespace zspa

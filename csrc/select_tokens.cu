@@ -44,16 +44,13 @@ int threads_for(int64_t n, int64_t cap) {
 // (scale_rows.cuh). fp16 is never scaled: its squares cannot overflow fp32, and scaling fp16
 // values down could round the small ones.
 std::pair<at::Tensor, at::Tensor> scale_rows(const at::Tensor& x, cudaStream_t stream) {
-  constexpr int kWarpsPerBlock = 8;
-  const int64_t rows = x.size(0) * x.size(1);
-  TORCH_CHECK(rows <= int64_t{INT_MAX} * kWarpsPerBlock, "visual: too many rows for one scaling launch");
+  const int64_t rows = x.size(0) * x.size(1), D = x.size(2);
+  TORCH_CHECK(rows <= INT_MAX, "visual: too many rows for one scaling launch");
   at::Tensor scaled = at::empty_like(x);
   at::Tensor scales = at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kFloat));
-  const unsigned blocks = static_cast<unsigned>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock);
   AT_DISPATCH_V2(x.scalar_type(), "zspa_scale_rows", AT_WRAP([&] {
-    scale_rows_kernel<scalar_t><<<blocks, 32 * kWarpsPerBlock, 0, stream>>>(
-        x.data_ptr<scalar_t>(), scaled.data_ptr<scalar_t>(), scales.data_ptr<float>(), rows,
-        static_cast<int>(x.size(2)));
+    scale_rows_kernel<scalar_t><<<static_cast<unsigned>(rows), threads_for(D, 256), 0, stream>>>(
+        x.data_ptr<scalar_t>(), scaled.data_ptr<scalar_t>(), scales.data_ptr<float>(), static_cast<int>(D));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }), at::kFloat, at::kBFloat16);
   return {scaled, scales};
@@ -121,10 +118,9 @@ at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt
         static_cast<int>(D), max_relevance);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (!max_relevance) {
-      constexpr int kWarpsPerBlock = 8;
       dots = at::empty({B, N}, f32);
-      const dim3 grid(static_cast<unsigned>((N + kWarpsPerBlock - 1) / kWarpsPerBlock), static_cast<unsigned>(B));
-      pooled_dots_kernel<scalar_t><<<grid, 32 * kWarpsPerBlock, 0, stream>>>(
+      const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(B));
+      pooled_dots_kernel<scalar_t><<<grid, threads_for(D, 256), 0, stream>>>(
           V.data_ptr<scalar_t>(), pooled.data_ptr<float>(), dots.data_ptr<float>(), static_cast<int>(N),
           static_cast<int>(D));
       C10_CUDA_KERNEL_LAUNCH_CHECK();

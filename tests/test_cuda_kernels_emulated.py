@@ -59,7 +59,8 @@ def emulated_scale_rows(emulator, x):
     """scale_rows.cuh on ``x`` (..., D) as fp32 values: (scaled copy, scales)."""
     flat = np.ascontiguousarray(x.float().reshape(-1, x.shape[-1]).numpy())
     scaled, scale = np.empty_like(flat), np.empty(flat.shape[0], dtype=np.float32)
-    emulator.emulate_scale_rows(_ptr(flat), _ptr(scaled), _ptr(scale), ctypes.c_int64(flat.shape[0]), flat.shape[1], 2)
+    emulator.emulate_scale_rows(_ptr(flat), _ptr(scaled), _ptr(scale), ctypes.c_int64(flat.shape[0]), flat.shape[1],
+                                64)  # two warps: the block-wide max crosses warps
     return torch.from_numpy(scaled).reshape(x.shape), torch.from_numpy(scale).reshape(x.shape[:-1])
 
 
@@ -92,7 +93,7 @@ def emulated_select(emulator, case, pick_order, threads):
         dots = np.ascontiguousarray((visual @ prompt.transpose(1, 2)).float().numpy())
     else:
         dots = np.zeros((B, N), dtype=np.float32)
-        emulator.emulate_pooled_dots(_ptr(tokens), _ptr(pooled), _ptr(dots), B, N, D, 2)
+        emulator.emulate_pooled_dots(_ptr(tokens), _ptr(pooled), _ptr(dots), B, N, D, 64)
     out = np.full((B, case.k), -7, dtype=np.int64)
     emulator.emulate_greedy_select(_ptr(gram), _ptr(dots), _ptr(prompt_norm), _ptr(mask), _ptr(lengths),
                                    _ptr(scales[0]), _ptr(out), B, N, T, case.k, ctypes.c_double(case.core_ratio),

@@ -19,11 +19,11 @@ extern "C" void emulate_prompt_stats(const float* prompt, const bool* mask, floa
   }
 }
 
-extern "C" void emulate_scale_rows(const float* x, float* scaled, float* scale, int64_t rows, int D,
-                                   int warps_per_block) {
-  for (int64_t x0 = 0; x0 * warps_per_block < rows; ++x0)
-    simt::run_block(static_cast<int>(x0), 0, 32 * warps_per_block,
-                    [&] { zspa::scale_rows_block<float>(x, scaled, scale, rows, D); });
+extern "C" void emulate_scale_rows(const float* x, float* scaled, float* scale, int64_t rows, int D, int threads) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float scratch[32];
+    simt::run_block(static_cast<int>(r), 0, threads, [&] { zspa::scale_row<float>(x, scaled, scale, D, scratch); });
+  }
 }
 
 // The rules of spec.cuh, for the test that checks them against zspa_kernels/spec.py.
@@ -36,10 +36,12 @@ extern "C" float emulate_constant(int which) {
 }
 
 extern "C" void emulate_pooled_dots(const float* visual, const float* pooled, float* dots, int B, int N, int D,
-                                    int warps_per_block) {
+                                    int threads) {
   for (int b = 0; b < B; ++b)
-    for (int x = 0; x * warps_per_block < N; ++x)
-      simt::run_block(x, b, 32 * warps_per_block, [&] { zspa::pooled_dots_block<float>(visual, pooled, dots, N, D); });
+    for (int i = 0; i < N; ++i) {
+      float scratch[32];
+      simt::run_block(i, b, threads, [&] { zspa::pooled_dots_block<float>(visual, pooled, dots, N, D, scratch); });
+    }
 }
 
 extern "C" void emulate_greedy_select(const float* gram, const float* dots, const float* prompt_norm,
