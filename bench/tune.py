@@ -4,7 +4,8 @@
 
 The Gram tiles' feature chunk (``block_d``: the K step of every tile's dot) sets how many MMA
 steps a 64×64×4096 tile takes and how much of each operand load is reused; it is the first knob
-if the Gram-bound batched shape misses its target (bench/GPU-NOTES.md). Each variant is
+if the Gram-bound batched shape misses its target (bench/GPU-NOTES.md). ``block_d_stats`` is the
+statistics launch's chunk: how many loads each thread keeps in flight while streaming the tokens. Each variant is
 ``dataclasses.replace`` of the default plan, timed with CUDA events, and checked against the
 default's picks: a different chunk sums each dot in another order, so picks may differ only
 where two candidates tie to within fp32 rounding (reported, never silently accepted).
@@ -22,7 +23,8 @@ from zspa_kernels import benchmark as hb
 
 SHAPES = ("llava-1.5", "llava-1.5-b32")
 KEEP = 64
-VARIANTS = ({}, {"block_d": 64}, {"block_d": 128})
+# block_d_stats 256 compiles spill-free under Triton 3.6 (the GPU machine's), not under 3.8.
+VARIANTS = ({}, {"block_d": 64}, {"block_d": 128}, {"block_d_stats": 256})
 
 
 def run(device: torch.device, shapes=None, progress=print) -> list[dict]:

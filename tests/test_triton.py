@@ -82,7 +82,7 @@ def _plan(case, **overrides):
 def test_plan_llava_is_one_gram_launch_without_isolation():
     plan = launch_plan(1, 576, 4096, torch.bfloat16, 64, 0.5, has_lengths=False)
     assert (plan.path, plan.tiles, plan.block_tile, plan.num_warps_tile) == ("gram", 9, 64, 8)
-    assert (plan.block_d, plan.block_select, plan.core_block) == (32, 1024, 8)
+    assert (plan.block_d, plan.block_d_stats, plan.block_select, plan.core_block) == (32, 128, 1024, 8)
     assert not plan.need_isolation  # k_core = 32 > 0: no N x N isolation pass
     assert 4 * 576 * 576 <= plan.scratch_bytes < 2 * 4 * 576 * 576
 
@@ -118,7 +118,7 @@ def test_plan_is_memoised_and_follows_the_environment(monkeypatch):
 
 def test_plan_fp32_uses_narrower_feature_chunks_and_ieee_dots():
     plan = launch_plan(32, 576, 4096, torch.float32, 64, 0.5, False)
-    assert (plan.block_d, plan.dot_precision, plan.path) == (16, "ieee", "gram")
+    assert (plan.block_d, plan.block_d_stats, plan.dot_precision, plan.path) == (16, 64, "ieee", "gram")
 
 
 def test_gram_budget_env_switches_path_and_rejects_garbage(monkeypatch):

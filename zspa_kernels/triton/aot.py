@@ -71,7 +71,7 @@ def compile_variant(B, N, D, dtype, k, alpha, has_lengths, relevance, pick_order
     stats_consts = dict(MAX_RELEVANCE=relevance == "max", HAS_MASK=relevance == "max", HAS_LENGTHS=has_lengths,
                         DOT_PRECISION=plan.dot_precision, DOT_UPCAST=False, SCALE_OPERANDS=plan.scale_operands,
                         BLOCK_R=plan.block_rows,
-                        BLOCK_T=plan.block_prompt, BLOCK_D=plan.block_d)
+                        BLOCK_T=plan.block_prompt, BLOCK_D=plan.block_d_stats)
     stats_ptrs = dict(visual_ptr=f"*{t}", prompt_ptr=f"*{t}", mask_ptr="*u8", lengths_ptr="*i64",
                       norm_ptr="*fp32", scale_ptr="*fp32", finite_ptr="*i8", key_ptr="*i64", counter_ptr="*i32")
     select_consts = dict(STORE_GRAM=plan.path == "gram", NEED_ISO=plan.need_isolation, PICK_ORDER=pick_order,

@@ -35,7 +35,8 @@ class LaunchPlan:
     need_isolation: bool  # some row may have k_core = 0: compute the most-isolated seed
     tiles: int            # Gram tiles per side; the selection grid is (tiles², B)
     block_tile: int       # Gram tile edge (rows = columns)
-    block_d: int          # feature chunk of every D loop
+    block_d: int          # feature chunk of the selection launch's D loops (Gram tiles, streamed rows)
+    block_d_stats: int    # feature chunk of the statistics launch's D loops
     block_select: int     # chunk of the row walked by the selecting CTA
     core_block: int       # core picks whose similarity rows are gathered at once (power of 2)
     block_rows: int       # tokens per CTA of the statistics launch
@@ -75,6 +76,12 @@ def _plan(B: int, N: int, D: int, dtype: torch.dtype, k: int, core_ratio: float,
     block_tile = _pow2(N, 16, 32 if dtype == torch.float32 else 64)
     tiles = triton.cdiv(N, block_tile)
     block_d = _pow2(D, 16, 16 if dtype == torch.float32 else 32)
+    # The statistics launch streams the tokens (two passes) through a few CTAs (N/32 of them: 18
+    # at LLaVA sizes): wide chunks keep more loads in flight per thread (32 tokens × 128 features
+    # is 32 B a thread) and the loop short (32 steps for D=4096, not 128). 256 spilled ~430 B
+    # under Triton 3.8; 128 (fp32: 64) compiles for sm_90 without spills under 3.6 and 3.8 (fp32
+    # under 3.6: 24 B, the few words the AOT test tolerates).
+    block_d_stats = _pow2(D, 16, 64 if dtype == torch.float32 else 128)
     # The streaming step holds a (block_select × block_d) tile in registers: keep it small.
     block_select = _pow2(N, 16, 2048 if path == "gram" else 128)
     # Gathering several core rows at once overlaps their L2 latency (a ~8K-element tile);
@@ -87,7 +94,7 @@ def _plan(B: int, N: int, D: int, dtype: torch.dtype, k: int, core_ratio: float,
                       + (row_gram if path == "gram" else 0))
     return LaunchPlan(
         path=path, rows_per_launch=rows, need_isolation=need_isolation, tiles=tiles, block_tile=block_tile,
-        block_d=block_d,
+        block_d=block_d, block_d_stats=block_d_stats,
         block_select=block_select, core_block=core_block, block_rows=32, block_prompt=16,
         num_warps_tile=8, num_warps_stats=8,
         dot_precision="ieee", dot_upcast=dtype == torch.bfloat16 and interpreted,

@@ -181,6 +181,6 @@ def launch_token_stats(visual, prompt, prompt_mask, lengths, norm, scale, finite
         *(mask.stride() if prompt_mask is not None else (0, 0)),
         MAX_RELEVANCE=relevance == "max", HAS_MASK=prompt_mask is not None, HAS_LENGTHS=lengths is not None,
         DOT_PRECISION=plan.dot_precision, DOT_UPCAST=plan.dot_upcast, SCALE_OPERANDS=plan.scale_operands,
-        BLOCK_R=plan.block_rows, BLOCK_T=plan.block_prompt, BLOCK_D=plan.block_d,
+        BLOCK_R=plan.block_rows, BLOCK_T=plan.block_prompt, BLOCK_D=plan.block_d_stats,
         num_warps=plan.num_warps_stats,
     )
