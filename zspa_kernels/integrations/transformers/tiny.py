@@ -107,7 +107,9 @@ def _clip_llama_configs() -> dict:
 
 
 def _n_features(model, **image) -> int:
-    """Feature rows one image becomes (whatever the tower and feature strategy)."""
+    """Feature rows one image becomes (whatever the tower and feature strategy); asks the model,
+    wherever it lives (the GPU tests move the tiny models to CUDA)."""
+    image = {key: v.to(model.device) if isinstance(v, torch.Tensor) else v for key, v in image.items()}
     with torch.no_grad():
         out = model.model.get_image_features(**image)
     first = getattr(out, "pooler_output", out)[0]  # (tokens, D), or (h, w, D) in Aya Vision 4.57
