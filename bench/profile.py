@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 
 import torch
@@ -133,10 +132,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ncu", action="store_true", help="only the bracketed calls, for ncu")
     parser.add_argument("--out", help="write the records as JSON here")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench.profile: needs a CUDA GPU", file=sys.stderr)
-        return 2
-    device = torch.device("cuda")
+    device = hb.require_cuda("bench.profile")
     if args.ncu:
         profiled_calls(device)
         return 0

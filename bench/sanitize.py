@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 
 import torch
 
 import zspa_kernels  # noqa: F401  (registers the op)
+from zspa_kernels import benchmark as hb
 from zspa_kernels.spec import GRAM_BUDGET_ENV
 
 
@@ -108,10 +108,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=("triton", "cuda"), required=True)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench.sanitize: needs a CUDA GPU", file=sys.stderr)
-        return 2
-    count = run(args.backend, torch.device("cuda"), progress=lambda line: print(line, flush=True))
+    count = run(args.backend, hb.require_cuda("bench.sanitize"), progress=lambda line: print(line, flush=True))
     print(f"bench.sanitize: {count} cases on {args.backend}, every selection valid")
     return 0
 

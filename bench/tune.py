@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 
 import torch
 
@@ -63,10 +62,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="write the records as JSON here")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench.tune: needs a CUDA GPU", file=sys.stderr)
-        return 2
-    device = torch.device("cuda")
+    device = hb.require_cuda("bench.tune")
     records = run(device, progress=lambda line: print(line, flush=True))
     if args.out:
         hb.save_records(args.out, device, records)

@@ -193,6 +193,13 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def require_cuda(tool: str) -> torch.device:
+    """The GPU for a GPU-only bench script; where there is none, exits (status 1) saying so, naming ``tool``."""
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{tool}: needs a CUDA GPU")
+    return torch.device("cuda")
+
+
 def save_records(path, device: torch.device, records: list[dict]) -> None:
     """Raw results of a bench script: the device and versions (:func:`environment`), then the records."""
     import json
