@@ -93,7 +93,7 @@ def fit_line(xs, ys) -> tuple[float, float]:
 def split(backend: str, shape: hb.Shape, device: torch.device) -> dict:
     visual, prompt = hb.make_inputs(shape, torch.bfloat16, device)
     run = selection(backend, visual, prompt, KEEP, hb.CORE_RATIO)
-    record = {"backend": backend, "shape": shape.label, "B": shape.B, "N": shape.N, "D": shape.D, "k": KEEP,
+    record = {"impl": backend, "shape": shape.label, "B": shape.B, "N": shape.N, "D": shape.D, "k": KEEP,
               "k_core": core_count(hb.CORE_RATIO, KEEP), "gpu_us": hb.median_us(run, device),
               "graph_us": graph_us(run), "eager_us": eager_us(run)}
     per_steps = []

@@ -116,8 +116,8 @@ def auto_table(records: list[dict], source: str, device: str) -> dict:
 
 def _best_fused(records: list[dict], shape: str, k: int, key: str = "median_us"):
     """(value, backend) of the fastest fused backend on ``shape`` at budget ``k``, or None."""
-    found = [(r[key], r["impl"] if "impl" in r else r["backend"]) for r in records
-             if r.get("impl", r.get("backend")) in FUSED and r["shape"] == shape and r["k"] == k and key in r]
+    found = [(r[key], r["impl"]) for r in records
+             if r["impl"] in FUSED and r["shape"] == shape and r["k"] == k and key in r]
     return min(found) if found else None
 
 
@@ -170,7 +170,7 @@ def profile_table(records: list[dict]) -> list[str]:
     lines = ["| backend | shape | B | k (core) | GPU time (events) | graph replay | eager wall / call | "
              "fixed | per greedy step | cuBLAS Gram |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
-        lines.append(f"| {r['backend']} | {r['shape']} | {r['B']} | {r['k']} ({r['k_core']}) | {_fmt(r['gpu_us'])} | "
+        lines.append(f"| {r['impl']} | {r['shape']} | {r['B']} | {r['k']} ({r['k_core']}) | {_fmt(r['gpu_us'])} | "
                      f"{_fmt(r['graph_us'])} | {_fmt(r['eager_us'])} | {_fmt(r['fixed_us'])} | "
                      f"{r['step_us']:.2f} µs | {_fmt(r.get('gram_us'))} |")
     return lines

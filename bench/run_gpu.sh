@@ -43,7 +43,7 @@ mkdir -p "$DEST"
 export PYTHONUNBUFFERED=1
 
 STEM=  # <date>-<device>: every file of this run starts with it (bench.report --print-stem)
-has_gpu() { "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; }
+GPU=   # 1 where torch sees a CUDA device
 has_module() { "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('$1') else 1)"; }
 # The logs are committed: this machine's folders (the checkout, site-packages, home) become names.
 SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/dev/null || echo /nonexistent)
@@ -116,10 +116,10 @@ stage_checks() {  # $1: seconds allowed
 }
 
 main() {
-  local STAGES=("${@:-all}") STAGE cap floor allowed end args extra kind f s
+  local STAGES=("${@:-all}") STAGE cap floor allowed end args extra kind f
   [ "${STAGES[0]}" = all ] && STAGES=(install checks micro e2e profile demo tune report)
   STEM=$("$PY" -m bench.report --print-stem) || exit 1
-  s=$STEM
+  GPU=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))')  # asked once: each ask starts CUDA
   for STAGE in "${STAGES[@]}"; do
     case $STAGE in  # cap and floor (seconds) of each stage
       install) cap=60; floor=5 ;;   checks) cap=210; floor=60 ;;  micro) cap=150; floor=60 ;;
@@ -138,38 +138,38 @@ main() {
       micro)
         # SIGINT: pytest ends the session cleanly and pytest-benchmark still writes what was timed
         ZSPA_BENCH=spec timeout -s INT -k 15 "$allowed" "$PY" -m pytest bench/test_bench_select_tokens.py -q -p no:cacheprovider \
-          --benchmark-json="$DEST/$s.micro-raw.json" --benchmark-columns=median,iqr,rounds 2>&1 | tail -25 ;;
+          --benchmark-json="$DEST/$STEM.micro-raw.json" --benchmark-columns=median,iqr,rounds 2>&1 | tail -25 ;;
       e2e)
-        if has_gpu; then args=(--models llava-1.5-7b qwen2.5-vl-7b --repeats 3 --new-tokens 16)
+        if [ "$GPU" = 1 ]; then args=(--models llava-1.5-7b qwen2.5-vl-7b --repeats 3 --new-tokens 16)
         else args=(--models llava-1.5-tiny qwen2.5-vl-tiny --repeats 3 --new-tokens 16); fi
-        timeout "$allowed" "$PY" -m bench.e2e "${args[@]}" --batch 1 8 --out "$DEST/$s.e2e-raw.json" ;;
+        timeout "$allowed" "$PY" -m bench.e2e "${args[@]}" --batch 1 8 --out "$DEST/$STEM.e2e-raw.json" ;;
       profile)
         end=$((SECONDS + allowed))
-        timeout "$allowed" "$PY" -m bench.profile --out "$DEST/$s.profile-raw.json"
+        timeout "$allowed" "$PY" -m bench.profile --out "$DEST/$STEM.profile-raw.json"
         if command -v ncu > /dev/null && [ $((end - SECONDS)) -gt 10 ]; then
           # --clock-control none: the card's clocks are left as found
           timeout $((end - SECONDS)) ncu --clock-control none --profile-from-start off --target-processes all \
-            --set detailed "$PY" -m bench.profile --ncu > "$DEST/$s.ncu.txt" 2>&1
-          echo "ncu exit status: $? ($(grep -c 'Section: GPU Speed Of Light' "$DEST/$s.ncu.txt") kernels profiled)"
+            --set detailed "$PY" -m bench.profile --ncu > "$DEST/$STEM.ncu.txt" 2>&1
+          echo "ncu exit status: $? ($(grep -c 'Section: GPU Speed Of Light' "$DEST/$STEM.ncu.txt") kernels profiled)"
         fi ;;
       demo)
         # stdout only: library warnings on stderr would carry this machine's paths into the results
-        timeout "$allowed" "$PY" -m zspa_kernels.cli demo --out "$DEST/$s.demo" > "$DEST/$s.demo.txt"
-        echo "demo exit status: $?"; cat "$DEST/$s.demo.txt"
-        [ -f "$DEST/$s.demo/kept_patches.png" ] && mv "$DEST/$s.demo/kept_patches.png" "$DEST/$s.demo.png"
-        rm -rf "$DEST/$s.demo" ;;
+        timeout "$allowed" "$PY" -m zspa_kernels.cli demo --out "$DEST/$STEM.demo" > "$DEST/$STEM.demo.txt"
+        echo "demo exit status: $?"; cat "$DEST/$STEM.demo.txt"
+        [ -f "$DEST/$STEM.demo/kept_patches.png" ] && mv "$DEST/$STEM.demo/kept_patches.png" "$DEST/$STEM.demo.png"
+        rm -rf "$DEST/$STEM.demo" ;;
       tune)
-        timeout "$allowed" "$PY" -m bench.tune --out "$DEST/$s.tune-raw.json" | tee "$DEST/$s.tune.txt" ;;
+        timeout "$allowed" "$PY" -m bench.tune --out "$DEST/$STEM.tune-raw.json" | tee "$DEST/$STEM.tune.txt" ;;
       report)
-        if [ ! -f "$DEST/$s.micro-raw.json" ]; then echo "   no microbenchmark results: nothing to report"; continue; fi
+        if [ ! -f "$DEST/$STEM.micro-raw.json" ]; then echo "   no microbenchmark results: nothing to report"; continue; fi
         extra=()
         for kind in e2e demo profile; do
-          f="$DEST/$s.$kind-raw.json"; [ "$kind" = demo ] && f="$DEST/$s.demo.txt"
+          f="$DEST/$STEM.$kind-raw.json"; [ "$kind" = demo ] && f="$DEST/$STEM.demo.txt"
           [ -f "$f" ] && extra+=("--$kind" "$f")
         done
-        has_gpu && extra+=(--auto-table "$DEST/$s.auto_cuda.json")  # auto's table, to review and commit
-        timeout "$allowed" "$PY" -m bench.report --micro "$DEST/$s.micro-raw.json" "${extra[@]}" --out "$DEST" \
-          && cat "$DEST/$s.md" ;;
+        [ "$GPU" = 1 ] && extra+=(--auto-table "$DEST/$STEM.auto_cuda.json")  # auto's table, to review and commit
+        timeout "$allowed" "$PY" -m bench.report --micro "$DEST/$STEM.micro-raw.json" "${extra[@]}" --out "$DEST" \
+          && cat "$DEST/$STEM.md" ;;
     esac
     pack
   done

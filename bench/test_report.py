@@ -26,7 +26,7 @@ def _bench(impl, shape, B, N, D, k, us, event=True, device=ENV["device"]):
 
 
 def _split(backend, graph, eager):
-    return {"backend": backend, "shape": "llava-1.5", "B": 1, "N": 576, "D": 4096, "k": 64, "k_core": 32,
+    return {"impl": backend, "shape": "llava-1.5", "B": 1, "N": 576, "D": 4096, "k": 64, "k_core": 32,
             "gpu_us": graph + 5, "graph_us": graph, "eager_us": eager, "fixed_us": 10.0, "step_us": 0.5}
 
 

@@ -1,6 +1,7 @@
 """``select_tokens`` on every available backend against the independent fp64 oracle."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -135,8 +136,6 @@ def _first_divergence_is_a_near_tie(visual, prompt, k, core_ratio, a, b, tol):
     """Orders ``a`` and ``b`` of one row (B=1, pooled prompt) agree up to their first
     difference, and there the two picks score within ``tol`` of each other in fp64 (the
     oracle's rules, vectorised: brute-force replay is too slow at video size)."""
-    import numpy as np
-
     diff = next((t for t, (x, y) in enumerate(zip(a, b)) if x != y), None)
     if diff is None:
         return
