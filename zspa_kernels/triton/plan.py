@@ -57,7 +57,7 @@ def launch_plan(B: int, N: int, D: int, dtype: torch.dtype, k: int, core_ratio: 
                 has_lengths: bool) -> LaunchPlan:
     """The plan for ``visual`` of shape ``(B, N, D)`` and ``dtype``, budget ``k``, ratio ``core_ratio``.
     Memoised on everything it depends on (the environment's budget and interpreter switch too):
-    computing one costs ~10 µs of Python, a large share of the op's host time per call."""
+    computing one is ~10 µs of Python (an ad-hoc CPU timing), a large share of the op's host time."""
     return _plan(B, N, D, dtype, k, core_ratio, has_lengths, gram_budget(), triton_interpreter())
 
 
