@@ -97,7 +97,9 @@ stage_checks() {  # $1: seconds allowed
                    tests/integrations/test_prune_on_gpu.py bench/test_sanitize.py bench/test_report.py)
   timeout "$1" "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" "${gpu_tests[@]}" > "$DEST/tests-GPU.tmp" 2>&1 &
   local gpu_pid=$!
-  timeout "$1" "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" "${gpu_tests[@]/#/--ignore=}" \
+  # loadfile: a module's tests share a worker, so test_builder's module-scoped compile runs once
+  # (xdist_group would say it per test, but pytest >= 9.2 silently drops the grouping).
+  timeout "$1" "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" ${xdist:+--dist loadfile} "${gpu_tests[@]/#/--ignore=}" \
     > "$DEST/tests-other.tmp" 2>&1 &
   local rest_pid=$!
   $sanitizer && { sanitize triton "$end" > "$DEST/sanitize-triton.tmp" & pids+=($!); }
