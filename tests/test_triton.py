@@ -310,9 +310,34 @@ def test_gram_is_symmetric_so_duplicates_tie_to_the_lower_index(seed, D, dtype):
     _check(case)
 
 
+def _poisoned_empty(real_empty):
+    """``torch.empty`` whose memory holds what a reused caching-allocator block may hold: NaN
+    floats and 0x5A bytes (int32 counters of 1515870810, int64 indices far out of range)."""
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t.view(torch.uint8).fill_(0x5A).view(t.dtype)
+    return empty
+
+
+@pytest.mark.parametrize("path", ["gram", "stream"])
+@pytest.mark.parametrize("alpha", [0.5, 0.0])  # 0.0: the isolation seed's partials are scratch too
+def test_no_scratch_or_output_element_is_read_before_it_is_written(monkeypatch, path, alpha):
+    """Every buffer the launcher allocates (statistics, the arrival counters, Gram, partials,
+    state, the output with its -1 padding) comes from ``torch.empty``: poisoned, the picks and
+    the padding must still be the oracle's, in both output layouts and with padded rows."""
+    case = _case(B=3, N=37, D=20, k=24, alpha=alpha, dtype=torch.float16, T=3, relevance="mean",
+                 lengths=[37, 9, 1], seed=21)
+    plan = _plan(case, path=path, block_tile=16, tiles=3, block_select=16, need_isolation=alpha == 0.0,
+                 core_block=4 if path == "gram" else 1)
+    monkeypatch.setattr(torch, "empty", _poisoned_empty(torch.empty))
+    order = _check(case, plan)
+    assert order[1, 9:].eq(-1).all() and order[2, 1:].eq(-1).all()
+
+
 def test_padding_costs_nothing_per_padded_slot():
-    """k far beyond N: the -1 padding is one fill, not a loop over k in the kernel (a walk over
-    k = 100000 in blocks of 16 took 17 s under the interpreter; this bound is 100 times that pace)."""
+    """k far beyond N: the kernel writes the -1 padding in 1024-wide stores, not in steps of the
+    row walk's block (a walk over k = 100000 in blocks of 16 took 17 s under the interpreter;
+    this bound is a fifth of that)."""
     import time
 
     case = _case(B=1, N=5, D=4, k=100_000, alpha=0.5, dtype=torch.float32, seed=13)

@@ -178,10 +178,9 @@ def _select_row(
         # order this step's stores before the next step's (and the output pass's) loads.
         tl.debug_barrier()
 
+    row_out = out_ptr + b * k
     if not PICK_ORDER:
-        # Ascending kept indices: compact the taken tokens (state +inf inside the row). The
-        # -1 padding after them is the launcher's fill: a loop over k here would cost O(k).
-        row_out = out_ptr + b * k
+        # Ascending kept indices: compact the taken tokens (state +inf inside the row).
         base = 0
         for c0 in range(0, N, BLOCK_S):
             idx = c0 + offs
@@ -189,6 +188,13 @@ def _select_row(
             flags = taken.to(tl.int32)
             tl.store(row_out + base + tl.cumsum(flags, 0) - 1, idx.to(tl.int64), mask=taken)
             base += tl.sum(flags, 0)
+    # The -1 padding after the k_b kept tokens (both layouts), here rather than as a fill by the
+    # launcher, which would be a kernel launch of its own on the op's critical path. 1024-wide
+    # stores (4 int64 a thread): none when k_b = k, one when k <= N + 1024, and k far beyond N
+    # (k = 100000, N = 5) is 98 coalesced stores, not a walk in steps of a small BLOCK_S.
+    pad = tl.arange(0, 1024)
+    for p0 in range(k_b, k, 1024):
+        tl.store(row_out + p0 + pad, tl.full([1024], -1, tl.int64), mask=p0 + pad < k)
 
 
 @triton.jit

@@ -58,7 +58,7 @@ def select_tokens_triton(
     gram = scratch(rows, N, N) if plan.path == "gram" else unused
     iso = scratch(rows, plan.tiles, N) if plan.need_isolation else unused
     work = (gram, iso, scratch(rows, plan.tiles, N, dtype=torch.int32), scratch(rows, N))
-    out = torch.full((B, k), -1, dtype=torch.int64, device=visual.device)  # the -1 padding
+    out = scratch(B, k, dtype=torch.int64)  # every element written by the selection launch (-1 padded)
     order = out if pick_order else scratch(B, min(k, N), dtype=torch.int64)
 
     def part(t, group):  # one group (the usual case): the tensor itself, no view to build
