@@ -10,7 +10,8 @@
 #   checks   correctness, all at once (nothing is timed): `zspa build` compiles csrc/, the whole
 #            test suite runs on the GPU (the GPU tests and the rest side by side, pytest-xdist
 #            where installed), and compute-sanitizer
-#            memcheck, racecheck and synccheck run bench/sanitize.py on triton (at once) and on
+#            memcheck, racecheck, synccheck, then initcheck (reads of device memory never
+#            written: the scratch contract) run bench/sanitize.py on triton (at once) and on
 #            cuda (once built). Logs: <stem>.tests.log (with the build's), <stem>.sanitize.log.
 #   micro    microbenchmarks at the SPEC shapes (from here on the GPU is the run's alone)
 #   e2e      LLaVA-1.5-7B and Qwen2.5-VL-7B from configs, bf16, batch 1 and 8
@@ -66,7 +67,7 @@ allowance() {
 
 sanitize() {  # $1: backend, $2: the stage's end (in $SECONDS); the three tools in turn, log on stdout
   local tool
-  for tool in memcheck racecheck synccheck; do
+  for tool in memcheck racecheck synccheck initcheck; do  # initcheck last: the three asked for come first
     if [ $(($2 - SECONDS)) -lt 10 ]; then echo "== $tool on $1: skipped, the stage's time is up"; continue; fi
     echo "== compute-sanitizer --tool $tool: bench.sanitize --backend $1"
     # Every caching-allocator block its own cudaMalloc, so that memcheck sees each tensor's

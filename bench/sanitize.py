@@ -1,4 +1,6 @@
-"""The cases ``bench/run_gpu.sh`` runs under compute-sanitizer (memcheck, racecheck, synccheck).
+"""The cases ``bench/run_gpu.sh`` runs under compute-sanitizer (memcheck, racecheck, synccheck,
+initcheck: the launchers allocate scratch with ``torch.empty`` and no kernel may read an element
+before some launch of the call wrote it).
 
     compute-sanitizer --tool memcheck python -m bench.sanitize --backend triton
 
