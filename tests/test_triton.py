@@ -327,8 +327,8 @@ def test_no_scratch_or_output_element_is_read_before_it_is_written(monkeypatch, 
     the padding must still be the oracle's, in both output layouts and with padded rows."""
     case = _case(B=3, N=37, D=20, k=24, alpha=alpha, dtype=torch.float16, T=3, relevance="mean",
                  lengths=[37, 9, 1], seed=21)
-    plan = _plan(case, path=path, block_tile=16, tiles=3, block_select=16, need_isolation=alpha == 0.0,
-                 core_block=4 if path == "gram" else 1)
+    plan = _plan(case, path=path, block_tile=16, tiles=3, block_select=16, core_block=4 if path == "gram" else 1)
+    assert plan.need_isolation == (alpha == 0.0)
     monkeypatch.setattr(torch, "empty", _poisoned_empty(torch.empty))
     order = _check(case, plan)
     assert order[1, 9:].eq(-1).all() and order[2, 1:].eq(-1).all()
