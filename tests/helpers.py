@@ -83,12 +83,23 @@ class Case:
                 f"lengths={None if self.lengths is None else self.lengths.tolist()}")
 
 
+def gaussian_tokens(g: torch.Generator, B: int, N: int, D: int, min_scale: float = 0.1) -> torch.Tensor:
+    """Gaussian tokens, each scaled by a random factor in [min_scale, min_scale + 1)."""
+    return torch.randn(B, N, D, generator=g) * torch.rand(B, N, 1, generator=g).add(min_scale)
+
+
+def clustered_tokens(g: torch.Generator, B: int, N: int, D: int, centers: int = 4,
+                     spread: float = 0.05) -> torch.Tensor:
+    """Near-duplicates around a few centres: the greedy chain runs through near-ties."""
+    c = torch.randn(B, centers, D, generator=g)
+    which = torch.randint(0, centers, (B, N), generator=g)
+    return c[torch.arange(B)[:, None], which] + spread * torch.randn(B, N, D, generator=g)
+
+
 def _tokens(g: torch.Generator, B: int, N: int, D: int, kind: str) -> torch.Tensor:
     if kind == "clustered":
-        centers = torch.randn(B, 4, D, generator=g)
-        which = torch.randint(0, 4, (B, N), generator=g)
-        return centers[torch.arange(B)[:, None], which] + 0.05 * torch.randn(B, N, D, generator=g)
-    x = torch.randn(B, N, D, generator=g) * torch.rand(B, N, 1, generator=g).add(0.1)
+        return clustered_tokens(g, B, N, D)
+    x = gaussian_tokens(g, B, N, D)
     if kind == "duplicates" and N > 1:
         src = torch.randint(0, N, (N // 2,), generator=g)
         dst = torch.randint(0, N, (N // 2,), generator=g)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import zspa_kernels
-from helpers import TOLERANCE, Case, oracle_rows
+from helpers import TOLERANCE, Case, clustered_tokens, gaussian_tokens, oracle_rows
 from fp64_oracle import replay
 from zspa_kernels.cpu import select_tokens_cpu
 from zspa_kernels.dispatch import available_backends, resolve_backend
@@ -17,12 +17,8 @@ from zspa_kernels.reference import select_tokens_reference_op
 def _wide_case(seed, dtype, clustered, core_ratio=0.5, relevance="mean", lengths=None, T=None):
     g = torch.Generator().manual_seed(seed)
     B, N, D = 2, 150, 384
-    if clustered:  # near-duplicates: the greedy chain runs through near-ties
-        centers = torch.randn(B, 6, D, generator=g)
-        visual = centers[torch.arange(B)[:, None], torch.randint(0, 6, (B, N), generator=g)]
-        visual = visual + 0.2 * torch.randn(B, N, D, generator=g)
-    else:
-        visual = torch.randn(B, N, D, generator=g) * torch.rand(B, N, 1, generator=g).add(0.5)
+    visual = (clustered_tokens(g, B, N, D, centers=6, spread=0.2) if clustered
+              else gaussian_tokens(g, B, N, D, min_scale=0.5))
     prompt = torch.randn(B, D, generator=g) if T is None else torch.randn(B, T, D, generator=g)
     mask = None if T is None else torch.ones(B, T, dtype=torch.bool)
     lengths = None if lengths is None else torch.tensor(lengths)

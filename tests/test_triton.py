@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import zspa_kernels
-from helpers import Case, TOLERANCE, backends_here, device_for, oracle_rows
+from helpers import Case, TOLERANCE, backends_here, clustered_tokens, device_for, gaussian_tokens, oracle_rows
 from fp64_oracle import replay
 from zspa_kernels.dispatch import interpreter_problem
 from zspa_kernels.reference import select_tokens_reference
@@ -45,12 +45,7 @@ DEVICE = device_for("triton")
 
 def _case(B, N, D, k, alpha, dtype, relevance="mean", T=None, lengths=None, masked=False, seed=0, clustered=False):
     g = torch.Generator().manual_seed(seed)
-    if clustered:  # many near-duplicates: the greedy chain runs through near-ties
-        centers = torch.randn(B, 5, D, generator=g)
-        visual = centers[torch.arange(B)[:, None], torch.randint(0, 5, (B, N), generator=g)]
-        visual = visual + 0.1 * torch.randn(B, N, D, generator=g)
-    else:
-        visual = torch.randn(B, N, D, generator=g) * torch.rand(B, N, 1, generator=g).add(0.1)
+    visual = clustered_tokens(g, B, N, D, centers=5, spread=0.1) if clustered else gaussian_tokens(g, B, N, D)
     prompt = torch.randn(B, D, generator=g) if T is None else torch.randn(B, T, D, generator=g)
     mask = None
     if masked:
