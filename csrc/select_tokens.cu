@@ -40,6 +40,16 @@ int threads_for(int64_t n, int64_t cap) {
   return static_cast<int>(std::min<int64_t>(cap, (n + 31) / 32 * 32));
 }
 
+// Bytes of the greedy kernel's static shared arrays (the argmin slots, the ballot counts).
+size_t greedy_static_smem_bytes() {
+  static const size_t bytes = [] {
+    cudaFuncAttributes attributes{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, greedy_select_kernel));
+    return attributes.sharedSizeBytes;
+  }();
+  return bytes;
+}
+
 // x (B, L, D) contiguous, bf16 or fp32: {x scaled row by row, (B, L) fp32 scales}, one launch
 // (scale_rows.cuh). fp16 is never scaled: its squares cannot overflow fp32, and scaling fp16
 // values down could round the small ones.
@@ -100,10 +110,13 @@ at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt
     lens = lengths->to(visual.device(), at::kLong).contiguous();  // clamped to [1, N] in the kernel
   }
 
+  // Dynamic shared memory: 12 bytes a token; the kernel's static arrays come on top, and the
+  // sum (not the dynamic part alone) must stay within 48 KiB unless the kernel opts in.
   const size_t smem_bytes = 3 * sizeof(float) * static_cast<size_t>(N);
+  const size_t static_smem = greedy_static_smem_bytes();
   const int device_smem = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-  TORCH_CHECK(smem_bytes + 1024 <= static_cast<size_t>(device_smem), "visual: N=", N,
-              " tokens need ", smem_bytes, " bytes of shared memory per row, more than this GPU's ",
+  TORCH_CHECK(smem_bytes + static_smem <= static_cast<size_t>(device_smem), "visual: N=", N,
+              " tokens need ", smem_bytes + static_smem, " bytes of shared memory per row, more than this GPU's ",
               device_smem, "; use backend='triton'");
 
   const auto f32 = V.options().dtype(at::kFloat);
@@ -129,7 +142,7 @@ at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt
   if (max_relevance) dots = fp32_bmm(V, P.transpose(1, 2));  // (B, N, T) on cuBLAS
 
   at::Tensor out = at::empty({B, k}, V.options().dtype(at::kLong));
-  if (smem_bytes > 48 * 1024) {
+  if (smem_bytes + static_smem > 48 * 1024) {  // N >= 4043: at N = 4096 the dynamic part alone is exactly 48 KiB
     C10_CUDA_CHECK(cudaFuncSetAttribute(greedy_select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem_bytes)));
   }

@@ -78,3 +78,36 @@ def test_wide_rows_replay_against_fp64():
         row = Row(visual[0].float().cpu().numpy(), prompt[0].float().cpu().numpy(), mask[0].cpu().numpy(),
                   n_tokens, 40, alpha, "mean")
         replay(row, order[0].tolist(), TOLERANCE["cuda"][torch.bfloat16])
+
+
+_SHARED_MEMORY_EDGE = """
+import json, sys, torch, zspa_kernels
+g = torch.Generator(device="cuda").manual_seed(3)
+orders = []
+for n in map(int, sys.argv[1:]):
+    visual = torch.randn(1, n, 16, device="cuda", generator=g).bfloat16()
+    prompt = torch.randn(1, 16, device="cuda", generator=g).bfloat16()
+    order = zspa_kernels.select_tokens(visual, prompt, 24, backend="cuda", pick_order=True)
+    orders.append([visual[0].float().tolist(), prompt[0].float().tolist(), order[0].tolist()])
+print(json.dumps(orders))
+"""
+
+
+def test_rows_whose_shared_memory_crosses_48_kib_launch():
+    """12 bytes a token plus the kernel's static arrays: from N = 4043 on, the sum passes the
+    48 KiB that a kernel gets without opting in, though the dynamic part alone reaches 48 KiB only
+    at N = 4096 (the first GPU run failed to launch at N = 4096). A fresh process, since the
+    opt-in is process-wide and an earlier, wider call would hide the bug."""
+    import json
+    import subprocess
+    import sys
+
+    from fp64_oracle import Row, replay
+    from helpers import TOLERANCE
+
+    sizes = (4042, 4043, 4096)
+    done = subprocess.run([sys.executable, "-c", _SHARED_MEMORY_EDGE, *map(str, sizes)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for n, (visual, prompt, order) in zip(sizes, json.loads(done.stdout)):
+        replay(Row(visual, prompt, None, n, 24, 0.5, "mean"), order, TOLERANCE["cuda"][torch.bfloat16])
