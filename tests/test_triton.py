@@ -31,7 +31,7 @@ if "triton" in backends_here():
     import triton
     import triton.language as tl
 
-    from zspa_kernels.triton.gram_select import _row_bounds, split_fp64
+    from zspa_kernels.triton.gram_select import FP_FUSION, _row_bounds, split_fp64
 
     @triton.jit
     def row_bounds_kernel(lengths_ptr, out_ptr, N, k, alpha_hi, alpha_mid, alpha_lo):
@@ -202,7 +202,9 @@ def test_row_bounds_match_spec_core_count_on_every_budget():
     for alpha in ALPHA_NEAR_HALF + [0.0, 1.0, 0.5, 0.1, 0.3, 1 / 3, 0.49999999999999994, 0.5000000000000001,
                                     (2 * 7 + 1) / 2 / 97, 1 / 129]:
         out = torch.empty(300, 2, dtype=torch.int32, device=DEVICE)
-        row_bounds_kernel[(300,)](budgets, out, 300, 1000, *split_fp64(alpha))
+        # launched as the package launches its kernels: on a GPU, fp fusion would make
+        # alpha·k_b + 0.5 one fma, which rounds alpha = 1/22, k_b = 11 down to k_core = 0
+        row_bounds_kernel[(300,)](budgets, out, 300, 1000, *split_fp64(alpha), enable_fp_fusion=FP_FUSION)
         expected = [[kb, core_count(alpha, kb)] for kb in range(1, 301)]
         assert out.cpu().tolist() == expected, alpha
 
@@ -292,8 +294,9 @@ def test_lengths_of_any_stride(make_lengths):
 
 @pytest.mark.parametrize("seed, D, dtype", [(149, 33, torch.bfloat16), (204, 3, torch.float32),
                                             pytest.param(264, 17, torch.float32, marks=pytest.mark.xfail(
-                                                strict=True, reason="known gap: the interpreter's matmul rounds a "
-                                                "dot product differently by its position in the tile"))])
+                                                condition=not torch.cuda.is_available(), strict=True,
+                                                reason="known gap: the interpreter's matmul rounds a dot product "
+                                                "differently by its position in the tile (passes on the H200)"))])
 def test_gram_is_symmetric_so_duplicates_tie_to_the_lower_index(seed, D, dtype):
     """Token 22 is a copy of token 0, in another Gram tile: the similarity of either to a pick
     must be one number, else an exact tie goes to the higher index (these seeds did, under
