@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .. import spec
-from .primitives import abs_max, max_key, nonfinite, pow2_scale, scaled_operand
+from .primitives import max_key, nonfinite, pow2_scale, scaled_operand
 
 NORM_EPS = tl.constexpr(spec.NORM_EPS)
 NONFINITE_RELEVANCE = tl.constexpr(spec.NONFINITE_RELEVANCE)
@@ -40,16 +40,15 @@ def _prompt_row_mask(mask_ptr, b, t, T, stride_mb, stride_mt, HAS_MASK: tl.const
 
 @triton.jit
 def _pooled_chunk(p_row, mask_ptr, b, d, D, T, count, stride_pt, stride_pd, stride_mb, stride_mt,
-                  HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Features ``d`` of the mean of the valid prompt rows (fp32)."""
-    t_offs = tl.arange(0, BLOCK_T)
+                  HAS_MASK: tl.constexpr):
+    """Features ``d`` of the mean of the valid prompt rows (fp32), summed row by row: 1-D loads
+    and adds only, no reduction across threads (a (rows × features) tile summed over its rows
+    went through shared memory at every feature chunk)."""
     pooled = tl.zeros(d.shape, tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        t = t0 + t_offs
-        t_ok = _prompt_row_mask(mask_ptr, b, t, T, stride_mb, stride_mt, HAS_MASK)
-        p = tl.load(p_row + t[:, None] * stride_pt + d[None, :] * stride_pd,
-                    mask=(t < T)[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
-        pooled += tl.sum(tl.where(t_ok[:, None], p, 0.0), 0)  # where, not *: masked rows may be NaN
+    for t in range(0, T):
+        ok = _prompt_row_mask(mask_ptr, b, t, T, stride_mb, stride_mt, HAS_MASK)
+        p = tl.load(p_row + t * stride_pt + d * stride_pd, mask=d < D, other=0.0).to(tl.float32)
+        pooled += tl.where(ok, p, 0.0)  # where, not *: masked rows may be NaN
     return pooled / tl.maximum(count, 1.0)
 
 
@@ -83,42 +82,44 @@ def _token_stats_kernel(
     for t0 in range(0, T, BLOCK_T):
         count += tl.sum(_prompt_row_mask(mask_ptr, b, t0 + t_offs, T, stride_mb, stride_mt, HAS_MASK).to(tl.float32))
 
-    # Pass 0: each token's (and the pooled prompt's) power-of-two scale, for overflow-safe norms.
-    amax = tl.zeros([BLOCK_R], tl.float32)
-    p_amax = 0.0
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + d_offs
-        v = tl.load(v_rows + d[None, :] * stride_vd, mask=row_ok[:, None] & (d < D)[None, :], other=0.0)
-        amax = tl.maximum(amax, abs_max(v.to(tl.float32), 1))
-        if not MAX_RELEVANCE:
-            pooled = _pooled_chunk(p_row, mask_ptr, b, d, D, T, count, stride_pt, stride_pd, stride_mb, stride_mt,
-                                   HAS_MASK, BLOCK_T)
-            p_amax = tl.maximum(p_amax, abs_max(pooled, 0))
-    scale = pow2_scale(amax)
-    p_scale = pow2_scale(p_amax)
+    # The D loops below accumulate elementwise in (rows × features) registers and reduce once
+    # after the loop: a row reduction per feature chunk went through shared memory every
+    # iteration, and on the H200 87% of this kernel's shared-memory wavefronts were bank
+    # conflicts of those reductions (bench/results/2026-11-30-nvidia-h200.ncu.txt).
 
-    # Pass 1: norms and finiteness; for "mean" also the dot with the pooled prompt.
-    sumsq = tl.zeros([BLOCK_R], tl.float32)
-    bad = tl.zeros([BLOCK_R], tl.int32)
-    dot = tl.zeros([BLOCK_R], tl.float32)
-    p_sumsq = 0.0
-    p_bad = 0
+    # Pass 0: each token's (and the pooled prompt's) power-of-two scale, for overflow-safe norms.
+    amax2 = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    p_amax1 = tl.zeros([BLOCK_D], tl.float32)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + d_offs
         v = tl.load(v_rows + d[None, :] * stride_vd, mask=row_ok[:, None] & (d < D)[None, :], other=0.0)
         v = v.to(tl.float32)
-        bad += tl.sum(nonfinite(v).to(tl.int32), 1)
-        y = v * scale[:, None]
-        sumsq += tl.sum(y * y, 1)
+        amax2 = tl.maximum(amax2, tl.where(nonfinite(v), 0.0, tl.abs(v)))
         if not MAX_RELEVANCE:
             pooled = _pooled_chunk(p_row, mask_ptr, b, d, D, T, count, stride_pt, stride_pd, stride_mb, stride_mt,
-                                   HAS_MASK, BLOCK_T)
-            p_bad += tl.sum(nonfinite(pooled).to(tl.int32))
-            pooled = pooled * p_scale
-            p_sumsq += tl.sum(pooled * pooled)
-            dot += tl.sum(y * pooled[None, :], 1)
+                                   HAS_MASK)
+            p_amax1 = tl.maximum(p_amax1, tl.where(nonfinite(pooled), 0.0, tl.abs(pooled)))
+    scale = pow2_scale(tl.max(amax2, 1))
+    p_scale = pow2_scale(tl.max(p_amax1, 0))
+
+    # Pass 1: norms and finiteness; for "mean" also the dot with the pooled prompt. Scaled,
+    # a finite token's squares sum to at most D: a non-finite sum means a NaN or inf feature.
+    sumsq2 = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    dot2 = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    p_sumsq1 = tl.zeros([BLOCK_D], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + d_offs
+        v = tl.load(v_rows + d[None, :] * stride_vd, mask=row_ok[:, None] & (d < D)[None, :], other=0.0)
+        y = v.to(tl.float32) * scale[:, None]
+        sumsq2 += y * y
+        if not MAX_RELEVANCE:
+            pooled = _pooled_chunk(p_row, mask_ptr, b, d, D, T, count, stride_pt, stride_pd, stride_mb, stride_mt,
+                                   HAS_MASK) * p_scale
+            p_sumsq1 += pooled * pooled
+            dot2 += y * pooled[None, :]
+    sumsq = tl.sum(sumsq2, 1)
+    finite = (sumsq == sumsq) & (sumsq != float("inf"))
     norm = tl.maximum(tl.sqrt_rn(sumsq), scale * NORM_EPS)
-    finite = bad == 0
 
     if MAX_RELEVANCE:
         # Pass 2: cosine to every prompt row on tensor cores (scaled inputs, fp32 accumulation).
@@ -126,16 +127,15 @@ def _token_stats_kernel(
         for t0 in range(0, T, BLOCK_T):
             t = t0 + t_offs
             t_ok = _prompt_row_mask(mask_ptr, b, t, T, stride_mb, stride_mt, HAS_MASK)
-            t_amax = tl.zeros([BLOCK_T], tl.float32)
+            t_amax2 = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
             for d0 in range(0, D, BLOCK_D):
                 d = d0 + d_offs
                 p = tl.load(p_row + t[:, None] * stride_pt + d[None, :] * stride_pd,
-                            mask=(t < T)[:, None] & (d < D)[None, :], other=0.0)
-                t_amax = tl.maximum(t_amax, abs_max(p.to(tl.float32), 1))
-            t_scale = pow2_scale(t_amax)
+                            mask=(t < T)[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
+                t_amax2 = tl.maximum(t_amax2, tl.where(nonfinite(p), 0.0, tl.abs(p)))
+            t_scale = pow2_scale(tl.max(t_amax2, 1))
             acc = tl.zeros([BLOCK_R, BLOCK_T], tl.float32)
-            t_sumsq = tl.zeros([BLOCK_T], tl.float32)
-            t_bad = tl.zeros([BLOCK_T], tl.int32)
+            t_sumsq2 = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
             for d0 in range(0, D, BLOCK_D):
                 d = d0 + d_offs
                 v = tl.load(v_rows + d[None, :] * stride_vd, mask=row_ok[:, None] & (d < D)[None, :], other=0.0)
@@ -144,19 +144,21 @@ def _token_stats_kernel(
                 acc = tl.dot(scaled_operand(v, scale, SCALE_OPERANDS, DOT_UPCAST),
                              tl.trans(scaled_operand(p, t_scale, SCALE_OPERANDS, DOT_UPCAST)), acc,
                              input_precision=DOT_PRECISION)
-                p32 = p.to(tl.float32)
-                t_bad += tl.sum(nonfinite(p32).to(tl.int32), 1)
-                p32 = p32 * t_scale[:, None]
-                t_sumsq += tl.sum(p32 * p32, 1)
+                p32 = p.to(tl.float32) * t_scale[:, None]
+                t_sumsq2 += p32 * p32
+            t_sumsq = tl.sum(t_sumsq2, 1)
+            t_finite = (t_sumsq == t_sumsq) & (t_sumsq != float("inf"))
             if not SCALE_OPERANDS:
                 acc = acc * scale[:, None] * t_scale[None, :]
             cos = tl.div_rn(acc, norm[:, None] * tl.maximum(tl.sqrt_rn(t_sumsq), t_scale * NORM_EPS)[None, :])
-            cos = tl.where((t_bad == 0)[None, :], cos, 0.0)  # a non-finite prompt row acts as zero
+            cos = tl.where(t_finite[None, :], cos, 0.0)  # a non-finite prompt row acts as zero
             rel = tl.maximum(rel, tl.max(tl.where(t_ok[None, :], cos, float("-inf")), 1))
         rel = tl.where(count > 0, rel, 0.0)
     else:
-        rel = tl.div_rn(dot, norm * tl.maximum(tl.sqrt_rn(p_sumsq), p_scale * NORM_EPS))
-        rel = tl.where(p_bad == 0, rel, 0.0)  # a non-finite pooled prompt acts as zero
+        p_sumsq = tl.sum(p_sumsq1, 0)
+        rel = tl.div_rn(tl.sum(dot2, 1), norm * tl.maximum(tl.sqrt_rn(p_sumsq), p_scale * NORM_EPS))
+        p_finite = (p_sumsq == p_sumsq) & (p_sumsq != float("inf"))
+        rel = tl.where(p_finite, rel, 0.0)  # a non-finite pooled prompt acts as zero
 
     rel = tl.where(finite, rel, NONFINITE_RELEVANCE)
     key = tl.where(rows < n, max_key(rel, rows), -0x7FFFFFFFFFFFFFFF - 1)
