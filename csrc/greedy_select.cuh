@@ -1,9 +1,9 @@
-// Kernel 4 of 4: ZSPAPrune selection of one batch row per CTA (SPEC §1 steps 1, 3-7).
+// Kernel 3 of 3: ZSPAPrune selection of one batch row per CTA (SPEC §1 steps 1, 3-7).
 //
 // Inputs, all fp32, computed by the launcher from the tokens scaled by their power-of-two
 // token_scale (spec.cuh; exact, so that no square overflows; null for fp16, which cannot):
 //   G[i, j] = v_i . v_j   (the row's N x N Gram, cuBLAS; its diagonal gives the norms),
-//   relevance dots: v_i . pooled ("mean", pooled_dots.cuh) or v_i . p_t ("max", cuBLAS),
+//   relevance dots: v_i . pooled ("mean", scale_rows.cuh) or v_i . p_t ("max", cuBLAS),
 //   and the prompt norms of prompt_stats.cuh.
 // Cosines are G[j, i] / (norm_i * norm_j), norm_i = max(||v_i||, 1e-6 * scale_i): the
 // product is normalised afterwards, so no normalised copy of the tokens is written.

@@ -1,4 +1,4 @@
-// Kernel 2 of 4: prompt norms, and the pooled prompt for relevance "mean".
+// Kernel 1 of 3: prompt norms, and the pooled prompt for relevance "mean".
 //
 // Cosines are formed as (dot product) / (norm_a * norm_b) of vectors scaled by powers of
 // two (spec.cuh: exact, and no square overflows), with norm = max(||s x||, 1e-6 * s): a

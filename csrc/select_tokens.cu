@@ -1,8 +1,9 @@
-// Launcher: the power-of-two scaling of the tokens (scale_rows.cuh; bf16/fp32 only), the
-// fp32-accumulating GEMMs (cuBLAS through ATen) and the three selection kernels. Everything is
-// enqueued on the current stream without reading any device value, so the op can be captured
-// in a CUDA graph. Launches per call: scale, prompt stats, pooled dots ("mean"; "max": scale
-// of the prompt and its dots GEMM), the Gram GEMM and the greedy kernel per Gram chunk.
+// Launcher: the three kernels and the fp32-accumulating GEMMs (cuBLAS through ATen). Everything
+// is enqueued on the current stream without reading any device value, so the op can be captured
+// in a CUDA graph. Launches per call, "mean": prompt stats (with the pooled prompt), one pass
+// over the tokens (scale_rows.cuh: scales and scaled copy for bf16/fp32, dots with the pooled
+// prompt), the Gram GEMM and the greedy kernel per Gram chunk; "max": the prompt rows' and the
+// tokens' scaling passes, prompt stats, the dots GEMM, the Gram GEMM and the greedy kernel.
 #include "select_tokens.h"
 
 #include <algorithm>
@@ -17,7 +18,6 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "greedy_select.cuh"
-#include "pooled_dots.cuh"
 #include "prompt_stats.cuh"
 #include "scale_rows.cuh"
 #include "spec.cuh"
@@ -50,20 +50,32 @@ size_t greedy_static_smem_bytes() {
   return bytes;
 }
 
-// x (B, L, D) contiguous, bf16 or fp32: {x scaled row by row, (B, L) fp32 scales}, one launch
-// (scale_rows.cuh). fp16 is never scaled: its squares cannot overflow fp32, and scaling fp16
-// values down could round the small ones.
-std::pair<at::Tensor, at::Tensor> scale_rows(const at::Tensor& x, cudaStream_t stream) {
+// One launch of scale_rows.cuh over x (B, L, D), contiguous: {x scaled row by row, (B, L) fp32
+// scales} when `scale` (bf16/fp32; fp16 is never scaled: its squares cannot overflow fp32, and
+// scaling fp16 values down could round the small ones), and with `pooled` (B, D) the (B, L) fp32
+// dots of the (scaled) rows with it. Undefined tensors for what was not asked.
+struct RowPass {
+  at::Tensor scaled, scales, dots;
+};
+
+RowPass scale_rows(const at::Tensor& x, bool scale, const at::Tensor& pooled, cudaStream_t stream) {
   const int64_t rows = x.size(0) * x.size(1), D = x.size(2);
   TORCH_CHECK(rows <= INT_MAX, "visual: too many rows for one scaling launch");
-  at::Tensor scaled = at::empty_like(x);
-  at::Tensor scales = at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kFloat));
+  RowPass out;
+  const auto f32 = x.options().dtype(at::kFloat);
+  if (scale) {
+    out.scaled = at::empty_like(x);
+    out.scales = at::empty({x.size(0), x.size(1)}, f32);
+  }
+  if (pooled.defined()) out.dots = at::empty({x.size(0), x.size(1)}, f32);
   AT_DISPATCH_V2(x.scalar_type(), "zspa_scale_rows", AT_WRAP([&] {
     scale_rows_kernel<scalar_t><<<static_cast<unsigned>(rows), threads_for(D, 256), 0, stream>>>(
-        x.data_ptr<scalar_t>(), scaled.data_ptr<scalar_t>(), scales.data_ptr<float>(), static_cast<int>(D));
+        x.data_ptr<scalar_t>(), scale ? out.scaled.data_ptr<scalar_t>() : nullptr,
+        scale ? out.scales.data_ptr<float>() : nullptr, pooled.defined() ? pooled.data_ptr<float>() : nullptr,
+        pooled.defined() ? out.dots.data_ptr<float>() : nullptr, x.size(1), static_cast<int>(D));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }), at::kFloat, at::kBFloat16);
-  return {scaled, scales};
+  }), at::kFloat, at::kHalf, at::kBFloat16);
+  return out;
 }
 
 }  // namespace
@@ -91,10 +103,12 @@ at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt
               "visual: too large for the cuda backend");
   const bool max_relevance = relevance == "max";
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const bool scaled = V.scalar_type() != at::kHalf;
   at::Tensor token_scale, prompt_scale;  // undefined: unscaled (fp16)
-  if (V.scalar_type() != at::kHalf) {
-    std::tie(V, token_scale) = scale_rows(V, stream);
-    if (max_relevance) std::tie(P, prompt_scale) = scale_rows(P, stream);  // "mean": prompt_stats scales the pooled vector
+  if (scaled && max_relevance) {  // "mean": prompt_stats scales the pooled vector
+    RowPass pass = scale_rows(P, true, at::Tensor(), stream);
+    P = pass.scaled;
+    prompt_scale = pass.scales;
   }
 
   at::Tensor mask;
@@ -123,22 +137,23 @@ at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt
   at::Tensor prompt_norm = at::empty({B, T}, f32);
   at::Tensor pooled = max_relevance ? at::Tensor() : at::empty({B, D}, f32);
   at::Tensor dots;  // relevance numerators: (B, N) for "mean", (B, N, T) for "max"
-  AT_DISPATCH_V2(V.scalar_type(), "zspa_relevance", AT_WRAP([&] {
-    prompt_stats_kernel<scalar_t><<<B, threads_for(std::max(D, T * 32), 256), 0, stream>>>(
+  AT_DISPATCH_V2(V.scalar_type(), "zspa_prompt_stats", AT_WRAP([&] {
+    prompt_stats_kernel<scalar_t><<<B, threads_for(std::max(D, T * 32), 1024), 0, stream>>>(
         P.data_ptr<scalar_t>(), mask.defined() ? mask.data_ptr<bool>() : nullptr,
         max_relevance ? nullptr : pooled.data_ptr<float>(), prompt_norm.data_ptr<float>(),
         prompt_scale.defined() ? prompt_scale.data_ptr<float>() : nullptr, static_cast<int>(T),
         static_cast<int>(D), max_relevance);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (!max_relevance) {
-      dots = at::empty({B, N}, f32);
-      const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(B));
-      pooled_dots_kernel<scalar_t><<<grid, threads_for(D, 256), 0, stream>>>(
-          V.data_ptr<scalar_t>(), pooled.data_ptr<float>(), dots.data_ptr<float>(), static_cast<int>(N),
-          static_cast<int>(D));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
   }), at::kFloat, at::kHalf, at::kBFloat16);
+  // The tokens in one pass: scaled (bf16/fp32) and, for "mean", dotted with the pooled prompt.
+  if (scaled || !max_relevance) {
+    RowPass pass = scale_rows(V, scaled, pooled, stream);
+    if (scaled) {
+      V = pass.scaled;
+      token_scale = pass.scales;
+    }
+    dots = pass.dots;
+  }
   if (max_relevance) dots = fp32_bmm(V, P.transpose(1, 2));  // (B, N, T) on cuBLAS
 
   at::Tensor out = at::empty({B, k}, V.options().dtype(at::kLong));

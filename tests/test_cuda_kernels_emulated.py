@@ -1,9 +1,9 @@
 """The csrc/ kernels' own source, run on the CPU (tests/simt), against the fp64 oracle.
 
 CI has no GPU, so this is where the block logic of ``prompt_stats.cuh``,
-``pooled_dots.cuh`` and ``greedy_select.cuh`` meets the oracle: each CUDA thread
-is a CPU thread, with real barriers, shuffles and ballots; ``scale_rows.cuh`` scales the tokens
-as the launcher has it do. The GEMM outputs the
+``scale_rows.cuh`` (the tokens' scales and their dots with the pooled prompt) and
+``greedy_select.cuh`` meets the oracle: each CUDA thread is a CPU thread, with real
+barriers, shuffles and ballots, in the launcher's order. The GEMM outputs the
 launcher would get from cuBLAS are built here as fp64 products rounded to fp32
 (fp32 accuracy, like cuBLAS with fp32 accumulation), the Gram made exactly
 symmetric as cuBLAS's is (its (i, j) and (j, i) entries sum the same exact
@@ -55,49 +55,58 @@ def expected_scales(x):
     return torch.exp2(-torch.frexp(amax).exponent.clamp(SCALE_EXP_MIN, SCALE_EXP_MAX).float())
 
 
-def emulated_scale_rows(emulator, x):
-    """scale_rows.cuh on ``x`` (..., D) as fp32 values: (scaled copy, scales)."""
+def emulated_scale_rows(emulator, x, scale=True, pooled=None):
+    """scale_rows.cuh on ``x`` (B, L, D) as fp32 values: (scaled copy, scales, dots with ``pooled``
+    (B, D)), None for what was not asked; without ``scale`` the dots are of ``x`` as given."""
     flat = np.ascontiguousarray(x.float().reshape(-1, x.shape[-1]).numpy())
-    scaled, scale = np.empty_like(flat), np.empty(flat.shape[0], dtype=np.float32)
-    emulator.emulate_scale_rows(_ptr(flat), _ptr(scaled), _ptr(scale), ctypes.c_int64(flat.shape[0]), flat.shape[1],
-                                64)  # two warps: the block-wide max crosses warps
-    return torch.from_numpy(scaled).reshape(x.shape), torch.from_numpy(scale).reshape(x.shape[:-1])
+    scaled = np.empty_like(flat) if scale else None
+    scales = np.empty(flat.shape[0], dtype=np.float32) if scale else None
+    dots = np.empty(flat.shape[0], dtype=np.float32) if pooled is not None else None
+    q = None if pooled is None else np.ascontiguousarray(pooled, dtype=np.float32)
+    emulator.emulate_scale_rows(_ptr(flat), _ptr(scaled), _ptr(scales), _ptr(q), _ptr(dots),
+                                ctypes.c_int64(flat.shape[0]), ctypes.c_int64(x.shape[-2]), flat.shape[1],
+                                64)  # two warps: the block-wide max and sum cross warps
+    shape = x.shape[:-1]
+    return (None if scaled is None else torch.from_numpy(scaled).reshape(x.shape),
+            None if scales is None else torch.from_numpy(scales).reshape(shape),
+            None if dots is None else np.ascontiguousarray(dots.reshape(shape)))
 
 
 def emulated_select(emulator, case, pick_order, threads):
     """What the launcher does, with the GEMMs done here in fp64 and rounded to fp32."""
     visual, prompt = case.visual, case.prompt if case.prompt.dim() == 3 else case.prompt.unsqueeze(1)
-    token_scale = prompt_scale = None
-    if visual.dtype != torch.float16:  # the launcher scales bf16/fp32 tokens (and "max" prompts)
-        scaled, token_scale = emulated_scale_rows(emulator, visual)
-        visual = scaled.to(visual.dtype)  # exact: bf16 values times powers of two
-        if case.relevance == "max":
-            scaled, prompt_scale = emulated_scale_rows(emulator, prompt)
-            prompt = scaled.to(prompt.dtype)
-    visual, prompt = visual.double(), prompt.double()
+    scale = visual.dtype != torch.float16  # the launcher scales bf16/fp32 tokens (and "max" prompts)
+    max_relevance = case.relevance == "max"
+    prompt_scale = None
+    if scale and max_relevance:
+        scaled, prompt_scale, _ = emulated_scale_rows(emulator, prompt)
+        prompt = scaled.to(prompt.dtype)  # exact: bf16 values times powers of two
     B, N, D = visual.shape
     T = prompt.shape[1]
-    gram = visual @ visual.transpose(1, 2)
-    gram = np.ascontiguousarray(((gram + gram.transpose(1, 2)) / 2).float().numpy())  # symmetric, as cuBLAS's
-    tokens = np.ascontiguousarray(visual.float().numpy())
     raw_prompt = np.ascontiguousarray(prompt.float().numpy())
     mask = None if case.prompt_mask is None else np.ascontiguousarray(case.prompt_mask.numpy())
     lengths = None if case.lengths is None else np.ascontiguousarray(case.lengths.long().numpy())
-    scales = [None if x is None else np.ascontiguousarray(x.numpy()) for x in (token_scale, prompt_scale)]
-    max_relevance = ctypes.c_bool(case.relevance == "max")
     pooled = np.zeros((B, D), dtype=np.float32)
     prompt_norm = np.zeros((B, T), dtype=np.float32)
-    emulator.emulate_prompt_stats(_ptr(raw_prompt), _ptr(mask), _ptr(pooled), _ptr(prompt_norm), _ptr(scales[1]),
-                                  B, T, D, max_relevance, threads)
-    if case.relevance == "max":
+    emulator.emulate_prompt_stats(_ptr(raw_prompt), _ptr(mask), _ptr(pooled), _ptr(prompt_norm),
+                                  _ptr(None if prompt_scale is None else np.ascontiguousarray(prompt_scale.numpy())),
+                                  B, T, D, ctypes.c_bool(max_relevance), threads)
+    # One pass over the tokens: scaled copy and scales (bf16/fp32), dots with the pooled prompt ("mean").
+    token_scale, dots = None, None
+    if scale or not max_relevance:
+        scaled, token_scale, dots = emulated_scale_rows(emulator, visual, scale, None if max_relevance else pooled)
+        if scale:
+            visual = scaled.to(visual.dtype)  # exact, as above
+    visual, prompt = visual.double(), prompt.double()
+    if max_relevance:
         dots = np.ascontiguousarray((visual @ prompt.transpose(1, 2)).float().numpy())
-    else:
-        dots = np.zeros((B, N), dtype=np.float32)
-        emulator.emulate_pooled_dots(_ptr(tokens), _ptr(pooled), _ptr(dots), B, N, D, 64)
+    gram = visual @ visual.transpose(1, 2)
+    gram = np.ascontiguousarray(((gram + gram.transpose(1, 2)) / 2).float().numpy())  # symmetric, as cuBLAS's
+    token_scale = None if token_scale is None else np.ascontiguousarray(token_scale.numpy())
     out = np.full((B, case.k), -7, dtype=np.int64)
     emulator.emulate_greedy_select(_ptr(gram), _ptr(dots), _ptr(prompt_norm), _ptr(mask), _ptr(lengths),
-                                   _ptr(scales[0]), _ptr(out), B, N, T, case.k, ctypes.c_double(case.core_ratio),
-                                   max_relevance, ctypes.c_bool(pick_order), threads, 2)  # Gram chunks of 2 rows
+                                   _ptr(token_scale), _ptr(out), B, N, T, case.k, ctypes.c_double(case.core_ratio),
+                                   ctypes.c_bool(max_relevance), ctypes.c_bool(pick_order), threads, 2)  # Gram chunks of 2 rows
     return out
 
 
@@ -188,10 +197,29 @@ def test_scale_rows_scales_every_row_by_the_power_of_two_of_its_largest_finite_v
     x[0, 0] = 0.0
     x[1, 2, 3], x[2, 4, 44], x[3, 1, 0] = float("nan"), float("inf"), float("-inf")
     x[4, 6] = float("nan")
-    scaled, scale = emulated_scale_rows(emulator, x)
+    scaled, scale, _ = emulated_scale_rows(emulator, x)
     assert torch.equal(scale, expected_scales(x))
     torch.testing.assert_close(scaled, x * scale.unsqueeze(-1), rtol=0, atol=0, equal_nan=True)
     amax = torch.nan_to_num(x.abs(), 0.0, 0.0, 0.0).amax(-1)
     unclamped = (amax >= 2.0**SCALE_EXP_MIN) & (amax < 2.0**SCALE_EXP_MAX)
     top = torch.nan_to_num(scaled.abs(), 0.0, 0.0, 0.0).amax(-1)[unclamped]
     assert unclamped.sum() > 20 and bool(((top >= 0.5) & (top < 1.0)).all())  # such rows land in [0.5, 1)
+
+
+@pytest.mark.parametrize("scale", [True, False], ids=["scaled", "fp16-unscaled"])
+def test_scale_rows_dots_each_row_with_its_batch_rows_pooled_prompt(emulator, scale):
+    """The pass's dots ("mean" relevance): each token row against the pooled vector of its own
+    batch row, of the scaled copy (bf16/fp32) or of the tokens as given (fp16), to fp32
+    accuracy of an fp64 dot; the scaled copy and scales are the same as without dots."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 11, 70, generator=g) * torch.logspace(-3, 3, 3).reshape(3, 1, 1)
+    pooled = torch.randn(3, 70, generator=g).numpy()
+    scaled, scales, dots = emulated_scale_rows(emulator, x, scale, pooled)
+    rows = (scaled if scale else x).double()
+    expected = torch.einsum("bnd,bd->bn", rows, torch.from_numpy(pooled).double())
+    torch.testing.assert_close(torch.from_numpy(dots).double(), expected, rtol=1e-5, atol=1e-6)
+    if scale:
+        alone, alone_scales, none = emulated_scale_rows(emulator, x)
+        assert none is None and torch.equal(alone, scaled) and torch.equal(alone_scales, scales)
+    else:
+        assert scaled is None and scales is None

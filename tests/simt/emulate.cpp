@@ -5,7 +5,6 @@
 #include "simt.h"
 
 #include "greedy_select.cuh"
-#include "pooled_dots.cuh"
 #include "prompt_stats.cuh"
 #include "scale_rows.cuh"
 
@@ -19,10 +18,14 @@ extern "C" void emulate_prompt_stats(const float* prompt, const bool* mask, floa
   }
 }
 
-extern "C" void emulate_scale_rows(const float* x, float* scaled, float* scale, int64_t rows, int D, int threads) {
+// scaled/scale null: no scaling (fp16); pooled/dots null: no dots ("max", or prompt rows).
+extern "C" void emulate_scale_rows(const float* x, float* scaled, float* scale, const float* pooled, float* dots,
+                                   int64_t rows, int64_t rows_per_batch, int D, int threads) {
   for (int64_t r = 0; r < rows; ++r) {
     float scratch[32];
-    simt::run_block(static_cast<int>(r), 0, threads, [&] { zspa::scale_row<float>(x, scaled, scale, D, scratch); });
+    simt::run_block(static_cast<int>(r), 0, threads, [&] {
+      zspa::scale_row<float>(x, scaled, scale, pooled, dots, rows_per_batch, D, scratch);
+    });
   }
 }
 
@@ -33,15 +36,6 @@ extern "C" float emulate_constant(int which) {
   const float values[] = {zspa::kNormEps, zspa::kNonFiniteRelevance, zspa::kNonFiniteSimilarity,
                           static_cast<float>(zspa::kScaleExpMin), static_cast<float>(zspa::kScaleExpMax)};
   return values[which];
-}
-
-extern "C" void emulate_pooled_dots(const float* visual, const float* pooled, float* dots, int B, int N, int D,
-                                    int threads) {
-  for (int b = 0; b < B; ++b)
-    for (int i = 0; i < N; ++i) {
-      float scratch[32];
-      simt::run_block(i, b, threads, [&] { zspa::pooled_dots_block<float>(visual, pooled, dots, N, D, scratch); });
-    }
 }
 
 extern "C" void emulate_greedy_select(const float* gram, const float* dots, const float* prompt_norm,
