@@ -12,8 +12,9 @@ the measured table ``auto_cuda.json`` (beside this file; ``python -m bench.repor
 writes it from a GPU run's microbenchmarks, and it names that run) says ``cuda`` for the
 measured case nearest the call's ``(B, N, k)`` (log scale): there ``cuda`` won by more than
 the table's margin. ``cuda`` is chosen only where its extension is already built or loaded
-(checked once per process), so ``auto`` never compiles in the hot path. Without the table
-(no GPU run has produced one yet) CUDA tensors always use ``triton``.
+(checked once per process), so ``auto`` never compiles in the hot path. The committed table
+comes from the H200 run of 2026-11-30 (its ``source``; ``zspa info`` prints it); without a
+table CUDA tensors always use ``triton``.
 """
 from __future__ import annotations
 
