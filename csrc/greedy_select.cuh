@@ -9,12 +9,13 @@
 // product is normalised afterwards, so no normalised copy of the tokens is written.
 //
 // State lives in shared memory, 12 bytes per token, each token owned by one thread
-// (i = threadIdx.x + m * blockDim.x), so only the argmins need barriers:
+// (i = threadIdx.x + m * blockDim.x), so only the argmins (and the core's ranks) need barriers:
 //   score[i]  relevance r_i during the core phase, then the similarity s_i to the
 //             selected set; +inf (s) / -inf (r) marks taken and padded tokens;
 //   norm[i]   the clamped norm, or -1 for a token with a non-finite feature;
 //   picks[t]  the pick order.
-// Phases: 1. core: k_core argmax steps on r, on chip; 2. s_i = max over the core of
+// Phases: 1. core: the k_core best r, on chip (ranks counted at once for small rows, else
+// k_core argmax steps); 2. s_i = max over the core of
 // cos(i, c) (k_core independent Gram row reads), or with an empty core the isolation
 // max_{j != i} cos(i, j); 3. diversity: k_b - k_core dependent steps, each one argmin and
 // one Gram row read (4 N bytes, from L2 while the Gram fits there).
@@ -47,7 +48,14 @@ struct GreedyParams {
   double core_ratio;
   bool max_relevance;
   bool pick_order;
+  int rank_core_budget;       // the core by ranks where n·⌈n/threads⌉·warps <= k_core·this (0: never)
 };
+
+// The launcher's rank_core_budget. Counting ranks costs each thread n compares per token it owns,
+// the warps sharing 4 schedulers (~6 instructions a compare); k_core serial argmax steps cost
+// ~1000 cycles each (0.5 us measured on the H200 at N = 576). 512 keeps the ranks to where they
+// win by a margin: N <= ~700 at LLaVA's k_core = 32, never at N = 2880 with 1024 threads.
+constexpr int kRankCoreBudget = 512;
 
 // r_i = cos(v_i, prompt); norm_i = max(||v_i||, 1e-6) of a finite token.
 __device__ __forceinline__ float relevance(const GreedyParams& p, int b, int i, float norm_i, const bool* valid) {
@@ -106,17 +114,34 @@ __device__ void greedy_select_row(const GreedyParams& p, float* smem, uint64_t* 
     score[i] = norm_i > 0.0f ? relevance(p, b, i, norm_i, valid) : kNonFiniteRelevance;
   }
 
-  // Phase 1: core = the k_core largest r, by falling relevance, lower index first.
-  // Argmax of r is argmin of -r; -inf marks taken and padded tokens.
-  for (int t = 0; t < k_core; ++t) {
-    uint64_t key = kNoKey;
-    for (int i = tid; i < n; i += threads)
-      if (score[i] != -INFINITY) key = min(key, pack_key(-score[i], i));
-    const int j = key_index(block_min(key, slots, t & 1));
-    if (j % threads == tid) score[j] = -INFINITY;  // the owner marks it taken
-    if (tid == 0) picks[t] = j;
+  // Phase 1: core = the k_core largest r, by falling relevance, lower index first: the k_core
+  // smallest keys pack_key(-r_i, i) in order. Keys are distinct (the index is in them), so the
+  // token whose key has rank t is pick t, whichever way the ranks are found. Where it is cheap
+  // (see kRankCoreBudget), every token counts the keys below its own at once (no barrier per
+  // pick); else k_core serial block argmins. -inf marks taken and padded tokens.
+  const int owned = (n + threads - 1) / threads;
+  if (k_core > 0 && static_cast<int64_t>(n) * owned * (threads / 32) <=
+                        static_cast<int64_t>(k_core) * p.rank_core_budget) {
+    __syncthreads();  // every score[] written: each thread reads them all
+    for (int i = tid; i < n; i += threads) {
+      const uint64_t key_i = pack_key(-score[i], i);
+      int rank = 0;
+      for (int j = 0; j < n; ++j) rank += pack_key(-score[j], j) < key_i ? 1 : 0;
+      if (rank < k_core) picks[rank] = i;
+    }
+    __syncthreads();  // every rank counted before any score is marked taken
+    for (int t = tid; t < k_core; t += threads) score[picks[t]] = -INFINITY;
+  } else {
+    for (int t = 0; t < k_core; ++t) {
+      uint64_t key = kNoKey;
+      for (int i = tid; i < n; i += threads)
+        if (score[i] != -INFINITY) key = min(key, pack_key(-score[i], i));
+      const int j = key_index(block_min(key, slots, t & 1));
+      if (j % threads == tid) score[j] = -INFINITY;  // the owner marks it taken
+      if (tid == 0) picks[t] = j;
+    }
   }
-  __syncthreads();  // picks[] and norm[] of every token are read below
+  __syncthreads();  // picks[], score[] and norm[] of every token are read below
 
   // Phase 2: similarity to the core, or isolation when the core is empty.
   for (int i = tid; i < N; i += threads) {
@@ -182,7 +207,7 @@ __device__ void greedy_select_row(const GreedyParams& p, float* smem, uint64_t* 
   }
 }
 
-__global__ void greedy_select_kernel(GreedyParams p) {
+__global__ void __launch_bounds__(1024) greedy_select_kernel(GreedyParams p) {  // up to 1024 threads a row
   extern __shared__ float smem[];
   __shared__ uint64_t slots[2 * kMaxWarps];
   __shared__ int warp_counts[kMaxWarps];

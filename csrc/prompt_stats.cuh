@@ -112,9 +112,10 @@ __device__ void prompt_stats_row(const scalar_t* __restrict__ prompt,  // (B, T,
 }
 
 template <typename scalar_t>
-__global__ void prompt_stats_kernel(const scalar_t* __restrict__ prompt, const bool* __restrict__ mask,
-                                    float* __restrict__ pooled, float* __restrict__ norm,
-                                    const float* __restrict__ scale, int T, int D, bool max_relevance) {
+__global__ void __launch_bounds__(1024) prompt_stats_kernel(const scalar_t* __restrict__ prompt,
+                                                            const bool* __restrict__ mask, float* __restrict__ pooled,
+                                                            float* __restrict__ norm, const float* __restrict__ scale,
+                                                            int T, int D, bool max_relevance) {
   __shared__ float scratch[32];
   prompt_stats_row(prompt, mask, pooled, norm, scale, T, D, max_relevance, scratch);
 }

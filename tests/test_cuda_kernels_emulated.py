@@ -31,6 +31,10 @@ from zspa_kernels.spec import SCALE_EXP_MAX, SCALE_EXP_MIN
 
 HERE = Path(__file__).parent
 THREADS = (32, 128)
+# greedy_select's core: 0 takes k_core serial argmins, ALWAYS_RANKS counts every token's rank at
+# once; the launcher's kRankCoreBudget (512) picks between them by the row's size.
+SERIAL_CORE, ALWAYS_RANKS, LAUNCHER = 0, 1 << 30, 512
+CORE_PATHS = {"serial-core": SERIAL_CORE, "rank-core": ALWAYS_RANKS}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +76,7 @@ def emulated_scale_rows(emulator, x, scale=True, pooled=None):
             None if dots is None else np.ascontiguousarray(dots.reshape(shape)))
 
 
-def emulated_select(emulator, case, pick_order, threads):
+def emulated_select(emulator, case, pick_order, threads, rank_core_budget=LAUNCHER):
     """What the launcher does, with the GEMMs done here in fp64 and rounded to fp32."""
     visual, prompt = case.visual, case.prompt if case.prompt.dim() == 3 else case.prompt.unsqueeze(1)
     scale = visual.dtype != torch.float16  # the launcher scales bf16/fp32 tokens (and "max" prompts)
@@ -106,27 +110,31 @@ def emulated_select(emulator, case, pick_order, threads):
     out = np.full((B, case.k), -7, dtype=np.int64)
     emulator.emulate_greedy_select(_ptr(gram), _ptr(dots), _ptr(prompt_norm), _ptr(mask), _ptr(lengths),
                                    _ptr(token_scale), _ptr(out), B, N, T, case.k, ctypes.c_double(case.core_ratio),
-                                   ctypes.c_bool(max_relevance), ctypes.c_bool(pick_order), threads, 2)  # Gram chunks of 2 rows
+                                   ctypes.c_bool(max_relevance), ctypes.c_bool(pick_order), threads,
+                                   2, rank_core_budget)  # Gram chunks of 2 rows
     return out
 
 
 @pytest.mark.parametrize("seed", range(48))
 def test_random_cases_replay_against_fp64(emulator, seed):
     # Each seed also picks the dtype and the block size (CPU threads are slow to sync).
+    # ... and the core's path: serial argmins, ranks, or the launcher's choice.
     dtype, threads = DTYPES[seed % len(DTYPES)], THREADS[seed % len(THREADS)]
+    budget = (SERIAL_CORE, ALWAYS_RANKS, LAUNCHER)[seed % 3]
     case = random_case(seed, dtype)
-    order = emulated_select(emulator, case, pick_order=True, threads=threads)
-    kept = emulated_select(emulator, case, pick_order=False, threads=threads)
+    order = emulated_select(emulator, case, pick_order=True, threads=threads, rank_core_budget=budget)
+    kept = emulated_select(emulator, case, pick_order=False, threads=threads, rank_core_budget=budget)
     for b, row in oracle_rows(case):
         replay(row, order[b].tolist(), TOLERANCE["cuda"][dtype])
         assert kept[b].tolist() == sorted(order[b, : row.k_b].tolist()) + [-1] * (case.k - row.k_b), case.describe()
 
 
+@pytest.mark.parametrize("core", CORE_PATHS)
 @pytest.mark.parametrize("threads", THREADS)
 @pytest.mark.parametrize("seed", range(6))
-def test_exact_ties_go_to_lower_index(emulator, seed, threads):
+def test_exact_ties_go_to_lower_index(emulator, seed, threads, core):
     case = exact_tie_case(seed, torch.bfloat16)
-    order = emulated_select(emulator, case, pick_order=True, threads=threads)
+    order = emulated_select(emulator, case, pick_order=True, threads=threads, rank_core_budget=CORE_PATHS[core])
     for b, row in oracle_rows(case):
         assert order[b].tolist() == oracle_order(row), case.describe()
 
@@ -183,8 +191,9 @@ def test_spec_rules_match_zspa_kernels_spec(emulator):
         x = torch.tensor([amax], dtype=torch.float32)
         expected = float(torch.exp2(-torch.frexp(x).exponent.clamp(SCALE_EXP_MIN, SCALE_EXP_MAX).float()))
         assert emulator.emulate_pow2_scale(ctypes.c_float(float(x))) == expected == float(expected_scales(x)), amax
-    constants = [spec.NORM_EPS, spec.NONFINITE_RELEVANCE, spec.NONFINITE_SIMILARITY, SCALE_EXP_MIN, SCALE_EXP_MAX]
-    assert [emulator.emulate_constant(i) for i in range(5)] == [float(torch.tensor(c, dtype=torch.float32))
+    constants = [spec.NORM_EPS, spec.NONFINITE_RELEVANCE, spec.NONFINITE_SIMILARITY, SCALE_EXP_MIN, SCALE_EXP_MAX,
+                 LAUNCHER]
+    assert [emulator.emulate_constant(i) for i in range(6)] == [float(torch.tensor(c, dtype=torch.float32))
                                                                  for c in constants]
 
 
@@ -223,3 +232,21 @@ def test_scale_rows_dots_each_row_with_its_batch_rows_pooled_prompt(emulator, sc
         assert none is None and torch.equal(alone, scaled) and torch.equal(alone_scales, scales)
     else:
         assert scaled is None and scales is None
+
+
+@pytest.mark.parametrize("threads", THREADS)
+def test_core_by_ranks_picks_what_serial_argmins_pick(emulator, threads):
+    """Both ways of finding the core give the same picks in the same order, bit for bit: over
+    random cases (lengths, masks, both relevances, all dtypes), ties of relevance between
+    duplicated tokens, non-finite tokens (relevance -2), and a core as large as the row."""
+    cases = [random_case(seed, DTYPES[seed % len(DTYPES)]) for seed in range(100, 112)]
+    cases += [exact_tie_case(seed, torch.bfloat16) for seed in range(3)]
+    full = random_case(7, torch.float32)
+    full.k, full.core_ratio, full.lengths = full.visual.shape[1], 1.0, None  # every token in the core
+    nonfinite = random_case(9, torch.float32)
+    nonfinite.visual[:, 1, 0], nonfinite.visual[:, 4, 2] = float("nan"), float("inf")
+    nonfinite.core_ratio = 1.0
+    for case in cases + [full, nonfinite]:
+        serial = emulated_select(emulator, case, pick_order=True, threads=threads, rank_core_budget=SERIAL_CORE)
+        ranks = emulated_select(emulator, case, pick_order=True, threads=threads, rank_core_budget=ALWAYS_RANKS)
+        assert serial.tolist() == ranks.tolist(), case.describe()

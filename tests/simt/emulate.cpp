@@ -34,7 +34,8 @@ extern "C" int emulate_core_count(double core_ratio, int k_b) { return zspa::cor
 extern "C" float emulate_pow2_scale(float amax) { return zspa::pow2_scale(amax); }
 extern "C" float emulate_constant(int which) {
   const float values[] = {zspa::kNormEps, zspa::kNonFiniteRelevance, zspa::kNonFiniteSimilarity,
-                          static_cast<float>(zspa::kScaleExpMin), static_cast<float>(zspa::kScaleExpMax)};
+                          static_cast<float>(zspa::kScaleExpMin), static_cast<float>(zspa::kScaleExpMax),
+                          static_cast<float>(zspa::kRankCoreBudget)};
   return values[which];
 }
 
@@ -42,7 +43,7 @@ extern "C" void emulate_greedy_select(const float* gram, const float* dots, cons
                                       const bool* mask, const int64_t* lengths, const float* token_scale,
                                       int64_t* out, int B, int N, int T,
                                       int k, double core_ratio, bool max_relevance, bool pick_order, int threads,
-                                      int rows_per_chunk) {
+                                      int rows_per_chunk, int rank_core_budget) {
   zspa::GreedyParams p{};
   p.dots = dots;
   p.prompt_norm = prompt_norm;
@@ -56,6 +57,7 @@ extern "C" void emulate_greedy_select(const float* gram, const float* dots, cons
   p.core_ratio = core_ratio;
   p.max_relevance = max_relevance;
   p.pick_order = pick_order;
+  p.rank_core_budget = rank_core_budget;
   // Launches over chunks of `rows_per_chunk` rows, as the launcher bounds its Gram workspace.
   for (int row0 = 0; row0 < B; row0 += rows_per_chunk) {
     p.gram = gram + static_cast<int64_t>(row0) * N * N;

@@ -20,6 +20,7 @@
 #define __device__
 #define __host__
 #define __global__ static inline  // the launch wrappers are never called here
+#define __launch_bounds__(...)
 #define __shared__
 #define __forceinline__ inline
 #define __restrict__ __restrict
