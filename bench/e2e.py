@@ -3,7 +3,8 @@
     python -m bench.e2e --models llava-1.5-7b qwen2.5-vl-7b --batch 1 8 --out e2e.json
 
 Per model, batch size and budget (all visual tokens, 64 of 576, 10%): prefill latency
-(one forward over the prompt, vision tower included), time to first token and
+(one forward over the prompt, vision tower included) and, on GPUs, the summed time of its
+kernels (how much of the prefill the GPU worked; the rest is the host), time to first token and
 decode throughput (from per-token timestamps inside ``generate``), peak device
 memory and KV-cache bytes, and the selection's share of the pruned prefill (``select_tokens`` alone on the same shapes, over the prefill).
 Models come from :mod:`zspa_kernels.models` with random weights, in bf16 on GPUs
@@ -40,6 +41,25 @@ def selection_us(B: int, D: int, k: int, backend: str, device, dtype) -> float:
                         device)
 
 
+def gpu_busy_ms(fn, device) -> "float | None":
+    """The summed duration of the CUDA kernels of one ``fn()`` (torch.profiler), None off GPUs.
+    Beside the prefill's wall time it says how much of it the GPU worked: an eager model whose
+    prefill takes far longer than its kernels is bound by the host launching them, which no
+    token count removes (the first H200 run's LLaVA-1.5-7B at batch 8: 68.7 ms pruned)."""
+    if device.type != "cuda":
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # warm-up outside the profile
+    hb.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        hb.synchronize(device)
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    return sum(e.time_range.elapsed_us() for e in kernels) / 1e3  # a kernel event's range: its run on the GPU
+
+
 class _StepClock:
     """A stopping criterion that never stops: it timestamps every generated token, so one
     ``generate()`` call yields both the time to the first token and the decode rate."""
@@ -71,6 +91,7 @@ def measure(model, inputs: dict, device, new_tokens: int, repeats: int) -> dict:
     B = inputs["input_ids"].shape[0]
     with torch.no_grad():
         prefill = hb.wall_median_ms(lambda: models.prefill(model, inputs), device, repeats)
+        busy = gpu_busy_ms(lambda: models.prefill(model, inputs), device)
         kv = models.cache_bytes(kv_cache(models.prefill(model, inputs)))
         _generate_timed(model, inputs, device, 2)  # warm-up of the decode path
         if device.type == "cuda":
@@ -79,7 +100,7 @@ def measure(model, inputs: dict, device, new_tokens: int, repeats: int) -> dict:
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     ttft = statistics.median(r[0] for r in runs)
     step = statistics.median(r[1] for r in runs)
-    return {"prefill_ms": prefill, "ttft_ms": ttft, "decode_tokens_per_s": B / step,
+    return {"prefill_ms": prefill, "prefill_gpu_busy_ms": busy, "ttft_ms": ttft, "decode_tokens_per_s": B / step,
             "peak_memory_gib": peak, "kv_cache_bytes": kv}
 
 
