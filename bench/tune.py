@@ -4,8 +4,9 @@
 
 The Gram tiles' feature chunk (``block_d``: the K step of every tile's dot) sets how many MMA
 steps a 64×64×4096 tile takes and how much of each operand load is reused; it is the first knob
-if the Gram-bound batched shape misses its target (bench/GPU-NOTES.md). ``block_d_stats`` is the
-statistics launch's chunk: how many loads each thread keeps in flight while streaming the tokens. Each variant is
+if the Gram-bound batched shape misses its target (bench/GPU-NOTES.md). ``block_rows`` and
+``block_d_stats`` shape the statistics launch: tokens a CTA and the chunk each of its dependent
+load steps takes. Each variant is
 ``dataclasses.replace`` of the default plan, timed with CUDA events, and checked against the
 default's picks: a different chunk sums each dot in another order, so picks may differ only
 where two candidates tie to within fp32 rounding (reported, never silently accepted).
@@ -22,9 +23,12 @@ from zspa_kernels import benchmark as hb
 
 SHAPES = ("llava-1.5", "llava-1.5-b32")
 KEEP = 64
-# block_d_stats 256 compiles spill-free under Triton 3.6 (the GPU machine's), not under 3.8;
-# block_rows 16 doubles the statistics launch's CTAs (36 at LLaVA-1.5 instead of 18).
-VARIANTS = ({}, {"block_d": 64}, {"block_d": 128}, {"block_d_stats": 256}, {"block_rows": 16})
+# The statistics launch (since the first H200 run, 2026-11-30): the default takes 8 tokens a CTA
+# in 512-wide chunks (72 CTAs, 16 chunk steps at LLaVA-1.5); the plan of that run (32 tokens, 128
+# wide: 18 CTAs, 64 steps) and one between (16 tokens, 256 wide) are timed beside it. All three
+# compile for sm_90 without spills under Triton 3.6 ("mean").
+VARIANTS = ({}, {"block_d": 64}, {"block_d": 128}, {"block_rows": 32, "block_d_stats": 128},
+            {"block_rows": 16, "block_d_stats": 256})
 
 
 def run(device: torch.device, shapes=None, progress=print) -> list[dict]:

@@ -68,7 +68,7 @@ def _check(case, plan=None):
 
 def _plan(case, **overrides):
     B, N, D = case.visual.shape
-    plan = launch_plan(B, N, D, case.visual.dtype, case.k, case.core_ratio, case.lengths is not None)
+    plan = launch_plan(B, N, D, case.visual.dtype, case.k, case.core_ratio, case.lengths is not None, case.relevance)
     return dataclasses.replace(plan, **overrides)
 
 
@@ -77,7 +77,8 @@ def _plan(case, **overrides):
 def test_plan_llava_is_one_gram_launch_without_isolation():
     plan = launch_plan(1, 576, 4096, torch.bfloat16, 64, 0.5, has_lengths=False)
     assert (plan.path, plan.tiles, plan.block_tile, plan.num_warps_tile) == ("gram", 9, 64, 8)
-    assert (plan.block_d, plan.block_d_stats, plan.block_select, plan.core_block) == (32, 128, 1024, 8)
+    assert (plan.block_d, plan.block_d_stats, plan.block_select, plan.core_block) == (32, 512, 1024, 8)
+    assert plan.block_rows == 8  # 72 statistics CTAs, 16 chunk steps each
     assert not plan.need_isolation  # k_core = 32 > 0: no N x N isolation pass
     assert 4 * 576 * 576 <= plan.scratch_bytes < 2 * 4 * 576 * 576
 
@@ -113,7 +114,16 @@ def test_plan_is_memoised_and_follows_the_environment(monkeypatch):
 
 def test_plan_fp32_uses_narrower_feature_chunks_and_ieee_dots():
     plan = launch_plan(32, 576, 4096, torch.float32, 64, 0.5, False)
-    assert (plan.block_d, plan.block_d_stats, plan.dot_precision, plan.path) == (16, 64, "ieee", "gram")
+    assert (plan.block_d, plan.block_d_stats, plan.dot_precision, plan.path) == (16, 512, "ieee", "gram")
+    assert launch_plan(32, 576, 4096, torch.float32, 64, 0.5, False, "max").block_d_stats == 64
+
+
+def test_plan_max_relevance_keeps_16_row_tiles_for_its_prompt_dots():
+    """tl.dot needs 16+ rows: "max" keeps 32 tokens a statistics CTA, "mean" takes 8."""
+    mean = launch_plan(1, 576, 4096, torch.bfloat16, 64, 0.5, False, "mean")
+    most = launch_plan(1, 576, 4096, torch.bfloat16, 64, 0.5, False, "max")
+    assert (mean.block_rows, mean.block_d_stats) == (8, 512)
+    assert (most.block_rows, most.block_d_stats) == (32, 128) and most.block_rows >= 16
 
 
 def test_gram_budget_env_switches_path_and_rejects_garbage(monkeypatch):

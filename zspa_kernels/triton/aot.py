@@ -65,7 +65,7 @@ def _ptxas_report(ptx: str, arch: int) -> dict:
 
 def compile_variant(B, N, D, dtype, k, alpha, has_lengths, relevance, pick_order, arch=90):
     """Compile both kernels of one call's plan; one record per kernel."""
-    plan = launch_plan(B, N, D, dtype, k, alpha, has_lengths)
+    plan = launch_plan(B, N, D, dtype, k, alpha, has_lengths, relevance)
     t = TYPE_NAMES[dtype]
     target = GPUTarget("cuda", arch, 32)
     stats_consts = dict(MAX_RELEVANCE=relevance == "max", HAS_MASK=relevance == "max", HAS_LENGTHS=has_lengths,

@@ -54,16 +54,17 @@ def _pow2(x: int, lo: int, hi: int) -> int:
 
 
 def launch_plan(B: int, N: int, D: int, dtype: torch.dtype, k: int, core_ratio: float,
-                has_lengths: bool) -> LaunchPlan:
-    """The plan for ``visual`` of shape ``(B, N, D)`` and ``dtype``, budget ``k``, ratio ``core_ratio``.
-    Memoised on everything it depends on (the environment's budget and interpreter switch too):
-    computing one is ~10 µs of Python (an ad-hoc CPU timing), a large share of the op's host time."""
-    return _plan(B, N, D, dtype, k, core_ratio, has_lengths, gram_budget(), triton_interpreter())
+                has_lengths: bool, relevance: str = "mean") -> LaunchPlan:
+    """The plan for ``visual`` of shape ``(B, N, D)`` and ``dtype``, budget ``k``, ratio ``core_ratio``,
+    ``relevance`` "mean" or "max". Memoised on everything it depends on (the environment's budget
+    and interpreter switch too): computing one is ~10 µs of Python (an ad-hoc CPU timing), a
+    large share of the op's host time."""
+    return _plan(B, N, D, dtype, k, core_ratio, has_lengths, relevance, gram_budget(), triton_interpreter())
 
 
 @functools.lru_cache(maxsize=1024)
 def _plan(B: int, N: int, D: int, dtype: torch.dtype, k: int, core_ratio: float, has_lengths: bool,
-          budget: int, interpreted: bool) -> LaunchPlan:
+          relevance: str, budget: int, interpreted: bool) -> LaunchPlan:
     need_isolation = may_need_isolation(k, core_ratio, N, has_lengths)
     row_gram = 4 * N * N
     path = "gram" if row_gram <= budget else "stream"
@@ -76,12 +77,18 @@ def _plan(B: int, N: int, D: int, dtype: torch.dtype, k: int, core_ratio: float,
     block_tile = _pow2(N, 16, 32 if dtype == torch.float32 else 64)
     tiles = triton.cdiv(N, block_tile)
     block_d = _pow2(D, 16, 16 if dtype == torch.float32 else 32)
-    # The statistics launch streams the tokens (two passes) through a few CTAs (N/32 of them: 18
-    # at LLaVA sizes): wide chunks keep more loads in flight per thread (32 tokens × 128 features
-    # is 32 B a thread) and the loop short (32 steps for D=4096, not 128). 256 spilled ~430 B
-    # under Triton 3.8; 128 (fp32: 64) compiles for sm_90 without spills under 3.6 and 3.8 (fp32
-    # under 3.6: 24 B, the few words the AOT test tolerates).
-    block_d_stats = _pow2(D, 16, 64 if dtype == torch.float32 else 128)
+    # The statistics launch streams each CTA's tokens twice over D, accumulating in registers
+    # (one reduction after each pass). Its time is the chain of chunk loads a CTA waits for in
+    # turn, so "mean" takes 8 tokens a CTA and 512-wide chunks: 16 steps at D = 4096 and 72 CTAs
+    # at LLaVA-1.5, where 32 tokens x 128 features took 64 steps on 18 CTAs (the H200's 146 us,
+    # then also bound by per-chunk reductions through shared memory; bench/GPU-NOTES.md). The
+    # same 4096-element tile: ~100 registers for sm_90, no spills under Triton 3.6 and 3.8.
+    # "max" dots each CTA's tokens with 16-row prompt blocks on tensor cores, whose tiles need
+    # 16+ rows: 32 tokens and 128-wide chunks (fp32: 64; 16 x 256 spilled ~36 B for fp16).
+    if relevance == "mean":
+        block_rows, block_d_stats = 8, _pow2(D, 16, 512)
+    else:
+        block_rows, block_d_stats = 32, _pow2(D, 16, 64 if dtype == torch.float32 else 128)
     # The streaming step holds a (block_select × block_d) tile in registers: keep it small.
     block_select = _pow2(N, 16, 2048 if path == "gram" else 128)
     # Gathering several core rows at once overlaps their L2 latency (a ~8K-element tile);
@@ -95,7 +102,7 @@ def _plan(B: int, N: int, D: int, dtype: torch.dtype, k: int, core_ratio: float,
     return LaunchPlan(
         path=path, rows_per_launch=rows, need_isolation=need_isolation, tiles=tiles, block_tile=block_tile,
         block_d=block_d, block_d_stats=block_d_stats,
-        block_select=block_select, core_block=core_block, block_rows=32, block_prompt=16,
+        block_select=block_select, core_block=core_block, block_rows=block_rows, block_prompt=16,
         num_warps_tile=8, num_warps_stats=8,
         dot_precision="ieee", dot_upcast=dtype == torch.bfloat16 and interpreted,
         scale_operands=dtype != torch.float16,

@@ -45,7 +45,7 @@ def select_tokens_triton(
                            "set TRITON_INTERPRET before the first Triton call (or import of zspa_kernels.triton)")
     B, N, D = visual.shape
     if plan is None:
-        plan = launch_plan(B, N, D, visual.dtype, k, core_ratio, lengths is not None)
+        plan = launch_plan(B, N, D, visual.dtype, k, core_ratio, lengths is not None, relevance)
 
     rows = plan.rows_per_launch
 
