@@ -53,8 +53,9 @@ struct GreedyParams {
 
 // The launcher's rank_core_budget. Counting ranks costs each thread n compares per token it owns,
 // the warps sharing 4 schedulers (~6 instructions a compare); k_core serial argmax steps cost
-// ~1000 cycles each (0.5 us measured on the H200 at N = 576). 512 keeps the ranks to where they
-// win by a margin: N <= ~700 at LLaVA's k_core = 32, never at N = 2880 with 1024 threads.
+// ~1000 cycles each (an estimate: the H200's 0.9 us chain step at N = 576, less its Gram-row
+// read). 512 keeps the ranks to where they should win by a margin: N <= ~700 at LLaVA's
+// k_core = 32, never at N = 2880 with 1024 threads. To be checked against a GPU profile.
 constexpr int kRankCoreBudget = 512;
 
 // r_i = cos(v_i, prompt); norm_i = max(||v_i||, 1e-6) of a finite token.
