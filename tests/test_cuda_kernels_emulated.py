@@ -197,14 +197,15 @@ def test_spec_rules_match_zspa_kernels_spec(emulator):
                                                                  for c in constants]
 
 
-def test_scale_rows_scales_every_row_by_the_power_of_two_of_its_largest_finite_value(emulator):
+@pytest.mark.parametrize("D", [45, 48], ids=["D45-scalar", "D48-packed"])
+def test_scale_rows_scales_every_row_by_the_power_of_two_of_its_largest_finite_value(emulator, D):
     """scale_rows.cuh against spec's rule: rows of any magnitude (1e-40 to 3e38), zeros, NaN and
     inf (which count as 0 for the scale and stay NaN/inf), D not a multiple of 32, and more rows
     than one block's warps."""
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(5, 7, 45, generator=g) * torch.logspace(-40, 38, 35).reshape(5, 7, 1)
+    x = torch.randn(5, 7, D, generator=g) * torch.logspace(-40, 38, 35).reshape(5, 7, 1)
     x[0, 0] = 0.0
-    x[1, 2, 3], x[2, 4, 44], x[3, 1, 0] = float("nan"), float("inf"), float("-inf")
+    x[1, 2, 3], x[2, 4, D - 1], x[3, 1, 0] = float("nan"), float("inf"), float("-inf")
     x[4, 6] = float("nan")
     scaled, scale, _ = emulated_scale_rows(emulator, x)
     assert torch.equal(scale, expected_scales(x))
@@ -215,14 +216,15 @@ def test_scale_rows_scales_every_row_by_the_power_of_two_of_its_largest_finite_v
     assert unclamped.sum() > 20 and bool(((top >= 0.5) & (top < 1.0)).all())  # such rows land in [0.5, 1)
 
 
+@pytest.mark.parametrize("D", [70, 72], ids=["D70-scalar", "D72-packed"])  # 16-byte packs of 4 fp32 need D % 4 == 0
 @pytest.mark.parametrize("scale", [True, False], ids=["scaled", "fp16-unscaled"])
-def test_scale_rows_dots_each_row_with_its_batch_rows_pooled_prompt(emulator, scale):
+def test_scale_rows_dots_each_row_with_its_batch_rows_pooled_prompt(emulator, scale, D):
     """The pass's dots ("mean" relevance): each token row against the pooled vector of its own
     batch row, of the scaled copy (bf16/fp32) or of the tokens as given (fp16), to fp32
     accuracy of an fp64 dot; the scaled copy and scales are the same as without dots."""
     g = torch.Generator().manual_seed(8)
-    x = torch.randn(3, 11, 70, generator=g) * torch.logspace(-3, 3, 3).reshape(3, 1, 1)
-    pooled = torch.randn(3, 70, generator=g).numpy()
+    x = torch.randn(3, 11, D, generator=g) * torch.logspace(-3, 3, 3).reshape(3, 1, 1)
+    pooled = torch.randn(3, D, generator=g).numpy()
     scaled, scales, dots = emulated_scale_rows(emulator, x, scale, pooled)
     rows = (scaled if scale else x).double()
     expected = torch.einsum("bnd,bd->bn", rows, torch.from_numpy(pooled).double())
