@@ -8,8 +8,6 @@
 
 #include <algorithm>
 #include <climits>
-#include <tuple>
-#include <utility>
 
 #include <ATen/ATen.h>
 #include <ATen/Context.h>

@@ -222,6 +222,17 @@ def test_row_bounds_match_spec_core_count_on_every_budget():
 # ---- odd shapes and batch sizes ------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_mean_of_a_long_masked_prompt(dtype):
+    """"mean" pools the prompt POOL_ROWS rows a step: 19 rows take three steps, the last one
+    partial, with masked-out rows between (one of them NaN, which must not reach the mean)."""
+    case = _case(B=3, N=45, D=40, k=12, alpha=0.5, dtype=dtype, T=19, masked=True, relevance="mean", seed=9)
+    case.prompt_mask[:, 17] = False
+    case.prompt[:, 17, 3] = float("nan")
+    assert bool(case.prompt_mask[:, 8:].any()) and not bool(case.prompt_mask.all())
+    _check(case)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_large_odd_shape(dtype):
     case = _case(B=2, N=203, D=130, k=41, alpha=0.3, dtype=dtype, T=19, masked=True, relevance="max",
                  lengths=[203, 150], seed=5)

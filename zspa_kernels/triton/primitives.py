@@ -57,9 +57,9 @@ def dot_operand(x, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def abs_max(x, axis):
-    """Largest finite ``|x|`` along ``axis`` (non-finite values count as 0)."""
-    return tl.max(tl.where(nonfinite(x), 0.0, tl.abs(x)), axis)
+def finite_abs(x):
+    """``|x|``, and 0 for non-finite values: what a power-of-two scale is taken of."""
+    return tl.where(nonfinite(x), 0.0, tl.abs(x))
 
 
 @triton.jit

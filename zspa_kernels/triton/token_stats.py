@@ -24,10 +24,13 @@ import triton
 import triton.language as tl
 
 from .. import spec
-from .primitives import max_key, nonfinite, pow2_scale, scaled_operand
+from .primitives import finite_abs, max_key, nonfinite, pow2_scale, scaled_operand
 
 NORM_EPS = tl.constexpr(spec.NORM_EPS)
 NONFINITE_RELEVANCE = tl.constexpr(spec.NONFINITE_RELEVANCE)
+# Prompt rows pooled per step (each a 1-D load, all in flight together): 16 spilled ~8-16 B
+# with 512-wide chunks for sm_90 under Triton 3.6; 8 compiles without.
+POOL_ROWS = tl.constexpr(8)
 
 
 @triton.jit
@@ -41,14 +44,17 @@ def _prompt_row_mask(mask_ptr, b, t, T, stride_mb, stride_mt, HAS_MASK: tl.const
 @triton.jit
 def _pooled_chunk(p_row, mask_ptr, b, d, D, T, count, stride_pt, stride_pd, stride_mb, stride_mt,
                   HAS_MASK: tl.constexpr):
-    """Features ``d`` of the mean of the valid prompt rows (fp32), summed row by row: 1-D loads
-    and adds only, no reduction across threads (a (rows × features) tile summed over its rows
-    went through shared memory at every feature chunk)."""
+    """Features ``d`` of the mean of the valid prompt rows (fp32). ``POOL_ROWS`` rows a step,
+    each a 1-D load, added in row order in registers: no reduction across threads (a (rows ×
+    features) tile summed over its rows went through shared memory at every feature chunk), and
+    ⌈T / POOL_ROWS⌉ dependent steps, not T."""
     pooled = tl.zeros(d.shape, tl.float32)
-    for t in range(0, T):
-        ok = _prompt_row_mask(mask_ptr, b, t, T, stride_mb, stride_mt, HAS_MASK)
-        p = tl.load(p_row + t * stride_pt + d * stride_pd, mask=d < D, other=0.0).to(tl.float32)
-        pooled += tl.where(ok, p, 0.0)  # where, not *: masked rows may be NaN
+    for t0 in range(0, T, POOL_ROWS):
+        for j in tl.static_range(POOL_ROWS):
+            t = t0 + j
+            ok = _prompt_row_mask(mask_ptr, b, t, T, stride_mb, stride_mt, HAS_MASK)  # t < T too
+            p = tl.load(p_row + t * stride_pt + d * stride_pd, mask=(d < D) & (t < T), other=0.0).to(tl.float32)
+            pooled += tl.where(ok, p, 0.0)  # where, not *: masked rows may be NaN
     return pooled / tl.maximum(count, 1.0)
 
 
@@ -94,11 +100,11 @@ def _token_stats_kernel(
         d = d0 + d_offs
         v = tl.load(v_rows + d[None, :] * stride_vd, mask=row_ok[:, None] & (d < D)[None, :], other=0.0)
         v = v.to(tl.float32)
-        amax2 = tl.maximum(amax2, tl.where(nonfinite(v), 0.0, tl.abs(v)))
+        amax2 = tl.maximum(amax2, finite_abs(v))
         if not MAX_RELEVANCE:
             pooled = _pooled_chunk(p_row, mask_ptr, b, d, D, T, count, stride_pt, stride_pd, stride_mb, stride_mt,
                                    HAS_MASK)
-            p_amax1 = tl.maximum(p_amax1, tl.where(nonfinite(pooled), 0.0, tl.abs(pooled)))
+            p_amax1 = tl.maximum(p_amax1, finite_abs(pooled))
     scale = pow2_scale(tl.max(amax2, 1))
     p_scale = pow2_scale(tl.max(p_amax1, 0))
 
@@ -118,7 +124,7 @@ def _token_stats_kernel(
             p_sumsq1 += pooled * pooled
             dot2 += y * pooled[None, :]
     sumsq = tl.sum(sumsq2, 1)
-    finite = (sumsq == sumsq) & (sumsq != float("inf"))
+    finite = ~nonfinite(sumsq)
     norm = tl.maximum(tl.sqrt_rn(sumsq), scale * NORM_EPS)
 
     if MAX_RELEVANCE:
@@ -132,7 +138,7 @@ def _token_stats_kernel(
                 d = d0 + d_offs
                 p = tl.load(p_row + t[:, None] * stride_pt + d[None, :] * stride_pd,
                             mask=(t < T)[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
-                t_amax2 = tl.maximum(t_amax2, tl.where(nonfinite(p), 0.0, tl.abs(p)))
+                t_amax2 = tl.maximum(t_amax2, finite_abs(p))
             t_scale = pow2_scale(tl.max(t_amax2, 1))
             acc = tl.zeros([BLOCK_R, BLOCK_T], tl.float32)
             t_sumsq2 = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
@@ -147,7 +153,7 @@ def _token_stats_kernel(
                 p32 = p.to(tl.float32) * t_scale[:, None]
                 t_sumsq2 += p32 * p32
             t_sumsq = tl.sum(t_sumsq2, 1)
-            t_finite = (t_sumsq == t_sumsq) & (t_sumsq != float("inf"))
+            t_finite = ~nonfinite(t_sumsq)
             if not SCALE_OPERANDS:
                 acc = acc * scale[:, None] * t_scale[None, :]
             cos = tl.div_rn(acc, norm[:, None] * tl.maximum(tl.sqrt_rn(t_sumsq), t_scale * NORM_EPS)[None, :])
@@ -157,7 +163,7 @@ def _token_stats_kernel(
     else:
         p_sumsq = tl.sum(p_sumsq1, 0)
         rel = tl.div_rn(tl.sum(dot2, 1), norm * tl.maximum(tl.sqrt_rn(p_sumsq), p_scale * NORM_EPS))
-        p_finite = (p_sumsq == p_sumsq) & (p_sumsq != float("inf"))
+        p_finite = ~nonfinite(p_sumsq)
         rel = tl.where(p_finite, rel, 0.0)  # a non-finite pooled prompt acts as zero
 
     rel = tl.where(finite, rel, NONFINITE_RELEVANCE)
