@@ -42,16 +42,16 @@ def selection_us(B: int, D: int, k: int, backend: str, device, dtype) -> float:
 
 
 def gpu_busy_ms(fn, device) -> "float | None":
-    """The summed duration of the CUDA kernels of one ``fn()`` (torch.profiler), None off GPUs.
-    Beside the prefill's wall time it says how much of it the GPU worked: an eager model whose
-    prefill takes far longer than its kernels is bound by the host launching them, which no
-    token count removes (the first H200 run's LLaVA-1.5-7B at batch 8: 68.7 ms pruned)."""
+    """The summed duration of the CUDA kernels of one ``fn()`` (torch.profiler), None off GPUs;
+    ``fn`` already warm. Beside the prefill's wall time it says how much of it the GPU worked:
+    an eager model whose prefill takes far longer than its kernels is bound by the host
+    launching them, which no token count removes (the first H200 run's LLaVA-1.5-7B at batch 8:
+    68.7 ms pruned)."""
     if device.type != "cuda":
         return None
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    fn()  # warm-up outside the profile
     hb.synchronize(device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
@@ -91,7 +91,7 @@ def measure(model, inputs: dict, device, new_tokens: int, repeats: int) -> dict:
     B = inputs["input_ids"].shape[0]
     with torch.no_grad():
         prefill = hb.wall_median_ms(lambda: models.prefill(model, inputs), device, repeats)
-        busy = gpu_busy_ms(lambda: models.prefill(model, inputs), device)
+        busy = gpu_busy_ms(lambda: models.prefill(model, inputs), device)  # warmed by the timing above
         kv = models.cache_bytes(kv_cache(models.prefill(model, inputs)))
         _generate_timed(model, inputs, device, 2)  # warm-up of the decode path
         if device.type == "cuda":
