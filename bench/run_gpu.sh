@@ -51,17 +51,12 @@ has_module() { "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.uti
 SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/dev/null || echo /nonexistent)
 scrub() {
   local f
-  for f in "$DEST"/*.log "$DEST"/*.txt; do
+  for f in "$DEST"/*.log "$DEST"/*.txt "$DEST"/*.md; do
     [ -f "$f" ] && sed -i -e "s#$DEST/##g" -e "s#$SITE#<site-packages>#g" -e "s#$PWD#<repo>#g" -e "s#$HOME#~#g" "$f"
   done
   return 0
 }
-pack() {
-  scrub
-  [ -f "$DEST/$STEM.md" ] && sed -i -e "s#$DEST/##g" "$DEST/$STEM.md"
-  [ -n "${OUT:-}" ] && tar -czf "$OUT/results.tar.gz" -C "$DEST" .
-  return 0
-}
+pack() { scrub; [ -n "${OUT:-}" ] && tar -czf "$OUT/results.tar.gz" -C "$DEST" . ; return 0; }
 
 # seconds a stage may take: min(cap, what is left less 30 s for the report); 0 if under its floor
 allowance() {
@@ -74,30 +69,25 @@ allowance() {
 sanitizer_run() {  # $1: tool, $2: the stage's end (in $SECONDS), then bench.sanitize's arguments
   local tool=$1 end=$2
   shift 2
+  if [ $((end - SECONDS)) -lt 10 ]; then echo "== $tool, bench.sanitize $*: skipped, the stage's time is up"; return 0; fi
+  echo "== compute-sanitizer --tool $tool: bench.sanitize $*"
   # Every caching-allocator block its own cudaMalloc, so that memcheck sees each tensor's
   # bounds; API errors surface as exceptions in our launches (each one is checked). Device
   # frames only: a host backtrace per report made the first run's log 580 KB.
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout $((end - SECONDS)) compute-sanitizer --tool "$tool" \
     --error-exitcode 99 --report-api-errors no --print-limit 50 --show-backtrace device --target-processes all \
     "$PY" -m bench.sanitize "$@" 2>&1
+  echo "== exit status: $?"
 }
 
 sanitize() {  # $1: backend, $2: the stage's end (in $SECONDS); the four tools in turn, log on stdout
   local tool
   for tool in memcheck racecheck synccheck initcheck; do  # initcheck last: the three asked for come first
-    if [ $(($2 - SECONDS)) -lt 10 ]; then echo "== $tool on $1: skipped, the stage's time is up"; continue; fi
-    if [ "$tool" = initcheck ] && [ "$1" = cuda ]; then
-      # cuda's Gram is a cuBLAS output: first the same bmm read back by PyTorch alone. Errors
-      # here mean initcheck does not see that cuBLAS kernel's writes, so its reports of our
-      # kernels reading the Gram are the same false positive.
-      echo "== compute-sanitizer --tool initcheck: bench.sanitize --cublas-control (nothing of ours)"
-      sanitizer_run initcheck "$2" --backend cuda --cublas-control
-      echo "== exit status: $?"
-      if [ $(($2 - SECONDS)) -lt 10 ]; then echo "== $tool on $1: skipped, the stage's time is up"; continue; fi
-    fi
-    echo "== compute-sanitizer --tool $tool: bench.sanitize --backend $1"
+    # cuda's Gram is a cuBLAS output: initcheck first reads the same bmm back by PyTorch alone
+    # (nothing of ours). Errors there mean initcheck does not see that cuBLAS kernel's writes,
+    # so its reports of our kernels reading the Gram are the same false positive.
+    [ "$tool" = initcheck ] && [ "$1" = cuda ] && sanitizer_run initcheck "$2" --backend cuda --cublas-control
     sanitizer_run "$tool" "$2" --backend "$1"
-    echo "== exit status: $?"
   done
 }
 
