@@ -3,7 +3,7 @@
 # device tool (a session has 15 minutes of device time, the machine's start included, and a
 # command at most 10):   device run, timeout_s=600:  bash bench/run_gpu.sh
 #
-#   bench/run_gpu.sh [STAGE...]     (default: all = install checks micro e2e profile demo tune report)
+#   bench/run_gpu.sh [STAGE...]     (default: all = install checks tune micro e2e profile demo report)
 #
 # Stages, in the order of what matters if time runs out:
 #   install  the package into the machine's Python (it has no network: no dependencies)
@@ -14,12 +14,13 @@
 #            triton (at once) and on cuda (once built; initcheck after a control of cuBLAS's
 #            Gram read back by PyTorch alone). Logs: <stem>.tests.log (with the build's and
 #            every failure's reason), <stem>.sanitize.log.
+#   tune     bench/tune.py: the cuda greedy kernels (block, cluster, auto) at LLaVA-1.5 B = 1, 32,
+#            64, then the Triton plan variants, side by side (short: it comes before the long stages)
 #   micro    microbenchmarks at the SPEC shapes (from here on the GPU is the run's alone)
 #   e2e      LLaVA-1.5-7B and Qwen2.5-VL-7B from configs, bf16, batch 1 and 8
 #   profile  bench/profile.py's time split (GPU time, graph replay, eager host cost, fixed cost
 #            and cost per greedy step), then Nsight Compute of one call per fused backend
 #   demo     `zspa demo` (the README's first command) and its picture
-#   tune     bench/tune.py: Triton plan variants (the Gram tiles' feature chunk) at the LLaVA shapes
 #   report   <stem>.{json,md,png} from whatever raw files this run left, and on a GPU
 #            <stem>.auto_cuda.json: auto's per-shape table (commit it as zspa_kernels/auto_cuda.json)
 #
@@ -137,7 +138,7 @@ stage_checks() {  # $1: seconds allowed
 
 main() {
   local STAGES=("${@:-all}") STAGE cap floor allowed end args extra kind f
-  [ "${STAGES[0]}" = all ] && STAGES=(install checks micro e2e profile demo tune report)
+  [ "${STAGES[0]}" = all ] && STAGES=(install checks tune micro e2e profile demo report)
   STEM=$("$PY" -m bench.report --print-stem) || exit 1
   GPU=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))')  # asked once: each ask starts CUDA
   for STAGE in "${STAGES[@]}"; do
@@ -145,7 +146,7 @@ main() {
       install) cap=60; floor=5 ;;   checks) cap=240; floor=60 ;;  micro) cap=150; floor=60 ;;
       e2e) cap=120; floor=60 ;;     profile) cap=60; floor=20 ;;  demo) cap=60; floor=30 ;;
       tune) cap=60; floor=30 ;;     report) cap=30; floor=5 ;;
-      *) echo "unknown stage '$STAGE' (all|install|checks|micro|e2e|profile|demo|tune|report)" >&2; exit 2 ;;
+      *) echo "unknown stage '$STAGE' (all|install|checks|tune|micro|e2e|profile|demo|report)" >&2; exit 2 ;;
     esac
     allowed=$(allowance $cap $floor)
     echo "== $STAGE at ${SECONDS}s of ${BUDGET}s ($(date -u +%H:%M:%S) UTC), allowed ${allowed}s"

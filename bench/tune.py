@@ -1,4 +1,4 @@
-"""Triton plan variants at the LLaVA-1.5 shapes: what the next tuning step would change, timed.
+"""Triton plan variants and the cuda greedy kernels at the LLaVA-1.5 shapes, timed side by side.
 
     python -m bench.tune --out tune.json       # on a GPU; the last stage of bench/run_gpu.sh
 
@@ -10,16 +10,25 @@ load steps takes. Each variant is
 ``dataclasses.replace`` of the default plan, timed with CUDA events, and checked against the
 default's picks: a different chunk sums each dot in another order, so picks may differ only
 where two candidates tie to within fp32 rounding (reported, never silently accepted).
+
+The cuda backend's two greedy kernels (``ZSPA_CUDA_GREEDY``: ``block``, greedy_select.cuh, one
+CTA a row reading Gram rows from L2; ``cluster``, greedy_cluster.cuh, the Gram on chip over a
+thread-block cluster) and what ``auto`` chooses, at B = 1, 32 and 64: the two kernels read the
+same Gram entries in the same expression, so their picks must be identical; B = 64 tests the
+launcher's rule that many rows favour one CTA a row.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
 
 import torch
 
 from zspa_kernels import benchmark as hb
+from zspa_kernels.dispatch import available_backends
+from zspa_kernels.spec import CUDA_GREEDY_ENV, CUDA_GREEDY_PATHS
 
 SHAPES = ("llava-1.5", "llava-1.5-b32")
 KEEP = 64
@@ -29,6 +38,7 @@ KEEP = 64
 # compile for sm_90 without spills under Triton 3.6 ("mean").
 VARIANTS = ({}, {"block_d": 64}, {"block_d": 128}, {"block_rows": 32, "block_d_stats": 128},
             {"block_rows": 16, "block_d_stats": 256})
+GREEDY_SHAPES = SHAPES + ("llava-1.5-b64",)
 
 
 def run(device: torch.device, shapes=None, progress=print) -> list[dict]:
@@ -62,12 +72,61 @@ def run(device: torch.device, shapes=None, progress=print) -> list[dict]:
     return records
 
 
+def _shape(label: str) -> hb.Shape:
+    if label == "llava-1.5-b64":
+        return hb.Shape(label, 64, 576, 4096)
+    return next(s for s in hb.SPEC_SHAPES if s.label == label)
+
+
+def run_cuda_greedy(device: torch.device, progress=print) -> list[dict]:
+    """One record per shape and ``ZSPA_CUDA_GREEDY`` path; picks compared with ``block``'s."""
+    if "cuda" not in available_backends(device):
+        progress("cuda greedy kernels: the cuda backend is not available here")
+        return []
+    op = torch.ops.zspa.select_tokens
+    saved = os.environ.get(CUDA_GREEDY_ENV)
+    records = []
+    try:
+        for label in GREEDY_SHAPES:
+            shape = _shape(label)
+            visual, prompt = hb.make_inputs(shape, torch.bfloat16, device)
+            expected = None
+            for path in ("block",) + tuple(p for p in CUDA_GREEDY_PATHS if p != "block"):
+                os.environ[CUDA_GREEDY_ENV] = path
+
+                def call():
+                    return op(visual, prompt, KEEP, hb.CORE_RATIO, None, None, "mean", "cuda", True)
+
+                record = {"shape": label, "B": shape.B, "N": shape.N, "D": shape.D, "k": KEEP,
+                          "variant": {"cuda_greedy": path}}
+                try:
+                    order = call()
+                except RuntimeError as exc:  # recorded, so that one failing path leaves the others timed
+                    record["error"] = str(exc).splitlines()[0]
+                    records.append(record)
+                    progress(f"{label:<15}{json.dumps(record['variant']):<28} failed: {record['error']}")
+                    continue
+                expected = order if expected is None else expected
+                record["median_us"] = hb.median_us(call, device)
+                record["rows_with_default_picks"] = int((order == expected).all(1).sum())
+                records.append(record)
+                progress(f"{label:<15}{json.dumps(record['variant']):<28}{record['median_us']:>10.1f} µs"
+                         f"   picks as block in {record['rows_with_default_picks']}/{shape.B} rows")
+    finally:
+        if saved is None:
+            os.environ.pop(CUDA_GREEDY_ENV, None)
+        else:
+            os.environ[CUDA_GREEDY_ENV] = saved
+    return records
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="write the records as JSON here")
     args = parser.parse_args(argv)
     device = hb.require_cuda("bench.tune")
-    records = run(device, progress=lambda line: print(line, flush=True))
+    progress = lambda line: print(line, flush=True)  # noqa: E731
+    records = run_cuda_greedy(device, progress=progress) + run(device, progress=progress)
     if args.out:
         hb.save_records(args.out, device, records)
     return 0

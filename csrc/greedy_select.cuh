@@ -81,10 +81,68 @@ __device__ __forceinline__ float relevance(const GreedyParams& p, int b, int i, 
 // cos(i, j) == cos(j, i) bit for bit (the norm product commutes, and the Gram of V V^T
 // is symmetric: both entries sum the same exact products in the same order), which the
 // isolation seed needs for mutual nearest neighbours.
-__device__ __forceinline__ float cosine(const float* gram_row_j, int i, float norm_i, float norm_j) {
+__device__ __forceinline__ float cosine_of(float gram_ij, float norm_i, float norm_j) {
   if (norm_i < 0.0f) return kNonFiniteSimilarity;
   if (norm_j < 0.0f) return 0.0f;  // a non-finite token normalises to zero
-  return gram_row_j[i] / (norm_i * norm_j);
+  return gram_ij / (norm_i * norm_j);
+}
+
+__device__ __forceinline__ float cosine(const float* gram_row_j, int i, float norm_i, float norm_j) {
+  return cosine_of(gram_row_j[i], norm_i, norm_j);
+}
+
+// The budgets of batch row b: n valid tokens (lengths clamped to [1, N]), k_b, k_core.
+struct RowBudget {
+  int n, k_b, k_core;
+};
+
+__device__ __forceinline__ RowBudget row_budget(const GreedyParams& p, int b) {
+  const int64_t len = p.lengths ? p.lengths[b] : p.N;
+  RowBudget r;
+  r.n = static_cast<int>(len < 1 ? 1 : (len > p.N ? p.N : len));
+  r.k_b = p.k < r.n ? p.k : r.n;
+  r.k_core = core_count(p.core_ratio, r.k_b);
+  return r;
+}
+
+// Norm and relevance of token i < n, from the Gram diagonal (step 1-2): norm -1 and relevance
+// kNonFiniteRelevance for a token with a non-finite feature.
+__device__ __forceinline__ void token_norm_relevance(const GreedyParams& p, int b, const float* G, int i,
+                                                     const bool* valid, float* norm, float* rel) {
+  const float* token_scale = p.token_scale ? p.token_scale + static_cast<int64_t>(b) * p.N : nullptr;
+  const float norm_i = clamped_norm(G[static_cast<int64_t>(i) * p.N + i], token_scale ? token_scale[i] : 1.0f);
+  *norm = norm_i > 0.0f ? norm_i : -1.0f;
+  *rel = norm_i > 0.0f ? relevance(p, b, i, norm_i, valid) : kNonFiniteRelevance;
+}
+
+// Step 7, by one CTA: the pick order, or the kept tokens (kept(i) for i < n) in ascending order
+// (a block-wide ballot scan); -1 after the k_b kept tokens. `warp_counts`: kMaxWarps ints.
+template <typename Kept>
+__device__ void write_output(const GreedyParams& p, int64_t* out, const int* picks, int n, int k_b, Kept kept,
+                             int* warp_counts) {
+  const int tid = threadIdx.x, threads = blockDim.x;
+  for (int t = k_b + tid; t < p.k; t += threads) out[t] = -1;
+  if (p.pick_order) {
+    for (int t = tid; t < k_b; t += threads) out[t] = picks[t];
+    return;
+  }
+  const int lane = tid & 31, warp = tid >> 5, warps = threads >> 5;
+  int base = 0;
+  for (int start = 0; start < n; start += threads) {
+    const int i = start + tid;
+    const bool keep = i < n && kept(i);
+    const unsigned ballot = __ballot_sync(kFullWarp, keep);
+    if (lane == 0) warp_counts[warp] = __popc(ballot);
+    __syncthreads();
+    int before = 0, total = 0;
+    for (int w2 = 0; w2 < warps; ++w2) {
+      before += w2 < warp ? warp_counts[w2] : 0;
+      total += warp_counts[w2];
+    }
+    if (keep) out[base + before + __popc(ballot & ((1u << lane) - 1u))] = i;
+    base += total;
+    __syncthreads();  // warp_counts is rewritten by the next round
+  }
 }
 
 // The body of one CTA, given its shared memory: `smem` holds 3 * N 32-bit words,
@@ -99,20 +157,13 @@ __device__ void greedy_select_row(const GreedyParams& p, float* smem, uint64_t* 
   const int N = p.N, tid = threadIdx.x, threads = blockDim.x;
   const float* G = p.gram + static_cast<int64_t>(blockIdx.x) * N * N;
   const bool* valid = p.prompt_mask ? p.prompt_mask + static_cast<int64_t>(b) * p.T : nullptr;
-  int64_t* out = p.out + static_cast<int64_t>(b) * p.k;
-
-  int64_t len = p.lengths ? p.lengths[b] : N;
-  const int n = static_cast<int>(len < 1 ? 1 : (len > N ? N : len));  // clamp to [1, N]
-  const int k_b = p.k < n ? p.k : n;
-  const int k_core = core_count(p.core_ratio, k_b);
-  const float* token_scale = p.token_scale ? p.token_scale + static_cast<int64_t>(b) * N : nullptr;
+  const RowBudget budget = row_budget(p, b);
+  const int n = budget.n, k_b = budget.k_b, k_core = budget.k_core;
 
   // Step 1-2: norms from the Gram diagonal, relevance from the prompt dots.
   for (int i = tid; i < N; i += threads) {
     if (i >= n) { score[i] = -INFINITY; norm[i] = 0.0f; continue; }
-    const float norm_i = clamped_norm(G[static_cast<int64_t>(i) * N + i], token_scale ? token_scale[i] : 1.0f);
-    norm[i] = norm_i > 0.0f ? norm_i : -1.0f;
-    score[i] = norm_i > 0.0f ? relevance(p, b, i, norm_i, valid) : kNonFiniteRelevance;
+    token_norm_relevance(p, b, G, i, valid, norm + i, score + i);
   }
 
   // Phase 1: core = the k_core largest r, by falling relevance, lower index first: the k_core
@@ -182,30 +233,9 @@ __device__ void greedy_select_row(const GreedyParams& p, float* smem, uint64_t* 
   }
   __syncthreads();  // picks[] complete
 
-  // Step 7: pick order, or the taken tokens in ascending order (a block-wide
-  // ballot scan over the owned tokens); -1 after the k_b kept tokens.
-  for (int t = k_b + tid; t < p.k; t += threads) out[t] = -1;
-  if (p.pick_order) {
-    for (int t = tid; t < k_b; t += threads) out[t] = picks[t];
-    return;
-  }
-  const int lane = tid & 31, warp = tid >> 5, warps = threads >> 5;
-  int base = 0;
-  for (int start = 0; start < n; start += threads) {
-    const int i = start + tid;
-    const bool kept = i < n && score[i] == kTaken;
-    const unsigned ballot = __ballot_sync(kFullWarp, kept);
-    if (lane == 0) warp_counts[warp] = __popc(ballot);
-    __syncthreads();
-    int before = 0, total = 0;
-    for (int w2 = 0; w2 < warps; ++w2) {
-      before += w2 < warp ? warp_counts[w2] : 0;
-      total += warp_counts[w2];
-    }
-    if (kept) out[base + before + __popc(ballot & ((1u << lane) - 1u))] = i;
-    base += total;
-    __syncthreads();  // warp_counts is rewritten by the next round
-  }
+  // Step 7: the taken tokens are those marked kTaken.
+  write_output(p, p.out + static_cast<int64_t>(b) * p.k, picks, n, k_b, [&](int i) { return score[i] == kTaken; },
+               warp_counts);
 }
 
 __global__ void __launch_bounds__(1024) greedy_select_kernel(GreedyParams p) {  // up to 1024 threads a row

@@ -8,6 +8,9 @@
 
 #include <algorithm>
 #include <climits>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
@@ -15,6 +18,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "greedy_cluster.cuh"
 #include "greedy_select.cuh"
 #include "prompt_stats.cuh"
 #include "scale_rows.cuh"
@@ -46,6 +50,85 @@ size_t greedy_static_smem_bytes() {
     return attributes.sharedSizeBytes;
   }();
   return bytes;
+}
+
+// Bytes of the cluster kernel's static shared arrays (the slots, the warp counts).
+size_t cluster_static_smem_bytes() {
+  static const size_t bytes = [] {
+    cudaFuncAttributes attributes{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, greedy_cluster_kernel));
+    return attributes.sharedSizeBytes;
+  }();
+  return bytes;
+}
+
+// How the greedy kernel runs for rows of N tokens on the current device: greedy_cluster.cuh
+// when the device is sm_90+, a cluster's shared memory holds the Gram (cluster_shape) and the
+// device can co-schedule such a cluster (cudaOccupancyMaxActiveClusters > 0), else
+// greedy_select.cuh. `mode` is ZSPA_CUDA_GREEDY (spec.py): "auto" takes the cluster form
+// while the rows of a launch fit in two waves of clusters (each cluster takes ctas SMs where
+// greedy_select takes one, so many rows favour the latter; to be checked against a GPU
+// profile), "cluster" insists on it, "block" never takes it.
+struct GreedyLaunch {
+  ClusterShape shape;  // ctas == 0: greedy_select.cuh
+  int active = 0;      // clusters of this shape the device runs at once
+};
+
+cudaLaunchConfig_t cluster_config(const ClusterShape& shape, unsigned rows, cudaStream_t stream,
+                                  cudaLaunchAttribute* attribute) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(rows * static_cast<unsigned>(shape.ctas));
+  config.blockDim = dim3(static_cast<unsigned>(shape.threads));
+  config.dynamicSmemBytes = shape.smem;
+  config.stream = stream;
+  attribute->id = cudaLaunchAttributeClusterDimension;
+  attribute->val.clusterDim.x = static_cast<unsigned>(shape.ctas);
+  attribute->val.clusterDim.y = 1;
+  attribute->val.clusterDim.z = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  return config;
+}
+
+GreedyLaunch greedy_launch(int64_t N, int64_t rows, c10::string_view mode) {
+  TORCH_CHECK(mode == "auto" || mode == "cluster" || mode == "block",
+              "ZSPA_CUDA_GREEDY: expected 'auto', 'cluster' or 'block', got '", mode, "'");
+  GreedyLaunch launch;
+  if (mode == "block") return launch;
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const bool hopper = prop->major >= 9;
+  const ClusterShape shape =
+      hopper ? cluster_shape(N, prop->sharedMemPerBlockOptin, cluster_static_smem_bytes()) : ClusterShape{};
+  if (shape.ctas > 0) {
+    // Per device and shape, once: the kernel's attributes and the co-scheduling count (host
+    // queries only, nothing enqueued, so graph capture is unaffected).
+    static std::mutex mutex;
+    static std::map<std::tuple<int, int, int>, int> active_clusters;
+    const std::lock_guard<std::mutex> lock(mutex);
+    const auto key = std::make_tuple(static_cast<int>(at::cuda::current_device()), shape.ctas, shape.slice);
+    auto found = active_clusters.find(key);
+    if (found == active_clusters.end()) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(greedy_cluster_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(prop->sharedMemPerBlockOptin - cluster_static_smem_bytes())));
+      if (shape.ctas > 8)
+        C10_CUDA_CHECK(cudaFuncSetAttribute(greedy_cluster_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+      cudaLaunchAttribute attribute{};
+      const cudaLaunchConfig_t config = cluster_config(shape, 1, nullptr, &attribute);
+      int active = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&active, greedy_cluster_kernel, &config));
+      found = active_clusters.emplace(key, active).first;
+    }
+    launch.active = found->second;
+  }
+  if (mode == "cluster") {
+    TORCH_CHECK(hopper, "ZSPA_CUDA_GREEDY=cluster: thread-block clusters need an sm_90 or newer GPU");
+    TORCH_CHECK(shape.ctas > 0 && launch.active > 0, "ZSPA_CUDA_GREEDY=cluster: no cluster of this GPU holds the Gram of N=",
+                N, " tokens in shared memory; use 'auto' or 'block'");
+  } else if (shape.ctas == 0 || launch.active == 0 || rows > 2 * static_cast<int64_t>(launch.active)) {
+    return GreedyLaunch{};
+  }
+  launch.shape = shape;
+  return launch;
 }
 
 // One launch of scale_rows.cuh over x (B, L, D), contiguous: {x scaled row by row, (B, L) fp32
@@ -81,7 +164,7 @@ RowPass scale_rows(const at::Tensor& x, bool scale, const at::Tensor& pooled, cu
 at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt, int64_t k,
                               double core_ratio, const std::optional<at::Tensor>& lengths,
                               const std::optional<at::Tensor>& prompt_mask, c10::string_view relevance,
-                              bool pick_order, int64_t gram_budget) {
+                              bool pick_order, int64_t gram_budget, c10::string_view greedy) {
   // The Python op validates every argument with clear messages; these guard direct callers.
   TORCH_CHECK(visual.is_cuda() && visual.dim() == 3, "visual: expected a CUDA tensor (B, N, D)");
   TORCH_CHECK(prompt.device() == visual.device() && (prompt.dim() == 2 || prompt.dim() == 3),
@@ -183,8 +266,15 @@ at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt
     const at::Tensor gram = fp32_bmm(chunk, chunk.transpose(1, 2));  // (rows, N, N)
     params.gram = gram.data_ptr<float>();
     params.row0 = static_cast<int>(row0);
-    greedy_select_kernel<<<static_cast<unsigned>(rows), threads_for(N, 1024), smem_bytes, stream>>>(params);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const GreedyLaunch launch = greedy_launch(N, rows, greedy);
+    if (launch.shape.ctas > 0) {
+      cudaLaunchAttribute attribute{};
+      const cudaLaunchConfig_t config = cluster_config(launch.shape, static_cast<unsigned>(rows), stream, &attribute);
+      C10_CUDA_CHECK(cudaLaunchKernelEx(&config, greedy_cluster_kernel, params, launch.shape.ctas, launch.shape.slice));
+    } else {
+      greedy_select_kernel<<<static_cast<unsigned>(rows), threads_for(N, 1024), smem_bytes, stream>>>(params);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   }
   return out;
 }

@@ -111,3 +111,44 @@ def test_rows_whose_shared_memory_crosses_48_kib_launch():
     assert done.returncode == 0, done.stderr[-3000:]
     for n, (visual, prompt, order) in zip(sizes, json.loads(done.stdout)):
         replay(Row(visual, prompt, None, n, 24, 0.5, "mean"), order, TOLERANCE["cuda"][torch.bfloat16])
+
+
+def _cluster_gpu():
+    return torch.cuda.get_device_capability()[0] >= 9
+
+
+@pytest.mark.parametrize("n_tokens", [239, 576, 577, 900])  # 2, 6, 7 (4-byte copies) and 15 CTAs (non-portable)
+def test_cluster_kernel_picks_what_the_block_kernel_picks(monkeypatch, n_tokens):
+    """greedy_cluster.cuh against greedy_select.cuh on the same call: identical outputs (the same
+    Gram entries in the same expression), over clusters of 2 to 15 CTAs, lengths, both relevances,
+    an empty core (the isolation seed) and the ascending output; one row replayed against fp64."""
+    if not _cluster_gpu():
+        pytest.skip("thread-block clusters need sm_90")
+    from fp64_oracle import Row, replay
+    from helpers import TOLERANCE
+
+    visual, prompt = _inputs(3, n_tokens, 96, T=4, seed=n_tokens)
+    lengths = torch.tensor([n_tokens, n_tokens // 2 + 1, 17], device="cuda")
+    for alpha, relevance, pick_order in ((0.5, "mean", True), (0.0, "max", True), (0.25, "mean", False)):
+        outputs = {}
+        for path in ("block", "cluster"):
+            monkeypatch.setenv("ZSPA_CUDA_GREEDY", path)
+            outputs[path] = zspa_kernels.select_tokens(visual, prompt, 48, core_ratio=alpha, lengths=lengths,
+                                                       relevance=relevance, backend="cuda", pick_order=pick_order)
+        assert torch.equal(outputs["cluster"], outputs["block"]), (alpha, relevance, pick_order)
+    row = Row(visual[0].float().cpu().numpy(), prompt[0].float().cpu().numpy(), None, n_tokens, 48, 0.0, "max")
+    monkeypatch.setenv("ZSPA_CUDA_GREEDY", "cluster")
+    order = zspa_kernels.select_tokens(visual[:1], prompt[:1], 48, core_ratio=0.0, relevance="max", backend="cuda",
+                                       pick_order=True)
+    replay(row, order[0].cpu().tolist(), TOLERANCE["cuda"][torch.bfloat16])
+
+
+def test_cluster_kernel_refuses_rows_no_cluster_holds(monkeypatch):
+    if not _cluster_gpu():
+        pytest.skip("thread-block clusters need sm_90")
+    visual, prompt = _inputs(1, 1500, 32)
+    monkeypatch.setenv("ZSPA_CUDA_GREEDY", "cluster")
+    with pytest.raises(RuntimeError, match="ZSPA_CUDA_GREEDY=cluster: no cluster of this GPU holds the Gram of N=1500"):
+        _select(visual, prompt, 16)
+    monkeypatch.setenv("ZSPA_CUDA_GREEDY", "auto")
+    assert _select(visual, prompt, 16).shape == (1, 16)  # auto: the block kernel

@@ -76,8 +76,19 @@ def emulated_scale_rows(emulator, x, scale=True, pooled=None):
             None if dots is None else np.ascontiguousarray(dots.reshape(shape)))
 
 
-def emulated_select(emulator, case, pick_order, threads, rank_core_budget=LAUNCHER):
-    """What the launcher does, with the GEMMs done here in fp64 and rounded to fp32."""
+def cluster_split(N, ctas):
+    """greedy_cluster.cuh's split of N tokens over at most ``ctas`` CTAs, as its launcher plans
+    it (cluster_shape): ``(ctas, slice, threads)``, fewer CTAs where the last would hold none."""
+    while True:
+        slice_ = (-(-N // ctas) + 3) // 4 * 4
+        if (ctas - 1) * slice_ < N:
+            return ctas, slice_, (slice_ + 31) // 32 * 32
+        ctas -= 1
+
+
+def emulated_select(emulator, case, pick_order, threads, rank_core_budget=LAUNCHER, cluster=None):
+    """What the launcher does, with the GEMMs done here in fp64 and rounded to fp32. ``cluster``:
+    run greedy_cluster.cuh on clusters of (at most) that many CTAs instead of greedy_select."""
     visual, prompt = case.visual, case.prompt if case.prompt.dim() == 3 else case.prompt.unsqueeze(1)
     scale = visual.dtype != torch.float16  # the launcher scales bf16/fp32 tokens (and "max" prompts)
     max_relevance = case.relevance == "max"
@@ -108,6 +119,13 @@ def emulated_select(emulator, case, pick_order, threads, rank_core_budget=LAUNCH
     gram = np.ascontiguousarray(((gram + gram.transpose(1, 2)) / 2).float().numpy())  # symmetric, as cuBLAS's
     token_scale = None if token_scale is None else np.ascontiguousarray(token_scale.numpy())
     out = np.full((B, case.k), -7, dtype=np.int64)
+    if cluster is not None:
+        ctas, slice_, cluster_threads = cluster_split(N, cluster)
+        emulator.emulate_greedy_cluster(_ptr(gram), _ptr(dots), _ptr(prompt_norm), _ptr(mask), _ptr(lengths),
+                                        _ptr(token_scale), _ptr(out), B, N, T, case.k,
+                                        ctypes.c_double(case.core_ratio), ctypes.c_bool(max_relevance),
+                                        ctypes.c_bool(pick_order), ctas, slice_, cluster_threads, 2)
+        return out
     emulator.emulate_greedy_select(_ptr(gram), _ptr(dots), _ptr(prompt_norm), _ptr(mask), _ptr(lengths),
                                    _ptr(token_scale), _ptr(out), B, N, T, case.k, ctypes.c_double(case.core_ratio),
                                    ctypes.c_bool(max_relevance), ctypes.c_bool(pick_order), threads,
@@ -252,3 +270,78 @@ def test_core_by_ranks_picks_what_serial_argmins_pick(emulator, threads):
         serial = emulated_select(emulator, case, pick_order=True, threads=threads, rank_core_budget=SERIAL_CORE)
         ranks = emulated_select(emulator, case, pick_order=True, threads=threads, rank_core_budget=ALWAYS_RANKS)
         assert serial.tolist() == ranks.tolist(), case.describe()
+
+
+# greedy_cluster.cuh on clusters of (at most) these many CTAs: one CTA (no remote stores), and
+# clusters whose last CTA holds a partial slice.
+CLUSTERS = (1, 2, 3, 5)
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_cluster_kernel_replays_and_picks_what_the_block_kernel_picks(emulator, seed):
+    """The cluster form against the fp64 oracle, and bit for bit against greedy_select.cuh (the
+    same Gram entries in the same expression): random cases with odd N (4-byte copies) and
+    N % 4 == 0 (16-byte copies), lengths, masks, both relevances, empty cores (isolation seed)
+    and full ones; the ascending output is the sorted pick order."""
+    dtype, ctas = DTYPES[seed % len(DTYPES)], CLUSTERS[seed % len(CLUSTERS)]
+    case = random_case(300 + seed, dtype)
+    order = emulated_select(emulator, case, pick_order=True, threads=32, cluster=ctas)
+    kept = emulated_select(emulator, case, pick_order=False, threads=32, cluster=ctas)
+    block = emulated_select(emulator, case, pick_order=True, threads=32)
+    for b, row in oracle_rows(case):
+        replay(row, order[b].tolist(), TOLERANCE["cuda"][dtype])
+        assert kept[b].tolist() == sorted(order[b, : row.k_b].tolist()) + [-1] * (case.k - row.k_b), case.describe()
+    assert order.tolist() == block.tolist(), case.describe()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cluster_kernel_exact_ties_go_to_lower_index(emulator, seed):
+    """Exact ties across CTAs: the slots' keys carry the index, so the lower one wins whichever
+    CTA holds it."""
+    case = exact_tie_case(seed, torch.bfloat16)
+    order = emulated_select(emulator, case, pick_order=True, threads=32, cluster=CLUSTERS[1 + seed % 3])
+    for b, row in oracle_rows(case):
+        assert order[b].tolist() == oracle_order(row), case.describe()
+
+
+@pytest.mark.parametrize("core_ratio", [0.0, 0.5, 1.0])
+def test_cluster_kernel_nonfinite_tokens_come_last(emulator, core_ratio):
+    """NaN and inf tokens in several CTAs' slices: least relevant, most redundant, picked only
+    when nothing finite is left, lowest index first; a zero token has cosine 0 to all."""
+    case = random_case(9, torch.float32)
+    g = torch.Generator().manual_seed(4)
+    case.visual = torch.randn(2, 30, 12, generator=g)
+    case.visual[:, 1, 0], case.visual[:, 17, 2], case.visual[:, 29, 5] = float("nan"), float("inf"), float("-inf")
+    case.visual[:, 8] = 0.0
+    case.prompt, case.prompt_mask, case.lengths, case.relevance = torch.randn(2, 12, generator=g), None, None, "mean"
+    case.k, case.core_ratio = 30, core_ratio
+    order = emulated_select(emulator, case, pick_order=True, threads=32, cluster=3)
+    for b, row in oracle_rows(case):
+        replay(row, order[b].tolist(), TOLERANCE["cuda"][torch.float32])
+        assert order[b, -3:].tolist() == [1, 17, 29]
+    assert order.tolist() == emulated_select(emulator, case, pick_order=True, threads=32).tolist()
+
+
+def test_cluster_shape_is_the_fewest_ctas_whose_shared_memory_holds_the_gram(emulator):
+    """The launcher's plan at an H100/H200's 227 KiB a CTA: LLaVA-1.5's 576 tokens on 6 CTAs of 96,
+    small rows on one CTA, none past ~950 tokens; every plan fits, and one CTA fewer would not."""
+    limit, static = 232448, 2176  # the sm_90 build's static shared memory (cuobjdump), reserved 1 KiB included
+
+    def plan(N):
+        shape = (ctypes.c_int * 3)()
+        emulator.emulate_cluster_shape(ctypes.c_int64(N), ctypes.c_int64(limit), ctypes.c_int64(static), shape)
+        return tuple(shape)
+
+    def fits(N, ctas):
+        ctas, slice_, threads = cluster_split(N, ctas)
+        return 4 * (slice_ * N + 3 * N) + static <= limit and ctas * threads // 32 <= 64
+
+    assert plan(576) == (6, 96, 96)
+    assert plan(200) == (1, 200, 224)
+    assert plan(1500) == (0, 0, 0)
+    largest = max(N for N in range(1, 1200) if plan(N)[0])
+    assert 900 < largest < 1000 and all(plan(N)[0] for N in range(1, largest + 1))
+    for N in [1, 7, 64, 237, 238, 577, 700, 901, largest]:
+        ctas, slice_, threads = plan(N)
+        assert (ctas, slice_, threads) == cluster_split(N, ctas) and fits(N, ctas), N
+        assert ctas == 1 or not fits(N, ctas - 1), N

@@ -84,3 +84,14 @@ def test_gram_budget(monkeypatch):
         monkeypatch.setenv(spec.GRAM_BUDGET_ENV, bad)
         with pytest.raises(ValueError, match=spec.GRAM_BUDGET_ENV):
             spec.gram_budget()
+
+
+def test_cuda_greedy(monkeypatch):
+    monkeypatch.delenv(spec.CUDA_GREEDY_ENV, raising=False)
+    assert spec.cuda_greedy() == "auto"
+    for path in spec.CUDA_GREEDY_PATHS:
+        monkeypatch.setenv(spec.CUDA_GREEDY_ENV, f" {path} ")
+        assert spec.cuda_greedy() == path
+    monkeypatch.setenv(spec.CUDA_GREEDY_ENV, "warp")
+    with pytest.raises(ValueError, match="ZSPA_CUDA_GREEDY: expected one of"):
+        spec.cuda_greedy()

@@ -33,6 +33,11 @@ MAX_K = 2**31 - 1
 # Bytes the (rows, N, N) fp32 similarity scratch of the triton and cuda backends may take.
 GRAM_BUDGET_ENV = "ZSPA_GRAM_BUDGET"
 DEFAULT_GRAM_BUDGET = 4 << 30  # four N=16384 video rows per launch, any LLaVA-size batch in one
+# The cuda backend's greedy kernel: "auto" (the launcher's rule, csrc/select_tokens.cu),
+# "cluster" (csrc/greedy_cluster.cuh: the Gram on chip over a thread-block cluster, sm_90+,
+# N up to ~950) or "block" (csrc/greedy_select.cuh: one CTA a row, the Gram from L2).
+CUDA_GREEDY_ENV = "ZSPA_CUDA_GREEDY"
+CUDA_GREEDY_PATHS = ("auto", "cluster", "block")
 
 
 def core_count(core_ratio: float, k_b: int) -> int:
@@ -111,3 +116,14 @@ def gram_budget() -> int:
     if budget < 0:
         raise ValueError(f"{GRAM_BUDGET_ENV}: expected a byte count >= 0, got {raw!r}")
     return budget
+
+
+def cuda_greedy() -> str:
+    """``ZSPA_CUDA_GREEDY``: the cuda backend's greedy kernel, ``"auto"`` when unset or empty;
+    anything else but ``"cluster"`` or ``"block"`` raises naming it."""
+    raw = os.environ.get(CUDA_GREEDY_ENV, "").strip()
+    if not raw:
+        return "auto"
+    if raw not in CUDA_GREEDY_PATHS:
+        raise ValueError(f"{CUDA_GREEDY_ENV}: expected one of {CUDA_GREEDY_PATHS} or unset, got {raw!r}")
+    return raw

@@ -4,6 +4,7 @@
 // fp32 (the dtype only changes the loads).
 #include "simt.h"
 
+#include "greedy_cluster.cuh"
 #include "greedy_select.cuh"
 #include "prompt_stats.cuh"
 #include "scale_rows.cuh"
@@ -39,11 +40,11 @@ extern "C" float emulate_constant(int which) {
   return values[which];
 }
 
-extern "C" void emulate_greedy_select(const float* gram, const float* dots, const float* prompt_norm,
-                                      const bool* mask, const int64_t* lengths, const float* token_scale,
-                                      int64_t* out, int B, int N, int T,
-                                      int k, double core_ratio, bool max_relevance, bool pick_order, int threads,
-                                      int rows_per_chunk, int rank_core_budget) {
+namespace {
+
+zspa::GreedyParams greedy_params(const float* dots, const float* prompt_norm, const bool* mask,
+                                 const int64_t* lengths, const float* token_scale, int64_t* out, int N, int T, int k,
+                                 double core_ratio, bool max_relevance, bool pick_order, int rank_core_budget) {
   zspa::GreedyParams p{};
   p.dots = dots;
   p.prompt_norm = prompt_norm;
@@ -58,6 +59,18 @@ extern "C" void emulate_greedy_select(const float* gram, const float* dots, cons
   p.max_relevance = max_relevance;
   p.pick_order = pick_order;
   p.rank_core_budget = rank_core_budget;
+  return p;
+}
+
+}  // namespace
+
+extern "C" void emulate_greedy_select(const float* gram, const float* dots, const float* prompt_norm,
+                                      const bool* mask, const int64_t* lengths, const float* token_scale,
+                                      int64_t* out, int B, int N, int T,
+                                      int k, double core_ratio, bool max_relevance, bool pick_order, int threads,
+                                      int rows_per_chunk, int rank_core_budget) {
+  zspa::GreedyParams p = greedy_params(dots, prompt_norm, mask, lengths, token_scale, out, N, T, k, core_ratio,
+                                       max_relevance, pick_order, rank_core_budget);
   // Launches over chunks of `rows_per_chunk` rows, as the launcher bounds its Gram workspace.
   for (int row0 = 0; row0 < B; row0 += rows_per_chunk) {
     p.gram = gram + static_cast<int64_t>(row0) * N * N;
@@ -69,4 +82,42 @@ extern "C" void emulate_greedy_select(const float* gram, const float* dots, cons
       simt::run_block(block, 0, threads, [&] { zspa::greedy_select_row(p, smem.data(), slots, warp_counts); });
     }
   }
+}
+
+// greedy_cluster.cuh: one cluster of `ctas` blocks per batch row, in Gram chunks like the above.
+// Each block's shared memory is one buffer (dynamic part, then the slots and warp counts), so
+// that cluster_map can move a pointer from one block's buffer to another's.
+extern "C" void emulate_greedy_cluster(const float* gram, const float* dots, const float* prompt_norm,
+                                       const bool* mask, const int64_t* lengths, const float* token_scale,
+                                       int64_t* out, int B, int N, int T, int k, double core_ratio,
+                                       bool max_relevance, bool pick_order, int ctas, int slice, int threads,
+                                       int rows_per_chunk) {
+  zspa::GreedyParams p = greedy_params(dots, prompt_norm, mask, lengths, token_scale, out, N, T, k, core_ratio,
+                                       max_relevance, pick_order, 0);
+  const size_t dynamic = (zspa::cluster_smem_bytes(N, slice) + 15) / 16 * 16;  // the slots 8-byte aligned
+  const size_t slots_bytes = 2 * zspa::kMaxClusterSlots * sizeof(uint64_t);
+  const size_t bytes = dynamic + slots_bytes + zspa::kMaxWarps * sizeof(int);
+  for (int row0 = 0; row0 < B; row0 += rows_per_chunk) {
+    p.gram = gram + static_cast<int64_t>(row0) * N * N;
+    p.row0 = row0;
+    for (int row = 0; row < rows_per_chunk && row0 + row < B; ++row) {
+      std::vector<std::vector<float4>> buffers(ctas, std::vector<float4>((bytes + 15) / 16));
+      std::vector<char*> shared;
+      for (auto& buffer : buffers) shared.push_back(reinterpret_cast<char*>(buffer.data()));
+      simt::run_cluster(row * ctas, threads, shared, [&] {
+        char* mine = shared[simt::cluster_rank()];
+        zspa::greedy_cluster_row(p, ctas, slice, reinterpret_cast<float*>(mine),
+                                 reinterpret_cast<uint64_t*>(mine + dynamic),
+                                 reinterpret_cast<int*>(mine + dynamic + slots_bytes));
+      });
+    }
+  }
+}
+
+// The launcher's cluster plan: {ctas, slice, threads} (ctas 0: none fits).
+extern "C" void emulate_cluster_shape(int64_t N, int64_t smem_limit, int64_t static_bytes, int* shape) {
+  const zspa::ClusterShape plan = zspa::cluster_shape(N, static_cast<size_t>(smem_limit), static_cast<size_t>(static_bytes));
+  shape[0] = plan.ctas;
+  shape[1] = plan.slice;
+  shape[2] = plan.threads;
 }

@@ -6,9 +6,16 @@
 // placement, shuffle trees, ballot scans) against the fp64 oracle; it does not model
 // the GPU memory system, so races that only a weak memory model exposes are out of
 // its reach (every shared access in csrc/ is ordered by a barrier or owned by one thread).
+// A thread-block cluster runs all its blocks' threads at once: the cluster barrier spans them
+// all, and a pointer into one block's shared memory maps to the same offset in another's (each
+// block's shared memory is one buffer the caller owns). Asynchronous copies are plain copies.
 #pragma once
 
+#define ZSPA_SIMT 1
+
 #include <barrier>
+#include <cstddef>
+#include <cstdlib>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -25,6 +32,10 @@
 #define __forceinline__ inline
 #define __restrict__ __restrict
 
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+
 struct SimtDim {
   unsigned x = 0, y = 0;
 };
@@ -40,8 +51,27 @@ struct Block {
   std::vector<uint64_t> exchange;  // one slot per thread
 };
 
+// The blocks of one cluster: a barrier over all their threads, and each block's shared memory.
+struct Cluster {
+  Cluster(int blocks, int threads) : barrier(blocks * threads), shared(blocks) {}
+  std::barrier<> barrier;
+  std::vector<char*> shared;  // block rank -> the start of its shared-memory buffer
+};
+
 inline thread_local SimtDim thread_idx, block_idx, block_dim;
 inline thread_local Block* block = nullptr;
+inline thread_local Cluster* cluster = nullptr;
+inline thread_local unsigned cluster_block_rank = 0;
+
+inline unsigned cluster_rank() { return cluster_block_rank; }
+inline void cluster_sync() { cluster->barrier.arrive_and_wait(); }
+
+// `mine` points into this block's shared buffer; the same offset in block `rank`'s buffer.
+template <typename T>
+T* cluster_map(T* mine, unsigned rank) {
+  const std::ptrdiff_t offset = reinterpret_cast<char*>(mine) - cluster->shared[cluster_block_rank];
+  return reinterpret_cast<T*>(cluster->shared[rank] + offset);
+}
 
 // Every lane publishes `mine`; returns the value published by `src_lane` of the same warp.
 inline uint64_t warp_exchange(uint64_t mine, int src_lane) {
@@ -69,6 +99,33 @@ void run_block(unsigned x, unsigned y, int threads, Body body) {
       block = &shared_block;
       body();
     });
+  }
+  for (std::thread& thread : pool) thread.join();
+}
+
+// Runs body() on every thread of the `shared.size()` blocks (first_block + rank, 0) of one
+// cluster, `threads` threads each, all at once; shared[rank] is block rank's shared memory.
+template <typename Body>
+void run_cluster(unsigned first_block, int threads, const std::vector<char*>& shared, Body body) {
+  const int blocks = static_cast<int>(shared.size());
+  Cluster shared_cluster(blocks, threads);
+  shared_cluster.shared = shared;
+  std::vector<std::unique_ptr<Block>> cluster_blocks;
+  for (int r = 0; r < blocks; ++r) cluster_blocks.push_back(std::make_unique<Block>(threads));
+  std::vector<std::thread> pool;
+  for (int r = 0; r < blocks; ++r) {
+    for (int t = 0; t < threads; ++t) {
+      pool.emplace_back([&, r, t] {
+        thread_idx.x = t;
+        block_idx.x = first_block + r;
+        block_idx.y = 0;
+        block_dim.x = threads;
+        block = cluster_blocks[r].get();
+        cluster = &shared_cluster;
+        cluster_block_rank = r;
+        body();
+      });
+    }
   }
   for (std::thread& thread : pool) thread.join();
 }
@@ -107,3 +164,8 @@ inline uint32_t __float_as_uint(float x) {
 inline double __dadd_rn(double a, double b) { return a + b; }
 inline double __dmul_rn(double a, double b) { return a * b; }
 inline uint64_t min(uint64_t a, uint64_t b) { return a < b ? a : b; }
+inline void __trap() { std::abort(); }
+// cuda_pipeline.h's asynchronous copies, done at once.
+inline void __pipeline_memcpy_async(void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }
+inline void __pipeline_commit() {}
+inline void __pipeline_wait_prior(size_t) {}
