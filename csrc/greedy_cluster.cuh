@@ -20,8 +20,9 @@
 //     alternate between two sets by step parity: a CTA stores step t + 2's keys only after the
 //     barrier of step t + 1, which every thread reaches after reading step t's.
 //  4. CTA 0 writes the output (greedy_select.cuh's write_output).
-// Every remote store precedes a cluster barrier that every CTA passes, so no CTA exits while
-// another can still write into its shared memory. Cosines use the same expression on the same
+// No remote store comes before a first cluster barrier (a CTA's shared memory may be written only
+// once the CTA runs), and every one precedes a cluster barrier that every CTA passes, so no CTA
+// exits while another can still write into its shared memory. Cosines use the same expression on the same
 // Gram entries G[j, i] as greedy_select, so both kernels make the same picks.
 #pragma once
 
@@ -123,6 +124,7 @@ __device__ void greedy_cluster_row(const GreedyParams& p, int ctas, int slice, f
   for (int i = tid; i < n; i += threads) token_norm_relevance(p, b, G, i, valid, norm + i, rel + i);
   __pipeline_wait_prior(0);
   __syncthreads();  // cols, norm[] and rel[] complete
+  cluster_sync();   // every CTA of the cluster running: only then may its shared memory be written
 
   const int i = lo + tid;
   const bool mine = tid < width && i < n;  // this thread's token, if it has one
