@@ -14,15 +14,18 @@
 //  1. core: each token counts the n keys below its own; a rank < k_core is pick `rank`, which
 //     its thread stores into `picks` of every CTA; one cluster barrier.
 //  2. s_i = max over the core of cos(i, c), or the isolation max_{j != i} cos(i, j), from cols.
-//  3. chain: per step every warp reduces its tokens' keys (shuffles), stores the result into
-//     slot (r, warp) of every CTA (lanes 0..ctas-1, one remote store each), one cluster barrier,
-//     and every warp reduces the ctas * warps slots itself: no block barrier in a step. Slots
-//     alternate between two sets by step parity: a CTA stores step t + 2's keys only after the
-//     barrier of step t + 1, which every thread reaches after reading step t's.
+//  3. chain: per step every warp reduces its tokens' keys (shuffles) and stores the result,
+//     tagged with the step, into slot (r, warp) of every CTA (lanes 0..ctas-1, one relaxed
+//     remote store each); then every warp polls its own CTA's ctas * warps slots until all
+//     carry this step's tag, and reduces them itself: no barrier of any kind in a step (see
+//     cluster.cuh for what a cluster barrier costs). Slots alternate between two sets by step
+//     parity: a warp stores step t + 2's key into a CTA only after it has read every warp's
+//     step t + 1 key, which each warp sends only after reading step t's slots.
 //  4. CTA 0 writes the output (greedy_select.cuh's write_output).
 // No remote store comes before a first cluster barrier (a CTA's shared memory may be written only
-// once the CTA runs), and every one precedes a cluster barrier that every CTA passes, so no CTA
-// exits while another can still write into its shared memory. Cosines use the same expression on the same
+// once the CTA runs), and a CTA exits only after it has received every message sent to it (the
+// core's picks before a cluster barrier, the chain's keys by polling), so no CTA exits while
+// another can still write into its shared memory. Cosines use the same expression on the same
 // Gram entries G[j, i] as greedy_select, so both kernels make the same picks.
 #pragma once
 
@@ -40,6 +43,16 @@ namespace zspa {
 
 constexpr int kMaxClusterCtas = 16;   // the largest cluster sm_90 launches (non-portable above 8)
 constexpr int kMaxClusterSlots = 64;  // ctas * warps a CTA, one argmin key each
+constexpr int kSlotIndexBits = 11;    // a chain message: score bits, step, token index < 2^11
+constexpr uint64_t kSlotIndexMask = (uint64_t{1} << kSlotIndexBits) - 1;
+constexpr uint64_t kSlotStepMask = (uint64_t{1} << (32 - kSlotIndexBits)) - 1;
+constexpr uint64_t kNoMessage = ~uint64_t{0};  // its step field (all ones) matches no step < N
+
+// pack_key(score, i) with step t between the score and the index. Messages of one step order as
+// their keys do (the tag is equal), kNoKey included (all ones where the index was).
+__host__ __device__ inline uint64_t tag_key(uint64_t key, int t) {
+  return (key & ~uint64_t{0xffffffffu}) | (static_cast<uint64_t>(t) << kSlotIndexBits) | (key & kSlotIndexMask);
+}
 
 // Shared memory of one CTA: the Gram columns (slice * N floats), then the norms, the relevances
 // (reused as kept flags by CTA 0 at the end) and the picks, N words each. slice % 4 == 0 keeps
@@ -65,7 +78,8 @@ __host__ __device__ inline ClusterShape cluster_shape(int64_t N, size_t smem_lim
     if ((ctas - 1) * slice >= N) continue;  // the last CTA would hold no token
     const int64_t threads = (slice + 31) / 32 * 32;
     const size_t smem = cluster_smem_bytes(N, slice);
-    if (threads <= 1024 && ctas * (threads / 32) <= kMaxClusterSlots && smem + static_bytes <= smem_limit) {
+    if (threads <= 1024 && ctas * (threads / 32) <= kMaxClusterSlots && smem + static_bytes <= smem_limit &&
+        N <= static_cast<int64_t>(kSlotIndexMask)) {
       shape.ctas = ctas;
       shape.slice = static_cast<int>(slice);
       shape.threads = static_cast<int>(threads);
@@ -99,6 +113,15 @@ __device__ __forceinline__ void copy_gram_columns(float* cols, const float* G, i
 }
 
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900  // clusters: sm_90+ (and the CPU emulation)
+// This CTA's slot once it holds step t's message (polled).
+__device__ __forceinline__ uint64_t await_step(const uint64_t* slot, int t) {
+  uint64_t message;
+  do {
+    message = load_relaxed(slot);
+  } while (((message >> kSlotIndexBits) & kSlotStepMask) != static_cast<uint64_t>(t));
+  return message;
+}
+
 // One CTA's part of batch row p.row0 + blockIdx.x / ctas. `smem`: cluster_smem_bytes(N, slice),
 // 16-byte aligned; `slots`: 2 * kMaxClusterSlots keys; `warp_counts`: kMaxWarps ints.
 __device__ void greedy_cluster_row(const GreedyParams& p, int ctas, int slice, float* smem, uint64_t* slots,
@@ -122,6 +145,7 @@ __device__ void greedy_cluster_row(const GreedyParams& p, int ctas, int slice, f
 
   copy_gram_columns(cols, G, N, n, lo, width, slice);
   for (int i = tid; i < n; i += threads) token_norm_relevance(p, b, G, i, valid, norm + i, rel + i);
+  for (int q = tid; q < 2 * kMaxClusterSlots; q += threads) slots[q] = kNoMessage;
   __pipeline_wait_prior(0);
   __syncthreads();  // cols, norm[] and rel[] complete
   cluster_sync();   // every CTA of the cluster running: only then may its shared memory be written
@@ -167,11 +191,10 @@ __device__ void greedy_cluster_row(const GreedyParams& p, int ctas, int slice, f
   for (int t = k_core; t < k_b; ++t) {
     uint64_t* set = slots + (t & 1) * kMaxClusterSlots;
     const uint64_t key = warp_min(s != kTaken ? pack_key(s, i) : kNoKey);  // kTaken: taken, padded or not mine
-    if (lane < ctas) cluster_map(set, lane)[rank * warps + warp] = key;
-    cluster_sync();
-    uint64_t best = kNoKey;
-    for (int q = lane; q < slot_count; q += 32) best = min(best, set[q]);
-    const int j = key_index(warp_min(best));
+    if (lane < ctas) cluster_store_relaxed(set + rank * warps + warp, lane, tag_key(key, t));
+    uint64_t best = kNoMessage;
+    for (int q = lane; q < slot_count; q += 32) best = min(best, await_step(set + q, t));
+    const int j = static_cast<int>(warp_min(best) & kSlotIndexMask);
     if (tid == 0) picks[t] = j;
     if (s != kTaken) {
       if (i == j) {

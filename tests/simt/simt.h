@@ -13,6 +13,7 @@
 
 #define ZSPA_SIMT 1
 
+#include <atomic>
 #include <barrier>
 #include <cstddef>
 #include <cstdlib>
@@ -101,6 +102,17 @@ void run_block(unsigned x, unsigned y, int threads, Body body) {
     });
   }
   for (std::thread& thread : pool) thread.join();
+}
+
+// Relaxed 64-bit messages between blocks' shared memory; the load yields, so that a polling
+// thread leaves the CPU to the threads it waits for.
+inline void cluster_store_relaxed(uint64_t* shared, unsigned rank, uint64_t value) {
+  std::atomic_ref<uint64_t>(*cluster_map(shared, rank)).store(value, std::memory_order_relaxed);
+}
+
+inline uint64_t load_relaxed(const uint64_t* shared) {
+  std::this_thread::yield();
+  return std::atomic_ref<uint64_t>(*const_cast<uint64_t*>(shared)).load(std::memory_order_relaxed);
 }
 
 // Runs body() on every thread of the `shared.size()` blocks (first_block + rank, 0) of one
