@@ -14,8 +14,8 @@
 //             selected set; +inf (s) / -inf (r) marks taken and padded tokens;
 //   norm[i]   the clamped norm, or -1 for a token with a non-finite feature;
 //   picks[t]  the pick order.
-// Phases: 1. core: the k_core best r, on chip (ranks counted at once for small rows, else
-// k_core argmax steps); 2. s_i = max over the core of
+// Phases: 1. core: the k_core best r, on chip (ranks counted at once for small rows, a radix
+// select for long ones, else k_core argmax steps); 2. s_i = max over the core of
 // cos(i, c) (k_core independent Gram row reads), or with an empty core the isolation
 // max_{j != i} cos(i, j); 3. diversity: k_b - k_core dependent steps, each one argmin and
 // one Gram row read (4 N bytes, from L2 while the Gram fits there).
@@ -49,6 +49,7 @@ struct GreedyParams {
   bool max_relevance;
   bool pick_order;
   int rank_core_budget;       // the core by ranks where n·⌈n/threads⌉·warps <= k_core·this (0: never)
+  bool radix_core;            // else by a radix select where N >= kRadixMinTokens (false: serial argmins)
 };
 
 // The launcher's rank_core_budget. Counting ranks costs each thread n compares per token it owns,
@@ -57,6 +58,16 @@ struct GreedyParams {
 // read). 512 keeps the ranks to where they should win by a margin: N <= ~700 at LLaVA's
 // k_core = 32, never at N = 2880 with 1024 threads. To be checked against a GPU profile.
 constexpr int kRankCoreBudget = 512;
+
+// Rows this long and longer may find a large core by a radix select (packed_key.cuh), whose
+// 256-bin histogram borrows picks[]. The H200 run (2026-11-30) at video size (N = 16384,
+// k_core = 819) spent ~10 us on each of the k_core serial argmax steps with their core rows.
+constexpr int kRadixMinTokens = 256;
+
+// Tokens a thread loads before it uses any of them, in the loops over Gram rows and columns:
+// the H200 run read a video row (64 KB from DRAM) in ~10 us a chain step, one latency after
+// another; a batch keeps kLoadBatch loads in flight a thread.
+constexpr int kLoadBatch = 8;
 
 // r_i = cos(v_i, prompt); norm_i = max(||v_i||, 1e-6) of a finite token.
 __device__ __forceinline__ float relevance(const GreedyParams& p, int b, int i, float norm_i, const bool* valid) {
@@ -105,13 +116,19 @@ __device__ __forceinline__ RowBudget row_budget(const GreedyParams& p, int b) {
   return r;
 }
 
-// Norm and relevance of token i < n, from the Gram diagonal (step 1-2): norm -1 and relevance
-// kNonFiniteRelevance for a token with a non-finite feature.
-__device__ __forceinline__ void token_norm_relevance(const GreedyParams& p, int b, const float* G, int i,
-                                                     const bool* valid, float* norm, float* rel) {
+// The norm of token i < n from the Gram diagonal, or -1 for a token with a non-finite feature.
+__device__ __forceinline__ float token_norm(const GreedyParams& p, int b, const float* G, int i) {
   const float* token_scale = p.token_scale ? p.token_scale + static_cast<int64_t>(b) * p.N : nullptr;
   const float norm_i = clamped_norm(G[static_cast<int64_t>(i) * p.N + i], token_scale ? token_scale[i] : 1.0f);
-  *norm = norm_i > 0.0f ? norm_i : -1.0f;
+  return norm_i > 0.0f ? norm_i : -1.0f;
+}
+
+// Norm and relevance of token i < n (step 1-2): relevance kNonFiniteRelevance for a token with
+// a non-finite feature.
+__device__ __forceinline__ void token_norm_relevance(const GreedyParams& p, int b, const float* G, int i,
+                                                     const bool* valid, float* norm, float* rel) {
+  const float norm_i = token_norm(p, b, G, i);
+  *norm = norm_i;
   *rel = norm_i > 0.0f ? relevance(p, b, i, norm_i, valid) : kNonFiniteRelevance;
 }
 
@@ -170,10 +187,13 @@ __device__ void greedy_select_row(const GreedyParams& p, float* smem, uint64_t* 
   // smallest keys pack_key(-r_i, i) in order. Keys are distinct (the index is in them), so the
   // token whose key has rank t is pick t, whichever way the ranks are found. Where it is cheap
   // (see kRankCoreBudget), every token counts the keys below its own at once (no barrier per
-  // pick); else k_core serial block argmins. -inf marks taken and padded tokens.
+  // pick); else, in rows of kRadixMinTokens or more, a radix select finds the k_core-th key and
+  // the core's tokens count the core keys below their own; else k_core serial block argmins.
+  // -inf marks taken and padded tokens.
   const int owned = (n + threads - 1) / threads;
-  if (k_core > 0 && static_cast<int64_t>(n) * owned * (threads / 32) <=
-                        static_cast<int64_t>(k_core) * p.rank_core_budget) {
+  const bool ranks = k_core > 0 && static_cast<int64_t>(n) * owned * (threads / 32) <=
+                                       static_cast<int64_t>(k_core) * p.rank_core_budget;
+  if (ranks) {
     __syncthreads();  // every score[] written: each thread reads them all
     for (int i = tid; i < n; i += threads) {
       const uint64_t key_i = pack_key(-score[i], i);
@@ -183,6 +203,28 @@ __device__ void greedy_select_row(const GreedyParams& p, float* smem, uint64_t* 
     }
     __syncthreads();  // every rank counted before any score is marked taken
     for (int t = tid; t < k_core; t += threads) score[picks[t]] = -INFINITY;
+  } else if (k_core > 1 && p.radix_core && N >= kRadixMinTokens) {
+    __syncthreads();  // every score[] written
+    auto key_of = [&](int i) { return pack_key(-score[i], i); };
+    const uint64_t last = block_kth_key(key_of, n, k_core, N, picks, slots);  // picks[0, 256): the histogram
+    // The core (keys <= last) into norm[] (as ints), in any order; then each one's rank among them.
+    int* unordered = reinterpret_cast<int*>(norm);
+    int* count = reinterpret_cast<int*>(slots + 2);  // slots[0, 2): block_kth_key's, read by now
+    if (tid == 0) *count = 0;
+    __syncthreads();
+    for (int i = tid; i < n; i += threads)
+      if (key_of(i) <= last) unordered[atomicAdd(count, 1)] = i;
+    __syncthreads();
+    for (int e = tid; e < k_core; e += threads) {
+      const int i = unordered[e];
+      const uint64_t key_i = key_of(i);
+      int rank = 0;
+      for (int c = 0; c < k_core; ++c) rank += key_of(unordered[c]) < key_i ? 1 : 0;
+      picks[rank] = i;
+    }
+    __syncthreads();  // every rank counted before any score is marked taken or norm rewritten
+    for (int t = tid; t < k_core; t += threads) score[picks[t]] = -INFINITY;
+    for (int i = tid; i < n; i += threads) norm[i] = token_norm(p, b, G, i);  // norm[] held the core
   } else {
     for (int t = 0; t < k_core; ++t) {
       uint64_t key = kNoKey;
@@ -201,16 +243,31 @@ __device__ void greedy_select_row(const GreedyParams& p, float* smem, uint64_t* 
     const float norm_i = norm[i];
     float s = -INFINITY;
     if (k_core > 0) {
-#pragma unroll 4
-      for (int c = 0; c < k_core; ++c) {
-        const int j = picks[c];
-        s = fmaxf(s, cosine(G + static_cast<int64_t>(j) * N, i, norm_i, norm[j]));
+      for (int c0 = 0; c0 < k_core; c0 += kLoadBatch) {  // core rows read in lockstep: coalesced over i
+        int rows[kLoadBatch];
+        float g[kLoadBatch];
+#pragma unroll
+        for (int u = 0; u < kLoadBatch; ++u) {
+          rows[u] = c0 + u < k_core ? picks[c0 + u] : -1;
+          g[u] = rows[u] >= 0 ? G[static_cast<int64_t>(rows[u]) * N + i] : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < kLoadBatch; ++u)
+          if (rows[u] >= 0) s = fmaxf(s, cosine_of(g[u], norm_i, norm[rows[u]]));
       }
     } else if (norm_i < 0.0f) {
       s = kNonFiniteSimilarity;
     } else {
-      for (int j = 0; j < n; ++j)  // rows j read in lockstep: coalesced over i
-        if (j != i && norm[j] >= 0.0f) s = fmaxf(s, cosine(G + static_cast<int64_t>(j) * N, i, norm_i, norm[j]));
+      for (int j0 = 0; j0 < n; j0 += kLoadBatch) {  // every row, in lockstep
+        float g[kLoadBatch];
+#pragma unroll
+        for (int u = 0; u < kLoadBatch; ++u) g[u] = j0 + u < n ? G[static_cast<int64_t>(j0 + u) * N + i] : 0.0f;
+#pragma unroll
+        for (int u = 0; u < kLoadBatch; ++u) {
+          const int j = j0 + u;
+          if (j < n && j != i && norm[j] >= 0.0f) s = fmaxf(s, cosine_of(g[u], norm_i, norm[j]));
+        }
+      }
     }
     score[i] = s;
   }
@@ -224,11 +281,18 @@ __device__ void greedy_select_row(const GreedyParams& p, float* smem, uint64_t* 
     if (tid == 0) picks[t] = j;
     const float norm_j = norm[j];
     const float* row = G + static_cast<int64_t>(j) * N;
-    for (int i = tid; i < n; i += threads) {
-      if (score[i] == kTaken) continue;
-      if (i == j) { score[i] = kTaken; continue; }
-      const float c = cosine(row, i, norm[i], norm_j);
-      score[i] = t == 0 ? c : fmaxf(score[i], c);  // t == 0: drop the isolation seed score
+    for (int i0 = tid; i0 < n; i0 += kLoadBatch * threads) {  // this thread's tokens, kLoadBatch at a time
+      float g[kLoadBatch];
+#pragma unroll
+      for (int u = 0; u < kLoadBatch; ++u) g[u] = i0 + u * threads < n ? row[i0 + u * threads] : 0.0f;
+#pragma unroll
+      for (int u = 0; u < kLoadBatch; ++u) {
+        const int i = i0 + u * threads;
+        if (i >= n || score[i] == kTaken) continue;
+        if (i == j) { score[i] = kTaken; continue; }
+        const float c = cosine_of(g[u], norm[i], norm_j);
+        score[i] = t == 0 ? c : fmaxf(score[i], c);  // t == 0: drop the isolation seed score
+      }
     }
   }
   __syncthreads();  // picks[] complete

@@ -1,4 +1,4 @@
-// Deterministic block-wide argmin on packed 64-bit (score, index) keys.
+// Deterministic block-wide argmin and k-th smallest on packed 64-bit (score, index) keys.
 //
 // The high 32 bits hold the score mapped to an unsigned integer with the same
 // order as the float, the low 32 bits the token index. The minimum key is then
@@ -50,6 +50,55 @@ __device__ __forceinline__ uint64_t block_min(uint64_t key, uint64_t* slots, int
   if (lane == 0) buf[warp] = key;
   __syncthreads();
   return warp_min(lane < warps ? buf[lane] : kNoKey);
+}
+
+// The k-th smallest (1 <= k <= count) of the distinct keys key_of(i), i < count, returned to
+// every thread: a radix select, one 8-bit digit a pass from the top, each pass a histogram of
+// the keys that match the digits found so far; index digits above `index_limit` - 1 are zero in
+// every key and skipped (4 score passes and 2 index passes for up to 65536 tokens). Barriers:
+// three a pass; k dependent argmins would take k. `hist`: 256 ints of shared memory, `found`: 2
+// keys of shared memory; blockDim.x a multiple of 32. Deterministic: counts do not depend on
+// the order of the atomics.
+template <typename KeyOf>
+__device__ uint64_t block_kth_key(KeyOf key_of, int count, int k, int index_limit, int* hist, uint64_t* found) {
+  const int tid = threadIdx.x, threads = blockDim.x, lane = tid & 31;
+  uint64_t prefix = 0, mask = 0;
+  int want = k;  // rank of the wanted key among the keys that match the prefix
+  for (int shift = 56; shift >= 0; shift -= 8) {
+    if (shift < 32 && (static_cast<uint64_t>(index_limit - 1) >> shift) == 0) continue;
+    for (int d = tid; d < 256; d += threads) hist[d] = 0;
+    __syncthreads();
+    for (int i = tid; i < count; i += threads) {
+      const uint64_t key = key_of(i);
+      if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255], 1);
+    }
+    __syncthreads();
+    if (tid < 32) {  // warp 0: lane l holds bins 8l..8l+7; the bin where the count reaches want
+      int bins[8], sum = 0;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) sum += (bins[e] = hist[8 * lane + e]);
+      int before = sum;  // inclusive prefix over lanes, then made exclusive
+#pragma unroll
+      for (int offset = 1; offset < 32; offset <<= 1) {
+        const int other = __shfl_up_sync(kFullWarp, before, offset);
+        if (lane >= offset) before += other;
+      }
+      before -= sum;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        if (before < want && want <= before + bins[e]) {  // exactly one bin of one lane
+          found[0] = static_cast<uint64_t>(8 * lane + e);
+          found[1] = static_cast<uint64_t>(want - before);
+        }
+        before += bins[e];
+      }
+    }
+    __syncthreads();
+    prefix |= found[0] << shift;
+    mask |= uint64_t{255} << shift;
+    want = static_cast<int>(found[1]);
+  }
+  return prefix;
 }
 
 }  // namespace zspa

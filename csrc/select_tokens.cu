@@ -256,6 +256,7 @@ at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt
   params.max_relevance = max_relevance;
   params.pick_order = pick_order;
   params.rank_core_budget = kRankCoreBudget;
+  params.radix_core = true;
 
   // The Gram workspace of one launch stays within gram_budget (spec.gram_budget(), shared
   // with the triton backend), at least one row per chunk.

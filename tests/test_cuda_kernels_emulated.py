@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import DTYPES, TOLERANCE, exact_tie_case, oracle_rows, random_case
+from helpers import DTYPES, TOLERANCE, Case, exact_tie_case, oracle_rows, random_case
 from fp64_oracle import oracle_order, replay
 
 from zspa_kernels import spec
@@ -31,10 +31,12 @@ from zspa_kernels.spec import SCALE_EXP_MAX, SCALE_EXP_MIN
 
 HERE = Path(__file__).parent
 THREADS = (32, 128)
-# greedy_select's core: 0 takes k_core serial argmins, ALWAYS_RANKS counts every token's rank at
-# once; the launcher's kRankCoreBudget (512) picks between them by the row's size.
-SERIAL_CORE, ALWAYS_RANKS, LAUNCHER = 0, 1 << 30, 512
-CORE_PATHS = {"serial-core": SERIAL_CORE, "rank-core": ALWAYS_RANKS}
+# greedy_select's core, as (rank_core_budget, radix_core): k_core serial argmins; every token's
+# rank counted at once; a radix select (rows of kRadixMinTokens = 256 or more, else serial); and
+# the launcher's choice by the row's size (kRankCoreBudget = 512, radix where ranks cost more).
+SERIAL_CORE, ALWAYS_RANKS, RADIX_CORE, LAUNCHER = (0, False), (1 << 30, False), (0, True), (512, True)
+CORE_PATHS = {"serial-core": SERIAL_CORE, "rank-core": ALWAYS_RANKS, "radix-core": RADIX_CORE}
+RADIX_MIN_TOKENS = 256
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +88,7 @@ def cluster_split(N, ctas):
         ctas -= 1
 
 
-def emulated_select(emulator, case, pick_order, threads, rank_core_budget=LAUNCHER, cluster=None):
+def emulated_select(emulator, case, pick_order, threads, core=LAUNCHER, cluster=None):
     """What the launcher does, with the GEMMs done here in fp64 and rounded to fp32. ``cluster``:
     run greedy_cluster.cuh on clusters of (at most) that many CTAs instead of greedy_select."""
     visual, prompt = case.visual, case.prompt if case.prompt.dim() == 3 else case.prompt.unsqueeze(1)
@@ -129,7 +131,7 @@ def emulated_select(emulator, case, pick_order, threads, rank_core_budget=LAUNCH
     emulator.emulate_greedy_select(_ptr(gram), _ptr(dots), _ptr(prompt_norm), _ptr(mask), _ptr(lengths),
                                    _ptr(token_scale), _ptr(out), B, N, T, case.k, ctypes.c_double(case.core_ratio),
                                    ctypes.c_bool(max_relevance), ctypes.c_bool(pick_order), threads,
-                                   2, rank_core_budget)  # Gram chunks of 2 rows
+                                   2, core[0], ctypes.c_bool(core[1]))  # Gram chunks of 2 rows
     return out
 
 
@@ -138,10 +140,10 @@ def test_random_cases_replay_against_fp64(emulator, seed):
     # Each seed also picks the dtype and the block size (CPU threads are slow to sync).
     # ... and the core's path: serial argmins, ranks, or the launcher's choice.
     dtype, threads = DTYPES[seed % len(DTYPES)], THREADS[seed % len(THREADS)]
-    budget = (SERIAL_CORE, ALWAYS_RANKS, LAUNCHER)[seed % 3]
+    core = (SERIAL_CORE, ALWAYS_RANKS, LAUNCHER)[seed % 3]
     case = random_case(seed, dtype)
-    order = emulated_select(emulator, case, pick_order=True, threads=threads, rank_core_budget=budget)
-    kept = emulated_select(emulator, case, pick_order=False, threads=threads, rank_core_budget=budget)
+    order = emulated_select(emulator, case, pick_order=True, threads=threads, core=core)
+    kept = emulated_select(emulator, case, pick_order=False, threads=threads, core=core)
     for b, row in oracle_rows(case):
         replay(row, order[b].tolist(), TOLERANCE["cuda"][dtype])
         assert kept[b].tolist() == sorted(order[b, : row.k_b].tolist()) + [-1] * (case.k - row.k_b), case.describe()
@@ -152,7 +154,7 @@ def test_random_cases_replay_against_fp64(emulator, seed):
 @pytest.mark.parametrize("seed", range(6))
 def test_exact_ties_go_to_lower_index(emulator, seed, threads, core):
     case = exact_tie_case(seed, torch.bfloat16)
-    order = emulated_select(emulator, case, pick_order=True, threads=threads, rank_core_budget=CORE_PATHS[core])
+    order = emulated_select(emulator, case, pick_order=True, threads=threads, core=CORE_PATHS[core])
     for b, row in oracle_rows(case):
         assert order[b].tolist() == oracle_order(row), case.describe()
 
@@ -210,8 +212,8 @@ def test_spec_rules_match_zspa_kernels_spec(emulator):
         expected = float(torch.exp2(-torch.frexp(x).exponent.clamp(SCALE_EXP_MIN, SCALE_EXP_MAX).float()))
         assert emulator.emulate_pow2_scale(ctypes.c_float(float(x))) == expected == float(expected_scales(x)), amax
     constants = [spec.NORM_EPS, spec.NONFINITE_RELEVANCE, spec.NONFINITE_SIMILARITY, SCALE_EXP_MIN, SCALE_EXP_MAX,
-                 LAUNCHER]
-    assert [emulator.emulate_constant(i) for i in range(6)] == [float(torch.tensor(c, dtype=torch.float32))
+                 LAUNCHER[0], RADIX_MIN_TOKENS]
+    assert [emulator.emulate_constant(i) for i in range(7)] == [float(torch.tensor(c, dtype=torch.float32))
                                                                  for c in constants]
 
 
@@ -267,9 +269,49 @@ def test_core_by_ranks_picks_what_serial_argmins_pick(emulator, threads):
     nonfinite.visual[:, 1, 0], nonfinite.visual[:, 4, 2] = float("nan"), float("inf")
     nonfinite.core_ratio = 1.0
     for case in cases + [full, nonfinite]:
-        serial = emulated_select(emulator, case, pick_order=True, threads=threads, rank_core_budget=SERIAL_CORE)
-        ranks = emulated_select(emulator, case, pick_order=True, threads=threads, rank_core_budget=ALWAYS_RANKS)
+        serial = emulated_select(emulator, case, pick_order=True, threads=threads, core=SERIAL_CORE)
+        ranks = emulated_select(emulator, case, pick_order=True, threads=threads, core=ALWAYS_RANKS)
         assert serial.tolist() == ranks.tolist(), case.describe()
+
+
+def long_case(seed, dtype=torch.float32):
+    """Rows of RADIX_MIN_TOKENS or more, where the launcher finds large cores by a radix select:
+    exact duplicates (ties of relevance that only the index breaks, so the select's index
+    passes decide), non-finite tokens, rows shortened by lengths (one to 5 tokens: the select
+    still runs over the padded row's budget), cores of 2 to 64 tokens, the whole row's when short."""
+    g = torch.Generator().manual_seed(seed)
+    B, N, D = 2, (256, 301, 300)[seed % 3], 12
+    if seed % 2:  # +-1 patterns: every cosine a multiple of 1/12, exact in any dtype
+        patterns = torch.randint(0, 2, (7, D), generator=g).float() * 2 - 1
+        visual = patterns[torch.randint(0, 7, (B, N), generator=g)]
+    else:
+        distinct = torch.randn(B, N // 3, D, generator=g)
+        visual = distinct[:, torch.randint(0, N // 3, (N,), generator=g)]
+        visual[1, 7, 3], visual[1, 40, 0] = float("nan"), float("inf")
+    prompt = torch.randn(B, 3, D, generator=g)
+    k, core_ratio = ((40, 0.5), (64, 1.0), (48, 0.25), (4, 0.5))[seed % 4]
+    lengths = torch.tensor([N, 5]) if seed % 3 == 1 else None
+    return Case(visual.to(dtype), prompt.to(dtype), k, core_ratio, lengths, None, "max")
+
+
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("seed", range(8))
+def test_core_by_radix_select_picks_what_serial_argmins_pick(emulator, seed, threads):
+    """The radix select (with its ranks among the core, and the norms it recomputes) against the
+    serial argmins on long rows, bit for bit, and the fp64 oracle's replay. Copies of random
+    vectors tie exactly in fp64 (cosine 1 to a kept twin) but not in fp32 across different
+    vectors, so there only ties between identical tokens must go to the lower index."""
+    # fp16 with "max" relevance: the launcher then runs no per-token scaling pass, whose emulation
+    # (a block of CPU threads per token) would cost seconds at this length; one case is fp32 "mean".
+    case = long_case(seed, torch.float16)
+    if seed == 0:
+        case.visual, case.prompt, case.relevance = case.visual.float(), case.prompt[:, 0].float(), "mean"
+    radix = emulated_select(emulator, case, pick_order=True, threads=threads, core=RADIX_CORE)
+    serial = emulated_select(emulator, case, pick_order=True, threads=threads, core=SERIAL_CORE)
+    assert radix.tolist() == serial.tolist(), case.describe()
+    for b, row in oracle_rows(case):
+        replay(row, radix[b].tolist(), TOLERANCE["cuda"][case.visual.dtype],
+               exact_ties="scores" if seed % 2 else "tokens")
 
 
 # greedy_cluster.cuh on clusters of (at most) these many CTAs: one CTA (no remote stores), and

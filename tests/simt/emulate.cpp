@@ -36,7 +36,7 @@ extern "C" float emulate_pow2_scale(float amax) { return zspa::pow2_scale(amax);
 extern "C" float emulate_constant(int which) {
   const float values[] = {zspa::kNormEps, zspa::kNonFiniteRelevance, zspa::kNonFiniteSimilarity,
                           static_cast<float>(zspa::kScaleExpMin), static_cast<float>(zspa::kScaleExpMax),
-                          static_cast<float>(zspa::kRankCoreBudget)};
+                          static_cast<float>(zspa::kRankCoreBudget), static_cast<float>(zspa::kRadixMinTokens)};
   return values[which];
 }
 
@@ -44,7 +44,8 @@ namespace {
 
 zspa::GreedyParams greedy_params(const float* dots, const float* prompt_norm, const bool* mask,
                                  const int64_t* lengths, const float* token_scale, int64_t* out, int N, int T, int k,
-                                 double core_ratio, bool max_relevance, bool pick_order, int rank_core_budget) {
+                                 double core_ratio, bool max_relevance, bool pick_order, int rank_core_budget,
+                                 bool radix_core) {
   zspa::GreedyParams p{};
   p.dots = dots;
   p.prompt_norm = prompt_norm;
@@ -59,6 +60,7 @@ zspa::GreedyParams greedy_params(const float* dots, const float* prompt_norm, co
   p.max_relevance = max_relevance;
   p.pick_order = pick_order;
   p.rank_core_budget = rank_core_budget;
+  p.radix_core = radix_core;
   return p;
 }
 
@@ -68,9 +70,9 @@ extern "C" void emulate_greedy_select(const float* gram, const float* dots, cons
                                       const bool* mask, const int64_t* lengths, const float* token_scale,
                                       int64_t* out, int B, int N, int T,
                                       int k, double core_ratio, bool max_relevance, bool pick_order, int threads,
-                                      int rows_per_chunk, int rank_core_budget) {
+                                      int rows_per_chunk, int rank_core_budget, bool radix_core) {
   zspa::GreedyParams p = greedy_params(dots, prompt_norm, mask, lengths, token_scale, out, N, T, k, core_ratio,
-                                       max_relevance, pick_order, rank_core_budget);
+                                       max_relevance, pick_order, rank_core_budget, radix_core);
   // Launches over chunks of `rows_per_chunk` rows, as the launcher bounds its Gram workspace.
   for (int row0 = 0; row0 < B; row0 += rows_per_chunk) {
     p.gram = gram + static_cast<int64_t>(row0) * N * N;
@@ -93,7 +95,7 @@ extern "C" void emulate_greedy_cluster(const float* gram, const float* dots, con
                                        bool max_relevance, bool pick_order, int ctas, int slice, int threads,
                                        int rows_per_chunk) {
   zspa::GreedyParams p = greedy_params(dots, prompt_norm, mask, lengths, token_scale, out, N, T, k, core_ratio,
-                                       max_relevance, pick_order, 0);
+                                       max_relevance, pick_order, 0, false);
   const size_t dynamic = (zspa::cluster_smem_bytes(N, slice) + 15) / 16 * 16;  // the slots 8-byte aligned
   const size_t slots_bytes = 2 * zspa::kMaxClusterSlots * sizeof(uint64_t);
   const size_t bytes = dynamic + slots_bytes + zspa::kMaxWarps * sizeof(int);

@@ -160,6 +160,19 @@ T __shfl_xor_sync(unsigned /*mask*/, T value, int lane_mask) {
   return value;
 }
 
+template <typename T>
+T __shfl_up_sync(unsigned /*mask*/, T value, unsigned delta) {
+  static_assert(sizeof(T) <= sizeof(uint64_t));
+  const int lane = static_cast<int>(simt::thread_idx.x & 31);
+  uint64_t bits = 0;
+  std::memcpy(&bits, &value, sizeof(T));
+  bits = simt::warp_exchange(bits, lane >= static_cast<int>(delta) ? lane - static_cast<int>(delta) : lane);
+  std::memcpy(&value, &bits, sizeof(T));
+  return value;
+}
+
+inline int atomicAdd(int* address, int value) { return std::atomic_ref<int>(*address).fetch_add(value); }
+
 inline unsigned __ballot_sync(unsigned /*mask*/, bool predicate) {
   unsigned ballot = 0;
   for (int lane = 0; lane < 32; ++lane)
