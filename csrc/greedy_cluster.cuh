@@ -113,11 +113,17 @@ __device__ __forceinline__ void copy_gram_columns(float* cols, const float* G, i
 }
 
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900  // clusters: sm_90+ (and the CPU emulation)
-// This CTA's slot once it holds step t's message (polled).
+// This CTA's slot once it holds step t's message (polled). A message arrives within
+// microseconds; one that has not after kMaxPolls polls (about a second) means a broken
+// exchange, which traps (a launch error the caller sees) rather than hang the GPU.
+constexpr int64_t kMaxPolls = int64_t{1} << 25;
+
 __device__ __forceinline__ uint64_t await_step(const uint64_t* slot, int t) {
   uint64_t message;
+  int64_t polls = 0;
   do {
     message = load_relaxed(slot);
+    if (++polls > kMaxPolls) __trap();
   } while (((message >> kSlotIndexBits) & kSlotStepMask) != static_cast<uint64_t>(t));
   return message;
 }
