@@ -9,8 +9,9 @@ selection chunks, the streaming path (``ZSPA_GRAM_BUDGET=0``), batch groups, the
 seed (core ratio 0), lengths, prompt masks, ``max`` relevance, both output forms, fp32, fp16
 and bf16; for ``cuda`` also a row whose state needs more than 48 KB of shared memory, both
 greedy kernels (``ZSPA_CUDA_GREEDY``: on sm_90 ``auto`` takes the cluster kernel for every row
-of up to ~950 tokens, so the small cases are forced onto the block kernel too), and clusters of
-6, 7 (4-byte copies) and 15 CTAs. Each
+of up to ~950 tokens, so the small cases are forced onto the block kernel too), clusters of
+6, 7 (4-byte copies) and 15 CTAs, a radix-selected core, and the split Gram (``ZSPA_CUDA_GRAM``)
+on both kernels. Each
 result is checked for what any valid selection satisfies (indices in the row, no repeats,
 ``-1`` only after the row's budget), so a launch that silently wrote nothing fails here too;
 agreement with the fp64 oracle is the test suite's job. Run without a sanitizer it is a
@@ -27,7 +28,7 @@ import torch
 
 import zspa_kernels  # noqa: F401  (registers the op)
 from zspa_kernels import benchmark as hb
-from zspa_kernels.spec import CUDA_GREEDY_ENV, GRAM_BUDGET_ENV
+from zspa_kernels.spec import CUDA_GRAM_ENV, CUDA_GREEDY_ENV, GRAM_BUDGET_ENV
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Case:
     pick_order: bool = True
     gram_budget: str = ""     # ZSPA_GRAM_BUDGET for this case ("" = default)
     greedy: str = ""          # ZSPA_CUDA_GREEDY for this case ("" = auto)
+    gram: str = ""            # ZSPA_CUDA_GRAM for this case ("" = auto)
 
 
 CASES = (
@@ -57,13 +59,15 @@ CASES = (
     Case(4, 96, 32, 16, gram_budget=str(4 * 96 * 96)),               # one row per launch group
 )
 CUDA_CASES = (
-    Case(1, 1500, 32, 50),                      # 1024 threads, some own two tokens
+    Case(1, 1500, 32, 50),                      # 1024 threads, some own two tokens; a radix-selected core
+    Case(2, 1100, 24, 300, lengths=True, gram="split"),  # the split Gram on the block kernel
     Case(1, 4096, 16, 24),                      # 48 KiB of dynamic shared state plus the static arrays
     Case(1, 4500, 16, 24, core_ratio=0.25),     # 54 KB of shared state: the opt-in limit
     Case(3, 131, 40, 17, core_ratio=0.0, lengths=True, greedy="block"),   # the block kernel on small rows
     Case(2, 97, 33, 20, dtype=torch.float32, pick_order=False, greedy="block"),
     Case(2, 576, 32, 48),                                                  # clusters of 6 CTAs
     Case(2, 577, 24, 40, core_ratio=0.0, lengths=True, pick_order=False),  # 7 CTAs, 4-byte copies
+    Case(2, 576, 32, 48, gram="split"),                                    # the split Gram, 16-byte copies
     Case(1, 900, 16, 40, T=3, relevance="max"),                           # 15 CTAs (non-portable size)
 )
 
@@ -99,11 +103,12 @@ def run(backend: str, device: torch.device, cases=None, progress=print) -> int:
     """Run and check every case (``CASES``, plus ``CUDA_CASES`` for ``cuda``); the count run."""
     if cases is None:
         cases = CASES + (CUDA_CASES if backend == "cuda" else ())
-    saved = {name: os.environ.get(name) for name in (GRAM_BUDGET_ENV, CUDA_GREEDY_ENV)}
+    saved = {name: os.environ.get(name) for name in (GRAM_BUDGET_ENV, CUDA_GREEDY_ENV, CUDA_GRAM_ENV)}
     try:
         for seed, case in enumerate(cases):
             os.environ[GRAM_BUDGET_ENV] = case.gram_budget
             os.environ[CUDA_GREEDY_ENV] = case.greedy
+            os.environ[CUDA_GRAM_ENV] = case.gram
             visual, prompt, lengths, mask = make(case, device, seed)
             out = torch.ops.zspa.select_tokens(visual, prompt, case.k, case.core_ratio, lengths, mask,
                                                case.relevance, backend, case.pick_order)

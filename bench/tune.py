@@ -15,7 +15,10 @@ The cuda backend's two greedy kernels (``ZSPA_CUDA_GREEDY``: ``block``, greedy_s
 CTA a row reading Gram rows from L2; ``cluster``, greedy_cluster.cuh, the Gram on chip over a
 thread-block cluster) and what ``auto`` chooses, at B = 1, 32 and 64: the two kernels read the
 same Gram entries in the same expression, so their picks must be identical; B = 64 tests the
-launcher's rule that many rows favour one CTA a row.
+launcher's rule that many rows favour one CTA a row. Then the Gram whole or split
+(``ZSPA_CUDA_GRAM``: ``full``, ``split``), whose picks may differ from the whole Gram's only at
+near-ties (its lower-left block comes from another GEMM); auto splits at B = 32 and 64 and at
+video size (N = 16384, where the cluster kernel does not apply: its failure is recorded), not at 1.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ import torch
 
 from zspa_kernels import benchmark as hb
 from zspa_kernels.dispatch import available_backends
-from zspa_kernels.spec import CUDA_GREEDY_ENV, CUDA_GREEDY_PATHS
+from zspa_kernels.spec import CUDA_GRAM_ENV, CUDA_GREEDY_ENV
 
 SHAPES = ("llava-1.5", "llava-1.5-b32")
 KEEP = 64
@@ -38,7 +41,7 @@ KEEP = 64
 # compile for sm_90 without spills under Triton 3.6 ("mean").
 VARIANTS = ({}, {"block_d": 64}, {"block_d": 128}, {"block_rows": 32, "block_d_stats": 128},
             {"block_rows": 16, "block_d_stats": 256})
-GREEDY_SHAPES = SHAPES + ("llava-1.5-b64",)
+CUDA_SHAPES = SHAPES + ("llava-1.5-b64", "video")
 
 
 def run(device: torch.device, shapes=None, progress=print) -> list[dict]:
@@ -78,27 +81,31 @@ def _shape(label: str) -> hb.Shape:
     return next(s for s in hb.SPEC_SHAPES if s.label == label)
 
 
-def run_cuda_greedy(device: torch.device, progress=print) -> list[dict]:
-    """One record per shape and ``ZSPA_CUDA_GREEDY`` path; picks compared with ``block``'s."""
+def run_cuda_paths(device: torch.device, progress=print) -> list[dict]:
+    """One record per shape and cuda path (``ZSPA_CUDA_GREEDY``, ``ZSPA_CUDA_GRAM``; the other
+    one ``auto``); picks compared with the first's (block greedy kernel)."""
     if "cuda" not in available_backends(device):
-        progress("cuda greedy kernels: the cuda backend is not available here")
+        progress("cuda paths: the cuda backend is not available here")
         return []
     op = torch.ops.zspa.select_tokens
-    saved = os.environ.get(CUDA_GREEDY_ENV)
+    saved = {name: os.environ.get(name) for name in (CUDA_GREEDY_ENV, CUDA_GRAM_ENV)}
     records = []
     try:
-        for label in GREEDY_SHAPES:
+        for label in CUDA_SHAPES:
             shape = _shape(label)
             visual, prompt = hb.make_inputs(shape, torch.bfloat16, device)
             expected = None
-            for path in ("block",) + tuple(p for p in CUDA_GREEDY_PATHS if p != "block"):
-                os.environ[CUDA_GREEDY_ENV] = path
+            variants = [{CUDA_GREEDY_ENV: "block"}, {CUDA_GREEDY_ENV: "cluster"}, {CUDA_GREEDY_ENV: "auto"},
+                        {CUDA_GRAM_ENV: "full"}, {CUDA_GRAM_ENV: "split"}]
+            for variant in variants:
+                for name in (CUDA_GREEDY_ENV, CUDA_GRAM_ENV):
+                    os.environ[name] = variant.get(name, "auto")
 
                 def call():
                     return op(visual, prompt, KEEP, hb.CORE_RATIO, None, None, "mean", "cuda", True)
 
                 record = {"shape": label, "B": shape.B, "N": shape.N, "D": shape.D, "k": KEEP,
-                          "variant": {"cuda_greedy": path}}
+                          "variant": {name.removeprefix("ZSPA_CUDA_").lower(): value for name, value in variant.items()}}
                 try:
                     order = call()
                 except RuntimeError as exc:  # recorded, so that one failing path leaves the others timed
@@ -113,10 +120,11 @@ def run_cuda_greedy(device: torch.device, progress=print) -> list[dict]:
                 progress(f"{label:<15}{json.dumps(record['variant']):<28}{record['median_us']:>10.1f} µs"
                          f"   picks as block in {record['rows_with_default_picks']}/{shape.B} rows")
     finally:
-        if saved is None:
-            os.environ.pop(CUDA_GREEDY_ENV, None)
-        else:
-            os.environ[CUDA_GREEDY_ENV] = saved
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     return records
 
 
@@ -126,7 +134,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = hb.require_cuda("bench.tune")
     progress = lambda line: print(line, flush=True)  # noqa: E731
-    records = run_cuda_greedy(device, progress=progress) + run(device, progress=progress)
+    records = run_cuda_paths(device, progress=progress) + run(device, progress=progress)
     if args.out:
         hb.save_records(args.out, device, records)
     return 0

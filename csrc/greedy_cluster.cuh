@@ -32,6 +32,7 @@
 #include <cstdint>
 
 #include "cluster.cuh"
+#include "gram_view.cuh"
 #include "greedy_select.cuh"
 #include "packed_key.cuh"
 
@@ -90,23 +91,23 @@ __host__ __device__ inline ClusterShape cluster_shape(int64_t N, size_t smem_lim
   return shape;
 }
 
-// Rows j < n of this CTA's Gram columns into cols, asynchronously (the caller waits): 16-byte
-// copies when every row's column block is 16-byte aligned (N and slice multiples of 4, so
-// `width` is one too), else 4-byte ones. The copy units are spread over all threads.
-__device__ __forceinline__ void copy_gram_columns(float* cols, const float* G, int N, int n, int lo, int width,
+// Rows j < n of this CTA's Gram columns into cols, asynchronously (the caller waits): a
+// 16-byte copy for each 4 columns that are consecutive and aligned in the Gram's storage (N, h
+// and slice multiples of 4; in a split Gram the lower-left block is read transposed, a column
+// at a time), else 4-byte copies. The copy units are spread over all threads.
+__device__ __forceinline__ void copy_gram_columns(float* cols, const GramView& G, int n, int lo, int width,
                                                   int slice) {
-  const bool wide = N % 4 == 0 && slice % 4 == 0;
-  const int unit = wide ? 4 : 1;  // floats a copy
+  const bool wide = G.N % 4 == 0 && G.h % 4 == 0 && slice % 4 == 0;
+  const int unit = wide ? 4 : 1;  // columns a copy unit
   const int per_row = (width + unit - 1) / unit;
   const int total = n * per_row;
   for (int u = threadIdx.x; u < total; u += blockDim.x) {
     const int j = u / per_row, q = (u - j * per_row) * unit;
     float* dst = cols + static_cast<int64_t>(j) * slice + q;
-    const float* src = G + static_cast<int64_t>(j) * N + lo + q;
-    if (wide) {
-      __pipeline_memcpy_async(dst, src, 16);
+    if (wide && G.contiguous_from(j, lo + q)) {
+      __pipeline_memcpy_async(dst, G.ptr(j, lo + q), 16);
     } else {
-      __pipeline_memcpy_async(dst, src, 4);
+      for (int e = 0; e < unit; ++e) __pipeline_memcpy_async(dst + e, G.ptr(j, lo + q + e), 4);
     }
   }
   __pipeline_commit();
@@ -137,7 +138,7 @@ __device__ void greedy_cluster_row(const GreedyParams& p, int ctas, int slice, f
   const int rank = static_cast<int>(cluster_rank());
   const int row = static_cast<int>(blockIdx.x) / ctas;
   const int b = p.row0 + row;
-  const float* G = p.gram + static_cast<int64_t>(row) * N * N;
+  const GramView G = gram_view(p, row);
   const bool* valid = p.prompt_mask ? p.prompt_mask + static_cast<int64_t>(b) * p.T : nullptr;
   const RowBudget budget = row_budget(p, b);
   const int n = budget.n, k_b = budget.k_b, k_core = budget.k_core;
@@ -149,7 +150,7 @@ __device__ void greedy_cluster_row(const GreedyParams& p, int ctas, int slice, f
   const int lo = rank * slice;
   const int width = lo < N ? (N - lo < slice ? N - lo : slice) : 0;
 
-  copy_gram_columns(cols, G, N, n, lo, width, slice);
+  copy_gram_columns(cols, G, n, lo, width, slice);
   for (int i = tid; i < n; i += threads) token_norm_relevance(p, b, G, i, valid, norm + i, rel + i);
   for (int q = tid; q < 2 * kMaxClusterSlots; q += threads) slots[q] = kNoMessage;
   __pipeline_wait_prior(0);

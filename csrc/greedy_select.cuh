@@ -2,7 +2,8 @@
 //
 // Inputs, all fp32, computed by the launcher from the tokens scaled by their power-of-two
 // token_scale (spec.cuh; exact, so that no square overflows; null for fp16, which cannot):
-//   G[i, j] = v_i . v_j   (the row's N x N Gram, cuBLAS; its diagonal gives the norms),
+//   G[i, j] = v_i . v_j   (the row's N x N Gram, cuBLAS, whole or split: gram_view.cuh; its
+//                          diagonal gives the norms),
 //   relevance dots: v_i . pooled ("mean", scale_rows.cuh) or v_i . p_t ("max", cuBLAS),
 //   and the prompt norms of prompt_stats.cuh.
 // Cosines are G[j, i] / (norm_i * norm_j), norm_i = max(||v_i||, 1e-6 * scale_i): the
@@ -27,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "gram_view.cuh"
 #include "packed_key.cuh"
 #include "prompt_stats.cuh"
 #include "spec.cuh"
@@ -36,7 +38,9 @@ namespace zspa {
 constexpr float kTaken = INFINITY;            // score of a taken or padded token (phase 2-3)
 
 struct GreedyParams {
-  const float* gram;          // (rows, N, N), rows of this launch only
+  const float* gram_top;      // (rows, h, N): the Gram's rows [0, h) (gram_view.cuh), rows of this launch only
+  const float* gram_corner;   // (rows, N - h, N - h): its rows and columns [h, N); null when h == N
+  int gram_split;             // h: N for a whole Gram
   const float* dots;          // (B, N) for "mean", (B, N, T) for "max"
   const float* prompt_norm;   // (B, T); for "mean" only [b, 0], the pooled norm
   const bool* prompt_mask;    // (B, T) or null
@@ -102,6 +106,17 @@ __device__ __forceinline__ float cosine(const float* gram_row_j, int i, float no
   return cosine_of(gram_row_j[i], norm_i, norm_j);
 }
 
+// The Gram of row `row` of this launch.
+__device__ __forceinline__ GramView gram_view(const GreedyParams& p, int row) {
+  const int N = p.N, h = p.gram_split;
+  GramView view;
+  view.top = p.gram_top + static_cast<int64_t>(row) * h * N;
+  view.corner = p.gram_corner ? p.gram_corner + static_cast<int64_t>(row) * (N - h) * (N - h) : nullptr;
+  view.N = N;
+  view.h = h;
+  return view;
+}
+
 // The budgets of batch row b: n valid tokens (lengths clamped to [1, N]), k_b, k_core.
 struct RowBudget {
   int n, k_b, k_core;
@@ -117,15 +132,15 @@ __device__ __forceinline__ RowBudget row_budget(const GreedyParams& p, int b) {
 }
 
 // The norm of token i < n from the Gram diagonal, or -1 for a token with a non-finite feature.
-__device__ __forceinline__ float token_norm(const GreedyParams& p, int b, const float* G, int i) {
+__device__ __forceinline__ float token_norm(const GreedyParams& p, int b, const GramView& G, int i) {
   const float* token_scale = p.token_scale ? p.token_scale + static_cast<int64_t>(b) * p.N : nullptr;
-  const float norm_i = clamped_norm(G[static_cast<int64_t>(i) * p.N + i], token_scale ? token_scale[i] : 1.0f);
+  const float norm_i = clamped_norm(G.at(i, i), token_scale ? token_scale[i] : 1.0f);
   return norm_i > 0.0f ? norm_i : -1.0f;
 }
 
 // Norm and relevance of token i < n (step 1-2): relevance kNonFiniteRelevance for a token with
 // a non-finite feature.
-__device__ __forceinline__ void token_norm_relevance(const GreedyParams& p, int b, const float* G, int i,
+__device__ __forceinline__ void token_norm_relevance(const GreedyParams& p, int b, const GramView& G, int i,
                                                      const bool* valid, float* norm, float* rel) {
   const float norm_i = token_norm(p, b, G, i);
   *norm = norm_i;
@@ -172,7 +187,7 @@ __device__ void greedy_select_row(const GreedyParams& p, float* smem, uint64_t* 
 
   const int b = p.row0 + blockIdx.x;
   const int N = p.N, tid = threadIdx.x, threads = blockDim.x;
-  const float* G = p.gram + static_cast<int64_t>(blockIdx.x) * N * N;
+  const GramView G = gram_view(p, blockIdx.x);
   const bool* valid = p.prompt_mask ? p.prompt_mask + static_cast<int64_t>(b) * p.T : nullptr;
   const RowBudget budget = row_budget(p, b);
   const int n = budget.n, k_b = budget.k_b, k_core = budget.k_core;
@@ -249,7 +264,7 @@ __device__ void greedy_select_row(const GreedyParams& p, float* smem, uint64_t* 
 #pragma unroll
         for (int u = 0; u < kLoadBatch; ++u) {
           rows[u] = c0 + u < k_core ? picks[c0 + u] : -1;
-          g[u] = rows[u] >= 0 ? G[static_cast<int64_t>(rows[u]) * N + i] : 0.0f;
+          g[u] = rows[u] >= 0 ? G.at(rows[u], i) : 0.0f;
         }
 #pragma unroll
         for (int u = 0; u < kLoadBatch; ++u)
@@ -261,7 +276,7 @@ __device__ void greedy_select_row(const GreedyParams& p, float* smem, uint64_t* 
       for (int j0 = 0; j0 < n; j0 += kLoadBatch) {  // every row, in lockstep
         float g[kLoadBatch];
 #pragma unroll
-        for (int u = 0; u < kLoadBatch; ++u) g[u] = j0 + u < n ? G[static_cast<int64_t>(j0 + u) * N + i] : 0.0f;
+        for (int u = 0; u < kLoadBatch; ++u) g[u] = j0 + u < n ? G.at(j0 + u, i) : 0.0f;
 #pragma unroll
         for (int u = 0; u < kLoadBatch; ++u) {
           const int j = j0 + u;
@@ -280,11 +295,10 @@ __device__ void greedy_select_row(const GreedyParams& p, float* smem, uint64_t* 
     const int j = key_index(block_min(key, slots, t & 1));
     if (tid == 0) picks[t] = j;
     const float norm_j = norm[j];
-    const float* row = G + static_cast<int64_t>(j) * N;
     for (int i0 = tid; i0 < n; i0 += kLoadBatch * threads) {  // this thread's tokens, kLoadBatch at a time
       float g[kLoadBatch];
 #pragma unroll
-      for (int u = 0; u < kLoadBatch; ++u) g[u] = i0 + u * threads < n ? row[i0 + u * threads] : 0.0f;
+      for (int u = 0; u < kLoadBatch; ++u) g[u] = i0 + u * threads < n ? G.at(j, i0 + u * threads) : 0.0f;
 #pragma unroll
       for (int u = 0; u < kLoadBatch; ++u) {
         const int i = i0 + u * threads;

@@ -131,6 +131,24 @@ GreedyLaunch greedy_launch(int64_t N, int64_t rows, c10::string_view mode) {
   return launch;
 }
 
+// Where a launch's Gram is split (gram_view.cuh): h = N (whole) below kSplitGramMacs
+// multiply-adds, where one GEMM is latency-bound and two would add a launch's latency (LLaVA-1.5
+// at B=1: 1.4 G); at and above it (LLaVA-1.5 at B=8: 11 G; B=32: 44 G; LLaVA-NeXT, Qwen2.5-VL
+// high-res, video: 34, 60, 962 G) h = N/2 rounded down to a multiple of 4 (16-byte rows for the
+// cluster kernel's copies), and the GEMMs do 3/4 of the work: the H200 run's B=32 Gram took
+// 137 us at 640 TFLOP/s, near cuBLAS's ceiling, so only less work makes it faster. `mode` is
+// ZSPA_CUDA_GRAM (spec.py): "auto" this rule, "full" or "split" forced (split needs N >= 8).
+constexpr int64_t kSplitGramMacs = int64_t{1} << 33;
+
+int64_t gram_split(int64_t rows, int64_t N, int64_t D, c10::string_view mode) {
+  TORCH_CHECK(mode == "auto" || mode == "full" || mode == "split",
+              "ZSPA_CUDA_GRAM: expected 'auto', 'full' or 'split', got '", mode, "'");
+  const int64_t half = N / 2 / 4 * 4;
+  const bool split = mode == "split" || (mode == "auto" && rows * N * N * D >= kSplitGramMacs);
+  if (!split || half == 0) return N;
+  return half;
+}
+
 // One launch of scale_rows.cuh over x (B, L, D), contiguous: {x scaled row by row, (B, L) fp32
 // scales} when `scale` (bf16/fp32; fp16 is never scaled: its squares cannot overflow fp32, and
 // scaling fp16 values down could round the small ones), and with `pooled` (B, D) the (B, L) fp32
@@ -164,7 +182,8 @@ RowPass scale_rows(const at::Tensor& x, bool scale, const at::Tensor& pooled, cu
 at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt, int64_t k,
                               double core_ratio, const std::optional<at::Tensor>& lengths,
                               const std::optional<at::Tensor>& prompt_mask, c10::string_view relevance,
-                              bool pick_order, int64_t gram_budget, c10::string_view greedy) {
+                              bool pick_order, int64_t gram_budget, c10::string_view greedy,
+                              c10::string_view gram) {
   // The Python op validates every argument with clear messages; these guard direct callers.
   TORCH_CHECK(visual.is_cuda() && visual.dim() == 3, "visual: expected a CUDA tensor (B, N, D)");
   TORCH_CHECK(prompt.device() == visual.device() && (prompt.dim() == 2 || prompt.dim() == 3),
@@ -264,8 +283,18 @@ at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt
   for (int64_t row0 = 0; row0 < B; row0 += rows_per_chunk) {
     const int64_t rows = std::min(rows_per_chunk, B - row0);
     const at::Tensor chunk = V.narrow(0, row0, rows);
-    const at::Tensor gram = fp32_bmm(chunk, chunk.transpose(1, 2));  // (rows, N, N)
-    params.gram = gram.data_ptr<float>();
+    const int64_t h = gram_split(rows, N, D, gram);
+    // The top rows (rows, h, N), and for a split Gram the bottom-right block (rows, N - h, N - h)
+    // (gram_view.cuh): strided views of the tokens, no copies.
+    const at::Tensor top = fp32_bmm(chunk.narrow(1, 0, h), chunk.transpose(1, 2));
+    at::Tensor corner;
+    if (h < N) {
+      const at::Tensor bottom = chunk.narrow(1, h, N - h);
+      corner = fp32_bmm(bottom, bottom.transpose(1, 2));
+    }
+    params.gram_top = top.data_ptr<float>();
+    params.gram_corner = corner.defined() ? corner.data_ptr<float>() : nullptr;
+    params.gram_split = static_cast<int>(h);
     params.row0 = static_cast<int>(row0);
     const GreedyLaunch launch = greedy_launch(N, rows, greedy);
     if (launch.shape.ctas > 0) {

@@ -152,3 +152,25 @@ def test_cluster_kernel_refuses_rows_no_cluster_holds(monkeypatch):
         _select(visual, prompt, 16)
     monkeypatch.setenv("ZSPA_CUDA_GREEDY", "auto")
     assert _select(visual, prompt, 16).shape == (1, 16)  # auto: the block kernel
+
+
+@pytest.mark.parametrize("greedy", ["block", "cluster"])
+def test_split_gram_replays_against_fp64(monkeypatch, greedy):
+    """The Gram as top rows and bottom-right block (ZSPA_CUDA_GRAM=split; auto splits only large
+    launches) on both greedy kernels: odd and even N, lengths, the isolation seed, against fp64.
+    Not bit for bit against the whole Gram: its lower-left block comes from another GEMM."""
+    if greedy == "cluster" and not _cluster_gpu():
+        pytest.skip("thread-block clusters need sm_90")
+    from fp64_oracle import Row, replay
+    from helpers import TOLERANCE
+
+    monkeypatch.setenv("ZSPA_CUDA_GRAM", "split")
+    monkeypatch.setenv("ZSPA_CUDA_GREEDY", greedy)
+    for n_tokens, alpha in ((577, 0.5), (576, 0.0), (300, 0.25)):
+        visual, prompt = _inputs(2, n_tokens, 64, T=3, seed=n_tokens)
+        lengths = torch.tensor([n_tokens, n_tokens - 37], device="cuda")
+        order = _select(visual, prompt, 60, core_ratio=alpha, lengths=lengths).cpu()
+        for b in range(2):
+            row = Row(visual[b].float().cpu().numpy(), prompt[b].float().cpu().numpy(), None, int(lengths[b]), 60,
+                      alpha, "mean")
+            replay(row, order[b].tolist(), TOLERANCE["cuda"][torch.bfloat16])

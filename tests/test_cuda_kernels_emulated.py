@@ -88,9 +88,20 @@ def cluster_split(N, ctas):
         ctas -= 1
 
 
-def emulated_select(emulator, case, pick_order, threads, core=LAUNCHER, cluster=None):
+def split_gram(gram, split):
+    """The launcher's Gram operands (gram_view.cuh): ``(top, corner, h)``, whole (h = N, no
+    corner) or split at h = N/2 rounded down to a multiple of 4 (whole below N = 8)."""
+    N = gram.shape[-1]
+    h = N // 2 // 4 * 4 if split else 0
+    if h == 0:
+        return gram, None, N
+    return np.ascontiguousarray(gram[:, :h]), np.ascontiguousarray(gram[:, h:, h:]), h
+
+
+def emulated_select(emulator, case, pick_order, threads, core=LAUNCHER, cluster=None, split=False):
     """What the launcher does, with the GEMMs done here in fp64 and rounded to fp32. ``cluster``:
-    run greedy_cluster.cuh on clusters of (at most) that many CTAs instead of greedy_select."""
+    run greedy_cluster.cuh on clusters of (at most) that many CTAs instead of greedy_select;
+    ``split``: the Gram as its top rows and bottom-right block."""
     visual, prompt = case.visual, case.prompt if case.prompt.dim() == 3 else case.prompt.unsqueeze(1)
     scale = visual.dtype != torch.float16  # the launcher scales bf16/fp32 tokens (and "max" prompts)
     max_relevance = case.relevance == "max"
@@ -121,14 +132,15 @@ def emulated_select(emulator, case, pick_order, threads, core=LAUNCHER, cluster=
     gram = np.ascontiguousarray(((gram + gram.transpose(1, 2)) / 2).float().numpy())  # symmetric, as cuBLAS's
     token_scale = None if token_scale is None else np.ascontiguousarray(token_scale.numpy())
     out = np.full((B, case.k), -7, dtype=np.int64)
+    top, corner, h = split_gram(gram, split)
     if cluster is not None:
         ctas, slice_, cluster_threads = cluster_split(N, cluster)
-        emulator.emulate_greedy_cluster(_ptr(gram), _ptr(dots), _ptr(prompt_norm), _ptr(mask), _ptr(lengths),
+        emulator.emulate_greedy_cluster(_ptr(top), _ptr(corner), h, _ptr(dots), _ptr(prompt_norm), _ptr(mask), _ptr(lengths),
                                         _ptr(token_scale), _ptr(out), B, N, T, case.k,
                                         ctypes.c_double(case.core_ratio), ctypes.c_bool(max_relevance),
                                         ctypes.c_bool(pick_order), ctas, slice_, cluster_threads, 2)
         return out
-    emulator.emulate_greedy_select(_ptr(gram), _ptr(dots), _ptr(prompt_norm), _ptr(mask), _ptr(lengths),
+    emulator.emulate_greedy_select(_ptr(top), _ptr(corner), h, _ptr(dots), _ptr(prompt_norm), _ptr(mask), _ptr(lengths),
                                    _ptr(token_scale), _ptr(out), B, N, T, case.k, ctypes.c_double(case.core_ratio),
                                    ctypes.c_bool(max_relevance), ctypes.c_bool(pick_order), threads,
                                    2, core[0], ctypes.c_bool(core[1]))  # Gram chunks of 2 rows
@@ -138,12 +150,12 @@ def emulated_select(emulator, case, pick_order, threads, core=LAUNCHER, cluster=
 @pytest.mark.parametrize("seed", range(48))
 def test_random_cases_replay_against_fp64(emulator, seed):
     # Each seed also picks the dtype and the block size (CPU threads are slow to sync).
-    # ... and the core's path: serial argmins, ranks, or the launcher's choice.
+    # ... the core's path: serial argmins, ranks, or the launcher's choice; and a whole or split Gram.
     dtype, threads = DTYPES[seed % len(DTYPES)], THREADS[seed % len(THREADS)]
-    core = (SERIAL_CORE, ALWAYS_RANKS, LAUNCHER)[seed % 3]
+    core, split = (SERIAL_CORE, ALWAYS_RANKS, LAUNCHER)[seed % 3], seed % 4 >= 2
     case = random_case(seed, dtype)
-    order = emulated_select(emulator, case, pick_order=True, threads=threads, core=core)
-    kept = emulated_select(emulator, case, pick_order=False, threads=threads, core=core)
+    order = emulated_select(emulator, case, pick_order=True, threads=threads, core=core, split=split)
+    kept = emulated_select(emulator, case, pick_order=False, threads=threads, core=core, split=split)
     for b, row in oracle_rows(case):
         replay(row, order[b].tolist(), TOLERANCE["cuda"][dtype])
         assert kept[b].tolist() == sorted(order[b, : row.k_b].tolist()) + [-1] * (case.k - row.k_b), case.describe()
@@ -323,12 +335,13 @@ CLUSTERS = (1, 2, 3, 5)
 def test_cluster_kernel_replays_and_picks_what_the_block_kernel_picks(emulator, seed):
     """The cluster form against the fp64 oracle, and bit for bit against greedy_select.cuh (the
     same Gram entries in the same expression): random cases with odd N (4-byte copies) and
-    N % 4 == 0 (16-byte copies), lengths, masks, both relevances, empty cores (isolation seed)
-    and full ones; the ascending output is the sorted pick order."""
-    dtype, ctas = DTYPES[seed % len(DTYPES)], CLUSTERS[seed % len(CLUSTERS)]
+    N % 4 == 0 (16-byte copies), whole and split Grams (the lower-left block copied a column at
+    a time), lengths, masks, both relevances, empty cores (isolation seed) and full ones; the
+    ascending output is the sorted pick order."""
+    dtype, ctas, split = DTYPES[seed % len(DTYPES)], CLUSTERS[seed % len(CLUSTERS)], seed % 8 >= 4
     case = random_case(300 + seed, dtype)
-    order = emulated_select(emulator, case, pick_order=True, threads=32, cluster=ctas)
-    kept = emulated_select(emulator, case, pick_order=False, threads=32, cluster=ctas)
+    order = emulated_select(emulator, case, pick_order=True, threads=32, cluster=ctas, split=split)
+    kept = emulated_select(emulator, case, pick_order=False, threads=32, cluster=ctas, split=split)
     block = emulated_select(emulator, case, pick_order=True, threads=32)
     for b, row in oracle_rows(case):
         replay(row, order[b].tolist(), TOLERANCE["cuda"][dtype])
@@ -387,3 +400,20 @@ def test_cluster_shape_is_the_fewest_ctas_whose_shared_memory_holds_the_gram(emu
         ctas, slice_, threads = plan(N)
         assert (ctas, slice_, threads) == cluster_split(N, ctas) and fits(N, ctas), N
         assert ctas == 1 or not fits(N, ctas - 1), N
+
+
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("seed", range(10))
+def test_split_gram_picks_what_the_whole_gram_picks(emulator, seed, threads):
+    """The Gram as top rows and bottom-right block (entries of the lower-left block read
+    transposed from the top rows) against the whole Gram, bit for bit (the Gram here is exactly
+    symmetric, as its split form makes it on the GPU), for every core path, the isolation seed
+    and the cluster kernel; long rows take the radix core."""
+    case = long_case(seed, torch.float16) if seed >= 8 else random_case(500 + seed, DTYPES[seed % len(DTYPES)])
+    core = (SERIAL_CORE, ALWAYS_RANKS, LAUNCHER)[seed % 3]
+    whole = emulated_select(emulator, case, pick_order=True, threads=threads, core=core)
+    split = emulated_select(emulator, case, pick_order=True, threads=threads, core=core, split=True)
+    assert split.tolist() == whole.tolist(), case.describe()
+    if seed < 4:
+        clustered = emulated_select(emulator, case, pick_order=True, threads=32, cluster=3, split=True)
+        assert clustered.tolist() == whole.tolist(), case.describe()

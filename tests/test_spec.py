@@ -95,3 +95,14 @@ def test_cuda_greedy(monkeypatch):
     monkeypatch.setenv(spec.CUDA_GREEDY_ENV, "warp")
     with pytest.raises(ValueError, match="ZSPA_CUDA_GREEDY: expected one of"):
         spec.cuda_greedy()
+
+
+def test_cuda_gram(monkeypatch):
+    monkeypatch.delenv(spec.CUDA_GRAM_ENV, raising=False)
+    assert spec.cuda_gram() == "auto"
+    for path in spec.CUDA_GRAM_PATHS:
+        monkeypatch.setenv(spec.CUDA_GRAM_ENV, path)
+        assert spec.cuda_gram() == path
+    monkeypatch.setenv(spec.CUDA_GRAM_ENV, "half")
+    with pytest.raises(ValueError, match="ZSPA_CUDA_GRAM: expected one of"):
+        spec.cuda_gram()

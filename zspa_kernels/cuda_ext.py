@@ -12,7 +12,7 @@ import warnings
 import torch
 
 from . import builder
-from .spec import cuda_greedy, gram_budget
+from .spec import cuda_greedy, cuda_gram, gram_budget
 
 _fallback_reason: list[str] = []
 
@@ -36,4 +36,4 @@ def extension_available() -> bool:
 def select_tokens_cuda(visual, prompt, k, core_ratio, lengths, prompt_mask, relevance, pick_order):
     """Backend entry point: ``torch.ops.zspa.select_tokens_cuda`` (the extension is loaded)."""
     return torch.ops.zspa.select_tokens_cuda(visual, prompt, k, core_ratio, lengths, prompt_mask, relevance,
-                                             pick_order, gram_budget(), cuda_greedy())
+                                             pick_order, gram_budget(), cuda_greedy(), cuda_gram())

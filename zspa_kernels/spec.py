@@ -38,6 +38,10 @@ DEFAULT_GRAM_BUDGET = 4 << 30  # four N=16384 video rows per launch, any LLaVA-s
 # N up to ~950) or "block" (csrc/greedy_select.cuh: one CTA a row, the Gram from L2).
 CUDA_GREEDY_ENV = "ZSPA_CUDA_GREEDY"
 CUDA_GREEDY_PATHS = ("auto", "cluster", "block")
+# The cuda backend's Gram: "auto" (csrc/select_tokens.cu's rule by size), "full" (one GEMM) or
+# "split" (top rows and bottom-right block, 3/4 of the work: csrc/gram_view.cuh).
+CUDA_GRAM_ENV = "ZSPA_CUDA_GRAM"
+CUDA_GRAM_PATHS = ("auto", "full", "split")
 
 
 def core_count(core_ratio: float, k_b: int) -> int:
@@ -118,12 +122,22 @@ def gram_budget() -> int:
     return budget
 
 
+def _path_from_env(name: str, paths: tuple) -> str:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return "auto"
+    if raw not in paths:
+        raise ValueError(f"{name}: expected one of {paths} or unset, got {raw!r}")
+    return raw
+
+
 def cuda_greedy() -> str:
     """``ZSPA_CUDA_GREEDY``: the cuda backend's greedy kernel, ``"auto"`` when unset or empty;
     anything else but ``"cluster"`` or ``"block"`` raises naming it."""
-    raw = os.environ.get(CUDA_GREEDY_ENV, "").strip()
-    if not raw:
-        return "auto"
-    if raw not in CUDA_GREEDY_PATHS:
-        raise ValueError(f"{CUDA_GREEDY_ENV}: expected one of {CUDA_GREEDY_PATHS} or unset, got {raw!r}")
-    return raw
+    return _path_from_env(CUDA_GREEDY_ENV, CUDA_GREEDY_PATHS)
+
+
+def cuda_gram() -> str:
+    """``ZSPA_CUDA_GRAM``: the cuda backend's Gram, ``"auto"`` when unset or empty; anything else
+    but ``"full"`` or ``"split"`` raises naming it."""
+    return _path_from_env(CUDA_GRAM_ENV, CUDA_GRAM_PATHS)

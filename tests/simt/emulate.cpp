@@ -64,9 +64,21 @@ zspa::GreedyParams greedy_params(const float* dots, const float* prompt_norm, co
   return p;
 }
 
+// The Gram of the launch whose first batch row is row0.
+void set_gram(zspa::GreedyParams& p, const float* top, const float* corner, int h, int row0) {
+  const int64_t N = p.N;
+  p.gram_top = top + row0 * h * N;
+  p.gram_corner = corner ? corner + row0 * (N - h) * (N - h) : nullptr;
+  p.gram_split = h;
+  p.row0 = row0;
+}
+
 }  // namespace
 
-extern "C" void emulate_greedy_select(const float* gram, const float* dots, const float* prompt_norm,
+// gram_top (B, h, N) and gram_corner (B, N - h, N - h): the Gram, whole (h = N, corner null) or
+// split as the launcher splits it (gram_view.cuh).
+extern "C" void emulate_greedy_select(const float* gram_top, const float* gram_corner, int h,
+                                      const float* dots, const float* prompt_norm,
                                       const bool* mask, const int64_t* lengths, const float* token_scale,
                                       int64_t* out, int B, int N, int T,
                                       int k, double core_ratio, bool max_relevance, bool pick_order, int threads,
@@ -75,8 +87,7 @@ extern "C" void emulate_greedy_select(const float* gram, const float* dots, cons
                                        max_relevance, pick_order, rank_core_budget, radix_core);
   // Launches over chunks of `rows_per_chunk` rows, as the launcher bounds its Gram workspace.
   for (int row0 = 0; row0 < B; row0 += rows_per_chunk) {
-    p.gram = gram + static_cast<int64_t>(row0) * N * N;
-    p.row0 = row0;
+    set_gram(p, gram_top, gram_corner, h, row0);
     for (int block = 0; block < rows_per_chunk && row0 + block < B; ++block) {
       std::vector<float> smem(3 * static_cast<size_t>(N));
       uint64_t slots[2 * zspa::kMaxWarps];
@@ -89,7 +100,8 @@ extern "C" void emulate_greedy_select(const float* gram, const float* dots, cons
 // greedy_cluster.cuh: one cluster of `ctas` blocks per batch row, in Gram chunks like the above.
 // Each block's shared memory is one buffer (dynamic part, then the slots and warp counts), so
 // that cluster_map can move a pointer from one block's buffer to another's.
-extern "C" void emulate_greedy_cluster(const float* gram, const float* dots, const float* prompt_norm,
+extern "C" void emulate_greedy_cluster(const float* gram_top, const float* gram_corner, int h,
+                                       const float* dots, const float* prompt_norm,
                                        const bool* mask, const int64_t* lengths, const float* token_scale,
                                        int64_t* out, int B, int N, int T, int k, double core_ratio,
                                        bool max_relevance, bool pick_order, int ctas, int slice, int threads,
@@ -100,8 +112,7 @@ extern "C" void emulate_greedy_cluster(const float* gram, const float* dots, con
   const size_t slots_bytes = 2 * zspa::kMaxClusterSlots * sizeof(uint64_t);
   const size_t bytes = dynamic + slots_bytes + zspa::kMaxWarps * sizeof(int);
   for (int row0 = 0; row0 < B; row0 += rows_per_chunk) {
-    p.gram = gram + static_cast<int64_t>(row0) * N * N;
-    p.row0 = row0;
+    set_gram(p, gram_top, gram_corner, h, row0);
     for (int row = 0; row < rows_per_chunk && row0 + row < B; ++row) {
       std::vector<std::vector<float4>> buffers(ctas, std::vector<float4>((bytes + 15) / 16));
       std::vector<char*> shared;
