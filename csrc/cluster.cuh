@@ -19,6 +19,7 @@ using simt::cluster_rank;
 using simt::cluster_store_relaxed;
 using simt::cluster_sync;
 using simt::load_relaxed;
+inline void cluster_sync_relaxed() { simt::cluster_sync(); }
 }  // namespace zspa
 #else
 #include <cstdint>
@@ -31,6 +32,12 @@ namespace zspa {
 __device__ __forceinline__ unsigned cluster_rank() { return cooperative_groups::this_cluster().block_rank(); }
 
 __device__ __forceinline__ void cluster_sync() { cooperative_groups::this_cluster().sync(); }
+
+// An execution barrier of the cluster without memory ordering (a relaxed arrive: no
+// MEMBAR.ALL.GPU in SASS): every CTA reaches it before any passes.
+__device__ __forceinline__ void cluster_sync_relaxed() {
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
+}
 
 // The same shared variable in the CTA of rank `rank` (a generic pointer: ordinary loads and
 // stores reach it).

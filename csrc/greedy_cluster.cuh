@@ -23,9 +23,9 @@
 //     step t + 1 key, which each warp sends only after reading step t's slots.
 //  4. CTA 0 writes the output (greedy_select.cuh's write_output).
 // No remote store comes before a first cluster barrier (a CTA's shared memory may be written only
-// once the CTA runs), and a CTA exits only after it has received every message sent to it (the
-// core's picks before a cluster barrier, the chain's keys by polling), so no CTA exits while
-// another can still write into its shared memory. Cosines use the same expression on the same
+// once the CTA runs), and no CTA exits before every CTA has received every message sent to it
+// (the core's picks before a cluster barrier, the chain's keys by polling, then a last barrier
+// without memory ordering), so no CTA exits while a store to or from it is in flight. Cosines use the same expression on the same
 // Gram entries G[j, i] as greedy_select, so both kernels make the same picks.
 #pragma once
 
@@ -212,6 +212,10 @@ __device__ void greedy_cluster_row(const GreedyParams& p, int ctas, int slice, f
       }
     }
   }
+
+  // No CTA leaves while a store it sent may still be in flight to another: each CTA arrives here
+  // only after it has received every message sent to it.
+  cluster_sync_relaxed();
 
   // 4. Output, by CTA 0: every CTA knows every pick; rel[] becomes the kept flags.
   if (rank != 0) return;
