@@ -1,9 +1,10 @@
-// Launcher: the three kernels and the fp32-accumulating GEMMs (cuBLAS through ATen). Everything
-// is enqueued on the current stream without reading any device value, so the op can be captured
+// Launcher: the kernels and the fp32-accumulating GEMMs (cuBLAS through ATen). Everything is
+// enqueued on the current stream without reading any device value, so the op can be captured
 // in a CUDA graph. Launches per call, "mean": prompt stats (with the pooled prompt), one pass
 // over the tokens (scale_rows.cuh: scales and scaled copy for bf16/fp32, dots with the pooled
-// prompt), the Gram GEMM and the greedy kernel per Gram chunk; "max": the prompt rows' and the
-// tokens' scaling passes, prompt stats, the dots GEMM, the Gram GEMM and the greedy kernel.
+// prompt), then per Gram chunk the Gram GEMM (two for a split Gram: gram_split) and one greedy
+// kernel (greedy_cluster.cuh or greedy_select.cuh: greedy_launch); "max": the prompt rows' and
+// the tokens' scaling passes, prompt stats, the dots GEMM, then the same per chunk.
 #include "select_tokens.h"
 
 #include <algorithm>
