@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 
 import torch
 
@@ -103,23 +102,14 @@ def run(backend: str, device: torch.device, cases=None, progress=print) -> int:
     """Run and check every case (``CASES``, plus ``CUDA_CASES`` for ``cuda``); the count run."""
     if cases is None:
         cases = CASES + (CUDA_CASES if backend == "cuda" else ())
-    saved = {name: os.environ.get(name) for name in (GRAM_BUDGET_ENV, CUDA_GREEDY_ENV, CUDA_GRAM_ENV)}
-    try:
-        for seed, case in enumerate(cases):
-            os.environ[GRAM_BUDGET_ENV] = case.gram_budget
-            os.environ[CUDA_GREEDY_ENV] = case.greedy
-            os.environ[CUDA_GRAM_ENV] = case.gram
+    for seed, case in enumerate(cases):
+        paths = {GRAM_BUDGET_ENV: case.gram_budget, CUDA_GREEDY_ENV: case.greedy, CUDA_GRAM_ENV: case.gram}
+        with hb.env_vars(paths):
             visual, prompt, lengths, mask = make(case, device, seed)
             out = torch.ops.zspa.select_tokens(visual, prompt, case.k, case.core_ratio, lengths, mask,
                                                case.relevance, backend, case.pick_order)
-            check(case, out, None if lengths is None else lengths.cpu())
-            progress(f"{backend}: {case} ok")
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        check(case, out, None if lengths is None else lengths.cpu())
+        progress(f"{backend}: {case} ok")
     return len(cases)
 
 

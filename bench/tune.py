@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 
 import torch
 
@@ -88,24 +87,21 @@ def run_cuda_paths(device: torch.device, progress=print) -> list[dict]:
         progress("cuda paths: the cuda backend is not available here")
         return []
     op = torch.ops.zspa.select_tokens
-    saved = {name: os.environ.get(name) for name in (CUDA_GREEDY_ENV, CUDA_GRAM_ENV)}
+    variants = [{CUDA_GREEDY_ENV: "block"}, {CUDA_GREEDY_ENV: "cluster"}, {CUDA_GREEDY_ENV: "auto"},
+                {CUDA_GRAM_ENV: "full"}, {CUDA_GRAM_ENV: "split"}]
     records = []
-    try:
-        for label in CUDA_SHAPES:
-            shape = _shape(label)
-            visual, prompt = hb.make_inputs(shape, torch.bfloat16, device)
-            expected = None
-            variants = [{CUDA_GREEDY_ENV: "block"}, {CUDA_GREEDY_ENV: "cluster"}, {CUDA_GREEDY_ENV: "auto"},
-                        {CUDA_GRAM_ENV: "full"}, {CUDA_GRAM_ENV: "split"}]
-            for variant in variants:
-                for name in (CUDA_GREEDY_ENV, CUDA_GRAM_ENV):
-                    os.environ[name] = variant.get(name, "auto")
+    for label in CUDA_SHAPES:
+        shape = _shape(label)
+        visual, prompt = hb.make_inputs(shape, torch.bfloat16, device)
+        expected = None
+        for variant in variants:
+            record = {"shape": label, "B": shape.B, "N": shape.N, "D": shape.D, "k": KEEP,
+                      "variant": {name.removeprefix("ZSPA_CUDA_").lower(): value for name, value in variant.items()}}
 
-                def call():
-                    return op(visual, prompt, KEEP, hb.CORE_RATIO, None, None, "mean", "cuda", True)
+            def call():
+                return op(visual, prompt, KEEP, hb.CORE_RATIO, None, None, "mean", "cuda", True)
 
-                record = {"shape": label, "B": shape.B, "N": shape.N, "D": shape.D, "k": KEEP,
-                          "variant": {name.removeprefix("ZSPA_CUDA_").lower(): value for name, value in variant.items()}}
+            with hb.env_vars({CUDA_GREEDY_ENV: "auto", CUDA_GRAM_ENV: "auto", **variant}):
                 try:
                     order = call()
                 except RuntimeError as exc:  # recorded, so that one failing path leaves the others timed
@@ -113,18 +109,12 @@ def run_cuda_paths(device: torch.device, progress=print) -> list[dict]:
                     records.append(record)
                     progress(f"{label:<15}{json.dumps(record['variant']):<28} failed: {record['error']}")
                     continue
-                expected = order if expected is None else expected
                 record["median_us"] = hb.median_us(call, device)
-                record["rows_with_default_picks"] = int((order == expected).all(1).sum())
-                records.append(record)
-                progress(f"{label:<15}{json.dumps(record['variant']):<28}{record['median_us']:>10.1f} µs"
-                         f"   picks as block in {record['rows_with_default_picks']}/{shape.B} rows")
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+            expected = order if expected is None else expected
+            record["rows_with_default_picks"] = int((order == expected).all(1).sum())
+            records.append(record)
+            progress(f"{label:<15}{json.dumps(record['variant']):<28}{record['median_us']:>10.1f} µs"
+                     f"   picks as block in {record['rows_with_default_picks']}/{shape.B} rows")
     return records
 
 

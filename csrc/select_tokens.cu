@@ -43,21 +43,13 @@ int threads_for(int64_t n, int64_t cap) {
   return static_cast<int>(std::min<int64_t>(cap, (n + 31) / 32 * 32));
 }
 
-// Bytes of the greedy kernel's static shared arrays (the argmin slots, the ballot counts).
-size_t greedy_static_smem_bytes() {
+// Bytes of a kernel's static shared arrays (greedy kernels: the argmin slots, the ballot
+// counts), asked once per kernel.
+template <auto Kernel>
+size_t static_smem_bytes() {
   static const size_t bytes = [] {
     cudaFuncAttributes attributes{};
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, greedy_select_kernel));
-    return attributes.sharedSizeBytes;
-  }();
-  return bytes;
-}
-
-// Bytes of the cluster kernel's static shared arrays (the slots, the warp counts).
-size_t cluster_static_smem_bytes() {
-  static const size_t bytes = [] {
-    cudaFuncAttributes attributes{};
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, greedy_cluster_kernel));
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, Kernel));
     return attributes.sharedSizeBytes;
   }();
   return bytes;
@@ -99,7 +91,7 @@ GreedyLaunch greedy_launch(int64_t N, int64_t rows, c10::string_view mode) {
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   const bool hopper = prop->major >= 9;
   const ClusterShape shape =
-      hopper ? cluster_shape(N, prop->sharedMemPerBlockOptin, cluster_static_smem_bytes()) : ClusterShape{};
+      hopper ? cluster_shape(N, prop->sharedMemPerBlockOptin, static_smem_bytes<greedy_cluster_kernel>()) : ClusterShape{};
   if (shape.ctas > 0) {
     // Per device and shape, once: the kernel's attributes and the co-scheduling count (host
     // queries only, nothing enqueued, so graph capture is unaffected).
@@ -110,7 +102,7 @@ GreedyLaunch greedy_launch(int64_t N, int64_t rows, c10::string_view mode) {
     auto found = active_clusters.find(key);
     if (found == active_clusters.end()) {
       C10_CUDA_CHECK(cudaFuncSetAttribute(greedy_cluster_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(prop->sharedMemPerBlockOptin - cluster_static_smem_bytes())));
+                                          static_cast<int>(prop->sharedMemPerBlockOptin - static_smem_bytes<greedy_cluster_kernel>())));
       if (shape.ctas > 8)
         C10_CUDA_CHECK(cudaFuncSetAttribute(greedy_cluster_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
       cudaLaunchAttribute attribute{};
@@ -228,7 +220,7 @@ at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt
   // Dynamic shared memory: 12 bytes a token; the kernel's static arrays come on top, and the
   // sum (not the dynamic part alone) must stay within 48 KiB unless the kernel opts in.
   const size_t smem_bytes = 3 * sizeof(float) * static_cast<size_t>(N);
-  const size_t static_smem = greedy_static_smem_bytes();
+  const size_t static_smem = static_smem_bytes<greedy_select_kernel>();
   const int device_smem = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
   TORCH_CHECK(smem_bytes + static_smem <= static_cast<size_t>(device_smem), "visual: N=", N,
               " tokens need ", smem_bytes + static_smem, " bytes of shared memory per row, more than this GPU's ",

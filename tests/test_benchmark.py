@@ -1,6 +1,8 @@
 """benchmark.py: the harness the microbenchmarks and ``zspa bench`` share (no timings asserted)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -46,3 +48,11 @@ def test_inputs_are_reproducible_and_the_floor_counts_the_bytes():
     moved = shape.B * (shape.N * shape.D * 2 + shape.D * 2 + 64 * 8)
     assert hb.floor_us(shape, 64, torch.bfloat16, 1e9) == pytest.approx(1e6 * moved / 1e9)
     assert {"device", "torch", "triton", "cuda"} <= set(hb.environment(CPU))
+
+
+def test_env_vars_sets_and_restores(monkeypatch):
+    monkeypatch.setenv("ZSPA_TEST_SET", "before")
+    monkeypatch.delenv("ZSPA_TEST_UNSET", raising=False)
+    with hb.env_vars({"ZSPA_TEST_SET": "", "ZSPA_TEST_UNSET": "inside"}):
+        assert os.environ["ZSPA_TEST_SET"] == "" and os.environ["ZSPA_TEST_UNSET"] == "inside"
+    assert os.environ["ZSPA_TEST_SET"] == "before" and "ZSPA_TEST_UNSET" not in os.environ

@@ -11,6 +11,7 @@ beside the floor: at LLaVA sizes the steps' latency, not bandwidth, is the limit
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import platform
@@ -112,6 +113,21 @@ def skip_reason(impl: str, shape: Shape, k: int, device: torch.device) -> Option
     if moved > limit:
         return f"{impl} would move ~{moved / 1e9:.0f} GB per call (limit {limit / 1e9:.0f} GB on {device.type})"
     return None
+
+
+@contextlib.contextmanager
+def env_vars(values: dict):
+    """Environment variables set to ``values`` inside the block (``""`` = empty), restored after."""
+    saved = {name: os.environ.get(name) for name in values}
+    try:
+        os.environ.update(values)
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def synchronize(device: torch.device) -> None:

@@ -97,14 +97,20 @@ def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
 
 
-def backend_from_env() -> str:
-    """``ZSPA_BACKEND``, or ``"auto"`` when unset or empty; anything else raises naming it."""
-    raw = os.environ.get(BACKEND_ENV, "").strip()
+def _choice_from_env(name: str, choices: tuple) -> str:
+    """Environment variable ``name``: ``"auto"`` when unset or empty, else one of ``choices``
+    (which hold ``"auto"``); anything else raises naming it."""
+    raw = os.environ.get(name, "").strip()
     if not raw:
         return "auto"
-    if raw not in BACKEND_CHOICES:
-        raise ValueError(f"{BACKEND_ENV}: expected one of {BACKEND_CHOICES} or unset, got {raw!r}")
+    if raw not in choices:
+        raise ValueError(f"{name}: expected one of {choices} or unset, got {raw!r}")
     return raw
+
+
+def backend_from_env() -> str:
+    """``ZSPA_BACKEND``, or ``"auto"`` when unset or empty; anything else raises naming it."""
+    return _choice_from_env(BACKEND_ENV, BACKEND_CHOICES)
 
 
 def gram_budget() -> int:
@@ -122,22 +128,13 @@ def gram_budget() -> int:
     return budget
 
 
-def _path_from_env(name: str, paths: tuple) -> str:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return "auto"
-    if raw not in paths:
-        raise ValueError(f"{name}: expected one of {paths} or unset, got {raw!r}")
-    return raw
-
-
 def cuda_greedy() -> str:
     """``ZSPA_CUDA_GREEDY``: the cuda backend's greedy kernel, ``"auto"`` when unset or empty;
     anything else but ``"cluster"`` or ``"block"`` raises naming it."""
-    return _path_from_env(CUDA_GREEDY_ENV, CUDA_GREEDY_PATHS)
+    return _choice_from_env(CUDA_GREEDY_ENV, CUDA_GREEDY_PATHS)
 
 
 def cuda_gram() -> str:
     """``ZSPA_CUDA_GRAM``: the cuda backend's Gram, ``"auto"`` when unset or empty; anything else
     but ``"full"`` or ``"split"`` raises naming it."""
-    return _path_from_env(CUDA_GRAM_ENV, CUDA_GRAM_PATHS)
+    return _choice_from_env(CUDA_GRAM_ENV, CUDA_GRAM_PATHS)
