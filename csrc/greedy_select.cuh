@@ -30,6 +30,7 @@
 
 #include "gram_view.cuh"
 #include "packed_key.cuh"
+#include "pdl.cuh"
 #include "prompt_stats.cuh"
 #include "spec.cuh"
 
@@ -317,6 +318,7 @@ __device__ void greedy_select_row(const GreedyParams& p, float* smem, uint64_t* 
 }
 
 __global__ void __launch_bounds__(1024) greedy_select_kernel(GreedyParams p) {  // up to 1024 threads a row
+  wait_for_previous_kernel();  // the Gram GEMM (pdl.cuh)
   extern __shared__ float smem[];
   __shared__ uint64_t slots[2 * kMaxWarps];
   __shared__ int warp_counts[kMaxWarps];

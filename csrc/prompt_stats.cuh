@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "pdl.cuh"
 #include "spec.cuh"
 
 namespace zspa {
@@ -117,6 +118,7 @@ __global__ void __launch_bounds__(1024) prompt_stats_kernel(const scalar_t* __re
                                                             float* __restrict__ norm, const float* __restrict__ scale,
                                                             int T, int D, bool max_relevance) {
   __shared__ float scratch[32];
+  allow_next_kernel();  // the token pass may start reading the tokens now (pdl.cuh)
   prompt_stats_row(prompt, mask, pooled, norm, scale, T, D, max_relevance, scratch);
 }
 

@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "pdl.cuh"
 #include "prompt_stats.cuh"
 #include "spec.cuh"
 
@@ -51,6 +52,7 @@ __device__ void scale_row_packed(const scalar_t* __restrict__ src, scalar_t* __r
     s = pow2_scale(block_max(amax, scratch));
     if (threadIdx.x == 0) *scale_out = s;
   }
+  wait_for_previous_kernel();  // `q` is prompt_stats' output (pdl.cuh); the tokens were ready before it
   float acc = 0.0f;
   for (int i = threadIdx.x; i < packs; i += blockDim.x) {  // the row again: from L1, this CTA just read it
     P pack = in[i];

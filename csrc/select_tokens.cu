@@ -21,6 +21,7 @@
 
 #include "greedy_cluster.cuh"
 #include "greedy_select.cuh"
+#include "pdl.cuh"
 #include "prompt_stats.cuh"
 #include "scale_rows.cuh"
 #include "spec.cuh"
@@ -67,21 +68,39 @@ struct GreedyLaunch {
   int active = 0;      // clusters of this shape the device runs at once
 };
 
-cudaLaunchConfig_t cluster_config(const ClusterShape& shape, unsigned rows, cudaStream_t stream,
-                                  cudaLaunchAttribute* attribute) {
+// A launch's configuration with its optional attributes: a cluster of `cluster` CTAs (0: none),
+// and programmatic dependent launch (pdl.cuh; sm_90+ only). `attributes` holds them and must
+// outlive the launch call.
+struct LaunchAttributes {
+  cudaLaunchAttribute items[2];
+};
+
+cudaLaunchConfig_t launch_config(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, unsigned cluster,
+                                 bool pdl, LaunchAttributes* attributes) {
   cudaLaunchConfig_t config{};
-  config.gridDim = dim3(rows * static_cast<unsigned>(shape.ctas));
-  config.blockDim = dim3(static_cast<unsigned>(shape.threads));
-  config.dynamicSmemBytes = shape.smem;
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
   config.stream = stream;
-  attribute->id = cudaLaunchAttributeClusterDimension;
-  attribute->val.clusterDim.x = static_cast<unsigned>(shape.ctas);
-  attribute->val.clusterDim.y = 1;
-  attribute->val.clusterDim.z = 1;
-  config.attrs = attribute;
-  config.numAttrs = 1;
+  config.attrs = attributes->items;
+  config.numAttrs = 0;
+  if (cluster > 0) {
+    cudaLaunchAttribute& item = attributes->items[config.numAttrs++];
+    item.id = cudaLaunchAttributeClusterDimension;
+    item.val.clusterDim.x = cluster;
+    item.val.clusterDim.y = 1;
+    item.val.clusterDim.z = 1;
+  }
+  if (pdl) {
+    cudaLaunchAttribute& item = attributes->items[config.numAttrs++];
+    item.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    item.val.programmaticStreamSerializationAllowed = 1;
+  }
   return config;
 }
+
+// Whether the current device runs programmatic dependent launches (sm_90+).
+bool pdl_device() { return at::cuda::getCurrentDeviceProperties()->major >= 9; }
 
 GreedyLaunch greedy_launch(int64_t N, int64_t rows, c10::string_view mode) {
   TORCH_CHECK(mode == "auto" || mode == "cluster" || mode == "block",
@@ -105,8 +124,9 @@ GreedyLaunch greedy_launch(int64_t N, int64_t rows, c10::string_view mode) {
                                           static_cast<int>(prop->sharedMemPerBlockOptin - static_smem_bytes<greedy_cluster_kernel>())));
       if (shape.ctas > 8)
         C10_CUDA_CHECK(cudaFuncSetAttribute(greedy_cluster_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-      cudaLaunchAttribute attribute{};
-      const cudaLaunchConfig_t config = cluster_config(shape, 1, nullptr, &attribute);
+      LaunchAttributes attributes;
+      const cudaLaunchConfig_t config = launch_config(dim3(shape.ctas), dim3(shape.threads), shape.smem, nullptr,
+                                                      shape.ctas, false, &attributes);
       int active = 0;
       C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&active, greedy_cluster_kernel, &config));
       found = active_clusters.emplace(key, active).first;
@@ -145,12 +165,14 @@ int64_t gram_split(int64_t rows, int64_t N, int64_t D, c10::string_view mode) {
 // One launch of scale_rows.cuh over x (B, L, D), contiguous: {x scaled row by row, (B, L) fp32
 // scales} when `scale` (bf16/fp32; fp16 is never scaled: its squares cannot overflow fp32, and
 // scaling fp16 values down could round the small ones), and with `pooled` (B, D) the (B, L) fp32
-// dots of the (scaled) rows with it. Undefined tensors for what was not asked.
+// dots of the (scaled) rows with it. Undefined tensors for what was not asked. `pdl`: launched
+// as prompt_stats' dependent (pdl.cuh), to read the tokens while it runs; only right after it,
+// whose own start waited for everything before (x included).
 struct RowPass {
   at::Tensor scaled, scales, dots;
 };
 
-RowPass scale_rows(const at::Tensor& x, bool scale, const at::Tensor& pooled, cudaStream_t stream) {
+RowPass scale_rows(const at::Tensor& x, bool scale, const at::Tensor& pooled, cudaStream_t stream, bool pdl) {
   const int64_t rows = x.size(0) * x.size(1), D = x.size(2);
   TORCH_CHECK(rows <= INT_MAX, "visual: too many rows for one scaling launch");
   RowPass out;
@@ -161,11 +183,13 @@ RowPass scale_rows(const at::Tensor& x, bool scale, const at::Tensor& pooled, cu
   }
   if (pooled.defined()) out.dots = at::empty({x.size(0), x.size(1)}, f32);
   AT_DISPATCH_V2(x.scalar_type(), "zspa_scale_rows", AT_WRAP([&] {
-    scale_rows_kernel<scalar_t><<<static_cast<unsigned>(rows), threads_for(D, 256), 0, stream>>>(
-        x.data_ptr<scalar_t>(), scale ? out.scaled.data_ptr<scalar_t>() : nullptr,
+    LaunchAttributes attributes;
+    const cudaLaunchConfig_t config = launch_config(dim3(static_cast<unsigned>(rows)), dim3(threads_for(D, 256)), 0,
+                                                    stream, 0, pdl, &attributes);
+    C10_CUDA_CHECK(cudaLaunchKernelEx(
+        &config, scale_rows_kernel<scalar_t>, x.data_ptr<scalar_t>(), scale ? out.scaled.data_ptr<scalar_t>() : nullptr,
         scale ? out.scales.data_ptr<float>() : nullptr, pooled.defined() ? pooled.data_ptr<float>() : nullptr,
-        pooled.defined() ? out.dots.data_ptr<float>() : nullptr, x.size(1), static_cast<int>(D));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+        pooled.defined() ? out.dots.data_ptr<float>() : nullptr, x.size(1), static_cast<int>(D)));
   }), at::kFloat, at::kHalf, at::kBFloat16);
   return out;
 }
@@ -199,7 +223,7 @@ at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt
   const bool scaled = V.scalar_type() != at::kHalf;
   at::Tensor token_scale, prompt_scale;  // undefined: unscaled (fp16)
   if (scaled && max_relevance) {  // "mean": prompt_stats scales the pooled vector
-    RowPass pass = scale_rows(P, true, at::Tensor(), stream);
+    RowPass pass = scale_rows(P, true, at::Tensor(), stream, false);  // the first launch: after the caller's work
     P = pass.scaled;
     prompt_scale = pass.scales;
   }
@@ -240,7 +264,7 @@ at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt
   }), at::kFloat, at::kHalf, at::kBFloat16);
   // The tokens in one pass: scaled (bf16/fp32) and, for "mean", dotted with the pooled prompt.
   if (scaled || !max_relevance) {
-    RowPass pass = scale_rows(V, scaled, pooled, stream);
+    RowPass pass = scale_rows(V, scaled, pooled, stream, pdl_device());
     if (scaled) {
       V = pass.scaled;
       token_scale = pass.scales;
@@ -291,12 +315,16 @@ at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt
     params.row0 = static_cast<int>(row0);
     const GreedyLaunch launch = greedy_launch(N, rows, greedy);
     if (launch.shape.ctas > 0) {
-      cudaLaunchAttribute attribute{};
-      const cudaLaunchConfig_t config = cluster_config(launch.shape, static_cast<unsigned>(rows), stream, &attribute);
+      LaunchAttributes attributes;
+      const cudaLaunchConfig_t config =
+          launch_config(dim3(static_cast<unsigned>(rows * launch.shape.ctas)), dim3(launch.shape.threads),
+                        launch.shape.smem, stream, launch.shape.ctas, pdl_device(), &attributes);
       C10_CUDA_CHECK(cudaLaunchKernelEx(&config, greedy_cluster_kernel, params, launch.shape.ctas, launch.shape.slice));
     } else {
-      greedy_select_kernel<<<static_cast<unsigned>(rows), threads_for(N, 1024), smem_bytes, stream>>>(params);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      LaunchAttributes attributes;
+      const cudaLaunchConfig_t config = launch_config(dim3(static_cast<unsigned>(rows)), dim3(threads_for(N, 1024)),
+                                                      smem_bytes, stream, 0, pdl_device(), &attributes);
+      C10_CUDA_CHECK(cudaLaunchKernelEx(&config, greedy_select_kernel, params));
     }
   }
   return out;
