@@ -417,3 +417,19 @@ def test_split_gram_picks_what_the_whole_gram_picks(emulator, seed, threads):
     if seed < 4:
         clustered = emulated_select(emulator, case, pick_order=True, threads=32, cluster=3, split=True)
         assert clustered.tolist() == whole.tolist(), case.describe()
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
+def test_cluster_kernel_at_the_llava_plan(emulator, split):
+    """The geometry the launcher plans for LLaVA-1.5 on an sm_90 GPU (6 CTAs of 96 tokens, 3 warps
+    each: 18 slots a step), with its budget (64 of 576, core 32), against the block kernel."""
+    g = torch.Generator().manual_seed(576)
+    case = random_case(1, torch.bfloat16)
+    case.visual = (torch.randn(1, 576, 16, generator=g) * torch.rand(1, 576, 1, generator=g).add(0.5)).bfloat16()
+    case.prompt, case.prompt_mask, case.lengths = torch.randn(1, 16, generator=g).bfloat16(), None, None
+    case.k, case.core_ratio, case.relevance = 64, 0.5, "mean"
+    assert cluster_split(576, 6) == (6, 96, 96)
+    order = emulated_select(emulator, case, pick_order=True, threads=32, cluster=6, split=split)
+    assert order.tolist() == emulated_select(emulator, case, pick_order=True, threads=128).tolist()
+    for b, row in oracle_rows(case):
+        replay(row, order[b].tolist(), TOLERANCE["cuda"][torch.bfloat16])
