@@ -15,7 +15,7 @@ Per fused backend and shape (bf16, keep 64, core ratio 0.5):
   every call does once (token statistics, Gram, core), the slope one dependent greedy step;
 * ``gram_us`` (``cuda`` only): the cuBLAS Gram of the row(s) alone, the bulk of ``fixed_us``;
   ``gram_split_us``: its top rows and bottom-right block (csrc/gram_view.cuh), the two GEMMs the
-  launcher runs instead from 2^33 multiply-adds on (B=32 here, not B=1).
+  launcher runs instead on the cluster kernel from 2^33 multiply-adds on (B=32 here, not B=1).
 
 ``--ncu`` skips the timing: it warms every backend up, then brackets exactly one call per
 backend and shape with ``torch.cuda.profiler.start``/``stop``, so ``ncu --profile-from-start off``

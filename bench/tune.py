@@ -17,8 +17,9 @@ thread-block cluster) and what ``auto`` chooses, at B = 1, 32 and 64: the two ke
 same Gram entries in the same expression, so their picks must be identical; B = 64 tests the
 launcher's rule that many rows favour one CTA a row. Then the Gram whole or split
 (``ZSPA_CUDA_GRAM``: ``full``, ``split``), whose picks may differ from the whole Gram's only at
-near-ties (its lower-left block comes from another GEMM); auto splits at B = 32 and 64 and at
-video size (N = 16384, where the cluster kernel does not apply: its failure is recorded), not at 1.
+near-ties (its lower-left block comes from another GEMM); auto splits at B = 32 on the cluster
+kernel, not at B = 1, nor on the block kernel (B = 64, video; at video size the cluster kernel
+does not apply: its failure is recorded), where forced splits show what the rule leaves out.
 """
 from __future__ import annotations
 

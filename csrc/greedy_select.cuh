@@ -92,19 +92,15 @@ __device__ __forceinline__ float relevance(const GreedyParams& p, int b, int i, 
   return any ? best : 0.0f;  // no valid prompt row: a zero prompt
 }
 
-// cos(i, j) read from row j of the Gram. Always this expression, so that exact ties stay
+// cos(i, j) from the Gram entry G[j, i]. Always this expression, so that exact ties stay
 // exact and resolve by index: duplicated tokens get bit-identical scores, and
-// cos(i, j) == cos(j, i) bit for bit (the norm product commutes, and the Gram of V V^T
-// is symmetric: both entries sum the same exact products in the same order), which the
-// isolation seed needs for mutual nearest neighbours.
-__device__ __forceinline__ float cosine_of(float gram_ij, float norm_i, float norm_j) {
+// cos(i, j) == cos(j, i) bit for bit (the norm product commutes; across the blocks of a split
+// Gram both are one stored entry, and within a GEMM's output the two entries sum the same exact
+// products in the same order), which the isolation seed needs for mutual nearest neighbours.
+__device__ __forceinline__ float cosine_of(float gram_ji, float norm_i, float norm_j) {
   if (norm_i < 0.0f) return kNonFiniteSimilarity;
   if (norm_j < 0.0f) return 0.0f;  // a non-finite token normalises to zero
-  return gram_ij / (norm_i * norm_j);
-}
-
-__device__ __forceinline__ float cosine(const float* gram_row_j, int i, float norm_i, float norm_j) {
-  return cosine_of(gram_row_j[i], norm_i, norm_j);
+  return gram_ji / (norm_i * norm_j);
 }
 
 // The Gram of row `row` of this launch.

@@ -144,20 +144,24 @@ GreedyLaunch greedy_launch(int64_t N, int64_t rows, c10::string_view mode) {
   return launch;
 }
 
-// Where a launch's Gram is split (gram_view.cuh): h = N (whole) below kSplitGramMacs
-// multiply-adds, where one GEMM is latency-bound and two would add a launch's latency (LLaVA-1.5
-// at B=1: 1.4 G); at and above it (LLaVA-1.5 at B=8: 11 G; B=32: 44 G; LLaVA-NeXT, Qwen2.5-VL
-// high-res, video: 34, 60, 962 G) h = N/2 rounded down to a multiple of 4 (16-byte rows for the
-// cluster kernel's copies), and the GEMMs do 3/4 of the work: the H200 run's B=32 Gram took
-// 137 us at 640 TFLOP/s, near cuBLAS's ceiling, so only less work makes it faster. `mode` is
-// ZSPA_CUDA_GRAM (spec.py): "auto" this rule, "full" or "split" forced (split needs N >= 8).
+// Where a launch's Gram is split (gram_view.cuh). "auto" splits it at h = N/2 rounded down to a
+// multiple of 4 (16-byte rows for the cluster kernel's copies) when the cluster kernel runs the
+// greedy steps and the Gram takes kSplitGramMacs multiply-adds or more (LLaVA-1.5 from B=8:
+// 11 G; B=32: 44 G): the GEMMs then do 3/4 of the work (the H200 run's B=32 Gram took 137 us at
+// 640 TFLOP/s, near cuBLAS's ceiling, so only less work makes it faster), and the cluster
+// kernel reads the lower-left block once, into shared memory. Below that one GEMM is
+// latency-bound and two would add a launch's latency (LLaVA-1.5 at B=1: 1.4 G). greedy_select
+// keeps the whole Gram in "auto": it reads a Gram row every step from L2 or DRAM, and in the
+// lower-left block that row is a column of the top rows, one 32-byte sector a token instead of
+// one per 8 (at video size, 262 KB of sectors a step from DRAM instead of 32 KB). `mode` is
+// ZSPA_CUDA_GRAM (spec.py): "auto" this rule, "full" or "split" forced (a split needs N >= 8).
 constexpr int64_t kSplitGramMacs = int64_t{1} << 33;
 
-int64_t gram_split(int64_t rows, int64_t N, int64_t D, c10::string_view mode) {
+int64_t gram_split(int64_t rows, int64_t N, int64_t D, bool cluster, c10::string_view mode) {
   TORCH_CHECK(mode == "auto" || mode == "full" || mode == "split",
               "ZSPA_CUDA_GRAM: expected 'auto', 'full' or 'split', got '", mode, "'");
   const int64_t half = N / 2 / 4 * 4;
-  const bool split = mode == "split" || (mode == "auto" && rows * N * N * D >= kSplitGramMacs);
+  const bool split = mode == "split" || (mode == "auto" && cluster && rows * N * N * D >= kSplitGramMacs);
   if (!split || half == 0) return N;
   return half;
 }
@@ -300,7 +304,8 @@ at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt
   for (int64_t row0 = 0; row0 < B; row0 += rows_per_chunk) {
     const int64_t rows = std::min(rows_per_chunk, B - row0);
     const at::Tensor chunk = V.narrow(0, row0, rows);
-    const int64_t h = gram_split(rows, N, D, gram);
+    const GreedyLaunch launch = greedy_launch(N, rows, greedy);
+    const int64_t h = gram_split(rows, N, D, launch.shape.ctas > 0, gram);
     // The top rows (rows, h, N), and for a split Gram the bottom-right block (rows, N - h, N - h)
     // (gram_view.cuh): strided views of the tokens, no copies.
     const at::Tensor top = fp32_bmm(chunk.narrow(1, 0, h), chunk.transpose(1, 2));
@@ -313,7 +318,6 @@ at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt
     params.gram_corner = corner.defined() ? corner.data_ptr<float>() : nullptr;
     params.gram_split = static_cast<int>(h);
     params.row0 = static_cast<int>(row0);
-    const GreedyLaunch launch = greedy_launch(N, rows, greedy);
     if (launch.shape.ctas > 0) {
       LaunchAttributes attributes;
       const cudaLaunchConfig_t config =

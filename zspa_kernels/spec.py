@@ -38,8 +38,8 @@ DEFAULT_GRAM_BUDGET = 4 << 30  # four N=16384 video rows per launch, any LLaVA-s
 # N up to ~950) or "block" (csrc/greedy_select.cuh: one CTA a row, the Gram from L2).
 CUDA_GREEDY_ENV = "ZSPA_CUDA_GREEDY"
 CUDA_GREEDY_PATHS = ("auto", "cluster", "block")
-# The cuda backend's Gram: "auto" (csrc/select_tokens.cu's rule by size), "full" (one GEMM) or
-# "split" (top rows and bottom-right block, 3/4 of the work: csrc/gram_view.cuh).
+# The cuda backend's Gram: "auto" (csrc/select_tokens.cu's rule by size and greedy kernel),
+# "full" (one GEMM) or "split" (top rows and bottom-right block, 3/4 of the work: gram_view.cuh).
 CUDA_GRAM_ENV = "ZSPA_CUDA_GRAM"
 CUDA_GRAM_PATHS = ("auto", "full", "split")
 
