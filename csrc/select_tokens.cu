@@ -120,23 +120,32 @@ GreedyLaunch greedy_launch(int64_t N, int64_t rows, c10::string_view mode) {
     const auto key = std::make_tuple(static_cast<int>(at::cuda::current_device()), shape.ctas, shape.slice);
     auto found = active_clusters.find(key);
     if (found == active_clusters.end()) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(greedy_cluster_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(prop->sharedMemPerBlockOptin - static_smem_bytes<greedy_cluster_kernel>())));
-      if (shape.ctas > 8)
-        C10_CUDA_CHECK(cudaFuncSetAttribute(greedy_cluster_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+      // A driver that refuses any of this leaves the device without the cluster kernel (0
+      // clusters; "cluster" mode then says so), rather than failing every call of "auto".
       LaunchAttributes attributes;
       const cudaLaunchConfig_t config = launch_config(dim3(shape.ctas), dim3(shape.threads), shape.smem, nullptr,
                                                       shape.ctas, false, &attributes);
+      const int smem_limit = static_cast<int>(prop->sharedMemPerBlockOptin - static_smem_bytes<greedy_cluster_kernel>());
       int active = 0;
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&active, greedy_cluster_kernel, &config));
+      cudaError_t status =
+          cudaFuncSetAttribute(greedy_cluster_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit);
+      if (status == cudaSuccess && shape.ctas > 8)
+        status = cudaFuncSetAttribute(greedy_cluster_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+      if (status == cudaSuccess) status = cudaOccupancyMaxActiveClusters(&active, greedy_cluster_kernel, &config);
+      if (status != cudaSuccess) {
+        (void)cudaGetLastError();  // not sticky: clear it, so that the next check does not see it
+        active = 0;
+      }
       found = active_clusters.emplace(key, active).first;
     }
     launch.active = found->second;
   }
   if (mode == "cluster") {
     TORCH_CHECK(hopper, "ZSPA_CUDA_GREEDY=cluster: thread-block clusters need an sm_90 or newer GPU");
-    TORCH_CHECK(shape.ctas > 0 && launch.active > 0, "ZSPA_CUDA_GREEDY=cluster: no cluster of this GPU holds the Gram of N=",
-                N, " tokens in shared memory; use 'auto' or 'block'");
+    TORCH_CHECK(shape.ctas > 0, "ZSPA_CUDA_GREEDY=cluster: no cluster of this GPU holds the Gram of N=", N,
+                " tokens in shared memory; use 'auto' or 'block'");
+    TORCH_CHECK(launch.active > 0, "ZSPA_CUDA_GREEDY=cluster: this GPU's driver runs no cluster of ", shape.ctas,
+                " CTAs with ", shape.smem, " bytes of shared memory each; use 'auto' or 'block'");
   } else if (shape.ctas == 0 || launch.active == 0 || rows > 2 * static_cast<int64_t>(launch.active)) {
     return GreedyLaunch{};
   }
