@@ -59,7 +59,7 @@ CASES = (
 )
 CUDA_CASES = (
     Case(1, 1500, 32, 50),                      # 1024 threads, some own two tokens; a radix-selected core
-    Case(2, 1100, 24, 300, lengths=True, gram="split"),  # the split Gram on the block kernel
+    Case(2, 1100, 24, 120, lengths=True, gram="split"),  # the split Gram on the block kernel
     Case(1, 4096, 16, 24),                      # 48 KiB of dynamic shared state plus the static arrays
     Case(1, 4500, 16, 24, core_ratio=0.25),     # 54 KB of shared state: the opt-in limit
     Case(3, 131, 40, 17, core_ratio=0.0, lengths=True, greedy="block"),   # the block kernel on small rows
