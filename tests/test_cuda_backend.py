@@ -133,8 +133,13 @@ def test_cluster_kernel_picks_what_the_block_kernel_picks(monkeypatch, n_tokens)
         outputs = {}
         for path in ("block", "cluster"):
             monkeypatch.setenv("ZSPA_CUDA_GREEDY", path)
-            outputs[path] = zspa_kernels.select_tokens(visual, prompt, 48, core_ratio=alpha, lengths=lengths,
-                                                       relevance=relevance, backend="cuda", pick_order=pick_order)
+            try:
+                outputs[path] = zspa_kernels.select_tokens(visual, prompt, 48, core_ratio=alpha, lengths=lengths,
+                                                           relevance=relevance, backend="cuda", pick_order=pick_order)
+            except RuntimeError as exc:  # a GPU whose GPCs cannot hold the cluster (auto then takes the block kernel)
+                if "driver runs no cluster" not in str(exc):
+                    raise
+                pytest.skip(str(exc).splitlines()[0])
         assert torch.equal(outputs["cluster"], outputs["block"]), (alpha, relevance, pick_order)
     row = Row(visual[0].float().cpu().numpy(), prompt[0].float().cpu().numpy(), None, n_tokens, 48, 0.0, "max")
     monkeypatch.setenv("ZSPA_CUDA_GREEDY", "cluster")
