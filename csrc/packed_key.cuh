@@ -27,13 +27,15 @@ __device__ __forceinline__ uint64_t pack_key(float score, int index) {
 
 __device__ __forceinline__ int key_index(uint64_t key) { return static_cast<int>(key & 0xffffffffu); }
 
+// The smallest key of the warp, to every lane: the smallest high word, then the smallest low
+// word among the lanes that hold it, two 32-bit warp reductions (REDUX, sm_80+) where a shuffle
+// tree on 64-bit keys takes 5 rounds of two shuffles and a compare, on the dependent path of
+// every greedy step.
 __device__ __forceinline__ uint64_t warp_min(uint64_t key) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const uint64_t other = __shfl_xor_sync(kFullWarp, key, offset);
-    key = other < key ? other : key;
-  }
-  return key;
+  const uint32_t high = static_cast<uint32_t>(key >> 32), low = static_cast<uint32_t>(key);
+  const uint32_t best_high = __reduce_min_sync(kFullWarp, high);
+  const uint32_t best_low = __reduce_min_sync(kFullWarp, high == best_high ? low : ~0u);
+  return (uint64_t{best_high} << 32) | best_low;
 }
 
 // Minimum key over the block, returned to every thread, with ONE barrier.

@@ -13,6 +13,7 @@
 
 #define ZSPA_SIMT 1
 
+#include <algorithm>
 #include <atomic>
 #include <barrier>
 #include <cstddef>
@@ -83,6 +84,18 @@ inline uint64_t warp_exchange(uint64_t mine, int src_lane) {
   const uint64_t theirs = block->exchange[(tid & ~31) + src_lane];
   warp.arrive_and_wait();  // no lane overwrites its slot before all have read
   return theirs;
+}
+
+// The minimum of `mine` over the warp, to every lane (all lanes publish, then each reads all).
+inline uint32_t warp_reduce_min(uint32_t mine) {
+  const int tid = static_cast<int>(thread_idx.x);
+  std::barrier<>& warp = *block->warp_barriers[tid / 32];
+  block->exchange[tid] = mine;
+  warp.arrive_and_wait();
+  uint32_t best = ~0u;
+  for (int lane = 0; lane < 32; ++lane) best = std::min<uint32_t>(best, static_cast<uint32_t>(block->exchange[(tid & ~31) + lane]));
+  warp.arrive_and_wait();  // no lane overwrites its slot before all have read
+  return best;
 }
 
 // Runs body() on the `threads` threads of block (x, y); the caller owns the block's
@@ -172,6 +185,8 @@ T __shfl_up_sync(unsigned /*mask*/, T value, unsigned delta) {
 }
 
 inline int atomicAdd(int* address, int value) { return std::atomic_ref<int>(*address).fetch_add(value); }
+
+inline unsigned __reduce_min_sync(unsigned /*mask*/, unsigned value) { return simt::warp_reduce_min(value); }
 
 inline unsigned __ballot_sync(unsigned /*mask*/, bool predicate) {
   unsigned ballot = 0;
