@@ -99,18 +99,17 @@ cudaLaunchConfig_t launch_config(dim3 grid, dim3 block, size_t smem, cudaStream_
   return config;
 }
 
-// Whether the current device runs programmatic dependent launches (sm_90+).
-bool pdl_device() { return at::cuda::getCurrentDeviceProperties()->major >= 9; }
+// Whether the current device has thread-block clusters and programmatic dependent launch (sm_90+).
+bool sm90_device() { return at::cuda::getCurrentDeviceProperties()->major >= 9; }
 
-GreedyLaunch greedy_launch(int64_t N, int64_t rows, c10::string_view mode) {
+GreedyLaunch greedy_launch(int64_t N, int64_t rows, bool sm90, c10::string_view mode) {
   TORCH_CHECK(mode == "auto" || mode == "cluster" || mode == "block",
               "ZSPA_CUDA_GREEDY: expected 'auto', 'cluster' or 'block', got '", mode, "'");
   GreedyLaunch launch;
   if (mode == "block") return launch;
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  const bool hopper = prop->major >= 9;
   const ClusterShape shape =
-      hopper ? cluster_shape(N, prop->sharedMemPerBlockOptin, static_smem_bytes<greedy_cluster_kernel>()) : ClusterShape{};
+      sm90 ? cluster_shape(N, prop->sharedMemPerBlockOptin, static_smem_bytes<greedy_cluster_kernel>()) : ClusterShape{};
   if (shape.ctas > 0) {
     // Per device and shape, once: the kernel's attributes and the co-scheduling count (host
     // queries only, nothing enqueued, so graph capture is unaffected).
@@ -141,7 +140,7 @@ GreedyLaunch greedy_launch(int64_t N, int64_t rows, c10::string_view mode) {
     launch.active = found->second;
   }
   if (mode == "cluster") {
-    TORCH_CHECK(hopper, "ZSPA_CUDA_GREEDY=cluster: thread-block clusters need an sm_90 or newer GPU");
+    TORCH_CHECK(sm90, "ZSPA_CUDA_GREEDY=cluster: thread-block clusters need an sm_90 or newer GPU");
     TORCH_CHECK(shape.ctas > 0, "ZSPA_CUDA_GREEDY=cluster: no cluster of this GPU holds the Gram of N=", N,
                 " tokens in shared memory; use 'auto' or 'block'");
     TORCH_CHECK(launch.active > 0, "ZSPA_CUDA_GREEDY=cluster: this GPU's driver runs no cluster of ", shape.ctas,
@@ -234,6 +233,7 @@ at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt
   const bool max_relevance = relevance == "max";
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool scaled = V.scalar_type() != at::kHalf;
+  const bool sm90 = sm90_device();  // clusters and programmatic dependent launch
   at::Tensor token_scale, prompt_scale;  // undefined: unscaled (fp16)
   if (scaled && max_relevance) {  // "mean": prompt_stats scales the pooled vector
     RowPass pass = scale_rows(P, true, at::Tensor(), stream, false);  // the first launch: after the caller's work
@@ -277,7 +277,7 @@ at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt
   }), at::kFloat, at::kHalf, at::kBFloat16);
   // The tokens in one pass: scaled (bf16/fp32) and, for "mean", dotted with the pooled prompt.
   if (scaled || !max_relevance) {
-    RowPass pass = scale_rows(V, scaled, pooled, stream, pdl_device());
+    RowPass pass = scale_rows(V, scaled, pooled, stream, sm90);
     if (scaled) {
       V = pass.scaled;
       token_scale = pass.scales;
@@ -313,7 +313,7 @@ at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt
   for (int64_t row0 = 0; row0 < B; row0 += rows_per_chunk) {
     const int64_t rows = std::min(rows_per_chunk, B - row0);
     const at::Tensor chunk = V.narrow(0, row0, rows);
-    const GreedyLaunch launch = greedy_launch(N, rows, greedy);
+    const GreedyLaunch launch = greedy_launch(N, rows, sm90, greedy);
     const int64_t h = gram_split(rows, N, D, launch.shape.ctas > 0, gram);
     // The top rows (rows, h, N), and for a split Gram the bottom-right block (rows, N - h, N - h)
     // (gram_view.cuh): strided views of the tokens, no copies.
@@ -331,12 +331,12 @@ at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt
       LaunchAttributes attributes;
       const cudaLaunchConfig_t config =
           launch_config(dim3(static_cast<unsigned>(rows * launch.shape.ctas)), dim3(launch.shape.threads),
-                        launch.shape.smem, stream, launch.shape.ctas, pdl_device(), &attributes);
+                        launch.shape.smem, stream, launch.shape.ctas, sm90, &attributes);
       C10_CUDA_CHECK(cudaLaunchKernelEx(&config, greedy_cluster_kernel, params, launch.shape.ctas, launch.shape.slice));
     } else {
       LaunchAttributes attributes;
       const cudaLaunchConfig_t config = launch_config(dim3(static_cast<unsigned>(rows)), dim3(threads_for(N, 1024)),
-                                                      smem_bytes, stream, 0, pdl_device(), &attributes);
+                                                      smem_bytes, stream, 0, sm90, &attributes);
       C10_CUDA_CHECK(cudaLaunchKernelEx(&config, greedy_select_kernel, params));
     }
   }
