@@ -10,8 +10,8 @@ seed (core ratio 0), lengths, prompt masks, ``max`` relevance, both output forms
 and bf16; for ``cuda`` also a row whose state needs more than 48 KB of shared memory, both
 greedy kernels (``ZSPA_CUDA_GREEDY``: on sm_90 ``auto`` takes the cluster kernel for every row
 of up to ~950 tokens, so the small cases are forced onto the block kernel too), clusters of
-6, 7 (4-byte copies) and 15 CTAs, a radix-selected core, and the split Gram (``ZSPA_CUDA_GRAM``)
-on both kernels. Each
+6, 7 (4-byte copies) and 15 CTAs, a radix-selected core, the split Gram (``ZSPA_CUDA_GRAM``)
+on both kernels, and tokens outside the raw band, whose Gram entries the token pass rewrites. Each
 result is checked for what any valid selection satisfies (indices in the row, no repeats,
 ``-1`` only after the row's budget), so a launch that silently wrote nothing fails here too;
 agreement with the fp64 oracle is the test suite's job. Run without a sanitizer it is a
@@ -46,6 +46,7 @@ class Case:
     gram_budget: str = ""     # ZSPA_GRAM_BUDGET for this case ("" = default)
     greedy: str = ""          # ZSPA_CUDA_GREEDY for this case ("" = auto)
     gram: str = ""            # ZSPA_CUDA_GRAM for this case ("" = auto)
+    outside: bool = False     # some tokens at 1e30 and 1e-30: outside cuda's raw band (gram_repair.cuh)
 
 
 CASES = (
@@ -68,12 +69,18 @@ CUDA_CASES = (
     Case(2, 577, 24, 40, core_ratio=0.0, lengths=True, pick_order=False),  # 7 CTAs, 4-byte copies
     Case(2, 576, 32, 48, gram="split"),                                    # the split Gram, 16-byte copies
     Case(1, 900, 16, 40, T=3, relevance="max"),                           # 15 CTAs (non-portable size)
+    Case(2, 576, 32, 48, gram="split", outside=True),          # the token pass's repair, split Gram, clusters
+    Case(2, 150, 64, 30, T=5, masked=True, relevance="max", outside=True, greedy="block"),  # "max" dots repaired
+    Case(2, 97, 33, 20, dtype=torch.float32, lengths=True, outside=True),  # fp32, odd D
 )
 
 
 def make(case: Case, device: torch.device, seed: int):
     g = torch.Generator().manual_seed(seed)
     visual = torch.randn(case.B, case.N, case.D, generator=g) * torch.rand(case.B, case.N, 1, generator=g).add(0.1)
+    if case.outside:
+        visual[:, ::5] *= 1e30
+        visual[:, 3::7] *= 1e-30
     prompt = torch.randn(case.B, case.D, generator=g) if case.T == 0 else torch.randn(case.B, case.T, case.D,
                                                                                       generator=g)
     mask = None

@@ -10,21 +10,27 @@
 
 namespace zspa {
 
-struct GramView {
-  const float* top;     // (h, N): rows [0, h)
-  const float* corner;  // (N - h, N - h): rows and columns [h, N); unused when h == N
+// Entry = const float for the greedy kernels, which read it; float for the token pass, which
+// rewrites the entries of tokens outside the raw band (gram_repair.cuh).
+template <typename Entry>
+struct BasicGramView {
+  Entry* top;     // (h, N): rows [0, h)
+  Entry* corner;  // (N - h, N - h): rows and columns [h, N); unused when h == N
   int N, h;
 
-  __host__ __device__ const float* ptr(int j, int i) const {
+  // The stored entry (j, i); (i, j) is the same one wherever the split stores only one of them.
+  __host__ __device__ Entry* ptr(int j, int i) const {
     if (j < h) return top + static_cast<int64_t>(j) * N + i;
     if (i < h) return top + static_cast<int64_t>(i) * N + j;
     return corner + static_cast<int64_t>(j - h) * (N - h) + (i - h);
   }
 
-  __host__ __device__ float at(int j, int i) const { return *ptr(j, i); }
+  __host__ __device__ Entry at(int j, int i) const { return *ptr(j, i); }
 
   // Whether row j's entries from column i on are consecutive in memory (to the row's end).
   __host__ __device__ bool contiguous_from(int j, int i) const { return j < h || i >= h; }
 };
+
+using GramView = BasicGramView<const float>;
 
 }  // namespace zspa

@@ -237,7 +237,7 @@ __global__ void __launch_bounds__(1024) greedy_cluster_kernel(GreedyParams p, in
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();
 #else
-  wait_for_previous_kernel();  // the Gram GEMM (pdl.cuh)
+  wait_for_previous_kernel();  // the token pass, or (fp16 "max") the Gram GEMM (pdl.cuh)
   extern __shared__ float4 cluster_smem[];  // float4: 16-byte aligned for the 16-byte copies
   __shared__ uint64_t slots[2 * kMaxClusterSlots];
   __shared__ int warp_counts[kMaxWarps];

@@ -1,11 +1,13 @@
 // Kernel 3 of 3: ZSPAPrune selection of one batch row per CTA (SPEC §1 steps 1, 3-7).
 //
-// Inputs, all fp32, computed by the launcher from the tokens scaled by their power-of-two
-// token_scale (spec.cuh; exact, so that no square overflows; null for fp16, which cannot):
-//   G[i, j] = v_i . v_j   (the row's N x N Gram, cuBLAS, whole or split: gram_view.cuh; its
-//                          diagonal gives the norms),
-//   relevance dots: v_i . pooled ("mean", scale_rows.cuh) or v_i . p_t ("max", cuBLAS),
-//   and the prompt norms of prompt_stats.cuh.
+// Inputs, all fp32, computed by the launcher from the tokens v_i = c_i x_i, c_i their
+// token_scale (gram_repair.cuh: 1 for every token in the raw band, else its power of two; so
+// that no square overflows; null for fp16, which needs none):
+//   G[i, j] = v_i . v_j   (the row's N x N Gram, cuBLAS on the tokens as given, entries of
+//                          tokens outside the band repaired; whole or split: gram_view.cuh;
+//                          its diagonal gives the norms),
+//   relevance dots: v_i . pooled ("mean", scale_rows.cuh) or v_i . p_t ("max", cuBLAS, repaired
+//   likewise), and the prompt norms of prompt_stats.cuh.
 // Cosines are G[j, i] / (norm_i * norm_j), norm_i = max(||v_i||, 1e-6 * scale_i): the
 // product is normalised afterwards, so no normalised copy of the tokens is written.
 //
@@ -46,7 +48,7 @@ struct GreedyParams {
   const float* prompt_norm;   // (B, T); for "mean" only [b, 0], the pooled norm
   const bool* prompt_mask;    // (B, T) or null
   const int64_t* lengths;     // (B,) or null
-  const float* token_scale;   // (B, N) powers of two the tokens were scaled by, or null (1)
+  const float* token_scale;   // (B, N) c_i: the tokens' scales in the Gram (gram_repair.cuh), or null (1)
   int64_t* out;               // (B, k)
   int row0;                   // batch row of blockIdx.x == 0
   int N, T, k;
@@ -314,7 +316,7 @@ __device__ void greedy_select_row(const GreedyParams& p, float* smem, uint64_t* 
 }
 
 __global__ void __launch_bounds__(1024) greedy_select_kernel(GreedyParams p) {  // up to 1024 threads a row
-  wait_for_previous_kernel();  // the Gram GEMM (pdl.cuh)
+  wait_for_previous_kernel();  // the token pass, or (fp16 "max") the Gram GEMM (pdl.cuh)
   extern __shared__ float smem[];
   __shared__ uint64_t slots[2 * kMaxWarps];
   __shared__ int warp_counts[kMaxWarps];

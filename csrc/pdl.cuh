@@ -2,9 +2,11 @@
 // serialization may start while the kernel before it in the stream still runs, once that one
 // has allowed it (or exited); before it reads anything that kernel writes it waits for that
 // kernel's completion and its writes (griddepcontrol.wait). The launcher uses it where the
-// next kernel has work that needs nothing from the one before: the token pass reads and scales
-// the tokens while prompt_stats pools the prompt (2 to 11 us at LLaVA-1.5 B=1 on the H200), and
-// the greedy kernels' launch overlaps the Gram GEMM's tail. Both calls are no-ops in a kernel
+// next kernel has work that needs nothing from the one before: the token pass reads the tokens
+// and finds their scales while prompt_stats pools the prompt (2 to 11 us at LLaVA-1.5 B=1 on the
+// H200), and the greedy kernels' launch overlaps the token pass's tail. Every CTA of a dependent
+// waits before it exits, so a grid never completes before the one it depends on (the greedy
+// kernel, waiting for the token pass, also waits for the GEMMs before that). Both calls are no-ops in a kernel
 // launched without the attribute, on older GPUs, and in the CPU emulation (tests/simt).
 #pragma once
 

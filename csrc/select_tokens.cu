@@ -1,10 +1,11 @@
 // Launcher: the kernels and the fp32-accumulating GEMMs (cuBLAS through ATen). Everything is
 // enqueued on the current stream without reading any device value, so the op can be captured
-// in a CUDA graph. Launches per call, "mean": prompt stats (with the pooled prompt), one pass
-// over the tokens (scale_rows.cuh: scales and scaled copy for bf16/fp32, dots with the pooled
-// prompt), then per Gram chunk the Gram GEMM (two for a split Gram: gram_split) and one greedy
-// kernel (greedy_cluster.cuh or greedy_select.cuh: greedy_launch); "max": the prompt rows' and
-// the tokens' scaling passes, prompt stats, the dots GEMM, then the same per chunk.
+// in a CUDA graph. The GEMMs read the tokens as given (gram_repair.cuh: no scaled copy).
+// Launches per call, "mean", per Gram chunk: the Gram GEMM (two for a split Gram: gram_split),
+// in the first chunk prompt stats (with the pooled prompt), the token pass of the chunk's rows
+// (scale_rows.cuh: scales, dots with the pooled prompt, repair of tokens outside the raw band),
+// one greedy kernel (greedy_cluster.cuh or greedy_select.cuh: greedy_launch); "max": the prompt
+// rows' scaling pass, prompt stats, the dots GEMM, then per chunk the same without prompt stats.
 #include "select_tokens.h"
 
 #include <algorithm>
@@ -174,36 +175,19 @@ int64_t gram_split(int64_t rows, int64_t N, int64_t D, bool cluster, c10::string
   return half;
 }
 
-// One launch of scale_rows.cuh over x (B, L, D), contiguous: {x scaled row by row, (B, L) fp32
-// scales} when `scale` (bf16/fp32; fp16 is never scaled: its squares cannot overflow fp32, and
-// scaling fp16 values down could round the small ones), and with `pooled` (B, D) the (B, L) fp32
-// dots of the (scaled) rows with it. Undefined tensors for what was not asked. `pdl`: launched
-// as prompt_stats' dependent (pdl.cuh), to read the tokens while it runs; only right after it,
-// whose own start waited for everything before (x included).
-struct RowPass {
-  at::Tensor scaled, scales, dots;
-};
-
-RowPass scale_rows(const at::Tensor& x, bool scale, const at::Tensor& pooled, cudaStream_t stream, bool pdl) {
-  const int64_t rows = x.size(0) * x.size(1), D = x.size(2);
-  TORCH_CHECK(rows <= INT_MAX, "visual: too many rows for one scaling launch");
-  RowPass out;
-  const auto f32 = x.options().dtype(at::kFloat);
-  if (scale) {
-    out.scaled = at::empty_like(x);
-    out.scales = at::empty({x.size(0), x.size(1)}, f32);
-  }
-  if (pooled.defined()) out.dots = at::empty({x.size(0), x.size(1)}, f32);
-  AT_DISPATCH_V2(x.scalar_type(), "zspa_scale_rows", AT_WRAP([&] {
-    LaunchAttributes attributes;
-    const cudaLaunchConfig_t config = launch_config(dim3(static_cast<unsigned>(rows)), dim3(threads_for(D, 256)), 0,
-                                                    stream, 0, pdl, &attributes);
-    C10_CUDA_CHECK(cudaLaunchKernelEx(
-        &config, scale_rows_kernel<scalar_t>, x.data_ptr<scalar_t>(), scale ? out.scaled.data_ptr<scalar_t>() : nullptr,
-        scale ? out.scales.data_ptr<float>() : nullptr, pooled.defined() ? pooled.data_ptr<float>() : nullptr,
-        pooled.defined() ? out.dots.data_ptr<float>() : nullptr, x.size(1), static_cast<int>(D)));
-  }), at::kFloat, at::kHalf, at::kBFloat16);
-  return out;
+// The prompt rows of relevance "max" (bf16/fp32), (B, T, D) contiguous: {scaled copy, (B, T)
+// scales} (scale_rows.cuh), for the dots GEMM. The call's first launch.
+std::pair<at::Tensor, at::Tensor> scale_prompt_rows(const at::Tensor& P, cudaStream_t stream) {
+  const int64_t rows = P.size(0) * P.size(1), D = P.size(2);
+  TORCH_CHECK(rows <= INT_MAX, "prompt: too many rows for one scaling launch");
+  at::Tensor scaled = at::empty_like(P);
+  at::Tensor scales = at::empty({P.size(0), P.size(1)}, P.options().dtype(at::kFloat));
+  AT_DISPATCH_V2(P.scalar_type(), "zspa_scale_rows", AT_WRAP([&] {
+    scale_rows_kernel<scalar_t><<<static_cast<unsigned>(rows), threads_for(D, 256), 0, stream>>>(
+        P.data_ptr<scalar_t>(), scaled.data_ptr<scalar_t>(), scales.data_ptr<float>(), static_cast<int>(D));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }), at::kFloat, at::kBFloat16);
+  return {scaled, scales};
 }
 
 }  // namespace
@@ -232,14 +216,10 @@ at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt
               "visual: too large for the cuda backend");
   const bool max_relevance = relevance == "max";
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const bool scaled = V.scalar_type() != at::kHalf;
+  const bool scaled = V.scalar_type() != at::kHalf;  // fp16 is never scaled: its squares cannot overflow
   const bool sm90 = sm90_device();  // clusters and programmatic dependent launch
-  at::Tensor token_scale, prompt_scale;  // undefined: unscaled (fp16)
-  if (scaled && max_relevance) {  // "mean": prompt_stats scales the pooled vector
-    RowPass pass = scale_rows(P, true, at::Tensor(), stream, false);  // the first launch: after the caller's work
-    P = pass.scaled;
-    prompt_scale = pass.scales;
-  }
+  at::Tensor prompt_scale;  // undefined: unscaled
+  if (scaled && max_relevance) std::tie(P, prompt_scale) = scale_prompt_rows(P, stream);  // "mean": prompt_stats scales the pooled vector
 
   at::Tensor mask;
   if (prompt_mask.has_value()) {
@@ -262,29 +242,32 @@ at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt
   TORCH_CHECK(smem_bytes + static_smem <= static_cast<size_t>(device_smem), "visual: N=", N,
               " tokens need ", smem_bytes + static_smem, " bytes of shared memory per row, more than this GPU's ",
               device_smem, "; use backend='triton'");
+  TORCH_CHECK(B * N <= INT_MAX, "visual: too many tokens for one token pass");
 
   const auto f32 = V.options().dtype(at::kFloat);
   at::Tensor prompt_norm = at::empty({B, T}, f32);
   at::Tensor pooled = max_relevance ? at::Tensor() : at::empty({B, D}, f32);
-  at::Tensor dots;  // relevance numerators: (B, N) for "mean", (B, N, T) for "max"
-  AT_DISPATCH_V2(V.scalar_type(), "zspa_prompt_stats", AT_WRAP([&] {
-    prompt_stats_kernel<scalar_t><<<B, threads_for(std::max(D, T * 32), 1024), 0, stream>>>(
-        P.data_ptr<scalar_t>(), mask.defined() ? mask.data_ptr<bool>() : nullptr,
-        max_relevance ? nullptr : pooled.data_ptr<float>(), prompt_norm.data_ptr<float>(),
-        prompt_scale.defined() ? prompt_scale.data_ptr<float>() : nullptr, static_cast<int>(T),
-        static_cast<int>(D), max_relevance);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }), at::kFloat, at::kHalf, at::kBFloat16);
-  // The tokens in one pass: scaled (bf16/fp32) and, for "mean", dotted with the pooled prompt.
-  if (scaled || !max_relevance) {
-    RowPass pass = scale_rows(V, scaled, pooled, stream, sm90);
-    if (scaled) {
-      V = pass.scaled;
-      token_scale = pass.scales;
-    }
-    dots = pass.dots;
+  const auto launch_prompt_stats = [&] {
+    AT_DISPATCH_V2(V.scalar_type(), "zspa_prompt_stats", AT_WRAP([&] {
+      prompt_stats_kernel<scalar_t><<<B, threads_for(std::max(D, T * 32), 1024), 0, stream>>>(
+          P.data_ptr<scalar_t>(), mask.defined() ? mask.data_ptr<bool>() : nullptr,
+          max_relevance ? nullptr : pooled.data_ptr<float>(), prompt_norm.data_ptr<float>(),
+          prompt_scale.defined() ? prompt_scale.data_ptr<float>() : nullptr, static_cast<int>(T),
+          static_cast<int>(D), max_relevance);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }), at::kFloat, at::kHalf, at::kBFloat16);
+  };
+  // Relevance numerators: (B, N) dots with the pooled prompt ("mean", the token pass), or (B, N,
+  // T) dots with every prompt row ("max": cuBLAS, on the tokens as given; the token pass repairs
+  // the rows of tokens outside the raw band).
+  at::Tensor dots;
+  if (max_relevance) {
+    launch_prompt_stats();
+    dots = fp32_bmm(V, P.transpose(1, 2));
+  } else {
+    dots = at::empty({B, N}, f32);
   }
-  if (max_relevance) dots = fp32_bmm(V, P.transpose(1, 2));  // (B, N, T) on cuBLAS
+  at::Tensor token_scale = scaled ? at::empty({B, N}, f32) : at::Tensor();  // gram_repair.cuh's convention
 
   at::Tensor out = at::empty({B, k}, V.options().dtype(at::kLong));
   if (smem_bytes + static_smem > 48 * 1024) {  // N >= 4043: at N = 4096 the dynamic part alone is exactly 48 KiB
@@ -308,7 +291,9 @@ at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt
   params.radix_core = true;
 
   // The Gram workspace of one launch stays within gram_budget (spec.gram_budget(), shared
-  // with the triton backend), at least one row per chunk.
+  // with the triton backend), at least one row per chunk. Per chunk: the Gram GEMMs on the
+  // tokens as given, (first chunk, "mean") prompt_stats, the token pass of the chunk's rows,
+  // the greedy kernel.
   const int64_t rows_per_chunk = std::max<int64_t>(1, gram_budget / (N * N * int64_t{4}));
   for (int64_t row0 = 0; row0 < B; row0 += rows_per_chunk) {
     const int64_t rows = std::min(rows_per_chunk, B - row0);
@@ -322,6 +307,30 @@ at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt
     if (h < N) {
       const at::Tensor bottom = chunk.narrow(1, h, N - h);
       corner = fp32_bmm(bottom, bottom.transpose(1, 2));
+    }
+    // "mean": prompt_stats here, after the first GEMMs, so that the token pass, its
+    // programmatic dependent, reads and scales the tokens while it pools the prompt.
+    if (!max_relevance && row0 == 0) launch_prompt_stats();
+    if (scaled || !max_relevance) {  // fp16 "max": no scales, no dots to make
+      AT_DISPATCH_V2(V.scalar_type(), "zspa_token_pass", AT_WRAP([&] {
+        TokenPass<scalar_t> pass{};
+        pass.x = chunk.data_ptr<scalar_t>();
+        pass.scale = scaled ? token_scale.data_ptr<float>() + row0 * N : nullptr;
+        pass.pooled = max_relevance ? nullptr : pooled.data_ptr<float>() + row0 * D;
+        pass.dots = max_relevance ? nullptr : dots.data_ptr<float>() + row0 * N;
+        pass.gram_top = top.data_ptr<float>();
+        pass.gram_corner = corner.defined() ? corner.data_ptr<float>() : nullptr;
+        pass.gram_split = static_cast<int>(h);
+        pass.prompt = max_relevance && scaled ? P.data_ptr<scalar_t>() + row0 * T * D : nullptr;
+        pass.prompt_dots = max_relevance && scaled ? dots.data_ptr<float>() + row0 * N * T : nullptr;
+        pass.N = static_cast<int>(N);
+        pass.T = static_cast<int>(T);
+        pass.D = static_cast<int>(D);
+        LaunchAttributes attributes;
+        const cudaLaunchConfig_t config = launch_config(dim3(static_cast<unsigned>(rows * N)),
+                                                        dim3(threads_for(D, 256)), 0, stream, 0, sm90, &attributes);
+        C10_CUDA_CHECK(cudaLaunchKernelEx(&config, token_pass_kernel<scalar_t>, pass));
+      }), at::kFloat, at::kHalf, at::kBFloat16);
     }
     params.gram_top = top.data_ptr<float>();
     params.gram_corner = corner.defined() ? corner.data_ptr<float>() : nullptr;

@@ -179,3 +179,32 @@ def test_split_gram_replays_against_fp64(monkeypatch, greedy):
             row = Row(visual[b].float().cpu().numpy(), prompt[b].float().cpu().numpy(), None, int(lengths[b]), 60,
                       alpha, "mean")
             replay(row, order[b].tolist(), TOLERANCE["cuda"][torch.bfloat16])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("greedy,gram", [("block", "full"), ("block", "split"), ("cluster", "full"), ("cluster", "split")])
+def test_tokens_outside_the_raw_band_replay_against_fp64(monkeypatch, dtype, greedy, gram):
+    """The GEMMs read the tokens as given (gram_repair.cuh): tokens whose largest |x| is outside
+    [2^-33, 2^48) (1e-30, 1e-12, 1e15, 1e30, two copies of one) have their Gram rows and columns,
+    and their "max" dots, rewritten by the token pass; in-band tokens of 1e-9 to 1e9 beside them.
+    Both relevances, both greedy kernels, whole and split Grams, against fp64."""
+    if greedy == "cluster" and not _cluster_gpu():
+        pytest.skip("thread-block clusters need sm_90")
+    from fp64_oracle import Row, replay
+    from helpers import TOLERANCE
+
+    monkeypatch.setenv("ZSPA_CUDA_GREEDY", greedy)
+    monkeypatch.setenv("ZSPA_CUDA_GRAM", gram)
+    g = torch.Generator().manual_seed(11)
+    N, D = 300, 64
+    magnitudes = torch.tensor([1e-9, 1e-30, 1.0, 1e15, 1e-12, 1e9, 1e30, 3.0, 1e-3])
+    visual = torch.randn(2, N, D, generator=g) * magnitudes[torch.arange(N) % len(magnitudes)].reshape(1, N, 1)
+    visual[:, N - 1], visual[:, N - 2] = visual[:, 3], visual[:, 3]
+    prompt = torch.randn(2, 3, D, generator=g)
+    visual, prompt = visual.to(dtype), prompt.to(dtype)
+    assert visual.isfinite().all()
+    for alpha, relevance in ((0.5, "mean"), (0.0, "max"), (0.25, "max")):
+        order = _select(visual.cuda(), prompt.cuda(), 40, core_ratio=alpha, relevance=relevance).cpu()
+        for b in range(2):
+            row = Row(visual[b].float().numpy(), prompt[b].float().numpy(), None, N, 40, alpha, relevance)
+            replay(row, order[b].tolist(), TOLERANCE["cuda"][dtype])

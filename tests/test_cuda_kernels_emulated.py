@@ -1,13 +1,15 @@
 """The csrc/ kernels' own source, run on the CPU (tests/simt), against the fp64 oracle.
 
 CI has no GPU, so this is where the block logic of ``prompt_stats.cuh``,
-``scale_rows.cuh`` (the tokens' scales and their dots with the pooled prompt) and
-``greedy_select.cuh`` meets the oracle: each CUDA thread is a CPU thread, with real
-barriers, shuffles and ballots, in the launcher's order. The GEMM outputs the
-launcher would get from cuBLAS are built here as fp64 products rounded to fp32
-(fp32 accuracy, like cuBLAS with fp32 accumulation), the Gram made exactly
-symmetric as cuBLAS's is (its (i, j) and (j, i) entries sum the same exact
-products in the same order). Blocks of 32 threads give each thread several
+``scale_rows.cuh`` (the token pass: scales, dots with the pooled prompt, and the repair
+of tokens outside the raw band, ``gram_repair.cuh``) and the greedy kernels meets the
+oracle: each CUDA thread is a CPU thread, with real barriers, shuffles and ballots, in
+the launcher's order. The GEMM outputs the launcher would get from cuBLAS, of the tokens
+as given, are built here as fp64 products rounded to fp32 (fp32 accuracy, like cuBLAS
+with fp32 accumulation; inf where fp32 overflows), the Gram made exactly symmetric as
+cuBLAS's is (its (i, j) and (j, i) entries sum the same exact products in the same
+order); the entries of tokens outside the raw band are NaN before the token pass, so
+that one it failed to repair cannot pass unseen. Blocks of 32 threads give each thread several
 tokens and the ascending scan several rounds; 128 threads leave threads idle.
 Rows go through the greedy kernel in chunks of two, like the launcher's Gram chunks.
 """
@@ -37,6 +39,7 @@ THREADS = (32, 128)
 SERIAL_CORE, ALWAYS_RANKS, RADIX_CORE, LAUNCHER = (0, False), (1 << 30, False), (0, True), (512, True)
 CORE_PATHS = {"serial-core": SERIAL_CORE, "rank-core": ALWAYS_RANKS, "radix-core": RADIX_CORE}
 RADIX_MIN_TOKENS = 256
+RAW_EXP_MIN, RAW_EXP_MAX = -32, 48  # gram_repair.cuh's raw band: amax = m * 2^e, m in [0.5, 1), e in it
 
 
 @pytest.fixture(scope="module")
@@ -61,21 +64,51 @@ def expected_scales(x):
     return torch.exp2(-torch.frexp(amax).exponent.clamp(SCALE_EXP_MIN, SCALE_EXP_MAX).float())
 
 
-def emulated_scale_rows(emulator, x, scale=True, pooled=None):
-    """scale_rows.cuh on ``x`` (B, L, D) as fp32 values: (scaled copy, scales, dots with ``pooled``
-    (B, D)), None for what was not asked; without ``scale`` the dots are of ``x`` as given."""
+def expected_raw_scales(x):
+    """gram_repair.cuh's token scales: 1 in the raw band (and for zero rows), else spec's scale."""
+    amax = torch.nan_to_num(x.abs(), 0.0, 0.0, 0.0).amax(-1).float()
+    e = torch.frexp(amax).exponent
+    in_band = (amax == 0) | ((e >= RAW_EXP_MIN) & (e <= RAW_EXP_MAX))
+    return torch.where(in_band, torch.ones_like(amax), expected_scales(x))
+
+
+def emulated_scale_rows(emulator, x):
+    """scale_rows.cuh's prompt-row pass on ``x`` (B, L, D) as fp32 values: (scaled copy, scales)."""
     flat = np.ascontiguousarray(x.float().reshape(-1, x.shape[-1]).numpy())
-    scaled = np.empty_like(flat) if scale else None
-    scales = np.empty(flat.shape[0], dtype=np.float32) if scale else None
-    dots = np.empty(flat.shape[0], dtype=np.float32) if pooled is not None else None
+    scaled, scales = np.empty_like(flat), np.empty(flat.shape[0], dtype=np.float32)
+    emulator.emulate_scale_rows(_ptr(flat), _ptr(scaled), _ptr(scales), ctypes.c_int64(flat.shape[0]), flat.shape[1],
+                                64)  # two warps: the block-wide max crosses warps
+    return torch.from_numpy(scaled).reshape(x.shape), torch.from_numpy(scales).reshape(x.shape[:-1])
+
+
+def raw_gram(visual):
+    """The launcher's Gram GEMM of the tokens as given: fp64 products rounded to fp32 (inf where
+    fp32 overflows), exactly symmetric; the entries of tokens outside the raw band NaN, as the
+    token pass must rewrite every one of them."""
+    v = visual.double()
+    gram = v @ v.transpose(1, 2)
+    gram = ((gram + gram.transpose(1, 2)) / 2).float()
+    outside = expected_raw_scales(visual) != 1
+    gram[outside.unsqueeze(-1).expand_as(gram)] = float("nan")
+    gram.transpose(1, 2)[outside.unsqueeze(-1).expand_as(gram)] = float("nan")
+    return np.ascontiguousarray(gram.numpy())
+
+
+def emulated_token_pass(emulator, visual, scale, pooled, top, corner, h, prompt=None, prompt_dots=None):
+    """scale_rows.cuh's token pass over ``visual`` (B, N, D): (scales, dots with ``pooled``), None
+    for what was not asked (no ``scale``: fp16; no ``pooled``: "max"); ``top``/``corner`` (the
+    Gram, gram_view.cuh) and ``prompt_dots`` (B, N, T) with the scaled ``prompt`` rows ("max")
+    are repaired in place."""
+    B, N, D = visual.shape
+    x = np.ascontiguousarray(visual.float().numpy())
+    scales = np.empty((B, N), dtype=np.float32) if scale else None
+    dots = np.empty((B, N), dtype=np.float32) if pooled is not None else None
     q = None if pooled is None else np.ascontiguousarray(pooled, dtype=np.float32)
-    emulator.emulate_scale_rows(_ptr(flat), _ptr(scaled), _ptr(scales), _ptr(q), _ptr(dots),
-                                ctypes.c_int64(flat.shape[0]), ctypes.c_int64(x.shape[-2]), flat.shape[1],
-                                64)  # two warps: the block-wide max and sum cross warps
-    shape = x.shape[:-1]
-    return (None if scaled is None else torch.from_numpy(scaled).reshape(x.shape),
-            None if scales is None else torch.from_numpy(scales).reshape(shape),
-            None if dots is None else np.ascontiguousarray(dots.reshape(shape)))
+    p = None if prompt is None else np.ascontiguousarray(prompt.float().numpy())
+    T = 0 if prompt is None else prompt.shape[1]
+    emulator.emulate_token_pass(_ptr(x), _ptr(scales), _ptr(q), _ptr(dots), _ptr(top), _ptr(corner), h, _ptr(p),
+                                _ptr(prompt_dots), B, N, T, D, 64)  # two warps: block-wide reductions cross warps
+    return scales, dots
 
 
 def cluster_split(N, ctas):
@@ -107,7 +140,7 @@ def emulated_select(emulator, case, pick_order, threads, core=LAUNCHER, cluster=
     max_relevance = case.relevance == "max"
     prompt_scale = None
     if scale and max_relevance:
-        scaled, prompt_scale, _ = emulated_scale_rows(emulator, prompt)
+        scaled, prompt_scale = emulated_scale_rows(emulator, prompt)
         prompt = scaled.to(prompt.dtype)  # exact: bf16 values times powers of two
     B, N, D = visual.shape
     T = prompt.shape[1]
@@ -119,20 +152,22 @@ def emulated_select(emulator, case, pick_order, threads, core=LAUNCHER, cluster=
     emulator.emulate_prompt_stats(_ptr(raw_prompt), _ptr(mask), _ptr(pooled), _ptr(prompt_norm),
                                   _ptr(None if prompt_scale is None else np.ascontiguousarray(prompt_scale.numpy())),
                                   B, T, D, ctypes.c_bool(max_relevance), threads)
-    # One pass over the tokens: scaled copy and scales (bf16/fp32), dots with the pooled prompt ("mean").
-    token_scale, dots = None, None
-    if scale or not max_relevance:
-        scaled, token_scale, dots = emulated_scale_rows(emulator, visual, scale, None if max_relevance else pooled)
-        if scale:
-            visual = scaled.to(visual.dtype)  # exact, as above
-    visual, prompt = visual.double(), prompt.double()
+    # The GEMMs of the tokens as given, then the token pass: scales (bf16/fp32), dots with the
+    # pooled prompt ("mean"), the repair of tokens outside the raw band.
+    dots = None
     if max_relevance:
-        dots = np.ascontiguousarray((visual @ prompt.transpose(1, 2)).float().numpy())
-    gram = visual @ visual.transpose(1, 2)
-    gram = np.ascontiguousarray(((gram + gram.transpose(1, 2)) / 2).float().numpy())  # symmetric, as cuBLAS's
-    token_scale = None if token_scale is None else np.ascontiguousarray(token_scale.numpy())
+        dots = (visual.double() @ prompt.double().transpose(1, 2)).float()
+        dots[expected_raw_scales(visual) != 1] = float("nan")  # rows the token pass rewrites (never fp16's)
+        dots = np.ascontiguousarray(dots.numpy())
+    top, corner, h = split_gram(raw_gram(visual), split)  # fp16 tokens are all in the band
+    token_scale = None
+    if scale or not max_relevance:
+        token_scale, mean_dots = emulated_token_pass(emulator, visual, scale, None if max_relevance else pooled,
+                                                     top, corner, h, prompt if max_relevance and scale else None,
+                                                     dots if max_relevance and scale else None)
+        if not max_relevance:
+            dots = mean_dots
     out = np.full((B, case.k), -7, dtype=np.int64)
-    top, corner, h = split_gram(gram, split)
     if cluster is not None:
         ctas, slice_, cluster_threads = cluster_split(N, cluster)
         emulator.emulate_greedy_cluster(_ptr(top), _ptr(corner), h, _ptr(dots), _ptr(prompt_norm), _ptr(mask), _ptr(lengths),
@@ -191,21 +226,32 @@ def test_nonfinite_prompt_rows(emulator, relevance):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("relevance", ["mean", "max"])
-def test_finite_tokens_of_any_magnitude_are_normalised_without_overflow(emulator, dtype, relevance):
-    """Every third token and the prompt at 1e20 (fp16: 6e4), one token of norm < 1e-6."""
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
+def test_finite_tokens_of_any_magnitude_are_normalised_without_overflow(emulator, dtype, relevance, split):
+    """Every third token and the prompt at 1e20 (fp16: 6e4), one token of norm < 1e-6 (in the raw
+    band), one at 1e-30 (below it), two at the band's top edge (largest |x| just under 2^48, and
+    2^48); on both greedy kernels, whole and split Grams."""
     magnitude = 6e4 if dtype == torch.float16 else 1e20
     case = random_case(21, torch.float32)
     g = torch.Generator().manual_seed(21)
     visual = torch.randn(2, 23, 12, generator=g)
     visual[:, ::3] = visual[:, ::3] / visual[:, ::3].abs().amax(-1, keepdim=True) * magnitude
     visual[:, 1] *= 1e-9
+    if dtype != torch.float16:
+        visual[:, 2] *= 1e-30
+        for i, top in ((4, 2.0**48 * (1 - 2.0**-7)), (5, 2.0**48)):  # bf16-exact edges
+            visual[:, i] = visual[:, i] / visual[:, i].abs().amax(-1, keepdim=True) * top
     prompt = torch.randn(2, 3, 12, generator=g)
     prompt = prompt / prompt.abs().amax(-1, keepdim=True) * magnitude
     case.visual, case.prompt, case.prompt_mask, case.lengths = visual.to(dtype), prompt.to(dtype), None, None
     case.k, case.core_ratio, case.relevance = 9, [0.0, 0.5][relevance == "max"], relevance
-    order = emulated_select(emulator, case, pick_order=True, threads=32)
+    outside = int((expected_raw_scales(case.visual) != 1).sum())
+    assert outside == (0 if dtype == torch.float16 else 2 * 10)  # 8 huge, the tiny one, the edge's outer side
+    order = emulated_select(emulator, case, pick_order=True, threads=32, split=split)
     for b, row in oracle_rows(case):
         replay(row, order[b].tolist(), TOLERANCE["cuda"][dtype])
+    assert order.tolist() == emulated_select(emulator, case, pick_order=True, threads=32, cluster=3,
+                                             split=split).tolist()
 
 
 def test_spec_rules_match_zspa_kernels_spec(emulator):
@@ -219,27 +265,32 @@ def test_spec_rules_match_zspa_kernels_spec(emulator):
     for alpha in alphas:
         got = [emulator.emulate_core_count(ctypes.c_double(alpha), k_b) for k_b in range(301)]
         assert got == [spec.core_count(alpha, k_b) for k_b in range(301)], alpha
-    for amax in [0.0, 1e-45, 1e-40, 2.0**-126, 1e-6, 0.5, 1.0, 3.0, 1e20, 2.0**126, 3.4e38]:
+    emulator.emulate_raw_scale.restype = ctypes.c_float
+    edges = [2.0**-33 * (1 - 2.0**-24), 2.0**-33, 2.0**48 * (1 - 2.0**-24), 2.0**48]  # the raw band's edges
+    for amax in [0.0, 1e-45, 1e-40, 2.0**-126, 1e-6, 0.5, 1.0, 3.0, 1e20, 2.0**126, 3.4e38] + edges:
         x = torch.tensor([amax], dtype=torch.float32)
         expected = float(torch.exp2(-torch.frexp(x).exponent.clamp(SCALE_EXP_MIN, SCALE_EXP_MAX).float()))
         assert emulator.emulate_pow2_scale(ctypes.c_float(float(x))) == expected == float(expected_scales(x)), amax
+        in_band = amax == 0 or 2.0**-33 <= float(x) < 2.0**48
+        assert emulator.emulate_raw_scale(ctypes.c_float(float(x))) == (1.0 if in_band else expected), amax
+        assert float(expected_raw_scales(x)) == (1.0 if in_band else expected), amax
     constants = [spec.NORM_EPS, spec.NONFINITE_RELEVANCE, spec.NONFINITE_SIMILARITY, SCALE_EXP_MIN, SCALE_EXP_MAX,
-                 LAUNCHER[0], RADIX_MIN_TOKENS]
-    assert [emulator.emulate_constant(i) for i in range(7)] == [float(torch.tensor(c, dtype=torch.float32))
+                 LAUNCHER[0], RADIX_MIN_TOKENS, RAW_EXP_MIN, RAW_EXP_MAX]
+    assert [emulator.emulate_constant(i) for i in range(9)] == [float(torch.tensor(c, dtype=torch.float32))
                                                                  for c in constants]
 
 
 @pytest.mark.parametrize("D", [45, 48], ids=["D45-scalar", "D48-packed"])
 def test_scale_rows_scales_every_row_by_the_power_of_two_of_its_largest_finite_value(emulator, D):
-    """scale_rows.cuh against spec's rule: rows of any magnitude (1e-40 to 3e38), zeros, NaN and
-    inf (which count as 0 for the scale and stay NaN/inf), D not a multiple of 32, and more rows
-    than one block's warps."""
+    """scale_rows.cuh's prompt-row pass against spec's rule: rows of any magnitude (1e-40 to
+    3e38), zeros, NaN and inf (which count as 0 for the scale and stay NaN/inf), D not a
+    multiple of 32, and more rows than one block's warps."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(5, 7, D, generator=g) * torch.logspace(-40, 38, 35).reshape(5, 7, 1)
     x[0, 0] = 0.0
     x[1, 2, 3], x[2, 4, D - 1], x[3, 1, 0] = float("nan"), float("inf"), float("-inf")
     x[4, 6] = float("nan")
-    scaled, scale, _ = emulated_scale_rows(emulator, x)
+    scaled, scale = emulated_scale_rows(emulator, x)
     assert torch.equal(scale, expected_scales(x))
     torch.testing.assert_close(scaled, x * scale.unsqueeze(-1), rtol=0, atol=0, equal_nan=True)
     amax = torch.nan_to_num(x.abs(), 0.0, 0.0, 0.0).amax(-1)
@@ -248,24 +299,95 @@ def test_scale_rows_scales_every_row_by_the_power_of_two_of_its_largest_finite_v
     assert unclamped.sum() > 20 and bool(((top >= 0.5) & (top < 1.0)).all())  # such rows land in [0.5, 1)
 
 
+def mixed_magnitudes(B, N, D, seed):
+    """Tokens of every magnitude: in the raw band (1e-9 to 1e9), outside it on either side
+    (1e-30, 1e-12 and 1e15, 1e30), zero, with a NaN and an inf, two duplicates of an outside one."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, N, D, generator=g)
+    magnitudes = torch.tensor([1e-9, 1e-30, 1.0, 1e15, 1e-12, 1e9, 1e30, 3.0, 1e-3])
+    x *= magnitudes[torch.arange(N) % len(magnitudes)].reshape(1, N, 1)
+    x[:, 2] = 0.0
+    x[0, 5, 1], x[1, 7, 0] = float("nan"), float("inf")
+    x[:, N - 1], x[:, N - 2] = x[:, 3], x[:, 3]
+    return x
+
+
 @pytest.mark.parametrize("D", [70, 72], ids=["D70-scalar", "D72-packed"])  # 16-byte packs of 4 fp32 need D % 4 == 0
 @pytest.mark.parametrize("scale", [True, False], ids=["scaled", "fp16-unscaled"])
-def test_scale_rows_dots_each_row_with_its_batch_rows_pooled_prompt(emulator, scale, D):
-    """The pass's dots ("mean" relevance): each token row against the pooled vector of its own
-    batch row, of the scaled copy (bf16/fp32) or of the tokens as given (fp16), to fp32
-    accuracy of an fp64 dot; the scaled copy and scales are the same as without dots."""
-    g = torch.Generator().manual_seed(8)
-    x = torch.randn(3, 11, D, generator=g) * torch.logspace(-3, 3, 3).reshape(3, 1, 1)
-    pooled = torch.randn(3, D, generator=g).numpy()
-    scaled, scales, dots = emulated_scale_rows(emulator, x, scale, pooled)
-    rows = (scaled if scale else x).double()
+def test_token_pass_dots_each_row_with_its_batch_rows_pooled_prompt(emulator, scale, D):
+    """The token pass's dots ("mean" relevance): each token, times its raw_scale (bf16/fp32; as
+    given for fp16), against the pooled vector of its own batch row, to fp32 accuracy of an fp64
+    dot; the scales are gram_repair.cuh's, in the band and outside it."""
+    B, N = 3, 11
+    x = torch.randn(B, N, D, generator=torch.Generator().manual_seed(8)) * torch.logspace(-3, 3, 3).reshape(3, 1, 1)
+    if scale:
+        x[0, 3] *= 1e30
+        x[1, 4] *= 1e-30
+    pooled = torch.randn(B, D, generator=torch.Generator().manual_seed(9)).numpy()
+    top, corner, h = split_gram(raw_gram(x), False)
+    scales, dots = emulated_token_pass(emulator, x, scale, pooled, top, corner, h)
+    if scale:
+        assert torch.equal(torch.from_numpy(scales), expected_raw_scales(x))
+        assert int((torch.from_numpy(scales) != 1).sum()) == 2
+        rows = x.double() * torch.from_numpy(scales).double().unsqueeze(-1)
+    else:
+        assert scales is None
+        rows = x.double()
     expected = torch.einsum("bnd,bd->bn", rows, torch.from_numpy(pooled).double())
     torch.testing.assert_close(torch.from_numpy(dots).double(), expected, rtol=1e-5, atol=1e-6)
-    if scale:
-        alone, alone_scales, none = emulated_scale_rows(emulator, x)
-        assert none is None and torch.equal(alone, scaled) and torch.equal(alone_scales, scales)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
+@pytest.mark.parametrize("D", [45, 48], ids=["D45", "D48"])
+def test_token_pass_repairs_every_gram_entry_of_tokens_outside_the_raw_band(emulator, split, D):
+    """After the token pass, the Gram holds (c_i x_i) . (c_j x_j) for every pair (c: the tokens'
+    scales): the entries of two tokens in the band exactly as the GEMM left them, every entry of
+    a token outside it (NaN before the pass) rewritten to fp32 accuracy, bit-for-bit symmetric
+    (two outside tokens' CTAs write the same bits), and NaN again only where a token holds one;
+    "max" dots of outside tokens likewise, with the scaled prompt rows."""
+    B, N, T = 2, 22, 3
+    x = mixed_magnitudes(B, N, D, seed=D)
+    prompt = torch.randn(B, T, D, generator=torch.Generator().manual_seed(1))
+    gram = raw_gram(x)
+    top, corner, h = split_gram(gram.copy(), split)
+    assert h == (8 if split else N)
+    raw_dots = (x.double() @ prompt.double().transpose(1, 2)).float()
+    outside = expected_raw_scales(x) != 1
+    assert int(outside.sum()) == 2 * 11  # 1e-30, 1e15, 1e-12, 1e30 twice or thrice a row, one more duplicate
+    raw_dots[outside] = float("nan")
+    prompt_dots = np.ascontiguousarray(raw_dots.numpy())
+    scales, dots = emulated_token_pass(emulator, x, True, None, top, corner, h, prompt, prompt_dots)
+    assert dots is None and torch.equal(torch.from_numpy(scales), expected_raw_scales(x))
+    if split:  # the whole Gram back from its stored blocks (the lower-left block is the top rows' transpose)
+        whole = np.empty((B, N, N), dtype=np.float32)
+        whole[:, :h] = top
+        whole[:, h:, :h] = top[:, :, h:].transpose(0, 2, 1)
+        whole[:, h:, h:] = corner
     else:
-        assert scaled is None and scales is None
+        whole = top
+    got = torch.from_numpy(whole)
+    assert torch.equal(got.nan_to_num(7.0), got.transpose(1, 2).nan_to_num(7.0))  # symmetric, bit for bit
+    c = torch.from_numpy(scales).double()
+    v = x.double() * c.unsqueeze(-1)
+    expected = (v @ v.transpose(1, 2)).float()
+    nonfinite = ~x.isfinite().all(-1)
+    pair_nonfinite = nonfinite.unsqueeze(-1) | nonfinite.unsqueeze(-2)
+    touched = outside.unsqueeze(-1) | outside.unsqueeze(-2)
+    assert torch.equal(got.isnan() & ~pair_nonfinite, torch.zeros_like(touched))  # no NaN left but a token's own
+    in_band = ~touched & ~pair_nonfinite
+    assert torch.equal(got[in_band], torch.from_numpy(gram)[in_band])  # the GEMM's entries, untouched
+    norms = v.norm(dim=-1).clamp_min(1e-6)  # a zero token's entries are 0 both ways
+    scale_of = norms.unsqueeze(-1) * norms.unsqueeze(-2)
+    repaired = touched & ~pair_nonfinite
+    assert repaired.sum() > 300
+    torch.testing.assert_close(got[repaired].double() / scale_of[repaired], expected[repaired].double() / scale_of[repaired],
+                               rtol=0, atol=2e-6)  # to fp32 accuracy as cosines
+    expected_dots = (v @ prompt.double().transpose(1, 2)).float()
+    got_dots = torch.from_numpy(prompt_dots)
+    assert torch.equal(got_dots[~outside].nan_to_num(7.0), raw_dots[~outside].nan_to_num(7.0))  # NaN: a token's own
+    rows = outside & ~nonfinite
+    torch.testing.assert_close(got_dots[rows].double() / norms[rows].unsqueeze(-1),
+                               expected_dots[rows].double() / norms[rows].unsqueeze(-1), rtol=0, atol=2e-6)
 
 
 @pytest.mark.parametrize("threads", THREADS)

@@ -1,7 +1,7 @@
 // C entry points that run csrc/'s kernels on the CPU (see simt.h), for ctypes, one block
 // after the other with the launcher's grid shapes. The GEMM outputs the launcher gets
 // from cuBLAS (Gram rows, "max" dot products) are inputs here; tokens and prompts are
-// fp32 (the dtype only changes the loads).
+// fp32 (the dtype only changes the loads and the scaled values' rounding).
 #include "simt.h"
 
 #include "greedy_cluster.cuh"
@@ -19,24 +19,50 @@ extern "C" void emulate_prompt_stats(const float* prompt, const bool* mask, floa
   }
 }
 
-// scaled/scale null: no scaling (fp16); pooled/dots null: no dots ("max", or prompt rows).
-extern "C" void emulate_scale_rows(const float* x, float* scaled, float* scale, const float* pooled, float* dots,
-                                   int64_t rows, int64_t rows_per_batch, int D, int threads) {
+// The prompt rows' pass of relevance "max": scaled copy and scales (scale_rows_kernel).
+extern "C" void emulate_scale_rows(const float* x, float* scaled, float* scale, int64_t rows, int D, int threads) {
   for (int64_t r = 0; r < rows; ++r) {
     float scratch[32];
-    simt::run_block(static_cast<int>(r), 0, threads, [&] {
-      zspa::scale_row<float>(x, scaled, scale, pooled, dots, rows_per_batch, D, scratch);
+    simt::run_block(static_cast<unsigned>(r), 0, threads, [&] {
+      zspa::scale_row<float>(x, scaled, scale, nullptr, nullptr, 1, D, false, scratch);
     });
+  }
+}
+
+// The token pass over B batch rows of N tokens (token_pass_kernel, one Gram chunk): scale null:
+// fp16 (never scaled); pooled/dots null: "max"; prompt/prompt_dots null: "mean" or fp16. The
+// Gram (top, corner, h as gram_view.cuh) and prompt_dots are rewritten where the pass repairs them.
+extern "C" void emulate_token_pass(const float* x, float* scale, const float* pooled, float* dots, float* gram_top,
+                                   float* gram_corner, int h, const float* prompt, float* prompt_dots, int B, int N,
+                                   int T, int D, int threads) {
+  zspa::TokenPass<float> p{};
+  p.x = x;
+  p.scale = scale;
+  p.pooled = pooled;
+  p.dots = dots;
+  p.gram_top = gram_top;
+  p.gram_corner = gram_corner;
+  p.gram_split = h;
+  p.prompt = prompt;
+  p.prompt_dots = prompt_dots;
+  p.N = N;
+  p.T = T;
+  p.D = D;
+  for (int64_t r = 0; r < static_cast<int64_t>(B) * N; ++r) {
+    float scratch[32];
+    simt::run_block(static_cast<unsigned>(r), 0, threads, [&] { zspa::token_pass_row(p, scratch); });
   }
 }
 
 // The rules of spec.cuh, for the test that checks them against zspa_kernels/spec.py.
 extern "C" int emulate_core_count(double core_ratio, int k_b) { return zspa::core_count(core_ratio, k_b); }
 extern "C" float emulate_pow2_scale(float amax) { return zspa::pow2_scale(amax); }
+extern "C" float emulate_raw_scale(float amax) { return zspa::raw_scale(amax); }
 extern "C" float emulate_constant(int which) {
   const float values[] = {zspa::kNormEps, zspa::kNonFiniteRelevance, zspa::kNonFiniteSimilarity,
                           static_cast<float>(zspa::kScaleExpMin), static_cast<float>(zspa::kScaleExpMax),
-                          static_cast<float>(zspa::kRankCoreBudget), static_cast<float>(zspa::kRadixMinTokens)};
+                          static_cast<float>(zspa::kRankCoreBudget), static_cast<float>(zspa::kRadixMinTokens),
+                          static_cast<float>(zspa::kRawExpMin), static_cast<float>(zspa::kRawExpMax)};
   return values[which];
 }
 
