@@ -187,16 +187,19 @@ def test_tokens_outside_the_raw_band_replay_against_fp64(monkeypatch, dtype, gre
     """The GEMMs read the tokens as given (gram_repair.cuh): tokens whose largest |x| is outside
     [2^-33, 2^48) (1e-30, 1e-12, 1e15, 1e30, two copies of one) have their Gram rows and columns,
     and their "max" dots, rewritten by the token pass; in-band tokens of 1e-9 to 1e9 beside them.
-    Both relevances, both greedy kernels, whole and split Grams, against fp64."""
+    Both relevances, both greedy kernels, whole and split Grams, against fp64; with the split,
+    a Gram chunk a row, so that the second row's token pass works at the chunk's offsets."""
     if greedy == "cluster" and not _cluster_gpu():
         pytest.skip("thread-block clusters need sm_90")
     from fp64_oracle import Row, replay
     from helpers import TOLERANCE
 
+    N, D = 300, 64
     monkeypatch.setenv("ZSPA_CUDA_GREEDY", greedy)
     monkeypatch.setenv("ZSPA_CUDA_GRAM", gram)
+    if gram == "split":
+        monkeypatch.setenv("ZSPA_GRAM_BUDGET", str(N * N * 4))
     g = torch.Generator().manual_seed(11)
-    N, D = 300, 64
     magnitudes = torch.tensor([1e-9, 1e-30, 1.0, 1e15, 1e-12, 1e9, 1e30, 3.0, 1e-3])
     visual = torch.randn(2, N, D, generator=g) * magnitudes[torch.arange(N) % len(magnitudes)].reshape(1, N, 1)
     visual[:, N - 1], visual[:, N - 2] = visual[:, 3], visual[:, 3]
