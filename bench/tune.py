@@ -1,6 +1,6 @@
 """Triton plan variants and the cuda greedy kernels at the LLaVA-1.5 shapes, timed side by side.
 
-    python -m bench.tune --out tune.json       # on a GPU; the last stage of bench/run_gpu.sh
+    python -m bench.tune --out tune.json       # on a GPU; bench/run_gpu.sh runs it right after its checks
 
 The Gram tiles' feature chunk (``block_d``: the K step of every tile's dot) sets how many MMA
 steps a 64×64×4096 tile takes and how much of each operand load is reused; it is the first knob
