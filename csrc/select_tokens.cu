@@ -218,8 +218,8 @@ at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool scaled = V.scalar_type() != at::kHalf;  // fp16 is never scaled: its squares cannot overflow
   const bool sm90 = sm90_device();  // clusters and programmatic dependent launch
-  at::Tensor prompt_scale;  // undefined: unscaled
-  if (scaled && max_relevance) std::tie(P, prompt_scale) = scale_prompt_rows(P, stream);  // "mean": prompt_stats scales the pooled vector
+  at::Tensor prompt_scale;  // undefined: unscaled ("mean": prompt_stats scales the pooled vector)
+  if (scaled && max_relevance) std::tie(P, prompt_scale) = scale_prompt_rows(P, stream);
 
   at::Tensor mask;
   if (prompt_mask.has_value()) {

@@ -182,7 +182,8 @@ def test_split_gram_replays_against_fp64(monkeypatch, greedy):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("greedy,gram", [("block", "full"), ("block", "split"), ("cluster", "full"), ("cluster", "split")])
+@pytest.mark.parametrize("greedy,gram", [("block", "full"), ("block", "split"), ("cluster", "full"),
+                                         ("cluster", "split")])
 def test_tokens_outside_the_raw_band_replay_against_fp64(monkeypatch, dtype, greedy, gram):
     """The GEMMs read the tokens as given (gram_repair.cuh): tokens whose largest |x| is outside
     [2^-33, 2^48) (1e-30, 1e-12, 1e15, 1e30, two copies of one) have their Gram rows and columns,

@@ -380,8 +380,8 @@ def test_token_pass_repairs_every_gram_entry_of_tokens_outside_the_raw_band(emul
     scale_of = norms.unsqueeze(-1) * norms.unsqueeze(-2)
     repaired = touched & ~pair_nonfinite
     assert repaired.sum() > 300
-    torch.testing.assert_close(got[repaired].double() / scale_of[repaired], expected[repaired].double() / scale_of[repaired],
-                               rtol=0, atol=2e-6)  # to fp32 accuracy as cosines
+    torch.testing.assert_close(got[repaired].double() / scale_of[repaired],
+                               expected[repaired].double() / scale_of[repaired], rtol=0, atol=2e-6)  # as cosines
     expected_dots = (v @ prompt.double().transpose(1, 2)).float()
     got_dots = torch.from_numpy(prompt_dots)
     assert torch.equal(got_dots[~outside].nan_to_num(7.0), raw_dots[~outside].nan_to_num(7.0))  # NaN: a token's own
