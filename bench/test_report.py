@@ -122,3 +122,26 @@ def test_tune_times_every_variant_and_compares_its_picks_with_the_default():
     records = tune.run(DEVICE, [benchmark.Shape("tiny", 2, 80, 48)], progress=lambda _: None)
     assert [r["variant"] for r in records] == ["default", *tune.VARIANTS[1:]]
     assert all(r["median_us"] > 0 and r["rows_with_default_picks"] == 2 for r in records)
+
+
+def test_tune_gram_forms_cover_the_upper_gram_exactly_once():
+    """Each form's blocks, with their transposes, give back every Gram entry: row blocks tile
+    [0, N), each against the columns from its start; shares 1, 3/4 and 10/16 where N allows."""
+    from bench import tune
+
+    for N in (7, 8, 576, 577, 16384):
+        for form, steps in tune.GRAM_FORMS.items():
+            blocks = tune.gram_blocks(N, steps)
+            assert blocks[0][0] == 0 and blocks[-1][1] == N and all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+            assert all(start % 4 == 0 for start, _ in blocks)
+            covered = torch.zeros(N, N, dtype=torch.int)
+            for start, stop in blocks:
+                covered[start:stop, start:] += 1
+            ones = torch.ones(N, N, dtype=torch.int)
+            assert torch.equal(covered.triu(), ones.triu())  # the upper triangle, each entry once
+            assert bool(((covered + covered.T) > 0).all())  # the rest as its transpose
+    assert tune.gram_blocks(576, 2) == [(0, 288), (288, 576)]  # the launcher's split (gram_split)
+    records = tune.run_gram_forms(DEVICE, [benchmark.Shape("tiny", 2, 48, 16)], progress=lambda _: None)
+    assert [(r["gram_form"], r["gemms"], r["work_share"]) for r in records] == [
+        ("whole", 1, 1.0), ("split", 2, 0.75), ("staircase4", 4, 0.625)]
+    assert all(r["median_us"] > 0 for r in records)

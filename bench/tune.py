@@ -20,6 +20,12 @@ launcher's rule that many rows favour one CTA a row. Then the Gram whole or spli
 near-ties (its lower-left block comes from another GEMM); auto splits at B = 32 on the cluster
 kernel, not at B = 1, nor on the block kernel (B = 64, video; at video size the cluster kernel
 does not apply: its failure is recorded), where forced splits show what the rule leaves out.
+
+Last, the cuBLAS Gram GEMMs alone (bf16 in, fp32 out, as the cuda launcher calls them): the
+whole Gram, the split the launcher uses (top rows and bottom-right block, 3/4 of the work), and
+a staircase of four row blocks each against the columns from its own start on (10/16 of the
+work, in four GEMMs whose row counts tile worse): whether more steps would pay at B = 32 and 64,
+before any kernel reads a staircase.
 """
 from __future__ import annotations
 
@@ -119,6 +125,49 @@ def run_cuda_paths(device: torch.device, progress=print) -> list[dict]:
     return records
 
 
+GRAM_FORMS = {"whole": 1, "split": 2, "staircase4": 4}  # row blocks of the Gram's upper part
+GRAM_SHAPES = ("llava-1.5", "llava-1.5-b32", "llava-1.5-b64")
+
+
+def gram_blocks(N: int, steps: int) -> list[tuple[int, int]]:
+    """Row blocks ``(start, stop)`` of a Gram computed in ``steps`` GEMMs: block ``[start, stop)``
+    against columns ``[start, N)``. Starts are multiples of 4 (the launcher's 16-byte rule);
+    one step is the whole Gram, two the launcher's split at ``N/2`` rounded down to 4."""
+    starts = sorted({N * b // steps // 4 * 4 for b in range(steps)})
+    return list(zip(starts, starts[1:] + [N]))
+
+
+def run_gram_forms(device: torch.device, shapes=None, progress=print) -> list[dict]:
+    """One record per shape and Gram form: the GEMMs' CUDA-event median and their share of the
+    whole Gram's multiply-adds."""
+    if shapes is None:
+        shapes = [_shape(label) for label in GRAM_SHAPES]
+    records = []
+    for shape in shapes:
+        visual, _ = hb.make_inputs(shape, torch.bfloat16, device)
+        for form, steps in GRAM_FORMS.items():
+            blocks = gram_blocks(shape.N, steps)
+
+            def call(blocks=blocks):
+                return [gram_gemm(visual[:, start:stop], visual[:, start:]) for start, stop in blocks]
+
+            share = sum((stop - start) * (shape.N - start) for start, stop in blocks) / shape.N ** 2
+            record = {"shape": shape.label, "B": shape.B, "N": shape.N, "D": shape.D, "gram_form": form,
+                      "gemms": len(blocks), "work_share": round(share, 4), "median_us": hb.median_us(call, device)}
+            records.append(record)
+            progress(f"{shape.label:<15}Gram {form:<12}{len(blocks)} GEMM(s), {share:6.1%} of the work"
+                     f"{record['median_us']:>10.1f} µs")
+    return records
+
+
+def gram_gemm(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """``rows @ columns^T`` with fp32 accumulation and output, as the cuda launcher's GEMMs
+    (``aten::bmm.dtype`` on CUDA; elsewhere the fp32 product, for the CPU test)."""
+    if rows.is_cuda:
+        return torch.bmm(rows, columns.transpose(1, 2), out_dtype=torch.float32)
+    return torch.bmm(rows.float(), columns.float().transpose(1, 2))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="write the records as JSON here")
@@ -126,6 +175,7 @@ def main(argv=None) -> int:
     device = hb.require_cuda("bench.tune")
     progress = lambda line: print(line, flush=True)  # noqa: E731
     records = run_cuda_paths(device, progress=progress) + run(device, progress=progress)
+    records += run_gram_forms(device, progress=progress)  # last: a time limit cuts it first
     if args.out:
         hb.save_records(args.out, device, records)
     return 0
