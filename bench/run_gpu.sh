@@ -3,7 +3,7 @@
 # device tool (a session has 15 minutes of device time, the machine's start included, and a
 # command at most 10):   device run, timeout_s=600:  bash bench/run_gpu.sh
 #
-#   bench/run_gpu.sh [STAGE...]     (default: all = install checks tune micro e2e profile demo report)
+#   bench/run_gpu.sh [STAGE...]     (default: all = install checks smoke tune micro e2e profile demo report)
 #
 # Stages, in the order of what matters if time runs out:
 #   install  the package into the machine's Python (it has no network: no dependencies)
@@ -15,6 +15,9 @@
 #            triton (at once) and on cuda (once built; initcheck after a control of cuBLAS's
 #            Gram read back by PyTorch alone). Logs: <stem>.tests.log (with the build's and
 #            every failure's reason), <stem>.sanitize.log.
+#   smoke    bench/smoke.py: does the cuda backend's cluster kernel run here and pick what the
+#            block kernel picks? If not, the stages after it run with ZSPA_CUDA_GREEDY=block
+#            (a kernel that traps kills its process's CUDA context, and every later case with it)
 #   tune     bench/tune.py: the cuda greedy kernels (block, cluster, auto) at LLaVA-1.5 B = 1, 32,
 #            64, then the Triton plan variants, side by side (short: it comes before the long stages)
 #   micro    microbenchmarks at the SPEC shapes (from here on the GPU is the run's alone)
@@ -131,16 +134,17 @@ stage_checks() {  # $1: seconds allowed
 }
 
 main() {
-  local STAGES=("${@:-all}") STAGE cap floor allowed end args extra kind f
-  [ "${STAGES[0]}" = all ] && STAGES=(install checks tune micro e2e profile demo report)
+  local STAGES=("${@:-all}") STAGE cap floor allowed end args extra kind f rc
+  [ "${STAGES[0]}" = all ] && STAGES=(install checks smoke tune micro e2e profile demo report)
+  local TUNE_GREEDY=auto  # block once bench.smoke has found the cluster kernel failing
   STEM=$("$PY" -m bench.report --print-stem) || exit 1
   GPU=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))')  # asked once: each ask starts CUDA
   for STAGE in "${STAGES[@]}"; do
     case $STAGE in  # cap and floor (seconds) of each stage
       install) cap=60; floor=5 ;;   checks) cap=240; floor=60 ;;  micro) cap=150; floor=60 ;;
       e2e) cap=120; floor=60 ;;     profile) cap=60; floor=20 ;;  demo) cap=60; floor=30 ;;
-      tune) cap=60; floor=30 ;;     report) cap=30; floor=5 ;;
-      *) echo "unknown stage '$STAGE' (all|install|checks|tune|micro|e2e|profile|demo|report)" >&2; exit 2 ;;
+      tune) cap=60; floor=30 ;;     report) cap=30; floor=5 ;;    smoke) cap=90; floor=20 ;;
+      *) echo "unknown stage '$STAGE' (all|install|checks|smoke|tune|micro|e2e|profile|demo|report)" >&2; exit 2 ;;
     esac
     allowed=$(allowance $cap $floor)
     echo "== $STAGE at ${SECONDS}s of ${BUDGET}s ($(date -u +%H:%M:%S) UTC), allowed ${allowed}s"
@@ -176,8 +180,19 @@ main() {
         echo "demo exit status: $?"; cat "$DEST/$STEM.demo.txt"
         [ -f "$DEST/$STEM.demo/kept_patches.png" ] && mv "$DEST/$STEM.demo/kept_patches.png" "$DEST/$STEM.demo.png"
         rm -rf "$DEST/$STEM.demo" ;;
+      smoke)  # the cluster kernel, before anything is timed; compiles csrc/ if checks did not
+        if [ "$GPU" = 1 ]; then
+          timeout "$allowed" "$PY" -m bench.smoke > "$DEST/$STEM.smoke.txt" 2>&1
+          rc=$?; cat "$DEST/$STEM.smoke.txt"
+          if [ "$rc" = 3 ]; then
+            export ZSPA_CUDA_GREEDY=block; TUNE_GREEDY=block
+            echo "   the cluster kernel failed: the stages below run on the block kernel (ZSPA_CUDA_GREEDY=block)" \
+              | tee -a "$DEST/$STEM.smoke.txt"
+          elif [ "$rc" != 0 ]; then echo "   bench.smoke exit status $rc: the cuda backend fails here; see above"; fi
+        else echo "   no GPU: nothing to check"; fi ;;
       tune)
-        timeout "$allowed" "$PY" -m bench.tune --out "$DEST/$STEM.tune-raw.json" | tee "$DEST/$STEM.tune.txt" ;;
+        timeout "$allowed" "$PY" -m bench.tune --greedy "$TUNE_GREEDY" --out "$DEST/$STEM.tune-raw.json" \
+          | tee "$DEST/$STEM.tune.txt" ;;
       report)
         if [ ! -f "$DEST/$STEM.micro-raw.json" ]; then echo "   no microbenchmark results: nothing to report"; continue; fi
         extra=()
@@ -202,6 +217,7 @@ summary() {
   f="$DEST/$STEM.tests.log"; [ -f "$f" ] && grep -E "^== pytest|passed|failed|exit status" "$f" | tail -8
   f="$DEST/$STEM.sanitize.log"; [ -f "$f" ] && grep -E "^== |ERROR SUMMARY|RACECHECK SUMMARY|not on PATH" "$f"
   f="$DEST/$STEM.md"; [ -f "$f" ] && sed -n '/^## Targets/,/^## Micro/p' "$f" | grep '^|'
+  f="$DEST/$STEM.smoke.txt"; [ -f "$f" ] && cat "$f"
   f="$DEST/$STEM.tune.txt"; [ -f "$f" ] && cat "$f"
   return 0
 }
