@@ -21,11 +21,12 @@ near-ties (its lower-left block comes from another GEMM); auto splits at B = 32 
 kernel, not at B = 1, nor on the block kernel (B = 64, video; at video size the cluster kernel
 does not apply: its failure is recorded), where forced splits show what the rule leaves out.
 
-Last, the cuBLAS Gram GEMMs alone (bf16 in, fp32 out, as the cuda launcher calls them): the
-whole Gram, the split the launcher uses (top rows and bottom-right block, 3/4 of the work), and
-a staircase of four row blocks each against the columns from its own start on (10/16 of the
-work, in four GEMMs whose row counts tile worse): whether more steps would pay at B = 32 and 64,
-before any kernel reads a staircase.
+Then what the cuda backend's repair of tokens outside its raw band costs (none, one in 64, all
+of them) at LLaVA-1.5 B=1. Last, the cuBLAS Gram GEMMs alone (bf16 in, fp32 out, as the cuda
+launcher calls them): the whole Gram, the split the launcher uses (top rows and bottom-right
+block, 3/4 of the work), and a staircase of four row blocks each against the columns from its
+own start on (10/16 of the work, in four GEMMs whose row counts tile worse): whether more steps
+would pay at B = 32 and 64, before any kernel reads a staircase.
 """
 from __future__ import annotations
 
@@ -131,6 +132,34 @@ def run_cuda_paths(device: torch.device, progress=print, greedy: str = "auto") -
     return records
 
 
+# Tokens outside the cuda backend's raw band (csrc/gram_repair.cuh: largest |x| in [2^-33, 2^48)
+# stays unscaled): none, one in 64, all of them (x 1e15), at LLaVA-1.5 B=1: what the repair costs.
+OUTSIDE_FRACTIONS = {"none": 0, "1/64": 64, "all": 1}
+
+
+def run_outside_band(device: torch.device, progress=print) -> list[dict]:
+    """One record per fraction of tokens outside the raw band (cuda backend, auto paths)."""
+    if "cuda" not in available_backends(device):
+        return []
+    shape = _shape("llava-1.5")
+    base, prompt = hb.make_inputs(shape, torch.bfloat16, device)
+    records = []
+    for label, every in OUTSIDE_FRACTIONS.items():
+        visual = base.clone()
+        if every:
+            visual[:, ::every] *= 1e15
+        op = torch.ops.zspa.select_tokens
+
+        def call(visual=visual):
+            return op(visual, prompt, KEEP, hb.CORE_RATIO, None, None, "mean", "cuda", True)
+
+        record = {"shape": shape.label, "B": shape.B, "N": shape.N, "D": shape.D, "k": KEEP,
+                  "outside_band": label, "median_us": hb.median_us(call, device)}
+        records.append(record)
+        progress(f"{shape.label:<15}outside the raw band: {label:<6}{record['median_us']:>10.1f} µs")
+    return records
+
+
 GRAM_FORMS = {"whole": 1, "split": 2, "staircase4": 4}  # row blocks of the Gram's upper part
 GRAM_SHAPES = ("llava-1.5", "llava-1.5-b32", "llava-1.5-b64")
 
@@ -183,6 +212,7 @@ def main(argv=None) -> int:
     device = hb.require_cuda("bench.tune")
     progress = lambda line: print(line, flush=True)  # noqa: E731
     records = run_cuda_paths(device, progress=progress, greedy=args.greedy) + run(device, progress=progress)
+    records += run_outside_band(device, progress=progress)
     records += run_gram_forms(device, progress=progress)  # last: a time limit cuts it first
     if args.out:
         hb.save_records(args.out, device, records)
