@@ -32,7 +32,6 @@ import torch
 
 import zspa_kernels  # noqa: F401  (registers the op)
 from zspa_kernels import benchmark as hb
-from zspa_kernels.dispatch import available_backends
 from zspa_kernels.spec import core_count
 
 SHAPES = ("llava-1.5", "llava-1.5-b32")
@@ -43,7 +42,7 @@ GRAPH_CALLS, EAGER_CALLS = 20, 200
 
 
 def fused_backends(device: torch.device) -> list[str]:
-    return [b for b in ("triton", "cuda") if b in available_backends(device)]
+    return [b for b in ("triton", "cuda") if b in hb.backends_here(device)]
 
 
 def selection(backend: str, visual, prompt, k: int, core_ratio: float):

@@ -16,8 +16,9 @@
 #            Gram read back by PyTorch alone). Logs: <stem>.tests.log (with the build's and
 #            every failure's reason), <stem>.sanitize.log.
 #   smoke    bench/smoke.py: does the cuda backend's cluster kernel run here and pick what the
-#            block kernel picks? If not, the stages after it run with ZSPA_CUDA_GREEDY=block
-#            (a kernel that traps kills its process's CUDA context, and every later case with it)
+#            block kernel picks? If not, the stages after it run with ZSPA_CUDA_GREEDY=block; if
+#            the block kernel fails too, without the cuda backend (ZSPA_BENCH_SKIP=cuda): a kernel
+#            that traps kills its process's CUDA context, and every later case with it
 #   tune     bench/tune.py: the cuda greedy kernels (block, cluster, auto) at LLaVA-1.5 B = 1, 32,
 #            64, then the Triton plan variants, side by side (short: it comes before the long stages)
 #   micro    microbenchmarks at the SPEC shapes (from here on the GPU is the run's alone)
@@ -188,7 +189,11 @@ main() {
             export ZSPA_CUDA_GREEDY=block; TUNE_GREEDY=block
             echo "   the cluster kernel failed: the stages below run on the block kernel (ZSPA_CUDA_GREEDY=block)" \
               | tee -a "$DEST/$STEM.smoke.txt"
-          elif [ "$rc" != 0 ]; then echo "   bench.smoke exit status $rc: the cuda backend fails here; see above"; fi
+          elif [ "$rc" != 0 ]; then  # 4: the block kernel fails too; or a crash
+            export ZSPA_BENCH_SKIP=cuda ZSPA_BACKEND=triton
+            echo "   bench.smoke exit status $rc: the cuda backend fails here; the stages below leave it out" \
+              "(ZSPA_BENCH_SKIP=cuda, ZSPA_BACKEND=triton)" | tee -a "$DEST/$STEM.smoke.txt"
+          fi
         else echo "   no GPU: nothing to check"; fi ;;
       tune)
         timeout "$allowed" "$PY" -m bench.tune --greedy "$TUNE_GREEDY" --out "$DEST/$STEM.tune-raw.json" \

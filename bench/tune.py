@@ -37,7 +37,6 @@ import json
 import torch
 
 from zspa_kernels import benchmark as hb
-from zspa_kernels.dispatch import available_backends
 from zspa_kernels.spec import CUDA_GRAM_ENV, CUDA_GREEDY_ENV
 
 SHAPES = ("llava-1.5", "llava-1.5-b32")
@@ -92,7 +91,7 @@ def run_cuda_paths(device: torch.device, progress=print, greedy: str = "auto") -
     """One record per shape and cuda path (``ZSPA_CUDA_GREEDY``, ``ZSPA_CUDA_GRAM``; the other
     one ``auto``); picks compared with the first's (block greedy kernel). ``greedy="block"``
     (bench/smoke.py found the cluster kernel failing): the block kernel only, Grams on it."""
-    if "cuda" not in available_backends(device):
+    if "cuda" not in hb.backends_here(device):
         progress("cuda paths: the cuda backend is not available here")
         return []
     op = torch.ops.zspa.select_tokens
@@ -139,7 +138,7 @@ OUTSIDE_FRACTIONS = {"none": 0, "1/64": 64, "all": 1}
 
 def run_outside_band(device: torch.device, progress=print) -> list[dict]:
     """One record per fraction of tokens outside the raw band (cuda backend, auto paths)."""
-    if "cuda" not in available_backends(device):
+    if "cuda" not in hb.backends_here(device):
         return []
     shape = _shape("llava-1.5")
     base, prompt = hb.make_inputs(shape, torch.bfloat16, device)

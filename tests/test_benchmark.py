@@ -21,6 +21,9 @@ def test_backends_timed_are_the_available_compiled_ones(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert "triton" in available_backends(CPU) and hb.backends_here(CPU) == ["cpu", "reference"]  # auto's first
     assert hb.implementations(CPU) == ["cpu", "torch_loop", "divprune_loop", "reference"]  # reference last
+    monkeypatch.setenv(hb.SKIP_ENV, "cpu, triton")  # what bench/run_gpu.sh sets when a backend fails
+    assert hb.backends_here(CPU) == ["reference"]
+    assert hb.implementations(CPU) == ["torch_loop", "divprune_loop", "reference"]
 
 
 def test_traffic_counts_the_greedy_steps_after_the_core():

@@ -60,11 +60,18 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
     return visual.to(dtype), prompt.to(dtype)
 
 
+# Backends the benchmarks leave out, comma-separated: bench/run_gpu.sh sets it to "cuda" when
+# bench/smoke.py finds the cuda backend failing, so that a kernel that kills its process's CUDA
+# context cannot take the other backends' measurements with it.
+SKIP_ENV = "ZSPA_BENCH_SKIP"
+
+
 def backends_here(device: torch.device) -> list[str]:
     """Backends worth timing on ``device``: available (:func:`dispatch.available_backends`), and
-    compiled (Triton under the CPU interpreter is correct but thousands of times slower); the one
-    ``auto`` runs there comes first."""
-    names = [b for b in available_backends(device) if b != "triton" or device.type == "cuda"]
+    compiled (Triton under the CPU interpreter is correct but thousands of times slower), less
+    those ``ZSPA_BENCH_SKIP`` names; the one ``auto`` runs there comes first."""
+    skip = {name.strip() for name in os.environ.get(SKIP_ENV, "").split(",")}
+    names = [b for b in available_backends(device) if (b != "triton" or device.type == "cuda") and b not in skip]
     auto = resolve_backend("auto", device)
     return sorted(names, key=lambda name: name != auto)
 
