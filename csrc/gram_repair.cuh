@@ -43,14 +43,12 @@ __device__ __forceinline__ float scaled_value(scalar_t x, float c) {
   return static_cast<float>(static_cast<scalar_t>(static_cast<float>(x) * c));
 }
 
-// Largest finite |x| of a row, by one warp (every lane gets it).
+// Largest finite |x| of a row, by one warp (every lane gets it): the same number the token
+// pass's block-wide max finds for that row (spec.cuh's finite_abs, and max is exact).
 template <typename scalar_t>
 __device__ __forceinline__ float warp_row_amax(const scalar_t* x, int D) {
   float amax = 0.0f;
-  for (int d = threadIdx.x & 31; d < D; d += 32) {
-    const float v = fabsf(static_cast<float>(x[d]));
-    if (isfinite(v)) amax = fmaxf(amax, v);
-  }
+  for (int d = threadIdx.x & 31; d < D; d += 32) amax = fmaxf(amax, finite_abs(static_cast<float>(x[d])));
   return warp_max(amax);
 }
 

@@ -163,9 +163,7 @@ __device__ void greedy_cluster_row(const GreedyParams& p, int ctas, int slice, f
   // 1. Core: the token whose key pack_key(-r_i, i) has rank t < k_core is pick t (keys are distinct).
   bool taken = false;
   if (k_core > 0 && mine) {
-    const uint64_t key_i = pack_key(-rel[i], i);
-    int rank_i = 0;
-    for (int j = 0; j < n; ++j) rank_i += pack_key(-rel[j], j) < key_i ? 1 : 0;
+    const int rank_i = key_rank([&](int j) { return pack_key(-rel[j], j); }, n, pack_key(-rel[i], i));
     if (rank_i < k_core) {
       taken = true;
       for (int r = 0; r < ctas; ++r) cluster_map(picks, r)[rank_i] = i;

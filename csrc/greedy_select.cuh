@@ -207,19 +207,17 @@ __device__ void greedy_select_row(const GreedyParams& p, float* smem, uint64_t* 
   const int owned = (n + threads - 1) / threads;
   const bool ranks = k_core > 0 && static_cast<int64_t>(n) * owned * (threads / 32) <=
                                        static_cast<int64_t>(k_core) * p.rank_core_budget;
+  auto key_of = [&](int i) { return pack_key(-score[i], i); };
   if (ranks) {
     __syncthreads();  // every score[] written: each thread reads them all
     for (int i = tid; i < n; i += threads) {
-      const uint64_t key_i = pack_key(-score[i], i);
-      int rank = 0;
-      for (int j = 0; j < n; ++j) rank += pack_key(-score[j], j) < key_i ? 1 : 0;
+      const int rank = key_rank(key_of, n, key_of(i));
       if (rank < k_core) picks[rank] = i;
     }
     __syncthreads();  // every rank counted before any score is marked taken
     for (int t = tid; t < k_core; t += threads) score[picks[t]] = -INFINITY;
   } else if (k_core > 1 && p.radix_core && N >= kRadixMinTokens) {
     __syncthreads();  // every score[] written
-    auto key_of = [&](int i) { return pack_key(-score[i], i); };
     const uint64_t last = block_kth_key(key_of, n, k_core, N, picks, slots);  // picks[0, 256): the histogram
     // The core (keys <= last) into norm[] (as ints), in any order; then each one's rank among them.
     int* unordered = reinterpret_cast<int*>(norm);
@@ -231,10 +229,7 @@ __device__ void greedy_select_row(const GreedyParams& p, float* smem, uint64_t* 
     __syncthreads();
     for (int e = tid; e < k_core; e += threads) {
       const int i = unordered[e];
-      const uint64_t key_i = key_of(i);
-      int rank = 0;
-      for (int c = 0; c < k_core; ++c) rank += key_of(unordered[c]) < key_i ? 1 : 0;
-      picks[rank] = i;
+      picks[key_rank([&](int c) { return key_of(unordered[c]); }, k_core, key_of(i))] = i;
     }
     __syncthreads();  // every rank counted before any score is marked taken or norm rewritten
     for (int t = tid; t < k_core; t += threads) score[picks[t]] = -INFINITY;

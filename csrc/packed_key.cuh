@@ -54,6 +54,15 @@ __device__ __forceinline__ uint64_t block_min(uint64_t key, uint64_t* slots, int
   return warp_min(lane < warps ? buf[lane] : kNoKey);
 }
 
+// How many of the distinct keys key_of(0), ..., key_of(count - 1) are smaller than `key`: its
+// rank among them when it is one of them (the core's picks by rank, counted by every token).
+template <typename KeyOf>
+__device__ __forceinline__ int key_rank(KeyOf key_of, int count, uint64_t key) {
+  int rank = 0;
+  for (int j = 0; j < count; ++j) rank += key_of(j) < key ? 1 : 0;
+  return rank;
+}
+
 // The k-th smallest (1 <= k <= count) of the distinct keys key_of(i), i < count, returned to
 // every thread: a radix select, one 8-bit digit a pass from the top, each pass a histogram of
 // the keys that match the digits found so far; index digits above `index_limit` - 1 are zero in

@@ -99,7 +99,7 @@ __device__ void prompt_stats_row(const scalar_t* __restrict__ prompt,  // (B, T,
       if (!valid || valid[t]) acc += static_cast<float>(p[static_cast<int64_t>(t) * D + d]);
     const float mean = acc / static_cast<float>(count > 0 ? count : 1);
     q[d] = mean;
-    if (isfinite(mean)) amax = fmaxf(amax, fabsf(mean));
+    amax = fmaxf(amax, finite_abs(mean));
   }
   const float s = pow2_scale(block_max(amax, scratch));
   float sumsq = 0.0f;

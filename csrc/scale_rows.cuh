@@ -51,10 +51,7 @@ __device__ float scale_row_packed(const scalar_t* __restrict__ src, scalar_t* __
     for (int i = threadIdx.x; i < packs; i += blockDim.x) {
       const P pack = in[i];
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) {
-        const float v = fabsf(static_cast<float>(pack.v[e]));
-        if (isfinite(v)) amax = fmaxf(amax, v);  // NaN and inf count as 0, like nan_to_num
-      }
+      for (int e = 0; e < kVec; ++e) amax = fmaxf(amax, finite_abs(static_cast<float>(pack.v[e])));
     }
     const float row_amax = block_max(amax, scratch);
     s = band ? raw_scale(row_amax) : pow2_scale(row_amax);

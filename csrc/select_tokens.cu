@@ -13,6 +13,7 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <utility>
 
 #include <ATen/ATen.h>
 #include <ATen/Context.h>

@@ -23,6 +23,14 @@ __host__ __device__ inline int core_count(double core_ratio, int k_b) {
   return rounded < 0.0 ? 0 : (rounded > k_b ? k_b : static_cast<int>(rounded));
 }
 
+// |x|, and 0 for a non-finite x: the largest of these over a vector is the `amax` its scale
+// is taken of (NaN and inf count as 0, like nan_to_num). Every pass that finds a scale folds
+// its elements with this, so that two passes over the same vector find the same scale.
+__host__ __device__ inline float finite_abs(float x) {
+  const float a = fabsf(x);
+  return isfinite(a) ? a : 0.0f;
+}
+
 // 2^-e with amax = m * 2^e, m in [0.5, 1) (e = 0 for 0; clamped to the spec's range): a
 // normal power of two, so multiplying a token by it is exact and squares cannot overflow.
 // `amax` is the largest finite |x| of the token.
