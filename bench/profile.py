@@ -109,15 +109,9 @@ def split(backend: str, shape: hb.Shape, device: torch.device) -> dict:
     record["fixed_us"], record["step_us"] = fit_line(STEPS, per_steps)
     record["steps_graph_us"] = dict(zip(map(str, STEPS), per_steps))
     if backend == "cuda":
-        record["gram_us"] = graph_us(lambda: torch.bmm(visual, visual.transpose(1, 2), out_dtype=torch.float32))
-        h = shape.N // 2 // 4 * 4
-        top, bottom = visual[:, :h], visual[:, h:]
-
-        def split_gram():
-            torch.bmm(top, visual.transpose(1, 2), out_dtype=torch.float32)
-            torch.bmm(bottom, bottom.transpose(1, 2), out_dtype=torch.float32)
-
-        record["gram_split_us"] = graph_us(split_gram)
+        whole, halves = hb.gram_blocks(shape.N, 1), hb.gram_blocks(shape.N, 2)
+        record["gram_us"] = graph_us(lambda: hb.gram_gemms(visual, whole))
+        record["gram_split_us"] = graph_us(lambda: hb.gram_gemms(visual, halves))
     return record
 
 

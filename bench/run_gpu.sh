@@ -137,7 +137,6 @@ stage_checks() {  # $1: seconds allowed
 main() {
   local STAGES=("${@:-all}") STAGE cap floor allowed end args extra kind f rc
   [ "${STAGES[0]}" = all ] && STAGES=(install checks smoke tune micro e2e profile demo report)
-  local TUNE_GREEDY=auto  # block once bench.smoke has found the cluster kernel failing
   STEM=$("$PY" -m bench.report --print-stem) || exit 1
   GPU=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))')  # asked once: each ask starts CUDA
   for STAGE in "${STAGES[@]}"; do
@@ -186,7 +185,7 @@ main() {
           timeout "$allowed" "$PY" -m bench.smoke > "$DEST/$STEM.smoke.txt" 2>&1
           rc=$?; cat "$DEST/$STEM.smoke.txt"
           if [ "$rc" = 3 ]; then
-            export ZSPA_CUDA_GREEDY=block; TUNE_GREEDY=block
+            export ZSPA_CUDA_GREEDY=block  # tune, too, then times the block kernel only
             echo "   the cluster kernel failed: the stages below run on the block kernel (ZSPA_CUDA_GREEDY=block)" \
               | tee -a "$DEST/$STEM.smoke.txt"
           elif [ "$rc" != 0 ]; then  # 4: the block kernel fails too; or a crash
@@ -196,8 +195,7 @@ main() {
           fi
         else echo "   no GPU: nothing to check"; fi ;;
       tune)
-        timeout "$allowed" "$PY" -m bench.tune --greedy "$TUNE_GREEDY" --out "$DEST/$STEM.tune-raw.json" \
-          | tee "$DEST/$STEM.tune.txt" ;;
+        timeout "$allowed" "$PY" -m bench.tune --out "$DEST/$STEM.tune-raw.json" | tee "$DEST/$STEM.tune.txt" ;;
       report)
         if [ ! -f "$DEST/$STEM.micro-raw.json" ]; then echo "   no microbenchmark results: nothing to report"; continue; fi
         extra=()

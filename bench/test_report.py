@@ -131,7 +131,7 @@ def test_tune_gram_forms_cover_the_upper_gram_exactly_once():
 
     for N in (7, 8, 576, 577, 16384):
         for form, steps in tune.GRAM_FORMS.items():
-            blocks = tune.gram_blocks(N, steps)
+            blocks = benchmark.gram_blocks(N, steps)
             assert blocks[0][0] == 0 and blocks[-1][1] == N and all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
             assert all(start % 4 == 0 for start, _ in blocks)
             covered = torch.zeros(N, N, dtype=torch.int)
@@ -140,7 +140,16 @@ def test_tune_gram_forms_cover_the_upper_gram_exactly_once():
             ones = torch.ones(N, N, dtype=torch.int)
             assert torch.equal(covered.triu(), ones.triu())  # the upper triangle, each entry once
             assert bool(((covered + covered.T) > 0).all())  # the rest as its transpose
-    assert tune.gram_blocks(576, 2) == [(0, 288), (288, 576)]  # the launcher's split (gram_split)
+    assert benchmark.gram_blocks(576, 2) == [(0, 288), (288, 576)]  # the launcher's split (gram_split)
+    visual = torch.randn(2, 13, 5, generator=torch.Generator().manual_seed(0)).bfloat16()
+    whole = visual.float() @ visual.float().transpose(1, 2)
+    for steps in tune.GRAM_FORMS.values():  # the GEMMs' blocks give the whole Gram back
+        blocks = benchmark.gram_blocks(13, steps)
+        rebuilt = torch.full_like(whole, float("nan"))
+        for (start, stop), part in zip(blocks, benchmark.gram_gemms(visual, blocks)):
+            rebuilt[:, start:stop, start:] = part
+            rebuilt[:, start:, start:stop] = part.transpose(1, 2)
+        torch.testing.assert_close(rebuilt, whole)
     records = tune.run_gram_forms(DEVICE, [benchmark.Shape("tiny", 2, 48, 16)], progress=lambda _: None)
     assert [(r["gram_form"], r["gemms"], r["work_share"]) for r in records] == [
         ("whole", 1, 1.0), ("split", 2, 0.75), ("staircase4", 4, 0.625)]

@@ -37,7 +37,7 @@ import json
 import torch
 
 from zspa_kernels import benchmark as hb
-from zspa_kernels.spec import CUDA_GRAM_ENV, CUDA_GREEDY_ENV
+from zspa_kernels.spec import CUDA_GRAM_ENV, CUDA_GREEDY_ENV, cuda_greedy
 
 SHAPES = ("llava-1.5", "llava-1.5-b32")
 KEEP = 64
@@ -87,18 +87,18 @@ def _shape(label: str) -> hb.Shape:
     return next(s for s in hb.SPEC_SHAPES if s.label == label)
 
 
-def run_cuda_paths(device: torch.device, progress=print, greedy: str = "auto") -> list[dict]:
+def run_cuda_paths(device: torch.device, progress=print) -> list[dict]:
     """One record per shape and cuda path (``ZSPA_CUDA_GREEDY``, ``ZSPA_CUDA_GRAM``; the other
-    one ``auto``); picks compared with the first's (block greedy kernel). ``greedy="block"``
-    (bench/smoke.py found the cluster kernel failing): the block kernel only, Grams on it."""
+    one ``auto``); picks compared with the first's (block greedy kernel). Where the environment
+    already says ``ZSPA_CUDA_GREEDY=block`` (bench/run_gpu.sh, when bench/smoke.py found the
+    cluster kernel failing): the block kernel only, with the whole and the split Gram."""
     if "cuda" not in hb.backends_here(device):
         progress("cuda paths: the cuda backend is not available here")
         return []
     op = torch.ops.zspa.select_tokens
-    if greedy == "block":
-        progress("cuda paths: the block kernel only (the cluster kernel failed bench.smoke)")
-        variants = [{CUDA_GREEDY_ENV: "block"}, {CUDA_GREEDY_ENV: "block", CUDA_GRAM_ENV: "full"},
-                    {CUDA_GREEDY_ENV: "block", CUDA_GRAM_ENV: "split"}]
+    if cuda_greedy() == "block":
+        progress("cuda paths: the block kernel only (ZSPA_CUDA_GREEDY=block)")
+        variants = [{CUDA_GREEDY_ENV: "block"}, {CUDA_GREEDY_ENV: "block", CUDA_GRAM_ENV: "split"}]
     else:
         variants = [{CUDA_GREEDY_ENV: "block"}, {CUDA_GREEDY_ENV: "cluster"}, {CUDA_GREEDY_ENV: "auto"},
                     {CUDA_GRAM_ENV: "full"}, {CUDA_GRAM_ENV: "split"}]
@@ -142,12 +142,12 @@ def run_outside_band(device: torch.device, progress=print) -> list[dict]:
         return []
     shape = _shape("llava-1.5")
     base, prompt = hb.make_inputs(shape, torch.bfloat16, device)
+    op = torch.ops.zspa.select_tokens
     records = []
     for label, every in OUTSIDE_FRACTIONS.items():
         visual = base.clone()
         if every:
             visual[:, ::every] *= 1e15
-        op = torch.ops.zspa.select_tokens
 
         def call(visual=visual):
             return op(visual, prompt, KEEP, hb.CORE_RATIO, None, None, "mean", "cuda", True)
@@ -163,14 +163,6 @@ GRAM_FORMS = {"whole": 1, "split": 2, "staircase4": 4}  # row blocks of the Gram
 GRAM_SHAPES = ("llava-1.5", "llava-1.5-b32", "llava-1.5-b64")
 
 
-def gram_blocks(N: int, steps: int) -> list[tuple[int, int]]:
-    """Row blocks ``(start, stop)`` of a Gram computed in ``steps`` GEMMs: block ``[start, stop)``
-    against columns ``[start, N)``. Starts are multiples of 4 (the launcher's 16-byte rule);
-    one step is the whole Gram, two the launcher's split at ``N/2`` rounded down to 4."""
-    starts = sorted({N * b // steps // 4 * 4 for b in range(steps)})
-    return list(zip(starts, starts[1:] + [N]))
-
-
 def run_gram_forms(device: torch.device, shapes=None, progress=print) -> list[dict]:
     """One record per shape and Gram form: the GEMMs' CUDA-event median and their share of the
     whole Gram's multiply-adds."""
@@ -180,10 +172,10 @@ def run_gram_forms(device: torch.device, shapes=None, progress=print) -> list[di
     for shape in shapes:
         visual, _ = hb.make_inputs(shape, torch.bfloat16, device)
         for form, steps in GRAM_FORMS.items():
-            blocks = gram_blocks(shape.N, steps)
+            blocks = hb.gram_blocks(shape.N, steps)
 
             def call(blocks=blocks):
-                return [gram_gemm(visual[:, start:stop], visual[:, start:]) for start, stop in blocks]
+                return hb.gram_gemms(visual, blocks)
 
             share = sum((stop - start) * (shape.N - start) for start, stop in blocks) / shape.N ** 2
             record = {"shape": shape.label, "B": shape.B, "N": shape.N, "D": shape.D, "gram_form": form,
@@ -194,23 +186,13 @@ def run_gram_forms(device: torch.device, shapes=None, progress=print) -> list[di
     return records
 
 
-def gram_gemm(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """``rows @ columns^T`` with fp32 accumulation and output, as the cuda launcher's GEMMs
-    (``aten::bmm.dtype`` on CUDA; elsewhere the fp32 product, for the CPU test)."""
-    if rows.is_cuda:
-        return torch.bmm(rows, columns.transpose(1, 2), out_dtype=torch.float32)
-    return torch.bmm(rows.float(), columns.float().transpose(1, 2))
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="write the records as JSON here")
-    parser.add_argument("--greedy", choices=("auto", "block"), default="auto",
-                        help="block: leave the cluster kernel out (bench/smoke.py found it failing)")
     args = parser.parse_args(argv)
     device = hb.require_cuda("bench.tune")
     progress = lambda line: print(line, flush=True)  # noqa: E731
-    records = run_cuda_paths(device, progress=progress, greedy=args.greedy) + run(device, progress=progress)
+    records = run_cuda_paths(device, progress=progress) + run(device, progress=progress)
     records += run_outside_band(device, progress=progress)
     records += run_gram_forms(device, progress=progress)  # last: a time limit cuts it first
     if args.out:

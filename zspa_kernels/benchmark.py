@@ -122,6 +122,25 @@ def skip_reason(impl: str, shape: Shape, k: int, device: torch.device) -> Option
     return None
 
 
+def gram_blocks(N: int, steps: int) -> list[tuple[int, int]]:
+    """Row blocks ``(start, stop)`` of an ``N x N`` Gram computed in ``steps`` GEMMs: block
+    ``[start, stop)`` against columns ``[start, N)``, the rest its transpose. Starts are
+    multiples of 4 (the cuda launcher's 16-byte rule): one step is the whole Gram, two the
+    launcher's split at ``N/2`` rounded down to 4 (csrc/gram_view.cuh)."""
+    starts = sorted({N * b // steps // 4 * 4 for b in range(steps)})
+    return list(zip(starts, starts[1:] + [N]))
+
+
+def gram_gemms(visual: torch.Tensor, blocks: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """The GEMMs of a Gram in ``blocks`` (:func:`gram_blocks`) as the cuda launcher runs them:
+    bf16 in, fp32 accumulation and output (``aten::bmm.dtype`` on CUDA; the fp32 product
+    elsewhere, for CPU tests)."""
+    if visual.is_cuda:
+        return [torch.bmm(visual[:, a:b], visual[:, a:].transpose(1, 2), out_dtype=torch.float32) for a, b in blocks]
+    v = visual.float()
+    return [torch.bmm(v[:, a:b], v[:, a:].transpose(1, 2)) for a, b in blocks]
+
+
 @contextlib.contextmanager
 def env_vars(values: dict):
     """Environment variables set to ``values`` inside the block (``""`` = empty), restored after."""
