@@ -96,6 +96,16 @@ def clustered_tokens(g: torch.Generator, B: int, N: int, D: int, centers: int = 
     return c[torch.arange(B)[:, None], which] + spread * torch.randn(B, N, D, generator=g)
 
 
+def banded_tokens(g: torch.Generator, B: int, N: int, D: int) -> torch.Tensor:
+    """Gaussian tokens at magnitudes inside the cuda backend's raw band (1e-9 to 1e9) and outside
+    it on either side (1e-30, 1e-12; 1e15, 1e30: csrc/gram_repair.cuh), by turns; the last two
+    tokens copy token 3 (1e15), so two outside tokens share Gram entries bit for bit."""
+    magnitudes = torch.tensor([1e-9, 1e-30, 1.0, 1e15, 1e-12, 1e9, 1e30, 3.0, 1e-3])
+    x = torch.randn(B, N, D, generator=g) * magnitudes[torch.arange(N) % len(magnitudes)].reshape(1, N, 1)
+    x[:, N - 1], x[:, N - 2] = x[:, 3], x[:, 3]
+    return x
+
+
 def _tokens(g: torch.Generator, B: int, N: int, D: int, kind: str) -> torch.Tensor:
     if kind == "clustered":
         return clustered_tokens(g, B, N, D)

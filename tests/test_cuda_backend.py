@@ -193,7 +193,7 @@ def test_tokens_outside_the_raw_band_replay_against_fp64(monkeypatch, dtype, gre
     if greedy == "cluster" and not _cluster_gpu():
         pytest.skip("thread-block clusters need sm_90")
     from fp64_oracle import Row, replay
-    from helpers import TOLERANCE
+    from helpers import TOLERANCE, banded_tokens
 
     N, D = 300, 64
     monkeypatch.setenv("ZSPA_CUDA_GREEDY", greedy)
@@ -201,9 +201,7 @@ def test_tokens_outside_the_raw_band_replay_against_fp64(monkeypatch, dtype, gre
     if gram == "split":
         monkeypatch.setenv("ZSPA_GRAM_BUDGET", str(N * N * 4))
     g = torch.Generator().manual_seed(11)
-    magnitudes = torch.tensor([1e-9, 1e-30, 1.0, 1e15, 1e-12, 1e9, 1e30, 3.0, 1e-3])
-    visual = torch.randn(2, N, D, generator=g) * magnitudes[torch.arange(N) % len(magnitudes)].reshape(1, N, 1)
-    visual[:, N - 1], visual[:, N - 2] = visual[:, 3], visual[:, 3]
+    visual = banded_tokens(g, 2, N, D)
     prompt = torch.randn(2, 3, D, generator=g)
     visual, prompt = visual.to(dtype), prompt.to(dtype)
     assert visual.isfinite().all()

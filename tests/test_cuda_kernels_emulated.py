@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import DTYPES, TOLERANCE, Case, exact_tie_case, oracle_rows, random_case
+from helpers import DTYPES, TOLERANCE, Case, banded_tokens, exact_tie_case, oracle_rows, random_case
 from fp64_oracle import oracle_order, replay
 
 from zspa_kernels import spec
@@ -300,15 +300,11 @@ def test_scale_rows_scales_every_row_by_the_power_of_two_of_its_largest_finite_v
 
 
 def mixed_magnitudes(B, N, D, seed):
-    """Tokens of every magnitude: in the raw band (1e-9 to 1e9), outside it on either side
-    (1e-30, 1e-12 and 1e15, 1e30), zero, with a NaN and an inf, two duplicates of an outside one."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, N, D, generator=g)
-    magnitudes = torch.tensor([1e-9, 1e-30, 1.0, 1e15, 1e-12, 1e9, 1e30, 3.0, 1e-3])
-    x *= magnitudes[torch.arange(N) % len(magnitudes)].reshape(1, N, 1)
+    """helpers.banded_tokens (in and outside the raw band, two duplicates of an outside one),
+    with a zero token, a NaN and an inf."""
+    x = banded_tokens(torch.Generator().manual_seed(seed), B, N, D)
     x[:, 2] = 0.0
     x[0, 5, 1], x[1, 7, 0] = float("nan"), float("inf")
-    x[:, N - 1], x[:, N - 2] = x[:, 3], x[:, 3]
     return x
 
 
