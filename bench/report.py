@@ -3,7 +3,7 @@
     python -m bench.report --micro micro.json [--e2e e2e.json] --out bench/results
 
 ``--micro`` is pytest-benchmark's ``--benchmark-json`` of ``bench/test_bench_select_tokens.py``;
-``--e2e`` is the output of ``python -m bench.e2e``. Writes ``<date>-<device>.json``
+``--e2e`` is the output of ``python -m bench.e2e``. Writes ``<date>-<device>.json`` (or ``<stem>.json``)
 (``{"device", "date", "torch", "triton", "cuda", "records": [...]}``), ``.md`` and ``.png``.
 A record's ``median_us`` is the CUDA-event median where one was taken, else the
 median of pytest-benchmark's synchronised host-clock rounds (``timer`` says which).
@@ -216,6 +216,18 @@ def slug(device: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
 
 
+def run_stem(date: str, device: str, results: pathlib.Path) -> str:
+    """``<date>-<device>``, or ``<date>-<device>-runN`` (N = 2, 3, ...) when files of that stem are
+    already in ``results``: a second run on one day must not overwrite the first's committed files."""
+    base = f"{date}-{slug(device)}"
+    taken = {p.name for p in results.iterdir()} if results.is_dir() else set()
+    stem, n = base, 1
+    while any(name.startswith(f"{stem}.") for name in taken):
+        n += 1
+        stem = f"{base}-run{n}"
+    return stem
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--micro", type=pathlib.Path, help="pytest-benchmark JSON")
@@ -226,10 +238,13 @@ def main(argv=None) -> int:
     parser.add_argument("--auto-table", type=pathlib.Path,
                         help="also write auto's table here (zspa_kernels/auto_cuda.json) from a GPU run")
     parser.add_argument("--date", default=datetime.date.today().isoformat())
-    parser.add_argument("--print-stem", action="store_true", help="print <date>-<device> of this machine and exit")
+    parser.add_argument("--stem", help="the files' common name (default <date>-<device>; run_gpu.sh passes --print-stem's)")
+    parser.add_argument("--print-stem", action="store_true",
+                        help="print this run's stem and exit: <date>-<device> of this machine, with -runN appended "
+                             "when --out already holds files of that name")
     args = parser.parse_args(argv)
     if args.print_stem:
-        print(f"{args.date}-{slug(this_device())}")
+        print(run_stem(args.date, this_device(), args.out))
         return 0
     if args.micro is None:
         parser.error("--micro is required")
@@ -239,7 +254,7 @@ def main(argv=None) -> int:
     split = json.loads(args.profile.read_text())["records"] if args.profile else []
     result = {**env, "date": args.date, "records": records + e2e, "profile": split}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{args.date}-{slug(env['device'])}"
+    stem = args.out / (args.stem or f"{args.date}-{slug(env['device'])}")
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     if args.auto_table:
         table = auto_table(records, f"bench/results/{stem.name}.json", env["device"])

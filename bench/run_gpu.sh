@@ -50,7 +50,7 @@ DEST=bench/results
 mkdir -p "$DEST"
 export PYTHONUNBUFFERED=1
 
-STEM=  # <date>-<device>: every file of this run starts with it (bench.report --print-stem)
+STEM=  # <date>-<device>[-runN]: every file of this run starts with it (bench.report --print-stem)
 GPU=   # 1 where torch sees a CUDA device
 has_module() { "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('$1') else 1)"; }
 # The logs are committed: this machine's folders (the checkout, site-packages, home) become names.
@@ -137,7 +137,7 @@ stage_checks() {  # $1: seconds allowed
 main() {
   local STAGES=("${@:-all}") STAGE cap floor allowed end args extra kind f rc
   [ "${STAGES[0]}" = all ] && STAGES=(install checks smoke tune micro e2e profile demo report)
-  STEM=$("$PY" -m bench.report --print-stem) || exit 1
+  STEM=$("$PY" -m bench.report --print-stem) || exit 1  # -runN on a day that has results of this device
   GPU=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))')  # asked once: each ask starts CUDA
   for STAGE in "${STAGES[@]}"; do
     case $STAGE in  # cap and floor (seconds) of each stage
@@ -205,7 +205,7 @@ main() {
         done
         [ "$GPU" = 1 ] && extra+=(--auto-table "$DEST/$STEM.auto_cuda.json")  # auto's table, to review and commit
         timeout "$allowed" "$PY" -m bench.report --micro "$DEST/$STEM.micro-raw.json" "${extra[@]}" --out "$DEST" \
-          && cat "$DEST/$STEM.md" ;;
+          --stem "$STEM" && cat "$DEST/$STEM.md" ;;
     esac
     pack
   done

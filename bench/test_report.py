@@ -54,6 +54,25 @@ def _target(md: str, start: str) -> str:
     return next(line for line in md.splitlines() if line.startswith(f"| {start}"))
 
 
+def test_a_second_run_on_one_day_gets_its_own_stem(tmp_path):
+    """run_gpu.sh names a run's files by --print-stem: a run on a day whose results are already
+    committed must not overwrite them."""
+    assert report.run_stem("2026-01-01", "NVIDIA H200", tmp_path) == "2026-01-01-nvidia-h200"
+    (tmp_path / "2026-01-01-nvidia-h200.tests.log").write_text("")
+    (tmp_path / "2026-01-01-nvidia-h100.json").write_text("")  # another device: no clash
+    assert report.run_stem("2026-01-01", "NVIDIA H200", tmp_path) == "2026-01-01-nvidia-h200-run2"
+    (tmp_path / "2026-01-01-nvidia-h200-run2.md").write_text("")
+    assert report.run_stem("2026-01-01", "NVIDIA H200", tmp_path) == "2026-01-01-nvidia-h200-run3"
+    assert report.run_stem("2026-01-01", "NVIDIA H200", tmp_path / "missing") == "2026-01-01-nvidia-h200"
+    # the report writes under the stem it is given
+    micro = [_bench("cuda", "llava-1.5", 1, 576, 4096, 64, 50.0)]
+    (tmp_path / "micro.json").write_text(json.dumps({"benchmarks": micro}))
+    assert report.main(["--micro", str(tmp_path / "micro.json"), "--out", str(tmp_path), "--date", "2026-01-01",
+                        "--stem", "2026-01-01-nvidia-h200-run3"]) == 0
+    assert {p.suffix for p in tmp_path.glob("2026-01-01-nvidia-h200-run3.*")} == {".json", ".md", ".png"}
+    assert "2026-01-01-nvidia-h200-run3.png" in (tmp_path / "2026-01-01-nvidia-h200-run3.md").read_text()
+
+
 def test_targets_are_judged_from_the_best_fused_backend(tmp_path):
     micro = [_bench("triton", "llava-1.5", 1, 576, 4096, 64, 30.0), _bench("cuda", "llava-1.5", 1, 576, 4096, 64, 50.0),
              _bench("torch_loop", "llava-1.5", 1, 576, 4096, 64, 450.0),
