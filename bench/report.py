@@ -162,6 +162,12 @@ def targets_table(micro: list[dict], profile: list[dict], e2e: list[dict]) -> li
     both = full is not None and pruned is not None
     row("LLaVA-1.5-7B B=8, 64 of 576 kept: prefill ≥ 4x faster",
         (full["prefill_ms"] / pruned["prefill_ms"], pruned["impl"]) if both else None, 4, False, times)
+    # The eager model's host time is the same at any token count; its GPU kernels' time is what
+    # pruning removes. Beside the target, not instead of it: it says which of the two a miss is.
+    busy = both and full.get("prefill_gpu_busy_ms") is not None and pruned.get("prefill_gpu_busy_ms") is not None
+    row("the same, GPU kernel time of the prefill only (the host's launches left out)",
+        (full["prefill_gpu_busy_ms"] / pruned["prefill_gpu_busy_ms"], pruned["impl"]) if busy else None, 4, False,
+        times)
     row("the same: selection ≤ 1 % of the pruned prefill",
         None if pruned is None else (100 * pruned["selection_share"], pruned["impl"]), 1, True, lambda v: f"{v:.2f}%")
     return ["| target | measured | verdict |", "|---|---|---|"] + rows

@@ -30,11 +30,11 @@ def _split(backend, graph, eager):
             "gpu_us": graph + 5, "graph_us": graph, "eager_us": eager, "fixed_us": 10.0, "step_us": 0.5}
 
 
-def _e2e(impl, kept, prefill, share=None):
+def _e2e(impl, kept, prefill, share=None, busy=None):
     return {"name": "e2e", "model": "llava-1.5-7b", "impl": impl, "B": 8, "N": 576, "D": 4096, "k": kept,
             "kept": kept, "dtype": "bfloat16", "tokens": 609, "median_us": 1e3 * prefill, "prefill_ms": prefill,
             "ttft_ms": prefill, "decode_tokens_per_s": 100.0, "peak_memory_gib": 14.0, "kv_cache_bytes": 2**20,
-            "selection_share": share}
+            "selection_share": share, "prefill_gpu_busy_ms": busy}
 
 
 def _write(tmp_path, benchmarks, split=None, e2e=None, stem="2026-01-01-nvidia-h200"):
@@ -80,7 +80,8 @@ def test_targets_are_judged_from_the_best_fused_backend(tmp_path):
              _bench("cuda", "llava-1.5-b32", 32, 576, 4096, 64, 400.0),
              _bench("triton", "video", 1, 16384, 3584, 1638, 9000.0)]
     split = [_split("triton", 25.0, 70.0), _split("cuda", 18.0, 90.0)]
-    e2e = [_e2e("unpruned", 576, 800.0), _e2e("triton", 64, 160.0, share=0.004), _e2e("triton", 58, 150.0, 0.004)]
+    e2e = [_e2e("unpruned", 576, 800.0, busy=700.0), _e2e("triton", 64, 160.0, share=0.004, busy=100.0),
+           _e2e("triton", 58, 150.0, 0.004)]
     md = _write(tmp_path, micro, split, e2e)
     assert "18.0 µs (cuda) | met" in _target(md, "LLaVA-1.5 B=1, k=64: GPU time")  # graph replay, best backend
     assert "70.0 µs (triton) | missed, 1.2x off" in _target(md, "LLaVA-1.5 B=1, k=64: wall clock")
@@ -89,6 +90,7 @@ def test_targets_are_judged_from_the_best_fused_backend(tmp_path):
     assert "400.0 µs (cuda) | missed, 2.0x off" in _target(md, "LLaVA-1.5 B=32")
     assert "9000.0 µs (triton) | met" in _target(md, "video")
     assert "5.0x (triton) | met" in _target(md, "LLaVA-1.5-7B B=8")
+    assert "7.0x (triton) | met" in _target(md, "the same, GPU kernel time")  # 700 / 100 ms of kernels
     assert "0.40% (triton) | met" in _target(md, "the same: selection")
     assert "| cuda | llava-1.5 | 1 | 64 (32) |" in md  # the time split table
     saved = json.loads((tmp_path / "2026-01-01-nvidia-h200.json").read_text())
@@ -100,6 +102,7 @@ def test_unmeasured_targets_say_so_and_host_clock_runs_have_none(tmp_path):
     assert "30.0 µs (triton) | met" in _target(md, "LLaVA-1.5 B=1, k=64: GPU time")  # event median, no profile
     assert "not measured" in _target(md, "LLaVA-1.5 B=1, k=64: wall clock")
     assert "not measured" in _target(md, "LLaVA-1.5-7B B=8")
+    assert "not measured" in _target(md, "the same, GPU kernel time")
     cpu = _write(tmp_path, [_bench("cpu", "llava-1.5", 1, 576, 4096, 64, 2000.0, event=False,
                                    device="cpu test x2 threads")], stem="2026-01-01-cpu-test-x2-threads")
     assert "## Targets" not in cpu and "Cut short" not in cpu
