@@ -10,11 +10,11 @@
 #   checks   correctness (nothing is timed): `zspa build` compiles csrc/ while the tests that
 #            touch the GPU run (pytest-xdist where installed; the rest of the suite is CPU-only,
 #            CI's job, rehearsed on CPU with this machine's torch/triton/transformers versions);
-#            beside them compute-sanitizer memcheck, racecheck, synccheck, then initcheck (reads
-#            of device memory never written: the scratch contract) run bench/sanitize.py on
-#            triton (at once) and on cuda (once built; initcheck after a control of cuBLAS's
-#            Gram read back by PyTorch alone). Logs: <stem>.tests.log (with the build's and
-#            every failure's reason), <stem>.sanitize.log.
+#            beside them compute-sanitizer memcheck, racecheck, synccheck and initcheck (reads
+#            of device memory never written: the scratch contract), side by side, run
+#            bench/sanitize.py on triton (at once) and on cuda (once built; initcheck after a
+#            control of cuBLAS's Gram read back by PyTorch alone). Logs: <stem>.tests.log (with
+#            the build's and every failure's reason), <stem>.sanitize.log (each run's seconds).
 #   smoke    bench/smoke.py: does the cuda backend's cluster kernel run here and pick what the
 #            block kernel picks? If not, the stages after it run with ZSPA_CUDA_GREEDY=block; if
 #            the block kernel fails too, without the cuda backend (ZSPA_BENCH_SKIP=cuda): a kernel
@@ -77,24 +77,36 @@ sanitizer_run() {  # $1: tool, $2: the stage's end (in $SECONDS), then bench.san
   shift 2
   if [ $((end - SECONDS)) -lt 10 ]; then echo "== $tool, bench.sanitize $*: skipped, the stage's time is up"; return 0; fi
   echo "== compute-sanitizer --tool $tool: bench.sanitize $*"
+  local start=$SECONDS rc
   # Every caching-allocator block its own cudaMalloc, so that memcheck sees each tensor's
   # bounds; API errors surface as exceptions in our launches (each one is checked). Device
   # frames only: a host backtrace per report made the first run's log 580 KB.
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout $((end - SECONDS)) compute-sanitizer --tool "$tool" \
     --error-exitcode 99 --report-api-errors no --print-limit 50 --show-backtrace device --target-processes all \
     "$PY" -m bench.sanitize "$@" 2>&1
-  echo "== exit status: $?"
+  rc=$?
+  echo "== exit status: $rc ($((SECONDS - start)) s)"
 }
 
-sanitize() {  # $1: backend, $2: the stage's end (in $SECONDS); the four tools in turn, log on stdout
-  local tool
+sanitize() {  # $1: backend, $2: the stage's end (in $SECONDS); the four tools side by side, log on stdout
+  # Side by side, each tool its own process and log, printed in this order once all are done: one
+  # after another they would take the sum of four instrumented runs (a few small launches each,
+  # host-bound under the tools), and the stages after the checks get what this one leaves.
+  local tool pids=() part
+  part=$(mktemp -d)
   for tool in memcheck racecheck synccheck initcheck; do  # initcheck last: the three asked for come first
-    # cuda's Gram is a cuBLAS output: initcheck first reads the same bmm back by PyTorch alone
-    # (nothing of ours). Errors there mean initcheck does not see that cuBLAS kernel's writes,
-    # so its reports of our kernels reading the Gram are the same false positive.
-    [ "$tool" = initcheck ] && [ "$1" = cuda ] && sanitizer_run initcheck "$2" --backend cuda --cublas-control
-    sanitizer_run "$tool" "$2" --backend "$1"
+    {
+      # cuda's Gram is a cuBLAS output: initcheck first reads the same bmm back by PyTorch alone
+      # (nothing of ours). Errors there mean initcheck does not see that cuBLAS kernel's writes,
+      # so its reports of our kernels reading the Gram are the same false positive.
+      [ "$tool" = initcheck ] && [ "$1" = cuda ] && sanitizer_run initcheck "$2" --backend cuda --cublas-control
+      sanitizer_run "$tool" "$2" --backend "$1"
+    } > "$part/$tool" 2>&1 &
+    pids+=($!)
   done
+  wait "${pids[@]}"
+  for tool in memcheck racecheck synccheck initcheck; do cat "$part/$tool"; done
+  rm -rf "$part"
 }
 
 stage_checks() {  # $1: seconds allowed
