@@ -26,7 +26,10 @@ of them) at LLaVA-1.5 B=1. Last, the cuBLAS Gram GEMMs alone (bf16 in, fp32 out,
 launcher calls them): the whole Gram, the split the launcher uses (top rows and bottom-right
 block, 3/4 of the work), and a staircase of four row blocks each against the columns from its
 own start on (10/16 of the work, in four GEMMs whose row counts tile worse): whether more steps
-would pay at B = 32 and 64, before any kernel reads a staircase.
+would pay at B = 32 and 64, before any kernel reads a staircase. At B = 1 also the whole Gram
+split along D into 2, 4 or 8 slices (one batched GEMM, then the sum of the partial Grams):
+whether more CTAs with shorter K loops beat cuBLAS's own choice for the latency-bound GEMM
+that is the largest part of the B = 1 call (bench/GPU-NOTES.md).
 """
 from __future__ import annotations
 
@@ -161,6 +164,24 @@ def run_outside_band(device: torch.device, progress=print) -> list[dict]:
 
 GRAM_FORMS = {"whole": 1, "split": 2, "staircase4": 4}  # row blocks of the Gram's upper part
 GRAM_SHAPES = ("llava-1.5", "llava-1.5-b32", "llava-1.5-b64")
+GRAM_SPLIT_K = (2, 4, 8)  # B = 1 only: D cut into this many slices, one batched GEMM, then their sum
+
+
+def split_k_gram(visual: torch.Tensor, slices: int) -> torch.Tensor:
+    """The Gram of one image (``B = 1``) as ``slices`` GEMMs over slices of ``D``, one strided
+    batched call (the slices are views: batch stride ``D/slices``, row stride ``D``), then the
+    fp32 sum of the partial Grams in slice order. At B = 1 a whole GEMM of 576 x 576 outputs
+    holds ~25 of 132 SMs for the whole K loop; this gives ``slices`` times the CTAs for a
+    ``1/slices`` loop each, at the price of a second launch and ``slices`` partial Grams."""
+    B, N, D = visual.shape
+    if B != 1 or D % slices:
+        raise ValueError(f"visual: split_k_gram takes one image with D divisible by {slices}, got {tuple(visual.shape)}")
+    parts = visual[0].unflatten(1, (slices, D // slices)).transpose(0, 1)  # (slices, N, D/slices), a view
+    if visual.is_cuda:
+        partial = torch.bmm(parts, parts.transpose(1, 2), out_dtype=torch.float32)
+    else:
+        partial = torch.bmm(parts.float(), parts.float().transpose(1, 2))
+    return partial.sum(0, keepdim=True)
 
 
 def run_gram_forms(device: torch.device, shapes=None, progress=print) -> list[dict]:
@@ -182,6 +203,14 @@ def run_gram_forms(device: torch.device, shapes=None, progress=print) -> list[di
                       "gemms": len(blocks), "work_share": round(share, 4), "median_us": hb.median_us(call, device)}
             records.append(record)
             progress(f"{shape.label:<15}Gram {form:<12}{len(blocks)} GEMM(s), {share:6.1%} of the work"
+                     f"{record['median_us']:>10.1f} µs")
+        for slices in GRAM_SPLIT_K if shape.B == 1 else ():
+            form = f"splitk{slices}"
+            record = {"shape": shape.label, "B": shape.B, "N": shape.N, "D": shape.D, "gram_form": form,
+                      "gemms": 1, "work_share": 1.0,
+                      "median_us": hb.median_us(lambda slices=slices: split_k_gram(visual, slices), device)}
+            records.append(record)
+            progress(f"{shape.label:<15}Gram {form:<12}1 batched GEMM of {slices} D-slices + their sum"
                      f"{record['median_us']:>10.1f} µs")
     return records
 
