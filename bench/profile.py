@@ -10,6 +10,10 @@ Per fused backend and shape (bf16, keep 64, core ratio 0.5):
   the replay): the GPU time without the host, the figure the GPU-time target is about;
 * ``eager_us``: wall clock per call of 200 eager calls issued back to back from Python, one
   synchronisation at the end: what a model's forward pays per call when the GPU keeps up;
+* ``host_us``: host time per call alone: the wall clock of issuing ``HOST_CALLS`` eager calls,
+  read before the synchronisation that ends them (few enough that the launch queue never fills
+  and blocks the host): what Python, the dispatcher and the launcher cost a call, whether or not
+  the GPU keeps up. Above ``graph_us`` it, not the GPU, sets ``eager_us``;
 * ``fixed_us`` and ``step_us``: graph-replay time against the number of greedy steps at a fixed
   core (32 tokens; 0, 32, 96 and 224 steps), fitted by least squares: the intercept is the work
   every call does once (token statistics, Gram, core), the slope one dependent greedy step;
@@ -39,6 +43,7 @@ NCU_SHAPES = SHAPES + ("video",)
 KEEP, CORE = 64, 32
 STEPS = (0, 32, 96, 224)
 GRAPH_CALLS, EAGER_CALLS = 20, 200
+HOST_CALLS = 50  # up to ~5 launches a call: ~250 queued, well under the driver's launch queue
 
 
 def fused_backends(device: torch.device) -> list[str]:
@@ -87,6 +92,21 @@ def eager_us(fn) -> float:
     return statistics.median(times)
 
 
+def host_us(fn) -> float:
+    """Host time per call: the wall clock of issuing ``HOST_CALLS`` eager calls, read before
+    synchronising (median of 5 runs). A call that synchronises inside shows up here as GPU time."""
+    fn()
+    times = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(HOST_CALLS):
+            fn()
+        times.append(1e6 * (time.perf_counter() - t0) / HOST_CALLS)
+        torch.cuda.synchronize()
+    return statistics.median(times)
+
+
 def fit_line(xs, ys) -> tuple[float, float]:
     """Least-squares ``(intercept, slope)`` of ys against xs."""
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
@@ -99,7 +119,7 @@ def split(backend: str, shape: hb.Shape, device: torch.device) -> dict:
     run = selection(backend, visual, prompt, KEEP, hb.CORE_RATIO)
     record = {"impl": backend, "shape": shape.label, "B": shape.B, "N": shape.N, "D": shape.D, "k": KEEP,
               "k_core": core_count(hb.CORE_RATIO, KEEP), "gpu_us": hb.median_us(run, device),
-              "graph_us": graph_us(run), "eager_us": eager_us(run)}
+              "graph_us": graph_us(run), "eager_us": eager_us(run), "host_us": host_us(run)}
     per_steps = []
     for steps in STEPS:
         k = CORE + steps
@@ -144,8 +164,8 @@ def main(argv=None) -> int:
         profiled_calls(device)
         return 0
     records = []
-    print(f"{'backend':<8}{'shape':<15}{'gpu':>10}{'graph':>10}{'eager':>10}{'fixed':>10}{'per step':>10}{'gram':>10}"
-          f"{'split':>10}")
+    print(f"{'backend':<8}{'shape':<15}{'gpu':>10}{'graph':>10}{'eager':>10}{'host':>10}{'fixed':>10}{'per step':>10}"
+          f"{'gram':>10}{'split':>10}")
     for label in SHAPES:
         shape = next(s for s in hb.SPEC_SHAPES if s.label == label)
         for backend in fused_backends(device):
@@ -153,7 +173,7 @@ def main(argv=None) -> int:
             records.append(r)
             gram, halves = (f"{r[key]:.1f}" if key in r else "—" for key in ("gram_us", "gram_split_us"))
             print(f"{backend:<8}{label:<15}{r['gpu_us']:>10.1f}{r['graph_us']:>10.1f}{r['eager_us']:>10.1f}"
-                  f"{r['fixed_us']:>10.1f}{r['step_us']:>10.2f}{gram:>10}{halves:>10}   (µs)", flush=True)
+                  f"{r['host_us']:>10.1f}{r['fixed_us']:>10.1f}{r['step_us']:>10.2f}{gram:>10}{halves:>10}   (µs)", flush=True)
     if args.out:
         hb.save_records(args.out, device, records)
     return 0
