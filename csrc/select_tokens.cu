@@ -101,8 +101,42 @@ cudaLaunchConfig_t launch_config(dim3 grid, dim3 block, size_t smem, cudaStream_
   return config;
 }
 
-// Whether the current device has thread-block clusters and programmatic dependent launch (sm_90+).
-bool sm90_device() { return at::cuda::getCurrentDeviceProperties()->major >= 9; }
+// Whether the kernels run on the current device with thread-block clusters and programmatic
+// dependent launch: an sm_90+ device running code compiled for sm_90+. A build for "8.0+PTX"
+// runs on an H100 through the driver's JIT of the compute_80 PTX, in which pdl.cuh's waits are
+// compiled out and the cluster kernel traps: launching with PDL there would let a kernel read
+// its predecessor's output before it is written. All kernels share this translation unit and
+// its -gencode flags, so one kernel's PTX version (as CUB asks it) answers for all; asked once
+// per device. An unknown version (0) trusts the device.
+bool sm90_device() {
+  static std::mutex mutex;
+  static std::map<int, bool> known;
+  const int device = at::cuda::current_device();
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto found = known.find(device);
+  if (found == known.end()) {
+    cudaFuncAttributes attributes{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, greedy_select_kernel));
+    const bool sm90_code = attributes.ptxVersion >= 90 || attributes.ptxVersion == 0;
+    found = known.emplace(device, at::cuda::getCurrentDeviceProperties()->major >= 9 && sm90_code).first;
+  }
+  return found->second;
+}
+
+// greedy_select_kernel may take all of the device's opt-in shared memory (rows of N >= 4043
+// tokens; cudaFuncAttributeMaxDynamicSharedMemorySize). Set once per device to the most it can
+// take, never to one call's size: a later call, another thread's or a CUDA graph's replay, with
+// a larger N would otherwise launch above the limit then in force.
+void allow_greedy_select_smem(size_t static_smem, int device_smem) {
+  static std::mutex mutex;
+  static std::map<int, bool> done;
+  const int device = at::cuda::current_device();
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (done.count(device)) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(greedy_select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      device_smem - static_cast<int>(static_smem)));
+  done.emplace(device, true);
+}
 
 GreedyLaunch greedy_launch(int64_t N, int64_t rows, bool sm90, c10::string_view mode) {
   TORCH_CHECK(mode == "auto" || mode == "cluster" || mode == "block",
@@ -142,7 +176,8 @@ GreedyLaunch greedy_launch(int64_t N, int64_t rows, bool sm90, c10::string_view 
     launch.active = found->second;
   }
   if (mode == "cluster") {
-    TORCH_CHECK(sm90, "ZSPA_CUDA_GREEDY=cluster: thread-block clusters need an sm_90 or newer GPU");
+    TORCH_CHECK(sm90, "ZSPA_CUDA_GREEDY=cluster: thread-block clusters need an sm_90 or newer GPU and a build "
+                      "for it (TORCH_CUDA_ARCH_LIST with 9.0 or newer, not only an older arch's +PTX)");
     TORCH_CHECK(shape.ctas > 0, "ZSPA_CUDA_GREEDY=cluster: no cluster of this GPU holds the Gram of N=", N,
                 " tokens in shared memory; use 'auto' or 'block'");
     TORCH_CHECK(launch.active > 0, "ZSPA_CUDA_GREEDY=cluster: this GPU's driver runs no cluster of ", shape.ctas,
@@ -272,8 +307,7 @@ at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt
 
   at::Tensor out = at::empty({B, k}, V.options().dtype(at::kLong));
   if (smem_bytes + static_smem > 48 * 1024) {  // N >= 4043: at N = 4096 the dynamic part alone is exactly 48 KiB
-    C10_CUDA_CHECK(cudaFuncSetAttribute(greedy_select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem_bytes)));
+    allow_greedy_select_smem(static_smem, device_smem);
   }
   GreedyParams params{};
   params.dots = dots.data_ptr<float>();

@@ -113,6 +113,23 @@ def test_rows_whose_shared_memory_crosses_48_kib_launch():
         replay(Row(visual, prompt, None, n, 24, 0.5, "mean"), order, TOLERANCE["cuda"][torch.bfloat16])
 
 
+def test_graph_of_long_rows_replays_after_a_call_with_shorter_ones():
+    """The long-row kernel's shared-memory opt-in is the device's most, set once: the launcher
+    set it to each call's own size before, so a graph captured at N = 8192 replayed after an eager
+    call at N = 4100 would launch above the limit that call left in force."""
+    long_visual, long_prompt = _inputs(1, 8192, 32, dtype=torch.float32)
+    expected = _select(long_visual, long_prompt, 40)  # built, loaded and warmed up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = _select(long_visual, long_prompt, 40)
+    short_visual, short_prompt = _inputs(1, 4100, 32, dtype=torch.float32, seed=1)
+    _select(short_visual, short_prompt, 40)
+    captured.fill_(-2)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, expected)
+
+
 def _cluster_gpu():
     return torch.cuda.get_device_capability()[0] >= 9
 
