@@ -21,6 +21,28 @@ def test_cuda_cases_are_valid_selections():
     assert sanitize.run("cpu", CPU, sanitize.CUDA_CASES, progress=lambda _: None) == len(sanitize.CUDA_CASES)
 
 
+def test_greedy_override_reaches_every_case(monkeypatch):
+    """``--greedy block`` (racecheck without the cluster kernel) sets ZSPA_CUDA_GREEDY for every
+    case, over the case's own choice, and restores it after."""
+    from zspa_kernels.spec import CUDA_GREEDY_ENV, cuda_greedy
+
+    seen = []
+    real = sanitize.make
+
+    def spy(case, device, seed):
+        seen.append(cuda_greedy())
+        return real(case, device, seed)
+
+    monkeypatch.setattr(sanitize, "make", spy)
+    monkeypatch.delenv(CUDA_GREEDY_ENV, raising=False)
+    cases = sanitize.CUDA_CASES[:6]  # the block kernel's own cases among them
+    assert sanitize.run("cpu", CPU, cases, progress=lambda _: None, greedy="block") == len(cases)
+    assert seen == ["block"] * len(cases)
+    seen.clear()
+    sanitize.run("cpu", CPU, cases, progress=lambda _: None)
+    assert seen == [c.greedy or "auto" for c in cases]
+
+
 def test_check_rejects_invalid_selections():
     case = dataclasses.replace(sanitize.CASES[1], pick_order=False)
     visual, prompt, _, mask = sanitize.make(case, CPU, 1)
