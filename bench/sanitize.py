@@ -11,7 +11,7 @@ and bf16; for ``cuda`` also a row whose state needs more than 48 KB of shared me
 greedy kernels (``ZSPA_CUDA_GREEDY``: on sm_90 ``auto`` takes the cluster kernel for every row
 of up to ~950 tokens, so the small cases are forced onto the block kernel too), clusters of
 6, 7 (4-byte copies) and 15 CTAs, a radix-selected core, the split Gram (``ZSPA_CUDA_GRAM``)
-on both kernels, and tokens outside the raw band, whose Gram entries the token pass rewrites. Each
+on both kernels, the Gram summed over slices of D, and tokens outside the raw band, whose Gram entries the token pass rewrites. Each
 result is checked for what any valid selection satisfies (indices in the row, no repeats,
 ``-1`` only after the row's budget), so a launch that silently wrote nothing fails here too;
 agreement with the fp64 oracle is the test suite's job. ``--greedy block`` runs every cuda case
@@ -71,6 +71,7 @@ CUDA_CASES = (
     Case(2, 576, 32, 48),                                                  # clusters of 6 CTAs
     Case(2, 577, 24, 40, core_ratio=0.0, lengths=True, pick_order=False),  # 7 CTAs, 4-byte copies
     Case(2, 576, 32, 48, gram="split"),                                    # the split Gram, 16-byte copies
+    Case(2, 300, 64, 40, lengths=True, gram="splitk"),                     # a row at a time, summed over D slices
     Case(1, 900, 16, 40, T=3, relevance="max"),                           # 15 CTAs (non-portable size)
     Case(2, 576, 32, 48, gram="split", outside=True),          # the token pass's repair, split Gram, clusters
     Case(2, 150, 64, 30, T=5, masked=True, relevance="max", outside=True, greedy="block"),  # "max" dots repaired

@@ -16,8 +16,9 @@ CTA a row reading Gram rows from L2; ``cluster``, greedy_cluster.cuh, the Gram o
 thread-block cluster) and what ``auto`` chooses, at B = 1, 32 and 64: the two kernels read the
 same Gram entries in the same expression, so their picks must be identical; B = 64 tests the
 launcher's rule that many rows favour one CTA a row. Then the Gram whole or split
-(``ZSPA_CUDA_GRAM``: ``full``, ``split``), whose picks may differ from the whole Gram's only at
-near-ties (its lower-left block comes from another GEMM); auto splits at B = 32 on the cluster
+(``ZSPA_CUDA_GRAM``: ``full``, ``split``, and at B = 1 ``splitk``, the whole Gram summed over
+four slices of D), whose picks may differ from the whole Gram's only at near-ties (other GEMMs
+sum its entries); auto splits at B = 32 on the cluster
 kernel, not at B = 1, nor on the block kernel (B = 64, video; at video size the cluster kernel
 does not apply: its failure is recorded), where forced splits show what the rule leaves out.
 
@@ -104,13 +105,15 @@ def run_cuda_paths(device: torch.device, progress=print) -> list[dict]:
         variants = [{CUDA_GREEDY_ENV: "block"}, {CUDA_GREEDY_ENV: "block", CUDA_GRAM_ENV: "split"}]
     else:
         variants = [{CUDA_GREEDY_ENV: "block"}, {CUDA_GREEDY_ENV: "cluster"}, {CUDA_GREEDY_ENV: "auto"},
-                    {CUDA_GRAM_ENV: "full"}, {CUDA_GRAM_ENV: "split"}]
+                    {CUDA_GRAM_ENV: "full"}, {CUDA_GRAM_ENV: "split"}, {CUDA_GRAM_ENV: "splitk"}]
     records = []
     for label in CUDA_SHAPES:
         shape = _shape(label)
         visual, prompt = hb.make_inputs(shape, torch.bfloat16, device)
         expected = None
         for variant in variants:
+            if variant.get(CUDA_GRAM_ENV) == "splitk" and shape.B > 1:
+                continue  # a row at a time: meant for one image, where one GEMM leaves most SMs idle
             record = {"shape": label, "B": shape.B, "N": shape.N, "D": shape.D, "k": KEEP,
                       "variant": {name.removeprefix("ZSPA_CUDA_").lower(): value for name, value in variant.items()}}
 

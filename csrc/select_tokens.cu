@@ -1,7 +1,8 @@
 // Launcher: the kernels and the fp32-accumulating GEMMs (cuBLAS through ATen). Everything is
 // enqueued on the current stream without reading any device value, so the op can be captured
 // in a CUDA graph. The GEMMs read the tokens as given (gram_repair.cuh: no scaled copy).
-// Launches per call, "mean", per Gram chunk: the Gram GEMM (two for a split Gram: gram_split),
+// Launches per call, "mean", per Gram chunk: the Gram GEMM (two for a split Gram: gram_split;
+// a batched GEMM and a sum for a Gram summed over slices of D: gram_slices),
 // in the first chunk prompt stats (with the pooled prompt), the token pass of the chunk's rows
 // (scale_rows.cuh: scales, dots with the pooled prompt, repair of tokens outside the raw band),
 // one greedy kernel (greedy_cluster.cuh or greedy_select.cuh: greedy_launch); "max": the prompt
@@ -199,16 +200,39 @@ GreedyLaunch greedy_launch(int64_t N, int64_t rows, bool sm90, c10::string_view 
 // keeps the whole Gram in "auto": it reads a Gram row every step from L2 or DRAM, and in the
 // lower-left block that row is a column of the top rows, one 32-byte sector a token instead of
 // one per 8 (at video size, 262 KB of sectors a step from DRAM instead of 32 KB). `mode` is
-// ZSPA_CUDA_GRAM (spec.py): "auto" this rule, "full" or "split" forced (a split needs N >= 8).
+// ZSPA_CUDA_GRAM (spec.py): "auto" this rule, "full" or "split" forced (a split needs N >= 8);
+// "splitk" is a whole Gram summed over slices of D (gram_slices).
 constexpr int64_t kSplitGramMacs = int64_t{1} << 33;
 
 int64_t gram_split(int64_t rows, int64_t N, int64_t D, bool cluster, c10::string_view mode) {
-  TORCH_CHECK(mode == "auto" || mode == "full" || mode == "split",
-              "ZSPA_CUDA_GRAM: expected 'auto', 'full' or 'split', got '", mode, "'");
+  TORCH_CHECK(mode == "auto" || mode == "full" || mode == "split" || mode == "splitk",
+              "ZSPA_CUDA_GRAM: expected 'auto', 'full', 'split' or 'splitk', got '", mode, "'");
   const int64_t half = N / 2 / 4 * 4;
   const bool split = mode == "split" || (mode == "auto" && cluster && rows * N * N * D >= kSplitGramMacs);
   if (!split || half == 0) return N;
   return half;
+}
+
+// ZSPA_CUDA_GRAM=splitk, forced only until a GPU run has timed it (bench/tune.py): each row's
+// whole Gram as kGramSlices GEMMs over slices of D, one strided batched call on views of the
+// tokens, then the fp32 sum of the partial Grams in slice order (sliced_gram). At LLaVA-1.5 B=1
+// one 576 x 576 x 4096 GEMM is ~25 output tiles, ~25 of 132 SMs for the whole K loop (13.8 us
+// in the H200 run); four slices give ~100 CTAs a quarter of the loop each, for a second
+// launch and four partial Grams. The Gram is then made a row at a time; where D is not a
+// multiple of kGramSlices * 8 (16-byte slices) or the partials of a row would pass the Gram
+// budget, the whole GEMM runs instead. Returns the number of slices, 1 for the whole GEMM.
+constexpr int64_t kGramSlices = 4;
+
+int64_t gram_slices(int64_t N, int64_t D, c10::string_view mode, int64_t gram_budget) {
+  const bool fits = D % (kGramSlices * 8) == 0 && kGramSlices * N * N * int64_t{4} <= gram_budget;
+  return mode == "splitk" && fits ? kGramSlices : 1;
+}
+
+// The whole Gram (1, N, N) of a one-row chunk summed over `slices` slices of D (gram_slices).
+at::Tensor sliced_gram(const at::Tensor& chunk, int64_t slices) {
+  const int64_t N = chunk.size(1), D = chunk.size(2);
+  const at::Tensor parts = chunk.select(0, 0).view({N, slices, D / slices}).transpose(0, 1);  // (slices, N, D/slices)
+  return fp32_bmm(parts, parts.transpose(1, 2)).sum(0, /*keepdim=*/true);
 }
 
 // The prompt rows of relevance "max" (bf16/fp32), (B, T, D) contiguous: {scaled copy, (B, T)
@@ -329,7 +353,8 @@ at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt
   // with the triton backend), at least one row per chunk. Per chunk: the Gram GEMMs on the
   // tokens as given, (first chunk, "mean") prompt_stats, the token pass of the chunk's rows,
   // the greedy kernel.
-  const int64_t rows_per_chunk = std::max<int64_t>(1, gram_budget / (N * N * int64_t{4}));
+  const int64_t slices = gram_slices(N, D, gram, gram_budget);
+  const int64_t rows_per_chunk = slices > 1 ? 1 : std::max<int64_t>(1, gram_budget / (N * N * int64_t{4}));
   for (int64_t row0 = 0; row0 < B; row0 += rows_per_chunk) {
     const int64_t rows = std::min(rows_per_chunk, B - row0);
     const at::Tensor chunk = V.narrow(0, row0, rows);
@@ -337,7 +362,7 @@ at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt
     const int64_t h = gram_split(rows, N, D, launch.shape.ctas > 0, gram);
     // The top rows (rows, h, N), and for a split Gram the bottom-right block (rows, N - h, N - h)
     // (gram_view.cuh): strided views of the tokens, no copies.
-    const at::Tensor top = fp32_bmm(chunk.narrow(1, 0, h), chunk.transpose(1, 2));
+    const at::Tensor top = slices > 1 ? sliced_gram(chunk, slices) : fp32_bmm(chunk.narrow(1, 0, h), chunk.transpose(1, 2));
     at::Tensor corner;
     if (h < N) {
       const at::Tensor bottom = chunk.narrow(1, h, N - h);

@@ -176,17 +176,19 @@ def test_cluster_kernel_refuses_rows_no_cluster_holds(monkeypatch):
     assert _select(visual, prompt, 16).shape == (1, 16)  # auto: the block kernel
 
 
+@pytest.mark.parametrize("gram", ["split", "splitk"])
 @pytest.mark.parametrize("greedy", ["block", "cluster"])
-def test_split_gram_replays_against_fp64(monkeypatch, greedy):
+def test_split_gram_replays_against_fp64(monkeypatch, greedy, gram):
     """The Gram as top rows and bottom-right block (ZSPA_CUDA_GRAM=split; auto splits only large
-    launches) on both greedy kernels: odd and even N, lengths, the isolation seed, against fp64.
-    Not bit for bit against the whole Gram: its lower-left block comes from another GEMM."""
+    launches), or a row at a time summed over four slices of D (splitk, forced only), on both
+    greedy kernels: odd and even N, lengths, the isolation seed, against fp64. Not bit for bit
+    against the whole Gram: other GEMMs sum its entries."""
     if greedy == "cluster" and not _cluster_gpu():
         pytest.skip("thread-block clusters need sm_90")
     from fp64_oracle import Row, replay
     from helpers import TOLERANCE
 
-    monkeypatch.setenv("ZSPA_CUDA_GRAM", "split")
+    monkeypatch.setenv("ZSPA_CUDA_GRAM", gram)
     monkeypatch.setenv("ZSPA_CUDA_GREEDY", greedy)
     for n_tokens, alpha in ((577, 0.5), (576, 0.0), (300, 0.25)):
         visual, prompt = _inputs(2, n_tokens, 64, T=3, seed=n_tokens)
@@ -200,13 +202,14 @@ def test_split_gram_replays_against_fp64(monkeypatch, greedy):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("greedy,gram", [("block", "full"), ("block", "split"), ("cluster", "full"),
-                                         ("cluster", "split")])
+                                         ("cluster", "split"), ("block", "splitk"), ("cluster", "splitk")])
 def test_tokens_outside_the_raw_band_replay_against_fp64(monkeypatch, dtype, greedy, gram):
     """The GEMMs read the tokens as given (gram_repair.cuh): tokens whose largest |x| is outside
     [2^-33, 2^48) (1e-30, 1e-12, 1e15, 1e30, two copies of one) have their Gram rows and columns,
     and their "max" dots, rewritten by the token pass; in-band tokens of 1e-9 to 1e9 beside them.
     Both relevances, both greedy kernels, whole and split Grams, against fp64; with the split,
-    a Gram chunk a row, so that the second row's token pass works at the chunk's offsets."""
+    a Gram chunk a row, so that the second row's token pass works at the chunk's offsets (splitk
+    makes a chunk a row by itself)."""
     if greedy == "cluster" and not _cluster_gpu():
         pytest.skip("thread-block clusters need sm_90")
     from fp64_oracle import Row, replay

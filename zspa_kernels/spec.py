@@ -41,9 +41,11 @@ DEFAULT_GRAM_BUDGET = 4 << 30  # four N=16384 video rows per launch, any LLaVA-s
 CUDA_GREEDY_ENV = "ZSPA_CUDA_GREEDY"
 CUDA_GREEDY_PATHS = ("auto", "cluster", "block")
 # The cuda backend's Gram: "auto" (csrc/select_tokens.cu's rule by size and greedy kernel),
-# "full" (one GEMM) or "split" (top rows and bottom-right block, 3/4 of the work: gram_view.cuh).
+# "full" (one GEMM), "split" (top rows and bottom-right block, 3/4 of the work: gram_view.cuh)
+# or "splitk" (a row at a time, each row's Gram summed over four slices of D: more CTAs for the
+# latency-bound GEMM of one image; forced only, until a GPU run has timed it: gram_slices).
 CUDA_GRAM_ENV = "ZSPA_CUDA_GRAM"
-CUDA_GRAM_PATHS = ("auto", "full", "split")
+CUDA_GRAM_PATHS = ("auto", "full", "split", "splitk")
 
 
 def core_count(core_ratio: float, k_b: int) -> int:
@@ -138,5 +140,5 @@ def cuda_greedy() -> str:
 
 def cuda_gram() -> str:
     """``ZSPA_CUDA_GRAM``: the cuda backend's Gram, ``"auto"`` when unset or empty; anything else
-    but ``"full"`` or ``"split"`` raises naming it."""
+    but ``"full"``, ``"split"`` or ``"splitk"`` raises naming it."""
     return _choice_from_env(CUDA_GRAM_ENV, CUDA_GRAM_PATHS)
