@@ -224,11 +224,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = hb.require_cuda("bench.tune")
     progress = lambda line: print(line, flush=True)  # noqa: E731
-    records = run_cuda_paths(device, progress=progress) + run(device, progress=progress)
-    records += run_outside_band(device, progress=progress)
-    records += run_gram_forms(device, progress=progress)  # last: a time limit cuts it first
-    if args.out:
-        hb.save_records(args.out, device, records)
+    records = []
+    # Saved after every section: run_gpu.sh gives tune a minute, and a cut must keep what finished.
+    for section in (run_cuda_paths, run, run_outside_band, run_gram_forms):  # last: a time limit cuts it first
+        records += section(device, progress=progress)
+        if args.out:
+            hb.save_records(args.out, device, records)
     return 0
 
 
