@@ -171,11 +171,11 @@ def main(argv=None) -> int:
         for backend in fused_backends(device):
             r = split(backend, shape, device)
             records.append(r)
+            if args.out:  # after every record: a time limit keeps what finished
+                hb.save_records(args.out, device, records)
             gram, halves = (f"{r[key]:.1f}" if key in r else "—" for key in ("gram_us", "gram_split_us"))
             print(f"{backend:<8}{label:<15}{r['gpu_us']:>10.1f}{r['graph_us']:>10.1f}{r['eager_us']:>10.1f}"
                   f"{r['host_us']:>10.1f}{r['fixed_us']:>10.1f}{r['step_us']:>10.2f}{gram:>10}{halves:>10}   (µs)", flush=True)
-    if args.out:
-        hb.save_records(args.out, device, records)
     return 0
 
 
