@@ -78,9 +78,11 @@ def backends_here(device: torch.device) -> list[str]:
 
 def implementations(device: torch.device) -> list[str]:
     """Names of what is timed on ``device``, in the order they run: the op's fast backends, the
-    baselines, then ``reference`` (the slowest and least needed where a run is cut short)."""
+    two loops the targets compare with, the graph-captured loop (CUDA only; its captures of up
+    to 2048 steps are slow to set up), then ``reference`` (the slowest and least needed where a
+    run is cut short)."""
     fast = [b for b in backends_here(device) if b != "reference"]
-    loops = [b for b in BASELINES if b != "torch_loop_graph" or device.type == "cuda"]
+    loops = ["torch_loop", "divprune_loop"] + (["torch_loop_graph"] if device.type == "cuda" else [])
     return fast + loops + ["reference"]
 
 
