@@ -175,7 +175,8 @@ def main(argv=None) -> int:
                 hb.save_records(args.out, device, records)
             gram, halves = (f"{r[key]:.1f}" if key in r else "—" for key in ("gram_us", "gram_split_us"))
             print(f"{backend:<8}{label:<15}{r['gpu_us']:>10.1f}{r['graph_us']:>10.1f}{r['eager_us']:>10.1f}"
-                  f"{r['host_us']:>10.1f}{r['fixed_us']:>10.1f}{r['step_us']:>10.2f}{gram:>10}{halves:>10}   (µs)", flush=True)
+                  f"{r['host_us']:>10.1f}{r['fixed_us']:>10.1f}{r['step_us']:>10.2f}{gram:>10}{halves:>10}   (µs)",
+                  flush=True)
     return 0
 
 

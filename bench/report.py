@@ -246,7 +246,8 @@ def main(argv=None) -> int:
     parser.add_argument("--auto-table", type=pathlib.Path,
                         help="also write auto's table here (zspa_kernels/auto_cuda.json) from a GPU run")
     parser.add_argument("--date", default=datetime.date.today().isoformat())
-    parser.add_argument("--stem", help="the files' common name (default <date>-<device>; run_gpu.sh passes --print-stem's)")
+    parser.add_argument("--stem",
+                        help="the files' common name (default <date>-<device>; run_gpu.sh passes --print-stem's)")
     parser.add_argument("--print-stem", action="store_true",
                         help="print this run's stem and exit: <date>-<device> of this machine, with -runN appended "
                              "when --out already holds files of that name")

@@ -178,7 +178,8 @@ def split_k_gram(visual: torch.Tensor, slices: int) -> torch.Tensor:
     ``1/slices`` loop each, at the price of a second launch and ``slices`` partial Grams."""
     B, N, D = visual.shape
     if B != 1 or D % slices:
-        raise ValueError(f"visual: split_k_gram takes one image with D divisible by {slices}, got {tuple(visual.shape)}")
+        raise ValueError(f"visual: split_k_gram takes one image with D divisible by {slices}, "
+                         f"got {tuple(visual.shape)}")
     parts = visual[0].unflatten(1, (slices, D // slices)).transpose(0, 1)  # (slices, N, D/slices), a view
     if visual.is_cuda:
         partial = torch.bmm(parts, parts.transpose(1, 2), out_dtype=torch.float32)

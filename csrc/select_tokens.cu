@@ -362,7 +362,8 @@ at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt
     const int64_t h = gram_split(rows, N, D, launch.shape.ctas > 0, gram);
     // The top rows (rows, h, N), and for a split Gram the bottom-right block (rows, N - h, N - h)
     // (gram_view.cuh): strided views of the tokens, no copies.
-    const at::Tensor top = slices > 1 ? sliced_gram(chunk, slices) : fp32_bmm(chunk.narrow(1, 0, h), chunk.transpose(1, 2));
+    const at::Tensor top =
+        slices > 1 ? sliced_gram(chunk, slices) : fp32_bmm(chunk.narrow(1, 0, h), chunk.transpose(1, 2));
     at::Tensor corner;
     if (h < N) {
       const at::Tensor bottom = chunk.narrow(1, h, N - h);
