@@ -78,33 +78,32 @@ def graph_us(fn) -> float:
     return statistics.median(times)
 
 
-def eager_us(fn) -> float:
-    """Wall clock per call of ``EAGER_CALLS`` back-to-back eager calls (median of 5 runs)."""
+def _per_call_us(fn, calls: int, wait: bool) -> float:
+    """Wall clock per call of ``calls`` back-to-back eager calls (median of 5 runs), read after
+    synchronising (``wait``) or right after the last call is issued."""
     fn()
     times = []
     for _ in range(5):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        for _ in range(EAGER_CALLS):
+        for _ in range(calls):
             fn()
+        if wait:
+            torch.cuda.synchronize()
+        times.append(1e6 * (time.perf_counter() - t0) / calls)
         torch.cuda.synchronize()
-        times.append(1e6 * (time.perf_counter() - t0) / EAGER_CALLS)
     return statistics.median(times)
+
+
+def eager_us(fn) -> float:
+    """Wall clock per call of ``EAGER_CALLS`` back-to-back eager calls, the GPU's work included."""
+    return _per_call_us(fn, EAGER_CALLS, wait=True)
 
 
 def host_us(fn) -> float:
     """Host time per call: the wall clock of issuing ``HOST_CALLS`` eager calls, read before
-    synchronising (median of 5 runs). A call that synchronises inside shows up here as GPU time."""
-    fn()
-    times = []
-    for _ in range(5):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(HOST_CALLS):
-            fn()
-        times.append(1e6 * (time.perf_counter() - t0) / HOST_CALLS)
-        torch.cuda.synchronize()
-    return statistics.median(times)
+    synchronising. A call that synchronises inside shows up here as GPU time."""
+    return _per_call_us(fn, HOST_CALLS, wait=False)
 
 
 def fit_line(xs, ys) -> tuple[float, float]:
