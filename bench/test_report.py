@@ -110,6 +110,20 @@ def test_unmeasured_targets_say_so_and_host_clock_runs_have_none(tmp_path):
     assert "## Targets" not in cpu and "Cut short" not in cpu
 
 
+def test_eager_and_host_timings_read_the_clock_after_or_before_the_sync(monkeypatch):
+    """eager_us waits for the device before reading the clock, host_us does not: a stand-in
+    device whose synchronise takes 20 ms shows up in one and not the other."""
+    import time
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: time.sleep(0.02))
+    monkeypatch.setattr(profile, "EAGER_CALLS", 10)
+    monkeypatch.setattr(profile, "HOST_CALLS", 10)
+    calls = []
+    assert profile.host_us(lambda: calls.append(1)) < 1000  # µs a call: nothing but the issuing
+    assert profile.eager_us(lambda: calls.append(1)) >= 2000  # the 20 ms sync over 10 calls
+    assert len(calls) == 2 * (1 + 5 * 10)  # a warm-up, then 5 runs of 10 calls each
+
+
 def test_time_split_is_a_least_squares_line():
     intercept, slope = profile.fit_line(profile.STEPS, [12.0 + 0.75 * s for s in profile.STEPS])
     assert intercept == pytest.approx(12.0) and slope == pytest.approx(0.75)
