@@ -250,6 +250,28 @@ def test_batch_of_65_rows_matches_row_by_row():
         assert alone[0].tolist() == order[b].tolist()
 
 
+def test_plan_keeps_a_launch_within_the_grid_y_limit(monkeypatch):
+    """The batch rows of a launch pair are its grids' y extent, at most 65535 on CUDA."""
+    from zspa_kernels.triton.plan import MAX_GRID_Y
+
+    for budget in ("0", str(1 << 40)):  # the stream path takes every row; the gram path every row that fits
+        monkeypatch.setenv(GRAM_BUDGET_ENV, budget)
+        plan = launch_plan(70000, 16, 32, torch.bfloat16, 4, 0.5, False)
+        assert plan.path == ("stream" if budget == "0" else "gram") and plan.rows_per_launch == MAX_GRID_Y == 65535
+
+
+def test_odd_views_whose_int32_offsets_would_wrap_are_made_contiguous():
+    """The kernels offset a row's features and prompt rows in int32: a view whose row spans
+    2^31 elements or more is copied first (meta tensors: the strides without the memory)."""
+    from zspa_kernels.triton.select import int32_offsets
+
+    wide = torch.empty_strided((2, 4, 8), (1, 1, 2**29), device="meta")  # (8-1)·2^29 ≥ 2^31
+    fixed = int32_offsets(wide)
+    assert fixed is not wide and fixed.is_contiguous() and fixed.shape == wide.shape
+    narrow = torch.empty_strided((2, 4, 8), (1, 2, 8), device="meta")  # a transposed view, small strides
+    assert int32_offsets(narrow) is narrow and int32_offsets(None) is None
+
+
 def test_non_contiguous_visual():
     case = _case(B=2, N=30, D=40, k=8, alpha=0.5, dtype=torch.bfloat16, seed=7)
     case.visual = case.visual.transpose(1, 2).contiguous().transpose(1, 2)  # stride (N·D, 1, N)
@@ -313,18 +335,23 @@ def test_lengths_of_any_stride(make_lengths):
     assert order.tolist() == select_tokens_reference(*case.args()).tolist()
 
 
-@pytest.mark.parametrize("seed, D, dtype", [(149, 33, torch.bfloat16), (204, 3, torch.float32),
-                                            pytest.param(264, 17, torch.float32, marks=pytest.mark.xfail(
-                                                condition=not torch.cuda.is_available(), strict=True,
-                                                reason="known gap: the interpreter's matmul rounds a dot product "
-                                                "differently by its position in the tile (passes on the H200)"))])
-def test_gram_is_symmetric_so_duplicates_tie_to_the_lower_index(seed, D, dtype):
-    """Token 22 is a copy of token 0, in another Gram tile: the similarity of either to a pick
-    must be one number, else an exact tie goes to the higher index (these seeds did, under
+@pytest.mark.parametrize("seed, N, D, dtype", [
+    (149, 23, 33, torch.bfloat16), (204, 23, 3, torch.float32),
+    pytest.param(264, 23, 17, torch.float32, marks=pytest.mark.xfail(
+        condition=not torch.cuda.is_available(), strict=True,
+        reason="known gap: the interpreter's matmul rounds a dot product differently by its position in the "
+               "tile (passes on the H200)")),
+    # 64-wide tiles on the GPU's tensor cores (wgmma on sm_90): the copy sits in tile (3, 3)
+    pytest.param(31, 250, 64, torch.bfloat16, marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="the tensor-core tiles are the GPU's; N=23 covers the interpreter")),
+])
+def test_gram_is_symmetric_so_duplicates_tie_to_the_lower_index(seed, N, D, dtype):
+    """The last token is a copy of token 0, in another Gram tile: the similarity of either to a
+    pick must be one number, else an exact tie goes to the higher index (these seeds did, under
     the interpreter, while tile (0, 1) and tile (1, 0) computed their dot products apart)."""
     g = torch.Generator().manual_seed(seed)
-    visual = torch.randn(1, 23, D, generator=g)
-    visual[0, 22] = visual[0, 0]
+    visual = torch.randn(1, N, D, generator=g)
+    visual[0, N - 1] = visual[0, 0]
     case = Case(visual.to(dtype), torch.randn(1, D, generator=g).to(dtype), 12, 0.0, None, None, "mean")
     _check(case)
 

@@ -27,6 +27,8 @@ import triton
 
 from ..spec import gram_budget, may_need_isolation, triton_interpreter
 
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's y extent: the batch rows of one launch pair
+
 
 @dataclasses.dataclass(frozen=True)
 class LaunchPlan:
@@ -69,6 +71,7 @@ def _plan(B: int, N: int, D: int, dtype: torch.dtype, k: int, core_ratio: float,
     row_gram = 4 * N * N
     path = "gram" if row_gram <= budget else "stream"
     rows = min(B, budget // row_gram) if path == "gram" else B
+    rows = min(rows, MAX_GRID_Y)  # the batch group is both launches' grid y
     # tl.dot needs every dim >= 16. 64-wide tiles, 8 warps and 32-wide feature chunks compile for
     # sm_90 without spills (~210-250 registers with the mirror tile's epilogue); 128-wide tiles
     # spilled ~600 B/thread in the fused epilogue (cosines, isolation maxima, rank compares), and

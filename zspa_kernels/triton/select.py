@@ -23,6 +23,17 @@ from .token_stats import launch_token_stats
 KERNELS_INTERPRETED = triton_interpreter()
 
 
+def int32_offsets(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``t``, or a contiguous copy where the kernels' int32 offsets within one batch row could
+    pass 2^31 - 1. They index a row's features and prompt rows as ``index * stride`` in int32
+    (the batch and token offsets are int64): an odd view, e.g. a (B, N, D) permute of a
+    (D, B, N) buffer, has a feature stride of B·N, and D of them would wrap. Contiguous inputs
+    keep every such offset below one row's element count."""
+    if t is None or sum((size - 1) * stride for size, stride in zip(t.shape[1:], t.stride()[1:])) < 2**31:
+        return t
+    return t.contiguous()
+
+
 def select_tokens_triton(
     visual: torch.Tensor,
     prompt: torch.Tensor,
@@ -44,6 +55,7 @@ def select_tokens_triton(
         raise RuntimeError(f"TRITON_INTERPRET: the Triton kernels were loaded with the interpreter {state}; "
                            "set TRITON_INTERPRET before the first Triton call (or import of zspa_kernels.triton)")
     B, N, D = visual.shape
+    visual, prompt, prompt_mask = int32_offsets(visual), int32_offsets(prompt), int32_offsets(prompt_mask)
     if plan is None:
         plan = launch_plan(B, N, D, visual.dtype, k, core_ratio, lengths is not None, relevance)
 

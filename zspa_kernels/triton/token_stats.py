@@ -55,7 +55,7 @@ def _pooled_chunk(p_row, mask_ptr, b, d, D, T, count, stride_pt, stride_pd, stri
             ok = _prompt_row_mask(mask_ptr, b, t, T, stride_mb, stride_mt, HAS_MASK)  # t < T too
             p = tl.load(p_row + t * stride_pt + d * stride_pd, mask=(d < D) & (t < T), other=0.0).to(tl.float32)
             pooled += tl.where(ok, p, 0.0)  # where, not *: masked rows may be NaN
-    return pooled / tl.maximum(count, 1.0)
+    return tl.div_rn(pooled, tl.maximum(count, 1.0))  # IEEE: `/` compiles to an approximate div.full.f32
 
 
 @triton.jit
