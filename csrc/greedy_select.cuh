@@ -152,7 +152,8 @@ template <typename Kept>
 __device__ void write_output(const GreedyParams& p, int64_t* out, const int* picks, int n, int k_b, Kept kept,
                              int* warp_counts) {
   const int tid = threadIdx.x, threads = blockDim.x;
-  for (int t = k_b + tid; t < p.k; t += threads) out[t] = -1;
+  // 64-bit: k may be up to 2^31 - 1, and t + threads would wrap past it
+  for (int64_t t = k_b + tid; t < p.k; t += threads) out[t] = -1;
   if (p.pick_order) {
     for (int t = tid; t < k_b; t += threads) out[t] = picks[t];
     return;

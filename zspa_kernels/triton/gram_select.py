@@ -192,9 +192,11 @@ def _select_row(
     # launcher, which would be a kernel launch of its own on the op's critical path. 1024-wide
     # stores (4 int64 a thread): none when k_b = k, one when k <= N + 1024, and k far beyond N
     # (k = 100000, N = 5) is 98 coalesced stores, not a walk in steps of a small BLOCK_S.
+    # Offsets in int64: k may be up to 2^31 - 1, and an int32 p0 + 1024 would wrap past it.
     pad = tl.arange(0, 1024)
-    for p0 in range(k_b, k, 1024):
-        tl.store(row_out + p0 + pad, tl.full([1024], -1, tl.int64), mask=p0 + pad < k)
+    for i in range(0, tl.cdiv(k - k_b, 1024)):
+        at = pad.to(tl.int64) + k_b + i * 1024
+        tl.store(row_out + at, tl.full([1024], -1, tl.int64), mask=at < k)
 
 
 @triton.jit
