@@ -102,41 +102,33 @@ cudaLaunchConfig_t launch_config(dim3 grid, dim3 block, size_t smem, cudaStream_
   return config;
 }
 
-// Whether the kernels run on the current device with thread-block clusters and programmatic
-// dependent launch: an sm_90+ device running code compiled for sm_90+. A build for "8.0+PTX"
-// runs on an H100 through the driver's JIT of the compute_80 PTX, in which pdl.cuh's waits are
-// compiled out and the cluster kernel traps: launching with PDL there would let a kernel read
-// its predecessor's output before it is written. All kernels share this translation unit and
-// its -gencode flags, so one kernel's PTX version (as CUB asks it) answers for all; asked once
-// per device. An unknown version (0) trusts the device.
-bool sm90_device() {
+// Per device, once (host calls only, nothing enqueued: graph capture is unaffected):
+// - greedy_select_kernel's shared-memory opt-in, set to the most it can take (rows of N >= 4043
+//   tokens pass the default 48 KiB). Never to one call's size: a later call, another thread's
+//   or a CUDA graph's replay, with a larger N would then launch above the limit in force.
+// - whether the kernels run with thread-block clusters and programmatic dependent launch (the
+//   return value): an sm_90+ device running code compiled for sm_90+. A build for "8.0+PTX"
+//   runs on an H100 through the driver's JIT of the compute_80 PTX, in which pdl.cuh's waits
+//   are compiled out and the cluster kernel traps: launching with PDL there would let a kernel
+//   read its predecessor's output before it is written. All kernels share this translation
+//   unit and its -gencode flags, so one kernel's PTX version (as CUB asks it) answers for all;
+//   an unknown version (0) trusts the device.
+bool prepare_device() {
   static std::mutex mutex;
-  static std::map<int, bool> known;
+  static std::map<int, bool> sm90_of;
   const int device = at::cuda::current_device();
   const std::lock_guard<std::mutex> lock(mutex);
-  auto found = known.find(device);
-  if (found == known.end()) {
+  auto found = sm90_of.find(device);
+  if (found == sm90_of.end()) {
+    const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
     cudaFuncAttributes attributes{};
     C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, greedy_select_kernel));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(greedy_select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(prop->sharedMemPerBlockOptin - attributes.sharedSizeBytes)));
     const bool sm90_code = attributes.ptxVersion >= 90 || attributes.ptxVersion == 0;
-    found = known.emplace(device, at::cuda::getCurrentDeviceProperties()->major >= 9 && sm90_code).first;
+    found = sm90_of.emplace(device, prop->major >= 9 && sm90_code).first;
   }
   return found->second;
-}
-
-// greedy_select_kernel may take all of the device's opt-in shared memory (rows of N >= 4043
-// tokens; cudaFuncAttributeMaxDynamicSharedMemorySize). Set once per device to the most it can
-// take, never to one call's size: a later call, another thread's or a CUDA graph's replay, with
-// a larger N would otherwise launch above the limit then in force.
-void allow_greedy_select_smem(size_t static_smem, int device_smem) {
-  static std::mutex mutex;
-  static std::map<int, bool> done;
-  const int device = at::cuda::current_device();
-  const std::lock_guard<std::mutex> lock(mutex);
-  if (done.count(device)) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(greedy_select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      device_smem - static_cast<int>(static_smem)));
-  done.emplace(device, true);
 }
 
 GreedyLaunch greedy_launch(int64_t N, int64_t rows, bool sm90, c10::string_view mode) {
@@ -277,7 +269,7 @@ at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt
   const bool max_relevance = relevance == "max";
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool scaled = V.scalar_type() != at::kHalf;  // fp16 is never scaled: its squares cannot overflow
-  const bool sm90 = sm90_device();  // clusters and programmatic dependent launch
+  const bool sm90 = prepare_device();  // clusters and programmatic dependent launch
   at::Tensor prompt_scale;  // undefined: unscaled ("mean": prompt_stats scales the pooled vector)
   if (scaled && max_relevance) std::tie(P, prompt_scale) = scale_prompt_rows(P, stream);
 
@@ -330,9 +322,6 @@ at::Tensor select_tokens_cuda(const at::Tensor& visual, const at::Tensor& prompt
   at::Tensor token_scale = scaled ? at::empty({B, N}, f32) : at::Tensor();  // gram_repair.cuh's convention
 
   at::Tensor out = at::empty({B, k}, V.options().dtype(at::kLong));
-  if (smem_bytes + static_smem > 48 * 1024) {  // N >= 4043: at N = 4096 the dynamic part alone is exactly 48 KiB
-    allow_greedy_select_smem(static_smem, device_smem);
-  }
   GreedyParams params{};
   params.dots = dots.data_ptr<float>();
   params.prompt_norm = prompt_norm.data_ptr<float>();
