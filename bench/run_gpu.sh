@@ -92,9 +92,9 @@ sanitize() {  # $1: backend, $2: the stage's end (in $SECONDS); the four tools s
   # Side by side, each tool its own process and log, printed in this order once all are done: one
   # after another they would take the sum of four instrumented runs (a few small launches each,
   # host-bound under the tools), and the stages after the checks get what this one leaves.
-  local tool pids=() part
+  local tool pids=() part tools=(memcheck racecheck-block racecheck synccheck initcheck)  # the three asked for first
   part=$(mktemp -d)
-  for tool in memcheck racecheck-block racecheck synccheck initcheck; do  # initcheck last: the three asked for come first
+  for tool in "${tools[@]}"; do
     {
       case $tool in
         # The cluster kernel's chain polls shared memory that other CTAs store into, ordered by a
@@ -112,7 +112,7 @@ sanitize() {  # $1: backend, $2: the stage's end (in $SECONDS); the four tools s
     pids+=($!)
   done
   wait "${pids[@]}"
-  for tool in memcheck racecheck-block racecheck synccheck initcheck; do cat "$part/$tool"; done
+  for tool in "${tools[@]}"; do cat "$part/$tool"; done
   rm -rf "$part"
 }
 

@@ -12,8 +12,9 @@ greedy kernels (``ZSPA_CUDA_GREEDY``: on sm_90 ``auto`` takes the cluster kernel
 of up to ~950 tokens, so the small cases are forced onto the block kernel too), clusters of
 6, 7 (4-byte copies) and 15 CTAs, a radix-selected core, the split Gram (``ZSPA_CUDA_GRAM``)
 on both kernels, the Gram summed over slices of D, and tokens outside the raw band, whose Gram
-entries the token pass rewrites. Each result is checked for what any valid selection satisfies (indices in the row, no repeats,
-``-1`` only after the row's budget), so a launch that silently wrote nothing fails here too;
+entries the token pass rewrites. Each result is checked for what any valid selection satisfies
+(indices in the row, no repeats, ``-1`` only after the row's budget), so a launch that silently
+wrote nothing fails here too;
 agreement with the fp64 oracle is the test suite's job. ``--greedy block`` runs every cuda case
 on the block kernel: racecheck's verdict on the other kernels alone, since the cluster kernel's
 chain polls shared memory that other CTAs store into (ordered by a step tag, not a barrier),

@@ -196,11 +196,11 @@ def test_tune_gram_forms_cover_the_upper_gram_exactly_once():
     visual = torch.randn(1, 40, 48, dtype=torch.float64).to(torch.bfloat16)
     exact = visual.double()[0] @ visual.double()[0].T
     for slices in tune.GRAM_SPLIT_K:
-        gram = tune.split_k_gram(visual, slices)
+        gram = benchmark.sliced_gram(visual, slices)
         assert gram.shape == (1, 40, 40) and gram.dtype == torch.float32
         torch.testing.assert_close(gram[0].double(), exact, rtol=1e-6, atol=1e-5)
-    with pytest.raises(ValueError, match="visual: split_k_gram takes one image"):
-        tune.split_k_gram(visual.expand(2, -1, -1), 4)
+    with pytest.raises(ValueError, match="visual: sliced_gram takes one image"):
+        benchmark.sliced_gram(visual.expand(2, -1, -1), 4)
     records = tune.run_gram_forms(DEVICE, [benchmark.Shape("tiny1", 1, 48, 16)], progress=lambda _: None)
     assert [r["gram_form"] for r in records] == ["whole", "split", "staircase4", "splitk2", "splitk4", "splitk8"]
     assert all(r["median_us"] > 0 for r in records)

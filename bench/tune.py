@@ -170,24 +170,6 @@ GRAM_SHAPES = ("llava-1.5", "llava-1.5-b32", "llava-1.5-b64")
 GRAM_SPLIT_K = (2, 4, 8)  # B = 1 only: D cut into this many slices, one batched GEMM, then their sum
 
 
-def split_k_gram(visual: torch.Tensor, slices: int) -> torch.Tensor:
-    """The Gram of one image (``B = 1``) as ``slices`` GEMMs over slices of ``D``, one strided
-    batched call (the slices are views: batch stride ``D/slices``, row stride ``D``), then the
-    fp32 sum of the partial Grams in slice order. At B = 1 a whole GEMM of 576 x 576 outputs
-    holds ~25 of 132 SMs for the whole K loop; this gives ``slices`` times the CTAs for a
-    ``1/slices`` loop each, at the price of a second launch and ``slices`` partial Grams."""
-    B, N, D = visual.shape
-    if B != 1 or D % slices:
-        raise ValueError(f"visual: split_k_gram takes one image with D divisible by {slices}, "
-                         f"got {tuple(visual.shape)}")
-    parts = visual[0].unflatten(1, (slices, D // slices)).transpose(0, 1)  # (slices, N, D/slices), a view
-    if visual.is_cuda:
-        partial = torch.bmm(parts, parts.transpose(1, 2), out_dtype=torch.float32)
-    else:
-        partial = torch.bmm(parts.float(), parts.float().transpose(1, 2))
-    return partial.sum(0, keepdim=True)
-
-
 def run_gram_forms(device: torch.device, shapes=None, progress=print) -> list[dict]:
     """One record per shape and Gram form: the GEMMs' CUDA-event median and their share of the
     whole Gram's multiply-adds."""
@@ -212,7 +194,7 @@ def run_gram_forms(device: torch.device, shapes=None, progress=print) -> list[di
             form = f"splitk{slices}"
             record = {"shape": shape.label, "B": shape.B, "N": shape.N, "D": shape.D, "gram_form": form,
                       "gemms": 1, "work_share": 1.0,
-                      "median_us": hb.median_us(lambda slices=slices: split_k_gram(visual, slices), device)}
+                      "median_us": hb.median_us(lambda slices=slices: hb.sliced_gram(visual, slices), device)}
             records.append(record)
             progress(f"{shape.label:<15}Gram {form:<12}1 batched GEMM of {slices} D-slices + their sum"
                      f"{record['median_us']:>10.1f} µs")

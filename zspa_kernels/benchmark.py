@@ -27,7 +27,9 @@ from .spec import BACKENDS, DEFAULT_CORE_RATIO, core_count, keep_budget, keep_la
 
 CORE_RATIO = DEFAULT_CORE_RATIO
 KEEPS: tuple[Union[int, float], ...] = (64, 0.10, 0.25)
-BASELINES = ("torch_loop", "torch_loop_graph", "divprune_loop")
+# In the order they are timed: the two loops the targets compare with first; the graph-captured
+# loop (CUDA only) after them, its captures of up to 2048 steps being slow to set up.
+BASELINES = ("torch_loop", "divprune_loop", "torch_loop_graph")
 # A case is skipped (and reported as skipped) when its estimated memory traffic would
 # keep one call running for many seconds: ~10 s at a 2-core CPU's few GB/s, ~1 s on a GPU.
 MAX_BYTES_PER_CALL = {"cpu": 1e10, "cuda": 2e12}
@@ -78,11 +80,9 @@ def backends_here(device: torch.device) -> list[str]:
 
 def implementations(device: torch.device) -> list[str]:
     """Names of what is timed on ``device``, in the order they run: the op's fast backends, the
-    two loops the targets compare with, the graph-captured loop (CUDA only; its captures of up
-    to 2048 steps are slow to set up), then ``reference`` (the slowest and least needed where a
-    run is cut short)."""
+    baselines, then ``reference`` (the slowest and least needed where a run is cut short)."""
     fast = [b for b in backends_here(device) if b != "reference"]
-    loops = ["torch_loop", "divprune_loop"] + (["torch_loop_graph"] if device.type == "cuda" else [])
+    loops = [b for b in BASELINES if b != "torch_loop_graph" or device.type == "cuda"]
     return fast + loops + ["reference"]
 
 
@@ -133,14 +133,28 @@ def gram_blocks(N: int, steps: int) -> list[tuple[int, int]]:
     return list(zip(starts, starts[1:] + [N]))
 
 
+def _fp32_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` as the cuda launcher's GEMMs compute it: 16-bit in, fp32 accumulation and output
+    (``aten::bmm.dtype`` on CUDA; the fp32 product elsewhere, for CPU tests)."""
+    return torch.bmm(a, b, out_dtype=torch.float32) if a.is_cuda else torch.bmm(a.float(), b.float())
+
+
 def gram_gemms(visual: torch.Tensor, blocks: list[tuple[int, int]]) -> list[torch.Tensor]:
-    """The GEMMs of a Gram in ``blocks`` (:func:`gram_blocks`) as the cuda launcher runs them:
-    bf16 in, fp32 accumulation and output (``aten::bmm.dtype`` on CUDA; the fp32 product
-    elsewhere, for CPU tests)."""
-    if visual.is_cuda:
-        return [torch.bmm(visual[:, a:b], visual[:, a:].transpose(1, 2), out_dtype=torch.float32) for a, b in blocks]
-    v = visual.float()
-    return [torch.bmm(v[:, a:b], v[:, a:].transpose(1, 2)) for a, b in blocks]
+    """The GEMMs of a Gram in ``blocks`` (:func:`gram_blocks`) as the cuda launcher runs them."""
+    return [_fp32_bmm(visual[:, a:b], visual[:, a:].transpose(1, 2)) for a, b in blocks]
+
+
+def sliced_gram(visual: torch.Tensor, slices: int) -> torch.Tensor:
+    """The Gram of one image (``B = 1``) as the cuda launcher's ``ZSPA_CUDA_GRAM=splitk`` makes it
+    (``sliced_gram`` in csrc/select_tokens.cu): ``slices`` GEMMs over slices of ``D`` in one
+    strided batched call (views: batch stride ``D/slices``, row stride ``D``), then the fp32 sum
+    of the partial Grams in slice order."""
+    B, N, D = visual.shape
+    if B != 1 or D % slices:
+        raise ValueError(f"visual: sliced_gram takes one image with D divisible by {slices}, "
+                         f"got {tuple(visual.shape)}")
+    parts = visual[0].unflatten(1, (slices, D // slices)).transpose(0, 1)  # (slices, N, D/slices)
+    return _fp32_bmm(parts, parts.transpose(1, 2)).sum(0, keepdim=True)
 
 
 @contextlib.contextmanager
