@@ -1,16 +1,29 @@
 """Compile the Triton kernels ahead of time for a GPU architecture, without a GPU.
 
-``python -m zspa_kernels.triton.aot [--arch 90]`` builds both launches of every plan
-variant below down to a cubin (Triton's bundled ``ptxas``) and prints each kernel's
-registers and spill bytes (``ptxas -v``) and shared memory. This is what the CPU
-interpreter cannot check: that the kernels type-check and lower for real hardware, and
-that the block sizes of :func:`.plan.launch_plan` do not spill. ``--json`` prints one JSON record per kernel.
+``python -m zspa_kernels.triton.aot [--arch 90]`` runs the backend's own entry point
+(:func:`.select.select_tokens_triton`) on meta tensors of every variant below, captures
+each kernel launch instead of running it, and compiles it down to a cubin (Triton's
+bundled ``ptxas``) with the specialisation that launch would get on a GPU: Triton's own
+argument binder decides, as at run time, which integers become constants (a unit stride)
+and which pointers and integers are known multiples of 16. It prints each kernel's
+registers and spill bytes (``ptxas -v``), shared memory, and what its loops became:
+``cp_async`` counts the asynchronous copies in the PTX (a software-pipelined load loop
+has them; a loop of plain loads waits for each one), ``wgmma`` the Hopper tensor-core
+instructions and ``mma_sync`` the warp-level ones (tiles under 64 rows). This is what the
+CPU interpreter cannot check: that the kernels type-check and lower for real hardware,
+that the block sizes of :func:`.plan.launch_plan` do not spill, and that a dot loop is
+pipelined. ``--json`` prints one JSON record per kernel.
+
+Without the runtime's specialisation (every stride a 32-bit unknown, as before
+2026-11-30) no load can be vectorised, so no loop is pipelined and the register counts
+are those of a kernel that never runs.
 
 Needs real compilation, so ``TRITON_INTERPRET`` must be unset (or 0).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -21,14 +34,17 @@ import tempfile
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
 
 from ..spec import triton_interpreter
-from .gram_select import FP_FUSION, _gram_select_kernel
-from .plan import launch_plan
+from .gram_select import _gram_select_kernel
+from .select import select_tokens_triton
 from .token_stats import _token_stats_kernel
 
 TYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+KERNELS = {"token_stats": _token_stats_kernel, "gram_select": _gram_select_kernel}
+PROMPT_ROWS = 24  # a prompt's tokens: neither 1 nor a multiple of 16, so no shape-only constant
 
 # (B, N, D, dtype, k, alpha, lengths, relevance, pick_order): the SPEC §7 shapes on both paths;
 # the "max" variants also take a prompt mask, so every constexpr branch is compiled once.
@@ -40,10 +56,46 @@ VARIANTS = (
 )
 
 
-def _signature(fn, pointer_types, constexprs, scalar_types=None):
-    scalar_types = scalar_types or {}
-    return {name: "constexpr" if name in constexprs else pointer_types.get(name, scalar_types.get(name, "i32"))
-            for name in fn.arg_names}
+@contextlib.contextmanager
+def captured_launches():
+    """Within: ``kernel[grid](...)`` of this backend's kernels records ``(name, kernel, args,
+    kwargs)`` in the yielded list and launches nothing (an instance attribute shadows
+    ``JITFunction.run``, which ``kernel[grid]`` calls)."""
+    calls = []
+
+    def recorder(name, kernel):
+        def run(*args, grid, warmup, **kwargs):
+            calls.append((name, kernel, args, kwargs))
+        return run
+
+    for name, kernel in KERNELS.items():
+        kernel.run = recorder(name, kernel)
+    try:
+        yield calls
+    finally:
+        for kernel in KERNELS.values():
+            del kernel.run
+
+
+def variant_launches(B, N, D, dtype, k, alpha, has_lengths, relevance, pick_order):
+    """The launches of one call of the backend on meta tensors of this variant's shapes."""
+    meta = dict(device="meta")
+    visual = torch.empty(B, N, D, dtype=dtype, **meta)
+    prompt = torch.empty(B, PROMPT_ROWS, D, dtype=dtype, **meta)
+    lengths = torch.empty(B, dtype=torch.int64, **meta) if has_lengths else None
+    mask = torch.empty(B, PROMPT_ROWS, dtype=torch.bool, **meta) if relevance == "max" else None
+    with captured_launches() as calls:
+        select_tokens_triton(visual, prompt, k, alpha, lengths, mask, relevance, pick_order)
+    return calls
+
+
+def compile_launch(kernel, args, kwargs, target):
+    """``kernel`` compiled for ``target`` as a launch with these arguments would compile it."""
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
 def _ptxas_report(ptx: str, arch: int) -> dict:
@@ -64,36 +116,23 @@ def _ptxas_report(ptx: str, arch: int) -> dict:
 
 
 def compile_variant(B, N, D, dtype, k, alpha, has_lengths, relevance, pick_order, arch=90):
-    """Compile both kernels of one call's plan; one record per kernel."""
-    plan = launch_plan(B, N, D, dtype, k, alpha, has_lengths, relevance)
-    t = TYPE_NAMES[dtype]
+    """Compile every launch of one call; one record per launch (a kernel compiled once per call
+    shape: batch groups of one call share their specialisation)."""
     target = GPUTarget("cuda", arch, 32)
-    stats_consts = dict(MAX_RELEVANCE=relevance == "max", HAS_MASK=relevance == "max", HAS_LENGTHS=has_lengths,
-                        DOT_PRECISION=plan.dot_precision, DOT_UPCAST=False, SCALE_OPERANDS=plan.scale_operands,
-                        BLOCK_R=plan.block_rows,
-                        BLOCK_T=plan.block_prompt, BLOCK_D=plan.block_d_stats)
-    stats_ptrs = dict(visual_ptr=f"*{t}", prompt_ptr=f"*{t}", mask_ptr="*u8", lengths_ptr="*i64",
-                      norm_ptr="*fp32", scale_ptr="*fp32", finite_ptr="*i8", key_ptr="*i64", counter_ptr="*i32")
-    select_consts = dict(STORE_GRAM=plan.path == "gram", NEED_ISO=plan.need_isolation, PICK_ORDER=pick_order,
-                         HAS_LENGTHS=has_lengths, DOT_PRECISION=plan.dot_precision, DOT_UPCAST=False,
-                         SCALE_OPERANDS=plan.scale_operands,
-                         BLOCK_G=plan.block_tile, BLOCK_D=plan.block_d, BLOCK_S=plan.block_select,
-                         CORE_BLOCK=plan.core_block)
-    select_ptrs = dict(visual_ptr=f"*{t}", lengths_ptr="*i64", norm_ptr="*fp32", scale_ptr="*fp32", finite_ptr="*i8",
-                       key_ptr="*i64",
-                       counter_ptr="*i32", gram_ptr="*fp32", iso_ptr="*fp32", rank_ptr="*i32", state_ptr="*fp32",
-                       order_ptr="*i64", out_ptr="*i64")
-    records = []
-    for name, fn, ptrs, consts, options in (
-        ("token_stats", _token_stats_kernel, stats_ptrs, stats_consts, dict(num_warps=plan.num_warps_stats)),
-        ("gram_select", _gram_select_kernel, select_ptrs, select_consts,
-         dict(num_warps=plan.num_warps_tile, enable_fp_fusion=FP_FUSION)),
-    ):
-        source = ASTSource(fn, _signature(fn, ptrs, consts, dict.fromkeys(("alpha_hi", "alpha_mid", "alpha_lo"), "fp32")), consts)
-        kernel = triton.compile(source, target=target, options=options)
-        records.append(dict(kernel=name, arch=f"sm_{arch}", shape=[B, N, D], dtype=t, path=plan.path,
-                            relevance=relevance, num_warps=options["num_warps"], shared_bytes=kernel.metadata.shared,
-                            **_ptxas_report(kernel.asm["ptx"], arch)))
+    records, seen = [], set()
+    for name, kernel, args, kwargs in variant_launches(B, N, D, dtype, k, alpha, has_lengths, relevance, pick_order):
+        compiled = compile_launch(kernel, args, kwargs, target)
+        if compiled.hash in seen:
+            continue
+        seen.add(compiled.hash)
+        ptx = compiled.asm["ptx"]
+        records.append(dict(kernel=name, arch=f"sm_{arch}", shape=[B, N, D], dtype=TYPE_NAMES[dtype],
+                            relevance=relevance, num_warps=compiled.metadata.num_warps,
+                            num_stages=compiled.metadata.num_stages, shared_bytes=compiled.metadata.shared,
+                            cp_async=len(re.findall(r"\bcp\.async\.c[ag]\b", ptx)),
+                            wgmma=len(re.findall(r"\bwgmma\.mma_async\b", ptx)),
+                            mma_sync=len(re.findall(r"\bmma\.sync\b", ptx)),
+                            **_ptxas_report(ptx, arch)))
     return records
 
 

@@ -72,11 +72,14 @@ def _plan(B: int, N: int, D: int, dtype: torch.dtype, k: int, core_ratio: float,
     path = "gram" if row_gram <= budget else "stream"
     rows = min(B, budget // row_gram) if path == "gram" else B
     rows = min(rows, MAX_GRID_Y)  # the batch group is both launches' grid y
-    # tl.dot needs every dim >= 16. 64-wide tiles, 8 warps and 32-wide feature chunks compile for
-    # sm_90 without spills (~210-250 registers with the mirror tile's epilogue); 128-wide tiles
-    # spilled ~600 B/thread in the fused epilogue (cosines, isolation maxima, rank compares), and
-    # 4 warps spilled too. fp32 (IEEE dots on FMA units, not tensor cores) takes 32-wide tiles and
-    # 16-wide chunks: Triton 3.6's ptxas holds it to 128 registers and spilled ~150 B at 64.
+    # tl.dot needs every dim >= 16. 64-wide tiles, 8 warps and 32-wide feature chunks: for sm_90,
+    # as a launch specialises them (python -m zspa_kernels.triton.aot), 117-125 registers, no
+    # spills, a 3-stage cp.async pipeline into wgmma. Under the same compile 64-wide chunks take
+    # 124 registers and 40 KB of shared memory, 128-wide chunks 246 and 80 KB, 128-wide tiles 222
+    # (Triton 3.6; bench/tune.py times the chunks on the GPU). fp32 (IEEE dots on FMA units, not
+    # tensor cores) takes 32-wide tiles and 16-wide chunks: 80-111 registers (Triton 3.8 spills
+    # 8 B in the "max" variant). Register counts written here before 2026-11-30 (~230, spills at
+    # 128-wide tiles) came from a compile without the launch's specialisation.
     block_tile = _pow2(N, 16, 32 if dtype == torch.float32 else 64)
     tiles = triton.cdiv(N, block_tile)
     block_d = _pow2(D, 16, 16 if dtype == torch.float32 else 32)
