@@ -106,3 +106,15 @@ def test_cuda_gram(monkeypatch):
     monkeypatch.setenv(spec.CUDA_GRAM_ENV, "half")
     with pytest.raises(ValueError, match="ZSPA_CUDA_GRAM: expected one of"):
         spec.cuda_gram()
+
+
+def test_the_raw_band_is_the_same_in_the_cuda_sources():
+    """The raw band (spec.RAW_EXP_MIN/MAX) is restated once in C++, for the cuda backend's GEMMs:
+    both backends must read the same tokens unscaled."""
+    import pathlib
+    import re
+
+    source = (pathlib.Path(spec.__file__).resolve().parents[1] / "csrc" / "gram_repair.cuh").read_text()
+    found = re.search(r"kRawExpMin\s*=\s*(-?\d+),\s*kRawExpMax\s*=\s*(-?\d+)", source)
+    assert found, "csrc/gram_repair.cuh: kRawExpMin/kRawExpMax not found"
+    assert (int(found[1]), int(found[2])) == (spec.RAW_EXP_MIN, spec.RAW_EXP_MAX)

@@ -431,3 +431,17 @@ def test_finite_tokens_of_any_magnitude_are_normalised_without_overflow(dtype, r
     case.visual, case.prompt = visual.to(dtype), prompt.to(dtype)
     _check(case, _plan(case, path=path, block_tile=16, tiles=2, block_select=16, core_block=1))
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_tiles_in_and_outside_the_raw_band_agree(dtype):
+    """Gram tiles whose tokens all lie in the raw band (spec) dot the tokens as given and scale
+    the result; a tile holding a token outside it scales its operands first. One call with
+    both kinds: the last tile's tokens at 1e30, 1e-30 and 1e15, and its last token a copy of
+    token 5 times 2**60 (exactly the same direction), whose similarities are computed by a
+    scaled tile while token 5's come from raw ones."""
+    case = _case(B=2, N=60, D=40, k=20, alpha=0.25, dtype=torch.float32, T=3, seed=21)
+    visual = case.visual.clone()
+    visual[:, 48:59] *= torch.tensor([1e30, 1e-30, 1e15]).repeat(4)[:11, None]
+    visual[:, 59] = visual[:, 5] * 2.0**60
+    case.visual = visual.to(dtype)
+    _check(case, _plan(case, block_tile=16, tiles=4, block_select=16, core_block=2))

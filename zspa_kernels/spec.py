@@ -19,10 +19,14 @@ NONFINITE_SIMILARITY = 2.0    # above every finite cosine: ... and most redundan
 # max|x| (max|x| = m·2**e, m in [0.5, 1); 0 for a zero vector), clamped to this range so
 # that 2**-e is a normal fp32 number. Scaling by a power of two is exact, so
 # cos(i, j) = (y_i·y_j) / (max(‖y_i‖, NORM_EPS·2**-e_i) · max(‖y_j‖, NORM_EPS·2**-e_j))
-# equals the unscaled formula bit for bit wherever that one does not overflow. The cuda
-# backend's GEMMs read the tokens unscaled where that holds with room to spare (max|x| in
-# [2**-33, 2**48): csrc/gram_repair.cuh) and scale only the tokens outside that band.
+# equals the unscaled formula bit for bit wherever that one does not overflow. The Gram
+# GEMMs of both GPU backends read the tokens unscaled where that holds with room to spare:
+# max|x| in the raw band [2**-33, 2**48), i.e. e in [RAW_EXP_MIN, RAW_EXP_MAX] (products
+# below 2**96, a D < 2**31 sum below 2**127; what underflows is < 2**-52 of a cosine). The
+# cuda backend scales only the tokens outside it (csrc/gram_repair.cuh, kRawExpMin/Max);
+# Triton's Gram tiles scale their operands only where a tile holds such a token.
 SCALE_EXP_MIN, SCALE_EXP_MAX = -126, 126
+RAW_EXP_MIN, RAW_EXP_MAX = -32, 48
 
 DEFAULT_CORE_RATIO = 0.5      # the paper tunes alpha per dataset; 0.5 is this package's choice
 RELEVANCE_MODES = ("mean", "max")

@@ -2,10 +2,12 @@
 
 Grid ``(tiles², B)``; CTA ``(rt, ct, b)`` owns the ``BLOCK_G × BLOCK_G`` tile of row ``b``:
 
-1. ``G = (S V)_r (S V)_cᵀ`` with ``tl.dot`` on the tokens scaled by their power-of-two
-   ``scale`` (exact; fp16 products cannot overflow, so fp16 scales the fp32 result instead);
-   16-bit products are exact in fp32, fp32 inputs use ``input_precision="ieee"`` (tf32 would
-   flip near-ties). Only tiles with ``r <= c`` compute it and fill both ``(r, c)`` and
+1. ``G = (S V)_r (S V)_cᵀ`` with ``tl.dot``, ``S`` the tokens' power-of-two ``scale``
+   (exact). A tile whose tokens all lie in spec's raw band (fp16: always) dots the tokens as
+   given and scales the fp32 result, the same numbers; only a tile holding a token outside it
+   scales its operands in the K loop, which then waits for each step's dot (the scaled copy
+   goes through registers). 16-bit products are exact in fp32, fp32 inputs use
+   ``input_precision="ieee"`` (tf32 would flip near-ties). Only tiles with ``r <= c`` compute it and fill both ``(r, c)`` and
    ``(c, r)``: half the FLOPs, and symmetric bit for bit by construction.
    Divided by the two scaled norms (IEEE ``div_rn``). Gram path: stored as ``M[r, c]`` =
    similarity of token ``c`` to a pick ``r`` (2.0 for a non-finite ``c``, 0.0 for a
@@ -40,7 +42,7 @@ import numpy as np
 import triton
 import triton.language as tl
 
-from .primitives import key_index, min_key, scaled_operand
+from .primitives import dot_operand, in_raw_band, key_index, min_key, scaled_operand
 
 INT64_MAX = tl.constexpr(0x7FFFFFFFFFFFFFFF)
 # No multiply-add here is worth fusing (the Gram is tl.dot, cosines are IEEE divisions), and
@@ -233,18 +235,35 @@ def _gram_select_kernel(
             scale_r = tl.load(scale_ptr + stats_r, mask=r_ok, other=1.0)
             scale_c = tl.load(scale_ptr + stats_c, mask=c_ok, other=1.0)
             acc = tl.zeros([BLOCK_G, BLOCK_G], tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                d = d0 + d_offs
-                d_ok = (d < D)[None, :]
-                a = tl.load(v_b + rows.to(tl.int64)[:, None] * stride_vn + d[None, :] * stride_vd,
-                            mask=r_ok[:, None] & d_ok, other=0.0)
-                c = tl.load(v_b + cols.to(tl.int64)[:, None] * stride_vn + d[None, :] * stride_vd,
-                            mask=c_ok[:, None] & d_ok, other=0.0)
-                acc = tl.dot(scaled_operand(a, scale_r, SCALE_OPERANDS, DOT_UPCAST),
-                             tl.trans(scaled_operand(c, scale_c, SCALE_OPERANDS, DOT_UPCAST)), acc,
-                             input_precision=DOT_PRECISION)
-            if not SCALE_OPERANDS:
+            # A tile whose tokens all lie in the raw band (spec: every model's features) takes
+            # the dot of the tokens as given, then the exact power-of-two scales; only a tile
+            # holding a token outside it scales the operands in the loop. Scaling an operand
+            # there costs a trip through registers every step: the step's tensor-core dot must
+            # then wait for that copy (no overlap with the next), where raw operands go from
+            # the asynchronous copies to the tensor cores directly.
+            raw = tl.min(in_raw_band(scale_r).to(tl.int32), 0) * tl.min(in_raw_band(scale_c).to(tl.int32), 0)
+            if (not SCALE_OPERANDS) or (raw != 0):
+                for d0 in range(0, D, BLOCK_D):
+                    d = d0 + d_offs
+                    d_ok = (d < D)[None, :]
+                    a = tl.load(v_b + rows.to(tl.int64)[:, None] * stride_vn + d[None, :] * stride_vd,
+                                mask=r_ok[:, None] & d_ok, other=0.0)
+                    c = tl.load(v_b + cols.to(tl.int64)[:, None] * stride_vn + d[None, :] * stride_vd,
+                                mask=c_ok[:, None] & d_ok, other=0.0)
+                    acc = tl.dot(dot_operand(a, DOT_UPCAST), tl.trans(dot_operand(c, DOT_UPCAST)), acc,
+                                 input_precision=DOT_PRECISION)
                 acc = acc * scale_r[:, None] * scale_c[None, :]
+            else:
+                for d0 in range(0, D, BLOCK_D):
+                    d = d0 + d_offs
+                    d_ok = (d < D)[None, :]
+                    a = tl.load(v_b + rows.to(tl.int64)[:, None] * stride_vn + d[None, :] * stride_vd,
+                                mask=r_ok[:, None] & d_ok, other=0.0)
+                    c = tl.load(v_b + cols.to(tl.int64)[:, None] * stride_vn + d[None, :] * stride_vd,
+                                mask=c_ok[:, None] & d_ok, other=0.0)
+                    acc = tl.dot(scaled_operand(a, scale_r, True, DOT_UPCAST),
+                                 tl.trans(scaled_operand(c, scale_c, True, DOT_UPCAST)), acc,
+                                 input_precision=DOT_PRECISION)
             local = tl.arange(0, BLOCK_G)
             acc = tl.where((rt < ct) | (local[:, None] <= local[None, :]), acc, tl.trans(acc))
             norm_r = tl.load(norm_ptr + stats_r, mask=r_ok, other=1.0)

@@ -9,10 +9,14 @@ reduction order, so the result cannot depend on thread scheduling or tiling.
 import triton
 import triton.language as tl
 
-from ..spec import SCALE_EXP_MAX, SCALE_EXP_MIN
+from ..spec import RAW_EXP_MAX, RAW_EXP_MIN, SCALE_EXP_MAX, SCALE_EXP_MIN
 
 EXP_MIN = tl.constexpr(SCALE_EXP_MIN)
 EXP_MAX = tl.constexpr(SCALE_EXP_MAX)
+# A token scaled by 2**-e is in the raw band (spec) for e in [RAW_EXP_MIN, RAW_EXP_MAX]: its
+# scale lies in [2**-RAW_EXP_MAX, 2**-RAW_EXP_MIN].
+RAW_SCALE_MIN = tl.constexpr(2.0 ** -RAW_EXP_MAX)
+RAW_SCALE_MAX = tl.constexpr(2.0 ** -RAW_EXP_MIN)
 
 @triton.jit
 def orderable(x):
@@ -69,6 +73,12 @@ def pow2_scale(amax):
     e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126
     e = tl.where(amax == 0.0, 0, tl.minimum(tl.maximum(e, EXP_MIN), EXP_MAX))
     return ((127 - e) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def in_raw_band(scale):
+    """Tokens of this :func:`pow2_scale` whose unscaled products are safe (spec's raw band)."""
+    return (scale >= RAW_SCALE_MIN) & (scale <= RAW_SCALE_MAX)
 
 
 @triton.jit
