@@ -292,7 +292,8 @@ def test_kernels_compile_for_sm90_without_spilling(tmp_path):
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     records = [json.loads(line) for line in done.stdout.splitlines()]
-    assert len(records) == 2 * len(VARIANTS)
+    # Two launches a call, three for "mean" with a per-token prompt (its pooling first).
+    assert len(records) == sum(3 if variant[7] == "mean" else 2 for variant in VARIANTS)
     for record in records:
         # A few words of spill are tolerated: token_stats' fp32 max-relevance loop (with the
         # prompt rows' scale pass) shows 20 bytes at 80 registers, not register pressure; the
@@ -445,3 +446,38 @@ def test_tiles_in_and_outside_the_raw_band_agree(dtype):
     visual[:, 59] = visual[:, 5] * 2.0**60
     case.visual = visual.to(dtype)
     _check(case, _plan(case, block_tile=16, tiles=4, block_select=16, core_block=2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_pooled_prompt_launch_gives_the_statistics_bit_for_bit(dtype):
+    """``mean`` with a per-token prompt pools it in a launch of its own (``pool_prompt``), which
+    the statistics launch then reads as a one-row prompt. The keys (relevance), norms, scales
+    and finiteness must be the same bits as when the statistics launch pools the rows itself:
+    37 rows (not a multiple of any step), 200 features (a partial chunk), a masked-out NaN row,
+    a row with every prompt row masked, and a non-finite valid row."""
+    from zspa_kernels.triton.token_stats import launch_token_stats, pool_prompt
+
+    g = torch.Generator().manual_seed(5)
+    B, N, D, T = 4, 19, 200, 37
+    visual = gaussian_tokens(g, B, N, D).to(dtype).to(DEVICE)
+    prompt = torch.randn(B, T, D, generator=g)
+    mask = torch.rand(B, T, generator=g) < 0.7
+    prompt[0, 3], mask[0, 3] = float("nan"), False  # masked out: must not poison the mean
+    mask[1] = False                                  # no valid row: the mean is zero
+    prompt[2, 5, 7], mask[2, 5] = float("inf"), True  # a valid non-finite row: non-finite mean
+    prompt, mask = prompt.to(dtype).to(DEVICE), mask.to(DEVICE)
+    plan = launch_plan(B, N, D, dtype, 8, 0.5, False, "mean")
+
+    def stats(p, m):
+        out = (torch.empty(B, N, device=DEVICE), torch.empty(B, N, device=DEVICE),
+               torch.empty(B, N, dtype=torch.int8, device=DEVICE), torch.empty(B, N, dtype=torch.int64, device=DEVICE),
+               torch.empty(B, dtype=torch.int32, device=DEVICE))
+        launch_token_stats(visual, p, m, None, *out, "mean", plan)
+        return out[:4]
+
+    pooled = pool_prompt(prompt, mask, plan)
+    assert pooled.shape == (B, 1, D) and pooled.dtype == torch.float32
+    assert torch.equal(pooled[1], torch.zeros(1, D, device=DEVICE))
+    for own, from_pooled in zip(stats(prompt, mask), stats(pooled, None)):
+        assert torch.equal(own.view(torch.int8) if own.is_floating_point() else own,
+                           from_pooled.view(torch.int8) if from_pooled.is_floating_point() else from_pooled)

@@ -40,10 +40,10 @@ from triton.runtime.jit import create_function_from_signature
 from ..spec import triton_interpreter
 from .gram_select import _gram_select_kernel
 from .select import select_tokens_triton
-from .token_stats import _token_stats_kernel
+from .token_stats import _pool_prompt_kernel, _token_stats_kernel
 
 TYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-KERNELS = {"token_stats": _token_stats_kernel, "gram_select": _gram_select_kernel}
+KERNELS = {"pool_prompt": _pool_prompt_kernel, "token_stats": _token_stats_kernel, "gram_select": _gram_select_kernel}
 PROMPT_ROWS = 24  # a prompt's tokens: neither 1 nor a multiple of 16, so no shape-only constant
 
 # (B, N, D, dtype, k, alpha, lengths, relevance, pick_order): the SPEC §7 shapes on both paths;

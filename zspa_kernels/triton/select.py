@@ -16,7 +16,7 @@ import torch
 from ..spec import triton_interpreter
 from .gram_select import launch_gram_select
 from .plan import LaunchPlan, launch_plan
-from .token_stats import launch_token_stats
+from .token_stats import launch_token_stats, pool_prompt
 
 # Triton decides between compiling and interpreting a kernel when it is decorated, i.e. when
 # this package is imported; a later change of TRITON_INTERPRET would crash deep inside Triton.
@@ -78,6 +78,8 @@ def select_tokens_triton(
 
     # Triton launches on the current device: make it the tensors' one (cuda:1 inputs, say).
     with torch.cuda.device(visual.device) if visual.is_cuda else contextlib.nullcontext():
+        if relevance == "mean" and prompt.dim() == 3 and prompt.shape[1] > 1:
+            prompt, prompt_mask = pool_prompt(prompt, prompt_mask, plan), None  # once, not in every CTA
         # Batch groups reuse the scratch: launches on one stream run in order.
         for b0 in range(0, B, rows):
             group = slice(b0, min(B, b0 + rows))

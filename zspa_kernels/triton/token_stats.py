@@ -16,7 +16,8 @@ prompt rows (a non-finite ``p`` acts as zero); ``max``: the best cosine over val
 
 A launch of its own, because every Gram tile ranks its tokens by these keys: each key is
 computed once. Traffic: ``visual`` read twice (three times for ``max``; the repeats hit L2),
-``T·D`` prompt reads per CTA, ``17·N`` bytes written. The first CTA of each row also zeroes
+``T·D`` prompt reads per CTA for ``max``, ``D`` for ``mean`` (a per-token prompt is pooled by
+:func:`pool_prompt`'s launch first), ``17·N`` bytes written. The first CTA of each row also zeroes
 the row's arrival counter for the Gram kernel (no memset launch, no state between calls).
 """
 import torch
@@ -29,8 +30,10 @@ from .primitives import finite_abs, max_key, nonfinite, pow2_scale, scaled_opera
 NORM_EPS = tl.constexpr(spec.NORM_EPS)
 NONFINITE_RELEVANCE = tl.constexpr(spec.NONFINITE_RELEVANCE)
 # Prompt rows pooled per step (each a 1-D load, all in flight together): 16 spilled ~8-16 B
-# with 512-wide chunks for sm_90 under Triton 3.6; 8 compiles without.
+# with 512-wide chunks for sm_90 under Triton 3.6; 8 compiles without. The pooling launch
+# (:func:`pool_prompt`) holds 128 features a CTA and takes 32 rows a step.
 POOL_ROWS = tl.constexpr(8)
+POOL_LAUNCH_ROWS, POOL_LAUNCH_BLOCK_D = 32, 128
 
 
 @triton.jit
@@ -42,20 +45,44 @@ def _prompt_row_mask(mask_ptr, b, t, T, stride_mb, stride_mt, HAS_MASK: tl.const
 
 
 @triton.jit
+def _prompt_count(mask_ptr, b, T, stride_mb, stride_mt, HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr):
+    """The number of valid prompt rows of batch row ``b`` (fp32)."""
+    t_offs = tl.arange(0, BLOCK_T)
+    count = 0.0
+    for t0 in range(0, T, BLOCK_T):
+        count += tl.sum(_prompt_row_mask(mask_ptr, b, t0 + t_offs, T, stride_mb, stride_mt, HAS_MASK).to(tl.float32))
+    return count
+
+
+@triton.jit
 def _pooled_chunk(p_row, mask_ptr, b, d, D, T, count, stride_pt, stride_pd, stride_mb, stride_mt,
-                  HAS_MASK: tl.constexpr):
-    """Features ``d`` of the mean of the valid prompt rows (fp32). ``POOL_ROWS`` rows a step,
+                  HAS_MASK: tl.constexpr, ROWS: tl.constexpr):
+    """Features ``d`` of the mean of the valid prompt rows (fp32). ``ROWS`` rows a step,
     each a 1-D load, added in row order in registers: no reduction across threads (a (rows ×
     features) tile summed over its rows went through shared memory at every feature chunk), and
-    ⌈T / POOL_ROWS⌉ dependent steps, not T."""
+    ⌈T / ROWS⌉ dependent steps, not T. The sum's order is row order whatever ``ROWS`` is, so
+    every caller gets the same bits."""
     pooled = tl.zeros(d.shape, tl.float32)
-    for t0 in range(0, T, POOL_ROWS):
-        for j in tl.static_range(POOL_ROWS):
+    for t0 in range(0, T, ROWS):
+        for j in tl.static_range(ROWS):
             t = t0 + j
             ok = _prompt_row_mask(mask_ptr, b, t, T, stride_mb, stride_mt, HAS_MASK)  # t < T too
             p = tl.load(p_row + t * stride_pt + d * stride_pd, mask=(d < D) & (t < T), other=0.0).to(tl.float32)
             pooled += tl.where(ok, p, 0.0)  # where, not *: masked rows may be NaN
     return tl.div_rn(pooled, tl.maximum(count, 1.0))  # IEEE: `/` compiles to an approximate div.full.f32
+
+
+@triton.jit
+def _pool_prompt_kernel(prompt_ptr, mask_ptr, pooled_ptr, D, T, stride_pb, stride_pt, stride_pd, stride_mb, stride_mt,
+                        HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+    """``pooled[b, 0, d]``: the mean of row ``b``'s valid prompt rows, ``BLOCK_D`` features a CTA
+    (grid ``(cdiv(D, BLOCK_D), B)``), the same bits as :func:`_token_stats_kernel` pools."""
+    b = tl.program_id(1).to(tl.int64)
+    d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    count = _prompt_count(mask_ptr, b, T, stride_mb, stride_mt, HAS_MASK, BLOCK_T)
+    pooled = _pooled_chunk(prompt_ptr + b * stride_pb, mask_ptr, b, d, D, T, count, stride_pt, stride_pd,
+                           stride_mb, stride_mt, HAS_MASK, ROWS)
+    tl.store(pooled_ptr + b * D + d, pooled, mask=d < D)
 
 
 @triton.jit
@@ -83,10 +110,7 @@ def _token_stats_kernel(
     p_row = prompt_ptr + b * stride_pb
     t_offs = tl.arange(0, BLOCK_T)
     d_offs = tl.arange(0, BLOCK_D)
-
-    count = 0.0  # valid prompt rows
-    for t0 in range(0, T, BLOCK_T):
-        count += tl.sum(_prompt_row_mask(mask_ptr, b, t0 + t_offs, T, stride_mb, stride_mt, HAS_MASK).to(tl.float32))
+    count = _prompt_count(mask_ptr, b, T, stride_mb, stride_mt, HAS_MASK, BLOCK_T)  # valid prompt rows
 
     # The D loops below accumulate elementwise in (rows × features) registers and reduce once
     # after the loop: a row reduction per feature chunk went through shared memory every
@@ -103,7 +127,7 @@ def _token_stats_kernel(
         amax2 = tl.maximum(amax2, finite_abs(v))
         if not MAX_RELEVANCE:
             pooled = _pooled_chunk(p_row, mask_ptr, b, d, D, T, count, stride_pt, stride_pd, stride_mb, stride_mt,
-                                   HAS_MASK)
+                                   HAS_MASK, POOL_ROWS)
             p_amax1 = tl.maximum(p_amax1, finite_abs(pooled))
     scale = pow2_scale(tl.max(amax2, 1))
     p_scale = pow2_scale(tl.max(p_amax1, 0))
@@ -120,7 +144,7 @@ def _token_stats_kernel(
         sumsq2 += y * y
         if not MAX_RELEVANCE:
             pooled = _pooled_chunk(p_row, mask_ptr, b, d, D, T, count, stride_pt, stride_pd, stride_mb, stride_mt,
-                                   HAS_MASK) * p_scale
+                                   HAS_MASK, POOL_ROWS) * p_scale
             p_sumsq1 += pooled * pooled
             dot2 += y * pooled[None, :]
     sumsq = tl.sum(sumsq2, 1)
@@ -192,3 +216,21 @@ def launch_token_stats(visual, prompt, prompt_mask, lengths, norm, scale, finite
         BLOCK_R=plan.block_rows, BLOCK_T=plan.block_prompt, BLOCK_D=plan.block_d_stats,
         num_warps=plan.num_warps_stats,
     )
+
+
+def pool_prompt(prompt, prompt_mask, plan):
+    """``(B, 1, D)`` fp32: each batch row's mean of its valid prompt rows, bit for bit what
+    :func:`_token_stats_kernel` computes from the rows. For ``mean`` with a per-token prompt the
+    caller passes this to :func:`launch_token_stats` instead of the rows (mask dropped): every
+    statistics CTA then reads ``D`` pooled values a pass, not ``T·D`` prompt values in ⌈T/8⌉
+    dependent steps a feature chunk (at T = 24 that was 3 of every 4 L2 round trips of the
+    launch; a long prompt made it T-fold). One launch of ``cdiv(D, 128) × B`` CTAs."""
+    B, T, D = prompt.shape
+    pooled = torch.empty(B, 1, D, dtype=torch.float32, device=prompt.device)
+    mask = prompt if prompt_mask is None else prompt_mask.view(torch.uint8)
+    _pool_prompt_kernel[(triton.cdiv(D, POOL_LAUNCH_BLOCK_D), B)](
+        prompt, mask, pooled, D, T, *prompt.stride(), *(mask.stride() if prompt_mask is not None else (0, 0)),
+        HAS_MASK=prompt_mask is not None, BLOCK_T=plan.block_prompt, BLOCK_D=POOL_LAUNCH_BLOCK_D,
+        ROWS=POOL_LAUNCH_ROWS, num_warps=4,
+    )
+    return pooled
