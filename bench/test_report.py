@@ -162,6 +162,17 @@ def test_tune_times_every_variant_and_compares_its_picks_with_the_default():
     assert all(r["median_us"] > 0 and r["rows_with_default_picks"] == 2 for r in records)
 
 
+@pytest.mark.skipif("triton" not in available_backends(DEVICE), reason="needs triton (a GPU, or its interpreter)")
+def test_tune_times_each_prompt_form_on_each_backend():
+    from bench import tune
+
+    records = tune.run_prompt_forms(DEVICE, benchmark.Shape("tiny", 1, 40, 48), progress=lambda _: None)
+    backends = [b for b in ("triton", "cuda") if b in available_backends(DEVICE)]
+    assert [(r["backend"], r["prompt_rows"]) for r in records] == [
+        (b, rows or "pooled") for b in backends for rows in tune.PROMPT_ROWS]
+    assert all(r["median_us"] > 0 for r in records)
+
+
 def test_tune_gram_forms_cover_the_upper_gram_exactly_once():
     """Each form's blocks, with their transposes, give back every Gram entry: row blocks tile
     [0, N), each against the columns from its start; shares 1, 3/4 and 10/16 where N allows."""

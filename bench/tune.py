@@ -22,7 +22,8 @@ sum its entries); auto splits at B = 32 on the cluster
 kernel, not at B = 1, nor on the block kernel (B = 64, video; at video size the cluster kernel
 does not apply: its failure is recorded), where forced splits show what the rule leaves out.
 
-Then what the cuda backend's repair of tokens outside its raw band costs (none, one in 64, all
+Then what a per-token prompt (the hooks' form) costs over a pooled one, on both backends, and
+what the cuda backend's repair of tokens outside its raw band costs (none, one in 64, all
 of them) at LLaVA-1.5 B=1. Last, the cuBLAS Gram GEMMs alone (bf16 in, fp32 out, as the cuda
 launcher calls them): the whole Gram, the split the launcher uses (top rows and bottom-right
 block, 3/4 of the work), and a staircase of four row blocks each against the columns from its
@@ -41,6 +42,7 @@ import json
 import torch
 
 from zspa_kernels import benchmark as hb
+from zspa_kernels.dispatch import available_backends
 from zspa_kernels.spec import CUDA_GRAM_ENV, CUDA_GREEDY_ENV, cuda_greedy
 
 SHAPES = ("llava-1.5", "llava-1.5-b32")
@@ -137,6 +139,41 @@ def run_cuda_paths(device: torch.device, progress=print) -> list[dict]:
     return records
 
 
+# "mean" with the prompt as one pooled vector (what the microbenchmarks pass) or as the text's
+# tokens with a mask (what the transformers hooks pass): 32 tokens, a chat prompt, and 256.
+PROMPT_ROWS = (None, 32, 256)
+
+
+def run_prompt_forms(device: torch.device, shape=None, progress=print) -> list[dict]:
+    """One record per backend and prompt form at LLaVA-1.5 B=1 (``shape`` overrides it): what a
+    per-token prompt costs over a pooled one. Triton pools it in a launch of its own
+    (``token_stats.pool_prompt``), cuda in ``prompt_stats``; before 2026-11-30 every Triton
+    statistics CTA pooled all ``T`` rows itself, ⌈T/8⌉ L2 round trips a feature chunk."""
+    shape = shape or _shape("llava-1.5")
+    visual, pooled = hb.make_inputs(shape, torch.bfloat16, device)
+    g = torch.Generator().manual_seed(3)
+    op = torch.ops.zspa.select_tokens
+    records = []
+    # On a GPU what the run times (ZSPA_BENCH_SKIP honoured); on a CPU (the tests) the interpreter too.
+    here = hb.backends_here(device) if device.type == "cuda" else available_backends(device)
+    for backend in [b for b in ("triton", "cuda") if b in here]:
+        for rows in PROMPT_ROWS:
+            if rows is None:
+                prompt, mask = pooled, None
+            else:
+                prompt = torch.randn(shape.B, rows, shape.D, generator=g).to(torch.bfloat16).to(device)
+                mask = (torch.arange(rows) < rows - 3).expand(shape.B, rows).to(device)  # padded text
+
+            def call(prompt=prompt, mask=mask, backend=backend):
+                return op(visual, prompt, KEEP, hb.CORE_RATIO, None, mask, "mean", backend, True)
+
+            record = {"shape": shape.label, "B": shape.B, "N": shape.N, "D": shape.D, "k": KEEP, "backend": backend,
+                      "prompt_rows": rows or "pooled", "median_us": hb.median_us(call, device)}
+            records.append(record)
+            progress(f"{shape.label:<15}{backend:<8}prompt {str(record['prompt_rows']):<8}{record['median_us']:>10.1f} µs")
+    return records
+
+
 # Tokens outside the cuda backend's raw band (csrc/gram_repair.cuh: largest |x| in [2^-33, 2^48)
 # stays unscaled): none, one in 64, all of them (x 1e15), at LLaVA-1.5 B=1: what the repair costs.
 OUTSIDE_FRACTIONS = {"none": 0, "1/64": 64, "all": 1}
@@ -209,7 +246,7 @@ def main(argv=None) -> int:
     progress = lambda line: print(line, flush=True)  # noqa: E731
     records = []
     # Saved after every section: run_gpu.sh gives tune a minute, and a cut must keep what finished.
-    for section in (run_cuda_paths, run, run_outside_band, run_gram_forms):  # last: a time limit cuts it first
+    for section in (run_cuda_paths, run, run_prompt_forms, run_outside_band, run_gram_forms):  # last: cut first
         records += section(device, progress=progress)
         if args.out:
             hb.save_records(args.out, device, records)
