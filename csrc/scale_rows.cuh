@@ -30,12 +30,6 @@
 
 namespace zspa {
 
-// kVec consecutive values, loaded and stored as one 16-byte access when kVec * sizeof = 16.
-template <typename scalar_t, int kVec>
-struct alignas(kVec * sizeof(scalar_t)) Pack {
-  scalar_t v[kVec];
-};
-
 // The body below, kVec values a thread at a time (the caller checked the 16-byte alignment).
 // Returns the row's scale (1 without `scale_out`).
 template <int kVec, typename scalar_t>

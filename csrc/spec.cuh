@@ -42,4 +42,10 @@ __host__ __device__ inline float pow2_scale(float amax) {
   return ldexpf(1.0f, -e);
 }
 
+// kVec consecutive values, loaded and stored as one 16-byte access when kVec * sizeof = 16.
+template <typename scalar_t, int kVec>
+struct alignas(kVec * sizeof(scalar_t)) Pack {
+  scalar_t v[kVec];
+};
+
 }  // namespace zspa

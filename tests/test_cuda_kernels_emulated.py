@@ -299,6 +299,39 @@ def test_scale_rows_scales_every_row_by_the_power_of_two_of_its_largest_finite_v
     assert unclamped.sum() > 20 and bool(((top >= 0.5) & (top < 1.0)).all())  # such rows land in [0.5, 1)
 
 
+@pytest.mark.parametrize("D", [45, 48], ids=["D45-scalar", "D48-packed"])
+@pytest.mark.parametrize("masked", [True, False], ids=["masked", "unmasked"])
+def test_prompt_stats_pools_each_feature_over_its_valid_rows_in_row_order(emulator, D, masked):
+    """prompt_stats.cuh's pooling ("mean"): each feature's valid rows summed in row order in fp32,
+    divided by their count, then scaled by the power of two of the largest finite |mean|; T = 21
+    (not a multiple of the 8-row batches), a masked-out NaN row, a row with every prompt row
+    masked (zeros, norm 0), an inf in a valid row, and fewer threads than features."""
+    g = torch.Generator().manual_seed(11)
+    B, T = 4, 21
+    prompt = torch.randn(B, T, D, generator=g) * torch.logspace(-3, 3, T).reshape(1, T, 1)
+    mask = torch.rand(B, T, generator=g) < 0.6 if masked else torch.ones(B, T, dtype=torch.bool)
+    if masked:
+        prompt[0, 4], mask[0, 4] = float("nan"), False
+        mask[1] = False
+    prompt[2, 7, 3], mask[2, 7] = float("inf"), True
+    x = np.ascontiguousarray(prompt.numpy())
+    pooled, norm = np.zeros((B, D), dtype=np.float32), np.zeros((B, T), dtype=np.float32)
+    emulator.emulate_prompt_stats(_ptr(x), _ptr(np.ascontiguousarray(mask.numpy()) if masked else None), _ptr(pooled),
+                                  _ptr(norm), _ptr(None), B, T, D, ctypes.c_bool(False), 32)
+    for b in range(B):
+        acc = np.zeros(D, dtype=np.float32)
+        for t in range(T):  # row order, fp32, valid rows only
+            if mask[b, t]:
+                acc = (acc + x[b, t]).astype(np.float32)
+        count = int(mask[b].sum())
+        mean = torch.from_numpy(acc / np.float32(max(count, 1)))
+        s = expected_scales(mean.reshape(1, 1, D)).reshape(())
+        # a masked row adds +0.0 (a -0.0 sum becomes +0.0): compare as values, NaN where NaN
+        torch.testing.assert_close(torch.from_numpy(pooled[b]), mean * s, rtol=0, atol=0, equal_nan=True)
+        if count == 0:
+            assert norm[b, 0] == 0.0 and not pooled[b].any()
+
+
 def mixed_magnitudes(B, N, D, seed):
     """helpers.banded_tokens (in and outside the raw band, two duplicates of an outside one),
     with a zero token, a NaN and an inf."""

@@ -201,6 +201,12 @@ inline uint32_t __float_as_uint(float x) {
   std::memcpy(&u, &x, sizeof(u));
   return u;
 }
+inline int __float_as_int(float x) { return static_cast<int>(__float_as_uint(x)); }
+inline float __int_as_float(int i) {
+  float x;
+  std::memcpy(&x, &i, sizeof(x));
+  return x;
+}
 inline double __dadd_rn(double a, double b) { return a + b; }
 inline double __dmul_rn(double a, double b) { return a * b; }
 inline uint64_t min(uint64_t a, uint64_t b) { return a < b ? a : b; }
