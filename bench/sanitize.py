@@ -6,12 +6,13 @@ before some launch of the call wrote it).
 
 Small shapes that still take every path of the fused backends: several Gram tiles and
 selection chunks, the streaming path (``ZSPA_GRAM_BUDGET=0``), batch groups, the isolation
-seed (core ratio 0), lengths, prompt masks, ``max`` relevance, both output forms, fp32, fp16
-and bf16; for ``cuda`` also a row whose state needs more than 48 KB of shared memory, both
-greedy kernels (``ZSPA_CUDA_GREEDY``: on sm_90 ``auto`` takes the cluster kernel for every row
-of up to ~950 tokens, so the small cases are forced onto the block kernel too), clusters of
-6, 7 (4-byte copies) and 15 CTAs, a radix-selected core, the split Gram (``ZSPA_CUDA_GRAM``)
-on both kernels, the Gram summed over slices of D, and tokens outside the raw band, whose Gram
+seed (core ratio 0), lengths, prompt masks, per-token prompts pooled for ``mean``, ``max``
+relevance, both output forms, fp32, fp16 and bf16, Gram tiles in and outside the raw band;
+for ``cuda`` also a row whose state needs more than 48 KB of shared memory, both greedy
+kernels (``ZSPA_CUDA_GREEDY``: on sm_90 ``auto`` takes the cluster kernel for every row of up
+to ~950 tokens, so the small cases are forced onto the block kernel too), clusters of 6, 7
+(4-byte copies) and 15 CTAs, a radix-selected core, the split Gram (``ZSPA_CUDA_GRAM``) on
+both kernels, the Gram summed over slices of D, and tokens outside the raw band, whose Gram
 entries the token pass rewrites. Each result is checked for what any valid selection satisfies
 (indices in the row, no repeats, ``-1`` only after the row's budget), so a launch that silently
 wrote nothing fails here too;
@@ -50,7 +51,7 @@ class Case:
     gram_budget: str = ""     # ZSPA_GRAM_BUDGET for this case ("" = default)
     greedy: str = ""          # ZSPA_CUDA_GREEDY for this case ("" = auto)
     gram: str = ""            # ZSPA_CUDA_GRAM for this case ("" = auto)
-    outside: bool = False     # some tokens at 1e30 and 1e-30: outside cuda's raw band (gram_repair.cuh)
+    outside: bool = False     # some tokens at 1e30 and 1e-30: outside the raw band (spec.RAW_EXP_MIN/MAX)
 
 
 CASES = (
@@ -61,6 +62,9 @@ CASES = (
     Case(2, 120, 48, 24, dtype=torch.float16, T=3, lengths=True),
     Case(3, 160, 64, 32, gram_budget="0"),                           # streaming path
     Case(4, 96, 32, 16, gram_budget=str(4 * 96 * 96)),               # one row per launch group
+    Case(2, 150, 64, 30, T=21, masked=True, outside=True),  # a masked per-token prompt pooled in 16-byte
+                                                            # batches (Triton: its own launch); scaled tiles
+    Case(2, 97, 33, 20, dtype=torch.float32, T=9, masked=True),      # the same pooled one feature at a time
 )
 CUDA_CASES = (
     Case(1, 1500, 32, 50),                      # 1024 threads, some own two tokens; a radix-selected core
