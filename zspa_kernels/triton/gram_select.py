@@ -42,7 +42,7 @@ import numpy as np
 import triton
 import triton.language as tl
 
-from .primitives import dot_operand, in_raw_band, key_index, min_key, scaled_operand
+from .primitives import in_raw_band, key_index, min_key, scaled_operand
 
 INT64_MAX = tl.constexpr(0x7FFFFFFFFFFFFFFF)
 # No multiply-add here is worth fusing (the Gram is tl.dot, cosines are IEEE divisions), and
@@ -104,6 +104,25 @@ def _similarity_rows(js, js_ok, idx, in_n, b, N, D, gram_ptr, visual_ptr, norm_p
         rows = tl.where(fin_c[None, :], tl.where(fin_j[:, None], rows, 0.0), 2.0)
         rows = tl.where(js_ok[:, None], rows, float("-inf"))
     return rows
+
+
+@triton.jit
+def _tile_dot(v_b, rows, cols, r_ok, c_ok, scale_r, scale_c, D, stride_vn, stride_vd, SCALE: tl.constexpr,
+              DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``V_rows V_colsᵀ`` of one Gram tile (fp32), the operands scaled by their tokens' ``scale``
+    in the K loop if ``SCALE``, else taken as given."""
+    d_offs = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_G, BLOCK_G], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + d_offs
+        d_ok = (d < D)[None, :]
+        a = tl.load(v_b + rows.to(tl.int64)[:, None] * stride_vn + d[None, :] * stride_vd,
+                    mask=r_ok[:, None] & d_ok, other=0.0)
+        c = tl.load(v_b + cols.to(tl.int64)[:, None] * stride_vn + d[None, :] * stride_vd,
+                    mask=c_ok[:, None] & d_ok, other=0.0)
+        acc = tl.dot(scaled_operand(a, scale_r, SCALE, DOT_UPCAST), tl.trans(scaled_operand(c, scale_c, SCALE, DOT_UPCAST)),
+                     acc, input_precision=DOT_PRECISION)
+    return acc
 
 
 @triton.jit
@@ -231,10 +250,8 @@ def _gram_select_kernel(
             # the same division) and exact ties between duplicates stay ties; a diagonal tile takes
             # its lower triangle from its upper one (the dot need not be symmetric itself).
             v_b = visual_ptr + b * stride_vb
-            d_offs = tl.arange(0, BLOCK_D)
             scale_r = tl.load(scale_ptr + stats_r, mask=r_ok, other=1.0)
             scale_c = tl.load(scale_ptr + stats_c, mask=c_ok, other=1.0)
-            acc = tl.zeros([BLOCK_G, BLOCK_G], tl.float32)
             # A tile whose tokens all lie in the raw band (spec: every model's features) takes
             # the dot of the tokens as given, then the exact power-of-two scales; only a tile
             # holding a token outside it scales the operands in the loop. Scaling an operand
@@ -243,27 +260,12 @@ def _gram_select_kernel(
             # the asynchronous copies to the tensor cores directly.
             raw = tl.min(in_raw_band(scale_r).to(tl.int32), 0) * tl.min(in_raw_band(scale_c).to(tl.int32), 0)
             if (not SCALE_OPERANDS) or (raw != 0):
-                for d0 in range(0, D, BLOCK_D):
-                    d = d0 + d_offs
-                    d_ok = (d < D)[None, :]
-                    a = tl.load(v_b + rows.to(tl.int64)[:, None] * stride_vn + d[None, :] * stride_vd,
-                                mask=r_ok[:, None] & d_ok, other=0.0)
-                    c = tl.load(v_b + cols.to(tl.int64)[:, None] * stride_vn + d[None, :] * stride_vd,
-                                mask=c_ok[:, None] & d_ok, other=0.0)
-                    acc = tl.dot(dot_operand(a, DOT_UPCAST), tl.trans(dot_operand(c, DOT_UPCAST)), acc,
-                                 input_precision=DOT_PRECISION)
+                acc = _tile_dot(v_b, rows, cols, r_ok, c_ok, scale_r, scale_c, D, stride_vn, stride_vd,
+                                False, DOT_UPCAST, DOT_PRECISION, BLOCK_G, BLOCK_D)
                 acc = acc * scale_r[:, None] * scale_c[None, :]
             else:
-                for d0 in range(0, D, BLOCK_D):
-                    d = d0 + d_offs
-                    d_ok = (d < D)[None, :]
-                    a = tl.load(v_b + rows.to(tl.int64)[:, None] * stride_vn + d[None, :] * stride_vd,
-                                mask=r_ok[:, None] & d_ok, other=0.0)
-                    c = tl.load(v_b + cols.to(tl.int64)[:, None] * stride_vn + d[None, :] * stride_vd,
-                                mask=c_ok[:, None] & d_ok, other=0.0)
-                    acc = tl.dot(scaled_operand(a, scale_r, True, DOT_UPCAST),
-                                 tl.trans(scaled_operand(c, scale_c, True, DOT_UPCAST)), acc,
-                                 input_precision=DOT_PRECISION)
+                acc = _tile_dot(v_b, rows, cols, r_ok, c_ok, scale_r, scale_c, D, stride_vn, stride_vd,
+                                True, DOT_UPCAST, DOT_PRECISION, BLOCK_G, BLOCK_D)
             local = tl.arange(0, BLOCK_G)
             acc = tl.where((rt < ct) | (local[:, None] <= local[None, :]), acc, tl.trans(acc))
             norm_r = tl.load(norm_ptr + stats_r, mask=r_ok, other=1.0)
