@@ -76,9 +76,10 @@ def _pooled_chunk(p_row, mask_ptr, b, d, D, T, count, stride_pt, stride_pd, stri
 def _pool_prompt_kernel(prompt_ptr, mask_ptr, pooled_ptr, D, T, stride_pb, stride_pt, stride_pd, stride_mb, stride_mt,
                         HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
     """``pooled[b, 0, d]``: the mean of row ``b``'s valid prompt rows, ``BLOCK_D`` features a CTA
-    (grid ``(cdiv(D, BLOCK_D), B)``), the same bits as :func:`_token_stats_kernel` pools."""
-    b = tl.program_id(1).to(tl.int64)
-    d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    (grid ``(B, cdiv(D, BLOCK_D))``: the batch on x, which has no 65535 limit), the same bits as
+    :func:`_token_stats_kernel` pools."""
+    b = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     count = _prompt_count(mask_ptr, b, T, stride_mb, stride_mt, HAS_MASK, BLOCK_T)
     pooled = _pooled_chunk(prompt_ptr + b * stride_pb, mask_ptr, b, d, D, T, count, stride_pt, stride_pd,
                            stride_mb, stride_mt, HAS_MASK, ROWS)
@@ -224,11 +225,11 @@ def pool_prompt(prompt, prompt_mask, plan):
     caller passes this to :func:`launch_token_stats` instead of the rows (mask dropped): every
     statistics CTA then reads ``D`` pooled values a pass, not ``T·D`` prompt values in ⌈T/8⌉
     dependent steps a feature chunk (at T = 24 that was 3 of every 4 L2 round trips of the
-    launch; a long prompt made it T-fold). One launch of ``cdiv(D, 128) × B`` CTAs."""
+    launch; a long prompt made it T-fold). One launch of ``B × cdiv(D, 128)`` CTAs."""
     B, T, D = prompt.shape
     pooled = torch.empty(B, 1, D, dtype=torch.float32, device=prompt.device)
     mask = prompt if prompt_mask is None else prompt_mask.view(torch.uint8)
-    _pool_prompt_kernel[(triton.cdiv(D, POOL_LAUNCH_BLOCK_D), B)](
+    _pool_prompt_kernel[(B, triton.cdiv(D, POOL_LAUNCH_BLOCK_D))](
         prompt, mask, pooled, D, T, *prompt.stride(), *(mask.stride() if prompt_mask is not None else (0, 0)),
         HAS_MASK=prompt_mask is not None, BLOCK_T=plan.block_prompt, BLOCK_D=POOL_LAUNCH_BLOCK_D,
         ROWS=POOL_LAUNCH_ROWS, num_warps=4,
