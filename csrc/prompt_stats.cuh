@@ -146,7 +146,8 @@ __device__ void prompt_stats_row(const scalar_t* __restrict__ prompt,  // (B, T,
              : (valid ? pool_mean<1, true>(p, valid, q, T, D, &count) : pool_mean<1, false>(p, valid, q, T, D, &count));
   const float s = pow2_scale(block_max(amax, scratch));
   float sumsq = 0.0f;
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {  // each thread rescales its own elements
+  // Other threads wrote some of these means (pool_mean's packs): block_max's barriers order them.
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
     const float scaled = q[d] * s;
     q[d] = scaled;
     sumsq += scaled * scaled;
