@@ -51,10 +51,15 @@ KEEP = 64
 # in 512-wide chunks (72 CTAs, 16 chunk steps at LLaVA-1.5); the plan of that run (32 tokens, 128
 # wide: 18 CTAs, 64 steps) and one between (16 tokens, 256 wide) are timed beside it. All three
 # compile for sm_90 without spills under Triton 3.6 ("mean").
-# 128-wide Gram tiles (twice the operand reuse of 64; 222 registers and no spills for sm_90 as a
-# launch specialises them, Triton 3.6, python -m zspa_kernels.triton.aot): fewer, denser tiles for
-# the Gram-bound batch, at the price of a partial last tile at N = 576.
-VARIANTS = ({}, {"block_d": 64}, {"block_d": 128}, {"block_tile": 128}, {"block_rows": 32, "block_d_stats": 128},
+# Gram tile edges (sm_90, as a launch specialises them, Triton 3.6: python -m zspa_kernels.triton.aot).
+# 128: twice the operand reuse of 64 (222 registers, no spills), fewer and denser tiles for the
+# Gram-bound batch, at the price of a partial last tile at N = 576. 32 (76 registers, warp-level
+# MMA): at B = 1 the 45 upper 64-wide tiles each pull 1 MiB of operands from L2 into one SM
+# (~10 µs at what one SM draws), on 45 of 132 SMs; 171 upper 32-wide tiles pull half that each,
+# on every SM, for twice the L2 traffic in all. With 8 warps and with 4 (a 32-wide tile is little
+# work for 8; the selecting CTA then walks its rows with 4 too).
+VARIANTS = ({}, {"block_d": 64}, {"block_d": 128}, {"block_tile": 128}, {"block_tile": 32},
+            {"block_tile": 32, "num_warps_tile": 4}, {"block_rows": 32, "block_d_stats": 128},
             {"block_rows": 16, "block_d_stats": 256})
 CUDA_SHAPES = SHAPES + ("llava-1.5-b64", "video")
 
