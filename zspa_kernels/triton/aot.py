@@ -35,7 +35,13 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
-from triton.runtime.jit import create_function_from_signature
+
+try:  # the launch binder of Triton's JIT (3.6 and 3.8 alike); not a public API
+    from triton.runtime.jit import create_function_from_signature
+except ImportError as exc:  # pragma: no cover - depends on the installed Triton
+    raise ImportError(f"zspa_kernels.triton.aot compiles kernels through Triton's own launch binder "
+                      f"(triton.runtime.jit.create_function_from_signature), which triton {triton.__version__} "
+                      f"does not have") from exc
 
 from ..spec import triton_interpreter
 from .gram_select import _gram_select_kernel
