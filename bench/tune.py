@@ -2,9 +2,10 @@
 
     python -m bench.tune --out tune.json       # on a GPU; bench/run_gpu.sh runs it right after its checks
 
-The Gram tiles' feature chunk (``block_d``: the K step of every tile's dot) sets how many MMA
-steps a 64×64×4096 tile takes and how much of each operand load is reused; it is the first knob
-if the Gram-bound batched shape misses its target (bench/GPU-NOTES.md). ``block_rows`` and
+The Gram tiles' feature chunk and pipeline depth (``block_d``, ``num_stages_tile``: the K step
+of every tile's dot and how many steps' copies are in flight) set the bytes a tile has in flight,
+which bound its K loop; the tile edge sets how many SMs hold a tile and how much of each operand
+load is reused (bench/GPU-NOTES.md). ``block_rows`` and
 ``block_d_stats`` shape the statistics launch: tokens a CTA and the chunk each of its dependent
 load steps takes. Each variant is
 ``dataclasses.replace`` of the default plan, timed with CUDA events, and checked against the
@@ -51,14 +52,18 @@ KEEP = 64
 # in 512-wide chunks (72 CTAs, 16 chunk steps at LLaVA-1.5); the plan of that run (32 tokens, 128
 # wide: 18 CTAs, 64 steps) and one between (16 tokens, 256 wide) are timed beside it. All three
 # compile for sm_90 without spills under Triton 3.6 ("mean").
-# Gram tile edges (sm_90, as a launch specialises them, Triton 3.6: python -m zspa_kernels.triton.aot).
-# 128: twice the operand reuse of 64 (222 registers, no spills), fewer and denser tiles for the
-# Gram-bound batch, at the price of a partial last tile at N = 576. 32 (76 registers, warp-level
-# MMA): at B = 1 the 45 upper 64-wide tiles each pull 1 MiB of operands from L2 into one SM
-# (~10 µs at what one SM draws), on 45 of 132 SMs; 171 upper 32-wide tiles pull half that each,
-# on every SM, for twice the L2 traffic in all. With 8 warps and with 4 (a 32-wide tile is little
-# work for 8; the selecting CTA then walks its rows with 4 too).
-VARIANTS = ({}, {"block_d": 64}, {"block_d": 128}, {"block_tile": 128}, {"block_tile": 32},
+# The Gram tiles' K loop (default since 2026-11-30: 64-wide chunks, 5 stages, 64 KB of copies in
+# flight; plan.py says why): run 1's 32-wide chunks with 3 stages, 64-wide with 3, and 128-wide
+# with 3 (the same bytes in flight as the default in half the steps, at 244-252 registers).
+# Tile edges (sm_90, as a launch specialises them, Triton 3.6: python -m zspa_kernels.triton.aot,
+# no spills): 128, twice the operand reuse of 64 (247 registers, 160 KB of shared memory), fewer
+# and denser tiles for the Gram-bound batch, at the price of a partial last tile at N = 576; 32
+# (warp-level MMA, 64 registers): at B = 1 the 45 upper 64-wide tiles each pull 1 MiB of
+# operands from L2 into one SM, on 45 of 132 SMs; 171 upper 32-wide tiles pull half that each,
+# on every SM, for twice the L2 traffic in all. With 8 warps and with 4 (a 32-wide tile is
+# little work for 8; the selecting CTA then walks its rows with 4 too).
+VARIANTS = ({}, {"block_d": 32, "num_stages_tile": 3}, {"block_d": 64, "num_stages_tile": 3},
+            {"block_d": 128, "num_stages_tile": 3}, {"block_tile": 128}, {"block_tile": 32},
             {"block_tile": 32, "num_warps_tile": 4}, {"block_rows": 32, "block_d_stats": 128},
             {"block_rows": 16, "block_d_stats": 256})
 CUDA_SHAPES = SHAPES + ("llava-1.5-b64", "video")

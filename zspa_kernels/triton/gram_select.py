@@ -319,6 +319,6 @@ def launch_gram_select(visual, lengths, stats, scratch, order, out, k, core_rati
         STORE_GRAM=plan.path == "gram", NEED_ISO=plan.need_isolation, PICK_ORDER=pick_order,
         HAS_LENGTHS=lengths is not None, DOT_PRECISION=plan.dot_precision, DOT_UPCAST=plan.dot_upcast,
         SCALE_OPERANDS=plan.scale_operands, BLOCK_G=plan.block_tile, BLOCK_D=plan.block_d, BLOCK_S=plan.block_select, CORE_BLOCK=plan.core_block,
-        num_warps=plan.num_warps_tile,
+        num_warps=plan.num_warps_tile, num_stages=plan.num_stages_tile,
         enable_fp_fusion=FP_FUSION,
     )

@@ -44,6 +44,7 @@ class LaunchPlan:
     block_rows: int       # tokens per CTA of the statistics launch
     block_prompt: int     # prompt rows per dot in the statistics launch
     num_warps_tile: int
+    num_stages_tile: int  # software-pipeline depth of the Gram tiles' K loop (copies in flight: this - 1)
     num_warps_stats: int
     dot_precision: str
     dot_upcast: bool      # bf16 under TRITON_INTERPRET: see primitives.dot_operand
@@ -72,17 +73,23 @@ def _plan(B: int, N: int, D: int, dtype: torch.dtype, k: int, core_ratio: float,
     path = "gram" if row_gram <= budget else "stream"
     rows = min(B, budget // row_gram) if path == "gram" else B
     rows = min(rows, MAX_GRID_Y)  # the batch group is both launches' grid y
-    # tl.dot needs every dim >= 16. 64-wide tiles, 8 warps and 32-wide feature chunks: for sm_90,
-    # as a launch specialises them (python -m zspa_kernels.triton.aot), 117-125 registers, no
-    # spills, a 3-stage cp.async pipeline into wgmma. Under the same compile 64-wide chunks take
-    # 124 registers and 40 KB of shared memory, 128-wide chunks 246 and 80 KB, 128-wide tiles 222
-    # (Triton 3.6; bench/tune.py times the chunks on the GPU). fp32 (IEEE dots on FMA units, not
-    # tensor cores) takes 32-wide tiles and 16-wide chunks: 80-111 registers (Triton 3.8 spills
-    # 8 B in the "max" variant). Register counts written here before 2026-11-30 (~230, spills at
-    # 128-wide tiles) came from a compile without the launch's specialisation.
+    # tl.dot needs every dim >= 16. A Gram tile's K loop is bound by the bytes it has in flight:
+    # a 64-wide tile of 16-bit tokens pulls 2 x 64 x D x 2 bytes from L2 (1 MiB at D = 4096), and
+    # with 32-wide chunks and 3 stages (run 1's plan) only 2 x 8 KB were in flight, ~20 GB/s at
+    # an L2 latency of ~0.7 us: ~50 us a tile, what run 1 measured (bench/GPU-NOTES.md). 64-wide
+    # chunks and 5 stages keep 64 KB in flight (~90 GB/s, near what one SM draws from L2: ~12 us)
+    # at 127 registers, no spills and 80 KB of shared memory for sm_90, as a launch specialises
+    # them (python -m zspa_kernels.triton.aot, Triton 3.6); 128-wide chunks would hold the same
+    # bytes with 3 stages at 244-252 registers, near the limit. 8 warps. The streaming path keeps
+    # 32-wide chunks: its step holds a (block_select x block_d) product in registers. fp32 (IEEE
+    # dots on FMA units, not tensor cores) takes 32-wide tiles and 16-wide chunks: 80-111
+    # registers (Triton 3.8 spills 8 B in the "max" variant). Register counts written here before
+    # 2026-11-30 (~230, spills at 128-wide tiles) came from a compile without the launch's
+    # specialisation, and kept the chunks at 32.
     block_tile = _pow2(N, 16, 32 if dtype == torch.float32 else 64)
     tiles = triton.cdiv(N, block_tile)
-    block_d = _pow2(D, 16, 16 if dtype == torch.float32 else 32)
+    block_d = _pow2(D, 16, 16 if dtype == torch.float32 else 64 if path == "gram" else 32)
+    num_stages_tile = 3 if dtype == torch.float32 or path != "gram" else 5
     # The statistics launch streams each CTA's tokens twice over D, accumulating in registers
     # (one reduction after each pass). Its time is the chain of chunk loads a CTA waits for in
     # turn, so "mean" takes 8 tokens a CTA and 512-wide chunks: 16 steps at D = 4096 and 72 CTAs
@@ -109,7 +116,7 @@ def _plan(B: int, N: int, D: int, dtype: torch.dtype, k: int, core_ratio: float,
         path=path, rows_per_launch=rows, need_isolation=need_isolation, tiles=tiles, block_tile=block_tile,
         block_d=block_d, block_d_stats=block_d_stats,
         block_select=block_select, core_block=core_block, block_rows=block_rows, block_prompt=16,
-        num_warps_tile=8, num_warps_stats=8,
+        num_warps_tile=8, num_stages_tile=num_stages_tile, num_warps_stats=8,
         dot_precision="ieee", dot_upcast=dtype == torch.bfloat16 and interpreted,
         scale_operands=dtype != torch.float16,
         scratch_bytes=scratch,
