@@ -96,7 +96,7 @@ def _token_stats_kernel(
     stride_mb, stride_mt,
     MAX_RELEVANCE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, SCALE_OPERANDS: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -116,12 +116,14 @@ def _token_stats_kernel(
     # The D loops below accumulate elementwise in (rows × features) registers and reduce once
     # after the loop: a row reduction per feature chunk went through shared memory every
     # iteration, and on the H200 87% of this kernel's shared-memory wavefronts were bank
-    # conflicts of those reductions (bench/results/2026-11-30-nvidia-h200.ncu.txt).
+    # conflicts of those reductions (bench/results/2026-11-30-nvidia-h200.ncu.txt). With
+    # STAGES > 1 their chunk loads are software-pipelined (asynchronous copies, STAGES - 1
+    # chunks ahead): a CTA's 16 dependent chunk loads at LLaVA-1.5 no longer wait one by one.
 
     # Pass 0: each token's (and the pooled prompt's) power-of-two scale, for overflow-safe norms.
     amax2 = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
     p_amax1 = tl.zeros([BLOCK_D], tl.float32)
-    for d0 in range(0, D, BLOCK_D):
+    for d0 in tl.range(0, D, BLOCK_D, num_stages=STAGES):
         d = d0 + d_offs
         v = tl.load(v_rows + d[None, :] * stride_vd, mask=row_ok[:, None] & (d < D)[None, :], other=0.0)
         v = v.to(tl.float32)
@@ -138,7 +140,7 @@ def _token_stats_kernel(
     sumsq2 = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
     dot2 = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
     p_sumsq1 = tl.zeros([BLOCK_D], tl.float32)
-    for d0 in range(0, D, BLOCK_D):
+    for d0 in tl.range(0, D, BLOCK_D, num_stages=STAGES):
         d = d0 + d_offs
         v = tl.load(v_rows + d[None, :] * stride_vd, mask=row_ok[:, None] & (d < D)[None, :], other=0.0)
         y = v.to(tl.float32) * scale[:, None]
@@ -215,7 +217,7 @@ def launch_token_stats(visual, prompt, prompt_mask, lengths, norm, scale, finite
         MAX_RELEVANCE=relevance == "max", HAS_MASK=prompt_mask is not None, HAS_LENGTHS=lengths is not None,
         DOT_PRECISION=plan.dot_precision, DOT_UPCAST=plan.dot_upcast, SCALE_OPERANDS=plan.scale_operands,
         BLOCK_R=plan.block_rows, BLOCK_T=plan.block_prompt, BLOCK_D=plan.block_d_stats,
-        num_warps=plan.num_warps_stats,
+        STAGES=plan.num_stages_stats, num_warps=plan.num_warps_stats,
     )
 
 
