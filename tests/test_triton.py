@@ -95,7 +95,7 @@ def test_plan_needs_isolation_exactly_when_some_row_can_have_an_empty_core():
 
 def test_plan_video_batch_runs_in_groups_that_fit_the_budget():
     one = launch_plan(1, 16384, 3584, torch.bfloat16, 1638, 0.5, False)
-    assert (one.path, one.rows_per_launch, one.tiles, one.block_select) == ("gram", 1, 256, 2048)
+    assert (one.path, one.rows_per_launch, one.tiles, one.block_select) == ("gram", 1, 256, 4096)
     assert one.scratch_bytes >= 4 * 16384**2
     batch = launch_plan(8, 16384, 3584, torch.bfloat16, 1638, 0.5, False)
     assert (batch.path, batch.rows_per_launch) == ("gram", 4)  # 4 x 1 GiB per launch pair

@@ -106,8 +106,13 @@ def _plan(B: int, N: int, D: int, dtype: torch.dtype, k: int, core_ratio: float,
         block_rows, block_d_stats = 8, _pow2(D, 16, 512)
     else:
         block_rows, block_d_stats = 32, _pow2(D, 16, 64 if dtype == torch.float32 else 128)
-    # The streaming step holds a (block_select × block_d) tile in registers: keep it small.
-    block_select = _pow2(N, 16, 2048 if path == "gram" else 128)
+    # The selecting CTA walks its row in chunks of block_select: a greedy step loads each chunk's
+    # state and Gram row, and the compiled loop (sm_90) has two chunks' loads in flight before
+    # their reductions' barriers, so a video row (N = 16384, its Gram in DRAM) waited for 4 round
+    # trips a step in 2048-wide chunks and waits for 2 in 4096-wide ones (the same 127 registers
+    # as a launch compiles it). The streaming step holds a (block_select × block_d) tile in
+    # registers: keep it small.
+    block_select = _pow2(N, 16, 4096 if path == "gram" else 128)
     # Gathering several core rows at once overlaps their L2 latency (a ~8K-element tile);
     # streamed rows are long D loops anyway, one at a time keeps registers low.
     core_block = max(1, min(16, 8192 // block_select)) if path == "gram" else 1
