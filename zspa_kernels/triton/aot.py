@@ -45,6 +45,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed Triton
 
 from ..spec import triton_interpreter
 from .gram_select import _gram_select_kernel
+from .plan import launch_plan
 from .select import select_tokens_triton
 from .token_stats import _pool_prompt_kernel, _token_stats_kernel
 
@@ -83,15 +84,17 @@ def captured_launches():
             del kernel.run
 
 
-def variant_launches(B, N, D, dtype, k, alpha, has_lengths, relevance, pick_order):
-    """The launches of one call of the backend on meta tensors of this variant's shapes."""
+def variant_launches(B, N, D, dtype, k, alpha, has_lengths, relevance, pick_order, arch=90):
+    """The launches of one call of the backend on meta tensors of this variant's shapes, with
+    the plan a GPU of compute capability ``arch`` (e.g. 90) gets."""
     meta = dict(device="meta")
     visual = torch.empty(B, N, D, dtype=dtype, **meta)
     prompt = torch.empty(B, PROMPT_ROWS, D, dtype=dtype, **meta)
     lengths = torch.empty(B, dtype=torch.int64, **meta) if has_lengths else None
     mask = torch.empty(B, PROMPT_ROWS, dtype=torch.bool, **meta) if relevance == "max" else None
+    plan = launch_plan(B, N, D, dtype, k, alpha, has_lengths, relevance, async_copies=arch >= 80)
     with captured_launches() as calls:
-        select_tokens_triton(visual, prompt, k, alpha, lengths, mask, relevance, pick_order)
+        select_tokens_triton(visual, prompt, k, alpha, lengths, mask, relevance, pick_order, plan=plan)
     return calls
 
 
@@ -126,7 +129,8 @@ def compile_variant(B, N, D, dtype, k, alpha, has_lengths, relevance, pick_order
     shape: batch groups of one call share their specialisation)."""
     target = GPUTarget("cuda", arch, 32)
     records, seen = [], set()
-    for name, kernel, args, kwargs in variant_launches(B, N, D, dtype, k, alpha, has_lengths, relevance, pick_order):
+    for name, kernel, args, kwargs in variant_launches(B, N, D, dtype, k, alpha, has_lengths, relevance, pick_order,
+                                                       arch):
         compiled = compile_launch(kernel, args, kwargs, target)
         if compiled.hash in seen:
             continue

@@ -58,17 +58,26 @@ def _pow2(x: int, lo: int, hi: int) -> int:
 
 
 def launch_plan(B: int, N: int, D: int, dtype: torch.dtype, k: int, core_ratio: float,
-                has_lengths: bool, relevance: str = "mean") -> LaunchPlan:
+                has_lengths: bool, relevance: str = "mean", async_copies: bool = True) -> LaunchPlan:
     """The plan for ``visual`` of shape ``(B, N, D)`` and ``dtype``, budget ``k``, ratio ``core_ratio``,
-    ``relevance`` "mean" or "max". Memoised on everything it depends on (the environment's budget
-    and interpreter switch too): computing one is ~10 µs of Python (an ad-hoc CPU timing), a
-    large share of the op's host time."""
-    return _plan(B, N, D, dtype, k, core_ratio, has_lengths, relevance, gram_budget(), triton_interpreter())
+    ``relevance`` "mean" or "max", on a GPU with asynchronous copies (sm_80 and newer: Triton
+    pipelines loads through them) or without (:func:`async_copies_on`). Memoised on everything
+    it depends on (the environment's budget and interpreter switch too): computing one is ~10 µs
+    of Python (an ad-hoc CPU timing), a large share of the op's host time."""
+    return _plan(B, N, D, dtype, k, core_ratio, has_lengths, relevance, gram_budget(), triton_interpreter(),
+                 async_copies)
+
+
+@functools.lru_cache(maxsize=None)
+def async_copies_on(device: torch.device) -> bool:
+    """Whether ``device`` has asynchronous global-to-shared copies (compute capability 8.0+),
+    which the plan's deep pipelines need; True off CUDA (the interpreter, meta tensors)."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 8
 
 
 @functools.lru_cache(maxsize=1024)
 def _plan(B: int, N: int, D: int, dtype: torch.dtype, k: int, core_ratio: float, has_lengths: bool,
-          relevance: str, budget: int, interpreted: bool) -> LaunchPlan:
+          relevance: str, budget: int, interpreted: bool, async_copies: bool) -> LaunchPlan:
     need_isolation = may_need_isolation(k, core_ratio, N, has_lengths)
     row_gram = 4 * N * N
     path = "gram" if row_gram <= budget else "stream"
@@ -86,11 +95,13 @@ def _plan(B: int, N: int, D: int, dtype: torch.dtype, k: int, core_ratio: float,
     # dots on FMA units, not tensor cores) takes 32-wide tiles and 16-wide chunks: 80-111
     # registers (Triton 3.8 spills 8 B in the "max" variant). Register counts written here before
     # 2026-11-30 (~230, spills at 128-wide tiles) came from a compile without the launch's
-    # specialisation, and kept the chunks at 32.
+    # specialisation, and kept the chunks at 32. Without asynchronous copies (before sm_80) there
+    # is no pipeline to fill, and 64-wide chunks spill ~900 B on sm_75: 32-wide, 3 stages there.
     block_tile = _pow2(N, 16, 32 if dtype == torch.float32 else 64)
     tiles = triton.cdiv(N, block_tile)
-    block_d = _pow2(D, 16, 16 if dtype == torch.float32 else 64 if path == "gram" else 32)
-    num_stages_tile = 3 if dtype == torch.float32 or path != "gram" else 5
+    deep = async_copies and path == "gram" and dtype != torch.float32
+    block_d = _pow2(D, 16, 16 if dtype == torch.float32 else 64 if deep else 32)
+    num_stages_tile = 5 if deep else 3
     # The statistics launch streams each CTA's tokens twice over D, accumulating in registers
     # (one reduction after each pass). Its time is the chain of chunk loads a CTA waits for in
     # turn, so "mean" takes 8 tokens a CTA and 512-wide chunks: 16 steps at D = 4096 and 72 CTAs

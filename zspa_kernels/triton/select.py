@@ -15,7 +15,7 @@ import torch
 
 from ..spec import triton_interpreter
 from .gram_select import launch_gram_select
-from .plan import LaunchPlan, launch_plan
+from .plan import LaunchPlan, async_copies_on, launch_plan
 from .token_stats import launch_token_stats, pool_prompt
 
 # Triton decides between compiling and interpreting a kernel when it is decorated, i.e. when
@@ -57,7 +57,8 @@ def select_tokens_triton(
     B, N, D = visual.shape
     visual, prompt, prompt_mask = int32_offsets(visual), int32_offsets(prompt), int32_offsets(prompt_mask)
     if plan is None:
-        plan = launch_plan(B, N, D, visual.dtype, k, core_ratio, lengths is not None, relevance)
+        plan = launch_plan(B, N, D, visual.dtype, k, core_ratio, lengths is not None, relevance,
+                           async_copies_on(visual.device))
 
     rows = plan.rows_per_launch
 
