@@ -182,7 +182,8 @@ def run_prompt_forms(device: torch.device, shape=None, progress=print) -> list[d
             record = {"shape": shape.label, "B": shape.B, "N": shape.N, "D": shape.D, "k": KEEP, "backend": backend,
                       "prompt_rows": rows or "pooled", "median_us": hb.median_us(call, device)}
             records.append(record)
-            progress(f"{shape.label:<15}{backend:<8}prompt {str(record['prompt_rows']):<8}{record['median_us']:>10.1f} µs")
+            progress(f"{shape.label:<15}{backend:<8}prompt {str(record['prompt_rows']):<8}"
+                     f"{record['median_us']:>10.1f} µs")
     return records
 
 

@@ -141,9 +141,11 @@ __device__ void prompt_stats_row(const scalar_t* __restrict__ prompt,  // (B, T,
   constexpr int kVec = 16 / sizeof(scalar_t);
   int count = 0;
   const bool packed = D % kVec == 0 && reinterpret_cast<uintptr_t>(p) % 16 == 0;  // the same for the CTA
-  const float amax =  // largest finite |mean|
-      packed ? (valid ? pool_mean<kVec, true>(p, valid, q, T, D, &count) : pool_mean<kVec, false>(p, valid, q, T, D, &count))
-             : (valid ? pool_mean<1, true>(p, valid, q, T, D, &count) : pool_mean<1, false>(p, valid, q, T, D, &count));
+  float amax;  // largest finite |mean| of this thread's features
+  if (packed)
+    amax = valid ? pool_mean<kVec, true>(p, valid, q, T, D, &count) : pool_mean<kVec, false>(p, valid, q, T, D, &count);
+  else
+    amax = valid ? pool_mean<1, true>(p, valid, q, T, D, &count) : pool_mean<1, false>(p, valid, q, T, D, &count);
   const float s = pow2_scale(block_max(amax, scratch));
   float sumsq = 0.0f;
   // Other threads wrote some of these means (pool_mean's packs): block_max's barriers order them.

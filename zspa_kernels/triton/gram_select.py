@@ -7,8 +7,9 @@ Grid ``(tiles², B)``; CTA ``(rt, ct, b)`` owns the ``BLOCK_G × BLOCK_G`` tile 
    given and scales the fp32 result, the same numbers; only a tile holding a token outside it
    scales its operands in the K loop, which then waits for each step's dot (the scaled copy
    goes through registers). 16-bit products are exact in fp32, fp32 inputs use
-   ``input_precision="ieee"`` (tf32 would flip near-ties). Only tiles with ``r <= c`` compute it and fill both ``(r, c)`` and
-   ``(c, r)``: half the FLOPs, and symmetric bit for bit by construction.
+   ``input_precision="ieee"`` (tf32 would flip near-ties). Only tiles with ``r <= c`` compute
+   it and fill both ``(r, c)`` and ``(c, r)``: half the FLOPs, and symmetric bit for bit by
+   construction.
    Divided by the two scaled norms (IEEE ``div_rn``). Gram path: stored as ``M[r, c]`` =
    similarity of token ``c`` to a pick ``r`` (2.0 for a non-finite ``c``, 0.0 for a
    non-finite ``r``: SPEC conventions).
@@ -120,8 +121,8 @@ def _tile_dot(v_b, rows, cols, r_ok, c_ok, scale_r, scale_c, D, stride_vn, strid
                     mask=r_ok[:, None] & d_ok, other=0.0)
         c = tl.load(v_b + cols.to(tl.int64)[:, None] * stride_vn + d[None, :] * stride_vd,
                     mask=c_ok[:, None] & d_ok, other=0.0)
-        acc = tl.dot(scaled_operand(a, scale_r, SCALE, DOT_UPCAST), tl.trans(scaled_operand(c, scale_c, SCALE, DOT_UPCAST)),
-                     acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(scaled_operand(a, scale_r, SCALE, DOT_UPCAST),
+                     tl.trans(scaled_operand(c, scale_c, SCALE, DOT_UPCAST)), acc, input_precision=DOT_PRECISION)
     return acc
 
 
