@@ -19,8 +19,10 @@
 #            block kernel picks? If not, the stages after it run with ZSPA_CUDA_GREEDY=block; if
 #            the block kernel fails too, without the cuda backend (ZSPA_BENCH_SKIP=cuda): a kernel
 #            that traps kills its process's CUDA context, and every later case with it
-#   tune     bench/tune.py: the cuda greedy kernels (block, cluster, auto) at LLaVA-1.5 B = 1, 32,
-#            64, then the Triton plan variants, side by side (short: it comes before the long stages)
+#   tune     bench/tune.py: the cuda greedy kernels (block, cluster, auto) and Gram forms at
+#            LLaVA-1.5 B = 1, 32, 64 and video, the Triton plan variants, a per-token prompt against
+#            a pooled one, the raw band's cost, the cuBLAS Gram forms, side by side, each section
+#            saved as it ends (short: it comes before the long stages)
 #   micro    microbenchmarks at the SPEC shapes (from here on the GPU is the run's alone)
 #   e2e      LLaVA-1.5-7B and Qwen2.5-VL-7B from configs, bf16, batch 1 and 8
 #   profile  bench/profile.py's time split (GPU time, graph replay, eager host cost, fixed cost
