@@ -81,7 +81,7 @@ def test_plan_llava_is_one_gram_launch_without_isolation():
         64, 5, 512, 1024, 8)
     # Before sm_80 (no asynchronous copies, no pipeline to fill) the chunks stay 32 wide: 64 spill there.
     old = launch_plan(1, 576, 4096, torch.bfloat16, 64, 0.5, has_lengths=False, async_copies=False)
-    assert (old.block_d, old.num_stages_tile) == (32, 3)
+    assert (old.block_d, old.num_stages_tile, old.num_stages_stats) == (32, 3, 1)
     assert plan.block_rows == 8  # 72 statistics CTAs, 16 chunk steps each
     assert not plan.need_isolation  # k_core = 32 > 0: no N x N isolation pass
     assert 4 * 576 * 576 <= plan.scratch_bytes < 2 * 4 * 576 * 576

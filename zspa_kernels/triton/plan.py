@@ -110,9 +110,9 @@ def _plan(B: int, N: int, D: int, dtype: torch.dtype, k: int, core_ratio: float,
     # same 4096-element tile: ~100 registers for sm_90, no spills under Triton 3.6 and 3.8.
     # "max" dots each CTA's tokens with 16-row prompt blocks on tensor cores, whose tiles need
     # 16+ rows: 32 tokens and 128-wide chunks (fp32: 64; 16 x 256 spilled ~36 B for fp16).
-    # "mean" pipelines its two D loops 3 stages deep (2 chunks of copies in flight: 80 registers,
-    # 20 KB of shared memory, no spills for sm_90 as a launch compiles it); "max" does not (it
-    # spilled 12-20 B there, beside its prompt pass).
+    # "mean" pipelines its two D loops 3 stages deep where the GPU has asynchronous copies (2
+    # chunks in flight: 80 registers, 20 KB of shared memory, no spills for sm_90 as a launch
+    # compiles it); "max" does not (it spilled 12-20 B there, beside its prompt pass).
     if relevance == "mean":
         block_rows, block_d_stats = 8, _pow2(D, 16, 512)
     else:
@@ -137,7 +137,7 @@ def _plan(B: int, N: int, D: int, dtype: torch.dtype, k: int, core_ratio: float,
         block_d=block_d, block_d_stats=block_d_stats,
         block_select=block_select, core_block=core_block, block_rows=block_rows, block_prompt=16,
         num_warps_tile=8, num_stages_tile=num_stages_tile, num_warps_stats=8,
-        num_stages_stats=3 if relevance == "mean" else 1,
+        num_stages_stats=3 if relevance == "mean" and async_copies else 1,
         dot_precision="ieee", dot_upcast=dtype == torch.bfloat16 and interpreted,
         scale_operands=dtype != torch.float16,
         scratch_bytes=scratch,
