@@ -112,11 +112,15 @@ def _plan(B: int, N: int, D: int, dtype: torch.dtype, k: int, core_ratio: float,
     # 16+ rows: 32 tokens and 128-wide chunks (fp32: 64; 16 x 256 spilled ~36 B for fp16).
     # "mean" pipelines its two D loops 3 stages deep where the GPU has asynchronous copies (2
     # chunks in flight: 80 registers, 20 KB of shared memory, no spills for sm_90 as a launch
-    # compiles it); "max" does not (it spilled 12-20 B there, beside its prompt pass).
+    # compiles it); "max" does not (it spilled 12-20 B there, beside its prompt pass). Before
+    # sm_80 Triton has no tensor-core dot for these kernels at all (fp16 included: FMA loops), and
+    # 16-bit "max" with 128-wide chunks spilled ~300 B for sm_75 (255 registers): 64-wide there,
+    # as for fp32 (194 registers, no spills; Triton 3.8, fp16, python -m zspa_kernels.triton.aot
+    # --arch 75).
     if relevance == "mean":
         block_rows, block_d_stats = 8, _pow2(D, 16, 512)
     else:
-        block_rows, block_d_stats = 32, _pow2(D, 16, 64 if dtype == torch.float32 else 128)
+        block_rows, block_d_stats = 32, _pow2(D, 16, 64 if dtype == torch.float32 or not async_copies else 128)
     # The selecting CTA walks its row in chunks of block_select: a greedy step loads each chunk's
     # state and Gram row, and the compiled loop (sm_90) has two chunks' loads in flight before
     # their reductions' barriers, so a video row (N = 16384, its Gram in DRAM) waited for 4 round
