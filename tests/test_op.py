@@ -12,6 +12,7 @@ def test_schema():
     schema = str(torch.ops.zspa.select_tokens.default._schema)
     assert schema.startswith("zspa::select_tokens(Tensor visual, Tensor prompt, SymInt k, float core_ratio=0.5")
     assert schema.endswith("-> Tensor")
+    assert torch.Tag.pt2_compliant_tag in torch.ops.zspa.select_tokens.default.tags
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 5])

@@ -31,7 +31,8 @@ _LIB = torch.library.Library("zspa", "FRAGMENT")
 _LIB.define(
     "select_tokens(Tensor visual, Tensor prompt, SymInt k, float core_ratio=" + repr(DEFAULT_CORE_RATIO)
     + ', Tensor? lengths=None, Tensor? prompt_mask=None, str relevance="mean", str backend="auto", '
-    "bool pick_order=False) -> Tensor"
+    "bool pick_order=False) -> Tensor",
+    tags=(torch.Tag.pt2_compliant_tag,),  # as the decorator tagged it: opcheck (tests/test_op.py) holds it to that
 )
 
 
