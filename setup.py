@@ -16,7 +16,7 @@ def cuda_extension() -> dict:
     from torch.utils import cpp_extension
 
     from zspa_kernels.builder import CUDA_EXTENSION as CUDA, find_cuda_home, gencode_flags
-    from zspa_kernels.builder.toolkit import nvidia_wheel_include_dirs
+    from zspa_kernels.builder.toolkit import library_headers
 
     cuda_home = find_cuda_home()
     if cuda_home is None:
@@ -25,7 +25,7 @@ def cuda_extension() -> dict:
     ext = cpp_extension.CUDAExtension(
         name=f"zspa_kernels._{CUDA.name}",
         sources=[os.path.relpath(path, HERE) for path in CUDA.source_files()],
-        include_dirs=[str(CUDA.source_dir()), *nvidia_wheel_include_dirs()],
+        include_dirs=[str(CUDA.source_dir()), *library_headers(cuda_home)],
         extra_compile_args={"cxx": list(CUDA.cflags), "nvcc": [*CUDA.cuda_cflags, *gencode_flags(CUDA.targets())]},
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": cpp_extension.BuildExtension}}

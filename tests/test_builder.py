@@ -276,6 +276,39 @@ def test_a_build_leaves_path_and_torch_cuda_home_as_they_were(tmp_path, monkeypa
     assert os.environ.get("PATH") == path_before and cpp_extension.CUDA_HOME == home_before
 
 
+def _headers(folder: Path, *names: str) -> Path:
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(f"// {folder.name}/{name}\n")
+    return folder
+
+
+@pytest.mark.parametrize("layout", ["cuda13", "cuda12"])
+def test_wheel_headers_never_shadow_the_toolkits(tmp_path, monkeypatch, layout):
+    """Only what the toolkit lacks comes from the pip wheels: their copy of the runtime's
+    headers (another minor version, say) must not reach nvcc before the toolkit's own."""
+    monkeypatch.setenv("ZSPA_CACHE_DIR", str(tmp_path / "cache"))
+    home = tmp_path / "toolkit"
+    _headers(home / "include", "cuda_runtime_api.h", "crt/host_defines.h")
+    root = tmp_path / "site" / "nvidia"
+    if layout == "cuda13":  # one folder for every library, the runtime's headers included
+        monkeypatch.setattr(torch.version, "cuda", "13.0")
+        _headers(root / "cu13" / "include", "cuda_runtime_api.h", "crt/host_defines.h", "cublas_v2.h", "cusparse.h")
+    else:  # a folder per library
+        monkeypatch.setattr(torch.version, "cuda", "12.8")
+        _headers(root / "cuda_runtime" / "include", "cuda_runtime_api.h", "crt/host_defines.h")
+        _headers(root / "cublas" / "include", "cublas_v2.h")
+        _headers(root / "cusparse" / "include", "cusparse.h")
+    monkeypatch.setattr(toolkit, "_nvidia_roots", lambda: [root])
+
+    [shim] = toolkit.library_headers(home)
+    assert sorted(p.name for p in Path(shim).iterdir()) == ["cublas_v2.h", "cusparse.h"]
+    assert (Path(shim) / "cublas_v2.h").resolve().parent.parent.parent == root.resolve()
+    assert toolkit.library_headers(home) == [shim]  # made once, then reused
+    _headers(home / "include", "cublas_v2.h", "cusparse.h")  # a full toolkit: nothing from the wheels
+    assert toolkit.library_headers(home) == []
+
+
 CPU_SOURCE = """
 #include <torch/library.h>
 #include <ATen/ATen.h>

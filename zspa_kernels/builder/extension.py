@@ -30,7 +30,7 @@ from ..version import __version__
 from .arch import arch_list, arch_tag, cpu_tag, gencode_flags
 from .cache import build_lock, cache_root, configured_root, fallback_root, is_up_to_date
 from .errors import BuildFailed
-from .toolkit import ninja_path, nvidia_wheel_include_dirs, require_cuda_home
+from .toolkit import library_headers, ninja_path, require_cuda_home
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
@@ -145,7 +145,7 @@ def _compile(ext: Extension, directory: Path, archs: list[str], cuda_home: Optio
                 sources=[str(s) for s in ext.source_files()],
                 extra_cflags=list(ext.cflags),
                 extra_ldflags=list(ext.ldflags),
-                extra_include_paths=[str(ext.source_dir()), *(nvidia_wheel_include_dirs() if ext.cuda else [])],
+                extra_include_paths=[str(ext.source_dir()), *(library_headers(cuda_home) if ext.cuda else [])],
                 build_directory=str(directory),
                 with_cuda=ext.cuda,
                 is_python_module=False,

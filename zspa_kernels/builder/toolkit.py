@@ -2,10 +2,13 @@
 library headers of the pip ``nvidia-*`` wheels, ninja, and the ``-D`` options for CMake."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -81,18 +84,55 @@ def _nvidia_roots() -> list[Path]:
 
 
 def nvidia_wheel_include_dirs() -> list[str]:
-    """Header folders of the pip ``nvidia-*`` wheels (cuBLAS, cuSPARSE, ...).
-
-    ATen's CUDA headers include ``cublas_v2.h`` and ``cusparse.h``, which a bare nvcc
-    toolkit may lack; torch's CUDA wheels ship them under ``nvidia/cu<major>/include``
-    (CUDA 13) or ``nvidia/<library>/include`` (CUDA 12).
-    """
+    """Header folders of the pip ``nvidia-*`` wheels (cuBLAS, cuSPARSE, ...), as torch's CUDA
+    wheels lay them out: ``nvidia/cu<major>/include`` (CUDA 13) or ``nvidia/<library>/include``
+    (CUDA 12). They also hold the CUDA runtime's own headers, of the wheels' version: see
+    :func:`library_headers` for what a build may take from them."""
     major = (torch.version.cuda or "").split(".")[0]
     roots = _nvidia_roots()
     bundled = [str(r / f"cu{major}" / "include") for r in roots if (r / f"cu{major}" / "include").is_dir()]
     if bundled:
         return bundled
     return [str(p) for r in roots for p in sorted(r.glob("*/include")) if p.is_dir()]  # one per library
+
+
+def library_headers(cuda_home: Path) -> list[str]:
+    """Include folders that supply the CUDA library headers the toolkit at ``cuda_home`` lacks.
+
+    ATen's CUDA headers include ``cublas_v2.h`` and ``cusparse.h``, which a bare nvcc toolkit
+    may not have; torch's CUDA wheels ship them (:func:`nvidia_wheel_include_dirs`), beside
+    copies of the runtime's headers of the wheels' CUDA version. Those copies must never
+    shadow the toolkit's: nvcc 13.0 reading a 13.2 wheel's ``cuda_runtime_api.h`` stops at
+    CCCL's "CUDA compiler and CUDA toolkit headers are incompatible", and torch allows a
+    toolkit whose minor version differs from its wheels'. So the build gets one folder of
+    symbolic links to exactly the wheel entries (files and folders, first wheel folder
+    first) that ``cuda_home/include`` does not have; everything the toolkit has comes from
+    the toolkit. ``[]`` when it lacks nothing. The folder lives in the build cache, named by
+    what it links, and is made whole before it is used (a rename), so concurrent builds share it.
+    """
+    include = cuda_home / "include"
+    toolkit = {entry.name for entry in include.iterdir()} if include.is_dir() else set()
+    links: dict[str, str] = {}
+    for folder in nvidia_wheel_include_dirs():
+        for entry in sorted(Path(folder).iterdir()):
+            if entry.name not in toolkit:
+                links.setdefault(entry.name, str(entry))
+    if not links:
+        return []
+    from .cache import cache_root
+
+    key = hashlib.sha256(json.dumps([str(cuda_home), sorted(links.items())]).encode()).hexdigest()[:16]
+    shim = cache_root() / "cuda-library-headers" / key
+    if not shim.is_dir():
+        shim.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=shim.parent, prefix=f".{key}-"))
+        for name, target in links.items():
+            (staging / name).symlink_to(target)
+        try:
+            staging.rename(shim)
+        except OSError:  # another build made it meanwhile: the same links
+            shutil.rmtree(staging, ignore_errors=True)
+    return [str(shim)]
 
 
 def _wheel_library(pattern: str) -> Optional[str]:
@@ -117,13 +157,14 @@ def ninja_path() -> Optional[str]:
 
 def cmake_args() -> list[str]:
     """``-D`` options for ``CMakeLists.txt``: torch's CMake config, the toolkit, and the CUDA
-    headers and ``libnvrtc`` that pip CUDA wheels keep outside the toolkit."""
+    library headers (:func:`library_headers`) and ``libnvrtc`` that pip CUDA wheels keep
+    outside the toolkit."""
     home = require_cuda_home()
     from torch.utils import cmake_prefix_path
 
     args = [f"-DCMAKE_PREFIX_PATH={cmake_prefix_path}", f"-DCUDA_TOOLKIT_ROOT_DIR={home}",
             f"-DCMAKE_CUDA_COMPILER={home / 'bin' / 'nvcc'}"]
-    includes = nvidia_wheel_include_dirs()
+    includes = library_headers(home)
     if includes:
         args.append("-DZSPA_EXTRA_INCLUDE_DIRS=" + ";".join(includes))
     if not list((home / "lib64").glob("libnvrtc.so*")):
