@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import fractions
 import math
+import os
 
 import pytest
 
@@ -53,13 +54,29 @@ def test_check_keep_names_keep(keep, error):
         spec.check_keep(keep)
 
 
-@pytest.mark.parametrize("raw, expected", [("1", True), ("true", True), ("TRUE", True), ("yes", True),
-                                           ("on", True), ("0", False), ("false", False), ("", False)])
-def test_triton_interpreter_reads_the_flag_like_triton(monkeypatch, raw, expected):
+@pytest.mark.parametrize("raw, lenient", [("1", True), ("true", True), ("TRUE", True), ("yes", True),
+                                          ("on", True), (" 1 ", False), ("0", False), ("false", False), ("", False)])
+def test_triton_interpreter_reads_the_flag_like_the_installed_triton(monkeypatch, raw, lenient):
     monkeypatch.setenv("TRITON_INTERPRET", raw)
+    triton = pytest.importorskip("triton")
+    if spec.release("triton") >= (3, 4):
+        assert spec.triton_interpreter() is lenient
+        assert bool(triton.knobs.runtime.interpret) is lenient
+    else:  # what triton.runtime.jit asks before triton.knobs (3.0-3.3)
+        assert spec.triton_interpreter() is (raw == "1") is (os.getenv("TRITON_INTERPRET", "0") == "1")
+
+
+@pytest.mark.parametrize("triton, raw, expected", [((3, 4), "true", True), ((3, 3), "true", False),
+                                                   ((3, 3), "1", True), ((3, 0), " 1", False)])
+def test_triton_interpreter_follows_the_rule_of_each_triton_release(monkeypatch, triton, raw, expected):
+    monkeypatch.setenv("TRITON_INTERPRET", raw)
+    monkeypatch.setattr(spec, "release", lambda package: triton if package == "triton" else (0, 0))
     assert spec.triton_interpreter() is expected
-    triton_knobs = pytest.importorskip("triton").knobs
-    assert bool(triton_knobs.runtime.interpret) is expected
+
+
+def test_release_reads_installed_versions():
+    assert spec.release("torch") >= (2, 4)
+    assert spec.release("no-such-package-zspa") == (0, 0)
 
 
 @pytest.mark.parametrize("raw, expected", [("", "auto"), ("  ", "auto"), ("reference", "reference"),

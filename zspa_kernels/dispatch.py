@@ -19,17 +19,15 @@ table CUDA tensors always use ``triton``.
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 import importlib.util
 import json
 import math
 import pathlib
-import re
 from typing import Callable, Optional
 
 import torch
 
-from .spec import BACKENDS, backend_from_env, triton_interpreter
+from .spec import BACKENDS, backend_from_env, release, triton_interpreter
 
 
 AUTO_TABLE = pathlib.Path(__file__).with_name("auto_cuda.json")
@@ -119,21 +117,12 @@ def auto_cuda_backend(B: int, N: int, k: int) -> str:
     return "cuda" if nearest["backend"] == "cuda" and _cuda_extension_ready() else "triton"
 
 
-def _release(package: str) -> tuple[int, int]:
-    """(major, minor) of an installed package, (0, 0) when absent or unreadable."""
-    try:
-        found = re.match(r"(\d+)\.(\d+)", importlib.metadata.version(package))
-    except importlib.metadata.PackageNotFoundError:
-        return (0, 0)
-    return (int(found[1]), int(found[2])) if found else (0, 0)
-
-
 @functools.lru_cache(maxsize=None)  # installed versions do not change under a running process
 def interpreter_problem() -> Optional[str]:
     """Why Triton's CPU interpreter cannot run the kernels here, or None. Triton before 3.7
     turns a scalar kernel argument into a one-element array and reads it with ``int()``
     (``range(0, T, BLOCK)``), which NumPy 2.4 made an error; Triton 3.7 squeezes it first."""
-    triton, numpy = _release("triton"), _release("numpy")
+    triton, numpy = release("triton"), release("numpy")
     if triton < (3, 7) and numpy >= (2, 4):
         return (f"the Triton interpreter (TRITON_INTERPRET=1) of triton {triton[0]}.{triton[1]} cannot run under "
                 f"NumPy {numpy[0]}.{numpy[1]} (it needs triton>=3.7, or numpy<2.4); on GPUs this does not matter")

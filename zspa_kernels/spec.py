@@ -7,8 +7,11 @@ restate them. It imports nothing of the package (no import circle can pass throu
 """
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import math
 import os
+import re
 from typing import Union
 
 # Numeric constants of §1 (every backend uses exactly these values).
@@ -99,10 +102,25 @@ def keep_label(keep: Union[int, float]) -> str:
 _TRUE = ("1", "true", "yes", "on", "y")
 
 
+@functools.lru_cache(maxsize=None)  # installed versions do not change under a running process
+def release(package: str) -> tuple[int, int]:
+    """(major, minor) of an installed package, (0, 0) when absent or unreadable."""
+    try:
+        found = re.match(r"(\d+)\.(\d+)", importlib.metadata.version(package))
+    except importlib.metadata.PackageNotFoundError:
+        return (0, 0)
+    return (int(found[1]), int(found[2])) if found else (0, 0)
+
+
 def triton_interpreter() -> bool:
     """True when Triton kernels run on the CPU interpreter. ``TRITON_INTERPRET`` is read the
-    way Triton reads it (``1``, ``true``, ``yes``, ``on``, any case), so both always agree."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
+    way the installed Triton reads it, so both always agree: from 3.4 (``triton.knobs``) any
+    of ``1``, ``true``, ``yes``, ``on``, ``y`` in any case; before (torch 2.4-2.7 bring
+    3.0-3.3) exactly ``1``."""
+    raw = os.environ.get("TRITON_INTERPRET", "0")
+    if release("triton") >= (3, 4):
+        return raw.lower() in _TRUE
+    return raw == "1"
 
 
 def _choice_from_env(name: str, choices: tuple) -> str:
