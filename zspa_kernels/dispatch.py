@@ -119,10 +119,17 @@ def auto_cuda_backend(B: int, N: int, k: int) -> str:
 
 @functools.lru_cache(maxsize=None)  # installed versions do not change under a running process
 def interpreter_problem() -> Optional[str]:
-    """Why Triton's CPU interpreter cannot run the kernels here, or None. Triton before 3.7
-    turns a scalar kernel argument into a one-element array and reads it with ``int()``
-    (``range(0, T, BLOCK)``), which NumPy 2.4 made an error; Triton 3.7 squeezes it first."""
+    """Why Triton's CPU interpreter cannot run the kernels here, or None (found by running the
+    Triton suite under each release):
+
+    * before 3.4 (torch 2.4-2.7 bring 3.0-3.3) it cannot invert a boolean tensor (``~`` asks its
+      builder for ``get_int1_ty``, which it lacks); compiled for a GPU, the same kernels build;
+    * before 3.7 it turns a scalar kernel argument into a one-element array and reads it with
+      ``int()`` (``range(0, T, BLOCK)``), which NumPy 2.4 made an error; 3.7 squeezes it first."""
     triton, numpy = release("triton"), release("numpy")
+    if triton < (3, 4):
+        return (f"the Triton interpreter (TRITON_INTERPRET=1) of triton {triton[0]}.{triton[1]} cannot run these "
+                "kernels (no boolean inversion; it needs triton>=3.4); on GPUs this does not matter")
     if triton < (3, 7) and numpy >= (2, 4):
         return (f"the Triton interpreter (TRITON_INTERPRET=1) of triton {triton[0]}.{triton[1]} cannot run under "
                 f"NumPy {numpy[0]}.{numpy[1]} (it needs triton>=3.7, or numpy<2.4); on GPUs this does not matter")
