@@ -67,11 +67,12 @@ def qwen25_vl_config(size: str = "7b"):
     sizes = _QWEN_SIZES[size]
     vision = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                   tokens_per_second=2, **sizes["vision"])
-    text = dict(vocab_size=152064, max_position_embeddings=128000, rms_norm_eps=1e-6,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
-                **sizes["text"])
+    # The M-RoPE sections under the 4.57 name (rope_scaling, rope_theta beside it), which 5.x
+    # also reads (as rope_parameters); 4.57 ignores rope_parameters and then has no sections.
+    text = dict(vocab_size=152064, max_position_embeddings=128000, rms_norm_eps=1e-6, rope_theta=1e6,
+                rope_scaling={"rope_type": "default", "mrope_section": [16, 24, 24]}, **sizes["text"])
     if size == "tiny":  # head_dim 32: the three M-RoPE sections must add up to head_dim / 2
-        text["rope_parameters"]["mrope_section"] = [4, 6, 6]
+        text["rope_scaling"]["mrope_section"] = [4, 6, 6]
     return Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=QWEN_IMAGE_TOKEN,
                             vision_start_token_id=QWEN_VISION_START, vision_end_token_id=QWEN_VISION_END)
 
