@@ -107,9 +107,19 @@ def compile_launch(kernel, args, kwargs, target):
     return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
+def _ptxas(arch: int) -> str:
+    """The ptxas Triton itself assembles ``arch`` with: the one that matches the PTX version it
+    emitted. Triton 3.9 takes its newer bundled ptxas (CUDA 13.x, PTX 9.x) from sm_90 on, where
+    3.6-3.8 took it from sm_100; the older one rejects 3.9's sm_90 PTX ("Unsupported .version")."""
+    from triton.backends.nvidia import compiler as nvidia
+    if hasattr(nvidia, "get_ptxas"):
+        return nvidia.get_ptxas(arch).path
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
 def _ptxas_report(ptx: str, arch: int) -> dict:
     """Registers and spill bytes as ptxas reports them (``-v``) for this PTX."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    tool = _ptxas(arch)
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "kernel.ptx")
         with open(src, "w") as f:
