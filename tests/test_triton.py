@@ -286,6 +286,20 @@ def test_non_contiguous_visual():
     _check(case)
 
 
+def test_every_launch_names_its_fp_fusion():
+    """Triton 3.10 turns fused multiply-adds off by default (3.9 warns when a launch leaves it
+    unset): every launch of the backend passes its own choice, so the kernels' rounding does
+    not change with the installed Triton."""
+    from zspa_kernels.triton.aot import VARIANTS, variant_launches
+
+    names = set()
+    for variant in VARIANTS:
+        for name, _, _, kwargs in variant_launches(*variant):
+            names.add(name)
+            assert isinstance(kwargs.get("enable_fp_fusion"), bool), (name, variant)
+    assert names == {"pool_prompt", "token_stats", "gram_select"}
+
+
 @pytest.mark.parametrize("arch", [90, 75])
 def test_kernels_compile_without_spilling(tmp_path, arch):
     """Real compilation (Triton's bundled ptxas, no GPU needed) of every SPEC §7 plan variant,

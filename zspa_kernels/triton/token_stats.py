@@ -34,6 +34,10 @@ NONFINITE_RELEVANCE = tl.constexpr(spec.NONFINITE_RELEVANCE)
 # (:func:`pool_prompt`) holds 128 features a CTA and takes 32 rows a step.
 POOL_ROWS = tl.constexpr(8)
 POOL_LAUNCH_ROWS, POOL_LAUNCH_BLOCK_D = 32, 128
+# Sums of squares and dots as fused multiply-adds (one rounding a term, as nvcc compiles the
+# cuda backend's): what every Triton up to 3.9 did by default and the first GPU run checked.
+# Passed at each launch because Triton 3.10 turns the default off (3.9 warns when it is unset).
+FP_FUSION = True
 
 
 @triton.jit
@@ -218,6 +222,7 @@ def launch_token_stats(visual, prompt, prompt_mask, lengths, norm, scale, finite
         DOT_PRECISION=plan.dot_precision, DOT_UPCAST=plan.dot_upcast, SCALE_OPERANDS=plan.scale_operands,
         BLOCK_R=plan.block_rows, BLOCK_T=plan.block_prompt, BLOCK_D=plan.block_d_stats,
         STAGES=plan.num_stages_stats, num_warps=plan.num_warps_stats,
+        enable_fp_fusion=FP_FUSION,
     )
 
 
@@ -234,6 +239,6 @@ def pool_prompt(prompt, prompt_mask, plan):
     _pool_prompt_kernel[(B, triton.cdiv(D, POOL_LAUNCH_BLOCK_D))](
         prompt, mask, pooled, D, T, *prompt.stride(), *(mask.stride() if prompt_mask is not None else (0, 0)),
         HAS_MASK=prompt_mask is not None, BLOCK_T=plan.block_prompt, BLOCK_D=POOL_LAUNCH_BLOCK_D,
-        ROWS=POOL_LAUNCH_ROWS, num_warps=4,
+        ROWS=POOL_LAUNCH_ROWS, num_warps=4, enable_fp_fusion=FP_FUSION,
     )
     return pooled
