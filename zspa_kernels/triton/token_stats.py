@@ -71,7 +71,11 @@ def _pooled_chunk(p_row, mask_ptr, b, d, D, T, count, stride_pt, stride_pd, stri
         for j in tl.static_range(ROWS):
             t = t0 + j
             ok = _prompt_row_mask(mask_ptr, b, t, T, stride_mb, stride_mt, HAS_MASK)  # t < T too
-            p = tl.load(p_row + t * stride_pt + d * stride_pd, mask=(d < D) & (t < T), other=0.0).to(tl.float32)
+            # Row t's features when t < T, none past it: one comparison. (`(d < D) & (t < T)`, a
+            # block and a scalar, reaches Triton 3.9's interpreter as an int32 mask, which its load
+            # rejects; compiled, both forms are a select and a compare.)
+            p = tl.load(p_row + t * stride_pt + d * stride_pd, mask=d < tl.where(t < T, D, 0), other=0.0)
+            p = p.to(tl.float32)
             pooled += tl.where(ok, p, 0.0)  # where, not *: masked rows may be NaN
     return tl.div_rn(pooled, tl.maximum(count, 1.0))  # IEEE: `/` compiles to an approximate div.full.f32
 
