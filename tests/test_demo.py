@@ -18,8 +18,8 @@ def test_demo_prints_the_table_and_draws_the_kept_patches(tmp_path, capsys):
     assert "same tokens as cpu" in " ".join(rows["reference"])
     # The selection column is the hooks' own select_tokens call, timed inside the pruned prefill.
     assert all(float(rows[b][rows[b].index("ms", 9) - 1]) > 0 for b in ("cpu", "reference"))
-    image = Image.open(tmp_path / "kept_patches.png")
-    assert image.size == (2 * 672 + 12, 672 + 40)
+    with Image.open(tmp_path / "kept_patches.png") as image:  # closed: no ResourceWarning
+        assert image.size == (2 * 672 + 12, 672 + 40)
 
 
 def test_demo_runs_a_local_checkpoint(tmp_path, capsys):
