@@ -300,12 +300,13 @@ def test_every_launch_names_its_fp_fusion():
     assert names == {"pool_prompt", "token_stats", "gram_select"}
 
 
-@pytest.mark.parametrize("arch", [90, 75])
+@pytest.mark.parametrize("arch", [90, 80, 75])
 def test_kernels_compile_without_spilling(tmp_path, arch):
     """Real compilation (Triton's bundled ptxas, no GPU needed) of every SPEC §7 plan variant,
-    specialised as its launch would be, for Hopper and for Turing (no asynchronous copies: the
-    plan's other branch): catches what the interpreter accepts but the compiler rejects,
-    register spills, and (Hopper) a dot loop that lost its pipelining."""
+    specialised as its launch would be, for Hopper, Ampere (the same plan, warp-level MMA) and
+    Turing (no asynchronous copies: the plan's other branch): catches what the interpreter
+    accepts but the compiler rejects, register spills, and a dot loop that lost its pipelining
+    or its tensor cores."""
     from zspa_kernels.triton.aot import VARIANTS
 
     root = pathlib.Path(zspa_kernels.__file__).resolve().parents[1]
@@ -322,15 +323,23 @@ def test_kernels_compile_without_spilling(tmp_path, arch):
         # prompt rows' scale pass) shows 20 bytes at 80 registers, not register pressure; the
         # 128-wide tiles this guards against spilled ~600 (sm_75: fp32 gram_select shows 32 with
         # lengths; 16-bit "max" statistics in 128-wide chunks ~300).
-        assert record["registers"] <= 255 and record["spill_stores"] <= 32, record
+        spill_limit = 32
+        if arch == 80 and record["kernel"] == "gram_select":
+            # ptxas's own choice, not pressure: under the kernel's .reqntid 256 it holds two
+            # variants at 128 registers (two CTAs an SM) and spills 60-72 B; without the bound
+            # they take 175-192 registers and none (bench/GPU-NOTES.md, "Compiled for sm_80").
+            spill_limit = 96
+        assert record["registers"] <= 255 and record["spill_stores"] <= spill_limit, record
         if arch < 80:
             continue
         if record["kernel"] == "gram_select":
             # The Gram tiles' K loop is software-pipelined (asynchronous copies) and, for 16-bit
-            # tokens, runs on Hopper's tensor cores. Compiled without the launch's specialisation
-            # (a unit feature stride) it had neither: every load was waited for.
+            # tokens, runs on tensor cores (wgmma on Hopper, mma.sync on Ampere). Compiled without
+            # the launch's specialisation (a unit feature stride) it had neither: every load was
+            # waited for.
             assert record["cp_async"] > 0, record
-            assert record["wgmma"] > 0 or record["dtype"] == "fp32", record
+            tensor_core_ops = record["wgmma"] if arch >= 90 else record["mma_sync"]
+            assert tensor_core_ops > 0 or record["dtype"] == "fp32", record
         if record["kernel"] == "token_stats" and record["relevance"] == "mean":
             assert record["cp_async"] > 0, record  # its D loops' chunk loads, pipelined
 
