@@ -110,11 +110,14 @@ def compile_launch(kernel, args, kwargs, target):
 def _ptxas(arch: int) -> str:
     """The ptxas Triton itself assembles ``arch`` with: the one that matches the PTX version it
     emitted. Triton 3.9 takes its newer bundled ptxas (CUDA 13.x, PTX 9.x) from sm_90 on, where
-    3.6-3.8 took it from sm_100; the older one rejects 3.9's sm_90 PTX ("Unsupported .version")."""
-    from triton.backends.nvidia import compiler as nvidia
-    if hasattr(nvidia, "get_ptxas"):
-        return nvidia.get_ptxas(arch).path
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    3.6-3.8 took it from sm_100; the older one rejects 3.9's sm_90 PTX ("Unsupported .version").
+    Triton 3.5 (the oldest this module runs on: its kernels have ``_pack_args``) has one ptxas
+    below sm_100 and asks for no architecture."""
+    from triton.backends.nvidia.compiler import get_ptxas
+    try:
+        return get_ptxas(arch).path
+    except TypeError:  # Triton 3.5: get_ptxas()
+        return get_ptxas().path
 
 
 def _ptxas_report(ptx: str, arch: int) -> dict:
@@ -124,7 +127,7 @@ def _ptxas_report(ptx: str, arch: int) -> dict:
         src = os.path.join(tmp, "kernel.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        done = subprocess.run([tool, f"-arch=sm_{arch}a" if arch == 90 else f"-arch=sm_{arch}", "-v", src,
+        done = subprocess.run([tool, f"-arch=sm_{arch}a" if arch >= 90 else f"-arch=sm_{arch}", "-v", src,
                                "-o", os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True)
     text = done.stdout + done.stderr
     regs = re.search(r"Used (\d+) registers", text)
