@@ -27,7 +27,8 @@ def _bench(impl, shape, B, N, D, k, us, event=True, device=ENV["device"]):
 
 def _split(backend, graph, eager):
     return {"impl": backend, "shape": "llava-1.5", "B": 1, "N": 576, "D": 4096, "k": 64, "k_core": 32,
-            "gpu_us": graph + 5, "graph_us": graph, "eager_us": eager, "host_us": eager - 3, "fixed_us": 10.0,
+            "gpu_us": graph + 5, "graph_us": graph, "eager_us": eager, "host_us": eager - 3,
+            "host_backend_us": eager - 9, "fixed_us": 10.0,
             "step_us": 0.5}
 
 
@@ -93,8 +94,8 @@ def test_targets_are_judged_from_the_best_fused_backend(tmp_path):
     assert "5.0x (triton) | met" in _target(md, "LLaVA-1.5-7B B=8")
     assert "7.0x (triton) | met" in _target(md, "the same, GPU kernel time")  # 700 / 100 ms of kernels
     assert "0.40% (triton) | met" in _target(md, "the same: selection")
-    # the time split table: events, graph replay, eager wall, host alone, fixed, per step
-    assert "| cuda | llava-1.5 | 1 | 64 (32) | 23.0 µs | 18.0 µs | 90.0 µs | 87.0 µs | 10.0 µs | 0.50 µs |" in md
+    # the time split table: events, graph replay, eager wall, host alone, the backend's share, fixed, per step
+    assert "| cuda | llava-1.5 | 1 | 64 (32) | 23.0 µs | 18.0 µs | 90.0 µs | 87.0 µs | 81.0 µs | 10.0 µs | 0.50 µs |" in md
     saved = json.loads((tmp_path / "2026-01-01-nvidia-h200.json").read_text())
     assert len(saved["records"]) == len(micro) + len(e2e) and saved["profile"] == split
 
@@ -227,3 +228,13 @@ def test_smoke_gate_passes_where_the_cuda_backend_is_not_available():
     lines = []
     assert smoke.check(DEVICE, progress=lines.append) == smoke.OK
     assert lines == ["bench.smoke: the cuda backend is not available here; nothing to check"]
+
+
+def test_host_split_calls_the_backend_as_the_op_does():
+    """host_backend_us times ``backend_entry``: the same selection as the op's call, minus the op."""
+    g = torch.Generator().manual_seed(7)
+    visual, prompt = torch.randn(2, 37, 24, generator=g), torch.randn(2, 24, generator=g)
+    for backend in ("reference", "cpu"):
+        direct = profile.backend_entry(backend, visual, prompt, 9, 0.5)()
+        assert torch.equal(direct, profile.selection(backend, visual, prompt, 9, 0.5)())
+        assert direct.shape == (2, 9)
