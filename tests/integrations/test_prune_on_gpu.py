@@ -8,6 +8,10 @@ checks); skipped elsewhere.
 """
 from __future__ import annotations
 
+import linecache
+import pathlib
+import warnings
+
 import pytest
 import torch
 
@@ -17,6 +21,7 @@ import zspa_kernels  # noqa: E402
 from fp64_oracle import Row, replay  # noqa: E402
 from helpers import TOLERANCE  # noqa: E402
 from zspa_kernels.integrations.transformers import kv_cache  # noqa: E402
+from zspa_kernels.integrations.transformers.handle import PruneHandle  # noqa: E402
 from zspa_kernels.integrations.transformers.tiny import BUILDERS  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -85,3 +90,43 @@ def test_fused_backends_prune_like_the_reference_on_the_gpu(tiny, backend, monke
     assert kv_cache(got).get_seq_length() == kv_cache(expected).get_seq_length()
     if all(torch.equal(a.order, b.order) for a, b in zip(handle.last_selection, ref.last_selection)):
         assert torch.equal(got.logits, expected.logits)  # same picks: the very same computation
+
+
+# The host syncs the prefill hook may make (handle.py's docstring): the one copy of the ids and
+# the mask to the host, and a Pixtral tower's image sizes right after it.
+DOCUMENTED_SYNCS = {("handle.py", "host = torch.stack([ids.to(device), mask]).cpu()"),
+                    ("families.py", "return (torch.as_tensor(sizes) // step).prod(-1).tolist()")}
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@torch.no_grad()
+def test_the_prefill_hook_waits_for_the_gpu_only_where_documented(tiny, backend, monkeypatch):
+    """Every synchronising CUDA call of this package's code in a pruned prefill, found by
+    torch.cuda.set_sync_debug_mode (a copy from pageable host memory is one: it waits for
+    the vision tower and the selection before the host can queue the language model). Syncs
+    inside transformers' own code (its mask builders, which Gemma3's hook calls) are the
+    model's, made pruned or not."""
+    inputs = _on(tiny.make_inputs(tiny.batch), DEVICE)
+    package = pathlib.Path(zspa_kernels.__file__).parent
+    prefill, sites = PruneHandle._prefill, []
+
+    def watched(self, *args, **kwargs):
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                prefill(self, *args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        sites.extend((pathlib.Path(w.filename), w.lineno) for w in caught
+                     if "synchronizing CUDA operation" in str(w.message))
+
+    monkeypatch.setattr(PruneHandle, "_prefill", watched)
+    with zspa_kernels.prune(tiny.model, keep=KEEP, backend=backend) as handle:
+        tiny.model(**inputs, use_cache=True)
+    assert handle.last_selection, "the prefill hook did not run"
+    ours = [(path.name, linecache.getline(str(path), line).strip()) for path, line in sites
+            if package in path.parents]
+    assert ours and set(ours) <= DOCUMENTED_SYNCS, ours
+    assert ours.count(("handle.py", "host = torch.stack([ids.to(device), mask]).cpu()")) == 1, ours

@@ -18,8 +18,12 @@
   ``labels`` away and computes the loss from the labels of the kept positions.
 
 Host syncs: one copy of ``input_ids`` and the 2-D mask to the host per prefill,
-to find the images and size the gathered sequence (its length is a shape).
-Decode steps add no sync.
+to find the images and size the gathered sequence (its length is a shape); Pixtral
+towers also read ``image_sizes`` back right after it, with nothing queued in between.
+What the host computes from them goes back to the device from pinned memory,
+asynchronously (:func:`.selection.to_device`): the host queues the selection, the
+gathers and the language model without waiting for any of them. Decode steps add no
+sync.
 
 The language model returns ``L'`` (pruned) positions at prefill, so logits of a
 pruned forward are shorter than ``input_ids``; the last position is unchanged.
@@ -36,7 +40,7 @@ import torch
 from ...checks import check_options
 from ...spec import check_keep
 from .families import Family, special_token_ids, split_model
-from .selection import ImageSelection, select_images
+from .selection import ImageSelection, select_images, to_device
 
 PROMPTS = ("question", "all_text")
 
@@ -290,15 +294,16 @@ class PruneHandle:
         prompt_valid = torch.arange(t_max)[None] < counts[:, None]
         prompt_pos[prompt_valid] = prompt_h.nonzero()[:, 1]
         prompt_tokens = [p[v] for p, v in zip(prompt_pos, prompt_valid)]
-        prompt_pos, prompt_valid = prompt_pos.to(device), prompt_valid.to(device)
+        prompt_pos, prompt_valid = to_device(prompt_pos, device), to_device(prompt_valid, device)
         prompt = embeds.gather(1, prompt_pos[..., None].expand(-1, -1, D))
 
         sizes = [c.numel() for c in cols]
-        cols_d = torch.nn.utils.rnn.pad_sequence(cols, batch_first=True).to(device)
+        cols_d = to_device(torch.nn.utils.rnn.pad_sequence(cols, batch_first=True), device)
         selection = select_images(embeds, rows, cols_d, sizes, prompt, prompt_valid, self.keep,
                                   self.core_ratio, self.relevance, self.backend, prompt_tokens)
         self.last_selection = selection
 
+        visual_d = to_device(visual_h, device)
         dropped_h = torch.zeros(B, dtype=torch.long)
         for s in selection:
             dropped_h[s.batch_row] += s.n_tokens - s.order.shape[0]
@@ -310,16 +315,16 @@ class PruneHandle:
         else:
             # Keep every attended non-visual position plus the picks of every image; the old
             # left padding goes too, so a short row does not hold the batch at its full width.
-            keep = ~visual_h.to(device) & (mask != 0)
+            keep = ~visual_d & (mask != 0)
             pick_rows = torch.cat([torch.full_like(s.order, s.batch_row) for s in selection])
             pick_cols = torch.cat([cols_d[i, s.order] for i, s in enumerate(selection)])
-            keep[pick_rows, pick_cols] = True
+            keep.index_put_((pick_rows, pick_cols), keep.new_ones(()))  # a device scalar: no copy
             kept_len = (mask_h != 0).sum(1) - dropped_h
             new_len = int(kept_len.max())
             # Kept positions first, ascending (keys are unique), then right-align each row.
             pos = torch.arange(L, device=device)
             ranked = torch.where(keep, pos, pos + L).argsort(dim=1)
-            src = torch.arange(new_len, device=device)[None] - (new_len - kept_len).to(device)[:, None]
+            src = torch.arange(new_len, device=device)[None] - to_device(new_len - kept_len, device)[:, None]
             valid = src >= 0
             index = ranked.gather(1, src.clamp_min(0))
             self._gather = (index, valid)
@@ -341,7 +346,7 @@ class PruneHandle:
             kwargs["cache_position"] = slots
         kwargs["attention_mask"] = new_mask
         if self.family.build_mask is not None:
-            token_types = (visual_h.to(device).gather(1, index) & valid).long()
+            token_types = (visual_d.gather(1, index) & valid).long()
             kwargs["attention_mask"] = self.family.build_mask(
                 self.config, kwargs["inputs_embeds"], new_mask, cache, positions, token_types, slots)
         if self.family.on_prefill is not None:

@@ -17,6 +17,17 @@ from ... import op as _op  # noqa: F401  (registers torch.ops.zspa.select_tokens
 from ...spec import core_count, keep_budget
 
 
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host`` (a CPU tensor) on ``device``, without a stream sync. On CUDA a copy from
+    pageable memory (``.to(device)``, ``torch.tensor(..., device=)``) waits until every kernel
+    queued before it has run (in a prefill hook: the vision tower, then the selection), so the
+    host could not queue the language model meanwhile. A copy from pinned memory goes
+    asynchronously; PyTorch's pinned-memory cache keeps the staging buffer until it has run."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class ImageSelection:
     """What was kept of one image (or video) of one prefill row.
@@ -62,14 +73,14 @@ def select_images(
     Returns one :class:`ImageSelection` per image, in the order given.
     """
     device = embeds.device
-    row_t = torch.tensor(rows, device=device)
-    size_t = torch.tensor(sizes, device=device)
+    row_t = to_device(torch.tensor(rows), device)
+    size_t = to_device(torch.tensor(sizes), device)
     visual = embeds[row_t[:, None], cols]
     budgets_i = [keep_budget(keep, n) for n in sizes]
     orders: list[torch.Tensor] = [None] * len(sizes)
     for k in sorted(set(budgets_i)):
         members = [i for i, b in enumerate(budgets_i) if b == k]
-        idx = torch.tensor(members, device=device)
+        idx = to_device(torch.tensor(members), device)
         whole = len(members) == len(sizes)
         picked = torch.ops.zspa.select_tokens(
             visual if whole else visual[idx],
