@@ -7,6 +7,10 @@ Per model, batch size and budget (all visual tokens, 64 of 576, 10%): prefill la
 kernels (how much of the prefill the GPU worked; the rest is the host), time to first token and
 decode throughput (from per-token timestamps inside ``generate``), peak device
 memory and KV-cache bytes, and the selection's share of the pruned prefill (``select_tokens`` alone on the same shapes, over the prefill).
+``hook_ms`` is the whole prefill hook of :func:`zspa_kernels.prune` (finding the images, the
+prompt, the selection, the gathers), synchronised before and after, so its host work and its
+kernels are counted one after the other: what pruning adds to a prefill besides the shorter
+language model, an upper bound.
 Models come from :mod:`zspa_kernels.models` with random weights, in bf16 on GPUs
 (fp32 on CPUs, which mostly emulate bf16 and would time the emulation). Times are
 medians of a synchronised host clock: each call is milliseconds long, far above
@@ -58,6 +62,30 @@ def gpu_busy_ms(fn, device) -> "float | None":
         hb.synchronize(device)
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
     return sum(e.time_range.elapsed_us() for e in kernels) / 1e3  # a kernel event's range: its run on the GPU
+
+
+def hook_ms(handle, model, inputs: dict, device, repeats: int) -> float:
+    """Median wall time of ``handle``'s prefill hook over ``repeats`` prefills (warm), the
+    device synchronised before and after it."""
+    times, hook = [], handle._prefill
+
+    def timed(*args, **kwargs):
+        hb.synchronize(device)
+        t0 = time.perf_counter()
+        hook(*args, **kwargs)
+        hb.synchronize(device)
+        times.append(time.perf_counter() - t0)
+
+    handle._prefill = timed  # the language model's pre-hook looks it up at every call
+    try:
+        with torch.no_grad():
+            for _ in range(repeats):
+                models.prefill(model, inputs)
+    finally:
+        del handle._prefill
+    if len(times) != repeats:
+        raise RuntimeError(f"bench.e2e: the prefill hook ran {len(times)} times in {repeats} prefills")
+    return 1e3 * statistics.median(times)
 
 
 class _StepClock:
@@ -118,8 +146,10 @@ def run(names, batches, device, backend: str, new_tokens: int, repeats: int, pro
                 k = N if keep is None else hb.keep_budget(keep, N)
                 pruning = (contextlib.nullcontext() if keep is None
                            else zspa_kernels.prune(model, keep=k, backend=backend))
-                with pruning:
+                with pruning as handle:
                     stats = measure(model, inputs, device, new_tokens, repeats)
+                    if handle is not None:
+                        stats["hook_ms"] = hook_ms(handle, model, inputs, device, repeats)
                 record = {"name": "e2e", "model": name, "impl": "unpruned" if keep is None else backend,
                           "B": B, "N": N, "D": D, "k": k, "kept": k, "dtype": str(dtype).replace("torch.", ""),
                           "tokens": inputs["input_ids"].shape[1],
@@ -127,8 +157,10 @@ def run(names, batches, device, backend: str, new_tokens: int, repeats: int, pro
                 if keep is not None:
                     record["selection_us"] = selection_us(B, D, k, backend, device, dtype)
                     record["selection_share"] = record["selection_us"] * 1e-3 / stats["prefill_ms"]
+                    record["hook_share"] = stats["hook_ms"] / stats["prefill_ms"]
+                hook = f", pruning hook {stats['hook_ms']:.2f} ms" if "hook_ms" in stats else ""
                 progress(f"  B={B} kept {k:>3}/{N}: prefill {stats['prefill_ms']:.1f} ms, "
-                         f"TTFT {stats['ttft_ms']:.1f} ms, {stats['decode_tokens_per_s']:.0f} tok/s")
+                         f"TTFT {stats['ttft_ms']:.1f} ms, {stats['decode_tokens_per_s']:.0f} tok/s{hook}")
                 records.append(record)
         del model
         if device.type == "cuda":

@@ -83,14 +83,16 @@ def micro_table(records: list[dict]) -> list[str]:
 
 def e2e_table(records: list[dict]) -> list[str]:
     lines = ["| model | dtype | B | visual tokens kept | prefill | of it GPU kernels | TTFT | decode tok/s | "
-             "peak memory | KV cache | selection share |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "peak memory | KV cache | selection share | pruning hook (share) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         share = "—" if r.get("selection_share") is None else f"{100 * r['selection_share']:.2f}%"
+        hook = "—" if r.get("hook_ms") is None else f"{r['hook_ms']:.2f} ms ({100 * r['hook_share']:.1f}%)"
         peak = "—" if r.get("peak_memory_gib") is None else f"{r['peak_memory_gib']:.2f} GiB"
         busy = "—" if r.get("prefill_gpu_busy_ms") is None else f"{r['prefill_gpu_busy_ms']:.1f} ms"
         lines.append(f"| {r['model']} | {r['dtype']} | {r['B']} | {r['kept']} of {r['N']} | {r['prefill_ms']:.1f} ms | "
                      f"{busy} | {r['ttft_ms']:.1f} ms | {r['decode_tokens_per_s']:.0f} | {peak} | "
-                     f"{r['kv_cache_bytes'] / 2**20:.1f} MiB | {share} |")
+                     f"{r['kv_cache_bytes'] / 2**20:.1f} MiB | {share} | {hook} |")
     return lines
 
 

@@ -25,3 +25,6 @@ def test_e2e_tiny_runs_unpruned_and_pruned(name):
         assert r["kv_cache_bytes"] * full["tokens"] == full["kv_cache_bytes"] * (full["tokens"] - 576 + r["kept"])
         if r["impl"] != "unpruned":
             assert 0 < r["selection_share"] and r["selection_us"] > 0
+            assert 0 < r["hook_share"] == r["hook_ms"] / r["prefill_ms"]
+        else:
+            assert "hook_ms" not in r

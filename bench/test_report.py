@@ -32,11 +32,14 @@ def _split(backend, graph, eager):
             "step_us": 0.5}
 
 
-def _e2e(impl, kept, prefill, share=None, busy=None):
-    return {"name": "e2e", "model": "llava-1.5-7b", "impl": impl, "B": 8, "N": 576, "D": 4096, "k": kept,
-            "kept": kept, "dtype": "bfloat16", "tokens": 609, "median_us": 1e3 * prefill, "prefill_ms": prefill,
-            "ttft_ms": prefill, "decode_tokens_per_s": 100.0, "peak_memory_gib": 14.0, "kv_cache_bytes": 2**20,
-            "selection_share": share, "prefill_gpu_busy_ms": busy}
+def _e2e(impl, kept, prefill, share=None, busy=None, hook=None):
+    record = {"name": "e2e", "model": "llava-1.5-7b", "impl": impl, "B": 8, "N": 576, "D": 4096, "k": kept,
+              "kept": kept, "dtype": "bfloat16", "tokens": 609, "median_us": 1e3 * prefill, "prefill_ms": prefill,
+              "ttft_ms": prefill, "decode_tokens_per_s": 100.0, "peak_memory_gib": 14.0, "kv_cache_bytes": 2**20,
+              "selection_share": share, "prefill_gpu_busy_ms": busy}
+    if hook is not None:  # runs before the pruning hook's timing have none
+        record.update(hook_ms=hook, hook_share=hook / prefill)
+    return record
 
 
 def _write(tmp_path, benchmarks, split=None, e2e=None, stem="2026-01-01-nvidia-h200"):
@@ -82,7 +85,7 @@ def test_targets_are_judged_from_the_best_fused_backend(tmp_path):
              _bench("cuda", "llava-1.5-b32", 32, 576, 4096, 64, 400.0),
              _bench("triton", "video", 1, 16384, 3584, 1638, 9000.0)]
     split = [_split("triton", 25.0, 70.0), _split("cuda", 18.0, 90.0)]
-    e2e = [_e2e("unpruned", 576, 800.0, busy=700.0), _e2e("triton", 64, 160.0, share=0.004, busy=100.0),
+    e2e = [_e2e("unpruned", 576, 800.0, busy=700.0), _e2e("triton", 64, 160.0, share=0.004, busy=100.0, hook=2.4),
            _e2e("triton", 58, 150.0, 0.004)]
     md = _write(tmp_path, micro, split, e2e)
     assert "18.0 µs (cuda) | met" in _target(md, "LLaVA-1.5 B=1, k=64: GPU time")  # graph replay, best backend
@@ -96,6 +99,8 @@ def test_targets_are_judged_from_the_best_fused_backend(tmp_path):
     assert "0.40% (triton) | met" in _target(md, "the same: selection")
     # the time split table: events, graph replay, eager wall, host alone, the backend's share, fixed, per step
     assert "| cuda | llava-1.5 | 1 | 64 (32) | 23.0 µs | 18.0 µs | 90.0 µs | 87.0 µs | 81.0 µs | 10.0 µs | 0.50 µs |" in md
+    # the e2e table: the selection's share, then the whole pruning hook and its share ("—" where not timed)
+    assert "| 0.40% | 2.40 ms (1.5%) |" in md and "| 0.40% | — |" in md
     saved = json.loads((tmp_path / "2026-01-01-nvidia-h200.json").read_text())
     assert len(saved["records"]) == len(micro) + len(e2e) and saved["profile"] == split
 
