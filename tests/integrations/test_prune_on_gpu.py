@@ -98,35 +98,52 @@ DOCUMENTED_SYNCS = {("handle.py", "host = torch.stack([ids.to(device), mask]).cp
                     ("families.py", "return (torch.as_tensor(sizes) // step).prod(-1).tolist()")}
 
 
+class _SyncWatch:
+    """From its creation on, every call of ``PruneHandle.<method>`` (``calls``) and the
+    ``(file name, source line)`` of each synchronising CUDA call that this package's code makes
+    inside it (``ours``), found by torch.cuda.set_sync_debug_mode (a copy from pageable host
+    memory is one). Syncs inside transformers' own code (its mask builders, which Gemma3's hook
+    calls) are the model's, made pruned or not."""
+
+    def __init__(self, monkeypatch, method: str):
+        self.calls, self._sites = 0, []
+        original = getattr(PruneHandle, method)
+
+        def watched(handle, *args, **kwargs):
+            self.calls += 1
+            torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    return original(handle, *args, **kwargs)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+                    self._sites += [(pathlib.Path(w.filename), w.lineno) for w in caught
+                                    if "synchronizing CUDA operation" in str(w.message)]
+
+        monkeypatch.setattr(PruneHandle, method, watched)  # before prune(): hooks bind at install
+
+    @property
+    def ours(self) -> list:
+        package = pathlib.Path(zspa_kernels.__file__).parent
+        return [(path.name, linecache.getline(str(path), line).strip()) for path, line in self._sites
+                if package in path.parents]
+
+
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @torch.no_grad()
-def test_the_prefill_hook_waits_for_the_gpu_only_where_documented(tiny, backend, monkeypatch):
-    """Every synchronising CUDA call of this package's code in a pruned prefill, found by
-    torch.cuda.set_sync_debug_mode (a copy from pageable host memory is one: it waits for
-    the vision tower and the selection before the host can queue the language model). Syncs
-    inside transformers' own code (its mask builders, which Gemma3's hook calls) are the
-    model's, made pruned or not."""
+def test_the_hooks_wait_for_the_gpu_only_where_documented(tiny, backend, monkeypatch):
+    """handle.py's promise: one host sync a prefill (the ids and the mask; a Pixtral tower's
+    image sizes right after, with nothing queued in between), none at decode steps. Anything
+    else (a copy from pageable memory, say) would make the host wait for the vision tower or
+    the selection before it can queue the language model."""
     inputs = _on(tiny.make_inputs(tiny.batch), DEVICE)
-    package = pathlib.Path(zspa_kernels.__file__).parent
-    prefill, sites = PruneHandle._prefill, []
-
-    def watched(self, *args, **kwargs):
-        torch.cuda.synchronize()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                prefill(self, *args, **kwargs)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        sites.extend((pathlib.Path(w.filename), w.lineno) for w in caught
-                     if "synchronizing CUDA operation" in str(w.message))
-
-    monkeypatch.setattr(PruneHandle, "_prefill", watched)
+    prefill, decode, base = (_SyncWatch(monkeypatch, method) for method in
+                             ("_prefill", "_decode_step", "_base_pre_hook"))
     with zspa_kernels.prune(tiny.model, keep=KEEP, backend=backend) as handle:
-        tiny.model(**inputs, use_cache=True)
-    assert handle.last_selection, "the prefill hook did not run"
-    ours = [(path.name, linecache.getline(str(path), line).strip()) for path, line in sites
-            if package in path.parents]
-    assert ours and set(ours) <= DOCUMENTED_SYNCS, ours
-    assert ours.count(("handle.py", "host = torch.stack([ids.to(device), mask]).cpu()")) == 1, ours
+        tiny.model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert prefill.calls == 1 and decode.calls == 2 and handle.last_selection, (prefill.calls, decode.calls)
+    assert prefill.ours and set(prefill.ours) <= DOCUMENTED_SYNCS, prefill.ours
+    assert prefill.ours.count(("handle.py", "host = torch.stack([ids.to(device), mask]).cpu()")) == 1, prefill.ours
+    assert decode.ours == [] and base.ours == [], (decode.ours, base.ours)
