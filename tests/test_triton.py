@@ -279,6 +279,22 @@ def test_odd_views_whose_int32_offsets_would_wrap_are_made_contiguous():
     assert int32_offsets(narrow) is narrow and int32_offsets(None) is None
 
 
+def test_a_prompt_row_past_32_bit_offsets_is_refused():
+    """A per-token prompt row of 2^31 elements or more would wrap the kernels' int32 prompt
+    offsets even when contiguous: a clear error instead (meta tensors: no memory, no launch)."""
+    from zspa_kernels.triton.aot import captured_launches
+
+    visual = torch.empty(1, 8, 4096, dtype=torch.bfloat16, device="meta")
+    for relevance in ("mean", "max"):
+        prompt = torch.empty(1, 2**19, 4096, dtype=torch.bfloat16, device="meta")  # 2^31 elements a row
+        with pytest.raises(ValueError, match=r"^prompt: 524288 rows of 4096 features"):
+            select_tokens_triton(visual, prompt, 4, 0.5, None, None, relevance, False)
+    fits = torch.empty(1, 2**19 - 1, 4096, dtype=torch.bfloat16, device="meta")  # one row fewer: launched
+    with captured_launches() as calls:
+        select_tokens_triton(visual, fits, 4, 0.5, None, None, "max", False)
+    assert calls
+
+
 def test_non_contiguous_visual():
     case = _case(B=2, N=30, D=40, k=8, alpha=0.5, dtype=torch.bfloat16, seed=7)
     case.visual = case.visual.transpose(1, 2).contiguous().transpose(1, 2)  # stride (N·D, 1, N)

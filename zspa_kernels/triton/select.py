@@ -28,7 +28,8 @@ def int32_offsets(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     pass 2^31 - 1. They index a row's features and prompt rows as ``index * stride`` in int32
     (the batch and token offsets are int64): an odd view, e.g. a (B, N, D) permute of a
     (D, B, N) buffer, has a feature stride of B·N, and D of them would wrap. Contiguous inputs
-    keep every such offset below one row's element count."""
+    keep every such offset below one row's element count, which for the prompt
+    :func:`select_tokens_triton` requires to be under 2^31."""
     if t is None or sum((size - 1) * stride for size, stride in zip(t.shape[1:], t.stride()[1:])) < 2**31:
         return t
     return t.contiguous()
@@ -55,6 +56,10 @@ def select_tokens_triton(
         raise RuntimeError(f"TRITON_INTERPRET: the Triton kernels were loaded with the interpreter {state}; "
                            "set TRITON_INTERPRET before the first Triton call (or import of zspa_kernels.triton)")
     B, N, D = visual.shape
+    if prompt.dim() == 3 and prompt.shape[1] * D >= 2**31:  # even contiguous, t·D would wrap
+        raise ValueError(f"prompt: {prompt.shape[1]} rows of {D} features a batch row; the triton backend "
+                         "addresses a row's prompt with 32-bit offsets (fewer than 2^31 elements): use "
+                         "backend='cuda', or with relevance='mean' pass the pooled (B, D) prompt")
     visual, prompt, prompt_mask = int32_offsets(visual), int32_offsets(prompt), int32_offsets(prompt_mask)
     if plan is None:
         plan = launch_plan(B, N, D, visual.dtype, k, core_ratio, lengths is not None, relevance,
