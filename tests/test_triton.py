@@ -280,16 +280,17 @@ def test_odd_views_whose_int32_offsets_would_wrap_are_made_contiguous():
 
 
 def test_a_prompt_row_past_32_bit_offsets_is_refused():
-    """A per-token prompt row of 2^31 elements or more would wrap the kernels' int32 prompt
-    offsets even when contiguous: a clear error instead (meta tensors: no memory, no launch)."""
+    """A per-token prompt row of more than 2^31 elements would wrap the kernels' int32 prompt
+    offsets (t·D + d) even when contiguous: a clear error instead (meta tensors: no memory, no
+    launch). 2^31 elements exactly end at offset 2^31 - 1: launched."""
     from zspa_kernels.triton.aot import captured_launches
 
     visual = torch.empty(1, 8, 4096, dtype=torch.bfloat16, device="meta")
     for relevance in ("mean", "max"):
-        prompt = torch.empty(1, 2**19, 4096, dtype=torch.bfloat16, device="meta")  # 2^31 elements a row
-        with pytest.raises(ValueError, match=r"^prompt: 524288 rows of 4096 features"):
+        prompt = torch.empty(1, 2**19 + 1, 4096, dtype=torch.bfloat16, device="meta")
+        with pytest.raises(ValueError, match=r"^prompt: 524289 rows of 4096 features"):
             select_tokens_triton(visual, prompt, 4, 0.5, None, None, relevance, False)
-    fits = torch.empty(1, 2**19 - 1, 4096, dtype=torch.bfloat16, device="meta")  # one row fewer: launched
+    fits = torch.empty(1, 2**19, 4096, dtype=torch.bfloat16, device="meta")
     with captured_launches() as calls:
         select_tokens_triton(visual, fits, 4, 0.5, None, None, "max", False)
     assert calls

@@ -56,9 +56,9 @@ def select_tokens_triton(
         raise RuntimeError(f"TRITON_INTERPRET: the Triton kernels were loaded with the interpreter {state}; "
                            "set TRITON_INTERPRET before the first Triton call (or import of zspa_kernels.triton)")
     B, N, D = visual.shape
-    if prompt.dim() == 3 and prompt.shape[1] * D >= 2**31:  # even contiguous, t·D would wrap
+    if prompt.dim() == 3 and prompt.shape[1] * D > 2**31:  # even contiguous, t·D + d would wrap
         raise ValueError(f"prompt: {prompt.shape[1]} rows of {D} features a batch row; the triton backend "
-                         "addresses a row's prompt with 32-bit offsets (fewer than 2^31 elements): use "
+                         "addresses a row's prompt with 32-bit offsets (at most 2^31 elements): use "
                          "backend='cuda', or with relevance='mean' pass the pooled (B, D) prompt")
     visual, prompt, prompt_mask = int32_offsets(visual), int32_offsets(prompt), int32_offsets(prompt_mask)
     if plan is None:
