@@ -113,6 +113,24 @@ def test_rows_whose_shared_memory_crosses_48_kib_launch():
         replay(Row(visual, prompt, None, n, 24, 0.5, "mean"), order, TOLERANCE["cuda"][torch.bfloat16])
 
 
+def test_the_longest_row_auto_sends_to_cuda_runs_and_one_token_more_is_refused():
+    """``spec.cuda_backend_takes`` restates the launcher's shared-memory check for ``auto``
+    (csrc/select_tokens.cu computes the kernel's static arrays from its attributes; the spec
+    states them as 640 bytes): on this GPU, the longest row it admits runs, and the launcher
+    refuses one token more."""
+    from zspa_kernels.dispatch import shared_memory_optin
+    from zspa_kernels.spec import CUDA_GREEDY_BYTES_PER_TOKEN, CUDA_GREEDY_STATIC_BYTES, cuda_backend_takes
+
+    optin = shared_memory_optin(torch.device("cuda", torch.cuda.current_device()))
+    n = (optin - CUDA_GREEDY_STATIC_BYTES) // CUDA_GREEDY_BYTES_PER_TOKEN
+    assert cuda_backend_takes(1, n, optin) and not cuda_backend_takes(1, n + 1, optin)
+    visual, prompt = _inputs(1, n, 32, dtype=torch.float32)
+    assert (_select(visual, prompt, 4) >= 0).all()
+    visual, prompt = _inputs(1, n + 1, 32, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match=f"visual: N={n + 1} tokens need"):
+        _select(visual, prompt, 4)
+
+
 def test_graph_of_long_rows_replays_after_a_call_with_shorter_ones():
     """The long-row kernel's shared-memory opt-in is the device's most, set once: the launcher
     set it to each call's own size before, so a graph captured at N = 8192 replayed after an eager

@@ -96,7 +96,11 @@ def _table(monkeypatch, tmp_path, cases, ready=True):
     monkeypatch.setattr(dispatch, "auto_table", functools.lru_cache(dispatch.auto_table.__wrapped__))
     monkeypatch.setattr(dispatch, "auto_cuda_backend", functools.lru_cache(dispatch.auto_cuda_backend.__wrapped__))
     monkeypatch.setattr(dispatch, "_cuda_extension_ready", lambda: ready)
+    monkeypatch.setattr(dispatch, "shared_memory_optin", lambda device: H100_SHARED_MEMORY_OPTIN)
     monkeypatch.delenv("ZSPA_BACKEND", raising=False)
+
+
+H100_SHARED_MEMORY_OPTIN = 232448  # 227 KiB, sm_90's cudaDevAttrMaxSharedMemoryPerBlockOptin
 
 
 def test_auto_on_cuda_follows_the_nearest_measured_case(monkeypatch, tmp_path):
@@ -111,6 +115,19 @@ def test_auto_on_cuda_follows_the_nearest_measured_case(monkeypatch, tmp_path):
     assert dispatch.resolve_backend("auto", cuda) == "triton"                   # no shape given
     assert dispatch.resolve_backend("triton", cuda, (1, 576, 64)) == "triton"   # the keyword wins
     assert dispatch.resolve_backend("auto", CPU, (1, 576, 64)) == "cpu"
+
+
+def test_auto_never_sends_the_cuda_backend_a_shape_it_refuses(monkeypatch, tmp_path):
+    """The nearest measured case of a long video row with a small budget is a cuda one, but the
+    cuda backend refuses rows whose greedy state passes the shared memory (19317 tokens on an
+    H100: 12 bytes a token and 640 of static arrays in 227 KiB) and more than 65535 rows."""
+    _table(monkeypatch, tmp_path, [{"B": 1, "N": 16384, "k": 64, "backend": "cuda"}])
+    cuda = torch.device("cuda", 0)
+    assert dispatch.resolve_backend("auto", cuda, (1, 19317, 64)) == "cuda"
+    assert dispatch.resolve_backend("auto", cuda, (1, 19318, 64)) == "triton"
+    assert dispatch.resolve_backend("auto", cuda, (1, 100_000, 64)) == "triton"
+    assert dispatch.resolve_backend("auto", cuda, (65536, 64, 64)) == "triton"
+    assert dispatch.resolve_backend("cuda", cuda, (1, 100_000, 64)) == "cuda"  # asked for by name: its own error
 
 
 def test_auto_never_picks_an_unbuilt_cuda_extension_or_guesses_without_a_table(monkeypatch, tmp_path):

@@ -12,7 +12,9 @@ the measured table ``auto_cuda.json`` (beside this file; ``python -m bench.repor
 writes it from a GPU run's microbenchmarks, and it names that run) says ``cuda`` for the
 measured case nearest the call's ``(B, N, k)`` (log scale): there ``cuda`` won by more than
 the table's margin. ``cuda`` is chosen only where its extension is already built or loaded
-(checked once per process), so ``auto`` never compiles in the hot path. The committed table
+(checked once per process), so ``auto`` never compiles in the hot path, and only for shapes
+it takes (:func:`.spec.cuda_backend_takes`: a long video row past its shared memory goes to
+``triton``, whatever the nearest case says). The committed table
 comes from the H200 run of 2026-11-30 (its ``source``; ``zspa info`` prints it); without a
 table CUDA tensors always use ``triton``.
 """
@@ -27,7 +29,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .spec import BACKENDS, backend_from_env, release, triton_interpreter
+from .spec import BACKENDS, backend_from_env, cuda_backend_takes, release, triton_interpreter
 
 
 AUTO_TABLE = pathlib.Path(__file__).with_name("auto_cuda.json")
@@ -41,7 +43,9 @@ def resolve_backend(backend: str, device: torch.device, shape: Optional[tuple[in
     if backend == "auto":
         if device.type != "cuda":
             return "cpu"
-        return "triton" if shape is None else auto_cuda_backend(*shape)
+        if shape is None or auto_cuda_backend(*shape) == "triton":
+            return "triton"
+        return "cuda" if cuda_backend_takes(shape[0], shape[1], shared_memory_optin(device)) else "triton"
     if backend == "triton" and device.type != "cuda":
         if not triton_interpreter():
             raise ValueError(f"backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {device.type}")
@@ -100,6 +104,14 @@ def _cuda_extension_ready() -> bool:
                 or builder.built_library(ext, ext.targets()) is not None)
     except Exception:  # noqa: BLE001 - no toolkit, no sources, odd arch list: not ready
         return False
+
+
+@functools.lru_cache(maxsize=None)
+def shared_memory_optin(device: torch.device) -> int:
+    """Bytes of shared memory a block may opt in to on ``device`` (48 KiB, what every CUDA GPU
+    gives without opting in, where this torch does not report it)."""
+    properties = torch.cuda.get_device_properties(device)
+    return getattr(properties, "shared_memory_per_block_optin", 48 * 1024)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -53,6 +53,19 @@ CUDA_GREEDY_PATHS = ("auto", "cluster", "block")
 # latency-bound GEMM of one image; forced only, until a GPU run has timed it: gram_slices).
 CUDA_GRAM_ENV = "ZSPA_CUDA_GRAM"
 CUDA_GRAM_PATHS = ("auto", "full", "split", "splitk")
+# What the cuda backend refuses (csrc/select_tokens.cu checks it): more than 65535 rows (a grid
+# dimension), or a row whose greedy state (3 floats a token, csrc/greedy_select.cuh) and the
+# kernel's static arrays (2·32 packed keys and 32 counts: 640 bytes) pass the shared memory
+# a block may opt in to (227 KiB on sm_90: 19317 tokens). `auto` sends no such call there.
+CUDA_MAX_ROWS = 65535
+CUDA_GREEDY_BYTES_PER_TOKEN = 12
+CUDA_GREEDY_STATIC_BYTES = 640
+
+
+def cuda_backend_takes(B: int, N: int, shared_memory_optin: int) -> bool:
+    """Whether the cuda backend accepts ``B`` rows of ``N`` tokens on a device whose blocks may
+    opt in to ``shared_memory_optin`` bytes of shared memory."""
+    return B <= CUDA_MAX_ROWS and CUDA_GREEDY_BYTES_PER_TOKEN * N + CUDA_GREEDY_STATIC_BYTES <= shared_memory_optin
 
 
 def core_count(core_ratio: float, k_b: int) -> int:
