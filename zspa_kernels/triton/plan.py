@@ -64,8 +64,8 @@ def launch_plan(B: int, N: int, D: int, dtype: torch.dtype, k: int, core_ratio: 
     pipelines loads through them) or without (:func:`async_copies_on`). Memoised on everything
     it depends on (the environment's budget and interpreter switch too): computing one is ~10 µs
     of Python (an ad-hoc CPU timing), a large share of the op's host time."""
-    return _plan(B, N, D, dtype, k, core_ratio, has_lengths, relevance, gram_budget(), triton_interpreter(),
-                 async_copies)
+    return memoised_plan(B, N, D, dtype, k, core_ratio, has_lengths, relevance, gram_budget(), triton_interpreter(),
+                         async_copies)
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,8 +76,11 @@ def async_copies_on(device: torch.device) -> bool:
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan(B: int, N: int, D: int, dtype: torch.dtype, k: int, core_ratio: float, has_lengths: bool,
-          relevance: str, budget: int, interpreted: bool, async_copies: bool) -> LaunchPlan:
+def memoised_plan(B: int, N: int, D: int, dtype: torch.dtype, k: int, core_ratio: float, has_lengths: bool,
+                  relevance: str, budget: int, interpreted: bool, async_copies: bool) -> LaunchPlan:
+    """:func:`launch_plan` with the environment's Gram budget (:func:`spec.gram_budget`) and
+    interpreter switch (:func:`spec.triton_interpreter`) passed in, for a caller that has read
+    them already (the backend's entry point: each read is ~0.6 µs of a call's host time)."""
     need_isolation = may_need_isolation(k, core_ratio, N, has_lengths)
     row_gram = 4 * N * N
     path = "gram" if row_gram <= budget else "stream"

@@ -13,9 +13,9 @@ from typing import Optional
 
 import torch
 
-from ..spec import triton_interpreter
+from ..spec import gram_budget, triton_interpreter
 from .gram_select import launch_gram_select
-from .plan import LaunchPlan, async_copies_on, launch_plan
+from .plan import LaunchPlan, async_copies_on, memoised_plan
 from .token_stats import launch_token_stats, pool_prompt
 
 # Triton decides between compiling and interpreting a kernel when it is decorated, i.e. when
@@ -29,8 +29,9 @@ def int32_offsets(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     (the batch and token offsets are int64): an odd view, e.g. a (B, N, D) permute of a
     (D, B, N) buffer, has a feature stride of B·N, and D of them would wrap. Contiguous inputs
     keep every such offset below one row's element count, which for the prompt
-    :func:`select_tokens_triton` requires to be under 2^31."""
-    if t is None or sum((size - 1) * stride for size, stride in zip(t.shape[1:], t.stride()[1:])) < 2**31:
+    :func:`select_tokens_triton` requires to be under 2^31. The usual contiguous input is
+    returned at once: this runs on every call, three times."""
+    if t is None or t.is_contiguous() or sum((size - 1) * stride for size, stride in zip(t.shape[1:], t.stride()[1:])) < 2**31:
         return t
     return t.contiguous()
 
@@ -51,7 +52,8 @@ def select_tokens_triton(
     ``plan`` overrides :func:`.plan.launch_plan` (tests and benchmarks force paths and
     block sizes with ``dataclasses.replace(launch_plan(...), ...)``).
     """
-    if triton_interpreter() != KERNELS_INTERPRETED:
+    interpreted = triton_interpreter()
+    if interpreted != KERNELS_INTERPRETED:
         state = "on" if KERNELS_INTERPRETED else "off"
         raise RuntimeError(f"TRITON_INTERPRET: the Triton kernels were loaded with the interpreter {state}; "
                            "set TRITON_INTERPRET before the first Triton call (or import of zspa_kernels.triton)")
@@ -62,8 +64,8 @@ def select_tokens_triton(
                          "backend='cuda', or with relevance='mean' pass the pooled (B, D) prompt")
     visual, prompt, prompt_mask = int32_offsets(visual), int32_offsets(prompt), int32_offsets(prompt_mask)
     if plan is None:
-        plan = launch_plan(B, N, D, visual.dtype, k, core_ratio, lengths is not None, relevance,
-                           async_copies_on(visual.device))
+        plan = memoised_plan(B, N, D, visual.dtype, k, core_ratio, lengths is not None, relevance, gram_budget(),
+                             interpreted, async_copies_on(visual.device))
 
     rows = plan.rows_per_launch
 
