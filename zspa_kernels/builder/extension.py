@@ -3,7 +3,7 @@
 An :class:`Extension` names a source list (the ``sources.txt`` that CMake reads too) and
 says whether it is CUDA (nvcc, architecture flags, a toolkit) or plain C++ (no CUDA at
 all). :func:`build` compiles it with ``torch.utils.cpp_extension`` and ninja into a cache
-folder keyed by everything that changes the binary, under a lock; :func:`load` loads it
+folder keyed by the versions and architectures it is built for (:func:`cache_key`), under a lock; :func:`load` loads it
 once per process. A library built ahead of time by ``setup.py`` (``ZSPA_BUILD_EXT=1``)
 is loaded instead when present.
 
@@ -72,7 +72,11 @@ CPU_EXTENSION = Extension("zspa_cpu", "cpu/sources.txt", cuda=False, cflags=("-O
 
 
 def cache_key(ext: Extension, archs: list[str]) -> str:
-    """Folder name that changes with every input that changes the binary."""
+    """Folder name: the package, torch and torch's CUDA version, and the architectures (the
+    CPU's instruction-set flags for a ``-march=native`` build). Not the toolkit that compiled it:
+    finding that needs the toolkit, which a machine that only runs a cached build may lack, and
+    another nvcc of the same sources gives a binary that runs the same (CUDA's minor-version
+    compatibility). After changing toolkits, ``zspa build --force`` recompiles."""
     native = "-march=native" in ext.cflags
     device = f"cuda{torch.version.cuda}-{arch_tag(archs)}" if ext.cuda else ("cpu-" + cpu_tag() if native else "cpu")
     return re.sub(r"[^A-Za-z0-9._+-]", "_", f"{ext.name}-{__version__}-torch{torch.__version__}-{device}")
