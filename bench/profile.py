@@ -18,6 +18,10 @@ Per fused backend and shape (bf16, keep 64, core ratio 0.5):
   kernel calls after its checks and the backend's choice): ``host_us`` less this is the op's own
   layer (the dispatcher, the argument checks, ``auto``), the rest the backend's scratch, launch
   arguments and launches;
+* ``host_scratch_us`` (``triton`` only; cuda allocates among its launches, in C++): the same for
+  the backend's scratch allocation alone (:func:`zspa_kernels.triton.select.allocate_scratch`,
+  about ten ``torch.empty``): if it is a large share of ``host_backend_us``, one allocation
+  carved into the buffers is the next step (``bench/GPU-NOTES.md``);
 * ``fixed_us`` and ``step_us``: graph-replay time against the number of greedy steps at a fixed
   core (32 tokens; 0, 32, 96 and 224 steps), fitted by least squares: the intercept is the work
   every call does once (token statistics, Gram, core), the slope one dependent greedy step;
@@ -64,6 +68,18 @@ def backend_entry(backend: str, visual, prompt, k: int, core_ratio: float):
     """The same call, made to the backend's entry point as the op's kernel makes it."""
     impl = backend_impl(backend)
     return lambda: impl(visual, prompt, k, float(core_ratio), None, None, "mean", True)
+
+
+def scratch_entry(backend: str, visual, k: int, core_ratio: float):
+    """The scratch allocation of the same call, alone (None where the backend has no Python one)."""
+    if backend != "triton":
+        return None
+    from zspa_kernels.triton.plan import async_copies_on, launch_plan
+    from zspa_kernels.triton.select import allocate_scratch
+
+    B, N, D = visual.shape
+    plan = launch_plan(B, N, D, visual.dtype, k, float(core_ratio), False, "mean", async_copies_on(visual.device))
+    return lambda: allocate_scratch(plan, B, N, k, True, visual.device)
 
 
 def graph_us(fn) -> float:
@@ -131,6 +147,9 @@ def split(backend: str, shape: hb.Shape, device: torch.device) -> dict:
               "k_core": core_count(hb.CORE_RATIO, KEEP), "gpu_us": hb.median_us(run, device),
               "graph_us": graph_us(run), "eager_us": eager_us(run), "host_us": host_us(run),
               "host_backend_us": host_us(backend_entry(backend, visual, prompt, KEEP, hb.CORE_RATIO))}
+    scratch = scratch_entry(backend, visual, KEEP, hb.CORE_RATIO)
+    if scratch is not None:
+        record["host_scratch_us"] = host_us(scratch)
     per_steps = []
     for steps in STEPS:
         k = CORE + steps
@@ -175,8 +194,9 @@ def main(argv=None) -> int:
         profiled_calls(device)
         return 0
     records = []
-    print(f"{'backend':<8}{'shape':<15}{'gpu':>10}{'graph':>10}{'eager':>10}{'host':>10}{'host bk':>10}{'fixed':>10}"
-          f"{'per step':>10}{'gram':>10}{'split':>10}   (host bk: the backend's entry point alone)")
+    print(f"{'backend':<8}{'shape':<15}{'gpu':>10}{'graph':>10}{'eager':>10}{'host':>10}{'host bk':>10}{'scratch':>10}"
+          f"{'fixed':>10}{'per step':>10}{'gram':>10}{'split':>10}   (host bk: the backend's entry point alone; "
+          "scratch: its allocations alone)")
     for label in SHAPES:
         shape = next(s for s in hb.SPEC_SHAPES if s.label == label)
         for backend in fused_backends(device):
@@ -184,9 +204,11 @@ def main(argv=None) -> int:
             records.append(r)
             if args.out:  # after every record: a time limit keeps what finished
                 hb.save_records(args.out, device, records)
-            gram, halves = (f"{r[key]:.1f}" if key in r else "—" for key in ("gram_us", "gram_split_us"))
+            scratch, gram, halves = (f"{r[key]:.1f}" if key in r else "—"
+                                     for key in ("host_scratch_us", "gram_us", "gram_split_us"))
             print(f"{backend:<8}{label:<15}{r['gpu_us']:>10.1f}{r['graph_us']:>10.1f}{r['eager_us']:>10.1f}"
-                  f"{r['host_us']:>10.1f}{r['host_backend_us']:>10.1f}{r['fixed_us']:>10.1f}{r['step_us']:>10.2f}"
+                  f"{r['host_us']:>10.1f}{r['host_backend_us']:>10.1f}{scratch:>10}{r['fixed_us']:>10.1f}"
+                  f"{r['step_us']:>10.2f}"
                   f"{gram:>10}{halves:>10}   (µs)",
                   flush=True)
     return 0

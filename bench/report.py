@@ -177,12 +177,13 @@ def targets_table(micro: list[dict], profile: list[dict], e2e: list[dict]) -> li
 
 def profile_table(records: list[dict]) -> list[str]:
     lines = ["| backend | shape | B | k (core) | GPU time (events) | graph replay | eager wall / call | "
-             "host / call | of it the backend's | fixed | per greedy step | cuBLAS Gram | split Gram |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "host / call | of it the backend's | of that its scratch | fixed | per greedy step | cuBLAS Gram | "
+             "split Gram |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         lines.append(f"| {r['impl']} | {r['shape']} | {r['B']} | {r['k']} ({r['k_core']}) | {_fmt(r['gpu_us'])} | "
                      f"{_fmt(r['graph_us'])} | {_fmt(r['eager_us'])} | {_fmt(r.get('host_us'))} | "
-                     f"{_fmt(r.get('host_backend_us'))} | "
+                     f"{_fmt(r.get('host_backend_us'))} | {_fmt(r.get('host_scratch_us'))} | "
                      f"{_fmt(r['fixed_us'])} | "
                      f"{r['step_us']:.2f} µs | {_fmt(r.get('gram_us'))} | {_fmt(r.get('gram_split_us'))} |")
     return lines

@@ -26,10 +26,13 @@ def _bench(impl, shape, B, N, D, k, us, event=True, device=ENV["device"]):
 
 
 def _split(backend, graph, eager):
-    return {"impl": backend, "shape": "llava-1.5", "B": 1, "N": 576, "D": 4096, "k": 64, "k_core": 32,
-            "gpu_us": graph + 5, "graph_us": graph, "eager_us": eager, "host_us": eager - 3,
-            "host_backend_us": eager - 9, "fixed_us": 10.0,
-            "step_us": 0.5}
+    record = {"impl": backend, "shape": "llava-1.5", "B": 1, "N": 576, "D": 4096, "k": 64, "k_core": 32,
+              "gpu_us": graph + 5, "graph_us": graph, "eager_us": eager, "host_us": eager - 3,
+              "host_backend_us": eager - 9, "fixed_us": 10.0,
+              "step_us": 0.5}
+    if backend == "triton":
+        record["host_scratch_us"] = 12.0
+    return record
 
 
 def _e2e(impl, kept, prefill, share=None, busy=None, hook=None):
@@ -97,8 +100,10 @@ def test_targets_are_judged_from_the_best_fused_backend(tmp_path):
     assert "5.0x (triton) | met" in _target(md, "LLaVA-1.5-7B B=8")
     assert "7.0x (triton) | met" in _target(md, "the same, GPU kernel time")  # 700 / 100 ms of kernels
     assert "0.40% (triton) | met" in _target(md, "the same: selection")
-    # the time split table: events, graph replay, eager wall, host alone, the backend's share, fixed, per step
-    assert "| cuda | llava-1.5 | 1 | 64 (32) | 23.0 µs | 18.0 µs | 90.0 µs | 87.0 µs | 81.0 µs | 10.0 µs | 0.50 µs |" in md
+    # the time split table: events, graph replay, eager wall, host alone, the backend's share, its scratch's
+    # (Triton's only: cuda allocates in C++), fixed, per step
+    assert "| cuda | llava-1.5 | 1 | 64 (32) | 23.0 µs | 18.0 µs | 90.0 µs | 87.0 µs | 81.0 µs | — | 10.0 µs | 0.50 µs |" in md
+    assert "| triton | llava-1.5 | 1 | 64 (32) | 30.0 µs | 25.0 µs | 70.0 µs | 67.0 µs | 61.0 µs | 12.0 µs | 10.0 µs |" in md
     # the e2e table: the selection's share, then the whole pruning hook and its share ("—" where not timed)
     assert "| 0.40% | 2.40 ms (1.5%) |" in md and "| 0.40% | — |" in md
     saved = json.loads((tmp_path / "2026-01-01-nvidia-h200.json").read_text())
@@ -243,3 +248,30 @@ def test_host_split_calls_the_backend_as_the_op_does():
         direct = profile.backend_entry(backend, visual, prompt, 9, 0.5)()
         assert torch.equal(direct, profile.selection(backend, visual, prompt, 9, 0.5)())
         assert direct.shape == (2, 9)
+
+
+def test_scratch_split_allocates_what_a_call_allocates(monkeypatch):
+    """host_scratch_us times ``scratch_entry``: the very buffers (shapes and dtypes, in order) that a
+    Triton call of the same shape allocates, nothing more (meta tensors, launches captured)."""
+    pytest.importorskip("triton")
+    from zspa_kernels.triton.aot import captured_launches
+    from zspa_kernels.triton.select import select_tokens_triton
+
+    visual = torch.empty(3, 40, 32, dtype=torch.bfloat16, device="meta")
+    prompt = torch.empty(3, 32, dtype=torch.bfloat16, device="meta")
+    made, real_empty = [], torch.empty
+
+    def recording_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        made.append((tuple(t.shape), t.dtype))
+        return t
+
+    monkeypatch.setattr(torch, "empty", recording_empty)
+    with captured_launches() as launches:
+        select_tokens_triton(visual, prompt, 9, 0.5, None, None, "mean", True)
+    assert launches
+    call = list(made)
+    made.clear()
+    profile.scratch_entry("triton", visual, 9, 0.5)()
+    assert made == call and len(call) >= 8
+    assert profile.scratch_entry("cuda", visual, 9, 0.5) is None

@@ -9,7 +9,7 @@ can be captured in a CUDA graph.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -34,6 +34,36 @@ def int32_offsets(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     if t is None or t.is_contiguous() or sum((size - 1) * stride for size, stride in zip(t.shape[1:], t.stride()[1:])) < 2**31:
         return t
     return t.contiguous()
+
+
+class Scratch(NamedTuple):
+    """The buffers of one call (:func:`allocate_scratch`)."""
+    stats: tuple   # norm, scale (fp32), finite (int8), key (int64) of (rows, N); arrival counters (rows,) int32
+    work: tuple    # Gram (rows, N, N), isolation partials (rows, tiles, N), rank partials (int32), state (rows, N)
+    out: torch.Tensor    # (B, k) int64: returned
+    order: torch.Tensor  # (B, min(k, N)) int64 pick order (``out`` itself when the call returns the pick order)
+
+
+def allocate_scratch(plan: LaunchPlan, B: int, N: int, k: int, pick_order: bool, device: torch.device) -> Scratch:
+    """Every buffer a call of :func:`select_tokens_triton` allocates (a per-token prompt's pooled
+    vector aside: :func:`.token_stats.pool_prompt`), each a ``torch.empty`` of the caching
+    allocator sized from shapes only, for ``plan.rows_per_launch`` rows (batch groups reuse
+    them). Nothing is read before a launch writes it (``tests/test_triton.py`` poisons them).
+    ``bench/profile.py`` times this alone (``host_scratch_us``): its share of a call's host time."""
+    rows = plan.rows_per_launch
+
+    def empty(*shape, dtype=torch.float32):
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    stats = (empty(rows, N), empty(rows, N), empty(rows, N, dtype=torch.int8),
+             empty(rows, N, dtype=torch.int64), empty(rows, dtype=torch.int32))
+    unused = stats[0]  # pointer argument of a disabled path: never dereferenced
+    gram = empty(rows, N, N) if plan.path == "gram" else unused
+    iso = empty(rows, plan.tiles, N) if plan.need_isolation else unused
+    work = (gram, iso, empty(rows, plan.tiles, N, dtype=torch.int32), empty(rows, N))
+    out = empty(B, k, dtype=torch.int64)  # every element written by the selection launch (-1 padded)
+    order = out if pick_order else empty(B, min(k, N), dtype=torch.int64)
+    return Scratch(stats, work, out, order)
 
 
 def select_tokens_triton(
@@ -68,18 +98,7 @@ def select_tokens_triton(
                              interpreted, async_copies_on(visual.device))
 
     rows = plan.rows_per_launch
-
-    def scratch(*shape, dtype=torch.float32):
-        return torch.empty(shape, dtype=dtype, device=visual.device)
-
-    stats = (scratch(rows, N), scratch(rows, N), scratch(rows, N, dtype=torch.int8),
-             scratch(rows, N, dtype=torch.int64), scratch(rows, dtype=torch.int32))
-    unused = stats[0]  # pointer argument of a disabled path: never dereferenced
-    gram = scratch(rows, N, N) if plan.path == "gram" else unused
-    iso = scratch(rows, plan.tiles, N) if plan.need_isolation else unused
-    work = (gram, iso, scratch(rows, plan.tiles, N, dtype=torch.int32), scratch(rows, N))
-    out = scratch(B, k, dtype=torch.int64)  # every element written by the selection launch (-1 padded)
-    order = out if pick_order else scratch(B, min(k, N), dtype=torch.int64)
+    stats, work, out, order = allocate_scratch(plan, B, N, k, pick_order, visual.device)
 
     def part(t, group):  # one group (the usual case): the tensor itself, no view to build
         return t if t is None or rows >= B else t[group]
