@@ -22,7 +22,7 @@ import torch
 
 import zspa_kernels
 from zspa_kernels import builder, cuda_ext
-from zspa_kernels.builder import CUDA_EXTENSION, Extension, cache, extension, toolkit
+from zspa_kernels.builder import CUDA_EXTENSION, cache, extension, toolkit
 
 REPO = Path(zspa_kernels.__file__).resolve().parent.parent
 TEST_ARCH = "8.0"  # one architecture: a CI compile costs minutes per architecture
