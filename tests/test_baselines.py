@@ -72,3 +72,27 @@ def test_graph_replay_matches_eager_on_fresh_inputs(core_ratio):
         visual = torch.randn(shape, device="cuda", generator=g).bfloat16()
         prompt = torch.randn(3, 128, device="cuda", generator=g).bfloat16()
         assert torch.equal(graph(visual, prompt), torch_loop(visual, prompt, 40, core_ratio))
+
+
+@pytest.mark.parametrize("core_ratio", [0.0, 0.5])
+def test_torch_loop_assigns_no_host_scalar_by_index(core_ratio):
+    """``torch_loop`` promises no host sync (and ``TorchLoopGraph`` captures it): ``aten.index_put_``
+    with a Python scalar copies that scalar from the host, a sync every step on a GPU and an
+    error under CUDA-graph capture (the first H200 run's ``torch_loop_graph`` failed at every
+    shape). The ops it dispatches, recorded on CPU tensors, hold none."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.name())
+            return func(*args, **(kwargs or {}))
+
+    visual, prompt, k, _ = _baseline_case(3, torch.float32)
+    with Ops() as ops:
+        torch_loop(visual, prompt, k, core_ratio)
+    assert "aten::argmin" in ops.names  # the mode saw the greedy steps
+    assert not {name for name in ops.names if name.startswith("aten::index_put")}, sorted(ops.names)

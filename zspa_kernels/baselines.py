@@ -83,7 +83,9 @@ def torch_loop(visual: torch.Tensor, prompt: torch.Tensor, k: int, core_ratio: f
         order[:, t] = pick
         sim = torch.bmm(v_hat, v_hat[rows, pick].unsqueeze(-1)).squeeze(-1)
         s = torch.maximum(s, sim) if t > 0 else sim
-        s[rows, pick] = math.inf  # taken: never the minimum again
+        # Taken: never the minimum again. Not `s[rows, pick] = math.inf`: indexing assigns a Python
+        # scalar by copying it from the host (a stream sync a step), which CUDA-graph capture refuses.
+        s.scatter_(1, pick.unsqueeze(1), math.inf)
     return order
 
 
