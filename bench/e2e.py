@@ -46,8 +46,8 @@ def selection_us(B: int, D: int, k: int, backend: str, device, dtype) -> float:
 
 
 def gpu_busy_ms(fn, device) -> "float | None":
-    """The summed duration of the CUDA kernels of one ``fn()`` (torch.profiler), None off GPUs;
-    ``fn`` already warm. Beside the prefill's wall time it says how much of it the GPU worked:
+    """The summed duration of the CUDA kernels of one ``fn()`` (torch.profiler), None off GPUs or
+    where the profiler records no kernel; ``fn`` already warm. Beside the prefill's wall time it says how much of it the GPU worked:
     an eager model whose prefill takes far longer than its kernels is bound by the host
     launching them, which no token count removes (the first H200 run's LLaVA-1.5-7B at batch 8:
     68.7 ms pruned)."""
@@ -61,6 +61,8 @@ def gpu_busy_ms(fn, device) -> "float | None":
         fn()
         hb.synchronize(device)
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    if not kernels:  # the profiler saw no kernel (no CUPTI here): unknown, not zero
+        return None
     return sum(e.time_range.elapsed_us() for e in kernels) / 1e3  # a kernel event's range: its run on the GPU
 
 
@@ -144,18 +146,21 @@ def run(names, batches, device, backend: str, new_tokens: int, repeats: int, pro
             inputs = models.dummy_inputs(name, B, TEXT_TOKENS, device=device, dtype=dtype)
             for keep in KEEPS:
                 k = N if keep is None else hb.keep_budget(keep, N)
+                # What `backend` runs at this call's shape (B images of N tokens, k kept): `auto`
+                # on CUDA follows the measured table per shape, as a user's prune() would.
+                impl = resolve_backend(backend, device, (B, N, k))
                 pruning = (contextlib.nullcontext() if keep is None
-                           else zspa_kernels.prune(model, keep=k, backend=backend))
+                           else zspa_kernels.prune(model, keep=k, backend=impl))
                 with pruning as handle:
                     stats = measure(model, inputs, device, new_tokens, repeats)
                     if handle is not None:
                         stats["hook_ms"] = hook_ms(handle, model, inputs, device, repeats)
-                record = {"name": "e2e", "model": name, "impl": "unpruned" if keep is None else backend,
+                record = {"name": "e2e", "model": name, "impl": "unpruned" if keep is None else impl,
                           "B": B, "N": N, "D": D, "k": k, "kept": k, "dtype": str(dtype).replace("torch.", ""),
                           "tokens": inputs["input_ids"].shape[1],
                           "median_us": 1e3 * stats["prefill_ms"], **stats, "selection_share": None}
                 if keep is not None:
-                    record["selection_us"] = selection_us(B, D, k, backend, device, dtype)
+                    record["selection_us"] = selection_us(B, D, k, impl, device, dtype)
                     record["selection_share"] = record["selection_us"] * 1e-3 / stats["prefill_ms"]
                     record["hook_share"] = stats["hook_ms"] / stats["prefill_ms"]
                 hook = f", pruning hook {stats['hook_ms']:.2f} ms" if "hook_ms" in stats else ""
@@ -178,10 +183,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backend = resolve_backend(args.backend, device)
     records = []
     for name in args.models:  # written after each model: a run cut short keeps what finished
-        records += run([name], args.batch, device, backend, args.new_tokens, args.repeats)
+        records += run([name], args.batch, device, args.backend, args.new_tokens, args.repeats)
         hb.save_records(args.out, device, records)
     return 0
 

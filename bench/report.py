@@ -166,7 +166,7 @@ def targets_table(micro: list[dict], profile: list[dict], e2e: list[dict]) -> li
         (full["prefill_ms"] / pruned["prefill_ms"], pruned["impl"]) if both else None, 4, False, times)
     # The eager model's host time is the same at any token count; its GPU kernels' time is what
     # pruning removes. Beside the target, not instead of it: it says which of the two a miss is.
-    busy = both and full.get("prefill_gpu_busy_ms") is not None and pruned.get("prefill_gpu_busy_ms") is not None
+    busy = both and full.get("prefill_gpu_busy_ms") is not None and (pruned.get("prefill_gpu_busy_ms") or 0) > 0
     row("the same, GPU kernel time of the prefill only (the host's launches left out)",
         (full["prefill_gpu_busy_ms"] / pruned["prefill_gpu_busy_ms"], pruned["impl"]) if busy else None, 4, False,
         times)

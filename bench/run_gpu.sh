@@ -3,7 +3,7 @@
 # device tool (a session has 15 minutes of device time, the machine's start included, and a
 # command at most 10):   device run, timeout_s=600:  bash bench/run_gpu.sh
 #
-#   bench/run_gpu.sh [STAGE...]     (default: all = install checks smoke tune micro e2e profile demo report)
+#   bench/run_gpu.sh [STAGE...]     (default: all = install checks smoke tune micro profile e2e demo report)
 #
 # Stages, in the order of what matters if time runs out:
 #   install  the package into the machine's Python (it has no network: no dependencies)
@@ -24,9 +24,11 @@
 #            a pooled one, the raw band's cost, the cuBLAS Gram forms, side by side, each section
 #            saved as it ends (short: it comes before the long stages)
 #   micro    microbenchmarks at the SPEC shapes (from here on the GPU is the run's alone)
-#   e2e      LLaVA-1.5-7B and Qwen2.5-VL-7B from configs, bf16, batch 1 and 8
 #   profile  bench/profile.py's time split (GPU time, graph replay, eager host cost, fixed cost
-#            and cost per greedy step), then Nsight Compute of one call per fused backend
+#            and cost per greedy step), then Nsight Compute of one call per fused backend;
+#            before e2e: a minute at most, where e2e saves after each model (LLaVA first), so a
+#            long checks stage costs Qwen's e2e rows rather than the host times and the profiles
+#   e2e      LLaVA-1.5-7B and Qwen2.5-VL-7B from configs, bf16, batch 1 and 8
 #   demo     `zspa demo` (the README's first command) and its picture
 #   report   <stem>.{json,md,png} from whatever raw files this run left, and on a GPU
 #            <stem>.auto_cuda.json: auto's per-shape table (commit it as zspa_kernels/auto_cuda.json)
@@ -157,7 +159,7 @@ stage_checks() {  # $1: seconds allowed
 
 main() {
   local STAGES=("${@:-all}") STAGE cap floor allowed end args extra kind f rc
-  [ "${STAGES[0]}" = all ] && STAGES=(install checks smoke tune micro e2e profile demo report)
+  [ "${STAGES[0]}" = all ] && STAGES=(install checks smoke tune micro profile e2e demo report)
   STEM=$("$PY" -m bench.report --print-stem) || exit 1  # -runN on a day that has results of this device
   GPU=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))')  # asked once: each ask starts CUDA
   for STAGE in "${STAGES[@]}"; do

@@ -116,6 +116,9 @@ def test_unmeasured_targets_say_so_and_host_clock_runs_have_none(tmp_path):
     assert "not measured" in _target(md, "LLaVA-1.5 B=1, k=64: wall clock")
     assert "not measured" in _target(md, "LLaVA-1.5-7B B=8")
     assert "not measured" in _target(md, "the same, GPU kernel time")
+    micro = [_bench("triton", "llava-1.5", 1, 576, 4096, 64, 30.0)]
+    unseen = _write(tmp_path, micro, e2e=[_e2e("unpruned", 576, 800.0, busy=700.0), _e2e("triton", 64, 160.0, 0.004, busy=0.0)])
+    assert "not measured" in _target(unseen, "the same, GPU kernel time")  # no kernel seen: no ratio, no crash
     cpu = _write(tmp_path, [_bench("cpu", "llava-1.5", 1, 576, 4096, 64, 2000.0, event=False,
                                    device="cpu test x2 threads")], stem="2026-01-01-cpu-test-x2-threads")
     assert "## Targets" not in cpu and "Cut short" not in cpu
@@ -275,3 +278,27 @@ def test_scratch_split_allocates_what_a_call_allocates(monkeypatch):
     profile.scratch_entry("triton", visual, 9, 0.5)()
     assert made == call and len(call) >= 8
     assert profile.scratch_entry("cuda", visual, 9, 0.5) is None
+
+
+def test_tune_keeps_the_other_sections_when_one_fails(monkeypatch, tmp_path):
+    """A section that raises (a trapped kernel) is reported; the records of the others are saved
+    and the exit status says that something failed."""
+    from bench import tune
+
+    def ok(name):
+        return lambda device, progress=print: [{"section": name}]
+
+    def run_cuda_paths(device, progress=print):  # as a trapped cluster kernel would end it
+        raise RuntimeError("CUDA error: unspecified launch failure\nmore lines")
+
+    monkeypatch.setattr(benchmark, "require_cuda", lambda tool: torch.device("cpu"))
+    for name in ("run", "run_prompt_forms", "run_outside_band", "run_gram_forms"):
+        monkeypatch.setattr(tune, name, ok(name))
+    monkeypatch.setattr(tune, "run_cuda_paths", run_cuda_paths)
+    lines = []
+    monkeypatch.setattr("builtins.print", lambda *a, **k: lines.append(" ".join(map(str, a))))
+    out = tmp_path / "tune.json"
+    assert tune.main(["--out", str(out)]) == 1
+    assert [r["section"] for r in json.loads(out.read_text())["records"]] == [
+        "run", "run_prompt_forms", "run_outside_band", "run_gram_forms"]
+    assert "bench.tune: run_cuda_paths failed: CUDA error: unspecified launch failure" in lines

@@ -135,14 +135,15 @@ def run_cuda_paths(device: torch.device, progress=print) -> list[dict]:
                 return op(visual, prompt, KEEP, hb.CORE_RATIO, None, None, "mean", "cuda", True)
 
             with hb.env_vars({CUDA_GREEDY_ENV: "auto", CUDA_GRAM_ENV: "auto", **variant}):
-                try:
+                try:  # synchronised inside: a kernel's fault surfaces at the next sync, and belongs here
                     order = call()
+                    hb.synchronize(device)
+                    record["median_us"] = hb.median_us(call, device)
                 except RuntimeError as exc:  # recorded, so that one failing path leaves the others timed
                     record["error"] = str(exc).splitlines()[0]
                     records.append(record)
                     progress(f"{label:<15}{json.dumps(record['variant']):<28} failed: {record['error']}")
                     continue
-                record["median_us"] = hb.median_us(call, device)
             expected = order if expected is None else expected
             record["rows_with_default_picks"] = int((order == expected).all(1).sum())
             records.append(record)
@@ -259,11 +260,18 @@ def main(argv=None) -> int:
     progress = lambda line: print(line, flush=True)  # noqa: E731
     records = []
     # Saved after every section: run_gpu.sh gives tune a minute, and a cut must keep what finished.
+    # A section that fails (a kernel trapped, say, which also leaves this process's CUDA context
+    # unusable) is reported and the next one tried: the records of the others are kept.
+    failed = 0
     for section in (run_cuda_paths, run, run_prompt_forms, run_outside_band, run_gram_forms):  # last: cut first
-        records += section(device, progress=progress)
+        try:
+            records += section(device, progress=progress)
+        except RuntimeError as exc:
+            failed += 1
+            progress(f"bench.tune: {section.__name__} failed: {(str(exc).splitlines() or [repr(exc)])[0]}")
         if args.out:
             hb.save_records(args.out, device, records)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
