@@ -263,8 +263,13 @@ def main(argv=None) -> int:
         parser.error("--micro is required")
 
     env, records = micro_records(json.loads(args.micro.read_text()))
-    e2e = json.loads(args.e2e.read_text())["records"] if args.e2e else []
-    split = json.loads(args.profile.read_text())["records"] if args.profile else []
+    e2e_raw = json.loads(args.e2e.read_text()) if args.e2e else {}
+    profile_raw = json.loads(args.profile.read_text()) if args.profile else {}
+    e2e, split = e2e_raw.get("records", []), profile_raw.get("records", [])
+    if "device" not in env:  # no microbenchmark case finished: the other raw files name the device
+        env.update({key: raw[key] for raw in (profile_raw, e2e_raw) for key in ENV_KEYS if key in raw})
+    if "device" not in env:
+        parser.error(f"{args.micro}: no microbenchmark case finished, and no --e2e or --profile file names the device")
     result = {**env, "date": args.date, "records": records + e2e, "profile": split}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / (args.stem or f"{args.date}-{slug(env['device'])}")
@@ -309,10 +314,13 @@ def main(argv=None) -> int:
         picture = args.demo.with_suffix(".png")
         if picture.is_file():
             lines += ["", f"![kept patches]({picture.name})"]
-    lines += ["", f"![latency against N]({stem.name}.png)", ""]
+    if records:  # nothing to plot when no microbenchmark case finished
+        lines += ["", f"![latency against N]({stem.name}.png)", ""]
     stem.with_suffix(".md").write_text("\n".join(lines))
-    plot(records, stem.with_suffix(".png"), title)
-    print(f"wrote {stem}.json, .md, .png ({len(records)} microbenchmark and {len(e2e)} end-to-end records)")
+    if records:
+        plot(records, stem.with_suffix(".png"), title)
+    print(f"wrote {stem}.json, .md{', .png' if records else ''} ({len(records)} microbenchmark and {len(e2e)} "
+          "end-to-end records)")
     return 0
 
 

@@ -167,6 +167,19 @@ def test_cases_a_time_limit_interrupted_are_left_out_and_said(tmp_path):
     assert [r["impl"] for r in saved["records"]] == ["triton"]
 
 
+def test_a_report_without_a_finished_microbenchmark_names_the_device_from_the_other_files(tmp_path):
+    """The micro stage cut before its first case finished: the profile and e2e files still make a
+    report (their own records name the device); with neither, a clear error."""
+    bare = {"extra_info": {}, "stats": {"median": 1e-3, "rounds": 1}}
+    md = _write(tmp_path, [bare], split=[_split("cuda", 18.0, 90.0)],
+                e2e=[_e2e("unpruned", 576, 800.0), _e2e("cuda", 64, 160.0, share=0.004)])
+    assert md.startswith("# select_tokens benchmarks: NVIDIA H200") and "interrupted 1 case(s)" in md
+    assert "| cuda | llava-1.5 | 1 | 64 (32) |" in md
+    (tmp_path / "micro.json").write_text(json.dumps({"benchmarks": [bare]}))
+    with pytest.raises(SystemExit):
+        report.main(["--micro", str(tmp_path / "micro.json"), "--out", str(tmp_path)])
+
+
 @pytest.mark.skipif("triton" not in available_backends(DEVICE), reason="needs triton (a GPU, or its interpreter)")
 def test_tune_times_every_variant_and_compares_its_picks_with_the_default():
     from bench import tune
