@@ -52,7 +52,7 @@ def divprune_loop(visual: torch.Tensor, prompt: torch.Tensor, k: int, core_ratio
                 distance.fill_diagonal_(0.0)
             else:
                 scores = torch.index_select(distance, 0, picks[:i]).amin(0)
-                scores[picks[:i]] = -math.inf
+                scores.index_fill_(0, picks[:i], -math.inf)  # no host scalar copied in (see torch_loop)
             picks[i] = scores.argmax()
         order[b, :k_b] = picks
     return order
