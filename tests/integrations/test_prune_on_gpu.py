@@ -96,6 +96,9 @@ def test_fused_backends_prune_like_the_reference_on_the_gpu(tiny, backend, monke
 # the mask to the host, and a Pixtral tower's image sizes right after it.
 DOCUMENTED_SYNCS = {("handle.py", "host = torch.stack([ids.to(device), mask]).cpu()"),
                     ("families.py", "return (torch.as_tensor(sizes) // step).prod(-1).tolist()")}
+# And right before them, once a prompt, a static cache's length (a device tensor), where the cache
+# is already allocated (a reused one; a new one's length is a host 0 until its first update).
+STATIC_LENGTH_READ = ("handle.py", "return cache is None or bool(cache.get_seq_length() == 0)")
 
 
 class _SyncWatch:
@@ -131,19 +134,26 @@ class _SyncWatch:
                 if package in path.parents]
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend, cache", [("triton", "dynamic"), ("cuda", "dynamic"), ("triton", "static")])
 @torch.no_grad()
-def test_the_hooks_wait_for_the_gpu_only_where_documented(tiny, backend, monkeypatch):
+def test_the_hooks_wait_for_the_gpu_only_where_documented(tiny, backend, cache, monkeypatch):
     """handle.py's promise: one host sync a prefill (the ids and the mask; a Pixtral tower's
-    image sizes right after, with nothing queued in between), none at decode steps. Anything
-    else (a copy from pageable memory, say) would make the host wait for the vision tower or
-    the selection before it can queue the language model."""
+    image sizes right after, a static cache's length right before, with nothing queued in
+    between), none at decode steps, static caches included (whose length is a device tensor).
+    Anything else (a copy from pageable memory, say) would make the host wait for the vision
+    tower or the selection before it can queue the language model."""
     inputs = _on(tiny.make_inputs(tiny.batch), DEVICE)
-    prefill, decode, base = (_SyncWatch(monkeypatch, method) for method in
-                             ("_prefill", "_decode_step", "_base_pre_hook"))
+    prefill, decode, base, lm = (_SyncWatch(monkeypatch, method) for method in
+                                 ("_prefill", "_decode_step", "_base_pre_hook", "_lm_pre_hook"))
+    gen = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    if cache == "static":
+        gen["cache_implementation"] = "static"
     with zspa_kernels.prune(tiny.model, keep=KEEP, backend=backend) as handle:
-        tiny.model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        tiny.model.generate(**inputs, **gen)
     assert prefill.calls == 1 and decode.calls == 2 and handle.last_selection, (prefill.calls, decode.calls)
     assert prefill.ours and set(prefill.ours) <= DOCUMENTED_SYNCS, prefill.ours
     assert prefill.ours.count(("handle.py", "host = torch.stack([ids.to(device), mask]).cpu()")) == 1, prefill.ours
     assert decode.ours == [] and base.ours == [], (decode.ours, base.ours)
+    # The language model's hook around them: the prefill's syncs, at most one length read (at the
+    # prefill: three calls would read three times), nothing else.
+    assert set(lm.ours) <= DOCUMENTED_SYNCS | {STATIC_LENGTH_READ} and lm.ours.count(STATIC_LENGTH_READ) <= 1, lm.ours

@@ -48,6 +48,21 @@ def test_keep_all_reproduces_unpatched_logits_exactly(tiny):
 
 
 @torch.no_grad()
+def test_a_text_only_prompt_runs_unpruned(tiny):
+    """A model pruned for images still answers prompts without any: nothing is selected, and the
+    logits and a generation are the unpatched model's (the families that size images from
+    pixel_values or image_sizes raised for want of them)."""
+    inputs = tiny.make_inputs(tiny.batch)
+    text = dict(input_ids=inputs["input_ids"][:, -3:], attention_mask=inputs["attention_mask"][:, -3:])
+    expected = tiny.model(**text).logits
+    generated = tiny.model.generate(**text, max_new_tokens=NEW_TOKENS, do_sample=False)
+    with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
+        assert not torch.isin(text["input_ids"], torch.tensor(handle.visual_ids)).any()
+        assert torch.equal(tiny.model(**text).logits, expected) and handle.last_selection == []
+        assert torch.equal(tiny.model.generate(**text, max_new_tokens=NEW_TOKENS, do_sample=False), generated)
+
+
+@torch.no_grad()
 def test_keep_all_generate_matches_unpatched(tiny):
     inputs = tiny.make_inputs(tiny.batch)
     expected = tiny.model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
@@ -104,6 +119,48 @@ def test_cached_generation_equals_no_cache_reference(tiny, mode):
         torch.testing.assert_close(logits, ref[:, start + t], atol=ATOL, rtol=0)
     if mode != "sample":
         assert torch.equal(tokens, ref[:, start:start + NEW_TOKENS].argmax(-1))
+
+
+@torch.no_grad()
+def test_static_cache_decode_steps_never_read_its_length_and_a_reused_cache_prunes_again(tiny, monkeypatch):
+    """A static cache keeps its length in a device tensor: reading it back is a host sync. The
+    hooks read it once a prompt (a prefill on a cache they did not prune), never at a decode
+    step: they know the caches they pruned until ``generate()`` resets one to reuse it, which
+    drops that knowledge, so the second generate() prunes its prefill again, identically."""
+    from zspa_kernels.integrations.transformers import handle as handle_module
+
+    reads = []
+    real = handle_module._is_empty
+    monkeypatch.setattr(handle_module, "_is_empty", lambda cache: reads.append(1) or real(cache))
+    inputs = tiny.make_inputs(tiny.batch)
+    gen = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, cache_implementation="static",
+               return_dict_in_generate=True)
+    with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
+        first = tiny.model.generate(**inputs, **gen)
+        picked = [s.order for s in handle.last_selection]
+        # At most the prefill's one read (none while the cache is not yet allocated: its length is
+        # then a host 0); NEW_TOKENS - 1 decode steps, each past two hooks, read nothing.
+        assert picked and len(reads) <= 1
+        second = tiny.model.generate(**inputs, **gen)
+        assert len(reads) <= 2
+        assert len(handle.last_selection) == len(picked)
+        assert all(torch.equal(a, b.order) for a, b in zip(picked, handle.last_selection))
+        # A static cache kept by the caller (as for torch.compile), reset and passed in again:
+        # the reset drops the handle's state of it, so the prompt is a new prefill, not a reuse.
+        cache = kv_cache(second)
+        cache.reset()
+        third = tiny.model.generate(**inputs, **cache_arg(tiny.model, cache),
+                                    **{k: v for k, v in gen.items() if k != "cache_implementation"})
+        assert len(reads) <= 3 and all(torch.equal(a, b.order) for a, b in zip(picked, handle.last_selection))
+        # Reset, then ONE token: a new sequence, which only the reset can tell from a decode step
+        # without reading the length back. It must run as unpruned, at position 0.
+        cache.reset()
+        token = dict(input_ids=inputs["input_ids"][:, -1:], attention_mask=inputs["attention_mask"][:, -1:])
+        got = tiny.model(**token, **cache_arg(tiny.model, cache), use_cache=True).logits
+    cache.reset()
+    expected = tiny.model(**token, **cache_arg(tiny.model, cache), use_cache=True).logits
+    assert torch.equal(got, expected)
+    assert torch.equal(first.sequences, second.sequences) and torch.equal(first.sequences, third.sequences)
 
 
 @torch.no_grad()

@@ -19,11 +19,12 @@
 
 Host syncs: one copy of ``input_ids`` and the 2-D mask to the host per prefill,
 to find the images and size the gathered sequence (its length is a shape); Pixtral
-towers also read ``image_sizes`` back right after it, with nothing queued in between.
+towers also read ``image_sizes`` back right after it, and a static cache's length (kept on
+the device) is read right before it, with nothing queued in between.
 What the host computes from them goes back to the device from pinned memory,
 asynchronously (:func:`.selection.to_device`): the host queues the selection, the
 gathers and the language model without waiting for any of them. Decode steps add no
-sync.
+sync, static caches included: a pruned cache is known by this handle until it is reset.
 
 The language model returns ``L'`` (pruned) positions at prefill, so logits of a
 pruned forward are shorter than ``input_ids``; the last position is unchanged.
@@ -90,7 +91,16 @@ def kv_cache(output):
 
 
 def _is_empty(cache) -> bool:
-    return cache is None or cache.get_seq_length() == 0
+    """A host sync where the cache keeps its length on the device (static layers): only asked
+    once a prompt, or of a cache this handle did not prune (see :func:`_host_length`)."""
+    return cache is None or bool(cache.get_seq_length() == 0)
+
+
+def _host_length(cache) -> Optional[int]:
+    """``cache``'s length where the host holds it (dynamic layers: their keys' shape), else None:
+    a static layer keeps it in a device tensor, and reading that back waits for the GPU."""
+    length = cache.get_seq_length()
+    return None if isinstance(length, torch.Tensor) else int(length)
 
 
 def _mask_2d(mask, batch: int, length: int, device) -> torch.Tensor:
@@ -198,12 +208,23 @@ class PruneHandle:
         self._inputs = dict(kwargs, input_ids=input_ids)
         cache = _cache_of(kwargs)
         state = self._caches.get(cache) if cache is not None else None
-        if state is None or _is_empty(cache):
+        if state is None:
             return None
         step = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         q = step.shape[1]
         if q != 1 or any(k.startswith("pixel_values") and v is not None for k, v in kwargs.items()):
+            # A prompt on a cache this handle pruned: a new generation if the cache was emptied
+            # (read back once a prompt), else a reuse that would misplace tokens.
+            if _is_empty(cache):
+                del self._caches[cache]
+                return None
             raise RuntimeError(REUSE_ERROR)
+        if _host_length(cache) == 0:  # emptied since the prefill without a reset (cropped)
+            del self._caches[cache]
+            return None
+        # A decode step, known without reading the cache's length back (a static cache keeps it
+        # on the device): this handle pruned the cache, and a reset would have dropped its state
+        # (_forget_on_reset).
         if kwargs.get("position_ids") is None:
             # Continue the original numbering; the model would count cache slots instead.
             kwargs["position_ids"] = state.next_position + state.grown
@@ -212,13 +233,24 @@ class PruneHandle:
 
     def _lm_pre_hook(self, module, args, kwargs):
         cache = _cache_of(kwargs)
-        if not _is_empty(cache):
-            state = self._caches.get(cache)
-            if state is not None:
-                self._decode_step(state, kwargs)
-                return args, kwargs
-            return None
+        state = self._caches.get(cache) if cache is not None else None
+        if state is not None and _host_length(cache) == 0:  # emptied since (a dynamic cache tells for free)
+            del self._caches[cache]
+            state = None
+        if state is not None:  # the base pre-hook lets only decode steps through with a state
+            self._decode_step(state, kwargs)
+            return args, kwargs
         embeds = kwargs.get("inputs_embeds")
+        if cache is not None:
+            length = _host_length(cache)
+            if length is None:  # on the device: read it for a prompt only (right before the ids)
+                one_token = embeds is not None and embeds.shape[1] == 1
+                if one_token:  # holds no image: nothing to select, whatever the cache holds
+                    self.last_selection = []
+                    return None
+                length = 0 if _is_empty(cache) else 1
+            if length != 0:
+                return None  # a cache this handle did not prune, mid-sequence: left as it is
         inputs, self._inputs = self._inputs or {}, None
         ids = inputs.get("input_ids")
         self.last_selection = []
@@ -281,6 +313,8 @@ class PruneHandle:
         host = torch.stack([ids.to(device), mask]).cpu()
         ids_h, mask_h = host[0], host[1]
         visual_h = torch.isin(ids_h, torch.tensor(self.visual_ids, dtype=ids_h.dtype))
+        if not visual_h.any():  # a text-only prompt: nothing to select (and no images to size)
+            return
         rows, cols = self._find_images(ids_h, visual_h, inputs)
         if not rows:
             return
@@ -355,6 +389,26 @@ class PruneHandle:
         if cache is not None:
             last = positions.masked_fill(new_mask == 0, -1).amax(-1, keepdim=True)
             self._caches[cache] = _CacheState(new_mask, L, new_len, last + 1)
+            self._forget_on_reset(cache)
+
+    def _forget_on_reset(self, cache) -> None:
+        """Drop this handle's state of ``cache`` when the cache is reset (``generate()`` resets a
+        static cache it reuses), so that a decode step never has to read the cache's length back
+        from the device to tell itself from a new prefill. Wrapped once per cache instance."""
+        reset = getattr(cache, "reset", None)
+        if reset is None:  # a cache that cannot be reset cannot be emptied that way either
+            return
+        handles = cache.__dict__.get("_zspa_handles")
+        if handles is None:
+            handles = weakref.WeakSet()
+
+            def forgetting_reset(*args, **kwargs):
+                for handle in list(handles):
+                    handle._caches.pop(cache, None)
+                return reset(*args, **kwargs)
+
+            cache.reset, cache._zspa_handles = forgetting_reset, handles
+        handles.add(self)
 
     # -- decode ----------------------------------------------------------------------------
     def _decode_step(self, state: _CacheState, kwargs) -> None:
