@@ -139,7 +139,9 @@ stage_checks() {  # $1: seconds allowed
   local gpu_tests=(tests/test_select_tokens.py tests/test_triton.py tests/test_cuda_backend.py tests/test_op.py
                    tests/test_baselines.py tests/test_cli.py tests/integrations/test_prune_on_gpu.py
                    bench/test_sanitize.py bench/test_report.py)
-  local pytest_args=(-q -p no:cacheprovider -rfE --tb=short "${xdist[@]}")
+  # --durations: the slowest tests in the log, to size this stage by (its first cold run with the
+  # GPU tests alone; run 1's timed out beside the CPU half).
+  local pytest_args=(-q -p no:cacheprovider -rfE --tb=short --durations=30 "${xdist[@]}")
   timeout "$1" "$PY" -m pytest "${pytest_args[@]}" "${gpu_tests[@]}" > "$DEST/tests-GPU.tmp" 2>&1 &
   local gpu_pid=$!
   $sanitizer && { sanitize triton "$end" > "$DEST/sanitize-triton.tmp" & pids+=($!); }

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import zspa_kernels
+from zspa_kernels.spec import GRAM_BUDGET_ENV
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -55,8 +56,10 @@ def test_layout_does_not_change_the_result():
     assert torch.equal(_select(strided, prompt, 20), _select(visual, prompt, 20))
 
 
-def test_gram_chunks_keep_rows_independent():
-    # N = 16384 puts one row per 1 GiB Gram chunk, so B = 2 runs two launches.
+def test_gram_chunks_keep_rows_independent(monkeypatch):
+    # A budget of one N = 16384 row's Gram (1 GiB) puts one row per chunk, so B = 2 runs two
+    # launches (the default 4 GiB would hold both).
+    monkeypatch.setenv(GRAM_BUDGET_ENV, str(4 * 16384**2))
     visual, prompt = _inputs(2, 16384, 32, dtype=torch.float32)
     lengths = torch.tensor([16384, 9000], device="cuda")
     batched = _select(visual, prompt, 12, lengths=lengths)
