@@ -158,6 +158,8 @@ def test_labels_give_the_loss_over_the_kept_positions(name):
 
     with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
         out = tiny.model(**inputs, labels=labels)
+        as_tuple = tiny.model(**inputs, labels=labels, return_dict=False)  # the loss first, as unpatched
+    assert torch.equal(as_tuple[0], out.loss) and torch.equal(as_tuple[1], out.logits)
     logits, targets = [], []
     for r in range(len(tiny.batch)):  # the loss of each row's kept positions, no padding
         kept = _kept_positions(inputs, handle, r)

@@ -63,6 +63,21 @@ def test_a_text_only_prompt_runs_unpruned(tiny):
 
 
 @torch.no_grad()
+def test_keep_all_loss_is_the_unpatched_models(tiny):
+    """With keep=1.0 the model computes its own loss (a family's own padding rule, as Gemma3's
+    on transformers 4.57, and a router's auxiliary loss included): the unpatched loss, exactly."""
+    inputs = tiny.make_inputs(tiny.batch)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    routed = dict(output_router_logits=True) if "moe" in type(tiny.model).__name__.lower() else {}
+    expected = tiny.model(**inputs, labels=labels, **routed).loss
+    with zspa_kernels.prune(tiny.model, keep=1.0):
+        assert torch.equal(tiny.model(**inputs, labels=labels, **routed).loss, expected)
+    if routed:  # pruned, the wrapper's load-balancing loss would mix the two lengths: refused clearly
+        with zspa_kernels.prune(tiny.model, keep=KEEP), pytest.raises(ValueError, match="^output_router_logits: "):
+            tiny.model(**inputs, labels=labels, **routed)
+
+
+@torch.no_grad()
 def test_keep_all_generate_matches_unpatched(tiny):
     inputs = tiny.make_inputs(tiny.batch)
     expected = tiny.model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
@@ -198,6 +213,72 @@ def test_each_batch_row_equals_that_row_alone(name, attn):
             assert torch.equal(together.sequences[r, -NEW_TOKENS:], alone.sequences[0, -NEW_TOKENS:])
             for a, b in zip(together.logits, alone.logits):
                 torch.testing.assert_close(a[r], b[0], atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_a_hand_written_decode_loop_needs_no_use_cache_flag(tiny):
+    """A prefill without ``use_cache`` gives a cache as the model's config says (several base
+    models pass ``use_cache=None`` on); the hooks must prune it as with ``use_cache=True``, or the
+    decode steps would run on a pruned cache with the unpruned positions and mask."""
+    inputs = tiny.make_inputs(tiny.batch)
+
+    def loop(**flag):
+        out = tiny.model(**inputs, **flag)
+        mask, token, logits = inputs["attention_mask"], out.logits[:, -1:].argmax(-1), []
+        for _ in range(3):
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+            out = tiny.model(input_ids=token, attention_mask=mask, use_cache=True,
+                             **cache_arg(tiny.model, kv_cache(out)))
+            logits.append(out.logits[:, -1])
+            token = out.logits[:, -1:].argmax(-1)
+        return torch.stack(logits)
+
+    try:
+        same_unpatched = torch.equal(loop(), loop(use_cache=True))
+    except Exception as exc:  # noqa: BLE001 - e.g. M-RoPE models need generate()'s bookkeeping
+        pytest.skip(f"the unpatched model runs no hand-written decode loop: {type(exc).__name__}")
+    if not same_unpatched:  # transformers 4.57's Gemma3 returns no cache from a prefill without the flag
+        pytest.skip("the unpatched model's loop depends on the flag itself")
+    with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
+        explicit = loop(use_cache=True)
+        assert handle.last_selection
+        assert torch.equal(loop(), explicit)
+
+
+@torch.no_grad()
+def test_a_pruned_cache_is_freed_by_reference_counting(tiny):
+    """The hooks hold a cache they pruned weakly (its reset and crop report to them): dropping
+    the output frees it at once, as unpatched, not at the next garbage-collector pass (on a GPU,
+    KV-cache memory held until then)."""
+    import gc
+    import weakref
+
+    inputs = tiny.make_inputs(tiny.single)
+    gc.disable()
+    try:
+        with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
+            out = tiny.model(**inputs, use_cache=True)
+            assert handle.last_selection
+            cache = weakref.ref(kv_cache(out))
+            del out
+            assert cache() is None
+    finally:
+        gc.enable()
+
+
+@torch.no_grad()
+def test_assisted_decoding_is_refused_clearly(tiny):
+    """Prompt-lookup (like assisted) decoding feeds draft tokens and crops the cache in the unpruned
+    numbering: refused with an error that says so, never run on a layout the cache no longer has."""
+    inputs = tiny.make_inputs(tiny.single)
+    gen = dict(max_new_tokens=6, do_sample=False, prompt_lookup_num_tokens=2)
+    try:
+        tiny.model.generate(**inputs, **gen)
+    except Exception as exc:  # noqa: BLE001 - e.g. transformers 4.57's lookup needs an eos id
+        pytest.skip(f"the unpatched model runs no prompt-lookup decoding here: {type(exc).__name__}")
+    with zspa_kernels.prune(tiny.model, keep=KEEP):
+        with pytest.raises(RuntimeError, match="(?s)pruned.*prompt-lookup"):
+            tiny.model.generate(**inputs, **gen)
 
 
 @torch.no_grad()

@@ -49,7 +49,13 @@ REUSE_ERROR = (
     "zspa_kernels.prune: this KV cache holds a pruned prefill; it can only be extended "
     "one token at a time by the generation that built it. Reusing it for a new prompt "
     "(e.g. a second generate() call with past_key_values) would misplace tokens: run "
-    "the whole prompt again without the cache."
+    "the whole prompt again without the cache. Assisted and prompt-lookup decoding, which "
+    "feed several tokens a step, are not supported with pruning either."
+)
+CROP_ERROR = (
+    "zspa_kernels.prune: generate() cropped a pruned KV cache (assisted or prompt-lookup "
+    "decoding rejects draft tokens so, counting the unpruned positions), which no longer matches "
+    "the pruned layout: generate without assistant_model / prompt_lookup_num_tokens, or without pruning."
 )
 
 
@@ -74,6 +80,7 @@ class _CacheState:
     # Tokens appended since the prefill. Counted here: the static cache of transformers 4.x
     # measures its length by non-zero keys of row 0, which miscounts left-padded rows.
     grown: int = 0
+    cropped: bool = False  # generate() cropped the cache (PruneHandle._watch): its next step is refused
 
 
 # transformers 5.24 renamed the cache argument ``past_key_values`` to ``cache``.
@@ -94,6 +101,24 @@ def _is_empty(cache) -> bool:
     """A host sync where the cache keeps its length on the device (static layers): only asked
     once a prompt, or of a cache this handle did not prune (see :func:`_host_length`)."""
     return cache is None or bool(cache.get_seq_length() == 0)
+
+
+def _watched(owner, handles, name: str):
+    """``cache.<name>`` as :meth:`PruneHandle._watch` installs it: tell the handles, then call the
+    class's own method. ``owner`` is a weak reference: the cache holds this function, not itself."""
+    def call(*args, **kwargs):
+        cache = owner()
+        for handle in list(handles):
+            state = handle._caches.get(cache)
+            if state is None:
+                continue
+            if name == "reset":
+                del handle._caches[cache]
+            else:
+                state.cropped = True
+        return getattr(type(cache), name)(cache, *args, **kwargs)
+
+    return call
 
 
 def _host_length(cache) -> Optional[int]:
@@ -182,8 +207,21 @@ class PruneHandle:
     # -- hooks -----------------------------------------------------------------------------
     def _top_pre_hook(self, module, args, kwargs):
         """Take ``labels`` away from the wrapper: its logits will cover the kept positions
-        only, so the loss is computed after the forward from the gathered labels."""
-        self._gather = None
+        only, so the loss is computed after the forward from the gathered labels. With
+        ``keep=1.0`` nothing is dropped and the wrapper computes its own loss, as unpatched
+        (a router's auxiliary loss, a family's own padding rule included)."""
+        self._gather = self._labels = None
+        keeps_all = isinstance(self.keep, float) and self.keep == 1.0
+        routed = kwargs.get("output_router_logits")
+        if routed is None:
+            routed = getattr(self.config.get_text_config(), "output_router_logits", False)
+        if routed and not keeps_all:
+            raise ValueError(
+                f"output_router_logits: the {self.family.name} load-balancing loss weighs the router logits of "
+                "the kept tokens by the unpruned attention mask, whose length differs; prune with keep=1.0, "
+                "or turn output_router_logits off")
+        if keeps_all:
+            return None
         self._labels = kwargs.pop("labels", None)
         self._loss_kwargs = {k: kwargs[k] for k in ("num_items_in_batch",) if k in kwargs}
         return args, kwargs
@@ -198,9 +236,12 @@ class PruneHandle:
             index, valid = self._gather
             first = valid & ~torch.nn.functional.pad(valid, (1, 0))[:, :-1]
             labels = labels.to(index.device).gather(1, index).masked_fill(~valid | first, -100)
-        output.loss = module.loss_function(output.logits, labels,
-                                           vocab_size=self.config.get_text_config().vocab_size,
-                                           **self._loss_kwargs)
+        logits = output[0] if isinstance(output, tuple) else output.logits  # return_dict=False: a tuple
+        loss = module.loss_function(logits, labels, vocab_size=self.config.get_text_config().vocab_size,
+                                    **self._loss_kwargs)
+        if isinstance(output, tuple):
+            return (loss, *output)  # as the model returns it: the loss first
+        output.loss = loss
         return output
 
     def _base_pre_hook(self, module, args, kwargs):
@@ -210,6 +251,8 @@ class PruneHandle:
         state = self._caches.get(cache) if cache is not None else None
         if state is None:
             return None
+        if state.cropped:
+            raise RuntimeError(CROP_ERROR)
         step = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         q = step.shape[1]
         if q != 1 or any(k.startswith("pixel_values") and v is not None for k, v in kwargs.items()):
@@ -224,7 +267,7 @@ class PruneHandle:
             return None
         # A decode step, known without reading the cache's length back (a static cache keeps it
         # on the device): this handle pruned the cache, and a reset would have dropped its state
-        # (_forget_on_reset).
+        # (_watch).
         if kwargs.get("position_ids") is None:
             # Continue the original numbering; the model would count cache slots instead.
             kwargs["position_ids"] = state.next_position + state.grown
@@ -237,6 +280,8 @@ class PruneHandle:
         if state is not None and _host_length(cache) == 0:  # emptied since (a dynamic cache tells for free)
             del self._caches[cache]
             state = None
+        if state is not None and state.cropped:
+            raise RuntimeError(CROP_ERROR)
         if state is not None:  # the base pre-hook lets only decode steps through with a state
             self._decode_step(state, kwargs)
             return args, kwargs
@@ -363,7 +408,11 @@ class PruneHandle:
             index = ranked.gather(1, src.clamp_min(0))
             self._gather = (index, valid)
 
-        if cache is None and kwargs.get("use_cache", getattr(self.lm.config, "use_cache", False)):
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:  # passed on as None by several base models: the LM's default, as the LM reads it
+            use_cache = getattr(self.lm.config, "use_cache", False) and not (
+                self.lm.training and getattr(self.lm, "gradient_checkpointing", False))
+        if cache is None and use_cache:
             from transformers import DynamicCache
 
             cache = kwargs[self._cache_arg] = DynamicCache(config=self.lm.config)
@@ -389,25 +438,23 @@ class PruneHandle:
         if cache is not None:
             last = positions.masked_fill(new_mask == 0, -1).amax(-1, keepdim=True)
             self._caches[cache] = _CacheState(new_mask, L, new_len, last + 1)
-            self._forget_on_reset(cache)
+            self._watch(cache)
 
-    def _forget_on_reset(self, cache) -> None:
-        """Drop this handle's state of ``cache`` when the cache is reset (``generate()`` resets a
-        static cache it reuses), so that a decode step never has to read the cache's length back
-        from the device to tell itself from a new prefill. Wrapped once per cache instance."""
-        reset = getattr(cache, "reset", None)
-        if reset is None:  # a cache that cannot be reset cannot be emptied that way either
-            return
+    def _watch(self, cache) -> None:
+        """Follow what ``generate()`` may do to a cache this handle pruned, without reading it
+        back from the device: ``reset()`` (a static cache reused) drops the handle's state of it,
+        so that a decode step never has to read the cache's length to tell itself from a new
+        prefill; ``crop()`` (assisted and prompt-lookup decoding reject draft tokens so, counting
+        the unpruned positions) marks it, so that its next step is refused (``CROP_ERROR``)
+        rather than run on a layout the cache no longer has. Once per cache instance, holding
+        the cache weakly: it is still freed by reference counting when dropped."""
         handles = cache.__dict__.get("_zspa_handles")
         if handles is None:
-            handles = weakref.WeakSet()
-
-            def forgetting_reset(*args, **kwargs):
-                for handle in list(handles):
-                    handle._caches.pop(cache, None)
-                return reset(*args, **kwargs)
-
-            cache.reset, cache._zspa_handles = forgetting_reset, handles
+            handles, owner = weakref.WeakSet(), weakref.ref(cache)
+            for name in ("reset", "crop"):
+                if callable(getattr(cache, name, None)):
+                    setattr(cache, name, _watched(owner, handles, name))
+            cache._zspa_handles = handles
         handles.add(self)
 
     # -- decode ----------------------------------------------------------------------------
