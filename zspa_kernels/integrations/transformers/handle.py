@@ -53,9 +53,9 @@ REUSE_ERROR = (
     "feed several tokens a step, are not supported with pruning either."
 )
 CROP_ERROR = (
-    "zspa_kernels.prune: generate() cropped a pruned KV cache (assisted or prompt-lookup "
-    "decoding rejects draft tokens so, counting the unpruned positions), which no longer matches "
-    "the pruned layout: generate without assistant_model / prompt_lookup_num_tokens, or without pruning."
+    "zspa_kernels.prune: this pruned KV cache no longer holds what its generation appended (it was "
+    "cropped or extended outside it: assisted and prompt-lookup decoding crop it, counting the unpruned "
+    "positions); generate without assistant_model / prompt_lookup_num_tokens, or without pruning."
 )
 
 
@@ -80,7 +80,6 @@ class _CacheState:
     # Tokens appended since the prefill. Counted here: the static cache of transformers 4.x
     # measures its length by non-zero keys of row 0, which miscounts left-padded rows.
     grown: int = 0
-    cropped: bool = False  # generate() cropped the cache (PruneHandle._watch): its next step is refused
 
 
 # transformers 5.24 renamed the cache argument ``past_key_values`` to ``cache``.
@@ -103,22 +102,29 @@ def _is_empty(cache) -> bool:
     return cache is None or bool(cache.get_seq_length() == 0)
 
 
-def _watched(owner, handles, name: str):
-    """``cache.<name>`` as :meth:`PruneHandle._watch` installs it: tell the handles, then call the
-    class's own method. ``owner`` is a weak reference: the cache holds this function, not itself."""
-    def call(*args, **kwargs):
-        cache = owner()
-        for handle in list(handles):
-            state = handle._caches.get(cache)
-            if state is None:
-                continue
-            if name == "reset":
-                del handle._caches[cache]
-            else:
-                state.cropped = True
-        return getattr(type(cache), name)(cache, *args, **kwargs)
+class _ResetWatch:
+    """``cache.reset`` as :meth:`PruneHandle._watch_reset` installs it on a cache that keeps its
+    length on the device: drops the state of the handles that pruned the cache, then calls the
+    class's own ``reset``. It holds the cache weakly (no cycle: a dropped cache is freed at once),
+    and a deep copy of the cache (prompt caching copies one) gets a watch of its own, on the
+    copy, that no handle follows: the copy's reset must never touch the original."""
 
-    return call
+    __slots__ = ("owner", "handles")
+
+    def __init__(self, cache, handles):
+        self.owner, self.handles = weakref.ref(cache), handles
+
+    def __call__(self, *args, **kwargs):
+        cache = self.owner()
+        if cache is None:  # reset() looked up on a cache nobody holds any more: nothing to reset
+            return None
+        for handle in list(self.handles):
+            handle._caches.pop(cache, None)
+        return type(cache).reset(cache, *args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        copy = memo.get(id(self.owner()))
+        return self if copy is None else _ResetWatch(copy, weakref.WeakSet())
 
 
 def _host_length(cache) -> Optional[int]:
@@ -251,8 +257,6 @@ class PruneHandle:
         state = self._caches.get(cache) if cache is not None else None
         if state is None:
             return None
-        if state.cropped:
-            raise RuntimeError(CROP_ERROR)
         step = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         q = step.shape[1]
         if q != 1 or any(k.startswith("pixel_values") and v is not None for k, v in kwargs.items()):
@@ -262,12 +266,16 @@ class PruneHandle:
                 del self._caches[cache]
                 return None
             raise RuntimeError(REUSE_ERROR)
-        if _host_length(cache) == 0:  # emptied since the prefill without a reset (cropped)
+        length = _host_length(cache)
+        if length == 0:  # emptied since the prefill: a new sequence
             del self._caches[cache]
             return None
+        if length is not None and length != state.pruned_len + state.grown:
+            raise RuntimeError(CROP_ERROR)  # cropped (or extended) outside this generation's steps
+        if length is None:
+            self._watch_reset(cache)
         # A decode step, known without reading the cache's length back (a static cache keeps it
-        # on the device): this handle pruned the cache, and a reset would have dropped its state
-        # (_watch).
+        # on the device): this handle pruned the cache, and a reset drops its state (_watch_reset).
         if kwargs.get("position_ids") is None:
             # Continue the original numbering; the model would count cache slots instead.
             kwargs["position_ids"] = state.next_position + state.grown
@@ -280,8 +288,6 @@ class PruneHandle:
         if state is not None and _host_length(cache) == 0:  # emptied since (a dynamic cache tells for free)
             del self._caches[cache]
             state = None
-        if state is not None and state.cropped:
-            raise RuntimeError(CROP_ERROR)
         if state is not None:  # the base pre-hook lets only decode steps through with a state
             self._decode_step(state, kwargs)
             return args, kwargs
@@ -438,24 +444,18 @@ class PruneHandle:
         if cache is not None:
             last = positions.masked_fill(new_mask == 0, -1).amax(-1, keepdim=True)
             self._caches[cache] = _CacheState(new_mask, L, new_len, last + 1)
-            self._watch(cache)
 
-    def _watch(self, cache) -> None:
-        """Follow what ``generate()`` may do to a cache this handle pruned, without reading it
-        back from the device: ``reset()`` (a static cache reused) drops the handle's state of it,
-        so that a decode step never has to read the cache's length to tell itself from a new
-        prefill; ``crop()`` (assisted and prompt-lookup decoding reject draft tokens so, counting
-        the unpruned positions) marks it, so that its next step is refused (``CROP_ERROR``)
-        rather than run on a layout the cache no longer has. Once per cache instance, holding
-        the cache weakly: it is still freed by reference counting when dropped."""
-        handles = cache.__dict__.get("_zspa_handles")
-        if handles is None:
-            handles, owner = weakref.WeakSet(), weakref.ref(cache)
-            for name in ("reset", "crop"):
-                if callable(getattr(cache, name, None)):
-                    setattr(cache, name, _watched(owner, handles, name))
-            cache._zspa_handles = handles
-        handles.add(self)
+    def _watch_reset(self, cache) -> None:
+        """Drop this handle's state of ``cache`` when the cache is reset (``generate()`` resets a
+        static cache it reuses). For caches that keep their length on the device only: a decode
+        step then never reads it back to tell itself from a new sequence (a dynamic cache's
+        length is a host integer, and its reset is seen for free)."""
+        watch = cache.__dict__.get("reset")
+        if not isinstance(watch, _ResetWatch):
+            if not callable(getattr(cache, "reset", None)):
+                return
+            watch = cache.reset = _ResetWatch(cache, weakref.WeakSet())
+        watch.handles.add(self)
 
     # -- decode ----------------------------------------------------------------------------
     def _decode_step(self, state: _CacheState, kwargs) -> None:
