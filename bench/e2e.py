@@ -47,8 +47,8 @@ def selection_us(B: int, D: int, k: int, backend: str, device, dtype) -> float:
 
 def gpu_busy_ms(fn, device) -> "float | None":
     """The summed duration of the CUDA kernels of one ``fn()`` (torch.profiler), None off GPUs or
-    where the profiler records no kernel; ``fn`` already warm. Beside the prefill's wall time it says how much of it the GPU worked:
-    an eager model whose prefill takes far longer than its kernels is bound by the host
+    where the profiler records no kernel; ``fn`` already warm. Beside the prefill's wall time it
+    says how much of it the GPU worked: an eager model whose prefill takes far longer than its kernels is bound by the host
     launching them, which no token count removes (the first H200 run's LLaVA-1.5-7B at batch 8:
     68.7 ms pruned)."""
     if device.type != "cuda":

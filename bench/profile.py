@@ -208,8 +208,7 @@ def main(argv=None) -> int:
                                      for key in ("host_scratch_us", "gram_us", "gram_split_us"))
             print(f"{backend:<8}{label:<15}{r['gpu_us']:>10.1f}{r['graph_us']:>10.1f}{r['eager_us']:>10.1f}"
                   f"{r['host_us']:>10.1f}{r['host_backend_us']:>10.1f}{scratch:>10}{r['fixed_us']:>10.1f}"
-                  f"{r['step_us']:>10.2f}"
-                  f"{gram:>10}{halves:>10}   (µs)",
+                  f"{r['step_us']:>10.2f}{gram:>10}{halves:>10}   (µs)",
                   flush=True)
     return 0
 

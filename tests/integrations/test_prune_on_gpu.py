@@ -98,7 +98,7 @@ DOCUMENTED_SYNCS = {("handle.py", "host = torch.stack([ids.to(device), mask]).cp
                     ("families.py", "return (torch.as_tensor(sizes) // step).prod(-1).tolist()")}
 # And right before them, once a prompt, a static cache's length (a device tensor), where the cache
 # is already allocated (a reused one; a new one's length is a host 0 until its first update).
-STATIC_LENGTH_READ = ("handle.py", "return cache is None or bool(cache.get_seq_length() == 0)")
+STATIC_LENGTH_READ = ("handle.py", "return bool(cache.get_seq_length() == 0)")
 
 
 class _SyncWatch:

@@ -31,7 +31,9 @@ def int32_offsets(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     keep every such offset below one row's element count, which for the prompt
     :func:`select_tokens_triton` requires to be under 2^31. The usual contiguous input is
     returned at once: this runs on every call, three times."""
-    if t is None or t.is_contiguous() or sum((size - 1) * stride for size, stride in zip(t.shape[1:], t.stride()[1:])) < 2**31:
+    if t is None or t.is_contiguous():
+        return t
+    if sum((size - 1) * stride for size, stride in zip(t.shape[1:], t.stride()[1:])) < 2**31:
         return t
     return t.contiguous()
 

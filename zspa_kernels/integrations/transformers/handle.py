@@ -99,7 +99,7 @@ def kv_cache(output):
 def _is_empty(cache) -> bool:
     """A host sync where the cache keeps its length on the device (static layers): only asked
     once a prompt, or of a cache this handle did not prune (see :func:`_host_length`)."""
-    return cache is None or bool(cache.get_seq_length() == 0)
+    return bool(cache.get_seq_length() == 0)
 
 
 class _ResetWatch:
@@ -285,22 +285,20 @@ class PruneHandle:
     def _lm_pre_hook(self, module, args, kwargs):
         cache = _cache_of(kwargs)
         state = self._caches.get(cache) if cache is not None else None
-        if state is not None and _host_length(cache) == 0:  # emptied since (a dynamic cache tells for free)
-            del self._caches[cache]
-            state = None
-        if state is not None:  # the base pre-hook lets only decode steps through with a state
+        if state is not None:  # the base pre-hook has dropped every emptied cache's state: a decode step
             self._decode_step(state, kwargs)
             return args, kwargs
         embeds = kwargs.get("inputs_embeds")
         if cache is not None:
             length = _host_length(cache)
-            if length is None:  # on the device: read it for a prompt only (right before the ids)
-                one_token = embeds is not None and embeds.shape[1] == 1
-                if one_token:  # holds no image: nothing to select, whatever the cache holds
-                    self.last_selection = []
-                    return None
-                length = 0 if _is_empty(cache) else 1
-            if length != 0:
+            if length is not None:
+                empty = length == 0
+            elif embeds is not None and embeds.shape[1] == 1:  # one token holds no image: nothing to select
+                self.last_selection = []
+                return None
+            else:  # on the device: read it for a prompt only (right before the ids' copy)
+                empty = _is_empty(cache)
+            if not empty:
                 return None  # a cache this handle did not prune, mid-sequence: left as it is
         inputs, self._inputs = self._inputs or {}, None
         ids = inputs.get("input_ids")
@@ -367,8 +365,6 @@ class PruneHandle:
         if not visual_h.any():  # a text-only prompt: nothing to select (and no images to size)
             return
         rows, cols = self._find_images(ids_h, visual_h, inputs)
-        if not rows:
-            return
         prompt_h = self._prompt_tokens(ids_h, visual_h, mask_h, rows, cols)
         counts = prompt_h.sum(1)
         if self.core_ratio > 0 and bool((counts[sorted(set(rows))] == 0).any()):
