@@ -106,7 +106,11 @@ class _SyncWatch:
     ``(file name, source line)`` of each synchronising CUDA call that this package's code makes
     inside it (``ours``), found by torch.cuda.set_sync_debug_mode (a copy from pageable host
     memory is one). Syncs inside transformers' own code (its mask builders, which Gemma3's hook
-    calls) are the model's, made pruned or not."""
+    calls) are the model's, made pruned or not. Watches nest (the language model's hook calls
+    the prefill and the decode step): an inner one hands what it caught to the outer ones, and
+    gives them back the mode it found."""
+
+    active: list["_SyncWatch"] = []  # the watches whose method is running, outermost first
 
     def __init__(self, monkeypatch, method: str):
         self.calls, self._sites = 0, []
@@ -114,16 +118,22 @@ class _SyncWatch:
 
         def watched(handle, *args, **kwargs):
             self.calls += 1
-            torch.cuda.synchronize()
+            if not _SyncWatch.active:
+                torch.cuda.synchronize()
+            mode = torch.cuda.get_sync_debug_mode()
+            _SyncWatch.active.append(self)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
                 try:
                     return original(handle, *args, **kwargs)
                 finally:
-                    torch.cuda.set_sync_debug_mode("default")
-                    self._sites += [(pathlib.Path(w.filename), w.lineno) for w in caught
-                                    if "synchronizing CUDA operation" in str(w.message)]
+                    torch.cuda.set_sync_debug_mode(mode)
+                    _SyncWatch.active.pop()
+                    sites = [(pathlib.Path(w.filename), w.lineno) for w in caught
+                             if "synchronizing CUDA operation" in str(w.message)]
+                    for watch in (*_SyncWatch.active, self):
+                        watch._sites += sites
 
         monkeypatch.setattr(PruneHandle, method, watched)  # before prune(): hooks bind at install
 
@@ -147,7 +157,9 @@ def test_the_hooks_wait_for_the_gpu_only_where_documented(tiny, backend, cache, 
                                  ("_prefill", "_decode_step", "_base_pre_hook", "_lm_pre_hook"))
     gen = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
     if cache == "static":
-        gen["cache_implementation"] = "static"
+        # generate() would compile its decode steps here (a static cache on a GPU), and the hooks
+        # with them: compiled decoding has a test of its own, below; this one watches the hooks.
+        gen.update(cache_implementation="static", disable_compile=True)
     with zspa_kernels.prune(tiny.model, keep=KEEP, backend=backend) as handle:
         tiny.model.generate(**inputs, **gen)
     assert prefill.calls == 1 and decode.calls == 2 and handle.last_selection, (prefill.calls, decode.calls)
@@ -157,3 +169,39 @@ def test_the_hooks_wait_for_the_gpu_only_where_documented(tiny, backend, cache, 
     # The language model's hook around them: the prefill's syncs, at most one length read (at the
     # prefill: three calls would read three times), nothing else.
     assert set(lm.ours) <= DOCUMENTED_SYNCS | {STATIC_LENGTH_READ} and lm.ours.count(STATIC_LENGTH_READ) <= 1, lm.ours
+
+
+@torch.no_grad()
+def test_static_cache_decoding_as_generate_compiles_it():
+    """generate() compiles the decode step of a static-cache generation on GPUs by itself
+    (inductor, CUDA graphs), the pruning hooks with it. The hooks give that step one shape and
+    no changing Python state, so it compiles once (test_transformers_prune.py counts the graphs
+    on every family on CPU), and it must generate the uncompiled tokens. A token may differ only
+    where the uncompiled logits nearly tie (inductor fuses and reorders the sums)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    tiny = BUILDERS["llava"]()
+    tiny.model.to(DEVICE)
+    inputs = _on(tiny.make_inputs(tiny.batch), DEVICE)
+    gen = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, cache_implementation="static",
+               output_logits=True, return_dict_in_generate=True)
+    with zspa_kernels.prune(tiny.model, keep=KEEP, backend="triton"):
+        eager = tiny.model.generate(**inputs, **gen, disable_compile=True)
+        torch._dynamo.reset()
+        counters.clear()
+        try:
+            compiled = tiny.model.generate(**inputs, **gen)  # transformers' own compile config
+            graphs = counters["stats"]["unique_graphs"]
+        finally:
+            torch._dynamo.reset()
+    assert graphs == 1, graphs
+    start = inputs["input_ids"].shape[1]
+    differ = (compiled.sequences[:, start:] != eager.sequences[:, start:]).any(0).nonzero()
+    if differ.numel():
+        step = int(differ[0])
+        top2 = eager.logits[step].topk(2, dim=-1).values
+        assert float((top2[:, 0] - top2[:, 1]).min()) < 1e-3, f"step {step}: not a near-tie"
+    else:
+        for a, b in zip(compiled.logits, eager.logits):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

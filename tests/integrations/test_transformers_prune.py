@@ -186,6 +186,41 @@ def test_static_cache_decode_steps_never_read_its_length_and_a_reused_cache_prun
 
 
 @torch.no_grad()
+def test_static_cache_decoding_compiles_once(tiny):
+    """On GPUs, generate() compiles the decode step of a static-cache generation by itself
+    (transformers' automatic compile; CUDA graphs by default). The hooks must give that step the
+    same shapes and no changing Python state at every step: otherwise Dynamo recompiles it at each
+    step until its limit, then falls back to eager (minutes of compiles for a 7B model). Compiled
+    here on CPU with Dynamo's eager backend: the pruned generation must compile no more graphs
+    than the unpatched one (which recompiles once where transformers' sliding-window layers count
+    their length in Python), and generate the tokens of its uncompiled self."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from transformers.generation.configuration_utils import CompileConfig
+
+    compile_config = CompileConfig(backend="eager")
+    compile_config._compile_all_devices = True  # what a CUDA model gets without asking
+    inputs = tiny.make_inputs(tiny.batch)
+    gen = dict(max_new_tokens=2 * NEW_TOKENS, min_new_tokens=2 * NEW_TOKENS, do_sample=False,
+               cache_implementation="static")
+
+    def compiled():  # the tokens, and how many graphs Dynamo compiled for them
+        torch._dynamo.reset()
+        counters.clear()
+        try:
+            return tiny.model.generate(**inputs, **gen, compile_config=compile_config), counters["stats"]["unique_graphs"]
+        finally:
+            torch._dynamo.reset()
+
+    _, unpatched = compiled()
+    with zspa_kernels.prune(tiny.model, keep=KEEP):
+        eager = tiny.model.generate(**inputs, **gen, disable_compile=True)
+        tokens, pruned = compiled()
+    assert 1 <= pruned <= unpatched, (pruned, unpatched)
+    assert torch.equal(tokens, eager)
+
+
+@torch.no_grad()
 def test_beam_search_scores_equal_no_cache_reference(tiny):
     if not tiny.beam_batch:
         pytest.skip("the unpatched model cannot beam-search this family's video on this transformers")

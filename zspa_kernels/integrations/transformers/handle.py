@@ -77,9 +77,15 @@ class _CacheState:
     original_len: int  # L
     pruned_len: int  # L'
     next_position: torch.Tensor  # (..., B, 1) original position of the first new token
-    # Tokens appended since the prefill. Counted here: the static cache of transformers 4.x
-    # measures its length by non-zero keys of row 0, which miscounts left-padded rows.
+    # Tokens appended since the prefill, for caches that keep their length on the host
+    # (dynamic layers): a static cache's decode steps never count in Python (see _decode_step).
     grown: int = 0
+    # Static caches only: the mask of every decode step, (B, the cache's full length): the
+    # pruned mask, then ones (causality hides the slots not yet written). One shape and no
+    # Python counter, so a decode step compiled by generate() (it compiles static-cache decoding
+    # on GPUs) is traced once, not once a step.
+    decode_mask: Optional[torch.Tensor] = None
+    length_layer: int = 0  # static caches: a full-length layer, whose length is a device tensor
 
 
 # transformers 5.24 renamed the cache argument ``past_key_values`` to ``cache``.
@@ -132,6 +138,31 @@ def _host_length(cache) -> Optional[int]:
     a static layer keeps it in a device tensor, and reading that back waits for the GPU."""
     length = cache.get_seq_length()
     return None if isinstance(length, torch.Tensor) else int(length)
+
+
+def _static_length(cache) -> Optional[tuple[int, int]]:
+    """``(full length, index of a layer that long)`` of a cache whose layers are allocated ahead
+    (static, hybrid: the caches ``generate()`` compiles decoding for), else None (dynamic layers
+    grow). A full-length layer counts its length in a device tensor; sliding-window layers of 5.x
+    count theirs in a Python integer, which a compiled step would have to guard on."""
+    if not getattr(cache, "is_compileable", False):
+        return None
+    lengths = [getattr(layer, "max_cache_len", None) for layer in getattr(cache, "layers", ())]
+    lengths = [n if isinstance(n, int) and n > 0 else 0 for n in lengths]
+    if not any(lengths):
+        return None
+    full = max(lengths)
+    return full, lengths.index(full)
+
+
+def _appended(state: "_CacheState", cache, kwargs) -> torch.Tensor:
+    """Tokens appended to a static cache since its pruned prefill, as a device tensor (no sync,
+    no Python count): generate()'s ``cache_position`` (transformers 4.x) counts the original
+    positions; without it the length counter of a full-length layer (5.x) counts its slots."""
+    position = kwargs.get("cache_position")
+    if position is not None:
+        return position[:1] - state.original_len
+    return cache.layers[state.length_layer].get_seq_length() - state.pruned_len
 
 
 def _mask_2d(mask, batch: int, length: int, device) -> torch.Tensor:
@@ -266,19 +297,21 @@ class PruneHandle:
                 del self._caches[cache]
                 return None
             raise RuntimeError(REUSE_ERROR)
-        length = _host_length(cache)
-        if length == 0:  # emptied since the prefill: a new sequence
-            del self._caches[cache]
-            return None
-        if length is not None and length != state.pruned_len + state.grown:
-            raise RuntimeError(CROP_ERROR)  # cropped (or extended) outside this generation's steps
-        if length is None:
-            self._watch_reset(cache)
-        # A decode step, known without reading the cache's length back (a static cache keeps it
-        # on the device): this handle pruned the cache, and a reset drops its state (_watch_reset).
+        if state.decode_mask is None:  # dynamic layers: the length is a host integer
+            length = _host_length(cache)
+            if length == 0:  # emptied since the prefill: a new sequence
+                del self._caches[cache]
+                return None
+            if length != state.pruned_len + state.grown:
+                raise RuntimeError(CROP_ERROR)  # cropped (or extended) outside this generation's steps
+            appended = state.grown
+        else:
+            # A static cache's decode step, known without reading its length back: this handle
+            # pruned the cache, and a reset drops its state (_watch_reset, set at the prefill).
+            appended = _appended(state, cache, kwargs)
         if kwargs.get("position_ids") is None:
             # Continue the original numbering; the model would count cache slots instead.
-            kwargs["position_ids"] = state.next_position + state.grown
+            kwargs["position_ids"] = state.next_position + appended
             return args, kwargs
         return None
 
@@ -439,13 +472,20 @@ class PruneHandle:
             self.family.on_prefill(Prefill(kwargs, index, valid, n_kept))
         if cache is not None:
             last = positions.masked_fill(new_mask == 0, -1).amax(-1, keepdim=True)
-            self._caches[cache] = _CacheState(new_mask, L, new_len, last + 1)
+            state = _CacheState(new_mask, L, new_len, last + 1)
+            static = _static_length(cache)
+            if static is not None:
+                full, state.length_layer = static
+                state.decode_mask = torch.cat([new_mask, new_mask.new_ones(B, full - new_len)], dim=1)
+                self._watch_reset(cache)
+            self._caches[cache] = state
 
     def _watch_reset(self, cache) -> None:
         """Drop this handle's state of ``cache`` when the cache is reset (``generate()`` resets a
-        static cache it reuses). For caches that keep their length on the device only: a decode
-        step then never reads it back to tell itself from a new sequence (a dynamic cache's
-        length is a host integer, and its reset is seen for free)."""
+        static cache it reuses). Set at the prefill, for static caches only: their length is kept on
+        the device, so a decode step never reads it back to tell itself from a new sequence (a
+        dynamic cache's length is a host integer, and its reset is seen for free); and nothing
+        a decode step reads changes from one step to the next (see _CacheState.decode_mask)."""
         watch = cache.__dict__.get("reset")
         if not isinstance(watch, _ResetWatch):
             if not callable(getattr(cache, "reset", None)):
@@ -459,6 +499,16 @@ class PruneHandle:
         q = embeds.shape[1]
         if q != 1:
             raise RuntimeError(REUSE_ERROR)
+        if state.decode_mask is not None:  # a static cache: the same shapes at every step
+            cache = _cache_of(kwargs)
+            slots = torch.arange(q, device=embeds.device) + (_appended(state, cache, kwargs) + state.pruned_len)
+            if kwargs.get("cache_position") is not None:
+                kwargs["cache_position"] = slots
+            mask = state.decode_mask
+            if self.family.build_mask is not None:  # decode tokens are text: no image blocks
+                mask = self.family.build_mask(self.config, embeds, mask, cache, kwargs.get("position_ids"), None, slots)
+            kwargs["attention_mask"] = mask
+            return
         grown, past = state.grown, state.pruned_len + state.grown
         state.grown += q
         mask = kwargs.get("attention_mask")
