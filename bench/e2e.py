@@ -60,7 +60,8 @@ def gpu_busy_ms(fn, device) -> "float | None":
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         hb.synchronize(device)
-    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    # Kernels, copies and fills; not the GPU-side spans of record_function ranges, which cover them
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
     if not kernels:  # the profiler saw no kernel (no CUPTI here): unknown, not zero
         return None
     return sum(e.time_range.elapsed_us() for e in kernels) / 1e3  # a kernel event's range: its run on the GPU

@@ -165,16 +165,21 @@ def split(backend: str, shape: hb.Shape, device: torch.device) -> dict:
     return record
 
 
-def profiled_calls(device: torch.device) -> None:
-    """One call per backend and shape (NCU_SHAPES) between the profiler's start and stop, after a
-    warm-up."""
+def profiled_calls(device: torch.device, labels=NCU_SHAPES) -> None:
+    """One call per backend and shape (``labels``, of NCU_SHAPES) between the profiler's start and
+    stop, after a warm-up; a call that fails its warm-up is left out, saying so."""
     runs = []
-    for label in NCU_SHAPES:
+    for label in labels:
         shape = next(s for s in hb.SPEC_SHAPES if s.label == label)
         visual, prompt = hb.make_inputs(shape, torch.bfloat16, device)
         for backend in fused_backends(device):
             run = selection(backend, visual, prompt, KEEP, hb.CORE_RATIO)
-            run()
+            try:
+                run()
+                torch.cuda.synchronize(device)
+            except RuntimeError as exc:
+                print(f"bench.profile --ncu: {backend} {label} left out: {str(exc).splitlines()[0]}", flush=True)
+                continue
             runs.append(run)
     torch.cuda.synchronize()
     torch.cuda.profiler.start()
@@ -187,11 +192,13 @@ def profiled_calls(device: torch.device) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ncu", action="store_true", help="only the bracketed calls, for ncu")
+    parser.add_argument("--shapes", nargs="+", choices=NCU_SHAPES, default=list(NCU_SHAPES),
+                        help="with --ncu: the shapes to profile (one ncu run each keeps a cut short run's first)")
     parser.add_argument("--out", help="write the records as JSON here")
     args = parser.parse_args(argv)
     device = hb.require_cuda("bench.profile")
     if args.ncu:
-        profiled_calls(device)
+        profiled_calls(device, args.shapes)
         return 0
     records = []
     print(f"{'backend':<8}{'shape':<15}{'gpu':>10}{'graph':>10}{'eager':>10}{'host':>10}{'host bk':>10}{'scratch':>10}"
@@ -200,7 +207,11 @@ def main(argv=None) -> int:
     for label in SHAPES:
         shape = next(s for s in hb.SPEC_SHAPES if s.label == label)
         for backend in fused_backends(device):
-            r = split(backend, shape, device)
+            try:
+                r = split(backend, shape, device)
+            except RuntimeError as exc:  # the next backend and shape still run (a trap would not: the log says)
+                print(f"{backend:<8}{label:<15}failed: {str(exc).splitlines()[0]}", flush=True)
+                continue
             records.append(r)
             if args.out:  # after every record: a time limit keeps what finished
                 hb.save_records(args.out, device, records)

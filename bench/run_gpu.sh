@@ -59,10 +59,12 @@ GPU=   # 1 where torch sees a CUDA device
 has_module() { "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('$1') else 1)"; }
 # The logs are committed: this machine's folders (the checkout, site-packages, home) become names.
 SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/dev/null || echo /nonexistent)
+SCRUB=(-e "s#$DEST/##g" -e "s#$SITE#<site-packages>#g" -e "s#$PWD#<repo>#g")
+[ "${HOME:-/}" != / ] && SCRUB+=(-e "s#$HOME#~#g")
 scrub() {
   local f
   for f in "$DEST"/*.log "$DEST"/*.txt "$DEST"/*.md; do
-    [ -f "$f" ] && sed -i -e "s#$DEST/##g" -e "s#$SITE#<site-packages>#g" -e "s#$PWD#<repo>#g" -e "s#$HOME#~#g" "$f"
+    [ -f "$f" ] && sed -i "${SCRUB[@]}" "$f"
   done
   return 0
 }
@@ -85,7 +87,7 @@ sanitizer_run() {  # $1: tool, $2: the stage's end (in $SECONDS), then bench.san
   # Every caching-allocator block its own cudaMalloc, so that memcheck sees each tensor's
   # bounds; API errors surface as exceptions in our launches (each one is checked). Device
   # frames only: a host backtrace per report made the first run's log 580 KB.
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout $((end - SECONDS)) compute-sanitizer --tool "$tool" \
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 10 $((end - SECONDS)) compute-sanitizer --tool "$tool" \
     --error-exitcode 99 --report-api-errors no --print-limit 50 --show-backtrace device --target-processes all \
     "$PY" -m bench.sanitize "$@" 2>&1
   rc=$?
@@ -128,7 +130,7 @@ stage_checks() {  # $1: seconds allowed
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv >> "$log" 2>&1
   # Side by side (16 cores, one GPU; nothing is timed): the csrc/ build, the GPU tests, and
   # the sanitizers (triton's at once, cuda's once the build is done).
-  timeout "$1" "$PY" -m zspa_kernels.cli build > "$DEST/build.tmp" 2>&1 &
+  timeout -k 10 "$1" "$PY" -m zspa_kernels.cli build > "$DEST/build.tmp" 2>&1 &
   local build_pid=$!
   has_module xdist && xdist=(-n 12)
   # The tests that exercise the GPU (65 s with 12+ workers on a warm H200). The first run also
@@ -142,12 +144,15 @@ stage_checks() {  # $1: seconds allowed
   # --durations: the slowest tests in the log, to size this stage by (its first cold run with the
   # GPU tests alone; run 1's timed out beside the CPU half).
   local pytest_args=(-q -p no:cacheprovider -rfE --tb=short --durations=30 "${xdist[@]}")
-  timeout "$1" "$PY" -m pytest "${pytest_args[@]}" "${gpu_tests[@]}" > "$DEST/tests-GPU.tmp" 2>&1 &
+  timeout -k 10 "$1" "$PY" -m pytest "${pytest_args[@]}" "${gpu_tests[@]}" > "$DEST/tests-GPU.tmp" 2>&1 &
   local gpu_pid=$!
   $sanitizer && { sanitize triton "$end" > "$DEST/sanitize-triton.tmp" & pids+=($!); }
   wait "$build_pid" || rc=$?
   { echo "== zspa build (exit $rc)"; cat "$DEST/build.tmp"; } >> "$log"; rm -f "$DEST/build.tmp"
-  $sanitizer && { sanitize cuda "$end" > "$DEST/sanitize-cuda.tmp" & pids+=($!); }
+  if $sanitizer && [ "$rc" = 0 ]; then sanitize cuda "$end" > "$DEST/sanitize-cuda.tmp" & pids+=($!)
+  elif $sanitizer; then  # each run would try the build again, one after another, and fail
+    echo "== compute-sanitizer on cuda: skipped, zspa build failed (exit $rc; its log is in tests.log)" > "$DEST/sanitize-cuda.tmp"
+  fi
   rc=0
   wait "$gpu_pid" || rc=$?
   { echo "== pytest: the GPU tests"; grep -v -e PytestBenchmarkWarning -e "^bringing up nodes" "$DEST/tests-GPU.tmp"
@@ -167,7 +172,7 @@ main() {
   for STAGE in "${STAGES[@]}"; do
     case $STAGE in  # cap and floor (seconds) of each stage
       install) cap=60; floor=5 ;;   checks) cap=240; floor=60 ;;  micro) cap=150; floor=60 ;;
-      e2e) cap=120; floor=60 ;;     profile) cap=60; floor=20 ;;  demo) cap=60; floor=30 ;;
+      e2e) cap=120; floor=60 ;;     profile) cap=80; floor=20 ;;  demo) cap=60; floor=30 ;;
       tune) cap=60; floor=30 ;;     report) cap=30; floor=5 ;;    smoke) cap=90; floor=20 ;;
       *) echo "unknown stage '$STAGE' (all|install|checks|smoke|tune|micro|e2e|profile|demo|report)" >&2; exit 2 ;;
     esac
@@ -176,7 +181,7 @@ main() {
     if [ "$allowed" -eq 0 ]; then echo "   skipped: under ${floor}s left"; continue; fi
     case $STAGE in
       install)
-        timeout "$allowed" "$PY" -m pip install --quiet --no-build-isolation --no-deps -e . ;;
+        timeout -k 10 "$allowed" "$PY" -m pip install --quiet --no-build-isolation --no-deps -e . ;;
       checks)
         stage_checks "$allowed" ;;
       micro)
@@ -189,25 +194,32 @@ main() {
       e2e)
         if [ "$GPU" = 1 ]; then args=(--models llava-1.5-7b qwen2.5-vl-7b --repeats 3 --new-tokens 16)
         else args=(--models llava-1.5-tiny qwen2.5-vl-tiny --repeats 3 --new-tokens 16); fi
-        timeout "$allowed" "$PY" -m bench.e2e "${args[@]}" --batch 1 8 --out "$DEST/$STEM.e2e-raw.json" ;;
+        timeout -k 10 "$allowed" "$PY" -m bench.e2e "${args[@]}" --batch 1 8 --out "$DEST/$STEM.e2e-raw.json" ;;
       profile)
         end=$((SECONDS + allowed))
-        timeout "$allowed" "$PY" -m bench.profile --out "$DEST/$STEM.profile-raw.json"
-        if command -v ncu > /dev/null && [ $((end - SECONDS)) -gt 10 ]; then
-          # --clock-control none: the card's clocks are left as found
-          timeout $((end - SECONDS)) ncu --clock-control none --profile-from-start off --target-processes all \
-            --set detailed "$PY" -m bench.profile --ncu > "$DEST/$STEM.ncu.txt" 2>&1
-          echo "ncu exit status: $? ($(grep -c 'Section: GPU Speed Of Light' "$DEST/$STEM.ncu.txt") kernels profiled)"
+        # The timing run leaves Nsight Compute its share. ncu prints its sections only when its
+        # process ends, so a run cut short brings back nothing: LLaVA-1.5 first, video apart.
+        timeout -k 10 $((allowed > 50 ? allowed - 30 : allowed)) "$PY" -m bench.profile --out "$DEST/$STEM.profile-raw.json"
+        if command -v ncu > /dev/null; then
+          : > "$DEST/$STEM.ncu.txt"
+          for shapes in "llava-1.5 llava-1.5-b32" video; do
+            if [ $((end - SECONDS)) -lt 15 ]; then echo "ncu ($shapes): skipped, under 15 s left" | tee -a "$DEST/$STEM.ncu.txt"; break; fi
+            # --clock-control none: the card's clocks are left as found
+            timeout -k 10 $((end - SECONDS)) ncu --clock-control none --profile-from-start off --target-processes all \
+              --set detailed "$PY" -m bench.profile --ncu --shapes $shapes >> "$DEST/$STEM.ncu.txt" 2>&1
+            echo "ncu ($shapes) exit status: $?"
+          done
+          echo "ncu: $(grep -c '^==PROF== Profiling' "$DEST/$STEM.ncu.txt") kernels profiled"
         fi ;;
       demo)
         # stdout only: library warnings on stderr would carry this machine's paths into the results
-        timeout "$allowed" "$PY" -m zspa_kernels.cli demo --out "$DEST/$STEM.demo" > "$DEST/$STEM.demo.txt"
+        timeout -k 10 "$allowed" "$PY" -m zspa_kernels.cli demo --out "$DEST/$STEM.demo" > "$DEST/$STEM.demo.txt"
         echo "demo exit status: $?"; cat "$DEST/$STEM.demo.txt"
         [ -f "$DEST/$STEM.demo/kept_patches.png" ] && mv "$DEST/$STEM.demo/kept_patches.png" "$DEST/$STEM.demo.png"
         rm -rf "$DEST/$STEM.demo" ;;
       smoke)  # the cluster kernel, before anything is timed; compiles csrc/ if checks did not
         if [ "$GPU" = 1 ]; then
-          timeout "$allowed" "$PY" -m bench.smoke > "$DEST/$STEM.smoke.txt" 2>&1
+          timeout -k 10 "$allowed" "$PY" -m bench.smoke > "$DEST/$STEM.smoke.txt" 2>&1
           rc=$?; cat "$DEST/$STEM.smoke.txt"
           if [ "$rc" = 3 ]; then
             export ZSPA_CUDA_GREEDY=block  # tune, too, then times the block kernel only
@@ -220,7 +232,7 @@ main() {
           fi
         else echo "   no GPU: nothing to check"; fi ;;
       tune)
-        timeout "$allowed" "$PY" -m bench.tune --out "$DEST/$STEM.tune-raw.json" | tee "$DEST/$STEM.tune.txt" ;;
+        timeout -k 10 "$allowed" "$PY" -m bench.tune --out "$DEST/$STEM.tune-raw.json" | tee "$DEST/$STEM.tune.txt" ;;
       report)
         if [ ! -f "$DEST/$STEM.micro-raw.json" ]; then echo "   no microbenchmark results: nothing to report"; continue; fi
         extra=()
@@ -229,7 +241,7 @@ main() {
           [ -f "$f" ] && extra+=("--$kind" "$f")
         done
         [ "$GPU" = 1 ] && extra+=(--auto-table "$DEST/$STEM.auto_cuda.json")  # auto's table, to review and commit
-        timeout "$allowed" "$PY" -m bench.report --micro "$DEST/$STEM.micro-raw.json" "${extra[@]}" --out "$DEST" \
+        timeout -k 10 "$allowed" "$PY" -m bench.report --micro "$DEST/$STEM.micro-raw.json" "${extra[@]}" --out "$DEST" \
           --stem "$STEM" && cat "$DEST/$STEM.md" ;;
     esac
     pack
@@ -250,4 +262,5 @@ summary() {
   return 0
 }
 
-if [ -n "${OUT:-}" ]; then main "$@" 2>&1 | tee "$OUT/run.log"; else main "$@"; fi
+# run.log is committed as it comes back: scrubbed as it is written
+if [ -n "${OUT:-}" ]; then main "$@" 2>&1 | sed -u "${SCRUB[@]}" | tee "$OUT/run.log"; else main "$@"; fi
