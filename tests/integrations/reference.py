@@ -16,6 +16,17 @@ def cache_arg(model, cache) -> dict:
             else "past_key_values": cache}
 
 
+def static_cache(model, batch: int, length: int):
+    """A ``StaticCache`` of ``length`` slots for ``model``'s language model, as this transformers
+    version builds one (4.x also wants the batch, device and dtype up front)."""
+    from transformers import StaticCache
+
+    kwargs = dict(config=model.config.get_text_config(), max_cache_len=length)
+    if "max_batch_size" in inspect.signature(StaticCache.__init__).parameters:
+        kwargs.update(max_batch_size=batch, device=model.device, dtype=model.dtype)
+    return StaticCache(**kwargs)
+
+
 def lm_of(model):
     return split_model(model, find_family(model))[1]
 

@@ -8,6 +8,7 @@ positions the UNPRUNED model uses (cached generation).
 from __future__ import annotations
 
 import copy
+import inspect
 import re
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from zspa_kernels.integrations.transformers import kv_cache  # noqa: E402
 from zspa_kernels.integrations.transformers.tiny import BUILDERS  # noqa: E402
 
 from .reference import (cache_arg, capture_lm_calls, image_features_of, no_cache_logits,  # noqa: E402
-                        padding_mask, unpruned_decode_positions)
+                        padding_mask, static_cache, unpruned_decode_positions)
 
 NEW_TOKENS = 4
 KEEP = 5  # of 16+ tokens per image
@@ -399,6 +400,46 @@ def test_hand_written_decode_loop_matches_generate(tiny, with_mask):
             tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
     assert torch.equal(torch.cat(tokens, 1), expected[:, -NEW_TOKENS:])
 
+
+
+@pytest.mark.parametrize("numbered", [False, True], ids=["no_cache_position", "cache_position"])
+@torch.no_grad()
+def test_a_hand_written_static_cache_loop_matches_generate(tiny, numbered):
+    """A batch (left padding) decoded by hand on a caller's static cache, with or without
+    ``cache_position`` (counted as the caller sees the sequence, the original positions, as in
+    transformers' static-cache docs). Its decode steps must take their slots from the caller's
+    arguments, not from the ``cache_position`` the base model computes for its language model
+    from the cache (slots of the pruned layout), nor from a full-attention layer's length, which
+    transformers 4.57 counts by non-zero keys of row 0 (Gemma3's padding has zero keys)."""
+    inputs = tiny.make_inputs(tiny.batch)
+    B, L = inputs["input_ids"].shape
+    if numbered and "cache_position" not in inspect.signature(tiny.model.forward).parameters:
+        pytest.skip("this transformers' model takes no cache_position")
+    gen = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, cache_implementation="static")
+
+    def loop():
+        cache, mask = static_cache(tiny.model, B, L + NEW_TOKENS), inputs["attention_mask"]
+        out = tiny.model(**inputs, **cache_arg(tiny.model, cache), use_cache=True,
+                         **(dict(cache_position=torch.arange(L)) if numbered else {}))
+        tokens = [out.logits[:, -1].argmax(-1, keepdim=True)]
+        for i in range(NEW_TOKENS - 1):
+            mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
+            out = tiny.model(input_ids=tokens[-1], attention_mask=mask, **cache_arg(tiny.model, cache),
+                             use_cache=True, **(dict(cache_position=torch.tensor([L + i])) if numbered else {}))
+            tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+        return torch.cat(tokens, 1)
+
+    try:
+        same_unpatched = torch.equal(loop(), tiny.model.generate(**inputs, **gen)[:, L:])
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"the unpatched model runs no hand-written static-cache loop: {type(exc).__name__}")
+    if not same_unpatched:
+        pytest.skip("the unpatched model's hand-written static-cache loop differs from its generate()")
+    with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
+        expected = tiny.model.generate(**inputs, **gen)[:, L:]
+        got = loop()
+        assert handle.last_selection
+    assert torch.equal(got, expected)
 
 
 @torch.no_grad()

@@ -85,7 +85,9 @@ class _CacheState:
     # Python counter, so a decode step compiled by generate() (it compiles static-cache decoding
     # on GPUs) is traced once, not once a step.
     decode_mask: Optional[torch.Tensor] = None
-    length_layer: int = 0  # static caches: a full-length layer, whose length is a device tensor
+    # Static caches: this decode step's count of appended tokens, as the base model's hook read it
+    # from the caller's arguments (the language model's may carry the base model's own slots).
+    appended: Optional[torch.Tensor] = None
 
 
 # transformers 5.24 renamed the cache argument ``past_key_values`` to ``cache``.
@@ -140,29 +142,26 @@ def _host_length(cache) -> Optional[int]:
     return None if isinstance(length, torch.Tensor) else int(length)
 
 
-def _static_length(cache) -> Optional[tuple[int, int]]:
-    """``(full length, index of a layer that long)`` of a cache whose layers are allocated ahead
-    (static, hybrid: the caches ``generate()`` compiles decoding for), else None (dynamic layers
-    grow). A full-length layer counts its length in a device tensor; sliding-window layers of 5.x
-    count theirs in a Python integer, which a compiled step would have to guard on."""
+def _static_length(cache) -> Optional[int]:
+    """The full length of a cache whose layers are allocated ahead (static, hybrid: the caches
+    ``generate()`` compiles decoding for), else None (dynamic layers grow)."""
     if not getattr(cache, "is_compileable", False):
         return None
     lengths = [getattr(layer, "max_cache_len", None) for layer in getattr(cache, "layers", ())]
-    lengths = [n if isinstance(n, int) and n > 0 else 0 for n in lengths]
-    if not any(lengths):
-        return None
-    full = max(lengths)
-    return full, lengths.index(full)
+    lengths = [n for n in lengths if isinstance(n, int) and n > 0]
+    return max(lengths) if lengths else None
 
 
 def _appended(state: "_CacheState", cache, kwargs) -> torch.Tensor:
-    """Tokens appended to a static cache since its pruned prefill, as a device tensor (no sync,
-    no Python count): generate()'s ``cache_position`` (transformers 4.x) counts the original
-    positions; without it the length counter of a full-length layer (5.x) counts its slots."""
+    """Tokens appended to a static cache since its pruned prefill, without a count of this
+    handle's, from the base model's arguments: generate()'s ``cache_position`` (transformers 4.x)
+    counts the original positions; without it, the cache's length, which the model itself reads to
+    number the new slot (a device tensor on full-attention layers; 5.x sliding-window layers keep
+    a Python integer, and a compiled step guards on it, pruned or not)."""
     position = kwargs.get("cache_position")
     if position is not None:
         return position[:1] - state.original_len
-    return cache.layers[state.length_layer].get_seq_length() - state.pruned_len
+    return cache.get_seq_length() - state.pruned_len
 
 
 def _mask_2d(mask, batch: int, length: int, device) -> torch.Tensor:
@@ -308,7 +307,7 @@ class PruneHandle:
         else:
             # A static cache's decode step, known without reading its length back: this handle
             # pruned the cache, and a reset drops its state (_watch_reset, set at the prefill).
-            appended = _appended(state, cache, kwargs)
+            appended = state.appended = _appended(state, cache, kwargs)
         if kwargs.get("position_ids") is None:
             # Continue the original numbering; the model would count cache slots instead.
             kwargs["position_ids"] = state.next_position + appended
@@ -473,9 +472,8 @@ class PruneHandle:
         if cache is not None:
             last = positions.masked_fill(new_mask == 0, -1).amax(-1, keepdim=True)
             state = _CacheState(new_mask, L, new_len, last + 1)
-            static = _static_length(cache)
-            if static is not None:
-                full, state.length_layer = static
+            full = _static_length(cache)
+            if full is not None:
                 state.decode_mask = torch.cat([new_mask, new_mask.new_ones(B, full - new_len)], dim=1)
                 self._watch_reset(cache)
             self._caches[cache] = state
@@ -501,7 +499,10 @@ class PruneHandle:
             raise RuntimeError(REUSE_ERROR)
         if state.decode_mask is not None:  # a static cache: the same shapes at every step
             cache = _cache_of(kwargs)
-            slots = torch.arange(q, device=embeds.device) + (_appended(state, cache, kwargs) + state.pruned_len)
+            appended, state.appended = state.appended, None
+            if appended is None:  # the language model called without the base model
+                appended = _appended(state, cache, kwargs)
+            slots = torch.arange(q, device=embeds.device) + (appended + state.pruned_len)
             if kwargs.get("cache_position") is not None:
                 kwargs["cache_position"] = slots
             mask = state.decode_mask
