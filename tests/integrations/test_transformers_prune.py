@@ -187,6 +187,24 @@ def test_static_cache_decode_steps_never_read_its_length_and_a_reused_cache_prun
 
 
 @torch.no_grad()
+def test_a_reset_after_a_one_token_generation_makes_a_new_sequence(tiny):
+    """A generation of one token on a caller's static cache makes no decode step; a reset after
+    it must still drop the handle's state of the cache, so that a one-token prompt on it is a new
+    sequence (unpruned, at position 0), not a decode step of the pruned prefill."""
+    inputs = tiny.make_inputs(tiny.batch)
+    B, L = inputs["input_ids"].shape
+    cache = static_cache(tiny.model, B, L + 4)
+    token = dict(input_ids=inputs["input_ids"][:, -1:], attention_mask=inputs["attention_mask"][:, -1:])
+    with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
+        tiny.model.generate(**inputs, **cache_arg(tiny.model, cache), max_new_tokens=1, do_sample=False)
+        assert handle.last_selection
+        cache.reset()
+        got = tiny.model(**token, **cache_arg(tiny.model, cache), use_cache=True).logits
+    cache.reset()
+    assert torch.equal(got, tiny.model(**token, **cache_arg(tiny.model, cache), use_cache=True).logits)
+
+
+@torch.no_grad()
 def test_static_cache_decoding_compiles_once(tiny):
     """On GPUs, generate() compiles the decode step of a static-cache generation by itself
     (transformers' automatic compile; CUDA graphs by default). The hooks must give that step the
