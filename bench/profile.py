@@ -178,7 +178,7 @@ def profiled_calls(device: torch.device, labels=NCU_SHAPES) -> None:
                 run()
                 torch.cuda.synchronize(device)
             except RuntimeError as exc:
-                print(f"bench.profile --ncu: {backend} {label} left out: {str(exc).splitlines()[0]}", flush=True)
+                print(f"bench.profile --ncu: {backend} {label} left out: {hb.first_line(exc)}", flush=True)
                 continue
             runs.append(run)
     torch.cuda.synchronize()
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
             try:
                 r = split(backend, shape, device)
             except RuntimeError as exc:  # the next backend and shape still run (a trap would not: the log says)
-                print(f"{backend:<8}{label:<15}failed: {str(exc).splitlines()[0]}", flush=True)
+                print(f"{backend:<8}{label:<15}failed: {hb.first_line(exc)}", flush=True)
                 continue
             records.append(r)
             if args.out:  # after every record: a time limit keeps what finished

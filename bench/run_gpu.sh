@@ -26,7 +26,7 @@
 #   micro    microbenchmarks at the SPEC shapes (from here on the GPU is the run's alone)
 #   profile  bench/profile.py's time split (GPU time, graph replay, eager host cost, fixed cost
 #            and cost per greedy step), then Nsight Compute of one call per fused backend;
-#            before e2e: a minute at most, where e2e saves after each model (LLaVA first), so a
+#            before e2e: 80 s at most, where e2e saves after each model (LLaVA first), so a
 #            long checks stage costs Qwen's e2e rows rather than the host times and the profiles
 #   e2e      LLaVA-1.5-7B and Qwen2.5-VL-7B from configs, bf16, batch 1 and 8
 #   demo     `zspa demo` (the README's first command) and its picture

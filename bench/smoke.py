@@ -46,7 +46,7 @@ def check(device: torch.device, progress=print) -> int:
                                                                    "mean", "cuda", True)
                     torch.cuda.synchronize(device)
                 except RuntimeError as exc:
-                    progress(f"bench.smoke: {shape.label}: the {greedy} kernel failed: {str(exc).splitlines()[0]}")
+                    progress(f"bench.smoke: {shape.label}: the {greedy} kernel failed: {hb.first_line(exc)}")
                     return CUDA_FAILS if greedy == "block" else USE_BLOCK
         if not torch.equal(outputs["block"], outputs["cluster"]):
             rows = int((outputs["block"] != outputs["cluster"]).any(1).sum())

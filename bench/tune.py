@@ -140,7 +140,7 @@ def run_cuda_paths(device: torch.device, progress=print) -> list[dict]:
                     hb.synchronize(device)
                     record["median_us"] = hb.median_us(call, device)
                 except RuntimeError as exc:  # recorded, so that one failing path leaves the others timed
-                    record["error"] = str(exc).splitlines()[0]
+                    record["error"] = hb.first_line(exc)
                     records.append(record)
                     progress(f"{label:<15}{json.dumps(record['variant']):<28} failed: {record['error']}")
                     continue
@@ -268,7 +268,7 @@ def main(argv=None) -> int:
             records += section(device, progress=progress)
         except RuntimeError as exc:
             failed += 1
-            progress(f"bench.tune: {section.__name__} failed: {(str(exc).splitlines() or [repr(exc)])[0]}")
+            progress(f"bench.tune: {section.__name__} failed: {hb.first_line(exc)}")
         if args.out:
             hb.save_records(args.out, device, records)
     return 1 if failed else 0

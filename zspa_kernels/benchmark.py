@@ -180,6 +180,11 @@ def synchronize(device: torch.device) -> None:
 SLOW_CALL_MS = 50.0  # calls slower than this are timed 3 times on GPUs, without do_bench's L2 flush
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first line, for one-line failure reports (its type where it has no text)."""
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
 def median_us(fn: Callable[[], object], device: torch.device, min_seconds: float = 0.2) -> float:
     """Median wall time of ``fn`` in microseconds: CUDA events on GPUs (``do_bench``, L2 flushed;
     a call over ``SLOW_CALL_MS``, whose L2 state does not matter, the median of three), a
@@ -188,19 +193,16 @@ def median_us(fn: Callable[[], object], device: torch.device, min_seconds: float
         import triton.testing
 
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        if start.elapsed_time(end) > SLOW_CALL_MS:  # do_bench would make 8+ calls of it
-            times = []
-            for _ in range(3):
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            return 1e3 * statistics.median(times)
+
+        def event_ms() -> float:
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+
+        if event_ms() > SLOW_CALL_MS:  # do_bench would make 8+ calls of it
+            return 1e3 * statistics.median(event_ms() for _ in range(3))
         return 1e3 * triton.testing.do_bench(fn, warmup=25, rep=max(100, int(min_seconds * 1e3)),
                                              return_mode="median")
     fn()  # warm-up
