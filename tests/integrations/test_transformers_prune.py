@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import pickle
 import re
 import subprocess
 import sys
@@ -458,6 +459,74 @@ def test_a_hand_written_static_cache_loop_matches_generate(tiny, numbered):
         got = loop()
         assert handle.last_selection
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+@torch.no_grad()
+def test_a_deep_copy_of_a_pruned_cache_continues_its_sequence(tiny, kind):
+    """``copy.deepcopy`` of a pruned cache (prompt caching, branching a generation) holds the pruned
+    layout too: decoded by hand, the copy gives the original's logits bit for bit, and then the
+    original still does (the copy's steps do not advance it); where the unpatched model's
+    hand-written loop equals its generate() (not Qwen/GLM's), both give the pruned generate()'s
+    tokens. A new prompt on the copy is refused as on the original, and so is any use of an
+    unpickled copy, whose layout no handle can find, or of a cache once its handle is removed. An
+    untracked copy decoded at the pruned slot numbers with the unpruned mask: wrong logits,
+    silently (LLaVA, Gemma3), or a shape error (Qwen2-VL)."""
+    inputs = tiny.make_inputs(tiny.batch)
+    B, L = inputs["input_ids"].shape
+    gen = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+               **(dict(cache_implementation="static") if kind == "static" else {}))
+
+    def prefill():
+        cache = (static_cache(tiny.model, B, L + NEW_TOKENS) if kind == "static"
+                 else transformers.DynamicCache(config=tiny.model.config.get_text_config()))
+        out = tiny.model(**inputs, **cache_arg(tiny.model, cache), use_cache=True)
+        return cache, out.logits[:, -1:]
+
+    def decode(cache, logits):
+        mask, steps = inputs["attention_mask"], [logits]
+        for _ in range(NEW_TOKENS - 1):
+            mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
+            steps.append(tiny.model(input_ids=steps[-1].argmax(-1), attention_mask=mask,
+                                    **cache_arg(tiny.model, cache), use_cache=True).logits[:, -1:])
+        return torch.cat(steps, 1)
+
+    try:
+        loop_is_generate = torch.equal(decode(*prefill()).argmax(-1), tiny.model.generate(**inputs, **gen)[:, L:])
+    except Exception:  # noqa: BLE001 - the unpatched model cannot run such a loop (Qwen, GLM)
+        loop_is_generate = False
+    with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
+        expected = tiny.model.generate(**inputs, **gen)[:, L:]
+        cache, first = prefill()
+        assert handle.last_selection
+        copied = copy.deepcopy(cache)
+        from_copy = decode(copied, first)
+        from_original = decode(cache, first)
+        assert torch.equal(from_copy, from_original)
+        if loop_is_generate:
+            assert torch.equal(from_original.argmax(-1), expected)
+        again = copy.deepcopy(cache)
+        with pytest.raises(RuntimeError, match="pruned prefill"):
+            tiny.model(**inputs, **cache_arg(tiny.model, again), use_cache=True)
+        # Pickled (a generate() output saved, or sent to another process), the cache's tensors
+        # survive but its layout cannot: extending it is refused, a prompt included, until it is
+        # emptied; a static cache's reset() empties it, and its prompt is then pruned again.
+        unpickled = pickle.loads(pickle.dumps(again))
+        token = first.argmax(-1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], 1)
+        for step in (dict(input_ids=token, attention_mask=mask), inputs):
+            with pytest.raises(RuntimeError, match="was pickled"):
+                tiny.model(**step, **cache_arg(tiny.model, unpickled), use_cache=True)
+        if kind == "static":
+            unpickled.reset()
+            handle.last_selection = []
+            assert torch.equal(tiny.model(**inputs, **cache_arg(tiny.model, unpickled), use_cache=True).logits[:, -1:],
+                               first)
+            assert handle.last_selection
+    # The handle that knew the layouts is gone: a later one refuses the caches it left.
+    with zspa_kernels.prune(tiny.model, keep=KEEP):
+        with pytest.raises(RuntimeError, match="handle .* was removed"):
+            tiny.model(input_ids=token, attention_mask=mask, **cache_arg(tiny.model, copied), use_cache=True)
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Union
 
 import torch
@@ -51,6 +51,11 @@ REUSE_ERROR = (
     "(e.g. a second generate() call with past_key_values) would misplace tokens: run "
     "the whole prompt again without the cache. Assisted and prompt-lookup decoding, which "
     "feed several tokens a step, are not supported with pruning either."
+)
+LOST_ERROR = (
+    "zspa_kernels.prune: this KV cache holds a pruned prefill whose layout (kept positions, mask) is lost: "
+    "only the prune() handle that built it knew the layout, and that handle was removed or the cache was "
+    "pickled. Run the prompt again on a new cache (copy.deepcopy, unlike pickling, keeps the layout)."
 )
 CROP_ERROR = (
     "zspa_kernels.prune: this pruned KV cache no longer holds what its generation appended (it was "
@@ -110,29 +115,64 @@ def _is_empty(cache) -> bool:
     return bool(cache.get_seq_length() == 0)
 
 
-class _ResetWatch:
-    """``cache.reset`` as :meth:`PruneHandle._watch_reset` installs it on a cache that keeps its
-    length on the device: drops the state of the handles that pruned the cache, then calls the
-    class's own ``reset``. It holds the cache weakly (no cycle: a dropped cache is freed at once),
-    and a deep copy of the cache (prompt caching copies one) gets a watch of its own, on the
-    copy, that no handle follows: the copy's reset must never touch the original."""
+class _CacheWatch:
+    """Kept on every cache a hooked prefill pruned (``cache._zspa_watch``, set by
+    :meth:`PruneHandle._watch`): the handles that know the cache's pruned layout, held weakly, as
+    the cache itself is (no cycle: a dropped cache is freed at once).
 
-    __slots__ = ("owner", "handles")
+    * ``copy.deepcopy`` of the cache (prompt caching, branching a generation) deep-copies the
+      watch, and that gives the copy the original's layout with each of those handles: the copy
+      then continues the pruned sequence, or refuses a new prompt, exactly as the original does
+      (an untracked copy decoded at the pruned cache's slot numbers: silently wrong logits).
+      The copy's state is a copy too; a reset or a step of the copy never touches the original.
+    * On a cache that keeps its length on the device, :meth:`reset` is also ``cache.reset``: it
+      drops those handles' state of the cache, then calls the class's own ``reset``.
+    * ``lost``: the cache holds a pruned prefill whose layout no handle knows any more. A pickled
+      cache (a generate() output saved, or sent to another process) unpickles so if a handle held
+      its layout; :meth:`PruneHandle.remove` marks the caches it held so. The hooks of a later
+      handle refuse to extend such a cache (:data:`LOST_ERROR`) until it is emptied."""
 
-    def __init__(self, cache, handles):
-        self.owner, self.handles = weakref.ref(cache), handles
+    __slots__ = ("owner", "handles", "lost")
 
-    def __call__(self, *args, **kwargs):
+    def __init__(self, cache, lost: bool = False):
+        self.owner, self.handles, self.lost = weakref.ref(cache), weakref.WeakSet(), lost
+
+    def reset(self, *args, **kwargs):
         cache = self.owner()
         if cache is None:  # reset() looked up on a cache nobody holds any more: nothing to reset
             return None
         for handle in list(self.handles):
             handle._caches.pop(cache, None)
+        self.lost = False
         return type(cache).reset(cache, *args, **kwargs)
 
     def __deepcopy__(self, memo):
-        copy = memo.get(id(self.owner()))
-        return self if copy is None else _ResetWatch(copy, weakref.WeakSet())
+        original = self.owner()
+        copied = memo.get(id(original)) if original is not None else None
+        if copied is None:  # the watch copied without its cache: nothing to follow
+            return self
+        watch = _CacheWatch(copied, self.lost)
+        for handle in list(self.handles):
+            state = handle._caches.get(original)
+            if state is not None:  # its tensors are shared: no step writes them in place
+                handle._caches[copied] = replace(state, appended=None)
+                watch.handles.add(handle)
+        return watch
+
+    def __reduce__(self):
+        cache = self.owner()
+        held = self.lost or (cache is not None and any(cache in h._caches for h in self.handles))
+        return _CacheWatch, (cache, held)
+
+
+def _refuse_lost(cache) -> None:
+    """Raise :data:`LOST_ERROR` on a cache that holds a pruned prefill no handle knows (its length
+    is read back for such a cache only); once it is found empty, it is a cache like any other."""
+    watch = cache.__dict__.get("_zspa_watch")
+    if isinstance(watch, _CacheWatch) and watch.lost:
+        if not _is_empty(cache):
+            raise RuntimeError(LOST_ERROR)
+        watch.lost = False
 
 
 def _host_length(cache) -> Optional[int]:
@@ -228,6 +268,11 @@ class PruneHandle:
     def remove(self) -> None:
         for hook in self._hooks:
             hook.remove()
+        for cache in list(self._caches.keys()):  # one handle a model: their layouts go with this one
+            watch = cache.__dict__.get("_zspa_watch")
+            if isinstance(watch, _CacheWatch):
+                watch.handles.discard(self)
+                watch.lost = True
         if self._hooks:
             self.lm._zspa_pruned = False
         self._hooks = []
@@ -286,6 +331,8 @@ class PruneHandle:
         cache = _cache_of(kwargs)
         state = self._caches.get(cache) if cache is not None else None
         if state is None:
+            if cache is not None:
+                _refuse_lost(cache)  # before the base model numbers its tokens by the cache's length
             return None
         step = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         q = step.shape[1]
@@ -306,7 +353,7 @@ class PruneHandle:
             appended = state.grown
         else:
             # A static cache's decode step, known without reading its length back: this handle
-            # pruned the cache, and a reset drops its state (_watch_reset, set at the prefill).
+            # pruned the cache, and a reset drops its state (_CacheWatch.reset, set at the prefill).
             appended = state.appended = _appended(state, cache, kwargs)
         if kwargs.get("position_ids") is None:
             # Continue the original numbering; the model would count cache slots instead.
@@ -322,6 +369,7 @@ class PruneHandle:
             return args, kwargs
         embeds = kwargs.get("inputs_embeds")
         if cache is not None:
+            _refuse_lost(cache)  # the language model called without the base model
             length = _host_length(cache)
             if length is not None:
                 empty = length == 0
@@ -475,21 +523,23 @@ class PruneHandle:
             full = _static_length(cache)
             if full is not None:
                 state.decode_mask = torch.cat([new_mask, new_mask.new_ones(B, full - new_len)], dim=1)
-                self._watch_reset(cache)
             self._caches[cache] = state
+            self._watch(cache, reset=full is not None)
 
-    def _watch_reset(self, cache) -> None:
-        """Drop this handle's state of ``cache`` when the cache is reset (``generate()`` resets a
-        static cache it reuses). Set at the prefill, for static caches only: their length is kept on
-        the device, so a decode step never reads it back to tell itself from a new sequence (a
-        dynamic cache's length is a host integer, and its reset is seen for free); and nothing
-        a decode step reads changes from one step to the next (see _CacheState.decode_mask)."""
-        watch = cache.__dict__.get("reset")
-        if not isinstance(watch, _ResetWatch):
-            if not callable(getattr(cache, "reset", None)):
-                return
-            watch = cache.reset = _ResetWatch(cache, weakref.WeakSet())
+    def _watch(self, cache, reset: bool) -> None:
+        """Put ``cache`` under its :class:`_CacheWatch`, which hands this handle's state of it on to
+        a deep copy. With ``reset``, the watch also drops that state when the cache is reset
+        (``generate()`` resets a static cache it reuses): set at the prefill, for static caches
+        only. Their length is kept on the device, so a decode step never reads it back to tell
+        itself from a new sequence (a dynamic cache's length is a host integer, and its reset is
+        seen for free); and nothing a decode step reads changes from one step to the next (see
+        _CacheState.decode_mask)."""
+        watch = cache.__dict__.get("_zspa_watch")
+        if not isinstance(watch, _CacheWatch):
+            watch = cache._zspa_watch = _CacheWatch(cache)
         watch.handles.add(self)
+        if reset and callable(getattr(cache, "reset", None)) and "reset" not in cache.__dict__:
+            cache.reset = watch.reset
 
     # -- decode ----------------------------------------------------------------------------
     def _decode_step(self, state: _CacheState, kwargs) -> None:
