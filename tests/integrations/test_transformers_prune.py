@@ -278,6 +278,24 @@ def test_each_batch_row_equals_that_row_alone(name, attn):
 
 
 @torch.no_grad()
+def test_a_text_only_row_beside_rows_with_images_is_left_whole(tiny):
+    """Batches mix questions with and without images (ScienceQA-style evaluation): a row without
+    images keeps all its tokens and generates what the unpatched model generates for it alone."""
+    rows = tiny.batch + [[("text", 8)]]
+    batch = tiny.make_inputs(rows)
+    attended = batch["attention_mask"][-1].bool()
+    alone = dict(input_ids=batch["input_ids"][-1:, attended], attention_mask=batch["attention_mask"][-1:, attended])
+    gen = dict(max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    expected = tiny.model.generate(**alone, **gen)
+    with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
+        together = tiny.model.generate(**batch, **gen)
+    assert {s.batch_row for s in handle.last_selection} == set(range(len(rows) - 1))
+    assert torch.equal(together.sequences[-1, -NEW_TOKENS:], expected.sequences[0, -NEW_TOKENS:])
+    for a, b in zip(together.logits, expected.logits):
+        torch.testing.assert_close(a[-1], b[0], atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
 def test_a_hand_written_decode_loop_needs_no_use_cache_flag(tiny):
     """A prefill without ``use_cache`` gives a cache as the model's config says (several base
     models pass ``use_cache=None`` on); the hooks must prune it as with ``use_cache=True``, or the
