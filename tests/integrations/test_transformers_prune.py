@@ -334,6 +334,7 @@ def test_a_pruned_cache_is_freed_by_reference_counting(tiny):
     import weakref
 
     inputs = tiny.make_inputs(tiny.single)
+    text = dict(input_ids=inputs["input_ids"][:, -3:], attention_mask=inputs["attention_mask"][:, -3:])
     gc.disable()
     try:
         with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
@@ -342,6 +343,21 @@ def test_a_pruned_cache_is_freed_by_reference_counting(tiny):
             cache = weakref.ref(kv_cache(out))
             del out
             assert cache() is None
+
+        # Nor does a generation's last step keep it (its arguments held the cache), pruned or
+        # text-only, dynamic or static (transformers 4.x keeps a static cache on the model to reuse
+        # it, unpatched as well).
+        def kept(prompt, **gen):
+            out = tiny.model.generate(**prompt, max_new_tokens=3, do_sample=False, return_dict_in_generate=True, **gen)
+            cache = weakref.ref(kv_cache(out))
+            del out
+            return cache() is not None
+
+        cases = [(inputs, {}), (text, {}), (inputs, dict(cache_implementation="static"))]
+        unpatched = [kept(prompt, **gen) for prompt, gen in cases]
+        assert unpatched[:2] == [False, False]
+        with zspa_kernels.prune(tiny.model, keep=KEEP):
+            assert [kept(prompt, **gen) for prompt, gen in cases] == unpatched
     finally:
         gc.enable()
 

@@ -326,13 +326,16 @@ class PruneHandle:
         return output
 
     def _base_pre_hook(self, module, args, kwargs):
+        # The arguments are kept for the language model's hook of this call, which takes them (they
+        # hold the cache: kept any longer, they would keep its memory after the caller let it go).
+        self._inputs = None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        self._inputs = dict(kwargs, input_ids=input_ids)
         cache = _cache_of(kwargs)
         state = self._caches.get(cache) if cache is not None else None
         if state is None:
             if cache is not None:
                 _refuse_lost(cache)  # before the base model numbers its tokens by the cache's length
+            self._inputs = dict(kwargs, input_ids=input_ids)
             return None
         step = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         q = step.shape[1]
@@ -341,12 +344,14 @@ class PruneHandle:
             # (read back once a prompt), else a reuse that would misplace tokens.
             if _is_empty(cache):
                 del self._caches[cache]
+                self._inputs = dict(kwargs, input_ids=input_ids)
                 return None
             raise RuntimeError(REUSE_ERROR)
         if state.decode_mask is None:  # dynamic layers: the length is a host integer
             length = _host_length(cache)
             if length == 0:  # emptied since the prefill: a new sequence
                 del self._caches[cache]
+                self._inputs = dict(kwargs, input_ids=input_ids)
                 return None
             if length != state.pruned_len + state.grown:
                 raise RuntimeError(CROP_ERROR)  # cropped (or extended) outside this generation's steps
@@ -362,6 +367,7 @@ class PruneHandle:
         return None
 
     def _lm_pre_hook(self, module, args, kwargs):
+        inputs, self._inputs = self._inputs or {}, None
         cache = _cache_of(kwargs)
         state = self._caches.get(cache) if cache is not None else None
         if state is not None:  # the base pre-hook has dropped every emptied cache's state: a decode step
@@ -380,7 +386,6 @@ class PruneHandle:
                 empty = _is_empty(cache)
             if not empty:
                 return None  # a cache this handle did not prune, mid-sequence: left as it is
-        inputs, self._inputs = self._inputs or {}, None
         ids = inputs.get("input_ids")
         self.last_selection = []
         if embeds is None or ids is None or ids.shape != embeds.shape[:2]:
