@@ -45,6 +45,8 @@ def test_keep_all_reproduces_unpatched_logits_exactly(tiny):
         got = tiny.model(**inputs).logits
     assert len(handle.last_selection) == tiny.n_images(tiny.batch)
     assert all(s.order.shape[0] == s.n_tokens for s in handle.last_selection)
+    B, L = inputs["input_ids"].shape
+    assert torch.equal(handle.last_kept_positions, torch.arange(L).expand(B, L))
     # The batch has an unpadded row, so the layout is the original one; padding slots are
     # refilled (their logits are meaningless), attended ones must match bit for bit.
     attended = inputs["attention_mask"].bool()
@@ -62,7 +64,10 @@ def test_a_text_only_prompt_runs_unpruned(tiny):
     generated = tiny.model.generate(**text, max_new_tokens=NEW_TOKENS, do_sample=False)
     with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
         assert not torch.isin(text["input_ids"], torch.tensor(handle.visual_ids)).any()
+        tiny.model(**inputs)
+        assert handle.last_kept_positions is not None
         assert torch.equal(tiny.model(**text).logits, expected) and handle.last_selection == []
+        assert handle.last_kept_positions is None  # this prompt's outputs are its inputs' layout
         assert torch.equal(tiny.model.generate(**text, max_new_tokens=NEW_TOKENS, do_sample=False), generated)
 
 
@@ -605,7 +610,8 @@ def test_eager_attention_generation_equals_no_cache_reference(name):
 @torch.no_grad()
 def test_pruned_inputs_hold_exactly_the_selected_tokens(tiny):
     """last_selection describes the gather: each row keeps its text and, of each image,
-    the tokens at ``kept``, in their original order (left-padded to the longest row)."""
+    the tokens at ``kept``, in their original order (left-padded to the longest row);
+    last_kept_positions is that gather's index (-1 on the re-padding)."""
     inputs = tiny.make_inputs(tiny.batch)
     with capture_lm_calls(tiny.model) as full:
         tiny.model(**inputs)
@@ -628,6 +634,10 @@ def test_pruned_inputs_hold_exactly_the_selected_tokens(tiny):
         n = int(keep.sum())
         assert torch.equal(kept_embeds[r, -n:], embeds[r, keep])
         assert mask[r, : kept_embeds.shape[1] - n].sum() == 0  # re-padding is masked out
+        # The public map from output positions to input positions says the same.
+        assert torch.equal(handle.last_kept_positions[r, -n:], keep.nonzero()[:, 0])
+        assert bool((handle.last_kept_positions[r, : kept_embeds.shape[1] - n] == -1).all())
+    assert handle.last_kept_positions.shape == kept_embeds.shape[:2]
     assert len(handle.last_selection) == tiny.n_images(tiny.batch)
 
 

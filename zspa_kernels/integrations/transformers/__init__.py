@@ -43,7 +43,8 @@ def prune(
     Returns:
         A :class:`PruneHandle`: a context manager with ``.remove()``; after each pruned
         prefill ``handle.last_selection`` lists an :class:`ImageSelection` per image
-        (batch-row order, then image order).
+        (batch-row order, then image order), and ``handle.last_kept_positions`` maps the
+        positions of its (shorter) outputs to the input positions they came from.
     """
     return PruneHandle(model, find_family(model), keep, core_ratio, relevance, prompt,
                        backend, tokenizer)

@@ -248,6 +248,7 @@ class PruneHandle:
         params = inspect.signature(lm.forward).parameters
         self._cache_arg = next((k for k in CACHE_ARGS if k in params), CACHE_ARGS[-1])
         self.last_selection: list[ImageSelection] = []
+        self._layout: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (index, valid) of the last prompt
         self._inputs: Optional[dict] = None  # the base model's keyword arguments of this call
         self._gather: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (index, valid)
         self._labels: Optional[torch.Tensor] = None
@@ -263,6 +264,19 @@ class PruneHandle:
                 model.register_forward_pre_hook(self._top_pre_hook, with_kwargs=True),
                 model.register_forward_hook(self._top_post_hook, with_kwargs=True),
             ]
+
+    @property
+    def last_kept_positions(self) -> Optional[torch.Tensor]:
+        """``(B, L')`` long, on the model's device: for each position of the last pruned prompt's
+        outputs (logits, hidden states, attentions, cache slots), the position in ``input_ids`` it
+        came from; ``-1`` on the left padding added where rows kept different counts. Ascending
+        along each row, so ``labels.gather`` by it, or scoring an answer by its input positions,
+        reads the right logits whatever the padding side. None when the last prompt ran unpruned
+        (no images, or no ``input_ids``)."""
+        if self._layout is None:
+            return None
+        index, valid = self._layout
+        return index.masked_fill(~valid, -1)
 
     # -- lifecycle -------------------------------------------------------------------------
     def remove(self) -> None:
@@ -380,14 +394,14 @@ class PruneHandle:
             if length is not None:
                 empty = length == 0
             elif embeds is not None and embeds.shape[1] == 1:  # one token holds no image: nothing to select
-                self.last_selection = []
+                self.last_selection, self._layout = [], None
                 return None
             else:  # on the device: read it for a prompt only (right before the ids' copy)
                 empty = _is_empty(cache)
             if not empty:
                 return None  # a cache this handle did not prune, mid-sequence: left as it is
         ids = inputs.get("input_ids")
-        self.last_selection = []
+        self.last_selection, self._layout = [], None
         if embeds is None or ids is None or ids.shape != embeds.shape[:2]:
             return None  # no token ids to find the images in: run unpruned
         self._prefill(ids, embeds, cache, inputs, kwargs)
@@ -494,6 +508,7 @@ class PruneHandle:
             valid = src >= 0
             index = ranked.gather(1, src.clamp_min(0))
             self._gather = (index, valid)
+        self._layout = (index, valid)
 
         use_cache = kwargs.get("use_cache")
         if use_cache is None:  # passed on as None by several base models: the LM's default, as the LM reads it
