@@ -194,6 +194,30 @@ def test_a_family_not_in_the_table_is_refused_before_any_hook():
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
 
 
+@torch.no_grad()
+def test_a_peft_wrapper_is_pruned_through_the_model_it_wraps():
+    """A LoRA model left unmerged (peft's PeftModel, as fine-tuned checkpoints are served): prune()
+    hooks the model it wraps; keep-all is the wrapper's own logits bit for bit, and a pruned
+    forward runs through the adapters (disabling them changes its logits)."""
+    peft = pytest.importorskip("peft")
+    tiny = llava()
+    inputs = tiny.make_inputs(tiny.batch)
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = peft.get_peft_model(tiny.model, lora)
+    hooks = [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()]  # peft's own
+    expected = model(**inputs).logits
+    attended = inputs["attention_mask"].bool()
+    with zspa_kernels.prune(model, keep=1.0) as handle:
+        assert torch.equal(model(**inputs).logits[attended], expected[attended])
+        assert handle.last_selection
+    with zspa_kernels.prune(model, keep=KEEP) as handle:
+        pruned = model(**inputs).logits
+        assert pruned.shape[1] < expected.shape[1] and handle.last_selection
+        with model.disable_adapter():
+            assert not torch.allclose(model(**inputs).logits, pruned)
+    assert [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()] == hooks
+
+
 # -- finding 5: every tiny builder gives something to select between ---------------------
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 @torch.no_grad()

@@ -28,7 +28,9 @@ def prune(
     installed; a model type outside ``FAMILIES`` raises ``ValueError``.
 
     Args:
-        model: a supported VLM (``...ForConditionalGeneration`` or its base model).
+        model: a supported VLM (``...ForConditionalGeneration`` or its base model), or a
+            PEFT wrapper of one (``PeftModel``: the hooks go on ``get_base_model()``, which
+            the adapter's forward and ``generate()`` run through).
         keep: visual tokens kept per image: an int count, or a float fraction in (0, 1]
             of each image's tokens (rounded half up, at least 1: ``spec.keep_budget``).
         core_ratio: share of the budget chosen by prompt relevance alone (the rest:
@@ -46,6 +48,9 @@ def prune(
         (batch-row order, then image order), and ``handle.last_kept_positions`` maps the
         positions of its (shorter) outputs to the input positions they came from.
     """
+    unwrap = getattr(model, "get_base_model", None)  # peft's PeftModel (LoRA adapters, unmerged)
+    if callable(unwrap) and isinstance(unwrap(), torch.nn.Module):
+        model = unwrap()
     return PruneHandle(model, find_family(model), keep, core_ratio, relevance, prompt,
                        backend, tokenizer)
 
