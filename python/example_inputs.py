@@ -15,17 +15,29 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc)
     p.add_argument("--model", help="local checkpoint folder (default: a tiny random model)")
     p.add_argument("--image", action="append", help="image file (repeat for more; default: a gradient)")
-    p.add_argument("--keep", type=float, default=0.25, help="token count (>= 1) or fraction per image")
+    p.add_argument("--keep", type=keep_value, default=0.25,
+                   help="an int token count (>= 1) or a fraction in (0, 1] per image, as prune() reads keep")
     p.add_argument("--new-tokens", type=int, default=16)
     return p
 
 
-def keep_arg(value: float):
-    return int(value) if value >= 1 else value
+def keep_value(text: str):
+    """``--keep`` as ``prune(keep=...)`` reads it: "16" a count, "1.0" every token, "0.25" a fraction."""
+    from zspa_kernels.cli import parse_keep
+
+    try:
+        return parse_keep(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("keep: ")) from None
 
 
 def load_checkpoint(path: str):
     from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from zspa_kernels.cli import checkpoint_problem
+
+    if checkpoint_problem(path):  # a name that is no folder would be downloaded from the Hub
+        raise SystemExit(f"--model: {checkpoint_problem(path)}")
 
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "left"

@@ -7,7 +7,7 @@ import torch
 
 import zspa_kernels
 from zspa_kernels.integrations.transformers import kv_cache
-from example_inputs import (checkpoint_inputs, keep_arg, load_checkpoint, load_images, parser,
+from example_inputs import (checkpoint_inputs, load_checkpoint, load_images, parser,
                             report)
 
 
@@ -26,7 +26,7 @@ def main() -> None:
     with torch.no_grad():
         full = kv_cache(model(**inputs, use_cache=True)).get_seq_length()
         # The one line: hooks on the language model; leave the block to remove them.
-        with zspa_kernels.prune(model, keep=keep_arg(args.keep), tokenizer=tokenizer) as handle:
+        with zspa_kernels.prune(model, keep=args.keep, tokenizer=tokenizer) as handle:
             out = model.generate(**inputs, max_new_tokens=args.new_tokens, do_sample=False,
                                  return_dict_in_generate=True)
     report(handle, out, inputs, args.new_tokens, full, processor)

@@ -10,7 +10,7 @@ import torch
 
 import zspa_kernels
 from zspa_kernels.integrations.transformers import kv_cache
-from example_inputs import (checkpoint_inputs, keep_arg, load_checkpoint, load_images, parser,
+from example_inputs import (checkpoint_inputs, load_checkpoint, load_images, parser,
                             report)
 
 
@@ -31,7 +31,7 @@ def main() -> None:
     with torch.no_grad():
         full = kv_cache(model(**inputs, use_cache=True)).get_seq_length()
         # relevance="max": each token's best match over the question's tokens, not the mean.
-        with zspa_kernels.prune(model, keep=keep_arg(args.keep), relevance="max",
+        with zspa_kernels.prune(model, keep=args.keep, relevance="max",
                                 tokenizer=tokenizer) as handle:
             out = model.generate(**inputs, max_new_tokens=args.new_tokens, do_sample=False,
                                  return_dict_in_generate=True)

@@ -1,4 +1,5 @@
-"""cli.py: ``zspa info`` reports what dispatch reports; ``zspa bench`` rejects unknown shapes."""
+"""cli.py: ``zspa info`` reports what dispatch reports; bad options of ``zspa bench`` and ``zspa demo``
+are refused, naming the option, before anything is built or loaded."""
 from __future__ import annotations
 
 import pytest
@@ -23,3 +24,37 @@ def test_info_lists_the_backends_dispatch_says_are_available(capsys, monkeypatch
 def test_bench_rejects_an_unknown_shape():
     with pytest.raises(SystemExit, match="--shape expected one of"):
         main(["bench", "--shape", "tiny"])
+
+
+def test_info_reports_a_bad_zspa_backend_instead_of_crashing(capsys, monkeypatch):
+    monkeypatch.setenv("ZSPA_BACKEND", "bogus")
+    assert main(["info"]) == 0
+    assert "auto        -> refused: ZSPA_BACKEND: expected one of" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("keep", ["abc", "0", "-5", "2.5", "0.0", "1e400"])
+def test_bench_refuses_a_keep_prune_would_refuse(keep, capsys):
+    assert main(["bench", "--keep", keep]) == 2
+    assert capsys.readouterr().err.startswith("zspa bench: --keep: expected")
+
+
+@pytest.mark.parametrize("text, keep", [("64", 64), ("1", 1), ("1.0", 1.0), ("0.1", 0.1), ("1e-1", 0.1)])
+def test_keep_is_read_as_prune_reads_it(text, keep):
+    from zspa_kernels.cli import parse_keep
+
+    parsed = parse_keep(text)
+    assert parsed == keep and type(parsed) is type(keep)  # "1" one token, "1.0" every token
+
+
+def test_demo_refuses_bad_options_before_loading_anything(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("")
+    cases = [(["--model", str(tmp_path / "missing")], "--model: expected a local checkpoint folder"),
+             (["--model", "some-org/some-model"], "--model: expected a local checkpoint folder"),  # no Hub lookup
+             (["--model", str(tmp_path / "empty")], "--model: expected a local checkpoint folder with a config.json"),
+             (["--keep", "0"], "--keep: expected an int count >= 1"),
+             (["--out", str(tmp_path / "file" / "out")], "--out: expected an output folder")]
+    for args, message in cases:
+        assert main(["demo", "--size", "tiny", "--out", str(tmp_path / "out"), *args]) == 2
+        assert capsys.readouterr().err.startswith(f"zspa demo: {message}"), args
+    assert not (tmp_path / "out").exists()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import pathlib
 import platform
 import sys
 
@@ -40,7 +41,10 @@ def cmd_info(_args: argparse.Namespace) -> int:
     print(f"  cpu         {builder.status(builder.CPU_EXTENSION)}{'' if 'cpu' in available else '; runs on CPU tensors only'}")
     print(f"  triton      {'available' if triton_ok else 'needs triton and a CUDA device (or TRITON_INTERPRET=1)'}")
     print(f"  cuda        {builder.status(builder.CUDA_EXTENSION)}{'' if 'cuda' in available else '; runs on CUDA devices only'}")
-    print(f"  auto        -> {resolve_backend('auto', device)} on {device.type}")
+    try:
+        print(f"  auto        -> {resolve_backend('auto', device)} on {device.type}")
+    except ValueError as exc:  # a bad ZSPA_BACKEND: the very setting this command is asked about
+        print(f"  auto        -> refused: {exc}")
     table = auto_table()
     print(f"  auto table  {'none: triton on every CUDA shape' if table is None else 'per shape on CUDA, measured by ' + table['source']}")
     return 0
@@ -68,10 +72,58 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def checkpoint_problem(path: str) -> str | None:
+    """Why ``path`` is not a local checkpoint folder, or None. Checked before anything loads: a
+    name that is not a folder would be taken for a Hub repository and downloaded."""
+    folder = pathlib.Path(path)
+    if not folder.is_dir():
+        return f"expected a local checkpoint folder, got {path!r}"
+    if not (folder / "config.json").is_file():
+        return f"expected a local checkpoint folder with a config.json, got {path!r}"
+    return None
+
+
+def out_problem(path: str) -> str | None:
+    """Why ``path`` cannot be an output folder (it, or a folder above it, is a file), or None.
+    Nothing is created: the commands make it once they have something to write."""
+    for existing in (p for p in (pathlib.Path(path), *pathlib.Path(path).parents) if p.exists()):
+        return None if existing.is_dir() else f"expected an output folder, but {str(existing)!r} is not a folder"
+    return None
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    from zspa_kernels.spec import check_keep
+
+    problems = []
+    if args.model is not None and checkpoint_problem(args.model):
+        problems.append(f"--model: {checkpoint_problem(args.model)}")
+    try:
+        check_keep(args.keep)
+    except ValueError as exc:
+        problems.append(f"--{exc}")
+    if not problems and out_problem(args.out):
+        problems.append(f"--out: {out_problem(args.out)}")
+    if problems:
+        print(f"zspa demo: {problems[0]}", file=sys.stderr)
+        return 2
     from zspa_kernels.demo import run
 
     return run(args.out, model_path=args.model, keep=args.keep, size=args.size)
+
+
+def parse_keep(text: str):
+    """A ``--keep`` value as the library reads one: an int count, else a float fraction."""
+    from zspa_kernels.spec import check_keep
+
+    try:
+        keep = int(text)
+    except ValueError:
+        try:
+            keep = float(text)
+        except ValueError:
+            raise ValueError(f"keep: expected an int count >= 1 or a fraction in (0, 1], got {text!r}") from None
+    check_keep(keep)
+    return keep
 
 
 def cmd_fidelity(args: argparse.Namespace) -> int:
@@ -83,9 +135,14 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    try:
+        keep = parse_keep(args.keep)
+    except ValueError as exc:
+        print(f"zspa bench: --{exc}", file=sys.stderr)
+        return 2
     from zspa_kernels.benchmark import quick
 
-    return quick(args.shape, float(args.keep) if "." in args.keep else int(args.keep))
+    return quick(args.shape, keep)
 
 
 def main(argv: list[str] | None = None) -> int:

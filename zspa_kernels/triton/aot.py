@@ -161,12 +161,18 @@ def compile_variant(B, N, D, dtype, k, alpha, has_lengths, relevance, pick_order
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
+    # The targets this project compiles for (another one may abort inside LLVM, not in Python).
+    parser.add_argument("--arch", type=int, default=90, choices=(75, 80, 90, 100),
+                        help="compute capability: 90 for H100/H200 (default), 80 A100, 75 T4, 100 B200")
     parser.add_argument("--json", action="store_true", help="one JSON record per kernel")
-    parser.add_argument("--variant", type=int, action="append", help="index into VARIANTS (default: all)")
+    parser.add_argument("--variant", type=int, action="append",
+                        help=f"index into VARIANTS, 0 to {len(VARIANTS) - 1} (default: all)")
     args = parser.parse_args(argv)
     if triton_interpreter():
         parser.error("TRITON_INTERPRET=1 replaces compilation by the interpreter: unset it")
+    for index in args.variant or ():
+        if not 0 <= index < len(VARIANTS):
+            parser.error(f"--variant: expected an index in [0, {len(VARIANTS) - 1}], got {index}")
     for index in args.variant or range(len(VARIANTS)):
         for record in compile_variant(*VARIANTS[index], arch=args.arch):
             print(json.dumps(record) if args.json else
