@@ -255,6 +255,42 @@ def test_command_refuses_bad_options_naming_them(args, name, tmp_path, capsys):
     assert capsys.readouterr().err.startswith(f"zspa fidelity: {name}:")
 
 
+def test_command_refuses_before_loading_what_would_fail_after_the_unpruned_pass(tmp_path, capsys):
+    """A backend this device cannot run, a folder that is no checkpoint, an output path under a
+    file: refused at once (exit 2), with no journal written, so the next run is not refused as a
+    different run."""
+    (tmp_path / "file").write_text("")
+    (tmp_path / "empty").mkdir()
+    cases = [(["--model", str(tmp_path / "empty")], "--model: expected a local checkpoint folder with a config.json"),
+             (["--out", str(tmp_path / "file" / "out")], "--out: expected an output folder")]
+    if not torch.cuda.is_available():
+        cases.append((["--backend", "cuda"], "--backend: 'cuda' cannot run on cpu here"))
+    for args, message in cases:
+        assert main(["fidelity", "--out", str(tmp_path / "out"), *args]) == 2
+        assert capsys.readouterr().err.startswith(f"zspa fidelity: {message}"), args
+    assert not (tmp_path / "out").exists()
+
+
+def test_repeated_grid_points_are_measured_and_counted_once(tmp_path, capsys):
+    assert main(["fidelity", "--keep", "16,16,1,1.0", "--core-ratio", "0.5,0.50", "--new-tokens", "1",
+                 "--batch-size", "12", "--out", str(tmp_path)]) == 0
+    assert "= 3 points" in capsys.readouterr().out  # 16, 1 (one token), 1.0 (every token)
+    summary = json.loads((tmp_path / "fidelity.json").read_text())
+    assert sorted((type(p["keep"]).__name__, p["keep"]) for p in summary["points"]) == [
+        ("float", 1.0), ("int", 1), ("int", 16)]
+
+
+def test_a_sample_without_a_question_string_says_so(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "red.png")
+    lines = [{"image": "red.png"}, {"image": "red.png", "question": 5}, {"image": "red.png", "question": ""}]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    samples, bad = read_samples(str(tmp_path / "data.jsonl"))
+    assert samples == [] and [m.split(": ", 1)[1] for m in bad] == [
+        'no "question"', '"question": expected a string, got int', "empty question"]
+
+
 def test_command_stops_cleanly_when_every_sample_is_bad(tmp_path, capsys):
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"image": "missing.png", "question": "Anything?"}) + "\n")

@@ -33,28 +33,44 @@ def run(out: str, model_path: Optional[str] = None, data: Optional[str] = None, 
 
     from .. import benchmark as hb
 
+    from ..cli import checkpoint_problem, out_problem
+    from ..dispatch import available_backends
+    from ..integrations.transformers.families import find_family
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        points = [GridPoint(k, c) for k in parse_keeps(keeps) for c in parse_core_ratios(core_ratios)]
+        # Each distinct grid point once, in the order given ("32,32" is one point; 1 and 1.0 are two).
+        points = list(dict.fromkeys(GridPoint(k, c) for k in parse_keeps(keeps) for c in parse_core_ratios(core_ratios)))
         if data is None and question is not None:
             raise ValueError("--question: only with --data pointing to a folder of images")
-        if model_path is not None and not pathlib.Path(model_path).is_dir():
-            raise ValueError(f"--model: expected a local checkpoint folder, got {model_path!r}")
+        if model_path is not None and checkpoint_problem(model_path):
+            raise ValueError(f"--model: {checkpoint_problem(model_path)}")
         for name, value in (("--new-tokens", new_tokens), ("--batch-size", batch_size)):
             if value < 1:
                 raise ValueError(f"{name}: expected a positive count, got {value}")
         if backend not in BACKEND_CHOICES:
             raise ValueError(f"--backend: expected one of {', '.join(BACKEND_CHOICES)}, got {backend!r}")
+        if backend != "auto" and backend not in available_backends(device):
+            # Refused now, not after the unpruned pass has been journaled under this backend.
+            raise ValueError(f"--backend: {backend!r} cannot run on {device.type} here; "
+                             f"expected one of auto, {', '.join(available_backends(device))}")
         samples, bad = offline.samples(), []
         if data is not None:
             samples, bad = read_samples(data, question)
+        if out_problem(out):
+            raise ValueError(f"--out: {out_problem(out)}")
     except ValueError as exc:
         print(f"zspa fidelity: {exc}", file=sys.stderr)
         return 2
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     out_dir = pathlib.Path(out)
     print(f"zspa fidelity on {hb.environment(device)['device']}, {str(dtype).replace('torch.', '')}")
     model, processor, template, label = _load(model_path, device, dtype)
+    try:
+        find_family(model)  # before the unpruned pass: prune() would refuse the model only after it
+    except ValueError as exc:
+        print(f"zspa fidelity: --{exc}", file=sys.stderr)
+        return 2
     if model_path is None:
         print(f"  model: {offline.LABEL}, RANDOM weights (no download): the timings, cache sizes and the")
         print("  tool are real; agreement and KL mean nothing for quality. Use --model PATH for that.")

@@ -36,10 +36,19 @@ UNPRUNED_LOGPROBS = "unpruned-logprobs.pt"
 UNCHECKED = ("environment", "started")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class GridPoint:
     keep: Union[int, float]
     core_ratio: float
+
+    def _key(self) -> tuple:  # keep=1 (one token) and keep=1.0 (every token) are two points
+        return type(self.keep), self.keep, self.core_ratio
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, GridPoint) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
 
     def matches(self, record: dict) -> bool:
         return record["keep"] == self.keep and type(record["keep"]) is type(self.keep) \
@@ -187,7 +196,7 @@ def measure_pass(model, batches: Sequence[list], encode: Callable[[list], dict],
 
 
 def run_grid(model, samples: Sequence, encode: Callable[[list], dict], points: Sequence[GridPoint],
-             out_dir: pathlib.Path, new_tokens: int = 16, batch_size: int = 4, backend: str = "auto",
+             out_dir: Union[str, pathlib.Path], new_tokens: int = 16, batch_size: int = 4, backend: str = "auto",
              run_info: dict = None, progress: bool = True) -> Journal:
     """Measure ``samples`` (objects with a ``label``; ``encode(list_of_samples)`` gives the
     model's keyword arguments) unpruned and at every grid point; resume from ``out_dir``."""
@@ -198,6 +207,7 @@ def run_grid(model, samples: Sequence, encode: Callable[[list], dict], points: S
         raise ValueError(f"new_tokens, batch_size: expected >= 1, got {new_tokens}, {batch_size}")
     if not samples:
         raise ValueError("samples: nothing to measure (every sample was skipped?)")
+    out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     param = next(model.parameters())
     run = {"kind": "run", **(run_info or {}), "samples": [s.label for s in samples],

@@ -40,7 +40,11 @@ def open_image(image: str):
 
 def _problem(sample: Sample) -> Optional[str]:
     """Why ``sample`` cannot be measured, or None."""
-    if not isinstance(sample.question, str) or not sample.question.strip():
+    if sample.question is None:
+        return 'no "question"'
+    if not isinstance(sample.question, str):
+        return f'"question": expected a string, got {type(sample.question).__name__}'
+    if not sample.question.strip():
         return "empty question"
     if not sample.image.startswith(SKIMAGE) and not pathlib.Path(sample.image).is_file():
         return f"image not found: {sample.image}"
