@@ -23,7 +23,7 @@ def parser(doc: str) -> argparse.ArgumentParser:
 
 def keep_value(text: str):
     """``--keep`` as ``prune(keep=...)`` reads it: "16" a count, "1.0" every token, "0.25" a fraction."""
-    from zspa_kernels.cli import parse_keep
+    from zspa_kernels.arguments import parse_keep
 
     try:
         return parse_keep(text)
@@ -34,7 +34,7 @@ def keep_value(text: str):
 def load_checkpoint(path: str):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from zspa_kernels.cli import checkpoint_problem
+    from zspa_kernels.arguments import checkpoint_problem
 
     if checkpoint_problem(path):  # a name that is no folder would be downloaded from the Hub
         raise SystemExit(f"--model: {checkpoint_problem(path)}")

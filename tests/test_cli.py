@@ -40,7 +40,7 @@ def test_bench_refuses_a_keep_prune_would_refuse(keep, capsys):
 
 @pytest.mark.parametrize("text, keep", [("64", 64), ("1", 1), ("1.0", 1.0), ("0.1", 0.1), ("1e-1", 0.1)])
 def test_keep_is_read_as_prune_reads_it(text, keep):
-    from zspa_kernels.cli import parse_keep
+    from zspa_kernels.arguments import parse_keep
 
     parsed = parse_keep(text)
     assert parsed == keep and type(parsed) is type(keep)  # "1" one token, "1.0" every token

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import pathlib
 import platform
 import sys
 
@@ -72,26 +71,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def checkpoint_problem(path: str) -> str | None:
-    """Why ``path`` is not a local checkpoint folder, or None. Checked before anything loads: a
-    name that is not a folder would be taken for a Hub repository and downloaded."""
-    folder = pathlib.Path(path)
-    if not folder.is_dir():
-        return f"expected a local checkpoint folder, got {path!r}"
-    if not (folder / "config.json").is_file():
-        return f"expected a local checkpoint folder with a config.json, got {path!r}"
-    return None
-
-
-def out_problem(path: str) -> str | None:
-    """Why ``path`` cannot be an output folder (it, or a folder above it, is a file), or None.
-    Nothing is created: the commands make it once they have something to write."""
-    for existing in (p for p in (pathlib.Path(path), *pathlib.Path(path).parents) if p.exists()):
-        return None if existing.is_dir() else f"expected an output folder, but {str(existing)!r} is not a folder"
-    return None
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
+    from zspa_kernels.arguments import checkpoint_problem, out_problem
     from zspa_kernels.spec import check_keep
 
     problems = []
@@ -111,21 +92,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run(args.out, model_path=args.model, keep=args.keep, size=args.size)
 
 
-def parse_keep(text: str):
-    """A ``--keep`` value as the library reads one: an int count, else a float fraction."""
-    from zspa_kernels.spec import check_keep
-
-    try:
-        keep = int(text)
-    except ValueError:
-        try:
-            keep = float(text)
-        except ValueError:
-            raise ValueError(f"keep: expected an int count >= 1 or a fraction in (0, 1], got {text!r}") from None
-    check_keep(keep)
-    return keep
-
-
 def cmd_fidelity(args: argparse.Namespace) -> int:
     from zspa_kernels.fidelity.command import run
 
@@ -135,6 +101,8 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from zspa_kernels.arguments import parse_keep
+
     try:
         keep = parse_keep(args.keep)
     except ValueError as exc:

@@ -33,7 +33,7 @@ def run(out: str, model_path: Optional[str] = None, data: Optional[str] = None, 
 
     from .. import benchmark as hb
 
-    from ..cli import checkpoint_problem, out_problem
+    from ..arguments import checkpoint_problem, out_problem
     from ..dispatch import available_backends
     from ..integrations.transformers.families import find_family
 
