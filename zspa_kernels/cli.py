@@ -75,17 +75,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from zspa_kernels.arguments import checkpoint_problem, out_problem
     from zspa_kernels.spec import check_keep
 
-    problems = []
-    if args.model is not None and checkpoint_problem(args.model):
-        problems.append(f"--model: {checkpoint_problem(args.model)}")
     try:
+        if args.model is not None and (problem := checkpoint_problem(args.model)):
+            raise ValueError(f"model: {problem}")
         check_keep(args.keep)
+        if problem := out_problem(args.out):
+            raise ValueError(f"out: {problem}")
     except ValueError as exc:
-        problems.append(f"--{exc}")
-    if not problems and out_problem(args.out):
-        problems.append(f"--out: {out_problem(args.out)}")
-    if problems:
-        print(f"zspa demo: {problems[0]}", file=sys.stderr)
+        print(f"zspa demo: --{exc}", file=sys.stderr)
         return 2
     from zspa_kernels.demo import run
 

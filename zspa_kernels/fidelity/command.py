@@ -43,8 +43,8 @@ def run(out: str, model_path: Optional[str] = None, data: Optional[str] = None, 
         points = list(dict.fromkeys(GridPoint(k, c) for k in parse_keeps(keeps) for c in parse_core_ratios(core_ratios)))
         if data is None and question is not None:
             raise ValueError("--question: only with --data pointing to a folder of images")
-        if model_path is not None and checkpoint_problem(model_path):
-            raise ValueError(f"--model: {checkpoint_problem(model_path)}")
+        if model_path is not None and (problem := checkpoint_problem(model_path)):
+            raise ValueError(f"--model: {problem}")
         for name, value in (("--new-tokens", new_tokens), ("--batch-size", batch_size)):
             if value < 1:
                 raise ValueError(f"{name}: expected a positive count, got {value}")
@@ -57,8 +57,8 @@ def run(out: str, model_path: Optional[str] = None, data: Optional[str] = None, 
         samples, bad = offline.samples(), []
         if data is not None:
             samples, bad = read_samples(data, question)
-        if out_problem(out):
-            raise ValueError(f"--out: {out_problem(out)}")
+        if problem := out_problem(out):
+            raise ValueError(f"--out: {problem}")
     except ValueError as exc:
         print(f"zspa fidelity: {exc}", file=sys.stderr)
         return 2

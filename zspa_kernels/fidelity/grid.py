@@ -26,9 +26,9 @@ from typing import Callable, Sequence, Union
 import torch
 
 from .. import benchmark as hb
+from ..arguments import parse_keep
 from ..integrations.transformers import kv_cache
 from ..models import cache_bytes, prefill
-from ..spec import check_keep
 
 JOURNAL = "measurements.jsonl"
 UNPRUNED_LOGPROBS = "unpruned-logprobs.pt"
@@ -51,8 +51,7 @@ class GridPoint:
         return hash(self._key())
 
     def matches(self, record: dict) -> bool:
-        return record["keep"] == self.keep and type(record["keep"]) is type(self.keep) \
-            and record["core_ratio"] == self.core_ratio
+        return self == GridPoint(record["keep"], record["core_ratio"])
 
 
 def parse_keeps(text: str) -> list[Union[int, float]]:
@@ -60,8 +59,7 @@ def parse_keeps(text: str) -> list[Union[int, float]]:
     keeps = []
     for item in text.split(","):
         try:
-            keep = float(item) if "." in item else int(item)
-            check_keep(keep)
+            keep = parse_keep(item)  # as zspa bench, the examples and prune() read it
         except ValueError as exc:
             raise ValueError(f"--keep: expected comma-separated counts or fractions in (0, 1], "
                              f"got {item!r} ({exc})") from None

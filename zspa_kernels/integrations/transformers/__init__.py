@@ -49,8 +49,9 @@ def prune(
         positions of its (shorter) outputs to the input positions they came from.
     """
     unwrap = getattr(model, "get_base_model", None)  # peft's PeftModel (LoRA adapters, unmerged)
-    if callable(unwrap) and isinstance(unwrap(), torch.nn.Module):
-        model = unwrap()
+    wrapped = unwrap() if callable(unwrap) else None
+    if isinstance(wrapped, torch.nn.Module):
+        model = wrapped
     return PruneHandle(model, find_family(model), keep, core_ratio, relevance, prompt,
                        backend, tokenizer)
 
