@@ -1,6 +1,7 @@
 """Every row of the README's bad-input table gets its error, naming the argument."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,6 +85,7 @@ def test_wrong_python_types(change, message):
 # Types the schema converts silently (the raw op cannot see them): the Python API rejects them.
 CONVERTED_TYPES = [
     (dict(k=True), "k: expected an int >= 1, got bool"),
+    (dict(k=np.bool_(True)), "k: expected an int >= 1, got bool"),
     (dict(core_ratio=True), "core_ratio: expected a float in [0, 1], got bool"),
     (dict(pick_order=None), "pick_order: expected a bool, got NoneType"),
     (dict(strict=1), "strict: expected a bool, got int"),
@@ -95,6 +97,14 @@ def test_api_rejects_types_the_schema_would_convert(change, message):
     with pytest.raises(TypeError) as info:
         zspa_kernels.select_tokens(**{**_good(), **change})
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("k, core_ratio", [(np.int64(3), np.float32(0.25)), (np.uint8(3), np.float64(0.5))])
+def test_numpy_scalars_select_as_the_python_numbers_they_hold(k, core_ratio):
+    args = _good()
+    expected = zspa_kernels.select_tokens(**{**args, "k": 3, "core_ratio": float(core_ratio)}, pick_order=True)
+    kept = zspa_kernels.select_tokens(**{**args, "k": k, "core_ratio": core_ratio}, pick_order=True)
+    assert torch.equal(kept, expected)
 
 
 def test_each_check_runs_once_per_call(monkeypatch):

@@ -5,6 +5,7 @@ import fractions
 import math
 import os
 
+import numpy as np
 import pytest
 
 from zspa_kernels import spec
@@ -47,11 +48,19 @@ def test_keep_budget_rounds_half_up_and_keeps_at_least_one():
     assert spec.keep_budget(64, 10) == 10 and spec.keep_budget(3, 10) == 3
 
 
-@pytest.mark.parametrize("keep, error", [(True, TypeError), ("64", TypeError), (0, ValueError),
-                                         (0.0, ValueError), (1.5, ValueError)])
-def test_check_keep_names_keep(keep, error):
+@pytest.mark.parametrize("keep, error", [(True, TypeError), (np.bool_(True), TypeError), ("64", TypeError),
+                                         (0, ValueError), (np.int64(0), ValueError), (0.0, ValueError),
+                                         (1.5, ValueError), (float("nan"), ValueError), (np.float32(1.5), ValueError)])
+def test_as_keep_names_keep(keep, error):
     with pytest.raises(error, match="keep: expected"):
-        spec.check_keep(keep)
+        spec.as_keep(keep)
+
+
+@pytest.mark.parametrize("keep, expected", [(64, 64), (np.int64(64), 64), (np.uint16(3), 3), (0.25, 0.25),
+                                            (np.float32(0.25), 0.25), (np.float64(1.0), 1.0), (1.0, 1.0)])
+def test_as_keep_reads_any_integer_as_a_count_and_any_other_real_as_a_fraction(keep, expected):
+    read = spec.as_keep(keep)
+    assert read == expected and type(read) is type(expected)
 
 
 @pytest.mark.parametrize("raw, lenient", [("1", True), ("true", True), ("TRUE", True), ("yes", True),

@@ -49,6 +49,8 @@ def select_tokens(
         ``(B, k)`` int64 kept indices, ascending (or in pick order), padded with ``-1``.
     """
     check_python_types(visual, prompt, k, core_ratio, lengths, prompt_mask, relevance, backend, pick_order, strict)
+    # numpy integers and reals reach the op as Python's (a SymInt k stays symbolic)
+    k, core_ratio = k if isinstance(k, torch.SymInt) else int(k), float(core_ratio)
     kept = torch.ops.zspa.select_tokens(
         visual, prompt, k, core_ratio, lengths, prompt_mask, relevance, backend, pick_order
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pathlib
 from typing import Optional, Union
 
-from .spec import check_keep
+from .spec import as_keep
 
 
 def parse_keep(text: str) -> Union[int, float]:
@@ -18,8 +18,7 @@ def parse_keep(text: str) -> Union[int, float]:
             keep = float(text)
         except ValueError:
             raise ValueError(f"keep: expected an int count >= 1 or a fraction in (0, 1], got {text!r}") from None
-    check_keep(keep)
-    return keep
+    return as_keep(keep)
 
 
 def checkpoint_problem(path: str) -> Optional[str]:

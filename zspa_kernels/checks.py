@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -29,7 +30,7 @@ def _type_error(name: str, expected: str, value) -> TypeError:
 
 
 def _check_option_types(core_ratio, relevance, backend) -> None:
-    if isinstance(core_ratio, bool) or not isinstance(core_ratio, (int, float)):
+    if isinstance(core_ratio, bool) or not isinstance(core_ratio, numbers.Real):  # numpy's too
         raise _type_error("core_ratio", "a float in [0, 1]", core_ratio)
     if not isinstance(relevance, str):
         raise _type_error("relevance", f"one of {RELEVANCE_MODES}", relevance)
@@ -60,7 +61,7 @@ def check_python_types(visual, prompt, k, core_ratio, lengths, prompt_mask, rele
         raise _type_error("visual", "a torch.Tensor of shape (B, N, D)", visual)
     if not isinstance(prompt, torch.Tensor):
         raise _type_error("prompt", "a torch.Tensor of shape (B, D) or (B, T, D)", prompt)
-    if isinstance(k, bool) or not isinstance(k, (int, torch.SymInt)):
+    if isinstance(k, bool) or not isinstance(k, (numbers.Integral, torch.SymInt)):  # numpy's too
         raise _type_error("k", "an int >= 1", k)
     _check_option_types(core_ratio, relevance, backend)
     if lengths is not None and not isinstance(lengths, torch.Tensor):

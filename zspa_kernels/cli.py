@@ -73,12 +73,12 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from zspa_kernels.arguments import checkpoint_problem, out_problem
-    from zspa_kernels.spec import check_keep
+    from zspa_kernels.spec import as_keep
 
     try:
         if args.model is not None and (problem := checkpoint_problem(args.model)):
             raise ValueError(f"model: {problem}")
-        check_keep(args.keep)
+        as_keep(args.keep)
         if problem := out_problem(args.out):
             raise ValueError(f"out: {problem}")
     except ValueError as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import math
+import numbers
 import os
 import re
 from typing import Union
@@ -98,14 +99,19 @@ def keep_budget(keep: Union[int, float], n_tokens: int) -> int:
     return min(keep, n_tokens)
 
 
-def check_keep(keep: Union[int, float]) -> None:
-    """``keep`` must be an int count >= 1 or a float fraction in (0, 1]."""
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+def as_keep(keep) -> Union[int, float]:
+    """``keep`` as the selection reads it: an int count >= 1 or a float fraction in (0, 1].
+    Any integer (Python or numpy) is a count and any other real number a fraction, so a
+    budget computed with numpy means what it says; a bool is neither."""
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
         raise TypeError(f"keep: expected an int count >= 1 or a float fraction in (0, 1], got {keep!r}")
-    if isinstance(keep, int) and keep < 1:
-        raise ValueError(f"keep: expected an int count >= 1, got {keep}")
-    if isinstance(keep, float) and not 0.0 < keep <= 1.0:
+    if isinstance(keep, numbers.Integral):
+        if keep < 1:
+            raise ValueError(f"keep: expected an int count >= 1, got {keep}")
+        return int(keep)
+    if not 0.0 < keep <= 1.0:
         raise ValueError(f"keep: expected a float fraction in (0, 1], got {keep}")
+    return float(keep)
 
 
 def keep_label(keep: Union[int, float]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -178,6 +179,20 @@ def test_a_refused_prune_leaves_the_model_unpruned(arg, value):
         zspa_kernels.prune(tiny.model, **{arg: value})
     zspa_kernels.prune(tiny.model).remove()  # not "already pruned"
     assert not tiny.model._forward_pre_hooks and not tiny.model.model._forward_pre_hooks
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("keep, as_python", [(np.int64(KEEP), KEEP), (np.float32(0.5), 0.5)])
+def test_a_numpy_budget_prunes_as_the_python_number_it_holds(keep, as_python):
+    """A budget computed with numpy (``np.int64`` count, ``np.float32`` fraction or ratio) is
+    read as the int or float it holds, not refused and not taken for the other kind."""
+    tiny = llava()
+    inputs = tiny.make_inputs(tiny.batch)
+    with zspa_kernels.prune(tiny.model, keep=as_python, core_ratio=0.25):
+        expected = tiny.model(**inputs).logits
+    with zspa_kernels.prune(tiny.model, keep=keep, core_ratio=np.float32(0.25)) as handle:
+        assert handle.keep == as_python and type(handle.keep) is type(as_python)
+        assert torch.equal(tiny.model(**inputs).logits, expected)
 
 
 def test_a_family_not_in_the_table_is_refused_before_any_hook():

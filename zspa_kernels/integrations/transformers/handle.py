@@ -39,7 +39,7 @@ from typing import Optional, Union
 import torch
 
 from ...checks import check_options
-from ...spec import check_keep
+from ...spec import as_keep
 from .families import Family, special_token_ids, split_model
 from .selection import ImageSelection, select_images, to_device
 
@@ -224,7 +224,7 @@ class PruneHandle:
                  core_ratio: float, relevance: str, prompt: str, backend: str,
                  tokenizer=None):
         # Everything is checked before the model is touched: a refused call leaves it as it was.
-        check_keep(keep)
+        keep = as_keep(keep)
         if prompt not in PROMPTS:
             raise ValueError(f"prompt: expected one of {PROMPTS}, got {prompt!r}")
         check_options(core_ratio, relevance, backend)  # the op's own checks, at prune() time
