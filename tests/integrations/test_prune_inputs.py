@@ -2,6 +2,7 @@
 image's tokens are, which text forms the prompt, labels, left padding, bad arguments."""
 from __future__ import annotations
 
+import pathlib
 import warnings
 
 import numpy as np
@@ -250,6 +251,23 @@ def test_tiny_builders_make_distinct_visual_tokens(name):
     newline = getattr(tiny.model.model, "image_newline", None)
     repeats = 0 if newline is None else int((tokens == newline).all(-1).sum())
     assert torch.unique(tokens, dim=0).shape[0] == tokens.shape[0] - max(repeats - 1, 0)
+
+
+def test_every_supported_model_type_has_a_tiny_builder_and_a_row_in_the_readme():
+    """A family in the table is tested by the shared suite only through a builder of its
+    ``model_type`` (where this transformers has the model), and documented in the support matrix."""
+    from zspa_kernels.integrations.transformers.families import FAMILIES
+
+    readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
+    built = set()
+    for name, build in BUILDERS.items():
+        built.add(build().model.config.model_type)
+    for family in FAMILIES:
+        for model_type in family.model_types:
+            assert f"`{model_type}`" in readme, f"README's support matrix lacks {model_type}"
+            config = transformers.models.auto.configuration_auto.CONFIG_MAPPING_NAMES.get(model_type)
+            if config is not None:  # the model exists in this transformers
+                assert model_type in built, f"no tiny builder makes a {model_type} model"
 
 
 # -- finding 6: left padding -------------------------------------------------------------

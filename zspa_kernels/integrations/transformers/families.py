@@ -161,6 +161,9 @@ FAMILIES: tuple[Family, ...] = (
            on_prefill=_gather_deepstack),
     Family("Qwen3-VL-MoE", ("qwen3_vl_moe",), visual_token_attrs=("image_token_id", "video_token_id"),
            on_prefill=_gather_deepstack),
+    # Qwen3.5: Qwen3-VL's layout without the deepstack; three in four text layers are gated
+    # DeltaNet, whose recurrent state simply runs over the kept tokens.
+    Family("Qwen3.5", ("qwen3_5", "qwen3_5_moe"), visual_token_attrs=("image_token_id", "video_token_id")),
     # Video frames are images (image token id, own markers): one budget per frame.
     Family("GLM-4V", ("glm4v",)),
     # Each tile is a run between tile markers, and its own budget (like Idefics3).

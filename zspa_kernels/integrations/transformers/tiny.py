@@ -617,6 +617,30 @@ def qwen3_vl_moe(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                  text=text, per_frame=True)
 
 
+# Qwen3.5: three gated-DeltaNet (linear attention) layers to each full-attention one; 4 layers
+# give both kinds. Its vision tower is Qwen3-VL's without the deepstack.
+QWEN3_5_TEXT = dict(QWEN3_TEXT, num_hidden_layers=4, head_dim=8, linear_conv_kernel_dim=4,
+                    linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+                    linear_num_value_heads=4)
+QWEN3_5_VISION = {k: v for k, v in QWEN3_VISION.items() if k != "deepstack_visual_indexes"}
+
+
+def qwen3_5(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    return _qwen(Qwen3_5Config, Qwen3_5ForConditionalGeneration, QWEN3_5_VISION, attn, seed,
+                 text=QWEN3_5_TEXT, per_frame=True)
+
+
+def qwen3_5_moe(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
+
+    text = dict(QWEN3_5_TEXT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                shared_expert_intermediate_size=32)
+    return _qwen(Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration, QWEN3_5_VISION, attn, seed,
+                 text=text, per_frame=True)
+
+
 def internvl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     """InternVL3: a 32x32 tile gives (32/4)^2 patches, pixel-shuffled 2x2 into 16 tokens;
     an image of ``n`` tiles is ``<img>`` + 16n image tokens + ``</img>``."""
@@ -657,6 +681,9 @@ BUILDERS = {
     "qwen2_5_vl": qwen2_5_vl,
     "qwen3_vl": qwen3_vl,
     "qwen3_vl_moe": qwen3_vl_moe,
+    # Qwen3.5 (transformers 5.2+): not in 4.57
+    **({"qwen3_5": qwen3_5, "qwen3_5_moe": qwen3_5_moe}
+       if hasattr(transformers, "Qwen3_5ForConditionalGeneration") else {}),
     "glm4v": glm4v,
     "glm4v_video": lambda **kw: glm4v(videos=True, **kw),
     "internvl": internvl,
