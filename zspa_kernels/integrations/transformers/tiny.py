@@ -618,8 +618,10 @@ def qwen3_vl_moe(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
 
 
 # Qwen3.5: three gated-DeltaNet (linear attention) layers to each full-attention one; 4 layers
-# give both kinds. Its vision tower is Qwen3-VL's without the deepstack.
-QWEN3_5_TEXT = dict(QWEN3_TEXT, num_hidden_layers=4, head_dim=8, linear_conv_kernel_dim=4,
+# give both kinds. Rotary embedding covers a quarter of each head (as in the checkpoints): 32
+# dims give the 8 that M-RoPE's [2, 1, 1] sections need, so the height and width positions of
+# image tokens reach the logits. Its vision tower is Qwen3-VL's without the deepstack.
+QWEN3_5_TEXT = dict(QWEN3_TEXT, num_hidden_layers=4, head_dim=32, linear_conv_kernel_dim=4,
                     linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
                     linear_num_value_heads=4)
 QWEN3_5_VISION = {k: v for k, v in QWEN3_VISION.items() if k != "deepstack_visual_indexes"}
