@@ -2,6 +2,7 @@
 image's tokens are, which text forms the prompt, labels, left padding, bad arguments."""
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import warnings
 
@@ -196,6 +197,19 @@ def test_a_numpy_budget_prunes_as_the_python_number_it_holds(keep, as_python):
         assert torch.equal(tiny.model(**inputs).logits, expected)
 
 
+def test_a_family_older_than_its_first_pruned_transformers_is_refused(monkeypatch):
+    from zspa_kernels.integrations.transformers import families
+
+    tiny = llava()
+    hooks = [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in tiny.model.modules()]
+    monkeypatch.setattr(families, "FAMILIES", tuple(
+        dataclasses.replace(f, min_transformers=(99, 0)) if f.name == "LLaVA-1.5" else f
+        for f in families.FAMILIES))
+    with pytest.raises(ValueError, match=r"^model: zspa_kernels.prune supports LLaVA-1.5 from transformers 99\.0; this is "):
+        zspa_kernels.prune(tiny.model)
+    assert [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in tiny.model.modules()] == hooks
+
+
 def test_a_family_not_in_the_table_is_refused_before_any_hook():
     """PaliGemma (bidirectional prefix masks) is an image-text model prune does not support."""
     config = transformers.PaliGemmaConfig(
@@ -257,17 +271,18 @@ def test_every_supported_model_type_has_a_tiny_builder_and_a_row_in_the_readme()
     """A family in the table is tested by the shared suite only through a builder of its
     ``model_type`` (where this transformers has the model), and documented in the support matrix."""
     from zspa_kernels.integrations.transformers.families import FAMILIES
+    from zspa_kernels.spec import release
 
     readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
     built = set()
     for name, build in BUILDERS.items():
         built.add(build().model.config.model_type)
+    known = transformers.models.auto.configuration_auto.CONFIG_MAPPING_NAMES
     for family in FAMILIES:
         for model_type in family.model_types:
             assert f"`{model_type}`" in readme, f"README's support matrix lacks {model_type}"
-            config = transformers.models.auto.configuration_auto.CONFIG_MAPPING_NAMES.get(model_type)
-            if config is not None:  # the model exists in this transformers
-                assert model_type in built, f"no tiny builder makes a {model_type} model"
+        if any(t in known for t in family.model_types) and release("transformers") >= family.min_transformers:
+            assert built & set(family.model_types), f"no tiny builder makes a {family.name} model"
 
 
 # -- finding 6: left padding -------------------------------------------------------------

@@ -15,6 +15,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ...spec import release
+
 
 @dataclass(frozen=True)
 class Family:
@@ -31,6 +33,9 @@ class Family:
     # For language models that take prebuilt masks: (config, embeds, 2-D mask, cache,
     # position_ids, token_type_ids or None at decode, cache slots) -> the mask argument.
     build_mask: Optional[Callable[..., Any]] = None
+    # The oldest transformers (major, minor) whose model the hooks prune exactly; older ones are
+    # refused by find_family.
+    min_transformers: tuple[int, int] = (0, 0)
 
     def visual_token_ids(self, config) -> list[int]:
         ids = [getattr(config, attr, None) for attr in self.visual_token_attrs]
@@ -176,6 +181,11 @@ FAMILIES: tuple[Family, ...] = (
            image_token_counts=_fixed_counts(lambda config: config.perceiver_config.resampler_n_latents)),
     Family("Idefics3/SmolVLM", ("idefics3", "smolvlm"), lm_attr="text_model",
            image_token_counts=_fixed_counts(_idefics3_tile_tokens)),
+    # Each tile of a split image (and its thumbnail) is a run between markers: its own budget.
+    # transformers 4.57 names it "lfm2-vl" (and so do checkpoints saved with it), and keeps the
+    # convolution states in a cache class of its own that is no transformers Cache; from 5.0 the
+    # DynamicCache of its config holds them.
+    Family("LFM2-VL", ("lfm2_vl", "lfm2-vl"), min_transformers=(5, 0)),
     Family("Gemma3", ("gemma3",),
            image_token_counts=_fixed_counts(lambda config: config.mm_tokens_per_image),
            build_mask=_gemma3_masks),
@@ -186,6 +196,10 @@ def find_family(model: torch.nn.Module) -> Family:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     for family in FAMILIES:
         if model_type in family.model_types:
+            if release("transformers") < family.min_transformers:
+                raise ValueError(
+                    f"model: zspa_kernels.prune supports {family.name} from transformers "
+                    f"{'.'.join(map(str, family.min_transformers))}; this is {'.'.join(map(str, release('transformers')))}")
             return family
     names = ", ".join(f.name for f in FAMILIES)
     raise ValueError(

@@ -347,6 +347,47 @@ def cohere2_vision(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                          alignment_intermediate_size=64)
 
 
+def lfm2_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """LFM2-VL: a SigLIP2 NaFlex tower (4 px patches, images of any size up to 32x32 px) whose
+    2x2 pixel-unshuffle gives ``(h/8)·(w/8)`` tokens between image start/end markers; the
+    language model mixes short gated convolutions with attention (a hybrid cache)."""
+    from transformers import AutoConfig, Lfm2VlConfig, Lfm2VlForConditionalGeneration
+
+    torch.manual_seed(seed)
+    image_token, start, end, patch, most = 127, 125, 126, 4, 64
+    text = AutoConfig.for_model("lfm2", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                max_position_embeddings=512, layer_types=["conv", "full_attention", "conv"],
+                                block_auto_adjust_ff_dim=False, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    config = Lfm2VlConfig(vision_config=dict(model_type="siglip2_vision_model", **TOWER, patch_size=patch,
+                                             num_patches=most),
+                          text_config=text, image_token_id=image_token, projector_hidden_size=64,
+                          downsample_factor=2)
+    model = _finish(Lfm2VlForConditionalGeneration(config), attn)
+
+    def make_inputs(rows, seeds=None) -> dict:
+        pixels, masks, shapes = [], [], []
+
+        def image(kind, size, gen, r):
+            h, w = size[0] // patch, size[1] // patch
+            patches = torch.zeros(most, 3 * patch * patch)
+            patches[:h * w] = torch.randn(h * w, 3 * patch * patch, generator=gen)
+            pixels.append(patches)
+            masks.append(torch.arange(most) < h * w)
+            shapes.append([h, w])
+            return [start] + [image_token] * (h // 2) * (w // 2) + [end]
+
+        ids = _token_rows(rows, seeds, image)
+        return dict(ids, pixel_values=torch.stack(pixels), pixel_attention_mask=torch.stack(masks),
+                    spatial_shapes=torch.tensor(shapes))
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 5), ("image", (32, 32)), ("text", 7)]],
+                   batch=[[("text", 5), ("image", (32, 32)), ("text", 7)],
+                          [("text", 3), ("image", (16, 32)), ("text", 1), ("image", (32, 24)), ("text", 4)],
+                          [("image", (24, 24)), ("text", 9)]])
+
+
 def _idefics(config_cls, model_cls, attn: str, seed: int, **reduce) -> TinyVLM:
     """Idefics2/3, SmolVLM: a 32x32 image gives (32/4)^2 patches, reduced to 16 tokens
     (``reduce``: pixel-shuffled 2x2, or a perceiver of 16 latents), wrapped in
@@ -695,4 +736,6 @@ BUILDERS = {
     "gemma3": gemma3,
     "aya_vision": aya_vision,
     "cohere2_vision": cohere2_vision,
+    # LFM2-VL: pruned from transformers 5.0 (families.py)
+    **({"lfm2_vl": lfm2_vl} if not transformers.__version__.startswith("4.") else {}),
 }
