@@ -44,7 +44,7 @@ def capture_lm_calls(model):
 
 
 def padding_mask(mask) -> torch.Tensor:
-    """The 2-D mask behind a captured mask argument (Gemma3 gets a dict of 4-D masks:
+    """The 2-D mask behind a captured mask argument (Gemma gets a dict of 4-D masks:
     the last query row of a prefill attends to every non-padding key)."""
     if isinstance(mask, dict):
         full = mask["full_attention"]
@@ -53,13 +53,24 @@ def padding_mask(mask) -> torch.Tensor:
     return mask
 
 
+def token_types_arg(model):
+    """The base model's argument marking visual tokens, where its masks depend on them (Gemma)."""
+    family = find_family(model)
+    return family.token_types_arg if family.build_mask is not None else None
+
+
 def no_cache_logits(model, prefill: dict, decode_positions: list, tokens: torch.Tensor, rows,
                     image_features=None):
     """Logits over ``prefill``'s (pruned) inputs plus all but the last of ``tokens``,
     without a cache; ``decode_positions`` are their positions. With ``image_features``
-    (Gemma3: masks depend on which slots hold image tokens) the base model builds the
-    masks itself from token types found by matching the prefix embeddings to them."""
+    (Gemma: masks depend on which slots hold image tokens) the base model builds the
+    masks itself from token types found by matching the prefix embeddings to them.
+    Per-layer inputs (Gemma4): the prefill's, then those of ``tokens`` by their ids."""
     tokens = tokens[:, :-1]
+    if model.config.model_type == "gemma4":  # its base model embeds placeholder ids as padding, even generated
+        placeholders = torch.tensor([model.config.image_token_id, model.config.video_token_id,
+                                     model.config.audio_token_id])
+        tokens = tokens.masked_fill(torch.isin(tokens, placeholders), model.config.get_text_config().pad_token_id)
     prefix = prefill["inputs_embeds"][rows]
     embeds = torch.cat([prefix, model.get_input_embeddings()(tokens)], 1)
     mask = padding_mask(prefill["attention_mask"])[rows][:, : prefix.shape[1]]
@@ -74,22 +85,29 @@ def no_cache_logits(model, prefill: dict, decode_positions: list, tokens: torch.
         extra["visual_pos_masks"] = torch.nn.functional.pad(visual[rows], (0, tokens.shape[1]))
         extra["deepstack_visual_embeds"] = [e[chosen] for e in prefill["deepstack_visual_embeds"]]
     decoder = lm_of(model)
+    if prefill.get("per_layer_inputs") is not None:
+        extra["per_layer_inputs"] = torch.cat(
+            [prefill["per_layer_inputs"][rows],
+             decoder.get_per_layer_inputs(tokens, model.get_input_embeddings()(tokens))], 1)
     if image_features is not None:
         is_image = (embeds[:, :, None] == image_features[None, None]).all(-1).any(-1)
-        extra["token_type_ids"] = is_image.long()
+        extra[token_types_arg(model)] = is_image.long()
         decoder = model.model
     hidden = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                      use_cache=False, **extra).last_hidden_state
-    return model.get_output_embeddings()(hidden)
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    return logits if cap is None else torch.tanh(logits / cap) * cap  # as the wrapper does (Gemma)
 
 
 def image_features_of(model, inputs):
     """The visual feature rows the unpatched model merges in, where masks depend on them."""
-    if "token_type_ids" not in inputs:
+    key = token_types_arg(model)
+    if inputs.get(key) is None:
         return None
     with capture_lm_calls(model) as calls, torch.no_grad():
         model(**inputs)
-    return calls[0]["inputs_embeds"][inputs["token_type_ids"].bool()]
+    return calls[0]["inputs_embeds"][inputs[key].bool()]
 
 
 def unpruned_decode_positions(model, inputs, new_tokens: int, **gen):

@@ -96,6 +96,24 @@ def test_keep_all_generate_matches_unpatched(tiny):
 
 
 @torch.no_grad()
+def test_a_pruned_prefill_computes_the_logits_asked_for(tiny):
+    """generate() asks a prefill for the last position's logits only (``logits_to_keep=1``): a pruned
+    prompt's must be those, not the LM head over every kept position (transformers 5.24's Gemma4
+    wrapper slices only hidden states as long as ``input_ids``; its language model slices them
+    itself ahead of KV-shared layers, unless every layer's hidden states are asked for)."""
+    if "logits_to_keep" not in inspect.signature(tiny.model.forward).parameters:
+        pytest.skip("this transformers' model takes no logits_to_keep")
+    inputs = tiny.make_inputs(tiny.batch)
+    with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
+        every = tiny.model(**inputs).logits
+        assert handle.last_selection and every.shape[1] < inputs["input_ids"].shape[1]
+        for flags in ({}, dict(output_hidden_states=True)):
+            last = tiny.model(**inputs, logits_to_keep=1, **flags).logits
+            assert last.shape == (every.shape[0], 1, every.shape[2]), flags
+            torch.testing.assert_close(last[:, 0], every[:, -1], atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
 def test_cache_is_shorter_by_the_dropped_count(tiny):
     inputs = tiny.make_inputs(tiny.single)
     length = inputs["input_ids"].shape[1]

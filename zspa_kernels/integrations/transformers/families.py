@@ -31,8 +31,11 @@ class Family:
     # Called after the prefill gather with the Prefill record (see handle.py).
     on_prefill: Optional[Callable[..., None]] = None
     # For language models that take prebuilt masks: (config, embeds, 2-D mask, cache,
-    # position_ids, token_type_ids or None at decode, cache slots) -> the mask argument.
+    # position_ids, the kept tokens' types or None, cache slots) -> the mask argument.
     build_mask: Optional[Callable[..., Any]] = None
+    # The base model's argument that marks the visual tokens for ``build_mask`` (the caller's,
+    # gathered like the embeddings: without it the base model builds causal masks).
+    token_types_arg: str = "token_type_ids"
     # The oldest transformers (major, minor) whose model the hooks prune exactly; older ones are
     # refused by find_family.
     min_transformers: tuple[int, int] = (0, 0)
@@ -134,21 +137,46 @@ def _idefics3_tile_tokens(config) -> int:
     return (vision.image_size // vision.patch_size) ** 2 // config.scale_factor ** 2
 
 
-def _gemma3_masks(config, embeds, mask, cache, positions, token_types, slots):
-    """Gemma3's base model hands its language model a dict of 4-D masks in which each
-    image block attends to itself bidirectionally; rebuild it for the pruned layout with
-    the model's own builder (its signature differs between transformers 4.x and 5.x)."""
-    from transformers.models.gemma3.modeling_gemma3 import Gemma3ForConditionalGeneration
+def _gemma_masks(model_class: str, types_arg: str, config, embeds, mask, cache, positions, token_types,
+                 slots):
+    """The dict of 4-D masks a Gemma base model hands its language model, built for the pruned
+    layout by the model's own builder from the token types (its signature differs between
+    transformers 4.x and 5.x, and between Gemma3 and Gemma4)."""
+    import transformers
 
-    build = Gemma3ForConditionalGeneration.create_masks_for_generate
+    build = getattr(transformers, model_class).create_masks_for_generate
     params = inspect.signature(build).parameters
-    kwargs = dict(config=config, attention_mask=mask, position_ids=positions,
-                  token_type_ids=token_types)
+    kwargs = dict(config=config, attention_mask=mask, position_ids=positions)
+    kwargs[types_arg] = token_types
     kwargs["cache" if "cache" in params else "past_key_values"] = cache
     kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = embeds
     if "cache_position" in params:
         kwargs["cache_position"] = slots
     return build(**kwargs)
+
+
+def _gemma3_masks(*args):
+    """Gemma3: each image block attends to itself bidirectionally, on every layer."""
+    return _gemma_masks("Gemma3ForConditionalGeneration", "token_type_ids", *args)
+
+
+def _gemma4_masks(*args):
+    """Gemma4: with ``use_bidirectional_attention="vision"`` (the builder reads the config),
+    each image or video block attends to itself bidirectionally on the sliding-window layers
+    only; causal masks otherwise."""
+    return _gemma_masks("Gemma4ForConditionalGeneration", "mm_token_type_ids", *args)
+
+
+def _gather_per_layer_inputs(prefill) -> None:
+    """Gemma4's per-layer embeddings (PLE): the base model looks up a ``(num_layers, dim)``
+    input for every token by its id (visual placeholders as padding) and passes them beside
+    the embeddings (without them the language model would recover the ids by matching the
+    embeddings to its table, which visual features never match); keep those of the kept
+    positions, as the embeddings are kept."""
+    per_layer = prefill.kwargs.get("per_layer_inputs")
+    if per_layer is not None:
+        index = prefill.index[..., None, None].expand(-1, -1, *per_layer.shape[2:])
+        prefill.kwargs["per_layer_inputs"] = per_layer.gather(1, index)
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -189,6 +217,9 @@ FAMILIES: tuple[Family, ...] = (
     Family("Gemma3", ("gemma3",),
            image_token_counts=_fixed_counts(lambda config: config.mm_tokens_per_image),
            build_mask=_gemma3_masks),
+    # Each image (each video frame) between its own begin/end-of-image markers: one run each.
+    Family("Gemma4", ("gemma4",), visual_token_attrs=("image_token_id", "video_token_id"),
+           on_prefill=_gather_per_layer_inputs, build_mask=_gemma4_masks, token_types_arg="mm_token_type_ids"),
 )
 
 

@@ -252,12 +252,14 @@ class PruneHandle:
         self._inputs: Optional[dict] = None  # the base model's keyword arguments of this call
         self._gather: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (index, valid)
         self._labels: Optional[torch.Tensor] = None
+        self._logits_to_keep: Optional[int] = None  # this pruned prefill's, for _lm_post_hook
         self._loss_kwargs: dict = {}
         self._caches: "weakref.WeakKeyDictionary[object, _CacheState]" = weakref.WeakKeyDictionary()
         lm._zspa_pruned = True
         self._hooks = [
             base.register_forward_pre_hook(self._base_pre_hook, with_kwargs=True),
             lm.register_forward_pre_hook(self._lm_pre_hook, with_kwargs=True),
+            lm.register_forward_hook(self._lm_post_hook, with_kwargs=True),
         ]
         if model is not base:  # the wrapper with the LM head computes the loss from labels
             self._hooks += [
@@ -382,6 +384,7 @@ class PruneHandle:
 
     def _lm_pre_hook(self, module, args, kwargs):
         inputs, self._inputs = self._inputs or {}, None
+        self._logits_to_keep = None
         cache = _cache_of(kwargs)
         state = self._caches.get(cache) if cache is not None else None
         if state is not None:  # the base pre-hook has dropped every emptied cache's state: a decode step
@@ -406,6 +409,18 @@ class PruneHandle:
             return None  # no token ids to find the images in: run unpruned
         self._prefill(ids, embeds, cache, inputs, kwargs)
         return args, kwargs
+
+    def _lm_post_hook(self, module, args, kwargs, output):
+        """A language model asked for ``logits_to_keep`` positions (Gemma4's base model passes it on)
+        leaves the slicing to the wrapper, which slices only hidden states as long as ``input_ids``
+        (transformers 5.24's Gemma4): a pruned prefill's are shorter, and its LM head would run over
+        every kept position (``generate()`` asks for one). Slice them here, as asked."""
+        keep, self._logits_to_keep = self._logits_to_keep, None
+        hidden = getattr(output, "last_hidden_state", None)
+        if keep is None or hidden is None or hidden.shape[1] <= keep:
+            return None
+        output.last_hidden_state = hidden[:, -keep:]
+        return output
 
     # -- prefill ---------------------------------------------------------------------------
     def _find_images(self, ids: torch.Tensor, visual: torch.Tensor, inputs: dict):
@@ -508,6 +523,9 @@ class PruneHandle:
             valid = src >= 0
             index = ranked.gather(1, src.clamp_min(0))
             self._gather = (index, valid)
+            logits_to_keep = kwargs.get("logits_to_keep")
+            if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+                self._logits_to_keep = logits_to_keep
         self._layout = (index, valid)
 
         use_cache = kwargs.get("use_cache")
@@ -531,7 +549,11 @@ class PruneHandle:
             kwargs["cache_position"] = slots
         kwargs["attention_mask"] = new_mask
         if self.family.build_mask is not None:
-            token_types = (visual_d.gather(1, index) & valid).long()
+            # The caller's token types, kept like the embeddings: none given, none passed on (the
+            # base model then builds causal masks, and so does the family's builder).
+            token_types = inputs.get(self.family.token_types_arg)
+            if token_types is not None:
+                token_types = token_types.to(device).gather(1, index) * valid
             kwargs["attention_mask"] = self.family.build_mask(
                 self.config, kwargs["inputs_embeds"], new_mask, cache, positions, token_types, slots)
         if self.family.on_prefill is not None:

@@ -495,6 +495,78 @@ def gemma3(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                           [("image", 0), ("text", 9)]])
 
 
+def gemma4(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """Gemma 4: an image of (h, w) patches (4 px, at most 64, padded to 64 with position -1)
+    pools 2x2 into ``h*w/4`` soft tokens between begin/end-of-image markers; a video of ``t``
+    frames is ``t`` such frames of the video token, each after a timestamp; per-layer inputs
+    (PLE) computed from the token ids; image and frame blocks attend bidirectionally on the
+    sliding-window layers (window 16) only; the last two layers reuse earlier layers' KV."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    image_token, video_token, boi, eoi = 127, 124, 125, 126
+    config = Gemma4Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=2, head_dim=16, patch_size=4, pooling_kernel_size=2,
+                           position_embedding_size=16),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=8, global_head_dim=8, vocab_size=VOCAB,
+                         vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=8,
+                         max_position_embeddings=512, sliding_window=16,
+                         layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2,
+                         use_bidirectional_attention="vision", final_logit_softcapping=30.0,
+                         pad_token_id=PAD, bos_token_id=1, eos_token_id=2),
+        # Every id inside the tiny vocabulary (the defaults are Gemma's 262k ones).
+        image_token_id=image_token, boi_token_id=boi, eoi_token_id=eoi, video_token_id=video_token,
+        audio_token_id=123, boa_token_id=122, eoa_token_index=121, pad_token_id=PAD,
+    )
+    model = _finish(Gemma4ForConditionalGeneration(config), attn)
+    # Videos' frames: concatenated, with their counts (5.24), or one (frames, ...) tensor a video (5.17).
+    flat_frames = "num_frames_per_video" in inspect.signature(model.model.forward).parameters
+
+    def make_inputs(rows, seeds=None) -> dict:
+        media = {"image": ([], []), "video": ([], [])}  # (pixels, positions) of each image / frame
+        frames = []
+
+        def segment(kind, size, gen, r):
+            t, h, w = size if kind == "video" else (1, *size)
+            ids = []
+            for _ in range(t):
+                pixels, positions = media[kind]
+                pixels.append(torch.zeros(64, 3 * 4 * 4))
+                pixels[-1][: h * w] = torch.rand(h * w, 3 * 4 * 4, generator=gen)
+                ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+                positions.append(torch.full((64, 2), -1))
+                positions[-1][: h * w] = torch.stack([xs.flatten(), ys.flatten()], -1)
+                token = video_token if kind == "video" else image_token
+                ids += (_text(1, gen) if kind == "video" else []) + [boi] + [token] * (h * w // 4) + [eoi]
+            if kind == "video":
+                frames.append(t)
+            return ids
+
+        out = _token_rows(rows, seeds, segment)
+        ids = out["input_ids"]
+        out["mm_token_type_ids"] = (ids == image_token).long() + 2 * (ids == video_token).long()
+        for kind, (pixels, positions) in media.items():
+            if not pixels:
+                continue
+            pixels, positions = torch.stack(pixels), torch.stack(positions)
+            if kind == "video" and flat_frames:
+                out["num_frames_per_video"] = torch.tensor(frames)
+            elif kind == "video":
+                pixels, positions = pixels.unflatten(0, (len(frames), -1)), positions.unflatten(0, (len(frames), -1))
+            out["pixel_values" + ("_videos" if kind == "video" else "")] = pixels
+            out[f"{kind}_position_ids"] = positions
+        return out
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 5), ("image", (8, 8)), ("text", 7)]],
+                   batch=[[("text", 5), ("image", (8, 8)), ("text", 7)],
+                          [("text", 3), ("image", (4, 8)), ("text", 1), ("image", (6, 8)), ("text", 4)],
+                          [("video", (2, 8, 4)), ("text", 9)]],
+                   frames_are_images=True)
+
+
 QWEN_IMAGE, QWEN_VIDEO, QWEN_START, QWEN_END = 120, 121, 122, 123
 QWEN_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512,
@@ -724,7 +796,7 @@ BUILDERS = {
     "qwen2_5_vl": qwen2_5_vl,
     "qwen3_vl": qwen3_vl,
     "qwen3_vl_moe": qwen3_vl_moe,
-    # Qwen3.5 (transformers 5.2+): not in 4.57
+    # Qwen3.5: not in transformers 4.57
     **({"qwen3_5": qwen3_5, "qwen3_5_moe": qwen3_5_moe}
        if hasattr(transformers, "Qwen3_5ForConditionalGeneration") else {}),
     "glm4v": glm4v,
@@ -738,4 +810,6 @@ BUILDERS = {
     "cohere2_vision": cohere2_vision,
     # LFM2-VL: pruned from transformers 5.0 (families.py)
     **({"lfm2_vl": lfm2_vl} if not transformers.__version__.startswith("4.") else {}),
+    # Gemma 4: not in transformers 4.57
+    **({"gemma4": gemma4} if hasattr(transformers, "Gemma4ForConditionalGeneration") else {}),
 }
