@@ -714,22 +714,8 @@ QWEN3_TEXT = dict(QWEN_TEXT, head_dim=8, rope_scaling={"rope_type": "default", "
                                                        "mrope_interleaved": True})
 
 
-def qwen3_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-
-    return _qwen(Qwen3VLConfig, Qwen3VLForConditionalGeneration, QWEN3_VISION, attn, seed,
-                 text=QWEN3_TEXT, per_frame=True)
-
-
-def qwen3_vl_moe(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
-    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
-
-    text = dict(QWEN3_TEXT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                decoder_sparse_step=1)
-    return _qwen(Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration, QWEN3_VISION, attn, seed,
-                 text=text, per_frame=True)
-
-
+# Qwen3-VL and Qwen3.5 MoE text models: 4 experts, 2 a token.
+QWEN3_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
 # Qwen3.5: three gated-DeltaNet (linear attention) layers to each full-attention one; 4 layers
 # give both kinds. Rotary embedding covers a quarter of each head (as in the checkpoints): 32
 # dims give the 8 that M-RoPE's [2, 1, 1] sections need, so the height and width positions of
@@ -740,20 +726,28 @@ QWEN3_5_TEXT = dict(QWEN3_TEXT, num_hidden_layers=4, head_dim=32, linear_conv_ke
 QWEN3_5_VISION = {k: v for k, v in QWEN3_VISION.items() if k != "deepstack_visual_indexes"}
 
 
-def qwen3_5(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
-    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+def _qwen3(name: str, vision: dict, text: dict, attn: str, seed: int) -> TinyVLM:
+    """Qwen3-VL and Qwen3.5 (``name``: the transformers class prefix): every video frame is
+    wrapped in its own markers, after a timestamp."""
+    return _qwen(getattr(transformers, f"{name}Config"), getattr(transformers, f"{name}ForConditionalGeneration"),
+                 vision, attn, seed, text=text, per_frame=True)
 
-    return _qwen(Qwen3_5Config, Qwen3_5ForConditionalGeneration, QWEN3_5_VISION, attn, seed,
-                 text=QWEN3_5_TEXT, per_frame=True)
+
+def qwen3_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    return _qwen3("Qwen3VL", QWEN3_VISION, QWEN3_TEXT, attn, seed)
+
+
+def qwen3_vl_moe(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    return _qwen3("Qwen3VLMoe", QWEN3_VISION, dict(QWEN3_TEXT, **QWEN3_MOE, decoder_sparse_step=1), attn, seed)
+
+
+def qwen3_5(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    return _qwen3("Qwen3_5", QWEN3_5_VISION, QWEN3_5_TEXT, attn, seed)
 
 
 def qwen3_5_moe(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
-    from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
-
-    text = dict(QWEN3_5_TEXT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                shared_expert_intermediate_size=32)
-    return _qwen(Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration, QWEN3_5_VISION, attn, seed,
-                 text=text, per_frame=True)
+    return _qwen3("Qwen3_5Moe", QWEN3_5_VISION, dict(QWEN3_5_TEXT, **QWEN3_MOE, shared_expert_intermediate_size=32),
+                  attn, seed)
 
 
 def internvl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
