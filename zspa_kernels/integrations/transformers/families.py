@@ -22,7 +22,7 @@ from ...spec import release
 class Family:
     name: str
     model_types: tuple[str, ...]
-    lm_attr: str = "language_model"
+    lm_attr: str = "language_model"  # from the base model; dotted where it sits in a causal LM
     visual_token_attrs: tuple[str, ...] = ("image_token_id",)
     # (config, the base model's keyword arguments, the lengths of the runs of visual tokens
     # in row-major order) -> the token count of each image in order. Default: each run is
@@ -39,6 +39,21 @@ class Family:
     # The oldest transformers (major, minor) whose model the hooks prune exactly; older ones are
     # refused by find_family.
     min_transformers: tuple[int, int] = (0, 0)
+    # The first transformers (major, minor) whose unpatched model itself fails, and how: refused
+    # from there on by find_family (nothing to prune exactly, or to test the hooks against).
+    broken_from: Optional[tuple[tuple[int, int], str]] = None
+
+    def refusal(self) -> Optional[str]:
+        """Why find_family refuses this family on the installed transformers, or None."""
+        here = release("transformers")
+        version = ".".join(map(str, here))
+        if here < self.min_transformers:
+            return (f"model: zspa_kernels.prune supports {self.name} from transformers "
+                    f"{'.'.join(map(str, self.min_transformers))}; this is {version}")
+        if self.broken_from is not None and here >= self.broken_from[0]:
+            return (f"model: zspa_kernels.prune cannot prune {self.name} on transformers {version}: "
+                    f"{self.broken_from[1]}")
+        return None
 
     def visual_token_ids(self, config) -> list[int]:
         ids = [getattr(config, attr, None) for attr in self.visual_token_attrs]
@@ -227,10 +242,9 @@ def find_family(model: torch.nn.Module) -> Family:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     for family in FAMILIES:
         if model_type in family.model_types:
-            if release("transformers") < family.min_transformers:
-                raise ValueError(
-                    f"model: zspa_kernels.prune supports {family.name} from transformers "
-                    f"{'.'.join(map(str, family.min_transformers))}; this is {'.'.join(map(str, release('transformers')))}")
+            refusal = family.refusal()
+            if refusal is not None:
+                raise ValueError(refusal)
             return family
     names = ", ".join(f.name for f in FAMILIES)
     raise ValueError(
@@ -244,9 +258,14 @@ def split_model(model: torch.nn.Module, family: Family) -> tuple[torch.nn.Module
     embeddings, and the text decoder it calls. Accepts the ``...ForConditionalGeneration``
     wrapper or the base model itself."""
     # The wrapper first: in transformers 4.x it also exposes .language_model, as a property.
+    def lm_of(module):
+        for name in family.lm_attr.split("."):
+            module = getattr(module, name, None)
+        return module
+
     inner = getattr(model, "model", None)
-    base = inner if isinstance(inner, torch.nn.Module) and hasattr(inner, family.lm_attr) else model
-    lm = getattr(base, family.lm_attr, None)
+    base = inner if isinstance(inner, torch.nn.Module) and lm_of(inner) is not None else model
+    lm = lm_of(base)
     if not isinstance(lm, torch.nn.Module):
         raise ValueError(f"model: expected a {family.name} model with .{family.lm_attr} "
                          f"(or .model.{family.lm_attr}), got {type(model).__name__}")

@@ -261,7 +261,9 @@ class PruneHandle:
             lm.register_forward_pre_hook(self._lm_pre_hook, with_kwargs=True),
             lm.register_forward_hook(self._lm_post_hook, with_kwargs=True),
         ]
-        if model is not base:  # the wrapper with the LM head computes the loss from labels
+        # The wrapper with the LM head computes the loss from labels (it may also be the module
+        # that merges the image features, where there is no separate base model).
+        if model is not base or model.get_output_embeddings() is not None:
             self._hooks += [
                 model.register_forward_pre_hook(self._top_pre_hook, with_kwargs=True),
                 model.register_forward_hook(self._top_post_hook, with_kwargs=True),
