@@ -147,7 +147,8 @@ def _labels(inputs, handle) -> torch.Tensor:
     return labels.masked_fill(inputs["attention_mask"] == 0, -100)
 
 
-@pytest.mark.parametrize("name", ["llava", "qwen2_5_vl"])
+# Llama 4: a wrapper without a base model, which merges the image features itself.
+@pytest.mark.parametrize("name", [n for n in ("llava", "qwen2_5_vl", "llama4") if n in BUILDERS])
 @torch.no_grad()
 def test_labels_give_the_loss_over_the_kept_positions(name):
     """Each kept label is predicted by the kept position before it in its row (a row's
@@ -222,6 +223,24 @@ def test_a_family_whose_unpatched_model_fails_is_refused(monkeypatch):
     assert not tiny.model._forward_pre_hooks and not tiny.model.model._forward_pre_hooks
 
 
+@torch.no_grad()
+def test_llama4_is_refused_exactly_where_its_unpatched_model_fails():
+    """transformers 5.24's Llama4ForConditionalGeneration reads image_outputs from its causal LM's
+    output, which has none: refused there (no builder in the shared suite), accepted where it runs."""
+    from zspa_kernels.integrations.transformers.tiny import llama4
+
+    tiny = llama4()
+    try:
+        tiny.model(**tiny.make_inputs(tiny.single))
+        runs = True
+    except AttributeError:
+        runs = False
+    assert ("llama4" in BUILDERS) == runs
+    if not runs:
+        with pytest.raises(ValueError, match=r"^model: zspa_kernels.prune cannot prune Llama 4 on transformers "):
+            zspa_kernels.prune(tiny.model)
+
+
 def test_a_family_not_in_the_table_is_refused_before_any_hook():
     """PaliGemma (bidirectional prefix masks) is an image-text model prune does not support."""
     config = transformers.PaliGemmaConfig(
@@ -274,7 +293,7 @@ def test_tiny_builders_make_distinct_visual_tokens(name):
     assert tokens.shape[0] > 0
     assert bool((tokens.norm(dim=-1) > 1e-3).all())
     # Distinct, but for LLaVA-NeXT-style models' one learned newline feature per row of patches.
-    newline = getattr(tiny.model.model, "image_newline", None)
+    newline = getattr(getattr(tiny.model, "model", tiny.model), "image_newline", None)  # Llama 4: no base model
     repeats = 0 if newline is None else int((tokens == newline).all(-1).sum())
     assert torch.unique(tokens, dim=0).shape[0] == tokens.shape[0] - max(repeats - 1, 0)
 

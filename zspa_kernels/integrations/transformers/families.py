@@ -22,7 +22,7 @@ from ...spec import release
 class Family:
     name: str
     model_types: tuple[str, ...]
-    lm_attr: str = "language_model"  # from the base model; dotted where it sits in a causal LM
+    lm_attr: str = "language_model"  # from the base model; dotted where it sits in a causal LM (Llama 4)
     visual_token_attrs: tuple[str, ...] = ("image_token_id",)
     # (config, the base model's keyword arguments, the lengths of the runs of visual tokens
     # in row-major order) -> the token count of each image in order. Default: each run is
@@ -235,6 +235,15 @@ FAMILIES: tuple[Family, ...] = (
     # Each image (each video frame) between its own begin/end-of-image markers: one run each.
     Family("Gemma4", ("gemma4",), visual_token_attrs=("image_token_id", "video_token_id"),
            on_prefill=_gather_per_layer_inputs, build_mask=_gemma4_masks, token_types_arg="mm_token_type_ids"),
+    # Each tile of an image (and its global view) is a run between separators: its own budget.
+    # No base model: the wrapper merges the image features and calls its causal LM, whose
+    # decoder the hooks run. Chunked attention and the NoPE layers' temperature tuning number the
+    # cache slots (the kept tokens), RoPE the original positions. transformers 5.24's wrapper reads
+    # image_outputs from its causal LM's output, which has none: its forward fails, pruned or not.
+    Family("Llama 4", ("llama4",), lm_attr="language_model.model",
+           broken_from=((5, 24), "its Llama4ForConditionalGeneration.forward fails unpatched (it reads "
+                                 "image_outputs from its causal LM's output, which has none); "
+                                 "use transformers 4.57 to 5.17")),
 )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import transformers
@@ -62,8 +62,11 @@ class TinyVLM:
     batch: list  # rows of different lengths and image counts/sizes
     frames_are_images: bool = False  # each video frame is its own run of tokens (Qwen3-VL)
     tiles_are_images: bool = False  # an ("image", n) segment is n separately budgeted tiles
+    # The separately budgeted runs an ("image", size) segment becomes, where that is not 1 (or n above).
+    image_runs: Optional[Callable[[object], int]] = None
     beam_video: bool = True  # False where the unpatched model cannot beam-search a video
     beam_multi_image: bool = True  # False where it cannot beam-search rows of several images
+    static_generate: bool = True  # False where its generate() fails on a static cache
 
     @property
     def beam_batch(self) -> list:
@@ -74,7 +77,8 @@ class TinyVLM:
     def n_images(self, rows) -> int:
         """How many separately budgeted images (or frames) ``rows`` hold."""
         return sum(seg[1][0] if seg[0] == "video" and self.frames_are_images
-                   else seg[1] if seg[0] == "image" and self.tiles_are_images else 1
+                   else seg[1] if seg[0] == "image" and self.tiles_are_images
+                   else self.image_runs(seg[1]) if seg[0] == "image" and self.image_runs else 1
                    for row in rows for seg in row if seg[0] != "text")
 
 
@@ -779,6 +783,68 @@ def internvl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                           [("image", 1), ("text", 9)]])
 
 
+def llama4(attn: str = "sdpa", seed: int = 0, floor_scale: int = 8192) -> TinyVLM:
+    """Llama 4: an image of (h, w) tiles of 32 px (4 px patches, pixel-shuffled 2x2 into 16
+    tokens a tile) is begin-of-image, the tiles row by row (x separators between the tiles of a
+    row, a y separator after each row), then an image marker and its global view's 16 tokens,
+    then end-of-image; a 1x1 image is its global view alone. The text model alternates RoPE
+    layers, whose attention is chunked (8-token chunks, so that chunk boundaries fall inside the
+    prompts), with a NoPE full-attention layer (temperature tuning: ``floor_scale``), and
+    alternates dense and MoE feed-forward layers (4 experts, 2 a token)."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    patch, boi, eoi, marker, x_sep, y_sep = 127, 124, 125, 126, 123, 122
+    vision = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=32, patch_size=4, pixel_shuffle_ratio=0.5, projector_input_dim=32,
+                  projector_output_dim=32, vision_output_dim=32)
+    text = dict(hidden_size=32, intermediate_size=32, intermediate_size_mlp=64, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=VOCAB,
+                max_position_embeddings=512, num_local_experts=4, num_experts_per_tok=2,
+                interleave_moe_layer_step=2, no_rope_layers=[1, 1, 1, 0], attention_chunk_size=8,
+                floor_scale=floor_scale, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    config = Llama4Config(vision_config=vision, text_config=text, boi_token_index=boi,
+                          eoi_token_index=eoi, image_token_index=patch, pad_token_id=PAD)
+    model = _finish(Llama4ForConditionalGeneration(config), attn)
+    tokens = 16
+    # transformers 5.17's generate() passes block_sequence_ids to every mask builder, and its
+    # chunked one takes none: the unpatched model cannot generate on a static cache there.
+    from transformers import masking_utils as masks
+
+    static_generate = ("block_sequence_ids" in inspect.signature(masks.create_chunked_causal_mask).parameters
+                       or "block_sequence_ids" not in inspect.signature(masks.create_masks_for_generate).parameters)
+
+    def make_inputs(rows, seeds=None) -> dict:
+        pixels = []
+
+        def image(kind, grid, gen, r):
+            h, w = grid
+            ids = [boi]
+            if h * w > 1:
+                for _ in range(h):
+                    ids += sum(([patch] * tokens + [x_sep] for _ in range(w)), [])[:-1] + [y_sep]
+            pixels.append(torch.randn(h * w + (h * w > 1), 3, 32, 32, generator=gen))
+            return ids + [marker] + [patch] * tokens + [eoi]
+
+        ids = _token_rows(rows, seeds, image)
+        return dict(ids, pixel_values=torch.cat(pixels))
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 5), ("image", (1, 1)), ("text", 7)]],
+                   batch=[[("text", 5), ("image", (2, 2)), ("text", 7)],
+                          [("text", 3), ("image", (1, 1)), ("image", (1, 2)), ("text", 4)],
+                          [("image", (1, 1)), ("text", 9)]],
+                   image_runs=lambda grid: grid[0] * grid[1] + (grid[0] * grid[1] > 1),
+                   static_generate=static_generate)
+
+
+def _accepted(model_type: str) -> bool:
+    """Whether prune() accepts ``model_type`` on this transformers (families.py)."""
+    from .families import FAMILIES
+
+    return next(f for f in FAMILIES if model_type in f.model_types).refusal() is None
+
+
 BUILDERS = {
     "llava": llava,
     "llava_siglip": lambda **kw: llava(tower="siglip", **kw),  # images back to back
@@ -804,6 +870,8 @@ BUILDERS = {
     "cohere2_vision": cohere2_vision,
     # LFM2-VL: pruned from transformers 5.0 (families.py)
     **({"lfm2_vl": lfm2_vl} if not transformers.__version__.startswith("4.") else {}),
+    # Llama 4: refused from transformers 5.24 (families.py)
+    **({"llama4": llama4} if _accepted("llama4") else {}),
     # Gemma 4: not in transformers 4.57
     **({"gemma4": gemma4} if hasattr(transformers, "Gemma4ForConditionalGeneration") else {}),
 }
