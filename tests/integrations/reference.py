@@ -44,11 +44,12 @@ def capture_lm_calls(model):
 
 
 def padding_mask(mask) -> torch.Tensor:
-    """The 2-D mask behind a captured mask argument (Gemma gets a dict of 4-D masks:
-    the last query row of a prefill attends to every non-padding key)."""
+    """The 2-D mask behind a captured mask argument (Gemma gets a dict of 4-D masks, PaliGemma one
+    4-D mask: the last query row of a prefill attends to every non-padding key)."""
     if isinstance(mask, dict):
-        full = mask["full_attention"]
-        row = full[:, 0, -1]
+        mask = mask["full_attention"]
+    if mask.dim() == 4:
+        row = mask[:, 0, -1]
         return (row if row.dtype == torch.bool else row == 0).long()
     return mask
 
@@ -89,7 +90,15 @@ def no_cache_logits(model, prefill: dict, decode_positions: list, tokens: torch.
         extra["per_layer_inputs"] = torch.cat(
             [prefill["per_layer_inputs"][rows],
              decoder.get_per_layer_inputs(tokens, model.get_input_embeddings()(tokens))], 1)
-    if image_features is not None:
+    if model.config.model_type == "paligemma" and image_features is not None:
+        # The prompt is PaliGemma's bidirectional prefix (type 0), the generated tokens its causal
+        # suffix (type 1); transformers 4.57 reads the token types only beside labels.
+        extra["token_type_ids"] = torch.cat([torch.zeros_like(mask[:, : prefix.shape[1]]),
+                                             torch.ones_like(tokens)], 1)
+        if "labels" in inspect.signature(model.model.forward).parameters:
+            extra["labels"] = extra["token_type_ids"]
+        decoder = model.model
+    elif image_features is not None:
         is_image = (embeds[:, :, None] == image_features[None, None]).all(-1).any(-1)
         extra[token_types_arg(model)] = is_image.long()
         decoder = model.model

@@ -242,15 +242,18 @@ def test_llama4_is_refused_exactly_where_its_unpatched_model_fails():
 
 
 def test_a_family_not_in_the_table_is_refused_before_any_hook():
-    """PaliGemma (bidirectional prefix masks) is an image-text model prune does not support."""
-    config = transformers.PaliGemmaConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=2, image_size=16, patch_size=4),
-        text_config=dict(model_type="gemma", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, vocab_size=128),
-        image_token_index=127, projection_dim=32)
-    model = transformers.PaliGemmaForConditionalGeneration(config)
-    with pytest.raises(ValueError, match="^model: zspa_kernels.prune supports .*Gemma3.*'paligemma'"):
+    """BLIP-2 (a Q-Former's few query tokens stand for the image) is an image-text model prune does
+    not support."""
+    config = transformers.Blip2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=4),
+        qformer_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                            encoder_hidden_size=32),
+        text_config=dict(model_type="opt", hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=2,
+                         word_embed_proj_dim=32, vocab_size=128),
+        num_query_tokens=4)
+    model = transformers.Blip2ForConditionalGeneration(config)
+    with pytest.raises(ValueError, match="^model: zspa_kernels.prune supports .*PaliGemma.*'blip-2'"):
         zspa_kernels.prune(model)
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
 

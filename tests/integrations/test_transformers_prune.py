@@ -38,7 +38,7 @@ def tiny(request):
 
 
 def _static_generate(tiny) -> None:
-    """Skip where the unpatched model's own generate() fails on a static cache (Llama 4 on 5.17)."""
+    """Skip where the unpatched model's own generate() fails on a static cache (Llama 4 on 5.17, PaliGemma 2)."""
     if not tiny.static_generate:
         pytest.skip("the unpatched model's generate() fails on a static cache on this transformers")
 
@@ -320,7 +320,9 @@ def test_a_text_only_row_beside_rows_with_images_is_left_whole(tiny):
     rows = tiny.batch + [[("text", 8)]]
     batch = tiny.make_inputs(rows)
     attended = batch["attention_mask"][-1].bool()
-    alone = dict(input_ids=batch["input_ids"][-1:, attended], attention_mask=batch["attention_mask"][-1:, attended])
+    # Its token types too, where the masks read them (PaliGemma's: without them its prompt is not a prefix).
+    alone = {k: batch[k][-1:, attended] for k in ("input_ids", "attention_mask", "token_type_ids")
+             if k in batch}
     gen = dict(max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True)
     expected = tiny.model.generate(**alone, **gen)
     with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
@@ -597,6 +599,88 @@ def test_a_deep_copy_of_a_pruned_cache_continues_its_sequence(tiny, kind):
     with zspa_kernels.prune(tiny.model, keep=KEEP):
         with pytest.raises(RuntimeError, match="handle .* was removed"):
             tiny.model(input_ids=token, attention_mask=mask, **cache_arg(tiny.model, copied), use_cache=True)
+
+
+PALIGEMMA = [name for name in sorted(BUILDERS) if name.startswith("paligemma")]
+
+
+def _paligemma_types(inputs: dict, types: str) -> dict:
+    """``token_type_ids`` none, the processor's (0: the whole prompt is the prefix), or 1 on the
+    last three tokens (a suffix, as the processor marks one given with the prompt)."""
+    inputs = dict(inputs)
+    if types == "none":
+        del inputs["token_type_ids"]
+    elif types == "suffix":
+        inputs["token_type_ids"] = inputs["token_type_ids"].clone()
+        inputs["token_type_ids"][:, -3:] = 1
+    return inputs
+
+
+@pytest.mark.parametrize("types", ["none", "prefix", "suffix"])
+@pytest.mark.parametrize("name", PALIGEMMA)
+@torch.no_grad()
+def test_paligemma_keep_all_is_the_unpatched_model_whatever_the_token_types(name, types):
+    """PaliGemma's masks follow ``token_type_ids`` (5.x: type 0 attends bidirectionally, causal
+    without them; 4.57: the whole prompt attends to itself, and with labels causal plus the type 0
+    columns): keep-all gives the unpatched logits, loss and generations bit for bit in every case."""
+    tiny = BUILDERS[name]()
+    inputs = _paligemma_types(tiny.make_inputs(tiny.batch), types)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    attended = inputs["attention_mask"].bool()
+    gens = [dict(do_sample=False), dict(num_beams=3, do_sample=False)]
+    if tiny.static_generate:
+        gens.append(dict(do_sample=False, cache_implementation="static"))
+
+    def run():
+        out = [tiny.model(**inputs).logits[attended], tiny.model(**inputs, labels=labels).loss]
+        return out + [tiny.model.generate(**inputs, max_new_tokens=NEW_TOKENS, **gen) for gen in gens]
+
+    expected = run()
+    with zspa_kernels.prune(tiny.model, keep=1.0) as handle:
+        got = run()
+        assert handle.last_selection
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not transformers.__version__.startswith("4."), reason="refused on transformers 4.x only")
+@torch.no_grad()
+def test_paligemma2_is_refused_on_transformers_4():
+    """4.57 hands PaliGemma 2's sliding-window layers a full-length mask they cut to the wrong keys."""
+    from zspa_kernels.integrations.transformers.tiny import paligemma
+
+    tiny = paligemma(version=2)
+    with zspa_kernels.prune(tiny.model, keep=KEEP), pytest.raises(ValueError, match=r"PaliGemma 2 .* from transformers 5\.0"):
+        tiny.model(**tiny.make_inputs(tiny.single))
+
+
+@pytest.mark.parametrize("labelled", [False, True])
+@pytest.mark.parametrize("name", PALIGEMMA)
+@torch.no_grad()
+def test_paligemma_pruned_prompt_with_a_suffix_is_masked_as_the_model_masks_it(name, labelled):
+    """Pruned, a prompt with a suffix (type 1) computes what the base model computes without a cache
+    over the kept tokens with their types (and labels: transformers 4.57 reads the types only beside
+    them), so the prefix stays bidirectional and the suffix causal; the loss is over kept positions."""
+    tiny = BUILDERS[name]()
+    inputs = _paligemma_types(tiny.make_inputs(tiny.batch), "suffix")
+    labels = inputs["input_ids"].masked_fill((inputs["attention_mask"] == 0) | (inputs["token_type_ids"] == 0), -100)
+    with zspa_kernels.prune(tiny.model, keep=KEEP) as handle, capture_lm_calls(tiny.model) as calls:
+        out = tiny.model(**inputs, **(dict(labels=labels) if labelled else {}))
+        index, valid = handle.last_kept_positions.clamp_min(0), handle.last_kept_positions >= 0
+    kept = calls[0]
+    extra = dict(token_type_ids=inputs["token_type_ids"].gather(1, index) * valid)
+    if labelled and "labels" in inspect.signature(tiny.model.model.forward).parameters:
+        extra["labels"] = labels.gather(1, index).masked_fill(~valid, -100)
+    hidden = tiny.model.model(inputs_embeds=kept["inputs_embeds"], attention_mask=padding_mask(kept["attention_mask"]),
+                              position_ids=kept["position_ids"], use_cache=False, **extra).last_hidden_state
+    logits = tiny.model.get_output_embeddings()(hidden)
+    cap = getattr(tiny.model.config.get_text_config(), "final_logit_softcapping", None)
+    expected = logits if cap is None else torch.tanh(logits / cap) * cap
+    torch.testing.assert_close(out.logits[valid], expected[valid], atol=ATOL, rtol=0)
+    if labelled:
+        targets = labels.gather(1, index).masked_fill(~valid, -100)
+        loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), targets[:, 1:].flatten())
+        torch.testing.assert_close(out.loss, loss, atol=1e-6, rtol=0)
 
 
 @torch.no_grad()

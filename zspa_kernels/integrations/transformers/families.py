@@ -31,7 +31,8 @@ class Family:
     # Called after the prefill gather with the Prefill record (see handle.py).
     on_prefill: Optional[Callable[..., None]] = None
     # For language models that take prebuilt masks: (config, embeds, 2-D mask, cache,
-    # position_ids, the kept tokens' types or None, cache slots) -> the mask argument.
+    # position_ids, the kept tokens' types or None, cache slots, whether the caller gave labels)
+    # -> the mask argument.
     build_mask: Optional[Callable[..., Any]] = None
     # The base model's argument that marks the visual tokens for ``build_mask`` (the caller's,
     # gathered like the embeddings: without it the base model builds causal masks).
@@ -153,7 +154,7 @@ def _idefics3_tile_tokens(config) -> int:
 
 
 def _gemma_masks(model_class: str, types_arg: str, config, embeds, mask, cache, positions, token_types,
-                 slots):
+                 slots, labelled):
     """The dict of 4-D masks a Gemma base model hands its language model, built for the pruned
     layout by the model's own builder from the token types (its signature differs between
     transformers 4.x and 5.x, and between Gemma3 and Gemma4)."""
@@ -180,6 +181,45 @@ def _gemma4_masks(*args):
     each image or video block attends to itself bidirectionally on the sliding-window layers
     only; causal masks otherwise."""
     return _gemma_masks("Gemma4ForConditionalGeneration", "mm_token_type_ids", *args)
+
+
+def _paligemma_masks(config, embeds, mask, cache, positions, token_types, slots, labelled):
+    """PaliGemma's prefix-LM mask, built as its base model builds it, for the pruned layout.
+
+    transformers 5.x: causal, plus one bidirectional block over the tokens of type 0 (the images
+    and the prompt; a suffix is type 1) when the caller gives ``token_type_ids``; a Gemma2 text
+    model (PaliGemma 2) also takes a sliding-window mask. 4.57: every prompt token attends to the
+    whole prompt (the token types are read only with labels, when only type 0 columns are
+    unmasked for every row); its builder reads nothing of its model but the config and dtype, and a
+    decode step's mask is the causal one the language model builds from the 2-D mask. PaliGemma 2
+    is refused on 4.57: its base model hands the sliding-window layers the full-length mask, which
+    they cut to the keys they keep (the first ones, not the last) once a sequence outgrows the window."""
+    from transformers.models.paligemma.modeling_paligemma import PaliGemmaModel
+
+    text = config.get_text_config()
+    if hasattr(PaliGemmaModel, "_update_causal_mask"):  # 4.57
+        from types import SimpleNamespace
+
+        if getattr(text, "sliding_window", None) is not None:
+            raise ValueError(f"model: zspa_kernels.prune supports PaliGemma 2 (a {text.model_type} text model) "
+                             "from transformers 5.0; this is 4.x")
+        if embeds.shape[1] == 1:
+            return mask
+
+        owner = SimpleNamespace(config=config, text_config_dtype=text.dtype or embeds.dtype)
+        return PaliGemmaModel._update_causal_mask(owner, mask, token_types, cache, slots, embeds,
+                                                  labelled and token_types is not None)
+    from transformers import masking_utils
+
+    params = inspect.signature(masking_utils.create_causal_mask).parameters
+    kwargs = dict(config=text, inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
+    kwargs["cache" if "cache" in params else "past_key_values"] = cache
+    if token_types is not None:
+        kwargs["block_sequence_ids"] = torch.where(token_types == 0, 0, -1)
+    full = masking_utils.create_causal_mask(**kwargs)
+    if getattr(text, "sliding_window", None) is None:
+        return full
+    return {"full_attention": full, "sliding_attention": masking_utils.create_sliding_window_causal_mask(**kwargs)}
 
 
 def _gather_per_layer_inputs(prefill) -> None:
@@ -232,6 +272,10 @@ FAMILIES: tuple[Family, ...] = (
     Family("Gemma3", ("gemma3",),
            image_token_counts=_fixed_counts(lambda config: config.mm_tokens_per_image),
            build_mask=_gemma3_masks),
+    # PaliGemma and PaliGemma 2: every image ahead of the prompt, back to back, a fixed count each.
+    Family("PaliGemma", ("paligemma",),
+           image_token_counts=_fixed_counts(lambda config: config.text_config.num_image_tokens),
+           build_mask=_paligemma_masks),
     # Each image (each video frame) between its own begin/end-of-image markers: one run each.
     Family("Gemma4", ("gemma4",), visual_token_attrs=("image_token_id", "video_token_id"),
            on_prefill=_gather_per_layer_inputs, build_mask=_gemma4_masks, token_types_arg="mm_token_type_ids"),

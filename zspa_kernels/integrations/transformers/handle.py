@@ -556,8 +556,9 @@ class PruneHandle:
             token_types = inputs.get(self.family.token_types_arg)
             if token_types is not None:
                 token_types = token_types.to(device).gather(1, index) * valid
+            labelled = inputs.get("labels") is not None or self._labels is not None
             kwargs["attention_mask"] = self.family.build_mask(
-                self.config, kwargs["inputs_embeds"], new_mask, cache, positions, token_types, slots)
+                self.config, kwargs["inputs_embeds"], new_mask, cache, positions, token_types, slots, labelled)
         if self.family.on_prefill is not None:
             n_kept = sum(s.order.shape[0] for s in selection)
             self.family.on_prefill(Prefill(kwargs, index, valid, n_kept))
@@ -601,7 +602,8 @@ class PruneHandle:
                 kwargs["cache_position"] = slots
             mask = state.decode_mask
             if self.family.build_mask is not None:  # decode tokens are text: no image blocks
-                mask = self.family.build_mask(self.config, embeds, mask, cache, kwargs.get("position_ids"), None, slots)
+                mask = self.family.build_mask(self.config, embeds, mask, cache, kwargs.get("position_ids"), None, slots,
+                                              False)
             kwargs["attention_mask"] = mask
             return
         grown, past = state.grown, state.pruned_len + state.grown
@@ -619,5 +621,5 @@ class PruneHandle:
             kwargs["cache_position"] = slots
         if self.family.build_mask is not None:  # decode tokens are text: no image blocks
             mask = self.family.build_mask(self.config, embeds, mask, _cache_of(kwargs),
-                                          kwargs.get("position_ids"), None, slots)
+                                          kwargs.get("position_ids"), None, slots, False)
         kwargs["attention_mask"] = mask

@@ -499,6 +499,58 @@ def gemma3(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                           [("image", 0), ("text", 9)]])
 
 
+def paligemma(attn: str = "sdpa", seed: int = 0, version: int = 1) -> TinyVLM:
+    """PaliGemma (``version=1``, a Gemma text model) and PaliGemma 2 (a Gemma2 one: a sliding-window
+    layer, window 16, and logit soft-capping): 16 tokens per 16x16 image, every image ahead of the
+    text, back to back, then bos, the prompt and a newline, as the processor lays them out. ``token_type_ids``
+    is 0 on the whole prompt (the processor's, without a suffix): the prefix attends bidirectionally."""
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    image_token, bos, newline = 127, 1, 100
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, vocab_size=VOCAB, max_position_embeddings=512,
+                pad_token_id=PAD, bos_token_id=bos, eos_token_id=2)
+    if version == 2:
+        text.update(model_type="gemma2", query_pre_attn_scalar=8, sliding_window=16,
+                    layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=30.0,
+                    attn_logit_softcapping=50.0)
+    config = PaliGemmaConfig(
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4),
+        text_config=text, image_token_index=image_token, projection_dim=32, hidden_size=32,
+        vocab_size=VOCAB, pad_token_id=PAD)
+    if version == 2:  # SDPA drops Gemma2's soft-cap on attention logits (transformers 5.24 refuses it)
+        attn = "eager"
+    model = _finish(PaliGemmaForConditionalGeneration(config), attn)
+
+    def make_inputs(rows, seeds=None) -> dict:
+        pixels = []
+
+        def media(kind, _, gen, r):
+            if kind != "image":
+                return [bos] if kind == "bos" else [newline]
+            pixels.append(torch.randn(3, 16, 16, generator=gen))
+            return [image_token] * 16
+
+        def row(segments):  # the processor's order: the images, bos, the prompt, a newline
+            n = sum(size for kind, size in segments if kind == "text")
+            return [s for s in segments if s[0] != "text"] + [("bos", 0), ("text", n), ("newline", 0)]
+
+        out = _token_rows([row(r) for r in rows], seeds, media)
+        out["token_type_ids"] = torch.zeros_like(out["input_ids"])
+        return dict(out, pixel_values=torch.stack(pixels)) if pixels else out
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("image", 0), ("text", 7)]],
+                   batch=[[("image", 0), ("text", 7)],
+                          [("image", 0), ("image", 0), ("text", 4)],
+                          [("image", 0), ("text", 9)]],
+                   # transformers' own generate() fails on a static cache for PaliGemma 2: 5.x hands its
+                   # base model the dict of prebuilt masks, 4.57 a mask longer than the sliding layers.
+                   static_generate=version == 1)
+
+
 def gemma4(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     """Gemma 4: an image of (h, w) patches (4 px, at most 64, padded to 64 with position -1)
     pools 2x2 into ``h*w/4`` soft tokens between begin/end-of-image markers; a video of ``t``
@@ -866,6 +918,9 @@ BUILDERS = {
     "idefics3": idefics3,
     "smolvlm": smolvlm,
     "gemma3": gemma3,
+    "paligemma": paligemma,
+    # PaliGemma 2: pruned from transformers 5.0 (families.py)
+    **({"paligemma2": lambda **kw: paligemma(version=2, **kw)} if not transformers.__version__.startswith("4.") else {}),
     "aya_vision": aya_vision,
     "cohere2_vision": cohere2_vision,
     # LFM2-VL: pruned from transformers 5.0 (families.py)
