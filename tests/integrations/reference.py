@@ -104,9 +104,18 @@ def no_cache_logits(model, prefill: dict, decode_positions: list, tokens: torch.
         decoder = model.model
     hidden = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                      use_cache=False, **extra).last_hidden_state
+    return lm_head(model, hidden)
+
+
+def lm_head(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The wrapper's logits of the base model's ``hidden`` states: its LM head, then the text
+    config's final soft-capping where the wrapper applies it (Gemma3/4 do; PaliGemma's wrapper
+    only from transformers 5.24 on, though PaliGemma 2's config always sets it)."""
     logits = model.get_output_embeddings()(hidden)
     cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    return logits if cap is None else torch.tanh(logits / cap) * cap  # as the wrapper does (Gemma)
+    if cap is None or "final_logit_softcapping" not in inspect.getsource(type(model).forward):
+        return logits
+    return torch.tanh(logits / cap) * cap
 
 
 def image_features_of(model, inputs):

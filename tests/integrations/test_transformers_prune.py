@@ -24,7 +24,7 @@ from zspa_kernels.spec import keep_budget  # noqa: E402
 from zspa_kernels.integrations.transformers import kv_cache  # noqa: E402
 from zspa_kernels.integrations.transformers.tiny import BUILDERS  # noqa: E402
 
-from .reference import (cache_arg, capture_lm_calls, image_features_of, no_cache_logits,  # noqa: E402
+from .reference import (cache_arg, capture_lm_calls, image_features_of, lm_head, no_cache_logits,  # noqa: E402
                         padding_mask, static_cache, unpruned_decode_positions)
 
 NEW_TOKENS = 4
@@ -646,12 +646,14 @@ def test_paligemma_keep_all_is_the_unpatched_model_whatever_the_token_types(name
 @pytest.mark.skipif(not transformers.__version__.startswith("4."), reason="refused on transformers 4.x only")
 @torch.no_grad()
 def test_paligemma2_is_refused_on_transformers_4():
-    """4.57 hands PaliGemma 2's sliding-window layers a full-length mask they cut to the wrong keys."""
+    """4.57 hands PaliGemma 2's sliding-window layers a full-length mask they cut to the wrong keys:
+    refused by prune() itself, before any hook."""
     from zspa_kernels.integrations.transformers.tiny import paligemma
 
     tiny = paligemma(version=2)
-    with zspa_kernels.prune(tiny.model, keep=KEEP), pytest.raises(ValueError, match=r"PaliGemma 2 .* from transformers 5\.0"):
-        tiny.model(**tiny.make_inputs(tiny.single))
+    with pytest.raises(ValueError, match=r"^model: zspa_kernels.prune supports PaliGemma 2 .* from transformers 5\.0; this is 4\."):
+        zspa_kernels.prune(tiny.model, keep=KEEP)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in tiny.model.modules())
 
 
 @pytest.mark.parametrize("labelled", [False, True])
@@ -673,9 +675,7 @@ def test_paligemma_pruned_prompt_with_a_suffix_is_masked_as_the_model_masks_it(n
         extra["labels"] = labels.gather(1, index).masked_fill(~valid, -100)
     hidden = tiny.model.model(inputs_embeds=kept["inputs_embeds"], attention_mask=padding_mask(kept["attention_mask"]),
                               position_ids=kept["position_ids"], use_cache=False, **extra).last_hidden_state
-    logits = tiny.model.get_output_embeddings()(hidden)
-    cap = getattr(tiny.model.config.get_text_config(), "final_logit_softcapping", None)
-    expected = logits if cap is None else torch.tanh(logits / cap) * cap
+    expected = lm_head(tiny.model, hidden)
     torch.testing.assert_close(out.logits[valid], expected[valid], atol=ATOL, rtol=0)
     if labelled:
         targets = labels.gather(1, index).masked_fill(~valid, -100)

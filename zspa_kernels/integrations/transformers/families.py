@@ -43,9 +43,13 @@ class Family:
     # The first transformers (major, minor) whose unpatched model itself fails, and how: refused
     # from there on by find_family (nothing to prune exactly, or to test the hooks against).
     broken_from: Optional[tuple[tuple[int, int], str]] = None
+    # (the model's config) -> why the installed transformers cannot prune it exactly, or None: for
+    # refusals that depend on more than the model type (PaliGemma 2 on 4.x).
+    refuse_config: Optional[Callable[[Any], Optional[str]]] = None
 
-    def refusal(self) -> Optional[str]:
-        """Why find_family refuses this family on the installed transformers, or None."""
+    def refusal(self, config=None) -> Optional[str]:
+        """Why find_family refuses this family (this model, given its config) on the installed
+        transformers, or None."""
         here = release("transformers")
         version = ".".join(map(str, here))
         if here < self.min_transformers:
@@ -54,6 +58,8 @@ class Family:
         if self.broken_from is not None and here >= self.broken_from[0]:
             return (f"model: zspa_kernels.prune cannot prune {self.name} on transformers {version}: "
                     f"{self.broken_from[1]}")
+        if config is not None and self.refuse_config is not None:
+            return self.refuse_config(config)
         return None
 
     def visual_token_ids(self, config) -> list[int]:
@@ -191,18 +197,14 @@ def _paligemma_masks(config, embeds, mask, cache, positions, token_types, slots,
     model (PaliGemma 2) also takes a sliding-window mask. 4.57: every prompt token attends to the
     whole prompt (the token types are read only with labels, when only type 0 columns are
     unmasked for every row); its builder reads nothing of its model but the config and dtype, and a
-    decode step's mask is the causal one the language model builds from the 2-D mask. PaliGemma 2
-    is refused on 4.57: its base model hands the sliding-window layers the full-length mask, which
-    they cut to the keys they keep (the first ones, not the last) once a sequence outgrows the window."""
+    decode step's mask is the causal one the language model builds from the 2-D mask (PaliGemma 2
+    is refused there: :func:`_paligemma_refusal`)."""
     from transformers.models.paligemma.modeling_paligemma import PaliGemmaModel
 
     text = config.get_text_config()
     if hasattr(PaliGemmaModel, "_update_causal_mask"):  # 4.57
         from types import SimpleNamespace
 
-        if getattr(text, "sliding_window", None) is not None:
-            raise ValueError(f"model: zspa_kernels.prune supports PaliGemma 2 (a {text.model_type} text model) "
-                             "from transformers 5.0; this is 4.x")
         if embeds.shape[1] == 1:
             return mask
 
@@ -220,6 +222,17 @@ def _paligemma_masks(config, embeds, mask, cache, positions, token_types, slots,
     if getattr(text, "sliding_window", None) is None:
         return full
     return {"full_attention": full, "sliding_attention": masking_utils.create_sliding_window_causal_mask(**kwargs)}
+
+
+def _paligemma_refusal(config) -> Optional[str]:
+    """PaliGemma 2 (a Gemma2 text model, sliding-window layers) on transformers 4.x: its base model
+    hands those layers the full-length mask, which they cut to the keys they keep (the first ones,
+    not the last) once a sequence outgrows the window, so its unpatched model is wrong there."""
+    text = config.get_text_config()
+    if release("transformers") < (5, 0) and getattr(text, "sliding_window", None) is not None:
+        return (f"model: zspa_kernels.prune supports PaliGemma 2 (a {text.model_type} text model) from "
+                f"transformers 5.0; this is {'.'.join(map(str, release('transformers')))}")
+    return None
 
 
 def _gather_per_layer_inputs(prefill) -> None:
@@ -275,7 +288,7 @@ FAMILIES: tuple[Family, ...] = (
     # PaliGemma and PaliGemma 2: every image ahead of the prompt, back to back, a fixed count each.
     Family("PaliGemma", ("paligemma",),
            image_token_counts=_fixed_counts(lambda config: config.text_config.num_image_tokens),
-           build_mask=_paligemma_masks),
+           build_mask=_paligemma_masks, refuse_config=_paligemma_refusal),
     # Each image (each video frame) between its own begin/end-of-image markers: one run each.
     Family("Gemma4", ("gemma4",), visual_token_attrs=("image_token_id", "video_token_id"),
            on_prefill=_gather_per_layer_inputs, build_mask=_gemma4_masks, token_types_arg="mm_token_type_ids"),
@@ -295,7 +308,7 @@ def find_family(model: torch.nn.Module) -> Family:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     for family in FAMILIES:
         if model_type in family.model_types:
-            refusal = family.refusal()
+            refusal = family.refusal(model.config)
             if refusal is not None:
                 raise ValueError(refusal)
             return family
