@@ -96,7 +96,7 @@ def test_pixtral_layout_without_image_sizes_is_refused():
                          inputs_embeds=None, pixel_values=None)
 
 
-@pytest.mark.parametrize("name", ["llava_next", "llava_onevision"])
+@pytest.mark.parametrize("name", ["llava_next", "llava_onevision", "llava_next_video"])
 @torch.no_grad()
 def test_any_resolution_images_back_to_back_are_refused(name):
     """Their counts differ per image and cannot be told apart without text between them."""

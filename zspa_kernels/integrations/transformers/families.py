@@ -249,10 +249,18 @@ def _gather_per_layer_inputs(prefill) -> None:
 
 FAMILIES: tuple[Family, ...] = (
     Family("LLaVA-1.5", ("llava",), image_token_counts=_tower_counts),
+    # LLaVA-1.5's layout; its projector reads several tower layers.
+    Family("VipLLaVA", ("vipllava",), image_token_counts=_tower_counts),
+    # LLaVA's layout; a convolutional tower (FastViTHD) of a fixed token count an image.
+    Family("FastVLM", ("fast_vlm",), image_token_counts=_tower_counts),
     Family("Mistral3", ("mistral3",), image_token_counts=_tower_counts),
     # Any-resolution: counts differ per image; each run of image tokens is one image.
     Family("LLaVA-NeXT", ("llava_next",), image_token_counts=_one_run_per_image),
     Family("LLaVA-OneVision", ("llava_onevision",), visual_token_attrs=("image_token_id", "video_token_id"),
+           image_token_counts=_one_run_per_image),
+    # LLaVA-NeXT's images; a video's frames, pooled, form one run of video tokens with no marker
+    # between frames (as in LLaVA-OneVision): one budget per video.
+    Family("LLaVA-NeXT-Video", ("llava_next_video",), visual_token_attrs=("image_token_id", "video_token_id"),
            image_token_counts=_one_run_per_image),
     # Qwen's rope_deltas stay as computed: decode positions come from generate() (original
     # numbering), or from the hooks when a caller passes none, never from cache slots.

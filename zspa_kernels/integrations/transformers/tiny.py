@@ -159,6 +159,11 @@ PIXTRAL_ROWS = dict(
     batch=[[("text", 5), ("image", (16, 16)), ("text", 7)],
            [("text", 3), ("image", (8, 16)), ("image", (12, 8)), ("text", 4)],
            [("image", (16, 8)), ("text", 9)]])
+# Text between every two images.
+SPACED_ROWS = dict(single=[[("text", 5), ("image", 0), ("text", 7)]],
+                   batch=[[("text", 5), ("image", 0), ("text", 7)],
+                          [("text", 3), ("image", 0), ("text", 1), ("image", 0), ("text", 4)],
+                          [("image", 0), ("text", 9)]])
 # Two images back to back (no text between them) in the middle row: only the per-image
 # counts can tell where one ends.
 ADJACENT_ROWS = dict(single=[[("text", 5), ("image", 0), ("text", 7)]],
@@ -188,25 +193,59 @@ def llava(attn: str = "sdpa", seed: int = 0, tower: str = "clip",
     if tower == "pixtral":
         return TinyVLM(model, lambda rows, seeds=None: _pixtral_inputs(rows, seeds, image_token, 4, 16),
                        **PIXTRAL_ROWS)
-    tokens = _n_features(model, pixel_values=torch.zeros(1, 3, 16, 16))
+    make_inputs = _same_size_images(model, image_token, 16)
+    if tower == "clip":
+        return TinyVLM(model, make_inputs, **SPACED_ROWS)
+    return TinyVLM(model, make_inputs, **ADJACENT_ROWS)
+
+
+def _same_size_images(model, image_token: int, size: int) -> Callable[..., dict]:
+    """``make_inputs`` of a fixed-size tower: every image ``size`` x ``size`` pixels, as many
+    image tokens as the model makes of one."""
+    tokens = _n_features(model, pixel_values=torch.zeros(1, 3, size, size))
 
     def make_inputs(rows, seeds=None) -> dict:
         pixels = []
 
         def image(kind, _, gen, r):
-            pixels.append(torch.randn(3, 16, 16, generator=gen))
+            pixels.append(torch.randn(3, size, size, generator=gen))
             return [image_token] * tokens
 
         ids = _token_rows(rows, seeds, image)
         return dict(ids, pixel_values=torch.stack(pixels))
 
-    if tower == "clip":
-        return TinyVLM(model, make_inputs,
-                       single=[[("text", 5), ("image", 0), ("text", 7)]],
-                       batch=[[("text", 5), ("image", 0), ("text", 7)],
-                              [("text", 3), ("image", 0), ("text", 1), ("image", 0), ("text", 4)],
-                              [("image", 0), ("text", 9)]])
-    return TinyVLM(model, make_inputs, **ADJACENT_ROWS)
+    return make_inputs
+
+
+def vipllava(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """VipLLaVA: LLaVA-1.5's layout (a CLIP tower; 16 tokens an image, the class token dropped)
+    with the features of two tower layers concatenated; images back to back too."""
+    from transformers import VipLlavaConfig, VipLlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    image_token = 127
+    config = VipLlavaConfig(**_clip_llama_configs(), image_token_index=image_token,
+                            vision_feature_layers=[-2, -1], image_seq_length=16, pad_token_id=PAD)
+    model = _finish(VipLlavaForConditionalGeneration(config), attn)
+    return TinyVLM(model, _same_size_images(model, image_token, 16), **ADJACENT_ROWS)
+
+
+def fast_vlm(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """FastVLM (transformers 5.x): LLaVA's layout with a convolutional tower whose last feature map
+    (B, C, h, w) gives ``h*w`` tokens; a two-stage ConvNeXt (32 px images, 8 px a token: 16 tokens)
+    stands in for FastViTHD, a timm model (timm is no dependency of this project)."""
+    from transformers import AutoConfig, FastVlmConfig, FastVlmForConditionalGeneration
+
+    torch.manual_seed(seed)
+    image_token = 127
+    # hidden_size: the projector's input width, the last stage's channels (as FastViTHD's config says).
+    vision = AutoConfig.for_model("convnext", patch_size=4, hidden_sizes=[16, 32], depths=[1, 1],
+                                  num_stages=2, hidden_size=32, image_size=32)
+    config = FastVlmConfig(vision_config=vision, text_config=_tiny_llama("qwen2"), image_token_index=image_token,
+                           image_seq_length=16, pad_token_id=PAD)
+    # The convolutional tower has no attention to choose.
+    model = _finish(FastVlmForConditionalGeneration(config), {"text_config": attn, "vision_config": "eager"})
+    return TinyVLM(model, _same_size_images(model, image_token, 32), **ADJACENT_ROWS)
 
 
 def mistral3(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
@@ -304,6 +343,46 @@ def llava_onevision(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                    batch=[[("text", 5), ("image", (32, 32)), ("text", 7)],
                           [("text", 3), ("image", (16, 32)), ("text", 1), ("image", (32, 16)),
                            ("text", 4)],
+                          [("video", 3), ("text", 9)]])
+
+
+def llava_next_video(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """LLaVA-NeXT-Video: LLaVA-NeXT's any-resolution images; a video of ``t`` frames takes each
+    frame's 4x4 patches average-pooled 2x2 (4 tokens a frame), one run of ``4t`` video tokens. The
+    videos of one call have the same number of frames."""
+    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    torch.manual_seed(seed)
+    image_token, video_token = 127, 126
+    config = LlavaNextVideoConfig(
+        **_clip_llama_configs(), image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]],
+        image_token_index=image_token, video_token_index=video_token, pad_token_id=PAD)
+    model = _finish(LlavaNextVideoForConditionalGeneration(config), attn)
+
+    def make_inputs(rows, seeds=None) -> dict:
+        pixels, sizes, videos = [], [], []
+
+        def media(kind, size, gen, r):
+            if kind == "video":
+                videos.append(torch.randn(size, 3, 16, 16, generator=gen))
+                return [video_token] * 4 * size
+            tiles = image_size_to_num_patches(size, config.image_grid_pinpoints, 16)
+            pixels.append(torch.randn(tiles, 3, 16, 16, generator=gen))
+            sizes.append(size)
+            return [image_token] * _n_features(model, pixel_values=pixels[-1][None], image_sizes=torch.tensor([size]))
+
+        out = _token_rows(rows, seeds, media)
+        if pixels:
+            out.update(pixel_values=_stack_tiles(pixels), image_sizes=torch.tensor(sizes))
+        if videos:
+            out["pixel_values_videos"] = torch.stack(videos)
+        return out
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 5), ("image", (16, 32)), ("text", 7)]],
+                   batch=[[("text", 5), ("image", (32, 32)), ("text", 7)],
+                          [("text", 3), ("image", (16, 32)), ("text", 1), ("video", 3), ("text", 4)],
                           [("video", 3), ("text", 9)]])
 
 
@@ -901,9 +980,13 @@ BUILDERS = {
     "llava": llava,
     "llava_siglip": lambda **kw: llava(tower="siglip", **kw),  # images back to back
     "llava_pixtral": lambda **kw: llava(tower="pixtral", strategy="full", **kw),  # Pixtral-12B
+    "vipllava": vipllava,
     "mistral3": mistral3,
+    # FastVLM: not in transformers 4.57
+    **({"fast_vlm": fast_vlm} if hasattr(transformers, "FastVlmForConditionalGeneration") else {}),
     "llava_next": llava_next,
     "llava_onevision": llava_onevision,
+    "llava_next_video": llava_next_video,
     "qwen2_vl": qwen2_vl,
     "qwen2_5_vl": qwen2_5_vl,
     "qwen3_vl": qwen3_vl,
