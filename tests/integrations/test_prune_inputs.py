@@ -107,6 +107,36 @@ def test_any_resolution_images_back_to_back_are_refused(name):
         tiny.model(**inputs)
 
 
+@torch.no_grad()
+def test_video_llava_budgets_each_image_and_each_video_frame():
+    """Video-LLaVA's image runs and video runs split apart, by their fixed counts: 16 tokens an
+    image (class token dropped), 17 a frame (kept), a video back to back with images included,
+    in a forward and in generate() (which on 5.24 passes the frames encoded and flattened)."""
+    tiny = BUILDERS["video_llava"]()
+    inputs = tiny.make_inputs([[("text", 3), ("image", 0), ("video", (3,)), ("image", 0), ("text", 4)]])
+    for call in ("forward", "generate"):
+        with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
+            if call == "forward":
+                tiny.model(**inputs)
+            else:
+                tiny.model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        assert [s.n_tokens for s in handle.last_selection] == [16, 17, 17, 17, 16], call
+
+
+@torch.no_grad()
+def test_video_llava_runs_that_are_not_whole_frames_or_images_are_refused():
+    """Runs of video tokens that are not whole frames (two frames' worth, split 16 + 18), or image
+    tokens that are not whole images, have no split by the counts: refused, never cut anywhere (the
+    base model called without pixels, which would otherwise refuse the count first)."""
+    tiny = BUILDERS["video_llava"]()
+    image, video = tiny.model.config.image_token_id, tiny.model.config.video_token_id
+    for ids, match in (([video] * 16 + [9] + [video] * 18, "does not split into whole"),
+                       ([image] * 17, "do not split evenly")):
+        row = torch.tensor([[5, 6, *ids, 7, 8]])
+        with zspa_kernels.prune(tiny.model, keep=KEEP), pytest.raises(ValueError, match=match):
+            tiny.model.model(input_ids=row, attention_mask=torch.ones_like(row))
+
+
 # -- finding 2: a question that stands before the image ---------------------------------
 @torch.no_grad()
 def test_question_before_the_image_forms_the_prompt():

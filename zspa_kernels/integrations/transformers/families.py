@@ -28,6 +28,9 @@ class Family:
     # in row-major order) -> the token count of each image in order. Default: each run is
     # one image (families that always put text or markers between images).
     image_token_counts: Callable[[Any, dict, list[int]], list[int]] = lambda c, i, runs: runs
+    # Where videos split otherwise than images (the same arguments): the runs of the config's
+    # ``video_token_id`` go here, the others to ``image_token_counts``. None: every run goes there.
+    video_token_counts: Optional[Callable[[Any, dict, list[int]], list[int]]] = None
     # Called after the prefill gather with the Prefill record (see handle.py).
     on_prefill: Optional[Callable[..., None]] = None
     # For language models that take prebuilt masks: (config, embeds, 2-D mask, cache,
@@ -119,6 +122,12 @@ def _fixed_counts(per_image: Callable[[Any], int]):
         n, total = per_image(config), sum(runs)
         return _split_evenly(total, total // n if total % n == 0 else 0, f"images of {n} tokens")
     return counts
+
+
+def _clip_tokens(config) -> int:
+    """A CLIP tower's output tokens: its patches and the class token."""
+    vision = config.vision_config
+    return (vision.image_size // vision.patch_size) ** 2 + 1
 
 
 def _one_run_per_image(config, inputs: dict, runs: list[int]) -> list[int]:
@@ -262,6 +271,14 @@ FAMILIES: tuple[Family, ...] = (
     # between frames (as in LLaVA-OneVision): one budget per video.
     Family("LLaVA-NeXT-Video", ("llava_next_video",), visual_token_attrs=("image_token_id", "video_token_id"),
            image_token_counts=_one_run_per_image),
+    # Video-LLaVA: an image drops the class token ("default" strategy); each video frame is a whole
+    # CLIP output (class token kept) and its own budget: the frames are encoded as images and the
+    # fixed counts tell them apart, where a video's frame count is not known to the hooks
+    # (transformers 5.24's generate() passes the frames encoded and flattened).
+    Family("Video-LLaVA", ("video_llava",), visual_token_attrs=("image_token_id", "video_token_id"),
+           image_token_counts=_fixed_counts(
+               lambda config: _clip_tokens(config) - (config.vision_feature_select_strategy == "default")),
+           video_token_counts=_fixed_counts(_clip_tokens)),
     # Qwen's rope_deltas stay as computed: decode positions come from generate() (original
     # numbering), or from the hooks when a caller passes none, never from cache slots.
     Family("Qwen2-VL", ("qwen2_vl",), visual_token_attrs=("image_token_id", "video_token_id")),

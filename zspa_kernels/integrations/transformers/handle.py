@@ -436,8 +436,9 @@ class PruneHandle:
         new_run = torch.ones_like(tok_cols, dtype=torch.bool)
         new_run[1:] = ((tok_rows[1:] != tok_rows[:-1]) | (tok_cols[1:] != tok_cols[:-1] + 1)
                        | (tok_ids[1:] != tok_ids[:-1]))
-        runs = new_run.nonzero()[:, 0].diff(append=torch.tensor([tok_cols.numel()])).tolist()
-        counts = self.family.image_token_counts(self.config, inputs, runs)
+        starts = new_run.nonzero()[:, 0]
+        runs = starts.diff(append=torch.tensor([tok_cols.numel()])).tolist()
+        counts = self._counts(runs, tok_ids[starts].tolist(), inputs)
         if sum(counts) != tok_cols.numel() or min(counts, default=1) < 1:
             raise ValueError(
                 f"model: the inputs hold {tok_cols.numel()} {self.family.name} image tokens, "
@@ -450,6 +451,32 @@ class PruneHandle:
                                  "cannot tell where each image's tokens are")
             rows.append(int(r[0])), cols.append(c)
         return rows, cols
+
+    def _counts(self, runs: list[int], run_ids: list[int], inputs: dict) -> list[int]:
+        """Each image's token count, in row-major order: the family's split of the runs; with a
+        ``video_token_counts``, of the image runs and of the video runs apart, merged back in
+        order (no count may span two runs)."""
+        family = self.family
+        if family.video_token_counts is None:
+            return family.image_token_counts(self.config, inputs, runs)
+        video = [i == self.config.video_token_id for i in run_ids]
+        split = {}
+        for kind, split_runs in ((False, family.image_token_counts), (True, family.video_token_counts)):
+            of_kind = [n for n, v in zip(runs, video) if v == kind]
+            split[kind] = iter(split_runs(self.config, inputs, of_kind) if of_kind else [])
+        counts = []
+        for run, kind in zip(runs, video):
+            left = run
+            while left > 0 and (n := next(split[kind], None)) is not None:
+                counts.append(n)
+                left -= n
+            if left != 0:
+                raise ValueError(f"model: a run of {run} {family.name} {'video' if kind else 'image'} tokens does "
+                                 "not split into whole images/frames; cannot tell where each one's tokens are")
+        if any(next(rest, None) is not None for rest in split.values()):
+            raise ValueError(f"model: the {family.name} images/frames given imply more tokens than the inputs "
+                             "hold; cannot tell where each one's tokens are")
+        return counts
 
     def _prompt_tokens(self, ids_h, visual_h, mask_h, rows, cols):
         """Which positions form the prompt vector (host bool ``(B, L)``).

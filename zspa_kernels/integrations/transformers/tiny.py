@@ -386,6 +386,46 @@ def llava_next_video(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                           [("video", 3), ("text", 9)]])
 
 
+def video_llava(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """Video-LLaVA: one CLIP tower's layout for images (16 tokens, the class token dropped) and,
+    in a tower of its own, for video frames (17 tokens each, the class token kept); a video of
+    ``t`` frames is one run of ``17t`` video tokens. Images may stand back to back."""
+    from transformers import VideoLlavaConfig, VideoLlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    image_token, video_token = 127, 126
+    config = VideoLlavaConfig(**_clip_llama_configs(), image_token_index=image_token,
+                              video_token_index=video_token, image_seq_length=16, video_seq_length=34,
+                              pad_token_id=PAD)
+    model = _finish(VideoLlavaForConditionalGeneration(config), attn)
+    # transformers before 5.23 names the images' pixels pixel_values_images.
+    params = inspect.signature(model.forward).parameters
+    image_key = "pixel_values" if "pixel_values" in params else "pixel_values_images"
+
+    def make_inputs(rows, seeds=None) -> dict:
+        pixels = {"image": [], "video": []}
+
+        def media(kind, size, gen, r):
+            frames = size[0] if kind == "video" else 1
+            pixels[kind].append(torch.randn(frames, 3, 16, 16, generator=gen))
+            return [video_token] * 17 * frames if kind == "video" else [image_token] * 16
+
+        out = _token_rows(rows, seeds, media)
+        if pixels["image"]:
+            out[image_key] = torch.cat(pixels["image"])
+        if pixels["video"]:
+            out["pixel_values_videos"] = torch.stack(pixels["video"])
+        return out
+
+    # A video segment is ("video", (frames,)); the videos of one call have the same frame count.
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 5), ("image", 0), ("text", 7)]],
+                   batch=[[("text", 5), ("image", 0), ("image", 0), ("text", 7)],
+                          [("text", 3), ("video", (2,)), ("image", 0), ("text", 4)],
+                          [("video", (2,)), ("text", 9)]],
+                   frames_are_images=True)
+
+
 def _cohere_tiles(config_cls, model_cls, attn: str, seed: int, **extra) -> TinyVLM:
     """Aya Vision / Cohere2 Vision: a SigLIP tower (32 px tiles, 4 px patches), pixel-shuffled
     2x2 into 16 tokens per tile; an image of ``n`` tiles is a start marker, then for each
@@ -987,6 +1027,7 @@ BUILDERS = {
     "llava_next": llava_next,
     "llava_onevision": llava_onevision,
     "llava_next_video": llava_next_video,
+    "video_llava": video_llava,
     "qwen2_vl": qwen2_vl,
     "qwen2_5_vl": qwen2_5_vl,
     "qwen3_vl": qwen3_vl,
