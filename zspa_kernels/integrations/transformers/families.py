@@ -130,6 +130,24 @@ def _clip_tokens(config) -> int:
     return (vision.image_size // vision.patch_size) ** 2 + 1
 
 
+def _per_tile(key: str, modality: str):
+    """PerceptionLM: every tile of an image (the thumbnail too) and every video frame is one
+    tower crop of a fixed size, its tokens one budget; the crops of a call all have the same
+    count: the tokens present shared out over the crops given, ``(items, crops, ...)`` pixels or
+    the crops ``generate()`` encoded (5.24+, without the items' boundaries)."""
+    def counts(config, inputs: dict, runs: list[int]) -> list[int]:
+        encoded = getattr((inputs.get("mm_encoder_outputs") or {}).get(modality), "pooler_output", None)
+        pixels = inputs.get(key)
+        if encoded is not None:
+            crops = len(encoded)
+        elif pixels is not None:
+            crops = pixels.shape[0] * pixels.shape[1]
+        else:
+            raise ValueError(f"{key}: required to tell where each PerceptionLM tile's tokens are, got None")
+        return _split_evenly(sum(runs), crops, f"{crops} {modality} crops ({key})")
+    return counts
+
+
 def _one_run_per_image(config, inputs: dict, runs: list[int]) -> list[int]:
     """Any-resolution images differ in count; text usually stands between them. Refuse
     when the runs are fewer than the images and videos given (some stand back to back)."""
@@ -279,6 +297,12 @@ FAMILIES: tuple[Family, ...] = (
            image_token_counts=_fixed_counts(
                lambda config: _clip_tokens(config) - (config.vision_feature_select_strategy == "default")),
            video_token_counts=_fixed_counts(_clip_tokens)),
+    # PerceptionLM: an image's thumbnail and tiles, a video's frames, all one run without markers;
+    # each crop its own budget, as only the crops' count is known to the hooks wherever the inputs
+    # come from (5.24's generate() passes them encoded, without the images' boundaries).
+    Family("PerceptionLM", ("perception_lm",), visual_token_attrs=("image_token_id", "video_token_id"),
+           image_token_counts=_per_tile("pixel_values", "image"),
+           video_token_counts=_per_tile("pixel_values_videos", "video")),
     # Qwen's rope_deltas stay as computed: decode positions come from generate() (original
     # numbering), or from the hooks when a caller passes none, never from cache slots.
     Family("Qwen2-VL", ("qwen2_vl",), visual_token_attrs=("image_token_id", "video_token_id")),

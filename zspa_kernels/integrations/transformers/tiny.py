@@ -426,6 +426,45 @@ def video_llava(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                    frames_are_images=True)
 
 
+def perception_lm(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """PerceptionLM: a 32x32 crop gives (32/4)^2 patches, projected and average-pooled 2x2 into
+    16 tokens; an image of ``n`` crops (thumbnail and tiles) is one run of ``16n`` image tokens, a
+    video of ``t`` frames one of ``16t`` video tokens. A CLIP tower (its class token dropped, as the
+    checkpoints' is) stands in for the Perception Encoder, a timm model (timm is no dependency of
+    this project). The images of one call have the same number of crops, the videos of frames."""
+    from transformers import AutoConfig, PerceptionLMConfig, PerceptionLMForConditionalGeneration
+
+    torch.manual_seed(seed)
+    image_token, video_token = 127, 126
+    # model_args: the projector's input width, where a timm tower's config says it.
+    vision = AutoConfig.for_model("clip_vision_model", **TOWER, image_size=32, patch_size=4,
+                                  model_args={"embed_dim": TOWER["hidden_size"]})
+    config = PerceptionLMConfig(vision_config=vision, text_config=_tiny_llama(), image_token_id=image_token,
+                                video_token_id=video_token, projector_pooling_ratio=2, pad_token_id=PAD)
+    model = _finish(PerceptionLMForConditionalGeneration(config), attn)
+
+    def make_inputs(rows, seeds=None) -> dict:
+        pixels = {"image": [], "video": []}
+
+        def media(kind, size, gen, r):
+            crops = size[0] if kind == "video" else size
+            pixels[kind].append(torch.randn(crops, 3, 32, 32, generator=gen))
+            return [video_token if kind == "video" else image_token] * 16 * crops
+
+        out = _token_rows(rows, seeds, media)
+        for kind, key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+            if pixels[kind]:
+                out[key] = torch.stack(pixels[kind])
+        return out
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 5), ("image", 1), ("text", 7)]],
+                   batch=[[("text", 5), ("image", 2), ("text", 7)],
+                          [("text", 3), ("image", 2), ("image", 2), ("video", (2,)), ("text", 4)],
+                          [("video", (2,)), ("text", 9)]],
+                   frames_are_images=True, tiles_are_images=True)
+
+
 def _cohere_tiles(config_cls, model_cls, attn: str, seed: int, **extra) -> TinyVLM:
     """Aya Vision / Cohere2 Vision: a SigLIP tower (32 px tiles, 4 px patches), pixel-shuffled
     2x2 into 16 tokens per tile; an image of ``n`` tiles is a start marker, then for each
@@ -1028,6 +1067,7 @@ BUILDERS = {
     "llava_onevision": llava_onevision,
     "llava_next_video": llava_next_video,
     "video_llava": video_llava,
+    "perception_lm": perception_lm,
     "qwen2_vl": qwen2_vl,
     "qwen2_5_vl": qwen2_5_vl,
     "qwen3_vl": qwen3_vl,
