@@ -246,7 +246,9 @@ def test_static_cache_decoding_compiles_once(tiny):
     step until its limit, then falls back to eager (minutes of compiles for a 7B model). Compiled
     here on CPU with Dynamo's eager backend: the pruned generation must compile no more graphs
     than the unpatched one (which recompiles once where transformers' sliding-window layers count
-    their length in Python), and generate the tokens of its uncompiled self."""
+    their length in Python), and generate the tokens of its uncompiled self. Where the unpatched
+    model compiles a graph per count of tokens routed to an expert (4.57's GLM-4.5V), its count
+    depends on the tokens, which pruning changes: only the tokens are compared."""
     import torch._dynamo
     from torch._dynamo.utils import counters
     from transformers.generation.configuration_utils import CompileConfig
@@ -272,8 +274,9 @@ def test_static_cache_decoding_compiles_once(tiny):
     with zspa_kernels.prune(tiny.model, keep=KEEP):
         eager = tiny.model.generate(**inputs, **gen, disable_compile=True)
         tokens, pruned = compiled()
-    assert 1 <= pruned <= unpatched, (pruned, unpatched)
     assert torch.equal(tokens, eager)
+    if not tiny.graphs_follow_routing:
+        assert 1 <= pruned <= unpatched, (pruned, unpatched)
 
 
 @torch.no_grad()

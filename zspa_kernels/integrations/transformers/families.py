@@ -316,6 +316,11 @@ FAMILIES: tuple[Family, ...] = (
     Family("Qwen3.5", ("qwen3_5", "qwen3_5_moe"), visual_token_attrs=("image_token_id", "video_token_id")),
     # Video frames are images (image token id, own markers): one budget per frame.
     Family("GLM-4V", ("glm4v",)),
+    # GLM-4.1V's vision tower, token layout and 3-D positions around a MoE text model (GLM-4.5-Air's),
+    # whose routers need nothing of the hooks. GLM-4.6V: GLM-4.1V's model classes around the text
+    # model its config names (dense or MoE).
+    Family("GLM-4.5V", ("glm4v_moe",)),
+    Family("GLM-4.6V", ("glm46v",)),
     # Each tile is a run between tile markers, and its own budget (like Idefics3).
     Family("Aya Vision", ("aya_vision",), image_token_counts=_tower_counts),
     Family("Cohere2 Vision", ("cohere2_vision",), image_token_counts=_tower_counts),

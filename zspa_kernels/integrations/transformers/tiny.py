@@ -67,6 +67,9 @@ class TinyVLM:
     beam_video: bool = True  # False where the unpatched model cannot beam-search a video
     beam_multi_image: bool = True  # False where it cannot beam-search rows of several images
     static_generate: bool = True  # False where its generate() fails on a static cache
+    # True where the unpatched model compiles a graph per count of tokens routed to an expert (a
+    # Python loop over its experts): how many graphs a compiled generation makes depends on its tokens.
+    graphs_follow_routing: bool = False
 
     @property
     def beam_batch(self) -> list:
@@ -862,26 +865,35 @@ def qwen2_5_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     return _qwen(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, vision, attn, seed)
 
 
-def glm4v(attn: str = "sdpa", seed: int = 0, videos: bool = False) -> TinyVLM:
-    """GLM-4.1V: Qwen-like patches (2x2 merge); an image is begin/end-of-image markers around
-    ``h*w/4`` image tokens; a video is begin/end-of-video markers around its frames, each an
-    image of the same image token (the modality is in ``mm_token_type_ids``, 5.x) and a
-    timestamp. The model cannot take images and videos in one call (it places both by the
-    image token), so ``videos=True`` gives rows of videos only."""
-    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
+GLM_TEXT = dict(QWEN_TEXT, num_attention_heads=2, num_key_value_heads=2,
+                rope_scaling={"rope_type": "default", "mrope_section": [4, 2, 2]})
+# GLM-4.5V and GLM-4.6V text models (GLM-4.5-Air's): the first layer dense, the others MoE (2 layers
+# give both kinds); 4 routed experts, 2 a token, and a shared one. Rotary embedding covers half of each
+# 16-dim head (as in the checkpoints): 8 dims, 4 frequencies, which M-RoPE's [2, 1, 1] sections share out.
+GLM_MOE_TEXT = dict(GLM_TEXT, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                    n_shared_experts=1, first_k_dense_replace=1,
+                    rope_scaling={"rope_type": "default", "mrope_section": [2, 1, 1]})
 
+
+def _glm(name: str, text: dict, attn: str, seed: int, videos: bool) -> TinyVLM:
+    """GLM-4.1V/4.5V/4.6V (``name``: the transformers class prefix): Qwen-like patches (2x2 merge);
+    an image is begin/end-of-image markers around ``h*w/4`` image tokens; a video is
+    begin/end-of-video markers around its frames, each an image of the same image token (the
+    modality is in ``mm_token_type_ids``, 5.x) and a timestamp. The model cannot take images and
+    videos in one call (it places both by the image token), so ``videos=True`` gives rows of videos
+    only."""
     torch.manual_seed(seed)
     video_start, video_end = 118, 119
-    text = dict(QWEN_TEXT, num_attention_heads=2, num_key_value_heads=2,
-                rope_scaling={"rope_type": "default", "mrope_section": [4, 2, 2]})
-    config = Glm4vConfig(
+    config = getattr(transformers, f"{name}Config")(
         text_config=text,
         vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
                            out_hidden_size=32, image_size=16, **QWEN_PATCH),
         image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO, image_start_token_id=QWEN_START,
         image_end_token_id=QWEN_END, video_start_token_id=video_start, video_end_token_id=video_end)
-    model = _finish(Glm4vForConditionalGeneration(config), attn)
+    model = _finish(getattr(transformers, f"{name}ForConditionalGeneration")(config), attn)
     takes_types = "mm_token_type_ids" in inspect.signature(model.model.forward).parameters
+    # transformers 4.57's GLM-4.5V runs its experts one by one, each on the tokens routed to it.
+    routed = isinstance(getattr(model.model.language_model.layers[-1].mlp, "experts", None), torch.nn.ModuleList)
 
     def make_inputs(rows, seeds=None) -> dict:
         media = {"image": ([], []), "video": ([], [])}
@@ -912,14 +924,32 @@ def glm4v(attn: str = "sdpa", seed: int = 0, videos: bool = False) -> TinyVLM:
                               [("text", 2), ("video", (1, 4, 8)), ("text", 1), ("video", (2, 6, 8)),
                                ("text", 3)],
                               [("video", (2, 4, 8)), ("text", 5)]],
-                       frames_are_images=True,
+                       frames_are_images=True, graphs_follow_routing=routed,
                        # 5.24's generate() fails to beam-search a GLM-4V video before any hook runs.
                        beam_video=not hasattr(transformers.GenerationMixin, "_expand_multimodal_outputs"))
     return TinyVLM(model, make_inputs,
                    single=[[("text", 4), ("image", (8, 8)), ("text", 6)]],
                    batch=[[("text", 4), ("image", (8, 8)), ("text", 6)],
                           [("text", 2), ("image", (4, 8)), ("text", 1), ("image", (6, 8)), ("text", 3)],
-                          [("image", (4, 4)), ("text", 5)]])
+                          [("image", (4, 4)), ("text", 5)]],
+                   graphs_follow_routing=routed)
+
+
+def glm4v(attn: str = "sdpa", seed: int = 0, videos: bool = False) -> TinyVLM:
+    """GLM-4.1V (dense)."""
+    return _glm("Glm4v", GLM_TEXT, attn, seed, videos)
+
+
+def glm4v_moe(attn: str = "sdpa", seed: int = 0, videos: bool = False) -> TinyVLM:
+    """GLM-4.5V: GLM-4.1V's vision tower and layout, a MoE text model."""
+    return _glm("Glm4vMoe", GLM_MOE_TEXT, attn, seed, videos)
+
+
+def glm46v(attn: str = "sdpa", seed: int = 0, videos: bool = False) -> TinyVLM:
+    """GLM-4.6V (transformers 5.x): GLM-4.1V's model classes around the text model its
+    ``text_config`` names (GLM-4.1V's dense one by default); GLM-4.5V's MoE one here, which the
+    ``glm4v`` builder does not cover."""
+    return _glm("Glm46V", dict(GLM_MOE_TEXT, model_type="glm4v_moe_text"), attn, seed, videos)
 
 
 QWEN3_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
@@ -1077,6 +1107,11 @@ BUILDERS = {
        if hasattr(transformers, "Qwen3_5ForConditionalGeneration") else {}),
     "glm4v": glm4v,
     "glm4v_video": lambda **kw: glm4v(videos=True, **kw),
+    "glm4v_moe": glm4v_moe,
+    "glm4v_moe_video": lambda **kw: glm4v_moe(videos=True, **kw),
+    # GLM-4.6V: not in transformers 4.57
+    **({"glm46v": glm46v, "glm46v_video": lambda **kw: glm46v(videos=True, **kw)}
+       if hasattr(transformers, "Glm46VForConditionalGeneration") else {}),
     "internvl": internvl,
     "idefics2": idefics2,
     "idefics3": idefics3,
