@@ -67,6 +67,19 @@ LAYOUTS = {
 }
 
 
+def _selections_of_a_forward_and_a_generate(tiny, inputs) -> list:
+    """``handle.last_selection`` of a pruned forward of ``inputs``, then of a pruned generate()."""
+    out = []
+    for call in ("forward", "generate"):
+        with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
+            if call == "forward":
+                tiny.model(**inputs)
+            else:
+                tiny.model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        out.append(handle.last_selection)
+    return out
+
+
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @torch.no_grad()
 def test_each_image_is_budgeted_with_its_own_feature_count(layout):
@@ -77,14 +90,9 @@ def test_each_image_is_budgeted_with_its_own_feature_count(layout):
     image = {k: inputs[k] for k in ("pixel_values", "image_sizes") if k in inputs}
     features = tiny.model.model.get_image_features(**image)
     expected = [f.shape[0] for f in getattr(features, "pooler_output", features)]
-    for call in ("forward", "generate"):
-        with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
-            if call == "forward":
-                tiny.model(**inputs)
-            else:
-                tiny.model.generate(**inputs, max_new_tokens=2, do_sample=False)
-        assert [s.n_tokens for s in handle.last_selection] == expected
-        assert all(s.kept.shape == (KEEP,) for s in handle.last_selection)
+    for selection in _selections_of_a_forward_and_a_generate(tiny, inputs):
+        assert [s.n_tokens for s in selection] == expected
+        assert all(s.kept.shape == (KEEP,) for s in selection)
 
 
 @torch.no_grad()
@@ -114,13 +122,8 @@ def test_video_llava_budgets_each_image_and_each_video_frame():
     in a forward and in generate() (which on 5.24 passes the frames encoded and flattened)."""
     tiny = BUILDERS["video_llava"]()
     inputs = tiny.make_inputs([[("text", 3), ("image", 0), ("video", (3,)), ("image", 0), ("text", 4)]])
-    for call in ("forward", "generate"):
-        with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
-            if call == "forward":
-                tiny.model(**inputs)
-            else:
-                tiny.model.generate(**inputs, max_new_tokens=2, do_sample=False)
-        assert [s.n_tokens for s in handle.last_selection] == [16, 17, 17, 17, 16], call
+    for call, selection in zip(("forward", "generate"), _selections_of_a_forward_and_a_generate(tiny, inputs)):
+        assert [s.n_tokens for s in selection] == [16, 17, 17, 17, 16], call
 
 
 @torch.no_grad()
