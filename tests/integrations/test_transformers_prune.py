@@ -83,13 +83,46 @@ def test_keep_all_loss_is_the_unpatched_models(tiny):
     on transformers 4.57, and a router's auxiliary loss included): the unpatched loss, exactly."""
     inputs = tiny.make_inputs(tiny.batch)
     labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
-    routed = dict(output_router_logits=True) if "moe" in type(tiny.model).__name__.lower() else {}
+    routed = _router_logits_arg(tiny)
     expected = tiny.model(**inputs, labels=labels, **routed).loss
     with zspa_kernels.prune(tiny.model, keep=1.0):
         assert torch.equal(tiny.model(**inputs, labels=labels, **routed).loss, expected)
-    if routed:  # pruned, the wrapper's load-balancing loss would mix the two lengths: refused clearly
-        with zspa_kernels.prune(tiny.model, keep=KEEP), pytest.raises(ValueError, match="^output_router_logits: "):
-            tiny.model(**inputs, labels=labels, **routed)
+
+
+def _router_logits_arg(tiny) -> dict:
+    """``output_router_logits=True`` where the unpatched model returns router logits when asked
+    (not every MoE text config declares the argument; transformers 5.17/5.24's GLM-4.6V raises
+    TypeError: its output has no field for them), else nothing."""
+    try:
+        output = tiny.model(**tiny.make_inputs(tiny.single), output_router_logits=True)
+    except TypeError:
+        return {}
+    return dict(output_router_logits=True) if getattr(output, "router_logits", None) is not None else {}
+
+
+@torch.no_grad()
+def test_router_logits_are_refused_wherever_the_wrapper_weighs_them_by_its_mask(tiny):
+    """Where the unpatched wrapper turns router logits into a load-balancing loss over its (unpruned)
+    attention mask, ``Family.router_loss`` must say so, and a pruned forward that asks for them is
+    refused (the kept tokens' logits are shorter: the loss would fail, or mix the two lengths silently).
+    Where the family does not declare it, a pruned forward that asks for router logits is the same
+    forward: same logits, same loss. (4.57's GLM-4.5V computes no such loss and is refused all the
+    same: the flag is per family, not per version.)"""
+    routed = _router_logits_arg(tiny)
+    if not routed:
+        pytest.skip("the unpatched model returns no router logits")
+    inputs = tiny.make_inputs(tiny.batch)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    balanced = getattr(tiny.model(**inputs, labels=labels, **routed), "aux_loss", None) is not None
+    with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
+        assert handle.family.router_loss or not balanced
+        if handle.family.router_loss:
+            with pytest.raises(ValueError, match="^output_router_logits: "):
+                tiny.model(**inputs, labels=labels, **routed)
+            return
+        plain = tiny.model(**inputs, labels=labels)
+        got = tiny.model(**inputs, labels=labels, **routed)
+    assert torch.equal(got.logits, plain.logits) and torch.equal(got.loss, plain.loss)
 
 
 @torch.no_grad()

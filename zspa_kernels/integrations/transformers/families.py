@@ -49,6 +49,11 @@ class Family:
     # (the model's config) -> why the installed transformers cannot prune it exactly, or None: for
     # refusals that depend on more than the model type (PaliGemma 2 on 4.x).
     refuse_config: Optional[Callable[[Any], Optional[str]]] = None
+    # Whether the wrapper computes a load-balancing loss from its router logits when asked for them
+    # (``output_router_logits``), weighed by its own attention mask: the unpruned length, where the
+    # kept tokens' logits are shorter, so a pruned forward that asks for them is refused. Other
+    # MoE families (Llama 4) just return the kept tokens' router logits.
+    router_loss: bool = False
 
     def refusal(self, config=None) -> Optional[str]:
         """Why find_family refuses this family (this model, given its config) on the installed
@@ -310,16 +315,17 @@ FAMILIES: tuple[Family, ...] = (
     Family("Qwen3-VL", ("qwen3_vl",), visual_token_attrs=("image_token_id", "video_token_id"),
            on_prefill=_gather_deepstack),
     Family("Qwen3-VL-MoE", ("qwen3_vl_moe",), visual_token_attrs=("image_token_id", "video_token_id"),
-           on_prefill=_gather_deepstack),
+           on_prefill=_gather_deepstack, router_loss=True),
     # Qwen3.5: Qwen3-VL's layout without the deepstack; three in four text layers are gated
     # DeltaNet, whose recurrent state simply runs over the kept tokens.
-    Family("Qwen3.5", ("qwen3_5", "qwen3_5_moe"), visual_token_attrs=("image_token_id", "video_token_id")),
+    Family("Qwen3.5", ("qwen3_5", "qwen3_5_moe"), visual_token_attrs=("image_token_id", "video_token_id"),
+           router_loss=True),
     # Video frames are images (image token id, own markers): one budget per frame.
     Family("GLM-4V", ("glm4v",)),
     # GLM-4.1V's vision tower, token layout and 3-D positions around a MoE text model (GLM-4.5-Air's),
     # whose routers need nothing of the hooks. GLM-4.6V: GLM-4.1V's model classes around the text
     # model its config names (dense or MoE).
-    Family("GLM-4.5V", ("glm4v_moe",)),
+    Family("GLM-4.5V", ("glm4v_moe",), router_loss=True),
     Family("GLM-4.6V", ("glm46v",)),
     # Each tile is a run between tile markers, and its own budget (like Idefics3).
     Family("Aya Vision", ("aya_vision",), image_token_counts=_tower_counts),
