@@ -342,6 +342,12 @@ FAMILIES: tuple[Family, ...] = (
     # convolution states in a cache class of its own that is no transformers Cache; from 5.0 the
     # DynamicCache of its config holds them.
     Family("LFM2-VL", ("lfm2_vl", "lfm2-vl"), min_transformers=(5, 0)),
+    # An image is its thumbnail between image markers, then its slices (tiles) between slice markers;
+    # a video frame is a thumbnail (and slices) of video tokens: each crop a run, and its own budget
+    # (as Idefics3's tiles). Qwen3.5's text model, on 1-D positions (MiniCPM-OCR: 4.6's model, "4x"
+    # by default); MiniCPM-V 4.7's canvas M-RoPE positions are Qwen's: computed before the hooks, kept.
+    Family("MiniCPM-V 4.6", ("minicpmv4_6", "minicpm_ocr"), visual_token_attrs=("image_token_id", "video_token_id")),
+    Family("MiniCPM-V 4.7", ("minicpmv4_7",), visual_token_attrs=("image_token_id", "video_token_id")),
     Family("Gemma3", ("gemma3",),
            image_token_counts=_fixed_counts(lambda config: config.mm_tokens_per_image),
            build_mask=_gemma3_masks),

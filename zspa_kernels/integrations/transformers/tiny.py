@@ -553,6 +553,86 @@ def lfm2_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                           [("image", (24, 24)), ("text", 9)]])
 
 
+MINICPM_IMAGE, MINICPM_VIDEO = 127, 120
+# Their markers (MiniCPM-V 4.7's config names them: its canvas M-RoPE places them).
+MINICPM_MARKERS = dict(image_start_id=125, image_end_id=126, slice_start_id=123, slice_end_id=124, newline_id=121)
+
+
+def _minicpm(name: str, attn: str, seed: int) -> TinyVLM:
+    """MiniCPM-V 4.6/4.7 and MiniCPM-OCR (``name``: the transformers class prefix): a NaViT SigLIP
+    tower (2 px patches, every crop's patches packed in one sequence) whose window merger (after its
+    first layer) and merger each merge 2x2 patches: a crop of 4x4 tokens is 16x16 patches ("16x";
+    MiniCPM-OCR's default "4x" skips the window merger: 8x8). An image of a ``(rows, cols)`` slice
+    grid is its thumbnail between image markers, then ``rows*cols`` slices between slice markers, a
+    newline after each row of them but the last; ``(0, 0)`` is the thumbnail alone. A video of
+    ``(frames,)`` is each frame's thumbnail between image markers, of video tokens. Every crop has the
+    same size: transformers 5.17's window merger reads the first crop's size for all of them. Qwen3.5's
+    text model (gated-DeltaNet and attention layers)."""
+    torch.manual_seed(seed)
+    config_cls = getattr(transformers, f"{name}Config")
+    markers = {k: v for k, v in MINICPM_MARKERS.items() if k in config_cls.__dataclass_fields__}
+    config = config_cls(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=2),
+        text_config=dict(QWEN3_5_TEXT, model_type="qwen3_5_text"), insert_layer_id=0,
+        image_token_id=MINICPM_IMAGE, video_token_id=MINICPM_VIDEO, pad_token_id=PAD, **markers)
+    model = _finish(getattr(transformers, f"{name}ForConditionalGeneration")(config), attn)
+    side = 2 if config.downsample_mode == "4x" else 4  # patches a token, each way
+    takes_types = "mm_token_type_ids" in inspect.signature(model.model.forward).parameters
+    start, end, slice_start, slice_end, newline = MINICPM_MARKERS.values()
+
+    def make_inputs(rows, seeds=None) -> dict:
+        media = {"image": ([], []), "video": ([], [])}
+
+        def crop(kind, gen):
+            pixels, sizes = media[kind]
+            pixels.append(torch.randn(3, 2, (4 * side) ** 2 * 2, generator=gen))
+            sizes.append([4 * side, 4 * side])
+            return [MINICPM_IMAGE if kind == "image" else MINICPM_VIDEO] * 16
+
+        def segment(kind, size, gen, r):
+            if kind == "video":
+                return sum(([start] + crop(kind, gen) + [end] for _ in range(size[0])), [])
+            ids = [start] + crop(kind, gen) + [end]
+            grid_rows, grid_cols = size
+            for row in range(grid_rows):
+                ids += sum(([slice_start] + crop(kind, gen) + [slice_end] for _ in range(grid_cols)), [])
+                ids += [newline] if row < grid_rows - 1 else []
+            return ids
+
+        out = _token_rows(rows, seeds, segment)
+        for kind, (pixels, sizes) in media.items():
+            if pixels:
+                suffix = "" if kind == "image" else "_videos"
+                out[f"pixel_values{suffix}"] = torch.cat(pixels, -1)[None]
+                out[f"target_sizes{suffix}"] = torch.tensor(sizes)
+        if takes_types:  # MiniCPM-V 4.7: its canvas M-RoPE reads the modality of every token
+            out["mm_token_type_ids"] = ((out["input_ids"] == MINICPM_IMAGE).int()
+                                        + 2 * (out["input_ids"] == MINICPM_VIDEO).int())
+        return out
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 5), ("image", (0, 0)), ("text", 7)]],
+                   batch=[[("text", 5), ("image", (2, 2)), ("text", 7)],
+                          [("text", 3), ("image", (0, 0)), ("text", 1), ("image", (1, 2)), ("text", 4)],
+                          [("video", (2,)), ("image", (0, 0)), ("text", 9)]],
+                   frames_are_images=True, image_runs=lambda grid: 1 + grid[0] * grid[1])
+
+
+def minicpmv4_6(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    return _minicpm("MiniCPMV4_6", attn, seed)
+
+
+def minicpmv4_7(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """MiniCPM-V 4.7: MiniCPM-V 4.6 with canvas M-RoPE positions (3-D, from the token types)."""
+    return _minicpm("MiniCPMV4_7", attn, seed)
+
+
+def minicpm_ocr(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """MiniCPM-OCR: MiniCPM-V 4.6's model, "4x" by default (4 times the tokens of a crop)."""
+    return _minicpm("MiniCPMOcr", attn, seed)
+
+
 def _idefics(config_cls, model_cls, attn: str, seed: int, **reduce) -> TinyVLM:
     """Idefics2/3, SmolVLM: a 32x32 image gives (32/4)^2 patches, reduced to 16 tokens
     (``reduce``: pixel-shuffled 2x2, or a perceiver of 16 latents), wrapped in
@@ -1124,6 +1204,10 @@ BUILDERS = {
     "cohere2_vision": cohere2_vision,
     # LFM2-VL: pruned from transformers 5.0 (families.py)
     **({"lfm2_vl": lfm2_vl} if not transformers.__version__.startswith("4.") else {}),
+    # MiniCPM-V 4.6: not in transformers 4.57; MiniCPM-V 4.7 and MiniCPM-OCR: from 5.24
+    **({"minicpmv4_6": minicpmv4_6} if hasattr(transformers, "MiniCPMV4_6ForConditionalGeneration") else {}),
+    **({"minicpmv4_7": minicpmv4_7} if hasattr(transformers, "MiniCPMV4_7ForConditionalGeneration") else {}),
+    **({"minicpm_ocr": minicpm_ocr} if hasattr(transformers, "MiniCPMOcrForConditionalGeneration") else {}),
     # Llama 4: refused from transformers 5.24 (families.py)
     **({"llama4": llama4} if _accepted("llama4") else {}),
     # Gemma 4: not in transformers 4.57
