@@ -82,11 +82,18 @@ def test_keep_all_loss_is_the_unpatched_models(tiny):
     """With keep=1.0 the model computes its own loss (a family's own padding rule, as Gemma3's
     on transformers 4.57, and a router's auxiliary loss included): the unpatched loss, exactly."""
     inputs = tiny.make_inputs(tiny.batch)
-    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    labels = _labels(tiny, inputs)
     routed = _router_logits_arg(tiny)
     expected = tiny.model(**inputs, labels=labels, **routed).loss
     with zspa_kernels.prune(tiny.model, keep=1.0):
         assert torch.equal(tiny.model(**inputs, labels=labels, **routed).loss, expected)
+
+
+def _labels(tiny, inputs: dict) -> torch.Tensor:
+    """The inputs as labels, where attended and the LM head can predict them (Molmo2's image tokens
+    are in an extra vocabulary, which its unpatched loss rejects)."""
+    vocab = tiny.model.config.get_text_config().vocab_size
+    return inputs["input_ids"].masked_fill((inputs["attention_mask"] == 0) | (inputs["input_ids"] >= vocab), -100)
 
 
 def _router_logits_arg(tiny) -> dict:
@@ -112,7 +119,7 @@ def test_router_logits_are_refused_wherever_the_wrapper_weighs_them_by_its_mask(
     if not routed:
         pytest.skip("the unpatched model returns no router logits")
     inputs = tiny.make_inputs(tiny.batch)
-    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    labels = _labels(tiny, inputs)
     balanced = getattr(tiny.model(**inputs, labels=labels, **routed), "aux_loss", None) is not None
     with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
         assert handle.family.router_loss or not balanced

@@ -279,6 +279,38 @@ def _gather_per_layer_inputs(prefill) -> None:
         prefill.kwargs["per_layer_inputs"] = per_layer.gather(1, index)
 
 
+def _molmo2_counts(config, inputs: dict, runs: list[int]) -> list[int]:
+    """Molmo2: each image's patch tokens (both views; column tokens break them into runs), from the
+    features generate() encoded (transformers 5.24+: one entry an image, or a video), else from
+    ``image_grids`` (low-res then high-res rows and columns); a video (its frames, as generate()
+    encodes them) is one budget."""
+    encoded = inputs.get("mm_encoder_outputs") or {}
+    for modality in ("image", "video"):
+        features = getattr(encoded.get(modality), "pooler_output", None)
+        if features is not None:
+            return [f.shape[0] for f in features]
+    grids = inputs.get("image_grids")
+    if inputs.get("pixel_values") is not None and grids is not None:
+        return (grids[:, 0] * grids[:, 1] + grids[:, 2] * grids[:, 3]).tolist()
+    grids = inputs.get("video_grids")
+    if inputs.get("pixel_values_videos") is not None and grids is not None:
+        return grids.prod(-1).tolist()
+    raise ValueError("image_grids: required to tell where each Molmo2 image's tokens are, got None")
+
+
+def _molmo2_masks(config, embeds, mask, cache, positions, token_types, slots, labelled):
+    """Molmo2's mask, built as its base model builds it for the pruned layout: causal, plus one
+    bidirectional block over the tokens of type 1 (every image token of a row) when the caller gives
+    ``mm_token_type_ids`` at a prefill."""
+    from transformers import masking_utils
+
+    kwargs = dict(config=config.get_text_config(), inputs_embeds=embeds, attention_mask=mask, cache=cache,
+                  position_ids=positions)
+    if token_types is not None:
+        kwargs["block_sequence_ids"] = torch.where(token_types == 1, 0, -1)
+    return masking_utils.create_causal_mask(**kwargs)
+
+
 FAMILIES: tuple[Family, ...] = (
     Family("LLaVA-1.5", ("llava",), image_token_counts=_tower_counts),
     # LLaVA-1.5's layout; its projector reads several tower layers.
@@ -348,6 +380,11 @@ FAMILIES: tuple[Family, ...] = (
     # by default); MiniCPM-V 4.7's canvas M-RoPE positions are Qwen's: computed before the hooks, kept.
     Family("MiniCPM-V 4.6", ("minicpmv4_6", "minicpm_ocr"), visual_token_attrs=("image_token_id", "video_token_id")),
     Family("MiniCPM-V 4.7", ("minicpmv4_7",), visual_token_attrs=("image_token_id", "video_token_id")),
+    # An image is its low-res view then its high-res one, each row of patch tokens ended by a column
+    # token: one budget an image (both views), as generate() passes the images encoded, one entry an
+    # image. Every image token of a row is in one bidirectional block (mm_token_type_ids).
+    Family("Molmo2", ("molmo2",), image_token_counts=_molmo2_counts, build_mask=_molmo2_masks,
+           token_types_arg="mm_token_type_ids"),
     Family("Gemma3", ("gemma3",),
            image_token_counts=_fixed_counts(lambda config: config.mm_tokens_per_image),
            build_mask=_gemma3_masks),

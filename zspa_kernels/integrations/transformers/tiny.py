@@ -633,6 +633,73 @@ def minicpm_ocr(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     return _minicpm("MiniCPMOcr", attn, seed)
 
 
+def molmo2(attn: str = "sdpa", seed: int = 0, videos: bool = False) -> TinyVLM:
+    """Molmo2 (transformers 5.24): an image of ``(h, w, H, W)`` is its low-res view, ``h`` rows of
+    ``w`` patch tokens each ended by a column token between low-res start and end markers, then its
+    high-res view (``H`` rows of ``W``) between start and end markers; a video of ``(frames, h, w)``
+    is each frame's ``h*w`` patch tokens between frame markers, after a timestamp. Each token pools
+    2x2 patches of the tower's 16-patch crops (16 px, 4 px patches; a view or frame takes as many
+    crops as its tokens need). Its markers and patch token are in the extra vocabulary, past the LM
+    head's (as in the checkpoints): never generated. The base model builds one bidirectional block
+    over every image token of a row (``mm_token_type_ids``). The model takes no images and videos in
+    one call, nor two videos in a row: ``videos=True`` gives rows of one video each."""
+    from transformers import Molmo2Config, Molmo2ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    start, end, patch, column, low_start, frame_start, frame_end = range(VOCAB, VOCAB + 7)
+    config = Molmo2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=2, head_dim=16, image_size=[16, 16], patch_size=4),
+        adapter_config=dict(vision_feature_layer=[-1], hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
+                            head_dim=16, intermediate_size=64, text_hidden_size=32),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=8, vocab_size=VOCAB, additional_vocab_size=8,
+                         max_position_embeddings=512),
+        image_start_token_id=start, low_res_image_start_token_id=low_start, image_end_token_id=end,
+        image_patch_id=patch, frame_start_token_id=frame_start, frame_end_token_id=frame_end)
+    model = _finish(Molmo2ForConditionalGeneration(config), attn)
+    image_ids = torch.tensor([start, end, patch, column, low_start, frame_start, frame_end])
+
+    def make_inputs(rows, seeds=None) -> dict:
+        crops, pooling, grids = [], [], []
+
+        def view(h, w, gen):  # the patches a view's tokens pool, in crops of its own
+            first = len(crops)
+            crops.extend(torch.randn((h * w + 3) // 4, 16, 48, generator=gen).unbind())
+            pooling.extend(first * 16 + torch.arange(h * w * 4).view(h * w, 4))
+
+        def media(kind, grid, gen, r):
+            grids.append(grid)
+            if kind == "video":
+                frames, h, w = grid
+                ids = []
+                for _ in range(frames):
+                    view(h, w, gen)
+                    ids += _text(1, gen) + [frame_start] + [patch] * (h * w) + [frame_end]
+                return ids
+            h, w, H, W = grid
+            view(h, w, gen), view(H, W, gen)
+            return [low_start] + ([patch] * w + [column]) * h + [end, start] + ([patch] * W + [column]) * H + [end]
+
+        out = _token_rows(rows, seeds, media)
+        out["mm_token_type_ids"] = torch.isin(out["input_ids"], image_ids).long()
+        keys = ("pixel_values_videos", "video_token_pooling", "video_grids") if videos else (
+            "pixel_values", "image_token_pooling", "image_grids")
+        return dict(out, **dict(zip(keys, (torch.stack(crops), torch.stack(pooling), torch.tensor(grids)))))
+
+    if videos:
+        return TinyVLM(model, make_inputs,
+                       single=[[("text", 5), ("video", (2, 2, 3)), ("text", 7)]],
+                       batch=[[("text", 5), ("video", (2, 3, 3)), ("text", 7)],
+                              [("text", 3), ("video", (3, 2, 2)), ("text", 4)],
+                              [("video", (2, 2, 4)), ("text", 9)]])
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 5), ("image", (2, 3, 3, 4)), ("text", 7)]],
+                   batch=[[("text", 5), ("image", (2, 2, 4, 4)), ("text", 7)],
+                          [("text", 3), ("image", (2, 3, 3, 4)), ("image", (2, 2, 2, 3)), ("text", 4)],
+                          [("image", (2, 2, 3, 3)), ("text", 9)]])
+
+
 def _idefics(config_cls, model_cls, attn: str, seed: int, **reduce) -> TinyVLM:
     """Idefics2/3, SmolVLM: a 32x32 image gives (32/4)^2 patches, reduced to 16 tokens
     (``reduce``: pixel-shuffled 2x2, or a perceiver of 16 latents), wrapped in
@@ -1208,6 +1275,9 @@ BUILDERS = {
     **({"minicpmv4_6": minicpmv4_6} if hasattr(transformers, "MiniCPMV4_6ForConditionalGeneration") else {}),
     **({"minicpmv4_7": minicpmv4_7} if hasattr(transformers, "MiniCPMV4_7ForConditionalGeneration") else {}),
     **({"minicpm_ocr": minicpm_ocr} if hasattr(transformers, "MiniCPMOcrForConditionalGeneration") else {}),
+    # Molmo2: from transformers 5.24
+    **({"molmo2": molmo2, "molmo2_video": lambda **kw: molmo2(videos=True, **kw)}
+       if hasattr(transformers, "Molmo2ForConditionalGeneration") else {}),
     # Llama 4: refused from transformers 5.24 (families.py)
     **({"llama4": llama4} if _accepted("llama4") else {}),
     # Gemma 4: not in transformers 4.57
