@@ -385,6 +385,9 @@ FAMILIES: tuple[Family, ...] = (
     # image. Every image token of a row is in one bidirectional block (mm_token_type_ids).
     Family("Molmo2", ("molmo2",), image_token_counts=_molmo2_counts, build_mask=_molmo2_masks,
            token_types_arg="mm_token_type_ids"),
+    # LFM3-VL: Qwen3-VL's token layout (each video frame in its own markers) on 1-D positions; its
+    # text model's short convolutions run over the kept tokens, its sliding windows count cache slots.
+    Family("LFM3-VL", ("lfm3_vl",), visual_token_attrs=("image_token_id", "video_token_id")),
     Family("Gemma3", ("gemma3",),
            image_token_counts=_fixed_counts(lambda config: config.mm_tokens_per_image),
            build_mask=_gemma3_masks),

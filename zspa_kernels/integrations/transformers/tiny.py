@@ -700,6 +700,22 @@ def molmo2(attn: str = "sdpa", seed: int = 0, videos: bool = False) -> TinyVLM:
                           [("image", (2, 2, 3, 3)), ("text", 9)]])
 
 
+def lfm3_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """LFM3-VL (transformers 5.24): Qwen3-VL's layout (each image, each video frame after a timestamp,
+    wrapped in vision markers; 2x2 merge) on 1-D positions, a tower mixing short convolutions with
+    attention, and LFM3's text model: gated short convolutions, sliding-window (8 tokens, so that
+    windows end inside the prompts) and full attention layers."""
+    from transformers import Lfm3VlConfig, Lfm3VlForConditionalGeneration
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=2, layer_types=["conv", "full_attention"])
+    text = dict(model_type="lfm3", hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, vocab_size=VOCAB, max_position_embeddings=512, sliding_window=8,
+                layer_types=["conv", "sliding_attention", "full_attention"], pad_token_id=PAD, bos_token_id=1,
+                eos_token_id=2)
+    return _qwen(Lfm3VlConfig, Lfm3VlForConditionalGeneration, vision, attn, seed, text=text, per_frame=True)
+
+
 def _idefics(config_cls, model_cls, attn: str, seed: int, **reduce) -> TinyVLM:
     """Idefics2/3, SmolVLM: a 32x32 image gives (32/4)^2 patches, reduced to 16 tokens
     (``reduce``: pixel-shuffled 2x2, or a perceiver of 16 latents), wrapped in
@@ -1278,6 +1294,8 @@ BUILDERS = {
     # Molmo2: from transformers 5.24
     **({"molmo2": molmo2, "molmo2_video": lambda **kw: molmo2(videos=True, **kw)}
        if hasattr(transformers, "Molmo2ForConditionalGeneration") else {}),
+    # LFM3-VL: from transformers 5.24
+    **({"lfm3_vl": lfm3_vl} if hasattr(transformers, "Lfm3VlForConditionalGeneration") else {}),
     # Llama 4: refused from transformers 5.24 (families.py)
     **({"llama4": llama4} if _accepted("llama4") else {}),
     # Gemma 4: not in transformers 4.57
