@@ -388,6 +388,9 @@ FAMILIES: tuple[Family, ...] = (
     # LFM3-VL: Qwen3-VL's token layout (each video frame in its own markers) on 1-D positions; its
     # text model's short convolutions run over the kept tokens, its sliding windows count cache slots.
     Family("LFM3-VL", ("lfm3_vl",), visual_token_attrs=("image_token_id", "video_token_id")),
+    # Kimi-K2.5: each image, and each chunk of video frames (after its timestamp), between media
+    # markers: one run and budget each; DeepSeek-V3's text model on 1-D positions.
+    Family("Kimi-K2.5", ("kimi_k25",), visual_token_attrs=("image_token_id", "video_token_id")),
     Family("Gemma3", ("gemma3",),
            image_token_counts=_fixed_counts(lambda config: config.mm_tokens_per_image),
            build_mask=_gemma3_masks),

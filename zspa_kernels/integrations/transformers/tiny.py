@@ -716,6 +716,58 @@ def lfm3_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     return _qwen(Lfm3VlConfig, Lfm3VlForConditionalGeneration, vision, attn, seed, text=text, per_frame=True)
 
 
+def kimi_k25(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """Kimi-K2.5 (transformers 5.x): a MoonViT tower (2 px patches, 2x2 merge) whose ``(t, h, w)``
+    grid gives ``h*w/4`` tokens, its ``t`` frames merged; each image, and each chunk of (two) video
+    frames (after a timestamp), is wrapped in media markers. DeepSeek-V3's text model: latent
+    attention, the first layer dense, then MoE (4 routed experts, 2 a token, and a shared one)."""
+    from transformers import Kimi_K25Config, Kimi_K25ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = dict(model_type="deepseek_v3", hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1,
+                n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
+                kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, v_head_dim=8, qk_nope_head_dim=8,
+                vocab_size=VOCAB, max_position_embeddings=512, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    config = Kimi_K25Config(
+        vision_config=dict(patch_size=2, pos_emb_height=8, pos_emb_width=8, pos_emb_time=4, num_attention_heads=2,
+                           num_hidden_layers=1, hidden_size=32, intermediate_size=64),
+        text_config=text, projection_hidden_size=32, image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO,
+        vision_start_token_id=QWEN_START, vision_end_token_id=QWEN_END, tie_word_embeddings=False)
+    model = _finish(Kimi_K25ForConditionalGeneration(config), attn)
+    # transformers 5.17 splits a chunk's features as t*h*w/4 (its tower gives h*w/4): a chunk of
+    # several frames fails there unpatched, so its chunks are of one frame.
+    from transformers.models.kimi_k25.modeling_kimi_k25 import Kimi_K25Model
+
+    frames = 2 if "image_grid_thw[:, 1:]" in inspect.getsource(Kimi_K25Model.get_image_features) else 1
+
+    def make_inputs(rows, seeds=None) -> dict:
+        media = {"image": ([], []), "video": ([], [])}
+
+        def segment(kind, grid, gen, r):
+            chunks, h, w = grid if kind == "video" else (1, *grid)
+            t = frames if kind == "video" else 1
+            token = QWEN_VIDEO if kind == "video" else QWEN_IMAGE
+            pixels, grids = media[kind]
+            ids = []
+            for _ in range(chunks):
+                pixels.append(torch.randn(t * h * w, 3, 2, 2, generator=gen))
+                grids.append([t, h, w])
+                ids += (_text(1, gen) if kind == "video" else []) + [QWEN_START] + [token] * (h * w // 4) + [QWEN_END]
+            return ids
+
+        out = _token_rows(rows, seeds, segment)
+        out.update(_patch_inputs(media))
+        return out
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 4), ("image", (8, 8)), ("text", 6)]],
+                   batch=[[("text", 4), ("image", (8, 8)), ("text", 6)],
+                          [("text", 2), ("image", (4, 8)), ("text", 1), ("image", (6, 8)), ("text", 3)],
+                          [("video", (2, 4, 8)), ("image", (4, 6)), ("text", 5)]],
+                   frames_are_images=True)
+
+
 def _idefics(config_cls, model_cls, attn: str, seed: int, **reduce) -> TinyVLM:
     """Idefics2/3, SmolVLM: a 32x32 image gives (32/4)^2 patches, reduced to 16 tokens
     (``reduce``: pixel-shuffled 2x2, or a perceiver of 16 latents), wrapped in
@@ -1296,6 +1348,8 @@ BUILDERS = {
        if hasattr(transformers, "Molmo2ForConditionalGeneration") else {}),
     # LFM3-VL: from transformers 5.24
     **({"lfm3_vl": lfm3_vl} if hasattr(transformers, "Lfm3VlForConditionalGeneration") else {}),
+    # Kimi-K2.5: not in transformers 4.57
+    **({"kimi_k25": kimi_k25} if hasattr(transformers, "Kimi_K25ForConditionalGeneration") else {}),
     # Llama 4: refused from transformers 5.24 (families.py)
     **({"llama4": llama4} if _accepted("llama4") else {}),
     # Gemma 4: not in transformers 4.57
