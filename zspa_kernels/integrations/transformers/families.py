@@ -391,6 +391,9 @@ FAMILIES: tuple[Family, ...] = (
     # Kimi-K2.5: each image, and each chunk of video frames (after its timestamp), between media
     # markers: one run and budget each; DeepSeek-V3's text model on 1-D positions.
     Family("Kimi-K2.5", ("kimi_k25",), visual_token_attrs=("image_token_id", "video_token_id")),
+    # Cosmos3-Omni's reasoner: Qwen3-VL's model classes (deepstack features included).
+    Family("Cosmos3-Omni", ("cosmos3_omni",), visual_token_attrs=("image_token_id", "video_token_id"),
+           on_prefill=_gather_deepstack),
     Family("Gemma3", ("gemma3",),
            image_token_counts=_fixed_counts(lambda config: config.mm_tokens_per_image),
            build_mask=_gemma3_masks),

@@ -768,6 +768,11 @@ def kimi_k25(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                    frames_are_images=True)
 
 
+def cosmos3_omni(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """Cosmos3-Omni (its reasoner; transformers 5.x): Qwen3-VL's model classes under a config of its own."""
+    return _qwen3("Cosmos3Omni", QWEN3_VISION, QWEN3_TEXT, attn, seed)
+
+
 def _idefics(config_cls, model_cls, attn: str, seed: int, **reduce) -> TinyVLM:
     """Idefics2/3, SmolVLM: a 32x32 image gives (32/4)^2 patches, reduced to 16 tokens
     (``reduce``: pixel-shuffled 2x2, or a perceiver of 16 latents), wrapped in
@@ -1350,6 +1355,8 @@ BUILDERS = {
     **({"lfm3_vl": lfm3_vl} if hasattr(transformers, "Lfm3VlForConditionalGeneration") else {}),
     # Kimi-K2.5: not in transformers 4.57
     **({"kimi_k25": kimi_k25} if hasattr(transformers, "Kimi_K25ForConditionalGeneration") else {}),
+    # Cosmos3-Omni: not in transformers 4.57
+    **({"cosmos3_omni": cosmos3_omni} if hasattr(transformers, "Cosmos3OmniForConditionalGeneration") else {}),
     # Llama 4: refused from transformers 5.24 (families.py)
     **({"llama4": llama4} if _accepted("llama4") else {}),
     # Gemma 4: not in transformers 4.57
