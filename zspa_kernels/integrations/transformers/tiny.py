@@ -67,6 +67,9 @@ class TinyVLM:
     beam_video: bool = True  # False where the unpatched model cannot beam-search a video
     beam_multi_image: bool = True  # False where it cannot beam-search rows of several images
     static_generate: bool = True  # False where its generate() fails on a static cache
+    # False where its prompt-lookup decoding fails on some drafts (Molmo2: it drafts the prompt's
+    # image tokens, whose ids lie past its logits).
+    prompt_lookup: bool = True
     # True where the unpatched model compiles a graph per count of tokens routed to an expert (a
     # Python loop over its experts): how many graphs a compiled generation makes depends on its tokens.
     graphs_follow_routing: bool = False
@@ -692,12 +695,14 @@ def molmo2(attn: str = "sdpa", seed: int = 0, videos: bool = False) -> TinyVLM:
                        single=[[("text", 5), ("video", (2, 2, 3)), ("text", 7)]],
                        batch=[[("text", 5), ("video", (2, 3, 3)), ("text", 7)],
                               [("text", 3), ("video", (3, 2, 2)), ("text", 4)],
-                              [("video", (2, 2, 4)), ("text", 9)]])
+                              [("video", (2, 2, 4)), ("text", 9)]],
+                       prompt_lookup=False)
     return TinyVLM(model, make_inputs,
                    single=[[("text", 5), ("image", (2, 3, 3, 4)), ("text", 7)]],
                    batch=[[("text", 5), ("image", (2, 2, 4, 4)), ("text", 7)],
                           [("text", 3), ("image", (2, 3, 3, 4)), ("image", (2, 2, 2, 3)), ("text", 4)],
-                          [("image", (2, 2, 3, 3)), ("text", 9)]])
+                          [("image", (2, 2, 3, 3)), ("text", 9)]],
+                   prompt_lookup=False)
 
 
 def lfm3_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
