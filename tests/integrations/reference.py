@@ -76,8 +76,10 @@ def no_cache_logits(model, prefill: dict, decode_positions: list, tokens: torch.
     embeds = torch.cat([prefix, model.get_input_embeddings()(tokens)], 1)
     mask = padding_mask(prefill["attention_mask"])[rows][:, : prefix.shape[1]]
     mask = torch.cat([mask, mask.new_ones(len(rows), tokens.shape[1])], 1)
-    positions = torch.cat([prefill["position_ids"][..., rows, :]]
-                          + [p[..., rows, :] for p in decode_positions], -1)
+    # Positions of batch size 1 are the whole batch's (EXAONE 4.5 numbers decode steps by the cache length).
+    batch = prefill["inputs_embeds"].shape[0]
+    positions = torch.cat([p.expand(*p.shape[:-2], batch, -1)[..., rows, :]
+                           for p in [prefill["position_ids"], *decode_positions]], -1)
     extra = {}
     if prefill.get("visual_pos_masks") is not None:  # Qwen3-VL deepstack features
         visual = prefill["visual_pos_masks"]
@@ -85,6 +87,9 @@ def no_cache_logits(model, prefill: dict, decode_positions: list, tokens: torch.
         chosen = torch.isin(owner, torch.tensor(rows))
         extra["visual_pos_masks"] = torch.nn.functional.pad(visual[rows], (0, tokens.shape[1]))
         extra["deepstack_visual_embeds"] = [e[chosen] for e in prefill["deepstack_visual_embeds"]]
+    if prefill.get("moe_mm_token_type_ids") is not None:  # ERNIE-4.5-VL: generated tokens are text
+        extra["moe_mm_token_type_ids"] = torch.nn.functional.pad(prefill["moe_mm_token_type_ids"][rows],
+                                                                 (0, tokens.shape[1]))
     decoder = lm_of(model)
     if prefill.get("per_layer_inputs") is not None:
         extra["per_layer_inputs"] = torch.cat(

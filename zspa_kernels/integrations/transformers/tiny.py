@@ -66,6 +66,7 @@ class TinyVLM:
     image_runs: Optional[Callable[[object], int]] = None
     beam_video: bool = True  # False where the unpatched model cannot beam-search a video
     beam_multi_image: bool = True  # False where it cannot beam-search rows of several images
+    beam_images: bool = True  # False where it cannot beam-search images at all
     static_generate: bool = True  # False where its generate() fails on a static cache
     # False where its prompt-lookup decoding fails on some drafts (Molmo2: it drafts the prompt's
     # image tokens, whose ids lie past its logits).
@@ -73,11 +74,14 @@ class TinyVLM:
     # True where the unpatched model compiles a graph per count of tokens routed to an expert (a
     # Python loop over its experts): how many graphs a compiled generation makes depends on its tokens.
     graphs_follow_routing: bool = False
+    # False where the unpatched model's batch rows depend on each other (HunYuan-VL numbers images
+    # across the batch): a row batched then differs from the row alone, pruned or not.
+    rows_independent: bool = True
 
     @property
     def beam_batch(self) -> list:
         return [r for r in self.batch
-                if (self.beam_video or all(s[0] != "video" for s in r))
+                if self.beam_images and (self.beam_video or all(s[0] != "video" for s in r))
                 and (self.beam_multi_image or sum(s[0] != "text" for s in r) == 1)]
 
     def n_images(self, rows) -> int:
