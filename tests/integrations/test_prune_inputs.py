@@ -331,6 +331,11 @@ def test_tiny_builders_make_distinct_visual_tokens(name):
     # Distinct, but for LLaVA-NeXT-style models' one learned newline feature per row of patches.
     newline = getattr(getattr(tiny.model, "model", tiny.model), "image_newline", None)  # Llama 4: no base model
     repeats = 0 if newline is None else int((tokens == newline).all(-1).sum())
+    merger = getattr(getattr(getattr(tiny.model, "model", None), "vision_tower", None), "patch_merger", None)
+    if hasattr(merger, "image_begin"):  # HunYuan-VL: learned begin, end and row-newline features in every image
+        learned = int((inputs["image_grid_thw"][:, 1] // 2 + 2).sum())
+        assert tokens.shape[0] - learned + 3 <= torch.unique(tokens, dim=0).shape[0] < tokens.shape[0]
+        return
     assert torch.unique(tokens, dim=0).shape[0] == tokens.shape[0] - max(repeats - 1, 0)
 
 
@@ -391,3 +396,21 @@ def test_padded_rows_match_the_row_alone_as_closely_as_the_unpatched_model(name)
                 torch.testing.assert_close(a[r], b[0], atol=PAD_ATOL, rtol=0)
         if handle:
             handle.remove()
+
+
+@pytest.mark.skipif("ernie4_5_vl_moe" not in BUILDERS, reason="ERNIE-4.5-VL is not in this transformers")
+@torch.no_grad()
+def test_ernie_moe_token_types_follow_the_kept_positions():
+    """ERNIE-4.5-VL's MoE layers send each token to the text or the vision experts by its
+    ``moe_mm_token_type_ids``: the language model must get the types of the positions it keeps (a
+    kept image token stays vision, its markers too; re-padding is text), or kept image tokens would
+    run through the text experts."""
+    tiny = BUILDERS["ernie4_5_vl_moe"]()
+    inputs = tiny.make_inputs(tiny.batch)
+    with zspa_kernels.prune(tiny.model, keep=KEEP) as handle, capture_lm_calls(tiny.model) as calls:
+        tiny.model(**inputs)
+        kept = handle.last_kept_positions
+    types = inputs["moe_mm_token_type_ids"]
+    expected = types.gather(1, kept.clamp_min(0)).masked_fill(kept < 0, 0)
+    assert kept.shape[1] < types.shape[1] and (expected == 2).any()
+    assert torch.equal(calls[0]["moe_mm_token_type_ids"], expected)

@@ -311,6 +311,29 @@ def _molmo2_masks(config, embeds, mask, cache, positions, token_types, slots, la
     return masking_utils.create_causal_mask(**kwargs)
 
 
+def _grid_counts(config, inputs: dict, runs: list[int]) -> list[int]:
+    """VideoLLaMA3: each image's token count, ``t*h*w`` patches pooled ``merge`` x ``merge``
+    (its own merge size), from the features generate() encoded (5.24+) or from the grids."""
+    encoded = _encoded_counts(inputs)
+    if encoded is not None:
+        return encoded
+    grids, merges = inputs.get("image_grid_thw"), inputs.get("image_merge_sizes")
+    if grids is None or merges is None:
+        raise ValueError("image_grid_thw, image_merge_sizes: required to tell where each VideoLLaMA3 "
+                         "image's tokens are, got None")
+    return (torch.as_tensor(grids).prod(-1) // torch.as_tensor(merges) ** 2).tolist()
+
+
+def _gather_moe_token_types(prefill) -> None:
+    """ERNIE-4.5-VL routes each token to its text or its vision experts by ``moe_mm_token_type_ids``
+    (the visual tokens and their start/end markers are vision): keep the types of the kept
+    positions, as the embeddings are kept (re-padding slots are text)."""
+    types = prefill.kwargs.get("moe_mm_token_type_ids")
+    if types is not None:
+        types = types.to(prefill.index.device).gather(1, prefill.index)
+        prefill.kwargs["moe_mm_token_type_ids"] = types * prefill.valid
+
+
 FAMILIES: tuple[Family, ...] = (
     Family("LLaVA-1.5", ("llava",), image_token_counts=_tower_counts),
     # LLaVA-1.5's layout; its projector reads several tower layers.
@@ -356,9 +379,27 @@ FAMILIES: tuple[Family, ...] = (
     Family("GLM-4V", ("glm4v",)),
     # GLM-4.1V's vision tower, token layout and 3-D positions around a MoE text model (GLM-4.5-Air's),
     # whose routers need nothing of the hooks. GLM-4.6V: GLM-4.1V's model classes around the text
-    # model its config names (dense or MoE).
+    # model its config names (dense or MoE); a ``glmga`` config is served by the same classes.
     Family("GLM-4.5V", ("glm4v_moe",), router_loss=True),
-    Family("GLM-4.6V", ("glm46v",)),
+    Family("GLM-4.6V", ("glm46v", "glmga")),
+    # GLM-OCR: GLM-4.1V's model classes and layout (images only), a tower of its own.
+    Family("GLM-OCR", ("glm_ocr",)),
+    # ERNIE-4.5-VL: Qwen2-VL's layout (markers around each image or video, a video's frames merged in
+    # pairs: one run, one budget) and 3-D positions; its MoE layers route by token type (gathered).
+    Family("ERNIE-4.5-VL", ("ernie4_5_vl_moe",), visual_token_attrs=("image_token_id", "video_token_id"),
+           on_prefill=_gather_moe_token_types),
+    # PaddleOCR-VL: Qwen2-VL's image layout and 3-D positions (images only).
+    Family("PaddleOCR-VL", ("paddleocr_vl",)),
+    # HunYuan-VL (images only): each image one run of image tokens (its begin, end and row-newline
+    # features included) between markers; 4-D M-RoPE positions (sequence, width, height, image index).
+    Family("HunYuan-VL", ("hunyuan_vl",)),
+    # VideoLLaMA3: 1-D positions; images may stand back to back (counts from their grids), each video
+    # frame is a run after its timestamp and its own budget.
+    Family("VideoLLaMA3", ("video_llama_3",), visual_token_attrs=("image_token_id", "video_token_id"),
+           image_token_counts=_grid_counts, video_token_counts=lambda config, inputs, runs: runs),
+    # EXAONE 4.5: Qwen2.5-VL's layout around an EXAONE 4 text model with 1-D positions, whose
+    # sliding windows count cache slots (a pruned prompt's windows are of kept tokens).
+    Family("EXAONE 4.5", ("exaone4_5",), visual_token_attrs=("image_token_id", "video_token_id")),
     # Each tile is a run between tile markers, and its own budget (like Idefics3).
     Family("Aya Vision", ("aya_vision",), image_token_counts=_tower_counts),
     Family("Cohere2 Vision", ("cohere2_vision",), image_token_counts=_tower_counts),

@@ -1104,16 +1104,17 @@ GLM_MOE_TEXT = dict(GLM_TEXT, n_routed_experts=4, num_experts_per_tok=2, moe_int
                     rope_scaling={"rope_type": "default", "mrope_section": [2, 1, 1]})
 
 
-def _glm(name: str, text: dict, attn: str, seed: int, videos: bool) -> TinyVLM:
+def _glm(name: str, text: dict, attn: str, seed: int, videos: bool, config_name: Optional[str] = None) -> TinyVLM:
     """GLM-4.1V/4.5V/4.6V (``name``: the transformers class prefix): Qwen-like patches (2x2 merge);
     an image is begin/end-of-image markers around ``h*w/4`` image tokens; a video is
     begin/end-of-video markers around its frames, each an image of the same image token (the
     modality is in ``mm_token_type_ids``, 5.x) and a timestamp. The model cannot take images and
     videos in one call (it places both by the image token), so ``videos=True`` gives rows of videos
-    only."""
+    only. ``config_name``: the config's class prefix, where it is not ``name`` (GLM-4.6V's model
+    classes serve other configs)."""
     torch.manual_seed(seed)
     video_start, video_end = 118, 119
-    config = getattr(transformers, f"{name}Config")(
+    config = getattr(transformers, f"{config_name or name}Config")(
         text_config=text,
         vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
                            out_hidden_size=32, image_size=16, **QWEN_PATCH),
@@ -1179,6 +1180,205 @@ def glm46v(attn: str = "sdpa", seed: int = 0, videos: bool = False) -> TinyVLM:
     ``text_config`` names (GLM-4.1V's dense one by default); GLM-4.5V's MoE one here, which the
     ``glm4v`` builder does not cover."""
     return _glm("Glm46V", dict(GLM_MOE_TEXT, model_type="glm4v_moe_text"), attn, seed, videos)
+
+
+def glmga(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """A ``glmga`` config (transformers 5.17+): GLM-4.6V's model classes (the auto mappings give
+    them), its dense text model by default."""
+    return _glm("Glm46V", GLM_TEXT, attn, seed, videos=False, config_name="Glmga")
+
+
+def glm_ocr(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """GLM-OCR (transformers 5.x): GLM-4.1V's model classes, a tower of its own; images only (its
+    processor takes no videos)."""
+    return _glm("GlmOcr", GLM_TEXT, attn, seed, videos=False)
+
+
+# Text models that take their M-RoPE sections in ``rope_parameters`` (2 heads of 16 dims).
+ROPE_TEXT = {k: v for k, v in dict(QWEN_TEXT, num_attention_heads=2, num_key_value_heads=2).items()
+             if k != "rope_scaling"}
+
+
+def ernie4_5_vl_moe(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """ERNIE-4.5-VL (transformers 5.x): 2x2-merged patches, an image ``h*w/4`` tokens and a video of
+    ``t`` frames (in pairs) ``t*h*w/8``, each between its start/end markers; M-RoPE reads
+    ``mm_token_type_ids``, and each MoE layer sends the tokens that ``moe_mm_token_type_ids`` marks
+    (visual tokens and their markers) to its vision experts, the others to its text experts."""
+    torch.manual_seed(seed)
+    video_start, video_end = 118, 119
+    text = dict(ROPE_TEXT, moe_intermediate_size=[32, 16], moe_k=2, moe_num_experts=4, moe_num_shared_experts=1,
+                rope_parameters={"rope_type": "default", "rope_theta": 500000.0, "mrope_section": [3, 3, 2]})
+    config = transformers.Ernie4_5_VLMoeConfig(
+        text_config=text, vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                                             patch_size=2, spatial_merge_size=2, temporal_merge_size=2),
+        image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO, image_start_token_id=QWEN_START,
+        image_end_token_id=QWEN_END, video_start_token_id=video_start, video_end_token_id=video_end)
+    model = _finish(transformers.Ernie4_5_VLMoeForConditionalGeneration(config), attn)
+
+    def make_inputs(rows, seeds=None) -> dict:
+        media = {"image": ([], []), "video": ([], [])}
+
+        def segment(kind, grid, gen, r):
+            t, h, w = grid if kind == "video" else (1, *grid)
+            ids = ([QWEN_START] + [QWEN_IMAGE] * (h * w // 4) + [QWEN_END] if kind == "image"
+                   else [video_start] + [QWEN_VIDEO] * (t * h * w // 8) + [video_end])
+            pixels, grids = media[kind]
+            pixels.append(torch.randn(t * h * w, 12, generator=gen))
+            grids.append([t, h, w])
+            return ids
+
+        out = _token_rows(rows, seeds, segment)
+        out.update(_patch_inputs(media))
+        ids = out["input_ids"]
+        image = torch.isin(ids, torch.tensor([QWEN_START, QWEN_IMAGE, QWEN_END]))
+        video = torch.isin(ids, torch.tensor([video_start, QWEN_VIDEO, video_end]))
+        out["mm_token_type_ids"] = (ids == QWEN_IMAGE).int() + 2 * (ids == QWEN_VIDEO).int()
+        out["moe_mm_token_type_ids"] = image.int() + 2 * video.int()
+        return out
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 4), ("image", (8, 8)), ("text", 6)]],
+                   batch=[[("text", 4), ("image", (8, 8)), ("text", 6)],
+                          [("text", 2), ("image", (4, 8)), ("text", 1), ("image", (6, 8)), ("text", 3)],
+                          [("video", (2, 8, 8)), ("text", 5)]])
+
+
+def paddleocr_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """PaddleOCR-VL (transformers 5.x; images only): a NaViT-style SigLIP tower over 2 px patches,
+    merged 2x2: an image of ``(h, w)`` patches is ``h*w/4`` image tokens between vision start/end
+    markers, placed by M-RoPE (``mm_token_type_ids``) as in Qwen2-VL."""
+    torch.manual_seed(seed)
+    text = dict(ROPE_TEXT, head_dim=16,
+                rope_parameters={"rope_type": "default", "rope_theta": 500000.0, "mrope_section": [2, 3, 3]})
+    config = transformers.PaddleOCRVLConfig(
+        text_config=text, vision_config=dict(TOWER, num_hidden_layers=1, image_size=16, patch_size=2,
+                                             spatial_merge_size=2),
+        image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO, vision_start_token_id=QWEN_START,
+        vision_end_token_id=QWEN_END)
+    model = _finish(transformers.PaddleOCRVLForConditionalGeneration(config), attn)
+
+    def make_inputs(rows, seeds=None) -> dict:
+        media = {"image": ([], [])}
+
+        def image(kind, grid, gen, r):
+            h, w = grid
+            media["image"][0].append(torch.randn(h * w, 3, 2, 2, generator=gen))
+            media["image"][1].append([1, h, w])
+            return [QWEN_START] + [QWEN_IMAGE] * (h * w // 4) + [QWEN_END]
+
+        out = _token_rows(rows, seeds, image)
+        out.update(_patch_inputs(media))
+        out["mm_token_type_ids"] = (out["input_ids"] == QWEN_IMAGE).int()
+        return out
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 4), ("image", (8, 8)), ("text", 6)]],
+                   batch=[[("text", 4), ("image", (8, 8)), ("text", 6)],
+                          [("text", 2), ("image", (4, 8)), ("text", 1), ("image", (6, 8)), ("text", 3)],
+                          [("image", (4, 4)), ("text", 5)]])
+
+
+def hunyuan_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """HunYuan-VL (transformers 5.x; images only): 2 px patches merged 2x2, an image of ``(h, w)``
+    patches is ``h/2`` rows of ``w/2`` features and a newline feature, after a begin and before an
+    end feature, all on image tokens (``h/2 * (w/2 + 1) + 2``), between start/end markers. Its
+    M-RoPE has 4 axes: the sequence, and the width, height and image index of image tokens. The
+    image index counts images across the batch (and before transformers 5.24 across the beams of
+    beam search), so a row's logits depend on the rows before it."""
+    torch.manual_seed(seed)
+    text = dict(ROPE_TEXT, head_dim=16,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2, 2]})
+    config = transformers.HunYuanVLConfig(
+        text_config=text, vision_config=dict(TOWER, num_hidden_layers=1, patch_size=2, spatial_merge_size=2,
+                                             max_image_size=16, out_hidden_size=32),
+        image_token_id=QWEN_IMAGE, im_start_id=QWEN_START, im_end_id=QWEN_END, im_newline_id=124)
+    model = _finish(transformers.HunYuanVLForConditionalGeneration(config), attn)
+
+    def make_inputs(rows, seeds=None) -> dict:
+        media = {"image": ([], [])}
+
+        def image(kind, grid, gen, r):
+            h, w = grid
+            media["image"][0].append(torch.randn(h * w, 12, generator=gen))
+            media["image"][1].append([1, h, w])
+            return [QWEN_START] + [QWEN_IMAGE] * (h // 2 * (w // 2 + 1) + 2) + [QWEN_END]
+
+        out = _token_rows(rows, seeds, image)
+        out.update(_patch_inputs(media))
+        out["mm_token_type_ids"] = (out["input_ids"] == QWEN_IMAGE).int()
+        return out
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 4), ("image", (8, 8)), ("text", 6)]],
+                   batch=[[("text", 4), ("image", (8, 8)), ("text", 6)],
+                          [("text", 2), ("image", (4, 8)), ("text", 1), ("image", (6, 8)), ("text", 3)],
+                          [("image", (4, 4)), ("text", 5)]],
+                   rows_independent=False,
+                   # Before 5.24 generate() numbers the images of each beam apart (the beams of a row
+                   # get different image indices): the unpatched model's beams disagree.
+                   beam_images=hasattr(transformers.GenerationMixin, "_expand_multimodal_outputs"))
+
+
+def video_llama_3(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """VideoLLaMA3 (transformers 5.x): a SigLIP-style tower over 2 px patches whose features are
+    pooled ``merge`` x ``merge`` (1 for images, 2 for videos, as its processors do), a Qwen2 text
+    model with 1-D positions. An image of ``(h, w)`` patches is ``h*w`` image tokens, with nothing
+    between two images; a video's frame is a timestamp then ``h*w/4`` video tokens."""
+    torch.manual_seed(seed)
+    config = transformers.VideoLlama3Config(
+        text_config=dict(_tiny_llama("qwen2").to_dict()),
+        vision_config=dict(TOWER, num_hidden_layers=1, patch_size=2),
+        image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO)
+    model = _finish(transformers.VideoLlama3ForConditionalGeneration(config), attn)
+
+    def make_inputs(rows, seeds=None) -> dict:
+        media = {"image": ([], [], []), "video": ([], [], [])}
+
+        def segment(kind, grid, gen, r):
+            t, h, w = grid if kind == "video" else (1, *grid)
+            merge = 2 if kind == "video" else 1
+            pixels, grids, merges = media[kind]
+            pixels.append(torch.randn(t * h * w, 12, generator=gen))
+            grids.append([t, h, w])
+            merges.append(merge)
+            if kind == "image":
+                return [QWEN_IMAGE] * (h * w)
+            return sum((_text(1, gen) + [QWEN_VIDEO] * (h * w // 4) for _ in range(t)), [])
+
+        out = _token_rows(rows, seeds, segment)
+        for kind, (pixels, grids, merges) in media.items():
+            if pixels:
+                suffix = "" if kind == "image" else "_videos"
+                out[f"pixel_values{suffix}"] = torch.cat(pixels)
+                out[f"{kind}_grid_thw"] = torch.tensor(grids)
+                out[f"{kind}_merge_sizes"] = torch.tensor(merges)
+        return out
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 4), ("image", (4, 4)), ("text", 6)]],
+                   batch=[[("text", 4), ("image", (4, 4)), ("text", 6)],
+                          [("text", 2), ("image", (2, 4)), ("image", (4, 2)), ("text", 3)],
+                          [("video", (2, 4, 8)), ("text", 5)]],
+                   frames_are_images=True)
+
+
+def exaone4_5(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """EXAONE 4.5 (transformers 5.x): Qwen2.5-VL's tower and token layout (grouped-query vision
+    attention) around an EXAONE 4 text model with 1-D positions: sliding-window layers with RoPE
+    (8-token windows, so that they fall inside the prompts) alternate with full-attention layers
+    without positions."""
+    from transformers import Exaone4_5_Config, Exaone4_5_ForConditionalGeneration
+
+    text = dict(model_type="exaone4", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512,
+                sliding_window=8, sliding_window_pattern=2, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, num_key_value_heads=1,
+                  out_hidden_size=32, window_size=8, fullatt_block_indexes=[1])
+    tiny = _qwen(Exaone4_5_Config, Exaone4_5_ForConditionalGeneration, vision, attn, seed, text=text)
+    # Before 5.24 its generate() counts image tokens as images when it expands the inputs for beam
+    # search, and fails before any hook runs.
+    tiny.beam_images = hasattr(transformers.GenerationMixin, "_expand_multimodal_outputs")
+    return tiny
 
 
 QWEN3_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
@@ -1341,6 +1541,19 @@ BUILDERS = {
     # GLM-4.6V: not in transformers 4.57
     **({"glm46v": glm46v, "glm46v_video": lambda **kw: glm46v(videos=True, **kw)}
        if hasattr(transformers, "Glm46VForConditionalGeneration") else {}),
+    # glmga (GLM-4.6V's classes), GLM-OCR: not in transformers 4.57
+    **({"glmga": glmga} if hasattr(transformers, "GlmgaConfig") else {}),
+    **({"glm_ocr": glm_ocr} if hasattr(transformers, "GlmOcrForConditionalGeneration") else {}),
+    # ERNIE-4.5-VL: not in transformers 4.57
+    **({"ernie4_5_vl_moe": ernie4_5_vl_moe} if hasattr(transformers, "Ernie4_5_VLMoeForConditionalGeneration") else {}),
+    # PaddleOCR-VL: not in transformers 4.57
+    **({"paddleocr_vl": paddleocr_vl} if hasattr(transformers, "PaddleOCRVLForConditionalGeneration") else {}),
+    # HunYuan-VL: not in transformers 4.57
+    **({"hunyuan_vl": hunyuan_vl} if hasattr(transformers, "HunYuanVLForConditionalGeneration") else {}),
+    # VideoLLaMA3: not in transformers 4.57
+    **({"video_llama_3": video_llama_3} if hasattr(transformers, "VideoLlama3ForConditionalGeneration") else {}),
+    # EXAONE 4.5: not in transformers 4.57
+    **({"exaone4_5": exaone4_5} if hasattr(transformers, "Exaone4_5_ForConditionalGeneration") else {}),
     "internvl": internvl,
     "idefics2": idefics2,
     "idefics3": idefics3,
