@@ -387,7 +387,7 @@ FAMILIES: tuple[Family, ...] = (
     # ERNIE-4.5-VL: Qwen2-VL's layout (markers around each image or video, a video's frames merged in
     # pairs: one run, one budget) and 3-D positions; its MoE layers route by token type (gathered).
     Family("ERNIE-4.5-VL", ("ernie4_5_vl_moe",), visual_token_attrs=("image_token_id", "video_token_id"),
-           on_prefill=_gather_moe_token_types),
+           on_prefill=_gather_moe_token_types, router_loss=True),
     # PaddleOCR-VL: Qwen2-VL's image layout and 3-D positions (images only).
     Family("PaddleOCR-VL", ("paddleocr_vl",)),
     # HunYuan-VL (images only): each image one run of image tokens (its begin, end and row-newline
