@@ -90,9 +90,10 @@ class _CacheState:
     # Python counter, so a decode step compiled by generate() (it compiles static-cache decoding
     # on GPUs) is traced once, not once a step.
     decode_mask: Optional[torch.Tensor] = None
-    # Static caches: this decode step's count of appended tokens, as the base model's hook read it
-    # from the caller's arguments (the language model's may carry the base model's own slots).
-    appended: Optional[torch.Tensor] = None
+    # Static caches: the caller's ``cache_position`` of this decode step (or None), as the base model's
+    # hook saw it (the language model's may carry the base model's own slots), wrapped in a tuple; the
+    # language model's hook counts the appended tokens from it (see PruneHandle._base_pre_hook).
+    caller_slots: Optional[tuple] = None
 
 
 # transformers 5.24 renamed the cache argument ``past_key_values`` to ``cache``.
@@ -155,7 +156,7 @@ class _CacheWatch:
         for handle in list(self.handles):
             state = handle._caches.get(original)
             if state is not None:  # its tensors are shared: no step writes them in place
-                handle._caches[copied] = replace(state, appended=None)
+                handle._caches[copied] = replace(state, caller_slots=None)
                 watch.handles.add(handle)
         return watch
 
@@ -192,13 +193,12 @@ def _static_length(cache) -> Optional[int]:
     return max(lengths) if lengths else None
 
 
-def _appended(state: "_CacheState", cache, kwargs) -> torch.Tensor:
+def _appended(state: "_CacheState", cache, position: Optional[torch.Tensor]) -> torch.Tensor:
     """Tokens appended to a static cache since its pruned prefill, without a count of this
-    handle's, from the base model's arguments: generate()'s ``cache_position`` (transformers 4.x)
-    counts the original positions; without it, the cache's length, which the model itself reads to
+    handle's, from the caller's ``position`` (generate()'s ``cache_position``, transformers 4.x),
+    which counts the original positions; without it, the cache's length, which the model itself reads to
     number the new slot (a device tensor on full-attention layers; 5.x sliding-window layers keep
     a Python integer, and a compiled step guards on it, pruned or not)."""
-    position = kwargs.get("cache_position")
     if position is not None:
         return position[:1] - state.original_len
     return cache.get_seq_length() - state.pruned_len
@@ -377,7 +377,13 @@ class PruneHandle:
         else:
             # A static cache's decode step, known without reading its length back: this handle
             # pruned the cache, and a reset drops its state (_CacheWatch.reset, set at the prefill).
-            appended = state.appended = _appended(state, cache, kwargs)
+            # No tensor op here unless positions are to be supplied: where this module is the one
+            # generate() compiles (a wrapper that is its own base model), Dynamo traces its hooks as
+            # frames of their own, and an op in one is a graph of its own beside the step's.
+            state.caller_slots = (kwargs.get("cache_position"),)
+            if kwargs.get("position_ids") is not None:
+                return None
+            appended = _appended(state, cache, kwargs.get("cache_position"))
         if kwargs.get("position_ids") is None:
             # Continue the original numbering; the model would count cache slots instead.
             kwargs["position_ids"] = state.next_position + appended
@@ -621,9 +627,10 @@ class PruneHandle:
             raise RuntimeError(REUSE_ERROR)
         if state.decode_mask is not None:  # a static cache: the same shapes at every step
             cache = _cache_of(kwargs)
-            appended, state.appended = state.appended, None
-            if appended is None:  # the language model called without the base model
-                appended = _appended(state, cache, kwargs)
+            caller, state.caller_slots = state.caller_slots, None
+            # The caller's slots, as the base model's hook saw them; none seen: the language model
+            # was called without the base model.
+            appended = _appended(state, cache, kwargs.get("cache_position") if caller is None else caller[0])
             slots = torch.arange(q, device=embeds.device) + (appended + state.pruned_len)
             if kwargs.get("cache_position") is not None:
                 kwargs["cache_position"] = slots
