@@ -83,9 +83,13 @@ def no_cache_logits(model, prefill: dict, decode_positions: list, tokens: torch.
     extra = {}
     if prefill.get("visual_pos_masks") is not None:  # Qwen3-VL deepstack features
         visual = prefill["visual_pos_masks"]
+        expanded = visual.shape[2:]  # transformers 4.57's Qwen3-Omni: expanded over the hidden size
+        if expanded:
+            visual = visual[..., 0]
         owner = visual.nonzero()[:, 0]  # batch row of each deepstack feature row
         chosen = torch.isin(owner, torch.tensor(rows))
-        extra["visual_pos_masks"] = torch.nn.functional.pad(visual[rows], (0, tokens.shape[1]))
+        visual = torch.nn.functional.pad(visual[rows], (0, tokens.shape[1]))
+        extra["visual_pos_masks"] = visual[..., None].expand(*visual.shape, *expanded) if expanded else visual
         extra["deepstack_visual_embeds"] = [e[chosen] for e in prefill["deepstack_visual_embeds"]]
     if prefill.get("moe_mm_token_type_ids") is not None:  # ERNIE-4.5-VL: generated tokens are text
         extra["moe_mm_token_type_ids"] = torch.nn.functional.pad(prefill["moe_mm_token_type_ids"][rows],

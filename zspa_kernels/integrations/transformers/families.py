@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -22,7 +22,9 @@ from ...spec import release
 class Family:
     name: str
     model_types: tuple[str, ...]
-    lm_attr: str = "language_model"  # from the base model; dotted where it sits in a causal LM (Llama 4)
+    # From the base model; dotted where it sits in a causal LM (Llama 4); a tuple: the first the model
+    # has, where transformers releases place it differently (the Qwen Omni thinkers).
+    lm_attr: Union[str, tuple[str, ...]] = "language_model"
     visual_token_attrs: tuple[str, ...] = ("image_token_id",)
     # (config, the base model's keyword arguments, the lengths of the runs of visual tokens
     # in row-major order) -> the token count of each image in order. Default: each run is
@@ -171,18 +173,23 @@ def _one_run_per_image(config, inputs: dict, runs: list[int]) -> list[int]:
 def _gather_deepstack(prefill) -> None:
     """Qwen3-VL adds ``deepstack_visual_embeds[l]`` (one row per visual token, row-major)
     to the hidden states at ``visual_pos_masks`` in its first layers: keep the rows and
-    mask entries of the kept visual tokens, in the new layout's row-major order."""
+    mask entries of the kept visual tokens, in the new layout's row-major order. transformers
+    4.57's Qwen3-Omni thinker passes the mask expanded over the hidden size, ``(B, L, D)``, and its
+    language model reads ``[..., 0]`` of it: it gets the kept mask expanded alike."""
     kwargs = prefill.kwargs
     positions = kwargs.get("visual_pos_masks")
     if positions is None:
         return
+    expanded = positions.shape[2:]
+    if expanded:
+        positions = positions[..., 0]
     rank = (positions.flatten().long().cumsum(0) - 1).view_as(positions)  # row of each token
     kept = positions.gather(1, prefill.index) & prefill.valid
     # Row-major order of the kept visual slots, without a sync: their count is known.
     flat = torch.arange(kept.numel(), device=kept.device).view_as(kept)
     order = torch.where(kept, flat, flat + kept.numel()).flatten().argsort()[: prefill.n_visual_kept]
     rows = rank.gather(1, prefill.index).flatten()[order]
-    kwargs["visual_pos_masks"] = kept
+    kwargs["visual_pos_masks"] = kept[..., None].expand(*kept.shape, *expanded) if expanded else kept
     kwargs["deepstack_visual_embeds"] = [e[rows] for e in kwargs["deepstack_visual_embeds"]]
 
 
@@ -375,6 +382,17 @@ FAMILIES: tuple[Family, ...] = (
     # DeltaNet, whose recurrent state simply runs over the kept tokens.
     Family("Qwen3.5", ("qwen3_5", "qwen3_5_moe"), visual_token_attrs=("image_token_id", "video_token_id"),
            router_loss=True),
+    # The Qwen Omni thinkers (the text generators; a full model's text generate() is its thinker's):
+    # Qwen2.5-VL's (Qwen3-VL's, deepstack included) images and videos; audio tokens are kept whole,
+    # like text. TMRoPE's positions (a video's frames numbered by time, interleaved with its audio
+    # track's chunks under use_audio_in_video) are gathered as computed. The thinker merges the
+    # features itself and runs its decoder (.model) before transformers 5.24, whose thinker has a base
+    # model (.model.language_model).
+    Family("Qwen2.5-Omni", ("qwen2_5_omni_thinker",), lm_attr=("language_model", "model"),
+           visual_token_attrs=("image_token_id", "video_token_id")),
+    Family("Qwen3-Omni-MoE", ("qwen3_omni_moe_thinker",), lm_attr=("language_model", "model"),
+           visual_token_attrs=("image_token_id", "video_token_id"), on_prefill=_gather_deepstack,
+           router_loss=True),
     # Video frames are images (image token id, own markers): one budget per frame.
     Family("GLM-4V", ("glm4v",)),
     # GLM-4.1V's vision tower, token layout and 3-D positions around a MoE text model (GLM-4.5-Air's),
@@ -477,17 +495,23 @@ def split_model(model: torch.nn.Module, family: Family) -> tuple[torch.nn.Module
     embeddings, and the text decoder it calls. Accepts the ``...ForConditionalGeneration``
     wrapper or the base model itself."""
     # The wrapper first: in transformers 4.x it also exposes .language_model, as a property.
+    paths = (family.lm_attr,) if isinstance(family.lm_attr, str) else family.lm_attr
+
     def lm_of(module):
-        for name in family.lm_attr.split("."):
-            module = getattr(module, name, None)
-        return module
+        for path in paths:
+            found = module
+            for name in path.split("."):
+                found = getattr(found, name, None)
+            if isinstance(found, torch.nn.Module):
+                return found
+        return None
 
     inner = getattr(model, "model", None)
     base = inner if isinstance(inner, torch.nn.Module) and lm_of(inner) is not None else model
     lm = lm_of(base)
-    if not isinstance(lm, torch.nn.Module):
-        raise ValueError(f"model: expected a {family.name} model with .{family.lm_attr} "
-                         f"(or .model.{family.lm_attr}), got {type(model).__name__}")
+    if lm is None:
+        where = " or ".join(f".{p} (or .model.{p})" for p in paths)
+        raise ValueError(f"model: expected a {family.name} model with {where}, got {type(model).__name__}")
     return base, lm
 
 

@@ -2,9 +2,9 @@
 downloads), with matching inputs: for the tests, the examples and offline demos.
 
 Each builder returns a :class:`TinyVLM`; its ``make_inputs(rows)`` turns a list of rows,
-each a list of segments (``("text", n)``, ``("image", size)``, ``("video", size)``; the
-size's meaning is the family's), into the keyword arguments of ``model(...)`` and
-``model.generate(...)``, left-padded. Token ids are random, so prompts mean nothing.
+each a list of segments (``("text", n)``, ``("image", size)``, ``("video", size)``, ``("audio",
+size)``; the size's meaning is the family's; audio is kept whole, like text), into the keyword
+arguments of ``model(...)`` and ``model.generate(...)``, left-padded. Token ids are random, so prompts mean nothing.
 """
 from __future__ import annotations
 
@@ -82,14 +82,14 @@ class TinyVLM:
     def beam_batch(self) -> list:
         return [r for r in self.batch
                 if self.beam_images and (self.beam_video or all(s[0] != "video" for s in r))
-                and (self.beam_multi_image or sum(s[0] != "text" for s in r) == 1)]
+                and (self.beam_multi_image or sum(s[0] in ("image", "video") for s in r) == 1)]
 
     def n_images(self, rows) -> int:
         """How many separately budgeted images (or frames) ``rows`` hold."""
         return sum(seg[1][0] if seg[0] == "video" and self.frames_are_images
                    else seg[1] if seg[0] == "image" and self.tiles_are_images
                    else self.image_runs(seg[1]) if seg[0] == "image" and self.image_runs else 1
-                   for row in rows for seg in row if seg[0] != "text")
+                   for row in rows for seg in row if seg[0] in ("image", "video"))
 
 
 def _finish(model: torch.nn.Module, attn: str) -> torch.nn.Module:
@@ -1423,6 +1423,96 @@ def qwen3_5_moe(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                   attn, seed)
 
 
+OMNI_AUDIO, OMNI_AUDIO_START, OMNI_AUDIO_END = 117, 118, 119
+
+
+def _omni(name: str, audio: dict, vision: dict, text: dict, attn: str, seed: int, ids: str,
+          audio_tokens: Callable[[int], int], media: str = "both", clips: tuple[int, int] = (48, 64)) -> TinyVLM:
+    """Qwen2.5-Omni / Qwen3-Omni-MoE thinkers (``name``: the transformers class prefix; ``ids``: how
+    its config names the placeholder ids): each image or video between vision start/end markers,
+    ``t*h*w / 4`` tokens for a ``(t, h, w)`` patch grid (2x2 merge), a video one run of them (TMRoPE
+    numbers its frames by their time, ``video_second_per_grid``); an audio clip of ``n`` mel frames
+    is ``audio_tokens(n)`` audio tokens between audio start/end markers. ``media``: rows of images and
+    videos ("both"), or of ``"images"`` or ``"videos"`` only; ``clips``: the batch's two clips' frames."""
+    torch.manual_seed(seed)
+    config = getattr(transformers, f"{name}ThinkerConfig")(
+        audio_config=audio, vision_config=dict(vision, **QWEN_PATCH), text_config=text,
+        **{f"image_token_{ids}": QWEN_IMAGE, f"video_token_{ids}": QWEN_VIDEO, f"audio_token_{ids}": OMNI_AUDIO},
+        vision_start_token_id=QWEN_START, vision_end_token_id=QWEN_END, audio_start_token_id=OMNI_AUDIO_START,
+        audio_end_token_id=OMNI_AUDIO_END, position_id_per_seconds=4, pad_token_id=PAD)
+    model = _finish(getattr(transformers, f"{name}ThinkerForConditionalGeneration")(config), attn)
+    mels, patch_dim = audio["num_mel_bins"], 3 * 2 * 2 * 2
+
+    def make_inputs(rows, seeds=None) -> dict:
+        media = {"image": ([], []), "video": ([], [])}
+        clips = []
+
+        def segment(kind, size, gen, r):
+            if kind == "audio":
+                clips.append(torch.randn(mels, size, generator=gen))
+                return [OMNI_AUDIO_START] + [OMNI_AUDIO] * audio_tokens(size) + [OMNI_AUDIO_END]
+            t, h, w = size if kind == "video" else (1, *size)
+            pixels, grids = media[kind]
+            pixels.append(torch.randn(t * h * w, patch_dim, generator=gen))
+            grids.append([t, h, w])
+            return [QWEN_START] + [QWEN_VIDEO if kind == "video" else QWEN_IMAGE] * (t * h * w // 4) + [QWEN_END]
+
+        out = _token_rows(rows, seeds, segment)
+        out.update(_patch_inputs(media))
+        if media["video"][0]:
+            out["video_second_per_grid"] = torch.ones(len(media["video"][0]))
+        if clips:
+            longest = max(c.shape[1] for c in clips)
+            out["input_features"] = torch.stack([torch.nn.functional.pad(c, (0, longest - c.shape[1])) for c in clips])
+            out["feature_attention_mask"] = torch.stack([torch.arange(longest) < c.shape[1] for c in clips]).long()
+        return out
+
+    small, other, video = ("image", (4, 8)), ("image", (6, 8)), ("video", (2, 4, 8))
+    if media == "videos":
+        small, other = video, ("video", (2, 6, 8))
+    elif media == "images":
+        video = ("image", (4, 4))
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 4), small, ("text", 6)]],
+                   batch=[[("text", 4), small, ("audio", clips[0]), ("text", 6)],
+                          [("text", 2), small, ("text", 1), other, ("text", 3)],
+                          [("audio", clips[1]), video, ("text", 5)]],
+                   # transformers 4.57's thinkers expand the image grids for beam search image by image,
+                   # not row by row (rows of several images get other beams' grids), and build no mask
+                   # for a static cache (they take no config in their mask builder): their generate()
+                   # fails there before any hook runs.
+                   beam_multi_image=not transformers.__version__.startswith("4."),
+                   static_generate=not transformers.__version__.startswith("4."))
+
+
+QWEN2_5_OMNI_AUDIO = dict(num_mel_bins=8, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64,
+                          d_model=32, output_dim=32, max_source_positions=64, n_window=8)
+
+
+def qwen2_5_omni(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """Qwen2.5-Omni's thinker: Qwen2.5-VL's vision tower, a Qwen2 text model."""
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                  window_size=8, fullatt_block_indexes=[1])
+    text = dict(QWEN_TEXT, rope_scaling={"rope_type": "default", "mrope_section": [2, 1, 1]})
+    return _omni("Qwen2_5Omni", QWEN2_5_OMNI_AUDIO, vision, text, attn, seed, "index",
+                 lambda n: ((n - 1) // 2 + 1 - 2) // 2 + 1)
+
+
+def qwen3_omni_moe(attn: str = "sdpa", seed: int = 0, media: str = "both") -> TinyVLM:
+    """Qwen3-Omni-MoE's thinker: Qwen3-VL's vision tower (deepstack), Qwen3-VL-MoE's text model; its
+    audio tower downsamples by 8 in three stride-2 convolutions (clips under 100 frames)."""
+    audio = dict(QWEN2_5_OMNI_AUDIO, n_window=50, downsample_hidden_size=8)
+    text = dict(QWEN3_TEXT, **QWEN3_MOE, decoder_sparse_step=1)
+    old = transformers.__version__.startswith("4.")
+    # transformers 4.57's audio tower pads the clips of a call to the longest and convolves each with
+    # its padding (a clip's features depend on the others in its call, unpatched): one length there.
+    tiny = _omni("Qwen3OmniMoe", audio, QWEN3_VISION, text, attn, seed, "id",
+                 lambda n: (((n - 1) // 2 + 1 - 1) // 2 + 1 - 1) // 2 + 1, media, (64, 64) if old else (48, 64))
+    if old:  # its thinker's loss with router logits reads this, which only 5.x's thinker sets
+        tiny.model.router_aux_loss_coef = tiny.model.config.text_config.router_aux_loss_coef
+    return tiny
+
+
 def internvl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     """InternVL3: a 32x32 tile gives (32/4)^2 patches, pixel-shuffled 2x2 into 16 tokens;
     an image of ``n`` tiles is ``<img>`` + 16n image tokens + ``</img>``."""
@@ -1534,6 +1624,12 @@ BUILDERS = {
     # Qwen3.5: not in transformers 4.57
     **({"qwen3_5": qwen3_5, "qwen3_5_moe": qwen3_5_moe}
        if hasattr(transformers, "Qwen3_5ForConditionalGeneration") else {}),
+    "qwen2_5_omni": qwen2_5_omni,
+    # transformers 4.57's Qwen3-Omni thinker fails on images and videos in one call (it merges their
+    # deepstack features by a mask expanded over the hidden size): tested apart there.
+    **({"qwen3_omni_moe": lambda **kw: qwen3_omni_moe(media="images", **kw),
+        "qwen3_omni_moe_video": lambda **kw: qwen3_omni_moe(media="videos", **kw)}
+       if transformers.__version__.startswith("4.") else {"qwen3_omni_moe": qwen3_omni_moe}),
     "glm4v": glm4v,
     "glm4v_video": lambda **kw: glm4v(videos=True, **kw),
     "glm4v_moe": glm4v_moe,
