@@ -291,6 +291,26 @@ def test_a_family_not_in_the_table_is_refused_before_any_hook():
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
 
 
+@pytest.mark.parametrize("name, full", [("qwen2_5_omni", "Qwen2_5Omni"), ("qwen3_omni_moe", "Qwen3OmniMoe")])
+@torch.no_grad()
+def test_a_qwen_omni_model_is_pruned_through_its_thinker(name, full):
+    """The full Qwen Omni model is refused, pointing at its thinker (its talker would read the thinker's
+    hidden state at every prompt position); its thinker is pruned as the thinker alone is."""
+    tiny = BUILDERS[name]()
+    config = getattr(transformers, f"{full}Config")(thinker_config=tiny.model.config.to_dict(),
+                                                    enable_audio_output=False)
+    model = getattr(transformers, f"{full}ForConditionalGeneration")(config).eval()
+    model.thinker.load_state_dict(tiny.model.state_dict())
+    with pytest.raises(ValueError, match=r"^model: .*prune\(model\.thinker, \.\.\.\)"):
+        zspa_kernels.prune(model)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+    inputs = tiny.make_inputs(tiny.batch)
+    with zspa_kernels.prune(tiny.model, keep=KEEP):
+        expected = tiny.model(**inputs).logits
+    with zspa_kernels.prune(model.thinker, keep=KEEP) as handle:
+        assert torch.equal(model.thinker(**inputs).logits, expected) and handle.last_selection
+
+
 @torch.no_grad()
 def test_a_peft_wrapper_is_pruned_through_the_model_it_wraps():
     """A LoRA model left unmerged (peft's PeftModel, as fine-tuned checkpoints are served): prune()

@@ -483,6 +483,15 @@ def find_family(model: torch.nn.Module) -> Family:
             if refusal is not None:
                 raise ValueError(refusal)
             return family
+    thinker = getattr(model, "thinker", None)
+    thinker_type = getattr(getattr(thinker, "config", None), "model_type", None)
+    if any(thinker_type in family.model_types for family in FAMILIES):
+        # A Qwen Omni model: its generate() runs the thinker for the text, then the talker reads the
+        # thinker's hidden state at every prompt position to speak it, which a pruned prefill drops.
+        raise ValueError(
+            f"model: zspa_kernels.prune prunes the thinker of {type(model).__name__}: prune(model.thinker, ...) "
+            "and generate text only (return_audio=False or generation_mode=\"text\", as the release names it); "
+            "its talker reads the thinker's hidden state at every prompt position, which pruning drops")
     names = ", ".join(f.name for f in FAMILIES)
     raise ValueError(
         f"model: zspa_kernels.prune supports {names}; got model_type={model_type!r} "
