@@ -348,6 +348,9 @@ FAMILIES: tuple[Family, ...] = (
     # LLaVA's layout; a convolutional tower (FastViTHD) of a fixed token count an image.
     Family("FastVLM", ("fast_vlm",), image_token_counts=_tower_counts),
     Family("Mistral3", ("mistral3",), image_token_counts=_tower_counts),
+    # Ovis2: each tile of an image (and its global view) is a run between the visual indicator
+    # markers, and its own budget (like Idefics3); the markers are embedded from the visual table.
+    Family("Ovis2", ("ovis2",)),
     # Any-resolution: counts differ per image; each run of image tokens is one image.
     Family("LLaVA-NeXT", ("llava_next",), image_token_counts=_one_run_per_image),
     Family("LLaVA-OneVision", ("llava_onevision",), visual_token_attrs=("image_token_id", "video_token_id"),

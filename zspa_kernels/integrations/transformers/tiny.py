@@ -274,6 +274,46 @@ def mistral3(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                    **PIXTRAL_ROWS)
 
 
+def ovis2(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """Ovis2: an image of (r, c) tiles of 32 px (4 px patches, merged 2x2: 16 tokens a tile) is
+    ``<IMG_START>``, its global view's tokens, ``<IMG_GRID>``, then (for more than one tile) the
+    tiles row by row, ``<IMG_COL>`` between the tiles of a row and ``<IMG_ROW>`` between rows, then
+    ``<IMG_END>``: each tile and the global view a run of its own. The five markers are the
+    config's visual indicator tokens, embedded from the visual table."""
+    from transformers import Ovis2Config, Ovis2ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    image_token, (start, grid_mark, col, row_mark, end) = 127, (120, 121, 122, 123, 124)
+    config = Ovis2Config(
+        vision_config=dict(**TOWER, image_size=32, patch_size=4, hidden_stride=2, vocab_size=64),
+        text_config=_tiny_llama("qwen2"), image_token_id=image_token,
+        visual_indicator_token_ids=[start, grid_mark, col, row_mark, end], vocab_size=VOCAB, hidden_size=32,
+        pad_token_id=PAD)
+    model = _finish(Ovis2ForConditionalGeneration(config), attn)
+    tokens = [image_token] * 16
+
+    def make_inputs(rows, seeds=None) -> dict:
+        pixels = []
+
+        def image(kind, grid, gen, r):
+            h, w = grid
+            ids = [start] + tokens + [grid_mark]
+            if h * w > 1:
+                ids += sum((sum(([*tokens, col] for _ in range(w)), [])[:-1] + [row_mark] for _ in range(h)), [])[:-1]
+            pixels.append(torch.randn(1 + h * w * (h * w > 1), 3, 32, 32, generator=gen))
+            return ids + [end]
+
+        ids = _token_rows(rows, seeds, image)
+        return dict(ids, pixel_values=torch.cat(pixels))
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 5), ("image", (1, 1)), ("text", 7)]],
+                   batch=[[("text", 5), ("image", (2, 2)), ("text", 7)],
+                          [("text", 3), ("image", (1, 1)), ("image", (1, 2)), ("text", 4)],
+                          [("image", (1, 1)), ("text", 9)]],
+                   image_runs=lambda grid: 1 + grid[0] * grid[1] * (grid[0] * grid[1] > 1))
+
+
 def llava_next(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     """Any-resolution LLaVA: an image of size (H, W) takes a base 4x4 view plus the
     unpadded tiles of its best grid, with a newline feature per row: counts differ."""
@@ -1610,6 +1650,7 @@ BUILDERS = {
     "llava_pixtral": lambda **kw: llava(tower="pixtral", strategy="full", **kw),  # Pixtral-12B
     "vipllava": vipllava,
     "mistral3": mistral3,
+    "ovis2": ovis2,
     # FastVLM: not in transformers 4.57
     **({"fast_vlm": fast_vlm} if hasattr(transformers, "FastVlmForConditionalGeneration") else {}),
     "llava_next": llava_next,
