@@ -94,6 +94,11 @@ def no_cache_logits(model, prefill: dict, decode_positions: list, tokens: torch.
     if prefill.get("moe_mm_token_type_ids") is not None:  # ERNIE-4.5-VL: generated tokens are text
         extra["moe_mm_token_type_ids"] = torch.nn.functional.pad(prefill["moe_mm_token_type_ids"][rows],
                                                                  (0, tokens.shape[1]))
+    if prefill.get("vision_mask") is not None:  # Granite 4 Vision's features, added inside the language model
+        visual = prefill["vision_mask"][..., 0]
+        chosen = torch.isin(visual.nonzero()[:, 0], torch.tensor(rows))
+        extra["vision_mask"] = torch.nn.functional.pad(visual[rows], (0, tokens.shape[1]))[..., None]
+        extra["deepstack_features"] = {layer: f[chosen] for layer, f in prefill["deepstack_features"].items()}
     decoder = lm_of(model)
     if prefill.get("per_layer_inputs") is not None:
         extra["per_layer_inputs"] = torch.cat(
@@ -117,10 +122,13 @@ def no_cache_logits(model, prefill: dict, decode_positions: list, tokens: torch.
 
 
 def lm_head(model, hidden: torch.Tensor) -> torch.Tensor:
-    """The wrapper's logits of the base model's ``hidden`` states: its LM head, then the text
+    """The wrapper's logits of the base model's ``hidden`` states: its LM head, its division by the
+    text config's ``logits_scaling`` where the wrapper divides (Granite 4 Vision), then the text
     config's final soft-capping where the wrapper applies it (Gemma3/4 do; PaliGemma's wrapper
     only from transformers 5.24 on, though PaliGemma 2's config always sets it)."""
     logits = model.get_output_embeddings()(hidden)
+    if "logits_scaling" in inspect.getsource(type(model).forward):  # Granite 4 Vision
+        logits = logits / model.config.get_text_config().logits_scaling
     cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     if cap is None or "final_logit_softcapping" not in inspect.getsource(type(model).forward):
         return logits

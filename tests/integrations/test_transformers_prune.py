@@ -752,6 +752,34 @@ def test_qwen3_deepstack_rows_follow_their_tokens():
         assert torch.equal(layer[source], kept_layer)
 
 
+@pytest.mark.skipif("granite4_vision" not in BUILDERS, reason="Granite 4 Vision is not in this transformers")
+@torch.no_grad()
+def test_granite4_vision_features_follow_their_tokens():
+    """Granite 4 Vision's image tokens are zero embeddings whose features its language model adds
+    (one map per layer): each kept token keeps its own feature rows, and tokens are selected by
+    those features, not by the zeros."""
+    tiny = BUILDERS["granite4_vision"]()
+    inputs = tiny.make_inputs(tiny.batch)
+    with capture_lm_calls(tiny.model) as full:
+        tiny.model(**inputs)
+    with zspa_kernels.prune(tiny.model, keep=KEEP) as handle, capture_lm_calls(tiny.model) as pruned:
+        tiny.model(**inputs)
+    (full,), (pruned,) = full, pruned
+    index, valid = handle.last_kept_positions.clamp_min(0), handle.last_kept_positions >= 0
+    visual = full["vision_mask"][..., 0]
+    kept = pruned["vision_mask"][..., 0]
+    assert torch.equal(kept, visual.gather(1, index) & valid) and kept.sum() < visual.sum()
+    assert sorted(pruned["deepstack_features"]) == sorted(full["deepstack_features"]) == [0, 1, 2, 3, 4]
+    for layer, features in full["deepstack_features"].items():
+        at = features.new_zeros(*visual.shape, features.shape[-1])
+        at[visual] = features  # each position's own row
+        expected = at.gather(1, index[..., None].expand(-1, -1, at.shape[-1]))[kept]
+        assert torch.equal(pruned["deepstack_features"][layer], expected)
+    # Selected by the layer-0 features: the zero embeddings would keep each image's first tokens.
+    first = [s.order.sort().values.tolist() == list(range(KEEP)) for s in handle.last_selection]
+    assert not all(first)
+
+
 @pytest.mark.skipif("llama4" not in BUILDERS, reason="Llama 4 is refused on this transformers")
 @torch.no_grad()
 def test_llama4_temperature_tuning_reads_the_unpatched_positions_at_keep_all():

@@ -35,6 +35,10 @@ class Family:
     video_token_counts: Optional[Callable[[Any, dict, list[int]], list[int]]] = None
     # Called after the prefill gather with the Prefill record (see handle.py).
     on_prefill: Optional[Callable[..., None]] = None
+    # (the language model's keyword arguments, inputs_embeds) -> the (B, L, D) embeddings the visual
+    # tokens are selected by and the prompt is read from, for families whose inputs_embeds hold no
+    # image features (Granite 4 Vision adds them inside the language model). None: inputs_embeds.
+    select_on: Optional[Callable[[dict, torch.Tensor], torch.Tensor]] = None
     # For language models that take prebuilt masks: (config, embeds, 2-D mask, cache,
     # position_ids, the kept tokens' types or None, cache slots, whether the caller gave labels)
     # -> the mask argument.
@@ -162,12 +166,27 @@ def _one_run_per_image(config, inputs: dict, runs: list[int]) -> list[int]:
     given = 0
     for modality, key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
         features = getattr(encoded.get(modality), "pooler_output", None)
+        deepstack = getattr(encoded.get(modality), "deepstack_features", None)
+        if features is None and deepstack:  # Granite 4 Vision: (layer, per-image features) pairs only
+            features = deepstack[0][1]
         pixels = inputs.get(key)
         given += len(features if features is not None else [] if pixels is None else pixels)
     if given != len(runs):
         raise ValueError(f"model: {given} images/videos given but {len(runs)} runs of their tokens; "
                          "images back to back (no text between them) cannot be told apart")
     return runs
+
+
+def _kept_feature_rows(positions: torch.Tensor, prefill) -> tuple[torch.Tensor, torch.Tensor]:
+    """For features given one row per visual token (row-major, at the ``(B, L)`` bool
+    ``positions``): the kept tokens' positions in the pruned layout, and the rows of their
+    features in its row-major order."""
+    rank = (positions.flatten().long().cumsum(0) - 1).view_as(positions)  # row of each token
+    kept = positions.gather(1, prefill.index) & prefill.valid
+    # Row-major order of the kept visual slots, without a sync: their count is known.
+    flat = torch.arange(kept.numel(), device=kept.device).view_as(kept)
+    order = torch.where(kept, flat, flat + kept.numel()).flatten().argsort()[: prefill.n_visual_kept]
+    return kept, rank.gather(1, prefill.index).flatten()[order]
 
 
 def _gather_deepstack(prefill) -> None:
@@ -181,16 +200,31 @@ def _gather_deepstack(prefill) -> None:
     if positions is None:
         return
     expanded = positions.shape[2:]
-    if expanded:
-        positions = positions[..., 0]
-    rank = (positions.flatten().long().cumsum(0) - 1).view_as(positions)  # row of each token
-    kept = positions.gather(1, prefill.index) & prefill.valid
-    # Row-major order of the kept visual slots, without a sync: their count is known.
-    flat = torch.arange(kept.numel(), device=kept.device).view_as(kept)
-    order = torch.where(kept, flat, flat + kept.numel()).flatten().argsort()[: prefill.n_visual_kept]
-    rows = rank.gather(1, prefill.index).flatten()[order]
+    kept, rows = _kept_feature_rows(positions[..., 0] if expanded else positions, prefill)
     kwargs["visual_pos_masks"] = kept[..., None].expand(*kept.shape, *expanded) if expanded else kept
     kwargs["deepstack_visual_embeds"] = [e[rows] for e in kwargs["deepstack_visual_embeds"]]
+
+
+def _granite_features(kwargs: dict, embeds: torch.Tensor) -> torch.Tensor:
+    """Granite 4 Vision zeroes the image tokens' embeddings and adds their features inside the
+    language model, each layer of its ``deepstack_features`` map its own projection: the tokens
+    are selected by the features the earliest of those layers receives."""
+    features, mask = kwargs.get("deepstack_features"), kwargs.get("vision_mask")
+    if not features or mask is None:
+        return embeds
+    return embeds.masked_scatter(mask, features[min(features)].to(embeds.dtype))
+
+
+def _gather_granite(prefill) -> None:
+    """Granite 4 Vision's ``vision_mask`` ``(B, L, 1)`` and ``deepstack_features`` (per layer, one
+    row per image token, row-major): those of the kept tokens, as Qwen3-VL's deepstack."""
+    kwargs = prefill.kwargs
+    mask = kwargs.get("vision_mask")
+    if mask is None or not kwargs.get("deepstack_features"):
+        return
+    kept, rows = _kept_feature_rows(mask[..., 0], prefill)
+    kwargs["vision_mask"] = kept[..., None]
+    kwargs["deepstack_features"] = {layer: f[rows] for layer, f in kwargs["deepstack_features"].items()}
 
 
 def _idefics3_tile_tokens(config) -> int:
@@ -353,6 +387,11 @@ FAMILIES: tuple[Family, ...] = (
     Family("Ovis2", ("ovis2",)),
     # Any-resolution: counts differ per image; each run of image tokens is one image.
     Family("LLaVA-NeXT", ("llava_next",), image_token_counts=_one_run_per_image),
+    # LLaVA-NeXT's any-resolution layout (a window Q-Former downsamples each tile); the image
+    # tokens' embeddings are zero, their features added inside the language model at the layers
+    # of its deepstack map (gathered for the kept tokens; selected by the earliest layer's).
+    Family("Granite 4 Vision", ("granite4_vision",), image_token_counts=_one_run_per_image,
+           on_prefill=_gather_granite, select_on=_granite_features),
     Family("LLaVA-OneVision", ("llava_onevision",), visual_token_attrs=("image_token_id", "video_token_id"),
            image_token_counts=_one_run_per_image),
     # LLaVA-NeXT's images; a video's frames, pooled, form one run of video tokens with no marker

@@ -525,11 +525,12 @@ class PruneHandle:
         prompt_pos[prompt_valid] = prompt_h.nonzero()[:, 1]
         prompt_tokens = [p[v] for p, v in zip(prompt_pos, prompt_valid)]
         prompt_pos, prompt_valid = to_device(prompt_pos, device), to_device(prompt_valid, device)
-        prompt = embeds.gather(1, prompt_pos[..., None].expand(-1, -1, D))
+        features = embeds if self.family.select_on is None else self.family.select_on(kwargs, embeds)
+        prompt = features.gather(1, prompt_pos[..., None].expand(-1, -1, D))
 
         sizes = [c.numel() for c in cols]
         cols_d = to_device(torch.nn.utils.rnn.pad_sequence(cols, batch_first=True), device)
-        selection = select_images(embeds, rows, cols_d, sizes, prompt, prompt_valid, self.keep,
+        selection = select_images(features, rows, cols_d, sizes, prompt, prompt_valid, self.keep,
                                   self.core_ratio, self.relevance, self.backend, prompt_tokens)
         self.last_selection = selection
 

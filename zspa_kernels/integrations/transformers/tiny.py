@@ -349,6 +349,54 @@ def llava_next(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                           [("image", (16, 16)), ("text", 9)]])
 
 
+def granite4_vision(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """Granite 4 Vision (transformers 5.x): LLaVA-NeXT's any-resolution layout over a CLIP tower
+    (16 px tiles of 2 px patches), each tile's 8x8 patches downsampled to 4x4 tokens by window
+    Q-Formers; the image tokens' embeddings are zero, their features added inside a Granite text
+    model at the layers of the deepstack map (one tower layer's projection at layer 0, four spatial
+    samplings at layers 1 to 4). Its logits are scaled by 1/4 (``logits_scaling``)."""
+    from transformers import Granite4VisionConfig, Granite4VisionForConditionalGeneration
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    torch.manual_seed(seed)
+    image_token = 127
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=5, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, pad_token_id=PAD,
+                bos_token_id=1, eos_token_id=2, embedding_multiplier=2.0, logits_scaling=4.0)
+    config = Granite4VisionConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=64, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=2),
+        text_config=text, qformer_config=dict(model_type="blip_2_qformer", hidden_size=64, num_attention_heads=1,
+                                               encoder_hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                               use_qformer_text_input=False),
+        image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]], image_token_id=image_token,
+        downsample_rate="2/4", deepstack_layer_map=[[-1, 0]], spatial_vision_layer=-1,
+        spatial_target_layers=[1, 2, 3, 4], projector_dropout=0.0, pad_token_id=PAD)
+    model = _finish(Granite4VisionForConditionalGeneration(config), attn)
+
+    def make_inputs(rows, seeds=None) -> dict:
+        pixels, sizes = [], []
+
+        def image(kind, size, gen, r):
+            tiles = image_size_to_num_patches(size, config.image_grid_pinpoints, 16)
+            pixels.append(torch.randn(tiles, 3, 16, 16, generator=gen))
+            sizes.append(size)
+            with torch.no_grad():
+                features = model.model.get_image_features(pixels[-1][None].to(model.device),
+                                                          torch.tensor([size]).to(model.device))
+            return [image_token] * features.deepstack_features[0][1][0].shape[0]
+
+        ids = _token_rows(rows, seeds, image)
+        return dict(ids, pixel_values=_stack_tiles(pixels), image_sizes=torch.tensor(sizes))
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 5), ("image", (16, 32)), ("text", 7)]],
+                   batch=[[("text", 5), ("image", (32, 32)), ("text", 7)],
+                          [("text", 3), ("image", (16, 32)), ("text", 1), ("image", (32, 16)),
+                           ("text", 4)],
+                          [("image", (16, 16)), ("text", 9)]])
+
+
 def llava_onevision(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     """LLaVA-OneVision: a SigLIP tower (16 px, 4 px patches); a row's only image takes the
     any-resolution layout of LLaVA-NeXT, each image of a multi-image row its base view;
@@ -1654,6 +1702,9 @@ BUILDERS = {
     # FastVLM: not in transformers 4.57
     **({"fast_vlm": fast_vlm} if hasattr(transformers, "FastVlmForConditionalGeneration") else {}),
     "llava_next": llava_next,
+    # Granite 4 Vision: not in transformers 4.57
+    **({"granite4_vision": granite4_vision}
+       if hasattr(transformers, "Granite4VisionForConditionalGeneration") else {}),
     "llava_onevision": llava_onevision,
     "llava_next_video": llava_next_video,
     "video_llava": video_llava,
