@@ -385,6 +385,19 @@ FAMILIES: tuple[Family, ...] = (
     # Ovis2: each tile of an image (and its global view) is a run between the visual indicator
     # markers, and its own budget (like Idefics3); the markers are embedded from the visual table.
     Family("Ovis2", ("ovis2",)),
+    # LightOnOCR: Mistral3's Pixtral tower and patch merger, no row breaks between an image's tokens.
+    Family("LightOnOCR", ("lighton_ocr",), image_token_counts=_tower_counts),
+    # Aria: an image's crops are one run of image tokens, a fixed count each (its projector's queries):
+    # each crop its own budget. Its MoE text model's routers need nothing of the hooks.
+    Family("Aria", ("aria",), image_token_counts=_tower_counts),
+    # GOT-OCR2: an image's crops (a multi-page prompt's pages) are one run between <img> markers, a fixed
+    # count each: each crop its own budget.
+    Family("GOT-OCR2", ("got_ocr2",), image_token_counts=_tower_counts),
+    # DeepSeek-VL (Hybrid: a second, high-resolution tower's features in the same tokens): a fixed count
+    # an image, no markers of its own around it.
+    Family("DeepSeek-VL", ("deepseek_vl", "deepseek_vl_hybrid"), image_token_counts=_tower_counts),
+    # Janus (understanding: text out): each image between begin/end-of-image markers, one run.
+    Family("Janus", ("janus",)),
     # Any-resolution: counts differ per image; each run of image tokens is one image.
     Family("LLaVA-NeXT", ("llava_next",), image_token_counts=_one_run_per_image),
     # LLaVA-NeXT's any-resolution layout (a window Q-Former downsamples each tile); the image

@@ -145,14 +145,17 @@ def _pixtral_tokens(h: int, w: int, step: int, image: int, row_break: int, end: 
     return sum(rows, [])
 
 
-def _pixtral_inputs(rows, seeds, image_token: int, step: int, size: int) -> dict:
-    """Inputs of a Pixtral-tower model: images of (h, w) pixels, zero-padded to size x size."""
+def _pixtral_inputs(rows, seeds, image_token: int, step: int, size: int, breaks: bool = True) -> dict:
+    """Inputs of a Pixtral-tower model: images of (h, w) pixels, zero-padded to size x size; without
+    ``breaks``, an image is its ``(h // step) * (w // step)`` image tokens alone (LightOnOCR)."""
     pixels, sizes = [], []
 
     def image(kind, hw, gen, r):
         pixels.append(torch.zeros(3, size, size))
         pixels[-1][:, : hw[0], : hw[1]] = torch.randn(3, *hw, generator=gen)
         sizes.append(hw)
+        if not breaks:
+            return [image_token] * (hw[0] // step) * (hw[1] // step)
         return _pixtral_tokens(*hw, step, image_token, PIXTRAL_BREAK, PIXTRAL_END)
 
     ids = _token_rows(rows, seeds, image)
@@ -258,17 +261,32 @@ def fast_vlm(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     return TinyVLM(model, _same_size_images(model, image_token, 32), **ADJACENT_ROWS)
 
 
-def mistral3(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+# Mistral Small 4's text model (transformers 5.x): multi-head latent attention (queries and keys/values
+# through low-rank projections, a rotary part of 4 dims a head) and MoE layers (4 routed experts, 2 a
+# token, and a shared one).
+MISTRAL4_TEXT = dict(model_type="mistral4", hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
+                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+                     num_experts_per_tok=2, n_shared_experts=1, kv_lora_rank=16, q_lora_rank=16,
+                     qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, vocab_size=VOCAB,
+                     max_position_embeddings=512, pad_token_id=PAD, bos_token_id=1, eos_token_id=2,
+                     # YaRN as in the checkpoints, its factor the context's ratio; queries scaled by
+                     # 1 + beta * log(1 + position // 16) (Llama 4's scaling), so from position 16 on.
+                     rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=32.0,
+                                          original_max_position_embeddings=16, llama_4_scaling_beta=0.1))
+
+
+def mistral3(attn: str = "sdpa", seed: int = 0, text: Optional[dict] = None) -> TinyVLM:
     """Mistral3 (Mistral-Small-3.1): a Pixtral tower (2 px patches) whose 2x2 patch merger
-    makes a token per 4x4 pixels, row-break tokens between rows of them."""
+    makes a token per 4x4 pixels, row-break tokens between rows of them; ``text``: another text
+    model's config (Mistral Small 4's: :data:`MISTRAL4_TEXT`)."""
     from transformers import AutoConfig, Mistral3Config, Mistral3ForConditionalGeneration
 
     torch.manual_seed(seed)
     image_token = 127
     config = Mistral3Config(
         vision_config=AutoConfig.for_model("pixtral", **TOWER, image_size=16, patch_size=2),
-        text_config=_tiny_llama("mistral"), image_token_index=image_token, spatial_merge_size=2,
-        pad_token_id=PAD)
+        text_config=_tiny_llama("mistral") if text is None else text, image_token_index=image_token,
+        spatial_merge_size=2, pad_token_id=PAD)
     model = _finish(Mistral3ForConditionalGeneration(config), attn)
     return TinyVLM(model, lambda rows, seeds=None: _pixtral_inputs(rows, seeds, image_token, 4, 16),
                    **PIXTRAL_ROWS)
@@ -312,6 +330,163 @@ def ovis2(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                           [("text", 3), ("image", (1, 1)), ("image", (1, 2)), ("text", 4)],
                           [("image", (1, 1)), ("text", 9)]],
                    image_runs=lambda grid: 1 + grid[0] * grid[1] * (grid[0] * grid[1] > 1))
+
+
+def lighton_ocr(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """LightOnOCR (transformers 5.x): Mistral3's Pixtral tower and 2x2 patch merger (a token per 4x4
+    pixels) around a Qwen3 text model; an image is its image tokens alone, no row breaks or end
+    token between them, so images in a row may stand back to back."""
+    from transformers import AutoConfig, LightOnOcrConfig, LightOnOcrForConditionalGeneration
+
+    torch.manual_seed(seed)
+    image_token = 127
+    text = _tiny_llama("qwen3")
+    text.head_dim = 8
+    config = LightOnOcrConfig(
+        vision_config=AutoConfig.for_model("pixtral", **TOWER, image_size=16, patch_size=2),
+        text_config=text, image_token_id=image_token, spatial_merge_size=2, pad_token_id=PAD)
+    model = _finish(LightOnOcrForConditionalGeneration(config), attn)
+    return TinyVLM(model, lambda rows, seeds=None: _pixtral_inputs(rows, seeds, image_token, 4, 16, breaks=False),
+                   **PIXTRAL_ROWS)
+
+
+def aria(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """Aria: an image of ``n`` crops (32 px, 4 px patches: 64 patches, which the cross-attention
+    projector turns into 16 queries) is one run of ``16n`` image tokens; a MoE text model (4
+    experts, 2 a token, and a shared one)."""
+    from transformers import AriaConfig, AriaForConditionalGeneration, AriaTextConfig, AutoConfig
+
+    torch.manual_seed(seed)
+    image_token = 127
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, moe_num_experts=4,
+                moe_topk=2, moe_num_shared_experts=1, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    config = AriaConfig(vision_config=AutoConfig.for_model("idefics3_vision", **TOWER, image_size=32, patch_size=4),
+                        text_config=AriaTextConfig(**text), projector_patch_to_query_dict={64: 16}, image_token_index=image_token,
+                        pad_token_id=PAD)
+    model = AriaForConditionalGeneration(config)
+    # The projector's learned queries start at zero, and its attention is near uniform at init: every
+    # token of a crop would be the patches' mean. Distinct queries, and keys that tell the patches apart.
+    projector = model.model.multi_modal_projector
+    for weight in (projector.query, projector.cross_attn.q_proj.weight, projector.cross_attn.k_proj.weight):
+        torch.nn.init.normal_(weight, std=1.0)
+    model = _finish(model, attn)
+
+    def make_inputs(rows, seeds=None) -> dict:
+        pixels = []
+
+        def image(kind, crops, gen, r):
+            pixels.append(torch.randn(crops, 3, 32, 32, generator=gen))
+            return [image_token] * 16 * crops
+
+        ids = _token_rows(rows, seeds, image)
+        pixels = torch.cat(pixels)
+        return dict(ids, pixel_values=pixels, pixel_mask=torch.ones(pixels.shape[0], 32, 32, dtype=torch.bool))
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 5), ("image", 1), ("text", 7)]],
+                   batch=[[("text", 5), ("image", 2), ("text", 7)],
+                          [("text", 3), ("image", 1), ("image", 2), ("text", 4)],
+                          [("image", 1), ("text", 9)]],
+                   tiles_are_images=True)
+
+
+# A tiny SAM-style tower (GOT-OCR2's, DeepSeek-VL-Hybrid's high-resolution one): 64 px images of 4 px
+# patches, windowed attention in its first layer, global in its second.
+# Its config initialises weights at 1e-10 (for checkpoints to overwrite): every feature would be alike.
+SAM_TOWER = dict(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                 patch_size=4, window_size=4, global_attn_indexes=[1], mlp_dim=64, initializer_range=0.02)
+
+
+def got_ocr2(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """GOT-OCR2: each crop of an image (64 px; the SAM tower's 16x16 patches, two stride-2
+    convolutions: 16 tokens) is a fixed count of image tokens, the image's crops one run between
+    ``<img>`` and ``</img>``, which are in no config."""
+    from transformers import GotOcr2Config, GotOcr2ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    image_token, start, end = 127, 125, 126
+    config = GotOcr2Config(vision_config=SAM_TOWER, text_config=_tiny_llama("qwen2"), image_token_index=image_token,
+                           image_seq_length=16, pad_token_id=PAD)
+    model = _finish(GotOcr2ForConditionalGeneration(config), attn)
+
+    def make_inputs(rows, seeds=None) -> dict:
+        pixels = []
+
+        def image(kind, crops, gen, r):
+            pixels.append(torch.randn(crops, 3, 64, 64, generator=gen))
+            return [start] + [image_token] * 16 * crops + [end]
+
+        ids = _token_rows(rows, seeds, image)
+        return dict(ids, pixel_values=torch.cat(pixels))
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 5), ("image", 1), ("text", 7)]],
+                   batch=[[("text", 5), ("image", 2), ("text", 7)],
+                          [("text", 3), ("image", 1), ("image", 2), ("text", 4)],
+                          [("image", 1), ("text", 9)]],
+                   tiles_are_images=True)
+
+
+def deepseek_vl(attn: str = "sdpa", seed: int = 0, hybrid: bool = False) -> TinyVLM:
+    """DeepSeek-VL: a SigLIP tower (16 px, 4 px patches: 16 tokens an image) around a Llama text
+    model, an image its image tokens alone (images may stand back to back). ``hybrid``: DeepSeek-VL
+    Hybrid, whose tokens also take a SAM tower's features of a 64 px copy of the image."""
+    from transformers import AutoConfig
+
+    torch.manual_seed(seed)
+    image_token = 127
+    name = "DeepseekVLHybrid" if hybrid else "DeepseekVL"
+    configs = dict(vision_config=AutoConfig.for_model("siglip_vision_model", **TOWER, image_size=16, patch_size=4),
+                   text_config=_tiny_llama())
+    if hybrid:
+        configs["high_res_vision_config"] = AutoConfig.for_model("sam_vision_model", **SAM_TOWER)
+    config = getattr(transformers, f"{name}Config")(**configs, image_token_id=image_token, pad_token_id=PAD)
+    model = _finish(getattr(transformers, f"{name}ForConditionalGeneration")(config), attn)
+
+    def make_inputs(rows, seeds=None) -> dict:
+        pixels, high = [], []
+
+        def image(kind, _, gen, r):
+            pixels.append(torch.randn(3, 16, 16, generator=gen))
+            high.append(torch.randn(3, 64, 64, generator=gen))
+            return [image_token] * 16
+
+        out = dict(_token_rows(rows, seeds, image), pixel_values=torch.stack(pixels))
+        if hybrid:
+            out["high_res_pixel_values"] = torch.stack(high)
+        return out
+
+    return TinyVLM(model, make_inputs, **ADJACENT_ROWS)
+
+
+def janus(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """Janus, its understanding path: a SigLIP-like tower (16 px, 4 px patches: 16 tokens) whose
+    aligner feeds a Llama text model, an image between begin/end-of-image markers; the image
+    generation path's VQ model (built, never run here) is as small as its config allows."""
+    from transformers import JanusConfig, JanusForConditionalGeneration
+
+    torch.manual_seed(seed)
+    image_token, boi, eoi = 127, 125, 126
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=4,
+                  projection_dim=32, num_image_tokens=16)
+    vq = dict(base_channels=32, channel_multiplier=[1, 1], num_res_blocks=1, latent_channels=32, embed_dim=8,
+              num_embeddings=64, projection_dim=32, image_token_embed_dim=32, num_patches=4, num_hidden_layers=1)
+    config = JanusConfig(text_config=_tiny_llama(), vision_config=vision, vq_config=vq, image_token_id=image_token,
+                         pad_token_id=PAD)
+    model = _finish(JanusForConditionalGeneration(config), attn)
+
+    def make_inputs(rows, seeds=None) -> dict:
+        pixels = []
+
+        def image(kind, _, gen, r):
+            pixels.append(torch.randn(3, 16, 16, generator=gen))
+            return [boi] + [image_token] * 16 + [eoi]
+
+        ids = _token_rows(rows, seeds, image)
+        return dict(ids, pixel_values=torch.stack(pixels))
+
+    return TinyVLM(model, make_inputs, **SPACED_ROWS)
 
 
 def llava_next(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
@@ -1698,7 +1873,17 @@ BUILDERS = {
     "llava_pixtral": lambda **kw: llava(tower="pixtral", strategy="full", **kw),  # Pixtral-12B
     "vipllava": vipllava,
     "mistral3": mistral3,
+    # Mistral Small 4: Mistral3 around a Mistral4 text model (not in transformers 4.57)
+    **({"mistral3_mistral4": lambda **kw: mistral3(text=MISTRAL4_TEXT, **kw)}
+       if hasattr(transformers, "Mistral4Model") else {}),
     "ovis2": ovis2,
+    # LightOnOCR: not in transformers 4.57
+    **({"lighton_ocr": lighton_ocr} if hasattr(transformers, "LightOnOcrForConditionalGeneration") else {}),
+    "aria": aria,
+    "got_ocr2": got_ocr2,
+    "deepseek_vl": deepseek_vl,
+    "deepseek_vl_hybrid": lambda **kw: deepseek_vl(hybrid=True, **kw),
+    "janus": janus,
     # FastVLM: not in transformers 4.57
     **({"fast_vlm": fast_vlm} if hasattr(transformers, "FastVlmForConditionalGeneration") else {}),
     "llava_next": llava_next,
