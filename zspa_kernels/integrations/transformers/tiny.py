@@ -383,12 +383,16 @@ def aria(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
         pixels = torch.cat(pixels)
         return dict(ids, pixel_values=pixels, pixel_mask=torch.ones(pixels.shape[0], 32, 32, dtype=torch.bool))
 
+    # Before transformers 5.24 its experts run one by one on the token counts routed to them, read
+    # back to the host: a compiled generation makes a graph per count.
+    from transformers.models.aria import modeling_aria
+
     return TinyVLM(model, make_inputs,
                    single=[[("text", 5), ("image", 1), ("text", 7)]],
                    batch=[[("text", 5), ("image", 2), ("text", 7)],
                           [("text", 3), ("image", 1), ("image", 2), ("text", 4)],
                           [("image", 1), ("text", 9)]],
-                   tiles_are_images=True)
+                   tiles_are_images=True, graphs_follow_routing=hasattr(modeling_aria, "sequential_experts_gemm"))
 
 
 # A tiny SAM-style tower (GOT-OCR2's, DeepSeek-VL-Hybrid's high-resolution one): 64 px images of 4 px
