@@ -402,6 +402,22 @@ SAM_TOWER = dict(hidden_size=32, output_channels=16, num_hidden_layers=2, num_at
                  patch_size=4, window_size=4, global_attn_indexes=[1], mlp_dim=64, initializer_range=0.02)
 
 
+def _tiles_between(start: int, end: int, image_token: int, tokens: int, size: int):
+    """``make_inputs`` for images given as a number of ``size``-px tiles (crops), ``tokens`` image
+    tokens each, all of an image's tiles one run between ``start`` and ``end`` (InternVL, GOT-OCR2)."""
+    def make_inputs(rows, seeds=None) -> dict:
+        pixels = []
+
+        def image(kind, tiles, gen, r):
+            pixels.append(torch.randn(tiles, 3, size, size, generator=gen))
+            return [start] + [image_token] * tokens * tiles + [end]
+
+        ids = _token_rows(rows, seeds, image)
+        return dict(ids, pixel_values=torch.cat(pixels))
+
+    return make_inputs
+
+
 def got_ocr2(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     """GOT-OCR2: each crop of an image (64 px; the SAM tower's 16x16 patches, two stride-2
     convolutions: 16 tokens) is a fixed count of image tokens, the image's crops one run between
@@ -414,17 +430,7 @@ def got_ocr2(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                            image_seq_length=16, pad_token_id=PAD)
     model = _finish(GotOcr2ForConditionalGeneration(config), attn)
 
-    def make_inputs(rows, seeds=None) -> dict:
-        pixels = []
-
-        def image(kind, crops, gen, r):
-            pixels.append(torch.randn(crops, 3, 64, 64, generator=gen))
-            return [start] + [image_token] * 16 * crops + [end]
-
-        ids = _token_rows(rows, seeds, image)
-        return dict(ids, pixel_values=torch.cat(pixels))
-
-    return TinyVLM(model, make_inputs,
+    return TinyVLM(model, _tiles_between(start, end, image_token, tokens=16, size=64),
                    single=[[("text", 5), ("image", 1), ("text", 7)]],
                    batch=[[("text", 5), ("image", 2), ("text", 7)],
                           [("text", 3), ("image", 1), ("image", 2), ("text", 4)],
@@ -1792,17 +1798,7 @@ def internvl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                             image_seq_length=16, downsample_ratio=0.5, pad_token_id=PAD)
     model = _finish(InternVLForConditionalGeneration(config), attn)
 
-    def make_inputs(rows, seeds=None) -> dict:
-        pixels = []
-
-        def image(kind, tiles, gen, r):
-            pixels.append(torch.randn(tiles, 3, 32, 32, generator=gen))
-            return [start] + [image_token] * 16 * tiles + [end]
-
-        ids = _token_rows(rows, seeds, image)
-        return dict(ids, pixel_values=torch.cat(pixels))
-
-    return TinyVLM(model, make_inputs,
+    return TinyVLM(model, _tiles_between(start, end, image_token, tokens=16, size=32),
                    single=[[("text", 5), ("image", 2), ("text", 7)]],
                    batch=[[("text", 5), ("image", 1), ("text", 7)],
                           [("text", 3), ("image", 2), ("image", 1), ("text", 4)],
