@@ -17,6 +17,8 @@ billions of normal samples takes a CPU longer than the rest of the demo.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 LLAVA_IMAGE_TOKEN = 32000
@@ -151,9 +153,15 @@ def dummy_inputs(name: str, batch: int, text_tokens: int = 32, device="cpu", dty
 
 @torch.no_grad()
 def prefill(model, inputs: dict):
-    """The prefill that ``generate()`` runs: the prompt into a fresh KV cache, logits for its last
-    position only. The demo, ``zspa fidelity`` and the e2e benchmark all time this call."""
-    return model(**inputs, use_cache=True, logits_to_keep=1)
+    """The prefill that ``generate()`` runs: the prompt into a fresh KV cache, which the caller gives
+    as ``generate()`` does (some language models make none of their own: Granite 4 Vision's), logits
+    for its last position only. The demo, ``zspa fidelity`` and the e2e benchmark all time this call."""
+    from transformers import DynamicCache
+
+    # transformers 5.24 renamed the cache argument ``past_key_values`` to ``cache``.
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache = DynamicCache(config=model.config.get_text_config())
+    return model(**inputs, **{name: cache}, use_cache=True, logits_to_keep=1)
 
 
 def cache_bytes(past_key_values) -> int:
