@@ -98,10 +98,10 @@ def _counts_from_image_sizes(inputs: dict, step: int) -> list[int]:
     return (torch.as_tensor(sizes) // step).prod(-1).tolist()
 
 
-def _encoded_counts(inputs: dict) -> Optional[list[int]]:
-    """Token count of each image already encoded by ``generate()`` (transformers 5.24+
+def _encoded_counts(inputs: dict, modality: str = "image") -> Optional[list[int]]:
+    """Token count of each image (video) already encoded by ``generate()`` (transformers 5.24+
     runs the vision tower ahead of the prefill and passes ``mm_encoder_outputs``)."""
-    encoded = (inputs.get("mm_encoder_outputs") or {}).get("image")
+    encoded = (inputs.get("mm_encoder_outputs") or {}).get(modality)
     features = getattr(encoded, "pooler_output", None)
     if isinstance(features, (list, tuple)):
         return [f.shape[0] for f in features]
@@ -325,11 +325,10 @@ def _molmo2_counts(config, inputs: dict, runs: list[int]) -> list[int]:
     features generate() encoded (transformers 5.24+: one entry an image, or a video), else from
     ``image_grids`` (low-res then high-res rows and columns); a video (its frames, as generate()
     encodes them) is one budget."""
-    encoded = inputs.get("mm_encoder_outputs") or {}
     for modality in ("image", "video"):
-        features = getattr(encoded.get(modality), "pooler_output", None)
-        if features is not None:
-            return [f.shape[0] for f in features]
+        encoded = _encoded_counts(inputs, modality)
+        if encoded is not None:
+            return encoded
     grids = inputs.get("image_grids")
     if inputs.get("pixel_values") is not None and grids is not None:
         return (grids[:, 0] * grids[:, 1] + grids[:, 2] * grids[:, 3]).tolist()

@@ -126,7 +126,10 @@ def _n_features(model, **image) -> int:
     image = {key: v.to(model.device) if isinstance(v, torch.Tensor) else v for key, v in image.items()}
     with torch.no_grad():
         out = model.model.get_image_features(**image)
-    first = getattr(out, "pooler_output", out)[0]  # (tokens, D), or (h, w, D) in Aya Vision 4.57
+    features = getattr(out, "pooler_output", out)
+    if features is None:  # Granite 4 Vision: (layer, per-image features) pairs only
+        features = out.deepstack_features[0][1]
+    first = features[0]  # (tokens, D), or (h, w, D) in Aya Vision 4.57
     return first.numel() // first.shape[-1]
 
 
@@ -499,20 +502,10 @@ def janus(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     return TinyVLM(model, make_inputs, **SPACED_ROWS)
 
 
-def llava_next(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
-    """Any-resolution LLaVA: an image of size (H, W) takes a base 4x4 view plus the
-    unpadded tiles of its best grid, with a newline feature per row: counts differ."""
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+def _any_resolution(model, config, image_token: int) -> TinyVLM:
+    """LLaVA-NeXT's any-resolution images (16 px tiles on the config's grid pinpoints, one run of
+    image tokens each, as many as the model makes of it): LLaVA-NeXT and Granite 4 Vision."""
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-    torch.manual_seed(seed)
-    image_token = 127
-    config = LlavaNextConfig(
-        **_clip_llama_configs(),
-        image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]], image_token_id=image_token,
-        pad_token_id=PAD,
-    )
-    model = _finish(LlavaNextForConditionalGeneration(config), attn)
 
     def make_inputs(rows, seeds=None) -> dict:
         pixels, sizes = [], []
@@ -534,6 +527,23 @@ def llava_next(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                           [("image", (16, 16)), ("text", 9)]])
 
 
+def llava_next(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """Any-resolution LLaVA: an image of size (H, W) takes a base 4x4 view plus the
+    unpadded tiles of its best grid, with a newline feature per row: counts differ."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    torch.manual_seed(seed)
+    image_token = 127
+    config = LlavaNextConfig(
+        **_clip_llama_configs(),
+        image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]], image_token_id=image_token,
+        pad_token_id=PAD,
+    )
+    model = _finish(LlavaNextForConditionalGeneration(config), attn)
+
+    return _any_resolution(model, config, image_token)
+
+
 def granite4_vision(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     """Granite 4 Vision (transformers 5.x): LLaVA-NeXT's any-resolution layout over a CLIP tower
     (16 px tiles of 2 px patches), each tile's 8x8 patches downsampled to 4x4 tokens by window
@@ -541,7 +551,6 @@ def granite4_vision(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     model at the layers of the deepstack map (one tower layer's projection at layer 0, four spatial
     samplings at layers 1 to 4). Its logits are scaled by 1/4 (``logits_scaling``)."""
     from transformers import Granite4VisionConfig, Granite4VisionForConditionalGeneration
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
     torch.manual_seed(seed)
     image_token = 127
@@ -559,27 +568,7 @@ def granite4_vision(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
         spatial_target_layers=[1, 2, 3, 4], projector_dropout=0.0, pad_token_id=PAD)
     model = _finish(Granite4VisionForConditionalGeneration(config), attn)
 
-    def make_inputs(rows, seeds=None) -> dict:
-        pixels, sizes = [], []
-
-        def image(kind, size, gen, r):
-            tiles = image_size_to_num_patches(size, config.image_grid_pinpoints, 16)
-            pixels.append(torch.randn(tiles, 3, 16, 16, generator=gen))
-            sizes.append(size)
-            with torch.no_grad():
-                features = model.model.get_image_features(pixels[-1][None].to(model.device),
-                                                          torch.tensor([size]).to(model.device))
-            return [image_token] * features.deepstack_features[0][1][0].shape[0]
-
-        ids = _token_rows(rows, seeds, image)
-        return dict(ids, pixel_values=_stack_tiles(pixels), image_sizes=torch.tensor(sizes))
-
-    return TinyVLM(model, make_inputs,
-                   single=[[("text", 5), ("image", (16, 32)), ("text", 7)]],
-                   batch=[[("text", 5), ("image", (32, 32)), ("text", 7)],
-                          [("text", 3), ("image", (16, 32)), ("text", 1), ("image", (32, 16)),
-                           ("text", 4)],
-                          [("image", (16, 16)), ("text", 9)]])
+    return _any_resolution(model, config, image_token)
 
 
 def llava_onevision(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
