@@ -218,6 +218,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}USER: {% for c in m['content'] %}{% if 
 
 def test_command_on_a_local_checkpoint_skips_bad_samples_and_prints_the_call(tmp_path, capsys):
     from zspa_kernels.fidelity import offline
+    from zspa_kernels.integrations.transformers.families import tokenizer_special_ids
 
     model, processor, _ = offline.build(torch.device("cpu"), torch.float32)
     processor.chat_template = CHAT_TEMPLATE  # as real checkpoints ship one
@@ -230,7 +231,10 @@ def test_command_on_a_local_checkpoint_skips_bad_samples_and_prints_the_call(tmp
     assert "RANDOM weights" not in out and "prompt: the processor chat template" in out
     assert "samples: 2, 5 skipped" in out
     assert "skipped data.jsonl line 3: unreadable image" in out
-    assert "keep 8: `zspa_kernels.prune(model, keep=8, core_ratio=0.5)`" in out
+    assert "keep 8: `zspa_kernels.prune(model, keep=8, core_ratio=0.5, tokenizer=processor)`" in out
+    # The processor's special tokens stay out of the pruned prompts, as in the call printed.
+    run = json.loads((tmp_path / "out" / "measurements.jsonl").read_text().splitlines()[0])
+    assert run["tokenizer_special_ids"] == sorted(tokenizer_special_ids(processor)) != []
     summary = json.loads((tmp_path / "out" / "fidelity.json").read_text())
     keep_all = next(p for p in summary["points"] if p["keep"] == 576)
     assert keep_all["kl_max"] == 0.0 and keep_all["answer_agreement"] == 1.0
@@ -242,7 +246,7 @@ def test_command_offline_default_says_its_numbers_mean_nothing(tmp_path, capsys)
                  "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "RANDOM weights" in out and "samples: 12" in out
-    assert "zspa_kernels.prune(model, keep=16, core_ratio=0.5)" in out
+    assert "zspa_kernels.prune(model, keep=16, core_ratio=0.5, tokenizer=processor)" in out
 
 
 @pytest.mark.parametrize("args, name", [

@@ -218,7 +218,8 @@ def run(out: str, model_path=None, keep: int = 64, core_ratio: float = DEFAULT_C
 
     clock = _PrefillClock(model, device)
     pruning = {backend: lambda backend=backend: zspa_kernels.prune(model, keep=keep, core_ratio=core_ratio,
-                                                                    backend=backend) for backend in backends}
+                                                                    backend=backend, tokenizer=processor)
+               for backend in backends}
     selections, kv_bytes, sel_ms = {}, {}, {}
     with _step(f"[{next(step)}/{steps}] warm-up: one prefill unpruned, two per backend ({', '.join(backends)})"):
         kv_bytes["unpruned"] = models.cache_bytes(kv_cache(models.prefill(model, inputs)))

@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 import zspa_kernels  # noqa: E402
 from zspa_kernels.integrations.transformers import kv_cache  # noqa: E402
-from zspa_kernels.integrations.transformers.tiny import BUILDERS, llava, mistral3  # noqa: E402
+from zspa_kernels.integrations.transformers.tiny import TEXT_IDS, BUILDERS, llava, mistral3  # noqa: E402
 
 from .reference import capture_lm_calls  # noqa: E402
 
@@ -160,6 +160,55 @@ def test_question_before_the_image_forms_the_prompt():
     prompt = embeds[question].mean(0)  # mean-pooled question (SPEC §1, relevance="mean")
     relevance = torch.nn.functional.normalize(embeds[visual], dim=-1) @ prompt
     assert torch.equal(sel.kept, relevance.topk(KEEP).indices.sort().values)
+
+
+# Families whose tiny inputs hold markers that no config names: only ``tokenizer=`` tells them
+# from the question (README: "pass tokenizer="). PaliGemma's is the newline that closes its prompt:
+# ordinary text in its tokenizer, so kept there (like "ASSISTANT:"); any tokenizer that marks it
+# special drops it.
+MARKERS_ONLY_IN_TOKENIZER = {
+    "llava_pixtral", "mistral3", "mistral3_mistral4", "got_ocr2", "janus", "internvl", "idefics2", "idefics3",
+    "smolvlm", "paligemma", "paligemma2", "aya_vision", "cohere2_vision", "lfm2_vl", "minicpmv4_6",
+    "minicpm_ocr", "molmo2", "llama4"}
+
+
+def _tokenizer(special_from: int, size: int):
+    """A real fast tokenizer over ``size`` made-up words whose ids from ``special_from`` up are
+    added tokens marked special under no special-token name, as checkpoints add their image
+    markers: only ``added_tokens_decoder`` tells them apart (``all_special_ids`` is empty)."""
+    from tokenizers import AddedToken, Tokenizer, models
+
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(size)}, unk_token="w0"))
+    words.add_special_tokens([AddedToken(f"w{i}", special=True) for i in range(special_from, size)])
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=words)
+    assert tokenizer.all_special_ids == []
+    return tokenizer
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+@torch.no_grad()
+def test_the_question_holds_no_marker_that_the_config_or_the_tokenizer_names(name):
+    """The tiny inputs draw question text from ``TEXT_IDS`` and give markers ids past it. Without
+    a tokenizer, the question of every row holds text only, except in the families whose markers
+    only their tokenizer names (then some marker is there: the list above is exact). With a
+    tokenizer (or the processor holding it) whose added special tokens are the ids past the text,
+    every family's question is text only, and never empty."""
+    tiny = BUILDERS[name]()
+    inputs = tiny.make_inputs(tiny.batch)
+    ids = inputs["input_ids"]
+
+    def not_text(**tokenizer) -> set[int]:
+        with zspa_kernels.prune(tiny.model, keep=2, **tokenizer) as handle:
+            tiny.model(**inputs)
+        assert handle.last_selection and all(s.prompt_tokens.numel() for s in handle.last_selection)
+        return {int(i) for s in handle.last_selection for i in ids[s.batch_row, s.prompt_tokens]
+                if not TEXT_IDS[0] <= i < TEXT_IDS[1]}
+
+    assert bool(not_text()) == (name in MARKERS_ONLY_IN_TOKENIZER), not_text()
+    tokenizer = _tokenizer(TEXT_IDS[1], int(ids.max()) + 1)
+    assert not_text(tokenizer=tokenizer) == set()
+    processor = type("Processor", (), {"tokenizer": tokenizer})()  # what a processor holds
+    assert not_text(tokenizer=processor) == set()
 
 
 @torch.no_grad()

@@ -89,7 +89,8 @@ def run(out: str, model_path: Optional[str] = None, data: Optional[str] = None, 
           f"{new_tokens} tokens; journal {out_dir / JOURNAL}")
     try:
         journal = run_grid(model, samples, prompts, points, out_dir, new_tokens, batch_size, backend,
-                           run_info={"model": label, "transformers": transformers.__version__}, progress=progress)
+                           run_info={"model": label, "transformers": transformers.__version__}, progress=progress,
+                           tokenizer=processor)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished grid points are kept in {out_dir / JOURNAL}; "
               "run the same command again to resume.", file=sys.stderr)

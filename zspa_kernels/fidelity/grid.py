@@ -195,10 +195,13 @@ def measure_pass(model, batches: Sequence[list], encode: Callable[[list], dict],
 
 def run_grid(model, samples: Sequence, encode: Callable[[list], dict], points: Sequence[GridPoint],
              out_dir: Union[str, pathlib.Path], new_tokens: int = 16, batch_size: int = 4, backend: str = "auto",
-             run_info: dict = None, progress: bool = True) -> Journal:
+             run_info: dict = None, progress: bool = True, tokenizer=None) -> Journal:
     """Measure ``samples`` (objects with a ``label``; ``encode(list_of_samples)`` gives the
-    model's keyword arguments) unpruned and at every grid point; resume from ``out_dir``."""
+    model's keyword arguments) unpruned and at every grid point; resume from ``out_dir``.
+    ``tokenizer``: ``prune()``'s (the processor that encodes the samples), whose special tokens
+    stay out of the prompt, as they will in the user's own pruned calls."""
     import zspa_kernels
+    from zspa_kernels.integrations.transformers.families import tokenizer_special_ids
     from tqdm.auto import tqdm
 
     if new_tokens < 1 or batch_size < 1:
@@ -212,6 +215,8 @@ def run_grid(model, samples: Sequence, encode: Callable[[list], dict], points: S
            # Catches a sample edited in place (same label, other image or question) on resume.
            "samples_digest": hashlib.sha256("\n".join(map(repr, samples)).encode()).hexdigest(),
            "new_tokens": new_tokens, "batch_size": batch_size, "backend": backend,
+           # What the prompt leaves out beyond the config's ids: a resumed run must leave out the same.
+           "tokenizer_special_ids": sorted(tokenizer_special_ids(tokenizer)) if tokenizer is not None else None,
            "dtype": str(param.dtype).replace("torch.", ""), "device": param.device.type,
            "environment": hb.environment(param.device),
            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -230,7 +235,7 @@ def run_grid(model, samples: Sequence, encode: Callable[[list], dict], points: S
         for point in todo:
             bar.set_description(f"keep {point.keep}, core ratio {point.core_ratio}")
             with zspa_kernels.prune(model, keep=point.keep, core_ratio=point.core_ratio,
-                                    backend=backend) as handle:
+                                    backend=backend, tokenizer=tokenizer) as handle:
                 record, logprobs = measure_pass(model, batches, encode, new_tokens, bar.update, handle)
             journal.append({"kind": "pruned", "keep": point.keep, "core_ratio": point.core_ratio,
                             **record, "kl": kl_divergence(reference, logprobs).tolist()})

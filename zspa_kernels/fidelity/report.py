@@ -34,7 +34,7 @@ def _point_summary(record: dict, unpruned: dict) -> dict:
 
 
 def prune_call(keep, core_ratio: float) -> str:
-    return f"zspa_kernels.prune(model, keep={keep}, core_ratio={core_ratio})"
+    return f"zspa_kernels.prune(model, keep={keep}, core_ratio={core_ratio}, tokenizer=processor)"
 
 
 def recommend(points: list[dict]) -> list[dict]:

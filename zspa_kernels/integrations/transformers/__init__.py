@@ -40,7 +40,10 @@ def prune(
             follows; special tokens removed) or ``"all_text"`` (every attended non-visual
             token). ``ImageSelection.prompt_tokens`` records the positions used.
         backend: ``zspa::select_tokens`` backend (``"auto"``, ``"reference"``, ...).
-        tokenizer: optional; its special tokens are also left out of ``"question"``.
+        tokenizer: optional, a tokenizer or the processor holding one: its special
+            tokens (named, extra, and every added token marked special) are also left
+            out of ``"question"``. Image markers that the config does not name (most
+            families' tile, slice and begin/end markers) are known only to it.
 
     Returns:
         A :class:`PruneHandle`: a context manager with ``.remove()``; after each pruned

@@ -578,8 +578,15 @@ def split_model(model: torch.nn.Module, family: Family) -> tuple[torch.nn.Module
     return base, lm
 
 
+# Config keys that name a token id: ``*_token_id``/``*_token_index``/``*_token_ids``, and the
+# marker ids some configs name otherwise (HunYuan-VL's ``im_start_id``/``im_end_id``/``im_newline_id``,
+# MiniCPM-V 4.7's ``image_start_id``/``slice_end_id``/``newline_id``, Molmo2's ``image_patch_id``).
+# Never a bare ``*_id``: ``insert_layer_id`` and its like are layer numbers.
+TOKEN_ID_KEYS = ("token_id", "token_index", "token_ids", "_start_id", "_end_id", "newline_id", "_patch_id")
+
+
 def special_token_ids(config) -> set[int]:
-    """Every ``*_token_id`` / ``*_token_index`` (and lists of them) in the config tree:
+    """Every token id the config tree names (:data:`TOKEN_ID_KEYS`, and lists of them):
     bos/eos/pad, image/video placeholders, vision start/end markers, image boundaries."""
     found: set[int] = set()
     seen: set[int] = set()
@@ -589,7 +596,7 @@ def special_token_ids(config) -> set[int]:
             return
         seen.add(id(cfg))
         for key, value in vars(cfg).items():
-            if key.endswith(("token_id", "token_index", "token_ids")):
+            if key.endswith(TOKEN_ID_KEYS):
                 values = value if isinstance(value, (list, tuple)) else [value]
                 found.update(v for v in values if isinstance(v, int) and not isinstance(v, bool))
             elif hasattr(value, "to_dict") and hasattr(value, "model_type"):
@@ -600,4 +607,25 @@ def special_token_ids(config) -> set[int]:
                 found.add(value)
 
     visit(config)
+    return found
+
+
+def tokenizer_special_ids(tokenizer) -> set[int]:
+    """The special token ids of a transformers tokenizer, or of the one a processor holds
+    (``.tokenizer``): ``all_special_ids`` (named and extra special tokens) and every added
+    token marked special, where checkpoints put image markers they name nowhere else
+    (Idefics3's ``<fake_token_around_image>``, InternVL's ``<img>``, MiniCPM-V's slice markers)."""
+    if not hasattr(tokenizer, "all_special_ids") and hasattr(tokenizer, "tokenizer"):
+        tokenizer = tokenizer.tokenizer  # a processor
+    ids = getattr(tokenizer, "all_special_ids", None)
+    if not isinstance(ids, (list, tuple, set)):
+        raise TypeError("tokenizer: expected a transformers tokenizer (with .all_special_ids) or a processor "
+                        f"holding one, got {type(tokenizer).__name__}")
+    found = {i for i in ids if isinstance(i, int)}
+    try:
+        added = tokenizer.added_tokens_decoder  # {id: AddedToken}
+    except NotImplementedError:  # a tokenizer without added tokens of its own
+        added = None
+    if isinstance(added, dict):  # MistralCommonBackend has a method (that raises): its ids are all above
+        found.update(i for i, token in added.items() if getattr(token, "special", False))
     return found

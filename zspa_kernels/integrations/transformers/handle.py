@@ -40,7 +40,7 @@ import torch
 
 from ...checks import check_options
 from ...spec import as_keep
-from .families import Family, special_token_ids, split_model
+from .families import Family, special_token_ids, split_model, tokenizer_special_ids
 from .selection import ImageSelection, select_images, to_device
 
 PROMPTS = ("question", "all_text")
@@ -230,11 +230,7 @@ class PruneHandle:
         check_options(core_ratio, relevance, backend)  # the op's own checks, at prune() time
         special = special_token_ids(model.config)
         if tokenizer is not None:
-            tokenizer_ids = getattr(tokenizer, "all_special_ids", None)
-            if not isinstance(tokenizer_ids, (list, tuple, set)):
-                raise TypeError("tokenizer: expected a transformers tokenizer (with .all_special_ids), "
-                                f"got {type(tokenizer).__name__}")
-            special.update(tokenizer_ids)
+            special.update(tokenizer_special_ids(tokenizer))
         base, lm = split_model(model, family)
         if getattr(lm, "_zspa_pruned", False):
             raise ValueError("model: already pruned by zspa_kernels.prune; remove() that handle first")
