@@ -110,11 +110,10 @@ def _router_logits_arg(tiny) -> dict:
 @torch.no_grad()
 def test_router_logits_are_refused_wherever_the_wrapper_weighs_them_by_its_mask(tiny):
     """Where the unpatched wrapper turns router logits into a load-balancing loss over its (unpruned)
-    attention mask, ``Family.router_loss`` must say so, and a pruned forward that asks for them is
-    refused (the kept tokens' logits are shorter: the loss would fail, or mix the two lengths silently).
-    Where the family does not declare it, a pruned forward that asks for router logits is the same
-    forward: same logits, same loss. (4.57's GLM-4.5V computes no such loss and is refused all the
-    same: the flag is per family, not per version.)"""
+    attention mask, ``Family.router_loss`` must say so for this transformers, and a pruned forward that
+    asks for them is refused (the kept tokens' logits are shorter: the loss would fail, or mix the two
+    lengths silently). Where it does not, a pruned forward that asks for router logits is the same
+    forward: same logits, same loss (4.57's GLM-4.5V, which computes no such loss, included)."""
     routed = _router_logits_arg(tiny)
     if not routed:
         pytest.skip("the unpatched model returns no router logits")
@@ -122,8 +121,8 @@ def test_router_logits_are_refused_wherever_the_wrapper_weighs_them_by_its_mask(
     labels = _labels(tiny, inputs)
     balanced = getattr(tiny.model(**inputs, labels=labels, **routed), "aux_loss", None) is not None
     with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
-        assert handle.family.router_loss or not balanced
-        if handle.family.router_loss:
+        assert handle.family.weighs_router_logits() == balanced
+        if balanced:
             with pytest.raises(ValueError, match="^output_router_logits: "):
                 tiny.model(**inputs, labels=labels, **routed)
             return

@@ -55,11 +55,16 @@ class Family:
     # (the model's config) -> why the installed transformers cannot prune it exactly, or None: for
     # refusals that depend on more than the model type (PaliGemma 2 on 4.x).
     refuse_config: Optional[Callable[[Any], Optional[str]]] = None
-    # Whether the wrapper computes a load-balancing loss from its router logits when asked for them
-    # (``output_router_logits``), weighed by its own attention mask: the unpruned length, where the
-    # kept tokens' logits are shorter, so a pruned forward that asks for them is refused. Other
-    # MoE families (Llama 4) just return the kept tokens' router logits.
-    router_loss: bool = False
+    # The first transformers (major, minor) whose wrapper computes a load-balancing loss from its
+    # router logits when asked for them (``output_router_logits``), weighed by its own attention
+    # mask: the unpruned length, where the kept tokens' logits are shorter, so a pruned forward that
+    # asks for them is refused there (:meth:`weighs_router_logits`). None: no version does (Llama 4
+    # just returns the kept tokens' router logits).
+    router_loss: Optional[tuple[int, int]] = None
+
+    def weighs_router_logits(self) -> bool:
+        """Whether the installed transformers' wrapper turns router logits into a loss (router_loss)."""
+        return self.router_loss is not None and release("transformers") >= self.router_loss
 
     def refusal(self, config=None) -> Optional[str]:
         """Why find_family refuses this family (this model, given its config) on the installed
@@ -431,11 +436,11 @@ FAMILIES: tuple[Family, ...] = (
     Family("Qwen3-VL", ("qwen3_vl",), visual_token_attrs=("image_token_id", "video_token_id"),
            on_prefill=_gather_deepstack),
     Family("Qwen3-VL-MoE", ("qwen3_vl_moe",), visual_token_attrs=("image_token_id", "video_token_id"),
-           on_prefill=_gather_deepstack, router_loss=True),
+           on_prefill=_gather_deepstack, router_loss=(0, 0)),
     # Qwen3.5: Qwen3-VL's layout without the deepstack; three in four text layers are gated
     # DeltaNet, whose recurrent state simply runs over the kept tokens.
     Family("Qwen3.5", ("qwen3_5", "qwen3_5_moe"), visual_token_attrs=("image_token_id", "video_token_id"),
-           router_loss=True),
+           router_loss=(0, 0)),
     # The Qwen Omni thinkers (the text generators; a full model's text generate() is its thinker's):
     # Qwen2.5-VL's (Qwen3-VL's, deepstack included) images and videos; audio tokens are kept whole,
     # like text. TMRoPE's positions (a video's frames numbered by time, interleaved with its audio
@@ -446,20 +451,21 @@ FAMILIES: tuple[Family, ...] = (
            visual_token_attrs=("image_token_id", "video_token_id")),
     Family("Qwen3-Omni-MoE", ("qwen3_omni_moe_thinker",), lm_attr=("language_model", "model"),
            visual_token_attrs=("image_token_id", "video_token_id"), on_prefill=_gather_deepstack,
-           router_loss=True),
+           router_loss=(0, 0)),
     # Video frames are images (image token id, own markers): one budget per frame.
     Family("GLM-4V", ("glm4v",)),
     # GLM-4.1V's vision tower, token layout and 3-D positions around a MoE text model (GLM-4.5-Air's),
     # whose routers need nothing of the hooks. GLM-4.6V: GLM-4.1V's model classes around the text
     # model its config names (dense or MoE); a ``glmga`` config is served by the same classes.
-    Family("GLM-4.5V", ("glm4v_moe",), router_loss=True),
+    # transformers 4.57's GLM-4.5V returns its router logits and computes no loss from them.
+    Family("GLM-4.5V", ("glm4v_moe",), router_loss=(5, 0)),
     Family("GLM-4.6V", ("glm46v", "glmga")),
     # GLM-OCR: GLM-4.1V's model classes and layout (images only), a tower of its own.
     Family("GLM-OCR", ("glm_ocr",)),
     # ERNIE-4.5-VL: Qwen2-VL's layout (markers around each image or video, a video's frames merged in
     # pairs: one run, one budget) and 3-D positions; its MoE layers route by token type (gathered).
     Family("ERNIE-4.5-VL", ("ernie4_5_vl_moe",), visual_token_attrs=("image_token_id", "video_token_id"),
-           on_prefill=_gather_moe_token_types, router_loss=True),
+           on_prefill=_gather_moe_token_types, router_loss=(0, 0)),
     # PaddleOCR-VL: Qwen2-VL's image layout and 3-D positions (images only).
     Family("PaddleOCR-VL", ("paddleocr_vl",)),
     # HunYuan-VL (images only): each image one run of image tokens (its begin, end and row-newline

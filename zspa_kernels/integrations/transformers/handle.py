@@ -310,7 +310,7 @@ class PruneHandle:
         routed = kwargs.get("output_router_logits")
         if routed is None:
             routed = getattr(self.config.get_text_config(), "output_router_logits", False)
-        if routed and self.family.router_loss and not keeps_all:
+        if routed and self.family.weighs_router_logits() and not keeps_all:
             raise ValueError(
                 f"output_router_logits: the {self.family.name} load-balancing loss weighs the router logits of "
                 "the kept tokens by the unpruned attention mask, whose length differs; prune with keep=1.0, "
