@@ -439,7 +439,8 @@ FAMILIES: tuple[Family, ...] = (
            on_prefill=_gather_deepstack, router_loss=(0, 0)),
     # Qwen3.5: Qwen3-VL's layout without the deepstack; three in four text layers are gated
     # DeltaNet, whose recurrent state simply runs over the kept tokens.
-    Family("Qwen3.5", ("qwen3_5", "qwen3_5_moe"), visual_token_attrs=("image_token_id", "video_token_id"),
+    Family("Qwen3.5", ("qwen3_5",), visual_token_attrs=("image_token_id", "video_token_id")),
+    Family("Qwen3.5-MoE", ("qwen3_5_moe",), visual_token_attrs=("image_token_id", "video_token_id"),
            router_loss=(0, 0)),
     # The Qwen Omni thinkers (the text generators; a full model's text generate() is its thinker's):
     # Qwen2.5-VL's (Qwen3-VL's, deepstack included) images and videos; audio tokens are kept whole,
@@ -457,7 +458,7 @@ FAMILIES: tuple[Family, ...] = (
     # GLM-4.1V's vision tower, token layout and 3-D positions around a MoE text model (GLM-4.5-Air's),
     # whose routers need nothing of the hooks. GLM-4.6V: GLM-4.1V's model classes around the text
     # model its config names (dense or MoE); a ``glmga`` config is served by the same classes.
-    # transformers 4.57's GLM-4.5V returns its router logits and computes no loss from them.
+    # transformers 4.57's GLM-4.5V takes output_router_logits, and neither returns them nor computes a loss.
     Family("GLM-4.5V", ("glm4v_moe",), router_loss=(5, 0)),
     Family("GLM-4.6V", ("glm46v", "glmga")),
     # GLM-OCR: GLM-4.1V's model classes and layout (images only), a tower of its own.
