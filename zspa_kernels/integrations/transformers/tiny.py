@@ -1505,6 +1505,33 @@ def ernie4_5_vl_moe(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                           [("video", (2, 8, 8)), ("text", 5)]])
 
 
+def _images_between_markers(model, pixels: Callable[[int, int, torch.Generator], torch.Tensor],
+                            tokens: Callable[[int, int], int], **flags) -> TinyVLM:
+    """Qwen2-VL's image layout, images only (PaddleOCR-VL, HunYuan-VL): an image of ``(h, w)``
+    patches (``pixels(h, w, gen)``, its grid ``[1, h, w]``) is ``tokens(h, w)`` image tokens between
+    vision start/end markers, marked in ``mm_token_type_ids``."""
+    def make_inputs(rows, seeds=None) -> dict:
+        media = {"image": ([], [])}
+
+        def image(kind, grid, gen, r):
+            h, w = grid
+            media["image"][0].append(pixels(h, w, gen))
+            media["image"][1].append([1, h, w])
+            return [QWEN_START] + [QWEN_IMAGE] * tokens(h, w) + [QWEN_END]
+
+        out = _token_rows(rows, seeds, image)
+        out.update(_patch_inputs(media))
+        out["mm_token_type_ids"] = (out["input_ids"] == QWEN_IMAGE).int()
+        return out
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 4), ("image", (8, 8)), ("text", 6)]],
+                   batch=[[("text", 4), ("image", (8, 8)), ("text", 6)],
+                          [("text", 2), ("image", (4, 8)), ("text", 1), ("image", (6, 8)), ("text", 3)],
+                          [("image", (4, 4)), ("text", 5)]],
+                   **flags)
+
+
 def paddleocr_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     """PaddleOCR-VL (transformers 5.x; images only): a NaViT-style SigLIP tower over 2 px patches,
     merged 2x2: an image of ``(h, w)`` patches is ``h*w/4`` image tokens between vision start/end
@@ -1519,25 +1546,8 @@ def paddleocr_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
         vision_end_token_id=QWEN_END)
     model = _finish(transformers.PaddleOCRVLForConditionalGeneration(config), attn)
 
-    def make_inputs(rows, seeds=None) -> dict:
-        media = {"image": ([], [])}
-
-        def image(kind, grid, gen, r):
-            h, w = grid
-            media["image"][0].append(torch.randn(h * w, 3, 2, 2, generator=gen))
-            media["image"][1].append([1, h, w])
-            return [QWEN_START] + [QWEN_IMAGE] * (h * w // 4) + [QWEN_END]
-
-        out = _token_rows(rows, seeds, image)
-        out.update(_patch_inputs(media))
-        out["mm_token_type_ids"] = (out["input_ids"] == QWEN_IMAGE).int()
-        return out
-
-    return TinyVLM(model, make_inputs,
-                   single=[[("text", 4), ("image", (8, 8)), ("text", 6)]],
-                   batch=[[("text", 4), ("image", (8, 8)), ("text", 6)],
-                          [("text", 2), ("image", (4, 8)), ("text", 1), ("image", (6, 8)), ("text", 3)],
-                          [("image", (4, 4)), ("text", 5)]])
+    return _images_between_markers(model, lambda h, w, gen: torch.randn(h * w, 3, 2, 2, generator=gen),
+                                   lambda h, w: h * w // 4)
 
 
 def hunyuan_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
@@ -1556,29 +1566,12 @@ def hunyuan_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
         image_token_id=QWEN_IMAGE, im_start_id=QWEN_START, im_end_id=QWEN_END, im_newline_id=124)
     model = _finish(transformers.HunYuanVLForConditionalGeneration(config), attn)
 
-    def make_inputs(rows, seeds=None) -> dict:
-        media = {"image": ([], [])}
-
-        def image(kind, grid, gen, r):
-            h, w = grid
-            media["image"][0].append(torch.randn(h * w, 12, generator=gen))
-            media["image"][1].append([1, h, w])
-            return [QWEN_START] + [QWEN_IMAGE] * (h // 2 * (w // 2 + 1) + 2) + [QWEN_END]
-
-        out = _token_rows(rows, seeds, image)
-        out.update(_patch_inputs(media))
-        out["mm_token_type_ids"] = (out["input_ids"] == QWEN_IMAGE).int()
-        return out
-
-    return TinyVLM(model, make_inputs,
-                   single=[[("text", 4), ("image", (8, 8)), ("text", 6)]],
-                   batch=[[("text", 4), ("image", (8, 8)), ("text", 6)],
-                          [("text", 2), ("image", (4, 8)), ("text", 1), ("image", (6, 8)), ("text", 3)],
-                          [("image", (4, 4)), ("text", 5)]],
-                   rows_independent=False,
-                   # Before 5.24 generate() numbers the images of each beam apart (the beams of a row
-                   # get different image indices): the unpatched model's beams disagree.
-                   beam_images=hasattr(transformers.GenerationMixin, "_expand_multimodal_outputs"))
+    return _images_between_markers(model, lambda h, w, gen: torch.randn(h * w, 12, generator=gen),
+                                   lambda h, w: h // 2 * (w // 2 + 1) + 2,
+                                   rows_independent=False,
+                                   # Before 5.24 generate() numbers the images of each beam apart (the
+                                   # beams of a row get different image indices): its beams disagree.
+                                   beam_images=hasattr(transformers.GenerationMixin, "_expand_multimodal_outputs"))
 
 
 def video_llama_3(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
