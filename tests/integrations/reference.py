@@ -6,6 +6,7 @@ import contextlib
 import inspect
 
 import torch
+import transformers
 
 from zspa_kernels.integrations.transformers.families import find_family, split_model
 
@@ -66,14 +67,14 @@ def no_cache_logits(model, prefill: dict, decode_positions: list, tokens: torch.
     without a cache; ``decode_positions`` are their positions. With ``image_features``
     (Gemma: masks depend on which slots hold image tokens) the base model builds the
     masks itself from token types found by matching the prefix embeddings to them.
-    Per-layer inputs (Gemma4): the prefill's, then those of ``tokens`` by their ids."""
+    Per-layer inputs (Gemma4, Gemma 3n): the prefill's, then those of ``tokens`` by their ids."""
     tokens = tokens[:, :-1]
     if model.config.model_type == "gemma4":  # its base model embeds placeholder ids as padding, even generated
         placeholders = torch.tensor([model.config.image_token_id, model.config.video_token_id,
                                      model.config.audio_token_id])
         tokens = tokens.masked_fill(torch.isin(tokens, placeholders), model.config.get_text_config().pad_token_id)
     prefix = prefill["inputs_embeds"][rows]
-    embeds = torch.cat([prefix, model.get_input_embeddings()(tokens)], 1)
+    embeds = torch.cat([prefix, token_embeddings(model, tokens)], 1)
     mask = padding_mask(prefill["attention_mask"])[rows][:, : prefix.shape[1]]
     mask = torch.cat([mask, mask.new_ones(len(rows), tokens.shape[1])], 1)
     # Positions of batch size 1 are the whole batch's (EXAONE 4.5 numbers decode steps by the cache length).
@@ -101,9 +102,14 @@ def no_cache_logits(model, prefill: dict, decode_positions: list, tokens: torch.
         extra["deepstack_features"] = {layer: f[chosen] for layer, f in prefill["deepstack_features"].items()}
     decoder = lm_of(model)
     if prefill.get("per_layer_inputs") is not None:
-        extra["per_layer_inputs"] = torch.cat(
-            [prefill["per_layer_inputs"][rows],
-             decoder.get_per_layer_inputs(tokens, model.get_input_embeddings()(tokens))], 1)
+        if len(inspect.signature(decoder.get_per_layer_inputs).parameters) == 1:
+            # Gemma 3n: by their ids, those past its per-layer table (vision, audio) as padding
+            # (transformers 4.57's base model maps them, later language models do it themselves).
+            outside = tokens >= model.config.get_text_config().vocab_size_per_layer_input
+            generated = decoder.get_per_layer_inputs(tokens.masked_fill(outside, 0))
+        else:
+            generated = decoder.get_per_layer_inputs(tokens, model.get_input_embeddings()(tokens))
+        extra["per_layer_inputs"] = torch.cat([prefill["per_layer_inputs"][rows], generated], 1)
     if model.config.model_type == "paligemma" and image_features is not None:
         # The prompt is PaliGemma's bidirectional prefix (type 0), the generated tokens its causal
         # suffix (type 1); transformers 4.57 reads the token types only beside labels.
@@ -116,9 +122,26 @@ def no_cache_logits(model, prefill: dict, decode_positions: list, tokens: torch.
         is_image = (embeds[:, :, None] == image_features[None, None]).all(-1).any(-1)
         extra[token_types_arg(model)] = is_image.long()
         decoder = model.model
+    # transformers 4.57's Gemma 3n shares KV between its last layers only through a cache (without one
+    # they project their own, which checkpoints do not hold): its one forward runs over a fresh cache.
+    fresh_cache = model.config.model_type == "gemma3n" and transformers.__version__.startswith("4.")
     hidden = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                     use_cache=False, **extra).last_hidden_state
+                     use_cache=fresh_cache, **extra).last_hidden_state
     return lm_head(model, hidden)
+
+
+def token_embeddings(model, tokens: torch.Tensor) -> torch.Tensor:
+    """The embeddings the base model gives generated ``tokens``: its text table's, but Gemma 3n's
+    base model embeds the ids of its vision and audio ranges with their own tables (each an offset
+    past the text ids), generated or not."""
+    embeds = model.get_input_embeddings()(tokens)
+    if model.config.model_type != "gemma3n":
+        return embeds
+    for embedder in (model.model.embed_vision, model.model.embed_audio):
+        inside = (tokens >= embedder.vocab_offset) & (tokens < embedder.vocab_offset + embedder.vocab_size)
+        own = embedder(input_ids=torch.where(inside, tokens, embedder.vocab_offset))
+        embeds = torch.where(inside[..., None], own.to(embeds.dtype), embeds)
+    return embeds
 
 
 def lm_head(model, hidden: torch.Tensor) -> torch.Tensor:

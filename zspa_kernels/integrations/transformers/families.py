@@ -314,10 +314,11 @@ def _paligemma_refusal(config) -> Optional[str]:
 
 
 def _gather_per_layer_inputs(prefill) -> None:
-    """Gemma4's per-layer embeddings (PLE): the base model looks up a ``(num_layers, dim)``
+    """Gemma4's and Gemma 3n's per-layer embeddings (PLE): the base model looks up a ``(num_layers, dim)``
     input for every token by its id (visual placeholders as padding) and passes them beside
-    the embeddings (without them the language model would recover the ids by matching the
-    embeddings to its table, which visual features never match); keep those of the kept
+    the embeddings (without them Gemma4's language model would recover the ids by matching the
+    embeddings to its table, which visual features never match; Gemma 3n's would leave them
+    out); keep those of the kept
     positions, as the embeddings are kept."""
     per_layer = prefill.kwargs.get("per_layer_inputs")
     if per_layer is not None:
@@ -524,6 +525,11 @@ FAMILIES: tuple[Family, ...] = (
     # Each image (each video frame) between its own begin/end-of-image markers: one run each.
     Family("Gemma4", ("gemma4",), visual_token_attrs=("image_token_id", "video_token_id"),
            on_prefill=_gather_per_layer_inputs, build_mask=_gemma4_masks, token_types_arg="mm_token_type_ids"),
+    # Each image between begin/end-of-image markers, a fixed count; audio (a tower of its own) is kept
+    # whole. Per-layer inputs gathered as Gemma4's; causal masks, the language model's own.
+    Family("Gemma 3n", ("gemma3n",),
+           image_token_counts=_fixed_counts(lambda config: config.vision_soft_tokens_per_image),
+           on_prefill=_gather_per_layer_inputs),
     # Each tile of an image (and its global view) is a run between separators: its own budget.
     # No base model: the wrapper merges the image features and calls its causal LM, whose
     # decoder the hooks run. Chunked attention and the NoPE layers' temperature tuning number the

@@ -1275,6 +1275,91 @@ def gemma4(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                    frames_are_images=True)
 
 
+class _FeatureMapTower(torch.nn.Module):
+    """Stands in for Gemma 3n's MobileNetV5, a timm model (timm is no dependency of this project):
+    two strided convolutions from 32x32 pixels to the ``(B, hidden_size, 4, 4)`` map its tower
+    gives (``do_pooling=False``), which the base model reads as 16 soft tokens."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.stem = torch.nn.Conv2d(3, 16, 4, stride=4)
+        self.down = torch.nn.Conv2d(16, config.hidden_size, 2, stride=2)
+
+    def forward(self, pixel_values, do_pooling=False, return_dict=True, **kwargs):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        features = self.down(torch.nn.functional.gelu(self.stem(pixel_values)))
+        return BaseModelOutputWithPooling(last_hidden_state=features)
+
+
+def gemma3n(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """Gemma 3n: 16 soft tokens per 32x32 image between begin/end-of-image markers, an audio clip
+    of 32 mel frames 8 audio tokens (audio is kept whole) between begin/end-of-audio markers, all
+    ids inside the tiny vocabulary (vision ids from 112, audio from 120, which the base model embeds
+    with their own tables); causal masks (a sliding-window layer, window 16); per-layer inputs (PLE)
+    computed from the token ids; AltUp and Laurel blocks; the last two layers reuse earlier
+    layers' KV. :class:`_FeatureMapTower` stands in for the vision tower."""
+    from unittest import mock
+
+    from transformers import AutoModel, Gemma3nConfig, Gemma3nForConditionalGeneration
+    from transformers.models.gemma3n import modeling_gemma3n
+
+    torch.manual_seed(seed)
+    boi, boa, eoi, image_token, eoa, audio_token = 110, 111, 112, 113, 120, 121
+    config = Gemma3nConfig(
+        vision_config=dict(hidden_size=32, vocab_size=8, vocab_offset=112),
+        audio_config=dict(vocab_size=8, vocab_offset=120, input_feat_size=8, hidden_size=16,
+                          conf_num_attention_heads=2, conf_num_hidden_layers=1, conf_reduction_factor=1,
+                          sscp_conv_channel_size=(4, 4), conf_attention_chunk_size=4,
+                          conf_attention_context_left=5),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=8, vocab_size=VOCAB, vocab_size_per_layer_input=112,
+                         hidden_size_per_layer_input=8, laurel_rank=4, altup_num_inputs=2,
+                         max_position_embeddings=512, sliding_window=16,
+                         layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2,
+                         pad_token_id=PAD, bos_token_id=1, eos_token_id=2),
+        vision_soft_tokens_per_image=16, audio_soft_tokens_per_image=8, boi_token_id=boi, eoi_token_id=eoi,
+        image_token_id=image_token, boa_token_id=boa, eoa_token_id=eoa, audio_token_id=audio_token,
+        pad_token_id=PAD,
+    )
+
+    class Auto:  # the base model builds its towers with AutoModel: the stand-in for the timm one
+        @staticmethod
+        def from_config(config, **kwargs):
+            if config.model_type == "gemma3n_vision":
+                return _FeatureMapTower(config)
+            return AutoModel.from_config(config, **kwargs)
+
+    with mock.patch.object(modeling_gemma3n, "AutoModel", Auto):
+        model = Gemma3nForConditionalGeneration(config)
+    model = _finish(model, {"text_config": attn, "vision_config": "eager", "audio_config": "eager"})
+
+    def make_inputs(rows, seeds=None) -> dict:
+        pixels, clips = [], []
+
+        def segment(kind, _, gen, r):
+            if kind == "audio":
+                clips.append(torch.randn(32, 8, generator=gen))
+                return [boa] + [audio_token] * 8 + [eoa]
+            pixels.append(torch.randn(3, 32, 32, generator=gen))
+            return [boi] + [image_token] * 16 + [eoi]
+
+        out = _token_rows(rows, seeds, segment)
+        if pixels:
+            out["pixel_values"] = torch.stack(pixels)
+        if clips:
+            out["input_features"] = torch.stack(clips)
+            out["input_features_mask"] = torch.ones(len(clips), 32, dtype=torch.bool)
+        return out
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 5), ("image", 0), ("text", 7)]],
+                   batch=[[("text", 5), ("image", 0), ("audio", 0), ("text", 7)],
+                          [("text", 3), ("image", 0), ("text", 1), ("image", 0), ("text", 4)],
+                          [("audio", 0), ("image", 0), ("text", 9)]])
+
+
 QWEN_IMAGE, QWEN_VIDEO, QWEN_START, QWEN_END = 120, 121, 122, 123
 QWEN_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512,
@@ -1938,4 +2023,5 @@ BUILDERS = {
     **({"llama4": llama4} if _accepted("llama4") else {}),
     # Gemma 4: not in transformers 4.57
     **({"gemma4": gemma4} if hasattr(transformers, "Gemma4ForConditionalGeneration") else {}),
+    "gemma3n": gemma3n,
 }
