@@ -730,6 +730,30 @@ def test_paligemma_pruned_prompt_with_a_suffix_is_masked_as_the_model_masks_it(n
 
 
 @torch.no_grad()
+def test_shieldgemma2_classifier_returns_the_pruned_models_last_yes_no_logits():
+    """ShieldGemma 2's classifier holds its Gemma3 model (there the hooks' base model is that
+    wrapper) and returns the yes/no logits of the last position and their softmax: keep-all gives
+    the unpatched ones bit for bit; pruned, those of its Gemma3 model pruned alike, which the
+    shared suite holds to the no-cache reference."""
+    from zspa_kernels.integrations.transformers.tiny import SHIELD_NO, SHIELD_YES
+
+    tiny = BUILDERS["shieldgemma2"]()
+    classifier, inputs = tiny.wrapper, tiny.make_inputs(tiny.batch)
+    expected = classifier(**inputs)
+    with zspa_kernels.prune(classifier, keep=1.0) as handle:
+        got = classifier(**inputs)
+    assert len(handle.last_selection) == tiny.n_images(tiny.batch)
+    assert torch.equal(got.logits, expected.logits) and torch.equal(got.probabilities, expected.probabilities)
+    with zspa_kernels.prune(classifier, keep=KEEP) as handle:
+        pruned = classifier(**inputs)
+    assert [s.order.shape[0] for s in handle.last_selection] == [KEEP] * tiny.n_images(tiny.batch)
+    with zspa_kernels.prune(tiny.model, keep=KEEP):
+        inner = tiny.model(**inputs).logits[:, -1, [SHIELD_YES, SHIELD_NO]]
+    assert torch.equal(pruned.logits, inner) and not torch.equal(pruned.logits, expected.logits)
+    assert torch.equal(pruned.probabilities, inner.softmax(-1))
+
+
+@torch.no_grad()
 def test_qwen3_deepstack_rows_follow_their_tokens():
     """Each kept visual token keeps its own deepstack features (matched by its embedding)."""
     tiny = BUILDERS["qwen3_vl"]()

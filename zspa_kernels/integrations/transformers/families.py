@@ -515,7 +515,9 @@ FAMILIES: tuple[Family, ...] = (
     # Cosmos3-Omni's reasoner: Qwen3-VL's model classes (deepstack features included).
     Family("Cosmos3-Omni", ("cosmos3_omni",), visual_token_attrs=("image_token_id", "video_token_id"),
            on_prefill=_gather_deepstack),
-    Family("Gemma3", ("gemma3",),
+    # ShieldGemma 2 is a Gemma3 model under a config of its own, inside an image classifier (which
+    # reads the last position's yes/no logits): there the hooks' base model is the Gemma3 wrapper.
+    Family("Gemma3", ("gemma3", "shieldgemma2"), lm_attr=("language_model", "model.language_model"),
            image_token_counts=_fixed_counts(lambda config: config.mm_tokens_per_image),
            build_mask=_gemma3_masks),
     # PaliGemma and PaliGemma 2: every image ahead of the prompt, back to back, a fixed count each.

@@ -77,6 +77,9 @@ class TinyVLM:
     # False where the unpatched model's batch rows depend on each other (HunYuan-VL numbers images
     # across the batch): a row batched then differs from the row alone, pruned or not.
     rows_independent: bool = True
+    # A model around ``model`` that prune() also takes, with outputs of its own (ShieldGemma 2's
+    # classifier: the yes/no logits of the last position); tested apart.
+    wrapper: Optional[torch.nn.Module] = None
 
     @property
     def beam_batch(self) -> list:
@@ -1109,25 +1112,39 @@ def smolvlm(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     return _idefics(SmolVLMConfig, SmolVLMForConditionalGeneration, attn, seed, scale_factor=2)
 
 
-def gemma3(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+SHIELD_YES, SHIELD_NO = 3, 4  # the tiny ShieldGemma 2's "Yes" and "No" tokens
+
+
+def gemma3(attn: str = "sdpa", seed: int = 0, shield: bool = False) -> TinyVLM:
     """Gemma3: 16 soft tokens per 16x16 image between begin/end-of-image markers; image
-    blocks attend bidirectionally; one sliding-window layer (window 16)."""
+    blocks attend bidirectionally; one sliding-window layer (window 16). ``shield``: ShieldGemma 2,
+    the same model under a ``shieldgemma2`` config: the ``Gemma3ForConditionalGeneration`` that
+    ``ShieldGemma2ForImageClassification`` holds as ``.model`` (which generates; ``wrapper`` is the
+    classifier, which reads the yes/no logits of the last position)."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
     torch.manual_seed(seed)
     image_token, boi, eoi = 127, 125, 126
-    config = Gemma3Config(
-        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4),
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                         query_pre_attn_scalar=8, vocab_size=VOCAB, max_position_embeddings=512,
-                         sliding_window=16, layer_types=["sliding_attention", "full_attention"],
-                         pad_token_id=PAD, bos_token_id=1, eos_token_id=2),
-        mm_tokens_per_image=16, image_token_id=image_token, boi_token_id=boi, eoi_token_id=eoi,
-        pad_token_id=PAD,
-    )
-    model = _finish(Gemma3ForConditionalGeneration(config), attn)
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                query_pre_attn_scalar=8, vocab_size=VOCAB, max_position_embeddings=512,
+                sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    if shield:
+        from transformers import ShieldGemma2Config, ShieldGemma2ForImageClassification
+
+        text["model_type"] = "gemma3_text"
+        config = ShieldGemma2Config(vision_config=vision, text_config=text, mm_tokens_per_image=16,
+                                    image_token_index=image_token, boi_token_index=boi, eoi_token_index=eoi,
+                                    pad_token_id=PAD, yes_token_index=SHIELD_YES, no_token_index=SHIELD_NO)
+        classifier = ShieldGemma2ForImageClassification(config).eval()
+        model = _finish(classifier.model, attn)
+    else:
+        config = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=16,
+                              image_token_id=image_token, boi_token_id=boi, eoi_token_id=eoi, pad_token_id=PAD)
+        model = _finish(Gemma3ForConditionalGeneration(config), attn)
     # The projector's weight starts at zero (checkpoints overwrite it): every image token
     # would be the same zero vector and there would be nothing to select between.
     with torch.no_grad():
@@ -1144,11 +1161,14 @@ def gemma3(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
         out["token_type_ids"] = (out["input_ids"] == image_token).long()
         return dict(out, pixel_values=torch.stack(pixels))
 
-    return TinyVLM(model, make_inputs,
+    tiny = TinyVLM(model, make_inputs,
                    single=[[("text", 5), ("image", 0), ("text", 7)]],
                    batch=[[("text", 5), ("image", 0), ("text", 7)],
                           [("text", 3), ("image", 0), ("text", 1), ("image", 0), ("text", 4)],
                           [("image", 0), ("text", 9)]])
+    if shield:
+        tiny.wrapper = classifier
+    return tiny
 
 
 def paligemma(attn: str = "sdpa", seed: int = 0, version: int = 1) -> TinyVLM:
@@ -2024,4 +2044,5 @@ BUILDERS = {
     # Gemma 4: not in transformers 4.57
     **({"gemma4": gemma4} if hasattr(transformers, "Gemma4ForConditionalGeneration") else {}),
     "gemma3n": gemma3n,
+    "shieldgemma2": lambda **kw: gemma3(shield=True, **kw),
 }
