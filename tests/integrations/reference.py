@@ -69,7 +69,8 @@ def no_cache_logits(model, prefill: dict, decode_positions: list, tokens: torch.
     masks itself from token types found by matching the prefix embeddings to them.
     Per-layer inputs (Gemma4, Gemma 3n): the prefill's, then those of ``tokens`` by their ids."""
     tokens = tokens[:, :-1]
-    if model.config.model_type == "gemma4":  # its base model embeds placeholder ids as padding, even generated
+    # Gemma4's base models embed placeholder ids as padding, even generated ones.
+    if model.config.model_type in ("gemma4", "gemma4_unified"):
         placeholders = torch.tensor([model.config.image_token_id, model.config.video_token_id,
                                      model.config.audio_token_id])
         tokens = tokens.masked_fill(torch.isin(tokens, placeholders), model.config.get_text_config().pad_token_id)

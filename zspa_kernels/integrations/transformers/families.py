@@ -267,6 +267,24 @@ def _gemma4_masks(*args):
     return _gemma_masks("Gemma4ForConditionalGeneration", "mm_token_type_ids", *args)
 
 
+def _gemma4_unified_masks(config, embeds, mask, cache, positions, token_types, slots, labelled):
+    """Gemma 4 Unified's masks as its base model builds them: with ``use_bidirectional_attention=
+    "vision"``, each image or video block attends to itself bidirectionally on every layer (the
+    model's own ``create_masks_for_generate``, which ``generate()`` calls on a static cache, makes
+    the sliding-window layers' blocks only: its forward is what the hooks reproduce)."""
+    from transformers import masking_utils
+    from transformers.models.gemma4_unified.modeling_gemma4_unified import get_block_sequence_ids_for_mask
+
+    text = config.get_text_config()
+    params = inspect.signature(masking_utils.create_masks_for_generate).parameters
+    kwargs = dict(config=text, inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
+    kwargs["cache" if "cache" in params else "past_key_values"] = cache
+    if text.use_bidirectional_attention == "vision":
+        kwargs["block_sequence_ids"] = (torch.full(embeds.shape[:-1], -1, device=embeds.device) if token_types is None
+                                        else get_block_sequence_ids_for_mask(token_types, device=embeds.device))
+    return masking_utils.create_masks_for_generate(**kwargs)
+
+
 def _paligemma_masks(config, embeds, mask, cache, positions, token_types, slots, labelled):
     """PaliGemma's prefix-LM mask, built as its base model builds it, for the pruned layout.
 
@@ -532,6 +550,9 @@ FAMILIES: tuple[Family, ...] = (
     Family("Gemma 3n", ("gemma3n",),
            image_token_counts=_fixed_counts(lambda config: config.vision_soft_tokens_per_image),
            on_prefill=_gather_per_layer_inputs),
+    # Gemma 4's token layout, encoder-free (a soft token a merged patch), without per-layer inputs.
+    Family("Gemma 4 Unified", ("gemma4_unified",), visual_token_attrs=("image_token_id", "video_token_id"),
+           build_mask=_gemma4_unified_masks, token_types_arg="mm_token_type_ids"),
     # Each tile of an image (and its global view) is a run between separators: its own budget.
     # No base model: the wrapper merges the image features and calls its causal LM, whose
     # decoder the hooks run. Chunked attention and the NoPE layers' temperature tuning number the

@@ -1223,32 +1223,43 @@ def paligemma(attn: str = "sdpa", seed: int = 0, version: int = 1) -> TinyVLM:
                    static_generate=version == 1)
 
 
-def gemma4(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+def gemma4(attn: str = "sdpa", seed: int = 0, unified: bool = False) -> TinyVLM:
     """Gemma 4: an image of (h, w) patches (4 px, at most 64, padded to 64 with position -1)
     pools 2x2 into ``h*w/4`` soft tokens between begin/end-of-image markers; a video of ``t``
     frames is ``t`` such frames of the video token, each after a timestamp; per-layer inputs
     (PLE) computed from the token ids; image and frame blocks attend bidirectionally on the
-    sliding-window layers (window 16) only; the last two layers reuse earlier layers' KV."""
+    sliding-window layers (window 16) only; the last two layers reuse earlier layers' KV.
+    ``unified``: Gemma 4 Unified (transformers 5.x), encoder-free: each 4 px patch (2 px patches
+    merged 2x2) is projected into one soft token (``h*w`` an image), no per-layer inputs, and its
+    base model's image and frame blocks attend bidirectionally on every layer."""
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration
 
     torch.manual_seed(seed)
     image_token, video_token, boi, eoi = 127, 124, 125, 126
-    config = Gemma4Config(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           num_key_value_heads=2, head_dim=16, patch_size=4, pooling_kernel_size=2,
-                           position_embedding_size=16),
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=8, global_head_dim=8, vocab_size=VOCAB,
-                         vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=8,
-                         max_position_embeddings=512, sliding_window=16,
-                         layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2,
-                         use_bidirectional_attention="vision", final_logit_softcapping=30.0,
-                         pad_token_id=PAD, bos_token_id=1, eos_token_id=2),
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=16, patch_size=4, pooling_kernel_size=2,
+                  position_embedding_size=16)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, global_head_dim=8, vocab_size=VOCAB,
+                vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=8,
+                max_position_embeddings=512, sliding_window=16,
+                layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2,
+                use_bidirectional_attention="vision", final_logit_softcapping=30.0,
+                pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    config_cls, model_cls, pooled = Gemma4Config, Gemma4ForConditionalGeneration, 4
+    if unified:
+        from transformers import Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGeneration
+
+        vision = dict(patch_size=2, pooling_kernel_size=2, mm_embed_dim=32, mm_posemb_size=16, output_proj_dims=32)
+        del text["vocab_size_per_layer_input"], text["hidden_size_per_layer_input"]
+        config_cls, model_cls, pooled = Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGeneration, 1
+    config = config_cls(
+        vision_config=vision, text_config=text,
         # Every id inside the tiny vocabulary (the defaults are Gemma's 262k ones).
         image_token_id=image_token, boi_token_id=boi, eoi_token_id=eoi, video_token_id=video_token,
         audio_token_id=123, boa_token_id=122, eoa_token_index=121, pad_token_id=PAD,
     )
-    model = _finish(Gemma4ForConditionalGeneration(config), attn)
+    model = _finish(model_cls(config), attn)
     # Videos' frames: concatenated, with their counts (5.24), or one (frames, ...) tensor a video (5.17).
     flat_frames = "num_frames_per_video" in inspect.signature(model.model.forward).parameters
 
@@ -1267,7 +1278,7 @@ def gemma4(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                 positions.append(torch.full((64, 2), -1))
                 positions[-1][: h * w] = torch.stack([xs.flatten(), ys.flatten()], -1)
                 token = video_token if kind == "video" else image_token
-                ids += (_text(1, gen) if kind == "video" else []) + [boi] + [token] * (h * w // 4) + [eoi]
+                ids += (_text(1, gen) if kind == "video" else []) + [boi] + [token] * (h * w // pooled) + [eoi]
             if kind == "video":
                 frames.append(t)
             return ids
@@ -2045,4 +2056,7 @@ BUILDERS = {
     **({"gemma4": gemma4} if hasattr(transformers, "Gemma4ForConditionalGeneration") else {}),
     "gemma3n": gemma3n,
     "shieldgemma2": lambda **kw: gemma3(shield=True, **kw),
+    # Gemma 4 Unified: not in transformers 4.57
+    **({"gemma4_unified": lambda **kw: gemma4(unified=True, **kw)}
+       if hasattr(transformers, "Gemma4UnifiedForConditionalGeneration") else {}),
 }
