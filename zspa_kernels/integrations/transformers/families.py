@@ -332,12 +332,11 @@ def _paligemma_refusal(config) -> Optional[str]:
 
 
 def _gather_per_layer_inputs(prefill) -> None:
-    """Gemma4's and Gemma 3n's per-layer embeddings (PLE): the base model looks up a ``(num_layers, dim)``
-    input for every token by its id (visual placeholders as padding) and passes them beside
-    the embeddings (without them Gemma4's language model would recover the ids by matching the
-    embeddings to its table, which visual features never match; Gemma 3n's would leave them
-    out); keep those of the kept
-    positions, as the embeddings are kept."""
+    """Gemma4's and Gemma 3n's per-layer embeddings (PLE): the base model looks up a
+    ``(num_layers, dim)`` input for every token by its id (visual placeholders as padding) and
+    passes them beside the embeddings (without them Gemma4's language model would recover the ids
+    by matching the embeddings to its table, which visual features never match; Gemma 3n's would
+    leave them out); keep those of the kept positions, as the embeddings are kept."""
     per_layer = prefill.kwargs.get("per_layer_inputs")
     if per_layer is not None:
         index = prefill.index[..., None, None].expand(-1, -1, *per_layer.shape[2:])
