@@ -168,7 +168,7 @@ def test_question_before_the_image_forms_the_prompt():
 # special drops it.
 MARKERS_ONLY_IN_TOKENIZER = {
     "llava_pixtral", "mistral3", "mistral3_mistral4", "got_ocr2", "janus", "internvl", "idefics2", "idefics3",
-    "smolvlm", "paligemma", "paligemma2", "aya_vision", "cohere2_vision", "lfm2_vl", "minicpmv4_6",
+    "smolvlm", "granite_docling", "granite_docling_fine", "mistral_large4", "step3p7", "qianfan_ocr", "hy_v4_vl", "paligemma", "paligemma2", "aya_vision", "cohere2_vision", "lfm2_vl", "minicpmv4_6",
     "minicpm_ocr", "molmo2", "llama4"}
 
 
@@ -400,14 +400,18 @@ def test_tiny_builders_make_distinct_visual_tokens(name):
     tokens = embeds[_visual(inputs, handle)]
     assert tokens.shape[0] > 0
     assert bool((tokens.norm(dim=-1) > 1e-3).all())
-    # Distinct, but for LLaVA-NeXT-style models' one learned newline feature per row of patches.
-    newline = getattr(getattr(tiny.model, "model", tiny.model), "image_newline", None)  # Llama 4: no base model
-    repeats = 0 if newline is None else int((tokens == newline).all(-1).sum())
     merger = getattr(getattr(getattr(tiny.model, "model", None), "vision_tower", None), "patch_merger", None)
     if hasattr(merger, "image_begin"):  # HunYuan-VL: learned begin, end and row-newline features in every image
         learned = int((inputs["image_grid_thw"][:, 1] // 2 + 2).sum())
         assert tokens.shape[0] - learned + 3 <= torch.unique(tokens, dim=0).shape[0] < tokens.shape[0]
         return
+    # Distinct, but for one learned feature repeated: LLaVA-NeXT-style models' newline per row of patches
+    # (HY-V4-VL's from its patch merger), DeepSeek-OCR-2's view separator after each image.
+    base = getattr(tiny.model, "model", tiny.model)  # Llama 4: no base model
+    learned = [getattr(base, "image_newline", None), getattr(base, "view_separator", None),
+               getattr(merger, "image_newline", None)]
+    newline = next((f for f in learned if f is not None), None)
+    repeats = 0 if newline is None else int((tokens == newline).all(-1).sum())
     assert torch.unique(tokens, dim=0).shape[0] == tokens.shape[0] - max(repeats - 1, 0)
 
 

@@ -420,6 +420,27 @@ FAMILIES: tuple[Family, ...] = (
     Family("DeepSeek-VL", ("deepseek_vl", "deepseek_vl_hybrid"), image_token_counts=_tower_counts),
     # Janus (understanding: text out): each image between begin/end-of-image markers, one run.
     Family("Janus", ("janus",)),
+    # Granite-Docling: Idefics3's page layout (each tile, the thumbnail too, a run after its markers: its
+    # own budget, of either connector path's count) around a Granite text model that adds a feature map
+    # of some tower layers to the image tokens after its first layers (Qwen3-VL's deepstack, gathered).
+    Family("Granite-Docling", ("granite_docling",), lm_attr="text_model", on_prefill=_gather_deepstack),
+    # Mistral Large 4: Mistral3's layout around a text model whose sparse attention picks each query's
+    # keys among the cached ones (the kept tokens) and whose queries are scaled by their positions (kept
+    # original); its wrapper returns the router logits without a loss.
+    Family("Mistral Large 4", ("mistral_large4",), image_token_counts=_tower_counts),
+    # Step3p7: an image's local crops, then its global view, each a run between markers of its own, and its
+    # own budget; Step3.5's text model (sliding windows that count cache slots, MoE without a loss).
+    Family("Step3p7", ("step3p7",)),
+    # Qianfan-OCR: InternVL's model classes and layout (all of an image's tiles one run between <img>
+    # markers: one budget), a Qwen3 text model.
+    Family("Qianfan-OCR", ("qianfan_ocr",)),
+    # DeepSeek-OCR-2: an image's local crops, global view and view separator are one run of image tokens
+    # without markers, of a count per image: each run one image, text between images.
+    Family("DeepSeek-OCR-2", ("deepseek_ocr2",), image_token_counts=_one_run_per_image),
+    # HY-V4-VL: Qwen2-VL's layout (each image, each video, one run between markers; a newline feature
+    # ends each merged row) and 3-D positions; its sparse attention picks each query's keys among the
+    # cached (kept) ones.
+    Family("HY-V4-VL", ("hy_v4_vl",), visual_token_attrs=("image_token_id", "video_token_id")),
     # Any-resolution: counts differ per image; each run of image tokens is one image.
     Family("LLaVA-NeXT", ("llava_next",), image_token_counts=_one_run_per_image),
     # LLaVA-NeXT's any-resolution layout (a window Q-Former downsamples each tile); the image

@@ -505,6 +505,232 @@ def janus(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     return TinyVLM(model, make_inputs, **SPACED_ROWS)
 
 
+def granite_docling(attn: str = "sdpa", seed: int = 0, fine: bool = False) -> TinyVLM:
+    """Granite-Docling (transformers 5.24): Idefics3's page layout (an image of (r, c) tiles of 32 px,
+    each after ``<fake_token_around_image>`` and its ``<row_i_col_j>`` marker, then, for more than one
+    tile, the thumbnail after ``<global-img>``), each tile 16 tokens (4 px patches pixel-shuffled 2x2;
+    ``fine``: the fine connector path, shuffled 1x1, 64 tokens a tile), around a Granite text model to
+    which the connector also adds a feature map of each of two tower layers (Qwen3-VL's deepstack)."""
+    from transformers import GraniteDoclingConfig, GraniteDoclingForConditionalGeneration
+
+    torch.manual_seed(seed)
+    image_token, around, global_img = 127, 126, 125
+    vision = dict(TOWER, image_size=32, patch_size=4, scale_factor=2, out_hidden_size=32,
+                  deepstack_visual_indexes=[0, 1])
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                vocab_size=VOCAB, max_position_embeddings=512, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    config = GraniteDoclingConfig(vision_config=vision, text_config=text, image_token_id=image_token, pad_token_id=PAD)
+    model = _finish(GraniteDoclingForConditionalGeneration(config), attn)
+    tokens = 64 if fine else 16
+
+    def make_inputs(rows, seeds=None) -> dict:
+        pixels = [[] for _ in rows]  # per row
+
+        def image(kind, grid, gen, r):
+            h, w = grid
+            ids = []
+            for i in range(h):
+                for j in range(w):  # the <row_i_col_j> markers: ids 91 to 106
+                    ids += [around, 91 + 4 * i + j] + [image_token] * tokens
+            if h * w > 1:
+                ids += [around, global_img] + [image_token] * tokens + [around]
+            pixels[r].append(torch.randn(h * w + (h * w > 1), 3, 32, 32, generator=gen))
+            return ids
+
+        ids = _token_rows(rows, seeds, image)
+        tiles = [torch.cat(p) if p else torch.zeros(0, 3, 32, 32) for p in pixels]
+        most = max(t.shape[0] for t in tiles)
+        stacked, real = torch.zeros(len(rows), most, 3, 32, 32), torch.zeros(len(rows), most, dtype=torch.bool)
+        for r, t in enumerate(tiles):
+            stacked[r, : len(t)], real[r, : len(t)] = t, True
+        inputs = dict(ids, pixel_values=stacked, pixel_attention_mask=real)
+        if fine:
+            inputs["tile_fine_mask"] = torch.ones(len(rows), dtype=torch.bool)
+        return inputs
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 5), ("image", (1, 1)), ("text", 7)]],
+                   batch=[[("text", 5), ("image", (1, 2)), ("text", 7)],
+                          [("text", 3), ("image", (1, 1)), ("image", (2, 1)), ("text", 4)],
+                          [("image", (1, 1)), ("text", 9)]],
+                   image_runs=lambda grid: grid[0] * grid[1] + (grid[0] * grid[1] > 1))
+
+
+def mistral_large4(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """Mistral Large 4 (transformers 5.24): Mistral3's Pixtral tower, patch merger and layout around a
+    text model of latent attention whose keys an indexer narrows to its top ``index_topk`` (DeepSeek
+    sparse attention: the indexer of every other layer, the others reuse its choice), MoE layers after
+    a dense one, a NoPE layer, layer 1 reading layer 0's latent cache, and queries scaled by their
+    position's log. That scale and LeRoPE's learned frequencies start as no-ops (checkpoints set them):
+    drawn here. ``index_topk`` is past every test prompt's length: the indexer's top-k breaks ties among
+    its scores (ReLU zeros) by the sequence's length, so below it the unpatched model's cached decoding
+    differs from a forward over the whole sequence, which the tests compare it with."""
+    from transformers import AutoConfig, MistralLarge4Config, MistralLarge4ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    image_token = 127
+    text = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
+                n_shared_experts=1, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
+                index_topk=512, index_head_dim=8, index_n_heads=2, indexer_types=["full", "shared"] * 2,
+                kv_source_layers=[0, 0, 2, 3], vocab_size=VOCAB, max_position_embeddings=512, pad_token_id=PAD,
+                bos_token_id=1, eos_token_id=2)
+    config = MistralLarge4Config(
+        vision_config=AutoConfig.for_model("pixtral", **TOWER, image_size=16, patch_size=2), text_config=text,
+        image_token_index=image_token, spatial_merge_size=2, pad_token_id=PAD)
+    model = MistralLarge4ForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("softmax_scaling.scale", "rotary_emb.alpha")):
+                p.normal_(0, 0.3)
+    return TinyVLM(_finish(model, attn), lambda rows, seeds=None: _pixtral_inputs(rows, seeds, image_token, 4, 16),
+                   **PIXTRAL_ROWS)
+
+
+def step3p7(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """Step3p7 (transformers 5.x): an image of ``n`` local crops (16 px) and its global view (32 px);
+    2 px patches, two stride-2 convolutions: 4 tokens a crop, 16 the view, each between markers of its
+    own (``<patch_start>``/``<patch_end>``, ``<im_start>``/``<im_end>``, in no config). Step3.5's text
+    model: sliding-window layers (8 tokens, 2 heads) between full-attention ones (4 heads), gated
+    attention, MoE layers after a dense one."""
+    from transformers import Step3p7Config, Step3p7ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    image_token, patch_start, patch_end, im_start, im_end = 127, 123, 124, 125, 126
+    vision = dict(TOWER, image_size=32, patch_size=2, mlp_ratio=2.0)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=8, num_sliding_attention_heads=2, vocab_size=VOCAB, max_position_embeddings=512, pad_token_id=PAD,
+                bos_token_id=1, eos_token_id=2, num_experts_per_tok=2, n_routed_experts=4, moe_intermediate_size=32,
+                share_expert_dim=32, layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=8,
+                mlp_layer_types=["dense", "sparse", "sparse", "sparse"])
+    config = Step3p7Config(vision_config=vision, text_config=text, image_token_id=image_token)
+    model = _finish(Step3p7ForConditionalGeneration(config), attn)
+
+    def make_inputs(rows, seeds=None) -> dict:
+        views, crops, counts = [], [], []
+
+        def image(kind, n, gen, r):
+            crops.append(torch.randn(n, 3, 16, 16, generator=gen))
+            views.append(torch.randn(3, 32, 32, generator=gen))
+            counts.append(n)
+            return ([patch_start] + [image_token] * 4 + [patch_end]) * n + [im_start] + [image_token] * 16 + [im_end]
+
+        ids = _token_rows(rows, seeds, image)
+        return dict(ids, pixel_values=torch.stack(views), pixel_values_local=torch.cat(crops) if sum(counts) else None,
+                    num_local_patches=torch.tensor(counts))
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 5), ("image", 0), ("text", 7)]],
+                   batch=[[("text", 5), ("image", 2), ("text", 7)],
+                          [("text", 3), ("image", 0), ("image", 1), ("text", 4)],
+                          [("image", 1), ("text", 9)]],
+                   image_runs=lambda n: n + 1,
+                   # Its experts run one by one on the tokens routed to them: a compiled generation makes a
+                   # graph per count.
+                   graphs_follow_routing=True)
+
+
+def qianfan_ocr(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """Qianfan-OCR (transformers 5.x): InternVL's model classes and layout (a 32 px tile pixel-shuffled
+    into 16 tokens, an image's tiles one run between ``<img>`` and ``</img>``), a tower of its own
+    (stochastic depth, idle in eval) and a Qwen3 text model."""
+    from transformers import QianfanOCRConfig, QianfanOCRForConditionalGeneration
+
+    torch.manual_seed(seed)
+    image_token, start, end = 127, 125, 126
+    config = QianfanOCRConfig(vision_config=dict(**TOWER, image_size=32, patch_size=4),
+                              text_config=_tiny_llama("qwen3"), image_token_id=image_token,
+                              image_seq_length=16, downsample_ratio=0.5, pad_token_id=PAD)
+    model = _finish(QianfanOCRForConditionalGeneration(config), attn)
+    return TinyVLM(model, _tiles_between(start, end, image_token, tokens=16, size=32),
+                   single=[[("text", 5), ("image", 2), ("text", 7)]],
+                   batch=[[("text", 5), ("image", 1), ("text", 7)],
+                          [("text", 3), ("image", 2), ("image", 1), ("text", 4)],
+                          [("image", 1), ("text", 9)]])
+
+
+def deepseek_ocr2(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """DeepSeek-OCR-2 (transformers 5.x): an image of ``n`` local crops and its global view (64 px each;
+    a SAM tower whose 4x4 output patches a Qwen2-style encoder reads with its 144 learned queries: 144
+    tokens a view) is one run of image tokens, the view separator's feature last (``144 (n + 1) + 1``),
+    no markers; a DeepSeek-V2 MoE text model after a dense layer."""
+    from transformers import DeepseekOcr2Config, DeepseekOcr2ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    image_token = 127
+    sam = dict(SAM_TOWER, downsample_channels=[16, 32])
+    encoder = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                vocab_size=VOCAB, max_position_embeddings=1024, pad_token_id=PAD, bos_token_id=1, eos_token_id=2,
+                n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=32,
+                mlp_layer_types=["dense", "sparse"])
+    config = DeepseekOcr2Config(vision_config=dict(sam_config=sam, encoder_config=encoder), text_config=text,
+                                image_token_id=image_token, pad_token_id=PAD)
+    model = _finish(DeepseekOcr2ForConditionalGeneration(config), attn)
+
+    def make_inputs(rows, seeds=None) -> dict:
+        views, crops, counts = [], [], []
+
+        def image(kind, n, gen, r):
+            crops.append(torch.randn(n, 3, 64, 64, generator=gen))
+            views.append(torch.randn(3, 64, 64, generator=gen))
+            counts.append(n)
+            return [image_token] * (144 * (n + 1) + 1)
+
+        ids = _token_rows(rows, seeds, image)
+        return dict(ids, pixel_values=torch.stack(views), pixel_values_local=torch.cat(crops) if sum(counts) else None,
+                    num_local_patches=torch.tensor(counts))
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 5), ("image", 0), ("text", 7)]],
+                   batch=[[("text", 5), ("image", 1), ("text", 7)],
+                          [("text", 3), ("image", 0), ("text", 2), ("image", 0), ("text", 4)],
+                          [("image", 0), ("text", 9)]])
+
+
+def hy_v4_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """HY-V4-VL (transformers 5.24): 2 px patches merged 2x2 and a newline feature after each merged row,
+    so an image of ``(h, w)`` patches takes ``h/2 * (w/2 + 1)`` tokens and a video of ``t`` frames ``t``
+    times that (one run), each between markers (in no config); 3-D M-RoPE positions from the token
+    types. The text model: latent attention narrowed by an indexer (its top-k past every test prompt,
+    as in :func:`mistral_large4`), hyper-connections (2 residual streams), a dense then a MoE layer."""
+    from transformers import HYV4VLConfig, HYV4VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    image_token, video_token, start, end = 127, 124, 125, 126
+    vision = dict(TOWER, out_hidden_size=32, patch_size=2, spatial_merge_size=2, max_image_size=16)
+    text = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=4, head_dim=8, vocab_size=VOCAB, max_position_embeddings=512, pad_token_id=PAD,
+                bos_token_id=1, eos_token_id=2, n_routed_experts=4, num_experts_per_tok=2, q_lora_rank=16, kv_lora_rank=16,
+                qk_nope_head_dim=4, qk_rope_head_dim=6, v_head_dim=8, index_topk=512, index_head_dim=8, index_n_heads=2,
+                hc_mult=2, rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[1, 1, 1]))
+    config = HYV4VLConfig(vision_config=vision, text_config=text, image_token_id=image_token, video_token_id=video_token)
+    # transformers runs its attention eagerly only (it refuses SDPA): eager wherever SDPA is asked for.
+    model = _finish(HYV4VLForConditionalGeneration(config), "eager" if attn == "sdpa" else attn)
+
+    def make_inputs(rows, seeds=None) -> dict:
+        media = {"image": ([], []), "video": ([], [])}
+
+        def segment(kind, grid, gen, r):
+            t, h, w = grid if kind == "video" else (1, *grid)
+            pixels, grids = media[kind]
+            pixels.append(torch.randn(t * h * w, 3 * 2 * 2, generator=gen))
+            grids.append([t, h, w])
+            token = video_token if kind == "video" else image_token
+            return [start] + [token] * (t * h // 2 * (w // 2 + 1)) + [end]
+
+        out = _token_rows(rows, seeds, segment)
+        out.update(_patch_inputs(media))
+        out["mm_token_type_ids"] = (out["input_ids"] == image_token).int() + 2 * (out["input_ids"] == video_token).int()
+        return out
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 4), ("image", (8, 8)), ("text", 6)]],
+                   batch=[[("text", 4), ("image", (8, 8)), ("text", 6)],
+                          [("text", 2), ("image", (4, 8)), ("text", 1), ("image", (6, 8)), ("text", 3)],
+                          [("video", (2, 4, 8)), ("text", 5)]])
+
+
 def _any_resolution(model, config, image_token: int) -> TinyVLM:
     """LLaVA-NeXT's any-resolution images (16 px tiles on the config's grid pinpoints, one run of
     image tokens each, as many as the model makes of it): LLaVA-NeXT and Granite 4 Vision."""
@@ -1982,6 +2208,19 @@ BUILDERS = {
     "deepseek_vl": deepseek_vl,
     "deepseek_vl_hybrid": lambda **kw: deepseek_vl(hybrid=True, **kw),
     "janus": janus,
+    # Granite-Docling: from transformers 5.24
+    **({"granite_docling": granite_docling, "granite_docling_fine": lambda **kw: granite_docling(fine=True, **kw)}
+       if hasattr(transformers, "GraniteDoclingForConditionalGeneration") else {}),
+    # Mistral Large 4: from transformers 5.24
+    **({"mistral_large4": mistral_large4} if hasattr(transformers, "MistralLarge4ForConditionalGeneration") else {}),
+    # Step3p7: not in transformers 4.57
+    **({"step3p7": step3p7} if hasattr(transformers, "Step3p7ForConditionalGeneration") else {}),
+    # Qianfan-OCR: not in transformers 4.57
+    **({"qianfan_ocr": qianfan_ocr} if hasattr(transformers, "QianfanOCRForConditionalGeneration") else {}),
+    # DeepSeek-OCR-2: not in transformers 4.57
+    **({"deepseek_ocr2": deepseek_ocr2} if hasattr(transformers, "DeepseekOcr2ForConditionalGeneration") else {}),
+    # HY-V4-VL: from transformers 5.24
+    **({"hy_v4_vl": hy_v4_vl} if hasattr(transformers, "HYV4VLForConditionalGeneration") else {}),
     # FastVLM: not in transformers 4.57
     **({"fast_vlm": fast_vlm} if hasattr(transformers, "FastVlmForConditionalGeneration") else {}),
     "llava_next": llava_next,
