@@ -45,6 +45,15 @@ from .selection import ImageSelection, select_images, to_device
 
 PROMPTS = ("question", "all_text")
 
+def _new_pixels(kwargs: dict) -> bool:
+    """Whether a call brings pixels to encode: any ``pixel_values*`` input, but for local crops without
+    their images' ``pixel_values`` (transformers 5.17's generate() forwards Step3p7's and DeepSeek-OCR-2's
+    ``pixel_values_local`` at every decode step, which their models read only beside ``pixel_values``)."""
+    return any(k.startswith("pixel_values") and v is not None
+               and not (k == "pixel_values_local" and kwargs.get("pixel_values") is None)
+               for k, v in kwargs.items())
+
+
 REUSE_ERROR = (
     "zspa_kernels.prune: this KV cache holds a pruned prefill; it can only be extended "
     "one token at a time by the generation that built it. Reusing it for a new prompt "
@@ -353,7 +362,7 @@ class PruneHandle:
             return None
         step = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         q = step.shape[1]
-        if q != 1 or any(k.startswith("pixel_values") and v is not None for k, v in kwargs.items()):
+        if q != 1 or _new_pixels(kwargs):
             # A prompt on a cache this handle pruned: a new generation if the cache was emptied
             # (read back once a prompt), else a reuse that would misplace tokens.
             if _is_empty(cache):
