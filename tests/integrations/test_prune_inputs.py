@@ -167,9 +167,10 @@ def test_question_before_the_image_forms_the_prompt():
 # ordinary text in its tokenizer, so kept there (like "ASSISTANT:"); any tokenizer that marks it
 # special drops it.
 MARKERS_ONLY_IN_TOKENIZER = {
-    "llava_pixtral", "mistral3", "mistral3_mistral4", "got_ocr2", "janus", "internvl", "idefics2", "idefics3",
-    "smolvlm", "granite_docling", "granite_docling_fine", "mistral_large4", "step3p7", "qianfan_ocr", "hy_v4_vl", "paligemma", "paligemma2", "aya_vision", "cohere2_vision", "lfm2_vl", "minicpmv4_6",
-    "minicpm_ocr", "molmo2", "llama4"}
+    "aya_vision", "cohere2_vision", "got_ocr2", "granite_docling", "granite_docling_fine", "hy_v4_vl",
+    "idefics2", "idefics3", "internvl", "janus", "lfm2_vl", "llama4", "llava_pixtral", "minicpm_ocr",
+    "minicpmv4_6", "mistral3", "mistral3_mistral4", "mistral_large4", "molmo2", "paligemma", "paligemma2",
+    "qianfan_ocr", "smolvlm", "step3p7"}
 
 
 def _tokenizer(special_from: int, size: int):

@@ -45,6 +45,7 @@ from .selection import ImageSelection, select_images, to_device
 
 PROMPTS = ("question", "all_text")
 
+
 def _new_pixels(kwargs: dict) -> bool:
     """Whether a call brings pixels to encode: any ``pixel_values*`` input, but for local crops without
     their images' ``pixel_values`` (transformers 5.17's generate() forwards Step3p7's and DeepSeek-OCR-2's
