@@ -101,6 +101,8 @@ def no_cache_logits(model, prefill: dict, decode_positions: list, tokens: torch.
         chosen = torch.isin(visual.nonzero()[:, 0], torch.tensor(rows))
         extra["vision_mask"] = torch.nn.functional.pad(visual[rows], (0, tokens.shape[1]))[..., None]
         extra["deepstack_features"] = {layer: f[chosen] for layer, f in prefill["deepstack_features"].items()}
+    if prefill.get("ple_input_ids") is not None:  # Qwen4-Exp's per-layer n-gram embeddings read the ids
+        extra["ple_input_ids"] = torch.cat([prefill["ple_input_ids"][rows], tokens], 1)
     decoder = lm_of(model)
     if prefill.get("per_layer_inputs") is not None:
         if len(inspect.signature(decoder.get_per_layer_inputs).parameters) == 1:
@@ -147,14 +149,21 @@ def token_embeddings(model, tokens: torch.Tensor) -> torch.Tensor:
 
 def lm_head(model, hidden: torch.Tensor) -> torch.Tensor:
     """The wrapper's logits of the base model's ``hidden`` states: its LM head, its division by the
-    text config's ``logits_scaling`` where the wrapper divides (Granite 4 Vision), then the text
+    text config's ``logits_scaling`` where the wrapper divides (Granite 4 Vision; HyperCLOVAX vision v2
+    multiplies), its product with the
+    wrapper's ``logit_scale`` where it has one (Cohere Compass), then the text
     config's final soft-capping where the wrapper applies it (Gemma3/4 do; PaliGemma's wrapper
     only from transformers 5.24 on, though PaliGemma 2's config always sets it)."""
     logits = model.get_output_embeddings()(hidden)
-    if "logits_scaling" in inspect.getsource(type(model).forward):  # Granite 4 Vision
+    source = inspect.getsource(type(model).forward)
+    if "* self.config.text_config.logits_scaling" in source:  # HyperCLOVAX vision v2 multiplies
+        logits = logits * model.config.get_text_config().logits_scaling
+    elif "logits_scaling" in source:  # Granite 4 Vision
         logits = logits / model.config.get_text_config().logits_scaling
+    if getattr(model, "logit_scale", None) is not None:  # Cohere Compass
+        logits = logits * model.logit_scale
     cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    if cap is None or "final_logit_softcapping" not in inspect.getsource(type(model).forward):
+    if cap is None or "final_logit_softcapping" not in source:
         return logits
     return torch.tanh(logits / cap) * cap
 
@@ -171,7 +180,10 @@ def image_features_of(model, inputs):
 
 def unpruned_decode_positions(model, inputs, new_tokens: int, **gen):
     """Positions the unpatched model gives each generated token (they do not depend on
-    the tokens' values)."""
+    the tokens' values). Where ``generate()`` passes none (HyperCLOVAX vision v2), the language
+    model numbers a token by its cache's length: the prompt's, padding included, plus the step."""
     with capture_lm_calls(model) as calls, torch.no_grad():
         model.generate(**inputs, max_new_tokens=new_tokens, **gen)
-    return [c["position_ids"] for c in calls[1:]]
+    length = inputs["input_ids"].shape[1]
+    return [c["position_ids"] if c["position_ids"] is not None else torch.full((1, 1), length + step)
+            for step, c in enumerate(calls[1:])]

@@ -397,6 +397,16 @@ def _gather_moe_token_types(prefill) -> None:
         prefill.kwargs["moe_mm_token_type_ids"] = types * prefill.valid
 
 
+def _gather_ple_ids(prefill) -> None:
+    """Qwen4-Exp's per-layer embeddings read ``ple_input_ids`` (the prompt's ids, visual placeholders
+    included): keep those of the kept positions, as the embeddings are kept; without them the language
+    model would recover the ids by matching the embeddings to its table, which visual features never
+    match. Re-padding slots are masked, and the language model reads them as its end-of-sequence id."""
+    ids = prefill.kwargs.get("ple_input_ids")
+    if ids is not None:
+        prefill.kwargs["ple_input_ids"] = ids.to(prefill.index.device).gather(1, prefill.index)
+
+
 FAMILIES: tuple[Family, ...] = (
     Family("LLaVA-1.5", ("llava",), image_token_counts=_tower_counts),
     # LLaVA-1.5's layout; its projector reads several tower layers.
@@ -553,6 +563,26 @@ FAMILIES: tuple[Family, ...] = (
     # Cosmos3-Omni's reasoner: Qwen3-VL's model classes (deepstack features included).
     Family("Cosmos3-Omni", ("cosmos3_omni",), visual_token_attrs=("image_token_id", "video_token_id"),
            on_prefill=_gather_deepstack),
+    # Qwen4-Exp: Qwen3.5-MoE's layout around a text model whose per-layer embeddings (PLE) hash each
+    # token's id with those of the tokens before it: the base model passes the ids beside the embeddings
+    # (ple_input_ids, gathered: the kept tokens' n-grams are of the kept tokens before them). Its
+    # indexed-attention layers pick key blocks among the kept tokens and number them by the original positions.
+    Family("Qwen4-Exp", ("qwen4_exp",), visual_token_attrs=("image_token_id", "video_token_id"),
+           on_prefill=_gather_ple_ids, router_loss=(0, 0)),
+    # Cosmos3-Edge: Qwen2-VL's model classes around a packed SigLIP2 tower and a Llama text model on
+    # M-RoPE; each video frame between its own markers (after a timestamp), one run and budget each.
+    Family("Cosmos3-Edge", ("cosmos3_edge",), visual_token_attrs=("image_token_id", "video_token_id")),
+    # HyperCLOVAX-SEED vision v2: EXAONE 4.5's layout (Qwen2.5-VL's tokens, 1-D positions) around a
+    # HyperCLOVAX text model.
+    Family("HyperCLOVAX vision v2", ("hyperclovax_vision_v2",), visual_token_attrs=("image_token_id", "video_token_id")),
+    # Cohere Compass: Qwen3-VL's model classes (deepstack features included) around a Cohere2 text model,
+    # whose sliding windows count cache slots (a pruned prompt's windows are of kept tokens).
+    Family("Cohere Compass", ("cohere_compass",), visual_token_attrs=("image_token_id", "video_token_id"),
+           on_prefill=_gather_deepstack),
+    # GLM-5-Next: GLM-4.6V's layout (video frames are images between begin/end-of-video markers: one
+    # budget a frame) around a text model without positions, whose linear-attention state and indexer run
+    # over the kept tokens; its MoE routers need nothing of the hooks.
+    Family("GLM-5-Next", ("glm5_next",), router_loss=(0, 0)),
     # ShieldGemma 2 is a Gemma3 model under a config of its own, inside an image classifier (which
     # reads the last position's yes/no logits): there the hooks' base model is the Gemma3 wrapper.
     Family("Gemma3", ("gemma3", "shieldgemma2"), lm_attr=("language_model", "model.language_model"),

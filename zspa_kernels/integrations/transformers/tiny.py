@@ -1273,6 +1273,80 @@ def cosmos3_omni(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     return _qwen3("Cosmos3Omni", QWEN3_VISION, QWEN3_TEXT, attn, seed)
 
 
+def cosmos3_edge(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """Cosmos3-Edge (transformers 5.x): Qwen2-VL's model classes around a packed SigLIP2 tower (one
+    frame a patch, no temporal patches) and a Llama text model on M-RoPE; every video frame is wrapped
+    in its own markers, after a timestamp (as Qwen3-VL's)."""
+    vision = dict(TOWER, num_patches=16, temporal_patch_size=None)
+    text = dict(_tiny_llama().to_dict(), head_dim=8, hidden_act="relu2",
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]})
+    return _qwen(transformers.Cosmos3EdgeConfig, transformers.Cosmos3EdgeForConditionalGeneration, vision, attn,
+                 seed, text=text, per_frame=True, patch_dim=3 * 2 * 2, projector_hidden_size=64)
+
+
+def qwen4_exp(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """Qwen4-Exp (transformers 5.x): Qwen3.5-MoE's model classes and layout around its own text model:
+    each layer's input and output mixed over 2 hyper-connection streams; per-layer n-gram embeddings
+    (PLE) on the first (DeltaNet) layer, bigrams and trigrams of 2 hashed heads each (prime-sized tables
+    from 64 rows); the full-attention layer indexed (QSA): each query attends to its best 2 blocks of 2
+    keys and the incomplete block after them."""
+    text = dict(QWEN3_5_TEXT, **QWEN3_MOE, shared_expert_intermediate_size=32, hc_count=2, hc_lowrank=8,
+                ple_layer_ids=[1], ngram_vocab_size_base=64, heads_per_ngram=2, ple_embed_dim=32, indexer_n_heads=2,
+                indexer_kv_heads=1, indexer_head_dim=32, indexer_budget=4, indexer_compress_ratio=2)
+    tiny = _qwen3("Qwen4Exp", QWEN3_5_VISION, text, attn, seed)
+    # Its indexer loops over the rows and queries in Python, each taking the visible keys' indices
+    # (nonzero): a compiled generation makes graphs by their counts, which pruning changes.
+    tiny.graphs_follow_routing = True
+    return tiny
+
+
+def cohere_compass(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """Cohere Compass (transformers 5.x): Qwen3-VL's model classes and layout (deepstack included) around
+    a Cohere2 text model: a sliding-window layer with M-RoPE (8-token windows, so that they fall inside the
+    prompts), then a full-attention layer without positions; its wrapper scales the logits."""
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, vocab_size=VOCAB, max_position_embeddings=512,
+                layer_types=["sliding_attention", "full_attention"], sliding_window=8, logit_scale=0.5,
+                rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0,
+                                                       "mrope_section": [2, 1, 1]},
+                                 "full_attention": None},
+                pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    return _qwen3("CohereCompass", QWEN3_VISION, text, attn, seed)
+
+
+def glm5_next(attn: str = "sdpa", seed: int = 0, videos: bool = False) -> TinyVLM:
+    """GLM-5-Next (transformers 5.x): GLM-4.6V's token layout around a text model without positions
+    (NoPE): a gated linear-attention layer, then an indexed (DSA) latent-attention layer whose indexer
+    picks the best 2 pools of 2 keys for each query (16 heads: a pool's score, a sum of the heads'
+    rectified scores, is then rarely an exact 0, a tie that ``topk`` breaks by the sequence's shape, so
+    that a pruned prefill and its no-cache reference would pick different pools); each layer's input and output mixed over 2
+    hyper-connection streams; the first MLP dense, the second MoE (4 routed experts, 2 a token, a shared one)."""
+    text = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=2,
+                n_shared_experts=1, kv_lora_rank=16, q_lora_rank=16, qk_nope_head_dim=8, v_head_dim=8,
+                # the config renames full attention to its indexed kind (named otherwise before 5.24)
+                layer_types=["linear_attention", "full_attention"], mlp_layer_types=["dense", "sparse"],
+                index_topk=4, index_kpool=2, index_head_dim=16, index_n_heads=16, linear_head_dim=8,
+                linear_num_heads=4, hc_mult=2, vocab_size=VOCAB, max_position_embeddings=512,
+                pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    return _glm("Glm5Next", text, attn, seed, videos, vision=dict(projection_intermediate_size=64))
+
+
+def hyperclovax_vision_v2(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """HyperCLOVAX-SEED vision v2 (transformers 5.24+): EXAONE 4.5's token layout (Qwen2.5-VL's, a video
+    one run) and 1-D positions, a Qwen2.5-VL tower and a linear projector around a HyperCLOVAX text model
+    (muP multipliers on the embeddings, residuals, attention and logits; the wrapper multiplies its
+    logits by ``logits_scaling``)."""
+    text = dict(model_type="hyperclovax", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512,
+                embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.25, logits_scaling=0.5,
+                pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    vision = dict(model_type="qwen2_5_vl_vision", depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                  out_hidden_size=32, window_size=8, fullatt_block_indexes=[1])
+    return _qwen(transformers.HyperCLOVAXVisionV2Config, transformers.HyperCLOVAXVisionV2ForConditionalGeneration,
+                 vision, attn, seed, text=text)
+
+
 def _idefics(config_cls, model_cls, attn: str, seed: int, **reduce) -> TinyVLM:
     """Idefics2/3, SmolVLM: a 32x32 image gives (32/4)^2 patches, reduced to 16 tokens
     (``reduce``: pixel-shuffled 2x2, or a perceiver of 16 latents), wrapped in
@@ -1637,15 +1711,15 @@ def _patch_inputs(media: dict) -> dict:
 
 
 def _qwen(config_cls, model_cls, vision: dict, attn: str, seed: int, text=QWEN_TEXT,
-          per_frame: bool = False) -> TinyVLM:
+          per_frame: bool = False, patch_dim: int = 3 * 2 * 2 * 2, **extra) -> TinyVLM:
     """Qwen2/2.5/3-VL: each image or video is wrapped in vision start/end markers and
-    takes ``t*h*w / 4`` tokens for a ``(t, h, w)`` patch grid (2x2 merge)."""
+    takes ``t*h*w / 4`` tokens for a ``(t, h, w)`` patch grid (2x2 merge). ``patch_dim``: the
+    pixels of a patch (a tower without temporal patches: 3 * 2 * 2); ``extra``: more of the config."""
     torch.manual_seed(seed)
-    config = config_cls(text_config=text, vision_config=dict(vision, **QWEN_PATCH),
+    config = config_cls(text_config=text, vision_config=dict(QWEN_PATCH, **vision),
                         image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO,
-                        vision_start_token_id=QWEN_START, vision_end_token_id=QWEN_END)
+                        vision_start_token_id=QWEN_START, vision_end_token_id=QWEN_END, **extra)
     model = _finish(model_cls(config), attn)
-    patch_dim = 3 * 2 * 2 * 2
     takes_types = "mm_token_type_ids" in inspect.signature(model.model.forward).parameters
 
     def make_inputs(rows, seeds=None) -> dict:
@@ -1708,20 +1782,21 @@ GLM_MOE_TEXT = dict(GLM_TEXT, n_routed_experts=4, num_experts_per_tok=2, moe_int
                     rope_scaling={"rope_type": "default", "mrope_section": [2, 1, 1]})
 
 
-def _glm(name: str, text: dict, attn: str, seed: int, videos: bool, config_name: Optional[str] = None) -> TinyVLM:
+def _glm(name: str, text: dict, attn: str, seed: int, videos: bool, config_name: Optional[str] = None,
+         vision: Optional[dict] = None) -> TinyVLM:
     """GLM-4.1V/4.5V/4.6V (``name``: the transformers class prefix): Qwen-like patches (2x2 merge);
     an image is begin/end-of-image markers around ``h*w/4`` image tokens; a video is
     begin/end-of-video markers around its frames, each an image of the same image token (the
     modality is in ``mm_token_type_ids``, 5.x) and a timestamp. The model cannot take images and
     videos in one call (it places both by the image token), so ``videos=True`` gives rows of videos
     only. ``config_name``: the config's class prefix, where it is not ``name`` (GLM-4.6V's model
-    classes serve other configs)."""
+    classes serve other configs); ``vision``: more of the vision config."""
     torch.manual_seed(seed)
     video_start, video_end = 118, 119
     config = getattr(transformers, f"{config_name or name}Config")(
         text_config=text,
         vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
-                           out_hidden_size=32, image_size=16, **QWEN_PATCH),
+                           out_hidden_size=32, image_size=16, **QWEN_PATCH, **(vision or {})),
         image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO, image_start_token_id=QWEN_START,
         image_end_token_id=QWEN_END, video_start_token_id=video_start, video_end_token_id=video_end)
     model = _finish(getattr(transformers, f"{name}ForConditionalGeneration")(config), attn)
@@ -2289,6 +2364,17 @@ BUILDERS = {
     **({"kimi_k25": kimi_k25} if hasattr(transformers, "Kimi_K25ForConditionalGeneration") else {}),
     # Cosmos3-Omni: not in transformers 4.57
     **({"cosmos3_omni": cosmos3_omni} if hasattr(transformers, "Cosmos3OmniForConditionalGeneration") else {}),
+    # Qwen4-Exp, Cosmos3-Edge: not in transformers 4.57
+    **({"qwen4_exp": qwen4_exp} if hasattr(transformers, "Qwen4ExpForConditionalGeneration") else {}),
+    **({"cosmos3_edge": cosmos3_edge} if hasattr(transformers, "Cosmos3EdgeForConditionalGeneration") else {}),
+    # HyperCLOVAX-SEED vision v2: from transformers 5.24
+    **({"hyperclovax_vision_v2": hyperclovax_vision_v2}
+       if hasattr(transformers, "HyperCLOVAXVisionV2ForConditionalGeneration") else {}),
+    # Cohere Compass: not in transformers 4.57
+    **({"cohere_compass": cohere_compass} if hasattr(transformers, "CohereCompassForConditionalGeneration") else {}),
+    # GLM-5-Next: not in transformers 4.57
+    **({"glm5_next": glm5_next, "glm5_next_video": lambda **kw: glm5_next(videos=True, **kw)}
+       if hasattr(transformers, "Glm5NextForConditionalGeneration") else {}),
     # Llama 4: refused from transformers 5.24 (families.py)
     **({"llama4": llama4} if _accepted("llama4") else {}),
     # Gemma 4: not in transformers 4.57
