@@ -775,6 +775,22 @@ def test_qwen3_deepstack_rows_follow_their_tokens():
         assert torch.equal(layer[source], kept_layer)
 
 
+@pytest.mark.skipif("qwen4_exp" not in BUILDERS, reason="Qwen4-Exp is not in this transformers")
+@torch.no_grad()
+def test_qwen4_exp_per_layer_embeddings_read_the_kept_tokens_ids():
+    """Qwen4-Exp's per-layer n-gram embeddings read ``ple_input_ids`` beside the embeddings: a pruned
+    prefill hands its language model the ids of the kept positions (the no-cache reference reuses
+    them, so only this test holds them to the input's)."""
+    tiny = BUILDERS["qwen4_exp"]()
+    inputs = tiny.make_inputs(tiny.batch)
+    with zspa_kernels.prune(tiny.model, keep=KEEP) as handle, capture_lm_calls(tiny.model) as calls:
+        tiny.model(**inputs)
+    ids, kept = calls[0]["ple_input_ids"], handle.last_kept_positions
+    assert ids.shape == kept.shape and ids.shape[1] < inputs["input_ids"].shape[1]
+    valid = kept >= 0
+    assert torch.equal(ids[valid], inputs["input_ids"].gather(1, kept.clamp(min=0))[valid])
+
+
 @pytest.mark.skipif("granite4_vision" not in BUILDERS, reason="Granite 4 Vision is not in this transformers")
 @torch.no_grad()
 def test_granite4_vision_features_follow_their_tokens():
