@@ -1329,7 +1329,11 @@ def glm5_next(attn: str = "sdpa", seed: int = 0, videos: bool = False) -> TinyVL
                 index_topk=4, index_kpool=2, index_head_dim=16, index_n_heads=16, linear_head_dim=8,
                 linear_num_heads=4, hc_mult=2, vocab_size=VOCAB, max_position_embeddings=512,
                 pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
-    return _glm("Glm5Next", text, attn, seed, videos, vision=dict(projection_intermediate_size=64))
+    tiny = _glm("Glm5Next", text, attn, seed, videos, vision=dict(projection_intermediate_size=64))
+    # Its indexer keeps the key pools valid in some row (a boolean index): a compiled generation
+    # makes graphs by their count, which pruning changes with the rows' padding.
+    tiny.graphs_follow_routing = True
+    return tiny
 
 
 def hyperclovax_vision_v2(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
