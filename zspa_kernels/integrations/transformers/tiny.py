@@ -631,22 +631,9 @@ def step3p7(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
 
 
 def qianfan_ocr(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
-    """Qianfan-OCR (transformers 5.x): InternVL's model classes and layout (a 32 px tile pixel-shuffled
-    into 16 tokens, an image's tiles one run between ``<img>`` and ``</img>``), a tower of its own
-    (stochastic depth, idle in eval) and a Qwen3 text model."""
-    from transformers import QianfanOCRConfig, QianfanOCRForConditionalGeneration
-
-    torch.manual_seed(seed)
-    image_token, start, end = 127, 125, 126
-    config = QianfanOCRConfig(vision_config=dict(**TOWER, image_size=32, patch_size=4),
-                              text_config=_tiny_llama("qwen3"), image_token_id=image_token,
-                              image_seq_length=16, downsample_ratio=0.5, pad_token_id=PAD)
-    model = _finish(QianfanOCRForConditionalGeneration(config), attn)
-    return TinyVLM(model, _tiles_between(start, end, image_token, tokens=16, size=32),
-                   single=[[("text", 5), ("image", 2), ("text", 7)]],
-                   batch=[[("text", 5), ("image", 1), ("text", 7)],
-                          [("text", 3), ("image", 2), ("image", 1), ("text", 4)],
-                          [("image", 1), ("text", 9)]])
+    """Qianfan-OCR (transformers 5.x): InternVL's model classes and layout (:func:`internvl`), a tower
+    of its own (stochastic depth, idle in eval) and a Qwen3 text model."""
+    return internvl(attn, seed, classes="QianfanOCR", text="qwen3")
 
 
 def deepseek_ocr2(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
@@ -2189,17 +2176,16 @@ def qwen3_omni_moe(attn: str = "sdpa", seed: int = 0, media: str = "both") -> Ti
     return tiny
 
 
-def internvl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+def internvl(attn: str = "sdpa", seed: int = 0, classes: str = "InternVL", text: str = "qwen2") -> TinyVLM:
     """InternVL3: a 32x32 tile gives (32/4)^2 patches, pixel-shuffled 2x2 into 16 tokens;
-    an image of ``n`` tiles is ``<img>`` + 16n image tokens + ``</img>``."""
-    from transformers import InternVLConfig, InternVLForConditionalGeneration
-
+    an image of ``n`` tiles is ``<img>`` + 16n image tokens + ``</img>``. ``classes``: the model
+    classes' prefix (``"QianfanOCR"``: the same layout), ``text``: the text model's type."""
     torch.manual_seed(seed)
     image_token, start, end = 127, 125, 126
-    config = InternVLConfig(vision_config=dict(**TOWER, image_size=32, patch_size=4),
-                            text_config=_tiny_llama("qwen2"), image_token_id=image_token,
-                            image_seq_length=16, downsample_ratio=0.5, pad_token_id=PAD)
-    model = _finish(InternVLForConditionalGeneration(config), attn)
+    config = getattr(transformers, f"{classes}Config")(
+        vision_config=dict(**TOWER, image_size=32, patch_size=4), text_config=_tiny_llama(text),
+        image_token_id=image_token, image_seq_length=16, downsample_ratio=0.5, pad_token_id=PAD)
+    model = _finish(getattr(transformers, f"{classes}ForConditionalGeneration")(config), attn)
 
     return TinyVLM(model, _tiles_between(start, end, image_token, tokens=16, size=32),
                    single=[[("text", 5), ("image", 2), ("text", 7)]],
