@@ -587,6 +587,26 @@ def mistral_large4(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                    **PIXTRAL_ROWS)
 
 
+def _view_and_crops(crop_px: int, view_px: int, tokens: Callable[[int], list[int]]) -> Callable[..., dict]:
+    """``make_inputs`` of Step3p7 and DeepSeek-OCR-2: an ``("image", n)`` segment is a global view
+    (``pixel_values``) and ``n`` local crops (``pixel_values_local``, ``num_local_patches``), whose
+    ids are ``tokens(n)``."""
+    def make_inputs(rows, seeds=None) -> dict:
+        views, crops, counts = [], [], []
+
+        def image(kind, n, gen, r):
+            crops.append(torch.randn(n, 3, crop_px, crop_px, generator=gen))
+            views.append(torch.randn(3, view_px, view_px, generator=gen))
+            counts.append(n)
+            return tokens(n)
+
+        ids = _token_rows(rows, seeds, image)
+        return dict(ids, pixel_values=torch.stack(views), pixel_values_local=torch.cat(crops) if sum(counts) else None,
+                    num_local_patches=torch.tensor(counts))
+
+    return make_inputs
+
+
 def step3p7(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     """Step3p7 (transformers 5.x): an image of ``n`` local crops (16 px) and its global view (32 px);
     2 px patches, two stride-2 convolutions: 4 tokens a crop, 16 the view, each between markers of its
@@ -606,19 +626,8 @@ def step3p7(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     config = Step3p7Config(vision_config=vision, text_config=text, image_token_id=image_token)
     model = _finish(Step3p7ForConditionalGeneration(config), attn)
 
-    def make_inputs(rows, seeds=None) -> dict:
-        views, crops, counts = [], [], []
-
-        def image(kind, n, gen, r):
-            crops.append(torch.randn(n, 3, 16, 16, generator=gen))
-            views.append(torch.randn(3, 32, 32, generator=gen))
-            counts.append(n)
-            return ([patch_start] + [image_token] * 4 + [patch_end]) * n + [im_start] + [image_token] * 16 + [im_end]
-
-        ids = _token_rows(rows, seeds, image)
-        return dict(ids, pixel_values=torch.stack(views), pixel_values_local=torch.cat(crops) if sum(counts) else None,
-                    num_local_patches=torch.tensor(counts))
-
+    make_inputs = _view_and_crops(
+        16, 32, lambda n: ([patch_start] + [image_token] * 4 + [patch_end]) * n + [im_start] + [image_token] * 16 + [im_end])
     return TinyVLM(model, make_inputs,
                    single=[[("text", 5), ("image", 0), ("text", 7)]],
                    batch=[[("text", 5), ("image", 2), ("text", 7)],
@@ -654,20 +663,7 @@ def deepseek_ocr2(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     config = DeepseekOcr2Config(vision_config=dict(sam_config=sam, encoder_config=encoder), text_config=text,
                                 image_token_id=image_token, pad_token_id=PAD)
     model = _finish(DeepseekOcr2ForConditionalGeneration(config), attn)
-
-    def make_inputs(rows, seeds=None) -> dict:
-        views, crops, counts = [], [], []
-
-        def image(kind, n, gen, r):
-            crops.append(torch.randn(n, 3, 64, 64, generator=gen))
-            views.append(torch.randn(3, 64, 64, generator=gen))
-            counts.append(n)
-            return [image_token] * (144 * (n + 1) + 1)
-
-        ids = _token_rows(rows, seeds, image)
-        return dict(ids, pixel_values=torch.stack(views), pixel_values_local=torch.cat(crops) if sum(counts) else None,
-                    num_local_patches=torch.tensor(counts))
-
+    make_inputs = _view_and_crops(64, 64, lambda n: [image_token] * (144 * (n + 1) + 1))
     return TinyVLM(model, make_inputs,
                    single=[[("text", 5), ("image", 0), ("text", 7)]],
                    batch=[[("text", 5), ("image", 1), ("text", 7)],
