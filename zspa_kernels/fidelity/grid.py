@@ -135,10 +135,14 @@ class Journal:
 
 
 def kl_divergence(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) per row in fp64 from log-probabilities; exactly 0 where they are equal."""
-    logp, logq = logp.double(), logq.double()
+    """KL(p || q) per row in fp64 from log-probabilities; exactly 0 where they are equal.
+
+    The inputs are float32 log-softmaxes, whose exponentials sum to 1 only up to float32 rounding:
+    renormalised in fp64 first, and the fp64 rounding left on nearly equal rows (KL is never below 0)
+    clamped, so that a tiny model that barely reads its image gives 0, not -2e-8."""
+    logp, logq = torch.log_softmax(logp.double(), -1), torch.log_softmax(logq.double(), -1)
     p = logp.exp()
-    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1).clamp_min(0.0)
 
 
 def _eos_ids(model) -> set[int]:
