@@ -331,16 +331,24 @@ def _paligemma_refusal(config) -> Optional[str]:
     return None
 
 
-def _gather_per_layer_inputs(prefill) -> None:
-    """Gemma4's and Gemma 3n's per-layer embeddings (PLE): the base model looks up a
-    ``(num_layers, dim)`` input for every token by its id (visual placeholders as padding) and
-    passes them beside the embeddings (without them Gemma4's language model would recover the ids
-    by matching the embeddings to its table, which visual features never match; Gemma 3n's would
-    leave them out); keep those of the kept positions, as the embeddings are kept."""
-    per_layer = prefill.kwargs.get("per_layer_inputs")
-    if per_layer is not None:
-        index = prefill.index[..., None, None].expand(-1, -1, *per_layer.shape[2:])
-        prefill.kwargs["per_layer_inputs"] = per_layer.gather(1, index)
+def _gather_positions(name: str) -> Callable[[Any], None]:
+    """An ``on_prefill`` that keeps the kept positions' entries of the language model's argument
+    ``name``, a tensor indexed ``(B, L, ...)`` by prompt position, as the embeddings are kept.
+
+    Gemma4's and Gemma 3n's per-layer embeddings (PLE, ``per_layer_inputs``): the base model looks
+    up a ``(num_layers, dim)`` input for every token by its id (visual placeholders as padding).
+    Qwen4-Exp's (``ple_input_ids``): the prompt's ids, which its language model hashes into n-grams;
+    re-padding slots are masked, and it reads them as its end-of-sequence id. Without them Gemma4's
+    and Qwen4-Exp's language models would recover the ids by matching the embeddings to their
+    table, which visual features never match; Gemma 3n's would leave them out."""
+    def gather(prefill) -> None:
+        value = prefill.kwargs.get(name)
+        if value is not None:
+            index = prefill.index.reshape(*prefill.index.shape, *[1] * (value.dim() - 2))
+            value = value.to(prefill.index.device)
+            prefill.kwargs[name] = value.gather(1, index.expand(-1, -1, *value.shape[2:]))
+
+    return gather
 
 
 def _molmo2_counts(config, inputs: dict, runs: list[int]) -> list[int]:
@@ -395,16 +403,6 @@ def _gather_moe_token_types(prefill) -> None:
     if types is not None:
         types = types.to(prefill.index.device).gather(1, prefill.index)
         prefill.kwargs["moe_mm_token_type_ids"] = types * prefill.valid
-
-
-def _gather_ple_ids(prefill) -> None:
-    """Qwen4-Exp's per-layer embeddings read ``ple_input_ids`` (the prompt's ids, visual placeholders
-    included): keep those of the kept positions, as the embeddings are kept; without them the language
-    model would recover the ids by matching the embeddings to its table, which visual features never
-    match. Re-padding slots are masked, and the language model reads them as its end-of-sequence id."""
-    ids = prefill.kwargs.get("ple_input_ids")
-    if ids is not None:
-        prefill.kwargs["ple_input_ids"] = ids.to(prefill.index.device).gather(1, prefill.index)
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -568,7 +566,7 @@ FAMILIES: tuple[Family, ...] = (
     # (ple_input_ids, gathered: the kept tokens' n-grams are of the kept tokens before them). Its
     # indexed-attention layers pick key blocks among the kept tokens and number them by the original positions.
     Family("Qwen4-Exp", ("qwen4_exp",), visual_token_attrs=("image_token_id", "video_token_id"),
-           on_prefill=_gather_ple_ids, router_loss=(0, 0)),
+           on_prefill=_gather_positions("ple_input_ids"), router_loss=(0, 0)),
     # Cosmos3-Edge: Qwen2-VL's model classes around a packed SigLIP2 tower and a Llama text model on
     # M-RoPE; each video frame between its own markers (after a timestamp), one run and budget each.
     Family("Cosmos3-Edge", ("cosmos3_edge",), visual_token_attrs=("image_token_id", "video_token_id")),
@@ -594,12 +592,12 @@ FAMILIES: tuple[Family, ...] = (
            build_mask=_paligemma_masks, refuse_config=_paligemma_refusal),
     # Each image (each video frame) between its own begin/end-of-image markers: one run each.
     Family("Gemma4", ("gemma4",), visual_token_attrs=("image_token_id", "video_token_id"),
-           on_prefill=_gather_per_layer_inputs, build_mask=_gemma4_masks, token_types_arg="mm_token_type_ids"),
+           on_prefill=_gather_positions("per_layer_inputs"), build_mask=_gemma4_masks, token_types_arg="mm_token_type_ids"),
     # Each image between begin/end-of-image markers, a fixed count; audio (a tower of its own) is kept
     # whole. Per-layer inputs gathered as Gemma4's; causal masks, the language model's own.
     Family("Gemma 3n", ("gemma3n",),
            image_token_counts=_fixed_counts(lambda config: config.vision_soft_tokens_per_image),
-           on_prefill=_gather_per_layer_inputs),
+           on_prefill=_gather_positions("per_layer_inputs")),
     # Gemma 4's token layout, encoder-free (a soft token a merged patch), without per-layer inputs.
     Family("Gemma 4 Unified", ("gemma4_unified",), visual_token_attrs=("image_token_id", "video_token_id"),
            build_mask=_gemma4_unified_masks, token_types_arg="mm_token_type_ids"),
