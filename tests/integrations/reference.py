@@ -149,10 +149,9 @@ def token_embeddings(model, tokens: torch.Tensor) -> torch.Tensor:
 
 def lm_head(model, hidden: torch.Tensor) -> torch.Tensor:
     """The wrapper's logits of the base model's ``hidden`` states: its LM head, its division by the
-    text config's ``logits_scaling`` where the wrapper divides (Granite 4 Vision; HyperCLOVAX vision v2
-    multiplies), its product with the
-    wrapper's ``logit_scale`` where it has one (Cohere Compass), then the text
-    config's final soft-capping where the wrapper applies it (Gemma3/4 do; PaliGemma's wrapper
+    text config's ``logits_scaling`` where the wrapper divides (Granite 4 Vision; HyperCLOVAX vision
+    v2 multiplies), its product with the wrapper's ``logit_scale`` where it has one (Cohere
+    Compass), then the text config's final soft-capping where the wrapper applies it (Gemma3/4 do; PaliGemma's wrapper
     only from transformers 5.24 on, though PaliGemma 2's config always sets it)."""
     logits = model.get_output_embeddings()(hidden)
     source = inspect.getsource(type(model).forward)
