@@ -34,10 +34,20 @@ def lm_of(model):
 
 @contextlib.contextmanager
 def capture_lm_calls(model):
-    """Record the keyword arguments the language model receives (after any other hook)."""
+    """Record the keyword arguments the language model receives (after any other hook). A language
+    model that embeds its ``input_ids`` itself (Phi-4-multimodal: ``Family.embed``) is recorded with
+    the embeddings its forward computes from them."""
     calls = []
-    hook = lm_of(model).register_forward_pre_hook(
-        lambda m, a, kw: calls.append(dict(kw)), with_kwargs=True)
+    embed = find_family(model).embed
+
+    def record(module, args, kwargs):
+        kwargs = dict(kwargs)
+        if embed is not None:
+            with torch.no_grad():
+                args, kwargs = embed(module, args, kwargs)
+        calls.append(kwargs)
+
+    hook = lm_of(model).register_forward_pre_hook(record, with_kwargs=True)
     try:
         yield calls
     finally:

@@ -23,8 +23,10 @@ class Family:
     name: str
     model_types: tuple[str, ...]
     # From the base model; dotted where it sits in a causal LM (Llama 4); a tuple: the first the model
-    # has, where transformers releases place it differently (the Qwen Omni thinkers).
+    # has, where transformers releases place it differently (the Qwen Omni thinkers); empty: the base
+    # model is its own language model (Phi-4-multimodal embeds the features and runs the decoder).
     lm_attr: Union[str, tuple[str, ...]] = "language_model"
+    # Config attributes, dotted where a sub-config holds the id (Phi-4-multimodal's vision_config).
     visual_token_attrs: tuple[str, ...] = ("image_token_id",)
     # (config, the base model's keyword arguments, the lengths of the runs of visual tokens
     # in row-major order) -> the token count of each image in order. Default: each run is
@@ -61,6 +63,11 @@ class Family:
     # asks for them is refused there (:meth:`weighs_router_logits`). None: no version does (Llama 4
     # just returns the kept tokens' router logits).
     router_loss: Optional[tuple[int, int]] = None
+    # For a language model that embeds its ``input_ids`` itself, visual features included (Phi-4-
+    # multimodal): (the language model, its positional and keyword arguments) -> the same call with
+    # ``inputs_embeds`` computed as its forward computes them, and no ``input_ids``. Its hook then
+    # runs on the embeddings as on any other family's. None: the caller passes ``inputs_embeds``.
+    embed: Optional[Callable[[torch.nn.Module, tuple, dict], tuple[tuple, dict]]] = None
 
     def weighs_router_logits(self) -> bool:
         """Whether the installed transformers' wrapper turns router logits into a loss (router_loss)."""
@@ -82,7 +89,12 @@ class Family:
         return None
 
     def visual_token_ids(self, config) -> list[int]:
-        ids = [getattr(config, attr, None) for attr in self.visual_token_attrs]
+        ids = []
+        for path in self.visual_token_attrs:
+            found = config
+            for attr in path.split("."):
+                found = getattr(found, attr, None)
+            ids.append(found)
         return [i for i in ids if i is not None]
 
 
@@ -405,6 +417,61 @@ def _gather_moe_token_types(prefill) -> None:
         prefill.kwargs["moe_mm_token_type_ids"] = types * prefill.valid
 
 
+def _phi4_counts(config, inputs: dict, runs: list[int]) -> list[int]:
+    """Phi-4-multimodal: an image is its HD crops' features (useful rows of them, each row ended by a
+    separator feature), a separator, then its global view's (each row ended likewise): one run of image
+    tokens and one budget, images possibly back to back. Each image's count as its image embedding
+    computes it, from ``image_sizes`` (the crop grid) and the crops' ``image_attention_mask`` (the
+    useful rows and columns of patches, every second one), in row-major order."""
+    sizes, masks = inputs.get("image_sizes"), inputs.get("image_attention_mask")
+    if sizes is None or inputs.get("image_pixel_values") is None:
+        raise ValueError("image_sizes, image_pixel_values: required to tell where each Phi-4-multimodal "
+                         "image's tokens are, got None")
+    vision = config.vision_config
+    side = -(-(vision.image_size // vision.patch_size) // 2)  # patches per side, padded even, pooled 2x2
+    masks = None if masks is None else masks.cpu()
+    counts = []
+    for i, (height, width) in enumerate(torch.as_tensor(sizes).view(-1, 2).tolist()):
+        rows, cols = height // vision.crop_size, width // vision.crop_size
+        if masks is None:
+            useful_h, useful_w = rows * side, cols * side
+        else:
+            grid = (masks[i, 1: rows * cols + 1, 0::2, 0::2].reshape(rows, cols, side, side)
+                    .transpose(1, 2).reshape(rows * side, cols * side))
+            useful_h, useful_w = int(grid[:, 0].sum()), int(grid[0, :].sum())
+        counts.append(useful_h * (useful_w + 1) + 1 + side * (side + 1))
+    return counts
+
+
+def _phi4_embed(model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Phi-4-multimodal's base model is its decoder: it embeds ``input_ids``, image and audio features
+    merged in by its embedding extension, inside its forward. The same embedding, computed here, goes
+    in as ``inputs_embeds`` (the forward then skips its own); a call that brings embeddings is left
+    as it is."""
+    if args:  # input_ids given by position
+        kwargs = dict(kwargs, input_ids=args[0])
+        args = args[1:]
+    ids = kwargs.get("input_ids")
+    if ids is None or kwargs.get("inputs_embeds") is not None:
+        return args, kwargs
+    try:
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:  # transformers 4.x
+        maybe_install_capturing_hooks = None
+    if maybe_install_capturing_hooks is not None and any(
+            kwargs.get(f"output_{k}", getattr(model.config, f"output_{k}", False)) for k in ("hidden_states", "attentions")):
+        # As its forward does before it embeds anything: its output-capturing hooks, the vision tower's with
+        # them (installed after the tower's own, transformers 5.24 installs those twice).
+        maybe_install_capturing_hooks(model)
+    embeds = model.embed_tokens_extend(
+        ids, model.embed_tokens(ids), image_pixel_values=kwargs.get("image_pixel_values"),
+        audio_input_features=kwargs.get("audio_input_features"), image_sizes=kwargs.get("image_sizes"),
+        image_attention_mask=kwargs.get("image_attention_mask"), audio_embed_sizes=kwargs.get("audio_embed_sizes"),
+        audio_attention_mask=kwargs.get("audio_attention_mask"))
+    kwargs["input_ids"], kwargs["inputs_embeds"] = None, embeds
+    return args, kwargs
+
+
 FAMILIES: tuple[Family, ...] = (
     Family("LLaVA-1.5", ("llava",), image_token_counts=_tower_counts),
     # LLaVA-1.5's layout; its projector reads several tower layers.
@@ -601,6 +668,12 @@ FAMILIES: tuple[Family, ...] = (
     # Gemma 4's token layout, encoder-free (a soft token a merged patch), without per-layer inputs.
     Family("Gemma 4 Unified", ("gemma4_unified",), visual_token_attrs=("image_token_id", "video_token_id"),
            build_mask=_gemma4_unified_masks, token_types_arg="mm_token_type_ids"),
+    # Phi-4-multimodal: its base model is its decoder, which embeds the image and audio features itself
+    # (computed ahead by the hooks: Family.embed). Each image (HD crops, a separator, the global view) is
+    # one run and budget; audio tokens are kept whole, like text.
+    Family("Phi-4-multimodal", ("phi4_multimodal",), lm_attr="",
+           visual_token_attrs=("vision_config.image_token_id",), image_token_counts=_phi4_counts,
+           embed=_phi4_embed),
     # Each tile of an image (and its global view) is a run between separators: its own budget.
     # No base model: the wrapper merges the image features and calls its causal LM, whose
     # decoder the hooks run. Chunked attention and the NoPE layers' temperature tuning number the
@@ -646,6 +719,8 @@ def split_model(model: torch.nn.Module, family: Family) -> tuple[torch.nn.Module
 
     def lm_of(module):
         for path in paths:
+            if not path:
+                return module
             found = module
             for name in path.split("."):
                 found = getattr(found, name, None)

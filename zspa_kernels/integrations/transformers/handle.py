@@ -397,6 +397,15 @@ class PruneHandle:
         return None
 
     def _lm_pre_hook(self, module, args, kwargs):
+        if self.family.embed is None:
+            return self._lm_pre(module, args, kwargs)
+        # A language model that embeds its input_ids itself (Family.embed): the embeddings go in
+        # computed, and the hook works on them; it edits the arguments in place.
+        args, kwargs = self.family.embed(module, args, kwargs)
+        self._lm_pre(module, args, kwargs)
+        return args, kwargs
+
+    def _lm_pre(self, module, args, kwargs):
         inputs, self._inputs = self._inputs or {}, None
         self._logits_to_keep = None
         cache = _cache_of(kwargs)

@@ -2245,6 +2245,89 @@ def llama4(attn: str = "sdpa", seed: int = 0, floor_scale: int = 8192) -> TinyVL
                    static_generate=static_generate)
 
 
+PHI4_IMAGE, PHI4_AUDIO = 120, 121
+
+
+def phi4_multimodal(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """Phi-4-multimodal: an ("image", (h, w)) segment is an image of h x w pixels on a grid of 16 px crops
+    (its useful patches marked in ``image_attention_mask``, as the processor marks them), each crop 2x2
+    tokens after pooling: its useful rows of crop tokens (each row ended by a separator), a separator, then
+    its global view's 2x2 (rows ended likewise); an ("audio", n) clip of n mel frames is n // 2 audio
+    tokens (audio is kept whole). Back-to-back images, and audio between them, in one batch."""
+    from transformers import Phi4MultimodalConfig, Phi4MultimodalForCausalLM
+
+    torch.manual_seed(seed)
+    config = Phi4MultimodalConfig(
+        vision_config=dict(TOWER, image_size=16, patch_size=4, crop_size=16, image_token_id=PHI4_IMAGE),
+        audio_config=dict(hidden_size=16, intermediate_size=32, num_blocks=1, num_attention_heads=2,
+                          ext_pw_out_channel=16, depthwise_separable_out_channel=16, input_size=8,
+                          time_reduction=2, nemo_conv_channels=8, audio_token_id=PHI4_AUDIO),
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=PHI4_IMAGE, max_position_embeddings=512, original_max_position_embeddings=512,
+        pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    model = Phi4MultimodalForCausalLM(config)
+    # The LM head's ids stop below the image and audio ids, which only the token table holds: a generated
+    # image id makes the unpatched model encode the images again at a decode step, without their
+    # image_sizes (generate() passes those to the prefill only), and fail.
+    model.model.embed_tokens = torch.nn.Embedding(VOCAB, config.hidden_size, PAD)
+    model = _finish(model, {"": attn, "vision_config": "eager", "audio_config": "eager"})
+    # Zero-initialised: every separator feature would be the zero vector.
+    embedding = model.model.embed_tokens_extend.image_embed
+    for extensor in (embedding.global_img_feature_extensor, embedding.sub_img_feature_extensor):
+        extensor.data.normal_()
+    try:  # transformers 5.x: its output-capturing hooks, installed ahead (see the README's footnote)
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+
+        maybe_install_capturing_hooks(model.model)
+    except ImportError:
+        pass
+    crop, patch = 16, 4
+
+    def make_inputs(rows, seeds=None) -> dict:
+        images, masks, sizes, clips = [], [], [], []
+
+        def segment(kind, size, gen, r):
+            if kind == "audio":
+                clips.append(torch.randn(size, 8, generator=gen))
+                return [PHI4_AUDIO] * (size // 2)
+            h, w = size
+            grid = (-(-h // crop), -(-w // crop))
+            canvas = torch.zeros(3, grid[0] * crop, grid[1] * crop)
+            canvas[:, :h, :w] = torch.randn(3, h, w, generator=gen)
+            crops = canvas.unfold(1, crop, crop).unfold(2, crop, crop).permute(1, 2, 0, 3, 4).reshape(-1, 3, crop, crop)
+            glob = torch.nn.functional.interpolate(canvas[None], size=(crop, crop), mode="bilinear")[0]
+            images.append(torch.cat([glob[None], crops]))
+            useful = torch.zeros(grid[0] * crop // patch, grid[1] * crop // patch)
+            useful[: -(-h // patch), : -(-w // patch)] = 1
+            per_crop = useful.unfold(0, crop // patch, crop // patch).unfold(1, crop // patch, crop // patch)
+            masks.append(torch.cat([torch.ones(1, crop // patch, crop // patch), per_crop.reshape(-1, crop // patch, crop // patch)]))
+            sizes.append([grid[0] * crop, grid[1] * crop])
+            kept = useful[0::2, 0::2]
+            tokens = int(kept[:, 0].sum()) * (int(kept[0].sum()) + 1) + 1 + 2 * 3
+            return [PHI4_IMAGE] * tokens
+
+        out = _token_rows(rows, seeds, segment)
+        if images:
+            most = max(i.shape[0] for i in images)
+            out["image_pixel_values"] = _stack_tiles(images)
+            out["image_attention_mask"] = torch.stack([torch.cat([m, torch.ones(most - m.shape[0], *m.shape[1:])])
+                                                       for m in masks])
+            out["image_sizes"] = torch.tensor(sizes)
+        if clips:
+            longest = max(c.shape[0] for c in clips)
+            out["audio_input_features"] = torch.stack([torch.nn.functional.pad(c, (0, 0, 0, longest - c.shape[0]))
+                                                       for c in clips])
+            out["audio_embed_sizes"] = torch.tensor([c.shape[0] // 2 for c in clips])
+            out["audio_attention_mask"] = torch.arange(longest)[None] < torch.tensor([c.shape[0] for c in clips])[:, None]
+        return out
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 5), ("image", (16, 16)), ("text", 7)]],
+                   batch=[[("text", 5), ("image", (32, 24)), ("audio", 16), ("text", 7)],
+                          [("text", 3), ("image", (16, 32)), ("image", (12, 16)), ("text", 4)],
+                          [("audio", 12), ("image", (16, 16)), ("text", 9)]])
+
+
 def _accepted(model_type: str) -> bool:
     """Whether prune() accepts ``model_type`` on this transformers (families.py)."""
     from .families import FAMILIES
@@ -2370,4 +2453,5 @@ BUILDERS = {
     # Gemma 4 Unified: not in transformers 4.57
     **({"gemma4_unified": lambda **kw: gemma4(unified=True, **kw)}
        if hasattr(transformers, "Gemma4UnifiedForConditionalGeneration") else {}),
+    "phi4_multimodal": phi4_multimodal,
 }
