@@ -397,10 +397,12 @@ class PruneHandle:
         return None
 
     def _lm_pre_hook(self, module, args, kwargs):
-        if self.family.embed is None:
+        cache = _cache_of(kwargs)
+        if self.family.embed is None or (cache is not None and cache in self._caches):
             return self._lm_pre(module, args, kwargs)
-        # A language model that embeds its input_ids itself (Family.embed): the embeddings go in
-        # computed, and the hook works on them; it edits the arguments in place.
+        # A language model that embeds its input_ids itself (Family.embed): a prompt's embeddings go in
+        # computed, and the hook works on them; it edits the arguments in place. A decode step on a pruned
+        # cache (one text token) is embedded by the model, as unpatched (a compiled step: one graph).
         args, kwargs = self.family.embed(module, args, kwargs)
         self._lm_pre(module, args, kwargs)
         return args, kwargs
@@ -638,6 +640,8 @@ class PruneHandle:
     # -- decode ----------------------------------------------------------------------------
     def _decode_step(self, state: _CacheState, kwargs) -> None:
         embeds = kwargs.get("inputs_embeds")
+        if embeds is None:  # a language model that embeds its input_ids itself (Family.embed)
+            embeds = kwargs["input_ids"]
         q = embeds.shape[1]
         if q != 1:
             raise RuntimeError(REUSE_ERROR)

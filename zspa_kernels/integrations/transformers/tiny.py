@@ -2321,7 +2321,9 @@ def phi4_multimodal(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
             out["audio_attention_mask"] = torch.arange(longest)[None] < torch.tensor([c.shape[0] for c in clips])[:, None]
         return out
 
-    return TinyVLM(model, make_inputs,
+    # generate() repeats each image's inputs for its row's beams image by image, not row by row: a row of
+    # several images gets other beams' images (the model itself misplaces their features).
+    return TinyVLM(model, make_inputs, beam_multi_image=False,
                    single=[[("text", 5), ("image", (16, 16)), ("text", 7)]],
                    batch=[[("text", 5), ("image", (32, 24)), ("audio", 16), ("text", 7)],
                           [("text", 3), ("image", (16, 32)), ("image", (12, 16)), ("text", 4)],
