@@ -648,16 +648,20 @@ class PruneHandle:
         if state.decode_mask is not None:  # a static cache: the same shapes at every step
             cache = _cache_of(kwargs)
             caller, state.caller_slots = state.caller_slots, None
-            # The caller's slots, as the base model's hook saw them; none seen: the language model
-            # was called without the base model.
-            appended = _appended(state, cache, kwargs.get("cache_position") if caller is None else caller[0])
-            slots = torch.arange(q, device=embeds.device) + (appended + state.pruned_len)
-            if kwargs.get("cache_position") is not None:
-                kwargs["cache_position"] = slots
             mask = state.decode_mask
-            if self.family.build_mask is not None:  # decode tokens are text: no image blocks
-                mask = self.family.build_mask(self.config, embeds, mask, cache, kwargs.get("position_ids"), None, slots,
-                                              False)
+            # The slots only where they are read: no tensor op otherwise (where the language model's forward
+            # breaks Dynamo's graph, as Phi-4-multimodal's does, this hook is traced as a frame of its own,
+            # and an op in it is a graph of its own).
+            if kwargs.get("cache_position") is not None or self.family.build_mask is not None:
+                # The caller's slots, as the base model's hook saw them; none seen: the language model
+                # was called without the base model.
+                appended = _appended(state, cache, kwargs.get("cache_position") if caller is None else caller[0])
+                slots = torch.arange(q, device=embeds.device) + (appended + state.pruned_len)
+                if kwargs.get("cache_position") is not None:
+                    kwargs["cache_position"] = slots
+                if self.family.build_mask is not None:  # decode tokens are text: no image blocks
+                    mask = self.family.build_mask(self.config, embeds, mask, cache, kwargs.get("position_ids"), None,
+                                                  slots, False)
             kwargs["attention_mask"] = mask
             return
         grown, past = state.grown, state.pruned_len + state.grown

@@ -2327,7 +2327,7 @@ def phi4_multimodal(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                    single=[[("text", 5), ("image", (16, 16)), ("text", 7)]],
                    batch=[[("text", 5), ("image", (32, 24)), ("audio", 16), ("text", 7)],
                           [("text", 3), ("image", (16, 32)), ("image", (12, 16)), ("text", 4)],
-                          [("audio", 12), ("image", (16, 16)), ("text", 9)]])
+                          [("audio", 16), ("image", (16, 16)), ("text", 9)]])
 
 
 def _accepted(model_type: str) -> bool:
