@@ -496,3 +496,43 @@ def test_ernie_moe_token_types_follow_the_kept_positions():
     expected = types.gather(1, kept.clamp_min(0)).masked_fill(kept < 0, 0)
     assert kept.shape[1] < types.shape[1] and (expected == 2).any()
     assert torch.equal(calls[0]["moe_mm_token_type_ids"], expected)
+
+
+@pytest.mark.skipif("phi4_multimodal" not in BUILDERS, reason="Phi-4-multimodal is not in this transformers")
+@torch.no_grad()
+def test_phi4_multimodal_prunes_image_tokens_only_and_captures_outputs_as_unpatched():
+    """Phi-4-multimodal's decoder embeds the image and audio features itself; the hooks compute those
+    embeddings ahead. Its output-capturing hooks are installed as its forward installs them, before the
+    vision tower runs (a first pruned call asking for hidden states leaves later calls working, as
+    unpatched); every audio token is kept, with the unpatched model's features; only image tokens go."""
+    from zspa_kernels.integrations.transformers.tiny import PHI4_AUDIO, PHI4_IMAGE
+
+    tiny = BUILDERS["phi4_multimodal"](capture_hooks=False)
+    model, inputs = tiny.model, tiny.make_inputs(tiny.batch)
+    with zspa_kernels.prune(model, keep=KEEP) as handle:
+        first = model(**inputs, output_hidden_states=True)
+    assert first.hidden_states is not None and first.logits.shape[1] < inputs["input_ids"].shape[1]
+    expected = model(**inputs).logits  # would fail had the vision tower's hooks been installed twice
+    with capture_lm_calls(model) as full:
+        model(**inputs)
+    with zspa_kernels.prune(model, keep=1.0):
+        assert torch.equal(model(**inputs).logits, expected)
+    with zspa_kernels.prune(model, keep=KEEP) as handle, capture_lm_calls(model) as pruned:
+        model(**inputs)
+    kept = handle.last_kept_positions
+    ids = inputs["input_ids"]
+    kept_ids = ids.gather(1, kept.clamp_min(0)).masked_fill(kept < 0, -1)
+    assert torch.equal((kept_ids == PHI4_AUDIO).sum(1), (ids == PHI4_AUDIO).sum(1)) and (ids == PHI4_AUDIO).any()
+    assert int((kept_ids == PHI4_IMAGE).sum()) == KEEP * len(handle.last_selection) < int((ids == PHI4_IMAGE).sum())
+    audio = kept_ids == PHI4_AUDIO
+    embeds = full[0]["inputs_embeds"]
+    original = embeds.gather(1, kept.clamp_min(0)[..., None].expand(-1, -1, embeds.shape[-1]))
+    assert torch.equal(pruned[0]["inputs_embeds"][audio], original[audio])
+    # Past original_max_position_embeddings its generate() runs the whole sequence again while its cache
+    # is shorter, which a pruned cache stays: refused, whether a prompt or such a re-run is that long.
+    model.config.original_max_position_embeddings = inputs["input_ids"].shape[1] - 1
+    try:
+        with zspa_kernels.prune(model, keep=KEEP), pytest.raises(ValueError, match="^input_ids: .*Phi-4"):
+            model(**inputs)
+    finally:
+        model.config.original_max_position_embeddings = 512

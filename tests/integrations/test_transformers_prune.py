@@ -285,7 +285,8 @@ def test_static_cache_decoding_compiles_once(tiny):
     step until its limit, then falls back to eager (minutes of compiles for a 7B model). Compiled
     here on CPU with Dynamo's eager backend: the pruned generation must compile no more graphs
     than the unpatched one (which recompiles once where transformers' sliding-window layers count
-    their length in Python), and generate the tokens of its uncompiled self. Where the unpatched
+    their length in Python; one more where the hooks are a frame of their own: TinyVLM.hook_graph),
+    and generate the tokens of its uncompiled self. Where the unpatched
     model compiles a graph per count of tokens routed to an expert (4.57's GLM-4.5V), its count
     depends on the tokens, which pruning changes: only the tokens are compared."""
     import torch._dynamo
@@ -315,7 +316,7 @@ def test_static_cache_decoding_compiles_once(tiny):
         tokens, pruned = compiled()
     assert torch.equal(tokens, eager)
     if not tiny.graphs_follow_routing:
-        assert 1 <= pruned <= unpatched, (pruned, unpatched)
+        assert 1 <= pruned <= unpatched + tiny.hook_graph, (pruned, unpatched)
 
 
 @torch.no_grad()

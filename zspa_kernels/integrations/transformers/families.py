@@ -423,6 +423,14 @@ def _phi4_counts(config, inputs: dict, runs: list[int]) -> list[int]:
     tokens and one budget, images possibly back to back. Each image's count as its image embedding
     computes it, from ``image_sizes`` (the crop grid) and the crops' ``image_attention_mask`` (the
     useful rows and columns of patches, every second one), in row-major order."""
+    limit, ids = getattr(config, "original_max_position_embeddings", None), inputs.get("input_ids")
+    if limit is not None and ids is not None and ids.shape[1] > limit:
+        # Past it, its generate() drops a cache shorter than that and runs the whole sequence again as a
+        # new prompt (its long-RoPE switch): a pruned cache stays shorter, so it would do so step after
+        # step, pruning again each time by the prompt it has then.
+        raise ValueError(f"input_ids: zspa_kernels.prune supports Phi-4-multimodal prompts of up to {limit} "
+                         f"tokens (original_max_position_embeddings), got {ids.shape[1]}: past it, its generate() "
+                         "runs the whole sequence again while its cache is shorter, which a pruned cache stays")
     sizes, masks = inputs.get("image_sizes"), inputs.get("image_attention_mask")
     if sizes is None or inputs.get("image_pixel_values") is None:
         raise ValueError("image_sizes, image_pixel_values: required to tell where each Phi-4-multimodal "

@@ -74,6 +74,11 @@ class TinyVLM:
     # True where the unpatched model compiles a graph per count of tokens routed to an expert (a
     # Python loop over its experts): how many graphs a compiled generation makes depends on its tokens.
     graphs_follow_routing: bool = False
+    # True where a compiled static-cache decode step has one graph more than unpatched, compiled once: the
+    # language model's forward breaks Dynamo's graph (Phi-4-multimodal's embedding looks for image tokens in
+    # Python), so the hooks are traced as a frame of their own, and transformers 4.x's decode steps need
+    # their cache_position remapped there (a tensor op: one graph).
+    hook_graph: bool = False
     # False where the unpatched model's batch rows depend on each other (HunYuan-VL numbers images
     # across the batch): a row batched then differs from the row alone, pruned or not.
     rows_independent: bool = True
@@ -2248,12 +2253,16 @@ def llama4(attn: str = "sdpa", seed: int = 0, floor_scale: int = 8192) -> TinyVL
 PHI4_IMAGE, PHI4_AUDIO = 120, 121
 
 
-def phi4_multimodal(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+def phi4_multimodal(attn: str = "sdpa", seed: int = 0, capture_hooks: bool = True) -> TinyVLM:
     """Phi-4-multimodal: an ("image", (h, w)) segment is an image of h x w pixels on a grid of 16 px crops
     (its useful patches marked in ``image_attention_mask``, as the processor marks them), each crop 2x2
     tokens after pooling: its useful rows of crop tokens (each row ended by a separator), a separator, then
     its global view's 2x2 (rows ended likewise); an ("audio", n) clip of n mel frames is n // 2 audio
-    tokens (audio is kept whole). Back-to-back images, and audio between them, in one batch."""
+    tokens (audio is kept whole). Back-to-back images, and audio beside them, in one batch; clips of one
+    length (its audio tower's output for a clip depends on the padding to the longest in the call).
+    ``capture_hooks``: install the base model's output-capturing hooks ahead (transformers 5.24's
+    unpatched model fails once hidden states are asked for after a plain forward: its vision tower's
+    hooks, installed by the tower's own first call, are installed again with the base model's)."""
     from transformers import Phi4MultimodalConfig, Phi4MultimodalForCausalLM
 
     torch.manual_seed(seed)
@@ -2275,12 +2284,12 @@ def phi4_multimodal(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     embedding = model.model.embed_tokens_extend.image_embed
     for extensor in (embedding.global_img_feature_extensor, embedding.sub_img_feature_extensor):
         extensor.data.normal_()
-    try:  # transformers 5.x: its output-capturing hooks, installed ahead (see the README's footnote)
+    try:
         from transformers.utils.output_capturing import maybe_install_capturing_hooks
-
+    except ImportError:  # transformers 4.x
+        maybe_install_capturing_hooks = None
+    if capture_hooks and maybe_install_capturing_hooks is not None:
         maybe_install_capturing_hooks(model.model)
-    except ImportError:
-        pass
     crop, patch = 16, 4
 
     def make_inputs(rows, seeds=None) -> dict:
@@ -2323,7 +2332,7 @@ def phi4_multimodal(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
 
     # generate() repeats each image's inputs for its row's beams image by image, not row by row: a row of
     # several images gets other beams' images (the model itself misplaces their features).
-    return TinyVLM(model, make_inputs, beam_multi_image=False,
+    return TinyVLM(model, make_inputs, beam_multi_image=False, hook_graph=transformers.__version__.startswith("4."),
                    single=[[("text", 5), ("image", (16, 16)), ("text", 7)]],
                    batch=[[("text", 5), ("image", (32, 24)), ("audio", 16), ("text", 7)],
                           [("text", 3), ("image", (16, 32)), ("image", (12, 16)), ("text", 4)],
