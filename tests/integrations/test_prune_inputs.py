@@ -407,7 +407,9 @@ def test_tiny_builders_make_distinct_visual_tokens(name):
         assert tokens.shape[0] - learned + 3 <= torch.unique(tokens, dim=0).shape[0] < tokens.shape[0]
         return
     image_embed = getattr(getattr(getattr(tiny.model, "model", None), "embed_tokens_extend", None), "image_embed", None)
-    if image_embed is not None:  # Phi-4-multimodal: a learned separator ends each row, another parts the two views
+    if image_embed is not None:
+        # Phi-4-multimodal: a learned separator ends each row, another parts the two views, and a one-crop
+        # image's global view is its crop again (the same pixels): repeats, the rest distinct.
         repeated = torch.unique(tokens, dim=0, return_counts=True)[1]
         assert int((repeated > 1).sum()) >= 2 and repeated.numel() > tokens.shape[0] // 2
         return
