@@ -163,7 +163,10 @@ def lm_head(model, hidden: torch.Tensor) -> torch.Tensor:
     v2 multiplies), its product with the wrapper's ``logit_scale`` where it has one (Cohere
     Compass), then the text config's final soft-capping where the wrapper applies it (Gemma3/4 do; PaliGemma's wrapper
     only from transformers 5.24 on, though PaliGemma 2's config always sets it)."""
-    logits = model.get_output_embeddings()(hidden)
+    head = model.get_output_embeddings()
+    if head is None:  # Nemotron-H Omni: the wrapper holds its causal LM, which holds the head
+        head = model.language_model.get_output_embeddings()
+    logits = head(hidden)
     source = inspect.getsource(type(model).forward)
     if "* self.config.text_config.logits_scaling" in source:  # HyperCLOVAX vision v2 multiplies
         logits = logits * model.config.get_text_config().logits_scaling

@@ -169,7 +169,8 @@ def test_question_before_the_image_forms_the_prompt():
 MARKERS_ONLY_IN_TOKENIZER = {
     "aya_vision", "cohere2_vision", "got_ocr2", "granite_docling", "granite_docling_fine", "hy_v4_vl",
     "idefics2", "idefics3", "internvl", "janus", "lfm2_vl", "llama4", "llava_pixtral", "minicpm_ocr",
-    "minicpmv4_6", "mistral3", "mistral3_mistral4", "mistral_large4", "molmo2", "paligemma", "paligemma2",
+    "minicpmv4_6", "mistral3", "mistral3_mistral4", "mistral_large4", "molmo2", "nemotron_h_omni", "paligemma",
+    "paligemma2",
     "qianfan_ocr", "smolvlm", "step3p7"}
 
 
@@ -538,3 +539,14 @@ def test_phi4_multimodal_prunes_image_tokens_only_and_captures_outputs_as_unpatc
             model(**inputs)
     finally:
         model.config.original_max_position_embeddings = 512
+
+
+@pytest.mark.skipif("nemotron_h_omni" not in BUILDERS, reason="Nemotron-H Omni is not in this transformers")
+def test_nemotron_h_omni_with_its_own_video_pruning_is_refused():
+    """Nemotron-H Omni's video pruning (EVS) drops video tokens inside the wrapper, after the inputs the
+    hooks read: a config that turns it on is refused, before any hook is installed."""
+    tiny = BUILDERS["nemotron_h_omni"]()
+    tiny.model.config.video_pruning_rate = 0.5
+    with pytest.raises(ValueError, match="video_pruning_rate=0.5"):
+        zspa_kernels.prune(tiny.model, keep=KEEP)
+    assert all(not m._forward_pre_hooks for m in tiny.model.modules())

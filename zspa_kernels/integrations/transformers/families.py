@@ -682,6 +682,14 @@ FAMILIES: tuple[Family, ...] = (
     Family("Phi-4-multimodal", ("phi4_multimodal",), lm_attr="",
            visual_token_attrs=("vision_config.image_token_id",), image_token_counts=_phi4_counts,
            embed=_phi4_embed),
+    # Nemotron-H Omni: no base model (as Llama 4): the wrapper merges the features and calls its causal LM,
+    # whose decoder (Mamba-2, attention and MoE layers) the hooks run; each image between <img> markers, one
+    # run and budget. Its own video pruning (EVS) drops video tokens inside the wrapper: refused.
+    Family("Nemotron-H Omni", ("nemotron_h_omni",), lm_attr="language_model.model",
+           refuse_config=lambda config: None if not getattr(config, "video_pruning_rate", 0) else (
+               "model: zspa_kernels.prune cannot prune Nemotron-H Omni with video_pruning_rate="
+               f"{config.video_pruning_rate}: its own video pruning drops tokens inside the model, after the "
+               "inputs the hooks read; set video_pruning_rate=0.0")),
     # Each tile of an image (and its global view) is a run between separators: its own budget.
     # No base model: the wrapper merges the image features and calls its causal LM, whose
     # decoder the hooks run. Chunked attention and the NoPE layers' temperature tuning number the

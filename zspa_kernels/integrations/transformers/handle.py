@@ -269,7 +269,8 @@ class PruneHandle:
         ]
         # The wrapper with the LM head computes the loss from labels (it may also be the module
         # that merges the image features, where there is no separate base model).
-        if model is not base or model.get_output_embeddings() is not None:
+        if (model is not base or model.get_output_embeddings() is not None
+                or "labels" in inspect.signature(model.forward).parameters):  # Nemotron-H Omni: its LM's head
             self._hooks += [
                 model.register_forward_pre_hook(self._top_pre_hook, with_kwargs=True),
                 model.register_forward_hook(self._top_post_hook, with_kwargs=True),

@@ -2339,6 +2339,47 @@ def phi4_multimodal(attn: str = "sdpa", seed: int = 0, capture_hooks: bool = Tru
                           [("audio", 16), ("image", (16, 16)), ("text", 9)]])
 
 
+def nemotron_h_omni(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """Nemotron-H Omni (images): an ("image", (h, w)) segment is a grid of h x w 4 px patches of a RADIO
+    tower, pixel-shuffled 2x2 into h * w // 4 image tokens between <img> markers; a NemotronH text model
+    of Mamba-2, attention and MoE layers."""
+    from transformers.models.nemotron_h_omni.configuration_nemotron_h_omni import NemotronH_Omni_Reasoning_V3_Config
+    from transformers.models.nemotron_h_omni.modeling_nemotron_h_omni import NemotronH_Omni_Reasoning_V3
+
+    torch.manual_seed(seed)
+    start, end = 124, 125
+    text = dict(model_type="nemotron_h", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=VOCAB,
+                max_position_embeddings=512, pad_token_id=PAD, bos_token_id=1, eos_token_id=2,
+                layers_block_type=["mamba", "attention", "moe", "mamba"], mamba_num_heads=4, mamba_head_dim=8,
+                ssm_state_size=8, n_groups=1, mamba_chunk_size=8, n_routed_experts=4, num_experts_per_tok=2,
+                moe_intermediate_size=16, moe_shared_expert_intermediate_size=16, n_group=1, topk_group=1)
+    config = NemotronH_Omni_Reasoning_V3_Config(
+        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=4, image_size=16,
+                           max_img_size=64, num_cls_tokens=1, num_registers=1, video_temporal_patch_size=2),
+        text_config=text, vision_hidden_size=32, projector_hidden_size=32, downsample_ratio=0.5,
+        image_token_id=120, video_token_id=121)
+    model = _finish(NemotronH_Omni_Reasoning_V3(config), attn)
+
+    def make_inputs(rows, seeds=None) -> dict:
+        pixels, grids = [], []
+
+        def image(kind, size, gen, r):
+            pixels.append(torch.randn(size[0] * size[1], 48, generator=gen))
+            grids.append(size)
+            return [start] + [120] * (size[0] * size[1] // 4) + [end]
+
+        out = _token_rows(rows, seeds, image)
+        out["pixel_values"], out["image_grid_hw"] = torch.cat(pixels), torch.tensor(grids)
+        return out
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 5), ("image", (8, 8)), ("text", 7)]],
+                   batch=[[("text", 5), ("image", (8, 12)), ("text", 7)],
+                          [("text", 3), ("image", (8, 8)), ("image", (12, 8)), ("text", 4)],
+                          [("image", (8, 8)), ("text", 9)]])
+
+
 def _accepted(model_type: str) -> bool:
     """Whether prune() accepts ``model_type`` on this transformers (families.py)."""
     from .families import FAMILIES
@@ -2465,4 +2506,6 @@ BUILDERS = {
     **({"gemma4_unified": lambda **kw: gemma4(unified=True, **kw)}
        if hasattr(transformers, "Gemma4UnifiedForConditionalGeneration") else {}),
     "phi4_multimodal": phi4_multimodal,
+    # Nemotron-H Omni: from transformers 5.24
+    **({"nemotron_h_omni": nemotron_h_omni} if hasattr(transformers, "NemotronH_Omni_Reasoning_V3") else {}),
 }
