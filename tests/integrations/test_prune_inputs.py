@@ -213,6 +213,37 @@ def test_the_question_holds_no_marker_that_the_config_or_the_tokenizer_names(nam
     assert not_text(tokenizer=processor) == set()
 
 
+@pytest.mark.parametrize("name", list(BUILDERS))
+@torch.no_grad()
+def test_image_counts_read_no_input_values_but_those_the_sync_brings(name, monkeypatch):
+    """On a GPU, every value read back from the device is a host sync of its own (handle.py's
+    docstring promises one a prefill). The values of integer inputs that size the images
+    (families.COUNT_INPUTS) are copied to the host ahead of that sync; every other integer input
+    reaches the family's counts as a meta tensor here, whose shape can be read and whose values
+    cannot: a count that reads one fails, as it would sync on a GPU. The counts are the same."""
+    from zspa_kernels.integrations.transformers import handle as handle_module
+
+    tiny = BUILDERS[name]()
+    inputs = tiny.make_inputs(tiny.batch)
+    with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
+        tiny.model(**inputs)
+    expected = [(s.batch_row, s.n_tokens) for s in handle.last_selection]
+    on_host = handle_module._count_inputs_on_host
+
+    def valueless(inputs: dict) -> dict:
+        sizing = on_host(inputs)
+        for key, value in sizing.items():
+            if key not in handle_module.COUNT_INPUTS and isinstance(value, torch.Tensor) and not (
+                    value.is_floating_point() or value.is_complex()):
+                sizing[key] = torch.empty_like(value, device="meta")
+        return sizing
+
+    monkeypatch.setattr(handle_module, "_count_inputs_on_host", valueless)
+    with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
+        tiny.model(**inputs)
+    assert [(s.batch_row, s.n_tokens) for s in handle.last_selection] == expected
+
+
 @torch.no_grad()
 def test_a_row_without_text_is_refused_unless_diversity_only():
     tiny = llava()

@@ -92,10 +92,9 @@ def test_fused_backends_prune_like_the_reference_on_the_gpu(tiny, backend, monke
         assert torch.equal(got.logits, expected.logits)  # same picks: the very same computation
 
 
-# The host syncs the prefill hook may make (handle.py's docstring): the one copy of the ids and
-# the mask to the host, and a Pixtral tower's image sizes right after it.
-DOCUMENTED_SYNCS = {("handle.py", "host = torch.stack([ids.to(device), mask]).cpu()"),
-                    ("families.py", "return (torch.as_tensor(sizes) // step).prod(-1).tolist()")}
+# The host sync the prefill hook may make (handle.py's docstring): the one copy of the ids and
+# the mask to the host (the inputs that size the images arrive with it, copied asynchronously).
+DOCUMENTED_SYNCS = {("handle.py", "host = torch.stack([ids.to(device), mask]).cpu()")}
 # And right before them, once a prompt, a static cache's length (a device tensor), where the cache
 # is already allocated (a reused one; a new one's length is a host 0 until its first update).
 STATIC_LENGTH_READ = ("handle.py", "return bool(cache.get_seq_length() == 0)")
@@ -147,9 +146,10 @@ class _SyncWatch:
 @pytest.mark.parametrize("backend, cache", [("triton", "dynamic"), ("cuda", "dynamic"), ("triton", "static")])
 @torch.no_grad()
 def test_the_hooks_wait_for_the_gpu_only_where_documented(tiny, backend, cache, monkeypatch):
-    """handle.py's promise: one host sync a prefill (the ids and the mask; a Pixtral tower's
-    image sizes right after, a static cache's length right before, with nothing queued in
-    between), none at decode steps, static caches included (whose length is a device tensor).
+    """handle.py's promise: one host sync a prefill (the ids and the mask, the image sizes,
+    grids and crop masks arriving with it; a static cache's length right before, with nothing
+    queued in between), none at decode steps, static caches included (whose length is a device
+    tensor).
     Anything else (a copy from pageable memory, say) would make the host wait for the vision
     tower or the selection before it can queue the language model."""
     inputs = _on(tiny.make_inputs(tiny.batch), DEVICE)

@@ -30,7 +30,9 @@ class Family:
     visual_token_attrs: tuple[str, ...] = ("image_token_id",)
     # (config, the base model's keyword arguments, the lengths of the runs of visual tokens
     # in row-major order) -> the token count of each image in order. Default: each run is
-    # one image (families that always put text or markers between images).
+    # one image (families that always put text or markers between images). The integer inputs
+    # whose values it reads are named in COUNT_INPUTS: the hooks bring them to the host with
+    # their one sync (any other value read back is a sync of its own).
     image_token_counts: Callable[[Any, dict, list[int]], list[int]] = lambda c, i, runs: runs
     # Where videos split otherwise than images (the same arguments): the runs of the config's
     # ``video_token_id`` go here, the others to ``image_token_counts``. None: every run goes there.
@@ -103,6 +105,13 @@ def _split_evenly(n_visual: int, n_images: int, why: str) -> list[int]:
         raise ValueError(f"model: {n_visual} image tokens do not split evenly into {why}; "
                          "cannot tell where each image's tokens are")
     return [n_visual // n_images] * n_images
+
+
+# The base model's integer inputs whose values image_token_counts read (image sizes, grids, crop
+# masks): the prefill hook copies them to the host asynchronously, ahead of its one sync, so the
+# counts read host tensors (handle.py's docstring, Host syncs). Shapes are read freely.
+COUNT_INPUTS = ("image_sizes", "image_attention_mask", "image_grids", "video_grids", "image_grid_thw",
+                "image_merge_sizes")
 
 
 def _counts_from_image_sizes(inputs: dict, step: int) -> list[int]:

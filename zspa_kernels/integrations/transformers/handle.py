@@ -18,9 +18,11 @@
   ``labels`` away and computes the loss from the labels of the kept positions.
 
 Host syncs: one copy of ``input_ids`` and the 2-D mask to the host per prefill,
-to find the images and size the gathered sequence (its length is a shape); Pixtral
-towers also read ``image_sizes`` back right after it, and a static cache's length (kept on
-the device) is read right before it, with nothing queued in between.
+to find the images and size the gathered sequence (its length is a shape); the integer
+inputs that size the images (``families.COUNT_INPUTS``: Pixtral's ``image_sizes``, grids,
+crop masks) are copied to the host asynchronously just before it and arrive with it, and a
+static cache's length (kept on the device) is read right before it, with nothing queued in
+between.
 What the host computes from them goes back to the device from pinned memory,
 asynchronously (:func:`.selection.to_device`): the host queues the selection, the
 gathers and the language model without waiting for any of them. Decode steps add no
@@ -40,8 +42,8 @@ import torch
 
 from ...checks import check_options
 from ...spec import as_keep
-from .families import Family, special_token_ids, split_model, tokenizer_special_ids
-from .selection import ImageSelection, select_images, to_device
+from .families import COUNT_INPUTS, Family, special_token_ids, split_model, tokenizer_special_ids
+from .selection import ImageSelection, select_images, to_device, to_host
 
 PROMPTS = ("question", "all_text")
 
@@ -212,6 +214,14 @@ def _appended(state: "_CacheState", cache, position: Optional[torch.Tensor]) -> 
     if position is not None:
         return position[:1] - state.original_len
     return cache.get_seq_length() - state.pruned_len
+
+
+def _count_inputs_on_host(inputs: dict) -> dict:
+    """``inputs`` with the integer tensors that a family's image counts read (COUNT_INPUTS)
+    on the host: copies queued without waiting, ahead of the prefill's one sync, which they
+    arrive with (read back one by one, each would be a sync of its own)."""
+    return dict(inputs, **{name: to_host(inputs[name]) for name in COUNT_INPUTS
+                           if isinstance(inputs.get(name), torch.Tensor)})
 
 
 def _mask_2d(mask, batch: int, length: int, device) -> torch.Tensor:
@@ -525,13 +535,14 @@ class PruneHandle:
         B, L, D = embeds.shape
         device = embeds.device
         mask = _mask_2d(kwargs.get("attention_mask"), B, L, device)
+        sizing = _count_inputs_on_host(inputs)  # there once the sync below returns
         # The one host sync: where the images are, and which tokens form the prompt.
         host = torch.stack([ids.to(device), mask]).cpu()
         ids_h, mask_h = host[0], host[1]
         visual_h = torch.isin(ids_h, torch.tensor(self.visual_ids, dtype=ids_h.dtype))
         if not visual_h.any():  # a text-only prompt: nothing to select (and no images to size)
             return
-        rows, cols = self._find_images(ids_h, visual_h, inputs)
+        rows, cols = self._find_images(ids_h, visual_h, sizing)
         prompt_h = self._prompt_tokens(ids_h, visual_h, mask_h, rows, cols)
         counts = prompt_h.sum(1)
         if self.core_ratio > 0 and bool((counts[sorted(set(rows))] == 0).any()):

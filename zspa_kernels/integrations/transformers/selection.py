@@ -28,6 +28,16 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` copied to the host without a stream sync: on CUDA into pinned memory,
+    asynchronously, so its values are there only once the stream has been synchronised (the
+    caller reads them after the prefill's one sync, which follows on the same stream)."""
+    if tensor.device.type != "cuda":
+        return tensor.cpu()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
+
+
 @dataclass
 class ImageSelection:
     """What was kept of one image (or video) of one prefill row.
