@@ -353,8 +353,8 @@ class PruneHandle:
             first = valid & ~torch.nn.functional.pad(valid, (1, 0))[:, :-1]
             labels = labels.to(index.device).gather(1, index).masked_fill(~valid | first, -100)
         logits = output[0] if isinstance(output, tuple) else output.logits  # return_dict=False: a tuple
-        loss = module.loss_function(logits, labels, vocab_size=self.config.get_text_config().vocab_size,
-                                    **self._loss_kwargs)
+        # The LM head's width, as the wrappers pass it: Apertus 1.5 cuts its head below the vocabulary.
+        loss = module.loss_function(logits, labels, vocab_size=logits.shape[-1], **self._loss_kwargs)
         if isinstance(output, tuple):
             return (loss, *output)  # as the model returns it: the loss first
         output.loss = loss
