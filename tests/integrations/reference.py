@@ -79,11 +79,13 @@ def no_cache_logits(model, prefill: dict, decode_positions: list, tokens: torch.
     masks itself from token types found by matching the prefix embeddings to them.
     Per-layer inputs (Gemma4, Gemma 3n): the prefill's, then those of ``tokens`` by their ids."""
     tokens = tokens[:, :-1]
-    # Gemma4's base models embed placeholder ids as padding, even generated ones.
-    if model.config.model_type in ("gemma4", "gemma4_unified"):
-        placeholders = torch.tensor([model.config.image_token_id, model.config.video_token_id,
-                                     model.config.audio_token_id])
-        tokens = tokens.masked_fill(torch.isin(tokens, placeholders), model.config.get_text_config().pad_token_id)
+    # Gemma4's base models embed placeholder ids as padding, Muse Glimmer's and Muse Spark's as id 0,
+    # even generated ones.
+    if model.config.model_type in ("gemma4", "gemma4_unified", "muse_glimmer", "muse_spark"):
+        placeholders = torch.tensor([getattr(model.config, f"{kind}_token_id", None) or -1
+                                     for kind in ("image", "video", "audio")])
+        padding = model.config.get_text_config().pad_token_id if "gemma" in model.config.model_type else 0
+        tokens = tokens.masked_fill(torch.isin(tokens, placeholders), padding)
     prefix = prefill["inputs_embeds"][rows]
     embeds = torch.cat([prefix, token_embeddings(model, tokens)], 1)
     mask = padding_mask(prefill["attention_mask"])[rows][:, : prefix.shape[1]]
@@ -161,7 +163,7 @@ def lm_head(model, hidden: torch.Tensor) -> torch.Tensor:
     """The wrapper's logits of the base model's ``hidden`` states: its LM head, its division by the
     text config's ``logits_scaling`` where the wrapper divides (Granite 4 Vision; HyperCLOVAX vision
     v2 multiplies), its product with the wrapper's ``logit_scale`` where it has one (Cohere
-    Compass), then the text config's final soft-capping where the wrapper applies it (Gemma3/4 do; PaliGemma's wrapper
+    Compass) or with the text config's ``output_multiplier`` (Muse Glimmer/Spark), then the text config's final soft-capping where the wrapper applies it (Gemma3/4 do; PaliGemma's wrapper
     only from transformers 5.24 on, though PaliGemma 2's config always sets it)."""
     head = model.get_output_embeddings()
     if head is None:  # Nemotron-H Omni: the wrapper holds its causal LM, which holds the head
@@ -174,6 +176,8 @@ def lm_head(model, hidden: torch.Tensor) -> torch.Tensor:
         logits = logits / model.config.get_text_config().logits_scaling
     if getattr(model, "logit_scale", None) is not None:  # Cohere Compass
         logits = logits * model.logit_scale
+    if "output_multiplier" in source:  # Muse Glimmer/Spark, ahead of their soft-cap
+        logits = logits * model.config.get_text_config().output_multiplier
     cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     if cap is None or "final_logit_softcapping" not in source:
         return logits

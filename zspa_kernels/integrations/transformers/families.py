@@ -487,6 +487,17 @@ def _phi4_embed(model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         audio_attention_mask=kwargs.get("audio_attention_mask"))
     kwargs["input_ids"], kwargs["inputs_embeds"] = None, embeds
     return args, kwargs
+def _code_grid_counts(config, inputs: dict, runs: list[int]) -> list[int]:
+    """Apertus 1.5: each image's codes, from the images generate() encoded (5.24+), else one per
+    ``spatial_scale_factor`` square cell of its true size (``image_sizes``; end-of-line tokens break
+    an image's codes into runs, a line each)."""
+    encoded = _encoded_counts(inputs)
+    if encoded is not None:
+        return encoded
+    sizes = inputs.get("image_sizes")
+    if sizes is None:
+        raise ValueError("image_sizes: required to tell where each Apertus 1.5 image's tokens are, got None")
+    return (torch.as_tensor(sizes) // config.vision_config.spatial_scale_factor).prod(-1).tolist()
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -708,6 +719,18 @@ FAMILIES: tuple[Family, ...] = (
            broken_from=((5, 24), "its Llama4ForConditionalGeneration.forward fails unpatched (it reads "
                                  "image_outputs from its causal LM's output, which has none); "
                                  "use transformers 4.57 to 5.17")),
+    # Apertus 1.5: a VQ tokenizer's image codes are ids of the text vocabulary, embedded by its table;
+    # each image between begin/end-of-image markers, a row of codes per line, lines joined by end-of-line
+    # tokens: one budget an image (its size says how many codes), audio codes kept whole.
+    Family("Apertus 1.5", ("apertus1p5",), image_token_counts=_code_grid_counts, min_transformers=(5, 24)),
+    # Muse Glimmer: each image between image markers, one run; a video's temporal groups each a run after
+    # its timestamp (one budget each); 1-D positions; sliding windows that count cache slots, NoPE layers.
+    Family("Muse Glimmer", ("muse_glimmer",), visual_token_attrs=("image_token_id", "video_token_id"),
+           min_transformers=(5, 24)),
+    # Muse Spark: Muse Glimmer's layout around a MoE text model (its wrapper returns the router logits
+    # without a loss); audio tokens kept whole.
+    Family("Muse Spark", ("muse_spark",), visual_token_attrs=("image_token_id", "video_token_id"),
+           min_transformers=(5, 24)),
 )
 
 

@@ -698,8 +698,12 @@ def hy_v4_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
 
     def make_inputs(rows, seeds=None) -> dict:
         media = {"image": ([], []), "video": ([], [])}
+        clips = []
 
         def segment(kind, grid, gen, r):
+            if kind == "audio":  # Muse Spark: 4 samples a token
+                clips.append(torch.randn(4 * grid, generator=gen))
+                return [MUSE_AUDIO] * grid
             t, h, w = grid if kind == "video" else (1, *grid)
             pixels, grids = media[kind]
             pixels.append(torch.randn(t * h * w, 3 * 2 * 2, generator=gen))
@@ -1716,8 +1720,12 @@ def _qwen(config_cls, model_cls, vision: dict, attn: str, seed: int, text=QWEN_T
 
     def make_inputs(rows, seeds=None) -> dict:
         media = {"image": ([], []), "video": ([], [])}
+        clips = []
 
         def segment(kind, grid, gen, r):
+            if kind == "audio":  # Muse Spark: 4 samples a token
+                clips.append(torch.randn(4 * grid, generator=gen))
+                return [MUSE_AUDIO] * grid
             t, h, w = grid if kind == "video" else (1, *grid)
             token = QWEN_VIDEO if kind == "video" else QWEN_IMAGE
             ids = []
@@ -1798,8 +1806,12 @@ def _glm(name: str, text: dict, attn: str, seed: int, videos: bool, config_name:
 
     def make_inputs(rows, seeds=None) -> dict:
         media = {"image": ([], []), "video": ([], [])}
+        clips = []
 
         def segment(kind, grid, gen, r):
+            if kind == "audio":  # Muse Spark: 4 samples a token
+                clips.append(torch.randn(4 * grid, generator=gen))
+                return [MUSE_AUDIO] * grid
             t, h, w = grid if kind == "video" else (1, *grid)
             frame = [QWEN_START] + [QWEN_IMAGE] * (h * w // 4) + [QWEN_END]
             ids = frame if kind == "image" else (
@@ -1888,8 +1900,12 @@ def ernie4_5_vl_moe(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
 
     def make_inputs(rows, seeds=None) -> dict:
         media = {"image": ([], []), "video": ([], [])}
+        clips = []
 
         def segment(kind, grid, gen, r):
+            if kind == "audio":  # Muse Spark: 4 samples a token
+                clips.append(torch.randn(4 * grid, generator=gen))
+                return [MUSE_AUDIO] * grid
             t, h, w = grid if kind == "video" else (1, *grid)
             ids = ([QWEN_START] + [QWEN_IMAGE] * (h * w // 4) + [QWEN_END] if kind == "image"
                    else [video_start] + [QWEN_VIDEO] * (t * h * w // 8) + [video_end])
@@ -2378,6 +2394,127 @@ def nemotron_h_omni(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                    batch=[[("text", 5), ("image", (8, 12)), ("text", 7)],
                           [("text", 3), ("image", (8, 8)), ("image", (12, 8)), ("text", 4)],
                           [("image", (8, 8)), ("text", 9)]])
+APERTUS_IMAGE, APERTUS_AUDIO, APERTUS_BOI, APERTUS_EOL, APERTUS_EOI = 91, 92, 93, 94, 95
+
+
+def apertus1p5(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """Apertus 1.5 (transformers 5.24+): a VQ image tokenizer (2 px cells, a codebook of 1024, so that an
+    image's codes seldom repeat) whose codes are ids of the text vocabulary (96 up), embedded by its table; an image of (h, w) pixels is its
+    ``(h // 2) * (w // 2)`` image tokens, a row of them per 2 px of height, rows joined by end-of-line
+    tokens, between begin/end-of-image markers (no config names them). An Apertus text model (xIELU,
+    Llama 3 RoPE scaling) whose LM head is cut to the first 96 ids (no image or audio codes)."""
+    from transformers import Apertus1p5Config, Apertus1p5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=96 + 1024 + 8, output_vocab_size=96, max_position_embeddings=512,
+                rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    vision = dict(codebook_size=1024, embed_dim=8, latent_channels=8, base_channels=32, channel_multiplier=[1, 1],
+                  num_res_blocks=1, attn_resolutions=[4], resolution=8)
+    audio = dict(model_type="wavtokenizer_encoder", num_filters=4, upsampling_ratios=[2, 2], hidden_size=8,
+                 codebook_size=8, codebook_dim=8, num_lstm_layers=1)
+    config = Apertus1p5Config(text_config=text, vision_config=vision, audio_config=audio,
+                              image_token_id=APERTUS_IMAGE, audio_token_id=APERTUS_AUDIO, image_token_offset=96,
+                              audio_token_offset=96 + 1024)
+    # its image tokenizer has one attention implementation (eager)
+    model = _finish(Apertus1p5ForConditionalGeneration(config),
+                    {"": attn, "text_config": attn, "vision_config": "eager"})
+
+    def make_inputs(rows, seeds=None) -> dict:
+        pixels, sizes = [], []
+
+        def image(kind, hw, gen, r):
+            pixels.append(torch.zeros(3, 8, 8))
+            pixels[-1][:, : hw[0], : hw[1]] = torch.randn(3, *hw, generator=gen)
+            sizes.append(list(hw))
+            lines = [[APERTUS_IMAGE] * (hw[1] // 2)] * (hw[0] // 2)
+            return [APERTUS_BOI] + sum(([APERTUS_EOL] * (i > 0) + line for i, line in enumerate(lines)), []) \
+                + [APERTUS_EOI]
+
+        ids = _token_rows(rows, seeds, image)
+        return dict(ids, pixel_values=torch.stack(pixels), image_sizes=torch.tensor(sizes))
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 5), ("image", (8, 6)), ("text", 7)]],
+                   batch=[[("text", 5), ("image", (8, 8)), ("text", 7)],
+                          [("text", 3), ("image", (4, 8)), ("image", (6, 4)), ("text", 4)],
+                          [("image", (8, 4)), ("text", 9)]])
+
+
+MUSE_IMAGE, MUSE_VIDEO, MUSE_START, MUSE_END, MUSE_VID_START, MUSE_VID_SEP, MUSE_VID_END, MUSE_AUDIO = range(120, 128)
+MUSE_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=8, vocab_size=VOCAB, max_position_embeddings=512, sliding_window=8,
+                 final_logit_softcapping=2.0, output_multiplier=0.5, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+
+
+def _muse(name: str, text: dict, attn: str, seed: int, **extra) -> TinyVLM:
+    """Muse Glimmer and Muse Spark (transformers 5.24+): a windowed ViT over 2 px patches of 2 frames
+    (an image's frame repeated), 2x2 pixel-shuffled: a ``(t, h, w)`` patch grid gives ``t*h*w/4``
+    tokens. An image is its tokens between image markers; a video, between video markers, is one run
+    of ``h*w/4`` tokens per temporal group, each after its timestamp, separated by frame separators
+    (no config names the markers); Muse Spark's audio clips, ``("audio", n)``, are ``n`` audio tokens. Their text model: a sliding-window layer (8-token windows, so that
+    they end inside the prompts) with RoPE, then a full-attention NoPE layer; normed embeddings, gated
+    attention, and logits multiplied by ``output_multiplier`` before the final soft-cap."""
+    torch.manual_seed(seed)
+    vision = dict(patch_size=2, pos_emb_height=4, pos_emb_width=4, max_position_embeddings=16, num_attention_heads=2,
+                  num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                  layer_types=["window_attention", "full_attention"])
+    config = getattr(transformers, f"{name}Config")(text_config=text, vision_config=vision, image_token_id=MUSE_IMAGE,
+                                                   video_token_id=MUSE_VIDEO, out_hidden_size=4 * 32,
+                                                   projector_hidden_size=64, **extra)
+    model = _finish(getattr(transformers, f"{name}ForConditionalGeneration")(config), attn)
+
+    def make_inputs(rows, seeds=None) -> dict:
+        media = {"image": ([], []), "video": ([], [])}
+        clips = []
+
+        def segment(kind, grid, gen, r):
+            if kind == "audio":  # Muse Spark: 4 samples a token
+                clips.append(torch.randn(4 * grid, generator=gen))
+                return [MUSE_AUDIO] * grid
+            t, h, w = grid if kind == "video" else (1, *grid)
+            pixels, grids = media[kind]
+            pixels.append(torch.randn(t * h * w, 2 * 3 * 2 * 2, generator=gen))
+            grids.append([t, h, w])
+            if kind == "image":
+                return [MUSE_START] + [MUSE_IMAGE] * (h * w // 4) + [MUSE_END]
+            ids = [MUSE_VID_START]
+            for g in range(t):
+                ids += _text(1, gen) + [MUSE_VIDEO] * (h * w // 4) + [MUSE_VID_SEP if g < t - 1 else MUSE_VID_END]
+            return ids
+
+        out = _token_rows(rows, seeds, segment)
+        out.update(_patch_inputs(media))
+        if clips:
+            longest = max(c.numel() for c in clips)
+            out["input_values"] = torch.stack([torch.nn.functional.pad(c, (0, longest - c.numel())) for c in clips])
+            out["input_values_mask"] = torch.stack([torch.arange(longest) < c.numel() for c in clips]).long()
+        return out
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 4), ("image", (8, 8)), ("text", 6)]],
+                   batch=[[("text", 4), ("image", (8, 8)), ("text", 6)],
+                          [("text", 2), ("image", (4, 8)), ("text", 1), ("image", (6, 8)), ("text", 3)],
+                          [("video", (2, 4, 8)), ("text", 5)]],
+                   frames_are_images=True)
+
+
+def muse_glimmer(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """Muse Glimmer (transformers 5.24+): :func:`_muse`'s model, a dense text model."""
+    return _muse("MuseGlimmer", MUSE_TEXT, attn, seed)
+
+
+def muse_spark(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """Muse Spark (transformers 5.24+): :func:`_muse`'s model around a MoE text model (4 experts, 2 a
+    token; gated residuals), with an audio encoder of causal convolutions: an ``("audio", n)`` segment is
+    ``n`` audio tokens, of 4 waveform samples each (clips right-padded, masked by ``input_values_mask``)."""
+    text = dict(MUSE_TEXT, moe_intermediate_size=32, moe_hidden_size=32, num_local_experts=4, num_experts_per_tok=2)
+    audio = dict(patch_sizes=[2, 2], hidden_sizes=[8, 16], depths=[1, 1], num_hidden_layers=2, out_hidden_size=32)
+    tiny = _muse("MuseSpark", text, attn, seed, audio_config=audio, audio_token_id=MUSE_AUDIO)
+    tiny.batch = [*tiny.batch[:2], [("text", 2), ("audio", 3), ("video", (2, 4, 8)), ("text", 5)]]
+    return tiny
 
 
 def _accepted(model_type: str) -> bool:
@@ -2508,4 +2645,10 @@ BUILDERS = {
     "phi4_multimodal": phi4_multimodal,
     # Nemotron-H Omni: from transformers 5.24
     **({"nemotron_h_omni": nemotron_h_omni} if hasattr(transformers, "NemotronH_Omni_Reasoning_V3") else {}),
+    # Apertus 1.5: from transformers 5.24
+    **({"apertus1p5": apertus1p5} if hasattr(transformers, "Apertus1p5ForConditionalGeneration") else {}),
+    # Muse Glimmer: from transformers 5.24
+    **({"muse_glimmer": muse_glimmer} if hasattr(transformers, "MuseGlimmerForConditionalGeneration") else {}),
+    # Muse Spark: from transformers 5.24
+    **({"muse_spark": muse_spark} if hasattr(transformers, "MuseSparkForConditionalGeneration") else {}),
 }
