@@ -165,11 +165,16 @@ def lm_head(model, hidden: torch.Tensor) -> torch.Tensor:
     v2 multiplies), its product with the wrapper's ``logit_scale`` where it has one (Cohere
     Compass) or with the text config's ``output_multiplier`` (Muse Glimmer/Spark), then the text config's final soft-capping where the wrapper applies it (Gemma3/4 do; PaliGemma's wrapper
     only from transformers 5.24 on, though PaliGemma 2's config always sets it)."""
+    source = inspect.getsource(type(model).forward)
+    if "logits_mup_width_multiplier" in source:  # Inkling divides the hidden states first
+        hidden = hidden / model.config.get_text_config().logits_mup_width_multiplier
     head = model.get_output_embeddings()
     if head is None:  # Nemotron-H Omni: the wrapper holds its causal LM, which holds the head
         head = model.language_model.get_output_embeddings()
     logits = head(hidden)
-    source = inspect.getsource(type(model).forward)
+    unpadded = getattr(model.config.get_text_config(), "unpadded_vocab_size", None)
+    if unpadded is not None and "unpadded_vocab_size" in source:  # Inkling: the head's padding rows cut
+        logits = logits[..., :unpadded]
     if "* self.config.text_config.logits_scaling" in source:  # HyperCLOVAX vision v2 multiplies
         logits = logits * model.config.get_text_config().logits_scaling
     elif "logits_scaling" in source:  # Granite 4 Vision

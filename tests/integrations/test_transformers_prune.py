@@ -636,7 +636,7 @@ def test_a_deep_copy_of_a_pruned_cache_continues_its_sequence(tiny, kind):
         for step in (dict(input_ids=token, attention_mask=mask), inputs):
             with pytest.raises(RuntimeError, match="was pickled"):
                 tiny.model(**step, **cache_arg(tiny.model, unpickled), use_cache=True)
-        if kind == "static":
+        if kind == "static" and tiny.static_reset:
             unpickled.reset()
             handle.last_selection = []
             assert torch.equal(tiny.model(**inputs, **cache_arg(tiny.model, unpickled), use_cache=True).logits[:, -1:],

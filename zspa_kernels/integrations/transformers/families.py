@@ -725,12 +725,15 @@ FAMILIES: tuple[Family, ...] = (
     Family("Apertus 1.5", ("apertus1p5",), image_token_counts=_code_grid_counts, min_transformers=(5, 24)),
     # Muse Glimmer: each image between image markers, one run; a video's temporal groups each a run after
     # its timestamp (one budget each); 1-D positions; sliding windows that count cache slots, NoPE layers.
-    Family("Muse Glimmer", ("muse_glimmer",), visual_token_attrs=("image_token_id", "video_token_id"),
-           min_transformers=(5, 24)),
+    Family("Muse Glimmer", ("muse_glimmer",), visual_token_attrs=("image_token_id", "video_token_id")),
     # Muse Spark: Muse Glimmer's layout around a MoE text model (its wrapper returns the router logits
     # without a loss); audio tokens kept whole.
     Family("Muse Spark", ("muse_spark",), visual_token_attrs=("image_token_id", "video_token_id"),
            min_transformers=(5, 24)),
+    # Inkling: each image a run of its patch tokens after an image-begin marker (no marker ends it); its
+    # text model's short convolutions and relative-position logits run over cache slots (the kept tokens),
+    # its base model builds the masks from the 2-D mask the hooks pass on. Audio tokens kept whole.
+    Family("Inkling", ("inkling_mm_model",)),
 )
 
 

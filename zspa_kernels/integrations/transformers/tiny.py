@@ -68,6 +68,8 @@ class TinyVLM:
     beam_multi_image: bool = True  # False where it cannot beam-search rows of several images
     beam_images: bool = True  # False where it cannot beam-search images at all
     static_generate: bool = True  # False where its generate() fails on a static cache
+    # False where a prefill on a reset static cache differs from one on a fresh cache, unpatched (Inkling).
+    static_reset: bool = True
     # False where its prompt-lookup decoding fails on some drafts (Molmo2: it drafts the prompt's
     # image tokens, whose ids lie past its logits).
     prompt_lookup: bool = True
@@ -2517,6 +2519,58 @@ def muse_spark(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     return tiny
 
 
+INKLING_IMAGE, INKLING_AUDIO, INKLING_IMAGE_BOS, INKLING_AUDIO_BOS = 91, 92, 93, 94
+
+
+def inkling(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """Inkling (transformers 5.17+): an MLP tower that folds each patch (2 frames of 2x2 px; an image's
+    frame repeated) into one token; an image of (h, w) patches is its ``h*w`` image tokens after an
+    image-begin marker. Its text model: a sliding-window layer (8 tokens) then a full one, both with
+    short convolutions over keys and values and relative-position logits over cache slots, MoE (4 experts, 2 a token, a shared one); the wrapper divides the hidden
+    states by ``logits_mup_width_multiplier`` and cuts the logits to ``unpadded_vocab_size``."""
+    from transformers import InklingConfig, InklingForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8, sliding_window_size=8, d_rel=4,
+                # No log-scaled queries (as by default): they scale by the cache slot, padding included,
+                # so a row's logits would depend on its batch's padding, unpatched as well.
+                rel_extent=16, log_scaling_n_floor=None, local_layer_ids=[0], intermediate_size=64,
+                moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                logits_mup_width_multiplier=2.0, vocab_size=VOCAB, unpadded_vocab_size=120, max_position_embeddings=512,
+                pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    config = InklingConfig(text_config=text, vision_config=dict(text_hidden_size=32, patch_size=2, temporal_patch_size=2,
+                                                                num_hidden_layers=2),
+                           audio_config=dict(text_hidden_size=32, n_mel_bins=4, mel_vocab_size=8),
+                           image_token_id=INKLING_IMAGE, audio_token_id=INKLING_AUDIO,
+                           image_bos_token_id=INKLING_IMAGE_BOS, audio_bos_token_id=INKLING_AUDIO_BOS)
+    model = _finish(InklingForConditionalGeneration(config), attn)
+
+    def make_inputs(rows, seeds=None) -> dict:
+        pixels = []
+
+        def image(kind, grid, gen, r):
+            frame = torch.randn(grid[0] * grid[1], 1, 2, 2, 3, generator=gen)
+            pixels.append(frame.expand(-1, 2, -1, -1, -1))
+            return [INKLING_IMAGE_BOS] + [INKLING_IMAGE] * (grid[0] * grid[1])
+
+        ids = _token_rows(rows, seeds, image)
+        return dict(ids, pixel_values=torch.cat(pixels))
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 4), ("image", (3, 4)), ("text", 6)]],
+                   batch=[[("text", 4), ("image", (4, 4)), ("text", 6)],
+                          [("text", 2), ("image", (2, 4)), ("text", 1), ("image", (3, 3)), ("text", 3)],
+                          [("image", (2, 3)), ("text", 5)]],
+                   # Its attention sizes the relative-position logits by the cache's mask sizes and the
+                   # keys it returns otherwise: its generate() fails on a static cache, unpatched; and a
+                   # prefill on a reset static cache differs from one on a fresh cache (by ~1e-6).
+                   static_generate=False, static_reset=False,
+                   # transformers 5.17's generate() expands its patches (one row a patch) for beam search
+                   # as if each were a prompt row's: it fails there, unpatched.
+                   beam_images=hasattr(transformers.GenerationMixin, "_expand_multimodal_outputs"))
+
+
 def _accepted(model_type: str) -> bool:
     """Whether prune() accepts ``model_type`` on this transformers (families.py)."""
     from .families import FAMILIES
@@ -2647,8 +2701,10 @@ BUILDERS = {
     **({"nemotron_h_omni": nemotron_h_omni} if hasattr(transformers, "NemotronH_Omni_Reasoning_V3") else {}),
     # Apertus 1.5: from transformers 5.24
     **({"apertus1p5": apertus1p5} if hasattr(transformers, "Apertus1p5ForConditionalGeneration") else {}),
-    # Muse Glimmer: from transformers 5.24
+    # Muse Glimmer: not in transformers 4.57
     **({"muse_glimmer": muse_glimmer} if hasattr(transformers, "MuseGlimmerForConditionalGeneration") else {}),
     # Muse Spark: from transformers 5.24
     **({"muse_spark": muse_spark} if hasattr(transformers, "MuseSparkForConditionalGeneration") else {}),
+    # Inkling: not in transformers 4.57
+    **({"inkling": inkling} if hasattr(transformers, "InklingForConditionalGeneration") else {}),
 }
