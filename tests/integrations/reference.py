@@ -184,7 +184,7 @@ def lm_head(model, hidden: torch.Tensor) -> torch.Tensor:
     if "output_multiplier" in source:  # Muse Glimmer/Spark, ahead of their soft-cap
         logits = logits * model.config.get_text_config().output_multiplier
     cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    if cap is None or "final_logit_softcapping" not in source:
+    if cap is None or not ("final_logit_softcapping" in source or hasattr(model, "logit_softcap")):  # Inkling2's module
         return logits
     return torch.tanh(logits / cap) * cap
 

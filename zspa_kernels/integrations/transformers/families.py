@@ -487,6 +487,20 @@ def _phi4_embed(model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         audio_attention_mask=kwargs.get("audio_attention_mask"))
     kwargs["input_ids"], kwargs["inputs_embeds"] = None, embeds
     return args, kwargs
+
+
+def _grid_thw_counts(config, inputs: dict, runs: list[int]) -> list[int]:
+    """Inkling2: each image's tokens, ``t*h*w`` of its grid (counted in language model tokens), from the
+    features generate() encoded (5.24+, one entry an image) or from ``image_grid_thw``."""
+    encoded = _encoded_counts(inputs)
+    if encoded is not None:
+        return encoded
+    grids = inputs.get("image_grid_thw")
+    if grids is None:
+        raise ValueError("image_grid_thw: required to tell where each Inkling2 image's tokens are, got None")
+    return torch.as_tensor(grids).prod(-1).tolist()
+
+
 def _code_grid_counts(config, inputs: dict, runs: list[int]) -> list[int]:
     """Apertus 1.5: each image's codes, from the images generate() encoded (5.24+), else one per
     ``spatial_scale_factor`` square cell of its true size (``image_sizes``; end-of-line tokens break
@@ -734,6 +748,9 @@ FAMILIES: tuple[Family, ...] = (
     # text model's short convolutions and relative-position logits run over cache slots (the kept tokens),
     # its base model builds the masks from the 2-D mask the hooks pass on. Audio tokens kept whole.
     Family("Inkling", ("inkling_mm_model",)),
+    # Inkling2: each image a run of image tokens without markers, back to back or not (counted from
+    # image_grid_thw); its queries are log-scaled by their (original) positions.
+    Family("Inkling2", ("inkling2",), image_token_counts=_grid_thw_counts, min_transformers=(5, 24)),
 )
 
 

@@ -2571,6 +2571,49 @@ def inkling(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                    beam_images=hasattr(transformers.GenerationMixin, "_expand_multimodal_outputs"))
 
 
+def inkling2(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """Inkling2 (transformers 5.24+): a ViT over 2 px patches (a class token an image), 2x2 merged: an
+    image of ``(h, w)`` tokens is ``h*w`` image tokens, no markers, so images may stand back to back
+    (``image_grid_thw`` tells them apart). Its text model: a sliding-window layer (8 tokens) then a full
+    one, short convolutions and relative-position logits over cache slots, queries log-scaled by their
+    position from 4 on, attention residuals over blocks of layers, MoE (4 experts, 2 a token); the wrapper
+    soft-caps the logits."""
+    from transformers import Inkling2Config, Inkling2ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8, sliding_window_size=8, d_rel=4,
+                rel_extent=16, log_scaling_n_floor=4, layer_types=["hybrid_sliding", "hybrid"],
+                moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_layers_per_attn_res_block=1,
+                final_logit_softcapping=2.0, vocab_size=VOCAB, unpadded_vocab_size=120, max_position_embeddings=512,
+                pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=2, spatial_merge_size=2,
+                  posemb_grid_size=4, projection_hidden_dim=64, text_hidden_size=32)
+    config = Inkling2Config(text_config=text, vision_config=vision, image_token_id=INKLING_IMAGE)
+    # Its text model adds relative-position logits to the scores: eager attention only (its tower: attn).
+    model = _finish(Inkling2ForConditionalGeneration(config), {"": "eager", "text_config": "eager", "vision_config": attn})
+
+    def make_inputs(rows, seeds=None) -> dict:
+        media = {"image": ([], [])}
+
+        def image(kind, grid, gen, r):
+            media["image"][0].append(torch.rand(grid[0] * grid[1], 4, 4, 3, generator=gen) * 2 - 1)
+            media["image"][1].append([1, *grid])
+            return [INKLING_IMAGE] * (grid[0] * grid[1])
+
+        out = _token_rows(rows, seeds, image)
+        out.update(_patch_inputs(media))
+        return out
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 4), ("image", (3, 4)), ("text", 6)]],
+                   batch=[[("text", 4), ("image", (4, 4)), ("text", 6)],
+                          [("text", 2), ("image", (2, 4)), ("image", (3, 3)), ("text", 3)],
+                          [("image", (2, 3)), ("text", 5)]],
+                   # As Inkling's, its generate() fails on a static cache, unpatched.
+                   static_generate=False)
+
+
 def _accepted(model_type: str) -> bool:
     """Whether prune() accepts ``model_type`` on this transformers (families.py)."""
     from .families import FAMILIES
@@ -2707,4 +2750,6 @@ BUILDERS = {
     **({"muse_spark": muse_spark} if hasattr(transformers, "MuseSparkForConditionalGeneration") else {}),
     # Inkling: not in transformers 4.57
     **({"inkling": inkling} if hasattr(transformers, "InklingForConditionalGeneration") else {}),
+    # Inkling2: from transformers 5.24
+    **({"inkling2": inkling2} if hasattr(transformers, "Inkling2ForConditionalGeneration") else {}),
 }
