@@ -749,8 +749,9 @@ FAMILIES: tuple[Family, ...] = (
     # its base model builds the masks from the 2-D mask the hooks pass on. Audio tokens kept whole.
     Family("Inkling", ("inkling_mm_model",)),
     # Inkling2: each image a run of image tokens without markers, back to back or not (counted from
-    # image_grid_thw); its queries are log-scaled by their (original) positions.
-    Family("Inkling2", ("inkling2",), image_token_counts=_grid_thw_counts, min_transformers=(5, 24)),
+    # image_grid_thw); its queries are log-scaled by their (original) positions. Inkling2-Loop: its
+    # layout and classes, its looped layers run again on cache layers of their own.
+    Family("Inkling2", ("inkling2", "inkling2_loop"), image_token_counts=_grid_thw_counts, min_transformers=(5, 24)),
 )
 
 

@@ -2571,15 +2571,16 @@ def inkling(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                    beam_images=hasattr(transformers.GenerationMixin, "_expand_multimodal_outputs"))
 
 
-def inkling2(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+def inkling2(attn: str = "sdpa", seed: int = 0, loop: bool = False) -> TinyVLM:
     """Inkling2 (transformers 5.24+): a ViT over 2 px patches (a class token an image), 2x2 merged: an
     image of ``(h, w)`` tokens is ``h*w`` image tokens, no markers, so images may stand back to back
     (``image_grid_thw`` tells them apart). Its text model: a sliding-window layer (8 tokens) then a full
     one, short convolutions and relative-position logits over cache slots, queries log-scaled by their
     position from 4 on, attention residuals over blocks of layers, MoE (4 experts, 2 a token); the wrapper
-    soft-caps the logits."""
-    from transformers import Inkling2Config, Inkling2ForConditionalGeneration
-
+    soft-caps the logits. With ``loop``, Inkling2-Loop: a middle sliding-window layer between them runs
+    twice, the second pass from the first's input, gated by the first's messages, on cache layers of its
+    own (the language model appends them to the cache)."""
+    name = "Inkling2Loop" if loop else "Inkling2"
     torch.manual_seed(seed)
     text = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                 swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8, sliding_window_size=8, d_rel=4,
@@ -2587,11 +2588,15 @@ def inkling2(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                 moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_layers_per_attn_res_block=1,
                 final_logit_softcapping=2.0, vocab_size=VOCAB, unpadded_vocab_size=120, max_position_embeddings=512,
                 pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    if loop:
+        text.update(num_hidden_layers=3, layer_types=["hybrid_sliding", "hybrid_sliding", "hybrid"],
+                    loop_layer_index_start=1, loop_layer_index_end=2, loop_num_passes=2, loop_gate_rank=8)
     vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=2, spatial_merge_size=2,
                   posemb_grid_size=4, projection_hidden_dim=64, text_hidden_size=32)
-    config = Inkling2Config(text_config=text, vision_config=vision, image_token_id=INKLING_IMAGE)
+    config = getattr(transformers, f"{name}Config")(text_config=text, vision_config=vision, image_token_id=INKLING_IMAGE)
     # Its text model adds relative-position logits to the scores: eager attention only (its tower: attn).
-    model = _finish(Inkling2ForConditionalGeneration(config), {"": "eager", "text_config": "eager", "vision_config": attn})
+    model = _finish(getattr(transformers, f"{name}ForConditionalGeneration")(config),
+                    {"": "eager", "text_config": "eager", "vision_config": attn})
 
     def make_inputs(rows, seeds=None) -> dict:
         media = {"image": ([], [])}
@@ -2752,4 +2757,7 @@ BUILDERS = {
     **({"inkling": inkling} if hasattr(transformers, "InklingForConditionalGeneration") else {}),
     # Inkling2: from transformers 5.24
     **({"inkling2": inkling2} if hasattr(transformers, "Inkling2ForConditionalGeneration") else {}),
+    # Inkling2-Loop: from transformers 5.24
+    **({"inkling2_loop": lambda **kw: inkling2(loop=True, **kw)}
+       if hasattr(transformers, "Inkling2LoopForConditionalGeneration") else {}),
 }
