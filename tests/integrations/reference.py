@@ -163,8 +163,11 @@ def lm_head(model, hidden: torch.Tensor) -> torch.Tensor:
     """The wrapper's logits of the base model's ``hidden`` states: its LM head, its division by the
     text config's ``logits_scaling`` where the wrapper divides (Granite 4 Vision; HyperCLOVAX vision
     v2 multiplies), its product with the wrapper's ``logit_scale`` where it has one (Cohere
-    Compass) or with the text config's ``output_multiplier`` (Muse Glimmer/Spark), then the text config's final soft-capping where the wrapper applies it (Gemma3/4 do; PaliGemma's wrapper
-    only from transformers 5.24 on, though PaliGemma 2's config always sets it)."""
+    Compass) or with the text config's ``output_multiplier`` (Muse Glimmer/Spark), then the text
+    config's final soft-capping where the wrapper applies it (Gemma3/4 do; PaliGemma's wrapper only
+    from transformers 5.24 on, though PaliGemma 2's config always sets it; Inkling2's by a module).
+    Inkling's divides the hidden states by ``logits_mup_width_multiplier`` first, and cuts the
+    logits to ``unpadded_vocab_size``."""
     source = inspect.getsource(type(model).forward)
     if "logits_mup_width_multiplier" in source:  # Inkling divides the hidden states first
         hidden = hidden / model.config.get_text_config().logits_mup_width_multiplier
@@ -184,7 +187,7 @@ def lm_head(model, hidden: torch.Tensor) -> torch.Tensor:
     if "output_multiplier" in source:  # Muse Glimmer/Spark, ahead of their soft-cap
         logits = logits * model.config.get_text_config().output_multiplier
     cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    if cap is None or not ("final_logit_softcapping" in source or hasattr(model, "logit_softcap")):  # Inkling2's module
+    if cap is None or not ("final_logit_softcapping" in source or hasattr(model, "logit_softcap")):
         return logits
     return torch.tanh(logits / cap) * cap
 

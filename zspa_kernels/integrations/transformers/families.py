@@ -745,13 +745,15 @@ FAMILIES: tuple[Family, ...] = (
     Family("Muse Spark", ("muse_spark",), visual_token_attrs=("image_token_id", "video_token_id"),
            min_transformers=(5, 24)),
     # Inkling: each image a run of its patch tokens after an image-begin marker (no marker ends it); its
-    # text model's short convolutions and relative-position logits run over cache slots (the kept tokens),
-    # its base model builds the masks from the 2-D mask the hooks pass on. Audio tokens kept whole.
+    # text model's short convolutions and relative-position logits run over cache slots (the kept tokens);
+    # the hooks pass its language model the 2-D mask, from which it builds its masks (full, sliding,
+    # recurrent) for the kept tokens, in place of those its base model built. Audio tokens kept whole.
     Family("Inkling", ("inkling_mm_model",)),
     # Inkling2: each image a run of image tokens without markers, back to back or not (counted from
     # image_grid_thw); its queries are log-scaled by their (original) positions. Inkling2-Loop: its
     # layout and classes, its looped layers run again on cache layers of their own.
-    Family("Inkling2", ("inkling2", "inkling2_loop"), image_token_counts=_grid_thw_counts, min_transformers=(5, 24)),
+    Family("Inkling2", ("inkling2", "inkling2_loop"), image_token_counts=_grid_thw_counts,
+           min_transformers=(5, 24)),
 )
 
 

@@ -2401,7 +2401,8 @@ APERTUS_IMAGE, APERTUS_AUDIO, APERTUS_BOI, APERTUS_EOL, APERTUS_EOI = 91, 92, 93
 
 def apertus1p5(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     """Apertus 1.5 (transformers 5.24+): a VQ image tokenizer (2 px cells, a codebook of 1024, so that an
-    image's codes seldom repeat) whose codes are ids of the text vocabulary (96 up), embedded by its table; an image of (h, w) pixels is its
+    image's codes seldom repeat) whose codes are ids of the text vocabulary (96 up), embedded by its
+    table; an image of (h, w) pixels is its
     ``(h // 2) * (w // 2)`` image tokens, a row of them per 2 px of height, rows joined by end-of-line
     tokens, between begin/end-of-image markers (no config names them). An Apertus text model (xIELU,
     Llama 3 RoPE scaling) whose LM head is cut to the first 96 ids (no image or audio codes)."""
@@ -2446,19 +2447,20 @@ def apertus1p5(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
 
 
 MUSE_IMAGE, MUSE_VIDEO, MUSE_START, MUSE_END, MUSE_VID_START, MUSE_VID_SEP, MUSE_VID_END, MUSE_AUDIO = range(120, 128)
-MUSE_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 head_dim=8, vocab_size=VOCAB, max_position_embeddings=512, sliding_window=8,
+MUSE_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=8, vocab_size=VOCAB, max_position_embeddings=512, sliding_window=8,
                  final_logit_softcapping=2.0, output_multiplier=0.5, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
 
 
 def _muse(name: str, text: dict, attn: str, seed: int, **extra) -> TinyVLM:
-    """Muse Glimmer and Muse Spark (transformers 5.24+): a windowed ViT over 2 px patches of 2 frames
-    (an image's frame repeated), 2x2 pixel-shuffled: a ``(t, h, w)`` patch grid gives ``t*h*w/4``
-    tokens. An image is its tokens between image markers; a video, between video markers, is one run
-    of ``h*w/4`` tokens per temporal group, each after its timestamp, separated by frame separators
-    (no config names the markers); Muse Spark's audio clips, ``("audio", n)``, are ``n`` audio tokens. Their text model: a sliding-window layer (8-token windows, so that
-    they end inside the prompts) with RoPE, then a full-attention NoPE layer; normed embeddings, gated
-    attention, and logits multiplied by ``output_multiplier`` before the final soft-cap."""
+    """Muse Glimmer (transformers 5.x) and Muse Spark (5.24+): a windowed ViT over 2 px patches of 2
+    frames (an image's frame repeated), 2x2 pixel-shuffled: a ``(t, h, w)`` patch grid gives
+    ``t*h*w/4`` tokens. An image is its tokens between image markers; a video, between video markers,
+    is one run of ``h*w/4`` tokens per temporal group, each after its timestamp, separated by frame
+    separators (no config names the markers); Muse Spark's audio clips, ``("audio", n)``, are ``n``
+    audio tokens. Their text model: a sliding-window layer (8-token windows, so that they end inside
+    the prompts) with RoPE, then a full-attention NoPE layer; normed embeddings, gated attention, and
+    logits multiplied by ``output_multiplier`` before the final soft-cap."""
     torch.manual_seed(seed)
     vision = dict(patch_size=2, pos_emb_height=4, pos_emb_width=4, max_position_embeddings=16, num_attention_heads=2,
                   num_hidden_layers=2, hidden_size=32, intermediate_size=64,
@@ -2504,7 +2506,7 @@ def _muse(name: str, text: dict, attn: str, seed: int, **extra) -> TinyVLM:
 
 
 def muse_glimmer(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
-    """Muse Glimmer (transformers 5.24+): :func:`_muse`'s model, a dense text model."""
+    """Muse Glimmer (transformers 5.x): :func:`_muse`'s model, a dense text model."""
     return _muse("MuseGlimmer", MUSE_TEXT, attn, seed)
 
 
@@ -2526,8 +2528,9 @@ def inkling(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     """Inkling (transformers 5.17+): an MLP tower that folds each patch (2 frames of 2x2 px; an image's
     frame repeated) into one token; an image of (h, w) patches is its ``h*w`` image tokens after an
     image-begin marker. Its text model: a sliding-window layer (8 tokens) then a full one, both with
-    short convolutions over keys and values and relative-position logits over cache slots, MoE (4 experts, 2 a token, a shared one); the wrapper divides the hidden
-    states by ``logits_mup_width_multiplier`` and cuts the logits to ``unpadded_vocab_size``."""
+    short convolutions over keys and values and relative-position logits over cache slots, MoE (4
+    experts, 2 a token, a shared one); the wrapper divides the hidden states by
+    ``logits_mup_width_multiplier`` and cuts the logits to ``unpadded_vocab_size``."""
     from transformers import InklingConfig, InklingForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -2539,8 +2542,8 @@ def inkling(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                 moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
                 logits_mup_width_multiplier=2.0, vocab_size=VOCAB, unpadded_vocab_size=120, max_position_embeddings=512,
                 pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
-    config = InklingConfig(text_config=text, vision_config=dict(text_hidden_size=32, patch_size=2, temporal_patch_size=2,
-                                                                num_hidden_layers=2),
+    vision = dict(text_hidden_size=32, patch_size=2, temporal_patch_size=2, num_hidden_layers=2)
+    config = InklingConfig(text_config=text, vision_config=vision,
                            audio_config=dict(text_hidden_size=32, n_mel_bins=4, mel_vocab_size=8),
                            image_token_id=INKLING_IMAGE, audio_token_id=INKLING_AUDIO,
                            image_bos_token_id=INKLING_IMAGE_BOS, audio_bos_token_id=INKLING_AUDIO_BOS)
@@ -2593,7 +2596,8 @@ def inkling2(attn: str = "sdpa", seed: int = 0, loop: bool = False) -> TinyVLM:
                     loop_layer_index_start=1, loop_layer_index_end=2, loop_num_passes=2, loop_gate_rank=8)
     vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=2, spatial_merge_size=2,
                   posemb_grid_size=4, projection_hidden_dim=64, text_hidden_size=32)
-    config = getattr(transformers, f"{name}Config")(text_config=text, vision_config=vision, image_token_id=INKLING_IMAGE)
+    config = getattr(transformers, f"{name}Config")(text_config=text, vision_config=vision,
+                                                   image_token_id=INKLING_IMAGE)
     # Its text model adds relative-position logits to the scores: eager attention only (its tower: attn).
     model = _finish(getattr(transformers, f"{name}ForConditionalGeneration")(config),
                     {"": "eager", "text_config": "eager", "vision_config": attn})
