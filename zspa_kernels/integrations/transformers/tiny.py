@@ -700,12 +700,8 @@ def hy_v4_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
 
     def make_inputs(rows, seeds=None) -> dict:
         media = {"image": ([], []), "video": ([], [])}
-        clips = []
 
         def segment(kind, grid, gen, r):
-            if kind == "audio":  # Muse Spark: 4 samples a token
-                clips.append(torch.randn(4 * grid, generator=gen))
-                return [MUSE_AUDIO] * grid
             t, h, w = grid if kind == "video" else (1, *grid)
             pixels, grids = media[kind]
             pixels.append(torch.randn(t * h * w, 3 * 2 * 2, generator=gen))
@@ -1722,12 +1718,8 @@ def _qwen(config_cls, model_cls, vision: dict, attn: str, seed: int, text=QWEN_T
 
     def make_inputs(rows, seeds=None) -> dict:
         media = {"image": ([], []), "video": ([], [])}
-        clips = []
 
         def segment(kind, grid, gen, r):
-            if kind == "audio":  # Muse Spark: 4 samples a token
-                clips.append(torch.randn(4 * grid, generator=gen))
-                return [MUSE_AUDIO] * grid
             t, h, w = grid if kind == "video" else (1, *grid)
             token = QWEN_VIDEO if kind == "video" else QWEN_IMAGE
             ids = []
@@ -1808,12 +1800,8 @@ def _glm(name: str, text: dict, attn: str, seed: int, videos: bool, config_name:
 
     def make_inputs(rows, seeds=None) -> dict:
         media = {"image": ([], []), "video": ([], [])}
-        clips = []
 
         def segment(kind, grid, gen, r):
-            if kind == "audio":  # Muse Spark: 4 samples a token
-                clips.append(torch.randn(4 * grid, generator=gen))
-                return [MUSE_AUDIO] * grid
             t, h, w = grid if kind == "video" else (1, *grid)
             frame = [QWEN_START] + [QWEN_IMAGE] * (h * w // 4) + [QWEN_END]
             ids = frame if kind == "image" else (
@@ -1902,12 +1890,8 @@ def ernie4_5_vl_moe(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
 
     def make_inputs(rows, seeds=None) -> dict:
         media = {"image": ([], []), "video": ([], [])}
-        clips = []
 
         def segment(kind, grid, gen, r):
-            if kind == "audio":  # Muse Spark: 4 samples a token
-                clips.append(torch.randn(4 * grid, generator=gen))
-                return [MUSE_AUDIO] * grid
             t, h, w = grid if kind == "video" else (1, *grid)
             ids = ([QWEN_START] + [QWEN_IMAGE] * (h * w // 4) + [QWEN_END] if kind == "image"
                    else [video_start] + [QWEN_VIDEO] * (t * h * w // 8) + [video_end])
