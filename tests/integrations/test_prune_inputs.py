@@ -337,6 +337,16 @@ def test_a_family_whose_unpatched_model_fails_is_refused(monkeypatch):
     assert not tiny.model._forward_pre_hooks and not tiny.model.model._forward_pre_hooks
 
 
+def test_a_family_that_embeds_its_ids_cannot_also_build_masks():
+    """Its decode steps reach the hooks as ids: a mask builder would get them for embeddings."""
+    from zspa_kernels.integrations.transformers import families
+
+    phi4 = next(f for f in families.FAMILIES if f.embed is not None)
+    builder = next(f.build_mask for f in families.FAMILIES if f.build_mask is not None)
+    with pytest.raises(ValueError, match=r"^Family 'Phi-4-multimodal': a family that embeds its input_ids itself"):
+        dataclasses.replace(phi4, build_mask=builder)
+
+
 @torch.no_grad()
 def test_llama4_is_refused_exactly_where_its_unpatched_model_fails():
     """transformers 5.24's Llama4ForConditionalGeneration reads image_outputs from its causal LM's

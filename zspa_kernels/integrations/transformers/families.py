@@ -71,6 +71,12 @@ class Family:
     # runs on the embeddings as on any other family's. None: the caller passes ``inputs_embeds``.
     embed: Optional[Callable[[torch.nn.Module, tuple, dict], tuple[tuple, dict]]] = None
 
+    def __post_init__(self):
+        # Its decode steps reach the hooks as ids, not embeddings: a mask builder would be handed ids.
+        if self.embed is not None and self.build_mask is not None:
+            raise ValueError(f"Family {self.name!r}: a family that embeds its input_ids itself (embed) "
+                             "cannot build its masks (build_mask); its decode steps carry no embeddings")
+
     def weighs_router_logits(self) -> bool:
         """Whether the installed transformers' wrapper turns router logits into a loss (router_loss)."""
         return self.router_loss is not None and release("transformers") >= self.router_loss

@@ -410,18 +410,17 @@ class PruneHandle:
     def _lm_pre_hook(self, module, args, kwargs):
         cache = _cache_of(kwargs)
         if self.family.embed is None or (cache is not None and cache in self._caches):
-            return self._lm_pre(module, args, kwargs)
+            return self._lm_pre(module, args, kwargs, cache)
         # A language model that embeds its input_ids itself (Family.embed): a prompt's embeddings go in
         # computed, and the hook works on them; it edits the arguments in place. A decode step on a pruned
         # cache (one text token) is embedded by the model, as unpatched (a compiled step: one graph).
         args, kwargs = self.family.embed(module, args, kwargs)
-        self._lm_pre(module, args, kwargs)
+        self._lm_pre(module, args, kwargs, cache)
         return args, kwargs
 
-    def _lm_pre(self, module, args, kwargs):
+    def _lm_pre(self, module, args, kwargs, cache):
         inputs, self._inputs = self._inputs or {}, None
         self._logits_to_keep = None
-        cache = _cache_of(kwargs)
         state = self._caches.get(cache) if cache is not None else None
         if state is not None:  # the base pre-hook has dropped every emptied cache's state: a decode step
             self._decode_step(state, kwargs)
@@ -651,10 +650,12 @@ class PruneHandle:
 
     # -- decode ----------------------------------------------------------------------------
     def _decode_step(self, state: _CacheState, kwargs) -> None:
-        embeds = kwargs.get("inputs_embeds")
-        if embeds is None:  # a language model that embeds its input_ids itself (Family.embed)
-            embeds = kwargs["input_ids"]
-        q = embeds.shape[1]
+        # A language model that embeds its input_ids itself (Family.embed) gets a step's ids: only their
+        # shape and device are read here (such a family builds no masks: Family.__post_init__).
+        step = kwargs.get("inputs_embeds")
+        if step is None:
+            step = kwargs["input_ids"]
+        q = step.shape[1]
         if q != 1:
             raise RuntimeError(REUSE_ERROR)
         if state.decode_mask is not None:  # a static cache: the same shapes at every step
@@ -668,11 +669,11 @@ class PruneHandle:
                 # The caller's slots, as the base model's hook saw them; none seen: the language model
                 # was called without the base model.
                 appended = _appended(state, cache, kwargs.get("cache_position") if caller is None else caller[0])
-                slots = torch.arange(q, device=embeds.device) + (appended + state.pruned_len)
+                slots = torch.arange(q, device=step.device) + (appended + state.pruned_len)
                 if kwargs.get("cache_position") is not None:
                     kwargs["cache_position"] = slots
                 if self.family.build_mask is not None:  # decode tokens are text: no image blocks
-                    mask = self.family.build_mask(self.config, embeds, mask, cache, kwargs.get("position_ids"), None,
+                    mask = self.family.build_mask(self.config, step, mask, cache, kwargs.get("position_ids"), None,
                                                   slots, False)
             kwargs["attention_mask"] = mask
             return
@@ -686,10 +687,10 @@ class PruneHandle:
         else:  # None, or the 4-D masks of a static cache: new tokens are all attended
             tail = state.mask.new_ones(state.mask.shape[0], grown + q)
         mask = torch.cat([state.mask, tail], dim=1)
-        slots = torch.arange(past, past + q, device=embeds.device)
+        slots = torch.arange(past, past + q, device=step.device)
         if kwargs.get("cache_position") is not None:
             kwargs["cache_position"] = slots
         if self.family.build_mask is not None:  # decode tokens are text: no image blocks
-            mask = self.family.build_mask(self.config, embeds, mask, _cache_of(kwargs),
+            mask = self.family.build_mask(self.config, step, mask, _cache_of(kwargs),
                                           kwargs.get("position_ids"), None, slots, False)
         kwargs["attention_mask"] = mask
