@@ -259,6 +259,18 @@ def _gather_granite(prefill) -> None:
     kwargs["deepstack_features"] = {layer: f[rows] for layer, f in kwargs["deepstack_features"].items()}
 
 
+def _fuyu_counts(config, inputs: dict, runs: list[int]) -> list[int]:
+    """Fuyu: an image is as many tokens as it has patches (rows of them ended by newline tokens): one
+    entry of its patches an image (``pixel_values``, ``image_patches`` before transformers 5.24), or of
+    the patch embeddings generate() encoded ahead (5.24+)."""
+    encoded = getattr((inputs.get("mm_encoder_outputs") or {}).get("image"), "last_hidden_state", None)
+    patches = next((p for p in (encoded, inputs.get("pixel_values"), inputs.get("image_patches")) if p is not None),
+                   None)
+    if patches is None:
+        raise ValueError("pixel_values: required to tell where each Fuyu image's tokens are, got None")
+    return [p.shape[-2] for p in patches]
+
+
 def _idefics3_tile_tokens(config) -> int:
     vision = config.vision_config
     return (vision.image_size // vision.patch_size) ** 2 // config.scale_factor ** 2
@@ -760,6 +772,9 @@ FAMILIES: tuple[Family, ...] = (
     # layout and classes, its looped layers run again on cache layers of their own.
     Family("Inkling2", ("inkling2", "inkling2_loop"), image_token_counts=_grid_thw_counts,
            min_transformers=(5, 24)),
+    # Fuyu: no vision tower (a linear layer embeds each patch); an image's rows of patch tokens each end
+    # with a newline token (text): one budget an image, as many tokens as its patches.
+    Family("Fuyu", ("fuyu",), image_token_counts=_fuyu_counts),
 )
 
 

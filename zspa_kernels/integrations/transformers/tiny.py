@@ -2607,6 +2607,47 @@ def inkling2(attn: str = "sdpa", seed: int = 0, loop: bool = False) -> TinyVLM:
                    static_generate=False)
 
 
+FUYU_IMAGE, FUYU_NEWLINE = 127, 126
+
+
+def fuyu(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """Fuyu: no vision tower; each 2x2 px patch of an image is embedded by one linear layer. An
+    ("image", (h, w)) segment is a grid of h x w patches (12 of them, as every image of a call has its
+    patch count: the patches come as one tensor), a row of w image tokens per patch row, each row ended
+    by a newline token (text, in no config); a Persimmon text model (partial rotary, qk layernorm).
+    transformers 4.57 and 5.17 take the patches as ``image_patches``, 5.24 as ``pixel_values``."""
+    from transformers import FuyuConfig, FuyuForCausalLM
+
+    torch.manual_seed(seed)
+    text = dict(model_type="persimmon", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, vocab_size=VOCAB, max_position_embeddings=512, qk_layernorm=True,
+                partial_rotary_factor=0.5, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    # hidden_size at the top: transformers 4.57 sizes the patch embedding by it.
+    config = FuyuConfig(text_config=text, hidden_size=32, patch_size=2, num_channels=3, image_token_id=FUYU_IMAGE,
+                        pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    model = _finish(FuyuForCausalLM(config), attn)
+    key = "pixel_values" if "pixel_values" in inspect.signature(model.model.forward).parameters else "image_patches"
+
+    def make_inputs(rows, seeds=None) -> dict:
+        patches = []
+
+        def image(kind, hw, gen, r):
+            patches.append(torch.randn(hw[0] * hw[1], 2 * 2 * 3, generator=gen))
+            return ([FUYU_IMAGE] * hw[1] + [FUYU_NEWLINE]) * hw[0]
+
+        ids = _token_rows(rows, seeds, image)
+        return dict(ids, **{key: torch.stack(patches)})
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 5), ("image", (3, 4)), ("text", 7)]],
+                   batch=[[("text", 5), ("image", (4, 3)), ("text", 7)],
+                          [("text", 3), ("image", (2, 6)), ("image", (3, 4)), ("text", 4)],
+                          [("image", (6, 2)), ("text", 9)]],
+                   # transformers 5.24's own beam search fails on its images (the beams' image tokens
+                   # outnumber the patch embeddings it encodes ahead), unpatched.
+                   beam_images=not hasattr(transformers.GenerationMixin, "_expand_multimodal_outputs"))
+
+
 def _accepted(model_type: str) -> bool:
     """Whether prune() accepts ``model_type`` on this transformers (families.py)."""
     from .families import FAMILIES
@@ -2748,4 +2789,5 @@ BUILDERS = {
     # Inkling2-Loop: from transformers 5.24
     **({"inkling2_loop": lambda **kw: inkling2(loop=True, **kw)}
        if hasattr(transformers, "Inkling2LoopForConditionalGeneration") else {}),
+    "fuyu": fuyu,
 }
