@@ -792,6 +792,39 @@ def test_qwen4_exp_per_layer_embeddings_read_the_kept_tokens_ids():
     assert torch.equal(ids[valid], inputs["input_ids"].gather(1, kept.clamp(min=0))[valid])
 
 
+@pytest.mark.skipif("unlimited_ocr" not in BUILDERS, reason="UnlimitedOCR is not in this transformers")
+@torch.no_grad()
+def test_unlimited_ocr_generated_tokens_slide_past_the_kept_prompt():
+    """UnlimitedOCR's reference sliding window keeps a prompt's states and the last ``sliding_window``
+    generated ones (the shared suite cannot show it: its no-cache reference takes every token as prompt,
+    so its window exceeds what it generates). Its generate() declares the unpruned prompt's length to the
+    cache ahead of the forward; a pruned generate() equals its language model's own cached run over the
+    kept prompt: the kept tokens are the reference, and every generated token slides."""
+    tiny = BUILDERS["unlimited_ocr"](sliding_window=2)
+    inputs = tiny.make_inputs(tiny.batch)
+    B, L = inputs["input_ids"].shape
+    steps = 8
+    with zspa_kernels.prune(tiny.model, keep=KEEP), capture_lm_calls(tiny.model) as calls:
+        out = tiny.model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                                  output_logits=True, return_dict_in_generate=True)
+    prefill = calls[0]
+    assert prefill["inputs_embeds"].shape[1] < L - steps  # more tokens dropped than generated
+    lm = tiny.model.model.language_model
+    cache = transformers.DynamicCache(config=lm.config)
+    assert {layer._layer_type for layer in cache.layers} == {"reference_sliding_attention"}
+    mask, tokens = prefill["attention_mask"], out.sequences[:, L:]
+    hidden = lm(inputs_embeds=prefill["inputs_embeds"], attention_mask=mask, position_ids=prefill["position_ids"],
+                use_cache=True, **cache_arg(lm, cache)).last_hidden_state
+    logits = [tiny.model.lm_head(hidden[:, -1:])]
+    for k, call in enumerate(calls[1:]):
+        mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
+        hidden = lm(inputs_embeds=lm.embed_tokens(tokens[:, k:k + 1]), attention_mask=mask,
+                    position_ids=call["position_ids"], use_cache=True, **cache_arg(lm, cache)).last_hidden_state
+        logits.append(tiny.model.lm_head(hidden))
+    assert len(logits) == steps
+    torch.testing.assert_close(torch.cat(logits, 1), torch.stack(out.logits, 1), atol=ATOL, rtol=0)
+
+
 @pytest.mark.skipif("granite4_vision" not in BUILDERS, reason="Granite 4 Vision is not in this transformers")
 @torch.no_grad()
 def test_granite4_vision_features_follow_their_tokens():

@@ -271,6 +271,19 @@ def _fuyu_counts(config, inputs: dict, runs: list[int]) -> list[int]:
     return [p.shape[-2] for p in patches]
 
 
+def _reference_prefill(prefill) -> None:
+    """UnlimitedOCR's reference sliding-window cache layers keep a prompt's states whole and slide over the
+    generated tokens' ones; its generate() declares the prompt's length to them ahead of the forward: the
+    unpruned one, which would keep the first generated tokens whole too, as if they were prompt. Declared
+    again, as the kept length, while nothing is cached: the kept tokens are the reference, and every
+    generated token slides, as after an unpruned prompt (keep-all: the length generate() declared)."""
+    cache = next((prefill.kwargs[k] for k in ("cache", "past_key_values") if prefill.kwargs.get(k) is not None), None)
+    for layer in getattr(cache, "layers", ()):
+        if getattr(layer, "_layer_type", None) == "reference_sliding_attention" and not layer.prefill_cumulative_length:
+            layer.prefill_length = None
+            layer.set_prefill_length(prefill.index.shape[1])
+
+
 def _idefics3_tile_tokens(config) -> int:
     vision = config.vision_config
     return (vision.image_size // vision.patch_size) ** 2 // config.scale_factor ** 2
@@ -775,6 +788,10 @@ FAMILIES: tuple[Family, ...] = (
     # Fuyu: no vision tower (a linear layer embeds each patch); an image's rows of patch tokens each end
     # with a newline token (text): one budget an image, as many tokens as its patches.
     Family("Fuyu", ("fuyu",), image_token_counts=_fuyu_counts),
+    # UnlimitedOCR: DeepSeek-OCR-2's layout (an image's crops, global view and view separator one run, each
+    # row of a view's features ended by a newline feature) around a text model whose reference sliding window
+    # attention keeps the prompt's tokens (the kept ones) and slides over the generated ones.
+    Family("UnlimitedOCR", ("unlimited_ocr",), image_token_counts=_one_run_per_image, on_prefill=_reference_prefill),
 )
 
 

@@ -68,7 +68,8 @@ class TinyVLM:
     beam_multi_image: bool = True  # False where it cannot beam-search rows of several images
     beam_images: bool = True  # False where it cannot beam-search images at all
     static_generate: bool = True  # False where its generate() fails on a static cache
-    # False where a prefill on a reset static cache differs from one on a fresh cache, unpatched (Inkling).
+    # False where a prefill on a reset static cache differs from one on a fresh cache, unpatched (Inkling;
+    # UnlimitedOCR's once unpickled, as the deep-copy test resets it).
     static_reset: bool = True
     # False where its prompt-lookup decoding fails on some drafts (Molmo2: it drafts the prompt's
     # image tokens, whose ids lie past its logits).
@@ -2648,6 +2649,46 @@ def fuyu(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                    beam_images=not hasattr(transformers.GenerationMixin, "_expand_multimodal_outputs"))
 
 
+def unlimited_ocr(attn: str = "sdpa", seed: int = 0, sliding_window: int = 128) -> TinyVLM:
+    """UnlimitedOCR (transformers 5.24+): DeepSeek-OCR-2's tower (a SAM tower whose 4x4 output patches
+    a CLIP-style encoder reads: 16 features a 64 px view), each row of a view's features ended by a
+    newline feature: an image of ``n`` local crops side by side (one row of them) and its global view is
+    one run of ``4 (4n + 1)`` crop tokens (none without crops), ``4 * 5`` view tokens and the view
+    separator's, no markers. A DeepSeek-V2 MoE text model after a dense layer, whose reference sliding
+    window attention keeps every prompt token and the last ``sliding_window`` generated ones (by default
+    more than the tests generate: the no-cache reference attends to them all, as a prompt's tokens)."""
+    from transformers import UnlimitedOcrConfig, UnlimitedOcrForConditionalGeneration
+
+    torch.manual_seed(seed)
+    image_token = 127
+    sam = dict(SAM_TOWER, downsample_channels=[16, 32])
+    encoder = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                vocab_size=VOCAB, max_position_embeddings=1024, pad_token_id=PAD, bos_token_id=1, eos_token_id=2,
+                n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=32,
+                mlp_layer_types=["dense", "sparse"], sliding_window=sliding_window)
+    config = UnlimitedOcrConfig(vision_config=dict(sam_config=sam, encoder_config=encoder), text_config=text,
+                                image_token_id=image_token, pad_token_id=PAD)
+    model = _finish(UnlimitedOcrForConditionalGeneration(config), attn)
+    crops_and_view = _view_and_crops(64, 64, lambda n: [image_token] * (4 * (4 * n + 1) * (n > 0) + 4 * 5 + 1))
+
+    def make_inputs(rows, seeds=None) -> dict:
+        inputs = crops_and_view(rows, seeds)
+        # Lists, as its model splits the crops by them (and its processor gives them so).
+        inputs["num_local_patches"] = counts = inputs["num_local_patches"].tolist()
+        inputs["patches_grid"] = [[n, 1] for n in counts]
+        return inputs
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 5), ("image", 0), ("text", 7)]],
+                   batch=[[("text", 5), ("image", 2), ("text", 7)],
+                          [("text", 3), ("image", 0), ("text", 2), ("image", 1), ("text", 4)],
+                          [("image", 0), ("text", 9)]],
+                   # Pickled, its static cache layers' buffers lose their views (the states a prefill writes
+                   # and those it reads part): a reset unpickled cache gives other logits, unpatched.
+                   static_reset=False)
+
+
 def _accepted(model_type: str) -> bool:
     """Whether prune() accepts ``model_type`` on this transformers (families.py)."""
     from .families import FAMILIES
@@ -2790,4 +2831,6 @@ BUILDERS = {
     **({"inkling2_loop": lambda **kw: inkling2(loop=True, **kw)}
        if hasattr(transformers, "Inkling2LoopForConditionalGeneration") else {}),
     "fuyu": fuyu,
+    # UnlimitedOCR: from transformers 5.24
+    **({"unlimited_ocr": unlimited_ocr} if hasattr(transformers, "UnlimitedOcrForConditionalGeneration") else {}),
 }
