@@ -793,20 +793,23 @@ def test_qwen4_exp_per_layer_embeddings_read_the_kept_tokens_ids():
 
 
 @pytest.mark.skipif("unlimited_ocr" not in BUILDERS, reason="UnlimitedOCR is not in this transformers")
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
 @torch.no_grad()
-def test_unlimited_ocr_generated_tokens_slide_past_the_kept_prompt():
+def test_unlimited_ocr_generated_tokens_slide_past_the_kept_prompt(kind):
     """UnlimitedOCR's reference sliding window keeps a prompt's states and the last ``sliding_window``
     generated ones (the shared suite cannot show it: its no-cache reference takes every token as prompt,
     so its window exceeds what it generates). Its generate() declares the unpruned prompt's length to the
     cache ahead of the forward; a pruned generate() equals its language model's own cached run over the
-    kept prompt: the kept tokens are the reference, and every generated token slides."""
+    kept prompt: the kept tokens are the reference, and every generated token slides. On a static cache
+    too, whose window layers are shorter than the prompt (they keep it in slots of their own)."""
     tiny = BUILDERS["unlimited_ocr"](sliding_window=2)
     inputs = tiny.make_inputs(tiny.batch)
     B, L = inputs["input_ids"].shape
     steps = 8
+    static = dict(cache_implementation="static") if kind == "static" else {}
     with zspa_kernels.prune(tiny.model, keep=KEEP), capture_lm_calls(tiny.model) as calls:
         out = tiny.model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                                  output_logits=True, return_dict_in_generate=True)
+                                  output_logits=True, return_dict_in_generate=True, **static)
     prefill = calls[0]
     assert prefill["inputs_embeds"].shape[1] < L - steps  # more tokens dropped than generated
     lm = tiny.model.model.language_model
