@@ -200,12 +200,13 @@ def _static_length(cache) -> Optional[int]:
     ``generate()`` compiles decoding for), else None (dynamic layers grow)."""
     if not getattr(cache, "is_compileable", False):
         return None
-    # UnlimitedOCR's reference sliding-window layers hold a prompt in slots of their own ahead of their window
-    # (prefill_max_cache_len of them): the positions their masks index span both.
-    lengths = [getattr(layer, "max_cache_len", None) + getattr(layer, "prefill_max_cache_len", 0)
-               if isinstance(getattr(layer, "max_cache_len", None), int) else None
-               for layer in getattr(cache, "layers", ())]
-    lengths = [n for n in lengths if isinstance(n, int) and n > 0]
+    lengths = []
+    for layer in getattr(cache, "layers", ()):
+        n = getattr(layer, "max_cache_len", None)
+        if isinstance(n, int) and n > 0:
+            # UnlimitedOCR's reference sliding-window layers hold a prompt in slots of their own ahead of
+            # their window (prefill_max_cache_len of them): the positions their masks index span both.
+            lengths.append(n + getattr(layer, "prefill_max_cache_len", 0))
     return max(lengths) if lengths else None
 
 
