@@ -167,7 +167,7 @@ def lm_head(model, hidden: torch.Tensor) -> torch.Tensor:
     config's final soft-capping where the wrapper applies it (Gemma3/4 do; PaliGemma's wrapper only
     from transformers 5.24 on, though PaliGemma 2's config always sets it; Inkling2's by a module).
     Inkling's divides the hidden states by ``logits_mup_width_multiplier`` first, and cuts the
-    logits to ``unpadded_vocab_size``."""
+    logits to ``unpadded_vocab_size``; Chameleon's sets its image codes' logits to the lowest value."""
     source = inspect.getsource(type(model).forward)
     if "logits_mup_width_multiplier" in source:  # Inkling divides the hidden states first
         hidden = hidden / model.config.get_text_config().logits_mup_width_multiplier
@@ -184,6 +184,8 @@ def lm_head(model, hidden: torch.Tensor) -> torch.Tensor:
         logits = logits / model.config.get_text_config().logits_scaling
     if getattr(model, "logit_scale", None) is not None:  # Cohere Compass
         logits = logits * model.logit_scale
+    if "vocabulary_mapping.image_tokens" in source:  # Chameleon: no image code is generated
+        logits[..., model.model.vocabulary_mapping.image_tokens] = torch.finfo(logits.dtype).min
     if "output_multiplier" in source:  # Muse Glimmer/Spark, ahead of their soft-cap
         logits = logits * model.config.get_text_config().output_multiplier
     cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)

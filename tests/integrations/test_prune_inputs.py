@@ -170,7 +170,8 @@ MARKERS_ONLY_IN_TOKENIZER = {
     "apertus1p5", "aya_vision", "cohere2_vision", "fuyu", "got_ocr2", "granite_docling", "granite_docling_fine",
     "hy_v4_vl", "idefics2", "idefics3", "internvl", "janus", "lfm2_vl", "llama4", "llava_pixtral",
     "minicpm_ocr", "minicpmv4_6", "mistral3", "mistral3_mistral4", "mistral_large4", "molmo2", "muse_glimmer",
-    "muse_spark", "nemotron_h_omni", "paligemma", "paligemma2", "qianfan_ocr", "smolvlm", "step3p7"}
+    "muse_spark", "nemotron_h_omni", "paligemma", "paligemma2", "qianfan_ocr", "smolvlm", "step3p7",
+    "chameleon", "chameleon_swin"}
 
 
 def _tokenizer(special_from: int, size: int):
@@ -457,6 +458,11 @@ def test_tiny_builders_make_distinct_visual_tokens(name):
     tokenizer = getattr(getattr(tiny.model, "model", None), "vision_tokenizer", None)
     if tokenizer is not None:  # Apertus 1.5: VQ codes embedded by the text table, equal where the codes are
         codes = torch.cat(tiny.model.model.get_image_tokens(inputs["pixel_values"], inputs["image_sizes"]))
+        assert torch.equal((tokens[:, None] == tokens[None]).all(-1), codes[:, None] == codes[None])
+        assert torch.unique(codes).numel() > codes.numel() // 2
+        return
+    if tiny.model.config.model_type == "chameleon":  # VQ codes embedded by the text table, likewise
+        codes = tiny.model.model.get_image_tokens(inputs["pixel_values"]).flatten()
         assert torch.equal((tokens[:, None] == tokens[None]).all(-1), codes[:, None] == codes[None])
         assert torch.unique(codes).numel() > codes.numel() // 2
         return

@@ -545,6 +545,34 @@ def _code_grid_counts(config, inputs: dict, runs: list[int]) -> list[int]:
     return (torch.as_tensor(sizes) // config.vision_config.spatial_scale_factor).prod(-1).tolist()
 
 
+def _chameleon_embed(model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Chameleon's base model is its decoder: inside its forward it embeds ``input_ids`` and writes
+    each image's VQ codes, embedded by the same table, over the image placeholders. The same
+    embedding, computed here, goes in as ``inputs_embeds``, the image inputs taken out (the forward
+    would merge them again); a call that brings embeddings is left as it is."""
+    if args:  # input_ids given by position
+        kwargs = dict(kwargs, input_ids=args[0])
+        args = args[1:]
+    ids = kwargs.get("input_ids")
+    if ids is None or kwargs.get("inputs_embeds") is not None:
+        return args, kwargs
+    embeds = model.embed_tokens(ids)
+    encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")  # generate() encoded them (5.24+)
+    if encoded is not None:
+        features = encoded.pooler_output
+    elif kwargs.get("pixel_values") is not None:
+        features = model.get_image_features(kwargs["pixel_values"])
+        features = getattr(features, "pooler_output", features)  # transformers 4.x: the tensor itself
+    else:
+        features = None
+    if features is not None:
+        mask = model.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=features)
+        embeds = embeds.masked_scatter(mask, features.to(embeds.device, embeds.dtype))
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("pixel_values", "mm_encoder_outputs")}
+    kwargs["input_ids"], kwargs["inputs_embeds"] = None, embeds
+    return args, kwargs
+
+
 FAMILIES: tuple[Family, ...] = (
     Family("LLaVA-1.5", ("llava",), image_token_counts=_tower_counts),
     # LLaVA-1.5's layout; its projector reads several tower layers.
@@ -768,6 +796,10 @@ FAMILIES: tuple[Family, ...] = (
     # each image between begin/end-of-image markers, a row of codes per line, lines joined by end-of-line
     # tokens: one budget an image (its size says how many codes), audio codes kept whole.
     Family("Apertus 1.5", ("apertus1p5",), image_token_counts=_code_grid_counts, min_transformers=(5, 24)),
+    # Chameleon: each image a fixed grid of VQ codes, ids of the text vocabulary embedded by its table,
+    # written over placeholders between begin/end-of-image markers; its base model is its decoder and
+    # embeds them itself (Family.embed). Query/key norms and the swin-norm variant run inside the layers.
+    Family("Chameleon", ("chameleon",), lm_attr="", embed=_chameleon_embed),
     # Muse Glimmer: each image between image markers, one run; a video's temporal groups each a run after
     # its timestamp (one budget each); 1-D positions; sliding windows that count cache slots, NoPE layers.
     Family("Muse Glimmer", ("muse_glimmer",), visual_token_attrs=("image_token_id", "video_token_id")),

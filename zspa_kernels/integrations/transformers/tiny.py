@@ -2431,6 +2431,50 @@ def apertus1p5(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                           [("image", (8, 4)), ("text", 9)]])
 
 
+VQ_IMAGE, VQ_BOI, VQ_EOI = 91, 92, 93  # Chameleon's placeholder and markers
+VQ_CODES = 1024  # codebook entries, ids 96 up: enough that an image's codes seldom repeat
+
+
+def _vq_text(**extra) -> dict:
+    return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                vocab_size=96 + VQ_CODES, max_position_embeddings=512, pad_token_id=PAD, bos_token_id=1,
+                eos_token_id=2, **extra)
+
+
+def chameleon(attn: str = "sdpa", seed: int = 0, swin: bool = False) -> TinyVLM:
+    """Chameleon: a VQ-VAE that turns an 8 px image into a 4x4 grid of codes (a codebook of 1024), which
+    are ids of the text vocabulary (96 up, named as Chameleon's tokenizer names them), embedded by its
+    table; each image is 16 placeholders between begin/end-of-image markers (no config names the
+    markers), whatever its segment's size (its processor resizes every image to one size). Its decoder
+    has query/key norms, and with ``swin`` normalises after attention and MLP."""
+    from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+
+    torch.manual_seed(seed)
+    digits = lambda i: "".join(chr(ord("A") + int(d)) for d in str(i))
+    vocabulary = {"<image>": VQ_IMAGE, **{f"IMGIMG{digits(i)}Z": 96 + i for i in range(VQ_CODES)}}
+    vq = dict(embed_dim=8, num_embeddings=VQ_CODES, latent_channels=8, resolution=8, base_channels=32,
+              channel_multiplier=[1, 1], num_res_blocks=1, attn_resolutions=[4])
+    config = ChameleonConfig(**_vq_text(), vq_config=vq, vocabulary_map=vocabulary, swin_norm=swin)
+    model = _finish(ChameleonForConditionalGeneration(config), attn)
+    # A codebook of its encoder's scale (the default initialiser's is twice it, and codes would repeat more)
+    torch.nn.init.normal_(model.model.vqmodel.quantize.embedding.weight, std=0.01)
+
+    def make_inputs(rows, seeds=None) -> dict:
+        pixels = []
+
+        def image(kind, size, gen, r):
+            pixels.append(torch.randn(3, 8, 8, generator=gen))
+            return [VQ_BOI] + [VQ_IMAGE] * 16 + [VQ_EOI]
+
+        return dict(_token_rows(rows, seeds, image), pixel_values=torch.stack(pixels))
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 5), ("image", 8), ("text", 7)]],
+                   batch=[[("text", 5), ("image", 8), ("text", 7)],
+                          [("text", 3), ("image", 8), ("image", 8), ("text", 4)],
+                          [("image", 8), ("text", 9)]])
+
+
 MUSE_IMAGE, MUSE_VIDEO, MUSE_START, MUSE_END, MUSE_VID_START, MUSE_VID_SEP, MUSE_VID_END, MUSE_AUDIO = range(120, 128)
 MUSE_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=8, vocab_size=VOCAB, max_position_embeddings=512, sliding_window=8,
@@ -2819,6 +2863,8 @@ BUILDERS = {
     **({"nemotron_h_omni": nemotron_h_omni} if hasattr(transformers, "NemotronH_Omni_Reasoning_V3") else {}),
     # Apertus 1.5: from transformers 5.24
     **({"apertus1p5": apertus1p5} if hasattr(transformers, "Apertus1p5ForConditionalGeneration") else {}),
+    "chameleon": chameleon,
+    "chameleon_swin": lambda **kw: chameleon(swin=True, **kw),
     # Muse Glimmer: not in transformers 4.57
     **({"muse_glimmer": muse_glimmer} if hasattr(transformers, "MuseGlimmerForConditionalGeneration") else {}),
     # Muse Spark: from transformers 5.24
