@@ -171,7 +171,7 @@ MARKERS_ONLY_IN_TOKENIZER = {
     "hy_v4_vl", "idefics2", "idefics3", "internvl", "janus", "lfm2_vl", "llama4", "llava_pixtral",
     "minicpm_ocr", "minicpmv4_6", "mistral3", "mistral3_mistral4", "mistral_large4", "molmo2", "muse_glimmer",
     "muse_spark", "nemotron_h_omni", "paligemma", "paligemma2", "qianfan_ocr", "smolvlm", "step3p7",
-    "chameleon", "chameleon_swin"}
+    "chameleon", "chameleon_swin", "emu3"}
 
 
 def _tokenizer(special_from: int, size: int):
@@ -461,9 +461,11 @@ def test_tiny_builders_make_distinct_visual_tokens(name):
         assert torch.equal((tokens[:, None] == tokens[None]).all(-1), codes[:, None] == codes[None])
         assert torch.unique(codes).numel() > codes.numel() // 2
         return
-    if tiny.model.config.model_type == "chameleon":  # VQ codes embedded by the text table, likewise
-        codes = tiny.model.model.get_image_tokens(inputs["pixel_values"]).flatten()
+    if tiny.model.config.model_type in ("chameleon", "emu3"):  # VQ codes embedded by the text table, likewise
+        images = [inputs["pixel_values"]] + ([inputs["image_sizes"]] if "image_sizes" in inputs else [])
+        codes = tiny.model.model.get_image_tokens(*images).flatten()
         assert torch.equal((tokens[:, None] == tokens[None]).all(-1), codes[:, None] == codes[None])
+        codes = codes[codes != getattr(tiny.model.model.vocabulary_mapping, "eol_token_id", None)]  # Emu3's
         assert torch.unique(codes).numel() > codes.numel() // 2
         return
     # Distinct, but for learned features repeated: LLaVA-NeXT-style models' newline per row of patches

@@ -800,6 +800,12 @@ FAMILIES: tuple[Family, ...] = (
     # written over placeholders between begin/end-of-image markers; its base model is its decoder and
     # embeds them itself (Family.embed). Query/key norms and the swin-norm variant run inside the layers.
     Family("Chameleon", ("chameleon",), lm_attr="", embed=_chameleon_embed),
+    # Emu3: each image its VQ codes, a line per row, each line ended by an end-of-line token, all written
+    # over the image placeholders between markers (the end-of-line tokens are placeholders too: visual
+    # tokens, as LLaVA-NeXT's newline features); the base model passes them to its text model.
+    # transformers 4.57's wrapper does not pass the images to its base model: its placeholders stay
+    # placeholders, unpatched (nothing to prune, nor to test the hooks against).
+    Family("Emu3", ("emu3",), lm_attr="text_model", min_transformers=(5, 0)),
     # Muse Glimmer: each image between image markers, one run; a video's temporal groups each a run after
     # its timestamp (one budget each); 1-D positions; sliding windows that count cache slots, NoPE layers.
     Family("Muse Glimmer", ("muse_glimmer",), visual_token_attrs=("image_token_id", "video_token_id")),

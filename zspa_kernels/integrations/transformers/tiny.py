@@ -2431,7 +2431,7 @@ def apertus1p5(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                           [("image", (8, 4)), ("text", 9)]])
 
 
-VQ_IMAGE, VQ_BOI, VQ_EOI = 91, 92, 93  # Chameleon's placeholder and markers
+VQ_IMAGE, VQ_BOI, VQ_EOI, VQ_EOL = 91, 92, 93, 94  # Chameleon's and Emu3's placeholder, markers, end of line
 VQ_CODES = 1024  # codebook entries, ids 96 up: enough that an image's codes seldom repeat
 
 
@@ -2473,6 +2473,41 @@ def chameleon(attn: str = "sdpa", seed: int = 0, swin: bool = False) -> TinyVLM:
                    batch=[[("text", 5), ("image", 8), ("text", 7)],
                           [("text", 3), ("image", 8), ("image", 8), ("text", 4)],
                           [("image", 8), ("text", 9)]])
+
+
+def emu3(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """Emu3: a VQ-VAE (2 px cells, 2 frames an image, a codebook of 1024) whose codes are ids of the text
+    vocabulary (96 up, named as Emu3's tokenizer names them), embedded by its table. An image of (h, w)
+    pixels, drawn on an 8 px canvas (its codes then do not depend on the batch's other images), is
+    ``(h // 2) * (w // 2 + 1)`` placeholders between begin/end-of-image markers (no config names them):
+    a line of codes per 2 px of height, each ended by an end-of-line token."""
+    from transformers import Emu3Config, Emu3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vocabulary = {"<image>": VQ_IMAGE, "<|extra_200|>": VQ_EOL,
+                  **{f"<|visual token {i:06d}|>": 96 + i for i in range(VQ_CODES)}}
+    vq = dict(codebook_size=VQ_CODES, embed_dim=8, latent_channels=8, temporal_downsample_factor=2, base_channels=32,
+              channel_multiplier=[1, 1], num_res_blocks=1, attn_resolutions=[], hidden_size=32, num_attention_heads=1)
+    config = Emu3Config(text_config=_vq_text(), vq_config=vq, vocabulary_map=vocabulary)
+    model = _finish(Emu3ForConditionalGeneration(config), attn)
+
+    def make_inputs(rows, seeds=None) -> dict:
+        pixels, sizes = [], []
+
+        def image(kind, hw, gen, r):
+            pixels.append(torch.zeros(3, 8, 8))
+            pixels[-1][:, : hw[0], : hw[1]] = torch.randn(3, *hw, generator=gen)
+            sizes.append(list(hw))
+            return [VQ_BOI] + [VQ_IMAGE] * ((hw[0] // 2) * (hw[1] // 2 + 1)) + [VQ_EOI]
+
+        ids = _token_rows(rows, seeds, image)
+        return dict(ids, pixel_values=torch.stack(pixels), image_sizes=torch.tensor(sizes))
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 5), ("image", (8, 6)), ("text", 7)]],
+                   batch=[[("text", 5), ("image", (8, 8)), ("text", 7)],
+                          [("text", 3), ("image", (4, 8)), ("image", (6, 4)), ("text", 4)],
+                          [("image", (8, 4)), ("text", 9)]])
 
 
 MUSE_IMAGE, MUSE_VIDEO, MUSE_START, MUSE_END, MUSE_VID_START, MUSE_VID_SEP, MUSE_VID_END, MUSE_AUDIO = range(120, 128)
@@ -2865,6 +2900,8 @@ BUILDERS = {
     **({"apertus1p5": apertus1p5} if hasattr(transformers, "Apertus1p5ForConditionalGeneration") else {}),
     "chameleon": chameleon,
     "chameleon_swin": lambda **kw: chameleon(swin=True, **kw),
+    # Emu3: pruned from transformers 5.0 (families.py)
+    **({"emu3": emu3} if _accepted("emu3") else {}),
     # Muse Glimmer: not in transformers 4.57
     **({"muse_glimmer": muse_glimmer} if hasattr(transformers, "MuseGlimmerForConditionalGeneration") else {}),
     # Muse Spark: from transformers 5.24
