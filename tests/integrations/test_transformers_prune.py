@@ -703,6 +703,22 @@ def test_paligemma2_is_refused_on_transformers_4():
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in tiny.model.modules())
 
 
+@pytest.mark.skipif(not transformers.__version__.startswith("4."), reason="refused on transformers 4.x only")
+@torch.no_grad()
+def test_emu3_is_refused_on_transformers_4_whose_wrapper_reads_no_image():
+    """4.57's Emu3 wrapper does not pass pixel_values on to its base model: its logits are those of
+    the bare placeholders, whatever the pixels (nothing to prune). Refused by prune() itself."""
+    from zspa_kernels.integrations.transformers.tiny import emu3
+
+    tiny = emu3()
+    inputs = tiny.make_inputs(tiny.single)
+    other = dict(inputs, pixel_values=torch.randn_like(inputs["pixel_values"]))
+    assert torch.equal(tiny.model(**inputs).logits, tiny.model(**other).logits)
+    with pytest.raises(ValueError, match=r"^model: zspa_kernels.prune supports Emu3 from transformers 5\.0; this is 4\."):
+        zspa_kernels.prune(tiny.model, keep=KEEP)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in tiny.model.modules())
+
+
 @pytest.mark.parametrize("labelled", [False, True])
 @pytest.mark.parametrize("name", PALIGEMMA)
 @torch.no_grad()
