@@ -491,16 +491,22 @@ def _phi4_counts(config, inputs: dict, runs: list[int]) -> list[int]:
     return counts
 
 
+def _ids_to_embed(args: tuple, kwargs: dict) -> tuple[tuple, dict, Optional[torch.Tensor]]:
+    """For a Family.embed: the call with ``input_ids`` passed by keyword, and the ids to embed; None
+    where there are none, or where the call brings its embeddings (then left as it is)."""
+    if args:  # input_ids given by position
+        kwargs = dict(kwargs, input_ids=args[0])
+        args = args[1:]
+    return args, kwargs, None if kwargs.get("inputs_embeds") is not None else kwargs.get("input_ids")
+
+
 def _phi4_embed(model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Phi-4-multimodal's base model is its decoder: it embeds ``input_ids``, image and audio features
     merged in by its embedding extension, inside its forward. The same embedding, computed here, goes
     in as ``inputs_embeds`` (the forward then skips its own); a call that brings embeddings is left
     as it is."""
-    if args:  # input_ids given by position
-        kwargs = dict(kwargs, input_ids=args[0])
-        args = args[1:]
-    ids = kwargs.get("input_ids")
-    if ids is None or kwargs.get("inputs_embeds") is not None:
+    args, kwargs, ids = _ids_to_embed(args, kwargs)
+    if ids is None:
         return args, kwargs
     try:
         from transformers.utils.output_capturing import maybe_install_capturing_hooks
@@ -550,11 +556,8 @@ def _chameleon_embed(model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     each image's VQ codes, embedded by the same table, over the image placeholders. The same
     embedding, computed here, goes in as ``inputs_embeds``, the image inputs taken out (the forward
     would merge them again); a call that brings embeddings is left as it is."""
-    if args:  # input_ids given by position
-        kwargs = dict(kwargs, input_ids=args[0])
-        args = args[1:]
-    ids = kwargs.get("input_ids")
-    if ids is None or kwargs.get("inputs_embeds") is not None:
+    args, kwargs, ids = _ids_to_embed(args, kwargs)
+    if ids is None:
         return args, kwargs
     embeds = model.embed_tokens(ids)
     encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")  # generate() encoded them (5.24+)
