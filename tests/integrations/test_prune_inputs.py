@@ -338,6 +338,18 @@ def test_a_family_whose_unpatched_model_fails_is_refused(monkeypatch):
     assert not tiny.model._forward_pre_hooks and not tiny.model.model._forward_pre_hooks
 
 
+@pytest.mark.parametrize("name", ["llava", "video_llava"])
+def test_a_config_that_names_no_visual_token_is_refused(name):
+    """Without a visual token id no prompt would hold an image: every prefill would run unpruned."""
+    tiny = BUILDERS[name]()
+    attrs = [a for a in ("image_token_id", "video_token_id") if hasattr(tiny.model.config, a)]
+    for attr in attrs:
+        setattr(tiny.model.config, attr, None)
+    with pytest.raises(ValueError, match=r"^model\.config: names no .* visual token id \(image_token_id(, video_token_id)?: None\); cannot tell"):
+        zspa_kernels.prune(tiny.model)
+    assert not any(m._forward_pre_hooks for m in tiny.model.modules())
+
+
 def test_a_family_that_embeds_its_ids_cannot_also_build_masks():
     """Its decode steps reach the hooks as ids: a mask builder would get them for embeddings."""
     from zspa_kernels.integrations.transformers import families

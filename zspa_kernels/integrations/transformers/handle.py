@@ -256,6 +256,10 @@ class PruneHandle:
         special = special_token_ids(model.config)
         if tokenizer is not None:
             special.update(tokenizer_special_ids(tokenizer))
+        visual_ids = family.visual_token_ids(model.config)
+        if not visual_ids:  # the hooks would find no image in any prompt: every prefill would run unpruned
+            raise ValueError(f"model.config: names no {family.name} visual token id "
+                             f"({', '.join(family.visual_token_attrs)}: None); cannot tell which tokens are visual")
         base, lm = split_model(model, family)
         if getattr(lm, "_zspa_pruned", False):
             raise ValueError("model: already pruned by zspa_kernels.prune; remove() that handle first")
@@ -264,7 +268,7 @@ class PruneHandle:
         self.keep, self.core_ratio, self.relevance, self.prompt, self.backend = (
             keep, float(core_ratio), relevance, prompt, backend)
         self.base, self.lm, self.config = base, lm, model.config
-        self.visual_ids = family.visual_token_ids(model.config)
+        self.visual_ids = visual_ids
         self.special_ids = torch.tensor(sorted(special), dtype=torch.long)
         params = inspect.signature(lm.forward).parameters
         self._cache_arg = next((k for k in CACHE_ARGS if k in params), CACHE_ARGS[-1])
