@@ -165,10 +165,12 @@ def prefill(model, inputs: dict):
 
 
 def cache_bytes(past_key_values) -> int:
-    """Bytes held by a transformers KV cache (keys and values of every layer)."""
+    """Bytes held by a transformers KV cache (keys and values of every layer; a reference sliding-window
+    layer's prompt states too, UnlimitedOCR's, which it holds apart from its window's, or in disjoint
+    views of one buffer on a static cache)."""
     total = 0
     for layer in getattr(past_key_values, "layers", []):
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+        for tensor in (getattr(layer, name, None) for name in ("keys", "values", "prefill_keys", "prefill_values")):
             if isinstance(tensor, torch.Tensor):
                 total += tensor.numel() * tensor.element_size()
     return total

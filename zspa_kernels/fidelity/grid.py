@@ -159,6 +159,16 @@ def _answers(new_ids: torch.Tensor, eos: set[int]) -> list[list[int]]:
     return out
 
 
+def _to_model(value, param: torch.Tensor):
+    """An encoded input on the model's device, floating tensors in its dtype; lists and tuples of
+    them likewise; anything else (UnlimitedOCR's crop counts are lists of ints) as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.to(param.device, param.dtype) if value.is_floating_point() else value.to(param.device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_model(v, param) for v in value)
+    return value
+
+
 @torch.no_grad()
 def measure_pass(model, batches: Sequence[list], encode: Callable[[list], dict], new_tokens: int,
                  on_batch: Callable[[int], None], handle=None) -> tuple[dict, torch.Tensor]:
@@ -170,8 +180,7 @@ def measure_pass(model, batches: Sequence[list], encode: Callable[[list], dict],
     prefill_ms, kv, kept, visual = 0.0, 0, 0, 0
     first, answers, logprobs = [], [], []
     for batch in batches:
-        inputs = {k: v.to(device, param.dtype) if v.is_floating_point() else v.to(device)
-                  for k, v in encode(batch).items()}
+        inputs = {k: _to_model(v, param) for k, v in encode(batch).items()}
         last = {}
 
         def timed():
