@@ -6,6 +6,7 @@ from typing import Union
 import torch
 
 from ...spec import DEFAULT_CORE_RATIO
+from .cross_attention import CrossAttentionPruneHandle
 from .families import FAMILIES, find_family
 from .handle import PruneHandle, kv_cache
 from .selection import ImageSelection
@@ -55,8 +56,9 @@ def prune(
     wrapped = unwrap() if callable(unwrap) else None
     if isinstance(wrapped, torch.nn.Module):
         model = wrapped
-    return PruneHandle(model, find_family(model), keep, core_ratio, relevance, prompt,
-                       backend, tokenizer)
+    family = find_family(model)
+    handle = CrossAttentionPruneHandle if family.cross_attention else PruneHandle
+    return handle(model, family, keep, core_ratio, relevance, prompt, backend, tokenizer)
 
 
 __all__ = ["prune", "PruneHandle", "ImageSelection", "FAMILIES", "kv_cache"]

@@ -70,6 +70,10 @@ class Family:
     # ``inputs_embeds`` computed as its forward computes them, and no ``input_ids``. Its hook then
     # runs on the embeddings as on any other family's. None: the caller passes ``inputs_embeds``.
     embed: Optional[Callable[[torch.nn.Module, tuple, dict], tuple[tuple, dict]]] = None
+    # True where the language model reads the image features through cross-attention layers
+    # (``cross_attention_states``), not as tokens of its sequence (Llama 3.2 Vision): pruned by
+    # cross_attention.py's handle, which keeps the sequence and prunes those layers' keys and values.
+    cross_attention: bool = False
 
     def __post_init__(self):
         # Its decode steps reach the hooks as ids, not embeddings: a mask builder would be handed ids.
@@ -833,6 +837,9 @@ FAMILIES: tuple[Family, ...] = (
     # row of a view's features ended by a newline feature) around a text model whose reference sliding window
     # attention keeps the prompt's tokens (the kept ones) and slides over the generated ones.
     Family("UnlimitedOCR", ("unlimited_ocr",), image_token_counts=_one_run_per_image, on_prefill=_reference_prefill),
+    # Llama 3.2 Vision: one <|image|> token in the text marks an image; its tiles' features are the keys
+    # and values of the text model's cross-attention layers (cross_attention.py). Each image is a budget.
+    Family("Llama 3.2 Vision", ("mllama",), visual_token_attrs=("image_token_index",), cross_attention=True),
 )
 
 

@@ -281,7 +281,11 @@ class PruneHandle:
         self._loss_kwargs: dict = {}
         self._caches: "weakref.WeakKeyDictionary[object, _CacheState]" = weakref.WeakKeyDictionary()
         lm._zspa_pruned = True
-        self._hooks = [
+        self._hooks = self._install(model, base, lm)
+
+    def _install(self, model, base, lm) -> list:
+        """Register the hooks; returns their handles."""
+        hooks = [
             base.register_forward_pre_hook(self._base_pre_hook, with_kwargs=True),
             lm.register_forward_pre_hook(self._lm_pre_hook, with_kwargs=True),
             lm.register_forward_hook(self._lm_post_hook, with_kwargs=True),
@@ -290,10 +294,11 @@ class PruneHandle:
         # that merges the image features, where there is no separate base model).
         if (model is not base or model.get_output_embeddings() is not None
                 or "labels" in inspect.signature(model.forward).parameters):  # Nemotron-H Omni: its LM's head
-            self._hooks += [
+            hooks += [
                 model.register_forward_pre_hook(self._top_pre_hook, with_kwargs=True),
                 model.register_forward_hook(self._top_post_hook, with_kwargs=True),
             ]
+        return hooks
 
     @property
     def last_kept_positions(self) -> Optional[torch.Tensor]:

@@ -2767,6 +2767,74 @@ def unlimited_ocr(attn: str = "sdpa", seed: int = 0, sliding_window: int = 128) 
                    # and those it reads part): a reset unpickled cache gives other logits, unpatched.
                    static_reset=False)
 
+MLLAMA_IMAGE = 127
+# The aspect ratio id (1-based index into MllamaVisionConfig's default supported_aspect_ratios) of an
+# image of 1 to 4 tiles laid out in one row: [1, 1], [1, 2], [1, 3], [1, 4].
+MLLAMA_ROW_RATIOS = {1: 1, 2: 2, 3: 3, 4: 4}
+
+
+def mllama(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """Llama 3.2 Vision: an image is one ``<|image|>`` token in the text; its tiles' patch features
+    (and a class token each) reach the language model's cross-attention layers only, as
+    ``cross_attention_states``, and ``cross_attention_mask`` ``(B, L, images, tiles)`` says which text
+    positions see which image's tiles (from its token to the end of the row, as the processor builds
+    it). An ``("image", n)`` segment is an image of ``n`` tiles (1-4); rows with fewer images are
+    padded as the processor pads them (a zero image of one tile, seen by no position)."""
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1,
+                  attention_heads=2, image_size=16, patch_size=4, max_num_tiles=4,
+                  intermediate_layers_indices=[0, 1], vision_output_dim=96)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, cross_attention_layers=[1],
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512,
+                pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    if transformers.__version__.startswith("4."):  # its rotary embedding reads the type from rope_scaling
+        text["rope_scaling"] = {"rope_type": "default"}
+    config = MllamaConfig(vision_config=vision, text_config=text, image_token_index=MLLAMA_IMAGE)
+    model = MllamaForConditionalGeneration(config)
+    with torch.no_grad():  # its tanh gates start at 0: the images would not reach the text at all
+        for name, param in model.named_parameters():
+            if param.numel() == 1 and "gate" in name.rsplit(".", 1)[-1]:
+                param.fill_(1.0)
+    model = _finish(model, attn)
+    tiles_max, size = 4, 16
+
+    def make_inputs(rows, seeds=None) -> dict:
+        images = [[] for _ in rows]  # per row: (tiles, pixels)
+
+        def image(kind, n_tiles, gen, r):
+            if not 1 <= n_tiles <= tiles_max:
+                raise ValueError(f"an mllama image has 1-{tiles_max} tiles, got {n_tiles}")
+            images[r].append((n_tiles, torch.randn(n_tiles, 3, size, size, generator=gen)))
+            return [MLLAMA_IMAGE]
+
+        out = _token_rows(rows, seeds, image)
+        B, L = out["input_ids"].shape
+        n_images = max(1, max(len(i) for i in images))
+        pixels = torch.zeros(B, n_images, tiles_max, 3, size, size)
+        ratio_ids = torch.zeros(B, n_images, dtype=torch.long)
+        ratio_mask = torch.zeros(B, n_images, tiles_max, dtype=torch.long)
+        ratio_mask[:, :, 0] = 1  # the processor's padding images: one tile
+        cross = torch.zeros(B, L, n_images, tiles_max, dtype=torch.long)
+        for r, row in enumerate(images):
+            spots = (out["input_ids"][r] == MLLAMA_IMAGE).nonzero()[:, 0].tolist()
+            for j, ((n_tiles, tiles), at) in enumerate(zip(row, spots)):
+                pixels[r, j, :n_tiles] = tiles
+                ratio_ids[r, j] = MLLAMA_ROW_RATIOS[n_tiles]
+                ratio_mask[r, j, :n_tiles] = 1
+                cross[r, at:, j, :n_tiles] = 1
+        return dict(out, pixel_values=pixels, aspect_ratio_ids=ratio_ids, aspect_ratio_mask=ratio_mask,
+                    cross_attention_mask=cross)
+
+    # Before 5.24 its generate() sizes a static cache's cross-attention layers for the text and fails.
+    static = tuple(int(v) for v in transformers.__version__.split(".")[:2]) >= (5, 24)
+    return TinyVLM(model, make_inputs, single=[[("text", 3), ("image", 2), ("text", 6)]],
+                   batch=[[("text", 3), ("image", 2), ("text", 6)],
+                          [("image", 4), ("text", 2), ("image", 1), ("text", 5)],
+                          [("text", 9), ("image", 3), ("text", 1)]],
+                   static_generate=static)
+
 
 def _accepted(model_type: str) -> bool:
     """Whether prune() accepts ``model_type`` on this transformers (families.py)."""
@@ -2917,3 +2985,7 @@ BUILDERS = {
     # UnlimitedOCR: from transformers 5.24
     **({"unlimited_ocr": unlimited_ocr} if hasattr(transformers, "UnlimitedOcrForConditionalGeneration") else {}),
 }
+
+# Models whose language model reads the image features through cross-attention layers, not as tokens of
+# its sequence (zspa_kernels.integrations.transformers.cross_attention): a suite of their own.
+CROSS_ATTENTION_BUILDERS = {"mllama": mllama}
