@@ -19,7 +19,9 @@ pytest.importorskip("transformers")
 from zspa_kernels.cli import main  # noqa: E402
 from zspa_kernels.fidelity import GridPoint, Journal, read_samples, run_grid, summarise, write  # noqa: E402
 from zspa_kernels.fidelity.grid import JOURNAL, kl_divergence, parse_core_ratios, parse_keeps  # noqa: E402
-from zspa_kernels.integrations.transformers.tiny import BUILDERS  # noqa: E402
+from zspa_kernels.integrations.transformers.tiny import BUILDERS, CROSS_ATTENTION_BUILDERS  # noqa: E402
+
+EVERY_BUILDER = {**BUILDERS, **CROSS_ATTENTION_BUILDERS}
 
 NEW_TOKENS = 3
 TIMINGS = ("prefill_ms", "prefill_speedup", "environment", "started")
@@ -35,7 +37,7 @@ class TinySample:
 def tiny_run(name: str, n_samples: int = 5):
     """A tiny model of family ``name``, samples cycling through its mixed rows (different
     lengths and image counts, so batches are left-padded), and their encoder."""
-    tiny = BUILDERS[name]()
+    tiny = EVERY_BUILDER[name]()
     samples = [TinySample(f"row {i}", tiny.batch[i % len(tiny.batch)], i) for i in range(n_samples)]
 
     def encode(batch):
@@ -56,7 +58,7 @@ def without_timings(obj):
     return obj
 
 
-@pytest.mark.parametrize("name", sorted(BUILDERS))
+@pytest.mark.parametrize("name", sorted(EVERY_BUILDER))
 def test_keep_all_agrees_exactly_and_every_field_is_finite(name, tmp_path):
     model, samples, encode = tiny_run(name)
     journal = run_grid(model, samples, encode, GRID, tmp_path, new_tokens=NEW_TOKENS, batch_size=3,

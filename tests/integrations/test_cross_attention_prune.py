@@ -184,6 +184,23 @@ def test_cached_generation_equals_the_masked_model_without_a_cache(tiny, mode):
 
 
 @torch.no_grad()
+def test_beam_search_equals_the_masked_models(tiny):
+    """generate() expands each row into its beams before the prefill (each selects alike) and reorders
+    the cache's rows at every step: the kept columns of a row's beams are the same, so the layout holds."""
+    inputs = tiny.make_inputs(tiny.batch)
+    beams = 3
+    gen = dict(max_new_tokens=NEW_TOKENS, num_beams=beams, num_return_sequences=2, do_sample=False,
+               output_scores=True, return_dict_in_generate=True)
+    with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
+        out = tiny.model.generate(**inputs, **gen)
+    expanded = {k: v.repeat_interleave(beams, 0) for k, v in inputs.items()}
+    with masked_keys(tiny, _kept_columns(tiny, expanded, handle.last_selection)):
+        ref = tiny.model.generate(**inputs, **gen)
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(out.sequences_scores, ref.sequences_scores, atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
 def test_each_batch_row_equals_that_row_alone(tiny):
     """Rows of other image counts and tile counts (padding images, padded kept tokens) change nothing."""
     inputs = tiny.make_inputs(tiny.batch)
