@@ -305,3 +305,77 @@ def test_a_bfloat16_model_keep_all_is_exact_and_pruned_matches_its_masked_refere
     # bf16 sums in another order (~2e-3 here), far under what the dropped tokens change (~0.1)
     torch.testing.assert_close(got, reference, atol=0.01, rtol=0)
     assert (got.float() - expected.float()).abs().max() > 0.05
+
+
+# -- on a GPU (bench/run_gpu.sh's checks; skipped elsewhere) ---------------------------------------
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _on_gpu(tiny) -> dict:
+    tiny.model.to("cuda")
+    return {k: v.to("cuda") for k, v in tiny.make_inputs(tiny.batch).items()}
+
+
+@gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@torch.no_grad()
+def test_fused_backends_prune_like_the_reference_on_the_gpu(backend, monkeypatch):
+    """Keep-all is the unpatched model bit for bit; every selection call replays against the fp64
+    oracle, and where the picks equal the reference backend's, so do the logits."""
+    from fp64_oracle import Row, replay
+    from helpers import TOLERANCE
+
+    tiny = CROSS_ATTENTION_BUILDERS["mllama"]()
+    inputs = _on_gpu(tiny)
+    unpatched = tiny.model(**inputs).logits
+    with zspa_kernels.prune(tiny.model, keep=1.0, backend=backend):
+        assert torch.equal(tiny.model(**inputs).logits, unpatched)
+    with zspa_kernels.prune(tiny.model, keep=KEEP, backend="reference") as ref:
+        expected = tiny.model(**inputs).logits
+    calls, op = [], torch.ops.zspa.select_tokens
+
+    def recording(*args):
+        calls.append((args, op(*args)))
+        return calls[-1][1]
+
+    monkeypatch.setattr(torch.ops.zspa, "select_tokens", recording)
+    with zspa_kernels.prune(tiny.model, keep=KEEP, backend=backend) as handle:
+        got = tiny.model(**inputs).logits
+    assert calls and all(args[7] == backend for args, _ in calls)
+    for (visual, prompt, k, core_ratio, lengths, mask, relevance, _, pick_order), picks in calls:
+        assert pick_order and picks.device.type == "cuda"
+        for b in range(visual.shape[0]):
+            row = Row(visual[b].double().cpu().numpy(), prompt[b].double().cpu().numpy(), mask[b].cpu().numpy(),
+                      int(lengths[b]), k, core_ratio, relevance)
+            replay(row, picks[b].tolist(), TOLERANCE[backend][visual.dtype])
+    if all(torch.equal(a.order, b.order) for a, b in zip(handle.last_selection, ref.last_selection)):
+        assert torch.equal(got, expected)
+
+
+@gpu
+@torch.no_grad()
+def test_the_hooks_wait_for_the_gpu_once_a_prefill_and_never_at_a_decode_step():
+    """cross_attention.py's promise: this package's code syncs once a prefill with images (the ids and
+    the mask, the tiles arriving with them) and never at a decode step (torch.cuda.set_sync_debug_mode
+    names every synchronising call; transformers' own are the model's, pruned or not)."""
+    import linecache
+    import pathlib
+    import warnings
+
+    tiny = CROSS_ATTENTION_BUILDERS["mllama"]()
+    inputs = _on_gpu(tiny)
+    package = pathlib.Path(zspa_kernels.__file__).parent
+    with zspa_kernels.prune(tiny.model, keep=KEEP, backend="triton") as handle:
+        tiny.model.generate(**inputs, max_new_tokens=1, do_sample=False)  # compiles the kernels
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                tiny.model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        assert handle.last_selection
+    ours = [(pathlib.Path(w.filename).name, linecache.getline(w.filename, w.lineno).strip()) for w in caught
+            if "synchronizing CUDA operation" in str(w.message) and package in pathlib.Path(w.filename).parents]
+    assert ours == [("cross_attention.py", "host = torch.stack([ids.to(device), mask]).cpu()")], ours
