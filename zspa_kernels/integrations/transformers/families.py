@@ -542,6 +542,18 @@ def _grid_thw_counts(config, inputs: dict, runs: list[int]) -> list[int]:
     return torch.as_tensor(grids).prod(-1).tolist()
 
 
+def _merged_grid_counts(config, inputs: dict, runs: list[int]) -> list[int]:
+    """Dots3-Note: each image's tokens, ``t*h*w`` patches of its grid merged ``spatial_merge_size`` squared,
+    from the features generate() encoded (5.24+, one entry an image) or from ``image_grid_thw``."""
+    encoded = _encoded_counts(inputs)
+    if encoded is not None:
+        return encoded
+    grids = inputs.get("image_grid_thw")
+    if grids is None:
+        raise ValueError("image_grid_thw: required to tell where each Dots3-Note image's tokens are, got None")
+    return (torch.as_tensor(grids).prod(-1) // config.vision_config.spatial_merge_size ** 2).tolist()
+
+
 def _code_grid_counts(config, inputs: dict, runs: list[int]) -> list[int]:
     """Apertus 1.5: each image's codes, from the images generate() encoded (5.24+), else one per
     ``spatial_scale_factor`` square cell of its true size (``image_sizes``; end-of-line tokens break
@@ -837,6 +849,11 @@ FAMILIES: tuple[Family, ...] = (
     # row of a view's features ended by a newline feature) around a text model whose reference sliding window
     # attention keeps the prompt's tokens (the kept ones) and slides over the generated ones.
     Family("UnlimitedOCR", ("unlimited_ocr",), image_token_counts=_one_run_per_image, on_prefill=_reference_prefill),
+    # Dots3-Note: Qwen2-VL's grids with 1-D positions and no markers in its processor (images back to back are one
+    # run: counted by their grids; a video is one run and budget), around a latent-attention text model whose
+    # DeepSeek indexer and sliding windows run over the kept tokens; its audio tokens are kept whole, like text.
+    Family("Dots3-Note", ("dots3_note",), visual_token_attrs=("image_token_id", "video_token_id"),
+           image_token_counts=_merged_grid_counts, video_token_counts=lambda config, inputs, runs: runs),
     # Llama 3.2 Vision: one <|image|> token in the text marks an image; its tiles' features are the keys
     # and values of the text model's cross-attention layers (cross_attention.py). Each image is a budget.
     Family("Llama 3.2 Vision", ("mllama",), visual_token_attrs=("image_token_index",), cross_attention=True),

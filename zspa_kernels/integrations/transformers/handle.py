@@ -233,7 +233,10 @@ def _mask_2d(mask, batch: int, length: int, device) -> torch.Tensor:
     """The 2-D padding mask of a prefill, as long; recovered from the 4-D mask (or the
     dict of them) that generate() builds ahead of the forward for static caches."""
     if isinstance(mask, dict):
-        mask = mask.get("full_attention", next(iter(mask.values())))
+        # A mask whose rows see every key: full attention, or a kind of its own (Dots3-Note's indexed
+        # attention); a sliding or chunked one's last row sees its window only.
+        whole = [m for kind, m in mask.items() if "sliding" not in kind and "chunked" not in kind]
+        mask = mask.get("full_attention", whole[0] if whole else next(iter(mask.values())))
     if mask is None:
         return torch.ones(batch, length, dtype=torch.long, device=device)
     if mask.dim() == 4:  # the last query row attends to every non-padding key

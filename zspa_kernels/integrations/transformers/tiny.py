@@ -2048,6 +2048,34 @@ def exaone4_5(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     return tiny
 
 
+
+def dots3_note(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """Dots3-Note (transformers 5.24): Qwen2-VL's grids and token counts (2x2 merged 2 px patches, no temporal
+    patches; a video one run) around a text model of latent attention: two layers narrowed by a DeepSeek
+    indexer (its top-k past every test prompt, as in :func:`hy_v4_vl`), one with an 8-token sliding window, a
+    dense MLP then grouped MoE ones; its vision tower has a MoE block, and an audio tower stands by unused."""
+    from transformers import Dots3NoteConfig, Dots3NoteForConditionalGeneration
+
+    text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, head_dim=8,
+                qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
+                n_group=1, topk_group=1, n_shared_experts=1, shared_experts_intermediate_size=32, index_topk=512,
+                index_head_dim=8, index_n_heads=2, sliding_window=8, max_position_embeddings=512,
+                swa_num_attention_heads=4, swa_num_key_value_heads=4, swa_q_lora_rank=16, swa_kv_lora_rank=16,
+                swa_head_dim=8, swa_qk_nope_head_dim=4, swa_v_head_dim=8, pad_token_id=PAD, bos_token_id=1,
+                eos_token_id=2)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  mlp_layer_types=["dense", "sparse"], num_local_experts=4, num_experts_per_tok=2,
+                  router_scaling_factor=1.0, moe_intermediate_size=32, adapter_in_dim=32, adapter_out_dim=32,
+                  adapter_merge_size=2)
+    audio = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 downsample_hidden_size=16, adapter_input_size=32, adapter_out_dim=32)
+
+    def config(vision_start_token_id, vision_end_token_id, **kwargs):  # its processor puts no markers in a config
+        return Dots3NoteConfig(audio_config=audio, audio_token_id=QWEN_END + 1, **kwargs)
+
+    return _qwen(config, Dots3NoteForConditionalGeneration, vision, attn, seed, text=text, patch_dim=3 * 2 * 2)
+
 QWEN3_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
                     num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
 QWEN3_TEXT = dict(QWEN_TEXT, head_dim=8, rope_scaling={"rope_type": "default", "mrope_section": [2, 1, 1],
@@ -2982,6 +3010,8 @@ BUILDERS = {
     **({"inkling2_loop": lambda **kw: inkling2(loop=True, **kw)}
        if hasattr(transformers, "Inkling2LoopForConditionalGeneration") else {}),
     "fuyu": fuyu,
+    # Dots3-Note: from transformers 5.24
+    **({"dots3_note": dots3_note} if hasattr(transformers, "Dots3NoteForConditionalGeneration") else {}),
     # UnlimitedOCR: from transformers 5.24
     **({"unlimited_ocr": unlimited_ocr} if hasattr(transformers, "UnlimitedOcrForConditionalGeneration") else {}),
 }
