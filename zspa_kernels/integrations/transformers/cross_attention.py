@@ -200,16 +200,7 @@ class CrossAttentionPruneHandle(PruneHandle):
                     cols.append(tiles[real_h[b, i]].flatten() + i * n_tiles * self._patches)
         if not rows:
             return None
-        counts = prompt_h.sum(1)
-        if self.core_ratio > 0 and bool((counts[sorted(set(rows))] == 0).any()):
-            raise ValueError(f"prompt: a row with images has no {self.prompt!r} text to rank its "
-                             "visual tokens by; add text, or prune with core_ratio=0 (diversity only)")
-        t_max = max(1, int(counts.max()))
-        prompt_pos = torch.zeros(B, t_max, dtype=torch.long)
-        prompt_valid = torch.arange(t_max)[None] < counts[:, None]
-        prompt_pos[prompt_valid] = prompt_h.nonzero()[:, 1]
-        prompt_tokens = [p[v] for p, v in zip(prompt_pos, prompt_valid)]
-        prompt_pos, prompt_valid = to_device(prompt_pos, device), to_device(prompt_valid, device)
+        prompt_pos, prompt_valid, prompt_tokens = self._prompt_positions(prompt_h, rows, device)
         embeds = kwargs.get("inputs_embeds")
         if embeds is not None:
             prompt = embeds.gather(1, prompt_pos[..., None].expand(-1, -1, D))

@@ -530,28 +530,20 @@ def _phi4_embed(model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return args, kwargs
 
 
-def _grid_thw_counts(config, inputs: dict, runs: list[int]) -> list[int]:
-    """Inkling2: each image's tokens, ``t*h*w`` of its grid (counted in language model tokens), from the
-    features generate() encoded (5.24+, one entry an image) or from ``image_grid_thw``."""
-    encoded = _encoded_counts(inputs)
-    if encoded is not None:
-        return encoded
-    grids = inputs.get("image_grid_thw")
-    if grids is None:
-        raise ValueError("image_grid_thw: required to tell where each Inkling2 image's tokens are, got None")
-    return torch.as_tensor(grids).prod(-1).tolist()
+def _grid_token_counts(family: str, merge: Callable[[Any], int] = lambda config: 1):
+    """Each image's tokens: ``t*h*w`` of its grid, divided by ``merge(config)`` squared (the patches merged
+    into a token), from the features generate() encoded (5.24+, one entry an image) or from
+    ``image_grid_thw``. Inkling2 counts its grids in language model tokens; Dots3-Note in patches."""
+    def counts(config, inputs: dict, runs: list[int]) -> list[int]:
+        encoded = _encoded_counts(inputs)
+        if encoded is not None:
+            return encoded
+        grids = inputs.get("image_grid_thw")
+        if grids is None:
+            raise ValueError(f"image_grid_thw: required to tell where each {family} image's tokens are, got None")
+        return (torch.as_tensor(grids).prod(-1) // merge(config) ** 2).tolist()
 
-
-def _merged_grid_counts(config, inputs: dict, runs: list[int]) -> list[int]:
-    """Dots3-Note: each image's tokens, ``t*h*w`` patches of its grid merged ``spatial_merge_size`` squared,
-    from the features generate() encoded (5.24+, one entry an image) or from ``image_grid_thw``."""
-    encoded = _encoded_counts(inputs)
-    if encoded is not None:
-        return encoded
-    grids = inputs.get("image_grid_thw")
-    if grids is None:
-        raise ValueError("image_grid_thw: required to tell where each Dots3-Note image's tokens are, got None")
-    return (torch.as_tensor(grids).prod(-1) // config.vision_config.spatial_merge_size ** 2).tolist()
+    return counts
 
 
 def _code_grid_counts(config, inputs: dict, runs: list[int]) -> list[int]:
@@ -840,7 +832,7 @@ FAMILIES: tuple[Family, ...] = (
     # Inkling2: each image a run of image tokens without markers, back to back or not (counted from
     # image_grid_thw); its queries are log-scaled by their (original) positions. Inkling2-Loop: its
     # layout and classes, its looped layers run again on cache layers of their own.
-    Family("Inkling2", ("inkling2", "inkling2_loop"), image_token_counts=_grid_thw_counts,
+    Family("Inkling2", ("inkling2", "inkling2_loop"), image_token_counts=_grid_token_counts("Inkling2"),
            min_transformers=(5, 24)),
     # Fuyu: no vision tower (a linear layer embeds each patch); an image's rows of patch tokens each end
     # with a newline token (text): one budget an image, as many tokens as its patches.
@@ -853,7 +845,8 @@ FAMILIES: tuple[Family, ...] = (
     # run: counted by their grids; a video is one run and budget), around a latent-attention text model whose
     # DeepSeek indexer and sliding windows run over the kept tokens; its audio tokens are kept whole, like text.
     Family("Dots3-Note", ("dots3_note",), visual_token_attrs=("image_token_id", "video_token_id"),
-           image_token_counts=_merged_grid_counts, video_token_counts=lambda config, inputs, runs: runs),
+           image_token_counts=_grid_token_counts("Dots3-Note", lambda config: config.vision_config.spatial_merge_size),
+           video_token_counts=lambda config, inputs, runs: runs),
     # Llama 3.2 Vision: one <|image|> token in the text marks an image; its tiles' features are the keys
     # and values of the text model's cross-attention layers (cross_attention.py). Each image is a budget.
     Family("Llama 3.2 Vision", ("mllama",), visual_token_attrs=("image_token_index",), cross_attention=True),

@@ -547,6 +547,21 @@ class PruneHandle:
         after = question & (visual_h.long().cumsum(1) > 0)
         return torch.where(after.any(1, keepdim=True), after, question)
 
+    def _prompt_positions(self, prompt_h: torch.Tensor, rows: list[int], device):
+        """The prompt's positions of each row, left-aligned: ``(B, T)`` positions and validity on
+        ``device``, and each row's positions on the host (ImageSelection.prompt_tokens); ``rows`` are
+        the batch rows of the images, each of which needs a prompt unless the core is empty."""
+        counts = prompt_h.sum(1)
+        if self.core_ratio > 0 and bool((counts[sorted(set(rows))] == 0).any()):
+            raise ValueError(f"prompt: a row with images has no {self.prompt!r} text to rank its "
+                             "visual tokens by; add text, or prune with core_ratio=0 (diversity only)")
+        t_max = max(1, int(counts.max()))
+        prompt_pos = torch.zeros(prompt_h.shape[0], t_max, dtype=torch.long)
+        prompt_valid = torch.arange(t_max)[None] < counts[:, None]
+        prompt_pos[prompt_valid] = prompt_h.nonzero()[:, 1]
+        prompt_tokens = [p[v] for p, v in zip(prompt_pos, prompt_valid)]
+        return to_device(prompt_pos, device), to_device(prompt_valid, device), prompt_tokens
+
     def _prefill(self, ids, embeds, cache, inputs, kwargs) -> None:
         B, L, D = embeds.shape
         device = embeds.device
@@ -560,16 +575,7 @@ class PruneHandle:
             return
         rows, cols = self._find_images(ids_h, visual_h, sizing)
         prompt_h = self._prompt_tokens(ids_h, visual_h, mask_h, rows, cols)
-        counts = prompt_h.sum(1)
-        if self.core_ratio > 0 and bool((counts[sorted(set(rows))] == 0).any()):
-            raise ValueError(f"prompt: a row with images has no {self.prompt!r} text to rank its "
-                             "visual tokens by; add text, or prune with core_ratio=0 (diversity only)")
-        t_max = max(1, int(counts.max()))
-        prompt_pos = torch.zeros(B, t_max, dtype=torch.long)
-        prompt_valid = torch.arange(t_max)[None] < counts[:, None]
-        prompt_pos[prompt_valid] = prompt_h.nonzero()[:, 1]
-        prompt_tokens = [p[v] for p, v in zip(prompt_pos, prompt_valid)]
-        prompt_pos, prompt_valid = to_device(prompt_pos, device), to_device(prompt_valid, device)
+        prompt_pos, prompt_valid, prompt_tokens = self._prompt_positions(prompt_h, rows, device)
         features = embeds if self.family.select_on is None else self.family.select_on(kwargs, embeds)
         prompt = features.gather(1, prompt_pos[..., None].expand(-1, -1, D))
 
