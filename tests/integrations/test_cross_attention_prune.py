@@ -307,6 +307,20 @@ def test_a_bfloat16_model_keep_all_is_exact_and_pruned_matches_its_masked_refere
     assert (got.float() - expected.float()).abs().max() > 0.05
 
 
+def test_a_refused_model_is_left_unpruned():
+    """A refusal at install time (no tile geometry to split the images by) leaves no hook and no mark."""
+    tiny = CROSS_ATTENTION_BUILDERS["mllama"]()
+    vision = tiny.model.model.vision_model
+    patches = vision.num_patches
+    del vision.num_patches
+    with pytest.raises(ValueError, match="^model: the Llama 3.2 Vision base model has no vision_model.num_patches"):
+        zspa_kernels.prune(tiny.model, keep=KEEP)
+    vision.num_patches = patches
+    with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
+        tiny.model(**tiny.make_inputs(tiny.single))
+        assert handle.last_selection
+
+
 # -- on a GPU (bench/run_gpu.sh's checks; skipped elsewhere) ---------------------------------------
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

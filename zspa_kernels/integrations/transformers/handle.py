@@ -283,11 +283,11 @@ class PruneHandle:
         self._logits_to_keep: Optional[int] = None  # this pruned prefill's, for _lm_post_hook
         self._loss_kwargs: dict = {}
         self._caches: "weakref.WeakKeyDictionary[object, _CacheState]" = weakref.WeakKeyDictionary()
+        self._hooks = self._install(model, base, lm)  # may still refuse: the model is marked after it
         lm._zspa_pruned = True
-        self._hooks = self._install(model, base, lm)
 
     def _install(self, model, base, lm) -> list:
-        """Register the hooks; returns their handles."""
+        """Register the hooks; returns their handles. A refusal must come before the first one."""
         hooks = [
             base.register_forward_pre_hook(self._base_pre_hook, with_kwargs=True),
             lm.register_forward_pre_hook(self._lm_pre_hook, with_kwargs=True),
