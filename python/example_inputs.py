@@ -31,6 +31,21 @@ def keep_value(text: str):
         raise argparse.ArgumentTypeError(str(exc).removeprefix("keep: ")) from None
 
 
+def model_and_inputs(args, n_images: int, tiny: str, rows=lambda built: built.single,
+                     per_row=lambda images: [images]):
+    """``(model, inputs, tokenizer, processor)``: the ``--model`` checkpoint with its processor, its
+    ``--image`` files (else ``n_images`` made up) split into rows by ``per_row``; or, by default, the tiny
+    random model ``tiny`` (a builder's name in ``integrations.transformers.tiny``) with its ``rows``."""
+    if args.model:
+        model, processor = load_checkpoint(args.model)
+        inputs = checkpoint_inputs(processor, model, per_row(load_images(args.image, n_images)))
+        return model, inputs, processor.tokenizer, processor
+    from zspa_kernels.integrations.transformers import tiny as builders
+
+    built = getattr(builders, tiny)()
+    return built.model, built.make_inputs(rows(built)), None, None
+
+
 def load_checkpoint(path: str):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 

@@ -9,22 +9,14 @@ import torch
 
 import zspa_kernels
 from zspa_kernels.integrations.transformers import kv_cache
-from example_inputs import (checkpoint_inputs, load_checkpoint, load_images, parser,
-                            report)
+from example_inputs import model_and_inputs, parser, report
 
 
 def main() -> None:
     args = parser(__doc__).parse_args()
-    if args.model:
-        model, processor = load_checkpoint(args.model)
-        images = load_images(args.image, 3)
-        inputs = checkpoint_inputs(processor, model, [images[:1], images[1:]])
-        tokenizer = processor.tokenizer
-    else:
-        from zspa_kernels.integrations.transformers.tiny import llava_next
-
-        tiny = llava_next()  # any-resolution: an image's token count follows its size
-        model, inputs, tokenizer, processor = tiny.model, tiny.make_inputs(tiny.batch), None, None
+    # The tiny model: LLaVA-NeXT, any-resolution (an image's token count follows its size).
+    model, inputs, tokenizer, processor = model_and_inputs(
+        args, 3, "llava_next", rows=lambda tiny: tiny.batch, per_row=lambda images: [images[:1], images[1:]])
 
     with torch.no_grad():
         full = kv_cache(model(**inputs, use_cache=True)).get_seq_length()

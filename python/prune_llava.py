@@ -7,21 +7,12 @@ import torch
 
 import zspa_kernels
 from zspa_kernels.integrations.transformers import kv_cache
-from example_inputs import (checkpoint_inputs, load_checkpoint, load_images, parser,
-                            report)
+from example_inputs import model_and_inputs, parser, report
 
 
 def main() -> None:
     args = parser(__doc__).parse_args()
-    if args.model:
-        model, processor = load_checkpoint(args.model)
-        inputs = checkpoint_inputs(processor, model, [load_images(args.image, 1)])
-        tokenizer = processor.tokenizer
-    else:
-        from zspa_kernels.integrations.transformers.tiny import llava
-
-        tiny = llava()
-        model, inputs, tokenizer, processor = tiny.model, tiny.make_inputs(tiny.single), None, None
+    model, inputs, tokenizer, processor = model_and_inputs(args, 1, "llava")
 
     with torch.no_grad():
         full = kv_cache(model(**inputs, use_cache=True)).get_seq_length()

@@ -10,23 +10,14 @@ import torch
 
 import zspa_kernels
 from zspa_kernels.integrations.transformers import kv_cache
-from example_inputs import (checkpoint_inputs, load_checkpoint, load_images, parser,
-                            report)
+from example_inputs import model_and_inputs, parser, report
 
 
 def main() -> None:
     args = parser(__doc__).parse_args()
-    if args.model:
-        model, processor = load_checkpoint(args.model)
-        inputs = checkpoint_inputs(processor, model, [load_images(args.image, 2)])
-        tokenizer = processor.tokenizer
-    else:
-        from zspa_kernels.integrations.transformers.tiny import qwen2_5_vl
-
-        tiny = qwen2_5_vl()
-        rows = [[("text", 3), ("image", (8, 8)), ("image", (4, 8)), ("video", (2, 8, 8)),
-                 ("text", 6)]]  # image grids (h, w) and the video's (t, h, w), in patches
-        model, inputs, tokenizer, processor = tiny.model, tiny.make_inputs(rows), None, None
+    rows = [[("text", 3), ("image", (8, 8)), ("image", (4, 8)), ("video", (2, 8, 8)),
+             ("text", 6)]]  # the tiny model's: image grids (h, w) and the video's (t, h, w), in patches
+    model, inputs, tokenizer, processor = model_and_inputs(args, 2, "qwen2_5_vl", rows=lambda _: rows)
 
     with torch.no_grad():
         full = kv_cache(model(**inputs, use_cache=True)).get_seq_length()
