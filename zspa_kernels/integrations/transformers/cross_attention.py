@@ -125,7 +125,7 @@ class CrossAttentionPruneHandle(PruneHandle):
             if layout is None or step is None:
                 return None
             kwargs["cross_attention_mask"] = layout.gather_mask(
-                kwargs.get("cross_attention_mask"), step.shape[0], step.shape[1], states_dtype(module))
+                kwargs.get("cross_attention_mask"), step.shape[0], step.shape[1], module.dtype)
             return args, kwargs
         # A prompt with images.
         self.last_selection = []
@@ -154,7 +154,7 @@ class CrossAttentionPruneHandle(PruneHandle):
                 layer = cache.layers[self._cross_layers[0]]
                 layout.width_out = int(getattr(layer, "max_cache_len", full))
             setattr(cache, LAYOUT_ATTR, layout)
-        B, K = layout.index.shape
+        B = layout.index.shape[0]
         flat = states.reshape(B, layout.width_in, states.shape[-1])
         kwargs["cross_attention_states"] = flat.gather(1, layout.index[..., None].expand(-1, -1, flat.shape[-1]))
         kwargs["cross_attention_mask"] = layout.gather_mask(
@@ -219,11 +219,6 @@ class CrossAttentionPruneHandle(PruneHandle):
             kept[s.batch_row].append(cols_d[i, s.kept])
         per_row = [torch.cat(k) if k else cols_d.new_zeros(0) for k in kept]
         index = torch.nn.utils.rnn.pad_sequence(per_row, batch_first=True)
-        lengths = torch.tensor([sum(s.order.shape[0] for s in selection if s.batch_row == b) for b in range(B)])
+        lengths = torch.tensor([k.numel() for k in per_row])
         valid = torch.arange(index.shape[1])[None] < lengths[:, None]
         return CrossLayout(index, to_device(valid, device), width, index.shape[1])
-
-
-def states_dtype(lm: torch.nn.Module) -> torch.dtype:
-    """The dtype the base model prepares its cross-attention masks in (its parameters')."""
-    return next(lm.parameters()).dtype

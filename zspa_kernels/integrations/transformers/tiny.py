@@ -2048,7 +2048,6 @@ def exaone4_5(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     return tiny
 
 
-
 def dots3_note(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     """Dots3-Note (transformers 5.24): Qwen2-VL's grids and token counts (2x2 merged 2 px patches, no temporal
     patches; a video one run) around a text model of latent attention: two layers narrowed by a DeepSeek
@@ -2075,6 +2074,7 @@ def dots3_note(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
         return Dots3NoteConfig(audio_config=audio, audio_token_id=QWEN_END + 1, **kwargs)
 
     return _qwen(config, Dots3NoteForConditionalGeneration, vision, attn, seed, text=text, patch_dim=3 * 2 * 2)
+
 
 QWEN3_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
                     num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
@@ -2795,10 +2795,8 @@ def unlimited_ocr(attn: str = "sdpa", seed: int = 0, sliding_window: int = 128) 
                    # and those it reads part): a reset unpickled cache gives other logits, unpatched.
                    static_reset=False)
 
+
 MLLAMA_IMAGE = 127
-# The aspect ratio id (1-based index into MllamaVisionConfig's default supported_aspect_ratios) of an
-# image of 1 to 4 tiles laid out in one row: [1, 1], [1, 2], [1, 3], [1, 4].
-MLLAMA_ROW_RATIOS = {1: 1, 2: 2, 3: 3, 4: 4}
 
 
 def mllama(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
@@ -2849,7 +2847,9 @@ def mllama(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
             spots = (out["input_ids"][r] == MLLAMA_IMAGE).nonzero()[:, 0].tolist()
             for j, ((n_tiles, tiles), at) in enumerate(zip(row, spots)):
                 pixels[r, j, :n_tiles] = tiles
-                ratio_ids[r, j] = MLLAMA_ROW_RATIOS[n_tiles]
+                # 1-based into MllamaVisionConfig's default supported_aspect_ratios, whose first four are
+                # 1 to 4 tiles in a row ([1, 1], [1, 2], [1, 3], [1, 4]): the id is the tile count.
+                ratio_ids[r, j] = n_tiles
                 ratio_mask[r, j, :n_tiles] = 1
                 cross[r, at:, j, :n_tiles] = 1
         return dict(out, pixel_values=pixels, aspect_ratio_ids=ratio_ids, aspect_ratio_mask=ratio_mask,
