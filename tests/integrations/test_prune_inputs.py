@@ -2,6 +2,7 @@
 image's tokens are, which text forms the prompt, labels, left padding, bad arguments."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import pathlib
 import warnings
@@ -17,7 +18,7 @@ from zspa_kernels.integrations.transformers import kv_cache  # noqa: E402
 from zspa_kernels.integrations.transformers.tiny import (TEXT_IDS, BUILDERS, CROSS_ATTENTION_BUILDERS,  # noqa: E402
                                                          llava, mistral3)
 
-from .reference import capture_lm_calls  # noqa: E402
+from .reference import capture_lm_calls, lm_of  # noqa: E402
 
 KEEP = 3
 PAD_ATOL = 1e-6  # a batch row vs the row alone: the unpatched model's own summation-order noise
@@ -438,6 +439,40 @@ def test_a_peft_wrapper_is_pruned_through_the_model_it_wraps():
         with model.disable_adapter():
             assert not torch.allclose(model(**inputs).logits, pruned)
     assert [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()] == hooks
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_5_vl", "gemma3", "mllama"])
+@torch.no_grad()
+def test_a_model_dispatched_by_accelerate_prunes_as_it_does_in_memory(name, tmp_path):
+    """``from_pretrained(..., device_map=...)`` hands the model to accelerate's ``dispatch_model``,
+    which replaces the forward of every placed module by one that moves (or loads) its weights and
+    inputs first. Here one decoder layer is offloaded to disk, so its weights are read in at every
+    call: the pruned generation must pick the same tokens and compute the same logits as the model
+    held in memory (one hook path each: LLaVA's, Qwen2.5-VL's M-RoPE, Gemma3's dict of masks,
+    Llama 3.2 Vision's cross-attention)."""
+    accelerate = pytest.importorskip("accelerate")
+    tiny = (BUILDERS.get(name) or CROSS_ATTENTION_BUILDERS[name])()
+    inputs = tiny.make_inputs(tiny.batch)
+    gen = dict(max_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True)
+
+    def pruned(model):
+        with zspa_kernels.prune(model, keep=KEEP) as handle:
+            out = model.generate(**inputs, **gen)
+        return out, [s.order for s in handle.last_selection]
+
+    expected, expected_orders = pruned(tiny.model)
+    lm = lm_of(tiny.model)
+    layers = next(n for n, m in tiny.model.named_modules()
+                  if isinstance(m, torch.nn.ModuleList) and any(m is x for x in lm.modules()))
+    model = accelerate.dispatch_model(copy.deepcopy(tiny.model), device_map={"": "cpu", f"{layers}.0": "disk"},
+                                      offload_dir=str(tmp_path))
+    assert hasattr(model.get_submodule(f"{layers}.0"), "_hf_hook")  # its weights live on disk
+    out, orders = pruned(model)
+    assert len(orders) == len(expected_orders) == tiny.n_images(tiny.batch)
+    assert all(torch.equal(a, b) for a, b in zip(orders, expected_orders))
+    assert torch.equal(out.sequences, expected.sequences)
+    for a, b in zip(out.logits, expected.logits):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 # -- finding 5: every tiny builder gives something to select between ---------------------
