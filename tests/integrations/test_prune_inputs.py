@@ -129,6 +129,41 @@ def test_video_llava_budgets_each_image_and_each_video_frame():
 
 
 @torch.no_grad()
+def test_dots3_note_images_back_to_back_are_told_apart_by_their_grids():
+    """Dots3-Note's processor puts no marker around an image, so images side by side are one run
+    of image tokens: each is budgeted with its grid's count (8 then 12 tokens), in a forward and in
+    generate(), and each image's picks are those of the same image with text between the two."""
+    if "dots3_note" not in BUILDERS:
+        pytest.skip("Dots3-Note is not in this transformers release")
+    from zspa_kernels.integrations.transformers.tiny import QWEN_END, QWEN_START
+
+    tiny = BUILDERS["dots3_note"]()
+
+    def without_markers(inputs):
+        ids = inputs["input_ids"]
+        keep = ~torch.isin(ids[0], torch.tensor([QWEN_START, QWEN_END]))
+        return {k: v[:, keep] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v
+                for k, v in inputs.items()}
+
+    image_a, image_b = ("image", (4, 8)), ("image", (6, 8))
+    adjacent = without_markers(tiny.make_inputs([[("text", 3), image_a, image_b, ("text", 4)]]))
+    image = adjacent["input_ids"][0] == tiny.model.config.image_token_id
+    assert image.sum() == 20 and image[3:23].all()  # one run of 8 + 12 tokens
+    for selection in _selections_of_a_forward_and_a_generate(tiny, adjacent):
+        assert [s.n_tokens for s in selection] == [8, 12]
+        assert all(s.kept.shape == (KEEP,) for s in selection)
+    # The same two images with the question's first token moved between them: the runs split by
+    # themselves, and the images' features and the question (the text after the first image) are the same.
+    spaced = without_markers(tiny.make_inputs([[("text", 3), image_a, ("text", 1), image_b, ("text", 3)]]))
+    spaced["input_ids"][0, spaced["input_ids"][0] != tiny.model.config.image_token_id] = adjacent["input_ids"][0, ~image]
+    spaced["pixel_values"] = adjacent["pixel_values"]  # the same grids, drawn after other text
+    (adjacent_picks, _), (spaced_picks, _) = (_selections_of_a_forward_and_a_generate(tiny, x)
+                                              for x in (adjacent, spaced))
+    assert [s.n_tokens for s in spaced_picks] == [8, 12]
+    for a, b in zip(adjacent_picks, spaced_picks):
+        assert torch.equal(a.order, b.order)
+
+@torch.no_grad()
 def test_video_llava_runs_that_are_not_whole_frames_or_images_are_refused():
     """Runs of video tokens that are not whole frames (two frames' worth, split 16 + 18), or image
     tokens that are not whole images, have no split by the counts: refused, never cut anywhere (the
