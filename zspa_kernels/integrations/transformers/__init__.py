@@ -51,6 +51,8 @@ def prune(
         prefill ``handle.last_selection`` lists an :class:`ImageSelection` per image
         (batch-row order, then image order), and ``handle.last_kept_positions`` maps the
         positions of its (shorter) outputs to the input positions they came from.
+        Decode a pruned KV cache before the handle is removed: the unpatched model reads it as
+        the start of the unpruned sequence, at shifted positions, and nothing can warn it.
     """
     unwrap = getattr(model, "get_base_model", None)  # peft's PeftModel (LoRA adapters, unmerged)
     wrapped = unwrap() if callable(unwrap) else None
