@@ -69,7 +69,8 @@ def build_processor():
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                                        eos_token="</s>", pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+                                        eos_token="</s>", pad_token="<pad>", extra_special_tokens={"image_token": "<image>"},
+                                        model_input_names=["input_ids", "attention_mask"])  # as Llama's: no token_type_ids
     image_processor = ImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
                                      do_center_crop=True, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
     return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,

@@ -510,6 +510,33 @@ def test_a_model_dispatched_by_accelerate_prunes_as_it_does_in_memory(name, tmp_
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+
+@torch.no_grad()
+def test_the_image_text_to_text_pipeline_is_pruned_as_generate_is():
+    """``transformers.pipeline("image-text-to-text")`` runs the processor and ``generate()`` itself:
+    under prune() it keeps the same tokens and generates the same ids as ``generate()`` on the
+    processor's inputs (the demo's tiny LLaVA and processor, a real photo, 576 tokens kept to 16)."""
+    from PIL import Image
+
+    from zspa_kernels import demo
+
+    photo = pytest.importorskip("skimage.data").astronaut()
+    model, processor = demo.load(None, "cpu", torch.float32, "tiny")
+    model.generation_config.eos_token_id = None  # decode every one of max_new_tokens
+    image, text = Image.fromarray(photo), demo.TEMPLATE.format(question=demo.QUESTION)
+    gen = dict(max_new_tokens=3, do_sample=False)
+    inputs = processor(images=image, text=text, return_tensors="pt")
+    with zspa_kernels.prune(model, keep=16, tokenizer=processor) as handle:
+        expected = model.generate(**inputs, **gen)
+    expected_selection = handle.last_selection
+    pipe = transformers.pipeline("image-text-to-text", model=model, processor=processor)
+    with zspa_kernels.prune(model, keep=16, tokenizer=processor) as handle:
+        out = pipe(images=image, text=text, generate_kwargs=gen, return_tensors=True)
+    assert [(s.n_tokens, s.kept.shape[0]) for s in handle.last_selection] == [(576, 16)]
+    assert torch.equal(handle.last_selection[0].order, expected_selection[0].order)
+    assert torch.equal(handle.last_selection[0].prompt_tokens, expected_selection[0].prompt_tokens)
+    assert torch.as_tensor(out[0]["generated_token_ids"]).tolist() == expected[0].tolist()
+
 # -- finding 5: every tiny builder gives something to select between ---------------------
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 @torch.no_grad()
