@@ -537,6 +537,31 @@ def test_the_image_text_to_text_pipeline_is_pruned_as_generate_is():
     assert torch.equal(handle.last_selection[0].prompt_tokens, expected_selection[0].prompt_tokens)
     assert torch.as_tensor(out[0]["generated_token_ids"]).tolist() == expected[0].tolist()
 
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_5_vl", "mllama"])
+@torch.no_grad()
+def test_a_compiled_forward_prunes_as_the_eager_one(name):
+    """``model.forward = torch.compile(model.forward)``, as served models are: Dynamo traces the hooks
+    with the model (breaking its graph at their one host sync), and a pruned generate() picks the
+    same tokens and generates the same ids as eager, its logits equal up to the compiled graphs'
+    own rounding. Dynamo's ``eager`` backend: what is tested is the tracing, not a code generator."""
+    tiny = (BUILDERS.get(name) or CROSS_ATTENTION_BUILDERS[name])()
+    inputs = tiny.make_inputs(tiny.batch)
+    gen = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    runs = []
+    for compiled in (False, True):
+        if compiled:
+            torch._dynamo.reset()
+            tiny.model.forward = torch.compile(tiny.model.forward, backend="eager")
+        with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
+            runs.append((tiny.model.generate(**inputs, **gen), [s.order for s in handle.last_selection]))
+    (expected, expected_orders), (out, orders) = runs
+    assert len(orders) == len(expected_orders) == tiny.n_images(tiny.batch)
+    assert all(torch.equal(a, b) for a, b in zip(orders, expected_orders))
+    assert torch.equal(out.sequences, expected.sequences)
+    for a, b in zip(out.logits, expected.logits):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
 # -- finding 5: every tiny builder gives something to select between ---------------------
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 @torch.no_grad()
