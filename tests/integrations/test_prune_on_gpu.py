@@ -205,3 +205,27 @@ def test_static_cache_decoding_as_generate_compiles_it():
     else:
         for a, b in zip(compiled.logits, eager.logits):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("offloaded, resident", [("offloaded", "dynamic"), ("offloaded_static", "static")])
+@torch.no_grad()
+def test_an_offloaded_cache_generates_as_the_resident_one(offloaded, resident):
+    """``cache_implementation="offloaded"`` / ``"offloaded_static"`` (transformers keeps each layer's
+    keys and values in host memory between its uses, prefetching the next layer's on a stream of
+    its own: CUDA only) moves the pruned cache, not what it holds: the same tokens and logits as the
+    same cache kept on the GPU. (New on 2026-12-02, never run: transformers offloads on CUDA alone.)"""
+    tiny = BUILDERS["llava"]()
+    tiny.model.to(DEVICE)
+    inputs = _on(tiny.make_inputs(tiny.batch), DEVICE)
+    gen = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    runs = []
+    for implementation in (resident, offloaded):
+        with zspa_kernels.prune(tiny.model, keep=KEEP, backend="triton") as handle:
+            out = tiny.model.generate(**inputs, **gen, cache_implementation=implementation, disable_compile=True)
+        runs.append((out, [s.order for s in handle.last_selection]))
+    (expected, expected_orders), (got, orders) = runs
+    assert len(orders) == tiny.n_images(tiny.batch)
+    assert all(torch.equal(a, b) for a, b in zip(orders, expected_orders))
+    assert torch.equal(got.sequences, expected.sequences)
+    for a, b in zip(got.logits, expected.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
