@@ -8,6 +8,8 @@ import inspect
 import torch
 import transformers
 
+import zspa_kernels
+
 from zspa_kernels.integrations.transformers.families import find_family, split_model
 
 
@@ -213,3 +215,19 @@ def unpruned_decode_positions(model, inputs, new_tokens: int, **gen):
     length = inputs["input_ids"].shape[1]
     return [c["position_ids"] if c["position_ids"] is not None else torch.full((1, 1), length + step)
             for step, c in enumerate(calls[1:])]
+
+
+def pruned_generation(model, inputs, keep, backend: str = "auto", **gen):
+    """A pruned greedy ``generate()`` of ``inputs``, logits kept: ``(output, each image's pick order)``."""
+    with zspa_kernels.prune(model, keep=keep, backend=backend) as handle:
+        out = model.generate(**inputs, do_sample=False, output_logits=True, return_dict_in_generate=True, **gen)
+    return out, [s.order for s in handle.last_selection]
+
+
+def assert_same_generation(got, expected, atol: float) -> None:
+    """Two :func:`pruned_generation` results: the same picks and ids, logits within ``atol``."""
+    (out, orders), (ref, ref_orders) = got, expected
+    assert len(orders) == len(ref_orders) and all(torch.equal(a, b) for a, b in zip(orders, ref_orders))
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a, b, atol=atol, rtol=0)

@@ -18,7 +18,7 @@ from zspa_kernels.integrations.transformers import kv_cache  # noqa: E402
 from zspa_kernels.integrations.transformers.tiny import (TEXT_IDS, BUILDERS, CROSS_ATTENTION_BUILDERS,  # noqa: E402
                                                          llava, mistral3)
 
-from .reference import capture_lm_calls, lm_of  # noqa: E402
+from .reference import assert_same_generation, capture_lm_calls, lm_of, pruned_generation  # noqa: E402
 
 KEEP = 3
 PAD_ATOL = 1e-6  # a batch row vs the row alone: the unpatched model's own summation-order noise
@@ -162,6 +162,7 @@ def test_dots3_note_images_back_to_back_are_told_apart_by_their_grids():
     assert [s.n_tokens for s in spaced_picks] == [8, 12]
     for a, b in zip(adjacent_picks, spaced_picks):
         assert torch.equal(a.order, b.order)
+
 
 @torch.no_grad()
 def test_video_llava_runs_that_are_not_whole_frames_or_images_are_refused():
@@ -488,27 +489,14 @@ def test_a_model_dispatched_by_accelerate_prunes_as_it_does_in_memory(name, tmp_
     accelerate = pytest.importorskip("accelerate")
     tiny = (BUILDERS.get(name) or CROSS_ATTENTION_BUILDERS[name])()
     inputs = tiny.make_inputs(tiny.batch)
-    gen = dict(max_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True)
-
-    def pruned(model):
-        with zspa_kernels.prune(model, keep=KEEP) as handle:
-            out = model.generate(**inputs, **gen)
-        return out, [s.order for s in handle.last_selection]
-
-    expected, expected_orders = pruned(tiny.model)
-    lm = lm_of(tiny.model)
-    layers = next(n for n, m in tiny.model.named_modules()
-                  if isinstance(m, torch.nn.ModuleList) and any(m is x for x in lm.modules()))
-    model = accelerate.dispatch_model(copy.deepcopy(tiny.model), device_map={"": "cpu", f"{layers}.0": "disk"},
+    expected = pruned_generation(tiny.model, inputs, KEEP, max_new_tokens=2)
+    layer = f"{next(n for n, m in tiny.model.named_modules() if m is lm_of(tiny.model))}.layers.0"
+    model = accelerate.dispatch_model(copy.deepcopy(tiny.model), device_map={"": "cpu", layer: "disk"},
                                       offload_dir=str(tmp_path))
-    assert hasattr(model.get_submodule(f"{layers}.0"), "_hf_hook")  # its weights live on disk
-    out, orders = pruned(model)
-    assert len(orders) == len(expected_orders) == tiny.n_images(tiny.batch)
-    assert all(torch.equal(a, b) for a, b in zip(orders, expected_orders))
-    assert torch.equal(out.sequences, expected.sequences)
-    for a, b in zip(out.logits, expected.logits):
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
-
+    assert hasattr(model.get_submodule(layer), "_hf_hook")  # its weights live on disk
+    got = pruned_generation(model, inputs, KEEP, max_new_tokens=2)
+    assert len(got[1]) == tiny.n_images(tiny.batch)
+    assert_same_generation(got, expected, atol=0)
 
 
 @torch.no_grad()
@@ -547,20 +535,13 @@ def test_a_compiled_forward_prunes_as_the_eager_one(name):
     own rounding. Dynamo's ``eager`` backend: what is tested is the tracing, not a code generator."""
     tiny = (BUILDERS.get(name) or CROSS_ATTENTION_BUILDERS[name])()
     inputs = tiny.make_inputs(tiny.batch)
-    gen = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    runs = []
-    for compiled in (False, True):
-        if compiled:
-            torch._dynamo.reset()
-            tiny.model.forward = torch.compile(tiny.model.forward, backend="eager")
-        with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
-            runs.append((tiny.model.generate(**inputs, **gen), [s.order for s in handle.last_selection]))
-    (expected, expected_orders), (out, orders) = runs
-    assert len(orders) == len(expected_orders) == tiny.n_images(tiny.batch)
-    assert all(torch.equal(a, b) for a, b in zip(orders, expected_orders))
-    assert torch.equal(out.sequences, expected.sequences)
-    for a, b in zip(out.logits, expected.logits):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    expected = pruned_generation(tiny.model, inputs, KEEP, max_new_tokens=3)
+    torch._dynamo.reset()
+    tiny.model.forward = torch.compile(tiny.model.forward, backend="eager")
+    got = pruned_generation(tiny.model, inputs, KEEP, max_new_tokens=3)
+    assert len(got[1]) == tiny.n_images(tiny.batch)
+    assert_same_generation(got, expected, atol=1e-6)
+
 
 # -- finding 5: every tiny builder gives something to select between ---------------------
 @pytest.mark.parametrize("name", sorted(BUILDERS))

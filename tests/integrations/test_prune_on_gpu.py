@@ -24,6 +24,8 @@ from zspa_kernels.integrations.transformers import kv_cache  # noqa: E402
 from zspa_kernels.integrations.transformers.handle import PruneHandle  # noqa: E402
 from zspa_kernels.integrations.transformers.tiny import BUILDERS  # noqa: E402
 
+from .reference import assert_same_generation, pruned_generation  # noqa: E402
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 DEVICE = torch.device("cuda")
@@ -217,15 +219,8 @@ def test_an_offloaded_cache_generates_as_the_resident_one(offloaded, resident):
     tiny = BUILDERS["llava"]()
     tiny.model.to(DEVICE)
     inputs = _on(tiny.make_inputs(tiny.batch), DEVICE)
-    gen = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    runs = []
-    for implementation in (resident, offloaded):
-        with zspa_kernels.prune(tiny.model, keep=KEEP, backend="triton") as handle:
-            out = tiny.model.generate(**inputs, **gen, cache_implementation=implementation, disable_compile=True)
-        runs.append((out, [s.order for s in handle.last_selection]))
-    (expected, expected_orders), (got, orders) = runs
-    assert len(orders) == tiny.n_images(tiny.batch)
-    assert all(torch.equal(a, b) for a, b in zip(orders, expected_orders))
-    assert torch.equal(got.sequences, expected.sequences)
-    for a, b in zip(got.logits, expected.logits):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    expected, got = (pruned_generation(tiny.model, inputs, KEEP, backend="triton", max_new_tokens=4,
+                                       cache_implementation=implementation, disable_compile=True)
+                     for implementation in (resident, offloaded))
+    assert len(got[1]) == tiny.n_images(tiny.batch)
+    assert_same_generation(got, expected, atol=1e-5)
