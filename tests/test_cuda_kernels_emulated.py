@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import DTYPES, TOLERANCE, Case, banded_tokens, exact_tie_case, oracle_rows, random_case
+from helpers import DTYPES, TOLERANCE, Case, banded_tokens, exact_tie_case, one_feature_case, oracle_rows, random_case
 from fp64_oracle import oracle_order, replay
 
 from zspa_kernels import spec
@@ -204,6 +204,16 @@ def test_exact_ties_go_to_lower_index(emulator, seed, threads, core):
     order = emulated_select(emulator, case, pick_order=True, threads=threads, core=CORE_PATHS[core])
     for b, row in oracle_rows(case):
         assert order[b].tolist() == oracle_order(row), case.describe()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_one_feature_ties_go_to_lower_index(emulator, seed):
+    """Every cosine +-1 or 0 exactly: ties between distinct tokens, in both greedy kernels."""
+    case = one_feature_case(seed, DTYPES[seed % len(DTYPES)])
+    expected = [oracle_order(row) for _, row in oracle_rows(case)]
+    for cluster in (None, 2):
+        order = emulated_select(emulator, case, pick_order=True, threads=32, core=LAUNCHER, cluster=cluster)
+        assert order.tolist() == expected, (cluster, case.describe())
 
 
 @pytest.mark.parametrize("relevance", ["mean", "max"])

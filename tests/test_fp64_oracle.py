@@ -45,8 +45,28 @@ def test_replay_with_token_ties_still_enforces_lower_index_between_identical_tok
     visual = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
     row = Row(visual, np.array([1.0, 0.0, 0.0]), None, 4, 2, 0.5, "mean")
     assert oracle_order(row) == [0, 1]
-    assert replay(row, [0, 3], tol=1e-3, exact_ties="tokens") == 0  # a distinct token: a tie in score only
+    assert replay(row, [0, 3], tol=1e-3) == 0  # a distinct token: a tie in score only
     with pytest.raises(AssertionError, match="lower index"):
-        replay(row, [0, 3], tol=1e-3)
+        replay(row, [0, 3], tol=1e-3, exact_ties="scores")
     with pytest.raises(AssertionError, match="lower index"):
-        replay(row, [0, 2], tol=1e-3, exact_ties="tokens")
+        replay(row, [0, 2], tol=1e-3)
+
+
+def test_copies_of_two_picked_tokens_tie_in_either_order_but_non_finite_tokens_do_not():
+    # Tokens 2 and 3 copy the picked tokens 0 and 1: both have redundancy exactly 1, a tie that
+    # fp32 backends cannot promise to keep (cos(i, i) rounds to 1 +- 2^-24 by the vector), so
+    # either order passes unless the inputs are declared exact. Non-finite tokens (4, 5) tie at
+    # an infinite redundancy in every backend: the lower index first, in either mode.
+    visual = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [np.nan, 0.0], [np.inf, 1.0]])
+    row = Row(visual, np.array([1.0, 0.2]), None, 6, 6, 0.0, "mean")
+    assert oracle_order(row)[:2] == [0, 1] and oracle_order(row)[2:] == [2, 3, 4, 5]
+    assert replay(row, [0, 1, 3, 2, 4, 5], tol=1e-9) == 0
+    with pytest.raises(AssertionError, match="lower index"):
+        replay(row, [0, 1, 3, 2, 4, 5], tol=1e-9, exact_ties="scores")
+    for mode in ("nonfinite", "tokens", "scores"):
+        with pytest.raises(AssertionError, match="lower index"):
+            replay(row, [0, 1, 2, 3, 5, 4], tol=1e-9, exact_ties=mode)
+    # Where dot products depend on the rows' positions, even copies of one token may come in either order.
+    assert replay(row, [2, 1, 0, 3, 4, 5], tol=1e-9, exact_ties="nonfinite") == 0
+    with pytest.raises(AssertionError, match="lower index"):
+        replay(row, [2, 1, 0, 3, 4, 5], tol=1e-9)

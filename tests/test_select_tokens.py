@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import zspa_kernels
-from helpers import (DTYPES, TOLERANCE, backends_here, device_for, exact_tie_case, oracle_rows, random_case,
-                     random_case_count)
+from helpers import (DTYPES, TOLERANCE, backends_here, device_for, exact_tie_case, exact_ties, one_feature_case,
+                     oracle_rows, random_case, random_case_count)
 from fp64_oracle import Row, oracle_order, replay
 
 
@@ -26,7 +26,7 @@ def test_random_cases_replay_against_fp64(backend, dtype, seed):
     kept = _run(case, backend, pick_order=False)
     assert order.shape == kept.shape == (case.visual.shape[0], case.k) and order.dtype == torch.int64
     for b, row in oracle_rows(case):
-        replay(row, order[b].tolist(), TOLERANCE[backend][dtype])
+        replay(row, order[b].tolist(), TOLERANCE[backend][dtype], exact_ties(backend))
         expected_kept = sorted(order[b, : row.k_b].tolist()) + [-1] * (case.k - row.k_b)
         assert kept[b].tolist() == expected_kept, case.describe()
 
@@ -35,6 +35,15 @@ def test_random_cases_replay_against_fp64(backend, dtype, seed):
 @pytest.mark.parametrize("seed", range(6))
 def test_exact_ties_go_to_lower_index(backend, dtype, seed):
     case = exact_tie_case(seed, dtype)
+    order = _run(case, backend, pick_order=True)
+    for b, row in oracle_rows(case):
+        assert order[b].tolist() == oracle_order(row), case.describe()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("seed", range(6))
+def test_one_feature_ties_go_to_lower_index(backend, dtype, seed):
+    case = one_feature_case(seed, dtype)
     order = _run(case, backend, pick_order=True)
     for b, row in oracle_rows(case):
         assert order[b].tolist() == oracle_order(row), case.describe()
@@ -105,7 +114,7 @@ def test_finite_tokens_of_any_magnitude_are_normalised_without_overflow(backend,
         for b in range(2):
             row = Row(visual[b].to(dtype).float().numpy(), prompt[b].to(dtype).float().numpy(), None, 30, 12, alpha,
                       "mean")
-            replay(row, order[b].tolist(), TOLERANCE[backend][dtype])
+            replay(row, order[b].tolist(), TOLERANCE[backend][dtype], exact_ties(backend))
 
 
 @pytest.mark.parametrize("seed", [72, 76, 81, 126, 128, 133])
