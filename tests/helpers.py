@@ -185,3 +185,12 @@ def one_feature_case(seed: int, dtype: torch.dtype = torch.float32) -> Case:
     return Case(visual.to(dtype), prompt.to(dtype), 9, [0.0, 0.5, 1.0][seed % 3], None, None,
                 ["mean", "max"][seed % 2])
 
+
+def copies_case(seed: int, dtype: torch.dtype = torch.float32) -> Case:
+    """Every token has a copy elsewhere in its row and the core is empty: the seed (the most isolated
+    token) and every later pick are exact ties between copies, which the lower index must win."""
+    g = torch.Generator().manual_seed(seed)
+    half, D = 5 + seed % 31, (1, 7, 17, 48)[seed % 4]
+    base = torch.randn(3, half, D, generator=g) * torch.rand(3, half, 1, generator=g).add(0.1)
+    visual = torch.cat([base, base], 1)[:, torch.randperm(2 * half, generator=g)]
+    return Case(visual.to(dtype), torch.randn(3, D, generator=g).to(dtype), 9, 0.0, None, None, "mean")

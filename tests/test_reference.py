@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from zspa_kernels.reference import cosines, row_budgets, scaled_rows
+from zspa_kernels import reference
+from zspa_kernels.reference import cosines, dots, row_budgets, scaled_rows
 from zspa_kernels.spec import core_count
 
 
@@ -29,5 +30,26 @@ def test_scaling_changes_no_bit_where_the_unscaled_formula_does_not_overflow():
     tokens = scaled_rows(x)
     assert not torch.equal(tokens.rows, x)  # the scaling did something
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-6)
-    plain = torch.einsum("bid,bjd->bij", x, x) / torch.einsum("bid,bjd->bij", norm, norm)
-    assert torch.equal(cosines(tokens, tokens, "bid,bjd->bij"), plain)
+    plain = dots(x, x) / (norm * norm.transpose(1, 2))
+    assert torch.equal(cosines(tokens, tokens), plain)
+
+
+def test_dot_products_depend_on_their_two_rows_alone():
+    """An exact tie between identical tokens must stay exact: their dot products with any row
+    get the same bits wherever the two copies sit, which a BLAS matrix product does not promise
+    (on CPUs its edge rows run another micro-kernel, another summation order)."""
+    g = torch.Generator().manual_seed(3)
+    for D in (1, 2, 17, 48, 200, 1023):
+        a = torch.randn(2, 37, D, generator=g)
+        a[:, 36], a[:, 5] = a[:, 0], a[:, 0]  # copies of row 0 at other offsets
+        b = torch.randn(2, 9, D, generator=g)
+        got = dots(a, b)
+        assert torch.equal(got[:, 36], got[:, 0]) and torch.equal(got[:, 5], got[:, 0]), D
+        assert torch.equal(dots(b, a), got.transpose(1, 2)), D  # products commute
+        torch.testing.assert_close(got.double(), a.double() @ b.double().transpose(1, 2), rtol=0, atol=D * 2e-7)
+        step, dots_each = reference.DOT_CHUNK_ELEMENTS, dots(a, b)
+        try:
+            reference.DOT_CHUNK_ELEMENTS = D  # one row of a at a time: the same bits
+            assert torch.equal(dots(a, b), dots_each), D
+        finally:
+            reference.DOT_CHUNK_ELEMENTS = step

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import zspa_kernels
-from helpers import (DTYPES, TOLERANCE, backends_here, device_for, exact_tie_case, exact_ties, one_feature_case,
-                     oracle_rows, random_case, random_case_count)
+from helpers import (DTYPES, TOLERANCE, backends_here, copies_case, device_for, exact_tie_case, exact_ties,
+                     one_feature_case, oracle_rows, random_case, random_case_count)
 from fp64_oracle import Row, oracle_order, replay
 
 
@@ -47,6 +47,17 @@ def test_one_feature_ties_go_to_lower_index(backend, dtype, seed):
     order = _run(case, backend, pick_order=True)
     for b, row in oracle_rows(case):
         assert order[b].tolist() == oracle_order(row), case.describe()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+# Seeds where a CPU BLAS product rounds copies apart: the reference's dot products (10, 14, and
+# most others), the cpu backend's isolation seed before copies took their first copy's (31, 62, 93, 186).
+@pytest.mark.parametrize("seed", [0, 3, 10, 14, 31, 62, 93, 186])
+def test_copies_of_a_token_tie_to_the_lower_index(backend, dtype, seed):
+    case = copies_case(seed, dtype)
+    order = _run(case, backend, pick_order=True)
+    for b, row in oracle_rows(case):
+        replay(row, order[b].tolist(), TOLERANCE[backend][dtype], exact_ties(backend))
 
 
 def test_rows_are_independent_of_their_batch(backend):

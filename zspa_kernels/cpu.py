@@ -53,6 +53,22 @@ def kernels_available() -> bool:
         return False
 
 
+def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.bmm(a, b.transpose(1, 2))
+
+
+def first_copies(rows: torch.Tensor) -> torch.Tensor:
+    """``(B, N)``: for each row ``i`` of ``rows`` ``(B, N, F)``, the lowest index of a row equal to it
+    in its batch row (``i`` itself when it has no copy before it)."""
+    B, N, _ = rows.shape
+    index = torch.arange(N)
+    first = torch.empty(B, N, dtype=torch.long)
+    for b in range(B):
+        _, group = torch.unique(rows[b], dim=0, return_inverse=True)
+        first[b] = torch.full((N,), N).scatter_reduce(0, group, index, "amin")[group]
+    return first
+
+
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
     """fp32 ``x / max(‖x‖, NORM_EPS)``, overflow-safe (the reference's scaling); non-finite rows are zero."""
     scaled = scaled_rows(x)
@@ -92,7 +108,10 @@ def select_tokens_cpu(
     if may_need_isolation(k, core_ratio, N, lengths is not None):  # a row may start from its most isolated token
         units = unit16.float()  # already unit rows: norms of one
         seed = isolation_scores(Scaled(units, torch.ones_like(units[..., :1]), finite),
-                                finite & (torch.arange(N) < n.unsqueeze(1)))
+                                finite & (torch.arange(N) < n.unsqueeze(1)), products=_matmul)
+        # The N² products by BLAS (the reference's fixed-order sums cost ~25x here), which rounds an output by
+        # its position: copies of a token take their first copy's seed, so that their exact tie stays exact.
+        seed = seed.gather(1, first_copies(torch.cat([unit16, (~finite).unsqueeze(-1).to(unit16.dtype)], -1)))
         seed.masked_fill_(~finite, NONFINITE_SIMILARITY)
     order = torch.ops.zspa.cpu_greedy(unit16, scores, finite, n, k_b, k_core, seed, k, NONFINITE_SIMILARITY)
     return order if pick_order else ascending_from_order(order, N)

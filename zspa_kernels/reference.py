@@ -1,20 +1,25 @@
 """Reference backend: the executable form of the ZSPAPrune selection (SPEC §1).
 
-Readable PyTorch that runs on any device and is the CPU path users get. It is
-batched over rows; the greedy loop is ``k`` vectorised steps, each one batched
-mat-vec ``(B, N, D) x (B, D)`` against the token picked at that step, so the
-``N x N`` Gram matrix is never materialised (except in row chunks for the
+Readable PyTorch that runs on any device (``auto`` falls back to it on CPUs where the
+``cpu`` backend's kernels cannot be built). It is batched over rows; the greedy loop is
+``k`` vectorised steps, each the dot products of every token with the token picked at that
+step, so the ``N x N`` Gram matrix is never materialised (except in row chunks for the
 alpha = 0 seed).
 
 Cost, with ``B`` rows of ``N`` tokens of width ``D`` and budget ``k``: one fp32 copy of
 the tokens (``4·B·N·D`` bytes); ``2·B·N·D`` FLOPs of relevance, ``2·B·k·N·D`` for the greedy
-loop (the tokens are re-read once per pick, which is what makes it slow on GPUs), plus
-``2·B·N²·D`` for the most-isolated seed when some ``k_core`` may be 0.
+loop, plus ``2·B·N²·D`` for the most-isolated seed when some ``k_core`` may be 0. Each
+dot product's terms are written out and summed in halves (:func:`dots`), so every pick
+moves the tokens, their products and the partial sums: ~4x the bytes of a mat-vec, which
+is what makes it slow (the kernels do the same arithmetic in one pass).
 
 Norms are overflow-safe and cosines are formed as in the kernels (see ``spec``): tokens
 scaled by a power of two, ``cos(i, j) = (y_i·y_j) / (n_i·n_j)`` with clamped norms ``n``.
 Dividing the dot product (not each element) keeps an exact tie exact, also for tokens
-whose norm is below ``NORM_EPS``.
+whose norm is below ``NORM_EPS``. Every dot product is summed in one fixed order
+(:func:`dots`), not by a matrix product: a BLAS sums an output in an order that depends on
+its position (a CPU GEMM's or GEMV's edge rows run another micro-kernel), so two identical
+tokens could get different bits and an exact tie between them go to the higher index.
 
 Conventions for special values (no host synchronisation anywhere):
   * a token with any non-finite feature gets relevance ``NONFINITE_RELEVANCE``
@@ -35,6 +40,7 @@ from .spec import (NONFINITE_RELEVANCE, NONFINITE_SIMILARITY, NORM_EPS, SCALE_EX
                    core_count, may_need_isolation)
 
 SEED_CHUNK_ROWS = 1024
+DOT_CHUNK_ELEMENTS = 1 << 24  # products held at once by dots(): 64 MiB of fp32
 
 
 @dataclasses.dataclass
@@ -65,9 +71,32 @@ def row_budgets(k: int, core_ratio: float, n: torch.Tensor, N: int) -> tuple[tor
     return k_b, torch.tensor(table, dtype=torch.long, device=n.device)[k_b]
 
 
-def cosines(a: Scaled, b: Scaled, equation: str) -> torch.Tensor:
-    """``einsum(equation)`` of the rows over the matching product of norms."""
-    return torch.einsum(equation, a.rows, b.rows) / torch.einsum(equation, a.norm, b.norm)
+def pairwise_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dimension in an order fixed by its length alone: halves added
+    elementwise until one value is left (an odd length carries its last element to the next
+    round). Each addition is one IEEE rounding of the same operands on any device, library or
+    position, and the error grows with log2 of the length."""
+    while x.shape[-1] > 1:
+        half = x.shape[-1] // 2
+        pairs = x[..., :half] + x[..., half:2 * half]
+        x = torch.cat([pairs, x[..., 2 * half:]], -1) if x.shape[-1] % 2 else pairs
+    return x[..., 0]
+
+
+def dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(B, I, D) x (B, J, D) -> (B, I, J)``: every dot product of a row of ``a`` with a row
+    of ``b`` as :func:`pairwise_sum` of its products, so it depends on the two rows alone (and
+    is symmetric: products commute). Rows of ``a`` in chunks of at most DOT_CHUNK_ELEMENTS products."""
+    B, I, D = a.shape
+    J = b.shape[1]
+    step = max(1, DOT_CHUNK_ELEMENTS // max(1, B * J * D))
+    return torch.cat([pairwise_sum(a[:, i:i + step, None, :] * b[:, None, :, :]) for i in range(0, I, step)], 1)
+
+
+def cosines(a: Scaled, b: Scaled, products=dots) -> torch.Tensor:
+    """Cosine of every row of ``a`` ``(B, I, D)`` with every row of ``b`` ``(B, J, D)``: their dot
+    products (``products(a, b)``, :func:`dots` unless given) over the product of their norms, ``(B, I, J)``."""
+    return products(a.rows, b.rows) / (a.norm * b.norm.transpose(1, 2))
 
 
 def mean_pool(prompt: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -86,23 +115,23 @@ def relevance_scores(tokens: Scaled, prompt: torch.Tensor, prompt_mask: Optional
     B, T, _ = p.shape
     valid = torch.ones(B, T, dtype=torch.bool, device=p.device) if prompt_mask is None else prompt_mask
     if mode == "mean":  # mean-pool the valid rows, then normalise (the paper's rule)
-        return cosines(tokens, scaled_rows(mean_pool(p, valid)), "bnd,bd->bn")
-    sims = cosines(tokens, scaled_rows(p), "bnd,btd->bnt")
+        return cosines(tokens, scaled_rows(mean_pool(p, valid).unsqueeze(1)))[..., 0]
+    sims = cosines(tokens, scaled_rows(p))
     sims = sims.masked_fill(~valid.unsqueeze(1), float("-inf")).amax(-1)
     return torch.where(valid.any(-1, keepdim=True), sims, torch.zeros_like(sims))
 
 
-def isolation_scores(tokens: Scaled, usable: torch.Tensor) -> torch.Tensor:
-    """``max_{j != i, j usable} cos(i, j)`` per token (``-inf`` when no such j), in row chunks."""
+def isolation_scores(tokens: Scaled, usable: torch.Tensor, products=dots) -> torch.Tensor:
+    """``max_{j != i, j usable} cos(i, j)`` per token (``-inf`` when no such j), in row chunks;
+    ``products`` as for :func:`cosines`."""
     B, N, _ = tokens.rows.shape
     out = torch.empty(B, N, dtype=torch.float32, device=tokens.rows.device)
     cols = torch.arange(N, device=tokens.rows.device)
     for start in range(0, N, SEED_CHUNK_ROWS):
         stop = min(start + SEED_CHUNK_ROWS, N)
         chunk = Scaled(tokens.rows[:, start:stop], tokens.norm[:, start:stop], tokens.finite[:, start:stop])
-        sims = cosines(chunk, tokens, "bid,bjd->bij")
         exclude = ~usable.unsqueeze(1) | (cols[start:stop, None] == cols[None, :]).unsqueeze(0)
-        out[:, start:stop] = sims.masked_fill(exclude, float("-inf")).amax(-1)
+        out[:, start:stop] = cosines(chunk, tokens, products).masked_fill(exclude, float("-inf")).amax(-1)
     return out
 
 
@@ -149,8 +178,8 @@ def select_tokens_reference(
         active = t < k_b
         order[:, t] = torch.where(active, pick, torch.full_like(pick, -1))
         taken = taken | ((idx.unsqueeze(0) == pick.unsqueeze(1)) & active.unsqueeze(1))
-        picked = Scaled(tokens.rows[rows, pick], tokens.norm[rows, pick], finite[rows, pick])
-        sim = cosines(tokens, picked, "bnd,bd->bn")
+        picked = Scaled(tokens.rows[rows, pick, None], tokens.norm[rows, pick, None], finite[rows, pick, None])
+        sim = cosines(tokens, picked)[..., 0]
         sim = torch.where(finite, sim, torch.full_like(sim, NONFINITE_SIMILARITY))
         s = sim if t == 0 else torch.maximum(s, sim)
     return order
