@@ -33,17 +33,9 @@ def test_random_cases_replay_against_fp64(backend, dtype, seed):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("seed", range(6))
-def test_exact_ties_go_to_lower_index(backend, dtype, seed):
-    case = exact_tie_case(seed, dtype)
-    order = _run(case, backend, pick_order=True)
-    for b, row in oracle_rows(case):
-        assert order[b].tolist() == oracle_order(row), case.describe()
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("seed", range(6))
-def test_one_feature_ties_go_to_lower_index(backend, dtype, seed):
-    case = one_feature_case(seed, dtype)
+@pytest.mark.parametrize("make_case", [exact_tie_case, one_feature_case], ids=["patterns", "one-feature"])
+def test_exact_ties_go_to_lower_index(backend, dtype, seed, make_case):
+    case = make_case(seed, dtype)
     order = _run(case, backend, pick_order=True)
     for b, row in oracle_rows(case):
         assert order[b].tolist() == oracle_order(row), case.describe()
