@@ -35,8 +35,8 @@ def exact_ties(backend: str) -> str:
     """Which exact fp64 ties ``backend`` must give to the lower index on any input (fp64_oracle.replay):
     those of identical tokens, except under the Triton interpreter, whose tiles are the host BLAS's
     matrix products: a CPU GEMM rounds an output by its position (its edge rows run another
-    micro-kernel), so two copies of a token may differ there in the last bit. On GPUs every
-    output of a tile takes the same tensor-core sums."""
+    micro-kernel), so two copies of a token may differ there in the last bit. On GPUs the kernels
+    are held to copies' ties (not yet run on one since this rule: bench/GPU-NOTES.md, item 1)."""
     return "nonfinite" if backend == "triton" and triton_interpreter() else "tokens"
 
 
