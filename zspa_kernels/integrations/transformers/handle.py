@@ -122,10 +122,26 @@ def kv_cache(output):
     return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
+def _seq_length(cache):
+    """``cache.get_seq_length()`` as transformers 5.24 answers it: where the first layer is a
+    linear-attention one (a convolution's or a recurrence's state: LFM2, Qwen3.5, Nemotron-H), the
+    first attention layer's length. 5.25 answers with the first layer's own count, which a
+    linear-attention layer keeps in a device tensor: read back, a host sync at every decode step,
+    where the attention layer's keys hold the same length on the host (dynamic layers)."""
+    from transformers.cache_utils import CacheLayerMixin
+
+    layers = getattr(cache, "layers", None)
+    if layers and not isinstance(layers[0], CacheLayerMixin):
+        first = next((i for i, layer in enumerate(layers) if isinstance(layer, CacheLayerMixin)), None)
+        if first is not None:
+            return cache.get_seq_length(first)
+    return cache.get_seq_length()
+
+
 def _is_empty(cache) -> bool:
     """A host sync where the cache keeps its length on the device (static layers): only asked
     once a prompt, or of a cache this handle did not prune (see :func:`_host_length`)."""
-    return bool(cache.get_seq_length() == 0)
+    return bool(_seq_length(cache) == 0)
 
 
 class _CacheWatch:
@@ -191,7 +207,7 @@ def _refuse_lost(cache) -> None:
 def _host_length(cache) -> Optional[int]:
     """``cache``'s length where the host holds it (dynamic layers: their keys' shape), else None:
     a static layer keeps it in a device tensor, and reading that back waits for the GPU."""
-    length = cache.get_seq_length()
+    length = _seq_length(cache)
     return None if isinstance(length, torch.Tensor) else int(length)
 
 
