@@ -1127,8 +1127,9 @@ def molmo2(attn: str = "sdpa", seed: int = 0, videos: bool = False) -> TinyVLM:
     ``w`` patch tokens each ended by a column token between low-res start and end markers, then its
     high-res view (``H`` rows of ``W``) between start and end markers; a video of ``(frames, h, w)``
     is each frame's ``h*w`` patch tokens between frame markers, after a timestamp. Each token pools
-    2x2 patches of the tower's 16-patch crops (16 px, 4 px patches; a view or frame takes as many
-    crops as its tokens need). Its markers and patch token are in the extra vocabulary, past the LM
+    4 patches of the tower's 16-patch crops (16 px, 4 px patches). An image's view takes as many
+    crops as its tokens need; a frame takes one crop, as the video processor gives it (its tokens'
+    windows overlap past 4 tokens, each window its own). Its markers and patch token are in the extra vocabulary, past the LM
     head's (as in the checkpoints): never generated. The base model builds one bidirectional block
     over every image token of a row (``mm_token_type_ids``). The model takes no images and videos in
     one call, nor two videos in a row: ``videos=True`` gives rows of one video each."""
@@ -1148,32 +1149,43 @@ def molmo2(attn: str = "sdpa", seed: int = 0, videos: bool = False) -> TinyVLM:
         image_patch_id=patch, frame_start_token_id=frame_start, frame_end_token_id=frame_end)
     model = _finish(Molmo2ForConditionalGeneration(config), attn)
     image_ids = torch.tensor([start, end, patch, column, low_start, frame_start, frame_end])
+    # Since transformers 5.25 the pooling indexes each image's (each video's) own crops, and the
+    # model offsets them by ``image_num_crops`` (a video: one crop a frame); before, the whole batch's.
+    per_item = "image_num_crops" in inspect.signature(model.model.get_image_features).parameters
 
     def make_inputs(rows, seeds=None) -> dict:
-        crops, pooling, grids = [], [], []
+        crops, pooling, grids, item_crops = [], [], [], []
 
-        def view(h, w, gen):  # the patches a view's tokens pool, in crops of its own
-            first = len(crops)
-            crops.extend(torch.randn((h * w + 3) // 4, 16, 48, generator=gen).unbind())
-            pooling.extend(first * 16 + torch.arange(h * w * 4).view(h * w, 4))
+        def view(n, gen, first):  # the 4 patches each of n tokens pools, from crops of their own
+            count = 1 if videos else (n + 3) // 4  # a frame is one crop, as the video processor makes it
+            stride = min(4, count * 16 // n)  # 4: apart; a frame of more than 4 tokens: overlapping windows
+            windows = (stride * torch.arange(n)[:, None] + torch.arange(4)) % (count * 16)
+            pooling.extend((len(crops) - first) * 16 + windows)
+            crops.extend(torch.randn(count, 16, 48, generator=gen).unbind())
 
         def media(kind, grid, gen, r):
             grids.append(grid)
+            before = len(crops)
+            first = before if per_item else 0
             if kind == "video":
                 frames, h, w = grid
                 ids = []
                 for _ in range(frames):
-                    view(h, w, gen)
+                    view(h * w, gen, first)
                     ids += _text(1, gen) + [frame_start] + [patch] * (h * w) + [frame_end]
                 return ids
             h, w, H, W = grid
-            view(h, w, gen), view(H, W, gen)
+            view(h * w, gen, first), view(H * W, gen, first)
+            item_crops.append(len(crops) - before)
             return [low_start] + ([patch] * w + [column]) * h + [end, start] + ([patch] * W + [column]) * H + [end]
 
         out = _token_rows(rows, seeds, media)
         out["mm_token_type_ids"] = torch.isin(out["input_ids"], image_ids).long()
-        keys = ("pixel_values_videos", "video_token_pooling", "video_grids") if videos else (
-            "pixel_values", "image_token_pooling", "image_grids")
+        if videos:
+            keys = ("pixel_values_videos", "video_token_pooling", "video_grids")
+        else:
+            keys = ("pixel_values", "image_token_pooling", "image_grids")
+            out["image_num_crops"] = torch.tensor(item_crops)  # as the image processor gives it (5.24 ignores it)
         return dict(out, **dict(zip(keys, (torch.stack(crops), torch.stack(pooling), torch.tensor(grids)))))
 
     if videos:
@@ -2980,7 +2992,7 @@ BUILDERS = {
     # GLM-5-Next: not in transformers 4.57
     **({"glm5_next": glm5_next, "glm5_next_video": lambda **kw: glm5_next(videos=True, **kw)}
        if hasattr(transformers, "Glm5NextForConditionalGeneration") else {}),
-    # Llama 4: refused from transformers 5.24 (families.py)
+    # Llama 4: refused on transformers 5.24 (families.py)
     **({"llama4": llama4} if _accepted("llama4") else {}),
     # Gemma 4: not in transformers 4.57
     **({"gemma4": gemma4} if hasattr(transformers, "Gemma4ForConditionalGeneration") else {}),
