@@ -165,7 +165,8 @@ def lm_head(model, hidden: torch.Tensor) -> torch.Tensor:
     """The wrapper's logits of the base model's ``hidden`` states: its LM head, its division by the
     text config's ``logits_scaling`` where the wrapper divides (Granite 4 Vision; HyperCLOVAX vision
     v2 multiplies), its product with the wrapper's ``logit_scale`` where it has one (Cohere
-    Compass) or with the text config's ``output_multiplier`` (Muse Glimmer/Spark), then the text
+    Compass), with the text config's ``logit_scale`` where the wrapper reads it (Aya Vision from
+    transformers 5.25) or with its ``output_multiplier`` (Muse Glimmer/Spark), then the text
     config's final soft-capping where the wrapper applies it (Gemma3/4 do; PaliGemma's wrapper only
     from transformers 5.24 on, though PaliGemma 2's config always sets it; Inkling2's by a module).
     Inkling's divides the hidden states by ``logits_mup_width_multiplier`` first, and cuts the
@@ -186,6 +187,8 @@ def lm_head(model, hidden: torch.Tensor) -> torch.Tensor:
         logits = logits / model.config.get_text_config().logits_scaling
     if getattr(model, "logit_scale", None) is not None:  # Cohere Compass
         logits = logits * model.logit_scale
+    elif "* self.config.text_config.logit_scale" in source:  # Aya Vision from transformers 5.25 (Cohere's)
+        logits = logits * model.config.get_text_config().logit_scale
     if "vocabulary_mapping.image_tokens" in source:  # Chameleon: no image code is generated
         logits[..., model.model.vocabulary_mapping.image_tokens] = torch.finfo(logits.dtype).min
     if "output_multiplier" in source:  # Muse Glimmer/Spark, ahead of their soft-cap
