@@ -369,7 +369,7 @@ def test_a_family_whose_unpatched_model_fails_is_refused(monkeypatch):
 
     tiny = llava()
     monkeypatch.setattr(families, "FAMILIES", tuple(
-        dataclasses.replace(f, broken_from=((0, 0), "it fails")) if f.name == "LLaVA-1.5" else f
+        dataclasses.replace(f, broken_in=((0, 0), None, "it fails")) if f.name == "LLaVA-1.5" else f
         for f in families.FAMILIES))
     with pytest.raises(ValueError, match=r"^model: zspa_kernels.prune cannot prune LLaVA-1.5 on transformers .*: it fails$"):
         zspa_kernels.prune(tiny.model)

@@ -53,9 +53,10 @@ class Family:
     # The oldest transformers (major, minor) whose model the hooks prune exactly; older ones are
     # refused by find_family.
     min_transformers: tuple[int, int] = (0, 0)
-    # The first transformers (major, minor) whose unpatched model itself fails, and how: refused
-    # from there on by find_family (nothing to prune exactly, or to test the hooks against).
-    broken_from: Optional[tuple[tuple[int, int], str]] = None
+    # The transformers releases whose unpatched model itself fails, and how: (the first (major,
+    # minor) that fails, the first that runs again or None, how it fails); find_family refuses the
+    # family there (nothing to prune exactly, or to test the hooks against).
+    broken_in: Optional[tuple[tuple[int, int], Optional[tuple[int, int]], str]] = None
     # (the model's config) -> why the installed transformers cannot prune it exactly, or None: for
     # refusals that depend on more than the model type (PaliGemma 2 on 4.x).
     refuse_config: Optional[Callable[[Any], Optional[str]]] = None
@@ -93,9 +94,10 @@ class Family:
         if here < self.min_transformers:
             return (f"model: zspa_kernels.prune supports {self.name} from transformers "
                     f"{'.'.join(map(str, self.min_transformers))}; this is {version}")
-        if self.broken_from is not None and here >= self.broken_from[0]:
-            return (f"model: zspa_kernels.prune cannot prune {self.name} on transformers {version}: "
-                    f"{self.broken_from[1]}")
+        if self.broken_in is not None:
+            first, fixed, how = self.broken_in
+            if first <= here and (fixed is None or here < fixed):
+                return f"model: zspa_kernels.prune cannot prune {self.name} on transformers {version}: {how}"
         if config is not None and self.refuse_config is not None:
             return self.refuse_config(config)
         return None
@@ -798,11 +800,12 @@ FAMILIES: tuple[Family, ...] = (
     # No base model: the wrapper merges the image features and calls its causal LM, whose
     # decoder the hooks run. Chunked attention and the NoPE layers' temperature tuning number the
     # cache slots (the kept tokens), RoPE the original positions. transformers 5.24's wrapper reads
-    # image_outputs from its causal LM's output, which has none: its forward fails, pruned or not.
+    # image_outputs from its causal LM's output, which has none: its forward fails, pruned or not
+    # (5.25 reads them only where they are there).
     Family("Llama 4", ("llama4",), lm_attr="language_model.model",
-           broken_from=((5, 24), "its Llama4ForConditionalGeneration.forward fails unpatched (it reads "
-                                 "image_outputs from its causal LM's output, which has none); "
-                                 "use transformers 4.57 to 5.17")),
+           broken_in=((5, 24), (5, 25), "its Llama4ForConditionalGeneration.forward fails unpatched (it reads "
+                                        "image_outputs from its causal LM's output, which has none); "
+                                        "use transformers 4.57 to 5.17, or 5.25 on")),
     # Apertus 1.5: a VQ tokenizer's image codes are ids of the text vocabulary, embedded by its table;
     # each image between begin/end-of-image markers, a row of codes per line, lines joined by end-of-line
     # tokens: one budget an image (its size says how many codes), audio codes kept whole.
