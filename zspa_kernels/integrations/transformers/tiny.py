@@ -1779,6 +1779,18 @@ def qwen2_5_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     return _qwen(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, vision, attn, seed)
 
 
+def llava_onevision1_5(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """LLaVA-OneVision-1.5 (transformers 5.25): Qwen2-VL's layout (each image or video one run between
+    vision markers, 2x2 merge) from a RiceViT tower (2-D RoPE, a class token a frame, no temporal
+    patches) into a Qwen3 text model on 1-D positions."""
+    from transformers import LlavaOnevision15Config, LlavaOnevision15ForConditionalGeneration
+
+    text = {k: v for k, v in QWEN_TEXT.items() if k != "rope_scaling"}
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32)
+    return _qwen(LlavaOnevision15Config, LlavaOnevision15ForConditionalGeneration, vision, attn, seed,
+                 text=dict(text, model_type="qwen3", head_dim=8), patch_dim=3 * 2 * 2)
+
+
 GLM_TEXT = dict(QWEN_TEXT, num_attention_heads=2, num_key_value_heads=2,
                 rope_scaling={"rope_type": "default", "mrope_section": [4, 2, 2]})
 # GLM-4.5V and GLM-4.6V text models (GLM-4.5-Air's): the first layer dense, the others MoE (2 layers
@@ -2989,6 +3001,9 @@ BUILDERS = {
        if hasattr(transformers, "HyperCLOVAXVisionV2ForConditionalGeneration") else {}),
     # Cohere Compass: not in transformers 4.57
     **({"cohere_compass": cohere_compass} if hasattr(transformers, "CohereCompassForConditionalGeneration") else {}),
+    # LLaVA-OneVision-1.5: from transformers 5.25
+    **({"llava_onevision1_5": llava_onevision1_5}
+       if hasattr(transformers, "LlavaOnevision15ForConditionalGeneration") else {}),
     # GLM-5-Next: not in transformers 4.57
     **({"glm5_next": glm5_next, "glm5_next_video": lambda **kw: glm5_next(videos=True, **kw)}
        if hasattr(transformers, "Glm5NextForConditionalGeneration") else {}),
