@@ -664,6 +664,9 @@ FAMILIES: tuple[Family, ...] = (
     # LLaVA-OneVision-1.5: Qwen2-VL's layout (a run an image or video) into a Qwen3 text model on 1-D
     # positions, numbered by the hooks as LLaVA's are.
     Family("LLaVA-OneVision-1.5", ("llava_onevision1_5",), visual_token_attrs=("image_token_id", "video_token_id")),
+    # Ovis2.5: the same layout with image and video markers of their own, embedded from the visual
+    # vocabulary's indicator rows (kept as text).
+    Family("Ovis2.5", ("ovis2_5",), visual_token_attrs=("image_token_id", "video_token_id")),
     Family("Qwen3-VL", ("qwen3_vl",), visual_token_attrs=("image_token_id", "video_token_id"),
            on_prefill=_gather_deepstack),
     Family("Qwen3-VL-MoE", ("qwen3_vl_moe",), visual_token_attrs=("image_token_id", "video_token_id"),

@@ -1718,10 +1718,12 @@ def _patch_inputs(media: dict) -> dict:
 
 
 def _qwen(config_cls, model_cls, vision: dict, attn: str, seed: int, text=QWEN_TEXT,
-          per_frame: bool = False, patch_dim: int = 3 * 2 * 2 * 2, **extra) -> TinyVLM:
+          per_frame: bool = False, patch_dim: int = 3 * 2 * 2 * 2,
+          video_markers: tuple[int, int] = (QWEN_START, QWEN_END), **extra) -> TinyVLM:
     """Qwen2/2.5/3-VL: each image or video is wrapped in vision start/end markers and
     takes ``t*h*w / 4`` tokens for a ``(t, h, w)`` patch grid (2x2 merge). ``patch_dim``: the
-    pixels of a patch (a tower without temporal patches: 3 * 2 * 2); ``extra``: more of the config."""
+    pixels of a patch (a tower without temporal patches: 3 * 2 * 2); ``video_markers``: a video's,
+    where they are not an image's; ``extra``: more of the config."""
     torch.manual_seed(seed)
     config = config_cls(text_config=text, vision_config=dict(QWEN_PATCH, **vision),
                         image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO,
@@ -1735,11 +1737,12 @@ def _qwen(config_cls, model_cls, vision: dict, attn: str, seed: int, text=QWEN_T
         def segment(kind, grid, gen, r):
             t, h, w = grid if kind == "video" else (1, *grid)
             token = QWEN_VIDEO if kind == "video" else QWEN_IMAGE
+            start, end = video_markers if kind == "video" else (QWEN_START, QWEN_END)
             ids = []
             # Qwen3-VL wraps every video frame in its own markers (after a timestamp).
             for _ in range(t if kind == "video" and per_frame else 1):
                 n = h * w // 4 * (1 if kind == "image" or per_frame else t)
-                ids += ([QWEN_START] + [token] * n + [QWEN_END]
+                ids += ([start] + [token] * n + [end]
                         + (_text(1, gen) if kind == "video" and per_frame else []))
             pixels, grids = media[kind]
             pixels.append(torch.randn(t * h * w, patch_dim, generator=gen))
@@ -1789,6 +1792,23 @@ def llava_onevision1_5(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32)
     return _qwen(LlavaOnevision15Config, LlavaOnevision15ForConditionalGeneration, vision, attn, seed,
                  text=dict(text, model_type="qwen3", head_dim=8), patch_dim=3 * 2 * 2)
+
+
+def ovis2_5(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """Ovis2.5 (transformers 5.25): Qwen2-VL's layout (each image or video one run, 2x2 merge) from a
+    SigLIP NaViT tower (2-D RoPE, windowed attention) through a visual vocabulary into a Qwen3 text
+    model on 1-D positions. Images and videos have their own start and end markers, whose embeddings
+    are the visual vocabulary's indicator rows."""
+    from transformers import Ovis2_5Config, Ovis2_5ForConditionalGeneration
+
+    video_start, video_end = 118, 119
+    text = {k: v for k, v in QWEN_TEXT.items() if k != "rope_scaling"}
+    vision = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                  temporal_patch_size=1, image_size=16, window_size=8, vocab_size=64)
+    return _qwen(Ovis2_5Config, Ovis2_5ForConditionalGeneration, vision, attn, seed,
+                 text=dict(text, model_type="qwen3", head_dim=8), patch_dim=3 * 2 * 2,
+                 video_markers=(video_start, video_end), image_start_token_id=QWEN_START,
+                 image_end_token_id=QWEN_END, video_start_token_id=video_start, video_end_token_id=video_end)
 
 
 GLM_TEXT = dict(QWEN_TEXT, num_attention_heads=2, num_key_value_heads=2,
@@ -3004,6 +3024,8 @@ BUILDERS = {
     # LLaVA-OneVision-1.5: from transformers 5.25
     **({"llava_onevision1_5": llava_onevision1_5}
        if hasattr(transformers, "LlavaOnevision15ForConditionalGeneration") else {}),
+    # Ovis2.5: from transformers 5.25
+    **({"ovis2_5": ovis2_5} if hasattr(transformers, "Ovis2_5ForConditionalGeneration") else {}),
     # GLM-5-Next: not in transformers 4.57
     **({"glm5_next": glm5_next, "glm5_next_video": lambda **kw: glm5_next(videos=True, **kw)}
        if hasattr(transformers, "Glm5NextForConditionalGeneration") else {}),
