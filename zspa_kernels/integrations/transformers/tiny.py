@@ -1782,16 +1782,19 @@ def qwen2_5_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     return _qwen(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, vision, attn, seed)
 
 
+# A Qwen3 text model on 1-D positions (QWEN_TEXT without M-RoPE), fed Qwen2-VL's layout by other towers.
+QWEN3_TEXT = dict({k: v for k, v in QWEN_TEXT.items() if k != "rope_scaling"}, model_type="qwen3", head_dim=8)
+
+
 def llava_onevision1_5(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     """LLaVA-OneVision-1.5 (transformers 5.25): Qwen2-VL's layout (each image or video one run between
     vision markers, 2x2 merge) from a RiceViT tower (2-D RoPE, a class token a frame, no temporal
     patches) into a Qwen3 text model on 1-D positions."""
     from transformers import LlavaOnevision15Config, LlavaOnevision15ForConditionalGeneration
 
-    text = {k: v for k, v in QWEN_TEXT.items() if k != "rope_scaling"}
     vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32)
     return _qwen(LlavaOnevision15Config, LlavaOnevision15ForConditionalGeneration, vision, attn, seed,
-                 text=dict(text, model_type="qwen3", head_dim=8), patch_dim=3 * 2 * 2)
+                 text=QWEN3_TEXT, patch_dim=3 * 2 * 2)
 
 
 def ovis2_5(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
@@ -1802,11 +1805,10 @@ def ovis2_5(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     from transformers import Ovis2_5Config, Ovis2_5ForConditionalGeneration
 
     video_start, video_end = 118, 119
-    text = {k: v for k, v in QWEN_TEXT.items() if k != "rope_scaling"}
     vision = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
                   temporal_patch_size=1, image_size=16, window_size=8, vocab_size=64)
     return _qwen(Ovis2_5Config, Ovis2_5ForConditionalGeneration, vision, attn, seed,
-                 text=dict(text, model_type="qwen3", head_dim=8), patch_dim=3 * 2 * 2,
+                 text=QWEN3_TEXT, patch_dim=3 * 2 * 2,
                  video_markers=(video_start, video_end), image_start_token_id=QWEN_START,
                  image_end_token_id=QWEN_END, video_start_token_id=video_start, video_end_token_id=video_end)
 
