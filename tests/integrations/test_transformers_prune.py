@@ -131,13 +131,33 @@ def test_router_logits_are_refused_wherever_the_wrapper_weighs_them_by_its_mask(
     assert torch.equal(got.logits, plain.logits) and torch.equal(got.loss, plain.loss)
 
 
+def _fp8_cache(tiny) -> dict:
+    """generate()'s arguments for transformers' FP8 quantized KV cache (from 5.24 on: no other package
+    needed); skip where this transformers has none, or where the model has layers other than full
+    attention (sliding windows, linear attention), which ``QuantizedCache`` refuses, unpatched too."""
+    if not hasattr(transformers.cache_utils, "Fp8QuantizedLayer"):
+        pytest.skip("this transformers has no FP8 quantized cache (5.24 added it)")
+    try:
+        transformers.QuantizedCache(backend="fp8", config=tiny.model.config)
+    except ValueError as refused:
+        pytest.skip(f"the unpatched model cannot use a quantized cache: {refused}")
+    return dict(cache_implementation="quantized", cache_config={"backend": "fp8"})
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "fp8"])
 @torch.no_grad()
-def test_keep_all_generate_matches_unpatched(tiny):
+def test_keep_all_generate_matches_unpatched(tiny, cache):
+    """Keep-all generation is the unpatched model's, logits bit for bit; on an FP8 quantized cache too,
+    whose per-tensor scale the prefill's keys and values set (a cache that counts its length itself
+    and cannot be cropped)."""
     inputs = tiny.make_inputs(tiny.batch)
-    expected = tiny.model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    gen = dict(max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True,
+               **(_fp8_cache(tiny) if cache == "fp8" else {}))
+    expected = tiny.model.generate(**inputs, **gen)
     with zspa_kernels.prune(tiny.model, keep=1.0):
-        got = tiny.model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
-    assert torch.equal(got, expected)
+        got = tiny.model.generate(**inputs, **gen)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got.logits, expected.logits))
 
 
 @torch.no_grad()
@@ -185,14 +205,22 @@ def test_batch_cache_length_is_the_longest_kept_row(tiny):
     assert image_rows == sorted(image_rows)  # batch-row order, then image order
 
 
-@pytest.mark.parametrize("mode", ["greedy", "sample", "static"])
+@pytest.mark.parametrize("mode", ["greedy", "sample", "static", "fp8"])
 @torch.no_grad()
-def test_cached_generation_equals_no_cache_reference(tiny, mode):
+def test_cached_generation_equals_no_cache_reference(tiny, mode, monkeypatch):
+    """Pruned generation on each kind of cache equals one no-cache forward over the pruned prefix. On
+    the FP8 quantized cache, its storage is made lossless here (its scale 1, its states kept in fp32):
+    the cache's own bookkeeping (its length counter, no crop) is what is tested, not FP8's rounding."""
     if mode == "static":
         _static_generate(tiny)
+    if mode == "fp8":
+        fp8 = _fp8_cache(tiny)
+        monkeypatch.setattr(transformers.cache_utils.Fp8QuantizedLayer, "_quantize",
+                            lambda self, tensor, scale=None: (tensor.float(), torch.ones((), device=tensor.device)))
     inputs = tiny.make_inputs(tiny.batch)
     gen = {"greedy": dict(do_sample=False), "sample": dict(do_sample=True, top_k=0),
-           "static": dict(do_sample=False, cache_implementation="static")}[mode]
+           "static": dict(do_sample=False, cache_implementation="static"),
+           "fp8": dict(do_sample=False, **fp8) if mode == "fp8" else None}[mode]
     positions = unpruned_decode_positions(tiny.model, inputs, NEW_TOKENS, **gen)
     torch.manual_seed(0)
     with zspa_kernels.prune(tiny.model, keep=KEEP), capture_lm_calls(tiny.model) as calls:
@@ -208,6 +236,8 @@ def test_cached_generation_equals_no_cache_reference(tiny, mode):
         torch.testing.assert_close(logits, ref[:, start + t], atol=ATOL, rtol=0)
     if mode != "sample":
         assert torch.equal(tokens, ref[:, start:start + NEW_TOKENS].argmax(-1))
+    if mode == "fp8":  # it holds the pruned prefix and each generated token but the last
+        assert kv_cache(out).get_seq_length() == prefill["inputs_embeds"].shape[1] + NEW_TOKENS - 1
 
 
 @torch.no_grad()
