@@ -23,6 +23,7 @@ import zspa_kernels  # noqa: E402
 from zspa_kernels.spec import keep_budget  # noqa: E402
 from zspa_kernels.integrations.transformers import kv_cache  # noqa: E402
 from zspa_kernels.integrations.transformers.tiny import BUILDERS  # noqa: E402
+from zspa_kernels.integrations.transformers.families import find_family, split_model  # noqa: E402
 
 from .reference import (cache_arg, capture_lm_calls, image_features_of, lm_head, no_cache_logits,  # noqa: E402
                         padding_mask, static_cache, unpruned_decode_positions)
@@ -513,6 +514,68 @@ def test_second_generate_on_a_pruned_cache_is_refused(tiny):
             follow_up["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, 2))
         with pytest.raises(RuntimeError, match="pruned prefill"):
             tiny.model.generate(**follow_up, **cache_arg(tiny.model, kv_cache(out)), max_new_tokens=2)
+
+
+@pytest.mark.parametrize("chunk", ["one token", "eight tokens", "the whole prompt"])
+@torch.no_grad()
+def test_a_chunked_prefill_is_refused_clearly(tiny, chunk):
+    """``generate(prefill_chunk_size=...)`` (transformers 5.24+) feeds the prompt in parts, each with the
+    features of the image placeholders it holds, all images' rows merged into one. A part pruned alone
+    would rank by part of the question and could take several images for one, even where the whole prompt
+    is one part (LLaVA's adjacent images; a tile budget over all tiles): refused, naming the argument,
+    before the base model runs; a part without images ran unpruned, and images then arriving on its cache
+    are refused too. The handle is left as it was: the next generate() is pruned as without the refusal."""
+    if transformers.__version__.startswith("4."):
+        pytest.skip("transformers 4.57's chunked prefill hands the first chunk every image's pixels (README)")
+    inputs = tiny.make_inputs(tiny.batch)
+    size = {"one token": 1, "eight tokens": 8, "the whole prompt": inputs["input_ids"].shape[1]}[chunk]
+    gen = dict(max_new_tokens=2, do_sample=False)
+    base = split_model(tiny.model, find_family(tiny.model))[0]
+    fed = []
+    hook = base.register_forward_pre_hook(lambda module, args, kwargs: fed.append(
+        any(v is not None for v in (kwargs.get("mm_encoder_outputs") or {}).values())), with_kwargs=True)
+    try:
+        tiny.model.generate(**inputs, prefill_chunk_size=size, **gen)
+    except Exception as exc:  # noqa: BLE001 - raw pixel inputs, which transformers does not chunk; 4.57
+        pytest.skip(f"the unpatched model's chunked prefill fails: {exc}")
+    finally:
+        hook.remove()
+    if not any(fed):  # GLM-4V's videos: placeholders of the image id, looked for under the video id
+        pytest.skip("the unpatched model's chunked prefill merges no features (it finds no placeholders)")
+    with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
+        expected = tiny.model.generate(**inputs, **gen)
+        with pytest.raises(RuntimeError, match=re.escape("Pass prefill_chunk_size=None")):
+            tiny.model.generate(**inputs, prefill_chunk_size=size, **gen)
+        handle.last_selection = []
+        assert torch.equal(tiny.model.generate(**inputs, **gen), expected) and handle.last_selection
+
+
+@torch.no_grad()
+def test_images_on_a_cache_that_holds_the_text_before_them_are_refused():
+    """A prompt's images arriving with their pixels on a cache that holds its beginning (a conversation
+    continued on its cache; a chunked prefill whose first part held no image): the unpatched model merges
+    them where their placeholders are; pruned, they would run unpruned, unsaid. Refused, naming what to do.
+    A continuation without images runs as unpatched."""
+    tiny = BUILDERS["llava"]()
+    inputs = tiny.make_inputs(tiny.batch)
+    ids, image = inputs["input_ids"], tiny.model.config.image_token_id
+    first = int((ids == image).int().argmax(1).min())  # every row's tokens before it are text
+    assert first > 0
+    text_only = ids.masked_fill(ids == image, int(ids[0, first - 1]))
+
+    def continued(ids, **images):
+        cache = transformers.DynamicCache(config=tiny.model.config.get_text_config())
+        tiny.model(input_ids=ids[:, :first], attention_mask=inputs["attention_mask"][:, :first],
+                   **cache_arg(tiny.model, cache), use_cache=True)
+        return tiny.model(input_ids=ids[:, first:], attention_mask=inputs["attention_mask"],
+                          **cache_arg(tiny.model, cache), use_cache=True, **images).logits
+
+    continued(ids, pixel_values=inputs["pixel_values"])  # the unpatched model takes it
+    expected = continued(text_only)
+    with zspa_kernels.prune(tiny.model, keep=KEEP):
+        with pytest.raises(RuntimeError, match="images arrive on a KV cache that already holds"):
+            continued(ids, pixel_values=inputs["pixel_values"])
+        assert torch.equal(continued(text_only), expected)
 
 
 def test_unsupported_model_names_the_supported_families():

@@ -62,7 +62,23 @@ REUSE_ERROR = (
     "one token at a time by the generation that built it. Reusing it for a new prompt "
     "(e.g. a second generate() call with past_key_values) would misplace tokens: run "
     "the whole prompt again without the cache. Assisted and prompt-lookup decoding, which "
-    "feed several tokens a step, are not supported with pruning either."
+    "feed several tokens a step, are not supported with pruning either, nor is a chunked "
+    "prefill (generate(prefill_chunk_size=...)): pass prefill_chunk_size=None."
+)
+# Both refuse what a prefill of part of a prompt would need: the selection ranks an image's tokens by the
+# prompt's text (which may follow the image) and gives each image its own budget, so it needs the whole
+# prompt, and each image's features apart, in one prefill on an empty cache.
+CHUNKED_ERROR = (
+    "zspa_kernels.prune: a chunked prefill (generate(prefill_chunk_size=...)) cannot be pruned: it feeds "
+    "the prompt in parts and the images' features merged into one, and the selection needs the whole prompt "
+    "and each image apart in one prefill. Pass prefill_chunk_size=None (pruning shortens the prompt anyway)."
+)
+CONTINUED_ERROR = (
+    "zspa_kernels.prune: images arrive on a KV cache that already holds tokens of this sequence, which the "
+    "hooks did not prefill: a chunked prefill (generate(prefill_chunk_size=...)), or a conversation continued "
+    "on its cache. The selection needs the whole prompt in one prefill on an empty cache: pass "
+    "prefill_chunk_size=None, or run the whole conversation again without the cache, or remove() the handle "
+    "to run it unpruned."
 )
 LOST_ERROR = (
     "zspa_kernels.prune: this KV cache holds a pruned prefill whose layout (kept positions, mask) is lost: "
@@ -110,6 +126,29 @@ class _CacheState:
 
 # transformers 5.24 renamed the cache argument ``past_key_values`` to ``cache``.
 CACHE_ARGS = ("cache", "past_key_values")
+
+
+def _brings_images(kwargs: dict) -> bool:
+    """Whether a call brings images or videos to merge: pixel inputs, or features generate() encoded."""
+    return _new_pixels(kwargs) or any(v is not None for v in (kwargs.get("mm_encoder_outputs") or {}).values())
+
+
+def _chunk_features(kwargs: dict) -> bool:
+    """Whether the encoded features a call brings are a chunked prefill's: transformers' generate()
+    (5.24+, ``prefill_chunk_size``) passes each chunk the features of the placeholders it holds, all
+    images' rows in one, as pooled features alone (its ``_slice_mm_encoder_output``), where the encoder's
+    own output also holds its hidden states (or its image codes). Read as given, they would make one
+    image of several. (A caller's own ``mm_encoder_outputs`` of that form, pooled features of one image
+    alone, reads the same and is refused too: pass the encoder's output as it returns it.)"""
+    for output in (kwargs.get("mm_encoder_outputs") or {}).values():
+        if output is None or not hasattr(output, "keys"):
+            continue
+        pooled = output.get("pooler_output")
+        flat = (isinstance(pooled, (list, tuple)) and len(pooled) == 1
+                or isinstance(pooled, torch.Tensor) and pooled.dim() == 3 and pooled.shape[0] == 1)
+        if flat and set(output.keys()) <= {"pooler_output", "deepstack_features"}:
+            return True
+    return False
 
 
 def _cache_of(kwargs: dict):
@@ -403,6 +442,8 @@ class PruneHandle:
         if state is None:
             if cache is not None:
                 _refuse_lost(cache)  # before the base model numbers its tokens by the cache's length
+            if _chunk_features(kwargs):  # before the base model merges them
+                raise RuntimeError(CHUNKED_ERROR)
             self._inputs = dict(kwargs, input_ids=input_ids)
             return None
         step = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
@@ -470,7 +511,11 @@ class PruneHandle:
             else:  # on the device: read it for a prompt only (right before the ids' copy)
                 empty = _is_empty(cache)
             if not empty:
-                return None  # a cache this handle did not prune, mid-sequence: left as it is
+                # A cache this handle did not prune, mid-sequence: left as it is, unless images come
+                # with several tokens (a prompt's part: refused, rather than run unpruned, unsaid).
+                if _brings_images(inputs) and embeds is not None and embeds.shape[1] > 1:
+                    raise RuntimeError(CONTINUED_ERROR)
+                return None
         ids = inputs.get("input_ids")
         self.last_selection, self._layout = [], None
         if embeds is None or ids is None or ids.shape != embeds.shape[:2]:
