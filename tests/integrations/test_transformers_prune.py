@@ -214,6 +214,7 @@ def test_cached_generation_equals_no_cache_reference(tiny, mode, monkeypatch):
     the cache's own bookkeeping (its length counter, no crop) is what is tested, not FP8's rounding."""
     if mode == "static":
         _static_generate(tiny)
+    fp8 = {}
     if mode == "fp8":
         fp8 = _fp8_cache(tiny)
         monkeypatch.setattr(transformers.cache_utils.Fp8QuantizedLayer, "_quantize",
@@ -221,7 +222,7 @@ def test_cached_generation_equals_no_cache_reference(tiny, mode, monkeypatch):
     inputs = tiny.make_inputs(tiny.batch)
     gen = {"greedy": dict(do_sample=False), "sample": dict(do_sample=True, top_k=0),
            "static": dict(do_sample=False, cache_implementation="static"),
-           "fp8": dict(do_sample=False, **fp8) if mode == "fp8" else None}[mode]
+           "fp8": dict(do_sample=False, **fp8)}[mode]
     positions = unpruned_decode_positions(tiny.model, inputs, NEW_TOKENS, **gen)
     torch.manual_seed(0)
     with zspa_kernels.prune(tiny.model, keep=KEEP), capture_lm_calls(tiny.model) as calls:

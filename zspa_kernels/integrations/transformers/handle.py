@@ -513,7 +513,7 @@ class PruneHandle:
             if not empty:
                 # A cache this handle did not prune, mid-sequence: left as it is, unless images come
                 # with several tokens (a prompt's part: refused, rather than run unpruned, unsaid).
-                if _brings_images(inputs) and embeds is not None and embeds.shape[1] > 1:
+                if embeds is not None and embeds.shape[1] > 1 and _brings_images(inputs):
                     raise RuntimeError(CONTINUED_ERROR)
                 return None
         ids = inputs.get("input_ids")
