@@ -1,0 +1,36 @@
+"""bench/run_gpu.sh, checked where it cannot run: the script parses, and every test file and node id
+its checks stage hands pytest is collected. A renamed test left in that list would stop pytest at
+collection ("not found", exit 4) and cost a device session its whole GPU test log."""
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "bench" / "run_gpu.sh"
+
+
+def _gpu_tests() -> list[str]:
+    body = re.search(r"local gpu_tests=\((.*?)\)\n", SCRIPT.read_text(), re.S)
+    assert body, "bench/run_gpu.sh no longer sets `local gpu_tests=(...)`: update this test with it"
+    return shlex.split(body.group(1), comments=True)
+
+
+def test_the_script_parses():
+    done = subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_every_gpu_test_the_checks_stage_names_is_collected():
+    items = _gpu_tests()
+    assert len(items) >= 10 and all("::" in i or (ROOT / i).is_file() for i in items), items
+    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *items],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    collected = [line for line in done.stdout.splitlines() if "::" in line]
+    for item in items:  # a file collects its tests, a node id its parameter cases
+        assert any(line == item or line.startswith(item + ("::" if "::" not in item else "[")) for line in collected), \
+            f"run_gpu.sh names {item!r}, which collects no test"
