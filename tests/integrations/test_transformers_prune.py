@@ -8,6 +8,7 @@ positions the UNPRUNED model uses (cached generation).
 from __future__ import annotations
 
 import copy
+import importlib.util
 import inspect
 import pickle
 import re
@@ -132,31 +133,45 @@ def test_router_logits_are_refused_wherever_the_wrapper_weighs_them_by_its_mask(
     assert torch.equal(got.logits, plain.logits) and torch.equal(got.loss, plain.loss)
 
 
-def _fp8_cache(tiny) -> dict:
-    """generate()'s arguments for transformers' FP8 quantized KV cache (from 5.24 on: no other package
-    needed); skip where this transformers has none, or where the model has layers other than full
-    attention (sliding windows, linear attention), which ``QuantizedCache`` refuses, unpatched too."""
-    if not hasattr(transformers.cache_utils, "Fp8QuantizedLayer"):
+QUANTIZED = ("fp8", "quanto", "hqq")  # transformers' quantized KV caches: FP8 (5.24 on), and KIVI's two packages
+
+
+def _quantized_cache(tiny, backend: str) -> dict:
+    """generate()'s arguments for one of transformers' quantized KV caches; skip where this transformers
+    or this environment has none, or where the model has layers other than full attention (sliding
+    windows, linear attention), which ``QuantizedCache`` refuses, unpatched too. FP8 keeps every state
+    in 8 bits with one scale set by the prefill. quanto and hqq (the KIVI layer) keep the last
+    ``residual_length`` states in full precision and fold them into 4-bit groups when the window fills:
+    a window of 2 makes the prefill and every second decode step requantize everything. Their group is
+    the model's head size, which divides every tensor they group (tiny models' heads are 8-16 wide)."""
+    if backend == "fp8" and not hasattr(transformers.cache_utils, "Fp8QuantizedLayer"):
         pytest.skip("this transformers has no FP8 quantized cache (5.24 added it)")
+    package = {"fp8": None, "quanto": "optimum.quanto", "hqq": "hqq"}[backend]
+    if package and importlib.util.find_spec(package.split(".")[0]) is None:
+        pytest.skip(f"{package} is not installed")
+    config = {"backend": backend}
+    if backend != "fp8":
+        text = tiny.model.config.get_text_config(decoder=True)
+        head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        config.update(nbits=4, q_group_size=head, residual_length=2)
     try:
-        transformers.QuantizedCache(backend="fp8", config=tiny.model.config)
+        transformers.QuantizedCache(config=tiny.model.config, **config)
     except ValueError as refused:
         pytest.skip(f"the unpatched model cannot use a quantized cache: {refused}")
-    return dict(cache_implementation="quantized", cache_config={"backend": "fp8"})
+    return dict(cache_implementation="quantized", cache_config=config)
 
 
-@pytest.mark.parametrize("cache", ["dynamic", "fp8"])
+@pytest.mark.parametrize("cache", ["dynamic", *QUANTIZED])
 @torch.no_grad()
 def test_keep_all_generate_matches_unpatched(tiny, cache):
-    """Keep-all generation is the unpatched model's, logits bit for bit; on an FP8 quantized cache too,
-    whose per-tensor scale the prefill's keys and values set (a cache that counts its length itself
-    and cannot be cropped)."""
+    """Keep-all generation is the unpatched model's, logits bit for bit; on the quantized caches too
+    (caches that count their length themselves and cannot be cropped), with their real rounding."""
     inputs = tiny.make_inputs(tiny.batch)
     gen = dict(max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True,
-               **(_fp8_cache(tiny) if cache == "fp8" else {}))
-    expected = tiny.model.generate(**inputs, **gen)
+               **(_quantized_cache(tiny, cache) if cache in QUANTIZED else {}))
+    expected = tiny.model.generate(**inputs, **copy.deepcopy(gen))  # 4.57 pops cache_config's backend
     with zspa_kernels.prune(tiny.model, keep=1.0):
-        got = tiny.model.generate(**inputs, **gen)
+        got = tiny.model.generate(**inputs, **copy.deepcopy(gen))
     assert torch.equal(got.sequences, expected.sequences)
     assert all(torch.equal(a, b) for a, b in zip(got.logits, expected.logits))
 
@@ -206,28 +221,36 @@ def test_batch_cache_length_is_the_longest_kept_row(tiny):
     assert image_rows == sorted(image_rows)  # batch-row order, then image order
 
 
-@pytest.mark.parametrize("mode", ["greedy", "sample", "static", "fp8"])
+@pytest.mark.parametrize("mode", ["greedy", "sample", "static", *QUANTIZED])
 @torch.no_grad()
 def test_cached_generation_equals_no_cache_reference(tiny, mode, monkeypatch):
     """Pruned generation on each kind of cache equals one no-cache forward over the pruned prefix. On
-    the FP8 quantized cache, its storage is made lossless here (its scale 1, its states kept in fp32):
-    the cache's own bookkeeping (its length counter, no crop) is what is tested, not FP8's rounding."""
+    the quantized caches, their storage is made lossless here (FP8's scale 1; every backend's states
+    kept in fp32): the caches' own bookkeeping (a length counter, no crop; KIVI's full-precision
+    window folded into the quantized states) is what is tested, not their rounding."""
     if mode == "static":
         _static_generate(tiny)
-    fp8 = {}
-    if mode == "fp8":
-        fp8 = _fp8_cache(tiny)
-        monkeypatch.setattr(transformers.cache_utils.Fp8QuantizedLayer, "_quantize",
-                            lambda self, tensor, scale=None: (tensor.float(), torch.ones((), device=tensor.device)))
+    quantized = {}
+    if mode in QUANTIZED:
+        quantized = _quantized_cache(tiny, mode)
+        if mode == "fp8":
+            monkeypatch.setattr(transformers.cache_utils.Fp8QuantizedLayer, "_quantize",
+                                lambda self, tensor, scale=None: (tensor.float(), torch.ones((), device=tensor.device)))
+        else:
+            layer = {"quanto": transformers.cache_utils.QuantoQuantizedLayer,
+                     "hqq": transformers.cache_utils.HQQQuantizedLayer}[mode]
+            monkeypatch.setattr(layer, "_quantize", lambda self, tensor, axis: tensor.float())
+            monkeypatch.setattr(layer, "_dequantize", lambda self, stored: stored)
     inputs = tiny.make_inputs(tiny.batch)
     gen = {"greedy": dict(do_sample=False), "sample": dict(do_sample=True, top_k=0),
            "static": dict(do_sample=False, cache_implementation="static"),
-           "fp8": dict(do_sample=False, **fp8)}[mode]
-    positions = unpruned_decode_positions(tiny.model, inputs, NEW_TOKENS, **gen)
+           **{backend: dict(do_sample=False, **quantized) for backend in QUANTIZED}}[mode]
+    # 4.57's generate() pops the backend out of the caller's cache_config: each call gets its own
+    positions = unpruned_decode_positions(tiny.model, inputs, NEW_TOKENS, **copy.deepcopy(gen))
     torch.manual_seed(0)
     with zspa_kernels.prune(tiny.model, keep=KEEP), capture_lm_calls(tiny.model) as calls:
         out = tiny.model.generate(**inputs, max_new_tokens=NEW_TOKENS, output_logits=True,
-                                  return_dict_in_generate=True, **gen)
+                                  return_dict_in_generate=True, **copy.deepcopy(gen))
     prefill = calls[0]
     tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
     rows = list(range(len(tiny.batch)))
@@ -238,7 +261,7 @@ def test_cached_generation_equals_no_cache_reference(tiny, mode, monkeypatch):
         torch.testing.assert_close(logits, ref[:, start + t], atol=ATOL, rtol=0)
     if mode != "sample":
         assert torch.equal(tokens, ref[:, start:start + NEW_TOKENS].argmax(-1))
-    if mode == "fp8":  # it holds the pruned prefix and each generated token but the last
+    if mode in QUANTIZED:  # it holds the pruned prefix and each generated token but the last
         assert kv_cache(out).get_seq_length() == prefill["inputs_embeds"].shape[1] + NEW_TOKENS - 1
 
 
