@@ -143,7 +143,7 @@ def _quantized_cache(tiny, backend: str) -> dict:
     in 8 bits with one scale set by the prefill. quanto and hqq (the KIVI layer) keep the last
     ``residual_length`` states in full precision and fold them into 4-bit groups when the window fills:
     a window of 2 makes the prefill and every second decode step requantize everything. Their group is
-    the model's head size, which divides every tensor they group (tiny models' heads are 8-16 wide)."""
+    the model's head size, which divides every tensor they group (tiny models' heads are 4 to 128 wide)."""
     if backend == "fp8" and not hasattr(transformers.cache_utils, "Fp8QuantizedLayer"):
         pytest.skip("this transformers has no FP8 quantized cache (5.24 added it)")
     package = {"fp8": None, "quanto": "optimum.quanto", "hqq": "hqq"}[backend]
