@@ -246,13 +246,12 @@ def test_cached_generation_equals_no_cache_reference(tiny, mode, monkeypatch):
     window folded into the quantized states) is what is tested, not their rounding."""
     if mode == "static":
         _static_generate(tiny)
-    quantized = {}
-    if mode in QUANTIZED:
-        quantized = _lossless_quantized_cache(tiny, mode, monkeypatch)
     inputs = tiny.make_inputs(tiny.batch)
-    gen = {"greedy": dict(do_sample=False), "sample": dict(do_sample=True, top_k=0),
-           "static": dict(do_sample=False, cache_implementation="static"),
-           **{backend: dict(do_sample=False, **quantized) for backend in QUANTIZED}}[mode]
+    if mode in QUANTIZED:
+        gen = dict(do_sample=False, **_lossless_quantized_cache(tiny, mode, monkeypatch))
+    else:
+        gen = {"greedy": dict(do_sample=False), "sample": dict(do_sample=True, top_k=0),
+               "static": dict(do_sample=False, cache_implementation="static")}[mode]
     # 4.57's generate() pops the backend out of the caller's cache_config: each call gets its own
     positions = unpruned_decode_positions(tiny.model, inputs, NEW_TOKENS, **copy.deepcopy(gen))
     torch.manual_seed(0)
