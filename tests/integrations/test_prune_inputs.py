@@ -202,8 +202,7 @@ def test_question_before_the_image_forms_the_prompt():
 
 # Families whose tiny inputs hold markers that no config names: only ``tokenizer=`` tells them
 # from the question (README: "pass tokenizer="). PaliGemma's is the newline that closes its prompt:
-# ordinary text in its tokenizer, so kept there (like "ASSISTANT:"); any tokenizer that marks it
-# special drops it.
+# ordinary text in its tokenizer, which decodes it to whitespace alone: dropped once it is given.
 MARKERS_ONLY_IN_TOKENIZER = {
     "apertus1p5", "aya_vision", "chameleon", "chameleon_swin", "cohere2_vision", "dots3_note", "emu3", "fuyu", "got_ocr2",
     "granite_docling", "granite_docling_fine", "hy_v4_vl", "idefics2", "idefics3", "internvl", "janus",

@@ -42,9 +42,11 @@ def prune(
             token). ``ImageSelection.prompt_tokens`` records the positions used.
         backend: ``zspa::select_tokens`` backend (``"auto"``, ``"reference"``, ...).
         tokenizer: optional, a tokenizer or the processor holding one: its special
-            tokens (named, extra, and every added token marked special) are also left
-            out of ``"question"``. Image markers that the config does not name (most
-            families' tile, slice and begin/end markers) are known only to it.
+            tokens (named, extra, and every added token marked special) and the tokens it
+            decodes to whitespace alone (the newlines processors write around images and
+            between rows of tiles) are also left out of ``"question"``. Image markers that
+            the config does not name (most families' tile, slice and begin/end markers) are
+            known only to it.
 
     Returns:
         A :class:`PruneHandle`: a context manager with ``.remove()``; after each pruned

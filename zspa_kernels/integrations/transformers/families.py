@@ -945,13 +945,19 @@ def special_token_ids(config) -> set[int]:
     return found
 
 
+def text_tokenizer(tokenizer):
+    """``tokenizer`` itself, or the tokenizer a processor holds (``.tokenizer``)."""
+    if not hasattr(tokenizer, "all_special_ids") and hasattr(tokenizer, "tokenizer"):
+        return tokenizer.tokenizer
+    return tokenizer
+
+
 def tokenizer_special_ids(tokenizer) -> set[int]:
     """The special token ids of a transformers tokenizer, or of the one a processor holds
     (``.tokenizer``): ``all_special_ids`` (named and extra special tokens) and every added
     token marked special, where checkpoints put image markers they name nowhere else
     (Idefics3's ``<fake_token_around_image>``, InternVL's ``<img>``, MiniCPM-V's slice markers)."""
-    if not hasattr(tokenizer, "all_special_ids") and hasattr(tokenizer, "tokenizer"):
-        tokenizer = tokenizer.tokenizer  # a processor
+    tokenizer = text_tokenizer(tokenizer)
     ids = getattr(tokenizer, "all_special_ids", None)
     if not isinstance(ids, (list, tuple, set)):
         raise TypeError("tokenizer: expected a transformers tokenizer (with .all_special_ids) or a processor "
@@ -964,3 +970,17 @@ def tokenizer_special_ids(tokenizer) -> set[int]:
     if isinstance(added, dict):  # MistralCommonBackend has a method (that raises): its ids are all above
         found.update(i for i, token in added.items() if getattr(token, "special", False))
     return found
+
+
+def blank_token_ids(tokenizer, ids, known: dict) -> list[int]:
+    """Of ``ids``, those ``tokenizer`` decodes to whitespace alone: the newlines that processors
+    write around images and between rows of tiles (Gemma3's ``"\\n\\n"`` around every image,
+    Idefics3's and SmolVLM's after each row of tiles, PaliGemma's after the prompt), which are
+    ordinary tokens of their vocabularies. ``known`` caches each id's answer across calls."""
+    for i in ids:
+        if i not in known:
+            try:
+                known[i] = not tokenizer.decode([i]).strip()
+            except Exception:  # an id this tokenizer cannot decode is no whitespace it knows
+                known[i] = False
+    return [i for i in ids if known[i]]

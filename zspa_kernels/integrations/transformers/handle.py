@@ -42,7 +42,8 @@ import torch
 
 from ...checks import check_options
 from ...spec import as_keep
-from .families import COUNT_INPUTS, Family, special_token_ids, split_model, tokenizer_special_ids
+from .families import (COUNT_INPUTS, Family, blank_token_ids, special_token_ids, split_model, text_tokenizer,
+                       tokenizer_special_ids)
 from .selection import ImageSelection, select_images, to_device, to_host
 
 PROMPTS = ("question", "all_text")
@@ -328,6 +329,8 @@ class PruneHandle:
         self.base, self.lm, self.config = base, lm, model.config
         self.visual_ids = visual_ids
         self.special_ids = torch.tensor(sorted(special), dtype=torch.long)
+        self._tokenizer = None if tokenizer is None else text_tokenizer(tokenizer)
+        self._blank: dict[int, bool] = {}  # token id -> the tokenizer decodes it to whitespace alone
         params = inspect.signature(lm.forward).parameters
         self._cache_arg = next((k for k in CACHE_ARGS if k in params), CACHE_ARGS[-1])
         self.last_selection: list[ImageSelection] = []
@@ -594,10 +597,12 @@ class PruneHandle:
 
         ``all_text``: every attended token that is neither visual nor inside an image
         (row breaks, tile markers between its tokens). ``question``: of those, drop every
-        special token id named in the config (bos/eos/pad, visual markers; plus the
-        tokenizer's special tokens when one was given), and keep the text after the
-        row's first image; a row whose question stands wholly before its first image
-        (nothing left after it) uses the text before it instead."""
+        special token id named in the config (bos/eos/pad, visual markers; plus, when a
+        tokenizer was given, its special tokens and the tokens it decodes to whitespace
+        alone), and keep the text after the row's first image; a row whose question stands
+        wholly before its first image (nothing left after it) uses the text before it
+        instead. The whitespace matters there: processors write newlines after images
+        (Gemma3 after every one), which would otherwise stand for the whole question."""
         inside = torch.zeros_like(visual_h)
         for r, c in zip(rows, cols):
             inside[r, int(c[0]):int(c[-1]) + 1] = True
@@ -605,8 +610,15 @@ class PruneHandle:
         if self.prompt == "all_text":
             return text
         question = text & ~torch.isin(ids_h, self.special_ids)
+        if self._tokenizer is not None:
+            question &= ~torch.isin(ids_h, torch.tensor(self._blank_ids(ids_h[question].unique().tolist()),
+                                                        dtype=ids_h.dtype))
         after = question & (visual_h.long().cumsum(1) > 0)
         return torch.where(after.any(1, keepdim=True), after, question)
+
+    @torch.compiler.disable  # host-side tokenizer calls: nothing for Dynamo to trace
+    def _blank_ids(self, ids: list[int]) -> list[int]:
+        return blank_token_ids(self._tokenizer, ids, self._blank)
 
     def _prompt_positions(self, prompt_h: torch.Tensor, rows: list[int], device):
         """The prompt's positions of each row, left-aligned: ``(B, T)`` positions and validity on

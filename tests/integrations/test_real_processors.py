@@ -1,0 +1,152 @@
+"""prune() on the token layouts that transformers' own processors write, not the tiny builders'
+imitations of them: Gemma3 (newlines around every image) and Idefics3 (tiles in rows, each row
+ended by a newline, then a global view). The processors are the real classes, built offline around
+a word-level tokenizer holding each family's markers; the models are tiny and random, with the
+tokenizer's ids in their configs. (Processors that need a video processor, as Qwen's and SmolVLM's
+do, need torchvision, which the test environment does not install.)"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import zspa_kernels  # noqa: E402
+
+WORDS = [f"w{i}" for i in range(60)]
+
+
+def _tokenizer(specials: list[str], plain: list[str], bos: str = "<s>", **extra) -> "transformers.PreTrainedTokenizerFast":
+    """Words ``w0``..``w59``; ``plain`` tokens are ordinary text (the newlines: base-vocabulary tokens of
+    the real tokenizers, added here so that the whitespace pre-tokenizer keeps them); ``specials`` are
+    added as special, as the processors and checkpoints add their markers."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["<unk>", bos, "</s>", "<pad>", *WORDS, *plain, *specials])}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    words.add_tokens([AddedToken(t, special=False, normalized=False) for t in plain])
+    words.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=words, unk_token="<unk>", bos_token=bos, eos_token="</s>", pad_token="<pad>",
+        additional_special_tokens=specials, extra_special_tokens=extra, model_input_names=["input_ids", "attention_mask"])
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def _image_processor(name: str, **kwargs):
+    """transformers 5.x's PIL image processor (the default class needs torchvision), else 4.x's."""
+    return (getattr(transformers, f"{name}Pil", None) or getattr(transformers, name))(**kwargs)
+
+
+def _photo(h: int, w: int, gen: torch.Generator):
+    from PIL import Image
+
+    return Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=gen, dtype=torch.uint8).numpy())
+
+
+def _runs(ids: torch.Tensor, token: int) -> list[tuple[int, int]]:
+    """(row, length) of every run of ``token`` in ``ids``, in order."""
+    found = []
+    for r, row in enumerate(ids.tolist()):
+        j = 0
+        while j < len(row):
+            k = j
+            while k < len(row) and row[k] == token:
+                k += 1
+            if k > j:
+                found.append((r, k - j))
+            j = k + 1
+    return found
+
+
+@torch.no_grad()
+def _selections(model, inputs, processor, keep=4):
+    """Keep-all logits equal the unpatched model's bit for bit; then one pruned forward's selections."""
+    unpatched = model(**inputs).logits
+    with zspa_kernels.prune(model, keep=1.0, tokenizer=processor):
+        assert torch.equal(model(**inputs).logits, unpatched)
+    with zspa_kernels.prune(model, keep=keep, tokenizer=processor) as handle:
+        model(**inputs)
+    return handle.last_selection
+
+
+def _prompt_words(tokenizer, inputs, selection) -> list[str]:
+    return tokenizer.convert_ids_to_tokens(inputs["input_ids"][selection.batch_row, selection.prompt_tokens].tolist())
+
+
+def _gemma3():
+    boi, eoi, image = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
+    tokenizer = _tokenizer([boi, eoi, image], plain=["\n\n"], bos="<bos>", boi_token=boi, eoi_token=eoi,
+                           image_token=image)
+    processor = transformers.Gemma3Processor(
+        image_processor=_image_processor("Gemma3ImageProcessor", size={"height": 16, "width": 16}),
+        tokenizer=tokenizer, image_seq_length=16)
+    ids = tokenizer.convert_tokens_to_ids
+    config = transformers.Gemma3Config(
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, vocab_size=len(tokenizer),
+                         max_position_embeddings=512, sliding_window=16,
+                         layer_types=["sliding_attention", "full_attention"], pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
+        mm_tokens_per_image=16, image_token_id=ids(image), boi_token_id=ids(boi), eoi_token_id=ids(eoi),
+        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # initialised to zeros: every image token would be the same
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=32 ** -0.5)
+    return model, processor, tokenizer
+
+
+def test_gemma3_prompts_hold_the_question_not_the_newlines_around_images():
+    """Gemma3's processor writes ``"\\n\\n<start_of_image>...<end_of_image>\\n\\n"``: ordinary newline
+    tokens after every image. A question before its image was then ranked by that newline alone (the
+    fallback to the text before the image never ran); a question after it got the newline too."""
+    model, processor, tokenizer = _gemma3()
+    gen = torch.Generator().manual_seed(0)
+    before, after = "w44 w39 w53 w0", "w43 w39 w7"
+    inputs = processor(text=[f"{before} <start_of_image>", f"<start_of_image> {after}"],
+                       images=[[_photo(30, 30, gen)], [_photo(40, 24, gen)]], padding=True, return_tensors="pt")
+    inputs.pop("num_crops", None)
+    selections = _selections(model, inputs, processor)
+    assert [(s.batch_row, s.n_tokens) for s in selections] == _runs(inputs["input_ids"], model.config.image_token_id)
+    assert [_prompt_words(tokenizer, inputs, s) for s in selections] == [before.split(), after.split()]
+
+
+def _idefics3():
+    markers = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"] + [
+        f"<row_{i}_col_{j}>" for i in range(1, 4) for j in range(1, 4)]
+    tokenizer = _tokenizer(markers, plain=["\n"])
+    image_processor = _image_processor("Idefics3ImageProcessor", do_image_splitting=True,
+                                       size={"longest_edge": 96}, max_image_size={"longest_edge": 32})
+    processor = transformers.Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=16)
+    config = transformers.Idefics3Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=4),
+        text_config=dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
+                         max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), pad_token_id=tokenizer.pad_token_id, scale_factor=2)
+    torch.manual_seed(0)
+    return transformers.Idefics3ForConditionalGeneration(config).eval(), processor, tokenizer
+
+
+def test_idefics3_tiles_are_budgeted_apart_and_their_row_newlines_are_no_question():
+    """Idefics3's processor splits an image into rows of tiles, each tile ``<fake_token_around_image>
+    <row_i_col_j>`` and 16 image tokens, a newline after each row, two before the global view. Each tile
+    and the global view is one selection; the newlines between tiles are no question text (they stood for
+    the whole question of a row whose question came before its image)."""
+    model, processor, tokenizer = _idefics3()
+    gen = torch.Generator().manual_seed(0)
+    before, after = "w44 w39 w53 w0", "w43 w39 w7"
+    inputs = processor(text=[f"{before} <image>", f"<image> {after}"],
+                       images=[[_photo(64, 40, gen)], [_photo(40, 64, gen)]], padding=True, return_tensors="pt")
+    assert "\n" in tokenizer.convert_ids_to_tokens(inputs["input_ids"][0].tolist())  # rows of tiles
+    selections = _selections(model, inputs, processor)
+    runs = _runs(inputs["input_ids"], model.config.image_token_id)
+    assert [(s.batch_row, s.n_tokens) for s in selections] == runs and len(runs) == 2 * 7  # 3x2 or 2x3 tiles + view
+    assert {r: _prompt_words(tokenizer, inputs, s) for s in selections for r in [s.batch_row]} == {
+        0: before.split(), 1: after.split()}
