@@ -42,23 +42,12 @@ def test_the_api_in_ten_lines():
     assert torch.equal(kept_op, kept)
 
 
-def _llava_of_144_tokens_an_image():
-    """The tiny LLaVA (``tiny.llava``) with 48 px images: 144 tokens each, so keep=64 prunes."""
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    from zspa_kernels.integrations.transformers import tiny
-
-    torch.manual_seed(0)
-    config = LlavaConfig(vision_config=CLIPVisionConfig(**tiny.TOWER, image_size=48, patch_size=4),
-                         text_config=tiny._tiny_llama(), image_token_id=127, image_seq_length=144,
-                         pad_token_id=tiny.PAD)
-    model = tiny._finish(LlavaForConditionalGeneration(config), "sdpa")
-    return model, tiny._same_size_images(model, 127, 48)(tiny.SPACED_ROWS["single"])
-
-
 def test_pruning_a_vlm_in_one_line():
     pytest.importorskip("transformers")
-    model, inputs = _llava_of_144_tokens_an_image()
+    from zspa_kernels.integrations.transformers import tiny
+
+    built = tiny.llava(size=48)  # 144 tokens an image, so that keep=64 prunes
+    model, inputs = built.model, built.make_inputs(built.single)
     scope = {"model": model, "inputs": inputs, "processor": None}
     with torch.no_grad():
         exec(compile(_python_blocks()["Pruning a Hugging Face VLM in one line"], "README.md", "exec"), scope)

@@ -6,6 +6,8 @@ tokenizer's ids in their configs. (Processors that need a video processor, as Qw
 do, need torchvision, which the test environment does not install.)"""
 from __future__ import annotations
 
+from itertools import groupby
+
 import pytest
 import torch
 
@@ -47,17 +49,7 @@ def _photo(h: int, w: int, gen: torch.Generator):
 
 def _runs(ids: torch.Tensor, token: int) -> list[tuple[int, int]]:
     """(row, length) of every run of ``token`` in ``ids``, in order."""
-    found = []
-    for r, row in enumerate(ids.tolist()):
-        j = 0
-        while j < len(row):
-            k = j
-            while k < len(row) and row[k] == token:
-                k += 1
-            if k > j:
-                found.append((r, k - j))
-            j = k + 1
-    return found
+    return [(r, len(list(run))) for r, row in enumerate(ids.tolist()) for t, run in groupby(row) if t == token]
 
 
 @torch.no_grad()

@@ -972,6 +972,7 @@ def tokenizer_special_ids(tokenizer) -> set[int]:
     return found
 
 
+@torch.compiler.disable  # host-side tokenizer calls: nothing for Dynamo to trace
 def blank_token_ids(tokenizer, ids, known: dict) -> list[int]:
     """Of ``ids``, those ``tokenizer`` decodes to whitespace alone: the newlines that processors
     write around images and between rows of tiles (Gemma3's ``"\\n\\n"`` around every image,

@@ -611,14 +611,10 @@ class PruneHandle:
             return text
         question = text & ~torch.isin(ids_h, self.special_ids)
         if self._tokenizer is not None:
-            question &= ~torch.isin(ids_h, torch.tensor(self._blank_ids(ids_h[question].unique().tolist()),
-                                                        dtype=ids_h.dtype))
+            blank = blank_token_ids(self._tokenizer, ids_h[question].unique().tolist(), self._blank)
+            question &= ~torch.isin(ids_h, torch.tensor(blank, dtype=ids_h.dtype))
         after = question & (visual_h.long().cumsum(1) > 0)
         return torch.where(after.any(1, keepdim=True), after, question)
-
-    @torch.compiler.disable  # host-side tokenizer calls: nothing for Dynamo to trace
-    def _blank_ids(self, ids: list[int]) -> list[int]:
-        return blank_token_ids(self._tokenizer, ids, self._blank)
 
     def _prompt_positions(self, prompt_h: torch.Tensor, rows: list[int], device):
         """The prompt's positions of each row, left-aligned: ``(B, T)`` positions and validity on

@@ -123,11 +123,11 @@ def _tiny_llama(model_type: str = "llama"):
                                 bos_token_id=1, eos_token_id=2)
 
 
-def _clip_llama_configs() -> dict:
-    """The tiny CLIP tower (16 px images, 4 px patches) and Llama of both LLaVA families."""
+def _clip_llama_configs(size: int = 16) -> dict:
+    """The tiny CLIP tower (``size`` px images, 4 px patches) and Llama of both LLaVA families."""
     from transformers import CLIPVisionConfig
 
-    return dict(vision_config=CLIPVisionConfig(**TOWER, image_size=16, patch_size=4),
+    return dict(vision_config=CLIPVisionConfig(**TOWER, image_size=size, patch_size=4),
                 text_config=_tiny_llama())
 
 
@@ -200,27 +200,28 @@ ADJACENT_ROWS = dict(single=[[("text", 5), ("image", 0), ("text", 7)]],
 
 
 def llava(attn: str = "sdpa", seed: int = 0, tower: str = "clip",
-          strategy: str = "default") -> TinyVLM:
+          strategy: str = "default", size: int = 16) -> TinyVLM:
     """LLaVA with a CLIP (class token), SigLIP (none) or Pixtral (any size, row breaks)
-    vision tower: the layouts of llava-1.5, of SigLIP-tower LLaVAs and of Pixtral-12B."""
+    vision tower: the layouts of llava-1.5, of SigLIP-tower LLaVAs and of Pixtral-12B.
+    ``size``: the CLIP and SigLIP towers' image side in pixels, (size / 4)^2 tokens an image."""
     from transformers import (AutoConfig, LlavaConfig, LlavaForConditionalGeneration)
 
     torch.manual_seed(seed)
     image_token = 127
     if tower == "clip":
-        configs = _clip_llama_configs()
+        configs = _clip_llama_configs(size)
     else:
         vision = AutoConfig.for_model(
-            "siglip_vision_model" if tower == "siglip" else "pixtral", **TOWER, image_size=16,
-            patch_size=4)
+            "siglip_vision_model" if tower == "siglip" else "pixtral", **TOWER,
+            image_size=16 if tower == "pixtral" else size, patch_size=4)
         configs = dict(vision_config=vision, text_config=_tiny_llama())
-    config = LlavaConfig(**configs, image_token_id=image_token, image_seq_length=16,
+    config = LlavaConfig(**configs, image_token_id=image_token, image_seq_length=(size // 4) ** 2,
                          vision_feature_select_strategy=strategy, pad_token_id=PAD)
     model = _finish(LlavaForConditionalGeneration(config), attn)
     if tower == "pixtral":
         return TinyVLM(model, lambda rows, seeds=None: _pixtral_inputs(rows, seeds, image_token, 4, 16),
                        **PIXTRAL_ROWS)
-    make_inputs = _same_size_images(model, image_token, 16)
+    make_inputs = _same_size_images(model, image_token, size)
     if tower == "clip":
         return TinyVLM(model, make_inputs, **SPACED_ROWS)
     return TinyVLM(model, make_inputs, **ADJACENT_ROWS)
