@@ -326,6 +326,58 @@ def test_labels_give_the_loss_over_the_kept_positions(name):
     torch.testing.assert_close(out.loss, expected, atol=1e-6, rtol=0)
 
 
+def _answered(tiny, inputs: dict, n: int = 4) -> dict:
+    """``inputs`` with an answer of ``n`` text tokens after every row, as a training batch holds it:
+    each per-position input gets ``n`` more positions like its last (text), the answer's token types
+    the suffix's on PaliGemma; the question's positions stay where they were."""
+    ids = inputs["input_ids"]
+    B, L = ids.shape
+    answer = torch.randint(*TEXT_IDS, (B, n), generator=torch.Generator().manual_seed(L))
+    out = dict(inputs, input_ids=torch.cat([ids, answer], 1))
+    for key, value in inputs.items():
+        if key != "input_ids" and isinstance(value, torch.Tensor) and value.shape[:2] == (B, L):
+            last = value[:, -1:].expand(B, n, *value.shape[2:])
+            if key == "token_type_ids" and tiny.model.config.model_type == "paligemma":
+                last = torch.ones_like(last)  # the suffix, as the processor marks an answer given with the prompt
+            out[key] = torch.cat([value, last], 1)
+    return out
+
+
+def _picks(tiny, inputs, prompt, **labels):
+    with zspa_kernels.prune(tiny.model, keep=KEEP, prompt=prompt) as handle:
+        tiny.model(**inputs, **labels)
+    return [(s.batch_row, s.prompt_tokens.tolist(), s.order.tolist()) for s in handle.last_selection]
+
+
+ANSWER_FAMILIES = ["llava", "qwen2_5_vl", "llama4", "paligemma", "gemma3", "mllama"]
+
+
+@pytest.mark.parametrize("prompt", ["question", "all_text"])
+@pytest.mark.parametrize("name", [n for n in ANSWER_FAMILIES if n in BUILDERS or n in CROSS_ATTENTION_BUILDERS])
+@torch.no_grad()
+def test_a_labelled_answer_is_no_prompt_so_training_selects_as_inference_will(name, prompt):
+    """In a training batch whose labels mark the answer (the question's are -100), the answer is left
+    out of the prompt: each image keeps the tokens (in the same order) that the question alone gives,
+    as generation will, where no answer is written yet. Labels over every text token (a language-
+    modelling loss) mark no answer: the answer then counts as prompt text, as with no labels."""
+    tiny = (BUILDERS.get(name) or CROSS_ATTENTION_BUILDERS[name])()
+    asked = tiny.make_inputs(tiny.batch)
+    answered = _answered(tiny, asked)
+    ids, L = answered["input_ids"], asked["input_ids"].shape[1]
+    at_inference = _picks(tiny, asked, prompt)
+    answer_only = ids.clone()
+    answer_only[:, :L] = -100
+    assert _picks(tiny, answered, prompt, labels=answer_only) == at_inference
+
+    every_token = ids.masked_fill(answered["attention_mask"] == 0, -100)
+    unlabelled = _picks(tiny, answered, prompt)
+    assert all(max(p) >= L for _, p, _ in unlabelled)  # the answer was in every row's prompt
+    assert _picks(tiny, answered, prompt, labels=every_token) == unlabelled
+
+    with pytest.raises(ValueError, match=r"^labels: expected the shape of input_ids"):
+        _picks(tiny, answered, prompt, labels=answer_only[:, 1:])
+
+
 # -- finding 4: a refused call leaves the model untouched -------------------------------
 @pytest.mark.parametrize("arg, value", [("tokenizer", object()), ("keep", 0), ("backend", "gpu")])
 def test_a_refused_prune_leaves_the_model_unpruned(arg, value):

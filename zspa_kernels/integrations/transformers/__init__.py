@@ -39,7 +39,9 @@ def prune(
         relevance: ``"mean"`` (cosine to the mean-pooled prompt) or ``"max"``.
         prompt: ``"question"`` (text after the first image, or before it when none
             follows; special tokens removed) or ``"all_text"`` (every attended non-visual
-            token). ``ImageSelection.prompt_tokens`` records the positions used.
+            token). A training call's answer (the ``labels`` that mark part of a row's
+            question text) is left out of either, so training selects as generation
+            will. ``ImageSelection.prompt_tokens`` records the positions used.
         backend: ``zspa::select_tokens`` backend (``"auto"``, ``"reference"``, ...).
         tokenizer: optional, a tokenizer or the processor holding one: its special
             tokens (named, extra, and every added token marked special) and the tokens it

@@ -103,10 +103,14 @@ class CrossAttentionPruneHandle(PruneHandle):
         if not isinstance(self._patches, int):
             raise ValueError(f"model: the {self.family.name} base model has no vision_model.num_patches; "
                              "cannot tell where each image's tokens are")
-        return [
+        hooks = [
             base.register_forward_pre_hook(self._base_pre_hook, with_kwargs=True),
             lm.register_forward_pre_hook(self._lm_pre_hook, with_kwargs=True),
         ]
+        if model is not base:  # the wrapper's labels, for the prompt (the sequence keeps its length: no loss to redo)
+            hooks += [model.register_forward_pre_hook(self._note_labels, with_kwargs=True),
+                      model.register_forward_hook(self._forget_labels, with_kwargs=True)]
+        return hooks
 
     def _base_pre_hook(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -185,12 +189,14 @@ class CrossAttentionPruneHandle(PruneHandle):
             real = real & raw.to(device).bool().any(1)
         real_h = to_host(real)  # there once the sync below returns
         mask = _mask_2d(kwargs.get("attention_mask"), B, L, device)
+        labels = self._host_labels(inputs, ids, device)
         # The one host sync: the prompt's tokens, and the tiles of every image.
-        host = torch.stack([ids.to(device), mask]).cpu()
+        host = torch.stack([ids.to(device), mask.to(ids.dtype)] + ([] if labels is None else [labels])).cpu()
         ids_h, mask_h = host[0], host[1]
         marks_h = torch.isin(ids_h, torch.tensor(self.visual_ids, dtype=ids_h.dtype))
         mark_rows, mark_cols = marks_h.nonzero(as_tuple=True)
-        prompt_h = self._prompt_tokens(ids_h, marks_h, mask_h, mark_rows.tolist(), list(mark_cols[:, None]))
+        prompt_h = self._prompt_tokens(ids_h, marks_h, mask_h, mark_rows.tolist(), list(mark_cols[:, None]),
+                                       None if labels is None else host[2])
         tiles = torch.arange(n_tiles * self._patches).view(n_tiles, self._patches)
         rows, cols = [], []
         for b in range(B):

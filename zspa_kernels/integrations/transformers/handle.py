@@ -17,8 +17,9 @@
 * on the ``...ForConditionalGeneration`` wrapper (a pre- and a post-hook): takes
   ``labels`` away and computes the loss from the labels of the kept positions.
 
-Host syncs: one copy of ``input_ids`` and the 2-D mask to the host per prefill,
-to find the images and size the gathered sequence (its length is a shape); the integer
+Host syncs: one copy of ``input_ids`` and the 2-D mask (and ``labels``, when given) to the
+host per prefill, to find the images, the prompt and the size of the gathered sequence (its
+length is a shape); the integer
 inputs that size the images (``families.COUNT_INPUTS``: Pixtral's ``image_sizes``, grids,
 crop masks) are copied to the host asynchronously just before it and arrive with it, and a
 static cache's length (kept on the device) is read right before it, with nothing queued in
@@ -337,7 +338,8 @@ class PruneHandle:
         self._layout: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (index, valid) of the last prompt
         self._inputs: Optional[dict] = None  # the base model's keyword arguments of this call
         self._gather: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (index, valid)
-        self._labels: Optional[torch.Tensor] = None
+        self._labels: Optional[torch.Tensor] = None  # taken from the wrapper, for the loss after it
+        self._given_labels: Optional[torch.Tensor] = None  # the wrapper's labels of this call, for the prompt
         self._logits_to_keep: Optional[int] = None  # this pruned prefill's, for _lm_post_hook
         self._loss_kwargs: dict = {}
         self._caches: "weakref.WeakKeyDictionary[object, _CacheState]" = weakref.WeakKeyDictionary()
@@ -387,7 +389,7 @@ class PruneHandle:
             self.lm._zspa_pruned = False
         self._hooks = []
         self._caches = weakref.WeakKeyDictionary()
-        self._inputs = self._gather = self._labels = None
+        self._inputs = self._gather = self._labels = self._given_labels = None
 
     def __enter__(self) -> "PruneHandle":
         return self
@@ -402,6 +404,7 @@ class PruneHandle:
         ``keep=1.0`` nothing is dropped and the wrapper computes its own loss, as unpatched
         (a router's auxiliary loss, a family's own padding rule included)."""
         self._gather = self._labels = None
+        self._note_labels(module, args, kwargs)
         keeps_all = isinstance(self.keep, float) and self.keep == 1.0
         routed = kwargs.get("output_router_logits")
         if routed is None:
@@ -417,7 +420,15 @@ class PruneHandle:
         self._loss_kwargs = {k: kwargs[k] for k in ("num_items_in_batch",) if k in kwargs}
         return args, kwargs
 
+    def _note_labels(self, module, args, kwargs):
+        """Keep the wrapper's ``labels`` of this call for the prompt (:meth:`_prompt_tokens`)."""
+        self._given_labels = kwargs.get("labels")
+
+    def _forget_labels(self, module, args, kwargs, output):
+        self._given_labels = None
+
     def _top_post_hook(self, module, args, kwargs, output):
+        self._given_labels = None
         labels, self._labels = self._labels, None
         if labels is None:
             return None
@@ -592,7 +603,17 @@ class PruneHandle:
                              "hold; cannot tell where each one's tokens are")
         return counts
 
-    def _prompt_tokens(self, ids_h, visual_h, mask_h, rows, cols):
+    def _host_labels(self, inputs: dict, ids: torch.Tensor, device) -> Optional[torch.Tensor]:
+        """The caller's ``labels`` of this prefill (the wrapper's, or the base model's where it takes
+        them), as ``ids``' dtype on ``device`` for the one host copy; None when none were given."""
+        labels = self._given_labels if self._given_labels is not None else inputs.get("labels")
+        if not isinstance(labels, torch.Tensor):
+            return None
+        if labels.shape != ids.shape:
+            raise ValueError(f"labels: expected the shape of input_ids, {tuple(ids.shape)}, got {tuple(labels.shape)}")
+        return labels.to(device=device, dtype=ids.dtype)
+
+    def _prompt_tokens(self, ids_h, visual_h, mask_h, rows, cols, labels_h=None):
         """Which positions form the prompt vector (host bool ``(B, L)``).
 
         ``all_text``: every attended token that is neither visual nor inside an image
@@ -602,17 +623,30 @@ class PruneHandle:
         alone), and keep the text after the row's first image; a row whose question stands
         wholly before its first image (nothing left after it) uses the text before it
         instead. The whitespace matters there: processors write newlines after images
-        (Gemma3 after every one), which would otherwise stand for the whole question."""
+        (Gemma3 after every one), which would otherwise stand for the whole question.
+
+        ``labels_h`` (training): in a row whose question text is part labelled (``!= -100``)
+        and part not, the labelled part is the answer, and no prompt in either mode: the
+        selection is made as at inference, where the answer is not written yet. A row whose
+        question text is all labelled (a language-modelling loss over every token) or none
+        has no answer to leave out."""
         inside = torch.zeros_like(visual_h)
         for r, c in zip(rows, cols):
             inside[r, int(c[0]):int(c[-1]) + 1] = True
         text = ~visual_h & ~inside & mask_h.bool()
-        if self.prompt == "all_text":
+        if self.prompt == "all_text" and labels_h is None:
             return text
         question = text & ~torch.isin(ids_h, self.special_ids)
         if self._tokenizer is not None:
             blank = blank_token_ids(self._tokenizer, ids_h[question].unique().tolist(), self._blank)
             question &= ~torch.isin(ids_h, torch.tensor(blank, dtype=ids_h.dtype))
+        if labels_h is not None:
+            labelled = labels_h != -100
+            split = (question & labelled).any(1, keepdim=True) & (question & ~labelled).any(1, keepdim=True)
+            answer = labelled & split
+            text, question = text & ~answer, question & ~answer
+        if self.prompt == "all_text":
+            return text
         after = question & (visual_h.long().cumsum(1) > 0)
         return torch.where(after.any(1, keepdim=True), after, question)
 
@@ -636,14 +670,15 @@ class PruneHandle:
         device = embeds.device
         mask = _mask_2d(kwargs.get("attention_mask"), B, L, device)
         sizing = _count_inputs_on_host(inputs)  # there once the sync below returns
+        labels = self._host_labels(inputs, ids, device)
         # The one host sync: where the images are, and which tokens form the prompt.
-        host = torch.stack([ids.to(device), mask]).cpu()
+        host = torch.stack([ids.to(device), mask.to(ids.dtype)] + ([] if labels is None else [labels])).cpu()
         ids_h, mask_h = host[0], host[1]
         visual_h = torch.isin(ids_h, torch.tensor(self.visual_ids, dtype=ids_h.dtype))
         if not visual_h.any():  # a text-only prompt: nothing to select (and no images to size)
             return
         rows, cols = self._find_images(ids_h, visual_h, sizing)
-        prompt_h = self._prompt_tokens(ids_h, visual_h, mask_h, rows, cols)
+        prompt_h = self._prompt_tokens(ids_h, visual_h, mask_h, rows, cols, None if labels is None else host[2])
         prompt_pos, prompt_valid, prompt_tokens = self._prompt_positions(prompt_h, rows, device)
         features = embeds if self.family.select_on is None else self.family.select_on(kwargs, embeds)
         prompt = features.gather(1, prompt_pos[..., None].expand(-1, -1, D))
