@@ -1,5 +1,5 @@
 """prune() on the token layouts that transformers' own processors write, not the tiny builders'
-imitations of them: Gemma3 (newlines around every image) and Idefics3 (tiles in rows, each row
+imitations of them: Gemma3 (newlines around every image; pan-and-scan crops) and Idefics3 (tiles in rows, each row
 ended by a newline, then a global view). The processors are the real classes, built offline around
 a word-level tokenizer holding each family's markers; the models are tiny and random, with the
 tokenizer's ids in their configs. (Processors that need a video processor, as Qwen's and SmolVLM's
@@ -105,6 +105,23 @@ def test_gemma3_prompts_hold_the_question_not_the_newlines_around_images():
     selections = _selections(model, inputs, processor)
     assert [(s.batch_row, s.n_tokens) for s in selections] == _runs(inputs["input_ids"], model.config.image_token_id)
     assert [_prompt_words(tokenizer, inputs, s) for s in selections] == [before.split(), after.split()]
+
+
+def test_gemma3_pan_and_scan_crops_are_budgeted_apart():
+    """With ``do_pan_and_scan`` the processor writes the whole view and then each crop as an image of
+    its own (``<start_of_image>`` and 16 tokens each): every one is a selection with its own budget, so
+    an image of ``n`` crops keeps ``(n + 1) * keep`` tokens (README, "Where an image is")."""
+    model, processor, tokenizer = _gemma3()
+    gen = torch.Generator().manual_seed(1)
+    after = "w43 w39 w7"
+    inputs = processor(text=[f"<start_of_image> {after}"], images=[[_photo(32, 80, gen)]], return_tensors="pt",
+                       do_pan_and_scan=True, pan_and_scan_min_crop_size=8, pan_and_scan_max_num_crops=3)
+    inputs.pop("num_crops", None)  # returned by some versions; the model takes none
+    crops = inputs["pixel_values"].shape[0] - 1  # the whole view, then the crops
+    assert crops >= 2
+    selections = _selections(model, inputs, processor, keep=4)
+    assert [(s.n_tokens, s.order.numel()) for s in selections] == [(16, 4)] * (crops + 1)
+    assert {tuple(_prompt_words(tokenizer, inputs, s)) for s in selections} == {tuple(after.split())}
 
 
 def _idefics3():
