@@ -106,14 +106,17 @@ def test_pixtral_layout_without_image_sizes_is_refused():
                          inputs_embeds=None, pixel_values=None)
 
 
-@pytest.mark.parametrize("name", ["llava_next", "llava_onevision", "llava_next_video"])
+@pytest.mark.parametrize("name, kind", [("llava_next", "image"), ("llava_onevision", "image"), ("llava_next_video", "image"),
+                                        ("llava_onevision", "video"), ("llava_next_video", "video")])
 @torch.no_grad()
-def test_any_resolution_images_back_to_back_are_refused(name):
-    """Their counts differ per image and cannot be told apart without text between them."""
+def test_any_resolution_images_back_to_back_are_refused(name, kind):
+    """Their counts differ per image and cannot be told apart without text between them; nor can
+    two videos (one run of tokens each, of any frame count)."""
     tiny = BUILDERS[name]()
-    image = tiny.single[0][1]
-    inputs = tiny.make_inputs([[("text", 3), image, image, ("text", 4)]])
-    with zspa_kernels.prune(tiny.model, keep=KEEP), pytest.raises(ValueError, match="back to back"):
+    media = tiny.single[0][1] if kind == "image" else ("video", 2)
+    inputs = tiny.make_inputs([[("text", 3), media, media, ("text", 4)]])
+    with zspa_kernels.prune(tiny.model, keep=KEEP), pytest.raises(
+            ValueError, match=r"^model: 2 images/videos given but 1 runs of their tokens; images or videos back to back"):
         tiny.model(**inputs)
 
 

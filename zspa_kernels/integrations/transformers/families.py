@@ -211,7 +211,7 @@ def _one_run_per_image(config, inputs: dict, runs: list[int]) -> list[int]:
         given += len(features if features is not None else [] if pixels is None else pixels)
     if given != len(runs):
         raise ValueError(f"model: {given} images/videos given but {len(runs)} runs of their tokens; "
-                         "images back to back (no text between them) cannot be told apart")
+                         "images or videos back to back (no text between them) cannot be told apart")
     return runs
 
 
