@@ -44,7 +44,7 @@ setup(
     # ninja: the C++ kernels (csrc/cpu, what auto runs on CPU tensors; csrc/ for CUDA) build on first use.
     install_requires=["torch>=2.4", "numpy", "ninja"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "transformers", "peft", "accelerate", "optimum-quanto", "hqq", "scikit-image",
+        "test": ["pytest", "pytest-benchmark", "transformers", "torchvision", "peft", "accelerate", "optimum-quanto", "hqq", "scikit-image",
                  "matplotlib", "tqdm"],
         "hf": ["transformers"],
         "demo": ["transformers", "scikit-image", "matplotlib", "tqdm"],

@@ -296,6 +296,55 @@ def test_a_row_without_text_is_refused_unless_diversity_only():
     assert handle.last_selection[0].kept.shape == (KEEP,)
 
 
+def _video_ranges(tiny, inputs) -> list[tuple[int, int, int]]:
+    """(row, first, last) of each video in the tiny inputs, as its processor writes it: GLM's between its
+    begin/end-of-video markers; the others' from the first token of its first frame to the last of its
+    last (its frames: the next ``video_grid_thw[v, 0]`` runs of video tokens)."""
+    config, ids = tiny.model.config, inputs["input_ids"]
+    if getattr(config, "video_start_token_id", None) is not None:
+        return [(r, int(a), int(b)) for r in range(ids.shape[0])
+                for a, b in zip((ids[r] == config.video_start_token_id).nonzero()[:, 0],
+                                (ids[r] == config.video_end_token_id).nonzero()[:, 0])]
+    runs = []  # [row, first, last] of each run of video tokens
+    for r, p in (ids == config.video_token_id).nonzero().tolist():
+        if runs and runs[-1][0] == r and runs[-1][2] == p - 1:
+            runs[-1][2] = p
+        else:
+            runs.append([r, p, p])
+    ranges, at = [], 0
+    for n in inputs["video_grid_thw"][:, 0].tolist():
+        (row, first, _), (_, _, last) = runs[at], runs[at + n - 1]
+        ranges.append((row, first, last))
+        at += n
+    return ranges
+
+
+# The families whose processors write text between a video's frames (timestamps): ``Family.video_spans``.
+TIMED_VIDEOS = ["qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "qwen4_exp", "lfm3_vl", "cosmos3_edge",
+                "cohere_compass", "glm4v_video", "glm4v_moe_video", "glm46v_video", "glm5_next_video"]
+
+
+@pytest.mark.parametrize("name", [n for n in TIMED_VIDEOS if n in BUILDERS])
+@torch.no_grad()
+def test_the_text_between_a_videos_frames_is_no_question(name):
+    """The timestamps a processor writes between the frames of a video (the tiny inputs hold a text
+    token there, as Qwen3-VL's writes ``<0.5 seconds>`` before each frame and GLM's a time after it) are
+    inside the video, as row breaks are inside an image: no prompt position lies in a video, without a
+    tokenizer too, and the frames are budgeted apart as before."""
+    tiny = BUILDERS[name]()
+    inputs = tiny.make_inputs(tiny.batch)
+    ranges = _video_ranges(tiny, inputs)
+    ids = inputs["input_ids"]
+    assert ranges and all(((ids[r, a:b + 1] >= TEXT_IDS[0]) & (ids[r, a:b + 1] < TEXT_IDS[1])).any()
+                          for r, a, b in ranges)  # words stand between the frames
+    with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
+        tiny.model(**inputs)
+    assert handle.last_selection and all(s.prompt_tokens.numel() for s in handle.last_selection)
+    for s in handle.last_selection:
+        inside = [int(p) for p in s.prompt_tokens for r, a, b in ranges if r == s.batch_row and a <= p <= b]
+        assert inside == [], (s.batch_row, inside)
+
+
 # -- finding 3: labels -------------------------------------------------------------------
 def _labels(inputs, handle) -> torch.Tensor:
     labels = inputs["input_ids"].masked_fill(_visual(inputs, handle), -100)

@@ -2,8 +2,8 @@
 imitations of them: Gemma3 (newlines around every image; pan-and-scan crops) and Idefics3 (tiles in rows, each row
 ended by a newline, then a global view). The processors are the real classes, built offline around
 a word-level tokenizer holding each family's markers; the models are tiny and random, with the
-tokenizer's ids in their configs. (Processors that need a video processor, as Qwen's and SmolVLM's
-do, need torchvision, which the test environment does not install.)"""
+tokenizer's ids in their configs. Qwen2.5-VL and Qwen3-VL with images and videos (their video
+processors need torchvision, which the test extra installs)."""
 from __future__ import annotations
 
 from itertools import groupby
@@ -14,11 +14,12 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import zspa_kernels  # noqa: E402
+from zspa_kernels.spec import release  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(60)]
 
 
-def _tokenizer(specials: list[str], plain: list[str], bos: str = "<s>", **extra) -> "transformers.PreTrainedTokenizerFast":
+def _tokenizer(specials: list[str], plain: list[str], bos: str = "<s>", cls=None, **extra) -> "transformers.PreTrainedTokenizerFast":
     """Words ``w0``..``w59``; ``plain`` tokens are ordinary text (the newlines: base-vocabulary tokens of
     the real tokenizers, added here so that the whitespace pre-tokenizer keeps them); ``specials`` are
     added as special, as the processors and checkpoints add their markers."""
@@ -29,7 +30,7 @@ def _tokenizer(specials: list[str], plain: list[str], bos: str = "<s>", **extra)
     words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     words.add_tokens([AddedToken(t, special=False, normalized=False) for t in plain])
     words.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    tokenizer = transformers.PreTrainedTokenizerFast(
+    tokenizer = (cls or transformers.PreTrainedTokenizerFast)(
         tokenizer_object=words, unk_token="<unk>", bos_token=bos, eos_token="</s>", pad_token="<pad>",
         additional_special_tokens=specials, extra_special_tokens=extra, model_input_names=["input_ids", "attention_mask"])
     tokenizer.padding_side = "left"
@@ -159,3 +160,107 @@ def test_idefics3_tiles_are_budgeted_apart_and_their_row_newlines_are_no_questio
     assert [(s.batch_row, s.n_tokens) for s in selections] == runs and len(runs) == 2 * 7  # 3x2 or 2x3 tiles + view
     assert {r: _prompt_words(tokenizer, inputs, s) for s in selections for r in [s.batch_row]} == {
         0: before.split(), 1: after.split()}
+
+
+QWEN_MARKERS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN_IMAGE, QWEN_VIDEO = "<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>"
+# Qwen3-VL's frame timestamps, "<0.2 seconds>": ordinary words of the real tokenizer, here too.
+TIMESTAMPS = [f"<{t / 10:.1f}" for t in range(100)] + ["seconds>"]
+
+
+def _qwen(version: str):
+    """A tiny random Qwen2.5-VL or Qwen3-VL with the real processor classes (Qwen3-VL: 16 px patches)."""
+    import torchvision  # noqa: F401  (the video processors need it: an error here, not a skip)
+
+    v4 = transformers.__version__.startswith("4.")  # 4.57's processors take Qwen's tokenizer class only
+    tokenizer = _tokenizer(QWEN_MARKERS, plain=TIMESTAMPS, bos="<|endoftext|>",
+                           cls=transformers.Qwen2TokenizerFast if v4 else None)
+    patch = 14 if version == "2.5" else 16
+    pixels = dict(min_pixels=(2 * patch) ** 2 * 4, max_pixels=(2 * patch) ** 2 * 16)
+    images = _image_processor("Qwen2VLImageProcessor", patch_size=patch, **pixels)
+    ids = tokenizer.convert_tokens_to_ids
+    tokens = dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                  vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                vocab_size=len(tokenizer), max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id)
+    if version == "2.5":
+        videos = transformers.Qwen2VLVideoProcessor(**pixels)
+        processor = transformers.Qwen2_5_VLProcessor(image_processor=images, tokenizer=tokenizer, video_processor=videos)
+        config = transformers.Qwen2_5_VLConfig(
+            vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                               window_size=56, fullatt_block_indexes=[0]),
+            text_config=dict(text, rope_scaling={"rope_type": "default", "mrope_section": [2, 1, 1]}), **tokens)
+        model_class = transformers.Qwen2_5_VLForConditionalGeneration
+    else:
+        videos = transformers.Qwen3VLVideoProcessor(size={"shortest_edge": pixels["min_pixels"],
+                                                          "longest_edge": pixels["max_pixels"]})
+        processor = transformers.Qwen3VLProcessor(image_processor=images, tokenizer=tokenizer, video_processor=videos)
+        config = transformers.Qwen3VLConfig(
+            vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                               patch_size=16, deepstack_visual_indexes=[0]),
+            text_config=dict(text, head_dim=8, rope_scaling={"rope_type": "default", "mrope_section": [2, 1, 1],
+                                                             "mrope_interleaved": True}), **tokens)
+        model_class = transformers.Qwen3VLForConditionalGeneration
+    torch.manual_seed(0)
+    return model_class(config).eval(), processor, tokenizer
+
+
+def _qwen_inputs(processor, frames: int = 6):
+    """Row 0: a question before its image; row 1: an image, words, a video of ``frames`` frames (at 2 fps,
+    so that Qwen3-VL writes its timestamps), the question."""
+    import numpy as np
+    from transformers.video_utils import VideoMetadata
+
+    gen = torch.Generator().manual_seed(0)
+    before, between, after = "w44 w39 w53 w0", "w5 w6", "w43 w39 w7"
+    video = np.random.default_rng(0).integers(0, 256, (frames, 56, 56, 3), dtype=np.uint8)
+    metadata = VideoMetadata(total_num_frames=frames, fps=2, frames_indices=list(range(frames)))
+    inputs = processor(text=[f"{before} {QWEN_IMAGE}", f"{QWEN_IMAGE} {between} {QWEN_VIDEO} {after}"],
+                       images=[[_photo(56, 84, gen)], [_photo(84, 56, gen)]], videos=[video], padding=True,
+                       return_tensors="pt", videos_kwargs=dict(do_sample_frames=False, video_metadata=[metadata]))
+    return inputs, [before.split(), (between + " " + after).split()]
+
+
+def _runs_of_both(inputs, model) -> list[tuple[int, int]]:
+    """(row, length) of every run of image or video tokens, in order."""
+    ids = inputs["input_ids"]
+    visual = {model.config.image_token_id, model.config.video_token_id}
+    return [(r, len(list(run))) for r, row in enumerate(ids.tolist()) for t, run in groupby(row) if t in visual]
+
+
+def test_qwen2_5_vl_budgets_each_image_and_each_video_whole():
+    """Qwen2.5-VL's processor writes a video as one run of tokens between its markers: one selection,
+    after the images; the prompts hold the question words (and the words between an image and a video)."""
+    model, processor, tokenizer = _qwen("2.5")
+    inputs, questions = _qwen_inputs(processor)
+    selections = _selections(model, inputs, processor)
+    assert [(s.batch_row, s.n_tokens) for s in selections] == _runs_of_both(inputs, model)
+    assert len(selections) == 3 and selections[2].n_tokens == int(inputs["video_grid_thw"][0].prod()) // 4
+    assert [_prompt_words(tokenizer, inputs, s) for s in selections] == [questions[0], questions[1], questions[1]]
+
+
+def test_qwen3_vl_frames_are_budgeted_apart_and_their_timestamps_are_no_question():
+    """Qwen3-VL's processor writes each frame (temporal patch) as ``<t seconds>`` and its own run of
+    tokens: every frame is a selection, and the timestamps, ordinary words of its vocabulary, are no
+    question text (they would outnumber the question in a long video). Also in generate()."""
+    model, processor, tokenizer = _qwen("3")
+    inputs, questions = _qwen_inputs(processor)
+    words = tokenizer.convert_ids_to_tokens(inputs["input_ids"][1].tolist())
+    assert "seconds>" in words and "<0.2" in words  # the timestamps are there, as words
+    selections = _selections(model, inputs, processor)
+    frames = int(inputs["video_grid_thw"][0, 0])
+    assert frames == 3 and [(s.batch_row, s.n_tokens) for s in selections] == _runs_of_both(inputs, model)
+    assert [_prompt_words(tokenizer, inputs, s) for s in selections] == [questions[0]] + [questions[1]] * (1 + frames)
+    with zspa_kernels.prune(model, keep=4, tokenizer=processor) as handle:
+        model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert [_prompt_words(tokenizer, inputs, s) for s in handle.last_selection] == [
+        _prompt_words(tokenizer, inputs, s) for s in selections]
+    # Without a tokenizer the markers alone tell the video's span: where the processor writes no start
+    # marker ahead of the first timestamp (4.57, 5.25; 5.24 keeps the prompt's), that one stays.
+    with zspa_kernels.prune(model, keep=4) as handle:
+        model(**inputs)
+    marked = "<|vision_start|> <0.2" in " ".join(words)
+    assert marked == (release("transformers")[0] == 5 and release("transformers") < (5, 25))
+    first = [] if marked else ["<0.2", "seconds>"]
+    row_1 = questions[1][:2] + first + questions[1][2:]
+    assert [_prompt_words(tokenizer, inputs, s) for s in handle.last_selection] == [questions[0]] + [row_1] * (1 + frames)

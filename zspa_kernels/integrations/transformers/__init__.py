@@ -46,7 +46,8 @@ def prune(
         tokenizer: optional, a tokenizer or the processor holding one: its special
             tokens (named, extra, and every added token marked special) and the tokens it
             decodes to whitespace alone (the newlines processors write around images and
-            between rows of tiles) are also left out of ``"question"``. Image markers that
+            between rows of tiles) are also left out of ``"question"``, and so is the
+            timestamp before a Qwen3-VL video's first frame. Image markers that
             the config does not name (most families' tile, slice and begin/end markers) are
             known only to it.
 

@@ -10,6 +10,7 @@ and positions.
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
@@ -75,6 +76,12 @@ class Family:
     # (``cross_attention_states``), not as tokens of its sequence (Llama 3.2 Vision): pruned by
     # cross_attention.py's handle, which keeps the sequence and prunes those layers' keys and values.
     cross_attention: bool = False
+    # (config, the base model's keyword arguments, host input_ids, (row, positions, the end of the image
+    # or frame before it in its row or 0) of each video frame in order, the tokenizer or None) -> the (row, first, last) positions of each video,
+    # the text its processor writes between its frames included (Qwen3-VL's timestamps): inside a
+    # video, so no question text, as a row break inside an image is not. None: no text stands between
+    # a video's frames.
+    video_spans: Optional[Callable[..., list[tuple[int, int, int]]]] = None
 
     def __post_init__(self):
         # Its decode steps reach the hooks as ids, not embeddings: a mask builder would be handed ids.
@@ -122,7 +129,7 @@ def _split_evenly(n_visual: int, n_images: int, why: str) -> list[int]:
 # The base model's integer inputs whose values image_token_counts read (image sizes, grids, crop
 # masks): the prefill hook copies them to the host asynchronously, ahead of its one sync, so the
 # counts read host tensors (handle.py's docstring, Host syncs). Shapes are read freely.
-COUNT_INPUTS = ("image_sizes", "image_attention_mask", "image_grids", "video_grids", "image_grid_thw",
+COUNT_INPUTS = ("image_sizes", "image_attention_mask", "image_grids", "video_grids", "image_grid_thw", "video_grid_thw",
                 "image_merge_sizes")
 
 
@@ -195,6 +202,91 @@ def _per_tile(key: str, modality: str):
             raise ValueError(f"{key}: required to tell where each PerceptionLM tile's tokens are, got None")
         return _split_evenly(sum(runs), crops, f"{crops} {modality} crops ({key})")
     return counts
+
+
+def _frames_per_video(inputs: dict, frame_sizes: list[int]) -> list[int]:
+    """How many of the frames (runs of video tokens, in order, of ``frame_sizes`` tokens) each video
+    has: its grid's temporal patches, or (generate() on 5.24+, which passes the encoded videos instead)
+    as many frames as its features' count takes."""
+    grids = inputs.get("video_grid_thw")
+    if grids is not None:
+        per_video = torch.as_tensor(grids)[:, 0].tolist()
+    else:
+        encoded = _encoded_counts(inputs, "video")
+        if encoded is None:
+            raise ValueError("video_grid_thw: required to tell the frames of each video apart, got None")
+        per_video, sizes = [], iter(frame_sizes)
+        for left in encoded:
+            n = 0
+            while left > 0 and (size := next(sizes, None)) is not None:
+                left, n = left - size, n + 1
+            per_video.append(n if left == 0 else -1)
+    if min(per_video, default=0) < 1 or sum(per_video) != len(frame_sizes):
+        raise ValueError(f"video_grid_thw: the videos given have {per_video} frames, but the inputs hold "
+                         f"{len(frame_sizes)} runs of video tokens ({frame_sizes}); cannot tell the frames of each "
+                         "video apart")
+    return per_video
+
+
+TIMESTAMP = re.compile(r"<\s*\d+(\.\d+)?\s*seconds\s*>")
+
+
+@torch.compiler.disable  # host-side tokenizer calls: nothing for Dynamo to trace
+def _timestamp_before(tokenizer, ids: list[int]) -> int:
+    """How many of the last tokens of ``ids`` decode to a Qwen3-VL timestamp (``<0.5 seconds>``); 0: none."""
+    for n in range(1, min(len(ids), 16) + 1):
+        try:
+            text = tokenizer.decode(ids[-n:])
+        except Exception:  # ids this tokenizer cannot decode are no timestamp it wrote
+            return 0
+        if TIMESTAMP.fullmatch(text.strip()):
+            return n
+    return 0
+
+
+def _timed_video_spans(config, inputs: dict, ids: torch.Tensor, frames: list, tokenizer=None) -> list[tuple[int, int, int]]:
+    """Qwen3-VL's processor (and LFM3-VL's, Cohere Compass's, Cosmos3-Edge's, written alike) writes
+    each frame of a video (a temporal patch of ``video_grid_thw``) as ``<t seconds><|vision_start|>``
+    its tokens ``<|vision_end|>``, where the prompt had the video's marker (Qwen3-VL on 5.x before 5.25,
+    and the others: inside the template's ``<|vision_start|>``...``<|vision_end|>``; Qwen3-VL on 4.57
+    and 5.25: in its place). A video spans from that outer start marker, or else from its first
+    timestamp (known with a tokenizer only), to its last frame."""
+    if not frames:
+        return []
+    per_video = _frames_per_video(inputs, [c.numel() for _, c, _ in frames])
+    spans, at = [], 0
+    for n in per_video:
+        (row, first, bound), (last_row, last, _) = frames[at], frames[at + n - 1]
+        at += n
+        if row != last_row:
+            raise ValueError("video_grid_thw: a video's frames span two batch rows; cannot tell its frames apart")
+        start = int(first[0])
+        if start - 1 <= bound or int(ids[row, start - 1]) != config.vision_start_token_id:
+            spans.append((row, start, int(last[-1])))  # not the layout above: its frames alone
+            continue
+        before = ids[row, bound:start - 1]
+        marks = (before == config.vision_start_token_id).nonzero()
+        if marks.numel():
+            start = bound + int(marks[-1])
+        elif tokenizer is not None:
+            start -= 1 + _timestamp_before(tokenizer, before.tolist())
+        spans.append((row, start, int(last[-1])))
+    return spans
+
+
+def _marked_video_spans(config, inputs: dict, ids: torch.Tensor, frames: list, tokenizer=None) -> list[tuple[int, int, int]]:
+    """GLM-4.1V's processor (GLM-4.5V's, 4.6V's, 5-Next's) writes each frame of a video as an image
+    followed by its timestamp, all between the begin/end-of-video markers its template writes: a video
+    spans from one to the next."""
+    spans = []
+    for row in range(ids.shape[0]):
+        starts = (ids[row] == config.video_start_token_id).nonzero()[:, 0].tolist()
+        ends = (ids[row] == config.video_end_token_id).nonzero()[:, 0].tolist()
+        for start in starts:
+            end = next((e for e in ends if e > start), None)
+            if end is not None:
+                spans.append((row, start, end))
+    return spans
 
 
 def _one_run_per_image(config, inputs: dict, runs: list[int]) -> list[int]:
@@ -668,14 +760,15 @@ FAMILIES: tuple[Family, ...] = (
     # vocabulary's indicator rows (kept as text).
     Family("Ovis2.5", ("ovis2_5",), visual_token_attrs=("image_token_id", "video_token_id")),
     Family("Qwen3-VL", ("qwen3_vl",), visual_token_attrs=("image_token_id", "video_token_id"),
-           on_prefill=_gather_deepstack),
+           on_prefill=_gather_deepstack, video_spans=_timed_video_spans),
     Family("Qwen3-VL-MoE", ("qwen3_vl_moe",), visual_token_attrs=("image_token_id", "video_token_id"),
-           on_prefill=_gather_deepstack, router_loss=(0, 0)),
+           on_prefill=_gather_deepstack, router_loss=(0, 0), video_spans=_timed_video_spans),
     # Qwen3.5: Qwen3-VL's layout without the deepstack; three in four text layers are gated
     # DeltaNet, whose recurrent state simply runs over the kept tokens.
-    Family("Qwen3.5", ("qwen3_5",), visual_token_attrs=("image_token_id", "video_token_id")),
+    Family("Qwen3.5", ("qwen3_5",), visual_token_attrs=("image_token_id", "video_token_id"),
+           video_spans=_timed_video_spans),
     Family("Qwen3.5-MoE", ("qwen3_5_moe",), visual_token_attrs=("image_token_id", "video_token_id"),
-           router_loss=(0, 0)),
+           router_loss=(0, 0), video_spans=_timed_video_spans),
     # The Qwen Omni thinkers (the text generators; a full model's text generate() is its thinker's):
     # Qwen2.5-VL's (Qwen3-VL's, deepstack included) images and videos; audio tokens are kept whole,
     # like text. TMRoPE's positions (a video's frames numbered by time, interleaved with its audio
@@ -688,13 +781,13 @@ FAMILIES: tuple[Family, ...] = (
            visual_token_attrs=("image_token_id", "video_token_id"), on_prefill=_gather_deepstack,
            router_loss=(0, 0)),
     # Video frames are images (image token id, own markers): one budget per frame.
-    Family("GLM-4V", ("glm4v",)),
+    Family("GLM-4V", ("glm4v",), video_spans=_marked_video_spans),
     # GLM-4.1V's vision tower, token layout and 3-D positions around a MoE text model (GLM-4.5-Air's),
     # whose routers need nothing of the hooks. GLM-4.6V: GLM-4.1V's model classes around the text
     # model its config names (dense or MoE); a ``glmga`` config is served by the same classes.
     # transformers 4.57's GLM-4.5V takes output_router_logits, and neither returns them nor computes a loss.
-    Family("GLM-4.5V", ("glm4v_moe",), router_loss=(5, 0)),
-    Family("GLM-4.6V", ("glm46v", "glmga")),
+    Family("GLM-4.5V", ("glm4v_moe",), router_loss=(5, 0), video_spans=_marked_video_spans),
+    Family("GLM-4.6V", ("glm46v", "glmga"), video_spans=_marked_video_spans),
     # GLM-OCR: GLM-4.1V's model classes and layout (images only), a tower of its own.
     Family("GLM-OCR", ("glm_ocr",)),
     # ERNIE-4.5-VL: Qwen2-VL's layout (markers around each image or video, a video's frames merged in
@@ -741,7 +834,8 @@ FAMILIES: tuple[Family, ...] = (
            token_types_arg="mm_token_type_ids"),
     # LFM3-VL: Qwen3-VL's token layout (each video frame in its own markers) on 1-D positions; its
     # text model's short convolutions run over the kept tokens, its sliding windows count cache slots.
-    Family("LFM3-VL", ("lfm3_vl",), visual_token_attrs=("image_token_id", "video_token_id")),
+    Family("LFM3-VL", ("lfm3_vl",), visual_token_attrs=("image_token_id", "video_token_id"),
+           video_spans=_timed_video_spans),
     # Kimi-K2.5: each image, and each chunk of video frames (after its timestamp), between media
     # markers: one run and budget each; DeepSeek-V3's text model on 1-D positions.
     Family("Kimi-K2.5", ("kimi_k25",), visual_token_attrs=("image_token_id", "video_token_id")),
@@ -753,21 +847,22 @@ FAMILIES: tuple[Family, ...] = (
     # (ple_input_ids, gathered: the kept tokens' n-grams are of the kept tokens before them). Its
     # indexed-attention layers pick key blocks among the kept tokens and number them by the original positions.
     Family("Qwen4-Exp", ("qwen4_exp",), visual_token_attrs=("image_token_id", "video_token_id"),
-           on_prefill=_gather_positions("ple_input_ids"), router_loss=(0, 0)),
+           on_prefill=_gather_positions("ple_input_ids"), router_loss=(0, 0), video_spans=_timed_video_spans),
     # Cosmos3-Edge: Qwen2-VL's model classes around a packed SigLIP2 tower and a Llama text model on
     # M-RoPE; each video frame between its own markers (after a timestamp), one run and budget each.
-    Family("Cosmos3-Edge", ("cosmos3_edge",), visual_token_attrs=("image_token_id", "video_token_id")),
+    Family("Cosmos3-Edge", ("cosmos3_edge",), visual_token_attrs=("image_token_id", "video_token_id"),
+           video_spans=_timed_video_spans),
     # HyperCLOVAX-SEED vision v2: EXAONE 4.5's layout (Qwen2.5-VL's tokens, 1-D positions) around a
     # HyperCLOVAX text model.
     Family("HyperCLOVAX vision v2", ("hyperclovax_vision_v2",), visual_token_attrs=("image_token_id", "video_token_id")),
     # Cohere Compass: Qwen3-VL's model classes (deepstack features included) around a Cohere2 text model,
     # whose sliding windows count cache slots (a pruned prompt's windows are of kept tokens).
     Family("Cohere Compass", ("cohere_compass",), visual_token_attrs=("image_token_id", "video_token_id"),
-           on_prefill=_gather_deepstack),
+           on_prefill=_gather_deepstack, video_spans=_timed_video_spans),
     # GLM-5-Next: GLM-4.6V's layout (video frames are images between begin/end-of-video markers: one
     # budget a frame) around a text model without positions, whose linear-attention state and indexer run
     # over the kept tokens; its MoE routers need nothing of the hooks.
-    Family("GLM-5-Next", ("glm5_next",), router_loss=(0, 0)),
+    Family("GLM-5-Next", ("glm5_next",), router_loss=(0, 0), video_spans=_marked_video_spans),
     # ShieldGemma 2 is a Gemma3 model under a config of its own, inside an image classifier (which
     # reads the last position's yes/no logits): there the hooks' base model is the Gemma3 wrapper.
     Family("Gemma3", ("gemma3", "shieldgemma2"), lm_attr=("language_model", "model.language_model"),

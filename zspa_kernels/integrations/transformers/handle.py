@@ -613,7 +613,19 @@ class PruneHandle:
             raise ValueError(f"labels: expected the shape of input_ids, {tuple(ids.shape)}, got {tuple(labels.shape)}")
         return labels.to(device=device, dtype=ids.dtype)
 
-    def _prompt_tokens(self, ids_h, visual_h, mask_h, rows, cols, labels_h=None):
+    def _video_spans(self, ids_h, rows, cols, inputs) -> list[tuple[int, int, int]]:
+        """The family's (row, first, last) span of each video, from its frames (``video_spans``)."""
+        if self.family.video_spans is None:
+            return []
+        video = getattr(self.config, "video_token_id", None)
+        frames, previous = [], {}
+        for r, c in zip(rows, cols):  # row-major: each frame with the end of what came before it in its row
+            if int(ids_h[r, c[0]]) == video:
+                frames.append((r, c, previous.get(r, 0)))
+            previous[r] = int(c[-1]) + 1
+        return self.family.video_spans(self.config, inputs, ids_h, frames, self._tokenizer)
+
+    def _prompt_tokens(self, ids_h, visual_h, mask_h, rows, cols, labels_h=None, spans=()):
         """Which positions form the prompt vector (host bool ``(B, L)``).
 
         ``all_text``: every attended token that is neither visual nor inside an image
@@ -625,6 +637,9 @@ class PruneHandle:
         instead. The whitespace matters there: processors write newlines after images
         (Gemma3 after every one), which would otherwise stand for the whole question.
 
+        ``spans``: (row, first, last) of each video whose processor writes text between its
+        frames (Qwen3-VL's timestamps): inside it, as row breaks are inside an image.
+
         ``labels_h`` (training): in a row whose question text is part labelled (``!= -100``)
         and part not, the labelled part is the answer, and no prompt in either mode: the
         selection is made as at inference, where the answer is not written yet. A row whose
@@ -633,6 +648,8 @@ class PruneHandle:
         inside = torch.zeros_like(visual_h)
         for r, c in zip(rows, cols):
             inside[r, int(c[0]):int(c[-1]) + 1] = True
+        for r, first, last in spans:
+            inside[r, first:last + 1] = True
         text = ~visual_h & ~inside & mask_h.bool()
         if self.prompt == "all_text" and labels_h is None:
             return text
@@ -678,7 +695,8 @@ class PruneHandle:
         if not visual_h.any():  # a text-only prompt: nothing to select (and no images to size)
             return
         rows, cols = self._find_images(ids_h, visual_h, sizing)
-        prompt_h = self._prompt_tokens(ids_h, visual_h, mask_h, rows, cols, None if labels is None else host[2])
+        prompt_h = self._prompt_tokens(ids_h, visual_h, mask_h, rows, cols, None if labels is None else host[2],
+                                       self._video_spans(ids_h, rows, cols, sizing))
         prompt_pos, prompt_valid, prompt_tokens = self._prompt_positions(prompt_h, rows, device)
         features = embeds if self.family.select_on is None else self.family.select_on(kwargs, embeds)
         prompt = features.gather(1, prompt_pos[..., None].expand(-1, -1, D))

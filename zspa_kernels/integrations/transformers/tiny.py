@@ -1740,11 +1740,11 @@ def _qwen(config_cls, model_cls, vision: dict, attn: str, seed: int, text=QWEN_T
             token = QWEN_VIDEO if kind == "video" else QWEN_IMAGE
             start, end = video_markers if kind == "video" else (QWEN_START, QWEN_END)
             ids = []
-            # Qwen3-VL wraps every video frame in its own markers (after a timestamp).
+            # Qwen3-VL wraps every video frame in its own markers, after its timestamp ("<0.5 seconds>").
             for _ in range(t if kind == "video" and per_frame else 1):
                 n = h * w // 4 * (1 if kind == "image" or per_frame else t)
-                ids += ([start] + [token] * n + [end]
-                        + (_text(1, gen) if kind == "video" and per_frame else []))
+                ids += ((_text(1, gen) if kind == "video" and per_frame else [])
+                        + [start] + [token] * n + [end])
             pixels, grids = media[kind]
             pixels.append(torch.randn(t * h * w, patch_dim, generator=gen))
             grids.append([t if kind == "video" else 1, h, w])
