@@ -311,8 +311,14 @@ def _video_ranges(tiny, inputs) -> list[tuple[int, int, int]]:
             runs[-1][2] = p
         else:
             runs.append([r, p, p])
+    if "video_grid_thw" in inputs:
+        per_video = inputs["video_grid_thw"][:, 0].tolist()
+    elif "num_frames_per_video" in inputs:  # Gemma 4 (5.24+)
+        per_video = inputs["num_frames_per_video"].tolist()
+    else:  # Gemma 4 on 5.17: (videos, frames, patches, pixels)
+        per_video = [inputs["pixel_values_videos"].shape[1]] * inputs["pixel_values_videos"].shape[0]
     ranges, at = [], 0
-    for n in inputs["video_grid_thw"][:, 0].tolist():
+    for n in per_video:
         (row, first, _), (_, _, last) = runs[at], runs[at + n - 1]
         ranges.append((row, first, last))
         at += n
@@ -321,7 +327,8 @@ def _video_ranges(tiny, inputs) -> list[tuple[int, int, int]]:
 
 # The families whose processors write text between a video's frames (timestamps): ``Family.video_spans``.
 TIMED_VIDEOS = ["qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "qwen4_exp", "lfm3_vl", "cosmos3_edge",
-                "cohere_compass", "glm4v_video", "glm4v_moe_video", "glm46v_video", "glm5_next_video"]
+                "cohere_compass", "glm4v_video", "glm4v_moe_video", "glm46v_video", "glm5_next_video", "gemma4",
+                "gemma4_unified", "muse_glimmer", "muse_spark"]
 
 
 @pytest.mark.parametrize("name", [n for n in TIMED_VIDEOS if n in BUILDERS])

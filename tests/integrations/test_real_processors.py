@@ -2,8 +2,8 @@
 imitations of them: Gemma3 (newlines around every image; pan-and-scan crops) and Idefics3 (tiles in rows, each row
 ended by a newline, then a global view). The processors are the real classes, built offline around
 a word-level tokenizer holding each family's markers; the models are tiny and random, with the
-tokenizer's ids in their configs. Qwen2.5-VL and Qwen3-VL with images and videos (their video
-processors need torchvision, which the test extra installs)."""
+tokenizer's ids in their configs. Qwen2.5-VL, Qwen3-VL, Gemma 4 and Muse Glimmer with images and videos
+(their video processors need torchvision, which the test extra installs)."""
 from __future__ import annotations
 
 from itertools import groupby
@@ -264,3 +264,138 @@ def test_qwen3_vl_frames_are_budgeted_apart_and_their_timestamps_are_no_question
     first = [] if marked else ["<0.2", "seconds>"]
     row_1 = questions[1][:2] + first + questions[1][2:]
     assert [_prompt_words(tokenizer, inputs, s) for s in handle.last_selection] == [questions[0]] + [row_1] * (1 + frames)
+
+
+GEMMA4_MARKERS = ["<|image>", "<image|>", "<|image|>", "<|audio>", "<audio|>", "<|audio|>"]
+# Gemma 4's frame timestamps, "00:01": ordinary text of the real tokenizer, here too.
+MINUTES = [f"00:{s:02d}" for s in range(10)]
+
+
+def _gemma4():
+    """A tiny random Gemma 4 with the real processor classes (4 px patches pooled 3x3; at most 70 soft
+    tokens an image or frame)."""
+    import torchvision  # noqa: F401  (the video processor needs it: an error here, not a skip)
+
+    if not hasattr(transformers, "Gemma4Processor"):
+        pytest.skip(f"transformers {transformers.__version__} has no Gemma 4")
+    boi, eoi, image, boa, eoa, audio = GEMMA4_MARKERS
+    tokenizer = _tokenizer(GEMMA4_MARKERS, plain=MINUTES, bos="<bos>", boi_token=boi, eoi_token=eoi, image_token=image,
+                           boa_token=boa, eoa_token=eoa, audio_token=audio)
+    sizes = dict(patch_size=4, pooling_kernel_size=3, max_soft_tokens=70)
+    processor = transformers.Gemma4Processor(
+        feature_extractor=transformers.Gemma4AudioFeatureExtractor(),
+        image_processor=_image_processor("Gemma4ImageProcessor", **sizes),
+        video_processor=transformers.Gemma4VideoProcessor(**sizes), tokenizer=tokenizer, image_seq_length=70)
+    ids = tokenizer.convert_tokens_to_ids
+    config = transformers.Gemma4Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=2, head_dim=16, patch_size=4, pooling_kernel_size=3,
+                           position_embedding_size=64),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=8, global_head_dim=8, vocab_size=len(tokenizer),
+                         vocab_size_per_layer_input=len(tokenizer), hidden_size_per_layer_input=8,
+                         max_position_embeddings=2048, layer_types=["sliding_attention", "full_attention"],
+                         sliding_window=64, use_bidirectional_attention="vision", pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
+        image_token_id=ids(image), boi_token_id=ids(boi), eoi_token_id=ids(eoi), video_token_id=processor.video_token_id,
+        audio_token_id=ids(audio), boa_token_id=ids(boa), eoa_token_index=ids(eoa), pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    return transformers.Gemma4ForConditionalGeneration(config).eval(), processor, tokenizer
+
+
+def test_gemma4_frames_are_budgeted_apart_and_their_timestamps_are_no_question():
+    """Gemma 4's processor writes a video as ``MM:SS`` and each frame between image markers, joined by
+    spaces: every frame is a selection, and the timestamps are no question text, with a tokenizer; without
+    one, the first (nothing marks where the video starts) stays. Also in generate()."""
+    import numpy as np
+    from transformers.video_utils import VideoMetadata
+
+    model, processor, tokenizer = _gemma4()
+    gen, frames = torch.Generator().manual_seed(0), 4
+    before, between, after = "w44 w39 w53 w0", "w5 w6", "w43 w39 w7"
+    video = np.random.default_rng(0).integers(0, 256, (frames, 48, 64, 3), dtype=np.uint8)
+    metadata = VideoMetadata(total_num_frames=frames, fps=1, frames_indices=list(range(frames)))
+    image = processor.image_token
+    inputs = processor(text=[f"{before} {image}", f"{image} {between} {processor.video_token} {after}"],
+                       images=[[_photo(48, 40, gen)], [_photo(40, 56, gen)]], videos=[video], padding=True,
+                       return_tensors="pt", videos_kwargs=dict(do_sample_frames=False, video_metadata=[metadata]))
+    words = tokenizer.convert_ids_to_tokens(inputs["input_ids"][1].tolist())
+    assert all(t in words for t in MINUTES[:frames])  # the timestamps are there, as words
+    selections = _selections(model, inputs, processor)
+    runs = _runs_of_both(inputs, model)
+    assert len(runs) == 2 + frames and [(s.batch_row, s.n_tokens) for s in selections] == runs
+    question = (between + " " + after).split()
+    assert [_prompt_words(tokenizer, inputs, s) for s in selections] == [before.split()] + [question] * (1 + frames)
+    with zspa_kernels.prune(model, keep=4, tokenizer=processor) as handle:
+        model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert [_prompt_words(tokenizer, inputs, s) for s in handle.last_selection] == [
+        _prompt_words(tokenizer, inputs, s) for s in selections]
+    with zspa_kernels.prune(model, keep=4) as handle:
+        model(**inputs)
+    row_1 = question[:2] + [MINUTES[0]] + question[2:]
+    assert [_prompt_words(tokenizer, inputs, s) for s in handle.last_selection] == [before.split()] + [row_1] * (1 + frames)
+
+
+MUSE_MARKERS = ["<|patch|>", "<|image_start|>", "<|image_end|>", "<|video|>", "<|vid_start|>", "<|vid_end|>",
+                "<|vid_frame_separator|>"]
+# Muse Glimmer's frame timestamps, "Time: 0.5s" (its video processor's frame_timestamp_format): text.
+TIMES = ["Time:"] + [f"{t / 2:.1f}s" for t in range(20)]
+
+
+def _muse_glimmer():
+    """A tiny random Muse Glimmer with the real processor classes (2 px patches of 2 frames, 2x2 merged)."""
+    import torchvision  # noqa: F401  (its image and video processors need it: an error here, not a skip)
+    from zspa_kernels.integrations.transformers.tiny import MUSE_TEXT
+
+    if not hasattr(transformers, "MuseGlimmerProcessor"):
+        pytest.skip(f"transformers {transformers.__version__} has no Muse Glimmer")
+    tokenizer = _tokenizer(MUSE_MARKERS, plain=TIMES, bos="<|begin_of_text|>")
+    sizes = dict(patch_size=2, temporal_patch_size=2, merge_size=2)
+    processor = transformers.MuseGlimmerProcessor(
+        image_processor=transformers.MuseGlimmerImageProcessor(max_image_tokens=16, **sizes),
+        video_processor=transformers.MuseGlimmerVideoProcessor(max_video_frame_tokens=16, **sizes), tokenizer=tokenizer)
+    vision = dict(patch_size=2, pos_emb_height=4, pos_emb_width=4, max_position_embeddings=16, num_attention_heads=2,
+                  num_hidden_layers=2, hidden_size=32, intermediate_size=64, layer_types=["window_attention", "full_attention"])
+    config = transformers.MuseGlimmerConfig(
+        text_config=dict(MUSE_TEXT, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
+        vision_config=vision, image_token_id=processor.image_token_id, video_token_id=processor.video_token_id,
+        out_hidden_size=4 * 32, projector_hidden_size=64)
+    torch.manual_seed(0)
+    return transformers.MuseGlimmerForConditionalGeneration(config).eval(), processor, tokenizer
+
+
+def test_muse_glimmer_frames_are_budgeted_apart_and_their_timestamps_are_no_question():
+    """Muse Glimmer's processor writes a video as ``<|vid_start|>Time: 0.0s`` its first frame's tokens, then
+    ``<|vid_frame_separator|>Time: 1.0s`` and each next one's: every frame (temporal group) is a selection, and
+    the timestamps are no question text, with a tokenizer; without one, the first stays. Also in generate()."""
+    import numpy as np
+    from transformers.video_utils import VideoMetadata
+
+    model, processor, tokenizer = _muse_glimmer()
+    gen, frames = torch.Generator().manual_seed(0), 6
+    before, between, after = "w44 w39 w53 w0", "w5 w6", "w43 w39 w7"
+    video = np.random.default_rng(0).integers(0, 256, (frames, 16, 24, 3), dtype=np.uint8)
+    metadata = VideoMetadata(total_num_frames=frames, fps=2, frames_indices=list(range(frames)))
+    image = processor.image_token
+    inputs = processor(text=[f"{before} {image}", f"{image} {between} {processor.video_token} {after}"],
+                       images=[[_photo(16, 12, gen)], [_photo(12, 20, gen)]], videos=[video], padding=True,
+                       return_tensors="pt", videos_kwargs=dict(do_sample_frames=False, video_metadata=[metadata], return_metadata=True))
+    words = tokenizer.convert_ids_to_tokens(inputs["input_ids"][1].tolist())
+    assert "Time:" in words and "1.0s" in words  # the timestamps are there, as words
+    selections = _selections(model, inputs, processor)
+    groups = int(inputs["video_grid_thw"][0, 0])
+    assert groups == frames // 2 and [(s.batch_row, s.n_tokens) for s in selections] == _runs_of_both(inputs, model)
+    question = (between + " " + after).split()
+    assert [_prompt_words(tokenizer, inputs, s) for s in selections] == [before.split()] + [question] * (1 + groups)
+    with zspa_kernels.prune(model, keep=4, tokenizer=processor) as handle:
+        model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert [_prompt_words(tokenizer, inputs, s) for s in handle.last_selection] == [
+        _prompt_words(tokenizer, inputs, s) for s in selections]
+    # Without a tokenizer, the markers no config names are text too (README: pass tokenizer=); of the
+    # timestamps, the first stays.
+    with zspa_kernels.prune(model, keep=4) as handle:
+        model(**inputs)
+    row_1 = question[:2] + ["Time:", "0.0s"] + question[2:]
+    assert [[w for w in _prompt_words(tokenizer, inputs, s) if w not in MUSE_MARKERS]
+            for s in handle.last_selection[1:]] == [row_1] * (1 + groups)

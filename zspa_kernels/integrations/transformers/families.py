@@ -76,11 +76,11 @@ class Family:
     # (``cross_attention_states``), not as tokens of its sequence (Llama 3.2 Vision): pruned by
     # cross_attention.py's handle, which keeps the sequence and prunes those layers' keys and values.
     cross_attention: bool = False
-    # (config, the base model's keyword arguments, host input_ids, (row, positions, the end of the image
-    # or frame before it in its row or 0) of each video frame in order, the tokenizer or None) -> the (row, first, last) positions of each video,
-    # the text its processor writes between its frames included (Qwen3-VL's timestamps): inside a
-    # video, so no question text, as a row break inside an image is not. None: no text stands between
-    # a video's frames.
+    # (config, the base model's keyword arguments, host input_ids, (row, positions, the end of the
+    # image or frame before it in its row or 0) of each video frame in order, the tokenizer or None)
+    # -> the (row, first, last) positions of each video, the text its processor writes between its
+    # frames included (Qwen3-VL's, Gemma 4's timestamps): inside a video, so no question text, as a
+    # row break inside an image is not. None: no text stands between a video's frames.
     video_spans: Optional[Callable[..., list[tuple[int, int, int]]]] = None
 
     def __post_init__(self):
@@ -130,7 +130,7 @@ def _split_evenly(n_visual: int, n_images: int, why: str) -> list[int]:
 # masks): the prefill hook copies them to the host asynchronously, ahead of its one sync, so the
 # counts read host tensors (handle.py's docstring, Host syncs). Shapes are read freely.
 COUNT_INPUTS = ("image_sizes", "image_attention_mask", "image_grids", "video_grids", "image_grid_thw", "video_grid_thw",
-                "image_merge_sizes")
+                "image_merge_sizes", "num_frames_per_video")
 
 
 def _counts_from_image_sizes(inputs: dict, step: int) -> list[int]:
@@ -206,11 +206,17 @@ def _per_tile(key: str, modality: str):
 
 def _frames_per_video(inputs: dict, frame_sizes: list[int]) -> list[int]:
     """How many of the frames (runs of video tokens, in order, of ``frame_sizes`` tokens) each video
-    has: its grid's temporal patches, or (generate() on 5.24+, which passes the encoded videos instead)
-    as many frames as its features' count takes."""
-    grids = inputs.get("video_grid_thw")
+    has: its grid's temporal patches (Qwen3-VL, Muse Glimmer), Gemma 4's ``num_frames_per_video``
+    (5.24+; a ``(videos, frames, ...)`` ``pixel_values_videos`` on 5.17), or (generate() on 5.24+,
+    which passes the encoded videos instead) as many frames as its features' count takes."""
+    grids, counts = inputs.get("video_grid_thw"), inputs.get("num_frames_per_video")
+    videos = inputs.get("pixel_values_videos")
     if grids is not None:
         per_video = torch.as_tensor(grids)[:, 0].tolist()
+    elif counts is not None:
+        per_video = torch.as_tensor(counts).tolist()
+    elif isinstance(videos, torch.Tensor) and videos.dim() == 4:  # Gemma 4 on 5.17: (videos, frames, patches, pixels)
+        per_video = [videos.shape[1]] * videos.shape[0]
     else:
         encoded = _encoded_counts(inputs, "video")
         if encoded is None:
@@ -228,18 +234,37 @@ def _frames_per_video(inputs: dict, frame_sizes: list[int]) -> list[int]:
     return per_video
 
 
+def _videos(inputs: dict, frames: list) -> list[tuple[int, int, int, int]]:
+    """(row, first, last, bound) of each video: its first frame's first position, its last frame's
+    last, and the end of what stands before it in its row (``frames``: see ``Family.video_spans``)."""
+    per_video = _frames_per_video(inputs, [c.numel() for _, c, _ in frames])
+    videos, at = [], 0
+    for n in per_video:
+        (row, first, bound), (last_row, last, _) = frames[at], frames[at + n - 1]
+        at += n
+        if row != last_row:
+            raise ValueError("video_grid_thw: a video's frames span two batch rows; cannot tell its frames apart")
+        videos.append((row, int(first[0]), int(last[-1]), bound))
+    return videos
+
+
+# The timestamps processors write before each frame of a video: Qwen3-VL's "<0.5 seconds>", Gemma 4's
+# "01:05", Muse Glimmer's video processor's frame_timestamp_format (by default "Time: 0.5s").
 TIMESTAMP = re.compile(r"<\s*\d+(\.\d+)?\s*seconds\s*>")
+MINUTES_SECONDS = re.compile(r"\d{2,}:\d{2}")
+TIME_SECONDS = re.compile(r"Time:\s*\d+(\.\d+)?s")
 
 
 @torch.compiler.disable  # host-side tokenizer calls: nothing for Dynamo to trace
-def _timestamp_before(tokenizer, ids: list[int]) -> int:
-    """How many of the last tokens of ``ids`` decode to a Qwen3-VL timestamp (``<0.5 seconds>``); 0: none."""
+def _timestamp_before(tokenizer, ids: list[int], stamp: re.Pattern = TIMESTAMP) -> int:
+    """How many of the last tokens of ``ids`` decode to a timestamp (``stamp``); 0: none. Special
+    tokens (markers) decode to nothing: those between the timestamp and the frame are counted in."""
     for n in range(1, min(len(ids), 16) + 1):
         try:
-            text = tokenizer.decode(ids[-n:])
+            text = tokenizer.decode(ids[-n:], skip_special_tokens=True)
         except Exception:  # ids this tokenizer cannot decode are no timestamp it wrote
             return 0
-        if TIMESTAMP.fullmatch(text.strip()):
+        if stamp.fullmatch(text.strip()):
             return n
     return 0
 
@@ -253,16 +278,10 @@ def _timed_video_spans(config, inputs: dict, ids: torch.Tensor, frames: list, to
     timestamp (known with a tokenizer only), to its last frame."""
     if not frames:
         return []
-    per_video = _frames_per_video(inputs, [c.numel() for _, c, _ in frames])
-    spans, at = [], 0
-    for n in per_video:
-        (row, first, bound), (last_row, last, _) = frames[at], frames[at + n - 1]
-        at += n
-        if row != last_row:
-            raise ValueError("video_grid_thw: a video's frames span two batch rows; cannot tell its frames apart")
-        start = int(first[0])
+    spans = []
+    for row, start, last, bound in _videos(inputs, frames):
         if start - 1 <= bound or int(ids[row, start - 1]) != config.vision_start_token_id:
-            spans.append((row, start, int(last[-1])))  # not the layout above: its frames alone
+            spans.append((row, start, last))  # not the layout above: its frames alone
             continue
         before = ids[row, bound:start - 1]
         marks = (before == config.vision_start_token_id).nonzero()
@@ -270,7 +289,21 @@ def _timed_video_spans(config, inputs: dict, ids: torch.Tensor, frames: list, to
             start = bound + int(marks[-1])
         elif tokenizer is not None:
             start -= 1 + _timestamp_before(tokenizer, before.tolist())
-        spans.append((row, start, int(last[-1])))
+        spans.append((row, start, last))
+    return spans
+
+
+def _stamped_video_spans(stamp: re.Pattern) -> Callable[..., list[tuple[int, int, int]]]:
+    """For processors that write a timestamp (``stamp``) before each frame of a video and no start
+    marker a config names ahead of the first: a video spans from its first timestamp (known with a
+    tokenizer only; without one, from its first frame) to its last frame. Gemma 4's processor writes
+    ``MM:SS <boi>`` each frame ``<eoi>``, joined by spaces; Muse Glimmer's (Spark's)
+    ``<|vid_start|>Time: 0.0s`` the first frame, then ``<|vid_frame_separator|>Time: 0.5s`` each next."""
+    def spans(config, inputs: dict, ids: torch.Tensor, frames: list, tokenizer=None) -> list[tuple[int, int, int]]:
+        if not frames:
+            return []
+        return [(row, start - (0 if tokenizer is None else _timestamp_before(tokenizer, ids[row, bound:start].tolist(), stamp)),
+                 last) for row, start, last, bound in _videos(inputs, frames)]
     return spans
 
 
@@ -872,9 +905,11 @@ FAMILIES: tuple[Family, ...] = (
     Family("PaliGemma", ("paligemma",),
            image_token_counts=_fixed_counts(lambda config: config.text_config.num_image_tokens),
            build_mask=_paligemma_masks, refuse_config=_paligemma_refusal),
-    # Each image (each video frame) between its own begin/end-of-image markers: one run each.
+    # Each image (each video frame, after its "MM:SS" timestamp) between its own begin/end-of-image
+    # markers: one run each.
     Family("Gemma4", ("gemma4",), visual_token_attrs=("image_token_id", "video_token_id"),
-           on_prefill=_gather_positions("per_layer_inputs"), build_mask=_gemma4_masks, token_types_arg="mm_token_type_ids"),
+           on_prefill=_gather_positions("per_layer_inputs"), build_mask=_gemma4_masks, token_types_arg="mm_token_type_ids",
+           video_spans=_stamped_video_spans(MINUTES_SECONDS)),
     # Each image between begin/end-of-image markers, a fixed count; audio (a tower of its own) is kept
     # whole. Per-layer inputs gathered as Gemma4's; causal masks, the language model's own.
     Family("Gemma 3n", ("gemma3n",),
@@ -882,7 +917,8 @@ FAMILIES: tuple[Family, ...] = (
            on_prefill=_gather_positions("per_layer_inputs")),
     # Gemma 4's token layout, encoder-free (a soft token a merged patch), without per-layer inputs.
     Family("Gemma 4 Unified", ("gemma4_unified",), visual_token_attrs=("image_token_id", "video_token_id"),
-           build_mask=_gemma4_unified_masks, token_types_arg="mm_token_type_ids"),
+           build_mask=_gemma4_unified_masks, token_types_arg="mm_token_type_ids",
+           video_spans=_stamped_video_spans(MINUTES_SECONDS)),
     # Phi-4-multimodal: its base model is its decoder, which embeds the image and audio features itself
     # (computed ahead by the hooks: Family.embed). Each image (HD crops, a separator, the global view) is
     # one run and budget; audio tokens are kept whole, like text.
@@ -923,11 +959,12 @@ FAMILIES: tuple[Family, ...] = (
     Family("Emu3", ("emu3",), lm_attr="text_model", min_transformers=(5, 0)),
     # Muse Glimmer: each image between image markers, one run; a video's temporal groups each a run after
     # its timestamp (one budget each); 1-D positions; sliding windows that count cache slots, NoPE layers.
-    Family("Muse Glimmer", ("muse_glimmer",), visual_token_attrs=("image_token_id", "video_token_id")),
+    Family("Muse Glimmer", ("muse_glimmer",), visual_token_attrs=("image_token_id", "video_token_id"),
+           video_spans=_stamped_video_spans(TIME_SECONDS)),
     # Muse Spark: Muse Glimmer's layout around a MoE text model (its wrapper returns the router logits
     # without a loss); audio tokens kept whole.
     Family("Muse Spark", ("muse_spark",), visual_token_attrs=("image_token_id", "video_token_id"),
-           min_transformers=(5, 24)),
+           min_transformers=(5, 24), video_spans=_stamped_video_spans(TIME_SECONDS)),
     # Inkling: each image a run of its patch tokens after an image-begin marker (no marker ends it); its
     # text model's short convolutions and relative-position logits run over cache slots (the kept tokens);
     # the hooks pass its language model the 2-D mask, from which it builds its masks (full, sliding,
