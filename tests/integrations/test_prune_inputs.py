@@ -328,7 +328,7 @@ def _video_ranges(tiny, inputs) -> list[tuple[int, int, int]]:
 # The families whose processors write text between a video's frames (timestamps): ``Family.video_spans``.
 TIMED_VIDEOS = ["qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "qwen4_exp", "lfm3_vl", "cosmos3_edge",
                 "cohere_compass", "glm4v_video", "glm4v_moe_video", "glm46v_video", "glm5_next_video", "gemma4",
-                "gemma4_unified", "muse_glimmer", "muse_spark"]
+                "gemma4_unified", "muse_glimmer", "muse_spark", "video_llama_3"]
 
 
 @pytest.mark.parametrize("name", [n for n in TIMED_VIDEOS if n in BUILDERS])

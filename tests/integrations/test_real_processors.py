@@ -399,3 +399,63 @@ def test_muse_glimmer_frames_are_budgeted_apart_and_their_timestamps_are_no_ques
     row_1 = question[:2] + ["Time:", "0.0s"] + question[2:]
     assert [[w for w in _prompt_words(tokenizer, inputs, s) if w not in MUSE_MARKERS]
             for s in handle.last_selection[1:]] == [row_1] * (1 + groups)
+
+
+# VideoLLaMA3's frame timestamps, "Time 0.5s:" (after a comma from the second frame on): text.
+VIDEO_LLAMA3_TIMES = ["Time", ",Time"] + [f"{t / 2:.1f}s:" for t in range(20)]
+
+
+def _video_llama3():
+    """A tiny random VideoLLaMA3 with the real processor classes (2 px patches; a video's 2x2 merged)."""
+    import torchvision  # noqa: F401  (its video processor needs it: an error here, not a skip)
+
+    if not hasattr(transformers, "VideoLlama3Processor"):
+        pytest.skip(f"transformers {transformers.__version__} has no VideoLLaMA3")
+    tokenizer = _tokenizer(["<|image_pad|>", "<|video_pad|>"], plain=VIDEO_LLAMA3_TIMES, bos="<|endoftext|>")
+    images = _image_processor("VideoLlama3ImageProcessor", patch_size=2, size={"shortest_edge": 8 * 8,
+                                                                               "longest_edge": 16 * 16})
+    videos = transformers.VideoLlama3VideoProcessor(patch_size=2, size={"shortest_edge": 16 * 16, "longest_edge": 16 * 16})
+    processor = transformers.VideoLlama3Processor(image_processor=images, video_processor=videos, tokenizer=tokenizer)
+    config = transformers.VideoLlama3Config(
+        text_config=dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
+                         max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=2),
+        image_token_id=processor.image_token_id, video_token_id=processor.video_token_id)
+    torch.manual_seed(0)
+    return transformers.VideoLlama3ForConditionalGeneration(config).eval(), processor, tokenizer
+
+
+def test_video_llama3_frames_are_budgeted_apart_and_their_timestamps_are_no_question():
+    """VideoLLaMA3's processor writes a video as ``Time 0.0s:`` its first frame's tokens, then ``,Time 0.5s:``
+    and each next one's, fewer where its compression drops tokens that did not change (a still frame keeps
+    one): every frame is a selection, and the timestamps are no question text, with a tokenizer; without one,
+    the first stays. Also in generate()."""
+    import numpy as np
+    from transformers.video_utils import VideoMetadata
+
+    model, processor, tokenizer = _video_llama3()
+    gen, frames = torch.Generator().manual_seed(0), 5
+    before, between, after = "w44 w39 w53 w0", "w5 w6", "w43 w39 w7"
+    video = np.random.default_rng(0).integers(0, 256, (frames, 16, 12, 3), dtype=np.uint8)
+    video[2] = video[1]  # a still frame: one token kept
+    metadata = VideoMetadata(total_num_frames=frames, fps=2, frames_indices=list(range(frames)))
+    inputs = processor(text=[f"{before} {processor.image_token}",
+                             f"{processor.image_token} {between} {processor.video_token} {after}"],
+                       images=[[_photo(16, 12, gen)], [_photo(12, 16, gen)]], videos=[video], padding=True,
+                       return_tensors="pt", videos_kwargs=dict(video_metadata=[metadata]))
+    words = tokenizer.convert_ids_to_tokens(inputs["input_ids"][1].tolist())
+    assert "Time" in words and ",Time" in words and "1.0s:" in words  # the timestamps are there, as words
+    selections = _selections(model, inputs, processor)
+    runs = _runs_of_both(inputs, model)
+    assert len(runs) == 2 + frames and runs[4] == (1, 1) and [(s.batch_row, s.n_tokens) for s in selections] == runs
+    question = (between + " " + after).split()
+    assert [_prompt_words(tokenizer, inputs, s) for s in selections] == [before.split()] + [question] * (1 + frames)
+    with zspa_kernels.prune(model, keep=4, tokenizer=processor) as handle:
+        model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert [_prompt_words(tokenizer, inputs, s) for s in handle.last_selection] == [
+        _prompt_words(tokenizer, inputs, s) for s in selections]
+    with zspa_kernels.prune(model, keep=4) as handle:
+        model(**inputs)
+    row_1 = question[:2] + ["Time", "0.0s:"] + question[2:]
+    assert [_prompt_words(tokenizer, inputs, s) for s in handle.last_selection] == [before.split()] + [row_1] * (1 + frames)

@@ -130,7 +130,7 @@ def _split_evenly(n_visual: int, n_images: int, why: str) -> list[int]:
 # masks): the prefill hook copies them to the host asynchronously, ahead of its one sync, so the
 # counts read host tensors (handle.py's docstring, Host syncs). Shapes are read freely.
 COUNT_INPUTS = ("image_sizes", "image_attention_mask", "image_grids", "video_grids", "image_grid_thw", "video_grid_thw",
-                "image_merge_sizes", "num_frames_per_video")
+                "image_merge_sizes", "video_merge_sizes", "video_compression_mask", "num_frames_per_video")
 
 
 def _counts_from_image_sizes(inputs: dict, step: int) -> list[int]:
@@ -204,25 +204,29 @@ def _per_tile(key: str, modality: str):
     return counts
 
 
-def _frames_per_video(inputs: dict, frame_sizes: list[int]) -> list[int]:
+def _frames_per_video(inputs: dict, frame_sizes: list[int], tokens: Optional[list[int]] = None) -> list[int]:
     """How many of the frames (runs of video tokens, in order, of ``frame_sizes`` tokens) each video
-    has: its grid's temporal patches (Qwen3-VL, Muse Glimmer), Gemma 4's ``num_frames_per_video``
-    (5.24+; a ``(videos, frames, ...)`` ``pixel_values_videos`` on 5.17), or (generate() on 5.24+,
-    which passes the encoded videos instead) as many frames as its features' count takes."""
+    has: as many as its ``tokens`` take where given (VideoLLaMA3, whose encoded videos in generate()
+    count the tokens its compression drops), else its grid's temporal patches (Qwen3-VL, Muse Glimmer), Gemma 4's
+    ``num_frames_per_video`` (5.24+; a ``(videos, frames, ...)`` ``pixel_values_videos`` on 5.17), or
+    as many as its features' count takes (generate() on 5.24+, which passes the encoded videos)."""
     grids, counts = inputs.get("video_grid_thw"), inputs.get("num_frames_per_video")
     videos = inputs.get("pixel_values_videos")
-    if grids is not None:
+    if tokens is not None:
+        per_video = None
+    elif grids is not None:
         per_video = torch.as_tensor(grids)[:, 0].tolist()
     elif counts is not None:
         per_video = torch.as_tensor(counts).tolist()
     elif isinstance(videos, torch.Tensor) and videos.dim() == 4:  # Gemma 4 on 5.17: (videos, frames, patches, pixels)
         per_video = [videos.shape[1]] * videos.shape[0]
     else:
-        encoded = _encoded_counts(inputs, "video")
-        if encoded is None:
+        per_video, tokens = None, _encoded_counts(inputs, "video")
+        if tokens is None:
             raise ValueError("video_grid_thw: required to tell the frames of each video apart, got None")
+    if per_video is None:
         per_video, sizes = [], iter(frame_sizes)
-        for left in encoded:
+        for left in tokens:
             n = 0
             while left > 0 and (size := next(sizes, None)) is not None:
                 left, n = left - size, n + 1
@@ -234,10 +238,27 @@ def _frames_per_video(inputs: dict, frame_sizes: list[int]) -> list[int]:
     return per_video
 
 
-def _videos(inputs: dict, frames: list) -> list[tuple[int, int, int, int]]:
+def _video_llama3_tokens(inputs: dict) -> list[int]:
+    """Each VideoLLaMA3 video's token count: its features' (the encoded ones generate() passes on 5.24+,
+    else ``t*h*w / merge**2`` of its grid), less those its ``video_compression_mask`` drops."""
+    tokens = _encoded_counts(inputs, "video")
+    if tokens is None:
+        grids, merges = inputs.get("video_grid_thw"), inputs.get("video_merge_sizes")
+        if grids is None or merges is None:
+            raise ValueError("video_grid_thw, video_merge_sizes: required to tell the frames of each video apart, "
+                             "got None")
+        tokens = (torch.as_tensor(grids).prod(-1) // torch.as_tensor(merges) ** 2).tolist()
+    mask = inputs.get("video_compression_mask")
+    if mask is not None:
+        tokens = [int(m.sum()) for m in torch.as_tensor(mask).split(tokens)]
+    return tokens
+
+
+def _videos(inputs: dict, frames: list, tokens: Optional[list[int]] = None) -> list[tuple[int, int, int, int]]:
     """(row, first, last, bound) of each video: its first frame's first position, its last frame's
-    last, and the end of what stands before it in its row (``frames``: see ``Family.video_spans``)."""
-    per_video = _frames_per_video(inputs, [c.numel() for _, c, _ in frames])
+    last, and the end of what stands before it in its row (``frames``: see ``Family.video_spans``;
+    ``tokens``: see :func:`_frames_per_video`)."""
+    per_video = _frames_per_video(inputs, [c.numel() for _, c, _ in frames], tokens)
     videos, at = [], 0
     for n in per_video:
         (row, first, bound), (last_row, last, _) = frames[at], frames[at + n - 1]
@@ -249,10 +270,11 @@ def _videos(inputs: dict, frames: list) -> list[tuple[int, int, int, int]]:
 
 
 # The timestamps processors write before each frame of a video: Qwen3-VL's "<0.5 seconds>", Gemma 4's
-# "01:05", Muse Glimmer's video processor's frame_timestamp_format (by default "Time: 0.5s").
+# "01:05", Muse Glimmer's video processor's frame_timestamp_format (by default "Time: 0.5s"), VideoLLaMA3's.
 TIMESTAMP = re.compile(r"<\s*\d+(\.\d+)?\s*seconds\s*>")
 MINUTES_SECONDS = re.compile(r"\d{2,}:\d{2}")
 TIME_SECONDS = re.compile(r"Time:\s*\d+(\.\d+)?s")
+TIME_SECONDS_COLON = re.compile(r"Time\s*\d+(\.\d+)?s:")  # VideoLLaMA3's
 
 
 @torch.compiler.disable  # host-side tokenizer calls: nothing for Dynamo to trace
@@ -293,17 +315,20 @@ def _timed_video_spans(config, inputs: dict, ids: torch.Tensor, frames: list, to
     return spans
 
 
-def _stamped_video_spans(stamp: re.Pattern) -> Callable[..., list[tuple[int, int, int]]]:
+def _stamped_video_spans(stamp: re.Pattern, tokens: Optional[Callable[[dict], list[int]]] = None
+                         ) -> Callable[..., list[tuple[int, int, int]]]:
     """For processors that write a timestamp (``stamp``) before each frame of a video and no start
     marker a config names ahead of the first: a video spans from its first timestamp (known with a
     tokenizer only; without one, from its first frame) to its last frame. Gemma 4's processor writes
     ``MM:SS <boi>`` each frame ``<eoi>``, joined by spaces; Muse Glimmer's (Spark's)
-    ``<|vid_start|>Time: 0.0s`` the first frame, then ``<|vid_frame_separator|>Time: 0.5s`` each next."""
+    ``<|vid_start|>Time: 0.0s`` the first frame, then ``<|vid_frame_separator|>Time: 0.5s`` each next;
+    VideoLLaMA3's ``Time 0.0s:`` a frame, then ``,Time 1.0s:`` each next (``tokens``: each video's token
+    count from the inputs, where its frames are told apart by it)."""
     def spans(config, inputs: dict, ids: torch.Tensor, frames: list, tokenizer=None) -> list[tuple[int, int, int]]:
         if not frames:
             return []
         return [(row, start - (0 if tokenizer is None else _timestamp_before(tokenizer, ids[row, bound:start].tolist(), stamp)),
-                 last) for row, start, last, bound in _videos(inputs, frames)]
+                 last) for row, start, last, bound in _videos(inputs, frames, None if tokens is None else tokens(inputs))]
     return spans
 
 
@@ -835,7 +860,8 @@ FAMILIES: tuple[Family, ...] = (
     # VideoLLaMA3: 1-D positions; images may stand back to back (counts from their grids), each video
     # frame is a run after its timestamp and its own budget.
     Family("VideoLLaMA3", ("video_llama_3",), visual_token_attrs=("image_token_id", "video_token_id"),
-           image_token_counts=_grid_counts, video_token_counts=lambda config, inputs, runs: runs),
+           image_token_counts=_grid_counts, video_token_counts=lambda config, inputs, runs: runs,
+           video_spans=_stamped_video_spans(TIME_SECONDS_COLON, _video_llama3_tokens)),
     # EXAONE 4.5: Qwen2.5-VL's layout around an EXAONE 4 text model with 1-D positions, whose
     # sliding windows count cache slots (a pruned prompt's windows are of kept tokens).
     Family("EXAONE 4.5", ("exaone4_5",), visual_token_attrs=("image_token_id", "video_token_id")),
