@@ -459,3 +459,132 @@ def test_video_llama3_frames_are_budgeted_apart_and_their_timestamps_are_no_ques
         model(**inputs)
     row_1 = question[:2] + ["Time", "0.0s:"] + question[2:]
     assert [_prompt_words(tokenizer, inputs, s) for s in handle.last_selection] == [before.split()] + [row_1] * (1 + frames)
+
+
+INTERNVL_MARKERS = ["<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+FRAME_LABELS = [f"Frame{i}:" for i in range(1, 10)]  # text, as in the real tokenizer
+
+
+def _internvl():
+    """A tiny random InternVL with the real processor classes (a 32 px image or frame: 16 tokens)."""
+    import torchvision  # noqa: F401  (its video processor needs it: an error here, not a skip)
+
+    start, end, context, video = INTERNVL_MARKERS
+    tokenizer = _tokenizer(INTERNVL_MARKERS, plain=FRAME_LABELS, bos="<|endoftext|>", start_image_token=start,
+                           end_image_token=end, context_image_token=context, video_token=video)
+    size = {"height": 32, "width": 32}
+    processor = transformers.InternVLProcessor(
+        image_processor=_image_processor("GotOcr2ImageProcessor", size=size, crop_to_patches=False),
+        video_processor=transformers.InternVLVideoProcessor(size=size), tokenizer=tokenizer, image_seq_length=16)
+    config = transformers.InternVLConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=4),
+        text_config=dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
+                         max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id),
+        image_token_id=processor.image_token_id, image_seq_length=16, downsample_ratio=0.5,
+        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    return transformers.InternVLForConditionalGeneration(config).eval(), processor, tokenizer
+
+
+def test_internvl_frame_labels_are_no_question():
+    """InternVL's processor writes a video as its frames, each an image after its ``FrameN:`` label: every
+    frame is a selection (of image tokens: nothing in the inputs tells frames from images), and with a
+    tokenizer the labels are no question text (decoded); without one they stay, as they must."""
+    import numpy as np
+
+    model, processor, tokenizer = _internvl()
+    gen, frames = torch.Generator().manual_seed(0), 4
+    before, between, after = "w44 w39 w53 w0", "w5 w6", "w43 w39 w7"
+    video = np.random.default_rng(0).integers(0, 256, (frames, 32, 32, 3), dtype=np.uint8)
+    inputs = processor(text=[f"{before} {processor.image_token}",
+                             f"{processor.image_token} {between} {processor.video_token} {after}"],
+                       images=[[_photo(32, 32, gen)], [_photo(32, 32, gen)]], videos=[video], padding=True,
+                       return_tensors="pt")
+    words = tokenizer.convert_ids_to_tokens(inputs["input_ids"][1].tolist())
+    assert FRAME_LABELS[:frames] == [w for w in words if w.startswith("Frame")]  # the labels are there, as words
+    selections = _selections(model, inputs, processor)
+    assert [(s.batch_row, s.n_tokens) for s in selections] == [(0, 16)] + [(1, 16)] * (1 + frames)
+    question = (between + " " + after).split()
+    assert [_prompt_words(tokenizer, inputs, s) for s in selections] == [before.split()] + [question] * (1 + frames)
+    with zspa_kernels.prune(model, keep=4, tokenizer=processor) as handle:
+        model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert [_prompt_words(tokenizer, inputs, s) for s in handle.last_selection] == [
+        _prompt_words(tokenizer, inputs, s) for s in selections]
+    # Without a tokenizer (its markers, in no config, are text too: README), the labels stay.
+    with zspa_kernels.prune(model, keep=4) as handle:
+        model(**inputs)
+    row_1 = [w for w in words if w in question or w in FRAME_LABELS]
+    assert [[w for w in _prompt_words(tokenizer, inputs, s) if w not in INTERNVL_MARKERS]
+            for s in handle.last_selection[1:]] == [row_1] * (1 + frames)
+
+
+KIMI_MARKERS = ["<|media_pad|>", "<|kimi_k25_video_placeholder|>", "<|media_begin|>", "<|media_content|>", "<|media_end|>"]
+# Kimi-K2.5's chunk timestamps, "00:00:01.000", and the word before each chunk: text.
+CHUNK_TIMES = [f"00:00:0{t // 2}.{t % 2 * 500:03d}" for t in range(20)] + ["video"]
+
+
+def _kimi_k25():
+    """A tiny random Kimi-K2.5 with the real processor classes (2 px patches, 2x2 merged, two frames a chunk;
+    one on transformers 5.17, which splits a chunk's features as if each frame had its own: the tiny
+    builder's note), and its frames a chunk."""
+    import inspect
+
+    import torchvision  # noqa: F401  (its image and video processors need it: an error here, not a skip)
+
+    if not hasattr(transformers, "Kimi_K25Processor"):
+        pytest.skip(f"transformers {transformers.__version__} has no Kimi-K2.5")
+    from transformers.models.kimi_k25.modeling_kimi_k25 import Kimi_K25Model
+
+    from zspa_kernels.integrations.transformers.tiny import kimi_k25
+
+    frames = 2 if "image_grid_thw[:, 1:]" in inspect.getsource(Kimi_K25Model.get_image_features) else 1
+
+    tokenizer = _tokenizer(KIMI_MARKERS, plain=CHUNK_TIMES, bos="<|begin_of_text|>")
+    sizes = dict(patch_size=2, merge_size=2, max_patches=64)
+    processor = transformers.Kimi_K25Processor(
+        image_processor=transformers.Kimi_K25ImageProcessor(**sizes),
+        video_processor=transformers.Kimi_K25VideoProcessor(temporal_patch_size=frames, **sizes), tokenizer=tokenizer)
+    ids = tokenizer.convert_tokens_to_ids
+    config = kimi_k25().model.config.to_dict()  # the tiny builder's, with this tokenizer's ids
+    config["text_config"].update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    config.update(image_token_id=processor.image_token_id, video_token_id=processor.video_token_id,
+                  vision_start_token_id=ids("<|media_begin|>"), vision_end_token_id=ids("<|media_end|>"))
+    torch.manual_seed(0)
+    model = transformers.Kimi_K25ForConditionalGeneration(transformers.Kimi_K25Config(**config)).eval()
+    return model, processor, tokenizer, frames
+
+
+def test_kimi_k25_chunk_labels_are_no_question():
+    """Kimi-K2.5's processor writes each chunk of a video's frames after its timestamp and the word ``video``
+    (between media markers): every chunk is a selection, and with a tokenizer its label is no question text
+    (decoded; nothing in the inputs groups the chunks into videos); without one the labels stay."""
+    import numpy as np
+    from transformers.video_utils import VideoMetadata
+
+    model, processor, tokenizer, frames = _kimi_k25()
+    gen, chunks = torch.Generator().manual_seed(0), 3
+    before, between, after = "w44 w39 w53 w0", "w5 w6", "w43 w39 w7"
+    video = np.random.default_rng(0).integers(0, 256, (chunks * frames, 16, 12, 3), dtype=np.uint8)
+    metadata = VideoMetadata(total_num_frames=chunks * frames, fps=2, frames_indices=list(range(chunks * frames)))
+    image = "<|media_begin|>" + processor.image_token + "<|media_end|>"  # as its chat template writes an image
+    inputs = processor(text=[f"{before} {image}", f"{image} {between} {processor.video_token} {after}"],
+                       images=[[_photo(16, 12, gen)], [_photo(12, 16, gen)]], videos=[video], padding=True,
+                       return_tensors="pt", videos_kwargs=dict(do_sample_frames=False, video_metadata=[metadata]))
+    words = tokenizer.convert_ids_to_tokens(inputs["input_ids"][1].tolist())
+    assert words.count("video") == chunks and "00:00:01.000" in words  # the labels are there, as words
+    selections = _selections(model, inputs, processor)
+    assert len(selections) == 2 + chunks
+    assert [(s.batch_row, s.n_tokens) for s in selections] == _runs_of_both(inputs, model)
+    question = (between + " " + after).split()
+    assert [_prompt_words(tokenizer, inputs, s) for s in selections] == [before.split()] + [question] * (1 + chunks)
+    with zspa_kernels.prune(model, keep=4, tokenizer=processor) as handle:
+        model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert [_prompt_words(tokenizer, inputs, s) for s in handle.last_selection] == [
+        _prompt_words(tokenizer, inputs, s) for s in selections]
+    with zspa_kernels.prune(model, keep=4) as handle:
+        model(**inputs)
+    row_1 = [w for w in words if w in question or w in CHUNK_TIMES]
+    assert [[w for w in _prompt_words(tokenizer, inputs, s) if w not in KIMI_MARKERS]
+            for s in handle.last_selection[1:]] == [row_1] * (1 + chunks)

@@ -77,7 +77,8 @@ class Family:
     # cross_attention.py's handle, which keeps the sequence and prunes those layers' keys and values.
     cross_attention: bool = False
     # (config, the base model's keyword arguments, host input_ids, (row, positions, the end of the
-    # image or frame before it in its row or 0) of each video frame in order, the tokenizer or None)
+    # image or frame before it in its row or 0) of each video frame in order (of each image where the
+    # config names no video token: InternVL's frames are images), the tokenizer or None)
     # -> the (row, first, last) positions of each video, the text its processor writes between its
     # frames included (Qwen3-VL's, Gemma 4's timestamps): inside a video, so no question text, as a
     # row break inside an image is not. None: no text stands between a video's frames.
@@ -275,19 +276,24 @@ TIMESTAMP = re.compile(r"<\s*\d+(\.\d+)?\s*seconds\s*>")
 MINUTES_SECONDS = re.compile(r"\d{2,}:\d{2}")
 TIME_SECONDS = re.compile(r"Time:\s*\d+(\.\d+)?s")
 TIME_SECONDS_COLON = re.compile(r"Time\s*\d+(\.\d+)?s:")  # VideoLLaMA3's
+FRAME_LABEL = re.compile(r"Frame\d+:")  # InternVL's, no timestamp: "Frame1:"
+CHUNK_LABEL = re.compile(r"\d{2}:\d{2}:\d{2}\.\d{3}\s*video")  # Kimi-K2.5's, markers skipped: "00:00:01.000video"
 
 
 @torch.compiler.disable  # host-side tokenizer calls: nothing for Dynamo to trace
 def _timestamp_before(tokenizer, ids: list[int], stamp: re.Pattern = TIMESTAMP) -> int:
     """How many of the last tokens of ``ids`` decode to a timestamp (``stamp``); 0: none. Special
-    tokens (markers) decode to nothing: those between the timestamp and the frame are counted in."""
-    for n in range(1, min(len(ids), 16) + 1):
-        try:
-            text = tokenizer.decode(ids[-n:], skip_special_tokens=True)
-        except Exception:  # ids this tokenizer cannot decode are no timestamp it wrote
+    tokens (markers) decode to nothing: those between the timestamp and the frame are counted in.
+    One decode where the last 16 tokens do not end with one (an image without a label, the usual case)."""
+    window = ids[-16:]
+    try:
+        if not re.search(f"(?:{stamp.pattern})\\s*$", tokenizer.decode(window, skip_special_tokens=True)):
             return 0
-        if stamp.fullmatch(text.strip()):
-            return n
+        for n in range(1, len(window) + 1):
+            if stamp.fullmatch(tokenizer.decode(window[-n:], skip_special_tokens=True).strip()):
+                return n
+    except Exception:  # ids this tokenizer cannot decode are no timestamp it wrote
+        pass
     return 0
 
 
@@ -329,6 +335,25 @@ def _stamped_video_spans(stamp: re.Pattern, tokens: Optional[Callable[[dict], li
             return []
         return [(row, start - (0 if tokenizer is None else _timestamp_before(tokenizer, ids[row, bound:start].tolist(), stamp)),
                  last) for row, start, last, bound in _videos(inputs, frames, None if tokens is None else tokens(inputs))]
+    return spans
+
+
+def _labelled_frame_spans(label: re.Pattern) -> Callable[..., list[tuple[int, int, int]]]:
+    """For processors that write a label (``label``) before each frame of a video where nothing in the
+    inputs groups the frames into videos: each frame spans from its label, known by a tokenizer only
+    (decoded), to its last token. InternVL's processor writes a video as its frames, each an image
+    (``<img>`` its tokens ``</img>``) after ``FrameN:``, one a line (``frames``: every image, the config
+    naming no video token); Kimi-K2.5's, each chunk of frames as ``00:00:01.000<|media_begin|>video``
+    ``<|media_content|>`` its tokens ``<|media_end|>`` (its chunks' count per video is no model input)."""
+    def spans(config, inputs: dict, ids: torch.Tensor, frames: list, tokenizer=None) -> list[tuple[int, int, int]]:
+        if tokenizer is None:
+            return []
+        found = []
+        for row, cols, bound in frames:
+            start = int(cols[0])
+            if n := _timestamp_before(tokenizer, ids[row, bound:start].tolist(), label):
+                found.append((row, start - n, int(cols[-1])))
+        return found
     return spans
 
 
@@ -868,8 +893,9 @@ FAMILIES: tuple[Family, ...] = (
     # Each tile is a run between tile markers, and its own budget (like Idefics3).
     Family("Aya Vision", ("aya_vision",), image_token_counts=_tower_counts),
     Family("Cohere2 Vision", ("cohere2_vision",), image_token_counts=_tower_counts),
-    # <img> ... </img> around each image (all its tiles: one budget); video frames are images.
-    Family("InternVL", ("internvl",)),
+    # <img> ... </img> around each image (all its tiles: one budget); video frames are images, each
+    # after its "FrameN:" label.
+    Family("InternVL", ("internvl",), video_spans=_labelled_frame_spans(FRAME_LABEL)),
     # Each crop of a split image (and its global view) is its own run and budget.
     Family("Idefics2", ("idefics2",), lm_attr="text_model",
            image_token_counts=_fixed_counts(lambda config: config.perceiver_config.resampler_n_latents)),
@@ -897,7 +923,8 @@ FAMILIES: tuple[Family, ...] = (
            video_spans=_timed_video_spans),
     # Kimi-K2.5: each image, and each chunk of video frames (after its timestamp), between media
     # markers: one run and budget each; DeepSeek-V3's text model on 1-D positions.
-    Family("Kimi-K2.5", ("kimi_k25",), visual_token_attrs=("image_token_id", "video_token_id")),
+    Family("Kimi-K2.5", ("kimi_k25",), visual_token_attrs=("image_token_id", "video_token_id"),
+           video_spans=_labelled_frame_spans(CHUNK_LABEL)),
     # Cosmos3-Omni's reasoner: Qwen3-VL's model classes (deepstack features included).
     Family("Cosmos3-Omni", ("cosmos3_omni",), visual_token_attrs=("image_token_id", "video_token_id"),
            on_prefill=_gather_deepstack),

@@ -620,7 +620,7 @@ class PruneHandle:
         video = getattr(self.config, "video_token_id", None)
         frames, previous = [], {}
         for r, c in zip(rows, cols):  # row-major: each frame with the end of what came before it in its row
-            if int(ids_h[r, c[0]]) == video:
+            if video is None or int(ids_h[r, c[0]]) == video:  # no video token: the frames are images
                 frames.append((r, c, previous.get(r, 0)))
             previous[r] = int(c[-1]) + 1
         return self.family.video_spans(self.config, inputs, ids_h, frames, self._tokenizer)
