@@ -208,9 +208,9 @@ def _per_tile(key: str, modality: str):
 def _frames_per_video(inputs: dict, frame_sizes: list[int], tokens: Optional[list[int]] = None) -> list[int]:
     """How many of the frames (runs of video tokens, in order, of ``frame_sizes`` tokens) each video
     has: as many as its ``tokens`` take where given (VideoLLaMA3, whose encoded videos in generate()
-    count the tokens its compression drops), else its grid's temporal patches (Qwen3-VL, Muse Glimmer), Gemma 4's
-    ``num_frames_per_video`` (5.24+; a ``(videos, frames, ...)`` ``pixel_values_videos`` on 5.17), or
-    as many as its features' count takes (generate() on 5.24+, which passes the encoded videos)."""
+    count the tokens its compression drops), else its grid's temporal patches (Qwen3-VL, Muse Glimmer),
+    Gemma 4's ``num_frames_per_video`` (5.24+; a ``(videos, frames, ...)`` ``pixel_values_videos`` on
+    5.17), or as many as its features' count takes (generate() on 5.24+, which passes the encoded videos)."""
     grids, counts = inputs.get("video_grid_thw"), inputs.get("num_frames_per_video")
     videos = inputs.get("pixel_values_videos")
     if tokens is not None:
@@ -333,8 +333,12 @@ def _stamped_video_spans(stamp: re.Pattern, tokens: Optional[Callable[[dict], li
     def spans(config, inputs: dict, ids: torch.Tensor, frames: list, tokenizer=None) -> list[tuple[int, int, int]]:
         if not frames:
             return []
-        return [(row, start - (0 if tokenizer is None else _timestamp_before(tokenizer, ids[row, bound:start].tolist(), stamp)),
-                 last) for row, start, last, bound in _videos(inputs, frames, None if tokens is None else tokens(inputs))]
+        found = []
+        for row, start, last, bound in _videos(inputs, frames, None if tokens is None else tokens(inputs)):
+            if tokenizer is not None:
+                start -= _timestamp_before(tokenizer, ids[row, bound:start].tolist(), stamp)
+            found.append((row, start, last))
+        return found
     return spans
 
 
