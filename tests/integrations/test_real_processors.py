@@ -48,9 +48,14 @@ def _photo(h: int, w: int, gen: torch.Generator):
     return Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=gen, dtype=torch.uint8).numpy())
 
 
-def _runs(ids: torch.Tensor, token: int) -> list[tuple[int, int]]:
-    """(row, length) of every run of ``token`` in ``ids``, in order."""
-    return [(r, len(list(run))) for r, row in enumerate(ids.tolist()) for t, run in groupby(row) if t == token]
+def _runs(ids: torch.Tensor, *tokens: int) -> list[tuple[int, int]]:
+    """(row, length) of every run of one of ``tokens`` in ``ids``, in order."""
+    return [(r, len(list(run))) for r, row in enumerate(ids.tolist()) for t, run in groupby(row) if t in tokens]
+
+
+def _runs_of_both(inputs, model) -> list[tuple[int, int]]:
+    """(row, length) of every run of image or video tokens, in order."""
+    return _runs(inputs["input_ids"], model.config.image_token_id, model.config.video_token_id)
 
 
 @torch.no_grad()
@@ -219,13 +224,6 @@ def _qwen_inputs(processor, frames: int = 6):
                        images=[[_photo(56, 84, gen)], [_photo(84, 56, gen)]], videos=[video], padding=True,
                        return_tensors="pt", videos_kwargs=dict(do_sample_frames=False, video_metadata=[metadata]))
     return inputs, [before.split(), (between + " " + after).split()]
-
-
-def _runs_of_both(inputs, model) -> list[tuple[int, int]]:
-    """(row, length) of every run of image or video tokens, in order."""
-    ids = inputs["input_ids"]
-    visual = {model.config.image_token_id, model.config.video_token_id}
-    return [(r, len(list(run))) for r, row in enumerate(ids.tolist()) for t, run in groupby(row) if t in visual]
 
 
 def test_qwen2_5_vl_budgets_each_image_and_each_video_whole():

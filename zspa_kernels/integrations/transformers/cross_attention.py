@@ -189,14 +189,12 @@ class CrossAttentionPruneHandle(PruneHandle):
             real = real & raw.to(device).bool().any(1)
         real_h = to_host(real)  # there once the sync below returns
         mask = _mask_2d(kwargs.get("attention_mask"), B, L, device)
-        labels = self._host_labels(inputs, ids, device)
         # The one host sync: the prompt's tokens, and the tiles of every image.
-        host = torch.stack([ids.to(device), mask.to(ids.dtype)] + ([] if labels is None else [labels])).cpu()
-        ids_h, mask_h = host[0], host[1]
+        ids_h, mask_h, labels_h = self._host_copy(inputs, ids, mask, device)
         marks_h = torch.isin(ids_h, torch.tensor(self.visual_ids, dtype=ids_h.dtype))
         mark_rows, mark_cols = marks_h.nonzero(as_tuple=True)
         prompt_h = self._prompt_tokens(ids_h, marks_h, mask_h, mark_rows.tolist(), list(mark_cols[:, None]),
-                                       None if labels is None else host[2])
+                                       labels_h)
         tiles = torch.arange(n_tiles * self._patches).view(n_tiles, self._patches)
         rows, cols = [], []
         for b in range(B):

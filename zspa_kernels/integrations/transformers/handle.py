@@ -428,7 +428,7 @@ class PruneHandle:
         self._given_labels = None
 
     def _top_post_hook(self, module, args, kwargs, output):
-        self._given_labels = None
+        self._forget_labels(module, args, kwargs, output)
         labels, self._labels = self._labels, None
         if labels is None:
             return None
@@ -603,15 +603,17 @@ class PruneHandle:
                              "hold; cannot tell where each one's tokens are")
         return counts
 
-    def _host_labels(self, inputs: dict, ids: torch.Tensor, device) -> Optional[torch.Tensor]:
-        """The caller's ``labels`` of this prefill (the wrapper's, or the base model's where it takes
-        them), as ``ids``' dtype on ``device`` for the one host copy; None when none were given."""
+    def _host_copy(self, inputs: dict, ids: torch.Tensor, mask: torch.Tensor, device):
+        """The prefill's one host sync: ``(ids, mask, labels)`` on the host, one copy; ``labels`` are
+        the caller's (the wrapper's, or the base model's where it takes them), None when none were given."""
         labels = self._given_labels if self._given_labels is not None else inputs.get("labels")
         if not isinstance(labels, torch.Tensor):
-            return None
-        if labels.shape != ids.shape:
+            labels = None
+        elif labels.shape != ids.shape:
             raise ValueError(f"labels: expected the shape of input_ids, {tuple(ids.shape)}, got {tuple(labels.shape)}")
-        return labels.to(device=device, dtype=ids.dtype)
+        rows = [ids.to(device), mask.to(ids.dtype)] + ([] if labels is None else [labels.to(device, ids.dtype)])
+        host = torch.stack(rows).cpu()
+        return host[0], host[1], None if labels is None else host[2]
 
     def _video_spans(self, ids_h, rows, cols, inputs) -> list[tuple[int, int, int]]:
         """The family's (row, first, last) span of each video, from its frames (``video_spans``)."""
@@ -687,15 +689,13 @@ class PruneHandle:
         device = embeds.device
         mask = _mask_2d(kwargs.get("attention_mask"), B, L, device)
         sizing = _count_inputs_on_host(inputs)  # there once the sync below returns
-        labels = self._host_labels(inputs, ids, device)
         # The one host sync: where the images are, and which tokens form the prompt.
-        host = torch.stack([ids.to(device), mask.to(ids.dtype)] + ([] if labels is None else [labels])).cpu()
-        ids_h, mask_h = host[0], host[1]
+        ids_h, mask_h, labels_h = self._host_copy(inputs, ids, mask, device)
         visual_h = torch.isin(ids_h, torch.tensor(self.visual_ids, dtype=ids_h.dtype))
         if not visual_h.any():  # a text-only prompt: nothing to select (and no images to size)
             return
         rows, cols = self._find_images(ids_h, visual_h, sizing)
-        prompt_h = self._prompt_tokens(ids_h, visual_h, mask_h, rows, cols, None if labels is None else host[2],
+        prompt_h = self._prompt_tokens(ids_h, visual_h, mask_h, rows, cols, labels_h,
                                        self._video_spans(ids_h, rows, cols, sizing))
         prompt_pos, prompt_valid, prompt_tokens = self._prompt_positions(prompt_h, rows, device)
         features = embeds if self.family.select_on is None else self.family.select_on(kwargs, embeds)
