@@ -73,6 +73,20 @@ def _prompt_words(tokenizer, inputs, selection) -> list[str]:
     return tokenizer.convert_ids_to_tokens(inputs["input_ids"][selection.batch_row, selection.prompt_tokens].tolist())
 
 
+@torch.no_grad()
+def _video_prompts(model, inputs, processor, tokenizer):
+    """:func:`_selections` with ``tokenizer=``, and the prompt words of each selection: with the tokenizer
+    (generate()'s prefill selects with the same prompts, checked here), and without one."""
+    selections = _selections(model, inputs, processor)
+    prompts = [_prompt_words(tokenizer, inputs, s) for s in selections]
+    with zspa_kernels.prune(model, keep=4, tokenizer=processor) as handle:
+        model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert [_prompt_words(tokenizer, inputs, s) for s in handle.last_selection] == prompts
+    with zspa_kernels.prune(model, keep=4) as handle:
+        model(**inputs)
+    return selections, prompts, [_prompt_words(tokenizer, inputs, s) for s in handle.last_selection]
+
+
 def _gemma3():
     boi, eoi, image = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
     tokenizer = _tokenizer([boi, eoi, image], plain=["\n\n"], bos="<bos>", boi_token=boi, eoi_token=eoi,
@@ -210,27 +224,38 @@ def _qwen(version: str):
     return model_class(config).eval(), processor, tokenizer
 
 
-def _qwen_inputs(processor, frames: int = 6):
-    """Row 0: a question before its image; row 1: an image, words, a video of ``frames`` frames (at 2 fps,
-    so that Qwen3-VL writes its timestamps), the question."""
-    import numpy as np
+def _video_inputs(processor, video, photos, image=None, video_token=None, fps=2, **videos_kwargs):
+    """Row 0: a question before its image; row 1: an image, words, ``video`` (``(frames, h, w, 3)`` uint8, at
+    ``fps`` frames a second; None: no metadata), the question. The images are random photos of the ``(h, w)``
+    sizes ``photos``; ``image``, ``video_token``: the placeholders (the processor's by default). Returns the
+    inputs, each row's question words, and row 1's tokens."""
     from transformers.video_utils import VideoMetadata
 
     gen = torch.Generator().manual_seed(0)
     before, between, after = "w44 w39 w53 w0", "w5 w6", "w43 w39 w7"
-    video = np.random.default_rng(0).integers(0, 256, (frames, 56, 56, 3), dtype=np.uint8)
-    metadata = VideoMetadata(total_num_frames=frames, fps=2, frames_indices=list(range(frames)))
-    inputs = processor(text=[f"{before} {QWEN_IMAGE}", f"{QWEN_IMAGE} {between} {QWEN_VIDEO} {after}"],
-                       images=[[_photo(56, 84, gen)], [_photo(84, 56, gen)]], videos=[video], padding=True,
-                       return_tensors="pt", videos_kwargs=dict(do_sample_frames=False, video_metadata=[metadata]))
-    return inputs, [before.split(), (between + " " + after).split()]
+    image, video_token = image or processor.image_token, video_token or processor.video_token
+    if fps is not None:
+        videos_kwargs["video_metadata"] = [VideoMetadata(total_num_frames=len(video), fps=fps,
+                                                         frames_indices=list(range(len(video))))]
+    inputs = processor(text=[f"{before} {image}", f"{image} {between} {video_token} {after}"],
+                       images=[[_photo(*photos[0], gen)], [_photo(*photos[1], gen)]], videos=[video], padding=True,
+                       return_tensors="pt", videos_kwargs=videos_kwargs)
+    words = processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][1].tolist())
+    return inputs, [before.split(), (between + " " + after).split()], words
+
+
+def _video(frames: int, h: int, w: int):
+    import numpy as np
+
+    return np.random.default_rng(0).integers(0, 256, (frames, h, w, 3), dtype=np.uint8)
 
 
 def test_qwen2_5_vl_budgets_each_image_and_each_video_whole():
     """Qwen2.5-VL's processor writes a video as one run of tokens between its markers: one selection,
     after the images; the prompts hold the question words (and the words between an image and a video)."""
     model, processor, tokenizer = _qwen("2.5")
-    inputs, questions = _qwen_inputs(processor)
+    inputs, questions, words = _video_inputs(processor, _video(6, 56, 56), [(56, 84), (84, 56)], QWEN_IMAGE, QWEN_VIDEO,
+                                             do_sample_frames=False)
     selections = _selections(model, inputs, processor)
     assert [(s.batch_row, s.n_tokens) for s in selections] == _runs_of_both(inputs, model)
     assert len(selections) == 3 and selections[2].n_tokens == int(inputs["video_grid_thw"][0].prod()) // 4
@@ -242,26 +267,20 @@ def test_qwen3_vl_frames_are_budgeted_apart_and_their_timestamps_are_no_question
     tokens: every frame is a selection, and the timestamps, ordinary words of its vocabulary, are no
     question text (they would outnumber the question in a long video). Also in generate()."""
     model, processor, tokenizer = _qwen("3")
-    inputs, questions = _qwen_inputs(processor)
-    words = tokenizer.convert_ids_to_tokens(inputs["input_ids"][1].tolist())
+    inputs, questions, words = _video_inputs(processor, _video(6, 56, 56), [(56, 84), (84, 56)], QWEN_IMAGE, QWEN_VIDEO,
+                                             do_sample_frames=False)
     assert "seconds>" in words and "<0.2" in words  # the timestamps are there, as words
-    selections = _selections(model, inputs, processor)
+    selections, prompts, untokenized = _video_prompts(model, inputs, processor, tokenizer)
     frames = int(inputs["video_grid_thw"][0, 0])
     assert frames == 3 and [(s.batch_row, s.n_tokens) for s in selections] == _runs_of_both(inputs, model)
-    assert [_prompt_words(tokenizer, inputs, s) for s in selections] == [questions[0]] + [questions[1]] * (1 + frames)
-    with zspa_kernels.prune(model, keep=4, tokenizer=processor) as handle:
-        model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    assert [_prompt_words(tokenizer, inputs, s) for s in handle.last_selection] == [
-        _prompt_words(tokenizer, inputs, s) for s in selections]
+    assert prompts == [questions[0]] + [questions[1]] * (1 + frames)
     # Without a tokenizer the markers alone tell the video's span: where the processor writes no start
     # marker ahead of the first timestamp (4.57, 5.25; 5.24 keeps the prompt's), that one stays.
-    with zspa_kernels.prune(model, keep=4) as handle:
-        model(**inputs)
     marked = "<|vision_start|> <0.2" in " ".join(words)
     assert marked == (release("transformers")[0] == 5 and release("transformers") < (5, 25))
     first = [] if marked else ["<0.2", "seconds>"]
     row_1 = questions[1][:2] + first + questions[1][2:]
-    assert [_prompt_words(tokenizer, inputs, s) for s in handle.last_selection] == [questions[0]] + [row_1] * (1 + frames)
+    assert untokenized == [questions[0]] + [row_1] * (1 + frames)
 
 
 GEMMA4_MARKERS = ["<|image>", "<image|>", "<|image|>", "<|audio>", "<audio|>", "<|audio|>"]
@@ -305,33 +324,17 @@ def test_gemma4_frames_are_budgeted_apart_and_their_timestamps_are_no_question()
     """Gemma 4's processor writes a video as ``MM:SS`` and each frame between image markers, joined by
     spaces: every frame is a selection, and the timestamps are no question text, with a tokenizer; without
     one, the first (nothing marks where the video starts) stays. Also in generate()."""
-    import numpy as np
-    from transformers.video_utils import VideoMetadata
-
     model, processor, tokenizer = _gemma4()
-    gen, frames = torch.Generator().manual_seed(0), 4
-    before, between, after = "w44 w39 w53 w0", "w5 w6", "w43 w39 w7"
-    video = np.random.default_rng(0).integers(0, 256, (frames, 48, 64, 3), dtype=np.uint8)
-    metadata = VideoMetadata(total_num_frames=frames, fps=1, frames_indices=list(range(frames)))
-    image = processor.image_token
-    inputs = processor(text=[f"{before} {image}", f"{image} {between} {processor.video_token} {after}"],
-                       images=[[_photo(48, 40, gen)], [_photo(40, 56, gen)]], videos=[video], padding=True,
-                       return_tensors="pt", videos_kwargs=dict(do_sample_frames=False, video_metadata=[metadata]))
-    words = tokenizer.convert_ids_to_tokens(inputs["input_ids"][1].tolist())
+    frames = 4
+    inputs, (before, question), words = _video_inputs(processor, _video(frames, 48, 64), [(48, 40), (40, 56)], fps=1,
+                                                      do_sample_frames=False)
     assert all(t in words for t in MINUTES[:frames])  # the timestamps are there, as words
-    selections = _selections(model, inputs, processor)
+    selections, prompts, untokenized = _video_prompts(model, inputs, processor, tokenizer)
     runs = _runs_of_both(inputs, model)
     assert len(runs) == 2 + frames and [(s.batch_row, s.n_tokens) for s in selections] == runs
-    question = (between + " " + after).split()
-    assert [_prompt_words(tokenizer, inputs, s) for s in selections] == [before.split()] + [question] * (1 + frames)
-    with zspa_kernels.prune(model, keep=4, tokenizer=processor) as handle:
-        model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    assert [_prompt_words(tokenizer, inputs, s) for s in handle.last_selection] == [
-        _prompt_words(tokenizer, inputs, s) for s in selections]
-    with zspa_kernels.prune(model, keep=4) as handle:
-        model(**inputs)
+    assert prompts == [before] + [question] * (1 + frames)
     row_1 = question[:2] + [MINUTES[0]] + question[2:]
-    assert [_prompt_words(tokenizer, inputs, s) for s in handle.last_selection] == [before.split()] + [row_1] * (1 + frames)
+    assert untokenized == [before] + [row_1] * (1 + frames)
 
 
 MUSE_MARKERS = ["<|patch|>", "<|image_start|>", "<|image_end|>", "<|video|>", "<|vid_start|>", "<|vid_end|>",
@@ -367,36 +370,20 @@ def test_muse_glimmer_frames_are_budgeted_apart_and_their_timestamps_are_no_ques
     """Muse Glimmer's processor writes a video as ``<|vid_start|>Time: 0.0s`` its first frame's tokens, then
     ``<|vid_frame_separator|>Time: 1.0s`` and each next one's: every frame (temporal group) is a selection, and
     the timestamps are no question text, with a tokenizer; without one, the first stays. Also in generate()."""
-    import numpy as np
-    from transformers.video_utils import VideoMetadata
-
     model, processor, tokenizer = _muse_glimmer()
-    gen, frames = torch.Generator().manual_seed(0), 6
-    before, between, after = "w44 w39 w53 w0", "w5 w6", "w43 w39 w7"
-    video = np.random.default_rng(0).integers(0, 256, (frames, 16, 24, 3), dtype=np.uint8)
-    metadata = VideoMetadata(total_num_frames=frames, fps=2, frames_indices=list(range(frames)))
-    image = processor.image_token
-    inputs = processor(text=[f"{before} {image}", f"{image} {between} {processor.video_token} {after}"],
-                       images=[[_photo(16, 12, gen)], [_photo(12, 20, gen)]], videos=[video], padding=True,
-                       return_tensors="pt", videos_kwargs=dict(do_sample_frames=False, video_metadata=[metadata], return_metadata=True))
-    words = tokenizer.convert_ids_to_tokens(inputs["input_ids"][1].tolist())
+    frames = 6
+    inputs, (before, question), words = _video_inputs(processor, _video(frames, 16, 24), [(16, 12), (12, 20)],
+                                                      do_sample_frames=False, return_metadata=True)
     assert "Time:" in words and "1.0s" in words  # the timestamps are there, as words
-    selections = _selections(model, inputs, processor)
+    selections, prompts, untokenized = _video_prompts(model, inputs, processor, tokenizer)
     groups = int(inputs["video_grid_thw"][0, 0])
     assert groups == frames // 2 and [(s.batch_row, s.n_tokens) for s in selections] == _runs_of_both(inputs, model)
-    question = (between + " " + after).split()
-    assert [_prompt_words(tokenizer, inputs, s) for s in selections] == [before.split()] + [question] * (1 + groups)
-    with zspa_kernels.prune(model, keep=4, tokenizer=processor) as handle:
-        model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    assert [_prompt_words(tokenizer, inputs, s) for s in handle.last_selection] == [
-        _prompt_words(tokenizer, inputs, s) for s in selections]
+    assert prompts == [before] + [question] * (1 + groups)
     # Without a tokenizer, the markers no config names are text too (README: pass tokenizer=); of the
     # timestamps, the first stays.
-    with zspa_kernels.prune(model, keep=4) as handle:
-        model(**inputs)
     row_1 = question[:2] + ["Time:", "0.0s"] + question[2:]
-    assert [[w for w in _prompt_words(tokenizer, inputs, s) if w not in MUSE_MARKERS]
-            for s in handle.last_selection[1:]] == [row_1] * (1 + groups)
+    assert [[w for w in prompt if w not in MUSE_MARKERS]
+            for prompt in untokenized[1:]] == [row_1] * (1 + groups)
 
 
 # VideoLLaMA3's frame timestamps, "Time 0.5s:" (after a comma from the second frame on): text.
@@ -429,34 +416,17 @@ def test_video_llama3_frames_are_budgeted_apart_and_their_timestamps_are_no_ques
     and each next one's, fewer where its compression drops tokens that did not change (a still frame keeps
     one): every frame is a selection, and the timestamps are no question text, with a tokenizer; without one,
     the first stays. Also in generate()."""
-    import numpy as np
-    from transformers.video_utils import VideoMetadata
-
     model, processor, tokenizer = _video_llama3()
-    gen, frames = torch.Generator().manual_seed(0), 5
-    before, between, after = "w44 w39 w53 w0", "w5 w6", "w43 w39 w7"
-    video = np.random.default_rng(0).integers(0, 256, (frames, 16, 12, 3), dtype=np.uint8)
+    frames, video = 5, _video(5, 16, 12)
     video[2] = video[1]  # a still frame: one token kept
-    metadata = VideoMetadata(total_num_frames=frames, fps=2, frames_indices=list(range(frames)))
-    inputs = processor(text=[f"{before} {processor.image_token}",
-                             f"{processor.image_token} {between} {processor.video_token} {after}"],
-                       images=[[_photo(16, 12, gen)], [_photo(12, 16, gen)]], videos=[video], padding=True,
-                       return_tensors="pt", videos_kwargs=dict(video_metadata=[metadata]))
-    words = tokenizer.convert_ids_to_tokens(inputs["input_ids"][1].tolist())
+    inputs, (before, question), words = _video_inputs(processor, video, [(16, 12), (12, 16)])
     assert "Time" in words and ",Time" in words and "1.0s:" in words  # the timestamps are there, as words
-    selections = _selections(model, inputs, processor)
+    selections, prompts, untokenized = _video_prompts(model, inputs, processor, tokenizer)
     runs = _runs_of_both(inputs, model)
     assert len(runs) == 2 + frames and runs[4] == (1, 1) and [(s.batch_row, s.n_tokens) for s in selections] == runs
-    question = (between + " " + after).split()
-    assert [_prompt_words(tokenizer, inputs, s) for s in selections] == [before.split()] + [question] * (1 + frames)
-    with zspa_kernels.prune(model, keep=4, tokenizer=processor) as handle:
-        model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    assert [_prompt_words(tokenizer, inputs, s) for s in handle.last_selection] == [
-        _prompt_words(tokenizer, inputs, s) for s in selections]
-    with zspa_kernels.prune(model, keep=4) as handle:
-        model(**inputs)
+    assert prompts == [before] + [question] * (1 + frames)
     row_1 = question[:2] + ["Time", "0.0s:"] + question[2:]
-    assert [_prompt_words(tokenizer, inputs, s) for s in handle.last_selection] == [before.split()] + [row_1] * (1 + frames)
+    assert untokenized == [before] + [row_1] * (1 + frames)
 
 
 INTERNVL_MARKERS = ["<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
@@ -490,32 +460,17 @@ def test_internvl_frame_labels_are_no_question():
     """InternVL's processor writes a video as its frames, each an image after its ``FrameN:`` label: every
     frame is a selection (of image tokens: nothing in the inputs tells frames from images), and with a
     tokenizer the labels are no question text (decoded); without one they stay, as they must."""
-    import numpy as np
-
     model, processor, tokenizer = _internvl()
-    gen, frames = torch.Generator().manual_seed(0), 4
-    before, between, after = "w44 w39 w53 w0", "w5 w6", "w43 w39 w7"
-    video = np.random.default_rng(0).integers(0, 256, (frames, 32, 32, 3), dtype=np.uint8)
-    inputs = processor(text=[f"{before} {processor.image_token}",
-                             f"{processor.image_token} {between} {processor.video_token} {after}"],
-                       images=[[_photo(32, 32, gen)], [_photo(32, 32, gen)]], videos=[video], padding=True,
-                       return_tensors="pt")
-    words = tokenizer.convert_ids_to_tokens(inputs["input_ids"][1].tolist())
+    frames = 4
+    inputs, (before, question), words = _video_inputs(processor, _video(frames, 32, 32), [(32, 32), (32, 32)], fps=None)
     assert FRAME_LABELS[:frames] == [w for w in words if w.startswith("Frame")]  # the labels are there, as words
-    selections = _selections(model, inputs, processor)
+    selections, prompts, untokenized = _video_prompts(model, inputs, processor, tokenizer)
     assert [(s.batch_row, s.n_tokens) for s in selections] == [(0, 16)] + [(1, 16)] * (1 + frames)
-    question = (between + " " + after).split()
-    assert [_prompt_words(tokenizer, inputs, s) for s in selections] == [before.split()] + [question] * (1 + frames)
-    with zspa_kernels.prune(model, keep=4, tokenizer=processor) as handle:
-        model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    assert [_prompt_words(tokenizer, inputs, s) for s in handle.last_selection] == [
-        _prompt_words(tokenizer, inputs, s) for s in selections]
+    assert prompts == [before] + [question] * (1 + frames)
     # Without a tokenizer (its markers, in no config, are text too: README), the labels stay.
-    with zspa_kernels.prune(model, keep=4) as handle:
-        model(**inputs)
     row_1 = [w for w in words if w in question or w in FRAME_LABELS]
-    assert [[w for w in _prompt_words(tokenizer, inputs, s) if w not in INTERNVL_MARKERS]
-            for s in handle.last_selection[1:]] == [row_1] * (1 + frames)
+    assert [[w for w in prompt if w not in INTERNVL_MARKERS]
+            for prompt in untokenized[1:]] == [row_1] * (1 + frames)
 
 
 KIMI_MARKERS = ["<|media_pad|>", "<|kimi_k25_video_placeholder|>", "<|media_begin|>", "<|media_content|>", "<|media_end|>"]
@@ -558,31 +513,15 @@ def test_kimi_k25_chunk_labels_are_no_question():
     """Kimi-K2.5's processor writes each chunk of a video's frames after its timestamp and the word ``video``
     (between media markers): every chunk is a selection, and with a tokenizer its label is no question text
     (decoded; nothing in the inputs groups the chunks into videos); without one the labels stay."""
-    import numpy as np
-    from transformers.video_utils import VideoMetadata
-
     model, processor, tokenizer, frames = _kimi_k25()
-    gen, chunks = torch.Generator().manual_seed(0), 3
-    before, between, after = "w44 w39 w53 w0", "w5 w6", "w43 w39 w7"
-    video = np.random.default_rng(0).integers(0, 256, (chunks * frames, 16, 12, 3), dtype=np.uint8)
-    metadata = VideoMetadata(total_num_frames=chunks * frames, fps=2, frames_indices=list(range(chunks * frames)))
-    image = "<|media_begin|>" + processor.image_token + "<|media_end|>"  # as its chat template writes an image
-    inputs = processor(text=[f"{before} {image}", f"{image} {between} {processor.video_token} {after}"],
-                       images=[[_photo(16, 12, gen)], [_photo(12, 16, gen)]], videos=[video], padding=True,
-                       return_tensors="pt", videos_kwargs=dict(do_sample_frames=False, video_metadata=[metadata]))
-    words = tokenizer.convert_ids_to_tokens(inputs["input_ids"][1].tolist())
+    chunks, image = 3, "<|media_begin|>" + processor.image_token + "<|media_end|>"  # as its chat template writes one
+    inputs, (before, question), words = _video_inputs(processor, _video(chunks * frames, 16, 12), [(16, 12), (12, 16)],
+                                                      image, do_sample_frames=False)
     assert words.count("video") == chunks and "00:00:01.000" in words  # the labels are there, as words
-    selections = _selections(model, inputs, processor)
+    selections, prompts, untokenized = _video_prompts(model, inputs, processor, tokenizer)
     assert len(selections) == 2 + chunks
     assert [(s.batch_row, s.n_tokens) for s in selections] == _runs_of_both(inputs, model)
-    question = (between + " " + after).split()
-    assert [_prompt_words(tokenizer, inputs, s) for s in selections] == [before.split()] + [question] * (1 + chunks)
-    with zspa_kernels.prune(model, keep=4, tokenizer=processor) as handle:
-        model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    assert [_prompt_words(tokenizer, inputs, s) for s in handle.last_selection] == [
-        _prompt_words(tokenizer, inputs, s) for s in selections]
-    with zspa_kernels.prune(model, keep=4) as handle:
-        model(**inputs)
+    assert prompts == [before] + [question] * (1 + chunks)
     row_1 = [w for w in words if w in question or w in CHUNK_TIMES]
-    assert [[w for w in _prompt_words(tokenizer, inputs, s) if w not in KIMI_MARKERS]
-            for s in handle.last_selection[1:]] == [row_1] * (1 + chunks)
+    assert [[w for w in prompt if w not in KIMI_MARKERS]
+            for prompt in untokenized[1:]] == [row_1] * (1 + chunks)
