@@ -19,13 +19,14 @@ from zspa_kernels.spec import release  # noqa: E402
 WORDS = [f"w{i}" for i in range(60)]
 
 
-def _tokenizer(specials: list[str], plain: list[str], bos: str = "<s>", cls=None, **extra) -> "transformers.PreTrainedTokenizerFast":
-    """Words ``w0``..``w59``; ``plain`` tokens are ordinary text (the newlines: base-vocabulary tokens of
-    the real tokenizers, added here so that the whitespace pre-tokenizer keeps them); ``specials`` are
-    added as special, as the processors and checkpoints add their markers."""
+def _tokenizer(specials: list[str], plain: list[str], bos: str = "<s>", cls=None, words: tuple = (),
+               **extra) -> "transformers.PreTrainedTokenizerFast":
+    """Words ``w0``..``w59`` and ``words``; ``plain`` tokens are ordinary text too (the newlines: base-vocabulary
+    tokens of the real tokenizers, added here so that the whitespace pre-tokenizer keeps them, and found inside
+    words); ``specials`` are added as special, as the processors and checkpoints add their markers."""
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
-    vocab = {w: i for i, w in enumerate(["<unk>", bos, "</s>", "<pad>", *WORDS, *plain, *specials])}
+    vocab = {w: i for i, w in enumerate(["<unk>", bos, "</s>", "<pad>", *WORDS, *words, *plain, *specials])}
     words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     words.add_tokens([AddedToken(t, special=False, normalized=False) for t in plain])
@@ -525,3 +526,51 @@ def test_kimi_k25_chunk_labels_are_no_question():
     row_1 = [w for w in words if w in question or w in CHUNK_TIMES]
     assert [[w for w in prompt if w not in KIMI_MARKERS]
             for prompt in untokenized[1:]] == [row_1] * (1 + chunks)
+
+
+GLM_MARKERS = ["<|begin_of_image|>", "<|end_of_image|>", "<|image|>", "<|video|>", "<|begin_of_video|>", "<|end_of_video|>"]
+GLM_VIDEO = "<|begin_of_video|><|video|><|end_of_video|>"  # as its chat template writes a video
+
+
+def _glm4v():
+    """A tiny random GLM-4.1V with the real processor classes (2 px patches of 2 frames, 2x2 merged)."""
+    import torchvision  # noqa: F401  (its video processor needs it: an error here, not a skip)
+    from zspa_kernels.integrations.transformers.tiny import GLM_TEXT
+
+    tokenizer = _tokenizer(GLM_MARKERS, plain=[], words=[str(t) for t in range(10)], bos="[gMASK]")
+    sizes = dict(patch_size=2, temporal_patch_size=2, merge_size=2)
+    processor = transformers.Glm4vProcessor(
+        image_processor=_image_processor("Glm4vImageProcessor", **sizes),
+        video_processor=transformers.Glm4vVideoProcessor(size={"shortest_edge": 8 * 8, "longest_edge": 16 * 16 * 8},
+                                                         **sizes), tokenizer=tokenizer)
+    ids = tokenizer.convert_tokens_to_ids
+    config = transformers.Glm4vConfig(
+        text_config=dict(GLM_TEXT, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                           image_size=16, patch_size=2, spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=ids("<|image|>"), video_token_id=ids("<|video|>"), image_start_token_id=ids("<|begin_of_image|>"),
+        image_end_token_id=ids("<|end_of_image|>"), video_start_token_id=ids("<|begin_of_video|>"),
+        video_end_token_id=ids("<|end_of_video|>"))
+    torch.manual_seed(0)
+    return transformers.Glm4vForConditionalGeneration(config).eval(), processor, tokenizer
+
+
+def test_glm4v_frames_are_budgeted_apart_and_their_timestamps_are_no_question():
+    """GLM-4.1V's processor writes each frame of a video as an image followed by its time in seconds, between
+    the begin/end-of-video markers its template writes: every frame is a selection, and the times are no
+    question text, with a tokenizer or without (the markers are in its config). Videos only: the model
+    cannot take images and videos in one call."""
+    from transformers.video_utils import VideoMetadata
+
+    model, processor, tokenizer = _glm4v()
+    before, after, frames = "w44 w39 w53 w0", "w43 w39 w7", 8
+    metadata = [VideoMetadata(total_num_frames=frames, fps=1, frames_indices=list(range(frames)))] * 2
+    inputs = processor(text=[f"{before} {GLM_VIDEO}", f"{GLM_VIDEO} {after}"], videos=[_video(frames, 16, 16)] * 2,
+                       padding=True, return_tensors="pt", videos_kwargs=dict(do_sample_frames=False, video_metadata=metadata))
+    words = tokenizer.convert_ids_to_tokens(inputs["input_ids"][1].tolist())
+    assert "<|end_of_image|> 2" in " ".join(words)  # the times are there, as words
+    selections, prompts, untokenized = _video_prompts(model, inputs, processor, tokenizer)
+    groups = int(inputs["video_grid_thw"][0, 0])
+    assert groups == frames // 2 and [(s.batch_row, s.n_tokens) for s in selections] == _runs(
+        inputs["input_ids"], model.config.image_token_id)
+    assert prompts == untokenized == [before.split()] * groups + [after.split()] * groups
