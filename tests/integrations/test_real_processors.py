@@ -225,11 +225,11 @@ def _qwen(version: str):
     return model_class(config).eval(), processor, tokenizer
 
 
-def _video_inputs(processor, video, photos, image=None, video_token=None, fps=2, **videos_kwargs):
+def _video_inputs(processor, video, photos, image=None, video_token=None, fps=2, types=False, **videos_kwargs):
     """Row 0: a question before its image; row 1: an image, words, ``video`` (``(frames, h, w, 3)`` uint8, at
     ``fps`` frames a second; None: no metadata), the question. The images are random photos of the ``(h, w)``
-    sizes ``photos``; ``image``, ``video_token``: the placeholders (the processor's by default). Returns the
-    inputs, each row's question words, and row 1's tokens."""
+    sizes ``photos``; ``image``, ``video_token``: the placeholders (the processor's by default); ``types``: ask
+    for ``mm_token_type_ids``. Returns the inputs, each row's question words, and row 1's tokens."""
     from transformers.video_utils import VideoMetadata
 
     gen = torch.Generator().manual_seed(0)
@@ -240,7 +240,8 @@ def _video_inputs(processor, video, photos, image=None, video_token=None, fps=2,
                                                          frames_indices=list(range(len(video))))]
     inputs = processor(text=[f"{before} {image}", f"{image} {between} {video_token} {after}"],
                        images=[[_photo(*photos[0], gen)], [_photo(*photos[1], gen)]], videos=[video], padding=True,
-                       return_tensors="pt", videos_kwargs=videos_kwargs)
+                       return_tensors="pt", videos_kwargs=videos_kwargs,
+                       **({"return_mm_token_type_ids": True} if types else {}))
     words = processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][1].tolist())
     return inputs, [before.split(), (between + " " + after).split()], words
 
@@ -574,3 +575,59 @@ def test_glm4v_frames_are_budgeted_apart_and_their_timestamps_are_no_question():
     assert groups == frames // 2 and [(s.batch_row, s.n_tokens) for s in selections] == _runs(
         inputs["input_ids"], model.config.image_token_id)
     assert prompts == untokenized == [before.split()] * groups + [after.split()] * groups
+
+
+def _retokenized(builder: str, tokenizer, ids: dict, text: dict = None):
+    """The tiny ``builder``'s model (zspa_kernels.integrations.transformers.tiny), rebuilt with ``tokenizer``'s
+    vocabulary and the config ids ``ids`` (of its tokens)."""
+    from zspa_kernels.integrations.transformers.tiny import BUILDERS
+
+    tiny = BUILDERS[builder]()
+    config = tiny.model.config.to_dict()
+    config["text_config"].update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **(text or {}))
+    config.update({name: tokenizer.convert_tokens_to_ids(token) for name, token in ids.items()})
+    torch.manual_seed(0)
+    return type(tiny.model)(type(tiny.model.config)(**config)).eval()
+
+
+# (tiny builder, processor classes' prefix, the vision start/end, image and video tokens, whether the
+# processor leaves the template's start marker before the first timestamp)
+TIMED_PROCESSORS = [
+    ("cosmos3_edge", "Cosmos3Edge", QWEN_MARKERS, False),
+    ("cohere_compass", "CohereCompass", ["<|VISION_START|>", "<|VISION_END|>", "<|IMAGE_PAD|>", "<|VIDEO_PAD|>"], True),
+]
+
+
+@pytest.mark.parametrize("builder, prefix, markers, outer", TIMED_PROCESSORS, ids=[p[0] for p in TIMED_PROCESSORS])
+def test_timed_frames_are_budgeted_apart_and_their_timestamps_are_no_question(builder, prefix, markers, outer):
+    """Cosmos3-Edge's and Cohere Compass's processors write each frame as ``<t seconds>`` and its own tokens
+    between vision markers, as Qwen3-VL's: every frame is a selection, and the timestamps are no question
+    text with a tokenizer. Without one, the first goes where the processor leaves the template's start marker
+    before it (Cohere Compass) and stays where it replaces the template's whole wrapper (Cosmos3-Edge)."""
+    import torchvision  # noqa: F401  (their video processors need it: an error here, not a skip)
+
+    if not hasattr(transformers, f"{prefix}Processor"):
+        pytest.skip(f"transformers {transformers.__version__} has no {prefix}")
+    start, end, image, video = markers
+    tokenizer = _tokenizer(markers, plain=TIMESTAMPS, bos="<|endoftext|>")
+    model = _retokenized(builder, tokenizer, dict(image_token_id=image, video_token_id=video,
+                                                  vision_start_token_id=start, vision_end_token_id=end))
+    vision = model.config.vision_config
+    sizes = dict(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+                 size={"shortest_edge": 4 * vision.patch_size ** 2, "longest_edge": 64 * vision.patch_size ** 2})
+    processor = getattr(transformers, f"{prefix}Processor")(
+        image_processor=_image_processor(f"{prefix}ImageProcessor", **sizes),
+        video_processor=getattr(transformers, f"{prefix}VideoProcessor")(**sizes), tokenizer=tokenizer)
+    frames = 4 * (vision.temporal_patch_size or 1)
+    side = 8 * vision.patch_size
+    inputs, (before, question), words = _video_inputs(
+        processor, _video(frames, side, side), [(side, side * 3 // 4), (side * 3 // 4, side)], start + image + end,
+        start + video + end, types=True, do_sample_frames=False, return_metadata=True)
+    first = next(n for n, w in enumerate(words) if w in TIMESTAMPS)  # the first timestamp's first word
+    assert (words[first - 1] == start) == outer and words[first + 1] == "seconds>"
+    selections, prompts, untokenized = _video_prompts(model, inputs, processor, tokenizer)
+    runs = _runs_of_both(inputs, model)
+    assert len(runs) == 2 + 4 and [(s.batch_row, s.n_tokens) for s in selections] == runs
+    assert prompts == [before] + [question] * (1 + 4)
+    row_1 = question[:2] + ([] if outer else words[first:first + 2]) + question[2:]
+    assert untokenized == [before] + [row_1] * (1 + 4)

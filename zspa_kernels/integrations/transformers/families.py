@@ -301,9 +301,9 @@ def _timed_video_spans(config, inputs: dict, ids: torch.Tensor, frames: list, to
     """Qwen3-VL's processor (and LFM3-VL's, Cohere Compass's, Cosmos3-Edge's, written alike) writes
     each frame of a video (a temporal patch of ``video_grid_thw``) as ``<t seconds><|vision_start|>``
     its tokens ``<|vision_end|>``, where the prompt had the video's marker (Qwen3-VL on 5.x before 5.25,
-    and the others: inside the template's ``<|vision_start|>``...``<|vision_end|>``; Qwen3-VL on 4.57
-    and 5.25: in its place). A video spans from that outer start marker, or else from its first
-    timestamp (known with a tokenizer only), to its last frame."""
+    LFM3-VL, Cohere Compass: inside the template's ``<|vision_start|>``...``<|vision_end|>``; Qwen3-VL on
+    4.57 and 5.25, Cosmos3-Edge: in its place). A video spans from that outer start marker, or else from
+    its first timestamp (known with a tokenizer only), to its last frame."""
     if not frames:
         return []
     spans = []
