@@ -6,6 +6,7 @@ tokenizer's ids in their configs. Qwen2.5-VL, Qwen3-VL, Gemma 4 and Muse Glimmer
 (their video processors need torchvision, which the test extra installs)."""
 from __future__ import annotations
 
+import inspect
 from itertools import groupby
 
 import pytest
@@ -484,8 +485,6 @@ def _kimi_k25():
     """A tiny random Kimi-K2.5 with the real processor classes (2 px patches, 2x2 merged, two frames a chunk;
     one on transformers 5.17, which splits a chunk's features as if each frame had its own: the tiny
     builder's note), and its frames a chunk."""
-    import inspect
-
     import torchvision  # noqa: F401  (its image and video processors need it: an error here, not a skip)
 
     if not hasattr(transformers, "Kimi_K25Processor"):
@@ -590,24 +589,32 @@ def _retokenized(builder: str, tokenizer, ids: dict, text: dict = None):
     return type(tiny.model)(type(tiny.model.config)(**config)).eval()
 
 
-# (tiny builder, processor classes' prefix, the vision start/end, image and video tokens, whether the
-# processor leaves the template's start marker before the first timestamp)
+# (tiny builder, processor, image and video processor classes, the vision start/end, image and video
+# tokens, whether the processor leaves the template's start marker before the first timestamp)
 TIMED_PROCESSORS = [
-    ("cosmos3_edge", "Cosmos3Edge", QWEN_MARKERS, False),
-    ("cohere_compass", "CohereCompass", ["<|VISION_START|>", "<|VISION_END|>", "<|IMAGE_PAD|>", "<|VIDEO_PAD|>"], True),
+    ("cosmos3_edge", "Cosmos3EdgeProcessor", "Cosmos3EdgeImageProcessor", "Cosmos3EdgeVideoProcessor", QWEN_MARKERS,
+     False),
+    ("cohere_compass", "CohereCompassProcessor", "CohereCompassImageProcessor", "CohereCompassVideoProcessor",
+     ["<|VISION_START|>", "<|VISION_END|>", "<|IMAGE_PAD|>", "<|VIDEO_PAD|>"], True),
+    # LFM3-VL: no image or video processor of its own; its processor reads Qwen's merge and temporal sizes.
+    ("lfm3_vl", "Lfm3VlProcessor", "Qwen2VLImageProcessor", "Qwen3VLVideoProcessor", QWEN_MARKERS, True),
 ]
 
 
-@pytest.mark.parametrize("builder, prefix, markers, outer", TIMED_PROCESSORS, ids=[p[0] for p in TIMED_PROCESSORS])
-def test_timed_frames_are_budgeted_apart_and_their_timestamps_are_no_question(builder, prefix, markers, outer):
-    """Cosmos3-Edge's and Cohere Compass's processors write each frame as ``<t seconds>`` and its own tokens
-    between vision markers, as Qwen3-VL's: every frame is a selection, and the timestamps are no question
+@pytest.mark.parametrize("builder, processor_class, images_class, videos_class, markers, outer", TIMED_PROCESSORS,
+                         ids=[p[0] for p in TIMED_PROCESSORS])
+def test_timed_frames_are_budgeted_apart_and_their_timestamps_are_no_question(builder, processor_class, images_class,
+                                                                             videos_class, markers, outer):
+    """Cosmos3-Edge's, Cohere Compass's and LFM3-VL's processors write each frame as ``<t seconds>`` and its own
+    tokens between vision markers, as Qwen3-VL's: every frame is a selection, and the timestamps are no question
     text with a tokenizer. Without one, the first goes where the processor leaves the template's start marker
-    before it (Cohere Compass) and stays where it replaces the template's whole wrapper (Cosmos3-Edge)."""
+    before it (Cohere Compass, LFM3-VL) and stays where it replaces the template's whole wrapper (Cosmos3-Edge)."""
     import torchvision  # noqa: F401  (their video processors need it: an error here, not a skip)
 
-    if not hasattr(transformers, f"{prefix}Processor"):
-        pytest.skip(f"transformers {transformers.__version__} has no {prefix}")
+    from zspa_kernels.integrations.transformers.tiny import BUILDERS
+
+    if not hasattr(transformers, processor_class) or builder not in BUILDERS:
+        pytest.skip(f"transformers {transformers.__version__} has no {processor_class}")
     start, end, image, video = markers
     tokenizer = _tokenizer(markers, plain=TIMESTAMPS, bos="<|endoftext|>")
     model = _retokenized(builder, tokenizer, dict(image_token_id=image, video_token_id=video,
@@ -615,14 +622,15 @@ def test_timed_frames_are_budgeted_apart_and_their_timestamps_are_no_question(bu
     vision = model.config.vision_config
     sizes = dict(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
                  size={"shortest_edge": 4 * vision.patch_size ** 2, "longest_edge": 64 * vision.patch_size ** 2})
-    processor = getattr(transformers, f"{prefix}Processor")(
-        image_processor=_image_processor(f"{prefix}ImageProcessor", **sizes),
-        video_processor=getattr(transformers, f"{prefix}VideoProcessor")(**sizes), tokenizer=tokenizer)
+    processor = getattr(transformers, processor_class)(
+        image_processor=_image_processor(images_class, **sizes),
+        video_processor=getattr(transformers, videos_class)(**sizes), tokenizer=tokenizer)
     frames = 4 * (vision.temporal_patch_size or 1)
     side = 8 * vision.patch_size
     inputs, (before, question), words = _video_inputs(
         processor, _video(frames, side, side), [(side, side * 3 // 4), (side * 3 // 4, side)], start + image + end,
-        start + video + end, types=True, do_sample_frames=False, return_metadata=True)
+        start + video + end, types="mm_token_type_ids" in inspect.signature(model.forward).parameters,
+        do_sample_frames=False, return_metadata=True)
     first = next(n for n, w in enumerate(words) if w in TIMESTAMPS)  # the first timestamp's first word
     assert (words[first - 1] == start) == outer and words[first + 1] == "seconds>"
     selections, prompts, untokenized = _video_prompts(model, inputs, processor, tokenizer)
