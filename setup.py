@@ -44,8 +44,9 @@ setup(
     # ninja: the C++ kernels (csrc/cpu, what auto runs on CPU tensors; csrc/ for CUDA) build on first use.
     install_requires=["torch>=2.4", "numpy", "ninja"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "transformers", "torchvision", "peft", "accelerate", "optimum-quanto", "hqq", "scikit-image",
-                 "matplotlib", "tqdm"],
+        # torchvision, num2words: transformers' video processors, SmolVLM's processor (test_real_processors).
+        "test": ["pytest", "pytest-benchmark", "transformers", "torchvision", "num2words", "peft", "accelerate",
+                 "optimum-quanto", "hqq", "scikit-image", "matplotlib", "tqdm"],
         "hf": ["transformers"],
         "demo": ["transformers", "scikit-image", "matplotlib", "tqdm"],
         "bench": ["pytest-benchmark", "matplotlib"],

@@ -639,3 +639,47 @@ def test_timed_frames_are_budgeted_apart_and_their_timestamps_are_no_question(bu
     assert prompts == [before] + [question] * (1 + 4)
     row_1 = question[:2] + ([] if outer else words[first:first + 2]) + question[2:]
     assert untokenized == [before] + [row_1] * (1 + 4)
+
+
+def test_smolvlm_frame_labels_are_no_question():
+    """SmolVLM's processor writes a video as a sentence ("You are provided the following series of four
+    frames ...", processor text that stays, as template words do), then each frame as an image after its
+    ``Frame from 00:01:`` label: every frame is a selection, and with a tokenizer the labels are no question
+    text (decoded; the frames are images to the model); without one they stay. Videos only: images and
+    videos share ``pixel_values``."""
+    import torchvision  # noqa: F401  (its video processor needs it: an error here, not a skip)
+
+    if not hasattr(transformers, "SmolVLMProcessor"):
+        pytest.skip(f"transformers {transformers.__version__} has no SmolVLM")
+    markers = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", "<video>"]
+    labels = ["Frame", "from"] + [f"00:{t:02d}:" for t in range(10)]
+    intro = "You are provided the following series of four frames from a 0:00:03 [H:MM:SS] video.".split()
+    tokenizer = _tokenizer(markers, plain=["\n"], words=labels + intro)
+    sizes = dict(size={"longest_edge": 32}, max_image_size={"longest_edge": 32})
+    processor = transformers.SmolVLMProcessor(image_processor=_image_processor("SmolVLMImageProcessor", **sizes),
+                                              video_processor=transformers.SmolVLMVideoProcessor(**sizes),
+                                              tokenizer=tokenizer, image_seq_len=16)
+    config = transformers.SmolVLMConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=4),
+        text_config=dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
+                         max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id),
+        image_token_id=processor.image_token_id, pad_token_id=tokenizer.pad_token_id, scale_factor=2)
+    torch.manual_seed(0)
+    model = transformers.SmolVLMForConditionalGeneration(config).eval()
+    from transformers.video_utils import VideoMetadata
+
+    before, after, frames = "w44 w39 w53 w0", "w43 w39 w7", 4
+    metadata = [VideoMetadata(total_num_frames=frames, fps=1, frames_indices=list(range(frames)))] * 2
+    inputs = processor(text=[f"{before} <video>", f"<video> {after}"], videos=[[_video(frames, 32, 32)]] * 2,
+                       padding=True, return_tensors="pt", videos_kwargs=dict(video_metadata=metadata))
+    words = tokenizer.convert_ids_to_tokens(inputs["input_ids"][1].tolist())
+    assert words.count("Frame") == frames and "00:01:" in words  # the labels are there, as words
+    selections, prompts, untokenized = _video_prompts(model, inputs, processor, tokenizer)
+    assert [(s.batch_row, s.n_tokens) for s in selections] == [(0, 16)] * frames + [(1, 16)] * frames
+    assert prompts == [before.split() + intro] * frames + [after.split()] * frames
+    # Without a tokenizer, row 1's prompt is all its text after the first frame: labels, newlines, question.
+    labelled = [w for w in words[words.index("<image>"):] if w not in markers]
+    assert labelled.count("Frame") == frames - 1
+    assert [[w for w in prompt if w not in markers] for prompt in untokenized[frames:]] == [labelled] * frames

@@ -278,6 +278,8 @@ TIME_SECONDS = re.compile(r"Time:\s*\d+(\.\d+)?s")
 TIME_SECONDS_COLON = re.compile(r"Time\s*\d+(\.\d+)?s:")  # VideoLLaMA3's
 FRAME_LABEL = re.compile(r"Frame\d+:")  # InternVL's, no timestamp: "Frame1:"
 CHUNK_LABEL = re.compile(r"\d{2}:\d{2}:\d{2}\.\d{3}\s*video")  # Kimi-K2.5's, markers skipped: "00:00:01.000video"
+# SmolVLM's, "Frame from 00:01:", then its image markers (special or, where a tokenizer keeps them as text, not).
+FRAME_FROM = re.compile(r"Frame from \d{2}:\d{2}:(\s*<[^<>\s]+>)*")
 
 
 @torch.compiler.disable  # host-side tokenizer calls: nothing for Dynamo to trace
@@ -347,8 +349,9 @@ def _labelled_frame_spans(label: re.Pattern) -> Callable[..., list[tuple[int, in
     inputs groups the frames into videos: each frame spans from its label, known by a tokenizer only
     (decoded), to its last token. InternVL's processor writes a video as its frames, each an image
     (``<img>`` its tokens ``</img>``) after ``FrameN:``, one a line (``frames``: every image, the config
-    naming no video token); Kimi-K2.5's, each chunk of frames as ``00:00:01.000<|media_begin|>video``
-    ``<|media_content|>`` its tokens ``<|media_end|>`` (its chunks' count per video is no model input)."""
+    naming no video token; SmolVLM's alike, after ``Frame from 00:01:``); Kimi-K2.5's, each chunk of frames
+    as ``00:00:01.000<|media_begin|>video<|media_content|>`` its tokens ``<|media_end|>`` (its chunks' count
+    per video is no model input)."""
     def spans(config, inputs: dict, ids: torch.Tensor, frames: list, tokenizer=None) -> list[tuple[int, int, int]]:
         if tokenizer is None:
             return []
@@ -900,11 +903,12 @@ FAMILIES: tuple[Family, ...] = (
     # <img> ... </img> around each image (all its tiles: one budget); video frames are images, each
     # after its "FrameN:" label.
     Family("InternVL", ("internvl",), video_spans=_labelled_frame_spans(FRAME_LABEL)),
-    # Each crop of a split image (and its global view) is its own run and budget.
+    # Each crop of a split image (and its global view) is its own run and budget; SmolVLM's video frames
+    # are images, each after its "Frame from MM:SS:" label.
     Family("Idefics2", ("idefics2",), lm_attr="text_model",
            image_token_counts=_fixed_counts(lambda config: config.perceiver_config.resampler_n_latents)),
     Family("Idefics3/SmolVLM", ("idefics3", "smolvlm"), lm_attr="text_model",
-           image_token_counts=_fixed_counts(_idefics3_tile_tokens)),
+           image_token_counts=_fixed_counts(_idefics3_tile_tokens), video_spans=_labelled_frame_spans(FRAME_FROM)),
     # Each tile of a split image (and its thumbnail) is a run between markers: its own budget.
     # transformers 4.57 names it "lfm2-vl" (and so do checkpoints saved with it), and keeps the
     # convolution states in a cache class of its own that is no transformers Cache; from 5.0 the
