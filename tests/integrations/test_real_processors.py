@@ -1,9 +1,11 @@
 """prune() on the token layouts that transformers' own processors write, not the tiny builders'
-imitations of them: Gemma3 (newlines around every image; pan-and-scan crops) and Idefics3 (tiles in rows, each row
-ended by a newline, then a global view). The processors are the real classes, built offline around
-a word-level tokenizer holding each family's markers; the models are tiny and random, with the
-tokenizer's ids in their configs. Qwen2.5-VL, Qwen3-VL, Gemma 4 and Muse Glimmer with images and videos
-(their video processors need torchvision, which the test extra installs)."""
+imitations of them. The processors are the real classes, built offline around a word-level tokenizer holding
+each family's markers; the models are tiny and random, with the tokenizer's ids in their configs. Images:
+Gemma3 (newlines around every image; pan-and-scan crops), Idefics3 (tiles in rows, each row ended by a newline,
+then a global view). Videos (their processors need torchvision, which the test extra installs): Qwen2.5-VL
+(a video one selection), and the layouts that write words between a video's frames, which must be no question
+text: timestamps (Qwen3-VL, Gemma 4, Muse Glimmer, VideoLLaMA3, GLM-4.1V, Cosmos3-Edge, Cohere Compass, LFM3-VL)
+and frame labels (InternVL, Kimi-K2.5, SmolVLM)."""
 from __future__ import annotations
 
 import inspect
@@ -42,6 +44,18 @@ def _tokenizer(specials: list[str], plain: list[str], bos: str = "<s>", cls=None
 def _image_processor(name: str, **kwargs):
     """transformers 5.x's PIL image processor (the default class needs torchvision), else 4.x's."""
     return (getattr(transformers, f"{name}Pil", None) or getattr(transformers, name))(**kwargs)
+
+
+def _vision(**kwargs) -> dict:
+    """A one-layer vision tower's config: the sizes the towers share, then each tower's own fields."""
+    return {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, **kwargs}
+
+
+def _text(tokenizer, **kwargs) -> dict:
+    """A two-layer language model's config over the tokenizer's vocabulary, then the family's own fields."""
+    return {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "vocab_size": len(tokenizer), "max_position_embeddings": 1024,
+            "pad_token_id": tokenizer.pad_token_id, **kwargs}
 
 
 def _photo(h: int, w: int, gen: torch.Generator):
@@ -98,13 +112,10 @@ def _gemma3():
         tokenizer=tokenizer, image_seq_length=16)
     ids = tokenizer.convert_tokens_to_ids
     config = transformers.Gemma3Config(
-        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4),
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, vocab_size=len(tokenizer),
-                         max_position_embeddings=512, sliding_window=16,
-                         layer_types=["sliding_attention", "full_attention"], pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
+        vision_config=_vision(model_type="siglip_vision_model", image_size=16, patch_size=4),
+        text_config=_text(tokenizer, head_dim=8, query_pre_attn_scalar=8, max_position_embeddings=512, sliding_window=16,
+                          layer_types=["sliding_attention", "full_attention"], bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id),
         mm_tokens_per_image=16, image_token_id=ids(image), boi_token_id=ids(boi), eoi_token_id=ids(eoi),
         pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
@@ -154,12 +165,9 @@ def _idefics3():
                                        size={"longest_edge": 96}, max_image_size={"longest_edge": 32})
     processor = transformers.Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=16)
     config = transformers.Idefics3Config(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=4),
-        text_config=dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
-                         max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
+        vision_config=_vision(image_size=32, patch_size=4),
+        text_config=_text(tokenizer, model_type="llama", max_position_embeddings=512,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), pad_token_id=tokenizer.pad_token_id, scale_factor=2)
     torch.manual_seed(0)
     return transformers.Idefics3ForConditionalGeneration(config).eval(), processor, tokenizer
@@ -202,8 +210,7 @@ def _qwen(version: str):
     ids = tokenizer.convert_tokens_to_ids
     tokens = dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
                   vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
-    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                vocab_size=len(tokenizer), max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id)
+    text = _text(tokenizer, max_position_embeddings=4096)
     if version == "2.5":
         videos = transformers.Qwen2VLVideoProcessor(**pixels)
         processor = transformers.Qwen2_5_VLProcessor(image_processor=images, tokenizer=tokenizer, video_processor=videos)
@@ -308,15 +315,13 @@ def _gemma4():
         video_processor=transformers.Gemma4VideoProcessor(**sizes), tokenizer=tokenizer, image_seq_length=70)
     ids = tokenizer.convert_tokens_to_ids
     config = transformers.Gemma4Config(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           num_key_value_heads=2, head_dim=16, patch_size=4, pooling_kernel_size=3,
-                           position_embedding_size=64),
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=8, global_head_dim=8, vocab_size=len(tokenizer),
-                         vocab_size_per_layer_input=len(tokenizer), hidden_size_per_layer_input=8,
-                         max_position_embeddings=2048, layer_types=["sliding_attention", "full_attention"],
-                         sliding_window=64, use_bidirectional_attention="vision", pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
+        vision_config=_vision(num_key_value_heads=2, head_dim=16, patch_size=4, pooling_kernel_size=3,
+                              position_embedding_size=64),
+        text_config=_text(tokenizer, head_dim=8, global_head_dim=8, vocab_size_per_layer_input=len(tokenizer),
+                          hidden_size_per_layer_input=8, max_position_embeddings=2048,
+                          layer_types=["sliding_attention", "full_attention"], sliding_window=64,
+                          use_bidirectional_attention="vision", bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id),
         image_token_id=ids(image), boi_token_id=ids(boi), eoi_token_id=ids(eoi), video_token_id=processor.video_token_id,
         audio_token_id=ids(audio), boa_token_id=ids(boa), eoa_token_index=ids(eoa), pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
@@ -405,10 +410,7 @@ def _video_llama3():
     videos = transformers.VideoLlama3VideoProcessor(patch_size=2, size={"shortest_edge": 16 * 16, "longest_edge": 16 * 16})
     processor = transformers.VideoLlama3Processor(image_processor=images, video_processor=videos, tokenizer=tokenizer)
     config = transformers.VideoLlama3Config(
-        text_config=dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
-                         max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=2),
+        text_config=_text(tokenizer, model_type="qwen2"), vision_config=_vision(patch_size=2),
         image_token_id=processor.image_token_id, video_token_id=processor.video_token_id)
     torch.manual_seed(0)
     return transformers.VideoLlama3ForConditionalGeneration(config).eval(), processor, tokenizer
@@ -448,11 +450,7 @@ def _internvl():
         image_processor=_image_processor("GotOcr2ImageProcessor", size=size, crop_to_patches=False),
         video_processor=transformers.InternVLVideoProcessor(size=size), tokenizer=tokenizer, image_seq_length=16)
     config = transformers.InternVLConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=4),
-        text_config=dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
-                         max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id),
+        vision_config=_vision(image_size=32, patch_size=4), text_config=_text(tokenizer, model_type="qwen2"),
         image_token_id=processor.image_token_id, image_seq_length=16, downsample_ratio=0.5,
         pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
@@ -660,11 +658,7 @@ def test_smolvlm_frame_labels_are_no_question():
                                               video_processor=transformers.SmolVLMVideoProcessor(**sizes),
                                               tokenizer=tokenizer, image_seq_len=16)
     config = transformers.SmolVLMConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=4),
-        text_config=dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
-                         max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id),
+        vision_config=_vision(image_size=32, patch_size=4), text_config=_text(tokenizer, model_type="llama"),
         image_token_id=processor.image_token_id, pad_token_id=tokenizer.pad_token_id, scale_factor=2)
     torch.manual_seed(0)
     model = transformers.SmolVLMForConditionalGeneration(config).eval()
