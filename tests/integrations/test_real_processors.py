@@ -677,3 +677,64 @@ def test_smolvlm_frame_labels_are_no_question():
     labelled = [w for w in words[words.index("<image>"):] if w not in markers]
     assert labelled.count("Frame") == frames - 1
     assert [[w for w in prompt if w not in markers] for prompt in untokenized[frames:]] == [labelled] * frames
+
+
+def _bpe_tokenizer(specials: list[str], corpus: list[str]) -> "transformers.PreTrainedTokenizerFast":
+    """A byte-level BPE trained on ``corpus`` (digits, dots and words split as a checkpoint's BPE splits
+    them, and decoded back to the exact text), ``specials`` added as special."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus * 20, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<s>", "</s>", "<pad>", *specials], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
+                                                     pad_token="<pad>", additional_special_tokens=specials)
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def test_nemotron_h_omni_tubelet_labels_are_no_question():
+    """Nemotron-H Omni's processor writes a video as its tubelets (two frames each), each an image (the image
+    token, though its config names a video token) after a label naming its frames and their times, one a line:
+    every tubelet is a selection, and with a tokenizer the labels (more tokens than other labels: a wider
+    decode) are no question text; without one they stay. Videos alone: its model counts a video's tokens
+    and an image's as one modality, so it cannot take both in one call (upstream)."""
+    import torchvision  # noqa: F401  (its video processor needs it: an error here, not a skip)
+
+    if not hasattr(transformers, "NemotronH_Omni_Reasoning_V3Processor"):
+        pytest.skip(f"transformers {transformers.__version__} has no Nemotron-H Omni")
+    from transformers.video_utils import VideoMetadata
+
+    from zspa_kernels.integrations.transformers.tiny import nemotron_h_omni
+
+    before, after, frames = "What is in the picture?", " Describe the video in one sentence.", 4
+    label = "Frame 3 sampled at 1.00 seconds and frame 4 sampled at 1.50 seconds: "
+    markers = ["<image>", "<img>", "</img>", "<video>", "<so_embedding>"]
+    tokenizer = _bpe_tokenizer(markers, [before + after, label])
+    assert len(tokenizer(label)["input_ids"]) > 16  # beyond the other labels' decode window
+    module = transformers.models.nemotron_h_omni
+    processor = transformers.NemotronH_Omni_Reasoning_V3Processor(
+        image_processor=module.NemotronH_Omni_Reasoning_V3ImageProcessor(patch_size=4),
+        video_processor=module.NemotronH_Omni_Reasoning_V3VideoProcessor(
+            patch_size=4, video_target_num_patches=64, norm_mean=[0.5] * 3, norm_std=[0.5] * 3),
+        feature_extractor=transformers.ParakeetFeatureExtractor(), tokenizer=tokenizer)
+    config = nemotron_h_omni().model.config.to_dict()  # the tiny builder's, with this tokenizer's ids
+    config["text_config"].update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    config["vision_config"].update(summary_idxs=[0])  # its one class token (the video path reads them)
+    config.update(image_token_id=processor.image_token_id, video_token_id=processor.video_token_id)
+    torch.manual_seed(0)
+    model = transformers.NemotronH_Omni_Reasoning_V3(transformers.NemotronH_Omni_Reasoning_V3_Config(**config)).eval()
+    metadata = [VideoMetadata(total_num_frames=frames, fps=2, frames_indices=list(range(frames)))]
+    inputs = processor(text=[f"{before} <video>{after}"], videos=[_video(frames, 32, 32)], return_tensors="pt",
+                       videos_kwargs=dict(video_metadata=metadata))
+    assert label in tokenizer.decode(inputs["input_ids"][0])  # the labels are there, as text
+    selections, prompts, untokenized = _video_prompts(model, inputs, processor, tokenizer)
+    assert [(s.batch_row, s.n_tokens) for s in selections] == [(0, 16)] * (frames // 2)
+    assert [tokenizer.convert_tokens_to_string(p) for p in prompts] == [after] * (frames // 2)
+    # Without a tokenizer, the prompt is all text after the first tubelet: the second's label stays.
+    text = tokenizer.decode(inputs["input_ids"][0])
+    stays = text[text.index("</img>"):].replace("<image>", "")
+    assert [tokenizer.convert_tokens_to_string(p) for p in untokenized] == [stays] * (frames // 2)

@@ -78,11 +78,16 @@ class Family:
     cross_attention: bool = False
     # (config, the base model's keyword arguments, host input_ids, (row, positions, the end of the
     # image or frame before it in its row or 0) of each video frame in order (of each image where the
-    # config names no video token: InternVL's frames are images), the tokenizer or None)
+    # config names no video token, InternVL's frames are images, or frame_token_attr is None), the
+    # tokenizer or None)
     # -> the (row, first, last) positions of each video, the text its processor writes between its
     # frames included (Qwen3-VL's, Gemma 4's timestamps): inside a video, so no question text, as a
     # row break inside an image is not. None: no text stands between a video's frames.
     video_spans: Optional[Callable[..., list[tuple[int, int, int]]]] = None
+    # The config attribute naming the token of video frames, whose runs ``video_spans`` is given. None:
+    # the processor writes a video's frames with the image token (Nemotron-H Omni's tubelets, whatever its
+    # config's video_token_id says): every run is given, as where the config names no video token.
+    frame_token_attr: Optional[str] = "video_token_id"
 
     def __post_init__(self):
         # Its decode steps reach the hooks as ids, not embeddings: a mask builder would be handed ids.
@@ -280,14 +285,21 @@ FRAME_LABEL = re.compile(r"Frame\d+:")  # InternVL's, no timestamp: "Frame1:"
 CHUNK_LABEL = re.compile(r"\d{2}:\d{2}:\d{2}\.\d{3}\s*video")  # Kimi-K2.5's, markers skipped: "00:00:01.000video"
 # SmolVLM's, "Frame from 00:01:", then its image markers (special or, where a tokenizer keeps them as text, not).
 FRAME_FROM = re.compile(r"Frame from \d{2}:\d{2}:(\s*<[^<>\s]+>)*")
+# Nemotron-H Omni's, one a tubelet (frames packed as one image), naming its frames and, where the video's
+# metadata has an fps, their times: "Frame 1 sampled at 0.00 seconds and frame 2 sampled at 0.50 seconds: <img>"
+# (some 25 tokens of a BPE vocabulary for two frames: decoded from a window of TUBELET_WINDOW).
+TUBELET_LABEL = re.compile(r"Frame \d+( sampled at \d+\.\d+ seconds)?( and frame \d+( sampled at \d+\.\d+ seconds)?)*:"
+                           r"(\s*<[^<>\s]+>)*")
+TUBELET_WINDOW = 64
 
 
 @torch.compiler.disable  # host-side tokenizer calls: nothing for Dynamo to trace
-def _timestamp_before(tokenizer, ids: list[int], stamp: re.Pattern = TIMESTAMP) -> int:
-    """How many of the last tokens of ``ids`` decode to a timestamp (``stamp``); 0: none. Special
-    tokens (markers) decode to nothing: those between the timestamp and the frame are counted in.
-    One decode where the last 16 tokens do not end with one (an image without a label, the usual case)."""
-    window = ids[-16:]
+def _timestamp_before(tokenizer, ids: list[int], stamp: re.Pattern = TIMESTAMP, window: int = 16) -> int:
+    """How many of the last tokens of ``ids`` (at most ``window``) decode to a timestamp or label (``stamp``);
+    0: none. Special tokens (markers) decode to nothing: those between the timestamp and the frame are
+    counted in. One decode where the last ``window`` tokens do not end with one (an image without a label,
+    the usual case)."""
+    window = ids[-window:]
     try:
         if not re.search(f"(?:{stamp.pattern})\\s*$", tokenizer.decode(window, skip_special_tokens=True)):
             return 0
@@ -344,21 +356,22 @@ def _stamped_video_spans(stamp: re.Pattern, tokens: Optional[Callable[[dict], li
     return spans
 
 
-def _labelled_frame_spans(label: re.Pattern) -> Callable[..., list[tuple[int, int, int]]]:
+def _labelled_frame_spans(label: re.Pattern, window: int = 16) -> Callable[..., list[tuple[int, int, int]]]:
     """For processors that write a label (``label``) before each frame of a video where nothing in the
     inputs groups the frames into videos: each frame spans from its label, known by a tokenizer only
     (decoded), to its last token. InternVL's processor writes a video as its frames, each an image
     (``<img>`` its tokens ``</img>``) after ``FrameN:``, one a line (``frames``: every image, the config
     naming no video token; SmolVLM's alike, after ``Frame from 00:01:``); Kimi-K2.5's, each chunk of frames
     as ``00:00:01.000<|media_begin|>video<|media_content|>`` its tokens ``<|media_end|>`` (its chunks' count
-    per video is no model input)."""
+    per video is no model input); Nemotron-H Omni's, each tubelet as an image after its label, one a line
+    (``window``: the most tokens a label takes)."""
     def spans(config, inputs: dict, ids: torch.Tensor, frames: list, tokenizer=None) -> list[tuple[int, int, int]]:
         if tokenizer is None:
             return []
         found = []
         for row, cols, bound in frames:
             start = int(cols[0])
-            if n := _timestamp_before(tokenizer, ids[row, bound:start].tolist(), label):
+            if n := _timestamp_before(tokenizer, ids[row, bound:start].tolist(), label, window):
                 found.append((row, start - n, int(cols[-1])))
         return found
     return spans
@@ -988,8 +1001,10 @@ FAMILIES: tuple[Family, ...] = (
            embed=_phi4_embed),
     # Nemotron-H Omni: no base model (as Llama 4): the wrapper merges the features and calls its causal LM,
     # whose decoder (Mamba-2, attention and MoE layers) the hooks run; each image between <img> markers, one
-    # run and budget. Its own video pruning (EVS) drops video tokens inside the wrapper: refused.
-    Family("Nemotron-H Omni", ("nemotron_h_omni",), lm_attr="language_model.model",
+    # run and budget. A video's tubelets are images to its processor (the image token, each after its label:
+    # no question text). Its own video pruning (EVS) drops video tokens inside the wrapper: refused.
+    Family("Nemotron-H Omni", ("nemotron_h_omni",), lm_attr="language_model.model", frame_token_attr=None,
+           video_spans=_labelled_frame_spans(TUBELET_LABEL, TUBELET_WINDOW),
            refuse_config=lambda config: None if not getattr(config, "video_pruning_rate", 0) else (
                "model: zspa_kernels.prune cannot prune Nemotron-H Omni with video_pruning_rate="
                f"{config.video_pruning_rate}: its own video pruning drops tokens inside the model, after the "

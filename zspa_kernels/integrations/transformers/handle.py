@@ -619,7 +619,8 @@ class PruneHandle:
         """The family's (row, first, last) span of each video, from its frames (``video_spans``)."""
         if self.family.video_spans is None:
             return []
-        video = getattr(self.config, "video_token_id", None)
+        attr = self.family.frame_token_attr
+        video = None if attr is None else getattr(self.config, attr, None)
         frames, previous = [], {}
         for r, c in zip(rows, cols):  # row-major: each frame with the end of what came before it in its row
             if video is None or int(ids_h[r, c[0]]) == video:  # no video token: the frames are images
