@@ -738,3 +738,45 @@ def test_nemotron_h_omni_tubelet_labels_are_no_question():
     text = tokenizer.decode(inputs["input_ids"][0])
     stays = text[text.index("</img>"):].replace("<image>", "")
     assert [tokenizer.convert_tokens_to_string(p) for p in untokenized] == [stays] * (frames // 2)
+
+
+def test_the_label_search_finds_the_fewest_tokens_that_decode_to_each_label():
+    """The decode search (bisection on the decoded length, then a check) gives what decoding every suffix
+    gives: the fewest last tokens that decode to the timestamp or label, markers after it counted in, or
+    0. Random labels of every processor's format, after random words, on a byte-level BPE."""
+    import random
+    import re
+
+    from zspa_kernels.integrations.transformers import families
+
+    rng = random.Random(0)
+    labels = {
+        families.TUBELET_LABEL: lambda t: f"Frame {t} sampled at {t / 2:.2f} seconds and frame {t + 1} sampled at "
+                                          f"{t / 2 + 0.5:.2f} seconds: ",
+        families.TIMESTAMP: lambda t: f"<{t / 2:.1f} seconds>", families.MINUTES_SECONDS: lambda t: f"{t // 60:02d}:{t % 60:02d} ",
+        families.TIME_SECONDS: lambda t: f"Time: {t / 2:.1f}s", families.TIME_SECONDS_COLON: lambda t: f",Time {t}.0s:",
+        families.FRAME_LABEL: lambda t: f"Frame{t}:", families.FRAME_FROM: lambda t: f"Frame from 00:{t:02d}: <img>",
+        families.CHUNK_LABEL: lambda t: f"00:00:{t:02d}.500<img>video"}
+    words = "What is in the picture frame? Describe the video at 10 seconds: in one sentence, 2.50 from".split()
+    corpus = [" ".join(words)] + [label(t) for label in labels.values() for t in range(0, 40, 3)]
+    tokenizer = _bpe_tokenizer(["<img>", "</img>"], corpus)
+
+    def every_suffix(ids, stamp, window):
+        ids = ids[-window:]
+        if not re.search(f"(?:{stamp.pattern})\\s*$", tokenizer.decode(ids, skip_special_tokens=True)):
+            return 0
+        return next((n for n in range(1, len(ids) + 1)
+                     if stamp.fullmatch(tokenizer.decode(ids[-n:], skip_special_tokens=True).strip())), 0)
+
+    found = 0
+    for _ in range(400):
+        stamp = rng.choice(list(labels))
+        text = "</img>" + " ".join(rng.choices(words, k=rng.randrange(0, 8)))
+        if rng.random() < 0.7:
+            text += rng.choice(["", " ", "\n"]) + labels[stamp](rng.randrange(40))
+        ids = tokenizer(text + rng.choice(["", "<img>"]))["input_ids"]
+        window = rng.choice([16, families.TUBELET_WINDOW])
+        n = families._timestamp_before(tokenizer, ids, stamp, window)
+        assert n == every_suffix(ids, stamp, window), (stamp.pattern, text)
+        found += n > 0
+    assert found > 150  # most labels fit their window and are found

@@ -298,13 +298,27 @@ def _timestamp_before(tokenizer, ids: list[int], stamp: re.Pattern = TIMESTAMP, 
     """How many of the last tokens of ``ids`` (at most ``window``) decode to a timestamp or label (``stamp``);
     0: none. Special tokens (markers) decode to nothing: those between the timestamp and the frame are
     counted in. One decode where the last ``window`` tokens do not end with one (an image without a label,
-    the usual case)."""
+    the usual case); else the fewest tokens that decode to it, found by bisection on the decoded length (a
+    longer suffix decodes no shorter: some 2 + log2(window) decodes, not one per token of a long label),
+    checked, and searched token by token where the check fails (a tokenizer that decodes a suffix otherwise)."""
     window = ids[-window:]
+
+    def decoded(n: int) -> str:
+        return tokenizer.decode(window[-n:], skip_special_tokens=True)
+
     try:
-        if not re.search(f"(?:{stamp.pattern})\\s*$", tokenizer.decode(window, skip_special_tokens=True)):
+        text = decoded(len(window))
+        found = re.search(f"(?:{stamp.pattern})\\s*$", text)
+        if found is None:
             return 0
+        need, low, high = len(text) - found.start(), 1, len(window)
+        while low < high:
+            mid = (low + high) // 2
+            low, high = (low, mid) if len(decoded(mid)) >= need else (mid + 1, high)
+        if stamp.fullmatch(decoded(low).strip()):
+            return low
         for n in range(1, len(window) + 1):
-            if stamp.fullmatch(tokenizer.decode(window[-n:], skip_special_tokens=True).strip()):
+            if stamp.fullmatch(decoded(n).strip()):
                 return n
     except Exception:  # ids this tokenizer cannot decode are no timestamp it wrote
         pass
