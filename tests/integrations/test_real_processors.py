@@ -5,7 +5,7 @@ Gemma3 (newlines around every image; pan-and-scan crops), Idefics3 (tiles in row
 then a global view). Videos (their processors need torchvision, which the test extra installs): Qwen2.5-VL
 (a video one selection), and the layouts that write words between a video's frames, which must be no question
 text: timestamps (Qwen3-VL, Gemma 4, Muse Glimmer, VideoLLaMA3, GLM-4.1V, Cosmos3-Edge, Cohere Compass, LFM3-VL)
-and frame labels (InternVL, Kimi-K2.5, SmolVLM)."""
+and frame labels (InternVL, Kimi-K2.5, SmolVLM, Nemotron-H Omni's tubelets)."""
 from __future__ import annotations
 
 import inspect
