@@ -287,7 +287,7 @@ CHUNK_LABEL = re.compile(r"\d{2}:\d{2}:\d{2}\.\d{3}\s*video")  # Kimi-K2.5's, ma
 FRAME_FROM = re.compile(r"Frame from \d{2}:\d{2}:(\s*<[^<>\s]+>)*")
 # Nemotron-H Omni's, one a tubelet (frames packed as one image), naming its frames and, where the video's
 # metadata has an fps, their times: "Frame 1 sampled at 0.00 seconds and frame 2 sampled at 0.50 seconds: <img>"
-# (some 25 tokens of a BPE vocabulary for two frames: decoded from a window of TUBELET_WINDOW).
+# (some 20 tokens of a BPE vocabulary for two frames: decoded from a window of TUBELET_WINDOW).
 TUBELET_LABEL = re.compile(r"Frame \d+( sampled at \d+\.\d+ seconds)?( and frame \d+( sampled at \d+\.\d+ seconds)?)*:"
                            r"(\s*<[^<>\s]+>)*")
 TUBELET_WINDOW = 64
@@ -301,23 +301,23 @@ def _timestamp_before(tokenizer, ids: list[int], stamp: re.Pattern = TIMESTAMP, 
     the usual case); else the fewest tokens that decode to it, found by bisection on the decoded length (a
     longer suffix decodes no shorter: some 2 + log2(window) decodes, not one per token of a long label),
     checked, and searched token by token where the check fails (a tokenizer that decodes a suffix otherwise)."""
-    window = ids[-window:]
+    tail = ids[-window:]
 
     def decoded(n: int) -> str:
-        return tokenizer.decode(window[-n:], skip_special_tokens=True)
+        return tokenizer.decode(tail[-n:], skip_special_tokens=True)
 
     try:
-        text = decoded(len(window))
+        text = decoded(len(tail))
         found = re.search(f"(?:{stamp.pattern})\\s*$", text)
         if found is None:
             return 0
-        need, low, high = len(text) - found.start(), 1, len(window)
+        need, low, high = len(text) - found.start(), 1, len(tail)
         while low < high:
             mid = (low + high) // 2
             low, high = (low, mid) if len(decoded(mid)) >= need else (mid + 1, high)
         if stamp.fullmatch(decoded(low).strip()):
             return low
-        for n in range(1, len(window) + 1):
+        for n in range(1, len(tail) + 1):
             if stamp.fullmatch(decoded(n).strip()):
                 return n
     except Exception:  # ids this tokenizer cannot decode are no timestamp it wrote
