@@ -210,7 +210,7 @@ MARKERS_ONLY_IN_TOKENIZER = {
     "apertus1p5", "aya_vision", "chameleon", "chameleon_swin", "cohere2_vision", "dots3_note", "emu3", "fuyu", "got_ocr2",
     "granite_docling", "granite_docling_fine", "hy_v4_vl", "idefics2", "idefics3", "internvl", "janus",
     "lfm2_vl", "llama4", "llava_pixtral", "minicpm_ocr", "minicpmv4_6", "mistral3", "mistral3_mistral4",
-    "mistral_large4", "molmo2", "muse_glimmer", "muse_spark", "nemotron_h_omni", "paligemma", "paligemma2",
+    "mistral_large4", "muse_glimmer", "muse_spark", "nemotron_h_omni", "paligemma", "paligemma2",
     "qianfan_ocr", "smolvlm", "step3p7"}
 
 

@@ -2,10 +2,12 @@
 imitations of them. The processors are the real classes, built offline around a word-level tokenizer holding
 each family's markers; the models are tiny and random, with the tokenizer's ids in their configs. Images:
 Gemma3 (newlines around every image; pan-and-scan crops), Idefics3 (tiles in rows, each row ended by a newline,
-then a global view). Videos (their processors need torchvision, which the test extra installs): Qwen2.5-VL
-(a video one selection), and the layouts that write words between a video's frames, which must be no question
+then a global view), Molmo2 (two views, each row of patches ended by a column token no config names). Videos
+(their processors need torchvision, which the test extra installs): Qwen2.5-VL (a video one selection), and the
+layouts that write words between a video's frames, which must be no question
 text: timestamps (Qwen3-VL, Gemma 4, Muse Glimmer, VideoLLaMA3, GLM-4.1V, Cosmos3-Edge, Cohere Compass, LFM3-VL)
-and frame labels (InternVL, Kimi-K2.5, SmolVLM, Nemotron-H Omni's tubelets)."""
+and frame labels (InternVL, Kimi-K2.5, SmolVLM, Nemotron-H Omni's tubelets); Molmo2's frame times inside a
+video that is one selection."""
 from __future__ import annotations
 
 import inspect
@@ -740,10 +742,82 @@ def test_nemotron_h_omni_tubelet_labels_are_no_question():
     assert [tokenizer.convert_tokens_to_string(p) for p in untokenized] == [stays] * (frames // 2)
 
 
+MOLMO2_MARKERS = ["<im_patch>", "<im_col>", "<im_start>", "<low_res_im_start>", "<frame_start>", "<im_end>",
+                  "<frame_end>", "<im_low>", "<|image|>", "<|video|>"]
+
+
+def _molmo2(corpus: list[str]):
+    """A tiny random Molmo2 (the tiny builder's config, this tokenizer's ids) with the real processor classes:
+    16 px crops of 4 px patches, pooled 2x2; a byte-level BPE trained on ``corpus`` and frame times."""
+    import torchvision  # noqa: F401  (its video processor needs it: an error here, not a skip)
+
+    if not hasattr(transformers, "Molmo2Processor"):
+        pytest.skip(f"transformers {transformers.__version__} has no Molmo2")
+    from zspa_kernels.integrations.transformers.tiny import molmo2
+
+    tokenizer = _bpe_tokenizer(MOLMO2_MARKERS, corpus + [f"{t / 2:.1f} " for t in range(20)])
+    tokenizer.image_token, tokenizer.video_token = "<|image|>", "<|video|>"
+    module, sizes = transformers.models.molmo2, dict(size={"height": 16, "width": 16}, patch_size=4, pooling_size=[2, 2])
+    processor = transformers.Molmo2Processor(
+        image_processor=module.Molmo2ImageProcessor(max_crops=4, overlap_margins=[1, 1], **sizes),
+        video_processor=module.Molmo2VideoProcessor(do_rescale=True, do_normalize=True, **sizes), tokenizer=tokenizer)
+    ids = tokenizer.convert_tokens_to_ids
+    config = molmo2().model.config.to_dict()
+    config["text_config"].update(vocab_size=len(tokenizer), additional_vocab_size=0, pad_token_id=tokenizer.pad_token_id)
+    config.update(image_start_token_id=ids("<im_start>"), low_res_image_start_token_id=ids("<low_res_im_start>"),
+                  image_end_token_id=ids("<im_end>"), image_patch_id=ids("<im_patch>"),
+                  frame_start_token_id=ids("<frame_start>"), frame_end_token_id=ids("<frame_end>"))
+    torch.manual_seed(0)
+    return transformers.Molmo2ForConditionalGeneration(transformers.Molmo2Config(**config)).eval(), processor, tokenizer
+
+
+def test_molmo2_images_are_one_budget_and_their_column_tokens_are_no_question():
+    """Molmo2's processor writes an image as its low-res view, then its high-res one, each row of patches
+    ended by a column token that no config names: each image (both views) is a selection, and the column
+    token after its last row is no question text, with or without a tokenizer (the processor's token types
+    mark it). Without them, a question before its image gave way to that one token."""
+    before, after = "What is in the picture?", " Describe the image in one sentence."
+    model, processor, tokenizer = _molmo2([before + after])
+    gen = torch.Generator().manual_seed(0)
+    inputs = processor(text=[f"{before} <|image|>", f"<|image|>{after}"], images=[[_photo(30, 40, gen)], [_photo(40, 24, gen)]],
+                       padding=True, return_tensors="pt")
+    grids = inputs["image_grids"]
+    selections = _selections(model, inputs, processor)
+    assert [(s.batch_row, s.n_tokens) for s in selections] == [
+        (r, int(g[0] * g[1] + g[2] * g[3])) for r, g in enumerate(grids)]
+    prompts = [tokenizer.convert_tokens_to_string(_prompt_words(tokenizer, inputs, s)) for s in selections]
+    assert prompts == [before, after]
+    with torch.no_grad(), zspa_kernels.prune(model, keep=4) as handle:
+        model(**inputs)
+    untokenized = [tokenizer.convert_tokens_to_string(_prompt_words(tokenizer, inputs, s)) for s in handle.last_selection]
+    assert untokenized == [f"<s>{before} ", after]  # no marker; its bos and the blank, which a tokenizer tells
+
+
+def test_molmo2_videos_are_one_budget_and_their_frame_times_are_no_question():
+    """Molmo2's processor writes a video as each frame's time, ``0.5 ``, then ``<frame_start>`` its patch tokens
+    ``<frame_end>``: a video is one selection, its inner times inside it, and with a tokenizer its first time is
+    no question text either (a question before the video was ranked by it); without one it stays."""
+    from transformers.video_utils import VideoMetadata
+
+    before, after, frames = "What is in the picture?", " Describe the video in one sentence.", 4
+    model, processor, tokenizer = _molmo2([before + after])
+    metadata = [VideoMetadata(total_num_frames=frames, fps=2, frames_indices=list(range(frames)))] * 2
+    inputs = processor(text=[f"{before} <|video|>", f"<|video|>{after}"], videos=[_video(frames, 32, 32)] * 2,
+                       padding=True, return_tensors="pt", videos_kwargs=dict(video_metadata=metadata, do_sample_frames=False))
+    text = tokenizer.decode(inputs["input_ids"][0])
+    assert f"{before} 0.0 <frame_start>" in text and "<frame_end> 1.5 <frame_start>" in text  # the times, as text
+    selections, prompts, untokenized = _video_prompts(model, inputs, processor, tokenizer)
+    assert [(s.batch_row, s.n_tokens) for s in selections] == [(r, int(g.prod())) for r, g in enumerate(inputs["video_grids"])]
+    assert [tokenizer.convert_tokens_to_string(p) for p in prompts] == [before, after]
+    assert [tokenizer.convert_tokens_to_string(p) for p in untokenized] == [f"<s>{before} 0.0 ", after]
+
+
 def test_the_label_search_finds_the_fewest_tokens_that_decode_to_each_label():
-    """The decode search (bisection on the decoded length, then a check) gives what decoding every suffix
-    gives: the fewest last tokens that decode to the timestamp or label, markers after it counted in, or
-    0. Random labels of every processor's format, after random words, on a byte-level BPE."""
+    """The decode search (bisection on the decoded length, then a check) gives what decoding suffix after
+    suffix gives: the fewest last tokens that decode to the whole timestamp or label (from the first
+    character of the one the window's text ends with: ``14.5``, not ``4.5``), markers after it counted in;
+    where no suffix decodes to just that, the fewest that decode to a label; or 0. Random labels of every
+    processor's format, after random words, on a byte-level BPE."""
     import random
     import re
 
@@ -756,17 +830,21 @@ def test_the_label_search_finds_the_fewest_tokens_that_decode_to_each_label():
         families.TIMESTAMP: lambda t: f"<{t / 2:.1f} seconds>", families.MINUTES_SECONDS: lambda t: f"{t // 60:02d}:{t % 60:02d} ",
         families.TIME_SECONDS: lambda t: f"Time: {t / 2:.1f}s", families.TIME_SECONDS_COLON: lambda t: f",Time {t}.0s:",
         families.FRAME_LABEL: lambda t: f"Frame{t}:", families.FRAME_FROM: lambda t: f"Frame from 00:{t:02d}: <img>",
-        families.CHUNK_LABEL: lambda t: f"00:00:{t:02d}.500<img>video"}
+        families.CHUNK_LABEL: lambda t: f"00:00:{t:02d}.500<img>video", families.FRAME_TIME: lambda t: f"{t / 2:.1f} <img>"}
     words = "What is in the picture frame? Describe the video at 10 seconds: in one sentence, 2.50 from".split()
     corpus = [" ".join(words)] + [label(t) for label in labels.values() for t in range(0, 40, 3)]
     tokenizer = _bpe_tokenizer(["<img>", "</img>"], corpus)
 
     def every_suffix(ids, stamp, window):
         ids = ids[-window:]
-        if not re.search(f"(?:{stamp.pattern})\\s*$", tokenizer.decode(ids, skip_special_tokens=True)):
+        decoded = [tokenizer.decode(ids[-n:], skip_special_tokens=True) for n in range(len(ids) + 1)]
+        found = re.search(f"(?:{stamp.pattern})\\s*$", decoded[-1])
+        if not found:
             return 0
-        return next((n for n in range(1, len(ids) + 1)
-                     if stamp.fullmatch(tokenizer.decode(ids[-n:], skip_special_tokens=True).strip())), 0)
+        whole = next(n for n in range(1, len(ids) + 1) if len(decoded[n]) >= len(decoded[-1]) - found.start())
+        if stamp.fullmatch(decoded[whole].strip()):
+            return whole
+        return next((n for n in range(1, len(ids) + 1) if stamp.fullmatch(decoded[n].strip())), 0)
 
     found = 0
     for _ in range(400):

@@ -190,7 +190,7 @@ class CrossAttentionPruneHandle(PruneHandle):
         real_h = to_host(real)  # there once the sync below returns
         mask = _mask_2d(kwargs.get("attention_mask"), B, L, device)
         # The one host sync: the prompt's tokens, and the tiles of every image.
-        ids_h, mask_h, labels_h = self._host_copy(inputs, ids, mask, device)
+        ids_h, mask_h, labels_h, _ = self._host_copy(inputs, ids, mask, device)  # no typed markers
         marks_h = torch.isin(ids_h, torch.tensor(self.visual_ids, dtype=ids_h.dtype))
         mark_rows, mark_cols = marks_h.nonzero(as_tuple=True)
         prompt_h = self._prompt_tokens(ids_h, marks_h, mask_h, mark_rows.tolist(), list(mark_cols[:, None]),

@@ -88,6 +88,10 @@ class Family:
     # the processor writes a video's frames with the image token (Nemotron-H Omni's tubelets, whatever its
     # config's video_token_id says): every run is given, as where the config names no video token.
     frame_token_attr: Optional[str] = "video_token_id"
+    # True where the caller's token types (``token_types_arg``, nonzero) mark every token the processor
+    # writes for an image or video, its markers and separators too (Molmo2's column tokens, which no
+    # config names): none of them is question text, with or without a tokenizer.
+    typed_markers: bool = False
 
     def __post_init__(self):
         # Its decode steps reach the hooks as ids, not embeddings: a mask builder would be handed ids.
@@ -291,6 +295,7 @@ FRAME_FROM = re.compile(r"Frame from \d{2}:\d{2}:(\s*<[^<>\s]+>)*")
 TUBELET_LABEL = re.compile(r"Frame \d+( sampled at \d+\.\d+ seconds)?( and frame \d+( sampled at \d+\.\d+ seconds)?)*:"
                            r"(\s*<[^<>\s]+>)*")
 TUBELET_WINDOW = 64
+FRAME_TIME = re.compile(r"\d+\.\d")  # Molmo2's, "0.5 " before each frame's <frame_start>
 
 
 @torch.compiler.disable  # host-side tokenizer calls: nothing for Dynamo to trace
@@ -298,9 +303,11 @@ def _timestamp_before(tokenizer, ids: list[int], stamp: re.Pattern = TIMESTAMP, 
     """How many of the last tokens of ``ids`` (at most ``window``) decode to a timestamp or label (``stamp``);
     0: none. Special tokens (markers) decode to nothing: those between the timestamp and the frame are
     counted in. One decode where the last ``window`` tokens do not end with one (an image without a label,
-    the usual case); else the fewest tokens that decode to it, found by bisection on the decoded length (a
-    longer suffix decodes no shorter: some 2 + log2(window) decodes, not one per token of a long label),
-    checked, and searched token by token where the check fails (a tokenizer that decodes a suffix otherwise)."""
+    the usual case); else the fewest tokens that decode to the whole of it (from the first character of the
+    match the window's text ends with: Molmo2's ``14.5``, not ``4.5``), found by bisection on the decoded
+    length (a longer suffix decodes no shorter: some 2 + log2(window) decodes, not one per token of a long
+    label), checked, and searched token by token where the check fails (a token holding the label's first
+    character and text before it, or a tokenizer that decodes a suffix otherwise)."""
     tail = ids[-window:]
 
     def decoded(n: int) -> str:
@@ -389,6 +396,24 @@ def _labelled_frame_spans(label: re.Pattern, window: int = 16) -> Callable[..., 
                 found.append((row, start - n, int(cols[-1])))
         return found
     return spans
+
+
+def _molmo2_video_spans(config, inputs: dict, ids: torch.Tensor, frames: list, tokenizer=None
+                        ) -> list[tuple[int, int, int]]:
+    """Molmo2's processor writes a video as each frame's time, ``0.5 ``, then ``<frame_start>`` its patch
+    tokens ``<frame_end>``, joined by spaces: a video is one budget (``frames``: every image and video, its
+    frames' times inside it), and with a tokenizer it spans from its first time (decoded) too. Images
+    start with other markers; a processor that writes frames between image markers
+    (``use_frame_special_tokens=False``) keeps the first time."""
+    if tokenizer is None:
+        return []
+    found = []
+    for row, cols, bound in frames:
+        start = int(cols[0])
+        if start - 1 > bound and int(ids[row, start - 1]) == config.frame_start_token_id:
+            start -= _timestamp_before(tokenizer, ids[row, bound:start].tolist(), FRAME_TIME)
+            found.append((row, start, int(cols[-1])))
+    return found
 
 
 def _marked_video_spans(config, inputs: dict, ids: torch.Tensor, frames: list, tokenizer=None) -> list[tuple[int, int, int]]:
@@ -949,9 +974,11 @@ FAMILIES: tuple[Family, ...] = (
     Family("MiniCPM-V 4.7", ("minicpmv4_7",), visual_token_attrs=("image_token_id", "video_token_id")),
     # An image is its low-res view then its high-res one, each row of patch tokens ended by a column
     # token: one budget an image (both views), as generate() passes the images encoded, one entry an
-    # image. Every image token of a row is in one bidirectional block (mm_token_type_ids).
+    # image. A video (its frames with the image patch token, each after its time) is one budget. Every
+    # image token of a row is in one bidirectional block (mm_token_type_ids).
     Family("Molmo2", ("molmo2",), image_token_counts=_molmo2_counts, build_mask=_molmo2_masks,
-           token_types_arg="mm_token_type_ids"),
+           token_types_arg="mm_token_type_ids", typed_markers=True, video_spans=_molmo2_video_spans,
+           frame_token_attr=None),
     # LFM3-VL: Qwen3-VL's token layout (each video frame in its own markers) on 1-D positions; its
     # text model's short convolutions run over the kept tokens, its sliding windows count cache slots.
     Family("LFM3-VL", ("lfm3_vl",), visual_token_attrs=("image_token_id", "video_token_id"),

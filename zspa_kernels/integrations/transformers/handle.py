@@ -604,16 +604,25 @@ class PruneHandle:
         return counts
 
     def _host_copy(self, inputs: dict, ids: torch.Tensor, mask: torch.Tensor, device):
-        """The prefill's one host sync: ``(ids, mask, labels)`` on the host, one copy; ``labels`` are
-        the caller's (the wrapper's, or the base model's where it takes them), None when none were given."""
+        """The prefill's one host sync: ``(ids, mask, labels, marked)`` on the host, one copy; ``labels``
+        are the caller's (the wrapper's, or the base model's where it takes them), None when none were
+        given; ``marked``: the positions the caller's token types mark as the processor's image tokens
+        (``Family.typed_markers``), None where the family's types do not or none were given."""
         labels = self._given_labels if self._given_labels is not None else inputs.get("labels")
         if not isinstance(labels, torch.Tensor):
             labels = None
         elif labels.shape != ids.shape:
             raise ValueError(f"labels: expected the shape of input_ids, {tuple(ids.shape)}, got {tuple(labels.shape)}")
-        rows = [ids.to(device), mask.to(ids.dtype)] + ([] if labels is None else [labels.to(device, ids.dtype)])
+        types = inputs.get(self.family.token_types_arg) if self.family.typed_markers else None
+        if not isinstance(types, torch.Tensor):
+            types = None
+        elif types.shape != ids.shape:
+            raise ValueError(f"{self.family.token_types_arg}: expected the shape of input_ids, {tuple(ids.shape)}, "
+                             f"got {tuple(types.shape)}")
+        rows = [ids.to(device), mask.to(ids.dtype)] + [t.to(device, ids.dtype) for t in (labels, types) if t is not None]
         host = torch.stack(rows).cpu()
-        return host[0], host[1], None if labels is None else host[2]
+        return (host[0], host[1], None if labels is None else host[2],
+                None if types is None else host[-1] != 0)
 
     def _video_spans(self, ids_h, rows, cols, inputs) -> list[tuple[int, int, int]]:
         """The family's (row, first, last) span of each video, from its frames (``video_spans``)."""
@@ -628,7 +637,7 @@ class PruneHandle:
             previous[r] = int(c[-1]) + 1
         return self.family.video_spans(self.config, inputs, ids_h, frames, self._tokenizer)
 
-    def _prompt_tokens(self, ids_h, visual_h, mask_h, rows, cols, labels_h=None, spans=()):
+    def _prompt_tokens(self, ids_h, visual_h, mask_h, rows, cols, labels_h=None, spans=(), marked_h=None):
         """Which positions form the prompt vector (host bool ``(B, L)``).
 
         ``all_text``: every attended token that is neither visual nor inside an image
@@ -642,6 +651,8 @@ class PruneHandle:
 
         ``spans``: (row, first, last) of each video whose processor writes text between its
         frames (Qwen3-VL's timestamps): inside it, as row breaks are inside an image.
+        ``marked_h``: the processor's image tokens by the caller's token types (``_host_copy``): no
+        question text, as the markers the config names are not.
 
         ``labels_h`` (training): in a row whose question text is part labelled (``!= -100``)
         and part not, the labelled part is the answer, and no prompt in either mode: the
@@ -657,6 +668,8 @@ class PruneHandle:
         if self.prompt == "all_text" and labels_h is None:
             return text
         question = text & ~torch.isin(ids_h, self.special_ids)
+        if marked_h is not None:
+            question &= ~marked_h
         if self._tokenizer is not None:
             blank = blank_token_ids(self._tokenizer, ids_h[question].unique().tolist(), self._blank)
             question &= ~torch.isin(ids_h, torch.tensor(blank, dtype=ids_h.dtype))
@@ -691,13 +704,13 @@ class PruneHandle:
         mask = _mask_2d(kwargs.get("attention_mask"), B, L, device)
         sizing = _count_inputs_on_host(inputs)  # there once the sync below returns
         # The one host sync: where the images are, and which tokens form the prompt.
-        ids_h, mask_h, labels_h = self._host_copy(inputs, ids, mask, device)
+        ids_h, mask_h, labels_h, marked_h = self._host_copy(inputs, ids, mask, device)
         visual_h = torch.isin(ids_h, torch.tensor(self.visual_ids, dtype=ids_h.dtype))
         if not visual_h.any():  # a text-only prompt: nothing to select (and no images to size)
             return
         rows, cols = self._find_images(ids_h, visual_h, sizing)
         prompt_h = self._prompt_tokens(ids_h, visual_h, mask_h, rows, cols, labels_h,
-                                       self._video_spans(ids_h, rows, cols, sizing))
+                                       self._video_spans(ids_h, rows, cols, sizing), marked_h)
         prompt_pos, prompt_valid, prompt_tokens = self._prompt_positions(prompt_h, rows, device)
         features = embeds if self.family.select_on is None else self.family.select_on(kwargs, embeds)
         prompt = features.gather(1, prompt_pos[..., None].expand(-1, -1, D))
