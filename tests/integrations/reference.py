@@ -13,6 +13,17 @@ import zspa_kernels
 from zspa_kernels.integrations.transformers.families import find_family, split_model
 
 
+def source_site(function, text: str) -> tuple[str, str]:
+    """(file name, stripped source line) of the one line of ``function`` that holds ``text``: a sync
+    site as the GPU tests name them (the file and line a synchronising call's warning points at),
+    read from the code itself so that an edit of that line cannot leave a test naming a line gone."""
+    import pathlib
+
+    lines = [line.strip() for line in inspect.getsource(function).splitlines() if text in line]
+    assert len(lines) == 1, (function, text, lines)
+    return pathlib.Path(inspect.getsourcefile(function)).name, lines[0]
+
+
 def cache_arg(model, cache) -> dict:
     """``cache`` as the keyword this transformers version takes (5.24 renamed it)."""
     return {"cache" if "cache" in inspect.signature(model.forward).parameters

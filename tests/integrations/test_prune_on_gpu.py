@@ -20,11 +20,12 @@ transformers = pytest.importorskip("transformers")
 import zspa_kernels  # noqa: E402
 from fp64_oracle import Row, replay  # noqa: E402
 from helpers import TOLERANCE  # noqa: E402
+from zspa_kernels.integrations.transformers import handle as handle_module  # noqa: E402
 from zspa_kernels.integrations.transformers import kv_cache  # noqa: E402
 from zspa_kernels.integrations.transformers.handle import PruneHandle  # noqa: E402
 from zspa_kernels.integrations.transformers.tiny import BUILDERS  # noqa: E402
 
-from .reference import assert_same_generation, pruned_generation  # noqa: E402
+from .reference import assert_same_generation, pruned_generation, source_site  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -96,10 +97,11 @@ def test_fused_backends_prune_like_the_reference_on_the_gpu(tiny, backend, monke
 
 # The host sync the prefill hook may make (handle.py's docstring): the one copy of the ids and
 # the mask to the host (the inputs that size the images arrive with it, copied asynchronously).
-DOCUMENTED_SYNCS = {("handle.py", "host = torch.stack([ids.to(device), mask]).cpu()")}
+HOST_COPY = source_site(PruneHandle._host_copy, ".cpu()")
+DOCUMENTED_SYNCS = {HOST_COPY}
 # And right before them, once a prompt, a static cache's length (a device tensor), where the cache
 # is already allocated (a reused one; a new one's length is a host 0 until its first update).
-STATIC_LENGTH_READ = ("handle.py", "return bool(cache.get_seq_length() == 0)")
+STATIC_LENGTH_READ = source_site(handle_module._is_empty, "== 0")
 
 
 class _SyncWatch:
@@ -166,7 +168,7 @@ def test_the_hooks_wait_for_the_gpu_only_where_documented(tiny, backend, cache, 
         tiny.model.generate(**inputs, **gen)
     assert prefill.calls == 1 and decode.calls == 2 and handle.last_selection, (prefill.calls, decode.calls)
     assert prefill.ours and set(prefill.ours) <= DOCUMENTED_SYNCS, prefill.ours
-    assert prefill.ours.count(("handle.py", "host = torch.stack([ids.to(device), mask]).cpu()")) == 1, prefill.ours
+    assert prefill.ours.count(HOST_COPY) == 1, prefill.ours
     assert decode.ours == [] and base.ours == [], (decode.ours, base.ours)
     # The language model's hook around them: the prefill's syncs, at most one length read (at the
     # prefill: three calls would read three times), nothing else.
