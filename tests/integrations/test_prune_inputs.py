@@ -203,17 +203,6 @@ def test_question_before_the_image_forms_the_prompt():
     assert torch.equal(sel.kept, relevance.topk(KEEP).indices.sort().values)
 
 
-# Families whose tiny inputs hold markers that no config names: only ``tokenizer=`` tells them
-# from the question (README: "pass tokenizer="). PaliGemma's is the newline that closes its prompt:
-# ordinary text in its tokenizer, which decodes it to whitespace alone: dropped once it is given.
-MARKERS_ONLY_IN_TOKENIZER = {
-    "apertus1p5", "aya_vision", "chameleon", "chameleon_swin", "cohere2_vision", "dots3_note", "emu3", "fuyu", "got_ocr2",
-    "granite_docling", "granite_docling_fine", "hy_v4_vl", "idefics2", "idefics3", "internvl", "janus",
-    "lfm2_vl", "llama4", "llava_pixtral", "minicpm_ocr", "minicpmv4_6", "mistral3", "mistral3_mistral4",
-    "mistral_large4", "muse_glimmer", "muse_spark", "nemotron_h_omni", "paligemma", "paligemma2",
-    "qianfan_ocr", "smolvlm", "step3p7"}
-
-
 def _tokenizer(special_from: int, size: int):
     """A real fast tokenizer over ``size`` made-up words whose ids from ``special_from`` up are
     added tokens marked special under no special-token name, as checkpoints add their image
@@ -231,26 +220,35 @@ def _tokenizer(special_from: int, size: int):
 @torch.no_grad()
 def test_the_question_holds_no_marker_that_the_config_or_the_tokenizer_names(name):
     """The tiny inputs draw question text from ``TEXT_IDS`` and give markers ids past it. Without
-    a tokenizer, the question of every row holds text only, except in the families whose markers
-    only their tokenizer names (then some marker is there: the list above is exact). With a
-    tokenizer (or the processor holding it) whose added special tokens are the ids past the text,
-    every family's question is text only, and never empty."""
+    a tokenizer, the question of every row holds text only, except in the families whose processors
+    write markers that only their tokenizer names (``Family.unnamed_markers``: then some marker is
+    there, and prune() warns of it; the flag is exact). With a tokenizer (or the processor holding
+    it) whose added special tokens are the ids past the text, every family's question is text only,
+    and never empty, and nothing warns; nor does ``prompt="all_text"``, which takes every token."""
+    from zspa_kernels.integrations.transformers.families import find_family
+
     tiny = BUILDERS[name]()
     inputs = tiny.make_inputs(tiny.batch)
     ids = inputs["input_ids"]
 
-    def not_text(**tokenizer) -> set[int]:
-        with zspa_kernels.prune(tiny.model, keep=2, **tokenizer) as handle:
+    def not_text(prompt="question", **tokenizer) -> tuple[set[int], bool]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            handle = zspa_kernels.prune(tiny.model, keep=2, prompt=prompt, **tokenizer)
+        warned = any("tokenizer=processor" in str(w.message) for w in caught)
+        with handle:
             tiny.model(**inputs)
         assert handle.last_selection and all(s.prompt_tokens.numel() for s in handle.last_selection)
         return {int(i) for s in handle.last_selection for i in ids[s.batch_row, s.prompt_tokens]
-                if not TEXT_IDS[0] <= i < TEXT_IDS[1]}
+                if not TEXT_IDS[0] <= i < TEXT_IDS[1]}, warned
 
-    assert bool(not_text()) == (name in MARKERS_ONLY_IN_TOKENIZER), not_text()
+    markers, warned = not_text()
+    assert bool(markers) == warned == find_family(tiny.model).writes_unnamed_markers(tiny.model.config), markers
+    assert not not_text("all_text")[1]
     tokenizer = _tokenizer(TEXT_IDS[1], int(ids.max()) + 1)
-    assert not_text(tokenizer=tokenizer) == set()
+    assert not_text(tokenizer=tokenizer) == (set(), False)
     processor = type("Processor", (), {"tokenizer": tokenizer})()  # what a processor holds
-    assert not_text(tokenizer=processor) == set()
+    assert not_text(tokenizer=processor) == (set(), False)
 
 
 @pytest.mark.parametrize("name", list(BUILDERS))

@@ -742,6 +742,43 @@ def test_nemotron_h_omni_tubelet_labels_are_no_question():
     assert [tokenizer.convert_tokens_to_string(p) for p in untokenized] == [stays] * (frames // 2)
 
 
+def test_mistral3_image_rows_are_one_budget_and_without_a_tokenizer_prune_warns_of_its_end_marker():
+    """Pixtral's processor (Mistral3's, Pixtral-12B's) writes an image as rows of ``[IMG]`` tokens, each row
+    ended by ``[IMG_BREAK]`` and the last by ``[IMG_END]``, neither named by the config: an image is one
+    selection, its row breaks inside it. Without a tokenizer the end marker counts as question text: a
+    question written before its image gave way to it (and to the template's ``[/INST]``), so prune() warns."""
+    from zspa_kernels.integrations.transformers.tiny import mistral3
+
+    markers = ["[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]"]
+    tokenizer = _tokenizer(markers, plain=[])
+    processor = transformers.PixtralProcessor(
+        image_processor=_image_processor("PixtralImageProcessor", size={"longest_edge": 16}, patch_size=2),
+        tokenizer=tokenizer, patch_size=2, spatial_merge_size=2, image_token="[IMG]", image_break_token="[IMG_BREAK]",
+        image_end_token="[IMG_END]")
+    config = mistral3().model.config.to_dict()
+    config["text_config"].update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    image = tokenizer.convert_tokens_to_ids("[IMG]")
+    config.update(image_token_index=image, image_token_id=image, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = transformers.Mistral3ForConditionalGeneration(transformers.Mistral3Config(**config)).eval()
+    gen = torch.Generator().manual_seed(0)
+    before, after = "w44 w39 w53 w0", "w43 w39 w7"
+    inputs = processor(text=[f"[INST]{before} [IMG][/INST]", f"[INST][IMG] {after}[/INST]"],
+                       images=[[_photo(20, 28, gen)], [_photo(28, 16, gen)]], padding=True, return_tensors="pt")
+    words = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0].tolist())
+    assert "[IMG_BREAK]" in words and words[-2:] == ["[IMG_END]", "[/INST]"]
+    selections = _selections(model, inputs, processor)
+    rows = inputs["input_ids"]
+    assert [(s.batch_row, s.n_tokens) for s in selections] == [(r, int((rows[r] == image).sum())) for r in range(2)]
+    assert [_prompt_words(tokenizer, inputs, s) for s in selections] == [before.split(), after.split()]
+    with pytest.warns(UserWarning, match=r"Mistral3 processors write image markers .*tokenizer=processor"):
+        handle = zspa_kernels.prune(model, keep=4)
+    with torch.no_grad(), handle:
+        model(**inputs)
+    assert [_prompt_words(tokenizer, inputs, s) for s in handle.last_selection] == [
+        ["[IMG_END]", "[/INST]"], ["[IMG_END]", *after.split(), "[/INST]"]]
+
+
 MOLMO2_MARKERS = ["<im_patch>", "<im_col>", "<im_start>", "<low_res_im_start>", "<frame_start>", "<im_end>",
                   "<frame_end>", "<im_low>", "<|image|>", "<|video|>"]
 

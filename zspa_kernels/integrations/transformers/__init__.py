@@ -1,6 +1,7 @@
 """ZSPAPrune for Hugging Face transformers VLMs: ``zspa_kernels.prune(model, ...)``."""
 from __future__ import annotations
 
+import warnings
 from typing import Union
 
 import torch
@@ -49,7 +50,8 @@ def prune(
             between rows of tiles) are also left out of ``"question"``, and so is the
             timestamp before a Qwen3-VL video's first frame. Image markers that
             the config does not name (most families' tile, slice and begin/end markers) are
-            known only to it.
+            known only to it: where the family's processors write such markers
+            (``Family.unnamed_markers``), ``prompt="question"`` without it warns.
 
     Returns:
         A :class:`PruneHandle`: a context manager with ``.remove()``; after each pruned
@@ -65,7 +67,13 @@ def prune(
         model = wrapped
     family = find_family(model)
     handle = CrossAttentionPruneHandle if family.cross_attention else PruneHandle
-    return handle(model, family, keep, core_ratio, relevance, prompt, backend, tokenizer)
+    handle = handle(model, family, keep, core_ratio, relevance, prompt, backend, tokenizer)
+    if prompt == "question" and tokenizer is None and family.writes_unnamed_markers(model.config):
+        warnings.warn(f"prune(): {family.name} processors write image markers (or row breaks) that model.config "
+                      "does not name; without tokenizer= they count as question text, and a question written "
+                      "before its image can then be ranked by them alone: pass the processor, "
+                      "prune(model, ..., tokenizer=processor)", UserWarning, stacklevel=2)
+    return handle
 
 
 __all__ = ["prune", "PruneHandle", "ImageSelection", "FAMILIES", "kv_cache"]

@@ -92,12 +92,21 @@ class Family:
     # writes for an image or video, its markers and separators too (Molmo2's column tokens, which no
     # config names): none of them is question text, with or without a tokenizer.
     typed_markers: bool = False
+    # True where the family's processors write image markers that its config does not name (tile, row,
+    # begin/end markers), or a function of the model's config saying so (LLaVA: Pixtral-tower checkpoints'
+    # [IMG_BREAK]/[IMG_END]): only ``tokenizer=`` tells them from question text, so ``prune()`` warns
+    # when ``prompt="question"`` is asked without one (:meth:`writes_unnamed_markers`).
+    unnamed_markers: Union[bool, Callable[[Any], bool]] = False
 
     def __post_init__(self):
         # Its decode steps reach the hooks as ids, not embeddings: a mask builder would be handed ids.
         if self.embed is not None and self.build_mask is not None:
             raise ValueError(f"Family {self.name!r}: a family that embeds its input_ids itself (embed) "
                              "cannot build its masks (build_mask); its decode steps carry no embeddings")
+
+    def writes_unnamed_markers(self, config) -> bool:
+        """Whether this model's processor writes image markers its config does not name (``unnamed_markers``)."""
+        return bool(self.unnamed_markers(config) if callable(self.unnamed_markers) else self.unnamed_markers)
 
     def weighs_router_logits(self) -> bool:
         """Whether the installed transformers' wrapper turns router logits into a loss (router_loss)."""
@@ -820,13 +829,19 @@ def _chameleon_embed(model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return args, kwargs
 
 
+def _pixtral_tower(config) -> bool:
+    """LLaVA checkpoints on a Pixtral tower (Pixtral-12B): their processor ends each row of image tokens
+    with ``[IMG_BREAK]`` and the image with ``[IMG_END]``, which the config does not name."""
+    return getattr(getattr(config, "vision_config", None), "model_type", None) == "pixtral"
+
+
 FAMILIES: tuple[Family, ...] = (
-    Family("LLaVA-1.5", ("llava",), image_token_counts=_tower_counts),
+    Family("LLaVA-1.5", ("llava",), image_token_counts=_tower_counts, unnamed_markers=_pixtral_tower),
     # LLaVA-1.5's layout; its projector reads several tower layers.
     Family("VipLLaVA", ("vipllava",), image_token_counts=_tower_counts),
     # LLaVA's layout; a convolutional tower (FastViTHD) of a fixed token count an image.
     Family("FastVLM", ("fast_vlm",), image_token_counts=_tower_counts),
-    Family("Mistral3", ("mistral3",), image_token_counts=_tower_counts),
+    Family("Mistral3", ("mistral3",), unnamed_markers=True, image_token_counts=_tower_counts),
     # Ovis2: each tile of an image (and its global view) is a run between the visual indicator
     # markers, and its own budget (like Idefics3); the markers are embedded from the visual table.
     Family("Ovis2", ("ovis2",)),
@@ -837,33 +852,34 @@ FAMILIES: tuple[Family, ...] = (
     Family("Aria", ("aria",), image_token_counts=_tower_counts),
     # GOT-OCR2: an image's crops (a multi-page prompt's pages) are one run between <img> markers, a fixed
     # count each: each crop its own budget.
-    Family("GOT-OCR2", ("got_ocr2",), image_token_counts=_tower_counts),
+    Family("GOT-OCR2", ("got_ocr2",), unnamed_markers=True, image_token_counts=_tower_counts),
     # DeepSeek-VL (Hybrid: a second, high-resolution tower's features in the same tokens): a fixed count
     # an image, no markers of its own around it.
     Family("DeepSeek-VL", ("deepseek_vl", "deepseek_vl_hybrid"), image_token_counts=_tower_counts),
     # Janus (understanding: text out): each image between begin/end-of-image markers, one run.
-    Family("Janus", ("janus",)),
+    Family("Janus", ("janus",), unnamed_markers=True),
     # Granite-Docling: Idefics3's page layout (each tile, the thumbnail too, a run after its markers: its
     # own budget, of either connector path's count) around a Granite text model that adds a feature map
     # of some tower layers to the image tokens after its first layers (Qwen3-VL's deepstack, gathered).
-    Family("Granite-Docling", ("granite_docling",), lm_attr="text_model", on_prefill=_gather_deepstack),
+    Family("Granite-Docling", ("granite_docling",), unnamed_markers=True,
+           lm_attr="text_model", on_prefill=_gather_deepstack),
     # Mistral Large 4: Mistral3's layout around a text model whose sparse attention picks each query's
     # keys among the cached ones (the kept tokens) and whose queries are scaled by their positions (kept
     # original); its wrapper returns the router logits without a loss.
-    Family("Mistral Large 4", ("mistral_large4",), image_token_counts=_tower_counts),
+    Family("Mistral Large 4", ("mistral_large4",), unnamed_markers=True, image_token_counts=_tower_counts),
     # Step3p7: an image's local crops, then its global view, each a run between markers of its own, and its
     # own budget; Step3.5's text model (sliding windows that count cache slots, MoE without a loss).
-    Family("Step3p7", ("step3p7",)),
+    Family("Step3p7", ("step3p7",), unnamed_markers=True),
     # Qianfan-OCR: InternVL's model classes and layout (all of an image's tiles one run between <img>
     # markers: one budget), a Qwen3 text model.
-    Family("Qianfan-OCR", ("qianfan_ocr",)),
+    Family("Qianfan-OCR", ("qianfan_ocr",), unnamed_markers=True),
     # DeepSeek-OCR-2: an image's local crops, global view and view separator are one run of image tokens
     # without markers, of a count per image: each run one image, text between images.
     Family("DeepSeek-OCR-2", ("deepseek_ocr2",), image_token_counts=_one_run_per_image),
     # HY-V4-VL: Qwen2-VL's layout (each image, each video, one run between markers; a newline feature
     # ends each merged row) and 3-D positions; its sparse attention picks each query's keys among the
     # cached (kept) ones.
-    Family("HY-V4-VL", ("hy_v4_vl",), visual_token_attrs=("image_token_id", "video_token_id")),
+    Family("HY-V4-VL", ("hy_v4_vl",), unnamed_markers=True, visual_token_attrs=("image_token_id", "video_token_id")),
     # Any-resolution: counts differ per image; each run of image tokens is one image.
     Family("LLaVA-NeXT", ("llava_next",), image_token_counts=_one_run_per_image),
     # LLaVA-NeXT's any-resolution layout (a window Q-Former downsamples each tile); the image
@@ -950,27 +966,28 @@ FAMILIES: tuple[Family, ...] = (
     # sliding windows count cache slots (a pruned prompt's windows are of kept tokens).
     Family("EXAONE 4.5", ("exaone4_5",), visual_token_attrs=("image_token_id", "video_token_id")),
     # Each tile is a run between tile markers, and its own budget (like Idefics3).
-    Family("Aya Vision", ("aya_vision",), image_token_counts=_tower_counts),
-    Family("Cohere2 Vision", ("cohere2_vision",), image_token_counts=_tower_counts),
+    Family("Aya Vision", ("aya_vision",), unnamed_markers=True, image_token_counts=_tower_counts),
+    Family("Cohere2 Vision", ("cohere2_vision",), unnamed_markers=True, image_token_counts=_tower_counts),
     # <img> ... </img> around each image (all its tiles: one budget); video frames are images, each
     # after its "FrameN:" label.
-    Family("InternVL", ("internvl",), video_spans=_labelled_frame_spans(FRAME_LABEL)),
+    Family("InternVL", ("internvl",), unnamed_markers=True, video_spans=_labelled_frame_spans(FRAME_LABEL)),
     # Each crop of a split image (and its global view) is its own run and budget; SmolVLM's video frames
     # are images, each after its "Frame from MM:SS:" label.
-    Family("Idefics2", ("idefics2",), lm_attr="text_model",
+    Family("Idefics2", ("idefics2",), unnamed_markers=True, lm_attr="text_model",
            image_token_counts=_fixed_counts(lambda config: config.perceiver_config.resampler_n_latents)),
-    Family("Idefics3/SmolVLM", ("idefics3", "smolvlm"), lm_attr="text_model",
+    Family("Idefics3/SmolVLM", ("idefics3", "smolvlm"), unnamed_markers=True, lm_attr="text_model",
            image_token_counts=_fixed_counts(_idefics3_tile_tokens), video_spans=_labelled_frame_spans(FRAME_FROM)),
     # Each tile of a split image (and its thumbnail) is a run between markers: its own budget.
     # transformers 4.57 names it "lfm2-vl" (and so do checkpoints saved with it), and keeps the
     # convolution states in a cache class of its own that is no transformers Cache; from 5.0 the
     # DynamicCache of its config holds them.
-    Family("LFM2-VL", ("lfm2_vl", "lfm2-vl"), min_transformers=(5, 0)),
+    Family("LFM2-VL", ("lfm2_vl", "lfm2-vl"), unnamed_markers=True, min_transformers=(5, 0)),
     # An image is its thumbnail between image markers, then its slices (tiles) between slice markers;
     # a video frame is a thumbnail (and slices) of video tokens: each crop a run, and its own budget
     # (as Idefics3's tiles). Qwen3.5's text model, on 1-D positions (MiniCPM-OCR: 4.6's model, "4x"
     # by default); MiniCPM-V 4.7's canvas M-RoPE positions are Qwen's: computed before the hooks, kept.
-    Family("MiniCPM-V 4.6", ("minicpmv4_6", "minicpm_ocr"), visual_token_attrs=("image_token_id", "video_token_id")),
+    Family("MiniCPM-V 4.6", ("minicpmv4_6", "minicpm_ocr"), unnamed_markers=True,
+           visual_token_attrs=("image_token_id", "video_token_id")),
     Family("MiniCPM-V 4.7", ("minicpmv4_7",), visual_token_attrs=("image_token_id", "video_token_id")),
     # An image is its low-res view then its high-res one, each row of patch tokens ended by a column
     # token: one budget an image (both views), as generate() passes the images encoded, one entry an
@@ -1017,7 +1034,7 @@ FAMILIES: tuple[Family, ...] = (
            image_token_counts=_fixed_counts(lambda config: config.mm_tokens_per_image),
            build_mask=_gemma3_masks),
     # PaliGemma and PaliGemma 2: every image ahead of the prompt, back to back, a fixed count each.
-    Family("PaliGemma", ("paligemma",),
+    Family("PaliGemma", ("paligemma",), unnamed_markers=True,
            image_token_counts=_fixed_counts(lambda config: config.text_config.num_image_tokens),
            build_mask=_paligemma_masks, refuse_config=_paligemma_refusal),
     # Each image (each video frame, after its "MM:SS" timestamp) between its own begin/end-of-image
@@ -1044,7 +1061,8 @@ FAMILIES: tuple[Family, ...] = (
     # whose decoder (Mamba-2, attention and MoE layers) the hooks run; each image between <img> markers, one
     # run and budget. A video's tubelets are images to its processor (the image token, each after its label:
     # no question text). Its own video pruning (EVS) drops video tokens inside the wrapper: refused.
-    Family("Nemotron-H Omni", ("nemotron_h_omni",), lm_attr="language_model.model", frame_token_attr=None,
+    Family("Nemotron-H Omni", ("nemotron_h_omni",), unnamed_markers=True,
+           lm_attr="language_model.model", frame_token_attr=None,
            video_spans=_labelled_frame_spans(TUBELET_LABEL, TUBELET_WINDOW),
            refuse_config=lambda config: None if not getattr(config, "video_pruning_rate", 0) else (
                "model: zspa_kernels.prune cannot prune Nemotron-H Omni with video_pruning_rate="
@@ -1056,31 +1074,33 @@ FAMILIES: tuple[Family, ...] = (
     # cache slots (the kept tokens), RoPE the original positions. transformers 5.24's wrapper reads
     # image_outputs from its causal LM's output, which has none: its forward fails, pruned or not
     # (5.25 reads them only where they are there).
-    Family("Llama 4", ("llama4",), lm_attr="language_model.model",
+    Family("Llama 4", ("llama4",), unnamed_markers=True, lm_attr="language_model.model",
            broken_in=((5, 24), (5, 25), "its Llama4ForConditionalGeneration.forward fails unpatched (it reads "
                                         "image_outputs from its causal LM's output, which has none); "
                                         "use transformers 4.57 to 5.17, or 5.25 on")),
     # Apertus 1.5: a VQ tokenizer's image codes are ids of the text vocabulary, embedded by its table;
     # each image between begin/end-of-image markers, a row of codes per line, lines joined by end-of-line
     # tokens: one budget an image (its size says how many codes), audio codes kept whole.
-    Family("Apertus 1.5", ("apertus1p5",), image_token_counts=_code_grid_counts, min_transformers=(5, 24)),
+    Family("Apertus 1.5", ("apertus1p5",), unnamed_markers=True,
+           image_token_counts=_code_grid_counts, min_transformers=(5, 24)),
     # Chameleon: each image a fixed grid of VQ codes, ids of the text vocabulary embedded by its table,
     # written over placeholders between begin/end-of-image markers; its base model is its decoder and
     # embeds them itself (Family.embed). Query/key norms and the swin-norm variant run inside the layers.
-    Family("Chameleon", ("chameleon",), lm_attr="", embed=_chameleon_embed),
+    Family("Chameleon", ("chameleon",), unnamed_markers=True, lm_attr="", embed=_chameleon_embed),
     # Emu3: each image its VQ codes, a line per row, each line ended by an end-of-line token, all written
     # over the image placeholders between markers (the end-of-line tokens are placeholders too: visual
     # tokens, as LLaVA-NeXT's newline features); the base model passes them to its text model.
     # transformers 4.57's wrapper does not pass the images to its base model: its placeholders stay
     # placeholders, unpatched (nothing to prune, nor to test the hooks against).
-    Family("Emu3", ("emu3",), lm_attr="text_model", min_transformers=(5, 0)),
+    Family("Emu3", ("emu3",), unnamed_markers=True, lm_attr="text_model", min_transformers=(5, 0)),
     # Muse Glimmer: each image between image markers, one run; a video's temporal groups each a run after
     # its timestamp (one budget each); 1-D positions; sliding windows that count cache slots, NoPE layers.
-    Family("Muse Glimmer", ("muse_glimmer",), visual_token_attrs=("image_token_id", "video_token_id"),
+    Family("Muse Glimmer", ("muse_glimmer",), unnamed_markers=True,
+           visual_token_attrs=("image_token_id", "video_token_id"),
            video_spans=_stamped_video_spans(TIME_SECONDS)),
     # Muse Spark: Muse Glimmer's layout around a MoE text model (its wrapper returns the router logits
     # without a loss); audio tokens kept whole.
-    Family("Muse Spark", ("muse_spark",), visual_token_attrs=("image_token_id", "video_token_id"),
+    Family("Muse Spark", ("muse_spark",), unnamed_markers=True, visual_token_attrs=("image_token_id", "video_token_id"),
            min_transformers=(5, 24), video_spans=_stamped_video_spans(TIME_SECONDS)),
     # Inkling: each image a run of its patch tokens after an image-begin marker (no marker ends it); its
     # text model's short convolutions and relative-position logits run over cache slots (the kept tokens);
@@ -1094,7 +1114,7 @@ FAMILIES: tuple[Family, ...] = (
            min_transformers=(5, 24)),
     # Fuyu: no vision tower (a linear layer embeds each patch); an image's rows of patch tokens each end
     # with a newline token (text): one budget an image, as many tokens as its patches.
-    Family("Fuyu", ("fuyu",), image_token_counts=_fuyu_counts),
+    Family("Fuyu", ("fuyu",), unnamed_markers=True, image_token_counts=_fuyu_counts),
     # UnlimitedOCR: DeepSeek-OCR-2's layout (an image's crops, global view and view separator one run, each
     # row of a view's features ended by a newline feature) around a text model whose reference sliding window
     # attention keeps the prompt's tokens (the kept ones) and slides over the generated ones.
@@ -1102,7 +1122,7 @@ FAMILIES: tuple[Family, ...] = (
     # Dots3-Note: Qwen2-VL's grids with 1-D positions and no markers in its processor (images back to back are one
     # run: counted by their grids; a video is one run and budget), around a latent-attention text model whose
     # DeepSeek indexer and sliding windows run over the kept tokens; its audio tokens are kept whole, like text.
-    Family("Dots3-Note", ("dots3_note",), visual_token_attrs=("image_token_id", "video_token_id"),
+    Family("Dots3-Note", ("dots3_note",), unnamed_markers=True, visual_token_attrs=("image_token_id", "video_token_id"),
            image_token_counts=_grid_token_counts("Dots3-Note", lambda config: config.vision_config.spatial_merge_size),
            video_token_counts=lambda config, inputs, runs: runs),
     # Llama 3.2 Vision: one <|image|> token in the text marks an image; its tiles' features are the keys
