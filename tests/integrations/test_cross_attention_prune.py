@@ -371,7 +371,7 @@ def test_fused_backends_prune_like_the_reference_on_the_gpu(backend, monkeypatch
 @torch.no_grad()
 def test_the_hooks_wait_for_the_gpu_once_a_prefill_and_never_at_a_decode_step():
     """cross_attention.py's promise: this package's code syncs once a prefill with images (the ids and
-    the mask, the tiles arriving with them) and never at a decode step (torch.cuda.set_sync_debug_mode
+    the mask, the tiles arriving with them; the copy PruneHandle._host_copy makes for both handles) and never at a decode step (torch.cuda.set_sync_debug_mode
     names every synchronising call; transformers' own are the model's, pruned or not)."""
     import linecache
     import pathlib

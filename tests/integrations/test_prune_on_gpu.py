@@ -96,7 +96,8 @@ def test_fused_backends_prune_like_the_reference_on_the_gpu(tiny, backend, monke
 
 
 # The host sync the prefill hook may make (handle.py's docstring): the one copy of the ids and
-# the mask to the host (the inputs that size the images arrive with it, copied asynchronously).
+# the mask (and the labels and token types where read) to the host (the inputs that size the
+# images arrive with it, copied asynchronously).
 HOST_COPY = source_site(PruneHandle._host_copy, ".cpu()")
 DOCUMENTED_SYNCS = {HOST_COPY}
 # And right before them, once a prompt, a static cache's length (a device tensor), where the cache
@@ -156,6 +157,8 @@ def test_the_hooks_wait_for_the_gpu_only_where_documented(tiny, backend, cache, 
     tensor).
     Anything else (a copy from pageable memory, say) would make the host wait for the vision
     tower or the selection before it can queue the language model."""
+    if cache == "static" and not tiny.static_generate:  # as the CPU suite's _static_generate (PaliGemma 2)
+        pytest.skip("the unpatched model's generate() fails on a static cache on this transformers")
     inputs = _on(tiny.make_inputs(tiny.batch), DEVICE)
     prefill, decode, base, lm = (_SyncWatch(monkeypatch, method) for method in
                                  ("_prefill", "_decode_step", "_base_pre_hook", "_lm_pre_hook"))
