@@ -1,13 +1,14 @@
 """prune() on the token layouts that transformers' own processors write, not the tiny builders'
-imitations of them. The processors are the real classes, built offline around a word-level tokenizer holding
-each family's markers; the models are tiny and random, with the tokenizer's ids in their configs. Images:
-Gemma3 (newlines around every image; pan-and-scan crops), Idefics3 (tiles in rows, each row ended by a newline,
-then a global view), Molmo2 (two views, each row of patches ended by a column token no config names). Videos
-(their processors need torchvision, which the test extra installs): Qwen2.5-VL (a video one selection), and the
-layouts that write words between a video's frames, which must be no question
-text: timestamps (Qwen3-VL, Gemma 4, Muse Glimmer, VideoLLaMA3, GLM-4.1V, Cosmos3-Edge, Cohere Compass, LFM3-VL)
-and frame labels (InternVL, Kimi-K2.5, SmolVLM, Nemotron-H Omni's tubelets); Molmo2's frame times inside a
-video that is one selection."""
+imitations of them. The processors are the real classes, built offline around a word-level (or byte-level
+BPE) tokenizer holding each family's markers; the models are tiny and random, with the tokenizer's ids in
+their configs. Images: Gemma3 (newlines around every image; pan-and-scan crops), Idefics3 (tiles in rows, each
+row ended by a newline, then a global view), Mistral3 (rows ended by a break marker, an end marker no config
+names), Molmo2 (two views, each row of patches ended by a column token no config names); LLaVA-NeXT and
+LLaVA-OneVision (images, and OneVision's videos, of a count their size gives). Videos (their processors need
+torchvision, which the test extra installs): Qwen2.5-VL (a video one selection), and the layouts that write
+words between a video's frames, which must be no question text: timestamps (Qwen3-VL, Gemma 4, Muse Glimmer,
+VideoLLaMA3, GLM-4.1V, Cosmos3-Edge, Cohere Compass, LFM3-VL, Molmo2's inside a video that is one selection)
+and frame labels (InternVL, Kimi-K2.5, SmolVLM, Nemotron-H Omni's tubelets)."""
 from __future__ import annotations
 
 import inspect
@@ -272,6 +273,64 @@ def test_qwen2_5_vl_budgets_each_image_and_each_video_whole():
     assert [(s.batch_row, s.n_tokens) for s in selections] == _runs_of_both(inputs, model)
     assert len(selections) == 3 and selections[2].n_tokens == int(inputs["video_grid_thw"][0].prod()) // 4
     assert [_prompt_words(tokenizer, inputs, s) for s in selections] == [questions[0], questions[1], questions[1]]
+
+
+def _llava_any_resolution(family: str):
+    """A tiny random LLaVA-NeXT or LLaVA-OneVision (the tiny builders' configs, this tokenizer's ids) with the
+    real processor classes: 16 px views of 4 px patches, the builders' grid pinpoints."""
+    from zspa_kernels.integrations.transformers import tiny
+
+    tokenizer = _tokenizer(["<image>", "<video>"], plain=["\n"])
+    ids = tokenizer.convert_tokens_to_ids
+    config = getattr(tiny, family)().model.config.to_dict()
+    config["text_config"].update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    config.update(image_token_index=ids("<image>"), image_token_id=ids("<image>"), pad_token_id=tokenizer.pad_token_id)
+    views = dict(crop_size={"height": 16, "width": 16}, image_grid_pinpoints=config["image_grid_pinpoints"])
+    strategy = dict(vision_feature_select_strategy=config["vision_feature_select_strategy"])
+    if family == "llava_next":
+        processor = transformers.LlavaNextProcessor(
+            image_processor=_image_processor("LlavaNextImageProcessor", size={"shortest_edge": 16}, **views),
+            tokenizer=tokenizer, patch_size=4, num_additional_image_tokens=1, **strategy)
+        model_class, config_class = transformers.LlavaNextForConditionalGeneration, transformers.LlavaNextConfig
+    else:
+        import torchvision  # noqa: F401  (its video processor needs it: an error here, not a skip)
+
+        config.update(video_token_index=ids("<video>"), video_token_id=ids("<video>"))
+        processor = transformers.LlavaOnevisionProcessor(
+            image_processor=_image_processor("LlavaOnevisionImageProcessor", size={"height": 16, "width": 16}, **views),
+            video_processor=transformers.LlavaOnevisionVideoProcessor(size={"height": 16, "width": 16}),
+            tokenizer=tokenizer, num_image_tokens=16, vision_aspect_ratio=config["vision_aspect_ratio"],
+            image_token="<image>", video_token="<video>", **strategy)
+        model_class, config_class = transformers.LlavaOnevisionForConditionalGeneration, transformers.LlavaOnevisionConfig
+    torch.manual_seed(0)
+    return model_class(config_class(**config)).eval(), processor, tokenizer
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_llava_any_resolution_images_and_videos_are_budgeted_whole(family):
+    """LLaVA-NeXT's and LLaVA-OneVision's processors write an image as one run of tokens (its base view, its
+    unpadded tiles and a newline feature a row, of a count that depends on its size), a OneVision video as one
+    run (its frames pooled, a newline feature after them): a selection each; keep-all bit for bit, the prompts
+    the question words (a video's: the words around it), also in generate(). Without a tokenizer the newline
+    the prompt holds after an image stays (README: tokens that decode to whitespace)."""
+    model, processor, tokenizer = _llava_any_resolution(family)
+    image = model.config.image_token_id
+    if family == "llava_next":
+        gen = torch.Generator().manual_seed(0)
+        before, after = "w44 w39 w53 w0", "w43 w39 w7"
+        inputs = processor(text=[f"{before} <image>", f"<image>\n{after}"], images=[[_photo(20, 36, gen)], [_photo(36, 20, gen)]],
+                           padding=True, return_tensors="pt")
+        questions, runs = [before.split(), after.split()], _runs(inputs["input_ids"], image)
+        untokenized = [questions[0], ["\n", *questions[1]]]
+    else:
+        inputs, questions, _ = _video_inputs(processor, _video(4, 16, 16), [(20, 36), (36, 20)], "<image>", "<video>",
+                                             fps=None, do_sample_frames=False)
+        questions, runs = questions + questions[1:], _runs_of_both(inputs, model)
+        untokenized = questions
+    assert len(runs) == len(questions) and len({n for _, n in runs}) == len(runs)  # sizes give different counts
+    selections, prompts, without = _video_prompts(model, inputs, processor, tokenizer)
+    assert [(s.batch_row, s.n_tokens) for s in selections] == runs
+    assert prompts == questions and without == untokenized
 
 
 def test_qwen3_vl_frames_are_budgeted_apart_and_their_timestamps_are_no_question():
