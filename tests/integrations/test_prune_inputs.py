@@ -216,6 +216,12 @@ def _tokenizer(special_from: int, size: int):
     return tokenizer
 
 
+# PaliGemma's tiny inputs give the newline that closes its prompt an id past the text: in its tokenizer
+# ordinary text that decodes to whitespace (dropped once tokenizer= is given), after the question, no
+# marker around an image: prune() does not warn of it.
+NEWLINE_PAST_THE_TEXT = {"paligemma", "paligemma2"}
+
+
 @pytest.mark.parametrize("name", list(BUILDERS))
 @torch.no_grad()
 def test_the_question_holds_no_marker_that_the_config_or_the_tokenizer_names(name):
@@ -243,7 +249,8 @@ def test_the_question_holds_no_marker_that_the_config_or_the_tokenizer_names(nam
                 if not TEXT_IDS[0] <= i < TEXT_IDS[1]}, warned
 
     markers, warned = not_text()
-    assert bool(markers) == warned == find_family(tiny.model).writes_unnamed_markers(tiny.model.config), markers
+    assert warned == find_family(tiny.model).writes_unnamed_markers(tiny.model.config)
+    assert bool(markers) == (warned or name in NEWLINE_PAST_THE_TEXT), markers
     assert not not_text("all_text")[1]
     tokenizer = _tokenizer(TEXT_IDS[1], int(ids.max()) + 1)
     assert not_text(tokenizer=tokenizer) == (set(), False)

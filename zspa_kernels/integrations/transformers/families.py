@@ -1034,7 +1034,7 @@ FAMILIES: tuple[Family, ...] = (
            image_token_counts=_fixed_counts(lambda config: config.mm_tokens_per_image),
            build_mask=_gemma3_masks),
     # PaliGemma and PaliGemma 2: every image ahead of the prompt, back to back, a fixed count each.
-    Family("PaliGemma", ("paligemma",), unnamed_markers=True,
+    Family("PaliGemma", ("paligemma",),
            image_token_counts=_fixed_counts(lambda config: config.text_config.num_image_tokens),
            build_mask=_paligemma_masks, refuse_config=_paligemma_refusal),
     # Each image (each video frame, after its "MM:SS" timestamp) between its own begin/end-of-image
