@@ -278,32 +278,27 @@ def test_qwen2_5_vl_budgets_each_image_and_each_video_whole():
 def _llava_any_resolution(family: str):
     """A tiny random LLaVA-NeXT or LLaVA-OneVision (the tiny builders' configs, this tokenizer's ids) with the
     real processor classes: 16 px views of 4 px patches, the builders' grid pinpoints."""
-    from zspa_kernels.integrations.transformers import tiny
-
     tokenizer = _tokenizer(["<image>", "<video>"], plain=["\n"])
-    ids = tokenizer.convert_tokens_to_ids
-    config = getattr(tiny, family)().model.config.to_dict()
-    config["text_config"].update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    config.update(image_token_index=ids("<image>"), image_token_id=ids("<image>"), pad_token_id=tokenizer.pad_token_id)
-    views = dict(crop_size={"height": 16, "width": 16}, image_grid_pinpoints=config["image_grid_pinpoints"])
-    strategy = dict(vision_feature_select_strategy=config["vision_feature_select_strategy"])
+    ids = dict(image_token_index="<image>", image_token_id="<image>", pad_token_id="<pad>")
+    if family == "llava_onevision":
+        ids.update(video_token_index="<video>", video_token_id="<video>")
+    model = _retokenized(family, tokenizer, ids)
+    config = model.config
+    views = dict(crop_size={"height": 16, "width": 16}, image_grid_pinpoints=config.image_grid_pinpoints)
+    strategy = dict(vision_feature_select_strategy=config.vision_feature_select_strategy)
     if family == "llava_next":
         processor = transformers.LlavaNextProcessor(
             image_processor=_image_processor("LlavaNextImageProcessor", size={"shortest_edge": 16}, **views),
             tokenizer=tokenizer, patch_size=4, num_additional_image_tokens=1, **strategy)
-        model_class, config_class = transformers.LlavaNextForConditionalGeneration, transformers.LlavaNextConfig
     else:
         import torchvision  # noqa: F401  (its video processor needs it: an error here, not a skip)
 
-        config.update(video_token_index=ids("<video>"), video_token_id=ids("<video>"))
         processor = transformers.LlavaOnevisionProcessor(
             image_processor=_image_processor("LlavaOnevisionImageProcessor", size={"height": 16, "width": 16}, **views),
             video_processor=transformers.LlavaOnevisionVideoProcessor(size={"height": 16, "width": 16}),
-            tokenizer=tokenizer, num_image_tokens=16, vision_aspect_ratio=config["vision_aspect_ratio"],
+            tokenizer=tokenizer, num_image_tokens=16, vision_aspect_ratio=config.vision_aspect_ratio,
             image_token="<image>", video_token="<video>", **strategy)
-        model_class, config_class = transformers.LlavaOnevisionForConditionalGeneration, transformers.LlavaOnevisionConfig
-    torch.manual_seed(0)
-    return model_class(config_class(**config)).eval(), processor, tokenizer
+    return model, processor, tokenizer
 
 
 @pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
@@ -806,20 +801,15 @@ def test_mistral3_image_rows_are_one_budget_and_without_a_tokenizer_prune_warns_
     ended by ``[IMG_BREAK]`` and the last by ``[IMG_END]``, neither named by the config: an image is one
     selection, its row breaks inside it. Without a tokenizer the end marker counts as question text: a
     question written before its image gave way to it (and to the template's ``[/INST]``), so prune() warns."""
-    from zspa_kernels.integrations.transformers.tiny import mistral3
-
     markers = ["[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]"]
     tokenizer = _tokenizer(markers, plain=[])
     processor = transformers.PixtralProcessor(
         image_processor=_image_processor("PixtralImageProcessor", size={"longest_edge": 16}, patch_size=2),
         tokenizer=tokenizer, patch_size=2, spatial_merge_size=2, image_token="[IMG]", image_break_token="[IMG_BREAK]",
         image_end_token="[IMG_END]")
-    config = mistral3().model.config.to_dict()
-    config["text_config"].update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    image = tokenizer.convert_tokens_to_ids("[IMG]")
-    config.update(image_token_index=image, image_token_id=image, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    model = transformers.Mistral3ForConditionalGeneration(transformers.Mistral3Config(**config)).eval()
+    model = _retokenized("mistral3", tokenizer, dict(image_token_index="[IMG]", image_token_id="[IMG]",
+                                                     pad_token_id="<pad>"))
+    image = model.config.image_token_id
     gen = torch.Generator().manual_seed(0)
     before, after = "w44 w39 w53 w0", "w43 w39 w7"
     inputs = processor(text=[f"[INST]{before} [IMG][/INST]", f"[INST][IMG] {after}[/INST]"],
@@ -849,22 +839,17 @@ def _molmo2(corpus: list[str]):
 
     if not hasattr(transformers, "Molmo2Processor"):
         pytest.skip(f"transformers {transformers.__version__} has no Molmo2")
-    from zspa_kernels.integrations.transformers.tiny import molmo2
-
     tokenizer = _bpe_tokenizer(MOLMO2_MARKERS, corpus + [f"{t / 2:.1f} " for t in range(20)])
     tokenizer.image_token, tokenizer.video_token = "<|image|>", "<|video|>"
     module, sizes = transformers.models.molmo2, dict(size={"height": 16, "width": 16}, patch_size=4, pooling_size=[2, 2])
     processor = transformers.Molmo2Processor(
         image_processor=module.Molmo2ImageProcessor(max_crops=4, overlap_margins=[1, 1], **sizes),
         video_processor=module.Molmo2VideoProcessor(do_rescale=True, do_normalize=True, **sizes), tokenizer=tokenizer)
-    ids = tokenizer.convert_tokens_to_ids
-    config = molmo2().model.config.to_dict()
-    config["text_config"].update(vocab_size=len(tokenizer), additional_vocab_size=0, pad_token_id=tokenizer.pad_token_id)
-    config.update(image_start_token_id=ids("<im_start>"), low_res_image_start_token_id=ids("<low_res_im_start>"),
-                  image_end_token_id=ids("<im_end>"), image_patch_id=ids("<im_patch>"),
-                  frame_start_token_id=ids("<frame_start>"), frame_end_token_id=ids("<frame_end>"))
-    torch.manual_seed(0)
-    return transformers.Molmo2ForConditionalGeneration(transformers.Molmo2Config(**config)).eval(), processor, tokenizer
+    model = _retokenized("molmo2", tokenizer, dict(
+        image_start_token_id="<im_start>", low_res_image_start_token_id="<low_res_im_start>", image_end_token_id="<im_end>",
+        image_patch_id="<im_patch>", frame_start_token_id="<frame_start>", frame_end_token_id="<frame_end>"),
+        text=dict(additional_vocab_size=0))
+    return model, processor, tokenizer
 
 
 def test_molmo2_images_are_one_budget_and_their_column_tokens_are_no_question():

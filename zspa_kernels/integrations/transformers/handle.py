@@ -608,17 +608,16 @@ class PruneHandle:
         are the caller's (the wrapper's, or the base model's where it takes them), None when none were
         given; ``marked``: the positions the caller's token types mark as the processor's image tokens
         (``Family.typed_markers``), None where the family's types do not or none were given."""
-        labels = self._given_labels if self._given_labels is not None else inputs.get("labels")
-        if not isinstance(labels, torch.Tensor):
-            labels = None
-        elif labels.shape != ids.shape:
-            raise ValueError(f"labels: expected the shape of input_ids, {tuple(ids.shape)}, got {tuple(labels.shape)}")
-        types = inputs.get(self.family.token_types_arg) if self.family.typed_markers else None
-        if not isinstance(types, torch.Tensor):
-            types = None
-        elif types.shape != ids.shape:
-            raise ValueError(f"{self.family.token_types_arg}: expected the shape of input_ids, {tuple(ids.shape)}, "
-                             f"got {tuple(types.shape)}")
+        def per_position(name: str, value):  # a tensor of the ids' shape, or None where none was given
+            if not isinstance(value, torch.Tensor):
+                return None
+            if value.shape != ids.shape:
+                raise ValueError(f"{name}: expected the shape of input_ids, {tuple(ids.shape)}, got {tuple(value.shape)}")
+            return value
+
+        labels = per_position("labels", self._given_labels if self._given_labels is not None else inputs.get("labels"))
+        types_arg = self.family.token_types_arg
+        types = per_position(types_arg, inputs.get(types_arg)) if self.family.typed_markers else None
         rows = [ids.to(device), mask.to(ids.dtype)] + [t.to(device, ids.dtype) for t in (labels, types) if t is not None]
         host = torch.stack(rows).cpu()
         return (host[0], host[1], None if labels is None else host[2],
