@@ -848,8 +848,9 @@ FAMILIES: tuple[Family, ...] = (
     # LightOnOCR: Mistral3's Pixtral tower and patch merger, no row breaks between an image's tokens.
     Family("LightOnOCR", ("lighton_ocr",), image_token_counts=_tower_counts),
     # Aria: an image's crops are one run of image tokens, a fixed count each (its projector's queries):
-    # each crop its own budget. Its MoE text model's routers need nothing of the hooks.
-    Family("Aria", ("aria",), image_token_counts=_tower_counts),
+    # each crop its own budget. Its MoE text model's routers need nothing of the hooks. Its chat template
+    # writes <fim_prefix><|img|><fim_suffix>, markers no config names.
+    Family("Aria", ("aria",), unnamed_markers=True, image_token_counts=_tower_counts),
     # GOT-OCR2: an image's crops (a multi-page prompt's pages) are one run between <img> markers, a fixed
     # count each: each crop its own budget.
     Family("GOT-OCR2", ("got_ocr2",), unnamed_markers=True, image_token_counts=_tower_counts),

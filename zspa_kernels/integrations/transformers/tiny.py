@@ -367,12 +367,13 @@ def lighton_ocr(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
 
 def aria(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     """Aria: an image of ``n`` crops (32 px, 4 px patches: 64 patches, which the cross-attention
-    projector turns into 16 queries) is one run of ``16n`` image tokens; a MoE text model (4
-    experts, 2 a token, and a shared one)."""
+    projector turns into 16 queries) is one run of ``16n`` image tokens between ``<fim_prefix>`` and
+    ``<fim_suffix>`` (its chat template's ``<fim_prefix><|img|><fim_suffix>``; no config names them);
+    a MoE text model (4 experts, 2 a token, and a shared one)."""
     from transformers import AriaConfig, AriaForConditionalGeneration, AriaTextConfig, AutoConfig
 
     torch.manual_seed(seed)
-    image_token = 127
+    image_token, fim_prefix, fim_suffix = 127, 120, 121
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, moe_num_experts=4,
                 moe_topk=2, moe_num_shared_experts=1, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
@@ -392,7 +393,7 @@ def aria(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
 
         def image(kind, crops, gen, r):
             pixels.append(torch.randn(crops, 3, 32, 32, generator=gen))
-            return [image_token] * 16 * crops
+            return [fim_prefix] + [image_token] * 16 * crops + [fim_suffix]
 
         ids = _token_rows(rows, seeds, image)
         pixels = torch.cat(pixels)
