@@ -3,7 +3,8 @@ imitations of them. The processors are the real classes, built offline around a 
 BPE) tokenizer holding each family's markers; the models are tiny and random, with the tokenizer's ids in
 their configs. Images: Gemma3 (newlines around every image; pan-and-scan crops), Idefics3 (tiles in rows, each
 row ended by a newline, then a global view), Mistral3 (rows ended by a break marker, an end marker no config
-names), Molmo2 (two views, each row of patches ended by a column token no config names); LLaVA-NeXT and
+names), Molmo2 (two views, each row of patches ended by a column token no config names), MiniCPM-V 4.6/4.7 (each
+image's number before it, text between markers no config names); LLaVA-NeXT and
 LLaVA-OneVision (images, and OneVision's videos, of a count their size gives). Videos (their processors need
 torchvision, which the test extra installs): Qwen2.5-VL (a video one selection), and the layouts that write
 words between a video's frames, which must be no question text: timestamps (Qwen3-VL, Gemma 4, Muse Glimmer,
@@ -826,6 +827,49 @@ def test_mistral3_image_rows_are_one_budget_and_without_a_tokenizer_prune_warns_
         model(**inputs)
     assert [_prompt_words(tokenizer, inputs, s) for s in handle.last_selection] == [
         ["[IMG_END]", "[/INST]"], ["[IMG_END]", *after.split(), "[/INST]"]]
+
+
+MINICPM_TOKENS = dict(image_start_token="<image>", image_end_token="</image>", slice_start_token="<slice>",
+                     slice_end_token="</slice>", image_id_start_token="<image_id>", image_id_end_token="</image_id>",
+                     image_token="<unk_image>", video_token="<unk_video>")
+
+
+@pytest.mark.parametrize("version", ["4_6", "4_7"])
+def test_minicpm_v_crops_are_budgeted_apart_and_image_numbers_are_no_question(version):
+    """MiniCPM-V's processor writes each image as ``<image_id>N</image_id>`` (its number in its row), its
+    thumbnail between image markers, then its slices between slice markers, a newline between rows of them:
+    each crop is a selection. The number is the image's, no question text: with a tokenizer (which alone
+    names the ``<image_id>`` markers) it goes with them, in a question after a first image (the second
+    image's number) and in one before its image (its own). Without a tokenizer it stays, and prune() warns."""
+    if not hasattr(transformers, f"MiniCPMV{version}Processor"):
+        pytest.skip(f"transformers {transformers.__version__} has no MiniCPM-V {version.replace('_', '.')}")
+    import torchvision  # noqa: F401  (its video processor needs it: an error here, not a skip)
+
+    tokenizer = _tokenizer(list(MINICPM_TOKENS.values()), plain=["\n"], words=tuple("0123456789"), **MINICPM_TOKENS)
+    sizes = dict(scale_resolution=32, patch_size=2)  # 32 px crops of 2 px patches: 16 tokens each ("16x")
+    processor = getattr(transformers, f"MiniCPMV{version}Processor")(
+        image_processor=_image_processor("MiniCPMV4_6ImageProcessor", max_slice_nums=4, **sizes),
+        video_processor=transformers.MiniCPMV4_6VideoProcessor(**sizes), tokenizer=tokenizer)
+    ids = dict(image_token_id="<unk_image>", video_token_id="<unk_video>")
+    if version == "4_7":  # its canvas M-RoPE places the markers its config names
+        ids.update(image_start_id="<image>", image_end_id="</image>", slice_start_id="<slice>",
+                   slice_end_id="</slice>", newline_id="\n")
+    model = _retokenized(f"minicpmv{version}", tokenizer, ids)
+    gen = torch.Generator().manual_seed(0)
+    # Crops of one size: transformers 5.17's window merger reads the first crop's for all of them.
+    after, between, before = "w3 w4", "w5 w6", "w7 w8"
+    inputs = processor(text=[f"w1 w2 <unk_image> {after} <unk_image> {between}", f"{before} <unk_image>"],
+                       images=[[_photo(32, 32, gen), _photo(64, 64, gen)], [_photo(64, 64, gen)]],
+                       padding=True, return_tensors="pt")
+    words = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0].tolist())
+    assert ["<image_id>", "1", "</image_id>", "<image>"] == words[words.index("w4") + 1:][:4]  # the number, as text
+    selections, prompts, untokenized = _video_prompts(model, inputs, processor, tokenizer)
+    assert [(s.batch_row, s.n_tokens) for s in selections] == _runs(inputs["input_ids"], tokenizer.image_token_id)
+    assert [(s.batch_row, s.n_tokens) for s in selections] == [(0, 16)] * 6 + [(1, 16)] * 5  # thumbnails, 2x2 slices
+    assert prompts == [f"{after} {between}".split()] * 6 + [before.split()] * 5
+    assert "1" in untokenized[0]  # without a tokenizer, the number stays (4.6's question is all markers in row 1)
+    with pytest.warns(UserWarning, match=r"MiniCPM-V .* processors write image markers .*tokenizer=processor"):
+        zspa_kernels.prune(model, keep=4).remove()
 
 
 MOLMO2_MARKERS = ["<im_patch>", "<im_col>", "<im_start>", "<low_res_im_start>", "<frame_start>", "<im_end>",

@@ -82,7 +82,8 @@ class Family:
     # tokenizer or None)
     # -> the (row, first, last) positions of each video, the text its processor writes between its
     # frames included (Qwen3-VL's, Gemma 4's timestamps): inside a video, so no question text, as a
-    # row break inside an image is not. None: no text stands between a video's frames.
+    # row break inside an image is not; or of a label the processor writes before each image or frame
+    # (InternVL's ``FrameN:``, MiniCPM-V's image numbers). None: no text stands between a video's frames.
     video_spans: Optional[Callable[..., list[tuple[int, int, int]]]] = None
     # The config attribute naming the token of video frames, whose runs ``video_spans`` is given. None:
     # the processor writes a video's frames with the image token (Nemotron-H Omni's tubelets, whatever its
@@ -423,6 +424,30 @@ def _molmo2_video_spans(config, inputs: dict, ids: torch.Tensor, frames: list, t
             start -= _timestamp_before(tokenizer, ids[row, bound:start].tolist(), FRAME_TIME)
             found.append((row, start, int(cols[-1])))
     return found
+
+
+def _image_id_spans(config, inputs: dict, ids: torch.Tensor, frames: list, tokenizer=None) -> list[tuple[int, int, int]]:
+    """MiniCPM-V's processors (4.6, 4.7, MiniCPM-OCR; ``use_image_id``, the default) write each image's
+    number in its row before it, ``<image_id>0</image_id><image>`` then its thumbnail's tokens: the label
+    is the image's, no question text. Its markers are named by the tokenizer alone (its
+    ``image_id_start_token``/``image_id_end_token``), so with one the number goes too (a ``(row, first,
+    last)`` span over the label); without one the number stays (README). ``frames``: every run (its
+    slices' runs and video frames too, which no label precedes)."""
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    if tokenizer is None:
+        return []
+    tokens = [getattr(tokenizer, attr, None) or default
+              for attr, default in (("image_id_start_token", "<image_id>"), ("image_id_end_token", "</image_id>"))]
+    marks = tokenizer.convert_tokens_to_ids(tokens)
+    if None in marks or tokenizer.convert_ids_to_tokens(marks) != tokens:  # not its tokens: it writes no such label
+        return []
+    (opening, closing), spans = marks, []
+    for row, cols, bound in frames:
+        before = ids[row, bound:int(cols[0])].tolist()  # ..., <image_id>, number, </image_id>, <image>
+        if len(before) >= 3 and before[-2] == closing and opening in before[:-2]:
+            first = bound + len(before) - 3 - before[-3::-1].index(opening)
+            spans.append((row, first, bound + len(before) - 2))
+    return spans
 
 
 def _marked_video_spans(config, inputs: dict, ids: torch.Tensor, frames: list, tokenizer=None) -> list[tuple[int, int, int]]:
@@ -987,9 +1012,12 @@ FAMILIES: tuple[Family, ...] = (
     # a video frame is a thumbnail (and slices) of video tokens: each crop a run, and its own budget
     # (as Idefics3's tiles). Qwen3.5's text model, on 1-D positions (MiniCPM-OCR: 4.6's model, "4x"
     # by default); MiniCPM-V 4.7's canvas M-RoPE positions are Qwen's: computed before the hooks, kept.
+    # Each image's number before it (<image_id>0</image_id>) is named by the tokenizer alone: 4.7 too
+    # writes markers no config names.
     Family("MiniCPM-V 4.6", ("minicpmv4_6", "minicpm_ocr"), unnamed_markers=True,
-           visual_token_attrs=("image_token_id", "video_token_id")),
-    Family("MiniCPM-V 4.7", ("minicpmv4_7",), visual_token_attrs=("image_token_id", "video_token_id")),
+           visual_token_attrs=("image_token_id", "video_token_id"), video_spans=_image_id_spans, frame_token_attr=None),
+    Family("MiniCPM-V 4.7", ("minicpmv4_7",), unnamed_markers=True, visual_token_attrs=("image_token_id", "video_token_id"),
+           video_spans=_image_id_spans, frame_token_attr=None),
     # An image is its low-res view then its high-res one, each row of patch tokens ended by a column
     # token: one budget an image (both views), as generate() passes the images encoded, one entry an
     # image. A video (its frames with the image patch token, each after its time) is one budget. Every

@@ -1047,6 +1047,9 @@ def lfm2_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
 MINICPM_IMAGE, MINICPM_VIDEO = 127, 120
 # Their markers (MiniCPM-V 4.7's config names them: its canvas M-RoPE places them).
 MINICPM_MARKERS = dict(image_start_id=125, image_end_id=126, slice_start_id=123, slice_end_id=124, newline_id=121)
+# The markers of each image's number (<image_id>0</image_id>): in no config.
+MINICPM_IMAGE_ID = (116, 117)
+MINICPM_NUMBER = 40  # the text token of a row's image 0 ("0"), 41 of its image 1, ...
 
 
 def _minicpm(name: str, attn: str, seed: int) -> TinyVLM:
@@ -1054,8 +1057,9 @@ def _minicpm(name: str, attn: str, seed: int) -> TinyVLM:
     tower (2 px patches, every crop's patches packed in one sequence) whose window merger (after its
     first layer) and merger each merge 2x2 patches: a crop of 4x4 tokens is 16x16 patches ("16x";
     MiniCPM-OCR's default "4x" skips the window merger: 8x8). An image of a ``(rows, cols)`` slice
-    grid is its thumbnail between image markers, then ``rows*cols`` slices between slice markers, a
-    newline after each row of them but the last; ``(0, 0)`` is the thumbnail alone. A video of
+    grid is its number in its row between image-id markers (a text token), its thumbnail between image
+    markers, then ``rows*cols`` slices between slice markers, a newline after each row of them but the
+    last; ``(0, 0)`` is the thumbnail alone. A video of
     ``(frames,)`` is each frame's thumbnail between image markers, of video tokens. Every crop has the
     same size: transformers 5.17's window merger reads the first crop's size for all of them. Qwen3.5's
     text model (gated-DeltaNet and attention layers)."""
@@ -1081,10 +1085,13 @@ def _minicpm(name: str, attn: str, seed: int) -> TinyVLM:
             sizes.append([4 * side, 4 * side])
             return [MINICPM_IMAGE if kind == "image" else MINICPM_VIDEO] * 16
 
+        numbers = {}  # each row's images so far
+
         def segment(kind, size, gen, r):
             if kind == "video":
                 return sum(([start] + crop(kind, gen) + [end] for _ in range(size[0])), [])
-            ids = [start] + crop(kind, gen) + [end]
+            numbers[r] = numbers.get(r, -1) + 1
+            ids = [MINICPM_IMAGE_ID[0], MINICPM_NUMBER + numbers[r], MINICPM_IMAGE_ID[1], start] + crop(kind, gen) + [end]
             grid_rows, grid_cols = size
             for row in range(grid_rows):
                 ids += sum(([slice_start] + crop(kind, gen) + [slice_end] for _ in range(grid_cols)), [])
