@@ -13,6 +13,7 @@ and frame labels (InternVL, Kimi-K2.5, SmolVLM, Nemotron-H Omni's tubelets)."""
 from __future__ import annotations
 
 import inspect
+import warnings
 from itertools import groupby
 
 import pytest
@@ -900,7 +901,8 @@ def test_molmo2_images_are_one_budget_and_their_column_tokens_are_no_question():
     """Molmo2's processor writes an image as its low-res view, then its high-res one, each row of patches
     ended by a column token that no config names: each image (both views) is a selection, and the column
     token after its last row is no question text, with or without a tokenizer (the processor's token types
-    mark it). Without them, a question before its image gave way to that one token."""
+    mark it). Without them, a question before its image gave way to that one token: inputs without the types
+    (and no tokenizer) warn."""
     before, after = "What is in the picture?", " Describe the image in one sentence."
     model, processor, tokenizer = _molmo2([before + after])
     gen = torch.Generator().manual_seed(0)
@@ -917,6 +919,16 @@ def test_molmo2_images_are_one_budget_and_their_column_tokens_are_no_question():
             run(**inputs)  # generate() passes the token types at its prefill too
         untokenized = [tokenizer.convert_tokens_to_string(_prompt_words(tokenizer, inputs, s)) for s in handle.last_selection]
         assert untokenized == [f"<s>{before} ", after]  # no marker; its bos and the blank, which a tokenizer tells
+    # Without the token types (and a tokenizer), the column token after the last row is question text: it warns.
+    untyped = {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
+    with torch.no_grad(), zspa_kernels.prune(model, keep=4) as handle:
+        with pytest.warns(UserWarning, match=r"Molmo2 inputs without mm_token_type_ids.*tokenizer=processor"):
+            model(**untyped)
+    assert "<im_col>" in _prompt_words(tokenizer, inputs, handle.last_selection[1])
+    with torch.no_grad(), zspa_kernels.prune(model, keep=4, tokenizer=processor) as handle, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(**untyped)
+    assert [tokenizer.convert_tokens_to_string(_prompt_words(tokenizer, inputs, s)) for s in handle.last_selection] == prompts
 
 
 def test_molmo2_videos_are_one_budget_and_their_frame_times_are_no_question():

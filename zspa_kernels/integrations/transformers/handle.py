@@ -35,6 +35,7 @@ pruned forward are shorter than ``input_ids``; the last position is unchanged.
 from __future__ import annotations
 
 import inspect
+import warnings
 import weakref
 from dataclasses import dataclass, replace
 from typing import Optional, Union
@@ -707,6 +708,11 @@ class PruneHandle:
         visual_h = torch.isin(ids_h, torch.tensor(self.visual_ids, dtype=ids_h.dtype))
         if not visual_h.any():  # a text-only prompt: nothing to select (and no images to size)
             return
+        if self.family.typed_markers and marked_h is None and self._tokenizer is None and self.prompt == "question":
+            warnings.warn(f"prune(): {self.family.name} inputs without {self.family.token_types_arg}: the "
+                          "processor's image markers that model.config does not name count as question text; "
+                          f"pass the processor's {self.family.token_types_arg}, or prune(model, ..., "
+                          "tokenizer=processor)", UserWarning)
         rows, cols = self._find_images(ids_h, visual_h, sizing)
         prompt_h = self._prompt_tokens(ids_h, visual_h, mask_h, rows, cols, labels_h,
                                        self._video_spans(ids_h, rows, cols, sizing), marked_h)
