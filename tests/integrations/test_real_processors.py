@@ -533,8 +533,8 @@ def test_internvl_frame_labels_are_no_question():
 
 
 KIMI_MARKERS = ["<|media_pad|>", "<|kimi_k25_video_placeholder|>", "<|media_begin|>", "<|media_content|>", "<|media_end|>"]
-# Kimi-K2.5's chunk timestamps, "00:00:01.000", and the word before each chunk: text.
-CHUNK_TIMES = [f"00:00:0{t // 2}.{t % 2 * 500:03d}" for t in range(20)] + ["video"]
+# Kimi-K2.5's chunk timestamps, "00:00:01.000", and the word before each chunk's (and image's) tokens: text.
+CHUNK_TIMES = [f"00:00:0{t // 2}.{t % 2 * 500:03d}" for t in range(20)] + ["video", "image"]
 
 
 def _kimi_k25():
@@ -567,21 +567,25 @@ def _kimi_k25():
 
 
 def test_kimi_k25_chunk_labels_are_no_question():
-    """Kimi-K2.5's processor writes each chunk of a video's frames after its timestamp and the word ``video``
-    (between media markers): every chunk is a selection, and with a tokenizer its label is no question text
-    (decoded; nothing in the inputs groups the chunks into videos); without one the labels stay."""
+    """Kimi-K2.5's processor writes each chunk of a video's frames after its timestamp, as
+    ``<|media_begin|>video<|media_content|>`` its tokens ``<|media_end|>``, and its chat template an image as
+    ``<|media_begin|>image<|media_content|>`` its tokens ``<|media_end|>``: every chunk is a selection; what
+    stands between the begin marker and the tokens (``<|media_content|>``, in no config, and the word) is no
+    question text, with or without a tokenizer (a question before its image was ranked by them too), and
+    with a tokenizer neither is a chunk's timestamp (decoded; nothing in the inputs groups the chunks into
+    videos); without one the timestamps stay."""
     model, processor, tokenizer, frames = _kimi_k25()
-    chunks, image = 3, "<|media_begin|>" + processor.image_token + "<|media_end|>"  # as its chat template writes one
+    chunks, image = 3, f"<|media_begin|>image<|media_content|>{processor.image_token}<|media_end|>"  # as its template
     inputs, (before, question), words = _video_inputs(processor, _video(chunks * frames, 16, 12), [(16, 12), (12, 16)],
                                                       image, do_sample_frames=False)
     assert words.count("video") == chunks and "00:00:01.000" in words  # the labels are there, as words
+    assert words.count("<|media_content|>") == 1 + chunks
     selections, prompts, untokenized = _video_prompts(model, inputs, processor, tokenizer)
     assert len(selections) == 2 + chunks
     assert [(s.batch_row, s.n_tokens) for s in selections] == _runs_of_both(inputs, model)
     assert prompts == [before] + [question] * (1 + chunks)
-    row_1 = [w for w in words if w in question or w in CHUNK_TIMES]
-    assert [[w for w in prompt if w not in KIMI_MARKERS]
-            for prompt in untokenized[1:]] == [row_1] * (1 + chunks)
+    row_1 = [w for w in words if w in question or w in CHUNK_TIMES[:-2]]
+    assert untokenized == [before] + [row_1] * (1 + chunks)
 
 
 GLM_MARKERS = ["<|begin_of_image|>", "<|end_of_image|>", "<|image|>", "<|video|>", "<|begin_of_video|>", "<|end_of_video|>"]

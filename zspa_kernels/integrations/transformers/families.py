@@ -408,6 +408,26 @@ def _labelled_frame_spans(label: re.Pattern, window: int = 16) -> Callable[..., 
     return spans
 
 
+_kimi_chunk_labels = _labelled_frame_spans(CHUNK_LABEL)
+
+
+def _kimi_k25_spans(config, inputs: dict, ids: torch.Tensor, frames: list, tokenizer=None) -> list[tuple[int, int, int]]:
+    """Kimi-K2.5 writes each image as ``<|media_begin|>image<|media_content|>`` its tokens ``<|media_end|>``
+    (its chat template) and each chunk of video frames as ``00:00:01.000<|media_begin|>video<|media_content|>``
+    its tokens ``<|media_end|>`` (its processor): what stands between the begin marker (the config's
+    ``vision_start_token_id``) and the tokens, ``<|media_content|>`` (in no config) and the word, is the
+    image's or chunk's, with or without a tokenizer; a chunk's timestamp before the marker with a tokenizer
+    only (decoded: :func:`_labelled_frame_spans`). ``frames``: every run, images and chunks."""
+    spans = []
+    for row, cols, bound in frames:
+        first = int(cols[0])
+        before = ids[row, bound:first].tolist()
+        if config.vision_start_token_id in before[:-1]:  # something between the marker and the tokens
+            spans.append((row, first - 1 - before[::-1].index(config.vision_start_token_id), first - 1))
+    chunks = [f for f in frames if int(ids[f[0], f[1][0]]) == config.video_token_id]
+    return spans + _kimi_chunk_labels(config, inputs, ids, chunks, tokenizer)
+
+
 def _molmo2_video_spans(config, inputs: dict, ids: torch.Tensor, frames: list, tokenizer=None
                         ) -> list[tuple[int, int, int]]:
     """Molmo2's processor writes a video as each frame's time, ``0.5 ``, then ``<frame_start>`` its patch
@@ -1032,7 +1052,7 @@ FAMILIES: tuple[Family, ...] = (
     # Kimi-K2.5: each image, and each chunk of video frames (after its timestamp), between media
     # markers: one run and budget each; DeepSeek-V3's text model on 1-D positions.
     Family("Kimi-K2.5", ("kimi_k25",), visual_token_attrs=("image_token_id", "video_token_id"),
-           video_spans=_labelled_frame_spans(CHUNK_LABEL)),
+           video_spans=_kimi_k25_spans, frame_token_attr=None),
     # Cosmos3-Omni's reasoner: Qwen3-VL's model classes (deepstack features included).
     Family("Cosmos3-Omni", ("cosmos3_omni",), visual_token_attrs=("image_token_id", "video_token_id"),
            on_prefill=_gather_deepstack),

@@ -1231,8 +1231,9 @@ def lfm3_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
 def kimi_k25(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     """Kimi-K2.5 (transformers 5.x): a MoonViT tower (2 px patches, 2x2 merge) whose ``(t, h, w)``
     grid gives ``h*w/4`` tokens, its ``t`` frames merged; each image, and each chunk of (two) video
-    frames (after a timestamp), is wrapped in media markers. DeepSeek-V3's text model: latent
-    attention, the first layer dense, then MoE (4 routed experts, 2 a token, and a shared one)."""
+    frames (after a timestamp), is wrapped in media markers, its word (``image``, ``video``: text) and
+    ``<|media_content|>`` (in no config) between the begin marker and its tokens. DeepSeek-V3's text
+    model: latent attention, the first layer dense, then MoE (4 routed experts, 2 a token, and a shared one)."""
     from transformers import Kimi_K25Config, Kimi_K25ForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -1252,6 +1253,7 @@ def kimi_k25(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     from transformers.models.kimi_k25.modeling_kimi_k25 import Kimi_K25Model
 
     frames = 2 if "image_grid_thw[:, 1:]" in inspect.getsource(Kimi_K25Model.get_image_features) else 1
+    word, media_content = {"image": 30, "video": 31}, 118
 
     def make_inputs(rows, seeds=None) -> dict:
         media = {"image": ([], []), "video": ([], [])}
@@ -1265,7 +1267,8 @@ def kimi_k25(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
             for _ in range(chunks):
                 pixels.append(torch.randn(t * h * w, 3, 2, 2, generator=gen))
                 grids.append([t, h, w])
-                ids += (_text(1, gen) if kind == "video" else []) + [QWEN_START] + [token] * (h * w // 4) + [QWEN_END]
+                ids += ((_text(1, gen) if kind == "video" else []) + [QWEN_START, word[kind], media_content]
+                        + [token] * (h * w // 4) + [QWEN_END])
             return ids
 
         out = _token_rows(rows, seeds, segment)
