@@ -453,7 +453,6 @@ def _image_id_spans(config, inputs: dict, ids: torch.Tensor, frames: list, token
     ``image_id_start_token``/``image_id_end_token``), so with one the number goes too (a ``(row, first,
     last)`` span over the label); without one the number stays (README). ``frames``: every run (its
     slices' runs and video frames too, which no label precedes)."""
-    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
     if tokenizer is None:
         return []
     tokens = [getattr(tokenizer, attr, None) or default
