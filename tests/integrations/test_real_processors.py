@@ -108,10 +108,14 @@ def _video_prompts(model, inputs, processor, tokenizer):
     return selections, prompts, [_prompt_words(tokenizer, inputs, s) for s in handle.last_selection]
 
 
+# The words of Gemma3's pan-and-scan sentences: "Here is the original image", "and here are some crops to help you see better".
+PAN_AND_SCAN_WORDS = tuple("Here is the original image and here are some crops to help you see better".split())
+
+
 def _gemma3():
     boi, eoi, image = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
-    tokenizer = _tokenizer([boi, eoi, image], plain=["\n\n"], bos="<bos>", boi_token=boi, eoi_token=eoi,
-                           image_token=image)
+    tokenizer = _tokenizer([boi, eoi, image], plain=["\n\n"], bos="<bos>", words=PAN_AND_SCAN_WORDS, boi_token=boi,
+                           eoi_token=eoi, image_token=image)
     processor = transformers.Gemma3Processor(
         image_processor=_image_processor("Gemma3ImageProcessor", size={"height": 16, "width": 16}),
         tokenizer=tokenizer, image_seq_length=16)
@@ -146,20 +150,30 @@ def test_gemma3_prompts_hold_the_question_not_the_newlines_around_images():
 
 
 def test_gemma3_pan_and_scan_crops_are_budgeted_apart():
-    """With ``do_pan_and_scan`` the processor writes the whole view and then each crop as an image of
-    its own (``<start_of_image>`` and 16 tokens each): every one is a selection with its own budget, so
-    an image of ``n`` crops keeps ``(n + 1) * keep`` tokens (README, "Where an image is")."""
+    """With ``do_pan_and_scan`` the processor writes ``Here is the original image``, the whole view, ``and here
+    are some crops to help you see better``, then each crop as an image of its own (``<start_of_image>`` and 16
+    tokens each): every one is a selection with its own budget, so an image of ``n`` crops keeps
+    ``(n + 1) * keep`` tokens (README, "Where an image is"). With a tokenizer the two sentences are the
+    image's (decoded): a question written before the image was replaced by the second one."""
     model, processor, tokenizer = _gemma3()
     gen = torch.Generator().manual_seed(1)
-    after = "w43 w39 w7"
-    inputs = processor(text=[f"<start_of_image> {after}"], images=[[_photo(32, 80, gen)]], return_tensors="pt",
+    before, after = "w44 w39 w53 w0", "w43 w39 w7"
+    inputs = processor(text=[f"<start_of_image> {after}", f"{before} <start_of_image>"],
+                       images=[[_photo(32, 80, gen)], [_photo(32, 80, gen)]], return_tensors="pt", padding=True,
                        do_pan_and_scan=True, pan_and_scan_min_crop_size=8, pan_and_scan_max_num_crops=3)
     inputs.pop("num_crops", None)  # returned by some versions; the model takes none
-    crops = inputs["pixel_values"].shape[0] - 1  # the whole view, then the crops
+    crops = inputs["pixel_values"].shape[0] // 2 - 1  # each image: the whole view, then the crops
     assert crops >= 2
+    words = tokenizer.convert_ids_to_tokens(inputs["input_ids"][1].tolist())
+    assert all(w in words for w in PAN_AND_SCAN_WORDS)  # the sentences, as words
     selections = _selections(model, inputs, processor, keep=4)
-    assert [(s.n_tokens, s.order.numel()) for s in selections] == [(16, 4)] * (crops + 1)
-    assert {tuple(_prompt_words(tokenizer, inputs, s)) for s in selections} == {tuple(after.split())}
+    assert [(s.batch_row, s.n_tokens, s.order.numel()) for s in selections] == (
+        [(0, 16, 4)] * (crops + 1) + [(1, 16, 4)] * (crops + 1))
+    assert [_prompt_words(tokenizer, inputs, s) for s in selections] == (
+        [after.split()] * (crops + 1) + [before.split()] * (crops + 1))
+    with torch.no_grad(), zspa_kernels.prune(model, keep=4) as handle:
+        model(**inputs)  # without a tokenizer the sentences are words of the question
+    assert {"here", "crops"} <= set(_prompt_words(tokenizer, inputs, handle.last_selection[0]))
 
 
 def _idefics3():
@@ -971,8 +985,11 @@ def test_the_label_search_finds_the_fewest_tokens_that_decode_to_each_label():
                                           f"{t / 2 + 0.5:.2f} seconds: ",
         families.TIMESTAMP: lambda t: f"<{t / 2:.1f} seconds>", families.MINUTES_SECONDS: lambda t: f"{t // 60:02d}:{t % 60:02d} ",
         families.TIME_SECONDS: lambda t: f"Time: {t / 2:.1f}s", families.TIME_SECONDS_COLON: lambda t: f",Time {t}.0s:",
-        families.FRAME_LABEL: lambda t: f"Frame{t}:", families.FRAME_FROM: lambda t: f"Frame from 00:{t:02d}: <img>",
-        families.CHUNK_LABEL: lambda t: f"00:00:{t:02d}.500<img>video", families.FRAME_TIME: lambda t: f"{t / 2:.1f} <img>"}
+        families.FRAME_LABEL: lambda t: f"Frame{t}:", families.FRAME_FROM: lambda t: f"Frame from {t * 7:02d}:{t:02d}: <img>",
+        families.CHUNK_LABEL: lambda t: f"00:00:{t:02d}.500<img>video", families.FRAME_TIME: lambda t: f"{t / 2:.1f} <img>",
+        families.PAN_AND_SCAN: lambda t: ("Here is the original image" if t % 2 else
+                                          "and here are some crops to help you see better") + " \n\n<img>",
+        families.GRID_SIZE: lambda t: f"<img>{t + 8}*{t * 2 + 8}</img>"}
     words = "What is in the picture frame? Describe the video at 10 seconds: in one sentence, 2.50 from".split()
     corpus = [" ".join(words)] + [label(t) for label in labels.values() for t in range(0, 40, 3)]
     tokenizer = _bpe_tokenizer(["<img>", "</img>"], corpus)
@@ -1000,3 +1017,7 @@ def test_the_label_search_finds_the_fewest_tokens_that_decode_to_each_label():
         assert n == every_suffix(ids, stamp, window), (stamp.pattern, text)
         found += n > 0
     assert found > 150  # most labels fit their window and are found
+    for stamp, label in labels.items():  # each format is found, whatever its numbers (SmolVLM's minutes past 99)
+        window = families.TUBELET_WINDOW if stamp is families.TUBELET_LABEL else 16
+        assert all(families._timestamp_before(tokenizer, tokenizer(f"What {label(t)}")["input_ids"], stamp, window)
+                   for t in range(0, 40, 3)), stamp.pattern

@@ -297,8 +297,14 @@ TIME_SECONDS = re.compile(r"Time:\s*\d+(\.\d+)?s")
 TIME_SECONDS_COLON = re.compile(r"Time\s*\d+(\.\d+)?s:")  # VideoLLaMA3's
 FRAME_LABEL = re.compile(r"Frame\d+:")  # InternVL's, no timestamp: "Frame1:"
 CHUNK_LABEL = re.compile(r"\d{2}:\d{2}:\d{2}\.\d{3}\s*video")  # Kimi-K2.5's, markers skipped: "00:00:01.000video"
-# SmolVLM's, "Frame from 00:01:", then its image markers (special or, where a tokenizer keeps them as text, not).
-FRAME_FROM = re.compile(r"Frame from \d{2}:\d{2}:(\s*<[^<>\s]+>)*")
+# SmolVLM's, "Frame from 00:01:" (minutes past 99 in more digits), then its image markers (special or, where a
+# tokenizer keeps them as text, not).
+FRAME_FROM = re.compile(r"Frame from \d{2,}:\d{2}:(\s*<[^<>\s]+>)*")
+# Gemma3's pan-and-scan (do_pan_and_scan): "Here is the original image <image> and here are some crops to help
+# you see better <crop> <crop>": before the whole view, and before its first crop.
+PAN_AND_SCAN = re.compile(r"Here is the original image|and here are some crops to help you see better")
+# Emu3's and Apertus 1.5's grid size after an image's begin marker, "<|image start|>32*32<|image token|>".
+GRID_SIZE = re.compile(r"\d+\*\d+")
 # Nemotron-H Omni's, one a tubelet (frames packed as one image), naming its frames and, where the video's
 # metadata has an fps, their times: "Frame 1 sampled at 0.00 seconds and frame 2 sampled at 0.50 seconds: <img>"
 # (some 20 tokens of a BPE vocabulary for two frames: decoded from a window of TUBELET_WINDOW).
@@ -395,7 +401,8 @@ def _labelled_frame_spans(label: re.Pattern, window: int = 16) -> Callable[..., 
     naming no video token; SmolVLM's alike, after ``Frame from 00:01:``); Kimi-K2.5's, each chunk of frames
     as ``00:00:01.000<|media_begin|>video<|media_content|>`` its tokens ``<|media_end|>`` (its chunks' count
     per video is no model input); Nemotron-H Omni's, each tubelet as an image after its label, one a line
-    (``window``: the most tokens a label takes)."""
+    (``window``: the most tokens a label takes). Labels before images alike (``frames``: every image where
+    the config names no video token): Gemma3's pan-and-scan sentences, Emu3's and Apertus 1.5's grid size."""
     def spans(config, inputs: dict, ids: torch.Tensor, frames: list, tokenizer=None) -> list[tuple[int, int, int]]:
         if tokenizer is None:
             return []
@@ -1078,9 +1085,11 @@ FAMILIES: tuple[Family, ...] = (
     Family("GLM-5-Next", ("glm5_next",), router_loss=(0, 0), video_spans=_marked_video_spans),
     # ShieldGemma 2 is a Gemma3 model under a config of its own, inside an image classifier (which
     # reads the last position's yes/no logits): there the hooks' base model is the Gemma3 wrapper.
+    # With pan-and-scan, its processor writes a sentence before the whole view and one before the crops:
+    # the image's, with a tokenizer (decoded); a question written before the image was replaced by the second.
     Family("Gemma3", ("gemma3", "shieldgemma2"), lm_attr=("language_model", "model.language_model"),
            image_token_counts=_fixed_counts(lambda config: config.mm_tokens_per_image),
-           build_mask=_gemma3_masks),
+           build_mask=_gemma3_masks, video_spans=_labelled_frame_spans(PAN_AND_SCAN)),
     # PaliGemma and PaliGemma 2: every image ahead of the prompt, back to back, a fixed count each.
     Family("PaliGemma", ("paligemma",),
            image_token_counts=_fixed_counts(lambda config: config.text_config.num_image_tokens),
@@ -1129,7 +1138,7 @@ FAMILIES: tuple[Family, ...] = (
     # Apertus 1.5: a VQ tokenizer's image codes are ids of the text vocabulary, embedded by its table;
     # each image between begin/end-of-image markers, a row of codes per line, lines joined by end-of-line
     # tokens: one budget an image (its size says how many codes), audio codes kept whole.
-    Family("Apertus 1.5", ("apertus1p5",), unnamed_markers=True,
+    Family("Apertus 1.5", ("apertus1p5",), unnamed_markers=True, video_spans=_labelled_frame_spans(GRID_SIZE),
            image_token_counts=_code_grid_counts, min_transformers=(5, 24)),
     # Chameleon: each image a fixed grid of VQ codes, ids of the text vocabulary embedded by its table,
     # written over placeholders between begin/end-of-image markers; its base model is its decoder and
@@ -1140,7 +1149,8 @@ FAMILIES: tuple[Family, ...] = (
     # tokens, as LLaVA-NeXT's newline features); the base model passes them to its text model.
     # transformers 4.57's wrapper does not pass the images to its base model: its placeholders stay
     # placeholders, unpatched (nothing to prune, nor to test the hooks against).
-    Family("Emu3", ("emu3",), unnamed_markers=True, lm_attr="text_model", min_transformers=(5, 0)),
+    Family("Emu3", ("emu3",), unnamed_markers=True, lm_attr="text_model", min_transformers=(5, 0),
+           video_spans=_labelled_frame_spans(GRID_SIZE)),
     # Muse Glimmer: each image between image markers, one run; a video's temporal groups each a run after
     # its timestamp (one budget each); 1-D positions; sliding windows that count cache slots, NoPE layers.
     Family("Muse Glimmer", ("muse_glimmer",), unnamed_markers=True,
