@@ -891,6 +891,49 @@ def test_minicpm_v_crops_are_budgeted_apart_and_image_numbers_are_no_question(ve
         zspa_kernels.prune(model, keep=4).remove()
 
 
+def test_emu3_grid_sizes_are_no_question():
+    """Emu3's processor writes each image as ``<|image start|>`` its grid size (``2*3``, text) ``<|image token|>``
+    its placeholders ``<|extra_201|><|image end|>``: each image is a selection, and with a tokenizer the size is
+    the image's (decoded), in a question after a first image (the second's) and in one before its image (its
+    own); without one it stays, and prune() warns (its markers are in no config either)."""
+    if not hasattr(transformers, "Emu3Processor") or release("transformers") < (5, 0):
+        pytest.skip(f"transformers {transformers.__version__}: the family needs 5.x")
+    from zspa_kernels.integrations.transformers.tiny import BUILDERS, VQ_CODES
+
+    visual = [f"<|visual token {i:06d}|>" for i in range(VQ_CODES)]
+    marks = dict(boi_token="<|image start|>", eoi_token="<|image end|>", image_wrapper_token="<|image token|>",
+                 eof_token="<|extra_201|>", image_token="<image>")
+    before, after, between = "What is in the picture?", " Describe it.", " And here?"
+    tokenizer = _bpe_tokenizer([*marks.values(), "<|extra_200|>", *visual],
+                               [before + after + between] + [f"{h}*{w}" for h in range(1, 9) for w in range(1, 9)])
+    for name, token in marks.items():  # as Emu3's tokenizer names them
+        setattr(tokenizer, name, token)
+    tokenizer.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    # Its processor downsamples by 8: the tiny VQ-VAE (2 px cells) with two levels more.
+    processor = transformers.Emu3Processor(
+        image_processor=_image_processor("Emu3ImageProcessor", min_pixels=16 * 16, max_pixels=32 * 32), tokenizer=tokenizer)
+    tiny = BUILDERS["emu3"]()
+    config = tiny.model.config.to_dict()
+    config["text_config"].update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    config["vq_config"].update(channel_multiplier=[1, 1, 1, 1])
+    config.update(image_token_id=tokenizer.image_token_id, vocabulary_map={
+        t: tokenizer.convert_tokens_to_ids(t) for t in ["<image>", "<|extra_200|>", *visual]})
+    torch.manual_seed(0)
+    model = type(tiny.model)(type(tiny.model.config)(**config)).eval()
+    gen = torch.Generator().manual_seed(0)
+    inputs = processor(text=[f"<image>{after}<image>{between}", f"{before}<image>"], padding=True, return_tensors="pt",
+                       images=[[_photo(16, 24, gen), _photo(24, 16, gen)], [_photo(16, 16, gen)]])
+    assert f"{after}<|image start|>3*2<|image token|>" in tokenizer.decode(inputs["input_ids"][0])  # the size, as text
+    selections, prompts, untokenized = _video_prompts(model, inputs, processor, tokenizer)
+    assert [(s.batch_row, s.n_tokens) for s in selections] == [(0, 2 * 4), (0, 3 * 3), (1, 2 * 3)]  # h * (w + 1)
+
+    def text(words):  # the prompt's text, spaces aside (a tokenizer drops the blank tokens)
+        return "".join(tokenizer.convert_tokens_to_string(words).split())
+
+    assert [text(p) for p in prompts] == [text([after + between])] * 2 + [text([before])]
+    assert "3*2" in text(untokenized[0])
+
+
 MOLMO2_MARKERS = ["<im_patch>", "<im_col>", "<im_start>", "<low_res_im_start>", "<frame_start>", "<im_end>",
                   "<frame_end>", "<im_low>", "<|image|>", "<|video|>"]
 
