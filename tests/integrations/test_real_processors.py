@@ -1,7 +1,8 @@
 """prune() on the token layouts that transformers' own processors write, not the tiny builders'
 imitations of them. The processors are the real classes, built offline around a word-level (or byte-level
 BPE) tokenizer holding each family's markers; the models are tiny and random, with the tokenizer's ids in
-their configs. Images: Gemma3 (newlines around every image; pan-and-scan crops), Idefics3 (tiles in rows, each
+their configs. Images: Gemma3 (newlines around every image; pan-and-scan crops and the sentences around them),
+Emu3 and Apertus 1.5 (each image's grid size, text after its begin marker), Idefics3 (tiles in rows, each
 row ended by a newline, then a global view), Mistral3 (rows ended by a break marker, an end marker no config
 names), Molmo2 (two views, each row of patches ended by a column token no config names), MiniCPM-V 4.6/4.7 (each
 image's number before it, text between markers no config names); LLaVA-NeXT and
@@ -932,6 +933,43 @@ def test_emu3_grid_sizes_are_no_question():
 
     assert [text(p) for p in prompts] == [text([after + between])] * 2 + [text([before])]
     assert "3*2" in text(untokenized[0])
+
+
+def test_apertus1p5_grid_sizes_are_no_question():
+    """Apertus 1.5's processor writes each image as ``<|image_start|>`` its grid size (``3*4``, text)
+    ``<|image_wrapper|>`` its rows of codes joined by ``<|eol|>``, then ``<|image_end|>``: each image is a
+    selection, and with a tokenizer the size is the image's (decoded), as Emu3's; without one it stays."""
+    if not hasattr(transformers, "Apertus1p5Processor"):
+        pytest.skip(f"transformers {transformers.__version__} has no Apertus 1.5")
+    from zspa_kernels.integrations.transformers.tiny import BUILDERS
+
+    marks = dict(image_token="<|image|>", audio_token="<|audio|>", boi_token="<|image_start|>",
+                 eoi_token="<|image_end|>", image_wrapper_token="<|image_wrapper|>", eol_token="<|eol|>",
+                 boa_token="<|boa|>", eoa_token="<|eoa|>")
+    before, after, between = "What is in the picture?", " Describe it.", " And here?"
+    tokenizer = _bpe_tokenizer(list(marks.values()),
+                               [before + after + between] + [f"{h}*{w}" for h in range(1, 9) for w in range(1, 9)])
+    for name, token in marks.items():  # as Apertus 1.5's tokenizer names them
+        setattr(tokenizer, name, token)
+    processor = transformers.Apertus1p5Processor(  # 2 px a code, as the tiny image tokenizer's cells
+        image_processor=transformers.Apertus1p5ImageProcessor(spatial_factor=2, size={"min_pixels": 16, "max_pixels": 64}),
+        feature_extractor=transformers.WavTokenizerFeatureExtractor(), tokenizer=tokenizer)
+    tiny, n = BUILDERS["apertus1p5"](), len(tokenizer)
+    config = tiny.model.config.to_dict()  # the image and audio codes after this tokenizer's ids
+    config["text_config"].update(vocab_size=n + 1024 + 8, output_vocab_size=n, pad_token_id=tokenizer.pad_token_id)
+    config.update(image_token_id=tokenizer.convert_tokens_to_ids("<|image|>"), image_token_offset=n,
+                  audio_token_id=tokenizer.convert_tokens_to_ids("<|audio|>"), audio_token_offset=n + 1024)
+    torch.manual_seed(0)
+    model = type(tiny.model)(type(tiny.model.config)(**config)).eval()
+    gen = torch.Generator().manual_seed(0)
+    inputs = processor(text=[f"<|image|>{after}<|image|>{between}", f"{before}<|image|>"], padding=True,
+                       return_tensors="pt", images=[[_photo(6, 8, gen), _photo(8, 4, gen)], [_photo(4, 4, gen)]])
+    assert f"{after}<|image_start|>4*2<|image_wrapper|>" in tokenizer.decode(inputs["input_ids"][0])  # the size, as text
+    selections, prompts, untokenized = _video_prompts(model, inputs, processor, tokenizer)
+    assert [(s.batch_row, s.n_tokens) for s in selections] == [(0, 3 * 4), (0, 4 * 2), (1, 2 * 2)]
+    text = tokenizer.convert_tokens_to_string
+    assert [text(p) for p in prompts] == [after + between] * 2 + [before]
+    assert "4*2" in text(untokenized[0])
 
 
 MOLMO2_MARKERS = ["<im_patch>", "<im_col>", "<im_start>", "<low_res_im_start>", "<frame_start>", "<im_end>",
