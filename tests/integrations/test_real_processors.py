@@ -2,7 +2,8 @@
 imitations of them. The processors are the real classes, built offline around a word-level (or byte-level
 BPE) tokenizer holding each family's markers; the models are tiny and random, with the tokenizer's ids in
 their configs. Images: Gemma3 (newlines around every image; pan-and-scan crops and the sentences around them),
-Emu3 and Apertus 1.5 (each image's grid size, text after its begin marker), Idefics3 (tiles in rows, each
+Emu3 and Apertus 1.5 (each image's grid size, text after its begin marker), Aya Vision (each tile's label, text),
+Idefics3 (tiles in rows, each
 row ended by a newline, then a global view), Mistral3 (rows ended by a break marker, an end marker no config
 names), Molmo2 (two views, each row of patches ended by a column token no config names), MiniCPM-V 4.6/4.7 (each
 image's number before it, text between markers no config names); LLaVA-NeXT and
@@ -972,6 +973,39 @@ def test_apertus1p5_grid_sizes_are_no_question():
     assert "4*2" in text(untokenized[0])
 
 
+@pytest.mark.parametrize("special_tiles", [False, True], ids=["tile-words", "tile-tokens"])
+def test_aya_vision_tile_labels_are_no_question(special_tiles):
+    """Aya Vision's processor writes an image as ``<|START_OF_IMG|>``, then each tile after its label (``TILE_1``,
+    ``TILE_2``, ..., ``TILE_GLOBAL`` before the whole view; text, or ``TILE`` and ``TILE_GLOBAL`` added as special
+    tokens with ``_2`` text), ``<|END_OF_IMG|>``: each tile is a selection, and with a tokenizer the labels are
+    the tiles' (decoded). They had stood for the question written before its image (the text after its first
+    tile), with or without a tokenizer; without one they still do, and prune() warns."""
+    import re
+
+    if not hasattr(transformers, "AyaVisionProcessor"):
+        pytest.skip(f"transformers {transformers.__version__} has no Aya Vision")
+    markers = ["<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>", "<image>"]
+    before, after = "What is in the picture?", " Describe it."
+    tokenizer = _bpe_tokenizer(markers + ["TILE_GLOBAL", "TILE"] * special_tiles,
+                               [before + after] + [f"TILE_{i}" for i in range(1, 13)] + ["TILE_GLOBAL"])
+    processor = transformers.AyaVisionProcessor(  # 32 px tiles of 4 px patches, pixel-shuffled 2x2: 16 tokens
+        image_processor=_image_processor("GotOcr2ImageProcessor", size={"height": 32, "width": 32}, crop_to_patches=True,
+                                         max_patches=4),
+        tokenizer=tokenizer, patch_size=4, img_size=32, downsample_factor=2, image_token="<image>")
+    model = _retokenized("aya_vision", tokenizer, dict(image_token_id="<|IMG_PATCH|>"))
+    gen = torch.Generator().manual_seed(0)
+    inputs = processor(text=[f"<image>{after}", f"{before}<image>"], images=[[_photo(32, 64, gen)], [_photo(64, 32, gen)]],
+                       padding=True, return_tensors="pt")
+    inputs.pop("token_type_ids", None)  # transformers 4.57's tokenizer output, which its model does not take
+    layout = re.sub(r"(<\|IMG_PATCH\|>)+", "<P>", tokenizer.decode(inputs["input_ids"][1]))
+    assert layout.endswith(f"{before}<|START_OF_IMG|>TILE_1<P>TILE_2<P>TILE_GLOBAL<P><|END_OF_IMG|>")
+    selections, prompts, untokenized = _video_prompts(model, inputs, processor, tokenizer)
+    assert [(s.batch_row, s.n_tokens) for s in selections] == [(0, 16)] * 3 + [(1, 16)] * 3  # 2 tiles and the view
+    text = tokenizer.convert_tokens_to_string
+    assert [text(p) for p in prompts] == [after] * 3 + [before] * 3
+    assert "_GLOBAL" in text(untokenized[-1])  # without a tokenizer, the labels after its first tile
+
+
 MOLMO2_MARKERS = ["<im_patch>", "<im_col>", "<im_start>", "<low_res_im_start>", "<frame_start>", "<im_end>",
                   "<frame_end>", "<im_low>", "<|image|>", "<|video|>"]
 
@@ -1070,7 +1104,8 @@ def test_the_label_search_finds_the_fewest_tokens_that_decode_to_each_label():
         families.CHUNK_LABEL: lambda t: f"00:00:{t:02d}.500<img>video", families.FRAME_TIME: lambda t: f"{t / 2:.1f} <img>",
         families.PAN_AND_SCAN: lambda t: ("Here is the original image" if t % 2 else
                                           "and here are some crops to help you see better") + " \n\n<img>",
-        families.GRID_SIZE: lambda t: f"<img>{t + 8}*{t * 2 + 8}</img>"}
+        families.GRID_SIZE: lambda t: f"<img>{t + 8}*{t * 2 + 8}</img>",
+        families.TILE_LABEL: lambda t: f"<img>TILE_{t + 1}" if t % 3 else "<img>TILE_GLOBAL"}
     words = "What is in the picture frame? Describe the video at 10 seconds: in one sentence, 2.50 from".split()
     corpus = [" ".join(words)] + [label(t) for label in labels.values() for t in range(0, 40, 3)]
     tokenizer = _bpe_tokenizer(["<img>", "</img>"], corpus)

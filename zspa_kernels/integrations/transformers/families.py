@@ -305,6 +305,9 @@ FRAME_FROM = re.compile(r"Frame from \d{2,}:\d{2}:(\s*<[^<>\s]+>)*")
 PAN_AND_SCAN = re.compile(r"Here is the original image|and here are some crops to help you see better")
 # Emu3's and Apertus 1.5's grid size after an image's begin marker, "<|image start|>32*32<|image token|>".
 GRID_SIZE = re.compile(r"\d+\*\d+")
+# Aya Vision's before each tile, "TILE_1" ... and "TILE_GLOBAL" before the whole view (its "TILE" as text, or
+# special and skipped: "_1").
+TILE_LABEL = re.compile(r"(?:TILE)?_(?:\d+|GLOBAL)")
 # Nemotron-H Omni's, one a tubelet (frames packed as one image), naming its frames and, where the video's
 # metadata has an fps, their times: "Frame 1 sampled at 0.00 seconds and frame 2 sampled at 0.50 seconds: <img>"
 # (some 20 tokens of a BPE vocabulary for two frames: decoded from a window of TUBELET_WINDOW).
@@ -402,7 +405,8 @@ def _labelled_frame_spans(label: re.Pattern, window: int = 16) -> Callable[..., 
     as ``00:00:01.000<|media_begin|>video<|media_content|>`` its tokens ``<|media_end|>`` (its chunks' count
     per video is no model input); Nemotron-H Omni's, each tubelet as an image after its label, one a line
     (``window``: the most tokens a label takes). Labels before images alike (``frames``: every image where
-    the config names no video token): Gemma3's pan-and-scan sentences, Emu3's and Apertus 1.5's grid size."""
+    the config names no video token): Gemma3's pan-and-scan sentences, Emu3's and Apertus 1.5's grid size,
+    Aya Vision's tile labels."""
     def spans(config, inputs: dict, ids: torch.Tensor, frames: list, tokenizer=None) -> list[tuple[int, int, int]]:
         if tokenizer is None:
             return []
@@ -1017,8 +1021,11 @@ FAMILIES: tuple[Family, ...] = (
     # EXAONE 4.5: Qwen2.5-VL's layout around an EXAONE 4 text model with 1-D positions, whose
     # sliding windows count cache slots (a pruned prompt's windows are of kept tokens).
     Family("EXAONE 4.5", ("exaone4_5",), visual_token_attrs=("image_token_id", "video_token_id")),
-    # Each tile is a run between tile markers, and its own budget (like Idefics3).
-    Family("Aya Vision", ("aya_vision",), unnamed_markers=True, image_token_counts=_tower_counts),
+    # Each tile is a run between tile markers, and its own budget (like Idefics3). Aya Vision's processor
+    # labels each tile in text ("TILE_2"): the tile's, with a tokenizer (decoded); a question written before
+    # its image was replaced by the labels after its first tile.
+    Family("Aya Vision", ("aya_vision",), unnamed_markers=True, image_token_counts=_tower_counts,
+           video_spans=_labelled_frame_spans(TILE_LABEL)),
     Family("Cohere2 Vision", ("cohere2_vision",), unnamed_markers=True, image_token_counts=_tower_counts),
     # <img> ... </img> around each image (all its tiles: one budget); video frames are images, each
     # after its "FrameN:" label.
