@@ -87,7 +87,8 @@ class Family:
     video_spans: Optional[Callable[..., list[tuple[int, int, int]]]] = None
     # The config attribute naming the token of video frames, whose runs ``video_spans`` is given. None:
     # the processor writes a video's frames with the image token (Nemotron-H Omni's tubelets, whatever its
-    # config's video_token_id says): every run is given, as where the config names no video token.
+    # config's video_token_id says), or where ``video_spans`` reads what stands before images too (MiniCPM-V's
+    # numbers, Kimi-K2.5's media wrapper): every run is given, as where the config names no video token.
     frame_token_attr: Optional[str] = "video_token_id"
     # True where the caller's token types (``token_types_arg``, nonzero) mark every token the processor
     # writes for an image or video, its markers and separators too (Molmo2's column tokens, which no
