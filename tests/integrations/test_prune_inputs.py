@@ -258,6 +258,40 @@ def test_the_question_holds_no_marker_that_the_config_or_the_tokenizer_names(nam
     assert not_text(tokenizer=processor) == (set(), False)
 
 
+@torch.no_grad()
+def test_tokens_the_tokenizer_decodes_to_control_characters_are_no_question():
+    """Fuyu's processor writes ``<0x04>`` (its "beginning of answer": a byte token of a byte-fallback vocabulary,
+    which decodes to the control character U+0004) after every prompt, right after the question. Without a
+    tokenizer it is question text; with one it is not, as whitespace is not. A byte token that decodes to part of
+    a character (``<0xE2>``, the first byte of a three-byte one: U+FFFD alone) stays: it spells a word."""
+    from tokenizers import Tokenizer, decoders, models
+
+    tiny = BUILDERS["fuyu"]()
+    inputs = tiny.make_inputs(tiny.single)  # text, an image, text
+    ids = inputs["input_ids"]
+
+    def prompt(**tokenizer) -> torch.Tensor:
+        with zspa_kernels.prune(tiny.model, keep=KEEP, **tokenizer) as handle:
+            tiny.model(**inputs)
+        (selection,) = handle.last_selection
+        return selection.prompt_tokens
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Fuyu's unnamed markers: the warning has its own test
+        untokenized = prompt()
+    # The question's last two tokens (the text after the image) stand for <0xE2> and <0x04>.
+    byte, boa = ids[0, untokenized[-2:]].tolist()
+    assert untokenized[-1] > ids.shape[1] - 8 and byte != boa
+    vocab = {f"w{i}": i for i in range(int(ids.max()) + 1) if i not in (boa, byte)}
+    vocab.update({"<0x04>": boa, "<0xE2>": byte})
+    words = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    words.decoder = decoders.ByteFallback()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=words)
+    assert tokenizer.decode([boa]) == "\x04" and tokenizer.decode([byte]) == "\ufffd"
+    tokenized = prompt(tokenizer=tokenizer)
+    assert torch.equal(tokenized, untokenized[ids[0, untokenized] != boa])
+
+
 @pytest.mark.parametrize("name", list(BUILDERS))
 @torch.no_grad()
 def test_image_counts_read_no_input_values_but_those_the_sync_brings(name, monkeypatch):

@@ -46,12 +46,12 @@ def prune(
         backend: ``zspa::select_tokens`` backend (``"auto"``, ``"reference"``, ...).
         tokenizer: optional, a tokenizer or the processor holding one: its special
             tokens (named, extra, and every added token marked special) and the tokens it
-            decodes to whitespace alone (the newlines processors write around images and
-            between rows of tiles) are also left out of ``"question"``, and so is the
-            timestamp before a Qwen3-VL video's first frame. Image markers that
-            the config does not name (most families' tile, slice and begin/end markers) are
-            known only to it: where the family's processors write such markers
-            (``Family.unnamed_markers``), ``prompt="question"`` without it warns.
+            decodes to whitespace or control characters alone (the newlines processors write
+            around images and between rows of tiles, Fuyu's ``<0x04>``) are also left out of
+            ``"question"``, and so is the timestamp before a Qwen3-VL video's first frame.
+            Image markers that the config does not name (most families' tile, slice and
+            begin/end markers) are known only to it: where the family's processors write
+            such markers (``Family.unnamed_markers``), ``prompt="question"`` without it warns.
 
     Returns:
         A :class:`PruneHandle`: a context manager with ``.remove()``; after each pruned

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
@@ -1309,14 +1310,19 @@ def tokenizer_special_ids(tokenizer) -> set[int]:
 
 @torch.compiler.disable  # host-side tokenizer calls: nothing for Dynamo to trace
 def blank_token_ids(tokenizer, ids, known: dict) -> list[int]:
-    """Of ``ids``, those ``tokenizer`` decodes to whitespace alone: the newlines that processors
-    write around images and between rows of tiles (Gemma3's ``"\\n\\n"`` around every image,
-    Idefics3's and SmolVLM's after each row of tiles, PaliGemma's after the prompt), which are
-    ordinary tokens of their vocabularies. ``known`` caches each id's answer across calls."""
+    """Of ``ids``, those ``tokenizer`` decodes to whitespace or control characters alone: the
+    newlines that processors write around images and between rows of tiles (Gemma3's ``"\\n\\n"``
+    around every image, Idefics3's and SmolVLM's after each row of tiles, PaliGemma's after the
+    prompt), which are ordinary tokens of their vocabularies, and the byte tokens that stand for a
+    control character (Fuyu's ``<0x04>``, "beginning of answer", written after every prompt; its
+    ``<0x00>``..``<0x03>`` around box and point coordinates), which carry no words. ``known``
+    caches each id's answer across calls."""
     for i in ids:
         if i not in known:
             try:
-                known[i] = not tokenizer.decode([i]).strip()
+                text = tokenizer.decode([i])
             except Exception:  # an id this tokenizer cannot decode is no whitespace it knows
                 known[i] = False
+            else:
+                known[i] = all(c.isspace() or unicodedata.category(c) == "Cc" for c in text)
     return [i for i in ids if known[i]]

@@ -332,7 +332,7 @@ class PruneHandle:
         self.visual_ids = visual_ids
         self.special_ids = torch.tensor(sorted(special), dtype=torch.long)
         self._tokenizer = None if tokenizer is None else text_tokenizer(tokenizer)
-        self._blank: dict[int, bool] = {}  # token id -> the tokenizer decodes it to whitespace alone
+        self._blank: dict[int, bool] = {}  # token id -> it decodes to whitespace or control characters alone
         params = inspect.signature(lm.forward).parameters
         self._cache_arg = next((k for k in CACHE_ARGS if k in params), CACHE_ARGS[-1])
         self.last_selection: list[ImageSelection] = []
@@ -644,7 +644,7 @@ class PruneHandle:
         (row breaks, tile markers between its tokens). ``question``: of those, drop every
         special token id named in the config (bos/eos/pad, visual markers; plus, when a
         tokenizer was given, its special tokens and the tokens it decodes to whitespace
-        alone), and keep the text after the row's first image; a row whose question stands
+        or control characters alone), and keep the text after the row's first image; a row whose question stands
         wholly before its first image (nothing left after it) uses the text before it
         instead. The whitespace matters there: processors write newlines after images
         (Gemma3 after every one), which would otherwise stand for the whole question.
