@@ -4,7 +4,8 @@ BPE) tokenizer holding each family's markers; the models are tiny and random, wi
 their configs. Images: Gemma3 (newlines around every image; pan-and-scan crops and the sentences around them),
 Emu3 and Apertus 1.5 (each image's grid size, text after its begin marker), Aya Vision (each tile's label, text),
 Idefics3 (tiles in rows, each
-row ended by a newline, then a global view), Mistral3 (rows ended by a break marker, an end marker no config
+row ended by a newline, then a global view), PaliGemma (a newline after the prompt; a suffix typed and
+labelled as the answer), Mistral3 (rows ended by a break marker, an end marker no config
 names), Molmo2 (two views, each row of patches ended by a column token no config names), MiniCPM-V 4.6/4.7 (each
 image's number before it, text between markers no config names); LLaVA-NeXT and
 LLaVA-OneVision (images, and OneVision's videos, of a count their size gives). Videos (their processors need
@@ -176,6 +177,46 @@ def test_gemma3_pan_and_scan_crops_are_budgeted_apart():
     with torch.no_grad(), zspa_kernels.prune(model, keep=4) as handle:
         model(**inputs)  # without a tokenizer the sentences are words of the question
     assert {"here", "crops"} <= set(_prompt_words(tokenizer, inputs, handle.last_selection[0]))
+
+
+def _paligemma():
+    v4 = transformers.__version__.startswith("4.")  # 4.57's processor takes Gemma's tokenizer class only
+    tokenizer = _tokenizer([], plain=["\n"], bos="<bos>", cls=transformers.GemmaTokenizerFast if v4 else None)
+    image_processor = _image_processor("SiglipImageProcessor", size={"height": 16, "width": 16})
+    image_processor.image_seq_length = 16  # as PaliGemma checkpoints' image processor configs give it
+    # The processor adds <image> (special) and its <locNNNN>/<segNNN> words to the tokenizer.
+    processor = transformers.PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    model = _retokenized("paligemma", tokenizer, dict(image_token_index="<image>", pad_token_id="<pad>"))
+    return model, processor, tokenizer
+
+
+@torch.no_grad()
+def test_paligemma_prompts_hold_the_question_and_a_training_call_selects_as_generation():
+    """PaliGemma's processor writes every image of a row ahead of it, then ``<bos>``, the prompt and ``"\\n"``
+    (an ordinary token: no question with a tokenizer). With a suffix (fine-tuning) it appends the suffix and
+    ``<eos>``, typed 1 in ``token_type_ids`` (causal, where the prefix attends both ways) and labelled in
+    ``labels``: the answer, which is no prompt, so a training call keeps the tokens that generation keeps."""
+    model, processor, tokenizer = _paligemma()
+    gen = torch.Generator().manual_seed(0)
+    images = [[_photo(16, 16, gen)], [_photo(16, 16, gen), _photo(24, 16, gen)]]
+    text = ["<image>w1 w2 w3", "<image><image>w4 w5"]
+    inputs = processor(text=text, images=images, padding=True, return_tensors="pt")
+    inputs.pop("labels", None)  # all -100 without a suffix (transformers 5.x returns them anyway)
+    selections, prompts, untokenized = _video_prompts(model, inputs, processor, tokenizer)
+    assert [(s.batch_row, s.n_tokens) for s in selections] == [(0, 16), (1, 16), (1, 16)]
+    assert prompts == [["w1", "w2", "w3"], ["w4", "w5"], ["w4", "w5"]]
+    assert untokenized == [p + ["\n"] for p in prompts]  # without a tokenizer the newline stays
+
+    train = processor(text=text, images=images, suffix=["w7 w8", "w9"], padding=True, return_tensors="pt")
+    answer = train["token_type_ids"].bool()
+    assert torch.equal(answer, train["labels"] != -100) and answer.sum(1).tolist() == [3, 2]  # the suffix, <eos>
+    trained = _selections(model, train, processor)  # keep-all: the unpatched logits, bit for bit
+    assert [_prompt_words(tokenizer, train, s) for s in trained] == prompts
+    assert all(torch.equal(t.kept, s.kept) and torch.equal(t.order, s.order) for t, s in zip(trained, selections))
+    unpatched = model(**train).loss
+    with zspa_kernels.prune(model, keep=4, tokenizer=processor):
+        pruned = model(**train).loss
+    assert torch.isfinite(pruned) and not torch.equal(pruned, unpatched)  # the answer's loss, on fewer image tokens
 
 
 def _idefics3():
