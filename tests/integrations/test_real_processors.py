@@ -5,7 +5,8 @@ their configs. Images: Gemma3 (newlines around every image; pan-and-scan crops a
 Emu3 and Apertus 1.5 (each image's grid size, text after its begin marker), Aya Vision (each tile's label, text),
 Idefics3 (tiles in rows, each
 row ended by a newline, then a global view), PaliGemma (a newline after the prompt; a suffix typed and
-labelled as the answer), Mistral3 (rows ended by a break marker, an end marker no config
+labelled as the answer), Llama 4 (tiles with separators between
+begin/end markers the config names), Mistral3 (rows ended by a break marker, an end marker no config
 names), Molmo2 (two views, each row of patches ended by a column token no config names), MiniCPM-V 4.6/4.7 (each
 image's number before it, text between markers no config names); LLaVA-NeXT and
 LLaVA-OneVision (images, and OneVision's videos, of a count their size gives). Videos (their processors need
@@ -217,6 +218,44 @@ def test_paligemma_prompts_hold_the_question_and_a_training_call_selects_as_gene
     with zspa_kernels.prune(model, keep=4, tokenizer=processor):
         pruned = model(**train).loss
     assert torch.isfinite(pruned) and not torch.equal(pruned, unpatched)  # the answer's loss, on fewer image tokens
+
+
+LLAMA4_MARKERS = ["<|image_start|>", "<|image_end|>", "<|image|>", "<|patch|>", "<|tile_x_separator|>",
+                  "<|tile_y_separator|>"]
+
+
+@torch.no_grad()
+def test_llama4_tiles_are_budgeted_apart_and_their_separators_are_no_question():
+    """Llama 4's processor writes an image of several tiles as ``<|image_start|>``, the tiles row by row (an x
+    separator between the tiles of a row, a y separator after each row), ``<|image|>`` and the global view's
+    tokens, ``<|image_end|>``: each tile and the view a selection. The config names the begin/end markers
+    (``boi_token_index``, ``eoi_token_index``), so what stands between them is the image's with or without a
+    tokenizer: without one, the separators after its first tile had stood for a question written before it."""
+    import re
+
+    from zspa_kernels.integrations.transformers.tiny import BUILDERS
+
+    if "llama4" not in BUILDERS:  # no Llama 4, or prune() refuses it (transformers 5.24, whose model fails)
+        pytest.skip(f"prune() takes no Llama 4 on transformers {transformers.__version__}")
+    tokenizer = _tokenizer(LLAMA4_MARKERS, plain=[], bos="<|begin_of_text|>")
+    images = getattr(transformers, "Llama4ImageProcessorFast", None) or transformers.Llama4ImageProcessor
+    processor = transformers.Llama4Processor(  # 32 px tiles of 4 px patches, pixel-shuffled 2x2: 16 tokens
+        image_processor=images(size={"height": 32, "width": 32}, max_patches=4, resize_to_max_canvas=False),
+        tokenizer=tokenizer, patch_size=4, pixel_shuffle_ratio=0.5)
+    model = _retokenized("llama4", tokenizer, dict(image_token_index="<|patch|>", boi_token_index="<|image_start|>",
+                                                   eoi_token_index="<|image_end|>"))
+    gen = torch.Generator().manual_seed(0)
+    question = "w4 w5"
+    inputs = processor(text=["<|image|>w1 w2 w3", f"{question} <|image|>"],
+                       images=[[_photo(64, 64, gen)], [_photo(32, 64, gen)]], padding=True, return_tensors="pt")
+    inputs["pixel_values"] = inputs["pixel_values"].float()  # its image processor returns bf16
+    layout = re.sub(r"(<\|patch\|>)+", "<P>", tokenizer.decode(inputs["input_ids"][1]).replace(" ", ""))
+    assert layout.endswith("w4w5<|image_start|><P><|tile_x_separator|><P><|tile_y_separator|><|image|><P><|image_end|>")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no marker the config does not name reaches the question: nothing to warn of
+        selections, prompts, untokenized = _video_prompts(model, inputs, processor, tokenizer)
+    assert [(s.batch_row, s.n_tokens) for s in selections] == [(0, 16)] * 5 + [(1, 16)] * 3  # 2x2 and 1x2 tiles, views
+    assert prompts == untokenized == [["w1", "w2", "w3"]] * 5 + [question.split()] * 3
 
 
 def _idefics3():

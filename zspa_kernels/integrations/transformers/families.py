@@ -84,7 +84,8 @@ class Family:
     # -> the (row, first, last) positions of each video, the text its processor writes between its
     # frames included (Qwen3-VL's, Gemma 4's timestamps): inside a video, so no question text, as a
     # row break inside an image is not; or of a label the processor writes before each image or frame
-    # (InternVL's ``FrameN:``, MiniCPM-V's image numbers). None: no text stands between a video's frames.
+    # (InternVL's ``FrameN:``, MiniCPM-V's image numbers), or of an image between the begin/end markers its
+    # config names (Llama 4's tile separators). None: no text stands between a video's frames.
     video_spans: Optional[Callable[..., list[tuple[int, int, int]]]] = None
     # The config attribute naming the token of video frames, whose runs ``video_spans`` is given. None:
     # the processor writes a video's frames with the image token (Nemotron-H Omni's tubelets, whatever its
@@ -482,19 +483,29 @@ def _image_id_spans(config, inputs: dict, ids: torch.Tensor, frames: list, token
     return spans
 
 
-def _marked_video_spans(config, inputs: dict, ids: torch.Tensor, frames: list, tokenizer=None) -> list[tuple[int, int, int]]:
-    """GLM-4.1V's processor (GLM-4.5V's, 4.6V's, 5-Next's) writes each frame of a video as an image
-    followed by its timestamp, all between the begin/end-of-video markers its template writes: a video
-    spans from one to the next."""
-    spans = []
-    for row in range(ids.shape[0]):
-        starts = (ids[row] == config.video_start_token_id).nonzero()[:, 0].tolist()
-        ends = (ids[row] == config.video_end_token_id).nonzero()[:, 0].tolist()
-        for start in starts:
-            end = next((e for e in ends if e > start), None)
-            if end is not None:
-                spans.append((row, start, end))
+def _marked_spans(start_attr: str, end_attr: str) -> Callable[..., list[tuple[int, int, int]]]:
+    """For processors that write everything of an image or video between a begin and an end marker the
+    config names (``start_attr``, ``end_attr``): it spans from each begin marker to the next end marker.
+    GLM-4.1V's (4.5V's, 4.6V's, 5-Next's) writes each frame of a video as an image followed by its
+    timestamp, all between the begin/end-of-video markers its template writes; Llama 4's writes an
+    image's tiles with separators between them, then an image marker and its global view, between its
+    begin/end-of-image markers."""
+
+    def spans(config, inputs: dict, ids: torch.Tensor, frames: list, tokenizer=None) -> list[tuple[int, int, int]]:
+        found = []
+        for row in range(ids.shape[0]):
+            starts = (ids[row] == getattr(config, start_attr)).nonzero()[:, 0].tolist()
+            ends = (ids[row] == getattr(config, end_attr)).nonzero()[:, 0].tolist()
+            for start in starts:
+                end = next((e for e in ends if e > start), None)
+                if end is not None:
+                    found.append((row, start, end))
+        return found
+
     return spans
+
+
+_marked_video_spans = _marked_spans("video_start_token_id", "video_end_token_id")
 
 
 def _one_run_per_image(config, inputs: dict, runs: list[int]) -> list[int]:
@@ -1134,13 +1145,16 @@ FAMILIES: tuple[Family, ...] = (
                "model: zspa_kernels.prune cannot prune Nemotron-H Omni with video_pruning_rate="
                f"{config.video_pruning_rate}: its own video pruning drops tokens inside the model, after the "
                "inputs the hooks read; set video_pruning_rate=0.0")),
-    # Each tile of an image (and its global view) is a run between separators: its own budget.
+    # Each tile of an image (and its global view) is a run between separators: its own budget. The
+    # separators and the image marker before the global view stand between the begin/end-of-image
+    # markers the config names: the image's, no question text, with or without a tokenizer.
     # No base model: the wrapper merges the image features and calls its causal LM, whose
     # decoder the hooks run. Chunked attention and the NoPE layers' temperature tuning number the
     # cache slots (the kept tokens), RoPE the original positions. transformers 5.24's wrapper reads
     # image_outputs from its causal LM's output, which has none: its forward fails, pruned or not
     # (5.25 reads them only where they are there).
-    Family("Llama 4", ("llama4",), unnamed_markers=True, lm_attr="language_model.model",
+    Family("Llama 4", ("llama4",), lm_attr="language_model.model",
+           video_spans=_marked_spans("boi_token_index", "eoi_token_index"), frame_token_attr=None,
            broken_in=((5, 24), (5, 25), "its Llama4ForConditionalGeneration.forward fails unpatched (it reads "
                                         "image_outputs from its causal LM's output, which has none); "
                                         "use transformers 4.57 to 5.17, or 5.25 on")),

@@ -644,9 +644,9 @@ class PruneHandle:
         (row breaks, tile markers between its tokens). ``question``: of those, drop every
         special token id named in the config (bos/eos/pad, visual markers; plus, when a
         tokenizer was given, its special tokens and the tokens it decodes to whitespace
-        or control characters alone), and keep the text after the row's first image; a row whose question stands
-        wholly before its first image (nothing left after it) uses the text before it
-        instead. The whitespace matters there: processors write newlines after images
+        or control characters alone), and keep the text after the row's first image; a row
+        whose question stands wholly before its first image (nothing left after it) uses the
+        text before it instead. The whitespace matters there: processors write newlines after images
         (Gemma3 after every one), which would otherwise stand for the whole question.
 
         ``spans``: (row, first, last) of each video whose processor writes text between its
