@@ -15,8 +15,8 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "python"
 
 
 def _run(script: str, *args: str) -> str:
-    # USE_HUB_KERNELS=0: transformers 5.25's from_pretrained kernelizes from the Hub by default and
-    # refuses without `kernels` >= 0.19.1 (not on the package index yet); earlier lines ignore it.
+    # USE_HUB_KERNELS=0: transformers 5.25's from_pretrained kernelizes with Hub kernels by default (the
+    # `kernels` package); the tests run offline. Earlier lines ignore it.
     env = dict(os.environ, USE_HUB_KERNELS="0", PYTHONPATH=os.pathsep.join(
         [str(EXAMPLES.parent)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     done = subprocess.run([sys.executable, str(EXAMPLES / script), "--new-tokens", "2", *args],
