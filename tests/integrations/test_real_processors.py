@@ -8,7 +8,8 @@ row ended by a newline, then a global view), PaliGemma (a newline after the prom
 labelled as the answer), Llama 4 (tiles with separators between
 begin/end markers the config names), Mistral3 (rows ended by a break marker, an end marker no config
 names), Molmo2 (two views, each row of patches ended by a column token no config names), MiniCPM-V 4.6/4.7 (each
-image's number before it, text between markers no config names); LLaVA-NeXT and
+image's number before it, text between markers no config names), LFM2-VL (tiles and a thumbnail, each after a
+marker no config names, or one run of them all without markers: told apart by their patch grids); LLaVA-NeXT and
 LLaVA-OneVision (images, and OneVision's videos, of a count their size gives). Videos (their processors need
 torchvision, which the test extra installs): Qwen2.5-VL (a video one selection), and the layouts that write
 words between a video's frames, which must be no question text: timestamps (Qwen3-VL, Gemma 4, Muse Glimmer,
@@ -17,6 +18,7 @@ and frame labels (InternVL, Kimi-K2.5, SmolVLM, Nemotron-H Omni's tubelets)."""
 from __future__ import annotations
 
 import inspect
+import re
 import warnings
 from itertools import groupby
 
@@ -231,7 +233,6 @@ def test_llama4_tiles_are_budgeted_apart_and_their_separators_are_no_question():
     tokens, ``<|image_end|>``: each tile and the view a selection. The config names the begin/end markers
     (``boi_token_index``, ``eoi_token_index``), so what stands between them is the image's with or without a
     tokenizer: without one, the separators after its first tile had stood for a question written before it."""
-    import re
 
     from zspa_kernels.integrations.transformers.tiny import BUILDERS
 
@@ -1060,7 +1061,6 @@ def test_aya_vision_tile_labels_are_no_question(special_tiles):
     tokens with ``_2`` text), ``<|END_OF_IMG|>``: each tile is a selection, and with a tokenizer the labels are
     the tiles' (decoded). They had stood for the question written before its image (the text after its first
     tile), with or without a tokenizer; without one they still do, and prune() warns."""
-    import re
 
     if not hasattr(transformers, "AyaVisionProcessor"):
         pytest.skip(f"transformers {transformers.__version__} has no Aya Vision")
@@ -1170,7 +1170,6 @@ def test_the_label_search_finds_the_fewest_tokens_that_decode_to_each_label():
     where no suffix decodes to just that, the fewest that decode to a label; or 0. Random labels of every
     processor's format, after random words, on a byte-level BPE."""
     import random
-    import re
 
     from zspa_kernels.integrations.transformers import families
 
@@ -1217,3 +1216,93 @@ def test_the_label_search_finds_the_fewest_tokens_that_decode_to_each_label():
         window = families.TUBELET_WINDOW if stamp is families.TUBELET_LABEL else 16
         assert all(families._timestamp_before(tokenizer, tokenizer(f"What {label(t)}")["input_ids"], stamp, window)
                    for t in range(0, 40, 3)), stamp.pattern
+
+
+# Its checkpoints' tokenizer adds these as special tokens: the image's begin/end markers, the thumbnail's,
+# each tile's row/column marker, and the image token (the one the config names).
+LFM2_VL_MARKERS = ["<|image_start|>", "<|image_end|>", "<|img_thumbnail|>", "<image>"] + [
+    f"<|img_row_{i}_col_{j}|>" for i in range(1, 4) for j in range(1, 4)]
+
+
+def _lfm2_vl():
+    """A tiny random LFM2-VL with the real processor classes: 32 px tiles of 4 px patches, pixel-unshuffled
+    2x2 (16 tokens a tile); an image of more than twice 16 tokens' pixels is split into 2 to 4 tiles and a
+    thumbnail of at most 16 tokens; a smaller one is resized whole (at least 4 tokens)."""
+    from zspa_kernels.integrations.transformers.tiny import BUILDERS
+
+    if "lfm2_vl" not in BUILDERS:  # transformers 4.57: its model keeps a cache of its own (families.py)
+        pytest.skip(f"prune() takes LFM2-VL from transformers 5.0 only, not {transformers.__version__}")
+    import torchvision  # noqa: F401  (its image processor needs it: an error here, not a skip)
+
+    tokenizer = _tokenizer(LFM2_VL_MARKERS, plain=[], bos="<|startoftext|>")
+    processor = transformers.Lfm2VlProcessor(
+        image_processor=_image_processor("Lfm2VlImageProcessor", encoder_patch_size=4, tile_size=32,
+                                         downsample_factor=2, min_image_tokens=4, max_image_tokens=16, min_tiles=2,
+                                         max_tiles=4),
+        tokenizer=tokenizer)
+    model = _retokenized("lfm2_vl", tokenizer, dict(image_token_id="<image>"))
+    return model, processor, tokenizer
+
+
+def _layout(tokenizer, ids) -> str:
+    """The row's text without blanks or padding, each run of image tokens as ``<I*n>``."""
+    text = tokenizer.decode(ids).replace(" ", "").replace("<pad>", "")
+    return re.sub(r"(?:<image>)+", lambda m: f"<I*{len(m.group(0)) // len('<image>')}>", text)
+
+
+# Row 0: a question before a 64x64 image (2x2 tiles and a 32x32 thumbnail). Row 1: a 40x24 image (unsplit:
+# 5x3 tokens), a question, a 32x96 image (1x3 tiles and a 16x48 thumbnail: 2x6 tokens), more words.
+LFM2_BEFORE, LFM2_AFTER, LFM2_BETWEEN = "w44 w39 w53 w0", "w43 w39 w7", "w5 w6"
+LFM2_SIZES = [[(64, 64)], [(40, 24), (32, 96)]]
+LFM2_CROPS = [(0, 16)] * 5 + [(1, 15)] + [(1, 16)] * 3 + [(1, 12)]
+
+
+def test_lfm2_vl_tiles_and_thumbnails_are_budgeted_apart_and_their_markers_are_no_question():
+    """LFM2-VL's processor writes a split image as ``<|image_start|>``, each tile after its
+    ``<|img_row_i_col_j|>`` marker, ``<|img_thumbnail|>`` and the thumbnail's tokens, ``<|image_end|>``; an
+    unsplit image as its tokens between the begin/end markers; nothing else (no newline, no text, no bos).
+    Each tile, thumbnail and unsplit image is a selection; with a tokenizer (which alone names the markers)
+    the prompts are the question words exactly, a question before its image included, also in generate().
+    Without one (the family is flagged ``unnamed_markers``: prune() warns) the markers after an image's
+    first tile are question text: a question written before its image gives way to them."""
+    model, processor, tokenizer = _lfm2_vl()
+    gen = torch.Generator().manual_seed(0)
+    inputs = processor(text=[f"{LFM2_BEFORE} <image>", f"<image> {LFM2_AFTER} <image> {LFM2_BETWEEN}"], padding=True,
+                       return_tensors="pt", images=[[_photo(*s, gen) for s in row] for row in LFM2_SIZES])
+    assert _layout(tokenizer, inputs["input_ids"][0]) == (
+        "w44w39w53w0<|image_start|><|img_row_1_col_1|><I*16><|img_row_1_col_2|><I*16><|img_row_2_col_1|><I*16>"
+        "<|img_row_2_col_2|><I*16><|img_thumbnail|><I*16><|image_end|>")
+    assert _layout(tokenizer, inputs["input_ids"][1]) == (
+        "<|image_start|><I*15><|image_end|>w43w39w7<|image_start|><|img_row_1_col_1|><I*16><|img_row_1_col_2|>"
+        "<I*16><|img_row_1_col_3|><I*16><|img_thumbnail|><I*12><|image_end|>w5w6")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # with the processor as tokenizer: nothing to warn of
+        zspa_kernels.prune(model, keep=4, tokenizer=processor).remove()
+    with pytest.warns(UserWarning, match=r"LFM2-VL processors write image markers .*tokenizer=processor"):
+        selections, prompts, untokenized = _video_prompts(model, inputs, processor, tokenizer)
+    assert [(s.batch_row, s.n_tokens) for s in selections] == _runs(inputs["input_ids"], model.config.image_token_id)
+    assert [(s.batch_row, s.n_tokens) for s in selections] == LFM2_CROPS  # 2x2 tiles + thumbnail; unsplit; 1x3 + thumbnail
+    assert prompts == [LFM2_BEFORE.split()] * 5 + [(LFM2_AFTER + " " + LFM2_BETWEEN).split()] * 5
+    # Without a tokenizer: each row's text after its first tile, markers and all; row 0's question is gone.
+    tiles_0 = ["<|img_row_1_col_2|>", "<|img_row_2_col_1|>", "<|img_row_2_col_2|>", "<|img_thumbnail|>", "<|image_end|>"]
+    row_1 = ["<|image_end|>", *LFM2_AFTER.split(), "<|image_start|>", "<|img_row_1_col_1|>", "<|img_row_1_col_2|>",
+             "<|img_row_1_col_3|>", "<|img_thumbnail|>", "<|image_end|>", *LFM2_BETWEEN.split()]
+    assert untokenized == [tiles_0] * 5 + [row_1] * 5
+
+
+def test_lfm2_vl_crops_without_markers_are_budgeted_apart():
+    """With ``use_image_special_tokens=False`` the processor writes no marker at all: a split image's tiles and
+    thumbnail, and images back to back, are one run of image tokens. Each crop (tile, thumbnail, unsplit image)
+    is still a selection, told apart by its patch grid (``spatial_shapes``: ``(h // 2) * (w // 2)`` tokens), as
+    with the markers; they had been one budget, two images and all. Nothing but the question is text here,
+    with or without a tokenizer."""
+    model, processor, tokenizer = _lfm2_vl()
+    gen = torch.Generator().manual_seed(0)
+    inputs = processor(text=[f"{LFM2_BEFORE} <image>", f"<image><image> {LFM2_AFTER}"], padding=True, return_tensors="pt",
+                       images=[[_photo(*s, gen) for s in row] for row in LFM2_SIZES], use_image_special_tokens=False)
+    assert _layout(tokenizer, inputs["input_ids"][0]) == "w44w39w53w0<I*80>"
+    assert _layout(tokenizer, inputs["input_ids"][1]) == "<I*75>w43w39w7"  # two images, one run
+    with pytest.warns(UserWarning, match=r"LFM2-VL processors write image markers .*tokenizer=processor"):
+        selections, prompts, untokenized = _video_prompts(model, inputs, processor, tokenizer)
+    assert [(s.batch_row, s.n_tokens) for s in selections] == LFM2_CROPS
+    assert prompts == untokenized == [LFM2_BEFORE.split()] * 5 + [LFM2_AFTER.split()] * 5

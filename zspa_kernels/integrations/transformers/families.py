@@ -153,6 +153,7 @@ def _split_evenly(n_visual: int, n_images: int, why: str) -> list[int]:
 # masks): the prefill hook copies them to the host asynchronously, ahead of its one sync, so the
 # counts read host tensors (handle.py's docstring, Host syncs). Shapes are read freely.
 COUNT_INPUTS = ("image_sizes", "image_attention_mask", "image_grids", "video_grids", "image_grid_thw", "video_grid_thw",
+                "spatial_shapes",
                 "image_merge_sizes", "video_merge_sizes", "video_compression_mask", "num_frames_per_video")
 
 
@@ -194,6 +195,20 @@ def _tower_counts(config, inputs: dict, runs: list[int]) -> list[int]:
     if pixels is None:
         raise ValueError("pixel_values: required to tell where each LLaVA image's tokens are, got None")
     return _split_evenly(sum(runs), pixels.shape[0], f"{pixels.shape[0]} images (pixel_values)")
+
+
+def _lfm2_vl_counts(config, inputs: dict, runs: list[int]) -> list[int]:
+    """LFM2-VL: every crop (a tile, the thumbnail, an image not split) is ``(h // f) * (w // f)`` tokens of its
+    patch grid in ``spatial_shapes`` (``f``: the downsample factor), or the crops generate() encoded; the
+    processor writes markers between crops by default, but none with ``use_image_special_tokens=False``,
+    where a split image's crops, and images back to back, are one run."""
+    encoded = _encoded_counts(inputs)
+    if encoded is not None:
+        return encoded
+    shapes = inputs.get("spatial_shapes")
+    if shapes is None:
+        raise ValueError("spatial_shapes: required to tell where each LFM2-VL crop's tokens are, got None")
+    return (torch.as_tensor(shapes) // config.downsample_factor).prod(-1).tolist()
 
 
 def _fixed_counts(per_image: Callable[[Any], int]):
@@ -1049,11 +1064,13 @@ FAMILIES: tuple[Family, ...] = (
            image_token_counts=_fixed_counts(lambda config: config.perceiver_config.resampler_n_latents)),
     Family("Idefics3/SmolVLM", ("idefics3", "smolvlm"), unnamed_markers=True, lm_attr="text_model",
            image_token_counts=_fixed_counts(_idefics3_tile_tokens), video_spans=_labelled_frame_spans(FRAME_FROM)),
-    # Each tile of a split image (and its thumbnail) is a run between markers: its own budget.
+    # Each tile of a split image (and its thumbnail) is a run between markers: its own budget; without
+    # the markers (use_image_special_tokens=False) the crops' spatial_shapes tell them apart.
     # transformers 4.57 names it "lfm2-vl" (and so do checkpoints saved with it), and keeps the
     # convolution states in a cache class of its own that is no transformers Cache; from 5.0 the
     # DynamicCache of its config holds them.
-    Family("LFM2-VL", ("lfm2_vl", "lfm2-vl"), unnamed_markers=True, min_transformers=(5, 0)),
+    Family("LFM2-VL", ("lfm2_vl", "lfm2-vl"), unnamed_markers=True, image_token_counts=_lfm2_vl_counts,
+           min_transformers=(5, 0)),
     # An image is its thumbnail between image markers, then its slices (tiles) between slice markers;
     # a video frame is a thumbnail (and slices) of video tokens: each crop a run, and its own budget
     # (as Idefics3's tiles). Qwen3.5's text model, on 1-D positions (MiniCPM-OCR: 4.6's model, "4x"
