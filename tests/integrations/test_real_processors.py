@@ -14,7 +14,9 @@ LLaVA-OneVision (images, and OneVision's videos, of a count their size gives). V
 torchvision, which the test extra installs): Qwen2.5-VL (a video one selection), and the layouts that write
 words between a video's frames, which must be no question text: timestamps (Qwen3-VL, Gemma 4, Muse Glimmer,
 VideoLLaMA3, GLM-4.1V, Cosmos3-Edge, Cohere Compass, LFM3-VL, Molmo2's inside a video that is one selection)
-and frame labels (InternVL, Kimi-K2.5, SmolVLM, Nemotron-H Omni's tubelets)."""
+and frame labels (InternVL, Kimi-K2.5, SmolVLM, Nemotron-H Omni's tubelets). More images: Idefics2 (crops back to
+back, one marker between them), Cohere2 Vision (tiles each ended by a line break), Aria (crops in one run, no marker),
+Gemma 3n (newlines around each image), Janus (begin/end markers no config names; a default system prompt)."""
 from __future__ import annotations
 
 import inspect
@@ -118,9 +120,11 @@ def _video_prompts(model, inputs, processor, tokenizer):
 PAN_AND_SCAN_WORDS = tuple("Here is the original image and here are some crops to help you see better".split())
 
 
-def _gemma3():
+def _gemma3(specials: list[str] = (), words: tuple = ()):
+    """A tiny random Gemma3 with the real processor; ``specials``, ``words``: more of the tokenizer's tokens."""
     boi, eoi, image = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
-    tokenizer = _tokenizer([boi, eoi, image], plain=["\n\n"], bos="<bos>", words=PAN_AND_SCAN_WORDS, boi_token=boi,
+    tokenizer = _tokenizer([boi, eoi, image, *specials], plain=["\n\n"], bos="<bos>", words=PAN_AND_SCAN_WORDS + words,
+                           boi_token=boi,
                            eoi_token=eoi, image_token=image)
     processor = transformers.Gemma3Processor(
         image_processor=_image_processor("Gemma3ImageProcessor", size={"height": 16, "width": 16}),
@@ -299,12 +303,13 @@ QWEN_IMAGE, QWEN_VIDEO = "<|vision_start|><|image_pad|><|vision_end|>", "<|visio
 TIMESTAMPS = [f"<{t / 10:.1f}" for t in range(100)] + ["seconds>"]
 
 
-def _qwen(version: str):
-    """A tiny random Qwen2.5-VL or Qwen3-VL with the real processor classes (Qwen3-VL: 16 px patches)."""
+def _qwen(version: str, specials: list[str] = (), words: tuple = ()):
+    """A tiny random Qwen2.5-VL or Qwen3-VL with the real processor classes (Qwen3-VL: 16 px patches);
+    ``specials``, ``words``: more of the tokenizer's tokens."""
     import torchvision  # noqa: F401  (the video processors need it: an error here, not a skip)
 
     v4 = transformers.__version__.startswith("4.")  # 4.57's processors take Qwen's tokenizer class only
-    tokenizer = _tokenizer(QWEN_MARKERS, plain=TIMESTAMPS, bos="<|endoftext|>",
+    tokenizer = _tokenizer(QWEN_MARKERS + list(specials), plain=TIMESTAMPS, bos="<|endoftext|>", words=words,
                            cls=transformers.Qwen2TokenizerFast if v4 else None)
     patch = 14 if version == "2.5" else 16
     pixels = dict(min_pixels=(2 * patch) ** 2 * 4, max_pixels=(2 * patch) ** 2 * 16)
@@ -1306,3 +1311,306 @@ def test_lfm2_vl_crops_without_markers_are_budgeted_apart():
         selections, prompts, untokenized = _video_prompts(model, inputs, processor, tokenizer)
     assert [(s.batch_row, s.n_tokens) for s in selections] == LFM2_CROPS
     assert prompts == untokenized == [LFM2_BEFORE.split()] * 5 + [LFM2_AFTER.split()] * 5
+
+
+IDEFICS2_FAKE, IDEFICS2_IMAGE, IDEFICS2_END = "<fake_token_around_image>", "<image>", "<end_of_utterance>"
+
+
+def _idefics2_layout(tokenizer, row: torch.Tensor) -> str:
+    """The row's tokens, each run of image tokens written ``<image>*n``, left padding dropped."""
+    words = [t for t in tokenizer.convert_ids_to_tokens(row.tolist()) if t != tokenizer.pad_token]
+    return " ".join(f"{t}*{len(list(run))}" if t == IDEFICS2_IMAGE else " ".join(run) for t, run in groupby(words))
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
+def test_idefics2_crops_are_budgeted_apart_and_their_markers_are_no_question(split):
+    """Idefics2's processor writes each image as ``<fake_token_around_image>``, 16 ``<image>`` tokens (the
+    perceiver's latents), ``<fake_token_around_image>``; with ``do_image_splitting`` (read from its image
+    processor, not the call) five of them back to back, one ``<fake_token_around_image>`` between: the four
+    crops, then the whole image. Each crop (and the whole image) is one selection of 16 tokens. The chat
+    template's ``<end_of_utterance>`` and the markers (added as special by the processor, named by no config)
+    are no question text with a tokenizer: each row's prompt is its question, written before its image in one
+    row and after it in the other. Without a tokenizer (``unnamed_markers``: prune() warns) they count as
+    question text: the question written before its image gives way to the markers after its first crop."""
+    tokenizer = _tokenizer([IDEFICS2_FAKE, IDEFICS2_IMAGE, IDEFICS2_END], plain=[])
+    image_processor = _image_processor("Idefics2ImageProcessor", do_image_splitting=split,
+                                       size={"shortest_edge": 32, "longest_edge": 32})
+    processor = transformers.Idefics2Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=16)
+    model = _retokenized("idefics2", tokenizer, dict(image_token_id=IDEFICS2_IMAGE, pad_token_id="<pad>"))
+    assert model.config.perceiver_config.resampler_n_latents == 16
+    gen = torch.Generator().manual_seed(0)
+    before, after = "w44 w39 w53 w0", "w43 w39 w7"
+    inputs = processor(text=[f"{before}{IDEFICS2_IMAGE}{IDEFICS2_END}", f"{IDEFICS2_IMAGE}{after}{IDEFICS2_END}"],
+                       images=[[_photo(64, 40, gen)], [_photo(40, 64, gen)]], padding=True, return_tensors="pt")
+    crops = 5 if split else 1
+    assert inputs["pixel_values"].shape[:2] == (2, crops)
+    image = f"{IDEFICS2_FAKE} " + f"{IDEFICS2_IMAGE}*16 {IDEFICS2_FAKE} " * crops
+    assert [_idefics2_layout(tokenizer, row) for row in inputs["input_ids"]] == [
+        f"{before} {image}{IDEFICS2_END}", f"{image}{after} {IDEFICS2_END}"]
+
+    with pytest.warns(UserWarning, match=r"Idefics2 processors write image markers .*tokenizer=processor"):
+        selections, prompts, untokenized = _video_prompts(model, inputs, processor, tokenizer)
+    runs = _runs(inputs["input_ids"], model.config.image_token_id)
+    assert [(s.batch_row, s.n_tokens) for s in selections] == runs == [(0, 16)] * crops + [(1, 16)] * crops
+    assert all(s.order.numel() == 4 for s in selections)  # each crop its own budget
+    assert prompts == [before.split()] * crops + [after.split()] * crops
+    # Without a tokenizer: the markers after each row's first crop (those between the crops, the closing one)
+    # and <end_of_utterance> are question text; the question before its image is lost.
+    assert untokenized == [[IDEFICS2_FAKE] * crops + [IDEFICS2_END]] * crops + [[IDEFICS2_FAKE] * crops + after.split() + [IDEFICS2_END]] * crops
+
+
+COHERE2_MARKERS = ["<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>"]
+
+
+def _cohere2_vision():
+    """A tiny random Cohere2 Vision (the tiny builder's config, this tokenizer's ids) with the real processor
+    classes: 32 px tiles of 4 px patches, pixel-shuffled 2x2 (16 tokens: the image processor's ``patch_size`` is
+    the tokens a tile's side), at most 4 tiles and a thumbnail."""
+    import torchvision  # noqa: F401  (its image processor needs it: an error here, not a skip)
+
+    if not hasattr(transformers, "Cohere2VisionProcessor"):
+        pytest.skip(f"transformers {transformers.__version__} has no Cohere2 Vision")
+    boi, eoi, image, line_break = COHERE2_MARKERS
+    tokenizer = _tokenizer(COHERE2_MARKERS, plain=[], bos="<BOS_TOKEN>", boi_token=boi, eoi_token=eoi,
+                           image_token=image, img_line_break_token=line_break)
+    images = getattr(transformers, "Cohere2VisionImageProcessor", None) or transformers.Cohere2VisionImageProcessorFast
+    processor = transformers.Cohere2VisionProcessor(
+        image_processor=images(size={"height": 32, "width": 32}, patch_size=4, crop_to_patches=True, max_patches=4),
+        tokenizer=tokenizer)
+    model = _retokenized("cohere2_vision", tokenizer, dict(image_token_id=image))
+    return model, processor, tokenizer
+
+
+def test_cohere2_vision_tiles_are_budgeted_apart_and_their_line_breaks_are_no_question():
+    """Cohere2 Vision's processor writes an image as ``<|START_OF_IMG|>``, then each tile (the thumbnail last,
+    where there are several) as its 16 ``<|IMG_PATCH|>`` tokens and an ``<|IMG_LINE_BREAK|>``, then
+    ``<|END_OF_IMG|>``: every tile is a run of its own and a selection of its own (``_tower_counts``: one per
+    ``pixel_values`` entry, which are the tiles), keep-all bit for bit. With a tokenizer the markers are no
+    question text: the prompts are the question words, written before the image or after it (also in
+    generate()). Without one no config names them: the line breaks and the end marker stand for a question
+    written before its image and come before one written after it, and prune() warns."""
+    model, processor, tokenizer = _cohere2_vision()
+    gen = torch.Generator().manual_seed(0)
+    before, after = "w44 w39 w53 w0", "w43 w39 w7"
+    image = processor.image_token
+    inputs = processor(text=[f"{before} {image}", f"{image} {after}"],
+                       images=[[_photo(32, 64, gen)], [_photo(96, 32, gen)]], padding=True, return_tensors="pt")
+    tiles = [2 + 1, 3 + 1]  # 1x2 and 3x1 tiles, and each image's thumbnail
+    assert inputs["pixel_values"].shape[0] == sum(tiles)
+    layout = re.sub(r"(<\|IMG_PATCH\|>)+", "<P>", tokenizer.decode(inputs["input_ids"][0]).replace(" ", ""))
+    assert layout.endswith("w44w39w53w0<|START_OF_IMG|>" + "<P><|IMG_LINE_BREAK|>" * tiles[0] + "<|END_OF_IMG|>")
+    runs = _runs(inputs["input_ids"], model.config.image_token_id)
+    assert runs == [(0, 16)] * tiles[0] + [(1, 16)] * tiles[1]
+
+    with pytest.warns(UserWarning, match=r"Cohere2 Vision processors write image markers .*tokenizer=processor"):
+        selections, prompts, untokenized = _video_prompts(model, inputs, processor, tokenizer)
+    assert [(s.batch_row, s.n_tokens) for s in selections] == runs
+    assert prompts == [before.split()] * tiles[0] + [after.split()] * tiles[1]
+    marks = [["<|IMG_LINE_BREAK|>"] * n + ["<|END_OF_IMG|>"] for n in tiles]  # the breaks, after the first tile on
+    assert untokenized == [marks[0]] * tiles[0] + [marks[1] + after.split()] * tiles[1]
+
+
+ARIA_MARKERS = ["<fim_prefix>", "<fim_suffix>", "<|img|>"]
+ARIA_IMAGE = "<fim_prefix><|img|><fim_suffix>"  # as its chat template writes an image
+
+
+def _aria():
+    """A tiny random Aria (the tiny builder's MoE text model and projector, this tokenizer's ids) with the real
+    processor classes: its crops are 490 px (the smaller of the two sizes its processor takes), here of 70 px
+    patches (7x7), which the projector turns into 16 queries (``size_conversion``: 16 tokens a crop)."""
+    from zspa_kernels.integrations.transformers.tiny import BUILDERS
+
+    if not hasattr(transformers, "AriaProcessor") or "aria" not in BUILDERS:
+        pytest.skip(f"transformers {transformers.__version__} has no Aria")
+    tokenizer = _tokenizer(ARIA_MARKERS, plain=[], bos="<|im_start|>", image_token="<|img|>")
+    images = getattr(transformers, "AriaImageProcessorPil", None) or transformers.AriaImageProcessor
+    processor = transformers.AriaProcessor(image_processor=images(max_image_size=490, min_image_size=70),
+                                           tokenizer=tokenizer, size_conversion={490: 16})
+    tiny = BUILDERS["aria"]()
+    config = tiny.model.config.to_dict()
+    config["text_config"].update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    config["vision_config"].update(image_size=490, patch_size=70)
+    config.update(image_token_index=tokenizer.convert_tokens_to_ids("<|img|>"), projector_patch_to_query_dict={49: 16},
+                  pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = type(tiny.model)(type(tiny.model.config)(**config)).eval()
+    projector = model.model.multi_modal_projector  # distinct queries and keys, as the tiny builder's
+    with torch.no_grad():
+        for weight in (projector.query, projector.cross_attn.q_proj.weight, projector.cross_attn.k_proj.weight):
+            torch.nn.init.normal_(weight, std=1.0)
+    return model, processor, tokenizer
+
+
+def test_aria_split_image_crops_are_budgeted_apart_and_its_template_markers_are_no_question():
+    """Aria's processor (``split_image=True``) writes an image as one run of image tokens, 16 for each of its
+    crops, with no marker or separator between them; its chat template writes ``<fim_prefix>`` and
+    ``<fim_suffix>`` around it, which no config names. Every crop is a selection (``_tower_counts``: one per
+    ``pixel_values`` entry), keep-all bit for bit. With a tokenizer the markers are no question text: the
+    prompts are the question words, before the image or after it (also in generate()). Without one,
+    ``<fim_suffix>`` alone stands for a question written before its image, and prune() warns."""
+    model, processor, tokenizer = _aria()
+    gen = torch.Generator().manual_seed(0)
+    before, after = "w44 w39 w53 w0", "w43 w39 w7"
+    inputs = processor(text=[f"{before} {ARIA_IMAGE}", f"{ARIA_IMAGE} {after}"],
+                       images=[[_photo(60, 120, gen)], [_photo(120, 60, gen)]], padding=True, return_tensors="pt",
+                       images_kwargs=dict(max_image_size=490, split_image=True))  # 4.57 takes them only so
+    inputs.pop("num_crops", None)  # returned by 4.57; the model takes none
+    crops = 2  # each image fits 490x980 or 980x490: two crops (a batch's images must have as many: the
+    assert inputs["pixel_values"].shape[0] == 2 * crops  # processor writes its largest count for each)
+    layout = re.sub(r"(<\|img\|>)+", lambda m: f"<{len(m.group(0)) // len('<|img|>')}>",
+                    tokenizer.decode(inputs["input_ids"][0]).replace(" ", ""))
+    assert layout == "w44w39w53w0<fim_prefix><32><fim_suffix>"
+    image = model.config.image_token_index
+    assert _runs(inputs["input_ids"], image) == [(0, 16 * crops), (1, 16 * crops)]
+
+    with pytest.warns(UserWarning, match=r"Aria processors write image markers .*tokenizer=processor"):
+        selections, prompts, untokenized = _video_prompts(model, inputs, processor, tokenizer)
+    assert [(s.batch_row, s.n_tokens) for s in selections] == [(0, 16)] * crops + [(1, 16)] * crops
+    assert prompts == [before.split()] * crops + [after.split()] * crops
+    assert untokenized == [["<fim_suffix>"]] * crops + [["<fim_suffix>", *after.split()]] * crops
+    assert all(s.order.numel() == 4 for s in selections)  # each crop its own budget
+
+
+BEFORE_IMAGE, AFTER_IMAGES = "w44 w39 w53 w0", "w43 w39 w7"
+
+
+def _token_layout(tokenizer, inputs, row: int, image: str) -> list[str]:
+    """Row ``row``'s tokens, padding aside, each run of ``image`` tokens written ``image*n``."""
+    tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][row][inputs["attention_mask"][row].bool()].tolist())
+    layout = []
+    for token, run in groupby(tokens):
+        n = len(list(run))
+        layout += [f"{token}*{n}"] if token == image else [token] * n
+    return layout
+
+
+def _prompts_and_warnings(model, inputs, processor, tokenizer):
+    """:func:`_video_prompts` (selections; prompt words with ``tokenizer=``, generate()'s the same; without
+    one), and the warnings prune() gave."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = _video_prompts(model, inputs, processor, tokenizer)
+    return (*out, [str(w.message) for w in caught if str(w.message).startswith("prune()")])
+
+
+GEMMA3N_MARKERS = dict(boi_token="<start_of_image>", boa_token="<start_of_audio>", eoi_token="<end_of_image>",
+                       image_token="<image_soft_token>", eoa_token="<end_of_audio>", audio_token="<audio_soft_token>")
+
+
+def _gemma3n():
+    """The real Gemma3nProcessor (SigLIP's image processor, 32 px; 16 soft tokens an image; Gemma 3n's audio
+    feature extractor, unused) and the tiny builder's model rebuilt on this tokenizer's ids: as in the real
+    vocabulary, the end-of-image marker and the image token come after the text vocabulary (the ids the vision
+    embedder's table holds, from its ``vocab_offset``), then the audio ones, and per-layer inputs cover the
+    text ids only. Its vision tower is the builder's stand-in for timm's MobileNetV5 (no timm, no download)."""
+    from unittest import mock
+
+    from transformers.models.gemma3n import modeling_gemma3n
+
+    from zspa_kernels.integrations.transformers.tiny import BUILDERS, _FeatureMapTower
+
+    tokenizer = _tokenizer(list(GEMMA3N_MARKERS.values()), plain=["\n\n"], bos="<bos>", **GEMMA3N_MARKERS)
+    processor = transformers.Gemma3nProcessor(
+        feature_extractor=transformers.Gemma3nAudioFeatureExtractor(),
+        image_processor=_image_processor("SiglipImageProcessor", size={"height": 32, "width": 32}),
+        tokenizer=tokenizer, image_seq_length=16, audio_seq_length=8)
+    ids = {name[:-len("_token")] + "_token_id": tokenizer.convert_tokens_to_ids(token)
+           for name, token in GEMMA3N_MARKERS.items()}
+    vision, audio = ids["eoi_token_id"], ids["eoa_token_id"]
+    assert ids["image_token_id"] == vision + 1 and audio == vision + 2 and ids["audio_token_id"] == len(tokenizer) - 1
+    tiny = BUILDERS["gemma3n"]()
+    config = tiny.model.config.to_dict()
+    config["text_config"].update(vocab_size=len(tokenizer), vocab_size_per_layer_input=vision,
+                                 pad_token_id=tokenizer.pad_token_id)
+    config["vision_config"].update(vocab_offset=vision, vocab_size=audio - vision)
+    config["audio_config"].update(vocab_offset=audio, vocab_size=len(tokenizer) - audio)
+    config.update(ids, pad_token_id=tokenizer.pad_token_id)
+
+    class Auto:  # as the tiny builder: the stand-in for the timm tower, every other tower as it is
+        @staticmethod
+        def from_config(config, **kwargs):
+            if config.model_type == "gemma3n_vision":
+                return _FeatureMapTower(config)
+            return transformers.AutoModel.from_config(config, **kwargs)
+
+    torch.manual_seed(0)
+    with mock.patch.object(modeling_gemma3n, "AutoModel", Auto):
+        model = type(tiny.model)(type(tiny.model.config)(**config)).eval()
+    return model, processor, tokenizer
+
+
+def test_gemma3n_prompts_hold_the_question_not_the_newlines_around_images():
+    """Gemma 3n's processor writes every image as ``"\\n\\n<start_of_image>"``, 16 ``<image_soft_token>``,
+    ``"<end_of_image>\\n\\n"`` (as Gemma3's): the markers are named by the config (``boi_token_id``,
+    ``eoi_token_id``), the newlines are ordinary tokens. Each image is one selection (a row's two images, two);
+    with ``tokenizer=`` the prompts are exactly the question words, written before the image or after (keep-all
+    logits bit for bit, generate() the same prompts). Without one prune() does not warn (no marker the config
+    does not name) and the newlines are question text: the question written before its image is ranked by the
+    newline after it alone, and newlines between and after a row's images join the question after them."""
+    model, processor, tokenizer = _gemma3n()
+    image = GEMMA3N_MARKERS["image_token"]
+    gen = torch.Generator().manual_seed(0)
+    inputs = processor(text=[f"{BEFORE_IMAGE} {image}", f"{image} {image} {AFTER_IMAGES}"],
+                       images=[[_photo(30, 30, gen)], [_photo(40, 24, gen), _photo(24, 40, gen)]], padding=True,
+                       return_tensors="pt")
+    around = ["\n\n", "<start_of_image>", f"{image}*16", "<end_of_image>", "\n\n"]
+    assert _token_layout(tokenizer, inputs, 0, image) == BEFORE_IMAGE.split() + around
+    assert _token_layout(tokenizer, inputs, 1, image) == around * 2 + AFTER_IMAGES.split()
+    assert (inputs["token_type_ids"] == 1).sum().item() == 3 * 16  # the image tokens, typed (the model takes them)
+    selections, prompts, untokenized, warned = _prompts_and_warnings(model, inputs, processor, tokenizer)
+    assert [(s.batch_row, s.n_tokens) for s in selections] == _runs(inputs["input_ids"], model.config.image_token_id) \
+        == [(0, 16), (1, 16), (1, 16)]
+    assert prompts == [BEFORE_IMAGE.split(), AFTER_IMAGES.split(), AFTER_IMAGES.split()]
+    assert not warned
+    # Without a tokenizer: the newline after the image, and those between two images and after them.
+    assert untokenized == [["\n\n"]] + [["\n\n"] * 3 + AFTER_IMAGES.split()] * 2
+
+
+def _janus(system_prompt: bool = False):
+    """The real JanusProcessor (Janus's image processor, 16 px; 16 image tokens an image: 4.57's processor
+    fixes 576, its attribute is set) and the tiny builder's model on this tokenizer's ids."""
+    from transformers.models.janus.processing_janus import DEFAULT_SYSTEM_PROMPT
+
+    boi, eoi, image = "<begin_of_image>", "<end_of_image>", "<image_placeholder>"
+    system = tuple(dict.fromkeys(DEFAULT_SYSTEM_PROMPT.split()))  # its words, in the vocabulary
+    v4 = transformers.__version__.startswith("4.")  # 4.57's processor takes Llama's tokenizer class only
+    tokenizer = _tokenizer([boi, eoi, image], plain=["\n\n"], bos="<｜begin▁of▁sentence｜>", words=system,
+                           cls=transformers.LlamaTokenizerFast if v4 else None, boi_token=boi, eoi_token=eoi,
+                           image_token=image)
+    processor = transformers.JanusProcessor(
+        image_processor=_image_processor("JanusImageProcessor", size={"height": 16, "width": 16}, min_size=4),
+        tokenizer=tokenizer, num_image_tokens=16, use_default_system_prompt=system_prompt)
+    processor.num_image_tokens = 16  # 4.57's takes no num_image_tokens= (576)
+    return _retokenized("janus", tokenizer, dict(image_token_id=image)), processor, tokenizer
+
+
+@pytest.mark.parametrize("system_prompt", [False, True], ids=["plain", "system_prompt"])
+def test_janus_prompts_hold_the_question_and_without_a_tokenizer_prune_warns_of_its_end_marker(system_prompt):
+    """Janus's processor writes every image as ``<begin_of_image>``, 16 ``<image_placeholder>``,
+    ``<end_of_image>``, nothing else around it; its config names the image token only, so the family is flagged
+    ``unnamed_markers``. Each image is one selection; with ``tokenizer=`` the prompts are exactly the question
+    words. Without one prune() warns, and rightly: ``<end_of_image>`` is question text, and a question written
+    before its image is ranked by it alone. With ``use_default_system_prompt`` the processor writes its system
+    prompt in words and ``"\\n\\n"`` ahead of each row: plain template text, which stays in a prompt taken from the
+    text before the image (the newline goes, with ``tokenizer=``); a prompt after the image holds the question."""
+    from transformers.models.janus.processing_janus import DEFAULT_SYSTEM_PROMPT
+
+    model, processor, tokenizer = _janus(system_prompt)
+    image = "<image_placeholder>"
+    gen = torch.Generator().manual_seed(0)
+    inputs = processor(text=[f"{BEFORE_IMAGE} {image}", f"{image} {image} {AFTER_IMAGES}"],
+                       images=[[_photo(30, 30, gen)], [_photo(40, 24, gen), _photo(24, 40, gen)]], padding=True,
+                       return_tensors="pt")
+    system = tokenizer.tokenize(DEFAULT_SYSTEM_PROMPT) if system_prompt else []  # its words, then "\n\n"
+    around, bos = ["<begin_of_image>", f"{image}*16", "<end_of_image>"], tokenizer.bos_token  # 4.57's adds <bos>
+    assert [t for t in _token_layout(tokenizer, inputs, 0, image) if t != bos] == system + BEFORE_IMAGE.split() + around
+    assert [t for t in _token_layout(tokenizer, inputs, 1, image) if t != bos] == system + around * 2 + AFTER_IMAGES.split()
+    selections, prompts, untokenized, warned = _prompts_and_warnings(model, inputs, processor, tokenizer)
+    assert [(s.batch_row, s.n_tokens) for s in selections] == _runs(inputs["input_ids"], model.config.image_token_id) \
+        == [(0, 16), (1, 16), (1, 16)]
+    question = [w for w in system if w != "\n\n"] + BEFORE_IMAGE.split()  # the system prompt's words, no newline
+    assert prompts == [question, AFTER_IMAGES.split(), AFTER_IMAGES.split()]
+    assert len(warned) == 1 and "Janus" in warned[0] and "tokenizer=" in warned[0]  # the call without one
+    # Without a tokenizer: the end marker after the image, and the second image's markers after the first.
+    markers = ["<end_of_image>", "<begin_of_image>", "<end_of_image>"]
+    assert untokenized == [["<end_of_image>"]] + [markers + AFTER_IMAGES.split()] * 2
