@@ -16,7 +16,8 @@ words between a video's frames, which must be no question text: timestamps (Qwen
 VideoLLaMA3, GLM-4.1V, Cosmos3-Edge, Cohere Compass, LFM3-VL, Molmo2's inside a video that is one selection)
 and frame labels (InternVL, Kimi-K2.5, SmolVLM, Nemotron-H Omni's tubelets). More images: Idefics2 (crops back to
 back, one marker between them), Cohere2 Vision (tiles each ended by a line break), Aria (crops in one run, no marker),
-Gemma 3n (newlines around each image), Janus (begin/end markers no config names; a default system prompt)."""
+Gemma 3n (newlines around each image), Janus (begin/end markers no config names; a default system prompt). Chat
+templates (Gemma 3's, LLaVA-1.5's): their text around the question, the generation prompt after it, is no question."""
 from __future__ import annotations
 
 import inspect
@@ -1313,6 +1314,83 @@ def test_lfm2_vl_crops_without_markers_are_budgeted_apart():
     assert prompts == untokenized == [LFM2_BEFORE.split()] * 5 + [LFM2_AFTER.split()] * 5
 
 
+# Gemma 3's chat template as its checkpoints ship it (whitespace control trimmed): a system message goes
+# before the first user message's content, then two newlines.
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{%- if message['content'] is string -%}{{ message['content'] | trim }}{%- else -%}"
+    "{%- for item in message['content'] -%}{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{{ '<end_of_turn>\n' }}{%- endfor -%}{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}")
+
+
+def test_gemma3_chat_template_text_is_no_question():
+    """Gemma 3's chat template writes ``<start_of_turn>user``, the message, ``<end_of_turn>``, then
+    ``<start_of_turn>model``: with ``tokenizer=`` (the processor, which holds the template) its text is no
+    question, so a question written before its image is the prompt, not the word ``model`` after it (as it
+    was); a system message's text, which the template writes into the user's turn, is no question either.
+    Without the template the role word stays, and stands alone for a question written before its image."""
+    model, processor, tokenizer = _gemma3(["<start_of_turn>", "<end_of_turn>"], ("user", "model"))
+    processor.chat_template = GEMMA3_TEMPLATE
+    gen = torch.Generator().manual_seed(0)
+    question, system = "w4 w5 w6", "w20 w21"
+
+    def text(*parts, system_prompt=None):
+        messages = [{"role": "user", "content": [{"type": "image"} if p is None else {"type": "text", "text": p}
+                                                 for p in parts]}]
+        if system_prompt:
+            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system_prompt}]})
+        return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+    texts = [text(question, None), text(None, question), text(None, question, system_prompt=system)]
+    assert texts[0].endswith(f"{question}<start_of_image><end_of_turn>\n<start_of_turn>model\n")
+    inputs = processor(text=texts, images=[[_photo(16, 16, gen)] for _ in texts], padding=True, return_tensors="pt")
+    selections, prompts, _ = _video_prompts(model, inputs, processor, tokenizer)
+    assert [(s.batch_row, s.n_tokens) for s in selections] == [(0, 16), (1, 16), (2, 16)]
+    assert prompts == [question.split()] * 3
+    processor.chat_template = None
+    with torch.no_grad(), zspa_kernels.prune(model, keep=4, tokenizer=processor) as handle:
+        model(**inputs)
+    assert [_prompt_words(tokenizer, inputs, s) for s in handle.last_selection] == [
+        ["model"], [*question.split(), "model"], [*question.split(), "model"]]
+
+
+# LLaVA-1.5's chat template (llava-hf's): "USER: <image>\n{question} ASSISTANT:".
+LLAVA_TEMPLATE = ("{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+                  "{% endif %}{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>\n' }}"
+                  "{% elif item['type'] == 'text' %}{{ item['text'] + ' ' }}{% endif %}{% endfor %}{% endfor %}"
+                  "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+
+
+def test_llava_chat_template_text_is_no_question_where_merged_into_its_words():
+    """LLaVA-1.5's template writes ``USER:`` before and ``ASSISTANT:`` after the message; a byte-level BPE
+    merges the space before each word into it (``ĠASSISTANT``), so the template's runs are read as the
+    tokenizer writes them in context. With ``tokenizer=`` the prompt is the question's tokens alone."""
+    tokenizer = _bpe_tokenizer(["<image>"], ["USER: ASSISTANT: what is the color of the cat on the mat ?"])
+    images = _image_processor("CLIPImageProcessor", size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    processor = transformers.LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=4,
+                                            vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                            image_token="<image>", chat_template=LLAVA_TEMPLATE)
+    model = _retokenized("llava", tokenizer, dict(image_token_id="<image>", image_token_index="<image>"))
+    question = "what is the color of the cat ?"
+    texts = [processor.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True)
+             for parts in ([{"type": "image"}, {"type": "text", "text": question}],
+                           [{"type": "text", "text": question}, {"type": "image"}])]
+    assert texts[0] == f"USER: <image>\n{question} ASSISTANT:"
+    gen = torch.Generator().manual_seed(0)
+    inputs = processor(text=texts, images=[[_photo(16, 16, gen)], [_photo(16, 16, gen)]], padding=True,
+                       return_tensors="pt")
+    inputs.pop("token_type_ids", None)  # 4.57's tokenizer returns them; its LLaVA takes none
+    selections = _video_prompts(model, inputs, processor, tokenizer)[0]
+    assert [(s.batch_row, s.n_tokens) for s in selections] == [(0, 16), (1, 16)]
+    decoded = [tokenizer.decode(inputs["input_ids"][s.batch_row, s.prompt_tokens]).strip() for s in selections]
+    assert decoded == [question, question]
+
+
 IDEFICS2_FAKE, IDEFICS2_IMAGE, IDEFICS2_END = "<fake_token_around_image>", "<image>", "<end_of_utterance>"
 
 
@@ -1614,3 +1692,64 @@ def test_janus_prompts_hold_the_question_and_without_a_tokenizer_prune_warns_of_
     # Without a tokenizer: the end marker after the image, and the second image's markers after the first.
     markers = ["<end_of_image>", "<begin_of_image>", "<end_of_image>"]
     assert untokenized == [["<end_of_image>"]] + [markers + AFTER_IMAGES.split()] * 2
+
+
+def test_template_runs_are_the_same_from_a_tokenizer_without_offsets(monkeypatch):
+    """A tokenizer that gives no offsets (a slow one) has the template's pieces between the messages
+    tokenized alone: the same runs here, the image token ending a run and the blanks at their ends trimmed."""
+    from zspa_kernels.integrations.transformers.families import template_token_runs
+
+    tokenizer = _bpe_tokenizer(["<image>"], ["USER: ASSISTANT: what is the color of the cat on the mat ?"])
+    processor = transformers.LlavaProcessor(
+        image_processor=_image_processor("CLIPImageProcessor"), tokenizer=tokenizer, image_token="<image>",
+        chat_template=LLAVA_TEMPLATE)
+    image = {tokenizer.convert_tokens_to_ids("<image>")}
+    runs = template_token_runs(processor, image)
+    assert sorted(tokenizer.decode(list(r)) for r in runs) == [" ASSISTANT:", "ASSISTANT:", "USER:"]
+    call = type(tokenizer).__call__
+
+    def without_offsets(self, *args, **kwargs):
+        if kwargs.get("return_offsets_mapping"):
+            raise NotImplementedError("return_offset_mapping is not available when using Python tokenizers")
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "__call__", without_offsets)
+    assert template_token_runs(processor, image) == runs
+    assert template_token_runs(tokenizer, image) == []  # the template is the processor's
+
+
+# Qwen2-VL's and Qwen2.5-VL's chat template (its image part; no videos, no tools): a default system prompt
+# where the conversation has none.
+QWEN_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_qwen_chat_template_default_system_prompt_is_no_question():
+    """Qwen2.5-VL's chat template writes a default system prompt in words (``You are a helpful assistant.``)
+    where the conversation has none, then the user's turn, then ``<|im_start|>assistant``: with ``tokenizer=``
+    none of it is question text, so a question written before its image is the prompt alone (it had been the
+    word ``assistant``; falling back to the text before the image, the system prompt's words and ``user``)."""
+    words = tuple("system You are a helpful assistant. user assistant".split())
+    model, processor, tokenizer = _qwen("2.5", ["<|im_start|>", "<|im_end|>"], words)
+    processor.chat_template = QWEN_TEMPLATE
+    gen = torch.Generator().manual_seed(0)
+    question = "w4 w5 w6"
+    texts = [processor.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True)
+             for parts in ([{"type": "text", "text": question}, {"type": "image"}],
+                           [{"type": "image"}, {"type": "text", "text": question}])]
+    assert texts[0].startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>")
+    inputs = processor(text=texts, images=[[_photo(56, 56, gen)], [_photo(56, 56, gen)]], padding=True,
+                       return_tensors="pt")
+    selections, prompts, _ = _video_prompts(model, inputs, processor, tokenizer)
+    assert [(s.batch_row, s.n_tokens) for s in selections] == _runs(inputs["input_ids"], model.config.image_token_id)
+    assert prompts == [question.split()] * 2
+    processor.chat_template = None
+    with torch.no_grad(), zspa_kernels.prune(model, keep=4, tokenizer=processor) as handle:
+        model(**inputs)
+    assert [_prompt_words(tokenizer, inputs, s) for s in handle.last_selection] == [
+        ["assistant"], [*question.split(), "assistant"]]

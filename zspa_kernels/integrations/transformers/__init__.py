@@ -48,7 +48,9 @@ def prune(
             tokens (named, extra, and every added token marked special) and the tokens it
             decodes to whitespace or control characters alone (the newlines processors write
             around images and between rows of tiles, Fuyu's ``<0x04>``) are also left out of
-            ``"question"``, and so is the timestamp before a Qwen3-VL video's first frame.
+            ``"question"``, and so are the text of its chat template (``USER:``,
+            ``ASSISTANT:``, ``<start_of_turn>model``, a default system prompt) and the
+            timestamp before a Qwen3-VL video's first frame.
             Image markers that the config does not name (most families' tile, slice and
             begin/end markers) are known only to it: where the family's processors write
             such markers (``Family.unnamed_markers``), ``prompt="question"`` without it warns.

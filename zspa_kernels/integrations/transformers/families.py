@@ -1357,3 +1357,95 @@ def blank_token_ids(tokenizer, ids, known: dict) -> list[int]:
             else:
                 known[i] = all(c.isspace() or unicodedata.category(c) == "Cc" for c in text)
     return [i for i in ids if known[i]]
+
+
+# Text of no tokenizer's vocabulary in one piece: the user's (and system's) message when a chat
+# template is rendered to find the template's own text around it.
+TEMPLATE_SENTINELS = ("Zqx7", "Wvk3")
+
+
+def _rendered_templates(source) -> list[tuple[str, tuple[str, ...]]]:
+    """``source``'s chat template rendered for one user message (then a system message and one user
+    message), each message a sentinel, with the generation prompt: ``(text, sentinels in it)``; the
+    user's message alone, then with an image after it and before it (what a template writes next to
+    an image differs: LLaVA-1.5's newline after it). A processor's template takes content as a list
+    of parts; a tokenizer's may take a string."""
+    system, user = TEMPLATE_SENTINELS
+    conversations = ([{"role": "user", "content": user}],
+                     [{"role": "system", "content": system}, {"role": "user", "content": user}])
+    image = {"type": "image"}
+    forms = (lambda t: [t], lambda t: [t, image], lambda t: [image, t], None)  # None: content a string
+    rendered = []
+    for conversation in conversations:
+        for form in forms:
+            messages = [{"role": m["role"], "content": m["content"] if form is None else
+                         form({"type": "text", "text": m["content"]}) if m["role"] == "user" else
+                         [{"type": "text", "text": m["content"]}]} for m in conversation]
+            try:
+                text = source.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            except Exception:  # noqa: BLE001 - a template that refuses this form (or a system message)
+                continue
+            if isinstance(text, list):  # a batch of one
+                text = text[0] if text else None
+            names = tuple(m["content"] for m in conversation)
+            if isinstance(text, str) and all(name in text for name in names):
+                rendered.append((text, names))
+    return rendered
+
+
+@torch.compiler.disable  # host-side tokenizer calls: nothing for Dynamo to trace
+def template_token_runs(source, split_at=()) -> list[tuple[int, ...]]:
+    """The token ids of the text a chat template writes around the messages (role headers, turn
+    markers, a default system prompt, the generation prompt: Gemma3's ``<end_of_turn>\\n
+    <start_of_turn>model\\n``, LLaVA-1.5's ``ASSISTANT:``), each maximal run as the tokenizer of
+    ``source`` (a tokenizer, or a processor holding one and the template) writes it: no question text.
+    A token that straddles a message's text (a space merged into its first word) is left out of the
+    run, and so are the ids ``split_at`` (the image tokens, which a processor writes many of where the
+    template writes one): they end a run. None found (no template, or one that renders no message as
+    given): ``[]``."""
+    if not getattr(source, "chat_template", None):
+        return []
+    tokenizer = text_tokenizer(source)
+    runs: set[tuple[int, ...]] = set()
+    for text, names in _rendered_templates(source):
+        spans = [(m.start(), m.end()) for name in names for m in re.finditer(re.escape(name), text)]
+        try:  # each token, None where it overlaps a message
+            encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            tokens = [None if any(start < e and s < end for s, e in spans) else token
+                      for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"])]
+        except Exception:  # noqa: BLE001 - a tokenizer without offsets: each piece between messages alone
+            pieces = re.split("|".join(map(re.escape, names)), text)
+            tokens = [t for p in pieces for t in [*tokenizer(p, add_special_tokens=False)["input_ids"], None]]
+        run: list[int] = []
+        for token in tokens + [None]:
+            if token is not None and token not in split_at:
+                run.append(int(token))
+            elif run:
+                runs.add(tuple(run))
+                run = []
+    known: dict[int, bool] = {}
+    trimmed = set()
+    for run in runs:  # a blank next to a message may be merged into its first word in context: left out
+        blank = set(blank_token_ids(tokenizer, list(run), known))
+        first, last = 0, len(run)
+        while first < last and run[first] in blank:
+            first += 1
+        while last > first and run[last - 1] in blank:
+            last -= 1
+        trimmed.add(run[first:last])
+    return sorted(r for r in trimmed if len(r) > 1)  # one ordinary word alone could be the question's
+
+
+def template_positions(ids: torch.Tensor, runs: list[tuple[int, ...]]) -> torch.Tensor:
+    """Bool ``(B, L)``: the positions of ``ids`` (host ``(B, L)``) inside an occurrence of one of
+    ``runs`` (:func:`template_token_runs`)."""
+    hit = torch.zeros(ids.shape, dtype=torch.bool)
+    length = ids.shape[1]
+    for run in runs:
+        m = len(run)
+        if m > length:
+            continue
+        starts = (ids.unfold(1, m, 1) == torch.tensor(run, dtype=ids.dtype)).all(-1)  # (B, L - m + 1)
+        for j in range(m):
+            hit[:, j:j + length - m + 1] |= starts
+    return hit

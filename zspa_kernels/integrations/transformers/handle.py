@@ -44,8 +44,8 @@ import torch
 
 from ...checks import check_options
 from ...spec import as_keep
-from .families import (COUNT_INPUTS, Family, blank_token_ids, special_token_ids, split_model, text_tokenizer,
-                       tokenizer_special_ids)
+from .families import (COUNT_INPUTS, Family, blank_token_ids, special_token_ids, split_model, template_positions,
+                       template_token_runs, text_tokenizer, tokenizer_special_ids)
 from .selection import ImageSelection, select_images, to_device, to_host
 
 PROMPTS = ("question", "all_text")
@@ -333,6 +333,8 @@ class PruneHandle:
         self.special_ids = torch.tensor(sorted(special), dtype=torch.long)
         self._tokenizer = None if tokenizer is None else text_tokenizer(tokenizer)
         self._blank: dict[int, bool] = {}  # token id -> it decodes to whitespace or control characters alone
+        # The chat template's own text (role headers, generation prompt): no question.
+        self._template = [] if tokenizer is None else template_token_runs(tokenizer, set(visual_ids))
         params = inspect.signature(lm.forward).parameters
         self._cache_arg = next((k for k in CACHE_ARGS if k in params), CACHE_ARGS[-1])
         self.last_selection: list[ImageSelection] = []
@@ -643,11 +645,13 @@ class PruneHandle:
         ``all_text``: every attended token that is neither visual nor inside an image
         (row breaks, tile markers between its tokens). ``question``: of those, drop every
         special token id named in the config (bos/eos/pad, visual markers; plus, when a
-        tokenizer was given, its special tokens and the tokens it decodes to whitespace
-        or control characters alone), and keep the text after the row's first image; a row
-        whose question stands wholly before its first image (nothing left after it) uses the
-        text before it instead. The whitespace matters there: processors write newlines after images
-        (Gemma3 after every one), which would otherwise stand for the whole question.
+        tokenizer was given, its special tokens, the tokens it decodes to whitespace
+        or control characters alone and its chat template's text), and keep the text after the
+        row's first image; a row whose question stands wholly before its first image (nothing
+        left after it) uses the text before it instead. The whitespace and the template matter
+        there: processors write newlines after images (Gemma3 after every one), and templates a
+        generation prompt after the question (``<start_of_turn>model``), which would otherwise
+        stand for the whole question.
 
         ``spans``: (row, first, last) of each video whose processor writes text between its
         frames (Qwen3-VL's timestamps): inside it, as row breaks are inside an image.
@@ -673,6 +677,8 @@ class PruneHandle:
         if self._tokenizer is not None:
             blank = blank_token_ids(self._tokenizer, ids_h[question].unique().tolist(), self._blank)
             question &= ~torch.isin(ids_h, torch.tensor(blank, dtype=ids_h.dtype))
+        if self._template:
+            question &= ~template_positions(ids_h, self._template)
         if labels_h is not None:
             labelled = labels_h != -100
             split = (question & labelled).any(1, keepdim=True) & (question & ~labelled).any(1, keepdim=True)
