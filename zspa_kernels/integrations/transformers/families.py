@@ -197,18 +197,21 @@ def _tower_counts(config, inputs: dict, runs: list[int]) -> list[int]:
     return _split_evenly(sum(runs), pixels.shape[0], f"{pixels.shape[0]} images (pixel_values)")
 
 
-def _lfm2_vl_counts(config, inputs: dict, runs: list[int]) -> list[int]:
-    """LFM2-VL: every crop (a tile, the thumbnail, an image not split) is ``(h // f) * (w // f)`` tokens of its
-    patch grid in ``spatial_shapes`` (``f``: the downsample factor), or the crops generate() encoded; the
-    processor writes markers between crops by default, but none with ``use_image_special_tokens=False``,
-    where a split image's crops, and images back to back, are one run."""
-    encoded = _encoded_counts(inputs)
-    if encoded is not None:
-        return encoded
-    shapes = inputs.get("spatial_shapes")
-    if shapes is None:
-        raise ValueError("spatial_shapes: required to tell where each LFM2-VL crop's tokens are, got None")
-    return (torch.as_tensor(shapes) // config.downsample_factor).prod(-1).tolist()
+def _cell_counts(family: str, what: str, sizes_arg: str, cell: Callable[[Any], int]):
+    """Counts of the images (crops) generate() encoded (5.24+), else one token per ``cell(config)``
+    square cell of each image's ``(h, w)`` in the input ``sizes_arg``: LFM2-VL's crops (their patch
+    grids in ``spatial_shapes``, the cell its downsample factor), Apertus 1.5's images (their true
+    sizes, the cell its ``spatial_scale_factor``)."""
+    def counts(config, inputs: dict, runs: list[int]) -> list[int]:
+        encoded = _encoded_counts(inputs)
+        if encoded is not None:
+            return encoded
+        sizes = inputs.get(sizes_arg)
+        if sizes is None:
+            raise ValueError(f"{sizes_arg}: required to tell where each {family} {what}'s tokens are, got None")
+        return (torch.as_tensor(sizes) // cell(config)).prod(-1).tolist()
+
+    return counts
 
 
 def _fixed_counts(per_image: Callable[[Any], int]):
@@ -874,19 +877,6 @@ def _grid_token_counts(family: str, merge: Callable[[Any], int] = lambda config:
     return counts
 
 
-def _code_grid_counts(config, inputs: dict, runs: list[int]) -> list[int]:
-    """Apertus 1.5: each image's codes, from the images generate() encoded (5.24+), else one per
-    ``spatial_scale_factor`` square cell of its true size (``image_sizes``; end-of-line tokens break
-    an image's codes into runs, a line each)."""
-    encoded = _encoded_counts(inputs)
-    if encoded is not None:
-        return encoded
-    sizes = inputs.get("image_sizes")
-    if sizes is None:
-        raise ValueError("image_sizes: required to tell where each Apertus 1.5 image's tokens are, got None")
-    return (torch.as_tensor(sizes) // config.vision_config.spatial_scale_factor).prod(-1).tolist()
-
-
 def _chameleon_embed(model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Chameleon's base model is its decoder: inside its forward it embeds ``input_ids`` and writes
     each image's VQ codes, embedded by the same table, over the image placeholders. The same
@@ -1069,7 +1059,8 @@ FAMILIES: tuple[Family, ...] = (
     # transformers 4.57 names it "lfm2-vl" (and so do checkpoints saved with it), and keeps the
     # convolution states in a cache class of its own that is no transformers Cache; from 5.0 the
     # DynamicCache of its config holds them.
-    Family("LFM2-VL", ("lfm2_vl", "lfm2-vl"), unnamed_markers=True, image_token_counts=_lfm2_vl_counts,
+    Family("LFM2-VL", ("lfm2_vl", "lfm2-vl"), unnamed_markers=True,
+           image_token_counts=_cell_counts("LFM2-VL", "crop", "spatial_shapes", lambda c: c.downsample_factor),
            min_transformers=(5, 0)),
     # An image is its thumbnail between image markers, then its slices (tiles) between slice markers;
     # a video frame is a thumbnail (and slices) of video tokens: each crop a run, and its own budget
@@ -1179,7 +1170,8 @@ FAMILIES: tuple[Family, ...] = (
     # each image between begin/end-of-image markers, a row of codes per line, lines joined by end-of-line
     # tokens: one budget an image (its size says how many codes), audio codes kept whole.
     Family("Apertus 1.5", ("apertus1p5",), unnamed_markers=True, video_spans=_labelled_frame_spans(GRID_SIZE),
-           image_token_counts=_code_grid_counts, min_transformers=(5, 24)),
+           image_token_counts=_cell_counts("Apertus 1.5", "image", "image_sizes",
+                                           lambda c: c.vision_config.spatial_scale_factor), min_transformers=(5, 24)),
     # Chameleon: each image a fixed grid of VQ codes, ids of the text vocabulary embedded by its table,
     # written over placeholders between begin/end-of-image markers; its base model is its decoder and
     # embeds them itself (Family.embed). Query/key norms and the swin-norm variant run inside the layers.
