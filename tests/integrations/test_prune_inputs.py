@@ -106,18 +106,56 @@ def test_pixtral_layout_without_image_sizes_is_refused():
                          inputs_embeds=None, pixel_values=None)
 
 
-@pytest.mark.parametrize("name, kind", [("llava_next", "image"), ("llava_onevision", "image"), ("llava_next_video", "image"),
+@pytest.mark.parametrize("name, kind", [("llava_next", "image"), ("llava_next_video", "image"),
                                         ("llava_onevision", "video"), ("llava_next_video", "video")])
 @torch.no_grad()
 def test_any_resolution_images_back_to_back_are_refused(name, kind):
     """Their counts differ per image and cannot be told apart without text between them; nor can
-    two videos (one run of tokens each, of any frame count)."""
+    two videos (one run of tokens each, of any frame count). LLaVA-OneVision's images can (below)."""
     tiny = BUILDERS[name]()
     media = tiny.single[0][1] if kind == "image" else ("video", 2)
     inputs = tiny.make_inputs([[("text", 3), media, media, ("text", 4)]])
     with zspa_kernels.prune(tiny.model, keep=KEEP), pytest.raises(
             ValueError, match=r"^model: 2 images/videos given but 1 runs of their tokens; images or videos back to back"):
         tiny.model(**inputs)
+
+
+@torch.no_grad()
+def test_llava_onevision_images_of_a_multi_image_row_back_to_back_are_told_apart():
+    """LLaVA-OneVision encodes each image of a sample of several (``batch_num_images``) as its base
+    view and a newline feature, one count for all of them: two such images back to back (as its chat
+    template writes a message's images) are one selection each, in a forward and in generate(), beside
+    a row whose one image has the any-resolution count; and their picks are those of the same images
+    with text between them. Runs that are not whole images of those counts are refused."""
+    from zspa_kernels.integrations.transformers.families import _onevision_image_counts
+
+    tiny = BUILDERS["llava_onevision"]()
+    image = tiny.model.config.image_token_id
+    pair = [("text", 3), ("image", (16, 32)), ("image", (32, 32)), ("text", 4)]
+    batch = tiny.make_inputs([pair, [("text", 2), ("image", (32, 16)), ("text", 5)]])
+    assert batch["batch_num_images"].tolist() == [2, 1]
+    for selection in _selections_of_a_forward_and_a_generate(tiny, batch):
+        assert [(s.batch_row, s.n_tokens) for s in selection] == [(0, 17), (0, 17), (1, 56)]
+        assert all(s.kept.shape == (KEEP,) for s in selection)
+
+    adjacent = tiny.make_inputs([pair])
+    ids = adjacent["input_ids"][0]
+    assert (ids == image).sum() == 34 and (ids[3:37] == image).all()  # one run of 17 + 17 tokens
+    # The same two images with the question's first token moved between them: the same features, the same question.
+    spaced = tiny.make_inputs([[("text", 3), ("image", (16, 32)), ("text", 1), ("image", (32, 32)), ("text", 3)]])
+    spaced["input_ids"][0, spaced["input_ids"][0] != image] = ids[ids != image]
+    spaced["pixel_values"] = adjacent["pixel_values"]
+    (adjacent_picks, _), (spaced_picks, _) = (_selections_of_a_forward_and_a_generate(tiny, x) for x in (adjacent, spaced))
+    assert [s.n_tokens for s in spaced_picks] == [17, 17]
+    for a, b in zip(adjacent_picks, spaced_picks):
+        assert torch.equal(a.order, b.order)
+
+    config = tiny.model.config
+    assert _onevision_image_counts(config, {"batch_num_images": torch.tensor([2, 1])}, [34, 56]) == [17, 17, 56]
+    assert _onevision_image_counts(config, {"batch_num_images": torch.tensor([2, 1])}, [17, 17, 56]) == [17, 17, 56]
+    for numbers, runs in (([2], [30]), ([2, 1], [34]), ([1], [56, 17]), ([3], [34])):
+        with pytest.raises(ValueError, match="batch_num_images"):
+            _onevision_image_counts(config, {"batch_num_images": torch.tensor(numbers)}, runs)
 
 
 @torch.no_grad()

@@ -153,7 +153,7 @@ def _split_evenly(n_visual: int, n_images: int, why: str) -> list[int]:
 # masks): the prefill hook copies them to the host asynchronously, ahead of its one sync, so the
 # counts read host tensors (handle.py's docstring, Host syncs). Shapes are read freely.
 COUNT_INPUTS = ("image_sizes", "image_attention_mask", "image_grids", "video_grids", "image_grid_thw", "video_grid_thw",
-                "spatial_shapes",
+                "spatial_shapes", "batch_num_images",
                 "image_merge_sizes", "video_merge_sizes", "video_compression_mask", "num_frames_per_video")
 
 
@@ -526,12 +526,15 @@ def _marked_spans(start_attr: str, end_attr: str) -> Callable[..., list[tuple[in
 _marked_video_spans = _marked_spans("video_start_token_id", "video_end_token_id")
 
 
-def _one_run_per_image(config, inputs: dict, runs: list[int]) -> list[int]:
+def _one_run_per_image(config, inputs: dict, runs: list[int], modalities=("image", "video")) -> list[int]:
     """Any-resolution images differ in count; text usually stands between them. Refuse
-    when the runs are fewer than the images and videos given (some stand back to back)."""
+    when the runs are fewer than the images and videos given (some stand back to back).
+    ``modalities``: those whose runs are given (all of them by default)."""
     encoded = inputs.get("mm_encoder_outputs") or {}
     given = 0
     for modality, key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+        if modality not in modalities:
+            continue
         features = getattr(encoded.get(modality), "pooler_output", None)
         deepstack = getattr(encoded.get(modality), "deepstack_features", None)
         if features is None and deepstack:  # Granite 4 Vision: (layer, per-image features) pairs only
@@ -542,6 +545,36 @@ def _one_run_per_image(config, inputs: dict, runs: list[int]) -> list[int]:
         raise ValueError(f"model: {given} images/videos given but {len(runs)} runs of their tokens; "
                          "images or videos back to back (no text between them) cannot be told apart")
     return runs
+
+
+def _onevision_image_counts(config, inputs: dict, runs: list[int]) -> list[int]:
+    """LLaVA-OneVision's images, as its model encodes them: an image alone in its sample
+    (``batch_num_images``, which the processor returns) in any resolution, one run of tokens;
+    each image of a sample of several as its base view alone and the newline feature, the same
+    count for every such image, so they are told apart back to back (the checkpoints' chat
+    template writes a message's images with nothing between them). Without ``batch_num_images``
+    the model encodes every image in any resolution: one run each (:func:`_one_run_per_image`)."""
+    encoded = _encoded_counts(inputs)
+    if encoded is not None:
+        return encoded
+    numbers = inputs.get("batch_num_images")
+    if numbers is None:
+        return _one_run_per_image(config, inputs, runs, modalities=("image",))
+    alone = iter(n == 1 for n in torch.as_tensor(numbers).tolist() for _ in range(n))
+    base = (config.vision_config.image_size // config.vision_config.patch_size) ** 2 + 1
+    counts = []
+    for run in runs:
+        left = run
+        while left > 0 and (whole := next(alone, None)) is not None:
+            counts.append(left if whole else base)  # an image alone in its sample is its own run
+            left -= counts[-1]
+        if left != 0:
+            raise ValueError(f"model: a run of {run} LLaVA-OneVision image tokens is not the images that "
+                             f"batch_num_images gives ({base} tokens each in a sample of several images, "
+                             "one run for an image alone); cannot tell where each image's tokens are")
+    if next(alone, None) is not None:
+        raise ValueError("batch_num_images: gives more images than the inputs hold runs of image tokens for")
+    return counts
 
 
 def _kept_feature_rows(positions: torch.Tensor, prefill) -> tuple[torch.Tensor, torch.Tensor]:
@@ -962,7 +995,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("Granite 4 Vision", ("granite4_vision",), image_token_counts=_one_run_per_image,
            on_prefill=_gather_granite, select_on=_granite_features),
     Family("LLaVA-OneVision", ("llava_onevision",), visual_token_attrs=("image_token_id", "video_token_id"),
-           image_token_counts=_one_run_per_image),
+           image_token_counts=_onevision_image_counts,
+           video_token_counts=lambda config, inputs, runs: _one_run_per_image(config, inputs, runs, ("video",))),
     # LLaVA-NeXT's images; a video's frames, pooled, form one run of video tokens with no marker
     # between frames (as in LLaVA-OneVision): one budget per video.
     Family("LLaVA-NeXT-Video", ("llava_next_video",), visual_token_attrs=("image_token_id", "video_token_id"),
