@@ -101,6 +101,12 @@ class Family:
     # [IMG_BREAK]/[IMG_END]): only ``tokenizer=`` tells them from question text, so ``prune()`` warns
     # when ``prompt="question"`` is asked without one (:meth:`writes_unnamed_markers`).
     unnamed_markers: Union[bool, Callable[[Any], bool]] = False
+    # Config attributes (as ``visual_token_attrs``) of tokens the processor writes inside one video's run
+    # of visual tokens without ending it: the Qwen Omni thinkers' audio tokens, which their processors
+    # interleave in chunks with a video's (``use_audio_in_video``/``load_audio_from_video``). Visual tokens
+    # of one id with only such tokens between them are one run (one video, one budget); the tokens
+    # themselves are not visual, kept whole like text.
+    run_joiners: tuple[str, ...] = ()
 
     def __post_init__(self):
         # Its decode steps reach the hooks as ids, not embeddings: a mask builder would be handed ids.
@@ -133,8 +139,16 @@ class Family:
         return None
 
     def visual_token_ids(self, config) -> list[int]:
+        return self._config_ids(config, self.visual_token_attrs)
+
+    def run_joiner_ids(self, config) -> list[int]:
+        """The ids of ``run_joiners`` that this config names."""
+        return self._config_ids(config, self.run_joiners)
+
+    @staticmethod
+    def _config_ids(config, attrs) -> list[int]:
         ids = []
-        for path in self.visual_token_attrs:
+        for path in attrs:
             found = config
             for attr in path.split("."):
                 found = getattr(found, attr, None)
@@ -1042,10 +1056,10 @@ FAMILIES: tuple[Family, ...] = (
     # features itself and runs its decoder (.model) before transformers 5.24, whose thinker has a base
     # model (.model.language_model).
     Family("Qwen2.5-Omni", ("qwen2_5_omni_thinker",), lm_attr=("language_model", "model"),
-           visual_token_attrs=("image_token_id", "video_token_id")),
+           visual_token_attrs=("image_token_id", "video_token_id"), run_joiners=("audio_token_id",)),
     Family("Qwen3-Omni-MoE", ("qwen3_omni_moe_thinker",), lm_attr=("language_model", "model"),
            visual_token_attrs=("image_token_id", "video_token_id"), on_prefill=_gather_deepstack,
-           router_loss=(0, 0)),
+           router_loss=(0, 0), run_joiners=("audio_token_id",)),
     # Video frames are images (image token id, own markers): one budget per frame.
     Family("GLM-4V", ("glm4v",), video_spans=_marked_video_spans),
     # GLM-4.1V's vision tower, token layout and 3-D positions around a MoE text model (GLM-4.5-Air's),

@@ -561,8 +561,13 @@ class PruneHandle:
         (adjacent images; row-break tokens inside an image)."""
         tok_rows, tok_cols = visual.nonzero(as_tuple=True)
         tok_ids = ids[tok_rows, tok_cols]
+        # Columns counted without the tokens that stand inside a run without ending it (Family.run_joiners:
+        # the Qwen Omni thinkers' audio chunks between a video's chunks): adjacent there, one run.
+        joiners = self.family.run_joiner_ids(self.config)
+        steps = tok_cols if not joiners else (
+            ~torch.isin(ids, torch.tensor(joiners, dtype=ids.dtype))).long().cumsum(1)[tok_rows, tok_cols]
         new_run = torch.ones_like(tok_cols, dtype=torch.bool)
-        new_run[1:] = ((tok_rows[1:] != tok_rows[:-1]) | (tok_cols[1:] != tok_cols[:-1] + 1)
+        new_run[1:] = ((tok_rows[1:] != tok_rows[:-1]) | (steps[1:] != steps[:-1] + 1)
                        | (tok_ids[1:] != tok_ids[:-1]))
         starts = new_run.nonzero()[:, 0]
         runs = starts.diff(append=torch.tensor([tok_cols.numel()])).tolist()
