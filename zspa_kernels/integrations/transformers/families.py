@@ -641,16 +641,41 @@ def _gather_granite(prefill) -> None:
     kwargs["deepstack_features"] = {layer: f[rows] for layer, f in kwargs["deepstack_features"].items()}
 
 
+# The key of image_token_counts' inputs under which the hooks give each run's batch row (host ints, in
+# the runs' order).
+RUN_ROWS = "run_rows"
+
+
 def _fuyu_counts(config, inputs: dict, runs: list[int]) -> list[int]:
     """Fuyu: an image is as many tokens as it has patches (rows of them ended by newline tokens): one
     entry of its patches an image (``pixel_values``, ``image_patches`` before transformers 5.24), or of
-    the patch embeddings generate() encoded ahead (5.24+)."""
+    the patch embeddings generate() encoded ahead (5.24+). transformers 5.x's processor concatenates
+    every image's patches into one ``(patches, features)`` tensor (its embeddings likewise); it writes
+    one image a batch row (first, before the row's text): then each row's runs are one image."""
     encoded = getattr((inputs.get("mm_encoder_outputs") or {}).get("image"), "last_hidden_state", None)
     patches = next((p for p in (encoded, inputs.get("pixel_values"), inputs.get("image_patches")) if p is not None),
                    None)
     if patches is None:
         raise ValueError("pixel_values: required to tell where each Fuyu image's tokens are, got None")
+    if isinstance(patches, torch.Tensor) and patches.dim() == 2:
+        rows = inputs[RUN_ROWS]
+        return [sum(n for n, r in zip(runs, rows) if r == row) for row in dict.fromkeys(rows)]
     return [p.shape[-2] for p in patches]
+
+
+def _fuyu_newline_spans(config, inputs: dict, ids: torch.Tensor, frames: list, tokenizer=None
+                        ) -> list[tuple[int, int, int]]:
+    """Fuyu's processor ends each row of an image's patch tokens with ``|NEWLINE|``, an ordinary token of
+    its tokenizer (a piece of its vocabulary, not special) that no config names: those between its rows
+    are inside the image; with a tokenizer, which names it, the one after its last row is the image's
+    too (a ``(row, first, last)`` span over it), no question text; without one it stays (README)."""
+    if tokenizer is None:
+        return []
+    newline = tokenizer.convert_tokens_to_ids("|NEWLINE|")
+    if newline is None or tokenizer.convert_ids_to_tokens(newline) != "|NEWLINE|":  # not its tokenizer
+        return []
+    after = [(row, int(cols[-1]) + 1) for row, cols, _ in frames]
+    return [(row, c, c) for row, c in after if c < ids.shape[1] and int(ids[row, c]) == newline]
 
 
 def _reference_prefill(prefill) -> None:
@@ -1252,7 +1277,8 @@ FAMILIES: tuple[Family, ...] = (
            min_transformers=(5, 24)),
     # Fuyu: no vision tower (a linear layer embeds each patch); an image's rows of patch tokens each end
     # with a newline token (text): one budget an image, as many tokens as its patches.
-    Family("Fuyu", ("fuyu",), unnamed_markers=True, image_token_counts=_fuyu_counts),
+    Family("Fuyu", ("fuyu",), unnamed_markers=True, image_token_counts=_fuyu_counts,
+           video_spans=_fuyu_newline_spans),
     # UnlimitedOCR: DeepSeek-OCR-2's layout (an image's crops, global view and view separator one run, each
     # row of a view's features ended by a newline feature) around a text model whose reference sliding window
     # attention keeps the prompt's tokens (the kept ones) and slides over the generated ones.

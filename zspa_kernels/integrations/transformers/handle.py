@@ -44,8 +44,8 @@ import torch
 
 from ...checks import check_options
 from ...spec import as_keep
-from .families import (COUNT_INPUTS, Family, blank_token_ids, special_token_ids, split_model, template_positions,
-                       template_token_runs, text_tokenizer, tokenizer_special_ids)
+from .families import (COUNT_INPUTS, RUN_ROWS, Family, blank_token_ids, special_token_ids, split_model,
+                       template_positions, template_token_runs, text_tokenizer, tokenizer_special_ids)
 from .selection import ImageSelection, select_images, to_device, to_host
 
 PROMPTS = ("question", "all_text")
@@ -571,7 +571,8 @@ class PruneHandle:
                        | (tok_ids[1:] != tok_ids[:-1]))
         starts = new_run.nonzero()[:, 0]
         runs = starts.diff(append=torch.tensor([tok_cols.numel()])).tolist()
-        counts = self._counts(runs, tok_ids[starts].tolist(), inputs)
+        # Each run's batch row: Fuyu's 5.x patches, one tensor for every image, leave its images one a row.
+        counts = self._counts(runs, tok_ids[starts].tolist(), dict(inputs, **{RUN_ROWS: tok_rows[starts].tolist()}))
         if sum(counts) != tok_cols.numel() or min(counts, default=1) < 1:
             raise ValueError(
                 f"model: the inputs hold {tok_cols.numel()} {self.family.name} image tokens, "
