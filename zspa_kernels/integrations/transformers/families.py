@@ -34,7 +34,8 @@ class Family:
     # in row-major order) -> the token count of each image in order. Default: each run is
     # one image (families that always put text or markers between images). The integer inputs
     # whose values it reads are named in COUNT_INPUTS: the hooks bring them to the host with
-    # their one sync (any other value read back is a sync of its own).
+    # their one sync (any other value read back is a sync of its own); the hooks add each run's batch
+    # row under ``RUN_ROWS``.
     image_token_counts: Callable[[Any, dict, list[int]], list[int]] = lambda c, i, runs: runs
     # Where videos split otherwise than images (the same arguments): the runs of the config's
     # ``video_token_id`` go here, the others to ``image_token_counts``. None: every run goes there.
