@@ -1190,7 +1190,8 @@ def test_the_label_search_finds_the_fewest_tokens_that_decode_to_each_label():
         families.PAN_AND_SCAN: lambda t: ("Here is the original image" if t % 2 else
                                           "and here are some crops to help you see better") + " \n\n<img>",
         families.GRID_SIZE: lambda t: f"<img>{t + 8}*{t * 2 + 8}</img>",
-        families.TILE_LABEL: lambda t: f"<img>TILE_{t + 1}" if t % 3 else "<img>TILE_GLOBAL"}
+        families.TILE_LABEL: lambda t: f"<img>TILE_{t + 1}" if t % 3 else "<img>TILE_GLOBAL",
+        families.MEDIA_LABEL: lambda t: f"{'Picture' if t % 2 else 'Video'} {t + 1}:"}
     words = "What is in the picture frame? Describe the video at 10 seconds: in one sentence, 2.50 from".split()
     corpus = [" ".join(words)] + [label(t) for label in labels.values() for t in range(0, 40, 3)]
     tokenizer = _bpe_tokenizer(["<img>", "</img>"], corpus)

@@ -351,6 +351,8 @@ TUBELET_LABEL = re.compile(r"Frame \d+( sampled at \d+\.\d+ seconds)?( and frame
                            r"(\s*<[^<>\s]+>)*")
 TUBELET_WINDOW = 64
 FRAME_TIME = re.compile(r"\d+\.\d")  # Molmo2's, "0.5 " before each frame's <frame_start>
+# ERNIE-4.5-VL's chat template's label before each image's and each video's start marker: "Picture 2:", "Video 1:".
+MEDIA_LABEL = re.compile(r"(?:Picture|Video) \d+:")
 
 
 @torch.compiler.disable  # host-side tokenizer calls: nothing for Dynamo to trace
@@ -1098,8 +1100,11 @@ FAMILIES: tuple[Family, ...] = (
     Family("GLM-OCR", ("glm_ocr",)),
     # ERNIE-4.5-VL: Qwen2-VL's layout (markers around each image or video, a video's frames merged in
     # pairs: one run, one budget) and 3-D positions; its MoE layers route by token type (gathered).
+    # Its chat template writes "Picture N:" before each image and "Video N:" before each video: the image's
+    # or video's label, no question text (with a tokenizer, decoded).
     Family("ERNIE-4.5-VL", ("ernie4_5_vl_moe",), visual_token_attrs=("image_token_id", "video_token_id"),
-           on_prefill=_gather_moe_token_types, router_loss=(0, 0)),
+           on_prefill=_gather_moe_token_types, router_loss=(0, 0), video_spans=_labelled_frame_spans(MEDIA_LABEL),
+           frame_token_attr=None),
     # PaddleOCR-VL: Qwen2-VL's image layout and 3-D positions (images only).
     Family("PaddleOCR-VL", ("paddleocr_vl",)),
     # HunYuan-VL (images only): each image one run of image tokens (its begin, end and row-newline
