@@ -13,32 +13,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .test_real_processors import (FRAME_LABELS, INTERNVL_MARKERS, _image_processor, _photo, _prompts_and_warnings,
-                                   _retokenized, _runs, _text, _token_layout, _tokenizer, _vision)
+from .test_real_processors import (_image_processor, _internvl, _photo, _prompts_and_warnings, _retokenized, _runs,
+                                   _token_layout, _tokenizer)
 
 transformers = pytest.importorskip("transformers")
 
 BEFORE, AFTER = "w44 w39 w53 w0", "w43 w39 w7"
-
-
-def _internvl_crops():
-    """A tiny random InternVL with the real processor classes: 32 px crops of 4 px patches, pixel-shuffled 2x2
-    into 16 tokens a crop; ``"\\n"`` an ordinary token (the real chat template writes one after each image)."""
-    import torchvision  # noqa: F401  (its video processor needs it: an error here, not a skip)
-
-    start, end, context, video = INTERNVL_MARKERS
-    tokenizer = _tokenizer(INTERNVL_MARKERS, plain=["\n", *FRAME_LABELS], bos="<|endoftext|>", start_image_token=start,
-                           end_image_token=end, context_image_token=context, video_token=video)
-    size = {"height": 32, "width": 32}
-    processor = transformers.InternVLProcessor(
-        image_processor=_image_processor("GotOcr2ImageProcessor", size=size, crop_to_patches=True, max_patches=6),
-        video_processor=transformers.InternVLVideoProcessor(size=size), tokenizer=tokenizer, image_seq_length=16)
-    config = transformers.InternVLConfig(
-        vision_config=_vision(image_size=32, patch_size=4), text_config=_text(tokenizer, model_type="qwen2"),
-        image_token_id=processor.image_token_id, image_seq_length=16, downsample_ratio=0.5,
-        pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    return transformers.InternVLForConditionalGeneration(config).eval(), processor, tokenizer
 
 
 def test_internvl_an_image_of_crops_is_one_budget_and_its_markers_are_no_question():
@@ -50,7 +30,7 @@ def test_internvl_an_image_of_crops_is_one_budget_and_its_markers_are_no_questio
     (``<img>``/``</img>`` and the newlines are none of it), also in generate(). The family is flagged
     ``unnamed_markers``: without a tokenizer prune() warns, and rightly: the markers and newlines after the first
     image are question text, and row 1's question, written before its image, is ranked by ``</img>`` alone."""
-    model, processor, tokenizer = _internvl_crops()
+    model, processor, tokenizer = _internvl(crops=True)
     image = processor.image_token
     gen = torch.Generator().manual_seed(0)
     inputs = processor(text=[f"{image}\n{image}\n{AFTER}", f"{BEFORE} {image}"],

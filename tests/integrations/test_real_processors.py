@@ -599,16 +599,19 @@ INTERNVL_MARKERS = ["<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
 FRAME_LABELS = [f"Frame{i}:" for i in range(1, 10)]  # text, as in the real tokenizer
 
 
-def _internvl():
-    """A tiny random InternVL with the real processor classes (a 32 px image or frame: 16 tokens)."""
+def _internvl(crops: bool = False):
+    """A tiny random InternVL with the real processor classes (a 32 px image, crop or frame: 16 tokens);
+    ``crops``: images split into crops (``crop_to_patches``, up to 6 and a thumbnail), and ``"\n"`` an
+    ordinary token (the real chat template writes one after each image)."""
     import torchvision  # noqa: F401  (its video processor needs it: an error here, not a skip)
 
     start, end, context, video = INTERNVL_MARKERS
-    tokenizer = _tokenizer(INTERNVL_MARKERS, plain=FRAME_LABELS, bos="<|endoftext|>", start_image_token=start,
-                           end_image_token=end, context_image_token=context, video_token=video)
+    tokenizer = _tokenizer(INTERNVL_MARKERS, plain=["\n"] * crops + FRAME_LABELS, bos="<|endoftext|>",
+                           start_image_token=start, end_image_token=end, context_image_token=context, video_token=video)
     size = {"height": 32, "width": 32}
     processor = transformers.InternVLProcessor(
-        image_processor=_image_processor("GotOcr2ImageProcessor", size=size, crop_to_patches=False),
+        image_processor=_image_processor("GotOcr2ImageProcessor", size=size, crop_to_patches=crops,
+                                         **({"max_patches": 6} if crops else {})),
         video_processor=transformers.InternVLVideoProcessor(size=size), tokenizer=tokenizer, image_seq_length=16)
     config = transformers.InternVLConfig(
         vision_config=_vision(image_size=32, patch_size=4), text_config=_text(tokenizer, model_type="qwen2"),
