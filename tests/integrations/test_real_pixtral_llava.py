@@ -16,15 +16,8 @@ transformers = pytest.importorskip("transformers")
 
 import zspa_kernels  # noqa: E402
 
-from .test_real_processors import (  # noqa: E402
-    _image_processor,
-    _photo,
-    _prompts_and_warnings,
-    _retokenized,
-    _runs,
-    _token_layout,
-    _tokenizer,
-)
+from .test_real_processors import (_image_processor, _photo, _prompts_and_warnings, _retokenized,  # noqa: E402
+                                   _runs, _token_layout, _tokenizer)
 
 BEFORE, AFTER = "w44 w39 w53 w0", "w43 w39 w7"
 # (h, w) of the photos: row 0's two, back to back, then row 1's one.
