@@ -98,20 +98,19 @@ def _omni_kwargs(audio_in_video: bool, **videos_kwargs) -> dict:
     return dict(videos_kwargs=dict(videos_kwargs, use_audio_in_video=True))
 
 
-def _qwen2_5_omni():
-    """The real Qwen2_5OmniProcessor (Qwen2-VL's image and video processors, 2 px patches; a Whisper feature
-    extractor of 8 mel bins, 4 s windows) and the tiny builder's thinker on this tokenizer's ids, its TMRoPE
-    timing the processor's (25 positions a second, 2 s chunks)."""
+def _omni(processor_class: str, markers: dict, builder: str):
+    """The real Qwen Omni processor ``processor_class`` (Qwen2-VL's image and video processors, 2 px patches; a
+    Whisper feature extractor of 8 mel bins, 4 s windows) around a tokenizer holding ``markers``, and the tiny
+    ``builder``'s thinker on this tokenizer's ids."""
     import torchvision  # noqa: F401  (its video processor needs it: an error here, not a skip)
 
-    tokenizer = _tokenizer(list(OMNI_MARKERS.values()), plain=[], bos="<|endoftext|>",
-                           cls=transformers.Qwen2TokenizerFast if V4 else None, **OMNI_MARKERS)
-    processor = transformers.Qwen2_5OmniProcessor(
+    tokenizer = _tokenizer(list(markers.values()), plain=[], bos="<|endoftext|>",
+                           cls=transformers.Qwen2TokenizerFast if V4 else None, **markers)
+    processor = getattr(transformers, processor_class)(
         image_processor=_image_processor("Qwen2VLImageProcessor", patch_size=2, **PIXELS),
         video_processor=transformers.Qwen2VLVideoProcessor(patch_size=2, **PIXELS),
         feature_extractor=transformers.WhisperFeatureExtractor(feature_size=8, chunk_length=4), tokenizer=tokenizer)
-    model = _retokenized("qwen2_5_omni", tokenizer, {name: OMNI_MARKERS[token] for name, token in OMNI_IDS.items()})
-    model.config.position_id_per_seconds, model.config.seconds_per_chunk = 25, 2
+    model = _retokenized(builder, tokenizer, {name: markers[token] for name, token in OMNI_IDS.items()})
     return model, processor, tokenizer
 
 
@@ -126,7 +125,8 @@ def test_qwen2_5_omni_video_is_one_budget_with_its_audio_interleaved(audio_in_vi
     are neither selected nor dropped nor question text; with a tokenizer, without one (no warning: the config
     names every marker) and in generate() the prompts hold the question words alone. The selections once split
     the video into a budget per chunk (twice the tokens kept)."""
-    model, processor, tokenizer = _qwen2_5_omni()
+    model, processor, tokenizer = _omni("Qwen2_5OmniProcessor", OMNI_MARKERS, "qwen2_5_omni")
+    model.config.position_id_per_seconds, model.config.seconds_per_chunk = 25, 2  # TMRoPE timing: the processor's
     gen = torch.Generator().manual_seed(0)
     image, video = (f"{OMNI_MARKERS['vision_bos_token']}{OMNI_MARKERS[k]}{OMNI_MARKERS['vision_eos_token']}"
                     for k in ("image_token", "video_token"))
@@ -172,19 +172,11 @@ def test_qwen3_omni_video_is_one_budget_with_its_audio_interleaved(audio_in_vide
     tokens, the audio tokens all kept and no question: the question before the video is its prompt (nothing
     after it but markers and audio, all named by the config), with a tokenizer, without one and in generate().
     A video alone (transformers 4.57's thinker fails on images and videos in one call)."""
-    import torchvision  # noqa: F401  (its video processor needs it: an error here, not a skip)
-
     if not hasattr(transformers, "Qwen3OmniMoeProcessor"):
         pytest.skip(f"transformers {transformers.__version__} has no Qwen3-Omni-MoE")
     markers = QWEN3_OMNI_MARKERS
-    tokenizer = _tokenizer(list(markers.values()), plain=[], bos="<|endoftext|>",
-                           cls=transformers.Qwen2TokenizerFast if V4 else None, **markers)
-    processor = transformers.Qwen3OmniMoeProcessor(
-        image_processor=_image_processor("Qwen2VLImageProcessor", patch_size=2, **PIXELS),
-        video_processor=transformers.Qwen2VLVideoProcessor(patch_size=2, **PIXELS),
-        feature_extractor=transformers.WhisperFeatureExtractor(feature_size=8, chunk_length=4), tokenizer=tokenizer)
-    model = _retokenized("qwen3_omni_moe_video" if V4 else "qwen3_omni_moe", tokenizer,
-                         {name: markers[token] for name, token in OMNI_IDS.items()})
+    model, processor, tokenizer = _omni("Qwen3OmniMoeProcessor", markers,
+                                        "qwen3_omni_moe_video" if V4 else "qwen3_omni_moe")
     model.config.position_id_per_seconds = 13  # the processor's
     video = f"{markers['vision_bos_token']}{markers['video_token']}{markers['vision_eos_token']}"
     inputs = processor(text=[f"{BEFORE} {video}"], videos=[_video(8, 16, 16)], audio=[_wave(3)] if audio_in_video else None,
