@@ -936,17 +936,19 @@ def _phi4_embed(model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return args, kwargs
 
 
-def _grid_token_counts(family: str, merge: Callable[[Any], int] = lambda config: 1):
-    """Each image's tokens: ``t*h*w`` of its grid, divided by ``merge(config)`` squared (the patches merged
-    into a token), from the features generate() encoded (5.24+, one entry an image) or from
-    ``image_grid_thw``. Inkling2 counts its grids in language model tokens; Dots3-Note in patches."""
+def _grid_token_counts(family: str, merge: Callable[[Any], int] = lambda config: 1, modality: str = "image"):
+    """Each image's (``modality="video"``: each video's) tokens: ``t*h*w`` of its grid, divided by
+    ``merge(config)`` squared (the patches merged into a token), from the features generate() encoded
+    (5.24+, one entry an image or video) or from ``image_grid_thw`` (``video_grid_thw``). Inkling2 counts
+    its grids in language model tokens; Dots3-Note in patches."""
     def counts(config, inputs: dict, runs: list[int]) -> list[int]:
-        encoded = _encoded_counts(inputs)
+        encoded = _encoded_counts(inputs, modality)
         if encoded is not None:
             return encoded
-        grids = inputs.get("image_grid_thw")
+        grids = inputs.get(f"{modality}_grid_thw")
         if grids is None:
-            raise ValueError(f"image_grid_thw: required to tell where each {family} image's tokens are, got None")
+            raise ValueError(f"{modality}_grid_thw: required to tell where each {family} {modality}'s tokens are, "
+                             "got None")
         return (torch.as_tensor(grids).prod(-1) // merge(config) ** 2).tolist()
 
     return counts
@@ -1290,11 +1292,13 @@ FAMILIES: tuple[Family, ...] = (
     # attention keeps the prompt's tokens (the kept ones) and slides over the generated ones.
     Family("UnlimitedOCR", ("unlimited_ocr",), image_token_counts=_one_run_per_image, on_prefill=_reference_prefill),
     # Dots3-Note: Qwen2-VL's grids with 1-D positions and no markers in its processor (images back to back are one
-    # run: counted by their grids; a video is one run and budget), around a latent-attention text model whose
-    # DeepSeek indexer and sliding windows run over the kept tokens; its audio tokens are kept whole, like text.
+    # run, and so are videos: each counted by its grid; a video is one budget), around a latent-attention text
+    # model whose DeepSeek indexer and sliding windows run over the kept tokens; its audio tokens are kept whole,
+    # like text.
     Family("Dots3-Note", ("dots3_note",), unnamed_markers=True, visual_token_attrs=("image_token_id", "video_token_id"),
            image_token_counts=_grid_token_counts("Dots3-Note", lambda config: config.vision_config.spatial_merge_size),
-           video_token_counts=lambda config, inputs, runs: runs),
+           video_token_counts=_grid_token_counts("Dots3-Note", lambda config: config.vision_config.spatial_merge_size,
+                                                 "video")),
     # Llama 3.2 Vision: one <|image|> token in the text marks an image; its tiles' features are the keys
     # and values of the text model's cross-attention layers (cross_attention.py). Each image is a budget.
     Family("Llama 3.2 Vision", ("mllama",), visual_token_attrs=("image_token_index",), cross_attention=True),
