@@ -145,3 +145,25 @@ def test_two_images_in_a_row_are_budgeted_apart(family):
     assert prompts == untokenized == [AFTER.split()] * 2 + [BETWEEN.split()] * 2
     assert not warned
 
+
+
+def test_exaone4_5_without_the_vision_markers_ids_prune_warns_of_them():
+    """EXAONE 4.5's config class holds the pads' ids alone; a checkpoint whose config does not give
+    ``vision_start_token_id``/``vision_end_token_id`` beside them leaves the markers its chat template writes around
+    every image named by the tokenizer only. Without ``tokenizer=`` they count as question text (row 0's question,
+    written before its image, is ranked by ``<|vision_end|>`` alone), so prune() warns, as for every family whose
+    processors write markers no config names; with it the prompts are the question words and nothing warns."""
+    model, processor, tokenizer, _ = _family("exaone4_5")
+    for name in ("vision_start_token_id", "vision_end_token_id"):
+        setattr(model.config, name, None)
+    gen = torch.Generator().manual_seed(2)
+    side = 8 * model.config.vision_config.patch_size
+    inputs = processor(text=[f"{BEFORE} {QWEN_IMAGE}", f"{QWEN_IMAGE} {BETWEEN} {QWEN_IMAGE} {AFTER}"], padding=True,
+                       images=[[_photo(side, side, gen)], [_photo(side, side // 2, gen), _photo(side // 2, side, gen)]],
+                       return_tensors="pt")
+    selections, prompts, untokenized, warned = _prompts_and_warnings(model, inputs, processor, tokenizer)
+    assert [(s.batch_row, s.n_tokens) for s in selections] == _runs_of_both(inputs, model)
+    row_1 = ["<|vision_end|>", *BETWEEN.split(), "<|vision_start|>", "<|vision_end|>", *AFTER.split()]
+    assert prompts == [BEFORE.split(), (BETWEEN + " " + AFTER).split(), (BETWEEN + " " + AFTER).split()]
+    assert untokenized == [["<|vision_end|>"], row_1, row_1]
+    assert len(warned) == 1 and "EXAONE 4.5" in warned[0] and "tokenizer=processor" in warned[0]

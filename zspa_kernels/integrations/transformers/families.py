@@ -979,6 +979,15 @@ def _chameleon_embed(model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return args, kwargs
 
 
+def _unnamed_vision_markers(config) -> bool:
+    """EXAONE 4.5 and HyperCLOVAX vision v2: their chat templates write ``<|vision_start|>``/``<|vision_end|>``
+    around every image's and video's pads, which their config classes do not name (they hold the pads' ids
+    alone). Checkpoints whose configs give the markers' ids beside them (``vision_start_token_id`` and
+    ``vision_end_token_id``, or ``image_start_token_id`` and ``image_end_token_id``) name them."""
+    return not any(getattr(config, f"{kind}_start_token_id", None) is not None
+                   and getattr(config, f"{kind}_end_token_id", None) is not None for kind in ("vision", "image"))
+
+
 def _pixtral_tower(config) -> bool:
     """LLaVA checkpoints on a Pixtral tower (Pixtral-12B): their processor ends each row of image tokens
     with ``[IMG_BREAK]`` and the image with ``[IMG_END]``, which the config does not name."""
@@ -1118,8 +1127,10 @@ FAMILIES: tuple[Family, ...] = (
            image_token_counts=_grid_counts, video_token_counts=lambda config, inputs, runs: runs,
            video_spans=_stamped_video_spans(TIME_SECONDS_COLON, _video_llama3_tokens)),
     # EXAONE 4.5: Qwen2.5-VL's layout around an EXAONE 4 text model with 1-D positions, whose
-    # sliding windows count cache slots (a pruned prompt's windows are of kept tokens).
-    Family("EXAONE 4.5", ("exaone4_5",), visual_token_attrs=("image_token_id", "video_token_id")),
+    # sliding windows count cache slots (a pruned prompt's windows are of kept tokens). Its template's vision
+    # markers are named where a checkpoint's config gives their ids (its config class holds the pads' alone).
+    Family("EXAONE 4.5", ("exaone4_5",), unnamed_markers=_unnamed_vision_markers,
+           visual_token_attrs=("image_token_id", "video_token_id")),
     # Each tile is a run between tile markers, and its own budget (like Idefics3). Aya Vision's processor
     # labels each tile in text ("TILE_2"): the tile's, with a tokenizer (decoded); a question written before
     # its image was replaced by the labels after its first tile.
@@ -1182,8 +1193,9 @@ FAMILIES: tuple[Family, ...] = (
     Family("Cosmos3-Edge", ("cosmos3_edge",), visual_token_attrs=("image_token_id", "video_token_id"),
            video_spans=_timed_video_spans),
     # HyperCLOVAX-SEED vision v2: EXAONE 4.5's layout (Qwen2.5-VL's tokens, 1-D positions) around a
-    # HyperCLOVAX text model.
-    Family("HyperCLOVAX vision v2", ("hyperclovax_vision_v2",), visual_token_attrs=("image_token_id", "video_token_id")),
+    # HyperCLOVAX text model, and EXAONE 4.5's vision markers (unnamed by its config class).
+    Family("HyperCLOVAX vision v2", ("hyperclovax_vision_v2",), unnamed_markers=_unnamed_vision_markers,
+           visual_token_attrs=("image_token_id", "video_token_id")),
     # Cohere Compass: Qwen3-VL's model classes (deepstack features included) around a Cohere2 text model,
     # whose sliding windows count cache slots (a pruned prompt's windows are of kept tokens).
     Family("Cohere Compass", ("cohere_compass",), visual_token_attrs=("image_token_id", "video_token_id"),
