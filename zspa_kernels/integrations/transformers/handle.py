@@ -333,8 +333,11 @@ class PruneHandle:
         self.special_ids = torch.tensor(sorted(special), dtype=torch.long)
         self._tokenizer = None if tokenizer is None else text_tokenizer(tokenizer)
         self._blank: dict[int, bool] = {}  # token id -> it decodes to whitespace or control characters alone
-        # The chat template's own text (role headers, generation prompt): no question.
-        self._template = [] if tokenizer is None else template_token_runs(tokenizer, set(visual_ids))
+        # The chat template's own text (role headers, generation prompt): no question. Its runs end at the
+        # ids the config names (image markers, bos): a processor writes an image's markers, and text around
+        # them (Gemma3's newlines), where the template writes one placeholder.
+        self._template = [] if tokenizer is None else template_token_runs(
+            tokenizer, set(visual_ids) | special_token_ids(model.config))
         params = inspect.signature(lm.forward).parameters
         self._cache_arg = next((k for k in CACHE_ARGS if k in params), CACHE_ARGS[-1])
         self.last_selection: list[ImageSelection] = []

@@ -1,0 +1,307 @@
+"""prune() on the token layouts that Gemma 4 Unified's, ShieldGemma 2's and GLM-5-Next's real processor classes
+write, built offline around a word-level tokenizer holding each family's markers; the models are tiny and random,
+with the tokenizer's ids in their configs. Gemma 4 Unified (5.x): each image ``<|image>`` its soft tokens
+``<image|>``, a video each frame so after its ``MM:SS`` timestamp (Gemma 4's layout). ShieldGemma 2: its chat
+template writes the image, then its instructions around the policy; the processor writes ``\\n\\n`` around the
+image's markers. GLM-5-Next (5.x): GLM-4.6V's layout (``<|begin_of_image|>`` its tokens ``<|end_of_image|>``; a
+video each frame as an image followed by its time, between begin/end-of-video markers)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import zspa_kernels  # noqa: E402
+
+from .test_real_processors import (  # noqa: E402
+    AFTER_IMAGES, BEFORE_IMAGE, GEMMA4_MARKERS, GLM_MARKERS, GLM_VIDEO, MINUTES, _image_processor, _photo,
+    _prompt_words, _prompts_and_warnings, _runs, _runs_of_both, _text, _token_layout, _tokenizer, _video,
+    _video_inputs, _vision)
+
+BETWEEN = "w5 w6"
+
+
+def _has(name: str):
+    if not hasattr(transformers, name):
+        pytest.skip(f"transformers {transformers.__version__} has no {name} (5.x)")
+
+
+# --- Gemma 4 Unified ---------------------------------------------------------------------------------------
+
+def _gemma4_unified():
+    """A tiny random Gemma 4 Unified with the real processor classes: 2 px patches merged 2x2 (a soft token
+    a 4 px patch), at most 70 soft tokens an image or frame."""
+    import torchvision  # noqa: F401  (its image and video processors need it: an error here, not a skip)
+
+    _has("Gemma4UnifiedProcessor")
+    boi, eoi, image, boa, eoa, audio = GEMMA4_MARKERS
+    tokenizer = _tokenizer(GEMMA4_MARKERS, plain=MINUTES, bos="<bos>", boi_token=boi, eoi_token=eoi, image_token=image,
+                           boa_token=boa, eoa_token=eoa, audio_token=audio)
+    sizes = dict(patch_size=2, pooling_kernel_size=2, max_soft_tokens=70)
+    processor = transformers.Gemma4UnifiedProcessor(
+        feature_extractor=transformers.Gemma4UnifiedAudioFeatureExtractor(),
+        image_processor=transformers.Gemma4UnifiedImageProcessor(**sizes),
+        video_processor=transformers.Gemma4UnifiedVideoProcessor(**sizes), tokenizer=tokenizer, image_seq_length=70)
+    ids = tokenizer.convert_tokens_to_ids
+    config = transformers.Gemma4UnifiedConfig(
+        vision_config=dict(patch_size=2, pooling_kernel_size=2, mm_embed_dim=32, mm_posemb_size=64, output_proj_dims=32),
+        text_config=_text(tokenizer, head_dim=8, global_head_dim=8, max_position_embeddings=2048,
+                          layer_types=["sliding_attention", "full_attention"], sliding_window=64,
+                          use_bidirectional_attention="vision", bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id),
+        image_token_id=ids(image), boi_token_id=ids(boi), eoi_token_id=ids(eoi), video_token_id=processor.video_token_id,
+        audio_token_id=ids(audio), boa_token_id=ids(boa), eoa_token_index=ids(eoa), pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    return transformers.Gemma4UnifiedForConditionalGeneration(config).eval(), processor, tokenizer
+
+
+def test_gemma4_unified_images_are_budgeted_apart_and_their_markers_are_no_question():
+    """Gemma 4 Unified's processor writes each image as ``<|image>``, its soft tokens (one a merged patch, as
+    many as its resized size gives), ``<image|>``: in a batch of one image, two back to back and two around
+    words, every image is one selection over exactly its run. The config names the markers, so with a
+    tokenizer or without the prompts are the question words; prune() does not warn. Keep-all logits bit for
+    bit, generate() the same prompts."""
+    model, processor, tokenizer = _gemma4_unified()
+    boi, eoi, image = GEMMA4_MARKERS[:3]
+    gen = torch.Generator().manual_seed(0)
+    inputs = processor(text=[f"{BEFORE_IMAGE} {image}", f"{BEFORE_IMAGE} {image}{image}",
+                             f"{image} {BETWEEN} {image} {AFTER_IMAGES}"],
+                       images=[[_photo(24, 20, gen)], [_photo(16, 48, gen), _photo(40, 40, gen)],
+                               [_photo(20, 28, gen), _photo(48, 12, gen)]], padding=True, return_tensors="pt")
+    runs = _runs(inputs["input_ids"], model.config.image_token_id)
+    counts = [n for _, n in runs]
+    assert len(set(counts)) > 1  # images of other sizes: other counts
+    around = lambda n: [boi, f"{image}*{n}", eoi]  # noqa: E731
+    assert _token_layout(tokenizer, inputs, 0, image) == BEFORE_IMAGE.split() + around(counts[0])
+    assert _token_layout(tokenizer, inputs, 1, image) == BEFORE_IMAGE.split() + around(counts[1]) + around(counts[2])
+    assert _token_layout(tokenizer, inputs, 2, image) == (around(counts[3]) + BETWEEN.split() + around(counts[4])
+                                                          + AFTER_IMAGES.split())
+    selections, prompts, untokenized, warned = _prompts_and_warnings(model, inputs, processor, tokenizer)
+    assert [(s.batch_row, s.n_tokens) for s in selections] == runs and [r for r, _ in runs] == [0, 1, 1, 2, 2]
+    question = (BETWEEN + " " + AFTER_IMAGES).split()
+    assert prompts == untokenized == [BEFORE_IMAGE.split()] * 3 + [question] * 2
+    assert not warned
+
+
+def test_gemma4_unified_frames_are_budgeted_apart_and_their_timestamps_are_no_question():
+    """Gemma 4 Unified's processor writes a video as Gemma 4's does: each frame ``MM:SS <|image>`` its video
+    tokens ``<image|>``, joined by spaces: every frame is a selection (after an image in the row), and the
+    timestamps are no question text with a tokenizer; without one the first (nothing marks where the video
+    starts) stays, as on Gemma 4. Also in generate()."""
+    model, processor, tokenizer = _gemma4_unified()
+    boi, eoi, image = GEMMA4_MARKERS[:3]
+    frames = 4
+    inputs, (before, question), words = _video_inputs(processor, _video(frames, 24, 32), [(24, 20), (20, 28)], fps=1,
+                                                      do_sample_frames=False)
+    runs = _runs_of_both(inputs, model)
+    assert len(runs) == 2 + frames
+    n = runs[-1][1]
+    frame = lambda t: [MINUTES[t], boi, f"{processor.video_token}*{n}", eoi]  # noqa: E731
+    layout = _token_layout(tokenizer, inputs, 1, processor.video_token)  # row 1: image, words, video, question
+    assert layout[-(2 + 4 * frames + 3):] == (BETWEEN.split() + sum((frame(t) for t in range(frames)), [])
+                                              + AFTER_IMAGES.split())
+    selections, prompts, untokenized, warned = _prompts_and_warnings(model, inputs, processor, tokenizer)
+    assert [(s.batch_row, s.n_tokens) for s in selections] == runs
+    assert prompts == [before] + [question] * (1 + frames)
+    row_1 = question[:2] + [MINUTES[0]] + question[2:]
+    assert untokenized == [before] + [row_1] * (1 + frames)
+    assert not warned
+
+
+# --- ShieldGemma 2 -------------------------------------------------------------------------------------------
+
+# ShieldGemma 2's chat template, as its conversion script (transformers' convert_shieldgemma2_weights_orbax_to_hf.py)
+# writes it into the checkpoint: each content item in a user turn of its own; a text item is the policy inside
+# the template's instructions. The text between ``}}`` and ``{{`` (a newline, indentation) is rendered.
+SHIELD_TEMPLATE = """{{ bos_token }}
+{%- for message in messages -%}
+    {%- if message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {{ '<start_of_turn>user\\n' }}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ 'You are a policy expert trying to help determine whether a generated or real image is in' }}
+                {{ ' violation of the safety policy below. Your decision must very clearly follow the specific'}}
+                {{ ' language used in the safety policy and should not include any interpretation outside of the' }}
+                {{ ' safety policy.\\n\\n' }}
+                {{ '<BEGIN_SAFETY_POLICY>\\n' }}
+                {{ item['text'] + '\\n' }}
+                {{ '</END_SAFETY_POLICY>\\n\\n' }}
+                {{ 'Does the image violate the above policy? Your Answer must start with \\'Yes\\' or \\'No\\'.' }}
+                {{ '<end_of_turn>\\n' }}
+            {%- endif -%}
+        {%- endfor -%}
+        {{'<start_of_turn>model\\n'}}
+    {%- else -%}
+        {{ raise_exception("Conversation messages must contain iterable content containing images and policy definitions in text.") }}
+    {%- endif -%}
+{%- endfor -%}
+"""
+INSTRUCTIONS = ("You are a policy expert trying to help determine whether a generated or real image is in violation of "
+                "the safety policy below. Your decision must very clearly follow the specific language used in the "
+                "safety policy and should not include any interpretation outside of the safety policy. "
+                "<BEGIN_SAFETY_POLICY>").split()
+ASK = "</END_SAFETY_POLICY> Does the image violate the above policy? Your Answer must start with 'Yes' or 'No'.".split()
+POLICIES = {"short": "w10 w11", "long": "w20 w21 w22 w23"}
+
+
+def _shieldgemma2():
+    """A tiny random ShieldGemma 2 classifier (its Gemma3 model inside: 16 soft tokens a 16x16 image) with the
+    real processor and its checkpoint's chat template; the policies ``POLICIES`` (2 and 4 words)."""
+    boi, eoi, image = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
+    turns = ["<start_of_turn>", "<end_of_turn>"]
+    tokenizer = _tokenizer([boi, eoi, image, *turns], plain=["\n\n", "\n"], bos="<bos>",
+                           words=tuple(dict.fromkeys(INSTRUCTIONS + ASK + ["user", "model"])),
+                           boi_token=boi, eoi_token=eoi, image_token=image)
+    processor = transformers.ShieldGemma2Processor(
+        image_processor=_image_processor("Gemma3ImageProcessor", size={"height": 16, "width": 16}),
+        tokenizer=tokenizer, image_seq_length=16, chat_template=SHIELD_TEMPLATE, policy_definitions=POLICIES)
+    ids = tokenizer.convert_tokens_to_ids
+    config = transformers.ShieldGemma2Config(
+        vision_config=_vision(model_type="siglip_vision_model", image_size=16, patch_size=4),
+        text_config=_text(tokenizer, model_type="gemma3_text", head_dim=8, query_pre_attn_scalar=8,
+                          max_position_embeddings=512, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
+        mm_tokens_per_image=16, image_token_index=ids(image), boi_token_index=ids(boi), eoi_token_index=ids(eoi),
+        pad_token_id=tokenizer.pad_token_id, yes_token_index=ids("w0"), no_token_index=ids("w1"))
+    torch.manual_seed(0)
+    classifier = transformers.ShieldGemma2ForImageClassification(config).eval()
+    with torch.no_grad():  # initialised to zeros: every image token would be the same
+        classifier.model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=32 ** -0.5)
+    return classifier, processor, tokenizer
+
+
+def test_shieldgemma2_prompt_is_the_policy_not_the_templates_instructions():
+    """ShieldGemma 2's processor makes a row for each image and policy: its chat template writes
+    ``<bos><start_of_turn>user\\n<start_of_image><start_of_turn>user\\n`` then its instructions (``You are a
+    policy expert ... <BEGIN_SAFETY_POLICY>``), the policy, ``</END_SAFETY_POLICY> Does the image violate the
+    above policy? ...<end_of_turn>\\n<start_of_turn>model\\n``; the processor writes the image as
+    ``\\n\\n<start_of_image>`` 16 soft tokens ``<end_of_image>\\n\\n``. Each image is one selection of 16 tokens in
+    every row. With ``tokenizer=processor`` (which holds the template) the prompt is the policy's words alone:
+    the template's text both before and after it is no question (README, ``prompt="question"``), in the
+    classifier as in its Gemma3 model's generate(). With the tokenizer alone (no template) the template's
+    words stay, its special tokens and newlines do not; without a tokenizer every token after the image
+    counts (the turn markers too: only the image markers are named by the config); no warning."""
+    classifier, processor, tokenizer = _shieldgemma2()
+    model, image = classifier.model, "<image_soft_token>"
+    gen = torch.Generator().manual_seed(0)
+    inputs = processor(images=[_photo(30, 30, gen), _photo(40, 24, gen)], return_tensors="pt")
+    policies = [POLICIES["short"].split(), POLICIES["long"].split()] * 2  # image-major: img1 x 2 policies, img2 x 2
+    # The template's text, tokenized: spaces dropped by the word-level tokenizer, its newlines kept.
+    head = ["<bos>", "<start_of_turn>", "user", "\n\n", "\n", "<start_of_image>", f"{image}*16", "<end_of_image>", "\n\n",
+            "<start_of_turn>", "user", "\n"]
+    for row, policy in enumerate(policies):
+        layout = _token_layout(tokenizer, inputs, row, image)
+        assert layout[:len(head)] == head
+        text = [w for w in layout[len(head):] if w not in ("\n", "\n\n")]
+        assert text == INSTRUCTIONS + policy + ASK + ["<end_of_turn>", "<start_of_turn>", "model"]
+        assert layout[-3:] == ["<start_of_turn>", "model", "\n"]
+    selections, prompts, untokenized, warned = _prompts_and_warnings(model, inputs, processor, tokenizer)
+    assert [(s.batch_row, s.n_tokens) for s in selections] == _runs(inputs["input_ids"], model.config.image_token_id) \
+        == [(r, 16) for r in range(4)]
+    assert prompts == policies
+    after_image = [tokenizer.convert_ids_to_tokens(row[row.tolist().index(model.config.eoi_token_id) + 1:].tolist())
+                   for row in inputs["input_ids"]]
+    assert untokenized == after_image
+    assert not warned
+    with torch.no_grad(), zspa_kernels.prune(model, keep=4, tokenizer=tokenizer) as handle:
+        model(**inputs)  # the tokenizer alone holds no template: its words stay
+    assert [_prompt_words(tokenizer, inputs, s) for s in handle.last_selection] == [
+        ["user"] + INSTRUCTIONS + policy + ASK + ["model"] for policy in policies]
+    with torch.no_grad():  # the classifier (the yes/no logits of the last position): bit for bit, same prompts
+        expected = classifier(**inputs)
+        with zspa_kernels.prune(classifier, keep=1.0, tokenizer=processor):
+            assert torch.equal(classifier(**inputs).logits, expected.logits)
+        with zspa_kernels.prune(classifier, keep=4, tokenizer=processor) as handle:
+            classifier(**inputs)
+    assert [_prompt_words(tokenizer, inputs, s) for s in handle.last_selection] == policies
+
+
+# --- GLM-5-Next ----------------------------------------------------------------------------------------------
+
+GLM_IMAGE = "<|begin_of_image|><|image|><|end_of_image|>"  # as its chat template writes an image
+GLM_TIMES = tuple(f"{t / 2:.1f}" for t in range(40)) + ("seconds",)  # its frame times, "1.0 seconds": words
+
+
+def _glm5_next():
+    """A tiny random GLM-5-Next (the tiny builder's model on the tokenizer's ids) with the real processor
+    classes: 2 px patches of 2 frames, 2x2 merged."""
+    import torchvision  # noqa: F401  (its video processor needs it: an error here, not a skip)
+
+    from zspa_kernels.integrations.transformers.tiny import BUILDERS
+
+    from .test_real_processors import _retokenized
+
+    _has("Glm5NextProcessor")
+    if "glm5_next" not in BUILDERS:
+        pytest.skip(f"transformers {transformers.__version__} has no GLM-5-Next")
+    tokenizer = _tokenizer(GLM_MARKERS, plain=[], words=GLM_TIMES, bos="[gMASK]")
+    sizes = dict(patch_size=2, temporal_patch_size=2, merge_size=2)
+    processor = transformers.Glm5NextProcessor(
+        image_processor=_image_processor("Glm5NextImageProcessor", size={"shortest_edge": 8 * 8, "longest_edge": 32 * 32},
+                                         **sizes),
+        video_processor=transformers.Glm5NextVideoProcessor(size={"shortest_edge": 8 * 8, "longest_edge": 16 * 16 * 8},
+                                                            **sizes), tokenizer=tokenizer)
+    model = _retokenized("glm5_next", tokenizer, dict(
+        image_token_id="<|image|>", video_token_id="<|video|>", image_start_token_id="<|begin_of_image|>",
+        image_end_token_id="<|end_of_image|>", video_start_token_id="<|begin_of_video|>",
+        video_end_token_id="<|end_of_video|>"))
+    return model, processor, tokenizer
+
+
+def test_glm5_next_images_are_budgeted_apart_and_their_markers_are_no_question():
+    """GLM-5-Next's processor writes each image as ``<|begin_of_image|>``, ``t * h * w / 4`` image tokens,
+    ``<|end_of_image|>`` (typed 1 in ``mm_token_type_ids``): in a batch of one image, two back to back and two
+    around words (rows of other lengths, padded), each image is one selection over exactly its run. The config
+    names the markers, so with a tokenizer or without the prompts are the question words; no warning. Keep-all
+    logits bit for bit, generate() the same prompts."""
+    model, processor, tokenizer = _glm5_next()
+    image = "<|image|>"
+    gen = torch.Generator().manual_seed(0)
+    inputs = processor(text=[f"{BEFORE_IMAGE} {GLM_IMAGE}", f"{BEFORE_IMAGE} {GLM_IMAGE}{GLM_IMAGE}",
+                             f"{GLM_IMAGE} {BETWEEN} {GLM_IMAGE} {AFTER_IMAGES}"],
+                       images=[[_photo(24, 24, gen)], [_photo(16, 24, gen), _photo(24, 16, gen)],
+                               [_photo(16, 16, gen), _photo(8, 24, gen)]], padding=True, return_tensors="pt")
+    counts = [t * h * w // 4 for t, h, w in inputs["image_grid_thw"].tolist()]
+    assert counts == [36, 24, 24, 16, 21]
+    around = lambda n: ["<|begin_of_image|>", f"{image}*{n}", "<|end_of_image|>"]  # noqa: E731
+    assert _token_layout(tokenizer, inputs, 0, image) == BEFORE_IMAGE.split() + around(36)
+    assert _token_layout(tokenizer, inputs, 1, image) == BEFORE_IMAGE.split() + around(24) + around(24)
+    assert _token_layout(tokenizer, inputs, 2, image) == around(16) + BETWEEN.split() + around(21) + AFTER_IMAGES.split()
+    assert torch.equal(inputs["mm_token_type_ids"] == 1, inputs["input_ids"] == model.config.image_token_id)
+    selections, prompts, untokenized, warned = _prompts_and_warnings(model, inputs, processor, tokenizer)
+    assert [(s.batch_row, s.n_tokens) for s in selections] == _runs(inputs["input_ids"], model.config.image_token_id) \
+        == [(0, 36), (1, 24), (1, 24), (2, 16), (2, 21)]
+    question = (BETWEEN + " " + AFTER_IMAGES).split()
+    assert prompts == untokenized == [BEFORE_IMAGE.split()] * 3 + [question] * 2
+    assert not warned
+
+
+def test_glm5_next_frames_are_budgeted_apart_and_their_timestamps_are_no_question():
+    """GLM-5-Next's processor writes each frame (temporal group) of a video as an image followed by its time,
+    ``1.0 seconds`` (words), between the begin/end-of-video markers its template writes, every frame's tokens
+    typed 2: every frame is a selection (``_marked_video_spans``), and the times are no question text, with a
+    tokenizer or without (the video markers are in its config); no warning. Videos only: the model, as
+    GLM-4.6V's, cannot take images and videos in one call."""
+    from transformers.video_utils import VideoMetadata
+
+    model, processor, tokenizer = _glm5_next()
+    image, frames = "<|image|>", 8
+    metadata = [VideoMetadata(total_num_frames=frames, fps=2, frames_indices=list(range(frames)))] * 2
+    inputs = processor(text=[f"{BEFORE_IMAGE} {GLM_VIDEO}", f"{GLM_VIDEO} {AFTER_IMAGES}"],
+                       videos=[_video(frames, 16, 16)] * 2, padding=True, return_tensors="pt",
+                       videos_kwargs=dict(do_sample_frames=False, video_metadata=metadata))
+    groups = int(inputs["video_grid_thw"][0, 0])
+    assert groups == frames // 2
+    video = ["<|begin_of_video|>"] + sum((["<|begin_of_image|>", f"{image}*16", "<|end_of_image|>", f"{t:.1f}", "seconds"]
+                                          for t in range(groups)), []) + ["<|end_of_video|>"]
+    assert _token_layout(tokenizer, inputs, 0, image) == BEFORE_IMAGE.split() + video
+    assert _token_layout(tokenizer, inputs, 1, image) == video + AFTER_IMAGES.split()
+    assert torch.equal(inputs["mm_token_type_ids"] == 2, inputs["input_ids"] == model.config.image_token_id)
+    selections, prompts, untokenized, warned = _prompts_and_warnings(model, inputs, processor, tokenizer)
+    assert [(s.batch_row, s.n_tokens) for s in selections] == _runs(inputs["input_ids"], model.config.image_token_id) \
+        == [(0, 16)] * groups + [(1, 16)] * groups
+    assert prompts == untokenized == [BEFORE_IMAGE.split()] * groups + [AFTER_IMAGES.split()] * groups
+    assert not warned
