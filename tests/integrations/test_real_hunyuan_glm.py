@@ -3,10 +3,11 @@
 markers, the models tiny and random with the tokenizer's ids in their configs (the tiny builders' configs,
 :func:`_retokenized`). HunYuan-VL: an image is the template's begin/end markers (``im_start_id``/``im_end_id``
 in the config) around one run of image tokens (its rows, a newline feature a row, and a begin and an end
-feature, all on the image token). GLM-OCR (whose checkpoint names GLM-4.6V's processor) and GLM-4.6V: an
+feature, all on the image token). GLM-OCR (whose checkpoint names GLM-4.6V's processor), GLM-4.6V and
+GLM-5-Next (its own processor class, the same layout): an
 image is ``<|begin_of_image|>`` its tokens ``<|end_of_image|>``; a GLM-4.6V video is each frame as an image
 followed by its time (``0.5 seconds``, words), all between the begin/end-of-video markers its template
-writes. Every marker is named by the configs, so none of these families warns without a tokenizer."""
+writes (GLM-5-Next's likewise). Every marker is named by the configs, so none of these families warns without a tokenizer."""
 from __future__ import annotations
 
 import pytest
@@ -84,25 +85,27 @@ def test_hunyuan_vl_images_are_budgeted_apart_and_their_markers_are_no_question(
     assert not warned
 
 
-def _glm46v_processor():
-    """GLM-4.6V's real processor (GLM-OCR's checkpoint names it too): 2 px patches of 2 frames, 2x2 merged."""
-    import torchvision  # noqa: F401  (its video processor needs it: an error here, not a skip)
-
-    if not hasattr(transformers, "Glm46VProcessor"):
-        pytest.skip(f"transformers {transformers.__version__} has no GLM-4.6V processor (5.x)")
-    tokenizer = _tokenizer(GLM_MARKERS, plain=[], words=GLM_TIMES, bos="[gMASK]")
-    sizes = dict(patch_size=2, temporal_patch_size=2, merge_size=2)
-    return transformers.Glm46VProcessor(
-        image_processor=_image_processor("Glm46VImageProcessor", size={"shortest_edge": 8 * 8, "longest_edge": 32 * 32},
-                                         **sizes),
-        video_processor=transformers.Glm46VVideoProcessor(size={"shortest_edge": 8 * 8, "longest_edge": 16 * 16 * 8},
-                                                          **sizes), tokenizer=tokenizer), tokenizer
+# The processor class of each GLM builder's checkpoints: GLM-OCR's names GLM-4.6V's; GLM-5-Next has its own
+# (the same layout).
+GLM_PROCESSORS = dict(glm_ocr="Glm46V", glm46v="Glm46V", glm5_next="Glm5Next")
 
 
 def _glm(builder: str):
-    """The tiny ``builder``'s model (GLM-OCR or GLM-4.6V: GLM-4.1V's model classes) on the processor's ids."""
+    """The tiny ``builder``'s model (GLM-OCR, GLM-4.6V: GLM-4.1V's model classes; GLM-5-Next) on the ids of its
+    checkpoints' real processor (:data:`GLM_PROCESSORS`): 2 px patches of 2 frames, 2x2 merged."""
+    import torchvision  # noqa: F401  (its video processor needs it: an error here, not a skip)
+
+    prefix = GLM_PROCESSORS[builder]
+    if not hasattr(transformers, f"{prefix}Processor"):
+        pytest.skip(f"transformers {transformers.__version__} has no {prefix}Processor (5.x)")
     _builder(builder)
-    processor, tokenizer = _glm46v_processor()
+    tokenizer = _tokenizer(GLM_MARKERS, plain=[], words=GLM_TIMES, bos="[gMASK]")
+    sizes = dict(patch_size=2, temporal_patch_size=2, merge_size=2)
+    processor = getattr(transformers, f"{prefix}Processor")(
+        image_processor=_image_processor(f"{prefix}ImageProcessor", size={"shortest_edge": 8 * 8, "longest_edge": 32 * 32},
+                                         **sizes),
+        video_processor=getattr(transformers, f"{prefix}VideoProcessor")(
+            size={"shortest_edge": 8 * 8, "longest_edge": 16 * 16 * 8}, **sizes), tokenizer=tokenizer)
     model = _retokenized(builder, tokenizer, dict(
         image_token_id="<|image|>", video_token_id="<|video|>", image_start_token_id="<|begin_of_image|>",
         image_end_token_id="<|end_of_image|>", video_start_token_id="<|begin_of_video|>",
@@ -110,9 +113,9 @@ def _glm(builder: str):
     return model, processor, tokenizer
 
 
-@pytest.mark.parametrize("builder", ["glm_ocr", "glm46v"])
+@pytest.mark.parametrize("builder", list(GLM_PROCESSORS))
 def test_glm_images_are_budgeted_apart_and_their_markers_are_no_question(builder):
-    """GLM-OCR's and GLM-4.6V's processor (GLM-4.6V's) writes each image as ``<|begin_of_image|>``, ``h * w / 4``
+    """GLM-OCR's, GLM-4.6V's and GLM-5-Next's processors (GLM-4.6V's; GLM-5-Next's) write each image as ``<|begin_of_image|>``, ``h * w / 4``
     image tokens, ``<|end_of_image|>`` (typed 1 in ``mm_token_type_ids``): each image is one selection, two back
     to back too. The config names the markers, so with a tokenizer or without the prompts are the question
     words, written before two images or around them; prune() does not warn. Keep-all logits bit for bit,
@@ -124,28 +127,30 @@ def test_glm_images_are_budgeted_apart_and_their_markers_are_no_question(builder
                        images=[[_photo(16, 24, gen), _photo(24, 16, gen)], [_photo(16, 16, gen), _photo(8, 24, gen)]],
                        padding=True, return_tensors="pt")
     counts = [t * h * w // 4 for t, h, w in inputs["image_grid_thw"].tolist()]
-    assert counts == [24, 24, 16, 12]
+    small = counts[3]  # an 8x24 photo: GLM-5-Next's image processor resizes it otherwise
+    assert counts == [24, 24, 16, 21 if builder == "glm5_next" else 12]
     around = lambda n: ["<|begin_of_image|>", f"{image}*{n}", "<|end_of_image|>"]  # noqa: E731
     assert _token_layout(tokenizer, inputs, 0, image) == BEFORE_IMAGE.split() + around(24) + around(24)
-    assert _token_layout(tokenizer, inputs, 1, image) == around(16) + BETWEEN.split() + around(12) + AFTER_IMAGES.split()
+    assert _token_layout(tokenizer, inputs, 1, image) == around(16) + BETWEEN.split() + around(small) + AFTER_IMAGES.split()
     assert torch.equal(inputs["mm_token_type_ids"] == 1, inputs["input_ids"] == model.config.image_token_id)
     selections, prompts, untokenized, warned = _prompts_and_warnings(model, inputs, processor, tokenizer)
     assert [(s.batch_row, s.n_tokens) for s in selections] == _runs(inputs["input_ids"], model.config.image_token_id) \
-        == [(0, 24), (0, 24), (1, 16), (1, 12)]
+        == [(0, 24), (0, 24), (1, 16), (1, small)]
     question = (BETWEEN + " " + AFTER_IMAGES).split()
     assert prompts == untokenized == [BEFORE_IMAGE.split()] * 2 + [question] * 2
     assert not warned
 
 
-def test_glm46v_frames_are_budgeted_apart_and_their_timestamps_are_no_question():
-    """GLM-4.6V's processor writes each frame (temporal group) of a video as an image followed by its time,
+@pytest.mark.parametrize("builder", ["glm46v", "glm5_next"])
+def test_glm_frames_are_budgeted_apart_and_their_timestamps_are_no_question(builder):
+    """GLM-4.6V's and GLM-5-Next's processors write each frame (temporal group) of a video as an image followed by its time,
     ``0.0 seconds`` (words; GLM-4.1V's writes ``0``), between the begin/end-of-video markers its template writes,
     every frame's tokens typed 2: every frame is a selection, and the times are no question text, with a
     tokenizer or without (the video markers are in its config); prune() does not warn. Videos only: the
     model, as GLM-4.1V's, cannot take images and videos in one call (it places both by the image token)."""
     from transformers.video_utils import VideoMetadata
 
-    model, processor, tokenizer = _glm("glm46v")
+    model, processor, tokenizer = _glm(builder)
     image, frames = "<|image|>", 8
     metadata = [VideoMetadata(total_num_frames=frames, fps=2, frames_indices=list(range(frames)))] * 2
     inputs = processor(text=[f"{BEFORE_IMAGE} {GLM_VIDEO}", f"{GLM_VIDEO} {AFTER_IMAGES}"], videos=[_video(frames, 16, 16)] * 2,

@@ -1,10 +1,9 @@
-"""prune() on the token layouts that Gemma 4 Unified's, ShieldGemma 2's and GLM-5-Next's real processor classes
-write, built offline around a word-level tokenizer holding each family's markers; the models are tiny and random,
-with the tokenizer's ids in their configs. Gemma 4 Unified (5.x): each image ``<|image>`` its soft tokens
+"""prune() on the token layouts that Gemma 4 Unified's and ShieldGemma 2's real processor classes write, built
+offline around a word-level tokenizer holding each family's markers; the models are tiny and random, with the
+tokenizer's ids in their configs. Gemma 4 Unified (5.x): each image ``<|image>`` its soft tokens
 ``<image|>``, a video each frame so after its ``MM:SS`` timestamp (Gemma 4's layout). ShieldGemma 2: its chat
 template writes the image, then its instructions around the policy; the processor writes ``\\n\\n`` around the
-image's markers. GLM-5-Next (5.x): GLM-4.6V's layout (``<|begin_of_image|>`` its tokens ``<|end_of_image|>``; a
-video each frame as an image followed by its time, between begin/end-of-video markers)."""
+image's markers (GLM-5-Next: with GLM-4.6V, in ``test_real_hunyuan_glm.py``)."""
 from __future__ import annotations
 
 import pytest
@@ -15,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 import zspa_kernels  # noqa: E402
 
 from .test_real_processors import (  # noqa: E402
-    AFTER_IMAGES, BEFORE_IMAGE, GEMMA4_MARKERS, GLM_MARKERS, GLM_VIDEO, MINUTES, _image_processor, _photo,
+    AFTER_IMAGES, BEFORE_IMAGE, GEMMA4_MARKERS, MINUTES, _image_processor, _photo,
     _prompt_words, _prompts_and_warnings, _runs, _runs_of_both, _text, _token_layout, _tokenizer, _video,
     _video_inputs, _vision)
 
@@ -217,91 +216,3 @@ def test_shieldgemma2_prompt_is_the_policy_not_the_templates_instructions():
         with zspa_kernels.prune(classifier, keep=4, tokenizer=processor) as handle:
             classifier(**inputs)
     assert [_prompt_words(tokenizer, inputs, s) for s in handle.last_selection] == policies
-
-
-# --- GLM-5-Next ----------------------------------------------------------------------------------------------
-
-GLM_IMAGE = "<|begin_of_image|><|image|><|end_of_image|>"  # as its chat template writes an image
-GLM_TIMES = tuple(f"{t / 2:.1f}" for t in range(40)) + ("seconds",)  # its frame times, "1.0 seconds": words
-
-
-def _glm5_next():
-    """A tiny random GLM-5-Next (the tiny builder's model on the tokenizer's ids) with the real processor
-    classes: 2 px patches of 2 frames, 2x2 merged."""
-    import torchvision  # noqa: F401  (its video processor needs it: an error here, not a skip)
-
-    from zspa_kernels.integrations.transformers.tiny import BUILDERS
-
-    from .test_real_processors import _retokenized
-
-    _has("Glm5NextProcessor")
-    if "glm5_next" not in BUILDERS:
-        pytest.skip(f"transformers {transformers.__version__} has no GLM-5-Next")
-    tokenizer = _tokenizer(GLM_MARKERS, plain=[], words=GLM_TIMES, bos="[gMASK]")
-    sizes = dict(patch_size=2, temporal_patch_size=2, merge_size=2)
-    processor = transformers.Glm5NextProcessor(
-        image_processor=_image_processor("Glm5NextImageProcessor", size={"shortest_edge": 8 * 8, "longest_edge": 32 * 32},
-                                         **sizes),
-        video_processor=transformers.Glm5NextVideoProcessor(size={"shortest_edge": 8 * 8, "longest_edge": 16 * 16 * 8},
-                                                            **sizes), tokenizer=tokenizer)
-    model = _retokenized("glm5_next", tokenizer, dict(
-        image_token_id="<|image|>", video_token_id="<|video|>", image_start_token_id="<|begin_of_image|>",
-        image_end_token_id="<|end_of_image|>", video_start_token_id="<|begin_of_video|>",
-        video_end_token_id="<|end_of_video|>"))
-    return model, processor, tokenizer
-
-
-def test_glm5_next_images_are_budgeted_apart_and_their_markers_are_no_question():
-    """GLM-5-Next's processor writes each image as ``<|begin_of_image|>``, ``t * h * w / 4`` image tokens,
-    ``<|end_of_image|>`` (typed 1 in ``mm_token_type_ids``): in a batch of one image, two back to back and two
-    around words (rows of other lengths, padded), each image is one selection over exactly its run. The config
-    names the markers, so with a tokenizer or without the prompts are the question words; no warning. Keep-all
-    logits bit for bit, generate() the same prompts."""
-    model, processor, tokenizer = _glm5_next()
-    image = "<|image|>"
-    gen = torch.Generator().manual_seed(0)
-    inputs = processor(text=[f"{BEFORE_IMAGE} {GLM_IMAGE}", f"{BEFORE_IMAGE} {GLM_IMAGE}{GLM_IMAGE}",
-                             f"{GLM_IMAGE} {BETWEEN} {GLM_IMAGE} {AFTER_IMAGES}"],
-                       images=[[_photo(24, 24, gen)], [_photo(16, 24, gen), _photo(24, 16, gen)],
-                               [_photo(16, 16, gen), _photo(8, 24, gen)]], padding=True, return_tensors="pt")
-    counts = [t * h * w // 4 for t, h, w in inputs["image_grid_thw"].tolist()]
-    assert counts == [36, 24, 24, 16, 21]
-    around = lambda n: ["<|begin_of_image|>", f"{image}*{n}", "<|end_of_image|>"]  # noqa: E731
-    assert _token_layout(tokenizer, inputs, 0, image) == BEFORE_IMAGE.split() + around(36)
-    assert _token_layout(tokenizer, inputs, 1, image) == BEFORE_IMAGE.split() + around(24) + around(24)
-    assert _token_layout(tokenizer, inputs, 2, image) == around(16) + BETWEEN.split() + around(21) + AFTER_IMAGES.split()
-    assert torch.equal(inputs["mm_token_type_ids"] == 1, inputs["input_ids"] == model.config.image_token_id)
-    selections, prompts, untokenized, warned = _prompts_and_warnings(model, inputs, processor, tokenizer)
-    assert [(s.batch_row, s.n_tokens) for s in selections] == _runs(inputs["input_ids"], model.config.image_token_id) \
-        == [(0, 36), (1, 24), (1, 24), (2, 16), (2, 21)]
-    question = (BETWEEN + " " + AFTER_IMAGES).split()
-    assert prompts == untokenized == [BEFORE_IMAGE.split()] * 3 + [question] * 2
-    assert not warned
-
-
-def test_glm5_next_frames_are_budgeted_apart_and_their_timestamps_are_no_question():
-    """GLM-5-Next's processor writes each frame (temporal group) of a video as an image followed by its time,
-    ``1.0 seconds`` (words), between the begin/end-of-video markers its template writes, every frame's tokens
-    typed 2: every frame is a selection (``_marked_video_spans``), and the times are no question text, with a
-    tokenizer or without (the video markers are in its config); no warning. Videos only: the model, as
-    GLM-4.6V's, cannot take images and videos in one call."""
-    from transformers.video_utils import VideoMetadata
-
-    model, processor, tokenizer = _glm5_next()
-    image, frames = "<|image|>", 8
-    metadata = [VideoMetadata(total_num_frames=frames, fps=2, frames_indices=list(range(frames)))] * 2
-    inputs = processor(text=[f"{BEFORE_IMAGE} {GLM_VIDEO}", f"{GLM_VIDEO} {AFTER_IMAGES}"],
-                       videos=[_video(frames, 16, 16)] * 2, padding=True, return_tensors="pt",
-                       videos_kwargs=dict(do_sample_frames=False, video_metadata=metadata))
-    groups = int(inputs["video_grid_thw"][0, 0])
-    assert groups == frames // 2
-    video = ["<|begin_of_video|>"] + sum((["<|begin_of_image|>", f"{image}*16", "<|end_of_image|>", f"{t:.1f}", "seconds"]
-                                          for t in range(groups)), []) + ["<|end_of_video|>"]
-    assert _token_layout(tokenizer, inputs, 0, image) == BEFORE_IMAGE.split() + video
-    assert _token_layout(tokenizer, inputs, 1, image) == video + AFTER_IMAGES.split()
-    assert torch.equal(inputs["mm_token_type_ids"] == 2, inputs["input_ids"] == model.config.image_token_id)
-    selections, prompts, untokenized, warned = _prompts_and_warnings(model, inputs, processor, tokenizer)
-    assert [(s.batch_row, s.n_tokens) for s in selections] == _runs(inputs["input_ids"], model.config.image_token_id) \
-        == [(0, 16)] * groups + [(1, 16)] * groups
-    assert prompts == untokenized == [BEFORE_IMAGE.split()] * groups + [AFTER_IMAGES.split()] * groups
-    assert not warned
