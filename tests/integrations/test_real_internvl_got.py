@@ -1,5 +1,5 @@
-"""prune() on the image layouts that transformers' own InternVL and GOT-OCR2 processors write when they split an
-image into crops (``crop_to_patches``: a grid of crops, then a thumbnail of the whole image where there is more than
+"""prune() on the image layouts that transformers' own InternVL (and Qianfan-OCR) and GOT-OCR2 processors write
+when they split an image into crops (``crop_to_patches``: a grid of crops, then a thumbnail of the whole image where there is more than
 one crop): the real processor classes, built offline around a word-level tokenizer holding each family's markers
 (as special tokens, as the checkpoints add them), and tiny random models with the tokenizer's ids.
 
@@ -19,21 +19,48 @@ from .test_real_processors import (_image_processor, _internvl, _photo, _prompts
 transformers = pytest.importorskip("transformers")
 
 BEFORE, AFTER = "w44 w39 w53 w0", "w43 w39 w7"
+QIANFAN_MARKERS = ["<img>", "</img>", "<IMG_CONTEXT>"]
 
 
-def test_internvl_an_image_of_crops_is_one_budget_and_its_markers_are_no_question():
-    """InternVL's processor (``crop_to_patches``, its default) writes each image as ``<img>``, 16 ``<IMG_CONTEXT>``
-    for each of its crops and its thumbnail, ``</img>``: one run an image, of a count its size gives. Row 0 holds
-    two images (4 and 5 crops, a ``"\\n"`` after each, as InternVL's chat template writes them) before the question,
-    row 1 one image (3 crops) after it. Each image, all its crops, is one selection (one budget: ``keep`` tokens an
+def _qianfan_ocr():
+    """The real QianfanOCRProcessor (GOT-OCR2's image processor, as its auto class maps it: 32 px crops, up to 6 and
+    a thumbnail; 16 tokens a crop) and the tiny builder's model rebuilt on this tokenizer's ids."""
+    tokenizer = _tokenizer(QIANFAN_MARKERS, plain=["\n"], bos="<|endoftext|>", start_image_token="<img>",
+                           end_image_token="</img>", context_image_token="<IMG_CONTEXT>")
+    image_processor = getattr(transformers, "GotOcr2ImageProcessorPil", None) or transformers.GotOcr2ImageProcessor
+    processor = transformers.QianfanOCRProcessor(
+        image_processor=image_processor(size={"height": 32, "width": 32}, max_patches=6), tokenizer=tokenizer,
+        image_seq_length=16)
+    model = _retokenized("qianfan_ocr", tokenizer, dict(image_token_id="<IMG_CONTEXT>", pad_token_id="<pad>"))
+    return model, processor, tokenizer
+
+
+def _crops_family(family: str):
+    """InternVL's or Qianfan-OCR's model, processor and tokenizer (images split into crops), the text's placeholder
+    for an image and the family's name."""
+    if family == "internvl":
+        model, processor, tokenizer = _internvl(crops=True)
+        return model, processor, tokenizer, processor.image_token, "InternVL"
+    if not hasattr(transformers, "QianfanOCRProcessor"):
+        pytest.skip(f"transformers {transformers.__version__} has no Qianfan-OCR (QianfanOCRProcessor)")
+    return (*_qianfan_ocr(), "<image>", "Qianfan-OCR")
+
+
+@pytest.mark.parametrize("family", ["internvl", "qianfan_ocr"])
+def test_internvl_an_image_of_crops_is_one_budget_and_its_markers_are_no_question(family):
+    """InternVL's processor (``crop_to_patches``, its default), and Qianfan-OCR's (the same layout, for each
+    ``<image>`` of the text), write each image as ``<img>``, 16 ``<IMG_CONTEXT>`` for each of its crops and its
+    thumbnail, ``</img>``: one run an image, of a count its size gives. Row 0 holds two images (4 and 5 crops, a
+    ``"\\n"`` after each, as InternVL's chat template writes them) before the question, row 1 one image (3 crops)
+    after it. Each image, all its crops, is one selection (one budget: ``keep`` tokens an
     image, whatever its crops); keep-all bit for bit; with ``tokenizer=`` the prompts are exactly the question words
     (``<img>``/``</img>`` and the newlines are none of it), also in generate(). The family is flagged
     ``unnamed_markers``: without a tokenizer prune() warns, and rightly: the markers and newlines after the first
     image are question text, and row 1's question, written before its image, is ranked by ``</img>`` alone."""
-    model, processor, tokenizer = _internvl(crops=True)
+    model, processor, tokenizer, placeholder, name = _crops_family(family)
     image = processor.image_token
     gen = torch.Generator().manual_seed(0)
-    inputs = processor(text=[f"{image}\n{image}\n{AFTER}", f"{BEFORE} {image}"],
+    inputs = processor(text=[f"{placeholder}\n{placeholder}\n{AFTER}", f"{BEFORE} {placeholder}"],
                        images=[[_photo(32, 96, gen), _photo(64, 64, gen)], [_photo(64, 32, gen)]], padding=True,
                        return_tensors="pt", images_kwargs=dict(crop_to_patches=True, max_patches=6))
     crops = [4, 5, 3]  # 1x3 crops and a thumbnail, 2x2 and a thumbnail, 2x1 and a thumbnail
@@ -47,7 +74,7 @@ def test_internvl_an_image_of_crops_is_one_budget_and_its_markers_are_no_questio
         == [(0, 16 * crops[0]), (0, 16 * crops[1]), (1, 16 * crops[2])]
     assert all(s.order.numel() == 4 for s in selections)  # keep=4 an image, all its crops
     assert prompts == [AFTER.split()] * 2 + [BEFORE.split()]
-    assert len(warned) == 1 and "InternVL" in warned[0] and "tokenizer=" in warned[0]  # the call without one
+    assert len(warned) == 1 and name in warned[0] and "tokenizer=" in warned[0]  # the call without one
     # Without a tokenizer: row 0's markers and newlines after its first image; row 1's end marker alone.
     assert untokenized == [["</img>", "\n", "<img>", "</img>", "\n", *AFTER.split()]] * 2 + [["</img>"]]
 

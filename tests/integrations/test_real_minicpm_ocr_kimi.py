@@ -1,9 +1,8 @@
-"""prune() on the layouts that transformers' own Qianfan-OCR, MiniCPM-OCR and Kimi-K2.5 processors write for images:
+"""prune() on the layouts that transformers' own MiniCPM-OCR and Kimi-K2.5 processors write for images:
 the real processor classes, built offline around a word-level tokenizer holding each family's markers (as special
 tokens, as the checkpoints add them), and tiny random models with the tokenizer's ids.
 
-Qianfan-OCR's processor is InternVL's layout (``<image>`` in the text becomes ``<img>``, 16 ``<IMG_CONTEXT>`` a crop,
-``</img>``): an image, all its crops, is one budget (README, "Where an image is"). MiniCPM-OCR's processor is
+(Qianfan-OCR, InternVL's layout: with InternVL, in ``test_real_internvl_got.py``.) MiniCPM-OCR's processor is
 MiniCPM-V 4.6's (the same code): each image's number, its thumbnail between image markers, its slices between slice
 markers, a newline between rows of slices; each crop its own budget. It differs in its image processor's defaults:
 ``"4x"`` (a 32 px crop of 2 px patches is 64 tokens, not 16) and ``small_image_upsize`` (``"never"``: crops keep their
@@ -28,52 +27,6 @@ BEFORE, AFTER = "w44 w39 w53 w0", "w43 w39 w7"
 def _skip_without(name: str, family: str) -> None:
     if not hasattr(transformers, name):
         pytest.skip(f"transformers {transformers.__version__} has no {family} ({name})")
-
-
-QIANFAN_MARKERS = ["<img>", "</img>", "<IMG_CONTEXT>"]
-
-
-def _qianfan_ocr():
-    """The real QianfanOCRProcessor (GOT-OCR2's image processor, as its auto class maps it: 32 px crops, up to 6 and
-    a thumbnail; 16 tokens a crop) and the tiny builder's model rebuilt on this tokenizer's ids."""
-    tokenizer = _tokenizer(QIANFAN_MARKERS, plain=["\n"], bos="<|endoftext|>", start_image_token="<img>",
-                           end_image_token="</img>", context_image_token="<IMG_CONTEXT>")
-    image_processor = getattr(transformers, "GotOcr2ImageProcessorPil", None) or transformers.GotOcr2ImageProcessor
-    processor = transformers.QianfanOCRProcessor(
-        image_processor=image_processor(size={"height": 32, "width": 32}, max_patches=6), tokenizer=tokenizer,
-        image_seq_length=16)
-    model = _retokenized("qianfan_ocr", tokenizer, dict(image_token_id="<IMG_CONTEXT>", pad_token_id="<pad>"))
-    return model, processor, tokenizer
-
-
-def test_qianfan_ocr_an_image_of_crops_is_one_budget_and_its_markers_are_no_question():
-    """Qianfan-OCR's processor (``crop_to_patches``, its default) replaces each ``<image>`` of the text with ``<img>``,
-    16 ``<IMG_CONTEXT>`` for each crop and the thumbnail, ``</img>``: one run an image (InternVL's layout). Row 0 holds
-    two images (4 and 5 crops, a ``"\\n"`` after each, as its chat template writes them) before the question, row 1
-    one image (3 crops) after it. Each image, all its crops, is one selection (``keep`` tokens an image); keep-all bit
-    for bit; with ``tokenizer=`` the prompts are exactly the question words, also in generate(). The family is flagged
-    ``unnamed_markers``: without a tokenizer prune() warns, and rightly: the markers and newlines after the first image
-    are question text, and row 1's question, written before its image, is ranked by ``</img>`` alone."""
-    _skip_without("QianfanOCRProcessor", "Qianfan-OCR")
-    model, processor, tokenizer = _qianfan_ocr()
-    image = processor.image_token
-    gen = torch.Generator().manual_seed(0)
-    inputs = processor(text=[f"<image>\n<image>\n{AFTER}", f"{BEFORE} <image>"],
-                       images=[[_photo(32, 96, gen), _photo(64, 64, gen)], [_photo(64, 32, gen)]], padding=True,
-                       return_tensors="pt")
-    crops = [4, 5, 3]  # 1x3 crops and a thumbnail, 2x2 and a thumbnail, 2x1 and a thumbnail
-    assert inputs["pixel_values"].shape[0] == sum(crops)  # the model encodes every crop apart
-    wrapped = ["<img>", f"{image}*{16 * crops[0]}", "</img>", "\n", "<img>", f"{image}*{16 * crops[1]}", "</img>", "\n"]
-    assert _token_layout(tokenizer, inputs, 0, image) == wrapped + AFTER.split()
-    assert _token_layout(tokenizer, inputs, 1, image) == BEFORE.split() + ["<img>", f"{image}*{16 * crops[2]}", "</img>"]
-    selections, prompts, untokenized, warned = _prompts_and_warnings(model, inputs, processor, tokenizer)
-    assert [(s.batch_row, s.n_tokens) for s in selections] == _runs(inputs["input_ids"], model.config.image_token_id) \
-        == [(0, 16 * crops[0]), (0, 16 * crops[1]), (1, 16 * crops[2])]
-    assert all(s.order.numel() == 4 for s in selections)  # keep=4 an image, all its crops
-    assert prompts == [AFTER.split()] * 2 + [BEFORE.split()]
-    assert len(warned) == 1 and "Qianfan-OCR" in warned[0] and "tokenizer=" in warned[0]  # the call without one
-    # Without a tokenizer: row 0's markers and newlines after its first image; row 1's end marker alone.
-    assert untokenized == [["</img>", "\n", "<img>", "</img>", "\n", *AFTER.split()]] * 2 + [["</img>"]]
 
 
 def _minicpm_ocr(small_image_upsize: str = "always"):
