@@ -14,46 +14,13 @@ transformers = pytest.importorskip("transformers")
 import zspa_kernels  # noqa: E402
 
 from .test_real_processors import (  # noqa: E402
-    AFTER_IMAGES, BEFORE_IMAGE, GEMMA4_MARKERS, MINUTES, _image_processor, _photo,
-    _prompt_words, _prompts_and_warnings, _runs, _runs_of_both, _text, _token_layout, _tokenizer, _video,
-    _video_inputs, _vision)
+    AFTER_IMAGES, BEFORE_IMAGE, GEMMA4_MARKERS, MINUTES, _gemma4, _image_processor, _photo, _prompt_words,
+    _prompts_and_warnings, _runs, _runs_of_both, _text, _token_layout, _tokenizer, _video, _video_inputs, _vision)
 
 BETWEEN = "w5 w6"
 
 
-def _has(name: str):
-    if not hasattr(transformers, name):
-        pytest.skip(f"transformers {transformers.__version__} has no {name} (5.x)")
-
-
 # --- Gemma 4 Unified ---------------------------------------------------------------------------------------
-
-def _gemma4_unified():
-    """A tiny random Gemma 4 Unified with the real processor classes: 2 px patches merged 2x2 (a soft token
-    a 4 px patch), at most 70 soft tokens an image or frame."""
-    import torchvision  # noqa: F401  (its image and video processors need it: an error here, not a skip)
-
-    _has("Gemma4UnifiedProcessor")
-    boi, eoi, image, boa, eoa, audio = GEMMA4_MARKERS
-    tokenizer = _tokenizer(GEMMA4_MARKERS, plain=MINUTES, bos="<bos>", boi_token=boi, eoi_token=eoi, image_token=image,
-                           boa_token=boa, eoa_token=eoa, audio_token=audio)
-    sizes = dict(patch_size=2, pooling_kernel_size=2, max_soft_tokens=70)
-    processor = transformers.Gemma4UnifiedProcessor(
-        feature_extractor=transformers.Gemma4UnifiedAudioFeatureExtractor(),
-        image_processor=transformers.Gemma4UnifiedImageProcessor(**sizes),
-        video_processor=transformers.Gemma4UnifiedVideoProcessor(**sizes), tokenizer=tokenizer, image_seq_length=70)
-    ids = tokenizer.convert_tokens_to_ids
-    config = transformers.Gemma4UnifiedConfig(
-        vision_config=dict(patch_size=2, pooling_kernel_size=2, mm_embed_dim=32, mm_posemb_size=64, output_proj_dims=32),
-        text_config=_text(tokenizer, head_dim=8, global_head_dim=8, max_position_embeddings=2048,
-                          layer_types=["sliding_attention", "full_attention"], sliding_window=64,
-                          use_bidirectional_attention="vision", bos_token_id=tokenizer.bos_token_id,
-                          eos_token_id=tokenizer.eos_token_id),
-        image_token_id=ids(image), boi_token_id=ids(boi), eoi_token_id=ids(eoi), video_token_id=processor.video_token_id,
-        audio_token_id=ids(audio), boa_token_id=ids(boa), eoa_token_index=ids(eoa), pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    return transformers.Gemma4UnifiedForConditionalGeneration(config).eval(), processor, tokenizer
-
 
 def test_gemma4_unified_images_are_budgeted_apart_and_their_markers_are_no_question():
     """Gemma 4 Unified's processor writes each image as ``<|image>``, its soft tokens (one a merged patch, as
@@ -61,7 +28,7 @@ def test_gemma4_unified_images_are_budgeted_apart_and_their_markers_are_no_quest
     words, every image is one selection over exactly its run. The config names the markers, so with a
     tokenizer or without the prompts are the question words; prune() does not warn. Keep-all logits bit for
     bit, generate() the same prompts."""
-    model, processor, tokenizer = _gemma4_unified()
+    model, processor, tokenizer = _gemma4(unified=True)
     boi, eoi, image = GEMMA4_MARKERS[:3]
     gen = torch.Generator().manual_seed(0)
     inputs = processor(text=[f"{BEFORE_IMAGE} {image}", f"{BEFORE_IMAGE} {image}{image}",
@@ -88,7 +55,7 @@ def test_gemma4_unified_frames_are_budgeted_apart_and_their_timestamps_are_no_qu
     tokens ``<image|>``, joined by spaces: every frame is a selection (after an image in the row), and the
     timestamps are no question text with a tokenizer; without one the first (nothing marks where the video
     starts) stays, as on Gemma 4. Also in generate()."""
-    model, processor, tokenizer = _gemma4_unified()
+    model, processor, tokenizer = _gemma4(unified=True)
     boi, eoi, image = GEMMA4_MARKERS[:3]
     frames = 4
     inputs, (before, question), words = _video_inputs(processor, _video(frames, 24, 32), [(24, 20), (20, 28)], fps=1,

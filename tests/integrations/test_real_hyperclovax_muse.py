@@ -20,19 +20,8 @@ import torch
 
 import zspa_kernels
 
-from .test_real_processors import (
-    MUSE_MARKERS,
-    TIMES,
-    _image_processor,
-    _photo,
-    _prompts_and_warnings,
-    _retokenized,
-    _runs_of_both,
-    _token_layout,
-    _tokenizer,
-    _video,
-    _video_inputs,
-)
+from .test_real_processors import (MUSE_MARKERS, TIMES, _image_processor, _photo, _prompts_and_warnings, _retokenized,
+                                   _runs_of_both, _token_layout, _tokenizer, _video, _video_inputs)
 
 transformers = pytest.importorskip("transformers")
 

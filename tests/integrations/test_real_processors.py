@@ -459,34 +459,41 @@ GEMMA4_MARKERS = ["<|image>", "<image|>", "<|image|>", "<|audio>", "<audio|>", "
 MINUTES = [f"00:{s:02d}" for s in range(10)]
 
 
-def _gemma4():
-    """A tiny random Gemma 4 with the real processor classes (4 px patches pooled 3x3; at most 70 soft
-    tokens an image or frame)."""
+def _gemma4(unified: bool = False):
+    """A tiny random Gemma 4 (``unified``: Gemma 4 Unified) with the real processor classes: Gemma 4's 4 px patches
+    pooled 3x3, Gemma 4 Unified's 2 px patches merged 2x2; at most 70 soft tokens an image or frame."""
     import torchvision  # noqa: F401  (the video processor needs it: an error here, not a skip)
 
-    if not hasattr(transformers, "Gemma4Processor"):
-        pytest.skip(f"transformers {transformers.__version__} has no Gemma 4")
+    prefix = "Gemma4Unified" if unified else "Gemma4"
+    if not hasattr(transformers, f"{prefix}Processor"):
+        pytest.skip(f"transformers {transformers.__version__} has no {prefix}Processor")
     boi, eoi, image, boa, eoa, audio = GEMMA4_MARKERS
     tokenizer = _tokenizer(GEMMA4_MARKERS, plain=MINUTES, bos="<bos>", boi_token=boi, eoi_token=eoi, image_token=image,
                            boa_token=boa, eoa_token=eoa, audio_token=audio)
-    sizes = dict(patch_size=4, pooling_kernel_size=3, max_soft_tokens=70)
-    processor = transformers.Gemma4Processor(
-        feature_extractor=transformers.Gemma4AudioFeatureExtractor(),
-        image_processor=_image_processor("Gemma4ImageProcessor", **sizes),
-        video_processor=transformers.Gemma4VideoProcessor(**sizes), tokenizer=tokenizer, image_seq_length=70)
+    sizes = dict(patch_size=2 if unified else 4, pooling_kernel_size=2 if unified else 3, max_soft_tokens=70)
+    processor = getattr(transformers, f"{prefix}Processor")(
+        feature_extractor=getattr(transformers, f"{prefix}AudioFeatureExtractor")(),
+        image_processor=_image_processor(f"{prefix}ImageProcessor", **sizes),
+        video_processor=getattr(transformers, f"{prefix}VideoProcessor")(**sizes), tokenizer=tokenizer,
+        image_seq_length=70)
     ids = tokenizer.convert_tokens_to_ids
-    config = transformers.Gemma4Config(
-        vision_config=_vision(num_key_value_heads=2, head_dim=16, patch_size=4, pooling_kernel_size=3,
-                              position_embedding_size=64),
-        text_config=_text(tokenizer, head_dim=8, global_head_dim=8, vocab_size_per_layer_input=len(tokenizer),
-                          hidden_size_per_layer_input=8, max_position_embeddings=2048,
+    if unified:
+        vision, per_layer = dict(patch_size=2, pooling_kernel_size=2, mm_embed_dim=32, mm_posemb_size=64,
+                                 output_proj_dims=32), {}
+    else:
+        vision = _vision(num_key_value_heads=2, head_dim=16, patch_size=4, pooling_kernel_size=3,
+                         position_embedding_size=64)
+        per_layer = dict(vocab_size_per_layer_input=len(tokenizer), hidden_size_per_layer_input=8)
+    config = getattr(transformers, f"{prefix}Config")(
+        vision_config=vision,
+        text_config=_text(tokenizer, head_dim=8, global_head_dim=8, max_position_embeddings=2048,
                           layer_types=["sliding_attention", "full_attention"], sliding_window=64,
                           use_bidirectional_attention="vision", bos_token_id=tokenizer.bos_token_id,
-                          eos_token_id=tokenizer.eos_token_id),
+                          eos_token_id=tokenizer.eos_token_id, **per_layer),
         image_token_id=ids(image), boi_token_id=ids(boi), eoi_token_id=ids(eoi), video_token_id=processor.video_token_id,
         audio_token_id=ids(audio), boa_token_id=ids(boa), eoa_token_index=ids(eoa), pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
-    return transformers.Gemma4ForConditionalGeneration(config).eval(), processor, tokenizer
+    return getattr(transformers, f"{prefix}ForConditionalGeneration")(config).eval(), processor, tokenizer
 
 
 def test_gemma4_frames_are_budgeted_apart_and_their_timestamps_are_no_question():
