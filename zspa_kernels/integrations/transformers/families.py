@@ -1179,9 +1179,9 @@ FAMILIES: tuple[Family, ...] = (
     # markers: one run and budget each; DeepSeek-V3's text model on 1-D positions.
     Family("Kimi-K2.5", ("kimi_k25",), visual_token_attrs=("image_token_id", "video_token_id"),
            video_spans=_kimi_k25_spans, frame_token_attr=None),
-    # Cosmos3-Omni's reasoner: Qwen3-VL's model classes (deepstack features included).
+    # Cosmos3-Omni's reasoner: Qwen3-VL's model classes (deepstack features included) and processor (timed frames).
     Family("Cosmos3-Omni", ("cosmos3_omni",), visual_token_attrs=("image_token_id", "video_token_id"),
-           on_prefill=_gather_deepstack),
+           on_prefill=_gather_deepstack, video_spans=_timed_video_spans),
     # Qwen4-Exp: Qwen3.5-MoE's layout around a text model whose per-layer embeddings (PLE) hash each
     # token's id with those of the tokens before it: the base model passes the ids beside the embeddings
     # (ple_input_ids, gathered: the kept tokens' n-grams are of the kept tokens before them). Its
