@@ -906,3 +906,37 @@ def test_nemotron_h_omni_with_its_own_video_pruning_is_refused():
     with pytest.raises(ValueError, match="video_pruning_rate=0.5"):
         zspa_kernels.prune(tiny.model, keep=KEEP)
     assert all(not m._forward_pre_hooks for m in tiny.model.modules())
+
+
+# Families on 1-D positions whose models take images written back to back by hand, and the tokens their
+# tiny inputs write around an image (Kimi-K2.5: also its word and <|media_content|>).
+BARE_IMAGES = {"exaone4_5": (), "hyperclovax_vision_v2": (), "kimi_k25": (30, 118)}
+
+
+@pytest.mark.parametrize("name", list(BARE_IMAGES))
+@torch.no_grad()
+def test_grid_images_back_to_back_without_markers_are_refused(name):
+    """These families' images are one run each between the vision markers their chat templates write.
+    Written by hand with nothing between them, two images are one run of image tokens, which the models
+    take and prune() ranked as one image with one budget (``keep`` tokens for both); with one grid an image
+    given (``image_grid_thw``), fewer runs than grids are refused, before any selection. With the markers
+    the same images are two selections. (Qwen2/2.5/3-VL's models fail on such inputs themselves: their
+    M-RoPE finds images by their start markers.)"""
+    if name not in BUILDERS:
+        pytest.skip(f"{name} is not in this transformers release")
+    from zspa_kernels.integrations.transformers.tiny import QWEN_END, QWEN_START
+
+    tiny = BUILDERS[name]()
+    image_a, image_b = ("image", (4, 8)), ("image", (6, 8))
+    marked = tiny.make_inputs([[("text", 3), image_a, image_b, ("text", 4)]])
+    keep = ~torch.isin(marked["input_ids"][0], torch.tensor([QWEN_START, QWEN_END, *BARE_IMAGES[name]]))
+    bare = {k: v[:, keep] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v for k, v in marked.items()}
+    counts = [int(g.prod()) // 4 for g in marked["image_grid_thw"]]
+    image = (bare["input_ids"][0] == tiny.model.config.image_token_id).nonzero()[:, 0]
+    assert image.numel() == sum(counts) and bool((image.diff() == 1).all())  # one run of both images' tokens
+    tiny.model(**bare)  # the model takes them
+    with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
+        tiny.model(**marked)
+        assert [s.n_tokens for s in handle.last_selection] == counts
+        with pytest.raises(ValueError, match=r"^model: 2 images given \(image_grid_thw\) but 1 runs of their tokens"):
+            tiny.model(**bare)

@@ -20,6 +20,26 @@ import torch
 from ...spec import release
 
 
+# The keys of image_token_counts' inputs under which the hooks give each run's batch row and token id
+# (host ints, in the runs' order).
+RUN_ROWS = "run_rows"
+RUN_IDS = "run_ids"
+
+
+def _runs_are_images(config, inputs: dict, runs: list[int]) -> list[int]:
+    """Each run is one image: for families whose chat templates write text or markers between images.
+    Where the inputs give one grid an image (``image_grid_thw``), fewer runs of image tokens than grids
+    are images written back to back by hand: refused, never ranked as one image with one budget."""
+    grids, image, ids = inputs.get("image_grid_thw"), getattr(config, "image_token_id", None), inputs.get(RUN_IDS)
+    if grids is not None and image is not None and ids is not None:
+        found = sum(i == image for i in ids)
+        if found < len(grids):
+            raise ValueError(f"model: {len(grids)} images given (image_grid_thw) but {found} runs of their tokens; "
+                             "images back to back (no text or marker between them) cannot be told apart: write "
+                             "them as the chat template does")
+    return runs
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -35,8 +55,8 @@ class Family:
     # one image (families that always put text or markers between images). The integer inputs
     # whose values it reads are named in COUNT_INPUTS: the hooks bring them to the host with
     # their one sync (any other value read back is a sync of its own); the hooks add each run's batch
-    # row under ``RUN_ROWS``.
-    image_token_counts: Callable[[Any, dict, list[int]], list[int]] = lambda c, i, runs: runs
+    # row under ``RUN_ROWS`` and its token id under ``RUN_IDS``.
+    image_token_counts: Callable[[Any, dict, list[int]], list[int]] = _runs_are_images
     # Where videos split otherwise than images (the same arguments): the runs of the config's
     # ``video_token_id`` go here, the others to ``image_token_counts``. None: every run goes there.
     video_token_counts: Optional[Callable[[Any, dict, list[int]], list[int]]] = None
@@ -642,11 +662,6 @@ def _gather_granite(prefill) -> None:
     kept, rows = _kept_feature_rows(mask[..., 0], prefill)
     kwargs["vision_mask"] = kept[..., None]
     kwargs["deepstack_features"] = {layer: f[rows] for layer, f in kwargs["deepstack_features"].items()}
-
-
-# The key of image_token_counts' inputs under which the hooks give each run's batch row (host ints, in
-# the runs' order).
-RUN_ROWS = "run_rows"
 
 
 def _fuyu_counts(config, inputs: dict, runs: list[int]) -> list[int]:

@@ -44,7 +44,7 @@ import torch
 
 from ...checks import check_options
 from ...spec import as_keep
-from .families import (COUNT_INPUTS, RUN_ROWS, Family, blank_token_ids, special_token_ids, split_model,
+from .families import (COUNT_INPUTS, RUN_IDS, RUN_ROWS, Family, blank_token_ids, special_token_ids, split_model,
                        template_positions, template_token_runs, text_tokenizer, tokenizer_special_ids)
 from .selection import ImageSelection, select_images, to_device, to_host
 
@@ -574,8 +574,10 @@ class PruneHandle:
                        | (tok_ids[1:] != tok_ids[:-1]))
         starts = new_run.nonzero()[:, 0]
         runs = starts.diff(append=torch.tensor([tok_cols.numel()])).tolist()
-        # Each run's batch row: Fuyu's 5.x patches, one tensor for every image, leave its images one a row.
-        counts = self._counts(runs, tok_ids[starts].tolist(), dict(inputs, **{RUN_ROWS: tok_rows[starts].tolist()}))
+        # Each run's batch row (Fuyu's 5.x patches, one tensor for every image, leave its images one a row)
+        # and token id (images back to back: fewer image runs than images given).
+        run_ids = tok_ids[starts].tolist()
+        counts = self._counts(runs, run_ids, dict(inputs, **{RUN_ROWS: tok_rows[starts].tolist(), RUN_IDS: run_ids}))
         if sum(counts) != tok_cols.numel() or min(counts, default=1) < 1:
             raise ValueError(
                 f"model: the inputs hold {tok_cols.numel()} {self.family.name} image tokens, "
