@@ -990,11 +990,13 @@ def test_minicpm_v_crops_are_budgeted_apart_and_image_numbers_are_no_question(ve
         zspa_kernels.prune(model, keep=4).remove()
 
 
-def test_emu3_grid_sizes_are_no_question():
-    """Emu3's processor writes each image as ``<|image start|>`` its grid size (``2*3``, text) ``<|image token|>``
-    its placeholders ``<|extra_201|><|image end|>``: each image is a selection, and with a tokenizer the size is
-    the image's (decoded), in a question after a first image (the second's) and in one before its image (its
-    own); without one it stays, and prune() warns (its markers are in no config either)."""
+# Emu3's and Apertus 1.5's grid sizes, "3*4", as their processors write them before an image's codes: text.
+GRID_SIZES = [f"{h}*{w}" for h in range(1, 9) for w in range(1, 9)]
+
+
+def _emu3(words: str):
+    """A tiny random Emu3 with the real processor around a byte-level BPE trained on ``words`` and the grid sizes:
+    each image ``<|image start|>`` its grid size ``<|image token|>`` its placeholders ``<|extra_201|><|image end|>``."""
     if not hasattr(transformers, "Emu3Processor") or release("transformers") < (5, 0):
         pytest.skip(f"transformers {transformers.__version__}: the family needs 5.x")
     from zspa_kernels.integrations.transformers.tiny import BUILDERS, VQ_CODES
@@ -1002,9 +1004,7 @@ def test_emu3_grid_sizes_are_no_question():
     visual = [f"<|visual token {i:06d}|>" for i in range(VQ_CODES)]
     marks = dict(boi_token="<|image start|>", eoi_token="<|image end|>", image_wrapper_token="<|image token|>",
                  eof_token="<|extra_201|>", image_token="<image>")
-    before, after, between = "What is in the picture?", " Describe it.", " And here?"
-    tokenizer = _bpe_tokenizer([*marks.values(), "<|extra_200|>", *visual],
-                               [before + after + between] + [f"{h}*{w}" for h in range(1, 9) for w in range(1, 9)])
+    tokenizer = _bpe_tokenizer([*marks.values(), "<|extra_200|>", *visual], [words] + GRID_SIZES)
     for name, token in marks.items():  # as Emu3's tokenizer names them
         setattr(tokenizer, name, token)
     tokenizer.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
@@ -1019,6 +1019,43 @@ def test_emu3_grid_sizes_are_no_question():
         t: tokenizer.convert_tokens_to_ids(t) for t in ["<image>", "<|extra_200|>", *visual]})
     torch.manual_seed(0)
     model = type(tiny.model)(type(tiny.model.config)(**config)).eval()
+    return model, processor, tokenizer
+
+
+def _apertus1p5(words: str):
+    """A tiny random Apertus 1.5 with the real processor around a byte-level BPE trained on ``words`` and the grid
+    sizes: each image ``<|image_start|>`` its grid size ``<|image_wrapper|>`` its rows of codes joined by
+    ``<|eol|>``, ``<|image_end|>``; 2 px a code, as the tiny image tokenizer's cells."""
+    if not hasattr(transformers, "Apertus1p5Processor"):
+        pytest.skip(f"transformers {transformers.__version__} has no Apertus 1.5")
+    from zspa_kernels.integrations.transformers.tiny import BUILDERS
+
+    marks = dict(image_token="<|image|>", audio_token="<|audio|>", boi_token="<|image_start|>",
+                 eoi_token="<|image_end|>", image_wrapper_token="<|image_wrapper|>", eol_token="<|eol|>",
+                 boa_token="<|boa|>", eoa_token="<|eoa|>")
+    tokenizer = _bpe_tokenizer(list(marks.values()), [words] + GRID_SIZES)
+    for name, token in marks.items():  # as Apertus 1.5's tokenizer names them
+        setattr(tokenizer, name, token)
+    processor = transformers.Apertus1p5Processor(  # 2 px a code, as the tiny image tokenizer's cells
+        image_processor=transformers.Apertus1p5ImageProcessor(spatial_factor=2, size={"min_pixels": 16, "max_pixels": 64}),
+        feature_extractor=transformers.WavTokenizerFeatureExtractor(), tokenizer=tokenizer)
+    tiny, n = BUILDERS["apertus1p5"](), len(tokenizer)
+    config = tiny.model.config.to_dict()  # the image and audio codes after this tokenizer's ids
+    config["text_config"].update(vocab_size=n + 1024 + 8, output_vocab_size=n, pad_token_id=tokenizer.pad_token_id)
+    config.update(image_token_id=tokenizer.convert_tokens_to_ids("<|image|>"), image_token_offset=n,
+                  audio_token_id=tokenizer.convert_tokens_to_ids("<|audio|>"), audio_token_offset=n + 1024)
+    torch.manual_seed(0)
+    model = type(tiny.model)(type(tiny.model.config)(**config)).eval()
+    return model, processor, tokenizer
+
+
+def test_emu3_grid_sizes_are_no_question():
+    """Emu3's processor writes each image as ``<|image start|>`` its grid size (``2*3``, text) ``<|image token|>``
+    its placeholders ``<|extra_201|><|image end|>``: each image is a selection, and with a tokenizer the size is
+    the image's (decoded), in a question after a first image (the second's) and in one before its image (its
+    own); without one it stays, and prune() warns (its markers are in no config either)."""
+    before, after, between = "What is in the picture?", " Describe it.", " And here?"
+    model, processor, tokenizer = _emu3(before + after + between)
     gen = torch.Generator().manual_seed(0)
     inputs = processor(text=[f"<image>{after}<image>{between}", f"{before}<image>"], padding=True, return_tensors="pt",
                        images=[[_photo(16, 24, gen), _photo(24, 16, gen)], [_photo(16, 16, gen)]])
@@ -1037,28 +1074,8 @@ def test_apertus1p5_grid_sizes_are_no_question():
     """Apertus 1.5's processor writes each image as ``<|image_start|>`` its grid size (``3*4``, text)
     ``<|image_wrapper|>`` its rows of codes joined by ``<|eol|>``, then ``<|image_end|>``: each image is a
     selection, and with a tokenizer the size is the image's (decoded), as Emu3's; without one it stays."""
-    if not hasattr(transformers, "Apertus1p5Processor"):
-        pytest.skip(f"transformers {transformers.__version__} has no Apertus 1.5")
-    from zspa_kernels.integrations.transformers.tiny import BUILDERS
-
-    marks = dict(image_token="<|image|>", audio_token="<|audio|>", boi_token="<|image_start|>",
-                 eoi_token="<|image_end|>", image_wrapper_token="<|image_wrapper|>", eol_token="<|eol|>",
-                 boa_token="<|boa|>", eoa_token="<|eoa|>")
     before, after, between = "What is in the picture?", " Describe it.", " And here?"
-    tokenizer = _bpe_tokenizer(list(marks.values()),
-                               [before + after + between] + [f"{h}*{w}" for h in range(1, 9) for w in range(1, 9)])
-    for name, token in marks.items():  # as Apertus 1.5's tokenizer names them
-        setattr(tokenizer, name, token)
-    processor = transformers.Apertus1p5Processor(  # 2 px a code, as the tiny image tokenizer's cells
-        image_processor=transformers.Apertus1p5ImageProcessor(spatial_factor=2, size={"min_pixels": 16, "max_pixels": 64}),
-        feature_extractor=transformers.WavTokenizerFeatureExtractor(), tokenizer=tokenizer)
-    tiny, n = BUILDERS["apertus1p5"](), len(tokenizer)
-    config = tiny.model.config.to_dict()  # the image and audio codes after this tokenizer's ids
-    config["text_config"].update(vocab_size=n + 1024 + 8, output_vocab_size=n, pad_token_id=tokenizer.pad_token_id)
-    config.update(image_token_id=tokenizer.convert_tokens_to_ids("<|image|>"), image_token_offset=n,
-                  audio_token_id=tokenizer.convert_tokens_to_ids("<|audio|>"), audio_token_offset=n + 1024)
-    torch.manual_seed(0)
-    model = type(tiny.model)(type(tiny.model.config)(**config)).eval()
+    model, processor, tokenizer = _apertus1p5(before + after + between)
     gen = torch.Generator().manual_seed(0)
     inputs = processor(text=[f"<|image|>{after}<|image|>{between}", f"{before}<|image|>"], padding=True,
                        return_tensors="pt", images=[[_photo(6, 8, gen), _photo(8, 4, gen)], [_photo(4, 4, gen)]])
