@@ -1505,8 +1505,8 @@ def template_token_runs(source, split_at=()) -> list[tuple[int, ...]]:
     A token that straddles a message's text (a space merged into its first word) is left out of the
     run, and so are the ids ``split_at`` (the image tokens, which a processor writes many of where the
     template writes one, and the markers the config names, which a processor writes around an image with
-    text of its own, such as Gemma3's newlines): they end a run. None found (no template, or one that renders no message as
-    given): ``[]``."""
+    text of its own, such as Gemma3's newlines): they end a run. None found (no template, or one that
+    renders no message as given): ``[]``."""
     if not getattr(source, "chat_template", None):
         return []
     tokenizer = text_tokenizer(source)
