@@ -41,8 +41,10 @@ def prune(
         prompt: ``"question"`` (text after the first image, or before it when none
             follows; special tokens removed) or ``"all_text"`` (every attended non-visual
             token). A training call's answer (the ``labels`` that mark part of a row's
-            question text) is left out of either, so training selects as generation
-            will. ``ImageSelection.prompt_tokens`` records the positions used.
+            question text; where they mark all of it, the assistant turns of the chat
+            template of ``tokenizer``) is left out of either, so training selects as
+            generation will; labels over all of a row's question text with no assistant
+            turn found in it warn. ``ImageSelection.prompt_tokens`` records the positions used.
         backend: ``zspa::select_tokens`` backend (``"auto"``, ``"reference"``, ...).
         tokenizer: optional, a tokenizer or the processor holding one: its special
             tokens (named, extra, and every added token marked special) and the tokens it

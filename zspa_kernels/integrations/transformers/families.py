@@ -1462,9 +1462,10 @@ def blank_token_ids(tokenizer, ids, known: dict) -> list[int]:
     return [i for i in ids if known[i]]
 
 
-# Text of no tokenizer's vocabulary in one piece: the user's (and system's) message when a chat
-# template is rendered to find the template's own text around it.
+# Text of no tokenizer's vocabulary in one piece: the system's and the user's message (and an assistant's
+# answer) when a chat template is rendered to find the template's own text around them.
 TEMPLATE_SENTINELS = ("Zqx7", "Wvk3")
+ANSWER_SENTINEL = "Jbm5"
 
 
 def _rendered_templates(source) -> list[tuple[str, tuple[str, ...]]]:
@@ -1538,6 +1539,81 @@ def template_token_runs(source, split_at=()) -> list[tuple[int, ...]]:
             last -= 1
         trimmed.add(run[first:last])
     return sorted(r for r in trimmed if len(r) > 1)  # one ordinary word alone could be the question's
+
+
+def _rendered_answers(source) -> list[str]:
+    """``source``'s chat template rendered for training: one user message (alone, with an image after
+    it, before it; content as parts or a string) and the assistant's answer after it, each a sentinel."""
+    user, answer = TEMPLATE_SENTINELS[1], ANSWER_SENTINEL
+    image = {"type": "image"}
+    rendered = []
+    for form in (lambda t: [t], lambda t: [t, image], lambda t: [image, t], None):
+        messages = [{"role": role, "content": text if form is None else
+                     form({"type": "text", "text": text}) if role == "user" else [{"type": "text", "text": text}]}
+                    for role, text in (("user", user), ("assistant", answer))]
+        try:
+            text = source.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+        except Exception:  # noqa: BLE001 - a template that refuses this form
+            continue
+        if isinstance(text, list):  # a batch of one
+            text = text[0] if text else None
+        if isinstance(text, str) and user in text and answer in text and text.index(user) < text.rindex(answer):
+            rendered.append(text)
+    return rendered
+
+
+def answer_header_runs(source, split_at=()) -> list[tuple[int, ...]]:
+    """The token ids a chat template writes right before an assistant's answer, as the tokenizer of
+    ``source`` writes them in context: LLaVA-1.5's ``ASSISTANT:``, Gemma3's ``<start_of_turn>model``,
+    ChatML's ``<|im_start|>assistant``. Where one occurs in a conversation rendered for training, an answer
+    begins after it. Runs end at ``split_at`` and lose their blank ends, as :func:`template_token_runs`'
+    do; a run of one token counts only where the tokenizer marks it special (one ordinary word alone could
+    be the question's). None found (no template, or one that renders no answer as given): ``[]``."""
+    if not getattr(source, "chat_template", None):
+        return []
+    tokenizer = text_tokenizer(source)
+    user, answer = TEMPLATE_SENTINELS[1], ANSWER_SENTINEL
+    headers: set[tuple[int, ...]] = set()
+    known: dict[int, bool] = {}
+    special = tokenizer_special_ids(tokenizer)
+    for text in _rendered_answers(source):
+        start = text.rindex(answer)
+        spans = [(m.start(), m.end()) for name in (user, answer) for m in re.finditer(re.escape(name), text)]
+        try:  # the tokens before the answer's first, None where one overlaps a message
+            encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            tokens = [None if any(s < e_ and s_ < e for s_, e_ in spans) else token
+                      for token, (s, e) in zip(encoded["input_ids"], encoded["offset_mapping"]) if s < start]
+        except Exception:  # noqa: BLE001 - a tokenizer without offsets: the text since the last message alone
+            since = max((e for s, e in spans if e <= start), default=0)
+            tokens = [None] + tokenizer(text[since:start], add_special_tokens=False)["input_ids"]
+        run: list[int] = []
+        for token in reversed(tokens):
+            if token is None or token in split_at:
+                break
+            run.insert(0, int(token))
+        blank = set(blank_token_ids(tokenizer, run, known))
+        while run and run[0] in blank:
+            run.pop(0)
+        while run and run[-1] in blank:
+            run.pop()
+        if len(run) > 1 or (run and run[0] in special):
+            headers.add(tuple(run))
+    return sorted(headers)
+
+
+def answer_positions(ids: torch.Tensor, headers: list[tuple[int, ...]], stops: torch.Tensor) -> torch.Tensor:
+    """Bool ``(B, L)``: the positions of ``ids`` (host ``(B, L)``) in an answer, each from the end of an
+    occurrence of one of ``headers`` (:func:`answer_header_runs`) to the next position of ``stops`` (the
+    end of its turn: a special token, the template's next text, an image, padding), ends excluded."""
+    header = torch.zeros(ids.shape, dtype=torch.bool)
+    for run in headers:  # the header's last token, where the answer starts after it
+        m = len(run)
+        if m <= ids.shape[1]:
+            header[:, m - 1:] |= (ids.unfold(1, m, 1) == torch.tensor(run, dtype=ids.dtype)).all(-1)
+    positions = torch.arange(ids.shape[1]).expand(ids.shape)
+    last_header = torch.where(header, positions, -1).cummax(1).values
+    last_stop = torch.where(stops & ~header, positions, -1).cummax(1).values
+    return (last_header > last_stop) & ~header & ~stops
 
 
 def template_positions(ids: torch.Tensor, runs: list[tuple[int, ...]]) -> torch.Tensor:

@@ -44,8 +44,9 @@ import torch
 
 from ...checks import check_options
 from ...spec import as_keep
-from .families import (COUNT_INPUTS, RUN_IDS, RUN_ROWS, Family, blank_token_ids, special_token_ids, split_model,
-                       template_positions, template_token_runs, text_tokenizer, tokenizer_special_ids)
+from .families import (COUNT_INPUTS, RUN_IDS, RUN_ROWS, Family, answer_header_runs, answer_positions, blank_token_ids,
+                       special_token_ids, split_model, template_positions, template_token_runs, text_tokenizer,
+                       tokenizer_special_ids)
 from .selection import ImageSelection, select_images, to_device, to_host
 
 PROMPTS = ("question", "all_text")
@@ -314,9 +315,8 @@ class PruneHandle:
         if prompt not in PROMPTS:
             raise ValueError(f"prompt: expected one of {PROMPTS}, got {prompt!r}")
         check_options(core_ratio, relevance, backend)  # the op's own checks, at prune() time
-        special = special_token_ids(model.config)
-        if tokenizer is not None:
-            special.update(tokenizer_special_ids(tokenizer))
+        named = special_token_ids(model.config)
+        special = named | (set() if tokenizer is None else tokenizer_special_ids(tokenizer))
         visual_ids = family.visual_token_ids(model.config)
         if not visual_ids:  # the hooks would find no image in any prompt: every prefill would run unpruned
             raise ValueError(f"model.config: names no {family.name} visual token id "
@@ -336,8 +336,9 @@ class PruneHandle:
         # The chat template's own text (role headers, generation prompt): no question. Its runs end at the
         # ids the config names (image markers, bos): a processor writes an image's markers, and text around
         # them (Gemma3's newlines), where the template writes one placeholder.
-        self._template = [] if tokenizer is None else template_token_runs(
-            tokenizer, set(visual_ids) | special_token_ids(model.config))
+        self._template = [] if tokenizer is None else template_token_runs(tokenizer, set(visual_ids) | named)
+        # What the template writes before an assistant's answer: where a training row's answer begins.
+        self._answer_headers = [] if tokenizer is None else answer_header_runs(tokenizer, set(visual_ids) | named)
         params = inspect.signature(lm.forward).parameters
         self._cache_arg = next((k for k in CACHE_ARGS if k in params), CACHE_ARGS[-1])
         self.last_selection: list[ImageSelection] = []
@@ -671,9 +672,11 @@ class PruneHandle:
 
         ``labels_h`` (training): in a row whose question text is part labelled (``!= -100``)
         and part not, the labelled part is the answer, and no prompt in either mode: the
-        selection is made as at inference, where the answer is not written yet. A row whose
-        question text is all labelled (a language-modelling loss over every token) or none
-        has no answer to leave out."""
+        selection is made as at inference, where the answer is not written yet. In a row whose
+        question text is all labelled (a loss over every token, as most VLM collators make), the
+        answers are the text after each occurrence of the chat template's assistant header
+        (``tokenizer=``: :func:`~.families.answer_header_runs`) to the end of its turn; where none is
+        found (or no template was given) it warns. A row with no question text labelled has no answer."""
         inside = torch.zeros_like(visual_h)
         for r, c in zip(rows, cols):
             inside[r, int(c[0]):int(c[-1]) + 1] = True
@@ -682,23 +685,48 @@ class PruneHandle:
         text = ~visual_h & ~inside & mask_h.bool()
         if self.prompt == "all_text" and labels_h is None:
             return text
-        question = text & ~torch.isin(ids_h, self.special_ids)
+        # Words: no special token, marker or template text (blanks are no words, but no end of one either).
+        words = text & ~torch.isin(ids_h, self.special_ids)
         if marked_h is not None:
-            question &= ~marked_h
+            words &= ~marked_h
+        if self._template:
+            words &= ~template_positions(ids_h, self._template)
+        question = words
         if self._tokenizer is not None:
             blank = blank_token_ids(self._tokenizer, ids_h[question].unique().tolist(), self._blank)
-            question &= ~torch.isin(ids_h, torch.tensor(blank, dtype=ids_h.dtype))
-        if self._template:
-            question &= ~template_positions(ids_h, self._template)
+            question = question & ~torch.isin(ids_h, torch.tensor(blank, dtype=ids_h.dtype))
         if labels_h is not None:
             labelled = labels_h != -100
             split = (question & labelled).any(1, keepdim=True) & (question & ~labelled).any(1, keepdim=True)
             answer = labelled & split
+            imaged = torch.zeros_like(split)
+            imaged[sorted({int(r) for r in rows})] = True
+            # Rows with images whose labels cover all their question text
+            whole = (question & labelled).any(1, keepdim=True) & ~split & imaged
+            if bool(whole.any()):
+                # An answer after the template's header, to the end of its turn (the next special token,
+                # template text or image); every assistant turn, as labels over them alone would mark.
+                turns = answer_positions(ids_h, self._answer_headers, ~words) & labelled & whole
+                answer |= turns
+                self._warn_unmarked_answers(whole & ~(turns & question).any(1, keepdim=True))
             text, question = text & ~answer, question & ~answer
         if self.prompt == "all_text":
             return text
         after = question & (visual_h.long().cumsum(1) > 0)
         return torch.where(after.any(1, keepdim=True), after, question)
+
+    def _warn_unmarked_answers(self, rows: torch.Tensor) -> None:
+        """Rows (bool ``(B, 1)``) whose labels cover all their question text and hold no answer that
+        the chat template tells apart: their labelled text, an answer or not, is ranked as question."""
+        if not bool(rows.any()):
+            return
+        how = ("no answer after the chat template's assistant header was found in it" if self._answer_headers else
+               "pass prune(model, ..., tokenizer=processor) holding the chat template to leave its assistant "
+               "turns out")
+        # One message whatever the rows: Python shows it once, not at every step of a training loop.
+        warnings.warn(f"prune(): labels cover every question token of a row with images (a loss over all its "
+                      f"text); {how}: an answer there is ranked as question, which generation, with no answer "
+                      "written yet, cannot do", UserWarning)
 
     def _prompt_positions(self, prompt_h: torch.Tensor, rows: list[int], device):
         """The prompt's positions of each row, left-aligned: ``(B, T)`` positions and validity on
