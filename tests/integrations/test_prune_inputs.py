@@ -917,13 +917,15 @@ BARE_IMAGES = {"exaone4_5": (), "hyperclovax_vision_v2": (), "kimi_k25": (30, 11
 
 @pytest.mark.parametrize("name", list(BARE_IMAGES))
 @torch.no_grad()
-def test_grid_images_back_to_back_without_markers_are_refused(name):
+def test_grid_images_back_to_back_without_markers_are_told_apart_by_their_grids(name):
     """These families' images are one run each between the vision markers their chat templates write.
     Written by hand with nothing between them, two images are one run of image tokens, which the models
-    take and prune() ranked as one image with one budget (``keep`` tokens for both); with one grid an image
-    given (``image_grid_thw``), fewer runs than grids are refused, before any selection. With the markers
-    the same images are two selections. (Qwen2/2.5/3-VL's models fail on such inputs themselves: their
-    M-RoPE finds images by their start markers.)"""
+    take (prune() ranked them as one image with one budget, ``keep`` tokens for both). With one grid an
+    image given (``image_grid_thw``), each grid's tokens cut the run: two selections, each over its own
+    image's tokens, with the picks of the same images written with their markers (diversity alone, which
+    no prompt text changes). Grids that do not add up to the run are refused, before any selection; so
+    are such runs where the config names no merge size. (Qwen2/2.5/3-VL's models fail on such inputs
+    themselves: their M-RoPE finds images by their start markers.)"""
     if name not in BUILDERS:
         pytest.skip(f"{name} is not in this transformers release")
     from zspa_kernels.integrations.transformers.tiny import QWEN_END, QWEN_START
@@ -931,14 +933,36 @@ def test_grid_images_back_to_back_without_markers_are_refused(name):
     tiny = BUILDERS[name]()
     image_a, image_b = ("image", (4, 8)), ("image", (6, 8))
     marked = tiny.make_inputs([[("text", 3), image_a, image_b, ("text", 4)]])
-    keep = ~torch.isin(marked["input_ids"][0], torch.tensor([QWEN_START, QWEN_END, *BARE_IMAGES[name]]))
-    bare = {k: v[:, keep] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v for k, v in marked.items()}
+
+    def keep_of(inputs):  # no markers
+        return ~torch.isin(inputs["input_ids"][0], torch.tensor([QWEN_START, QWEN_END, *BARE_IMAGES[name]]))
+
+    bare = {k: v[:, keep_of(marked)] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v
+            for k, v in marked.items()}
     counts = [int(g.prod()) // 4 for g in marked["image_grid_thw"]]
     image = (bare["input_ids"][0] == tiny.model.config.image_token_id).nonzero()[:, 0]
     assert image.numel() == sum(counts) and bool((image.diff() == 1).all())  # one run of both images' tokens
     tiny.model(**bare)  # the model takes them
-    with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
-        tiny.model(**marked)
+    picks = {}
+    for inputs in (marked, bare):
+        with zspa_kernels.prune(tiny.model, keep=KEEP, core_ratio=0.0) as handle:
+            tiny.model(**inputs)
         assert [s.n_tokens for s in handle.last_selection] == counts
-        with pytest.raises(ValueError, match=r"^model: 2 images given \(image_grid_thw\) but 1 runs of their tokens"):
-            tiny.model(**bare)
+        picks[id(inputs)] = [s.order.tolist() for s in handle.last_selection]
+    assert picks[id(bare)] == picks[id(marked)]
+
+    # Three images, the first two back to back, their run 3 tokens short and the third's 3 long: the model
+    # takes them (as many image tokens as features), the grids do not cut the runs into images.
+    three = tiny.make_inputs([[("text", 3), image_a, image_b, ("text", 2), image_b, ("text", 4)]])
+    ids = three["input_ids"][0, keep_of(three)]
+    image = (ids == tiny.model.config.image_token_id).nonzero()[:, 0]
+    ids[image[counts[0] + counts[1] - 3:counts[0] + counts[1]]] = int(ids[0])
+    ids[image[-1] + 1:image[-1] + 4] = tiny.model.config.image_token_id
+    shifted = {k: v[:, keep_of(three)] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v
+               for k, v in three.items()}
+    shifted["input_ids"] = ids[None]
+    tiny.model(**shifted)  # the model takes them
+    with zspa_kernels.prune(tiny.model, keep=KEEP):
+        with pytest.raises(ValueError, match=r"^model: 3 images given \(image_grid_thw\) but 2 runs of their tokens, "
+                                             r"which their grids do not cut into images"):
+            tiny.model(**shifted)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .test_real_processors import (QWEN_MARKERS, TIMESTAMPS, _image_processor, _janus, _photo, _prompts_and_warnings,
-                                   _retokenized, _runs, _token_layout, _tokenizer)
+from .test_real_processors import (QWEN_IMAGE, QWEN_MARKERS, TIMESTAMPS, _image_processor, _janus, _photo,
+                                   _prompts_and_warnings, _retokenized, _runs, _token_layout, _tokenizer)
 
 transformers = pytest.importorskip("transformers")
 
@@ -211,19 +211,26 @@ def test_inkling_audio_clips_are_no_selection_and_no_question():
     assert not warned
 
 
-def test_lfm3_vl_images_written_back_to_back_without_their_markers_are_refused():
+@torch.no_grad()
+def test_lfm3_vl_images_written_back_to_back_without_their_markers_are_told_apart_by_their_grids():
     """Written by hand without the template's markers, two images back to back are one run of image tokens that
-    ``image_grid_thw`` gives two grids for: prune() refuses them with a ``ValueError`` (as the README says of such
-    layouts), never budgeting two images as one."""
+    ``image_grid_thw`` gives two grids for: each grid's tokens (``t*h*w`` over the merged patches) cut the run,
+    so each image is a selection of its own tokens, with the picks of the same images written in their markers
+    (diversity alone: ``core_ratio=0``, which no prompt text changes), never two images on one budget."""
     import zspa_kernels
 
     model, processor, tokenizer = _lfm3_vl()
     image = QWEN_MARKERS[2]
     p = model.config.vision_config.patch_size
     gen = torch.Generator().manual_seed(0)
-    inputs = processor(text=[f"{image}{image} w7"], images=[[_photo(8 * p, 8 * p, gen), _photo(4 * p, 8 * p, gen)]],
-                       return_tensors="pt")
-    assert _token_layout(tokenizer, inputs, 0, image) == [f"{image}*24", "w7"]  # 16 + 8, one run
-    with zspa_kernels.prune(model, keep=4, tokenizer=processor), torch.no_grad():
-        with pytest.raises(ValueError, match="back to back"):
+    photos = [_photo(8 * p, 8 * p, gen), _photo(4 * p, 8 * p, gen)]
+    bare = processor(text=[f"{image}{image} w7"], images=[photos], return_tensors="pt")
+    assert _token_layout(tokenizer, bare, 0, image) == [f"{image}*24", "w7"]  # 16 + 8, one run
+    marked = processor(text=[f"{QWEN_IMAGE}{QWEN_IMAGE} w7"], images=[photos], return_tensors="pt")
+    picks = []
+    for inputs in (bare, marked):
+        with zspa_kernels.prune(model, keep=4, core_ratio=0.0, tokenizer=processor) as handle:
             model(**inputs)
+        assert [(s.batch_row, s.n_tokens) for s in handle.last_selection] == [(0, 16), (0, 8)]
+        picks.append([s.order.tolist() for s in handle.last_selection])
+    assert picks[0] == picks[1]

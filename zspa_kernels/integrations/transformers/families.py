@@ -26,18 +26,51 @@ RUN_ROWS = "run_rows"
 RUN_IDS = "run_ids"
 
 
+def _grid_merge(config) -> Optional[int]:
+    """The patches a Qwen-style vision tower merges into one token: ``vision_config.spatial_merge_size``
+    squared (Qwen2-VL's layout, EXAONE 4.5, HyperCLOVAX, LFM3-VL), or the product of its
+    ``merge_kernel_size`` (Kimi-K2.5's MoonViT); None where the config names neither."""
+    vision = getattr(config, "vision_config", None)
+    size = getattr(vision, "spatial_merge_size", None)
+    if isinstance(size, int) and size > 0:
+        return size * size
+    kernel = getattr(vision, "merge_kernel_size", None)
+    if isinstance(kernel, (list, tuple)) and kernel and all(isinstance(k, int) and k > 0 for k in kernel):
+        return int(torch.tensor(kernel).prod())
+    return None
+
+
 def _runs_are_images(config, inputs: dict, runs: list[int]) -> list[int]:
     """Each run is one image: for families whose chat templates write text or markers between images.
-    Where the inputs give one grid an image (``image_grid_thw``), fewer runs of image tokens than grids
-    are images written back to back by hand: refused, never ranked as one image with one budget."""
+    Where the inputs give one grid an image (``image_grid_thw``) and the runs of image tokens are fewer,
+    images were written back to back by hand: each grid's tokens (``t*h*w`` over the patches merged into a
+    token, :func:`_grid_merge`) cut the runs into images, in order, where they add up to every run exactly;
+    otherwise they are refused, never ranked as one image with one budget."""
     grids, image, ids = inputs.get("image_grid_thw"), getattr(config, "image_token_id", None), inputs.get(RUN_IDS)
-    if grids is not None and image is not None and ids is not None:
-        found = sum(i == image for i in ids)
-        if found < len(grids):
-            raise ValueError(f"model: {len(grids)} images given (image_grid_thw) but {found} runs of their tokens; "
-                             "images back to back (no text or marker between them) cannot be told apart: write "
-                             "them as the chat template does")
-    return runs
+    if grids is None or image is None or ids is None:
+        return runs
+    found = sum(i == image for i in ids)
+    if found >= len(grids):
+        return runs
+    merge = _grid_merge(config)
+    images = iter([] if merge is None else (torch.as_tensor(grids).prod(-1) // merge).tolist())
+    counts = []
+    for run, i in zip(runs, ids):
+        if i != image:  # a video's run
+            counts.append(run)
+            continue
+        left = run
+        while left > 0 and (n := next(images, None)) is not None:
+            counts.append(n)
+            left -= n
+        if left != 0:
+            break
+    else:
+        if next(images, None) is None:
+            return counts
+    raise ValueError(f"model: {len(grids)} images given (image_grid_thw) but {found} runs of their tokens, "
+                     f"which their grids do not cut into images; images back to back (no text or marker between "
+                     "them) cannot be told apart: write them as the chat template does")
 
 
 @dataclass(frozen=True)
