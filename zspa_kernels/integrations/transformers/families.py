@@ -1503,13 +1503,17 @@ ANSWER_SENTINEL = "Jbm5"
 
 def _rendered_templates(source) -> list[tuple[str, tuple[str, ...]]]:
     """``source``'s chat template rendered for one user message (then a system message and one user
-    message), each message a sentinel, with the generation prompt: ``(text, sentinels in it)``; the
-    user's message alone, then with an image after it and before it (what a template writes next to
-    an image differs: LLaVA-1.5's newline after it). A processor's template takes content as a list
-    of parts; a tokenizer's may take a string."""
+    message, then a user message, an answer and a user message), each message a sentinel, with the
+    generation prompt: ``(text, sentinels in it)``; the user's message alone, then with an image after
+    it and before it (what a template writes next to an image differs: LLaVA-1.5's newline after it).
+    A processor's template takes content as a list of parts; a tokenizer's may take a string."""
     system, user = TEMPLATE_SENTINELS
+    # The last: a past exchange before the question, for the text the template writes between turns (ERNIE's
+    # ``<|end_of_sentence|>User: ``), which a conversation of one turn does not write.
     conversations = ([{"role": "user", "content": user}],
-                     [{"role": "system", "content": system}, {"role": "user", "content": user}])
+                     [{"role": "system", "content": system}, {"role": "user", "content": user}],
+                     [{"role": "user", "content": user}, {"role": "assistant", "content": ANSWER_SENTINEL},
+                      {"role": "user", "content": user}])
     image = {"type": "image"}
     forms = (lambda t: [t], lambda t: [t, image], lambda t: [image, t], None)  # None: content a string
     rendered = []
