@@ -172,3 +172,26 @@ def test_text_labelled_over_every_token_without_an_assistant_turn_warns(chat):
     with pytest.warns(UserWarning, match=UNMARKED + "no answer after the chat template's assistant header"):
         prompts, _ = _picked(model, captions, tokenizer, _collated_labels(model, captions), tokenizer=processor)
     assert [tokenizer.convert_tokens_to_string(p).split() for p in prompts] == [ANSWER.split(), QUESTION.split()]
+
+
+@pytest.mark.parametrize("chat", CHATS)
+def test_an_answer_scored_after_the_generation_prompt_is_no_question(chat):
+    """An evaluation that scores candidate answers (each appended to the generation prompt, its
+    log-likelihood read from one forward, no labels): with ``tokenizer=`` each candidate is no question,
+    so every candidate is scored on the tokens that generation from the same prompt keeps, not on tokens
+    picked by its own words. Earlier turns' answers stay: they are the conversation generation sees."""
+    model, processor, tokenizer, size, _ = CHATS[chat]()
+    for turns in ([(QUESTION, None)], [(QUESTION, ANSWER), (FOLLOW_UP, None)]):
+        prompts = [_conversation(processor, turns, first) for first in (True, False)]
+        asked = _inputs(model, processor, prompts, size)
+        generation = _picked(model, asked, tokenizer, tokenizer=processor)
+        for candidate in (SECOND_ANSWER, ANSWER + " " + FOLLOW_UP):
+            scored = _inputs(model, processor, [p + " " + candidate for p in prompts], size)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                assert _picked(model, scored, tokenizer, tokenizer=processor) == generation
+            words, _ = _picked(model, scored, tokenizer)  # without the template the candidate is question text
+            assert all(set(candidate.split()) <= set(tokenizer.convert_tokens_to_string(w).split()) for w in words)
+    # The second conversation's generation prompt holds the first answer as question text.
+    assert [tokenizer.convert_tokens_to_string(w).split() for w in generation[0]] == [
+        (QUESTION + " " + ANSWER + " " + FOLLOW_UP).split(), (ANSWER + " " + FOLLOW_UP).split()]

@@ -44,7 +44,9 @@ def prune(
             question text; where they mark all of it, the assistant turns of the chat
             template of ``tokenizer``) is left out of either, so training selects as
             generation will; labels over all of a row's question text with no assistant
-            turn found in it warn. ``ImageSelection.prompt_tokens`` records the positions used.
+            turn found in it warn. Without labels, text after the template's last assistant
+            header (a scored candidate answer) is no ``"question"`` either.
+            ``ImageSelection.prompt_tokens`` records the positions used.
         backend: ``zspa::select_tokens`` backend (``"auto"``, ``"reference"``, ...).
         tokenizer: optional, a tokenizer or the processor holding one: its special
             tokens (named, extra, and every added token marked special) and the tokens it

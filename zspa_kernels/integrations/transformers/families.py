@@ -1638,10 +1638,12 @@ def answer_header_runs(source, split_at=()) -> list[tuple[int, ...]]:
     return sorted(headers)
 
 
-def answer_positions(ids: torch.Tensor, headers: list[tuple[int, ...]], stops: torch.Tensor) -> torch.Tensor:
+def answer_positions(ids: torch.Tensor, headers: list[tuple[int, ...]], stops: torch.Tensor,
+                     last: bool = False) -> torch.Tensor:
     """Bool ``(B, L)``: the positions of ``ids`` (host ``(B, L)``) in an answer, each from the end of an
     occurrence of one of ``headers`` (:func:`answer_header_runs`) to the next position of ``stops`` (the
-    end of its turn: a special token, the template's next text, an image, padding), ends excluded."""
+    end of its turn: a special token, the template's next text, an image, padding), ends excluded;
+    ``last``: only the answer after a row's last header."""
     header = torch.zeros(ids.shape, dtype=torch.bool)
     for run in headers:  # the header's last token, where the answer starts after it
         m = len(run)
@@ -1650,7 +1652,8 @@ def answer_positions(ids: torch.Tensor, headers: list[tuple[int, ...]], stops: t
     positions = torch.arange(ids.shape[1]).expand(ids.shape)
     last_header = torch.where(header, positions, -1).cummax(1).values
     last_stop = torch.where(stops & ~header, positions, -1).cummax(1).values
-    return (last_header > last_stop) & ~header & ~stops
+    answer = (last_header > last_stop) & ~header & ~stops
+    return answer & (last_header == last_header[:, -1:]) if last else answer
 
 
 def template_positions(ids: torch.Tensor, runs: list[tuple[int, ...]]) -> torch.Tensor:

@@ -676,7 +676,9 @@ class PruneHandle:
         question text is all labelled (a loss over every token, as most VLM collators make), the
         answers are the text after each occurrence of the chat template's assistant header
         (``tokenizer=``: :func:`~.families.answer_header_runs`) to the end of its turn; where none is
-        found (or no template was given) it warns. A row with no question text labelled has no answer."""
+        found (or no template was given) it warns. A row with no question text labelled has no answer.
+        Without labels, the text after a row's last assistant header (a candidate answer scored after the
+        generation prompt) is no question: generation from that prompt has none yet."""
         inside = torch.zeros_like(visual_h)
         for r, c in zip(rows, cols):
             inside[r, int(c[0]):int(c[-1]) + 1] = True
@@ -710,6 +712,10 @@ class PruneHandle:
                 answer |= turns
                 self._warn_unmarked_answers(whole & ~(turns & question).any(1, keepdim=True))
             text, question = text & ~answer, question & ~answer
+        elif self._answer_headers and self.prompt == "question":
+            # Text after the last assistant header (an answer scored as a continuation of the generation
+            # prompt): no question, as generation from the same prompt has none yet. Earlier answers stay.
+            question = question & ~answer_positions(ids_h, self._answer_headers, ~words, last=True)
         if self.prompt == "all_text":
             return text
         after = question & (visual_h.long().cumsum(1) > 0)
