@@ -495,7 +495,9 @@ def test_a_labelled_answer_is_no_prompt_so_training_selects_as_inference_will(na
     """In a training batch whose labels mark the answer (the question's are -100), the answer is left
     out of the prompt: each image keeps the tokens (in the same order) that the question alone gives,
     as generation will, where no answer is written yet. Labels over every text token (a language-
-    modelling loss) mark no answer: the answer then counts as prompt text, as with no labels."""
+    modelling loss) mark no answer: the answer then counts as prompt text, as with no labels, and
+    prune() warns; PaliGemma's token types mark its suffix, the answer, which is then no prompt, nor
+    a question without labels."""
     tiny = (BUILDERS.get(name) or CROSS_ATTENTION_BUILDERS[name])()
     asked = tiny.make_inputs(tiny.batch)
     answered = _answered(tiny, asked)
@@ -507,10 +509,19 @@ def test_a_labelled_answer_is_no_prompt_so_training_selects_as_inference_will(na
 
     every_token = ids.masked_fill(answered["attention_mask"] == 0, -100)
     unlabelled = _picks(tiny, answered, prompt)
-    assert all(max(p) >= L for _, p, _ in unlabelled)  # the answer was in every row's prompt
-    with pytest.warns(UserWarning, match=r"labels cover every question token of a row with images .*"
-                                         r"tokenizer=processor"):  # no template: no answer to tell apart
-        assert _picks(tiny, answered, prompt, labels=every_token) == unlabelled
+    if name == "paligemma":  # its token types mark the answer (the suffix): no question without labels too
+        if prompt == "question":
+            assert unlabelled == at_inference
+        else:  # every attended token, the suffix too
+            assert all(max(p) >= L for _, p, _ in unlabelled)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # labels over every token, and the answer told by its types
+            assert _picks(tiny, answered, prompt, labels=every_token) == at_inference
+    else:
+        assert all(max(p) >= L for _, p, _ in unlabelled)  # the answer was in every row's prompt
+        with pytest.warns(UserWarning, match=r"labels cover every question token of a row with images .*"
+                                             r"tokenizer=processor"):  # no template: no answer to tell apart
+            assert _picks(tiny, answered, prompt, labels=every_token) == unlabelled
 
     with pytest.raises(ValueError, match=r"^labels: expected the shape of input_ids"):
         _picks(tiny, answered, prompt, labels=answer_only[:, 1:])

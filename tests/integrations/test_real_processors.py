@@ -203,7 +203,8 @@ def test_paligemma_prompts_hold_the_question_and_a_training_call_selects_as_gene
     """PaliGemma's processor writes every image of a row ahead of it, then ``<bos>``, the prompt and ``"\\n"``
     (an ordinary token: no question with a tokenizer). With a suffix (fine-tuning) it appends the suffix and
     ``<eos>``, typed 1 in ``token_type_ids`` (causal, where the prefix attends both ways) and labelled in
-    ``labels``: the answer, which is no prompt, so a training call keeps the tokens that generation keeps."""
+    ``labels``: the answer, which is no prompt, so a training call keeps the tokens that generation keeps; so
+    does a forward that scores the suffix without labels (its token types mark it)."""
     model, processor, tokenizer = _paligemma()
     gen = torch.Generator().manual_seed(0)
     images = [[_photo(16, 16, gen)], [_photo(16, 16, gen), _photo(24, 16, gen)]]
@@ -221,6 +222,18 @@ def test_paligemma_prompts_hold_the_question_and_a_training_call_selects_as_gene
     trained = _selections(model, train, processor)  # keep-all: the unpatched logits, bit for bit
     assert [_prompt_words(tokenizer, train, s) for s in trained] == prompts
     assert all(torch.equal(t.kept, s.kept) and torch.equal(t.order, s.order) for t, s in zip(trained, selections))
+    # The suffix without labels (a candidate answer scored by its log-likelihood): typed 1, no question either,
+    # with or without a tokenizer.
+    scored = {k: v for k, v in train.items() if k != "labels"}
+    for tokenizer_arg in (processor, None):
+        picks = []
+        for given in (inputs, scored):
+            with zspa_kernels.prune(model, keep=4, tokenizer=tokenizer_arg) as handle:
+                model(**given)
+            picks.append([s.order.tolist() for s in handle.last_selection])
+        assert [_prompt_words(tokenizer, scored, s) for s in handle.last_selection] == (
+            prompts if tokenizer_arg else untokenized)
+        assert picks[1] == picks[0]
     unpatched = model(**train).loss
     with zspa_kernels.prune(model, keep=4, tokenizer=processor):
         pruned = model(**train).loss

@@ -150,6 +150,10 @@ class Family:
     # writes for an image or video, its markers and separators too (Molmo2's column tokens, which no
     # config names): none of them is question text, with or without a tokenizer.
     typed_markers: bool = False
+    # True where the caller's token types (nonzero) mark an answer written after the prompt (PaliGemma's
+    # ``suffix=``, type 1): no question, also where no labels come with it (a candidate answer scored by
+    # its log-likelihood), as generation from the prompt has none yet.
+    typed_answers: bool = False
     # True where the family's processors write image markers that its config does not name (tile, row,
     # begin/end markers), or a function of the model's config saying so (LLaVA: Pixtral-tower checkpoints'
     # [IMG_BREAK]/[IMG_END]): only ``tokenizer=`` tells them from question text, so ``prune()`` warns
@@ -1260,7 +1264,7 @@ FAMILIES: tuple[Family, ...] = (
            image_token_counts=_fixed_counts(lambda config: config.mm_tokens_per_image),
            build_mask=_gemma3_masks, video_spans=_labelled_frame_spans(PAN_AND_SCAN)),
     # PaliGemma and PaliGemma 2: every image ahead of the prompt, back to back, a fixed count each.
-    Family("PaliGemma", ("paligemma",),
+    Family("PaliGemma", ("paligemma",), typed_answers=True,
            image_token_counts=_fixed_counts(lambda config: config.text_config.num_image_tokens),
            build_mask=_paligemma_masks, refuse_config=_paligemma_refusal),
     # Each image (each video frame, after its "MM:SS" timestamp) between its own begin/end-of-image

@@ -621,8 +621,9 @@ class PruneHandle:
     def _host_copy(self, inputs: dict, ids: torch.Tensor, mask: torch.Tensor, device):
         """The prefill's one host sync: ``(ids, mask, labels, marked)`` on the host, one copy; ``labels``
         are the caller's (the wrapper's, or the base model's where it takes them), None when none were
-        given; ``marked``: the positions the caller's token types mark as the processor's image tokens
-        (``Family.typed_markers``), None where the family's types do not or none were given."""
+        given; ``typed``: the positions the caller's token types mark (nonzero), read where they mark the
+        processor's image tokens (``Family.typed_markers``) or an answer (``Family.typed_answers``), None
+        where the family's types mark neither or none were given."""
         def per_position(name: str, value):  # a tensor of the ids' shape, or None where none was given
             if not isinstance(value, torch.Tensor):
                 return None
@@ -632,7 +633,8 @@ class PruneHandle:
 
         labels = per_position("labels", self._given_labels if self._given_labels is not None else inputs.get("labels"))
         types_arg = self.family.token_types_arg
-        types = per_position(types_arg, inputs.get(types_arg)) if self.family.typed_markers else None
+        typed = self.family.typed_markers or self.family.typed_answers
+        types = per_position(types_arg, inputs.get(types_arg)) if typed else None
         rows = [ids.to(device), mask.to(ids.dtype)] + [t.to(device, ids.dtype) for t in (labels, types) if t is not None]
         host = torch.stack(rows).cpu()
         return (host[0], host[1], None if labels is None else host[2],
@@ -651,7 +653,8 @@ class PruneHandle:
             previous[r] = int(c[-1]) + 1
         return self.family.video_spans(self.config, inputs, ids_h, frames, self._tokenizer)
 
-    def _prompt_tokens(self, ids_h, visual_h, mask_h, rows, cols, labels_h=None, spans=(), marked_h=None):
+    def _prompt_tokens(self, ids_h, visual_h, mask_h, rows, cols, labels_h=None, spans=(), marked_h=None,
+                       answered_h=None):
         """Which positions form the prompt vector (host bool ``(B, L)``).
 
         ``all_text``: every attended token that is neither visual nor inside an image
@@ -668,7 +671,8 @@ class PruneHandle:
         ``spans``: (row, first, last) of each video whose processor writes text between its
         frames (Qwen3-VL's timestamps): inside it, as row breaks are inside an image.
         ``marked_h``: the processor's image tokens by the caller's token types (``_host_copy``): no
-        question text, as the markers the config names are not.
+        question text, as the markers the config names are not. ``answered_h``: an answer by the caller's
+        token types (PaliGemma's suffix): no question, and with labels over all the text, the answer.
 
         ``labels_h`` (training): in a row whose question text is part labelled (``!= -100``)
         and part not, the labelled part is the answer, and no prompt in either mode: the
@@ -708,7 +712,10 @@ class PruneHandle:
             if bool(whole.any()):
                 # An answer after the template's header, to the end of its turn (the next special token,
                 # template text or image); every assistant turn, as labels over them alone would mark.
-                turns = answer_positions(ids_h, self._answer_headers, ~words) & labelled & whole
+                turns = answer_positions(ids_h, self._answer_headers, ~words)
+                if answered_h is not None:
+                    turns |= answered_h
+                turns &= labelled & whole
                 answer |= turns
                 self._warn_unmarked_answers(whole & ~(turns & question).any(1, keepdim=True))
             text, question = text & ~answer, question & ~answer
@@ -716,6 +723,8 @@ class PruneHandle:
             # Text after the last assistant header (an answer scored as a continuation of the generation
             # prompt): no question, as generation from the same prompt has none yet. Earlier answers stay.
             question = question & ~answer_positions(ids_h, self._answer_headers, ~words, last=True)
+        if answered_h is not None and self.prompt == "question":  # an answer typed so: none at generation
+            question = question & ~answered_h
         if self.prompt == "all_text":
             return text
         after = question & (visual_h.long().cumsum(1) > 0)
@@ -755,7 +764,9 @@ class PruneHandle:
         mask = _mask_2d(kwargs.get("attention_mask"), B, L, device)
         sizing = _count_inputs_on_host(inputs)  # there once the sync below returns
         # The one host sync: where the images are, and which tokens form the prompt.
-        ids_h, mask_h, labels_h, marked_h = self._host_copy(inputs, ids, mask, device)
+        ids_h, mask_h, labels_h, typed_h = self._host_copy(inputs, ids, mask, device)
+        marked_h = typed_h if self.family.typed_markers else None
+        answered_h = typed_h if self.family.typed_answers else None
         visual_h = torch.isin(ids_h, torch.tensor(self.visual_ids, dtype=ids_h.dtype))
         if not visual_h.any():  # a text-only prompt: nothing to select (and no images to size)
             return
@@ -766,7 +777,7 @@ class PruneHandle:
                           "tokenizer=processor)", UserWarning)
         rows, cols = self._find_images(ids_h, visual_h, sizing)
         prompt_h = self._prompt_tokens(ids_h, visual_h, mask_h, rows, cols, labels_h,
-                                       self._video_spans(ids_h, rows, cols, sizing), marked_h)
+                                       self._video_spans(ids_h, rows, cols, sizing), marked_h, answered_h)
         prompt_pos, prompt_valid, prompt_tokens = self._prompt_positions(prompt_h, rows, device)
         features = embeds if self.family.select_on is None else self.family.select_on(kwargs, embeds)
         prompt = features.gather(1, prompt_pos[..., None].expand(-1, -1, D))
