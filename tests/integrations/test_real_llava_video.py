@@ -8,8 +8,6 @@ frames one run with no marker between them; a Video-LLaVA video one selection a 
 output), of the token counts the processor wrote; the prompts are the question words only, in generate() too."""
 from __future__ import annotations
 
-from itertools import groupby
-
 import pytest
 import torch
 
@@ -24,6 +22,7 @@ from .test_real_processors import (  # noqa: E402
     _prompts_and_warnings,
     _retokenized,
     _runs_of_both,
+    _token_layout,
     _tokenizer,
     _video,
 )
@@ -32,16 +31,9 @@ BEFORE, BETWEEN, AFTER = "w44 w39 w53 w0", "w5 w6", "w43 w39 w7"
 
 
 def _layout(tokenizer, inputs, row: int) -> list[str]:
-    """Row ``row``'s tokens, padding and a leading BOS aside (4.57's Llama tokenizer writes one), each run of
-    ``<image>`` or ``<video>`` tokens written ``token*n``."""
-    tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][row][inputs["attention_mask"][row].bool()].tolist())
-    if tokens[0] == tokenizer.bos_token:
-        tokens = tokens[1:]
-    layout = []
-    for token, run in groupby(tokens):
-        n = len(list(run))
-        layout += [f"{token}*{n}"] if token in ("<image>", "<video>") else [token] * n
-    return layout
+    """Row ``row``'s tokens, padding and a leading BOS aside, each run of ``<image>`` or ``<video>`` tokens
+    written ``token*n``."""
+    return _token_layout(tokenizer, inputs, row, "<image>", "<video>", bos=False)
 
 
 def _mixed_inputs(processor, texts: list[str], photos: list[list[tuple[int, int]]], frames: int):

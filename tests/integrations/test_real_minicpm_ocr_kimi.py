@@ -11,8 +11,6 @@ as ``<|media_begin|>image<|media_content|>`` its tokens ``<|media_end|>``): each
 size gives (test_real_processors.py tests its video chunks)."""
 from __future__ import annotations
 
-from itertools import groupby
-
 import pytest
 import torch
 
@@ -47,13 +45,7 @@ def _minicpm_ocr(small_image_upsize: str = "always"):
 
 def _layout(tokenizer, inputs, row: int) -> list[str]:
     """Row ``row``'s tokens, padding aside, each run of image or video tokens written ``token*n``."""
-    tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][row][inputs["attention_mask"][row].bool()].tolist())
-    visual = {tokenizer.image_token, tokenizer.video_token}
-    layout = []
-    for token, run in groupby(tokens):
-        n = len(list(run))
-        layout += [f"{token}*{n}"] if token in visual else [token] * n
-    return layout
+    return _token_layout(tokenizer, inputs, row, tokenizer.image_token, tokenizer.video_token)
 
 
 @pytest.mark.parametrize("small_image_upsize", ["always", "never"])

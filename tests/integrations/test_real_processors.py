@@ -1593,13 +1593,16 @@ def test_aria_split_image_crops_are_budgeted_apart_and_its_template_markers_are_
 BEFORE_IMAGE, AFTER_IMAGES = "w44 w39 w53 w0", "w43 w39 w7"
 
 
-def _token_layout(tokenizer, inputs, row: int, image: str) -> list[str]:
-    """Row ``row``'s tokens, padding aside, each run of ``image`` tokens written ``image*n``."""
+def _token_layout(tokenizer, inputs, row: int, *visual: str, bos: bool = True) -> list[str]:
+    """Row ``row``'s tokens, padding aside (and a leading BOS, with ``bos=False``: 4.57's Llama tokenizer
+    writes one), each run of one of the ``visual`` tokens written ``token*n``."""
     tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][row][inputs["attention_mask"][row].bool()].tolist())
+    if not bos and tokens[:1] == [tokenizer.bos_token]:
+        tokens = tokens[1:]
     layout = []
     for token, run in groupby(tokens):
         n = len(list(run))
-        layout += [f"{token}*{n}"] if token == image else [token] * n
+        layout += [f"{token}*{n}"] if token in visual else [token] * n
     return layout
 
 
