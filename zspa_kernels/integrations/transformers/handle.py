@@ -619,7 +619,7 @@ class PruneHandle:
         return counts
 
     def _host_copy(self, inputs: dict, ids: torch.Tensor, mask: torch.Tensor, device):
-        """The prefill's one host sync: ``(ids, mask, labels, marked)`` on the host, one copy; ``labels``
+        """The prefill's one host sync: ``(ids, mask, labels, typed)`` on the host, one copy; ``labels``
         are the caller's (the wrapper's, or the base model's where it takes them), None when none were
         given; ``typed``: the positions the caller's token types mark (nonzero), read where they mark the
         processor's image tokens (``Family.typed_markers``) or an answer (``Family.typed_answers``), None
@@ -707,7 +707,7 @@ class PruneHandle:
             answer = labelled & split
             imaged = torch.zeros_like(split)
             imaged[sorted({int(r) for r in rows})] = True
-            # Rows with images whose labels cover all their question text
+            # Rows with images whose labels cover all their question text.
             whole = (question & labelled).any(1, keepdim=True) & ~split & imaged
             if bool(whole.any()):
                 # An answer after the template's header, to the end of its turn (the next special token,
