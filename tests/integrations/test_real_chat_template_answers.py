@@ -76,10 +76,17 @@ def _inputs(model, processor, texts: list[str], size: int):
     return inputs
 
 
+def _visual_ids(model) -> set[int]:
+    """The config's image (and video) token ids."""
+    values = [getattr(model.config, name, None) for name in ("image_token_id", "image_token_index", "video_token_id")]
+    return {v for value in values if value is not None for v in (value if isinstance(value, list) else [value])}
+
+
 def _collated_labels(model, inputs) -> torch.Tensor:
-    """A VLM collator's labels: every token, but padding and image tokens."""
+    """A VLM collator's labels: every token, but padding and image (and video) tokens."""
     ids = inputs["input_ids"]
-    return ids.masked_fill((inputs["attention_mask"] == 0) | (ids == model.config.image_token_id), -100)
+    visual = torch.isin(ids, torch.tensor(sorted(_visual_ids(model))))
+    return ids.masked_fill((inputs["attention_mask"] == 0) | visual, -100)
 
 
 @torch.no_grad()
@@ -96,8 +103,7 @@ def test_the_template_assistant_header_is_found_as_the_tokenizer_writes_it(chat)
     """The header before an answer, each way the tokenizer writes it in the template's context (runs that
     start with the end of the user's turn, where the config names no end-of-turn id)."""
     model, processor, tokenizer, _, headers = CHATS[chat]()
-    split_at = set(model.config.image_token_id if isinstance(model.config.image_token_id, list)
-                   else [model.config.image_token_id]) | special_token_ids(model.config)
+    split_at = _visual_ids(model) | special_token_ids(model.config)
     runs = [tokenizer.convert_ids_to_tokens(list(r)) for r in answer_header_runs(processor, split_at)]
     assert {tuple(h) for h in headers} == {tuple(r[-len(h):]) for r in runs for h in headers if r[-len(h):] == h}
     assert all(any(r[-len(h):] == h for h in headers) for r in runs)

@@ -18,16 +18,15 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import zspa_kernels  # noqa: E402
 from zspa_kernels.integrations.transformers.families import answer_header_runs, special_token_ids  # noqa: E402
 
 from .test_real_chameleon_deepseek import _deepseek_vl  # noqa: E402
 from .test_real_ernie_paddle import ERNIE_MARKERS, ERNIE_TEMPLATE, PADDLE_TEMPLATE, _ernie, _paddleocr_vl  # noqa: E402
-from .test_real_hunyuan_glm import GLM_MARKERS, GLM_TEMPLATE, _builder  # noqa: E402
+from .test_real_hunyuan_glm import _glm_ocr_chat  # noqa: E402
 from .test_real_llava_next_granite import _llava_next_templated  # noqa: E402
 from .test_real_mllama import LLAMA_TEMPLATE, _mllama  # noqa: E402
-from .test_real_processors import (  # noqa: E402
-    _bpe_tokenizer, _image_processor, _photo, _prompt_words, _retokenized, _tokenizer)
+from .test_real_chat_template_answers import _collated_labels, _conversation, _picked, _visual_ids  # noqa: E402
+from .test_real_processors import _bpe_tokenizer, _photo  # noqa: E402
 
 QUESTION, ANSWER, FOLLOW_UP, SECOND_ANSWER = "w4 w5 w6", "w7 w8", "w9 w10", "w11"
 WORDS = " ".join([QUESTION, ANSWER, FOLLOW_UP, SECOND_ANSWER])
@@ -64,21 +63,7 @@ def _paddle_chat():
 
 
 def _glm_chat():
-    """GLM-OCR as test_real_hunyuan_glm.py builds it (its role markers special, ``<think>``/``</think>`` ordinary)."""
-    _builder("glm_ocr")
-    import torchvision  # noqa: F401  (its video processor needs it: an error here, not a skip)
-
-    roles, thinking = ["<sop>", "<|user|>", "<|assistant|>"], ["<think>", "</think>"]
-    tokenizer = _tokenizer(GLM_MARKERS + roles, plain=["\n", *thinking], bos="[gMASK]")
-    sizes = dict(patch_size=2, temporal_patch_size=2, merge_size=2)
-    processor = transformers.Glm46VProcessor(
-        image_processor=_image_processor("Glm46VImageProcessor", size={"shortest_edge": 8 * 8, "longest_edge": 32 * 32},
-                                         **sizes),
-        video_processor=transformers.Glm46VVideoProcessor(**sizes), tokenizer=tokenizer, chat_template=GLM_TEMPLATE)
-    model = _retokenized("glm_ocr", tokenizer, dict(
-        image_token_id="<|image|>", video_token_id="<|video|>", image_start_token_id="<|begin_of_image|>",
-        image_end_token_id="<|end_of_image|>", video_start_token_id="<|begin_of_video|>",
-        video_end_token_id="<|end_of_video|>"))
+    model, processor, tokenizer = _glm_ocr_chat()
     return model, processor, tokenizer, [(16, 16)]
 
 
@@ -97,52 +82,12 @@ CHATS = {"deepseek_vl": _deepseek_chat, "deepseek_vl_hybrid": lambda: _deepseek_
          "paddleocr_vl": _paddle_chat, "glm_ocr": _glm_chat, "llava_next": _llava_next_chat, "mllama": _mllama_chat}
 
 
-def _visual_ids(model) -> set[int]:
-    config = model.config
-    ids = set()
-    for name in ("image_token_id", "image_token_index", "video_token_id"):
-        value = getattr(config, name, None)
-        if value is not None:
-            ids |= set(value if isinstance(value, list) else [value])
-    return ids
-
-
-def _conversation(processor, turns, image_first: bool) -> str:
-    """``turns`` of (question, answer) rendered for training (no generation prompt), the image in the first
-    question, before or after its text; an answer None: the generation prompt instead."""
-    messages = []
-    for i, (question, answer) in enumerate(turns):
-        content = [{"type": "text", "text": question}]
-        if i == 0:
-            content.insert(0 if image_first else 1, {"type": "image"})
-        messages.append({"role": "user", "content": content})
-        if answer is not None:
-            messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-    return processor.apply_chat_template(messages, add_generation_prompt=turns[-1][1] is None)
-
-
 def _inputs(model, processor, texts, sizes):
     gen = torch.Generator().manual_seed(0)
     inputs = processor(text=texts, images=[[_photo(h, w, gen)] for (h, w), _ in zip(sizes * len(texts), texts)],
                        padding=True, return_tensors="pt")
     inputs.pop("token_type_ids", None)  # 4.57's tokenizers return them; these models take none
     return inputs
-
-
-def _collated_labels(model, inputs) -> torch.Tensor:
-    """A VLM collator's labels: every token, but padding and image tokens."""
-    ids = inputs["input_ids"]
-    visual = torch.isin(ids, torch.tensor(sorted(_visual_ids(model))))
-    return ids.masked_fill((inputs["attention_mask"] == 0) | visual, -100)
-
-
-@torch.no_grad()
-def _picked(model, inputs, vocabulary, labels=None, **prune):
-    """The prompt's tokens (in ``vocabulary``) and the picks of each selection of one pruned forward."""
-    with zspa_kernels.prune(model, keep=4, **prune) as handle:
-        model(**inputs, **({} if labels is None else dict(labels=labels)))
-    return ([_prompt_words(vocabulary, inputs, s) for s in handle.last_selection],
-            [(s.batch_row, s.kept.tolist(), s.order.tolist()) for s in handle.last_selection])
 
 
 def _pruned(caught) -> list[str]:

@@ -177,18 +177,17 @@ GLM_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n<think></think>\n{% endif %}")
 
 
-def test_glm_ocr_chat_template_text_is_no_question_with_a_tokenizer():
-    """GLM-OCR's chat template writes ``[gMASK]<sop><|user|>\\n``, the image and the question (``Text
-    Recognition:``, after the image, or a question before it), then ``<|assistant|>\\n<think></think>\\n``: with
-    ``tokenizer=`` (its role markers special, ``<think>``/``</think>`` added as ordinary tokens, the newlines
-    ordinary text) the prompts are the question words alone, also in generate(). Without one the template's
-    text is question text (README: its special tokens are named by the tokenizer alone), and a question written
-    before its image is ranked by the generation prompt alone; no processor marker is involved, so no warning."""
+GLM_THINKING = ["<think>", "</think>"]
+
+
+def _glm_ocr_chat(words: tuple = ()):
+    """A tiny GLM-OCR with the real processor and GLM's chat template: its role markers special in the tokenizer,
+    ``<think>``/``</think>`` added as ordinary tokens, the newlines ordinary text; ``words``: more of its tokens."""
     _builder("glm_ocr")
     import torchvision  # noqa: F401  (its video processor needs it: an error here, not a skip)
 
-    roles, thinking = ["<sop>", "<|user|>", "<|assistant|>"], ["<think>", "</think>"]
-    tokenizer = _tokenizer(GLM_MARKERS + roles, plain=["\n", *thinking], words=("Text", "Recognition:"), bos="[gMASK]")
+    roles = ["<sop>", "<|user|>", "<|assistant|>"]
+    tokenizer = _tokenizer(GLM_MARKERS + roles, plain=["\n", *GLM_THINKING], words=words, bos="[gMASK]")
     sizes = dict(patch_size=2, temporal_patch_size=2, merge_size=2)
     processor = transformers.Glm46VProcessor(
         image_processor=_image_processor("Glm46VImageProcessor", size={"shortest_edge": 8 * 8, "longest_edge": 32 * 32},
@@ -198,6 +197,17 @@ def test_glm_ocr_chat_template_text_is_no_question_with_a_tokenizer():
         image_token_id="<|image|>", video_token_id="<|video|>", image_start_token_id="<|begin_of_image|>",
         image_end_token_id="<|end_of_image|>", video_start_token_id="<|begin_of_video|>",
         video_end_token_id="<|end_of_video|>"))
+    return model, processor, tokenizer
+
+
+def test_glm_ocr_chat_template_text_is_no_question_with_a_tokenizer():
+    """GLM-OCR's chat template writes ``[gMASK]<sop><|user|>\\n``, the image and the question (``Text
+    Recognition:``, after the image, or a question before it), then ``<|assistant|>\\n<think></think>\\n``: with
+    ``tokenizer=`` (its role markers special, ``<think>``/``</think>`` added as ordinary tokens, the newlines
+    ordinary text) the prompts are the question words alone, also in generate(). Without one the template's
+    text is question text (README: its special tokens are named by the tokenizer alone), and a question written
+    before its image is ranked by the generation prompt alone; no processor marker is involved, so no warning."""
+    model, processor, tokenizer = _glm_ocr_chat(words=("Text", "Recognition:"))
     after, before = "Text Recognition:", "w4 w5"
     texts = [processor.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True)
              for parts in ([{"type": "image"}, {"type": "text", "text": after}],
@@ -206,7 +216,7 @@ def test_glm_ocr_chat_template_text_is_no_question_with_a_tokenizer():
     gen = torch.Generator().manual_seed(0)
     inputs = processor(text=texts, images=[[_photo(16, 16, gen)], [_photo(16, 24, gen)]], padding=True,
                        return_tensors="pt")
-    generation = ["<|assistant|>", "\n", *thinking, "\n"]
+    generation = ["<|assistant|>", "\n", *GLM_THINKING, "\n"]
     assert _token_layout(tokenizer, inputs, 1, "<|image|>") == [
         "[gMASK]", "<sop>", "<|user|>", "\n", *before.split(), "<|begin_of_image|>", "<|image|>*24", "<|end_of_image|>",
         *generation]
