@@ -5,10 +5,11 @@ Qwen2.5-VL, Gemma 3, LLaVA-1.5). Here on the other chat templates the suite hold
 the tiny models their tests build: DeepSeek-VL (``\\n\\nAssistant: `` after a default system prompt), ERNIE-4.5-VL
 and PaddleOCR-VL (``\\nAssistant: ``, ``\\nAssistant:\\n``), GLM-OCR (``<|assistant|>\\n``), LLaVA-NeXT (Mistral's
 ``[INST] ... [/INST]``, the answer after `` [/INST] ``), Llama 3.2 Vision (``<|start_header_id|>assistant
-<|end_header_id|>\\n\\n``; a cross-attention model, its own handle). The suite's ERNIE-4.5-VL and PaddleOCR-VL
-templates write a user turn and the generation prompt only: here with the checkpoints' assistant turn added (the
-generation prompt, the answer, ``<|end_of_sentence|>``). ShieldGemma 2's template writes no assistant turn (every
-content item is a policy in a user turn of its own): nothing to tell apart there."""
+<|end_header_id|>\\n\\n``; a cross-attention model, its own handle), SmolVLM (``<end_of_utterance>\\nAssistant:``,
+unsplit images). The suite's ERNIE-4.5-VL and PaddleOCR-VL templates write a user turn and the generation prompt
+only: here with the checkpoints' assistant turn added (the generation prompt, the answer, ``<|end_of_sentence|>``).
+ShieldGemma 2's template writes no assistant turn (every content item is a policy in a user turn of its own):
+nothing to tell apart there."""
 from __future__ import annotations
 
 import warnings
@@ -27,6 +28,7 @@ from .test_real_llava_next_granite import _llava_next_templated  # noqa: E402
 from .test_real_mllama import LLAMA_TEMPLATE, _mllama  # noqa: E402
 from .test_real_chat_template_answers import _collated_labels, _conversation, _picked, _visual_ids  # noqa: E402
 from .test_real_processors import _bpe_tokenizer, _photo  # noqa: E402
+from .test_real_smolvlm_mistral_large4 import _smolvlm  # noqa: E402
 
 QUESTION, ANSWER, FOLLOW_UP, SECOND_ANSWER = "w4 w5 w6", "w7 w8", "w9 w10", "w11"
 WORDS = " ".join([QUESTION, ANSWER, FOLLOW_UP, SECOND_ANSWER])
@@ -72,6 +74,15 @@ def _llava_next_chat():
     return model, processor, tokenizer, [(16, 16)]
 
 
+def _smolvlm_chat():
+    from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
+
+    model, processor, tokenizer = _smolvlm(words=("User:", "Assistant:"))
+    processor.chat_template = DEFAULT_CHAT_TEMPLATE
+    processor.image_processor.do_image_splitting = False  # one selection an image (its tiles: the other tests)
+    return model, processor, tokenizer, [(16, 16)]
+
+
 def _mllama_chat():
     model, processor, tokenizer = _mllama()
     processor.chat_template = LLAMA_TEMPLATE
@@ -79,7 +90,8 @@ def _mllama_chat():
 
 
 CHATS = {"deepseek_vl": _deepseek_chat, "deepseek_vl_hybrid": lambda: _deepseek_chat(True), "ernie4_5_vl": _ernie_chat,
-         "paddleocr_vl": _paddle_chat, "glm_ocr": _glm_chat, "llava_next": _llava_next_chat, "mllama": _mllama_chat}
+         "paddleocr_vl": _paddle_chat, "glm_ocr": _glm_chat, "llava_next": _llava_next_chat, "mllama": _mllama_chat,
+         "smolvlm": _smolvlm_chat}
 
 
 def _inputs(model, processor, texts, sizes):
@@ -104,7 +116,8 @@ def _text(tokenizer, tokens) -> str:
 # the template writes a message's images before its text whatever their order (PaddleOCR-VL's, LLaVA-NeXT's).
 HEADERS = {"deepseek_vl": ["Assistant", ":"], "deepseek_vl_hybrid": ["Assistant", ":"],
            "ernie4_5_vl": ["Assistant", ":"], "paddleocr_vl": ["Assistant", ":"], "glm_ocr": ["<|assistant|>"],
-           "llava_next": ["Ġ[/", "INST", "]"], "mllama": ["<|start_header_id|>", "assistant", "<|end_header_id|>"]}
+           "llava_next": ["Ġ[/", "INST", "]"], "mllama": ["<|start_header_id|>", "assistant", "<|end_header_id|>"],
+           "smolvlm": ["<end_of_utterance>", "\n", "Assistant:"]}
 IMAGES_FIRST = {"paddleocr_vl", "llava_next"}
 
 
