@@ -884,6 +884,17 @@ def _bpe_tokenizer(specials: list[str], corpus: list[str]) -> "transformers.PreT
     return tokenizer
 
 
+def _nemotron_omni_processor(tokenizer, **image):
+    """The real Nemotron-H Omni processor around ``tokenizer``: 4 px patches (``image``: more of its image
+    processor's arguments), 64 patches a video frame, Parakeet's feature extractor for audio."""
+    module = transformers.models.nemotron_h_omni
+    return transformers.NemotronH_Omni_Reasoning_V3Processor(
+        image_processor=module.NemotronH_Omni_Reasoning_V3ImageProcessor(patch_size=4, **image),
+        video_processor=module.NemotronH_Omni_Reasoning_V3VideoProcessor(
+            patch_size=4, video_target_num_patches=64, norm_mean=[0.5] * 3, norm_std=[0.5] * 3),
+        feature_extractor=transformers.ParakeetFeatureExtractor(), tokenizer=tokenizer)
+
+
 def test_nemotron_h_omni_tubelet_labels_are_no_question():
     """Nemotron-H Omni's processor writes a video as its tubelets (two frames each), each an image (the image
     token, though its config names a video token) after a label naming its frames and their times, one a line:
@@ -903,12 +914,7 @@ def test_nemotron_h_omni_tubelet_labels_are_no_question():
     markers = ["<image>", "<img>", "</img>", "<video>", "<so_embedding>"]
     tokenizer = _bpe_tokenizer(markers, [before + after, label])
     assert len(tokenizer(label)["input_ids"]) > 16  # beyond the other labels' decode window
-    module = transformers.models.nemotron_h_omni
-    processor = transformers.NemotronH_Omni_Reasoning_V3Processor(
-        image_processor=module.NemotronH_Omni_Reasoning_V3ImageProcessor(patch_size=4),
-        video_processor=module.NemotronH_Omni_Reasoning_V3VideoProcessor(
-            patch_size=4, video_target_num_patches=64, norm_mean=[0.5] * 3, norm_std=[0.5] * 3),
-        feature_extractor=transformers.ParakeetFeatureExtractor(), tokenizer=tokenizer)
+    processor = _nemotron_omni_processor(tokenizer)
     config = nemotron_h_omni().model.config.to_dict()  # the tiny builder's, with this tokenizer's ids
     config["text_config"].update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     config["vision_config"].update(summary_idxs=[0])  # its one class token (the video path reads them)
