@@ -13,7 +13,7 @@ import inspect
 import re
 import unicodedata
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 
@@ -40,6 +40,16 @@ def _grid_merge(config) -> Optional[int]:
     return None
 
 
+def cut_run(run: int, counts: Iterator[int]) -> Optional[list[int]]:
+    """The next of ``counts`` that fill a run of ``run`` tokens exactly, None where they overshoot it or end
+    before it is full."""
+    taken, left = [], run
+    while left > 0 and (n := next(counts, None)) is not None:
+        taken.append(n)
+        left -= n
+    return taken if left == 0 else None
+
+
 def _runs_are_images(config, inputs: dict, runs: list[int]) -> list[int]:
     """Each run is one image: for families whose chat templates write text or markers between images.
     Where the inputs give one grid an image (``image_grid_thw``) and the runs of image tokens are fewer,
@@ -56,15 +66,10 @@ def _runs_are_images(config, inputs: dict, runs: list[int]) -> list[int]:
     images = iter([] if merge is None else (torch.as_tensor(grids).prod(-1) // merge).tolist())
     counts = []
     for run, i in zip(runs, ids):
-        if i != image:  # a video's run
-            counts.append(run)
-            continue
-        left = run
-        while left > 0 and (n := next(images, None)) is not None:
-            counts.append(n)
-            left -= n
-        if left != 0:
+        cut = cut_run(run, images) if i == image else [run]  # a video's run: as it is
+        if cut is None:
             break
+        counts += cut
     else:
         if next(images, None) is None:
             return counts
@@ -1505,12 +1510,32 @@ TEMPLATE_SENTINELS = ("Zqx7", "Wvk3")
 ANSWER_SENTINEL = "Jbm5"
 
 
+def _render(source, conversation: list[dict], generation_prompt: bool) -> list[str]:
+    """``source``'s chat template rendered for ``conversation`` (role, content: a sentinel) in each form: the
+    user's message alone, then with an image after it and before it (what a template writes next to an image
+    differs: LLaVA-1.5's newline after it), as lists of parts (a processor's template), then as strings (a
+    tokenizer's may take them); the renderings that hold every message."""
+    image = {"type": "image"}
+    rendered = []
+    for form in (lambda t: [t], lambda t: [t, image], lambda t: [image, t], None):  # None: content a string
+        messages = [{"role": m["role"], "content": m["content"] if form is None else
+                     form({"type": "text", "text": m["content"]}) if m["role"] == "user" else
+                     [{"type": "text", "text": m["content"]}]} for m in conversation]
+        try:
+            text = source.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+        except Exception:  # noqa: BLE001 - a template that refuses this form (or a system message)
+            continue
+        if isinstance(text, list):  # a batch of one
+            text = text[0] if text else None
+        if isinstance(text, str) and all(m["content"] in text for m in conversation):
+            rendered.append(text)
+    return rendered
+
+
 def _rendered_templates(source) -> list[tuple[str, tuple[str, ...]]]:
-    """``source``'s chat template rendered for one user message (then a system message and one user
-    message, then a user message, an answer and a user message), each message a sentinel, with the
-    generation prompt: ``(text, sentinels in it)``; the user's message alone, then with an image after
-    it and before it (what a template writes next to an image differs: LLaVA-1.5's newline after it).
-    A processor's template takes content as a list of parts; a tokenizer's may take a string."""
+    """``source``'s chat template rendered (:func:`_render`) with the generation prompt for one user message,
+    then a system message and one user message, then a user message, an answer and a user message:
+    ``(text, the sentinels in it)``."""
     system, user = TEMPLATE_SENTINELS
     # The last: a past exchange before the question, for the text the template writes between turns (ERNIE's
     # ``<|end_of_sentence|>User: ``), which a conversation of one turn does not write.
@@ -1518,24 +1543,31 @@ def _rendered_templates(source) -> list[tuple[str, tuple[str, ...]]]:
                      [{"role": "system", "content": system}, {"role": "user", "content": user}],
                      [{"role": "user", "content": user}, {"role": "assistant", "content": ANSWER_SENTINEL},
                       {"role": "user", "content": user}])
-    image = {"type": "image"}
-    forms = (lambda t: [t], lambda t: [t, image], lambda t: [image, t], None)  # None: content a string
-    rendered = []
-    for conversation in conversations:
-        for form in forms:
-            messages = [{"role": m["role"], "content": m["content"] if form is None else
-                         form({"type": "text", "text": m["content"]}) if m["role"] == "user" else
-                         [{"type": "text", "text": m["content"]}]} for m in conversation]
-            try:
-                text = source.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            except Exception:  # noqa: BLE001 - a template that refuses this form (or a system message)
-                continue
-            if isinstance(text, list):  # a batch of one
-                text = text[0] if text else None
-            names = tuple(m["content"] for m in conversation)
-            if isinstance(text, str) and all(name in text for name in names):
-                rendered.append((text, names))
-    return rendered
+    return [(text, tuple(m["content"] for m in conversation))
+            for conversation in conversations for text in _render(source, conversation, generation_prompt=True)]
+
+
+def _message_tokens(tokenizer, text: str, spans: list[tuple[int, int]], before: Optional[int] = None
+                    ) -> list[Optional[int]]:
+    """Each token of ``text`` (that starts before character ``before``) as ``tokenizer`` writes it in context,
+    None where it overlaps one of the messages' character ``spans`` (a space merged into a message's first
+    word); raises where the tokenizer gives no offsets."""
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return [None if any(start < e and s < end for s, e in spans) else token
+            for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"])
+            if before is None or start < before]
+
+
+def _trim_blanks(run: tuple[int, ...], tokenizer, known: dict) -> tuple[int, ...]:
+    """``run`` without the blank tokens at its ends: a blank next to a message may be merged into its
+    first word in context."""
+    blank = set(blank_token_ids(tokenizer, list(run), known))
+    first, last = 0, len(run)
+    while first < last and run[first] in blank:
+        first += 1
+    while last > first and run[last - 1] in blank:
+        last -= 1
+    return tuple(run[first:last])
 
 
 @torch.compiler.disable  # host-side tokenizer calls: nothing for Dynamo to trace
@@ -1556,9 +1588,7 @@ def template_token_runs(source, split_at=()) -> list[tuple[int, ...]]:
     for text, names in _rendered_templates(source):
         spans = [(m.start(), m.end()) for name in names for m in re.finditer(re.escape(name), text)]
         try:  # each token, None where it overlaps a message
-            encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-            tokens = [None if any(start < e and s < end for s, e in spans) else token
-                      for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"])]
+            tokens = _message_tokens(tokenizer, text, spans)
         except Exception:  # noqa: BLE001 - a tokenizer without offsets: each piece between messages alone
             pieces = re.split("|".join(map(re.escape, names)), text)
             tokens = [t for p in pieces for t in [*tokenizer(p, add_special_tokens=False)["input_ids"], None]]
@@ -1570,37 +1600,8 @@ def template_token_runs(source, split_at=()) -> list[tuple[int, ...]]:
                 runs.add(tuple(run))
                 run = []
     known: dict[int, bool] = {}
-    trimmed = set()
-    for run in runs:  # a blank next to a message may be merged into its first word in context: left out
-        blank = set(blank_token_ids(tokenizer, list(run), known))
-        first, last = 0, len(run)
-        while first < last and run[first] in blank:
-            first += 1
-        while last > first and run[last - 1] in blank:
-            last -= 1
-        trimmed.add(run[first:last])
+    trimmed = {_trim_blanks(run, tokenizer, known) for run in runs}
     return sorted(r for r in trimmed if len(r) > 1)  # one ordinary word alone could be the question's
-
-
-def _rendered_answers(source) -> list[str]:
-    """``source``'s chat template rendered for training: one user message (alone, with an image after
-    it, before it; content as parts or a string) and the assistant's answer after it, each a sentinel."""
-    user, answer = TEMPLATE_SENTINELS[1], ANSWER_SENTINEL
-    image = {"type": "image"}
-    rendered = []
-    for form in (lambda t: [t], lambda t: [t, image], lambda t: [image, t], None):
-        messages = [{"role": role, "content": text if form is None else
-                     form({"type": "text", "text": text}) if role == "user" else [{"type": "text", "text": text}]}
-                    for role, text in (("user", user), ("assistant", answer))]
-        try:
-            text = source.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
-        except Exception:  # noqa: BLE001 - a template that refuses this form
-            continue
-        if isinstance(text, list):  # a batch of one
-            text = text[0] if text else None
-        if isinstance(text, str) and user in text and answer in text and text.index(user) < text.rindex(answer):
-            rendered.append(text)
-    return rendered
 
 
 def answer_header_runs(source, split_at=()) -> list[tuple[int, ...]]:
@@ -1617,13 +1618,13 @@ def answer_header_runs(source, split_at=()) -> list[tuple[int, ...]]:
     headers: set[tuple[int, ...]] = set()
     known: dict[int, bool] = {}
     special = tokenizer_special_ids(tokenizer)
-    for text in _rendered_answers(source):
+    # Rendered for training: a user message, then the answer, the last message (no generation prompt).
+    for text in _render(source, [{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
+                        generation_prompt=False):
         start = text.rindex(answer)
         spans = [(m.start(), m.end()) for name in (user, answer) for m in re.finditer(re.escape(name), text)]
         try:  # the tokens before the answer's first, None where one overlaps a message
-            encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-            tokens = [None if any(s < e_ and s_ < e for s_, e_ in spans) else token
-                      for token, (s, e) in zip(encoded["input_ids"], encoded["offset_mapping"]) if s < start]
+            tokens = _message_tokens(tokenizer, text, spans, before=start)
         except Exception:  # noqa: BLE001 - a tokenizer without offsets: the text since the last message alone
             since = max((e for s, e in spans if e <= start), default=0)
             tokens = [None] + tokenizer(text[since:start], add_special_tokens=False)["input_ids"]
@@ -1632,13 +1633,9 @@ def answer_header_runs(source, split_at=()) -> list[tuple[int, ...]]:
             if token is None or token in split_at:
                 break
             run.insert(0, int(token))
-        blank = set(blank_token_ids(tokenizer, run, known))
-        while run and run[0] in blank:
-            run.pop(0)
-        while run and run[-1] in blank:
-            run.pop()
+        run = _trim_blanks(tuple(run), tokenizer, known)
         if len(run) > 1 or (run and run[0] in special):
-            headers.add(tuple(run))
+            headers.add(run)
     return sorted(headers)
 
 

@@ -45,8 +45,8 @@ import torch
 from ...checks import check_options
 from ...spec import as_keep
 from .families import (COUNT_INPUTS, RUN_IDS, RUN_ROWS, Family, answer_header_runs, answer_positions, blank_token_ids,
-                       special_token_ids, split_model, template_positions, template_token_runs, text_tokenizer,
-                       tokenizer_special_ids)
+                       cut_run, special_token_ids, split_model, template_positions, template_token_runs,
+                       text_tokenizer, tokenizer_special_ids)
 from .selection import ImageSelection, select_images, to_device, to_host
 
 PROMPTS = ("question", "all_text")
@@ -606,13 +606,11 @@ class PruneHandle:
             split[kind] = iter(split_runs(self.config, inputs, of_kind) if of_kind else [])
         counts = []
         for run, kind in zip(runs, video):
-            left = run
-            while left > 0 and (n := next(split[kind], None)) is not None:
-                counts.append(n)
-                left -= n
-            if left != 0:
+            cut = cut_run(run, split[kind])
+            if cut is None:
                 raise ValueError(f"model: a run of {run} {family.name} {'video' if kind else 'image'} tokens does "
                                  "not split into whole images/frames; cannot tell where each one's tokens are")
+            counts += cut
         if any(next(rest, None) is not None for rest in split.values()):
             raise ValueError(f"model: the {family.name} images/frames given imply more tokens than the inputs "
                              "hold; cannot tell where each one's tokens are")
