@@ -126,6 +126,12 @@ class _CacheState:
     # hook saw it (the language model's may carry the base model's own slots), wrapped in a tuple; the
     # language model's hook counts the appended tokens from it (see PruneHandle._base_pre_hook).
     caller_slots: Optional[tuple] = None
+    # The prefill's gather: (index, valid) as ``Prefill``'s, for readers of the cache that bring masks of the
+    # unpruned prompt, or none (a block diffusion decoder, block_diffusion.py).
+    layout: Optional[tuple] = None
+    # That decoder's masks for the canvas being denoised: (the caller's masks, tokens appended since the
+    # prefill, the canvas's length, the masks built for the pruned cache), built once a canvas.
+    decoder_masks: Optional[tuple] = None
 
 
 # transformers 5.24 renamed the cache argument ``past_key_values`` to ``cache``.
@@ -288,6 +294,14 @@ def _count_inputs_on_host(inputs: dict) -> dict:
                            if isinstance(inputs.get(name), torch.Tensor)})
 
 
+def _prebuilt(mask) -> bool:
+    """Whether the language model was handed prebuilt masks (4-D, or a dict of them by attention kind),
+    which a family's ``build_mask`` rebuilds for the pruned layout; a 2-D mask (or none) the language model
+    turns into masks itself, from the pruned 2-D mask then (DiffusionGemma's encoder on transformers 5.24
+    passes the 2-D mask of a forward call on: it builds its masks and drops them)."""
+    return isinstance(mask, dict) or (isinstance(mask, torch.Tensor) and mask.dim() == 4)
+
+
 def _mask_2d(mask, batch: int, length: int, device) -> torch.Tensor:
     """The 2-D padding mask of a prefill, as long; recovered from the 4-D mask (or the
     dict of them) that generate() builds ahead of the forward for static caches."""
@@ -306,6 +320,11 @@ def _mask_2d(mask, batch: int, length: int, device) -> torch.Tensor:
 
 class PruneHandle:
     """Hooks installed by :func:`zspa_kernels.prune`; ``remove()`` or leave the ``with`` block."""
+
+    # Whether a step on a pruned cache may append several tokens: one at a time where generate() decodes
+    # token by token (several would be assisted decoding, or a new prompt on the cache: refused); a block
+    # diffusion model's generate() appends each finished canvas (block_diffusion.py).
+    multi_token_steps = False
 
     def __init__(self, model: torch.nn.Module, family: Family, keep: Union[int, float],
                  core_ratio: float, relevance: str, prompt: str, backend: str,
@@ -469,7 +488,7 @@ class PruneHandle:
             return None
         step = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         q = step.shape[1]
-        if q != 1 or _new_pixels(kwargs):
+        if (q != 1 and not self.multi_token_steps) or _new_pixels(kwargs):
             # A prompt on a cache this handle pruned: a new generation if the cache was emptied
             # (read back once a prompt), else a reuse that would misplace tokens.
             if _is_empty(cache):
@@ -499,6 +518,8 @@ class PruneHandle:
         if kwargs.get("position_ids") is None:
             # Continue the original numbering; the model would count cache slots instead.
             kwargs["position_ids"] = state.next_position + appended
+            if q > 1:
+                kwargs["position_ids"] = kwargs["position_ids"] + torch.arange(q, device=step.device)
             return args, kwargs
         return None
 
@@ -835,8 +856,9 @@ class PruneHandle:
         slots = torch.arange(new_len, device=device)
         if kwargs.get("cache_position") is not None:  # transformers 4.x: cache slots
             kwargs["cache_position"] = slots
+        prebuilt = _prebuilt(kwargs.get("attention_mask"))
         kwargs["attention_mask"] = new_mask
-        if self.family.build_mask is not None:
+        if self.family.build_mask is not None and prebuilt:
             # The caller's token types, kept like the embeddings: none given, none passed on (the
             # base model then builds causal masks, and so does the family's builder).
             token_types = inputs.get(self.family.token_types_arg)
@@ -850,7 +872,7 @@ class PruneHandle:
             self.family.on_prefill(Prefill(kwargs, index, valid, n_kept))
         if cache is not None:
             last = positions.masked_fill(new_mask == 0, -1).amax(-1, keepdim=True)
-            state = _CacheState(new_mask, L, new_len, last + 1)
+            state = _CacheState(new_mask, L, new_len, last + 1, layout=(index, valid))
             full = _static_length(cache)
             if full is not None:
                 state.decode_mask = torch.cat([new_mask, new_mask.new_ones(B, full - new_len)], dim=1)
@@ -880,7 +902,7 @@ class PruneHandle:
         if step is None:
             step = kwargs["input_ids"]
         q = step.shape[1]
-        if q != 1:
+        if q != 1 and not self.multi_token_steps:
             raise RuntimeError(REUSE_ERROR)
         if state.decode_mask is not None:  # a static cache: the same shapes at every step
             cache = _cache_of(kwargs)
@@ -889,14 +911,15 @@ class PruneHandle:
             # The slots only where they are read: no tensor op otherwise (where the language model's forward
             # breaks Dynamo's graph, as Phi-4-multimodal's does, this hook is traced as a frame of its own,
             # and an op in it is a graph of its own).
-            if kwargs.get("cache_position") is not None or self.family.build_mask is not None:
+            build = self.family.build_mask is not None and _prebuilt(kwargs.get("attention_mask"))
+            if kwargs.get("cache_position") is not None or build:
                 # The caller's slots, as the base model's hook saw them; none seen: the language model
                 # was called without the base model.
                 appended = _appended(state, cache, kwargs.get("cache_position") if caller is None else caller[0])
                 slots = torch.arange(q, device=step.device) + (appended + state.pruned_len)
                 if kwargs.get("cache_position") is not None:
                     kwargs["cache_position"] = slots
-                if self.family.build_mask is not None:  # decode tokens are text: no image blocks
+                if build:  # decode tokens are text: no image blocks
                     mask = self.family.build_mask(self.config, step, mask, cache, kwargs.get("position_ids"), None,
                                                   slots, False)
             kwargs["attention_mask"] = mask
@@ -914,7 +937,7 @@ class PruneHandle:
         slots = torch.arange(past, past + q, device=step.device)
         if kwargs.get("cache_position") is not None:
             kwargs["cache_position"] = slots
-        if self.family.build_mask is not None:  # decode tokens are text: no image blocks
+        if self.family.build_mask is not None and _prebuilt(kwargs.get("attention_mask")):  # text: no image blocks
             mask = self.family.build_mask(self.config, step, mask, _cache_of(kwargs),
                                           kwargs.get("position_ids"), None, slots, False)
         kwargs["attention_mask"] = mask
