@@ -7,6 +7,7 @@ from typing import Union
 import torch
 
 from ...spec import DEFAULT_CORE_RATIO
+from .block_diffusion import BlockDiffusionPruneHandle
 from .cross_attention import CrossAttentionPruneHandle
 from .families import FAMILIES, find_family
 from .handle import PruneHandle, kv_cache
@@ -72,7 +73,8 @@ def prune(
     if isinstance(wrapped, torch.nn.Module):
         model = wrapped
     family = find_family(model)
-    handle = CrossAttentionPruneHandle if family.cross_attention else PruneHandle
+    handle = (CrossAttentionPruneHandle if family.cross_attention
+              else BlockDiffusionPruneHandle if family.block_diffusion else PruneHandle)
     handle = handle(model, family, keep, core_ratio, relevance, prompt, backend, tokenizer)
     if prompt == "question" and tokenizer is None and family.writes_unnamed_markers(model.config):
         warnings.warn(f"prune(): {family.name} processors write image markers (or row breaks) that model.config "

@@ -136,6 +136,10 @@ class Family:
     # (``cross_attention_states``), not as tokens of its sequence (Llama 3.2 Vision): pruned by
     # cross_attention.py's handle, which keeps the sequence and prunes those layers' keys and values.
     cross_attention: bool = False
+    # True where generate() denoises canvases of several tokens over the prompt's cache with a decoder of its
+    # own (DiffusionGemma): pruned by block_diffusion.py's handle, which also masks the decoder's reads of the
+    # pruned cache and appends each finished canvas to it.
+    block_diffusion: bool = False
     # (config, the base model's keyword arguments, host input_ids, (row, positions, the end of the
     # image or frame before it in its row or 0) of each video frame in order (of each image where the
     # config names no video token, InternVL's frames are images, or frame_token_attr is None), the
@@ -786,6 +790,12 @@ def _gemma4_masks(*args):
     return _gemma_masks("Gemma4ForConditionalGeneration", "mm_token_type_ids", *args)
 
 
+def _diffusion_gemma_masks(*args):
+    """DiffusionGemma's encoder: with ``use_bidirectional_attention="vision"``, each image block attends to
+    itself bidirectionally on every layer (its encoder's own builder, which generate() calls)."""
+    return _gemma_masks("DiffusionGemmaEncoderModel", "mm_token_type_ids", *args)
+
+
 def _gemma4_unified_masks(config, embeds, mask, cache, positions, token_types, slots, labelled):
     """Gemma 4 Unified's masks as its base model builds them: with ``use_bidirectional_attention=
     "vision"``, each image or video block attends to itself bidirectionally on every layer (the
@@ -1286,6 +1296,10 @@ FAMILIES: tuple[Family, ...] = (
     Family("Gemma 4 Unified", ("gemma4_unified",), visual_token_attrs=("image_token_id", "video_token_id"),
            build_mask=_gemma4_unified_masks, token_types_arg="mm_token_type_ids",
            video_spans=_stamped_video_spans(MINUTES_SECONDS)),
+    # DiffusionGemma: Gemma 4's images between begin/end-of-image markers, one run each, read by an encoder
+    # that prefills the cache; its decoder denoises each canvas over it (Family.block_diffusion).
+    Family("DiffusionGemma", ("diffusion_gemma",), lm_attr="encoder.language_model", block_diffusion=True,
+           build_mask=_diffusion_gemma_masks, token_types_arg="mm_token_type_ids"),
     # Phi-4-multimodal: its base model is its decoder, which embeds the image and audio features itself
     # (computed ahead by the hooks: Family.embed). Each image (HD crops, a separator, the global view) is
     # one run and budget; audio tokens are kept whole, like text.

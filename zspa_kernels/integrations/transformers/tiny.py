@@ -1625,6 +1625,51 @@ def gemma4(attn: str = "sdpa", seed: int = 0, unified: bool = False) -> TinyVLM:
                    frames_are_images=True)
 
 
+def diffusion_gemma(attn: str = "sdpa", seed: int = 0, sliding_window: int = 512) -> TinyVLM:
+    """DiffusionGemma (transformers 5.24+), a block diffusion model: Gemma 4's image layout (an image of
+    (h, w) patches of 4 px, at most 64, pooled 2x2 into ``h*w/4`` soft tokens between begin/end-of-image
+    markers) read by an encoder that prefills the cache, image blocks attending to themselves on every
+    layer; a decoder denoises canvases of 4 tokens over the cache. Its sliding-window layers count cache
+    slots, which pruning shortens: the default window covers every prompt here, so that a pruned model
+    equals the unpatched one with the dropped tokens masked out."""
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    torch.manual_seed(seed)
+    image_token, boi, eoi = 127, 125, 126
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=16, patch_size=4, pooling_kernel_size=2, position_embedding_size=16)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, global_head_dim=8, vocab_size=VOCAB, num_experts=2,
+                top_k_experts=1, moe_intermediate_size=32, max_position_embeddings=512, sliding_window=sliding_window,
+                layer_types=["sliding_attention", "full_attention"], use_bidirectional_attention="vision",
+                final_logit_softcapping=30.0, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    config = DiffusionGemmaConfig(vision_config=vision, text_config=text, image_token_id=image_token,
+                                  boi_token_id=boi, eoi_token_id=eoi, pad_token_id=PAD, canvas_length=4)
+    model = _finish(DiffusionGemmaForBlockDiffusion(config), attn)
+
+    def make_inputs(rows, seeds=None) -> dict:
+        pixels, positions = [], []
+
+        def segment(kind, size, gen, r):
+            h, w = size
+            pixels.append(torch.zeros(64, 3 * 4 * 4))
+            pixels[-1][: h * w] = torch.rand(h * w, 3 * 4 * 4, generator=gen)
+            ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+            positions.append(torch.full((64, 2), -1))
+            positions[-1][: h * w] = torch.stack([xs.flatten(), ys.flatten()], -1)
+            return [boi] + [image_token] * (h * w // 4) + [eoi]
+
+        out = _token_rows(rows, seeds, segment)
+        out["mm_token_type_ids"] = (out["input_ids"] == image_token).long()
+        out["pixel_values"], out["image_position_ids"] = torch.stack(pixels), torch.stack(positions)
+        return out
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 5), ("image", (8, 8)), ("text", 7)]],
+                   batch=[[("text", 5), ("image", (8, 8)), ("text", 7)],
+                          [("text", 3), ("image", (4, 8)), ("text", 1), ("image", (6, 8)), ("text", 4)]])
+
+
 class _FeatureMapTower(torch.nn.Module):
     """Stands in for Gemma 3n's MobileNetV5, a timm model (timm is no dependency of this project):
     two strided convolutions from 32x32 pixels to the ``(B, hidden_size, 4, 4)`` map its tower
@@ -3082,3 +3127,8 @@ BUILDERS = {
 # Models whose language model reads the image features through cross-attention layers, not as tokens of
 # its sequence (zspa_kernels.integrations.transformers.cross_attention): a suite of their own.
 CROSS_ATTENTION_BUILDERS = {"mllama": mllama}
+
+# Block diffusion models, whose generate() denoises canvases over the prompt's cache
+# (zspa_kernels.integrations.transformers.block_diffusion): a suite of their own. From transformers 5.24.
+BLOCK_DIFFUSION_BUILDERS = ({"diffusion_gemma": diffusion_gemma}
+                            if hasattr(transformers, "DiffusionGemmaForBlockDiffusion") else {})
