@@ -206,3 +206,29 @@ def test_the_real_processor_layout_generates_as_the_masked_model():
     for a, b in zip(steps, expected_steps):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert torch.equal(got.sequences, expected.sequences)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@torch.no_grad()
+def test_fused_backends_generate_like_the_reference_on_the_gpu(backend, monkeypatch):
+    """On a GPU (bench/run_gpu.sh's checks): every selection the hooks ask of a fused backend replays
+    against the fp64 oracle, and where its picks equal the reference backend's, every denoising step's
+    logits are the reference's, bit for bit."""
+    from .test_prune_on_gpu import _on, _recorded_calls, _replay
+
+    tiny = BLOCK_DIFFUSION_BUILDERS["diffusion_gemma"]()
+    model = tiny.model.to("cuda")
+    inputs = _on(tiny.make_inputs(tiny.batch), torch.device("cuda"))
+    with zspa_kernels.prune(model, keep=3, backend="reference") as reference:
+        expected, expected_steps = _generate(model, inputs)
+    calls = _recorded_calls(monkeypatch)
+    with zspa_kernels.prune(model, keep=3, backend=backend) as handle:
+        got, steps = _generate(model, inputs)
+    assert calls and all(args[7] == backend for args, _ in calls)
+    for args, picks in calls:
+        _replay(args, picks)
+    assert len(handle.last_selection) == len(reference.last_selection) == 3
+    if all(torch.equal(a.order, b.order) for a, b in zip(handle.last_selection, reference.last_selection)):
+        assert all(torch.equal(a, b) for a, b in zip(steps, expected_steps))
+        assert torch.equal(got.sequences, expected.sequences)
