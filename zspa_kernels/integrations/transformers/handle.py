@@ -360,6 +360,7 @@ class PruneHandle:
         self._answer_headers = [] if tokenizer is None else answer_header_runs(tokenizer, set(visual_ids) | named)
         params = inspect.signature(lm.forward).parameters
         self._cache_arg = next((k for k in CACHE_ARGS if k in params), CACHE_ARGS[-1])
+        self._takes_cache = any(k in params for k in CACHE_ARGS)  # an encoder-decoder's encoder takes none
         self.last_selection: list[ImageSelection] = []
         self._layout: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (index, valid) of the last prompt
         self._inputs: Optional[dict] = None  # the base model's keyword arguments of this call
@@ -841,7 +842,7 @@ class PruneHandle:
         if use_cache is None:  # passed on as None by several base models: the LM's default, as the LM reads it
             use_cache = getattr(self.lm.config, "use_cache", False) and not (
                 self.lm.training and getattr(self.lm, "gradient_checkpointing", False))
-        if cache is None and use_cache:
+        if cache is None and use_cache and self._takes_cache:
             from transformers import DynamicCache
 
             cache = kwargs[self._cache_arg] = DynamicCache(config=self.lm.config)
