@@ -16,7 +16,8 @@ transformers = pytest.importorskip("transformers")
 import zspa_kernels  # noqa: E402
 from zspa_kernels.integrations.transformers import kv_cache  # noqa: E402
 from zspa_kernels.integrations.transformers.tiny import (TEXT_IDS, BLOCK_DIFFUSION_BUILDERS, BUILDERS,  # noqa: E402
-                                                         CROSS_ATTENTION_BUILDERS, llava, mistral3)
+                                                         CROSS_ATTENTION_BUILDERS, ENCODER_DECODER_BUILDERS, llava,
+                                                         mistral3)
 
 from .reference import assert_same_generation, capture_lm_calls, lm_of, pruned_generation  # noqa: E402
 
@@ -800,8 +801,9 @@ def test_every_supported_model_type_has_a_tiny_builder_and_a_row_in_the_readme()
 
     readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
     built = set()
-    # The last two: suites of their own.
-    for name, build in {**BUILDERS, **CROSS_ATTENTION_BUILDERS, **BLOCK_DIFFUSION_BUILDERS}.items():
+    # But the first: suites of their own.
+    for name, build in {**BUILDERS, **CROSS_ATTENTION_BUILDERS, **BLOCK_DIFFUSION_BUILDERS,
+                        **ENCODER_DECODER_BUILDERS}.items():
         built.add(build().model.config.model_type)
     known = transformers.models.auto.configuration_auto.CONFIG_MAPPING_NAMES
     for family in FAMILIES:

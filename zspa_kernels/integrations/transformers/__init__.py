@@ -9,6 +9,7 @@ import torch
 from ...spec import DEFAULT_CORE_RATIO
 from .block_diffusion import BlockDiffusionPruneHandle
 from .cross_attention import CrossAttentionPruneHandle
+from .encoder_decoder import EncoderDecoderPruneHandle
 from .families import FAMILIES, find_family
 from .handle import PruneHandle, kv_cache
 from .selection import ImageSelection
@@ -74,7 +75,8 @@ def prune(
         model = wrapped
     family = find_family(model)
     handle = (CrossAttentionPruneHandle if family.cross_attention
-              else BlockDiffusionPruneHandle if family.block_diffusion else PruneHandle)
+              else BlockDiffusionPruneHandle if family.block_diffusion
+              else EncoderDecoderPruneHandle if family.encoder_decoder else PruneHandle)
     handle = handle(model, family, keep, core_ratio, relevance, prompt, backend, tokenizer)
     if prompt == "question" and tokenizer is None and family.writes_unnamed_markers(model.config):
         warnings.warn(f"prune(): {family.name} processors write image markers (or row breaks) that model.config "

@@ -140,6 +140,10 @@ class Family:
     # own (DiffusionGemma): pruned by block_diffusion.py's handle, which also masks the decoder's reads of the
     # pruned cache and appends each finished canvas to it.
     block_diffusion: bool = False
+    # True where the model is an encoder-decoder whose encoder reads the images (T5Gemma 2): the encoder is
+    # the language model pruned (``lm_attr``), and encoder_decoder.py's handle masks what the decoder reads of
+    # its output.
+    encoder_decoder: bool = False
     # (config, the base model's keyword arguments, host input_ids, (row, positions, the end of the
     # image or frame before it in its row or 0) of each video frame in order (of each image where the
     # config names no video token, InternVL's frames are images, or frame_token_attr is None), the
@@ -1300,6 +1304,9 @@ FAMILIES: tuple[Family, ...] = (
     # that prefills the cache; its decoder denoises each canvas over it (Family.block_diffusion).
     Family("DiffusionGemma", ("diffusion_gemma",), lm_attr="encoder.language_model", block_diffusion=True,
            build_mask=_diffusion_gemma_masks, token_types_arg="mm_token_type_ids"),
+    # T5Gemma 2: Gemma3's images (each between begin/end-of-image markers: one run) in the prompt that its
+    # encoder reads bidirectionally; the decoder cross-attends to the encoder's output (Family.encoder_decoder).
+    Family("T5Gemma 2", ("t5gemma2",), lm_attr="encoder.text_model", encoder_decoder=True),
     # Phi-4-multimodal: its base model is its decoder, which embeds the image and audio features itself
     # (computed ahead by the hooks: Family.embed). Each image (HD crops, a separator, the global view) is
     # one run and budget; audio tokens are kept whole, like text.

@@ -1670,6 +1670,44 @@ def diffusion_gemma(attn: str = "sdpa", seed: int = 0, sliding_window: int = 512
                           [("text", 3), ("image", (4, 8)), ("text", 1), ("image", (6, 8)), ("text", 4)]])
 
 
+def t5gemma2(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """T5Gemma 2 (transformers 5.17+), an encoder-decoder: Gemma3's images (16 soft tokens per 16x16 image
+    between begin/end-of-image markers) in the prompt, which the encoder reads bidirectionally (a
+    sliding-window layer whose window covers every prompt here: pruned, it counts kept tokens); the decoder
+    cross-attends to the encoder's output."""
+    from transformers import T5Gemma2Config, T5Gemma2ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    image_token, boi, eoi = 127, 125, 126
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, vocab_size=VOCAB,
+                max_position_embeddings=512, sliding_window=512, layer_types=["sliding_attention", "full_attention"],
+                pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    config = T5Gemma2Config(encoder=dict(text_config=text, vision_config=vision, mm_tokens_per_image=16,
+                                         boi_token_index=boi, eoi_token_index=eoi, image_token_index=image_token),
+                            decoder=text, image_token_index=image_token, eoi_token_index=eoi)
+    model = _finish(T5Gemma2ForConditionalGeneration(config), attn)
+    with torch.no_grad():  # zero at initialisation, as Gemma3's (checkpoints overwrite it)
+        model.model.encoder.multi_modal_projector.mm_input_projection_weight.normal_(std=32 ** -0.5)
+
+    def make_inputs(rows, seeds=None) -> dict:
+        pixels = []
+
+        def image(kind, _, gen, r):
+            pixels.append(torch.randn(3, 16, 16, generator=gen))
+            return [boi] + [image_token] * 16 + [eoi]
+
+        return dict(_token_rows(rows, seeds, image), pixel_values=torch.stack(pixels))
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("text", 5), ("image", 0), ("text", 7)]],
+                   batch=[[("text", 5), ("image", 0), ("text", 7)],
+                          [("text", 3), ("image", 0), ("text", 1), ("image", 0), ("text", 4)],
+                          [("image", 0), ("text", 9)]])
+
+
 class _FeatureMapTower(torch.nn.Module):
     """Stands in for Gemma 3n's MobileNetV5, a timm model (timm is no dependency of this project):
     two strided convolutions from 32x32 pixels to the ``(B, hidden_size, 4, 4)`` map its tower
@@ -3132,3 +3170,7 @@ CROSS_ATTENTION_BUILDERS = {"mllama": mllama}
 # (zspa_kernels.integrations.transformers.block_diffusion): a suite of their own. From transformers 5.24.
 BLOCK_DIFFUSION_BUILDERS = ({"diffusion_gemma": diffusion_gemma}
                             if hasattr(transformers, "DiffusionGemmaForBlockDiffusion") else {})
+
+# Encoder-decoder models whose encoder reads the images (zspa_kernels.integrations.transformers.encoder_decoder):
+# a suite of their own. From transformers 5.17.
+ENCODER_DECODER_BUILDERS = {"t5gemma2": t5gemma2} if hasattr(transformers, "T5Gemma2ForConditionalGeneration") else {}
