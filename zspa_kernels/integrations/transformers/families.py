@@ -1081,9 +1081,9 @@ FAMILIES: tuple[Family, ...] = (
     # each crop its own budget. Its MoE text model's routers need nothing of the hooks. Its chat template
     # writes <fim_prefix><|img|><fim_suffix>, markers no config names.
     Family("Aria", ("aria",), unnamed_markers=True, image_token_counts=_tower_counts),
-    # GOT-OCR2: an image's crops (a multi-page prompt's pages) are one run between <img> markers, a fixed
-    # count each: each crop its own budget.
-    Family("GOT-OCR2", ("got_ocr2",), unnamed_markers=True, image_token_counts=_tower_counts),
+    # GOT-OCR2 (and PP-Chart2Table, its model under a config of its own): an image's crops (a multi-page
+    # prompt's pages) are one run between <img> markers, a fixed count each: each crop its own budget.
+    Family("GOT-OCR2", ("got_ocr2", "pp_chart2table"), unnamed_markers=True, image_token_counts=_tower_counts),
     # DeepSeek-VL (Hybrid: a second, high-resolution tower's features in the same tokens): a fixed count
     # an image, no markers of its own around it.
     Family("DeepSeek-VL", ("deepseek_vl", "deepseek_vl_hybrid"), image_token_counts=_tower_counts),

@@ -434,16 +434,20 @@ def _tiles_between(start: int, end: int, image_token: int, tokens: int, size: in
     return make_inputs
 
 
-def got_ocr2(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+def got_ocr2(attn: str = "sdpa", seed: int = 0, chart2table: bool = False) -> TinyVLM:
     """GOT-OCR2: each crop of an image (64 px; the SAM tower's 16x16 patches, two stride-2
     convolutions: 16 tokens) is a fixed count of image tokens, the image's crops one run between
-    ``<img>`` and ``</img>``, which are in no config."""
+    ``<img>`` and ``</img>``, which are in no config. ``chart2table``: PP-Chart2Table (transformers 5.17+),
+    the same model under a ``pp_chart2table`` config (its checkpoints' ``model_type``)."""
     from transformers import GotOcr2Config, GotOcr2ForConditionalGeneration
 
     torch.manual_seed(seed)
     image_token, start, end = 127, 125, 126
-    config = GotOcr2Config(vision_config=SAM_TOWER, text_config=_tiny_llama("qwen2"), image_token_index=image_token,
-                           image_seq_length=16, pad_token_id=PAD)
+    config_cls = GotOcr2Config
+    if chart2table:
+        from transformers import PPChart2TableConfig as config_cls
+    config = config_cls(vision_config=SAM_TOWER, text_config=_tiny_llama("qwen2"), image_token_index=image_token,
+                        image_seq_length=16, pad_token_id=PAD)
     model = _finish(GotOcr2ForConditionalGeneration(config), attn)
 
     return TinyVLM(model, _tiles_between(start, end, image_token, tokens=16, size=64),
@@ -3026,6 +3030,9 @@ BUILDERS = {
     **({"lighton_ocr": lighton_ocr} if hasattr(transformers, "LightOnOcrForConditionalGeneration") else {}),
     "aria": aria,
     "got_ocr2": got_ocr2,
+    # PP-Chart2Table: from transformers 5.17
+    **({"pp_chart2table": lambda **kw: got_ocr2(chart2table=True, **kw)}
+       if hasattr(transformers, "PPChart2TableConfig") else {}),
     "deepseek_vl": deepseek_vl,
     "deepseek_vl_hybrid": lambda **kw: deepseek_vl(hybrid=True, **kw),
     "janus": janus,
