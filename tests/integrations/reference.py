@@ -30,6 +30,17 @@ def cache_arg(model, cache) -> dict:
             else "past_key_values": cache}
 
 
+def masked_out(inputs: dict, kept_positions: torch.Tensor, image_token: int) -> dict:
+    """``inputs`` with every image token not in ``kept_positions`` (``(B, L')``, -1 padded, as
+    ``PruneHandle.last_kept_positions``) masked out of the 2-D attention mask: the unpatched model that
+    a pruned one must equal where nothing counts cache slots."""
+    kept = torch.zeros_like(inputs["attention_mask"], dtype=torch.bool)
+    for row, positions in enumerate(kept_positions.cpu()):
+        kept[row, positions[positions >= 0]] = True
+    dropped = (inputs["input_ids"] == image_token) & ~kept
+    return dict(inputs, attention_mask=inputs["attention_mask"].masked_fill(dropped, 0))
+
+
 def static_cache(model, batch: int, length: int):
     """A ``StaticCache`` of ``length`` slots for ``model``'s language model, as this transformers
     version builds one (4.x also wants the batch, device and dtype up front)."""

@@ -7,8 +7,6 @@ over positions agree): every denoising step's logits, the generated tokens and t
 Keep-all reproduces the unpatched model bit for bit."""
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 
@@ -16,6 +14,8 @@ transformers = pytest.importorskip("transformers")
 
 import zspa_kernels  # noqa: E402
 from zspa_kernels.integrations.transformers.tiny import BLOCK_DIFFUSION_BUILDERS  # noqa: E402
+
+from .reference import cache_arg, masked_out  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not BLOCK_DIFFUSION_BUILDERS, reason="no block diffusion model in this transformers")
 
@@ -44,15 +44,6 @@ def _cache(output):
     return output.cache if hasattr(output, "cache") else output.past_key_values
 
 
-def _masked(inputs, kept_positions, image_token: int) -> dict:
-    """``inputs`` with every image token not in ``kept_positions`` (``(B, L')``, -1 padded) masked out."""
-    kept = torch.zeros_like(inputs["attention_mask"], dtype=torch.bool)
-    for row, positions in enumerate(kept_positions):
-        kept[row, positions[positions >= 0]] = True
-    dropped = (inputs["input_ids"] == image_token) & ~kept
-    return dict(inputs, attention_mask=inputs["attention_mask"].masked_fill(dropped, 0))
-
-
 @torch.no_grad()
 def test_keep_all_generates_the_unpatched_steps_bit_for_bit(tiny):
     inputs = tiny.make_inputs(tiny.batch)
@@ -74,7 +65,7 @@ def test_pruned_generation_is_the_unpatched_model_without_the_dropped_tokens(tin
         kept_positions = handle.last_kept_positions
         dropped = sum(s.n_tokens - s.kept.numel() for s in handle.last_selection)
     assert dropped > 0
-    expected, expected_steps = _generate(model, _masked(inputs, kept_positions, model.config.image_token_id))
+    expected, expected_steps = _generate(model, masked_out(inputs, kept_positions, model.config.image_token_id))
     assert len(steps) == len(expected_steps)
     for a, b in zip(steps, expected_steps):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -101,7 +92,7 @@ def test_a_forward_reads_the_pruned_cache_as_the_masked_model_does(tiny):
         got_masked = model(**inputs, decoder_input_ids=canvas, decoder_attention_mask=masks).logits
         with pytest.raises(ValueError, match=r"decoder_attention_mask: expected 36 columns .* got 35"):
             model(**inputs, decoder_input_ids=canvas, decoder_attention_mask=masks[:, 1:])
-    masked = _masked(inputs, kept_positions, model.config.image_token_id)
+    masked = masked_out(inputs, kept_positions, model.config.image_token_id)
     decoder_mask = torch.nn.functional.pad(masked["attention_mask"], (0, 4), value=1)
     reference = model(**masked, decoder_input_ids=canvas, decoder_attention_mask=decoder_mask).logits
     torch.testing.assert_close(got_masked, reference, rtol=1e-5, atol=1e-5)
@@ -124,10 +115,9 @@ def test_a_hand_written_loop_appends_canvases_at_their_original_positions(tiny):
         out = model(**inputs, decoder_input_ids=canvases[0],
                     decoder_attention_mask=torch.nn.functional.pad(mask, (0, 4), value=1))
         cache, logits = _cache(out), [out.logits]
-        cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         for done, canvas in zip(canvases, canvases[1:]):
             mask = torch.nn.functional.pad(mask, (0, 4), value=1)
-            out = model(input_ids=done, attention_mask=mask, **{cache_arg: cache}, decoder_input_ids=canvas,
+            out = model(input_ids=done, attention_mask=mask, **cache_arg(model, cache), decoder_input_ids=canvas,
                         decoder_attention_mask=torch.nn.functional.pad(mask, (0, 4), value=1))
             logits.append(out.logits)
         return logits
@@ -135,7 +125,7 @@ def test_a_hand_written_loop_appends_canvases_at_their_original_positions(tiny):
     with zspa_kernels.prune(model, keep=3) as handle:
         got = loop(inputs)
         kept_positions = handle.last_kept_positions
-    expected = loop(_masked(inputs, kept_positions, model.config.image_token_id))
+    expected = loop(masked_out(inputs, kept_positions, model.config.image_token_id))
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -187,22 +177,17 @@ def test_the_real_processor_layout_generates_as_the_masked_model():
     """The processor's rows (a question before its image, an image before its question; left-padded): each
     image is a selection of its own soft tokens, ranked by its row's question alone (no marker, no
     padding), and every denoising step equals the unpatched model's with the dropped tokens masked out."""
-    from .test_real_processors import _photo, _prompt_words, _runs
+    from .test_real_processors import _prompt_words, _questions_around_images, _runs
 
     model, processor, tokenizer = _diffusion_gemma_with_its_processor()
-    gen = torch.Generator().manual_seed(0)
-    questions = ["w44 w39 w53 w0", "w43 w39 w7"]
-    texts = [f"{questions[0]} {processor.image_token}", f"{processor.image_token} {questions[1]}"]
-    inputs = processor(text=texts, images=[[_photo(48, 40, gen)], [_photo(40, 56, gen)]], padding=True,
-                       return_tensors="pt")
-    inputs.pop("token_type_ids", None)
+    inputs, questions = _questions_around_images(processor, processor.image_token)
     runs = _runs(inputs["input_ids"], model.config.image_token_id)
     with zspa_kernels.prune(model, keep=5, tokenizer=processor) as handle:
         got, steps = _generate(model, inputs)
         selections, kept_positions = handle.last_selection, handle.last_kept_positions
     assert [(s.batch_row, s.n_tokens) for s in selections] == runs and all(n > 5 for _, n in runs)
-    assert [_prompt_words(tokenizer, inputs, s) for s in selections] == [q.split() for q in questions]
-    expected, expected_steps = _generate(model, _masked(inputs, kept_positions, model.config.image_token_id))
+    assert [_prompt_words(tokenizer, inputs, s) for s in selections] == questions
+    expected, expected_steps = _generate(model, masked_out(inputs, kept_positions, model.config.image_token_id))
     for a, b in zip(steps, expected_steps):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert torch.equal(got.sequences, expected.sequences)

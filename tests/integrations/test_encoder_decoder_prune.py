@@ -18,6 +18,8 @@ transformers = pytest.importorskip("transformers")
 import zspa_kernels  # noqa: E402
 from zspa_kernels.integrations.transformers.tiny import ENCODER_DECODER_BUILDERS  # noqa: E402
 
+from .reference import masked_out  # noqa: E402
+
 pytestmark = pytest.mark.skipif(not ENCODER_DECODER_BUILDERS, reason="no encoder-decoder VLM in this transformers")
 
 MODES = {
@@ -37,15 +39,6 @@ def tiny():
 def _generate(model, inputs, **kwargs):
     torch.manual_seed(1)  # the sampled mode's draws
     return model.generate(**inputs, max_new_tokens=6, output_scores=True, return_dict_in_generate=True, **kwargs)
-
-
-def _masked(inputs, kept_positions, image_token: int) -> dict:
-    """``inputs`` with every image token not in ``kept_positions`` (``(B, L')``, -1 padded) masked out."""
-    kept = torch.zeros_like(inputs["attention_mask"], dtype=torch.bool)
-    for row, positions in enumerate(kept_positions.cpu()):
-        kept[row, positions[positions >= 0]] = True
-    dropped = (inputs["input_ids"] == image_token) & ~kept
-    return dict(inputs, attention_mask=inputs["attention_mask"].masked_fill(dropped, 0))
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
@@ -69,7 +62,7 @@ def test_pruned_generation_is_the_unpatched_model_without_the_dropped_tokens(tin
         kept_positions = handle.last_kept_positions
         selections = handle.last_selection
     assert len(selections) == tiny.n_images(tiny.batch) and all(s.kept.numel() == 3 for s in selections)
-    expected = _generate(model, _masked(inputs, kept_positions, model.config.image_token_id), **MODES[mode])
+    expected = _generate(model, masked_out(inputs, kept_positions, model.config.image_token_id), **MODES[mode])
     assert torch.equal(got.sequences, expected.sequences)
     for a, b in zip(got.scores, expected.scores):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -95,7 +88,7 @@ def test_a_forward_encodes_the_kept_tokens_and_reads_them_as_the_masked_model_do
     text = (inputs["input_ids"] != model.config.image_token_id) & (inputs["attention_mask"] == 1)
     assert out.encoder_last_hidden_state.shape[1] == kept_positions.shape[1] == int((text.sum(1) + 3 * torch.tensor(
         [sum(seg[0] == "image" for seg in row) for row in tiny.batch])).max())
-    reference = model(**_masked(inputs, kept_positions, model.config.image_token_id), decoder_input_ids=answers)
+    reference = model(**masked_out(inputs, kept_positions, model.config.image_token_id), decoder_input_ids=answers)
     torch.testing.assert_close(out.logits, reference.logits, rtol=1e-5, atol=1e-5)
 
 
@@ -142,22 +135,17 @@ def test_the_real_processor_layout_generates_as_the_masked_model():
     """Gemma3's processor (which T5Gemma 2 checkpoints name): a question before its image and an image before
     its question, left-padded; each image a selection of its own soft tokens ranked by its row's question
     alone (its newlines and markers are no question with the tokenizer), and generation as the masked model's."""
-    from .test_real_processors import _photo, _prompt_words, _runs
+    from .test_real_processors import _prompt_words, _questions_around_images, _runs
 
     model, processor, tokenizer = _t5gemma2_with_its_processor()
-    gen = torch.Generator().manual_seed(0)
-    questions = ["w44 w39 w53 w0", "w43 w39 w7"]
-    texts = [f"{questions[0]} {processor.boi_token}", f"{processor.boi_token} {questions[1]}"]
-    inputs = processor(text=texts, images=[[_photo(48, 40, gen)], [_photo(40, 56, gen)]], padding=True,
-                       return_tensors="pt")
-    inputs.pop("token_type_ids", None)
+    inputs, questions = _questions_around_images(processor, processor.boi_token)
     runs = _runs(inputs["input_ids"], model.config.image_token_id)
     with zspa_kernels.prune(model, keep=5, tokenizer=processor) as handle:
         got = _generate(model, inputs, do_sample=False, num_beams=2)
         selections, kept_positions = handle.last_selection, handle.last_kept_positions
     assert [(s.batch_row, s.n_tokens) for s in selections] == runs
-    assert [_prompt_words(tokenizer, inputs, s) for s in selections] == [q.split() for q in questions]
-    expected = _generate(model, _masked(inputs, kept_positions, model.config.image_token_id), do_sample=False,
+    assert [_prompt_words(tokenizer, inputs, s) for s in selections] == questions
+    expected = _generate(model, masked_out(inputs, kept_positions, model.config.image_token_id), do_sample=False,
                          num_beams=2)
     assert torch.equal(got.sequences, expected.sequences)
     for a, b in zip(got.scores, expected.scores):

@@ -99,6 +99,18 @@ def _selections(model, inputs, processor, keep=4):
     return handle.last_selection
 
 
+def _questions_around_images(processor, placeholder: str):
+    """Two rows, left-padded: a question before its image, then an image before its question (random photos of
+    different sizes); the inputs and each row's question words."""
+    gen = torch.Generator().manual_seed(0)
+    questions = ["w44 w39 w53 w0", "w43 w39 w7"]
+    texts = [f"{questions[0]} {placeholder}", f"{placeholder} {questions[1]}"]
+    inputs = processor(text=texts, images=[[_photo(48, 40, gen)], [_photo(40, 56, gen)]], padding=True,
+                       return_tensors="pt")
+    inputs.pop("token_type_ids", None)  # the models here take none
+    return inputs, [q.split() for q in questions]
+
+
 def _prompt_words(tokenizer, inputs, selection) -> list[str]:
     return tokenizer.convert_ids_to_tokens(inputs["input_ids"][selection.batch_row, selection.prompt_tokens].tolist())
 

@@ -505,18 +505,7 @@ def janus(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     config = JanusConfig(text_config=_tiny_llama(), vision_config=vision, vq_config=vq, image_token_id=image_token,
                          pad_token_id=PAD)
     model = _finish(JanusForConditionalGeneration(config), attn)
-
-    def make_inputs(rows, seeds=None) -> dict:
-        pixels = []
-
-        def image(kind, _, gen, r):
-            pixels.append(torch.randn(3, 16, 16, generator=gen))
-            return [boi] + [image_token] * 16 + [eoi]
-
-        ids = _token_rows(rows, seeds, image)
-        return dict(ids, pixel_values=torch.stack(pixels))
-
-    return TinyVLM(model, make_inputs, **SPACED_ROWS)
+    return TinyVLM(model, _soft_token_images(image_token, boi, eoi, types=False), **SPACED_ROWS)
 
 
 def granite_docling(attn: str = "sdpa", seed: int = 0, fine: bool = False) -> TinyVLM:
@@ -1438,6 +1427,24 @@ def smolvlm(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
 SHIELD_YES, SHIELD_NO = 3, 4  # the tiny ShieldGemma 2's "Yes" and "No" tokens
 
 
+def _soft_token_images(image_token: int, boi: int, eoi: int, types: bool) -> Callable[..., dict]:
+    """``make_inputs`` for Gemma3's (and Janus's) layout: a 16x16 image, 16 tokens between begin/end-of-image
+    markers; ``types``: with the ``token_type_ids`` (1 on the soft tokens) that Gemma3's processor returns."""
+    def make_inputs(rows, seeds=None) -> dict:
+        pixels = []
+
+        def image(kind, _, gen, r):
+            pixels.append(torch.randn(3, 16, 16, generator=gen))
+            return [boi] + [image_token] * 16 + [eoi]
+
+        out = _token_rows(rows, seeds, image)
+        if types:
+            out["token_type_ids"] = (out["input_ids"] == image_token).long()
+        return dict(out, pixel_values=torch.stack(pixels))
+
+    return make_inputs
+
+
 def gemma3(attn: str = "sdpa", seed: int = 0, shield: bool = False) -> TinyVLM:
     """Gemma3: 16 soft tokens per 16x16 image between begin/end-of-image markers; image
     blocks attend bidirectionally; one sliding-window layer (window 16). ``shield``: ShieldGemma 2,
@@ -1473,18 +1480,7 @@ def gemma3(attn: str = "sdpa", seed: int = 0, shield: bool = False) -> TinyVLM:
     with torch.no_grad():
         model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=32 ** -0.5)
 
-    def make_inputs(rows, seeds=None) -> dict:
-        pixels = []
-
-        def image(kind, _, gen, r):
-            pixels.append(torch.randn(3, 16, 16, generator=gen))
-            return [boi] + [image_token] * 16 + [eoi]
-
-        out = _token_rows(rows, seeds, image)
-        out["token_type_ids"] = (out["input_ids"] == image_token).long()
-        return dict(out, pixel_values=torch.stack(pixels))
-
-    tiny = TinyVLM(model, make_inputs,
+    tiny = TinyVLM(model, _soft_token_images(image_token, boi, eoi, types=True),
                    single=[[("text", 5), ("image", 0), ("text", 7)]],
                    batch=[[("text", 5), ("image", 0), ("text", 7)],
                           [("text", 3), ("image", 0), ("text", 1), ("image", 0), ("text", 4)],
@@ -1696,16 +1692,7 @@ def t5gemma2(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     with torch.no_grad():  # zero at initialisation, as Gemma3's (checkpoints overwrite it)
         model.model.encoder.multi_modal_projector.mm_input_projection_weight.normal_(std=32 ** -0.5)
 
-    def make_inputs(rows, seeds=None) -> dict:
-        pixels = []
-
-        def image(kind, _, gen, r):
-            pixels.append(torch.randn(3, 16, 16, generator=gen))
-            return [boi] + [image_token] * 16 + [eoi]
-
-        return dict(_token_rows(rows, seeds, image), pixel_values=torch.stack(pixels))
-
-    return TinyVLM(model, make_inputs,
+    return TinyVLM(model, _soft_token_images(image_token, boi, eoi, types=False),
                    single=[[("text", 5), ("image", 0), ("text", 7)]],
                    batch=[[("text", 5), ("image", 0), ("text", 7)],
                           [("text", 3), ("image", 0), ("text", 1), ("image", 0), ("text", 4)],
