@@ -19,9 +19,11 @@ pytest.importorskip("transformers")
 from zspa_kernels.cli import main  # noqa: E402
 from zspa_kernels.fidelity import GridPoint, Journal, read_samples, run_grid, summarise, write  # noqa: E402
 from zspa_kernels.fidelity.grid import JOURNAL, kl_divergence, parse_core_ratios, parse_keeps  # noqa: E402
-from zspa_kernels.integrations.transformers.tiny import BUILDERS, CROSS_ATTENTION_BUILDERS  # noqa: E402
+from zspa_kernels.integrations.transformers.tiny import (BLOCK_DIFFUSION_BUILDERS, BUILDERS,  # noqa: E402
+                                                         CROSS_ATTENTION_BUILDERS, ENCODER_DECODER_BUILDERS)
 
-EVERY_BUILDER = {**BUILDERS, **CROSS_ATTENTION_BUILDERS}
+# Every model that generates token by token (an encoder-decoder's answers are its decoder's tokens).
+EVERY_BUILDER = {**BUILDERS, **CROSS_ATTENTION_BUILDERS, **ENCODER_DECODER_BUILDERS}
 
 NEW_TOKENS = 3
 TIMINGS = ("prefill_ms", "prefill_speedup", "environment", "started")
@@ -34,10 +36,10 @@ class TinySample:
     seed: int
 
 
-def tiny_run(name: str, n_samples: int = 5):
+def tiny_run(name: str, n_samples: int = 5, builders: dict = EVERY_BUILDER):
     """A tiny model of family ``name``, samples cycling through its mixed rows (different
     lengths and image counts, so batches are left-padded), and their encoder."""
-    tiny = EVERY_BUILDER[name]()
+    tiny = builders[name]()
     samples = [TinySample(f"row {i}", tiny.batch[i % len(tiny.batch)], i) for i in range(n_samples)]
 
     def encode(batch):
@@ -86,6 +88,16 @@ def test_keep_all_agrees_exactly_and_every_field_is_finite(name, tmp_path):
     assert json.loads(paths[0].read_text())["points"][0]["keep"] == summary["points"][0]["keep"]
     assert paths[1].read_text().count("\n| ") == len(GRID) + 1  # header and one row per point
     assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("name", sorted(BLOCK_DIFFUSION_BUILDERS))
+def test_a_block_diffusion_model_is_refused_before_any_pass(name, tmp_path):
+    """DiffusionGemma denoises canvases of tokens at once: there is no next-token distribution to compare,
+    and its answers are no greedy token-by-token generation. Refused, naming why, with nothing journaled."""
+    model, samples, encode = tiny_run(name, builders=BLOCK_DIFFUSION_BUILDERS)
+    with pytest.raises(ValueError, match="model: DiffusionGemma generates by block diffusion"):
+        run_grid(model, samples, encode, GRID, tmp_path, new_tokens=NEW_TOKENS, progress=False)
+    assert not (tmp_path / JOURNAL).exists()
 
 
 def test_kl_is_zero_for_equal_distributions_and_positive_otherwise():

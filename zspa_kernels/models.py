@@ -155,19 +155,32 @@ def dummy_inputs(name: str, batch: int, text_tokens: int = 32, device="cpu", dty
 def prefill(model, inputs: dict):
     """The prefill that ``generate()`` runs: the prompt into a fresh KV cache, which the caller gives
     as ``generate()`` does (some language models make none of their own: Granite 4 Vision's), logits
-    for its last position only. The demo, ``zspa fidelity`` and the e2e benchmark all time this call."""
-    from transformers import DynamicCache
+    for its last position only (an encoder-decoder's: of its decoder's first step). The demo,
+    ``zspa fidelity`` and the e2e benchmark all time this call."""
+    from transformers import DynamicCache, EncoderDecoderCache
 
     # transformers 5.24 renamed the cache argument ``past_key_values`` to ``cache``.
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    cache = DynamicCache(config=model.config.get_text_config())
-    return model(**inputs, **{name: cache}, use_cache=True, logits_to_keep=1)
+    if not getattr(model.config, "is_encoder_decoder", False):
+        cache = DynamicCache(config=model.config.get_text_config())
+        return model(**inputs, **{name: cache}, use_cache=True, logits_to_keep=1)
+    # An encoder-decoder (T5Gemma 2): the encoder over the prompt, then the decoder's first step from its start
+    # token, as generate() begins; the cache holds the decoder's keys and its cross-attention's (the encoder's).
+    config = model.generation_config
+    start = config.decoder_start_token_id if config.decoder_start_token_id is not None else config.bos_token_id
+    decoder = torch.full((inputs["input_ids"].shape[0], 1), start, device=inputs["input_ids"].device)
+    text = model.config.get_text_config(decoder=True)
+    cache = EncoderDecoderCache(DynamicCache(config=text), DynamicCache(config=text))
+    return model(**inputs, decoder_input_ids=decoder, **{name: cache}, use_cache=True)
 
 
 def cache_bytes(past_key_values) -> int:
     """Bytes held by a transformers KV cache (keys and values of every layer; a reference sliding-window
     layer's prompt states too, UnlimitedOCR's, which it holds apart from its window's, or in disjoint
-    views of one buffer on a static cache)."""
+    views of one buffer on a static cache; an encoder-decoder's self- and cross-attention caches)."""
+    parts = [getattr(past_key_values, name, None) for name in ("self_attention_cache", "cross_attention_cache")]
+    if any(part is not None for part in parts):  # an encoder-decoder's: the decoder's and its cross-attention's
+        return sum(cache_bytes(part) for part in parts if part is not None)
     total = 0
     for layer in getattr(past_key_values, "layers", []):
         for tensor in (getattr(layer, name, None) for name in ("keys", "values", "prefill_keys", "prefill_values")):

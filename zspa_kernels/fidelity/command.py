@@ -9,7 +9,8 @@ import torch
 
 from ..spec import BACKEND_CHOICES
 from . import offline, report
-from .grid import JOURNAL, GridPoint, JournalMismatch, parse_core_ratios, parse_keeps, run_grid
+from .grid import (JOURNAL, GridPoint, JournalMismatch, parse_core_ratios, parse_keeps, refuse_unmeasurable,
+                   run_grid)
 from .samples import Prompts, read_samples
 
 
@@ -68,6 +69,7 @@ def run(out: str, model_path: Optional[str] = None, data: Optional[str] = None, 
     model, processor, template, label = _load(model_path, device, dtype)
     try:
         find_family(model)  # before the unpruned pass: prune() would refuse the model only after it
+        refuse_unmeasurable(model)
     except ValueError as exc:
         print(f"zspa fidelity: --{exc}", file=sys.stderr)
         return 2

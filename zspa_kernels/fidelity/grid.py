@@ -197,13 +197,28 @@ def measure_pass(model, batches: Sequence[list], encode: Callable[[list], dict],
         first += step.argmax(-1).tolist()
         del out
         generated = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, num_beams=1)
-        answers += _answers(generated[:, inputs["input_ids"].shape[1]:], eos)
+        # After the prompt; an encoder-decoder's generate() returns the decoder's tokens, from its start token.
+        start = 1 if getattr(model.config, "is_encoder_decoder", False) else inputs["input_ids"].shape[1]
+        answers += _answers(generated[:, start:], eos)
         on_batch(len(batch))
     record = {"prefill_ms": prefill_ms, "kv_cache_bytes": kv,
               "first_tokens": first, "answers": answers}
     if handle is not None:
         record.update(visual_tokens=visual, visual_tokens_kept=kept)
     return record, torch.cat(logprobs)
+
+
+def refuse_unmeasurable(model) -> None:
+    """Raise ``ValueError`` for a model that ``prune()`` takes but whose answers are no token-by-token
+    generation from a next-token distribution, which this measurement compares (a block diffusion model
+    denoises canvases of tokens at once, DiffusionGemma's)."""
+    from ..integrations.transformers.families import find_family
+
+    family = find_family(model)
+    if family.block_diffusion:
+        raise ValueError(f"model: {family.name} generates by block diffusion (canvases of tokens denoised at "
+                         "once): no next-token distribution to compare; prune() takes it, zspa fidelity cannot "
+                         "measure it")
 
 
 def run_grid(model, samples: Sequence, encode: Callable[[list], dict], points: Sequence[GridPoint],
@@ -219,6 +234,7 @@ def run_grid(model, samples: Sequence, encode: Callable[[list], dict], points: S
 
     if new_tokens < 1 or batch_size < 1:
         raise ValueError(f"new_tokens, batch_size: expected >= 1, got {new_tokens}, {batch_size}")
+    refuse_unmeasurable(model)
     if not samples:
         raise ValueError("samples: nothing to measure (every sample was skipped?)")
     out_dir = pathlib.Path(out_dir)
