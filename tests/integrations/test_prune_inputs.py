@@ -980,3 +980,39 @@ def test_grid_images_back_to_back_without_markers_are_told_apart_by_their_grids(
         with pytest.raises(ValueError, match=r"^model: 3 images given \(image_grid_thw\) but 2 runs of their tokens, "
                                              r"which their grids do not cut into images"):
             tiny.model(**shifted)
+
+
+# -- finding 7: a prompt's masks are built once ------------------------------------------
+def _counted_mask_builds(monkeypatch) -> list:
+    """A list that grows by one at each mask transformers builds (every attention kind's builder)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS as builders
+
+    calls = []
+    for kind, build in builders._global_mapping.items():
+        def counted(*args, _build=build, _kind=kind, **kwargs):
+            calls.append(_kind)
+            return _build(*args, **kwargs)
+
+        monkeypatch.setitem(builders._local_mapping, kind, counted)
+    return calls
+
+
+@pytest.mark.parametrize("name", [n for n in ("gemma3", "shieldgemma2", "gemma4", "gemma4_unified") if n in BUILDERS])
+@pytest.mark.parametrize("keep", [KEEP, 1.0])
+@torch.no_grad()
+def test_a_pruned_prompt_builds_its_masks_as_often_as_the_unpatched_one(name, keep, monkeypatch):
+    """Family.passes_mask_dicts: the base model carries the hooks' placeholder instead of building masks for
+    the whole prompt, which the hooks then built again for the pruned one (transformers builds a Gemma's
+    image-block masks with torch.vmap: milliseconds of host time a prompt, twice)."""
+    tiny = BUILDERS[name]()
+    inputs = tiny.make_inputs(tiny.batch)
+    builds = _counted_mask_builds(monkeypatch)
+    tiny.model(**inputs)
+    tiny.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    unpatched, builds[:] = list(builds), []
+    assert unpatched
+    with zspa_kernels.prune(tiny.model, keep=keep) as handle:
+        assert handle.family.passes_mask_dicts
+        tiny.model(**inputs)
+        tiny.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert builds == unpatched

@@ -108,6 +108,13 @@ class Family:
     # position_ids, the kept tokens' types or None, cache slots, whether the caller gave labels)
     # -> the mask argument.
     build_mask: Optional[Callable[..., Any]] = None
+    # True where the base model hands a dict ``attention_mask`` to its language model as it is, building
+    # no masks of its own (Gemma3, Gemma4 on every supported transformers): a prompt's base model is then
+    # given an empty dict to carry (handle.py's ``_DeferredMasks``), and ``build_mask`` builds the masks
+    # once, for the layout the language model runs on. Otherwise the base model builds them for the
+    # whole prompt and the hooks build them again for the pruned one: twice the host time, which
+    # transformers' builder makes milliseconds where image blocks attend bidirectionally (``torch.vmap``).
+    passes_mask_dicts: bool = False
     # The base model's argument that marks the visual tokens for ``build_mask`` (the caller's,
     # gathered like the embeddings: without it the base model builds causal masks).
     token_types_arg: str = "token_type_ids"
@@ -1281,7 +1288,7 @@ FAMILIES: tuple[Family, ...] = (
     # the image's, with a tokenizer (decoded); a question written before the image was replaced by the second.
     Family("Gemma3", ("gemma3", "shieldgemma2"), lm_attr=("language_model", "model.language_model"),
            image_token_counts=_fixed_counts(lambda config: config.mm_tokens_per_image),
-           build_mask=_gemma3_masks, video_spans=_labelled_frame_spans(PAN_AND_SCAN)),
+           build_mask=_gemma3_masks, passes_mask_dicts=True, video_spans=_labelled_frame_spans(PAN_AND_SCAN)),
     # PaliGemma and PaliGemma 2: every image ahead of the prompt, back to back, a fixed count each.
     Family("PaliGemma", ("paligemma",), typed_answers=True,
            image_token_counts=_fixed_counts(lambda config: config.text_config.num_image_tokens),
@@ -1289,7 +1296,8 @@ FAMILIES: tuple[Family, ...] = (
     # Each image (each video frame, after its "MM:SS" timestamp) between its own begin/end-of-image
     # markers: one run each.
     Family("Gemma4", ("gemma4",), visual_token_attrs=("image_token_id", "video_token_id"),
-           on_prefill=_gather_positions("per_layer_inputs"), build_mask=_gemma4_masks, token_types_arg="mm_token_type_ids",
+           on_prefill=_gather_positions("per_layer_inputs"), build_mask=_gemma4_masks, passes_mask_dicts=True,
+           token_types_arg="mm_token_type_ids",
            video_spans=_stamped_video_spans(MINUTES_SECONDS)),
     # Each image between begin/end-of-image markers, a fixed count; audio (a tower of its own) is kept
     # whole. Per-layer inputs gathered as Gemma4's; causal masks, the language model's own.
@@ -1298,7 +1306,7 @@ FAMILIES: tuple[Family, ...] = (
            on_prefill=_gather_positions("per_layer_inputs")),
     # Gemma 4's token layout, encoder-free (a soft token a merged patch), without per-layer inputs.
     Family("Gemma 4 Unified", ("gemma4_unified",), visual_token_attrs=("image_token_id", "video_token_id"),
-           build_mask=_gemma4_unified_masks, token_types_arg="mm_token_type_ids",
+           build_mask=_gemma4_unified_masks, passes_mask_dicts=True, token_types_arg="mm_token_type_ids",
            video_spans=_stamped_video_spans(MINUTES_SECONDS)),
     # DiffusionGemma: Gemma 4's images between begin/end-of-image markers, one run each, read by an encoder
     # that prefills the cache; its decoder denoises each canvas over it (Family.block_diffusion).

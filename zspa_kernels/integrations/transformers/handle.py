@@ -302,6 +302,15 @@ def _prebuilt(mask) -> bool:
     return isinstance(mask, dict) or (isinstance(mask, torch.Tensor) and mask.dim() == 4)
 
 
+class _DeferredMasks(dict):
+    """The dict a prompt's base model carries to its language model in place of the masks it would build
+    (Family.passes_mask_dicts): its items are the base model's own ``"mask"`` (2-D or None), ``"token_types"``
+    and whether labels came with the call (``"labelled"``), for the language model's hook, which builds the
+    masks once, for the layout the language model runs on (the pruned one, or else the prompt's own). The
+    items are its whole state: what moves a call's tensors between devices (accelerate's hooks) rebuilds
+    a dict as ``type(d)(items)``."""
+
+
 def _mask_2d(mask, batch: int, length: int, device) -> torch.Tensor:
     """The 2-D padding mask of a prefill, as long; recovered from the 4-D mask (or the
     dict of them) that generate() builds ahead of the forward for static caches."""
@@ -364,6 +373,7 @@ class PruneHandle:
         self.last_selection: list[ImageSelection] = []
         self._layout: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (index, valid) of the last prompt
         self._inputs: Optional[dict] = None  # the base model's keyword arguments of this call
+        self._deferred: Optional[_DeferredMasks] = None  # this prompt's masks, until the hooks build them
         self._gather: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (index, valid)
         self._labels: Optional[torch.Tensor] = None  # taken from the wrapper, for the loss after it
         self._given_labels: Optional[torch.Tensor] = None  # the wrapper's labels of this call, for the prompt
@@ -476,7 +486,7 @@ class PruneHandle:
     def _base_pre_hook(self, module, args, kwargs):
         # The arguments are kept for the language model's hook of this call, which takes them (they
         # hold the cache: kept any longer, they would keep its memory after the caller let it go).
-        self._inputs = None
+        self._inputs = self._deferred = None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = _cache_of(kwargs)
         state = self._caches.get(cache) if cache is not None else None
@@ -485,8 +495,7 @@ class PruneHandle:
                 _refuse_lost(cache)  # before the base model numbers its tokens by the cache's length
             if _chunk_features(kwargs):  # before the base model merges them
                 raise RuntimeError(CHUNKED_ERROR)
-            self._inputs = dict(kwargs, input_ids=input_ids)
-            return None
+            return self._prompt(args, kwargs, input_ids, cache)
         step = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         q = step.shape[1]
         if (q != 1 and not self.multi_token_steps) or _new_pixels(kwargs):
@@ -494,18 +503,18 @@ class PruneHandle:
             # (read back once a prompt), else a reuse that would misplace tokens.
             if _is_empty(cache):
                 del self._caches[cache]
-                self._inputs = dict(kwargs, input_ids=input_ids)
-                return None
+                return self._prompt(args, kwargs, input_ids, cache)
             raise RuntimeError(REUSE_ERROR)
+        carried = False
         if state.decode_mask is None:  # dynamic layers: the length is a host integer
             length = _host_length(cache)
             if length == 0:  # emptied since the prefill: a new sequence
                 del self._caches[cache]
-                self._inputs = dict(kwargs, input_ids=input_ids)
-                return None
+                return self._prompt(args, kwargs, input_ids, cache)
             if length != state.pruned_len + state.grown:
                 raise RuntimeError(CROP_ERROR)  # cropped (or extended) outside this generation's steps
             appended = state.grown
+            carried = self._carry_masks(args, kwargs)
         else:
             # A static cache's decode step, known without reading its length back: this handle
             # pruned the cache, and a reset drops its state (_CacheWatch.reset, set at the prefill).
@@ -522,9 +531,50 @@ class PruneHandle:
             if q > 1:
                 kwargs["position_ids"] = kwargs["position_ids"] + torch.arange(q, device=step.device)
             return args, kwargs
-        return None
+        return (args, kwargs) if carried else None
+
+    def _prompt(self, args, kwargs, input_ids, cache):
+        """A prompt: its arguments kept for the language model's hook, and its masks left to that hook where
+        the base model would build them (a fresh sequence's: :meth:`_carry_masks`)."""
+        self._inputs = dict(kwargs, input_ids=input_ids)
+        if input_ids is None or (cache is not None and _host_length(cache) != 0):
+            return None
+        return (args, kwargs) if self._carry_masks(args, kwargs) else None
+
+    def _carry_masks(self, args, kwargs) -> bool:
+        """Where the base model carries a dict of masks to its language model as it is (Family.passes_mask_dicts)
+        and would build masks from a 2-D one (or none, given by keyword), hand it an empty dict to carry, and
+        leave the masks to the language model's hook, which builds them once: the base model would build them
+        for the prompt as given (a prompt's whole length, a decode step's unpruned one), and the hook again
+        for the pruned layout. Returns whether it did."""
+        if not self.family.passes_mask_dicts or len(args) > 1 or _prebuilt(kwargs.get("attention_mask")):
+            return False
+        labelled = kwargs.get("labels") is not None or self._labels is not None
+        kwargs["attention_mask"] = _DeferredMasks(mask=kwargs.get("attention_mask"), labelled=labelled,
+                                                  token_types=kwargs.get(self.family.token_types_arg))
+        return True
 
     def _lm_pre_hook(self, module, args, kwargs):
+        deferred = kwargs.get("attention_mask")
+        if not isinstance(deferred, _DeferredMasks):
+            self._deferred = None
+            return self._lm_pre_with_embeds(module, args, kwargs)
+        # The base model's own mask, as the hooks read a prompt's; a pruned prefill builds the masks
+        # (_prefill), and every other prompt gets those the base model would have built.
+        kwargs["attention_mask"], self._deferred = deferred["mask"], deferred
+        try:
+            args, kwargs = self._lm_pre_with_embeds(module, args, kwargs) or (args, kwargs)
+            if self._deferred is not None:
+                embeds, token_types = kwargs["inputs_embeds"], deferred["token_types"]
+                kwargs["attention_mask"] = self.family.build_mask(
+                    self.config, embeds, deferred["mask"], _cache_of(kwargs), kwargs.get("position_ids"),
+                    None if token_types is None else token_types.to(embeds.device), kwargs.get("cache_position"),
+                    deferred["labelled"])
+        finally:
+            self._deferred = None
+        return args, kwargs
+
+    def _lm_pre_with_embeds(self, module, args, kwargs):
         cache = _cache_of(kwargs)
         if self.family.embed is None or (cache is not None and cache in self._caches):
             return self._lm_pre(module, args, kwargs, cache)
@@ -857,9 +907,10 @@ class PruneHandle:
         slots = torch.arange(new_len, device=device)
         if kwargs.get("cache_position") is not None:  # transformers 4.x: cache slots
             kwargs["cache_position"] = slots
-        prebuilt = _prebuilt(kwargs.get("attention_mask"))
+        prebuilt = self._deferred is not None or _prebuilt(kwargs.get("attention_mask"))
         kwargs["attention_mask"] = new_mask
         if self.family.build_mask is not None and prebuilt:
+            self._deferred = None  # built here, once, for the pruned layout
             # The caller's token types, kept like the embeddings: none given, none passed on (the
             # base model then builds causal masks, and so does the family's builder).
             token_types = inputs.get(self.family.token_types_arg)
@@ -938,7 +989,9 @@ class PruneHandle:
         slots = torch.arange(past, past + q, device=step.device)
         if kwargs.get("cache_position") is not None:
             kwargs["cache_position"] = slots
-        if self.family.build_mask is not None and _prebuilt(kwargs.get("attention_mask")):  # text: no image blocks
+        prebuilt = self._deferred is not None or _prebuilt(kwargs.get("attention_mask"))
+        if self.family.build_mask is not None and prebuilt:
+            self._deferred = None  # text: no image blocks
             mask = self.family.build_mask(self.config, step, mask, _cache_of(kwargs),
                                           kwargs.get("position_ids"), None, slots, False)
         kwargs["attention_mask"] = mask
