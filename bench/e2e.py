@@ -2,7 +2,7 @@
 
     python -m bench.e2e --models llava-1.5-7b qwen2.5-vl-7b --batch 1 8 --out e2e.json
 
-Per model, batch size and budget (all visual tokens, 64 of 576, 10%): prefill latency
+Per model, batch size and budget (all visual tokens, 64 of them, 10%): prefill latency
 (one forward over the prompt, vision tower included) and, on GPUs, the summed time of its
 kernels (how much of the prefill the GPU worked; the rest is the host), time to first token and
 decode throughput (from per-token timestamps inside ``generate``), peak device
@@ -35,9 +35,9 @@ KEEPS = (None, 64, 0.10)  # None: the unpruned model
 TEXT_TOKENS = 32
 
 
-def selection_us(B: int, D: int, k: int, backend: str, device, dtype) -> float:
-    """``select_tokens`` alone on the shapes the hook sees: B rows of 576 tokens, a per-token prompt."""
-    shape = hb.Shape("e2e", B, models.VISUAL_TOKENS, D)
+def selection_us(B: int, N: int, D: int, k: int, backend: str, device, dtype) -> float:
+    """``select_tokens`` alone on the shapes the hook sees: B rows of N tokens, a per-token prompt."""
+    shape = hb.Shape("e2e", B, N, D)
     visual, _ = hb.make_inputs(shape, dtype, device)
     prompt = torch.randn(B, TEXT_TOKENS, D, device=device, dtype=dtype)
     mask = torch.ones(B, TEXT_TOKENS, dtype=torch.bool, device=device)
@@ -142,7 +142,7 @@ def run(names, batches, device, backend: str, new_tokens: int, repeats: int, pro
         progress(f"building {name} with random weights on {device} ...")
         model = models.build(name, dtype=dtype, device=device)
         D = model.config.text_config.hidden_size
-        N = models.VISUAL_TOKENS
+        N = models.visual_tokens(name)
         for B in batches:
             inputs = models.dummy_inputs(name, B, TEXT_TOKENS, device=device, dtype=dtype)
             for keep in KEEPS:
@@ -161,7 +161,7 @@ def run(names, batches, device, backend: str, new_tokens: int, repeats: int, pro
                           "tokens": inputs["input_ids"].shape[1],
                           "median_us": 1e3 * stats["prefill_ms"], **stats, "selection_share": None}
                 if keep is not None:
-                    record["selection_us"] = selection_us(B, D, k, impl, device, dtype)
+                    record["selection_us"] = selection_us(B, N, D, k, impl, device, dtype)
                     record["selection_share"] = record["selection_us"] * 1e-3 / stats["prefill_ms"]
                     record["hook_share"] = stats["hook_ms"] / stats["prefill_ms"]
                 hook = f", pruning hook {stats['hook_ms']:.2f} ms" if "hook_ms" in stats else ""

@@ -7,6 +7,10 @@ benchmarks and the demo build the published architectures from their configs:
   (values of ``llava-hf/llava-1.5-7b-hf``);
 * ``qwen2.5-vl-7b``: the Qwen2.5-VL vision tower (window attention, 2x2 patch
   merge) + the 7B Qwen2 language model (values of ``Qwen/Qwen2.5-VL-7B-Instruct``);
+* ``gemma3-4b``: SigLIP-so400m at 896 px, its 4096 patches pooled into 256 soft tokens between
+  begin/end-of-image markers, each image block attending to itself bidirectionally + the
+  Gemma 3 4B language model, five sliding-window layers to one global (values of
+  ``google/gemma-3-4b-it``);
 * ``llava-3b``: the LLaVA-1.5 vision side (CLIP ViT-L/14 at 336 px) with a language model
   of Llama-3.2-3B's size, the proportions of a real VLM on a budget a CPU can run: the
   language model is most of the unpruned prefill, as in LLaVA (``zspa demo``);
@@ -23,6 +27,7 @@ import torch
 
 LLAVA_IMAGE_TOKEN = 32000
 QWEN_IMAGE_TOKEN, QWEN_VISION_START, QWEN_VISION_END = 151655, 151652, 151653
+GEMMA3_IMAGE_TOKEN, GEMMA3_BOI, GEMMA3_EOI = 262144, 255999, 256000
 
 _LLAVA_SIZES = {
     "7b": dict(vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
@@ -45,10 +50,22 @@ _QWEN_SIZES = {
                  text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=2)),
 }
-# Visual tokens of one 336 x 336 image in both families: 24 x 24 CLIP patches for LLaVA,
-# 48 x 48 patches merged 2 x 2 for Qwen2.5-VL.
+_GEMMA3_SIZES = {
+    "4b": dict(vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                           image_size=896),
+               text=dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8,
+                         num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256)),
+    # 448 px: 32 x 32 patches pooled 2 x 2 into the same 256 tokens; two layers, one of each kind.
+    "tiny": dict(vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                             image_size=448),
+                 text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32,
+                           layer_types=["sliding_attention", "full_attention"])),
+}
+# Visual tokens of one image: 24 x 24 CLIP patches of a 336 x 336 image for LLaVA, 48 x 48 patches
+# merged 2 x 2 for Qwen2.5-VL; Gemma 3's image (896 x 896) is 256 soft tokens whatever its size.
 VISUAL_TOKENS = 576
-MODELS = ("llava-1.5-7b", "qwen2.5-vl-7b", "llava-1.5-tiny", "qwen2.5-vl-tiny")
+MODELS = ("llava-1.5-7b", "qwen2.5-vl-7b", "gemma3-4b", "llava-1.5-tiny", "qwen2.5-vl-tiny", "gemma3-tiny")
 RANDOM_BLOCK = 1_000_003  # a prime: windows of it never line up with a weight's rows
 
 
@@ -79,18 +96,43 @@ def qwen25_vl_config(size: str = "7b"):
                             vision_start_token_id=QWEN_VISION_START, vision_end_token_id=QWEN_VISION_END)
 
 
+def gemma3_config(size: str = "4b"):
+    from transformers import Gemma3Config
+
+    sizes = _GEMMA3_SIZES[size]
+    vision = dict(model_type="siglip_vision_model", patch_size=14, vision_use_head=False, **sizes["vision"])
+    text = dict(vocab_size=262208, max_position_embeddings=131072, rms_norm_eps=1e-6, sliding_window=1024,
+                rope_theta=1e6, rope_local_base_freq=1e4, rope_scaling={"rope_type": "linear", "factor": 8.0},
+                **sizes["text"])
+    return Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=256,
+                        image_token_id=GEMMA3_IMAGE_TOKEN, boi_token_id=GEMMA3_BOI, eoi_token_id=GEMMA3_EOI)
+
+
+def visual_tokens(name: str) -> int:
+    """Visual tokens of the one image of :func:`dummy_inputs` for model ``name``."""
+    return 256 if name.startswith("gemma3") else VISUAL_TOKENS
+
+
 def config_for(name: str):
     family, size = name.rsplit("-", 1)
-    return llava_config(size) if family == "llava-1.5" else qwen25_vl_config(size)
+    return {"llava-1.5": llava_config, "qwen2.5-vl": qwen25_vl_config, "gemma3": gemma3_config}[family](size)
 
 
 def build(name: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", seed: int = 0):
     """The model ``name`` (one of ``MODELS``) with random weights, in eval mode."""
-    from transformers import LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
+    import transformers
 
     config = config_for(name)
-    cls = LlavaForConditionalGeneration if name.startswith("llava") else Qwen2_5_VLForConditionalGeneration
-    return build_from_config(cls, config, dtype, device, seed, fast_init=False)
+    cls = getattr(transformers, {"llava": "LlavaForConditionalGeneration", "qwen2.5": "Qwen2_5_VLForConditionalGeneration",
+                                 "gemma3": "Gemma3ForConditionalGeneration"}[name.split("-")[0]])
+    model = build_from_config(cls, config, dtype, device, seed, fast_init=False)
+    projector = getattr(getattr(model.model, "multi_modal_projector", None), "mm_input_projection_weight", None)
+    if projector is not None:
+        # Gemma 3's projector starts at zero (checkpoints overwrite it): every soft token would be the same
+        # zero vector, and the selection would choose between ties.
+        with torch.no_grad():
+            projector.normal_(std=projector.shape[0] ** -0.5)
+    return model
 
 
 def build_from_config(cls, config, dtype: torch.dtype, device, seed: int = 0, fast_init: bool = False):
@@ -132,11 +174,20 @@ def fill_random_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def dummy_inputs(name: str, batch: int, text_tokens: int = 32, device="cpu", dtype=torch.bfloat16, seed: int = 0):
-    """Model inputs for ``batch`` prompts of one 336 x 336 image followed by ``text_tokens`` question tokens."""
+    """Model inputs for ``batch`` prompts of one image (336 x 336; Gemma 3's at its tower's size) followed by
+    ``text_tokens`` question tokens."""
     g = torch.Generator().manual_seed(seed)
-    n = VISUAL_TOKENS
+    n = visual_tokens(name)
     question = torch.randint(100, 30000, (batch, text_tokens), generator=g)
-    if name.startswith("llava"):
+    if name.startswith("gemma3"):
+        image = torch.cat([torch.full((batch, 1), GEMMA3_BOI), torch.full((batch, n), GEMMA3_IMAGE_TOKEN),
+                           torch.full((batch, 1), GEMMA3_EOI)], 1)
+        input_ids = torch.cat([torch.full((batch, 1), 2), image, question], 1)  # bos first
+        size = _GEMMA3_SIZES[name.rsplit("-", 1)[1]]["vision"]["image_size"]
+        # The processor marks the image's soft tokens as type 1: their block attends to itself both ways.
+        extra = {"pixel_values": torch.randn(batch, 3, size, size, generator=g),
+                 "token_type_ids": (input_ids == GEMMA3_IMAGE_TOKEN).long()}
+    elif name.startswith("llava"):
         image = torch.full((batch, n), LLAVA_IMAGE_TOKEN)
         input_ids = torch.cat([torch.ones(batch, 1, dtype=torch.long), image, question], 1)
         extra = {"pixel_values": torch.randn(batch, 3, 336, 336, generator=g)}
