@@ -301,6 +301,19 @@ def test_command_refuses_before_loading_what_would_fail_after_the_unpruned_pass(
     assert not (tmp_path / "out").exists()
 
 
+def test_command_refuses_a_checkpoint_that_is_no_vision_language_model(tmp_path, capsys):
+    """A checkpoint that AutoModelForImageTextToText does not load (a causal LM's): refused as the demo refuses
+    it (demo.load), exit 2, not a traceback after the header; no journal written."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path / "llama")
+    capsys.readouterr()
+    assert main(["fidelity", "--out", str(tmp_path / "out"), "--model", str(tmp_path / "llama")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("zspa fidelity: --model: cannot load")
+    assert not (tmp_path / "out").exists()
+
+
 def test_repeated_grid_points_are_measured_and_counted_once(tmp_path, capsys):
     assert main(["fidelity", "--keep", "16,16,1,1.0", "--core-ratio", "0.5,0.50", "--new-tokens", "1",
                  "--batch-size", "12", "--out", str(tmp_path)]) == 0

@@ -119,9 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--cmake-args", action="store_true",
                        help="print the -D options for a CMake build of csrc/ instead")
     build.set_defaults(func=cmd_build)
-    demo = sub.add_parser("demo", help="prune a LLaVA-architecture VLM on a sample photo (no downloads)")
+    demo = sub.add_parser("demo", help="prune a VLM on a sample photo (default: a random-weight LLaVA "
+                          "architecture, no downloads)")
     demo.add_argument("--out", default="zspa-demo", help="output folder")
-    demo.add_argument("--model", default=None, help="a local LLaVA-1.5-style checkpoint folder instead")
+    demo.add_argument("--model", default=None,
+                      help="a local checkpoint folder of any supported family instead (AutoModelForImageTextToText "
+                           "+ AutoProcessor; prompted with its chat template, else LLaVA-1.5's prompt)")
     demo.add_argument("--keep", type=int, default=64, help="visual tokens kept of each image")
     demo.add_argument("--size", choices=("3b", "tiny"), default="3b",
                       help="3b: CLIP ViT-L/14-336 + a Llama-3.2-3B-sized LM (real proportions, about a minute "

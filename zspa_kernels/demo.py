@@ -1,4 +1,4 @@
-"""``zspa demo``: prune a LLaVA-architecture VLM on a real photo, with every available backend.
+"""``zspa demo``: prune a vision-language model on a real photo, with every available backend.
 
 Nothing is downloaded. The photo is scikit-image's astronaut (NASA, public domain);
 the model is a LLaVA-1.5 architecture built from a config with RANDOM weights, with an
@@ -7,8 +7,14 @@ tokenizer built in code. ``--size 3b`` (the default) has real proportions: CLIP
 ViT-L/14 at 336 px (576 visual tokens) and a Llama-3.2-3B-sized language model, whose
 prefill dominates as in LLaVA, in bf16; ``--size tiny`` is a toy of the same shape for
 tests. Random weights make the kept tokens meaningless for the question, but the
-pipeline, the shapes, the KV-cache savings and the timings are the real ones;
-``--model PATH`` runs a local LLaVA-1.5-style checkpoint instead.
+pipeline, the shapes, the KV-cache savings and the timings are the real ones.
+
+``--model PATH`` runs a local checkpoint of any family ``prune()`` supports instead
+(``AutoModelForImageTextToText`` and ``AutoProcessor``), prompted as ``zspa fidelity``
+prompts it (:func:`prompt_template`). What the demo cannot run is refused before any
+timing: a checkpoint those classes cannot load, a family ``prune()`` does not take, a
+block diffusion model (:func:`refuse_untimeable`). The picture of the kept patches is
+drawn where the photo's tokens are one grid over it that the demo knows (:func:`picture_grid`).
 
 The selection time shown is the one of the ``zspa::select_tokens`` call that the pruning
 hooks made inside a pruned prefill (caught at the dispatcher): the same prompt, the same
@@ -21,23 +27,29 @@ import contextlib
 import pathlib
 import resource
 import statistics
+import sys
 import time
+from typing import Optional
 
 import torch
 
 import zspa_kernels
 from zspa_kernels import benchmark as hb
 from zspa_kernels import models
+from zspa_kernels.fidelity.samples import SKIMAGE, Prompts, Sample, open_image
 from zspa_kernels.integrations.transformers import kv_cache
+from zspa_kernels.integrations.transformers.families import find_family
 from zspa_kernels.spec import DEFAULT_CORE_RATIO
 
 SIZES = ("3b", "tiny")
 REPEATS = 3  # timed rounds after the warm-up, median: a CPU's prefill time swings with the machine's load
 QUESTION = "What is the astronaut holding in her hands, and what is behind her?"
 TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
+PHOTO = SKIMAGE + "astronaut"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CORE_COLOUR, DIVERSITY_COLOUR = (255, 140, 0), (0, 200, 255)
+PICTURE_SIDE = 672  # the drawn picture's longer side (at least): LLaVA's 24 x 24 patches of 28 px, 336 px doubled
 
 
 def _step(text: str):
@@ -46,7 +58,11 @@ def _step(text: str):
     def timed():
         print(f"  {text} ...", end="", flush=True)
         t0 = time.perf_counter()
-        yield
+        try:
+            yield
+        except BaseException:
+            print(" failed", flush=True)  # the line ends before the error's message
+            raise
         print(f" {time.perf_counter() - t0:.1f} s", flush=True)
 
     return timed()
@@ -78,6 +94,10 @@ def build_processor():
 
 
 def load(model_path, device, dtype, size: str = "tiny"):
+    """``(model, processor)``: the demo's LLaVA-1.5 architecture with random weights (``model_path`` None), or
+    the local checkpoint ``model_path`` (``AutoModelForImageTextToText``, ``AutoProcessor``). A checkpoint
+    that they cannot load, or whose model ``prune()`` does not take, raises ``ValueError("model: ...")``;
+    the model is refused before its processor loads."""
     if model_path is None:
         from transformers import LlavaForConditionalGeneration
 
@@ -86,11 +106,48 @@ def load(model_path, device, dtype, size: str = "tiny"):
                                      image_token_index=processor.tokenizer.convert_tokens_to_ids("<image>"))
         model = models.build_from_config(LlavaForConditionalGeneration, config, dtype, device, fast_init=size != "tiny")
         return model, processor
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, ProcessorMixin
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-    processor = AutoProcessor.from_pretrained(model_path)
-    model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=dtype).to(device)
-    return model.eval(), processor
+    try:
+        model_type = AutoConfig.from_pretrained(model_path).model_type
+        if model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:  # its error would list a hundred classes
+            raise ValueError(f"a {model_type!r} checkpoint, which AutoModelForImageTextToText does not load "
+                             "(expected a vision-language model)")
+        model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=dtype)
+    except Exception as exc:  # noqa: BLE001 - whatever stops the load (config, weights, a missing package)
+        raise ValueError(f"model: cannot load {str(model_path)!r}: {exc}") from exc
+    find_family(model)  # raises ValueError("model: ...") for what prune() does not take, before it moves
+    model = model.to(device).eval()
+    try:
+        processor = AutoProcessor.from_pretrained(model_path)
+    except Exception as exc:  # noqa: BLE001 - as above
+        raise ValueError(f"model: AutoProcessor cannot load {str(model_path)!r}: {exc}") from exc
+    if not isinstance(processor, ProcessorMixin):  # a checkpoint saved without its processor: a bare tokenizer
+        raise ValueError(f"model: {str(model_path)!r} holds no image-and-text processor (AutoProcessor gave a "
+                         f"{type(processor).__name__}); save the model's processor beside it")
+    return model, processor
+
+
+def prompt_template(processor) -> Optional[str]:
+    """How the demo and ``zspa fidelity`` prompt a model: None where its processor has a chat template
+    (:class:`~zspa_kernels.fidelity.samples.Prompts` applies it), else :data:`TEMPLATE`, LLaVA-1.5's, with
+    the processor's image token."""
+    if getattr(processor, "chat_template", None):
+        return None
+    return TEMPLATE.replace("<image>", getattr(processor, "image_token", "<image>"))
+
+
+def refuse_untimeable(model) -> None:
+    """Raise ``ValueError("model: ...")`` for a model that ``prune()`` takes but whose prefill the demo cannot
+    time as the others' (:func:`zspa_kernels.models.prefill`: a causal language model's, or an encoder-decoder's
+    encoder and first decoder step): a block diffusion model's generation denoises canvases of tokens over
+    the prompt's cache with a decoder of its own (DiffusionGemma)."""
+    family = find_family(model)
+    if family.block_diffusion:
+        raise ValueError(f"model: {family.name} generates by block diffusion (a decoder denoises canvases of "
+                         "tokens over the prompt's cache): prune() takes it, but zspa demo cannot time its "
+                         "prefill as it times the others'")
 
 
 class _PrefillClock:
@@ -143,24 +200,57 @@ def _timed_selection_prefill(model, inputs, device) -> tuple[int, float]:
     return kv, clock.ms
 
 
-def draw(pixel_values, selection, path: pathlib.Path, title: str, mean=CLIP_MEAN, std=CLIP_STD) -> None:
-    """The image as the model saw it, beside the same image with only the kept patches lit."""
+def picture_grid(model, processor, inputs: dict, photo, n_tokens: int):
+    """``(picture, (rows, cols), None)``: the photo as the model saw it and the grid its ``n_tokens`` tokens
+    form over it, row-major; or ``(None, None, why)`` where they are not one grid the demo knows."""
+    from PIL import Image
+
+    pixels, thw = inputs.get("pixel_values"), inputs.get("image_grid_thw")
+    if thw is not None:  # Qwen2-VL and its kin: patches of the resized photo, merged m x m into tokens
+        merge = getattr(getattr(model.config, "vision_config", None), "spatial_merge_size", None)
+        if thw.shape[0] != 1 or int(thw[0, 0]) != 1:
+            return None, None, f"the photo is not one image of one frame (image_grid_thw {thw.tolist()})"
+        h, w = int(thw[0, 1]), int(thw[0, 2])
+        if merge is None or h % merge or w % merge or (h // merge) * (w // merge) != n_tokens:
+            return None, None, f"its {n_tokens} tokens form no known grid over its {h} x {w} patches"
+        patch = (getattr(getattr(processor, "image_processor", None), "patch_size", None)
+                 or getattr(model.config.vision_config, "patch_size", 1))
+        # As the processor resizes the photo: h x w patches of `patch` pixels.
+        return photo.resize((w * patch, h * patch), Image.BICUBIC), (h // merge, w // merge), None
+    if isinstance(pixels, torch.Tensor) and pixels.dim() == 4 and tuple(pixels.shape[:2]) == (1, 3):
+        height, width = pixels.shape[2:]
+        rows = max(1, round((n_tokens * height / width) ** 0.5))
+        cols = n_tokens // rows
+        if rows * cols == n_tokens and rows * width == cols * height:  # square cells over the whole picture
+            image_processor = getattr(processor, "image_processor", None)
+            mean = torch.as_tensor(getattr(image_processor, "image_mean", CLIP_MEAN), dtype=torch.float32)
+            std = torch.as_tensor(getattr(image_processor, "image_std", CLIP_STD), dtype=torch.float32)
+            image = pixels[0].float().cpu() * std.reshape(-1, 1, 1) + mean.reshape(-1, 1, 1)
+            picture = Image.fromarray((image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype("uint8"))
+            return picture, (rows, cols), None
+        return None, None, f"its {n_tokens} tokens form no grid over the {height} x {width} picture"
+    if isinstance(pixels, torch.Tensor) and (pixels.dim() > 4 or pixels.dim() == 4 and pixels.shape[0] > 1):
+        return None, None, f"the processor splits the photo into tiles or crops (pixel_values {list(pixels.shape)})"
+    return None, None, "its inputs hold no picture whose grid the demo knows"
+
+
+def draw(picture, grid: tuple[int, int], selection, path: pathlib.Path, title: str) -> None:
+    """``picture`` (the image as the model saw it) beside the same image with only the kept patches lit;
+    ``selection`` indexes the ``rows x cols`` cells of ``grid`` row-major."""
     from PIL import Image, ImageDraw
 
-    image = pixel_values[0].float().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
-    rgb = Image.fromarray((image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype("uint8"))
-    rgb = rgb.resize((2 * rgb.width, 2 * rgb.height), Image.NEAREST)  # patches large enough to outline
-    side = int(round(selection.n_tokens ** 0.5))
-    patch = rgb.width // side
+    rows, cols = grid
+    cell = max(6, -(-PICTURE_SIDE // max(rows, cols)))  # patches large enough to outline
+    rgb = picture.convert("RGB").resize((cols * cell, rows * cell), Image.NEAREST)
     pruned = Image.blend(rgb, Image.new("RGB", rgb.size), 0.75)  # dropped patches: dimmed
     lit = ImageDraw.Draw(pruned)
     for rank, index in enumerate(selection.order.tolist()):
-        r, c = divmod(index, side)
-        box = (c * patch, r * patch, (c + 1) * patch, (r + 1) * patch)
+        r, c = divmod(index, cols)
+        box = (c * cell, r * cell, (c + 1) * cell, (r + 1) * cell)
         pruned.paste(rgb.crop(box), box[:2])
         lit.rectangle((box[0], box[1], box[2] - 1, box[3] - 1),
                       outline=CORE_COLOUR if rank < selection.n_core else DIVERSITY_COLOUR, width=2)
-    canvas = Image.new("RGB", (2 * rgb.width + 12, rgb.height + 40), "white")
+    canvas = Image.new("RGB", (max(2 * rgb.width + 12, 620), rgb.height + 40), "white")  # room for the legend
     canvas.paste(rgb, (0, 40))
     canvas.paste(pruned, (rgb.width + 12, 40))
     text = ImageDraw.Draw(canvas)
@@ -179,14 +269,30 @@ def _bytes(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
-def run(out: str, model_path=None, keep: int = 64, core_ratio: float = DEFAULT_CORE_RATIO, size: str = "3b") -> int:
-    from skimage import data
+def _prepare(model_path, device, dtype, size: str):
+    """Load the model and encode the photo and the question as the prompt; refuse (``ValueError("model:
+    ...")``) what the demo cannot run. ``(model, processor, template, inputs, visual tokens of the prompt)``."""
+    model, processor = load(model_path, device, dtype, size)
+    refuse_untimeable(model)
+    template = prompt_template(processor)
+    try:
+        inputs = Prompts(processor, model, template)([Sample("astronaut", PHOTO, QUESTION)])
+    except Exception as exc:  # noqa: BLE001 - whatever the processor or its chat template refuses
+        raise ValueError(f"model: its processor cannot encode the photo and the question: {exc}") from exc
+    inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
+    ids = find_family(model).visual_token_ids(model.config)
+    n_visual = int(torch.isin(inputs["input_ids"][0], torch.tensor(ids, dtype=torch.long, device=device)).sum())
+    if n_visual == 0:
+        raise ValueError(f"model: its processor wrote none of the visual tokens that its config names (ids {ids}) "
+                         "for the photo")
+    return model, processor, template, inputs, n_visual
 
+
+def run(out: str, model_path=None, keep: int = 64, core_ratio: float = DEFAULT_CORE_RATIO, size: str = "3b") -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # bf16 for the 3b model (half the memory; native on CPUs with AVX-512 BF16 or AMX), fp32 for the toy.
     dtype = torch.bfloat16 if device.type == "cuda" or (model_path is None and size != "tiny") else torch.float32
     out_dir = pathlib.Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     backends = hb.backends_here(device)
     print(f"zspa demo on {hb.environment(device)['device']}, {str(dtype).replace('torch.', '')}")
     if model_path is None:
@@ -204,31 +310,40 @@ def run(out: str, model_path=None, keep: int = 64, core_ratio: float = DEFAULT_C
             from zspa_kernels.cpu import kernels_available
 
             kernels_available()
-    with _step(f"[{next(step)}/{steps}] loading the photo (scikit-image astronaut) and "
-               f"{'building' if model_path is None else 'loading'} the model"):
-        from PIL import Image
-
-        photo = Image.fromarray(data.astronaut())
-        model, processor = load(model_path, device, dtype, size)
-        image_token = model.config.image_token_index
-        prompt = TEMPLATE.format(question=QUESTION)
-        inputs = processor(images=photo, text=prompt, return_tensors="pt")
-        inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
-    n_visual = int((inputs["input_ids"][0] == image_token).sum())
+    try:
+        with _step(f"[{next(step)}/{steps}] loading the photo (scikit-image astronaut) and "
+                   f"{'building' if model_path is None else 'loading'} the model"):
+            model, processor, template, inputs, n_visual = _prepare(model_path, device, dtype, size)
+    except ValueError as exc:  # before any timing, as zspa fidelity refuses before its first pass
+        print(f"zspa demo: --{exc}", file=sys.stderr)
+        return 2
+    if model_path is not None:
+        prompt = "the processor's chat template" if template is None else repr(template)
+        print(f"  family: {find_family(model).name} ({type(model).__name__}); prompt: {prompt}")
+    picture, grid, no_picture = picture_grid(model, processor, inputs, open_image(PHOTO), n_visual)
     print(f'  question: "{QUESTION}"  ({inputs["input_ids"].shape[1]} prompt tokens, {n_visual} of them visual)')
 
     clock = _PrefillClock(model, device)
     pruning = {backend: lambda backend=backend: zspa_kernels.prune(model, keep=keep, core_ratio=core_ratio,
                                                                     backend=backend, tokenizer=processor)
                for backend in backends}
-    selections, kv_bytes, sel_ms = {}, {}, {}
+    selections, kv_bytes, sel_ms, refusal = {}, {}, {}, None
     with _step(f"[{next(step)}/{steps}] warm-up: one prefill unpruned, two per backend ({', '.join(backends)})"):
         kv_bytes["unpruned"] = models.cache_bytes(kv_cache(models.prefill(model, inputs)))
         for backend in backends:
-            with pruning[backend]() as handle:
-                _timed_selection_prefill(model, inputs, device)  # cold: Triton's JIT, the extension's load
-                kv_bytes[backend], sel_ms[backend] = _timed_selection_prefill(model, inputs, device)
-                selections[backend] = handle.last_selection[0]
+            try:
+                with pruning[backend]() as handle:
+                    _timed_selection_prefill(model, inputs, device)  # cold: Triton's JIT, the extension's load
+                    kv_bytes[backend], sel_ms[backend] = _timed_selection_prefill(model, inputs, device)
+                    selections[backend] = handle.last_selection
+            except ValueError as exc:  # what the hooks refuse only once they see the prompt: still before any timing
+                refusal = exc
+                break
+    if refusal is not None:
+        clock.remove()
+        print(f"zspa demo: {'' if model_path is None else '--model: '}prune() cannot prune its prompt: {refusal}",
+              file=sys.stderr)
+        return 2
     # Interleaved rounds: a change in the machine's load hits every configuration alike.
     runs = {name: [] for name in ["unpruned", *backends]}
     n_step = next(step)
@@ -242,23 +357,28 @@ def run(out: str, model_path=None, keep: int = 64, core_ratio: float = DEFAULT_C
     median = {name: (statistics.median(t[0] for t in times), statistics.median(t[1] for t in times))
               for name, times in runs.items()}
     full_ms, full_lm_ms = median["unpruned"]
-    rows = [("unpruned", n_visual, full_ms, full_lm_ms, kv_bytes["unpruned"], None, "")]
+    first = selections[backends[0]]  # one per image the model budgets the photo as
+    # The tokens the selection saw: the prompt's visual tokens, or what a cross-attention family's single
+    # image token stands for (Llama 3.2 Vision's tiles).
+    n_tokens = sum(s.n_tokens for s in first)
+    rows = [("unpruned", n_tokens, full_ms, full_lm_ms, kv_bytes["unpruned"], None, "")]
     for i, backend in enumerate(backends):
-        same = torch.equal(selections[backend].kept.cpu(), selections[backends[0]].kept.cpu())
-        rows.append((backend, len(selections[backend].order), *median[backend], kv_bytes[backend], sel_ms[backend],
-                     "" if i == 0 else ("same tokens as " + backends[0] if same else "DIFFERENT tokens")))
+        same = all(torch.equal(a.kept.cpu(), b.kept.cpu()) for a, b in zip(selections[backend], first))
+        note = "" if i == 0 else ("same tokens as " + backends[0] if same else "DIFFERENT tokens")
+        rows.append((backend, sum(len(s.order) for s in selections[backend]), *median[backend], kv_bytes[backend],
+                     sel_ms[backend], note))
 
     print()
     print(f"{'backend':<11}{'visual tokens':>15}{'prefill':>12}{'of it LM':>12}{'KV cache':>12}{'selection':>12}")
     for name, n, ms, lm_ms, kv, sel, note in rows:
         sel_text = "—" if sel is None else f"{sel:.2f} ms"
-        print(f"{name:<11}{f'{n_visual} -> {n}':>15}{_ms(ms):>12}{_ms(lm_ms):>12}{_bytes(kv):>12}{sel_text:>12}  {note}")
+        print(f"{name:<11}{f'{n_tokens} -> {n}':>15}{_ms(ms):>12}{_ms(lm_ms):>12}{_bytes(kv):>12}{sel_text:>12}  {note}")
     main = rows[1]
     speedup, lm_speedup = full_ms / main[2], full_lm_ms / main[3]
     prefill = f"prefill {speedup:.1f}x faster" if speedup >= 1 else f"prefill {1 / speedup:.1f}x slower"
     print(f"\nKV cache {kv_bytes['unpruned'] / main[4]:.1f}x smaller, {prefill} (language model {lm_speedup:.1f}x; the vision "
           f"tower runs either way), selection {100 * main[5] / main[2]:.2f}% of the pruned prefill "
-          f"(backend {main[0]}, keep {keep} of {n_visual}, core ratio {core_ratio}).")
+          f"(backend {main[0]}, keep {keep} of {n_tokens}, core ratio {core_ratio}).")
     if speedup < 1 and size == "tiny" and model_path is None:
         print("At this toy size the selection outweighs the language-model work it saves: run without --size tiny.")
     elif speedup < 1:
@@ -266,13 +386,18 @@ def run(out: str, model_path=None, keep: int = 64, core_ratio: float = DEFAULT_C
               "host launching its kernels, which does not shrink with the tokens; bench/e2e.py measures batch 8.")
 
     n_step = next(step)
-    with _step(f"[{n_step}/{steps}] drawing the kept patches"):
-        path = out_dir / "kept_patches.png"
-        label = "random-weight LLaVA-1.5 architecture" if model_path is None else str(model_path)
-        mean = getattr(processor.image_processor, "image_mean", CLIP_MEAN)
-        std = getattr(processor.image_processor, "image_std", CLIP_STD)
-        draw(inputs["pixel_values"], selections[backends[0]], path,
-             f"ZSPAPrune, {label}, backend {backends[0]}: \"{QUESTION}\"", mean, std)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
-    print(f"wrote {path}  (peak host memory {peak:.1f} GiB)")
+    if grid is not None and (len(first) != 1 or first[0].n_tokens != grid[0] * grid[1]):
+        grid = None
+        no_picture = f"the model budgets the photo as {len(first)} images of {[s.n_tokens for s in first]} tokens"
+    path = out_dir / "kept_patches.png"
+    if grid is None:
+        path.unlink(missing_ok=True)  # an earlier run's picture would pass for this model's
+        print(f"  [{n_step}/{steps}] no picture of the kept patches: {no_picture}")
+    else:
+        with _step(f"[{n_step}/{steps}] drawing the kept patches"):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            label = "random-weight LLaVA-1.5 architecture" if model_path is None else str(model_path)
+            draw(picture, grid, first[0], path, f"ZSPAPrune, {label}, backend {backends[0]}: \"{QUESTION}\"")
+    peak = f"peak host memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB"  # Linux: KiB
+    print(peak if grid is None else f"wrote {path}  ({peak})")
     return 0

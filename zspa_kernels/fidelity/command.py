@@ -15,16 +15,14 @@ from .samples import Prompts, read_samples
 
 
 def _load(model_path: Optional[str], device: torch.device, dtype: torch.dtype):
-    """``(model, processor, template, label)``; template None: the processor's chat template."""
+    """``(model, processor, template, label)``; template None: the processor's chat template. A checkpoint
+    that cannot be loaded, or whose model prune() does not take, raises ``ValueError("model: ...")``."""
     if model_path is None:
         return (*offline.build(device, dtype), offline.LABEL)
     from .. import demo
 
     model, processor = demo.load(model_path, device, dtype)
-    template = None
-    if not getattr(processor, "chat_template", None):  # LLaVA-1.5 style, as the demo prompts
-        template = demo.TEMPLATE.replace("<image>", getattr(processor, "image_token", "<image>"))
-    return model, processor, template, pathlib.Path(model_path).name
+    return model, processor, demo.prompt_template(processor), pathlib.Path(model_path).name
 
 
 def run(out: str, model_path: Optional[str] = None, data: Optional[str] = None, question: Optional[str] = None,
@@ -66,8 +64,8 @@ def run(out: str, model_path: Optional[str] = None, data: Optional[str] = None, 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     out_dir = pathlib.Path(out)
     print(f"zspa fidelity on {hb.environment(device)['device']}, {str(dtype).replace('torch.', '')}")
-    model, processor, template, label = _load(model_path, device, dtype)
     try:
+        model, processor, template, label = _load(model_path, device, dtype)
         find_family(model)  # before the unpruned pass: prune() would refuse the model only after it
         refuse_unmeasurable(model)
     except ValueError as exc:

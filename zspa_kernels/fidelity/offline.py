@@ -44,4 +44,4 @@ def build(device: torch.device, dtype: torch.dtype):
     generation = model.generation_config
     generation.pad_token_id, generation.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     generation.suppress_tokens = [image_token]  # an answer holds no image placeholders
-    return model, processor, demo.TEMPLATE
+    return model, processor, demo.prompt_template(processor)  # LLaVA-1.5's: the processor has no chat template
