@@ -64,3 +64,17 @@ def test_env_vars_sets_and_restores(monkeypatch):
     with hb.env_vars({"ZSPA_TEST_SET": "", "ZSPA_TEST_UNSET": "inside"}):
         assert os.environ["ZSPA_TEST_SET"] == "" and os.environ["ZSPA_TEST_UNSET"] == "inside"
     assert os.environ["ZSPA_TEST_SET"] == "before" and "ZSPA_TEST_UNSET" not in os.environ
+
+
+def test_raw_records_say_where_with_what_and_when_they_were_measured(tmp_path):
+    import datetime
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    hb.save_records(tmp_path / "raw.json", CPU, [{"name": "e2e", "median_us": 1.0}])
+    raw = json.loads((tmp_path / "raw.json").read_text())
+    assert raw["records"] == [{"name": "e2e", "median_us": 1.0}]
+    assert raw["device"] == hb.environment(CPU)["device"] and raw["torch"] == torch.__version__
+    assert raw["transformers"] == transformers.__version__
+    written = datetime.datetime.fromisoformat(raw["written_utc"])
+    assert abs(datetime.datetime.now(datetime.timezone.utc) - written) < datetime.timedelta(minutes=5)

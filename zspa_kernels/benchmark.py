@@ -279,11 +279,22 @@ def require_cuda(tool: str) -> torch.device:
 
 
 def save_records(path, device: torch.device, records: list[dict]) -> None:
-    """Raw results of a bench script: the device and versions (:func:`environment`), then the records."""
+    """Raw results of a bench script: the device and versions (:func:`environment`), the transformers that ran
+    the models and the time the file was written (UTC), then the records: a raw file says on its own where,
+    with what and when it was measured."""
+    import datetime
     import json
 
+    try:
+        import transformers
+
+        models_version = transformers.__version__
+    except ImportError:
+        models_version = "not installed"
+    written = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     with open(path, "w") as f:
-        json.dump({**environment(device), "records": records}, f, indent=1)
+        json.dump({**environment(device), "transformers": models_version, "written_utc": written,
+                   "records": records}, f, indent=1)
 
 
 def quick(shape_label: str = "llava-1.5", keep: Union[int, float] = 64, dtype: torch.dtype = torch.bfloat16) -> int:
