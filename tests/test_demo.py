@@ -94,6 +94,17 @@ def _assert_picture(path, grid: tuple[int, int], keep: int) -> None:
     assert (marks.count(demo.CORE_COLOUR), marks.count(demo.DIVERSITY_COLOUR)) == (core, keep - core)
 
 
+def _assert_runs_and_draws_16_tokens(capsys, tmp_path, model, processor, template: str, keep: int, family: str):
+    """The demo on ``model``'s checkpoint, prompted by its chat template: its 16 visual tokens pruned to ``keep``
+    by every backend alike, and drawn as a 4 x 4 grid over the photo."""
+    code, out, err = _demo(capsys, _checkpoint(tmp_path / "ckpt", model, processor, template), tmp_path / "out", keep)
+    assert code == 0, err
+    assert f"family: {family}; prompt: the processor's chat template" in out
+    assert "16 of them visual" in out and "LLaVA" not in out
+    _assert_table(out, 16, keep)
+    _assert_picture(tmp_path / "out" / "kept_patches.png", (4, 4), keep)
+
+
 def test_demo_runs_a_qwen2_5_vl_checkpoint_and_draws_its_merged_patches(tmp_path, capsys):
     """Qwen2.5-VL: its chat template; the photo resized to 112 x 112 px (the processor's max_pixels), 8 x 8 patches
     of 14 px merged 2 x 2 into 16 tokens, drawn as a 4 x 4 grid over the photo."""
@@ -102,13 +113,8 @@ def test_demo_runs_a_qwen2_5_vl_checkpoint_and_draws_its_merged_patches(tmp_path
     template_words = tuple("system You are a helpful assistant. user assistant".split())
     words = template_words + _question_words(*template_words)
     model, processor, _ = _qwen("2.5", ["<|im_start|>", "<|im_end|>"], words)
-    checkpoint = _checkpoint(tmp_path / "qwen", model, processor, QWEN_TEMPLATE)
-    code, out, err = _demo(capsys, checkpoint, tmp_path / "out", keep=4)
-    assert code == 0, err
-    assert "family: Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration); prompt: the processor's chat template" in out
-    assert "16 of them visual" in out and "LLaVA" not in out
-    _assert_table(out, 16, 4)
-    _assert_picture(tmp_path / "out" / "kept_patches.png", (4, 4), 4)
+    _assert_runs_and_draws_16_tokens(capsys, tmp_path, model, processor, QWEN_TEMPLATE, keep=4,
+                                     family="Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration)")
 
 
 def test_demo_runs_a_gemma3_checkpoint_and_draws_its_soft_tokens(tmp_path, capsys):
@@ -118,13 +124,8 @@ def test_demo_runs_a_gemma3_checkpoint_and_draws_its_soft_tokens(tmp_path, capsy
 
     words = ("user", "model", *_question_words(*PAN_AND_SCAN_WORDS))  # the helper adds those
     model, processor, _ = _gemma3(["<start_of_turn>", "<end_of_turn>"], words)
-    checkpoint = _checkpoint(tmp_path / "gemma3", model, processor, GEMMA3_TEMPLATE)
-    code, out, err = _demo(capsys, checkpoint, tmp_path / "out", keep=5)
-    assert code == 0, err
-    assert "family: Gemma3 (Gemma3ForConditionalGeneration); prompt: the processor's chat template" in out
-    assert "16 of them visual" in out and "LLaVA" not in out
-    _assert_table(out, 16, 5)
-    _assert_picture(tmp_path / "out" / "kept_patches.png", (4, 4), 5)
+    _assert_runs_and_draws_16_tokens(capsys, tmp_path, model, processor, GEMMA3_TEMPLATE, keep=5,
+                                     family="Gemma3 (Gemma3ForConditionalGeneration)")
 
 
 def test_demo_runs_a_tiled_checkpoint_without_a_picture(tmp_path, capsys, monkeypatch):
