@@ -217,10 +217,53 @@ def test_picture_grid_reads_the_grid_of_each_known_layout():
                               ({"pixel_values": torch.zeros(1, 5, 3, 16, 16)}, 80, "splits the photo into tiles"),
                               ({"pixel_values": torch.zeros(3, 3, 16, 16)}, 48, "splits the photo into tiles"),
                               ({"image_grid_thw": torch.tensor([[1, 4, 4], [1, 2, 2]])}, 5, "not one image"),
-                              ({"image_grid_thw": torch.tensor([[1, 4, 6]])}, 5, "form no known grid"),
+                              ({"image_grid_thw": torch.tensor([[1, 4, 6]])}, 5, "form no grid of 2 x 2 patches"),
+                              ({"pixel_values": torch.zeros(1, 1, 3, 16, 16)}, 16, "a stack of one crop"),
+                              ({"pixel_values": torch.zeros(1, 3, 2, 2560), "tgt_sizes": torch.ones(5, 2)}, 80,
+                               "packs the patches of 5 slice(s)"),
                               ({"input_features": torch.zeros(1, 3)}, 5, "no picture")]:
         picture, grid, why = demo.picture_grid(qwen, processor, inputs, photo, n)
         assert picture is None and grid is None and reason in why, (inputs, why)
+    # The merge in the image processor where the config names none (VideoLLaMA3's, Muse Glimmer's); in neither: why.
+    bare = SimpleNamespace(config=SimpleNamespace(vision_config=SimpleNamespace(patch_size=14)))
+    merging = SimpleNamespace(image_processor=SimpleNamespace(merge_size=1, patch_size=14))
+    picture, grid, why = demo.picture_grid(bare, merging, {"image_grid_thw": torch.tensor([[1, 4, 6]])}, photo, 24)
+    assert (picture.size, grid, why) == ((84, 56), (4, 6), None)
+    picture, grid, why = demo.picture_grid(bare, processor, {"image_grid_thw": torch.tensor([[1, 4, 6]])}, photo, 6)
+    assert picture is None and "names a merge size" in why
+
+
+def test_prompts_drop_labels_and_ask_for_the_token_types_the_model_reads():
+    """PaliGemma's processor returns labels (all -100) for every prompt, which would reach the model and its loss;
+    Cosmos3-Edge's forward needs mm_token_type_ids, which processors return only when asked."""
+    from types import SimpleNamespace
+
+    from zspa_kernels.fidelity.samples import Prompts, Sample
+
+    class Processor:
+        tokenizer = SimpleNamespace(padding_side="right")
+        calls = []
+
+        def __call__(self, **kwargs):
+            self.calls.append(kwargs)
+            ids = torch.ones(1, 3, dtype=torch.long)
+            return {"input_ids": ids, "labels": ids, "token_type_ids": ids, "mm_token_type_ids": ids}
+
+    class Reads(torch.nn.Module):
+        def forward(self, input_ids, mm_token_type_ids=None):
+            pass
+
+    class Plain(torch.nn.Module):
+        def forward(self, input_ids, token_type_ids=None):
+            pass
+
+    sample = Sample("astronaut", demo.PHOTO, "what?")
+    for model, asked, kept in ((Reads(), True, {"input_ids", "mm_token_type_ids"}),
+                               (Plain(), False, {"input_ids", "token_type_ids", "mm_token_type_ids"})):
+        processor = Processor()
+        inputs = Prompts(processor, model, "{question}")([sample])
+        assert set(inputs) == kept and processor.tokenizer.padding_side == "left"
+        assert processor.calls[-1].get("return_mm_token_type_ids", False) is asked
 
 
 def test_draw_lights_the_kept_cells_row_major(tmp_path):

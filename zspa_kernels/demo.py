@@ -116,17 +116,22 @@ def load(model_path, device, dtype, size: str = "tiny"):
                              "(expected a vision-language model)")
         model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=dtype)
     except Exception as exc:  # noqa: BLE001 - whatever stops the load (config, weights, a missing package)
-        raise ValueError(f"model: cannot load {str(model_path)!r}: {exc}") from exc
+        raise ValueError(f"model: cannot load {str(model_path)!r}: {_one_line(exc)}") from exc
     find_family(model)  # raises ValueError("model: ...") for what prune() does not take, before it moves
     model = model.to(device).eval()
     try:
         processor = AutoProcessor.from_pretrained(model_path)
     except Exception as exc:  # noqa: BLE001 - as above
-        raise ValueError(f"model: AutoProcessor cannot load {str(model_path)!r}: {exc}") from exc
+        raise ValueError(f"model: AutoProcessor cannot load {str(model_path)!r}: {_one_line(exc)}") from exc
     if not isinstance(processor, ProcessorMixin):  # a checkpoint saved without its processor: a bare tokenizer
         raise ValueError(f"model: {str(model_path)!r} holds no image-and-text processor (AutoProcessor gave a "
                          f"{type(processor).__name__}); save the model's processor beside it")
     return model, processor
+
+
+def _one_line(exc: BaseException) -> str:
+    """``exc`` as one line of a refusal: its type (a KeyError's message is a bare key) and its words."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
 def prompt_template(processor) -> Optional[str]:
@@ -206,31 +211,42 @@ def picture_grid(model, processor, inputs: dict, photo, n_tokens: int):
     from PIL import Image
 
     pixels, thw = inputs.get("pixel_values"), inputs.get("image_grid_thw")
+    image_processor = getattr(processor, "image_processor", None)
     if thw is not None:  # Qwen2-VL and its kin: patches of the resized photo, merged m x m into tokens
-        merge = getattr(getattr(model.config, "vision_config", None), "spatial_merge_size", None)
+        # The merge in the config (Qwen2-VL's), else in the image processor (VideoLLaMA3's, Muse Glimmer's).
+        merge = (getattr(getattr(model.config, "vision_config", None), "spatial_merge_size", None)
+                 or getattr(image_processor, "merge_size", None))
         if thw.shape[0] != 1 or int(thw[0, 0]) != 1:
             return None, None, f"the photo is not one image of one frame (image_grid_thw {thw.tolist()})"
         h, w = int(thw[0, 1]), int(thw[0, 2])
-        if merge is None or h % merge or w % merge or (h // merge) * (w // merge) != n_tokens:
-            return None, None, f"its {n_tokens} tokens form no known grid over its {h} x {w} patches"
-        patch = (getattr(getattr(processor, "image_processor", None), "patch_size", None)
-                 or getattr(model.config.vision_config, "patch_size", 1))
+        if merge is None:
+            return None, None, (f"neither its config nor its image processor names a merge size: how its {n_tokens} "
+                                f"tokens cover its {h} x {w} patches is not known here")
+        if h % merge or w % merge or (h // merge) * (w // merge) != n_tokens:
+            return None, None, f"its {n_tokens} tokens form no grid of {merge} x {merge} patches over its {h} x {w}"
+        patch = getattr(image_processor, "patch_size", None) or getattr(model.config.vision_config, "patch_size", 1)
         # As the processor resizes the photo: h x w patches of `patch` pixels.
         return photo.resize((w * patch, h * patch), Image.BICUBIC), (h // merge, w // merge), None
+    sizes = next((inputs[k] for k in ("tgt_sizes", "target_sizes") if inputs.get(k) is not None), None)
+    if sizes is not None:  # MiniCPM-V: the patches of its slices packed side by side, not a picture
+        return None, None, f"the processor packs the patches of {len(sizes)} slice(s) of the photo into one row"
     if isinstance(pixels, torch.Tensor) and pixels.dim() == 4 and tuple(pixels.shape[:2]) == (1, 3):
         height, width = pixels.shape[2:]
         rows = max(1, round((n_tokens * height / width) ** 0.5))
         cols = n_tokens // rows
         if rows * cols == n_tokens and rows * width == cols * height:  # square cells over the whole picture
-            image_processor = getattr(processor, "image_processor", None)
             mean = torch.as_tensor(getattr(image_processor, "image_mean", CLIP_MEAN), dtype=torch.float32)
             std = torch.as_tensor(getattr(image_processor, "image_std", CLIP_STD), dtype=torch.float32)
             image = pixels[0].float().cpu() * std.reshape(-1, 1, 1) + mean.reshape(-1, 1, 1)
             picture = Image.fromarray((image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype("uint8"))
             return picture, (rows, cols), None
         return None, None, f"its {n_tokens} tokens form no grid over the {height} x {width} picture"
-    if isinstance(pixels, torch.Tensor) and (pixels.dim() > 4 or pixels.dim() == 4 and pixels.shape[0] > 1):
-        return None, None, f"the processor splits the photo into tiles or crops (pixel_values {list(pixels.shape)})"
+    if isinstance(pixels, torch.Tensor) and pixels.dim() >= 4:
+        shape = list(pixels.shape)
+        if pixels.dim() > 4 and shape[1] > 1 or pixels.dim() == 4 and shape[0] > 1:
+            return None, None, f"the processor splits the photo into tiles or crops (pixel_values {shape})"
+        if pixels.dim() > 4:  # one crop, whose tokens may be a resampler's latents (Idefics2's), not patches
+            return None, None, f"the processor passes the photo as a stack of one crop (pixel_values {shape})"
     return None, None, "its inputs hold no picture whose grid the demo knows"
 
 
@@ -278,7 +294,7 @@ def _prepare(model_path, device, dtype, size: str):
     try:
         inputs = Prompts(processor, model, template)([Sample("astronaut", PHOTO, QUESTION)])
     except Exception as exc:  # noqa: BLE001 - whatever the processor or its chat template refuses
-        raise ValueError(f"model: its processor cannot encode the photo and the question: {exc}") from exc
+        raise ValueError(f"model: its processor cannot encode the photo and the question: {_one_line(exc)}") from exc
     inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
     ids = find_family(model).visual_token_ids(model.config)
     n_visual = int(torch.isin(inputs["input_ids"][0], torch.tensor(ids, dtype=torch.long, device=device)).sum())
@@ -329,8 +345,13 @@ def run(out: str, model_path=None, keep: int = 64, core_ratio: float = DEFAULT_C
                for backend in backends}
     selections, kv_bytes, sel_ms, refusal = {}, {}, {}, None
     with _step(f"[{next(step)}/{steps}] warm-up: one prefill unpruned, two per backend ({', '.join(backends)})"):
-        kv_bytes["unpruned"] = models.cache_bytes(kv_cache(models.prefill(model, inputs)))
-        for backend in backends:
+        try:
+            kv_bytes["unpruned"] = models.cache_bytes(kv_cache(models.prefill(model, inputs)))
+        except Exception as exc:  # noqa: BLE001 - the checkpoint's own model fails on the prompt, unpruned
+            if model_path is None:
+                raise
+            refusal = ValueError(f"the unpruned model fails on its prompt: {_one_line(exc)}")
+        for backend in backends if refusal is None else ():
             try:
                 with pruning[backend]() as handle:
                     _timed_selection_prefill(model, inputs, device)  # cold: Triton's JIT, the extension's load
@@ -341,8 +362,8 @@ def run(out: str, model_path=None, keep: int = 64, core_ratio: float = DEFAULT_C
                 break
     if refusal is not None:
         clock.remove()
-        print(f"zspa demo: {'' if model_path is None else '--model: '}prune() cannot prune its prompt: {refusal}",
-              file=sys.stderr)
+        what = str(refusal) if kv_bytes.get("unpruned") is None else f"prune() cannot prune its prompt: {refusal}"
+        print(f"zspa demo: {'' if model_path is None else '--model: '}{what}", file=sys.stderr)
         return 2
     # Interleaved rounds: a change in the machine's load hits every configuration alike.
     runs = {name: [] for name in ["unpruned", *backends]}
@@ -378,7 +399,7 @@ def run(out: str, model_path=None, keep: int = 64, core_ratio: float = DEFAULT_C
     prefill = f"prefill {speedup:.1f}x faster" if speedup >= 1 else f"prefill {1 / speedup:.1f}x slower"
     print(f"\nKV cache {kv_bytes['unpruned'] / main[4]:.1f}x smaller, {prefill} (language model {lm_speedup:.1f}x; the vision "
           f"tower runs either way), selection {100 * main[5] / main[2]:.2f}% of the pruned prefill "
-          f"(backend {main[0]}, keep {keep} of {n_tokens}, core ratio {core_ratio}).")
+          f"(backend {main[0]}, keep {keep} per image: {main[1]} of {n_tokens} kept, core ratio {core_ratio}).")
     if speedup < 1 and size == "tiny" and model_path is None:
         print("At this toy size the selection outweighs the language-model work it saves: run without --size tiny.")
     elif speedup < 1:

@@ -116,8 +116,13 @@ class Prompts:
         self.processor = processor
         self.template = template
         processor.tokenizer.padding_side = "left"
-        # Tokenizers that return token_type_ids for models that take none (generate() refuses them).
-        self.drop = set() if "token_type_ids" in inspect.signature(model.forward).parameters else {"token_type_ids"}
+        takes = inspect.signature(model.forward).parameters
+        # Tokenizers that return token_type_ids for models that take none (generate() refuses them); labels, which
+        # PaliGemma's processor returns for every prompt (all -100 without a suffix): a prompt has no answer to score.
+        self.drop = {"labels"} | (set() if "token_type_ids" in takes else {"token_type_ids"})
+        # Models that read the processor's mm_token_type_ids (Cosmos3-Edge's 3-D positions need them), which
+        # processors return only when asked.
+        self.kwargs = {"return_mm_token_type_ids": True} if "mm_token_type_ids" in takes else {}
 
     def text(self, question: str) -> str:
         if self.template is not None:
@@ -128,7 +133,7 @@ class Prompts:
     def __call__(self, samples: list[Sample]) -> dict:
         images = [[open_image(s.image)] for s in samples]
         texts = [self.text(s.question) for s in samples]
-        inputs = self.processor(images=images, text=texts, padding=True, return_tensors="pt")
+        inputs = self.processor(images=images, text=texts, padding=True, return_tensors="pt", **self.kwargs)
         return {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor) and k not in self.drop}
 
     def usable(self, samples: list[Sample], bad: list[str]) -> list[Sample]:
