@@ -13,7 +13,7 @@ pipeline, the shapes, the KV-cache savings and the timings are the real ones.
 (``AutoModelForImageTextToText`` and ``AutoProcessor``), prompted as ``zspa fidelity``
 prompts it (:func:`prompt_template`). What the demo cannot run is refused before any
 timing: a checkpoint those classes cannot load, a family ``prune()`` does not take, a
-block diffusion model (:func:`refuse_untimeable`). The picture of the kept patches is
+block diffusion model (:func:`zspa_kernels.models.refuse_block_diffusion`). The picture of the kept patches is
 drawn where the photo's tokens are one grid over it that the demo knows (:func:`picture_grid`).
 
 The selection time shown is the one of the ``zspa::select_tokens`` call that the pruning
@@ -141,18 +141,6 @@ def prompt_template(processor) -> Optional[str]:
     if getattr(processor, "chat_template", None):
         return None
     return TEMPLATE.replace("<image>", getattr(processor, "image_token", "<image>"))
-
-
-def refuse_untimeable(model) -> None:
-    """Raise ``ValueError("model: ...")`` for a model that ``prune()`` takes but whose prefill the demo cannot
-    time as the others' (:func:`zspa_kernels.models.prefill`: a causal language model's, or an encoder-decoder's
-    encoder and first decoder step): a block diffusion model's generation denoises canvases of tokens over
-    the prompt's cache with a decoder of its own (DiffusionGemma)."""
-    family = find_family(model)
-    if family.block_diffusion:
-        raise ValueError(f"model: {family.name} generates by block diffusion (a decoder denoises canvases of "
-                         "tokens over the prompt's cache): prune() takes it, but zspa demo cannot time its "
-                         "prefill as it times the others'")
 
 
 class _PrefillClock:
@@ -289,7 +277,8 @@ def _prepare(model_path, device, dtype, size: str):
     """Load the model and encode the photo and the question as the prompt; refuse (``ValueError("model:
     ...")``) what the demo cannot run. ``(model, processor, template, inputs, visual tokens of the prompt)``."""
     model, processor = load(model_path, device, dtype, size)
-    refuse_untimeable(model)
+    # models.prefill times a causal language model's prefill, or an encoder-decoder's encoder and first step.
+    models.refuse_block_diffusion(model, "zspa demo", "no prefill to time as the others'")
     template = prompt_template(processor)
     try:
         inputs = Prompts(processor, model, template)([Sample("astronaut", PHOTO, QUESTION)])
@@ -350,7 +339,7 @@ def run(out: str, model_path=None, keep: int = 64, core_ratio: float = DEFAULT_C
         except Exception as exc:  # noqa: BLE001 - the checkpoint's own model fails on the prompt, unpruned
             if model_path is None:
                 raise
-            refusal = ValueError(f"the unpruned model fails on its prompt: {_one_line(exc)}")
+            refusal = f"the unpruned model fails on its prompt: {_one_line(exc)}"
         for backend in backends if refusal is None else ():
             try:
                 with pruning[backend]() as handle:
@@ -358,12 +347,11 @@ def run(out: str, model_path=None, keep: int = 64, core_ratio: float = DEFAULT_C
                     kv_bytes[backend], sel_ms[backend] = _timed_selection_prefill(model, inputs, device)
                     selections[backend] = handle.last_selection
             except ValueError as exc:  # what the hooks refuse only once they see the prompt: still before any timing
-                refusal = exc
+                refusal = f"prune() cannot prune its prompt: {exc}"
                 break
     if refusal is not None:
         clock.remove()
-        what = str(refusal) if kv_bytes.get("unpruned") is None else f"prune() cannot prune its prompt: {refusal}"
-        print(f"zspa demo: {'' if model_path is None else '--model: '}{what}", file=sys.stderr)
+        print(f"zspa demo: {'' if model_path is None else '--model: '}{refusal}", file=sys.stderr)
         return 2
     # Interleaved rounds: a change in the machine's load hits every configuration alike.
     runs = {name: [] for name in ["unpruned", *backends]}

@@ -113,19 +113,23 @@ def visual_tokens(name: str) -> int:
     return 256 if name.startswith("gemma3") else VISUAL_TOKENS
 
 
+# Each architecture of MODELS (a name less its size): its config and the transformers class built from it.
+_ARCHITECTURES = {"llava-1.5": (llava_config, "LlavaForConditionalGeneration"),
+                  "qwen2.5-vl": (qwen25_vl_config, "Qwen2_5_VLForConditionalGeneration"),
+                  "gemma3": (gemma3_config, "Gemma3ForConditionalGeneration")}
+
+
 def config_for(name: str):
     family, size = name.rsplit("-", 1)
-    return {"llava-1.5": llava_config, "qwen2.5-vl": qwen25_vl_config, "gemma3": gemma3_config}[family](size)
+    return _ARCHITECTURES[family][0](size)
 
 
 def build(name: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", seed: int = 0):
     """The model ``name`` (one of ``MODELS``) with random weights, in eval mode."""
     import transformers
 
-    config = config_for(name)
-    cls = getattr(transformers, {"llava": "LlavaForConditionalGeneration", "qwen2.5": "Qwen2_5_VLForConditionalGeneration",
-                                 "gemma3": "Gemma3ForConditionalGeneration"}[name.split("-")[0]])
-    model = build_from_config(cls, config, dtype, device, seed, fast_init=False)
+    cls = getattr(transformers, _ARCHITECTURES[name.rsplit("-", 1)[0]][1])
+    model = build_from_config(cls, config_for(name), dtype, device, seed, fast_init=False)
     projector = getattr(getattr(model.model, "multi_modal_projector", None), "mm_input_projection_weight", None)
     if projector is not None:
         # Gemma 3's projector starts at zero (checkpoints overwrite it): every soft token would be the same
@@ -223,6 +227,17 @@ def prefill(model, inputs: dict):
     text = model.config.get_text_config(decoder=True)
     cache = EncoderDecoderCache(DynamicCache(config=text), DynamicCache(config=text))
     return model(**inputs, decoder_input_ids=decoder, **{name: cache}, use_cache=True)
+
+
+def refuse_block_diffusion(model, tool: str, why: str) -> None:
+    """Raise ``ValueError("model: ...")`` for a block diffusion model (DiffusionGemma: a decoder denoises canvases
+    of tokens over the prompt's cache), which ``prune()`` takes but ``tool`` cannot measure, for the reason ``why``."""
+    from .integrations.transformers.families import find_family
+
+    family = find_family(model)
+    if family.block_diffusion:
+        raise ValueError(f"model: {family.name} generates by block diffusion (canvases of tokens denoised at once "
+                         f"over the prompt's cache): {why}; prune() takes it, {tool} cannot measure it")
 
 
 def cache_bytes(past_key_values) -> int:

@@ -210,15 +210,10 @@ def measure_pass(model, batches: Sequence[list], encode: Callable[[list], dict],
 
 def refuse_unmeasurable(model) -> None:
     """Raise ``ValueError`` for a model that ``prune()`` takes but whose answers are no token-by-token
-    generation from a next-token distribution, which this measurement compares (a block diffusion model
-    denoises canvases of tokens at once, DiffusionGemma's)."""
-    from ..integrations.transformers.families import find_family
+    generation from a next-token distribution, which this measurement compares (a block diffusion model's)."""
+    from ..models import refuse_block_diffusion
 
-    family = find_family(model)
-    if family.block_diffusion:
-        raise ValueError(f"model: {family.name} generates by block diffusion (canvases of tokens denoised at "
-                         "once): no next-token distribution to compare; prune() takes it, zspa fidelity cannot "
-                         "measure it")
+    refuse_block_diffusion(model, "zspa fidelity", "no next-token distribution to compare")
 
 
 def run_grid(model, samples: Sequence, encode: Callable[[list], dict], points: Sequence[GridPoint],

@@ -373,7 +373,7 @@ class PruneHandle:
         self.last_selection: list[ImageSelection] = []
         self._layout: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (index, valid) of the last prompt
         self._inputs: Optional[dict] = None  # the base model's keyword arguments of this call
-        self._deferred: Optional[_DeferredMasks] = None  # this prompt's masks, until the hooks build them
+        self._deferred: Optional[_DeferredMasks] = None  # set only inside the language model's hook (_lm_pre_hook)
         self._gather: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (index, valid)
         self._labels: Optional[torch.Tensor] = None  # taken from the wrapper, for the loss after it
         self._given_labels: Optional[torch.Tensor] = None  # the wrapper's labels of this call, for the prompt
@@ -486,7 +486,7 @@ class PruneHandle:
     def _base_pre_hook(self, module, args, kwargs):
         # The arguments are kept for the language model's hook of this call, which takes them (they
         # hold the cache: kept any longer, they would keep its memory after the caller let it go).
-        self._inputs = self._deferred = None
+        self._inputs = None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = _cache_of(kwargs)
         state = self._caches.get(cache) if cache is not None else None
@@ -557,7 +557,6 @@ class PruneHandle:
     def _lm_pre_hook(self, module, args, kwargs):
         deferred = kwargs.get("attention_mask")
         if not isinstance(deferred, _DeferredMasks):
-            self._deferred = None
             return self._lm_pre_with_embeds(module, args, kwargs)
         # The base model's own mask, as the hooks read a prompt's; a pruned prefill builds the masks
         # (_prefill), and every other prompt gets those the base model would have built.
