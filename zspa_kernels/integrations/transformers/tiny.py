@@ -71,6 +71,14 @@ class TinyVLM:
     # False where a prefill on a reset static cache differs from one on a fresh cache, unpatched (Inkling;
     # UnlimitedOCR's once unpickled, as the deep-copy test resets it).
     static_reset: bool = True
+    # Where the unpatched model's static-cache generation of ``batch`` differs from its dynamic-cache one
+    # (None: they agree), what a keep-all pruned static-cache generation is held to instead of it:
+    # "dynamic" where the hooks reproduce the dynamic-cache one (Gemma 4 Unified: generate() builds a
+    # static cache's masks with the model's create_masks_for_generate, which opens the image blocks on the
+    # sliding-window layers only, where its base model opens them on every layer; Gemma 4 on 5.17 and
+    # PaliGemma on 4.57, seen, not traced); "unexplained" where it reproduces neither (Fuyu on 4.57, whose
+    # rows alone agree): left out.
+    static_differs: Optional[str] = None
     # False where its prompt-lookup decoding fails on some drafts (Molmo2: it drafts the prompt's
     # image tokens, whose ids lie past its logits).
     prompt_lookup: bool = True
@@ -101,6 +109,11 @@ class TinyVLM:
                    else seg[1] if seg[0] == "image" and self.tiles_are_images
                    else self.image_runs(seg[1]) if seg[0] == "image" and self.image_runs else 1
                    for row in rows for seg in row if seg[0] in ("image", "video"))
+
+
+def _release() -> tuple[int, int]:
+    """The installed transformers' (major, minor)."""
+    return tuple(int(v) for v in transformers.__version__.split(".")[:2])
 
 
 def _finish(model: torch.nn.Module, attn: str) -> torch.nn.Module:
@@ -1539,7 +1552,7 @@ def paligemma(attn: str = "sdpa", seed: int = 0, version: int = 1) -> TinyVLM:
                           [("image", 0), ("text", 9)]],
                    # transformers' own generate() fails on a static cache for PaliGemma 2: 5.x hands its
                    # base model the dict of prebuilt masks, 4.57 a mask longer than the sliding layers.
-                   static_generate=version == 1)
+                   static_generate=version == 1, static_differs="dynamic" if _release() < (5, 0) else None)
 
 
 def gemma4(attn: str = "sdpa", seed: int = 0, unified: bool = False) -> TinyVLM:
@@ -1622,7 +1635,9 @@ def gemma4(attn: str = "sdpa", seed: int = 0, unified: bool = False) -> TinyVLM:
                    batch=[[("text", 5), ("image", (8, 8)), ("text", 7)],
                           [("text", 3), ("image", (4, 8)), ("text", 1), ("image", (6, 8)), ("text", 4)],
                           [("video", (2, 8, 4)), ("text", 9)]],
-                   frames_are_images=True)
+                   frames_are_images=True,
+                   # 5.17 seen differing, 5.24 and 5.25 agreeing (Gemma 4); every 5.x (Gemma 4 Unified)
+                   static_differs="dynamic" if unified or _release() < (5, 24) else None)
 
 
 def diffusion_gemma(attn: str = "sdpa", seed: int = 0, sliding_window: int = 512) -> TinyVLM:
@@ -2885,7 +2900,8 @@ def fuyu(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                           [("image", (6, 2)), ("text", 9)]],
                    # transformers 5.24's own beam search fails on its images (the beams' image tokens
                    # outnumber the patch embeddings it encodes ahead), unpatched.
-                   beam_images=not hasattr(transformers.GenerationMixin, "_expand_multimodal_outputs"))
+                   beam_images=not hasattr(transformers.GenerationMixin, "_expand_multimodal_outputs"),
+                   static_differs="unexplained" if _release() < (5, 0) else None)
 
 
 def unlimited_ocr(attn: str = "sdpa", seed: int = 0, sliding_window: int = 128) -> TinyVLM:
@@ -2988,7 +3004,7 @@ def mllama(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                     cross_attention_mask=cross)
 
     # Before 5.24 its generate() sizes a static cache's cross-attention layers for the text and fails.
-    static = tuple(int(v) for v in transformers.__version__.split(".")[:2]) >= (5, 24)
+    static = _release() >= (5, 24)
     return TinyVLM(model, make_inputs, single=[[("text", 3), ("image", 2), ("text", 6)]],
                    batch=[[("text", 3), ("image", 2), ("text", 6)],
                           [("image", 4), ("text", 2), ("image", 1), ("text", 5)],
