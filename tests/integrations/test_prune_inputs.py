@@ -1003,16 +1003,25 @@ def _counted_mask_builds(monkeypatch) -> list:
 def test_a_pruned_prompt_builds_its_masks_as_often_as_the_unpatched_one(name, keep, monkeypatch):
     """Family.passes_mask_dicts: the base model carries the hooks' placeholder instead of building masks for
     the whole prompt, which the hooks then built again for the pruned one (transformers builds a Gemma's
-    image-block masks with torch.vmap: milliseconds of host time a prompt, twice)."""
+    image-block masks with torch.vmap: milliseconds of host time a prompt, twice); on a static cache,
+    generate() hands it on in place of the masks it builds ahead of every step."""
     tiny = BUILDERS[name]()
     inputs = tiny.make_inputs(tiny.batch)
     builds = _counted_mask_builds(monkeypatch)
-    tiny.model(**inputs)
-    tiny.model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    unpatched, builds[:] = list(builds), []
-    assert unpatched
-    with zspa_kernels.prune(tiny.model, keep=keep) as handle:
-        assert handle.family.passes_mask_dicts
+
+    def run():
         tiny.model(**inputs)
         tiny.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        builds.append("static")
+        # generate() builds a static cache's masks ahead of each step (create_masks_for_generate), where the
+        # hooks then built them again (a step on the pruned cache: _GenerateMasks).
+        tiny.model.generate(**inputs, max_new_tokens=3, do_sample=False, cache_implementation="static")
+
+    run()
+    unpatched, builds[:] = list(builds), []
+    assert len(unpatched) > unpatched.index("static") + 1
+    with zspa_kernels.prune(tiny.model, keep=keep) as handle:
+        assert handle.family.passes_mask_dicts
+        run()
     assert builds == unpatched
+    assert "create_masks_for_generate" not in tiny.model.__dict__  # the handle's builder left with it

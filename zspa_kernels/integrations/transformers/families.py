@@ -111,9 +111,11 @@ class Family:
     # True where the base model hands a dict ``attention_mask`` to its language model as it is, building
     # no masks of its own (Gemma3, Gemma4 on every supported transformers): a prompt's base model is then
     # given an empty dict to carry (handle.py's ``_DeferredMasks``), and ``build_mask`` builds the masks
-    # once, for the layout the language model runs on. Otherwise the base model builds them for the
-    # whole prompt and the hooks build them again for the pruned one: twice the host time, which
-    # transformers' builder makes milliseconds where image blocks attend bidirectionally (``torch.vmap``).
+    # once, for the layout the language model runs on; so does generate() on a static cache, in place of
+    # the masks it builds ahead of each step (handle.py's ``_GenerateMasks``). Otherwise the base model
+    # (or generate()) builds them for the whole prompt and the hooks build them again for the pruned one:
+    # twice the host time, which transformers' builder makes milliseconds where image blocks attend
+    # bidirectionally (``torch.vmap``).
     passes_mask_dicts: bool = False
     # The base model's argument that marks the visual tokens for ``build_mask`` (the caller's,
     # gathered like the embeddings: without it the base model builds causal masks).

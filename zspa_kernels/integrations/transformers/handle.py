@@ -1,6 +1,8 @@
 """Forward hooks that run a VLM's language model on the selected visual tokens only.
 
-``register_forward_pre_hook(with_kwargs=True)`` hooks, no model code patched:
+``register_forward_pre_hook(with_kwargs=True)`` hooks, no model code patched (one attribute aside:
+where the base model passes a dict of masks on untouched, the model's ``create_masks_for_generate``
+while the handle lives, :class:`_GenerateMasks`):
 
 * on the base model (``model.model``): remembers the keyword arguments of the call
   (``input_ids`` say where image/video tokens sit; pixel inputs or already encoded
@@ -327,6 +329,41 @@ def _mask_2d(mask, batch: int, length: int, device) -> torch.Tensor:
     return mask.long()
 
 
+class _GenerateMasks:
+    """``create_masks_for_generate`` on a model whose base model carries a dict of masks to its language
+    model (Family.passes_mask_dicts), while its handle lives; ``remove()`` takes it away as a hook's
+    handle would. generate() calls it on a static cache ahead of every forward, to build the masks
+    outside the step it compiles; the hooks then built them again for the pruned layout, so a pruned
+    prompt and each decode step on its cache paid two builds (transformers builds Gemma's masks with
+    ``torch.vmap``: milliseconds of host time a step). Here those steps get the 2-D mask back in a
+    :class:`_DeferredMasks`, and the language model's hook builds the masks once: for a prompt (several
+    tokens on a cache the handle did not prune: pruned then, or built as the base model would), and for
+    every step on a cache the handle pruned. Other calls (a step on a cache it did not prune) get the
+    model's own builder."""
+
+    def __init__(self, model: torch.nn.Module, handle: "PruneHandle"):
+        import transformers.masking_utils
+
+        self.model, self.handle = model, weakref.ref(handle)
+        self.build = getattr(type(model), "create_masks_for_generate", transformers.masking_utils.create_masks_for_generate)
+        model.create_masks_for_generate = self
+
+    def __call__(self, *args, **kwargs):
+        handle = self.handle()
+        cache = next((kwargs[k] for k in ("cache", "past_key_values") if kwargs.get(k) is not None), None)
+        embeds = next((kwargs[k] for k in ("inputs_embeds", "input_embeds") if kwargs.get(k) is not None), None)
+        pruned = handle is not None and cache is not None and cache in handle._caches
+        prompt = handle is not None and not pruned and embeds is not None and embeds.shape[1] > 1
+        if args or not (pruned or prompt):
+            return self.build(*args, **kwargs)
+        token_types = kwargs.get(handle.family.token_types_arg)
+        return _DeferredMasks(mask=kwargs.get("attention_mask"), token_types=token_types, labelled=False)
+
+    def remove(self) -> None:
+        if self.model.__dict__.get("create_masks_for_generate") is self:
+            del self.model.create_masks_for_generate
+
+
 class PruneHandle:
     """Hooks installed by :func:`zspa_kernels.prune`; ``remove()`` or leave the ``with`` block."""
 
@@ -398,6 +435,8 @@ class PruneHandle:
                 model.register_forward_pre_hook(self._top_pre_hook, with_kwargs=True),
                 model.register_forward_hook(self._top_post_hook, with_kwargs=True),
             ]
+        if self.family.passes_mask_dicts:
+            hooks.append(_GenerateMasks(model, self))
         return hooks
 
     @property
@@ -962,7 +1001,8 @@ class PruneHandle:
             # The slots only where they are read: no tensor op otherwise (where the language model's forward
             # breaks Dynamo's graph, as Phi-4-multimodal's does, this hook is traced as a frame of its own,
             # and an op in it is a graph of its own).
-            build = self.family.build_mask is not None and _prebuilt(kwargs.get("attention_mask"))
+            build = self.family.build_mask is not None and (
+                self._deferred is not None or _prebuilt(kwargs.get("attention_mask")))
             if kwargs.get("cache_position") is not None or build:
                 # The caller's slots, as the base model's hook saw them; none seen: the language model
                 # was called without the base model.
@@ -971,6 +1011,7 @@ class PruneHandle:
                 if kwargs.get("cache_position") is not None:
                     kwargs["cache_position"] = slots
                 if build:  # decode tokens are text: no image blocks
+                    self._deferred = None
                     mask = self.family.build_mask(self.config, step, mask, cache, kwargs.get("position_ids"), None,
                                                   slots, False)
             kwargs["attention_mask"] = mask
