@@ -104,30 +104,33 @@ class _StepClock:
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def _generate_timed(model, inputs, device, n: int) -> tuple[float, float]:
-    """(TTFT in ms, decode seconds per step) of one ``generate()`` of ``n`` tokens."""
+def _generate_timed(model, inputs, device, n: int, cache: str = "dynamic") -> tuple[float, float]:
+    """(TTFT in ms, decode seconds per step) of one ``generate()`` of ``n`` tokens on a ``cache``
+    ("dynamic", or "static": transformers' ``cache_implementation``, eager here: ``disable_compile``)."""
     from transformers import StoppingCriteriaList
 
     clock = _StepClock(device)
+    static = dict(cache_implementation="static", disable_compile=True) if cache == "static" else {}
     hb.synchronize(device)
     t0 = time.perf_counter()
     # min_new_tokens: random weights must not stop early at an EOS.
     model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
-                   stopping_criteria=StoppingCriteriaList([clock]))
+                   stopping_criteria=StoppingCriteriaList([clock]), **static)
     return 1e3 * (clock.times[0] - t0), (clock.times[-1] - clock.times[0]) / (len(clock.times) - 1)
 
 
-def measure(model, inputs: dict, device, new_tokens: int, repeats: int) -> dict:
-    """Prefill, TTFT, decode throughput, peak memory and KV bytes of one configuration."""
+def measure(model, inputs: dict, device, new_tokens: int, repeats: int, cache: str = "dynamic") -> dict:
+    """Prefill, TTFT, decode throughput (generate() on a ``cache``), peak memory and KV bytes of one
+    configuration."""
     B = inputs["input_ids"].shape[0]
     with torch.no_grad():
         prefill = hb.wall_median_ms(lambda: models.prefill(model, inputs), device, repeats)
         busy = gpu_busy_ms(lambda: models.prefill(model, inputs), device)  # warmed by the timing above
         kv = models.cache_bytes(kv_cache(models.prefill(model, inputs)))
-        _generate_timed(model, inputs, device, 2)  # warm-up of the decode path
+        _generate_timed(model, inputs, device, 2, cache)  # warm-up of the decode path
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        runs = [_generate_timed(model, inputs, device, new_tokens + 1) for _ in range(repeats)]
+        runs = [_generate_timed(model, inputs, device, new_tokens + 1, cache) for _ in range(repeats)]
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     ttft = statistics.median(r[0] for r in runs)
     step = statistics.median(r[1] for r in runs)
@@ -135,7 +138,8 @@ def measure(model, inputs: dict, device, new_tokens: int, repeats: int) -> dict:
             "peak_memory_gib": peak, "kv_cache_bytes": kv}
 
 
-def run(names, batches, device, backend: str, new_tokens: int, repeats: int, progress=print) -> list[dict]:
+def run(names, batches, device, backend: str, new_tokens: int, repeats: int, progress=print,
+        cache: str = "dynamic") -> list[dict]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     records = []
     for name in names:
@@ -153,12 +157,12 @@ def run(names, batches, device, backend: str, new_tokens: int, repeats: int, pro
                 pruning = (contextlib.nullcontext() if keep is None
                            else zspa_kernels.prune(model, keep=k, backend=impl))
                 with pruning as handle:
-                    stats = measure(model, inputs, device, new_tokens, repeats)
+                    stats = measure(model, inputs, device, new_tokens, repeats, cache)
                     if handle is not None:
                         stats["hook_ms"] = hook_ms(handle, model, inputs, device, repeats)
                 record = {"name": "e2e", "model": name, "impl": "unpruned" if keep is None else impl,
                           "B": B, "N": N, "D": D, "k": k, "kept": k, "dtype": str(dtype).replace("torch.", ""),
-                          "tokens": inputs["input_ids"].shape[1],
+                          "tokens": inputs["input_ids"].shape[1], "cache": cache,
                           "median_us": 1e3 * stats["prefill_ms"], **stats, "selection_share": None}
                 if keep is not None:
                     record["selection_us"] = selection_us(B, N, D, k, impl, device, dtype)
@@ -181,12 +185,14 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cache", choices=["dynamic", "static"], default="dynamic",
+                        help="the cache generate() decodes on (TTFT and decode rate); static: eager")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     records = []
     for name in args.models:  # written after each model: a run cut short keeps what finished
-        records += run([name], args.batch, device, args.backend, args.new_tokens, args.repeats)
+        records += run([name], args.batch, device, args.backend, args.new_tokens, args.repeats, cache=args.cache)
         hb.save_records(args.out, device, records)
     return 0
 

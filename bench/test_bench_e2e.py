@@ -15,14 +15,17 @@ from zspa_kernels import benchmark as hb
 from zspa_kernels import models
 
 
-@pytest.mark.parametrize("name", ["llava-1.5-tiny", "qwen2.5-vl-tiny", "gemma3-tiny"])
-def test_e2e_tiny_runs_unpruned_and_pruned(name):
+@pytest.mark.parametrize("name, cache", [("llava-1.5-tiny", "dynamic"), ("qwen2.5-vl-tiny", "dynamic"),
+                                         ("gemma3-tiny", "dynamic"), ("gemma3-tiny", "static")])
+def test_e2e_tiny_runs_unpruned_and_pruned(name, cache):
     records = e2e.run([name], [2], torch.device("cpu"), "reference", new_tokens=2, repeats=1,
-                      progress=lambda _: None)
+                      progress=lambda _: None, cache=cache)
     n = models.visual_tokens(name)
     assert [(r["B"], r["kept"], r["N"]) for r in records] == [(2, n, n), (2, 64, n), (2, hb.keep_budget(0.1, n), n)]
+    assert {r["cache"] for r in records} == {cache}
     for r in records:
-        assert all(math.isfinite(r[key]) and r[key] > 0 for key in ("prefill_ms", "ttft_ms", "median_us"))
+        assert all(math.isfinite(r[key]) and r[key] > 0
+                   for key in ("prefill_ms", "ttft_ms", "median_us", "decode_tokens_per_s"))
         full = next(u for u in records if u["B"] == r["B"] and u["impl"] == "unpruned")
         # The cache holds every text token and only the kept visual tokens.
         assert r["kv_cache_bytes"] * full["tokens"] == full["kv_cache_bytes"] * (full["tokens"] - n + r["kept"])
