@@ -76,8 +76,10 @@ class TinyVLM:
     # "dynamic" where the hooks reproduce the dynamic-cache one (Gemma 4 Unified: generate() builds a
     # static cache's masks with the model's create_masks_for_generate, which opens the image blocks on the
     # sliding-window layers only, where its base model opens them on every layer; Gemma 4 on 5.17 and
-    # PaliGemma on 4.57, seen, not traced); "unexplained" where it reproduces neither (Fuyu on 4.57, whose
-    # rows alone agree): left out.
+    # PaliGemma on 4.57, seen, not traced); "neither" where it reproduces neither: left out (Fuyu on 4.57,
+    # whose base model passes its language model no cache_position, which then counts a static cache's
+    # length from batch row 0's nonzero keys: a left-padded row 0's padding has zero keys, so every step is
+    # numbered and stored too early, unpatched; the hooks' masks are wrong otherwise. A row alone agrees).
     static_differs: Optional[str] = None
     # False where its prompt-lookup decoding fails on some drafts (Molmo2: it drafts the prompt's
     # image tokens, whose ids lie past its logits).
@@ -2901,7 +2903,7 @@ def fuyu(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                    # transformers 5.24's own beam search fails on its images (the beams' image tokens
                    # outnumber the patch embeddings it encodes ahead), unpatched.
                    beam_images=not hasattr(transformers.GenerationMixin, "_expand_multimodal_outputs"),
-                   static_differs="unexplained" if _release() < (5, 0) else None)
+                   static_differs="neither" if _release() < (5, 0) else None)
 
 
 def unlimited_ocr(attn: str = "sdpa", seed: int = 0, sliding_window: int = 128) -> TinyVLM:
