@@ -11,24 +11,13 @@ from typing import Optional
 import torch
 
 from fp64_oracle import Row
-from zspa_kernels.cpu import GREEDY_TOLERANCE
 from zspa_kernels.dispatch import available_backends
-from zspa_kernels.spec import triton_interpreter
+from zspa_kernels.spec import PICK_TOLERANCE, triton_interpreter
 
-# Largest fp64 score gap a backend may leave at one pick (a near-tie), per input dtype.
-# The reference computes in fp32 from the exactly upcast inputs, whatever their dtype.
-TOLERANCE = {
-    "reference": {torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5},
-    # Same fp32 math as the reference (raw Gram products are exact, sums in fp32), only in
-    # another order: cosine errors stay ~sqrt(D)·2^-24, far below 2e-5 at test sizes.
-    "triton": {torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5},
-    # cuda: fp32-accumulated GEMMs of the raw inputs (16-bit products are exact in fp32;
-    # TF32 is refused), normalised afterwards: fp32 rounding only, like the reference.
-    "cuda": {torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5},
-    # cpu: greedy similarities from fp16-rounded unit vectors (zspa_kernels/cpu.py derives the
-    # bound 2^-10); relevance and core are fp32 like the reference.
-    "cpu": {dtype: GREEDY_TOLERANCE for dtype in (torch.float32, torch.float16, torch.bfloat16)},
-}
+# Largest fp64 score gap a backend may leave at one pick (a near-tie), per input dtype: the package's
+# bounds (spec.PICK_TOLERANCE, which says where each comes from), the same for every dtype.
+TOLERANCE = {backend: {dtype: tol for dtype in (torch.float32, torch.float16, torch.bfloat16)}
+             for backend, tol in PICK_TOLERANCE.items()}
 
 
 def exact_ties(backend: str) -> str:

@@ -31,9 +31,10 @@ import torch
 
 from .reference import (Scaled, ascending_from_order, isolation_scores, mean_pool, row_budgets, scaled_rows,
                         select_tokens_reference_op)
-from .spec import NONFINITE_RELEVANCE, NONFINITE_SIMILARITY, NORM_EPS, SCALE_EXP_MAX, SCALE_EXP_MIN, may_need_isolation
+from .spec import (NONFINITE_RELEVANCE, NONFINITE_SIMILARITY, NORM_EPS, PICK_TOLERANCE, SCALE_EXP_MAX, SCALE_EXP_MIN,
+                   may_need_isolation)
 
-GREEDY_TOLERANCE = 2.0**-10
+GREEDY_TOLERANCE = PICK_TOLERANCE["cpu"]  # 2^-10: the bound derived above
 _unavailable: list[str] = []
 
 

@@ -19,6 +19,13 @@ from typing import Union
 NORM_EPS = 1e-6               # v / max(‖v‖, NORM_EPS)
 NONFINITE_RELEVANCE = -2.0    # below every finite cosine: a non-finite token is least relevant
 NONFINITE_SIMILARITY = 2.0    # above every finite cosine: ... and most redundant
+
+# Largest fp64 score gap at which a backend's pick may differ from the exact one (a near-tie), from
+# its arithmetic: reference, triton and cuda compute in fp32 from exactly upcast inputs (cosine errors
+# ~sqrt(D)·2^-24, far below 2e-5 at the tests' sizes); cpu's greedy similarities are fp32 dots of
+# fp16-rounded unit vectors, off by at most 2^-10 (zspa_kernels/cpu.py). The tests replay every
+# pick against fp64 with these; `zspa demo` judges two backends' differing picks by them.
+PICK_TOLERANCE = {"reference": 2e-5, "triton": 2e-5, "cuda": 2e-5, "cpu": 2.0**-10}
 # Overflow-safe norms (every backend alike): a token x is scaled by 2**-e, e the exponent of
 # max|x| (max|x| = m·2**e, m in [0.5, 1); 0 for a zero vector), clamped to this range so
 # that 2**-e is a normal fp32 number. Scaling by a power of two is exact, so
