@@ -26,6 +26,26 @@ def test_demo_prints_the_table_and_draws_the_kept_patches(tmp_path, capsys):
         assert image.size == (2 * 672 + 12, 672 + 40)
 
 
+def test_differing_picks_are_told_apart_from_near_ties():
+    """The table's note where two backends keep other tokens: a near-tie (their picks part between
+    candidates whose fp64 scores are within the backends' rounding) or a real difference."""
+    g = torch.Generator().manual_seed(3)
+    visual, prompt = torch.randn(2, 12, 8, generator=g), torch.randn(2, 3, 8, generator=g)
+    visual[1, 2] = prompt[1].mean(0) + 0.01 * visual[1, 2]  # the most relevant token of row 1 ...
+    visual[1, 7] = visual[1, 2] * (1 + 1e-9)  # ... and its copy, to rounding: the core's first two picks
+    args = (visual, prompt, 4, 0.5, torch.tensor([12, 10]), None, "mean", "reference", True)
+    order = torch.ops.zspa.select_tokens(*args)
+    call = [(args, order)]
+    assert sorted(order[1, :2].tolist()) == [2, 7]
+    twin = order.clone()
+    twin[1, :2] = order[1, :2].flip(0)
+    assert demo.agreement(("cpu", "reference"), (call, [(args, order.clone())])) == "same picks as cpu"
+    assert demo.agreement(("cpu", "reference"), (call, [(args, twin)])).startswith("near-tie: picks part from cpu's")
+    worse = order.clone()
+    worse[0, 0] = next(i for i in range(12) if i not in order[0].tolist())  # the core's first pick
+    assert demo.agreement(("cpu", "reference"), (call, [(args, worse)])).startswith("DIFFERENT tokens from cpu's")
+
+
 def test_demo_runs_a_local_checkpoint(tmp_path, capsys):
     model, processor = demo.load(None, torch.device("cpu"), torch.float32)
     model.save_pretrained(tmp_path / "ckpt")

@@ -2,8 +2,10 @@
 selection itself, huge and tiny norms included, is the shared suite's: test_select_tokens.py)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
+from fp64_oracle import Row, oracle_order
 from zspa_kernels import reference
 from zspa_kernels.reference import cosines, dots, row_budgets, scaled_rows
 from zspa_kernels.spec import core_count
@@ -53,3 +55,27 @@ def test_dot_products_depend_on_their_two_rows_alone():
             assert torch.equal(dots(a, b), dots_each), D
         finally:
             reference.DOT_CHUNK_ELEMENTS = step
+
+
+@pytest.mark.parametrize("relevance", ["mean", "max"])
+@pytest.mark.parametrize("core_ratio", [0.0, 0.5, 1.0])
+def test_parting_gap_is_the_fp64_oracles_score_gap(relevance, core_ratio):
+    """reference.parting_gap (what `zspa demo` reports where two backends' picks differ) against the
+    independent fp64 oracle: at every step of the exact order, a pick of another free candidate parts
+    there, by the difference of the two candidates' fp64 scores; equal orders do not part."""
+    g = torch.Generator().manual_seed(int(core_ratio * 10) + len(relevance))
+    N, D, T, k = 23, 16, 5, 9
+    visual, prompt = torch.randn(N, D, generator=g), torch.randn(T, D, generator=g)
+    mask = torch.tensor([True, False, True, True, False])
+    visual[4] = float("nan")  # a non-finite token: infinitely far from every finite score
+    row = Row(visual.numpy(), prompt.numpy(), mask.numpy(), N, k, core_ratio, relevance)
+    order = oracle_order(row)
+    same = torch.tensor(order)
+    assert reference.parting_gap(visual, prompt, mask, relevance, k, core_ratio, same, same.clone()) is None
+    for t in range(len(order)):
+        free, scores, _ = row.step_scores(t, order[:t])
+        for other in (c for c in free if c != order[t]):
+            parted = torch.tensor(order[:t] + [other] + order[t + 1:])
+            step, gap = reference.parting_gap(visual, prompt, mask, relevance, k, core_ratio, same, parted)
+            assert step == t
+            assert gap == pytest.approx(abs(scores[order[t]] - scores[other]), rel=1e-12, abs=1e-12)

@@ -171,12 +171,14 @@ class _PrefillClock:
         self._hook.remove()
 
 
-def _timed_selection_prefill(model, inputs, device) -> tuple[int, float]:
-    """One prefill: ``(KV-cache bytes, ms spent in the zspa::select_tokens calls the hooks made)``."""
+def _timed_selection_prefill(model, inputs, device) -> tuple[int, float, list]:
+    """One prefill: ``(KV-cache bytes, ms spent in the zspa::select_tokens calls the hooks made, those
+    calls)``, each call ``(its arguments, its output)``."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class SelectionClock(TorchDispatchMode):
         ms = 0.0
+        calls: list = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func is not torch.ops.zspa.select_tokens.default:
@@ -186,11 +188,38 @@ def _timed_selection_prefill(model, inputs, device) -> tuple[int, float]:
             out = func(*args, **(kwargs or {}))
             hb.synchronize(device)
             self.ms += 1e3 * (time.perf_counter() - t0)
+            self.calls.append((args, out))
             return out
 
     with SelectionClock() as clock:
+        clock.calls = []
         kv = models.cache_bytes(kv_cache(models.prefill(model, inputs)))
-    return kv, clock.ms
+    return kv, clock.ms, clock.calls
+
+
+def agreement(names: tuple[str, str], calls: tuple[list, list]) -> str:
+    """How the differing picks of two backends (``names``) on the same prompt compare, from their
+    ``zspa::select_tokens`` calls (:func:`_timed_selection_prefill`): the largest fp64 score gap at a
+    step where an image's picks part (reference.parting_gap). Within the two backends' rounding
+    (spec.PICK_TOLERANCE, summed) that is a near-tie, which either may break."""
+    from zspa_kernels.reference import parting_gap
+    from zspa_kernels.spec import PICK_TOLERANCE
+
+    gaps = []
+    for (args, first), (_, other) in zip(*calls):
+        visual, prompt, k, core_ratio, lengths, prompt_mask, relevance = args[:7]
+        for b in range(visual.shape[0]):
+            n = visual.shape[1] if lengths is None else int(lengths[b])
+            parted = parting_gap(visual[b, :n], prompt[b], None if prompt_mask is None else prompt_mask[b],
+                                 relevance, k, core_ratio, first[b].cpu(), other[b].cpu())
+            if parted is not None:
+                gaps.append(parted[1])
+    if not gaps and len(calls[0]) == len(calls[1]):
+        return f"same picks as {names[0]}"
+    gap = max(gaps, default=float("inf"))
+    if gap <= sum(PICK_TOLERANCE[name] for name in names):
+        return f"near-tie: picks part from {names[0]}'s where fp64 scores differ by {gap:.0e}"
+    return f"DIFFERENT tokens from {names[0]}'s (fp64 scores {gap:.1e} apart where the picks part)"
 
 
 def picture_grid(model, processor, inputs: dict, photo, n_tokens: int):
@@ -332,7 +361,7 @@ def run(out: str, model_path=None, keep: int = 64, core_ratio: float = DEFAULT_C
     pruning = {backend: lambda backend=backend: zspa_kernels.prune(model, keep=keep, core_ratio=core_ratio,
                                                                     backend=backend, tokenizer=processor)
                for backend in backends}
-    selections, kv_bytes, sel_ms, refusal = {}, {}, {}, None
+    selections, kv_bytes, sel_ms, calls, refusal = {}, {}, {}, {}, None
     with _step(f"[{next(step)}/{steps}] warm-up: one prefill unpruned, two per backend ({', '.join(backends)})"):
         try:
             kv_bytes["unpruned"] = models.cache_bytes(kv_cache(models.prefill(model, inputs)))
@@ -344,7 +373,7 @@ def run(out: str, model_path=None, keep: int = 64, core_ratio: float = DEFAULT_C
             try:
                 with pruning[backend]() as handle:
                     _timed_selection_prefill(model, inputs, device)  # cold: Triton's JIT, the extension's load
-                    kv_bytes[backend], sel_ms[backend] = _timed_selection_prefill(model, inputs, device)
+                    kv_bytes[backend], sel_ms[backend], calls[backend] = _timed_selection_prefill(model, inputs, device)
                     selections[backend] = handle.last_selection
             except ValueError as exc:  # what the hooks refuse only once they see the prompt: still before any timing
                 refusal = f"prune() cannot prune its prompt: {exc}"
@@ -373,7 +402,8 @@ def run(out: str, model_path=None, keep: int = 64, core_ratio: float = DEFAULT_C
     rows = [("unpruned", n_tokens, full_ms, full_lm_ms, kv_bytes["unpruned"], None, "")]
     for i, backend in enumerate(backends):
         same = all(torch.equal(a.kept.cpu(), b.kept.cpu()) for a, b in zip(selections[backend], first))
-        note = "" if i == 0 else ("same tokens as " + backends[0] if same else "DIFFERENT tokens")
+        note = ("" if i == 0 else f"same tokens as {backends[0]}" if same
+                else agreement((backends[0], backend), (calls[backends[0]], calls[backend])))
         rows.append((backend, sum(len(s.order) for s in selections[backend]), *median[backend], kv_bytes[backend],
                      sel_ms[backend], note))
 

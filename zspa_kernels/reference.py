@@ -32,12 +32,14 @@ Conventions for special values (no host synchronisation anywhere):
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 import torch
 
 from .spec import (NONFINITE_RELEVANCE, NONFINITE_SIMILARITY, NORM_EPS, SCALE_EXP_MAX, SCALE_EXP_MIN,
                    core_count, may_need_isolation)
+from .spec import row_budgets as spec_row_budgets
 
 SEED_CHUNK_ROWS = 1024
 DOT_CHUNK_ELEMENTS = 1 << 24  # products held at once by dots(): 64 MiB of fp32
@@ -196,3 +198,52 @@ def select_tokens_reference_op(visual, prompt, k, core_ratio, lengths, prompt_ma
     """Backend entry point of the op: pick order, or ascending kept indices."""
     order = select_tokens_reference(visual, prompt, k, core_ratio, lengths, prompt_mask, relevance)
     return order if pick_order else ascending_from_order(order, visual.shape[1])
+
+
+def parting_gap(visual: torch.Tensor, prompt: torch.Tensor, prompt_mask: Optional[torch.Tensor], relevance: str,
+                k: int, core_ratio: float, order_a: torch.Tensor, order_b: torch.Tensor) -> Optional[tuple[int, float]]:
+    """Where two pick orders of ONE row part, and how close a call it was there, in fp64: ``(t, gap)``,
+    ``t`` the first step whose picks differ and ``gap`` the difference of those two picks' scores at
+    that step (relevance in the core, else the similarity to the picks before; the most isolated
+    seed where there are none), given the picks they share before it; None where they agree.
+
+    ``visual`` ``(n, D)`` holds the row's valid tokens, ``prompt`` ``(T, D)`` or ``(D,)`` with its
+    ``(T,)`` mask, as the op takes them. A backend's pick may part from fp64's only where the gap is
+    within its rounding (``spec.PICK_TOLERANCE``): a genuine near-tie. Non-finite tokens score
+    ``-inf`` relevance and ``+inf`` similarity (a gap with one is infinite)."""
+    n = visual.shape[0]
+    k_b, k_core = spec_row_budgets(k, core_ratio, n)
+    a, b = order_a[:k_b].tolist(), order_b[:k_b].tolist()
+    t = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    if t is None:
+        return None
+    v = visual.detach().to("cpu", torch.float64)
+    finite = torch.isfinite(v).all(-1)
+    v = torch.where(finite[:, None], v, torch.zeros((), dtype=v.dtype))
+    unit = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(NORM_EPS)
+
+    def as_unit(p):  # a non-finite prompt vector acts as a zero vector
+        p = torch.where(torch.isfinite(p).all(-1, keepdim=True), p, torch.zeros((), dtype=p.dtype))
+        return p / torch.linalg.vector_norm(p, dim=-1, keepdim=True).clamp_min(NORM_EPS)
+
+    if t < k_core:
+        p = prompt.detach().to("cpu", torch.float64).reshape(-1, v.shape[1])
+        valid = (torch.ones(p.shape[0], dtype=torch.bool) if prompt_mask is None or prompt.dim() == 1
+                 else prompt_mask.detach().to("cpu", torch.bool))
+        if not valid.any():
+            scores = torch.zeros(n, dtype=torch.float64)
+        elif relevance == "mean":
+            scores = unit @ as_unit(p[valid].mean(0))
+        else:
+            scores = (unit @ as_unit(p[valid]).T).amax(-1)
+        scores = scores.masked_fill(~finite, -math.inf)
+    else:
+        sims = unit @ unit.T
+        if t == 0:  # no core: the most isolated token seeds the picks
+            sims = sims.masked_fill(torch.eye(n, dtype=torch.bool) | ~finite[None, :], -math.inf)
+            scores = sims.amax(-1)
+        else:
+            scores = sims[:, a[:t]].amax(-1)
+        scores = scores.masked_fill(~finite, math.inf)
+    x, y = float(scores[a[t]]), float(scores[b[t]])
+    return t, (0.0 if x == y else abs(x - y))
