@@ -217,33 +217,34 @@ def parting_gap(visual: torch.Tensor, prompt: torch.Tensor, prompt_mask: Optiona
     t = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
     if t is None:
         return None
-    v = visual.detach().to("cpu", torch.float64)
-    finite = torch.isfinite(v).all(-1)
-    v = torch.where(finite[:, None], v, torch.zeros((), dtype=v.dtype))
-    unit = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(NORM_EPS)
 
-    def as_unit(p):  # a non-finite prompt vector acts as a zero vector
+    def as_unit(p):  # fp64 unit rows on the host; a non-finite row acts as a zero vector
+        p = p.detach().to("cpu", torch.float64)
         p = torch.where(torch.isfinite(p).all(-1, keepdim=True), p, torch.zeros((), dtype=p.dtype))
         return p / torch.linalg.vector_norm(p, dim=-1, keepdim=True).clamp_min(NORM_EPS)
 
+    # Only the two parting picks are scored, against what they are scored by: O(t·D), or O(N·D) for the
+    # most isolated seed.
+    pair = torch.tensor([a[t], b[t]])
+    finite = torch.isfinite(visual[pair.to(visual.device)]).all(-1).cpu()
+    unit = as_unit(visual[pair.to(visual.device)])
     if t < k_core:
-        p = prompt.detach().to("cpu", torch.float64).reshape(-1, v.shape[1])
+        p = prompt.detach().to("cpu", torch.float64).reshape(-1, visual.shape[1])
         valid = (torch.ones(p.shape[0], dtype=torch.bool) if prompt_mask is None or prompt.dim() == 1
                  else prompt_mask.detach().to("cpu", torch.bool))
         if not valid.any():
-            scores = torch.zeros(n, dtype=torch.float64)
+            scores = torch.zeros(2, dtype=torch.float64)
         elif relevance == "mean":
             scores = unit @ as_unit(p[valid].mean(0))
         else:
             scores = (unit @ as_unit(p[valid]).T).amax(-1)
         scores = scores.masked_fill(~finite, -math.inf)
     else:
-        sims = unit @ unit.T
         if t == 0:  # no core: the most isolated token seeds the picks
-            sims = sims.masked_fill(torch.eye(n, dtype=torch.bool) | ~finite[None, :], -math.inf)
-            scores = sims.amax(-1)
+            others = torch.isfinite(visual).all(-1).cpu()[None, :] & (torch.arange(n)[None, :] != pair[:, None])
+            scores = (unit @ as_unit(visual).T).masked_fill(~others, -math.inf).amax(-1)
         else:
-            scores = sims[:, a[:t]].amax(-1)
+            scores = (unit @ as_unit(visual[torch.tensor(a[:t]).to(visual.device)]).T).amax(-1)
         scores = scores.masked_fill(~finite, math.inf)
-    x, y = float(scores[a[t]]), float(scores[b[t]])
+    x, y = float(scores[0]), float(scores[1])
     return t, (0.0 if x == y else abs(x - y))
