@@ -177,8 +177,9 @@ def _timed_selection_prefill(model, inputs, device) -> tuple[int, float, list]:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class SelectionClock(TorchDispatchMode):
-        ms = 0.0
-        calls: list = []
+        def __init__(self):
+            super().__init__()
+            self.ms, self.calls = 0.0, []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func is not torch.ops.zspa.select_tokens.default:
@@ -192,7 +193,6 @@ def _timed_selection_prefill(model, inputs, device) -> tuple[int, float, list]:
             return out
 
     with SelectionClock() as clock:
-        clock.calls = []
         kv = models.cache_bytes(kv_cache(models.prefill(model, inputs)))
     return kv, clock.ms, clock.calls
 

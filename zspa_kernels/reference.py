@@ -226,8 +226,8 @@ def parting_gap(visual: torch.Tensor, prompt: torch.Tensor, prompt_mask: Optiona
     # Only the two parting picks are scored, against what they are scored by: O(t·D), or O(N·D) for the
     # most isolated seed.
     pair = torch.tensor([a[t], b[t]])
-    finite = torch.isfinite(visual[pair.to(visual.device)]).all(-1).cpu()
-    unit = as_unit(visual[pair.to(visual.device)])
+    picks = visual[pair.to(visual.device)]
+    finite, unit = torch.isfinite(picks).all(-1).cpu(), as_unit(picks)
     if t < k_core:
         p = prompt.detach().to("cpu", torch.float64).reshape(-1, visual.shape[1])
         valid = (torch.ones(p.shape[0], dtype=torch.bool) if prompt_mask is None or prompt.dim() == 1

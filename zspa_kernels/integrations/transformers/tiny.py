@@ -15,6 +15,8 @@ from typing import Callable, Optional
 import torch
 import transformers
 
+from ...spec import release
+
 VOCAB = 128
 PAD = 0
 TEXT_IDS = (1, 90)  # ordinary text tokens are drawn from this range
@@ -111,11 +113,6 @@ class TinyVLM:
                    else seg[1] if seg[0] == "image" and self.tiles_are_images
                    else self.image_runs(seg[1]) if seg[0] == "image" and self.image_runs else 1
                    for row in rows for seg in row if seg[0] in ("image", "video"))
-
-
-def _release() -> tuple[int, int]:
-    """The installed transformers' (major, minor)."""
-    return tuple(int(v) for v in transformers.__version__.split(".")[:2])
 
 
 def _finish(model: torch.nn.Module, attn: str) -> torch.nn.Module:
@@ -1554,7 +1551,7 @@ def paligemma(attn: str = "sdpa", seed: int = 0, version: int = 1) -> TinyVLM:
                           [("image", 0), ("text", 9)]],
                    # transformers' own generate() fails on a static cache for PaliGemma 2: 5.x hands its
                    # base model the dict of prebuilt masks, 4.57 a mask longer than the sliding layers.
-                   static_generate=version == 1, static_differs="dynamic" if _release() < (5, 0) else None)
+                   static_generate=version == 1, static_differs="dynamic" if release("transformers") < (5, 0) else None)
 
 
 def gemma4(attn: str = "sdpa", seed: int = 0, unified: bool = False) -> TinyVLM:
@@ -1639,7 +1636,7 @@ def gemma4(attn: str = "sdpa", seed: int = 0, unified: bool = False) -> TinyVLM:
                           [("video", (2, 8, 4)), ("text", 9)]],
                    frames_are_images=True,
                    # 5.17 seen differing, 5.24 and 5.25 agreeing (Gemma 4); every 5.x (Gemma 4 Unified)
-                   static_differs="dynamic" if unified or _release() < (5, 24) else None)
+                   static_differs="dynamic" if unified or release("transformers") < (5, 24) else None)
 
 
 def diffusion_gemma(attn: str = "sdpa", seed: int = 0, sliding_window: int = 512) -> TinyVLM:
@@ -2903,7 +2900,7 @@ def fuyu(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                    # transformers 5.24's own beam search fails on its images (the beams' image tokens
                    # outnumber the patch embeddings it encodes ahead), unpatched.
                    beam_images=not hasattr(transformers.GenerationMixin, "_expand_multimodal_outputs"),
-                   static_differs="neither" if _release() < (5, 0) else None)
+                   static_differs="neither" if release("transformers") < (5, 0) else None)
 
 
 def unlimited_ocr(attn: str = "sdpa", seed: int = 0, sliding_window: int = 128) -> TinyVLM:
@@ -3006,7 +3003,7 @@ def mllama(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                     cross_attention_mask=cross)
 
     # Before 5.24 its generate() sizes a static cache's cross-attention layers for the text and fails.
-    static = _release() >= (5, 24)
+    static = release("transformers") >= (5, 24)
     return TinyVLM(model, make_inputs, single=[[("text", 3), ("image", 2), ("text", 6)]],
                    batch=[[("text", 3), ("image", 2), ("text", 6)],
                           [("image", 4), ("text", 2), ("image", 1), ("text", 5)],
