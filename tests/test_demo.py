@@ -166,6 +166,22 @@ def test_demo_runs_a_tiled_checkpoint_without_a_picture(tmp_path, capsys, monkey
     assert not (tmp_path / "out" / "kept_patches.png").exists()  # an earlier run's would pass for this model's
 
 
+def test_demo_runs_a_florence2_checkpoint_on_the_question_alone(tmp_path, capsys):
+    """Florence-2's processor writes the image's tokens, bos and eos around the text itself and has no chat
+    template: the demo gives it the question alone (LLaVA-1.5's prompt would be a second image). Its 17 tokens
+    (a 4 x 4 grid and their mean) form no grid: no picture, one line why."""
+    pytest.importorskip("transformers").Florence2ForConditionalGeneration
+    from integrations.test_encoder_decoder_prune import _florence2_with_its_processor
+
+    model, processor, _ = _florence2_with_its_processor(_question_words())
+    code, out, err = _demo(capsys, _checkpoint(tmp_path / "florence2", model, processor), tmp_path / "out", keep=4)
+    assert code == 0, err
+    assert "family: Florence-2 (Florence2ForConditionalGeneration); prompt: '{question}'" in out
+    assert f'question: "{demo.QUESTION}"' in out and "17 of them visual" in out
+    _assert_table(out, 17, 4)
+    assert "no picture of the kept patches: its 17 tokens form no grid over the 32 x 32 picture" in out
+
+
 def test_demo_refuses_a_prompt_prune_cannot_rank_before_the_timed_rounds(tmp_path, capsys):
     """The hooks refuse a prompt only once they see it, in the warm-up: there, the question's words are all
     unknown to the tokenizer (<unk>, special), so no question is left to rank by: exit 2, no timed round."""

@@ -267,6 +267,28 @@ def test_command_on_a_local_checkpoint_skips_bad_samples_and_prints_the_call(tmp
     assert (tmp_path / "out" / "fidelity.png").exists() and (tmp_path / "out" / "fidelity.md").exists()
 
 
+@pytest.mark.skipif("florence2" not in ENCODER_DECODER_BUILDERS, reason="Florence-2: transformers 4.56+")
+def test_command_on_a_florence2_checkpoint_asks_the_question_alone(tmp_path, capsys):
+    """Florence-2's processor writes the image's tokens around the text itself: the question alone (LLaVA-1.5's
+    prompt would be a second image), and keep-all (its 17 tokens) changes nothing."""
+    from integrations.test_encoder_decoder_prune import _florence2_with_its_processor
+    from PIL import Image
+
+    model, processor, _ = _florence2_with_its_processor(("colour", "it?"))
+    model.save_pretrained(tmp_path / "ckpt")
+    processor.save_pretrained(tmp_path / "ckpt")
+    for name, colour in (("red", "red"), ("blue", "blue")):
+        Image.new("RGB", (40, 30), colour).save(tmp_path / f"{name}.png")
+    args = ["fidelity", "--model", str(tmp_path / "ckpt"), "--data", str(tmp_path), "--question", "What colour is it?",
+            "--keep", "4,17", "--new-tokens", "2", "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "prompt: '{question}'" in out and "samples: 2" in out
+    summary = json.loads((tmp_path / "out" / "fidelity.json").read_text())
+    keep_all = [p for p in summary["points"] if p["keep"] == 17]
+    assert keep_all and all(p["kl_max"] == 0.0 and p["answer_agreement"] == 1.0 for p in keep_all)
+
+
 def test_command_offline_default_says_its_numbers_mean_nothing(tmp_path, capsys):
     assert main(["fidelity", "--keep", "16", "--core-ratio", "0.5", "--new-tokens", "2", "--batch-size", "6",
                  "--out", str(tmp_path)]) == 0

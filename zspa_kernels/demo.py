@@ -134,12 +134,21 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
+# Processors that write each prompt's image tokens themselves, in front of its text: they take the question
+# alone (Florence-2's writes the image's tokens, bos, the text and eos; an image token in the text would be a
+# second image).
+WRITES_IMAGE_TOKENS = ("Florence2Processor",)
+
+
 def prompt_template(processor) -> Optional[str]:
     """How the demo and ``zspa fidelity`` prompt a model: None where its processor has a chat template
-    (:class:`~zspa_kernels.fidelity.samples.Prompts` applies it), else :data:`TEMPLATE`, LLaVA-1.5's, with
+    (:class:`~zspa_kernels.fidelity.samples.Prompts` applies it), the question alone where the processor
+    writes the image tokens itself (:data:`WRITES_IMAGE_TOKENS`), else :data:`TEMPLATE`, LLaVA-1.5's, with
     the processor's image token."""
     if getattr(processor, "chat_template", None):
         return None
+    if type(processor).__name__ in WRITES_IMAGE_TOKENS:
+        return "{question}"
     return TEMPLATE.replace("<image>", getattr(processor, "image_token", "<image>"))
 
 

@@ -16,6 +16,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import zspa_kernels  # noqa: E402
+from zspa_kernels.spec import release  # noqa: E402
 from zspa_kernels.integrations.transformers.tiny import ENCODER_DECODER_BUILDERS  # noqa: E402
 
 from .reference import masked_out  # noqa: E402
@@ -31,9 +32,9 @@ MODES = {
 }
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return ENCODER_DECODER_BUILDERS["t5gemma2"]()
+@pytest.fixture(scope="module", params=sorted(ENCODER_DECODER_BUILDERS))
+def tiny(request):
+    return ENCODER_DECODER_BUILDERS[request.param]()
 
 
 def _generate(model, inputs, **kwargs):
@@ -69,6 +70,19 @@ def test_pruned_generation_is_the_unpatched_model_without_the_dropped_tokens(tin
 
 
 @torch.no_grad()
+def test_a_prompt_without_images_generates_as_unpatched(tiny):
+    """Nothing to select: the encoder runs on the prompt as given (Florence-2's: numbered by its own table)."""
+    ids = torch.tensor([[1, 5, 6, 7, 2], [1, 8, 9, 2, 0]])
+    inputs = dict(input_ids=ids, attention_mask=(ids != 0).long())
+    expected = _generate(tiny.model, inputs, do_sample=False)
+    with zspa_kernels.prune(tiny.model, keep=3) as handle:
+        got = _generate(tiny.model, inputs, do_sample=False)
+        assert handle.last_selection == [] and handle.last_kept_positions is None
+    assert torch.equal(got.sequences, expected.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got.scores, expected.scores))
+
+
+@torch.no_grad()
 def test_a_forward_encodes_the_kept_tokens_and_reads_them_as_the_masked_model_does(tiny):
     model = tiny.model
     inputs = tiny.make_inputs(tiny.batch)
@@ -94,16 +108,20 @@ def test_a_forward_encodes_the_kept_tokens_and_reads_them_as_the_masked_model_do
 
 @torch.no_grad()
 def test_a_mask_over_neither_the_prompt_nor_the_encoder_output_is_refused(tiny):
+    from transformers.modeling_outputs import BaseModelOutput
+
     model = tiny.model
     inputs = tiny.make_inputs(tiny.single)
+    answers = torch.tensor([[1, 5]])
     with zspa_kernels.prune(model, keep=3):
-        encoded = model.get_encoder()(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                      pixel_values=inputs["pixel_values"])
-        answers = torch.tensor([[1, 5]])
-        with pytest.raises(ValueError, match=r"encoder_attention_mask: expected 30 columns .* or 17 .* got 29"):
+        encoded = BaseModelOutput(model(**inputs, decoder_input_ids=answers).encoder_last_hidden_state)
+        length, pruned = inputs["input_ids"].shape[1], encoded.last_hidden_state.shape[1]
+        assert pruned < length
+        with pytest.raises(ValueError, match=rf"encoder_attention_mask: expected {length} columns .* or {pruned} .* "
+                                             rf"got {length - 1}"):
             model(encoder_outputs=encoded, attention_mask=inputs["attention_mask"][:, 1:], decoder_input_ids=answers)
         # A mask already over the pruned output is taken as it is.
-        model(encoder_outputs=encoded, attention_mask=torch.ones(1, 17, dtype=torch.long), decoder_input_ids=answers)
+        model(encoder_outputs=encoded, attention_mask=torch.ones(1, pruned, dtype=torch.long), decoder_input_ids=answers)
 
 
 def _t5gemma2_with_its_processor():
@@ -130,6 +148,7 @@ def _t5gemma2_with_its_processor():
     return model, processor, tokenizer
 
 
+@pytest.mark.skipif("t5gemma2" not in ENCODER_DECODER_BUILDERS, reason="T5Gemma 2: transformers 5.17+")
 @torch.no_grad()
 def test_the_real_processor_layout_generates_as_the_masked_model():
     """Gemma3's processor (which T5Gemma 2 checkpoints name): a question before its image and an image before
@@ -152,16 +171,67 @@ def test_the_real_processor_layout_generates_as_the_masked_model():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def _florence2_with_its_processor(words: tuple = ()):
+    """A tiny random Florence-2 around the ids of its real processor (CLIP's image processor, 17 image tokens
+    an image, a BART tokenizer): it writes the image's tokens, bos, the task's question and eos, right-padded.
+    ``words``: more of the tokenizer's words."""
+    from zspa_kernels.integrations.transformers.tiny import florence2
+
+    from .test_real_processors import _image_processor, _tokenizer
+
+    words = tuple(dict.fromkeys(("What", "is", "the", "text", "in", "image?", "Locate", "image.", *words)))
+    # 4.x's processor takes a BART tokenizer only; 5.x's BART tokenizer would rebuild its own vocabulary on loading
+    # a saved checkpoint (the demo's test), where the word-level one loads as it was saved.
+    bart = transformers.BartTokenizerFast if release("transformers") < (5, 0) else None
+    tokenizer = _tokenizer(["<image>"], plain=[], words=words, cls=bart,
+                           image_token="<image>")
+    tokenizer.padding_side = "right"  # BART's
+    image_processor = _image_processor("CLIPImageProcessor", size={"height": 32, "width": 32}, do_center_crop=False)
+    image_processor.image_seq_length = 17  # as the checkpoints' preprocessor configs name it (577 there)
+    processor = transformers.Florence2Processor(image_processor=image_processor, tokenizer=tokenizer)
+    tiny = florence2(vocab=len(tokenizer), image_token=tokenizer.convert_tokens_to_ids("<image>"),
+                     bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id)
+    return tiny.model, processor, tokenizer
+
+
+@pytest.mark.skipif("florence2" not in ENCODER_DECODER_BUILDERS, reason="Florence-2: transformers 4.56+")
+@torch.no_grad()
+def test_florence2_task_prompts_rank_each_image_by_the_question_they_become():
+    """Florence-2's processor turns a task token into a question (``<OCR>``: "What is the text in the image?")
+    written after the image's tokens and bos; each image is ranked by that question alone, and generation (beam
+    search, right-padded rows) is the masked model's."""
+    from .test_real_processors import _photo, _prompt_words, _runs
+
+    model, processor, tokenizer = _florence2_with_its_processor()
+    gen = torch.Generator().manual_seed(0)
+    inputs = processor(text=["<OCR>", "<OPEN_VOCABULARY_DETECTION>w4 w5"], images=[_photo(48, 40, gen), _photo(40, 56, gen)],
+                       padding=True, return_tensors="pt")
+    assert inputs["attention_mask"][1, -1] == 0  # the shorter row is padded on the right
+    with zspa_kernels.prune(model, keep=4) as handle:
+        got = _generate(model, inputs, do_sample=False, num_beams=2)
+        selections, kept_positions = handle.last_selection, handle.last_kept_positions
+    assert [(s.batch_row, s.n_tokens) for s in selections] == _runs(inputs["input_ids"], model.config.image_token_id) \
+        == [(0, 17), (1, 17)]
+    assert [_prompt_words(tokenizer, inputs, s) for s in selections] == [
+        "What is the text in the image?".split(), "Locate w4 w5 in the image.".split()]
+    expected = _generate(model, masked_out(inputs, kept_positions, model.config.image_token_id), do_sample=False,
+                         num_beams=2)
+    assert torch.equal(got.sequences, expected.sequences)
+    for a, b in zip(got.scores, expected.scores):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", sorted(ENCODER_DECODER_BUILDERS))
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @torch.no_grad()
-def test_fused_backends_generate_like_the_reference_on_the_gpu(backend, monkeypatch):
+def test_fused_backends_generate_like_the_reference_on_the_gpu(name, backend, monkeypatch):
     """On a GPU (bench/run_gpu.sh's checks): every selection the hooks ask of a fused backend replays against
     the fp64 oracle, and where its picks equal the reference backend's, the beam search's scores are the
     reference's, bit for bit."""
     from .test_prune_on_gpu import _on, _recorded_calls, _replay
 
-    tiny = ENCODER_DECODER_BUILDERS["t5gemma2"]()
+    tiny = ENCODER_DECODER_BUILDERS[name]()
     model = tiny.model.to("cuda")
     inputs = _on(tiny.make_inputs(tiny.batch), torch.device("cuda"))
     with zspa_kernels.prune(model, keep=3, backend="reference") as reference:

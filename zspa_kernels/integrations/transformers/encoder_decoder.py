@@ -8,9 +8,18 @@ cross-attends to ``L'`` of them instead of ``L``. The decoder's own sequence is 
 of the encoder's output is masked by the caller's (or ``generate()``'s) 2-D mask over the unpruned prompt:
 the hooks gather that mask as the encoder's tokens were gathered, also where ``generate()`` repeated each
 row for beams or several sequences (``repeat_interleave`` of the rows, the encoder's output with them).
+
+Where the encoder merges the images itself (T5Gemma 2), its own ``input_ids`` say where they are. Where
+the model merges them and hands the encoder embeddings alone (Florence-2, whose ``generate()`` merges them
+outside any forward), the ids are those the model's input embeddings last embedded, if they match the
+embeddings' shape: the prompt's, as the model embeds them right before it merges the images and calls the
+encoder (the decoder embeds its tokens with a table of its own). Where the encoder numbers its tokens
+itself, from 0, with a table of learned absolute positions (Florence-2's BART: its forward takes no
+``position_ids``), the hooks read that table at the kept tokens' original positions instead.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -22,21 +31,55 @@ class EncoderDecoderPruneHandle(PruneHandle):
     """:class:`PruneHandle` for a family with ``encoder_decoder`` (see the module docstring)."""
 
     def _install(self, model, base, lm) -> list:
-        # base: the model holding the encoder (which merges the image features) and the decoder.
+        # base: the model holding the encoder and the decoder: T5Gemma 2's (its encoder merges the image
+        # features; lm is the encoder's text model), or Florence-2's (it merges them; lm is its BART's encoder).
         self._encoded: Optional[tuple] = None  # (index, valid, L) of the last pruned encoding
-        return [
-            base.encoder.register_forward_pre_hook(self._base_pre_hook, with_kwargs=True),
+        self._embedded: Optional[torch.Tensor] = None  # the ids the model's input embeddings last embedded
+        self._positions: Optional[torch.Tensor] = None  # the kept tokens' positions, for a learned table
+        encoder = getattr(base, "encoder", None) or lm
+        decoder = getattr(base, "decoder", None) or base.language_model.decoder
+        hooks = [
+            encoder.register_forward_pre_hook(self._base_pre_hook, with_kwargs=True),
             lm.register_forward_pre_hook(self._lm_pre_hook, with_kwargs=True),
-            base.decoder.register_forward_pre_hook(self._decoder_pre_hook, with_kwargs=True),
+            decoder.register_forward_pre_hook(self._decoder_pre_hook, with_kwargs=True),
         ]
+        if encoder is lm:  # handed embeddings alone: the prompt's ids are the ones the model embedded
+            hooks.append(model.get_input_embeddings().register_forward_pre_hook(self._note_embedded))
+        self._learned_positions = ("position_ids" not in inspect.signature(lm.forward).parameters
+                                   and isinstance(getattr(lm, "embed_positions", None), torch.nn.Embedding))
+        if self._learned_positions:
+            hooks.append(lm.embed_positions.register_forward_hook(self._kept_positions))
+        return hooks
 
     def remove(self) -> None:
         super().remove()
-        self._encoded = None
+        self._encoded = self._embedded = self._positions = None
+
+    def _note_embedded(self, module, args):
+        self._embedded = args[0] if args else None
+
+    def _base_pre_hook(self, module, args, kwargs):
+        self._positions = None
+        embedded, self._embedded = self._embedded, None
+        ids, embeds = kwargs.get("input_ids", args[0] if args else None), kwargs.get("inputs_embeds")
+        if ids is None and embeds is not None and embedded is not None and embedded.shape == embeds.shape[:2]:
+            # The encoder runs on the embeddings of these ids, the images merged in by the model.
+            return self._prompt(args, kwargs, embedded, None)
+        return super()._base_pre_hook(module, args, kwargs)
 
     def _prefill(self, ids, embeds, cache, inputs, kwargs) -> None:
         super()._prefill(ids, embeds, cache, inputs, kwargs)
         self._encoded = None if self._layout is None else (*self._layout, ids.shape[1])
+        if self._learned_positions:  # the encoder takes no positions: its table is read at them
+            self._positions = kwargs.pop("position_ids", None)  # none where nothing was selected
+
+    def _kept_positions(self, module, args, output):
+        """The learned position table's rows at the kept tokens' original positions (``(B, L')``), where the
+        encoder would number its ``L'`` tokens from 0, as the unpatched table's forward reads them."""
+        positions, self._positions = self._positions, None
+        if positions is None:
+            return None
+        return torch.nn.Embedding.forward(module, positions + getattr(module, "offset", 0))  # BART: 2
 
     def _decoder_pre_hook(self, module, args, kwargs):
         states = kwargs.get("encoder_hidden_states")

@@ -1317,6 +1317,10 @@ FAMILIES: tuple[Family, ...] = (
     # T5Gemma 2: Gemma3's images (each between begin/end-of-image markers: one run) in the prompt that its
     # encoder reads bidirectionally; the decoder cross-attends to the encoder's output (Family.encoder_decoder).
     Family("T5Gemma 2", ("t5gemma2",), lm_attr="encoder.text_model", encoder_decoder=True),
+    # Florence-2: an image's run of tokens (its patches and their mean) before the prompt, merged by the
+    # model into the embeddings its BART encoder reads bidirectionally; the decoder cross-attends to the
+    # encoder's output (Family.encoder_decoder).
+    Family("Florence-2", ("florence2",), lm_attr="language_model.encoder", encoder_decoder=True),
     # Phi-4-multimodal: its base model is its decoder, which embeds the image and audio features itself
     # (computed ahead by the hooks: Family.embed). Each image (HD crops, a separator, the global view) is
     # one run and budget; audio tokens are kept whole, like text.

@@ -1713,6 +1713,48 @@ def t5gemma2(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
                           [("image", 0), ("text", 9)]])
 
 
+def florence2(attn: str = "sdpa", seed: int = 0, vocab: int = VOCAB, image_token: int = 127, bos: int = 1,
+              eos: int = 2, pad: int = PAD) -> TinyVLM:
+    """Florence-2, an encoder-decoder: a 32x32 image read by a two-stage DaViT tower (4x4 patch tokens and
+    their mean, 17 tokens) in front of the prompt, as its processor writes it (image tokens, bos, text, eos;
+    right-padded, as its BART tokenizer pads); a BART encoder (learned absolute positions) reads the prompt
+    bidirectionally, the decoder cross-attends to its output. The ids: a tokenizer's, where given."""
+    from transformers import Florence2Config, Florence2ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = dict(depths=[1, 1], patch_size=[7, 3], patch_stride=[4, 2], patch_padding=[3, 1],
+                  patch_prenorm=[False, True], embed_dim=[16, 32], num_heads=[2, 4], num_groups=[2, 4],
+                  window_size=2, drop_path_rate=0.0, projection_dim=32, max_position_embeddings=8)
+    text = dict(model_type="bart", vocab_size=vocab, d_model=32, encoder_layers=2, decoder_layers=2,
+                encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                max_position_embeddings=64, pad_token_id=pad, bos_token_id=bos, eos_token_id=eos,
+                decoder_start_token_id=eos, forced_eos_token_id=None, init_std=0.3)
+    config = Florence2Config(text_config=text, vision_config=vision, image_token_id=image_token)
+    model = _finish(Florence2ForConditionalGeneration(config), attn)
+    model.generation_config.pad_token_id = pad
+
+    def make_inputs(rows, seeds=None) -> dict:
+        pixels, ids = [], []
+        for segments, gen in zip(rows, _generators(rows, seeds)):
+            row = []
+            for kind, size in segments:
+                if kind == "image":
+                    pixels.append(torch.randn(3, 32, 32, generator=gen))
+                    row += [image_token] * 17 + [bos]
+                else:
+                    row += _text(size, gen)
+            ids.append(row + [eos])
+        out = _left_pad(ids)
+        width = out["input_ids"].shape[1]
+        for i, r in enumerate(ids):  # right-aligned: the padding moves to the end
+            out["input_ids"][i] = torch.tensor(r + [pad] * (width - len(r)))
+            out["attention_mask"][i] = torch.tensor([1] * len(r) + [0] * (width - len(r)))
+        return dict(out, pixel_values=torch.stack(pixels))
+
+    return TinyVLM(model, make_inputs, single=[[("image", 0), ("text", 7)]],
+                   batch=[[("image", 0), ("text", 7)], [("image", 0), ("text", 3)], [("image", 0), ("text", 11)]])
+
+
 class _FeatureMapTower(torch.nn.Module):
     """Stands in for Gemma 3n's MobileNetV5, a timm model (timm is no dependency of this project):
     two strided convolutions from 32x32 pixels to the ``(B, hidden_size, 4, 4)`` map its tower
@@ -3181,5 +3223,7 @@ BLOCK_DIFFUSION_BUILDERS = ({"diffusion_gemma": diffusion_gemma}
                             if hasattr(transformers, "DiffusionGemmaForBlockDiffusion") else {})
 
 # Encoder-decoder models whose encoder reads the images (zspa_kernels.integrations.transformers.encoder_decoder):
-# a suite of their own. From transformers 5.17.
-ENCODER_DECODER_BUILDERS = {"t5gemma2": t5gemma2} if hasattr(transformers, "T5Gemma2ForConditionalGeneration") else {}
+# a suite of their own.
+ENCODER_DECODER_BUILDERS = {name: build for name, build, cls in (
+    ("t5gemma2", t5gemma2, "T5Gemma2ForConditionalGeneration"),  # from transformers 5.17
+    ("florence2", florence2, "Florence2ForConditionalGeneration")) if hasattr(transformers, cls)}
