@@ -221,6 +221,17 @@ def test_florence2_task_prompts_rank_each_image_by_the_question_they_become():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif("florence2" not in ENCODER_DECODER_BUILDERS, reason="Florence-2: transformers 4.56+")
+def test_a_florence2_config_without_image_tokens_is_refused_naming_the_checkpoints_to_use():
+    """Florence-2's remote code (microsoft/Florence-2-*, trust_remote_code=True) shares its model type but writes
+    no image tokens; its config names no image_token_id."""
+    model = ENCODER_DECODER_BUILDERS["florence2"]().model
+    object.__setattr__(model.config, "image_token_id", None)  # as the remote config has none (5.x's validates fields)
+    with pytest.raises(ValueError, match=r"transformers' own Florence-2 .* names no image_token_id, as the remote code"):
+        zspa_kernels.prune(model, keep=3)
+    assert not model._forward_pre_hooks and not model.model.language_model.encoder._forward_pre_hooks
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("name", sorted(ENCODER_DECODER_BUILDERS))
 @pytest.mark.parametrize("backend", ["triton", "cuda"])

@@ -1320,7 +1320,12 @@ FAMILIES: tuple[Family, ...] = (
     # Florence-2: an image's run of tokens (its patches and their mean) before the prompt, merged by the
     # model into the embeddings its BART encoder reads bidirectionally; the decoder cross-attends to the
     # encoder's output (Family.encoder_decoder).
-    Family("Florence-2", ("florence2",), lm_attr="language_model.encoder", encoder_decoder=True),
+    Family("Florence-2", ("florence2",), lm_attr="language_model.encoder", encoder_decoder=True,
+           refuse_config=lambda config: None if getattr(config, "image_token_id", None) is not None else (
+               "model: zspa_kernels.prune supports transformers' own Florence-2 (Florence2ForConditionalGeneration, "
+               "transformers 4.56+; checkpoints such as florence-community/Florence-2-large); this config names no "
+               "image_token_id, as the remote code of microsoft/Florence-2-* (trust_remote_code=True) does not: it "
+               "puts the image features in front of the text, with no image tokens in input_ids to find them by")),
     # Phi-4-multimodal: its base model is its decoder, which embeds the image and audio features itself
     # (computed ahead by the hooks: Family.embed). Each image (HD crops, a separator, the global view) is
     # one run and budget; audio tokens are kept whole, like text.
