@@ -169,7 +169,7 @@ def test_demo_runs_a_tiled_checkpoint_without_a_picture(tmp_path, capsys, monkey
 def test_demo_runs_a_florence2_checkpoint_on_the_question_alone(tmp_path, capsys):
     """Florence-2's processor writes the image's tokens, bos and eos around the text itself and has no chat
     template: the demo gives it the question alone (LLaVA-1.5's prompt would be a second image). Its 17 tokens
-    (a 4 x 4 grid and their mean) form no grid: no picture, one line why."""
+    are the patches' mean, then a 4 x 4 grid of 8 px patches: drawn as that grid, the mean as no cell."""
     pytest.importorskip("transformers").Florence2ForConditionalGeneration
     from integrations.test_encoder_decoder_prune import _florence2_with_its_processor
 
@@ -179,7 +179,15 @@ def test_demo_runs_a_florence2_checkpoint_on_the_question_alone(tmp_path, capsys
     assert "family: Florence-2 (Florence2ForConditionalGeneration); prompt: '{question}'" in out
     assert f'question: "{demo.QUESTION}"' in out and "17 of them visual" in out
     _assert_table(out, 17, 4)
-    assert "no picture of the kept patches: its 17 tokens form no grid over the 32 x 32 picture" in out
+    path = tmp_path / "out" / "kept_patches.png"
+    assert f"wrote {path}" in out
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+    cell = demo.PICTURE_SIDE // 4
+    assert image.size == (2 * 4 * cell + 12, 4 * cell + 40)
+    marks = [image.getpixel((4 * cell + 12 + c * cell, 40 + r * cell + cell // 2)) for r in range(4) for c in range(4)]
+    lit = marks.count(demo.CORE_COLOUR) + marks.count(demo.DIVERSITY_COLOUR)
+    assert lit in (3, 4)  # the 4 picks, but the mean where it is one of them
 
 
 def test_demo_refuses_a_prompt_prune_cannot_rank_before_the_timed_rounds(tmp_path, capsys):
@@ -249,6 +257,10 @@ def test_picture_grid_reads_the_grid_of_each_known_layout():
     pixels = torch.zeros(1, 3, 32, 48)  # 0 normalised with mean 0.5: grey
     picture, grid, why = demo.picture_grid(None, processor, {"pixel_values": pixels}, photo, 6)
     assert (picture.size, grid, why, picture.getpixel((0, 0))) == ((48, 32), (2, 3), None, (127, 127, 127))
+    # Florence-2: the patches' mean, then their grid.
+    florence = SimpleNamespace(config=SimpleNamespace(model_type="florence2"))
+    picture, grid, why = demo.picture_grid(florence, processor, {"pixel_values": pixels}, photo, 7)
+    assert (picture.size, grid, why) == ((48, 32), (2, 3), None)
     for inputs, n, reason in [({"pixel_values": torch.zeros(1, 3, 32, 32)}, 5, "form no grid"),
                               ({"pixel_values": torch.zeros(1, 5, 3, 16, 16)}, 80, "splits the photo into tiles"),
                               ({"pixel_values": torch.zeros(3, 3, 16, 16)}, 48, "splits the photo into tiles"),
@@ -319,6 +331,14 @@ def test_draw_lights_the_kept_cells_row_major(tmp_path):
     assert at.pop((1, 2)) == demo.CORE_COLOUR and at.pop((0, 0)) == demo.DIVERSITY_COLOUR
     assert all(max(pixel) < 60 for pixel in at.values())  # dimmed
     assert image.getpixel((left + 2 * cell + cell // 2, 40 + cell + cell // 2)) == (200, 200, 200)  # kept: lit
+    # One token before the grid (Florence-2's mean of the patches): no cell; tokens 1.. are the cells.
+    selection = ImageSelection(0, 0, 7, torch.tensor([0, 6, 1]), 2, torch.tensor([], dtype=torch.long))
+    demo.draw(picture, (2, 3), selection, tmp_path / "lead.png", "title", lead=1)
+    with Image.open(tmp_path / "lead.png") as image:
+        image = image.convert("RGB")
+    at = {(r, c): image.getpixel((left + c * cell, 40 + r * cell + cell // 2)) for r in range(2) for c in range(3)}
+    assert at.pop((1, 2)) == demo.CORE_COLOUR and at.pop((0, 0)) == demo.DIVERSITY_COLOUR
+    assert all(max(pixel) < 60 for pixel in at.values())
 
 
 def test_bench_times_every_implementation_available_here(capsys):

@@ -49,6 +49,9 @@ PHOTO = SKIMAGE + "astronaut"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CORE_COLOUR, DIVERSITY_COLOUR = (255, 140, 0), (0, 200, 255)
+# Tokens an image's run holds before its grid of patches, by model type: Florence-2's projector writes the
+# patches' mean first.
+LEADING_TOKENS = {"florence2": 1}
 PICTURE_SIDE = 672  # the drawn picture's longer side (at least): LLaVA's 24 x 24 patches of 28 px, 336 px doubled
 
 
@@ -231,9 +234,15 @@ def agreement(names: tuple[str, str], calls: tuple[list, list]) -> str:
     return f"DIFFERENT tokens from {names[0]}'s (fp64 scores {gap:.1e} apart where the picks part)"
 
 
+def leading_tokens(model) -> int:
+    """How many of an image's tokens come before its grid of patches (:data:`LEADING_TOKENS`)."""
+    return LEADING_TOKENS.get(getattr(getattr(model, "config", None), "model_type", None), 0)
+
+
 def picture_grid(model, processor, inputs: dict, photo, n_tokens: int):
     """``(picture, (rows, cols), None)``: the photo as the model saw it and the grid its ``n_tokens`` tokens
-    form over it, row-major; or ``(None, None, why)`` where they are not one grid the demo knows."""
+    (after the model's :func:`leading_tokens`) form over it, row-major; or ``(None, None, why)`` where they are
+    not one grid the demo knows."""
     from PIL import Image
 
     pixels, thw = inputs.get("pixel_values"), inputs.get("image_grid_thw")
@@ -258,9 +267,10 @@ def picture_grid(model, processor, inputs: dict, photo, n_tokens: int):
         return None, None, f"the processor packs the patches of {len(sizes)} slice(s) of the photo into one row"
     if isinstance(pixels, torch.Tensor) and pixels.dim() == 4 and tuple(pixels.shape[:2]) == (1, 3):
         height, width = pixels.shape[2:]
-        rows = max(1, round((n_tokens * height / width) ** 0.5))
-        cols = n_tokens // rows
-        if rows * cols == n_tokens and rows * width == cols * height:  # square cells over the whole picture
+        cells = n_tokens - leading_tokens(model)
+        rows = max(1, round((cells * height / width) ** 0.5))
+        cols = cells // rows
+        if rows * cols == cells and rows * width == cols * height:  # square cells over the whole picture
             mean = torch.as_tensor(getattr(image_processor, "image_mean", CLIP_MEAN), dtype=torch.float32)
             std = torch.as_tensor(getattr(image_processor, "image_std", CLIP_STD), dtype=torch.float32)
             image = pixels[0].float().cpu() * std.reshape(-1, 1, 1) + mean.reshape(-1, 1, 1)
@@ -276,9 +286,10 @@ def picture_grid(model, processor, inputs: dict, photo, n_tokens: int):
     return None, None, "its inputs hold no picture whose grid the demo knows"
 
 
-def draw(picture, grid: tuple[int, int], selection, path: pathlib.Path, title: str) -> None:
+def draw(picture, grid: tuple[int, int], selection, path: pathlib.Path, title: str, lead: int = 0) -> None:
     """``picture`` (the image as the model saw it) beside the same image with only the kept patches lit;
-    ``selection`` indexes the ``rows x cols`` cells of ``grid`` row-major."""
+    ``selection`` indexes ``lead`` tokens that are no patch (Florence-2's mean of the patches: whether it
+    was kept ends the title), then the ``rows x cols`` cells of ``grid`` row-major."""
     from PIL import Image, ImageDraw
 
     rows, cols = grid
@@ -287,7 +298,9 @@ def draw(picture, grid: tuple[int, int], selection, path: pathlib.Path, title: s
     pruned = Image.blend(rgb, Image.new("RGB", rgb.size), 0.75)  # dropped patches: dimmed
     lit = ImageDraw.Draw(pruned)
     for rank, index in enumerate(selection.order.tolist()):
-        r, c = divmod(index, cols)
+        if index < lead:
+            continue
+        r, c = divmod(index - lead, cols)
         box = (c * cell, r * cell, (c + 1) * cell, (r + 1) * cell)
         pruned.paste(rgb.crop(box), box[:2])
         lit.rectangle((box[0], box[1], box[2] - 1, box[3] - 1),
@@ -296,8 +309,12 @@ def draw(picture, grid: tuple[int, int], selection, path: pathlib.Path, title: s
     canvas.paste(rgb, (0, 40))
     canvas.paste(pruned, (rgb.width + 12, 40))
     text = ImageDraw.Draw(canvas)
+    if lead:
+        kept = int((selection.order < lead).sum())
+        title += f" (the patches' mean token: {'kept' if kept else 'dropped'})"
     text.text((4, 4), title, fill="black")
-    text.text((4, 20), f"kept {len(selection.order)} of {selection.n_tokens} patches:", fill="black")
+    text.text((4, 20), f"kept {len(selection.order)} of {selection.n_tokens} {'tokens' if lead else 'patches'}:",
+              fill="black")
     text.text((190, 20), f"core (prompt relevance): {selection.n_core}", fill=CORE_COLOUR)
     text.text((400, 20), f"diversity (max-min): {len(selection.order) - selection.n_core}", fill=DIVERSITY_COLOUR)
     canvas.save(path, optimize=True)
@@ -434,7 +451,8 @@ def run(out: str, model_path=None, keep: int = 64, core_ratio: float = DEFAULT_C
               "host launching its kernels, which does not shrink with the tokens; bench/e2e.py measures batch 8.")
 
     n_step = next(step)
-    if grid is not None and (len(first) != 1 or first[0].n_tokens != grid[0] * grid[1]):
+    lead = leading_tokens(model)
+    if grid is not None and (len(first) != 1 or first[0].n_tokens != lead + grid[0] * grid[1]):
         grid = None
         no_picture = f"the model budgets the photo as {len(first)} images of {[s.n_tokens for s in first]} tokens"
     path = out_dir / "kept_patches.png"
@@ -445,7 +463,7 @@ def run(out: str, model_path=None, keep: int = 64, core_ratio: float = DEFAULT_C
         with _step(f"[{n_step}/{steps}] drawing the kept patches"):
             out_dir.mkdir(parents=True, exist_ok=True)
             label = "random-weight LLaVA-1.5 architecture" if model_path is None else str(model_path)
-            draw(picture, grid, first[0], path, f"ZSPAPrune, {label}, backend {backends[0]}: \"{QUESTION}\"")
+            draw(picture, grid, first[0], path, f"ZSPAPrune, {label}, backend {backends[0]}: \"{QUESTION}\"", lead)
     peak = f"peak host memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB"  # Linux: KiB
     print(peak if grid is None else f"wrote {path}  ({peak})")
     return 0
