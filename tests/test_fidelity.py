@@ -277,8 +277,8 @@ def test_command_on_a_florence2_checkpoint_asks_the_question_alone(tmp_path, cap
     model, processor, _ = _florence2_with_its_processor(("colour", "it?"))
     model.save_pretrained(tmp_path / "ckpt")
     processor.save_pretrained(tmp_path / "ckpt")
-    for name, colour in (("red", "red"), ("blue", "blue")):
-        Image.new("RGB", (40, 30), colour).save(tmp_path / f"{name}.png")
+    for colour in ("red", "blue"):
+        Image.new("RGB", (40, 30), colour).save(tmp_path / f"{colour}.png")
     args = ["fidelity", "--model", str(tmp_path / "ckpt"), "--data", str(tmp_path), "--question", "What colour is it?",
             "--keep", "4,17", "--new-tokens", "2", "--out", str(tmp_path / "out")]
     assert main(args) == 0

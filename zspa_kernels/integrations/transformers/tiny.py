@@ -1744,12 +1744,10 @@ def florence2(attn: str = "sdpa", seed: int = 0, vocab: int = VOCAB, image_token
                 else:
                     row += _text(size, gen)
             ids.append(row + [eos])
-        out = _left_pad(ids)
-        width = out["input_ids"].shape[1]
-        for i, r in enumerate(ids):  # right-aligned: the padding moves to the end
-            out["input_ids"][i] = torch.tensor(r + [pad] * (width - len(r)))
-            out["attention_mask"][i] = torch.tensor([1] * len(r) + [0] * (width - len(r)))
-        return dict(out, pixel_values=torch.stack(pixels))
+        width = max(len(r) for r in ids)  # right-padded
+        return {"input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in ids]),
+                "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids]),
+                "pixel_values": torch.stack(pixels)}
 
     return TinyVLM(model, make_inputs, single=[[("image", 0), ("text", 7)]],
                    batch=[[("image", 0), ("text", 7)], [("image", 0), ("text", 3)], [("image", 0), ("text", 11)]])
