@@ -164,9 +164,28 @@ def no_cache_logits(model, prefill: dict, decode_positions: list, tokens: torch.
     # transformers 4.57's Gemma 3n shares KV between its last layers only through a cache (without one
     # they project their own, which checkpoints do not hold): its one forward runs over a fresh cache.
     fresh_cache = model.config.model_type == "gemma3n" and transformers.__version__.startswith("4.")
-    hidden = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                     use_cache=fresh_cache, **extra).last_hidden_state
+    with slots_numbered_by_the_model(model):
+        hidden = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                         use_cache=fresh_cache, **extra).last_hidden_state
     return lm_head(model, hidden)
+
+
+@contextlib.contextmanager
+def slots_numbered_by_the_model(model):
+    """The modules that read ``position_ids`` as cache slots (``Family.slot_position_modules``: MiniMax-M3's
+    sparse attention) handed none, so that the model numbers the slots itself (MiniMax-M3's attention:
+    the keys' last ``q``), while its rotary embedding reads the positions given: the no-cache truth
+    of a pruned run, whose tokens fill the slots in order and keep their original positions."""
+    find = find_family(model).slot_position_modules
+    hooks = [] if find is None else [
+        m.register_forward_pre_hook(lambda m, args, kwargs: (args, {k: v for k, v in kwargs.items()
+                                                                    if k != "position_ids"}), with_kwargs=True)
+        for m in find(lm_of(model))]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def token_embeddings(model, tokens: torch.Tensor) -> torch.Tensor:

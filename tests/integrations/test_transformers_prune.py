@@ -26,7 +26,7 @@ from zspa_kernels.integrations.transformers import kv_cache  # noqa: E402
 from zspa_kernels.integrations.transformers.tiny import BUILDERS  # noqa: E402
 from zspa_kernels.integrations.transformers.families import find_family, split_model  # noqa: E402
 
-from .reference import (cache_arg, capture_lm_calls, image_features_of, lm_head, no_cache_logits,  # noqa: E402
+from .reference import (cache_arg, capture_lm_calls, image_features_of, lm_head, lm_of, no_cache_logits,  # noqa: E402
                         padding_mask, static_cache, unpruned_decode_positions)
 
 NEW_TOKENS = 4
@@ -458,6 +458,9 @@ def test_a_text_only_row_beside_rows_with_images_is_left_whole(tiny):
              if k in batch}
     gen = dict(max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True)
     expected = tiny.model.generate(**alone, **gen)
+    if not tiny.rows_independent and not torch.equal(tiny.model.generate(**batch, **gen).sequences[-1, -NEW_TOKENS:],
+                                                     expected.sequences[0, -NEW_TOKENS:]):
+        pytest.skip("the unpatched model's text row batched differs from the row alone")
     with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
         together = tiny.model.generate(**batch, **gen)
     assert {s.batch_row for s in handle.last_selection} == set(range(len(rows) - 1))
@@ -956,6 +959,40 @@ def test_qwen4_exp_per_layer_embeddings_read_the_kept_tokens_ids():
     assert ids.shape == kept.shape and ids.shape[1] < inputs["input_ids"].shape[1]
     valid = kept >= 0
     assert torch.equal(ids[valid], inputs["input_ids"].gather(1, kept.clamp(min=0))[valid])
+
+
+@pytest.mark.skipif("minimax_m3_vl" not in BUILDERS, reason="MiniMax-M3-VL is not in this transformers")
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@torch.no_grad()
+def test_minimax_m3_indexer_reads_the_slots_and_rope_the_original_positions(cache):
+    """MiniMax-M3-VL's sparse attention (README ³²): in a pruned prefill and in each decode step, the lightning
+    indexer is handed the slots its tokens fill, and the rotary embedding their original positions (the
+    no-cache reference numbers the slots as the model does itself, so only this test holds them to the
+    layout). The tiny model's attention is sparse there: some query reads fewer blocks than precede it."""
+    tiny = BUILDERS["minimax_m3_vl"]()
+    inputs = tiny.make_inputs(tiny.single)
+    lm = lm_of(tiny.model)
+    indexers = [layer.self_attn.indexer for layer in lm.layers if layer.self_attn.indexer is not None]
+    indexed, rotated = [], []
+    hooks = [m.register_forward_hook(lambda m, args, out: indexed.append((args[3], out))) for m in indexers]
+    hooks.append(lm.rotary_emb.register_forward_pre_hook(
+        lambda m, args, kwargs: rotated.append(kwargs["position_ids"]), with_kwargs=True))
+    try:
+        with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
+            tiny.model.generate(**inputs, max_new_tokens=3, do_sample=False,
+                                **({"cache_implementation": "static"} if cache == "static" else {}))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    kept, length = handle.last_kept_positions, inputs["input_ids"].shape[1]
+    pruned = kept.shape[1]
+    assert len(indexers) == 1 and len(indexed) == len(rotated) == 3 and pruned < length
+    (slots, blocks), *steps = indexed
+    assert torch.equal(slots, torch.arange(pruned)[None]) and torch.equal(rotated[0], kept)
+    for t, (step, _) in enumerate(steps):
+        assert step.tolist() == [[pruned + t]] and rotated[1 + t].tolist() == [[length + t]]
+    preceding = slots // indexers[0].block_size + 1  # the blocks up to each query's own
+    assert bool(((blocks >= 0).sum(-1) < preceding[:, None]).any())
 
 
 @pytest.mark.skipif("unlimited_ocr" not in BUILDERS, reason="UnlimitedOCR is not in this transformers")

@@ -187,6 +187,12 @@ class Family:
     # of one id with only such tokens between them are one run (one video, one budget); the tokens
     # themselves are not visual, kept whole like text.
     run_joiners: tuple[str, ...] = ()
+    # (the language model) -> its modules that read ``position_ids`` as cache slots, where the rest of it
+    # reads them as positions (MiniMax-M3's sparse attention layers: their lightning indexer cuts the keys
+    # into blocks of slots, picks the query's own block by its id, and masks the keys past it). Where a run
+    # drops tokens, the hooks hand these modules the slots the kept tokens fill (RoPE reads their original
+    # positions, as every family's); keep-all leaves them the caller's ids, as unpatched. None: none does.
+    slot_position_modules: Optional[Callable[[torch.nn.Module], list[torch.nn.Module]]] = None
 
     def __post_init__(self):
         # Its decode steps reach the hooks as ids, not embeddings: a mask builder would be handed ids.
@@ -234,6 +240,13 @@ class Family:
                 found = getattr(found, attr, None)
             ids.append(found)
         return [i for i in ids if i is not None]
+
+
+def _indexed_attention(lm: torch.nn.Module) -> list[torch.nn.Module]:
+    """MiniMax-M3's attention layers with a lightning indexer (its sparse ones), whose ``position_ids`` the
+    indexer reads as the query's cache slot: where a key's slot lies past it (masked), and which block of
+    slots is its own (always attended)."""
+    return [layer.self_attn for layer in lm.layers if getattr(layer.self_attn, "indexer", None) is not None]
 
 
 def _split_evenly(n_visual: int, n_images: int, why: str) -> list[int]:
@@ -429,6 +442,8 @@ TILE_LABEL = re.compile(r"(?:TILE)?_(?:\d+|GLOBAL)")
 TUBELET_LABEL = re.compile(r"Frame \d+( sampled at \d+\.\d+ seconds)?( and frame \d+( sampled at \d+\.\d+ seconds)?)*:"
                            r"(\s*<[^<>\s]+>)*")
 TUBELET_WINDOW = 64
+# MiniMax-M3-VL's before each frame of a video, its markers special: "]<]0.5 seconds[>[".
+BRACKET_SECONDS = re.compile(r"\]<\]\d+(\.\d+)? seconds\[>\[")
 FRAME_TIME = re.compile(r"\d+\.\d")  # Molmo2's, "0.5 " before each frame's <frame_start>
 # ERNIE-4.5-VL's chat template's label before each image's and each video's start marker: "Picture 2:", "Video 1:".
 MEDIA_LABEL = re.compile(r"(?:Picture|Video) \d+:")
@@ -1259,6 +1274,12 @@ FAMILIES: tuple[Family, ...] = (
     # markers: one run and budget each; DeepSeek-V3's text model on 1-D positions.
     Family("Kimi-K2.5", ("kimi_k25",), visual_token_attrs=("image_token_id", "video_token_id"),
            video_spans=_kimi_k25_spans, frame_token_attr=None),
+    # MiniMax-M3-VL: Qwen3-VL's token layout (each image, each video frame after its timestamp, between
+    # start/end markers its config does not name) on 1-D positions; its sparse attention layers count
+    # cache slots (slot_position_modules).
+    Family("MiniMax-M3-VL", ("minimax_m3_vl",), visual_token_attrs=("image_token_id", "video_token_id"),
+           video_spans=_stamped_video_spans(BRACKET_SECONDS), unnamed_markers=True,
+           slot_position_modules=_indexed_attention, router_loss=(5, 25)),
     # Cosmos3-Omni's reasoner: Qwen3-VL's model classes (deepstack features included) and processor (timed frames).
     Family("Cosmos3-Omni", ("cosmos3_omni",), visual_token_attrs=("image_token_id", "video_token_id"),
            on_prefill=_gather_deepstack, video_spans=_timed_video_spans),

@@ -134,6 +134,9 @@ class _CacheState:
     # That decoder's masks for the canvas being denoised: (the caller's masks, tokens appended since the
     # prefill, the canvas's length, the masks built for the pruned cache), built once a canvas.
     decoder_masks: Optional[tuple] = None
+    # Whether the prefill dropped tokens and its decode steps' tokens are handed their slots
+    # (Family.slot_position_modules).
+    counts_slots: bool = False
 
 
 # transformers 5.24 renamed the cache argument ``past_key_values`` to ``cache``.
@@ -415,6 +418,9 @@ class PruneHandle:
         self._labels: Optional[torch.Tensor] = None  # taken from the wrapper, for the loss after it
         self._given_labels: Optional[torch.Tensor] = None  # the wrapper's labels of this call, for the prompt
         self._logits_to_keep: Optional[int] = None  # this pruned prefill's, for _lm_post_hook
+        # The cache slots of this language model call's tokens where it runs on a pruned layout, for the
+        # modules that read them (Family.slot_position_modules); None otherwise.
+        self._slots: Optional[torch.Tensor] = None
         self._loss_kwargs: dict = {}
         self._caches: "weakref.WeakKeyDictionary[object, _CacheState]" = weakref.WeakKeyDictionary()
         self._hooks = self._install(model, base, lm)  # may still refuse: the model is marked after it
@@ -437,6 +443,9 @@ class PruneHandle:
             ]
         if self.family.passes_mask_dicts:
             hooks.append(_GenerateMasks(model, self))
+        if self.family.slot_position_modules is not None:
+            hooks += [m.register_forward_pre_hook(self._slot_pre_hook, with_kwargs=True)
+                      for m in self.family.slot_position_modules(lm)]
         return hooks
 
     @property
@@ -623,9 +632,18 @@ class PruneHandle:
         self._lm_pre(module, args, kwargs, cache)
         return args, kwargs
 
+    def _slot_pre_hook(self, module, args, kwargs):
+        """A module that reads ``position_ids`` as cache slots (Family.slot_position_modules) gets the
+        slots of a pruned run's tokens: the language model's ``position_ids`` are their original
+        positions there."""
+        if self._slots is None:
+            return None
+        kwargs["position_ids"] = self._slots[None]
+        return args, kwargs
+
     def _lm_pre(self, module, args, kwargs, cache):
         inputs, self._inputs = self._inputs or {}, None
-        self._logits_to_keep = None
+        self._logits_to_keep = self._slots = None
         state = self._caches.get(cache) if cache is not None else None
         if state is not None:  # the base pre-hook has dropped every emptied cache's state: a decode step
             self._decode_step(state, kwargs)
@@ -660,6 +678,7 @@ class PruneHandle:
         (transformers 5.24's Gemma4): a pruned prefill's are shorter, and its LM head would run over
         every kept position (``generate()`` asks for one). Slice them here, as asked."""
         keep, self._logits_to_keep = self._logits_to_keep, None
+        self._slots = None
         hidden = getattr(output, "last_hidden_state", None)
         if keep is None or hidden is None or hidden.shape[1] <= keep:
             return None
@@ -941,10 +960,17 @@ class PruneHandle:
             positions = torch.arange(L, device=device)[None].expand(B, L)
         positions = positions.expand(*positions.shape[:-2], B, L)
         positions = positions.gather(-1, index.expand(*positions.shape[:-2], B, new_len))
-        kwargs["position_ids"] = positions
         slots = torch.arange(new_len, device=device)
         if kwargs.get("cache_position") is not None:  # transformers 4.x: cache slots
             kwargs["cache_position"] = slots
+        if self.family.slot_position_modules is not None and bool(dropped_h.any()):  # a host tensor
+            self._slots = slots
+            # The left padding copies its row's first kept token (masked out); numbered back from it, its
+            # keys differ from that token's, so that no block of padding ties exactly with the token's own
+            # block where a module ranks blocks of slots by their keys (MiniMax-M3's indexer: a tie is
+            # broken by where topk finds it, which differs between a static cache and a dynamic one).
+            positions = positions + src.clamp_max(0)
+        kwargs["position_ids"] = positions
         prebuilt = self._deferred is not None or _prebuilt(kwargs.get("attention_mask"))
         kwargs["attention_mask"] = new_mask
         if self.family.build_mask is not None and prebuilt:
@@ -962,7 +988,8 @@ class PruneHandle:
             self.family.on_prefill(Prefill(kwargs, index, valid, n_kept))
         if cache is not None:
             last = positions.masked_fill(new_mask == 0, -1).amax(-1, keepdim=True)
-            state = _CacheState(new_mask, L, new_len, last + 1, layout=(index, valid))
+            state = _CacheState(new_mask, L, new_len, last + 1, layout=(index, valid),
+                                counts_slots=self._slots is not None)
             full = _static_length(cache)
             if full is not None:
                 state.decode_mask = torch.cat([new_mask, new_mask.new_ones(B, full - new_len)], dim=1)
@@ -1003,13 +1030,15 @@ class PruneHandle:
             # and an op in it is a graph of its own).
             build = self.family.build_mask is not None and (
                 self._deferred is not None or _prebuilt(kwargs.get("attention_mask")))
-            if kwargs.get("cache_position") is not None or build:
+            if kwargs.get("cache_position") is not None or build or state.counts_slots:
                 # The caller's slots, as the base model's hook saw them; none seen: the language model
                 # was called without the base model.
                 appended = _appended(state, cache, kwargs.get("cache_position") if caller is None else caller[0])
                 slots = torch.arange(q, device=step.device) + (appended + state.pruned_len)
                 if kwargs.get("cache_position") is not None:
                     kwargs["cache_position"] = slots
+                if state.counts_slots:
+                    self._slots = slots
                 if build:  # decode tokens are text: no image blocks
                     self._deferred = None
                     mask = self.family.build_mask(self.config, step, mask, cache, kwargs.get("position_ids"), None,
@@ -1029,6 +1058,8 @@ class PruneHandle:
         slots = torch.arange(past, past + q, device=step.device)
         if kwargs.get("cache_position") is not None:
             kwargs["cache_position"] = slots
+        if state.counts_slots:
+            self._slots = slots
         prebuilt = self._deferred is not None or _prebuilt(kwargs.get("attention_mask"))
         if self.family.build_mask is not None and prebuilt:
             self._deferred = None  # text: no image blocks

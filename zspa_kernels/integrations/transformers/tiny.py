@@ -1233,6 +1233,30 @@ def lfm3_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     return _qwen(Lfm3VlConfig, Lfm3VlForConditionalGeneration, vision, attn, seed, text=text, per_frame=True)
 
 
+def minimax_m3_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """MiniMax-M3-VL (transformers 5.25): Qwen3-VL's layout (each image, each video frame after a
+    timestamp, wrapped in vision markers its config does not name; 2x2 merge) on 1-D positions, and
+    MiniMax-M3's MoE text model, whose sparse attention layers keep per query the key blocks its
+    lightning indexer ranks highest: blocks of 4 slots, 2 of them and the query's own, so that every
+    prompt's attention is sparse (the checkpoint's 16 of 128 slots cover 2,048 tokens)."""
+    from transformers import MiniMaxM3SparseForConditionalGeneration, MiniMaxM3VLConfig
+
+    text = dict(hidden_size=32, intermediate_size=32, dense_intermediate_size=64, shared_intermediate_size=32,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5),
+                num_local_experts=4, num_experts_per_tok=2, index_n_heads=2, index_head_dim=8,
+                index_block_size=4, index_topk_blocks=2, index_local_blocks=1, initializer_range=0.3,
+                layer_types=["minimax_m3_sparse", "full_attention"], mlp_layer_types=["dense", "sparse"],
+                vocab_size=VOCAB, max_position_embeddings=512, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16)
+    tiny = _qwen(MiniMaxM3VLConfig, MiniMaxM3SparseForConditionalGeneration, vision, attn, seed, text=text,
+                 per_frame=True, named_markers=False, projector_hidden_size=32)
+    # Its indexer cuts the keys into blocks of cache slots: a left-padded row's blocks are not the row's
+    # alone, unpatched (transformers' own note on MiniMaxM3VLIndexer).
+    tiny.rows_independent = False
+    return tiny
+
+
 def kimi_k25(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
     """Kimi-K2.5 (transformers 5.x): a MoonViT tower (2 px patches, 2x2 merge) whose ``(t, h, w)``
     grid gives ``h*w/4`` tokens, its ``t`` frames merged; each image, and each chunk of (two) video
@@ -1859,15 +1883,17 @@ def _patch_inputs(media: dict) -> dict:
 
 def _qwen(config_cls, model_cls, vision: dict, attn: str, seed: int, text=QWEN_TEXT,
           per_frame: bool = False, patch_dim: int = 3 * 2 * 2 * 2,
-          video_markers: tuple[int, int] = (QWEN_START, QWEN_END), **extra) -> TinyVLM:
+          video_markers: tuple[int, int] = (QWEN_START, QWEN_END), named_markers: bool = True,
+          **extra) -> TinyVLM:
     """Qwen2/2.5/3-VL: each image or video is wrapped in vision start/end markers and
     takes ``t*h*w / 4`` tokens for a ``(t, h, w)`` patch grid (2x2 merge). ``patch_dim``: the
     pixels of a patch (a tower without temporal patches: 3 * 2 * 2); ``video_markers``: a video's,
-    where they are not an image's; ``extra``: more of the config."""
+    where they are not an image's; ``named_markers``: the config names the start/end markers
+    (MiniMax-M3-VL's does not); ``extra``: more of the config."""
     torch.manual_seed(seed)
+    markers = dict(vision_start_token_id=QWEN_START, vision_end_token_id=QWEN_END) if named_markers else {}
     config = config_cls(text_config=text, vision_config=dict(QWEN_PATCH, **vision),
-                        image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO,
-                        vision_start_token_id=QWEN_START, vision_end_token_id=QWEN_END, **extra)
+                        image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO, **markers, **extra)
     model = _finish(model_cls(config), attn)
     takes_types = "mm_token_type_ids" in inspect.signature(model.model.forward).parameters
 
@@ -3157,6 +3183,9 @@ BUILDERS = {
     **({"lfm3_vl": lfm3_vl} if hasattr(transformers, "Lfm3VlForConditionalGeneration") else {}),
     # Kimi-K2.5: not in transformers 4.57
     **({"kimi_k25": kimi_k25} if hasattr(transformers, "Kimi_K25ForConditionalGeneration") else {}),
+    # MiniMax-M3-VL: from transformers 5.25
+    **({"minimax_m3_vl": minimax_m3_vl}
+       if hasattr(transformers, "MiniMaxM3SparseForConditionalGeneration") else {}),
     # Cosmos3-Omni: not in transformers 4.57
     **({"cosmos3_omni": cosmos3_omni} if hasattr(transformers, "Cosmos3OmniForConditionalGeneration") else {}),
     # Qwen4-Exp, Cosmos3-Edge: not in transformers 4.57
