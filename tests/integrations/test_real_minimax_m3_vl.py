@@ -2,7 +2,7 @@
 tokenizer holding its markers as special tokens, as its checkpoint's tokenizer holds them; the tiny builder's model
 on its ids).
 
-MiniMax-M3-VL (transformers 5.25): its processor writes an image as ``]<]start of image[>[``, ``h*w / 4`` image tokens
+MiniMax-M3-VL (transformers 5.x): its processor writes an image as ``]<]start of image[>[``, ``h*w / 4`` image tokens
 of its merged grid (``image_grid_thw``), ``]<]end of image[>[``; a video as its frames (temporal patches), each after
 its timestamp (``]<]0.0 seconds[>[``: words of the real tokenizer) and between the same markers, with the video
 token. The config names the image and video tokens alone."""
@@ -30,7 +30,7 @@ def _minimax_m3_vl():
     from zspa_kernels.integrations.transformers.tiny import BUILDERS
 
     if "minimax_m3_vl" not in BUILDERS or not hasattr(transformers, "MiniMaxM3VLProcessor"):
-        pytest.skip(f"transformers {transformers.__version__} has no MiniMax-M3-VL (5.25+)")
+        pytest.skip(f"transformers {transformers.__version__} has no MiniMax-M3-VL (not in 4.57)")
     import torchvision  # noqa: F401  (its processors need it: an error here, not a skip)
 
     tokenizer = _tokenizer([IMAGE, VIDEO, START, END], plain=TIMESTAMPS)

@@ -1279,7 +1279,7 @@ FAMILIES: tuple[Family, ...] = (
     # cache slots (slot_position_modules).
     Family("MiniMax-M3-VL", ("minimax_m3_vl",), visual_token_attrs=("image_token_id", "video_token_id"),
            video_spans=_stamped_video_spans(BRACKET_SECONDS), unnamed_markers=True,
-           slot_position_modules=_indexed_attention, router_loss=(5, 25)),
+           slot_position_modules=_indexed_attention, router_loss=(5, 24)),
     # Cosmos3-Omni's reasoner: Qwen3-VL's model classes (deepstack features included) and processor (timed frames).
     Family("Cosmos3-Omni", ("cosmos3_omni",), visual_token_attrs=("image_token_id", "video_token_id"),
            on_prefill=_gather_deepstack, video_spans=_timed_video_spans),

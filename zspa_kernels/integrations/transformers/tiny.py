@@ -1234,7 +1234,7 @@ def lfm3_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
 
 
 def minimax_m3_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
-    """MiniMax-M3-VL (transformers 5.25): Qwen3-VL's layout (each image, each video frame after a
+    """MiniMax-M3-VL (transformers 5.x): Qwen3-VL's layout (each image, each video frame after a
     timestamp, wrapped in vision markers its config does not name; 2x2 merge) on 1-D positions, and
     MiniMax-M3's MoE text model, whose sparse attention layers keep per query the key blocks its
     lightning indexer ranks highest: blocks of 4 slots, 2 of them and the query's own, so that every
@@ -3183,7 +3183,7 @@ BUILDERS = {
     **({"lfm3_vl": lfm3_vl} if hasattr(transformers, "Lfm3VlForConditionalGeneration") else {}),
     # Kimi-K2.5: not in transformers 4.57
     **({"kimi_k25": kimi_k25} if hasattr(transformers, "Kimi_K25ForConditionalGeneration") else {}),
-    # MiniMax-M3-VL: from transformers 5.25
+    # MiniMax-M3-VL: not in transformers 4.57
     **({"minimax_m3_vl": minimax_m3_vl}
        if hasattr(transformers, "MiniMaxM3SparseForConditionalGeneration") else {}),
     # Cosmos3-Omni: not in transformers 4.57
