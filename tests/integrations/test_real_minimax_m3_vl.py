@@ -73,21 +73,31 @@ def test_minimax_m3_vl_images_are_budgeted_apart_and_their_markers_are_no_questi
     assert untokenized == [[END], row_1, row_1]
 
 
-def test_minimax_m3_vl_a_videos_frames_are_budgeted_apart_and_their_timestamps_are_no_question():
-    """Row 0: a question before its image; row 1: an image, words, a 4-frame video at 2 fps (2 temporal patches:
-    each ``]<]t seconds[>[`` then 4 video tokens between the markers), the question. Each frame is a selection of its
-    own, after the images; with ``tokenizer=`` the prompts are the question words (the words between the image and
-    the video too), the timestamps not among them, also in generate()."""
+@pytest.mark.parametrize("frames, segment", [(4, None), (8, 2)], ids=["one_chunk", "chunks"])
+def test_minimax_m3_vl_a_videos_frames_are_budgeted_apart_and_their_timestamps_are_no_question(frames, segment):
+    """Row 0: a question before its image; row 1: an image, words, a video at 2 fps (two frames a temporal patch:
+    each patch ``]<]t seconds[>[`` then 4 video tokens between the markers), the question. Each frame is a selection
+    of its own, after the images; with ``tokenizer=`` the prompts are the question words (the words between the
+    image and the video too), the timestamps not among them, also in generate(). With ``vision_segment_max_frames``
+    the processor cuts the video into chunks, one ``video_grid_thw`` row each (how many a video has is no model
+    input): the same layout, told apart the same."""
     model, processor, tokenizer = _minimax_m3_vl()
-    inputs, (before, question), words = _video_inputs(processor, _video(4, 8, 8), [(8, 16), (16, 8)],
-                                                      do_sample_frames=False)
-    assert inputs["video_grid_thw"].tolist() == [[2, 4, 4]]
+    from transformers.models.minimax_m3_vl import video_processing_minimax_m3_vl as videos
+
+    if segment is not None and "vision_segment_max_frames" not in videos.MiniMaxM3VLVideoProcessorKwargs.__annotations__:
+        pytest.skip(f"transformers {transformers.__version__}'s video processor cuts no chunks")
+    inputs, (before, question), words = _video_inputs(
+        processor, _video(frames, 8, 8), [(8, 16), (16, 8)], do_sample_frames=False,
+        **({} if segment is None else {"vision_segment_max_frames": segment}))
+    patches = frames // 2
+    chunk = patches if segment is None else segment
+    assert inputs["video_grid_thw"].tolist() == [[chunk, 4, 4]] * (patches // chunk)
     frame = [START, f"{VIDEO}*4", END]
+    timed = [token for t in range(patches) for token in (f"]<]{t * 2 / 2:.1f}", "seconds[>[", *frame)]
     assert _token_layout(tokenizer, inputs, 1, IMAGE, VIDEO) == [
-        START, f"{IMAGE}*8", END, *BETWEEN.split(), "]<]0.0", "seconds[>[", *frame, "]<]1.0", "seconds[>[", *frame,
-        *AFTER.split()]
+        START, f"{IMAGE}*8", END, *BETWEEN.split(), *timed, *AFTER.split()]
     selections, prompts, untokenized, warned = _prompts_and_warnings(model, inputs, processor, tokenizer)
     assert [(s.batch_row, s.n_tokens) for s in selections] == _runs_of_both(inputs, model) \
-        == [(0, 8), (1, 8), (1, 4), (1, 4)]
-    assert prompts == [before, question, question, question]
+        == [(0, 8), (1, 8)] + [(1, 4)] * patches
+    assert prompts == [before] + [question] * (1 + patches)
     assert len(warned) == 1 and "MiniMax-M3-VL" in warned[0]
