@@ -919,7 +919,8 @@ class PruneHandle:
         dropped_h = torch.zeros(B, dtype=torch.long)
         for s in selection:
             dropped_h[s.batch_row] += s.n_tokens - s.order.shape[0]
-        if not dropped_h.any():
+        dropped = bool(dropped_h.any())  # a host tensor
+        if not dropped:
             # Nothing dropped (keep-all): the original layout, padding included, so logits
             # (and a loss from labels, left as given) are the unpatched model's bit for bit.
             index = torch.arange(L, device=device)[None].expand(B, L)
@@ -963,7 +964,7 @@ class PruneHandle:
         slots = torch.arange(new_len, device=device)
         if kwargs.get("cache_position") is not None:  # transformers 4.x: cache slots
             kwargs["cache_position"] = slots
-        if self.family.slot_position_modules is not None and bool(dropped_h.any()):  # a host tensor
+        if self.family.slot_position_modules is not None and dropped:
             self._slots = slots
             # The left padding copies its row's first kept token (masked out); numbered back from it, its
             # keys differ from that token's, so that no block of padding ties exactly with the token's own
