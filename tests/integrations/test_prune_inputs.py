@@ -15,9 +15,9 @@ transformers = pytest.importorskip("transformers")
 
 import zspa_kernels  # noqa: E402
 from zspa_kernels.integrations.transformers import kv_cache  # noqa: E402
-from zspa_kernels.integrations.transformers.tiny import (TEXT_IDS, BLOCK_DIFFUSION_BUILDERS, BUILDERS,  # noqa: E402
-                                                         CROSS_ATTENTION_BUILDERS, ENCODER_DECODER_BUILDERS, llava,
-                                                         mistral3)
+from zspa_kernels.integrations.transformers.tiny import (TEXT_IDS, ACTION_EXPERT_BUILDERS,  # noqa: E402
+                                                         BLOCK_DIFFUSION_BUILDERS, BUILDERS, CROSS_ATTENTION_BUILDERS,
+                                                         ENCODER_DECODER_BUILDERS, llava, mistral3)
 
 from .reference import assert_same_generation, capture_lm_calls, lm_of, pruned_generation  # noqa: E402
 
@@ -803,7 +803,7 @@ def test_every_supported_model_type_has_a_tiny_builder_and_a_row_in_the_readme()
     built = set()
     # But the first: suites of their own.
     for name, build in {**BUILDERS, **CROSS_ATTENTION_BUILDERS, **BLOCK_DIFFUSION_BUILDERS,
-                        **ENCODER_DECODER_BUILDERS}.items():
+                        **ENCODER_DECODER_BUILDERS, **ACTION_EXPERT_BUILDERS}.items():
         built.add(build().model.config.model_type)
     known = transformers.models.auto.configuration_auto.CONFIG_MAPPING_NAMES
     for family in FAMILIES:

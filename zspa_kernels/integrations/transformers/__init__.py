@@ -7,6 +7,7 @@ from typing import Union
 import torch
 
 from ...spec import DEFAULT_CORE_RATIO
+from .action_expert import ActionExpertPruneHandle
 from .block_diffusion import BlockDiffusionPruneHandle
 from .cross_attention import CrossAttentionPruneHandle
 from .encoder_decoder import EncoderDecoderPruneHandle
@@ -76,7 +77,8 @@ def prune(
     family = find_family(model)
     handle = (CrossAttentionPruneHandle if family.cross_attention
               else BlockDiffusionPruneHandle if family.block_diffusion
-              else EncoderDecoderPruneHandle if family.encoder_decoder else PruneHandle)
+              else EncoderDecoderPruneHandle if family.encoder_decoder
+              else ActionExpertPruneHandle if family.action_expert else PruneHandle)
     handle = handle(model, family, keep, core_ratio, relevance, prompt, backend, tokenizer)
     if prompt == "question" and tokenizer is None and family.writes_unnamed_markers(model.config):
         warnings.warn(f"prune(): {family.name} processors write image markers (or row breaks) that model.config "

@@ -153,6 +153,10 @@ class Family:
     # the language model pruned (``lm_attr``), and encoder_decoder.py's handle masks what the decoder reads of
     # its output.
     encoder_decoder: bool = False
+    # True where a flow-matching action expert denoises a chunk of actions over the cache that the VLM
+    # prefilled from the cameras' images and the task (PI0, PI0.5): pruned by action_expert.py's handle, which
+    # prunes the prefix and masks the expert's reads of the pruned cache.
+    action_expert: bool = False
     # (config, the base model's keyword arguments, host input_ids, (row, positions, the end of the
     # image or frame before it in its row or 0) of each video frame in order (of each image where the
     # config names no video token, InternVL's frames are images, or frame_token_attr is None), the
@@ -877,6 +881,11 @@ def _paligemma_masks(config, embeds, mask, cache, positions, token_types, slots,
     return {"full_attention": full, "sliding_attention": masking_utils.create_sliding_window_causal_mask(**kwargs)}
 
 
+def _pi0_masks(config, *args):
+    """PI0's and PI0.5's prefix, as PaliGemma's (their VLM's config), every token of type 0: one bidirectional block."""
+    return _paligemma_masks(config.vlm_config, *args)
+
+
 def _paligemma_refusal(config) -> Optional[str]:
     """PaliGemma 2 (a Gemma2 text model, sliding-window layers) on transformers 4.x: its base model
     hands those layers the full-length mask, which they cut to the keys they keep (the first ones,
@@ -1347,6 +1356,12 @@ FAMILIES: tuple[Family, ...] = (
                "transformers 4.56+; checkpoints such as florence-community/Florence-2-large); this config names no "
                "image_token_id, as the remote code of microsoft/Florence-2-* (trust_remote_code=True) does not: it "
                "puts the image features in front of the text, with no image tokens in input_ids to find them by")),
+    # PI0 and PI0.5 (Physical Intelligence's vision-language-action models): PaliGemma's prefix (each camera's image, a fixed
+    # count, back to back; then the task) prefilled once by the VLM, whose cache a flow-matching action expert
+    # reads at every denoising step (Family.action_expert). A camera is an image: one budget each.
+    Family("PI0/PI0.5", ("pi0", "pi05"), lm_attr="vlm.language_model", visual_token_attrs=("vlm_config.image_token_id",),
+           image_token_counts=_fixed_counts(lambda config: config.vlm_config.text_config.num_image_tokens),
+           build_mask=_pi0_masks, action_expert=True),
     # Phi-4-multimodal: its base model is its decoder, which embeds the image and audio features itself
     # (computed ahead by the hooks: Family.embed). Each image (HD crops, a separator, the global view) is
     # one run and budget; audio tokens are kept whole, like text.

@@ -2496,6 +2496,77 @@ def llama4(attn: str = "sdpa", seed: int = 0, floor_scale: int = 8192) -> TinyVL
 PHI4_IMAGE, PHI4_AUDIO = 120, 121
 
 
+def _action_expert_model(cls_name: str, attn: str, seed: int, **config) -> TinyVLM:
+    """PI0 or PI0.5 (transformers 5.17+ and 5.25+), vision-language-action models: PaliGemma's prefix (each
+    camera's 16x16 image, 16 tokens, ahead of bos, the task and a newline, right-padded as the processor pads
+    it, pad id 0) prefilled by the VLM; a flow-matching action expert (a Gemma of its own, layer for layer
+    beside the VLM's) denoises a chunk of 4 actions over its cache. A row is ``[("image", 0)] * cameras +
+    [("text", n)]``; the inputs hold the cameras' pixels (absent cameras zero, ``pixel_attention_mask``
+    False), the starting noise and, for PI0, the robot's state."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    image_token, bos, newline = 127, 1, 100
+    text = dict(model_type="gemma", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=1, head_dim=8, vocab_size=VOCAB, pad_token_id=PAD, bos_token_id=bos, eos_token_id=2)
+    vlm = dict(model_type="paligemma", text_config=text, projection_dim=32, image_token_id=image_token,
+               vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4,
+                                  vision_use_head=False))
+    dit = dict(model_type="gemma", hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+               num_key_value_heads=1, head_dim=8)
+    config = getattr(tf, cls_name + "Config")(vlm_config=vlm, dit_config=dit, chunk_size=4, max_action_dim=6,
+                                              num_inference_steps=3, **config)
+    model = getattr(tf, cls_name + "ForConditionalGeneration")(config)
+    with torch.no_grad():  # PI0.5's adaptive norms start at zero (their gates too: no attention would count)
+        for module in model.modules():
+            if type(module).__name__.endswith("AdaptiveRMSNorm"):
+                module.dense.weight.normal_(std=0.3)
+                module.dense.bias.normal_(std=0.3)
+    model.set_attn_implementation(attn)
+    model.eval()
+    states = "max_state_dim" in config.to_dict() and "state" in inspect.signature(model.forward).parameters
+
+    def make_inputs(rows, seeds=None) -> dict:
+        ids, pixels = [], []
+        for segments, gen in zip(rows, _generators(rows, seeds)):
+            cameras = sum(kind == "image" for kind, _ in segments)
+            task = sum(size for kind, size in segments if kind == "text")
+            pixels.append([torch.randn(3, 16, 16, generator=gen) for _ in range(cameras)])
+            ids.append([image_token] * 16 * cameras + [bos] + _text(task, gen) + [newline])
+        width, most = max(len(r) for r in ids), max(len(p) for p in pixels)
+        out = {"input_ids": torch.full((len(rows), width), PAD, dtype=torch.long),
+               "attention_mask": torch.zeros(len(rows), width, dtype=torch.long),
+               "pixel_values": torch.zeros(len(rows), most, 3, 16, 16),
+               "pixel_attention_mask": torch.zeros(len(rows), most, dtype=torch.bool)}
+        for r, (row, cams) in enumerate(zip(ids, pixels)):  # right-padded, as the processor pads
+            out["input_ids"][r, :len(row)], out["attention_mask"][r, :len(row)] = torch.tensor(row), 1
+            out["pixel_values"][r, :len(cams)], out["pixel_attention_mask"][r, :len(cams)] = torch.stack(cams), True
+        gens = _generators(rows, seeds)
+        out["noise"] = torch.stack([torch.randn(4, 6, generator=g) for g in gens])
+        if states:
+            out["state"] = torch.stack([torch.randn(6, generator=g) for g in gens])
+        return out
+
+    return TinyVLM(model, make_inputs,
+                   single=[[("image", 0), ("image", 0), ("text", 5)]],
+                   batch=[[("image", 0), ("image", 0), ("text", 5)],
+                          [("image", 0), ("text", 3)],
+                          [("image", 0), ("image", 0), ("image", 0), ("text", 7)]])
+
+
+def pi0(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """PI0: the robot's state is a token of the action expert's, ahead of the action chunk (see
+    :func:`_action_expert_model`)."""
+    return _action_expert_model("PI0", attn, seed, max_state_dim=6)
+
+
+def pi05(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
+    """PI0.5: the state is text of the prompt (the processor's), the action expert's norms are modulated by the
+    denoising time (see :func:`_action_expert_model`)."""
+    return _action_expert_model("PI05", attn, seed)
+
+
 def phi4_multimodal(attn: str = "sdpa", seed: int = 0, capture_hooks: bool = True) -> TinyVLM:
     """Phi-4-multimodal: an ("image", (h, w)) segment is an image of h x w pixels on a grid of 16 px crops
     (its useful patches marked in ``image_attention_mask``, as the processor marks them), each crop 2x2
@@ -3248,6 +3319,13 @@ CROSS_ATTENTION_BUILDERS = {"mllama": mllama}
 # (zspa_kernels.integrations.transformers.block_diffusion): a suite of their own. From transformers 5.24.
 BLOCK_DIFFUSION_BUILDERS = ({"diffusion_gemma": diffusion_gemma}
                             if hasattr(transformers, "DiffusionGemmaForBlockDiffusion") else {})
+
+# Vision-language-action models whose action expert denoises over the prefix's cache
+# (zspa_kernels.integrations.transformers.action_expert): a suite of their own. PI0 from transformers 5.17,
+# PI0.5 from 5.25.
+ACTION_EXPERT_BUILDERS = {name: build for name, build, cls in (
+    ("pi0", pi0, "PI0ForConditionalGeneration"),
+    ("pi05", pi05, "PI05ForConditionalGeneration")) if hasattr(transformers, cls)}
 
 # Encoder-decoder models whose encoder reads the images (zspa_kernels.integrations.transformers.encoder_decoder):
 # a suite of their own.
