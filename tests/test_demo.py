@@ -232,8 +232,18 @@ def _diffusion_gemma(path):
     return "DiffusionGemma generates by block diffusion"
 
 
-@pytest.mark.parametrize("make", [_llama, _git, _diffusion_gemma],
-                         ids=["causal-lm", "unsupported-vlm", "block-diffusion"])
+def _pi0(path):
+    from zspa_kernels.integrations.transformers.tiny import ACTION_EXPERT_BUILDERS
+
+    if not ACTION_EXPERT_BUILDERS:
+        pytest.skip("no vision-language-action model in this transformers")
+    ACTION_EXPERT_BUILDERS["pi0"]().model.save_pretrained(path)
+    demo.build_processor().save_pretrained(path)  # any processor: the model is refused first
+    return "PI0/PI0.5 generates actions, not text"
+
+
+@pytest.mark.parametrize("make", [_llama, _git, _diffusion_gemma, _pi0],
+                         ids=["causal-lm", "unsupported-vlm", "block-diffusion", "vision-language-action"])
 def test_demo_refuses_a_checkpoint_it_cannot_run_before_any_timing(tmp_path, capsys, make):
     """A checkpoint AutoModelForImageTextToText cannot load, one of a family prune() does not take, a model whose
     prefill the demo cannot time: exit status 2 (returned: no exception), a message naming --model, nothing written."""

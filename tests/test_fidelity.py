@@ -19,8 +19,8 @@ pytest.importorskip("transformers")
 from zspa_kernels.cli import main  # noqa: E402
 from zspa_kernels.fidelity import GridPoint, Journal, read_samples, run_grid, summarise, write  # noqa: E402
 from zspa_kernels.fidelity.grid import JOURNAL, kl_divergence, parse_core_ratios, parse_keeps  # noqa: E402
-from zspa_kernels.integrations.transformers.tiny import (BLOCK_DIFFUSION_BUILDERS, BUILDERS,  # noqa: E402
-                                                         CROSS_ATTENTION_BUILDERS, ENCODER_DECODER_BUILDERS)
+from zspa_kernels.integrations.transformers.tiny import (ACTION_EXPERT_BUILDERS, BLOCK_DIFFUSION_BUILDERS,  # noqa: E402
+                                                         BUILDERS, CROSS_ATTENTION_BUILDERS, ENCODER_DECODER_BUILDERS)
 
 # Every model that generates token by token (an encoder-decoder's answers are its decoder's tokens).
 EVERY_BUILDER = {**BUILDERS, **CROSS_ATTENTION_BUILDERS, **ENCODER_DECODER_BUILDERS}
@@ -96,6 +96,16 @@ def test_a_block_diffusion_model_is_refused_before_any_pass(name, tmp_path):
     and its answers are no greedy token-by-token generation. Refused, naming why, with nothing journaled."""
     model, samples, encode = tiny_run(name, builders=BLOCK_DIFFUSION_BUILDERS)
     with pytest.raises(ValueError, match="model: DiffusionGemma generates by block diffusion"):
+        run_grid(model, samples, encode, GRID, tmp_path, new_tokens=NEW_TOKENS, progress=False)
+    assert not (tmp_path / JOURNAL).exists()
+
+
+@pytest.mark.parametrize("name", sorted(ACTION_EXPERT_BUILDERS))
+def test_a_vision_language_action_model_is_refused_before_any_pass(name, tmp_path):
+    """PI0 and PI0.5 denoise a chunk of actions over the prompt's cache: no next-token distribution to compare.
+    Refused, naming why, with nothing journaled."""
+    model, samples, encode = tiny_run(name, builders=ACTION_EXPERT_BUILDERS)
+    with pytest.raises(ValueError, match="model: PI0/PI0.5 generates actions, not text"):
         run_grid(model, samples, encode, GRID, tmp_path, new_tokens=NEW_TOKENS, progress=False)
     assert not (tmp_path / JOURNAL).exists()
 

@@ -13,7 +13,8 @@ pipeline, the shapes, the KV-cache savings and the timings are the real ones.
 (``AutoModelForImageTextToText`` and ``AutoProcessor``), prompted as ``zspa fidelity``
 prompts it (:func:`prompt_template`). What the demo cannot run is refused before any
 timing: a checkpoint those classes cannot load, a family ``prune()`` does not take, a
-block diffusion model (:func:`zspa_kernels.models.refuse_block_diffusion`). The picture of the kept patches is
+block diffusion or vision-language-action model
+(:func:`zspa_kernels.models.refuse_non_autoregressive`). The picture of the kept patches is
 drawn where the photo's tokens are one grid over it that the demo knows (:func:`picture_grid`).
 
 The selection time shown is the one of the ``zspa::select_tokens`` call that the pruning
@@ -333,7 +334,7 @@ def _prepare(model_path, device, dtype, size: str):
     ...")``) what the demo cannot run. ``(model, processor, template, inputs, visual tokens of the prompt)``."""
     model, processor = load(model_path, device, dtype, size)
     # models.prefill times a causal language model's prefill, or an encoder-decoder's encoder and first step.
-    models.refuse_block_diffusion(model, "zspa demo", "no prefill to time as the others'")
+    models.refuse_non_autoregressive(model, "zspa demo", "no prefill to time as the others'")
     template = prompt_template(processor)
     try:
         inputs = Prompts(processor, model, template)([Sample("astronaut", PHOTO, QUESTION)])

@@ -229,15 +229,20 @@ def prefill(model, inputs: dict):
     return model(**inputs, decoder_input_ids=decoder, **{name: cache}, use_cache=True)
 
 
-def refuse_block_diffusion(model, tool: str, why: str) -> None:
-    """Raise ``ValueError("model: ...")`` for a block diffusion model (DiffusionGemma: a decoder denoises canvases
-    of tokens over the prompt's cache), which ``prune()`` takes but ``tool`` cannot measure, for the reason ``why``."""
+def refuse_non_autoregressive(model, tool: str, why: str) -> None:
+    """Raise ``ValueError("model: ...")`` for a model that ``prune()`` takes but whose output is no token-by-token
+    generation, which ``tool`` cannot measure, for the reason ``why``: a block diffusion model's (DiffusionGemma: a
+    decoder denoises canvases of tokens over the prompt's cache) or a vision-language-action model's (PI0: an
+    action expert denoises a chunk of actions over it)."""
     from .integrations.transformers.families import find_family
 
     family = find_family(model)
     if family.block_diffusion:
         raise ValueError(f"model: {family.name} generates by block diffusion (canvases of tokens denoised at once "
                          f"over the prompt's cache): {why}; prune() takes it, {tool} cannot measure it")
+    if family.action_expert:
+        raise ValueError(f"model: {family.name} generates actions, not text (an action expert denoises them over the "
+                         f"prompt's cache): {why}; prune() takes it, {tool} cannot measure it")
 
 
 def cache_bytes(past_key_values) -> int:

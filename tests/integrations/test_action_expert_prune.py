@@ -161,7 +161,8 @@ def test_the_expert_refuses_what_it_cannot_number(tiny):
             token_type_ids=torch.zeros_like(inputs["input_ids"]), use_cache=True))
         prefix = cache.get_seq_length()
         assert prefix < inputs["input_ids"].shape[1]
-        model(**step, timestep=_timestep(inputs), **cache_arg(model, cache))  # a denoising step, as sample_actions() takes it
+        # A denoising step, as sample_actions() takes it; a second one on the uncropped cache is refused.
+        model(**step, timestep=_timestep(inputs), **cache_arg(model, cache))
         with pytest.raises(RuntimeError, match="holds 5 tokens past the prefix|holds 4 tokens past the prefix"):
             model(**step, timestep=_timestep(inputs), **cache_arg(model, cache))
         cache.crop(prefix - cache.get_seq_length())

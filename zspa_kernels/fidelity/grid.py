@@ -210,10 +210,11 @@ def measure_pass(model, batches: Sequence[list], encode: Callable[[list], dict],
 
 def refuse_unmeasurable(model) -> None:
     """Raise ``ValueError`` for a model that ``prune()`` takes but whose answers are no token-by-token
-    generation from a next-token distribution, which this measurement compares (a block diffusion model's)."""
-    from ..models import refuse_block_diffusion
+    generation from a next-token distribution, which this measurement compares (a block diffusion model's, a
+    vision-language-action model's)."""
+    from ..models import refuse_non_autoregressive
 
-    refuse_block_diffusion(model, "zspa fidelity", "no next-token distribution to compare")
+    refuse_non_autoregressive(model, "zspa fidelity", "no next-token distribution to compare")
 
 
 def run_grid(model, samples: Sequence, encode: Callable[[list], dict], points: Sequence[GridPoint],

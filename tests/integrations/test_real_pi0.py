@@ -1,0 +1,63 @@
+"""PI0 with its real processor (transformers 5.17+): ``PI0Processor`` over a word-level tokenizer and SigLIP's
+image processor, around a tiny random PI0 (tiny.pi0's, over the tokenizer's vocabulary). The processor writes
+each camera's image tokens first, then ``<bos>``, the task and ``"\\n"``, right-padded to at least 48 tokens."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import zspa_kernels  # noqa: E402
+
+from .test_action_expert_prune import _UnprunedNumbering  # noqa: E402
+from .reference import masked_out  # noqa: E402
+from .test_real_processors import _image_processor, _photo, _prompt_words, _tokenizer  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not hasattr(transformers, "PI0Processor"), reason="PI0 is not in this transformers")
+
+
+def _pi0_with_its_processor():
+    from zspa_kernels.integrations.transformers.tiny import pi0
+
+    tokenizer = _tokenizer([], plain=["\n"], bos="<bos>")
+    tokenizer.padding_side = "right"  # as PI0 checkpoints' tokenizers pad (the processor asks for it too)
+    image_processor = _image_processor("SiglipImageProcessor", size={"height": 16, "width": 16})
+    image_processor.image_seq_length = 16  # as PaliGemma checkpoints' image processor configs give it
+    # The processor adds <image> (special) and PaliGemma's <locNNNN>/<segNNN> words to the tokenizer.
+    processor = transformers.PI0Processor(image_processor=image_processor, tokenizer=tokenizer, state_mean=[0.0] * 6,
+                                          state_std=[1.0] * 6, max_state_dim=6, chunk_size=4)
+    config = pi0().model.config.to_dict()
+    config["vlm_config"]["text_config"].update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                               bos_token_id=tokenizer.bos_token_id)
+    config["vlm_config"]["image_token_id"] = tokenizer.convert_tokens_to_ids("<image>")
+    torch.manual_seed(0)
+    model = transformers.PI0ForConditionalGeneration(transformers.PI0Config(**config)).eval()
+    return model, processor, tokenizer
+
+
+@torch.no_grad()
+def test_pi0_cameras_are_budgeted_apart_and_ranked_by_the_task():
+    model, processor, tokenizer = _pi0_with_its_processor()
+    gen = torch.Generator().manual_seed(0)
+    images = [[_photo(16, 16, gen), _photo(24, 16, gen)], [_photo(16, 16, gen)]]
+    inputs = processor(images=images, text=["w1 w2 w3", "w4 w5"], state=torch.randn(2, 6, generator=gen),
+                       return_tensors="pt")
+    inputs["noise"] = torch.randn(2, 4, 6, generator=gen)
+    ids = inputs["input_ids"]
+    assert ids.shape == (2, 48) and inputs["attention_mask"].sum(1).tolist() == [2 * 16 + 5, 16 + 4]
+    expected = model.sample_actions(**inputs)
+    with zspa_kernels.prune(model, keep=1.0, tokenizer=processor):
+        assert torch.equal(model.sample_actions(**inputs), expected)
+    for tokenizer_arg, newline in ((processor, []), (None, ["\n"])):
+        with zspa_kernels.prune(model, keep=4, tokenizer=tokenizer_arg) as handle:
+            got = model.sample_actions(**inputs)
+        selections = handle.last_selection
+        assert [(s.batch_row, s.n_tokens, s.order.numel()) for s in selections] == [(0, 16, 4), (0, 16, 4), (1, 16, 4)]
+        assert [_prompt_words(tokenizer, inputs, s) for s in selections] == (
+            [["w1", "w2", "w3"] + newline] * 2 + [["w4", "w5"] + newline])
+    image = model.config.vlm_config.image_token_id
+    with _UnprunedNumbering(model, inputs["attention_mask"], ids.shape[1]):
+        reference = model.sample_actions(**masked_out(dict(inputs), handle.last_kept_positions, image))
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
+    assert (got - expected).abs().max() > 1e-3
