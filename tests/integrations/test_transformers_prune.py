@@ -427,20 +427,57 @@ def test_beam_search_scores_equal_no_cache_reference(tiny, cache, monkeypatch):
     torch.testing.assert_close(out.sequences_scores, steps.sum(-1), atol=1e-4, rtol=0)
 
 
+def _oracle_rows(calls: list, selection: list, keep) -> list:
+    """The fp64 oracle's ``Row`` of each image of ``selection`` (a handle's ``last_selection``), read from the
+    ``zspa::select_tokens`` calls that chose them (``calls``: their arguments, in call order): select_images
+    makes one call a distinct budget, ascending, its images in selection order."""
+    from fp64_oracle import Row
+
+    budgets = [keep_budget(keep, s.n_tokens) for s in selection]
+    assert len(calls) == len(set(budgets)), "one prefill: one call a budget"
+    rows = [None] * len(selection)
+    for args, k in zip(calls, sorted(set(budgets))):
+        visual, prompt, _, core_ratio, lengths, mask, relevance = args[:7]
+        for j, i in enumerate(i for i, b in enumerate(budgets) if b == k):
+            rows[i] = Row(visual[j].double().numpy(), prompt[j].double().numpy(),
+                          None if mask is None else mask[j].numpy(),
+                          visual.shape[1] if lengths is None else int(lengths[j]), k, core_ratio, relevance)
+    return rows
+
+
 @pytest.mark.parametrize("name, attn", [(n, "sdpa") for n in sorted(BUILDERS)] + [("llava", "eager")])
 @torch.no_grad()
-def test_each_batch_row_equals_that_row_alone(name, attn):
+def test_each_batch_row_equals_that_row_alone(name, attn, monkeypatch):
+    """Rows batched and alone give their vision towers different shapes, so image features may differ in the
+    last bits (the host BLAS blocks a matrix product by its rows): where that flips a near-tie of the
+    selection, the row's picks differ. Such a row is held to the near-tie, not to the row alone: the batch's
+    picks replay within the backend's tolerance against the fp64 oracle on the features the row alone gave."""
+    from fp64_oracle import replay
+    from helpers import TOLERANCE
+    from zspa_kernels.dispatch import resolve_backend
+
     tiny = BUILDERS[name](attn=attn)
     if not tiny.rows_independent:
         pytest.skip("the unpatched model's batch rows depend on each other")
+    calls, op = [], torch.ops.zspa.select_tokens
+    monkeypatch.setattr(torch.ops.zspa, "select_tokens", lambda *args: calls.append(args) or op(*args))
     batch = tiny.make_inputs(tiny.batch)
-    with zspa_kernels.prune(tiny.model, keep=KEEP):
+    with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
         together = tiny.model.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False,
                                        output_logits=True, return_dict_in_generate=True)
+        batched = handle.last_selection
         for r, row in enumerate(tiny.batch):
+            calls.clear()
             alone = tiny.model.generate(**tiny.make_inputs([row], seeds=[r]), max_new_tokens=NEW_TOKENS,
                                         do_sample=False, output_logits=True,
                                         return_dict_in_generate=True)
+            mine = [s for s in batched if s.batch_row == r]
+            assert len(mine) == len(handle.last_selection)
+            if any(not torch.equal(a.order, b.order) for a, b in zip(mine, handle.last_selection)):
+                backend = resolve_backend(calls[0][7], calls[0][0].device, tuple(calls[0][0].shape))
+                for oracle, picked in zip(_oracle_rows(calls, handle.last_selection, KEEP), mine):
+                    replay(oracle, picked.order.tolist(), TOLERANCE[backend][torch.float32])
+                continue
             assert torch.equal(together.sequences[r, -NEW_TOKENS:], alone.sequences[0, -NEW_TOKENS:])
             for a, b in zip(together.logits, alone.logits):
                 torch.testing.assert_close(a[r], b[0], atol=ATOL, rtol=0)
