@@ -144,6 +144,7 @@ stage_checks() {  # $1: seconds allowed
                    "tests/integrations/test_cross_attention_prune.py::test_the_hooks_wait_for_the_gpu_once_a_prefill_and_never_at_a_decode_step"
                    "tests/integrations/test_block_diffusion_prune.py::test_fused_backends_generate_like_the_reference_on_the_gpu"
                    "tests/integrations/test_encoder_decoder_prune.py::test_fused_backends_generate_like_the_reference_on_the_gpu"
+                   "tests/integrations/test_action_expert_prune.py::test_fused_backends_sample_like_the_reference_on_the_gpu"
                    bench/test_sanitize.py bench/test_report.py)
   # --durations: the slowest tests in the log, to size this stage by (its first cold run with the
   # GPU tests alone; run 1's timed out beside the CPU half).

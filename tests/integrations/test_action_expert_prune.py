@@ -173,3 +173,38 @@ def test_the_expert_refuses_what_it_cannot_number(tiny):
         extra = {"timestep_embeds": torch.zeros(3, chunk.shape[-1])} if "pi05" in type(model).__name__.lower() else {}
         with pytest.raises(RuntimeError, match="outside the model's forward"):
             model.model.dit(inputs_embeds=chunk, **cache_arg(model.model.dit, cache), **extra)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", sorted(ACTION_EXPERT_BUILDERS))
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@torch.no_grad()
+def test_fused_backends_sample_like_the_reference_on_the_gpu(name, backend, monkeypatch):
+    """On a GPU (bench/run_gpu.sh's checks): every selection the hooks ask of a fused backend replays against
+    the fp64 oracle; where its picks equal the reference backend's, the actions are the reference's bit for bit.
+    The hooks wait for the GPU once, at the prefill's copy of the ids and the mask to the host: never where they
+    find the images in the embeddings, nor at a denoising step."""
+    from zspa_kernels.integrations.transformers.action_expert import ActionExpertPruneHandle
+
+    from .test_prune_on_gpu import DOCUMENTED_SYNCS, HOST_COPY, _on, _recorded_calls, _replay, _SyncWatch
+
+    tiny = ACTION_EXPERT_BUILDERS[name]()
+    model = tiny.model.to("cuda")
+    inputs = _on(tiny.make_inputs(tiny.batch), torch.device("cuda"))
+    with zspa_kernels.prune(model, keep=3, backend="reference") as reference:
+        expected = model.sample_actions(**inputs)
+    calls = _recorded_calls(monkeypatch)
+    prefill = _SyncWatch(monkeypatch, "_prefill")
+    found, expert = (_SyncWatch(monkeypatch, method, ActionExpertPruneHandle)
+                     for method in ("_vlm_pre_hook", "_expert_pre_hook"))
+    with zspa_kernels.prune(model, keep=3, backend=backend) as handle:
+        got = model.sample_actions(**inputs)
+    assert calls and all(args[7] == backend for args, _ in calls)
+    for args, picks in calls:
+        _replay(args, picks)
+    assert len(handle.last_selection) == len(reference.last_selection) == tiny.n_images(tiny.batch)
+    if all(torch.equal(a.order, b.order) for a, b in zip(handle.last_selection, reference.last_selection)):
+        assert torch.equal(got, expected)
+    assert (prefill.calls, found.calls, expert.calls) == (1, 1, model.config.num_inference_steps)
+    assert prefill.ours.count(HOST_COPY) == 1 and set(prefill.ours) <= DOCUMENTED_SYNCS, prefill.ours
+    assert found.ours == [] and expert.ours == [], (found.ours, expert.ours)

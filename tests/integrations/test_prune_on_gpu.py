@@ -106,7 +106,7 @@ STATIC_LENGTH_READ = source_site(handle_module._is_empty, "== 0")
 
 
 class _SyncWatch:
-    """From its creation on, every call of ``PruneHandle.<method>`` (``calls``) and the
+    """From its creation on, every call of ``PruneHandle.<method>`` (or ``cls``'s: ``calls``) and the
     ``(file name, source line)`` of each synchronising CUDA call that this package's code makes
     inside it (``ours``), found by torch.cuda.set_sync_debug_mode (a copy from pageable host
     memory is one). Syncs inside transformers' own code (its mask builders, which Gemma3's hook
@@ -116,9 +116,9 @@ class _SyncWatch:
 
     active: list["_SyncWatch"] = []  # the watches whose method is running, outermost first
 
-    def __init__(self, monkeypatch, method: str):
+    def __init__(self, monkeypatch, method: str, cls: type = PruneHandle):
         self.calls, self._sites = 0, []
-        original = getattr(PruneHandle, method)
+        original = getattr(cls, method)
 
         def watched(handle, *args, **kwargs):
             self.calls += 1
@@ -139,7 +139,7 @@ class _SyncWatch:
                     for watch in (*_SyncWatch.active, self):
                         watch._sites += sites
 
-        monkeypatch.setattr(PruneHandle, method, watched)  # before prune(): hooks bind at install
+        monkeypatch.setattr(cls, method, watched)  # before prune(): hooks bind at install
 
     @property
     def ours(self) -> list:
