@@ -56,8 +56,9 @@ def prune(
             decodes to whitespace or control characters alone (the newlines processors write
             around images and between rows of tiles, Fuyu's ``<0x04>``) are also left out of
             ``"question"``, and so are the text of its chat template (``USER:``,
-            ``ASSISTANT:``, ``<start_of_turn>model``, a default system prompt) and the
-            timestamp before a Qwen3-VL video's first frame.
+            ``ASSISTANT:``, ``<start_of_turn>model``, a default system prompt), the
+            timestamp before a Qwen3-VL video's first frame and the words and robot state
+            PI0.5's processor writes around the task.
             Image markers that the config does not name (most families' tile, slice and
             begin/end markers) are known only to it: where the family's processors write
             such markers (``Family.unnamed_markers``), ``prompt="question"`` without it warns.

@@ -557,6 +557,36 @@ def _labelled_frame_spans(label: re.Pattern, window: int = 16) -> Callable[..., 
 
 _kimi_chunk_labels = _labelled_frame_spans(CHUNK_LABEL)
 
+# PI0.5's processor writes a row's task after its cameras and bos as ``Task: {task}, State: {bins};\nAction: ``
+# (the robot's state, discretized into 256 bins, where it is given).
+PI05_TASK = re.compile(r"Task:")
+PI05_STATE_ACTION = re.compile(r"(?:,\s*State:[\s\d]*)?;\s*Action:")
+
+
+def _pi05_template_spans(config, inputs: dict, ids: torch.Tensor, frames: list, tokenizer=None
+                         ) -> list[tuple[int, int, int]]:
+    """PI0.5's processor's words around a row's task (:data:`PI05_TASK`, :data:`PI05_STATE_ACTION`), known by a
+    tokenizer only (decoded): no question, and neither are the state's numbers, which would otherwise outnumber
+    the task's words in its mean (8 to 32 of them). ``frames``: every camera's run; the text follows a row's
+    last. PI0's task stands alone after bos: nothing matches there."""
+    if tokenizer is None:
+        return []
+    last = {}
+    for row, cols, _ in frames:
+        last[row] = int(cols[-1])
+    spans = []
+    for row, image_end in last.items():
+        tail = ids[row, image_end + 1:].tolist()  # bos, the text, the right padding (specials decode to nothing)
+        if n := _timestamp_before(tokenizer, tail, PI05_STATE_ACTION, window=len(tail)):
+            spans.append((row, ids.shape[1] - n, ids.shape[1] - 1))
+        for m in range(1, min(len(tail), 8) + 1):  # the label's few tokens, bos before them
+            text = tokenizer.decode(tail[:m], skip_special_tokens=True).strip()
+            if PI05_TASK.fullmatch(text):
+                spans.append((row, image_end + 1, image_end + m))
+            if len(text) >= len("Task:"):
+                break
+    return spans
+
 
 def _kimi_k25_spans(config, inputs: dict, ids: torch.Tensor, frames: list, tokenizer=None) -> list[tuple[int, int, int]]:
     """Kimi-K2.5 writes each image as ``<|media_begin|>image<|media_content|>`` its tokens ``<|media_end|>``
@@ -1358,10 +1388,11 @@ FAMILIES: tuple[Family, ...] = (
                "puts the image features in front of the text, with no image tokens in input_ids to find them by")),
     # PI0 and PI0.5 (Physical Intelligence's vision-language-action models): PaliGemma's prefix (each camera's image, a fixed
     # count, back to back; then the task) prefilled once by the VLM, whose cache a flow-matching action expert
-    # reads at every denoising step (Family.action_expert). A camera is an image: one budget each.
+    # reads at every denoising step (Family.action_expert). A camera is an image: one budget each. PI0.5's
+    # processor writes template words and the robot's state around the task: no question (with a tokenizer).
     Family("PI0/PI0.5", ("pi0", "pi05"), lm_attr="vlm.language_model", visual_token_attrs=("vlm_config.image_token_id",),
            image_token_counts=_fixed_counts(lambda config: config.vlm_config.text_config.num_image_tokens),
-           build_mask=_pi0_masks, action_expert=True),
+           build_mask=_pi0_masks, action_expert=True, video_spans=_pi05_template_spans),
     # Phi-4-multimodal: its base model is its decoder, which embeds the image and audio features itself
     # (computed ahead by the hooks: Family.embed). Each image (HD crops, a separator, the global view) is
     # one run and budget; audio tokens are kept whole, like text.
