@@ -222,24 +222,24 @@ def _git(path):
     return "zspa_kernels.prune supports"  # an image-text-to-text model of no supported family
 
 
-def _diffusion_gemma(path):
-    from zspa_kernels.integrations.transformers.tiny import BLOCK_DIFFUSION_BUILDERS
+def _of_its_own_suite(builders: str, name: str, message: str):
+    """A maker of a checkpoint of the tiny ``name`` of ``tiny.<builders>`` (skipped where this transformers lacks
+    it), saved with any processor (the model is refused first); it returns the refusal's ``message``."""
+    def make(path):
+        from zspa_kernels.integrations.transformers import tiny
 
-    if not BLOCK_DIFFUSION_BUILDERS:
-        pytest.skip("no block diffusion model in this transformers")
-    BLOCK_DIFFUSION_BUILDERS["diffusion_gemma"]().model.save_pretrained(path)
-    demo.build_processor().save_pretrained(path)  # any processor: the model is refused first
-    return "DiffusionGemma generates by block diffusion"
+        built = getattr(tiny, builders)
+        if name not in built:
+            pytest.skip(f"{name} is not in this transformers")
+        built[name]().model.save_pretrained(path)
+        demo.build_processor().save_pretrained(path)
+        return message
+    return make
 
 
-def _pi0(path):
-    from zspa_kernels.integrations.transformers.tiny import ACTION_EXPERT_BUILDERS
-
-    if not ACTION_EXPERT_BUILDERS:
-        pytest.skip("no vision-language-action model in this transformers")
-    ACTION_EXPERT_BUILDERS["pi0"]().model.save_pretrained(path)
-    demo.build_processor().save_pretrained(path)  # any processor: the model is refused first
-    return "PI0/PI0.5 generates actions, not text"
+_diffusion_gemma = _of_its_own_suite("BLOCK_DIFFUSION_BUILDERS", "diffusion_gemma",
+                                     "DiffusionGemma generates by block diffusion")
+_pi0 = _of_its_own_suite("ACTION_EXPERT_BUILDERS", "pi0", "PI0/PI0.5 generates actions, not text")
 
 
 @pytest.mark.parametrize("make", [_llama, _git, _diffusion_gemma, _pi0],
