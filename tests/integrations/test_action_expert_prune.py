@@ -15,6 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import zspa_kernels  # noqa: E402
+from zspa_kernels.integrations.transformers import kv_cache  # noqa: E402
 from zspa_kernels.integrations.transformers.tiny import ACTION_EXPERT_BUILDERS  # noqa: E402
 
 from .reference import cache_arg, masked_out  # noqa: E402
@@ -31,10 +32,6 @@ def tiny(request):
 
 def _timestep(inputs) -> torch.Tensor:
     return torch.full((inputs["input_ids"].shape[0],), 0.4)
-
-
-def _cache_of(output):
-    return output.cache if hasattr(output, "cache") else output.past_key_values
 
 
 class _UnprunedNumbering:
@@ -155,7 +152,7 @@ def test_the_expert_refuses_what_it_cannot_number(tiny):
     model, inputs = tiny.model, tiny.make_inputs(tiny.batch)
     step = {k: v for k, v in inputs.items() if k not in ("input_ids", "pixel_values")}
     with zspa_kernels.prune(model, keep=3):
-        cache = _cache_of(model.model.vlm(inputs_embeds=model.model.embed_prefix(
+        cache = kv_cache(model.model.vlm(inputs_embeds=model.model.embed_prefix(
             inputs["input_ids"], inputs["pixel_values"], inputs["pixel_attention_mask"]),
             attention_mask=inputs["attention_mask"], position_ids=inputs["attention_mask"].cumsum(-1) - 1,
             token_type_ids=torch.zeros_like(inputs["input_ids"]), use_cache=True))

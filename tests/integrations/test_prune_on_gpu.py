@@ -67,14 +67,19 @@ def _recorded_calls(monkeypatch) -> list:
     return calls
 
 
+def oracle_row(args, b: int) -> Row:
+    """The fp64 oracle's ``Row`` of row ``b`` of a ``zspa::select_tokens`` call's arguments ``args``."""
+    visual, prompt, k, core_ratio, lengths, mask, relevance = args[:7]
+    return Row(visual[b].double().cpu().numpy(), prompt[b].double().cpu().numpy(),
+               None if mask is None else mask[b].cpu().numpy(),
+               visual.shape[1] if lengths is None else int(lengths[b]), k, core_ratio, relevance)
+
+
 def _replay(args, picks) -> None:
-    visual, prompt, k, core_ratio, lengths, mask, relevance, backend, pick_order = args
+    visual, backend, pick_order = args[0], args[7], args[8]
     assert pick_order and picks.device.type == "cuda"
     for b in range(visual.shape[0]):
-        row = Row(visual[b].double().cpu().numpy(), prompt[b].double().cpu().numpy(),
-                  None if mask is None else mask[b].cpu().numpy(),
-                  visual.shape[1] if lengths is None else int(lengths[b]), k, core_ratio, relevance)
-        replay(row, picks[b].tolist(), TOLERANCE[backend][visual.dtype])
+        replay(oracle_row(args, b), picks[b].tolist(), TOLERANCE[backend][visual.dtype])
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])

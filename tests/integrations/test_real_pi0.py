@@ -46,13 +46,9 @@ def _with_its_processor(name: str):
     return model, processor, tokenizer
 
 
-def _pi0_with_its_processor():
-    return _with_its_processor("PI0")
-
-
 @torch.no_grad()
 def test_pi0_cameras_are_budgeted_apart_and_ranked_by_the_task():
-    model, processor, tokenizer = _pi0_with_its_processor()
+    model, processor, tokenizer = _with_its_processor("PI0")
     gen = torch.Generator().manual_seed(0)
     images = [[_photo(16, 16, gen), _photo(24, 16, gen)], [_photo(16, 16, gen)]]
     inputs = processor(images=images, text=["w1 w2 w3", "w4 w5"], state=torch.randn(2, 6, generator=gen),

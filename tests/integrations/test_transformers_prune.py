@@ -429,19 +429,16 @@ def test_beam_search_scores_equal_no_cache_reference(tiny, cache, monkeypatch):
 
 def _oracle_rows(calls: list, selection: list, keep) -> list:
     """The fp64 oracle's ``Row`` of each image of ``selection`` (a handle's ``last_selection``), read from the
-    ``zspa::select_tokens`` calls that chose them (``calls``: their arguments, in call order): select_images
+    ``zspa::select_tokens`` calls that chose them (``calls``: ``(args, picks)`` in call order): select_images
     makes one call a distinct budget, ascending, its images in selection order."""
-    from fp64_oracle import Row
+    from .test_prune_on_gpu import oracle_row
 
     budgets = [keep_budget(keep, s.n_tokens) for s in selection]
     assert len(calls) == len(set(budgets)), "one prefill: one call a budget"
     rows = [None] * len(selection)
-    for args, k in zip(calls, sorted(set(budgets))):
-        visual, prompt, _, core_ratio, lengths, mask, relevance = args[:7]
+    for (args, _), k in zip(calls, sorted(set(budgets))):
         for j, i in enumerate(i for i, b in enumerate(budgets) if b == k):
-            rows[i] = Row(visual[j].double().numpy(), prompt[j].double().numpy(),
-                          None if mask is None else mask[j].numpy(),
-                          visual.shape[1] if lengths is None else int(lengths[j]), k, core_ratio, relevance)
+            rows[i] = oracle_row(args, j)
     return rows
 
 
@@ -456,11 +453,12 @@ def test_each_batch_row_equals_that_row_alone(name, attn, monkeypatch):
     from helpers import TOLERANCE
     from zspa_kernels.dispatch import resolve_backend
 
+    from .test_prune_on_gpu import _recorded_calls
+
     tiny = BUILDERS[name](attn=attn)
     if not tiny.rows_independent:
         pytest.skip("the unpatched model's batch rows depend on each other")
-    calls, op = [], torch.ops.zspa.select_tokens
-    monkeypatch.setattr(torch.ops.zspa, "select_tokens", lambda *args: calls.append(args) or op(*args))
+    calls = _recorded_calls(monkeypatch)
     batch = tiny.make_inputs(tiny.batch)
     with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
         together = tiny.model.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False,
@@ -474,7 +472,8 @@ def test_each_batch_row_equals_that_row_alone(name, attn, monkeypatch):
             mine = [s for s in batched if s.batch_row == r]
             assert len(mine) == len(handle.last_selection)
             if any(not torch.equal(a.order, b.order) for a, b in zip(mine, handle.last_selection)):
-                backend = resolve_backend(calls[0][7], calls[0][0].device, tuple(calls[0][0].shape))
+                args = calls[0][0]
+                backend = resolve_backend(args[7], args[0].device, tuple(args[0].shape))
                 for oracle, picked in zip(_oracle_rows(calls, handle.last_selection, KEEP), mine):
                     replay(oracle, picked.order.tolist(), TOLERANCE[backend][torch.float32])
                 continue

@@ -79,19 +79,11 @@ class ActionExpertPruneHandle(PruneHandle):
             return self._prompt(args, kwargs, ids.masked_fill(merged, self.visual_ids[0]), None)
         return self._base_pre_hook(module, args, kwargs)
 
-    def _prefill(self, ids, embeds, cache, inputs, kwargs) -> None:
-        self._gather = None  # set by the prefill where it drops tokens
-        super()._prefill(ids, embeds, cache, inputs, kwargs)
-        state = self._caches.get(kwargs.get(self._cache_arg))  # made there where none was given
-        if state is not None and self._gather is None:
-            state.layout = None  # nothing dropped: the expert reads the cache as unpatched, bit for bit
-        self._gather = None
-
     def _expert_pre_hook(self, module, args, kwargs):
         recorded, self._prefix_mask = self._prefix_mask, None
         cache = _cache_of(kwargs)
         state = self._caches.get(cache) if cache is not None else None
-        if state is None or state.layout is None:  # not a cache this handle pruned, or nothing was dropped
+        if state is None or not state.dropped:  # not a cache this handle pruned; keep-all: read as unpatched
             return None
         if recorded is None:
             raise RuntimeError(DIRECT_ERROR)

@@ -571,9 +571,7 @@ def _pi05_template_spans(config, inputs: dict, ids: torch.Tensor, frames: list, 
     last. PI0's task stands alone after bos: nothing matches there."""
     if tokenizer is None:
         return []
-    last = {}
-    for row, cols, _ in frames:
-        last[row] = int(cols[-1])
+    last = {row: int(cols[-1]) for row, cols, _ in frames}  # row-major: each row's last camera
     spans = []
     for row, image_end in last.items():
         tail = ids[row, image_end + 1:].tolist()  # bos, the text, the right padding (specials decode to nothing)

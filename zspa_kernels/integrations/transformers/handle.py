@@ -134,6 +134,8 @@ class _CacheState:
     # That decoder's masks for the canvas being denoised: (the caller's masks, tokens appended since the
     # prefill, the canvas's length, the masks built for the pruned cache), built once a canvas.
     decoder_masks: Optional[tuple] = None
+    # Whether the prefill dropped tokens (keep-all: the cache is the unpatched model's, its readers left alone).
+    dropped: bool = False
     # Whether the prefill dropped tokens and its decode steps' tokens are handed their slots
     # (Family.slot_position_modules).
     counts_slots: bool = False
@@ -990,7 +992,7 @@ class PruneHandle:
         if cache is not None:
             last = positions.masked_fill(new_mask == 0, -1).amax(-1, keepdim=True)
             state = _CacheState(new_mask, L, new_len, last + 1, layout=(index, valid),
-                                counts_slots=self._slots is not None)
+                                dropped=dropped, counts_slots=self._slots is not None)
             full = _static_length(cache)
             if full is not None:
                 state.decode_mask = torch.cat([new_mask, new_mask.new_ones(B, full - new_len)], dim=1)
