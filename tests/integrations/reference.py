@@ -30,6 +30,20 @@ def cache_arg(model, cache) -> dict:
             else "past_key_values": cache}
 
 
+def next_turn(inputs: dict, sequences: torch.Tensor, text: torch.Tensor) -> dict:
+    """A conversation's next turn, as a caller gives it with the cache of the first: the whole
+    conversation's ids (the first turn's prompt and answer, then ``text``) and mask, per-token types
+    padded for the text, no pixel inputs (the first turn's images are in the cache)."""
+    ids = torch.cat([sequences, text], 1)
+    turn = dict(input_ids=ids, attention_mask=torch.nn.functional.pad(inputs["attention_mask"],
+                                                                      (0, ids.shape[1] - inputs["input_ids"].shape[1]),
+                                                                      value=1))
+    for name in ("token_type_ids", "mm_token_type_ids", "moe_mm_token_type_ids"):
+        if inputs.get(name) is not None:  # the new tokens are text
+            turn[name] = torch.nn.functional.pad(inputs[name], (0, ids.shape[1] - inputs[name].shape[1]))
+    return turn
+
+
 def masked_out(inputs: dict, kept_positions: torch.Tensor, image_token: int) -> dict:
     """``inputs`` with every image token not in ``kept_positions`` (``(B, L')``, -1 padded, as
     ``PruneHandle.last_kept_positions``) masked out of the 2-D attention mask: the unpatched model that
@@ -78,11 +92,15 @@ def capture_lm_calls(model):
         hook.remove()
 
 
-def padding_mask(mask) -> torch.Tensor:
+def padding_mask(mask, like: torch.Tensor = None) -> torch.Tensor:
     """The 2-D mask behind a captured mask argument (Gemma gets a dict of 4-D masks, PaliGemma one
-    4-D mask: the last query row of a prefill attends to every non-padding key)."""
+    4-D mask: the last query row of a prefill attends to every non-padding key). None (no padding:
+    transformers 5.25's generate() drops a mask of ones, and Gemma 4's masks are then built without
+    one): ones over ``like``'s batch and length."""
     if isinstance(mask, dict):
         mask = mask["full_attention"]
+    if mask is None:
+        return torch.ones(like.shape[:2], dtype=torch.long, device=like.device)
     if mask.dim() == 4:
         row = mask[:, 0, -1]
         return (row if row.dtype == torch.bool else row == 0).long()
@@ -112,7 +130,7 @@ def no_cache_logits(model, prefill: dict, decode_positions: list, tokens: torch.
         tokens = tokens.masked_fill(torch.isin(tokens, placeholders), padding)
     prefix = prefill["inputs_embeds"][rows]
     embeds = torch.cat([prefix, token_embeddings(model, tokens)], 1)
-    mask = padding_mask(prefill["attention_mask"])[rows][:, : prefix.shape[1]]
+    mask = padding_mask(prefill["attention_mask"], prefill["inputs_embeds"])[rows][:, : prefix.shape[1]]
     mask = torch.cat([mask, mask.new_ones(len(rows), tokens.shape[1])], 1)
     # Positions of batch size 1 are the whole batch's (EXAONE 4.5 numbers decode steps by the cache length).
     batch = prefill["inputs_embeds"].shape[0]

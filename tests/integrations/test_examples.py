@@ -33,6 +33,14 @@ def test_example_runs_and_shortens_the_cache(script):
     assert re.search(r"row 0 image 0: kept \d+ of \d+ tokens", stdout)
 
 
+def test_the_llava_example_asks_a_follow_up_on_the_pruned_cache():
+    stdout = _run("prune_llava.py")
+    full, pruned = map(int, re.search(r"follow-up '.*' on the same cache: (\d+) tokens unpruned, (\d+) pruned",
+                                      stdout).groups())
+    assert pruned < full
+    assert re.search(r"row 0 follow-up answer: ", stdout)
+
+
 def test_the_llama_3_2_vision_example_shrinks_the_cross_attention_cache():
     stdout = _run("prune_llama3_2_vision.py")
     full, pruned = map(int, re.search(r"cross-attention cache: (\d+) tokens unpruned, (\d+) pruned", stdout).groups())
@@ -80,6 +88,10 @@ def test_an_example_prunes_a_local_checkpoint_on_its_images(llava_checkpoint, tm
     full, pruned = map(int, re.search(r"(\d+) tokens unpruned, (\d+) pruned", stdout).groups())
     assert full - pruned == 576 - 16
     assert re.search(r"^row 0 answer: ", stdout, re.M)
+    # The follow-up question, tokenized in LLaVA-1.5's turn format, continues on the pruned cache.
+    full, pruned = map(int, re.search(r"on the same cache: (\d+) tokens unpruned, (\d+) pruned", stdout).groups())
+    assert full - pruned == 576 - 16
+    assert re.search(r"^row 0 follow-up answer: ", stdout, re.M)
 
 
 def test_the_batch_example_prunes_a_local_checkpoint(llava_checkpoint, tmp_path):

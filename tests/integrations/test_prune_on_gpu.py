@@ -25,7 +25,8 @@ from zspa_kernels.integrations.transformers import kv_cache  # noqa: E402
 from zspa_kernels.integrations.transformers.handle import PruneHandle  # noqa: E402
 from zspa_kernels.integrations.transformers.tiny import BUILDERS  # noqa: E402
 
-from .reference import assert_same_generation, pruned_generation, source_site  # noqa: E402
+from .reference import (assert_same_generation, cache_arg, next_turn, pruned_generation,  # noqa: E402
+                        source_site)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -181,6 +182,41 @@ def test_the_hooks_wait_for_the_gpu_only_where_documented(tiny, backend, cache, 
     # The language model's hook around them: the prefill's syncs, at most one length read (at the
     # prefill: three calls would read three times), nothing else.
     assert set(lm.ours) <= DOCUMENTED_SYNCS | {STATIC_LENGTH_READ} and lm.ours.count(STATIC_LENGTH_READ) <= 1, lm.ours
+
+
+# A conversation's next turn given without a mask: its ids read back where the hooks check them.
+TURN_IDS = source_site(PruneHandle._repeats, "torch.equal")
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_5_vl", "gemma3"])
+@pytest.mark.parametrize("rows", ["batch", "single"])
+@torch.no_grad()
+def test_a_conversation_turn_waits_for_the_gpu_only_to_check_its_ids(name, rows, monkeypatch):
+    """A next turn on a pruned cache (test_transformers_prune.py holds its logits to the reference): with
+    the conversation's mask (padded rows), the hooks wait for the GPU nowhere; without one (a row of no
+    padding: transformers 5.25's generate() drops its mask of ones), once a turn, where its ids are
+    checked. The decode steps around it: never. (New on 2026-12-05, never run.)"""
+    from zspa_kernels.integrations.transformers.families import find_family, split_model
+
+    base, decode = (_SyncWatch(monkeypatch, method) for method in ("_base_pre_hook", "_decode_step"))
+    tiny = BUILDERS[name]()
+    tiny.model.to(DEVICE)
+    inputs = _on(tiny.make_inputs(getattr(tiny, rows)), DEVICE)
+    masked = []  # whether generate() gave the base model a mask, call by call (ahead of the hooks)
+    split_model(tiny.model, find_family(tiny.model))[0].register_forward_pre_hook(
+        lambda module, args, kwargs: masked.append(kwargs.get("attention_mask") is not None), with_kwargs=True)
+    gen = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    with zspa_kernels.prune(tiny.model, keep=KEEP, backend="triton") as handle:
+        first = tiny.model.generate(**inputs, **gen)
+        assert handle.last_selection and base.ours == [], base.ours
+        turn = next_turn(inputs, first.sequences, first.sequences[:, inputs["input_ids"].shape[1]:])
+        calls = base.calls
+        second = tiny.model.generate(**turn, **cache_arg(tiny.model, kv_cache(first)), **gen)
+    # The turn, then two steps; the decode step's hook runs at each (two steps of the first generate()).
+    assert base.calls == calls + 3 and decode.calls == 2 + 3, (base.calls, decode.calls)
+    assert kv_cache(second).get_seq_length() < second.sequences.shape[1] - 1  # still pruned
+    assert base.ours == ([] if masked[calls] else [TURN_IDS]), (masked[calls], base.ours)
+    assert decode.ours == [], decode.ours
 
 
 @torch.no_grad()

@@ -26,8 +26,8 @@ from zspa_kernels.integrations.transformers import kv_cache  # noqa: E402
 from zspa_kernels.integrations.transformers.tiny import BUILDERS  # noqa: E402
 from zspa_kernels.integrations.transformers.families import find_family, split_model  # noqa: E402
 
-from .reference import (cache_arg, capture_lm_calls, image_features_of, lm_head, lm_of, no_cache_logits,  # noqa: E402
-                        padding_mask, static_cache, unpruned_decode_positions)
+from .reference import (cache_arg, capture_lm_calls, image_features_of, lm_head, lm_of, next_turn,  # noqa: E402
+                        no_cache_logits, padding_mask, static_cache, unpruned_decode_positions)
 
 NEW_TOKENS = 4
 KEEP = 5  # of 16+ tokens per image
@@ -598,18 +598,78 @@ def test_assisted_decoding_is_refused_clearly(tiny):
             assert torch.equal(looked_up, plain)
 
 
+@pytest.mark.parametrize("rows", ["batch", "single"])
 @torch.no_grad()
-def test_second_generate_on_a_pruned_cache_is_refused(tiny):
-    inputs = tiny.make_inputs(tiny.single)
-    with zspa_kernels.prune(tiny.model, keep=KEEP):
-        out = tiny.model.generate(**inputs, max_new_tokens=2, do_sample=False,
-                                  return_dict_in_generate=True)
-        follow_up = dict(inputs, input_ids=out.sequences,
-                         attention_mask=torch.ones_like(out.sequences))
-        if "mm_token_type_ids" in inputs:  # the new tokens are text
-            follow_up["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, 2))
-        with pytest.raises(RuntimeError, match="pruned prefill"):
-            tiny.model.generate(**follow_up, **cache_arg(tiny.model, kv_cache(out)), max_new_tokens=2)
+def test_a_conversation_continues_on_its_pruned_cache(tiny, rows):
+    """A conversation's next turn on the cache of the first: generate() given the whole conversation
+    (prompt, answer, new text) and that cache, without pixel inputs, as the unpatched model takes it; by
+    hand, on a deep copy of that cache, the conversation from the cache's length on. On a pruned cache,
+    its logits equal one no-cache forward over the pruned prompt, the answer, the new text and the new
+    answer, at the unpruned model's positions; at keep-all, the unpatched continuation's bit for bit. A
+    single row has no padding: transformers 5.25's generate() then passes no mask, and the hooks tell the
+    repeated tokens from the new ones by their ids. New tokens alone on a cache that dropped tokens (what
+    assisted decoding feeds), with or without the whole conversation's mask, and pixel inputs are
+    refused, the cache left as it was."""
+    inputs = tiny.make_inputs(getattr(tiny, rows))
+    B, L = inputs["input_ids"].shape
+    gen = dict(do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, output_logits=True,
+               return_dict_in_generate=True)
+
+    def conversation(copies=None):
+        first = tiny.model.generate(**inputs, **gen)
+        answer = first.sequences[:, L:]
+        turn = next_turn(inputs, first.sequences, answer)  # the new text: the answer's tokens again
+        if copies is not None:
+            copies.append(copy.deepcopy(kv_cache(first)))
+        second = tiny.model.generate(**turn, **cache_arg(tiny.model, kv_cache(first)), **gen)
+        return first, turn, second
+
+    try:
+        unpatched = conversation()
+    except Exception as exc:  # noqa: BLE001 - the unpatched model's own limits
+        pytest.skip(f"the unpatched model continues no conversation on its cache: {type(exc).__name__}: {exc}")
+    with zspa_kernels.prune(tiny.model, keep=1.0):
+        kept_all = conversation()
+    assert torch.equal(kept_all[2].sequences, unpatched[2].sequences)
+    for a, b in zip(kept_all[2].logits, unpatched[2].logits):
+        assert torch.equal(a, b)
+
+    positions = unpruned_decode_positions(tiny.model, inputs, 3 * NEW_TOKENS, do_sample=False,
+                                          min_new_tokens=3 * NEW_TOKENS)
+    copies = []
+    with zspa_kernels.prune(tiny.model, keep=KEEP) as handle, capture_lm_calls(tiny.model) as calls:
+        first, turn, second = conversation(copies)
+        assert handle.last_selection
+        # By hand, on a deep copy of the first turn's cache: the conversation from the cache's length on.
+        copied = copies[0]
+        given = copied.get_seq_length()
+        by_hand = tiny.model(**{k: v if k == "attention_mask" else v[:, given:] for k, v in turn.items()},
+                             **cache_arg(tiny.model, copied), use_cache=True).logits[:, -1]
+        cache = kv_cache(second)
+        # A turn of new tokens alone, or one with pixels, on a pruned cache: refused before it is touched.
+        length = cache.get_seq_length()
+        # Without a mask, new tokens alone are told from a turn by their ids, even where they outnumber the
+        # dropped tokens that a turn repeats (an id the conversation never holds: not those tokens).
+        dropped = L - calls[0]["inputs_embeds"].shape[1]
+        alone = turn["input_ids"][:, -NEW_TOKENS:]
+        unseen = next(i for i in range(tiny.model.config.get_text_config().vocab_size)
+                      if not bool((second.sequences == i).any()))
+        for ids, mask in [(alone, dict(attention_mask=turn["attention_mask"])), (alone, {}),
+                          (torch.full((B, dropped + 1), unseen), {})]:
+            with pytest.raises(RuntimeError, match="conversation's next turn"):
+                tiny.model(input_ids=ids, **mask, **cache_arg(tiny.model, cache), use_cache=True)
+        with pytest.raises(RuntimeError, match="no pixel inputs"):
+            tiny.model(**dict(inputs, **turn), **cache_arg(tiny.model, cache), use_cache=True)
+        assert cache.get_seq_length() == length
+    tokens = torch.cat([first.sequences[:, L:], turn["input_ids"][:, first.sequences.shape[1]:],
+                        second.sequences[:, turn["input_ids"].shape[1]:]], 1)
+    ref = no_cache_logits(tiny.model, calls[0], positions, tokens, list(range(B)),
+                          image_features_of(tiny.model, inputs))
+    start = calls[0]["inputs_embeds"].shape[1] - 1 + 2 * NEW_TOKENS
+    for t, logits in enumerate(second.logits):
+        torch.testing.assert_close(logits, ref[:, start + t], atol=ATOL, rtol=0)
+    assert torch.equal(tokens[:, 2 * NEW_TOKENS:], ref[:, start:start + NEW_TOKENS].argmax(-1))
+    torch.testing.assert_close(by_hand, ref[:, start], atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("chunk", ["one token", "eight tokens", "the whole prompt"])

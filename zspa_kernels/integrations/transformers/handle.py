@@ -64,12 +64,14 @@ def _new_pixels(kwargs: dict) -> bool:
 
 
 REUSE_ERROR = (
-    "zspa_kernels.prune: this KV cache holds a pruned prefill; it can only be extended "
-    "one token at a time by the generation that built it. Reusing it for a new prompt "
-    "(e.g. a second generate() call with past_key_values) would misplace tokens: run "
-    "the whole prompt again without the cache. Assisted and prompt-lookup decoding, which "
-    "feed several tokens a step, are not supported with pruning either, nor is a chunked "
-    "prefill (generate(prefill_chunk_size=...)): pass prefill_chunk_size=None."
+    "zspa_kernels.prune: this KV cache holds a pruned prefill. It can be extended one token at a time by the "
+    "generation that built it, or by a conversation's next turn without images: generate() given the whole "
+    "conversation's input_ids and attention_mask, no pixel inputs, and this (dynamic) cache; by hand, "
+    "input_ids[:, cache.get_seq_length():] of the conversation. Anything else (new tokens alone on a cache "
+    "that dropped tokens, images, a static cache) would misplace tokens: run the whole conversation again "
+    "without the cache. Assisted and prompt-lookup decoding, which feed several draft tokens a step, are not "
+    "supported with pruning either, nor is a chunked prefill (generate(prefill_chunk_size=...)): pass "
+    "prefill_chunk_size=None."
 )
 # Both refuse what a prefill of part of a prompt would need: the selection ranks an image's tokens by the
 # prompt's text (which may follow the image) and gives each image its own budget, so it needs the whole
@@ -139,6 +141,15 @@ class _CacheState:
     # Whether the prefill dropped tokens and its decode steps' tokens are handed their slots
     # (Family.slot_position_modules).
     counts_slots: bool = False
+    # Whether a conversation's next turn was appended (PruneHandle._next_turn): the hooks then number every
+    # later token themselves, in the unpruned numbering, whatever positions the caller gives. generate()
+    # computes a turn's positions for the whole conversation, and Qwen's (M-RoPE) take the image tokens
+    # past the pruned cache's length for new ones: without their grids it numbers everything as text,
+    # then continues from those positions at every step.
+    numbered: bool = False
+    # Dynamic layers: the ids the sequence consumed, in the unpruned numbering (the prompt's, then each step's:
+    # references, no copy), for a turn given without a mask (_next_turn); None once a step came without ids.
+    tokens: Optional[list] = None
 
 
 # transformers 5.24 renamed the cache argument ``past_key_values`` to ``cache``.
@@ -240,7 +251,8 @@ class _CacheWatch:
         for handle in list(self.handles):
             state = handle._caches.get(original)
             if state is not None:  # its tensors are shared: no step writes them in place
-                handle._caches[copied] = replace(state, caller_slots=None)
+                handle._caches[copied] = replace(state, caller_slots=None,
+                                                 tokens=None if state.tokens is None else list(state.tokens))
                 watch.handles.add(handle)
         return watch
 
@@ -415,6 +427,7 @@ class PruneHandle:
         self.last_selection: list[ImageSelection] = []
         self._layout: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (index, valid) of the last prompt
         self._inputs: Optional[dict] = None  # the base model's keyword arguments of this call
+        self._turn = False  # this call is a conversation's next turn on a pruned cache (_next_turn)
         self._deferred: Optional[_DeferredMasks] = None  # set only inside the language model's hook (_lm_pre_hook)
         self._gather: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (index, valid)
         self._labels: Optional[torch.Tensor] = None  # taken from the wrapper, for the loss after it
@@ -536,7 +549,7 @@ class PruneHandle:
     def _base_pre_hook(self, module, args, kwargs):
         # The arguments are kept for the language model's hook of this call, which takes them (they
         # hold the cache: kept any longer, they would keep its memory after the caller let it go).
-        self._inputs = None
+        self._inputs, self._turn = None, False
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = _cache_of(kwargs)
         state = self._caches.get(cache) if cache is not None else None
@@ -548,13 +561,18 @@ class PruneHandle:
             return self._prompt(args, kwargs, input_ids, cache)
         step = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         q = step.shape[1]
+        turn = False
         if (q != 1 and not self.multi_token_steps) or _new_pixels(kwargs):
             # A prompt on a cache this handle pruned: a new generation if the cache was emptied
-            # (read back once a prompt), else a reuse that would misplace tokens.
+            # (read back once a prompt), else a conversation's next turn, or a reuse that would
+            # misplace tokens.
             if _is_empty(cache):
                 del self._caches[cache]
                 return self._prompt(args, kwargs, input_ids, cache)
-            raise RuntimeError(REUSE_ERROR)
+            if _new_pixels(kwargs) or self.multi_token_steps:
+                raise RuntimeError(REUSE_ERROR)
+            args, q = self._next_turn(state, args, kwargs, q)
+            turn = self._turn = True
         carried = False
         if state.decode_mask is None:  # dynamic layers: the length is a host integer
             length = _host_length(cache)
@@ -565,6 +583,11 @@ class PruneHandle:
                 raise RuntimeError(CROP_ERROR)  # cropped (or extended) outside this generation's steps
             appended = state.grown
             carried = self._carry_masks(args, kwargs)
+            if state.tokens is not None and not turn:
+                if input_ids is None:
+                    state.tokens = None
+                else:
+                    state.tokens.append(input_ids)
         else:
             # A static cache's decode step, known without reading its length back: this handle
             # pruned the cache, and a reset drops its state (_CacheWatch.reset, set at the prefill).
@@ -575,13 +598,66 @@ class PruneHandle:
             if kwargs.get("position_ids") is not None:
                 return None
             appended = _appended(state, cache, kwargs.get("cache_position"))
-        if kwargs.get("position_ids") is None:
+        state.numbered = state.numbered or turn
+        if kwargs.get("position_ids") is None or state.numbered:
             # Continue the original numbering; the model would count cache slots instead.
             kwargs["position_ids"] = state.next_position + appended
             if q > 1:
                 kwargs["position_ids"] = kwargs["position_ids"] + torch.arange(q, device=step.device)
             return args, kwargs
-        return (args, kwargs) if carried else None
+        return (args, kwargs) if carried or turn else None
+
+    def _next_turn(self, state: _CacheState, args: tuple, kwargs: dict, q: int) -> tuple[tuple, int]:
+        """A conversation's next turn on a cache this handle pruned: several text tokens on it. generate()
+        given the whole conversation and the cache numbers the cache's slots as the conversation's first
+        tokens: it passes the conversation from the cache's length on, so the pruned cache (shorter by the
+        ``dropped`` tokens) gets the last ``dropped`` tokens it already holds, then the new ones; its mask
+        and positions count the whole conversation (the unpruned numbering the hooks continue). The mask's
+        width says which tokens are new; without a mask (5.25's generate() drops one of ones), the ids do:
+        the turn's first ``dropped`` must repeat those the sequence consumed there (read back: one host sync
+        a turn). What comes before the new tokens is cut from every per-token input here, before the base
+        model embeds it. Returns the arguments and the new token count. Refused (:data:`REUSE_ERROR`)
+        otherwise: a static cache (its steps' masks are the cache's full length), or new tokens alone on a
+        cache that dropped tokens, which is also how assisted decoding extends a cache (its drafts, then
+        cropped in the unpruned numbering)."""
+        mask = kwargs.get("attention_mask")
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        old = state.original_len - state.pruned_len
+        if state.decode_mask is not None:
+            raise RuntimeError(REUSE_ERROR)
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            if q - (mask.shape[1] - state.original_len - state.grown) != old or old >= q:
+                raise RuntimeError(REUSE_ERROR)
+        elif mask is not None or old >= q or (old and not self._repeats(state, input_ids, old)):
+            raise RuntimeError(REUSE_ERROR)
+        if old:
+            batch = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[0]
+            for key, value in kwargs.items():
+                if key == "attention_mask" or not isinstance(value, torch.Tensor):
+                    continue
+                if key == "inputs_embeds":
+                    kwargs[key] = value[:, old:]
+                elif key == "cache_position" and value.shape == (q,):
+                    kwargs[key] = value[old:]
+                elif value.dim() >= 2 and value.shape[-1] == q and value.shape[-2] in (batch, 1):
+                    kwargs[key] = value[..., old:]  # ids, positions (M-RoPE rows too), token types
+            if args:
+                args = (args[0][:, old:], *args[1:])
+        if state.tokens is not None:
+            state.tokens = None if input_ids is None else [*state.tokens, input_ids[:, old:]]
+        return args, q - old
+
+    @staticmethod
+    def _repeats(state: _CacheState, input_ids: Optional[torch.Tensor], old: int) -> bool:
+        """Whether ``input_ids`` begin with the ``old`` ids the sequence consumed from the pruned cache's length
+        on (the unpruned positions ``pruned_len + grown`` up to ``original_len + grown``)."""
+        if input_ids is None or state.tokens is None:
+            return False
+        consumed = torch.cat([t.to(input_ids.device) for t in state.tokens], 1)
+        if consumed.shape != (input_ids.shape[0], state.original_len + state.grown):
+            return False
+        start = state.pruned_len + state.grown
+        return torch.equal(input_ids[:, :old], consumed[:, start:start + old])  # read back: the turn's one sync
 
     def _prompt(self, args, kwargs, input_ids, cache):
         """A prompt: its arguments kept for the language model's hook, and its masks left to that hook where
@@ -992,10 +1068,11 @@ class PruneHandle:
         if cache is not None:
             last = positions.masked_fill(new_mask == 0, -1).amax(-1, keepdim=True)
             state = _CacheState(new_mask, L, new_len, last + 1, layout=(index, valid),
-                                dropped=dropped, counts_slots=self._slots is not None)
+                                dropped=dropped, counts_slots=self._slots is not None, tokens=[ids])
             full = _static_length(cache)
             if full is not None:
                 state.decode_mask = torch.cat([new_mask, new_mask.new_ones(B, full - new_len)], dim=1)
+                state.tokens = None  # no turn on a static cache
             self._caches[cache] = state
             self._watch(cache, reset=full is not None)
 
@@ -1022,7 +1099,8 @@ class PruneHandle:
         if step is None:
             step = kwargs["input_ids"]
         q = step.shape[1]
-        if q != 1 and not self.multi_token_steps:
+        turn, self._turn = self._turn, False
+        if q != 1 and not (self.multi_token_steps or turn):
             raise RuntimeError(REUSE_ERROR)
         if state.decode_mask is not None:  # a static cache: the same shapes at every step
             cache = _cache_of(kwargs)
