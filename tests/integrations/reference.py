@@ -95,7 +95,7 @@ def capture_lm_calls(model):
 def padding_mask(mask, like: torch.Tensor = None) -> torch.Tensor:
     """The 2-D mask behind a captured mask argument (Gemma gets a dict of 4-D masks, PaliGemma one
     4-D mask: the last query row of a prefill attends to every non-padding key). None (no padding:
-    transformers 5.25's generate() drops a mask of ones, and Gemma 4's masks are then built without
+    transformers 5.24+'s generate() drops a mask of ones, and Gemma 4's masks are then built without
     one): ones over ``like``'s batch and length."""
     if isinstance(mask, dict):
         mask = mask["full_attention"]

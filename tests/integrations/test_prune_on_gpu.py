@@ -194,7 +194,7 @@ TURN_IDS = source_site(PruneHandle._repeats, "torch.equal")
 def test_a_conversation_turn_waits_for_the_gpu_only_to_check_its_ids(name, rows, monkeypatch):
     """A next turn on a pruned cache (test_transformers_prune.py holds its logits to the reference): with
     the conversation's mask (padded rows), the hooks wait for the GPU nowhere; without one (a row of no
-    padding: transformers 5.25's generate() drops its mask of ones), once a turn, where its ids are
+    padding: transformers 5.24+'s generate() drops its mask of ones), once a turn, where its ids are
     checked. The decode steps around it: never. (New on 2026-12-05, never run.)"""
     from zspa_kernels.integrations.transformers.families import find_family, split_model
 

@@ -73,6 +73,15 @@ REUSE_ERROR = (
     "supported with pruning either, nor is a chunked prefill (generate(prefill_chunk_size=...)): pass "
     "prefill_chunk_size=None."
 )
+TURN_IDS_ERROR = (
+    "zspa_kernels.prune: this KV cache holds a pruned prefill, and input_ids without an attention mask do not "
+    "read as a conversation's next turn on it: a turn passes the conversation from the cache's length on "
+    "(generate() does so when given the whole conversation), whose first {old} tokens repeat those the cache "
+    "holds there (the unpruned positions {start} to {end}), and these do not. Build the conversation from the "
+    "generated sequence (out.sequences, then the new turn's ids): an answer decoded and tokenized again can "
+    "come out as other ids. New tokens alone would misplace tokens on a pruned cache: pass the whole "
+    "conversation, or its attention mask, or run the whole conversation again without the cache."
+)
 # Both refuse what a prefill of part of a prompt would need: the selection ranks an image's tokens by the
 # prompt's text (which may follow the image) and gives each image its own budget, so it needs the whole
 # prompt, and each image's features apart, in one prefill on an empty cache.
@@ -613,7 +622,7 @@ class PruneHandle:
         tokens: it passes the conversation from the cache's length on, so the pruned cache (shorter by the
         ``dropped`` tokens) gets the last ``dropped`` tokens it already holds, then the new ones; its mask
         and positions count the whole conversation (the unpruned numbering the hooks continue). The mask's
-        width says which tokens are new; without a mask (5.25's generate() drops one of ones), the ids do:
+        width says which tokens are new; without a mask (5.24+'s generate() drops one of ones), the ids do:
         the turn's first ``dropped`` must repeat those the sequence consumed there (read back: one host sync
         a turn). What comes before the new tokens is cut from every per-token input here, before the base
         model embeds it. Returns the arguments and the new token count. Refused (:data:`REUSE_ERROR`)
@@ -628,8 +637,11 @@ class PruneHandle:
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             if q - (mask.shape[1] - state.original_len - state.grown) != old or old >= q:
                 raise RuntimeError(REUSE_ERROR)
-        elif mask is not None or old >= q or (old and not self._repeats(state, input_ids, old)):
+        elif mask is not None or old >= q:
             raise RuntimeError(REUSE_ERROR)
+        elif old and not self._repeats(state, input_ids, old):
+            start = state.original_len + state.grown - old
+            raise RuntimeError(TURN_IDS_ERROR.format(old=old, start=start, end=start + old - 1))
         if old:
             batch = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[0]
             for key, value in kwargs.items():
