@@ -161,6 +161,11 @@ class _CacheState:
     tokens: Optional[list] = None
 
 
+# The per-token inputs that generate() passes a base model beside the ids (sliced as the ids), cut with them
+# where a conversation's next turn repeats tokens the cache holds (PruneHandle._next_turn); and a family's
+# token types (Family.token_types_arg).
+TURN_INPUTS = ("input_ids", "position_ids", "token_type_ids", "mm_token_type_ids", "moe_mm_token_type_ids")
+
 # transformers 5.24 renamed the cache argument ``past_key_values`` to ``cache``.
 CACHE_ARGS = ("cache", "past_key_values")
 
@@ -644,15 +649,16 @@ class PruneHandle:
             raise RuntimeError(TURN_IDS_ERROR.format(old=old, start=start, end=start + old - 1))
         if old:
             batch = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[0]
+            per_token = {*TURN_INPUTS, self.family.token_types_arg}
             for key, value in kwargs.items():
-                if key == "attention_mask" or not isinstance(value, torch.Tensor):
+                if not isinstance(value, torch.Tensor):
                     continue
                 if key == "inputs_embeds":
                     kwargs[key] = value[:, old:]
                 elif key == "cache_position" and value.shape == (q,):
                     kwargs[key] = value[old:]
-                elif value.dim() >= 2 and value.shape[-1] == q and value.shape[-2] in (batch, 1):
-                    kwargs[key] = value[..., old:]  # ids, positions (M-RoPE rows too), token types
+                elif key in per_token and value.dim() >= 2 and value.shape[-1] == q and value.shape[-2] in (batch, 1):
+                    kwargs[key] = value[..., old:]  # positions: M-RoPE rows too
             if args:
                 args = (args[0][:, old:], *args[1:])
         if state.tokens is not None:
