@@ -185,6 +185,31 @@ def test_cached_generation_equals_the_masked_model_without_a_cache(tiny, mode):
 
 
 @torch.no_grad()
+def test_a_conversation_continues_on_its_pruned_cache(tiny):
+    """A conversation's next turn: generate() given the whole conversation (prompt, answer, new text; its
+    masks, the new tokens seeing what the last prompt token saw) and the first turn's cache, no pixel
+    inputs. The sequence is the unpatched one; its cross-attention layers hold the kept tokens, and the
+    turn's logits are the no-cache masked model's over the whole conversation."""
+    inputs = tiny.make_inputs(tiny.batch)
+    L = inputs["input_ids"].shape[1]
+    gen = dict(do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, output_logits=True,
+               return_dict_in_generate=True)
+    pixels = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
+    with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
+        first = tiny.model.generate(**inputs, **gen)
+        selection = handle.last_selection
+        answer = first.sequences[:, L:]
+        turn = {k: v for k, v in _extended(inputs, torch.cat([answer, answer], 1)).items() if k not in pixels}
+        second = tiny.model.generate(**turn, **cache_arg(tiny.model, kv_cache(first)), **gen)
+    tokens = second.sequences[:, L:]
+    with masked_keys(tiny, _kept_columns(tiny, inputs, selection)):
+        ref = tiny.model(**_extended(inputs, tokens), use_cache=False).logits
+    start = turn["input_ids"].shape[1] - 1
+    for t, logits in enumerate(second.logits):
+        torch.testing.assert_close(logits, ref[:, start + t], atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
 def test_beam_search_equals_the_masked_models(tiny):
     """generate() expands each row into its beams before the prefill (each selects alike) and reorders
     the cache's rows at every step: the kept columns of a row's beams are the same, so the layout holds."""
