@@ -601,28 +601,31 @@ def test_assisted_decoding_is_refused_clearly(tiny):
 @pytest.mark.parametrize("rows", ["batch", "single"])
 @torch.no_grad()
 def test_a_conversation_continues_on_its_pruned_cache(tiny, rows):
-    """A conversation's next turn on the cache of the first: generate() given the whole conversation
-    (prompt, answer, new text) and that cache, without pixel inputs, as the unpatched model takes it; by
-    hand, on a deep copy of that cache, the conversation from the cache's length on. On a pruned cache,
-    its logits equal one no-cache forward over the pruned prompt, the answer, the new text and the new
-    answer, at the unpruned model's positions; at keep-all, the unpatched continuation's bit for bit. A
+    """A conversation's next turns on its cache: generate() given the whole conversation (prompt, answer,
+    new text) and the last turn's cache, without pixel inputs, as the unpatched model takes it, twice; by
+    hand, on a deep copy of the first turn's cache, the conversation from the cache's length on. On a
+    pruned cache, each turn's logits equal one no-cache forward over the pruned prompt and everything
+    after it, at the unpruned model's positions; at keep-all, the unpatched continuation's bit for bit. A
     single row has no padding: transformers 5.24+'s generate() then passes no mask, and the hooks tell the
-    repeated tokens from the new ones by their ids. New tokens alone on a cache that dropped tokens (what
-    assisted decoding feeds), with or without the whole conversation's mask, and pixel inputs are
-    refused, the cache left as it was."""
+    repeated tokens from the new ones by their ids (the third turn's include the second's). New tokens
+    alone on a cache that dropped tokens (what assisted decoding feeds), with or without the whole
+    conversation's mask, and pixel inputs are refused, the cache left as it was."""
     inputs = tiny.make_inputs(getattr(tiny, rows))
     B, L = inputs["input_ids"].shape
     gen = dict(do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, output_logits=True,
                return_dict_in_generate=True)
 
     def conversation(copies=None):
+        """The first turn's output, then (turn, output) twice: each turn's new text is the last answer's tokens."""
         first = tiny.model.generate(**inputs, **gen)
-        answer = first.sequences[:, L:]
-        turn = next_turn(inputs, first.sequences, answer)  # the new text: the answer's tokens again
         if copies is not None:
             copies.append(copy.deepcopy(kv_cache(first)))
-        second = tiny.model.generate(**turn, **cache_arg(tiny.model, kv_cache(first)), **gen)
-        return first, turn, second
+        turns, out = [], first
+        for _ in range(2):
+            turn = next_turn(inputs, out.sequences, out.sequences[:, -NEW_TOKENS:])
+            out = tiny.model.generate(**turn, **cache_arg(tiny.model, kv_cache(out)), **gen)
+            turns.append((turn, out))
+        return first, turns
 
     try:
         unpatched = conversation()
@@ -630,22 +633,24 @@ def test_a_conversation_continues_on_its_pruned_cache(tiny, rows):
         pytest.skip(f"the unpatched model continues no conversation on its cache: {type(exc).__name__}: {exc}")
     with zspa_kernels.prune(tiny.model, keep=1.0):
         kept_all = conversation()
-    assert torch.equal(kept_all[2].sequences, unpatched[2].sequences)
-    for a, b in zip(kept_all[2].logits, unpatched[2].logits):
-        assert torch.equal(a, b)
+    for (_, got), (_, expected) in zip(kept_all[1], unpatched[1]):
+        assert torch.equal(got.sequences, expected.sequences)
+        for a, b in zip(got.logits, expected.logits):
+            assert torch.equal(a, b)
 
-    positions = unpruned_decode_positions(tiny.model, inputs, 3 * NEW_TOKENS, do_sample=False,
-                                          min_new_tokens=3 * NEW_TOKENS)
+    positions = unpruned_decode_positions(tiny.model, inputs, 5 * NEW_TOKENS, do_sample=False,
+                                          min_new_tokens=5 * NEW_TOKENS)
     copies = []
     with zspa_kernels.prune(tiny.model, keep=KEEP) as handle, capture_lm_calls(tiny.model) as calls:
-        first, turn, second = conversation(copies)
+        first, turns = conversation(copies)
+        (turn, second), (_, third) = turns
         assert handle.last_selection
         # By hand, on a deep copy of the first turn's cache: the conversation from the cache's length on.
         copied = copies[0]
         given = copied.get_seq_length()
         by_hand = tiny.model(**{k: v if k == "attention_mask" else v[:, given:] for k, v in turn.items()},
                              **cache_arg(tiny.model, copied), use_cache=True).logits[:, -1]
-        cache = kv_cache(second)
+        cache = kv_cache(third)
         # A turn of new tokens alone, or one with pixels, on a pruned cache: refused before it is touched.
         length = cache.get_seq_length()
         # Without a mask, new tokens alone are told from a turn by their ids, even where they outnumber the
@@ -653,7 +658,7 @@ def test_a_conversation_continues_on_its_pruned_cache(tiny, rows):
         dropped = L - calls[0]["inputs_embeds"].shape[1]
         alone = turn["input_ids"][:, -NEW_TOKENS:]
         unseen = next(i for i in range(tiny.model.config.get_text_config().vocab_size)
-                      if not bool((second.sequences == i).any()))
+                      if not bool((third.sequences == i).any()))
         for ids, mask, error in [(alone, dict(attention_mask=turn["attention_mask"]), "be extended"),
                                  (alone, {}, "(be extended|do not read as a)"),  # more than the dropped: their ids read
                                  (torch.full((B, dropped + 1), unseen), {}, "do not read as a")]:
@@ -662,15 +667,16 @@ def test_a_conversation_continues_on_its_pruned_cache(tiny, rows):
         with pytest.raises(RuntimeError, match="no pixel inputs"):
             tiny.model(**dict(inputs, **turn), **cache_arg(tiny.model, cache), use_cache=True)
         assert cache.get_seq_length() == length
-    tokens = torch.cat([first.sequences[:, L:], turn["input_ids"][:, first.sequences.shape[1]:],
-                        second.sequences[:, turn["input_ids"].shape[1]:]], 1)
+    tokens = third.sequences[:, L:]  # answer, text, answer, text, answer
     ref = no_cache_logits(tiny.model, calls[0], positions, tokens, list(range(B)),
                           image_features_of(tiny.model, inputs))
-    start = calls[0]["inputs_embeds"].shape[1] - 1 + 2 * NEW_TOKENS
-    for t, logits in enumerate(second.logits):
-        torch.testing.assert_close(logits, ref[:, start + t], atol=ATOL, rtol=0)
-    assert torch.equal(tokens[:, 2 * NEW_TOKENS:], ref[:, start:start + NEW_TOKENS].argmax(-1))
-    torch.testing.assert_close(by_hand, ref[:, start], atol=ATOL, rtol=0)
+    for n, out in ((2, second), (4, third)):
+        start = calls[0]["inputs_embeds"].shape[1] - 1 + n * NEW_TOKENS
+        for t, logits in enumerate(out.logits):
+            torch.testing.assert_close(logits, ref[:, start + t], atol=ATOL, rtol=0)
+        assert torch.equal(tokens[:, n * NEW_TOKENS:(n + 1) * NEW_TOKENS], ref[:, start:start + NEW_TOKENS].argmax(-1))
+    torch.testing.assert_close(by_hand, ref[:, calls[0]["inputs_embeds"].shape[1] - 1 + 2 * NEW_TOKENS], atol=ATOL,
+                               rtol=0)
 
 
 @pytest.mark.parametrize("chunk", ["one token", "eight tokens", "the whole prompt"])
