@@ -46,13 +46,6 @@ def model_and_inputs(args, n_images: int, tiny: str, rows=lambda built: built.si
     return built.model, built.make_inputs(rows(built)), None, None
 
 
-def cache_kwarg(model, cache) -> dict:
-    """``cache`` under the keyword this transformers takes: 5.24 renamed ``past_key_values`` to ``cache``."""
-    import inspect
-
-    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
-
-
 def load_checkpoint(path: str):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 

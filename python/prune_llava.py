@@ -6,8 +6,8 @@
 import torch
 
 import zspa_kernels
-from zspa_kernels.integrations.transformers import kv_cache
-from example_inputs import cache_kwarg, model_and_inputs, parser, report
+from zspa_kernels.integrations.transformers import cache_kwargs, kv_cache
+from example_inputs import model_and_inputs, parser, report
 
 FOLLOW_UP = "What colors does it have?"
 
@@ -26,7 +26,7 @@ def main() -> None:
             # A follow-up question on the same pruned cache, inside the block that pruned it: the whole
             # conversation's ids and mask, no pixel inputs (the image is in the cache, as kept).
             turn = next_turn(out, inputs, tokenizer, FOLLOW_UP)
-            second = model.generate(**turn, **cache_kwarg(model, kv_cache(out)), max_new_tokens=args.new_tokens,
+            second = model.generate(**turn, **cache_kwargs(model, kv_cache(out)), max_new_tokens=args.new_tokens,
                                     do_sample=False, return_dict_in_generate=True)
     # generate() feeds every new token but the last through the model.
     unpruned = second.sequences.shape[1] - 1

@@ -24,12 +24,6 @@ def source_site(function, text: str) -> tuple[str, str]:
     return pathlib.Path(inspect.getsourcefile(function)).name, lines[0]
 
 
-def cache_arg(model, cache) -> dict:
-    """``cache`` as the keyword this transformers version takes (5.24 renamed it)."""
-    return {"cache" if "cache" in inspect.signature(model.forward).parameters
-            else "past_key_values": cache}
-
-
 def next_turn(inputs: dict, sequences: torch.Tensor, text: torch.Tensor) -> dict:
     """A conversation's next turn, as a caller gives it with the cache of the first: the whole
     conversation's ids (the first turn's prompt and answer, then ``text``) and mask, per-token types

@@ -15,10 +15,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import zspa_kernels  # noqa: E402
-from zspa_kernels.integrations.transformers import kv_cache  # noqa: E402
+from zspa_kernels.integrations.transformers import cache_kwargs, kv_cache  # noqa: E402
 from zspa_kernels.integrations.transformers.tiny import ACTION_EXPERT_BUILDERS  # noqa: E402
 
-from .reference import cache_arg, masked_out  # noqa: E402
+from .reference import masked_out  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not ACTION_EXPERT_BUILDERS, reason="no action expert model in this transformers")
 
@@ -159,17 +159,17 @@ def test_the_expert_refuses_what_it_cannot_number(tiny):
         prefix = cache.get_seq_length()
         assert prefix < inputs["input_ids"].shape[1]
         # A denoising step, as sample_actions() takes it; a second one on the uncropped cache is refused.
-        model(**step, timestep=_timestep(inputs), **cache_arg(model, cache))
+        model(**step, timestep=_timestep(inputs), **cache_kwargs(model, cache))
         with pytest.raises(RuntimeError, match="holds 5 tokens past the prefix|holds 4 tokens past the prefix"):
-            model(**step, timestep=_timestep(inputs), **cache_arg(model, cache))
+            model(**step, timestep=_timestep(inputs), **cache_kwargs(model, cache))
         cache.crop(prefix - cache.get_seq_length())
         narrow = dict(step, attention_mask=inputs["attention_mask"][:, 1:])
         with pytest.raises(ValueError, match=r"attention_mask: expected \(3, 57\)"):
-            model(**narrow, timestep=_timestep(inputs), **cache_arg(model, cache))
+            model(**narrow, timestep=_timestep(inputs), **cache_kwargs(model, cache))
         chunk = torch.zeros(3, 4, model.config.dit_config.hidden_size)
         extra = {"timestep_embeds": torch.zeros(3, chunk.shape[-1])} if "pi05" in type(model).__name__.lower() else {}
         with pytest.raises(RuntimeError, match="outside the model's forward"):
-            model.model.dit(inputs_embeds=chunk, **cache_arg(model.model.dit, cache), **extra)
+            model.model.dit(inputs_embeds=chunk, **cache_kwargs(model.model.dit, cache), **extra)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -13,9 +13,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import zspa_kernels  # noqa: E402
+from zspa_kernels.integrations.transformers import cache_kwargs  # noqa: E402
 from zspa_kernels.integrations.transformers.tiny import BLOCK_DIFFUSION_BUILDERS  # noqa: E402
 
-from .reference import cache_arg, masked_out  # noqa: E402
+from .reference import masked_out  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not BLOCK_DIFFUSION_BUILDERS, reason="no block diffusion model in this transformers")
 
@@ -117,7 +118,7 @@ def test_a_hand_written_loop_appends_canvases_at_their_original_positions(tiny):
         cache, logits = _cache(out), [out.logits]
         for done, canvas in zip(canvases, canvases[1:]):
             mask = torch.nn.functional.pad(mask, (0, 4), value=1)
-            out = model(input_ids=done, attention_mask=mask, **cache_arg(model, cache), decoder_input_ids=canvas,
+            out = model(input_ids=done, attention_mask=mask, **cache_kwargs(model, cache), decoder_input_ids=canvas,
                         decoder_attention_mask=torch.nn.functional.pad(mask, (0, 4), value=1))
             logits.append(out.logits)
         return logits

@@ -19,12 +19,12 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import zspa_kernels  # noqa: E402
-from zspa_kernels.integrations.transformers import kv_cache  # noqa: E402
+from zspa_kernels.integrations.transformers import cache_kwargs, kv_cache  # noqa: E402
 from zspa_kernels.integrations.transformers.handle import PruneHandle  # noqa: E402
 from zspa_kernels.integrations.transformers.tiny import CROSS_ATTENTION_BUILDERS, MLLAMA_IMAGE  # noqa: E402
 from zspa_kernels.spec import keep_budget  # noqa: E402
 
-from .reference import cache_arg, capture_lm_calls, source_site  # noqa: E402
+from .reference import capture_lm_calls, source_site  # noqa: E402
 
 NEW_TOKENS = 4
 KEEP = 5  # of 17 tokens a tile
@@ -200,7 +200,7 @@ def test_a_conversation_continues_on_its_pruned_cache(tiny):
         selection = handle.last_selection
         answer = first.sequences[:, L:]
         turn = {k: v for k, v in _extended(inputs, torch.cat([answer, answer], 1)).items() if k not in pixels}
-        second = tiny.model.generate(**turn, **cache_arg(tiny.model, kv_cache(first)), **gen)
+        second = tiny.model.generate(**turn, **cache_kwargs(tiny.model, kv_cache(first)), **gen)
     tokens = second.sequences[:, L:]
     with masked_keys(tiny, _kept_columns(tiny, inputs, selection)):
         ref = tiny.model(**_extended(inputs, tokens), use_cache=False).logits
@@ -262,7 +262,7 @@ def test_a_deep_copy_or_a_pickle_of_a_pruned_cache_continues_its_sequence(tiny):
         # release otherwise.)
         with pytest.raises(RuntimeError, match="already hold image tokens"):
             lm(input_ids=inputs["input_ids"], cross_attention_states=full[0]["cross_attention_states"],
-               **cache_arg(lm, copy.deepcopy(cache)), use_cache=True)
+               **cache_kwargs(lm, copy.deepcopy(cache)), use_cache=True)
 
     def decode(cache):
         mask, cross, steps = inputs["attention_mask"], inputs["cross_attention_mask"], [first]
@@ -270,7 +270,7 @@ def test_a_deep_copy_or_a_pickle_of_a_pruned_cache_continues_its_sequence(tiny):
             mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
             cross = torch.cat([cross, cross[:, -1:]], 1)
             steps.append(tiny.model(input_ids=steps[-1].argmax(-1), attention_mask=mask,
-                                    cross_attention_mask=cross[:, -1:] if OLD else cross, **cache_arg(tiny.model, cache),
+                                    cross_attention_mask=cross[:, -1:] if OLD else cross, **cache_kwargs(tiny.model, cache),
                                     use_cache=True).logits[:, -1:])
         return torch.cat(steps, 1)
 

@@ -21,12 +21,11 @@ import zspa_kernels  # noqa: E402
 from fp64_oracle import Row, replay  # noqa: E402
 from helpers import TOLERANCE  # noqa: E402
 from zspa_kernels.integrations.transformers import handle as handle_module  # noqa: E402
-from zspa_kernels.integrations.transformers import kv_cache  # noqa: E402
+from zspa_kernels.integrations.transformers import cache_kwargs, kv_cache  # noqa: E402
 from zspa_kernels.integrations.transformers.handle import PruneHandle  # noqa: E402
 from zspa_kernels.integrations.transformers.tiny import BUILDERS  # noqa: E402
 
-from .reference import (assert_same_generation, cache_arg, next_turn, pruned_generation,  # noqa: E402
-                        source_site)
+from .reference import assert_same_generation, next_turn, pruned_generation, source_site  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -211,7 +210,7 @@ def test_a_conversation_turn_waits_for_the_gpu_only_to_check_its_ids(name, rows,
         assert handle.last_selection and base.ours == [], base.ours
         turn = next_turn(inputs, first.sequences, first.sequences[:, inputs["input_ids"].shape[1]:])
         calls = base.calls
-        second = tiny.model.generate(**turn, **cache_arg(tiny.model, kv_cache(first)), **gen)
+        second = tiny.model.generate(**turn, **cache_kwargs(tiny.model, kv_cache(first)), **gen)
     # The turn, then two steps; the decode step's hook runs at each (two steps of the first generate()).
     assert base.calls == calls + 3 and decode.calls == 2 + 3, (base.calls, decode.calls)
     assert kv_cache(second).get_seq_length() < second.sequences.shape[1] - 1  # still pruned

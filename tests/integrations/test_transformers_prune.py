@@ -22,12 +22,12 @@ transformers = pytest.importorskip("transformers")
 
 import zspa_kernels  # noqa: E402
 from zspa_kernels.spec import keep_budget  # noqa: E402
-from zspa_kernels.integrations.transformers import kv_cache  # noqa: E402
+from zspa_kernels.integrations.transformers import cache_kwargs, kv_cache  # noqa: E402
 from zspa_kernels.integrations.transformers.tiny import BUILDERS  # noqa: E402
 from zspa_kernels.integrations.transformers.families import find_family, split_model  # noqa: E402
 
-from .reference import (cache_arg, capture_lm_calls, image_features_of, lm_head, lm_of, next_turn,  # noqa: E402
-                        no_cache_logits, padding_mask, static_cache, unpruned_decode_positions)
+from .reference import (capture_lm_calls, image_features_of, lm_head, lm_of, next_turn, no_cache_logits,  # noqa: E402
+                        padding_mask, static_cache, unpruned_decode_positions)
 
 NEW_TOKENS = 4
 KEEP = 5  # of 16+ tokens per image
@@ -324,16 +324,16 @@ def test_static_cache_decode_steps_never_read_its_length_and_a_reused_cache_prun
         copied.reset()
         assert cache in handle._caches and bool(cache.get_seq_length() > 0)
         cache.reset()
-        third = tiny.model.generate(**inputs, **cache_arg(tiny.model, cache),
+        third = tiny.model.generate(**inputs, **cache_kwargs(tiny.model, cache),
                                     **{k: v for k, v in gen.items() if k != "cache_implementation"})
         assert len(reads) <= 3 and all(torch.equal(a, b.order) for a, b in zip(picked, handle.last_selection))
         # Reset, then ONE token: a new sequence, which only the reset can tell from a decode step
         # without reading the length back. It must run as unpruned, at position 0.
         cache.reset()
         token = dict(input_ids=inputs["input_ids"][:, -1:], attention_mask=inputs["attention_mask"][:, -1:])
-        got = tiny.model(**token, **cache_arg(tiny.model, cache), use_cache=True).logits
+        got = tiny.model(**token, **cache_kwargs(tiny.model, cache), use_cache=True).logits
     cache.reset()
-    expected = tiny.model(**token, **cache_arg(tiny.model, cache), use_cache=True).logits
+    expected = tiny.model(**token, **cache_kwargs(tiny.model, cache), use_cache=True).logits
     assert torch.equal(got, expected)
     assert torch.equal(first.sequences, second.sequences) and torch.equal(first.sequences, third.sequences)
 
@@ -349,12 +349,12 @@ def test_a_reset_after_a_one_token_generation_makes_a_new_sequence(tiny):
     cache = static_cache(tiny.model, B, L + 4)
     token = dict(input_ids=inputs["input_ids"][:, -1:], attention_mask=inputs["attention_mask"][:, -1:])
     with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
-        tiny.model.generate(**inputs, **cache_arg(tiny.model, cache), max_new_tokens=1, do_sample=False)
+        tiny.model.generate(**inputs, **cache_kwargs(tiny.model, cache), max_new_tokens=1, do_sample=False)
         assert handle.last_selection
         cache.reset()
-        got = tiny.model(**token, **cache_arg(tiny.model, cache), use_cache=True).logits
+        got = tiny.model(**token, **cache_kwargs(tiny.model, cache), use_cache=True).logits
     cache.reset()
-    assert torch.equal(got, tiny.model(**token, **cache_arg(tiny.model, cache), use_cache=True).logits)
+    assert torch.equal(got, tiny.model(**token, **cache_kwargs(tiny.model, cache), use_cache=True).logits)
 
 
 @torch.no_grad()
@@ -518,7 +518,7 @@ def test_a_hand_written_decode_loop_needs_no_use_cache_flag(tiny):
         for _ in range(3):
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
             out = tiny.model(input_ids=token, attention_mask=mask, use_cache=True,
-                             **cache_arg(tiny.model, kv_cache(out)))
+                             **cache_kwargs(tiny.model, kv_cache(out)))
             logits.append(out.logits[:, -1])
             token = out.logits[:, -1:].argmax(-1)
         return torch.stack(logits)
@@ -623,7 +623,7 @@ def test_a_conversation_continues_on_its_pruned_cache(tiny, rows):
         turns, out = [], first
         for _ in range(2):
             turn = next_turn(inputs, out.sequences, out.sequences[:, -NEW_TOKENS:])
-            out = tiny.model.generate(**turn, **cache_arg(tiny.model, kv_cache(out)), **gen)
+            out = tiny.model.generate(**turn, **cache_kwargs(tiny.model, kv_cache(out)), **gen)
             turns.append((turn, out))
         return first, turns
 
@@ -649,7 +649,7 @@ def test_a_conversation_continues_on_its_pruned_cache(tiny, rows):
         copied = copies[0]
         given = copied.get_seq_length()
         by_hand = tiny.model(**{k: v if k == "attention_mask" else v[:, given:] for k, v in turn.items()},
-                             **cache_arg(tiny.model, copied), use_cache=True).logits[:, -1]
+                             **cache_kwargs(tiny.model, copied), use_cache=True).logits[:, -1]
         cache = kv_cache(third)
         # A turn of new tokens alone, or one with pixels, on a pruned cache: refused before it is touched.
         length = cache.get_seq_length()
@@ -663,9 +663,9 @@ def test_a_conversation_continues_on_its_pruned_cache(tiny, rows):
                                  (alone, {}, "(be extended|do not read as a)"),  # more than the dropped: their ids read
                                  (torch.full((B, dropped + 1), unseen), {}, "do not read as a")]:
             with pytest.raises(RuntimeError, match=f"{error}.*conversation's next turn"):
-                tiny.model(input_ids=ids, **mask, **cache_arg(tiny.model, cache), use_cache=True)
+                tiny.model(input_ids=ids, **mask, **cache_kwargs(tiny.model, cache), use_cache=True)
         with pytest.raises(RuntimeError, match="no pixel inputs"):
-            tiny.model(**dict(inputs, **turn), **cache_arg(tiny.model, cache), use_cache=True)
+            tiny.model(**dict(inputs, **turn), **cache_kwargs(tiny.model, cache), use_cache=True)
         assert cache.get_seq_length() == length
     tokens = third.sequences[:, L:]  # answer, text, answer, text, answer
     ref = no_cache_logits(tiny.model, calls[0], positions, tokens, list(range(B)),
@@ -729,9 +729,9 @@ def test_images_on_a_cache_that_holds_the_text_before_them_are_refused():
     def continued(ids, **images):
         cache = transformers.DynamicCache(config=tiny.model.config.get_text_config())
         tiny.model(input_ids=ids[:, :first], attention_mask=inputs["attention_mask"][:, :first],
-                   **cache_arg(tiny.model, cache), use_cache=True)
+                   **cache_kwargs(tiny.model, cache), use_cache=True)
         return tiny.model(input_ids=ids[:, first:], attention_mask=inputs["attention_mask"],
-                          **cache_arg(tiny.model, cache), use_cache=True, **images).logits
+                          **cache_kwargs(tiny.model, cache), use_cache=True, **images).logits
 
     continued(ids, pixel_values=inputs["pixel_values"])  # the unpatched model takes it
     expected = continued(text_only)
@@ -789,7 +789,7 @@ def test_hand_written_decode_loop_matches_generate(tiny, with_mask):
         for _ in range(NEW_TOKENS - 1):
             mask = torch.cat([mask, mask.new_ones(1, 1)], 1)
             step = dict(attention_mask=mask) if with_mask else {}
-            out = tiny.model(input_ids=tokens[-1], **cache_arg(tiny.model, kv_cache(out)),
+            out = tiny.model(input_ids=tokens[-1], **cache_kwargs(tiny.model, kv_cache(out)),
                              use_cache=True, **step)
             tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
     assert torch.equal(torch.cat(tokens, 1), expected[:, -NEW_TOKENS:])
@@ -813,12 +813,12 @@ def test_a_hand_written_static_cache_loop_matches_generate(tiny, numbered):
 
     def loop():
         cache, mask = static_cache(tiny.model, B, L + NEW_TOKENS), inputs["attention_mask"]
-        out = tiny.model(**inputs, **cache_arg(tiny.model, cache), use_cache=True,
+        out = tiny.model(**inputs, **cache_kwargs(tiny.model, cache), use_cache=True,
                          **(dict(cache_position=torch.arange(L)) if numbered else {}))
         tokens = [out.logits[:, -1].argmax(-1, keepdim=True)]
         for i in range(NEW_TOKENS - 1):
             mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
-            out = tiny.model(input_ids=tokens[-1], attention_mask=mask, **cache_arg(tiny.model, cache),
+            out = tiny.model(input_ids=tokens[-1], attention_mask=mask, **cache_kwargs(tiny.model, cache),
                              use_cache=True, **(dict(cache_position=torch.tensor([L + i])) if numbered else {}))
             tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
         return torch.cat(tokens, 1)
@@ -855,7 +855,7 @@ def test_a_deep_copy_of_a_pruned_cache_continues_its_sequence(tiny, kind):
     def prefill():
         cache = (static_cache(tiny.model, B, L + NEW_TOKENS) if kind == "static"
                  else transformers.DynamicCache(config=tiny.model.config.get_text_config()))
-        out = tiny.model(**inputs, **cache_arg(tiny.model, cache), use_cache=True)
+        out = tiny.model(**inputs, **cache_kwargs(tiny.model, cache), use_cache=True)
         return cache, out.logits[:, -1:]
 
     def decode(cache, logits):
@@ -863,7 +863,7 @@ def test_a_deep_copy_of_a_pruned_cache_continues_its_sequence(tiny, kind):
         for _ in range(NEW_TOKENS - 1):
             mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
             steps.append(tiny.model(input_ids=steps[-1].argmax(-1), attention_mask=mask,
-                                    **cache_arg(tiny.model, cache), use_cache=True).logits[:, -1:])
+                                    **cache_kwargs(tiny.model, cache), use_cache=True).logits[:, -1:])
         return torch.cat(steps, 1)
 
     try:
@@ -882,7 +882,7 @@ def test_a_deep_copy_of_a_pruned_cache_continues_its_sequence(tiny, kind):
             assert torch.equal(from_original.argmax(-1), expected)
         again = copy.deepcopy(cache)
         with pytest.raises(RuntimeError, match="pruned prefill"):
-            tiny.model(**inputs, **cache_arg(tiny.model, again), use_cache=True)
+            tiny.model(**inputs, **cache_kwargs(tiny.model, again), use_cache=True)
         # Pickled (a generate() output saved, or sent to another process), the cache's tensors
         # survive but its layout cannot: extending it is refused, a prompt included, until it is
         # emptied; a static cache's reset() empties it, and its prompt is then pruned again.
@@ -891,17 +891,17 @@ def test_a_deep_copy_of_a_pruned_cache_continues_its_sequence(tiny, kind):
         mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], 1)
         for step in (dict(input_ids=token, attention_mask=mask), inputs):
             with pytest.raises(RuntimeError, match="was pickled"):
-                tiny.model(**step, **cache_arg(tiny.model, unpickled), use_cache=True)
+                tiny.model(**step, **cache_kwargs(tiny.model, unpickled), use_cache=True)
         if kind == "static" and tiny.static_reset:
             unpickled.reset()
             handle.last_selection = []
-            assert torch.equal(tiny.model(**inputs, **cache_arg(tiny.model, unpickled), use_cache=True).logits[:, -1:],
+            assert torch.equal(tiny.model(**inputs, **cache_kwargs(tiny.model, unpickled), use_cache=True).logits[:, -1:],
                                first)
             assert handle.last_selection
     # The handle that knew the layouts is gone: a later one refuses the caches it left.
     with zspa_kernels.prune(tiny.model, keep=KEEP):
         with pytest.raises(RuntimeError, match="handle .* was removed"):
-            tiny.model(input_ids=token, attention_mask=mask, **cache_arg(tiny.model, copied), use_cache=True)
+            tiny.model(input_ids=token, attention_mask=mask, **cache_kwargs(tiny.model, copied), use_cache=True)
 
 
 PALIGEMMA = [name for name in sorted(BUILDERS) if name.startswith("paligemma")]
@@ -1123,12 +1123,12 @@ def test_unlimited_ocr_generated_tokens_slide_past_the_kept_prompt(kind):
     assert {layer._layer_type for layer in cache.layers} == {"reference_sliding_attention"}
     mask, tokens = prefill["attention_mask"], out.sequences[:, L:]
     hidden = lm(inputs_embeds=prefill["inputs_embeds"], attention_mask=mask, position_ids=prefill["position_ids"],
-                use_cache=True, **cache_arg(lm, cache)).last_hidden_state
+                use_cache=True, **cache_kwargs(lm, cache)).last_hidden_state
     logits = [tiny.model.lm_head(hidden[:, -1:])]
     for k, call in enumerate(calls[1:]):
         mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
         hidden = lm(inputs_embeds=lm.embed_tokens(tokens[:, k:k + 1]), attention_mask=mask,
-                    position_ids=call["position_ids"], use_cache=True, **cache_arg(lm, cache)).last_hidden_state
+                    position_ids=call["position_ids"], use_cache=True, **cache_kwargs(lm, cache)).last_hidden_state
         logits.append(tiny.model.lm_head(hidden))
     assert len(logits) == steps
     torch.testing.assert_close(torch.cat(logits, 1), torch.stack(out.logits, 1), atol=ATOL, rtol=0)

@@ -12,7 +12,7 @@ from .block_diffusion import BlockDiffusionPruneHandle
 from .cross_attention import CrossAttentionPruneHandle
 from .encoder_decoder import EncoderDecoderPruneHandle
 from .families import FAMILIES, find_family
-from .handle import PruneHandle, kv_cache
+from .handle import PruneHandle, cache_kwargs, kv_cache
 from .selection import ImageSelection
 
 
@@ -89,4 +89,4 @@ def prune(
     return handle
 
 
-__all__ = ["prune", "PruneHandle", "ImageSelection", "FAMILIES", "kv_cache"]
+__all__ = ["prune", "PruneHandle", "ImageSelection", "FAMILIES", "cache_kwargs", "kv_cache"]

@@ -203,6 +203,12 @@ def kv_cache(output):
     return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
+def cache_kwargs(model, cache) -> dict:
+    """``{keyword: cache}`` for ``model(...)`` or ``model.generate(...)``: transformers 5.24 renamed the cache
+    argument ``past_key_values`` to ``cache``. A conversation's next turn passes the last turn's cache so."""
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+
 def _seq_length(cache):
     """``cache.get_seq_length()`` as transformers 5.24 answers it: where the first layer is a
     linear-attention one (a convolution's or a recurrence's state: LFM2, Qwen3.5, Nemotron-H), the
