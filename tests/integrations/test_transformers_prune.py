@@ -21,7 +21,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import zspa_kernels  # noqa: E402
-from zspa_kernels.spec import keep_budget  # noqa: E402
+from zspa_kernels.spec import keep_budget, release  # noqa: E402
 from zspa_kernels.integrations.transformers import cache_kwargs, kv_cache  # noqa: E402
 from zspa_kernels.integrations.transformers.tiny import BUILDERS  # noqa: E402
 from zspa_kernels.integrations.transformers.families import find_family, split_model  # noqa: E402
@@ -572,30 +572,179 @@ def test_a_pruned_cache_is_freed_by_reference_counting(tiny):
         gc.enable()
 
 
+def _drafts_need_a_newer_transformers() -> bool:
+    """transformers before 5.14 crops assisted decoding's rejected drafts to an unpruned length: refused."""
+    return release("transformers") < (5, 14)
+
+
+def _wrong(tokens: torch.Tensor) -> torch.Tensor:
+    """A text id other than each of ``tokens``: a draft the model rejects."""
+    return tokens % 89 + 1
+
+
+def _drafting_cache(model):
+    """An empty cache as assisted decoding makes it: recording what its sliding-window and linear-attention
+    layers would drop, so that a crop can take drafts back (transformers 5's activate_past_recording)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    if hasattr(cache, "activate_past_recording"):
+        cache.activate_past_recording(recurrent_states_to_keep=4)
+    return cache
+
+
+@pytest.mark.parametrize("with_mask", [True, False])
 @torch.no_grad()
-def test_assisted_decoding_is_refused_clearly(tiny):
-    """Prompt-lookup (like assisted) decoding feeds draft tokens and crops the cache in the unpruned
-    numbering: refused with an error that says so, never run on a layout the cache no longer has
-    (where no draft is found, it is plain greedy decoding, and must give the same tokens)."""
+def test_drafts_on_a_pruned_cache_are_verified_and_cropped_by_count(tiny, with_mask):
+    """Assisted and prompt-lookup decoding, by hand, as transformers 5 runs them: the prompt prefilled with the
+    first drafts (``logits_to_keep`` = drafts + 1; a model that takes none is prefilled alone), then several
+    new tokens alone at a step, each time the rejected draft cropped by count (``cache.crop(-1)``), with or
+    without the conversation's mask (5.24+ passes none for an unpadded row). Pruned, every verified
+    position's logits equal the plain pruned generation's, and the drafts are no question: the selection is
+    the plain generation's. At keep-all, the unpatched model's replay bit for bit. Before 5.14, whose crop
+    counts the unpruned length, new tokens alone on a pruned cache are refused, naming the release."""
+    inputs = tiny.make_inputs(tiny.single)
+    L = inputs["input_ids"].shape[1]
+    scores = "logits_to_keep" in inspect.signature(tiny.model.forward).parameters
+    family = find_family(tiny.model)
+
+    def masked(width):  # the conversation's mask, as wide as the tokens it counts
+        return dict(attention_mask=torch.nn.functional.pad(inputs["attention_mask"], (0, width - L), value=1)
+                    if with_mask else None)
+
+    def step(ids, cache, width):
+        return tiny.model(input_ids=ids, **cache_kwargs(tiny.model, cache), use_cache=True, **masked(width))
+
+    def replay(t):
+        """The logits of the positions that verify ``t`` (the generation's first 6 tokens), one (B, V) each."""
+        if scores:  # the prompt and the first drafts: t1 t2 right, then a wrong one
+            first = {**inputs, **next_turn(inputs, inputs["input_ids"], torch.cat([t[:, :2], _wrong(t[:, 2:3])], 1))}
+            if family.typed_answers:  # PaliGemma: generated text is suffix, attended causally (the prompt is not)
+                first[family.token_types_arg][:, L:] = 1
+            out = tiny.model(**first, **cache_kwargs(tiny.model, _drafting_cache(tiny.model)), logits_to_keep=4,
+                             use_cache=True)
+            logits, cache = [out.logits[:, i] for i in range(3)], kv_cache(out)
+            cache.crop(-1)
+        else:
+            out = tiny.model(**inputs, **cache_kwargs(tiny.model, _drafting_cache(tiny.model)), use_cache=True)
+            logits, cache = [out.logits[:, -1]], kv_cache(out)
+            out = step(t[:, :2], cache, L + 2)
+            logits += [out.logits[:, 0], out.logits[:, 1]]
+        out = step(torch.cat([t[:, 2:4], _wrong(t[:, 4:5])], 1), cache, L + 5)  # t3 t4 right, then a wrong one
+        logits += [out.logits[:, 0], out.logits[:, 1]]
+        cache.crop(-1)
+        out = step(t[:, 4:5], cache, L + 5)
+        assert int(cache.get_seq_length()) == int(kv_cache(out).get_seq_length())
+        return logits + [out.logits[:, -1]]
+
+    gen = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    if _drafts_need_a_newer_transformers():
+        with zspa_kernels.prune(tiny.model, keep=KEEP):
+            out = tiny.model.generate(**inputs, **gen)
+            cache = kv_cache(out)
+            length = cache.get_seq_length()
+            with pytest.raises(RuntimeError, match=r"(?s)need transformers 5\.14.*prompt_lookup_num_tokens"):
+                last = out.sequences[:, -1:]  # the 6th token (not in the cache yet), and a draft
+                step(torch.cat([last, _wrong(last)], 1), cache, L + 7)
+            assert cache.get_seq_length() == length
+        return
+    t = tiny.model.generate(**inputs, **gen).sequences[:, L:]
+    try:
+        unpatched, failed = replay(t), None
+    except Exception as exc:  # noqa: BLE001 - the unpatched model's own limits: M-RoPE models number new tokens
+        failed = exc  # by the whole mask without the positions generate() passes; a cache built otherwise
+    if failed is None:
+        with zspa_kernels.prune(tiny.model, keep=1.0):
+            assert all(torch.equal(a, b) for a, b in zip(replay(t), unpatched))
+    with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
+        plain = tiny.model.generate(**inputs, **gen)
+        orders = [s.order for s in handle.last_selection]
+        if not with_mask and L - handle.last_kept_positions.shape[1] < 3:
+            pytest.skip("three tokens alone without a mask read as a turn where fewer tokens were dropped")
+        try:
+            verified = replay(plain.sequences[:, L:])
+        except Exception as exc:
+            if failed is not None and type(exc) is type(failed) and str(exc) == str(failed):
+                pytest.skip(f"the unpatched model's cache takes no drafts back so: {type(exc).__name__}: {exc}")
+            raise
+        picked = [s.order for s in handle.last_selection]
+    assert len(picked) == len(orders) and all(torch.equal(a, b) for a, b in zip(picked, orders))
+    for got, expected in zip(verified, plain.logits):
+        torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_a_crop_into_the_pruned_prompt_or_an_extension_is_refused():
+    """A crop may take back what was appended since the prefill and the drafts prefilled with it; cut into the
+    pruned prompt, or extended outside the hooks, the cache no longer holds the layout they know: refused."""
+    tiny = BUILDERS["llava"]()
+    inputs = tiny.make_inputs(tiny.single)
+    with zspa_kernels.prune(tiny.model, keep=KEEP):
+        out = tiny.model(**inputs, use_cache=True)
+        cache = kv_cache(out)
+        step = out.logits[:, -1:].argmax(-1)
+        out = tiny.model(input_ids=step, **cache_kwargs(tiny.model, cache), use_cache=True)
+        cropped = copy.deepcopy(cache)
+        cropped.crop(-2)
+        with pytest.raises(RuntimeError, match="cropped into its prompt"):
+            tiny.model(input_ids=step, **cache_kwargs(tiny.model, cropped), use_cache=True)
+        extended = copy.deepcopy(cache)
+        layer = extended.layers[0]
+        layer.keys, layer.values = (torch.cat([t, t[..., -1:, :]], -2) for t in (layer.keys, layer.values))
+        with pytest.raises(RuntimeError, match="extended outside it"):
+            tiny.model(input_ids=step, **cache_kwargs(tiny.model, extended), use_cache=True)
+        cache.crop(-1)  # back to the prompt: decodes as after the prefill
+        again = tiny.model(input_ids=step, **cache_kwargs(tiny.model, cache), use_cache=True)
+        torch.testing.assert_close(again.logits, out.logits, atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_prompt_lookup_decoding_on_a_pruned_cache_generates_as_greedy_decoding(tiny):
+    """generate(prompt_lookup_num_tokens=...) on a pruned model: the same tokens as greedy decoding, and logits
+    as close to them as the unpatched model's prompt-lookup logits are to its greedy ones (exactly, but where
+    linear-attention layers verify drafts with a chunked kernel and decode with a recurrent one), where no
+    draft is found it is greedy decoding; where one is, its verification and crop run as above. At keep-all,
+    the unpatched model's prompt-lookup decoding bit for bit. Drafts, passed without a mask, are at most as
+    many as the tokens pruning dropped (more read as a conversation's turn). Before transformers 5.14 a
+    pruned cache's drafts are refused, saying so."""
     if not tiny.prompt_lookup:
         pytest.skip("the unpatched model's prompt-lookup decoding fails on some drafts")
     inputs = tiny.make_inputs(tiny.single)
+    L = inputs["input_ids"].shape[1]
     # An eos id (the last of the vocabulary): transformers 4.57's lookup filters drafts by it.
-    greedy = dict(max_new_tokens=6, do_sample=False, eos_token_id=tiny.model.config.get_text_config().vocab_size - 1,
-                  pad_token_id=0)
-    gen = dict(greedy, prompt_lookup_num_tokens=2)
+    greedy = dict(max_new_tokens=8, do_sample=False, eos_token_id=tiny.model.config.get_text_config().vocab_size - 1,
+                  pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
+        plain = tiny.model.generate(**inputs, **greedy)
+        dropped = L - handle.last_kept_positions.shape[1]
+    if dropped < 2:
+        pytest.skip("pruning dropped too few tokens of this prompt for drafts without a mask")
+    gen = dict(greedy, prompt_lookup_num_tokens=min(3, dropped - 1))
     try:
-        tiny.model.generate(**inputs, **gen)
+        unpatched = tiny.model.generate(**inputs, **gen)
+        unpatched_greedy = tiny.model.generate(**inputs, **greedy)
     except Exception as exc:  # noqa: BLE001 - the unpatched model's own limits
         pytest.skip(f"the unpatched model runs no prompt-lookup decoding here: {type(exc).__name__}")
+    gap = max(float((a - b).abs().max()) for a, b in zip(unpatched.logits, unpatched_greedy.logits))
+    with zspa_kernels.prune(tiny.model, keep=1.0):
+        kept_all = tiny.model.generate(**inputs, **gen)
+    assert torch.equal(kept_all.sequences, unpatched.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(kept_all.logits, unpatched.logits))
     with zspa_kernels.prune(tiny.model, keep=KEEP):
-        plain = tiny.model.generate(**inputs, **greedy)
         try:
             looked_up = tiny.model.generate(**inputs, **gen)
         except RuntimeError as exc:
-            assert re.search("(?s)pruned.*prompt-lookup", str(exc)), exc
-        else:  # no draft was ever fed (none found in the prompt): plain greedy decoding, the same tokens
-            assert torch.equal(looked_up, plain)
+            if _drafts_need_a_newer_transformers():
+                assert re.search("(?s)pruned.*prompt-lookup", str(exc)), exc
+                return
+            # A model that takes no logits_to_keep: its first drafts, prefilled with the prompt, cannot be told
+            # from it, and one rejected is refused.
+            assert "logits_to_keep" not in inspect.signature(tiny.model.forward).parameters, exc
+            assert re.search("(?s)cropped into its prompt.*takes no logits_to_keep", str(exc)), exc
+            return
+    assert torch.equal(looked_up.sequences, plain.sequences)
+    for a, b in zip(looked_up.logits, plain.logits):
+        torch.testing.assert_close(a, b, atol=max(ATOL, 4 * gap), rtol=0)
 
 
 @pytest.mark.parametrize("rows", ["batch", "single"])
@@ -607,9 +756,9 @@ def test_a_conversation_continues_on_its_pruned_cache(tiny, rows):
     pruned cache, each turn's logits equal one no-cache forward over the pruned prompt and everything
     after it, at the unpruned model's positions; at keep-all, the unpatched continuation's bit for bit. A
     single row has no padding: transformers 5.24+'s generate() then passes no mask, and the hooks tell the
-    repeated tokens from the new ones by their ids (the third turn's include the second's). New tokens
-    alone on a cache that dropped tokens (what assisted decoding feeds), with or without the whole
-    conversation's mask, and pixel inputs are refused, the cache left as it was."""
+    repeated tokens from the new ones by their ids (the third turn's include the second's). Without a
+    mask, more tokens than were dropped whose ids do not repeat them, and pixel inputs, are refused, the
+    cache left as it was (new tokens alone: test_drafts_on_a_pruned_cache_are_verified_and_cropped_by_count)."""
     inputs = tiny.make_inputs(getattr(tiny, rows))
     B, L = inputs["input_ids"].shape
     gen = dict(do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, output_logits=True,
@@ -651,19 +800,15 @@ def test_a_conversation_continues_on_its_pruned_cache(tiny, rows):
         by_hand = tiny.model(**{k: v if k == "attention_mask" else v[:, given:] for k, v in turn.items()},
                              **cache_kwargs(tiny.model, copied), use_cache=True).logits[:, -1]
         cache = kv_cache(third)
-        # A turn of new tokens alone, or one with pixels, on a pruned cache: refused before it is touched.
+        # Without a mask, more new tokens than the dropped ones that a turn repeats read as a turn, told by their
+        # ids (an id the conversation never holds: not those tokens); pixel inputs: refused before the cache is
+        # touched. (Fewer, or with the conversation's mask, are new tokens alone: assisted decoding's drafts.)
         length = cache.get_seq_length()
-        # Without a mask, new tokens alone are told from a turn by their ids, even where they outnumber the
-        # dropped tokens that a turn repeats (an id the conversation never holds: not those tokens).
         dropped = L - calls[0]["inputs_embeds"].shape[1]
-        alone = turn["input_ids"][:, -NEW_TOKENS:]
         unseen = next(i for i in range(tiny.model.config.get_text_config().vocab_size)
                       if not bool((third.sequences == i).any()))
-        for ids, mask, error in [(alone, dict(attention_mask=turn["attention_mask"]), "be extended"),
-                                 (alone, {}, "(be extended|do not read as a)"),  # more than the dropped: their ids read
-                                 (torch.full((B, dropped + 1), unseen), {}, "do not read as a")]:
-            with pytest.raises(RuntimeError, match=f"{error}.*conversation's next turn"):
-                tiny.model(input_ids=ids, **mask, **cache_kwargs(tiny.model, cache), use_cache=True)
+        with pytest.raises(RuntimeError, match="do not read as a.*conversation's next turn"):
+            tiny.model(input_ids=torch.full((B, dropped + 1), unseen), **cache_kwargs(tiny.model, cache), use_cache=True)
         with pytest.raises(RuntimeError, match="no pixel inputs"):
             tiny.model(**dict(inputs, **turn), **cache_kwargs(tiny.model, cache), use_cache=True)
         assert cache.get_seq_length() == length

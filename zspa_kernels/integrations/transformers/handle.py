@@ -45,7 +45,7 @@ from typing import Optional, Union
 import torch
 
 from ...checks import check_options
-from ...spec import as_keep
+from ...spec import as_keep, release
 from .families import (COUNT_INPUTS, RUN_IDS, RUN_ROWS, Family, answer_header_runs, answer_positions, blank_token_ids,
                        cut_run, special_token_ids, split_model, template_positions, template_token_runs,
                        text_tokenizer, tokenizer_special_ids)
@@ -102,10 +102,23 @@ LOST_ERROR = (
     "only the prune() handle that built it knew the layout, and that handle was removed or the cache was "
     "pickled. Run the prompt again on a new cache (copy.deepcopy, unlike pickling, keeps the layout)."
 )
+DRAFTS_ERROR = (
+    "zspa_kernels.prune: new tokens alone on a pruned KV cache (assisted or prompt-lookup decoding's drafts) "
+    "need transformers 5.14 or later, found {found}: earlier releases crop the rejected drafts to a length "
+    "counted in the unpruned numbering, which a pruned cache never has, so they would stay in it. Upgrade "
+    "transformers, or generate without assistant_model / prompt_lookup_num_tokens, or without pruning."
+)
+# transformers 5.14 crops the rejected drafts of assisted decoding by count (cache.crop(-n)), earlier releases
+# to the unpruned length.
+CROPS_BY_COUNT = (5, 14)
 CROP_ERROR = (
-    "zspa_kernels.prune: this pruned KV cache no longer holds what its generation appended (it was "
-    "cropped or extended outside it: assisted and prompt-lookup decoding crop it, counting the unpruned "
-    "positions); generate without assistant_model / prompt_lookup_num_tokens, or without pruning."
+    "zspa_kernels.prune: this pruned KV cache no longer holds what its generation appended: it was extended "
+    "outside it, or cropped into its prompt, or cropped to a length counted in the unpruned numbering. A crop by "
+    "count (cache.crop(-n)) may take back the tokens appended since the prefill, and the drafts prefilled with "
+    "the prompt where the call said so (logits_to_keep = drafts + 1, as transformers 5's assisted and "
+    "prompt-lookup decoding pass it; a model whose forward takes no logits_to_keep gets drafts it cannot tell "
+    "from the prompt). Transformers 4.x's assisted decoding crops to the unpruned length, which a pruned cache "
+    "never has. Generate without assistant_model / prompt_lookup_num_tokens there, or without pruning."
 )
 
 
@@ -150,19 +163,22 @@ class _CacheState:
     # Whether the prefill dropped tokens and its decode steps' tokens are handed their slots
     # (Family.slot_position_modules).
     counts_slots: bool = False
-    # Whether a conversation's next turn was appended (PruneHandle._next_turn): the hooks then number every
+    # Whether a conversation's next turn was appended (PruneHandle._several_tokens): the hooks then number every
     # later token themselves, in the unpruned numbering, whatever positions the caller gives. generate()
     # computes a turn's positions for the whole conversation, and Qwen's (M-RoPE) take the image tokens
     # past the pruned cache's length for new ones: without their grids it numbers everything as text,
     # then continues from those positions at every step.
     numbered: bool = False
+    # Trailing prompt tokens the prefill scored (``logits_to_keep`` - 1 of them: assisted decoding's first drafts;
+    # at keep-all, any), text attended in every row, not yet cropped: what a crop may take back from the prefill.
+    scored: int = 0
     # Dynamic layers: the ids the sequence consumed, in the unpruned numbering (the prompt's, then each step's:
-    # references, no copy), for a turn given without a mask (_next_turn); None once a step came without ids.
+    # references, no copy), for a turn given without a mask (_several_tokens); None once a step came without ids.
     tokens: Optional[list] = None
 
 
 # The per-token inputs that generate() passes a base model beside the ids (sliced as the ids), cut with them
-# where a conversation's next turn repeats tokens the cache holds (PruneHandle._next_turn); and a family's
+# where a conversation's next turn repeats tokens the cache holds (PruneHandle._several_tokens); and a family's
 # token types (Family.token_types_arg).
 TURN_INPUTS = ("input_ids", "position_ids", "token_type_ids", "mm_token_type_ids", "moe_mm_token_type_ids")
 
@@ -325,6 +341,31 @@ def _appended(state: "_CacheState", cache, position: Optional[torch.Tensor]) -> 
     return cache.get_seq_length() - state.pruned_len
 
 
+def _crop_back(state: "_CacheState", length: int) -> None:
+    """A cache cropped back to ``length`` (transformers 5.14+'s assisted and prompt-lookup decoding remove the
+    rejected drafts so, by count): to its prefill and the first tokens appended since, or into the prefill's
+    trailing drafts (``scored``, the first round's). What it holds is still a pruned prompt and a continuation
+    of it, numbered as before: the layout is cut to match (views, no copy). Anything else (cut into the pruned
+    prompt itself) is refused (:data:`CROP_ERROR`)."""
+    cut = state.pruned_len - length
+    if cut > 0:
+        if state.grown or cut > state.scored:
+            raise RuntimeError(CROP_ERROR)
+        state.original_len, state.pruned_len, state.scored = state.original_len - cut, length, state.scored - cut
+        state.mask, state.next_position = state.mask[:, :length], state.next_position - cut
+        if state.layout is not None:
+            state.layout = tuple(t[:, :length] for t in state.layout)
+    state.grown = length - state.pruned_len
+    if state.tokens is not None:
+        keep, kept = state.original_len + state.grown, []
+        for ids in state.tokens:
+            if keep <= 0:
+                break
+            kept.append(ids[:, :keep])
+            keep -= ids.shape[1]
+        state.tokens = kept
+
+
 def _count_inputs_on_host(inputs: dict) -> dict:
     """``inputs`` with the integer tensors that a family's image counts read (COUNT_INPUTS)
     on the host: copies queued without waiting, ahead of the prefill's one sync, which they
@@ -447,11 +488,13 @@ class PruneHandle:
         self.last_selection: list[ImageSelection] = []
         self._layout: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (index, valid) of the last prompt
         self._inputs: Optional[dict] = None  # the base model's keyword arguments of this call
-        self._turn = False  # this call is a conversation's next turn on a pruned cache (_next_turn)
+        self._transformers = release("transformers")
+        self._several = False  # this call appends several tokens to a pruned cache (_several_tokens)
         self._deferred: Optional[_DeferredMasks] = None  # set only inside the language model's hook (_lm_pre_hook)
         self._gather: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (index, valid)
         self._labels: Optional[torch.Tensor] = None  # taken from the wrapper, for the loss after it
         self._given_labels: Optional[torch.Tensor] = None  # the wrapper's labels of this call, for the prompt
+        self._scored = 0  # trailing tokens the wrapper's call scores (logits_to_keep - 1): no prompt
         self._logits_to_keep: Optional[int] = None  # this pruned prefill's, for _lm_post_hook
         # The cache slots of this language model call's tokens where it runs on a pruned layout, for the
         # modules that read them (Family.slot_position_modules); None otherwise.
@@ -541,11 +584,14 @@ class PruneHandle:
         return args, kwargs
 
     def _note_labels(self, module, args, kwargs):
-        """Keep the wrapper's ``labels`` of this call for the prompt (:meth:`_prompt_tokens`)."""
+        """Keep the wrapper's ``labels`` of this call, and the count of trailing tokens it scores
+        (``logits_to_keep`` - 1), for the prompt (:meth:`_prompt_tokens`)."""
         self._given_labels = kwargs.get("labels")
+        keep = kwargs.get("logits_to_keep")
+        self._scored = keep - 1 if isinstance(keep, int) and keep > 1 else 0
 
     def _forget_labels(self, module, args, kwargs, output):
-        self._given_labels = None
+        self._given_labels, self._scored = None, 0
 
     def _top_post_hook(self, module, args, kwargs, output):
         self._forget_labels(module, args, kwargs, output)
@@ -569,7 +615,7 @@ class PruneHandle:
     def _base_pre_hook(self, module, args, kwargs):
         # The arguments are kept for the language model's hook of this call, which takes them (they
         # hold the cache: kept any longer, they would keep its memory after the caller let it go).
-        self._inputs, self._turn = None, False
+        self._inputs, self._several = None, False
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = _cache_of(kwargs)
         state = self._caches.get(cache) if cache is not None else None
@@ -581,26 +627,31 @@ class PruneHandle:
             return self._prompt(args, kwargs, input_ids, cache)
         step = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         q = step.shape[1]
-        turn = False
-        if (q != 1 and not self.multi_token_steps) or _new_pixels(kwargs):
-            # A prompt on a cache this handle pruned: a new generation if the cache was emptied
-            # (read back once a prompt), else a conversation's next turn, or a reuse that would
-            # misplace tokens.
-            if _is_empty(cache):
-                del self._caches[cache]
-                return self._prompt(args, kwargs, input_ids, cache)
-            if _new_pixels(kwargs) or self.multi_token_steps:
-                raise RuntimeError(REUSE_ERROR)
-            args, q = self._next_turn(state, args, kwargs, q)
-            turn = self._turn = True
-        carried = False
+        several = (q != 1 and not self.multi_token_steps) or _new_pixels(kwargs)
         if state.decode_mask is None:  # dynamic layers: the length is a host integer
             length = _host_length(cache)
+            if length is None:  # but a crop by a device count (5.17's assisted decoding) left a tensor: read back
+                length = int(_seq_length(cache))
             if length == 0:  # emptied since the prefill: a new sequence
                 del self._caches[cache]
                 return self._prompt(args, kwargs, input_ids, cache)
             if length != state.pruned_len + state.grown:
-                raise RuntimeError(CROP_ERROR)  # cropped (or extended) outside this generation's steps
+                if length > state.pruned_len + state.grown:
+                    raise RuntimeError(CROP_ERROR)  # extended outside this generation's steps
+                _crop_back(state, length)
+        elif several and _is_empty(cache):  # read back once a prompt
+            del self._caches[cache]
+            return self._prompt(args, kwargs, input_ids, cache)
+        turn = False
+        if several:
+            # Several tokens on a cache this handle pruned: a conversation's next turn, or new tokens alone
+            # (assisted decoding's drafts); a prompt with images on it would misplace tokens.
+            if _new_pixels(kwargs) or self.multi_token_steps:
+                raise RuntimeError(REUSE_ERROR)
+            args, q, turn = self._several_tokens(state, args, kwargs, q)
+            self._several = True
+        carried = False
+        if state.decode_mask is None:
             appended = state.grown
             carried = self._carry_masks(args, kwargs)
             if state.tokens is not None and not turn:
@@ -618,7 +669,7 @@ class PruneHandle:
             if kwargs.get("position_ids") is not None:
                 return None
             appended = _appended(state, cache, kwargs.get("cache_position"))
-        state.numbered = state.numbered or turn
+        state.numbered = state.numbered or several
         if kwargs.get("position_ids") is None or state.numbered:
             # Continue the original numbering; the model would count cache slots instead.
             kwargs["position_ids"] = state.next_position + appended
@@ -627,29 +678,35 @@ class PruneHandle:
             return args, kwargs
         return (args, kwargs) if carried or turn else None
 
-    def _next_turn(self, state: _CacheState, args: tuple, kwargs: dict, q: int) -> tuple[tuple, int]:
-        """A conversation's next turn on a cache this handle pruned: several text tokens on it. generate()
-        given the whole conversation and the cache numbers the cache's slots as the conversation's first
-        tokens: it passes the conversation from the cache's length on, so the pruned cache (shorter by the
-        ``dropped`` tokens) gets the last ``dropped`` tokens it already holds, then the new ones; its mask
-        and positions count the whole conversation (the unpruned numbering the hooks continue). The mask's
-        width says which tokens are new; without a mask (5.24+'s generate() drops one of ones), the ids do:
-        the turn's first ``dropped`` must repeat those the sequence consumed there (read back: one host sync
-        a turn). What comes before the new tokens is cut from every per-token input here, before the base
-        model embeds it. Returns the arguments and the new token count. Refused (:data:`REUSE_ERROR`)
-        otherwise: a static cache (its steps' masks are the cache's full length), or new tokens alone on a
-        cache that dropped tokens, which is also how assisted decoding extends a cache (its drafts, then
-        cropped in the unpruned numbering)."""
+    def _several_tokens(self, state: _CacheState, args: tuple, kwargs: dict, q: int) -> tuple[tuple, int, bool]:
+        """Several text tokens on a cache this handle pruned: new tokens alone (assisted and prompt-lookup
+        decoding's drafts, or a caller's own), or a conversation's next turn. generate() given the whole
+        conversation and the cache numbers the cache's slots as the conversation's first tokens: it passes
+        the conversation from the cache's length on, so the pruned cache (shorter by the ``dropped`` tokens)
+        gets the last ``dropped`` tokens it already holds, then the new ones; its mask and positions count
+        the whole conversation (the unpruned numbering the hooks continue). The mask's width says which
+        tokens are new. Without a mask (5.24+'s generate() drops one of ones), the count does: at most
+        ``dropped`` tokens are new ones alone (a turn repeats ``dropped`` tokens, then adds some); more are a
+        turn, whose first ``dropped`` must repeat those the sequence consumed there (read back: one host sync
+        a turn). What a turn repeats is cut from every per-token input here, before the base model embeds
+        it. Returns the arguments, the new token count and whether it is a turn. Refused
+        (:data:`REUSE_ERROR`) otherwise: a static cache (its steps' masks are the cache's full length), a 4-D
+        mask, a mask whose width reads as neither."""
         mask = kwargs.get("attention_mask")
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         old = state.original_len - state.pruned_len
         if state.decode_mask is not None:
             raise RuntimeError(REUSE_ERROR)
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            if q - (mask.shape[1] - state.original_len - state.grown) != old or old >= q:
+            new = mask.shape[1] - state.original_len - state.grown
+            if old and new == q:
+                return self._new_tokens(args, q)
+            if q - new != old or old >= q:
                 raise RuntimeError(REUSE_ERROR)
-        elif mask is not None or old >= q:
+        elif mask is not None:
             raise RuntimeError(REUSE_ERROR)
+        elif q <= old:
+            return self._new_tokens(args, q)
         elif old and not self._repeats(state, input_ids, old):
             start = state.original_len + state.grown - old
             raise RuntimeError(TURN_IDS_ERROR.format(old=old, start=start, end=start + old - 1))
@@ -669,7 +726,14 @@ class PruneHandle:
                 args = (args[0][:, old:], *args[1:])
         if state.tokens is not None:
             state.tokens = None if input_ids is None else [*state.tokens, input_ids[:, old:]]
-        return args, q - old
+        return args, q - old, True
+
+    def _new_tokens(self, args: tuple, q: int) -> tuple[tuple, int, bool]:
+        """New tokens alone on a pruned cache: appended at the unpruned positions that follow it, as a decode
+        step's token is; generate() crops the rejected drafts by count (:func:`_crop_back`)."""
+        if self._transformers < CROPS_BY_COUNT:
+            raise RuntimeError(DRAFTS_ERROR.format(found=".".join(map(str, self._transformers))))
+        return args, q, False
 
     @staticmethod
     def _repeats(state: _CacheState, input_ids: Optional[torch.Tensor], old: int) -> bool:
@@ -911,13 +975,18 @@ class PruneHandle:
         (``tokenizer=``: :func:`~.families.answer_header_runs`) to the end of its turn; where none is
         found (or no template was given) it warns. A row with no question text labelled has no answer.
         Without labels, the text after a row's last assistant header (a candidate answer scored after the
-        generation prompt) is no question: generation from that prompt has none yet."""
+        generation prompt) is no question: generation from that prompt has none yet. Nor, in either mode, are
+        the trailing tokens the call scores (``logits_to_keep`` - 1 of them, :meth:`_note_labels`): the
+        first drafts of assisted and prompt-lookup decoding, which transformers 5 prefills with the prompt,
+        or an answer scored so; generation from that prompt has none of them either."""
         inside = torch.zeros_like(visual_h)
         for r, c in zip(rows, cols):
             inside[r, int(c[0]):int(c[-1]) + 1] = True
         for r, first, last in spans:
             inside[r, first:last + 1] = True
         text = ~visual_h & ~inside & mask_h.bool()
+        if 0 < self._scored < text.shape[1]:  # the call scores them: an answer, or assisted decoding's drafts
+            text[:, -self._scored:] = False
         if self.prompt == "all_text" and labels_h is None:
             return text
         # Words: no special token, marker or template text (blanks are no words, but no end of one either).
@@ -1091,8 +1160,13 @@ class PruneHandle:
             self.family.on_prefill(Prefill(kwargs, index, valid, n_kept))
         if cache is not None:
             last = positions.masked_fill(new_mask == 0, -1).amax(-1, keepdim=True)
-            state = _CacheState(new_mask, L, new_len, last + 1, layout=(index, valid),
-                                dropped=dropped, counts_slots=self._slots is not None, tokens=[ids])
+            # The trailing tokens a crop may take back: text attended in every row, that the call scored (drafts);
+            # at keep-all, any (the cache is the unpatched model's, and so is its numbering).
+            text = (~visual_h & mask_h.bool()).all(0)
+            tail = int(text.flip(0).cumprod(0).sum())
+            scored = min(tail, self._scored if dropped else L)
+            state = _CacheState(new_mask, L, new_len, last + 1, layout=(index, valid), dropped=dropped,
+                                counts_slots=self._slots is not None, scored=scored, tokens=[ids])
             full = _static_length(cache)
             if full is not None:
                 state.decode_mask = torch.cat([new_mask, new_mask.new_ones(B, full - new_len)], dim=1)
@@ -1123,8 +1197,8 @@ class PruneHandle:
         if step is None:
             step = kwargs["input_ids"]
         q = step.shape[1]
-        turn, self._turn = self._turn, False
-        if q != 1 and not (self.multi_token_steps or turn):
+        several, self._several = self._several, False
+        if q != 1 and not (self.multi_token_steps or several):
             raise RuntimeError(REUSE_ERROR)
         if state.decode_mask is not None:  # a static cache: the same shapes at every step
             cache = _cache_of(kwargs)
@@ -1155,7 +1229,8 @@ class PruneHandle:
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             if mask.shape[1] != state.original_len + grown + q:
-                raise RuntimeError(REUSE_ERROR)
+                # Narrower: the caller counts fewer tokens than the cache holds (a crop to an unpruned length).
+                raise RuntimeError(CROP_ERROR if mask.shape[1] < state.original_len + grown + q else REUSE_ERROR)
             tail = mask[:, state.original_len:].to(state.mask.dtype)
         else:  # None, or the 4-D masks of a static cache: new tokens are all attended
             tail = state.mask.new_ones(state.mask.shape[0], grown + q)
