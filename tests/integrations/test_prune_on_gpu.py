@@ -269,3 +269,24 @@ def test_an_offloaded_cache_generates_as_the_resident_one(offloaded, resident):
                      for implementation in (resident, offloaded))
     assert len(got[1]) == tiny.n_images(tiny.batch)
     assert_same_generation(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_5_vl", "gemma3"])
+@torch.no_grad()
+def test_prompt_lookup_decoding_on_the_gpu_generates_as_greedy_decoding(name):
+    """Prompt-lookup decoding on a pruned cache (test_transformers_prune.py replays it by hand against
+    greedy decoding on every family): its drafts verified and cropped on the GPU give greedy decoding's
+    tokens, and its picks. (New on 2026-12-06, never run.)"""
+    tiny = BUILDERS[name]()
+    tiny.model.to(DEVICE)
+    inputs = _on(tiny.make_inputs(tiny.single), DEVICE)
+    gen = dict(max_new_tokens=8, do_sample=False, eos_token_id=tiny.model.config.get_text_config().vocab_size - 1,
+               pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    with zspa_kernels.prune(tiny.model, keep=KEEP, backend="triton") as handle:
+        plain = tiny.model.generate(**inputs, **gen)
+        picks = [s.order for s in handle.last_selection]
+        looked_up = tiny.model.generate(**inputs, **gen, prompt_lookup_num_tokens=2)
+        assert all(torch.equal(a, b) for a, b in zip((s.order for s in handle.last_selection), picks))
+    assert torch.equal(looked_up.sequences, plain.sequences)
+    for a, b in zip(looked_up.logits, plain.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)

@@ -48,7 +48,9 @@ def prune(
             template of ``tokenizer``) is left out of either, so training selects as
             generation will; labels over all of a row's question text with no assistant
             turn found in it warn. Without labels, text after the template's last assistant
-            header (a scored candidate answer) is no ``"question"`` either.
+            header (a scored candidate answer) is no ``"question"`` either, and in either mode
+            nor are the trailing tokens a call scores (``logits_to_keep`` - 1 of them: the first
+            drafts assisted and prompt-lookup decoding prefill with the prompt).
             ``ImageSelection.prompt_tokens`` records the positions used.
         backend: ``zspa::select_tokens`` backend (``"auto"``, ``"reference"``, ...).
         tokenizer: optional, a tokenizer or the processor holding one: its special
