@@ -698,16 +698,17 @@ def test_a_crop_into_the_pruned_prompt_or_an_extension_is_refused():
         torch.testing.assert_close(again.logits, out.logits, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("drafts", ["prompt_lookup", "assistant_model"])
 @torch.no_grad()
-def test_prompt_lookup_decoding_on_a_pruned_cache_generates_as_greedy_decoding(tiny):
-    """generate(prompt_lookup_num_tokens=...) on a pruned model: the same tokens as greedy decoding, and logits
-    as close to them as the unpatched model's prompt-lookup logits are to its greedy ones (exactly, but where
-    linear-attention layers verify drafts with a chunked kernel and decode with a recurrent one), where no
-    draft is found it is greedy decoding; where one is, its verification and crop run as above. At keep-all,
-    the unpatched model's prompt-lookup decoding bit for bit. Drafts, passed without a mask, are at most as
-    many as the tokens pruning dropped (more read as a conversation's turn). Before transformers 5.14 a
-    pruned cache's drafts are refused, saying so."""
-    if not tiny.prompt_lookup:
+def test_assisted_decoding_on_a_pruned_cache_generates_as_greedy_decoding(tiny, drafts):
+    """generate() with drafts on a pruned model: prompt lookup's (where none is found, it is greedy decoding),
+    or an assistant model's (a copy of the unpruned model: its drafts are the unpruned model's greedy tokens,
+    some rejected, every round). The same tokens as greedy decoding, and logits as close to greedy decoding's
+    as the unpatched model's are (exactly, but where linear-attention layers verify drafts with a chunked
+    kernel and decode with a recurrent one). At keep-all, the unpatched model's assisted decoding bit for bit.
+    Drafts passed without a mask are at most as many as the tokens pruning dropped (more read as a
+    conversation's turn). Before transformers 5.14 a pruned cache's drafts are refused, saying so."""
+    if drafts == "prompt_lookup" and not tiny.prompt_lookup:
         pytest.skip("the unpatched model's prompt-lookup decoding fails on some drafts")
     inputs = tiny.make_inputs(tiny.single)
     L = inputs["input_ids"].shape[1]
@@ -719,12 +720,14 @@ def test_prompt_lookup_decoding_on_a_pruned_cache_generates_as_greedy_decoding(t
         dropped = L - handle.last_kept_positions.shape[1]
     if dropped < 2:
         pytest.skip("pruning dropped too few tokens of this prompt for drafts without a mask")
-    gen = dict(greedy, prompt_lookup_num_tokens=min(3, dropped - 1))
+    n = min(3, dropped - 1)
+    gen = dict(greedy, **(dict(prompt_lookup_num_tokens=n) if drafts == "prompt_lookup" else dict(
+        assistant_model=copy.deepcopy(tiny.model), num_assistant_tokens=n, num_assistant_tokens_schedule="constant")))
     try:
         unpatched = tiny.model.generate(**inputs, **gen)
-        unpatched_greedy = tiny.model.generate(**inputs, **greedy)
     except Exception as exc:  # noqa: BLE001 - the unpatched model's own limits
-        pytest.skip(f"the unpatched model runs no prompt-lookup decoding here: {type(exc).__name__}")
+        pytest.skip(f"the unpatched model runs no {drafts} decoding here: {type(exc).__name__}")
+    unpatched_greedy = tiny.model.generate(**inputs, **greedy)
     gap = max(float((a - b).abs().max()) for a, b in zip(unpatched.logits, unpatched_greedy.logits))
     with zspa_kernels.prune(tiny.model, keep=1.0):
         kept_all = tiny.model.generate(**inputs, **gen)
@@ -732,7 +735,7 @@ def test_prompt_lookup_decoding_on_a_pruned_cache_generates_as_greedy_decoding(t
     assert all(torch.equal(a, b) for a, b in zip(kept_all.logits, unpatched.logits))
     with zspa_kernels.prune(tiny.model, keep=KEEP):
         try:
-            looked_up = tiny.model.generate(**inputs, **gen)
+            drafted = tiny.model.generate(**inputs, **gen)
         except RuntimeError as exc:
             if _drafts_need_a_newer_transformers():
                 assert re.search("(?s)pruned.*prompt-lookup", str(exc)), exc
@@ -742,8 +745,12 @@ def test_prompt_lookup_decoding_on_a_pruned_cache_generates_as_greedy_decoding(t
             assert "logits_to_keep" not in inspect.signature(tiny.model.forward).parameters, exc
             assert re.search("(?s)cropped into its prompt.*takes no logits_to_keep", str(exc)), exc
             return
-    assert torch.equal(looked_up.sequences, plain.sequences)
-    for a, b in zip(looked_up.logits, plain.logits):
+    if "logits_to_keep" not in inspect.signature(tiny.model.forward).parameters:
+        return  # its first drafts counted as question: the picks may be others than greedy decoding's (README)
+    if find_family(tiny.model).typed_answers:
+        return  # PaliGemma: generate() types the first drafts as prefix, attended both ways, unpatched too
+    assert torch.equal(drafted.sequences, plain.sequences)
+    for a, b in zip(drafted.logits, plain.logits):
         torch.testing.assert_close(a, b, atol=max(ATOL, 4 * gap), rtol=0)
 
 

@@ -749,8 +749,16 @@ class PruneHandle:
 
     def _prompt(self, args, kwargs, input_ids, cache):
         """A prompt: its arguments kept for the language model's hook, and its masks left to that hook where
-        the base model would build them (a fresh sequence's: :meth:`_carry_masks`)."""
+        the base model would build them (a fresh sequence's: :meth:`_carry_masks`). Token types that stop short
+        of the tokens the call scores (transformers' assisted decoding prefills the prompt with its first
+        drafts, and extends ``token_type_ids`` alone over them) are read as text there, as the model reads them."""
         self._inputs = dict(kwargs, input_ids=input_ids)
+        if self._scored and input_ids is not None:
+            for name in {*TURN_INPUTS[2:], self.family.token_types_arg} - {None}:
+                types = self._inputs.get(name)
+                short = (input_ids.shape[0], input_ids.shape[1] - self._scored)
+                if isinstance(types, torch.Tensor) and types.shape == short:
+                    self._inputs[name] = torch.nn.functional.pad(types, (0, self._scored))
         if input_ids is None or (cache is not None and _host_length(cache) != 0):
             return None
         return (args, kwargs) if self._carry_masks(args, kwargs) else None
