@@ -25,6 +25,7 @@ from zspa_kernels.spec import keep_budget, release  # noqa: E402
 from zspa_kernels.integrations.transformers import cache_kwargs, kv_cache  # noqa: E402
 from zspa_kernels.integrations.transformers.tiny import BUILDERS  # noqa: E402
 from zspa_kernels.integrations.transformers.families import find_family, split_model  # noqa: E402
+from zspa_kernels.integrations.transformers.handle import CROPS_BY_COUNT  # noqa: E402
 
 from .reference import (capture_lm_calls, image_features_of, lm_head, lm_of, next_turn, no_cache_logits,  # noqa: E402
                         padding_mask, static_cache, unpruned_decode_positions)
@@ -574,7 +575,7 @@ def test_a_pruned_cache_is_freed_by_reference_counting(tiny):
 
 def _drafts_need_a_newer_transformers() -> bool:
     """transformers before 5.14 crops assisted decoding's rejected drafts to an unpruned length: refused."""
-    return release("transformers") < (5, 14)
+    return release("transformers") < CROPS_BY_COUNT
 
 
 def _wrong(tokens: torch.Tensor) -> torch.Tensor:

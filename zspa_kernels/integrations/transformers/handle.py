@@ -65,13 +65,13 @@ def _new_pixels(kwargs: dict) -> bool:
 
 REUSE_ERROR = (
     "zspa_kernels.prune: this KV cache holds a pruned prefill. It can be extended one token at a time by the "
-    "generation that built it, or by a conversation's next turn without images: generate() given the whole "
-    "conversation's input_ids and attention_mask, no pixel inputs, and this (dynamic) cache; by hand, "
-    "input_ids[:, cache.get_seq_length():] of the conversation. Anything else (new tokens alone on a cache "
-    "that dropped tokens, images, a static cache) would misplace tokens: run the whole conversation again "
-    "without the cache. Assisted and prompt-lookup decoding, which feed several draft tokens a step, are not "
-    "supported with pruning either, nor is a chunked prefill (generate(prefill_chunk_size=...)): pass "
-    "prefill_chunk_size=None."
+    "generation that built it, by new tokens alone (assisted and prompt-lookup decoding's drafts: with the "
+    "conversation's attention mask, or without one at most as many as the prefill dropped), or by a "
+    "conversation's next turn without images: generate() given the whole conversation's input_ids and "
+    "attention_mask, no pixel inputs, and this (dynamic) cache; by hand, input_ids[:, cache.get_seq_length():] "
+    "of the conversation. Anything else (images, a static cache, a 4-D mask, a mask whose width counts "
+    "neither) would misplace tokens: run the whole conversation again without the cache. Nor is a chunked "
+    "prefill (generate(prefill_chunk_size=...)) supported: pass prefill_chunk_size=None."
 )
 TURN_IDS_ERROR = (
     "zspa_kernels.prune: this KV cache holds a pruned prefill, and input_ids without an attention mask do not "
@@ -79,8 +79,8 @@ TURN_IDS_ERROR = (
     "(generate() does so when given the whole conversation), whose first {old} tokens repeat those the cache "
     "holds there (the unpruned positions {start} to {end}), and these do not. Build the conversation from the "
     "generated sequence (out.sequences, then the new turn's ids): an answer decoded and tokenized again can "
-    "come out as other ids. New tokens alone would misplace tokens on a pruned cache: pass the whole "
-    "conversation, or its attention mask, or run the whole conversation again without the cache."
+    "come out as other ids. New tokens alone, more than the {old} dropped, need the conversation's attention "
+    "mask, whose width tells them from a turn; or run the whole conversation again without the cache."
 )
 # Both refuse what a prefill of part of a prompt would need: the selection ranks an image's tokens by the
 # prompt's text (which may follow the image) and gives each image its own budget, so it needs the whole
@@ -163,11 +163,11 @@ class _CacheState:
     # Whether the prefill dropped tokens and its decode steps' tokens are handed their slots
     # (Family.slot_position_modules).
     counts_slots: bool = False
-    # Whether a conversation's next turn was appended (PruneHandle._several_tokens): the hooks then number every
-    # later token themselves, in the unpruned numbering, whatever positions the caller gives. generate()
-    # computes a turn's positions for the whole conversation, and Qwen's (M-RoPE) take the image tokens
-    # past the pruned cache's length for new ones: without their grids it numbers everything as text,
-    # then continues from those positions at every step.
+    # Whether several tokens were appended at once (a conversation's next turn, or new tokens alone: assisted
+    # decoding's drafts; PruneHandle._several_tokens): the hooks then number every later token themselves, in
+    # the unpruned numbering, whatever positions the caller gives. generate() computes a turn's positions for
+    # the whole conversation, and Qwen's (M-RoPE) take the image tokens past the pruned cache's length for new
+    # ones: without their grids it numbers everything as text, then continues from those positions at every step.
     numbered: bool = False
     # Trailing prompt tokens the prefill scored (``logits_to_keep`` - 1 of them: assisted decoding's first drafts;
     # at keep-all, any), text attended in every row, not yet cropped: what a crop may take back from the prefill.
@@ -177,10 +177,13 @@ class _CacheState:
     tokens: Optional[list] = None
 
 
+# The token types that generate() passes a base model beside the ids, besides a family's own
+# (Family.token_types_arg).
+TOKEN_TYPE_INPUTS = ("token_type_ids", "mm_token_type_ids", "moe_mm_token_type_ids")
 # The per-token inputs that generate() passes a base model beside the ids (sliced as the ids), cut with them
 # where a conversation's next turn repeats tokens the cache holds (PruneHandle._several_tokens); and a family's
-# token types (Family.token_types_arg).
-TURN_INPUTS = ("input_ids", "position_ids", "token_type_ids", "mm_token_type_ids", "moe_mm_token_type_ids")
+# token types.
+TURN_INPUTS = ("input_ids", "position_ids", *TOKEN_TYPE_INPUTS)
 
 # transformers 5.24 renamed the cache argument ``past_key_values`` to ``cache``.
 CACHE_ARGS = ("cache", "past_key_values")
@@ -629,9 +632,8 @@ class PruneHandle:
         q = step.shape[1]
         several = (q != 1 and not self.multi_token_steps) or _new_pixels(kwargs)
         if state.decode_mask is None:  # dynamic layers: the length is a host integer
-            length = _host_length(cache)
-            if length is None:  # but a crop by a device count (5.17's assisted decoding) left a tensor: read back
-                length = int(_seq_length(cache))
+            # A crop by a device count (5.17's assisted decoding) leaves a tensor: read back then, only then.
+            length = int(_seq_length(cache))
             if length == 0:  # emptied since the prefill: a new sequence
                 del self._caches[cache]
                 return self._prompt(args, kwargs, input_ids, cache)
@@ -754,9 +756,9 @@ class PruneHandle:
         drafts, and extends ``token_type_ids`` alone over them) are read as text there, as the model reads them."""
         self._inputs = dict(kwargs, input_ids=input_ids)
         if self._scored and input_ids is not None:
-            for name in {*TURN_INPUTS[2:], self.family.token_types_arg} - {None}:
+            short = (input_ids.shape[0], input_ids.shape[1] - self._scored)
+            for name in {*TOKEN_TYPE_INPUTS, self.family.token_types_arg} - {None}:
                 types = self._inputs.get(name)
-                short = (input_ids.shape[0], input_ids.shape[1] - self._scored)
                 if isinstance(types, torch.Tensor) and types.shape == short:
                     self._inputs[name] = torch.nn.functional.pad(types, (0, self._scored))
         if input_ids is None or (cache is not None and _host_length(cache) != 0):
