@@ -99,12 +99,22 @@ def test_each_image_is_budgeted_with_its_own_feature_count(layout):
 
 
 @torch.no_grad()
-def test_pixtral_layout_without_image_sizes_is_refused():
-    tiny = llava(tower="pixtral", strategy="full")
-    inputs = tiny.make_inputs(tiny.single)
-    with zspa_kernels.prune(tiny.model, keep=KEEP), pytest.raises(ValueError, match="image_sizes"):
-        tiny.model.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                         inputs_embeds=None, pixel_values=None)
+@pytest.mark.parametrize("name", ["llava_pixtral", "video_llava", "gemma3", "qwen2_5_vl"])
+@torch.no_grad()
+def test_a_prompt_whose_call_brings_no_images_runs_as_the_unpatched_model(name):
+    """Image tokens without pixel inputs or encoded features (transformers 5's assisted decoding gives an
+    assistant model the prompt so): the model embeds them as text, and the hooks select nothing, nor read the
+    ids back, nor ask for image sizes: the unpatched logits bit for bit."""
+    tiny = BUILDERS[name]()
+    inputs = tiny.make_inputs(tiny.batch)
+    text = {k: inputs[k] for k in ("input_ids", "attention_mask")}
+    expected = tiny.model(**text).logits
+    with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
+        got = tiny.model(**text).logits
+        assert handle.last_selection == [] and handle.last_kept_positions is None
+        tiny.model(**inputs)  # the same prompt with its images: selected
+        assert len(handle.last_selection) == tiny.n_images(tiny.batch)
+    assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("name, kind", [("llava_next", "image"), ("llava_next_video", "image"),
@@ -207,17 +217,19 @@ def test_dots3_note_images_back_to_back_are_told_apart_by_their_grids():
 
 
 @torch.no_grad()
-def test_video_llava_runs_that_are_not_whole_frames_or_images_are_refused():
-    """Runs of video tokens that are not whole frames (two frames' worth, split 16 + 18), or image
-    tokens that are not whole images, have no split by the counts: refused, never cut anywhere (the
-    base model called without pixels, which would otherwise refuse the count first)."""
+def test_video_llava_runs_that_are_not_whole_frames_are_refused():
+    """A video's tokens split 16 + 18 by a text token: as many as its two frames have features, so the model
+    merges them, but the runs are not whole frames: refused, never cut anywhere. (Image runs that do not
+    split evenly into images are refused by the model first: their count differs from the features'.)"""
     tiny = BUILDERS["video_llava"]()
-    image, video = tiny.model.config.image_token_id, tiny.model.config.video_token_id
-    for ids, match in (([video] * 16 + [9] + [video] * 18, "does not split into whole"),
-                       ([image] * 17, "do not split evenly")):
-        row = torch.tensor([[5, 6, *ids, 7, 8]])
-        with zspa_kernels.prune(tiny.model, keep=KEEP), pytest.raises(ValueError, match=match):
-            tiny.model.model(input_ids=row, attention_mask=torch.ones_like(row))
+    inputs = tiny.make_inputs([[("text", 2), ("video", (2,)), ("text", 2)]])
+    ids = inputs["input_ids"][0]
+    first = int((ids == tiny.model.config.video_token_id).nonzero()[0])
+    ids = torch.cat([ids[:first + 16], torch.tensor([TEXT_IDS[0]]), ids[first + 16:]])[None]
+    inputs = dict(inputs, input_ids=ids, attention_mask=torch.ones_like(ids))
+    tiny.model(**inputs)  # the unpatched model runs it
+    with zspa_kernels.prune(tiny.model, keep=KEEP), pytest.raises(ValueError, match="does not split into whole"):
+        tiny.model(**inputs)
 
 
 # -- finding 2: a question that stands before the image ---------------------------------

@@ -7,6 +7,7 @@ positions the UNPRUNED model uses (cached generation).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import inspect
@@ -699,16 +700,18 @@ def test_a_crop_into_the_pruned_prompt_or_an_extension_is_refused():
         torch.testing.assert_close(again.logits, out.logits, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("drafts", ["prompt_lookup", "assistant_model"])
+@pytest.mark.parametrize("drafts", ["prompt_lookup", "assistant_model", "pruned_assistant"])
 @torch.no_grad()
 def test_assisted_decoding_on_a_pruned_cache_generates_as_greedy_decoding(tiny, drafts):
     """generate() with drafts on a pruned model: prompt lookup's (where none is found, it is greedy decoding),
     or an assistant model's (a copy of the unpruned model: its drafts are the unpruned model's greedy tokens,
-    some rejected, every round). The same tokens as greedy decoding, and logits as close to greedy decoding's
-    as the unpatched model's are (exactly, but where linear-attention layers verify drafts with a chunked
-    kernel and decode with a recurrent one). At keep-all, the unpatched model's assisted decoding bit for bit.
-    Drafts passed without a mask are at most as many as the tokens pruning dropped (more read as a
-    conversation's turn). Before transformers 5.14 a pruned cache's drafts are refused, saying so."""
+    some rejected, every round), pruned too or not. The same tokens as greedy decoding, and logits as close to
+    greedy decoding's as the unpatched model's are (exactly, but where linear-attention layers verify drafts
+    with a chunked kernel and decode with a recurrent one). At keep-all, the unpatched model's assisted
+    decoding bit for bit. Drafts passed without a mask are at most as many as the tokens pruning dropped (more
+    read as a conversation's turn). Before transformers 5.14 a pruned cache's drafts are refused, saying so.
+    transformers 5 gives an assistant the prompt's ids without its images: a pruned assistant then selects
+    nothing and drafts as the unpruned one, to the bit."""
     if drafts == "prompt_lookup" and not tiny.prompt_lookup:
         pytest.skip("the unpatched model's prompt-lookup decoding fails on some drafts")
     inputs = tiny.make_inputs(tiny.single)
@@ -724,17 +727,23 @@ def test_assisted_decoding_on_a_pruned_cache_generates_as_greedy_decoding(tiny, 
     n = min(3, dropped - 1)
     gen = dict(greedy, **(dict(prompt_lookup_num_tokens=n) if drafts == "prompt_lookup" else dict(
         assistant_model=copy.deepcopy(tiny.model), num_assistant_tokens=n, num_assistant_tokens_schedule="constant")))
+
+    def assistant_pruned(keep):  # the assistant pruned as the model is, where the case says so
+        if drafts != "pruned_assistant":
+            return contextlib.nullcontext()
+        return zspa_kernels.prune(gen["assistant_model"], keep=keep)
+
     try:
         unpatched = tiny.model.generate(**inputs, **gen)
     except Exception as exc:  # noqa: BLE001 - the unpatched model's own limits
         pytest.skip(f"the unpatched model runs no {drafts} decoding here: {type(exc).__name__}")
     unpatched_greedy = tiny.model.generate(**inputs, **greedy)
     gap = max(float((a - b).abs().max()) for a, b in zip(unpatched.logits, unpatched_greedy.logits))
-    with zspa_kernels.prune(tiny.model, keep=1.0):
+    with zspa_kernels.prune(tiny.model, keep=1.0), assistant_pruned(1.0):
         kept_all = tiny.model.generate(**inputs, **gen)
     assert torch.equal(kept_all.sequences, unpatched.sequences)
     assert all(torch.equal(a, b) for a, b in zip(kept_all.logits, unpatched.logits))
-    with zspa_kernels.prune(tiny.model, keep=KEEP):
+    with zspa_kernels.prune(tiny.model, keep=KEEP), assistant_pruned(KEEP) as assistant:
         try:
             drafted = tiny.model.generate(**inputs, **gen)
         except RuntimeError as exc:
@@ -753,6 +762,11 @@ def test_assisted_decoding_on_a_pruned_cache_generates_as_greedy_decoding(tiny, 
     assert torch.equal(drafted.sequences, plain.sequences)
     for a, b in zip(drafted.logits, plain.logits):
         torch.testing.assert_close(a, b, atol=max(ATOL, 4 * gap), rtol=0)
+    if assistant is not None and not assistant.last_selection:  # the assistant was given no images
+        with zspa_kernels.prune(tiny.model, keep=KEEP):
+            unpruned = tiny.model.generate(**inputs, **dict(gen, assistant_model=copy.deepcopy(tiny.model)))
+        assert torch.equal(drafted.sequences, unpruned.sequences)
+        assert all(torch.equal(a, b) for a, b in zip(drafted.logits, unpruned.logits))
 
 
 @pytest.mark.parametrize("rows", ["batch", "single"])

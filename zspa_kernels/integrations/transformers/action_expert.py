@@ -76,7 +76,7 @@ class ActionExpertPruneHandle(PruneHandle):
                 and embedded[0].shape == embeds.shape[:2]):
             ids, table = embedded
             merged = (embeds != table.to(embeds.dtype)).any(-1).to(ids.device)
-            return self._prompt(args, kwargs, ids.masked_fill(merged, self.visual_ids[0]), None)
+            return self._prompt(args, kwargs, ids.masked_fill(merged, self.visual_ids[0]), None, merged=True)
         return self._base_pre_hook(module, args, kwargs)
 
     def _expert_pre_hook(self, module, args, kwargs):

@@ -64,7 +64,7 @@ class EncoderDecoderPruneHandle(PruneHandle):
         ids, embeds = kwargs.get("input_ids", args[0] if args else None), kwargs.get("inputs_embeds")
         if ids is None and embeds is not None and embedded is not None and embedded.shape == embeds.shape[:2]:
             # The encoder runs on the embeddings of these ids, the images merged in by the model.
-            return self._prompt(args, kwargs, embedded, None)
+            return self._prompt(args, kwargs, embedded, None, merged=True)
         return super()._base_pre_hook(module, args, kwargs)
 
     def _prefill(self, ids, embeds, cache, inputs, kwargs) -> None:

@@ -20,8 +20,8 @@ while the handle lives, :class:`_GenerateMasks`):
   ``labels`` away and computes the loss from the labels of the kept positions.
 
 Host syncs: one copy of ``input_ids`` and the 2-D mask (and ``labels``, when given) to the
-host per prefill, to find the images, the prompt and the size of the gathered sequence (its
-length is a shape); the integer
+host per prefill that brings images (:func:`_brings_images`; none for one without), to find the
+images, the prompt and the size of the gathered sequence (its length is a shape); the integer
 inputs that size the images (``families.COUNT_INPUTS``: Pixtral's ``image_sizes``, grids,
 crop masks) are copied to the host asynchronously just before it and arrive with it, and a
 static cache's length (kept on the device) is read right before it, with nothing queued in
@@ -189,9 +189,21 @@ TURN_INPUTS = ("input_ids", "position_ids", *TOKEN_TYPE_INPUTS)
 CACHE_ARGS = ("cache", "past_key_values")
 
 
+# Inputs that bring images besides ``pixel_values*``: pixels under other names (Phi-4-multimodal's, Fuyu's up
+# to transformers 5.17, DeepSeek-VL-Hybrid's high-resolution copy), and images already encoded, by the
+# caller (Idefics2/3 and SmolVLM up to 5.17 take the connector's output) or by generate() (5.24+ runs the
+# vision tower ahead of the prefill).
+IMAGE_INPUTS = ("image_pixel_values", "image_patches", "high_res_pixel_values", "image_hidden_states",
+                "mm_encoder_outputs")
+
+
 def _brings_images(kwargs: dict) -> bool:
-    """Whether a call brings images or videos to merge: pixel inputs, or features generate() encoded."""
-    return _new_pixels(kwargs) or any(v is not None for v in (kwargs.get("mm_encoder_outputs") or {}).values())
+    """Whether a call brings images or videos for the model to merge. Without any, the model embeds a
+    prompt's image tokens as text (transformers 5's assisted decoding gives an assistant model the
+    prompt's ids alone), and the hooks leave it so."""
+    return _new_pixels(kwargs) or any(
+        v is not None and not (isinstance(v, dict) and all(e is None for e in v.values()))
+        for v in map(kwargs.get, IMAGE_INPUTS))
 
 
 def _chunk_features(kwargs: dict) -> bool:
@@ -491,6 +503,7 @@ class PruneHandle:
         self.last_selection: list[ImageSelection] = []
         self._layout: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (index, valid) of the last prompt
         self._inputs: Optional[dict] = None  # the base model's keyword arguments of this call
+        self._merged = False  # whether that call's inputs_embeds hold its images, merged by the model
         self._transformers = release("transformers")
         self._several = False  # this call appends several tokens to a pruned cache (_several_tokens)
         self._deferred: Optional[_DeferredMasks] = None  # set only inside the language model's hook (_lm_pre_hook)
@@ -618,7 +631,7 @@ class PruneHandle:
     def _base_pre_hook(self, module, args, kwargs):
         # The arguments are kept for the language model's hook of this call, which takes them (they
         # hold the cache: kept any longer, they would keep its memory after the caller let it go).
-        self._inputs, self._several = None, False
+        self._inputs, self._several, self._merged = None, False, False
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = _cache_of(kwargs)
         state = self._caches.get(cache) if cache is not None else None
@@ -749,12 +762,14 @@ class PruneHandle:
         start = state.pruned_len + state.grown
         return torch.equal(input_ids[:, :old], consumed[:, start:start + old])  # read back: the turn's one sync
 
-    def _prompt(self, args, kwargs, input_ids, cache):
+    def _prompt(self, args, kwargs, input_ids, cache, merged: bool = False):
         """A prompt: its arguments kept for the language model's hook, and its masks left to that hook where
         the base model would build them (a fresh sequence's: :meth:`_carry_masks`). Token types that stop short
         of the tokens the call scores (transformers' assisted decoding prefills the prompt with its first
-        drafts, and extends ``token_type_ids`` alone over them) are read as text there, as the model reads them."""
-        self._inputs = dict(kwargs, input_ids=input_ids)
+        drafts, and extends ``token_type_ids`` alone over them) are read as text there, as the model reads them.
+        ``merged``: the images are in the call's ``inputs_embeds`` already, merged by the model before it (no
+        image input comes with them); else the call's inputs say whether it brings any (:func:`_brings_images`)."""
+        self._inputs, self._merged = dict(kwargs, input_ids=input_ids), merged
         if self._scored and input_ids is not None:
             short = (input_ids.shape[0], input_ids.shape[1] - self._scored)
             for name in {*TOKEN_TYPE_INPUTS, self.family.token_types_arg} - {None}:
@@ -819,6 +834,7 @@ class PruneHandle:
 
     def _lm_pre(self, module, args, kwargs, cache):
         inputs, self._inputs = self._inputs or {}, None
+        merged, self._merged = self._merged, False
         self._logits_to_keep = self._slots = None
         state = self._caches.get(cache) if cache is not None else None
         if state is not None:  # the base pre-hook has dropped every emptied cache's state: a decode step
@@ -838,13 +854,15 @@ class PruneHandle:
             if not empty:
                 # A cache this handle did not prune, mid-sequence: left as it is, unless images come
                 # with several tokens (a prompt's part: refused, rather than run unpruned, unsaid).
-                if embeds is not None and embeds.shape[1] > 1 and _brings_images(inputs):
+                if embeds is not None and embeds.shape[1] > 1 and (merged or _brings_images(inputs)):
                     raise RuntimeError(CONTINUED_ERROR)
                 return None
         ids = inputs.get("input_ids")
         self.last_selection, self._layout = [], None
         if embeds is None or ids is None or ids.shape != embeds.shape[:2]:
             return None  # no token ids to find the images in: run unpruned
+        if not (merged or _brings_images(inputs)):
+            return None  # no images merged, as the model runs it: its image tokens are text, nothing to select
         self._prefill(ids, embeds, cache, inputs, kwargs)
         return args, kwargs
 
