@@ -1042,7 +1042,10 @@ def lfm2_vl(attn: str = "sdpa", seed: int = 0) -> TinyVLM:
         return dict(ids, pixel_values=torch.stack(pixels), pixel_attention_mask=torch.stack(masks),
                     spatial_shapes=torch.tensor(shapes))
 
+    # Before 5.24 generate() expands the crops' spatial_shapes crop by crop for beam search, as Pixtral's
+    # image_sizes (PIXTRAL_ROWS): a row of several crops gets other beams' shapes; prune refuses.
     return TinyVLM(model, make_inputs,
+                   beam_multi_image=hasattr(transformers.GenerationMixin, "_expand_multimodal_outputs"),
                    single=[[("text", 5), ("image", (32, 32)), ("text", 7)]],
                    batch=[[("text", 5), ("image", (32, 32)), ("text", 7)],
                           [("text", 3), ("image", (16, 32)), ("text", 1), ("image", (32, 24)), ("text", 4)],
