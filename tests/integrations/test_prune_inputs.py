@@ -98,7 +98,6 @@ def test_each_image_is_budgeted_with_its_own_feature_count(layout):
         assert all(s.kept.shape == (KEEP,) for s in selection)
 
 
-@torch.no_grad()
 @pytest.mark.parametrize("name", ["llava_pixtral", "video_llava", "gemma3", "qwen2_5_vl"])
 @torch.no_grad()
 def test_a_prompt_whose_call_brings_no_images_runs_as_the_unpatched_model(name):
