@@ -846,6 +846,66 @@ def test_a_conversation_continues_on_its_pruned_cache(tiny, rows):
                                rtol=0)
 
 
+@torch.no_grad()
+def test_a_turn_that_brings_images_on_a_pruned_cache_is_refused(tiny):
+    """A conversation's next turn that asks the prompt again, its images with it: generate() given the whole
+    conversation, the images' inputs and the first turn's cache. Where the unpatched model merges the images at
+    the new placeholders (its logits differ from those of the same ids without image inputs, or it fails without
+    them), the pruned model would run them unpruned, unsaid: refused, the cache left as it was, whichever way
+    they come (pixels up to transformers 5.17; 5.24+ encodes them ahead of the call and passes no pixel input;
+    Phi-4-multimodal's pixels come at every step, under a name of their own). Where generate() gives the turn
+    no images (transformers 4.57 drops them on a cache), the model reads the placeholders as text, and the
+    pruned one runs the turn so, selecting nothing; at keep-all, as the unpatched model, bit for bit."""
+    inputs = tiny.make_inputs(tiny.single)
+    L = inputs["input_ids"].shape[1]
+    gen = dict(do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, output_logits=True,
+               return_dict_in_generate=True)
+
+    def turn_of(out, images=True):
+        """The conversation (prompt, answer) and the prompt again: per-token inputs follow the ids."""
+        turn = {k: v for k, v in inputs.items() if images or k == "attention_mask"}
+        turn["input_ids"] = torch.cat([out.sequences, inputs["input_ids"]], 1)
+        turn["attention_mask"] = torch.ones_like(turn["input_ids"])
+        for name, value in inputs.items():
+            if name not in ("input_ids", "attention_mask") and isinstance(value, torch.Tensor) \
+                    and value.shape == inputs["input_ids"].shape:
+                turn[name] = torch.cat([torch.nn.functional.pad(value, (0, NEW_TOKENS)), value], 1)
+        return turn
+
+    def second_turn(images=True):
+        out = tiny.model.generate(**inputs, **gen)
+        return tiny.model.generate(**turn_of(out, images), **cache_kwargs(tiny.model, kv_cache(out)), **gen)
+
+    try:
+        unpatched = second_turn()
+    except Exception as exc:  # noqa: BLE001 - the unpatched model's own limits
+        pytest.skip(f"the unpatched model continues no conversation with images on its cache: {type(exc).__name__}: {exc}")
+    try:
+        as_text = second_turn(images=False)
+        merges = not all(torch.equal(a, b) for a, b in zip(unpatched.logits, as_text.logits))
+    except Exception:  # noqa: BLE001 - it needs the image inputs for the placeholders
+        merges = True
+    with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
+        out = tiny.model.generate(**inputs, **gen)
+        assert handle.last_selection
+        cache = kv_cache(out)
+        length = cache.get_seq_length()
+        assert length < L + NEW_TOKENS - 1
+        handle.last_selection = []
+        if merges:
+            with pytest.raises(RuntimeError, match="no pixel inputs"):
+                tiny.model.generate(**turn_of(out), **cache_kwargs(tiny.model, cache), **gen)
+            assert cache.get_seq_length() == length
+        else:
+            tiny.model.generate(**turn_of(out), **cache_kwargs(tiny.model, cache), **gen)
+            assert handle.last_selection == []
+    if not merges:
+        with zspa_kernels.prune(tiny.model, keep=1.0):
+            kept_all = second_turn()
+        assert torch.equal(kept_all.sequences, unpatched.sequences)
+        assert all(torch.equal(a, b) for a, b in zip(kept_all.logits, unpatched.logits))
+
+
 @pytest.mark.parametrize("chunk", ["one token", "eight tokens", "the whole prompt"])
 @torch.no_grad()
 def test_a_chunked_prefill_is_refused_clearly(tiny, chunk):

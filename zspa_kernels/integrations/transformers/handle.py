@@ -660,8 +660,9 @@ class PruneHandle:
         turn = False
         if several:
             # Several tokens on a cache this handle pruned: a conversation's next turn, or new tokens alone
-            # (assisted decoding's drafts); a prompt with images on it would misplace tokens.
-            if _new_pixels(kwargs) or self.multi_token_steps:
+            # (assisted decoding's drafts); a prompt with images on it would misplace tokens, or run them
+            # unpruned, unsaid.
+            if _new_pixels(kwargs) or self.multi_token_steps or self._merges_images(kwargs, input_ids):
                 raise RuntimeError(REUSE_ERROR)
             args, q, turn = self._several_tokens(state, args, kwargs, q)
             self._several = True
@@ -692,6 +693,19 @@ class PruneHandle:
                 kwargs["position_ids"] = kwargs["position_ids"] + torch.arange(q, device=step.device)
             return args, kwargs
         return (args, kwargs) if carried or turn else None
+
+    def _merges_images(self, kwargs: dict, input_ids: Optional[torch.Tensor]) -> bool:
+        """Whether several tokens on a pruned cache bring images the model merges at placeholders among them:
+        images encoded ahead of the call (transformers 5.24+'s generate() encodes a turn's pixels so, and
+        passes no pixel input) or pixels under other names, whose model merges them only where the ids hold
+        image tokens (Phi-4-multimodal's come at every step, drafts too). Read back only where images come
+        (one host sync, beside the model's own check of the same ids); without ids, the model would find
+        the placeholders by their embeddings: it does."""
+        if not _brings_images(kwargs):
+            return False
+        if input_ids is None:
+            return True
+        return bool(torch.isin(input_ids, torch.tensor(self.visual_ids, device=input_ids.device)).any())
 
     def _several_tokens(self, state: _CacheState, args: tuple, kwargs: dict, q: int) -> tuple[tuple, int, bool]:
         """Several text tokens on a cache this handle pruned: new tokens alone (assisted and prompt-lookup
