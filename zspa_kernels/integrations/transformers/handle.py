@@ -30,6 +30,9 @@ What the host computes from them goes back to the device from pinned memory,
 asynchronously (:func:`.selection.to_device`): the host queues the selection, the
 gathers and the language model without waiting for any of them. Decode steps add no
 sync, static caches included: a pruned cache is known by this handle until it is reset.
+Several tokens on a pruned cache: a conversation's turn without a mask reads its repeated ids
+back (:meth:`PruneHandle._repeats`), and a step that brings images under another name than
+``pixel_values`` whether its ids hold image tokens (:meth:`PruneHandle._merges_images`).
 
 The language model returns ``L'`` (pruned) positions at prefill, so logits of a
 pruned forward are shorter than ``input_ids``; the last position is unchanged.
