@@ -72,9 +72,9 @@ REUSE_ERROR = (
     "conversation's attention mask, or without one at most as many as the prefill dropped), or by a "
     "conversation's next turn without images: generate() given the whole conversation's input_ids and "
     "attention_mask, no pixel inputs, and this (dynamic) cache; by hand, input_ids[:, cache.get_seq_length():] "
-    "of the conversation. Anything else (images, a static cache, a 4-D mask, a mask whose width counts "
-    "neither) would misplace tokens: run the whole conversation again without the cache. Nor is a chunked "
-    "prefill (generate(prefill_chunk_size=...)) supported: pass prefill_chunk_size=None."
+    "of the conversation. Anything else would run new images unpruned, or misplace tokens (a static cache, "
+    "a 4-D mask, a mask whose width counts neither): run the whole conversation again without the cache. "
+    "Nor is a chunked prefill (generate(prefill_chunk_size=...)) supported: pass prefill_chunk_size=None."
 )
 TURN_IDS_ERROR = (
     "zspa_kernels.prune: this KV cache holds a pruned prefill, and input_ids without an attention mask do not "
