@@ -702,8 +702,8 @@ class PruneHandle:
         images encoded ahead of the call (transformers 5.24+'s generate() encodes a turn's pixels so, and
         passes no pixel input) or pixels under other names, whose model merges them only where the ids hold
         image tokens (Phi-4-multimodal's come at every step, drafts too). Read back only where images come
-        (one host sync, beside the model's own check of the same ids); without ids, the model would find
-        the placeholders by their embeddings: it does."""
+        (one host sync, beside the model's own check of the same ids). Given embeddings without ids: yes,
+        as the model then finds the placeholders by their embeddings, which the hooks do not read here."""
         if not _brings_images(kwargs):
             return False
         if input_ids is None:
