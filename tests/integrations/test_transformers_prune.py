@@ -879,7 +879,8 @@ def test_a_turn_that_brings_images_on_a_pruned_cache_is_refused(tiny):
     try:
         unpatched = second_turn()
     except Exception as exc:  # noqa: BLE001 - the unpatched model's own limits
-        pytest.skip(f"the unpatched model continues no conversation with images on its cache: {type(exc).__name__}: {exc}")
+        pytest.skip(f"the unpatched model continues no conversation with images on its cache: "
+                    f"{type(exc).__name__}: {exc}")
     try:
         as_text = second_turn(images=False)
         merges = not all(torch.equal(a, b) for a, b in zip(unpatched.logits, as_text.logits))
@@ -942,9 +943,9 @@ def test_a_chunked_prefill_is_refused_clearly(tiny, chunk):
 
 @torch.no_grad()
 def test_images_on_a_cache_that_holds_the_text_before_them_are_refused():
-    """A prompt's images arriving with their pixels on a cache that holds its beginning (a conversation
-    continued on its cache; a chunked prefill whose first part held no image): the unpatched model merges
-    them where their placeholders are; pruned, they would run unpruned, unsaid. Refused, naming what to do.
+    """A prompt's images arriving on a cache that holds its beginning (a conversation continued on its cache;
+    a chunked prefill whose first part held no image; prompt caching): the unpatched model merges them where
+    their placeholders are; pruned, they would run unpruned, unsaid. Refused, naming what to do.
     A continuation without images runs as unpatched."""
     tiny = BUILDERS["llava"]()
     inputs = tiny.make_inputs(tiny.batch)
@@ -962,10 +963,24 @@ def test_images_on_a_cache_that_holds_the_text_before_them_are_refused():
 
     continued(ids, pixel_values=inputs["pixel_values"])  # the unpatched model takes it
     expected = continued(text_only)
+    # Prompt caching, as transformers documents it: the text before the images prefilled once, a copy of its
+    # cache given to generate() with the whole prompt (5.24+ hands the model the images encoded, no pixels).
+    prefix = transformers.DynamicCache(config=tiny.model.config.get_text_config())
+    tiny.model(input_ids=ids[:, :first], attention_mask=inputs["attention_mask"][:, :first],
+               **cache_kwargs(tiny.model, prefix), use_cache=True)
+    gen = dict(max_new_tokens=2, do_sample=False)
+    cached = tiny.model.generate(**inputs, **cache_kwargs(tiny.model, copy.deepcopy(prefix)), **gen)
     with zspa_kernels.prune(tiny.model, keep=KEEP):
         with pytest.raises(RuntimeError, match="images arrive on a KV cache that already holds"):
             continued(ids, pixel_values=inputs["pixel_values"])
         assert torch.equal(continued(text_only), expected)
+        if transformers.__version__.startswith("4."):
+            # 4.57's generate() gives the model no pixels on a cache: it reads the image tokens as text, as pruned
+            got = tiny.model.generate(**inputs, **cache_kwargs(tiny.model, copy.deepcopy(prefix)), **gen)
+            assert torch.equal(got, cached)
+        else:
+            with pytest.raises(RuntimeError, match="images arrive on a KV cache that already holds"):
+                tiny.model.generate(**inputs, **cache_kwargs(tiny.model, copy.deepcopy(prefix)), **gen)
 
 
 def test_unsupported_model_names_the_supported_families():

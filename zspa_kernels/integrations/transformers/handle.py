@@ -95,10 +95,10 @@ CHUNKED_ERROR = (
 )
 CONTINUED_ERROR = (
     "zspa_kernels.prune: images arrive on a KV cache that already holds tokens of this sequence, which the "
-    "hooks did not prefill: a chunked prefill (generate(prefill_chunk_size=...)), or a conversation continued "
-    "on its cache. The selection needs the whole prompt in one prefill on an empty cache: pass "
-    "prefill_chunk_size=None, or run the whole conversation again without the cache, or remove() the handle "
-    "to run it unpruned."
+    "hooks did not prefill: a chunked prefill (generate(prefill_chunk_size=...)), a cached prefix (prompt "
+    "caching: a system prompt prefilled once), or a conversation continued on its cache. The selection needs "
+    "the whole prompt in one prefill on an empty cache: pass prefill_chunk_size=None, or run the whole prompt "
+    "(conversation) again without the cache, or remove() the handle to run it unpruned."
 )
 LOST_ERROR = (
     "zspa_kernels.prune: this KV cache holds a pruned prefill whose layout (kept positions, mask) is lost: "
