@@ -863,9 +863,8 @@ def test_a_turn_that_brings_images_on_a_pruned_cache_is_refused(tiny):
 
     def turn_of(out, images=True):
         """The conversation (prompt, answer) and the prompt again: per-token inputs follow the ids."""
-        turn = {k: v for k, v in inputs.items() if images or k == "attention_mask"}
-        turn["input_ids"] = torch.cat([out.sequences, inputs["input_ids"]], 1)
-        turn["attention_mask"] = torch.ones_like(turn["input_ids"])
+        ids = torch.cat([out.sequences, inputs["input_ids"]], 1)
+        turn = dict(inputs if images else {}, input_ids=ids, attention_mask=torch.ones_like(ids))
         for name, value in inputs.items():
             if name not in ("input_ids", "attention_mask") and isinstance(value, torch.Tensor) \
                     and value.shape == inputs["input_ids"].shape:
