@@ -19,6 +19,8 @@ import re
 IMPL_ORDER = ("cuda", "triton", "cpu", "reference", "torch_loop_graph", "torch_loop", "divprune_loop")
 ENV_KEYS = ("device", "torch", "triton", "cuda")
 BASELINES = ("torch_loop_graph", "torch_loop", "divprune_loop")
+# The micro JSON's list of the cases a time limit cut before their first timed round (bench/conftest.py).
+UNTIMED_CASES = "untimed_cases"
 
 
 def _complete(info: dict) -> bool:
@@ -31,7 +33,7 @@ def _complete(info: dict) -> bool:
 
 def micro_records(raw: dict) -> tuple[dict, list[dict]]:
     env, records, loads = {}, [], []
-    interrupted = 0
+    interrupted = len(raw.get(UNTIMED_CASES, ()))  # cut before a timed round: not in the JSON's benchmarks
     for bench in raw["benchmarks"]:
         info = dict(bench["extra_info"])
         if not _complete(info):

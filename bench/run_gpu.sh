@@ -191,6 +191,7 @@ main() {
         stage_checks "$allowed" ;;
       micro)
         # SIGINT: pytest ends the session cleanly and pytest-benchmark still writes what was timed
+        # (a case cut before its first timed round is left out and named: bench/conftest.py)
         # The whole output is kept (<stem>.micro.log): a failing case's reason is in it.
         ZSPA_BENCH=spec timeout -s INT -k 15 "$allowed" "$PY" -m pytest bench/test_bench_select_tokens.py -q -p no:cacheprovider \
           -rfE --tb=short --benchmark-json="$DEST/$STEM.micro-raw.json" --benchmark-columns=median,iqr,rounds \

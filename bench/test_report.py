@@ -4,6 +4,10 @@ bench/tune.py's variants on a tiny shape (no timing asserted)."""
 from __future__ import annotations
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,6 +18,7 @@ from zspa_kernels.dispatch import available_backends
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = {"device": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0"}
 
 
@@ -165,6 +170,38 @@ def test_cases_a_time_limit_interrupted_are_left_out_and_said(tmp_path):
     assert "interrupted 2 case(s)" in md and "30.0 µs (triton)" in _target(md, "LLaVA-1.5 B=1, k=64: GPU time")
     saved = json.loads((tmp_path / "2026-01-01-nvidia-h200.json").read_text())
     assert [r["impl"] for r in saved["records"]] == ["triton"]
+
+
+def test_a_case_cut_before_its_first_round_costs_no_other_case_its_results(tmp_path):
+    """The micro stage's time limit (SIGINT) landing in a case's warm-up round: pytest-benchmark
+    registers the case with no timings and, left alone, fails on it and writes no JSON at all.
+    bench/conftest.py leaves it out and names it; the report counts it as interrupted."""
+    info = {**ENV, "name": "select_tokens", "impl": "triton", "shape": "llava-1.5", "B": 1, "N": 576, "D": 4096,
+            "k": 64, "keep": "64", "k_core": 32, "dtype": "bfloat16", "floor_us": 1.0, "bandwidth_gbps": 4000.0,
+            "cuda_event_median_us": 30.0}
+    (tmp_path / "conftest.py").write_text("from bench.conftest import pytest_benchmark_generate_json  # noqa: F401\n")
+    (tmp_path / "test_cut.py").write_text(f"""
+def test_finished(benchmark):
+    benchmark.pedantic(lambda: None, rounds=3, warmup_rounds=1)
+    benchmark.extra_info.update({info!r})
+
+def test_cut(benchmark):
+    def cut():
+        raise KeyboardInterrupt  # what SIGINT raises where it lands: here, the warm-up round
+    benchmark.pedantic(cut, rounds=3, warmup_rounds=1)
+""")
+    out = tmp_path / "micro-raw.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                          "--rootdir", str(tmp_path), f"--benchmark-json={out}", "test_cut.py"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "KeyboardInterrupt" in run.stdout, run.stdout + run.stderr  # pytest: interrupted
+    assert "Traceback" not in run.stdout + run.stderr, run.stdout + run.stderr
+    raw = json.loads(out.read_text())
+    assert [b["name"] for b in raw["benchmarks"]] == ["test_finished"]
+    assert raw[report.UNTIMED_CASES] == ["test_cut.py::test_cut"]
+    env_info, records = report.micro_records(raw)
+    assert env_info["interrupted_cases"] == 1 and [r["impl"] for r in records] == ["triton"]
 
 
 def test_a_report_without_a_finished_microbenchmark_names_the_device_from_the_other_files(tmp_path):
