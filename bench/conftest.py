@@ -7,7 +7,7 @@ import pytest
 from bench.report import UNTIMED_CASES
 
 
-@pytest.hookimpl(hookwrapper=True)
+@pytest.hookimpl(hookwrapper=True, optionalhook=True)  # optional: without pytest-benchmark, no hook to wrap
 def pytest_benchmark_generate_json(config, benchmarks, include_data, machine_info, commit_info):
     """Leave out of the JSON, and name in it, the cases that have no timed round.
 
