@@ -940,46 +940,218 @@ def test_a_chunked_prefill_is_refused_clearly(tiny, chunk):
         assert torch.equal(tiny.model.generate(**inputs, **gen), expected) and handle.last_selection
 
 
+def _refuses_a_prompt_after_a_cache(tiny, cache, mask) -> bool:
+    """Where the hooks refuse a prompt with images after a cache they did not prefill (handle.py's
+    ``_offset_refusal``): a family whose pruned prefill rebuilds inputs of its own, a cache with
+    linear-attention layers (their state is no sequence of tokens), or a language model handed another
+    mask than a 2-D one over the cached and the new tokens (``mask``: what the unpatched model hands it)."""
+    family = find_family(tiny.model)
+    own = (family.build_mask, family.slot_position_modules, family.embed, family.on_prefill, family.select_on)
+    layers = getattr(cache, "layers", [])
+    linear = not all(isinstance(layer, transformers.cache_utils.CacheLayerMixin) for layer in layers)
+    other_mask = mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2)
+    return any(f is not None for f in own) or linear or other_mask
+
+
+@contextlib.contextmanager
+def _stateless(model):
+    """``model`` as it is now at the start of each call inside: the models that keep their M-RoPE offsets
+    (``rope_deltas``) from one call to the next, and number a prompt on a non-empty cache by them (Qwen's,
+    HunYuan-VL's generate()), would otherwise number a run by the one before it."""
+    saved = [(m, m.rope_deltas) for m in model.modules() if hasattr(m, "rope_deltas")]
+
+    def restore():
+        for m, value in saved:
+            m.rope_deltas = value
+
+    yield restore
+    restore()
+
+
 @torch.no_grad()
-def test_images_on_a_cache_that_holds_the_text_before_them_are_refused():
-    """A prompt's images arriving on a cache that holds its beginning (a conversation continued on its cache;
-    a chunked prefill whose first part held no image; prompt caching): the unpatched model merges them where
-    their placeholders are; pruned, they would run unpruned, unsaid. Refused, naming what to do.
-    A continuation without images runs as unpatched."""
-    tiny = BUILDERS["llava"]()
+def test_images_after_a_cached_prefix_are_pruned_after_it(tiny):
+    """Prompt caching, as transformers documents it: the text before the images prefilled once, a copy of its
+    cache given to generate() with the whole prompt (5.24+ hands the model the images encoded, no pixels); or
+    by hand, the prompt from the cache's length on with its pixels (a conversation whose first turn brought no
+    image). The hooks prune the new tokens after the cached ones: at keep-all the unpatched model's logits bit
+    for bit; pruned, every logit equal to one no-cache forward of the language model over the prefix as the
+    unpatched model ran it, then the kept tokens (and the generated ones) at the positions the model gave
+    them. Refused, naming why and leaving the cache as it was, where the family's pruned prefill rebuilds
+    inputs of its own, the cache has linear-attention layers or the language model gets a prebuilt mask."""
     inputs = tiny.make_inputs(tiny.batch)
+    ids = inputs["input_ids"]
+    B, L = ids.shape
+    visual = torch.isin(ids, torch.tensor(find_family(tiny.model).visual_token_ids(tiny.model.config)))
+    first = int(visual.int().argmax(1).min())  # every row's tokens before it are text
+    if first == 0:
+        pytest.skip("a row begins with its image: no text before it to cache")
+    per_token = {k for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.shape[-2:] == (B, L)}
+    gen = dict(do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, output_logits=True,
+               return_dict_in_generate=True)
+
+    def generate(cache):
+        return tiny.model.generate(**inputs, **cache_kwargs(tiny.model, copy.deepcopy(cache)), **gen)
+
+    def by_hand(cache):
+        """The prompt from the cache's length on, its pixels with it: the last position's logits."""
+        given = {k: v[..., first:] if k in per_token and k != "attention_mask" else v for k, v in inputs.items()}
+        return tiny.model(**given, **cache_kwargs(tiny.model, cache), use_cache=True).logits[:, -1]
+
+    def run_way(way):
+        return by_hand(copy.deepcopy(cached)) if way == "by hand" else generate(cached)
+
+    with _stateless(tiny.model) as fresh:
+        cached = transformers.DynamicCache(config=tiny.model.config.get_text_config())
+        with capture_lm_calls(tiny.model) as prefix_calls:
+            tiny.model(**{k: inputs[k][..., :first] for k in per_token}, **cache_kwargs(tiny.model, cached),
+                       use_cache=True)
+        unpatched, failures = {}, []  # each way the unpatched model takes such a prompt: its output
+        for way in ("by hand", "generate"):
+            fresh()
+            try:
+                with capture_lm_calls(tiny.model) as calls:
+                    unpatched[way] = (run_way(way), calls[0]["attention_mask"])
+            except Exception as exc:  # noqa: BLE001 - the unpatched model's own limits
+                failures.append(f"{way}: {type(exc).__name__}: {exc}")
+        if not unpatched:
+            pytest.skip(f"the unpatched model takes no prompt after a cached prefix: {failures}")
+
+        if _refuses_a_prompt_after_a_cache(tiny, cached, next(iter(unpatched.values()))[1]):
+            with zspa_kernels.prune(tiny.model, keep=KEEP):
+                for way in unpatched:
+                    copied = copy.deepcopy(cached)
+                    fresh()
+                    if way == "generate" and transformers.__version__.startswith("4.") and "pixel_values" in inputs:
+                        # 4.57's generate() gives the prompt no pixel_values on a cache: text to the model and the
+                        # hooks (Phi-4-multimodal's image_pixel_values come at every step: refused)
+                        assert torch.equal(generate(cached).sequences, unpatched[way][0].sequences)
+                        continue
+                    with pytest.raises(RuntimeError, match="images arrive on a KV cache that already holds.*, and "):
+                        if way == "by hand":
+                            by_hand(copied)
+                        else:
+                            tiny.model.generate(**inputs, **cache_kwargs(tiny.model, copied), **gen)
+                    assert copied.get_seq_length() == first
+            return
+        with zspa_kernels.prune(tiny.model, keep=1.0):
+            for way, (expected, _) in unpatched.items():
+                fresh()
+                got = run_way(way)
+                if way == "by hand":
+                    assert torch.equal(got, expected)
+                else:
+                    assert torch.equal(got.sequences, expected.sequences)
+                    for a, b in zip(got.logits, expected.logits):
+                        assert torch.equal(a, b)
+
+        pruned = {}
+        with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
+            for way in unpatched:
+                fresh()
+                with capture_lm_calls(tiny.model) as calls:
+                    pruned[way] = (run_way(way), calls)
+                assert handle.last_selection or way == "generate" and transformers.__version__.startswith("4.")
+
+    def reference(prompt, decode_positions=(), tokens=ids[:, :1]):
+        """One no-cache forward over the prefix, ``prompt``'s tokens (the language model's arguments of a pruned
+        prompt), then ``tokens`` but the last, at ``decode_positions``."""
+        assert prompt["inputs_embeds"].shape[1] < L - first  # pruned, after the prefix
+        positions, prefix_positions = prompt["position_ids"], prefix_calls[0]["position_ids"]
+        if prefix_positions is None:
+            prefix_positions = torch.arange(first)[None]
+        if positions.dim() == 3 and prefix_positions.dim() == 3 and len(positions) > len(prefix_positions):
+            # Qwen2.5-Omni's thinker numbers a prompt with images by 4 rows (the text's, then M-RoPE's), a text
+            # prompt by M-RoPE's 3: the prefix is text, whose every row is its text row.
+            prefix_positions = torch.cat([prefix_positions[:1], prefix_positions])
+        prefill = dict(inputs_embeds=torch.cat([prefix_calls[0]["inputs_embeds"], prompt["inputs_embeds"]], 1),
+                       attention_mask=prompt["attention_mask"],
+                       position_ids=torch.cat([prefix_positions.expand(*positions.shape[:-1], first), positions], -1))
+        if prefill["attention_mask"] is None:
+            prefill["attention_mask"] = torch.ones(B, prefill["inputs_embeds"].shape[1], dtype=torch.long)
+        return no_cache_logits(tiny.model, prefill, list(decode_positions), tokens, list(range(B)))
+
+    if "by hand" in pruned:
+        logits, (prompt, *_) = pruned["by hand"]
+        last = first + prompt["inputs_embeds"].shape[1] - 1
+        torch.testing.assert_close(logits, reference(prompt)[:, last], atol=ATOL, rtol=0)
+    if "generate" not in pruned:
+        return
+    out, (prompt, *steps) = pruned["generate"]
+    if transformers.__version__.startswith("4."):  # 4.57's generate() gives the model no pixels on a cache
+        assert torch.equal(out.sequences, unpatched["generate"][0].sequences)
+        return
+    last = first + prompt["inputs_embeds"].shape[1] - 1
+    assert kv_cache(out).get_seq_length() == last + NEW_TOKENS  # the generated tokens after the kept ones
+    tokens = out.sequences[:, L:]
+    ref = reference(prompt, [c["position_ids"] if c["position_ids"] is not None else torch.full((1, 1), L + step)
+                             for step, c in enumerate(steps)], tokens)
+    for t, logits in enumerate(out.logits):
+        torch.testing.assert_close(logits, ref[:, last + t], atol=ATOL, rtol=0)
+    assert torch.equal(tokens, ref[:, last:].argmax(-1))
+
+
+@pytest.mark.parametrize("rows", ["batch", "single"])
+@torch.no_grad()
+def test_a_conversation_continues_on_a_cache_pruned_after_its_prefix(rows):
+    """The cache of a prompt pruned after a cached prefix holds the prefix, then the kept tokens: a next turn
+    (the whole conversation given to generate() with that cache) continues on it as on any pruned cache: every
+    logit of both turns equal to one no-cache forward over the prefix, the kept tokens and everything after
+    them, at the unpruned model's positions. A single row has no padding: transformers 5.24+'s generate() then
+    passes no mask, and the hooks tell the turn's repeated tokens by their ids, none of which lie in the prefix
+    (whose ids the hooks never see)."""
+    tiny = BUILDERS["llava"]()
+    inputs = tiny.make_inputs(getattr(tiny, rows))
     ids, image = inputs["input_ids"], tiny.model.config.image_token_id
-    first = int((ids == image).int().argmax(1).min())  # every row's tokens before it are text
-    assert first > 0
-    text_only = ids.masked_fill(ids == image, int(ids[0, first - 1]))
-
-    def continued(ids, **images):
-        cache = transformers.DynamicCache(config=tiny.model.config.get_text_config())
-        tiny.model(input_ids=ids[:, :first], attention_mask=inputs["attention_mask"][:, :first],
-                   **cache_kwargs(tiny.model, cache), use_cache=True)
-        return tiny.model(input_ids=ids[:, first:], attention_mask=inputs["attention_mask"],
-                          **cache_kwargs(tiny.model, cache), use_cache=True, **images).logits
-
-    continued(ids, pixel_values=inputs["pixel_values"])  # the unpatched model takes it
-    expected = continued(text_only)
-    # Prompt caching, as transformers documents it: the text before the images prefilled once, a copy of its
-    # cache given to generate() with the whole prompt (5.24+ hands the model the images encoded, no pixels).
+    B, L = ids.shape
+    first = int((ids == image).int().argmax(1).min())
+    gen = dict(do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, output_logits=True,
+               return_dict_in_generate=True)
     prefix = transformers.DynamicCache(config=tiny.model.config.get_text_config())
+    with capture_lm_calls(tiny.model) as prefix_calls:
+        tiny.model(input_ids=ids[:, :first], attention_mask=inputs["attention_mask"][:, :first],
+                   **cache_kwargs(tiny.model, prefix), use_cache=True)
+    positions = unpruned_decode_positions(tiny.model, inputs, 3 * NEW_TOKENS, do_sample=False,
+                                          min_new_tokens=3 * NEW_TOKENS)  # answer, text, answer
+    with zspa_kernels.prune(tiny.model, keep=KEEP) as handle, capture_lm_calls(tiny.model) as calls:
+        out = tiny.model.generate(**inputs, **cache_kwargs(tiny.model, copy.deepcopy(prefix)), **gen)
+        turn = next_turn(inputs, out.sequences, out.sequences[:, -NEW_TOKENS:])
+        second = tiny.model.generate(**turn, **cache_kwargs(tiny.model, kv_cache(out)), **gen)
+    if transformers.__version__.startswith("4."):
+        pytest.skip("transformers 4.57's generate() gives the prompt no pixels on a cache: nothing is pruned")
+    assert handle.last_selection
+    prompt = calls[0]
+    prefill = dict(inputs_embeds=torch.cat([prefix_calls[0]["inputs_embeds"], prompt["inputs_embeds"]], 1),
+                   attention_mask=padding_mask(prompt["attention_mask"], prompt["inputs_embeds"]),
+                   position_ids=torch.cat([torch.arange(first).expand(B, first), prompt["position_ids"]], -1))
+    if prefix_calls[0]["position_ids"] is not None:
+        prefill["position_ids"][:, :first] = prefix_calls[0]["position_ids"]
+    if prefill["attention_mask"].shape[1] != prefill["inputs_embeds"].shape[1]:  # 5.24+: no mask of ones given
+        prefill["attention_mask"] = torch.ones(prefill["inputs_embeds"].shape[:2], dtype=torch.long)
+    ref = no_cache_logits(tiny.model, prefill, positions, second.sequences[:, L:], list(range(B)))
+    last = prefill["inputs_embeds"].shape[1] - 1
+    for n, turn_out in ((0, out), (2, second)):
+        for t, logits in enumerate(turn_out.logits):
+            torch.testing.assert_close(logits, ref[:, last + n * NEW_TOKENS + t], atol=ATOL, rtol=0)
+    assert torch.equal(second.sequences[:, L:], torch.cat([out.sequences[:, L:], turn["input_ids"][:, -NEW_TOKENS:],
+                                                           ref[:, last + 2 * NEW_TOKENS:].argmax(-1)], 1))
+
+
+@torch.no_grad()
+def test_a_prompt_after_a_cached_prefix_is_refused_on_a_static_cache():
+    """A static cache keeps its length on the device: the hooks prune after a dynamic cache only, and say so.
+    (One row: transformers 4.57 counts a static cache's length by row 0's nonzero keys, none where its cached
+    tokens are all padding.)"""
+    tiny = BUILDERS["llava"]()
+    inputs = tiny.make_inputs(tiny.single)
+    ids, image = inputs["input_ids"], tiny.model.config.image_token_id
+    first = int((ids == image).int().argmax(1).min())
+    cache = static_cache(tiny.model, ids.shape[0], ids.shape[1] + NEW_TOKENS)
     tiny.model(input_ids=ids[:, :first], attention_mask=inputs["attention_mask"][:, :first],
-               **cache_kwargs(tiny.model, prefix), use_cache=True)
-    gen = dict(max_new_tokens=2, do_sample=False)
-    cached = tiny.model.generate(**inputs, **cache_kwargs(tiny.model, copy.deepcopy(prefix)), **gen)
+               **cache_kwargs(tiny.model, cache), use_cache=True)
     with zspa_kernels.prune(tiny.model, keep=KEEP):
-        with pytest.raises(RuntimeError, match="images arrive on a KV cache that already holds"):
-            continued(ids, pixel_values=inputs["pixel_values"])
-        assert torch.equal(continued(text_only), expected)
-        if transformers.__version__.startswith("4."):
-            # 4.57's generate() gives the model no pixels on a cache: it reads the image tokens as text, as pruned
-            got = tiny.model.generate(**inputs, **cache_kwargs(tiny.model, copy.deepcopy(prefix)), **gen)
-            assert torch.equal(got, cached)
-        else:
-            with pytest.raises(RuntimeError, match="images arrive on a KV cache that already holds"):
-                tiny.model.generate(**inputs, **cache_kwargs(tiny.model, copy.deepcopy(prefix)), **gen)
+        with pytest.raises(RuntimeError, match="images arrive on a KV cache that already holds.*the cache is static"):
+            tiny.model(input_ids=ids[:, first:], attention_mask=inputs["attention_mask"],
+                       pixel_values=inputs["pixel_values"], **cache_kwargs(tiny.model, cache), use_cache=True)
 
 
 def test_unsupported_model_names_the_supported_families():

@@ -30,6 +30,8 @@ from .handle import PruneHandle
 class EncoderDecoderPruneHandle(PruneHandle):
     """:class:`PruneHandle` for a family with ``encoder_decoder`` (see the module docstring)."""
 
+    prefills_after_a_cache = False  # the encoder's input is pruned whole
+
     def _install(self, model, base, lm) -> list:
         # base: the model holding the encoder and the decoder: T5Gemma 2's (its encoder merges the image
         # features; lm is the encoder's text model), or Florence-2's (it merges them; lm is its BART's encoder).

@@ -12,7 +12,9 @@ while the handle lives, :class:`_GenerateMasks`):
   with one ``zspa::select_tokens`` call, then gathers ``inputs_embeds``, the
   ORIGINAL ``position_ids`` (every row of an M-RoPE tensor) and an explicit 2-D
   attention mask (a missing mask with gaps in the positions would be read as
-  packed sequences), left-padding rows that kept different counts. At decode it
+  packed sequences), left-padding rows that kept different counts. A prompt whose
+  images arrive on a dynamic cache it did not prefill (a cached prefix) is pruned
+  the same way after the cached tokens (:meth:`PruneHandle._offset_refusal`). At decode it
   replaces the mask, which ``generate()`` keeps at the original length, by the
   pruned one plus the new tokens, and remaps ``cache_position`` (transformers
   4.x) to cache slots;
@@ -95,10 +97,9 @@ CHUNKED_ERROR = (
 )
 CONTINUED_ERROR = (
     "zspa_kernels.prune: images arrive on a KV cache that already holds tokens of this sequence, which the "
-    "hooks did not prefill: a chunked prefill (generate(prefill_chunk_size=...)), a cached prefix (prompt "
-    "caching: a system prompt prefilled once), or a conversation continued on its cache. The selection needs "
-    "the whole prompt in one prefill on an empty cache: pass prefill_chunk_size=None, or run the whole prompt "
-    "(conversation) again without the cache, or remove() the handle to run it unpruned."
+    "hooks did not prefill (a cached prefix: prompt caching; a conversation whose earlier turns brought no "
+    "image), and {why}. Run the whole prompt (conversation) again without the cache, or remove() the handle "
+    "to run it unpruned."
 )
 LOST_ERROR = (
     "zspa_kernels.prune: this KV cache holds a pruned prefill whose layout (kept positions, mask) is lost: "
@@ -467,6 +468,11 @@ class PruneHandle:
     # token by token (several would be assisted decoding, or a new prompt on the cache: refused); a block
     # diffusion model's generate() appends each finished canvas (block_diffusion.py).
     multi_token_steps = False
+    # Whether a prompt's images may arrive on a cache that holds the text before them, which this handle did
+    # not prefill (prompt caching, a conversation's first turns without images): the prompt is pruned after
+    # that text (PruneHandle._offset_refusal says where not). The handles of other layouts (cross-attention,
+    # encoder-decoder, action expert, block diffusion) refuse it.
+    prefills_after_a_cache = True
 
     def __init__(self, model: torch.nn.Module, family: Family, keep: Union[int, float],
                  core_ratio: float, relevance: str, prompt: str, backend: str,
@@ -549,7 +555,8 @@ class PruneHandle:
     def last_kept_positions(self) -> Optional[torch.Tensor]:
         """``(B, L')`` long, on the model's device: for each position of the last pruned prompt's
         outputs (logits, hidden states, attentions, cache slots), the position in ``input_ids`` it
-        came from; ``-1`` on the left padding added where rows kept different counts. Ascending
+        came from (after a cached prefix: in the ``input_ids`` the model was called with, the tokens from
+        the cache's length on); ``-1`` on the left padding added where rows kept different counts. Ascending
         along each row, so ``labels.gather`` by it, or scoring an answer by its input positions,
         reads the right logits whatever the padding side. None when the last prompt ran unpruned
         (no images, or no ``input_ids``)."""
@@ -858,6 +865,7 @@ class PruneHandle:
             self._decode_step(state, kwargs)
             return args, kwargs
         embeds = kwargs.get("inputs_embeds")
+        offset = 0  # the tokens a cache this handle did not prefill holds before this prompt
         if cache is not None:
             _refuse_lost(cache)  # the language model called without the base model
             length = _host_length(cache)
@@ -870,18 +878,49 @@ class PruneHandle:
                 empty = _is_empty(cache)
             if not empty:
                 # A cache this handle did not prune, mid-sequence: left as it is, unless images come
-                # with several tokens (a prompt's part: refused, rather than run unpruned, unsaid).
-                if embeds is not None and embeds.shape[1] > 1 and (merged or _brings_images(inputs)):
-                    raise RuntimeError(CONTINUED_ERROR)
-                return None
+                # with several tokens: a prompt after the text the cache holds, pruned after it, or
+                # refused (never run unpruned, unsaid).
+                if not (embeds is not None and embeds.shape[1] > 1 and (merged or _brings_images(inputs))):
+                    return None
+                why = self._offset_refusal(cache, length, kwargs.get("attention_mask"), embeds.shape[1])
+                if why is not None:
+                    raise RuntimeError(CONTINUED_ERROR.format(why=why))
+                offset = length
         ids = inputs.get("input_ids")
         self.last_selection, self._layout = [], None
         if embeds is None or ids is None or ids.shape != embeds.shape[:2]:
             return None  # no token ids to find the images in: run unpruned
         if not (merged or _brings_images(inputs)):
             return None  # no images merged, as the model runs it: its image tokens are text, nothing to select
-        self._prefill(ids, embeds, cache, inputs, kwargs)
+        if offset:
+            self._prefill(ids, embeds, cache, inputs, kwargs, offset=offset)
+        else:
+            self._prefill(ids, embeds, cache, inputs, kwargs)
         return args, kwargs
+
+    def _offset_refusal(self, cache, length: Optional[int], mask, q: int) -> Optional[str]:
+        """Why a prompt of ``q`` tokens with images cannot be pruned after the ``length`` tokens ``cache``
+        holds (a cache this handle did not prefill), or None where it can: the prefill then runs on the new
+        tokens alone, numbered and masked after the cached ones (:meth:`_prefill`'s ``offset``)."""
+        family = self.family
+        if not self.prefills_after_a_cache:
+            return "this model's handle prunes a prompt only on an empty cache"
+        if length is None or _static_length(cache) is not None:
+            return "the cache is static (allocated ahead, its length kept on the device): the hooks prune after a " \
+                   "dynamic cache only"
+        if family.build_mask is not None or family.slot_position_modules is not None or family.embed is not None \
+                or family.on_prefill is not None or family.select_on is not None:
+            return (f"{family.name}'s pruned prefill rebuilds inputs of its own (masks, positions or features) for "
+                    "a prompt on an empty cache only")
+        layers = getattr(cache, "layers", None)
+        if layers is not None:
+            from transformers.cache_utils import CacheLayerMixin
+
+            if not all(isinstance(layer, CacheLayerMixin) for layer in layers):
+                return "its linear-attention layers' state is not a sequence the hooks can append a pruned prompt to"
+        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] == length + q):
+            return "the hooks read a 2-D attention mask over the cached and the new tokens, or none, and got another"
+        return None
 
     def _lm_post_hook(self, module, args, kwargs, output):
         """A language model asked for ``logits_to_keep`` positions (Gemma4's base model passes it on)
@@ -1101,10 +1140,14 @@ class PruneHandle:
         prompt_tokens = [p[v] for p, v in zip(prompt_pos, prompt_valid)]
         return to_device(prompt_pos, device), to_device(prompt_valid, device), prompt_tokens
 
-    def _prefill(self, ids, embeds, cache, inputs, kwargs) -> None:
+    def _prefill(self, ids, embeds, cache, inputs, kwargs, offset: int = 0) -> None:
+        """Select each image's tokens of a prompt and hand the language model the kept ones. ``offset``: the
+        tokens the cache holds before the prompt (a prefix the hooks did not prefill, :meth:`_offset_refusal`
+        allowing): the prompt's tokens are numbered and stored after them, and its mask spans them too."""
         B, L, D = embeds.shape
         device = embeds.device
-        mask = _mask_2d(kwargs.get("attention_mask"), B, L, device)
+        mask = _mask_2d(kwargs.get("attention_mask"), B, offset + L, device)
+        prefix_mask, mask = mask[:, :offset], mask[:, offset:]
         sizing = _count_inputs_on_host(inputs)  # there once the sync below returns
         # The one host sync: where the images are, and which tokens form the prompt.
         ids_h, mask_h, labels_h, typed_h = self._host_copy(inputs, ids, mask, device)
@@ -1174,10 +1217,10 @@ class PruneHandle:
         new_mask = mask.gather(1, index) * valid
         positions = kwargs.get("position_ids")
         if positions is None:
-            positions = torch.arange(L, device=device)[None].expand(B, L)
+            positions = torch.arange(offset, offset + L, device=device)[None].expand(B, L)
         positions = positions.expand(*positions.shape[:-2], B, L)
         positions = positions.gather(-1, index.expand(*positions.shape[:-2], B, new_len))
-        slots = torch.arange(new_len, device=device)
+        slots = torch.arange(offset, offset + new_len, device=device)
         if kwargs.get("cache_position") is not None:  # transformers 4.x: cache slots
             kwargs["cache_position"] = slots
         if self.family.slot_position_modules is not None and dropped:
@@ -1189,7 +1232,8 @@ class PruneHandle:
             positions = positions + src.clamp_max(0)
         kwargs["position_ids"] = positions
         prebuilt = self._deferred is not None or _prebuilt(kwargs.get("attention_mask"))
-        kwargs["attention_mask"] = new_mask
+        sequence_mask = torch.cat([prefix_mask, new_mask], 1) if offset else new_mask  # the cache's, after the prompt
+        kwargs["attention_mask"] = sequence_mask
         if self.family.build_mask is not None and prebuilt:
             self._deferred = None  # built here, once, for the pruned layout
             # The caller's token types, kept like the embeddings: none given, none passed on (the
@@ -1210,11 +1254,15 @@ class PruneHandle:
             text = (~visual_h & mask_h.bool()).all(0)
             tail = int(text.flip(0).cumprod(0).sum())
             scored = min(tail, self._scored if dropped else L)
-            state = _CacheState(new_mask, L, new_len, last + 1, layout=(index, valid), dropped=dropped,
-                                counts_slots=self._slots is not None, scored=scored, tokens=[ids])
+            # After a cached prefix, its ids are not known here: -1 stands for them (a turn's repeated ids, which
+            # _repeats compares, lie past the kept prompt's start); no reader of the cache takes the layout.
+            tokens = [ids.new_full((B, offset), -1), ids] if offset else [ids]
+            state = _CacheState(sequence_mask, offset + L, offset + new_len, last + 1,
+                                layout=None if offset else (index, valid), dropped=dropped,
+                                counts_slots=self._slots is not None, scored=scored, tokens=tokens)
             full = _static_length(cache)
             if full is not None:
-                state.decode_mask = torch.cat([new_mask, new_mask.new_ones(B, full - new_len)], dim=1)
+                state.decode_mask = torch.cat([new_mask, new_mask.new_ones(B, full - new_len)], dim=1)  # offset 0 here
                 state.tokens = None  # no turn on a static cache
             self._caches[cache] = state
             self._watch(cache, reset=full is not None)
