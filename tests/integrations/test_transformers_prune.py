@@ -955,17 +955,21 @@ def _refuses_a_prompt_after_a_cache(tiny, cache, mask) -> bool:
 
 @contextlib.contextmanager
 def _stateless(model):
-    """``model`` as it is now at the start of each call inside: the models that keep their M-RoPE offsets
-    (``rope_deltas``) from one call to the next, and number a prompt on a non-empty cache by them (Qwen's,
-    HunYuan-VL's generate()), would otherwise number a run by the one before it."""
+    """Yields ``fresh()``, which puts ``model`` as it was loaded before each call: the models that keep their
+    M-RoPE offsets (``rope_deltas``) from one call to the next, and number a prompt on a non-empty cache by
+    them (Qwen's, HunYuan-VL's generate()), would otherwise number a run by the one before it (another test's
+    too: the fixture's model is shared). What the model held before is put back after."""
     saved = [(m, m.rope_deltas) for m in model.modules() if hasattr(m, "rope_deltas")]
 
-    def restore():
+    def fresh():
+        for m, _ in saved:
+            m.rope_deltas = None
+
+    try:
+        yield fresh
+    finally:
         for m, value in saved:
             m.rope_deltas = value
-
-    yield restore
-    restore()
 
 
 @torch.no_grad()
@@ -1001,6 +1005,7 @@ def test_images_after_a_cached_prefix_are_pruned_after_it(tiny):
         return by_hand(copy.deepcopy(cached)) if way == "by hand" else generate(cached)
 
     with _stateless(tiny.model) as fresh:
+        fresh()
         cached = transformers.DynamicCache(config=tiny.model.config.get_text_config())
         with capture_lm_calls(tiny.model) as prefix_calls:
             tiny.model(**{k: inputs[k][..., :first] for k in per_token}, **cache_kwargs(tiny.model, cached),
