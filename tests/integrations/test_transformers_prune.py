@@ -942,15 +942,13 @@ def test_a_chunked_prefill_is_refused_clearly(tiny, chunk):
 
 def _refuses_a_prompt_after_a_cache(tiny, cache, mask) -> bool:
     """Where the hooks refuse a prompt with images after a cache they did not prefill (handle.py's
-    ``_offset_refusal``): a family whose pruned prefill rebuilds inputs of its own, a cache with
-    linear-attention layers (their state is no sequence of tokens), or a language model handed another
-    mask than a 2-D one over the cached and the new tokens (``mask``: what the unpatched model hands it)."""
-    family = find_family(tiny.model)
-    own = (family.build_mask, family.slot_position_modules, family.embed, family.on_prefill, family.select_on)
+    ``_offset_refusal``): a family whose pruned prefill builds its own masks, a cache with linear-attention
+    layers (their state is no sequence of tokens), or a language model handed another mask than a 2-D one
+    over the cached and the new tokens (``mask``: what the unpatched model hands it)."""
     layers = getattr(cache, "layers", [])
     linear = not all(isinstance(layer, transformers.cache_utils.CacheLayerMixin) for layer in layers)
     other_mask = mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2)
-    return any(f is not None for f in own) or linear or other_mask
+    return find_family(tiny.model).build_mask is not None or linear or other_mask
 
 
 @contextlib.contextmanager
@@ -980,8 +978,9 @@ def test_images_after_a_cached_prefix_are_pruned_after_it(tiny):
     image). The hooks prune the new tokens after the cached ones: at keep-all the unpatched model's logits bit
     for bit; pruned, every logit equal to one no-cache forward of the language model over the prefix as the
     unpatched model ran it, then the kept tokens (and the generated ones) at the positions the model gave
-    them. Refused, naming why and leaving the cache as it was, where the family's pruned prefill rebuilds
-    inputs of its own, the cache has linear-attention layers or the language model gets a prebuilt mask."""
+    them (with the family's own per-position inputs: deepstack features, per-layer inputs, token types, after
+    the prefix's). Refused, naming why and leaving the cache as it was, where the family's pruned prefill
+    builds its own masks, the cache has linear-attention layers or the language model gets a prebuilt mask."""
     inputs = tiny.make_inputs(tiny.batch)
     ids = inputs["input_ids"]
     B, L = ids.shape
@@ -1073,6 +1072,19 @@ def test_images_after_a_cached_prefix_are_pruned_after_it(tiny):
                        position_ids=torch.cat([prefix_positions.expand(*positions.shape[:-1], first), positions], -1))
         if prefill["attention_mask"] is None:
             prefill["attention_mask"] = torch.ones(B, prefill["inputs_embeds"].shape[1], dtype=torch.long)
+        # The language model's per-position inputs of the prompt (a family's on_prefill keeps the kept tokens'),
+        # after the prefix's: text there (no deepstack feature, the prefix's own per-layer inputs and types).
+        if prompt.get("visual_pos_masks") is not None:  # Qwen3-VL's deepstack features: none in the text
+            visual = prompt["visual_pos_masks"]
+            pad = (0, 0) * (visual.dim() - 2) + (first, 0)
+            prefill["visual_pos_masks"] = torch.nn.functional.pad(visual, pad)
+            prefill["deepstack_visual_embeds"] = prompt["deepstack_visual_embeds"]
+        if prompt.get("vision_mask") is not None:  # Granite 4 Vision's features, added inside the language model
+            prefill["vision_mask"] = torch.nn.functional.pad(prompt["vision_mask"], (0, 0, first, 0))
+            prefill["deepstack_features"] = prompt["deepstack_features"]
+        for name in ("moe_mm_token_type_ids", "ple_input_ids", "per_layer_inputs"):
+            if prompt.get(name) is not None:
+                prefill[name] = torch.cat([prefix_calls[0][name], prompt[name]], 1)
         return no_cache_logits(tiny.model, prefill, list(decode_positions), tokens, list(range(B)))
 
     if "by hand" in pruned:

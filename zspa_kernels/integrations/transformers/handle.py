@@ -908,10 +908,9 @@ class PruneHandle:
         if length is None or _static_length(cache) is not None:
             return "the cache is static (allocated ahead, its length kept on the device): the hooks prune after a " \
                    "dynamic cache only"
-        if family.build_mask is not None or family.slot_position_modules is not None or family.embed is not None \
-                or family.on_prefill is not None or family.select_on is not None:
-            return (f"{family.name}'s pruned prefill rebuilds inputs of its own (masks, positions or features) for "
-                    "a prompt on an empty cache only")
+        if family.build_mask is not None:
+            return (f"{family.name}'s pruned prefill builds its masks (image blocks, a bidirectional prefix) for a "
+                    "prompt on an empty cache only")
         layers = getattr(cache, "layers", None)
         if layers is not None:
             from transformers.cache_utils import CacheLayerMixin
