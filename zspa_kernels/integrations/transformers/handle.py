@@ -916,9 +916,11 @@ class PruneHandle:
             from transformers.cache_utils import CacheLayerMixin
 
             if not all(isinstance(layer, CacheLayerMixin) for layer in layers):
-                return "its linear-attention layers' state is not a sequence the hooks can append a pruned prompt to"
+                return ("the cache's linear-attention layers hold a state, not a sequence the hooks can append a "
+                        "pruned prompt to")
         if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] == length + q):
-            return "the hooks read a 2-D attention mask over the cached and the new tokens, or none, and got another"
+            return ("the language model got a prebuilt mask where the hooks need a 2-D one over the cached and the "
+                    "new tokens (or none)")
         return None
 
     def _lm_post_hook(self, module, args, kwargs, output):
