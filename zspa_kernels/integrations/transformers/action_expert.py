@@ -45,8 +45,6 @@ DIRECT_ERROR = (
 class ActionExpertPruneHandle(PruneHandle):
     """:class:`PruneHandle` for a family with ``action_expert`` (see the module docstring)."""
 
-    prefills_after_a_cache = False  # the prefix is pruned on an empty cache only
-
     def _install(self, model, base, lm) -> list:
         # base: the model holding the VLM and the expert (PI0Model); lm: the VLM's language model.
         self._embedded = None  # (ids, embeddings): what the VLM's input embeddings last gave

@@ -37,7 +37,6 @@ class BlockDiffusionPruneHandle(PruneHandle):
     """:class:`PruneHandle` for a family with ``block_diffusion`` (see the module docstring)."""
 
     multi_token_steps = True
-    prefills_after_a_cache = False  # the prompt is pruned on an empty cache only
 
     def _install(self, model, base, lm) -> list:
         # base: the model holding the encoder (which merges the image features) and the decoder.

@@ -95,8 +95,6 @@ class CrossAttentionPruneHandle(PruneHandle):
     with images (its ``order`` indexes the image's real tiles' tokens, tile by tile);
     ``last_kept_positions`` is None: no position of the sequence is dropped."""
 
-    prefills_after_a_cache = False  # the images are pruned on an empty cache only
-
     def _install(self, model, base, lm) -> list:
         self._text_config = lm.config
         self._cross_layers = sorted(getattr(lm.config, "cross_attention_layers", None) or ())

@@ -30,8 +30,6 @@ from .handle import PruneHandle
 class EncoderDecoderPruneHandle(PruneHandle):
     """:class:`PruneHandle` for a family with ``encoder_decoder`` (see the module docstring)."""
 
-    prefills_after_a_cache = False  # the encoder's input is pruned whole
-
     def _install(self, model, base, lm) -> list:
         # base: the model holding the encoder and the decoder: T5Gemma 2's (its encoder merges the image
         # features; lm is the encoder's text model), or Florence-2's (it merges them; lm is its BART's encoder).
@@ -69,8 +67,8 @@ class EncoderDecoderPruneHandle(PruneHandle):
             return self._prompt(args, kwargs, embedded, None, merged=True)
         return super()._base_pre_hook(module, args, kwargs)
 
-    def _prefill(self, ids, embeds, cache, inputs, kwargs) -> None:
-        super()._prefill(ids, embeds, cache, inputs, kwargs)
+    def _prefill(self, ids, embeds, cache, inputs, kwargs, offset: int = 0) -> None:
+        super()._prefill(ids, embeds, cache, inputs, kwargs, offset)  # offset 0: the encoder takes no cache
         self._encoded = None if self._layout is None else (*self._layout, ids.shape[1])
         if self._learned_positions:  # the encoder takes no positions: its table is read at them
             self._positions = kwargs.pop("position_ids", None)  # none where nothing was selected

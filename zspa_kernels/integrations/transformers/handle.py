@@ -468,11 +468,6 @@ class PruneHandle:
     # token by token (several would be assisted decoding, or a new prompt on the cache: refused); a block
     # diffusion model's generate() appends each finished canvas (block_diffusion.py).
     multi_token_steps = False
-    # Whether a prompt's images may arrive on a cache that holds the text before them, which this handle did
-    # not prefill (prompt caching, a conversation's first turns without images): the prompt is pruned after
-    # that text (PruneHandle._offset_refusal says where not). The handles of other layouts (cross-attention,
-    # encoder-decoder, action expert, block diffusion) refuse it.
-    prefills_after_a_cache = True
 
     def __init__(self, model: torch.nn.Module, family: Family, keep: Union[int, float],
                  core_ratio: float, relevance: str, prompt: str, backend: str,
@@ -892,19 +887,17 @@ class PruneHandle:
             return None  # no token ids to find the images in: run unpruned
         if not (merged or _brings_images(inputs)):
             return None  # no images merged, as the model runs it: its image tokens are text, nothing to select
-        if offset:
-            self._prefill(ids, embeds, cache, inputs, kwargs, offset=offset)
-        else:
-            self._prefill(ids, embeds, cache, inputs, kwargs)
+        self._prefill(ids, embeds, cache, inputs, kwargs, offset)
         return args, kwargs
 
     def _offset_refusal(self, cache, length: Optional[int], mask, q: int) -> Optional[str]:
         """Why a prompt of ``q`` tokens with images cannot be pruned after the ``length`` tokens ``cache``
         holds (a cache this handle did not prefill), or None where it can: the prefill then runs on the new
-        tokens alone, numbered and masked after the cached ones (:meth:`_prefill`'s ``offset``)."""
+        tokens alone, numbered and masked after the cached ones (:meth:`_prefill`'s ``offset``). The handles
+        of other layouts never get here with a cached prefix: their families build their masks (action
+        expert, block diffusion), their encoder takes no cache, or their language model's hook is their own
+        (cross-attention)."""
         family = self.family
-        if not self.prefills_after_a_cache:
-            return "this model's handle prunes a prompt only on an empty cache"
         if length is None or _static_length(cache) is not None:
             return "the cache is static (allocated ahead, its length kept on the device): the hooks prune after a " \
                    "dynamic cache only"
