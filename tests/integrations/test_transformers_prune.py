@@ -7,6 +7,7 @@ positions the UNPRUNED model uses (cached generation).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import importlib.util
@@ -27,6 +28,8 @@ from zspa_kernels.integrations.transformers import cache_kwargs, kv_cache  # noq
 from zspa_kernels.integrations.transformers.tiny import BUILDERS  # noqa: E402
 from zspa_kernels.integrations.transformers.families import find_family, split_model  # noqa: E402
 from zspa_kernels.integrations.transformers.handle import CROPS_BY_COUNT  # noqa: E402
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from .reference import (capture_lm_calls, image_features_of, lm_head, lm_of, next_turn, no_cache_logits,  # noqa: E402
                         padding_mask, static_cache, unpruned_decode_positions)
@@ -1741,3 +1744,71 @@ def test_the_base_model_can_be_pruned_directly():
         hidden = tiny.model.model(**inputs).last_hidden_state
     dropped = handle.last_selection[0].n_tokens - KEEP
     assert hidden.shape[1] == inputs["input_ids"].shape[1] - dropped
+
+
+class _Ops(TorchDispatchMode):
+    """Counts the ops that reach the dispatcher while active, by name: kernels and views, not metadata reads (a
+    tensor's shape or size); an op's own ops (a custom op's implementation) run outside the mode, uncounted."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _uncounted(fn):
+    """``fn`` run with the counting mode off: a family's own function (the mask it builds, the features it
+    gathers, its video's timestamps), which does what its model does, image by image where the model does."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    def call(*args, **kwargs):
+        with _disable_current_modes():
+            return fn(*args, **kwargs)
+    return call
+
+
+def _prefill_calls(tiny, handle, inputs) -> collections.Counter:
+    """The ops of ``handle``'s own prefill hook in one pruned forward of ``inputs``, its family's functions
+    apart."""
+    import dataclasses
+
+    counted, prefill, family = [], handle._prefill, handle.family
+
+    def counting(*args, **kwargs):
+        with _Ops() as mode:
+            prefill(*args, **kwargs)
+        counted.append(mode.calls)
+
+    handle._prefill = counting  # the language model's pre-hook looks it up at every call
+    handle.family = dataclasses.replace(family, **{
+        f.name: _uncounted(getattr(family, f.name)) for f in dataclasses.fields(family)
+        if inspect.isfunction(getattr(family, f.name))})
+    try:
+        tiny.model(**inputs)
+    finally:
+        del handle._prefill
+        handle.family = family
+    assert len(counted) == 1
+    return counted[0]
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+@torch.no_grad()
+def test_the_prefill_hook_makes_as_many_ops_for_one_image_as_for_many(name):
+    """After its one host sync, each op of the prefill hook is a kernel launch or a host op that the GPU waits
+    for (it has run the vision tower and has nothing else queued). So the hook's own code works on all images of
+    a batch at once, in a fixed number of ops: the row with the most images, twice and six times over (not once:
+    torch takes shortcuts on dimensions of size 1). What a family's own functions do, image by image where its
+    model does, is theirs: not counted."""
+    tiny = BUILDERS[name]()
+    row = max(tiny.batch, key=lambda r: tiny.n_images([r]))
+    with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
+        few = _prefill_calls(tiny, handle, tiny.make_inputs([row] * 2, seeds=[0] * 2))
+        assert len(handle.last_selection) == 2 * tiny.n_images([row]) > 0
+        many = _prefill_calls(tiny, handle, tiny.make_inputs([row] * 6, seeds=[0] * 6))
+        assert len(handle.last_selection) == 6 * tiny.n_images([row])
+    more, fewer = many - few, few - many
+    assert not more and not fewer, f"ops that grow with the images: {dict(more)}; that shrink: {dict(fewer)}"

@@ -213,7 +213,7 @@ class CrossAttentionPruneHandle(PruneHandle):
         flat = states.reshape(B, width, D)
         sizes = [c.numel() for c in cols]
         cols_d = to_device(torch.nn.utils.rnn.pad_sequence(cols, batch_first=True), device)
-        selection = select_images(flat, rows, cols_d, sizes, prompt.to(flat.dtype), prompt_valid, self.keep,
+        selection, _ = select_images(flat, rows, cols_d, sizes, prompt.to(flat.dtype), prompt_valid, self.keep,
                                   self.core_ratio, self.relevance, self.backend, prompt_tokens)
         self.last_selection = selection
         if all(s.order.shape[0] == s.n_tokens for s in selection):

@@ -393,6 +393,38 @@ def _count_inputs_on_host(inputs: dict) -> dict:
                            if isinstance(inputs.get(name), torch.Tensor)})
 
 
+def _ends(cols: list[torch.Tensor]) -> tuple[list[int], list[int]]:
+    """Each image's first and last position (``cols[i]``: its positions, ascending), in a fixed number of ops
+    whatever the number of images."""
+    sizes = torch.tensor([c.numel() for c in cols])
+    flat, last = torch.cat(cols), sizes.cumsum(0) - 1
+    firsts, lasts = torch.stack([flat[last - sizes + 1], flat[last]]).tolist()
+    return firsts, lasts
+
+
+def _padded(cols: list[torch.Tensor]) -> torch.Tensor:
+    """``cols`` as the rows of one ``(I, N_max)`` tensor, zero-padded: ``pad_sequence`` in a fixed number of ops
+    (it copies one row at a time)."""
+    sizes = torch.tensor([c.numel() for c in cols])
+    out = torch.zeros(len(cols), int(sizes.max()), dtype=cols[0].dtype)
+    out[torch.arange(out.shape[1]) < sizes[:, None]] = torch.cat(cols)  # row-major: the rows in turn
+    return out
+
+
+def _spanned(shape: torch.Size, rows: list[int], cols: list[torch.Tensor], spans=()) -> torch.Tensor:
+    """Host bool ``shape`` (B, L): True from each image's first token to its last (image ``i``: row ``rows[i]``,
+    positions ``cols[i]``, ascending) and over each ``(row, first, last)`` of ``spans``. A fixed number of ops
+    whatever the number of images: +1 where a span starts, -1 after it ends, and the running sum."""
+    firsts, lasts = _ends(cols)
+    at = torch.tensor([[r, f, l + 1] for r, f, l in zip(rows, firsts, lasts)]
+                      + [[int(r), int(f), int(l) + 1] for r, f, l in spans], dtype=torch.long)
+    edges = torch.zeros(shape[0], shape[1] + 1, dtype=torch.int32)
+    one = torch.ones((), dtype=torch.int32)
+    edges.index_put_((at[:, 0], at[:, 1]), one, accumulate=True)
+    edges.index_put_((at[:, 0], at[:, 2]), -one, accumulate=True)
+    return edges.cumsum(1)[:, :-1] > 0
+
+
 def _prebuilt(mask) -> bool:
     """Whether the language model was handed prebuilt masks (4-D, or a dict of them by attention kind),
     which a family's ``build_mask`` rebuilds for the pruned layout; a 2-D mask (or none) the language model
@@ -957,13 +989,14 @@ class PruneHandle:
                 f"model: the inputs hold {tok_cols.numel()} {self.family.name} image tokens, "
                 f"but the images given imply {sum(counts)} ({counts}); cannot tell where each "
                 "image's tokens are")
-        rows, cols = [], []
-        for r, c in zip(tok_rows.split(counts), tok_cols.split(counts)):
-            if r[0] != r[-1]:
-                raise ValueError(f"model: a {self.family.name} image's tokens span two batch rows; "
-                                 "cannot tell where each image's tokens are")
-            rows.append(int(r[0])), cols.append(c)
-        return rows, cols
+        # Each image's first and last token, in a fixed number of ops whatever the images' number.
+        sizes = torch.tensor(counts)
+        last = sizes.cumsum(0) - 1
+        first_rows = tok_rows[last - sizes + 1]
+        if bool((first_rows != tok_rows[last]).any()):
+            raise ValueError(f"model: a {self.family.name} image's tokens span two batch rows; "
+                             "cannot tell where each image's tokens are")
+        return first_rows.tolist(), list(tok_cols.split(counts))
 
     def _counts(self, runs: list[int], run_ids: list[int], inputs: dict) -> list[int]:
         """Each image's token count, in row-major order: the family's split of the runs; with a
@@ -1017,11 +1050,13 @@ class PruneHandle:
             return []
         attr = self.family.frame_token_attr
         video = None if attr is None else getattr(self.config, attr, None)
+        firsts, lasts = _ends(cols)
+        first_ids = ids_h[torch.tensor(rows), torch.tensor(firsts)].tolist()
         frames, previous = [], {}
-        for r, c in zip(rows, cols):  # row-major: each frame with the end of what came before it in its row
-            if video is None or int(ids_h[r, c[0]]) == video:  # no video token: the frames are images
+        for r, c, first_id, last in zip(rows, cols, first_ids, lasts):  # row-major: each frame with the end of
+            if video is None or first_id == video:  # what came before it in its row; no video token: images
                 frames.append((r, c, previous.get(r, 0)))
-            previous[r] = int(c[-1]) + 1
+            previous[r] = last + 1
         return self.family.video_spans(self.config, inputs, ids_h, frames, self._tokenizer)
 
     def _prompt_tokens(self, ids_h, visual_h, mask_h, rows, cols, labels_h=None, spans=(), marked_h=None,
@@ -1057,11 +1092,7 @@ class PruneHandle:
         the trailing tokens the call scores (``logits_to_keep`` - 1 of them, :meth:`_note_labels`): the
         first drafts of assisted and prompt-lookup decoding, which transformers 5 prefills with the prompt,
         or an answer scored so; generation from that prompt has none of them either."""
-        inside = torch.zeros_like(visual_h)
-        for r, c in zip(rows, cols):
-            inside[r, int(c[0]):int(c[-1]) + 1] = True
-        for r, first, last in spans:
-            inside[r, first:last + 1] = True
+        inside = _spanned(visual_h.shape, rows, cols, spans)
         text = ~visual_h & ~inside & mask_h.bool()
         if 0 < self._scored < text.shape[1]:  # the call scores them: an answer, or assisted decoding's drafts
             text[:, -self._scored:] = False
@@ -1130,8 +1161,9 @@ class PruneHandle:
         t_max = max(1, int(counts.max()))
         prompt_pos = torch.zeros(prompt_h.shape[0], t_max, dtype=torch.long)
         prompt_valid = torch.arange(t_max)[None] < counts[:, None]
-        prompt_pos[prompt_valid] = prompt_h.nonzero()[:, 1]
-        prompt_tokens = [p[v] for p, v in zip(prompt_pos, prompt_valid)]
+        at = prompt_h.nonzero()[:, 1]  # row-major: each row's positions in turn, ascending
+        prompt_pos[prompt_valid] = at
+        prompt_tokens = list(at.split(counts.tolist()))
         return to_device(prompt_pos, device), to_device(prompt_valid, device), prompt_tokens
 
     def _prefill(self, ids, embeds, cache, inputs, kwargs, offset: int = 0) -> None:
@@ -1163,16 +1195,19 @@ class PruneHandle:
         prompt = features.gather(1, prompt_pos[..., None].expand(-1, -1, D))
 
         sizes = [c.numel() for c in cols]
-        cols_d = to_device(torch.nn.utils.rnn.pad_sequence(cols, batch_first=True), device)
-        selection = select_images(features, rows, cols_d, sizes, prompt, prompt_valid, self.keep,
-                                  self.core_ratio, self.relevance, self.backend, prompt_tokens)
+        # Each image's positions, padded, and one column more past every image: the row's end (L), where a -1
+        # pick lands (an image of fewer tokens than its budget, or one of a smaller budget than another's).
+        cols_h = _padded(cols)
+        cols_d = to_device(torch.cat([cols_h, cols_h.new_full((len(cols), 1), L)], 1), device)
+        rows_d = to_device(torch.tensor(rows), device)
+        selection, picks = select_images(features, rows, cols_d[:, :-1], sizes, prompt, prompt_valid, self.keep,
+                                         self.core_ratio, self.relevance, self.backend, prompt_tokens, rows_d)
         self.last_selection = selection
 
-        visual_d = to_device(visual_h, device)
-        dropped_h = torch.zeros(B, dtype=torch.long)
+        dropped_row = [0] * B  # host integers: each order's length is known without the device
         for s in selection:
-            dropped_h[s.batch_row] += s.n_tokens - s.order.shape[0]
-        dropped = bool(dropped_h.any())  # a host tensor
+            dropped_row[s.batch_row] += s.n_tokens - s.order.shape[0]
+        dropped = any(dropped_row)
         if not dropped:
             # Nothing dropped (keep-all): the original layout, padding included, so logits
             # (and a loss from labels, left as given) are the unpatched model's bit for bit.
@@ -1181,11 +1216,12 @@ class PruneHandle:
         else:
             # Keep every attended non-visual position plus the picks of every image; the old
             # left padding goes too, so a short row does not hold the batch at its full width.
-            keep = ~visual_d & (mask != 0)
-            pick_rows = torch.cat([torch.full_like(s.order, s.batch_row) for s in selection])
-            pick_cols = torch.cat([cols_d[i, s.order] for i, s in enumerate(selection)])
-            keep.index_put_((pick_rows, pick_cols), keep.new_ones(()))  # a device scalar: no copy
-            kept_len = (mask_h != 0).sum(1) - dropped_h
+            # Every image's picks at once, whatever their number (a -1 pick marks the column past the row).
+            keep = to_device(torch.cat([~visual_h & (mask_h != 0), visual_h.new_zeros(B, 1)], 1), device)
+            pick_cols = cols_d.gather(1, picks.remainder(cols_d.shape[1]))
+            keep.index_put_((rows_d[:, None].expand_as(pick_cols), pick_cols), keep.new_ones(()))  # no copy
+            keep = keep[:, :L]
+            kept_len = (mask_h != 0).sum(1) - torch.tensor(dropped_row)
             new_len = int(kept_len.max())
             # Kept positions first, ascending (keys are unique), then right-align each row.
             pos = torch.arange(L, device=device)

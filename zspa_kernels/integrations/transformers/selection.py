@@ -9,7 +9,7 @@ budget (one call per distinct budget; a count ``keep`` is always one call).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -74,24 +74,30 @@ def select_images(
     relevance: str,
     backend: str,
     prompt_tokens: list[torch.Tensor],
-) -> list[ImageSelection]:
+    rows_d: Optional[torch.Tensor] = None,
+) -> tuple[list[ImageSelection], torch.Tensor]:
     """Select tokens of every image ``i`` = ``embeds[rows[i], cols[i, :sizes[i]]]``.
 
     ``cols`` is ``(I, N_max)`` on ``embeds``' device (the tail past each size is never
     read). ``prompt`` is ``(B, T, D)`` with ``prompt_mask`` ``(B, T)``, one per batch row,
-    and ``prompt_tokens[b]`` the positions it was gathered from (recorded only).
-    Returns one :class:`ImageSelection` per image, in the order given.
+    and ``prompt_tokens[b]`` the positions it was gathered from (recorded only). ``rows_d``: ``rows``
+    on the device where the caller has them already.
+    Returns one :class:`ImageSelection` per image, in the order given, and every image's picks
+    at once: ``(I, k_max)`` on the device, image ``i``'s ``order`` then -1 (for callers that keep
+    or drop the picks of all images in a fixed number of ops).
     """
     device = embeds.device
-    row_t = to_device(torch.tensor(rows), device)
+    row_t = to_device(torch.tensor(rows), device) if rows_d is None else rows_d
     size_t = to_device(torch.tensor(sizes), device)
     visual = embeds[row_t[:, None], cols]
     budgets_i = [keep_budget(keep, n) for n in sizes]
     orders: list[torch.Tensor] = [None] * len(sizes)
-    for k in sorted(set(budgets_i)):
+    budgets = sorted(set(budgets_i))
+    picks = None if len(budgets) == 1 else torch.full((len(sizes), budgets[-1]), -1, dtype=torch.long, device=device)
+    for k in budgets:
         members = [i for i, b in enumerate(budgets_i) if b == k]
-        idx = to_device(torch.tensor(members), device)
         whole = len(members) == len(sizes)
+        idx = None if whole else to_device(torch.tensor(members), device)
         picked = torch.ops.zspa.select_tokens(
             visual if whole else visual[idx],
             prompt[row_t if whole else row_t[idx]],
@@ -103,12 +109,17 @@ def select_images(
             backend,
             True,
         )
-        for j, i in enumerate(members):
-            orders[i] = picked[j, : min(k, sizes[i])]
+        if whole:
+            picks = picked
+        else:
+            picks[idx, :k] = picked
+        # An image of fewer than k tokens has -1 after its picks (a view of the first min(k, n) then).
+        for i, order in zip(members, picked.unbind(0)):
+            orders[i] = order if sizes[i] >= k else order[: sizes[i]]
     out = []
     image_of_row: dict[int, int] = {}
     for i, (r, n) in enumerate(zip(rows, sizes)):
         core = core_count(core_ratio, min(budgets_i[i], n))
         out.append(ImageSelection(r, image_of_row.get(r, 0), n, orders[i], core, prompt_tokens[r]))
         image_of_row[r] = image_of_row.get(r, 0) + 1
-    return out
+    return out, picks
