@@ -193,8 +193,8 @@ class CrossAttentionPruneHandle(PruneHandle):
         ids_h, mask_h, labels_h, _ = self._host_copy(inputs, ids, mask, device)  # no typed markers
         marks_h = torch.isin(ids_h, torch.tensor(self.visual_ids, dtype=ids_h.dtype))
         mark_rows, mark_cols = marks_h.nonzero(as_tuple=True)
-        prompt_h = self._prompt_tokens(ids_h, marks_h, mask_h, mark_rows.tolist(), list(mark_cols[:, None]),
-                                       labels_h)
+        marks = mark_cols.tolist()  # an image is one mark
+        prompt_h = self._prompt_tokens(ids_h, marks_h, mask_h, mark_rows.tolist(), marks, marks, labels_h)
         tiles = torch.arange(n_tiles * self._patches).view(n_tiles, self._patches)
         rows, cols = [], []
         for b in range(B):

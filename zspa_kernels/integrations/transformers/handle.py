@@ -45,7 +45,7 @@ import inspect
 import warnings
 import weakref
 from dataclasses import dataclass, replace
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 
@@ -393,35 +393,29 @@ def _count_inputs_on_host(inputs: dict) -> dict:
                            if isinstance(inputs.get(name), torch.Tensor)})
 
 
-def _ends(cols: list[torch.Tensor]) -> tuple[list[int], list[int]]:
-    """Each image's first and last position (``cols[i]``: its positions, ascending), in a fixed number of ops
-    whatever the number of images."""
-    sizes = torch.tensor([c.numel() for c in cols])
-    flat, last = torch.cat(cols), sizes.cumsum(0) - 1
-    firsts, lasts = torch.stack([flat[last - sizes + 1], flat[last]]).tolist()
-    return firsts, lasts
+class Images(NamedTuple):
+    """Where a prefill's images are (host), image by image in row-major order: ``rows[i]``, its batch row;
+    ``cols[i]``, its positions, ascending, ``sizes[i]`` of them; ``firsts[i]`` and ``lasts[i]``, the first and the last of them; ``padded``,
+    every image's positions as the rows of one zero-padded ``(I, N_max)`` tensor. Made in a fixed number of ops
+    whatever the number of images (:meth:`PruneHandle._find_images`)."""
+    rows: list[int]
+    cols: list[torch.Tensor]
+    sizes: list[int]
+    firsts: list[int]
+    lasts: list[int]
+    padded: torch.Tensor
 
 
-def _padded(cols: list[torch.Tensor]) -> torch.Tensor:
-    """``cols`` as the rows of one ``(I, N_max)`` tensor, zero-padded: ``pad_sequence`` in a fixed number of ops
-    (it copies one row at a time)."""
-    sizes = torch.tensor([c.numel() for c in cols])
-    out = torch.zeros(len(cols), int(sizes.max()), dtype=cols[0].dtype)
-    out[torch.arange(out.shape[1]) < sizes[:, None]] = torch.cat(cols)  # row-major: the rows in turn
-    return out
-
-
-def _spanned(shape: torch.Size, rows: list[int], cols: list[torch.Tensor], spans=()) -> torch.Tensor:
-    """Host bool ``shape`` (B, L): True from each image's first token to its last (image ``i``: row ``rows[i]``,
-    positions ``cols[i]``, ascending) and over each ``(row, first, last)`` of ``spans``. A fixed number of ops
-    whatever the number of images: +1 where a span starts, -1 after it ends, and the running sum."""
-    firsts, lasts = _ends(cols)
+def _spanned(shape: torch.Size, rows: list[int], firsts: list[int], lasts: list[int], spans=()) -> torch.Tensor:
+    """Host bool ``shape`` (B, L): True from ``firsts[i]`` to ``lasts[i]`` in row ``rows[i]``, and over each
+    ``(row, first, last)`` of ``spans``. A fixed number of ops whatever their number: +1 where a span starts, -1
+    after it ends, and the running sum."""
     at = torch.tensor([[r, f, l + 1] for r, f, l in zip(rows, firsts, lasts)]
-                      + [[int(r), int(f), int(l) + 1] for r, f, l in spans], dtype=torch.long)
+                      + [[int(r), int(f), int(l) + 1] for r, f, l in spans], dtype=torch.long).T
     edges = torch.zeros(shape[0], shape[1] + 1, dtype=torch.int32)
     one = torch.ones((), dtype=torch.int32)
-    edges.index_put_((at[:, 0], at[:, 1]), one, accumulate=True)
-    edges.index_put_((at[:, 0], at[:, 2]), -one, accumulate=True)
+    edges.index_put_((at[0], at[1]), one, accumulate=True)
+    edges.index_put_((at[0], at[2]), -one, accumulate=True)
     return edges.cumsum(1)[:, :-1] > 0
 
 
@@ -963,8 +957,7 @@ class PruneHandle:
 
     # -- prefill ---------------------------------------------------------------------------
     def _find_images(self, ids: torch.Tensor, visual: torch.Tensor, inputs: dict):
-        """Host ``(rows, cols)`` of every image: its batch row and a ``(n_i,)`` tensor of
-        its token positions. Runs of visual tokens (of one id: an image next to a video is
+        """Where every image is (:class:`Images`): its batch row and its token positions. Runs of visual tokens (of one id: an image next to a video is
         two runs) go to the family, which returns each image's token count: the runs
         themselves, or counts that cut the row-major sequence of visual tokens otherwise
         (adjacent images; row-break tokens inside an image)."""
@@ -992,11 +985,15 @@ class PruneHandle:
         # Each image's first and last token, in a fixed number of ops whatever the images' number.
         sizes = torch.tensor(counts)
         last = sizes.cumsum(0) - 1
-        first_rows = tok_rows[last - sizes + 1]
+        first = last - sizes + 1
+        first_rows = tok_rows[first]
         if bool((first_rows != tok_rows[last]).any()):
             raise ValueError(f"model: a {self.family.name} image's tokens span two batch rows; "
                              "cannot tell where each image's tokens are")
-        return first_rows.tolist(), list(tok_cols.split(counts))
+        rows, firsts, lasts = torch.stack([first_rows, tok_cols[first], tok_cols[last]]).tolist()
+        padded = tok_cols.new_zeros(len(counts), max(counts))
+        padded[torch.arange(padded.shape[1]) < sizes[:, None]] = tok_cols  # row-major: image by image
+        return Images(rows, list(tok_cols.split(counts)), counts, firsts, lasts, padded)
 
     def _counts(self, runs: list[int], run_ids: list[int], inputs: dict) -> list[int]:
         """Each image's token count, in row-major order: the family's split of the runs; with a
@@ -1044,22 +1041,22 @@ class PruneHandle:
         return (host[0], host[1], None if labels is None else host[2],
                 None if types is None else host[-1] != 0)
 
-    def _video_spans(self, ids_h, rows, cols, inputs) -> list[tuple[int, int, int]]:
+    def _video_spans(self, ids_h, images: Images, inputs) -> list[tuple[int, int, int]]:
         """The family's (row, first, last) span of each video, from its frames (``video_spans``)."""
         if self.family.video_spans is None:
             return []
         attr = self.family.frame_token_attr
         video = None if attr is None else getattr(self.config, attr, None)
-        firsts, lasts = _ends(cols)
-        first_ids = ids_h[torch.tensor(rows), torch.tensor(firsts)].tolist()
+        first_ids = ids_h[torch.tensor(images.rows), torch.tensor(images.firsts)].tolist()
         frames, previous = [], {}
-        for r, c, first_id, last in zip(rows, cols, first_ids, lasts):  # row-major: each frame with the end of
-            if video is None or first_id == video:  # what came before it in its row; no video token: images
+        # Row-major: each frame with the end of what came before it in its row; no video token: the frames are images.
+        for r, c, first_id, last in zip(images.rows, images.cols, first_ids, images.lasts):
+            if video is None or first_id == video:
                 frames.append((r, c, previous.get(r, 0)))
             previous[r] = last + 1
         return self.family.video_spans(self.config, inputs, ids_h, frames, self._tokenizer)
 
-    def _prompt_tokens(self, ids_h, visual_h, mask_h, rows, cols, labels_h=None, spans=(), marked_h=None,
+    def _prompt_tokens(self, ids_h, visual_h, mask_h, rows, firsts, lasts, labels_h=None, spans=(), marked_h=None,
                        answered_h=None):
         """Which positions form the prompt vector (host bool ``(B, L)``).
 
@@ -1092,7 +1089,7 @@ class PruneHandle:
         the trailing tokens the call scores (``logits_to_keep`` - 1 of them, :meth:`_note_labels`): the
         first drafts of assisted and prompt-lookup decoding, which transformers 5 prefills with the prompt,
         or an answer scored so; generation from that prompt has none of them either."""
-        inside = _spanned(visual_h.shape, rows, cols, spans)
+        inside = _spanned(visual_h.shape, rows, firsts, lasts, spans)
         text = ~visual_h & ~inside & mask_h.bool()
         if 0 < self._scored < text.shape[1]:  # the call scores them: an answer, or assisted decoding's drafts
             text[:, -self._scored:] = False
@@ -1187,18 +1184,18 @@ class PruneHandle:
                           "processor's image markers that model.config does not name count as question text; "
                           f"pass the processor's {self.family.token_types_arg}, or prune(model, ..., "
                           "tokenizer=processor)", UserWarning)
-        rows, cols = self._find_images(ids_h, visual_h, sizing)
-        prompt_h = self._prompt_tokens(ids_h, visual_h, mask_h, rows, cols, labels_h,
-                                       self._video_spans(ids_h, rows, cols, sizing), marked_h, answered_h)
+        images = self._find_images(ids_h, visual_h, sizing)
+        rows = images.rows
+        prompt_h = self._prompt_tokens(ids_h, visual_h, mask_h, rows, images.firsts, images.lasts, labels_h,
+                                       self._video_spans(ids_h, images, sizing), marked_h, answered_h)
         prompt_pos, prompt_valid, prompt_tokens = self._prompt_positions(prompt_h, rows, device)
         features = embeds if self.family.select_on is None else self.family.select_on(kwargs, embeds)
         prompt = features.gather(1, prompt_pos[..., None].expand(-1, -1, D))
 
-        sizes = [c.numel() for c in cols]
+        sizes = images.sizes
         # Each image's positions, padded, and one column more past every image: the row's end (L), where a -1
         # pick lands (an image of fewer tokens than its budget, or one of a smaller budget than another's).
-        cols_h = _padded(cols)
-        cols_d = to_device(torch.cat([cols_h, cols_h.new_full((len(cols), 1), L)], 1), device)
+        cols_d = to_device(torch.cat([images.padded, images.padded.new_full((len(sizes), 1), L)], 1), device)
         rows_d = to_device(torch.tensor(rows), device)
         selection, picks = select_images(features, rows, cols_d[:, :-1], sizes, prompt, prompt_valid, self.keep,
                                          self.core_ratio, self.relevance, self.backend, prompt_tokens, rows_d)
