@@ -10,7 +10,8 @@ memory and KV-cache bytes, and the selection's share of the pruned prefill (``se
 ``hook_ms`` is the whole prefill hook of :func:`zspa_kernels.prune` (finding the images, the
 prompt, the selection, the gathers), synchronised before and after, so its host work and its
 kernels are counted one after the other: what pruning adds to a prefill besides the shorter
-language model, an upper bound.
+language model, an upper bound. ``hook_kernels`` and ``hook_host_ops`` count its ops (:func:`hook_ops`),
+which do not grow with the images of a batch.
 Models come from :mod:`zspa_kernels.models` with random weights, in bf16 on GPUs
 (fp32 on CPUs, which mostly emulate bf16 and would time the emulation). Times are
 medians of a synchronised host clock: each call is milliseconds long, far above
@@ -91,6 +92,45 @@ def hook_ms(handle, model, inputs: dict, device, repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+def hook_ops(handle, model, inputs: dict) -> dict:
+    """The ops of one prefill hook of ``handle`` as torch's dispatcher sees them (``select_tokens`` one of them,
+    its own ops uncounted): ``hook_kernels``, those on a GPU that run a kernel (views apart: they launch none),
+    and ``hook_host_ops``, those on host tensors (its bookkeeping of where the images and the prompt are). After
+    the hook's one host sync the GPU has nothing queued, so each of them is time it waits. On CPUs every op is
+    a host op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Count(TorchDispatchMode):
+        kernels = host = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+            if any(t.device.type != "cpu" for t in tensors):
+                self.kernels += not func.is_view
+            else:
+                self.host += 1
+            return out
+
+    counts, hook = [], handle._prefill
+
+    def counted(*args, **kwargs):
+        with Count() as mode:
+            hook(*args, **kwargs)
+        counts.append({"hook_kernels": mode.kernels, "hook_host_ops": mode.host})
+
+    handle._prefill = counted  # the language model's pre-hook looks it up at every call
+    try:
+        with torch.no_grad():
+            models.prefill(model, inputs)
+    finally:
+        del handle._prefill
+    if len(counts) != 1:
+        raise RuntimeError(f"bench.e2e: the prefill hook ran {len(counts)} times in one prefill")
+    return counts[0]
+
+
 class _StepClock:
     """A stopping criterion that never stops: it timestamps every generated token, so one
     ``generate()`` call yields both the time to the first token and the decode rate."""
@@ -160,6 +200,7 @@ def run(names, batches, device, backend: str, new_tokens: int, repeats: int, pro
                     stats = measure(model, inputs, device, new_tokens, repeats, cache)
                     if handle is not None:
                         stats["hook_ms"] = hook_ms(handle, model, inputs, device, repeats)
+                        stats.update(hook_ops(handle, model, inputs))
                 record = {"name": "e2e", "model": name, "impl": "unpruned" if keep is None else impl,
                           "B": B, "N": N, "D": D, "k": k, "kept": k, "dtype": str(dtype).replace("torch.", ""),
                           "tokens": inputs["input_ids"].shape[1], "cache": cache,
@@ -168,7 +209,8 @@ def run(names, batches, device, backend: str, new_tokens: int, repeats: int, pro
                     record["selection_us"] = selection_us(B, N, D, k, impl, device, dtype)
                     record["selection_share"] = record["selection_us"] * 1e-3 / stats["prefill_ms"]
                     record["hook_share"] = stats["hook_ms"] / stats["prefill_ms"]
-                hook = f", pruning hook {stats['hook_ms']:.2f} ms" if "hook_ms" in stats else ""
+                hook = (f", pruning hook {stats['hook_ms']:.2f} ms ({stats['hook_kernels']} kernels, "
+                        f"{stats['hook_host_ops']} host ops)" if "hook_ms" in stats else "")
                 progress(f"  B={B} kept {k:>3}/{N}: prefill {stats['prefill_ms']:.1f} ms, "
                          f"TTFT {stats['ttft_ms']:.1f} ms, {stats['decode_tokens_per_s']:.0f} tok/s{hook}")
                 records.append(record)

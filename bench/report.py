@@ -90,6 +90,8 @@ def e2e_table(records: list[dict]) -> list[str]:
     for r in records:
         share = "—" if r.get("selection_share") is None else f"{100 * r['selection_share']:.2f}%"
         hook = "—" if r.get("hook_ms") is None else f"{r['hook_ms']:.2f} ms ({100 * r['hook_share']:.1f}%)"
+        if r.get("hook_kernels") is not None:  # runs before the ops were counted have none
+            hook += f", {r['hook_kernels']} kernels + {r['hook_host_ops']} host ops"
         peak = "—" if r.get("peak_memory_gib") is None else f"{r['peak_memory_gib']:.2f} GiB"
         busy = "—" if r.get("prefill_gpu_busy_ms") is None else f"{r['prefill_gpu_busy_ms']:.1f} ms"
         lines.append(f"| {r['model']} | {r['dtype']} | {r['B']} | {r['kept']} of {r['N']} | {r['prefill_ms']:.1f} ms | "

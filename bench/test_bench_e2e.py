@@ -32,5 +32,6 @@ def test_e2e_tiny_runs_unpruned_and_pruned(name, cache):
         if r["impl"] != "unpruned":
             assert 0 < r["selection_share"] and r["selection_us"] > 0
             assert 0 < r["hook_share"] == r["hook_ms"] / r["prefill_ms"]
+            assert r["hook_kernels"] == 0 < r["hook_host_ops"]  # on CPUs every op is a host op
         else:
             assert "hook_ms" not in r

@@ -40,13 +40,15 @@ def _split(backend, graph, eager):
     return record
 
 
-def _e2e(impl, kept, prefill, share=None, busy=None, hook=None):
+def _e2e(impl, kept, prefill, share=None, busy=None, hook=None, ops=None):
     record = {"name": "e2e", "model": "llava-1.5-7b", "impl": impl, "B": 8, "N": 576, "D": 4096, "k": kept,
               "kept": kept, "dtype": "bfloat16", "tokens": 609, "median_us": 1e3 * prefill, "prefill_ms": prefill,
               "ttft_ms": prefill, "decode_tokens_per_s": 100.0, "peak_memory_gib": 14.0, "kv_cache_bytes": 2**20,
               "selection_share": share, "prefill_gpu_busy_ms": busy}
     if hook is not None:  # runs before the pruning hook's timing have none
         record.update(hook_ms=hook, hook_share=hook / prefill)
+    if ops is not None:  # nor have runs before its ops were counted
+        record.update(hook_kernels=ops[0], hook_host_ops=ops[1])
     return record
 
 
@@ -94,7 +96,7 @@ def test_targets_are_judged_from_the_best_fused_backend(tmp_path):
              _bench("triton", "video", 1, 16384, 3584, 1638, 9000.0)]
     split = [_split("triton", 25.0, 70.0), _split("cuda", 18.0, 90.0)]
     e2e = [_e2e("unpruned", 576, 800.0, busy=700.0), _e2e("triton", 64, 160.0, share=0.004, busy=100.0, hook=2.4),
-           _e2e("triton", 58, 150.0, 0.004)]
+           _e2e("triton", 58, 150.0, 0.004), _e2e("triton", 58, 150.0, 0.004, hook=1.5, ops=(31, 150))]
     md = _write(tmp_path, micro, split, e2e)
     assert "18.0 µs (cuda) | met" in _target(md, "LLaVA-1.5 B=1, k=64: GPU time")  # graph replay, best backend
     assert "70.0 µs (triton) | missed, 1.2x off" in _target(md, "LLaVA-1.5 B=1, k=64: wall clock")
@@ -111,6 +113,7 @@ def test_targets_are_judged_from_the_best_fused_backend(tmp_path):
     assert "| triton | llava-1.5 | 1 | 64 (32) | 30.0 µs | 25.0 µs | 70.0 µs | 67.0 µs | 61.0 µs | 12.0 µs | 10.0 µs |" in md
     # the e2e table: the selection's share, then the whole pruning hook and its share ("—" where not timed)
     assert "| 0.40% | 2.40 ms (1.5%) |" in md and "| 0.40% | — |" in md
+    assert "| 0.40% | 1.50 ms (1.0%), 31 kernels + 150 host ops |" in md  # and its ops where counted
     saved = json.loads((tmp_path / "2026-01-01-nvidia-h200.json").read_text())
     assert len(saved["records"]) == len(micro) + len(e2e) and saved["profile"] == split
 
@@ -191,7 +194,9 @@ def test_cut(benchmark):
     benchmark.pedantic(cut, rounds=3, warmup_rounds=1)
 """)
     out = tmp_path / "micro-raw.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    # Not an xdist worker's variables: pytest-benchmark reads them as xdist at work and times nothing.
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")},
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
                           "--rootdir", str(tmp_path), f"--benchmark-json={out}", "test_cut.py"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
