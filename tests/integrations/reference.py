@@ -2,11 +2,13 @@
 what it computes without a cache over a given (pruned) prefix."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import inspect
 
 import torch
 import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import zspa_kernels
 
@@ -287,3 +289,17 @@ def assert_same_generation(got, expected, atol: float) -> None:
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.logits, ref.logits):
         torch.testing.assert_close(a, b, atol=atol, rtol=0)
+
+
+class DispatchedOps(TorchDispatchMode):
+    """Counts the ops that reach torch's dispatcher while active, by name (``calls``): kernels and views, not
+    metadata reads (a tensor's shape or size); an op's own ops (a custom op's implementation) run outside the
+    mode, uncounted."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[str(func)] += 1
+        return func(*args, **(kwargs or {}))

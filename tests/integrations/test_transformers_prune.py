@@ -29,10 +29,8 @@ from zspa_kernels.integrations.transformers.tiny import BUILDERS  # noqa: E402
 from zspa_kernels.integrations.transformers.families import find_family, split_model  # noqa: E402
 from zspa_kernels.integrations.transformers.handle import CROPS_BY_COUNT  # noqa: E402
 
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
-from .reference import (capture_lm_calls, image_features_of, lm_head, lm_of, next_turn, no_cache_logits,  # noqa: E402
-                        padding_mask, static_cache, unpruned_decode_positions)
+from .reference import (DispatchedOps, capture_lm_calls, image_features_of, lm_head, lm_of, next_turn,  # noqa: E402
+                        no_cache_logits, padding_mask, static_cache, unpruned_decode_positions)
 
 NEW_TOKENS = 4
 KEEP = 5  # of 16+ tokens per image
@@ -1746,19 +1744,6 @@ def test_the_base_model_can_be_pruned_directly():
     assert hidden.shape[1] == inputs["input_ids"].shape[1] - dropped
 
 
-class _Ops(TorchDispatchMode):
-    """Counts the ops that reach the dispatcher while active, by name: kernels and views, not metadata reads (a
-    tensor's shape or size); an op's own ops (a custom op's implementation) run outside the mode, uncounted."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls[str(func)] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _uncounted(fn):
     """``fn`` run with the counting mode off: a family's own function (the mask it builds, the features it
     gathers, its video's timestamps), which does what its model does, image by image where the model does."""
@@ -1778,7 +1763,7 @@ def _prefill_calls(tiny, handle, inputs) -> collections.Counter:
     counted, prefill, family = [], handle._prefill, handle.family
 
     def counting(*args, **kwargs):
-        with _Ops() as mode:
+        with DispatchedOps() as mode:
             prefill(*args, **kwargs)
         counted.append(mode.calls)
 

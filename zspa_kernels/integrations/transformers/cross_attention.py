@@ -195,15 +195,17 @@ class CrossAttentionPruneHandle(PruneHandle):
         mark_rows, mark_cols = marks_h.nonzero(as_tuple=True)
         marks = mark_cols.tolist()  # an image is one mark
         prompt_h = self._prompt_tokens(ids_h, marks_h, mask_h, mark_rows.tolist(), marks, marks, labels_h)
-        tiles = torch.arange(n_tiles * self._patches).view(n_tiles, self._patches)
-        rows, cols = [], []
-        for b in range(B):
-            for i in range(n_images):
-                if real_h[b, i].any():
-                    rows.append(b)
-                    cols.append(tiles[real_h[b, i]].flatten() + i * n_tiles * self._patches)
-        if not rows:
+        # Each image with a real tile (row-major) and the columns of its real tiles' tokens: all images at once.
+        rows_t, images_t = real_h.any(2).nonzero(as_tuple=True)
+        if rows_t.numel() == 0:
             return None
+        rows = rows_t.tolist()
+        real_tokens = real_h[rows_t, images_t].repeat_interleave(self._patches, dim=1)  # (I, tiles x patches)
+        columns = images_t[:, None] * (n_tiles * self._patches) + torch.arange(real_tokens.shape[1])
+        sizes_t = real_tokens.sum(1)
+        sizes = sizes_t.tolist()
+        padded = columns.new_zeros(len(rows), max(sizes))
+        padded[torch.arange(padded.shape[1]) < sizes_t[:, None]] = columns[real_tokens]  # row-major: image by image
         prompt_pos, prompt_valid, prompt_tokens = self._prompt_positions(prompt_h, rows, device)
         embeds = kwargs.get("inputs_embeds")
         if embeds is not None:
@@ -211,18 +213,22 @@ class CrossAttentionPruneHandle(PruneHandle):
         else:
             prompt = module.get_input_embeddings()(ids.to(device).gather(1, prompt_pos))
         flat = states.reshape(B, width, D)
-        sizes = [c.numel() for c in cols]
-        cols_d = to_device(torch.nn.utils.rnn.pad_sequence(cols, batch_first=True), device)
-        selection, _ = select_images(flat, rows, cols_d, sizes, prompt.to(flat.dtype), prompt_valid, self.keep,
-                                  self.core_ratio, self.relevance, self.backend, prompt_tokens)
+        # One column more past every image: the row's end (width), where a -1 pick lands (see PruneHandle._prefill).
+        cols_d = to_device(torch.cat([padded, padded.new_full((len(rows), 1), width)], 1), device)
+        rows_d = to_device(rows_t, device)
+        selection, picks = select_images(flat, rows, cols_d[:, :-1], sizes, prompt.to(flat.dtype), prompt_valid,
+                                         self.keep, self.core_ratio, self.relevance, self.backend, prompt_tokens, rows_d)
         self.last_selection = selection
         if all(s.order.shape[0] == s.n_tokens for s in selection):
             return None  # nothing dropped: the unpatched forward, padding tiles and all
-        kept = [[] for _ in range(B)]
-        for i, s in enumerate(selection):
-            kept[s.batch_row].append(cols_d[i, s.kept])
-        per_row = [torch.cat(k) if k else cols_d.new_zeros(0) for k in kept]
-        index = torch.nn.utils.rnn.pad_sequence(per_row, batch_first=True)
-        lengths = torch.tensor([k.numel() for k in per_row])
-        valid = torch.arange(index.shape[1])[None] < lengths[:, None]
-        return CrossLayout(index, to_device(valid, device), width, index.shape[1])
+        # Every image's kept columns at once, ascending in their row (images in order, then their picks' columns).
+        lengths = torch.zeros(B, dtype=torch.long)
+        lengths.index_add_(0, rows_t, torch.tensor([s.order.shape[0] for s in selection]))
+        kept = torch.zeros(B, width + 1, dtype=torch.bool, device=device)
+        pick_cols = cols_d.gather(1, picks.remainder(cols_d.shape[1]))
+        kept.index_put_((rows_d[:, None].expand_as(pick_cols), pick_cols), kept.new_ones(()))  # no copy
+        valid = torch.arange(int(lengths.max()))[None] < lengths[:, None]
+        position = torch.arange(width, device=device)
+        ranked = torch.where(kept[:, :width], position, position + width).argsort(dim=1)[:, :valid.shape[1]]
+        valid = to_device(valid, device)
+        return CrossLayout(ranked.masked_fill(~valid, 0), valid, width, valid.shape[1])
