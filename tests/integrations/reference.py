@@ -303,3 +303,22 @@ class DispatchedOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.calls[str(func)] += 1
         return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def ops_of(handle, method: str):
+    """While inside, each call of ``handle``'s ``method`` appends its ops (:class:`DispatchedOps`) to the list
+    yielded; the pre-hooks look the method up at every call."""
+    counted, wrapped = [], getattr(handle, method)
+
+    def counting(*args, **kwargs):
+        with DispatchedOps() as mode:
+            out = wrapped(*args, **kwargs)
+        counted.append(mode.calls)
+        return out
+
+    setattr(handle, method, counting)
+    try:
+        yield counted
+    finally:
+        delattr(handle, method)

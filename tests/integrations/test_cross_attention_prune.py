@@ -24,7 +24,7 @@ from zspa_kernels.integrations.transformers.handle import PruneHandle  # noqa: E
 from zspa_kernels.integrations.transformers.tiny import CROSS_ATTENTION_BUILDERS, MLLAMA_IMAGE  # noqa: E402
 from zspa_kernels.spec import keep_budget  # noqa: E402
 
-from .reference import DispatchedOps, capture_lm_calls, source_site  # noqa: E402
+from .reference import capture_lm_calls, ops_of, source_site  # noqa: E402
 
 NEW_TOKENS = 4
 KEEP = 5  # of 17 tokens a tile
@@ -249,17 +249,7 @@ def test_the_selection_makes_as_many_ops_for_one_image_as_for_many(tiny):
     all images of a batch at once, in a fixed number of ops: the row with the most images, twice and six times
     over (not once: torch takes shortcuts on dimensions of size 1)."""
     row = max(tiny.batch, key=lambda r: sum(seg[0] == "image" for seg in r))
-    counted = []
-    with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
-        select = handle._select
-
-        def counting(*args, **kwargs):
-            with DispatchedOps() as mode:
-                layout = select(*args, **kwargs)
-            counted.append(mode.calls)
-            return layout
-
-        handle._select = counting  # the language model's pre-hook looks it up at every call
+    with zspa_kernels.prune(tiny.model, keep=KEEP) as handle, ops_of(handle, "_select") as counted:
         for n in (2, 6):
             tiny.model(**tiny.make_inputs([row] * n, seeds=[0] * n))
             assert len(handle.last_selection) == n * sum(seg[0] == "image" for seg in row) > 0

@@ -29,8 +29,8 @@ from zspa_kernels.integrations.transformers.tiny import BUILDERS  # noqa: E402
 from zspa_kernels.integrations.transformers.families import find_family, split_model  # noqa: E402
 from zspa_kernels.integrations.transformers.handle import CROPS_BY_COUNT  # noqa: E402
 
-from .reference import (DispatchedOps, capture_lm_calls, image_features_of, lm_head, lm_of, next_turn,  # noqa: E402
-                        no_cache_logits, padding_mask, static_cache, unpruned_decode_positions)
+from .reference import (capture_lm_calls, image_features_of, lm_head, lm_of, next_turn, no_cache_logits,  # noqa: E402
+                        ops_of, padding_mask, static_cache, unpruned_decode_positions)
 
 NEW_TOKENS = 4
 KEEP = 5  # of 16+ tokens per image
@@ -1755,26 +1755,19 @@ def _uncounted(fn):
     return call
 
 
-def _prefill_calls(tiny, handle, inputs) -> collections.Counter:
+def _prefill_ops(tiny, handle, inputs) -> collections.Counter:
     """The ops of ``handle``'s own prefill hook in one pruned forward of ``inputs``, its family's functions
     apart."""
     import dataclasses
 
-    counted, prefill, family = [], handle._prefill, handle.family
-
-    def counting(*args, **kwargs):
-        with DispatchedOps() as mode:
-            prefill(*args, **kwargs)
-        counted.append(mode.calls)
-
-    handle._prefill = counting  # the language model's pre-hook looks it up at every call
+    family = handle.family
     handle.family = dataclasses.replace(family, **{
         f.name: _uncounted(getattr(family, f.name)) for f in dataclasses.fields(family)
         if inspect.isfunction(getattr(family, f.name))})
     try:
-        tiny.model(**inputs)
+        with ops_of(handle, "_prefill") as counted:
+            tiny.model(**inputs)
     finally:
-        del handle._prefill
         handle.family = family
     assert len(counted) == 1
     return counted[0]
@@ -1791,9 +1784,9 @@ def test_the_prefill_hook_makes_as_many_ops_for_one_image_as_for_many(name):
     tiny = BUILDERS[name]()
     row = max(tiny.batch, key=lambda r: tiny.n_images([r]))
     with zspa_kernels.prune(tiny.model, keep=KEEP) as handle:
-        few = _prefill_calls(tiny, handle, tiny.make_inputs([row] * 2, seeds=[0] * 2))
+        few = _prefill_ops(tiny, handle, tiny.make_inputs([row] * 2, seeds=[0] * 2))
         assert len(handle.last_selection) == 2 * tiny.n_images([row]) > 0
-        many = _prefill_calls(tiny, handle, tiny.make_inputs([row] * 6, seeds=[0] * 6))
+        many = _prefill_ops(tiny, handle, tiny.make_inputs([row] * 6, seeds=[0] * 6))
         assert len(handle.last_selection) == 6 * tiny.n_images([row])
     more, fewer = many - few, few - many
     assert not more and not fewer, f"ops that grow with the images: {dict(more)}; that shrink: {dict(fewer)}"

@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 
 from .handle import PruneHandle, _cache_of, _mask_2d, _static_length
-from .selection import select_images, to_device, to_host
+from .selection import columns_to_device, keep_picks, padded_positions, select_images, to_device, to_host
 
 LAYOUT_ATTR = "_zspa_cross_layout"
 
@@ -204,8 +204,6 @@ class CrossAttentionPruneHandle(PruneHandle):
         columns = images_t[:, None] * (n_tiles * self._patches) + torch.arange(real_tokens.shape[1])
         sizes_t = real_tokens.sum(1)
         sizes = sizes_t.tolist()
-        padded = columns.new_zeros(len(rows), max(sizes))
-        padded[torch.arange(padded.shape[1]) < sizes_t[:, None]] = columns[real_tokens]  # row-major: image by image
         prompt_pos, prompt_valid, prompt_tokens = self._prompt_positions(prompt_h, rows, device)
         embeds = kwargs.get("inputs_embeds")
         if embeds is not None:
@@ -213,8 +211,7 @@ class CrossAttentionPruneHandle(PruneHandle):
         else:
             prompt = module.get_input_embeddings()(ids.to(device).gather(1, prompt_pos))
         flat = states.reshape(B, width, D)
-        # One column more past every image: the row's end (width), where a -1 pick lands (see PruneHandle._prefill).
-        cols_d = to_device(torch.cat([padded, padded.new_full((len(rows), 1), width)], 1), device)
+        cols_d = columns_to_device(padded_positions(columns[real_tokens], sizes_t), width, device)
         rows_d = to_device(rows_t, device)
         selection, picks = select_images(flat, rows, cols_d[:, :-1], sizes, prompt.to(flat.dtype), prompt_valid,
                                          self.keep, self.core_ratio, self.relevance, self.backend, prompt_tokens, rows_d)
@@ -222,13 +219,12 @@ class CrossAttentionPruneHandle(PruneHandle):
         if all(s.order.shape[0] == s.n_tokens for s in selection):
             return None  # nothing dropped: the unpatched forward, padding tiles and all
         # Every image's kept columns at once, ascending in their row (images in order, then their picks' columns).
-        lengths = torch.zeros(B, dtype=torch.long)
-        lengths.index_add_(0, rows_t, torch.tensor([s.order.shape[0] for s in selection]))
-        kept = torch.zeros(B, width + 1, dtype=torch.bool, device=device)
-        pick_cols = cols_d.gather(1, picks.remainder(cols_d.shape[1]))
-        kept.index_put_((rows_d[:, None].expand_as(pick_cols), pick_cols), kept.new_ones(()))  # no copy
-        valid = torch.arange(int(lengths.max()))[None] < lengths[:, None]
+        lengths = [0] * B  # host integers: each order's length is known without the device
+        for s in selection:
+            lengths[s.batch_row] += s.order.shape[0]
+        kept = keep_picks(torch.zeros(B, width, dtype=torch.bool), rows_d, cols_d, picks)
+        valid = torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]
         position = torch.arange(width, device=device)
-        ranked = torch.where(kept[:, :width], position, position + width).argsort(dim=1)[:, :valid.shape[1]]
+        ranked = torch.where(kept, position, position + width).argsort(dim=1)[:, :valid.shape[1]]
         valid = to_device(valid, device)
         return CrossLayout(ranked.masked_fill(~valid, 0), valid, width, valid.shape[1])

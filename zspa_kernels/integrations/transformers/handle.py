@@ -54,7 +54,8 @@ from ...spec import as_keep, release
 from .families import (COUNT_INPUTS, RUN_IDS, RUN_ROWS, Family, answer_header_runs, answer_positions, blank_token_ids,
                        cut_run, special_token_ids, split_model, template_positions, template_token_runs,
                        text_tokenizer, tokenizer_special_ids)
-from .selection import ImageSelection, select_images, to_device, to_host
+from .selection import (ImageSelection, columns_to_device, keep_picks, padded_positions, select_images,
+                        to_device, to_host)
 
 PROMPTS = ("question", "all_text")
 
@@ -991,9 +992,7 @@ class PruneHandle:
             raise ValueError(f"model: a {self.family.name} image's tokens span two batch rows; "
                              "cannot tell where each image's tokens are")
         rows, firsts, lasts = torch.stack([first_rows, tok_cols[first], tok_cols[last]]).tolist()
-        padded = tok_cols.new_zeros(len(counts), max(counts))
-        padded[torch.arange(padded.shape[1]) < sizes[:, None]] = tok_cols  # row-major: image by image
-        return Images(rows, list(tok_cols.split(counts)), counts, firsts, lasts, padded)
+        return Images(rows, list(tok_cols.split(counts)), counts, firsts, lasts, padded_positions(tok_cols, sizes))
 
     def _counts(self, runs: list[int], run_ids: list[int], inputs: dict) -> list[int]:
         """Each image's token count, in row-major order: the family's split of the runs; with a
@@ -1193,9 +1192,7 @@ class PruneHandle:
         prompt = features.gather(1, prompt_pos[..., None].expand(-1, -1, D))
 
         sizes = images.sizes
-        # Each image's positions, padded, and one column more past every image: the row's end (L), where a -1
-        # pick lands (an image of fewer tokens than its budget, or one of a smaller budget than another's).
-        cols_d = to_device(torch.cat([images.padded, images.padded.new_full((len(sizes), 1), L)], 1), device)
+        cols_d = columns_to_device(images.padded, L, device)
         rows_d = to_device(torch.tensor(rows), device)
         selection, picks = select_images(features, rows, cols_d[:, :-1], sizes, prompt, prompt_valid, self.keep,
                                          self.core_ratio, self.relevance, self.backend, prompt_tokens, rows_d)
@@ -1213,11 +1210,7 @@ class PruneHandle:
         else:
             # Keep every attended non-visual position plus the picks of every image; the old
             # left padding goes too, so a short row does not hold the batch at its full width.
-            # Every image's picks at once, whatever their number (a -1 pick marks the column past the row).
-            keep = to_device(torch.cat([~visual_h & (mask_h != 0), visual_h.new_zeros(B, 1)], 1), device)
-            pick_cols = cols_d.gather(1, picks.remainder(cols_d.shape[1]))
-            keep.index_put_((rows_d[:, None].expand_as(pick_cols), pick_cols), keep.new_ones(()))  # no copy
-            keep = keep[:, :L]
+            keep = keep_picks(~visual_h & (mask_h != 0), rows_d, cols_d, picks)
             kept_len = (mask_h != 0).sum(1) - torch.tensor(dropped_row)
             new_len = int(kept_len.max())
             # Kept positions first, ascending (keys are unique), then right-align each row.

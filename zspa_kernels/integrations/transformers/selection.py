@@ -9,7 +9,7 @@ budget (one call per distinct budget; a count ``keep`` is always one call).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Union
 
 import torch
 
@@ -36,6 +36,33 @@ def to_host(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.cpu()
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     return host.copy_(tensor, non_blocking=True)
+
+
+def padded_positions(flat: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Every image's positions as the rows of one zero-padded host ``(I, max size)`` tensor, from ``flat`` (the
+    images' positions one image after another) and ``sizes`` (each image's count, a host tensor): in a fixed
+    number of ops whatever the number of images (``pad_sequence`` copies one row at a time)."""
+    padded = flat.new_zeros(sizes.shape[0], int(sizes.max()))
+    padded[torch.arange(padded.shape[1]) < sizes[:, None]] = flat  # row-major: image by image
+    return padded
+
+
+def columns_to_device(padded: torch.Tensor, end: int, device: torch.device) -> torch.Tensor:
+    """``padded`` (host ``(I, N_max)``, :func:`padded_positions`) on ``device`` with one column more, holding
+    ``end`` (the row's length): where :func:`keep_picks` lands a -1 pick. :func:`select_images` takes the others
+    (``[:, :-1]``)."""
+    return to_device(torch.cat([padded, padded.new_full((padded.shape[0], 1), end)], 1), device)
+
+
+def keep_picks(keep: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
+    """``keep`` (host bool ``(B, W)``) on the device of ``cols``, with every image's picks set too: image ``i``'s
+    pick ``p`` at ``(rows[i], cols[i, p])``, in one gather and one scatter whatever the number of images. ``cols``:
+    :func:`columns_to_device`'s, whose last column (W, past the row) takes the -1 picks (an image of fewer tokens
+    than its budget, or of a smaller budget than another's), dropped after."""
+    out = to_device(torch.cat([keep, keep.new_zeros(keep.shape[0], 1)], 1), cols.device)
+    at = cols.gather(1, picks.remainder(cols.shape[1]))
+    out.index_put_((rows[:, None].expand_as(at), at), out.new_ones(()))  # a device scalar: no copy
+    return out[:, :-1]
 
 
 @dataclass
@@ -74,22 +101,21 @@ def select_images(
     relevance: str,
     backend: str,
     prompt_tokens: list[torch.Tensor],
-    rows_d: Optional[torch.Tensor] = None,
+    rows_d: torch.Tensor,
 ) -> tuple[list[ImageSelection], torch.Tensor]:
     """Select tokens of every image ``i`` = ``embeds[rows[i], cols[i, :sizes[i]]]``.
 
     ``cols`` is ``(I, N_max)`` on ``embeds``' device (the tail past each size is never
     read). ``prompt`` is ``(B, T, D)`` with ``prompt_mask`` ``(B, T)``, one per batch row,
     and ``prompt_tokens[b]`` the positions it was gathered from (recorded only). ``rows_d``: ``rows``
-    on the device where the caller has them already.
+    on the device (the caller scatters the picks with them too: :func:`keep_picks`).
     Returns one :class:`ImageSelection` per image, in the order given, and every image's picks
     at once: ``(I, k_max)`` on the device, image ``i``'s ``order`` then -1 (for callers that keep
     or drop the picks of all images in a fixed number of ops).
     """
     device = embeds.device
-    row_t = to_device(torch.tensor(rows), device) if rows_d is None else rows_d
     size_t = to_device(torch.tensor(sizes), device)
-    visual = embeds[row_t[:, None], cols]
+    visual = embeds[rows_d[:, None], cols]
     budgets_i = [keep_budget(keep, n) for n in sizes]
     orders: list[torch.Tensor] = [None] * len(sizes)
     budgets = sorted(set(budgets_i))
@@ -100,11 +126,11 @@ def select_images(
         idx = None if whole else to_device(torch.tensor(members), device)
         picked = torch.ops.zspa.select_tokens(
             visual if whole else visual[idx],
-            prompt[row_t if whole else row_t[idx]],
+            prompt[rows_d if whole else rows_d[idx]],
             k,
             core_ratio,
             size_t if whole else size_t[idx],
-            prompt_mask[row_t if whole else row_t[idx]],
+            prompt_mask[rows_d if whole else rows_d[idx]],
             relevance,
             backend,
             True,
