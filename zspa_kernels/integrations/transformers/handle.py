@@ -810,7 +810,8 @@ class PruneHandle:
 
     def _prompt(self, args, kwargs, input_ids, cache, merged: bool = False):
         """A prompt: its arguments kept for the language model's hook, and its masks left to that hook where
-        the base model would build them (a fresh sequence's: :meth:`_carry_masks`). Token types that stop short
+        the base model would build them (a fresh sequence's, or several tokens with images after a cached prefix,
+        which the hooks prune after it: :meth:`_carry_masks`). Token types that stop short
         of the tokens the call scores (transformers' assisted decoding prefills the prompt with its first
         drafts, and extends ``token_type_ids`` alone over them) are read as text there, as the model reads them.
         ``merged``: the images are in the call's ``inputs_embeds`` already, merged by the model before it (no
@@ -822,8 +823,9 @@ class PruneHandle:
                 types = self._inputs.get(name)
                 if isinstance(types, torch.Tensor) and types.shape == short:
                     self._inputs[name] = torch.nn.functional.pad(types, (0, self._scored))
-        if input_ids is None or (cache is not None and _host_length(cache) != 0):
-            return None
+        length = 0 if cache is None else _host_length(cache)
+        if input_ids is None or length is None or (length and not (input_ids.shape[1] > 1 and _brings_images(kwargs))):
+            return None  # a static cache's prompt, or a dynamic cache's next tokens without images: the model's masks
         return (args, kwargs) if self._carry_masks(args, kwargs) else None
 
     def _carry_masks(self, args, kwargs) -> bool:
@@ -923,19 +925,18 @@ class PruneHandle:
         tokens alone, numbered and masked after the cached ones (:meth:`_prefill`'s ``offset``). The handles
         of other layouts never get here with a cached prefix: their families build their masks (action
         expert, block diffusion), their encoder takes no cache, or their language model's hook is their own
-        (cross-attention)."""
-        family = self.family
+        (cross-attention). The families whose pruned prefill builds their masks (Gemma 3 and 4: image blocks attended
+        both ways) build them behind the prefix, read as text (:meth:`_prefill`)."""
         if length is None or _static_length(cache) is not None:
             return "the cache is static (allocated ahead, its length kept on the device): the hooks prune after a " \
                    "dynamic cache only"
-        if family.build_mask is not None:
-            return (f"{family.name}'s pruned prefill builds its masks (image blocks, a bidirectional prefix) for a "
-                    "prompt on an empty cache only")
         layers = getattr(cache, "layers", None)
         if layers is not None:
-            from transformers.cache_utils import CacheLayerMixin
+            from transformers import cache_utils
 
-            if not all(isinstance(layer, CacheLayerMixin) for layer in layers):
+            # A DummyLayer holds nothing (Gemma 4's layers that share another layer's keys and values).
+            sequences = (cache_utils.CacheLayerMixin, getattr(cache_utils, "DummyLayer", ()))
+            if not all(isinstance(layer, sequences) for layer in layers):
                 return ("the cache's linear-attention layers hold a state, not a sequence the hooks can append a "
                         "pruned prompt to")
         if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] == length + q):
@@ -1260,10 +1261,14 @@ class PruneHandle:
             # base model then builds causal masks, and so does the family's builder).
             token_types = inputs.get(self.family.token_types_arg)
             if token_types is not None:
-                token_types = token_types.to(device).gather(1, index) * valid
+                # After a cached prefix: the prompt's types (generate() passes the whole sequence's), then gathered,
+                # behind the prefix's as text (0). The builders index them by cache slot, from the prefix's first.
+                token_types = token_types.to(device)[:, token_types.shape[1] - L:].gather(1, index) * valid
+                if offset:
+                    token_types = torch.nn.functional.pad(token_types, (offset, 0))
             labelled = inputs.get("labels") is not None or self._labels is not None
             kwargs["attention_mask"] = self.family.build_mask(
-                self.config, kwargs["inputs_embeds"], new_mask, cache, positions, token_types, slots, labelled)
+                self.config, kwargs["inputs_embeds"], sequence_mask, cache, positions, token_types, slots, labelled)
         if self.family.on_prefill is not None:
             n_kept = sum(s.order.shape[0] for s in selection)
             self.family.on_prefill(Prefill(kwargs, index, valid, n_kept))
