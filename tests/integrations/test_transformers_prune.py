@@ -1137,16 +1137,17 @@ def test_images_after_a_cached_prefix_are_pruned_after_it(tiny):
     assert torch.equal(tokens, ref[:, last:].argmax(-1))
 
 
+@pytest.mark.parametrize("name", ["llava", "gemma3"])
 @pytest.mark.parametrize("rows", ["batch", "single"])
 @torch.no_grad()
-def test_a_conversation_continues_on_a_cache_pruned_after_its_prefix(rows):
+def test_a_conversation_continues_on_a_cache_pruned_after_its_prefix(rows, name):
     """The cache of a prompt pruned after a cached prefix holds the prefix, then the kept tokens: a next turn
     (the whole conversation given to generate() with that cache) continues on it as on any pruned cache: every
     logit of both turns equal to one no-cache forward over the prefix, the kept tokens and everything after
     them, at the unpruned model's positions. A single row has no padding: transformers 5.24+'s generate() then
     passes no mask, and the hooks tell the turn's repeated tokens by their ids, none of which lie in the prefix
-    (whose ids the hooks never see)."""
-    tiny = BUILDERS["llava"]()
+    (whose ids the hooks never see). Gemma 3's image blocks attend both ways, behind the prefix."""
+    tiny = BUILDERS[name]()
     inputs = tiny.make_inputs(getattr(tiny, rows))
     ids, image = inputs["input_ids"], tiny.model.config.image_token_id
     B, L = ids.shape
@@ -1174,7 +1175,8 @@ def test_a_conversation_continues_on_a_cache_pruned_after_its_prefix(rows):
         prefill["position_ids"][:, :first] = prefix_calls[0]["position_ids"]
     if prefill["attention_mask"].shape[1] != prefill["inputs_embeds"].shape[1]:  # 5.24+: no mask of ones given
         prefill["attention_mask"] = torch.ones(prefill["inputs_embeds"].shape[:2], dtype=torch.long)
-    ref = no_cache_logits(tiny.model, prefill, positions, second.sequences[:, L:], list(range(B)))
+    ref = no_cache_logits(tiny.model, prefill, positions, second.sequences[:, L:], list(range(B)),
+                          image_features_of(tiny.model, inputs))
     last = prefill["inputs_embeds"].shape[1] - 1
     for n, turn_out in ((0, out), (2, second)):
         for t, logits in enumerate(turn_out.logits):
