@@ -950,7 +950,7 @@ def _refuses_a_prompt_after_a_cache(tiny, cache, mask) -> bool:
     sequences = (transformers.cache_utils.CacheLayerMixin, getattr(transformers.cache_utils, "DummyLayer", ()))
     linear = not all(isinstance(layer, sequences) for layer in layers)
     other_mask = mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2)
-    return linear or other_mask and not find_family(tiny.model).passes_mask_dicts
+    return linear or other_mask and find_family(tiny.model).build_mask is None
 
 
 @contextlib.contextmanager
@@ -981,15 +981,19 @@ def test_images_after_a_cached_prefix_are_pruned_after_it(tiny):
     for bit; pruned, every logit equal to one no-cache forward of the language model over the prefix as the
     unpatched model ran it, then the kept tokens (and the generated ones) at the positions the model gave
     them (with the family's own per-position inputs: deepstack features, per-layer inputs, token types, after
-    the prefix's; Gemma 3 and 4's image blocks attended both ways behind it). Where the unpatched model's run
-    after the prefix is not the whole prompt's (transformers 5.24+'s Gemma 3), keep-all gives the whole
-    prompt's; where it fails by hand (4.57's Gemma 3), the hooks fail the same or give the whole prompt's.
-    Refused, naming why and leaving the cache as it was, where the cache has linear-attention layers or the
-    language model gets a prebuilt mask."""
+    the prefix's; Gemma 3 and 4's and Molmo2's image blocks attended both ways behind it). Where the unpatched
+    model's run after the prefix is not the whole prompt's (transformers 5.24+'s Gemma 3 and Molmo2), keep-all
+    gives the whole prompt's; where it fails by hand (4.57's Gemma 3), the hooks fail the same or give the whole
+    prompt's. Refused, naming why and leaving the cache as it was, where the cache has linear-attention layers
+    or the language model gets a prebuilt mask the hooks do not build again."""
     inputs = tiny.make_inputs(tiny.batch)
     ids = inputs["input_ids"]
     B, L = ids.shape
-    visual = torch.isin(ids, torch.tensor(find_family(tiny.model).visual_token_ids(tiny.model.config)))
+    family = find_family(tiny.model)
+    visual = torch.isin(ids, torch.tensor(family.visual_token_ids(tiny.model.config)))
+    types = inputs.get(family.token_types_arg) if family.build_mask is not None else None
+    if isinstance(types, torch.Tensor) and types.shape == ids.shape:
+        visual |= types == 1  # the tokens a block attended both ways begins with (Molmo2's image markers)
     first = int(visual.int().argmax(1).min())  # every row's tokens before it are text
     if first == 0:
         pytest.skip("a row begins with its image: no text before it to cache")
@@ -1201,6 +1205,24 @@ def test_a_prompt_after_a_cached_prefix_is_refused_on_a_static_cache():
         with pytest.raises(RuntimeError, match="images arrive on a KV cache that already holds.*the cache is static"):
             tiny.model(input_ids=ids[:, first:], attention_mask=inputs["attention_mask"],
                        pixel_values=inputs["pixel_values"], **cache_kwargs(tiny.model, cache), use_cache=True)
+
+
+@torch.no_grad()
+def test_a_prompt_after_a_cached_prefix_is_refused_where_the_whole_prompt_attends_both_ways():
+    """PaliGemma attends its whole prompt (images, then the text before the answer) both ways: text cached ahead
+    of it never saw the rest, so no prompt after a cached prefix is one the model was made for. Refused, naming
+    why, the cache left as it was."""
+    tiny = BUILDERS["paligemma"]()
+    inputs = tiny.make_inputs(tiny.single)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    prefix = transformers.DynamicCache(config=tiny.model.config.get_text_config())
+    tiny.model(input_ids=ids[:, -2:], attention_mask=mask[:, -2:], **cache_kwargs(tiny.model, prefix), use_cache=True)
+    with zspa_kernels.prune(tiny.model, keep=KEEP):
+        with pytest.raises(RuntimeError, match="images arrive on a KV cache that already holds.*PaliGemma attends its "
+                                               "whole prompt"):
+            tiny.model(**dict(inputs, attention_mask=torch.cat([mask[:, -2:], mask], 1)),
+                       **cache_kwargs(tiny.model, prefix), use_cache=True)
+    assert prefix.get_seq_length() == 2
 
 
 def test_unsupported_model_names_the_supported_families():

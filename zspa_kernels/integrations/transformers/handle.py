@@ -925,11 +925,16 @@ class PruneHandle:
         tokens alone, numbered and masked after the cached ones (:meth:`_prefill`'s ``offset``). The handles
         of other layouts never get here with a cached prefix: their families build their masks (action
         expert, block diffusion), their encoder takes no cache, or their language model's hook is their own
-        (cross-attention). The families whose pruned prefill builds their masks (Gemma 3 and 4: image blocks attended
-        both ways) build them behind the prefix, read as text (:meth:`_prefill`)."""
+        (cross-attention). The families whose pruned prefill builds their masks (Gemma 3 and 4, Molmo2: image blocks
+        attended both ways) build them behind the prefix, read as text (:meth:`_prefill`), where the language model
+        gets the base model's 2-D mask or a prebuilt one, which they build again (its 2-D mask read back from it)."""
+        family = self.family
         if length is None or _static_length(cache) is not None:
             return "the cache is static (allocated ahead, its length kept on the device): the hooks prune after a " \
                    "dynamic cache only"
+        if family.typed_answers:
+            return (f"{family.name} attends its whole prompt (its images and the text before the answer) both ways, "
+                    "so a cached part of it never saw the rest: no prompt after it is one the model was made for")
         layers = getattr(cache, "layers", None)
         if layers is not None:
             from transformers import cache_utils
@@ -939,7 +944,8 @@ class PruneHandle:
             if not all(isinstance(layer, sequences) for layer in layers):
                 return ("the cache's linear-attention layers hold a state, not a sequence the hooks can append a "
                         "pruned prompt to")
-        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] == length + q):
+        if family.build_mask is None and mask is not None and not (
+                isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] == length + q):
             return ("the language model got a prebuilt mask where the hooks need a 2-D one over the cached and the "
                     "new tokens (or none)")
         return None
@@ -1035,7 +1041,10 @@ class PruneHandle:
         labels = per_position("labels", self._given_labels if self._given_labels is not None else inputs.get("labels"))
         types_arg = self.family.token_types_arg
         typed = self.family.typed_markers or self.family.typed_answers
-        types = per_position(types_arg, inputs.get(types_arg)) if typed else None
+        types = inputs.get(types_arg) if typed else None
+        if isinstance(types, torch.Tensor) and types.dim() == 2 and types.shape[1] > ids.shape[1]:
+            types = types[:, -ids.shape[1]:]  # after a cached prefix, generate() passes the whole sequence's
+        types = per_position(types_arg, types)
         rows = [ids.to(device), mask.to(ids.dtype)] + [t.to(device, ids.dtype) for t in (labels, types) if t is not None]
         host = torch.stack(rows).cpu()
         return (host[0], host[1], None if labels is None else host[2],
