@@ -1190,6 +1190,47 @@ def test_a_conversation_continues_on_a_cache_pruned_after_its_prefix(rows, name)
 
 
 @torch.no_grad()
+def test_beam_search_after_a_cached_prefix_scores_as_a_no_cache_reference():
+    """Beam search on a copy of a prefix's cache, expanded to the beams by the caller (generate() expands the
+    inputs, not a cache it is given: unpatched, a cache of the batch's rows fails): the beam scores equal a
+    no-cache forward over the prefix, the kept tokens (at the positions the hooks gave them, which keep-all
+    checks: test_images_after_a_cached_prefix_are_pruned_after_it) and the generated ones (at the unpruned
+    model's positions), the beams reordering the cache of the prefix and the kept tokens."""
+    tiny = BUILDERS["llava"]()
+    inputs = tiny.make_inputs(tiny.beam_batch)
+    ids, beams = inputs["input_ids"], 3
+    B, L = ids.shape
+    first = int((ids == tiny.model.config.image_token_id).int().argmax(1).min())
+    prefix = transformers.DynamicCache(config=tiny.model.config.get_text_config())
+    with capture_lm_calls(tiny.model) as prefix_calls:
+        tiny.model(input_ids=ids[:, :first], attention_mask=inputs["attention_mask"][:, :first],
+                   **cache_kwargs(tiny.model, prefix), use_cache=True)
+    prefix.batch_repeat_interleave(beams)
+    gen = dict(num_beams=beams, do_sample=False, length_penalty=0.0)
+    positions = unpruned_decode_positions(tiny.model, inputs, NEW_TOKENS, **copy.deepcopy(gen))
+    with zspa_kernels.prune(tiny.model, keep=KEEP) as handle, capture_lm_calls(tiny.model) as calls:
+        out = tiny.model.generate(**inputs, **cache_kwargs(tiny.model, prefix), max_new_tokens=NEW_TOKENS,
+                                  output_scores=True, return_dict_in_generate=True, **gen)
+    if transformers.__version__.startswith("4."):
+        pytest.skip("transformers 4.57's generate() gives the prompt no pixels on a cache: nothing is pruned")
+    assert handle.last_selection
+    prompt = calls[0]
+    assert prompt["inputs_embeds"].shape[1] < L - first  # pruned, after the prefix
+    prefill = dict(inputs_embeds=torch.cat([prefix_calls[0]["inputs_embeds"].repeat_interleave(beams, 0),
+                                            prompt["inputs_embeds"]], 1),
+                   attention_mask=prompt["attention_mask"],
+                   position_ids=torch.cat([torch.arange(first).expand(B * beams, first), prompt["position_ids"]], -1))
+    if prefill["attention_mask"] is None:  # 5.24+: no mask of ones given
+        prefill["attention_mask"] = torch.ones(prefill["inputs_embeds"].shape[:2], dtype=torch.long)
+    rows = [b * beams for b in range(B)]  # beams of a row share its prefill
+    tokens = out.sequences[:, L:]
+    ref = no_cache_logits(tiny.model, prefill, positions, tokens, rows).log_softmax(-1)
+    start = prefill["inputs_embeds"].shape[1] - 1
+    steps = ref[:, start:start + NEW_TOKENS].gather(-1, tokens[..., None])[..., 0]
+    torch.testing.assert_close(out.sequences_scores, steps.sum(-1), atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
 def test_a_prompt_after_a_cached_prefix_is_refused_on_a_static_cache():
     """A static cache keeps its length on the device: the hooks prune after a dynamic cache only, and say so.
     (One row: transformers 4.57 counts a static cache's length by row 0's nonzero keys, none where its cached
