@@ -1141,6 +1141,31 @@ def test_images_after_a_cached_prefix_are_pruned_after_it(tiny):
     assert torch.equal(tokens, ref[:, last:].argmax(-1))
 
 
+def _cached_text_prefix(tiny, inputs) -> tuple:
+    """The text before the batch's first image token prefilled on a dynamic cache, unpruned: ``(its length,
+    the cache, the language model's arguments of that prefill)``."""
+    ids = inputs["input_ids"]
+    first = int((ids == tiny.model.config.image_token_id).int().argmax(1).min())
+    cache = transformers.DynamicCache(config=tiny.model.config.get_text_config())
+    with capture_lm_calls(tiny.model) as calls, torch.no_grad():
+        tiny.model(input_ids=ids[:, :first], attention_mask=inputs["attention_mask"][:, :first],
+                   **cache_kwargs(tiny.model, cache), use_cache=True)
+    return first, cache, calls[0]
+
+
+def _prefill_after(prefix: dict, prompt: dict, first: int, repeats: int = 1) -> dict:
+    """A no-cache reference's prefill of a prompt pruned after a cached prefix (``prefix`` and ``prompt``: the
+    language model's arguments of each): the prefix's embeddings, each row ``repeats`` times (beams), then the kept
+    tokens', under the pruned cache's mask (ones where 5.24+ passes none), at the positions the model gave them."""
+    embeds = torch.cat([prefix["inputs_embeds"].repeat_interleave(repeats, 0), prompt["inputs_embeds"]], 1)
+    before = prefix["position_ids"] if prefix["position_ids"] is not None else torch.arange(first)[None]
+    before = before.expand(prefix["inputs_embeds"].shape[0], first).repeat_interleave(repeats, 0)
+    mask = padding_mask(prompt["attention_mask"], embeds)
+    if mask.shape[1] != embeds.shape[1]:  # a mask of the kept tokens alone: no padding in the prefix
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+    return dict(inputs_embeds=embeds, attention_mask=mask, position_ids=torch.cat([before, prompt["position_ids"]], -1))
+
+
 @pytest.mark.parametrize("name", ["llava", "gemma3"])
 @pytest.mark.parametrize("rows", ["batch", "single"])
 @torch.no_grad()
@@ -1153,15 +1178,10 @@ def test_a_conversation_continues_on_a_cache_pruned_after_its_prefix(rows, name)
     (whose ids the hooks never see). Gemma 3's image blocks attend both ways, behind the prefix."""
     tiny = BUILDERS[name]()
     inputs = tiny.make_inputs(getattr(tiny, rows))
-    ids, image = inputs["input_ids"], tiny.model.config.image_token_id
-    B, L = ids.shape
-    first = int((ids == image).int().argmax(1).min())
+    B, L = inputs["input_ids"].shape
     gen = dict(do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, output_logits=True,
                return_dict_in_generate=True)
-    prefix = transformers.DynamicCache(config=tiny.model.config.get_text_config())
-    with capture_lm_calls(tiny.model) as prefix_calls:
-        tiny.model(input_ids=ids[:, :first], attention_mask=inputs["attention_mask"][:, :first],
-                   **cache_kwargs(tiny.model, prefix), use_cache=True)
+    first, prefix, prefix_call = _cached_text_prefix(tiny, inputs)
     positions = unpruned_decode_positions(tiny.model, inputs, 3 * NEW_TOKENS, do_sample=False,
                                           min_new_tokens=3 * NEW_TOKENS)  # answer, text, answer
     with zspa_kernels.prune(tiny.model, keep=KEEP) as handle, capture_lm_calls(tiny.model) as calls:
@@ -1171,14 +1191,7 @@ def test_a_conversation_continues_on_a_cache_pruned_after_its_prefix(rows, name)
     if transformers.__version__.startswith("4."):
         pytest.skip("transformers 4.57's generate() gives the prompt no pixels on a cache: nothing is pruned")
     assert handle.last_selection
-    prompt = calls[0]
-    prefill = dict(inputs_embeds=torch.cat([prefix_calls[0]["inputs_embeds"], prompt["inputs_embeds"]], 1),
-                   attention_mask=padding_mask(prompt["attention_mask"], prompt["inputs_embeds"]),
-                   position_ids=torch.cat([torch.arange(first).expand(B, first), prompt["position_ids"]], -1))
-    if prefix_calls[0]["position_ids"] is not None:
-        prefill["position_ids"][:, :first] = prefix_calls[0]["position_ids"]
-    if prefill["attention_mask"].shape[1] != prefill["inputs_embeds"].shape[1]:  # 5.24+: no mask of ones given
-        prefill["attention_mask"] = torch.ones(prefill["inputs_embeds"].shape[:2], dtype=torch.long)
+    prefill = _prefill_after(prefix_call, calls[0], first)
     ref = no_cache_logits(tiny.model, prefill, positions, second.sequences[:, L:], list(range(B)),
                           image_features_of(tiny.model, inputs))
     last = prefill["inputs_embeds"].shape[1] - 1
@@ -1197,14 +1210,9 @@ def test_beam_search_after_a_cached_prefix_scores_as_a_no_cache_reference():
     checks: test_images_after_a_cached_prefix_are_pruned_after_it) and the generated ones (at the unpruned
     model's positions), the beams reordering the cache of the prefix and the kept tokens."""
     tiny = BUILDERS["llava"]()
-    inputs = tiny.make_inputs(tiny.beam_batch)
-    ids, beams = inputs["input_ids"], 3
-    B, L = ids.shape
-    first = int((ids == tiny.model.config.image_token_id).int().argmax(1).min())
-    prefix = transformers.DynamicCache(config=tiny.model.config.get_text_config())
-    with capture_lm_calls(tiny.model) as prefix_calls:
-        tiny.model(input_ids=ids[:, :first], attention_mask=inputs["attention_mask"][:, :first],
-                   **cache_kwargs(tiny.model, prefix), use_cache=True)
+    inputs, beams = tiny.make_inputs(tiny.beam_batch), 3
+    B, L = inputs["input_ids"].shape
+    first, prefix, prefix_call = _cached_text_prefix(tiny, inputs)
     prefix.batch_repeat_interleave(beams)
     gen = dict(num_beams=beams, do_sample=False, length_penalty=0.0)
     positions = unpruned_decode_positions(tiny.model, inputs, NEW_TOKENS, **copy.deepcopy(gen))
@@ -1214,14 +1222,8 @@ def test_beam_search_after_a_cached_prefix_scores_as_a_no_cache_reference():
     if transformers.__version__.startswith("4."):
         pytest.skip("transformers 4.57's generate() gives the prompt no pixels on a cache: nothing is pruned")
     assert handle.last_selection
-    prompt = calls[0]
-    assert prompt["inputs_embeds"].shape[1] < L - first  # pruned, after the prefix
-    prefill = dict(inputs_embeds=torch.cat([prefix_calls[0]["inputs_embeds"].repeat_interleave(beams, 0),
-                                            prompt["inputs_embeds"]], 1),
-                   attention_mask=prompt["attention_mask"],
-                   position_ids=torch.cat([torch.arange(first).expand(B * beams, first), prompt["position_ids"]], -1))
-    if prefill["attention_mask"] is None:  # 5.24+: no mask of ones given
-        prefill["attention_mask"] = torch.ones(prefill["inputs_embeds"].shape[:2], dtype=torch.long)
+    assert calls[0]["inputs_embeds"].shape[1] < L - first  # pruned, after the prefix
+    prefill = _prefill_after(prefix_call, calls[0], first, beams)
     rows = [b * beams for b in range(B)]  # beams of a row share its prefill
     tokens = out.sequences[:, L:]
     ref = no_cache_logits(tiny.model, prefill, positions, tokens, rows).log_softmax(-1)
@@ -1240,11 +1242,7 @@ def test_assisted_decoding_after_a_cached_prefix_generates_as_greedy_decoding(dr
     unpatched model's assisted decoding bit for bit."""
     tiny = BUILDERS["llava"]()
     inputs = tiny.make_inputs(tiny.single)
-    ids = inputs["input_ids"]
-    first = int((ids == tiny.model.config.image_token_id).int().argmax(1).min())
-    prefix = transformers.DynamicCache(config=tiny.model.config.get_text_config())
-    tiny.model(input_ids=ids[:, :first], attention_mask=inputs["attention_mask"][:, :first],
-               **cache_kwargs(tiny.model, prefix), use_cache=True)
+    _, prefix, _ = _cached_text_prefix(tiny, inputs)
     greedy = dict(max_new_tokens=8, do_sample=False, eos_token_id=tiny.model.config.get_text_config().vocab_size - 1,
                   pad_token_id=0, output_logits=True, return_dict_in_generate=True)
     gen = dict(greedy, **(dict(prompt_lookup_num_tokens=3) if drafts == "prompt_lookup" else dict(

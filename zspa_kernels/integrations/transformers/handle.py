@@ -813,17 +813,24 @@ class PruneHandle:
         the base model would build them (a fresh sequence's, or several tokens with images after a cached prefix,
         which the hooks prune after it: :meth:`_carry_masks`). Token types that stop short
         of the tokens the call scores (transformers' assisted decoding prefills the prompt with its first
-        drafts, and extends ``token_type_ids`` alone over them) are read as text there, as the model reads them.
-        ``merged``: the images are in the call's ``inputs_embeds`` already, merged by the model before it (no
-        image input comes with them); else the call's inputs say whether it brings any (:func:`_brings_images`)."""
+        drafts, and extends ``token_type_ids`` alone over them) are read as text there, as the model reads them;
+        the whole sequence's token types (generate() passes them after a cached prefix) are read from the ids'
+        first position on. ``merged``: the images are in the call's ``inputs_embeds`` already, merged
+        by the model before it (no image input comes with them); else the call's inputs say whether it brings any
+        (:func:`_brings_images`)."""
         self._inputs, self._merged = dict(kwargs, input_ids=input_ids), merged
-        if self._scored and input_ids is not None:
+        length = 0 if cache is None else _host_length(cache)
+        if input_ids is not None:
             short = (input_ids.shape[0], input_ids.shape[1] - self._scored)
+            whole = (input_ids.shape[0], (length or 0) + input_ids.shape[1])
             for name in {*TOKEN_TYPE_INPUTS, self.family.token_types_arg} - {None}:
                 types = self._inputs.get(name)
-                if isinstance(types, torch.Tensor) and types.shape == short:
+                if not isinstance(types, torch.Tensor):
+                    continue
+                if self._scored and types.shape == short:
                     self._inputs[name] = torch.nn.functional.pad(types, (0, self._scored))
-        length = 0 if cache is None else _host_length(cache)
+                elif length and types.shape == whole:
+                    self._inputs[name] = types[:, length:]
         if input_ids is None or length is None or (length and not (input_ids.shape[1] > 1 and _brings_images(kwargs))):
             return None  # a static cache's prompt, or a dynamic cache's next tokens without images: the model's masks
         return (args, kwargs) if self._carry_masks(args, kwargs) else None
@@ -1041,10 +1048,7 @@ class PruneHandle:
         labels = per_position("labels", self._given_labels if self._given_labels is not None else inputs.get("labels"))
         types_arg = self.family.token_types_arg
         typed = self.family.typed_markers or self.family.typed_answers
-        types = inputs.get(types_arg) if typed else None
-        if isinstance(types, torch.Tensor) and types.dim() == 2 and types.shape[1] > ids.shape[1]:
-            types = types[:, -ids.shape[1]:]  # after a cached prefix, generate() passes the whole sequence's
-        types = per_position(types_arg, types)
+        types = per_position(types_arg, inputs.get(types_arg)) if typed else None
         rows = [ids.to(device), mask.to(ids.dtype)] + [t.to(device, ids.dtype) for t in (labels, types) if t is not None]
         host = torch.stack(rows).cpu()
         return (host[0], host[1], None if labels is None else host[2],
@@ -1270,10 +1274,8 @@ class PruneHandle:
             # base model then builds causal masks, and so does the family's builder).
             token_types = inputs.get(self.family.token_types_arg)
             if token_types is not None:
-                # After a cached prefix: the prompt's types (generate() passes the whole sequence's), then gathered,
-                # behind the prefix's as text (0). The builders index them by cache slot, from the prefix's first.
-                token_types = token_types.to(device)[:, token_types.shape[1] - L:].gather(1, index) * valid
-                if offset:
+                token_types = token_types.to(device).gather(1, index) * valid
+                if offset:  # behind the prefix's, as text (0): the builders index them by cache slot, from the first
                     token_types = torch.nn.functional.pad(token_types, (offset, 0))
             labelled = inputs.get("labels") is not None or self._labels is not None
             kwargs["attention_mask"] = self.family.build_mask(
