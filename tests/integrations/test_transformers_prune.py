@@ -29,8 +29,9 @@ from zspa_kernels.integrations.transformers.tiny import BUILDERS  # noqa: E402
 from zspa_kernels.integrations.transformers.families import find_family, split_model  # noqa: E402
 from zspa_kernels.integrations.transformers.handle import CROPS_BY_COUNT  # noqa: E402
 
-from .reference import (capture_lm_calls, image_features_of, lm_head, lm_of, next_turn, no_cache_logits,  # noqa: E402
-                        ops_of, padding_mask, static_cache, unpruned_decode_positions)
+from .reference import (assert_same_generation, capture_lm_calls, image_features_of, lm_head, lm_of,  # noqa: E402
+                        next_turn, no_cache_logits, ops_of, padding_mask, pruned_generation, static_cache,
+                        unpruned_decode_positions)
 
 NEW_TOKENS = 4
 KEEP = 5  # of 16+ tokens per image
@@ -483,6 +484,58 @@ def test_each_batch_row_equals_that_row_alone(name, attn, monkeypatch):
             assert torch.equal(together.sequences[r, -NEW_TOKENS:], alone.sequences[0, -NEW_TOKENS:])
             for a, b in zip(together.logits, alone.logits):
                 torch.testing.assert_close(a[r], b[0], atol=ATOL, rtol=0)
+
+
+def _flex_attention(name: str, monkeypatch):
+    """``BUILDERS[name]`` run with flex_attention, its kernel uncompiled; skip where the model does not run it.
+    transformers compiles flex_attention's kernel, which inductor fails to build on CPU with some torch versions
+    (torch 2.14.1: unpatched too); uncompiled, torch computes the attention from the same mask function and block
+    mask, which are what this test is about."""
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    from transformers.integrations import flex_attention as wrapper
+
+    monkeypatch.setattr(wrapper.WrappedFlexAttention, "__call__", lambda self: flex.flex_attention)
+    try:
+        return BUILDERS[name](attn="flex_attention")
+    except ValueError as error:
+        if "flex" not in str(error):
+            raise
+        pytest.skip(f"transformers runs {name} without flex_attention")
+
+
+def _fails_unpatched_alike(model, inputs: dict, gen: dict, error: Exception) -> None:
+    """Skip where ``model``'s unpatched ``generate()`` fails with the pruned run's ``error``, type and message."""
+    try:
+        model.generate(**inputs, **gen)
+    except Exception as unpatched:
+        if (type(unpatched), str(unpatched)) == (type(error), str(error)):
+            pytest.skip(f"the unpatched model fails alike: {type(error).__name__}: {error}")
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+@torch.no_grad()
+def test_flex_attention_generates_as_sdpa(name, cache, monkeypatch):
+    """Under flex_attention the language model gets a ``BlockMask``: a mask function that the attention reads
+    when it runs. A prompt's prebuilt one (PaliGemma, Molmo2, Inkling) is read for its padding as a 4-D mask
+    is; on a static cache, transformers numbers a decode step's query by the cache's length tensor, which the
+    layer has grown by the time the attention reads it, so the hooks' decode mask must hide the slots ahead
+    itself, as generate()'s does (without that, every first decode step sees one empty slot: ~4e-3 off).
+    Pruned and keep-all, a generation gives sdpa's: the same picks and tokens, logits within rounding."""
+    sdpa = BUILDERS[name](attn="sdpa")
+    if cache == "static":
+        _static_generate(sdpa)
+    flex = _flex_attention(name, monkeypatch)
+    inputs = flex.make_inputs(flex.batch)
+    gen = dict(max_new_tokens=NEW_TOKENS, **(dict(cache_implementation="static") if cache == "static" else {}))
+    for keep in (1.0, KEEP):
+        try:
+            got = pruned_generation(flex.model, inputs, keep, **gen)
+        except Exception as error:  # where transformers' own flex masks fail (4.57's Qwen3-VL-MoE on a static cache)
+            _fails_unpatched_alike(_flex_attention(name, monkeypatch).model, inputs, gen, error)
+            raise
+        assert len(got[1]) == flex.n_images(flex.batch)
+        assert_same_generation(got, pruned_generation(sdpa.model, inputs, keep, **gen), atol=ATOL)
 
 
 @torch.no_grad()

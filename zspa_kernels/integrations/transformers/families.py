@@ -868,7 +868,12 @@ def _gemma4_unified_masks(config, embeds, mask, cache, positions, token_types, s
     params = inspect.signature(masking_utils.create_masks_for_generate).parameters
     kwargs = dict(config=text, inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
     kwargs["cache" if "cache" in params else "past_key_values"] = cache
-    if text.use_bidirectional_attention == "vision":
+    # Tokens without types are text (-1: no block), as the forward reads them. On a static cache such an overlay,
+    # a no-op, is left out, as generate()'s own masks leave it: flex_attention reads it when the attention runs,
+    # at the query's offset, which the layer has grown by then (handle.py's _decode_step): one past its ids at the
+    # cache's last slot.
+    if text.use_bidirectional_attention == "vision" and (
+            token_types is not None or not getattr(cache, "is_compileable", False)):
         kwargs["block_sequence_ids"] = (torch.full(embeds.shape[:-1], -1, device=embeds.device) if token_types is None
                                         else get_block_sequence_ids_for_mask(token_types, device=embeds.device))
     return masking_utils.create_masks_for_generate(**kwargs)

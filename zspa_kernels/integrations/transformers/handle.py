@@ -425,7 +425,17 @@ def _prebuilt(mask) -> bool:
     which a family's ``build_mask`` rebuilds for the pruned layout; a 2-D mask (or none) the language model
     turns into masks itself, from the pruned 2-D mask then (DiffusionGemma's encoder on transformers 5.24
     passes the 2-D mask of a forward call on: it builds its masks and drops them)."""
-    return isinstance(mask, dict) or (isinstance(mask, torch.Tensor) and mask.dim() == 4)
+    return isinstance(mask, dict) or _is_block_mask(mask) or (isinstance(mask, torch.Tensor) and mask.dim() == 4)
+
+
+def _is_block_mask(mask) -> bool:
+    """Whether ``mask`` is flex_attention's ``BlockMask`` (what transformers builds for a model run with
+    ``attn_implementation="flex_attention"``): a prebuilt mask, as a 4-D one."""
+    try:
+        from torch.nn.attention.flex_attention import BlockMask
+    except ImportError:  # a torch without flex_attention builds none
+        return False
+    return isinstance(mask, BlockMask)
 
 
 class _DeferredMasks(dict):
@@ -439,7 +449,9 @@ class _DeferredMasks(dict):
 
 def _mask_2d(mask, batch: int, length: int, device) -> torch.Tensor:
     """The 2-D padding mask of a prefill, as long; recovered from the 4-D mask (or the
-    dict of them) that generate() builds ahead of the forward for static caches."""
+    dict of them) that generate() builds ahead of the forward for static caches, or that a base
+    model builds for its language model (PaliGemma, Molmo2, Inkling), or from flex_attention's
+    ``BlockMask`` in their place."""
     if isinstance(mask, dict):
         # A mask whose rows see every key: full attention, or a kind of its own (Dots3-Note's indexed
         # attention); a sliding or chunked one's last row sees its window only.
@@ -447,6 +459,12 @@ def _mask_2d(mask, batch: int, length: int, device) -> torch.Tensor:
         mask = mask.get("full_attention", whole[0] if whole else next(iter(mask.values())))
     if mask is None:
         return torch.ones(batch, length, dtype=torch.long, device=device)
+    if _is_block_mask(mask):  # flex_attention's: its mask function, read at the last query row (device ops only)
+        rows, keys = torch.arange(batch, device=device), torch.arange(length, device=device)
+        head = torch.zeros((), dtype=torch.long, device=device)
+        last = torch.full((), mask.seq_lengths[0] - 1, dtype=torch.long, device=device)  # a fill: no copy
+        row = torch.vmap(torch.vmap(mask.mask_mod, in_dims=(None, None, None, 0)), in_dims=(0, None, None, None))
+        return row(rows, head, last, keys).long()
     if mask.dim() == 4:  # the last query row attends to every non-padding key
         row = mask[:, 0, -1, :length]
         return (row if row.dtype == torch.bool else row == 0).long()
@@ -1338,7 +1356,12 @@ class PruneHandle:
             # and an op in it is a graph of its own).
             build = self.family.build_mask is not None and (
                 self._deferred is not None or _prebuilt(kwargs.get("attention_mask")))
-            if kwargs.get("cache_position") is not None or build or state.counts_slots:
+            # flex_attention reads a mask's offsets when the attention runs: transformers 5 numbers a step's query
+            # by the cache's length tensor, which the layer has grown by then, so its causal part lets the query
+            # see the next (empty) slot. generate() hides the slots ahead with a 2-D mask as long as the
+            # sequence; this fixed-width one hides them the same way.
+            flex = getattr(self.lm.config, "_attn_implementation", None) == "flex_attention"
+            if kwargs.get("cache_position") is not None or build or state.counts_slots or flex:
                 # The caller's slots, as the base model's hook saw them; none seen: the language model
                 # was called without the base model.
                 appended = _appended(state, cache, kwargs.get("cache_position") if caller is None else caller[0])
@@ -1347,6 +1370,8 @@ class PruneHandle:
                     kwargs["cache_position"] = slots
                 if state.counts_slots:
                     self._slots = slots
+                if flex:
+                    mask = mask * (torch.arange(mask.shape[1], device=mask.device) <= slots[-1])
                 if build:  # decode tokens are text: no image blocks
                     self._deferred = None
                     mask = self.family.build_mask(self.config, step, mask, cache, kwargs.get("position_ids"), None,
