@@ -290,3 +290,23 @@ def test_prompt_lookup_decoding_on_the_gpu_generates_as_greedy_decoding(name):
     assert torch.equal(looked_up.sequences, plain.sequences)
     for a, b in zip(looked_up.logits, plain.logits):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@torch.no_grad()
+def test_compiled_flex_attention_generates_as_sdpa_on_the_gpu(cache):
+    """flex_attention as transformers runs it on a GPU (its kernel compiled, the mask function read inside it):
+    Molmo2's base model hands its language model a prebuilt ``BlockMask``, read for its padding, and a static
+    cache's decode steps get the mask that hides the slots ahead (test_transformers_prune.py runs every family
+    uncompiled on CPU). The same picks and tokens as sdpa, logits within rounding. (New on 2026-12-06, never
+    run.)"""
+    runs = []
+    for attn in ("flex_attention", "sdpa"):
+        tiny = BUILDERS["molmo2"](attn=attn)
+        tiny.model.to(DEVICE)
+        inputs = _on(tiny.make_inputs(tiny.batch), DEVICE)
+        runs.append(pruned_generation(tiny.model, inputs, KEEP, backend="triton", max_new_tokens=4,
+                                      **(dict(cache_implementation="static", disable_compile=True)
+                                         if cache == "static" else {})))
+    assert len(runs[0][1]) == tiny.n_images(tiny.batch)
+    assert_same_generation(*runs, atol=1e-4)
