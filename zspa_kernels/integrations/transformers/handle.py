@@ -42,6 +42,7 @@ pruned forward are shorter than ``input_ids``; the last position is unchanged.
 from __future__ import annotations
 
 import inspect
+import sys
 import warnings
 import weakref
 from dataclasses import dataclass, replace
@@ -431,11 +432,10 @@ def _prebuilt(mask) -> bool:
 def _is_block_mask(mask) -> bool:
     """Whether ``mask`` is flex_attention's ``BlockMask`` (what transformers builds for a model run with
     ``attn_implementation="flex_attention"``): a prebuilt mask, as a 4-D one."""
-    try:
-        from torch.nn.attention.flex_attention import BlockMask
-    except ImportError:  # a torch without flex_attention builds none
-        return False
-    return isinstance(mask, BlockMask)
+    # One exists only once its module is loaded: no import here (it runs at every decode step), none at load either
+    # (the module takes ~0.3 s to import, and a torch before 2.5 has none).
+    flex = sys.modules.get("torch.nn.attention.flex_attention")
+    return flex is not None and isinstance(mask, flex.BlockMask)
 
 
 class _DeferredMasks(dict):
