@@ -181,6 +181,87 @@ def test_a_journal_of_another_run_is_refused(tmp_path):
         run_grid(model, samples, encode, GRID[:1], tmp_path, new_tokens=NEW_TOKENS + 1, progress=False)
 
 
+def test_a_journal_of_another_model_is_refused_and_the_same_model_resumes(tmp_path):
+    """Two checkpoints of one config (a fine-tune of the other) under one label: resuming into the first's journal
+    would compare the second's passes with the first's unpruned answers."""
+    from zspa_kernels.fidelity.grid import model_digest
+    from zspa_kernels.integrations.transformers.tiny import llava
+
+    first, again, other = (llava(seed=seed).model for seed in (0, 0, 1))
+    assert model_digest(first) == model_digest(again) != model_digest(other)
+    _, samples, encode = tiny_run("llava", n_samples=2)
+    run = dict(new_tokens=NEW_TOKENS, progress=False, run_info={"model": "ckpt"})
+    run_grid(first, samples, encode, [], tmp_path, **run)
+    with pytest.raises(ValueError, match="--out: .* another run .*differs in model_digest\\)"):
+        run_grid(other, samples, encode, GRID[:1], tmp_path, **run)
+    resumed = run_grid(again, samples, encode, [GridPoint(1.0, 0.5)], tmp_path, **run)
+    keep_all = summarise(resumed)["points"][0]  # against the unpruned pass of the same weights: exact
+    assert keep_all["answer_agreement"] == keep_all["first_token_agreement"] == 1.0 and keep_all["kl_max"] == 0.0
+
+
+def test_a_journal_timed_on_another_machine_is_refused(tmp_path, monkeypatch):
+    """The speed-ups divide the unpruned pass's times by the pruned passes': one machine for all (its load aside)."""
+    from zspa_kernels import benchmark as hb
+
+    model, samples, encode = tiny_run("llava", n_samples=2)
+    run = dict(new_tokens=NEW_TOKENS, progress=False)
+    run_grid(model, samples, encode, [], tmp_path, **run)
+    here = hb.environment(torch.device("cpu"))
+    monkeypatch.setattr(hb, "environment", lambda device: {**here, "load_average_1min": 99.0})
+    run_grid(model, samples, encode, [], tmp_path, **run)  # another load: the same machine
+    monkeypatch.setattr(hb, "environment", lambda device: {**here, "device": "another cpu"})
+    with pytest.raises(ValueError, match="another run .*differs in environment.device\\)"):
+        run_grid(model, samples, encode, GRID[:1], tmp_path, **run)
+
+
+def test_a_journal_that_cannot_be_resumed_is_refused_naming_the_option(tmp_path, capsys):
+    args = ["fidelity", "--keep", "16", "--core-ratio", "0.5", "--new-tokens", "1", "--out", str(tmp_path)]
+    (tmp_path / JOURNAL).write_text('{"kind": "run"}\nGARBAGE\n{"kind": "unpruned"}\n')
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"zspa fidelity: --out: {tmp_path / JOURNAL} line 2 is not JSON; delete the file to start again")
+    # A journal whose unpruned pass lost its log-probabilities.
+    (tmp_path / JOURNAL).unlink()
+    assert main(args) == 0
+    (tmp_path / "unpruned-logprobs.pt").unlink()
+    assert main(args[:2] + ["32"] + args[3:]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"zspa fidelity: --out: {tmp_path / JOURNAL} records the unpruned pass, but its log-probabilities "
+        "(unpruned-logprobs.pt) are gone; delete the journal to start again")
+
+
+def test_a_resumed_command_says_which_earlier_points_it_reports(tmp_path, capsys):
+    args = ["fidelity", "--core-ratio", "0.5", "--new-tokens", "1", "--out", str(tmp_path)]
+    assert main(args + ["--keep", "16"]) == 0
+    capsys.readouterr()
+    assert main(args + ["--keep", "32"]) == 0
+    out = capsys.readouterr().out
+    assert ("the journal also holds 1 grid point(s) measured by an earlier run into "
+            f"{tmp_path}, reported too: keep 16 core ratio 0.5") in out
+    assert "keep 16: `" in out and "keep 32: `" in out
+
+
+def test_the_heatmap_keeps_one_token_and_every_token_apart():
+    from zspa_kernels.fidelity.report import heat_cells
+
+    points = [{"keep": 1, "core_ratio": 0.5}, {"keep": 1.0, "core_ratio": 0.5}, {"keep": 1, "core_ratio": 0.0}]
+    assert heat_cells(points) == (["1", "1.0"], [0.0, 0.5], [(0, 1), (1, 1), (0, 0)])
+
+
+def test_the_recommended_call_names_a_tokenizer_only_where_the_run_pruned_with_one(tmp_path):
+    from zspa_kernels.fidelity import offline
+
+    _, processor, _ = offline.build(torch.device("cpu"), torch.float32)  # a tokenizer's special tokens
+    model, samples, encode = tiny_run("llava", n_samples=2)
+    calls = {}
+    for name, tokenizer in (("without", None), ("with", processor)):
+        journal = run_grid(model, samples, encode, [GridPoint(3, 0.5)], tmp_path / name, new_tokens=NEW_TOKENS,
+                           progress=False, tokenizer=tokenizer)
+        calls[name] = summarise(journal)["recommendations"][0]["call"]
+    assert calls == {"without": "zspa_kernels.prune(model, keep=3, core_ratio=0.5)",
+                     "with": "zspa_kernels.prune(model, keep=3, core_ratio=0.5, tokenizer=processor)"}
+
+
 def test_a_line_cut_short_by_an_interruption_is_dropped(tmp_path):
     model, samples, encode = tiny_run("llava", n_samples=2)
     run_grid(model, samples, encode, GRID[:1], tmp_path, new_tokens=NEW_TOKENS, progress=False)

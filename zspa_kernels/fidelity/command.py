@@ -9,7 +9,7 @@ import torch
 
 from ..spec import BACKEND_CHOICES
 from . import offline, report
-from .grid import (JOURNAL, GridPoint, JournalMismatch, parse_core_ratios, parse_keeps, refuse_unmeasurable,
+from .grid import (JOURNAL, GridPoint, JournalError, parse_core_ratios, parse_keeps, refuse_unmeasurable,
                    run_grid)
 from .samples import Prompts, read_samples
 
@@ -95,9 +95,13 @@ def run(out: str, model_path: Optional[str] = None, data: Optional[str] = None, 
         print(f"\ninterrupted: finished grid points are kept in {out_dir / JOURNAL}; "
               "run the same command again to resume.", file=sys.stderr)
         return 130
-    except JournalMismatch as exc:
+    except JournalError as exc:  # another run's journal, or one that cannot be read
         print(f"zspa fidelity: {exc}", file=sys.stderr)
         return 2
+    earlier = [r for r in journal.records if r["kind"] == "pruned" and not any(p.matches(r) for p in points)]
+    if earlier:  # the report is the journal's, whatever grid this call asked for
+        print(f"  the journal also holds {len(earlier)} grid point(s) measured by an earlier run into {out_dir}, "
+              "reported too: " + ", ".join(f"keep {r['keep']} core ratio {r['core_ratio']}" for r in earlier))
     summary = report.summarise(journal)
     paths = report.write(summary, out_dir)
     print()

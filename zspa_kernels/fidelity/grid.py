@@ -32,8 +32,12 @@ from ..models import cache_bytes, prefill
 
 JOURNAL = "measurements.jsonl"
 UNPRUNED_LOGPROBS = "unpruned-logprobs.pt"
-# Run-record fields that may differ when a run is resumed (the rest must match).
-UNCHECKED = ("environment", "started")
+# Run-record fields that may differ when a run is resumed (the rest must match): the start time, and the CPU's load.
+# The machine may not: the speed-ups divide the unpruned pass's times by each pruned pass's.
+UNCHECKED = ("started",)
+UNCHECKED_ENVIRONMENT = ("load_average_1min",)
+# Values read from each parameter for the model's digest, spread over the whole tensor.
+DIGEST_SAMPLES = 64
 
 
 @dataclass(frozen=True, eq=False)
@@ -80,8 +84,52 @@ def parse_core_ratios(text: str) -> list[float]:
     return ratios
 
 
-class JournalMismatch(ValueError):
-    """The output folder holds the journal of a run with other settings or samples."""
+def model_digest(model) -> str:
+    """A digest of ``model``: its config (where it was loaded from aside) and, for every parameter, its name, shape,
+    dtype and ``DIGEST_SAMPLES`` values spread over it (parameters on the meta device, offloaded, by name, shape and
+    dtype alone). Two checkpoints with one config but other weights (a fine-tune) differ in it; the values are read
+    back in one copy."""
+    config = model.config.to_dict()
+    for key in ("_name_or_path", "transformers_version"):  # a moved folder holds the same model
+        config.pop(key, None)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    samples = []
+    for name, param in model.named_parameters():
+        digest.update(f"{name} {tuple(param.shape)} {param.dtype}\n".encode())
+        if param.is_meta or param.numel() == 0:
+            continue
+        flat = param.detach().reshape(-1)
+        samples.append(flat[:: max(1, flat.numel() // DIGEST_SAMPLES)][:DIGEST_SAMPLES].double())
+    if samples:
+        device = samples[0].device
+        digest.update(torch.cat([s.to(device) for s in samples]).cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class JournalError(ValueError):
+    """The output folder's journal cannot be resumed (its message names ``--out`` and what to do)."""
+
+
+class JournalMismatch(JournalError):
+    """The output folder holds the journal of a run with another model, settings, samples or machine."""
+
+
+def _checked(run: dict) -> dict:
+    """The fields of a run record that a resumed run must repeat."""
+    checked = {k: v for k, v in run.items() if k not in UNCHECKED}
+    if isinstance(checked.get("environment"), dict):
+        checked["environment"] = {k: v for k, v in checked["environment"].items() if k not in UNCHECKED_ENVIRONMENT}
+    return checked
+
+
+def _differences(old: dict, new: dict, prefix: str = ""):
+    """The keys whose values differ, nested dicts' as ``outer.inner`` (``environment.device``)."""
+    for key in old.keys() | new.keys():
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            yield from _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            yield prefix + key
 
 
 class Journal:
@@ -93,12 +141,11 @@ class Journal:
         if not self.records:
             self.append(run)
             return
-        old = {k: v for k, v in self.records[0].items() if k not in UNCHECKED}
-        new = {k: v for k, v in run.items() if k not in UNCHECKED}
+        old, new = _checked(self.records[0]), _checked(run)
         if old != new:
-            differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+            differ = sorted(_differences(old, new))
             raise JournalMismatch(f"--out: {self.path} holds measurements of another run (it differs in "
-                             f"{', '.join(differ)}); choose another --out, or delete it to start again")
+                                  f"{', '.join(differ)}); choose another --out, or delete it to start again")
 
     def _read(self) -> list[dict]:
         if not self.path.exists():
@@ -110,8 +157,8 @@ class Journal:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
                 if number < len(lines):
-                    raise ValueError(f"--out: {self.path} line {number} is not JSON; delete the file "
-                                     "to start again") from None
+                    raise JournalError(f"--out: {self.path} line {number} is not JSON; delete the file "
+                                       "to start again") from None
                 # The last line was cut short by an interruption: drop it.
                 self.path.write_text("".join(lines[:-1]), encoding="utf-8")
         return records
@@ -236,7 +283,8 @@ def run_grid(model, samples: Sequence, encode: Callable[[list], dict], points: S
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     param = next(model.parameters())
-    run = {"kind": "run", **(run_info or {}), "samples": [s.label for s in samples],
+    run = {"kind": "run", **(run_info or {}), "model_digest": model_digest(model),
+           "samples": [s.label for s in samples],
            # Catches a sample edited in place (same label, other image or question) on resume.
            "samples_digest": hashlib.sha256("\n".join(map(repr, samples)).encode()).hexdigest(),
            "new_tokens": new_tokens, "batch_size": batch_size, "backend": backend,
@@ -256,6 +304,9 @@ def run_grid(model, samples: Sequence, encode: Callable[[list], dict], points: S
             record, logprobs = measure_pass(model, batches, encode, new_tokens, bar.update)
             torch.save(logprobs, logprobs_path)  # before the record: a record means the file exists
             journal.append({"kind": "unpruned", **record})
+        if not logprobs_path.exists():
+            raise JournalError(f"--out: {journal.path} records the unpruned pass, but its log-probabilities "
+                               f"({logprobs_path.name}) are gone; delete the journal to start again")
         reference = torch.load(logprobs_path)
         for point in todo:
             bar.set_description(f"keep {point.keep}, core ratio {point.core_ratio}")

@@ -33,20 +33,28 @@ def _point_summary(record: dict, unpruned: dict) -> dict:
     }
 
 
-def prune_call(keep, core_ratio: float) -> str:
-    return f"zspa_kernels.prune(model, keep={keep}, core_ratio={core_ratio}, tokenizer=processor)"
+def prune_call(keep, core_ratio: float, tokenizer: bool = True) -> str:
+    """The call to paste; ``tokenizer``: whether the run pruned with one (which changes the prompt's tokens)."""
+    extra = ", tokenizer=processor" if tokenizer else ""
+    return f"zspa_kernels.prune(model, keep={keep}, core_ratio={core_ratio}{extra})"
 
 
-def recommend(points: list[dict]) -> list[dict]:
+def _keep_key(keep) -> tuple:
+    """keep=1 (one token) and keep=1.0 (every token) apart, as grid.GridPoint keeps them."""
+    return type(keep).__name__, keep
+
+
+def recommend(points: list[dict], tokenizer: bool = True) -> list[dict]:
     """Per budget, the core ratio whose greedy answers agree most with the unpruned ones;
-    ties go to first-token agreement, then to the lower mean KL."""
+    ties go to first-token agreement, then to the lower mean KL. ``tokenizer``: whether the run pruned with
+    ``prune(..., tokenizer=)`` (the calls say so)."""
     best = {}
     for p in points:
         rank = (p["answer_agreement"], p["first_token_agreement"], -p["kl_mean"])
-        key = (type(p["keep"]).__name__, p["keep"])
+        key = _keep_key(p["keep"])
         if key not in best or rank > best[key][0]:
             best[key] = (rank, p)
-    return [{"keep": p["keep"], "core_ratio": p["core_ratio"], "call": prune_call(p["keep"], p["core_ratio"]),
+    return [{"keep": p["keep"], "core_ratio": p["core_ratio"], "call": prune_call(p["keep"], p["core_ratio"], tokenizer),
              "answer_agreement": p["answer_agreement"], "first_token_agreement": p["first_token_agreement"],
              "kl_mean": p["kl_mean"], "prefill_speedup": p["prefill_speedup"]}
             for _, p in best.values()]
@@ -64,7 +72,8 @@ def summarise(journal: Journal) -> dict:
             "unpruned": {"prefill_ms": unpruned["prefill_ms"],
                          "kv_cache_bytes_per_sample": unpruned["kv_cache_bytes"] / n,
                          "first_tokens": unpruned["first_tokens"], "answers": unpruned["answers"]},
-            "points": points, "recommendations": recommend(points)}
+            "points": points,
+            "recommendations": recommend(points, tokenizer=run.get("tokenizer_special_ids") is not None)}
 
 
 def _bytes(n: float) -> str:
@@ -101,6 +110,15 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def heat_cells(points: list[dict]) -> tuple[list[str], list[float], list[tuple[int, int]]]:
+    """The heatmap's rows (keeps, labelled as given: "1" one token, "1.0" every token), its columns (core ratios)
+    and each point's ``(row, column)``."""
+    keeps = list(dict.fromkeys(_keep_key(p["keep"]) for p in points))
+    ratios = sorted({p["core_ratio"] for p in points})
+    cells = [(keeps.index(_keep_key(p["keep"])), ratios.index(p["core_ratio"])) for p in points]
+    return [str(k) for _, k in keeps], ratios, cells
+
+
 def heatmap(summary: dict, path: pathlib.Path) -> None:
     """Keep x core ratio; colour: greedy-answer agreement; text: agreement and prefill speed-up."""
     import matplotlib
@@ -109,20 +127,18 @@ def heatmap(summary: dict, path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     points = summary["points"]
-    keeps = list(dict.fromkeys(p["keep"] for p in points))
-    ratios = sorted({p["core_ratio"] for p in points})
+    keeps, ratios, cells = heat_cells(points)
     grid = [[float("nan")] * len(ratios) for _ in keeps]
     fig, ax = plt.subplots(figsize=(1.3 * len(ratios) + 2.5, 0.8 * len(keeps) + 1.8))
-    for p in points:
-        r, c = keeps.index(p["keep"]), ratios.index(p["core_ratio"])
+    for (r, c), p in zip(cells, points):
         grid[r][c] = p["answer_agreement"]
         ax.text(c, r, f"{p['answer_agreement']:.2f}\nprefill {p['prefill_speedup']:.2f}x", ha="center", va="center",
                 fontsize=9, color="black" if p["answer_agreement"] > 0.5 else "white")
     image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(ratios)), [str(r) for r in ratios])
-    ax.set_yticks(range(len(keeps)), [str(k) for k in keeps])
+    ax.set_yticks(range(len(keeps)), keeps)
     ax.set_xlabel("core ratio")
-    ax.set_ylabel("keep (visual tokens per image)")
+    ax.set_ylabel("keep (visual tokens per image, or a fraction of them)")
     run = summary["run"]
     ax.set_title(f"{run.get('model', 'model')}: {len(run['samples'])} samples\n"
                  "colour: greedy answers equal to the unpruned ones; text: that share and the prefill speed-up",
