@@ -45,6 +45,12 @@ BAD_INPUTS = [
     (dict(relevance="cosine"), ValueError, "relevance: expected one of ('mean', 'max'), got 'cosine'"),
     (dict(backend="cudnn"), ValueError, "backend: expected one of"),
     (dict(backend="cuda"), ValueError, "backend: 'cuda' needs CUDA tensors"),
+    (dict(visual=torch.randn(B, N, D).to_sparse()), TypeError, "visual: expected a dense (strided) tensor, got layout "
+     "torch.sparse_coo"),
+    (dict(prompt=torch.randn(B, D).to_sparse()), TypeError, "prompt: expected a dense (strided) tensor"),
+    (dict(lengths=torch.tensor([3, 2]).to_sparse()), TypeError, "lengths: expected a dense (strided) tensor"),
+    (dict(prompt=torch.randn(B, T, D), prompt_mask=torch.ones(B, T, dtype=torch.bool).to_sparse()), TypeError,
+     "prompt_mask: expected a dense (strided) tensor"),
 ]
 
 
@@ -99,6 +105,28 @@ def test_api_rejects_types_the_schema_would_convert(change, message):
     assert message in str(info.value)
 
 
+# Ints past what the schema (int64 k) or a float (core_ratio) holds: the API names them as it does any out of range.
+HUGE_INTS = [
+    (dict(k=2**64), "k: expected an int in [1, 2**31 - 1], got 18446744073709551616"),
+    (dict(k=np.uint64(2**63)), "k: expected an int in [1, 2**31 - 1], got 9223372036854775808"),
+    (dict(k=-2**70), "k: expected an int in [1, 2**31 - 1], got -1180591620717411303424"),
+    (dict(core_ratio=10**400), "core_ratio: expected a float in [0, 1], got 1000"),
+    (dict(core_ratio=-10**400), "core_ratio: expected a float in [0, 1], got -1000"),
+]
+
+
+@pytest.mark.parametrize("change, message", HUGE_INTS, ids=[m.split(",")[0] + str(i) for i, (_, m) in enumerate(HUGE_INTS)])
+def test_api_names_ints_out_of_range_of_the_op(change, message):
+    from zspa_kernels.checks import check_options
+
+    with pytest.raises(ValueError) as info:
+        zspa_kernels.select_tokens(**{**_good(), **change})
+    assert message in str(info.value)
+    if "core_ratio" in change:  # prune() checks its options by the op's rule, long before the op runs
+        with pytest.raises(ValueError, match="core_ratio: expected a float in"):
+            check_options(change["core_ratio"], "mean", "auto")
+
+
 @pytest.mark.parametrize("k, core_ratio", [(np.int64(3), np.float32(0.25)), (np.uint8(3), np.float64(0.5))])
 def test_numpy_scalars_select_as_the_python_numbers_they_hold(k, core_ratio):
     args = _good()
@@ -130,11 +158,22 @@ def test_environment_override_is_checked(monkeypatch):
         zspa_kernels.select_tokens(**_good())
 
 
+def test_a_backend_the_environment_chose_is_named_in_its_error(monkeypatch):
+    monkeypatch.setenv("ZSPA_BACKEND", "cuda")
+    with pytest.raises(ValueError, match=r"^ZSPA_BACKEND=cuda \(backend='auto'\): 'cuda' needs CUDA tensors, got cpu$"):
+        zspa_kernels.select_tokens(**_good())
+    with pytest.raises(ValueError, match=r"^backend: 'cuda' needs CUDA tensors"):  # the keyword's own choice
+        zspa_kernels.select_tokens(**{**_good(), "backend": "cuda"})
+
+
 STRICT_ONLY = [
     (dict(prompt=torch.tensor([[1.0, float("nan"), 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])),
      "prompt: row 0 holds a non-finite value"),
     (dict(prompt=torch.randn(B, T, D), prompt_mask=torch.tensor([[True, True, True], [False, False, False]])),
      "prompt_mask: row 1 has no valid prompt token"),
+    # Finite rows whose float32 sum is not: relevance="mean" pools them to a vector that acts as a zero one.
+    (dict(prompt=torch.stack([torch.ones(T, D), torch.full((T, D), 3e38)])),
+     "prompt: row 1's valid rows sum past float32's range, so relevance='mean' pools them to a non-finite vector"),
 ]
 
 
@@ -145,6 +184,15 @@ def test_strict_mode_rejects_bad_prompt_values(change, message):
     with pytest.raises(ValueError) as info:
         zspa_kernels.select_tokens(**args, strict=True)
     assert message in str(info.value)
+
+
+def test_only_the_valid_rows_of_a_mean_prompt_must_sum_within_float32():
+    args = {**_good(), "prompt": torch.full((B, T, D), 3e38)}
+    for relevance in ("max", "mean"):  # max: no sum
+        kwargs = {**args, "relevance": relevance}
+        if relevance == "mean":
+            kwargs["prompt_mask"] = torch.tensor([[True, False, False], [False, True, False]])  # one row each
+        zspa_kernels.select_tokens(**kwargs, strict=True)
 
 
 def test_nonfinite_prompt_acts_as_zero_prompt():

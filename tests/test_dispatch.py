@@ -33,6 +33,14 @@ def test_auto_on_cuda_tensors_is_triton(monkeypatch):
     assert dispatch.resolve_backend("auto", torch.device("cuda")) == "triton"
 
 
+@pytest.mark.parametrize("device", ["mps", "xpu", "hpu"])
+def test_auto_on_another_device_is_the_device_generic_reference(monkeypatch, device):
+    monkeypatch.delenv("ZSPA_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # under it Triton counts on any device (tested below)
+    assert dispatch.resolve_backend("auto", torch.device(device)) == "reference"
+    assert dispatch.available_backends(torch.device(device)) == ["reference"]
+
+
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setattr(dispatch, "interpreter_problem", lambda: None)  # versions: tested below
     monkeypatch.setenv("TRITON_INTERPRET", "0")

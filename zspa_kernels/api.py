@@ -35,13 +35,16 @@ def select_tokens(
         lengths: optional int32/int64 ``(B,)`` valid token counts in ``[1, N]``.
         prompt_mask: optional bool ``(B, T)`` marking valid rows of a per-token prompt.
         relevance: ``"mean"`` (cosine to the mean-pooled prompt, the paper's rule) or
-            ``"max"`` (best cosine over the prompt tokens).
+            ``"max"`` (best cosine over the prompt tokens). ``"mean"`` pools by a float32 sum of the
+            valid rows: rows of magnitude near float32's limit (~3.4e38 / T) sum past it, and that
+            prompt acts as a zero vector (``strict`` says so).
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``; ``auto`` may be
             overridden by the ``ZSPA_BACKEND`` environment variable.
         pick_order: return indices in pick order (core by falling relevance, then
             diversity picks) instead of ascending order.
         strict: also check values that need a device-to-host sync: ``lengths`` range on
-            accelerators, non-finite prompts, rows without a valid prompt token (checked
+            accelerators, non-finite prompts, rows without a valid prompt token, a ``"mean"``
+            prompt whose sum leaves float32's range (checked
             after the op, which has validated everything else; their selection is
             well defined, so nothing is returned unchecked).
 
@@ -57,5 +60,5 @@ def select_tokens(
     if strict:
         if visual.device.type != "cpu":  # the op checks lengths on the CPU (no sync there)
             check_lengths_range(visual, lengths)
-        check_prompt_values(prompt, prompt_mask)
+        check_prompt_values(prompt, prompt_mask, relevance)
     return kept

@@ -38,8 +38,17 @@ def _check_option_types(core_ratio, relevance, backend) -> None:
         raise _type_error("backend", f"one of {BACKEND_CHOICES}", backend)
 
 
+def _as_float(value: numbers.Real) -> float:
+    """``float(value)``, infinite for an int past float's range (which ``float`` refuses with an OverflowError)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
+
+
 def _check_option_values(core_ratio: float, relevance: str, backend: str) -> None:
-    if math.isnan(core_ratio) or not 0.0 <= core_ratio <= 1.0:
+    ratio = _as_float(core_ratio)
+    if math.isnan(ratio) or not 0.0 <= ratio <= 1.0:
         raise ValueError(f"core_ratio: expected a float in [0, 1], got {core_ratio}")
     if relevance not in RELEVANCE_MODES:
         raise ValueError(f"relevance: expected one of {RELEVANCE_MODES}, got {relevance!r}")
@@ -54,6 +63,16 @@ def check_options(core_ratio, relevance, backend) -> None:
     _check_option_values(core_ratio, relevance, backend)
 
 
+def _check_k(k: int) -> None:
+    if not 1 <= k <= MAX_K:
+        raise ValueError(f"k: expected an int in [1, 2**31 - 1], got {k}")
+
+
+def _check_dense(name: str, tensor: Optional[torch.Tensor]) -> None:
+    if tensor is not None and tensor.layout != torch.strided:
+        raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {tensor.layout}")
+
+
 def check_python_types(visual, prompt, k, core_ratio, lengths, prompt_mask, relevance, backend,
                        pick_order, strict) -> None:
     """``TypeError`` naming the first argument of a Python type the op cannot take as meant."""
@@ -63,7 +82,12 @@ def check_python_types(visual, prompt, k, core_ratio, lengths, prompt_mask, rele
         raise _type_error("prompt", "a torch.Tensor of shape (B, D) or (B, T, D)", prompt)
     if isinstance(k, bool) or not isinstance(k, (numbers.Integral, torch.SymInt)):  # numpy's too
         raise _type_error("k", "an int >= 1", k)
+    # Values the schema (int64 k) or the API (float(core_ratio)) would fail on with a generic error: an int out of range.
+    if not isinstance(k, torch.SymInt) and not -2**63 <= k < 2**63:
+        _check_k(k)
     _check_option_types(core_ratio, relevance, backend)
+    if isinstance(core_ratio, numbers.Integral) and not 0 <= core_ratio <= 1:
+        _check_option_values(core_ratio, relevance, backend)
     if lengths is not None and not isinstance(lengths, torch.Tensor):
         raise _type_error("lengths", "None or an int32/int64 tensor of shape (B,)", lengths)
     if prompt_mask is not None and not isinstance(prompt_mask, torch.Tensor):
@@ -86,6 +110,8 @@ def check_args(
 ) -> None:
     """Raise ``TypeError``/``ValueError`` naming the first bad argument (the schema has
     already checked the Python types)."""
+    for name, tensor in (("visual", visual), ("prompt", prompt), ("lengths", lengths), ("prompt_mask", prompt_mask)):
+        _check_dense(name, tensor)
     if visual.dim() != 3:
         raise ValueError(f"visual: expected 3 dims (B, N, D), got shape {tuple(visual.shape)}")
     B, N, D = visual.shape
@@ -108,8 +134,7 @@ def check_args(
     if prompt.dim() == 3 and prompt.shape[1] < 1:
         raise ValueError(f"prompt: expected at least one text token, got shape {tuple(prompt.shape)}")
 
-    if not 1 <= k <= MAX_K:
-        raise ValueError(f"k: expected an int in [1, 2**31 - 1], got {k}")
+    _check_k(k)
     _check_option_values(core_ratio, relevance, backend)
 
     if lengths is not None:
@@ -143,8 +168,10 @@ def check_lengths_range(visual: torch.Tensor, lengths: Optional[torch.Tensor]) -
             raise ValueError(f"lengths: expected values in [1, {N}], got {int(lengths[row])} at row {row}")
 
 
-def check_prompt_values(prompt: torch.Tensor, prompt_mask: Optional[torch.Tensor]) -> None:
-    """Strict mode: every batch row has a finite prompt and at least one valid prompt token."""
+def check_prompt_values(prompt: torch.Tensor, prompt_mask: Optional[torch.Tensor], relevance: str = "mean") -> None:
+    """Strict mode: every batch row has a finite prompt and at least one valid prompt token, and under
+    ``relevance="mean"`` valid rows whose float32 sum stays finite (every backend pools by that sum: finite rows
+    of magnitude near float32's limit, ~3.4e38 / T, sum to a non-finite vector, which acts as a zero one)."""
     valid = prompt_mask
     finite = torch.isfinite(prompt)
     if prompt.dim() == 3:
@@ -161,3 +188,12 @@ def check_prompt_values(prompt: torch.Tensor, prompt_mask: Optional[torch.Tensor
     if not bool(row_ok.all()):
         row = int((~row_ok).nonzero()[0, 0])
         raise ValueError(f"prompt: row {row} holds a non-finite value (strict mode)")
+    if prompt.dim() == 3 and relevance == "mean":
+        from .reference import mean_pool
+
+        pooled_ok = torch.isfinite(mean_pool(prompt, torch.ones_like(finite[..., 0]) if valid is None else valid))
+        if not bool(pooled_ok.all()):
+            row = int((~pooled_ok.all(-1)).nonzero()[0, 0])
+            raise ValueError(f"prompt: row {row}'s valid rows sum past float32's range, so relevance='mean' "
+                             "pools them to a non-finite vector, which acts as a zero one; scale the prompt "
+                             "down, or use relevance='max' (strict mode)")

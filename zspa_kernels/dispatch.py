@@ -16,7 +16,8 @@ the table's margin. ``cuda`` is chosen only where its extension is already built
 it takes (:func:`.spec.cuda_backend_takes`: a long video row past its shared memory goes to
 ``triton``, whatever the nearest case says). The committed table
 comes from the H200 run of 2026-11-30 (its ``source``; ``zspa info`` prints it); without a
-table CUDA tensors always use ``triton``.
+table CUDA tensors always use ``triton``. Tensors on any other device (MPS, XPU, ...) use ``reference``,
+the one backend written in device-generic PyTorch.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .spec import BACKENDS, backend_from_env, cuda_backend_takes, release, triton_interpreter
+from .spec import BACKEND_ENV, BACKENDS, backend_from_env, cuda_backend_takes, release, triton_interpreter
 
 
 AUTO_TABLE = pathlib.Path(__file__).with_name("auto_cuda.json")
@@ -38,24 +39,30 @@ AUTO_TABLE = pathlib.Path(__file__).with_name("auto_cuda.json")
 def resolve_backend(backend: str, device: torch.device, shape: Optional[tuple[int, int, int]] = None) -> str:
     """The backend that will run for ``backend`` on tensors living on ``device``; ``shape`` is
     the call's ``(B, N, k)``, which ``auto`` on CUDA looks up in the measured table."""
+    # Where the choice came from, for the errors below: the keyword, or the environment under backend="auto".
+    name = "backend"
     if backend == "auto":
         backend = backend_from_env()
+        if backend != "auto":
+            name = f"{BACKEND_ENV}={backend} (backend='auto')"
     if backend == "auto":
-        if device.type != "cuda":
+        if device.type == "cpu":
             return "cpu"
+        if device.type != "cuda":
+            return "reference"
         if shape is None or auto_cuda_backend(*shape) == "triton":
             return "triton"
         return "cuda" if cuda_backend_takes(shape[0], shape[1], shared_memory_optin(device)) else "triton"
     if backend == "triton" and device.type != "cuda":
         if not triton_interpreter():
-            raise ValueError(f"backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {device.type}")
+            raise ValueError(f"{name}: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {device.type}")
         problem = interpreter_problem()
         if problem:
-            raise RuntimeError(f"backend: 'triton' on {device.type} tensors: {problem}")
+            raise RuntimeError(f"{name}: 'triton' on {device.type} tensors: {problem}")
     if backend == "cuda" and device.type != "cuda":
-        raise ValueError(f"backend: 'cuda' needs CUDA tensors, got {device.type}")
+        raise ValueError(f"{name}: 'cuda' needs CUDA tensors, got {device.type}")
     if backend == "cpu" and device.type != "cpu":
-        raise ValueError(f"backend: 'cpu' needs CPU tensors, got {device.type}")
+        raise ValueError(f"{name}: 'cpu' needs CPU tensors, got {device.type}")
     return backend
 
 
