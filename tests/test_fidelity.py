@@ -262,6 +262,19 @@ def test_the_recommended_call_names_a_tokenizer_only_where_the_run_pruned_with_o
                      "with": "zspa_kernels.prune(model, keep=3, core_ratio=0.5, tokenizer=processor)"}
 
 
+def test_prompts_pad_on_the_left_and_leave_the_processor_as_it_was():
+    from zspa_kernels.fidelity import Prompts, offline
+
+    model, processor, template = offline.build(torch.device("cpu"), torch.float32)
+    processor.tokenizer.padding_side = "right"
+    prompts = Prompts(processor, model, template)
+    samples = offline.samples()
+    short, long = sorted(samples, key=lambda s: len(s.question))[0], max(samples, key=lambda s: len(s.question))
+    mask = prompts([short, long])["attention_mask"]
+    assert mask[0, 0] == 0 and bool(mask[:, -1].all())  # the shorter row padded on the left
+    assert processor.tokenizer.padding_side == "right"
+
+
 def test_a_line_cut_short_by_an_interruption_is_dropped(tmp_path):
     model, samples, encode = tiny_run("llava", n_samples=2)
     run_grid(model, samples, encode, GRID[:1], tmp_path, new_tokens=NEW_TOKENS, progress=False)

@@ -110,12 +110,11 @@ def read_samples(data: str, question: Optional[str] = None) -> tuple[list[Sample
 class Prompts:
     """Model inputs of a batch of samples: each question in the processor's chat template
     (or ``template``, a ``str.format`` pattern with ``{question}``), one image each,
-    rows left-padded as ``generate()`` needs."""
+    rows left-padded as ``generate()`` needs (the processor's own padding side is left as it is)."""
 
     def __init__(self, processor, model, template: Optional[str] = None):
         self.processor = processor
         self.template = template
-        processor.tokenizer.padding_side = "left"
         takes = inspect.signature(model.forward).parameters
         # Tokenizers that return token_type_ids for models that take none (generate() refuses them); labels, which
         # PaliGemma's processor returns for every prompt (all -100 without a suffix): a prompt has no answer to score.
@@ -133,7 +132,12 @@ class Prompts:
     def __call__(self, samples: list[Sample]) -> dict:
         images = [[open_image(s.image)] for s in samples]
         texts = [self.text(s.question) for s in samples]
-        inputs = self.processor(images=images, text=texts, padding=True, return_tensors="pt", **self.kwargs)
+        tokenizer = self.processor.tokenizer
+        side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        try:
+            inputs = self.processor(images=images, text=texts, padding=True, return_tensors="pt", **self.kwargs)
+        finally:  # the caller's processor, as it was
+            tokenizer.padding_side = side
         return {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor) and k not in self.drop}
 
     def usable(self, samples: list[Sample], bad: list[str]) -> list[Sample]:
