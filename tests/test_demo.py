@@ -304,7 +304,7 @@ def test_prompts_drop_labels_and_ask_for_the_token_types_the_model_reads():
         calls = []
 
         def __call__(self, **kwargs):
-            self.calls.append(kwargs)
+            self.calls.append({**kwargs, "padding_side": self.tokenizer.padding_side})
             ids = torch.ones(1, 3, dtype=torch.long)
             return {"input_ids": ids, "labels": ids, "token_type_ids": ids, "mm_token_type_ids": ids}
 
@@ -321,7 +321,8 @@ def test_prompts_drop_labels_and_ask_for_the_token_types_the_model_reads():
                                (Plain(), False, {"input_ids", "token_type_ids", "mm_token_type_ids"})):
         processor = Processor()
         inputs = Prompts(processor, model, "{question}")([sample])
-        assert set(inputs) == kept and processor.tokenizer.padding_side == "left"
+        assert set(inputs) == kept and processor.calls[-1]["padding_side"] == "left"  # padded for generate()
+        assert processor.tokenizer.padding_side == "right"  # and the caller's processor left as it was
         assert processor.calls[-1].get("return_mm_token_type_ids", False) is asked
 
 
