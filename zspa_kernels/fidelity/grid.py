@@ -40,13 +40,18 @@ UNCHECKED_ENVIRONMENT = ("load_average_1min",)
 DIGEST_SAMPLES = 64
 
 
+def keep_key(keep) -> tuple:
+    """A budget as a key: keep=1 (one token) and keep=1.0 (every token) are two budgets, though ``1 == 1.0``."""
+    return isinstance(keep, float), keep
+
+
 @dataclass(frozen=True, eq=False)
 class GridPoint:
     keep: Union[int, float]
     core_ratio: float
 
-    def _key(self) -> tuple:  # keep=1 (one token) and keep=1.0 (every token) are two points
-        return type(self.keep), self.keep, self.core_ratio
+    def _key(self) -> tuple:
+        return *keep_key(self.keep), self.core_ratio
 
     def __eq__(self, other) -> bool:
         return isinstance(other, GridPoint) and self._key() == other._key()

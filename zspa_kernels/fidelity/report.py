@@ -7,7 +7,7 @@ import json
 import pathlib
 import statistics
 
-from .grid import Journal
+from .grid import Journal, keep_key
 
 FILES = ("fidelity.json", "fidelity.md", "fidelity.png")
 
@@ -39,11 +39,6 @@ def prune_call(keep, core_ratio: float, tokenizer: bool = True) -> str:
     return f"zspa_kernels.prune(model, keep={keep}, core_ratio={core_ratio}{extra})"
 
 
-def _keep_key(keep) -> tuple:
-    """keep=1 (one token) and keep=1.0 (every token) apart, as grid.GridPoint keeps them."""
-    return type(keep).__name__, keep
-
-
 def recommend(points: list[dict], tokenizer: bool = True) -> list[dict]:
     """Per budget, the core ratio whose greedy answers agree most with the unpruned ones;
     ties go to first-token agreement, then to the lower mean KL. ``tokenizer``: whether the run pruned with
@@ -51,7 +46,7 @@ def recommend(points: list[dict], tokenizer: bool = True) -> list[dict]:
     best = {}
     for p in points:
         rank = (p["answer_agreement"], p["first_token_agreement"], -p["kl_mean"])
-        key = _keep_key(p["keep"])
+        key = keep_key(p["keep"])
         if key not in best or rank > best[key][0]:
             best[key] = (rank, p)
     return [{"keep": p["keep"], "core_ratio": p["core_ratio"], "call": prune_call(p["keep"], p["core_ratio"], tokenizer),
@@ -65,7 +60,7 @@ def summarise(journal: Journal) -> dict:
     unpruned = journal.unpruned()
     points = [_point_summary(r, unpruned) for r in journal.records if r["kind"] == "pruned"]
     # Grid order whatever order the passes ran in: counts before fractions, then by value.
-    points.sort(key=lambda p: (isinstance(p["keep"], float), p["keep"], p["core_ratio"]))
+    points.sort(key=lambda p: (*keep_key(p["keep"]), p["core_ratio"]))
     run = {k: v for k, v in journal.run.items() if k != "kind"}
     n = len(unpruned["first_tokens"])
     return {"run": run,
@@ -113,9 +108,9 @@ def markdown(summary: dict) -> str:
 def heat_cells(points: list[dict]) -> tuple[list[str], list[float], list[tuple[int, int]]]:
     """The heatmap's rows (keeps, labelled as given: "1" one token, "1.0" every token), its columns (core ratios)
     and each point's ``(row, column)``."""
-    keeps = list(dict.fromkeys(_keep_key(p["keep"]) for p in points))
+    keeps = list(dict.fromkeys(keep_key(p["keep"]) for p in points))
     ratios = sorted({p["core_ratio"] for p in points})
-    cells = [(keeps.index(_keep_key(p["keep"])), ratios.index(p["core_ratio"])) for p in points]
+    cells = [(keeps.index(keep_key(p["keep"])), ratios.index(p["core_ratio"])) for p in points]
     return [str(k) for _, k in keeps], ratios, cells
 
 
