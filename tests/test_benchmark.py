@@ -78,3 +78,34 @@ def test_raw_records_say_where_with_what_and_when_they_were_measured(tmp_path):
     assert raw["transformers"] == transformers.__version__
     written = datetime.datetime.fromisoformat(raw["written_utc"])
     assert abs(datetime.datetime.now(datetime.timezone.utc) - written) < datetime.timedelta(minutes=5)
+
+
+@pytest.mark.parametrize("calls_ms, expected_us", [
+    ([900.0, 1.0], "do_bench"),  # a first call that compiles: warm, the call is timed by do_bench
+    ([900.0, 200.0, 300.0, 100.0], 200e3),  # slow when warm too: the median of three warm calls
+    ([2.0], "do_bench"),
+])
+def test_a_first_slow_call_is_timed_again_before_it_decides_how_to_time(monkeypatch, calls_ms, expected_us):
+    """``median_us`` on a GPU (its events and do_bench faked here): the first call may compile or load, so it
+    decides nothing alone, nor is it one of the three calls that time a slow one."""
+    triton_testing = pytest.importorskip("triton.testing")
+    times = iter(calls_ms)
+
+    class Event:
+        def __init__(self, enable_timing):
+            pass
+
+        def record(self):
+            pass
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return next(times)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(triton_testing, "do_bench", lambda fn, warmup, rep, return_mode: 0.005)
+    result = hb.median_us(lambda: None, torch.device("cuda"))
+    assert result == (5.0 if expected_us == "do_bench" else expected_us)
+    assert next(times, None) is None  # every call was used, none more
