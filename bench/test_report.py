@@ -22,12 +22,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = {"device": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0"}
 
 
-def _bench(impl, shape, B, N, D, k, us, event=True, device=ENV["device"]):
+def _bench(impl, shape, B, N, D, k, us, event=True, device=ENV["device"], host=None):
     info = {**ENV, "device": device, "name": "select_tokens", "impl": impl, "shape": shape, "B": B, "N": N, "D": D, "k": k,
             "keep": str(k), "k_core": k // 2, "dtype": "bfloat16", "floor_us": 1.0, "bandwidth_gbps": 4000.0}
     if event:
         info["cuda_event_median_us"] = us
-    return {"extra_info": info, "stats": {"median": 2 * us * 1e-6, "rounds": 10}}
+    return {"extra_info": info, "stats": {"median": (host or 2 * us) * 1e-6, "rounds": 10}}
 
 
 def _split(backend, graph, eager):
@@ -98,10 +98,14 @@ def test_targets_are_judged_from_the_best_fused_backend(tmp_path):
     e2e = [_e2e("unpruned", 576, 800.0, busy=700.0), _e2e("triton", 64, 160.0, share=0.004, busy=100.0, hook=2.4),
            _e2e("triton", 58, 150.0, 0.004), _e2e("triton", 58, 150.0, 0.004, hook=1.5, ops=(31, 150))]
     md = _write(tmp_path, micro, split, e2e)
-    assert "18.0 µs (cuda) | met" in _target(md, "LLaVA-1.5 B=1, k=64: GPU time")  # graph replay, best backend
+    # graph replay, best backend, the flushed event median beside it
+    assert ("18.0 µs (cuda, CUDA-graph replay, L2 warm; CUDA events, L2 flushed: 30.0 µs (triton)) | met"
+            in _target(md, "LLaVA-1.5 B=1, k=64: GPU time"))
     assert "70.0 µs (triton) | missed, 1.2x off" in _target(md, "LLaVA-1.5 B=1, k=64: wall clock")
-    assert "15.0x (triton) | missed, 1.3x off" in _target(md, "LLaVA-1.5 B=1, k=64: ≥ 20x torch_loop")
-    assert "100.0x (triton) | met" in _target(md, "LLaVA-1.5 B=1, k=64: ≥ 50x divprune_loop")
+    assert ("15.0x (triton, per call with its sync; by CUDA events 15.0x) | missed, 1.3x off"
+            in _target(md, "LLaVA-1.5 B=1, k=64: ≥ 20x torch_loop"))
+    assert "100.0x (triton, per call with its sync; by CUDA events 100.0x) | met" in _target(
+        md, "LLaVA-1.5 B=1, k=64: ≥ 50x divprune_loop")
     assert "400.0 µs (cuda) | missed, 2.0x off" in _target(md, "LLaVA-1.5 B=32")
     assert "9000.0 µs (triton) | met" in _target(md, "video")
     assert "5.0x (triton) | met" in _target(md, "LLaVA-1.5-7B B=8")
@@ -120,7 +124,7 @@ def test_targets_are_judged_from_the_best_fused_backend(tmp_path):
 
 def test_unmeasured_targets_say_so_and_host_clock_runs_have_none(tmp_path):
     md = _write(tmp_path, [_bench("triton", "llava-1.5", 1, 576, 4096, 64, 30.0)])
-    assert "30.0 µs (triton) | met" in _target(md, "LLaVA-1.5 B=1, k=64: GPU time")  # event median, no profile
+    assert "30.0 µs (triton, CUDA events, L2 flushed) | met" in _target(md, "LLaVA-1.5 B=1, k=64: GPU time")  # no profile
     assert "not measured" in _target(md, "LLaVA-1.5 B=1, k=64: wall clock")
     assert "not measured" in _target(md, "LLaVA-1.5-7B B=8")
     assert "not measured" in _target(md, "the same, GPU kernel time")
@@ -170,9 +174,98 @@ def test_cases_a_time_limit_interrupted_are_left_out_and_said(tmp_path):
     cut = _bench("cuda", "llava-1.5", 1, 576, 4096, 64, 20.0, event=False)  # no CUDA-event median yet
     bare = {"extra_info": {}, "stats": {"median": 1e-3, "rounds": 1}}  # interrupted while timing
     md = _write(tmp_path, [done, cut, bare])
-    assert "interrupted 2 case(s)" in md and "30.0 µs (triton)" in _target(md, "LLaVA-1.5 B=1, k=64: GPU time")
+    assert "interrupted 2 case(s)" in md and "30.0 µs (triton," in _target(md, "LLaVA-1.5 B=1, k=64: GPU time")
     saved = json.loads((tmp_path / "2026-01-01-nvidia-h200.json").read_text())
     assert [r["impl"] for r in saved["records"]] == ["triton"]
+
+
+def test_the_loops_speed_ups_are_judged_per_call_as_a_caller_waits(tmp_path):
+    """A Python loop's CUDA-event time is its wall time, the fused op's its GPU time alone (do_bench queues calls
+    behind its L2 flush): the ratio the target is judged by is of the synchronised host-clock medians, and the
+    events' one stands beside it."""
+    micro = [_bench("cuda", "llava-1.5", 1, 576, 4096, 64, 40.0, host=100.0),
+             _bench("torch_loop", "llava-1.5", 1, 576, 4096, 64, 1000.0, host=1000.0)]
+    md = _write(tmp_path, micro)
+    assert ("10.0x (cuda, per call with its sync; by CUDA events 25.0x) | missed, 2.0x off"
+            in _target(md, "LLaVA-1.5 B=1, k=64: ≥ 20x torch_loop"))
+
+
+def test_a_case_without_a_time_says_whether_it_failed_was_skipped_or_not_reached(tmp_path):
+    """The micro JSON holds the timed cases only; bench/conftest.py lists the failed and skipped ones, and the
+    table tells them from the cases the time limit never reached (run 1 printed its failed cuda cases as
+    "skipped")."""
+    micro = [_bench("triton", "llava-1.5", 1, 576, 4096, 64, 30.0), _bench("triton", "video", 1, 16384, 3584, 64, 900.0),
+             _bench("divprune_loop", "llava-1.5", 1, 576, 4096, 64, 3000.0)]
+    outcomes = [{"nodeid": "a", "impl": "cuda", "shape": "llava-1.5", "keep": "64", "outcome": "failed",
+                 "reason": "RuntimeError: too much shared memory"},
+                {"nodeid": "b", "impl": "divprune_loop", "shape": "video", "keep": "64", "outcome": "skipped",
+                 "reason": "divprune_loop would move ~9 GB per call"}]
+    (tmp_path / "micro.json").write_text(json.dumps({"benchmarks": micro, report.CASE_OUTCOMES: outcomes}))
+    assert report.main(["--micro", str(tmp_path / "micro.json"), "--out", str(tmp_path), "--date", "2026-01-01"]) == 0
+    md = (tmp_path / "2026-01-01-nvidia-h200.md").read_text()
+    assert "| llava-1.5 | 1 | 576 | 4096 | 64 (64) | 32 | 1.0 µs | failed | 30.0 µs | 3000.0 µs |" in md  # cuda failed
+    assert "| video | 1 | 16384 | 3584 | 64 (64) | 32 | 1.0 µs | not run | 900.0 µs | skipped |" in md
+    assert "- cuda, llava-1.5, keep 64: RuntimeError: too much shared memory" in md
+
+
+def test_a_run_that_forced_a_path_says_so_and_writes_no_table_for_auto(tmp_path):
+    """The smoke stage forces ZSPA_CUDA_GREEDY=block where the cluster kernel fails: the cuda times are then
+    the block kernel's, which auto would not run; the report says so and writes no auto table from them."""
+    micro = [_bench("triton", "llava-1.5", 1, 576, 4096, 64, 100.0), _bench("cuda", "llava-1.5", 1, 576, 4096, 64, 50.0)]
+    for b in micro:
+        b["extra_info"]["overrides"] = {"ZSPA_CUDA_GREEDY": "block"}
+    (tmp_path / "micro.json").write_text(json.dumps({"benchmarks": micro}))
+    table = tmp_path / "auto_cuda.json"
+    assert report.main(["--micro", str(tmp_path / "micro.json"), "--out", str(tmp_path), "--date", "2026-01-01",
+                        "--auto-table", str(table)]) == 0
+    assert not table.exists()
+    md = (tmp_path / "2026-01-01-nvidia-h200.md").read_text()
+    assert "**Forced paths**: this run set ZSPA_CUDA_GREEDY=block" in md
+    saved = json.loads((tmp_path / "2026-01-01-nvidia-h200.json").read_text())
+    assert saved["overrides"] == {"ZSPA_CUDA_GREEDY": "block"} and "overrides" not in saved["records"][0]
+
+
+def test_the_benchmarks_environment_names_the_paths_forced(monkeypatch):
+    for name in benchmark.PATH_OVERRIDES:
+        monkeypatch.delenv(name, raising=False)
+    assert "overrides" not in benchmark.environment(torch.device("cpu"))
+    monkeypatch.setenv("ZSPA_CUDA_GREEDY", "block")
+    monkeypatch.setenv("ZSPA_GRAM_BUDGET", " ")  # empty: not set
+    assert benchmark.environment(torch.device("cpu"))["overrides"] == {"ZSPA_CUDA_GREEDY": "block"}
+
+
+def test_the_micro_json_names_the_cases_that_failed_or_were_skipped(tmp_path):
+    """bench/conftest.py records each case of the microbenchmark's parameters that fails or is skipped, with the
+    first line of why, in the JSON pytest-benchmark writes."""
+    (tmp_path / "conftest.py").write_text(
+        "from bench.conftest import pytest_benchmark_generate_json, pytest_runtest_makereport  # noqa: F401\n")
+    (tmp_path / "test_cases.py").write_text("""
+import pytest
+from zspa_kernels.benchmark import SMOKE_SHAPES
+
+@pytest.mark.parametrize("keep", [64, 0.1])
+@pytest.mark.parametrize("shape", SMOKE_SHAPES[:1], ids=lambda s: s.label)
+@pytest.mark.parametrize("impl", ["cuda", "torch_loop"])
+def test_select_tokens(benchmark, impl, shape, keep):
+    if impl == "torch_loop":
+        pytest.skip("torch_loop would move too much")
+    if keep == 64:
+        raise RuntimeError("launch failed\\nits second line")
+    benchmark.pedantic(lambda: None, rounds=2)
+""")
+    out = tmp_path / "micro-raw.json"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")},
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                          "--rootdir", str(tmp_path), f"--benchmark-json={out}", "test_cases.py"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, run.stdout + run.stderr  # one failure
+    label = benchmark.SMOKE_SHAPES[0].label
+    outcomes = [(o["impl"], o["shape"], o["keep"], o["outcome"], o["reason"])
+                for o in json.loads(out.read_text())[report.CASE_OUTCOMES]]
+    assert outcomes == [("cuda", label, "64", "failed", "launch failed"),
+                        ("torch_loop", label, "64", "skipped", "torch_loop would move too much"),
+                        ("torch_loop", label, "10%", "skipped", "torch_loop would move too much")]
 
 
 def test_a_case_cut_before_its_first_round_costs_no_other_case_its_results(tmp_path):
