@@ -13,6 +13,7 @@ import torch
 from bench import e2e
 from zspa_kernels import benchmark as hb
 from zspa_kernels import models
+from zspa_kernels.integrations.transformers import kv_cache
 
 
 @pytest.mark.parametrize("name, cache", [("llava-1.5-tiny", "dynamic"), ("qwen2.5-vl-tiny", "dynamic"),
@@ -35,3 +36,21 @@ def test_e2e_tiny_runs_unpruned_and_pruned(name, cache):
             assert r["hook_kernels"] == 0 < r["hook_host_ops"]  # on CPUs every op is a host op
         else:
             assert "hook_ms" not in r
+
+
+def test_the_prefills_gpu_time_is_measured_last_on_a_fresh_build(monkeypatch):
+    """``gpu_busy_pass`` (the profiler faked here: off GPUs it measures nothing) fills every record's kernel
+    time after the wall-clock timings, each on its own configuration: unpruned, or pruned to its ``k``."""
+    records = e2e.run(["llava-1.5-tiny"], [1], torch.device("cpu"), "reference", new_tokens=2, repeats=1,
+                      progress=lambda _: None)
+    assert all(r["prefill_gpu_busy_ms"] is None for r in records)  # run() leaves it to the pass
+    seen = []
+
+    def busy(fn, device):  # the measured prefill's cache: it holds the kept visual tokens alone
+        seen.append(models.cache_bytes(kv_cache(fn())))
+        return float(len(seen))
+
+    monkeypatch.setattr(e2e, "gpu_busy_ms", busy)
+    e2e.gpu_busy_pass("llava-1.5-tiny", records, torch.device("cpu"), progress=lambda _: None)
+    assert [r["prefill_gpu_busy_ms"] for r in records] == [1.0, 2.0, 3.0]
+    assert seen == [r["kv_cache_bytes"] for r in records]
