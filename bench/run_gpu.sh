@@ -3,7 +3,7 @@
 # device tool (a session has 15 minutes of device time, the machine's start included, and a
 # command at most 10):   device run, timeout_s=600:  bash bench/run_gpu.sh
 #
-#   bench/run_gpu.sh [STAGE...]     (default: all = install checks smoke tune micro profile e2e demo report)
+#   bench/run_gpu.sh [STAGE...]     (default: all = install checks smoke micro profile e2e tune demo report)
 #
 # Stages, in the order of what matters if time runs out:
 #   install  the package into the machine's Python (it has no network: no dependencies)
@@ -19,20 +19,22 @@
 #            block kernel picks? If not, the stages after it run with ZSPA_CUDA_GREEDY=block; if
 #            the block kernel fails too, without the cuda backend (ZSPA_BENCH_SKIP=cuda): a kernel
 #            that traps kills its process's CUDA context, and every later case with it
+#   micro    microbenchmarks at the SPEC shapes (from here on the GPU is the run's alone)
+#   profile  bench/profile.py's time split (GPU time, graph replay, eager host cost, fixed cost
+#            and cost per greedy step), then Nsight Compute of one call per fused backend
+#   e2e      LLaVA-1.5-7B and Qwen2.5-VL-7B from configs, bf16, batch 1 and 8 (saved after each
+#            model, LLaVA first; the prefills' GPU kernel time last, in a pass of its own)
 #   tune     bench/tune.py: the cuda greedy kernels (block, cluster, auto) and Gram forms at
 #            LLaVA-1.5 B = 1, 32, 64 and video, the Triton plan variants, a per-token prompt against
 #            a pooled one, the raw band's cost, the cuBLAS Gram forms, side by side, each section
-#            saved as it ends (short: it comes before the long stages)
-#   micro    microbenchmarks at the SPEC shapes (from here on the GPU is the run's alone)
-#   profile  bench/profile.py's time split (GPU time, graph replay, eager host cost, fixed cost
-#            and cost per greedy step), then Nsight Compute of one call per fused backend;
-#            before e2e: 80 s at most, where e2e saves after each model (LLaVA first), so a
-#            long checks stage costs Qwen's e2e rows rather than the host times and the profiles
-#   e2e      LLaVA-1.5-7B and Qwen2.5-VL-7B from configs, bf16, batch 1 and 8
+#            saved as it ends (what to try next, not a target: after the stages that judge them)
 #   demo     `zspa demo` (the README's first command) and its picture
 #   report   <stem>.{json,md,png} from whatever raw files this run left, and on a GPU
 #            <stem>.auto_cuda.json: auto's per-shape table (commit it as zspa_kernels/auto_cuda.json)
 #
+# The caps are set so that the targets' stages all run when the checks take their whole cap:
+# 3 (install) + 210 + 15 (smoke) + 150 + 80 leave e2e 72 s of 560, enough for LLaVA's rows; what
+# a long run loses is Qwen's rows, tune and the demo (`run_gpu.sh install tune demo report` later).
 # Time: ZSPA_RUN_SECONDS (default 560) bounds the whole run. Each stage runs under `timeout`
 # with the smaller of its own cap and what is left (30 s kept for the report), and a stage with
 # less than its floor left is skipped, saying so. The stamps in the log give each stage's time.
@@ -171,12 +173,12 @@ stage_checks() {  # $1: seconds allowed
 
 main() {
   local STAGES=("${@:-all}") STAGE cap floor allowed end args extra kind f rc
-  [ "${STAGES[0]}" = all ] && STAGES=(install checks smoke tune micro profile e2e demo report)
+  [ "${STAGES[0]}" = all ] && STAGES=(install checks smoke micro profile e2e tune demo report)
   STEM=$("$PY" -m bench.report --print-stem) || exit 1  # -runN on a day that has results of this device
   GPU=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))')  # asked once: each ask starts CUDA
   for STAGE in "${STAGES[@]}"; do
     case $STAGE in  # cap and floor (seconds) of each stage
-      install) cap=60; floor=5 ;;   checks) cap=240; floor=60 ;;  micro) cap=150; floor=60 ;;
+      install) cap=60; floor=5 ;;   checks) cap=210; floor=60 ;;  micro) cap=150; floor=60 ;;
       e2e) cap=120; floor=60 ;;     profile) cap=80; floor=20 ;;  demo) cap=60; floor=30 ;;
       tune) cap=60; floor=30 ;;     report) cap=30; floor=5 ;;    smoke) cap=90; floor=20 ;;
       *) echo "unknown stage '$STAGE' (all|install|checks|smoke|tune|micro|e2e|profile|demo|report)" >&2; exit 2 ;;

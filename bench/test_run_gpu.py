@@ -34,3 +34,23 @@ def test_every_gpu_test_the_checks_stage_names_is_collected():
     for item in items:  # a file collects its tests, a node id its parameter cases
         assert any(line == item or line.startswith(item + ("::" if "::" not in item else "[")) for line in collected), \
             f"run_gpu.sh names {item!r}, which collects no test"
+
+
+def test_the_targets_stages_run_when_the_checks_take_their_whole_cap():
+    """The stage order and caps, replayed as ``allowance`` spends the budget: with the checks at their cap, micro
+    and profile at theirs (install 3 s, smoke 15 s), e2e still gets its floor (LLaVA's rows: the prefill
+    target), as the script's header says."""
+    text = SCRIPT.read_text()
+    caps = {name: (int(cap), int(floor)) for name, cap, floor in re.findall(r"(\w+)\) cap=(\d+); floor=(\d+)", text)}
+    order = re.search(r'\[ "\$\{STAGES\[0\]\}" = all \] && STAGES=\(([^)]*)\)', text).group(1).split()
+    budget = int(re.search(r"BUDGET=\$\{ZSPA_RUN_SECONDS:-(\d+)\}", text).group(1))
+    assert order.index("profile") < order.index("e2e") and order.index("micro") < order.index("e2e"), order
+    spent = {"install": 3, "smoke": 15}
+    clock = 0
+    for stage in order[:order.index("e2e")]:
+        cap, floor = caps[stage]
+        left = budget - clock - 30
+        allowed = 0 if left < floor else min(cap, left)
+        assert allowed > 0, f"{stage} skipped before e2e"
+        clock += min(allowed, spent.get(stage, cap))
+    assert budget - clock - 30 >= caps["e2e"][1], f"e2e would get {budget - clock - 30} s, under its floor"
