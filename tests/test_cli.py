@@ -21,9 +21,28 @@ def test_info_lists_the_backends_dispatch_says_are_available(capsys, monkeypatch
         assert f"auto        -> {'triton' if device.type == 'cuda' else 'cpu'}" in out
 
 
-def test_bench_rejects_an_unknown_shape():
-    with pytest.raises(SystemExit, match="--shape expected one of"):
-        main(["bench", "--shape", "tiny"])
+def test_bench_rejects_an_unknown_shape(capsys):
+    assert main(["bench", "--shape", "tiny"]) == 2
+    assert capsys.readouterr().err.startswith("zspa bench: --shape: expected one of llava-1.5, ")
+
+
+@pytest.mark.parametrize("env, message", [
+    ("bogus", "ZSPA_BACKEND: expected one of"),
+    ("cuda", "ZSPA_BACKEND=cuda (backend='auto'): 'cuda' needs CUDA tensors"),
+])
+def test_the_commands_that_run_the_op_refuse_a_zspa_backend_auto_cannot_run(env, message, tmp_path, capsys,
+                                                                             monkeypatch):
+    """``ZSPA_BACKEND`` chooses under ``auto``: a name it does not know, or a backend this device cannot run, is
+    refused up front (exit 2, naming it), not in a traceback; ``zspa fidelity`` refuses before its unpruned pass
+    and writes no journal."""
+    if env == "cuda" and torch.cuda.is_available():
+        pytest.skip("the cuda backend runs here")
+    monkeypatch.setenv("ZSPA_BACKEND", env)
+    for args in (["bench"], ["demo", "--size", "tiny", "--out", str(tmp_path / "demo")],
+                 ["fidelity", "--out", str(tmp_path / "fidelity")]):
+        assert main(args) == 2
+        assert capsys.readouterr().err.startswith(f"zspa {args[0]}: {message}"), args
+    assert not (tmp_path / "demo").exists() and not (tmp_path / "fidelity").exists()
 
 
 def test_info_reports_a_bad_zspa_backend_instead_of_crashing(capsys, monkeypatch):

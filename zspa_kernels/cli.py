@@ -71,6 +71,20 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _env_backend_problem() -> str | None:
+    """Why ``ZSPA_BACKEND`` would make ``auto`` refuse this machine's device (a name it does not know, a backend
+    the device cannot run), or None: the commands that run the op say so up front, not in a traceback."""
+    import torch
+
+    from zspa_kernels.dispatch import resolve_backend
+
+    try:
+        resolve_backend("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from zspa_kernels.arguments import checkpoint_problem, out_problem
     from zspa_kernels.spec import as_keep
@@ -83,6 +97,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             raise ValueError(f"out: {problem}")
     except ValueError as exc:
         print(f"zspa demo: --{exc}", file=sys.stderr)
+        return 2
+    if problem := _env_backend_problem():
+        print(f"zspa demo: {problem}", file=sys.stderr)
         return 2
     from zspa_kernels.demo import run
 
@@ -99,11 +116,18 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from zspa_kernels.arguments import parse_keep
+    from zspa_kernels.benchmark import SPEC_SHAPES
 
+    labels = [s.label for s in SPEC_SHAPES]
     try:
         keep = parse_keep(args.keep)
+        if args.shape not in labels:
+            raise ValueError(f"shape: expected one of {', '.join(labels)}, got {args.shape!r}")
     except ValueError as exc:
         print(f"zspa bench: --{exc}", file=sys.stderr)
+        return 2
+    if problem := _env_backend_problem():
+        print(f"zspa bench: {problem}", file=sys.stderr)
         return 2
     from zspa_kernels.benchmark import quick
 

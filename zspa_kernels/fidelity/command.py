@@ -33,7 +33,8 @@ def run(out: str, model_path: Optional[str] = None, data: Optional[str] = None, 
     from .. import benchmark as hb
 
     from ..arguments import checkpoint_problem, out_problem
-    from ..dispatch import available_backends
+    from ..dispatch import available_backends, resolve_backend
+    from ..spec import backend_from_env
     from ..integrations.transformers.families import find_family
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -53,6 +54,10 @@ def run(out: str, model_path: Optional[str] = None, data: Optional[str] = None, 
             # Refused now, not after the unpruned pass has been journaled under this backend.
             raise ValueError(f"--backend: {backend!r} cannot run on {device.type} here; "
                              f"expected one of auto, {', '.join(available_backends(device))}")
+        if backend == "auto":
+            resolve_backend("auto", device)  # ZSPA_BACKEND chooses under auto: a bad one is refused now too
+            # and journaled as the run's backend, so a resume under another one is refused as another run
+            backend = backend_from_env()
         samples, bad = offline.samples(), []
         if data is not None:
             samples, bad = read_samples(data, question)
