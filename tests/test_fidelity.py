@@ -248,6 +248,26 @@ def test_the_heatmap_keeps_one_token_and_every_token_apart():
     assert heat_cells(points) == (["1", "1.0"], [0.0, 0.5], [(0, 1), (1, 1), (0, 0)])
 
 
+
+@pytest.mark.parametrize("keeps, ratios", [([32], [0.5]), ([32, 0.1], [0.0, 1.0]), ([16, 32, 64, 128], [0, 0.25, 0.5, 0.75, 1])])
+def test_the_heatmap_holds_its_title_and_labels_on_any_grid(keeps, ratios):
+    """However small the grid, the figure is at least as large as its title, axis labels and colour bar."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from zspa_kernels.fidelity.report import heatmap_figure
+
+    points = [{"keep": k, "core_ratio": c, "answer_agreement": 0.5, "prefill_speedup": 2.0} for k in keeps for c in ratios]
+    fig = heatmap_figure({"points": points, "run": {"model": "llava-1.5-7b-hf", "samples": ["a"] * 12}})
+    try:
+        fig.canvas.draw()
+        drawn = fig.get_tightbbox(fig.canvas.get_renderer())  # every artist drawn, in inches
+        width, height = fig.get_size_inches()
+        assert drawn.x0 >= -0.01 and drawn.y0 >= -0.01 and drawn.x1 <= width + 0.01 and drawn.y1 <= height + 0.01, \
+            (drawn, width, height)
+    finally:
+        plt.close(fig)
+
 def test_the_recommended_call_names_a_tokenizer_only_where_the_run_pruned_with_one(tmp_path):
     from zspa_kernels.fidelity import offline
 
@@ -331,6 +351,17 @@ def test_bad_samples_are_reported_with_their_line_and_skipped(tmp_path):
     assert [m.split(":")[0] for m in bad] == [f"data.jsonl line {n}" for n in (2, 3, 4, 5, 6)]
     assert "image not found" in bad[0] and "unreadable image" in bad[1] and "empty question" in bad[2]
 
+
+def test_a_data_file_with_a_byte_order_mark_keeps_its_first_line_and_an_image_is_refused_naming_data(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "red.png")
+    line = json.dumps({"image": "red.png", "question": "What colour is it?"})
+    (tmp_path / "data.jsonl").write_bytes(("\ufeff" + line + "\n" + line + "\n").encode("utf-8"))  # as Notepad saves
+    samples, bad = read_samples(str(tmp_path / "data.jsonl"))
+    assert [s.label for s in samples] == ["data.jsonl line 1", "data.jsonl line 2"] and bad == []
+    with pytest.raises(ValueError, match="^--data: expected a JSON-lines file .* 'red.png', which is not text"):
+        read_samples(str(tmp_path / "red.png"))
 
 def test_a_folder_of_images_takes_one_question(tmp_path):
     _data_file(tmp_path)
@@ -478,3 +509,18 @@ def test_command_interrupted_says_how_to_resume(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(command, "run_grid", interrupted)
     assert main(["fidelity", "--keep", "16", "--core-ratio", "0.5", "--out", str(tmp_path)]) == 130
     assert "run the same command again to resume" in capsys.readouterr().err
+
+
+def test_the_backend_zspa_backend_chose_is_journaled_so_a_resume_under_another_is_refused(tmp_path, capsys,
+                                                                                        monkeypatch):
+    """Under ``--backend auto`` the environment's ``ZSPA_BACKEND`` runs the selection: the journal names it, and a
+    resume without it (or with another) is another run."""
+    args = ["fidelity", "--keep", "16", "--core-ratio", "0.5", "--new-tokens", "1", "--out", str(tmp_path)]
+    monkeypatch.setenv("ZSPA_BACKEND", "reference")
+    assert main(args) == 0
+    run = json.loads((tmp_path / JOURNAL).read_text().splitlines()[0])
+    assert run["backend"] == "reference"
+    monkeypatch.delenv("ZSPA_BACKEND")
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "differs in backend" in capsys.readouterr().err

@@ -114,8 +114,9 @@ def heat_cells(points: list[dict]) -> tuple[list[str], list[float], list[tuple[i
     return [str(k) for _, k in keeps], ratios, cells
 
 
-def heatmap(summary: dict, path: pathlib.Path) -> None:
-    """Keep x core ratio; colour: greedy-answer agreement; text: agreement and prefill speed-up."""
+def heatmap_figure(summary: dict):
+    """Keep x core ratio; colour: greedy-answer agreement; text: agreement and prefill speed-up. At least the size
+    its title and labels take, however small the grid."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,7 +125,7 @@ def heatmap(summary: dict, path: pathlib.Path) -> None:
     points = summary["points"]
     keeps, ratios, cells = heat_cells(points)
     grid = [[float("nan")] * len(ratios) for _ in keeps]
-    fig, ax = plt.subplots(figsize=(1.3 * len(ratios) + 2.5, 0.8 * len(keeps) + 1.8))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(ratios) + 2.5), max(4.0, 0.8 * len(keeps) + 1.8)))
     for (r, c), p in zip(cells, points):
         grid[r][c] = p["answer_agreement"]
         ax.text(c, r, f"{p['answer_agreement']:.2f}\nprefill {p['prefill_speedup']:.2f}x", ha="center", va="center",
@@ -133,13 +134,20 @@ def heatmap(summary: dict, path: pathlib.Path) -> None:
     ax.set_xticks(range(len(ratios)), [str(r) for r in ratios])
     ax.set_yticks(range(len(keeps)), keeps)
     ax.set_xlabel("core ratio")
-    ax.set_ylabel("keep (visual tokens per image, or a fraction of them)")
+    ax.set_ylabel("keep (tokens per image, or a fraction)")
     run = summary["run"]
     ax.set_title(f"{run.get('model', 'model')}: {len(run['samples'])} samples\n"
-                 "colour: greedy answers equal to the unpruned ones; text: that share and the prefill speed-up",
+                 "colour: greedy answers equal to the unpruned ones;\ntext: that share and the prefill speed-up",
                  fontsize=9)
     fig.colorbar(image, ax=ax, label="greedy answer agreement")
     fig.tight_layout()
+    return fig
+
+
+def heatmap(summary: dict, path: pathlib.Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = heatmap_figure(summary)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

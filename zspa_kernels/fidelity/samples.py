@@ -64,9 +64,15 @@ def _keep_if_good(sample: Sample, good: list[Sample], bad: list[str]) -> None:
 
 
 def read_jsonl(path: pathlib.Path) -> tuple[list[Sample], list[str]]:
-    """Samples of a JSON-lines file, and one message per bad line (blank lines are skipped)."""
+    """Samples of a JSON-lines file, and one message per bad line (blank lines are skipped). UTF-8, with or
+    without a byte-order mark (editors that save one would cost the first line)."""
     good, bad = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:  # an image, or any other binary file
+        raise ValueError(f"--data: expected a JSON-lines file (UTF-8 text) or a folder of images, got {path.name!r}, "
+                         "which is not text; a single image: put it in a folder and pass --question") from None
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         label = f"{path.name} line {number}"
