@@ -17,10 +17,10 @@ block diffusion or vision-language-action model
 (:func:`zspa_kernels.models.refuse_non_autoregressive`). The picture of the kept patches is
 drawn where the photo's tokens are one grid over it that the demo knows (:func:`picture_grid`).
 
-The selection time shown is the one of the ``zspa::select_tokens`` call that the pruning
-hooks made inside a pruned prefill (caught at the dispatcher): the same prompt, the same
-budget and the same tokens as the prefill it pruned. It comes from the warm-up prefill,
-so it includes a backend's first-call costs (an upper bound).
+The selection time shown is the one of the ``zspa::select_tokens`` calls that the pruning
+hooks made inside a pruned prefill (caught at the dispatcher in the warm-up): the same prompt,
+the same budget and the same tokens as the prefill it pruned, called again with those arguments
+after each timed prefill, synchronised; the median over the rounds, as the prefill's is.
 """
 from __future__ import annotations
 
@@ -184,35 +184,43 @@ class _PrefillClock:
         self._hook.remove()
 
 
-def _timed_selection_prefill(model, inputs, device) -> tuple[int, float, list]:
-    """One prefill: ``(KV-cache bytes, ms spent in the zspa::select_tokens calls the hooks made, those
-    calls)``, each call ``(its arguments, its output)``."""
+def _recorded_selection_prefill(model, inputs) -> tuple[int, list]:
+    """One prefill: ``(KV-cache bytes, the zspa::select_tokens calls the hooks made)``, each call ``(its arguments,
+    its output)``, caught at the dispatcher."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    class SelectionClock(TorchDispatchMode):
+    class SelectionRecorder(TorchDispatchMode):
         def __init__(self):
             super().__init__()
-            self.ms, self.calls = 0.0, []
+            self.calls = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is not torch.ops.zspa.select_tokens.default:
-                return func(*args, **(kwargs or {}))
-            hb.synchronize(device)
-            t0 = time.perf_counter()
             out = func(*args, **(kwargs or {}))
-            hb.synchronize(device)
-            self.ms += 1e3 * (time.perf_counter() - t0)
-            self.calls.append((args, out))
+            if func is torch.ops.zspa.select_tokens.default:
+                self.calls.append((args, out))
             return out
 
-    with SelectionClock() as clock:
+    with SelectionRecorder() as recorder:
         kv = models.cache_bytes(kv_cache(models.prefill(model, inputs)))
-    return kv, clock.ms, clock.calls
+    return kv, recorder.calls
+
+
+def _replayed_selection_ms(calls: list, device) -> float:
+    """Milliseconds of the ``zspa::select_tokens`` ``calls`` (:func:`_recorded_selection_prefill`'s) made again with
+    their arguments, each synchronised: the selection's time alone, without a dispatch mode over the prefill."""
+    total = 0.0
+    for args, _ in calls:
+        hb.synchronize(device)
+        t0 = time.perf_counter()
+        torch.ops.zspa.select_tokens(*args)
+        hb.synchronize(device)
+        total += 1e3 * (time.perf_counter() - t0)
+    return total
 
 
 def agreement(names: tuple[str, str], calls: tuple[list, list]) -> str:
     """How the differing picks of two backends (``names``) on the same prompt compare, from their
-    ``zspa::select_tokens`` calls (:func:`_timed_selection_prefill`): the largest fp64 score gap at a
+    ``zspa::select_tokens`` calls (:func:`_recorded_selection_prefill`): the largest fp64 score gap at a
     step where an image's picks part (reference.parting_gap). Within the two backends' rounding
     (spec.PICK_TOLERANCE, summed) that is a near-tie, which either may break."""
     from zspa_kernels.reference import parting_gap
@@ -388,7 +396,7 @@ def run(out: str, model_path=None, keep: int = 64, core_ratio: float = DEFAULT_C
     pruning = {backend: lambda backend=backend: zspa_kernels.prune(model, keep=keep, core_ratio=core_ratio,
                                                                     backend=backend, tokenizer=processor)
                for backend in backends}
-    selections, kv_bytes, sel_ms, calls, refusal = {}, {}, {}, {}, None
+    selections, kv_bytes, calls, refusal = {}, {}, {}, None
     with _step(f"[{next(step)}/{steps}] warm-up: one prefill unpruned, two per backend ({', '.join(backends)})"):
         try:
             kv_bytes["unpruned"] = models.cache_bytes(kv_cache(models.prefill(model, inputs)))
@@ -399,8 +407,8 @@ def run(out: str, model_path=None, keep: int = 64, core_ratio: float = DEFAULT_C
         for backend in backends if refusal is None else ():
             try:
                 with pruning[backend]() as handle:
-                    _timed_selection_prefill(model, inputs, device)  # cold: Triton's JIT, the extension's load
-                    kv_bytes[backend], sel_ms[backend], calls[backend] = _timed_selection_prefill(model, inputs, device)
+                    _recorded_selection_prefill(model, inputs)  # cold: Triton's JIT, the extension's load
+                    kv_bytes[backend], calls[backend] = _recorded_selection_prefill(model, inputs)
                     selections[backend] = handle.last_selection
             except ValueError as exc:  # what the hooks refuse only once they see the prompt: still before any timing
                 refusal = f"prune() cannot prune its prompt: {exc}"
@@ -411,6 +419,7 @@ def run(out: str, model_path=None, keep: int = 64, core_ratio: float = DEFAULT_C
         return 2
     # Interleaved rounds: a change in the machine's load hits every configuration alike.
     runs = {name: [] for name in ["unpruned", *backends]}
+    selecting = {backend: [] for backend in backends}
     n_step = next(step)
     for r in range(1, REPEATS + 1):
         with _step(f"[{n_step}/{steps}] timed round {r}/{REPEATS}: unpruned, then each backend"):
@@ -418,9 +427,11 @@ def run(out: str, model_path=None, keep: int = 64, core_ratio: float = DEFAULT_C
             for backend in backends:
                 with pruning[backend]():
                     runs[backend].append(clock(inputs))
+                selecting[backend].append(_replayed_selection_ms(calls[backend], device))
     clock.remove()
     median = {name: (statistics.median(t[0] for t in times), statistics.median(t[1] for t in times))
               for name, times in runs.items()}
+    sel_ms = {backend: statistics.median(times) for backend, times in selecting.items()}
     full_ms, full_lm_ms = median["unpruned"]
     first = selections[backends[0]]  # one per image the model budgets the photo as
     # The tokens the selection saw: the prompt's visual tokens, or what a cross-attention family's single
