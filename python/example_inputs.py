@@ -17,8 +17,18 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", help="image file (repeat for more; default: a gradient)")
     p.add_argument("--keep", type=keep_value, default=0.25,
                    help="an int token count (>= 1) or a fraction in (0, 1] per image, as prune() reads keep")
-    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--new-tokens", type=positive_count, default=16, help="tokens generated per answer (>= 1)")
     return p
+
+
+def positive_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int count >= 1, got {text!r}")
+    return value
 
 
 def keep_value(text: str):
@@ -36,9 +46,12 @@ def model_and_inputs(args, n_images: int, tiny: str, rows=lambda built: built.si
     """``(model, inputs, tokenizer, processor)``: the ``--model`` checkpoint with its processor, its
     ``--image`` files (else ``n_images`` made up) split into rows by ``per_row``; or, by default, the tiny
     random model ``tiny`` (a builder's name in ``integrations.transformers.tiny``) with its ``rows``."""
+    if args.image and not args.model:
+        raise SystemExit("--image: only with --model (the tiny random model has an image size of its own)")
     if args.model:
+        images = load_images(args.image, n_images)  # before the checkpoint loads: a bad file is refused at once
         model, processor = load_checkpoint(args.model)
-        inputs = checkpoint_inputs(processor, model, per_row(load_images(args.image, n_images)))
+        inputs = checkpoint_inputs(processor, model, per_row(images))
         return model, inputs, processor.tokenizer, processor
     from zspa_kernels.integrations.transformers import tiny as builders
 
@@ -62,9 +75,17 @@ def load_checkpoint(path: str):
 
 
 def checkpoint_inputs(processor, model, images_per_row: list[list], question: str = QUESTION) -> dict:
-    """Chat-template prompts, one per row, each with its images before the question."""
-    texts = []
+    """Prompts, one per row, each with its images before the question: in the processor's chat template, or
+    where it has none as ``zspa demo`` prompts (:func:`zspa_kernels.demo.prompt_template`), one image token an
+    image."""
+    from zspa_kernels.demo import prompt_template
+
+    template, texts = prompt_template(processor), []
     for images in images_per_row:
+        if template is not None:
+            token = getattr(processor, "image_token", "<image>")
+            texts.append(template.replace(token, token * len(images)).format(question=question))
+            continue
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
         texts.append(processor.apply_chat_template([{"role": "user", "content": content}],
                                                    add_generation_prompt=True))
@@ -76,7 +97,16 @@ def load_images(paths, count: int) -> list:
     from PIL import Image
 
     if paths:
-        return [Image.open(p).convert("RGB") for p in paths]
+        images = []
+        for path in paths:
+            try:
+                with Image.open(path) as image:
+                    images.append(image.convert("RGB"))
+            except FileNotFoundError:
+                raise SystemExit(f"--image: {path}: no such file") from None
+            except OSError as exc:  # PIL.UnidentifiedImageError among them
+                raise SystemExit(f"--image: {path}: not an image PIL can read ({type(exc).__name__})") from None
+        return images
     ramp = torch.linspace(0, 255, 336).to(torch.uint8)
     pixels = torch.stack([ramp[None].expand(336, -1), ramp[:, None].expand(-1, 336),
                           ramp.flip(0)[None].expand(336, -1)], -1)

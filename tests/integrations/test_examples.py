@@ -110,3 +110,43 @@ def test_the_batch_example_prunes_a_local_checkpoint(llava_checkpoint, tmp_path)
     full, pruned = map(int, re.search(r"(\d+) tokens unpruned, (\d+) pruned", stdout).groups())
     assert full - pruned == 2 * (576 - 29)  # the longer row: two photos
     assert re.search(r"^row 1 answer: ", stdout, re.M)
+
+
+def _refused(script: str, *args: str) -> str:
+    env = dict(os.environ, USE_HUB_KERNELS="0", PYTHONPATH=os.pathsep.join(
+        [str(EXAMPLES.parent)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    done = subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    return done.stderr.strip().splitlines()[-1]
+
+
+def test_the_examples_refuse_bad_options_naming_them(llava_checkpoint, tmp_path):
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert "--new-tokens: expected an int count >= 1, got '0'" in _refused("prune_llava.py", "--new-tokens", "0")
+    assert _refused("prune_llava.py", "--image", "photo.png") == (
+        "--image: only with --model (the tiny random model has an image size of its own)")
+    assert _refused("prune_llava.py", "--model", str(llava_checkpoint), "--image", str(tmp_path / "nope.png")) == (
+        f"--image: {tmp_path / 'nope.png'}: no such file")
+    assert _refused("prune_llava.py", "--model", str(llava_checkpoint), "--image", str(tmp_path / "notes.txt")) \
+        .startswith(f"--image: {tmp_path / 'notes.txt'}: not an image PIL can read")
+
+
+def test_an_example_prompts_a_checkpoint_without_a_chat_template_as_the_demo_does(llava_checkpoint, tmp_path):
+    """A checkpoint whose processor has no chat template: LLaVA-1.5's prompt (``demo.prompt_template``), one image
+    token an image, as ``zspa demo`` and ``zspa fidelity`` prompt it."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(llava_checkpoint, bare)
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (bare / name).unlink(missing_ok=True)
+    config = bare / "processor_config.json"
+    if config.is_file():  # where a release saved the template inside the processor's config
+        import json
+
+        saved = json.loads(config.read_text())
+        saved.pop("chat_template", None)
+        config.write_text(json.dumps(saved))
+    stdout = _run("prune_batch.py", "--model", str(bare), "--keep", "16", *_photos(tmp_path, 3))
+    assert [(row, image) for row, image, _, _ in _kept(stdout)] == [(0, 0), (1, 0), (2, 0), (2, 1), (3, 0), (3, 1)]
