@@ -74,6 +74,11 @@ def test_raw_records_say_where_with_what_and_when_they_were_measured(tmp_path):
     hb.save_records(tmp_path / "raw.json", CPU, [{"name": "e2e", "median_us": 1.0}])
     raw = json.loads((tmp_path / "raw.json").read_text())
     assert raw["records"] == [{"name": "e2e", "median_us": 1.0}]
+    # A save that fails half-way (here a record JSON cannot write; in a run, a time limit) leaves the last one whole.
+    with pytest.raises(TypeError):
+        hb.save_records(tmp_path / "raw.json", CPU, [{"name": "e2e", "median_us": 2.0}, {"name": object()}])
+    assert json.loads((tmp_path / "raw.json").read_text())["records"] == raw["records"]
+    assert [p.name for p in tmp_path.iterdir()] == ["raw.json"]
     assert raw["device"] == hb.environment(CPU)["device"] and raw["torch"] == torch.__version__
     assert raw["transformers"] == transformers.__version__
     written = datetime.datetime.fromisoformat(raw["written_utc"])

@@ -306,9 +306,17 @@ def save_records(path, device: torch.device, records: list[dict]) -> None:
     except ImportError:
         models_version = "not installed"
     written = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    with open(path, "w") as f:
-        json.dump({**environment(device), "transformers": models_version, "written_utc": written,
-                   "records": records}, f, indent=1)
+    # Whole or not at all: the bench stages end at a time limit, which must not leave half a file where the
+    # report expects the previous save (a temporary file beside it, renamed over it).
+    partial = f"{path}.partial"
+    try:
+        with open(partial, "w") as f:
+            json.dump({**environment(device), "transformers": models_version, "written_utc": written,
+                       "records": records}, f, indent=1)
+    except BaseException:
+        os.remove(partial)
+        raise
+    os.replace(partial, path)
 
 
 def quick(shape_label: str = "llava-1.5", keep: Union[int, float] = 64, dtype: torch.dtype = torch.bfloat16) -> int:
