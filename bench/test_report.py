@@ -234,6 +234,18 @@ def test_the_benchmarks_environment_names_the_paths_forced(monkeypatch):
     assert benchmark.environment(torch.device("cpu"))["overrides"] == {"ZSPA_CUDA_GREEDY": "block"}
 
 
+def _micro_run(folder, test_file: str):
+    """``test_file`` of ``folder`` run by pytest as the micro stage runs it: ``(its JSON's path, the process)``."""
+    out = folder / "micro-raw.json"
+    # Not an xdist worker's variables: pytest-benchmark reads them as xdist at work and times nothing.
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")},
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                          "--rootdir", str(folder), f"--benchmark-json={out}", test_file],
+                         cwd=folder, env=env, capture_output=True, text=True, timeout=120)
+    return out, run
+
+
 def test_the_micro_json_names_the_cases_that_failed_or_were_skipped(tmp_path):
     """bench/conftest.py records each case of the microbenchmark's parameters that fails or is skipped, with the
     first line of why, in the JSON pytest-benchmark writes."""
@@ -253,12 +265,7 @@ def test_select_tokens(benchmark, impl, shape, keep):
         raise RuntimeError("launch failed\\nits second line")
     benchmark.pedantic(lambda: None, rounds=2)
 """)
-    out = tmp_path / "micro-raw.json"
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")},
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-                          "--rootdir", str(tmp_path), f"--benchmark-json={out}", "test_cases.py"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    out, run = _micro_run(tmp_path, "test_cases.py")
     assert run.returncode == 1, run.stdout + run.stderr  # one failure
     label = benchmark.SMOKE_SHAPES[0].label
     outcomes = [(o["impl"], o["shape"], o["keep"], o["outcome"], o["reason"])
@@ -286,13 +293,7 @@ def test_cut(benchmark):
         raise KeyboardInterrupt  # what SIGINT raises where it lands: here, the warm-up round
     benchmark.pedantic(cut, rounds=3, warmup_rounds=1)
 """)
-    out = tmp_path / "micro-raw.json"
-    # Not an xdist worker's variables: pytest-benchmark reads them as xdist at work and times nothing.
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")},
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-                          "--rootdir", str(tmp_path), f"--benchmark-json={out}", "test_cut.py"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    out, run = _micro_run(tmp_path, "test_cut.py")
     assert run.returncode == 2 and "KeyboardInterrupt" in run.stdout, run.stdout + run.stderr  # pytest: interrupted
     assert "Traceback" not in run.stdout + run.stderr, run.stdout + run.stderr
     raw = json.loads(out.read_text())
