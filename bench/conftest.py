@@ -22,7 +22,7 @@ def pytest_runtest_makereport(item, call):
     params = getattr(getattr(item, "callspec", None), "params", {})
     if not {"impl", "shape", "keep"} <= set(params) or not (result.failed or result.skipped):
         return
-    _OUTCOMES.append({"nodeid": item.nodeid, "impl": params["impl"], "shape": params["shape"].label,
+    _OUTCOMES.append({"nodeid": item.nodeid, "impl": params["impl"], "shape": getattr(params["shape"], "label", str(params["shape"])),
                       "keep": keep_label(params["keep"]), "outcome": "failed" if result.failed else "skipped",
                       "reason": first_line(call.excinfo.value) if call.excinfo else result.outcome})
 
