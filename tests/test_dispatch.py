@@ -28,6 +28,33 @@ def test_precedence_on_cpu(monkeypatch, env, keyword, expected):
     assert dispatch.resolve_backend(keyword, CPU) == expected
 
 
+@pytest.mark.parametrize("env, problem", [
+    (None, None),
+    ("reference", None),
+    ("bogus", "ZSPA_BACKEND: expected one of"),
+    ("cuda", "ZSPA_BACKEND=cuda (backend='auto'): 'cuda' needs CUDA tensors, got cpu"),
+])
+def test_env_backend_problem_names_what_auto_would_refuse(monkeypatch, env, problem):
+    """The one question the commands ask before running the op: would ``ZSPA_BACKEND`` make ``auto`` refuse
+    this device? None where it runs, else the refusal's own message."""
+    if env is None:
+        monkeypatch.delenv("ZSPA_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("ZSPA_BACKEND", env)
+    found = dispatch.env_backend_problem(CPU)
+    assert found == problem if problem is None else found.startswith(problem), found
+
+
+def test_env_backend_problem_reports_a_triton_interpreter_that_cannot_run(monkeypatch):
+    """``ZSPA_BACKEND=triton`` on CPU under an interpreter this Triton cannot run is a RuntimeError in
+    ``resolve_backend``; the commands still get it as a message, not a traceback."""
+    monkeypatch.setenv("ZSPA_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(dispatch, "interpreter_problem", lambda: "this Triton's interpreter is too old")
+    assert dispatch.env_backend_problem(CPU) == ("ZSPA_BACKEND=triton (backend='auto'): 'triton' on cpu tensors: "
+                                                 "this Triton's interpreter is too old")
+
+
 def test_auto_on_cuda_tensors_is_triton(monkeypatch):
     monkeypatch.delenv("ZSPA_BACKEND", raising=False)
     assert dispatch.resolve_backend("auto", torch.device("cuda")) == "triton"

@@ -280,8 +280,8 @@ def environment(device: torch.device) -> dict:
            "cuda": torch.version.cuda or "none"}
     if device.type == "cpu":  # CPU timings swing with whatever else the machine runs
         env["load_average_1min"] = os.getloadavg()[0]
-    if overrides():
-        env["overrides"] = overrides()
+    if forced := overrides():
+        env["overrides"] = forced
     return env
 
 

@@ -19,7 +19,7 @@ def cmd_info(_args: argparse.Namespace) -> int:
 
     import zspa_kernels
     from zspa_kernels import builder
-    from zspa_kernels.dispatch import auto_table, available_backends, resolve_backend
+    from zspa_kernels.dispatch import auto_table, available_backends, env_backend_problem, resolve_backend
 
     print(f"zspa-kernels  {zspa_kernels.__version__}")
     print(f"python        {platform.python_version()}")
@@ -40,10 +40,10 @@ def cmd_info(_args: argparse.Namespace) -> int:
     print(f"  cpu         {builder.status(builder.CPU_EXTENSION)}{'' if 'cpu' in available else '; runs on CPU tensors only'}")
     print(f"  triton      {'available' if triton_ok else 'needs triton and a CUDA device (or TRITON_INTERPRET=1)'}")
     print(f"  cuda        {builder.status(builder.CUDA_EXTENSION)}{'' if 'cuda' in available else '; runs on CUDA devices only'}")
-    try:
+    if problem := env_backend_problem(device):  # a bad ZSPA_BACKEND: the very setting this command is asked about
+        print(f"  auto        -> refused: {problem}")
+    else:
         print(f"  auto        -> {resolve_backend('auto', device)} on {device.type}")
-    except ValueError as exc:  # a bad ZSPA_BACKEND: the very setting this command is asked about
-        print(f"  auto        -> refused: {exc}")
     table = auto_table()
     print(f"  auto table  {'none: triton on every CUDA shape' if table is None else 'per shape on CUDA, measured by ' + table['source']}")
     return 0
@@ -72,17 +72,11 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def _env_backend_problem() -> str | None:
-    """Why ``ZSPA_BACKEND`` would make ``auto`` refuse this machine's device (a name it does not know, a backend
-    the device cannot run), or None: the commands that run the op say so up front, not in a traceback."""
     import torch
 
-    from zspa_kernels.dispatch import resolve_backend
+    from zspa_kernels.dispatch import env_backend_problem
 
-    try:
-        resolve_backend("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    except ValueError as exc:
-        return str(exc)
-    return None
+    return env_backend_problem(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -66,6 +66,16 @@ def resolve_backend(backend: str, device: torch.device, shape: Optional[tuple[in
     return backend
 
 
+def env_backend_problem(device: torch.device) -> Optional[str]:
+    """Why ``ZSPA_BACKEND`` would make ``auto`` refuse ``device`` (a name it does not know, a backend that
+    device cannot run), or None: the commands that run the op ask here, to say so up front, not in a traceback."""
+    try:
+        resolve_backend("auto", device)
+    except (ValueError, RuntimeError) as exc:
+        return str(exc)
+    return None
+
+
 def available_backends(device: torch.device) -> list[str]:
     """The backends that can run on ``device`` in this process (the one answer to that
     question: tests, benchmarks and ``zspa info`` all ask here). Triton counts on a CPU only

@@ -33,7 +33,7 @@ def run(out: str, model_path: Optional[str] = None, data: Optional[str] = None, 
     from .. import benchmark as hb
 
     from ..arguments import checkpoint_problem, out_problem
-    from ..dispatch import available_backends, resolve_backend
+    from ..dispatch import available_backends, env_backend_problem
     from ..spec import backend_from_env
     from ..integrations.transformers.families import find_family
 
@@ -55,8 +55,9 @@ def run(out: str, model_path: Optional[str] = None, data: Optional[str] = None, 
             raise ValueError(f"--backend: {backend!r} cannot run on {device.type} here; "
                              f"expected one of auto, {', '.join(available_backends(device))}")
         if backend == "auto":
-            resolve_backend("auto", device)  # ZSPA_BACKEND chooses under auto: a bad one is refused now too
-            # and journaled as the run's backend, so a resume under another one is refused as another run
+            if problem := env_backend_problem(device):  # ZSPA_BACKEND chooses under auto: a bad one is refused now
+                raise ValueError(problem)
+            # The environment's choice is journaled as the run's backend, so a resume under another one is refused as another run
             backend = backend_from_env()
         samples, bad = offline.samples(), []
         if data is not None:
