@@ -190,6 +190,17 @@ def test_the_loops_speed_ups_are_judged_per_call_as_a_caller_waits(tmp_path):
             in _target(md, "LLaVA-1.5 B=1, k=64: ≥ 20x torch_loop"))
 
 
+def test_the_event_ratio_beside_a_loop_verdict_is_the_same_backends(tmp_path):
+    """cuda is fastest per call, triton by CUDA events: the side ratio is cuda's (1000 / 50), not triton's
+    (1000 / 30), so the line never pairs one backend's verdict with another's number."""
+    micro = [_bench("cuda", "llava-1.5", 1, 576, 4096, 64, 50.0, host=80.0),
+             _bench("triton", "llava-1.5", 1, 576, 4096, 64, 30.0, host=120.0),
+             _bench("torch_loop", "llava-1.5", 1, 576, 4096, 64, 1000.0, host=1000.0)]
+    md = _write(tmp_path, micro)
+    assert ("12.5x (cuda, per call with its sync; by CUDA events 20.0x) | missed, 1.6x off"
+            in _target(md, "LLaVA-1.5 B=1, k=64: ≥ 20x torch_loop"))
+
+
 def test_a_case_without_a_time_says_whether_it_failed_was_skipped_or_not_reached(tmp_path):
     """The micro JSON holds the timed cases only; bench/conftest.py lists the failed and skipped ones, and the
     table tells them from the cases the time limit never reached (run 1 printed its failed cuda cases as
