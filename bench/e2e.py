@@ -1,6 +1,7 @@
 """End-to-end speed and memory of real-size VLMs, unpruned against pruned (SPEC §7).
 
     python -m bench.e2e --models llava-1.5-7b qwen2.5-vl-7b --batch 1 8 --out e2e.json
+    python -m bench.e2e --models llava-1.5-7b --out e2e.json && python -m bench.e2e --models qwen2.5-vl-7b --append --out e2e.json
 
 Per model, batch size and budget (all visual tokens, 64 of them, 10%): prefill latency
 (one forward over the prompt, vision tower included) and, on GPUs, the summed time of its
@@ -237,6 +238,22 @@ def gpu_busy_pass(name: str, records: list[dict], device, progress=print) -> Non
             record["prefill_gpu_busy_ms"] = gpu_busy_ms(lambda: models.prefill(model, inputs), device)
 
 
+def earlier_records(path, device) -> list[dict]:
+    """The records a previous ``--out`` file holds (none where there is no file yet); a file another device wrote
+    is refused, so that one raw file never mixes two machines' timings."""
+    import json
+    import pathlib
+
+    path = pathlib.Path(path)
+    if not path.exists():
+        return []
+    raw = json.loads(path.read_text())
+    here = hb.environment(device)["device"]
+    if raw.get("device") != here:
+        raise SystemExit(f"bench.e2e: --append: {path} holds results of {raw.get('device')!r}, not of {here!r}")
+    return raw["records"]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["llava-1.5-7b", "qwen2.5-vl-7b"], choices=models.MODELS)
@@ -247,13 +264,18 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", choices=["dynamic", "static"], default="dynamic",
                         help="the cache generate() decodes on (TTFT and decode rate); static: eager")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--append", action="store_true",
+                        help="keep the records already in --out (the same device's) and add these models' to them: "
+                             "bench/run_gpu.sh runs each model in a process of its own")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    records = []
+    records = earlier_records(args.out, device) if args.append else []
     for name in args.models:  # written after each model: a run cut short keeps what finished
         records += run([name], args.batch, device, args.backend, args.new_tokens, args.repeats, cache=args.cache)
         hb.save_records(args.out, device, records)
-    if device.type == "cuda":  # last: no wall-clock timing after a profiler session (gpu_busy_pass)
+    # Last in this process: no wall-clock timing after a profiler session (gpu_busy_pass). One model a process
+    # (bench/run_gpu.sh) has each model's kernel time saved before the next model's timings begin.
+    if device.type == "cuda":
         for name in args.models:
             gpu_busy_pass(name, [r for r in records if r["model"] == name], device)  # the model freed on return
             torch.cuda.empty_cache()

@@ -5,6 +5,7 @@ ran, and pruning shrinks the KV cache to exactly the kept sequence length.
 """
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -54,3 +55,21 @@ def test_the_prefills_gpu_time_is_measured_last_on_a_fresh_build(monkeypatch):
     e2e.gpu_busy_pass("llava-1.5-tiny", records, torch.device("cpu"), progress=lambda _: None)
     assert [r["prefill_gpu_busy_ms"] for r in records] == [1.0, 2.0, 3.0]
     assert seen == [r["kv_cache_bytes"] for r in records]
+
+
+def test_append_adds_a_models_rows_to_the_same_devices_file_and_refuses_anothers(tmp_path):
+    """bench/run_gpu.sh runs each model in a process of its own (its kernel time saved before the next model's
+    timings): the second process adds its rows to the first's file, and never to a file another machine wrote."""
+    out = tmp_path / "e2e.json"
+    common = ["--batch", "1", "--repeats", "1", "--new-tokens", "2", "--backend", "reference", "--out", str(out)]
+    assert e2e.main(["--models", "llava-1.5-tiny", *common]) == 0
+    assert e2e.main(["--models", "qwen2.5-vl-tiny", "--append", *common]) == 0
+    raw = json.loads(out.read_text())
+    assert [(r["model"], r["impl"]) for r in raw["records"]] == [
+        (name, impl) for name in ("llava-1.5-tiny", "qwen2.5-vl-tiny") for impl in ("unpruned", "reference", "reference")]
+    assert e2e.main(["--models", "qwen2.5-vl-tiny", *common]) == 0  # without --append: this run's rows alone
+    assert {r["model"] for r in json.loads(out.read_text())["records"]} == {"qwen2.5-vl-tiny"}
+    raw["device"] = "NVIDIA H100 80GB HBM3"
+    out.write_text(json.dumps(raw))
+    with pytest.raises(SystemExit, match="--append: .* holds results of 'NVIDIA H100 80GB HBM3', not of 'cpu "):
+        e2e.main(["--models", "llava-1.5-tiny", "--append", *common])
