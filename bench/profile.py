@@ -177,7 +177,7 @@ def profiled_calls(device: torch.device, labels=NCU_SHAPES) -> None:
             try:
                 run()
                 torch.cuda.synchronize(device)
-            except RuntimeError as exc:
+            except Exception as exc:  # a launch error, or a Triton compile error (TritonError)
                 print(f"bench.profile --ncu: {backend} {label} left out: {hb.first_line(exc)}", flush=True)
                 continue
             runs.append(run)
@@ -209,7 +209,8 @@ def main(argv=None) -> int:
         for backend in fused_backends(device):
             try:
                 r = split(backend, shape, device)
-            except RuntimeError as exc:  # the next backend and shape still run (a trap would not: the log says)
+            except Exception as exc:  # a launch error, or Triton's compile errors (TritonError): the next backend
+                # and shape still run (a trap would not: the log says)
                 print(f"{backend:<8}{label:<15}failed: {hb.first_line(exc)}", flush=True)
                 continue
             records.append(r)

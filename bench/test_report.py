@@ -336,6 +336,31 @@ def test_tune_times_every_variant_and_compares_its_picks_with_the_default():
     assert all(r["median_us"] > 0 and r["rows_with_default_picks"] == 2 for r in records)
 
 
+def test_a_triton_variant_that_fails_is_recorded_and_the_others_still_timed(monkeypatch):
+    """A plan Triton cannot compile on the GPU raises a TritonError (OutOfResources), not a RuntimeError: tune
+    records it as that variant's error and times the rest, instead of losing the section."""
+    pytest.importorskip("triton")
+    import zspa_kernels.triton as zt
+    from bench import tune
+
+    class OutOfResources(Exception):  # triton.runtime.errors.OutOfResources derives from Exception alone
+        pass
+
+    failing = tune.VARIANTS[1]
+
+    def fake(visual, prompt, k, *args, plan):
+        if all(getattr(plan, name) == value for name, value in failing.items()):
+            raise OutOfResources("out of resource: shared memory, Required: 262144, Hardware limit: 232448")
+        return torch.arange(k).expand(visual.shape[0], k)
+
+    monkeypatch.setattr(zt, "select_tokens_triton", fake)
+    monkeypatch.setattr(tune.hb, "median_us", lambda fn, device: 1.0)
+    records = tune.run(torch.device("cpu"), [benchmark.Shape("tiny", 2, 80, 48)], progress=lambda _: None)
+    assert [r["variant"] for r in records] == ["default", *tune.VARIANTS[1:]]
+    assert records[1]["error"].startswith("out of resource: shared memory") and "median_us" not in records[1]
+    assert all(r["median_us"] == 1.0 and r["rows_with_default_picks"] == 2 for i, r in enumerate(records) if i != 1)
+
+
 @pytest.mark.skipif("triton" not in available_backends(DEVICE), reason="needs triton (a GPU, or its interpreter)")
 def test_tune_times_each_prompt_form_on_each_backend():
     from bench import tune

@@ -87,12 +87,20 @@ def run(device: torch.device, shapes=None, progress=print) -> list[dict]:
             def call(plan=plan):
                 return select_tokens_triton(visual, prompt, KEEP, hb.CORE_RATIO, None, None, "mean", True, plan=plan)
 
-            order = call()
+            record = {"shape": label, "B": shape.B, "N": shape.N, "D": shape.D, "k": KEEP,
+                      "variant": overrides or "default"}
+            try:  # a variant Triton cannot compile here (OutOfResources: a TritonError) leaves the others timed
+                order = call()
+                hb.synchronize(device)
+                record["median_us"] = hb.median_us(call, device)
+            except Exception as exc:
+                record["error"] = hb.first_line(exc)
+                records.append(record)
+                progress(f"{label:<15}{json.dumps(record['variant']):<20} failed: {record['error']}")
+                continue
             expected = order if expected is None else expected
             same_rows = int((order == expected).all(1).sum())
-            record = {"shape": label, "B": shape.B, "N": shape.N, "D": shape.D, "k": KEEP,
-                      "variant": overrides or "default", "median_us": hb.median_us(call, device),
-                      "rows_with_default_picks": same_rows}
+            record["rows_with_default_picks"] = same_rows
             records.append(record)
             progress(f"{label:<15}{json.dumps(record['variant']):<20}{record['median_us']:>10.1f} µs"
                      f"   picks as default in {same_rows}/{shape.B} rows")
@@ -266,7 +274,7 @@ def main(argv=None) -> int:
     for section in (run_cuda_paths, run, run_prompt_forms, run_outside_band, run_gram_forms):  # last: cut first
         try:
             records += section(device, progress=progress)
-        except RuntimeError as exc:
+        except Exception as exc:  # RuntimeError, and Triton's compile errors (OutOfResources...: TritonError)
             failed += 1
             progress(f"bench.tune: {section.__name__} failed: {hb.first_line(exc)}")
         if args.out:
