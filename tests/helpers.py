@@ -12,11 +12,14 @@ import torch
 
 from fp64_oracle import Row
 from zspa_kernels.dispatch import available_backends
-from zspa_kernels.spec import PICK_TOLERANCE, triton_interpreter
+from zspa_kernels.spec import CORE_TOLERANCE, PICK_TOLERANCE, triton_interpreter
 
 # Largest fp64 score gap a backend may leave at one pick (a near-tie), per input dtype: the package's
-# bounds (spec.PICK_TOLERANCE, which says where each comes from), the same for every dtype.
-TOLERANCE = {backend: {dtype: tol for dtype in (torch.float32, torch.float16, torch.bfloat16)}
+# bounds (spec.PICK_TOLERANCE, which says where each comes from), the same for every dtype. The core's
+# steps rank by fp32 relevance in every backend (spec.CORE_TOLERANCE): where a backend's bound is looser
+# (cpu's fp16 similarities), the value is the pair (core, rest) that fp64_oracle.replay holds each phase to.
+TOLERANCE = {backend: {dtype: tol if tol <= CORE_TOLERANCE else (CORE_TOLERANCE, tol)
+                       for dtype in (torch.float32, torch.float16, torch.bfloat16)}
              for backend, tol in PICK_TOLERANCE.items()}
 
 

@@ -86,8 +86,16 @@ def test_available_backends_follow_the_device_and_the_interpreter(monkeypatch):
     assert dispatch.available_backends(torch.device("cuda")) == [b for b in BACKENDS if b != "cpu"]
 
 
-def test_every_backend_has_an_entry_point():
-    assert [callable(dispatch.backend_impl(name)) for name in ("reference", "triton")] == [True, True]
+def test_every_backend_has_its_own_entry_point(monkeypatch):
+    """Each name in ``spec.BACKENDS`` runs its own module's entry point (``cuda`` its extension's where one can be
+    built: the fallback is the next test's)."""
+    from zspa_kernels import cpu, reference, spec
+    from zspa_kernels import triton as zt
+
+    monkeypatch.setattr(cuda_ext, "extension_available", lambda: True)  # no build here: only which function
+    expected = {"reference": reference.select_tokens_reference_op, "cpu": cpu.select_tokens_cpu,
+                "triton": zt.select_tokens_triton, "cuda": cuda_ext.select_tokens_cuda}
+    assert {name: dispatch.backend_impl(name) for name in spec.BACKENDS} == expected
 
 
 def test_cuda_without_a_toolkit_runs_triton(monkeypatch):

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from fp64_oracle import Row, oracle_order, replay
+import zspa_kernels
+from fp64_oracle import Row, oracle_order, replay, replay_long_row
 
 
 def _row(core_ratio, k=3):
@@ -70,3 +72,52 @@ def test_copies_of_two_picked_tokens_tie_in_either_order_but_non_finite_tokens_d
     assert replay(row, [2, 1, 0, 3, 4, 5], tol=1e-9, exact_ties="nonfinite") == 0
     with pytest.raises(AssertionError, match="lower index"):
         replay(row, [2, 1, 0, 3, 4, 5], tol=1e-9)
+
+
+def test_a_pair_of_tolerances_holds_the_core_to_its_own():
+    """``(core, rest)``: a core pick off by more than the core's bound fails even where the similarity steps'
+    bound would pass it (cpu: fp32 relevance, fp16 similarities)."""
+    visual = np.array([[1.0, 0.0], [1.0, 1e-3], [0.0, 1.0], [-1.0, 0.0]])  # 0 and 1 within ~5e-7 of each other
+    row = Row(visual, np.array([1.0, 0.0]), None, 4, 2, 1.0, "mean")
+    assert replay(row, [1, 0], tol=(1e-6, 1e-3)) == 1  # step 0 a near-tie, step 1 the best left
+    row = Row(np.array([[1.0, 0.0], [1.0, 0.02], [0.0, 1.0]]), np.array([1.0, 0.0]), None, 3, 2, 0.5, "mean")
+    with pytest.raises(AssertionError, match=r"step 0: .*tol 2e-05"):
+        replay(row, [1, 2], tol=(2e-5, 1e-3))  # relevance 0.9998 against 1: 2e-4 off
+    assert replay(row, [1, 2], tol=1e-3) == 1
+
+
+def _long_row(seed=0, n=3000, d=16):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, d)), rng.standard_normal(d)
+
+
+def test_replay_long_row_agrees_with_the_brute_force_replay():
+    """The vectorised replay returns what the step-by-step one does, on the exact order and on one split at a
+    near-tie (the two best core candidates swapped: a gap of their relevance difference)."""
+    V, P = _long_row(n=300)
+    row = Row(V, P, None, 300, 60, 0.5, "mean")
+    exact = oracle_order(row)
+    assert replay_long_row(V, P, 60, 0.5, exact + [-1] * 4, 1e-12) == replay(row, exact + [-1] * 4, 1e-12) == 0
+    swapped = [exact[1], exact[0]] + exact[2:]
+    gap = row.relevance[exact[0]] - row.relevance[exact[1]]
+    with pytest.raises(AssertionError, match="step 0"):
+        replay_long_row(V, P, 60, 0.5, swapped, gap / 2)
+    with pytest.raises(AssertionError, match="step 0"):
+        replay(row, swapped, gap / 2)
+    assert replay_long_row(V, P, 60, 0.5, swapped, gap * 2) == replay(row, swapped, gap * 2) == 1
+
+
+def test_replay_long_row_checks_every_pick_after_a_split():
+    """After a legitimate split at a near-tie, a wrong later pick still fails: the step it is at, not the
+    split's. And a repeated, out-of-range or unpadded pick fails outright."""
+    V, P = _long_row()
+    order = zspa_kernels.select_tokens(torch.from_numpy(V)[None].float(), torch.from_numpy(P)[None].float(), 300,
+                                       backend="reference", pick_order=True)[0].tolist()
+    assert replay_long_row(V, P, 300, 0.5, order, 2e-5) >= 0
+    wrong = order[:200] + [order[-1]] + order[200:-1]  # step 200 takes the last pick: far from the farthest
+    with pytest.raises(AssertionError, match="step 200"):
+        replay_long_row(V, P, 300, 0.5, wrong, 2e-5)
+    for bad, message in ((order[:-1] + [order[0]], "twice"), (order[:-1] + [len(V)], "outside"),
+                         (order + [7], "padding")):
+        with pytest.raises(AssertionError, match=message):
+            replay_long_row(V, P, 300, 0.5, bad, 2e-5)

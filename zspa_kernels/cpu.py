@@ -12,8 +12,9 @@ Floor: ``(g + 2)`` reads of ``2·n·D`` bytes at the bandwidth of the cache leve
 them; the steps dominate (31 at LLaVA-1.5 with k=64), so the per-step latency does. The
 PyTorch loops it replaces read fp32 tokens (twice the bytes) through several kernels per step.
 
-Precision: relevance, core order and the isolation seed are fp32 like the reference; the
-greedy similarities are fp32-accumulated dots of fp16-rounded unit vectors. Each unit
+Precision: relevance and the core's order are fp32 like the reference (``spec.CORE_TOLERANCE``); the
+isolation seed (a row without a core) and the greedy similarities are fp32-accumulated dots of
+fp16-rounded unit vectors. Each unit
 component is off by at most 2^-11 relative, so a cosine is off by at most
 ``2·2^-11·Σ|a_i b_i| <= 2^-10``: a pick may differ from fp64 only between candidates whose
 scores are within :data:`GREEDY_TOLERANCE` (the tests replay every pick against fp64).

@@ -26,6 +26,9 @@ NONFINITE_SIMILARITY = 2.0    # above every finite cosine: ... and most redundan
 # fp16-rounded unit vectors, off by at most 2^-10 (zspa_kernels/cpu.py). The tests replay every
 # pick against fp64 with these; `zspa demo` judges two backends' differing picks by them.
 PICK_TOLERANCE = {"reference": 2e-5, "triton": 2e-5, "cuda": 2e-5, "cpu": 2.0**-10}
+# The core's steps rank by relevance, which every backend (cpu's too) computes in fp32 from fp32 unit
+# vectors: there every backend is held to this bound, whatever its bound at the similarity steps.
+CORE_TOLERANCE = 2e-5
 # Overflow-safe norms (every backend alike): a token x is scaled by 2**-e, e the exponent of
 # max|x| (max|x| = m·2**e, m in [0.5, 1); 0 for a zero vector), clamped to this range so
 # that 2**-e is a normal fp32 number. Scaling by a power of two is exact, so
