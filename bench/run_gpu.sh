@@ -22,8 +22,9 @@
 #   micro    microbenchmarks at the SPEC shapes (from here on the GPU is the run's alone)
 #   profile  bench/profile.py's time split (GPU time, graph replay, eager host cost, fixed cost
 #            and cost per greedy step), then Nsight Compute of one call per fused backend
-#   e2e      LLaVA-1.5-7B and Qwen2.5-VL-7B from configs, bf16, batch 1 and 8 (saved after each
-#            model, LLaVA first; the prefills' GPU kernel time last, in a pass of its own)
+#   e2e      LLaVA-1.5-7B and Qwen2.5-VL-7B from configs, bf16, batch 1 and 8, a process each, LLaVA
+#            first: each saves its rows, then its prefills' GPU kernel time (a profiler pass, last in
+#            its process), so a cut during Qwen's rows keeps all of LLaVA's
 #   tune     bench/tune.py: the cuda greedy kernels (block, cluster, auto) and Gram forms at
 #            LLaVA-1.5 B = 1, 32, 64 and video, the Triton plan variants, a per-token prompt against
 #            a pooled one, the raw band's cost, the cuBLAS Gram forms, side by side, each section
@@ -72,7 +73,8 @@ scrub() {
   done
   return 0
 }
-pack() { scrub; [ -n "${OUT:-}" ] && tar -czf "$OUT/results.tar.gz" -C "$DEST" . ; return 0; }
+# A save cut at its time limit leaves its temporary file (benchmark.save_records): not a result.
+pack() { scrub; rm -f "$DEST"/*.partial; [ -n "${OUT:-}" ] && tar -czf "$OUT/results.tar.gz" -C "$DEST" . ; return 0; }
 
 # seconds a stage may take: min(cap, what is left less 30 s for the report); 0 if under its floor
 allowance() {
@@ -208,7 +210,9 @@ main() {
         end=$((SECONDS + allowed)); args=()
         if [ "$GPU" = 1 ]; then names=(llava-1.5-7b qwen2.5-vl-7b); else names=(llava-1.5-tiny qwen2.5-vl-tiny); fi
         for f in "${names[@]}"; do
-          if [ $((end - SECONDS)) -lt 20 ]; then echo "   $f: skipped, under 20 s left"; break; fi
+          # A 7B model's rows need e2e's floor (build, timings, hook): a process started with less would only
+          # take its time from tune and the demo.
+          if [ $((end - SECONDS)) -lt "$floor" ]; then echo "   $f: skipped, under ${floor}s left"; break; fi
           timeout -k 10 $((end - SECONDS)) "$PY" -m bench.e2e --models "$f" --repeats 3 --new-tokens 16 --batch 1 8 \
             --out "$DEST/$STEM.e2e-raw.json" "${args[@]}"
           echo "bench.e2e $f exit status: $?"; args=(--append)

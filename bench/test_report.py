@@ -347,8 +347,11 @@ def test_a_triton_variant_that_fails_is_recorded_and_the_others_still_timed(monk
         pass
 
     failing = tune.VARIANTS[1]
+    default_fails = False
 
     def fake(visual, prompt, k, *args, plan):
+        if default_fails and plan == zt.launch_plan(2, 80, 48, torch.bfloat16, k, tune.hb.CORE_RATIO, False):
+            raise OutOfResources("out of resource: the default")
         if all(getattr(plan, name) == value for name, value in failing.items()):
             raise OutOfResources("out of resource: shared memory, Required: 262144, Hardware limit: 232448")
         return torch.arange(k).expand(visual.shape[0], k)
@@ -359,6 +362,11 @@ def test_a_triton_variant_that_fails_is_recorded_and_the_others_still_timed(monk
     assert [r["variant"] for r in records] == ["default", *tune.VARIANTS[1:]]
     assert records[1]["error"].startswith("out of resource: shared memory") and "median_us" not in records[1]
     assert all(r["median_us"] == 1.0 and r["rows_with_default_picks"] == 2 for i, r in enumerate(records) if i != 1)
+    # Without the default's picks there is nothing to compare with: no variant stands in for it.
+    default_fails = True
+    records = tune.run(torch.device("cpu"), [benchmark.Shape("tiny", 2, 80, 48)], progress=lambda _: None)
+    assert "error" in records[0] and "error" in records[1]
+    assert all(r["median_us"] == 1.0 and "rows_with_default_picks" not in r for r in records[2:])
 
 
 @pytest.mark.skipif("triton" not in available_backends(DEVICE), reason="needs triton (a GPU, or its interpreter)")

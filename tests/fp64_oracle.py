@@ -1,13 +1,14 @@
 """Independent fp64 truth for ZSPAPrune selection, written in NumPy from SPEC §1.
 
 Deliberately brute force and unlike the package's code: one batch row at a time,
-explicit loops over picks, each score recomputed from scratch. Two tools:
+explicit loops over picks, each score recomputed from scratch. Three tools:
 
 * :func:`oracle_order` - the exact pick order in fp64;
 * :func:`replay` - walks a backend's pick order step by step against fp64 scores
   and fails unless every pick is the best candidate or within ``tol`` of it (a
   genuine near-tie). Among candidates whose fp64 score equals the pick's exactly
-  (duplicated tokens), the pick must be the lowest index.
+  (duplicated tokens), the pick must be the lowest index;
+* :func:`replay_long_row` - the same gap check, vectorised, for rows of video size.
 """
 from __future__ import annotations
 

@@ -3,6 +3,8 @@ random-weight LLaVA and on local checkpoints of other families (``--model``), wh
 grid their tokens form, or left out with the reason; a checkpoint it cannot run is refused before any timing."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from PIL import Image
@@ -44,6 +46,24 @@ def test_differing_picks_are_told_apart_from_near_ties():
     worse = order.clone()
     worse[0, 0] = next(i for i in range(12) if i not in order[0].tolist())  # the core's first pick
     assert demo.agreement(("cpu", "reference"), (call, [(args, worse)])).startswith("DIFFERENT tokens from cpu's")
+
+
+def test_a_split_is_judged_by_the_bound_of_its_step():
+    """The same fp64 gap (1e-4) is a near-tie where cpu and reference part at a greedy step (cpu's fp16
+    similarities: ~1e-3 together) and a difference where they part in the core (fp32 relevance in both: 4e-5)."""
+    e = torch.eye(8, dtype=torch.float64)
+    theta = math.acos(1 - 1e-4)
+    a, b = e[0], math.cos(theta) * e[0] + math.sin(theta) * e[1]  # relevance 1 and 1 - 1e-4
+    c, d = e[2], 1e-4 * e[0] + math.sqrt(1 - 1e-8) * e[3]  # similarity to a: 0 and 1e-4
+    filler = 0.5 * e[0] + math.sqrt(0.75) * e[4]
+    visual, prompt = torch.stack([a, b, c, d, filler])[None], e[0][None, None]
+
+    def verdict(core_ratio, mine, theirs):
+        args = (visual, prompt, 2, core_ratio, None, None, "mean", "reference", True)
+        return demo.agreement(("cpu", "reference"), ([(args, torch.tensor([mine]))], [(args, torch.tensor([theirs]))]))
+
+    assert verdict(0.5, [0, 2], [0, 3]).startswith("near-tie: picks part from cpu's where fp64 scores differ by 1e-04")
+    assert verdict(1.0, [0, 1], [1, 0]).startswith("DIFFERENT tokens from cpu's (fp64 scores 1.0e-04 apart")
 
 
 def test_demo_runs_a_local_checkpoint(tmp_path, capsys):

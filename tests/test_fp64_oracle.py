@@ -1,6 +1,8 @@
 """The oracle itself: a hand-checked example, and proof that replay can fail."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -74,16 +76,38 @@ def test_copies_of_two_picked_tokens_tie_in_either_order_but_non_finite_tokens_d
         replay(row, [2, 1, 0, 3, 4, 5], tol=1e-9)
 
 
-def test_a_pair_of_tolerances_holds_the_core_to_its_own():
-    """``(core, rest)``: a core pick off by more than the core's bound fails even where the similarity steps'
-    bound would pass it (cpu: fp32 relevance, fp16 similarities)."""
-    visual = np.array([[1.0, 0.0], [1.0, 1e-3], [0.0, 1.0], [-1.0, 0.0]])  # 0 and 1 within ~5e-7 of each other
-    row = Row(visual, np.array([1.0, 0.0]), None, 4, 2, 1.0, "mean")
-    assert replay(row, [1, 0], tol=(1e-6, 1e-3)) == 1  # step 0 a near-tie, step 1 the best left
-    row = Row(np.array([[1.0, 0.0], [1.0, 0.02], [0.0, 1.0]]), np.array([1.0, 0.0]), None, 3, 2, 0.5, "mean")
-    with pytest.raises(AssertionError, match=r"step 0: .*tol 2e-05"):
-        replay(row, [1, 2], tol=(2e-5, 1e-3))  # relevance 0.9998 against 1: 2e-4 off
-    assert replay(row, [1, 2], tol=1e-3) == 1
+def test_a_pair_of_tolerances_holds_each_phase_to_its_own():
+    """``(core, rest)``: a core pick off by more than the core's bound fails even where the bound of the seed
+    and similarity steps would pass it (cpu: fp32 relevance, fp16 similarities), and those steps are held to
+    the second bound, in both replays."""
+    theta = math.acos(1 - 2e-4)  # relevance 1 - 2e-4
+    near = np.array([math.cos(theta), math.sin(theta), 0.0])
+    visual = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [2e-4, 0.0, math.sqrt(1 - 4e-8)]])
+    prompt = np.array([1.0, 0.0, 0.0])
+    greedy = Row(visual, prompt, None, 3, 2, 0.5, "mean")  # core: token 0; then 1 (similarity 0) or 2 (2e-4)
+    assert oracle_order(greedy) == [0, 1]
+    assert replay(greedy, [0, 2], tol=(2e-5, 1e-3)) == 1
+    assert replay_long_row(visual, prompt, 2, 0.5, [0, 2], (2e-5, 1e-3)) == 1
+    for tol in (2e-5, (1e-3, 2e-5)):
+        with pytest.raises(AssertionError, match="step 1"):
+            replay(greedy, [0, 2], tol=tol)
+        with pytest.raises(AssertionError, match="step 1"):
+            replay_long_row(visual, prompt, 2, 0.5, [0, 2], tol)
+    core = np.array([[1.0, 0.0, 0.0], near, [0.0, 0.0, 1.0]])
+    assert replay(Row(core, prompt, None, 3, 2, 1.0, "mean"), [1, 0], tol=1e-3) == 1
+    assert replay_long_row(core, prompt, 2, 1.0, [1, 0], (1e-3, 2e-5)) == 1
+    for tol in ((2e-5, 1e-3), 2e-5):
+        with pytest.raises(AssertionError, match="step 0"):
+            replay(Row(core, prompt, None, 3, 2, 1.0, "mean"), [1, 0], tol=tol)
+        with pytest.raises(AssertionError, match="step 0"):
+            replay_long_row(core, prompt, 2, 1.0, [1, 0], tol)
+    # No core: the most isolated seed is a similarity step, under the second bound. Token 1 is orthogonal to
+    # both others; token 0's nearest neighbour (token 2) is at cosine 2e-4.
+    seed = Row(visual, prompt, None, 3, 1, 0.0, "mean")
+    assert oracle_order(seed) == [1] and seed.isolation(0) - seed.isolation(1) == 2e-4
+    assert replay(seed, [0], tol=(2e-5, 1e-3)) == 1
+    with pytest.raises(AssertionError, match="step 0"):
+        replay(seed, [0], tol=(1e-3, 2e-5))
 
 
 def _long_row(seed=0, n=3000, d=16):
@@ -111,10 +135,14 @@ def test_replay_long_row_checks_every_pick_after_a_split():
     """After a legitimate split at a near-tie, a wrong later pick still fails: the step it is at, not the
     split's. And a repeated, out-of-range or unpadded pick fails outright."""
     V, P = _long_row()
+    V[1] = P * 3  # the most relevant token ...
+    V[2] = V[1] + 1e-6 * V[2]  # ... and a near-copy of it: the core's first two picks, a near-tie
     order = zspa_kernels.select_tokens(torch.from_numpy(V)[None].float(), torch.from_numpy(P)[None].float(), 300,
                                        backend="reference", pick_order=True)[0].tolist()
-    assert replay_long_row(V, P, 300, 0.5, order, 2e-5) >= 0
-    wrong = order[:200] + [order[-1]] + order[200:-1]  # step 200 takes the last pick: far from the farthest
+    assert sorted(order[:2]) == [1, 2]
+    split = order[1::-1] + order[2:]  # parts from the fp64 order at step 0, legitimately
+    assert replay_long_row(V, P, 300, 0.5, split, 2e-5) >= 1
+    wrong = split[:200] + [split[-1]] + split[200:-1]  # then step 200 takes the last pick: far from the farthest
     with pytest.raises(AssertionError, match="step 200"):
         replay_long_row(V, P, 300, 0.5, wrong, 2e-5)
     for bad, message in ((order[:-1] + [order[0]], "twice"), (order[:-1] + [len(V)], "outside"),

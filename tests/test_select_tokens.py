@@ -147,7 +147,7 @@ def _run_simple(visual, prompt, k, backend, core_ratio=0.5, lengths=None, pick_o
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="video-size rows on a GPU")
 @pytest.mark.parametrize("gram_budget", ["", "0"], ids=["gram", "stream"])
-def test_video_size_rows_agree_across_gpu_backends(monkeypatch, gram_budget):
+def test_video_size_rows_replay_against_fp64_on_every_gpu_backend(monkeypatch, gram_budget):
     """N=16384 (SPEC's video shape, D cut to 64): 819 greedy steps after an 819-token core, on
     every GPU backend (triton's gram and, forced by ZSPA_GRAM_BUDGET=0, streaming paths) and the
     reference on the same device, every pick of each replayed against fp64 (vectorised): a split at a

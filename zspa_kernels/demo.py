@@ -222,11 +222,12 @@ def agreement(names: tuple[str, str], calls: tuple[list, list]) -> str:
     """How the differing picks of two backends (``names``) on the same prompt compare, from their
     ``zspa::select_tokens`` calls (:func:`_recorded_selection_prefill`): the largest fp64 score gap at a
     step where an image's picks part (reference.parting_gap). Within the two backends' rounding
-    (spec.PICK_TOLERANCE, summed) that is a near-tie, which either may break."""
+    there (in the core spec.CORE_TOLERANCE each, after it spec.PICK_TOLERANCE, summed) that is a
+    near-tie, which either may break."""
     from zspa_kernels.reference import parting_gap
-    from zspa_kernels.spec import PICK_TOLERANCE
+    from zspa_kernels.spec import CORE_TOLERANCE, PICK_TOLERANCE, row_budgets
 
-    gaps = []
+    parts = []  # (gap, the two backends' bound at that step)
     for (args, first), (_, other) in zip(*calls):
         visual, prompt, k, core_ratio, lengths, prompt_mask, relevance = args[:7]
         for b in range(visual.shape[0]):
@@ -234,11 +235,13 @@ def agreement(names: tuple[str, str], calls: tuple[list, list]) -> str:
             parted = parting_gap(visual[b, :n], prompt[b], None if prompt_mask is None else prompt_mask[b],
                                  relevance, k, core_ratio, first[b].cpu(), other[b].cpu())
             if parted is not None:
-                gaps.append(parted[1])
-    if not gaps and len(calls[0]) == len(calls[1]):
+                in_core = parted[0] < row_budgets(k, core_ratio, n)[1]
+                parts.append((parted[1], len(names) * CORE_TOLERANCE if in_core
+                              else sum(PICK_TOLERANCE[name] for name in names)))
+    if not parts and len(calls[0]) == len(calls[1]):
         return f"same picks as {names[0]}"
-    gap = max(gaps, default=float("inf"))
-    if gap <= sum(PICK_TOLERANCE[name] for name in names):
+    gap, bound = max(parts, key=lambda part: part[0] / part[1], default=(float("inf"), 1.0))
+    if gap <= bound:
         return f"near-tie: picks part from {names[0]}'s where fp64 scores differ by {gap:.0e}"
     return f"DIFFERENT tokens from {names[0]}'s (fp64 scores {gap:.1e} apart where the picks part)"
 

@@ -24,7 +24,8 @@ NONFINITE_SIMILARITY = 2.0    # above every finite cosine: ... and most redundan
 # its arithmetic: reference, triton and cuda compute in fp32 from exactly upcast inputs (cosine errors
 # ~sqrt(D)·2^-24, far below 2e-5 at the tests' sizes); cpu's greedy similarities are fp32 dots of
 # fp16-rounded unit vectors, off by at most 2^-10 (zspa_kernels/cpu.py). The tests replay every
-# pick against fp64 with these; `zspa demo` judges two backends' differing picks by them.
+# pick against fp64 with these (the core's with CORE_TOLERANCE); `zspa demo` judges two backends'
+# differing picks by them.
 PICK_TOLERANCE = {"reference": 2e-5, "triton": 2e-5, "cuda": 2e-5, "cpu": 2.0**-10}
 # The core's steps rank by relevance, which every backend (cpu's too) computes in fp32 from fp32 unit
 # vectors: there every backend is held to this bound, whatever its bound at the similarity steps.
