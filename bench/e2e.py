@@ -180,7 +180,9 @@ def measure(model, inputs: dict, device, new_tokens: int, repeats: int, cache: s
 
 
 def run(names, batches, device, backend: str, new_tokens: int, repeats: int, progress=print,
-        cache: str = "dynamic") -> list[dict]:
+        cache: str = "dynamic", keep_models: "dict | None" = None) -> list[dict]:
+    """One record per model, batch size and budget. ``keep_models``: where given, each model is left in it by
+    name for :func:`gpu_busy_pass` (one model a process: no second build), else freed after its rows."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     records = []
     for name in names:
@@ -215,20 +217,23 @@ def run(names, batches, device, backend: str, new_tokens: int, repeats: int, pro
                 progress(f"  B={B} kept {k:>3}/{N}: prefill {stats['prefill_ms']:.1f} ms, "
                          f"TTFT {stats['ttft_ms']:.1f} ms, {stats['decode_tokens_per_s']:.0f} tok/s{hook}")
                 records.append(record)
+        if keep_models is not None:
+            keep_models[name] = model
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return records
 
 
-def gpu_busy_pass(name: str, records: list[dict], device, progress=print) -> None:
-    """Fill ``prefill_gpu_busy_ms`` of ``records`` (this model's, from :func:`run`) on a fresh build of ``name``:
-    after every wall-clock timing of the run, since a profiler session can leave CUPTI attached to the process
-    (pytorch#144455: kernel launches stay slower after it ends), which would slow the host-bound prefills timed
-    after it."""
+def gpu_busy_pass(name: str, records: list[dict], device, progress=print, model=None) -> None:
+    """Fill ``prefill_gpu_busy_ms`` of ``records`` (this model's, from :func:`run`) on ``model`` (the one
+    :func:`run` timed, left by ``keep_models``) or a fresh build of ``name``: after every wall-clock timing of
+    the process, since a profiler session can leave CUPTI attached to it (pytorch#144455: kernel launches stay
+    slower after it ends), which would slow the host-bound prefills timed after it."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    progress(f"building {name} again for the prefills' GPU kernel time ...")
-    model = models.build(name, dtype=dtype, device=device)
+    if model is None:
+        progress(f"building {name} again for the prefills' GPU kernel time ...")
+        model = models.build(name, dtype=dtype, device=device)
     for record in records:
         inputs = models.dummy_inputs(name, record["B"], TEXT_TOKENS, device=device, dtype=dtype)
         pruning = (contextlib.nullcontext() if record["impl"] == "unpruned"
@@ -270,14 +275,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     records = earlier_records(args.out, device) if args.append else []
+    # One model a process (bench/run_gpu.sh): it stays built for its profiler pass; several are built again there.
+    kept = {} if device.type == "cuda" and len(args.models) == 1 else None
     for name in args.models:  # written after each model: a run cut short keeps what finished
-        records += run([name], args.batch, device, args.backend, args.new_tokens, args.repeats, cache=args.cache)
+        records += run([name], args.batch, device, args.backend, args.new_tokens, args.repeats, cache=args.cache,
+                       keep_models=kept)
         hb.save_records(args.out, device, records)
     # Last in this process: no wall-clock timing after a profiler session (gpu_busy_pass). One model a process
     # (bench/run_gpu.sh) has each model's kernel time saved before the next model's timings begin.
     if device.type == "cuda":
         for name in args.models:
-            gpu_busy_pass(name, [r for r in records if r["model"] == name], device)  # the model freed on return
+            gpu_busy_pass(name, [r for r in records if r["model"] == name], device,
+                          model=None if kept is None else kept.pop(name))  # the model freed on return
             torch.cuda.empty_cache()
             hb.save_records(args.out, device, records)
     return 0

@@ -39,11 +39,14 @@ def test_e2e_tiny_runs_unpruned_and_pruned(name, cache):
             assert "hook_ms" not in r
 
 
-def test_the_prefills_gpu_time_is_measured_last_on_a_fresh_build(monkeypatch):
+@pytest.mark.parametrize("kept", [False, True], ids=["fresh-build", "the-timed-model"])
+def test_the_prefills_gpu_time_is_measured_last(monkeypatch, kept):
     """``gpu_busy_pass`` (the profiler faked here: off GPUs it measures nothing) fills every record's kernel
-    time after the wall-clock timings, each on its own configuration: unpruned, or pruned to its ``k``."""
+    time after the wall-clock timings, each on its own configuration: unpruned, or pruned to its ``k``; on a
+    fresh build, or on the model run() timed where it was kept (one model a process: no second build)."""
+    models_kept = {} if kept else None
     records = e2e.run(["llava-1.5-tiny"], [1], torch.device("cpu"), "reference", new_tokens=2, repeats=1,
-                      progress=lambda _: None)
+                      progress=lambda _: None, keep_models=models_kept)
     assert all(r["prefill_gpu_busy_ms"] is None for r in records)  # run() leaves it to the pass
     seen = []
 
@@ -52,9 +55,13 @@ def test_the_prefills_gpu_time_is_measured_last_on_a_fresh_build(monkeypatch):
         return float(len(seen))
 
     monkeypatch.setattr(e2e, "gpu_busy_ms", busy)
-    e2e.gpu_busy_pass("llava-1.5-tiny", records, torch.device("cpu"), progress=lambda _: None)
+    model = None
+    if kept:
+        model = models_kept.pop("llava-1.5-tiny")
+        monkeypatch.setattr(models, "build", lambda *a, **k: pytest.fail("built again"))
+    e2e.gpu_busy_pass("llava-1.5-tiny", records, torch.device("cpu"), progress=lambda _: None, model=model)
     assert [r["prefill_gpu_busy_ms"] for r in records] == [1.0, 2.0, 3.0]
-    assert seen == [r["kv_cache_bytes"] for r in records]
+    assert seen == [r["kv_cache_bytes"] for r in records]  # each prefill as timed: no hook of run()'s left on
 
 
 def test_append_adds_a_models_rows_to_the_same_devices_file_and_refuses_anothers(tmp_path):
