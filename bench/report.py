@@ -190,9 +190,8 @@ def targets_table(micro: list[dict], profile: list[dict], e2e: list[dict]) -> li
         speedup = None
         if fused is not None and base is not None:
             # The event ratio of the backend the verdict is about, not of whichever fused one had the best events.
-            same = next((r["median_us"] for r in micro if (r["impl"], r["shape"], r["k"]) == (fused[1], "llava-1.5", 64)
-                         and r["timer"] == "cuda_events"), None)
-            by_events = base["median_us"] / same if same else None
+            same = _loop(micro, fused[1], "llava-1.5", 64)
+            by_events = base["median_us"] / same["median_us"] if same["timer"] == "cuda_events" else None
             speedup = (base["host_median_us"] / fused[0], f"{fused[1]}, per call with its sync"
                        + (f"; by CUDA events {by_events:.1f}x" if by_events else ""))
         row(f"LLaVA-1.5 B=1, k=64: ≥ {factor}x {loop}", speedup, factor, False, times)

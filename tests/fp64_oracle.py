@@ -17,6 +17,17 @@ import math
 import numpy as np
 
 
+def budgets(k: int, core_ratio: float, n: int) -> tuple[int, int]:
+    """``(k_b, k_core)`` of a row of ``n`` valid tokens (SPEC §1, restated: the oracle stays independent)."""
+    k_b = min(k, n)
+    return k_b, min(max(int(math.floor(core_ratio * k_b + 0.5)), 0), k_b)
+
+
+def phase_tolerances(tol) -> tuple[float, float]:
+    """``(core, rest)`` from a replay's ``tol``: one bound for every step, or a pair."""
+    return tol if isinstance(tol, tuple) else (tol, tol)
+
+
 class Row:
     """fp64 scores of one batch row: unit tokens, relevance, and similarities."""
 
@@ -35,8 +46,7 @@ class Row:
         else:
             mask = np.ones(len(P), bool) if prompt_mask is None else np.asarray(prompt_mask, bool)
         self.relevance = np.array([self._relevance(i, P, mask, relevance) for i in range(n)])
-        self.k_b = min(k, n)
-        self.k_core = min(max(int(math.floor(core_ratio * self.k_b + 0.5)), 0), self.k_b)
+        self.k_b, self.k_core = budgets(k, core_ratio, n)
 
     @staticmethod
     def _unit(p):
@@ -113,7 +123,7 @@ def replay(row: Row, order, tol, exact_ties: str = "tokens") -> int:
     picks = order[: row.k_b]
     assert all(0 <= x < row.n for x in picks), f"pick outside [0, {row.n}): {picks}"
     assert len(set(picks)) == len(picks), f"token picked twice: {picks}"
-    core_tol, rest_tol = tol if isinstance(tol, tuple) else (tol, tol)
+    core_tol, rest_tol = phase_tolerances(tol)
     near_ties = 0
     for t, j in enumerate(picks):
         selected = picks[:t]
@@ -144,8 +154,7 @@ def replay_long_row(visual, prompt, k: int, core_ratio: float, order, tol) -> in
     V = np.asarray(visual, dtype=np.float64)
     n = len(V)
     assert np.isfinite(V).all(), "replay_long_row: finite tokens only"
-    k_b = min(k, n)
-    k_core = min(max(int(math.floor(core_ratio * k_b + 0.5)), 0), k_b)
+    k_b, k_core = budgets(k, core_ratio, n)
     assert k_core > 0, "replay_long_row: rows with a core only (no isolation seed)"
     order = [int(x) for x in order]
     assert all(x == -1 for x in order[k_b:]), f"expected -1 padding after {k_b} picks"
@@ -169,7 +178,7 @@ def replay_long_row(visual, prompt, k: int, core_ratio: float, order, tol) -> in
     steps = np.arange(k_core, k_b)
     scores = np.where(rank[:, None] >= steps[None, :], running, np.inf)
     greedy_gaps = running[picks[k_core:], np.arange(len(steps))] - scores.min(0)
-    core_tol, rest_tol = tol if isinstance(tol, tuple) else (tol, tol)  # as in replay
+    core_tol, rest_tol = phase_tolerances(tol)
     limits = np.concatenate([np.full(k_core, core_tol), np.full(k_b - k_core, rest_tol)])
     gaps = np.concatenate([gaps, greedy_gaps])
     worst = int((gaps - limits).argmax())
