@@ -160,3 +160,27 @@ def test_video_size_rows_replay_against_fp64_on_every_gpu_backend(monkeypatch, g
     for backend in ["reference"] + [b for b in ("triton", "cuda") if b in backends_here()]:
         got = zspa_kernels.select_tokens(visual, prompt, 1638, backend=backend, pick_order=True)[0].tolist()
         replay_long_row(V, P, 1638, 0.5, got, TOLERANCE[backend][torch.bfloat16])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory < 48 * 2**30,
+                    reason="a 16 GiB output on a GPU")
+@pytest.mark.parametrize("pick_order", [False, True], ids=["ascending", "pick-order"])
+def test_the_largest_budget_pads_every_slot_on_every_gpu_backend(pick_order):
+    """k = MAX_K (2^31 - 1) on a 5-token row: 16 GiB of output, every slot past the five kept
+    tokens -1. The block the output will reuse is filled with 7 first, so a padding loop whose
+    trip count wraps in int32 (Triton's cdiv(k - k_b, 1024) did) leaves 7s that this sees."""
+    from zspa_kernels.spec import MAX_K
+    g = torch.Generator(device="cuda").manual_seed(31)
+    visual = torch.randn(1, 5, 16, device="cuda", generator=g)
+    prompt = torch.randn(1, 16, device="cuda", generator=g)
+    want = oracle_order(Row(visual[0].double().cpu().numpy(), prompt[0].double().cpu().numpy(), None, 5, MAX_K, 0.5,
+                            "mean"))
+    for backend in [b for b in ("triton", "cuda") if b in backends_here()]:
+        stale = torch.full((1, MAX_K), 7, dtype=torch.int64, device="cuda")
+        del stale  # the caching allocator hands this block to the op's output
+        out = zspa_kernels.select_tokens(visual, prompt, MAX_K, backend=backend, pick_order=pick_order)
+        head = out[0, :5].tolist()
+        assert head == (want if pick_order else sorted(want)), backend
+        assert bool((out[0, 5:] == -1).all()), f"{backend}: slots past the kept tokens are not all -1"
+        del out
+        torch.cuda.empty_cache()

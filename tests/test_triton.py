@@ -22,7 +22,7 @@ from helpers import (Case, TOLERANCE, backends_here, clustered_tokens, device_fo
 from fp64_oracle import oracle_order, replay
 from zspa_kernels.dispatch import interpreter_problem
 from zspa_kernels.reference import select_tokens_reference
-from zspa_kernels.spec import GRAM_BUDGET_ENV, core_count, triton_interpreter
+from zspa_kernels.spec import GRAM_BUDGET_ENV, MAX_K, core_count, triton_interpreter
 
 pytestmark = pytest.mark.skipif("triton" not in backends_here(),
                                 reason=interpreter_problem() or "no GPU and no TRITON_INTERPRET")
@@ -32,7 +32,7 @@ if "triton" in backends_here():
     import triton
     import triton.language as tl
 
-    from zspa_kernels.triton.gram_select import FP_FUSION, _row_bounds, split_fp64
+    from zspa_kernels.triton.gram_select import FP_FUSION, _padding_trips, _row_bounds, split_fp64
 
     @triton.jit
     def row_bounds_kernel(lengths_ptr, out_ptr, N, k, alpha_hi, alpha_mid, alpha_lo):
@@ -40,6 +40,11 @@ if "triton" in backends_here():
         _, k_b, k_core = _row_bounds(lengths_ptr, 1, b, N, k, alpha_hi, alpha_mid, alpha_lo, True)
         tl.store(out_ptr + 2 * b, k_b)
         tl.store(out_ptr + 2 * b + 1, k_core)
+
+    @triton.jit
+    def padding_trips_kernel(k_ptr, k_b_ptr, out_ptr):
+        i = tl.program_id(0)
+        tl.store(out_ptr + i, _padding_trips(tl.load(k_ptr + i), tl.load(k_b_ptr + i)))
 
 DEVICE = device_for("triton")
 
@@ -462,6 +467,17 @@ def test_padding_costs_nothing_per_padded_slot():
     order = _check(case)
     assert time.perf_counter() - start < 2 * 17 / 10
     assert order[0, 5:].eq(-1).all()
+
+
+def test_padding_trips_count_in_int64_up_to_the_largest_k():
+    """The padding loop's trip count, at k up to spec.MAX_K = 2^31 - 1 (a 16 GiB output row, so the
+    count alone here; tests/test_select_tokens.py runs the whole op there on a GPU): an int32
+    cdiv(k - k_b, 1024) wraps negative from k - k_b = 2^31 - 1023 and pads nothing."""
+    k = torch.tensor([MAX_K, MAX_K, MAX_K, 2**31 - 1024, 2**31 - 1025, 100_000, 9, 9], dtype=torch.int32)
+    k_b = torch.tensor([5, 0, MAX_K, 0, 0, 5, 9, 8], dtype=torch.int32)
+    out = torch.empty(len(k), dtype=torch.int64, device=DEVICE)
+    padding_trips_kernel[(len(k),)](k.to(DEVICE), k_b.to(DEVICE), out)
+    assert out.cpu().tolist() == [-(-(int(a) - int(b)) // 1024) for a, b in zip(k, k_b)]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU interpreter is what is switched here")

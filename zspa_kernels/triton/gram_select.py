@@ -62,6 +62,18 @@ def split_fp64(x: float) -> tuple[float, float, float]:
     return hi, mid, float(np.float32(x - hi - mid))
 
 
+# The -1 padding's store width (int64 slots a store of the whole CTA).
+PAD_BLOCK = tl.constexpr(1024)
+
+
+@triton.jit
+def _padding_trips(k, k_b):
+    """How many ``PAD_BLOCK``-wide stores pad ``k - k_b`` slots, counted in int64: k may be up to
+    2^31 - 1, where the int32 sum inside ``cdiv`` (k - k_b + PAD_BLOCK - 1) wraps negative and the
+    loop would run no trip at all."""
+    return tl.cdiv((k - k_b).to(tl.int64), PAD_BLOCK)
+
+
 @triton.jit
 def _row_bounds(lengths_ptr, stride_l, b, N, k, alpha_hi, alpha_mid, alpha_lo, HAS_LENGTHS: tl.constexpr):
     """``n``, ``k_b = min(k, n)`` and ``k_core = clamp(floor(alpha·k_b + 0.5), 0, k_b)`` in fp64,
@@ -217,11 +229,11 @@ def _select_row(
     # launcher, which would be a kernel launch of its own on the op's critical path. 1024-wide
     # stores (4 int64 a thread): none when k_b = k, one when k <= N + 1024, and k far beyond N
     # (k = 100000, N = 5) is 98 coalesced stores, not a walk in steps of a small BLOCK_S.
-    # Offsets in int64: k may be up to 2^31 - 1, and an int32 p0 + 1024 would wrap past it.
-    pad = tl.arange(0, 1024)
-    for i in range(0, tl.cdiv(k - k_b, 1024)):
-        at = pad.to(tl.int64) + k_b + i * 1024
-        tl.store(row_out + at, tl.full([1024], -1, tl.int64), mask=at < k)
+    # Trip count and offsets in int64: k may be up to 2^31 - 1, where int32 would wrap.
+    pad = tl.arange(0, PAD_BLOCK)
+    for i in range(0, _padding_trips(k, k_b)):
+        at = pad.to(tl.int64) + k_b + i * PAD_BLOCK
+        tl.store(row_out + at, tl.full([PAD_BLOCK], -1, tl.int64), mask=at < k)
 
 
 @triton.jit
