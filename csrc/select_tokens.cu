@@ -143,9 +143,11 @@ GreedyLaunch greedy_launch(int64_t N, int64_t rows, bool sm90, c10::string_view 
     // Per device and shape, once: the kernel's attributes and the co-scheduling count (host
     // queries only, nothing enqueued, so graph capture is unaffected).
     static std::mutex mutex;
-    static std::map<std::tuple<int, int, int>, int> active_clusters;
+    static std::map<std::tuple<int, int, int, size_t>, int> active_clusters;
     const std::lock_guard<std::mutex> lock(mutex);
-    const auto key = std::make_tuple(static_cast<int>(at::cuda::current_device()), shape.ctas, shape.slice);
+    // The shared memory is in the key: it grows with N at one (ctas, slice), and with it the
+    // number of clusters the GPU co-schedules.
+    const auto key = std::make_tuple(static_cast<int>(at::cuda::current_device()), shape.ctas, shape.slice, shape.smem);
     auto found = active_clusters.find(key);
     if (found == active_clusters.end()) {
       // A driver that refuses any of this leaves the device without the cluster kernel (0
