@@ -221,6 +221,40 @@ def test_split_gram_replays_against_fp64(monkeypatch, greedy, gram):
             replay(row, order[b].tolist(), TOLERANCE["cuda"][torch.bfloat16])
 
 
+@pytest.mark.parametrize("greedy,gram", [("auto", "auto"), ("block", "full"), ("block", "split"), ("cluster", "full"),
+                                         ("cluster", "split"), ("block", "splitk")])
+def test_copies_across_the_gram_split_tie_to_the_lower_index(monkeypatch, greedy, gram):
+    """LLaVA-1.5's shape at B=8 (where "auto" splits the Gram on sm_90: rows·N²·D >= 2^33), every
+    token i < 288 copied to i + 288, so each pair straddles the split row h = 288: the copies'
+    Gram entries then come from two GEMMs (the top rows, the bottom-right block) that cuBLAS may
+    run with different kernels, and must still be equal bit for bit for the pair to tie to the
+    lower index (fp64_oracle.replay's "tokens" ties): no upper copy is picked while its lower copy
+    is free. An empty core (the isolation seed, then every pick a tie between copies) and a
+    quarter core, whose picks are also replayed against fp64 (vectorised; replay's walk takes
+    seconds a row at this size), on both greedy kernels, whole and split Grams."""
+    if greedy == "cluster" and not _cluster_gpu():
+        pytest.skip("thread-block clusters need sm_90")
+    from fp64_oracle import replay_long_row
+    from helpers import TOLERANCE
+
+    monkeypatch.setenv("ZSPA_CUDA_GREEDY", greedy)
+    monkeypatch.setenv("ZSPA_CUDA_GRAM", gram)
+    base, prompt = _inputs(8, 288, 4096, T=3, seed=288)
+    scale = torch.rand(8, 288, 1, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1)) + 0.1
+    base = (base.float() * scale).to(torch.bfloat16)
+    visual = torch.cat([base, base], 1)
+    for alpha in (0.0, 0.25):
+        order = _select(visual, prompt, 64, core_ratio=alpha).cpu()
+        for b in range(8):
+            picked = set()
+            for j in order[b].tolist():
+                assert j < 288 or j - 288 in picked, f"core_ratio {alpha}, row {b}: picked {j} before its copy {j - 288}"
+                picked.add(j)
+            if alpha:
+                replay_long_row(visual[b].float().cpu().numpy(), prompt[b].double().mean(0).cpu().numpy(), 64, alpha,
+                                order[b].tolist(), TOLERANCE["cuda"][torch.bfloat16])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("greedy,gram", [("block", "full"), ("block", "split"), ("cluster", "full"),
                                          ("cluster", "split"), ("block", "splitk"), ("cluster", "splitk")])
