@@ -754,6 +754,60 @@ def test_a_crop_into_the_pruned_prompt_or_an_extension_is_refused():
         torch.testing.assert_close(again.logits, out.logits, atol=ATOL, rtol=0)
 
 
+@torch.no_grad()
+def test_what_follows_a_long_qwen2_5_vl_video_is_numbered_as_the_model_numbers_it():
+    """transformers 5.x numbers the text after a Qwen2.5-VL video on from the video's height and width, while
+    the frames' temporal positions step by tokens_per_second · second_per_grid_ts: here they run past the
+    text after them. What follows the prompt is then numbered two ways, and the hooks keep each (dropped
+    tokens count): generate() continues one past the last token's positions (decode steps, drafts); the
+    model numbers a conversation's next turn, and a token given no positions, one past the prompt's largest
+    M-RoPE position on every M-RoPE row (its rope_deltas). At keep-all a turn and prompt-lookup decoding are
+    the unpatched model's bit for bit; pruned, the turn is numbered as the unpatched one, prompt-lookup
+    decoding generates as greedy decoding, and a hand-written step without positions is numbered by the
+    model's rope_deltas. (The hooks had continued each M-RoPE row from its own largest kept position.)"""
+    tiny = BUILDERS["qwen2_5_vl"]()
+    model = tiny.model
+    inputs = tiny.make_inputs([[("text", 3), ("video", (8, 4, 4)), ("text", 3)]])
+    inputs["second_per_grid_ts"] = torch.tensor([2.0])
+    L = inputs["input_ids"].shape[1]
+    with capture_lm_calls(model) as calls:
+        model(**inputs)
+    rope_next = L + int(model.model.rope_deltas)  # the model's own number for the token after the prompt
+    mrope = calls[0]["position_ids"][-3:, 0]
+    if rope_next == int(mrope[:, -1].max()) + 1:
+        pytest.skip("this transformers numbers the text after a video past the video's positions")
+    g = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+
+    def conversation():
+        with capture_lm_calls(model) as calls:
+            first = model.generate(**inputs, **g)
+            turn = next_turn(inputs, first.sequences, first.sequences[:, -3:])
+            second = model.generate(**turn, **cache_kwargs(model, kv_cache(first)), **g)
+        return first, second, calls[g["max_new_tokens"]]["position_ids"]  # the turn's prefill
+
+    def same(a, b):
+        return torch.equal(a.sequences, b.sequences) and all(torch.equal(x, y) for x, y in zip(a.logits, b.logits))
+
+    *unpatched, unpatched_turn = conversation()
+    unpatched_lookup = model.generate(**inputs, prompt_lookup_num_tokens=2, **g)
+    with zspa_kernels.prune(model, keep=1.0):
+        *kept_all, _ = conversation()
+        assert same(model.generate(**inputs, prompt_lookup_num_tokens=2, **g), unpatched_lookup)
+    assert all(same(a, b) for a, b in zip(kept_all, unpatched))
+    with zspa_kernels.prune(model, keep=4):
+        *_, pruned_turn = conversation()
+        greedy = model.generate(**inputs, **g)
+        lookup = model.generate(**inputs, prompt_lookup_num_tokens=2, **g)
+        with capture_lm_calls(model) as calls:
+            out = model(**inputs, use_cache=True)
+            mask = torch.nn.functional.pad(inputs["attention_mask"], (0, 1), value=1)
+            model(input_ids=out.logits[:, -1:].argmax(-1), attention_mask=mask, **cache_kwargs(model, kv_cache(out)))
+    assert torch.equal(pruned_turn[-3:], unpatched_turn[-1:].expand(3, -1, -1))
+    assert torch.equal(greedy.sequences, lookup.sequences)
+    assert max(float((a - b).abs().max()) for a, b in zip(greedy.logits, lookup.logits)) < ATOL
+    assert calls[1]["position_ids"][-3:].flatten().tolist() == [rope_next] * 3
+
+
 @pytest.mark.parametrize("drafts", ["prompt_lookup", "assistant_model", "pruned_assistant"])
 @torch.no_grad()
 def test_assisted_decoding_on_a_pruned_cache_generates_as_greedy_decoding(tiny, drafts):

@@ -145,7 +145,13 @@ class _CacheState:
     mask: torch.Tensor  # (B, L') pruned 2-D attention mask
     original_len: int  # L
     pruned_len: int  # L'
-    next_position: torch.Tensor  # (..., B, 1) original position of the first new token
+    # (..., B, 1) original position of the first new token, as generate() continues a prompt (one past its
+    # last token's position; a turn's own numbering, below, after a conversation's next turn).
+    next_position: torch.Tensor
+    # (..., B, 1) where the model numbers a token after the prompt when the caller gives no positions, and a
+    # conversation's next turn (_next_positions): next_position's but on M-RoPE rows, whose largest may pass
+    # the last token's.
+    restart_position: torch.Tensor
     # Tokens appended since the prefill, for caches that keep their length on the host
     # (dynamic layers): a static cache's decode steps never count in Python (see _decode_step).
     grown: int = 0
@@ -362,6 +368,23 @@ def _appended(state: "_CacheState", cache, position: Optional[torch.Tensor]) -> 
     return cache.get_seq_length() - state.pruned_len
 
 
+def _next_positions(positions: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the tokens after a prompt are numbered, (..., B, 1) each, from the unpruned prompt's positions
+    (..., B, L) and mask (B, L): as generate() continues it (one past the last attended token's position,
+    row by row), and as the model numbers a token it is given no positions for, a conversation's next turn
+    among them (on M-RoPE's three rows, all of them one past the largest position of any: the rope_deltas
+    rule; a text row before them as generate()'s). The two differ where a prompt's largest M-RoPE position
+    is not its last token's: transformers 5.x numbers the text after a Qwen2.5-VL video on from the video's
+    height and width, while its frames' temporal positions step by tokens_per_second · second_per_grid_ts."""
+    attended = mask != 0
+    last = (torch.arange(mask.shape[1], device=mask.device) * attended).amax(1)  # each row's last attended token
+    following = positions.gather(-1, last[:, None].expand(*positions.shape[:-1], 1)) + 1
+    if positions.dim() < 3 or positions.shape[0] < 3:
+        return following, following
+    largest = positions[-3:].masked_fill(~attended, -1).amax(-1, keepdim=True).amax(0, keepdim=True)
+    return following, torch.cat([following[:-3], (largest + 1).expand(3, -1, -1)])
+
+
 def _crop_back(state: "_CacheState", length: int) -> None:
     """A cache cropped back to ``length`` (transformers 5.14+'s assisted and prompt-lookup decoding remove the
     rejected drafts so, by count): to its prefill and the first tokens appended since, or into the prefill's
@@ -374,6 +397,7 @@ def _crop_back(state: "_CacheState", length: int) -> None:
             raise RuntimeError(CROP_ERROR)
         state.original_len, state.pruned_len, state.scored = state.original_len - cut, length, state.scored - cut
         state.mask, state.next_position = state.mask[:, :length], state.next_position - cut
+        state.restart_position = state.restart_position - cut
         if state.layout is not None:
             state.layout = tuple(t[:, :length] for t in state.layout)
     state.grown = length - state.pruned_len
@@ -735,10 +759,15 @@ class PruneHandle:
             if kwargs.get("position_ids") is not None:
                 return None
             appended = _appended(state, cache, kwargs.get("cache_position"))
+        if turn:  # numbered from here on as the model numbers a turn (M-RoPE: from the prompt's largest position)
+            state.next_position = state.restart_position
         state.numbered = state.numbered or several
-        if kwargs.get("position_ids") is None or state.numbered:
-            # Continue the original numbering; the model would count cache slots instead.
-            kwargs["position_ids"] = state.next_position + appended
+        if kwargs.get("position_ids") is None or (state.numbered and state.dropped):
+            # Continue the original numbering; the model would count cache slots instead. Given no positions,
+            # as the model numbers such a token unpruned; drafts, as generate() numbers them. At keep-all the
+            # cache is the unpatched model's, and so are the positions the caller computes for it.
+            base = state.next_position if state.numbered else state.restart_position
+            kwargs["position_ids"] = base + appended
             if q > 1:
                 kwargs["position_ids"] = kwargs["position_ids"] + torch.arange(q, device=step.device)
             return args, kwargs
@@ -1271,6 +1300,7 @@ class PruneHandle:
         if positions is None:
             positions = torch.arange(offset, offset + L, device=device)[None].expand(B, L)
         positions = positions.expand(*positions.shape[:-2], B, L)
+        numbering = _next_positions(positions, mask)  # from the unpruned prompt: dropped tokens count
         positions = positions.gather(-1, index.expand(*positions.shape[:-2], B, new_len))
         slots = torch.arange(offset, offset + new_len, device=device)
         if kwargs.get("cache_position") is not None:  # transformers 4.x: cache slots
@@ -1302,7 +1332,6 @@ class PruneHandle:
             n_kept = sum(s.order.shape[0] for s in selection)
             self.family.on_prefill(Prefill(kwargs, index, valid, n_kept))
         if cache is not None:
-            last = positions.masked_fill(new_mask == 0, -1).amax(-1, keepdim=True)
             # The trailing tokens a crop may take back: text attended in every row, that the call scored (drafts);
             # at keep-all, any (the cache is the unpatched model's, and so is its numbering).
             text = (~visual_h & mask_h.bool()).all(0)
@@ -1311,7 +1340,7 @@ class PruneHandle:
             # After a cached prefix, its ids are not known here: -1 stands for them (a turn's repeated ids, which
             # _repeats compares, lie past the kept prompt's start); no reader of the cache takes the layout.
             tokens = [ids.new_full((B, offset), -1), ids] if offset else [ids]
-            state = _CacheState(sequence_mask, offset + L, offset + new_len, last + 1,
+            state = _CacheState(sequence_mask, offset + L, offset + new_len, *numbering,
                                 layout=None if offset else (index, valid), dropped=dropped,
                                 counts_slots=self._slots is not None, scored=scored, tokens=tokens)
             full = _static_length(cache)
