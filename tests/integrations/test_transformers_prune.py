@@ -754,21 +754,23 @@ def test_a_crop_into_the_pruned_prompt_or_an_extension_is_refused():
         torch.testing.assert_close(again.logits, out.logits, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
 @torch.no_grad()
-def test_what_follows_a_long_qwen2_5_vl_video_is_numbered_as_the_model_numbers_it():
-    """transformers 5.x numbers the text after a Qwen2.5-VL video on from the video's height and width, while
-    the frames' temporal positions step by tokens_per_second · second_per_grid_ts: here they run past the
-    text after them. What follows the prompt is then numbered two ways, and the hooks keep each (dropped
+def test_what_follows_a_long_qwen_video_is_numbered_as_the_model_numbers_it(name):
+    """transformers 5.x numbers the text after a Qwen2-VL or Qwen2.5-VL video on from the video's height and
+    width, while the frames' temporal positions step by one (Qwen2.5-VL: tokens_per_second ·
+    second_per_grid_ts): here, 8 frames of 2 x 2 merged patches, they run past the text after them. What follows the prompt is then numbered two ways, and the hooks keep each (dropped
     tokens count): generate() continues one past the last token's positions (decode steps, drafts); the
     model numbers a conversation's next turn, and a token given no positions, one past the prompt's largest
     M-RoPE position on every M-RoPE row (its rope_deltas). At keep-all a turn and prompt-lookup decoding are
     the unpatched model's bit for bit; pruned, the turn is numbered as the unpatched one, prompt-lookup
     decoding generates as greedy decoding, and a hand-written step without positions is numbered by the
     model's rope_deltas. (The hooks had continued each M-RoPE row from its own largest kept position.)"""
-    tiny = BUILDERS["qwen2_5_vl"]()
+    tiny = BUILDERS[name]()
     model = tiny.model
     inputs = tiny.make_inputs([[("text", 3), ("video", (8, 4, 4)), ("text", 3)]])
-    inputs["second_per_grid_ts"] = torch.tensor([2.0])
+    if name == "qwen2_5_vl":
+        inputs["second_per_grid_ts"] = torch.tensor([2.0])
     L = inputs["input_ids"].shape[1]
     with capture_lm_calls(model) as calls:
         model(**inputs)

@@ -374,8 +374,9 @@ def _next_positions(positions: torch.Tensor, mask: torch.Tensor) -> tuple[torch.
     row by row), and as the model numbers a token it is given no positions for, a conversation's next turn
     among them (on M-RoPE's three rows, all of them one past the largest position of any: the rope_deltas
     rule; a text row before them as generate()'s). The two differ where a prompt's largest M-RoPE position
-    is not its last token's: transformers 5.x numbers the text after a Qwen2.5-VL video on from the video's
-    height and width, while its frames' temporal positions step by tokens_per_second · second_per_grid_ts."""
+    is not its last token's: transformers 5.x numbers the text after a Qwen2-VL or Qwen2.5-VL video on from
+    the video's height and width, while its frames' temporal positions step on (by one; Qwen2.5-VL's by
+    tokens_per_second · second_per_grid_ts)."""
     attended = mask != 0
     last = (torch.arange(mask.shape[1], device=mask.device) * attended).amax(1)  # each row's last attended token
     following = positions.gather(-1, last[:, None].expand(*positions.shape[:-1], 1)) + 1
