@@ -38,6 +38,32 @@ def test_wide_rows_replay_against_fp64(dtype, clustered, core_ratio):
         assert kept[b].tolist() == sorted(order[b, : row.k_b].tolist()) + [-1] * (case.k - row.k_b)
 
 
+def test_a_greedy_pick_between_two_roundings_stays_within_twice_one_cosines_bound():
+    """Four unit tokens in D=10 whose components sit just off fp16 rounding midpoints: tokens 0 and 1
+    form the core (the prompt is e_9), token 2 lies near 0 with its fp16 units rounded down, token 3
+    near 1 with its rounded up. The one greedy step compares 2's similarity (fp64 0.99046, 2^-10 low
+    at most) with 3's (0.98867, 2^-10 high at most): the cpu backend picks 2, 1.8·2^-10 from the best.
+    Each cosine keeps spec's 2^-10; the pick, comparing two, is held to 2^-9 (PICK_TOLERANCE)."""
+    from fp64_oracle import Row
+
+    visual = torch.tensor([
+        [0.5002288818359375, 0.5002288818359375, 0.5002288818359375, 0.25011444091796875, 0.25011444091796875,
+         0.25011444091796875, 0.12505722045898438, 0.12505722045898438, 0.1730978935956955, 0.019999999552965164],
+        [-0.5002593994140625, 0.5002593994140625, 0.5002593994140625, -0.25012969970703125, 0.25012969970703125,
+         0.25012969970703125, -0.12506484985351562, 0.12506484985351562, 0.17275580763816833, 0.019999999552965164],
+        [0.5031585693359375, 0.5075531005859375, 0.5085296630859375, 0.25402069091796875, 0.25475311279296875,
+         0.25914764404296875, 0.12835311889648438, 0.12713241577148438, 0.037397198379039764, 0.0],
+        [-0.5007476806640625, 0.5061187744140625, 0.5139312744140625, -0.25476837158203125, 0.25647735595703125,
+         0.25525665283203125, -0.12628555297851562, 0.12872695922851562, 0.024657750502228737, 0.0]])[None]
+    prompt = torch.zeros(1, 10)
+    prompt[0, 9] = 1.0
+    order = select_tokens_cpu(visual, prompt, 3, 0.6, None, None, "mean", True)[0].tolist()
+    row = Row(visual[0].numpy(), prompt[0].numpy(), None, 4, 3, 0.6, "mean")
+    replay(row, order, TOLERANCE["cpu"][torch.float32])
+    gap = row.redundancy(order[2], order[:2]) - min(row.redundancy(i, order[:2]) for i in (2, 3))
+    assert gap < 2.0**-9
+
+
 def test_well_separated_tokens_pick_exactly_what_the_reference_picks():
     # Gaussian tokens in D=384: cosine gaps between candidates are far above fp16 rounding.
     case = _wide_case(11, torch.bfloat16, clustered=False, lengths=[150, 61])
