@@ -90,6 +90,24 @@ def test_keep_all_agrees_exactly_and_every_field_is_finite(name, tmp_path):
     assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_an_encoder_decoder_that_forces_its_first_token_is_measured_from_its_next_one(tmp_path):
+    """A BART-style decoder (Florence-2's) with forced_bos_token_id: generate() makes the first decoder token that
+    id whatever the logits. First tokens and KL come from the answer's first token of its own (the one after),
+    and answers leave the forced token out; keep-all still changes nothing."""
+    model, samples, encode = tiny_run("florence2", n_samples=4)
+    model.generation_config.forced_bos_token_id = 1
+    summary = summarise(run_grid(model, samples, encode, [GridPoint(1.0, 0.5), GridPoint(3, 0.5)], tmp_path,
+                                 new_tokens=NEW_TOKENS, batch_size=2, progress=False))
+    unpruned = summary["unpruned"]
+    assert all(len(answer) == NEW_TOKENS for answer in unpruned["answers"])
+    assert unpruned["first_tokens"] == [answer[0] for answer in unpruned["answers"]]
+    assert unpruned["first_tokens"] != [1] * len(samples)
+    for point in summary["points"]:
+        assert [s["first_token"] for s in point["per_sample"]] == [s["answer"][0] for s in point["per_sample"]]
+    kept_all = next(point for point in summary["points"] if point["keep"] == 1.0)
+    assert kept_all["kl_max"] == 0.0 and kept_all["answer_agreement"] == 1.0
+
+
 @pytest.mark.parametrize("name", sorted(BLOCK_DIFFUSION_BUILDERS))
 def test_a_block_diffusion_model_is_refused_before_any_pass(name, tmp_path):
     """DiffusionGemma denoises canvases of tokens at once: there is no next-token distribution to compare,
@@ -172,6 +190,27 @@ def test_resume_after_an_interruption_reproduces_the_report(tmp_path):
     assert after[:len(before)] == before  # and what they measured (their timings too) is kept
     assert without_timings(summarise(resumed)) == without_timings(whole)
     assert summarise(resumed) == summarise(Journal(tmp_path / "resumed", resumed.run))  # rebuilt from the file
+
+
+@dataclass(frozen=True)
+class PhotoSample(TinySample):
+    image: str = ""  # a file: its bytes are the run's too
+
+
+def test_a_journal_whose_photo_was_replaced_under_its_name_is_refused(tmp_path):
+    """A resume compares the samples' digest, which holds each image file's bytes: the same labels, paths and
+    questions with one photo exported anew would compare new grid points with the old photo's unpruned pass."""
+    model, samples, encode = tiny_run("llava", n_samples=2)
+    photos = []
+    for i, sample in enumerate(samples):
+        photos.append(tmp_path / f"photo{i}.png")
+        photos[-1].write_bytes(b"first export %d" % i)
+    samples = [PhotoSample(s.label, s.row, s.seed, str(photo)) for s, photo in zip(samples, photos)]
+    run_grid(model, samples, encode, GRID[:1], tmp_path / "out", new_tokens=NEW_TOKENS, progress=False)
+    run_grid(model, samples, encode, GRID[:1], tmp_path / "out", new_tokens=NEW_TOKENS, progress=False)  # resumes
+    photos[1].write_bytes(b"second export")
+    with pytest.raises(ValueError, match="--out: .* another run .*samples_digest"):
+        run_grid(model, samples, encode, GRID[:1], tmp_path / "out", new_tokens=NEW_TOKENS, progress=False)
 
 
 def test_a_journal_of_another_run_is_refused(tmp_path):
@@ -280,6 +319,30 @@ def test_the_recommended_call_names_a_tokenizer_only_where_the_run_pruned_with_o
         calls[name] = summarise(journal)["recommendations"][0]["call"]
     assert calls == {"without": "zspa_kernels.prune(model, keep=3, core_ratio=0.5)",
                      "with": "zspa_kernels.prune(model, keep=3, core_ratio=0.5, tokenizer=processor)"}
+
+
+def test_prompts_pass_on_the_lists_the_model_takes(tmp_path):
+    """UnlimitedOCR's processor keeps the crop counts and grids of a wide image as lists, which its model needs
+    to split the crops: the command's encoder passes them on (it had kept tensors alone, and the unpruned pass
+    failed on every sample)."""
+    import transformers
+    from PIL import Image
+
+    from zspa_kernels import demo
+    from zspa_kernels.fidelity.samples import Prompts, Sample
+    from zspa_kernels.integrations.transformers.tiny import unlimited_ocr
+
+    if not hasattr(transformers, "UnlimitedOcrProcessor"):
+        pytest.skip("UnlimitedOCR is not in this transformers")
+    image_processor = getattr(transformers, "UnlimitedOcrImageProcessorPil", None) or \
+        transformers.UnlimitedOcrImageProcessor
+    processor = transformers.UnlimitedOcrProcessor(image_processor=image_processor(),
+                                                   tokenizer=demo.build_processor().tokenizer)
+    Image.new("RGB", (1600, 900), "red").save(tmp_path / "wide.png")
+    encoded = Prompts(processor, unlimited_ocr().model, template="<image>\n{question}")(
+        [Sample("wide", str(tmp_path / "wide.png"), "what is it ?")])
+    assert isinstance(encoded["num_local_patches"], list) and isinstance(encoded["patches_grid"], list)
+    assert sum(encoded["num_local_patches"]) > 0  # the image was cut into crops
 
 
 def test_prompts_pad_on_the_left_and_leave_the_processor_as_it_was():

@@ -197,9 +197,29 @@ def kl_divergence(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1).clamp_min(0.0)
 
 
+def samples_digest(samples: Sequence) -> str:
+    """A digest of the samples, for a resumed run to refuse others: each one's repr (label, image, question),
+    then the bytes of every image that is a file, so that a photo replaced under the same name is another
+    sample (its unpruned answers were measured on the old one)."""
+    digest = hashlib.sha256("\n".join(map(repr, samples)).encode())
+    for sample in samples:
+        image = getattr(sample, "image", None)
+        if isinstance(image, str) and os.path.isfile(image):
+            digest.update(hashlib.sha256(pathlib.Path(image).read_bytes()).digest())
+    return digest.hexdigest()
+
+
 def _eos_ids(model) -> set[int]:
     eos = getattr(model.generation_config, "eos_token_id", None)
     return set() if eos is None else set([eos] if isinstance(eos, int) else eos)
+
+
+def forced_steps(model) -> int:
+    """Decoder steps that generate() forces before an answer's first token of its own: an encoder-decoder's
+    ``forced_bos_token_id`` (BART's, and so Florence-2's language model's) makes its first token that id,
+    whatever the logits. First-token agreement and KL are measured after them, the answer leaves them out."""
+    forced = getattr(model.generation_config, "forced_bos_token_id", None)
+    return int(getattr(model.config, "is_encoder_decoder", False) and forced is not None)
 
 
 def _answers(new_ids: torch.Tensor, eos: set[int]) -> list[list[int]]:
@@ -229,6 +249,7 @@ def measure_pass(model, batches: Sequence[list], encode: Callable[[list], dict],
     param = next(model.parameters())
     device = param.device
     eos = _eos_ids(model)
+    forced = forced_steps(model)
     prefill_ms, kv, kept, visual = 0.0, 0, 0, 0
     first, answers, logprobs = [], [], []
     for batch in batches:
@@ -245,13 +266,17 @@ def measure_pass(model, batches: Sequence[list], encode: Callable[[list], dict],
             kept += sum(s.order.shape[0] for s in handle.last_selection)
             visual += sum(s.n_tokens for s in handle.last_selection)
         step = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        del out
+        generated = model.generate(**inputs, max_new_tokens=new_tokens + forced, do_sample=False, num_beams=1,
+                                   **(dict(output_logits=True, return_dict_in_generate=True) if forced else {}))
+        if forced:  # the distribution the answer's first own token comes from: generate()'s, after the forced ones
+            step = torch.log_softmax(generated.logits[forced].float(), dim=-1)
+            generated = generated.sequences
         logprobs.append(step.cpu())
         first += step.argmax(-1).tolist()
-        del out
-        generated = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, num_beams=1)
         # After the prompt; an encoder-decoder's generate() returns the decoder's tokens, from its start token.
         start = 1 if getattr(model.config, "is_encoder_decoder", False) else inputs["input_ids"].shape[1]
-        answers += _answers(generated[:, start:], eos)
+        answers += _answers(generated[:, start + forced:], eos)
         on_batch(len(batch))
     record = {"prefill_ms": prefill_ms, "kv_cache_bytes": kv,
               "first_tokens": first, "answers": answers}
@@ -291,7 +316,7 @@ def run_grid(model, samples: Sequence, encode: Callable[[list], dict], points: S
     run = {"kind": "run", **(run_info or {}), "model_digest": model_digest(model),
            "samples": [s.label for s in samples],
            # Catches a sample edited in place (same label, other image or question) on resume.
-           "samples_digest": hashlib.sha256("\n".join(map(repr, samples)).encode()).hexdigest(),
+           "samples_digest": samples_digest(samples),
            "new_tokens": new_tokens, "batch_size": batch_size, "backend": backend,
            # What the prompt leaves out beyond the config's ids: a resumed run must leave out the same.
            "tokenizer_special_ids": sorted(tokenizer_special_ids(tokenizer)) if tokenizer is not None else None,

@@ -128,6 +128,9 @@ class Prompts:
         # Models that read the processor's mm_token_type_ids (Cosmos3-Edge's 3-D positions need them), which
         # processors return only when asked.
         self.kwargs = {"return_mm_token_type_ids": True} if "mm_token_type_ids" in takes else {}
+        # Lists the model takes by name (UnlimitedOCR's crop counts and grids, which its processor keeps as lists);
+        # other non-tensor outputs of a processor are its own business.
+        self.lists = {name for name in takes if name not in self.drop}
 
     def text(self, question: str) -> str:
         if self.template is not None:
@@ -144,7 +147,8 @@ class Prompts:
             inputs = self.processor(images=images, text=texts, padding=True, return_tensors="pt", **self.kwargs)
         finally:  # the caller's processor, as it was
             tokenizer.padding_side = side
-        return {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor) and k not in self.drop}
+        return {k: v for k, v in inputs.items() if k not in self.drop and (
+            isinstance(v, torch.Tensor) or (isinstance(v, (list, tuple)) and k in self.lists))}
 
     def usable(self, samples: list[Sample], bad: list[str]) -> list[Sample]:
         """The samples the processor accepts one by one; a message in ``bad`` for each other."""
