@@ -764,8 +764,9 @@ def test_what_follows_a_long_qwen_video_is_numbered_as_the_model_numbers_it(name
     model numbers a conversation's next turn, and a token given no positions, one past the prompt's largest
     M-RoPE position on every M-RoPE row (its rope_deltas). At keep-all a turn and prompt-lookup decoding are
     the unpatched model's bit for bit; pruned, the turn is numbered as the unpatched one, prompt-lookup
-    decoding generates as greedy decoding, and a hand-written step without positions is numbered by the
-    model's rope_deltas. (The hooks had continued each M-RoPE row from its own largest kept position.)"""
+    decoding generates as greedy decoding, and hand-written steps without positions (one token or several)
+    are numbered by the model's rope_deltas. (The hooks had continued each M-RoPE row from its own largest
+    kept position.)"""
     tiny = BUILDERS[name]()
     model = tiny.model
     inputs = tiny.make_inputs([[("text", 3), ("video", (8, 4, 4)), ("text", 3)]])
@@ -800,14 +801,17 @@ def test_what_follows_a_long_qwen_video_is_numbered_as_the_model_numbers_it(name
         *_, pruned_turn = conversation()
         greedy = model.generate(**inputs, **g)
         lookup = model.generate(**inputs, prompt_lookup_num_tokens=2, **g)
-        with capture_lm_calls(model) as calls:
+        with capture_lm_calls(model) as calls:  # hand-written steps given no positions: 1 token, 2, then 1
             out = model(**inputs, use_cache=True)
-            mask = torch.nn.functional.pad(inputs["attention_mask"], (0, 1), value=1)
-            model(input_ids=out.logits[:, -1:].argmax(-1), attention_mask=mask, **cache_kwargs(model, kv_cache(out)))
+            token, mask = out.logits[:, -1:].argmax(-1), inputs["attention_mask"]
+            for q in (1, 2, 1):
+                mask = torch.nn.functional.pad(mask, (0, q), value=1)
+                model(input_ids=token.repeat(1, q), attention_mask=mask, **cache_kwargs(model, kv_cache(out)))
     assert torch.equal(pruned_turn[-3:], unpatched_turn[-1:].expand(3, -1, -1))
     assert torch.equal(greedy.sequences, lookup.sequences)
     assert max(float((a - b).abs().max()) for a, b in zip(greedy.logits, lookup.logits)) < ATOL
-    assert calls[1]["position_ids"][-3:].flatten().tolist() == [rope_next] * 3
+    steps = [call["position_ids"][-3:, 0] for call in calls[1:]]
+    assert [step.tolist() for step in steps] == [[[rope_next + t for t in ts]] * 3 for ts in ([0], [1, 2], [3])]
 
 
 @pytest.mark.parametrize("drafts", ["prompt_lookup", "assistant_model", "pruned_assistant"])

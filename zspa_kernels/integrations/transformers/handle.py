@@ -765,9 +765,9 @@ class PruneHandle:
         state.numbered = state.numbered or several
         if kwargs.get("position_ids") is None or (state.numbered and state.dropped):
             # Continue the original numbering; the model would count cache slots instead. Given no positions,
-            # as the model numbers such a token unpruned; drafts, as generate() numbers them. At keep-all the
-            # cache is the unpatched model's, and so are the positions the caller computes for it.
-            base = state.next_position if state.numbered else state.restart_position
+            # as the model numbers such tokens unpruned (one or several); drafts, as generate() numbers them.
+            # At keep-all the cache is the unpatched model's, and so are the positions the caller computes.
+            base = state.restart_position if kwargs.get("position_ids") is None else state.next_position
             kwargs["position_ids"] = base + appended
             if q > 1:
                 kwargs["position_ids"] = kwargs["position_ids"] + torch.arange(q, device=step.device)
