@@ -93,15 +93,19 @@ def test_keep_all_agrees_exactly_and_every_field_is_finite(name, tmp_path):
 def test_an_encoder_decoder_that_forces_its_first_token_is_measured_from_its_next_one(tmp_path):
     """A BART-style decoder (Florence-2's) with forced_bos_token_id: generate() makes the first decoder token that
     id whatever the logits. First tokens and KL come from the answer's first token of its own (the one after),
-    and answers leave the forced token out; keep-all still changes nothing."""
+    and answers leave the forced token out, and end where the model ends them, not at a forced_eos_token_id
+    at the length cap; keep-all still changes nothing."""
     model, samples, encode = tiny_run("florence2", n_samples=4)
     model.generation_config.forced_bos_token_id = 1
+    model.generation_config.forced_eos_token_id = 2  # BART's default: an end forced at the length cap
+    model.generation_config.eos_token_id = 2
     summary = summarise(run_grid(model, samples, encode, [GridPoint(1.0, 0.5), GridPoint(3, 0.5)], tmp_path,
                                  new_tokens=NEW_TOKENS, batch_size=2, progress=False))
     unpruned = summary["unpruned"]
     assert all(len(answer) == NEW_TOKENS for answer in unpruned["answers"])
     assert unpruned["first_tokens"] == [answer[0] for answer in unpruned["answers"]]
     assert unpruned["first_tokens"] != [1] * len(samples)
+    assert 2 not in [token for answer in unpruned["answers"] for token in answer]  # no end forced at the cap
     for point in summary["points"]:
         assert [s["first_token"] for s in point["per_sample"]] == [s["answer"][0] for s in point["per_sample"]]
     kept_all = next(point for point in summary["points"] if point["keep"] == 1.0)

@@ -217,7 +217,8 @@ def _eos_ids(model) -> set[int]:
 def forced_steps(model) -> int:
     """Decoder steps that generate() forces before an answer's first token of its own: an encoder-decoder's
     ``forced_bos_token_id`` (BART's, and so Florence-2's language model's) makes its first token that id,
-    whatever the logits. First-token agreement and KL are measured after them, the answer leaves them out."""
+    whatever the logits. First-token agreement and KL are measured after them, the answer leaves them out (a
+    forced end-of-sequence at the length cap is not asked for: measure_pass)."""
     forced = getattr(model.generation_config, "forced_bos_token_id", None)
     return int(getattr(model.config, "is_encoder_decoder", False) and forced is not None)
 
@@ -267,7 +268,10 @@ def measure_pass(model, batches: Sequence[list], encode: Callable[[list], dict],
             visual += sum(s.n_tokens for s in handle.last_selection)
         step = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
         del out
+        # No forced end-of-sequence at the length cap (BART's forced_eos_token_id, Florence-2's): an answer
+        # ends where the model ends it, or after new_tokens tokens of its own.
         generated = model.generate(**inputs, max_new_tokens=new_tokens + forced, do_sample=False, num_beams=1,
+                                   forced_eos_token_id=None,
                                    **(dict(output_logits=True, return_dict_in_generate=True) if forced else {}))
         if forced:  # the distribution the answer's first own token comes from: generate()'s, after the forced ones
             step = torch.log_softmax(generated.logits[forced].float(), dim=-1)
