@@ -123,9 +123,11 @@ def relevance_scores(tokens: Scaled, prompt: torch.Tensor, prompt_mask: Optional
     return torch.where(valid.any(-1, keepdim=True), sims, torch.zeros_like(sims))
 
 
-def isolation_scores(tokens: Scaled, usable: torch.Tensor, products=dots) -> torch.Tensor:
+def isolation_scores(tokens: Scaled, usable: torch.Tensor, products=dots, against: Optional[Scaled] = None) -> torch.Tensor:
     """``max_{j != i, j usable} cos(i, j)`` per token (``-inf`` when no such j), in row chunks;
-    ``products`` as for :func:`cosines`."""
+    ``products`` as for :func:`cosines`; ``against``: the tokens ``j`` as another rounding of ``tokens``
+    (the cpu backend's fp32 units against its fp16 ones), ``tokens`` themselves unless given."""
+    against = tokens if against is None else against
     B, N, _ = tokens.rows.shape
     out = torch.empty(B, N, dtype=torch.float32, device=tokens.rows.device)
     cols = torch.arange(N, device=tokens.rows.device)
@@ -133,7 +135,7 @@ def isolation_scores(tokens: Scaled, usable: torch.Tensor, products=dots) -> tor
         stop = min(start + SEED_CHUNK_ROWS, N)
         chunk = Scaled(tokens.rows[:, start:stop], tokens.norm[:, start:stop], tokens.finite[:, start:stop])
         exclude = ~usable.unsqueeze(1) | (cols[start:stop, None] == cols[None, :]).unsqueeze(0)
-        out[:, start:stop] = cosines(chunk, tokens, products).masked_fill(exclude, float("-inf")).amax(-1)
+        out[:, start:stop] = cosines(chunk, against, products).masked_fill(exclude, float("-inf")).amax(-1)
     return out
 
 

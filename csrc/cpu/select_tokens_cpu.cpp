@@ -4,10 +4,12 @@
 //       one pass over the tokens: fp32 norm (scaled by max|v|, so no finite token overflows),
 //       the relevance dots against the prompt's unit vectors in fp32, and the unit token
 //       stored in fp16 for the greedy steps.
-//   zspa::cpu_greedy(unit16, relevance, finite, k_b, k_core, seed, k, ...) -> order
+//   zspa::cpu_greedy(visual, unit16, relevance, finite, k_b, k_core, seed, k, ...) -> order
 //       per row: core = top k_core relevance (ties: lower index), similarity to the core,
 //       then k_b - k_core dependent steps, each ONE pass over the row's fp16 tokens that
 //       updates the running max similarity and finds the next argmin in the same sweep.
+//       The queries (the core's tokens, then each pick) are fp32 unit vectors recomputed from
+//       `visual` as pass 1 computed them, so only the candidate's side of a cosine is rounded.
 //
 // Threads: rows in parallel when there are at least as many rows as threads; otherwise a row
 // larger than kSplitBytes has each pass split over token chunks, the chunk minima reduced in
@@ -18,6 +20,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <numeric>
 #include <vector>
@@ -32,7 +35,7 @@ using at::Half;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int64_t kSplitBytes = 1 << 20;  // fp16 tokens of one row above which a sweep is split (1 MB)
 
-// ---- fp16 <-> fp32 and the fp16 x fp32 dot product (fp32 accumulation) ----------------------
+// ---- fp32 -> fp16 and the fp16 x fp32 dot product (fp32 accumulation) ----------------------
 
 void to_half(const float* src, Half* dst, int64_t D) {
   int64_t d = 0;
@@ -48,17 +51,6 @@ void to_half(const float* src, Half* dst, int64_t D) {
   for (; d < D; ++d) dst[d] = Half(src[d]);
 }
 
-void to_float(const Half* src, float* dst, int64_t D) {
-  int64_t d = 0;
-#if defined(__AVX512F__)
-  for (; d + 16 <= D; d += 16)
-    _mm512_storeu_ps(dst + d, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + d))));
-#elif defined(__F16C__)
-  for (; d + 8 <= D; d += 8)
-    _mm256_storeu_ps(dst + d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d))));
-#endif
-  for (; d < D; ++d) dst[d] = static_cast<float>(src[d]);
-}
 
 // The same arithmetic for every token (fixed lane split, fixed reduction order), so equal
 // tokens get bit-identical similarities and exact ties stay exact.
@@ -127,10 +119,47 @@ void max_dots_4q(const Half* a, const float* q, int64_t D, int tokens, float* si
 
 // ---- pass 1: unit tokens, relevance, finiteness ---------------------------------------------
 
+struct UnitSpec {  // the spec's constants of a unit vector (spec.py)
+  float norm_eps;
+  int64_t scale_exp_min, scale_exp_max;
+};
+
+// row <- the fp32 unit vector of token x (zeros for a zero or non-finite token); returns whether x is
+// finite. Pass 1 stores it in fp16 and dots it with the prompt; the greedy chain recomputes its picks'
+// with the same code (not inlined: one vectorisation of its sums for both callers), so a query is
+// exactly the fp32 unit that pass 1 rounded.
+template <typename scalar_t>
+__attribute__((noinline)) bool unit_row(const scalar_t* x, int64_t D, const UnitSpec& spec, float* row) {
+  float scale = 0.f, poison = 0.f;  // poison: 0 unless some feature is NaN or +-inf (x * 0)
+  for (int64_t d = 0; d < D; ++d) row[d] = static_cast<float>(x[d]);
+#pragma omp simd reduction(max : scale) reduction(+ : poison)
+  for (int64_t d = 0; d < D; ++d) {
+    poison += row[d] * 0.f;
+    scale = std::max(scale, std::fabs(row[d]));
+  }
+  const bool is_finite = poison == 0.f;
+  // As the reference (spec.py): y = x * 2^-e with max|x| = m * 2^e (exact, e clamped to the
+  // spec's range), unit = y / max(||y||, eps * 2^-e). Neither the squares nor the norm can
+  // overflow, whatever the token's magnitude; the clamp is the spec's 1e-6 in x's units.
+  float norm = 0.f, pow2 = 1.f;  // a non-finite token becomes a zero vector; so does a zero vector
+  if (is_finite && scale > 0.f) {
+    int e = 0;
+    std::frexp(scale, &e);
+    pow2 = std::ldexp(1.f, -static_cast<int>(std::min<int64_t>(std::max<int64_t>(e, spec.scale_exp_min),
+                                                                spec.scale_exp_max)));
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t d = 0; d < D; ++d) sum += (row[d] * pow2) * (row[d] * pow2);
+    norm = std::max(std::sqrt(sum), spec.norm_eps * pow2);
+  }
+  for (int64_t d = 0; d < D; ++d) row[d] = norm > 0.f ? (row[d] * pow2) / norm : 0.f;
+  return is_finite;
+}
+
 template <typename scalar_t>
 void unit_tokens_kernel(const at::Tensor& visual, const at::Tensor& prompt_units, const at::Tensor& prompt_valid,
-                        at::Tensor& unit16, at::Tensor& relevance, at::Tensor& finite, double norm_eps,
-                        double nonfinite_relevance, int64_t scale_exp_min, int64_t scale_exp_max) {
+                        at::Tensor& unit16, at::Tensor& relevance, at::Tensor& finite, const UnitSpec& spec,
+                        double nonfinite_relevance) {
   const int64_t B = visual.size(0), N = visual.size(1), D = visual.size(2), T = prompt_units.size(1);
   const scalar_t* x = visual.data_ptr<scalar_t>();
   const float* p = prompt_units.data_ptr<float>();
@@ -142,29 +171,8 @@ void unit_tokens_kernel(const at::Tensor& visual, const at::Tensor& prompt_units
     std::vector<float> row(D);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / N;
-      float scale = 0.f, poison = 0.f;  // poison: 0 unless some feature is NaN or +-inf (x * 0)
-      for (int64_t d = 0; d < D; ++d) row[d] = static_cast<float>(x[i * D + d]);
-#pragma omp simd reduction(max : scale) reduction(+ : poison)
-      for (int64_t d = 0; d < D; ++d) {
-        poison += row[d] * 0.f;
-        scale = std::max(scale, std::fabs(row[d]));
-      }
-      const bool is_finite = poison == 0.f;
+      const bool is_finite = unit_row(x + i * D, D, spec, row.data());
       ok[i] = is_finite;
-      // As the reference (spec.py): y = x * 2^-e with max|x| = m * 2^e (exact, e clamped to the
-      // spec's range), unit = y / max(||y||, eps * 2^-e). Neither the squares nor the norm can
-      // overflow, whatever the token's magnitude; the clamp is the spec's 1e-6 in x's units.
-      float norm = 0.f, pow2 = 1.f;  // a non-finite token becomes a zero vector; so does a zero vector
-      if (is_finite && scale > 0.f) {
-        int e = 0;
-        std::frexp(scale, &e);
-        pow2 = std::ldexp(1.f, -static_cast<int>(std::min<int64_t>(std::max<int64_t>(e, scale_exp_min), scale_exp_max)));
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t d = 0; d < D; ++d) sum += (row[d] * pow2) * (row[d] * pow2);
-        norm = std::max(std::sqrt(sum), float(norm_eps) * pow2);
-      }
-      for (int64_t d = 0; d < D; ++d) row[d] = norm > 0.f ? (row[d] * pow2) / norm : 0.f;
       to_half(row.data(), u + i * D, D);
       float best = -kInf;
       bool any = false;
@@ -196,8 +204,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_unit_tokens(const at::Tensor&
   auto relevance = at::empty({visual.size(0), visual.size(1)}, visual.options().dtype(at::kFloat));
   auto finite = at::empty({visual.size(0), visual.size(1)}, visual.options().dtype(at::kBool));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, visual.scalar_type(), "cpu_unit_tokens", [&] {
-    unit_tokens_kernel<scalar_t>(visual, prompt_units, prompt_valid, unit16, relevance, finite, norm_eps,
-                                 nonfinite_relevance, scale_exp_min, scale_exp_max);
+    unit_tokens_kernel<scalar_t>(visual, prompt_units, prompt_valid, unit16, relevance, finite,
+                                 UnitSpec{float(norm_eps), scale_exp_min, scale_exp_max}, nonfinite_relevance);
   });
   return {unit16, relevance, finite};
 }
@@ -248,8 +256,13 @@ int64_t update(const Half* u, const bool* finite, float* s, const float* queries
   return best.index;
 }
 
-void greedy_row(const Half* u, const float* r, const bool* finite, const float* seed, int64_t n, int64_t D,
-                int64_t k_b, int64_t k_core, float nonfinite_similarity, int64_t* order, bool split) {
+// `unit_of(i, q)`: token i's fp32 unit vector into q (pass 1's, before its fp16 rounding). The queries
+// (the core's tokens, then each pick) stay fp32, so a similarity rounds on the candidate's side alone.
+using UnitOf = std::function<void(int64_t, float*)>;
+
+void greedy_row(const Half* u, const UnitOf& unit_of, const float* r, const bool* finite, const float* seed,
+                int64_t n, int64_t D, int64_t k_b, int64_t k_core, float nonfinite_similarity, int64_t* order,
+                bool split) {
   std::vector<float> s(n);
   std::vector<float> queries;
   int64_t next;
@@ -261,7 +274,7 @@ void greedy_row(const Half* u, const float* r, const bool* finite, const float* 
     queries.resize(k_core * D);
     for (int64_t c = 0; c < k_core; ++c) {
       order[c] = idx[c];
-      to_float(u + idx[c] * D, queries.data() + c * D, D);
+      unit_of(idx[c], queries.data() + c * D);
     }
     for (int64_t i = 0; i < n; ++i) s[i] = finite[i] ? -kInf : nonfinite_similarity;
     for (int64_t c = 0; c < k_core; ++c) s[idx[c]] = kInf;
@@ -278,17 +291,21 @@ void greedy_row(const Half* u, const float* r, const bool* finite, const float* 
     order[t] = next;
     s[next] = kInf;
     if (t + 1 == k_b) break;
-    to_float(u + next * D, queries.data(), D);
+    unit_of(next, queries.data());
     next = update(u, finite, s.data(), queries.data(), 1, n, D, split);
   }
 }
 
-at::Tensor cpu_greedy(const at::Tensor& unit16, const at::Tensor& relevance, const at::Tensor& finite,
-                      const at::Tensor& n_valid, const at::Tensor& k_b, const at::Tensor& k_core,
-                      const c10::optional<at::Tensor>& seed, int64_t k, double nonfinite_similarity) {
+at::Tensor cpu_greedy(const at::Tensor& visual, const at::Tensor& unit16, const at::Tensor& relevance,
+                      const at::Tensor& finite, const at::Tensor& n_valid, const at::Tensor& k_b,
+                      const at::Tensor& k_core, const c10::optional<at::Tensor>& seed, int64_t k,
+                      double nonfinite_similarity, double norm_eps, int64_t scale_exp_min, int64_t scale_exp_max) {
   TORCH_CHECK(unit16.scalar_type() == at::kHalf && unit16.dim() == 3 && unit16.is_contiguous(),
               "unit16: expected contiguous fp16 (B, N, D)");
+  TORCH_CHECK(visual.sizes() == unit16.sizes() && visual.is_contiguous(),
+              "visual: expected the contiguous (B, N, D) tokens unit16 was made from");
   const int64_t B = unit16.size(0), N = unit16.size(1), D = unit16.size(2);
+  const UnitSpec spec{float(norm_eps), scale_exp_min, scale_exp_max};
   for (const auto* t : {&n_valid, &k_b, &k_core})
     TORCH_CHECK(t->scalar_type() == at::kLong && t->numel() == B, "row sizes: expected int64 (B,)");
   auto order = at::full({B, k}, -1, unit16.options().dtype(at::kLong));
@@ -300,8 +317,12 @@ at::Tensor cpu_greedy(const at::Tensor& unit16, const at::Tensor& relevance, con
   int64_t* out = order.data_ptr<int64_t>();
   auto row = [&](int64_t b, bool split) {
     TORCH_CHECK(kc[b] > 0 || seeds != nullptr, "seed: needed by a row without a core");
-    greedy_row(u + b * N * D, r + b * N, ok + b * N, seeds ? seeds + b * N : nullptr, n[b], D, kb[b], kc[b],
-               float(nonfinite_similarity), out + b * k, split);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, visual.scalar_type(), "cpu_greedy", [&] {
+      const scalar_t* x = visual.data_ptr<scalar_t>() + b * N * D;
+      const UnitOf unit_of = [&](int64_t i, float* q) { unit_row(x + i * D, D, spec, q); };
+      greedy_row(u + b * N * D, unit_of, r + b * N, ok + b * N, seeds ? seeds + b * N : nullptr, n[b], D, kb[b],
+                 kc[b], float(nonfinite_similarity), out + b * k, split);
+    });
   };
   if (B >= at::get_num_threads()) {
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
@@ -322,8 +343,9 @@ at::Tensor cpu_greedy(const at::Tensor& unit16, const at::Tensor& relevance, con
 TORCH_LIBRARY_FRAGMENT(zspa, m) {
   m.def("cpu_unit_tokens(Tensor visual, Tensor prompt_units, Tensor prompt_valid, float norm_eps, "
         "float nonfinite_relevance, int scale_exp_min, int scale_exp_max) -> (Tensor, Tensor, Tensor)");
-  m.def("cpu_greedy(Tensor unit16, Tensor relevance, Tensor finite, Tensor n_valid, Tensor k_b, Tensor k_core, "
-        "Tensor? seed, int k, float nonfinite_similarity) -> Tensor");
+  m.def("cpu_greedy(Tensor visual, Tensor unit16, Tensor relevance, Tensor finite, Tensor n_valid, Tensor k_b, "
+        "Tensor k_core, Tensor? seed, int k, float nonfinite_similarity, float norm_eps, int scale_exp_min, "
+        "int scale_exp_max) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(zspa, CPU, m) {
