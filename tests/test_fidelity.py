@@ -591,3 +591,78 @@ def test_the_backend_zspa_backend_chose_is_journaled_so_a_resume_under_another_i
     capsys.readouterr()
     assert main(args) == 2
     assert "differs in backend" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("n", [1, 5, 12, 200])
+def test_each_agreement_interval_is_the_wilson_score_interval(n):
+    """Each end of the interval is a share p at which the score test's statistic |x/n - p| / sqrt(p(1-p)/n)
+    equals z (the definition, solved here by bisection rather than by the closed form), the share lies inside,
+    and the interval touches 0 (1) only when no (every) sample agrees."""
+    from statistics import NormalDist
+
+    from zspa_kernels.fidelity.report import CONFIDENCE, wilson_interval
+
+    z = NormalDist().inv_cdf(0.5 + CONFIDENCE / 2)
+    for agree in range(n + 1):
+        share = agree / n
+        excess = lambda p: abs(share - p) - z * math.sqrt(p * (1 - p) / n)  # noqa: E731  < 0 inside
+
+        def root(outside: float) -> float:  # the p between `share` (inside) and `outside` where excess is 0
+            inside = share
+            for _ in range(200):
+                mid = (inside + outside) / 2
+                inside, outside = (mid, outside) if excess(mid) < 0 else (inside, mid)
+            return (inside + outside) / 2
+
+        low, high = wilson_interval(agree, n)
+        assert low <= share <= high
+        assert low == pytest.approx(0.0 if agree == 0 else root(0.0), abs=1e-12)
+        assert high == pytest.approx(1.0 if agree == n else root(1.0), abs=1e-12)
+        assert (low == 0.0) == (agree == 0) and (high == 1.0) == (agree == n)
+    with pytest.raises(ValueError, match="n: expected at least one sample"):
+        wilson_interval(0, 0)
+
+
+def test_the_mcnemar_p_value_is_the_binomial_probability_of_a_split_as_uneven():
+    """Under no difference each discordant sample falls either way with probability 1/2: the two-sided p is the
+    probability of a split at least as uneven as the one seen, enumerated here over every split."""
+    from fractions import Fraction
+
+    from zspa_kernels.fidelity.report import mcnemar_exact_p
+
+    for a in range(16):
+        for b in range(16):
+            n = a + b
+            uneven = abs(a - b)
+            p = sum(Fraction(math.comb(n, i), 2**n) for i in range(n + 1) if abs(i - (n - i)) >= uneven)
+            assert mcnemar_exact_p(a, b) == pytest.approx(float(min(p, 1)), rel=1e-12), (a, b)
+    assert mcnemar_exact_p(0, 6) == 2 / 64  # six answers apart, all one way: p = 2 * (1/2)^6 < 0.05
+    assert mcnemar_exact_p(0, 5) > 0.05  # five all one way are not enough at 5%
+
+
+def test_a_recommendation_names_the_core_ratios_its_samples_cannot_tell_from_it():
+    """Twelve samples. Ratio 0.5 agrees on all of them, 0.25 on all but two, 1.0 on none: 0.5 is recommended,
+    0.25 cannot be told from it (two samples apart: p = 0.5), 1.0 can (twelve apart: p = 2^-11). The table shows
+    each agreement with its interval, and the recommendation line names 0.25 alone."""
+    from zspa_kernels.fidelity.report import _point_summary, markdown, recommend
+
+    n = 12
+    unpruned = {"first_tokens": [7] * n, "answers": [[7, 1]] * n, "prefill_ms": 10.0, "kv_cache_bytes": 1000 * n}
+
+    def point(ratio: float, agree: int) -> dict:
+        answers = [[7, 1]] * agree + [[7, 2]] * (n - agree)
+        return _point_summary({"keep": 64, "core_ratio": ratio, "first_tokens": [7] * n, "answers": answers,
+                               "kl": [0.01] * n, "prefill_ms": 5.0, "kv_cache_bytes": 100 * n,
+                               "visual_tokens": 576 * n, "visual_tokens_kept": 64 * n}, unpruned)
+
+    points = [point(0.25, n - 2), point(0.5, n), point(1.0, 0)]
+    (rec,) = recommend(points)
+    assert rec["core_ratio"] == 0.5 and rec["not_distinguished"] == [0.25]
+    assert points[2]["answer_agreement_interval"] == [0.0, pytest.approx(0.2425, abs=1e-4)]
+    summary = {"run": {"model": "m", "samples": ["s"] * n, "new_tokens": 2, "batch_size": 4, "dtype": "float32",
+                       "environment": {"device": "cpu", "torch": "x"}, "backend": "auto", "started": "t"},
+               "unpruned": {"prefill_ms": 10.0, "kv_cache_bytes_per_sample": 1000.0}, "points": points,
+               "recommendations": [rec]}
+    text = markdown(summary)
+    assert "| 0.83 [0.55, 0.95] |" in text and "| 0.00 [0.00, 0.24] |" in text
+    assert "core_ratio=0.5, tokenizer=processor)` (these samples cannot tell it from core ratio 0.25)" in text

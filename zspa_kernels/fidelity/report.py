@@ -1,15 +1,45 @@
 """What a fidelity run found, rebuilt from its journal alone (so a resumed run writes the
 same report): the summary JSON, a markdown table, a heatmap, and the ``prune(...)`` call
-recommended for each budget."""
+recommended for each budget.
+
+An agreement is a share of a few samples, so each comes with its 95% Wilson score interval, and
+each recommendation names the other core ratios of its budget that these samples cannot tell from
+it: an exact McNemar test on the samples where exactly one of the two answers agrees with the
+unpruned one (paired: the same samples, the same unpruned answers), two-sided at 5%."""
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import statistics
 
 from .grid import Journal, keep_key
 
 FILES = ("fidelity.json", "fidelity.md", "fidelity.png")
+CONFIDENCE = 0.95  # of the agreements' intervals; the McNemar test's level is 1 - CONFIDENCE
+
+
+def wilson_interval(agree: int, n: int, confidence: float = CONFIDENCE) -> list[float]:
+    """The Wilson score interval of a share ``agree / n``: unlike the normal approximation it stays
+    inside [0, 1] and is not empty at 0 or n agreements, which few samples often give."""
+    if n < 1:
+        raise ValueError(f"n: expected at least one sample, got {n}")
+    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
+    share, z2 = agree / n, z * z
+    centre = (share + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(share * (1 - share) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    # At 0 (n) agreements the lower (upper) end is exactly 0 (1); the formula leaves rounding there.
+    return [0.0 if agree == 0 else centre - half, 1.0 if agree == n else centre + half]
+
+
+def mcnemar_exact_p(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value for paired outcomes: ``only_a`` samples agree under a and not b,
+    ``only_b`` the reverse (samples where both or neither agree say nothing about which is better)."""
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2**n
+    return min(1.0, 2 * tail)
 
 
 def _point_summary(record: dict, unpruned: dict) -> dict:
@@ -19,7 +49,9 @@ def _point_summary(record: dict, unpruned: dict) -> dict:
     return {
         "keep": record["keep"], "core_ratio": record["core_ratio"],
         "first_token_agreement": sum(first) / n,
+        "first_token_agreement_interval": wilson_interval(sum(first), n),
         "answer_agreement": sum(answer) / n,
+        "answer_agreement_interval": wilson_interval(sum(answer), n),
         "kl_mean": statistics.fmean(record["kl"]), "kl_max": max(record["kl"]),
         "prefill_ms": record["prefill_ms"],
         "prefill_speedup": unpruned["prefill_ms"] / record["prefill_ms"],
@@ -39,20 +71,31 @@ def prune_call(keep, core_ratio: float, tokenizer: bool = True) -> str:
     return f"zspa_kernels.prune(model, keep={keep}, core_ratio={core_ratio}{extra})"
 
 
+def answers_apart_p(a: dict, b: dict) -> float:
+    """:func:`mcnemar_exact_p` of two grid points' answer agreements, sample by sample."""
+    pairs = [(x["answer_agrees"], y["answer_agrees"]) for x, y in zip(a["per_sample"], b["per_sample"])]
+    return mcnemar_exact_p(sum(x and not y for x, y in pairs), sum(y and not x for x, y in pairs))
+
+
 def recommend(points: list[dict], tokenizer: bool = True) -> list[dict]:
     """Per budget, the core ratio whose greedy answers agree most with the unpruned ones;
     ties go to first-token agreement, then to the lower mean KL. ``tokenizer``: whether the run pruned with
-    ``prune(..., tokenizer=)`` (the calls say so)."""
-    best = {}
+    ``prune(..., tokenizer=)`` (the calls say so). ``not_distinguished``: the budget's other core ratios whose
+    answer agreement the exact McNemar test does not tell from the recommended one's (p >= 1 - CONFIDENCE)."""
+    best, budget = {}, {}
     for p in points:
         rank = (p["answer_agreement"], p["first_token_agreement"], -p["kl_mean"])
         key = keep_key(p["keep"])
+        budget.setdefault(key, []).append(p)
         if key not in best or rank > best[key][0]:
             best[key] = (rank, p)
     return [{"keep": p["keep"], "core_ratio": p["core_ratio"], "call": prune_call(p["keep"], p["core_ratio"], tokenizer),
-             "answer_agreement": p["answer_agreement"], "first_token_agreement": p["first_token_agreement"],
-             "kl_mean": p["kl_mean"], "prefill_speedup": p["prefill_speedup"]}
-            for _, p in best.values()]
+             "answer_agreement": p["answer_agreement"], "answer_agreement_interval": p["answer_agreement_interval"],
+             "first_token_agreement": p["first_token_agreement"], "kl_mean": p["kl_mean"],
+             "prefill_speedup": p["prefill_speedup"],
+             "not_distinguished": [q["core_ratio"] for q in budget[key]
+                                   if q is not p and answers_apart_p(p, q) >= 1 - CONFIDENCE]}
+            for key, (_, p) in best.items()]
 
 
 def summarise(journal: Journal) -> dict:
@@ -90,6 +133,8 @@ def markdown(summary: dict) -> str:
         f"Unpruned: prefill {base['prefill_ms']:.1f} ms for all samples, KV cache "
         f"{_bytes(base['kv_cache_bytes_per_sample'])} per sample.",
         "",
+        f"Agreements: the share of the {n} samples, [its {CONFIDENCE:.0%} Wilson interval].",
+        "",
         "| keep | core ratio | visual tokens kept | first token agrees | answer agrees | KL mean | KL max "
         "| prefill | speed-up | KV cache / sample | smaller |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -97,12 +142,24 @@ def markdown(summary: dict) -> str:
     for p in summary["points"]:
         lines.append(
             f"| {p['keep']} | {p['core_ratio']} | {p['visual_tokens_kept_per_sample']:.0f} of "
-            f"{p['visual_tokens_per_sample']:.0f} | {p['first_token_agreement']:.2f} | {p['answer_agreement']:.2f} "
+            f"{p['visual_tokens_per_sample']:.0f} | {_share(p, 'first_token_agreement')} "
+            f"| {_share(p, 'answer_agreement')} "
             f"| {p['kl_mean']:.3g} | {p['kl_max']:.3g} | {p['prefill_ms']:.1f} ms | {p['prefill_speedup']:.2f}x "
             f"| {_bytes(p['kv_cache_bytes_per_sample'])} | {p['kv_cache_ratio']:.1f}x |")
-    lines += ["", "Recommended per budget (best answer agreement, then first token, then lowest KL):", ""]
-    lines += [f"- keep {r['keep']}: `{r['call']}`" for r in summary["recommendations"]]
+    lines += ["", "Recommended per budget (best answer agreement, then first token, then lowest KL; the core ratios "
+              f"these samples cannot tell from it: exact McNemar test on the answers, p >= {1 - CONFIDENCE:.2g}):", ""]
+    lines += [f"- keep {r['keep']}: `{r['call']}`" + _not_distinguished(r) for r in summary["recommendations"]]
     return "\n".join(lines) + "\n"
+
+
+def _share(point: dict, key: str) -> str:
+    low, high = point[f"{key}_interval"]
+    return f"{point[key]:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def _not_distinguished(recommendation: dict) -> str:
+    others = recommendation.get("not_distinguished") or []
+    return f" (these samples cannot tell it from core ratio {', '.join(str(c) for c in others)})" if others else ""
 
 
 def heat_cells(points: list[dict]) -> tuple[list[str], list[float], list[tuple[int, int]]]:
