@@ -266,7 +266,8 @@ def measure_pass(model, batches: Sequence[list], encode: Callable[[list], dict],
         if handle is not None:
             kept += sum(s.order.shape[0] for s in handle.last_selection)
             visual += sum(s.n_tokens for s in handle.last_selection)
-        step = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        # The prefill's next-token distribution, unless generate() forces that token (then its own, below).
+        step = None if forced else torch.log_softmax(out.logits[:, -1].float(), dim=-1)
         del out
         # No forced end-of-sequence at the length cap (BART's forced_eos_token_id, Florence-2's): an answer
         # ends where the model ends it, or after new_tokens tokens of its own.
