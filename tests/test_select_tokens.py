@@ -70,6 +70,35 @@ def test_budget_larger_than_row_keeps_every_token_and_pads(backend):
     assert kept.tolist() == [[0, 1, 2, 3, 4, -1, -1, -1, -1], [0, 1, -1, -1, -1, -1, -1, -1, -1]]
 
 
+def test_a_long_token_whose_squares_round_away_keeps_its_relevance(backend):
+    """D = 16384. Token 0 is 0.8 followed by values whose squares are each just under half an fp32 ulp of
+    0.64: a sum of squares that runs long in fp32 (one SIMD lane, or a library norm) loses each of them,
+    its norm ends 2.4e-5 to 4.8e-5 low and its relevance to the prompt e_0 as much high. Token 1 is truly
+    3e-5 more relevant (past spec.CORE_TOLERANCE, 2e-5): with core_ratio 1 and k = 1 each backend whose
+    norms are its own sums keeps 1 (spec.CORE_TOLERANCE says why not cuda's, from its Gram's diagonal)."""
+    import math
+
+    from zspa_kernels.spec import CORE_TOLERANCE
+
+    if backend == "cuda":
+        pytest.skip("the cuda backend's norms are its cuBLAS Gram's diagonal: a K loop this package does not order")
+
+    D = 16384
+    tiny = math.sqrt(0.5 * 2.0**-24 * 0.999)
+    x0 = torch.full((D,), tiny, dtype=torch.float64)
+    x0[0] = 0.8
+    relevance0 = 0.8 / x0.norm().item()
+    c = relevance0 + 3e-5
+    x1 = torch.zeros(D, dtype=torch.float64)
+    x1[0], x1[1] = c, math.sqrt(1 - c * c)
+    visual = torch.stack([x0, x1]).float()[None]
+    prompt = torch.zeros(1, D)
+    prompt[0, 0] = 1.0
+    exact = torch.nn.functional.cosine_similarity(visual[0].double(), prompt.double(), dim=-1)
+    assert exact[1] - exact[0] > CORE_TOLERANCE  # the float32 inputs keep the gap
+    assert _run_simple(visual, prompt, 1, backend, core_ratio=1.0, pick_order=True).tolist() == [[1]]
+
+
 def test_core_ratio_one_is_top_k_relevance(backend):
     g = torch.Generator().manual_seed(3)
     visual, prompt = torch.randn(1, 50, 16, generator=g), torch.randn(1, 16, generator=g)

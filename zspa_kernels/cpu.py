@@ -12,7 +12,8 @@ Floor: ``(g + 2)`` reads of ``2·n·D`` bytes at the bandwidth of the cache leve
 them; the steps dominate (31 at LLaVA-1.5 with k=64), so the per-step latency does. The
 PyTorch loops it replaces read fp32 tokens (twice the bytes) through several kernels per step.
 
-Precision: relevance and the core's order are fp32 like the reference (``spec.CORE_TOLERANCE``); the
+Precision: relevance and the core's order are fp32 like the reference (``spec.CORE_TOLERANCE``; the norm's
+and the relevance's sums run in double, so that no fp32 accumulator runs D/16 terms long); the
 isolation seed (a row without a core) and the greedy similarities are fp32-accumulated dots of a
 candidate's fp16-rounded unit vector with a query's fp32 one (the core's tokens, then each pick,
 recomputed from ``visual`` by pass 1's arithmetic: ``D`` operations a step beside the sweep's ``n·D``).

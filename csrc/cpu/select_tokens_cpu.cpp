@@ -147,10 +147,12 @@ __attribute__((noinline)) bool unit_row(const scalar_t* x, int64_t D, const Unit
     std::frexp(scale, &e);
     pow2 = std::ldexp(1.f, -static_cast<int>(std::min<int64_t>(std::max<int64_t>(e, spec.scale_exp_min),
                                                                 spec.scale_exp_max)));
-    float sum = 0.f;
+    // The squares (exact in double) summed in double: an fp32 sum over D/16 terms a lane could drift
+    // ~D/16 half-ulps on an adversarial token (2.4e-5 at D = 16384, past spec.CORE_TOLERANCE).
+    double sum = 0.0;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t d = 0; d < D; ++d) sum += (row[d] * pow2) * (row[d] * pow2);
-    norm = std::max(std::sqrt(sum), spec.norm_eps * pow2);
+    for (int64_t d = 0; d < D; ++d) sum += double(row[d] * pow2) * double(row[d] * pow2);
+    norm = std::max(static_cast<float>(std::sqrt(sum)), spec.norm_eps * pow2);
   }
   for (int64_t d = 0; d < D; ++d) row[d] = norm > 0.f ? (row[d] * pow2) / norm : 0.f;
   return is_finite;
@@ -180,10 +182,10 @@ void unit_tokens_kernel(const at::Tensor& visual, const at::Tensor& prompt_units
         if (!valid[b * T + t]) continue;
         any = true;
         const float* pt = p + (b * T + t) * D;
-        float s = 0.f;
+        double s = 0.0;  // in double, as the norm: the relevance ranks the core to spec.CORE_TOLERANCE
 #pragma omp simd reduction(+ : s)
-        for (int64_t d = 0; d < D; ++d) s += row[d] * pt[d];
-        best = std::max(best, s);
+        for (int64_t d = 0; d < D; ++d) s += double(row[d]) * double(pt[d]);
+        best = std::max(best, static_cast<float>(s));
       }
       r[i] = !is_finite ? float(nonfinite_relevance) : (any ? best : 0.f);
     }
