@@ -47,7 +47,7 @@ def test_a_greedy_pick_between_two_roundings_stays_within_twice_one_cosines_boun
     form the core (the prompt is e_9), token 2 lies near 0 with its fp16 units rounded down, token 3
     near 1 with its rounded up. The one greedy step compares 2's similarity to the core (~0.9 * 2^-11 low)
     with 3's (~0.9 * 2^-11 high); the queries (the core) are fp32. Each cosine keeps 2^-11; the pick,
-    comparing two, is held to 2^-10 (PICK_TOLERANCE).
+    comparing two, is held to 2^-10 plus the dots' own rounding (PICK_TOLERANCE).
     First case (fp64 gap 1.8 * 2^-10): fp16 queries picked 2 here, 1.8 * 2^-10 from the best; fp32 queries
     pick 3, the best. Second case (core token 1 moved, so that 3 is the best by 1.57 * 2^-11): the cpu
     backend picks 2, past 2^-11 from the best (a bound of 2^-11 would be wrong) and within 2^-10."""
@@ -70,7 +70,61 @@ def test_a_greedy_pick_between_two_roundings_stays_within_twice_one_cosines_boun
     assert sorted(order[:2]) == [0, 1] and order[2] == picked
     gap = row.redundancy(order[2], order[:2]) - min(row.redundancy(i, order[:2]) for i in (2, 3))
     low, high = gap_in_2_11
-    assert low * 2.0**-11 <= gap <= high * 2.0**-11 and gap < PICK_TOLERANCE["cpu"] == 2.0**-10, gap / 2.0**-11
+    assert low * 2.0**-11 <= gap <= high * 2.0**-11 and gap < PICK_TOLERANCE["cpu"], gap / 2.0**-11
+
+
+def _long_tails_case(q1_shrink: float):
+    """D = 16384: core tokens Q0, Q1 (the prompt is e_15) and candidates A (near Q0, fp16 units rounded down)
+    and C (near Q1, rounded up), their large components on features 0-13 just off fp16 midpoints, then on
+    the same features mod 16 long tails whose products with the queries are just under half an fp32 ulp
+    of each lane's first product: a lane summing D/16 of them in fp32 loses them all."""
+    import math
+
+    import numpy as np
+
+    D, lanes = 16384, 14
+    exps = np.array([-1] * 3 + [-2] * 3 + [-3] * 3 + [-4] * 3 + [-5] * 2, dtype=np.float64)
+    mag = 2.0**exps
+    tails = np.arange(16, D)
+    on = tails[tails % 16 < lanes]
+    t = np.zeros(D)
+    t[on] = (math.sqrt(0.99) * 2.0**exps[on % 16] * 2.0**-12).astype(np.float16).astype(np.float64)
+    sign1 = np.ones(lanes)
+    sign1[[0, 3, 6, 9]] = -1
+
+    def vector(big, sign, tail_sign, fill=None):
+        v = np.zeros(D)
+        v[:lanes] = big * sign
+        v[on] = tail_sign * t[on]
+        if fill is not None:  # unit length through feature 14, which the queries lack
+            v[fill] = math.sqrt(1 - (v**2).sum())
+        return v
+
+    a = vector(mag * (1 + 0.499 * 2.0**-10), 1.0, 1.0, fill=14)
+    c = vector(mag * (1 + 0.501 * 2.0**-10), sign1, -1.0, fill=14)
+    q0 = vector(mag, 1.0, 1.0)
+    q1 = vector(mag, sign1, 1.0) * q1_shrink
+    q0[15] = q1[15] = 2.0**-7
+    q1[31] = math.sqrt(max(0.0, 1 - (q1**2).sum()))
+    q0, q1 = q0 / np.linalg.norm(q0), q1 / np.linalg.norm(q1)
+    prompt = torch.zeros(1, D)
+    prompt[0, 15] = 1.0
+    return torch.tensor(np.stack([q0, q1, a, c]), dtype=torch.float32)[None], prompt
+
+
+def test_a_pick_between_long_tails_of_tiny_products_stays_within_the_bound():
+    """Candidates A and C 1.1 * 2^-10 apart in fp64 (past PICK_TOLERANCE["cpu"] = 2^-10 + 2^-16), A the
+    more redundant. Lanes that summed D/16 products in fp32 lost the tails and picked A; lanes folded into
+    double every 64 products pick C, and every pick replays against fp64."""
+    from fp64_oracle import Row
+
+    visual, prompt = _long_tails_case(0.99995)
+    order = select_tokens_cpu(visual, prompt, 3, 0.6, None, None, "mean", True)[0].tolist()
+    row = Row(visual[0].numpy(), prompt[0].numpy(), None, 4, 3, 0.6, "mean")
+    gap = row.redundancy(2, [0, 1]) - row.redundancy(3, [0, 1])
+    assert PICK_TOLERANCE["cpu"] < gap < 1.2 * 2.0**-10, gap / 2.0**-10
+    assert sorted(order[:2]) == [0, 1] and order[2] == 3
+    replay(row, order, TOLERANCE["cpu"][torch.float32])
 
 
 def test_well_separated_tokens_pick_exactly_what_the_reference_picks():

@@ -14,16 +14,21 @@ PyTorch loops it replaces read fp32 tokens (twice the bytes) through several ker
 
 Precision: relevance and the core's order are fp32 like the reference (``spec.CORE_TOLERANCE``; the norm's
 and the relevance's sums run in double, so that no fp32 accumulator runs D/16 terms long); the
-isolation seed (a row without a core) and the greedy similarities are fp32-accumulated dots of a
-candidate's fp16-rounded unit vector with a query's fp32 one (the core's tokens, then each pick,
-recomputed from ``visual`` by pass 1's arithmetic: ``D`` operations a step beside the sweep's ``n·D``).
-Each fp16 unit component is off by at most 2^-11 relative, so a cosine is off by at most
-``2^-11·Σ|a_i b_i| <= 2^-11``. A pick compares two such scores (each a running max of cosines, off by
-no more than they are), one perhaps 2^-11 low and the other 2^-11 high, so a pick may differ from
-fp64 only between candidates whose scores are within 2^-10, :data:`GREEDY_TOLERANCE` (the tests
-replay every pick against fp64; one test's tokens sit at fp16 rounding midpoints so that a pick lands
-past 2^-11 from the best). With both sides rounded (this backend's queries until 2026-12-07) the bound
-was twice that: fp16 queries picked 1.8·2^-10 from the best in a case that a test holds right now.
+isolation seed (a row without a core) and the greedy similarities are dots of a candidate's fp16-rounded
+unit vector with a query's fp32 one (the core's tokens, then each pick, recomputed from ``visual`` by
+pass 1's arithmetic: ``D`` operations a step beside the sweep's ``n·D``). Each fp16 unit component is off
+by at most 2^-11 relative, so a cosine is off by at most ``2^-11·Σ|a_i b_i| <= 2^-11`` to first order.
+The dots' own rounding adds at most ``66·2^-24`` (an fp32 lane sums at most 64 exact FMA products before
+its sum moves to a double lane, then one rounding to fp32). The isolation seed's ``N²`` cosines are an fp32
+BLAS GEMM instead, whose K loop rounds in the library's order: there the bound holds to first order, with
+that GEMM's rounding (``~sqrt(D)·2^-24`` on real features) beside it.
+A pick compares two such scores (each a running max of cosines, off by no more than they are), one
+perhaps low and the other high, so it may differ from fp64 only between candidates whose scores are
+within ``2^-10 + 2^-16``, :data:`GREEDY_TOLERANCE`. The tests replay every pick against fp64: one test's
+tokens sit at fp16 rounding midpoints so that a pick lands past 2^-11 from the best; another's have long
+tails of tiny products, which lanes summing D/16 terms in fp32 lost (a pick 1.1·2^-10 from the best).
+With both sides rounded (this backend's queries until 2026-12-07) the first-order bound was twice that:
+fp16 queries picked 1.8·2^-10 from the best in a case that a test holds right now.
 
 Threads: rows in parallel when ``B`` is at least the thread count, else each sweep is split
 over token chunks (``at::parallel_for``). The kernels compile on first use, with one line on
@@ -41,7 +46,7 @@ from .reference import (Scaled, ascending_from_order, isolation_scores, mean_poo
 from .spec import (NONFINITE_RELEVANCE, NONFINITE_SIMILARITY, NORM_EPS, PICK_TOLERANCE, SCALE_EXP_MAX, SCALE_EXP_MIN,
                    may_need_isolation)
 
-GREEDY_TOLERANCE = PICK_TOLERANCE["cpu"]  # 2^-10: the bound derived above
+GREEDY_TOLERANCE = PICK_TOLERANCE["cpu"]  # 2^-10 + 2^-16: the bound derived above
 _unavailable: list[str] = []
 
 
@@ -109,18 +114,20 @@ def select_tokens_cpu(
     B, N, _ = visual.shape
     p_hat, p_valid = prompt_units(prompt, prompt_mask, relevance)
     visual = visual.contiguous()
-    unit16, scores, finite = torch.ops.zspa.cpu_unit_tokens(visual, p_hat, p_valid, NORM_EPS,
-                                                            NONFINITE_RELEVANCE, SCALE_EXP_MIN, SCALE_EXP_MAX)
+    isolation = may_need_isolation(k, core_ratio, N, lengths is not None)  # a row may start from its most isolated token
+    unit16, scores, finite, unit32 = torch.ops.zspa.cpu_unit_tokens(visual, p_hat, p_valid, NORM_EPS, NONFINITE_RELEVANCE,
+                                                                    SCALE_EXP_MIN, SCALE_EXP_MAX, isolation)
     n = torch.full((B,), N, dtype=torch.long) if lengths is None else lengths.long().clamp(1, N)
     k_b, k_core = row_budgets(k, core_ratio, n, N)
     seed = None
-    if may_need_isolation(k, core_ratio, N, lengths is not None):  # a row may start from its most isolated token
-        units = unit16.float()  # already unit rows: norms of one; against fp32 ones, as the greedy steps
-        ones = torch.ones_like(units[..., :1])
-        seed = isolation_scores(Scaled(units, ones, finite), finite & (torch.arange(N) < n.unsqueeze(1)),
-                                products=_matmul, against=Scaled(unit_rows(visual), ones, finite))
-        # The N² products by BLAS (the reference's fixed-order sums cost ~25x here), which rounds an output by
-        # its position: copies of a token take their first copy's seed, so that their exact tie stays exact.
+    if isolation:
+        # Cosines of the fp16 unit tokens with the fp32 ones (pass 1's, as the greedy steps' queries), by an
+        # fp32 BLAS GEMM (in double it took 2.3x as long at LLaVA-1.5's shape), whose K loop rounds in the
+        # library's order. BLAS rounds an output by its position (the reference's fixed-order sums cost
+        # ~25x here): copies of a token take their first copy's seed, so that their exact tie stays exact.
+        ones = torch.ones(B, N, 1)
+        seed = isolation_scores(Scaled(unit16.float(), ones, finite), finite & (torch.arange(N) < n.unsqueeze(1)),
+                                products=_matmul, against=Scaled(unit32, ones, finite))
         seed = seed.gather(1, first_copies(torch.cat([unit16, (~finite).unsqueeze(-1).to(unit16.dtype)], -1)))
         seed.masked_fill_(~finite, NONFINITE_SIMILARITY)
     order = torch.ops.zspa.cpu_greedy(visual, unit16, scores, finite, n, k_b, k_core, seed, k, NONFINITE_SIMILARITY,

@@ -1,6 +1,6 @@
 // CPU kernels of the ZSPAPrune selection (SPEC §1), driven by zspa_kernels/cpu.py.
 //
-//   zspa::cpu_unit_tokens(visual, prompt_units, prompt_valid, ...) -> (unit16, relevance, finite)
+//   zspa::cpu_unit_tokens(visual, prompt_units, prompt_valid, ...) -> (unit16, relevance, finite, unit32)
 //       one pass over the tokens: fp32 norm (scaled by max|v|, so no finite token overflows),
 //       the relevance dots against the prompt's unit vectors in fp32, and the unit token
 //       stored in fp16 for the greedy steps.
@@ -35,7 +35,7 @@ using at::Half;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int64_t kSplitBytes = 1 << 20;  // fp16 tokens of one row above which a sweep is split (1 MB)
 
-// ---- fp32 -> fp16 and the fp16 x fp32 dot product (fp32 accumulation) ----------------------
+// ---- fp32 -> fp16 and the fp16 x fp32 dot product (fp32 lanes folded into double) -----------
 
 void to_half(const float* src, Half* dst, int64_t D) {
   int64_t d = 0;
@@ -52,37 +52,63 @@ void to_half(const float* src, Half* dst, int64_t D) {
 }
 
 
-// The same arithmetic for every token (fixed lane split, fixed reduction order), so equal
-// tokens get bit-identical similarities and exact ties stay exact.
+// Summation: each fp32 lane adds at most kFold / (lanes) products (FMA: each product exact) before its
+// sum moves to a double lane, so a cosine's fp32 accumulation error stays below (64 + 1)·2^-24 whatever D
+// (a lane that ran D/16 terms in fp32 could drop every small product on an adversarial token).
+constexpr int64_t kFold = 1024;
+
+#if defined(__AVX512F__)
+inline void fold16(__m512 acc, __m512d* sum) {  // sum[0..1] += the 16 lanes of acc, in double
+  sum[0] = _mm512_add_pd(sum[0], _mm512_cvtps_pd(_mm512_castps512_ps256(acc)));
+  sum[1] = _mm512_add_pd(sum[1], _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1))));
+}
+#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+inline void fold8(__m256 acc, __m256d* sum) {  // sum[0..1] += the 8 lanes of acc, in double
+  sum[0] = _mm256_add_pd(sum[0], _mm256_cvtps_pd(_mm256_castps256_ps128(acc)));
+  sum[1] = _mm256_add_pd(sum[1], _mm256_cvtps_pd(_mm256_extractf128_ps(acc, 1)));
+}
+#endif
+
+// The same arithmetic for every token (fixed lane split, fixed fold points, fixed reduction order),
+// so equal tokens get bit-identical similarities and exact ties stay exact.
 float dot(const Half* a, const float* b, int64_t D) {
   int64_t d = 0;
-  float tail = 0.f;
+  double total = 0.0;
 #if defined(__AVX512F__)
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-  for (; d + 32 <= D; d += 32) {
-    acc0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + d))),
-                           _mm512_loadu_ps(b + d), acc0);
-    acc1 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + d + 16))),
-                           _mm512_loadu_ps(b + d + 16), acc1);
+  __m512d sum[2] = {_mm512_setzero_pd(), _mm512_setzero_pd()};
+  while (d + 32 <= D) {
+    const int64_t stop = d + std::min<int64_t>(kFold, (D - d) / 32 * 32);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    for (; d < stop; d += 32) {
+      acc0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + d))),
+                             _mm512_loadu_ps(b + d), acc0);
+      acc1 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + d + 16))),
+                             _mm512_loadu_ps(b + d + 16), acc1);
+    }
+    fold16(acc0, sum);
+    fold16(acc1, sum);
   }
-  for (; d + 16 <= D; d += 16)
-    acc0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + d))),
-                           _mm512_loadu_ps(b + d), acc0);
-  tail = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  total = _mm512_reduce_add_pd(_mm512_add_pd(sum[0], sum[1]));
 #elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  for (; d + 16 <= D; d += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + d))),
-                           _mm256_loadu_ps(b + d), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + d + 8))),
-                           _mm256_loadu_ps(b + d + 8), acc1);
+  __m256d sum[2] = {_mm256_setzero_pd(), _mm256_setzero_pd()};
+  while (d + 16 <= D) {
+    const int64_t stop = d + std::min<int64_t>(kFold, (D - d) / 16 * 16);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (; d < stop; d += 16) {
+      acc0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + d))),
+                             _mm256_loadu_ps(b + d), acc0);
+      acc1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + d + 8))),
+                             _mm256_loadu_ps(b + d + 8), acc1);
+    }
+    fold8(acc0, sum);
+    fold8(acc1, sum);
   }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, _mm256_add_ps(acc0, acc1));
-  for (float lane : lanes) tail += lane;
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, _mm256_add_pd(sum[0], sum[1]));
+  for (double lane : lanes) total += lane;
 #endif
-  for (; d < D; ++d) tail += static_cast<float>(a[d]) * b[d];
-  return tail;
+  for (; d < D; ++d) total += static_cast<double>(static_cast<float>(a[d])) * b[d];  // exact products
+  return static_cast<float>(total);
 }
 
 // sims[t] = max(sims[t], a_t . q_0, ..., a_t . q_3) for `tokens` (1 or 4) consecutive fp16 rows a_t
@@ -92,24 +118,32 @@ float dot(const Half* a, const float* b, int64_t D) {
 void max_dots_4q(const Half* a, const float* q, int64_t D, int tokens, float* sims) {
 #if defined(__AVX512F__)
   constexpr int kT = 4;
-  __m512 acc[kT][4];
+  __m512d sum[kT][4][2];
   for (int t = 0; t < kT; ++t)
-    for (int r = 0; r < 4; ++r) acc[t][r] = _mm512_setzero_ps();
+    for (int r = 0; r < 4; ++r) sum[t][r][0] = sum[t][r][1] = _mm512_setzero_pd();
   int64_t d = 0;
-  for (; d + 16 <= D; d += 16) {
-    __m512 x[kT];
-    for (int t = 0; t < tokens; ++t)
-      x[t] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + t * D + d)));
-    for (int r = 0; r < 4; ++r) {
-      const __m512 y = _mm512_loadu_ps(q + r * D + d);
-      for (int t = 0; t < tokens; ++t) acc[t][r] = _mm512_fmadd_ps(x[t], y, acc[t][r]);
+  while (d + 16 <= D) {
+    const int64_t stop = d + std::min<int64_t>(kFold, (D - d) / 16 * 16);
+    __m512 acc[kT][4];
+    for (int t = 0; t < kT; ++t)
+      for (int r = 0; r < 4; ++r) acc[t][r] = _mm512_setzero_ps();
+    for (; d < stop; d += 16) {
+      __m512 x[kT];
+      for (int t = 0; t < tokens; ++t)
+        x[t] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + t * D + d)));
+      for (int r = 0; r < 4; ++r) {
+        const __m512 y = _mm512_loadu_ps(q + r * D + d);
+        for (int t = 0; t < tokens; ++t) acc[t][r] = _mm512_fmadd_ps(x[t], y, acc[t][r]);
+      }
     }
+    for (int t = 0; t < tokens; ++t)
+      for (int r = 0; r < 4; ++r) fold16(acc[t][r], sum[t][r]);
   }
   for (int t = 0; t < tokens; ++t)
     for (int r = 0; r < 4; ++r) {
-      float sum = _mm512_reduce_add_ps(acc[t][r]);
-      for (int64_t e = d; e < D; ++e) sum += static_cast<float>(a[t * D + e]) * q[r * D + e];
-      sims[t] = std::max(sims[t], sum);
+      double total = _mm512_reduce_add_pd(_mm512_add_pd(sum[t][r][0], sum[t][r][1]));
+      for (int64_t e = d; e < D; ++e) total += static_cast<double>(static_cast<float>(a[t * D + e])) * q[r * D + e];
+      sims[t] = std::max(sims[t], static_cast<float>(total));
     }
 #else
   for (int t = 0; t < tokens; ++t)
@@ -160,8 +194,8 @@ __attribute__((noinline)) bool unit_row(const scalar_t* x, int64_t D, const Unit
 
 template <typename scalar_t>
 void unit_tokens_kernel(const at::Tensor& visual, const at::Tensor& prompt_units, const at::Tensor& prompt_valid,
-                        at::Tensor& unit16, at::Tensor& relevance, at::Tensor& finite, const UnitSpec& spec,
-                        double nonfinite_relevance) {
+                        at::Tensor& unit16, at::Tensor& relevance, at::Tensor& finite, float* unit32,
+                        const UnitSpec& spec, double nonfinite_relevance) {
   const int64_t B = visual.size(0), N = visual.size(1), D = visual.size(2), T = prompt_units.size(1);
   const scalar_t* x = visual.data_ptr<scalar_t>();
   const float* p = prompt_units.data_ptr<float>();
@@ -176,6 +210,7 @@ void unit_tokens_kernel(const at::Tensor& visual, const at::Tensor& prompt_units
       const bool is_finite = unit_row(x + i * D, D, spec, row.data());
       ok[i] = is_finite;
       to_half(row.data(), u + i * D, D);
+      if (unit32) std::copy(row.begin(), row.end(), unit32 + i * D);
       float best = -kInf;
       bool any = false;
       for (int64_t t = 0; t < T; ++t) {
@@ -192,10 +227,10 @@ void unit_tokens_kernel(const at::Tensor& visual, const at::Tensor& prompt_units
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_unit_tokens(const at::Tensor& visual, const at::Tensor& prompt_units,
-                                                               const at::Tensor& prompt_valid, double norm_eps,
-                                                               double nonfinite_relevance, int64_t scale_exp_min,
-                                                               int64_t scale_exp_max) {
+// `keep_units`: also return the fp32 unit tokens (the isolation seed's fp32 side); else an empty tensor.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_unit_tokens(
+    const at::Tensor& visual, const at::Tensor& prompt_units, const at::Tensor& prompt_valid, double norm_eps,
+    double nonfinite_relevance, int64_t scale_exp_min, int64_t scale_exp_max, bool keep_units) {
   TORCH_CHECK(visual.dim() == 3 && visual.is_contiguous(), "visual: expected a contiguous (B, N, D) tensor");
   TORCH_CHECK(prompt_units.scalar_type() == at::kFloat && prompt_units.is_contiguous() &&
                   prompt_units.size(0) == visual.size(0) && prompt_units.size(2) == visual.size(2),
@@ -205,11 +240,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_unit_tokens(const at::Tensor&
   auto unit16 = at::empty(visual.sizes(), visual.options().dtype(at::kHalf));
   auto relevance = at::empty({visual.size(0), visual.size(1)}, visual.options().dtype(at::kFloat));
   auto finite = at::empty({visual.size(0), visual.size(1)}, visual.options().dtype(at::kBool));
+  auto unit32 = at::empty(keep_units ? visual.sizes() : at::IntArrayRef{0}, visual.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, visual.scalar_type(), "cpu_unit_tokens", [&] {
     unit_tokens_kernel<scalar_t>(visual, prompt_units, prompt_valid, unit16, relevance, finite,
+                                 keep_units ? unit32.data_ptr<float>() : nullptr,
                                  UnitSpec{float(norm_eps), scale_exp_min, scale_exp_max}, nonfinite_relevance);
   });
-  return {unit16, relevance, finite};
+  return {unit16, relevance, finite, unit32};
 }
 
 // ---- pass 2: core, then the greedy chain ------------------------------------------------------
@@ -344,7 +381,8 @@ at::Tensor cpu_greedy(const at::Tensor& visual, const at::Tensor& unit16, const 
 
 TORCH_LIBRARY_FRAGMENT(zspa, m) {
   m.def("cpu_unit_tokens(Tensor visual, Tensor prompt_units, Tensor prompt_valid, float norm_eps, "
-        "float nonfinite_relevance, int scale_exp_min, int scale_exp_max) -> (Tensor, Tensor, Tensor)");
+        "float nonfinite_relevance, int scale_exp_min, int scale_exp_max, bool keep_units) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("cpu_greedy(Tensor visual, Tensor unit16, Tensor relevance, Tensor finite, Tensor n_valid, Tensor k_b, "
         "Tensor k_core, Tensor? seed, int k, float nonfinite_similarity, float norm_eps, int scale_exp_min, "
         "int scale_exp_max) -> Tensor");
