@@ -45,7 +45,8 @@ setup(
     install_requires=["torch>=2.4", "numpy", "ninja"],
     extras_require={
         # torchvision, num2words: transformers' video processors, SmolVLM's processor (test_real_processors).
-        "test": ["pytest", "pytest-benchmark", "transformers", "torchvision", "num2words", "peft", "accelerate",
+        # pytest-xdist: the README's test command runs the model tests on every core.
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "transformers", "torchvision", "num2words", "peft", "accelerate",
                  "optimum-quanto", "hqq", "scikit-image", "matplotlib", "tqdm"],
         "hf": ["transformers"],
         "demo": ["transformers", "scikit-image", "matplotlib", "tqdm"],
