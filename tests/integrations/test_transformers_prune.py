@@ -372,7 +372,8 @@ def test_static_cache_decoding_compiles_once(tiny):
     their length in Python; one more where the hooks are a frame of their own: TinyVLM.hook_graph),
     and generate the tokens of its uncompiled self. Where the unpatched
     model compiles a graph per count of tokens routed to an expert (4.57's GLM-4.5V), its count
-    depends on the tokens, which pruning changes: only the tokens are compared."""
+    depends on the tokens, which pruning changes: only the tokens are compared, and the unpatched
+    generation, whose count would not be read, is not compiled (the slowest compiles of the suite)."""
     import torch._dynamo
     from torch._dynamo.utils import counters
     from transformers.generation.configuration_utils import CompileConfig
@@ -392,14 +393,16 @@ def test_static_cache_decoding_compiles_once(tiny):
         finally:
             torch._dynamo.reset()
 
-    _, unpatched = compiled()
+    unpatched = None if tiny.graphs_follow_routing else compiled()[1]
     if unpatched == 0:  # transformers 4.57 never compiles Llama 4's decoding
         pytest.skip("generate() compiles no decode step of this model on this transformers")
     with zspa_kernels.prune(tiny.model, keep=KEEP):
         eager = tiny.model.generate(**inputs, **gen, disable_compile=True)
         tokens, pruned = compiled()
     assert torch.equal(tokens, eager)
-    if not tiny.graphs_follow_routing:
+    if unpatched is None:
+        assert pruned >= 1, "generate() compiled no decode step of the pruned model"
+    else:
         assert 1 <= pruned <= unpatched + tiny.hook_graph, (pruned, unpatched)
 
 
