@@ -17,3 +17,20 @@ from helpers import backends_here  # noqa: E402
 @pytest.fixture(params=backends_here())
 def backend(request) -> str:
     return request.param
+
+
+@pytest.fixture
+def one_intra_op_thread():
+    """Run the test on one intra-op thread, and put the thread count back after it.
+
+    For tests that run tiny models: their matmuls are a few hundred flops, and on CPU waking a
+    second thread for each costs more than it saves; under pytest-xdist every worker wakes its
+    own, so the cores are oversubscribed and the threads spin against each other (on a 2-core
+    machine with two workers, a tiny LLaVA's fidelity grid ran 44 s on the default threads and
+    2.3 s on one). The CPU backend's threading is its own tests' to check: they set their count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -161,13 +161,22 @@ def test_without_a_compiler_the_backend_warns_once_and_runs_the_reference(monkey
     assert torch.equal(order, select_tokens_reference_op(*case.args(), True))
 
 
-def test_rows_larger_than_the_caches_split_each_sweep_and_keep_first_minimum_ties():
-    # 1100 x 4096 fp16 tokens (9 MB) pass the kernel's split threshold (8 MB): each sweep runs over
-    # token chunks in threads. Tokens 600.. duplicate tokens 0.. across the chunk border, so exact
-    # ties between chunks must still go to the lower index, as in the reference.
+@pytest.mark.parametrize("threads", [2, 3])
+def test_rows_larger_than_the_caches_split_each_sweep_and_keep_first_minimum_ties(threads):
+    # 1100 x 4096 fp16 tokens (9 MB) pass the kernel's split threshold (8 MB): with fewer rows than
+    # threads each sweep runs over token chunks in threads (the count is set here, so the split runs
+    # on a machine of any core count). Tokens 550.. duplicate tokens 0.., across the border of two
+    # chunks (550) and of three (366, 733), so exact ties between chunks must still go to the lower
+    # index, as in the reference.
     g = torch.Generator().manual_seed(4)
     visual = torch.randn(1, 1100, 4096, generator=g)
-    visual[0, 600:640] = visual[0, :40]
+    visual[0, 550:1100] = visual[0, :550]
     prompt = torch.randn(1, 4096, generator=g)
     args = (visual, prompt, 48, 0.25, None, None, "mean")
-    assert torch.equal(select_tokens_cpu(*args, True), select_tokens_reference_op(*args, True))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        order = select_tokens_cpu(*args, True)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(order, select_tokens_reference_op(*args, True))

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # tiny models throughout
 
 from zspa_kernels.cli import main  # noqa: E402
 from zspa_kernels.fidelity import GridPoint, Journal, read_samples, run_grid, summarise, write  # noqa: E402
