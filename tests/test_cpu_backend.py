@@ -163,7 +163,7 @@ def test_without_a_compiler_the_backend_warns_once_and_runs_the_reference(monkey
 
 @pytest.mark.parametrize("threads", [2, 3])
 def test_rows_larger_than_the_caches_split_each_sweep_and_keep_first_minimum_ties(threads):
-    # 1100 x 4096 fp16 tokens (9 MB) pass the kernel's split threshold (8 MB): with fewer rows than
+    # 1100 x 4096 fp16 tokens (9 MB) pass the kernel's split threshold (1 MB): with fewer rows than
     # threads each sweep runs over token chunks in threads (the count is set here, so the split runs
     # on a machine of any core count). Tokens 550.. duplicate tokens 0.., across the border of two
     # chunks (550) and of three (366, 733), so exact ties between chunks must still go to the lower

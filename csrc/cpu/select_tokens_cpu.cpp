@@ -1,9 +1,10 @@
 // CPU kernels of the ZSPAPrune selection (SPEC §1), driven by zspa_kernels/cpu.py.
 //
 //   zspa::cpu_unit_tokens(visual, prompt_units, prompt_valid, ...) -> (unit16, relevance, finite, unit32)
-//       one pass over the tokens: fp32 norm (scaled by max|v|, so no finite token overflows),
-//       the relevance dots against the prompt's unit vectors in fp32, and the unit token
-//       stored in fp16 for the greedy steps.
+//       one pass over the tokens: the norm (the token scaled by a power of two near max|v|, so no
+//       finite token overflows; its squares summed in double), the relevance dots against the
+//       prompt's unit vectors (summed in double), and the unit token stored in fp16 for the
+//       greedy steps.
 //   zspa::cpu_greedy(visual, unit16, relevance, finite, k_b, k_core, seed, k, ...) -> order
 //       per row: core = top k_core relevance (ties: lower index), similarity to the core,
 //       then k_b - k_core dependent steps, each ONE pass over the row's fp16 tokens that
