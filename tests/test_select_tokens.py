@@ -99,6 +99,41 @@ def test_a_long_token_whose_squares_round_away_keeps_its_relevance(backend):
     assert _run_simple(visual, prompt, 1, backend, core_ratio=1.0, pick_order=True).tolist() == [[1]]
 
 
+def test_a_long_relevance_dot_whose_terms_round_away_keeps_its_relevance(backend):
+    """The companion of the test above, for the relevance sum instead of the norm: D = 16384, the
+    prompt 0.707 on feature 0 and 0.0055 on every other, token 0 0.99999 on feature 0 and 5.4e-6 on
+    every other. Its relevance is 0.707 plus 16383 products, each just under half an fp32 ulp of
+    0.707: a dot that runs long in fp32 (one SIMD lane) loses each, and ends 3.1e-5 (16 lanes) or
+    6.1e-5 (8) low, while both vectors' norms are benign (the token's tail holds 2.4e-7 of its
+    squares). Token 1 is truly 2.1e-5 less relevant (past spec.CORE_TOLERANCE, 2e-5): with
+    core_ratio 1 and k = 1 each backend keeps 0."""
+    import math
+
+    from zspa_kernels.spec import CORE_TOLERANCE
+
+    D = 16384
+    sigma = math.sqrt(0.5 / (D - 1))
+    prompt = torch.full((1, D), sigma, dtype=torch.float64)
+    prompt[0, 0] = math.sqrt(0.5)
+    tau = 0.999 * 2.0**-25 / sigma  # a product tau * sigma just under half an ulp of 0.707
+    x0 = torch.full((D,), tau, dtype=torch.float64)
+    x0[0] = 1.0
+    x0 = x0.float().double()  # the gap below is solved from what the op reads
+    prompt = prompt.float().double()
+    relevance0 = (x0 @ prompt[0] / (x0.norm() * prompt[0].norm())).item()
+    # Token 1 = cos(a) e_0 + sin(a) w, w the unit vector on features 1..64 (a dot of 64 large
+    # products, benign), its relevance solved to relevance0 - 2.1e-5 in the plane of e_0 and w.
+    unit = prompt[0] / prompt[0].norm()
+    along_e0, along_w = unit[0].item(), unit[1:65].sum().item() / 8
+    angle = math.atan2(along_w, along_e0) + math.acos((relevance0 - 2.1e-5) / math.hypot(along_e0, along_w))
+    x1 = torch.zeros(D, dtype=torch.float64)
+    x1[0], x1[1:65] = math.cos(angle), math.sin(angle) / 8
+    visual = torch.stack([x0, x1]).float()[None]
+    exact = torch.nn.functional.cosine_similarity(visual[0].double(), prompt.float().double(), dim=-1)
+    assert CORE_TOLERANCE < exact[0] - exact[1] < 2.2e-5  # the float32 inputs keep the gap
+    assert _run_simple(visual, prompt.float(), 1, backend, core_ratio=1.0, pick_order=True).tolist() == [[0]]
+
+
 def test_core_ratio_one_is_top_k_relevance(backend):
     g = torch.Generator().manual_seed(3)
     visual, prompt = torch.randn(1, 50, 16, generator=g), torch.randn(1, 16, generator=g)

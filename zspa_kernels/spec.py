@@ -29,14 +29,16 @@ NONFINITE_SIMILARITY = 2.0    # above every finite cosine: ... and most redundan
 # pick against fp64 with these (the core's with CORE_TOLERANCE); `zspa demo` judges two backends'
 # differing picks by them.
 PICK_TOLERANCE = {"reference": 2e-5, "triton": 2e-5, "cuda": 2e-5, "cpu": 2.0**-10 + 2.0**-16}
-# The core's steps rank by relevance, which every backend (cpu's too) computes in fp32 from fp32 unit
-# vectors: there every backend is held to this bound, whatever its bound at the similarity steps.
-# Like the fp32 bounds above it is the random-walk size of fp32 rounding, not a worst case: a sum that
-# runs m terms in one fp32 accumulator can lose m half-ulps on an adversarial token (m = D/16 or D/8,
-# the cpu backend's lanes, gave 2.4e-5 or 4.8e-5 at D = 16384). The norms and relevance sums that rank the core avoid such runs where they are
-# this package's own: the reference sums pairwise, the cpu backend in double, Triton's statistics in
-# block trees (tests/test_select_tokens.py holds them to it on such a token). The cuda backend's norms
-# are its Gram's diagonal, whose K loop is cuBLAS's (GPU-NOTES: "Norms from the Gram's diagonal").
+# The core's steps rank by relevance, which every backend (cpu's too) computes from fp32 unit vectors:
+# there every backend is held to this bound, whatever its bound at the similarity steps. Like the fp32
+# bounds above it is the random-walk size of fp32 rounding, not a worst case: a sum that runs m terms
+# in one fp32 accumulator can lose m half-ulps on an adversarial token (m = D/16 or D/8, the cpu
+# backend's lanes, gave 2.4e-5 or 4.8e-5 at D = 16384). The norms and relevance sums that rank the
+# core avoid such runs where they are this package's own: the reference sums pairwise, the cpu
+# backend in double, Triton's statistics in block trees (tests/test_select_tokens.py holds them to it
+# on two such tokens: one whose squares, one whose relevance products, each fall under half an ulp of
+# the running sum). The cuda backend's norms are its Gram's diagonal, whose K loop is cuBLAS's
+# (GPU-NOTES: "Norms from the Gram's diagonal").
 CORE_TOLERANCE = 2e-5
 # Overflow-safe norms (every backend alike): a token x is scaled by 2**-e, e the exponent of
 # max|x| (max|x| = m·2**e, m in [0.5, 1); 0 for a zero vector), clamped to this range so
