@@ -11,7 +11,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from helpers import backends_here  # noqa: E402
+from helpers import backends_here, intra_op_threads  # noqa: E402
 
 
 @pytest.fixture(params=backends_here())
@@ -28,9 +28,5 @@ def one_intra_op_thread():
     own, so the cores are oversubscribed and the threads spin against each other (on a 2-core
     machine with two workers, a tiny LLaVA's fidelity grid ran 44 s on the default threads and
     2.3 s on one). The CPU backend's threading is its own tests' to check: they set their count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with intra_op_threads(1):
         yield
-    finally:
-        torch.set_num_threads(before)

@@ -5,8 +5,9 @@ Every test module imports from here (never from conftest or from another test mo
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -46,6 +47,17 @@ def backends_here() -> list[str]:
 
 def random_case_count(backend: str) -> int:
     return INTERPRETED_RANDOM_CASES if backend == "triton" and triton_interpreter() else RANDOM_CASES
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``count`` inside, put back after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def device_for(backend: str) -> torch.device:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import zspa_kernels
-from helpers import TOLERANCE, Case, clustered_tokens, gaussian_tokens, oracle_rows
+from helpers import TOLERANCE, Case, clustered_tokens, gaussian_tokens, intra_op_threads, oracle_rows
 from fp64_oracle import replay
 from zspa_kernels.cpu import select_tokens_cpu
 from zspa_kernels.dispatch import available_backends, resolve_backend
@@ -173,10 +173,6 @@ def test_rows_larger_than_the_caches_split_each_sweep_and_keep_first_minimum_tie
     visual[0, 550:1100] = visual[0, :550]
     prompt = torch.randn(1, 4096, generator=g)
     args = (visual, prompt, 48, 0.25, None, None, "mean")
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with intra_op_threads(threads):
         order = select_tokens_cpu(*args, True)
-    finally:
-        torch.set_num_threads(before)
     assert torch.equal(order, select_tokens_reference_op(*args, True))

@@ -118,20 +118,19 @@ def test_a_long_relevance_dot_whose_terms_round_away_keeps_its_relevance(backend
     tau = 0.999 * 2.0**-25 / sigma  # a product tau * sigma just under half an ulp of 0.707
     x0 = torch.full((D,), tau, dtype=torch.float64)
     x0[0] = 1.0
-    x0 = x0.float().double()  # the gap below is solved from what the op reads
-    prompt = prompt.float().double()
-    relevance0 = (x0 @ prompt[0] / (x0.norm() * prompt[0].norm())).item()
+    x0, prompt = x0.float(), prompt.float()  # the gap below is solved from what the op reads
+    unit = prompt[0].double() / prompt[0].double().norm()
+    relevance0 = (x0.double() @ unit / x0.double().norm()).item()
     # Token 1 = cos(a) e_0 + sin(a) w, w the unit vector on features 1..64 (a dot of 64 large
     # products, benign), its relevance solved to relevance0 - 2.1e-5 in the plane of e_0 and w.
-    unit = prompt[0] / prompt[0].norm()
     along_e0, along_w = unit[0].item(), unit[1:65].sum().item() / 8
     angle = math.atan2(along_w, along_e0) + math.acos((relevance0 - 2.1e-5) / math.hypot(along_e0, along_w))
     x1 = torch.zeros(D, dtype=torch.float64)
     x1[0], x1[1:65] = math.cos(angle), math.sin(angle) / 8
-    visual = torch.stack([x0, x1]).float()[None]
-    exact = torch.nn.functional.cosine_similarity(visual[0].double(), prompt.float().double(), dim=-1)
+    visual = torch.stack([x0, x1.float()])[None]
+    exact = torch.nn.functional.cosine_similarity(visual[0].double(), prompt.double(), dim=-1)
     assert CORE_TOLERANCE < exact[0] - exact[1] < 2.2e-5  # the float32 inputs keep the gap
-    assert _run_simple(visual, prompt.float(), 1, backend, core_ratio=1.0, pick_order=True).tolist() == [[0]]
+    assert _run_simple(visual, prompt, 1, backend, core_ratio=1.0, pick_order=True).tolist() == [[0]]
 
 
 def test_core_ratio_one_is_top_k_relevance(backend):
