@@ -3,8 +3,9 @@
 // Cosines are formed as (dot product) / (norm_a * norm_b) of vectors scaled by powers of
 // two (spec.cuh: exact, and no square overflows), with norm = max(||s x||, 1e-6 * s): a
 // division of the dot product, so exact ties stay exact. Per batch row b (one CTA each):
-//   "mean": pooled[b] = s * (the mean of the valid prompt rows, fp32; the paper's rule:
-//           pool, then cosine), s its pow2_scale, and norm[b, 0] = max(||pooled||, 1e-6 s);
+//   "mean": pooled[b] = s * (the mean of the valid prompt rows, fp32, overflow-safe as
+//           spec.cuh's pooled_feature; the paper's rule: pool, then cosine), s its pow2_scale,
+//           and norm[b, 0] = max(||pooled||, 1e-6 s);
 //   "max":  norm[b, t] = max(||p_t||, 1e-6 * scale[b, t]) for every prompt row, which the
 //           launcher has scaled (scale null: unscaled fp16 rows, which cannot overflow).
 // norm = 0 marks a prompt that acts as a zero vector (SPEC conventions): a pooled
@@ -76,9 +77,11 @@ template <int kVec, bool kMasked, typename scalar_t>
 __device__ float pool_mean(const scalar_t* __restrict__ p, const bool* __restrict__ valid, float* __restrict__ q,
                            int T, int D, int* count) {
   using P = Pack<scalar_t, kVec>;
+  const int shift = pool_shift(T);
+  const float down = ldexpf(1.0f, -shift), up = ldexpf(1.0f, shift);
   float amax = 0.0f;
   for (int i = threadIdx.x; i < D / kVec; i += blockDim.x) {
-    float acc[kVec] = {};
+    float acc[kVec] = {}, acc_down[kVec] = {};  // the sums of the values, and of the values times 2^-shift
     int rows = 0;
     for (int t0 = 0; t0 < T; t0 += kPoolRows) {
       P x[kPoolRows];
@@ -93,14 +96,18 @@ __device__ float pool_mean(const scalar_t* __restrict__ p, const bool* __restric
       for (int j = 0; j < kPoolRows; ++j) {
         rows -= keep[j];
 #pragma unroll
-        for (int e = 0; e < kVec; ++e)
-          acc[e] += __int_as_float(__float_as_int(static_cast<float>(x[j].v[e])) & keep[j]);
+        for (int e = 0; e < kVec; ++e) {
+          const float v = static_cast<float>(x[j].v[e]);
+          acc[e] += __int_as_float(__float_as_int(v) & keep[j]);
+          acc_down[e] += __int_as_float(__float_as_int(v * down) & keep[j]);  // exact product, no fma
+        }
       }
     }
     *count = rows;
+    const float divisor = static_cast<float>(rows > 0 ? rows : 1);
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
-      const float mean = acc[e] / static_cast<float>(rows > 0 ? rows : 1);
+      const float mean = pooled_feature(acc[e] / divisor, acc_down[e] / divisor, up);
       q[i * kVec + e] = mean;
       amax = fmaxf(amax, finite_abs(mean));
     }

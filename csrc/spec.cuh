@@ -42,6 +42,24 @@ __host__ __device__ inline float pow2_scale(float amax) {
   return ldexpf(1.0f, -e);
 }
 
+// Relevance "mean"'s overflow-safe pooling (spec.pool_shift): a feature whose fp32 sum of
+// finite prompt values overflows is pooled from the values times 2^-k, k = pool_shift(T) (the
+// prompt's rows, masked ones too), its mean scaled back by 2^k and saturated at float32's largest
+// value (the exact mean is at most max|x|, so a finite prompt has a finite mean).
+__host__ __device__ inline int pool_shift(int T) {
+  int bits = 0;
+  for (unsigned t = static_cast<unsigned>(T); t != 0; t >>= 1) ++bits;
+  return bits + 1;
+}
+
+// The pooled feature from its plain mean and its mean of the values times 2^-pool_shift(T)
+// (`up` = 2^pool_shift(T)): the plain one where finite.
+__host__ __device__ inline float pooled_feature(float mean, float mean_down, float up) {
+  if (isfinite(mean)) return mean;
+  const float rescaled = mean_down * up;
+  return isfinite(mean_down) && !isfinite(rescaled) ? copysignf(3.40282347e38f, rescaled) : rescaled;
+}
+
 // kVec consecutive values, loaded and stored as one 16-byte access when kVec * sizeof = 16.
 template <typename scalar_t, int kVec>
 struct alignas(kVec * sizeof(scalar_t)) Pack {

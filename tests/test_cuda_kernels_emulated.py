@@ -309,37 +309,78 @@ def test_scale_rows_scales_every_row_by_the_power_of_two_of_its_largest_finite_v
     assert unclamped.sum() > 20 and bool(((top >= 0.5) & (top < 1.0)).all())  # such rows land in [0.5, 1)
 
 
+def row_order_pool(x, valid):
+    """spec.pool_shift's rule in NumPy, independent of csrc/: the valid rows of ``x`` (T, D) summed
+    in row order in fp32, divided by their count; where a feature's sum is not finite, the same of
+    the rows times ``2**-k``, scaled back by ``2**k`` (saturated where only that overflows)."""
+    k = spec.pool_shift(x.shape[0])
+    count = np.float32(max(int(valid.sum()), 1))
+    acc, acc_down = np.zeros(x.shape[1], dtype=np.float32), np.zeros(x.shape[1], dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for t in range(x.shape[0]):  # row order, fp32, valid rows only
+            if valid[t]:
+                acc = (acc + x[t]).astype(np.float32)
+                acc_down = (acc_down + x[t] * np.float32(2.0**-k)).astype(np.float32)
+        mean, mean_down = acc / count, acc_down / count
+        rescaled = (mean_down * np.float32(2.0**k)).astype(np.float32)
+    largest = np.finfo(np.float32).max
+    rescaled = np.where(np.isfinite(mean_down) & ~np.isfinite(rescaled), np.copysign(largest, rescaled), rescaled)
+    return torch.from_numpy(np.where(np.isfinite(mean), mean, rescaled).astype(np.float32))
+
+
 @pytest.mark.parametrize("D", [45, 48], ids=["D45-scalar", "D48-packed"])
 @pytest.mark.parametrize("masked", [True, False], ids=["masked", "unmasked"])
 def test_prompt_stats_pools_each_feature_over_its_valid_rows_in_row_order(emulator, D, masked):
     """prompt_stats.cuh's pooling ("mean"): each feature's valid rows summed in row order in fp32,
-    divided by their count, then scaled by the power of two of the largest finite |mean|; T = 21
-    (not a multiple of the 8-row batches), a masked-out NaN row, a row with every prompt row
-    masked (zeros, norm 0), an inf in a valid row, and fewer threads than features."""
+    divided by their count (spec.pool_shift's scaled sum where that overflows), then scaled by the
+    power of two of the largest finite |mean|; T = 21 (not a multiple of the 8-row batches), a
+    masked-out NaN row, a row with every prompt row masked (zeros, norm 0), an inf in a valid row,
+    finite rows near float32's limit whose plain sums overflow in some features (one beside a NaN
+    in a valid row, which the scaled sum must not hide), and fewer threads than features."""
     g = torch.Generator().manual_seed(11)
-    B, T = 4, 21
+    B, T = 5, 21
     prompt = torch.randn(B, T, D, generator=g) * torch.logspace(-3, 3, T).reshape(1, T, 1)
     mask = torch.rand(B, T, generator=g) < 0.6 if masked else torch.ones(B, T, dtype=torch.bool)
     if masked:
         prompt[0, 4], mask[0, 4] = float("nan"), False
         mask[1] = False
     prompt[2, 7, 3], mask[2, 7] = float("inf"), True
+    prompt[4, :, : D // 2] = 3e38 * torch.sign(prompt[4, :, : D // 2]).abs()  # positive: these features overflow
+    prompt[4, :, D // 2] = -3.4e38
+    prompt[4, 9, 1], mask[4, 9] = float("nan"), True
     x = np.ascontiguousarray(prompt.numpy())
     pooled, norm = np.zeros((B, D), dtype=np.float32), np.zeros((B, T), dtype=np.float32)
     emulator.emulate_prompt_stats(_ptr(x), _ptr(np.ascontiguousarray(mask.numpy()) if masked else None), _ptr(pooled),
                                   _ptr(norm), _ptr(None), B, T, D, ctypes.c_bool(False), 32)
     for b in range(B):
-        acc = np.zeros(D, dtype=np.float32)
-        for t in range(T):  # row order, fp32, valid rows only
-            if mask[b, t]:
-                acc = (acc + x[b, t]).astype(np.float32)
         count = int(mask[b].sum())
-        mean = torch.from_numpy(acc / np.float32(max(count, 1)))
+        mean = row_order_pool(x[b], mask[b].numpy())
         s = expected_scales(mean.reshape(1, 1, D)).reshape(())
         # a masked row adds +0.0 (a -0.0 sum becomes +0.0): compare as values, NaN where NaN
         torch.testing.assert_close(torch.from_numpy(pooled[b]), mean * s, rtol=0, atol=0, equal_nan=True)
         if count == 0:
             assert norm[b, 0] == 0.0 and not pooled[b].any()
+    with np.errstate(over="ignore"):
+        plain = x[4][mask[4].numpy()].astype(np.float32).sum(0)
+    overflowed = ~np.isfinite(plain) & np.isfinite(x[4]).all(0)
+    assert overflowed.sum() >= D // 2 - 1 and np.isfinite(pooled[4][overflowed]).all()
+    assert np.isnan(pooled[4, 1])  # a NaN in a valid row stays NaN (the prompt then acts as zero)
+
+
+def test_pool_shift_and_pooled_feature_match_spec(emulator):
+    """spec.cuh's pool_shift against spec.pool_shift, and its pooled_feature on every branch: a
+    finite mean as is, an overflowed one from the scaled mean, saturated where only the scaling
+    back overflows, and NaN or inf where the scaled mean is."""
+    for T in list(range(1, 4100)) + [2**20 - 1, 2**20, 2**23, 2**31 - 1]:
+        assert emulator.emulate_pool_shift(T) == spec.pool_shift(T), T
+    emulator.emulate_pooled_feature.restype = ctypes.c_float
+    largest = float(np.finfo(np.float32).max)
+    cases = [(1.5, 7.0, 8.0, 1.5), (float("inf"), 3e37, 8.0, float(np.float32(3e37) * np.float32(8))),
+             (float("-inf"), -largest / 4, 8.0, -largest), (float("inf"), largest / 4, 8.0, largest),
+             (float("nan"), float("nan"), 8.0, float("nan")), (float("inf"), float("inf"), 8.0, float("inf"))]
+    for mean, mean_down, up, expected in cases:
+        got = emulator.emulate_pooled_feature(ctypes.c_float(mean), ctypes.c_float(mean_down), ctypes.c_float(up))
+        assert got == expected or (np.isnan(got) and np.isnan(expected)), (mean, mean_down, up)
 
 
 def mixed_magnitudes(B, N, D, seed):

@@ -36,6 +36,31 @@ def test_scaling_changes_no_bit_where_the_unscaled_formula_does_not_overflow():
     assert torch.equal(cosines(tokens, tokens), plain)
 
 
+def test_mean_pool_is_the_plain_mean_where_finite_and_the_exact_mean_where_that_overflows():
+    """spec.pool_shift: every feature whose fp32 sum stays finite keeps the plain mean's bits; one
+    whose finite values sum past float32's range gets their mean to fp32 accuracy (an fp64 sum,
+    the oracle's), not inf; NaN and inf in valid rows stay non-finite, masked rows count for nothing."""
+    g = torch.Generator().manual_seed(4)
+    T, D = 9, 40
+    prompt = torch.randn(2, T, D, generator=g) * torch.logspace(-30, 30, D)
+    prompt[:, :, :6] = 3.3e38 * torch.rand(2, T, 6, generator=g).add(0.5).clamp(max=1.0)  # sums overflow
+    prompt[:, :, 6] = -3.4e38
+    prompt[0, 3, 7], prompt[1, 5, 8] = float("nan"), float("inf")
+    valid = torch.ones(2, T, dtype=torch.bool)
+    prompt[1, 2], valid[1, 2] = float("nan"), False
+    pooled = reference.mean_pool(prompt, valid)
+    rows = torch.where(valid.unsqueeze(-1), prompt, 0.0)
+    plain = rows.sum(1) / valid.sum(-1, keepdim=True)
+    assert (~plain.isfinite()).sum() >= 2 * 7 + 2
+    kept = plain.isfinite()
+    assert torch.equal(pooled[kept], plain[kept])
+    exact = rows.double().sum(1) / valid.sum(-1, keepdim=True)
+    overflowed = ~kept & exact.isfinite()
+    assert overflowed.sum() == 2 * 7
+    torch.testing.assert_close(pooled[overflowed].double(), exact[overflowed], rtol=2e-6, atol=0)
+    assert pooled[0, 7].isnan() and pooled[1, 8] == float("inf")
+
+
 def test_dot_products_depend_on_their_two_rows_alone():
     """An exact tie between identical tokens must stay exact: their dot products with any row
     get the same bits wherever the two copies sit, which a BLAS matrix product does not promise

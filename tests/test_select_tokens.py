@@ -182,6 +182,38 @@ def test_finite_tokens_of_any_magnitude_are_normalised_without_overflow(backend,
             replay(row, order[b].tolist(), TOLERANCE[backend][dtype], exact_ties(backend))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+def test_finite_prompt_rows_whose_sum_overflows_pool_to_their_mean(backend, dtype, masked):
+    """relevance="mean" of six prompt rows at float32's limit (spec.pool_shift): features 0-3 hold
+    3e38 in every row, so their fp32 sums overflow; the pooled prompt is their finite mean, not a
+    non-finite vector that acts as zero (which kept the lowest indices). Masked: a NaN row and a
+    row of -3e38 masked out, which must leak into neither sum."""
+    g = torch.Generator().manual_seed(5)
+    visual = torch.randn(2, 30, 16, generator=g)
+    prompt = torch.randn(2, 6, 16, generator=g)
+    prompt = prompt / prompt.abs().amax(-1, keepdim=True) * 3e38
+    prompt[:, :, :4] = 3e38
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    if masked:
+        prompt[0, 2], mask[0, 2] = float("nan"), False
+        prompt[1, 4], mask[1, 4] = -3e38, False
+    prompt = prompt.to(dtype)
+    with torch.no_grad():
+        plain = torch.where(mask.unsqueeze(-1), prompt.float(), 0.0).sum(1)
+    assert not plain[:, :4].isfinite().any() and prompt[mask].isfinite().all()
+    device = device_for(backend)
+    for alpha in (1.0, 0.5):
+        order = zspa_kernels.select_tokens(visual.to(dtype).to(device), prompt.to(device), 10, alpha,
+                                           prompt_mask=mask.to(device) if masked else None, backend=backend,
+                                           pick_order=True).cpu()
+        for b in range(2):
+            row = Row(visual[b].to(dtype).float().numpy(), prompt[b].float().numpy(), mask[b].numpy(), 30, 10,
+                      alpha, "mean")
+            replay(row, order[b].tolist(), TOLERANCE[backend][dtype], exact_ties(backend))
+            assert order[b, :5].tolist() != list(range(5))  # not the zero prompt's core
+
+
 @pytest.mark.parametrize("seed", [72, 76, 81, 126, 128, 133])
 def test_tiny_norm_fp16_tokens_keep_exact_ties(backend, seed):
     """fp16 tokens of norm < 1e-6 are small multiples of 2**-24: their dot products are exact,

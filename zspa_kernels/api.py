@@ -35,9 +35,8 @@ def select_tokens(
         lengths: optional int32/int64 ``(B,)`` valid token counts in ``[1, N]``.
         prompt_mask: optional bool ``(B, T)`` marking valid rows of a per-token prompt.
         relevance: ``"mean"`` (cosine to the mean-pooled prompt, the paper's rule) or
-            ``"max"`` (best cosine over the prompt tokens). ``"mean"`` pools by a float32 sum of the
-            valid rows: rows of magnitude near float32's limit (~3.4e38 / T) sum past it, and that
-            prompt acts as a zero vector (``strict`` says so).
+            ``"max"`` (best cosine over the prompt tokens). Finite rows pool to a finite mean
+            however close to float32's limit they lie (``spec.pool_shift``).
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``; ``auto`` may be
             overridden by the ``ZSPA_BACKEND`` environment variable.
         pick_order: return indices in pick order (core by falling relevance, then
@@ -60,5 +59,5 @@ def select_tokens(
     if strict:
         if visual.device.type != "cpu":  # the op checks lengths on the CPU (no sync there)
             check_lengths_range(visual, lengths)
-        check_prompt_values(prompt, prompt_mask, relevance)
+        check_prompt_values(prompt, prompt_mask)
     return kept

@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 
 from .spec import (NONFINITE_RELEVANCE, NONFINITE_SIMILARITY, NORM_EPS, SCALE_EXP_MAX, SCALE_EXP_MIN,
-                   core_count, may_need_isolation)
+                   core_count, may_need_isolation, pool_shift)
 from .spec import row_budgets as spec_row_budgets
 
 SEED_CHUNK_ROWS = 1024
@@ -105,9 +105,17 @@ def cosines(a: Scaled, b: Scaled, products=dots) -> torch.Tensor:
 
 def mean_pool(prompt: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """fp32 mean of the valid rows of ``prompt`` ``(B, T, D)`` (the paper's pooling), ``(B, D)``;
-    zero for a row without any. ``where``, not a product: a masked-out row must not leak NaN."""
+    zero for a row without any; a feature whose fp32 sum of finite values overflows pooled from
+    rows scaled by ``2**-k`` (:func:`spec.pool_shift`). ``where``, not a product: a masked-out row
+    must not leak NaN."""
     count = valid.sum(-1, keepdim=True).clamp_min(1).float()
-    return torch.where(valid.unsqueeze(-1), prompt.float(), torch.zeros((), device=prompt.device)).sum(1) / count
+    rows = torch.where(valid.unsqueeze(-1), prompt.float(), torch.zeros((), device=prompt.device))
+    mean = rows.sum(1) / count
+    k = pool_shift(prompt.shape[1])
+    scaled = (rows * 2.0**-k).sum(1) / count
+    largest = torch.finfo(torch.float32).max
+    rescaled = torch.where(scaled.isfinite(), (scaled * 2.0**k).clamp(-largest, largest), scaled)
+    return torch.where(mean.isfinite(), mean, rescaled)
 
 
 def relevance_scores(tokens: Scaled, prompt: torch.Tensor, prompt_mask: Optional[torch.Tensor],

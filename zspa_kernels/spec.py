@@ -53,6 +53,19 @@ CORE_TOLERANCE = 2e-5
 SCALE_EXP_MIN, SCALE_EXP_MAX = -126, 126
 RAW_EXP_MIN, RAW_EXP_MAX = -32, 48
 
+
+def pool_shift(T: int) -> int:
+    """Relevance ``"mean"`` pools a batch row's valid prompt rows by their fp32 mean, ``sum / count``;
+    a feature whose sum of finite values overflows takes ``(sum_t x_t * 2**-k) / count * 2**k``
+    instead, saturated at float32's largest value (the exact mean is at most ``max|x|``), with
+    ``k = pool_shift(T)``, ``T`` the prompt's rows (masked ones too: no value chooses it). So a
+    finite prompt has a finite mean, of the plain formula's bits wherever that one is finite. With
+    ``2**k > 2T`` no scaled partial sum passes half of float32's range (rounding drift stays under a
+    factor 2 below ``T = 2**23``); a term the scaling turns subnormal (``|x| < 2**(k - 126)``) loses
+    under ``2**(k - 150)``, nothing beside the rounding of a sum that overflowed (its largest term
+    is at least ``2**128 / T``)."""
+    return int(T).bit_length() + 1
+
 DEFAULT_CORE_RATIO = 0.5      # the paper tunes alpha per dataset; 0.5 is this package's choice
 RELEVANCE_MODES = ("mean", "max")
 # Implementations of the op; "auto" picks one of them per device (see dispatch.py).

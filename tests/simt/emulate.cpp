@@ -58,6 +58,10 @@ extern "C" void emulate_token_pass(const float* x, float* scale, const float* po
 extern "C" int emulate_core_count(double core_ratio, int k_b) { return zspa::core_count(core_ratio, k_b); }
 extern "C" float emulate_pow2_scale(float amax) { return zspa::pow2_scale(amax); }
 extern "C" float emulate_raw_scale(float amax) { return zspa::raw_scale(amax); }
+extern "C" int emulate_pool_shift(int T) { return zspa::pool_shift(T); }
+extern "C" float emulate_pooled_feature(float mean, float mean_down, float up) {
+  return zspa::pooled_feature(mean, mean_down, up);
+}
 extern "C" float emulate_constant(int which) {
   const float values[] = {zspa::kNormEps, zspa::kNonFiniteRelevance, zspa::kNonFiniteSimilarity,
                           static_cast<float>(zspa::kScaleExpMin), static_cast<float>(zspa::kScaleExpMax),

@@ -29,6 +29,7 @@ from .primitives import finite_abs, max_key, nonfinite, pow2_scale, scaled_opera
 
 NORM_EPS = tl.constexpr(spec.NORM_EPS)
 NONFINITE_RELEVANCE = tl.constexpr(spec.NONFINITE_RELEVANCE)
+FLOAT32_MAX = tl.constexpr(torch.finfo(torch.float32).max)
 # Prompt rows pooled per step (each a 1-D load, all in flight together): 16 spilled ~8-16 B
 # with 512-wide chunks for sm_90 under Triton 3.6; 8 compiles without. The pooling launch
 # (:func:`pool_prompt`) holds 128 features a CTA and takes 32 rows a step.
@@ -59,14 +60,16 @@ def _prompt_count(mask_ptr, b, T, stride_mb, stride_mt, HAS_MASK: tl.constexpr, 
 
 
 @triton.jit
-def _pooled_chunk(p_row, mask_ptr, b, d, D, T, count, stride_pt, stride_pd, stride_mb, stride_mt,
+def _pooled_chunk(p_row, mask_ptr, b, d, D, T, count, pool_down, pool_up, stride_pt, stride_pd, stride_mb, stride_mt,
                   HAS_MASK: tl.constexpr, ROWS: tl.constexpr):
-    """Features ``d`` of the mean of the valid prompt rows (fp32). ``ROWS`` rows a step,
-    each a 1-D load, added in row order in registers: no reduction across threads (a (rows ×
-    features) tile summed over its rows went through shared memory at every feature chunk), and
-    ⌈T / ROWS⌉ dependent steps, not T. The sum's order is row order whatever ``ROWS`` is, so
-    every caller gets the same bits."""
+    """Features ``d`` of the mean of the valid prompt rows (fp32; where a feature's sum of finite
+    values overflows, of the rows times ``pool_down = 2**-k``, scaled back by ``pool_up``: see
+    ``spec.pool_shift``). ``ROWS`` rows a step, each a 1-D load, added in row order in registers:
+    no reduction across threads (a (rows × features) tile summed over its rows went through shared
+    memory at every feature chunk), and ⌈T / ROWS⌉ dependent steps, not T. The sum's order is row
+    order whatever ``ROWS`` is, so every caller gets the same bits."""
     pooled = tl.zeros(d.shape, tl.float32)
+    pooled_down = tl.zeros(d.shape, tl.float32)
     for t0 in range(0, T, ROWS):
         for j in tl.static_range(ROWS):
             t = t0 + j
@@ -77,11 +80,18 @@ def _pooled_chunk(p_row, mask_ptr, b, d, D, T, count, stride_pt, stride_pd, stri
             p = tl.load(p_row + t * stride_pt + d * stride_pd, mask=d < tl.where(t < T, D, 0), other=0.0)
             p = p.to(tl.float32)
             pooled += tl.where(ok, p, 0.0)  # where, not *: masked rows may be NaN
-    return tl.div_rn(pooled, tl.maximum(count, 1.0))  # IEEE: `/` compiles to an approximate div.full.f32
+            pooled_down += tl.where(ok, p * pool_down, 0.0)  # the select keeps the product out of an fma
+    divisor = tl.maximum(count, 1.0)
+    mean = tl.div_rn(pooled, divisor)  # IEEE: `/` compiles to an approximate div.full.f32
+    rescaled = tl.div_rn(pooled_down, divisor) * pool_up
+    rescaled = tl.where(nonfinite(rescaled) & ~nonfinite(pooled_down),
+                        tl.where(rescaled > 0, FLOAT32_MAX, -FLOAT32_MAX), rescaled)  # saturated, as spec says
+    return tl.where(nonfinite(mean), rescaled, mean)
 
 
 @triton.jit
-def _pool_prompt_kernel(prompt_ptr, mask_ptr, pooled_ptr, D, T, stride_pb, stride_pt, stride_pd, stride_mb, stride_mt,
+def _pool_prompt_kernel(prompt_ptr, mask_ptr, pooled_ptr, D, T, pool_down, pool_up,
+                        stride_pb, stride_pt, stride_pd, stride_mb, stride_mt,
                         HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
     """``pooled[b, 0, d]``: the mean of row ``b``'s valid prompt rows, ``BLOCK_D`` features a CTA
     (grid ``(B, cdiv(D, BLOCK_D))``: the batch on x, which has no 65535 limit), the same bits as
@@ -89,8 +99,8 @@ def _pool_prompt_kernel(prompt_ptr, mask_ptr, pooled_ptr, D, T, stride_pb, strid
     b = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     count = _prompt_count(mask_ptr, b, T, stride_mb, stride_mt, HAS_MASK, BLOCK_T)
-    pooled = _pooled_chunk(prompt_ptr + b * stride_pb, mask_ptr, b, d, D, T, count, stride_pt, stride_pd,
-                           stride_mb, stride_mt, HAS_MASK, ROWS)
+    pooled = _pooled_chunk(prompt_ptr + b * stride_pb, mask_ptr, b, d, D, T, count, pool_down, pool_up,
+                           stride_pt, stride_pd, stride_mb, stride_mt, HAS_MASK, ROWS)
     tl.store(pooled_ptr + b * D + d, pooled, mask=d < D)
 
 
@@ -98,7 +108,7 @@ def _pool_prompt_kernel(prompt_ptr, mask_ptr, pooled_ptr, D, T, stride_pb, strid
 def _token_stats_kernel(
     visual_ptr, prompt_ptr, mask_ptr, lengths_ptr,
     norm_ptr, scale_ptr, finite_ptr, key_ptr, counter_ptr,
-    N, D, T,
+    N, D, T, pool_down, pool_up,
     stride_vb, stride_vn, stride_vd, stride_l,
     stride_pb, stride_pt, stride_pd,
     stride_mb, stride_mt,
@@ -137,8 +147,8 @@ def _token_stats_kernel(
         v = v.to(tl.float32)
         amax2 = tl.maximum(amax2, finite_abs(v))
         if not MAX_RELEVANCE:
-            pooled = _pooled_chunk(p_row, mask_ptr, b, d, D, T, count, stride_pt, stride_pd, stride_mb, stride_mt,
-                                   HAS_MASK, POOL_ROWS)
+            pooled = _pooled_chunk(p_row, mask_ptr, b, d, D, T, count, pool_down, pool_up, stride_pt, stride_pd,
+                                   stride_mb, stride_mt, HAS_MASK, POOL_ROWS)
             p_amax1 = tl.maximum(p_amax1, finite_abs(pooled))
     scale = pow2_scale(tl.max(amax2, 1))
     p_scale = pow2_scale(tl.max(p_amax1, 0))
@@ -154,8 +164,8 @@ def _token_stats_kernel(
         y = v.to(tl.float32) * scale[:, None]
         sumsq2 += y * y
         if not MAX_RELEVANCE:
-            pooled = _pooled_chunk(p_row, mask_ptr, b, d, D, T, count, stride_pt, stride_pd, stride_mb, stride_mt,
-                                   HAS_MASK, POOL_ROWS) * p_scale
+            pooled = _pooled_chunk(p_row, mask_ptr, b, d, D, T, count, pool_down, pool_up, stride_pt, stride_pd,
+                                   stride_mb, stride_mt, HAS_MASK, POOL_ROWS) * p_scale
             p_sumsq1 += pooled * pooled
             dot2 += y * pooled[None, :]
     sumsq = tl.sum(sumsq2, 1)
@@ -210,6 +220,12 @@ def _token_stats_kernel(
     tl.store(key_ptr + out, key, mask=row_ok)
 
 
+def pool_factors(T):
+    """``(2**-k, 2**k)`` of ``spec.pool_shift(T)``: the scaling of an overflowing prompt pool."""
+    k = spec.pool_shift(T)
+    return 2.0**-k, 2.0**k
+
+
 def launch_token_stats(visual, prompt, prompt_mask, lengths, norm, scale, finite, key, counter, relevance, plan):
     """Fill ``norm``, ``scale``, ``finite``, ``key`` ``(B, N)`` and zero ``counter`` ``(B,)``."""
     B, N, D = visual.shape
@@ -219,7 +235,7 @@ def launch_token_stats(visual, prompt, prompt_mask, lengths, norm, scale, finite
     _token_stats_kernel[grid](
         visual, prompt3, mask, visual if lengths is None else lengths,
         norm, scale, finite, key, counter,
-        N, D, prompt3.shape[1],
+        N, D, prompt3.shape[1], *pool_factors(prompt3.shape[1]),
         *visual.stride(), 0 if lengths is None else lengths.stride(0), *prompt3.stride(),
         *(mask.stride() if prompt_mask is not None else (0, 0)),
         MAX_RELEVANCE=relevance == "max", HAS_MASK=prompt_mask is not None, HAS_LENGTHS=lengths is not None,
@@ -241,7 +257,8 @@ def pool_prompt(prompt, prompt_mask, plan):
     pooled = torch.empty(B, 1, D, dtype=torch.float32, device=prompt.device)
     mask = prompt if prompt_mask is None else prompt_mask.view(torch.uint8)
     _pool_prompt_kernel[(B, (D + POOL_LAUNCH_BLOCK_D - 1) // POOL_LAUNCH_BLOCK_D)](
-        prompt, mask, pooled, D, T, *prompt.stride(), *(mask.stride() if prompt_mask is not None else (0, 0)),
+        prompt, mask, pooled, D, T, *pool_factors(T),
+        *prompt.stride(), *(mask.stride() if prompt_mask is not None else (0, 0)),
         HAS_MASK=prompt_mask is not None, BLOCK_T=plan.block_prompt, BLOCK_D=POOL_LAUNCH_BLOCK_D,
         ROWS=POOL_LAUNCH_ROWS, num_warps=4, enable_fp_fusion=FP_FUSION,
     )
