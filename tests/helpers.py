@@ -9,11 +9,12 @@ import contextlib
 import dataclasses
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
 
 from fp64_oracle import Row
 from zspa_kernels.dispatch import available_backends
-from zspa_kernels.spec import CORE_TOLERANCE, PICK_TOLERANCE, triton_interpreter
+from zspa_kernels.spec import CORE_TOLERANCE, PICK_TOLERANCE, pool_shift, triton_interpreter
 
 # Largest fp64 score gap a backend may leave at one pick (a near-tie), per input dtype: the package's
 # bounds (spec.PICK_TOLERANCE, which says where each comes from), the same for every dtype. The core's
@@ -198,3 +199,24 @@ def copies_case(seed: int, dtype: torch.dtype = torch.float32) -> Case:
     base = torch.randn(3, half, D, generator=g) * torch.rand(3, half, 1, generator=g).add(0.1)
     visual = torch.cat([base, base], 1)[:, torch.randperm(2 * half, generator=g)]
     return Case(visual.to(dtype), torch.randn(3, D, generator=g).to(dtype), 9, 0.0, None, None, "mean")
+
+
+def row_order_pool(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """spec.pool_shift's rule in NumPy, as the GPU kernels pool (csrc/prompt_stats.cuh, Triton's
+    pool_prompt): the valid rows of ``x`` (T, D) summed in row order in fp32, divided by their
+    count; where a feature's sum is not finite, the same of the rows times ``2**-k``, scaled back
+    by ``2**k`` (saturated where only that overflows). (D,) fp32."""
+    x, valid = x.float().cpu().numpy(), valid.cpu().numpy()
+    k = pool_shift(x.shape[0])
+    count = np.float32(max(int(valid.sum()), 1))
+    acc, acc_down = np.zeros(x.shape[1], dtype=np.float32), np.zeros(x.shape[1], dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for t in range(x.shape[0]):  # row order, fp32, valid rows only
+            if valid[t]:
+                acc = (acc + x[t]).astype(np.float32)
+                acc_down = (acc_down + x[t] * np.float32(2.0**-k)).astype(np.float32)
+        mean, mean_down = acc / count, acc_down / count
+        rescaled = (mean_down * np.float32(2.0**k)).astype(np.float32)
+    largest = np.finfo(np.float32).max
+    rescaled = np.where(np.isfinite(mean_down) & ~np.isfinite(rescaled), np.copysign(largest, rescaled), rescaled)
+    return torch.from_numpy(np.where(np.isfinite(mean), mean, rescaled).astype(np.float32))

@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import DTYPES, TOLERANCE, Case, banded_tokens, exact_tie_case, one_feature_case, oracle_rows, random_case
+from helpers import (DTYPES, TOLERANCE, Case, banded_tokens, exact_tie_case, one_feature_case, oracle_rows,
+                     random_case, row_order_pool)
 from fp64_oracle import oracle_order, replay
 
 from zspa_kernels import spec
@@ -309,25 +310,6 @@ def test_scale_rows_scales_every_row_by_the_power_of_two_of_its_largest_finite_v
     assert unclamped.sum() > 20 and bool(((top >= 0.5) & (top < 1.0)).all())  # such rows land in [0.5, 1)
 
 
-def row_order_pool(x, valid):
-    """spec.pool_shift's rule in NumPy, independent of csrc/: the valid rows of ``x`` (T, D) summed
-    in row order in fp32, divided by their count; where a feature's sum is not finite, the same of
-    the rows times ``2**-k``, scaled back by ``2**k`` (saturated where only that overflows)."""
-    k = spec.pool_shift(x.shape[0])
-    count = np.float32(max(int(valid.sum()), 1))
-    acc, acc_down = np.zeros(x.shape[1], dtype=np.float32), np.zeros(x.shape[1], dtype=np.float32)
-    with np.errstate(over="ignore", invalid="ignore"):
-        for t in range(x.shape[0]):  # row order, fp32, valid rows only
-            if valid[t]:
-                acc = (acc + x[t]).astype(np.float32)
-                acc_down = (acc_down + x[t] * np.float32(2.0**-k)).astype(np.float32)
-        mean, mean_down = acc / count, acc_down / count
-        rescaled = (mean_down * np.float32(2.0**k)).astype(np.float32)
-    largest = np.finfo(np.float32).max
-    rescaled = np.where(np.isfinite(mean_down) & ~np.isfinite(rescaled), np.copysign(largest, rescaled), rescaled)
-    return torch.from_numpy(np.where(np.isfinite(mean), mean, rescaled).astype(np.float32))
-
-
 @pytest.mark.parametrize("D", [45, 48], ids=["D45-scalar", "D48-packed"])
 @pytest.mark.parametrize("masked", [True, False], ids=["masked", "unmasked"])
 def test_prompt_stats_pools_each_feature_over_its_valid_rows_in_row_order(emulator, D, masked):
@@ -354,7 +336,7 @@ def test_prompt_stats_pools_each_feature_over_its_valid_rows_in_row_order(emulat
                                   _ptr(norm), _ptr(None), B, T, D, ctypes.c_bool(False), 32)
     for b in range(B):
         count = int(mask[b].sum())
-        mean = row_order_pool(x[b], mask[b].numpy())
+        mean = row_order_pool(prompt[b], mask[b])
         s = expected_scales(mean.reshape(1, 1, D)).reshape(())
         # a masked row adds +0.0 (a -0.0 sum becomes +0.0): compare as values, NaN where NaN
         torch.testing.assert_close(torch.from_numpy(pooled[b]), mean * s, rtol=0, atol=0, equal_nan=True)

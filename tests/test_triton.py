@@ -18,7 +18,7 @@ import torch
 
 import zspa_kernels
 from helpers import (Case, TOLERANCE, backends_here, clustered_tokens, device_for, exact_ties, gaussian_tokens,
-                     oracle_rows)
+                     oracle_rows, row_order_pool)
 from fp64_oracle import oracle_order, replay
 from zspa_kernels.dispatch import interpreter_problem
 from zspa_kernels.reference import select_tokens_reference
@@ -236,12 +236,12 @@ def test_row_bounds_match_spec_core_count_on_every_budget():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_mean_of_a_long_masked_prompt(dtype):
-    """"mean" pools the prompt POOL_ROWS rows a step: 19 rows take three steps, the last one
-    partial, with masked-out rows between (one of them NaN, which must not reach the mean)."""
-    case = _case(B=3, N=45, D=40, k=12, alpha=0.5, dtype=dtype, T=19, masked=True, relevance="mean", seed=9)
-    case.prompt_mask[:, 17] = False
-    case.prompt[:, 17, 3] = float("nan")
-    assert bool(case.prompt_mask[:, 8:].any()) and not bool(case.prompt_mask.all())
+    """"mean" pools the prompt 32 rows a step (pool_prompt): 71 rows take three steps, the last
+    one partial, with masked-out rows between (two of them NaN, which must not reach the mean)."""
+    case = _case(B=3, N=45, D=40, k=12, alpha=0.5, dtype=dtype, T=71, masked=True, relevance="mean", seed=9)
+    case.prompt_mask[:, [17, 66]] = False
+    case.prompt[:, 17, 3] = case.prompt[:, 66, 0] = float("nan")
+    assert bool(case.prompt_mask[:, 64:].any()) and not bool(case.prompt_mask.all())
     _check(case)
 
 
@@ -530,35 +530,36 @@ def test_tiles_in_and_outside_the_raw_band_agree(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_pooled_prompt_launch_gives_the_statistics_bit_for_bit(dtype):
+def test_pooled_prompt_launch_pools_by_spec_bit_for_bit(dtype):
     """``mean`` with a per-token prompt pools it in a launch of its own (``pool_prompt``), which
-    the statistics launch then reads as a one-row prompt. The keys (relevance), norms, scales
-    and finiteness must be the same bits as when the statistics launch pools the rows itself:
-    37 rows (not a multiple of any step), 200 features (a partial chunk), a masked-out NaN row,
-    a row with every prompt row masked, and a non-finite valid row."""
+    the statistics launch then reads as a one-row prompt (and only so: it refuses rows). The pool
+    is spec.pool_shift's rule in row order, bit for bit: 37 rows (not a multiple of the launch's
+    32-row steps), 200 features (a partial 128-wide chunk), a masked-out NaN row, a row with every
+    prompt row masked, a non-finite valid row, and (bf16, fp32) finite rows near float32's limit
+    whose plain sums overflow in some features."""
     from zspa_kernels.triton.token_stats import launch_token_stats, pool_prompt
 
     g = torch.Generator().manual_seed(5)
-    B, N, D, T = 4, 19, 200, 37
-    visual = gaussian_tokens(g, B, N, D).to(dtype).to(DEVICE)
+    B, N, D, T = 5, 19, 200, 37
     prompt = torch.randn(B, T, D, generator=g)
     mask = torch.rand(B, T, generator=g) < 0.7
     prompt[0, 3], mask[0, 3] = float("nan"), False  # masked out: must not poison the mean
     mask[1] = False                                  # no valid row: the mean is zero
     prompt[2, 5, 7], mask[2, 5] = float("inf"), True  # a valid non-finite row: non-finite mean
-    prompt, mask = prompt.to(dtype).to(DEVICE), mask.to(DEVICE)
+    if dtype != torch.float16:
+        prompt[4, :, :50] = 3e38                     # these features' fp32 sums overflow
+    prompt, mask = prompt.to(dtype), mask
     plan = launch_plan(B, N, D, dtype, 8, 0.5, False, "mean")
-
-    def stats(p, m):
-        out = (torch.empty(B, N, device=DEVICE), torch.empty(B, N, device=DEVICE),
-               torch.empty(B, N, dtype=torch.int8, device=DEVICE), torch.empty(B, N, dtype=torch.int64, device=DEVICE),
-               torch.empty(B, dtype=torch.int32, device=DEVICE))
-        launch_token_stats(visual, p, m, None, *out, "mean", plan)
-        return out[:4]
-
-    pooled = pool_prompt(prompt, mask, plan)
+    pooled = pool_prompt(prompt.to(DEVICE), mask.to(DEVICE), plan).cpu()
     assert pooled.shape == (B, 1, D) and pooled.dtype == torch.float32
-    assert torch.equal(pooled[1], torch.zeros(1, D, device=DEVICE))
-    for own, from_pooled in zip(stats(prompt, mask), stats(pooled, None)):
-        assert torch.equal(own.view(torch.int8) if own.is_floating_point() else own,
-                           from_pooled.view(torch.int8) if from_pooled.is_floating_point() else from_pooled)
+    assert torch.equal(pooled[1], torch.zeros(1, D))
+    for b in range(B):
+        torch.testing.assert_close(pooled[b, 0], row_order_pool(prompt[b], mask[b]), rtol=0, atol=0, equal_nan=True)
+    if dtype != torch.float16:
+        assert pooled[4, 0, :50].isfinite().all() and (pooled[4, 0, :50] > 2.9e38).all()
+    out = (torch.empty(B, N, device=DEVICE), torch.empty(B, N, device=DEVICE),
+           torch.empty(B, N, dtype=torch.int8, device=DEVICE), torch.empty(B, N, dtype=torch.int64, device=DEVICE),
+           torch.empty(B, dtype=torch.int32, device=DEVICE))
+    visual = gaussian_tokens(g, B, N, D).to(dtype).to(DEVICE)
+    with pytest.raises(ValueError, match="relevance 'mean' takes one pooled row a batch row"):
+        launch_token_stats(visual, prompt.to(DEVICE), mask.to(DEVICE), None, *out, "mean", plan)

@@ -107,7 +107,7 @@ def select_tokens_triton(
 
     # Triton launches on the current device: make it the tensors' one (cuda:1 inputs, say).
     with torch.cuda.device(visual.device) if visual.is_cuda else contextlib.nullcontext():
-        if relevance == "mean" and prompt.dim() == 3 and prompt.shape[1] > 1:
+        if relevance == "mean" and prompt.dim() == 3 and (prompt.shape[1] > 1 or prompt_mask is not None):
             prompt, prompt_mask = pool_prompt(prompt, prompt_mask, plan), None  # once, not in every CTA
         # Batch groups reuse the scratch: launches on one stream run in order.
         for b0 in range(0, B, rows):

@@ -10,9 +10,10 @@ the power-of-two scale of ``spec`` (exact; it keeps squares of any finite token 
                      -2.0 for a non-finite token; INT64_MIN beyond the row's length
 
 Cosines are ``(s_i v_i · s_p p) / (norm_i · norm_p)`` with IEEE division and square root:
-the scales cancel exactly, and exact ties stay ties. ``mean``: ``p`` is the mean of the valid
-prompt rows (a non-finite ``p`` acts as zero); ``max``: the best cosine over valid prompt rows
-(a non-finite row scores 0), 0 when no row is valid.
+the scales cancel exactly, and exact ties stay ties. ``mean``: ``p`` is one pooled vector, the
+caller's or :func:`pool_prompt`'s mean of the valid prompt rows (a non-finite ``p`` acts as
+zero); ``max``: the best cosine over valid prompt rows (a non-finite row scores 0), 0 when no row
+is valid.
 
 A launch of its own, because every Gram tile ranks its tokens by these keys: each key is
 computed once. Traffic: ``visual`` read twice (three times for ``max``; the repeats hit L2),
@@ -30,10 +31,8 @@ from .primitives import finite_abs, max_key, nonfinite, pow2_scale, scaled_opera
 NORM_EPS = tl.constexpr(spec.NORM_EPS)
 NONFINITE_RELEVANCE = tl.constexpr(spec.NONFINITE_RELEVANCE)
 FLOAT32_MAX = tl.constexpr(torch.finfo(torch.float32).max)
-# Prompt rows pooled per step (each a 1-D load, all in flight together): 16 spilled ~8-16 B
-# with 512-wide chunks for sm_90 under Triton 3.6; 8 compiles without. The pooling launch
-# (:func:`pool_prompt`) holds 128 features a CTA and takes 32 rows a step.
-POOL_ROWS = tl.constexpr(8)
+# The pooling launch (:func:`pool_prompt`) holds 128 features a CTA and takes 32 prompt rows a
+# step (each a 1-D load, all in flight together).
 POOL_LAUNCH_ROWS, POOL_LAUNCH_BLOCK_D = 32, 128
 # Sums of squares and dots as fused multiply-adds (one rounding a term, as nvcc compiles the
 # cuda backend's): what every Triton up to 3.9 did by default and the first GPU run checked.
@@ -67,7 +66,7 @@ def _pooled_chunk(p_row, mask_ptr, b, d, D, T, count, pool_down, pool_up, stride
     ``spec.pool_shift``). ``ROWS`` rows a step, each a 1-D load, added in row order in registers:
     no reduction across threads (a (rows × features) tile summed over its rows went through shared
     memory at every feature chunk), and ⌈T / ROWS⌉ dependent steps, not T. The sum's order is row
-    order whatever ``ROWS`` is, so every caller gets the same bits."""
+    order whatever ``ROWS`` is."""
     pooled = tl.zeros(d.shape, tl.float32)
     pooled_down = tl.zeros(d.shape, tl.float32)
     for t0 in range(0, T, ROWS):
@@ -94,8 +93,7 @@ def _pool_prompt_kernel(prompt_ptr, mask_ptr, pooled_ptr, D, T, pool_down, pool_
                         stride_pb, stride_pt, stride_pd, stride_mb, stride_mt,
                         HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
     """``pooled[b, 0, d]``: the mean of row ``b``'s valid prompt rows, ``BLOCK_D`` features a CTA
-    (grid ``(B, cdiv(D, BLOCK_D))``: the batch on x, which has no 65535 limit), the same bits as
-    :func:`_token_stats_kernel` pools."""
+    (grid ``(B, cdiv(D, BLOCK_D))``: the batch on x, which has no 65535 limit)."""
     b = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     count = _prompt_count(mask_ptr, b, T, stride_mb, stride_mt, HAS_MASK, BLOCK_T)
@@ -108,7 +106,7 @@ def _pool_prompt_kernel(prompt_ptr, mask_ptr, pooled_ptr, D, T, pool_down, pool_
 def _token_stats_kernel(
     visual_ptr, prompt_ptr, mask_ptr, lengths_ptr,
     norm_ptr, scale_ptr, finite_ptr, key_ptr, counter_ptr,
-    N, D, T, pool_down, pool_up,
+    N, D, T,
     stride_vb, stride_vn, stride_vd, stride_l,
     stride_pb, stride_pt, stride_pd,
     stride_mb, stride_mt,
@@ -129,7 +127,8 @@ def _token_stats_kernel(
     p_row = prompt_ptr + b * stride_pb
     t_offs = tl.arange(0, BLOCK_T)
     d_offs = tl.arange(0, BLOCK_D)
-    count = _prompt_count(mask_ptr, b, T, stride_mb, stride_mt, HAS_MASK, BLOCK_T)  # valid prompt rows
+    if MAX_RELEVANCE:
+        count = _prompt_count(mask_ptr, b, T, stride_mb, stride_mt, HAS_MASK, BLOCK_T)  # valid prompt rows
 
     # The D loops below accumulate elementwise in (rows × features) registers and reduce once
     # after the loop: a row reduction per feature chunk went through shared memory every
@@ -147,8 +146,7 @@ def _token_stats_kernel(
         v = v.to(tl.float32)
         amax2 = tl.maximum(amax2, finite_abs(v))
         if not MAX_RELEVANCE:
-            pooled = _pooled_chunk(p_row, mask_ptr, b, d, D, T, count, pool_down, pool_up, stride_pt, stride_pd,
-                                   stride_mb, stride_mt, HAS_MASK, POOL_ROWS)
+            pooled = tl.load(p_row + d * stride_pd, mask=d < D, other=0.0).to(tl.float32)
             p_amax1 = tl.maximum(p_amax1, finite_abs(pooled))
     scale = pow2_scale(tl.max(amax2, 1))
     p_scale = pow2_scale(tl.max(p_amax1, 0))
@@ -164,8 +162,7 @@ def _token_stats_kernel(
         y = v.to(tl.float32) * scale[:, None]
         sumsq2 += y * y
         if not MAX_RELEVANCE:
-            pooled = _pooled_chunk(p_row, mask_ptr, b, d, D, T, count, pool_down, pool_up, stride_pt, stride_pd,
-                                   stride_mb, stride_mt, HAS_MASK, POOL_ROWS) * p_scale
+            pooled = tl.load(p_row + d * stride_pd, mask=d < D, other=0.0).to(tl.float32) * p_scale
             p_sumsq1 += pooled * pooled
             dot2 += y * pooled[None, :]
     sumsq = tl.sum(sumsq2, 1)
@@ -227,15 +224,20 @@ def pool_factors(T):
 
 
 def launch_token_stats(visual, prompt, prompt_mask, lengths, norm, scale, finite, key, counter, relevance, plan):
-    """Fill ``norm``, ``scale``, ``finite``, ``key`` ``(B, N)`` and zero ``counter`` ``(B,)``."""
+    """Fill ``norm``, ``scale``, ``finite``, ``key`` ``(B, N)`` and zero ``counter`` ``(B,)``. For
+    ``mean`` the prompt is one pooled vector a batch row (``(B, D)`` or ``(B, 1, D)``, no mask:
+    :func:`pool_prompt`'s, where the caller gave rows)."""
     B, N, D = visual.shape
     prompt3 = prompt if prompt.dim() == 3 else prompt.unsqueeze(1)
+    if relevance == "mean" and (prompt3.shape[1] != 1 or prompt_mask is not None):
+        raise ValueError(f"prompt: relevance 'mean' takes one pooled row a batch row, without a mask (pool_prompt's); "
+                         f"got {prompt3.shape[1]} rows{' and a mask' if prompt_mask is not None else ''}")
     mask = prompt3 if prompt_mask is None else prompt_mask.view(torch.uint8)
     grid = ((N + plan.block_rows - 1) // plan.block_rows, B)  # triton.cdiv costs ~1.5 µs of host time a call
     _token_stats_kernel[grid](
         visual, prompt3, mask, visual if lengths is None else lengths,
         norm, scale, finite, key, counter,
-        N, D, prompt3.shape[1], *pool_factors(prompt3.shape[1]),
+        N, D, prompt3.shape[1],
         *visual.stride(), 0 if lengths is None else lengths.stride(0), *prompt3.stride(),
         *(mask.stride() if prompt_mask is not None else (0, 0)),
         MAX_RELEVANCE=relevance == "max", HAS_MASK=prompt_mask is not None, HAS_LENGTHS=lengths is not None,
@@ -247,12 +249,12 @@ def launch_token_stats(visual, prompt, prompt_mask, lengths, norm, scale, finite
 
 
 def pool_prompt(prompt, prompt_mask, plan):
-    """``(B, 1, D)`` fp32: each batch row's mean of its valid prompt rows, bit for bit what
-    :func:`_token_stats_kernel` computes from the rows. For ``mean`` with a per-token prompt the
-    caller passes this to :func:`launch_token_stats` instead of the rows (mask dropped): every
-    statistics CTA then reads ``D`` pooled values a pass, not ``T·D`` prompt values in ⌈T/8⌉
-    dependent steps a feature chunk (at T = 24 that was 3 of every 4 L2 round trips of the
-    launch; a long prompt made it T-fold). One launch of ``B × cdiv(D, 128)`` CTAs."""
+    """``(B, 1, D)`` fp32: each batch row's mean of its valid prompt rows (``spec.pool_shift``'s
+    rule), the one place this backend pools. For ``mean`` with a per-token prompt the caller
+    passes this to :func:`launch_token_stats` instead of the rows (mask dropped): every statistics
+    CTA then reads ``D`` pooled values a pass, not ``T·D`` prompt values in ⌈T/8⌉ dependent steps
+    a feature chunk (at T = 24 that was 3 of every 4 L2 round trips of the launch; a long prompt
+    made it T-fold). One launch of ``B × cdiv(D, 128)`` CTAs."""
     B, T, D = prompt.shape
     pooled = torch.empty(B, 1, D, dtype=torch.float32, device=prompt.device)
     mask = prompt if prompt_mask is None else prompt_mask.view(torch.uint8)
