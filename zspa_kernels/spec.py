@@ -66,6 +66,7 @@ def pool_shift(T: int) -> int:
     is at least ``2**128 / T``)."""
     return int(T).bit_length() + 1
 
+
 DEFAULT_CORE_RATIO = 0.5      # the paper tunes alpha per dataset; 0.5 is this package's choice
 RELEVANCE_MODES = ("mean", "max")
 # Implementations of the op; "auto" picks one of them per device (see dispatch.py).

@@ -59,14 +59,18 @@ def _prompt_count(mask_ptr, b, T, stride_mb, stride_mt, HAS_MASK: tl.constexpr, 
 
 
 @triton.jit
-def _pooled_chunk(p_row, mask_ptr, b, d, D, T, count, pool_down, pool_up, stride_pt, stride_pd, stride_mb, stride_mt,
-                  HAS_MASK: tl.constexpr, ROWS: tl.constexpr):
-    """Features ``d`` of the mean of the valid prompt rows (fp32; where a feature's sum of finite
-    values overflows, of the rows times ``pool_down = 2**-k``, scaled back by ``pool_up``: see
-    ``spec.pool_shift``). ``ROWS`` rows a step, each a 1-D load, added in row order in registers:
-    no reduction across threads (a (rows × features) tile summed over its rows went through shared
-    memory at every feature chunk), and ⌈T / ROWS⌉ dependent steps, not T. The sum's order is row
-    order whatever ``ROWS`` is."""
+def _pool_prompt_kernel(prompt_ptr, mask_ptr, pooled_ptr, D, T, pool_down, pool_up,
+                        stride_pb, stride_pt, stride_pd, stride_mb, stride_mt,
+                        HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+    """``pooled[b, 0, d]``: the mean of row ``b``'s valid prompt rows, ``BLOCK_D`` features a CTA
+    (grid ``(B, cdiv(D, BLOCK_D))``: the batch on x, which has no 65535 limit); where a feature's
+    sum of finite values overflows, the mean of the rows times ``pool_down = 2**-k``, scaled back
+    by ``pool_up`` (``spec.pool_shift``). ``ROWS`` rows a step, each a 1-D load, added in row
+    order in registers: no reduction across threads, and ⌈T / ROWS⌉ dependent steps, not T."""
+    b = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    p_row = prompt_ptr + b * stride_pb
+    count = _prompt_count(mask_ptr, b, T, stride_mb, stride_mt, HAS_MASK, BLOCK_T)
     pooled = tl.zeros(d.shape, tl.float32)
     pooled_down = tl.zeros(d.shape, tl.float32)
     for t0 in range(0, T, ROWS):
@@ -85,21 +89,7 @@ def _pooled_chunk(p_row, mask_ptr, b, d, D, T, count, pool_down, pool_up, stride
     rescaled = tl.div_rn(pooled_down, divisor) * pool_up
     rescaled = tl.where(nonfinite(rescaled) & ~nonfinite(pooled_down),
                         tl.where(rescaled > 0, FLOAT32_MAX, -FLOAT32_MAX), rescaled)  # saturated, as spec says
-    return tl.where(nonfinite(mean), rescaled, mean)
-
-
-@triton.jit
-def _pool_prompt_kernel(prompt_ptr, mask_ptr, pooled_ptr, D, T, pool_down, pool_up,
-                        stride_pb, stride_pt, stride_pd, stride_mb, stride_mt,
-                        HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
-    """``pooled[b, 0, d]``: the mean of row ``b``'s valid prompt rows, ``BLOCK_D`` features a CTA
-    (grid ``(B, cdiv(D, BLOCK_D))``: the batch on x, which has no 65535 limit)."""
-    b = tl.program_id(0).to(tl.int64)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    count = _prompt_count(mask_ptr, b, T, stride_mb, stride_mt, HAS_MASK, BLOCK_T)
-    pooled = _pooled_chunk(prompt_ptr + b * stride_pb, mask_ptr, b, d, D, T, count, pool_down, pool_up,
-                           stride_pt, stride_pd, stride_mb, stride_mt, HAS_MASK, ROWS)
-    tl.store(pooled_ptr + b * D + d, pooled, mask=d < D)
+    tl.store(pooled_ptr + b * D + d, tl.where(nonfinite(mean), rescaled, mean), mask=d < D)
 
 
 @triton.jit
@@ -217,12 +207,6 @@ def _token_stats_kernel(
     tl.store(key_ptr + out, key, mask=row_ok)
 
 
-def pool_factors(T):
-    """``(2**-k, 2**k)`` of ``spec.pool_shift(T)``: the scaling of an overflowing prompt pool."""
-    k = spec.pool_shift(T)
-    return 2.0**-k, 2.0**k
-
-
 def launch_token_stats(visual, prompt, prompt_mask, lengths, norm, scale, finite, key, counter, relevance, plan):
     """Fill ``norm``, ``scale``, ``finite``, ``key`` ``(B, N)`` and zero ``counter`` ``(B,)``. For
     ``mean`` the prompt is one pooled vector a batch row (``(B, D)`` or ``(B, 1, D)``, no mask:
@@ -258,8 +242,9 @@ def pool_prompt(prompt, prompt_mask, plan):
     B, T, D = prompt.shape
     pooled = torch.empty(B, 1, D, dtype=torch.float32, device=prompt.device)
     mask = prompt if prompt_mask is None else prompt_mask.view(torch.uint8)
+    k = spec.pool_shift(T)
     _pool_prompt_kernel[(B, (D + POOL_LAUNCH_BLOCK_D - 1) // POOL_LAUNCH_BLOCK_D)](
-        prompt, mask, pooled, D, T, *pool_factors(T),
+        prompt, mask, pooled, D, T, 2.0**-k, 2.0**k,
         *prompt.stride(), *(mask.stride() if prompt_mask is not None else (0, 0)),
         HAS_MASK=prompt_mask is not None, BLOCK_T=plan.block_prompt, BLOCK_D=POOL_LAUNCH_BLOCK_D,
         ROWS=POOL_LAUNCH_ROWS, num_warps=4, enable_fp_fusion=FP_FUSION,
